@@ -1,0 +1,232 @@
+"""Qwen's tiktoken tokenizer, as a transformers tokenizer.
+
+Message text is always encoded as plain text: a literal "<|im_end|>" inside user data becomes ordinary
+BPE tokens, never the control token, so data cannot forge chat turns. Control tokens enter a sequence only
+through the code that builds the ChatML layout, by id (`im_start_id`, `im_end_id`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+
+import tiktoken
+from transformers import PreTrainedTokenizer
+
+VOCAB_FILE = "qwen.tiktoken"
+# A small BPE vocabulary in the same format, learned by finetune/bpe.py from text the project owns
+# (1840 ranks, so its specials are 1840.. and a model over it has vocab_size 2048). Tests and the demo use it.
+SMALL_VOCAB = Path(__file__).parent / "assets" / "qwen_small.tiktoken"
+PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+ENDOFTEXT = "<|endoftext|>"
+IMSTART = "<|im_start|>"
+IMEND = "<|im_end|>"
+EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
+# Specials follow the BPE ranks in this order: 151643.. for the real vocabulary.
+SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND) + EXTRAS
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+# Renders exactly the token layout of the official `make_context` (chatml): the system block first (the
+# default system prompt when the conversation has none), then "\n" before every turn, and, with
+# add_generation_prompt, "\n<|im_start|>assistant\n".
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + DEFAULT_SYSTEM + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + system + '<|im_end|>' -}}"
+    "{%- for m in turns -%}"
+    "{{- '\\n<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+class TokenizerError(ValueError):
+    """A model dir without a usable vocabulary file."""
+
+
+@lru_cache(maxsize=8)
+def _load_ranks(path: str) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError as e:
+                raise TokenizerError(f"{path}: line {lineno} is not '<base64 token> <rank>': {e}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: ranks are not a contiguous 0..{len(ranks) - 1} range")
+    return ranks
+
+
+def build_encoding(vocab_file: str | os.PathLike, name: str = "qwen") -> tiktoken.Encoding:
+    """The tiktoken Encoding for a `.tiktoken` file, with Qwen's specials appended after the ranks."""
+    ranks = _load_ranks(str(Path(vocab_file).resolve()))
+    specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def resolve_vocab_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / VOCAB_FILE
+    if not p.is_file():
+        where = Path(path)
+        raise TokenizerError(
+            f"no Qwen vocabulary at {where}: expected the file {VOCAB_FILE} "
+            f"{'in that directory' if where.is_dir() else '(the directory does not exist)' if not where.exists() else ''}; "
+            "every Qwen model dir ships it (copy it from the original model dir)"
+        )
+    return p
+
+
+class QWenTokenizer(PreTrainedTokenizer):
+    """Qwen v1 tokenizer on tiktoken (reads `qwen.tiktoken`)."""
+
+    vocab_files_names = {"vocab_file": VOCAB_FILE}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file: str, errors: str = "replace", **kwargs):
+        self.vocab_file = str(vocab_file)
+        self.errors = errors
+        self.encoding = build_encoding(resolve_vocab_file(vocab_file))
+        self.mergeable_ranks = self.encoding._mergeable_ranks
+        self.special_tokens = dict(self.encoding._special_tokens)
+        self.decoder: dict[int, bytes | str] = {v: k for k, v in self.mergeable_ranks.items()}
+        self.decoder.update({v: k for k, v in self.special_tokens.items()})
+        self.eod_id = self.special_tokens[ENDOFTEXT]
+        self.im_start_id = self.special_tokens[IMSTART]
+        self.im_end_id = self.special_tokens[IMEND]
+        kwargs.setdefault("eos_token", ENDOFTEXT)
+        kwargs.setdefault("pad_token", ENDOFTEXT)
+        kwargs.setdefault("chat_template", CHAT_TEMPLATE)
+        kwargs.setdefault("padding_side", "right")
+        kwargs.pop("added_tokens_decoder", None)  # specials live in the tiktoken encoding, not in HF's trie
+        super().__init__(errors=errors, **kwargs)
+
+    # -- the project's own interface ----------------------------------------------------------------
+    def encode(self, text, text_pair=None, **kwargs) -> list[int]:  # type: ignore[override]
+        """Plain-text encoding: NFC, then BPE; every character is text, control tokens never appear."""
+        if isinstance(text, str) and text_pair is None:
+            return self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))
+        return super().encode(text, text_pair=text_pair, **kwargs)
+
+    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:  # type: ignore[override]
+        """Never raises on partial UTF-8: broken byte sequences become U+FFFD."""
+        if hasattr(token_ids, "tolist"):
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        if token_ids and isinstance(token_ids[0], list):
+            raise TypeError("decode takes one sequence of ids; use batch_decode for several")
+        # Ids past the vocabulary (a model's padding rows) and, if asked, specials decode to nothing.
+        limit = self.eod_id if skip_special_tokens else self.encoding.n_vocab
+        token_ids = [i for i in token_ids if 0 <= i < limit]
+        return self.encoding.decode(list(token_ids), errors=self.errors)
+
+    # -- what PreTrainedTokenizer needs ---------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def __len__(self) -> int:
+        return self.encoding.n_vocab
+
+    def get_vocab(self) -> dict[bytes | str, int]:
+        vocab: dict[bytes | str, int] = dict(self.mergeable_ranks)
+        vocab.update(self.special_tokens)
+        return vocab
+
+    def tokenize(self, text: str, **kwargs) -> list[bytes]:  # type: ignore[override]
+        # Every character is text (no added-token splitting): see the module docstring.
+        return [self.decoder[i] for i in self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))]
+
+    def _tokenize(self, text: str, **kwargs) -> list[bytes]:
+        return self.tokenize(text)
+
+    def convert_tokens_to_ids(self, tokens):  # type: ignore[override]
+        if isinstance(tokens, (bytes, str)):
+            return self._convert_token_to_id(tokens)
+        return [self._convert_token_to_id(t) for t in tokens]
+
+    def _convert_token_to_id(self, token: bytes | str) -> int:
+        if isinstance(token, str) and token in self.special_tokens:
+            return self.special_tokens[token]
+        if isinstance(token, str):
+            token = token.encode("utf-8")
+        if token in self.mergeable_ranks:
+            return self.mergeable_ranks[token]
+        raise ValueError(f"unknown token {token!r}")
+
+    def _convert_id_to_token(self, index: int) -> bytes | str:
+        if index in self.decoder:
+            return self.decoder[index]
+        raise ValueError(f"token id {index} is outside the vocabulary (size {self.vocab_size})")
+
+    def convert_tokens_to_string(self, tokens) -> str:
+        out, buf = [], b""
+        for t in tokens:
+            if isinstance(t, str):
+                if buf:
+                    out.append(buf.decode("utf-8", errors=self.errors))
+                    buf = b""
+                out.append(t)
+            else:
+                buf += t
+        if buf:
+            out.append(buf.decode("utf-8", errors=self.errors))
+        return "".join(out)
+
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        return self.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        # Qwen adds no BOS/EOS around encoded text.
+        return list(token_ids_0) + (list(token_ids_1) if token_ids_1 else [])
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return 0
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE
+        dst = os.path.join(save_directory, name)
+        if os.path.abspath(dst) != os.path.abspath(self.vocab_file):
+            shutil.copyfile(self.vocab_file, dst)
+        return (dst,)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        # The official remote code expects the auto_map-free tokenizer class name; record ours so
+        # AutoTokenizer finds it after `import finetune`, and keep the tokenizer config readable.
+        cfg_path = Path(save_directory) / "tokenizer_config.json"
+        if cfg_path.exists():
+            cfg = json.loads(cfg_path.read_text())
+            cfg["tokenizer_class"] = "QWenTokenizer"
+            cfg.pop("auto_map", None)
+            # transformers 5 writes the template to chat_template.jinja; older tools (vLLM, TRL, lm-eval
+            # on transformers 4) read it from here.
+            cfg.setdefault("chat_template", self.chat_template)
+            cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        return files
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> QWenTokenizer:
+    """The tokenizer of a model dir (or of an adapter dir that carries the vocabulary)."""
+    from .hub import resolve_model_dir
+
+    path = resolve_model_dir(model_dir)
+    return QWenTokenizer(str(resolve_vocab_file(path)))
