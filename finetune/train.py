@@ -1,0 +1,122 @@
+"""Fine-tune a Qwen chat model: LoRA, Q-LoRA (Int4 base) or full, on one GPU, several (DeepSpeed) or CPU.
+
+`qwen-ft train ...` and `python -m finetune.train ...` run `main`. The path, top to bottom:
+parse the arguments -> check everything that can be checked before loading anything -> tokenizer ->
+data (validated, encoded, summarised) -> model -> adapters -> Trainer -> train -> save -> loss curve.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .data import DataError, build_dataset
+from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
+from .training.checks import FINISHED_MARKER, TrainConfigError, preflight
+from .training.lora import attach_lora, resolve_compute_dtype
+from .training.plots import LossCurveCallback
+from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
+
+logger = logging.getLogger("finetune.train")
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+          args: TrainingArguments):
+    """Run one training job; returns the finished Trainer."""
+    plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
+    compute_dtype = resolve_compute_dtype(args, plan)
+
+    from .tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(plan.model_dir)
+    with args.main_process_first(desc="tokenizing"):
+        train_set, summary = build_dataset(
+            tokenizer, data_args.data_path, data_args.model_max_length, packing=data_args.packing,
+            train_on_prompt=data_args.train_on_prompt, skip_invalid=data_args.skip_invalid,
+            num_proc=data_args.preprocessing_num_workers, verbose=args.process_index == 0)
+        eval_set = None
+        if data_args.eval_data_path:
+            eval_set, eval_summary = build_dataset(
+                tokenizer, data_args.eval_data_path, data_args.model_max_length, packing=data_args.packing,
+                train_on_prompt=data_args.train_on_prompt, skip_invalid=data_args.skip_invalid,
+                num_proc=data_args.preprocessing_num_workers)
+    if summary.trained_tokens == 0:
+        raise TrainConfigError(
+            f"--model_max_length {data_args.model_max_length} leaves no assistant reply to train on "
+            f"(the longest kept row is {summary.max} tokens); raise it")
+    if args.process_index == 0:
+        print(summary.format(), flush=True)
+        if eval_set is not None:
+            print("eval " + eval_summary.format(), flush=True)
+
+    from .loading import load_model
+
+    model = load_model(plan.model_dir, dtype=torch.float32 if plan.mode == "full" else compute_dtype,
+                       device=plan.device)
+    model.config.use_cache = False
+    if plan.mode == "full":
+        model.requires_grad_(True)
+    else:
+        model = attach_lora(model, lora_args, plan)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        args.gradient_checkpointing = False  # done above, with the kwargs PEFT needs; Trainer must not redo it
+
+    trainer = QwenTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=make_collator(tokenizer, data_args), processing_class=tokenizer,
+        compute_dtype=compute_dtype, plan=plan, callbacks=[LossCurveCallback()],
+    )
+    if args.process_index == 0:
+        _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan)
+    trainer.train(resume_from_checkpoint=plan.resume_from)
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    if args.process_index == 0:
+        tokenizer.save_pretrained(args.output_dir)
+        _mark_finished(args.output_dir)
+        _print_next_steps(plan, args.output_dir)
+    return trainer
+
+
+def _write_run_args(output_dir, model_args, data_args, lora_args, args, plan):
+    os.makedirs(output_dir, exist_ok=True)
+    record = {
+        "model": asdict(model_args), "data": asdict(data_args), "lora": asdict(lora_args),
+        "training": json.loads(args.to_json_string()), "mode": plan.mode, "model_dir": str(plan.model_dir),
+        "argv": sys.argv[1:],
+    }
+    Path(output_dir, "run_args.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _mark_finished(output_dir):
+    Path(output_dir, FINISHED_MARKER).write_text(json.dumps({"finished": True}) + "\n")
+
+
+def _print_next_steps(plan, output_dir):
+    print(f"\nDone. The {'adapter' if plan.mode != 'full' else 'model'} is in {output_dir}", flush=True)
+    if plan.mode == "full":
+        print(f"Chat with it:  qwen-ft chat -m {output_dir}", flush=True)
+    else:
+        print(f"Chat with it:  qwen-ft chat -m {plan.model_dir} --adapter {output_dir}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        model_args, data_args, lora_args, args = parse_args(argv)
+        train(model_args, data_args, lora_args, args)
+    except (TrainConfigError, DataError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

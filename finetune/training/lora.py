@@ -1,0 +1,61 @@
+"""Compute dtype and LoRA adapters (PEFT) on a loaded model."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_compute_dtype(args, plan) -> torch.dtype:
+    """bf16 where the hardware has it, fp16 only when asked, fp32 on CPU (DESIGN.md: precision).
+
+    For LoRA and Q-LoRA the frozen weights are loaded in the compute dtype and the adapters are fp32 master
+    weights; the trainer runs the forward under autocast itself, so neither accelerate nor DeepSpeed casts the
+    adapters. For that, `args.bf16` is consumed here. fp16 keeps transformers' loss scaling (args.fp16 stays).
+    """
+    on_gpu = plan.device.startswith("cuda")
+    if args.fp16:
+        if on_gpu and torch.cuda.is_bf16_supported() and plan.mode == "qlora":
+            logger.warning("training Q-LoRA in fp16 as asked; this GPU has bf16, which is safer (--bf16)")
+        dtype = torch.float16
+    elif args.bf16 or (on_gpu and torch.cuda.is_bf16_supported()):
+        dtype = torch.bfloat16
+    else:
+        if on_gpu:
+            logger.warning("this GPU has no bf16: training in fp32 (pass --fp16 for half precision)")
+        dtype = torch.float32
+    if plan.mode == "full":
+        # Full fine-tuning keeps fp32 master weights through transformers' own mixed precision (autocast, or
+        # DeepSpeed's bf16 with fp32 optimizer copies).
+        args.bf16 = dtype == torch.bfloat16
+    else:
+        args.bf16 = False
+    return dtype
+
+
+def attach_lora(model, lora_args, plan):
+    """Wrap the model with trainable LoRA adapters (fp32), every other weight frozen."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    model.requires_grad_(False)
+    if lora_args.lora_weight_path:
+        model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+    else:
+        config = LoraConfig(
+            r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+            target_modules=list(lora_args.lora_target_modules), bias=lora_args.lora_bias,
+            use_rslora=lora_args.use_rslora, modules_to_save=lora_args.modules_to_save, task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, config)
+    n_train = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 master weights; autocast gives the matmuls the compute dtype
+            n_train += p.numel()
+    if n_train == 0:
+        raise ValueError(f"no module matched --lora_target_modules {lora_args.lora_target_modules}")
+    model.print_trainable_parameters()
+    return model

@@ -1,0 +1,91 @@
+"""transformers' Trainer with what fine-tuning here needs on top: autocast for fp32 adapters on a
+half-precision base, a stop on a non-finite loss, and checkpoints that appear only once complete."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+
+import torch
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from ..data import ChatCollator, PackedCollator
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def make_collator(tokenizer, data_args):
+    cls = PackedCollator if data_args.packing else ChatCollator
+    return cls(pad_id=tokenizer.eod_id)
+
+
+class QwenTrainer(Trainer):
+    def __init__(self, *a, compute_dtype: torch.dtype = torch.float32, plan=None, **kw):
+        super().__init__(*a, **kw)
+        self.compute_dtype = compute_dtype
+        self.plan = plan
+        self._staging_dir = None
+
+    # -- precision --------------------------------------------------------------------------------------
+    def _autocast(self):
+        # Adapters (fp32) on a bf16 base: run the forward under autocast so their matmuls use bf16 too.
+        # Full fine-tuning and fp16 use transformers' own mixed precision instead (resolve_compute_dtype).
+        if self.compute_dtype == torch.bfloat16 and not self.args.bf16 and not self.args.fp16:
+            return torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self._autocast():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with self._autocast():
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    # -- a non-finite loss stops the run before any optimizer step uses it -------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            raise NonFiniteLossError(
+                f"the loss is {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch:.2f}); "
+                "stopping before the optimizer applies it. Lower --learning_rate, use --bf16 instead of --fp16, "
+                "or check the data; the last checkpoint is intact")
+        return loss
+
+    # -- atomic checkpoints ------------------------------------------------------------------------------
+    def _get_output_dir(self, trial):
+        if self._staging_dir is not None:
+            return self._staging_dir
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial):
+        """Write checkpoint-N into a staging dir, then rename it into place: a run killed mid-save leaves no
+        half-written checkpoint-N for a resume to pick up."""
+        run_dir = self._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, ".staging")
+        self._staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        self.accelerator.wait_for_everyone()  # every rank has written its shards and RNG state
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(os.path.join(staging, name), final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
+                self.state.best_model_checkpoint = run_dir + self.state.best_model_checkpoint[len(staging):]
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
