@@ -1,0 +1,103 @@
+"""The built-in demo: a tiny random Qwen v1 model dir in the official layout (and, later, its data and run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+TINY_CONFIG = dict(
+    architectures=["QWenLMHeadModel"],
+    model_type="qwen",
+    vocab_size=2048,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    kv_channels=16,
+    intermediate_size=256,
+    seq_length=256,
+    max_position_embeddings=256,
+    rotary_emb_base=10000,
+    rotary_pct=1.0,
+    layer_norm_epsilon=1e-6,
+    initializer_range=0.02,
+    emb_dropout_prob=0.0,
+    attn_dropout_prob=0.0,
+    use_dynamic_ntk=True,
+    use_logn_attn=True,
+    use_flash_attn="auto",
+    no_bias=True,
+    tie_word_embeddings=False,
+    scale_attn_weights=True,
+    use_cache=True,
+    bf16=False,
+    fp16=False,
+    fp32=False,
+    softmax_in_fp32=False,
+    use_cache_quantization=False,
+    use_cache_kernel=False,
+    auto_map={
+        "AutoConfig": "configuration_qwen.QWenConfig",
+        "AutoModelForCausalLM": "modeling_qwen.QWenLMHeadModel",
+    },
+)
+
+
+def randomize_weights(model, seed: int = 0, std: float = 0.15) -> None:
+    """Wide random init (std 0.15 instead of 0.02), so greedy top-1 margins are clear in tests; norms stay 1,
+    the c_attn bias gets a small random value so bias handling is exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def make_demo_model(out_dir, seed: int = 0, int4: bool = False, **overrides) -> Path:
+    """Write a tiny random Qwen v1 dir (config.json, generation_config.json, model.safetensors, qwen.tiktoken,
+    tokenizer_config.json) over the project's small vocabulary; `overrides` change config values."""
+    if int4:
+        raise NotImplementedError("int4 demo models come with the GPTQ issue (finetune/quant)")
+    from .modeling import QWenConfig, QWenLMHeadModel
+    from .tokenization import SMALL_VOCAB, QWenTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    values = dict(TINY_CONFIG, **overrides)
+    config = QWenConfig(**values)
+    model = QWenLMHeadModel(config)
+    randomize_weights(model, seed)
+
+    shutil.copyfile(SMALL_VOCAB, out / "qwen.tiktoken")
+    tok = QWenTokenizer(str(out / "qwen.tiktoken"))
+    tok.save_pretrained(str(out))
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg = {k: v for k, v in values.items()}
+    cfg.setdefault("torch_dtype", "float32")
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    gen = {
+        "chat_format": "chatml",
+        "eos_token_id": tok.eod_id,
+        "pad_token_id": tok.eod_id,
+        "max_window_size": 6144,
+        "max_new_tokens": 512,
+        "do_sample": True,
+        "top_k": 0,
+        "top_p": 0.8,
+        "repetition_penalty": 1.1,
+    }
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out
+
+
+__all__ = ["make_demo_model", "randomize_weights", "TINY_CONFIG"]

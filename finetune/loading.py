@@ -1,0 +1,149 @@
+"""Model dir (float or GPTQ Int4) + optional adapter -> a model ready for chat, training or evaluation.
+
+Every way a dir can be wrong ends in one `ModelLoadError` naming the dir and the cause (no config.json, unknown
+model_type, missing / unexpected / mis-shaped weights), checked before transformers is asked to load anything.
+Loading the model needs no vocabulary file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .hub import resolve_model_dir
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+class ModelLoadError(ValueError):
+    """A model dir that cannot be loaded; the message says which dir and why."""
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """bf16 where the hardware has it (CUDA with bf16 support), else fp32 (CPU), per DESIGN.md."""
+    dev = torch.device(device) if device is not None else None
+    on_cuda = torch.cuda.is_available() if dev is None else dev.type == "cuda"
+    if on_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+    if str(dtype).lower() not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+    return names[str(dtype).lower()]
+
+
+def read_config(model_dir: Path) -> dict:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ModelLoadError(f"{model_dir} has no config.json: not a model directory (expected config.json and "
+                             f"model weights, as an official Qwen model dir has)")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    model_type = cfg.get("model_type")
+    if model_type != "qwen":
+        raise ModelLoadError(
+            f"{cfg_path}: model_type {model_type!r} is not supported; this loader handles Qwen v1 dirs "
+            f"(model_type 'qwen', e.g. Qwen-7B-Chat, Qwen-14B-Chat, Qwen-14B-Chat-Int4)"
+        )
+    return cfg
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Parameter name -> shape of every tensor in the dir's weight files, read from headers (no weights loaded)."""
+    st_index, bin_index = model_dir / "model.safetensors.index.json", model_dir / "pytorch_model.bin.index.json"
+    if (model_dir / "model.safetensors").is_file():
+        files = [model_dir / "model.safetensors"]
+    elif st_index.is_file():
+        files = sorted({model_dir / f for f in json.loads(st_index.read_text())["weight_map"].values()})
+    elif (model_dir / "pytorch_model.bin").is_file():
+        files = [model_dir / "pytorch_model.bin"]
+    elif bin_index.is_file():
+        files = sorted({model_dir / f for f in json.loads(bin_index.read_text())["weight_map"].values()})
+    else:
+        raise ModelLoadError(f"{model_dir} has no model weights (expected one of {', '.join(WEIGHT_FILES)})")
+    shapes: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        if not f.is_file():
+            raise ModelLoadError(f"{model_dir}: weight file {f.name} named in the index is missing")
+        if f.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    shapes[k] = tuple(sf.get_slice(k).get_shape())
+        else:
+            sd = torch.load(str(f), map_location="meta", weights_only=True, mmap=True)
+            shapes.update({k: tuple(v.shape) for k, v in sd.items()})
+    return shapes
+
+
+def check_weights(model_dir: Path, config) -> None:
+    """Compare the checkpoint's names and shapes with what the config's model expects; one clear error."""
+    from .modeling import QWenLMHeadModel
+
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in QWenLMHeadModel(config).state_dict().items()}
+    found = checkpoint_shapes(model_dir)
+    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    mismatched = [k for k in expected if k in found and found[k] != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing (first: {missing[0]})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+    if mismatched:
+        k = mismatched[0]
+        problems.append(f"{len(mismatched)} mis-shaped (first: {k}: checkpoint {list(found[k])}, "
+                        f"config expects {list(expected[k])})")
+    if problems:
+        raise ModelLoadError(f"{model_dir}: the weights do not match config.json: " + "; ".join(problems))
+
+
+def load_model(model_dir, adapter=None, dtype=None, device=None):
+    """Load a Qwen v1 model dir (local or hub id) in the compute dtype, optionally with a PEFT adapter, in eval mode.
+
+    device: default "cuda" when a GPU is there, else "cpu". dtype: default bf16 on a GPU with bf16, else fp32;
+    every float weight is cast to it once, here."""
+    model_dir = resolve_model_dir(model_dir)
+    cfg = read_config(model_dir)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = _parse_dtype(dtype) or default_dtype(device)
+
+    if cfg.get("quantization_config"):
+        from .quant.loading import load_gptq_model  # the Int4 path (finetune/quant)
+
+        model = load_gptq_model(model_dir, dtype=dtype, device=device)
+    else:
+        from .modeling import QWenConfig, QWenLMHeadModel
+
+        config = QWenConfig.from_pretrained(str(model_dir))
+        check_weights(model_dir, config)
+        try:
+            model = QWenLMHeadModel.from_pretrained(str(model_dir), config=config, dtype=dtype)
+        except Exception as e:  # one readable error instead of a deep transformers traceback
+            raise ModelLoadError(f"{model_dir}: loading the weights failed: {type(e).__name__}: {e}") from e
+        model = model.to(device)
+
+    if adapter:
+        # Full adapter handling (official adapters, Int4 bases, merging) comes with the adapter issue.
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(resolve_model_dir(adapter)))
+    model.eval()
+    return model
+
+
+__all__ = ["load_model", "ModelLoadError", "default_dtype", "check_weights", "checkpoint_shapes"]
