@@ -1,8 +1,9 @@
 """qwen-finetune: LoRA / Q-LoRA fine-tuning for Qwen chat models."""
 
-from .tokenization import QWenTokenizer, load_tokenizer
-from . import modeling  # registers model_type "qwen" with the transformers Auto classes
+from . import modeling  # registers model_type "qwen" (config, model, tokenizer) with the transformers Auto classes
+from . import quant  # registers LoRA for the GPTQ layer with PEFT, so saved adapters reload on Int4 bases
 from .loading import load_model
+from .tokenization import QWenTokenizer, load_tokenizer
 
 __all__ = ["QWenTokenizer", "load_tokenizer", "load_model"]
 __version__ = "0.1.0"

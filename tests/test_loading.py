@@ -42,7 +42,7 @@ def test_tiny_dir_has_official_layout(tiny_model_dir):
     assert sd["transformer.h.1.attn.c_attn.bias"].shape == (192,)
 
 
-def test_make_demo_model_is_deterministic_and_int4_not_yet(tmp_path):
+def test_make_demo_model_is_deterministic_and_has_an_int4_form(tmp_path):
     from finetune.demo import make_demo_model
 
     a = load_file(make_demo_model(tmp_path / "a", seed=3) / "model.safetensors")
@@ -50,8 +50,12 @@ def test_make_demo_model_is_deterministic_and_int4_not_yet(tmp_path):
     c = load_file(make_demo_model(tmp_path / "c", seed=4, num_hidden_layers=3) / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert "transformer.h.2.ln_1.weight" in c and not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
-    with pytest.raises(NotImplementedError):
-        make_demo_model(tmp_path / "d", int4=True)
+    d = make_demo_model(tmp_path / "d", seed=3, int4=True)
+    cfg = json.loads((d / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["bits"] == 4
+    q = load_file(d / "model.safetensors")
+    assert q["transformer.h.0.attn.c_attn.qweight"].dtype == torch.int32
+    assert torch.equal(q["lm_head.weight"], a["lm_head.weight"].half())  # float parts kept, in fp16
 
 
 def test_auto_classes_load_without_remote_code(tiny_model_dir):

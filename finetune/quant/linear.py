@@ -1,0 +1,274 @@
+"""GPTQLinear: a frozen GPTQ-quantized Linear that trains LoRA on top of it.
+
+- The packed tensors are buffers: qweight/qzeros/g_idx int32 and scales fp16 never change and never get
+  gradients. ``model.to(torch.bfloat16)`` / ``.half()`` / DeepSpeed's casts move them between devices but
+  never change their dtype (``_apply`` is overridden for that). The optional ``bias`` buffer is a frozen
+  float weight and *does* follow dtype casts (DESIGN.md: frozen float weights are cast once to the compute
+  dtype); forward adds it in the activation dtype in any case.
+- Forward runs in the activation dtype (or the autocast dtype when autocast is on): dequantize to that
+  dtype, then matmul. On CUDA the dequantization is a Triton kernel (``triton_dequant.py``, imported only
+  then); elsewhere plain torch.
+- Autograd: ``GPTQMatmul`` saves only the packed buffers (no activations, no float weight) and recomputes
+  the dequantized weight in backward; it returns a gradient for the input only.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import torch.nn as nn
+
+from .packing import (
+    check_bits,
+    default_g_idx,
+    dequantize_t,
+    num_groups,
+    values_per_word,
+)
+
+_BACKEND_ENV = "FINETUNE_GPTQ_BACKEND"  # "auto" (default), "torch" or "triton"
+
+
+_TRITON_IMPORTABLE: bool | None = None
+
+
+def _use_triton(device: torch.device) -> bool:
+    global _TRITON_IMPORTABLE
+    if device.type != "cuda":
+        return False
+    backend = os.environ.get(_BACKEND_ENV, "auto").lower()
+    if backend == "torch":
+        return False
+    if _TRITON_IMPORTABLE is None:
+        try:
+            from . import triton_dequant  # noqa: F401  (lazy: CPU never imports triton)
+
+            _TRITON_IMPORTABLE = True
+        except ImportError:
+            _TRITON_IMPORTABLE = False
+    if not _TRITON_IMPORTABLE and backend == "triton":
+        raise ImportError(f"{_BACKEND_ENV}=triton but triton is not importable")
+    return _TRITON_IMPORTABLE
+
+
+def dequantize_weight_t(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    v2: bool,
+    dtype: torch.dtype,
+    group_size: int | None = None,
+    trivial_g_idx: bool | None = None,
+) -> torch.Tensor:
+    """W.T [in, out] contiguous in ``dtype``, on the buffers' device (Triton on CUDA, torch elsewhere).
+
+    ``trivial_g_idx``: whether g_idx[k] == k // group_size (lets the kernel load one row of scales per
+    block); None = find out (the kernel wrapper caches it per g_idx tensor).
+    """
+    if _use_triton(qweight.device):
+        from .triton_dequant import triton_dequantize_t
+
+        return triton_dequantize_t(qweight, qzeros, scales, g_idx, bits, v2=v2, dtype=dtype, group_size=group_size,
+                                   trivial_g_idx=trivial_g_idx)
+    return dequantize_t(qweight, qzeros, scales, g_idx, bits, v2=v2, dtype=dtype)
+
+
+class GPTQMatmul(torch.autograd.Function):
+    """y = x @ W.T with W dequantized on the fly; the weight is recomputed in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x, qweight, qzeros, scales, g_idx, bits, v2, group_size, trivial_g_idx=None):
+        wt = dequantize_weight_t(qweight, qzeros, scales, g_idx, bits, v2, x.dtype, group_size, trivial_g_idx)
+        y = torch.matmul(x, wt)
+        ctx.bits, ctx.v2, ctx.group_size, ctx.trivial_g_idx = bits, v2, group_size, trivial_g_idx
+        ctx.x_dtype = x.dtype
+        # only the packed buffers (a few bytes per weight); the activations are not needed for grad_x
+        ctx.save_for_backward(qweight, qzeros, scales, g_idx)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            qweight, qzeros, scales, g_idx = ctx.saved_tensors
+            wt = dequantize_weight_t(
+                qweight, qzeros, scales, g_idx, ctx.bits, ctx.v2, grad_y.dtype, ctx.group_size, ctx.trivial_g_idx
+            )
+            grad_x = torch.matmul(grad_y, wt.t())
+            if grad_x.dtype != ctx.x_dtype:
+                grad_x = grad_x.to(ctx.x_dtype)
+        return grad_x, None, None, None, None, None, None, None, None
+
+
+class GPTQLinear(nn.Module):
+    """A Linear whose weight is stored GPTQ-packed (see ``packing.py`` for the layout).
+
+    Buffers: ``qweight`` int32 [in*bits/32, out], ``qzeros`` int32 [groups, out*bits/32], ``scales`` fp16
+    [groups, out], ``g_idx`` int32 [in], ``bias`` [out] or None. Freshly built buffers are zeros (a valid
+    all-zero weight: q = 0, v1 zero point 1 would give -scale; scales are zero so W = 0) until a checkpoint
+    is loaded into them.
+    """
+
+    # gptqmodel/PEFT-style names some tools look for
+    QUANT_TYPE = "finetune-gptq"
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        bits: int = 4,
+        group_size: int = 128,
+        v2: bool = False,
+        desc_act: bool = False,
+        device=None,
+        bias_dtype: torch.dtype = torch.float16,
+    ):
+        super().__init__()
+        check_bits(bits)
+        per = values_per_word(bits)
+        if in_features % per or out_features % per:
+            raise ValueError(
+                f"GPTQLinear({in_features}, {out_features}, bits={bits}): in_features and out_features must be "
+                f"multiples of {per} (values per int32 word)"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size if group_size and group_size > 0 else -1
+        self.v2 = bool(v2)
+        self.desc_act = bool(desc_act)
+        groups = num_groups(in_features, self.group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(in_features // per, out_features, dtype=torch.int32, device=device)
+        )
+        self.register_buffer("qzeros", torch.zeros(groups, out_features // per, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, device=device))
+        if device is not None and torch.device(device).type == "meta":
+            g_idx = torch.empty(in_features, dtype=torch.int32, device=device)
+        else:
+            g_idx = default_g_idx(in_features, self.group_size, device=device)
+        self.register_buffer("g_idx", g_idx)
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device))
+        else:
+            self.bias = None
+
+    @property
+    def num_groups(self) -> int:
+        return self.scales.shape[0]
+
+    # -- dtype policy -------------------------------------------------------------------------------
+    _NEVER_CAST = ("qweight", "qzeros", "scales", "g_idx")
+
+    def _apply(self, fn, recurse=True):
+        """Apply ``fn`` (device moves, dtype casts) but keep the packed buffers' dtypes."""
+        kept = {}
+        for name in self._NEVER_CAST:
+            buf = self._buffers.get(name)
+            if buf is not None:
+                kept[name] = buf
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                if new.device.type == "meta" or old.device.type == "meta":
+                    self._buffers[name] = new.to(old.dtype)
+                else:
+                    self._buffers[name] = old.to(new.device)
+        return self
+
+    # -- math ---------------------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The exact float weight W [out, in] (computed in fp32, rounded once to ``dtype``)."""
+        wt = dequantize_weight_t(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.v2, dtype, self.group_size
+        )
+        return wt.t().contiguous()
+
+    def _trivial_g_idx(self) -> bool | None:
+        """Whether g_idx is the plain ``k // group_size`` order; checked once per g_idx tensor (one host sync)
+        and cached on the module, so the training loop never syncs. Only needed by the Triton path."""
+        g = self.g_idx
+        ref = self.__dict__.get("_trivial_ref")
+        if ref is None or ref[0]() is not g or ref[1] != g._version:
+            gs = self.group_size if self.group_size > 0 else self.in_features
+            expected = torch.arange(self.in_features, device=g.device, dtype=torch.int32) // gs
+            trivial = bool(torch.equal(g.to(torch.int32), expected))
+            self.__dict__["_trivial_ref"] = (weakref.ref(g), g._version, trivial)
+            return trivial
+        return ref[2]
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_trivial_ref", None)  # a weakref: not picklable, recomputed on demand
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        if not dtype.is_floating_point:
+            raise TypeError(f"GPTQLinear expects a floating point input, got {x.dtype}")
+        if x.dtype != dtype:
+            x = x.to(dtype)
+        trivial = self._trivial_g_idx() if _use_triton(self.qweight.device) else None
+        args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.v2, self.group_size, trivial)
+        if autocast:
+            with torch.autocast(device_type=device_type, enabled=False):
+                y = GPTQMatmul.apply(*args)
+        else:
+            y = GPTQMatmul.apply(*args)
+        if self.bias is not None:
+            y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}, desc_act={self.desc_act}, v2={self.v2}"
+        )
+
+    # -- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, qweight, qzeros, scales, g_idx, bias=None, bits=4, group_size=128, v2=False,
+                       desc_act=False) -> "GPTQLinear":
+        """Wrap existing packed tensors (shapes checked)."""
+        per = values_per_word(bits)
+        in_features = g_idx.shape[0]
+        out_features = scales.shape[1]
+        layer = cls(in_features, out_features, bias=bias is not None, bits=bits, group_size=group_size, v2=v2,
+                    desc_act=desc_act, device="meta")
+        expected = {
+            "qweight": (in_features // per, out_features),
+            "qzeros": (scales.shape[0], out_features // per),
+            "scales": (scales.shape[0], out_features),
+            "g_idx": (in_features,),
+        }
+        given = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
+        for name, t in given.items():
+            if tuple(t.shape) != expected[name]:
+                raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expected[name]}")
+        layer.qweight = qweight.to(torch.int32)
+        layer.qzeros = qzeros.to(torch.int32)
+        layer.scales = scales.to(torch.float16)
+        layer.g_idx = g_idx.to(torch.int32)
+        if bias is not None:
+            layer.bias = bias
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits=4, group_size=128, desc_act=False, v2=False,
+                    sym=True) -> "GPTQLinear":
+        """Round-to-nearest quantize an nn.Linear (see ``rtn.quantize_weight``)."""
+        from .rtn import quantize_weight
+
+        packed = quantize_weight(linear.weight.detach(), bits=bits, group_size=group_size, sym=sym,
+                                 desc_act=desc_act, v2=v2)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        return cls.from_quantized(**packed, bias=bias, bits=bits, group_size=group_size, v2=v2, desc_act=desc_act)

@@ -1,0 +1,387 @@
+"""Load a GPTQ (Int4/Int8) Qwen v1 directory into QWenLMHeadModel with GPTQLinear layers.
+
+The model is built with its parameters on the meta device; every Linear that the checkpoint stores as
+``<name>.qweight`` becomes a GPTQLinear; then the checkpoint is streamed tensor by tensor (safetensors
+shard by shard, or pytorch_model.bin memory-mapped) straight into place on the target device. No float copy
+of the quantized weights is ever made: a 14B Int4 dir needs ~10 GB of GPU memory (7 GB packed + two 1.5 GB
+bf16 embeddings).
+
+Dtypes (DESIGN.md "Precision"): float tensors of the checkpoint (embedding, lm_head, norms, c_attn bias)
+are cast once to the compute dtype (bf16 on CUDA where supported, fp32 on CPU, or what ``dtype`` says);
+GPTQ buffers keep their own dtypes (int32; scales fp16).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .linear import GPTQLinear
+from .packing import check_bits, default_g_idx, is_v2_format
+from .rtn import QWEN_QUANTIZED_SUFFIXES, is_quantized_module_name
+
+GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+class GPTQLoadError(ValueError):
+    """A GPTQ model dir that cannot be loaded; the message says which dir and why."""
+
+
+# -- checkpoint files ---------------------------------------------------------------------------------
+
+
+def checkpoint_files(model_dir) -> list[tuple[Path, list[str] | None]]:
+    """[(file, tensor names or None if unknown without reading)] for a model dir, in shard order.
+
+    Looks for model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json,
+    pytorch_model.bin (the names transformers and Qwen's releases use), then any single *.safetensors.
+    """
+    d = Path(model_dir)
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        idx = d / index_name
+        if idx.is_file():
+            weight_map = json.loads(idx.read_text())["weight_map"]
+            by_file: dict[str, list[str]] = {}
+            for name, fname in weight_map.items():
+                by_file.setdefault(fname, []).append(name)
+            return [(d / f, names) for f, names in sorted(by_file.items())]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if (d / single).is_file():
+            return [(d / single, None)]
+    st = sorted(d.glob("*.safetensors"))
+    if st:
+        return [(p, None) for p in st]
+    raise GPTQLoadError(
+        f"{d}: no weights found (expected model.safetensors[.index.json] or pytorch_model.bin[.index.json])"
+    )
+
+
+def checkpoint_keys(model_dir) -> dict[str, Path]:
+    """tensor name -> file, reading only safetensors headers (or the index)."""
+    keys: dict[str, Path] = {}
+    for path, names in checkpoint_files(model_dir):
+        if names is None:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+
+                with safe_open(str(path), framework="pt") as f:
+                    names = list(f.keys())
+            else:
+                names = list(torch.load(path, map_location="meta", weights_only=True, mmap=True).keys())
+        for n in names:
+            keys[n] = path
+    return keys
+
+
+def iter_checkpoint_tensors(path: Path):
+    """(name, CPU tensor) one at a time from one checkpoint file."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for name in list(sd.keys()):
+            yield name, sd.pop(name)
+
+
+def read_checkpoint_shard(path: Path) -> dict:
+    return dict(iter_checkpoint_tensors(Path(path)))
+
+
+# -- config ---------------------------------------------------------------------------------------------
+
+
+def gptq_settings(quantization_config) -> dict:
+    """Validated {bits, group_size, desc_act, sym, v2} from a config's quantization_config."""
+    qc = quantization_config
+    if qc is None:
+        raise GPTQLoadError("config has no quantization_config; not a GPTQ model")
+    if not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
+    method = qc.get("quant_method", "gptq")
+    method = str(getattr(method, "value", method)).lower()
+    if method != "gptq":
+        raise GPTQLoadError(f"quantization_config quant_method {method!r} is not supported; only 'gptq' (4 or 8 bits)")
+    bits = int(qc.get("bits", 4))
+    try:
+        check_bits(bits)
+    except ValueError as e:
+        raise GPTQLoadError(str(e)) from None
+    group_size = qc.get("group_size", 128)
+    group_size = -1 if group_size is None else int(group_size)
+    return {
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": bool(qc.get("desc_act", False)),
+        "sym": bool(qc.get("sym", True)),
+        "v2": is_v2_format(qc),
+    }
+
+
+def _resolve_device(device, device_map=None) -> torch.device:
+    if device is None and device_map is not None:
+        if isinstance(device_map, dict):
+            devices = {str(v) for v in device_map.values()}
+            if len(devices) != 1:
+                raise GPTQLoadError(f"device_map spreading the model over several devices is not supported: {device_map}")
+            device = devices.pop()
+        elif device_map in ("auto", "balanced", "sequential"):
+            device = None
+        else:
+            device = device_map
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if isinstance(device, int):
+        return torch.device("cuda", device)
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if isinstance(dtype, str) and dtype != "auto":
+        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "half": torch.float16, "fp32": torch.float32, "float32": torch.float32,
+                 "float": torch.float32}
+        if dtype.lower() not in names:
+            raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+        return names[dtype.lower()]
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# -- building -------------------------------------------------------------------------------------------
+
+
+def _build_meta_model(config):
+    from finetune.modeling import QWenLMHeadModel
+
+    with torch.device("meta"):
+        model = QWenLMHeadModel(config)
+    return model
+
+
+def replace_with_gptq_linears(model: nn.Module, module_names, settings: dict, with_bias=None) -> list[str]:
+    """Swap the named nn.Linear modules for (meta) GPTQLinear of the same shape; returns the names.
+
+    ``with_bias``: names whose checkpoint holds a ``bias`` (some GPTQ writers store one for every layer);
+    None = as the float Linear has it."""
+    replaced = []
+    for name in module_names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        old = getattr(parent, child, None)
+        if not isinstance(old, nn.Linear):
+            raise GPTQLoadError(f"checkpoint has GPTQ tensors for {name!r}, but the model has no Linear there "
+                                f"(found {type(old).__name__})")
+        new = GPTQLinear(
+            old.in_features,
+            old.out_features,
+            bias=(old.bias is not None) if with_bias is None else (name in with_bias),
+            bits=settings["bits"],
+            group_size=settings["group_size"],
+            v2=settings["v2"],
+            desc_act=settings["desc_act"],
+            device="meta",
+        )
+        setattr(parent, child, new)
+        replaced.append(name)
+    return replaced
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        old = module._parameters[attr]
+        module._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        module._buffers[attr] = value
+
+
+def _expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and persistent buffer the checkpoint must provide."""
+    out = dict(model.named_parameters(remove_duplicate=False))
+    for mod_name, mod in model.named_modules(remove_duplicate=False):
+        for bname, buf in mod._buffers.items():
+            if buf is None or bname in mod._non_persistent_buffers_set:
+                continue
+            out[f"{mod_name}.{bname}" if mod_name else bname] = buf
+    return out
+
+
+def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
+    """A GPTQ Qwen v1 dir -> QWenLMHeadModel (eval mode) with GPTQLinear layers, on ``device``.
+
+    ``dtype``: compute dtype for the float weights (default bf16 on CUDA with bf16, else fp32);
+    ``device``: default the current CUDA device when there is one, else CPU. Accepts (and mostly
+    ignores) from_pretrained's kwargs: ``torch_dtype`` (alias of dtype), ``device_map`` (one device only),
+    ``trust_remote_code``, ``low_cpu_mem_usage``, ``revision``...
+    """
+    from finetune.hub import resolve_model_dir
+
+    model_dir = resolve_model_dir(model_dir)
+    if dtype is None:
+        dtype = kwargs.pop("torch_dtype", None)
+    device = _resolve_device(device, kwargs.pop("device_map", None))
+    dtype = _resolve_dtype(dtype, device)
+    if config is None:
+        from finetune.modeling import QWenConfig
+
+        config = QWenConfig.from_pretrained(str(model_dir))
+    try:
+        settings = gptq_settings(getattr(config, "quantization_config", None))
+    except GPTQLoadError as e:
+        raise GPTQLoadError(f"{model_dir}: {e}") from None
+
+    keys = checkpoint_keys(model_dir)
+    quant_modules = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
+    if not quant_modules:
+        raise GPTQLoadError(f"{model_dir}: config.json declares GPTQ quantization but the checkpoint has no "
+                            f"'*.qweight' tensors")
+
+    model = _build_meta_model(config)
+    replace_with_gptq_linears(model, quant_modules, settings, with_bias={m for m in quant_modules if f"{m}.bias" in keys})
+    expected = _expected_tensors(model)
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+
+    unexpected = [k for k in keys if k not in expected and not any(p.search(k) for p in ignore)]
+    missing = [k for k in expected if k not in keys]
+    # g_idx absent (some exporters omit it without desc_act): the default k // group_size order
+    default_g_idx_for = [k for k in missing if k.endswith(".g_idx") and not settings["desc_act"]]
+    missing = [k for k in missing if k not in default_g_idx_for]
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    if tied:
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing tensor(s), first {missing[0]!r}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
+        raise GPTQLoadError(f"{model_dir}: the checkpoint does not match the model: " + "; ".join(parts))
+
+    for path, _ in checkpoint_files(model_dir):
+        for name, tensor in iter_checkpoint_tensors(path):
+            target = expected.get(name)
+            if target is None:
+                continue  # ignored key (e.g. rotary inv_freq)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise GPTQLoadError(f"{model_dir}: tensor {name!r} has shape {tuple(tensor.shape)} in the "
+                                    f"checkpoint, the model expects {tuple(target.shape)}")
+            attr = name.rpartition(".")[2]
+            module = model.get_submodule(name.rpartition(".")[0])
+            if isinstance(module, GPTQLinear) and attr in GPTQLinear._NEVER_CAST:
+                want = target.dtype  # int32, scales fp16: never cast
+                if attr != "scales" and tensor.is_floating_point():
+                    raise GPTQLoadError(f"{model_dir}: {name!r} is {tensor.dtype}, expected an integer tensor")
+            elif tensor.is_floating_point():
+                want = dtype
+            else:
+                want = tensor.dtype
+            _set_tensor(model, name, tensor.to(device=device, dtype=want))
+            del tensor
+
+    for name in default_g_idx_for:
+        module = model.get_submodule(name.rpartition(".")[0])
+        _set_tensor(model, name, default_g_idx(module.in_features, module.group_size, device=device))
+    if tied:
+        model.tie_weights()
+    still_meta = [n for n, t in _expected_tensors(model).items() if t.device.type == "meta"]
+    if still_meta:
+        raise GPTQLoadError(f"{model_dir}: {len(still_meta)} tensor(s) not loaded, first {still_meta[0]!r}")
+    _check_no_meta_buffers(model, str(model_dir))
+    model.name_or_path = str(model_dir)  # PEFT records it as base_model_name_or_path
+    model.config._name_or_path = str(model_dir)
+    if (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    model.eval()
+    return model
+
+
+def _check_no_meta_buffers(model: nn.Module, where: str) -> None:
+    """Buffers the checkpoint does not hold (non-persistent ones) cannot be recovered from a meta build."""
+    for mod_name, mod in model.named_modules():
+        for bname, buf in mod._buffers.items():
+            if buf is not None and buf.device.type == "meta":
+                raise GPTQLoadError(
+                    f"{where}: buffer {mod_name}.{bname} is not in the checkpoint and was built on the meta "
+                    f"device; the model must compute it (e.g. in forward) rather than hold it as a "
+                    f"non-persistent buffer"
+                )
+
+
+# -- random models for benchmarks -----------------------------------------------------------------------
+
+
+def build_gptq_model_on_device(config, device="cuda", dtype=torch.bfloat16, seed=0, suffixes=QWEN_QUANTIZED_SUFFIXES):
+    """A QWenLMHeadModel with random GPTQ weights made directly on ``device`` (no files): every Linear named
+    by ``suffixes`` is a GPTQLinear with random 4/8-bit values, symmetric zero point, small fp16 scales;
+    float weights random N(0, 0.02) in ``dtype`` (norms 1). For benchmarks (the 14B shapes) only."""
+    device = torch.device(device)
+    qc = getattr(config, "quantization_config", None) or {"bits": 4, "group_size": 128, "quant_method": "gptq"}
+    settings = gptq_settings(qc)
+    bits = settings["bits"]
+    model = _build_meta_model(config)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and is_quantized_module_name(n, suffixes)]
+    replace_with_gptq_linears(model, names, settings)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    zero = 2 ** (bits - 1) - (0 if settings["v2"] else 1)
+    per = 32 // bits
+    zero_word = 0
+    for j in range(per):
+        zero_word |= zero << (bits * j)
+    if zero_word >= 2**31:
+        zero_word -= 2**32
+    for name, t in _expected_tensors(model).items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name) if module_name else model
+        if isinstance(module, GPTQLinear) and attr in GPTQLinear._NEVER_CAST:
+            if attr == "qweight":
+                v = torch.randint(-(2**31), 2**31 - 1, t.shape, generator=gen, device=device, dtype=torch.int32)
+            elif attr == "qzeros":
+                v = torch.full(t.shape, zero_word, device=device, dtype=torch.int32)
+            elif attr == "scales":
+                v = (torch.rand(t.shape, generator=gen, device=device) * 0.004 + 0.001).to(torch.float16)
+            else:
+                v = default_g_idx(module.in_features, module.group_size, device=device)
+        elif t.is_floating_point():
+            if attr == "weight" and t.dim() == 1:
+                v = torch.ones(t.shape, device=device, dtype=dtype)
+            elif attr == "bias":
+                v = torch.zeros(t.shape, device=device, dtype=dtype)
+            else:
+                v = (torch.randn(t.shape, generator=gen, device=device, dtype=torch.float32) * 0.02).to(dtype)
+        else:
+            v = torch.zeros(t.shape, device=device, dtype=t.dtype)
+        _set_tensor(model, name, v)
+    _check_no_meta_buffers(model, "build_gptq_model_on_device")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.eval()
+    return model
+
+
+__all__ = [
+    "GPTQLoadError",
+    "load_gptq_model",
+    "build_gptq_model_on_device",
+    "gptq_settings",
+    "checkpoint_files",
+    "checkpoint_keys",
+    "replace_with_gptq_linears",
+]

@@ -1,0 +1,166 @@
+"""LoRA on GPTQLinear through PEFT's custom module mapping.
+
+``GPTQLoraLinear`` follows PEFT's own ``GPTQLoraLinear`` (peft/tuners/lora/gptq.py): the frozen base
+layer's output plus ``lora_B(lora_A(dropout(x))) * scaling`` per active adapter, the LoRA weights fp32
+master weights (PEFT keeps adapter weights in the base layer's dtype only when that is floating; the base
+here reports int32 ``qweight``, so they stay fp32).
+
+Registration, and why it is done this way: PEFT's supported extension point is
+``LoraConfig._register_custom_module({GPTQLinear: GPTQLoraLinear})`` on a config instance, but the mapping
+is not saved in adapter_config.json, so ``PeftModel.from_pretrained`` / ``AutoPeftModelForCausalLM``
+build a fresh LoraConfig without it and would fail on GPTQLinear. ``register_peft()`` (run by
+``import finetune.quant``) wraps ``LoraConfig.__post_init__`` so that every LoraConfig created afterwards
+carries the mapping, through that same public-ish API. This is the smallest patch that covers every path
+(get_peft_model, PeftModel.from_pretrained, AutoPeftModel*, load_adapter, add_adapter): it touches no
+dispatch internals, changes nothing for models without GPTQLinear (the mapping only matches GPTQLinear),
+does not change what is serialized, and is idempotent. A LoraConfig created *before* ``import finetune``
+can be fixed with ``register_peft(config)``.
+
+Merging: ``merge()`` dequantizes the base weight exactly (``GPTQLinear.dequantize``), adds the LoRA delta in
+fp32 and swaps in an ``nn.Linear`` holding the merged float weight (dtype: ``merge_dtype`` if set, else the
+dtype of the base bias, else bf16 on CUDA / fp32 elsewhere); ``unmerge()`` restores the original packed
+layer bit for bit. ``merge_and_unload()`` therefore yields a float model (re-quantizing is the export
+issue's).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+from peft.tuners.lora import LoraConfig, LoraLayer
+from peft.tuners.tuners_utils import check_adapters_to_merge
+
+from .linear import GPTQLinear
+
+
+class GPTQLoraLinear(nn.Module, LoraLayer):
+    """LoRA adapter(s) around a frozen GPTQLinear."""
+
+    def __init__(self, base_layer, adapter_name: str, config: LoraConfig, r: int = 0, lora_alpha: int = 1,
+                 **kwargs):
+        super().__init__()
+        LoraLayer.__init__(self, base_layer)
+        if config.use_dora:
+            raise ValueError("LoRA on GPTQ (Int4) layers does not support DoRA; set use_dora=False")
+        if getattr(config, "velora_config", None) is not None:
+            raise ValueError("LoRA on GPTQ (Int4) layers does not support VeLoRA")
+        self.fan_in_fan_out = False
+        self.merge_dtype: torch.dtype | None = None
+        self._gptq_base: GPTQLinear | None = None  # the packed layer while a merged float Linear stands in
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+
+    def _get_in_out_features(self, module: nn.Module):
+        return module.in_features, module.out_features
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
+        return None  # vanilla LoRA only (DoRA etc. rejected above)
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            raise ValueError("mixed-adapter batches (adapter_names=...) are not supported on GPTQ layers")
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disable_adapters or self.merged:
+            return result
+        result_dtype = result.dtype
+        for active_adapter in self.active_adapters:
+            if active_adapter not in self.lora_A.keys():
+                continue
+            lora_A = self.lora_A[active_adapter]
+            lora_B = self.lora_B[active_adapter]
+            dropout = self.lora_dropout[active_adapter]
+            scaling = self.scaling[active_adapter]
+            xa = self._cast_input_dtype(x, lora_A.weight.dtype)
+            result = result + (lora_B(lora_A(dropout(xa))) * scaling).to(result_dtype)
+        return result
+
+    # -- merging ------------------------------------------------------------------------------------
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The fp32 weight delta [out, in] of one adapter."""
+        A = self.lora_A[adapter].weight.float()
+        B = self.lora_B[adapter].weight.float()
+        return (B @ A) * self.scaling[adapter]
+
+    def _merged_dtype(self, base: GPTQLinear) -> torch.dtype:
+        if self.merge_dtype is not None:
+            return self.merge_dtype
+        if base.bias is not None and base.bias.dtype.is_floating_point:
+            return base.bias.dtype
+        if base.qweight.is_cuda and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        base = self.get_base_layer()
+        if isinstance(base, GPTQLinear):
+            packed = base
+            weight = packed.dequantize(torch.float32)
+            out_dtype = self._merged_dtype(packed)
+        else:  # already merged once: a float Linear stands in for the packed layer
+            packed = self._gptq_base
+            weight = base.weight.detach().float()
+            out_dtype = base.weight.dtype
+        for name in adapter_names:
+            if name in self.lora_A:
+                weight = weight + self.get_delta_weight(name).to(weight.device)
+                self.merged_adapters.append(name)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs/infs in the merged weight of adapter(s) {adapter_names}; merge aborted")
+        merged = nn.Linear(packed.in_features, packed.out_features, bias=packed.bias is not None,
+                           device=weight.device, dtype=out_dtype)
+        with torch.no_grad():
+            merged.weight.copy_(weight)
+            if packed.bias is not None:
+                merged.bias.copy_(packed.bias)
+        merged.requires_grad_(False)
+        self._gptq_base = packed
+        self.base_layer = merged
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        if self._gptq_base is not None:
+            self.base_layer = self._gptq_base  # the packed weights were never touched
+            self._gptq_base = None
+        self.merged_adapters.clear()
+
+    def __repr__(self) -> str:
+        return "lora." + super().__repr__()
+
+
+CUSTOM_MODULE_MAPPING = {GPTQLinear: GPTQLoraLinear}
+
+_ORIGINAL_POST_INIT = None
+
+
+def register_peft(config: LoraConfig | None = None) -> None:
+    """Make LoRA attach to GPTQLinear: for ``config`` if given, and (always, idempotently) for every
+    LoraConfig created from now on (see the module docstring for why)."""
+    global _ORIGINAL_POST_INIT
+    if config is not None:
+        config._register_custom_module(CUSTOM_MODULE_MAPPING)
+    if _ORIGINAL_POST_INIT is not None:
+        return
+    original = LoraConfig.__post_init__
+    _ORIGINAL_POST_INIT = original
+
+    def __post_init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self._register_custom_module(CUSTOM_MODULE_MAPPING)
+
+    __post_init__.__wrapped__ = original
+    __post_init__.__doc__ = original.__doc__
+    LoraConfig.__post_init__ = __post_init__
+
+
+__all__ = ["GPTQLoraLinear", "register_peft", "CUSTOM_MODULE_MAPPING"]

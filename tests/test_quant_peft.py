@@ -1,0 +1,159 @@
+"""LoRA on GPTQLinear through PEFT: get_peft_model, training, save / load with no extra arguments, merge."""
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import finetune.quant  # noqa: F401  (registers LoRA for GPTQLinear with PEFT)
+from finetune.quant import GPTQLinear, quantize_weight
+from finetune.quant.peft_lora import GPTQLoraLinear
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
+
+TARGETS = ["c_attn", "c_proj", "w1", "w2"]
+
+
+def _q(linear, group_size=32, desc_act=False):
+    return GPTQLinear.from_linear(linear, bits=4, group_size=group_size, desc_act=desc_act)
+
+
+class Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.c_attn = nn.Linear(d, 3 * d)
+        self.c_proj = nn.Linear(3 * d, d, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, d, ff):
+        super().__init__()
+        self.w1 = nn.Linear(d, ff, bias=False)
+        self.w2 = nn.Linear(d, ff, bias=False)
+        self.c_proj = nn.Linear(ff, d, bias=False)
+
+
+class Toy(nn.Module):
+    """A Qwen-block-shaped toy: attn.c_attn (bias), attn.c_proj, mlp.w1/w2/c_proj, all GPTQ."""
+
+    def __init__(self, d=64, ff=128, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.attn, self.mlp = Attn(d), MLP(d, ff)
+        self.head = nn.Linear(d, 8)
+        for parent, names in ((self.attn, ["c_attn", "c_proj"]), (self.mlp, ["w1", "w2", "c_proj"])):
+            for n in names:
+                setattr(parent, n, _q(getattr(parent, n), desc_act=(n == "w2")))
+        self.head.requires_grad_(False)
+
+    def forward(self, x):
+        h = x + self.attn.c_proj(self.attn.c_attn(x))
+        h = h + self.mlp.c_proj(self.mlp.w1(h) * torch.nn.functional.silu(self.mlp.w2(h)))
+        return self.head(h)
+
+
+def _buffers(model):
+    return {k: v.clone() for k, v in model.named_buffers()}
+
+
+def _lora(model, **kw):
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0, **kw)
+    return get_peft_model(model, cfg)
+
+
+def test_every_lora_config_carries_the_mapping():
+    assert GPTQLinear in LoraConfig(r=2)._custom_modules
+    # and it is not serialized
+    assert "_custom_modules" not in LoraConfig(r=2).to_dict()
+
+
+def test_get_peft_model_wraps_all_five_and_lora_is_fp32():
+    pm = _lora(Toy())
+    wrapped = {n for n, m in pm.named_modules() if isinstance(m, GPTQLoraLinear)}
+    assert {w.split("base_model.model.")[-1] for w in wrapped} == {
+        "attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj"}
+    trainable = {n: p for n, p in pm.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    # starts as the identity (B = 0)
+    x = torch.randn(3, 64)
+    with pm.disable_adapter():
+        base = pm(x)
+    assert torch.equal(pm(x), base)
+
+
+def test_training_changes_only_lora_and_buffers_stay_bit_identical():
+    torch.manual_seed(0)
+    pm = _lora(Toy())
+    before = _buffers(pm)
+    lora_before = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+    x, target = torch.randn(16, 64), torch.randn(16, 8)
+    with torch.no_grad():  # a no-grad forward first
+        pm(x)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.mse_loss(pm(x), target)
+        opt.zero_grad()
+        loss.backward()
+        for n, b in pm.named_buffers():
+            assert b.grad is None, n
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    after = _buffers(pm)
+    assert all(torch.equal(before[k], after[k]) and before[k].dtype == after[k].dtype for k in before)
+    changed = [n for n, p in pm.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
+    assert changed
+    assert all(not p.requires_grad for n, p in pm.named_parameters() if "lora_" not in n)
+
+
+def _train_a_bit(pm, steps=3):
+    x, target = torch.randn(8, 64), torch.randn(8, 8)
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(pm(x), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def test_save_and_load_roundtrip_without_extra_args(tmp_path):
+    torch.manual_seed(1)
+    pm = _lora(Toy(seed=3))
+    _train_a_bit(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == set(TARGETS)
+    x = torch.randn(5, 64)
+    expected = pm(x)
+    # a fresh base (same packed weights) + the saved adapter, no custom arguments
+    loaded = PeftModel.from_pretrained(Toy(seed=3), tmp_path / "adapter")
+    assert any(isinstance(m, GPTQLoraLinear) for m in loaded.modules())
+    assert torch.equal(loaded(x), expected)
+
+
+def test_merge_and_unmerge_through_dequantize():
+    torch.manual_seed(2)
+    pm = _lora(Toy(seed=4))
+    _train_a_bit(pm)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        y = pm(x)
+        packed_before = _buffers(pm)
+        pm.merge_adapter()
+        torch.testing.assert_close(pm(x), y, rtol=1e-4, atol=1e-4)
+        pm.unmerge_adapter()
+        assert torch.equal(pm(x), y)
+        assert all(torch.equal(v, packed_before[k]) for k, v in _buffers(pm).items())
+        merged = pm.merge_and_unload()
+    assert not any(isinstance(m, (GPTQLoraLinear, GPTQLinear)) for m in merged.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), y, rtol=1e-4, atol=1e-4)
+
+
+def test_dora_is_rejected_clearly():
+    with pytest.raises(ValueError, match="DoRA"):
+        _lora(Toy(), use_dora=True)
