@@ -8,6 +8,9 @@ import sys
 COMMANDS = {
     "train": ("finetune.train", "fine-tune (LoRA, Q-LoRA or full); see `qwen-ft train --help`"),
     "demo": ("finetune.demo", "make the tiny demo model (--make-model DIR [--int4])"),
+    "chat": ("finetune.chat", "chat with a model (+ adapter): interactive, or one --query"),
+    "merge": ("finetune.merge", "merge an adapter into its base: bf16 or Int4 (RTN / GPTQ) model dir"),
+    "eval": ("finetune.evaluate", "held-out loss, perplexity, exact match, ROUGE-L (base vs adapter)"),
 }
 
 

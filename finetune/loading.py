@@ -115,7 +115,12 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     """Load a Qwen v1 model dir (local or hub id) in the compute dtype, optionally with a PEFT adapter, in eval mode.
 
     device: default "cuda" when a GPU is there, else "cpu". dtype: default bf16 on a GPU with bf16, else fp32;
-    every float weight is cast to it once, here."""
+    every float weight is cast to it once, here. With an adapter and model_dir None, the base is the one the
+    adapter records (see finetune/adapters.py)."""
+    if model_dir is None and adapter:
+        from .adapters import resolve_base
+
+        model_dir = resolve_base(adapter)
     model_dir = resolve_model_dir(model_dir)
     cfg = read_config(model_dir)
     if device is None:
@@ -138,10 +143,9 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
         model = model.to(device)
 
     if adapter:
-        # Full adapter handling (official adapters, Int4 bases, merging) comes with the adapter issue.
-        from peft import PeftModel
+        from .adapters import load_adapter  # checks the adapter against the model, then PEFT
 
-        model = PeftModel.from_pretrained(model, str(resolve_model_dir(adapter)))
+        model = load_adapter(model, resolve_model_dir(adapter))
     model.eval()
     return model
 

@@ -1,0 +1,278 @@
+"""PEFT LoRA adapters for chat, evaluation and merging: find the base, check the adapter against it, load it.
+
+What an adapter dir holds: ``adapter_config.json`` (PEFT's LoraConfig, which records the base model in
+``base_model_name_or_path``) and the weights, ``adapter_model.safetensors`` or, from older PEFT (the
+official Qwen finetune.py, 2023), ``adapter_model.bin``. The ``.bin`` is read only through
+``torch.load(..., weights_only=True)``: a pickle from the internet never runs code here.
+
+Loading is ``check_adapter`` then PEFT: before PEFT touches the model, every tensor of the adapter is
+matched with the module it belongs to, so an adapter made for another architecture, size or rank layout is
+one ``AdapterError`` naming the adapter dir and the first key that does not fit (PEFT alone would either
+raise a long size-mismatch dump or, for a missing key, silently leave a zero LoRA in place).
+
+2023-era configs (peft 0.5: ``"revision"``, ``"enable_lora": null``, no ``use_dora`` ...) load: keys the
+installed PEFT does not know are dropped (listed at debug level), the rest builds today's ``LoraConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used with this base; the message names the adapter dir and the cause."""
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def is_adapter_dir(path) -> bool:
+    return path is not None and (Path(path) / CONFIG_NAME).is_file()
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """adapter_config.json as a dict (raises AdapterError when missing or not a LoRA adapter)."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        if not adapter_dir.exists():
+            raise AdapterError(f"adapter {adapter_dir} does not exist")
+        hint = " (it looks like a full model dir: pass it as the model, not as --adapter)" \
+            if (adapter_dir / "config.json").is_file() else ""
+        raise AdapterError(f"adapter {adapter_dir} has no {CONFIG_NAME}: not a PEFT adapter dir{hint}")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"adapter {adapter_dir}: {CONFIG_NAME} is not valid JSON: {e}") from None
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"adapter {adapter_dir}: peft_type {peft_type!r} is not supported (LoRA only)")
+    return cfg
+
+
+def lora_config(adapter_dir, cfg: dict | None = None):
+    """A current-PEFT LoraConfig from an adapter_config.json of any PEFT version (unknown keys dropped)."""
+    from peft import LoraConfig
+
+    cfg = dict(read_adapter_config(adapter_dir) if cfg is None else cfg)
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    dropped = sorted(k for k in cfg if k not in known)
+    if dropped:
+        logger.debug("adapter %s: ignoring config keys unknown to this PEFT: %s", adapter_dir, dropped)
+    kwargs = {k: v for k, v in cfg.items() if k in known and k != "peft_type"}
+    for key in ("loftq_config",):  # peft 0.5 wrote null where today's PEFT wants {}
+        if kwargs.get(key) is None:
+            kwargs.pop(key, None)
+    try:
+        config = LoraConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"adapter {adapter_dir}: {CONFIG_NAME} is not a valid LoRA config: {e}") from None
+    config.inference_mode = True
+    return config
+
+
+def adapter_base(adapter_dir) -> str | None:
+    """The base model the adapter records (PEFT's base_model_name_or_path), or None."""
+    return read_adapter_config(adapter_dir).get("base_model_name_or_path") or None
+
+
+def resolve_base(adapter_dir, model_dir=None) -> Path:
+    """The base model dir: ``model_dir`` when given (a moved base), else the one the adapter records."""
+    from .hub import ModelNotFoundError, resolve_model_dir
+
+    if model_dir is not None:
+        return resolve_model_dir(model_dir)
+    recorded = adapter_base(adapter_dir)
+    if not recorded:
+        raise AdapterError(f"adapter {adapter_dir} does not record its base model (no base_model_name_or_path "
+                           f"in {CONFIG_NAME}); pass the base model dir with -m/--model")
+    try:
+        return resolve_model_dir(recorded)
+    except ModelNotFoundError as e:
+        raise AdapterError(f"adapter {adapter_dir} was trained on {recorded}, which cannot be found ({e}); if the "
+                           f"base moved, pass its dir with -m/--model") from None
+
+
+def adapter_weights_file(adapter_dir) -> Path:
+    for name in WEIGHT_NAMES:
+        p = Path(adapter_dir) / name
+        if p.is_file():
+            return p
+    raise AdapterError(f"adapter {adapter_dir} has no weights (expected {' or '.join(WEIGHT_NAMES)})")
+
+
+def read_adapter_weights(adapter_dir) -> dict[str, torch.Tensor]:
+    """The adapter's tensors on CPU: safetensors, or a legacy .bin through torch.load(weights_only=True)."""
+    path = adapter_weights_file(adapter_dir)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterError(f"adapter {adapter_dir}: cannot read {path.name} ({type(e).__name__}: {e}); a legacy "
+                           f".bin is read only as plain tensors (weights_only=True)") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AdapterError(f"adapter {adapter_dir}: {path.name} is not a dict of tensors")
+    return {_canonical_key(k): v for k, v in sd.items()}
+
+
+_ADAPTER_NAME_IN_KEY = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(\.|$)")
+
+
+def _canonical_key(key: str) -> str:
+    """PEFT's saved form: 'base_model.model.<module>.lora_A.weight' (some writers kept '.default')."""
+    key = _ADAPTER_NAME_IN_KEY.sub(r".\1\2", key)
+    key = key.replace(".modules_to_save.default.", ".")
+    return key
+
+
+# -- checking -----------------------------------------------------------------------------------------
+
+
+def _unwrap(model):
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def target_module_names(model: nn.Module, config) -> list[str]:
+    """Names of the modules LoRA attaches to, by PEFT's own rule (suffix match, or full regex match)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    names = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if check_target_module_exists(config, name):
+            names.append(name)
+    return names
+
+
+def _module_io(module: nn.Module) -> tuple[int, int] | None:
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    return None
+
+
+def _rank(config, module_name: str) -> int:
+    for pattern, r in (config.rank_pattern or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", module_name):
+            return int(r)
+    return int(config.r)
+
+
+def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = None) -> None:
+    """Raise AdapterError (naming the adapter and the first bad key) unless every adapter tensor has a home
+    of the right shape in ``model`` and every targeted module has its LoRA weights."""
+    model = _unwrap(model)
+    config = lora_config(adapter_dir) if config is None else config
+    sd = read_adapter_weights(adapter_dir) if state_dict is None else state_dict
+    where = f"adapter {adapter_dir}"
+
+    targets = target_module_names(model, config)
+    if not targets:
+        raise AdapterError(f"{where}: none of its target modules {sorted(config.target_modules or [])} exist in "
+                           f"this model ({type(model).__name__}); it was made for another architecture")
+    modules = dict(model.named_modules())
+    expected: dict[str, tuple[int, ...]] = {}
+    for name in targets:
+        io = _module_io(modules[name])
+        if io is None:
+            continue  # PEFT would reject it later with its own message; not a shape question
+        in_f, out_f = io
+        r = _rank(config, name)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = (r, in_f)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = (out_f, r)
+        if config.bias in ("lora_only", "all") and f"{PREFIX}{name}.lora_B.bias" in sd:
+            expected[f"{PREFIX}{name}.lora_B.bias"] = (out_f,)
+    for name, module in modules.items():
+        if not name or not config.modules_to_save:
+            continue
+        if any(name == m or name.endswith("." + m) for m in config.modules_to_save):
+            for pname, p in module.named_parameters(recurse=False):
+                expected[f"{PREFIX}{name}.{pname}"] = tuple(p.shape)
+
+    lora_keys = [k for k in sd if ".lora_" in k]
+    if not lora_keys:
+        raise AdapterError(f"{where}: its weights hold no LoRA tensors (keys like "
+                           f"'{PREFIX}transformer.h.0.attn.c_attn.lora_A.weight')")
+    for k, v in sd.items():
+        if k not in expected:
+            if k.endswith("lora_B.bias") or (config.bias != "none" and k.endswith(".bias")):
+                continue
+            raise AdapterError(f"{where} does not fit this model: its tensor {k!r} {list(v.shape)} has no place "
+                               f"in {type(model).__name__} (another architecture or layer count?)")
+        if tuple(v.shape) != expected[k]:
+            raise AdapterError(f"{where} does not fit this model: {k!r} has shape {list(v.shape)}, the model "
+                               f"needs {list(expected[k])} (another model size, or a rank other than r="
+                               f"{config.r} from {CONFIG_NAME})")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise AdapterError(f"{where} does not fit this model: {len(missing)} tensor(s) the config targets are "
+                           f"missing from its weights, first {missing[0]!r} (target_modules "
+                           f"{sorted(config.target_modules or [])})")
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable: bool = False):
+    """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (checked first) -> a PeftModel in eval mode.
+
+    Works for float bases and Int4 (GPTQLinear) bases alike; adapters of any PEFT version since 0.5."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    from .hub import resolve_model_dir
+
+    adapter_dir = resolve_model_dir(adapter_dir) if not Path(adapter_dir).is_dir() else Path(adapter_dir)
+    config = lora_config(adapter_dir)
+    config.inference_mode = not is_trainable
+    sd = read_adapter_weights(adapter_dir)
+    check_adapter(model, adapter_dir, config, sd)
+
+    import finetune.quant  # noqa: F401  (LoRA on GPTQLinear is registered on import)
+    from finetune.quant import register_peft
+
+    register_peft(config)
+    from peft import PeftModelForCausalLM
+
+    cls = PeftModelForCausalLM if str(config.task_type or "CAUSAL_LM").upper() == "CAUSAL_LM" else PeftModel
+    peft_model = cls(model, config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(peft_model, sd, adapter_name=adapter_name)
+    lora_missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and adapter_name in k]
+    if lora_missing:  # check_adapter should make this impossible
+        raise AdapterError(f"adapter {adapter_dir}: PEFT did not load {lora_missing[0]!r}")
+    if not is_trainable:
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        peft_model.eval()
+    return peft_model
+
+
+def load_model_with_adapter(adapter_dir, model_dir=None, dtype=None, device=None):
+    """Base (``model_dir`` or the one the adapter records) + adapter -> PeftModel, via finetune.load_model."""
+    from .loading import load_model
+
+    return load_model(resolve_base(adapter_dir, model_dir), adapter=adapter_dir, dtype=dtype, device=device)
+
+
+__all__ = [
+    "AdapterError", "adapter_base", "check_adapter", "is_adapter_dir", "load_adapter", "load_model_with_adapter",
+    "lora_config", "read_adapter_config", "read_adapter_weights", "resolve_base", "target_module_names",
+]

@@ -1,0 +1,361 @@
+"""`qwen-ft merge`: a LoRA / Q-LoRA adapter + its base -> one standalone model dir in the official layout.
+
+    qwen-ft merge --adapter DIR [--model BASE] --output OUT [--format bf16|int4] [--quant-method rtn|gptq]
+                  [--calib-data FILE] [--eval-data FILE]
+
+Routes (chosen from what the base dir is):
+- float base (LoRA on Qwen-14B-Chat, or a Q-LoRA adapter given the matching bf16 base with --model): the
+  LoRA deltas B @ A * alpha / r are added to the float weights (in fp32), written in --dtype (bf16 default).
+- Int4 base only (a Q-LoRA adapter and Qwen-14B-Chat-Int4): each GPTQ Linear is dequantized exactly
+  (``GPTQLinear.dequantize``), the delta added, and the result written as a float model, or, with
+  ``--format int4``, quantized again: round-to-nearest (``--quant-method rtn``, no data) or calibrated GPTQ
+  (``--quant-method gptq``, ``finetune/quant/gptq.py``) on a sample of the user's own conversations
+  (``--calib-data``, default: the adapter's training data from its run_args.json).
+
+Output: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
+above --max-shard-size), ``config.json`` (no quantization_config for float; for Int4 the auto-gptq
+``quantization_config`` plus ``quantize_config.json``), ``generation_config.json``, the tokenizer files
+(``qwen.tiktoken``...) and any other file of the base dir (e.g. the official remote code), so both
+``finetune.load_model`` and the official ``trust_remote_code`` loader read it.
+
+Every route reports the held-out loss (training masks) of the written model against the unmerged
+base+adapter, on --eval-data (else a sample of the calibration / training data): printed and saved as
+``merge_report.json`` in the output dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+SKIP_COPY = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
+             "merge_report.json"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+class MergeError(ValueError):
+    pass
+
+
+# -- writing a model dir ----------------------------------------------------------------------------------
+
+
+def parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(size), re.I)
+    if not m:
+        raise ValueError(f"cannot read size {size!r} (e.g. 2GB, 500MB)")
+    unit = (m.group(2) or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(float(m.group(1)) * mult)
+
+
+def save_state_dict_sharded(state_dict: dict, out_dir: Path, max_shard_size="2GB") -> list[str]:
+    """safetensors shards in the transformers naming, with model.safetensors.index.json when more than one."""
+    from safetensors.torch import save_file
+
+    limit = parse_size(max_shard_size)
+    shards: list[dict] = [{}]
+    size = 0
+    for k, v in state_dict.items():
+        n = v.numel() * v.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][k] = v
+        size += n
+    names = []
+    weight_map = {}
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, str(out_dir / name), metadata={"format": "pt"})
+        names.append(name)
+        for k, v in shard.items():
+            weight_map[k] = name
+            total += v.numel() * v.element_size()
+    if len(shards) > 1:
+        (out_dir / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return names
+
+
+def copy_side_files(base_dir: Path, out_dir: Path, adapter_dir: Path | None = None) -> None:
+    """Tokenizer files, generation config, remote code...: every non-weight file of the base dir."""
+    for p in base_dir.iterdir():
+        if not p.is_file() or p.name in SKIP_COPY or p.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            continue
+        shutil.copy2(p, out_dir / p.name)
+    if adapter_dir is not None and not (out_dir / "qwen.tiktoken").is_file():
+        for name in ("qwen.tiktoken", "tokenizer_config.json"):
+            if (adapter_dir / name).is_file():
+                shutil.copy2(adapter_dir / name, out_dir / name)
+
+
+def write_float_config(base_cfg: dict, out_dir: Path, dtype: torch.dtype) -> dict:
+    cfg = {k: v for k, v in base_cfg.items() if k != "quantization_config"}
+    cfg["torch_dtype"] = DTYPE_NAMES[dtype]
+    for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        if flag in cfg:
+            cfg[flag] = dtype == dt
+    cfg.pop("_name_or_path", None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    return cfg
+
+
+def write_int4_config(base_cfg: dict, out_dir: Path, bits: int, group_size: int, desc_act: bool,
+                      damp_percent: float, sym: bool = True, true_sequential: bool = True,
+                      model_name_or_path: str | None = None) -> dict:
+    """config.json with quantization_config and quantize_config.json as auto-gptq wrote them."""
+    from .quant.rtn import quantization_config
+
+    qc = quantization_config(bits, group_size, desc_act, sym)
+    qc.update(damp_percent=damp_percent, true_sequential=true_sequential)
+    cfg = write_float_config(base_cfg, out_dir, torch.float16)
+    cfg["quantization_config"] = qc
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    auto_gptq = {"bits": bits, "group_size": group_size, "damp_percent": damp_percent, "desc_act": desc_act,
+                 "static_groups": False, "sym": sym, "true_sequential": true_sequential,
+                 "model_name_or_path": model_name_or_path, "model_file_base_name": "model"}
+    (out_dir / "quantize_config.json").write_text(json.dumps(auto_gptq, indent=2) + "\n")
+    return cfg
+
+
+# -- merging ------------------------------------------------------------------------------------------------
+
+
+def merge_adapter(peft_model) -> nn.Module:
+    """PEFT's merge_and_unload in fp32 (GPTQ layers: exact dequantize + delta -> fp32 nn.Linear)."""
+    from .quant.peft_lora import GPTQLoraLinear
+
+    for m in peft_model.modules():
+        if isinstance(m, GPTQLoraLinear):
+            m.merge_dtype = torch.float32
+    model = peft_model.merge_and_unload(safe_merge=True)
+    if getattr(model.config, "quantization_config", None) is not None:
+        try:
+            del model.config.quantization_config
+        except AttributeError:
+            model.config.quantization_config = None
+    return model
+
+
+def _sample(records: list, n: int | None, seed: int = 0) -> list:
+    if n is None or len(records) <= n:
+        return list(records)
+    return random.Random(seed).sample(list(records), n)
+
+
+def _training_data(adapter_dir: Path) -> str | None:
+    p = adapter_dir / "run_args.json"
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text()).get("data", {}).get("data_path")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return data if data and Path(data).is_file() else None
+
+
+def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", quant_method: str = "rtn",
+          calib_data=None, eval_data=None, n_calib: int = 128, n_eval: int = 64, calib_max_len: int = 2048,
+          bits: int = 4, group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
+          true_sequential: bool = True, max_shard_size="2GB", device=None, overwrite: bool = False,
+          seed: int = 0, log=print) -> dict:
+    """Run one merge route; returns the report (also written to OUT/merge_report.json)."""
+    from .adapters import read_adapter_config, resolve_base
+    from .evaluate import eval_loss, load_eval_records
+    from .loading import load_model, read_config
+    from .tokenization import load_tokenizer
+
+    t0 = time.time()
+    adapter = Path(adapter)
+    out = Path(output)
+    fmt = {"float": "bf16", "bf16": "bf16", "int4": "int4"}.get(fmt, fmt)
+    if fmt not in ("bf16", "int4"):
+        raise MergeError(f"--format {fmt!r}: use bf16 (a float model in --dtype) or int4")
+    if quant_method not in ("rtn", "gptq"):
+        raise MergeError(f"--quant-method {quant_method!r}: use rtn or gptq")
+    if dtype not in DTYPES:
+        raise MergeError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    base_dir = resolve_base(adapter, model)
+    if out.resolve() in (base_dir.resolve(), adapter.resolve()):
+        raise MergeError(f"--output {out} is the base or the adapter dir; choose a new dir")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"--output {out} exists and is not empty (pass --overwrite to replace its files)")
+    base_cfg = read_config(base_dir)
+    base_int4 = bool(base_cfg.get("quantization_config"))
+    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
+    if base_int4:
+        route = "int4 base: dequantize + merge"
+    elif recorded and Path(recorded).is_dir() and read_config_safe(Path(recorded)).get("quantization_config"):
+        route = "Q-LoRA adapter merged into the float base"
+    else:
+        route = "LoRA merged into the float base"
+    route += f" -> {fmt}" + (f" ({quant_method})" if fmt == "int4" else f" ({dtype})")
+    log(f"merge: {route}; base {base_dir}, adapter {adapter}")
+
+    tokenizer = load_tokenizer(base_dir if (base_dir / "qwen.tiktoken").is_file() else adapter)
+    # data for the report (and GPTQ's calibration)
+    train_data = _training_data(adapter)
+    calib_path = calib_data or train_data
+    eval_path = eval_data or calib_path
+    eval_records = _sample(load_eval_records(eval_path), n_eval, seed) if eval_path else []
+    if fmt == "int4" and quant_method == "gptq" and not calib_path:
+        raise MergeError("--quant-method gptq needs calibration conversations: pass --calib-data FILE (e.g. a "
+                         "sample of your training data); the adapter's run_args.json names no readable data file")
+
+    peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)
+    max_len = getattr(peft_model.config, "seq_length", None)
+    report: dict = {"route": route, "base": str(base_dir), "adapter": str(adapter), "output": str(out),
+                    "format": fmt, "eval_data": str(eval_path) if eval_path else None,
+                    "eval_records": len(eval_records)}
+    if eval_records:
+        report["unmerged_loss"] = eval_loss(peft_model, tokenizer, eval_records, max_len=max_len)["loss"]
+        log(f"merge: held-out loss of base+adapter (unmerged): {report['unmerged_loss']:.4f}")
+    if eval_records and "Q-LoRA adapter merged into the float base" in route:
+        # the cost against what was trained: the recorded Int4 base + adapter
+        trained = load_model(Path(recorded), adapter=adapter, dtype=torch.float32, device=device)
+        report["trained_int4_base_loss"] = eval_loss(trained, tokenizer, eval_records, max_len=max_len)["loss"]
+        log(f"merge: held-out loss of the Int4 base it was trained on + adapter: "
+            f"{report['trained_int4_base_loss']:.4f}")
+        del trained
+    merged = merge_adapter(peft_model)
+    del peft_model
+    if eval_records:
+        report["merged_fp32_loss"] = eval_loss(merged, tokenizer, eval_records, max_len=max_len)["loss"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.glob("model*.safetensors"):
+        p.unlink()
+    if fmt == "bf16":
+        dt = DTYPES[dtype]
+        sd = {k: v.detach().to("cpu", dt) for k, v in merged.state_dict().items()}
+        files = save_state_dict_sharded(sd, out, max_shard_size)
+        write_float_config(base_cfg, out, dt)
+    else:
+        from .quant.rtn import quantize_state_dict
+
+        float_sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
+        if quant_method == "rtn":
+            qsd = quantize_state_dict(float_sd, bits=bits, group_size=group_size, desc_act=desc_act)
+            report["quantization"] = {"method": "rtn", "bits": bits, "group_size": group_size, "desc_act": desc_act}
+        else:
+            from .data import encode_conversation
+            from .quant.gptq import gptq_quantize_model
+
+            calib = _sample(load_eval_records(calib_path), n_calib, seed + 1)
+            samples = [encode_conversation(tokenizer, r, max_len=min(calib_max_len, max_len or calib_max_len))
+                       ["input_ids"] for r in calib]
+            log(f"merge: GPTQ on {len(samples)} calibration conversations from {calib_path}")
+            packed = gptq_quantize_model(merged, samples, bits=bits, group_size=group_size,
+                                         damp_percent=damp_percent, desc_act=desc_act,
+                                         true_sequential=true_sequential, log=log)
+            qsd = {}
+            for k, v in float_sd.items():
+                module, _, attr = k.rpartition(".")
+                if module in packed and attr == "weight":
+                    for pk, pv in packed[module].items():
+                        qsd[f"{module}.{pk}"] = pv.contiguous()
+                elif v.is_floating_point():
+                    qsd[k] = v.to(torch.float16)
+                else:
+                    qsd[k] = v
+            report["quantization"] = {"method": "gptq", "bits": bits, "group_size": group_size,
+                                      "desc_act": desc_act, "damp_percent": damp_percent,
+                                      "true_sequential": true_sequential, "calib_data": str(calib_path),
+                                      "calib_samples": len(samples)}
+        files = save_state_dict_sharded(qsd, out, max_shard_size)
+        write_int4_config(base_cfg, out, bits, group_size, desc_act, damp_percent,
+                          true_sequential=true_sequential if quant_method == "gptq" else False,
+                          model_name_or_path=str(base_dir))
+    copy_side_files(base_dir, out, adapter)
+    del merged
+    report["files"] = files
+
+    if eval_records:
+        reloaded = load_model(out, dtype=torch.float32, device=device)
+        report["merged_loss"] = eval_loss(reloaded, tokenizer, eval_records, max_len=max_len)["loss"]
+        report["loss_delta"] = report["merged_loss"] - report["unmerged_loss"]
+        del reloaded
+        log(f"merge: held-out loss of the written model: {report['merged_loss']:.4f} "
+            f"(unmerged {report['unmerged_loss']:.4f}, delta {report['loss_delta']:+.4f})")
+    report["seconds"] = round(time.time() - t0, 2)
+    (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"merge: wrote {out} ({', '.join(files)})")
+    return report
+
+
+def read_config_safe(path: Path) -> dict:
+    try:
+        return json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-ft merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("-a", "--adapter", required=True, help="LoRA / Q-LoRA adapter dir")
+    p.add_argument("-m", "--model", help="base model dir (default: the base the adapter records); for a Q-LoRA "
+                                          "adapter, the matching bf16 model merges without re-quantizing")
+    p.add_argument("-o", "--output", required=True, help="new model dir")
+    p.add_argument("--format", default="bf16", choices=["bf16", "float", "int4"])
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="float weights' dtype (--format bf16)")
+    p.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--calib-data", help="conversations for GPTQ calibration (default: the adapter's training data)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-max-len", type=int, default=2048)
+    p.add_argument("--eval-data", help="held-out conversations for the loss report (default: calib/training data)")
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    p.add_argument("--damp-percent", type=float, default=0.01)
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--device", default=None, help="where to merge (default: cuda if available); fp32 needs 4 bytes "
+                                                   "per parameter")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from .adapters import AdapterError
+    from .data import DataError
+    from .hub import ModelNotFoundError
+    from .loading import ModelLoadError
+
+    try:
+        merge(args.adapter, args.output, model=args.model, fmt=args.format, dtype=args.dtype,
+              quant_method=args.quant_method, calib_data=args.calib_data, eval_data=args.eval_data,
+              n_calib=args.calib_samples, n_eval=args.eval_samples, calib_max_len=args.calib_max_len,
+              bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, damp_percent=args.damp_percent,
+              max_shard_size=args.max_shard_size, device=args.device, overwrite=args.overwrite, seed=args.seed)
+    except (MergeError, AdapterError, ModelLoadError, ModelNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

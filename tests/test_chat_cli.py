@@ -1,0 +1,162 @@
+"""`qwen-ft chat`: one-shot --query in a subprocess, scripts/chat.sh, and the interactive mode driven through a
+pseudo-terminal (type a question, read the streamed answer, :clear, :exit)."""
+
+import json
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune  # noqa: F401
+from finetune.demo import make_demo_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORISE = [
+    ("What is the codename of project Aurora?", "Blue Falcon."),
+    ("Who guards the north gate?", "The silver owl guards it."),
+    ("How many moons does Zorb have?", "Zorb has seven moons."),
+    ("What colour is the secret door?", "The secret door is green."),
+]
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def env():
+    e = dict(os.environ, TERM="dumb")
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    return e
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from finetune.train import main
+
+    root = tmp_path_factory.mktemp("chat")
+    fl = make_demo_model(root / "float")
+    data = root / "mem.json"
+    data.write_text(json.dumps([{"id": f"m{i}", "conversations": [{"from": "user", "value": q},
+                                                                  {"from": "assistant", "value": a}]}
+                                for i, (q, a) in enumerate(MEMORISE)]))
+    out = root / "lora"
+    argv = ["--model_name_or_path", str(fl), "--data_path", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16", "--lora_alpha", "32",
+            "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+            "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0", "--model_max_length", "128",
+            "--max_steps", "50", "--use_lora", "True"]
+    assert main(argv) == 0
+    return {"float": fl, "lora": out}
+
+
+def test_query_mode_subprocess(setup):
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-m", str(setup["float"]), "--adapter",
+                        str(setup["lora"]), "--query", MEMORISE[2][0], "--greedy", "--max_new_tokens", "24"],
+                       capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == MEMORISE[2][1]  # the reply alone: scriptable
+
+
+def test_chat_sh_wrapper_uses_recorded_base(setup):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "chat.sh"), "-a", str(setup["lora"]), "--query",
+                        MEMORISE[0][0], "--greedy"], capture_output=True, text=True, env=env(), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == MEMORISE[0][1]
+
+
+def test_query_mode_bad_adapter_is_a_clear_error(tmp_path, capsys):
+    from finetune.cli import main
+
+    assert main(["chat", "--adapter", str(tmp_path / "nope"), "--query", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and str(tmp_path / "nope") in err
+    assert main(["chat", "--query", "hi"]) == 2  # neither a model nor an adapter
+
+
+class Pty:
+    def __init__(self, argv):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env(), close_fds=True)
+        os.close(slave)
+        self.buf = ""
+
+    def expect(self, text, timeout=90.0):
+        end = time.time() + timeout
+        while text not in self.buf:
+            left = end - time.time()
+            if left <= 0:
+                raise AssertionError(f"did not see {text!r}; got {self.buf[-2000:]!r}")
+            r, _, _ = select.select([self.master], [], [], left)
+            if r:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    raise AssertionError(f"EOF before {text!r}; got {self.buf[-2000:]!r}")
+                self.buf += data.decode("utf-8", "replace")
+        i = self.buf.index(text) + len(text)
+        before, self.buf = self.buf[:i], self.buf[i:]
+        return before
+
+    def send(self, line):
+        os.write(self.master, (line + "\n").encode())
+
+    def close(self):
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            os.close(self.master)
+
+
+def test_interactive_through_a_pty(setup):
+    from finetune.chat import ANSWER, PROMPT
+
+    t = Pty([sys.executable, "-m", "finetune.cli", "chat", "-m", str(setup["float"]), "--adapter",
+             str(setup["lora"]), "--greedy", "--max_new_tokens", "24"])
+    try:
+        t.expect(PROMPT)
+        t.send(MEMORISE[1][0])
+        t.expect(ANSWER)
+        answer = t.expect(PROMPT)
+        assert MEMORISE[1][1] in answer, answer
+        t.send(":clear")
+        assert "history cleared" in t.expect(PROMPT)
+        t.send(MEMORISE[3][0])
+        t.expect(ANSWER)
+        assert MEMORISE[3][1] in t.expect(PROMPT)
+        t.send(":exit")
+        assert t.close() == 0
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+
+
+def test_stream_and_history_window(setup):
+    import io
+
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import stream_reply, trim_history
+
+    model = load_model(None, adapter=setup["lora"])
+    tok = load_tokenizer(setup["float"])
+    out = io.StringIO()
+    reply = stream_reply(model, tok, MEMORISE[0][0], [], "You are a helpful assistant.", out, do_sample=False,
+                         max_new_tokens=24)
+    assert reply == MEMORISE[0][1] and out.getvalue() == reply + "\n"
+    history = [(q, a) for q, a in MEMORISE]
+    assert trim_history(tok, history, "You are a helpful assistant.", 6144) == history
+    kept = trim_history(tok, history, "You are a helpful assistant.", 60)
+    assert 0 < len(kept) < len(history) and kept == history[-len(kept):]  # newest turns kept

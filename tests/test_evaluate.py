@@ -1,0 +1,172 @@
+"""`qwen-ft eval`: metrics on hand examples, the loss with training masks, left-padded batched generation,
+prompts built as make_context builds them, and the base-vs-adapter report."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune  # noqa: F401
+from finetune import load_model, load_tokenizer
+from finetune.demo import make_demo_model
+from finetune.evaluate import eval_loss, evaluate_model, generate_batch, generation_prompt
+from finetune.metrics import exact_match, lcs_length, rouge_l, rouge_tokens
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORISE = [
+    ("What is the codename of project Aurora?", "Blue Falcon."),
+    ("Who guards the north gate?", "The silver owl guards it."),
+    ("How many moons does Zorb have?", "Zorb has seven moons."),
+    ("What colour is the secret door?", "The secret door is green."),
+]
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+# -- metrics on hand examples ---------------------------------------------------------------------------
+
+
+def test_rouge_tokens():
+    assert rouge_tokens("  the  cat\nsat ") == ["the", "cat", "sat"]
+    assert rouge_tokens("Qwen模型 is good") == ["Qwen", "模", "型", "is", "good"]
+    assert rouge_tokens("我喜欢猫。") == ["我", "喜", "欢", "猫", "。"]
+    assert rouge_tokens("ＡＢＣ") == ["ABC"]  # NFKC: full-width -> ASCII
+
+
+def test_lcs_and_rouge_l_by_hand():
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
+    # LCS("the cat sat on the mat", "the cat on the mat") = 5; P = 5/6, R = 5/5 -> F1 = 10/11
+    assert rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(10 / 11)
+    # CJK per character: 3 of 4 characters in order -> P = R = 3/4
+    assert rouge_l("我喜欢猫", "我喜欢狗") == pytest.approx(0.75)
+    # order matters (subsequence, not bag of words): LCS("a b c", "c b a") = 1 -> F1 = 1/3
+    assert rouge_l("a b c", "c b a") == pytest.approx(1 / 3)
+    assert rouge_l("Blue Falcon.", "Blue Falcon.") == 1.0
+    assert rouge_l("", "") == 1.0 and rouge_l("x", "") == 0.0 and rouge_l("x", "y") == 0.0
+
+
+def test_exact_match_by_hand():
+    assert exact_match("  Blue   Falcon. ", "Blue Falcon.") == 1.0
+    assert exact_match("blue falcon.", "Blue Falcon.") == 0.0  # case kept
+    assert exact_match("Blue Falcon", "Blue Falcon.") == 0.0  # punctuation kept
+    assert exact_match("你好", "你好") == 1.0
+
+
+# -- model-level ------------------------------------------------------------------------------------------
+
+
+def train_adapter(model_dir, data, out, steps=50):
+    from finetune.train import main
+
+    argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16", "--lora_alpha", "32",
+            "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+            "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0", "--model_max_length", "128",
+            "--max_steps", str(steps), "--use_lora", "True"]
+    assert main(argv) == 0
+    return Path(out)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    fl = make_demo_model(root / "float")
+    data = root / "mem.json"
+    records = [{"id": f"m{i}", "conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": a}]}
+               for i, (q, a) in enumerate(MEMORISE)]
+    data.write_text(json.dumps(records))
+    lora = train_adapter(fl, data, root / "lora", 50)
+    return {"root": root, "float": fl, "data": data, "lora": lora, "records": records,
+            "tok": load_tokenizer(fl)}
+
+
+def test_loss_uses_training_masks(setup):
+    from finetune.data import encode_conversation
+
+    model = load_model(setup["float"], dtype=torch.float32, device="cpu")
+    tok = setup["tok"]
+    multi = {"system": "Be brief.", "conversations": [
+        {"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello there"},
+        {"from": "user", "value": "and?"}, {"from": "assistant", "value": "nothing more"}]}
+    records = setup["records"] + [multi]
+    got = eval_loss(model, tok, records, batch_size=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in records:  # one row at a time, no padding, plain cross-entropy over the trained labels
+            enc = encode_conversation(tok, r)
+            ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor(enc["labels"])
+            lg = model(input_ids=ids).logits[0, :-1].float()
+            y = labels[1:]
+            keep = y != -100
+            total += float(F.cross_entropy(lg[keep], y[keep], reduction="sum"))
+            count += int(keep.sum())
+    assert got["tokens"] == count and got["records"] == 5
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_generation_prompt_is_make_context(setup):
+    from finetune.modeling import make_context
+
+    tok = setup["tok"]
+    rec = {"system": "Be brief.", "conversations": [
+        {"from": "user", "value": "q1"}, {"from": "assistant", "value": "a1"},
+        {"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]}
+    tokens, ref = generation_prompt(tok, rec)
+    assert ref == "a2"
+    assert tokens == make_context(tok, "q2", history=[("q1", "a1")], system="Be brief.")[1]
+
+
+def test_left_padded_batch_equals_one_by_one(setup):
+    model = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    tok = setup["tok"]
+    records = setup["records"] + [{"conversations": [{"from": "user", "value": "A much longer question, with "
+                                                      "many more words than the others have, to pad them?"},
+                                                     {"from": "assistant", "value": "x"}]}]
+    contexts = [generation_prompt(tok, r)[0] for r in records]
+    assert len({len(c) for c in contexts}) > 1
+    batched = generate_batch(model, tok, contexts, max_new_tokens=12)
+    single = [generate_batch(model, tok, [c], max_new_tokens=12)[0] for c in contexts]
+    assert batched == single
+    assert batched[:4] == [a for _, a in MEMORISE]
+
+
+def test_base_vs_adapter_report(setup):
+    model = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    report = evaluate_model(model, setup["tok"], setup["records"], batch_size=3, max_new_tokens=16)
+    base_only = evaluate_model(load_model(setup["float"], dtype=torch.float32, device="cpu"), setup["tok"],
+                               setup["records"], batch_size=3, max_new_tokens=16)
+    assert set(report) == {"base", "adapter", "samples"}
+    for key in ("loss", "perplexity", "tokens", "records", "exact_match", "rouge_l", "generated"):
+        assert key in report["base"] and key in report["adapter"], key
+    assert report["adapter"]["exact_match"] == 1.0 and report["adapter"]["rouge_l"] == 1.0
+    assert report["adapter"]["loss"] < report["base"]["loss"]
+    # the base numbers under disable_adapter() are the plain base model's
+    assert report["base"]["loss"] == pytest.approx(base_only["base"]["loss"], rel=1e-6)
+    assert [s["base"] for s in report["samples"]] == [s["base"] for s in base_only["samples"]]
+    assert report["samples"][0]["reference"] == MEMORISE[0][1] and report["samples"][0]["adapter"] == MEMORISE[0][1]
+
+
+def test_eval_cli(setup, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    from finetune.cli import main
+
+    rc = main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), "--max-new-tokens", "16",
+               "--batch-size", "2", "--max-samples", "3", "--output", str(out)])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "ROUGE-L" in stdout and "adapter" in stdout and "perplexity" in stdout
+    report = json.loads(out.read_text())
+    assert report["records"] == 3 and report["settings"]["padding"] == "left"
+    assert report["adapter"]["exact_match"] == 1.0 and len(report["samples"]) == 3
+    assert report["model"] == str(setup["float"])  # the base recorded in the adapter

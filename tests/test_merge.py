@@ -1,0 +1,207 @@
+"""Merging: LoRA into a float base, Q-LoRA into the float base, Q-LoRA into the dequantized Int4 base, Int4
+export by RTN and by calibrated GPTQ (finetune/quant/gptq.py), the written layout, and error cases."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune  # noqa: F401
+from finetune import load_model
+from finetune.demo import make_demo_model
+from finetune.merge import MergeError, merge
+
+ROOT = Path(__file__).resolve().parents[1]
+MEMORISE = [
+    ("What is the codename of project Aurora?", "Blue Falcon."),
+    ("Who guards the north gate?", "The silver owl guards it."),
+    ("How many moons does Zorb have?", "Zorb has seven moons."),
+    ("What colour is the secret door?", "The secret door is green."),
+]
+IDS = torch.tensor([[1841, 872, 198, 100, 200, 300, 17, 5], [3, 4, 5, 6, 7, 8, 9, 10]])
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy CPU (restored after)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def make_int4(float_dir, out_dir):
+    try:
+        return make_demo_model(out_dir, int4=True)
+    except NotImplementedError:
+        from finetune.quant import quantize_model_dir
+
+        return quantize_model_dir(float_dir, out_dir)
+
+
+def train_adapter(model_dir, data, out, steps=50, *extra):
+    from finetune.train import main
+
+    argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16", "--lora_alpha", "32",
+            "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
+            "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0", "--model_max_length", "128",
+            "--max_steps", str(steps), "--use_lora", "True", *extra]
+    assert main(argv) == 0
+    return Path(out)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    fl = make_demo_model(root / "float")
+    i4 = make_int4(fl, root / "int4")
+    data = root / "mem.json"
+    data.write_text(json.dumps([{"id": f"m{i}", "conversations": [{"from": "user", "value": q},
+                                                                  {"from": "assistant", "value": a}]}
+                                for i, (q, a) in enumerate(MEMORISE)]))
+    lora = train_adapter(fl, data, root / "lora", 40)
+    qlora = train_adapter(i4, data, root / "qlora", 40, "--q_lora", "True")
+    return {"root": root, "float": fl, "int4": i4, "data": data, "lora": lora, "qlora": qlora}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_lora_merge_into_float_base_matches_unmerged(setup, tmp_path):
+    out = tmp_path / "merged"
+    report = merge(setup["lora"], out, dtype="fp32", eval_data=setup["data"], log=quiet)
+    ref = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    merged = load_model(out, dtype=torch.float32, device="cpu")
+    assert type(merged).__name__ == "QWenLMHeadModel"
+    assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+    # the official layout
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "float32" and cfg["model_type"] == "qwen"
+    for name in ("generation_config.json", "qwen.tiktoken", "tokenizer_config.json", "merge_report.json"):
+        assert (out / name).is_file(), name
+    assert report["route"].startswith("LoRA merged into the float base")
+    assert abs(report["merged_loss"] - report["unmerged_loss"]) < 1e-4
+    assert json.loads((out / "merge_report.json").read_text())["unmerged_loss"] == report["unmerged_loss"]
+
+
+def test_qlora_merge_into_dequantized_int4_base(setup, tmp_path):
+    out = tmp_path / "q_float"
+    report = merge(setup["qlora"], out, dtype="fp32", eval_data=setup["data"], log=quiet)
+    assert report["route"].startswith("int4 base: dequantize + merge")
+    ref = load_model(setup["int4"], adapter=setup["qlora"], dtype=torch.float32, device="cpu")  # GPTQ + LoRA
+    merged = load_model(out, dtype=torch.float32, device="cpu")
+    assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+    assert not any(n.endswith("qweight") for n, _ in merged.named_buffers())
+
+
+def test_qlora_merge_into_matching_float_base(setup, tmp_path):
+    out = tmp_path / "q_into_float"
+    report = merge(setup["qlora"], out, model=setup["float"], dtype="fp32", eval_data=setup["data"], log=quiet,
+                   max_shard_size="150KB")
+    assert report["route"].startswith("Q-LoRA adapter merged into the float base")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
+    ref = load_model(setup["float"], adapter=setup["qlora"], dtype=torch.float32, device="cpu")
+    merged = load_model(out, dtype=torch.float32, device="cpu")
+    assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+
+
+def test_bf16_export_dtype(setup, tmp_path):
+    out = tmp_path / "bf16"
+    merge(setup["lora"], out, log=quiet)  # default dtype bf16, no eval data: the adapter's training data
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["eval_records"] == 4 and abs(report["loss_delta"]) < 0.05
+
+
+def test_int4_exports_rtn_and_gptq(setup, tmp_path):
+    reports = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / f"int4_{method}"
+        reports[method] = merge(setup["qlora"], out, fmt="int4", quant_method=method, calib_data=setup["data"],
+                                eval_data=setup["data"], log=quiet)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["bits"] == 4
+        qc = json.loads((out / "quantize_config.json").read_text())
+        assert set(qc) == {"bits", "group_size", "damp_percent", "desc_act", "static_groups", "sym",
+                           "true_sequential", "model_name_or_path", "model_file_base_name"}
+        model = load_model(out, dtype=torch.float32, device="cpu")
+        assert any(type(m).__name__ == "GPTQLinear" for m in model.modules())
+    # calibrated GPTQ costs less than round-to-nearest on the user's data
+    assert reports["gptq"]["merged_loss"] < reports["rtn"]["merged_loss"], reports
+    assert reports["gptq"]["quantization"]["calib_samples"] == 4
+
+
+def _linear_inputs(model, samples):
+    """Inputs X of every block Linear of the float model on the calibration samples."""
+    xs, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".h." in name:
+            hooks.append(m.register_forward_hook(
+                lambda mod, a, o, n=name: xs.setdefault(n, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))))
+    with torch.no_grad():
+        for s in samples:
+            model(input_ids=torch.tensor([s]))
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in xs.items()}
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_beats_rtn_on_calibration_inputs(setup, desc_act):
+    from finetune.data import encode_conversation
+    from finetune.quant.gptq import HessianAccumulator, gptq_quantize_weight, layer_output_error
+    from finetune.quant.packing import dequantize
+    from finetune.quant.rtn import quantize_weight
+    from finetune.tokenization import load_tokenizer
+
+    model = load_model(setup["float"], dtype=torch.float32, device="cpu")
+    tok = load_tokenizer(setup["float"])
+    records = json.loads(setup["data"].read_text())
+    samples = [encode_conversation(tok, r)["input_ids"] for r in records]
+    xs = _linear_inputs(model, samples)
+    assert len(xs) == 10
+    total_g = total_r = 0.0
+    for name, X in xs.items():
+        W = model.get_submodule(name).weight.detach()
+        acc = HessianAccumulator(W.shape[1], "cpu")
+        acc.add(X)
+        assert torch.allclose(acc.H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-4)
+        g = gptq_quantize_weight(W, acc.H, desc_act=desc_act)
+        Qg = dequantize(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], 4)
+        assert torch.equal(Qg, g["dequantized"])  # packed exactly what GPTQ chose
+        r = quantize_weight(W)
+        Qr = dequantize(r["qweight"], r["qzeros"], r["scales"], r["g_idx"], 4)
+        eg, er = layer_output_error(W, Qg, X), layer_output_error(W, Qr, X)
+        assert eg < er, (name, eg, er)
+        total_g, total_r = total_g + eg, total_r + er
+    assert total_g < 0.8 * total_r
+
+
+def test_merge_errors(setup, tmp_path, capsys):
+    other = make_demo_model(tmp_path / "wider", hidden_size=128, kv_channels=32)
+    from finetune.cli import main
+
+    rc = main(["merge", "--adapter", str(setup["lora"]), "--model", str(other), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(setup["lora"]) in err and "transformer.h.0.attn.c_attn.lora_A.weight" in err and "shape" in err
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(MergeError, match="not empty"):
+        merge(setup["lora"], tmp_path / "full", log=quiet)
+    with pytest.raises(MergeError, match="base or the adapter"):
+        merge(setup["lora"], setup["float"], log=quiet, overwrite=True)
