@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import transformers
 
 from .data import DataError, build_dataset
 from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
@@ -35,17 +36,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     from .tokenization import load_tokenizer
 
     tokenizer = load_tokenizer(plan.model_dir)
-    with args.main_process_first(desc="tokenizing"):
-        train_set, summary = build_dataset(
-            tokenizer, data_args.data_path, data_args.model_max_length, packing=data_args.packing,
-            train_on_prompt=data_args.train_on_prompt, skip_invalid=data_args.skip_invalid,
-            num_proc=data_args.preprocessing_num_workers, verbose=args.process_index == 0)
-        eval_set = None
-        if data_args.eval_data_path:
-            eval_set, eval_summary = build_dataset(
-                tokenizer, data_args.eval_data_path, data_args.model_max_length, packing=data_args.packing,
-                train_on_prompt=data_args.train_on_prompt, skip_invalid=data_args.skip_invalid,
-                num_proc=data_args.preprocessing_num_workers)
+    try:
+        train_set, summary, eval_set, eval_summary = _datasets(tokenizer, data_args, args)
+    except DataError as e:
+        if "max_len" in str(e):
+            raise TrainConfigError(f"{e} (--model_max_length {data_args.model_max_length} is too small)") from None
+        raise
     if summary.trained_tokens == 0:
         raise TrainConfigError(
             f"--model_max_length {data_args.model_max_length} leaves no assistant reply to train on "
@@ -57,6 +53,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
 
     from .loading import load_model
 
+    transformers.set_seed(args.seed)  # adapters are initialised before the Trainer would seed
+    if plan.zero_stage == 3:
+        # transformers loads under deepspeed.zero.Init (each process keeps only its shard); that needs
+        # DeepSpeed's communication up before the model is built.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if plan.device.startswith("cuda") else "gloo")
     model = load_model(plan.model_dir, dtype=torch.float32 if plan.mode == "full" else compute_dtype,
                        device=plan.device)
     model.config.use_cache = False
@@ -78,11 +81,48 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     trainer.train(resume_from_checkpoint=plan.resume_from)
     trainer.save_state()
     trainer.save_model(args.output_dir)
+    info = run_info(trainer)
     if args.process_index == 0:
         tokenizer.save_pretrained(args.output_dir)
+        Path(args.output_dir, "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         _mark_finished(args.output_dir)
         _print_next_steps(plan, args.output_dir)
     return trainer
+
+
+def _datasets(tokenizer, data_args, args):
+    """Train (and eval) datasets, built once on the main process and read from its cache by the others."""
+    kw = dict(packing=data_args.packing, train_on_prompt=data_args.train_on_prompt,
+              skip_invalid=data_args.skip_invalid, num_proc=data_args.preprocessing_num_workers)
+    with args.main_process_first(desc="tokenizing"):
+        train_set, summary = build_dataset(tokenizer, data_args.data_path, data_args.model_max_length,
+                                           verbose=args.process_index == 0, **kw)
+        eval_set = eval_summary = None
+        if data_args.eval_data_path:
+            eval_set, eval_summary = build_dataset(tokenizer, data_args.eval_data_path,
+                                                   data_args.model_max_length, verbose=False, **kw)
+    return train_set, summary, eval_set, eval_summary
+
+
+def run_info(trainer) -> dict:
+    """What actually ran: processes, DeepSpeed's ZeRO stage, and the dtypes of each kind of tensor as the
+    (possibly DeepSpeed-wrapped) model holds them after training."""
+    engine = trainer.model_wrapped
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+    module = getattr(engine, "module", engine)
+    dtypes: dict[str, set] = {}
+    for name, p in module.named_parameters():
+        kind = "trainable" if p.requires_grad else "frozen"
+        dtypes.setdefault(kind, set()).add(str(p.dtype).removeprefix("torch."))
+    for name, b in module.named_buffers():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            dtypes.setdefault(f"gptq.{leaf}", set()).add(str(b.dtype).removeprefix("torch."))
+    return {
+        "world_size": trainer.args.world_size, "deepspeed": stage is not None, "zero_stage": stage,
+        "compute_dtype": str(trainer.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
+        "global_step": trainer.state.global_step, "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
+    }
 
 
 def _write_run_args(output_dir, model_args, data_args, lora_args, args, plan):

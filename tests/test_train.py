@@ -1,0 +1,227 @@
+"""Training end to end on the tiny models: Q-LoRA, LoRA and full; precision; schedule; accumulation; resume."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.demo import make_demo_model
+from finetune.train import main as train_main
+from finetune.training.arguments import parse_args
+from finetune.training.checks import TrainConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MEMORISE = [
+    {"id": f"m{i}", "conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": a}]}
+    for i, (q, a) in enumerate([
+        ("What is the codename of project Aurora?", "Blue Falcon."),
+        ("Who guards the north gate?", "The silver owl guards it."),
+        ("How many moons does Zorb have?", "Zorb has seven moons."),
+        ("What colour is the secret door?", "The secret door is green."),
+    ])
+]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"float": make_demo_model(root / "float"), "int4": make_demo_model(root / "int4", int4=True)}
+
+
+@pytest.fixture(scope="module")
+def memorise_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "memorise.json"
+    p.write_text(json.dumps(MEMORISE))
+    return p
+
+
+def _args(model, data, out, *extra):
+    return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16",
+            "--lora_alpha", "32", "--lora_dropout", "0", "--logging_steps", "1", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0",
+            "--model_max_length", "128", *extra]
+
+
+def _log(out):
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    return state["log_history"]
+
+
+def _run(argv):
+    assert train_main(argv) == 0
+
+
+def _adapter_state(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "adapter_model.safetensors"))
+
+
+def test_qlora_memorises_and_changes_only_adapters(models, memorise_file, tmp_path):
+    from finetune import load_model
+    from finetune.train import train
+
+    out = tmp_path / "qlora"
+    margs = parse_args(_args(models["int4"], memorise_file, out, "--max_steps", "40", "--use_lora", "True",
+                             "--q_lora", "True"))
+    base = load_model(models["int4"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    trainer = train(*margs)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.3 * losses[0], losses
+
+    model = trainer.model
+    trained = {k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items()}
+    for k, v in before.items():  # every base tensor (packed Int4 buffers included) is bit-identical
+        assert torch.equal(trained[k], v), k
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["dtypes"]["trainable"] == ["float32"] and info["mode"] == "qlora"
+    assert info["dtypes"]["gptq.scales"] == ["float16"] and info["dtypes"]["gptq.qweight"] == ["int32"]
+    assert (out / "adapter_config.json").is_file() and (out / "qwen.tiktoken").is_file()
+    assert (out / "loss_curve.png").stat().st_size > 1000
+
+    reloaded = load_model(models["int4"], adapter=out)
+    ids = torch.tensor([[1841, 872, 198, 100, 200, 300]])
+    model.eval()
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_lora_and_full_train(models, memorise_file, tmp_path, mode):
+    from finetune import load_model
+
+    out = tmp_path / mode
+    extra = ["--use_lora", "True"] if mode == "lora" else ["--learning_rate", "1e-3"]
+    _run(_args(models["float"], memorise_file, out, "--max_steps", "30", *extra))
+    losses = [h["loss"] for h in _log(out) if "loss" in h]
+    assert losses[-1] < 0.3 * losses[0], losses
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["dtypes"]["trainable"] == ["float32"]
+    if mode == "full":
+        assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
+        reloaded = load_model(out)
+        assert reloaded is not None
+
+
+def _cosine(step, base, warmup, total):
+    if step < warmup:
+        return base * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def test_lr_follows_requested_cosine(models, memorise_file, tmp_path):
+    out = tmp_path / "lr"
+    _run(_args(models["float"], memorise_file, out, "--use_lora", "True", "--max_steps", "12",
+               "--warmup_steps", "3", "--lr_scheduler_type", "cosine", "--learning_rate", "1e-3"))
+    logged = {h["step"]: h["learning_rate"] for h in _log(out) if "learning_rate" in h}
+    assert len(logged) == 12
+    for step, lr in logged.items():
+        # the rate logged with step s is the one that step s trained with: the schedule at s - 1
+        assert lr == pytest.approx(_cosine(step - 1, 1e-3, 3, 12), rel=1e-6, abs=1e-12), step
+
+
+def test_gradient_accumulation_matches_big_batch(models, memorise_file, tmp_path):
+    """4 accumulated micro-batches of 1 give the same update as one batch of 4 (loss = mean over all
+    trained tokens of the whole batch, not a mean of per-micro-batch means)."""
+    common = ["--use_lora", "True", "--max_steps", "1", "--learning_rate", "1e-2", "--lr_scheduler_type",
+              "constant", "--optim", "sgd", "--max_grad_norm", "0", "--save_strategy", "no"]
+    a, b = tmp_path / "acc", tmp_path / "big"
+    _run(_args(models["float"], memorise_file, a, *common, "--per_device_train_batch_size", "1",
+               "--gradient_accumulation_steps", "4"))
+    _run(_args(models["float"], memorise_file, b, *common, "--per_device_train_batch_size", "4",
+               "--gradient_accumulation_steps", "1"))
+    sa, sb = _adapter_state(a), _adapter_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_preflight_errors(models, memorise_file, tmp_path):
+    from finetune.training.checks import preflight
+
+    def check(argv, match):
+        with pytest.raises(TrainConfigError, match=match):
+            preflight(*parse_args(argv))
+
+    check(_args(tmp_path / "nope", memorise_file, tmp_path / "o"), "does not exist")
+    check(_args(models["float"], tmp_path / "missing.json", tmp_path / "o"), "missing.json")
+    check(_args(models["float"], memorise_file, tmp_path / "o", "--q_lora", "True"), "not quantized")
+    check(_args(models["int4"], memorise_file, tmp_path / "o", "--deepspeed", str(ROOT / "ds_configs/zero3.json")),
+          "ZeRO-3")
+    novocab = tmp_path / "novocab"
+    shutil.copytree(models["float"], novocab)
+    (novocab / "qwen.tiktoken").unlink()
+    check(_args(novocab, memorise_file, tmp_path / "o"), "qwen.tiktoken")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "training_finished.json").write_text("{}")
+    check(_args(models["float"], memorise_file, done), "finished run")
+    bad_ds = tmp_path / "sched.json"
+    bad_ds.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}))
+    check(_args(models["float"], memorise_file, tmp_path / "o", "--deepspeed", str(bad_ds)), "scheduler")
+
+
+def test_bad_data_stops_before_model_load(models, tmp_path, capsys, monkeypatch):
+    import finetune.loading
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(MEMORISE[0]) + "\n" + '{"conversations": [{"from": "robot", "value": "x"}]}\n')
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(_args(models["float"], bad, tmp_path / "o", "--use_lora", "True")) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err and "robot" in err
+
+
+def test_too_short_max_length_is_an_error(models, memorise_file, tmp_path, capsys):
+    assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
+                            "--model_max_length", "16")) == 2
+    assert "model_max_length" in capsys.readouterr().err
+
+
+def test_resume_after_kill_matches_uninterrupted(models, memorise_file, tmp_path):
+    """A run killed with SIGKILL after its step-4 checkpoint, resumed with --resume, ends with the same adapter
+    as a run that was never interrupted."""
+    common = ["--use_lora", "True", "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4",
+              "--per_device_train_batch_size", "1", "--lora_dropout", "0.1"]
+    full = tmp_path / "full"
+    _run(_args(models["float"], memorise_file, full, *common))
+
+    killed = tmp_path / "killed"
+    # SIGKILL the process itself when step 7 starts: after the step-4 checkpoint, mid-way to step 8.
+    script = (
+        "import os, sys, signal\n"
+        "from finetune.training.trainer import QwenTrainer\n"
+        "step = QwenTrainer.training_step\n"
+        "def killing_step(self, *a, **k):\n"
+        "    if self.state.global_step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(self, *a, **k)\n"
+        "QwenTrainer.training_step = killing_step\n"
+        "from finetune.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, *_args(models["float"], memorise_file, killed, *common)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (killed / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not (killed / "checkpoint-8").exists()
+
+    _run(_args(models["float"], memorise_file, killed, *common, "--resume", "True"))
+    sa, sb = _adapter_state(full), _adapter_state(killed)
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7), k
+    steps = [h["step"] for h in _log(killed) if "loss" in h]
+    assert steps[-1] == 8
