@@ -6,6 +6,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+# The package is importable from a source checkout too, installed or not.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 MODEL="${MODEL:-}"; DATA="${DATA:-}"; OUTPUT="${OUTPUT:-}"
 EXTRA=()
 while [[ $# -gt 0 ]]; do

@@ -530,7 +530,7 @@ def chunked_causal_lm_loss(
         if isinstance(denom, torch.Tensor):
             denom = denom.to(device=total.device, dtype=torch.float32)
         return total / denom
-    return total / max(int(keep.sum()), 1)
+    return total / keep.sum().clamp(min=1)  # a device tensor: no host sync between forward and backward
 
 
 __all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "chunked_causal_lm_loss", "ntk_alpha"]

@@ -35,7 +35,14 @@ class QwenTrainer(Trainer):
         # Adapters (fp32) on a bf16 base: run the forward under autocast so their matmuls use bf16 too.
         # Full fine-tuning and fp16 use transformers' own mixed precision instead (resolve_compute_dtype).
         if self.compute_dtype == torch.bfloat16 and not self.args.bf16 and not self.args.fp16:
-            return torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16)
+            stack = contextlib.ExitStack()
+            stack.enter_context(torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16))
+            # PEFT would cast each LoRA input up to the fp32 adapter dtype: two needless full-size copies a
+            # layer, since autocast runs the adapter matmuls in bf16 anyway.
+            from peft.helpers import disable_input_dtype_casting
+
+            stack.enter_context(disable_input_dtype_casting(self.model))
+            return stack
         return contextlib.nullcontext()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

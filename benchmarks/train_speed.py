@@ -1,0 +1,303 @@
+"""Q-LoRA training speed and memory of the project's path on a Qwen-14B-shaped Int4 model (one GPU).
+
+One configuration per process (so peak memory is the configuration's own); each appends one JSON line to
+--out. The packed random Int4 weights are built directly on the GPU (no 10 GB file).
+
+  python benchmarks/train_speed.py --seq 2048 --ckpt --out results.jsonl       # one point of the sweep
+  python benchmarks/train_speed.py --workload short --packing --out ...          # 100-600-token chats
+  python benchmarks/train_speed.py --check --out ...                             # fast path == plain path
+  python benchmarks/train_speed.py --generate --out ...                          # batch-1 chat generation
+  python benchmarks/train_speed.py --tiny ...                                    # any of these on CPU, tiny
+
+`benchmarks/run_speed.sh` runs the whole sweep on the H200.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from finetune.modeling import QWenConfig  # noqa: E402
+from finetune.quant.loading import build_gptq_model_on_device  # noqa: E402
+
+H200_BF16_FLOPS = 790e12  # measured bf16 matmul rate of the H200 here (KINDS.md; 8192^3, random data)
+
+QWEN14B = dict(vocab_size=152064, hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, kv_channels=128,
+               intermediate_size=27392, seq_length=2048, max_position_embeddings=8192, layer_norm_epsilon=1e-6,
+               rotary_emb_base=10000, rotary_pct=1.0, no_bias=True, tie_word_embeddings=False,
+               use_dynamic_ntk=True, use_logn_attn=True,
+               quantization_config={"bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+                                    "quant_method": "gptq"})
+TINY = dict(QWEN14B, vocab_size=2048, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, kv_channels=32,
+            intermediate_size=512, seq_length=256)
+TARGETS = ["c_attn", "c_proj", "w1", "w2"]
+
+
+def build(cfg: dict, device, layers: int | None = None, seed: int = 0):
+    from peft import LoraConfig, get_peft_model
+
+    values = dict(cfg)
+    if layers:
+        values["num_hidden_layers"] = layers
+    config = QWenConfig(**values)
+    model = build_gptq_model_on_device(config, device=device, dtype=torch.bfloat16, seed=seed)
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=64, lora_alpha=16, lora_dropout=0.05, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # fp32 master weights, as the trainer keeps them
+    return model, config
+
+
+def flops_per_token(config, seq: int) -> float:
+    """4N for a frozen base (forward 2N + input gradients 2N; no weight gradients) plus attention: causal
+    QK^T and AV cost 2*L*seq*d per token forward, three times that with backward."""
+    d, L = config.hidden_size, config.num_hidden_layers
+    inter = config.intermediate_size // 2
+    per_layer = d * 3 * d + d * d + 3 * d * inter
+    n = L * per_layer + d * config.vocab_size  # lm_head included (the loss needs it), embedding not
+    return 4 * n + 6 * L * seq * d
+
+
+def lora_params(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def step_fn(model, opt, device):
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def step(batch):
+        with autocast:
+            out = model(**batch)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return out.loss.detach()
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step, batches, device, warmup: int):
+    for b in batches[:warmup]:
+        step(b)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    for b in batches[warmup:]:
+        loss = step(b)
+    sync(device)
+    return time.perf_counter() - t, float(loss)
+
+
+def run_sweep_point(args, cfg, device) -> dict:
+    model, config = build(cfg, device)
+    model.train()
+    if args.ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device.type == "cuda")
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(args.warmup + args.steps):
+        ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=g).to(device)
+        batches.append({"input_ids": ids, "labels": ids})
+    secs, loss = timed(step_fn(model, opt, device), batches, device, args.warmup)
+    tokens = args.seq * args.steps
+    tok_s = tokens / secs
+    return {"tok_s": tok_s, "step_s": secs / args.steps, "loss": loss,
+            "mfu": tok_s * flops_per_token(config, args.seq) / H200_BF16_FLOPS, "lora_params": lora_params(model)}
+
+
+def short_lengths(n: int, seed: int = 0) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randint(100, 600) for _ in range(n)]
+
+
+def run_short(args, cfg, device) -> dict:
+    """2,000 chats of 100-600 tokens: padded batches (dynamic padding) or packed rows; real tokens only."""
+    from finetune.data import ChatCollator, PackedCollator, pack_lengths
+
+    model, config = build(cfg, device)
+    model.train()
+    if args.ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
+                            fused=device.type == "cuda")
+    lengths = short_lengths(2000)
+    g = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
+    rows = [{"input_ids": s, "labels": s} for s in seqs]
+    n_batches = args.warmup + args.steps
+    if args.packing:
+        groups = pack_lengths(lengths, args.row_len)
+        collate = PackedCollator(pad_id=0, pad_to_multiple_of=args.row_len)
+        batches = []
+        for grp in groups[: n_batches * args.batch]:
+            ids, pos = [], []
+            for i in grp:
+                ids += seqs[i]
+                pos += list(range(len(seqs[i])))
+            batches.append({"input_ids": ids, "labels": ids, "position_ids": pos})
+        batches = [collate(batches[i: i + args.batch]) for i in range(0, len(batches), args.batch)][:n_batches]
+    else:
+        collate = ChatCollator(pad_id=0)
+        batches = [collate(rows[i: i + args.batch]) for i in range(0, n_batches * args.batch, args.batch)]
+    real = [int((b["labels"] != -100).sum()) for b in batches]  # padding is labelled -100 in both forms
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    secs, loss = timed(step_fn(model, opt, device), batches, device, args.warmup)
+    tokens = sum(real[args.warmup:])
+    padded = sum(b["input_ids"].numel() for b in batches[args.warmup:])
+    return {"tok_s": tokens / secs, "real_tokens": tokens, "row_tokens": padded, "fill": tokens / padded,
+            "loss": loss, "lora_params": lora_params(model), "rows_timed": args.steps * args.batch}
+
+
+@torch.no_grad()
+def run_generate(args, cfg, device) -> dict:
+    """Batch-1 greedy generation of --new tokens after a short chat prompt (adapter merged-free base)."""
+    from transformers import GenerationConfig
+
+    config = QWenConfig(**cfg)
+    model = build_gptq_model_on_device(config, device=device, dtype=torch.bfloat16)
+    model.eval()
+    prompt = torch.randint(0, min(config.vocab_size, 151000), (1, 24), generator=torch.Generator().manual_seed(0)).to(device)
+    gc = GenerationConfig(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    model.generate(prompt, generation_config=GenerationConfig(max_new_tokens=8, do_sample=False, pad_token_id=0))
+    sync(device)
+    t = time.perf_counter()
+    out = model.generate(prompt, generation_config=gc)
+    sync(device)
+    secs = time.perf_counter() - t
+    new = out.shape[1] - prompt.shape[1]
+    return {"gen_tok_s": new / secs, "new_tokens": new, "seconds": secs}
+
+
+def run_check(args, cfg, device) -> dict:
+    """The fast path (Triton dequantization, SDPA/flash, chunked loss, bf16) against the plain path (torch
+    dequantization, math attention, full fp32 logits) on the same weights and inputs: logits and LoRA
+    gradients, relative error ||a-b|| / ||b||."""
+    import torch.nn.functional as F
+
+    results = {}
+    model, config = build(cfg, device, layers=args.check_layers)
+    for n, p in model.named_parameters():  # non-zero B so LoRA gradients flow into A too
+        if "lora_B" in n:
+            p.data.normal_(0, 0.01)
+    for m in model.modules():  # the two paths must see the same function: no random dropout masks
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=g).to(device)
+
+    def run(fast: bool):
+        os.environ["FINETUNE_GPTQ_BACKEND"] = "auto" if fast else "torch"
+        model.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if fast else torch.autocast(
+            device_type=device.type, enabled=False)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if fast else [SDPBackend.MATH]
+        with ctx, sdpa_kernel(backends):
+            if fast:
+                loss = model(input_ids=ids, labels=ids).loss
+            else:
+                logits = model(input_ids=ids).logits.float()
+                loss = F.cross_entropy(logits[0, :-1], ids[0, 1:])
+        loss.backward()
+        grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.eval()
+        with torch.no_grad(), ctx, sdpa_kernel(backends):
+            logits = model(input_ids=ids).logits.float()
+        model.train()
+        return loss.detach().float(), logits, grads
+
+    lf, logits_f, grads_f = run(True)
+    lp, logits_p, grads_p = run(False)
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+    grad_errs = [rel(grads_f[n], grads_p[n]) for n in grads_p if grads_p[n].norm() > 0]
+    results.update({
+        "layers": args.check_layers, "seq": args.seq, "loss_fast": float(lf), "loss_plain": float(lp),
+        "logits_rel_err": rel(logits_f, logits_p),
+        "lora_grad_rel_err_max": max(grad_errs), "lora_grad_rel_err_median": sorted(grad_errs)[len(grad_errs) // 2],
+        "lora_grad_tensors": len(grad_errs),
+    })
+    os.environ.pop("FINETUNE_GPTQ_BACKEND", None)
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--workload", choices=["sweep", "short"], default="sweep")
+    ap.add_argument("--packing", action="store_true")
+    ap.add_argument("--batch", type=int, default=1, help="rows per step (short workload)")
+    ap.add_argument("--row-len", type=int, default=4096, help="packed row length (short workload)")
+    ap.add_argument("--generate", action="store_true")
+    ap.add_argument("--new", type=int, default=512)
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--check-layers", type=int, default=4)
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on CPU, to test this script")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    cfg = TINY if args.tiny else QWEN14B
+    if args.tiny and args.row_len > cfg["seq_length"] * 4:
+        args.row_len = 1024
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    record = {"stack": "qwen-finetune", "seq": args.seq, "ckpt": args.ckpt, "tiny": args.tiny,
+              "workload": "check" if args.check else "generate" if args.generate else args.workload,
+              "packing": args.packing, "batch": args.batch, "steps": args.steps,
+              "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    t0 = time.perf_counter()
+    try:
+        if args.check:
+            record.update(run_check(args, cfg, device))
+        elif args.generate:
+            record.update(run_generate(args, cfg, device))
+        elif args.workload == "short":
+            record.update(run_short(args, cfg, device))
+        else:
+            record.update(run_sweep_point(args, cfg, device))
+    except torch.cuda.OutOfMemoryError as e:
+        record.update({"oom": True, "error": str(e).splitlines()[0]})
+    except Exception as e:  # recorded, so one failing point does not hide the others
+        record.update({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
+    if device.type == "cuda":
+        record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    record["wall_s"] = time.perf_counter() - t0
+    with open(args.out, "a") as f:
+        f.write(json.dumps(record) + "\n")
+    keys = [k for k in ("tok_s", "gen_tok_s", "peak_gib", "mfu", "logits_rel_err", "lora_grad_rel_err_max",
+                        "fill", "oom", "error") if k in record]
+    print(json.dumps({k: record[k] for k in ["seq", "ckpt", "workload", "packing"] + keys}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
