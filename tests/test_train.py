@@ -225,3 +225,26 @@ def test_resume_after_kill_matches_uninterrupted(models, memorise_file, tmp_path
         assert torch.allclose(sa[k], sb[k], rtol=1e-5, atol=1e-7), k
     steps = [h["step"] for h in _log(killed) if "loss" in h]
     assert steps[-1] == 8
+
+
+@pytest.mark.parametrize("stage, mode", [(2, "qlora"), (3, "lora"), (2, "full")])
+def test_deepspeed_config_follows_resolved_precision(models, memorise_file, tmp_path, stage, mode):
+    """`--bf16 True` as the official scripts pass it: below ZeRO-3 the adapters stay fp32 on a bf16 base, so
+    DeepSpeed must not cast the model (bf16 off) and must run the forward under its own torch_autocast (it
+    switches off an autocast entered outside its engine); ZeRO-3 and full fine-tuning use DeepSpeed's bf16."""
+    from finetune.training.checks import TrainPlan
+    from finetune.training.lora import resolve_compute_dtype
+
+    margs = parse_args(_args(models["float"], memorise_file, tmp_path / "o", "--bf16", "True", "--deepspeed",
+                             str(ROOT / f"ds_configs/zero{stage}.json")))
+    args = margs[3]
+    plan = TrainPlan(model_dir=models["float"], mode=mode, quantized=mode == "qlora", device="cpu",
+                     zero_stage=stage, resume_from=None)
+    assert resolve_compute_dtype(args, plan) == torch.bfloat16
+    cfg = args.hf_deepspeed_config.config
+    native_bf16 = stage == 3 or mode == "full"
+    assert cfg["bf16"]["enabled"] is native_bf16 and args.bf16 is native_bf16
+    assert ("torch_autocast" in cfg) is (not native_bf16)
+    if not native_bf16:
+        assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "scheduler" not in cfg
