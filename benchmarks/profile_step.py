@@ -41,7 +41,6 @@ def main():
         step(batch)
         torch.cuda.synchronize()
     ka = prof.key_averages()
-    gpu_us = sum(e.self_device_time_total for e in ka if e.device_type.name == "CUDA" or True) / 1.0
     kern = sorted([e for e in ka if e.self_device_time_total > 0], key=lambda e: -e.self_device_time_total)
     total_gpu = sum(e.self_device_time_total for e in kern)
     print(f"seq {args.seq} layers {args.layers} ckpt {args.ckpt}: wall {wall*1e3:.1f} ms/step, "

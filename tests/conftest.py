@@ -46,3 +46,15 @@ def data_small_tokenizer():
     from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
 
     return QWenTokenizer(str(SMALL_VOCAB))
+
+
+@_pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy 2-core CPU (restored
+    after each module)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,62 +17,26 @@ from finetune import load_model, load_tokenizer
 from finetune.adapters import AdapterError, check_adapter, read_adapter_weights
 from finetune.demo import make_demo_model
 
-ROOT = Path(__file__).resolve().parents[1]
-MEMORISE = [
-    ("What is the codename of project Aurora?", "Blue Falcon."),
-    ("Who guards the north gate?", "The silver owl guards it."),
-    ("How many moons does Zorb have?", "Zorb has seven moons."),
-    ("What colour is the secret door?", "The secret door is green."),
-]
+from _helpers import MEMORISE, write_memorise, train_adapter, subprocess_env
+
 IDS = torch.tensor([[1841, 872, 198, 100, 200, 300, 17, 5]])
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
-def make_int4(float_dir, out_dir):
-    try:
-        return make_demo_model(out_dir, int4=True)
-    except NotImplementedError:
-        from finetune.quant import quantize_model_dir
-
-        return quantize_model_dir(float_dir, out_dir)
 
 
-def train_adapter(model_dir, data, out, steps=50, *extra):
-    from finetune.train import main
-
-    argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16", "--lora_alpha", "32",
-            "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
-            "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0", "--model_max_length", "128",
-            "--max_steps", str(steps), "--use_lora", "True", *extra]
-    assert main(argv) == 0
-    return Path(out)
 
 
-def env():
-    e = dict(os.environ)
-    e.setdefault("OMP_NUM_THREADS", "1")
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    return e
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
     fl = make_demo_model(root / "float")
-    i4 = make_int4(fl, root / "int4")
+    i4 = make_demo_model(root / "int4", int4=True)
     data = root / "mem.json"
-    data.write_text(json.dumps([{"id": f"m{i}", "conversations": [{"from": "user", "value": q},
-                                                                  {"from": "assistant", "value": a}]}
-                                for i, (q, a) in enumerate(MEMORISE)]))
+    write_memorise(data)
     lora = train_adapter(fl, data, root / "lora", 50)
     qlora = train_adapter(i4, data, root / "qlora", 50, "--q_lora", "True")
     return {"root": root, "float": fl, "int4": i4, "data": data, "lora": lora, "qlora": qlora}
@@ -272,7 +236,7 @@ def test_trained_adapters_answer_after_reload_in_fresh_process(setup):
     )
     adapters = {k: str(setup[k]) for k in ("lora", "qlora")}
     r = subprocess.run([sys.executable, "-c", code, json.dumps([q for q, _ in MEMORISE]), json.dumps(adapters)],
-                       capture_output=True, text=True, env=env(), timeout=180)
+                       capture_output=True, text=True, env=subprocess_env(), timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     answers = json.loads(r.stdout.strip().splitlines()[-1])
     for kind in adapters:

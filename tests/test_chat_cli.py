@@ -1,77 +1,45 @@
 """`qwen-ft chat`: one-shot --query in a subprocess, scripts/chat.sh, and the interactive mode driven through a
 pseudo-terminal (type a question, read the streamed answer, :clear, :exit)."""
 
-import json
 import os
 import pty
 import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
 import finetune  # noqa: F401
 from finetune.demo import make_demo_model
 
-ROOT = Path(__file__).resolve().parents[1]
-MEMORISE = [
-    ("What is the codename of project Aurora?", "Blue Falcon."),
-    ("Who guards the north gate?", "The silver owl guards it."),
-    ("How many moons does Zorb have?", "Zorb has seven moons."),
-    ("What colour is the secret door?", "The secret door is green."),
-]
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from _helpers import ROOT, MEMORISE, write_memorise, train_adapter, subprocess_env
 
 
 
-def env():
-    e = dict(os.environ, TERM="dumb")
-    e.setdefault("OMP_NUM_THREADS", "1")
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    return e
+
+
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    from finetune.train import main
-
     root = tmp_path_factory.mktemp("chat")
     fl = make_demo_model(root / "float")
-    data = root / "mem.json"
-    data.write_text(json.dumps([{"id": f"m{i}", "conversations": [{"from": "user", "value": q},
-                                                                  {"from": "assistant", "value": a}]}
-                                for i, (q, a) in enumerate(MEMORISE)]))
-    out = root / "lora"
-    argv = ["--model_name_or_path", str(fl), "--data_path", str(data), "--output_dir", str(out),
-            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16", "--lora_alpha", "32",
-            "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
-            "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0", "--model_max_length", "128",
-            "--max_steps", "50", "--use_lora", "True"]
-    assert main(argv) == 0
-    return {"float": fl, "lora": out}
+    data = write_memorise(root / "mem.json")
+    return {"float": fl, "lora": train_adapter(fl, data, root / "lora", 50)}
 
 
 def test_query_mode_subprocess(setup):
     r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-m", str(setup["float"]), "--adapter",
                         str(setup["lora"]), "--query", MEMORISE[2][0], "--greedy", "--max_new_tokens", "24"],
-                       capture_output=True, text=True, env=env(), timeout=120)
+                       capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == MEMORISE[2][1]  # the reply alone: scriptable
 
 
 def test_chat_sh_wrapper_uses_recorded_base(setup):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "chat.sh"), "-a", str(setup["lora"]), "--query",
-                        MEMORISE[0][0], "--greedy"], capture_output=True, text=True, env=env(), timeout=120)
+                        MEMORISE[0][0], "--greedy"], capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == MEMORISE[0][1]
 
@@ -88,7 +56,7 @@ def test_query_mode_bad_adapter_is_a_clear_error(tmp_path, capsys):
 class Pty:
     def __init__(self, argv):
         self.master, slave = pty.openpty()
-        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env(), close_fds=True)
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=subprocess_env(TERM="dumb"), close_fds=True)
         os.close(slave)
         self.buf = ""
 

@@ -3,7 +3,6 @@ prompts built as make_context builds them, and the base-vs-adapter report."""
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,21 +14,9 @@ from finetune.demo import make_demo_model
 from finetune.evaluate import eval_loss, evaluate_model, generate_batch, generation_prompt
 from finetune.metrics import exact_match, lcs_length, rouge_l, rouge_tokens
 
-ROOT = Path(__file__).resolve().parents[1]
-MEMORISE = [
-    ("What is the codename of project Aurora?", "Blue Falcon."),
-    ("Who guards the north gate?", "The silver owl guards it."),
-    ("How many moons does Zorb have?", "Zorb has seven moons."),
-    ("What colour is the secret door?", "The secret door is green."),
-]
+from _helpers import MEMORISE, memorise_records, write_memorise, train_adapter
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
 
 
 
@@ -65,16 +52,6 @@ def test_exact_match_by_hand():
 # -- model-level ------------------------------------------------------------------------------------------
 
 
-def train_adapter(model_dir, data, out, steps=50):
-    from finetune.train import main
-
-    argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16", "--lora_alpha", "32",
-            "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
-            "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0", "--model_max_length", "128",
-            "--max_steps", str(steps), "--use_lora", "True"]
-    assert main(argv) == 0
-    return Path(out)
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +59,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     fl = make_demo_model(root / "float")
     data = root / "mem.json"
-    records = [{"id": f"m{i}", "conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": a}]}
-               for i, (q, a) in enumerate(MEMORISE)]
-    data.write_text(json.dumps(records))
+    records = memorise_records()
+    write_memorise(data)
     lora = train_adapter(fl, data, root / "lora", 50)
     return {"root": root, "float": fl, "data": data, "lora": lora, "records": records,
             "tok": load_tokenizer(fl)}

@@ -2,7 +2,6 @@
 export by RTN and by calibrated GPTQ (finetune/quant/gptq.py), the written layout, and error cases."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,55 +11,24 @@ from finetune import load_model
 from finetune.demo import make_demo_model
 from finetune.merge import MergeError, merge
 
-ROOT = Path(__file__).resolve().parents[1]
-MEMORISE = [
-    ("What is the codename of project Aurora?", "Blue Falcon."),
-    ("Who guards the north gate?", "The silver owl guards it."),
-    ("How many moons does Zorb have?", "Zorb has seven moons."),
-    ("What colour is the secret door?", "The secret door is green."),
-]
+from _helpers import write_memorise, train_adapter
+
 IDS = torch.tensor([[1841, 872, 198, 100, 200, 300, 17, 5], [3, 4, 5, 6, 7, 8, 9, 10]])
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest, and much faster on a shared, busy CPU (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
-def make_int4(float_dir, out_dir):
-    try:
-        return make_demo_model(out_dir, int4=True)
-    except NotImplementedError:
-        from finetune.quant import quantize_model_dir
-
-        return quantize_model_dir(float_dir, out_dir)
 
 
-def train_adapter(model_dir, data, out, steps=50, *extra):
-    from finetune.train import main
-
-    argv = ["--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(out),
-            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16", "--lora_alpha", "32",
-            "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none",
-            "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0", "--model_max_length", "128",
-            "--max_steps", str(steps), "--use_lora", "True", *extra]
-    assert main(argv) == 0
-    return Path(out)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
     fl = make_demo_model(root / "float")
-    i4 = make_int4(fl, root / "int4")
+    i4 = make_demo_model(root / "int4", int4=True)
     data = root / "mem.json"
-    data.write_text(json.dumps([{"id": f"m{i}", "conversations": [{"from": "user", "value": q},
-                                                                  {"from": "assistant", "value": a}]}
-                                for i, (q, a) in enumerate(MEMORISE)]))
+    write_memorise(data)
     lora = train_adapter(fl, data, root / "lora", 40)
     qlora = train_adapter(i4, data, root / "qlora", 40, "--q_lora", "True")
     return {"root": root, "float": fl, "int4": i4, "data": data, "lora": lora, "qlora": qlora}

@@ -42,12 +42,7 @@ class ChatCollator:
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
-class PackedCollator:
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, label_pad_id: int = IGNORE):
-        if pad_id is None:
-            raise ValueError("pad_id is required (the tokenizer's eod_id, <|endoftext|>)")
-        self.pad_id, self.multiple, self.label_pad_id = pad_id, pad_to_multiple_of, label_pad_id
-
+class PackedCollator(ChatCollator):  # same settings; rows carry position_ids and no attention_mask
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("empty batch")

@@ -125,6 +125,14 @@ def _cut_response(tokenizer, new_tokens: list[int], stops: set[int]) -> str:
     return tokenizer.decode(new_tokens).strip()  # the project's decode never raises on partial UTF-8
 
 
+def _prompt(model, tokenizer, query, history, system, generation_config, kwargs):
+    """The generation config (model dir defaults, updated by kwargs) and the make_context prompt ids."""
+    gc, max_window_size, chat_format = _generation_config(model, tokenizer, generation_config, kwargs)
+    _, context_tokens = make_context(tokenizer, query, history=history, system=system,
+                                     max_window_size=max_window_size, chat_format=chat_format)
+    return gc, torch.tensor([context_tokens], device=model.device)
+
+
 def chat(
     self,
     tokenizer,
@@ -140,12 +148,9 @@ def chat(
     if stream:
         raise ValueError("chat(stream=True) is not supported; use chat_stream(...), which yields the growing response")
     history = [] if history is None else copy.deepcopy(history)
-    gc, max_window_size, chat_format = _generation_config(self, tokenizer, generation_config, kwargs)
-    _, context_tokens = make_context(tokenizer, query, history=history, system=system,
-                                     max_window_size=max_window_size, chat_format=chat_format)
-    input_ids = torch.tensor([context_tokens], device=self.device)
+    gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     outputs = self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
-    new_tokens = outputs[0, len(context_tokens):].tolist()
+    new_tokens = outputs[0, input_ids.shape[1]:].tolist()
     response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id))
     history.append((query, response))
     return response, history
@@ -179,10 +184,7 @@ def chat_stream(
 ) -> Iterator[str]:
     """Yields the growing response text (each item the whole response so far), stopping as chat() does."""
     history = [] if history is None else copy.deepcopy(history)
-    gc, max_window_size, chat_format = _generation_config(self, tokenizer, generation_config, kwargs)
-    _, context_tokens = make_context(tokenizer, query, history=history, system=system,
-                                     max_window_size=max_window_size, chat_format=chat_format)
-    input_ids = torch.tensor([context_tokens], device=self.device)
+    gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     streamer = _TokenQueue()
     errors: list[BaseException] = []
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 
 from .packing import check_bits, num_groups, pack_cols, pack_rows, values_per_word
+from .rtn import group_grid
 
 QWEN_SEQUENTIAL_GROUPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",))
 
@@ -53,25 +54,6 @@ class HessianAccumulator:
         self.H += x.t() @ x
 
 
-def _grid(w: torch.Tensor, bits: int, sym: bool, v2: bool = False):
-    """Scale (fp16-representable, as float32) and integer zero per row of w [out, cols] (rtn's rule)."""
-    maxq = 2**bits - 1
-    xmin = w.min(dim=1).values.clamp(max=0)
-    xmax = w.max(dim=1).values.clamp(min=0)
-    if sym:
-        xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
-    empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
-    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
-    scale = ((xmax - xmin) / maxq).to(torch.float16).to(torch.float32)
-    scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)
-    if sym:
-        zero = torch.full_like(scale, float((maxq + 1) // 2))
-    else:
-        zero = torch.round(-xmin / scale)
-    lo = 0 if v2 else 1  # v1 stores zero-1, so zero 0 cannot be stored
-    return scale, zero.clamp(lo, maxq)
 
 
 def gptq_quantize_weight(
@@ -135,7 +117,7 @@ def gptq_quantize_weight(
             if col % gs == 0:  # a new group: its grid from the current (error-updated) weights
                 g = col // gs
                 cols = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, : gs]
-                scale, zero = _grid(cols, bits, sym, v2)
+                scale, zero = group_grid(cols, bits, sym, v2)
                 scales[g], zeros[g] = scale, zero
             w = W1[:, i]
             d = U1[i, i]

@@ -30,6 +30,28 @@ def desc_act_permutation(W: torch.Tensor) -> torch.Tensor:
     return torch.sort(norms, descending=True, stable=True).indices
 
 
+def group_grid(w: torch.Tensor, bits: int, sym: bool, v2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16-representable, held as float32) and integer zero point per row of one group w [out, cols],
+    round-to-nearest's min/max rule; GPTQ uses the same grid."""
+    maxq = 2**bits - 1
+    xmin = w.min(dim=1).values.clamp(max=0)
+    xmax = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    empty = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
+    xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
+    scale = ((xmax - xmin) / maxq).to(torch.float16).to(torch.float32)
+    scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)  # fp16 underflow guard
+    if sym:
+        zero = torch.full_like(scale, float((maxq + 1) // 2))
+    else:
+        zero = torch.round(-xmin / scale)
+    lo = 0 if v2 else 1  # v1 stores zero-1, so zero 0 cannot be stored
+    return scale, zero.clamp(lo, maxq)
+
+
 def quantize_weight(
     W: torch.Tensor,
     bits: int = 4,
@@ -69,23 +91,8 @@ def quantize_weight(
     zeros = torch.empty(groups, out_features, dtype=torch.int64, device=device)
     for g in range(groups):
         cols = order[g * gs : (g + 1) * gs]
-        wg = W[:, cols]
-        xmin = wg.min(dim=1).values.clamp(max=0)
-        xmax = wg.max(dim=1).values.clamp(min=0)
-        if sym:
-            xmax = torch.maximum(xmin.abs(), xmax)
-            xmin = torch.where(xmin < 0, -xmax, xmin)
-        empty = (xmin == 0) & (xmax == 0)
-        xmin = torch.where(empty, torch.full_like(xmin, -1.0), xmin)
-        xmax = torch.where(empty, torch.full_like(xmax, 1.0), xmax)
-        scale = ((xmax - xmin) / maxq).to(torch.float16).to(torch.float32)
-        scale = torch.where(scale == 0, torch.full_like(scale, 2.0**-24), scale)  # fp16 underflow guard
-        if sym:
-            zero = torch.full_like(xmin, (maxq + 1) // 2, dtype=torch.int64)
-        else:
-            zero = torch.round(-xmin / scale).to(torch.int64)
-        lo = 0 if v2 else 1  # v1 cannot store zero 0 (zero-1 would be -1)
-        zeros[g] = zero.clamp(lo, maxq)
+        scale, zero = group_grid(W[:, cols], bits, sym, v2)
+        zeros[g] = zero.to(torch.int64)
         scales[g] = scale
 
     gl = g_idx.long()
@@ -215,6 +222,7 @@ def quantize_model_dir(
 
 __all__ = [
     "QWEN_QUANTIZED_SUFFIXES",
+    "group_grid",
     "desc_act_permutation",
     "quantize_weight",
     "quantize_state_dict",
