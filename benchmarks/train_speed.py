@@ -193,9 +193,9 @@ def run_generate(args, cfg, device) -> dict:
 
 
 def run_check(args, cfg, device) -> dict:
-    """The fast path (Triton dequantization, SDPA/flash, chunked loss, bf16) against the plain path (torch
-    dequantization, math attention, full fp32 logits) on the same weights and inputs: logits and LoRA
-    gradients, relative error ||a-b|| / ||b||."""
+    """The fast path (Triton dequantization, SDPA/flash, chunked loss, bf16 autocast) against the plain path in
+    fp32 (the same weights upcast exactly, torch dequantization, math attention, full fp32 logits) on the same
+    inputs: logits and LoRA gradients, relative error ||a-b|| / ||b||."""
     import torch.nn.functional as F
 
     results = {}
@@ -233,9 +233,15 @@ def run_check(args, cfg, device) -> dict:
         return loss.detach().float(), logits, grads
 
     lf, logits_f, grads_f = run(True)
+    model.float()  # exact upcast of the bf16 frozen weights (packed Int4 buffers stay as they are): fp32 reference
     lp, logits_p, grads_p = run(False)
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
     grad_errs = [rel(grads_f[n], grads_p[n]) for n in grads_p if grads_p[n].norm() > 0]
+    ranked = sorted(((rel(grads_f[n], grads_p[n]), n) for n in grads_p if grads_p[n].norm() > 0), reverse=True)
+    norms = sorted(float(g.norm()) for g in grads_p.values())
+    results["worst"] = [{"name": n, "rel_err": e, "norm_plain": float(grads_p[n].norm()),
+                         "norm_fast": float(grads_f[n].norm())} for e, n in ranked[:3]]
+    results["grad_norm_median"] = norms[len(norms) // 2]
     results.update({
         "layers": args.check_layers, "seq": args.seq, "loss_fast": float(lf), "loss_plain": float(lp),
         "logits_rel_err": rel(logits_f, logits_p),

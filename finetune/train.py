@@ -155,7 +155,20 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    _end_distributed()  # after success only: a failing rank must exit, not wait for the others
     return 0
+
+
+def _end_distributed() -> None:
+    # Leave the process group together: a rank that exits while another still holds it open (DeepSpeed's
+    # CPU shared-memory communication threads, gloo) can abort at interpreter shutdown.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
