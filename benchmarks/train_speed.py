@@ -109,13 +109,19 @@ def timed(step, batches, device, warmup: int):
     return time.perf_counter() - t, float(loss)
 
 
-def run_sweep_point(args, cfg, device) -> dict:
+def build_for_training(args, cfg, device):
+    """The model in train mode (checkpointed if asked) and its AdamW over the adapters."""
     model, config = build(cfg, device)
     model.train()
     if args.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
+    return model, config, opt
+
+
+def run_sweep_point(args, cfg, device) -> dict:
+    model, config, opt = build_for_training(args, cfg, device)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(args.warmup + args.steps):
@@ -137,12 +143,7 @@ def run_short(args, cfg, device) -> dict:
     """2,000 chats of 100-600 tokens: padded batches (dynamic padding) or packed rows; real tokens only."""
     from finetune.data import ChatCollator, PackedCollator, pack_lengths
 
-    model, config = build(cfg, device)
-    model.train()
-    if args.ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
-                            fused=device.type == "cuda")
+    model, config, opt = build_for_training(args, cfg, device)
     lengths = short_lengths(2000)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
