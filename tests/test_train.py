@@ -236,3 +236,22 @@ def test_deepspeed_config_follows_resolved_precision(models, memorise_file, tmp_
     if not native_bf16:
         assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert "scheduler" not in cfg
+
+
+@pytest.mark.parametrize("report_to", ["tensorboard", "wandb"])
+def test_report_to_tensorboard_and_offline_wandb(models, memorise_file, tmp_path, monkeypatch, report_to):
+    if report_to == "wandb":
+        pytest.importorskip("wandb")
+        monkeypatch.setenv("WANDB_MODE", "offline")  # no network: runs are written locally
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+        monkeypatch.setenv("WANDB_SILENT", "true")
+    else:
+        pytest.importorskip("tensorboard")
+    out = tmp_path / "o"
+    _run(_args(models["float"], memorise_file, out, "--use_lora", "True", "--max_steps", "3",
+               "--report_to", report_to))
+    if report_to == "wandb":
+        runs = list((tmp_path / "wandb").glob("offline-run-*"))
+        assert runs and any(runs[0].rglob("*.wandb"))
+    else:
+        assert list(out.rglob("events.out.tfevents.*"))  # under output_dir/runs/
