@@ -24,7 +24,6 @@ from .training.lora import attach_lora, resolve_compute_dtype
 from .training.plots import LossCurveCallback
 from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
 
-logger = logging.getLogger("finetune.train")
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,

@@ -47,7 +47,8 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
-def _deepspeed_config(ds) -> dict | None:
+def deepspeed_config(ds) -> dict | None:
+    """The --deepspeed value (a path or a dict) as a dict, or a clear error."""
     if not ds:
         return None
     if isinstance(ds, dict):
@@ -113,7 +114,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         raise TrainConfigError("--bf16 and --fp16 exclude each other")
 
     # -- DeepSpeed -------------------------------------------------------------------------------------------
-    ds = _deepspeed_config(args.deepspeed)
+    ds = deepspeed_config(args.deepspeed)
     zero_stage = None
     if ds is not None:
         zero_stage = int((ds.get("zero_optimization") or {}).get("stage", 0))

@@ -48,13 +48,13 @@ def _configure_deepspeed(args, plan, dtype) -> None:
     bf16 base (LoRA/Q-LoRA below ZeRO-3) its own `torch_autocast` runs the forward, with adapter gradients
     reduced in fp32 (no lower-precision modules)."""
     import copy
-    import json
 
     from accelerate.utils import DeepSpeedPlugin
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
-    ds = args.deepspeed
-    cfg = copy.deepcopy(ds) if isinstance(ds, dict) else json.loads(open(ds).read())
+    from .checks import deepspeed_config
+
+    cfg = copy.deepcopy(deepspeed_config(args.deepspeed))
     if dtype == torch.bfloat16 and not args.bf16:
         cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     args.deepspeed = cfg

@@ -29,6 +29,7 @@ class QwenTrainer(Trainer):
         self.compute_dtype = compute_dtype
         self.plan = plan
         self._staging_dir = None
+        self._lora_layers = None  # PEFT tuner layers, found on first use
 
     # -- precision --------------------------------------------------------------------------------------
     def _autocast(self):
@@ -37,13 +38,27 @@ class QwenTrainer(Trainer):
         if self.compute_dtype == torch.bfloat16 and not self.args.bf16 and not self.args.fp16:
             stack = contextlib.ExitStack()
             stack.enter_context(torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16))
-            # PEFT would cast each LoRA input up to the fp32 adapter dtype: two needless full-size copies a
-            # layer, since autocast runs the adapter matmuls in bf16 anyway.
-            from peft.helpers import disable_input_dtype_casting
-
-            stack.enter_context(disable_input_dtype_casting(self.model))
+            stack.enter_context(self._no_lora_input_casts())
             return stack
         return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _no_lora_input_casts(self):
+        """PEFT would cast each LoRA input up to the fp32 adapter dtype: two needless full-size copies a layer,
+        since autocast runs the adapter matmuls in bf16 anyway. Off for the forward, back on afterwards (the
+        model must still work outside autocast). The layers are found once, not on every step."""
+        if self._lora_layers is None:
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        saved = [m.cast_input_dtype_enabled for m in self._lora_layers]
+        for m in self._lora_layers:
+            m.cast_input_dtype_enabled = False
+        try:
+            yield
+        finally:
+            for m, flag in zip(self._lora_layers, saved):
+                m.cast_input_dtype_enabled = flag
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self._autocast():
