@@ -68,15 +68,16 @@ def test_dequantized_weight_not_saved_for_backward():
     x = torch.randn(4, 512, requires_grad=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         y = layer(x)
-    assert saved, "expected the packed buffers to be saved"
-    for shape, dtype in saved:
-        assert not (dtype.is_floating_point and set(shape) >= {128, 512}), (shape, dtype)
-        assert shape not in ((128, 512), (512, 128))
-    # nothing float larger than the fp16 scales: no [out, in] weight, no activations
-    floats = [s for s, d in saved if d.is_floating_point]
-    assert all(s == tuple(layer.scales.shape) for s in floats), floats
+    # nothing goes through the saved-tensor hooks: no [out, in] weight, no activations, and not even the
+    # packed buffers (kept as plain references, so checkpointing can stop recomputing before this matmul)
+    assert saved == []
     y.sum().backward()
     assert x.grad is not None
+    ref = x.detach() @ layer.dequantize(torch.float32).t()
+    if layer.bias is not None:
+        ref = ref + layer.bias
+    assert torch.allclose(y, ref, atol=1e-5)
+    assert torch.allclose(x.grad, layer.dequantize(torch.float32).sum(0).expand(4, -1), atol=1e-5)
 
 
 def test_dtype_policy_scales_never_cast_bias_follows():

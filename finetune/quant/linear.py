@@ -8,8 +8,9 @@
 - Forward runs in the activation dtype (or the autocast dtype when autocast is on): dequantize to that
   dtype, then matmul. On CUDA the dequantization is a Triton kernel (``triton_dequant.py``, imported only
   then); elsewhere plain torch.
-- Autograd: ``GPTQMatmul`` saves only the packed buffers (no activations, no float weight) and recomputes
-  the dequantized weight in backward; it returns a gradient for the input only.
+- Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
+  no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
+  only.
 """
 
 from __future__ import annotations
@@ -86,15 +87,18 @@ class GPTQMatmul(torch.autograd.Function):
         y = torch.matmul(x, wt)
         ctx.bits, ctx.v2, ctx.group_size, ctx.trivial_g_idx = bits, v2, group_size, trivial_g_idx
         ctx.x_dtype = x.dtype
-        # only the packed buffers (a few bytes per weight); the activations are not needed for grad_x
-        ctx.save_for_backward(qweight, qzeros, scales, g_idx)
+        # The packed buffers are frozen module buffers, kept as plain references rather than saved tensors:
+        # nothing goes through saved-tensor hooks, so under non-reentrant checkpointing a Linear whose output
+        # no later op saves ends the recomputation early (its matmul is never redone), and an activation
+        # offload hook never copies weights. The activations are not needed for grad_x.
+        ctx.packed = (qweight, qzeros, scales, g_idx)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         grad_x = None
         if ctx.needs_input_grad[0]:
-            qweight, qzeros, scales, g_idx = ctx.saved_tensors
+            qweight, qzeros, scales, g_idx = ctx.packed
             wt = dequantize_weight_t(
                 qweight, qzeros, scales, g_idx, ctx.bits, ctx.v2, grad_y.dtype, ctx.group_size, ctx.trivial_g_idx
             )
