@@ -215,3 +215,50 @@ def test_checkpoint_without_g_idx_and_with_zero_bias_everywhere(int4_dir, tmp_pa
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.no_grad():
         torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_checkpointing_recomputes_only_the_input_projections(int4_dir, monkeypatch, dropout):
+    """Each block is checkpointed as two halves; the recomputation ends after the adapters of attn.c_proj
+    and mlp.c_proj, so backward redoes c_attn, w1 and w2 (3 of the 5 Int4 matmuls) and still gives the
+    gradients of an uncheckpointed step (same dropout masks: the RNG state is replayed)."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.quant import linear as qlinear
+
+    pm = get_peft_model(load_gptq_model(int4_dir, device="cpu"),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "w1", "w2"],
+                                   lora_dropout=dropout, init_lora_weights=False, task_type="CAUSAL_LM"))
+    pm.train()
+    ids = torch.randint(0, pm.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    calls = []
+    forward = qlinear.GPTQMatmul.forward
+
+    def counting(ctx, x, qweight, *rest):
+        calls.append(tuple(qweight.shape))
+        return forward(ctx, x, qweight, *rest)
+
+    monkeypatch.setattr(qlinear.GPTQMatmul, "forward", staticmethod(counting))
+
+    def step():
+        pm.zero_grad()
+        calls.clear()
+        torch.manual_seed(0)
+        loss = pm(input_ids=ids, labels=ids).loss
+        n_forward = len(calls)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+        return n_forward, calls[n_forward:], grads
+
+    layers = pm.config.num_hidden_layers
+    n_fwd, recomputed, plain = step()
+    assert n_fwd == 5 * layers and recomputed == []
+    pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    n_fwd, recomputed, ckpt = step()
+    block = pm.base_model.model.transformer.h[0]
+    shapes = {tuple(m.base_layer.qweight.shape) for m in (block.attn.c_attn, block.mlp.w1, block.mlp.w2)}
+    assert n_fwd == 5 * layers and len(recomputed) == 3 * layers
+    assert set(recomputed) == shapes
+    for name, g in plain.items():
+        assert g.abs().sum() > 0, name
+        torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)

@@ -25,10 +25,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration import QWenConfig
+from .kernels import apply_rotary, fused, rms_norm, rotary_qk, rotate_half, swiglu  # noqa: F401
 
 # transformers 5.2x renamed the outputs' `past_key_values` field to `cache`; use whichever this version has.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -65,9 +65,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.type_as(x) * self.weight
+        return fused(rms_norm, x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -97,21 +95,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """t [B, H, T, D]; cos/sin [B, T, rot]. Rotary in fp32 on the first `rot` channels, the rest passes through."""
-    rot = cos.shape[-1]
-    tf = t.float()
-    t_rot, t_pass = tf[..., :rot], tf[..., rot:]
-    cos, sin = cos[:, None], sin[:, None]
-    t_rot = t_rot * cos + rotate_half(t_rot) * sin
-    return torch.cat((t_rot, t_pass), dim=-1).type_as(t)
-
-
 class QWenAttention(nn.Module):
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
@@ -139,7 +122,7 @@ class QWenAttention(nn.Module):
         v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
 
         cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = fused(rotary_qk, q, k, cos, sin)
         if query_scale is not None:  # logN (inference beyond seq_length)
             q = (q.float() * query_scale[:, None, :, None]).type_as(q)
         if cache is not None:
@@ -168,10 +151,21 @@ class QWenMLP(nn.Module):
         self.c_proj = nn.Linear(ff, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+        return self.c_proj(fused(swiglu, self.w1(x), self.w2(x)))
 
 
-class QWenBlock(GradientCheckpointingLayer):
+class QWenBlock(nn.Module):
+    """x + attn(ln_1(x)), then + mlp(ln_2(.)).
+
+    Gradient checkpointing (``model.gradient_checkpointing_enable()`` sets ``gradient_checkpointing`` and
+    ``_gradient_checkpointing_func`` here) checkpoints the two residual halves separately, keeping the
+    hidden state between them (one [tokens x hidden] tensor per block). Each half's recomputation then ends
+    early, with non-reentrant checkpointing, at the last tensor that backward needs: the output projection
+    (attn.c_proj, mlp.c_proj) of a frozen Int4 base saves nothing, so its matmul is not redone (on the 14B
+    shape that is 30% of the block's weights)."""
+
+    gradient_checkpointing = False
+
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
         self.ln_1 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
@@ -179,10 +173,18 @@ class QWenBlock(GradientCheckpointingLayer):
         self.ln_2 = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.mlp = QWenMLP(config)
 
-    # hidden states positional: GradientCheckpointingLayer checkpoints forward(self, *args) with kwargs bound.
-    def forward(self, x, rope=None, attn=None, query_scale=None, cache=None, use_cache=False):
-        x = x + self.attn(self.ln_1(x), rope, attn, query_scale, cache)
+    def _attention_half(self, x, rope, attn, query_scale, cache):
+        return x + self.attn(self.ln_1(x), rope, attn, query_scale, cache)
+
+    def _mlp_half(self, x):
         return x + self.mlp(self.ln_2(x))
+
+    def forward(self, x, rope=None, attn=None, query_scale=None, cache=None, use_cache=False):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # no cache here: a checkpointed half would write it a second time when recomputed
+            x = self._gradient_checkpointing_func(self._attention_half, x, rope, attn, query_scale, None)
+            return self._gradient_checkpointing_func(self._mlp_half, x)
+        return self._mlp_half(self._attention_half(x, rope, attn, query_scale, cache))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -65,23 +65,27 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is not None:
             raise ValueError("mixed-adapter batches (adapter_names=...) are not supported on GPTQ layers")
-        result = self.base_layer(x, *args, **kwargs)
         if self.disable_adapters or self.merged:
-            return result
-        result_dtype = result.dtype
+            return self.base_layer(x, *args, **kwargs)
         # Under autocast the adapter matmuls run in the compute dtype whatever their fp32 master weights are:
         # casting x up to fp32 first would only add two full-size copies per layer (measured: 14% of the
         # GPU time of a 14B step at 2048 tokens).
         autocast = torch.is_autocast_enabled(x.device.type)
+        # The adapters run before the frozen base: the base matmul saves nothing for backward, so when this
+        # Linear ends a checkpointed segment (attn.c_proj, mlp.c_proj) the recomputation stops after the
+        # adapters and never redoes the base matmul.
+        deltas = []
         for active_adapter in self.active_adapters:
             if active_adapter not in self.lora_A.keys():
                 continue
             lora_A = self.lora_A[active_adapter]
             lora_B = self.lora_B[active_adapter]
             dropout = self.lora_dropout[active_adapter]
-            scaling = self.scaling[active_adapter]
             xa = x if autocast else self._cast_input_dtype(x, lora_A.weight.dtype)
-            delta = lora_B(lora_A(dropout(xa)))
+            deltas.append((lora_B(lora_A(dropout(xa))), self.scaling[active_adapter]))
+        result = self.base_layer(x, *args, **kwargs)
+        result_dtype = result.dtype
+        for delta, scaling in deltas:
             if delta.dtype == result_dtype:
                 result = torch.add(result, delta, alpha=scaling)  # one kernel for scale and add
             else:
