@@ -4,6 +4,7 @@
 #   sweep   seq 256..8192, with and without checkpointing
 #   short   2,000 chats of 100-600 tokens: padded batches vs packed rows
 #   extra   fast-vs-plain correctness check and batch-1 generation
+#   levers  the same points with one lever off: eager elementwise ops (--no-compile), no decoding GEMV
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results}"
@@ -27,6 +28,10 @@ for set in ${SPEED_SET:-sweep short extra}; do
     extra)
       run --check --seq 1024 --check-layers 4
       run --generate --new 512 ;;
+    levers)
+      run --seq 2048 --ckpt --no-compile
+      run --seq 2048 --no-compile
+      run --generate --new 512 --no-gemv ;;
   esac
 done
 cp "$RES" benchmarks/results/speed.jsonl 2>/dev/null || true

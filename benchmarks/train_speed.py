@@ -213,6 +213,7 @@ def run_check(args, cfg, device) -> dict:
 
     def run(fast: bool):
         os.environ["FINETUNE_GPTQ_BACKEND"] = "auto" if fast else "torch"
+        os.environ["FINETUNE_COMPILE"] = "1" if fast else "0"  # eager RMSNorm/rotary/SwiGLU for the reference
         model.zero_grad(set_to_none=True)
         ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if fast else torch.autocast(
             device_type=device.type, enabled=False)
@@ -250,6 +251,7 @@ def run_check(args, cfg, device) -> dict:
         "lora_grad_tensors": len(grad_errs),
     })
     os.environ.pop("FINETUNE_GPTQ_BACKEND", None)
+    os.environ.pop("FINETUNE_COMPILE", None)
     return results
 
 
@@ -268,8 +270,14 @@ def main(argv=None) -> int:
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--check-layers", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="a tiny model on CPU, to test this script")
+    ap.add_argument("--no-compile", action="store_true", help="eager RMSNorm/rotary/SwiGLU (FINETUNE_COMPILE=0)")
+    ap.add_argument("--no-gemv", action="store_true", help="decode through dequantize+matmul (FINETUNE_GPTQ_GEMV=0)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.no_compile:
+        os.environ["FINETUNE_COMPILE"] = "0"
+    if args.no_gemv:
+        os.environ["FINETUNE_GPTQ_GEMV"] = "0"
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     cfg = TINY if args.tiny else QWEN14B
@@ -280,6 +288,8 @@ def main(argv=None) -> int:
     record = {"stack": "qwen-finetune", "seq": args.seq, "ckpt": args.ckpt, "tiny": args.tiny,
               "workload": "check" if args.check else "generate" if args.generate else args.workload,
               "packing": args.packing, "batch": args.batch, "steps": args.steps,
+              "compile": os.environ.get("FINETUNE_COMPILE", "1") != "0",
+              "gemv": os.environ.get("FINETUNE_GPTQ_GEMV", "1") != "0",
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     t0 = time.perf_counter()
     try:
@@ -302,7 +312,8 @@ def main(argv=None) -> int:
         f.write(json.dumps(record) + "\n")
     keys = [k for k in ("tok_s", "gen_tok_s", "peak_gib", "mfu", "logits_rel_err", "lora_grad_rel_err_max",
                         "fill", "oom", "error") if k in record]
-    print(json.dumps({k: record[k] for k in ["seq", "ckpt", "workload", "packing"] + keys}), flush=True)
+    print(json.dumps({k: record[k] for k in ["seq", "ckpt", "workload", "packing", "compile", "gemv"] + keys}),
+          flush=True)
     return 0
 
 
