@@ -6,8 +6,17 @@ grad_input) and trainable (also grad_weight); and the dequantize kernel's bandwi
 qweight, qzeros, scales, g_idx; written: W.T in bf16) against the GPU's copy bandwidth (a bf16 tensor of
 W's size copied, counting bytes read and written).
 
+Decode GEMV section (batch-1 generation): for the same shapes at M = 1 and 4 rows, the fused GEMV
+(``triton_gemv.py``: reads the packed buffers, writes no float weight) against the dequantize + matmul path,
+kernel time and GPTQLinear.forward under no_grad with the GEMV on and off (FINETUNE_GPTQ_GEMV=0), and the
+GEMV's effective bandwidth: packed bytes read (qweight, qzeros, scales; g_idx is not read for the plain
+group order) plus x and y, per second; the copy bandwidth of a qweight-sized buffer is the reference.
+
 Usage: python benchmarks/gptq_layer.py [--tokens 2048] [--out benchmarks/results/gptq_layer.json] [--model]
-(--model also builds the random 14B Int4 model directly on the GPU and reports its memory.)
+       [--gemv]
+(--model also builds the random 14B Int4 model directly on the GPU and reports its memory; --gemv runs only
+the decode GEMV section and merges it into an existing --out file. The default run includes the GEMV
+section.)
 """
 
 from __future__ import annotations
@@ -138,6 +147,93 @@ def run_shape(name, in_f, out_f, tokens, device):
     }
 
 
+GEMV_ROWS = (1, 4)
+
+
+def run_gemv_shape(name, in_f, out_f, rows, device):
+    """Decode GEMV vs dequantize + matmul for one shape and row count (bf16, Int4, group 128)."""
+    from finetune.quant import linear as qlinear
+    from finetune.quant.triton_dequant import triton_dequantize_t
+    from finetune.quant.triton_gemv import _BEST, row_bucket, triton_gemv
+
+    dtype = torch.bfloat16
+    layer = random_layer(in_f, out_f, device)
+    x = torch.randn(rows, in_f, device=device, dtype=dtype)
+    bufs = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
+
+    def gemv():
+        triton_gemv(x, *bufs, 4, group_size=128, trivial_g_idx=True)
+
+    wt = torch.empty(in_f, out_f, device=device, dtype=dtype)
+
+    def dequant_matmul():
+        triton_dequantize_t(*bufs, 4, dtype=dtype, out=wt, group_size=128, trivial_g_idx=True)
+        torch.matmul(x, wt)
+
+    gemv()  # tune + compile once
+    y = triton_gemv(x, *bufs, 4, group_size=128, trivial_g_idx=True)
+    ref = x @ triton_dequantize_t(*bufs, 4, dtype=dtype, group_size=128)
+    rel_diff = float(((y.float() - ref.float()).norm() / ref.float().norm()).item())
+    t_gemv = bench(gemv, rep=200)
+    t_deq_mm = bench(dequant_matmul, rep=200)
+
+    def layer_fwd():
+        with torch.no_grad():
+            layer(x)
+
+    env_before = os.environ.get(qlinear._GEMV_ENV)
+    try:
+        os.environ[qlinear._GEMV_ENV] = "1"
+        t_layer_gemv = bench(layer_fwd, rep=200)
+        host_gemv = host_us(layer_fwd)
+        os.environ[qlinear._GEMV_ENV] = "0"
+        t_layer_deq = bench(layer_fwd, rep=200)
+        host_deq = host_us(layer_fwd)
+    finally:
+        if env_before is None:
+            os.environ.pop(qlinear._GEMV_ENV, None)
+        else:
+            os.environ[qlinear._GEMV_ENV] = env_before
+
+    packed_bytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
+    bytes_read = packed_bytes + x.numel() * x.element_size() + rows * out_f * x.element_size()
+    src = torch.empty_like(layer.qweight)
+    dst = torch.empty_like(layer.qweight)
+    t_copy = bench(lambda: dst.copy_(src), rep=200)
+    cfg = next((v for k, v in _BEST.items() if k[:3] == (in_f, out_f, row_bucket(rows)) and k[7] == dtype), None)
+    return {
+        "name": name,
+        "in_features": in_f,
+        "out_features": out_f,
+        "rows": rows,
+        "gemv_ms": t_gemv,
+        "dequant_matmul_ms": t_deq_mm,
+        "speedup": t_deq_mm / t_gemv,
+        "layer_fwd_gemv_ms": t_layer_gemv,
+        "layer_fwd_dequant_matmul_ms": t_layer_deq,
+        "host_us_layer_fwd_gemv": host_gemv,
+        "host_us_layer_fwd_dequant_matmul": host_deq,
+        "packed_bytes": packed_bytes,
+        "gemv_GBps": bytes_read / (t_gemv * 1e-3) / 1e9,
+        "copy_GBps": 2 * packed_bytes / (t_copy * 1e-3) / 1e9,
+        "gemv_config": list(cfg) if cfg is not None else None,
+        "rel_diff_vs_dequant_matmul": rel_diff,
+    }
+
+
+def host_us(fn, n=50):
+    """CPU time per call when the GPU is not waited for (launch overhead)."""
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
 def model_memory(device):
     from finetune.modeling import QWenConfig
     from finetune.quant.loading import build_gptq_model_on_device
@@ -174,10 +270,16 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "gptq_layer.json"))
     ap.add_argument("--model", action="store_true", help="also build the random 14B Int4 model on the GPU")
+    ap.add_argument("--gemv", action="store_true",
+                    help="only the decode GEMV section (M = 1 and 4 rows), merged into an existing --out file "
+                         "(the default run includes it)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
     device = torch.device("cuda")
+    gemv_rows = [run_gemv_shape(n, i, o, m, device) for n, i, o in SHAPES for m in GEMV_ROWS]
+    if args.gemv:
+        return write_gemv_only(args, gemv_rows)
     rows = [run_shape(n, i, o, args.tokens, device) for n, i, o in SHAPES]
     import triton
 
@@ -191,6 +293,7 @@ def main(argv=None):
         "group_size": 128,
         "target_ratio_vs_frozen": 1.25,
         "shapes": rows,
+        "gemv": gemv_rows,
     }
     if args.model:
         result["model_14b_int4"] = model_memory(device)
@@ -207,10 +310,42 @@ def main(argv=None):
               f"{r['linear_trainable_fwd_bwd_ms']:.3f} | {r['ratio_vs_trainable']:.2f}x | {r['dequant_ms']:.3f} | "
               f"{r['dequant_TBps']:.2f} | {r['copy_TBps']:.2f} | "
               f"{r['host_us_gptq_fwd_bwd']:.0f} / {r['host_us_linear_fwd_bwd']:.0f} |")
+    print_gemv(gemv_rows)
     if "model_14b_int4" in result:
         m = result["model_14b_int4"]
         print(f"14B Int4 model on GPU: {m['model_bytes'] / 2**30:.2f} GiB (peak {m['peak_bytes_build'] / 2**30:.2f} "
               f"GiB while building)")
+    print(f"wrote {args.out}")
+    return result
+
+
+def print_gemv(rows):
+    print("| decode GEMV (in x out) | rows | GEMV ms | dequant+matmul ms | speedup | layer fwd ms GEMV / off | "
+          "GEMV GB/s | copy GB/s | host us GEMV / off |")
+    print("|" + "---|" * 9)
+    for r in rows:
+        print(f"| {r['name']} ({r['in_features']}x{r['out_features']}) | {r['rows']} | {r['gemv_ms']:.4f} | "
+              f"{r['dequant_matmul_ms']:.4f} | {r['speedup']:.2f}x | {r['layer_fwd_gemv_ms']:.4f} / "
+              f"{r['layer_fwd_dequant_matmul_ms']:.4f} | {r['gemv_GBps']:.0f} | {r['copy_GBps']:.0f} | "
+              f"{r['host_us_layer_fwd_gemv']:.0f} / {r['host_us_layer_fwd_dequant_matmul']:.0f} |")
+
+
+def write_gemv_only(args, gemv_rows):
+    """--gemv: the GEMV section alone, merged into the existing results file (its other sections kept)."""
+    import triton
+
+    out = Path(args.out)
+    result = json.loads(out.read_text()) if out.is_file() else {}
+    result.update({
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "gemv": gemv_rows,
+    })
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print_gemv(gemv_rows)
     print(f"wrote {args.out}")
     return result
 

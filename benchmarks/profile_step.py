@@ -1,5 +1,9 @@
-"""Profile one Q-LoRA training step of the Qwen-14B-shaped Int4 model (fewer layers) on the GPU: where the
-time goes (GPU kernels by total time, host time, GPU idle share). For benchmarks/NOTES.md."""
+"""Profile the Qwen-14B-shaped Int4 model (fewer layers) on the GPU: where the time goes (GPU kernels by total
+time, host time, GPU idle share). For benchmarks/NOTES.md.
+
+  python benchmarks/profile_step.py --seq 2048 --ckpt [--ckpt-mode block]    # one Q-LoRA training step
+  python benchmarks/profile_step.py --decode 16                              # batch-1 decoding, per token
+"""
 
 import argparse
 import sys
@@ -10,21 +14,40 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import QWEN14B, build, step_fn  # noqa: E402
+from train_speed import QWEN14B, build, checkpoint_whole_blocks, step_fn  # noqa: E402
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--ckpt", action="store_true")
-    ap.add_argument("--rows", type=int, default=25)
-    args = ap.parse_args()
-    device = torch.device("cuda")
+def python_profile(fn, rows: int) -> None:
+    """Host time by Python function (cProfile) over fn(): where the launch-bound time goes."""
+    import cProfile
+    import pstats
+
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    st = pstats.Stats(pr)
+    st.sort_stats("tottime").print_stats(rows)
+    st.sort_stats("cumulative").print_stats(rows)
+
+
+def report(prof, wall_ms: float, title: str, rows: int) -> None:
+    ka = prof.key_averages()
+    kern = [e for e in ka if e.self_device_time_total > 0]
+    total_gpu = sum(e.self_device_time_total for e in kern) / 1e3
+    print(f"{title}: wall {wall_ms:.2f} ms, GPU kernels {total_gpu:.2f} ms ({total_gpu / wall_ms:.0%} busy)")
+    print(ka.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70))
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
+
+
+def train_step(args, device):
     model, config = build(QWEN14B, device, layers=args.layers)
     model.train()
     if args.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.ckpt_mode == "block":
+            checkpoint_whole_blocks()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     step = step_fn(model, opt, device)
     ids = torch.randint(0, config.vocab_size, (1, args.seq), device=device)
@@ -37,16 +60,62 @@ def main():
         step(batch)
     torch.cuda.synchronize()
     wall = (time.perf_counter() - t) / 3
+    print(f"step: {wall * 1e3:.1f} ms")
+    if args.python:
+        return python_profile(lambda: step(batch), args.rows)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(batch)
         torch.cuda.synchronize()
-    ka = prof.key_averages()
-    kern = sorted([e for e in ka if e.self_device_time_total > 0], key=lambda e: -e.self_device_time_total)
-    total_gpu = sum(e.self_device_time_total for e in kern)
-    print(f"seq {args.seq} layers {args.layers} ckpt {args.ckpt}: wall {wall*1e3:.1f} ms/step, "
-          f"GPU kernels {total_gpu/1e3:.1f} ms ({total_gpu/1e3/(wall*1e3):.0%} busy)")
-    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=60))
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    report(prof, wall * 1e3, f"seq {args.seq} layers {args.layers} ckpt {args.ckpt} ({args.ckpt_mode}) step",
+           args.rows)
+
+
+@torch.no_grad()
+def decode(args, device):
+    from transformers import GenerationConfig
+
+    from finetune.modeling import QWenConfig
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    config = QWenConfig(**dict(QWEN14B, num_hidden_layers=args.layers))
+    model = build_gptq_model_on_device(config, device=device, dtype=torch.bfloat16).eval()
+    prompt = torch.randint(0, 151000, (1, 24), device=device)
+
+    def gen(n):
+        gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+        return model.generate(prompt, generation_config=gc)
+
+    gen(8)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    gen(args.decode)
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / args.decode
+    print(f"decode: {wall * 1e3:.2f} ms per token")
+    if args.python:
+        return python_profile(lambda: gen(args.decode), args.rows)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        gen(args.decode)
+        torch.cuda.synchronize()
+    report(prof, wall * 1e3 * args.decode, f"decode {args.decode} tokens, layers {args.layers} "
+           f"({wall * 1e3:.2f} ms per token)", args.rows)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--ckpt", action="store_true")
+    ap.add_argument("--ckpt-mode", choices=["halves", "block"], default="halves")
+    ap.add_argument("--decode", type=int, default=0, help="profile batch-1 decoding of this many tokens instead")
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--python", action="store_true", help="cProfile the host instead of the torch profiler")
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    if args.decode:
+        decode(args, device)
+    else:
+        train_step(args, device)
 
 
 if __name__ == "__main__":

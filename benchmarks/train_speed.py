@@ -115,9 +115,24 @@ def build_for_training(args, cfg, device):
     model.train()
     if args.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if args.ckpt_mode == "block":
+            checkpoint_whole_blocks()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     return model, config, opt
+
+
+def checkpoint_whole_blocks():
+    """A/B switch for benchmarks only: checkpoint each block as one segment (the layout before the halves)."""
+    from finetune.modeling.model import QWenBlock
+
+    def forward(self, x, rope=None, attn=None, query_scale=None, cache=None, use_cache=False):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(
+                lambda x: self._mlp_half(self._attention_half(x, rope, attn, query_scale, None)), x)
+        return self._mlp_half(self._attention_half(x, rope, attn, query_scale, cache))
+
+    QWenBlock.forward = forward
 
 
 def run_sweep_point(args, cfg, device) -> dict:
@@ -194,31 +209,39 @@ def run_generate(args, cfg, device) -> dict:
 
 
 def run_check(args, cfg, device) -> dict:
-    """The fast path (Triton dequantization, SDPA/flash, chunked loss, bf16 autocast) against the plain path in
-    fp32 (the same weights upcast exactly, torch dequantization, math attention, full fp32 logits) on the same
-    inputs: logits and LoRA gradients, relative error ||a-b|| / ||b||."""
-    import torch.nn.functional as F
+    """Does the fast path compute what the plain path computes? Four runs on the same inputs and weights:
 
-    results = {}
+      fast  Triton dequantization, SDPA flash/efficient attention, compiled elementwise ops, chunked loss;
+      plain torch dequantization, math attention, eager ops, full logits and one cross-entropy;
+
+    each in bf16 (autocast over the bf16 frozen weights, as training runs) and in fp32 (the frozen weights
+    upcast exactly). fast32 vs plain32 isolates the algorithm (a wrong kernel shows up there at any
+    precision); fast16 vs plain16 the kernels at training precision; plain16 vs plain32 what bf16 itself
+    costs on this model, the floor that fast16 vs plain32 can be held to. Errors are ||a-b|| / ||b|| of the
+    logits and of each LoRA gradient (median and worst over the tensors)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # TF32 off: the fp32 runs must be fp32 (TF32 matmuls alone put 1e-4 errors into the logits)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     model, config = build(cfg, device, layers=args.check_layers)
     for n, p in model.named_parameters():  # non-zero B so LoRA gradients flow into A too
         if "lora_B" in n:
             p.data.normal_(0, 0.01)
-    for m in model.modules():  # the two paths must see the same function: no random dropout masks
+    for m in model.modules():  # every run must see the same function: no random dropout masks
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0
     model.train()
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=g).to(device)
 
-    def run(fast: bool):
+    def run(fast: bool, bf16: bool):
         os.environ["FINETUNE_GPTQ_BACKEND"] = "auto" if fast else "torch"
-        os.environ["FINETUNE_COMPILE"] = "1" if fast else "0"  # eager RMSNorm/rotary/SwiGLU for the reference
+        os.environ["FINETUNE_COMPILE"] = "1" if fast else "0"
         model.zero_grad(set_to_none=True)
-        ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16) if fast else torch.autocast(
-            device_type=device.type, enabled=False)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
+        ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+        # fused attention for the fast runs (on CUDA flash has no fp32 kernel: fp32 takes the efficient one)
         backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION] if fast else [SDPBackend.MATH]
         with ctx, sdpa_kernel(backends):
             if fast:
@@ -232,33 +255,40 @@ def run_check(args, cfg, device) -> dict:
         with torch.no_grad(), ctx, sdpa_kernel(backends):
             logits = model(input_ids=ids).logits.float()
         model.train()
-        return loss.detach().float(), logits, grads
+        return {"loss": float(loss), "logits": logits, "grads": grads}
 
-    lf, logits_f, grads_f = run(True)
-    model.float()  # exact upcast of the bf16 frozen weights (packed Int4 buffers stay as they are): fp32 reference
-    lp, logits_p, grads_p = run(False)
-    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
-    grad_errs = [rel(grads_f[n], grads_p[n]) for n in grads_p if grads_p[n].norm() > 0]
-    ranked = sorted(((rel(grads_f[n], grads_p[n]), n) for n in grads_p if grads_p[n].norm() > 0), reverse=True)
-    norms = sorted(float(g.norm()) for g in grads_p.values())
-    results["worst"] = [{"name": n, "rel_err": e, "norm_plain": float(grads_p[n].norm()),
-                         "norm_fast": float(grads_f[n].norm())} for e, n in ranked[:3]]
-    results["grad_norm_median"] = norms[len(norms) // 2]
-    results.update({
-        "layers": args.check_layers, "seq": args.seq, "loss_fast": float(lf), "loss_plain": float(lp),
-        "logits_rel_err": rel(logits_f, logits_p),
-        "lora_grad_rel_err_max": max(grad_errs), "lora_grad_rel_err_median": sorted(grad_errs)[len(grad_errs) // 2],
-        "lora_grad_tensors": len(grad_errs),
-    })
+    runs = {"fast16": run(True, True), "plain16": run(False, True)}
+    model.float()  # exact upcast of the bf16 frozen weights (the packed Int4 buffers stay as they are)
+    runs.update({"fast32": run(True, False), "plain32": run(False, False)})
     os.environ.pop("FINETUNE_GPTQ_BACKEND", None)
     os.environ.pop("FINETUNE_COMPILE", None)
-    return results
+
+    rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
+
+    def compare(a: str, b: str) -> dict:
+        ga, gb = runs[a]["grads"], runs[b]["grads"]
+        errs = sorted(((rel(ga[n], gb[n]), n) for n in gb if gb[n].norm() > 0), reverse=True)
+        return {"logits_rel_err": rel(runs[a]["logits"], runs[b]["logits"]),
+                "lora_grad_rel_err_median": errs[len(errs) // 2][0], "lora_grad_rel_err_max": errs[0][0],
+                "worst": [{"name": n.replace("base_model.model.transformer.", ""), "rel_err": e,
+                           "norm_a": float(ga[n].norm()), "norm_b": float(gb[n].norm())} for e, n in errs[:3]]}
+
+    pairs = {f"{a}~{b}": compare(a, b) for a, b in
+             (("fast32", "plain32"), ("fast16", "plain16"), ("plain16", "plain32"), ("fast16", "plain32"))}
+    norms = sorted(float(g.norm()) for g in runs["plain32"]["grads"].values())
+    headline = pairs["fast16~plain32"]
+    return {"layers": args.check_layers, "seq": args.seq, "pairs": pairs,
+            "losses": {k: v["loss"] for k, v in runs.items()}, "grad_norm_median_plain32": norms[len(norms) // 2],
+            "lora_grad_tensors": len(norms), "logits_rel_err": headline["logits_rel_err"],
+            "lora_grad_rel_err_max": headline["lora_grad_rel_err_max"]}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--ckpt", action="store_true", help="activation checkpointing")
+    ap.add_argument("--ckpt-mode", choices=["halves", "block"], default="halves",
+                    help="checkpoint segments: two per block (the model's) or one per block (A/B)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workload", choices=["sweep", "short"], default="sweep")
@@ -286,6 +316,7 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     record = {"stack": "qwen-finetune", "seq": args.seq, "ckpt": args.ckpt, "tiny": args.tiny,
+              "ckpt_mode": args.ckpt_mode if args.ckpt else None,
               "workload": "check" if args.check else "generate" if args.generate else args.workload,
               "packing": args.packing, "batch": args.batch, "steps": args.steps,
               "compile": os.environ.get("FINETUNE_COMPILE", "1") != "0",

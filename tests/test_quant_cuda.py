@@ -136,3 +136,133 @@ def test_random_model_built_on_device_runs_fwd_bwd():
     out = model(input_ids=ids, labels=ids)
     out.loss.backward()
     assert torch.isfinite(out.loss)
+
+
+# -- fused decode GEMV (triton_gemv.py) ----------------------------------------------------------------------------
+# Relative error (norm of the difference / norm of the reference) against x @ W.T with W rounded to x's dtype,
+# summed in float64 and rounded once: only the summation order differs, so the output rounding differs by one
+# ulp on rare elements at most.
+GEMV_TOL = {torch.bfloat16: 2e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+GEMV_ROWS = (1, 2, 3, 8)
+
+
+@pytest.mark.parametrize("in_f,out_f", SHAPES)
+@pytest.mark.parametrize("bits,group_size,desc_act,v2", [
+    (4, 128, False, False), (4, 128, True, False), (4, 32, False, True), (4, -1, True, True), (8, 128, False, False),
+    (8, 32, True, True), (8, -1, False, False),
+])
+def test_triton_gemv_equals_dequant_matmul(in_f, out_f, bits, group_size, desc_act, v2, monkeypatch):
+    from finetune.quant.triton_gemv import triton_gemv
+
+    monkeypatch.setenv("FINETUNE_GPTQ_TUNE", "0")  # one config per row bucket; every config: the next test
+    if in_f * out_f > 30e6 and (bits, group_size, desc_act, v2) not in ((4, 128, False, False), (4, 128, True, False)):
+        pytest.skip("large shapes only for the Qwen layouts (time)")
+    p = _random_packed(in_f, out_f, bits, group_size, desc_act, v2, seed=3)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        wt = dequantize_t(**p, bits=bits, v2=v2, dtype=dtype).double()
+        for m in GEMV_ROWS:
+            x = torch.randn(m, in_f, device="cuda", dtype=torch.float32, generator=g).to(dtype)
+            ref = (x.double() @ wt).to(dtype)
+            y = triton_gemv(x, **p, bits=bits, v2=v2, group_size=group_size)
+            assert y.shape == (m, out_f) and y.dtype == dtype
+            err = _rel_err(y, ref)
+            assert err < GEMV_TOL[dtype], (dtype, m, err)
+            again = triton_gemv(x, **p, bits=bits, v2=v2, group_size=group_size)  # cached fast launch
+            assert torch.equal(again, y)  # deterministic (split-K partials are summed in a fixed order)
+
+
+@pytest.mark.parametrize("in_f,out_f,bits,group_size,desc_act,v2", [
+    (13696, 5120, 4, 128, False, False),  # few N blocks: split-K; the K tail
+    (5120, 15360, 4, 128, True, False),
+    (136, 8, 4, 32, False, True),  # N and K smaller than / not multiples of the blocks; groups inside a block
+    (256, 72, 8, -1, True, True),
+])
+def test_triton_gemv_every_config(in_f, out_f, bits, group_size, desc_act, v2):
+    """The tuner may pick any config: each one is correct."""
+    from finetune.quant.triton_gemv import configs_for, triton_gemv
+
+    p = _random_packed(in_f, out_f, bits, group_size, desc_act, v2, seed=4)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    for dtype in (torch.bfloat16, torch.float32):
+        wt = dequantize_t(**p, bits=bits, v2=v2, dtype=dtype).double()
+        for m in (1, 3, 8):
+            x = torch.randn(m, in_f, device="cuda", generator=g).to(dtype)
+            ref = (x.double() @ wt).to(dtype)
+            for cfg in configs_for(m):
+                y = triton_gemv(x, **p, bits=bits, v2=v2, group_size=group_size, trivial_g_idx=not desc_act,
+                                config=cfg)
+                err = _rel_err(y, ref)
+                assert err < GEMV_TOL[dtype], (dtype, m, cfg, err)
+
+
+def test_triton_gemv_tuned_cached_and_unaligned_input(monkeypatch):
+    from finetune.quant import triton_gemv as tg
+
+    monkeypatch.setenv("FINETUNE_GPTQ_TUNE", "1")
+    in_f, out_f = 5120, 5120
+    p = _random_packed(in_f, out_f, seed=5)
+    wt = dequantize_t(**p, bits=4, dtype=torch.bfloat16).double()
+    for m in (1, 4):
+        x = torch.randn(m, in_f, device="cuda", dtype=torch.bfloat16)
+        ref = (x.double() @ wt).to(torch.bfloat16)
+        y = tg.triton_gemv(x, **p, bits=4, group_size=128)  # tunes, then caches the compiled kernels
+        assert any(k[:3] == (in_f, out_f, tg.row_bucket(m)) for k in tg._BEST)
+        assert any(k[:3] == (in_f, out_f, m) for k in tg._COMPILED)
+        assert _rel_err(y, ref) < GEMV_TOL[torch.bfloat16]
+        assert torch.equal(tg.triton_gemv(x, **p, bits=4, group_size=128), y)  # fast path
+        # the same rows at an address that is not 16-byte aligned: a differently specialized kernel
+        buf = torch.empty(m * in_f + 1, device="cuda", dtype=torch.bfloat16)
+        xu = buf[1:].view(m, in_f)
+        xu.copy_(x)
+        assert xu.data_ptr() % 16 != 0
+        assert torch.equal(tg.triton_gemv(xu, **p, bits=4, group_size=128), y)
+
+
+def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch):
+    from finetune.quant import linear as qlinear
+
+    monkeypatch.setenv("FINETUNE_GPTQ_TUNE", "0")
+    monkeypatch.delenv("FINETUNE_GPTQ_GEMV", raising=False)
+    calls = []
+    real = qlinear.gptq_gemv
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qlinear, "gptq_gemv", counting)
+    in_f, out_f = 5120, 13696
+    p = _random_packed(in_f, out_f, seed=6)
+    bias = torch.randn(out_f, device="cuda", dtype=torch.bfloat16) * 0.1
+    layer = GPTQLinear.from_quantized(**p, bias=bias, bits=4, group_size=128)
+    x = torch.randn(1, 1, in_f, device="cuda", dtype=torch.bfloat16)
+
+    with torch.no_grad():
+        y = layer(x)
+    assert calls == [(1, in_f)]
+    assert y.shape == (1, 1, out_f) and y.dtype == torch.bfloat16
+
+    monkeypatch.setenv("FINETUNE_GPTQ_GEMV", "0")
+    with torch.no_grad():
+        y_off = layer(x)  # dequantize + matmul
+    assert len(calls) == 1
+    assert _rel_err(y, y_off) < GEMV_TOL[torch.bfloat16]
+    y32 = F.linear(x.float(), layer.dequantize(torch.bfloat16).float(), bias.float())
+    assert _rel_err(y, y32) < GEMV_TOL[torch.bfloat16]
+    monkeypatch.delenv("FINETUNE_GPTQ_GEMV")
+
+    xg = x.clone().requires_grad_(True)
+    yg = layer(xg)  # an autograd graph is needed: GPTQMatmul
+    assert len(calls) == 1
+    yg.float().sum().backward()
+    assert xg.grad is not None and xg.grad.shape == x.shape
+
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        ya = layer(x.float())  # autocast: the GEMV runs in the autocast dtype
+    assert len(calls) == 2 and ya.dtype == torch.bfloat16
+    assert torch.equal(ya, y)
+
+    with torch.no_grad():
+        layer(torch.randn(9, in_f, device="cuda", dtype=torch.bfloat16))  # more than 8 rows: dequantize + matmul
+    assert len(calls) == 2

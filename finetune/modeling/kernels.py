@@ -6,7 +6,8 @@ input dtype). On CUDA each is run through ``torch.compile``, which fuses its han
 backward, each reading and writing a [tokens x 5120] fp32 tensor; at 2048 tokens on the 14B shape these
 pieces were most of the step's non-matmul time. Elsewhere (CPU) they run eagerly, unchanged.
 
-``FINETUNE_COMPILE=0`` turns compilation off (eager everywhere). The compiled versions may round
+Small inputs (decoding, short prompts; under ``COMPILE_MIN_NUMEL`` elements) stay eager: there the host time of a
+compiled call outweighs the kernels it saves. ``FINETUNE_COMPILE=0`` turns compilation off (eager everywhere). The compiled versions may round
 intermediate values differently from eager mode (a fused kernel keeps fp32 where eager mode stores bf16),
 which is within bf16 noise; tests/test_modeling_cuda.py compares the two.
 """
@@ -68,9 +69,15 @@ def _compiled(fn):
     return c
 
 
+# Below this many elements eager mode is faster: a compiled call costs ~100-150 us of host time (guards, the
+# autograd wrapper), more than launching the eager kernels over a few rows (decoding, prefill of a prompt).
+COMPILE_MIN_NUMEL = 1 << 21
+
+
 def fused(fn, *args):
-    """``fn(*args)``, through its compiled version when the first argument is a CUDA tensor."""
-    if args[0].is_cuda and compile_enabled() and not torch.compiler.is_compiling():
+    """``fn(*args)``, through its compiled version when the first argument is a large CUDA tensor."""
+    x = args[0]
+    if x.is_cuda and x.numel() >= COMPILE_MIN_NUMEL and compile_enabled() and not torch.compiler.is_compiling():
         return _compiled(fn)(*args)
     return fn(*args)
 

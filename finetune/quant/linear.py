@@ -8,9 +8,17 @@
 - Forward runs in the activation dtype (or the autocast dtype when autocast is on): dequantize to that
   dtype, then matmul. On CUDA the dequantization is a Triton kernel (``triton_dequant.py``, imported only
   then); elsewhere plain torch.
+- Decoding (at most ``GEMV_MAX_ROWS`` = 8 rows, no autograd graph needed, CUDA with Triton): a fused GEMV
+  kernel (``triton_gemv.py``) reads the packed buffers directly and never writes the float weight; same
+  numerics up to the summation order.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.
+
+Environment switches: ``FINETUNE_GPTQ_BACKEND`` = ``auto`` (default: Triton on CUDA when importable),
+``torch`` (plain torch everywhere) or ``triton`` (fail if Triton is missing); ``FINETUNE_GPTQ_GEMV=0`` turns
+the fused decode GEMV off (dequantize + matmul for every row count); ``FINETUNE_GPTQ_TUNE=0`` skips the
+Triton kernels' one-time config timing.
 """
 
 from __future__ import annotations
@@ -30,6 +38,9 @@ from .packing import (
 )
 
 _BACKEND_ENV = "FINETUNE_GPTQ_BACKEND"  # "auto" (default), "torch" or "triton"
+_GEMV_ENV = "FINETUNE_GPTQ_GEMV"  # "0" disables the fused decode GEMV
+GEMV_MAX_ROWS = 8
+_GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 _TRITON_IMPORTABLE: bool | None = None
@@ -76,6 +87,25 @@ def dequantize_weight_t(
         return triton_dequantize_t(qweight, qzeros, scales, g_idx, bits, v2=v2, dtype=dtype, group_size=group_size,
                                    trivial_g_idx=trivial_g_idx)
     return dequantize_t(qweight, qzeros, scales, g_idx, bits, v2=v2, dtype=dtype)
+
+
+def gptq_gemv(
+    x2d: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    v2: bool,
+    group_size: int | None = None,
+    trivial_g_idx: bool | None = None,
+) -> torch.Tensor:
+    """x2d [M, in] @ W.T -> [M, out] in x2d's dtype for 1 <= M <= GEMV_MAX_ROWS, straight from the packed
+    buffers (Triton, CUDA only; no autograd)."""
+    from .triton_gemv import triton_gemv
+
+    return triton_gemv(x2d, qweight, qzeros, scales, g_idx, bits, v2=v2, group_size=group_size,
+                       trivial_g_idx=trivial_g_idx)
 
 
 class GPTQMatmul(torch.autograd.Function):
@@ -221,13 +251,23 @@ class GPTQLinear(nn.Module):
             raise TypeError(f"GPTQLinear expects a floating point input, got {x.dtype}")
         if x.dtype != dtype:
             x = x.to(dtype)
-        trivial = self._trivial_g_idx() if _use_triton(self.qweight.device) else None
-        args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.v2, self.group_size, trivial)
-        if autocast:
-            with torch.autocast(device_type=device_type, enabled=False):
-                y = GPTQMatmul.apply(*args)
+        use_triton = _use_triton(self.qweight.device)
+        trivial = self._trivial_g_idx() if use_triton else None
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if (use_triton and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == self.in_features and dtype in _GEMV_DTYPES
+                and not (torch.is_grad_enabled() and x.requires_grad) and os.environ.get(_GEMV_ENV, "1") != "0"):
+            # decoding: the fused GEMV reads the packed weight once and writes no float weight
+            y = gptq_gemv(x.reshape(rows, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
+                          self.bits, self.v2, self.group_size, trivial)
+            y = y.reshape(*x.shape[:-1], self.out_features)
         else:
-            y = GPTQMatmul.apply(*args)
+            args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.v2, self.group_size,
+                    trivial)
+            if autocast:
+                with torch.autocast(device_type=device_type, enabled=False):
+                    y = GPTQMatmul.apply(*args)
+            else:
+                y = GPTQMatmul.apply(*args)
         if self.bias is not None:
             y = y + (self.bias if self.bias.dtype == dtype else self.bias.to(dtype))
         return y

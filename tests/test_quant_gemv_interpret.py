@@ -1,0 +1,224 @@
+"""The fused decode GEMV (``finetune/quant/triton_gemv.py``) on the CPU, and GPTQLinear's routing to it.
+
+- Routing (no triton needed): GPTQLinear.forward sends <= 8 rows that need no autograd graph to
+  ``linear.gptq_gemv`` and everything else to GPTQMatmul (Triton's availability is faked, the kernels are
+  replaced by torch references).
+- The kernel itself through Triton's interpreter (skipped where triton is not importable, e.g. CI; the GPU
+  tests in test_quant_cuda.py cover it compiled). The interpreter is chosen when a ``@triton.jit`` function
+  is decorated, triton's own library functions (tl.sum, ...) at triton's import, which torch._dynamo does
+  early in a test session: run ``TRITON_INTERPRET=1 python -m pytest tests/test_quant_gemv_interpret.py``
+  (without it these tests skip). The test loads a private copy of triton_gemv.py, so the real module is
+  never imported in interpreter mode; it skips on a machine with a GPU, whose triton must stay compiled.
+
+Two limits of the interpreter shape the reference here: its fp32 -> bf16 cast truncates instead of rounding
+to nearest (numpy has no bf16), so for bf16 the reference truncates too (the GPU tests check round to
+nearest); and its tl.dot multiplies bf16 operands as raw uint16 bits, so the tensor-core (USE_DOT) configs
+are checked here in fp16 and fp32 only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune.quant import GPTQLinear, quantize_weight
+from finetune.quant import linear as qlinear
+from finetune.quant.packing import dequantize_t, pack_cols, pack_rows
+
+GEMV_PY = Path(__file__).resolve().parents[1] / "finetune" / "quant" / "triton_gemv.py"
+# relative error (norm of the difference / norm of the reference) allowed by dtype: only the summation order
+# differs from the reference (the output rounding then differs by one ulp on rare elements)
+TOL = {torch.bfloat16: 2e-3, torch.float16: 1e-3, torch.float32: 1e-5}
+
+
+def _rel_err(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+
+# -- routing in GPTQLinear.forward (plain torch, no triton) -----------------------------------------------------
+@pytest.fixture
+def routed(monkeypatch):
+    """GPTQLinear on the CPU as if Triton were usable: gptq_gemv and the dequantization are torch references;
+    returns the list of x2d shapes the GEMV received."""
+    calls = []
+
+    def fake_gemv(x2d, qweight, qzeros, scales, g_idx, bits, v2, group_size=None, trivial_g_idx=None):
+        assert x2d.dim() == 2
+        calls.append((tuple(x2d.shape), x2d.dtype))
+        wt = dequantize_t(qweight, qzeros, scales, g_idx, bits, v2=v2, dtype=x2d.dtype)
+        return (x2d.double() @ wt.double()).to(x2d.dtype)
+
+    def torch_dequant(qweight, qzeros, scales, g_idx, bits, v2, dtype, group_size=None, trivial_g_idx=None):
+        return dequantize_t(qweight, qzeros, scales, g_idx, bits, v2=v2, dtype=dtype)
+
+    monkeypatch.setattr(qlinear, "_use_triton", lambda device: True)
+    monkeypatch.setattr(qlinear, "gptq_gemv", fake_gemv)
+    monkeypatch.setattr(qlinear, "dequantize_weight_t", torch_dequant)
+    monkeypatch.delenv("FINETUNE_GPTQ_GEMV", raising=False)
+    return calls
+
+
+def _layer(in_f=256, out_f=96, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    p = quantize_weight(torch.randn(out_f, in_f, generator=g), bits=4, group_size=64)
+    b = torch.randn(out_f, generator=g) * 0.1 if bias else None
+    return GPTQLinear.from_quantized(**p, bias=b, bits=4, group_size=64)
+
+
+@pytest.mark.parametrize("shape", [(256,), (1, 256), (1, 1, 256), (2, 4, 256), (3, 256)])
+def test_decode_rows_without_grad_use_the_gemv(routed, shape):
+    layer = _layer()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        y = layer(x)
+    rows = x.numel() // 256
+    assert routed == [((rows, 256), torch.float32)]
+    assert y.shape == (*shape[:-1], 96)
+    ref = F.linear(x, layer.dequantize(torch.float32), layer.bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gemv_also_without_no_grad_when_input_needs_no_grad(routed):
+    layer = _layer()
+    layer(torch.randn(1, 256))  # grad mode on, but x does not require grad: no graph needed
+    with torch.no_grad():
+        layer(torch.randn(1, 256, requires_grad=True))
+    with torch.inference_mode():
+        layer(torch.randn(1, 256))
+    assert len(routed) == 3
+
+
+def test_rows_needing_a_graph_or_too_many_rows_or_switched_off_use_gptq_matmul(routed, monkeypatch):
+    layer = _layer()
+    x = torch.randn(1, 256, requires_grad=True)
+    y = layer(x)  # needs the autograd graph
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    with torch.no_grad():
+        layer(torch.randn(9, 256))  # more than GEMV_MAX_ROWS
+        layer(torch.randn(1, 256, dtype=torch.float64))  # a dtype the kernel does not take
+    monkeypatch.setenv("FINETUNE_GPTQ_GEMV", "0")
+    with torch.no_grad():
+        layer(torch.randn(1, 256))
+    assert routed == []
+
+
+def test_gemv_keeps_the_autocast_dtype_and_bias(routed):
+    layer = _layer()
+    x = torch.randn(2, 256)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert routed == [((2, 256), torch.bfloat16)]
+    assert y.dtype == torch.bfloat16
+    ref = F.linear(x.to(torch.bfloat16).float(), layer.dequantize(torch.bfloat16).float(), layer.bias.float())
+    assert _rel_err(y, ref) < 1e-2
+
+
+# -- the kernel through Triton's interpreter -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def gemv():
+    """A private copy of triton_gemv.py whose kernels run in Triton's interpreter.
+
+    triton itself must be imported with TRITON_INTERPRET=1 (its own library functions, tl.sum etc., are
+    @jit functions decided at import), so this imports triton in interpreter mode for the rest of the
+    process: it skips where a GPU is present (test_quant_cuda.py runs the compiled kernel there, and must
+    find triton compiled) or where triton was already imported without the interpreter.
+    """
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the compiled kernel is tested in test_quant_cuda.py")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (torch._dynamo imports it early): run with "
+                    "TRITON_INTERPRET=1 in the environment")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        pytest.importorskip("triton")
+        import numpy as np
+        from triton.runtime import interpreter
+
+        try:
+            int(np.array([1]))
+        except TypeError:
+            # numpy >= 2.x refuses int() of a 1-element array, which the interpreter uses for loop bounds
+            # taken from kernel scalars (they are 1-element arrays there): give it a compatible __index__
+            original = interpreter._patch_lang_tensor
+
+            def patched(tensor, scope):
+                original(tensor, scope)
+                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+            mp.setattr(interpreter, "_patch_lang_tensor", patched)
+        spec = importlib.util.spec_from_file_location("_triton_gemv_interpreted", GEMV_PY)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        assert mod._INTERPRET, "the kernel was not built for the interpreter"
+        yield mod
+
+
+def _random_packed(in_f, out_f, bits=4, group_size=128, desc_act=False, v2=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gs = in_f if group_size == -1 else group_size
+    groups = -(-in_f // gs)
+    q = torch.randint(0, 2**bits, (in_f, out_f), generator=g)
+    zeros = torch.randint(1, 2**bits, (groups, out_f), generator=g)
+    scales = (torch.rand(groups, out_f, generator=g) * 0.02 + 0.001).to(torch.float16)
+    g_idx = torch.arange(in_f) // gs
+    if desc_act:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    return {
+        "qweight": pack_rows(q, bits),
+        "qzeros": pack_cols(zeros if v2 else zeros - 1, bits),
+        "scales": scales,
+        "g_idx": g_idx.to(torch.int32),
+    }
+
+
+def _trunc_bf16(t):
+    """fp32 -> bf16 by truncation, as the interpreter casts (returned as the exact fp32 value)."""
+    return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
+
+
+def _reference(x, p, bits, v2):
+    """x @ W.T with W rounded to x's dtype, summed in float64, rounded once (bf16: truncated, see above)."""
+    w = dequantize_t(**p, bits=bits, v2=v2, dtype=torch.float32)
+    w = _trunc_bf16(w) if x.dtype == torch.bfloat16 else w.to(x.dtype).float()
+    y = (x.double() @ w.double()).float()
+    return _trunc_bf16(y) if x.dtype == torch.bfloat16 else y.to(x.dtype).float()
+
+
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, USE_DOT); None = the module's default (interpreter) config
+CONFIGS = [None, (16, 64, 1, 2, False), (32, 32, 0, 4, False), (32, 64, 3, 4, True)]
+
+
+@pytest.mark.parametrize("in_f,out_f", [(256, 72), (136, 8)])
+@pytest.mark.parametrize("bits,group_size,desc_act,v2", [
+    (4, 128, False, False), (4, 32, False, True), (4, -1, True, False), (8, 128, True, True), (8, -1, False, False),
+])
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "default" if c is None else "-".join(map(str, c)))
+def test_interpreted_gemv_equals_dequantized_matmul(gemv, in_f, out_f, bits, group_size, desc_act, v2, config):
+    p = _random_packed(in_f, out_f, bits, group_size, desc_act, v2, seed=bits + in_f)
+    g = torch.Generator().manual_seed(1)
+    for m, dtype in ((1, torch.bfloat16), (3, torch.float16), (8, torch.float32), (2, torch.bfloat16)):
+        if config is not None and config[4] and dtype == torch.bfloat16:
+            continue  # the interpreter's tl.dot cannot take bf16 (module doc)
+        x = torch.randn(m, in_f, generator=g).to(dtype)
+        y = gemv.triton_gemv(x, **p, bits=bits, v2=v2, group_size=group_size, trivial_g_idx=not desc_act,
+                             config=config)
+        assert y.shape == (m, out_f) and y.dtype == dtype
+        err = _rel_err(y, _reference(x, p, bits, v2))
+        assert err < TOL[dtype], (m, dtype, err)
+
+
+def test_interpreted_gemv_rejects_bad_inputs(gemv):
+    p = _random_packed(64, 16)
+    with pytest.raises(ValueError, match="rows"):
+        gemv.triton_gemv(torch.randn(9, 64), **p, bits=4, trivial_g_idx=True)
+    with pytest.raises(ValueError, match="inputs"):
+        gemv.triton_gemv(torch.randn(1, 32), **p, bits=4, trivial_g_idx=True)
+    with pytest.raises(TypeError, match="fp32"):
+        gemv.triton_gemv(torch.randn(1, 64, dtype=torch.float64), **p, bits=4, trivial_g_idx=True)
