@@ -149,8 +149,13 @@ def chat(
         raise ValueError("chat(stream=True) is not supported; use chat_stream(...), which yields the growing response")
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
-    outputs = self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
-    new_tokens = outputs[0, input_ids.shape[1]:].tolist()
+    from .decode import can_decode_static, decode_tokens  # (model.py imports this module)
+
+    if can_decode_static(self, input_ids, gc):  # CUDA: static KV cache + one CUDA graph replay per token
+        new_tokens = list(decode_tokens(self, input_ids, gc))
+    else:
+        outputs = self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
+        new_tokens = outputs[0, input_ids.shape[1]:].tolist()
     response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id))
     history.append((query, response))
     return response, history
@@ -185,6 +190,11 @@ def chat_stream(
     """Yields the growing response text (each item the whole response so far), stopping as chat() does."""
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
+    from .decode import can_decode_static, decode_tokens
+
+    if can_decode_static(self, input_ids, gc):
+        yield from _stream_text(tokenizer, ([t] for t in decode_tokens(self, input_ids, gc)), set(gc.eos_token_id))
+        return
     streamer = _TokenQueue()
     errors: list[BaseException] = []
 
@@ -198,13 +208,18 @@ def chat_stream(
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    stops = set(gc.eos_token_id)
+    yield from _stream_text(tokenizer, iter(streamer.q.get, None), set(gc.eos_token_id))
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _stream_text(tokenizer, chunks, stops: set) -> Iterator[str]:
+    """The growing response text from chunks of new token ids, up to the first stop token; a text ending in
+    a partial UTF-8 character waits for the next chunk."""
     tokens: list[int] = []
     last = None
-    while True:
-        item = streamer.q.get()
-        if item is None:
-            break
+    for item in chunks:
         stopped = False
         for t in item:
             if t in stops:
@@ -217,9 +232,6 @@ def chat_stream(
             yield text
         if stopped:
             break
-    thread.join()
-    if errors:
-        raise errors[0]
     final = tokenizer.decode(tokens).strip()
     if final != last:
         yield final
