@@ -100,6 +100,11 @@ def timed(step, batches, device, warmup: int):
     for b in batches[:warmup]:
         step(b)
     sync(device)
+    if os.environ.get("BENCH_GC_FREEZE") == "1":  # A/B: keep the model's Python objects out of GC passes
+        import gc
+
+        gc.collect()
+        gc.freeze()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -338,6 +343,7 @@ def main(argv=None) -> int:
               "workload": "check" if args.check else "generate" if args.generate else args.workload,
               "packing": args.packing, "batch": args.batch, "steps": args.steps,
               "compile": os.environ.get("FINETUNE_COMPILE", "1") != "0",
+              "gc_freeze": os.environ.get("BENCH_GC_FREEZE") == "1",
               "gemv": os.environ.get("FINETUNE_GPTQ_GEMV", "1") != "0",
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     t0 = time.perf_counter()
