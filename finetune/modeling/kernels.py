@@ -64,9 +64,16 @@ _COMPILED: dict = {}
 def _compiled(fn):
     c = _COMPILED.get(fn)
     if c is None:
-        # dynamic=None: the first shape is compiled static, a second one recompiles with dynamic sizes
         c = _COMPILED[fn] = torch.compile(fn, fullgraph=True)
     return c
+
+
+def _mark_dynamic(args) -> None:
+    """Every dim but the last (batch, heads, tokens) compiles as dynamic from the first call: padded batches
+    change length every step, and a shape-specialised first compile would recompile mid-training."""
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.dim() >= 2:
+            torch._dynamo.maybe_mark_dynamic(a, list(range(a.dim() - 1)))
 
 
 # Below this many elements eager mode is faster: a compiled call costs ~100-150 us of host time (guards, the
@@ -78,6 +85,7 @@ def fused(fn, *args):
     """``fn(*args)``, through its compiled version when the first argument is a large CUDA tensor."""
     x = args[0]
     if x.is_cuda and x.numel() >= COMPILE_MIN_NUMEL and compile_enabled() and not torch.compiler.is_compiling():
+        _mark_dynamic(args)
         return _compiled(fn)(*args)
     return fn(*args)
 
