@@ -116,7 +116,7 @@ def test_routing_rules():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoding_equals_eager_and_generate(dtype):
+def test_cuda_graph_decoding_equals_eager_and_generate(dtype, monkeypatch):
     torch.manual_seed(0)
     values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
     values.update(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024)
@@ -134,12 +134,7 @@ def test_cuda_graph_decoding_equals_eager_and_generate(dtype):
 
     tok = QWenTokenizer(str(SMALL_VOCAB))
     r1, _ = model.chat(tok, "hello", do_sample=False, max_new_tokens=12)
-    import os
-
-    os.environ["FINETUNE_STATIC_DECODE"] = "0"
-    try:
-        r2, _ = model.chat(tok, "hello", do_sample=False, max_new_tokens=12)
-    finally:
-        os.environ.pop("FINETUNE_STATIC_DECODE")
+    monkeypatch.setenv("FINETUNE_STATIC_DECODE", "0")
+    r2, _ = model.chat(tok, "hello", do_sample=False, max_new_tokens=12)
     if dtype == torch.float32:
         assert r1 == r2
