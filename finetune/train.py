@@ -170,5 +170,20 @@ def _end_distributed() -> None:
             dist.destroy_process_group()
 
 
+def _exit_worker_rank(code: int) -> None:
+    """A non-zero rank of a multi-process launch that finished cleanly leaves without interpreter teardown:
+    after the process group is gone, C++ threads of the communication backends (gloo, DeepSpeed's CPU
+    shared-memory ops) can still abort the process in their destructors ("terminate called without an active
+    exception", seen in 2-process CPU runs after training had finished and everything was written). Rank 0,
+    which writes the outputs and the reports, exits normally."""
+    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = main()
+    _exit_worker_rank(_code)
+    sys.exit(_code)
