@@ -138,3 +138,30 @@ def test_cuda_graph_decoding_equals_eager_and_generate(dtype, monkeypatch):
     r2, _ = model.chat(tok, "hello", do_sample=False, max_new_tokens=12)
     if dtype == torch.float32:
         assert r1 == r2
+
+
+def test_chat_and_chat_stream_through_the_static_decoder_answer_as_generate(monkeypatch):
+    """chat()/chat_stream() routed through the static decoder (forced here; on CPU they use generate()) give
+    generate()'s answer, streamed growing and ending with it."""
+    from finetune.modeling import decode
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+    model = tiny(seed=9)
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    kwargs = dict(do_sample=False, max_new_tokens=20)
+    expected, _ = model.chat(tok, "what is packing?", **kwargs)
+    streamed_ref = list(model.chat_stream(tok, "what is packing?", **kwargs))
+    used = []
+    original = decode.decode_tokens
+
+    def spy(*args, **kw):
+        used.append(1)
+        yield from original(*args, **kw)
+
+    monkeypatch.setattr(decode, "can_decode_static", lambda *a, **k: True)
+    monkeypatch.setattr(decode, "decode_tokens", spy)
+    got, history = model.chat(tok, "what is packing?", **kwargs)
+    streamed = list(model.chat_stream(tok, "what is packing?", **kwargs))
+    assert len(used) == 2
+    assert got == expected and history == [("what is packing?", expected)]
+    assert streamed == streamed_ref and (not streamed or streamed[-1] == expected)
