@@ -92,18 +92,6 @@ def run_shape(name, in_f, out_f, tokens, device):
         with torch.no_grad():
             frozen(x)
 
-    def host_us(fn, n=50):
-        """CPU time per call when the GPU is not waited for (launch overhead)."""
-        for _ in range(5):
-            fn()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(n):
-            fn()
-        host = (time.perf_counter() - t) / n * 1e6
-        torch.cuda.synchronize()
-        return host
-
     host_gptq = host_us(gptq_fwd_bwd)
     host_lin = host_us(linear_fwd_bwd(frozen))
     t_gptq = bench(gptq_fwd_bwd)

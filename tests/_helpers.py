@@ -1,4 +1,5 @@
-"""Shared by the test modules: the memorise set, writing it, training a tiny adapter, subprocess env."""
+"""Shared by the test modules: the memorise set, writing it, training a tiny adapter, subprocess env, tiny random
+models and random GPTQ buffers."""
 
 from __future__ import annotations
 
@@ -49,3 +50,58 @@ def subprocess_env(**extra) -> dict:
     e.setdefault("OMP_NUM_THREADS", "1")
     e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     return e
+
+
+def _model_values(**overrides) -> dict:
+    from finetune.demo import TINY_CONFIG
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values.update(overrides)
+    return values
+
+
+def tiny_model(seed=0, **overrides):
+    """The tiny Qwen model (small vocabulary) with randomized weights, in eval mode."""
+    import torch
+
+    from finetune.demo import randomize_weights
+    from finetune.modeling import QWenConfig, QWenLMHeadModel
+
+    torch.manual_seed(seed)
+    model = QWenLMHeadModel(QWenConfig(**_model_values(**overrides)))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
+def realistic_model(seed):
+    """A bigger random model with the standard init (std 0.02), as trained checkpoints are conditioned."""
+    import torch
+
+    from finetune.modeling import QWenConfig, QWenLMHeadModel
+
+    torch.manual_seed(seed)
+    values = _model_values(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024)
+    return QWenLMHeadModel(QWenConfig(**values)).eval()
+
+
+def random_packed(in_f, out_f, bits=4, group_size=128, desc_act=False, v2=False, seed=0, device="cpu"):
+    """Random GPTQ buffers (qweight, qzeros, scales, g_idx) for an in_f x out_f layer."""
+    import torch
+
+    from finetune.quant.packing import pack_cols, pack_rows
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    gs = in_f if group_size == -1 else group_size
+    groups = -(-in_f // gs)
+    q = torch.randint(0, 2**bits, (in_f, out_f), generator=g)
+    zeros = torch.randint(1, 2**bits, (groups, out_f), generator=g)
+    scales = (torch.rand(groups, out_f, generator=g) * 0.02 + 0.001).to(torch.float16)
+    g_idx = torch.arange(in_f) // gs
+    if desc_act:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    return {
+        "qweight": pack_rows(q, bits).to(device),
+        "qzeros": pack_cols(zeros if v2 else zeros - 1, bits).to(device),
+        "scales": scales.to(device),
+        "g_idx": g_idx.to(torch.int32).to(device),
+    }

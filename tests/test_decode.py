@@ -8,18 +8,10 @@ import torch
 from transformers import GenerationConfig
 
 import finetune  # noqa: F401
-from finetune.demo import TINY_CONFIG, randomize_weights
-from finetune.modeling import QWenConfig, QWenLMHeadModel
 from finetune.modeling.decode import StaticDecoder, can_decode_static, decode_tokens, unsupported_options
 
-
-def tiny(seed=0, **overrides):
-    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
-    values.update(overrides)
-    torch.manual_seed(seed)
-    model = QWenLMHeadModel(QWenConfig(**values))
-    randomize_weights(model, seed)
-    return model.eval()
+from _helpers import realistic_model
+from _helpers import tiny_model as tiny
 
 
 def prompt(n, seed=0, vocab=2048):
@@ -117,10 +109,7 @@ def test_routing_rules():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_decoding_equals_eager_and_generate(dtype, monkeypatch):
-    torch.manual_seed(0)
-    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
-    values.update(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024)
-    model = QWenLMHeadModel(QWenConfig(**values)).to("cuda", dtype).eval()
+    model = realistic_model(0).to("cuda", dtype)
     ids = prompt(30, seed=1).cuda()
     gc = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert can_decode_static(model, ids, gc)

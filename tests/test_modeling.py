@@ -8,21 +8,13 @@ import torch
 import torch.nn.functional as F
 
 import finetune  # noqa: F401  (registers the Auto classes)
-from finetune.demo import TINY_CONFIG, randomize_weights
 from finetune.modeling import QWenConfig, QWenLMHeadModel
 from finetune.modeling import model as qwen_model
 from finetune.modeling.model import chunked_causal_lm_loss, logn_scale, ntk_alpha
 
+from _helpers import realistic_model, tiny_model
+
 ATOL = 1e-4
-
-
-def tiny_model(seed=0, **overrides) -> QWenLMHeadModel:
-    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
-    values.update(overrides)
-    torch.manual_seed(seed)
-    model = QWenLMHeadModel(QWenConfig(**values))
-    randomize_weights(model, seed)
-    return model.eval()
 
 
 def to_qwen2(model: QWenLMHeadModel):
@@ -457,14 +449,6 @@ def test_config_official_defaults():
 # ---------------------------------------------------------------------------------------------------------------
 # GPU (run with -m cuda on the GPU machine)
 # ---------------------------------------------------------------------------------------------------------------
-def realistic_model(seed):
-    """A bigger random model with the standard init (std 0.02), as trained checkpoints are conditioned."""
-    torch.manual_seed(seed)
-    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
-    values.update(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024)
-    return QWenLMHeadModel(QWenConfig(**values)).eval()
-
-
 @pytest.mark.cuda
 @torch.no_grad()
 def test_cuda_bf16_sdpa_matches_fp32():

@@ -1,5 +1,7 @@
 """GPU tests for the GPTQ layer (run on the GPU machine: pytest -m cuda tests/test_quant_cuda.py)."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,9 @@ pytestmark = [
 ]
 
 from finetune.quant import GPTQLinear  # noqa: E402
-from finetune.quant.packing import dequantize_t, pack_cols, pack_rows  # noqa: E402
+from finetune.quant.packing import dequantize_t  # noqa: E402
+
+from _helpers import random_packed  # noqa: E402
 
 SHAPES = [  # (in, out): Qwen-14B c_attn, attn.c_proj, w1/w2, mlp.c_proj, and odd small ones
     (5120, 15360),
@@ -22,22 +26,7 @@ SHAPES = [  # (in, out): Qwen-14B c_attn, attn.c_proj, w1/w2, mlp.c_proj, and od
 ]
 
 
-def _random_packed(in_f, out_f, bits=4, group_size=128, desc_act=False, v2=False, seed=0, device="cuda"):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    gs = in_f if group_size == -1 else group_size
-    groups = -(-in_f // gs)
-    q = torch.randint(0, 2**bits, (in_f, out_f), generator=g)
-    zeros = torch.randint(1, 2**bits, (groups, out_f), generator=g)
-    scales = (torch.rand(groups, out_f, generator=g) * 0.02 + 0.001).to(torch.float16)
-    g_idx = torch.arange(in_f) // gs
-    if desc_act:
-        g_idx = g_idx[torch.randperm(in_f, generator=g)]
-    return {
-        "qweight": pack_rows(q, bits).to(device),
-        "qzeros": pack_cols(zeros if v2 else zeros - 1, bits).to(device),
-        "scales": scales.to(device),
-        "g_idx": g_idx.to(torch.int32).to(device),
-    }
+_random_packed = functools.partial(random_packed, device="cuda")
 
 
 def _rel_err(a, b):

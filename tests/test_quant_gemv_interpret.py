@@ -29,7 +29,9 @@ import torch.nn.functional as F
 
 from finetune.quant import GPTQLinear, quantize_weight
 from finetune.quant import linear as qlinear
-from finetune.quant.packing import dequantize_t, pack_cols, pack_rows
+from finetune.quant.packing import dequantize_t
+
+from _helpers import random_packed
 
 GEMV_PY = Path(__file__).resolve().parents[1] / "finetune" / "quant" / "triton_gemv.py"
 # relative error (norm of the difference / norm of the reference) allowed by dtype: only the summation order
@@ -160,24 +162,6 @@ def gemv():
         yield mod
 
 
-def _random_packed(in_f, out_f, bits=4, group_size=128, desc_act=False, v2=False, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    gs = in_f if group_size == -1 else group_size
-    groups = -(-in_f // gs)
-    q = torch.randint(0, 2**bits, (in_f, out_f), generator=g)
-    zeros = torch.randint(1, 2**bits, (groups, out_f), generator=g)
-    scales = (torch.rand(groups, out_f, generator=g) * 0.02 + 0.001).to(torch.float16)
-    g_idx = torch.arange(in_f) // gs
-    if desc_act:
-        g_idx = g_idx[torch.randperm(in_f, generator=g)]
-    return {
-        "qweight": pack_rows(q, bits),
-        "qzeros": pack_cols(zeros if v2 else zeros - 1, bits),
-        "scales": scales,
-        "g_idx": g_idx.to(torch.int32),
-    }
-
-
 def _trunc_bf16(t):
     """fp32 -> bf16 by truncation, as the interpreter casts (returned as the exact fp32 value)."""
     return (t.float().contiguous().view(torch.int32) & -65536).view(torch.float32)
@@ -201,7 +185,7 @@ CONFIGS = [None, (16, 64, 1, 2, False), (32, 32, 0, 4, False), (32, 64, 3, 4, Tr
 ])
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "default" if c is None else "-".join(map(str, c)))
 def test_interpreted_gemv_equals_dequantized_matmul(gemv, in_f, out_f, bits, group_size, desc_act, v2, config):
-    p = _random_packed(in_f, out_f, bits, group_size, desc_act, v2, seed=bits + in_f)
+    p = random_packed(in_f, out_f, bits, group_size, desc_act, v2, seed=bits + in_f)
     g = torch.Generator().manual_seed(1)
     for m, dtype in ((1, torch.bfloat16), (3, torch.float16), (8, torch.float32), (2, torch.bfloat16)):
         if config is not None and config[4] and dtype == torch.bfloat16:
@@ -215,7 +199,7 @@ def test_interpreted_gemv_equals_dequantized_matmul(gemv, in_f, out_f, bits, gro
 
 
 def test_interpreted_gemv_rejects_bad_inputs(gemv):
-    p = _random_packed(64, 16)
+    p = random_packed(64, 16)
     with pytest.raises(ValueError, match="rows"):
         gemv.triton_gemv(torch.randn(9, 64), **p, bits=4, trivial_g_idx=True)
     with pytest.raises(ValueError, match="inputs"):

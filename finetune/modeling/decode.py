@@ -155,6 +155,7 @@ class StaticDecoder:
         stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
         min_new = gc.min_new_tokens or 0
         vocab = self.lm.lm_head.out_features
+        held_back = [s for s in stops if s < vocab]  # masked until min_new_tokens are out
         penalty = gc.repetition_penalty or 1.0
         seen = None
         if penalty != 1.0:
@@ -165,8 +166,8 @@ class StaticDecoder:
             scores = logits[0].clone()
             if seen is not None:  # transformers' RepetitionPenaltyLogitsProcessor
                 scores = torch.where(seen, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
-            if i < min_new and stops:
-                scores[list(s for s in stops if s < vocab)] = -float("inf")
+            if i < min_new and held_back:
+                scores[held_back] = -float("inf")
             token = _pick(scores, gc, generator)
             if seen is not None:
                 seen[token] = True

@@ -6,10 +6,11 @@ input dtype). On CUDA each is run through ``torch.compile``, which fuses its han
 backward, each reading and writing a [tokens x 5120] fp32 tensor; at 2048 tokens on the 14B shape these
 pieces were most of the step's non-matmul time. Elsewhere (CPU) they run eagerly, unchanged.
 
-Small inputs (decoding, short prompts; under ``COMPILE_MIN_NUMEL`` elements) stay eager: there the host time of a
-compiled call outweighs the kernels it saves. ``FINETUNE_COMPILE=0`` turns compilation off (eager everywhere). The compiled versions may round
-intermediate values differently from eager mode (a fused kernel keeps fp32 where eager mode stores bf16),
-which is within bf16 noise; a GPU test in tests/test_modeling.py compares the two.
+Small inputs (decoding, short prompts; under ``COMPILE_MIN_NUMEL`` elements) stay eager: there the host time
+of a compiled call outweighs the kernels it saves. ``FINETUNE_COMPILE=0`` turns compilation off (eager
+everywhere). The compiled versions may round intermediate values differently from eager mode (a fused kernel
+keeps fp32 where eager mode stores bf16), which is within bf16 noise; a GPU test in tests/test_modeling.py
+compares the two.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration import QWenConfig
-from .kernels import apply_rotary, fused, rms_norm, rotary_qk, rotate_half, swiglu  # noqa: F401
+from .kernels import fused, rms_norm, rotary_qk, swiglu
 
 # transformers 5.2x renamed the outputs' `past_key_values` field to `cache`; use whichever this version has.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
