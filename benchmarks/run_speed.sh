@@ -4,6 +4,7 @@
 #   sweep   seq 256..8192, with and without checkpointing
 #   short   2,000 chats of 100-600 tokens: padded batches vs packed rows
 #   extra   fast-vs-plain correctness check and batch-1 generation
+#   graphs  seq 2048 with and without CUDA graphs
 #   levers  the same points with one lever off: eager elementwise ops (--no-compile), no decoding GEMV
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,8 @@ for set in ${SPEED_SET:-sweep short extra}; do
     extra)
       run --check --seq 1024 --check-layers 4
       run --generate --new 512 ;;
+    graphs)  # CUDA-graphed steps (the default) against eager ones, same call
+      run --seq 2048 --ckpt; run --seq 2048 --ckpt --no-graphs; run --seq 2048; run --seq 2048 --no-graphs ;;
     levers)
       run --seq 2048 --ckpt --no-compile
       run --seq 2048 --no-compile

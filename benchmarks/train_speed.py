@@ -99,6 +99,8 @@ def timed(step, batches, device, warmup: int):
     for b in batches[:warmup]:
         step(b)
     sync(device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # so the reserved peak is what the timed steps hold (graph pools included)
     if os.environ.get("BENCH_GC_FREEZE") == "1":  # A/B: keep the model's Python objects out of GC passes
         import gc
 
@@ -121,9 +123,21 @@ def build_for_training(args, cfg, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.ckpt_mode == "block":
             checkpoint_whole_blocks()
+    if device.type == "cuda" and not args.no_graphs:
+        from finetune.modeling.graphs import enable_train_graphs
+
+        # one eager step (compiles, Triton tuning), then the capture: both inside the untimed warm-up
+        args.graphs = enable_train_graphs(model, warmup=1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     return model, config, opt
+
+
+def graph_stats(args) -> dict:
+    g = getattr(args, "graphs", None)
+    if g is None:
+        return {}
+    return {"graph_captures": g.captures, "graph_replays": g.replays, "graph_eager_steps": g.eager_steps}
 
 
 def checkpoint_whole_blocks():
@@ -150,7 +164,8 @@ def run_sweep_point(args, cfg, device) -> dict:
     tokens = args.seq * args.steps
     tok_s = tokens / secs
     return {"tok_s": tok_s, "step_s": secs / args.steps, "loss": loss,
-            "mfu": tok_s * flops_per_token(config, args.seq) / H200_BF16_FLOPS, "lora_params": lora_params(model)}
+            "mfu": tok_s * flops_per_token(config, args.seq) / H200_BF16_FLOPS, "lora_params": lora_params(model),
+            **graph_stats(args)}
 
 
 def short_lengths(n: int, seed: int = 0) -> list[int]:
@@ -188,7 +203,8 @@ def run_short(args, cfg, device) -> dict:
     tokens = sum(real[args.warmup:])
     padded = sum(b["input_ids"].numel() for b in batches[args.warmup:])
     return {"tok_s": tokens / secs, "real_tokens": tokens, "row_tokens": padded, "fill": tokens / padded,
-            "loss": loss, "lora_params": lora_params(model), "rows_timed": args.steps * args.batch}
+            "loss": loss, "lora_params": lora_params(model), "rows_timed": args.steps * args.batch,
+            **graph_stats(args)}
 
 
 @torch.no_grad()
@@ -324,6 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager RMSNorm/rotary/SwiGLU (FINETUNE_COMPILE=0)")
     ap.add_argument("--no-static", action="store_true", help="--generate: only transformers' generate()")
     ap.add_argument("--no-gemv", action="store_true", help="decode through dequantize+matmul (FINETUNE_GPTQ_GEMV=0)")
+    ap.add_argument("--no-graphs", action="store_true", help="train eagerly (no CUDA graphs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.no_compile:
@@ -344,6 +361,7 @@ def main(argv=None) -> int:
               "compile": os.environ.get("FINETUNE_COMPILE", "1") != "0",
               "gc_freeze": os.environ.get("BENCH_GC_FREEZE") == "1",
               "gemv": os.environ.get("FINETUNE_GPTQ_GEMV", "1") != "0",
+              "graphs": not args.no_graphs and os.environ.get("FINETUNE_CUDA_GRAPHS", "1") != "0" and not args.tiny,
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     t0 = time.perf_counter()
     try:
@@ -361,12 +379,13 @@ def main(argv=None) -> int:
         record.update({"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-2000:]})
     if device.type == "cuda":
         record["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        record["reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30  # graph pools are reserved, not allocated
     record["wall_s"] = time.perf_counter() - t0
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")
-    keys = [k for k in ("tok_s", "gen_tok_s", "gen_tok_s_generate", "peak_gib", "mfu", "logits_rel_err", "lora_grad_rel_err_max",
+    keys = [k for k in ("tok_s", "gen_tok_s", "gen_tok_s_generate", "peak_gib", "reserved_gib", "graph_replays", "mfu", "logits_rel_err", "lora_grad_rel_err_max",
                         "fill", "oom", "error") if k in record]
-    print(json.dumps({k: record[k] for k in ["seq", "ckpt", "workload", "packing", "compile", "gemv"] + keys}),
+    print(json.dumps({k: record[k] for k in ["seq", "ckpt", "workload", "packing", "compile", "gemv", "graphs"] + keys}),
           flush=True)
     return 0
 

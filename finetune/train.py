@@ -24,6 +24,8 @@ from .training.lora import attach_lora, resolve_compute_dtype
 from .training.plots import LossCurveCallback
 from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
 
+logger = logging.getLogger(__name__)
+
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
@@ -70,9 +72,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         args.gradient_checkpointing = False  # done above, with the kwargs PEFT needs; Trainer must not redo it
 
+    graphs = _cuda_graphs(model, data_args, args, plan)
+
     trainer = QwenTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=make_collator(tokenizer, data_args), processing_class=tokenizer,
+        data_collator=make_collator(tokenizer, data_args, fixed_length=graphs), processing_class=tokenizer,
         compute_dtype=compute_dtype, plan=plan, callbacks=[LossCurveCallback()],
     )
     if args.process_index == 0:
@@ -87,6 +91,29 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         _mark_finished(args.output_dir)
         _print_next_steps(plan, args.output_dir)
     return trainer
+
+
+def _cuda_graphs(model, data_args, args, plan) -> bool:
+    """Whether training steps replay as CUDA graphs (finetune/modeling/graphs.py): --cuda_graphs (default on),
+    one CUDA process without DeepSpeed, packed rows. Says why when it is asked for but not used."""
+    if not args.cuda_graphs or not plan.device.startswith("cuda"):
+        return False
+    from .modeling.graphs import enable_train_graphs, graphs_unavailable
+
+    why = None
+    if args.world_size > 1 or plan.zero_stage is not None:
+        why = "several processes or DeepSpeed"
+    elif not data_args.packing:
+        why = "rows are not packed (--packing True gives every step one shape)"
+    else:
+        why = graphs_unavailable(model)
+    if why is not None:
+        if args.process_index == 0:
+            logger.info("CUDA graphs off: %s", why)
+        return False
+    enable_train_graphs(model)
+    logger.info("CUDA graphs on: each step shape is captured after 2 eager steps, then replayed")
+    return True
 
 
 def _datasets(tokenizer, data_args, args):

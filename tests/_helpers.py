@@ -105,3 +105,44 @@ def random_packed(in_f, out_f, bits=4, group_size=128, desc_act=False, v2=False,
         "scales": scales.to(device),
         "g_idx": g_idx.to(torch.int32).to(device),
     }
+
+
+def load_interpreted(path, name, monkeypatch):
+    """A private copy of the Triton kernel module at `path` whose kernels run in Triton's interpreter (CPU).
+
+    triton itself must be imported with TRITON_INTERPRET=1 (its own library functions, tl.sum etc., are @jit
+    functions decided at import), so this imports triton in interpreter mode for the rest of the process: it
+    skips where a GPU is present (the GPU tests run the compiled kernels there, and must find triton
+    compiled) or where triton was already imported without the interpreter."""
+    import importlib.util
+    import sys
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the compiled kernel is tested by the GPU tests")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (torch._dynamo imports it early): run with "
+                    "TRITON_INTERPRET=1 in the environment")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.array([1]))
+    except TypeError:
+        # numpy >= 2.x refuses int() of a 1-element array, which the interpreter uses for loop bounds taken
+        # from kernel scalars (they are 1-element arrays there): give it a compatible __index__
+        original = interpreter._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

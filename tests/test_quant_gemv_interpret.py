@@ -18,9 +18,6 @@ are checked here in fp16 and fp32 only.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +28,7 @@ from finetune.quant import GPTQLinear, quantize_weight
 from finetune.quant import linear as qlinear
 from finetune.quant.packing import dequantize_t
 
-from _helpers import random_packed
+from _helpers import load_interpreted, random_packed
 
 GEMV_PY = Path(__file__).resolve().parents[1] / "finetune" / "quant" / "triton_gemv.py"
 # relative error (norm of the difference / norm of the reference) allowed by dtype: only the summation order
@@ -125,39 +122,9 @@ def test_gemv_keeps_the_autocast_dtype_and_bias(routed):
 # -- the kernel through Triton's interpreter -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def gemv():
-    """A private copy of triton_gemv.py whose kernels run in Triton's interpreter.
-
-    triton itself must be imported with TRITON_INTERPRET=1 (its own library functions, tl.sum etc., are
-    @jit functions decided at import), so this imports triton in interpreter mode for the rest of the
-    process: it skips where a GPU is present (test_quant_cuda.py runs the compiled kernel there, and must
-    find triton compiled) or where triton was already imported without the interpreter.
-    """
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the compiled kernel is tested in test_quant_cuda.py")
-    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 (torch._dynamo imports it early): run with "
-                    "TRITON_INTERPRET=1 in the environment")
+    """A private copy of triton_gemv.py whose kernels run in Triton's interpreter (see load_interpreted)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "1")
-        pytest.importorskip("triton")
-        import numpy as np
-        from triton.runtime import interpreter
-
-        try:
-            int(np.array([1]))
-        except TypeError:
-            # numpy >= 2.x refuses int() of a 1-element array, which the interpreter uses for loop bounds
-            # taken from kernel scalars (they are 1-element arrays there): give it a compatible __index__
-            original = interpreter._patch_lang_tensor
-
-            def patched(tensor, scope):
-                original(tensor, scope)
-                scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-            mp.setattr(interpreter, "_patch_lang_tensor", patched)
-        spec = importlib.util.spec_from_file_location("_triton_gemv_interpreted", GEMV_PY)
-        mod = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(mod)
+        mod = load_interpreted(GEMV_PY, "_triton_gemv_interpreted", mp)
         assert mod._INTERPRET, "the kernel was not built for the interpreter"
         yield mod
 

@@ -307,6 +307,10 @@ class QWenModel(QWenPreTrainedModel):
     def set_input_embeddings(self, value):
         self.wte = value
 
+    def use_flex_attention(self) -> bool:
+        """FlexAttention for packed rows on CUDA (it has no attention dropout)."""
+        return self.wte.weight.device.type == "cuda" and not (self.training and self.config.attn_dropout_prob > 0)
+
     def _ntk_alphas(self, attention_mask, cache, doc_ids, B, q_len, past, device) -> torch.Tensor:
         """NTK alphas, [B, 1] per row or [B, T] per token for packed rows: 1 in training or without use_dynamic_ntk;
         else from each row's unpadded prefill length (each packed sequence's own length), fixed at prefill and kept
@@ -344,8 +348,11 @@ class QWenModel(QWenPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
+        attention_spec: AttentionSpec | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
+        """`attention_spec`: a prebuilt attention description for a training forward (the CUDA-graphed step
+        builds it outside the graph); the masks are then not derived from attention_mask / position_ids."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         cache = cache if cache is not None else past_key_values
@@ -380,10 +387,12 @@ class QWenModel(QWenPreTrainedModel):
         elif position_ids.shape[0] != B:
             position_ids = position_ids.expand(B, -1)
 
-        # Packed rows (positions restarting inside a row): attention must stay inside each sequence.
-        doc_ids = document_ids(position_ids, attention_mask) if past == 0 else None
-        use_flex = device.type == "cuda" and not (self.training and self.config.attn_dropout_prob > 0)
-        attn = build_attention(attention_mask, doc_ids, T, past, device, use_flex)
+        if attention_spec is not None:
+            doc_ids, attn = None, attention_spec  # doc_ids only matter for inference NTK alphas
+        else:
+            # Packed rows (positions restarting inside a row): attention must stay inside each sequence.
+            doc_ids = document_ids(position_ids, attention_mask) if past == 0 else None
+            attn = build_attention(attention_mask, doc_ids, T, past, device, self.use_flex_attention())
 
         alpha = self._ntk_alphas(attention_mask, cache, doc_ids, B, T, past, device)
         cos, sin = self.rotary_emb(position_ids, alpha)
@@ -463,7 +472,17 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """With `labels` the loss is computed from hidden states in chunks (fp32 log-softmax per chunk, each chunk
         checkpointed): the sum over trained tokens divided by `num_items_in_batch` when given (the Trainer passes the
         global count), else the mean over trained tokens. Logits are then returned only when asked
-        (`return_logits=True`) or in eval mode."""
+        (`return_logits=True`) or in eval mode. With CUDA graphs enabled (`graphs.enable_train_graphs`), a
+        training forward that needs only the loss runs through them."""
+        graphs = self.__dict__.get("_train_graphs")
+        if (graphs is not None and labels is not None and input_ids is not None and inputs_embeds is None
+                and attention_mask is None and cache is None and past_key_values is None and not use_cache
+                and not return_logits and isinstance(logits_to_keep, int) and logits_to_keep == 0
+                and self.training and torch.is_grad_enabled() and input_ids.is_cuda
+                and all(v is None or v is False for v in kwargs.values())):  # PEFT passes output_attentions=None
+            loss = graphs.loss(input_ids, position_ids, labels, num_items_in_batch)
+            result = CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: None})
+            return result if return_dict is not False else result.to_tuple()
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -503,19 +522,44 @@ def chunked_causal_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_tokens: int = LOSS_CHUNK_TOKENS,
 ) -> torch.Tensor:
-    """Next-token cross-entropy from hidden states [B, T, H] and labels [B, T] (-100 = not trained).
+    """Next-token cross-entropy from hidden states [B, T, H] and labels [B, T] (-100 = not trained): the sum
+    over trained tokens divided by `num_items_in_batch` when given, else the mean over trained tokens."""
+    total, count = causal_lm_nll_sum(lm_head, hidden, labels, chunk_tokens)
+    return normalize_loss(total, count, num_items_in_batch)
 
-    Only trained positions go through lm_head, `chunk_tokens` at a time, each chunk's fp32 log-softmax under
-    gradient checkpointing, so neither the full logits nor their fp32 copy ever exist at once."""
+
+def normalize_loss(total: torch.Tensor, count: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    if num_items_in_batch is not None:
+        denom = num_items_in_batch
+        if isinstance(denom, torch.Tensor):
+            denom = denom.to(device=total.device, dtype=torch.float32)
+        return total / denom
+    return total / count.clamp(min=1)  # a device tensor: no host sync between forward and backward
+
+
+def causal_lm_nll_sum(
+    lm_head: nn.Module,
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_tokens: int = LOSS_CHUNK_TOKENS,
+    select: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token NLL in fp32, number of trained positions as a device tensor).
+
+    lm_head runs `chunk_tokens` positions at a time, each chunk's fp32 log-softmax under gradient
+    checkpointing, so neither the full logits nor their fp32 copy ever exist at once. `select=True` sends
+    only trained positions through lm_head (a data-dependent shape); `select=False` sends every position
+    and lets cross-entropy ignore the untrained ones (static shapes, as a captured CUDA graph needs)."""
     labels = labels.to(hidden.device)
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     y = labels[:, 1:].reshape(-1)
     keep = y != IGNORE_INDEX
-    h, y = h[keep], y[keep]
+    if select:
+        h, y = h[keep], y[keep]
 
     def chunk_nll(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
         logits = lm_head(h_chunk).float()
-        return F.cross_entropy(logits, y_chunk, reduction="sum")
+        return F.cross_entropy(logits, y_chunk, reduction="sum", ignore_index=IGNORE_INDEX)
 
     total = hidden.new_zeros((), dtype=torch.float32)
     if h.shape[0] == 0:
@@ -523,16 +567,12 @@ def chunked_causal_lm_loss(
     for start in range(0, h.shape[0], chunk_tokens):
         hc, yc = h[start : start + chunk_tokens], y[start : start + chunk_tokens]
         if torch.is_grad_enabled() and hc.requires_grad:
-            total = total + checkpoint(chunk_nll, hc, yc, use_reentrant=False)
+            # no random ops in a chunk: nothing to stash (and stashing the CUDA RNG state cannot be captured)
+            total = total + checkpoint(chunk_nll, hc, yc, use_reentrant=False, preserve_rng_state=False)
         else:
             total = total + chunk_nll(hc, yc)
-
-    if num_items_in_batch is not None:
-        denom = num_items_in_batch
-        if isinstance(denom, torch.Tensor):
-            denom = denom.to(device=total.device, dtype=torch.float32)
-        return total / denom
-    return total / keep.sum().clamp(min=1)  # a device tensor: no host sync between forward and backward
+    return total, keep.sum()
 
 
-__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "chunked_causal_lm_loss", "ntk_alpha"]
+__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "chunked_causal_lm_loss", "causal_lm_nll_sum",
+           "ntk_alpha"]

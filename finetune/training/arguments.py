@@ -55,6 +55,10 @@ class TrainingArguments(transformers.TrainingArguments):
         default=False, metadata={"help": "Continue from the last complete checkpoint in --output_dir"})
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing over a finished run in --output_dir"})
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={"help": "One GPU, --packing: replay each training step as CUDA graphs (rows padded to "
+                          "--model_max_length so every step has one shape); False runs every step eagerly"})
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "stop: end with an error naming the step; skip: skip the step, counted"})
 

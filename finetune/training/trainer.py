@@ -18,9 +18,13 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def make_collator(tokenizer, data_args):
-    cls = PackedCollator if data_args.packing else ChatCollator
-    return cls(pad_id=tokenizer.eod_id)
+def make_collator(tokenizer, data_args, fixed_length: bool = False):
+    """Packed rows are padded to the longest row of the batch, or with `fixed_length` (CUDA graphs replay one
+    shape) to --model_max_length."""
+    if data_args.packing:
+        return PackedCollator(pad_id=tokenizer.eod_id,
+                              pad_to_multiple_of=data_args.model_max_length if fixed_length else None)
+    return ChatCollator(pad_id=tokenizer.eod_id)
 
 
 class QwenTrainer(Trainer):

@@ -1,0 +1,360 @@
+"""CUDA graphs for training steps of one fixed shape: the checkpointed Q-LoRA step without its host time.
+
+A checkpointed step of the 14B model launches tens of thousands of small GPU operations from Python
+(forward, recomputation, backward; five LoRA Linears a block, each several kernels). At 2048 tokens the
+host takes longer to issue them than the GPU takes to run them (benchmarks/NOTES.md). Here the whole
+training forward (embedding, blocks, final norm, summed loss) is captured once as one CUDA graph, and its
+backward (recomputation included) as a second; later steps of the same shape copy their inputs into the
+graph's buffers and replay. The captured backward adds each trainable parameter's gradient into a fixed
+buffer that is installed as ``param.grad`` (so gradient accumulation, clipping and the optimizer see
+ordinary ``.grad`` tensors, and no extra copy of the gradients exists).
+
+What has to hold, and how it is kept:
+- Same shapes every step: packed rows padded to the row length (the trainer does that when graphs are on).
+  A step of another shape (the last, partial batch) runs eagerly.
+- No hidden host work in the step: position ids and, for packed rows, the FlexAttention block mask are
+  built outside the graph and copied into its buffers; the loss runs lm_head over every position (ignored
+  labels contribute nothing), so no data-dependent shape appears.
+- Dropout: checkpointing cannot stash and restore the CUDA RNG state inside a capture, so LoRA dropout is
+  replaced by ``SeededDropout`` (mask recomputed from a seed tensor the graph advances each step). Any other
+  dropout with p > 0 (embedding, attention) keeps the model eager.
+- Warm-up: a shape runs eagerly ``warmup`` times (compiles, Triton tuning) before it is captured; at most
+  one graph is kept (each holds its own memory pool) and at most ``max_captures`` are made per run.
+
+Single process only (DeepSpeed and DDP hook parameter gradients, which a captured backward bypasses).
+``FINETUNE_CUDA_GRAPHS=0`` turns it off at run time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import warnings
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+GRAPHS_ENV = "FINETUNE_CUDA_GRAPHS"
+# lm_head rows per loss chunk inside a graph: launches cost nothing there, and a 1024-token chunk's fp32
+# logits and their gradient (about 2 GB on a 152k vocabulary) would be the largest block in the graph's pool
+GRAPH_LOSS_CHUNK = 256
+
+
+def _env_enabled() -> bool:
+    return os.environ.get(GRAPHS_ENV, "1") != "0"
+
+
+def graphs_unavailable(model: nn.Module) -> str | None:
+    """Why `model` (a QWenLMHeadModel, possibly inside PEFT) cannot train through CUDA graphs, or None."""
+    if not _env_enabled():
+        return f"{GRAPHS_ENV}=0"
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    lm = _find_lm(model)
+    if lm is None:
+        return "not a Qwen model"
+    if lm.lm_head.weight.device.type != "cuda":
+        return "the model is not on a CUDA device"
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        return "several processes (DeepSpeed/DDP hook gradients, which a captured backward bypasses)"
+    cfg = lm.config
+    if cfg.attn_dropout_prob > 0 or cfg.emb_dropout_prob > 0:
+        return "attention or embedding dropout is on (only LoRA dropout can be replayed)"
+    try:
+        from . import seeded_dropout  # noqa: F401  (needs triton)
+    except ImportError:
+        return "triton is not importable"
+    return None
+
+
+def _find_lm(model: nn.Module):
+    from .model import QWenLMHeadModel
+
+    for m in model.modules():
+        if isinstance(m, QWenLMHeadModel):
+            return m
+    return None
+
+
+def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 4) -> "TrainGraphs":
+    """Train `model` through CUDA graphs from now on (call after LoRA is attached and checkpointing is set).
+    Raises RuntimeError saying why when it cannot (see ``graphs_unavailable``)."""
+    why = graphs_unavailable(model)
+    if why is not None:
+        raise RuntimeError(f"CUDA graphs cannot be used: {why}")
+    lm = _find_lm(model)
+    existing = lm.__dict__.get("_train_graphs")
+    if existing is not None:
+        return existing
+    graphs = TrainGraphs(lm, warmup=warmup, max_captures=max_captures)
+    lm.__dict__["_train_graphs"] = graphs  # not a submodule: no parameters, nothing in the state dict
+    return graphs
+
+
+def disable_train_graphs(model: nn.Module) -> None:
+    lm = _find_lm(model)
+    graphs = lm.__dict__.pop("_train_graphs", None) if lm is not None else None
+    if graphs is not None:
+        graphs.restore_dropouts()
+
+
+class TrainGraphs:
+    """Decides per training forward whether to replay, capture or run eagerly (see the module docstring)."""
+
+    def __init__(self, lm, warmup: int = 2, max_captures: int = 4):
+        self.lm = lm
+        self.warmup = warmup
+        self.max_captures = max_captures
+        self.captures = 0
+        self.replays = 0
+        self.eager_steps = 0
+        self.failure: str | None = None
+        device = lm.lm_head.weight.device
+        # drawn from the CUDA generator, so torch.manual_seed makes a run's dropout masks reproducible
+        self.seed = torch.randint(0, 2**40, (1,), device=device, dtype=torch.int64)
+        self._swapped: list[tuple[nn.ModuleDict, str, nn.Module]] = []
+        self._swap_dropouts()
+        self.step: _CapturedStep | None = None
+        self._key = None
+        self._seen = 0
+
+    # -- dropout ----------------------------------------------------------------------------------------
+    def _swap_dropouts(self) -> None:
+        from .seeded_dropout import SALTS, SeededDropout
+
+        salt = 0
+        for module in list(self.lm.modules()):
+            table = getattr(module, "lora_dropout", None)
+            if not isinstance(table, nn.ModuleDict):
+                continue
+            for name, drop in list(table.items()):
+                if isinstance(drop, nn.Dropout) and drop.p > 0:
+                    if salt >= SALTS:
+                        raise RuntimeError(f"more than {SALTS} LoRA dropout sites")
+                    seeded = SeededDropout(drop.p, self.seed, salt)
+                    seeded.train(drop.training)
+                    table[name] = seeded
+                    self._swapped.append((table, name, drop))
+                    salt += 1
+
+    def restore_dropouts(self) -> None:
+        for table, name, drop in self._swapped:
+            drop.train(table[name].training)
+            table[name] = drop
+        self._swapped.clear()
+
+    def _rng_free(self) -> str | None:
+        """Anything left in the model that draws random numbers in training (then: eager)."""
+        for name, m in self.lm.named_modules():
+            if isinstance(m, nn.Dropout) and m.p > 0:
+                return f"dropout at {name}"
+        return None
+
+    # -- per forward ------------------------------------------------------------------------------------
+    def loss(self, input_ids, position_ids, labels, num_items_in_batch):
+        """The normalised training loss of one step (replayed, captured or eager), differentiable."""
+        from .model import document_ids, normalize_loss
+
+        B, T = input_ids.shape
+        if position_ids is not None and position_ids.shape[0] != B:
+            position_ids = position_ids.expand(B, -1)
+        doc_ids = document_ids(position_ids) if position_ids is not None else None  # packed rows: one sync
+        autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
+        params = tuple(p for p in self.lm.parameters() if p.requires_grad)
+        key = (B, T, doc_ids is not None, position_ids is None, autocast, input_ids.device,
+               tuple(b.gradient_checkpointing for b in self.lm.transformer.h), tuple(map(id, params)))
+
+        if not _env_enabled():
+            key = None  # eager from here (a later step with it back on captures afresh)
+        elif self.step is not None and self.step.key == key:
+            self.replays += 1
+            return self.step.run(input_ids, position_ids, doc_ids, labels, num_items_in_batch)
+        if key != self._key:
+            self._key, self._seen = key, 0
+        self._seen += 1
+        if key is not None and self._seen > self.warmup and self.captures < self.max_captures and params and self._rng_free() is None:
+            self.step = None  # its memory pool goes before the new capture allocates one
+            torch.cuda.empty_cache()
+            self.captures += 1
+            try:
+                self.step = _CapturedStep(self, key, params, input_ids, position_ids, doc_ids, labels, autocast)
+            except Exception as e:  # nothing ran during the failed capture: this step and the rest run eagerly
+                self.step, self.max_captures = None, 0
+                self.failure = f"{type(e).__name__}: {e}"
+                warnings.warn(f"CUDA graph capture failed, training continues without graphs ({self.failure})")
+            else:
+                self.replays += 1
+                return self.step.run(input_ids, position_ids, doc_ids, labels, num_items_in_batch)
+
+        self.eager_steps += 1
+        self.seed.add_(1)
+        attn = self.attention(doc_ids, B, T, input_ids.device)
+        with _autocast_without_cache(autocast):  # as captured: torch.compile guards on the autocast state
+            total, count = self.body(input_ids, position_ids, labels, attn)
+        return normalize_loss(total, count, num_items_in_batch)
+
+    def attention(self, doc_ids, B, T, device):
+        from .model import build_attention
+
+        return build_attention(None, doc_ids, T, 0, device, self.lm.transformer.use_flex_attention())
+
+    def body(self, input_ids, position_ids, labels, attn):
+        """(summed NLL, trained-token count): the part of a step that is captured."""
+        from .model import causal_lm_nll_sum
+
+        hidden = self.lm.transformer(input_ids=input_ids, position_ids=position_ids, attention_spec=attn,
+                                     use_cache=False).last_hidden_state
+        return causal_lm_nll_sum(self.lm.lm_head, hidden, labels, chunk_tokens=GRAPH_LOSS_CHUNK, select=False)
+
+
+def _autocast_without_cache(dtype):
+    """The caller's autocast, minus its weight-cast cache: a cast cached outside a capture would be read at a
+    stale address inside it (PyTorch requires cache_enabled=False for graphed autocast regions). Warm-up
+    steps run the same way, so compiled kernels see the same autocast state and are not recompiled in the
+    capture."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=dtype, cache_enabled=False)
+
+
+@contextlib.contextmanager
+def _fresh_leaves(lm: nn.Module, params):
+    """The trainable parameters replaced, for the capture, by new Parameters sharing their storage.
+
+    Autograd keeps one gradient-accumulator node per leaf while any graph references it, tied to the stream
+    it was created on; if the caller still holds an eager step's loss, the capture would sync with that
+    node's (default) stream, which invalidates a capture. New leaves get new nodes on the capture stream.
+    The kernels read the same storage, so optimizer updates of the real parameters reach the graph."""
+    alias = {id(p): nn.Parameter(p.detach(), requires_grad=True) for p in params}
+    swapped = []
+    for module in lm.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and id(p) in alias:
+                module._parameters[name] = alias[id(p)]
+                swapped.append((module, name, p))
+    try:
+        yield tuple(alias[id(p)] for p in params)
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+@contextlib.contextmanager
+def _capturable_checkpointing(blocks):
+    """Blocks checkpoint without stashing the CUDA RNG state (the only random op left, SeededDropout,
+    recomputes its own mask), which is what a capture needs."""
+    saved = [b.__dict__.get("_gradient_checkpointing_func") for b in blocks]
+    func = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+    for b in blocks:
+        b._gradient_checkpointing_func = func
+    try:
+        yield
+    finally:
+        for b, f in zip(blocks, saved):
+            if f is None:
+                b.__dict__.pop("_gradient_checkpointing_func", None)
+            else:
+                b._gradient_checkpointing_func = f
+
+
+class _CapturedStep:
+    """The forward and backward graphs of one input shape, with their input and output buffers."""
+
+    def __init__(self, owner: TrainGraphs, key, params, input_ids, position_ids, doc_ids, labels, autocast):
+        self.key = key
+        self.params = params
+        self.generation = 0
+        B, T = input_ids.shape
+        device = input_ids.device
+        self.input_ids = input_ids.clone()
+        self.labels = labels.to(device).clone()
+        self.position_ids = None if position_ids is None else position_ids.contiguous().clone()
+        self.docs = None if doc_ids is None else doc_ids.clone()
+        # the mask_mod of a packed row's block mask reads self.docs: later steps refill it and the block tables
+        self.attn = owner.attention(self.docs, B, T, device)
+        self._owner = owner
+        self.grads = [torch.zeros_like(p) for p in params]
+        self.grad_out = torch.ones((), device=device, dtype=torch.float32)
+        self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        pool = torch.cuda.graph_pool_handle()
+        with _capturable_checkpointing(owner.lm.transformer.h), _autocast_without_cache(autocast), \
+                _fresh_leaves(owner.lm, params) as leaves:
+            with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"):
+                owner.seed.add_(1)
+                self.total, self.count = owner.body(self.input_ids, self.position_ids, self.labels, self.attn)
+            with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
+                grads = torch.autograd.grad(self.total, leaves, grad_outputs=self.grad_out, allow_unused=True)
+                pairs = [(b, g) for b, g in zip(self.grads, grads) if g is not None]
+                if pairs:
+                    torch._foreach_add_([b for b, _ in pairs], [g for _, g in pairs])
+                del grads, pairs
+        self.total = self.total.detach()
+
+    def run(self, input_ids, position_ids, doc_ids, labels, num_items_in_batch):
+        from .model import normalize_loss
+
+        self.input_ids.copy_(input_ids, non_blocking=True)
+        self.labels.copy_(labels, non_blocking=True)
+        if self.position_ids is not None:
+            self.position_ids.copy_(position_ids, non_blocking=True)
+        if self.docs is not None:
+            self.docs.copy_(doc_ids)
+            B, T = input_ids.shape
+            fresh = self._owner.attention(self.docs, B, T, input_ids.device).block_mask
+            _copy_block_mask(self.attn.block_mask, fresh)
+        total = _Replay.apply(self, *self.params)
+        return normalize_loss(total, self.count, num_items_in_batch)
+
+
+_BLOCK_MASK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices",
+                       "q_num_blocks", "q_indices", "full_q_num_blocks", "full_q_indices")
+
+
+def _copy_block_mask(static, fresh) -> None:
+    for name in _BLOCK_MASK_TENSORS:
+        a, b = getattr(static, name, None), getattr(fresh, name, None)
+        if (a is None) != (b is None):
+            raise RuntimeError(f"block mask field {name} present in one mask only")
+        if a is not None:
+            a.copy_(b)
+
+
+class _Replay(torch.autograd.Function):
+    """Replays the forward graph; its backward replays the backward graph, which adds the parameters'
+    gradients into the buffers installed as their .grad (so it returns None for them)."""
+
+    @staticmethod
+    def forward(ctx, step: _CapturedStep, *params):
+        step.fwd.replay()
+        step.generation += 1
+        ctx.step, ctx.generation = step, step.generation
+        return step.total.clone()  # the caller's loss must survive the next replay
+
+    @staticmethod
+    def backward(ctx, grad):
+        step = ctx.step
+        if ctx.generation != step.generation:
+            raise RuntimeError(
+                "a CUDA-graphed training forward ran again before the backward of the previous one; run "
+                f"backward after each training forward, or set {GRAPHS_ENV}=0")
+        step.grad_out.copy_(grad)
+        zero, foreign = [], []
+        for p, buf in zip(step.params, step.grads):
+            if p.grad is None:
+                p.grad = buf
+                zero.append(buf)
+            elif p.grad is not buf:  # someone installed their own .grad tensor: add into it afterwards
+                foreign.append((p, buf))
+                zero.append(buf)
+        if zero:
+            torch._foreach_zero_(zero)
+        step.bwd.replay()
+        for p, buf in foreign:
+            p.grad.add_(buf)
+        return (None,) * (1 + len(step.params))
+
+
+__all__ = ["enable_train_graphs", "disable_train_graphs", "graphs_unavailable", "TrainGraphs", "GRAPHS_ENV"]

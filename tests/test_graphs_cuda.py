@@ -1,0 +1,233 @@
+"""GPU tests for CUDA-graphed training steps (``finetune/modeling/graphs.py``): a replayed step computes what
+the same step computes eagerly (same seeded dropout masks), for causal and packed rows, with and without
+checkpointing, through an optimizer and gradient accumulation. Run on the GPU machine:
+pytest -m cuda tests/test_graphs_cuda.py"""
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+from finetune.modeling import QWenConfig  # noqa: E402
+from finetune.modeling.graphs import GRAPHS_ENV, disable_train_graphs, enable_train_graphs  # noqa: E402
+from finetune.quant.loading import build_gptq_model_on_device  # noqa: E402
+
+TARGETS = ["c_attn", "c_proj", "w1", "w2"]
+
+
+def _model(dtype=torch.float32, layers=2, dropout=0.1, ckpt=True, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = QWenConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
+                     kv_channels=64, intermediate_size=1024, seq_length=512,
+                     quantization_config={"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False})
+    model = build_gptq_model_on_device(cfg, device="cuda", dtype=dtype, seed=seed)
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
+                                             task_type="CAUSAL_LM"))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            if "lora_B" in n:  # non-zero B: gradients reach A as well
+                p.data.normal_(0, 0.02)
+    model.train()
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def _batches(n, B=1, T=96, packed=False, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        ids = torch.randint(0, 1024, (B, T), generator=g)
+        labels = ids.clone()
+        labels[:, :5] = -100  # some untrained positions
+        batch = {"input_ids": ids, "labels": labels}
+        if packed:  # two or three sequences a row, boundaries differing every step
+            pos = torch.empty(B, T, dtype=torch.long)
+            for b in range(B):
+                cut = sorted(torch.randint(8, T - 8, (2,), generator=g).tolist())
+                if i % 2:
+                    cut = cut[:1]
+                start = 0
+                for c in cut + [T]:
+                    pos[b, start:c] = torch.arange(c - start)
+                    start = c
+            batch["position_ids"] = pos
+        out.append({k: v.cuda() for k, v in batch.items()})
+    return out
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-20))
+
+
+def _run(model, batches, graphs_on, monkeypatch, autocast=None, steps_per_update=1, lr=1e-2):
+    """Train on `batches` (AdamW); returns per-step losses, the gradients before each update and the final
+    LoRA weights. Graphs are enabled in both modes (same seeded dropout); off means every step runs eagerly."""
+    torch.manual_seed(123)  # the dropout seed
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    graphs = enable_train_graphs(model, warmup=1)
+    monkeypatch.setenv(GRAPHS_ENV, "1" if graphs_on else "0")
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses, grads = [], []
+    for i, batch in enumerate(batches):
+        ctx = torch.autocast("cuda", dtype=autocast) if autocast is not None else torch.autocast("cuda", enabled=False)
+        with ctx:
+            loss = model(**batch).loss
+        (loss / steps_per_update).backward()
+        losses.append(float(loss))
+        if (i + 1) % steps_per_update == 0:
+            grads.append(_grads(model))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    weights = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return losses, grads, weights, graphs
+
+
+@pytest.mark.parametrize("ckpt", [True, False])
+@pytest.mark.parametrize("packed", [False, True])
+def test_graphed_steps_equal_eager_steps(ckpt, packed, monkeypatch):
+    batches = _batches(5, B=2, packed=packed)
+    eager = _run(_model(ckpt=ckpt), batches, False, monkeypatch)
+    graphed = _run(_model(ckpt=ckpt), batches, True, monkeypatch)
+    assert eager[3].captures == 0 and eager[3].eager_steps == 5
+    assert graphed[3].captures == 1 and graphed[3].replays == 4 and graphed[3].eager_steps == 1
+    for a, b in zip(graphed[0], eager[0]):
+        assert abs(a - b) <= 1e-5 * abs(b)
+    for ga, gb in zip(graphed[1], eager[1]):
+        assert ga.keys() == gb.keys() and len(ga) == 2 * 5 * 2  # A and B of 5 Linears in 2 blocks
+        for n in gb:
+            assert _rel(ga[n], gb[n]) < 1e-4, n
+    for n in eager[2]:
+        assert _rel(graphed[2][n], eager[2][n]) < 1e-4, n
+
+
+def test_graphed_steps_with_autocast_and_gradient_accumulation(monkeypatch):
+    batches = _batches(8, B=1, T=128)
+    eager = _run(_model(dtype=torch.bfloat16), batches, False, monkeypatch, autocast=torch.bfloat16,
+                 steps_per_update=2)
+    graphed = _run(_model(dtype=torch.bfloat16), batches, True, monkeypatch, autocast=torch.bfloat16,
+                   steps_per_update=2)
+    assert graphed[3].replays == 7
+    for a, b in zip(graphed[0], eager[0]):
+        assert abs(a - b) <= 1e-3 * abs(b)
+    for ga, gb in zip(graphed[1], eager[1]):
+        for n in gb:
+            assert _rel(ga[n], gb[n]) < 1e-2, n
+
+
+def test_without_dropout_the_graphed_loss_and_grads_equal_the_plain_model(monkeypatch):
+    """Dropout 0: nothing is swapped, and the graphed step equals the model's own eager forward (selected
+    positions through lm_head, no graphs code involved)."""
+    batches = _batches(3)
+    plain = _model(dropout=0.0)
+    ref_losses, ref_grads = [], []
+    for batch in batches:
+        loss = plain(**batch).loss
+        loss.backward()
+        ref_losses.append(float(loss))
+        ref_grads.append(_grads(plain))
+        plain.zero_grad(set_to_none=True)
+    model = _model(dropout=0.0)
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    graphs = enable_train_graphs(model, warmup=1)
+    assert not graphs._swapped
+    for batch, ref_loss, ref in zip(batches, ref_losses, ref_grads):
+        loss = model(**batch).loss
+        loss.backward()
+        assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
+        got = _grads(model)
+        for n in ref:
+            assert _rel(got[n], ref[n]) < 1e-4, n
+        model.zero_grad(set_to_none=True)
+    assert graphs.replays == 2
+
+
+def test_seeded_dropout_masks_differ_between_steps_and_sites(monkeypatch):
+    model = _model()
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    graphs = enable_train_graphs(model, warmup=1)
+    assert len(graphs._swapped) == 2 * 5
+    batch = _batches(1)[0]
+    losses = []
+    for _ in range(4):  # the same batch: only the dropout masks change the loss
+        loss = model(**batch).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    assert len(set(losses)) == 4
+    model.eval()
+    with torch.no_grad():
+        a = model(input_ids=batch["input_ids"]).logits
+        b = model(input_ids=batch["input_ids"]).logits
+    assert torch.equal(a, b)  # eval: no dropout
+    disable_train_graphs(model)
+    assert all(type(d) is torch.nn.Dropout for m in model.modules() if hasattr(m, "lora_dropout")
+               for d in m.lora_dropout.values())
+
+
+def test_other_shapes_run_eagerly_after_capture(monkeypatch):
+    model = _model()
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    graphs = enable_train_graphs(model, warmup=1)
+    for batch in _batches(3, T=64) + _batches(1, T=40):
+        model(**batch).loss.backward()
+    assert graphs.captures == 1 and graphs.replays == 2 and graphs.eager_steps == 2
+    model(**_batches(1, T=64)[0]).loss.backward()  # back to the captured shape: replayed
+    assert graphs.replays == 3
+
+
+def test_forward_twice_before_backward_is_refused(monkeypatch):
+    model = _model()
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    enable_train_graphs(model, warmup=1)
+    batch = _batches(1)[0]
+    model(**batch).loss.backward()
+    model(**batch).loss.backward()  # captured and replayed
+    first = model(**batch).loss
+    model(**batch).loss.backward()
+    with pytest.raises(RuntimeError, match="ran again before the backward"):
+        first.backward()
+
+
+def test_compiled_elementwise_kernels_inside_the_graph(monkeypatch):
+    """Rows long enough that RMSNorm/rotary/SwiGLU go through torch.compile (2^21 elements)."""
+    batches = _batches(3, B=1, T=8192)
+    eager = _run(_model(layers=1), batches, False, monkeypatch)
+    graphed = _run(_model(layers=1), batches, True, monkeypatch)
+    assert graphed[3].replays == 2
+    for ga, gb in zip(graphed[1], eager[1]):
+        for n in gb:
+            assert _rel(ga[n], gb[n]) < 1e-4, n
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch):
+    from finetune.modeling import graphs as graphs_mod
+
+    def broken(*a, **k):
+        raise RuntimeError("capture invalidated")
+
+    model = _model()
+    monkeypatch.setenv(GRAPHS_ENV, "1")
+    graphs = enable_train_graphs(model, warmup=1)
+    monkeypatch.setattr(graphs_mod, "_CapturedStep", broken)
+    losses = []
+    with pytest.warns(UserWarning, match="continues without graphs"):
+        for batch in _batches(3):
+            loss = model(**batch).loss
+            loss.backward()
+            losses.append(float(loss))
+    assert graphs.captures == 1 and graphs.replays == 0 and graphs.eager_steps == 3
+    assert "capture invalidated" in graphs.failure
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
