@@ -1,0 +1,78 @@
+"""CUDA-graphed training (finetune/modeling/graphs.py), the parts that run without a GPU: when graphs are
+refused and why, the static-shape loss and the prebuilt attention they use, and the trainer's wiring. The
+graphs themselves are tested on the GPU (test_graphs_cuda.py)."""
+
+import pytest
+import torch
+
+from finetune.data import PackedCollator
+from finetune.modeling.graphs import GRAPHS_ENV, enable_train_graphs, graphs_unavailable
+from finetune.modeling.model import build_attention, causal_lm_nll_sum, document_ids
+from finetune.training.arguments import DataArguments, parse_args
+from finetune.training.trainer import make_collator
+
+from _helpers import tiny_model
+
+
+def test_refused_without_a_gpu_with_the_reason(monkeypatch):
+    model = tiny_model()
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    assert graphs_unavailable(model) == "no CUDA device"
+    with pytest.raises(RuntimeError, match="CUDA graphs cannot be used: no CUDA device"):
+        enable_train_graphs(model)
+    monkeypatch.setenv(GRAPHS_ENV, "0")
+    assert graphs_unavailable(model) == f"{GRAPHS_ENV}=0"
+    assert graphs_unavailable(torch.nn.Linear(2, 2)) in ("no CUDA device", f"{GRAPHS_ENV}=0")
+
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_static_shape_loss_equals_the_selected_one(chunk):
+    """select=False runs every position through lm_head and lets cross-entropy ignore the untrained ones: the
+    same sum and count (and gradients) as selecting the trained positions first."""
+    model = tiny_model()
+    hidden = torch.randn(2, 9, model.config.hidden_size, requires_grad=True)
+    labels = torch.randint(0, model.config.vocab_size, (2, 9))
+    labels[0, :4] = -100
+    labels[1, 7:] = -100
+    a_sum, a_n = causal_lm_nll_sum(model.lm_head, hidden, labels, chunk_tokens=chunk, select=True)
+    (ga,) = torch.autograd.grad(a_sum, hidden)
+    b_sum, b_n = causal_lm_nll_sum(model.lm_head, hidden, labels, chunk_tokens=chunk, select=False)
+    (gb,) = torch.autograd.grad(b_sum, hidden)
+    assert int(a_n) == int(b_n) == 16 - 3 - 2  # shifted: row 0 loses 3 positions, row 1 two
+    torch.testing.assert_close(a_sum, b_sum)
+    torch.testing.assert_close(ga, gb)
+
+
+def test_prebuilt_attention_spec_gives_the_same_model_output():
+    model = tiny_model().train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    pos = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7], list(range(12))])
+    with torch.no_grad():
+        for position_ids in (None, pos):
+            ref = model.transformer(input_ids=ids, position_ids=position_ids).last_hidden_state
+            docs = document_ids(pos) if position_ids is not None else None
+            spec = build_attention(None, docs, 12, 0, ids.device, use_flex=False)
+            got = model.transformer(input_ids=ids, position_ids=position_ids, attention_spec=spec).last_hidden_state
+            torch.testing.assert_close(got, ref)
+
+
+def test_fixed_length_collator_pads_packed_rows_to_the_row_length():
+    args = DataArguments(packing=True, model_max_length=32)
+
+    class Tok:
+        eod_id = 7
+
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]}]
+    fixed = make_collator(Tok(), args, fixed_length=True)(rows)
+    free = make_collator(Tok(), args)(rows)
+    assert isinstance(make_collator(Tok(), args), PackedCollator)
+    assert fixed["input_ids"].shape == (1, 32) and free["input_ids"].shape == (1, 3)
+    assert fixed["position_ids"][0, 3:].tolist() == list(range(29))  # padding: its own sequence
+    assert (fixed["labels"][0, 3:] == -100).all()
+
+
+def test_cuda_graphs_flag(tmp_path):
+    base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)]
+    assert parse_args(base)[3].cuda_graphs is True
+    assert parse_args(base + ["--cuda_graphs", "False"])[3].cuda_graphs is False
