@@ -82,9 +82,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if args.process_index == 0:
         _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan)
     trainer.train(resume_from_checkpoint=plan.resume_from)
+    graph_stats = _release_graphs(model) if graphs else None
     trainer.save_state()
     trainer.save_model(args.output_dir)
-    info = run_info(trainer)
+    info = run_info(trainer, graph_stats)
     if args.process_index == 0:
         tokenizer.save_pretrained(args.output_dir)
         Path(args.output_dir, "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -116,6 +117,17 @@ def _cuda_graphs(model, data_args, args, plan) -> bool:
     return True
 
 
+def _release_graphs(model) -> dict:
+    """Free the captured step's memory and put the LoRA dropout modules back; what the graphs did."""
+    from .modeling.graphs import disable_train_graphs
+
+    g = disable_train_graphs(model)
+    stats = {"captures": g.captures, "replayed_steps": g.replays, "eager_steps": g.eager_steps}
+    if g.failure:
+        stats["capture_failure"] = g.failure
+    return stats
+
+
 def _datasets(tokenizer, data_args, args):
     """Train (and eval) datasets, built once on the main process and read from its cache by the others."""
     kw = dict(packing=data_args.packing, train_on_prompt=data_args.train_on_prompt,
@@ -130,9 +142,10 @@ def _datasets(tokenizer, data_args, args):
     return train_set, summary, eval_set, eval_summary
 
 
-def run_info(trainer) -> dict:
-    """What actually ran: processes, DeepSpeed's ZeRO stage, and the dtypes of each kind of tensor as the
-    (possibly DeepSpeed-wrapped) model holds them after training."""
+def run_info(trainer, graphs: dict | None = None) -> dict:
+    """What actually ran: processes, DeepSpeed's ZeRO stage, CUDA graphs (captures, replayed and eager steps;
+    None when off), and the dtypes of each kind of tensor as the (possibly DeepSpeed-wrapped) model holds
+    them after training."""
     engine = trainer.model_wrapped
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
     module = getattr(engine, "module", engine)
@@ -147,7 +160,8 @@ def run_info(trainer) -> dict:
     return {
         "world_size": trainer.args.world_size, "deepspeed": stage is not None, "zero_stage": stage,
         "compute_dtype": str(trainer.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
-        "global_step": trainer.state.global_step, "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
+        "global_step": trainer.state.global_step, "cuda_graphs": graphs,
+        "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
     }
 
 

@@ -94,11 +94,15 @@ def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 4
     return graphs
 
 
-def disable_train_graphs(model: nn.Module) -> None:
+def disable_train_graphs(model: nn.Module) -> "TrainGraphs | None":
+    """Back to eager training: the captured step (and its memory pool) goes, the LoRA dropout modules are put
+    back. Returns the TrainGraphs that was in use (its counters), or None."""
     lm = _find_lm(model)
     graphs = lm.__dict__.pop("_train_graphs", None) if lm is not None else None
     if graphs is not None:
         graphs.restore_dropouts()
+        graphs.step = None
+    return graphs
 
 
 class TrainGraphs:
