@@ -83,9 +83,11 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan)
     trainer.train(resume_from_checkpoint=plan.resume_from)
     graph_stats = _release_graphs(model) if graphs else None
+    speed = trainer.meter.summary(trainer.accelerator)
     trainer.save_state()
     trainer.save_model(args.output_dir)
     info = run_info(trainer, graph_stats)
+    info["throughput"] = speed
     if args.process_index == 0:
         tokenizer.save_pretrained(args.output_dir)
         Path(args.output_dir, "run_info.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -65,8 +65,10 @@ if [[ "$WORLD" -gt 1 || -n "${DEEPSPEED:-}" ]]; then
 fi
 ARGS+=("${EXTRA[@]}")
 
-if [[ "$WORLD" -gt 1 ]]; then
-  # DeepSpeed's CPU path runs over gloo; its ops compile on first use into this cache.
+if [[ "$WORLD" -gt 1 || -n "${DEEPSPEED:-}" ]]; then
+  # Through torch.distributed.run for DeepSpeed even with one process: it sets the rank variables DeepSpeed
+  # needs (without them DeepSpeed looks for MPI). DeepSpeed's CPU path runs over gloo; its ops compile on
+  # first use into this cache.
   export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/torch_extensions}"
   exec "$PYTHON" -m torch.distributed.run --nnodes "$NNODES" --node_rank "$NODE_RANK" \
     --nproc_per_node "$NPROC_PER_NODE" --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" \

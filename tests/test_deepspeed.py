@@ -59,6 +59,13 @@ def test_qlora_zero2_two_processes(setup, tmp_path):
     out = tmp_path / "z2"
     info = _script("finetune_qlora.sh", setup["int4"], setup["data"], out)
     assert info["deepspeed"] and info["zero_stage"] == 2 and info["world_size"] == 2
+    # step 3 of 3 timed, the rows of both processes counted: the whole data set (4 rows) is one global batch
+    from finetune.data import build_dataset
+    from finetune.tokenization import load_tokenizer
+
+    rows, _ = build_dataset(load_tokenizer(setup["int4"]), setup["data"], 64, verbose=False)
+    assert info["throughput"]["steps_timed"] == 1
+    assert info["throughput"]["trained_tokens"] == sum(sum(t != -100 for t in r["labels"]) for r in rows)
     # DESIGN.md precision after deepspeed.initialize: fp32 adapters, Int4 buffers untouched
     assert info["dtypes"]["trainable"] == ["float32"]
     assert info["dtypes"]["gptq.qweight"] == ["int32"] and info["dtypes"]["gptq.scales"] == ["float16"]

@@ -74,6 +74,15 @@ def test_qlora_memorises_and_changes_only_adapters(models, memorise_file, tmp_pa
 
     info = json.loads((out / "run_info.json").read_text())
     assert info["dtypes"]["trainable"] == ["float32"] and info["mode"] == "qlora"
+    # steady-state speed over steps 3..40: every step is the whole memorise set (4 rows, one padded length)
+    speed = info["throughput"]
+    assert speed["steps_timed"] == 38 and speed["seconds"] > 0 and speed["tokens_per_s"] > 0
+    assert speed["tokens"] % (38 * 4) == 0
+    row = speed["tokens"] // (38 * 4)
+    assert 16 < row <= 128  # a chat with its system prompt, within --model_max_length
+    assert 0 < speed["trained_tokens"] < speed["tokens"]
+    assert speed["peak_reserved_gib_per_process"] is None  # no GPU here
+    assert info["cuda_graphs"] is None
     assert info["dtypes"]["gptq.scales"] == ["float16"] and info["dtypes"]["gptq.qweight"] == ["int32"]
     assert (out / "adapter_config.json").is_file() and (out / "qwen.tiktoken").is_file()
     assert (out / "loss_curve.png").stat().st_size > 1000

@@ -12,6 +12,7 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import ChatCollator, PackedCollator
+from .throughput import ThroughputMeter
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,6 +31,8 @@ def make_collator(tokenizer, data_args, fixed_length: bool = False):
 class QwenTrainer(Trainer):
     def __init__(self, *a, compute_dtype: torch.dtype = torch.float32, plan=None, **kw):
         super().__init__(*a, **kw)
+        self.meter = ThroughputMeter()
+        self.add_callback(self.meter)
         self.compute_dtype = compute_dtype
         self.plan = plan
         self._staging_dir = None
@@ -75,6 +78,7 @@ class QwenTrainer(Trainer):
 
     # -- a non-finite loss stops the run before any optimizer step uses it -------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
+        self.meter.count(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
             raise NonFiniteLossError(

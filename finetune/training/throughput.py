@@ -1,0 +1,68 @@
+"""Steady-state training speed for run_info.json: tokens per second over the optimizer steps after the
+first few (compilation, Triton tuning and CUDA-graph capture happen there), summed over processes, and the
+peak GPU memory each process reserved."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers import TrainerCallback
+
+IGNORE_INDEX = -100
+
+
+class ThroughputMeter(TrainerCallback):
+    def __init__(self, skip_steps: int = 2):
+        self.skip_steps = skip_steps
+        self.tokens = 0  # row positions fed to the model (padding included), this process
+        self.trained = None  # device tensor: positions with a label, this process (no host sync per step)
+        self._mark = None  # (time, global step, tokens, trained) when timing started
+        self._end = None
+        self._first_step = None
+
+    def count(self, inputs: dict) -> None:
+        """Called by the trainer for every training micro-batch."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            return
+        self.tokens += ids.numel()
+        labels = inputs.get("labels")
+        if labels is not None:
+            n = (labels != IGNORE_INDEX).sum()
+            self.trained = n if self.trained is None else self.trained + n
+
+    def _snapshot(self, step: int):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the queued GPU work belongs to the steps already counted
+        trained = 0 if self.trained is None else int(self.trained)
+        return time.perf_counter(), step, self.tokens, trained
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._first_step is None:
+            self._first_step = state.global_step - 1
+        if self._mark is None and state.global_step - self._first_step == self.skip_steps:
+            self._mark = self._snapshot(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._mark is not None:
+            self._end = self._snapshot(state.global_step)
+
+    def summary(self, accelerator) -> dict | None:
+        """Summed over processes (a collective: every process must call it). None when too few steps ran."""
+        device = accelerator.device
+        peak = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+        timed = self._mark is not None and self._end is not None and self._end[1] > self._mark[1]
+        local = torch.tensor([self._end[2] - self._mark[2], self._end[3] - self._mark[3]] if timed else [0, 0],
+                             dtype=torch.float64, device=device)
+        totals = accelerator.reduce(local, reduction="sum")
+        peaks = accelerator.gather(torch.tensor([peak], dtype=torch.float64, device=device))
+        if not timed:
+            return None
+        seconds = self._end[0] - self._mark[0]
+        return {"steps_timed": self._end[1] - self._mark[1], "seconds": round(seconds, 3),
+                "tokens": int(totals[0]), "trained_tokens": int(totals[1]),
+                "tokens_per_s": round(float(totals[0]) / seconds, 1),
+                "trained_tokens_per_s": round(float(totals[1]) / seconds, 1),
+                "peak_reserved_gib_per_process": [round(float(p), 2) for p in peaks.tolist()]
+                if torch.cuda.is_available() else None}
