@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from finetune.demo import TINY_CONFIG  # noqa: E402
+from finetune.demo import TINY_CONFIG, write_model_files  # noqa: E402
 from finetune.modeling import QWenConfig  # noqa: E402
 from finetune.quant.loading import build_gptq_model_on_device  # noqa: E402
 
@@ -35,8 +35,6 @@ SHARD_BYTES = 4 * 2**30
 
 def make_model_dir(out: Path, shape: str, int4: bool, device: str, seed: int = 0) -> Path:
     from safetensors.torch import save_file
-
-    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
 
     out = Path(out)
     if (out / "config.json").is_file():
@@ -77,13 +75,7 @@ def make_model_dir(out: Path, shape: str, int4: bool, device: str, seed: int = 0
     cfg = dict(TINY_CONFIG, **SHAPES[shape], torch_dtype="bfloat16")
     if int4:
         cfg["quantization_config"] = values["quantization_config"]
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-    shutil.copyfile(SMALL_VOCAB, tmp / "qwen.tiktoken")
-    tok = QWenTokenizer(str(tmp / "qwen.tiktoken"))
-    tok.save_pretrained(str(tmp))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"chat_format": "chatml", "eos_token_id": tok.eod_id, "pad_token_id": tok.eod_id, "max_window_size": 6144,
-         "max_new_tokens": 512, "do_sample": False}, indent=2) + "\n")
+    write_model_files(tmp, cfg)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)  # complete or absent: a killed run leaves only the .partial dir

@@ -127,14 +127,16 @@ def build_for_training(args, cfg, device):
         from finetune.modeling.graphs import enable_train_graphs
 
         # one eager step (compiles, Triton tuning), then the capture: both inside the untimed warm-up
-        args.graphs = enable_train_graphs(model, warmup=1)
+        enable_train_graphs(model, warmup=1)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
     return model, config, opt
 
 
-def graph_stats(args) -> dict:
-    g = getattr(args, "graphs", None)
+def graph_stats(model) -> dict:
+    from finetune.modeling.graphs import train_graphs
+
+    g = train_graphs(model)
     if g is None:
         return {}
     return {"graph_captures": g.captures, "graph_replays": g.replays, "graph_eager_steps": g.eager_steps}
@@ -165,7 +167,7 @@ def run_sweep_point(args, cfg, device) -> dict:
     tok_s = tokens / secs
     return {"tok_s": tok_s, "step_s": secs / args.steps, "loss": loss,
             "mfu": tok_s * flops_per_token(config, args.seq) / H200_BF16_FLOPS, "lora_params": lora_params(model),
-            **graph_stats(args)}
+            **graph_stats(model)}
 
 
 def short_lengths(n: int, seed: int = 0) -> list[int]:
@@ -204,7 +206,7 @@ def run_short(args, cfg, device) -> dict:
     padded = sum(b["input_ids"].numel() for b in batches[args.warmup:])
     return {"tok_s": tokens / secs, "real_tokens": tokens, "row_tokens": padded, "fill": tokens / padded,
             "loss": loss, "lora_params": lora_params(model), "rows_timed": args.steps * args.batch,
-            **graph_stats(args)}
+            **graph_stats(model)}
 
 
 @torch.no_grad()

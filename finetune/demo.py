@@ -75,7 +75,6 @@ def make_demo_model(out_dir, seed: int = 0, int4: bool = False, group_size: int 
             make_demo_model(tmp, seed=seed, **overrides)
             return quantize_model_dir(tmp, out_dir, bits=4, group_size=group_size)
     from .modeling import QWenConfig, QWenLMHeadModel
-    from .tokenization import SMALL_VOCAB, QWenTokenizer
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,17 +83,24 @@ def make_demo_model(out_dir, seed: int = 0, int4: bool = False, group_size: int 
     model = QWenLMHeadModel(config)
     randomize_weights(model, seed)
 
-    shutil.copyfile(SMALL_VOCAB, out / "qwen.tiktoken")
-    tok = QWenTokenizer(str(out / "qwen.tiktoken"))
-    tok.save_pretrained(str(out))
-
     from safetensors.torch import save_file
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    cfg = {k: v for k, v in values.items()}
-    cfg.setdefault("torch_dtype", "float32")
-    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    write_model_files(out, dict({"torch_dtype": "float32"}, **values))
+    return out
+
+
+def write_model_files(out, config_values: dict) -> None:
+    """What a model dir holds besides its weights: config.json (`config_values` as given), the tokenizer over
+    the project's small vocabulary (qwen.tiktoken, tokenizer_config.json) and generation_config.json."""
+    from .tokenization import SMALL_VOCAB, QWenTokenizer
+
+    out = Path(out)
+    shutil.copyfile(SMALL_VOCAB, out / "qwen.tiktoken")
+    tok = QWenTokenizer(str(out / "qwen.tiktoken"))
+    tok.save_pretrained(str(out))
+    (out / "config.json").write_text(json.dumps(config_values, indent=2) + "\n")
     gen = {
         "chat_format": "chatml",
         "eos_token_id": tok.eod_id,
@@ -107,7 +113,6 @@ def make_demo_model(out_dir, seed: int = 0, int4: bool = False, group_size: int 
         "repetition_penalty": 1.1,
     }
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    return out
 
 
 def main(argv=None) -> int:
@@ -134,7 +139,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["make_demo_model", "randomize_weights", "TINY_CONFIG", "main"]
+__all__ = ["make_demo_model", "write_model_files", "randomize_weights", "TINY_CONFIG", "main"]
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
 logger = logging.getLogger(__name__)
 
 
-
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
           args: TrainingArguments):
     """Run one training job; returns the finished Trainer."""
@@ -103,7 +102,6 @@ def _cuda_graphs(model, data_args, args, plan) -> bool:
         return False
     from .modeling.graphs import enable_train_graphs, graphs_unavailable
 
-    why = None
     if args.world_size > 1 or plan.zero_stage is not None:
         why = "several processes or DeepSpeed"
     elif not data_args.packing:

@@ -239,7 +239,7 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
     import json
 
     from finetune.demo import make_demo_model
-    from finetune.modeling.graphs import _find_lm
+    from finetune.modeling.graphs import train_graphs
     from finetune.train import train
     from finetune.training.arguments import parse_args
 
@@ -257,7 +257,7 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
         trainer = train(*parse_args(argv))
         runs[graphs] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
                         json.loads((out / "run_info.json").read_text())["cuda_graphs"])
-        assert "_train_graphs" not in _find_lm(trainer.model).__dict__  # released after training
+        assert train_graphs(trainer.model) is None  # released after training
     (graphed, g), (eager, none) = runs["True"], runs["False"]
     assert none is None and g == {"captures": 1, "replayed_steps": 28, "eager_steps": 2}
     assert graphed[-1] < 0.3 * graphed[0] and eager[-1] < 0.3 * eager[0]

@@ -94,6 +94,12 @@ def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 4
     return graphs
 
 
+def train_graphs(model: nn.Module) -> "TrainGraphs | None":
+    """The TrainGraphs in use on `model` (its counters), or None."""
+    lm = _find_lm(model)
+    return lm.__dict__.get("_train_graphs") if lm is not None else None
+
+
 def disable_train_graphs(model: nn.Module) -> "TrainGraphs | None":
     """Back to eager training: the captured step (and its memory pool) goes, the LoRA dropout modules are put
     back. Returns the TrainGraphs that was in use (its counters), or None."""
@@ -124,6 +130,7 @@ class TrainGraphs:
         self.step: _CapturedStep | None = None
         self._key = None
         self._seen = 0
+        self._rng_use: str | None = None  # what else draws random numbers in the model (then: no capture)
 
     # -- dropout ----------------------------------------------------------------------------------------
     def _swap_dropouts(self) -> None:
@@ -178,8 +185,10 @@ class TrainGraphs:
             return self.step.run(input_ids, position_ids, doc_ids, labels, num_items_in_batch)
         if key != self._key:
             self._key, self._seen = key, 0
+            self._rng_use = self._rng_free() if key is not None else None  # a scan of every module: once a shape
         self._seen += 1
-        if key is not None and self._seen > self.warmup and self.captures < self.max_captures and params and self._rng_free() is None:
+        if (key is not None and self._seen > self.warmup and self.captures < self.max_captures and params
+                and self._rng_use is None):
             self.step = None  # its memory pool goes before the new capture allocates one
             torch.cuda.empty_cache()
             self.captures += 1
@@ -361,4 +370,4 @@ class _Replay(torch.autograd.Function):
         return (None,) * (1 + len(step.params))
 
 
-__all__ = ["enable_train_graphs", "disable_train_graphs", "graphs_unavailable", "TrainGraphs", "GRAPHS_ENV"]
+__all__ = ["enable_train_graphs", "disable_train_graphs", "train_graphs", "graphs_unavailable", "TrainGraphs", "GRAPHS_ENV"]

@@ -9,7 +9,7 @@ import time
 import torch
 from transformers import TrainerCallback
 
-IGNORE_INDEX = -100
+from ..data.encoding import IGNORE
 
 
 class ThroughputMeter(TrainerCallback):
@@ -29,7 +29,7 @@ class ThroughputMeter(TrainerCallback):
         self.tokens += ids.numel()
         labels = inputs.get("labels")
         if labels is not None:
-            n = (labels != IGNORE_INDEX).sum()
+            n = (labels != IGNORE).sum()
             self.trained = n if self.trained is None else self.trained + n
 
     def _snapshot(self, step: int):
