@@ -140,7 +140,6 @@ GEMV_ROWS = (1, 4)
 
 def run_gemv_shape(name, in_f, out_f, rows, device):
     """Decode GEMV vs dequantize + matmul for one shape and row count (bf16, Int4, group 128)."""
-    from finetune.quant import linear as qlinear
     from finetune.quant.triton_dequant import triton_dequantize_t
     from finetune.quant.triton_gemv import _BEST, row_bucket, triton_gemv
 
@@ -169,19 +168,14 @@ def run_gemv_shape(name, in_f, out_f, rows, device):
         with torch.no_grad():
             layer(x)
 
-    env_before = os.environ.get(qlinear._GEMV_ENV)
-    try:
-        os.environ[qlinear._GEMV_ENV] = "1"
+    from finetune.settings import override
+
+    with override(gptq_gemv=True):
         t_layer_gemv = bench(layer_fwd, rep=200)
         host_gemv = host_us(layer_fwd)
-        os.environ[qlinear._GEMV_ENV] = "0"
+    with override(gptq_gemv=False):
         t_layer_deq = bench(layer_fwd, rep=200)
         host_deq = host_us(layer_fwd)
-    finally:
-        if env_before is None:
-            os.environ.pop(qlinear._GEMV_ENV, None)
-        else:
-            os.environ[qlinear._GEMV_ENV] = env_before
 
     packed_bytes = sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales))
     bytes_read = packed_bytes + x.numel() * x.element_size() + rows * out_f * x.element_size()

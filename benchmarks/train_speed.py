@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from finetune.modeling import QWenConfig  # noqa: E402
 from finetune.quant.loading import build_gptq_model_on_device  # noqa: E402
+from finetune.settings import override, settings  # noqa: E402
 
 H200_BF16_FLOPS = 790e12  # measured bf16 matmul rate of the H200 here (KINDS.md; 8192^3, random data)
 
@@ -76,16 +77,17 @@ def lora_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def step_fn(model, opt, device):
+def step_fn(model, opt, device, graphs=None):
+    """One optimizer step per batch, as the trainer runs it: through the TrainGraphs when there is one."""
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
     def step(batch):
         with autocast:
-            out = model(**batch)
-        out.loss.backward()
+            loss = graphs(model, batch) if graphs is not None else model(**batch).loss
+        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return out.loss.detach()
+        return loss.detach()
 
     return step
 
@@ -116,7 +118,8 @@ def timed(step, batches, device, warmup: int):
 
 
 def build_for_training(args, cfg, device):
-    """The model in train mode (checkpointed if asked) and its AdamW over the adapters."""
+    """The model in train mode (checkpointed if asked), its AdamW over the adapters, and its TrainGraphs (None
+    without graphs)."""
     model, config = build(cfg, device)
     model.train()
     if args.ckpt:
@@ -124,19 +127,18 @@ def build_for_training(args, cfg, device):
         if args.ckpt_mode == "block":
             checkpoint_whole_blocks()
     if device.type == "cuda" and not args.no_graphs:
-        from finetune.modeling.graphs import enable_train_graphs
+        from finetune.training.graphs import enable_train_graphs
 
         # one eager step (compiles, Triton tuning), then the capture: both inside the untimed warm-up
-        enable_train_graphs(model, warmup=1)
+        graphs = enable_train_graphs(model, warmup=1)
+    else:
+        graphs = None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4,
                             fused=device.type == "cuda")
-    return model, config, opt
+    return model, config, opt, graphs
 
 
-def graph_stats(model) -> dict:
-    from finetune.modeling.graphs import train_graphs
-
-    g = train_graphs(model)
+def graph_stats(g) -> dict:
     if g is None:
         return {}
     return {"graph_captures": g.captures, "graph_replays": g.replays, "graph_eager_steps": g.eager_steps}
@@ -156,18 +158,18 @@ def checkpoint_whole_blocks():
 
 
 def run_sweep_point(args, cfg, device) -> dict:
-    model, config, opt = build_for_training(args, cfg, device)
+    model, config, opt, graphs = build_for_training(args, cfg, device)
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(args.warmup + args.steps):
         ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=g).to(device)
         batches.append({"input_ids": ids, "labels": ids})
-    secs, loss = timed(step_fn(model, opt, device), batches, device, args.warmup)
+    secs, loss = timed(step_fn(model, opt, device, graphs), batches, device, args.warmup)
     tokens = args.seq * args.steps
     tok_s = tokens / secs
     return {"tok_s": tok_s, "step_s": secs / args.steps, "loss": loss,
             "mfu": tok_s * flops_per_token(config, args.seq) / H200_BF16_FLOPS, "lora_params": lora_params(model),
-            **graph_stats(model)}
+            **graph_stats(graphs)}
 
 
 def short_lengths(n: int, seed: int = 0) -> list[int]:
@@ -179,7 +181,7 @@ def run_short(args, cfg, device) -> dict:
     """2,000 chats of 100-600 tokens: padded batches (dynamic padding) or packed rows; real tokens only."""
     from finetune.data import ChatCollator, PackedCollator, pack_lengths
 
-    model, config, opt = build_for_training(args, cfg, device)
+    model, config, opt, graphs = build_for_training(args, cfg, device)
     lengths = short_lengths(2000)
     g = torch.Generator().manual_seed(1)
     seqs = [torch.randint(0, config.vocab_size, (n,), generator=g).tolist() for n in lengths]
@@ -201,12 +203,12 @@ def run_short(args, cfg, device) -> dict:
         batches = [collate(rows[i: i + args.batch]) for i in range(0, n_batches * args.batch, args.batch)]
     real = [int((b["labels"] != -100).sum()) for b in batches]  # padding is labelled -100 in both forms
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    secs, loss = timed(step_fn(model, opt, device), batches, device, args.warmup)
+    secs, loss = timed(step_fn(model, opt, device, graphs), batches, device, args.warmup)
     tokens = sum(real[args.warmup:])
     padded = sum(b["input_ids"].numel() for b in batches[args.warmup:])
     return {"tok_s": tokens / secs, "real_tokens": tokens, "row_tokens": padded, "fill": tokens / padded,
             "loss": loss, "lora_params": lora_params(model), "rows_timed": args.steps * args.batch,
-            **graph_stats(model)}
+            **graph_stats(graphs)}
 
 
 @torch.no_grad()
@@ -276,8 +278,10 @@ def run_check(args, cfg, device) -> dict:
     ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=g).to(device)
 
     def run(fast: bool, bf16: bool):
-        os.environ["FINETUNE_GPTQ_BACKEND"] = "auto" if fast else "torch"
-        os.environ["FINETUNE_COMPILE"] = "1" if fast else "0"
+        with override(gptq_backend="auto" if fast else "torch", compile=fast):
+            return _run(fast, bf16)
+
+    def _run(fast: bool, bf16: bool):
         model.zero_grad(set_to_none=True)
         ctx = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
         # fused attention for the fast runs (on CUDA flash has no fp32 kernel: fp32 takes the efficient one)
@@ -299,8 +303,6 @@ def run_check(args, cfg, device) -> dict:
     runs = {"fast16": run(True, True), "plain16": run(False, True)}
     model.float()  # exact upcast of the bf16 frozen weights (the packed Int4 buffers stay as they are)
     runs.update({"fast32": run(True, False), "plain32": run(False, False)})
-    os.environ.pop("FINETUNE_GPTQ_BACKEND", None)
-    os.environ.pop("FINETUNE_COMPILE", None)
 
     rel = lambda a, b: float((a - b).norm() / b.norm())  # noqa: E731
 
@@ -345,10 +347,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="train eagerly (no CUDA graphs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    switches = {}
     if args.no_compile:
-        os.environ["FINETUNE_COMPILE"] = "0"
+        switches["compile"] = False
     if args.no_gemv:
-        os.environ["FINETUNE_GPTQ_GEMV"] = "0"
+        switches["gptq_gemv"] = False
+    with override(**switches):
+        return _main(args)
+
+
+def _main(args) -> int:
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     cfg = TINY if args.tiny else QWEN14B
@@ -360,10 +368,10 @@ def main(argv=None) -> int:
               "ckpt_mode": args.ckpt_mode if args.ckpt else None,
               "workload": "check" if args.check else "generate" if args.generate else args.workload,
               "packing": args.packing, "batch": args.batch, "steps": args.steps,
-              "compile": os.environ.get("FINETUNE_COMPILE", "1") != "0",
+              "compile": settings().compile,
               "gc_freeze": os.environ.get("BENCH_GC_FREEZE") == "1",
-              "gemv": os.environ.get("FINETUNE_GPTQ_GEMV", "1") != "0",
-              "graphs": not args.no_graphs and os.environ.get("FINETUNE_CUDA_GRAPHS", "1") != "0" and not args.tiny,
+              "gemv": settings().gptq_gemv,
+              "graphs": not args.no_graphs and settings().cuda_graphs and not args.tiny,
               "torch": torch.__version__, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     t0 = time.perf_counter()
     try:

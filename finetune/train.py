@@ -18,6 +18,7 @@ import torch
 import transformers
 
 from .data import DataError, build_dataset
+from .settings import as_dict as settings_dict
 from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
 from .training.checks import FINISHED_MARKER, TrainConfigError, preflight
 from .training.lora import attach_lora, resolve_compute_dtype
@@ -75,13 +76,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
 
     trainer = QwenTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=make_collator(tokenizer, data_args, fixed_length=graphs), processing_class=tokenizer,
-        compute_dtype=compute_dtype, plan=plan, callbacks=[LossCurveCallback()],
+        data_collator=make_collator(tokenizer, data_args, fixed_length=graphs is not None),
+        processing_class=tokenizer, compute_dtype=compute_dtype, plan=plan, graphs=graphs,
+        callbacks=[LossCurveCallback()],
     )
     if args.process_index == 0:
         _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan)
     trainer.train(resume_from_checkpoint=plan.resume_from)
-    graph_stats = _release_graphs(model) if graphs else None
+    graph_stats = trainer.release_graphs()
     speed = trainer.meter.summary(trainer.accelerator)
     trainer.save_state()
     trainer.save_model(args.output_dir)
@@ -95,12 +97,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     return trainer
 
 
-def _cuda_graphs(model, data_args, args, plan) -> bool:
-    """Whether training steps replay as CUDA graphs (finetune/modeling/graphs.py): --cuda_graphs (default on),
-    one CUDA process without DeepSpeed, packed rows. Says why when it is asked for but not used."""
+def _cuda_graphs(model, data_args, args, plan):
+    """The TrainGraphs the trainer runs its steps through (finetune/training/graphs.py), or None: --cuda_graphs
+    (default on), one CUDA process without DeepSpeed, packed rows. Says why when asked for but not used."""
     if not args.cuda_graphs or not plan.device.startswith("cuda"):
-        return False
-    from .modeling.graphs import enable_train_graphs, graphs_unavailable
+        return None
+    from .training.graphs import enable_train_graphs, graphs_unavailable
 
     if args.world_size > 1 or plan.zero_stage is not None:
         why = "several processes or DeepSpeed"
@@ -111,21 +113,9 @@ def _cuda_graphs(model, data_args, args, plan) -> bool:
     if why is not None:
         if args.process_index == 0:
             logger.info("CUDA graphs off: %s", why)
-        return False
-    enable_train_graphs(model)
+        return None
     logger.info("CUDA graphs on: each step shape is captured after 2 eager steps, then replayed")
-    return True
-
-
-def _release_graphs(model) -> dict:
-    """Free the captured step's memory and put the LoRA dropout modules back; what the graphs did."""
-    from .modeling.graphs import disable_train_graphs
-
-    g = disable_train_graphs(model)
-    stats = {"captures": g.captures, "replayed_steps": g.replays, "eager_steps": g.eager_steps}
-    if g.failure:
-        stats["capture_failure"] = g.failure
-    return stats
+    return enable_train_graphs(model)
 
 
 def _datasets(tokenizer, data_args, args):
@@ -160,7 +150,7 @@ def run_info(trainer, graphs: dict | None = None) -> dict:
     return {
         "world_size": trainer.args.world_size, "deepspeed": stage is not None, "zero_stage": stage,
         "compute_dtype": str(trainer.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
-        "global_step": trainer.state.global_step, "cuda_graphs": graphs,
+        "global_step": trainer.state.global_step, "cuda_graphs": graphs, "settings": settings_dict(),
         "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
     }
 

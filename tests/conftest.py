@@ -58,3 +58,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# --- switches (finetune.settings) --------------------------------------------------------------------------------
+@_pytest.fixture
+def switches():
+    """`switches(gptq_gemv=False, ...)` changes finetune.settings for the rest of the test (restored after)."""
+    import contextlib
+
+    from finetune.settings import override
+
+    with contextlib.ExitStack() as stack:
+        yield lambda **changes: stack.enter_context(override(**changes))

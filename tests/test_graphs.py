@@ -1,4 +1,4 @@
-"""CUDA-graphed training (finetune/modeling/graphs.py), the parts that run without a GPU: when graphs are
+"""CUDA-graphed training (finetune/training/graphs.py), the parts that run without a GPU: when graphs are
 refused and why, the static-shape loss and the prebuilt attention they use, and the trainer's wiring. The
 graphs themselves are tested on the GPU (test_graphs_cuda.py)."""
 
@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from finetune.data import PackedCollator
-from finetune.modeling.graphs import GRAPHS_ENV, enable_train_graphs, graphs_unavailable
-from finetune.modeling.model import build_attention, causal_lm_nll_sum, document_ids
+from finetune.modeling.attention import build_attention, document_ids
+from finetune.modeling.loss import causal_lm_nll_sum
+from finetune.settings import ENV, override
+from finetune.training.graphs import enable_train_graphs, graphs_unavailable
+
+GRAPHS_ENV = ENV["cuda_graphs"]
 from finetune.training.arguments import DataArguments, parse_args
 from finetune.training.trainer import make_collator
 
@@ -21,9 +25,9 @@ def test_refused_without_a_gpu_with_the_reason(monkeypatch):
     assert graphs_unavailable(model) == "no CUDA device"
     with pytest.raises(RuntimeError, match="CUDA graphs cannot be used: no CUDA device"):
         enable_train_graphs(model)
-    monkeypatch.setenv(GRAPHS_ENV, "0")
-    assert graphs_unavailable(model) == f"{GRAPHS_ENV}=0"
-    assert graphs_unavailable(torch.nn.Linear(2, 2)) in ("no CUDA device", f"{GRAPHS_ENV}=0")
+    with override(cuda_graphs=False):
+        assert graphs_unavailable(model) == f"{GRAPHS_ENV}=0"
+        assert graphs_unavailable(torch.nn.Linear(2, 2)) in ("no CUDA device", f"{GRAPHS_ENV}=0")
 
 
 @pytest.mark.parametrize("chunk", [3, 1024])

@@ -1,4 +1,4 @@
-"""GPU tests for CUDA-graphed training steps (``finetune/modeling/graphs.py``): a replayed step computes what
+"""GPU tests for CUDA-graphed training steps (``finetune/training/graphs.py``): a replayed step computes what
 the same step computes eagerly (same seeded dropout masks), for causal and packed rows, with and without
 checkpointing, through an optimizer and gradient accumulation. Run on the GPU machine:
 pytest -m cuda tests/test_graphs_cuda.py"""
@@ -12,7 +12,7 @@ pytestmark = [
 ]
 
 from finetune.modeling import QWenConfig  # noqa: E402
-from finetune.modeling.graphs import GRAPHS_ENV, disable_train_graphs, enable_train_graphs  # noqa: E402
+from finetune.training.graphs import enable_train_graphs  # noqa: E402
 from finetune.quant.loading import build_gptq_model_on_device  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "w1", "w2"]
@@ -76,15 +76,14 @@ def _run(model, batches, graphs_on, monkeypatch, autocast=None, steps_per_update
     """Train on `batches` (AdamW); returns per-step losses, the gradients before each update and the final
     LoRA weights. Graphs are enabled in both modes (same seeded dropout); off means every step runs eagerly."""
     torch.manual_seed(123)  # the dropout seed
-    monkeypatch.setenv(GRAPHS_ENV, "1")
     graphs = enable_train_graphs(model, warmup=1)
-    monkeypatch.setenv(GRAPHS_ENV, "1" if graphs_on else "0")
+    graphs.enabled = graphs_on
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses, grads = [], []
     for i, batch in enumerate(batches):
         ctx = torch.autocast("cuda", dtype=autocast) if autocast is not None else torch.autocast("cuda", enabled=False)
         with ctx:
-            loss = model(**batch).loss
+            loss = graphs(model, batch)
         (loss / steps_per_update).backward()
         losses.append(float(loss))
         if (i + 1) % steps_per_update == 0:
@@ -140,11 +139,10 @@ def test_without_dropout_the_graphed_loss_and_grads_equal_the_plain_model(monkey
         ref_grads.append(_grads(plain))
         plain.zero_grad(set_to_none=True)
     model = _model(dropout=0.0)
-    monkeypatch.setenv(GRAPHS_ENV, "1")
     graphs = enable_train_graphs(model, warmup=1)
     assert not graphs._swapped
     for batch, ref_loss, ref in zip(batches, ref_losses, ref_grads):
-        loss = model(**batch).loss
+        loss = graphs(model, batch)
         loss.backward()
         assert abs(float(loss) - ref_loss) <= 1e-5 * abs(ref_loss)
         got = _grads(model)
@@ -156,13 +154,12 @@ def test_without_dropout_the_graphed_loss_and_grads_equal_the_plain_model(monkey
 
 def test_seeded_dropout_masks_differ_between_steps_and_sites(monkeypatch):
     model = _model()
-    monkeypatch.setenv(GRAPHS_ENV, "1")
     graphs = enable_train_graphs(model, warmup=1)
     assert len(graphs._swapped) == 2 * 5
     batch = _batches(1)[0]
     losses = []
     for _ in range(4):  # the same batch: only the dropout masks change the loss
-        loss = model(**batch).loss
+        loss = graphs(model, batch)
         loss.backward()
         model.zero_grad(set_to_none=True)
         losses.append(float(loss))
@@ -172,31 +169,29 @@ def test_seeded_dropout_masks_differ_between_steps_and_sites(monkeypatch):
         a = model(input_ids=batch["input_ids"]).logits
         b = model(input_ids=batch["input_ids"]).logits
     assert torch.equal(a, b)  # eval: no dropout
-    disable_train_graphs(model)
+    graphs.close()
     assert all(type(d) is torch.nn.Dropout for m in model.modules() if hasattr(m, "lora_dropout")
                for d in m.lora_dropout.values())
 
 
 def test_other_shapes_run_eagerly_after_capture(monkeypatch):
     model = _model()
-    monkeypatch.setenv(GRAPHS_ENV, "1")
     graphs = enable_train_graphs(model, warmup=1)
     for batch in _batches(3, T=64) + _batches(1, T=40):
-        model(**batch).loss.backward()
+        graphs(model, batch).backward()
     assert graphs.captures == 1 and graphs.replays == 2 and graphs.eager_steps == 2
-    model(**_batches(1, T=64)[0]).loss.backward()  # back to the captured shape: replayed
+    graphs(model, _batches(1, T=64)[0]).backward()  # back to the captured shape: replayed
     assert graphs.replays == 3
 
 
 def test_forward_twice_before_backward_is_refused(monkeypatch):
     model = _model()
-    monkeypatch.setenv(GRAPHS_ENV, "1")
-    enable_train_graphs(model, warmup=1)
+    graphs = enable_train_graphs(model, warmup=1)
     batch = _batches(1)[0]
-    model(**batch).loss.backward()
-    model(**batch).loss.backward()  # captured and replayed
-    first = model(**batch).loss
-    model(**batch).loss.backward()
+    graphs(model, batch).backward()
+    graphs(model, batch).backward()  # captured and replayed
+    first = graphs(model, batch)
+    graphs(model, batch).backward()
     with pytest.raises(RuntimeError, match="ran again before the backward"):
         first.backward()
 
@@ -213,19 +208,18 @@ def test_compiled_elementwise_kernels_inside_the_graph(monkeypatch):
 
 
 def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch):
-    from finetune.modeling import graphs as graphs_mod
+    from finetune.training import graphs as graphs_mod
 
     def broken(*a, **k):
         raise RuntimeError("capture invalidated")
 
     model = _model()
-    monkeypatch.setenv(GRAPHS_ENV, "1")
     graphs = enable_train_graphs(model, warmup=1)
     monkeypatch.setattr(graphs_mod, "_CapturedStep", broken)
     losses = []
     with pytest.warns(UserWarning, match="continues without graphs"):
         for batch in _batches(3):
-            loss = model(**batch).loss
+            loss = graphs(model, batch)
             loss.backward()
             losses.append(float(loss))
     assert graphs.captures == 1 and graphs.replays == 0 and graphs.eager_steps == 3
@@ -239,7 +233,6 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
     import json
 
     from finetune.demo import make_demo_model
-    from finetune.modeling.graphs import train_graphs
     from finetune.train import train
     from finetune.training.arguments import parse_args
 
@@ -257,7 +250,7 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
         trainer = train(*parse_args(argv))
         runs[graphs] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
                         json.loads((out / "run_info.json").read_text())["cuda_graphs"])
-        assert train_graphs(trainer.model) is None  # released after training
+        assert trainer.graphs is None  # released after training
     (graphed, g), (eager, none) = runs["True"], runs["False"]
     assert none is None and g == {"captures": 1, "replayed_steps": 28, "eager_steps": 2}
     assert graphed[-1] < 0.3 * graphed[0] and eager[-1] < 0.3 * eager[0]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 import finetune  # noqa: F401  (registers the Auto classes)
 from finetune.modeling import QWenConfig, QWenLMHeadModel
 from finetune.modeling import model as qwen_model
-from finetune.modeling.model import chunked_causal_lm_loss, logn_scale, ntk_alpha
+from finetune.modeling.loss import chunked_causal_lm_loss
+from finetune.modeling.model import logn_scale, ntk_alpha
 
 from _helpers import realistic_model, tiny_model
 
@@ -506,7 +507,12 @@ def test_cuda_compiled_kernels_match_eager(dtype, monkeypatch):
     monkeypatch.setattr(kernels, "COMPILE_MIN_NUMEL", 0)  # this model is small: compile it anyway
 
     def run(compiled: bool, ckpt: bool, T: int):
-        monkeypatch.setenv("FINETUNE_COMPILE", "1" if compiled else "0")
+        from finetune.settings import override
+
+        with override(compile=compiled):
+            return _run(compiled, ckpt, T)
+
+    def _run(compiled: bool, ckpt: bool, T: int):
         model = realistic_model(14).to("cuda", dtype).train()
         if ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -526,7 +532,7 @@ def test_cuda_compiled_kernels_match_eager(dtype, monkeypatch):
 
 
 def test_left_padding_is_not_packing():
-    from finetune.modeling.model import document_ids
+    from finetune.modeling.attention import document_ids
 
     ids, mask, pos = left_padded([3, 6])
     assert document_ids(pos, mask) is None

@@ -38,10 +38,10 @@ def _rel_err(a, b):
     (4, 128, False, False), (4, 128, True, False), (4, 32, False, True), (4, -1, True, True), (8, 128, False, False),
     (8, 64, True, True),
 ])
-def test_triton_dequant_equals_torch(in_f, out_f, bits, group_size, desc_act, v2, monkeypatch):
+def test_triton_dequant_equals_torch(in_f, out_f, bits, group_size, desc_act, v2, monkeypatch, switches):
     from finetune.quant.triton_dequant import triton_dequantize_t
 
-    monkeypatch.setenv("FINETUNE_GPTQ_TUNE", "0")  # one kernel config (the tuner's choice only changes speed)
+    switches(gptq_tune=False)  # one kernel config (the tuner's choice only changes speed)
 
     if in_f * out_f > 30e6 and (bits, group_size, desc_act, v2) not in ((4, 128, False, False), (4, 128, True, False)):
         pytest.skip("large shapes only for the Qwen layouts (time)")
@@ -57,7 +57,7 @@ def test_triton_dequant_equals_torch(in_f, out_f, bits, group_size, desc_act, v2
 
 @pytest.mark.parametrize("in_f,out_f", SHAPES[:4] + [(256, 72)])
 @pytest.mark.parametrize("desc_act", [False, True])
-def test_gptq_linear_triton_path_matches_torch_path(in_f, out_f, desc_act, monkeypatch):
+def test_gptq_linear_triton_path_matches_torch_path(in_f, out_f, desc_act, monkeypatch, switches):
     p = _random_packed(in_f, out_f, 4, 128, desc_act, seed=1)
     bias = torch.randn(out_f, device="cuda", dtype=torch.bfloat16) * 0.1
     layer = GPTQLinear.from_quantized(**p, bias=bias, bits=4, group_size=128, desc_act=desc_act)
@@ -66,7 +66,7 @@ def test_gptq_linear_triton_path_matches_torch_path(in_f, out_f, desc_act, monke
     gy = torch.randn(tokens, out_f, device="cuda", dtype=torch.bfloat16)
 
     def run(backend):
-        monkeypatch.setenv("FINETUNE_GPTQ_BACKEND", backend)
+        switches(gptq_backend=backend)
         x.grad = None
         y = layer(x)
         y.backward(gy)
@@ -140,10 +140,10 @@ GEMV_ROWS = (1, 2, 3, 8)
     (4, 128, False, False), (4, 128, True, False), (4, 32, False, True), (4, -1, True, True), (8, 128, False, False),
     (8, 32, True, True), (8, -1, False, False),
 ])
-def test_triton_gemv_equals_dequant_matmul(in_f, out_f, bits, group_size, desc_act, v2, monkeypatch):
+def test_triton_gemv_equals_dequant_matmul(in_f, out_f, bits, group_size, desc_act, v2, monkeypatch, switches):
     from finetune.quant.triton_gemv import triton_gemv
 
-    monkeypatch.setenv("FINETUNE_GPTQ_TUNE", "0")  # one config per row bucket; every config: the next test
+    switches(gptq_tune=False)  # one config per row bucket; every config: the next test
     if in_f * out_f > 30e6 and (bits, group_size, desc_act, v2) not in ((4, 128, False, False), (4, 128, True, False)):
         pytest.skip("large shapes only for the Qwen layouts (time)")
     p = _random_packed(in_f, out_f, bits, group_size, desc_act, v2, seed=3)
@@ -185,10 +185,10 @@ def test_triton_gemv_every_config(in_f, out_f, bits, group_size, desc_act, v2):
                 assert err < GEMV_TOL[dtype], (dtype, m, cfg, err)
 
 
-def test_triton_gemv_tuned_cached_and_unaligned_input(monkeypatch):
+def test_triton_gemv_tuned_cached_and_unaligned_input(monkeypatch, switches):
     from finetune.quant import triton_gemv as tg
 
-    monkeypatch.setenv("FINETUNE_GPTQ_TUNE", "1")
+    switches(gptq_tune=True)
     in_f, out_f = 5120, 5120
     p = _random_packed(in_f, out_f, seed=5)
     wt = dequantize_t(**p, bits=4, dtype=torch.bfloat16).double()
@@ -208,11 +208,11 @@ def test_triton_gemv_tuned_cached_and_unaligned_input(monkeypatch):
         assert torch.equal(tg.triton_gemv(xu, **p, bits=4, group_size=128), y)
 
 
-def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch):
+def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switches):
     from finetune.quant import linear as qlinear
 
-    monkeypatch.setenv("FINETUNE_GPTQ_TUNE", "0")
-    monkeypatch.delenv("FINETUNE_GPTQ_GEMV", raising=False)
+    switches(gptq_tune=False)
+    switches(gptq_gemv=True)
     calls = []
     real = qlinear.gptq_gemv
 
@@ -232,7 +232,7 @@ def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch):
     assert calls == [(1, in_f)]
     assert y.shape == (1, 1, out_f) and y.dtype == torch.bfloat16
 
-    monkeypatch.setenv("FINETUNE_GPTQ_GEMV", "0")
+    switches(gptq_gemv=False)
     with torch.no_grad():
         y_off = layer(x)  # dequantize + matmul
     assert len(calls) == 1
@@ -241,7 +241,7 @@ def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch):
     # fp32 reference differs from that by the roundings alone, about the tolerance)
     ref = F.linear(x.float(), layer.dequantize(torch.bfloat16).float()).to(torch.bfloat16) + bias
     assert _rel_err(y, ref) < GEMV_TOL[torch.bfloat16]
-    monkeypatch.delenv("FINETUNE_GPTQ_GEMV")
+    switches(gptq_gemv=True)
 
     xg = x.clone().requires_grad_(True)
     yg = layer(xg)  # an autograd graph is needed: GPTQMatmul

@@ -42,7 +42,7 @@ def _rel_err(a, b):
 
 # -- routing in GPTQLinear.forward (plain torch, no triton) -----------------------------------------------------
 @pytest.fixture
-def routed(monkeypatch):
+def routed(monkeypatch, switches):
     """GPTQLinear on the CPU as if Triton were usable: gptq_gemv and the dequantization are torch references;
     returns the list of x2d shapes the GEMV received."""
     calls = []
@@ -59,7 +59,7 @@ def routed(monkeypatch):
     monkeypatch.setattr(qlinear, "_use_triton", lambda device: True)
     monkeypatch.setattr(qlinear, "gptq_gemv", fake_gemv)
     monkeypatch.setattr(qlinear, "dequantize_weight_t", torch_dequant)
-    monkeypatch.delenv("FINETUNE_GPTQ_GEMV", raising=False)
+    switches(gptq_gemv=True)
     return calls
 
 
@@ -93,7 +93,7 @@ def test_gemv_also_without_no_grad_when_input_needs_no_grad(routed):
     assert len(routed) == 3
 
 
-def test_rows_needing_a_graph_or_too_many_rows_or_switched_off_use_gptq_matmul(routed, monkeypatch):
+def test_rows_needing_a_graph_or_too_many_rows_or_switched_off_use_gptq_matmul(routed, monkeypatch, switches):
     layer = _layer()
     x = torch.randn(1, 256, requires_grad=True)
     y = layer(x)  # needs the autograd graph
@@ -102,7 +102,7 @@ def test_rows_needing_a_graph_or_too_many_rows_or_switched_off_use_gptq_matmul(r
     with torch.no_grad():
         layer(torch.randn(9, 256))  # more than GEMV_MAX_ROWS
         layer(torch.randn(1, 256, dtype=torch.float64))  # a dtype the kernel does not take
-    monkeypatch.setenv("FINETUNE_GPTQ_GEMV", "0")
+    switches(gptq_gemv=False)
     with torch.no_grad():
         layer(torch.randn(1, 256))
     assert routed == []

@@ -1,4 +1,4 @@
-"""SeededDropout (``finetune/modeling/seeded_dropout.py``) through Triton's interpreter on the CPU: the mask is
+"""SeededDropout (``finetune/training/seeded_dropout.py``) through Triton's interpreter on the CPU: the mask is
 a function of (seed, salt, element) only, so the backward and a recomputation reproduce the forward's mask.
 Run with ``TRITON_INTERPRET=1 python -m pytest tests/test_seeded_dropout_interpret.py`` (without it these
 skip; see tests/_helpers.load_interpreted). The compiled kernel runs in tests/test_graphs_cuda.py."""
@@ -12,7 +12,7 @@ import torch
 
 from _helpers import load_interpreted
 
-DROPOUT_PY = Path(__file__).resolve().parents[1] / "finetune" / "modeling" / "seeded_dropout.py"
+DROPOUT_PY = Path(__file__).resolve().parents[1] / "finetune" / "training" / "seeded_dropout.py"
 
 
 @pytest.fixture(scope="module")

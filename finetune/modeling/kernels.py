@@ -15,12 +15,10 @@ compares the two.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-_COMPILE_ENV = "FINETUNE_COMPILE"
+from ..settings import settings
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,7 +54,7 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 def compile_enabled() -> bool:
-    return os.environ.get(_COMPILE_ENV, "1") != "0"
+    return settings().compile
 
 
 _COMPILED: dict = {}

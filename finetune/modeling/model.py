@@ -22,19 +22,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .attention import AttentionSpec, _flex_attention, build_attention, document_ids
 from .configuration import QWenConfig
 from .kernels import fused, rms_norm, rotary_qk, swiglu
+from .loss import chunked_causal_lm_loss
 
 # transformers 5.2x renamed the outputs' `past_key_values` field to `cache`; use whichever this version has.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-IGNORE_INDEX = -100
-LOSS_CHUNK_TOKENS = 1024
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,91 +184,6 @@ class QWenBlock(nn.Module):
             x = self._gradient_checkpointing_func(self._attention_half, x, rope, attn, query_scale, None)
             return self._gradient_checkpointing_func(self._mlp_half, x)
         return self._mlp_half(self._attention_half(x, rope, attn, query_scale, cache))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Masks
-# ---------------------------------------------------------------------------------------------------------------
-class AttentionSpec:
-    """What attention needs besides q, k, v: a bool mask [B, 1, T, S] (True = attend), or is_causal, or a
-    FlexAttention block mask."""
-
-    def __init__(self, mask=None, is_causal=False, block_mask=None):
-        self.mask, self.is_causal, self.block_mask = mask, is_causal, block_mask
-
-
-def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-    """[B, T] sequence index inside each packed row, or None when no row restarts its positions between two real
-    tokens (padding, whose positions are 0, is not a restart: the padding mask handles it)."""
-    if position_ids.shape[1] < 2:
-        return None
-    restart = position_ids[:, 1:] <= position_ids[:, :-1]
-    if attention_mask is not None:
-        real = attention_mask.bool()
-        restart = restart & real[:, 1:] & real[:, :-1]
-    if not bool(restart.any()):
-        return None
-    return F.pad(restart.long(), (1, 0)).cumsum(-1)
-
-
-_FLEX = None
-
-
-def _flex_attention():
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        _FLEX = torch.compile(flex_attention)  # uncompiled, flex_attention would materialise the scores
-    return _FLEX
-
-
-def build_attention(
-    attention_mask: torch.Tensor | None,
-    doc_ids: torch.Tensor | None,
-    q_len: int,
-    past: int,
-    device,
-    use_flex: bool,
-) -> AttentionSpec:
-    """Causal attention over [past + q_len] keys, plus padding (attention_mask [B, past + q_len], 1 = real token)
-    and packed-sequence boundaries (doc_ids [B, q_len], prefill only)."""
-    kv_len = past + q_len
-    if attention_mask is not None and bool(attention_mask.all()):
-        attention_mask = None
-    if attention_mask is None and doc_ids is None:
-        if past == 0:
-            return AttentionSpec(is_causal=q_len > 1)
-        if q_len == 1:
-            return AttentionSpec()
-    if use_flex and doc_ids is not None and past == 0:
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        docs = doc_ids
-        valid = attention_mask.bool() if attention_mask is not None else None
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            keep = (q_idx >= kv_idx) & (docs[b, q_idx] == docs[b, kv_idx])
-            if valid is not None:
-                keep = keep & valid[b, kv_idx]
-            return keep | (q_idx == kv_idx)
-
-        B = doc_ids.shape[0]
-        # _compile=True: the block mask is built block by block, never as a dense L x L tensor
-        return AttentionSpec(block_mask=create_block_mask(mask_mod, B, None, q_len, kv_len, device=device,
-                                                          _compile=True))
-
-    q_pos = torch.arange(past, kv_len, device=device)
-    k_pos = torch.arange(kv_len, device=device)
-    mask = (k_pos[None, :] <= q_pos[:, None])[None]  # [1, T, S]
-    if attention_mask is not None:
-        mask = mask & attention_mask.bool()[:, None, :]
-    if doc_ids is not None:
-        mask = mask & (doc_ids[:, :, None] == doc_ids[:, None, :])
-    # Every query keeps itself: padded query rows would otherwise be all-masked and give NaN (which would then
-    # leak through 0 * NaN into real rows of later layers).
-    mask = mask | (k_pos[None, :] == q_pos[:, None])[None]
-    return AttentionSpec(mask=mask[:, None])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -472,17 +386,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """With `labels` the loss is computed from hidden states in chunks (fp32 log-softmax per chunk, each chunk
         checkpointed): the sum over trained tokens divided by `num_items_in_batch` when given (the Trainer passes the
         global count), else the mean over trained tokens. Logits are then returned only when asked
-        (`return_logits=True`) or in eval mode. With CUDA graphs enabled (`graphs.enable_train_graphs`), a
-        training forward that needs only the loss runs through them."""
-        graphs = self.__dict__.get("_train_graphs")
-        if (graphs is not None and labels is not None and input_ids is not None and inputs_embeds is None
-                and attention_mask is None and cache is None and past_key_values is None and not use_cache
-                and not return_logits and isinstance(logits_to_keep, int) and logits_to_keep == 0
-                and self.training and torch.is_grad_enabled() and input_ids.is_cuda
-                and all(v is None or v is False for v in kwargs.values())):  # PEFT passes output_attentions=None
-            loss = graphs.loss(input_ids, position_ids, labels, num_items_in_batch)
-            result = CausalLMOutputWithPast(loss=loss, logits=None, **{_CACHE_FIELD: None})
-            return result if return_dict is not False else result.to_tuple()
+        (`return_logits=True`) or in eval mode."""
         out = self.transformer(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -515,64 +419,4 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     from .chat import chat, chat_stream  # noqa: E402  (methods defined in chat.py, bound here)
 
 
-def chunked_causal_lm_loss(
-    lm_head: nn.Module,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    num_items_in_batch: int | torch.Tensor | None = None,
-    chunk_tokens: int = LOSS_CHUNK_TOKENS,
-) -> torch.Tensor:
-    """Next-token cross-entropy from hidden states [B, T, H] and labels [B, T] (-100 = not trained): the sum
-    over trained tokens divided by `num_items_in_batch` when given, else the mean over trained tokens."""
-    total, count = causal_lm_nll_sum(lm_head, hidden, labels, chunk_tokens)
-    return normalize_loss(total, count, num_items_in_batch)
-
-
-def normalize_loss(total: torch.Tensor, count: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    if num_items_in_batch is not None:
-        denom = num_items_in_batch
-        if isinstance(denom, torch.Tensor):
-            denom = denom.to(device=total.device, dtype=torch.float32)
-        return total / denom
-    return total / count.clamp(min=1)  # a device tensor: no host sync between forward and backward
-
-
-def causal_lm_nll_sum(
-    lm_head: nn.Module,
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    chunk_tokens: int = LOSS_CHUNK_TOKENS,
-    select: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed next-token NLL in fp32, number of trained positions as a device tensor).
-
-    lm_head runs `chunk_tokens` positions at a time, each chunk's fp32 log-softmax under gradient
-    checkpointing, so neither the full logits nor their fp32 copy ever exist at once. `select=True` sends
-    only trained positions through lm_head (a data-dependent shape); `select=False` sends every position
-    and lets cross-entropy ignore the untrained ones (static shapes, as a captured CUDA graph needs)."""
-    labels = labels.to(hidden.device)
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
-    keep = y != IGNORE_INDEX
-    if select:
-        h, y = h[keep], y[keep]
-
-    def chunk_nll(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
-        logits = lm_head(h_chunk).float()
-        return F.cross_entropy(logits, y_chunk, reduction="sum", ignore_index=IGNORE_INDEX)
-
-    total = hidden.new_zeros((), dtype=torch.float32)
-    if h.shape[0] == 0:
-        total = total + hidden.sum() * 0.0  # keep the graph connected (zero loss, zero grads)
-    for start in range(0, h.shape[0], chunk_tokens):
-        hc, yc = h[start : start + chunk_tokens], y[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and hc.requires_grad:
-            # no random ops in a chunk: nothing to stash (and stashing the CUDA RNG state cannot be captured)
-            total = total + checkpoint(chunk_nll, hc, yc, use_reentrant=False, preserve_rng_state=False)
-        else:
-            total = total + chunk_nll(hc, yc)
-    return total, keep.sum()
-
-
-__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "chunked_causal_lm_loss", "causal_lm_nll_sum",
-           "ntk_alpha"]
+__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "ntk_alpha"]

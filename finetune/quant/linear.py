@@ -23,7 +23,6 @@ Triton kernels' one-time config timing.
 
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -37,8 +36,8 @@ from .packing import (
     values_per_word,
 )
 
-_BACKEND_ENV = "FINETUNE_GPTQ_BACKEND"  # "auto" (default), "torch" or "triton"
-_GEMV_ENV = "FINETUNE_GPTQ_GEMV"  # "0" disables the fused decode GEMV
+from ..settings import settings
+
 GEMV_MAX_ROWS = 8
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -50,7 +49,7 @@ def _use_triton(device: torch.device) -> bool:
     global _TRITON_IMPORTABLE
     if device.type != "cuda":
         return False
-    backend = os.environ.get(_BACKEND_ENV, "auto").lower()
+    backend = settings().gptq_backend
     if backend == "torch":
         return False
     if _TRITON_IMPORTABLE is None:
@@ -61,7 +60,7 @@ def _use_triton(device: torch.device) -> bool:
         except ImportError:
             _TRITON_IMPORTABLE = False
     if not _TRITON_IMPORTABLE and backend == "triton":
-        raise ImportError(f"{_BACKEND_ENV}=triton but triton is not importable")
+        raise ImportError("FINETUNE_GPTQ_BACKEND=triton but triton is not importable")
     return _TRITON_IMPORTABLE
 
 
@@ -255,7 +254,7 @@ class GPTQLinear(nn.Module):
         trivial = self._trivial_g_idx() if use_triton else None
         rows = x.numel() // self.in_features if self.in_features else 0
         if (use_triton and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == self.in_features and dtype in _GEMV_DTYPES
-                and not (torch.is_grad_enabled() and x.requires_grad) and os.environ.get(_GEMV_ENV, "1") != "0"):
+                and not (torch.is_grad_enabled() and x.requires_grad) and settings().gptq_gemv):
             # decoding: the fused GEMV reads the packed weight once and writes no float weight
             y = gptq_gemv(x.reshape(rows, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
                           self.bits, self.v2, self.group_size, trivial)

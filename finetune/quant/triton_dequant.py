@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..settings import settings
+
 # (BLOCK_K, BLOCK_N, num_warps) candidates; the best per (K, N, bits, g_idx kind, dtype) is picked once by
 # timing (our own small tuner: triton.autotune's per-launch Python overhead was measurable at these sizes).
 _CONFIGS = [
@@ -174,7 +176,7 @@ def _tune(launch):
     """The fastest of _CONFIGS for one problem (each compiled and timed once; ~ms, first call only)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return _INTERPRET_CONFIG
-    if os.environ.get("FINETUNE_GPTQ_TUNE", "1") == "0":  # e.g. tests: one compile per problem kind
+    if not settings().gptq_tune:  # e.g. tests: one compile per problem kind
         return _CONFIGS[2]
     for cfg in _CONFIGS:  # compile
         launch(cfg)

@@ -24,12 +24,13 @@ HBM); ``FINETUNE_GPTQ_TUNE=0`` takes the first config of the list instead.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 import triton
 import triton.language as tl
+
+from ..settings import settings
 
 MAX_ROWS = 8
 
@@ -346,7 +347,7 @@ def _tune(launch, fast, M, device):
     if _INTERPRET:
         return _INTERPRET_CONFIG
     configs = configs_for(M)
-    if os.environ.get("FINETUNE_GPTQ_TUNE", "1") == "0":  # e.g. tests: one compile per problem kind
+    if not settings().gptq_tune:  # e.g. tests: one compile per problem kind
         return configs[0]
     hits, ok = [], []
     for cfg in configs:  # compile; a config this GPU cannot run (e.g. out of shared memory) is left out

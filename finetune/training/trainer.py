@@ -29,8 +29,9 @@ def make_collator(tokenizer, data_args, fixed_length: bool = False):
 
 
 class QwenTrainer(Trainer):
-    def __init__(self, *a, compute_dtype: torch.dtype = torch.float32, plan=None, **kw):
+    def __init__(self, *a, compute_dtype: torch.dtype = torch.float32, plan=None, graphs=None, **kw):
         super().__init__(*a, **kw)
+        self.graphs = graphs  # a training.graphs.TrainGraphs: the training forwards replay as CUDA graphs
         self.meter = ThroughputMeter()
         self.add_callback(self.meter)
         self.compute_dtype = compute_dtype
@@ -69,8 +70,19 @@ class QwenTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with self._autocast():
+            if self.graphs is not None and not return_outputs and self.graphs.applies(inputs):
+                return self.graphs(model, inputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+
+    def release_graphs(self) -> dict | None:
+        """Free the captured step's memory and put the LoRA dropout modules back; what the graphs did (None
+        when the run trained without them)."""
+        if self.graphs is None:
+            return None
+        self.graphs.close()
+        stats, self.graphs = self.graphs.stats(), None
+        return stats
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with self._autocast():

@@ -22,34 +22,34 @@ What has to hold, and how it is kept:
   one graph is kept (each holds its own memory pool) and at most ``max_captures`` are made per run.
 
 Single process only (DeepSpeed and DDP hook parameter gradients, which a captured backward bypasses).
-``FINETUNE_CUDA_GRAPHS=0`` turns it off at run time.
+The model knows nothing of this: the trainer owns a ``TrainGraphs`` and sends its training forwards through
+it (``QwenTrainer.compute_loss``). ``--cuda_graphs False`` (default: ``FINETUNE_CUDA_GRAPHS``) keeps it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import warnings
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-GRAPHS_ENV = "FINETUNE_CUDA_GRAPHS"
+from ..modeling.attention import build_attention, document_ids
+from ..modeling.loss import causal_lm_nll_sum, normalize_loss
+from ..modeling.model import QWenLMHeadModel
+from ..settings import settings
+
 # lm_head rows per loss chunk inside a graph: launches cost nothing there, and a 1024-token chunk's fp32
 # logits and their gradient (about 2 GB on a 152k vocabulary) would be the largest block in the graph's pool
 GRAPH_LOSS_CHUNK = 256
 
 
-def _env_enabled() -> bool:
-    return os.environ.get(GRAPHS_ENV, "1") != "0"
-
-
 def graphs_unavailable(model: nn.Module) -> str | None:
     """Why `model` (a QWenLMHeadModel, possibly inside PEFT) cannot train through CUDA graphs, or None."""
-    if not _env_enabled():
-        return f"{GRAPHS_ENV}=0"
+    if not settings().cuda_graphs:
+        return "FINETUNE_CUDA_GRAPHS=0"
     if not torch.cuda.is_available():
         return "no CUDA device"
     lm = _find_lm(model)
@@ -71,8 +71,6 @@ def graphs_unavailable(model: nn.Module) -> str | None:
 
 
 def _find_lm(model: nn.Module):
-    from .model import QWenLMHeadModel
-
     for m in model.modules():
         if isinstance(m, QWenLMHeadModel):
             return m
@@ -80,35 +78,13 @@ def _find_lm(model: nn.Module):
 
 
 def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 4) -> "TrainGraphs":
-    """Train `model` through CUDA graphs from now on (call after LoRA is attached and checkpointing is set).
-    Raises RuntimeError saying why when it cannot (see ``graphs_unavailable``)."""
+    """A TrainGraphs for `model` (call after LoRA is attached and checkpointing is set): the caller owns it and
+    runs its training forwards through it (`graphs(model, inputs)`); `close()` gives everything back.
+    Raises RuntimeError saying why when graphs cannot be used (see ``graphs_unavailable``)."""
     why = graphs_unavailable(model)
     if why is not None:
         raise RuntimeError(f"CUDA graphs cannot be used: {why}")
-    lm = _find_lm(model)
-    existing = lm.__dict__.get("_train_graphs")
-    if existing is not None:
-        return existing
-    graphs = TrainGraphs(lm, warmup=warmup, max_captures=max_captures)
-    lm.__dict__["_train_graphs"] = graphs  # not a submodule: no parameters, nothing in the state dict
-    return graphs
-
-
-def train_graphs(model: nn.Module) -> "TrainGraphs | None":
-    """The TrainGraphs in use on `model` (its counters), or None."""
-    lm = _find_lm(model)
-    return lm.__dict__.get("_train_graphs") if lm is not None else None
-
-
-def disable_train_graphs(model: nn.Module) -> "TrainGraphs | None":
-    """Back to eager training: the captured step (and its memory pool) goes, the LoRA dropout modules are put
-    back. Returns the TrainGraphs that was in use (its counters), or None."""
-    lm = _find_lm(model)
-    graphs = lm.__dict__.pop("_train_graphs", None) if lm is not None else None
-    if graphs is not None:
-        graphs.restore_dropouts()
-        graphs.step = None
-    return graphs
+    return TrainGraphs(_find_lm(model), warmup=warmup, max_captures=max_captures)
 
 
 class TrainGraphs:
@@ -131,6 +107,36 @@ class TrainGraphs:
         self._key = None
         self._seen = 0
         self._rng_use: str | None = None  # what else draws random numbers in the model (then: no capture)
+        self.enabled = True  # False: every step runs eagerly through the same seeded dropout (A/B, tests)
+
+    # -- the training forward -----------------------------------------------------------------------------
+    def applies(self, inputs: dict) -> bool:
+        """Whether a training forward on `inputs` is one this object runs: a loss-only step on token ids
+        (input_ids, labels, optional position_ids) in training mode with gradients, on the GPU."""
+        ids = inputs.get("input_ids")
+        return (ids is not None and ids.is_cuda and inputs.get("labels") is not None
+                and set(inputs) <= {"input_ids", "labels", "position_ids"}
+                and self.lm.training and torch.is_grad_enabled())
+
+    def __call__(self, model: nn.Module, inputs: dict, num_items_in_batch=None) -> torch.Tensor:
+        """The training loss of one step on `inputs`: through the graphs where they apply, else `model`'s own
+        forward."""
+        if self.applies(inputs):
+            return self.loss(inputs["input_ids"], inputs.get("position_ids"), inputs["labels"], num_items_in_batch)
+        kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        return model(**inputs, **kw).loss
+
+    def close(self) -> None:
+        """Back to eager training: the captured step (and its memory pool) goes, the LoRA dropout modules are
+        put back."""
+        self.restore_dropouts()
+        self.step = None
+
+    def stats(self) -> dict:
+        out = {"captures": self.captures, "replayed_steps": self.replays, "eager_steps": self.eager_steps}
+        if self.failure:
+            out["capture_failure"] = self.failure
+        return out
 
     # -- dropout ----------------------------------------------------------------------------------------
     def _swap_dropouts(self) -> None:
@@ -167,7 +173,6 @@ class TrainGraphs:
     # -- per forward ------------------------------------------------------------------------------------
     def loss(self, input_ids, position_ids, labels, num_items_in_batch):
         """The normalised training loss of one step (replayed, captured or eager), differentiable."""
-        from .model import document_ids, normalize_loss
 
         B, T = input_ids.shape
         if position_ids is not None and position_ids.shape[0] != B:
@@ -178,7 +183,7 @@ class TrainGraphs:
         key = (B, T, doc_ids is not None, position_ids is None, autocast, input_ids.device,
                tuple(b.gradient_checkpointing for b in self.lm.transformer.h), tuple(map(id, params)))
 
-        if not _env_enabled():
+        if not self.enabled:
             key = None  # eager from here (a later step with it back on captures afresh)
         elif self.step is not None and self.step.key == key:
             self.replays += 1
@@ -210,14 +215,10 @@ class TrainGraphs:
         return normalize_loss(total, count, num_items_in_batch)
 
     def attention(self, doc_ids, B, T, device):
-        from .model import build_attention
-
         return build_attention(None, doc_ids, T, 0, device, self.lm.transformer.use_flex_attention())
 
     def body(self, input_ids, position_ids, labels, attn):
         """(summed NLL, trained-token count): the part of a step that is captured."""
-        from .model import causal_lm_nll_sum
-
         hidden = self.lm.transformer(input_ids=input_ids, position_ids=position_ids, attention_spec=attn,
                                      use_cache=False).last_hidden_state
         return causal_lm_nll_sum(self.lm.lm_head, hidden, labels, chunk_tokens=GRAPH_LOSS_CHUNK, select=False)
@@ -307,7 +308,6 @@ class _CapturedStep:
         self.total = self.total.detach()
 
     def run(self, input_ids, position_ids, doc_ids, labels, num_items_in_batch):
-        from .model import normalize_loss
 
         self.input_ids.copy_(input_ids, non_blocking=True)
         self.labels.copy_(labels, non_blocking=True)
@@ -352,7 +352,7 @@ class _Replay(torch.autograd.Function):
         if ctx.generation != step.generation:
             raise RuntimeError(
                 "a CUDA-graphed training forward ran again before the backward of the previous one; run "
-                f"backward after each training forward, or set {GRAPHS_ENV}=0")
+                "backward after each training forward, or train with --cuda_graphs False")
         step.grad_out.copy_(grad)
         zero, foreign = [], []
         for p, buf in zip(step.params, step.grads):
@@ -370,4 +370,4 @@ class _Replay(torch.autograd.Function):
         return (None,) * (1 + len(step.params))
 
 
-__all__ = ["enable_train_graphs", "disable_train_graphs", "train_graphs", "graphs_unavailable", "TrainGraphs", "GRAPHS_ENV"]
+__all__ = ["enable_train_graphs", "graphs_unavailable", "TrainGraphs"]
