@@ -1,9 +1,26 @@
-"""qwen-finetune: LoRA / Q-LoRA fine-tuning for Qwen chat models."""
+"""qwen-finetune: LoRA / Q-LoRA fine-tuning for Qwen chat models.
 
-from . import modeling  # registers model_type "qwen" (config, model, tokenizer) with the transformers Auto classes
-from . import quant  # registers LoRA for the GPTQ layer with PEFT, so saved adapters reload on Int4 bases
-from .loading import load_model
-from .tokenization import QWenTokenizer, load_tokenizer
+Importing the package is cheap: the model code, the GPTQ layer and PEFT load when first used. The
+registrations that make official Qwen dirs load through transformers' Auto classes and PEFT run when those
+are imported (finetune/registry.py).
+"""
+
+from . import registry
+
+registry.install()
+
+_LAZY = {"load_model": ".loading", "load_tokenizer": ".tokenization", "QWenTokenizer": ".tokenization"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["QWenTokenizer", "load_tokenizer", "load_model"]
 __version__ = "0.1.0"

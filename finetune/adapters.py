@@ -265,14 +265,7 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
     return peft_model
 
 
-def load_model_with_adapter(adapter_dir, model_dir=None, dtype=None, device=None):
-    """Base (``model_dir`` or the one the adapter records) + adapter -> PeftModel, via finetune.load_model."""
-    from .loading import load_model
-
-    return load_model(resolve_base(adapter_dir, model_dir), adapter=adapter_dir, dtype=dtype, device=device)
-
-
 __all__ = [
-    "AdapterError", "adapter_base", "check_adapter", "is_adapter_dir", "load_adapter", "load_model_with_adapter",
+    "AdapterError", "adapter_base", "check_adapter", "is_adapter_dir", "load_adapter",
     "lora_config", "read_adapter_config", "read_adapter_weights", "resolve_base", "target_module_names",
 ]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError, tensor_shapes
 from .hub import resolve_model_dir
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 class ModelLoadError(ValueError):
@@ -60,31 +60,10 @@ def read_config(model_dir: Path) -> dict:
 
 def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of every tensor in the dir's weight files, read from headers (no weights loaded)."""
-    st_index, bin_index = model_dir / "model.safetensors.index.json", model_dir / "pytorch_model.bin.index.json"
-    if (model_dir / "model.safetensors").is_file():
-        files = [model_dir / "model.safetensors"]
-    elif st_index.is_file():
-        files = sorted({model_dir / f for f in json.loads(st_index.read_text())["weight_map"].values()})
-    elif (model_dir / "pytorch_model.bin").is_file():
-        files = [model_dir / "pytorch_model.bin"]
-    elif bin_index.is_file():
-        files = sorted({model_dir / f for f in json.loads(bin_index.read_text())["weight_map"].values()})
-    else:
-        raise ModelLoadError(f"{model_dir} has no model weights (expected one of {', '.join(WEIGHT_FILES)})")
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        if not f.is_file():
-            raise ModelLoadError(f"{model_dir}: weight file {f.name} named in the index is missing")
-        if f.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    shapes[k] = tuple(sf.get_slice(k).get_shape())
-        else:
-            sd = torch.load(str(f), map_location="meta", weights_only=True, mmap=True)
-            shapes.update({k: tuple(v.shape) for k, v in sd.items()})
-    return shapes
+    try:
+        return tensor_shapes(model_dir)
+    except CheckpointError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def check_weights(model_dir: Path, config) -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import shutil
 import sys
 import time
@@ -36,6 +35,8 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+
+from .checkpoint import save_sharded
 
 SKIP_COPY = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
              "merge_report.json"}
@@ -48,48 +49,6 @@ class MergeError(ValueError):
 
 
 # -- writing a model dir ----------------------------------------------------------------------------------
-
-
-def parse_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B)?\s*", str(size), re.I)
-    if not m:
-        raise ValueError(f"cannot read size {size!r} (e.g. 2GB, 500MB)")
-    unit = (m.group(2) or "B").upper()
-    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(float(m.group(1)) * mult)
-
-
-def save_state_dict_sharded(state_dict: dict, out_dir: Path, max_shard_size="2GB") -> list[str]:
-    """safetensors shards in the transformers naming, with model.safetensors.index.json when more than one."""
-    from safetensors.torch import save_file
-
-    limit = parse_size(max_shard_size)
-    shards: list[dict] = [{}]
-    size = 0
-    for k, v in state_dict.items():
-        n = v.numel() * v.element_size()
-        if shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    names = []
-    weight_map = {}
-    total = 0
-    for i, shard in enumerate(shards, 1):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(out_dir / name), metadata={"format": "pt"})
-        names.append(name)
-        for k, v in shard.items():
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
-    if len(shards) > 1:
-        (out_dir / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
-    return names
 
 
 def copy_side_files(base_dir: Path, out_dir: Path, adapter_dir: Path | None = None) -> None:
@@ -243,7 +202,7 @@ def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", q
     if fmt == "bf16":
         dt = DTYPES[dtype]
         sd = {k: v.detach().to("cpu", dt) for k, v in merged.state_dict().items()}
-        files = save_state_dict_sharded(sd, out, max_shard_size)
+        files = save_sharded(sd, out, max_shard_size)
         write_float_config(base_cfg, out, dt)
     else:
         from .quant.rtn import quantize_state_dict
@@ -277,7 +236,7 @@ def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", q
                                       "desc_act": desc_act, "damp_percent": damp_percent,
                                       "true_sequential": true_sequential, "calib_data": str(calib_path),
                                       "calib_samples": len(samples)}
-        files = save_state_dict_sharded(qsd, out, max_shard_size)
+        files = save_sharded(qsd, out, max_shard_size)
         write_int4_config(base_cfg, out, bits, group_size, desc_act, damp_percent,
                           true_sequential=true_sequential if quant_method == "gptq" else False,
                           model_name_or_path=str(base_dir))

@@ -1,7 +1,7 @@
 """The project's own exact GPTQ layer: format helpers, GPTQLinear, RTN quantizer, loading, PEFT LoRA.
 
-Importing this package registers LoRA for GPTQLinear with PEFT (see ``peft_lora.register_peft``). Triton is
-imported only when a CUDA tensor is dequantized.
+LoRA for GPTQLinear is registered with PEFT when PEFT is imported (``peft_lora.register_peft``, through
+finetune/registry.py). Triton is imported only when a CUDA tensor is dequantized.
 """
 
 from .linear import GPTQLinear, GPTQMatmul
@@ -10,7 +10,7 @@ from .rtn import QWEN_QUANTIZED_SUFFIXES, quantize_model_dir, quantize_state_dic
 
 
 def register_peft(config=None) -> None:
-    """Register GPTQLinear -> GPTQLoraLinear with PEFT (idempotent; done on import)."""
+    """Register GPTQLinear -> GPTQLoraLinear with PEFT (idempotent; done when PEFT is imported)."""
     from .peft_lora import register_peft as _register
 
     _register(config)
@@ -22,11 +22,6 @@ def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
 
     return _load(model_dir, config=config, dtype=dtype, device=device, **kwargs)
 
-
-try:  # peft is a hard dependency; stay importable without it for format-only use
-    register_peft()
-except ImportError:  # pragma: no cover
-    pass
 
 __all__ = [
     "GPTQLinear",

@@ -13,13 +13,12 @@ GPTQ buffers keep their own dtypes (int32; scales fp16).
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from ..checkpoint import CheckpointError, checkpoint_files, iter_tensors, tensor_files
 from .linear import GPTQLinear
 from .packing import check_bits, default_g_idx, is_v2_format
 from .rtn import QWEN_QUANTIZED_SUFFIXES, is_quantized_module_name
@@ -29,70 +28,6 @@ GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 class GPTQLoadError(ValueError):
     """A GPTQ model dir that cannot be loaded; the message says which dir and why."""
-
-
-# -- checkpoint files ---------------------------------------------------------------------------------
-
-
-def checkpoint_files(model_dir) -> list[tuple[Path, list[str] | None]]:
-    """[(file, tensor names or None if unknown without reading)] for a model dir, in shard order.
-
-    Looks for model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json,
-    pytorch_model.bin (the names transformers and Qwen's releases use), then any single *.safetensors.
-    """
-    d = Path(model_dir)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        idx = d / index_name
-        if idx.is_file():
-            weight_map = json.loads(idx.read_text())["weight_map"]
-            by_file: dict[str, list[str]] = {}
-            for name, fname in weight_map.items():
-                by_file.setdefault(fname, []).append(name)
-            return [(d / f, names) for f, names in sorted(by_file.items())]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (d / single).is_file():
-            return [(d / single, None)]
-    st = sorted(d.glob("*.safetensors"))
-    if st:
-        return [(p, None) for p in st]
-    raise GPTQLoadError(
-        f"{d}: no weights found (expected model.safetensors[.index.json] or pytorch_model.bin[.index.json])"
-    )
-
-
-def checkpoint_keys(model_dir) -> dict[str, Path]:
-    """tensor name -> file, reading only safetensors headers (or the index)."""
-    keys: dict[str, Path] = {}
-    for path, names in checkpoint_files(model_dir):
-        if names is None:
-            if path.suffix == ".safetensors":
-                from safetensors import safe_open
-
-                with safe_open(str(path), framework="pt") as f:
-                    names = list(f.keys())
-            else:
-                names = list(torch.load(path, map_location="meta", weights_only=True, mmap=True).keys())
-        for n in names:
-            keys[n] = path
-    return keys
-
-
-def iter_checkpoint_tensors(path: Path):
-    """(name, CPU tensor) one at a time from one checkpoint file."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
-    else:
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        for name in list(sd.keys()):
-            yield name, sd.pop(name)
-
-
-def read_checkpoint_shard(path: Path) -> dict:
-    return dict(iter_checkpoint_tensors(Path(path)))
 
 
 # -- config ---------------------------------------------------------------------------------------------
@@ -165,10 +100,12 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 def _build_meta_model(config):
-    from finetune.modeling import QWenLMHeadModel
+    """The causal-LM class registered for the config's type (the Qwen v1 model: finetune/registry.py), on the
+    meta device. Looked up, not imported: this package is a layer the models use, never the other way round."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     with torch.device("meta"):
-        model = QWenLMHeadModel(config)
+        model = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)](config)
     return model
 
 
@@ -237,15 +174,18 @@ def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
     device = _resolve_device(device, kwargs.pop("device_map", None))
     dtype = _resolve_dtype(dtype, device)
     if config is None:
-        from finetune.modeling import QWenConfig
+        from transformers import AutoConfig
 
-        config = QWenConfig.from_pretrained(str(model_dir))
+        config = AutoConfig.from_pretrained(str(model_dir))
     try:
         settings = gptq_settings(getattr(config, "quantization_config", None))
     except GPTQLoadError as e:
         raise GPTQLoadError(f"{model_dir}: {e}") from None
 
-    keys = checkpoint_keys(model_dir)
+    try:
+        keys = tensor_files(model_dir)
+    except CheckpointError as e:
+        raise GPTQLoadError(str(e)) from None
     quant_modules = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
     if not quant_modules:
         raise GPTQLoadError(f"{model_dir}: config.json declares GPTQ quantization but the checkpoint has no "
@@ -273,7 +213,7 @@ def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
         raise GPTQLoadError(f"{model_dir}: the checkpoint does not match the model: " + "; ".join(parts))
 
     for path, _ in checkpoint_files(model_dir):
-        for name, tensor in iter_checkpoint_tensors(path):
+        for name, tensor in iter_tensors(path):
             target = expected.get(name)
             if target is None:
                 continue  # ignored key (e.g. rotary inv_freq)
@@ -381,7 +321,5 @@ __all__ = [
     "load_gptq_model",
     "build_gptq_model_on_device",
     "gptq_settings",
-    "checkpoint_files",
-    "checkpoint_keys",
     "replace_with_gptq_linears",
 ]

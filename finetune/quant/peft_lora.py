@@ -175,4 +175,6 @@ def register_peft(config: LoraConfig | None = None) -> None:
     LoraConfig.__post_init__ = __post_init__
 
 
+register_peft()
+
 __all__ = ["GPTQLoraLinear", "register_peft", "CUSTOM_MODULE_MAPPING"]

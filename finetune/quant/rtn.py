@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import checkpoint_files, read_shard, shard_name, write_index
 from .packing import check_bits, num_groups, pack_cols, pack_rows, values_per_word
 
 # The Linears Qwen's official Int4/Int8 checkpoints quantize (module-name suffixes inside each block).
@@ -157,13 +158,6 @@ def quantize_state_dict(
     return out
 
 
-def _iter_checkpoint_files(model_dir: Path):
-    """(file, [names]) for a float checkpoint dir: safetensors (single or indexed) or pytorch_model.bin."""
-    from .loading import checkpoint_files  # noqa: PLC0415
-
-    return checkpoint_files(model_dir)
-
-
 def quantize_model_dir(
     src_dir,
     dst_dir,
@@ -182,25 +176,21 @@ def quantize_model_dir(
     """
     from safetensors.torch import save_file
 
-    from .loading import read_checkpoint_shard  # noqa: PLC0415
-
     check_bits(bits)
     src, dst = Path(src_dir), Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
-    files = _iter_checkpoint_files(src)
+    files = checkpoint_files(src)
     weight_map = {}
     n = len(files)
     for i, (path, _names) in enumerate(files, 1):
-        sd = read_checkpoint_shard(path)
+        sd = read_shard(path)
         qsd = quantize_state_dict(sd, bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, v2=v2)
-        out_name = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+        out_name = shard_name(i, n)
         save_file(qsd, str(dst / out_name), metadata={"format": "pt"})
         weight_map.update({k: out_name for k in qsd})
         del sd, qsd
     if n > 1:
-        total = sum((dst / f).stat().st_size for f in set(weight_map.values()))
-        with open(dst / "model.safetensors.index.json", "w") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        write_index(dst, weight_map, sum((dst / f).stat().st_size for f in set(weight_map.values())))
 
     with open(src / "config.json") as f:
         config = json.load(f)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import transformers
 from transformers import HfArgumentParser
 
+from ..settings import settings
+
 
 @dataclass
 class ModelArguments:
@@ -56,9 +58,10 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Allow writing over a finished run in --output_dir"})
     cuda_graphs: bool = field(
-        default=True,
+        default=settings().cuda_graphs,
         metadata={"help": "One GPU, --packing: replay each training step as CUDA graphs (rows padded to "
-                          "--model_max_length so every step has one shape); False runs every step eagerly"})
+                          "--model_max_length so every step has one shape); False runs every step eagerly "
+                          "(default: FINETUNE_CUDA_GRAPHS, on)"})
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "stop: end with an error naming the step; skip: skip the step, counted"})
 
