@@ -14,14 +14,14 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 import transformers
 
 from .data import DataError, build_dataset
 from .settings import as_dict as settings_dict
 from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
 from .training.checks import FINISHED_MARKER, TrainConfigError, preflight
-from .training.lora import attach_lora, resolve_compute_dtype
+from .training import precision as precision_policy
+from .training.lora import attach_lora
 from .training.plots import LossCurveCallback
 from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
 
@@ -32,7 +32,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
           args: TrainingArguments):
     """Run one training job; returns the finished Trainer."""
     plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
-    compute_dtype = resolve_compute_dtype(args, plan)
+    precision = precision_policy.decide(args, plan)
+    precision_policy.apply(args, precision)
 
     from .tokenization import load_tokenizer
 
@@ -61,7 +62,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if plan.device.startswith("cuda") else "gloo")
-    model = load_model(plan.model_dir, dtype=torch.float32 if plan.mode == "full" else compute_dtype,
+    model = load_model(plan.model_dir, dtype=precision.load_dtype,
                        device=plan.device)
     model.config.use_cache = False
     if plan.mode == "full":
@@ -77,7 +78,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     trainer = QwenTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
         data_collator=make_collator(tokenizer, data_args, fixed_length=graphs is not None),
-        processing_class=tokenizer, compute_dtype=compute_dtype, plan=plan, graphs=graphs,
+        processing_class=tokenizer, precision=precision, plan=plan, graphs=graphs,
         callbacks=[LossCurveCallback()],
     )
     if args.process_index == 0:
@@ -149,7 +150,8 @@ def run_info(trainer, graphs: dict | None = None) -> dict:
             dtypes.setdefault(f"gptq.{leaf}", set()).add(str(b.dtype).removeprefix("torch."))
     return {
         "world_size": trainer.args.world_size, "deepspeed": stage is not None, "zero_stage": stage,
-        "compute_dtype": str(trainer.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
+        "compute_dtype": str(trainer.precision.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
+        "precision": trainer.precision.record(),
         "global_step": trainer.state.global_step, "cuda_graphs": graphs, "settings": settings_dict(),
         "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
     }

@@ -230,14 +230,16 @@ def test_deepspeed_config_follows_resolved_precision(models, memorise_file, tmp_
     DeepSpeed must not cast the model (bf16 off) and must run the forward under its own torch_autocast (it
     switches off an autocast entered outside its engine); ZeRO-3 and full fine-tuning use DeepSpeed's bf16."""
     from finetune.training.checks import TrainPlan
-    from finetune.training.lora import resolve_compute_dtype
+    from finetune.training import precision as policy
 
     margs = parse_args(_args(models["float"], memorise_file, tmp_path / "o", "--bf16", "True", "--deepspeed",
                              str(ROOT / f"ds_configs/zero{stage}.json")))
     args = margs[3]
     plan = TrainPlan(model_dir=models["float"], mode=mode, quantized=mode == "qlora", device="cpu",
                      zero_stage=stage, resume_from=None)
-    assert resolve_compute_dtype(args, plan) == torch.bfloat16
+    precision = policy.decide(args, plan)
+    policy.apply(args, precision)
+    assert precision.compute_dtype == torch.bfloat16
     cfg = args.hf_deepspeed_config.config
     native_bf16 = stage == 3 or mode == "full"
     assert cfg["bf16"]["enabled"] is native_bf16 and args.bf16 is native_bf16

@@ -29,12 +29,12 @@ def make_collator(tokenizer, data_args, fixed_length: bool = False):
 
 
 class QwenTrainer(Trainer):
-    def __init__(self, *a, compute_dtype: torch.dtype = torch.float32, plan=None, graphs=None, **kw):
+    def __init__(self, *a, precision=None, plan=None, graphs=None, **kw):
         super().__init__(*a, **kw)
         self.graphs = graphs  # a training.graphs.TrainGraphs: the training forwards replay as CUDA graphs
         self.meter = ThroughputMeter()
         self.add_callback(self.meter)
-        self.compute_dtype = compute_dtype
+        self.precision = precision  # training.precision.Precision, decided once in train.py
         self.plan = plan
         self._staging_dir = None
         self._lora_layers = None  # PEFT tuner layers, found on first use
@@ -42,8 +42,8 @@ class QwenTrainer(Trainer):
     # -- precision --------------------------------------------------------------------------------------
     def _autocast(self):
         # Adapters (fp32) on a bf16 base: run the forward under autocast so their matmuls use bf16 too.
-        # Full fine-tuning and fp16 use transformers' own mixed precision instead (resolve_compute_dtype).
-        if self.compute_dtype == torch.bfloat16 and not self.args.bf16 and not self.args.fp16:
+        # Full fine-tuning and fp16 use transformers' own mixed precision instead (training/precision.py).
+        if self.precision is not None and self.precision.trainer_autocast:
             stack = contextlib.ExitStack()
             stack.enter_context(torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16))
             stack.enter_context(self._no_lora_input_casts())
