@@ -8,8 +8,8 @@ here reports int32 ``qweight``, so they stay fp32).
 Registration, and why it is done this way: PEFT's supported extension point is
 ``LoraConfig._register_custom_module({GPTQLinear: GPTQLoraLinear})`` on a config instance, but the mapping
 is not saved in adapter_config.json, so ``PeftModel.from_pretrained`` / ``AutoPeftModelForCausalLM``
-build a fresh LoraConfig without it and would fail on GPTQLinear. ``register_peft()`` (run by
-``import finetune.quant``) wraps ``LoraConfig.__post_init__`` so that every LoraConfig created afterwards
+build a fresh LoraConfig without it and would fail on GPTQLinear. ``register_peft()`` (run when PEFT is
+imported after ``import finetune``: finetune/registry.py) wraps ``LoraConfig.__post_init__`` so that every LoraConfig created afterwards
 carries the mapping, through that same public-ish API. This is the smallest patch that covers every path
 (get_peft_model, PeftModel.from_pretrained, AutoPeftModel*, load_adapter, add_adapter): it touches no
 dispatch internals, changes nothing for models without GPTQLinear (the mapping only matches GPTQLinear),
@@ -19,8 +19,7 @@ can be fixed with ``register_peft(config)``.
 Merging: ``merge()`` dequantizes the base weight exactly (``GPTQLinear.dequantize``), adds the LoRA delta in
 fp32 and swaps in an ``nn.Linear`` holding the merged float weight (dtype: ``merge_dtype`` if set, else the
 dtype of the base bias, else bf16 on CUDA / fp32 elsewhere); ``unmerge()`` restores the original packed
-layer bit for bit. ``merge_and_unload()`` therefore yields a float model (re-quantizing is the export
-issue's).
+layer bit for bit. ``merge_and_unload()`` therefore yields a float model (`qwen-ft merge --format int4` re-quantizes).
 """
 
 from __future__ import annotations

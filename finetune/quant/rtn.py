@@ -1,8 +1,8 @@
 """Round-to-nearest GPTQ-format quantizer and a writer for Qwen v1 Int4/Int8 directories.
 
-No calibration: this exists for tiny test models and the demo's Int4 variant (calibrated GPTQ is a later
-issue). The output is the exact on-disk layout of Qwen's official Int4 releases (auto-gptq v1 by default),
-so everything that loads those loads these.
+No calibration: tiny test models, the demo's Int4 variant and `qwen-ft merge --format int4 --quant-method rtn`
+use it (the calibrated route is finetune/quant/gptq.py). The output is the exact on-disk layout of Qwen's
+official Int4 releases (auto-gptq v1 by default), so everything that loads those loads these.
 """
 
 from __future__ import annotations
