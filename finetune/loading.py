@@ -22,7 +22,7 @@ class ModelLoadError(ValueError):
 
 
 def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
-    """bf16 where the hardware has it (CUDA with bf16 support), else fp32 (CPU), per DESIGN.md."""
+    """bf16 where the hardware has it (CUDA with bf16 support), else fp32 (CPU), as training/precision.py decides for training."""
     dev = torch.device(device) if device is not None else None
     on_cuda = torch.cuda.is_available() if dev is None else dev.type == "cuda"
     if on_cuda and torch.cuda.is_available() and torch.cuda.is_bf16_supported():

@@ -115,7 +115,7 @@ def test_import_finetune_loads_neither_model_code_nor_peft():
 
 
 def test_auto_classes_and_peft_know_the_project_after_a_bare_import(tiny_model_dir, tmp_path):
-    """DESIGN's contract, in a fresh process: `import finetune` and nothing else, then transformers' and
+    """The loading contract (README), in a fresh process: `import finetune` and nothing else, then transformers' and
     PEFT's own entry points load a Qwen v1 dir and an adapter on it."""
     code = f"""
 import finetune, torch

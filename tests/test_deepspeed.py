@@ -66,7 +66,7 @@ def test_qlora_zero2_two_processes(setup, tmp_path):
     rows, _ = build_dataset(load_tokenizer(setup["int4"]), setup["data"], 64, verbose=False)
     assert info["throughput"]["steps_timed"] == 1
     assert info["throughput"]["trained_tokens"] == sum(sum(t != -100 for t in r["labels"]) for r in rows)
-    # DESIGN.md precision after deepspeed.initialize: fp32 adapters, Int4 buffers untouched
+    # the precision policy (training/precision.py) after deepspeed.initialize: fp32 adapters, Int4 buffers untouched
     assert info["dtypes"]["trainable"] == ["float32"]
     assert info["dtypes"]["gptq.qweight"] == ["int32"] and info["dtypes"]["gptq.scales"] == ["float16"]
 

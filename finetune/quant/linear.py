@@ -3,8 +3,8 @@
 - The packed tensors are buffers: qweight/qzeros/g_idx int32 and scales fp16 never change and never get
   gradients. ``model.to(torch.bfloat16)`` / ``.half()`` / DeepSpeed's casts move them between devices but
   never change their dtype (``_apply`` is overridden for that). The optional ``bias`` buffer is a frozen
-  float weight and *does* follow dtype casts (DESIGN.md: frozen float weights are cast once to the compute
-  dtype); forward adds it in the activation dtype in any case.
+  float weight and *does* follow dtype casts (the precision policy: frozen float weights are cast once to
+  the compute dtype); forward adds it in the activation dtype in any case.
 - Forward runs in the activation dtype (or the autocast dtype when autocast is on): dequantize to that
   dtype, then matmul. On CUDA the dequantization is a Triton kernel (``triton_dequant.py``, imported only
   then); elsewhere plain torch.

@@ -6,7 +6,7 @@ shard by shard, or pytorch_model.bin memory-mapped) straight into place on the t
 of the quantized weights is ever made: a 14B Int4 dir needs ~10 GB of GPU memory (7 GB packed + two 1.5 GB
 bf16 embeddings).
 
-Dtypes (DESIGN.md "Precision"): float tensors of the checkpoint (embedding, lm_head, norms, c_attn bias)
+Dtypes (the precision policy, training/precision.py): float tensors of the checkpoint (embedding, lm_head, norms, c_attn bias)
 are cast once to the compute dtype (bf16 on CUDA where supported, fp32 on CPU, or what ``dtype`` says);
 GPTQ buffers keep their own dtypes (int32; scales fp16).
 """

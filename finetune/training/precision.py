@@ -1,4 +1,4 @@
-"""The precision policy of a training run, decided once (DESIGN.md: precision).
+"""The precision policy of a training run, decided once (the project's precision policy; ARCHITECTURE.md).
 
 bf16 where the hardware has it, fp16 only when asked, fp32 on CPU. For LoRA and Q-LoRA the frozen weights are
 loaded in the compute dtype and the adapters are fp32 master weights; the trainer runs the forward under
