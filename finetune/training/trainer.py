@@ -5,6 +5,7 @@ and record the run that wrote them."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -108,6 +109,7 @@ class QwenTrainer(Trainer):
             return
         step = opt.step
 
+        @functools.wraps(step)  # keeps the marks torch's LR scheduler puts on the step it wraps
         def guarded_step(*a, **k):
             bad = self._nonfinite is not None
             if self.args.world_size > 1:  # every process skips together, or none does
