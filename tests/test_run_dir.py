@@ -106,12 +106,18 @@ def test_resume_on_a_finished_run_changes_nothing(finished, model, data, tmp_pat
     assert _snapshot(run) == before
 
 
-def test_continuing_a_finished_run_goes_into_a_new_dir(finished, model, data, tmp_path):
-    plan = _preflight(train_args(model, data, tmp_path / "next", *STEPS4, "--max_steps", "8",
-                                 "--resume_from_checkpoint", str(finished / "checkpoint-4")))
-    assert plan.resume_from == str(finished / "checkpoint-4")
+def test_continuing_a_finished_run_goes_into_a_new_dir(finished, model, data, tmp_path, capsys):
+    """The documented ways on: a new dir from the old adapter, or from the old run's last full state."""
     plan = _preflight(train_args(model, data, tmp_path / "next", *STEPS4, "--lora_weight_path", str(finished)))
     assert plan.resume_from is None
+    before = _snapshot(finished)
+    new = tmp_path / "continued"
+    assert train_main(train_args(model, data, new, *STEPS4, "--max_steps", "6",
+                                 "--resume_from_checkpoint", str(finished / "checkpoint-4"))) == 0
+    assert f"resuming from {finished / 'checkpoint-4'} (step 4)" in capsys.readouterr().out
+    state = json.loads((new / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [5, 6]
+    assert _snapshot(finished) == before
 
 
 # -- item 7: an incomplete checkpoint is never resumed -----------------------------------------------------------
