@@ -325,6 +325,14 @@ def test_dir_of_other_files_is_refused_unless_overwrite(model, data, tmp_path, c
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_resume_without_checkpoints_into_a_dir_of_other_files_is_refused(model, data, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(TrainConfigError, match=r"not empty and holds no run of this project \(notes.txt\)"):
+        _preflight(train_args(model, data, out, "--use_lora", "True", "--resume", "True"))
+
+
 # -- friction: Ctrl-C, rows past seq_length ----------------------------------------------------------------------
 
 def test_ctrl_c_says_where_the_checkpoint_is_and_resume_says_where_it_continues(model, data, tmp_path, capsys,

@@ -28,8 +28,9 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # file each).
 _RESUME_NEEDS = {
     "trainer_state.json": ("trainer_state.json",),
-    "the weights (adapter_model.safetensors or model.safetensors)": ("adapter_model.safetensors", "adapter_model.bin", "model.safetensors",
-                                                "model.safetensors.index.json", "pytorch_model.bin", "latest"),
+    "the weights (adapter_model.safetensors or model.safetensors)": (
+        "adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+        "pytorch_model.bin", "latest"),
     "optimizer.pt": ("optimizer.pt", "latest"),
     "scheduler.pt": ("scheduler.pt", "latest"),
     "rng_state.pth": ("rng_state.pth", "rng_state_0.pth"),
@@ -308,9 +309,9 @@ def check_output_dir(args, identity: dict) -> str | None:
         raise TrainConfigError(
             f"--resume: the run in {out} has finished ({FINISHED_MARKER}); nothing was changed. To train further, "
             f"start a new run into a new --output_dir from its weights: {start}{also}")
-    if resume:
-        return _resumable(out, identity)
-    if explicit:
+    if resume and (found := _resumable(out, identity)):
+        return found
+    if explicit and not resume:
         ckpt = Path(explicit)
         if finished and ckpt.absolute().parent == out.absolute():
             raise TrainConfigError(
@@ -321,7 +322,8 @@ def check_output_dir(args, identity: dict) -> str | None:
             raise TrainConfigError(f"--resume_from_checkpoint {ckpt}: {problem}")
         if ckpt.absolute().parent == out.absolute():
             return str(ckpt)
-    # A new run in out (or one continuing from a checkpoint of another dir).
+    # A new run in out (or one continuing from a checkpoint of another dir, or --resume with no checkpoint).
+    explicit = None if resume else explicit
     if not out.is_dir():
         return str(explicit) if explicit else None
     if is_project_run(out):
@@ -369,5 +371,4 @@ def _resumable(out: Path, identity: dict) -> str | None:
     p, problem = problems[0]
     raise TrainConfigError(
         f"--resume: no checkpoint in {out} can be resumed exactly; the newest, {p.name}: {problem}. Restore "
-        "the file, or start over with --overwrite_output_dir (or start from its adapter in a new dir: "
-        f"--lora_weight_path {p} --output_dir NEW_DIR)")
+        "the file, or start over with --overwrite_output_dir")
