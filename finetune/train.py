@@ -208,8 +208,8 @@ def _datasets(tokenizer, data_args, args):
 
 def run_info(trainer, graphs: dict | None = None) -> dict:
     """What actually ran: processes, DeepSpeed's ZeRO stage, CUDA graphs (captures, replayed and eager steps;
-    None when off), optimizer steps skipped for a non-finite loss, and the dtypes of each kind of tensor as the (possibly DeepSpeed-wrapped) model holds
-    them after training."""
+    None when off), optimizer steps skipped for a non-finite loss, and the dtypes of each kind of tensor as the
+    (possibly DeepSpeed-wrapped) model holds them after training."""
     engine = trainer.model_wrapped
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
     module = getattr(engine, "module", engine)

@@ -95,7 +95,7 @@ class _Tee(io.TextIOBase):
 
     def write(self, s):
         self.stream.write(s)
-        if not self.file.closed:
+        if "\r" not in s and not self.file.closed:  # progress-bar redraws stay on the console only
             self.file.write(s)
         return len(s)
 
