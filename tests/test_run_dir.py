@@ -207,6 +207,7 @@ def test_overwrite_removes_the_old_runs_checkpoints(finished, model, data, tmp_p
     monkeypatch.setattr(QwenTrainer, "training_step", interrupted)
     assert train_main(train_args(model, data, run, *STEPS4, "--overwrite_output_dir", "True")) == 130
     assert not list(run.glob("checkpoint-*")) and not (run / "training_finished.json").exists()
+    assert not (run / "adapter_model.safetensors").exists() and not (run / "run_info.json").exists()
     assert "no checkpoint was written" in capsys.readouterr().err
     assert _preflight(train_args(model, data, run, *STEPS4, "--resume", "True")).resume_from is None
 
@@ -295,6 +296,11 @@ def test_nonfinite_loss_skip_skips_and_counts(model, data, tmp_path, nan_at_step
 def test_nonfinite_loss_stop_names_the_step(model, data, tmp_path, nan_at_step_2, capsys):
     assert train_main(train_args(model, data, tmp_path / "stop", "--use_lora", "True", "--max_steps", "3")) == 2
     assert "the loss is nan at step 2" in _one_line(capsys.readouterr().err)
+
+
+def test_eval_strategy_without_an_eval_set(model, data, tmp_path):
+    with pytest.raises(TrainConfigError, match="--eval_strategy .*epoch needs an eval set: add --eval_data_path"):
+        _preflight(train_args(model, data, tmp_path / "o", "--eval_strategy", "epoch"))
 
 
 def test_nonfinite_loss_values_checked(model, data, tmp_path):

@@ -218,6 +218,9 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     for flag, path in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
         if path and not Path(path).exists():
             raise TrainConfigError(f"{flag} {path}: no such file or directory")
+    eval_strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if eval_strategy != "no" and not data_args.eval_data_path:
+        raise TrainConfigError(f"--eval_strategy {eval_strategy} needs an eval set: add --eval_data_path")
     if data_args.model_max_length < 16:
         raise TrainConfigError(f"--model_max_length {data_args.model_max_length} is too small for any chat turn")
 

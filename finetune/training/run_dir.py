@@ -15,7 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checks import (DEMO_MARKER, FINISHED_MARKER, LOCK_FILE, RUN_OUTPUTS, TrainConfigError, checkpoints,
+from .checks import (DEMO_MARKER, LOCK_FILE, RUN_OUTPUTS, TrainConfigError, checkpoints,
                      check_output_dir, foreign_files, is_project_run)
 
 logger = logging.getLogger(__name__)
@@ -68,10 +68,11 @@ def _lock(lock, out: Path) -> None:
 
 
 def _clear_previous_run(out: Path) -> None:
-    """--overwrite_output_dir: the old run's checkpoints and completion marker go, so that a later --resume can
-    never continue the old run. Only a run of this project is cleared; other files are never deleted."""
+    """--overwrite_output_dir: the old run's checkpoints, completion marker and outputs go, so that a later
+    --resume can never continue the old run and a new run that stops early leaves nothing of the old one to
+    mistake for its own. Only a run of this project is cleared; other files are never deleted."""
     if is_project_run(out):
-        old = checkpoints(out) + [p for p in (out / ".staging", out / FINISHED_MARKER) if p.exists()]
+        old = checkpoints(out) + [p for p in (out / ".staging", *(out / n for n in RUN_OUTPUTS)) if p.exists()]
         for p in old:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if old:
