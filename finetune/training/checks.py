@@ -91,12 +91,12 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
     for name in sorted(names):
         f = ckpt / name
         if name.endswith(".safetensors"):
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
             try:
                 with safe_open(str(f), "pt"):
                     pass
-            except Exception as e:  # SafetensorError: truncated, bad header
+            except (SafetensorError, OSError) as e:  # truncated, bad header
                 return f"{name}: corrupt or truncated ({e})"
         elif name.endswith((".pt", ".pth", ".bin")):  # torch.save's zip format
             try:

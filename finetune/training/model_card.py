@@ -21,7 +21,7 @@ def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, comm
     lines = ["---"]
     if adapter:
         lines += ["library_name: peft"]
-    lines += ["tags: [qwen, qwen-finetune, " + plan.mode + "]", "---", "",
+    lines += [f"tags: [qwen, qwen-finetune, {plan.mode}]", "---", "",
               f"# {out.name}", "",
               f"A {_MODES[plan.mode]} trained with qwen-finetune.", "",
               f"- Base model: `{plan.model_dir}`"]
@@ -31,8 +31,8 @@ def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, comm
     lines.append(f"- Training data: {_data(summary)}")
     if eval_summary is not None:
         lines.append(f"- Eval data: {_data(eval_summary)}")
-    lines += [f"- Steps: {info['global_step']} ({info['world_size']} process(es), compute dtype "
-              f"{info['compute_dtype']})",
+    lines += [f"- Steps: {info['global_step']} ({info['world_size']} process(es), "
+              + f"compute dtype {info['compute_dtype']})",
               f"- Final train loss: {_num(final)} (last logged step; mean over the run {_num(mean)})",
               f"- Eval loss: {_num(info.get('eval_loss')) if info.get('eval_loss') is not None else 'no eval set'}"]
     if info.get("nonfinite_skipped_steps"):

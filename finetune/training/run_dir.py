@@ -15,8 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checks import (DEMO_MARKER, LOCK_FILE, RUN_OUTPUTS, TrainConfigError, checkpoints,
-                     check_output_dir, foreign_files, is_project_run)
+from .checks import (DEMO_MARKER, LOCK_FILE, RUN_OUTPUTS, TrainConfigError, check_output_dir, checkpoints,
+                     foreign_files, is_project_run)
 
 logger = logging.getLogger(__name__)
 
