@@ -124,6 +124,10 @@ class QwenTrainer(Trainer):
                 logger.warning("step %d: the loss is %s; the optimizer step is skipped (%d skipped so far)",
                                self.state.global_step + 1, loss if loss is not None else "non-finite on another process",
                                self.skipped_steps)
+                if getattr(self.accelerator, "scaler", None) is not None:
+                    # fp16's GradScaler has unscaled these gradients: its step sees them non-finite, skips the
+                    # update itself and lowers the scale (bypassing it would leave the scaler mid-step)
+                    return step(*a, **k)
                 return None
             return step(*a, **k)
 
