@@ -1,8 +1,9 @@
 """Fine-tune a Qwen chat model: LoRA, Q-LoRA (Int4 base) or full, on one GPU, several (DeepSpeed) or CPU.
 
 `qwen-ft train ...` and `python -m finetune.train ...` run `main`. The path, top to bottom:
-parse the arguments -> check everything that can be checked before loading anything -> tokenizer ->
-data (validated, encoded, summarised) -> model -> adapters -> Trainer -> train -> save -> loss curve.
+parse the arguments -> check everything that can be checked before loading anything -> claim the output dir
+(lock, console log) -> tokenizer -> data (validated, encoded, summarised) -> model -> adapters -> Trainer ->
+train -> evaluate (with an eval set) -> save -> loss curve and model card.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -19,19 +21,34 @@ import transformers
 from .data import DataError, build_dataset
 from .settings import as_dict as settings_dict
 from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
-from .training.checks import FINISHED_MARKER, TrainConfigError, preflight
 from .training import precision as precision_policy
+from .training.checks import FINISHED_MARKER, TrainConfigError, last_complete_checkpoint, preflight
 from .training.lora import attach_lora
-from .training.plots import LossCurveCallback
+from .training.model_card import write_model_card
+from .training.plots import LossCurveCallback, plot_loss_curve
+from .training.run_dir import claim_output_dir
 from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
 
 logger = logging.getLogger(__name__)
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
-          args: TrainingArguments):
-    """Run one training job; returns the finished Trainer."""
+          args: TrainingArguments, argv: list[str] | None = None):
+    """Run one training job; returns the finished Trainer. `argv` is the command line, for the records."""
     plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if args.process_index != 0:  # rank 0 owns the output dir
+        return _train(plan, model_args, data_args, lora_args, args, argv)
+    with claim_output_dir(args, plan.identity):
+        _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan, argv)
+        try:
+            return _train(plan, model_args, data_args, lora_args, args, argv)
+        except KeyboardInterrupt:
+            print(_interrupted(args), file=sys.stderr, flush=True)
+            raise
+
+
+def _train(plan, model_args, data_args, lora_args, args, argv):
     precision = precision_policy.decide(args, plan)
     precision_policy.apply(args, precision)
 
@@ -52,6 +69,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         print(summary.format(), flush=True)
         if eval_set is not None:
             print("eval " + eval_summary.format(), flush=True)
+        _warn_past_seq_length(train_set, summary, data_args, plan)
 
     from .loading import load_model
 
@@ -81,21 +99,67 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         processing_class=tokenizer, precision=precision, plan=plan, graphs=graphs,
         callbacks=[LossCurveCallback()],
     )
-    if args.process_index == 0:
-        _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan)
+    if plan.resume_from and args.process_index == 0:
+        step = json.loads(Path(plan.resume_from, "trainer_state.json").read_text())["global_step"]
+        print(f"resuming from {plan.resume_from} (step {step})", flush=True)
     trainer.train(resume_from_checkpoint=plan.resume_from)
     graph_stats = trainer.release_graphs()
     speed = trainer.meter.summary(trainer.accelerator)
+    eval_metrics = trainer.evaluate() if eval_set is not None else None  # at the end, whatever --eval_strategy
     trainer.save_state()
     trainer.save_model(args.output_dir)
     info = run_info(trainer, graph_stats)
     info["throughput"] = speed
+    info["eval_loss"] = eval_metrics["eval_loss"] if eval_metrics else None
     if args.process_index == 0:
+        if trainer.skipped_steps:
+            logger.warning("%d optimizer step(s) skipped for a non-finite loss (--on_nonfinite_loss skip)",
+                           trainer.skipped_steps)
+        if eval_metrics:
+            print(f"eval loss: {eval_metrics['eval_loss']:.4f} ({data_args.eval_data_path})", flush=True)
+            plot_loss_curve(trainer.state.log_history, os.path.join(args.output_dir, "loss_curve.png"))
         tokenizer.save_pretrained(args.output_dir)
         Path(args.output_dir, "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_model_card(args.output_dir, plan=plan, lora_args=lora_args, summary=summary,
+                         eval_summary=eval_summary, command=_command(argv), info=info,
+                         log_history=trainer.state.log_history)
         _mark_finished(args.output_dir)
         _print_next_steps(plan, args.output_dir)
     return trainer
+
+
+def _warn_past_seq_length(train_set, summary, data_args, plan) -> None:
+    """One warning when conversations are longer than the context the model was trained on (config.json's
+    seq_length): positions past it are new to the model."""
+    limit = plan.seq_length
+    if not limit or data_args.model_max_length <= limit or summary.max <= limit:
+        return
+    import pyarrow.compute as pc
+
+    table = train_set.data.table if hasattr(train_set.data, "table") else train_set.data
+    if "position_ids" in train_set.column_names:  # packed: a conversation past the limit has position `limit`
+        n = pc.sum(pc.equal(pc.list_flatten(table.column("position_ids")), limit)).as_py() or 0
+    else:
+        n = pc.sum(pc.greater(table.column("length"), limit)).as_py() or 0
+    logger.warning("%d conversation(s) are longer than the model's seq_length %d (%s; the longest is %d tokens): "
+                   "the model was not trained on positions past it; --model_max_length %d truncates them",
+                   n, limit, Path(plan.model_dir, "config.json"), summary.max, limit)
+
+
+def _command(argv: list[str]) -> str:
+    return "python -m finetune.train " + shlex.join(argv)
+
+
+def _interrupted(args) -> str:
+    """What an interrupted run tells the user: where its last checkpoint is and how to continue from it."""
+    last = last_complete_checkpoint(args.output_dir)
+    if last is None:
+        return (f"interrupted: no checkpoint was written in {args.output_dir} yet (--save_strategy "
+                f"{args.save_strategy}); run the command again to start over")
+    step = json.loads(Path(last, "trainer_state.json").read_text())["global_step"]
+    how = "the same command with --resume True" + (" instead of --overwrite_output_dir"
+                                                   if args.overwrite_output_dir else "")
+    return f"interrupted: the last complete checkpoint is {last} (step {step}); continue with {how}"
 
 
 def _cuda_graphs(model, data_args, args, plan):
@@ -135,8 +199,8 @@ def _datasets(tokenizer, data_args, args):
 
 def run_info(trainer, graphs: dict | None = None) -> dict:
     """What actually ran: processes, DeepSpeed's ZeRO stage, CUDA graphs (captures, replayed and eager steps;
-    None when off), and the dtypes of each kind of tensor as the (possibly DeepSpeed-wrapped) model holds
-    them after training."""
+    None when off), optimizer steps skipped for a non-finite loss, and the dtypes of each kind of tensor as the
+    (possibly DeepSpeed-wrapped) model holds them after training."""
     engine = trainer.model_wrapped
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
     module = getattr(engine, "module", engine)
@@ -153,16 +217,18 @@ def run_info(trainer, graphs: dict | None = None) -> dict:
         "compute_dtype": str(trainer.precision.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
         "precision": trainer.precision.record(),
         "global_step": trainer.state.global_step, "cuda_graphs": graphs, "settings": settings_dict(),
+        "nonfinite_skipped_steps": trainer.skipped_steps,
         "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
     }
 
 
-def _write_run_args(output_dir, model_args, data_args, lora_args, args, plan):
+def _write_run_args(output_dir, model_args, data_args, lora_args, args, plan, argv):
+    """Written when the run takes the dir: it marks the dir as holding a run of this project."""
     os.makedirs(output_dir, exist_ok=True)
     record = {
         "model": asdict(model_args), "data": asdict(data_args), "lora": asdict(lora_args),
         "training": json.loads(args.to_json_string()), "mode": plan.mode, "model_dir": str(plan.model_dir),
-        "argv": sys.argv[1:],
+        "argv": argv,
     }
     Path(output_dir, "run_args.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 
@@ -182,11 +248,14 @@ def _print_next_steps(plan, output_dir):
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         model_args, data_args, lora_args, args = parse_args(argv)
-        train(model_args, data_args, lora_args, args)
+        train(model_args, data_args, lora_args, args, argv=argv)
     except (TrainConfigError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # rank 0 has said where the last checkpoint is
+        return 130
     _end_distributed()  # after success only: a failing rank must exit, not wait for the others
     return 0
 

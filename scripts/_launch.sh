@@ -32,10 +32,16 @@ if [[ -z "$MODEL" ]]; then
   # The built-in demo: a tiny random Qwen v1 model (Int4 for Q-LoRA), made once and cached, trained on the
   # memorise set in data/ on the CPU in a couple of minutes.
   CACHE="${QWEN_FT_CACHE:-$HOME/.cache/qwen-finetune}"
-  if [[ "$MODE" == "qlora" ]]; then MODEL="$CACHE/demo-int4"; MAKE=(--int4); else MODEL="$CACHE/demo"; MAKE=(); fi
-  "$PYTHON" -m finetune.demo --make-model "$MODEL" "${MAKE[@]}"
   DATA="${DATA:-$ROOT/data/demo_memorize.json}"
   OUTPUT="${OUTPUT:-output/demo-$MODE}"
+  # The demo replaces only its own outputs (marked with .qwen-ft-demo), never a dir of anything else.
+  if [[ -e "$OUTPUT" && ! -f "$OUTPUT/.qwen-ft-demo" ]] && { [[ ! -d "$OUTPUT" ]] || [[ -n "$(ls -A "$OUTPUT")" ]]; }; then
+    echo "error: $OUTPUT is not a demo output (no .qwen-ft-demo in it) and the demo would replace it: pass another -o, or -m MODEL -d DATA to train a real model" >&2
+    exit 2
+  fi
+  if [[ "$MODE" == "qlora" ]]; then MODEL="$CACHE/demo-int4"; MAKE=(--int4); else MODEL="$CACHE/demo"; MAKE=(); fi
+  "$PYTHON" -m finetune.demo --make-model "$MODEL" "${MAKE[@]}"
+  mkdir -p "$OUTPUT" && touch "$OUTPUT/.qwen-ft-demo"
   echo "demo: training $MODE on $DATA into $OUTPUT (previous demo output there is replaced)"
   ARGS+=(--num_train_epochs 60 --per_device_train_batch_size 4 --learning_rate 5e-3 --warmup_steps 0.05
          --lr_scheduler_type cosine --weight_decay 0.0 --lora_r 16 --lora_alpha 32 --lora_dropout 0.0

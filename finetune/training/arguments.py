@@ -54,16 +54,20 @@ class TrainingArguments(transformers.TrainingArguments):
     cache_dir: str | None = field(default=None, metadata={"help": "Accepted for the official scripts"})
     optim: str = field(default="adamw_torch")
     resume: bool = field(
-        default=False, metadata={"help": "Continue from the last complete checkpoint in --output_dir"})
+        default=False, metadata={"help": "Continue an unfinished run from the last complete checkpoint in "
+                                         "--output_dir (a finished run is not continued: start a new run from "
+                                         "its adapter with --lora_weight_path)"})
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow writing over a finished run in --output_dir"})
+        default=False, metadata={"help": "Start over in --output_dir: the previous run's checkpoints are removed; "
+                                         "files that are not this project's are never removed"})
     cuda_graphs: bool = field(
         default=settings().cuda_graphs,
         metadata={"help": "One GPU, --packing: replay each training step as CUDA graphs (rows padded to "
                           "--model_max_length so every step has one shape); False runs every step eagerly "
                           "(default: FINETUNE_CUDA_GRAPHS, on)"})
     on_nonfinite_loss: str = field(
-        default="stop", metadata={"help": "stop: end with an error naming the step; skip: skip the step, counted"})
+        default="stop", metadata={"help": "stop: end with an error naming the step; skip: do not apply that "
+                                          "optimizer step, count it (log and run_info.json); not with --deepspeed"})
 
 
 # Flags transformers 5 no longer has, as the official scripts spell them.

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,8 +15,27 @@ import torch
 from ..hub import ModelNotFoundError, resolve_model_dir
 from ..tokenization import VOCAB_FILE
 
-FINISHED_MARKER = "training_finished.json"
+logger = logging.getLogger(__name__)
+
+FINISHED_MARKER = "training_finished.json"  # written last: the run in this dir is finished
+RUN_ARGS = "run_args.json"  # written when a run takes the dir: the dir holds a run of this project
+LOCK_FILE = ".qwen-ft.lock"  # flock'ed by the running process (rank 0) for the whole run
+DEMO_MARKER = ".qwen-ft-demo"  # written by the scripts' demo: the only dirs the demo may replace
+CHECKPOINT_RUN = "qwen_run.json"  # in each checkpoint: the run that wrote it (model dir, mode, LoRA shape)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKSUM_LIMIT = 4 << 30  # bytes: checkpoint files this large are not read whole before a resume
+# Every file an exact resume reads, by what it holds; any one name of a group is enough (DeepSpeed keeps the
+# optimizer and scheduler in its own global_step*/ dir, named by `latest`; several processes write one RNG
+# file each).
+_RESUME_NEEDS = {
+    "trainer_state.json": ("trainer_state.json",),
+    "the weights (adapter_model.safetensors or model.safetensors)": (
+        "adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+        "pytorch_model.bin", "latest"),
+    "optimizer.pt": ("optimizer.pt", "latest"),
+    "scheduler.pt": ("scheduler.pt", "latest"),
+    "rng_state.pth": ("rng_state.pth", "rng_state_0.pth"),
+}
 
 
 class TrainConfigError(ValueError):
@@ -29,22 +50,133 @@ class TrainPlan:
     device: str  # where the model is loaded: "cuda:<local rank>" or "cpu"
     zero_stage: int | None  # DeepSpeed ZeRO stage, None without DeepSpeed
     resume_from: str | None  # checkpoint dir to continue from
+    identity: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (run_identity)
+    seq_length: int | None = None  # the model's trained context (config.json)
 
 
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
-    """The highest checkpoint-N in output_dir that was written to the end (its trainer_state.json exists).
+def run_identity(model_dir, mode: str, lora_args) -> dict:
+    """What a run's checkpoints record and a resume must match: the model, the mode and the adapters' shape."""
+    lora = mode != "full"
+    return {"model_dir": str(Path(model_dir).resolve()), "mode": mode,
+            "lora_r": lora_args.lora_r if lora else None,
+            "lora_target_modules": sorted(lora_args.lora_target_modules) if lora else None}
 
-    Checkpoints are written to a staging dir and renamed into place, so a killed save never appears under
-    this name; the trainer_state.json check also covers checkpoints written by other tools.
-    """
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint-N dirs in output_dir, newest (highest N) first."""
     d = Path(output_dir)
     if not d.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
-    for _, p in sorted(found, reverse=True):
-        if (p / "trainer_state.json").is_file():
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) -> str | None:
+    """Why `ckpt` cannot be resumed exactly (a missing, truncated or corrupt file, or another run's checkpoint
+    when `identity` is given), or None. Reads headers and checksums only, no tensors."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return "no such checkpoint dir"
+    names = set(os.listdir(ckpt))
+    for what, options in _RESUME_NEEDS.items():
+        if not names.intersection(options) and not (what == "optimizer.pt" and any(
+                n.endswith("-optimizer.pt") for n in names)):
+            return f"incomplete: {what} is missing"
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return "trainer_state.json: corrupt (no global_step)"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"trainer_state.json: corrupt or truncated ({e})"
+    for name in sorted(names):
+        f = ckpt / name
+        if name.endswith(".safetensors"):
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:  # truncated, bad header
+                return f"{name}: corrupt or truncated ({e})"
+        elif name.endswith((".pt", ".pth", ".bin")):  # torch.save's zip format
+            try:
+                with zipfile.ZipFile(f) as z:  # a truncated file has lost its central directory
+                    # the checksums of every entry: seconds for LoRA's optimizer state; skipped for full
+                    # fine-tuning's (tens of GB), where damage inside the file shows only when torch.load reads it
+                    bad = z.testzip() if f.stat().st_size < _CHECKSUM_LIMIT else None
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{name}: corrupt or truncated ({e})"
+            if bad is not None:
+                return f"{name}: corrupt ({bad} fails its checksum)"
+        elif name in ("adapter_config.json", CHECKPOINT_RUN):
+            try:
+                json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return f"{name}: corrupt or truncated ({e})"
+    if identity:
+        return _identity_mismatch(ckpt, identity)
+    return None
+
+
+def _identity_mismatch(ckpt: Path, identity: dict) -> str | None:
+    recorded = None
+    if (ckpt / CHECKPOINT_RUN).is_file():
+        recorded = json.loads((ckpt / CHECKPOINT_RUN).read_text())
+    elif (ckpt / "adapter_config.json").is_file():  # written before checkpoints recorded their run
+        cfg = json.loads((ckpt / "adapter_config.json").read_text())
+        targets = cfg.get("target_modules")
+        recorded = {"lora_r": cfg.get("r"),
+                    "lora_target_modules": sorted(targets) if isinstance(targets, list) else targets}
+    if not recorded:
+        return None
+    flags = {"model_dir": "model", "mode": "mode", "lora_r": "--lora_r", "lora_target_modules": "--lora_target_modules"}
+    diffs = [f"{flags[k]} {_show(recorded[k])} there, {_show(identity[k])} now"
+             for k in flags if k in recorded and k in identity and recorded[k] != identity[k]]
+    if diffs:
+        return ("written by a different run (" + "; ".join(diffs) + "): a resume needs the same model, mode, "
+                "--lora_r and --lora_target_modules")
+    return None
+
+
+def _show(v) -> str:
+    return " ".join(v) if isinstance(v, list) else str(v)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, identity: dict | None = None) -> str | None:
+    """The highest checkpoint-N in output_dir that an exact resume can use, or None.
+
+    Checkpoints are written to a staging dir and renamed into place, so a killed save never appears under
+    this name; the file checks also cover checkpoints damaged or pruned afterwards, or written by other tools.
+    """
+    for p in checkpoints(output_dir):
+        if checkpoint_problem(p, identity) is None:
             return str(p)
     return None
+
+
+def is_project_run(output_dir: str | os.PathLike) -> bool:
+    """Whether output_dir holds a run of this project (or the demo's output), as opposed to other files."""
+    d = Path(output_dir)
+    if (d / FINISHED_MARKER).is_file() or (d / DEMO_MARKER).is_file():
+        return True
+    try:
+        record = json.loads((d / RUN_ARGS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "model_dir" in record and "mode" in record
+
+
+# The names a run writes at the top of its output dir (a foreign file under one of them would be replaced).
+RUN_OUTPUTS = ("README.md", "run_info.json", RUN_ARGS, FINISHED_MARKER, "trainer_state.json", "train.log",
+               "loss_curve.png", "adapter_config.json", "adapter_model.safetensors", "config.json",
+               "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def foreign_files(output_dir: str | os.PathLike) -> list[str]:
+    """What output_dir holds besides the run lock (for a dir that is not a run of this project)."""
+    d = Path(output_dir)
+    return sorted(p.name for p in d.iterdir() if p.name != LOCK_FILE) if d.is_dir() else []
 
 
 def deepspeed_config(ds) -> dict | None:
@@ -79,6 +211,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
             f"{cfg_file}: model_type is {cfg.get('model_type')!r}; this trainer supports Qwen v1 ('qwen') models")
     if not (model_dir / VOCAB_FILE).is_file():
         raise TrainConfigError(f"{model_dir} has no {VOCAB_FILE}: copy it from the original model dir")
+    seq_length = cfg.get("seq_length") or cfg.get("max_position_embeddings")
     qcfg = cfg.get("quantization_config") or {}
     quantized = qcfg.get("quant_method") == "gptq"
 
@@ -88,6 +221,9 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     for flag, path in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
         if path and not Path(path).exists():
             raise TrainConfigError(f"{flag} {path}: no such file or directory")
+    eval_strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if eval_strategy != "no" and not data_args.eval_data_path:
+        raise TrainConfigError(f"--eval_strategy {eval_strategy} needs an eval set: add --eval_data_path")
     if data_args.model_max_length < 16:
         raise TrainConfigError(f"--model_max_length {data_args.model_max_length} is too small for any chat turn")
 
@@ -112,6 +248,8 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         raise TrainConfigError("--modules_to_save and --lora_weight_path apply to LoRA; add --use_lora")
     if args.bf16 and args.fp16:
         raise TrainConfigError("--bf16 and --fp16 exclude each other")
+    if args.on_nonfinite_loss not in ("stop", "skip"):
+        raise TrainConfigError(f"--on_nonfinite_loss must be stop or skip, got {args.on_nonfinite_loss!r}")
 
     # -- DeepSpeed -------------------------------------------------------------------------------------------
     ds = deepspeed_config(args.deepspeed)
@@ -131,35 +269,112 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
                 f"--deepspeed {args.deepspeed} brings its own optimizer ({ds['optimizer'].get('type')}), so "
                 f"--optim {args.optim} would not run; use a config without an optimizer block (ds_configs/zero2.json)")
 
+    if args.on_nonfinite_loss == "skip" and ds is not None:
+        raise TrainConfigError(
+            "--on_nonfinite_loss skip does not work under --deepspeed (DeepSpeed applies the step inside its "
+            "backward pass); use --on_nonfinite_loss stop, or run without DeepSpeed")
+
     # -- output dir and resume -------------------------------------------------------------------------------
-    out = Path(args.output_dir)
-    resume_from = None
-    if args.resume_from_checkpoint not in (None, "", "False", "false"):
-        if args.resume_from_checkpoint in ("True", "true", "auto", "last"):
-            resume_from = last_complete_checkpoint(out)
-            if resume_from is None:
-                raise TrainConfigError(f"--resume_from_checkpoint: no complete checkpoint in {out}")
-        else:
-            resume_from = args.resume_from_checkpoint
-            if not (Path(resume_from) / "trainer_state.json").is_file():
-                raise TrainConfigError(f"--resume_from_checkpoint {resume_from}: not a complete checkpoint "
-                                       "(no trainer_state.json)")
-    elif args.resume:
-        resume_from = last_complete_checkpoint(out)
-        if resume_from is None and (out / FINISHED_MARKER).is_file():
-            raise TrainConfigError(f"--resume: the run in {out} has finished; nothing to continue")
-    elif out.is_dir() and not args.overwrite_output_dir:
-        if (out / FINISHED_MARKER).is_file():
-            raise TrainConfigError(
-                f"{out} holds a finished run; choose another --output_dir or pass --overwrite_output_dir")
-        if last_complete_checkpoint(out):
-            raise TrainConfigError(
-                f"{out} holds checkpoints of an unfinished run; pass --resume to continue it "
-                "or --overwrite_output_dir to start over")
+    identity = run_identity(model_dir, mode, lora_args)
+    resume_from = check_output_dir(args, identity)
 
     if torch.cuda.is_available() and not args.use_cpu:
         device = f"cuda:{max(args.local_process_index, 0)}"
     else:
         device = "cpu"
     return TrainPlan(model_dir=model_dir, mode=mode, quantized=quantized, device=device,
-                     zero_stage=zero_stage, resume_from=resume_from)
+                     zero_stage=zero_stage, resume_from=resume_from, identity=identity, seq_length=seq_length)
+
+
+_TRUE = ("True", "true", "auto", "last")
+
+
+def check_output_dir(args, identity: dict) -> str | None:
+    """The checkpoint to resume from (None: start at step 0), or a TrainConfigError saying why the output dir
+    cannot take this run. Reads only: nothing in the dir changes here (run_dir.claim_output_dir writes)."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"--output_dir {out} is a file, not a directory")
+    parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TrainConfigError(f"--output_dir {out}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"--output_dir {out}: {parent} is not writable")
+    finished = (out / FINISHED_MARKER).is_file()
+    explicit = args.resume_from_checkpoint
+    if explicit in (None, "", "False", "false"):
+        explicit = None
+    resume = args.resume or explicit in _TRUE
+    if (resume or explicit) and args.overwrite_output_dir:
+        raise TrainConfigError("--resume and --overwrite_output_dir exclude each other: resume continues the run "
+                               "in --output_dir, overwrite starts a new one there")
+    if resume and finished:
+        last = checkpoints(out)
+        start = (f"--model_name_or_path {out}" if identity.get("mode") == "full" else f"--lora_weight_path {out}")
+        also = f", or from its last training state: --resume_from_checkpoint {last[0]}" if last else ""
+        raise TrainConfigError(
+            f"--resume: the run in {out} has finished ({FINISHED_MARKER}); nothing was changed. To train further, "
+            f"start a new run into a new --output_dir from its weights: {start}{also}")
+    if resume and (found := _resumable(out, identity)):
+        return found
+    if explicit and not resume:
+        ckpt = Path(explicit)
+        if finished and ckpt.absolute().parent == out.absolute():
+            raise TrainConfigError(
+                f"--resume_from_checkpoint {ckpt}: the run in {out} has finished ({FINISHED_MARKER}); nothing was "
+                "changed. Continue from this checkpoint into a new dir: add --output_dir NEW_DIR")
+        problem = checkpoint_problem(ckpt, identity)
+        if problem:
+            raise TrainConfigError(f"--resume_from_checkpoint {ckpt}: {problem}")
+        if ckpt.absolute().parent == out.absolute():
+            return str(ckpt)
+    # A new run in out (or one continuing from a checkpoint of another dir, or --resume with no checkpoint).
+    explicit = None if resume else explicit
+    if not out.is_dir():
+        return str(explicit) if explicit else None
+    if is_project_run(out):
+        if not args.overwrite_output_dir:
+            if finished:
+                raise TrainConfigError(
+                    f"{out} holds a finished run; choose another --output_dir or pass --overwrite_output_dir")
+            if checkpoints(out):
+                raise TrainConfigError(
+                    f"{out} holds checkpoints of an unfinished run; pass --resume to continue it "
+                    "or --overwrite_output_dir to start over")
+    elif (present := foreign_files(out)) and not args.overwrite_output_dir:
+        clash = [n for n in present if n in RUN_OUTPUTS]
+        raise TrainConfigError(
+            f"--output_dir {out} is not empty and holds no run of this project ({_listing(present)}); "
+            "choose a new or empty dir, or pass --overwrite_output_dir to write beside these files"
+            + (f" (replacing {', '.join(clash)})" if clash else " (none of them is replaced)"))
+    return str(explicit) if explicit else None
+
+
+def _listing(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _resumable(out: Path, identity: dict) -> str | None:
+    """--resume: the newest checkpoint an exact resume can use, falling back past incomplete or damaged ones
+    (each said in the log); a checkpoint of another run stops the resume, naming both."""
+    found = checkpoints(out)
+    if not found:
+        if out.is_dir():
+            logger.warning("--resume: no checkpoint in %s; training starts at step 0", out)
+        return None
+    problems = []
+    for p in found:
+        problem = checkpoint_problem(p)
+        if problem is None:
+            mismatch = _identity_mismatch(p, identity)
+            if mismatch:
+                raise TrainConfigError(f"--resume: {p} was {mismatch}; start this run in another --output_dir "
+                                       "or with --overwrite_output_dir")
+            for skipped, why in problems:
+                logger.warning("--resume: %s is not usable (%s); falling back to %s", skipped, why, p.name)
+            return str(p)
+        problems.append((p, problem))
+    p, problem = problems[0]
+    raise TrainConfigError(
+        f"--resume: no checkpoint in {out} can be resumed exactly; the newest, {p.name}: {problem}. Restore "
+        "the file, or start over with --overwrite_output_dir")

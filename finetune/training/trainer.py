@@ -1,9 +1,13 @@
 """transformers' Trainer with what fine-tuning here needs on top: autocast for fp32 adapters on a
-half-precision base, a stop on a non-finite loss, and checkpoints that appear only once complete."""
+half-precision base, a stop on (or a skip of) a non-finite loss, and checkpoints that appear only once complete
+and record the run that wrote them."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import logging
 import os
 import shutil
 
@@ -12,7 +16,10 @@ from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import ChatCollator, PackedCollator
+from .checks import CHECKPOINT_RUN
 from .throughput import ThroughputMeter
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -38,6 +45,8 @@ class QwenTrainer(Trainer):
         self.plan = plan
         self._staging_dir = None
         self._lora_layers = None  # PEFT tuner layers, found on first use
+        self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (--on_nonfinite_loss skip)
+        self._nonfinite = None  # the first non-finite micro-batch loss of the current step, if any
 
     # -- precision --------------------------------------------------------------------------------------
     def _autocast(self):
@@ -88,16 +97,54 @@ class QwenTrainer(Trainer):
         with self._autocast():
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-    # -- a non-finite loss stops the run before any optimizer step uses it -------------------------------
+    # -- a non-finite loss stops the run (or, with skip, its step) before any optimizer step uses it --------
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.meter.count(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():
-            raise NonFiniteLossError(
-                f"the loss is {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch:.2f}); "
-                "stopping before the optimizer applies it. Lower --learning_rate, use --bf16 instead of --fp16, "
-                "or check the data; the last checkpoint is intact")
+            if self.args.on_nonfinite_loss != "skip":
+                raise NonFiniteLossError(
+                    f"the loss is {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch:.2f}); "
+                    "stopping before the optimizer applies it. Lower --learning_rate, use --bf16 instead of --fp16, "
+                    "or check the data (--on_nonfinite_loss skip skips such steps); the last checkpoint is intact")
+            if self._nonfinite is None:
+                self._nonfinite = loss.item()
+        if self.args.on_nonfinite_loss == "skip":
+            self._guard_optimizer()
         return loss
+
+    def _guard_optimizer(self):
+        """Wrap the (accelerate-prepared) optimizer's step once: a step whose gradients come from a non-finite
+        loss on any process is not applied; the gradients are then zeroed by the loop as after every step."""
+        opt = self.optimizer
+        if getattr(opt, "_skips_nonfinite", False):
+            return
+        step = opt.step
+
+        @functools.wraps(step)  # keeps the marks torch's LR scheduler puts on the step it wraps
+        def guarded_step(*a, **k):
+            bad = self._nonfinite is not None
+            if self.args.world_size > 1:  # every process skips together, or none does
+                import torch.distributed as dist
+
+                flag = torch.tensor(float(bad), device=self.args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                bad = bool(flag.item())
+            loss, self._nonfinite = self._nonfinite, None
+            if bad:
+                self.skipped_steps += 1
+                logger.warning("step %d: the loss is %s; the optimizer step is skipped (%d skipped so far)",
+                               self.state.global_step + 1, loss if loss is not None else "non-finite on another process",
+                               self.skipped_steps)
+                if getattr(self.accelerator, "scaler", None) is not None:
+                    # fp16's GradScaler has unscaled these gradients: its step sees them non-finite, skips the
+                    # update itself and lowers the scale (bypassing it would leave the scaler mid-step)
+                    return step(*a, **k)
+                return None
+            return step(*a, **k)
+
+        opt.step = guarded_step
+        opt._skips_nonfinite = True
 
     # -- atomic checkpoints ------------------------------------------------------------------------------
     def _get_output_dir(self, trial):
@@ -119,6 +166,9 @@ class QwenTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every rank has written its shards and RNG state
         final = os.path.join(run_dir, name)
         if self.args.should_save:
+            if self.plan is not None and self.plan.identity:  # a resume checks that it continues this run
+                with open(os.path.join(staging, name, CHECKPOINT_RUN), "w") as f:
+                    json.dump(self.plan.identity, f, indent=2)
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(os.path.join(staging, name), final)
