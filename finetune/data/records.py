@@ -95,20 +95,21 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 def _check_text(text: str, what: str) -> None:
     """Refuse a lone surrogate: JSON lets "\\ud800" through, and the tokenizer would replace it silently."""
-    m = _SURROGATE.search(text)
+    m = None if text.isascii() else _SURROGATE.search(text)  # isascii is O(1) in CPython
     if m:
         raise DataError("lone surrogate", f"{what} holds U+{ord(m.group()):04X} at character {m.start() + 1}, "
                         "half of a UTF-16 surrogate pair (a broken \\u escape): not valid Unicode text")
 
 
-def _one_of(obj: dict, keys: tuple[str, str], what: str, same=lambda a, b: a == b):
+def _one_of(obj: dict, k1: str, k2: str, what: str, same=lambda a, b: a == b):
     """The value of whichever of two synonymous keys is set (None counts as unset); both set and different is
     an error, so neither side is dropped silently."""
-    a, b = (obj.get(k) for k in keys)
-    if a is not None and b is not None and not same(a, b):
-        raise DataError(f"both '{keys[0]}' and '{keys[1]}'",
-                        f"{what} has '{keys[0]}' {_short(a)} and '{keys[1]}' {_short(b)}; keep one")
-    return a if a is not None else b
+    a, b = obj.get(k1), obj.get(k2)
+    if a is None:
+        return b
+    if b is not None and not same(a, b):
+        raise DataError(f"both '{k1}' and '{k2}'", f"{what} has '{k1}' {_short(a)} and '{k2}' {_short(b)}; keep one")
+    return a
 
 
 def _short(v: Any) -> str:
@@ -127,10 +128,10 @@ def _same_role(a, b) -> bool:
 def _turn_fields(turn: Any, n: int) -> tuple[str, Any]:
     if not isinstance(turn, dict):
         raise DataError("invalid turn", f"turn {n} is a {type(turn).__name__}, not an object")
-    role = _one_of(turn, ("from", "role"), f"turn {n}", _same_role)
+    role = _one_of(turn, "from", "role", f"turn {n}", _same_role)
     if role is None:
         raise DataError("invalid turn", f"turn {n} has no 'from' (or 'role') field")
-    content = _one_of(turn, ("value", "content"), f"turn {n}")
+    content = _one_of(turn, "value", "content", f"turn {n}")
     if content is None and "value" not in turn and "content" not in turn:
         raise DataError("invalid turn", f"turn {n} has no 'value' (or 'content') field")
     return role, content
@@ -233,14 +234,16 @@ class _Decoder:
 
     def __init__(self):
         self.duplicates: list[str] = []
-        self.raw_decode = json.JSONDecoder(object_pairs_hook=self._object).raw_decode
+        dups = self.duplicates
 
-    def _object(self, pairs: list) -> dict:
-        obj = dict(pairs)
-        if len(obj) != len(pairs):
-            seen: set = set()
-            self.duplicates += [k for k, _ in pairs if k in seen or seen.add(k)]
-        return obj
+        def pairs_to_dict(pairs: list, dict=dict, len=len) -> dict:  # called per object: kept lean
+            obj = dict(pairs)
+            if len(obj) != len(pairs):
+                seen: set = set()
+                dups.extend(k for k, _ in pairs if k in seen or seen.add(k))
+            return obj
+
+        self.raw_decode = json.JSONDecoder(object_pairs_hook=pairs_to_dict).raw_decode
 
     def decode(self, text: str, pos: int = 0) -> tuple[Any, int]:
         """(object, end) of the JSON value at text[pos]; raises json.JSONDecodeError, or DataError for a value
