@@ -337,3 +337,9 @@ def test_datasets_dir_with_both_forms_in_columns(tmp_path):
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     recs = load_records(tmp_path / "ds")
     assert [r["messages"][1]["content"] for r in recs] == ["a", "a2"]
+
+
+def test_in_memory_id_too_long_to_convert():
+    with pytest.raises(DataError, match="invalid id: an id too long to convert"):
+        normalize_record({"id": 10 ** 5000, "conversations": [U, A]})
+    assert normalize_record({"id": 12, "conversations": [U, A]})["id"] == "12"

@@ -195,8 +195,13 @@ def normalize_record(record: Any) -> dict:
     rid = record.get("id")
     if isinstance(rid, str):
         _check_text(rid, "the id")
+    elif rid is not None:
+        try:
+            rid = str(rid)
+        except ValueError as e:  # an int longer than Python converts (sys.get_int_max_str_digits)
+            raise DataError("invalid id", f"an id too long to convert ({str(e).split(';')[0]})") from None
     return {
-        "id": None if rid is None else str(rid),
+        "id": rid,
         "system": DEFAULT_SYSTEM if system is None else system,
         "messages": messages,
     }
