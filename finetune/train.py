@@ -18,7 +18,7 @@ from pathlib import Path
 
 import transformers
 
-from .data import DataError, build_dataset
+from .data import DataError, TooLongError, build_dataset
 from .settings import as_dict as settings_dict
 from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
 from .training import precision as precision_policy
@@ -57,10 +57,10 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
     tokenizer = load_tokenizer(plan.model_dir)
     try:
         train_set, summary, eval_set, eval_summary = _datasets(tokenizer, data_args, args)
-    except DataError as e:
-        if "max_len" in str(e):
-            raise TrainConfigError(f"{e} (--model_max_length {data_args.model_max_length} is too small)") from None
-        raise
+    except TooLongError as e:
+        raise TrainConfigError(f"{e}; raise --model_max_length (now {data_args.model_max_length})"
+                               + ("" if data_args.skip_invalid else ", or pass --skip_invalid True to skip and "
+                                  "count such records")) from None
     if summary.trained_tokens == 0:
         raise TrainConfigError(
             f"--model_max_length {data_args.model_max_length} leaves no assistant reply to train on "
@@ -186,7 +186,8 @@ def _cuda_graphs(model, data_args, args, plan):
 def _datasets(tokenizer, data_args, args):
     """Train (and eval) datasets, built once on the main process and read from its cache by the others."""
     kw = dict(packing=data_args.packing, train_on_prompt=data_args.train_on_prompt,
-              skip_invalid=data_args.skip_invalid, num_proc=data_args.preprocessing_num_workers)
+              skip_invalid=data_args.skip_invalid, num_proc=data_args.preprocessing_num_workers,
+              progress=not args.disable_tqdm)
     with args.main_process_first(desc="tokenizing"):
         train_set, summary = build_dataset(tokenizer, data_args.data_path, data_args.model_max_length,
                                            verbose=args.process_index == 0, **kw)

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("datasets")
 
-from finetune.data import DataError, build_dataset, encode_conversation, load_records  # noqa: E402
+from finetune.data import DataError, TooLongError, build_dataset, encode_conversation, load_records  # noqa: E402
 
 
 def rec(i, reply="fine", turns=1):
@@ -59,9 +59,10 @@ def test_same_result_from_list_json_and_two_processes(data_small_tokenizer, json
 
 
 def test_truncation_and_too_long_are_counted(data_small_tokenizer, jsonl, tmp_path):
+    # (issue 14 item 14: a record left with nothing to train is counted only under skip_invalid)
     tok = data_small_tokenizer
     long_prompt = {"messages": [{"role": "user", "content": "q " * 100}, {"role": "assistant", "content": "a"}]}
-    ds, s = build_dataset(tok, jsonl(GOOD + [long_prompt]), 40, cache_dir=tmp_path / "c")
+    ds, s = build_dataset(tok, jsonl(GOOD + [long_prompt]), 40, skip_invalid=True, cache_dir=tmp_path / "c")
     n_trunc = sum(len(encode_conversation(tok, r)["input_ids"]) > 40 for r in GOOD)
     assert n_trunc > 0 and s.truncated == n_trunc
     assert s.records_read == 41 and s.records_used == 40 and len(ds) == 40
@@ -153,3 +154,102 @@ def test_datasets_dir_and_train_on_prompt(data_small_tokenizer, tmp_path):
     assert len(ds) == 10 and s.records_read == 10
     for row, r in zip(ds, GOOD[:10]):
         assert row["labels"] == encode_conversation(tok, r, train_on_prompt=True)["labels"]
+
+
+# -- issue 14: content-keyed cache, records with nothing to train, progress bars -----------------------------
+
+def _same_size_other_content(path, old_text, new_text):
+    st = os.stat(path)
+    assert len(new_text.encode()) == len(old_text.encode()) and new_text != old_text
+    path.write_text(new_text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # as cp -p, rsync -a and tar leave it
+    assert os.stat(path).st_size == st.st_size and os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.json"])
+def test_cache_follows_content_not_size_and_mtime(data_small_tokenizer, tmp_path, name):
+    tok = data_small_tokenizer
+    old = [rec(i, "apples") for i in range(5)]
+    new = [rec(i, "melons") for i in range(5)]  # same length in characters and in bytes
+    path = tmp_path / name
+    dump = (lambda rs: json.dumps(rs)) if name.endswith(".json") else \
+        (lambda rs: "".join(json.dumps(r) + "\n" for r in rs))
+    path.write_text(dump(old))
+    ds1, _ = build_dataset(tok, path, None, cache_dir=tmp_path / "c")
+    assert ds1[0]["input_ids"] == encode_conversation(tok, old[0])["input_ids"]
+    _same_size_other_content(path, dump(old), dump(new))
+    ds2, _ = build_dataset(tok, path, None, cache_dir=tmp_path / "c")
+    assert ds2._fingerprint != ds1._fingerprint
+    assert ds2["input_ids"][:] == [encode_conversation(tok, r)["input_ids"] for r in new]
+
+
+def test_cache_follows_content_of_a_datasets_dir(data_small_tokenizer, tmp_path):
+    import datasets
+
+    tok = data_small_tokenizer
+    d = tmp_path / "ds"
+    datasets.Dataset.from_list([{"id": "1", "messages": rec(1, "apples")["messages"]}]).save_to_disk(str(d))
+    ds1, _ = build_dataset(tok, d, None, cache_dir=tmp_path / "c")
+    arrow = next(d.glob("*.arrow"))
+    data = arrow.read_bytes()
+    assert data.count(b"apples") == 1
+    st = os.stat(arrow)
+    arrow.write_bytes(data.replace(b"apples", b"melons"))
+    os.utime(arrow, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ds2, _ = build_dataset(tok, d, None, cache_dir=tmp_path / "c")
+    assert ds2[0]["input_ids"] == encode_conversation(tok, rec(1, "melons"))["input_ids"] != ds1[0]["input_ids"]
+
+
+def _three_of_five_too_long():
+    long_prompt = lambda i: {"id": i, "messages": [{"role": "user", "content": f"q{i} " * 100},
+                                                   {"role": "assistant", "content": "a"}]}
+    return [rec(0), long_prompt(1), rec(2), long_prompt(3), long_prompt(4)]
+
+
+def test_records_with_nothing_to_train_stop_the_build(data_small_tokenizer, tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(_three_of_five_too_long(), indent=1))
+    with pytest.raises(TooLongError) as e:
+        build_dataset(data_small_tokenizer, path, 40, cache_dir=tmp_path / "c")
+    err = e.value
+    assert isinstance(err, DataError) and err.index == 1 and err.line is not None
+    assert str(err) == (f"{path}, record 2, line {err.line}: prompt longer than max_len (nothing left to train): "
+                        "3 of 5 records have no reply token within max_len 40 (the prompt before the first reply "
+                        "fills it); this is the first")
+    # the line is the one where record 2 starts
+    starts = [i + 1 for i, l in enumerate(path.read_text().splitlines()) if l.startswith(" {")]
+    assert err.line == starts[1]
+    # with skip_invalid: trained on the other 2, the 3 counted, the first named in the summary
+    ds, s = build_dataset(data_small_tokenizer, path, 40, skip_invalid=True, cache_dir=tmp_path / "c")
+    assert len(ds) == 2 and s.records_read == 5 and s.records_skipped == 3
+    assert s.skipped == {"prompt longer than max_len (nothing left to train)": 3}
+    assert any("record 2" in x and "3 of 5 records" in x for x in s.examples)
+    assert "3 skipped" in s.format()
+
+
+def test_nothing_to_train_in_memory_records_and_with_invalid_ones(data_small_tokenizer, tmp_path):
+    recs = _three_of_five_too_long()
+    with pytest.raises(TooLongError, match=r"^<records>, record 2: .*3 of 5 records"):
+        build_dataset(data_small_tokenizer, recs, 40, cache_dir=tmp_path / "c")
+    # an invalid record before them is named first, as before
+    with pytest.raises(DataError) as e:
+        build_dataset(data_small_tokenizer, [{"messages": []}] + recs, 40, cache_dir=tmp_path / "c")
+    assert not isinstance(e.value, TooLongError) and e.value.reason == "no conversations"
+    # every record too long, even when skipping: no usable records, still a TooLongError (the caller names its
+    # max_len setting)
+    with pytest.raises(TooLongError, match="no usable records.*max_len is 40"):
+        build_dataset(data_small_tokenizer, [recs[1]], 40, skip_invalid=True, cache_dir=tmp_path / "c")
+
+
+def test_progress_bars_follow_progress_flag(data_small_tokenizer, jsonl, tmp_path, capfd):
+    long_prompt = {"messages": [{"role": "user", "content": "q " * 100}, {"role": "assistant", "content": "a"}]}
+    path = jsonl(GOOD + [long_prompt])  # a skipped row: the filter step runs, then packing
+    kw = dict(packing=True, skip_invalid=True, verbose=False)
+    build_dataset(data_small_tokenizer, path, 64, progress=False, cache_dir=tmp_path / "c1", **kw)
+    err = capfd.readouterr().err
+    assert "packing" not in err and "dropping records" not in err and "%|" not in err
+    import datasets
+
+    assert not datasets.are_progress_bars_disabled()  # restored
+    build_dataset(data_small_tokenizer, path, 64, progress=True, cache_dir=tmp_path / "c2", **kw)
+    assert "packing" in capfd.readouterr().err  # the bars this turns off do exist

@@ -92,14 +92,14 @@ def test_invalid_record(tmp_path, record, cause):
     with pytest.raises(DataError) as e:
         load_records(path)
     msg = str(e.value)
-    assert str(path) in msg and "record 2" in msg and "line 3" in msg and cause in msg
+    assert str(path) in msg and "record 3" in msg and "line 3" in msg and cause in msg
     assert e.value.reason == cause and e.value.index == 2 and e.value.line == 3
     assert isinstance(e.value, ValueError)
 
 
 def test_invalid_record_in_json_array_names_index_and_line(tmp_path):
     path = write_json(tmp_path / "d.json", [GOOD, {"conversations": [U]}])
-    with pytest.raises(DataError, match=r"d\.json, record 1, line \d+: no assistant turn"):
+    with pytest.raises(DataError, match=r"d\.json, record 2, line \d+: no assistant turn"):
         load_records(path)
 
 
@@ -113,7 +113,7 @@ def test_invalid_json_has_line_and_column(tmp_path):
     path.write_text('[\n  ' + json.dumps(GOOD) + ',\n  {"conversations": [}\n]\n')
     with pytest.raises(DataError) as e:
         load_records(path)
-    assert "invalid JSON" in str(e.value) and "line 3 column" in str(e.value) and "record 1" in str(e.value)
+    assert "invalid JSON" in str(e.value) and "line 3 column" in str(e.value) and "record 2" in str(e.value)
 
 
 def test_jsonl_one_broken_line(tmp_path):
@@ -122,7 +122,7 @@ def test_jsonl_one_broken_line(tmp_path):
     with pytest.raises(DataError) as e:
         load_records(path)
     assert e.value.reason == "invalid JSON" and e.value.line == 3 and e.value.index == 1
-    assert "record 1, line 3" in str(e.value)
+    assert "record 2, line 3" in str(e.value)
 
 
 def test_skip_invalid_counts_every_skip(tmp_path, capsys):
@@ -199,3 +199,147 @@ def test_jsonl_shards_cover_the_file_with_true_positions(tmp_path, n):
              for sh in shards for r, e in iter_records(path, skip_invalid=True, shard=sh)]
     assert parts == whole and len(whole) == 20
     assert [e for _, e in whole if e] == [(0, 1), (5, 8), (10, 14), (15, 20)]
+
+
+# -- hostile files (issue 14, item 15): each one DataError naming the file and the record -------------------
+
+def test_messages_count_records_from_one_like_lines(tmp_path):
+    # the third record, on the third line, is "record 3, line 3"; .index stays the 0-based position
+    path = bad(tmp_path, {"conversations": [U]})
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert f"{path}, record 3, line 3: no assistant turn" in str(e.value) and e.value.index == 2
+    # turns too: the first turn is turn 1
+    with pytest.raises(DataError, match="turn 1 has no 'from'"):
+        normalize_record({"conversations": [{"value": "x"}, A]})
+
+
+@pytest.mark.parametrize("codec, name", [
+    ("utf-16", "UTF-16 (with a byte order mark)"), ("utf-16-le", "UTF-16 little-endian"),
+    ("utf-16-be", "UTF-16 big-endian"), ("utf-32", "UTF-32 (with a byte order mark)"),
+    ("utf-32-le", "UTF-32 little-endian"), ("utf-32-be", "UTF-32 big-endian"),
+])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_utf16_and_utf32_files_are_named(tmp_path, codec, name, suffix):
+    path = tmp_path / f"d{suffix}"
+    text = json.dumps([GOOD]) if suffix == ".json" else json.dumps(GOOD) + "\n"
+    path.write_bytes(text.encode(codec))
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: not UTF-8: the file is {name}") and "must be UTF-8" in msg and "iconv" in msg
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    for name, text in (("a.json", json.dumps([GOOD])), ("b.jsonl", json.dumps(GOOD) + "\n")):
+        path = tmp_path / name
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode())
+        assert len(load_records(path)) == 1
+
+
+def test_invalid_utf8_in_json_array_names_the_record(tmp_path):
+    path = tmp_path / "d.json"
+    body = json.dumps([GOOD, GOOD, {"conversations": [U, {"from": "assistant", "value": "café"}]}], indent=1,
+                      ensure_ascii=False)
+    data = body.encode().replace("café".encode(), b"caf\xe9")  # Latin-1 é
+    path.write_bytes(data)
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert e.value.reason == "not UTF-8" and e.value.index == 2 and e.value.line is not None
+    offset = data.index(b"\xe9")
+    assert f"{path}, record 3, line {e.value.line}: not UTF-8: invalid UTF-8 bytes b'\\xe9' at byte offset " \
+           f"{offset}" in str(e.value)
+    # a record error like any other: --skip_invalid counts it and keeps the rest
+    recs = load_records(path, skip_invalid=True)
+    assert len(recs) == 2 and recs.report.reasons() == {"not UTF-8": 1}
+
+
+def test_invalid_utf8_in_jsonl_names_record_line_and_offset(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps(GOOD).encode() + b"\n"
+    path.write_bytes(good + b"\n" + b'{"conversations": [{"from": "user", "value": "\xff"}]}\n')
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    offset = len(good) + 1 + b'{"conversations": [{"from": "user", "value": "'.__len__()
+    assert str(e.value) == (f"{path}, record 2, line 3: not UTF-8: invalid UTF-8 bytes b'\\xff' at byte offset "
+                            f"{offset} (column {offset - len(good)} of the line)")
+
+
+@pytest.mark.parametrize("form", ["json", "jsonl"])
+def test_json_nested_100000_levels_is_a_data_error(tmp_path, form):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / f"d.{form}"
+    if form == "json":
+        path.write_text("[" + json.dumps(GOOD) + ",\n" + deep + "]")
+    else:
+        path.write_text(json.dumps(GOOD) + "\n" + '{"conversations": ' + deep + "}\n")
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert f"{path}, record 2, line 2: invalid JSON: nested too deeply" in str(e.value)
+
+
+@pytest.mark.parametrize("form", ["json", "jsonl"])
+def test_5000_digit_id_is_a_data_error(tmp_path, form):
+    rec = '{"id": ' + "7" * 5000 + ', "conversations": [{"from": "user", "value": "Hi"}, ' \
+          '{"from": "assistant", "value": "Hello."}]}'
+    path = tmp_path / f"d.{form}"
+    path.write_text("[" + json.dumps(GOOD) + ",\n" + rec + "]" if form == "json" else json.dumps(GOOD) + "\n" + rec)
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert f"{path}, record 2, line 2: invalid JSON: a number too long to read" in str(e.value)
+    assert "4300 digits" in str(e.value)
+
+
+@pytest.mark.parametrize("raw, reason, detail", [
+    ('{"conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello."}], '
+     '"messages": [{"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye."}]}',
+     "both 'conversations' and 'messages'", "keep one"),
+    ('{"conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "Hello."}], '
+     '"conversations": [{"from": "user", "value": "Bye"}, {"from": "assistant", "value": "Bye."}]}',
+     "duplicate key", "key 'conversations' appears twice"),
+    ('{"conversations": [{"from": "user", "role": "assistant", "value": "Hi"}, {"from": "assistant", "value": "x"}]}',
+     "both 'from' and 'role'", "turn 1 has 'from' 'user' and 'role' 'assistant'"),
+    ('{"conversations": [{"from": "user", "value": "Hi", "content": "Ho"}, {"from": "assistant", "value": "x"}]}',
+     "both 'value' and 'content'", "turn 1 has 'value' 'Hi' and 'content' 'Ho'"),
+    ('{"conversations": [{"from": "user", "value": "Hi \\ud800 there"}, {"from": "assistant", "value": "x"}]}',
+     "lone surrogate", "turn 1 (user) holds U+D800 at character 4"),
+    ('{"conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "x\\udc00"}]}',
+     "lone surrogate", "turn 2 (assistant) holds U+DC00"),
+    ('{"system": "\\ud83d", "conversations": [{"from": "user", "value": "Hi"}, {"from": "assistant", "value": "x"}]}',
+     "lone surrogate", "the top-level 'system' holds U+D83D"),
+])
+@pytest.mark.parametrize("form", ["json", "jsonl"])
+def test_ambiguous_records_are_refused(tmp_path, raw, reason, detail, form):
+    path = tmp_path / f"d.{form}"
+    path.write_text("[" + json.dumps(GOOD) + ",\n" + raw + "]" if form == "json" else json.dumps(GOOD) + "\n" + raw)
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert e.value.reason == reason and e.value.index == 1 and e.value.line == 2
+    assert str(e.value).startswith(f"{path}, record 2, line 2: {reason}: ") and detail in str(e.value)
+    # a record error: skippable and counted
+    recs = load_records(path, skip_invalid=True)
+    assert len(recs) == 1 and recs.report.reasons() == {reason: 1}
+
+
+def test_synonyms_that_agree_and_surrogate_pairs_are_fine():
+    rec = normalize_record({"conversations": [{"from": "human", "role": "user", "value": "a 😀", "content": "a 😀"},
+                                              {"from": "gpt", "value": "b"}]})
+    assert rec["messages"][0] == {"role": "user", "content": "a 😀"}
+    assert normalize_record(json.loads('{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}, '
+                                       '{"role": "assistant", "content": "ok"}]}'))["messages"][0]["content"] == "😀"
+
+
+def test_datasets_dir_with_both_forms_in_columns(tmp_path):
+    # a dataset that mixes the forms has both columns, null where a row uses the other form: not a conflict
+    datasets = pytest.importorskip("datasets")
+    rows = [{"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}], "messages": None},
+            {"conversations": None, "messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    recs = load_records(tmp_path / "ds")
+    assert [r["messages"][1]["content"] for r in recs] == ["a", "a2"]
+
+
+def test_in_memory_id_too_long_to_convert():
+    with pytest.raises(DataError, match="invalid id: an id too long to convert"):
+        normalize_record({"id": 10 ** 5000, "conversations": [U, A]})
+    assert normalize_record({"id": 12, "conversations": [U, A]})["id"] == "12"

@@ -5,21 +5,26 @@
      process; an in-memory list is split into chunks). Nothing holds the corpus as Python objects as a
      whole, and there is no intermediate Arrow copy of the raw records.
      The result is one Arrow file in `datasets`' on-disk format, named by a `datasets` Hasher fingerprint
-     of everything that determines it (file path, size and mtime, or the records themselves; tokenizer
-     vocabulary; options; FORMAT_VERSION), opened as a memory-mapped `datasets.Dataset`. A second build
+     of everything that determines it (file path and an xxh3 hash of its bytes, of every file for a dataset
+     dir, or the records themselves; tokenizer vocabulary; options; FORMAT_VERSION), opened as a
+     memory-mapped `datasets.Dataset`. (A hash, not size and mtime: `cp -p`, `rsync -a` and `tar` keep
+     those for different content.) A second build
      with the same inputs opens the file instead of encoding again, and later `filter`/`map` steps cache
      next to it as usual. (The rows are written as whole record batches from numpy rather than through
      `Dataset.from_generator`'s example-by-example writer, which measured as costly as the tokenizer.)
   2. An invalid record becomes a row that carries its error (and, without `skip_invalid`, ends its shard),
      so the first error in file order is raised after the step, skip counts survive a cache hit, and
      nothing disappears unreported.
-  3. `filter` keeps the records that have something to train on; with `packing`, `map` packs rows.
+  3. A record left with nothing to train (the prompt before its first reply fills max_len) stops the build
+     with a `TooLongError` naming how many there are and the first, unless `skip_invalid` (then counted);
+     `filter` keeps the records that have something to train on; with `packing`, `map` packs rows.
 
 `datasets` is imported inside the functions: the GPU machine runs without it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections import Counter
@@ -27,13 +32,22 @@ from pathlib import Path
 
 from .encoding import ChatEncoder, chat_encoder
 from .packing import pack_batch
-from .records import DataError, _is_jsonl, iter_records, jsonl_shards, normalize_record
+from .records import DataError, _is_jsonl, _iter_raw, iter_records, jsonl_shards, normalize_record
 from .summary import summarize
 
-# Part of the fingerprint: bump when the encoding or the row layout changes, to invalidate old caches.
-FORMAT_VERSION = 1
+# Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
+# old caches. 2: stricter validation (duplicate keys, conflicting fields, lone surrogates).
+FORMAT_VERSION = 2
 TOO_LONG = "prompt longer than max_len (nothing left to train)"
 BATCH_ROWS = 512  # rows per Arrow record batch
+IN_MEMORY = "<records>"  # the "path" of records passed as a list
+
+
+class TooLongError(DataError):
+    """Records that max_len leaves nothing to train in (the prompt before the first reply fills it).
+
+    A type of its own so a caller can name its own setting for max_len (the trainer: --model_max_length).
+    """
 
 
 def _schema():
@@ -135,7 +149,7 @@ def _record_pairs(offset: int, records: list):
         try:
             yield normalize_record(raw), None
         except DataError as e:
-            yield None, e.located("<records>", i, None)
+            yield None, e.located(IN_MEMORY, i, None)
 
 
 def _encode_shard(job: dict) -> str:
@@ -194,18 +208,72 @@ def _trainable(n_trained: list[int]) -> list[bool]:
     return [n > 0 for n in n_trained]
 
 
+def _content_key(p: Path) -> list[tuple[str, int, str]]:
+    """(name, size, xxh3-128 of the bytes) of a data file, or of every file of a dataset dir (names relative)."""
+    import xxhash  # a dependency of `datasets`; ~10x faster than blake2b, and this runs on every build
+
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    key = []
+    for f in files:
+        h = xxhash.xxh3_128()
+        size = 0
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                h.update(view[:n])
+                size += n
+        key.append((f.name if f == p else str(f.relative_to(p)), size, h.hexdigest()))
+    return key
+
+
+def _record_line(source: str, index: int) -> int | None:
+    """The line of record `index` of a data file (None for in-memory records and dataset dirs); re-reads the
+    file up to it, so only for reporting."""
+    if source == IN_MEMORY or not Path(source).is_file():
+        return None
+    for i, line, _, _ in _iter_raw(source):
+        if i == index:
+            return line
+    return None
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    """`datasets`' own progress bars (filter, map, loading a dataset dir) on or off for the build; off follows
+    the trainer's --disable_tqdm."""
+    import datasets
+
+    if show or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
 def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool = False,
                   train_on_prompt: bool = False, skip_invalid: bool = False, num_proc: int | None = None,
-                  cache_dir: str | os.PathLike | None = None, verbose: bool = True):
+                  cache_dir: str | os.PathLike | None = None, verbose: bool = True, progress: bool = True):
     """Encode a data file (or a list of records) into a `datasets.Dataset`; return (dataset, DataSummary).
 
     Columns: input_ids, labels, length (and position_ids, num_sequences when packed). Raises DataError for
-    an invalid record (unless `skip_invalid`: then counted in the summary, and printed) and when no record
-    is left to train on. `verbose=False` (e.g. on non-main ranks) keeps the skip report off stderr; it is
-    in the summary either way. `num_proc` processes encode (a JSONL file is split between them); the result is
-    cached under `cache_dir` (default: the `datasets` cache) by a fingerprint of everything that
-    determines it.
+    an invalid record, and TooLongError for records that `max_len` leaves nothing to train in (unless
+    `skip_invalid`: then both are counted in the summary, and printed), and when no record is left to train
+    on. `verbose=False` (e.g. on non-main ranks) keeps the skip report off stderr; it is in the summary
+    either way. `progress=False` hides `datasets`' progress bars. `num_proc` processes encode (a JSONL file
+    is split between them); the result is cached under `cache_dir` (default: the `datasets` cache) by a
+    fingerprint of everything that determines it.
     """
+    with _progress_bars(progress):
+        return _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt, skip_invalid,
+                              num_proc, cache_dir, verbose)
+
+
+def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt, skip_invalid, num_proc,
+                   cache_dir, verbose):
     import datasets
 
     if packing and not max_len:
@@ -226,9 +294,8 @@ def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool
         if not p.exists():
             raise DataError("file not found", "no such file", path=source)
         path = str(p.resolve())
-        # Size and mtime of the file (of every file, for a dataset dir): an edited file is read again.
-        files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-        key = {"path": path, "stamp": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+        # The content (of every file, for a dataset dir), and the path, which the cached errors name.
+        key = {"path": path, "content": _content_key(p)}
         # JSONL splits into byte ranges, one per process; other forms are read by one process.
         shards = jsonl_shards(path, procs) if p.is_file() and _is_jsonl(path) else [None]
         jobs = [{"path": path, "shard": sh, **common} for sh in shards]
@@ -259,11 +326,14 @@ def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool
     truncated = encoded.data.column("truncated").to_pylist()
     skipped = Counter(r for r in reasons if r is not None)
     used_len, used_trained, n_trunc = [], [], 0
-    for r, n, t, tr in zip(reasons, lengths, trained, truncated):
+    first_too_long = None  # row index = record index: every record has a row once no error ends a shard
+    for i, (r, n, t, tr) in enumerate(zip(reasons, lengths, trained, truncated)):
         if r is not None:
             continue
         if t == 0:
             skipped[TOO_LONG] += 1
+            if first_too_long is None:
+                first_too_long = i
             continue
         used_len.append(n)
         used_trained.append(t)
@@ -273,12 +343,23 @@ def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool
         errors = [DataError.from_json(e) for e in encoded.data.column("error").to_pylist() if e is not None]
         if not skip_invalid:
             raise errors[0]  # the first invalid record in file order
+    if first_too_long is not None:
+        n = skipped[TOO_LONG]
+        where = source if isinstance(path_or_records, (str, os.PathLike)) else IN_MEMORY
+        too_long = TooLongError(TOO_LONG, f"{n} of {len(reasons)} record{'s' * (len(reasons) > 1)} "
+                                f"{'have' if n > 1 else 'has'} no reply token within max_len {max_len} (the "
+                                "prompt before the first reply fills it)" + ("; this is the first" if n > 1 else ""),
+                                path=where, index=first_too_long, line=_record_line(where, first_too_long))
+        if not skip_invalid:
+            raise too_long
+        errors.append(too_long)  # in the summary's examples
     summary = summarize(source, used_len, used_trained, n_trunc, len(reasons), skipped, max_len)
     summary.examples = [str(e) for e in errors[:5]]
     if not used_len:
-        raise DataError("no usable records", f"{len(reasons)} read; skipped: "
-                        + (", ".join(f"{n} {r}" for r, n in skipped.items()) or "none")
-                        + (f"; max_len is {max_len}" if skipped.get(TOO_LONG) else ""), path=source)
+        cls = TooLongError if skipped.get(TOO_LONG) else DataError
+        raise cls("no usable records", f"{len(reasons)} read; skipped: "
+                  + (", ".join(f"{n} {r}" for r, n in skipped.items()) or "none")
+                  + (f"; max_len is {max_len}" if skipped.get(TOO_LONG) else ""), path=source)
     if skipped and verbose:
         print(summary.format(), file=sys.stderr)  # skips are never silent, even if the caller ignores the summary
 

@@ -52,6 +52,7 @@ class ChatEncoder:
         self.vocab_file = getattr(tokenizer, "vocab_file", None)
         if self.vocab_file:  # forked workers find it here instead of rebuilding it from the file
             _BY_VOCAB.setdefault(self.vocab_file, tokenizer.encoding)
+            self.vocab_digest = _file_digest(self.vocab_file)
         self._setup(tokenizer.encoding, tokenizer.im_start_id, tokenizer.im_end_id)
 
     def _setup(self, encoding, im_start: int, im_end: int):
@@ -65,17 +66,16 @@ class ChatEncoder:
 
     def __getstate__(self):
         if self.vocab_file:
-            import os
-
-            st = os.stat(self.vocab_file)
-            # The stamp makes the datasets fingerprint change when the vocabulary file changes.
-            return {"vocab_file": self.vocab_file, "stamp": (st.st_size, st.st_mtime_ns),
+            # The digest makes the datasets fingerprint change when the vocabulary changes (its content: a
+            # copy that keeps size and mtime is still a different vocabulary).
+            return {"vocab_file": self.vocab_file, "digest": self.vocab_digest,
                     "ids": (self.im_start_id, self.im_end_id)}
         return {"vocab_file": None, "encoding": self.encoding, "ids": (self.im_start_id, self.im_end_id)}
 
     def __setstate__(self, state):
         self.vocab_file = state["vocab_file"]
         if self.vocab_file:
+            self.vocab_digest = state["digest"]
             encoding = _shared_encoding(self.vocab_file)
         else:
             encoding = state["encoding"]
@@ -137,6 +137,13 @@ class ChatEncoder:
             return i, None
         # Not even the first pair fits: keep it, cut at max_len (inside the reply, if the prompt fits).
         return min(3, len(sizes)), max_len
+
+
+def _file_digest(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:  # a vocabulary is a few MB: read whole
+        return hashlib.blake2b(f.read(), digest_size=16).hexdigest()
 
 
 _ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -10,15 +10,22 @@ record returns an equal record, so downstream code can accept raw and normalised
 
 Reading streams: JSONL line by line, a JSON array element by element (`raw_decode` over the text, so the
 whole corpus never exists as one big Python list), so each record is validated as it is read and an
-error can name its record index and line.
+error can name its record and line. Messages count records, turns and lines from 1 ("record 3" is the
+third record of the file); `DataError.index` is the 0-based position.
+
+Files must be UTF-8 (a UTF-8 BOM is allowed): UTF-16/32 files are refused naming the encoding found, and
+invalid UTF-8 bytes, JSON nested too deeply, integers too long to convert, duplicated keys and lone
+surrogates (a broken "\\ud800" escape) are errors of the record that holds them, never silent repairs.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
 import sys
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +48,8 @@ class DataError(ValueError):
     """An unreadable data file or an invalid record.
 
     `reason` is a short category (used to count skips), `detail` the specific cause; `str(err)` names the
-    file, the record index, the line (when known) and the cause.
+    file, the record, the line (when known) and the cause. `index` is the record's 0-based position; the
+    message counts from 1, like lines ("record 3, line 3" is the third record, on the third line).
     """
 
     def __init__(self, reason: str, detail: str = "", *, path: str | None = None,
@@ -65,7 +73,7 @@ class DataError(ValueError):
         if self.path is not None:
             where.append(str(self.path))
         if self.index is not None:
-            where.append(f"record {self.index}")
+            where.append(f"record {self.index + 1}")
         if self.line is not None:
             where.append(f"line {self.line}")
         cause = self.reason + (f": {self.detail}" if self.detail else "")
@@ -80,21 +88,52 @@ def _rebuild_error(reason, detail, path, index, line):
     return DataError(reason, detail, path=path, index=index, line=line)
 
 
+# -- checks on decoded values -----------------------------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuse a lone surrogate: JSON lets "\\ud800" through, and the tokenizer would replace it silently."""
+    m = None if text.isascii() else _SURROGATE.search(text)  # isascii is O(1) in CPython
+    if m:
+        raise DataError("lone surrogate", f"{what} holds U+{ord(m.group()):04X} at character {m.start() + 1}, "
+                        "half of a UTF-16 surrogate pair (a broken \\u escape): not valid Unicode text")
+
+
+def _one_of(obj: dict, k1: str, k2: str, what: str, same=lambda a, b: a == b):
+    """The value of whichever of two synonymous keys is set (None counts as unset); both set and different is
+    an error, so neither side is dropped silently."""
+    a, b = obj.get(k1), obj.get(k2)
+    if a is None:
+        return b
+    if b is not None and not same(a, b):
+        raise DataError(f"both '{k1}' and '{k2}'", f"{what} has '{k1}' {_short(a)} and '{k2}' {_short(b)}; keep one")
+    return a
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _same_role(a, b) -> bool:
+    norm = (lambda r: ROLES.get(r.lower(), r) if isinstance(r, str) else r)
+    return norm(a) == norm(b)
+
+
 # -- one record ---------------------------------------------------------------------------------------
 
 
-def _turn_fields(turn: Any, i: int) -> tuple[str, Any]:
+def _turn_fields(turn: Any, n: int) -> tuple[str, Any]:
     if not isinstance(turn, dict):
-        raise DataError("invalid turn", f"turn {i} is a {type(turn).__name__}, not an object")
-    role = turn.get("from", turn.get("role"))
+        raise DataError("invalid turn", f"turn {n} is a {type(turn).__name__}, not an object")
+    role = _one_of(turn, "from", "role", f"turn {n}", _same_role)
     if role is None:
-        raise DataError("invalid turn", f"turn {i} has no 'from' (or 'role') field")
-    if "value" in turn:
-        content = turn["value"]
-    elif "content" in turn:
-        content = turn["content"]
-    else:
-        raise DataError("invalid turn", f"turn {i} has no 'value' (or 'content') field")
+        raise DataError("invalid turn", f"turn {n} has no 'from' (or 'role') field")
+    content = _one_of(turn, "value", "content", f"turn {n}")
+    if content is None and "value" not in turn and "content" not in turn:
+        raise DataError("invalid turn", f"turn {n} has no 'value' (or 'content') field")
     return role, content
 
 
@@ -105,13 +144,14 @@ def normalize_record(record: Any) -> dict:
     """
     if not isinstance(record, dict):
         raise DataError("record is not an object", f"got a {type(record).__name__}")
-    if "conversations" in record:
-        turns = record["conversations"]
-        key = "conversations"
-    elif "messages" in record:
-        turns = record["messages"]
-        key = "messages"
-    else:
+    # Both forms in one record would leave one of them unread. (None counts as absent: a `datasets` dir that
+    # mixes the forms has both columns, one of them null in each row.)
+    if record.get("conversations") is not None and record.get("messages") is not None:
+        raise DataError("both 'conversations' and 'messages'",
+                        "the record has both; keep one (the other would be ignored)")
+    key = "conversations" if record.get("conversations") is not None else "messages"
+    turns = record.get(key)
+    if turns is None:
         raise DataError("no conversations", "the record has neither 'conversations' nor 'messages'")
     if not isinstance(turns, list) or not turns:
         raise DataError("no conversations", f"'{key}' must be a non-empty list")
@@ -119,39 +159,49 @@ def normalize_record(record: Any) -> dict:
     system = record.get("system")
     if system is not None and not isinstance(system, str):
         raise DataError("invalid system", f"top-level 'system' must be a string, got {type(system).__name__}")
+    if system is not None:
+        _check_text(system, "the top-level 'system'")
 
     messages = []
-    for i, turn in enumerate(turns):
-        raw_role, content = _turn_fields(turn, i)
+    for n, turn in enumerate(turns, 1):
+        raw_role, content = _turn_fields(turn, n)
         role = ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise DataError("unknown role", f"turn {i} has role {raw_role!r} "
+            raise DataError("unknown role", f"turn {n} has role {raw_role!r} "
                             f"(accepted: {', '.join(ROLES)})")
         if not isinstance(content, str):
-            raise DataError("invalid value", f"turn {i} ({role}) has a {type(content).__name__} value, "
+            raise DataError("invalid value", f"turn {n} ({role}) has a {type(content).__name__} value, "
                             "not a string")
+        _check_text(content, f"turn {n} ({role})")
         if role == "system":
-            if i != 0:
-                raise DataError("system turn not first", f"turn {i} is a system turn; only turn 0 may be")
+            if n != 1:
+                raise DataError("system turn not first", f"turn {n} is a system turn; only the first turn may be")
             if system is not None:
                 raise DataError("two system prompts", "the record has both a top-level 'system' and a "
                                 "system turn")
             system = content  # an empty system prompt is legitimate (make_context allows it)
             continue
         if not content.strip():
-            raise DataError("empty value", f"turn {i} ({role}) is empty")
+            raise DataError("empty value", f"turn {n} ({role}) is empty")
         if messages and messages[-1]["role"] == role:
-            raise DataError("consecutive turns of the same role", f"turns {i - 1} and {i} are both {role}")
+            raise DataError("consecutive turns of the same role", f"turns {n - 1} and {n} are both {role}")
         if not messages and role == "assistant":
-            raise DataError("starts with an assistant turn", f"turn {i} is the first turn after the "
+            raise DataError("starts with an assistant turn", f"turn {n} is the first turn after the "
                             "system prompt and is an assistant turn; a conversation starts with the user")
         messages.append({"role": role, "content": content})
 
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn", "nothing to train on")
     rid = record.get("id")
+    if isinstance(rid, str):
+        _check_text(rid, "the id")
+    elif rid is not None:
+        try:
+            rid = str(rid)
+        except ValueError as e:  # an int longer than Python converts (sys.get_int_max_str_digits)
+            raise DataError("invalid id", f"an id too long to convert ({str(e).split(';')[0]})") from None
     return {
-        "id": None if rid is None else str(rid),
+        "id": rid,
         "system": DEFAULT_SYSTEM if system is None else system,
         "messages": messages,
     }
@@ -160,6 +210,92 @@ def normalize_record(record: Any) -> dict:
 # -- files ----------------------------------------------------------------------------------------------
 
 _WS = re.compile(r"[ \t\n\r]*")
+_BOM = b"\xef\xbb\xbf"
+
+# What json.detect_encoding finds -> how the message names it and how iconv calls it.
+_NOT_UTF8 = {
+    "utf-16": ("UTF-16 (with a byte order mark)", "UTF-16"),
+    "utf-16-le": ("UTF-16 little-endian (no byte order mark)", "UTF-16LE"),
+    "utf-16-be": ("UTF-16 big-endian (no byte order mark)", "UTF-16BE"),
+    "utf-32": ("UTF-32 (with a byte order mark)", "UTF-32"),
+    "utf-32-le": ("UTF-32 little-endian (no byte order mark)", "UTF-32LE"),
+    "utf-32-be": ("UTF-32 big-endian (no byte order mark)", "UTF-32BE"),
+}
+
+
+def _check_encoding(path: str, head: bytes) -> None:
+    """Refuse a UTF-16/32 file by name: read as UTF-8 it would fail in confusing ways (or, as JSONL, split
+    its characters at 0x0A bytes). json.detect_encoding applies RFC 4627's rule to the first four bytes."""
+    found = json.detect_encoding(head[:4])
+    if found in _NOT_UTF8:
+        name, iconv = _NOT_UTF8[found]
+        raise DataError("not UTF-8", f"the file is {name}; data files must be UTF-8: convert it, e.g. "
+                        f"`iconv -f {iconv} -t UTF-8 FILE > FILE.utf8`", path=path)
+
+
+class _Decoder:
+    """json decoding in which every way the json module can fail on a record becomes a DataError cause, and
+    duplicated keys (which json.loads resolves silently, last one wins) are found."""
+
+    def __init__(self):
+        self.duplicates: list[str] = []
+        dups = self.duplicates
+
+        def pairs_to_dict(pairs: list, dict=dict, len=len) -> dict:  # called per object: kept lean
+            obj = dict(pairs)
+            if len(obj) != len(pairs):
+                seen: set = set()
+                dups.extend(k for k, _ in pairs if k in seen or seen.add(k))
+            return obj
+
+        self.raw_decode = json.JSONDecoder(object_pairs_hook=pairs_to_dict).raw_decode
+
+    def decode(self, text: str, pos: int = 0) -> tuple[Any, int]:
+        """(object, end) of the JSON value at text[pos]; raises json.JSONDecodeError, or DataError for a value
+        too deep or a number too long to read."""
+        self.duplicates.clear()
+        try:
+            return self.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            raise
+        except RecursionError:
+            raise DataError("invalid JSON", "nested too deeply (more levels of arrays/objects than Python's "
+                            "json reader allows)") from None
+        except ValueError as e:  # a number longer than int() converts (sys.get_int_max_str_digits)
+            raise DataError("invalid JSON", f"a number too long to read ({str(e).split(';')[0]})") from None
+
+    def duplicate_error(self) -> DataError | None:
+        if not self.duplicates:
+            return None
+        return DataError("duplicate key", f"key {_short(self.duplicates[0])} appears twice in one object "
+                         "(a JSON reader keeps only one of the two values)")
+
+
+_bad_utf8 = threading.local()
+
+
+def _note_bad_utf8(e: UnicodeDecodeError) -> tuple[str, int]:
+    _bad_utf8.spans.append((e.start, e.end))
+    return "\ufffd", e.end
+
+
+codecs.register_error("finetune.data.note_bad_utf8", _note_bad_utf8)
+
+
+def _decode_utf8(data: bytes, offset: int = 0) -> tuple[str, list[int], list[str]]:
+    """Text of UTF-8 bytes with each invalid byte sequence replaced by U+FFFD; also the character positions
+    of the replacements and, for each, a description naming the bytes and their offset in the file (`offset`:
+    where `data` starts in it)."""
+    _bad_utf8.spans = []
+    text = data.decode("utf-8", "finetune.data.note_bad_utf8")
+    spans, _bad_utf8.spans = _bad_utf8.spans, []
+    chars, where, n, prev = [], [], 0, 0
+    for start, end in spans:  # the bytes between two bad spans are valid UTF-8
+        n += len(data[prev:start].decode("utf-8"))
+        chars.append(n)
+        where.append(f"invalid UTF-8 bytes {data[start:end]!r} at byte offset {offset + start}")
+        n, prev = n + 1, end
+    return text, chars, where
 
 
 def _json_error(path: str, e: json.JSONDecodeError, index: int | None = None) -> DataError:
@@ -167,25 +303,50 @@ def _json_error(path: str, e: json.JSONDecodeError, index: int | None = None) ->
                      path=path, index=index, line=e.lineno)
 
 
-def _iter_json_array(path: str, text: str, start: int) -> Iterator[tuple[int, int | None, Any]]:
-    """(index, line, object) for each element of the JSON array that starts at text[start] == '['."""
-    decoder = json.JSONDecoder()
+def _iter_json_array(path: str, text: str, start: int, bad: list[int] = (), bad_where: list[str] = ()
+                     ) -> Iterator[tuple[int, int | None, Any, DataError | None]]:
+    """(index, line, object, error) for each element of the JSON array that starts at text[start] == '['.
+
+    `bad`: character positions of invalid UTF-8 (see `_decode_utf8`); an element holding one is an error.
+    An element that cannot be parsed raises: its end is unknown, so reading cannot go on.
+    """
+    from bisect import bisect_left
+
+    decoder = _Decoder()
+
+    def syntax_error(e: json.JSONDecodeError, index: int | None) -> DataError:
+        k = bisect_left(bad, e.pos)
+        if k < len(bad) and bad[k] == e.pos:  # the parser stopped at an invalid byte: say that
+            return DataError("not UTF-8", f"{bad_where[k]} (line {e.lineno})", path=path, index=index,
+                             line=e.lineno)
+        return _json_error(path, e, index)
+
     pos = _WS.match(text, start + 1).end()
     line, counted = 1, 0  # line number of `pos`, maintained incrementally
     if text.startswith("]", pos):
         pos = _WS.match(text, pos + 1).end()
         if pos != len(text):
-            raise _json_error(path, json.JSONDecodeError("Extra data", text, pos))
+            raise syntax_error(json.JSONDecodeError("Extra data", text, pos), None)
         return
     index = 0
     while True:
         line += text.count("\n", counted, pos)
         counted = pos
         try:
-            obj, end = decoder.raw_decode(text, pos)
+            obj, end = decoder.decode(text, pos)
         except json.JSONDecodeError as e:
-            raise _json_error(path, e, index) from None
-        yield index, line, obj
+            raise syntax_error(e, index) from None
+        except DataError as e:
+            raise e.located(path, index, line) from None
+        k = bisect_left(bad, pos)
+        if k < len(bad) and bad[k] < end:
+            at = bad[k]
+            yield index, line, None, DataError(
+                "not UTF-8", f"{bad_where[k]} (line {line + text.count(chr(10), pos, at)})",
+                path=path, index=index, line=line)
+        else:
+            err = decoder.duplicate_error()
+            yield index, line, (obj if err is None else None), err and err.located(path, index, line)
         index += 1
         pos = _WS.match(text, end).end()
         if text.startswith(",", pos):
@@ -194,17 +355,19 @@ def _iter_json_array(path: str, text: str, start: int) -> Iterator[tuple[int, in
         if text.startswith("]", pos):
             pos = _WS.match(text, pos + 1).end()
             if pos != len(text):
-                raise _json_error(path, json.JSONDecodeError("Extra data after the array", text, pos))
+                raise syntax_error(json.JSONDecodeError("Extra data after the array", text, pos), None)
             return
-        raise _json_error(path, json.JSONDecodeError("Expecting ',' or ']'", text, pos), index)
+        raise syntax_error(json.JSONDecodeError("Expecting ',' or ']'", text, pos), index)
 
 
 def _is_jsonl(path: str) -> bool:
-    """JSONL unless the file's first non-blank character opens a JSON array."""
-    if Path(path).suffix.lower() in JSONL_SUFFIXES:
-        return True
+    """JSONL unless the file's first non-blank character opens a JSON array. Refuses a UTF-16/32 file."""
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        raw = f.read(4096)
+        _check_encoding(path, raw)
+        if Path(path).suffix.lower() in JSONL_SUFFIXES:
+            return True
+        head = raw.removeprefix(_BOM).lstrip(b" \t\r\n")
         while not head:
             chunk = f.read(1 << 16)
             if not chunk:
@@ -217,6 +380,7 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
     """(index, line, raw record, parse error) for the lines of a JSONL file in bytes [start, end)."""
     hint = "" if Path(path).suffix.lower() in JSONL_SUFFIXES else \
         " (the file is not a JSON array, so it is read as one object per line)"
+    decoder = _Decoder()
     index, lineno = index0, line0
     with open(path, "rb") as f:
         f.seek(start)
@@ -224,19 +388,32 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
         for line in f:
             if end is not None and pos >= end:
                 break
+            line_start = pos
             pos += len(line)
             lineno += 1
-            if lineno == 1 and line.startswith(b"\xef\xbb\xbf"):
+            if lineno == 1 and line.startswith(_BOM):
                 line = line[3:]  # a BOM, which some editors write
+                line_start += 3
             if not line.strip():
                 continue  # blank lines hold no record
+            err = None
             try:
-                yield index, lineno, json.loads(line), None
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                cause = f"{e.msg} at line {lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) \
-                    else f"not UTF-8 ({e.reason}) on line {lineno}"
-                yield index, lineno, None, DataError("invalid JSON", cause + hint, path=path, index=index,
-                                                     line=lineno)
+                text = line.decode("utf-8")
+                obj, stop = decoder.decode(text, _WS.match(text).end())
+                if _WS.match(text, stop).end() != len(text):
+                    raise json.JSONDecodeError("Extra data", text, stop)
+                err = decoder.duplicate_error()
+            except UnicodeDecodeError as e:
+                err = DataError("not UTF-8", f"invalid UTF-8 bytes {e.object[e.start:e.end]!r} at byte offset "
+                                f"{line_start + e.start} (column {e.start + 1} of the line)")
+            except json.JSONDecodeError as e:
+                err = DataError("invalid JSON", f"{e.msg} at line {lineno} column {e.colno}" + hint)
+            except DataError as e:
+                err = e
+            if err is None:
+                yield index, lineno, obj, None
+            else:
+                yield index, lineno, None, err.located(path, index, lineno)
             index += 1
 
 
@@ -284,12 +461,16 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
     if _is_jsonl(path):
         yield from _iter_jsonl(path)
         return
-    with open(p, encoding="utf-8-sig") as f:
-        text = f.read()
+    data = p.read_bytes()
+    bom = len(_BOM) if data.startswith(_BOM) else 0
+    text, bad, bad_where = _decode_utf8(data[bom:], bom)
+    del data
     start = _WS.match(text).end()
     if start == len(text):
         raise DataError("empty file", "no records", path=path)
-    yield from ((i, ln, obj, None) for i, ln, obj in _iter_json_array(path, text, start))
+    if not text.startswith("[", start):  # _is_jsonl read it as an array: only a bad byte can get here
+        raise DataError("not UTF-8", bad_where[0] if bad else "the file does not start with '['", path=path)
+    yield from _iter_json_array(path, text, start, bad, bad_where)
 
 
 def iter_records(path: str | os.PathLike, skip_invalid: bool = False,
