@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .. import react  # tool / function-call conversations: the ReAct layout the server uses
 from ..tokenization import DEFAULT_SYSTEM  # one definition, shared with chat()
 
 # Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's.
@@ -105,6 +106,11 @@ def normalize_record(record: Any) -> dict:
     """
     if not isinstance(record, dict):
         raise DataError("record is not an object", f"got a {type(record).__name__}")
+    if react.is_tool_record(record):  # rendered into user/assistant turns whose assistants carry `segments`
+        try:
+            record = react.render_tool_record(record)
+        except react.ReactError as e:
+            raise DataError("invalid tool conversation", f"{e.field}: {e}" if e.field else str(e)) from None
     if "conversations" in record:
         turns = record["conversations"]
         key = "conversations"
@@ -146,6 +152,11 @@ def normalize_record(record: Any) -> dict:
             raise DataError("starts with an assistant turn", f"turn {i} is the first turn after the "
                             "system prompt and is an assistant turn; a conversation starts with the user")
         messages.append({"role": role, "content": content})
+        if role == "assistant" and "segments" in turn:  # labels per segment (react.render_tool_record)
+            try:
+                messages[-1]["segments"] = react.check_segments(turn["segments"], content, f"turn {i}")
+            except react.ReactError as e:
+                raise DataError("invalid segments", f"{e.field}: {e}") from None
 
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn", "nothing to train on")
