@@ -2,6 +2,7 @@
 
 from . import modeling  # registers model_type "qwen" (config, model, tokenizer) with the transformers Auto classes
 from . import quant  # registers LoRA for the GPTQ layer with PEFT, so saved adapters reload on Int4 bases
+from . import inference  # registers the decode engine as chat()'s fast decoder
 from .loading import load_model
 from .tokenization import QWenTokenizer, load_tokenizer
 

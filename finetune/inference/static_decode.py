@@ -1,4 +1,4 @@
-"""Fast batch-1 chat decoding: a static KV cache and one CUDA graph replay per new token.
+"""Batch-1 static-cache decoding (the first fast path of chat(); the Engine in engine.py supersedes it for chat): a static KV cache and one CUDA graph replay per new token.
 
 `generate()` pays the host cost of every kernel of every layer for each new token (tens of kernels per layer,
 40 layers): for a 14B model decoding one token at a time that host time, not the GPU, sets the speed. Here the
@@ -22,7 +22,7 @@ from typing import Iterator
 import torch
 from transformers import GenerationConfig
 
-from .model import AttentionSpec
+from ..modeling.model import AttentionSpec, QWenLMHeadModel
 
 _ENV = "FINETUNE_STATIC_DECODE"  # "0": chat() always uses generate()
 
@@ -70,8 +70,6 @@ def can_decode_static(model, input_ids: torch.Tensor, gc: GenerationConfig) -> b
 
 def _qwen_lm(model):
     """The QWenLMHeadModel inside `model` (itself, or the model a PEFT wrapper holds), else None."""
-    from .model import QWenLMHeadModel
-
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
     return m if isinstance(m, QWenLMHeadModel) else None
 

@@ -1,0 +1,79 @@
+"""The fast decoder behind chat()/chat_stream() (registered with finetune.modeling.chat by finetune.inference).
+
+On CUDA, one prompt row with generation options the engine implements goes through an Engine held per model in a
+WeakKeyDictionary (nothing is stored on the model; the engine and its CUDA graphs go when the model goes).
+Everything else (CPU, batches, beams, ``FINETUNE_STATIC_DECODE=0``, a model in training mode) returns None, and
+chat() runs generate(). The adapter is the one PEFT has active (none inside ``disable_adapter()``).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Iterator
+
+from .engine import Engine
+from .row_adapters import lora_layers
+from .sampling import SamplingParams
+from .static_decode import _ENV, _qwen_lm, unsupported_options
+
+_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def engine_for(model, tokenizer) -> Engine:
+    """The chat engine of ``model`` (created on first use, one row, reused while the model lives)."""
+    engine = _ENGINES.get(model)
+    stops = {tokenizer.im_end_id, tokenizer.im_start_id}
+    if engine is None or engine._base_stops != stops:
+        engine = Engine(model, tokenizer, max_batch=1)
+        _ENGINES[model] = engine
+    return engine
+
+
+def active_adapter(model):
+    """(handled, adapter): the one active LoRA adapter of a PeftModel, None when adapters are disabled or the
+    model has none; handled False when several adapters are active at once (generate() then)."""
+    layers = lora_layers(model) if hasattr(model, "peft_config") else []
+    if not layers or any(layer.disable_adapters for layer in layers):
+        return True, None
+    active = list(getattr(model, "active_adapters", None) or [])
+    if len(active) != 1:
+        return False, None
+    return True, active[0]
+
+
+def chat_tokens(model, tokenizer, input_ids, gc) -> Iterator[int] | None:
+    if os.environ.get(_ENV, "1") == "0" or not input_ids.is_cuda or input_ids.shape[0] != 1:
+        return None
+    if _qwen_lm(model) is None or model.training or unsupported_options(gc):
+        return None
+    handled, adapter = active_adapter(model)
+    if not handled:
+        return None
+    engine = engine_for(model, tokenizer)
+    params = SamplingParams.from_generation_config(gc)
+    if input_ids.shape[1] + params.max_new_tokens > engine.max_len:
+        return None
+    req = engine.submit(input_ids[0].tolist(), params, adapter=adapter)
+    return _stream(engine, req)
+
+
+def _stream(engine, req) -> Iterator[int]:
+    sent = 0
+    try:
+        while not req.finished:
+            engine.step()
+            while sent < len(req.output_ids):
+                yield req.output_ids[sent]
+                sent += 1
+        while sent < len(req.output_ids):
+            yield req.output_ids[sent]
+            sent += 1
+    finally:
+        if not req.finished:  # the consumer stopped early: free the row
+            req.cancel()
+            while engine.has_work():
+                engine.step()
+
+
+__all__ = ["chat_tokens", "engine_for", "active_adapter"]
