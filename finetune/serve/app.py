@@ -244,7 +244,8 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "in_flight": server.worker.in_flight, "steps": server.worker.steps}
+        return {"status": "ok", "in_flight": server.worker.in_flight, "steps": server.worker.steps,
+                "finished": dict(server.worker.finished)}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():

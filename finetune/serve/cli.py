@@ -76,15 +76,14 @@ def check_args(args) -> None:
 
 def build_server(args):
     """Load the model and adapters; return the Server (the app is `create_app(server)`)."""
-    from ..adapters import is_adapter_dir
+    from ..adapters import read_adapter_config
     from .app import Server
     from .models import base_name, load_served_model
 
     base = base_name(args.model)
     adapters = parse_adapters(args.adapter, base)
-    for name, path in adapters:
-        if not is_adapter_dir(path) and os.path.isdir(path):
-            raise ValueError(f"--adapter {name}={path}: no adapter_config.json there (not a PEFT adapter dir)")
+    for _, path in adapters:  # a missing or broken adapter is an error before the model loads
+        read_adapter_config(path)
     model, tokenizer = load_served_model(args.model, adapters, dtype=args.dtype, device=args.device)
     return Server(model, tokenizer, base_name=base, adapter_names=[n for n, _ in adapters],
                   max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,

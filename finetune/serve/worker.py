@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import Counter
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class EngineWorker:
         self._wake = threading.Event()
         self._stopping = False
         self.steps = 0
+        self.finished: Counter = Counter()  # finish reasons of the requests that left the engine
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -84,6 +86,7 @@ class EngineWorker:
                     entry = self._streams.get(req.id)
                     if entry is not None and req.finished:
                         del self._streams[req.id]
+                        self.finished[req.finish_reason] += 1
                 if entry is None:
                     continue
                 _, loop, queue = entry
