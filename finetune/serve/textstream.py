@@ -72,9 +72,10 @@ class TextStream:
         if not stripped:
             return ""
         begin = max(self._sent, len(self.text) - len(stripped))
-        end = len(self.text.rstrip())
+        end = len(self.text)
         if not final and not self.stopped:
-            end = min(end, len(self.text) - self._held())
+            end -= self._held()
+        end = len(self.text[:end].rstrip())  # whitespace waits for what follows it
         if end <= begin:
             return ""
         self._sent = end
