@@ -109,6 +109,8 @@ class Server:
             over["top_k"] = body.top_k
         if body.seed is not None:
             over["seed"] = body.seed
+        if body.min_tokens:
+            over["min_new_tokens"] = min(body.min_tokens, over["max_new_tokens"])
         over["stop_token_ids"] = tuple(self.gc.eos_token_id)
         return SamplingParams.from_generation_config(self.gc, **over)
 

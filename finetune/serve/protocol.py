@@ -45,6 +45,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     stop: str | list[str] | None = None
     seed: int | None = None
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: no stop before this many tokens
     n: int | None = Field(default=None, ge=1)
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -74,6 +75,9 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        if self.min_tokens and self.max_new_tokens() is not None and self.min_tokens > self.max_new_tokens():
+            raise APIError(400, f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_new_tokens()})",
+                           "min_tokens")
         stops = self.stop_list()
         if len(stops) > 4 or any(not isinstance(s, str) or not s for s in stops):
             raise APIError(400, "stop must be a non-empty string or up to 4 non-empty strings", "stop")
