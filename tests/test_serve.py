@@ -133,6 +133,19 @@ def test_greedy_answers_equal_model_chat_for_each_adapter(live, reference, name,
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_a_prompt_beyond_seq_length_answers_as_model_chat(live, served):
+    """Past the model's seq_length (1024 here) Qwen v1's dynamic NTK and logN apply, per row, as in chat()."""
+    from finetune import load_model, load_tokenizer
+
+    q = "Summarise: " + ("stone river lantern meadow " * 160).strip()  # (messages are stripped, as officially)
+    model, tok = load_model(served["model"]), load_tokenizer(served["model"])
+    expected = model.chat(tok, q, do_sample=False, max_new_tokens=8)[0]
+    r = live.client().chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": q}],
+                                              temperature=0, max_tokens=8)
+    assert r.usage.prompt_tokens > 1024
+    assert r.choices[0].message.content == expected
+
+
 def test_stream_chunks_join_to_the_non_streamed_answer(live):
     client = live.client()
     for q, memorised in MEMORISE:
