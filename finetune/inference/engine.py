@@ -125,9 +125,10 @@ class Engine:
             raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        self.model = model
-        self.lm = lm
+        # Only submodules are held, never the model object itself: chat() keeps engines in a WeakKeyDictionary
+        # keyed by the model, which a strong reference from the engine would keep alive forever.
         self.tr = lm.transformer
+        self.lm_head = lm.lm_head
         self.config = cfg = lm.config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -248,11 +249,16 @@ class Engine:
             self._remove(gone)
 
     def _admit(self, touched) -> None:
-        while len(self._rows) < self.max_batch:
-            with self._lock:
-                if not self._pending:
-                    return
-                req = self._pending.popleft()
+        with self._lock:
+            take = min(self.max_batch - len(self._rows), len(self._pending))
+            joining = [self._pending.popleft() for _ in range(take)]
+        if not joining:
+            return
+        # grow the cache once for everything joining now (a growth copies the whole cache)
+        need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in joining)
+        self._ensure(len(self._rows) + len(joining), max([need] + [r.length + r.req.params.max_new_tokens
+                                                                   - len(r.req.output_ids) for r in self._rows]))
+        for req in joining:
             self._prefill(req, touched)
 
     # -- memory -------------------------------------------------------------------------------------------------
@@ -296,12 +302,12 @@ class Engine:
     def _blocks(self, x, rope, attn, query_scale):
         for block in self.tr.h:
             x = block(x, rope=rope, attn=attn, query_scale=query_scale, cache=self._cache)
-        return self.lm.lm_head(self.tr.ln_f(x[:, -1:]))[:, -1].float()
+        return self.lm_head(self.tr.ln_f(x[:, -1:]))[:, -1].float()
 
     def _prefill(self, req: Request, touched) -> None:
         cfg = self.config
         T = len(req.prompt_ids)
-        self._ensure(len(self._rows) + 1, T + req.params.max_new_tokens)
+        self._ensure(len(self._rows) + 1, T + req.params.max_new_tokens)  # (done by _admit: a no-op here)
         slot = len(self._rows)
         alpha = float(ntk_alpha(T, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
         generator = None
