@@ -50,9 +50,9 @@ GEMV_SHAPES = {"c_attn": (5120, 15360), "attn.c_proj": (5120, 5120), "w1/w2": (5
                "mlp.c_proj": (13696, 5120)}
 WORKLOADS = ["b1_512", "b1_ctx2000", "b64_mixed", "b1_512_adapter", "eval_256"]
 # the same workloads scaled to the tiny model (CPU, seconds)
-TINY = {"b1_512": dict(prompt=24, new=16), "b1_ctx2000": dict(prompt=300, new=8),
-        "b64_mixed": dict(rows=6, lo=5, hi=40, new=8), "b1_512_adapter": dict(prompt=24, new=16),
-        "eval_256": dict(chats=8, new=8, generate_chats=2)}
+TINY = {"b1_512": dict(prompt=24, new=8), "b1_ctx2000": dict(prompt=300, new=4),
+        "b64_mixed": dict(rows=5, lo=5, hi=40, new=6), "b1_512_adapter": dict(prompt=24, new=8),
+        "eval_256": dict(chats=6, new=6, generate_chats=2)}
 FULL = {"b1_512": dict(prompt=24, new=512), "b1_ctx2000": dict(prompt=2000, new=256),
         "b64_mixed": dict(rows=64, lo=50, hi=1000, new=256), "b1_512_adapter": dict(prompt=24, new=512),
         "eval_256": dict(chats=256, new=128, generate_chats=32)}
