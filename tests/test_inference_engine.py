@@ -245,3 +245,47 @@ def test_generate_runs_more_prompts_than_max_batch_in_input_order(tok):
     solo = Engine(model, tok, max_batch=8).generate(batch, SamplingParams(max_new_tokens=6))
     assert Engine(model, tok, max_batch=2).generate(batch, SamplingParams(max_new_tokens=6), progress=True) == solo
     assert isinstance(Engine(model, tok).submit(batch[0]), Request)
+
+
+def test_chat_and_chat_stream_through_the_engine_answer_as_generate(tok, monkeypatch):
+    """chat()/chat_stream() reach the engine through the registration hook (forced on the CPU here; it is the
+    CUDA path): the same answers as generate(), with the active adapter, and the base inside disable_adapter();
+    a stream the caller stops early frees its row."""
+    from finetune.inference import chat_decoder
+
+    pm = _peft(tiny(seed=21), ["default"])
+    kwargs = dict(do_sample=False, max_new_tokens=12)
+    with_adapter, _ = pm.chat(tok, "what is packing?", **kwargs)
+    with pm.disable_adapter():
+        base, _ = pm.chat(tok, "what is packing?", **kwargs)
+    streamed_ref = list(pm.chat_stream(tok, "what is packing?", **kwargs))
+    inner = pm.get_base_model()  # peft_model.chat() runs chat() on the wrapped model (PEFT's forwarding)
+    assert inner not in chat_decoder._ENGINES  # CPU: generate()
+    monkeypatch.setattr(chat_decoder, "_device_ok", lambda ids: True)
+    assert pm.chat(tok, "what is packing?", **kwargs)[0] == with_adapter
+    assert inner in chat_decoder._ENGINES  # the engine answered
+    with pm.disable_adapter():
+        assert pm.chat(tok, "what is packing?", **kwargs)[0] == base
+    assert list(pm.chat_stream(tok, "what is packing?", **kwargs)) == streamed_ref
+    stream = pm.chat_stream(tok, "what is packing?", **kwargs)
+    next(stream)
+    stream.close()  # the caller stops reading
+    assert not chat_decoder._ENGINES[inner].has_work()
+    monkeypatch.setenv("FINETUNE_STATIC_DECODE", "0")
+    assert chat_decoder.chat_tokens(pm, tok, torch.tensor([[1, 2]]), GenerationConfig(max_new_tokens=2)) is None
+
+
+def test_the_chat_engine_does_not_keep_its_model_alive(tok, monkeypatch):
+    import gc
+    import weakref
+
+    from finetune.inference import chat_decoder
+
+    monkeypatch.setattr(chat_decoder, "_device_ok", lambda ids: True)
+    model = tiny(seed=23)
+    model.chat(tok, "hi", do_sample=False, max_new_tokens=3)
+    assert model in chat_decoder._ENGINES
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None

@@ -31,19 +31,26 @@ def engine_for(model, tokenizer) -> Engine:
 
 
 def active_adapter(model):
-    """(handled, adapter): the one active LoRA adapter of a PeftModel, None when adapters are disabled or the
-    model has none; handled False when several adapters are active at once (generate() then)."""
+    """(handled, adapter): the one active LoRA adapter of the model's LoRA layers, None when adapters are
+    disabled or there are none; handled False when several adapters are active at once (generate() then).
+    Read from the layers, as PEFT's forward does: ``peft_model.chat()`` reaches chat() with the wrapped model."""
     layers = lora_layers(model) if hasattr(model, "peft_config") else []
     if not layers or any(layer.disable_adapters for layer in layers):
         return True, None
-    active = list(getattr(model, "active_adapters", None) or [])
-    if len(active) != 1:
+    active = {tuple(layer.active_adapters) for layer in layers}
+    if len(active) != 1 or len(next(iter(active))) != 1:
         return False, None
-    return True, active[0]
+    return True, next(iter(active))[0]
+
+
+def _device_ok(input_ids) -> bool:
+    """CUDA only: on the CPU generate() computes the same thing and the engine would add nothing."""
+    return input_ids.is_cuda
 
 
 def chat_tokens(model, tokenizer, input_ids, gc) -> Iterator[int] | None:
-    if os.environ.get(_ENV, "1") == "0" or not input_ids.is_cuda or input_ids.shape[0] != 1:
+    """The new token ids of chat()'s one prompt row through the model's engine, or None (then generate())."""
+    if os.environ.get(_ENV, "1") == "0" or not _device_ok(input_ids) or input_ids.shape[0] != 1:
         return None
     if _qwen_lm(model) is None or model.training or unsupported_options(gc):
         return None

@@ -125,9 +125,10 @@ class Engine:
             raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        self.model = model
-        self.lm = lm
+        # Only submodules are held, never the model object itself: chat() keeps engines in a WeakKeyDictionary
+        # keyed by the model, which a strong reference from the engine would keep alive forever.
         self.tr = lm.transformer
+        self.lm_head = lm.lm_head
         self.config = cfg = lm.config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -153,6 +154,9 @@ class Engine:
         self._pool = None
         self._static = None
         self._key_pos = None
+        self._row_ids = None  # arange(slots) on the device
+        self._sel_key = None  # the adapter selection of the last decode step, and its tensor
+        self._sel = None
 
     # -- public API ---------------------------------------------------------------------------------------------
     def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None) -> Request:
@@ -248,11 +252,16 @@ class Engine:
             self._remove(gone)
 
     def _admit(self, touched) -> None:
-        while len(self._rows) < self.max_batch:
-            with self._lock:
-                if not self._pending:
-                    return
-                req = self._pending.popleft()
+        with self._lock:
+            take = min(self.max_batch - len(self._rows), len(self._pending))
+            joining = [self._pending.popleft() for _ in range(take)]
+        if not joining:
+            return
+        # grow the cache once for everything joining now (a growth copies the whole cache)
+        need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in joining)
+        self._ensure(len(self._rows) + len(joining), max([need] + [r.length + r.req.params.max_new_tokens
+                                                                   - len(r.req.output_ids) for r in self._rows]))
+        for req in joining:
             self._prefill(req, touched)
 
     # -- memory -------------------------------------------------------------------------------------------------
@@ -282,6 +291,7 @@ class Engine:
         self._seen = seen
         self._slots, self._capacity = slots, capacity
         self._key_pos = torch.arange(capacity, device=self.device)
+        self._row_ids = torch.arange(slots, device=self.device)
         self._graphs.clear()  # captured against the old buffers
         self._static = None
 
@@ -296,12 +306,12 @@ class Engine:
     def _blocks(self, x, rope, attn, query_scale):
         for block in self.tr.h:
             x = block(x, rope=rope, attn=attn, query_scale=query_scale, cache=self._cache)
-        return self.lm.lm_head(self.tr.ln_f(x[:, -1:]))[:, -1].float()
+        return self.lm_head(self.tr.ln_f(x[:, -1:]))[:, -1].float()
 
     def _prefill(self, req: Request, touched) -> None:
         cfg = self.config
         T = len(req.prompt_ids)
-        self._ensure(len(self._rows) + 1, T + req.params.max_new_tokens)
+        self._ensure(len(self._rows) + 1, T + req.params.max_new_tokens)  # (done by _admit: a no-op here)
         slot = len(self._rows)
         alpha = float(ntk_alpha(T, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
         generator = None
@@ -332,8 +342,10 @@ class Engine:
         alpha = torch.ones(b, dtype=torch.float32)
         for i, r in enumerate(rows):
             tok[i], pos[i], alpha[i] = r.last, r.length, r.alpha
-        sel = self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
-        return tok, pos, alpha, sel
+        key = (b, tuple(r.adapter_index for r in rows))
+        if key != self._sel_key:  # rebuilt only when the rows or their adapters change
+            self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
+        return tok, pos, alpha, self._sel
 
     def _decode_forward(self, tok, pos, alpha, sel, kv_len):
         """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1)."""
@@ -350,8 +362,6 @@ class Engine:
     def _decode(self, touched) -> None:
         n = len(self._rows)
         need = max(r.length for r in self._rows) + 1
-        if self._key_pos is None or getattr(self, "_row_ids", None) is None or self._row_ids.shape[0] < self._slots:
-            self._row_ids = torch.arange(self._slots, device=self.device)
         if not self.use_graphs:
             tok, pos, alpha, sel = (t.to(self.device) for t in self._decode_inputs(n))
             logits = self._decode_forward(tok, pos, alpha, sel, need)
@@ -375,7 +385,9 @@ class Engine:
         s["tok"][:b].copy_(tok, non_blocking=True)
         s["pos"][:b].copy_(pos, non_blocking=True)
         s["alpha"][:b].copy_(alpha, non_blocking=True)
-        s["sel"][:, :b].copy_(sel)
+        if s.get("sel_from") is not sel:  # the selection changed since the last replay
+            s["sel"][:, :b].copy_(sel)
+            s["sel_from"] = sel
         key = (b, kv_len)
         entry = self._graphs.get(key)
         if entry is None:
@@ -407,17 +419,26 @@ class Engine:
     def _emit(self, rows: list[_Row], logits: torch.Tensor, touched) -> None:
         """Pick each row's next token from its logits [n, V] (rows are in slots 0..n-1 for a decode step, or
         the one row just prefilled), append it or finish the row."""
-        slots = [self._rows.index(r) for r in rows] if len(rows) == 1 else list(range(len(rows)))
-        idx = torch.tensor(slots, device=self.device)
-        seen = self._seen.index_select(0, idx)
-        penalties = torch.tensor([r.req.params.repetition_penalty for r in rows], device=self.device)
-        scores = apply_penalties(logits, seen, penalties)
-        for i, r in enumerate(rows):
-            p = r.req.params
-            if len(r.req.output_ids) < p.min_new_tokens:
-                held = [t for t in r.stops if t < self.vocab]
-                if held:
-                    scores[i, held] = -float("inf")
+        n = len(rows)
+        if n == 1:
+            idx = torch.tensor([self._rows.index(rows[0])], device=self.device)
+        else:  # a decode step: the rows are slots 0..n-1
+            idx = self._row_ids[:n]
+        scores = logits
+        penalties = [r.req.params.repetition_penalty for r in rows]
+        if any(p != 1.0 for p in penalties):  # (the common greedy/chat case without a penalty skips this)
+            scores = apply_penalties(logits, self._seen.index_select(0, idx),
+                                     torch.tensor(penalties, device=self.device))
+        held_rows = [i for i, r in enumerate(rows) if len(r.req.output_ids) < r.req.params.min_new_tokens]
+        if held_rows:  # stop tokens masked until min_new_tokens are out, one indexing op per stop set
+            scores = scores.clone() if scores is logits else scores
+            by_stops: dict[tuple, list[int]] = {}
+            for i in held_rows:
+                by_stops.setdefault(tuple(sorted(t for t in rows[i].stops if t < self.vocab)), []).append(i)
+            for stops, which in by_stops.items():
+                if stops:
+                    scores[torch.tensor(which, device=self.device)[:, None],
+                           torch.tensor(stops, device=self.device)[None, :]] = -float("inf")
         tokens = pick_tokens(scores, [r.req.params for r in rows], [r.generator for r in rows])
         self._seen[idx, torch.tensor(tokens, device=self.device)] = True
         gone = []

@@ -1,7 +1,7 @@
 """LoRA per row of a batch, unmerged: every row chooses one of the adapters loaded in a PeftModel, or none.
 
-How: while the engine runs a forward, PEFT's adapters are switched off (``disable_adapter()``: every LoRA
-layer returns its base layer's output) and a forward hook on each LoRA layer adds, for each loaded adapter,
+How: while the engine runs a forward, PEFT's adapters are switched off (as ``disable_adapter()`` does: every
+LoRA layer returns its base layer's output) and a forward hook on each LoRA layer adds, for each loaded adapter,
 ``lora_B(lora_A(x)) * scaling`` times a per-row 0/1 weight read from a tensor the engine owns. The hooks exist
 only during the engine's forward (nothing is left on the model).
 
@@ -29,7 +29,6 @@ class RowAdapters:
     """The adapters of ``model`` (a PeftModel with LoRA adapters, or a plain model: none)."""
 
     def __init__(self, model):
-        self.model = model
         self.layers = lora_layers(model) if hasattr(model, "peft_config") else []
         names: set[str] = set()
         for layer in self.layers:
@@ -56,10 +55,17 @@ class RowAdapters:
             yield
             return
         hooks = [layer.register_forward_hook(self._hook(select)) for layer in self.layers]
+        # PEFT's own path off (each layer returns its base layer's output), as its disable_adapter() does, but
+        # set on the layers directly: the engine may hold the wrapped model (peft_model.chat() passes that),
+        # and enable_adapters() would also change requires_grad
+        before = [layer._disable_adapters for layer in self.layers]
         try:
-            with self.model.disable_adapter():
-                yield
+            for layer in self.layers:
+                layer._disable_adapters = True
+            yield
         finally:
+            for layer, flag in zip(self.layers, before):
+                layer._disable_adapters = flag
             for h in hooks:
                 h.remove()
 

@@ -88,6 +88,8 @@ def pick_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: 
     """The next token of each row from its (already penalised and masked) fp32 scores [n, V]."""
     out = [0] * len(params)
     greedy = [i for i, p in enumerate(params) if not p.do_sample]
+    if len(greedy) == len(params):  # (one argmax, one transfer)
+        return scores.argmax(-1).tolist()
     if greedy:
         idx = torch.tensor(greedy, device=scores.device)
         for i, t in zip(greedy, scores.index_select(0, idx).argmax(-1).tolist()):
