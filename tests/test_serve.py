@@ -398,3 +398,21 @@ def importlib_missing(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is None
+
+
+@pytest.mark.cuda
+def test_on_cuda_adapters_answer_their_memorised_answers_concurrently(served):
+    """The server over the CUDA engine (graphed decode steps): both adapters, concurrently, greedy."""
+    from finetune.serve.cli import _parser, build_server
+
+    args = _parser().parse_args(["-m", str(served["model"]), "--adapter", f"a={served['a']}",
+                                 "--adapter", f"b={served['b']}", "--api-key", KEY, "--device", "cuda"])
+    srv = Live(build_server(args))
+    try:
+        client = srv.client()
+        jobs = [(name, q, a) for name, pairs in (("a", MEMORISE), ("b", OTHER)) for q, a in pairs] * 2
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda j: ask(client, j[0], j[1]).choices[0].message.content, jobs, timeout=300))
+        assert answers == [a for _, _, a in jobs]
+    finally:
+        srv.close()

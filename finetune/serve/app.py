@@ -122,7 +122,10 @@ class Server:
         ids, functions = self.prompt(body)
         params = self.params(body, len(ids))
         stop = react.stop_words(body.stop_list(), functions)
-        started = self.worker.submit(ids, params, adapter)
+        try:
+            started = self.worker.submit(ids, params, adapter)
+        except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
+            raise APIError(400, str(e)) from None
         if started is None:
             raise APIError(429, f"The server is busy: {self.worker.capacity} requests are in flight "
                            f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
