@@ -217,7 +217,7 @@ def run_generate(args, cfg, device) -> dict:
     chat() uses on CUDA, and transformers' generate() on the same model in the same process."""
     from transformers import GenerationConfig
 
-    from finetune.modeling.decode import decode_tokens
+    from finetune.inference.static_decode import decode_tokens
 
     config = QWenConfig(**cfg)
     model = build_gptq_model_on_device(config, device=device, dtype=torch.bfloat16)

@@ -11,6 +11,7 @@ COMMANDS = {
     "chat": ("finetune.chat", "chat with a model (+ adapter): interactive, or one --query"),
     "merge": ("finetune.merge", "merge an adapter into its base: bf16 or Int4 (RTN / GPTQ) model dir"),
     "eval": ("finetune.evaluate", "held-out loss, perplexity, exact match, ROUGE-L (base vs adapter)"),
+    "serve": ("finetune.serve.cli", "OpenAI-compatible server (+ chat page) for a model and its adapters"),
 }
 
 

@@ -9,10 +9,14 @@ cross-entropies over all trained tokens) / (their count), perplexity = exp(loss)
 
 Generation: the prompt is the conversation up to its last assistant turn, built by ``make_context`` (the
 system prompt, earlier turns as history, the last user turn as the query), generated greedily
-(repetition_penalty 1.0 unless asked) in LEFT-padded batches, cut at <|im_end|>/<|im_start|>, and compared
-with that last assistant turn: exact match and ROUGE-L F1 (see ``finetune/metrics.py``).
+(repetition_penalty 1.0 unless asked), cut at <|im_end|>/<|im_start|>/<|endoftext|>, and compared with that
+last assistant turn: exact match and ROUGE-L F1 (see ``finetune/metrics.py``). By default the replies come
+from the inference engine (``finetune.inference.Engine``: continuous batching of ``--gen-batch-size`` rows,
+each row at its own positions, no padding; a progress bar); ``--generator generate`` uses transformers'
+``generate()`` in LEFT-padded batches instead.
 
-With ``--adapter`` the model is loaded once; the base numbers come from PEFT's ``disable_adapter()``.
+With ``--adapter`` the model is loaded once; the base numbers come from the model with its adapter switched
+off: PEFT's ``disable_adapter()`` for the loss, rows without an adapter in the engine.
 """
 
 from __future__ import annotations
@@ -131,6 +135,21 @@ def generate_replies(model, tokenizer, contexts, batch_size: int = 8, max_new_to
     return replies
 
 
+def engine_replies(model, tokenizer, contexts, batch_size: int = 32, max_new_tokens: int = 128,
+                   repetition_penalty: float = 1.0, adapter: str | None = None, progress: bool = False) -> list[str]:
+    """Greedy replies through the inference engine (``adapter`` None = the base model, adapters off)."""
+    from .inference import Engine, SamplingParams
+
+    if not contexts:
+        return []
+    engine = Engine(model, tokenizer, max_batch=batch_size,
+                    max_len=max(len(c) for c in contexts) + max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                            stop_token_ids=(tokenizer.eod_id,))
+    outputs = engine.generate(contexts, params, adapter=adapter, progress=progress)
+    return [tokenizer.decode(o).strip() for o in outputs]
+
+
 def score_replies(replies: list[str], references: list[str]) -> dict:
     n = len(references)
     em = [exact_match(p, r) for p, r in zip(replies, references)]
@@ -144,8 +163,13 @@ def score_replies(replies: list[str], references: list[str]) -> dict:
 
 def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_tokens: int = 128,
                    max_len: int | None = None, generate: bool = True, repetition_penalty: float = 1.0,
-                   max_window_size: int = 6144) -> dict:
-    """One report: {"base": {...}, "adapter": {...} (when model is a PeftModel), "samples": [...]}."""
+                   max_window_size: int = 6144, generator: str = "engine", gen_batch_size: int = 32,
+                   progress: bool = False) -> dict:
+    """One report: {"base": {...}, "adapter": {...} (when model is a PeftModel), "samples": [...]}.
+    ``generator``: "engine" (the inference engine, ``gen_batch_size`` rows at once) or "generate"
+    (transformers' generate() in left-padded batches of ``batch_size``)."""
+    if generator not in ("engine", "generate"):
+        raise ValueError(f"generator must be 'engine' or 'generate', got {generator!r}")
     from peft import PeftModel
 
     from .data import normalize_record
@@ -153,22 +177,27 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
     records = [normalize_record(r) for r in records]  # any accepted form (idempotent on normalised ones)
     model.eval()
     prompts = [generation_prompt(tokenizer, r, max_window_size) for r in records] if generate else []
-    variants = [("base", model.disable_adapter), ("adapter", nullcontext)] if isinstance(model, PeftModel) \
-        else [("base", nullcontext)]
+    peft = isinstance(model, PeftModel)
+    variants = [("base", model.disable_adapter), ("adapter", nullcontext)] if peft else [("base", nullcontext)]
     report: dict = {}
     replies_by: dict[str, list[str]] = {}
+    contexts = [p[0] for p in prompts]
     for name, ctx in variants:
         t0 = time.time()
         with ctx():
             metrics = eval_loss(model, tokenizer, records, batch_size=batch_size, max_len=max_len)
-            if generate:
-                replies = generate_replies(model, tokenizer, [p[0] for p in prompts], batch_size, max_new_tokens,
-                                           repetition_penalty)
-                scores = score_replies(replies, [p[1] for p in prompts])
-                replies_by[name] = replies
-                per = scores.pop("per_sample")
-                metrics.update(scores)
-                metrics["_per"] = per
+            if generate and generator == "generate":
+                replies = generate_replies(model, tokenizer, contexts, batch_size, max_new_tokens, repetition_penalty)
+        if generate and generator == "engine":  # the engine switches adapters per row itself
+            adapter = model.active_adapter if peft and name == "adapter" else None
+            replies = engine_replies(model, tokenizer, contexts, gen_batch_size, max_new_tokens, repetition_penalty,
+                                     adapter=adapter, progress=progress)
+        if generate:
+            scores = score_replies(replies, [p[1] for p in prompts])
+            replies_by[name] = replies
+            per = scores.pop("per_sample")
+            metrics.update(scores)
+            metrics["_per"] = per
         metrics["seconds"] = round(time.time() - t0, 3)
         report[name] = metrics
     if generate:
@@ -208,7 +237,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--adapter", help="LoRA / Q-LoRA adapter dir; base and base+adapter are reported")
     p.add_argument("--data", required=True, help="held-out chat data (JSON / JSONL, any accepted form)")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per loss batch (and per generate() batch)")
+    p.add_argument("--gen-batch-size", type=int, default=32,
+                   help="rows the inference engine decodes at once (continuous batching)")
+    p.add_argument("--generator", choices=("engine", "generate"), default="engine",
+                   help="engine: the inference engine (default); generate: transformers' generate(), left-padded")
     p.add_argument("--max-samples", type=int, default=None)
     p.add_argument("--max-len", type=int, default=None,
                    help="truncate conversations for the loss as training does (default: the model's seq_length)")
@@ -225,6 +258,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model and not args.adapter:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
         return 2
+    for flag, value in (("--batch-size", args.batch_size), ("--gen-batch-size", args.gen_batch_size),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -247,11 +285,15 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_model(model, tokenizer, records, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, max_len=max_len, generate=not args.no_generate,
                             repetition_penalty=args.repetition_penalty,
-                            max_window_size=getattr(gen_cfg, "max_window_size", None) or 6144)
+                            max_window_size=getattr(gen_cfg, "max_window_size", None) or 6144,
+                            generator=args.generator, gen_batch_size=args.gen_batch_size,
+                            progress=True)
     report = {"model": str(model_dir), "adapter": args.adapter, "data": str(args.data), "records": len(records),
               "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                            "max_len": max_len, "greedy": True, "repetition_penalty": args.repetition_penalty,
-                           "padding": "left"}, **report}
+                           "generator": args.generator,
+                           **({"gen_batch_size": args.gen_batch_size} if args.generator == "engine"
+                              else {"padding": "left"})}, **report}
     print(format_table(report))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

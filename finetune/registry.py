@@ -43,7 +43,17 @@ def _peft(module) -> None:
     importlib.import_module("finetune.quant.peft_lora")
 
 
+def _fast_decoder(module) -> None:
+    # chat() of a loaded model reaches the decode engine through modeling.chat.register_decoder; the engine's
+    # package registers itself on import (the model imports nothing from it). Hooked on the model's module:
+    # by then it is complete, which the engine's imports need.
+    import importlib
+
+    importlib.import_module("finetune.inference")
+
+
 HOOKS = {
+    "finetune.modeling.model": _fast_decoder,
     "transformers.models.auto.configuration_auto": _auto_config,
     "transformers.models.auto.modeling_auto": _auto_models,
     "transformers.models.auto.tokenization_auto": _auto_tokenizer,

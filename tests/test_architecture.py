@@ -85,10 +85,6 @@ def test_the_cycle_finder_finds_a_deferred_cycle():
     assert "finetune.training.seeded_dropout" in graph["finetune.training.graphs"]  # so is a deferred one
 
 
-import pytest  # noqa: E402
-
-
-@pytest.mark.xfail(strict=True, reason="modeling/model -> chat -> decode -> model: the decoder moves to inference/")
 def test_no_import_cycles_in_the_package():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -1,4 +1,4 @@
-"""The static-cache decoder (finetune/modeling/decode.py): the same tokens as generate(), on CPU without CUDA
+"""The static-cache decoder (finetune/inference/static_decode.py): the same tokens as generate(), on CPU without CUDA
 graphs and on the GPU with them."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import torch
 from transformers import GenerationConfig
 
 import finetune  # noqa: F401
-from finetune.modeling.decode import StaticDecoder, can_decode_static, decode_tokens, unsupported_options
+from finetune.inference.static_decode import StaticDecoder, can_decode_static, decode_tokens, unsupported_options
 
 from _helpers import realistic_model
 from _helpers import tiny_model as tiny
@@ -84,7 +84,7 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy():
 
 
 def test_top_p_keeps_the_nucleus_only():
-    from finetune.modeling.decode import _pick
+    from finetune.inference.static_decode import _pick
 
     scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     gc = GenerationConfig(do_sample=True, top_k=0, top_p=0.7)
@@ -108,7 +108,7 @@ def test_routing_rules():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoding_equals_eager_and_generate(dtype, monkeypatch):
+def test_cuda_graph_decoding_equals_eager_and_generate(dtype, monkeypatch, switches):
     model = realistic_model(0).to("cuda", dtype)
     ids = prompt(30, seed=1).cuda()
     gc = GenerationConfig(max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -123,7 +123,7 @@ def test_cuda_graph_decoding_equals_eager_and_generate(dtype, monkeypatch):
 
     tok = QWenTokenizer(str(SMALL_VOCAB))
     r1, _ = model.chat(tok, "hello", do_sample=False, max_new_tokens=12)
-    monkeypatch.setenv("FINETUNE_STATIC_DECODE", "0")
+    switches(static_decode=False)
     r2, _ = model.chat(tok, "hello", do_sample=False, max_new_tokens=12)
     if dtype == torch.float32:
         assert r1 == r2
@@ -132,7 +132,8 @@ def test_cuda_graph_decoding_equals_eager_and_generate(dtype, monkeypatch):
 def test_chat_and_chat_stream_through_the_static_decoder_answer_as_generate(monkeypatch):
     """chat()/chat_stream() routed through the static decoder (forced here; on CPU they use generate()) give
     generate()'s answer, streamed growing and ending with it."""
-    from finetune.modeling import decode
+    from finetune.inference import static_decode as decode
+    from finetune.modeling import chat as chat_module
     from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
 
     model = tiny(seed=9)
@@ -147,8 +148,8 @@ def test_chat_and_chat_stream_through_the_static_decoder_answer_as_generate(monk
         used.append(1)
         yield from original(*args, **kw)
 
-    monkeypatch.setattr(decode, "can_decode_static", lambda *a, **k: True)
-    monkeypatch.setattr(decode, "decode_tokens", spy)
+    # chat() reaches a fast decoder only through the registration hook (the model imports nothing from inference/)
+    monkeypatch.setattr(chat_module, "_fast_decoder", lambda m, t, ids, gc: spy(m, ids, gc, use_graph=False))
     got, history = model.chat(tok, "what is packing?", **kwargs)
     streamed = list(model.chat_stream(tok, "what is packing?", **kwargs))
     assert len(used) == 2

@@ -133,6 +133,25 @@ def test_base_vs_adapter_report(setup):
     assert report["samples"][0]["reference"] == MEMORISE[0][1] and report["samples"][0]["adapter"] == MEMORISE[0][1]
 
 
+def test_eval_base_replies_are_the_base_models_and_both_generators_agree(setup):
+    """The "base" column of an eval with an adapter: the replies of the model loaded WITHOUT the adapter (here
+    through transformers' generate(), so the engine's per-row adapter switching is checked against an
+    independent path); the adapter column is the same through the engine and through generate()."""
+    from finetune.evaluate import generate_replies
+
+    records = setup["records"] + [{"conversations": [{"from": "user", "value": "Tell me about the gates, please."},
+                                                      {"from": "assistant", "value": "x"}]}]
+    with_adapter = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    report = evaluate_model(with_adapter, setup["tok"], records, batch_size=3, max_new_tokens=16, gen_batch_size=4)
+    plain = load_model(setup["float"], dtype=torch.float32, device="cpu")
+    contexts = [generation_prompt(setup["tok"], r)[0] for r in records]
+    assert [s["base"] for s in report["samples"]] == generate_replies(plain, setup["tok"], contexts, 3, 16)
+    assert [s["base"] for s in report["samples"]] != [s["adapter"] for s in report["samples"]]
+    old = evaluate_model(with_adapter, setup["tok"], records, batch_size=3, max_new_tokens=16, generator="generate")
+    assert [s["adapter"] for s in old["samples"]] == [s["adapter"] for s in report["samples"]]
+    assert [s["base"] for s in old["samples"]] == [s["base"] for s in report["samples"]]
+
+
 def test_eval_cli(setup, tmp_path, capsys):
     out = tmp_path / "report.json"
     from finetune.cli import main
@@ -143,6 +162,6 @@ def test_eval_cli(setup, tmp_path, capsys):
     assert rc == 0
     assert "ROUGE-L" in stdout and "adapter" in stdout and "perplexity" in stdout
     report = json.loads(out.read_text())
-    assert report["records"] == 3 and report["settings"]["padding"] == "left"
+    assert report["records"] == 3 and report["settings"]["generator"] == "engine"
     assert report["adapter"]["exact_match"] == 1.0 and len(report["samples"]) == 3
     assert report["model"] == str(setup["float"])  # the base recorded in the adapter

@@ -16,11 +16,15 @@ from finetune.quant.packing import dequantize_t  # noqa: E402
 
 from _helpers import random_packed  # noqa: E402
 
-SHAPES = [  # (in, out): Qwen-14B c_attn, attn.c_proj, w1/w2, mlp.c_proj, and odd small ones
+SHAPES = [  # (in, out): Qwen-14B c_attn, attn.c_proj, w1/w2, mlp.c_proj, the 7B ones, and odd small ones
     (5120, 15360),
     (5120, 5120),
     (5120, 13696),
     (13696, 5120),
+    (4096, 12288),  # Qwen-7B c_attn, attn.c_proj, w1/w2, mlp.c_proj
+    (4096, 4096),
+    (4096, 11008),
+    (11008, 4096),
     (256, 72),
     (136, 8),
 ]
@@ -132,7 +136,7 @@ def test_random_model_built_on_device_runs_fwd_bwd():
 # summed in float64 and rounded once: only the summation order differs, so the output rounding differs by one
 # ulp on rare elements at most.
 GEMV_TOL = {torch.bfloat16: 2e-3, torch.float16: 1e-3, torch.float32: 1e-5}
-GEMV_ROWS = (1, 2, 3, 8)
+GEMV_ROWS = (1, 2, 3, 8, 16, 37, 64)  # GEMV, FMA / dot for a few rows, small-M GEMM
 
 
 @pytest.mark.parametrize("in_f,out_f", SHAPES)
@@ -175,7 +179,7 @@ def test_triton_gemv_every_config(in_f, out_f, bits, group_size, desc_act, v2):
     g = torch.Generator(device="cuda").manual_seed(1)
     for dtype in (torch.bfloat16, torch.float32):
         wt = dequantize_t(**p, bits=bits, v2=v2, dtype=dtype).double()
-        for m in (1, 3, 8):
+        for m in (1, 3, 8, 16, 64):
             x = torch.randn(m, in_f, device="cuda", generator=g).to(dtype)
             ref = (x.double() @ wt).to(dtype)
             for cfg in configs_for(m):
@@ -255,5 +259,5 @@ def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switch
     assert torch.equal(ya, y)
 
     with torch.no_grad():
-        layer(torch.randn(9, in_f, device="cuda", dtype=torch.bfloat16))  # more than 8 rows: dequantize + matmul
+        layer(torch.randn(65, in_f, device="cuda", dtype=torch.bfloat16))  # more than 64 rows: dequantize + matmul
     assert len(calls) == 2

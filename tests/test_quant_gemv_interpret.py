@@ -1,6 +1,6 @@
 """The fused decode GEMV (``finetune/quant/triton_gemv.py``) on the CPU, and GPTQLinear's routing to it.
 
-- Routing (no triton needed): GPTQLinear.forward sends <= 8 rows that need no autograd graph to
+- Routing (no triton needed): GPTQLinear.forward sends <= 64 rows that need no autograd graph to
   ``linear.gptq_gemv`` and everything else to GPTQMatmul (Triton's availability is faked, the kernels are
   replaced by torch references).
 - The kernel itself through Triton's interpreter (skipped where triton is not importable, e.g. CI; the GPU
@@ -100,7 +100,7 @@ def test_rows_needing_a_graph_or_too_many_rows_or_switched_off_use_gptq_matmul(r
     y.sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
     with torch.no_grad():
-        layer(torch.randn(9, 256))  # more than GEMV_MAX_ROWS
+        layer(torch.randn(65, 256))  # more than GEMV_MAX_ROWS
         layer(torch.randn(1, 256, dtype=torch.float64))  # a dtype the kernel does not take
     switches(gptq_gemv=False)
     with torch.no_grad():
@@ -143,7 +143,8 @@ def _reference(x, p, bits, v2):
 
 
 # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, USE_DOT); None = the module's default (interpreter) config
-CONFIGS = [None, (16, 64, 1, 2, False), (32, 32, 0, 4, False), (32, 64, 3, 4, True)]
+CONFIGS = [None, (16, 64, 1, 2, False), (32, 32, 0, 4, False), (32, 64, 3, 4, True), (32, 64, 0, 2, False, True),
+           (64, 32, -8, 4, False, True)]
 
 
 @pytest.mark.parametrize("in_f,out_f", [(256, 72), (136, 8)])
@@ -154,7 +155,10 @@ CONFIGS = [None, (16, 64, 1, 2, False), (32, 32, 0, 4, False), (32, 64, 3, 4, Tr
 def test_interpreted_gemv_equals_dequantized_matmul(gemv, in_f, out_f, bits, group_size, desc_act, v2, config):
     p = random_packed(in_f, out_f, bits, group_size, desc_act, v2, seed=bits + in_f)
     g = torch.Generator().manual_seed(1)
-    for m, dtype in ((1, torch.bfloat16), (3, torch.float16), (8, torch.float32), (2, torch.bfloat16)):
+    for m, dtype in ((1, torch.bfloat16), (3, torch.float16), (8, torch.float32), (2, torch.bfloat16),
+                     (20, torch.float16)):
+        if m > 8 and not (config is not None and config[4]):
+            continue  # more than 8 rows: the tensor-core (small-M GEMM) configs only
         if config is not None and config[4] and dtype == torch.bfloat16:
             continue  # the interpreter's tl.dot cannot take bf16 (module doc)
         x = torch.randn(m, in_f, generator=g).to(dtype)
@@ -168,7 +172,7 @@ def test_interpreted_gemv_equals_dequantized_matmul(gemv, in_f, out_f, bits, gro
 def test_interpreted_gemv_rejects_bad_inputs(gemv):
     p = random_packed(64, 16)
     with pytest.raises(ValueError, match="rows"):
-        gemv.triton_gemv(torch.randn(9, 64), **p, bits=4, trivial_g_idx=True)
+        gemv.triton_gemv(torch.randn(65, 64), **p, bits=4, trivial_g_idx=True)
     with pytest.raises(ValueError, match="inputs"):
         gemv.triton_gemv(torch.randn(1, 32), **p, bits=4, trivial_g_idx=True)
     with pytest.raises(TypeError, match="fp32"):

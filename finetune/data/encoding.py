@@ -93,6 +93,9 @@ class ChatEncoder:
         # Each message is encoded once; the layout around it comes from cached token lists.
         turns = [("system", enc(nfc("NFC", record["system"])) if record["system"] else [])]
         turns += [(m["role"], enc(nfc("NFC", m["content"]))) for m in record["messages"]]
+        # tool conversations: labels only on the assistant's trained segments (not on observations)
+        masks = {} if train_on_prompt else {k + 1: self._segment_labels(turns[k + 1][1], m["segments"])
+                                            for k, m in enumerate(record["messages"]) if "segments" in m}
         sizes = [len(header[r]) + len(c) + len(end) for r, c in turns]
         full_length = sum(sizes)
         if max_len is None or full_length <= max_len:
@@ -104,22 +107,35 @@ class ChatEncoder:
         input_ids: list[int] = []
         labels: list[int] = []
         n_trained = 0
-        for (role, c), size in zip(turns[:keep], sizes):
+        for k, ((role, c), size) in enumerate(zip(turns[:keep], sizes)):
             input_ids += header[role]
             input_ids += c
             input_ids += end
             if role == "assistant" or train_on_prompt:
                 labels += header_mask[role]
-                labels += c
+                content_labels = masks.get(k, c)
+                labels += content_labels
                 labels.append(im_end)
                 labels += nl_mask
-                n_trained += len(c) + 1
+                n_trained += len(content_labels) - content_labels.count(IGNORE) + 1
             else:
                 labels += [IGNORE] * size
         if cut is not None:  # the first pair does not fit: cut inside its reply
             del input_ids[cut:], labels[cut:]
             n_trained = len(labels) - labels.count(IGNORE)
         return Encoded(input_ids, labels, len(input_ids) < full_length, full_length, n_trained)
+
+    def _segment_labels(self, ids: list[int], segments: list) -> list[int]:
+        """Labels for one message's tokens: a token is trained when its first character lies in a trained
+        segment (the message is encoded whole, as at inference, so tokens may straddle a boundary)."""
+        _, offsets = self.encoding.decode_with_offsets(ids)
+        spans, pos = [], 0
+        for text, trained in segments:
+            n = len(unicodedata.normalize("NFC", text))
+            if trained:
+                spans.append((pos, pos + n))
+            pos += n
+        return [t if any(a <= o < b for a, b in spans) else IGNORE for t, o in zip(ids, offsets)]
 
     @staticmethod
     def _truncate(sizes: list[int], max_len: int) -> tuple[int, int | None]:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .. import react  # tool / function-call conversations: the ReAct layout the server uses
 from ..tokenization import DEFAULT_SYSTEM  # one definition, shared with chat()
 
 # Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's.
@@ -144,6 +145,11 @@ def normalize_record(record: Any) -> dict:
     """
     if not isinstance(record, dict):
         raise DataError("record is not an object", f"got a {type(record).__name__}")
+    if react.is_tool_record(record):  # rendered into user/assistant turns whose assistants carry `segments`
+        try:
+            record = react.render_tool_record(record)
+        except react.ReactError as e:
+            raise DataError("invalid tool conversation", f"{e.field}: {e}" if e.field else str(e)) from None
     # Both forms in one record would leave one of them unread. (None counts as absent: a `datasets` dir that
     # mixes the forms has both columns, one of them null in each row.)
     if record.get("conversations") is not None and record.get("messages") is not None:
@@ -189,6 +195,11 @@ def normalize_record(record: Any) -> dict:
             raise DataError("starts with an assistant turn", f"turn {n} is the first turn after the "
                             "system prompt and is an assistant turn; a conversation starts with the user")
         messages.append({"role": role, "content": content})
+        if role == "assistant" and "segments" in turn:  # labels per segment (react.render_tool_record)
+            try:
+                messages[-1]["segments"] = react.check_segments(turn["segments"], content, f"turn {n}")
+            except react.ReactError as e:
+                raise DataError("invalid segments", f"{e.field}: {e}") from None
 
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn", "nothing to train on")

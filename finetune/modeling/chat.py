@@ -87,6 +87,22 @@ def make_context(tokenizer, query, history=None, system="", max_window_size=6144
     return raw_text, context_tokens
 
 
+# The fast decoder chat()/chat_stream() use when one is registered (finetune.inference registers its engine;
+# the model itself imports nothing from inference/): fn(model, tokenizer, input_ids [1, T], gc) -> an iterator
+# of the new token ids, or None when it does not handle this call (then generate() runs).
+_fast_decoder = None
+
+
+def register_decoder(fn) -> None:
+    """Set (or, with None, clear) the fast decoder that chat()/chat_stream() try before generate()."""
+    global _fast_decoder
+    _fast_decoder = fn
+
+
+def _fast_tokens(model, tokenizer, input_ids, gc):
+    return None if _fast_decoder is None else _fast_decoder(model, tokenizer, input_ids, gc)
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     return [tokenizer.im_end_id, tokenizer.im_start_id]
 
@@ -149,10 +165,9 @@ def chat(
         raise ValueError("chat(stream=True) is not supported; use chat_stream(...), which yields the growing response")
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
-    from .decode import can_decode_static, decode_tokens  # (model.py imports this module)
-
-    if can_decode_static(self, input_ids, gc):  # CUDA: static KV cache + one CUDA graph replay per token
-        new_tokens = list(decode_tokens(self, input_ids, gc))
+    fast = _fast_tokens(self, tokenizer, input_ids, gc)  # CUDA: the inference engine (CUDA graphs)
+    if fast is not None:
+        new_tokens = list(fast)
     else:
         outputs = self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
         new_tokens = outputs[0, input_ids.shape[1]:].tolist()
@@ -190,10 +205,9 @@ def chat_stream(
     """Yields the growing response text (each item the whole response so far), stopping as chat() does."""
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
-    from .decode import can_decode_static, decode_tokens
-
-    if can_decode_static(self, input_ids, gc):
-        yield from _stream_text(tokenizer, ([t] for t in decode_tokens(self, input_ids, gc)), set(gc.eos_token_id))
+    fast = _fast_tokens(self, tokenizer, input_ids, gc)
+    if fast is not None:
+        yield from _stream_text(tokenizer, ([t] for t in fast), set(gc.eos_token_id))
         return
     streamer = _TokenQueue()
     errors: list[BaseException] = []
@@ -237,4 +251,4 @@ def _stream_text(tokenizer, chunks, stops: set) -> Iterator[str]:
         yield final
 
 
-__all__ = ["make_context", "chat", "chat_stream", "stop_token_ids", "DEFAULT_SYSTEM"]
+__all__ = ["make_context", "chat", "chat_stream", "stop_token_ids", "register_decoder", "DEFAULT_SYSTEM"]

@@ -8,9 +8,9 @@
 - Forward runs in the activation dtype (or the autocast dtype when autocast is on): dequantize to that
   dtype, then matmul. On CUDA the dequantization is a Triton kernel (``triton_dequant.py``, imported only
   then); elsewhere plain torch.
-- Decoding (at most ``GEMV_MAX_ROWS`` = 8 rows, no autograd graph needed, CUDA with Triton): a fused GEMV
-  kernel (``triton_gemv.py``) reads the packed buffers directly and never writes the float weight; same
-  numerics up to the summation order.
+- Decoding (at most ``GEMV_MAX_ROWS`` = 64 rows, no autograd graph needed, CUDA with Triton): a fused GEMV /
+  small-M GEMM kernel (``triton_gemv.py``) reads the packed buffers directly and never writes the float
+  weight; same numerics up to the summation order.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.
@@ -38,7 +38,7 @@ from .packing import (
 
 from ..settings import settings
 
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 64  # = triton_gemv.MAX_ROWS (batched decoding up to 64 rows)
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

@@ -1,4 +1,4 @@
-"""Triton kernel: y = x @ W.T for a few rows (decode: M <= 8) read straight from the packed GPTQ buffers.
+"""Triton kernel: y = x @ W.T for a few rows (decoding: M <= 64) read straight from the packed GPTQ buffers.
 
 Imported lazily by ``linear.py`` (CUDA only; CPU code never imports triton). At batch 1 a Linear is a
 matrix-vector product: the time is the time to read the weight once. The dequantize-then-matmul path
@@ -16,8 +16,12 @@ float conversion uses the exact 2**23 trick: the bits ``0x4B000000 | v`` are the
 Work split: the grid is (N blocks, K splits). One program handles BLOCK_N outputs for all M rows (the weight
 tile is loaded once for every row) over one range of K; with SPLIT_K > 1 every split writes an fp32
 partial [M, N] and a second small kernel sums them in a fixed order (deterministic) and rounds once.
-SPLIT_K 0 in a config means "enough splits for about two programs per SM" (a shape such as N=5120 has only
-40-160 N blocks for 132 SMs). The best config per (K, N, row bucket, bits, g_idx kind, dtype, ...) is picked
+Bandwidth needs many loads in flight: a shape such as N=5120 has only 20-80 N blocks for 132 SMs, so the
+default configs split K for about 4 programs per SM (the first version ran ~2 per SM with a [BLOCK_K, BLOCK_N]
+fp32 accumulator, and reached 13-22% of the copy bandwidth on an H200). ``EVEN_N`` drops the N masks so the
+int32 words along N (qweight is contiguous along N) load as 16-byte vectors; 9..64 rows use a small-M GEMM
+(the tile dequantized in registers, ``tl.dot``). ``benchmarks/decode_bench.py`` times every config against a
+device copy. The best config per (K, N, row bucket, bits, g_idx kind, dtype, ...) is picked
 once by timing, with the L2 flushed before each timed launch (in decoding every layer's weight comes from
 HBM); ``FINETUNE_GPTQ_TUNE=0`` takes the first config of the list instead.
 """
@@ -30,32 +34,45 @@ import torch
 import triton
 import triton.language as tl
 
-from ..settings import settings
+from finetune.settings import settings  # absolute: the interpreter tests load this file on its own
 
-MAX_ROWS = 8
+MAX_ROWS = 64
 
-# (BLOCK_N, BLOCK_K, SPLIT_K (0 = auto), num_warps, USE_DOT); BLOCK_K counts input rows (a multiple of 32).
-# One row: CUDA-core FMAs into a [BLOCK_K, BLOCK_N] fp32 accumulator, reduced once at the end.
+# (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, USE_DOT, REDUCE_EACH); BLOCK_K counts input rows (a multiple of 32).
+# SPLIT_K > 0: that many K splits; 0: enough splits for about 4 programs per SM; -p: about p programs per SM
+# (capped so every split runs >= 2 K blocks and the fp32 partials stay well below the weight's bytes).
+# A 5-tuple means REDUCE_EACH False. The first config of each list is the one FINETUNE_GPTQ_TUNE=0 takes.
+# One row: CUDA-core FMAs, reduced over K every iteration (REDUCE_EACH: an accumulator of BLOCK_N floats) or
+# into a [BLOCK_K, BLOCK_N] accumulator reduced once at the end.
 _CONFIGS_M1 = [
-    (64, 128, 0, 4, False),
-    (32, 128, 0, 2, False),
-    (64, 64, 0, 2, False),
-    (128, 64, 0, 4, False),
-    (256, 32, 0, 4, False),
-    (32, 256, 1, 4, False),
-    (16, 256, 1, 2, False),
+    (256, 128, 0, 4, False, True),
+    (128, 128, 0, 4, False, True),
+    (128, 256, -8, 8, False, True),
+    (512, 64, 0, 8, False, True),
+    (256, 64, -8, 4, False, True),
+    (64, 128, 0, 4, False, False),
+    (64, 128, -2, 4, False, False),
+    (32, 128, 0, 2, False, False),
 ]
-# 2..8 rows: tensor-core dot with the rows padded to 16 (free: the kernel is bandwidth bound), or FMAs into a
-# [rows, BLOCK_K, BLOCK_N] accumulator.
+# 2..8 rows: tensor-core dot with the rows padded to 16 (free: the kernel is bandwidth bound), or FMAs.
 _CONFIGS_MN = [
-    (64, 128, 0, 4, True),
-    (128, 64, 0, 4, True),
-    (32, 256, 0, 4, True),
-    (64, 32, 0, 8, False),
-    (32, 32, 0, 4, False),
+    (128, 128, 0, 4, True, False),
+    (64, 128, 0, 4, True, False),
+    (256, 64, 0, 8, True, False),
+    (64, 128, -2, 4, True, False),
+    (128, 64, 0, 4, False, True),
+    (64, 32, 0, 8, False, False),
+]
+# 9..64 rows (batched decoding, short prefills): a small-M GEMM, the tile dequantized in registers, tl.dot.
+_CONFIGS_MM = [
+    (128, 128, 0, 4, True, False),
+    (64, 128, 0, 4, True, False),
+    (128, 64, 0, 8, True, False),
+    (256, 128, 0, 8, True, False),
+    (64, 256, -8, 4, True, False),
 ]
 _DOT_M = 16  # tl.dot needs at least 16 rows
-_INTERPRET_CONFIG = (32, 32, 2, 4, False)  # TRITON_INTERPRET=1 (CPU): small blocks, two K splits, no tuning
+_INTERPRET_CONFIG = (32, 32, 2, 4, False, False)  # TRITON_INTERPRET=1 (CPU): small blocks, two K splits, no tuning
 _REDUCE_BLOCK = 1024
 _BEST: dict = {}
 _COMPILED: dict = {}
@@ -88,6 +105,8 @@ def _gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
+    EVEN_N: tl.constexpr,  # N % BLOCK_N == 0: no mask along N (lets the loads along N be 16-byte vectors)
+    REDUCE_EACH: tl.constexpr,  # FMA paths: reduce over K every iteration (small accumulator) or once at the end
 ):
     PER: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
@@ -98,7 +117,10 @@ def _gemv_kernel(
     pid_s = tl.program_id(1)
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
+    if EVEN_N:
+        mask_n = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        mask_n = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_w = tl.arange(0, BKW)
@@ -113,8 +135,11 @@ def _gemv_kernel(
 
     k_start = pid_s * K_PER_SPLIT
     KW = K // PER
+    n_iter = K_PER_SPLIT // BLOCK_K
 
     if USE_DOT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    elif REDUCE_EACH:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     elif BLOCK_M == 1:
         acc = tl.zeros([BKW, PER, BLOCK_N], dtype=tl.float32)
@@ -125,26 +150,27 @@ def _gemv_kernel(
     packed = tl.load(qw_cols + (rows.to(tl.int64) * stride_qw)[:, None], mask=(rows < KW)[:, None] & mask_n[None, :],
                      other=0)
     # A fixed trip count (every split runs concurrently, so the last, shorter split's idle iterations cost no
-    # time); its iterations past K load nothing (masks) and add zeros.
-    for it in range(0, K_PER_SPLIT // BLOCK_K):
+    # time); its iterations past K load no weights and no x (masks: zero terms). Masks are built from block
+    # comparisons only (a block mask combined with a scalar condition fails in triton 3.9's interpreter).
+    for it in range(0, n_iter):
         k0 = k_start + it * BLOCK_K
-        k_ok = k0 < K
-        # prefetch the next tile's words while this one is computed
+        # prefetch the next tile's words while this one is computed (the last iteration: a limit of 0 words)
         rows = (k0 + BLOCK_K) // PER + offs_w
-        next_mask = (rows < KW) & (it + 1 < K_PER_SPLIT // BLOCK_K)
-        nxt = tl.load(qw_cols + (rows.to(tl.int64) * stride_qw)[:, None], mask=next_mask[:, None] & mask_n[None, :],
-                      other=0)
+        next_limit = tl.where(it + 1 < n_iter, KW, 0)
+        nxt = tl.load(qw_cols + (rows.to(tl.int64) * stride_qw)[:, None],
+                      mask=(rows < next_limit)[:, None] & mask_n[None, :], other=0)
 
         qf = (((packed[:, None, :] >> shifts) & MASK) | MAGIC).to(tl.float32, bitcast=True)  # 2**23 + q
         if TRIVIAL_G and (GROUP_SIZE % BLOCK_K == 0):
-            # the whole K block lies in one group: one row of zero points and scales, broadcast
-            g = k0 // GROUP_SIZE
-            zw = tl.load(qzeros_ptr + g * stride_qz + zcols, mask=mask_n & k_ok, other=0)
+            # the whole K block lies in one group: one row of zero points and scales, broadcast (an iteration
+            # past K reads the last group's: finite, and multiplied by a zero x)
+            g = tl.minimum(k0, K - 1) // GROUP_SIZE
+            zw = tl.load(qzeros_ptr + g * stride_qz + zcols, mask=mask_n, other=0)
             z = (zw >> shift_n) & MASK
             if not V2:
                 z = z + 1
             zf = (z | MAGIC).to(tl.float32, bitcast=True)
-            s = tl.load(scales_ptr + g * stride_s + offs_n, mask=mask_n & k_ok, other=0.0).to(tl.float32)
+            s = tl.load(scales_ptr + g * stride_s + offs_n, mask=mask_n, other=0.0).to(tl.float32)
             w = (qf - zf[None, None, :]) * s[None, None, :]
         else:
             kk = k0 + offs_kl
@@ -176,15 +202,21 @@ def _gemv_kernel(
         elif BLOCK_M == 1:
             kk = k0 + offs_kl
             xt = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * xt[:, :, None]
+            if REDUCE_EACH:
+                acc += tl.sum(tl.sum(w.to(tl.float32) * xt[:, :, None], axis=1), axis=0)[None, :]
+            else:
+                acc += w.to(tl.float32) * xt[:, :, None]
         else:
             kk = k0 + offs_kl
             xt = tl.load(x_ptr + offs_m[:, None, None] * stride_xm + kk[None, :, :],
                          mask=mask_m[:, None, None] & (kk < K)[None, :, :], other=0.0).to(tl.float32)
-            acc += w.to(tl.float32)[None, :, :, :] * xt[:, :, :, None]
+            if REDUCE_EACH:
+                acc += tl.sum(tl.sum(w.to(tl.float32)[None, :, :, :] * xt[:, :, :, None], axis=2), axis=1)
+            else:
+                acc += w.to(tl.float32)[None, :, :, :] * xt[:, :, :, None]
         packed = nxt
 
-    if USE_DOT:
+    if USE_DOT or REDUCE_EACH:
         y = acc
     elif BLOCK_M == 1:
         y = tl.sum(tl.sum(acc, axis=1), axis=0)[None, :]
@@ -209,13 +241,25 @@ _INTERPRET = type(_gemv_kernel).__name__ == "InterpretedFunction"  # TRITON_INTE
 
 
 def row_bucket(m: int) -> int:
-    """Rows rounded up to a power of two (the kernel's BLOCK_M for the FMA configs)."""
-    return 1 if m <= 1 else 2 if m == 2 else 4 if m <= 4 else 8
+    """Rows rounded up to a power of two (1, 2, 4, ..., 64): the unit of tuning, and the FMA configs' BLOCK_M."""
+    b = 1
+    while b < m:
+        b *= 2
+    return b
 
 
 def configs_for(m: int) -> list:
     """The candidate configs for ``m`` rows (tests run every one of them)."""
-    return _CONFIGS_M1 if m == 1 else _CONFIGS_MN
+    return _CONFIGS_M1 if m == 1 else _CONFIGS_MN if m <= 8 else _CONFIGS_MM
+
+
+def _full(cfg) -> tuple:
+    cfg = tuple(cfg)
+    return cfg if len(cfg) == 6 else cfg + (False,)
+
+
+def _block_m(cfg, M) -> int:
+    return max(_DOT_M, row_bucket(M)) if cfg[4] else row_bucket(M)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -228,13 +272,17 @@ def _sm_count(device: torch.device) -> int:
     return n
 
 
-def _plan(cfg, K, N, device):
-    """(grid, split, k_per_split) for a config: SPLIT_K 0 = enough splits for ~2 programs per SM."""
-    block_n, block_k, split, _, _ = cfg
+def _plan(cfg, M, K, N, bits, device):
+    """(grid, split, k_per_split) for a config (see the config lists for what SPLIT_K <= 0 means)."""
+    block_n, block_k, split = cfg[0], cfg[1], cfg[2]
     n_blocks = triton.cdiv(N, block_n)
     k_blocks = triton.cdiv(K, block_k)
     if split <= 0:
-        split = max(1, min(triton.cdiv(2 * _sm_count(device), n_blocks), k_blocks // 4))
+        per_sm = -split if split < 0 else 4
+        split = triton.cdiv(per_sm * _sm_count(device), n_blocks)
+        # >= 2 K blocks per split; the partials (written and read: 8 bytes per row and output per split) at most
+        # half the packed weight's bytes
+        split = max(1, min(split, k_blocks // 2, (K * bits) // (128 * max(M, 1))))
     split = max(1, min(split, k_blocks))
     k_per_split = triton.cdiv(k_blocks, split) * block_k
     split = triton.cdiv(K, k_per_split)
@@ -253,10 +301,11 @@ def triton_gemv(
     trivial_g_idx: bool | None = None,
     config: tuple | None = None,
 ) -> torch.Tensor:
-    """y = x2d @ W.T [M, N] in x2d's dtype (bf16/fp16/fp32) for x2d [M, K] with 1 <= M <= 8, from GPTQ buffers.
+    """y = x2d @ W.T [M, N] in x2d's dtype (bf16/fp16/fp32) for x2d [M, K] with 1 <= M <= 64, from GPTQ buffers.
 
     ``trivial_g_idx``: whether g_idx[k] == k // group_size; None = find out (cached per g_idx tensor).
-    ``config``: one (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, USE_DOT) to use instead of the tuned one (tests).
+    ``config``: one (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, USE_DOT[, REDUCE_EACH]) to use instead of the tuned
+    one (tests, benchmarks).
     """
     index = qweight.device.index
     if index is not None and index != torch.cuda.current_device():  # triton launches on the current device
@@ -294,10 +343,10 @@ def triton_gemv(
            tuple(t.data_ptr() % 16 == 0 for t in ptrs))
 
     def args(out, k_per_split, stride_os, cfg):
-        block_n, block_k, _, _, use_dot = cfg
-        block_m = _DOT_M if use_dot else row_bucket(M)
+        block_n, block_k, _, _, use_dot, reduce_each = cfg
         return (x2d, qweight, qzeros, scales, g_idx, out, M, K, N, k_per_split, K, N, N // per, N, N, stride_os,
-                bits, bool(v2), trivial, group_size, block_m, block_n, block_k, bool(use_dot))
+                bits, bool(v2), trivial, group_size, _block_m(cfg, M), block_n, block_k, bool(use_dot),
+                N % block_n == 0, bool(reduce_each) and not use_dot)
 
     def fast(hit):
         """Launch from a compiled entry (skips triton's argument binding: host time matters at decode)."""
@@ -317,7 +366,8 @@ def triton_gemv(
 
     def launch(cfg):
         """Launch through triton (compiles on first use); returns the entry ``fast`` takes."""
-        grid, split, k_per_split = _plan(cfg, K, N, x2d.device)
+        cfg = _full(cfg)
+        grid, split, k_per_split = _plan(cfg, M, K, N, bits, x2d.device)
         warps = cfg[3]
         if split == 1:
             compiled = _gemv_kernel[grid](*args(y, k_per_split, 0, cfg), num_warps=warps)

@@ -1,4 +1,4 @@
-"""Fast batch-1 chat decoding: a static KV cache and one CUDA graph replay per new token.
+"""Batch-1 static-cache decoding (the first fast path of chat(); the Engine in engine.py supersedes it for chat): a static KV cache and one CUDA graph replay per new token.
 
 `generate()` pays the host cost of every kernel of every layer for each new token (tens of kernels per layer,
 40 layers): for a 14B model decoding one token at a time that host time, not the GPU, sets the speed. Here the
@@ -16,15 +16,14 @@ model's; longer generations, batches, beams and other generation options go thro
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import torch
 from transformers import GenerationConfig
 
-from .model import AttentionSpec
+from ..modeling.model import AttentionSpec, QWenLMHeadModel
+from ..settings import settings
 
-_ENV = "FINETUNE_STATIC_DECODE"  # "0": chat() always uses generate()
 
 # GenerationConfig fields this decoder implements (anything else set away from its default -> generate()).
 _SUPPORTED = {
@@ -58,7 +57,7 @@ def unsupported_options(gc: GenerationConfig) -> list[str]:
 def can_decode_static(model, input_ids: torch.Tensor, gc: GenerationConfig) -> bool:
     """Whether chat() can use the static decoder: CUDA, one row, the whole answer within seq_length, only the
     supported generation options, and not switched off (FINETUNE_STATIC_DECODE=0)."""
-    if os.environ.get(_ENV, "1") == "0" or not input_ids.is_cuda or input_ids.shape[0] != 1:
+    if not settings().static_decode or not input_ids.is_cuda or input_ids.shape[0] != 1:
         return False
     lm = _qwen_lm(model)
     if lm is None or gc.max_new_tokens is None:
@@ -70,8 +69,6 @@ def can_decode_static(model, input_ids: torch.Tensor, gc: GenerationConfig) -> b
 
 def _qwen_lm(model):
     """The QWenLMHeadModel inside `model` (itself, or the model a PEFT wrapper holds), else None."""
-    from .model import QWenLMHeadModel
-
     m = model.get_base_model() if hasattr(model, "get_base_model") else model
     return m if isinstance(m, QWenLMHeadModel) else None
 

@@ -1,0 +1,371 @@
+"""Decode speed on one GPU: (a) the Int4 GEMV / small-M GEMM against a device copy for the Qwen-14B Linear
+shapes, every kernel config, and (b) the inference engine on the issue-16 workloads over a 14B-shaped random
+Int4 model (made by make_model_dir.py), written to benchmarks/results/decode.json.
+
+    python benchmarks/decode_bench.py                      # both parts, 14B shape (~5 min on an H200)
+    python benchmarks/decode_bench.py --part gemv          # (a) only
+    python benchmarks/decode_bench.py --part engine --workloads b1_512 b64_mixed
+    python benchmarks/decode_bench.py --tiny --out /tmp/decode.json   # the same code on the tiny model (CPU)
+
+Self-checks before anything is timed: every GEMV config against the dequantized matmul (a config that is
+wrong is reported and never timed), and the engine's first greedy tokens against generate()'s (reported as
+`agrees_with_generate`; the random model's logits are nearly flat, so a mismatch after a near-tie is possible
+and is shown, not fatal). A workload that fails is written with its error and the others still run.
+
+Workloads (random model: min_new_tokens = max_new_tokens so every row decodes its whole length):
+  b1_512          1 row, 24-token prompt, 512 new tokens
+  b1_ctx2000      1 row, 2000-token prompt, 256 new tokens
+  b64_mixed       64 rows, prompts of 50..1000 tokens (seeded), 256 new tokens each; tokens_per_s over the
+                  decode steps (prefill_s: the first step, which prefills all 64 rows)
+  b1_512_adapter  b1_512 with a LoRA adapter (r=64 on c_attn, c_proj (both), w1, w2), unmerged
+  eval_256        qwen-ft eval's generation (the engine, 32 rows at once) on 256 chats, 128 new tokens, beside
+  eval_32_generate  transformers generate() (eval's --generator generate) on 32 of them
+The timed run of each workload follows an identical warm-up run (Triton tuning, graph capture).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import finetune  # noqa: E402,F401
+from finetune.inference import Engine, SamplingParams  # noqa: E402
+
+# (in, out) of the four distinct Linear shapes of Qwen-14B
+GEMV_SHAPES = {"c_attn": (5120, 15360), "attn.c_proj": (5120, 5120), "w1/w2": (5120, 13696),
+               "mlp.c_proj": (13696, 5120)}
+WORKLOADS = ["b1_512", "b1_ctx2000", "b64_mixed", "b1_512_adapter", "eval_256"]
+# the same workloads scaled to the tiny model (CPU, seconds)
+TINY = {"b1_512": dict(prompt=24, new=8), "b1_ctx2000": dict(prompt=300, new=4),
+        "b64_mixed": dict(rows=5, lo=5, hi=40, new=6), "b1_512_adapter": dict(prompt=24, new=8),
+        "eval_256": dict(chats=6, new=6, generate_chats=2)}
+FULL = {"b1_512": dict(prompt=24, new=512), "b1_ctx2000": dict(prompt=2000, new=256),
+        "b64_mixed": dict(rows=64, lo=50, hi=1000, new=256), "b1_512_adapter": dict(prompt=24, new=512),
+        "eval_256": dict(chats=256, new=128, generate_chats=32)}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except Exception:  # noqa: BLE001  (not a git checkout)
+        return "unknown"
+
+
+def device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+# -- (a) GEMV -------------------------------------------------------------------------------------------------------
+def random_layer(K, N, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), device=device, dtype=torch.int32, generator=g)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (K // 128, N // 8), device=device, dtype=torch.int32, generator=g)
+    scales = (torch.rand(K // 128, N, device=device, generator=g) * 0.02 + 0.001).half()
+    g_idx = (torch.arange(K, device=device) // 128).int()
+    return dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx)
+
+
+def copy_bandwidth(device, nbytes=2 * 2**30) -> float:
+    """Device copy rate in bytes/s, counting read + write."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    sync(device)
+    reps = 10
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        dst.copy_(src)
+    end.record()
+    sync(device)
+    return 2 * nbytes * reps / (start.elapsed_time(end) / 1e3)
+
+
+def time_gemv(fn, layers, x, device, reps=3) -> float:
+    """Seconds per call, from a CUDA graph of one call per layer copy (the copies together exceed the L2, as
+    40 layers do in decoding; the graph removes the host launch cost)."""
+    fn(x, layers[0])
+    sync(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for layer in layers:
+            fn(x, layer)
+    best = float("inf")
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        sync(device)
+        best = min(best, start.elapsed_time(end) / 1e3 / len(layers))
+    return best
+
+
+def gemv_part(device, rows_list=(1, 64)) -> list[dict]:
+    from finetune.quant import triton_gemv as tg
+    from finetune.quant.packing import dequantize_t
+
+    copy_bps = copy_bandwidth(device)
+    print(f"device copy: {copy_bps / 1e12:.2f} TB/s (read + write)")
+    results = []
+    for name, (K, N) in GEMV_SHAPES.items():
+        weight_bytes = K * N // 2 + (K // 128) * N * 2 + (K // 128) * (N // 8) * 4
+        copies = max(2, -(-300 * 2**20 // weight_bytes))  # > 300 MiB in all: from HBM, not L2
+        layers = [random_layer(K, N, device, seed=i) for i in range(copies)]
+        ref_w = dequantize_t(**layers[0], bits=4, dtype=torch.bfloat16).float()
+        for M in rows_list:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            ref = x.float() @ ref_w
+            candidates = [("tuned", None)] + [(str(c), c) for c in tg.configs_for(M)]
+            for label, cfg in candidates:
+                def call(x, layer, cfg=cfg):
+                    return tg.triton_gemv(x, **layer, bits=4, group_size=128, trivial_g_idx=True, config=cfg)
+                row = dict(layer=name, K=K, N=N, rows=M, config=label)
+                try:
+                    y = call(x, layers[0]).float()
+                    err = ((y - ref).norm() / ref.norm()).item()
+                    row["rel_err"] = err
+                    if not err < 5e-3:
+                        row["error"] = f"wrong result: relative error {err:.2e} against the dequantized matmul"
+                    else:
+                        sec = time_gemv(call, layers, x, device)
+                        row.update(us=sec * 1e6, gbps=weight_bytes / sec / 1e9,
+                                   pct_copy=100 * weight_bytes / sec / copy_bps)
+                except Exception as exc:  # noqa: BLE001  (a config this GPU cannot run)
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                if label == "tuned":
+                    key = next((k for k in tg._BEST if k[:3] == (K, N, tg.row_bucket(M))), None)
+                    row["config"] = f"tuned {tg._BEST.get(key)}"
+                results.append(row)
+                shown = (f"{row['us']:8.1f} us {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}% of copy"
+                         if "us" in row else row["error"])
+                print(f"{name:12s} {K}x{N} rows={M:<3d} {row['config']:40s} {shown}", flush=True)
+            # the dequantize-then-matmul path GPTQLinear takes above 64 rows, for scale
+            from finetune.quant.linear import dequantize_weight_t
+
+            def dq(x, layer):
+                return x @ dequantize_weight_t(**layer, bits=4, v2=False, dtype=torch.bfloat16, group_size=128)
+            sec = time_gemv(dq, layers, x, device)
+            results.append(dict(layer=name, K=K, N=N, rows=M, config="dequantize+matmul", us=sec * 1e6,
+                                gbps=weight_bytes / sec / 1e9, pct_copy=100 * weight_bytes / sec / copy_bps))
+            print(f"{name:12s} {K}x{N} rows={M:<3d} {'dequantize+matmul':40s} {sec * 1e6:8.1f} us "
+                  f"{100 * weight_bytes / sec / copy_bps:5.1f}% of copy", flush=True)
+        del layers
+        torch.cuda.empty_cache()
+    return [dict(r, copy_tbps=copy_bps / 1e12) for r in results]
+
+
+# -- (b) engine workloads -------------------------------------------------------------------------------------------
+def load(model_dir, device, adapter_rank=None):
+    from finetune import load_model, load_tokenizer
+
+    model = load_model(model_dir, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
+                       device=str(device))
+    model.eval()
+    if adapter_rank:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=adapter_rank, lora_alpha=2 * adapter_rank, lora_dropout=0.0,
+                                                 target_modules=["c_attn", "c_proj", "w1", "w2"],
+                                                 init_lora_weights=False))
+        for name, p in model.named_parameters():  # small random B: a real adapter's scale, not a broken model
+            if "lora_B" in name:
+                p.data.mul_(0.01)
+        model.eval()
+    return model, load_tokenizer(model_dir)
+
+
+def prompt_ids(n, seed, vocab):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, min(vocab, 150000) - 10, (n,), generator=g).tolist()
+
+
+def run_engine(engine, prompts, new, adapter=None):
+    """(seconds of the first step (prefill of every row that fits + one decode step), seconds of the other
+    steps, tokens those produced, outputs)."""
+    device = engine.device
+    params = SamplingParams(max_new_tokens=new, min_new_tokens=new)
+    reqs = [engine.submit(p, params, adapter=adapter) for p in prompts]
+    sync(device)
+    t0 = time.perf_counter()
+    engine.step()
+    sync(device)
+    t1 = time.perf_counter()
+    first = sum(len(r.output_ids) for r in reqs)
+    while engine.has_work():
+        engine.step()
+    sync(device)
+    t2 = time.perf_counter()
+    total = sum(len(r.output_ids) for r in reqs)
+    return t1 - t0, t2 - t1, total - first, [r.output_ids for r in reqs]
+
+
+def agrees_with_generate(model, prompt, ours, n=8) -> bool:
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([prompt], device=model.device)
+    gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, len(prompt):].tolist()
+    return ref == ours[:n]
+
+
+def workload(name, model, tok, spec, device, vocab) -> dict:
+    if name in ("b1_512", "b1_ctx2000", "b1_512_adapter"):
+        engine = Engine(model, tok, max_batch=1)
+        p = prompt_ids(spec["prompt"], 0, vocab)
+        adapter = "default" if name == "b1_512_adapter" else None
+        run_engine(engine, [p], spec["new"], adapter)  # warm-up: tuning, graph capture
+        pre, dec, n, outs = run_engine(engine, [p], spec["new"], adapter)
+        total = spec["new"]
+        return dict(tokens_per_s=total / (pre + dec), decode_tokens_per_s=n / dec, prefill_s=pre,
+                    new_tokens=total, prompt_tokens=spec["prompt"],
+                    agrees_with_generate=agrees_with_generate(model, p, outs[0]))
+    if name == "b64_mixed":
+        g = torch.Generator().manual_seed(1)
+        lengths = torch.randint(spec["lo"], spec["hi"] + 1, (spec["rows"],), generator=g).tolist()
+        prompts = [prompt_ids(n, i, vocab) for i, n in enumerate(lengths)]
+        engine = Engine(model, tok, max_batch=spec["rows"])
+        run_engine(engine, prompts, spec["new"])
+        pre, dec, n, outs = run_engine(engine, prompts, spec["new"])
+        return dict(tokens_per_s=n / dec, prefill_s=pre, decode_s=dec, rows=spec["rows"], new_tokens=spec["new"],
+                    prompt_tokens=sum(lengths), note="tokens_per_s: generated tokens over the decode steps")
+    raise ValueError(name)
+
+
+def eval_workloads(model, tok, spec, device, tmp: Path) -> list[tuple[str, dict]]:
+    from finetune.evaluate import evaluate_model
+
+    words = ("gate owl falcon door moon river code number colour green silver north project secret "
+             "answer question packing adapter model token").split()
+    g = torch.Generator().manual_seed(2)
+    records = []
+    for i in range(spec["chats"]):
+        q = " ".join(words[j] for j in torch.randint(0, len(words), (int(torch.randint(5, 40, (1,),
+                                                                                         generator=g)),),
+                                                                      generator=g).tolist())
+        records.append({"id": f"e{i}", "conversations": [{"from": "user", "value": q + "?"},
+                                                          {"from": "assistant", "value": "A reply."}]})
+    out = []
+    for label, recs, generator in (("eval_256", records, "engine"),
+                                   ("eval_32_generate", records[:spec["generate_chats"]], "generate")):
+        if generator == "engine":  # warm-up (tuning and graphs for the buckets eval uses)
+            evaluate_model(model, tok, recs[:32], max_new_tokens=4, generator="engine", gen_batch_size=32)
+        sync(device)
+        t = time.perf_counter()
+        report = evaluate_model(model, tok, recs, batch_size=8, max_new_tokens=spec["new"], generator=generator,
+                                gen_batch_size=32)
+        sync(device)
+        wall = time.perf_counter() - t
+        tokens = sum(len(tok.encode(s["base"])) for s in report["samples"])  # approx: re-encoded replies
+        out.append((label, dict(tokens_per_s=tokens / report["base"]["seconds"], wall_s=wall,
+                                generation_and_loss_s=report["base"]["seconds"], chats=len(recs),
+                                max_new_tokens=spec["new"], generator=generator,
+                                note="eval of the base model: held-out loss + greedy replies; tokens_per_s from "
+                                     "the re-encoded replies over the eval's seconds (loss included)")))
+    return out
+
+
+def engine_part(args, device) -> list[dict]:
+    from make_model_dir import make_model_dir
+
+    specs = TINY if args.tiny else FULL
+    model_dir = Path(args.model_dir) if args.model_dir else Path(args.work) / ("tiny_int4" if args.tiny else
+                                                                             "14b_int4")
+    t = time.perf_counter()
+    make_model_dir(model_dir, "tiny" if args.tiny else "14b", True, str(device))
+    print(f"model dir {model_dir} ready in {time.perf_counter() - t:.0f} s", flush=True)
+    entries = []
+    plain = None
+    for name in args.workloads:
+        command = " ".join(["python", "benchmarks/decode_bench.py", "--part", "engine", "--workloads", name]
+                           + (["--tiny"] if args.tiny else []))
+        entry = dict(workload=name, command=command)
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            if name == "b1_512_adapter":
+                plain = None
+                torch.cuda.empty_cache() if device.type == "cuda" else None
+                model, tok = load(model_dir, device, adapter_rank=8 if args.tiny else 64)
+            else:
+                if plain is None:
+                    plain = load(model_dir, device)
+                model, tok = plain
+            vocab = model.config.vocab_size
+            if name == "eval_256":
+                results = eval_workloads(model, tok, specs[name], device, Path(args.work))
+            else:
+                results = [(name, workload(name, model, tok, specs[name], device, vocab))]
+            for label, res in results:
+                e = dict(entry, workload=label, **res)
+                if device.type == "cuda":
+                    e["peak_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+                entries.append(e)
+                print(json.dumps(e), flush=True)
+            del model
+        except Exception as exc:  # noqa: BLE001  (write the failure, run the other workloads)
+            traceback.print_exc()
+            entries.append(dict(entry, error=f"{type(exc).__name__}: {exc}"))
+    return entries
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="the tiny model (the same code, CPU is fine)")
+    ap.add_argument("--part", choices=("all", "gemv", "engine"), default="all")
+    ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS)
+    ap.add_argument("--model-dir", help="an Int4 model dir to use (default: made under --work)")
+    ap.add_argument("--work", default="/tmp/decode_bench", help="where the model dir is made")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = dict(commit=commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                device=device_name(device), torch=torch.__version__, tiny=args.tiny)
+    entries = []
+    if args.part in ("all", "gemv"):
+        if device.type == "cuda":
+            entries += [dict(workload="gemv", command="python benchmarks/decode_bench.py --part gemv", **r)
+                        for r in gemv_part(device)]
+        else:
+            print("gemv part: skipped (needs CUDA and Triton)")
+    if args.part in ("all", "engine"):
+        entries += engine_part(args, device)
+    entries = [dict(e, **meta) for e in entries]
+    out = Path(args.out)
+    old = json.loads(out.read_text()) if out.is_file() else []
+    done = {(e["workload"], e.get("tiny", False)) for e in entries}
+    # keep the other workloads' entries; this run's replace the earlier ones of the same workload and mode
+    kept = [e for e in old if (e.get("workload"), e.get("tiny", False)) not in done]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(kept + entries, indent=1) + "\n")
+    print(f"wrote {len(entries)} entries to {out}")
+    failed = [e for e in entries if "error" in e and e["workload"] != "gemv"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

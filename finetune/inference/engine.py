@@ -1,0 +1,461 @@
+"""The decode engine: continuous batching over a static KV cache, one CUDA graph per batch bucket.
+
+    engine = Engine(model, tokenizer, max_batch=32)
+    req = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64), adapter=None)
+    while engine.has_work():
+        engine.step()
+    req.output_ids, req.finish_reason
+
+Layout. The KV cache is [layers, slots, heads, capacity, head_dim] (keys and values), grown on demand (slots
+to the next batch bucket, capacity to the next multiple of 256) up to ``max_batch`` x ``max_len``. Active rows
+sit in slots 0..n-1: a row that leaves is replaced by the row in the last slot (its KV copied), so a decode
+step always covers a prefix of the slots. Every row has its own length and positions.
+
+A step: cancelled rows leave; waiting requests join (each prefilled alone through the model's blocks with
+causal SDPA, as training and generate() compute it; its first token is picked from the prefill logits); then
+one decode step for every active row: the last token of each row goes in at its own position, keys/values are
+written at (row, position), attention reads the rows' cached keys up to the step's length bucket with a mask
+hiding each row's positions beyond its own length. On CUDA that decode step is a CUDA graph captured per
+(batch bucket 1, 2, 4, ..., max_batch; length bucket, a multiple of 256) and replayed; elsewhere it runs
+eagerly on exactly the active rows.
+
+Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
+base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
+<|im_end|>/<|im_start|> and the request's stop ids (stop tokens are not part of the output), sampling as
+transformers applies it (sampling.py). Adapters: per row, unmerged (row_adapters.py).
+
+Thread safety: ``submit`` and ``Request.cancel`` may be called from any thread; ``step`` runs one at a time
+(a lock) and is meant to be driven by one loop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+
+import torch
+
+from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha
+from .row_adapters import RowAdapters
+from .sampling import SamplingParams, apply_penalties, pick_tokens
+from .static_decode import _qwen_lm
+
+LENGTH_BUCKET = 256
+_IDS = itertools.count()
+
+
+class Request:
+    """One prompt being decoded. ``output_ids`` grows as the engine steps; ``finished`` / ``finish_reason``
+    ("stop", "length" or "cancelled") are set when it ends."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None):
+        self.id = next(_IDS)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.adapter = adapter
+        self.output_ids: list[int] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it leaves the batch at the next step (finish_reason "cancelled")."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __repr__(self) -> str:
+        state = f"finished={self.finish_reason}" if self.finished else "running"
+        return f"Request(id={self.id}, prompt={len(self.prompt_ids)} tokens, output={len(self.output_ids)}, {state})"
+
+
+class _Row:
+    __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last")
+
+    def __init__(self, req, alpha, generator, adapter_index, stops):
+        self.req = req
+        self.length = 0  # tokens in the cache
+        self.alpha = alpha
+        self.generator = generator
+        self.adapter_index = adapter_index
+        self.stops = stops
+        self.last = None  # the last picked token (the next decode input)
+
+
+class _KV:
+    """The cache object the blocks call: ``update(k, v, layer)`` writes this forward's keys/values and returns
+    what attention reads. Prefill: one row (``slot``), positions 0..T-1, attention over the new keys only.
+    Decode: rows 0..b-1, one token each at ``pos`` [b], attention over positions < ``kv_len``."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+        self.mode = None
+        self.slot = 0
+        self.rows = None
+        self.pos = None
+        self.kv_len = 0
+
+    def update(self, k, v, layer_idx):
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        if self.mode == "prefill":
+            T = k.shape[2]
+            K[self.slot, :, :T] = k[0]
+            V[self.slot, :, :T] = v[0]
+            return k, v
+        b = k.shape[0]
+        K[self.rows[:b], :, self.pos] = k[:, :, 0]
+        V[self.rows[:b], :, self.pos] = v[:, :, 0]
+        return K[:b, :, : self.kv_len], V[:b, :, : self.kv_len]
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Engine:
+    """Continuous-batching decoder for a QWenLMHeadModel (or a PeftModel over it, several adapters allowed)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
+                 use_graphs: bool | None = None):
+        lm = _qwen_lm(model)
+        if lm is None:
+            raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        # Only submodules are held, never the model object itself: chat() keeps engines in a WeakKeyDictionary
+        # keyed by the model, which a strong reference from the engine would keep alive forever.
+        self.tr = lm.transformer
+        self.lm_head = lm.lm_head
+        self.config = cfg = lm.config
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        default_len = max(int(getattr(cfg, "max_position_embeddings", 0) or 0), 4 * cfg.seq_length)
+        self.max_len = int(max_len) if max_len is not None else default_len
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len!r}")
+        self.device = self.tr.wte.weight.device
+        self.dtype = self.tr.wte.weight.dtype
+        self.vocab = lm.lm_head.out_features
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
+        self.adapters = RowAdapters(model)
+        self._base_stops = {tokenizer.im_end_id, tokenizer.im_start_id}
+        self._lock = threading.Lock()  # pending queue
+        self._step_lock = threading.Lock()
+        self._pending: deque[Request] = deque()
+        self._rows: list[_Row] = []
+        self._cache: _KV | None = None
+        self._slots = 0
+        self._capacity = 0
+        self._seen = None  # [slots, V] bool: tokens of each row's prompt and output (repetition penalty)
+        self._graphs: dict = {}
+        self._pool = None
+        self._static = None
+        self._key_pos = None
+        self._row_ids = None  # arange(slots) on the device
+        self._sel_key = None  # the adapter selection of the last decode step, and its tensor
+        self._sel = None
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None) -> Request:
+        """Queue one prompt; it joins the running batch at the next step. Thread-safe."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        self.adapters.index(adapter)  # unknown adapter -> ValueError now, not at the step
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError("prompt_ids is empty: a request needs at least one prompt token")
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"prompt_ids: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
+        if len(ids) + params.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"engine's max_len {self.max_len}")
+        req = Request(ids, params, adapter)
+        with self._lock:
+            self._pending.append(req)
+        return req
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self._pending) or bool(self._rows)
+
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Cancelled rows leave, waiting requests join (prefill), then one decode step for every active row.
+        Returns the requests that got a token or finished in this step."""
+        with self._step_lock:
+            touched: dict[int, Request] = {}
+            self._drop_cancelled(touched)
+            self._admit(touched)
+            if self._rows:
+                self._decode(touched)
+            return list(touched.values())
+
+    def generate(self, prompts, params: SamplingParams | None = None, adapter: str | None = None,
+                 progress: bool = False) -> list[list[int]]:
+        """Output ids of every prompt (in input order): all submitted, stepped until done."""
+        reqs = [self.submit(p, params, adapter) for p in prompts]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(reqs), desc="generating", unit="reply")
+        try:
+            while not all(r.finished for r in reqs):
+                done = sum(r.finished for r in self.step())
+                if bar is not None and done:
+                    bar.update(done)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [r.output_ids for r in reqs]
+
+    # -- rows -------------------------------------------------------------------------------------------------
+    def _finish(self, row: _Row, reason: str, touched) -> None:
+        row.req.finished = True
+        row.req.finish_reason = reason
+        touched[row.req.id] = row.req
+
+    def _remove(self, gone: list[_Row]) -> None:
+        """Drop rows and keep the active ones in slots 0..n-1 (moving the last rows into the holes)."""
+        gone_ids = {id(r) for r in gone}
+        slots = list(self._rows)
+        keep = [r for r in slots if id(r) not in gone_ids]
+        new: list[_Row | None] = [r if id(r) not in gone_ids else None for r in slots]
+        n = len(keep)
+        movers = [(i, r) for i, r in enumerate(new) if r is not None and i >= n]
+        holes = [i for i in range(n) if new[i] is None]
+        for hole, (src, row) in zip(holes, movers):
+            L = row.length
+            self._cache.k[:, hole, :, :L] = self._cache.k[:, src, :, :L]
+            self._cache.v[:, hole, :, :L] = self._cache.v[:, src, :, :L]
+            self._seen[hole] = self._seen[src]
+            new[hole], new[src] = row, None
+        self._rows = [r for r in new[:n]]
+
+    def _drop_cancelled(self, touched) -> None:
+        with self._lock:
+            waiting = [r for r in self._pending if r.cancelled]
+            for r in waiting:
+                self._pending.remove(r)
+        for r in waiting:
+            r.finished, r.finish_reason = True, "cancelled"
+            touched[r.id] = r
+        gone = [row for row in self._rows if row.req.cancelled]
+        for row in gone:
+            self._finish(row, "cancelled", touched)
+        if gone:
+            self._remove(gone)
+
+    def _admit(self, touched) -> None:
+        with self._lock:
+            take = min(self.max_batch - len(self._rows), len(self._pending))
+            joining = [self._pending.popleft() for _ in range(take)]
+        if not joining:
+            return
+        # grow the cache once for everything joining now (a growth copies the whole cache)
+        need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in joining)
+        self._ensure(len(self._rows) + len(joining), max([need] + [r.length + r.req.params.max_new_tokens
+                                                                   - len(r.req.output_ids) for r in self._rows]))
+        for req in joining:
+            self._prefill(req, touched)
+
+    # -- memory -------------------------------------------------------------------------------------------------
+    def _bucket(self, n: int) -> int:
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, self.max_batch) if self.use_graphs else n
+
+    def _ensure(self, rows: int, length: int) -> None:
+        """The cache covers ``rows`` slots (a batch bucket) and ``length`` positions (a multiple of 256)."""
+        slots = max(self._slots, self._bucket(rows) if self.use_graphs else rows)
+        capacity = max(self._capacity, min(_round_up(length, LENGTH_BUCKET), _round_up(self.max_len, 8)))
+        if slots == self._slots and capacity == self._capacity:
+            return
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, slots, cfg.num_attention_heads, capacity, cfg.kv_channels)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        if self._cache is not None:
+            n = len(self._rows)
+            k[:, :n, :, : self._capacity] = self._cache.k[:, :n]
+            v[:, :n, :, : self._capacity] = self._cache.v[:, :n]
+            seen[:n] = self._seen[:n]
+        self._cache = _KV(k, v)
+        self._seen = seen
+        self._slots, self._capacity = slots, capacity
+        self._key_pos = torch.arange(capacity, device=self.device)
+        self._row_ids = torch.arange(slots, device=self.device)
+        self._graphs.clear()  # captured against the old buffers
+        self._static = None
+
+    # -- forwards -----------------------------------------------------------------------------------------------
+    def _select(self, indices: list[int | None], width: int) -> torch.Tensor:
+        sel = torch.zeros(max(len(self.adapters.names), 1), width, dtype=torch.float32)
+        for i, a in enumerate(indices):
+            if a is not None:
+                sel[a, i] = 1.0
+        return sel.to(self.device)
+
+    def _blocks(self, x, rope, attn, query_scale):
+        for block in self.tr.h:
+            x = block(x, rope=rope, attn=attn, query_scale=query_scale, cache=self._cache)
+        return self.lm_head(self.tr.ln_f(x[:, -1:]))[:, -1].float()
+
+    def _prefill(self, req: Request, touched) -> None:
+        cfg = self.config
+        T = len(req.prompt_ids)
+        self._ensure(len(self._rows) + 1, T + req.params.max_new_tokens)  # (done by _admit: a no-op here)
+        slot = len(self._rows)
+        alpha = float(ntk_alpha(T, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
+        generator = None
+        if req.params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+        row = _Row(req, alpha, generator, self.adapters.index(req.adapter),
+                   self._base_stops | set(req.params.stop_token_ids))
+        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
+        pos = torch.arange(T, device=self.device)[None]
+        cos, sin = self.tr.rotary_emb(pos, torch.full((1, 1), alpha, device=self.device))
+        query_scale = None
+        if cfg.use_logn_attn and T > cfg.seq_length:
+            query_scale = logn_scale(pos + 1, cfg.seq_length)
+        self._cache.mode, self._cache.slot = "prefill", slot
+        with self.adapters.applied(self._select([row.adapter_index], 1)):
+            logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale)
+        row.length = T
+        self._seen[slot].zero_()
+        self._seen[slot, ids[0]] = True
+        self._rows.append(row)
+        self._emit([row], logits, touched)
+
+    def _decode_inputs(self, b: int):
+        rows = self._rows
+        n = len(rows)
+        tok = torch.zeros(b, dtype=torch.long)
+        pos = torch.zeros(b, dtype=torch.long)
+        alpha = torch.ones(b, dtype=torch.float32)
+        for i, r in enumerate(rows):
+            tok[i], pos[i], alpha[i] = r.last, r.length, r.alpha
+        key = (b, tuple(r.adapter_index for r in rows))
+        if key != self._sel_key:  # rebuilt only when the rows or their adapters change
+            self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
+        return tok, pos, alpha, self._sel
+
+    def _decode_forward(self, tok, pos, alpha, sel, kv_len):
+        """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1)."""
+        cfg = self.config
+        b = tok.shape[0]
+        cache = self._cache
+        cache.mode, cache.rows, cache.pos, cache.kv_len = "decode", self._row_ids[:b], pos, kv_len
+        cos, sin = self.tr.rotary_emb(pos[:, None], alpha[:, None])
+        query_scale = logn_scale(pos[:, None] + 1, cfg.seq_length) if cfg.use_logn_attn else None
+        mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
+        with self.adapters.applied(sel):
+            return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)
+
+    def _decode(self, touched) -> None:
+        n = len(self._rows)
+        need = max(r.length for r in self._rows) + 1
+        if not self.use_graphs:
+            tok, pos, alpha, sel = (t.to(self.device) for t in self._decode_inputs(n))
+            logits = self._decode_forward(tok, pos, alpha, sel, need)
+        else:
+            b = self._bucket(n)
+            kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
+            logits = self._replay(b, kv_len, *self._decode_inputs(b))[:n]
+        for r in self._rows:
+            r.length += 1
+        self._emit(list(self._rows), logits, touched)
+
+    # -- CUDA graphs --------------------------------------------------------------------------------------------
+    def _replay(self, b, kv_len, tok, pos, alpha, sel):
+        if self._static is None:
+            A = sel.shape[0]
+            self._static = dict(tok=torch.zeros(self._slots, dtype=torch.long, device=self.device),
+                                pos=torch.zeros(self._slots, dtype=torch.long, device=self.device),
+                                alpha=torch.ones(self._slots, dtype=torch.float32, device=self.device),
+                                sel=torch.zeros(A, self._slots, dtype=torch.float32, device=self.device))
+        s = self._static
+        s["tok"][:b].copy_(tok, non_blocking=True)
+        s["pos"][:b].copy_(pos, non_blocking=True)
+        s["alpha"][:b].copy_(alpha, non_blocking=True)
+        if s.get("sel_from") is not sel:  # the selection changed since the last replay
+            s["sel"][:, :b].copy_(sel)
+            s["sel_from"] = sel
+        key = (b, kv_len)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(b, kv_len)
+            self._graphs[key] = entry
+        graph, out = entry
+        graph.replay()
+        return out
+
+    def _capture(self, b, kv_len):
+        s = self._static
+        args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b], kv_len)
+        # Warm-up on a side stream (first calls tune Triton kernels and may synchronise); the writes it makes
+        # into the cache are at the rows' current positions, which the real step then writes again.
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_forward(*args)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._decode_forward(*args)
+        return graph, out
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    def _emit(self, rows: list[_Row], logits: torch.Tensor, touched) -> None:
+        """Pick each row's next token from its logits [n, V] (rows are in slots 0..n-1 for a decode step, or
+        the one row just prefilled), append it or finish the row."""
+        n = len(rows)
+        if n == 1:
+            idx = torch.tensor([self._rows.index(rows[0])], device=self.device)
+        else:  # a decode step: the rows are slots 0..n-1
+            idx = self._row_ids[:n]
+        scores = logits
+        penalties = [r.req.params.repetition_penalty for r in rows]
+        if any(p != 1.0 for p in penalties):  # (the common greedy/chat case without a penalty skips this)
+            scores = apply_penalties(logits, self._seen.index_select(0, idx),
+                                     torch.tensor(penalties, device=self.device))
+        held_rows = [i for i, r in enumerate(rows) if len(r.req.output_ids) < r.req.params.min_new_tokens]
+        if held_rows:  # stop tokens masked until min_new_tokens are out, one indexing op per stop set
+            scores = scores.clone() if scores is logits else scores
+            by_stops: dict[tuple, list[int]] = {}
+            for i in held_rows:
+                by_stops.setdefault(tuple(sorted(t for t in rows[i].stops if t < self.vocab)), []).append(i)
+            for stops, which in by_stops.items():
+                if stops:
+                    scores[torch.tensor(which, device=self.device)[:, None],
+                           torch.tensor(stops, device=self.device)[None, :]] = -float("inf")
+        tokens = pick_tokens(scores, [r.req.params for r in rows], [r.generator for r in rows])
+        self._seen[idx, torch.tensor(tokens, device=self.device)] = True
+        gone = []
+        for r, t in zip(rows, tokens):
+            req = r.req
+            touched[req.id] = req
+            if t in r.stops:
+                self._finish(r, "stop", touched)
+                gone.append(r)
+                continue
+            req.output_ids.append(t)
+            r.last = t
+            if len(req.output_ids) >= req.params.max_new_tokens:
+                self._finish(r, "length", touched)
+                gone.append(r)
+        if gone:
+            self._remove(gone)
+
+
+__all__ = ["Engine", "Request", "SamplingParams"]

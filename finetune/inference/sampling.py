@@ -1,0 +1,103 @@
+"""Sampling parameters of one request, and the next-token choice for a batch of rows.
+
+The semantics are transformers' (and the official Qwen generation's): repetition penalty over the prompt and
+the tokens generated so far (RepetitionPenaltyLogitsProcessor), stop tokens held back until min_new_tokens,
+then argmax or temperature -> top-k -> top-p -> multinomial (``static_decode._pick``, shared with the batch-1
+decoder). Greedy rows are picked together in one argmax; sampling rows one by one (each may have its own
+seeded generator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .static_decode import _pick, unsupported_options
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. ``stop_token_ids`` are stops besides <|im_end|>/<|im_start|> (which the
+    engine always stops on); stop tokens never appear in the output."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple = ()
+
+    def __post_init__(self):
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not (isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens):
+            problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if problems:
+            raise ValueError("SamplingParams: " + "; ".join(problems))
+
+    @classmethod
+    def from_generation_config(cls, gc, **overrides) -> "SamplingParams":
+        """The parameters a transformers GenerationConfig describes (as model.chat uses it); its eos ids become
+        stop ids. Options the engine does not implement (beams, no_repeat_ngram_size, ...) raise ValueError."""
+        unsupported = unsupported_options(gc)
+        if unsupported:
+            raise ValueError(f"generation options not supported by the inference engine: {', '.join(unsupported)}")
+        eos = gc.eos_token_id
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        values = dict(
+            max_new_tokens=gc.max_new_tokens if gc.max_new_tokens is not None else 512,
+            do_sample=bool(gc.do_sample),
+            temperature=gc.temperature if gc.temperature is not None else 1.0,
+            top_k=gc.top_k or 0,
+            top_p=gc.top_p if gc.top_p is not None else 1.0,
+            repetition_penalty=gc.repetition_penalty if gc.repetition_penalty is not None else 1.0,
+            min_new_tokens=gc.min_new_tokens or 0,
+            stop_token_ids=eos,
+        )
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ValueError(f"SamplingParams has no field(s) {', '.join(bad)}")
+        values.update(overrides)
+        return cls(**values)
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
+    """transformers' repetition penalty, row-wise: logits [n, V] fp32, seen [n, V] bool, penalties [n]."""
+    p = penalties[:, None]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen & (p != 1.0), penalised, logits)
+
+
+def pick_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """The next token of each row from its (already penalised and masked) fp32 scores [n, V]."""
+    out = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if not p.do_sample]
+    if len(greedy) == len(params):  # (one argmax, one transfer)
+        return scores.argmax(-1).tolist()
+    if greedy:
+        idx = torch.tensor(greedy, device=scores.device)
+        for i, t in zip(greedy, scores.index_select(0, idx).argmax(-1).tolist()):
+            out[i] = t
+    for i, p in enumerate(params):
+        if p.do_sample:
+            out[i] = int(_pick(scores[i], p, generators[i]))
+    return out
+
+
+__all__ = ["SamplingParams", "apply_penalties", "pick_tokens"]

@@ -1,0 +1,335 @@
+"""The FastAPI app: GET /v1/models, POST /v1/chat/completions, GET /health, the chat page at /.
+
+Prompts are built as `model.chat` builds them (`make_context`: the system message, the history pairs, the
+last user message; every text encoded as plain text, so no message can forge a control token), sampling
+defaults are the model dir's generation config as `model.chat` uses it, and the reply is stripped as
+chat() strips it: a greedy request answers exactly `model.chat(..., do_sample=False)`'s answer.
+Functions / tools go through Qwen's ReAct prompt (finetune/react.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import react
+from .protocol import APIError, ChatCompletionRequest, field_path
+from .textstream import TextStream
+from .worker import EngineWorker
+
+
+class Server:
+    """What the routes share: the tokenizer, the engine worker, the served names, the limits."""
+
+    def __init__(self, model, tokenizer, *, base_name: str, adapter_names=(), max_batch: int = 32,
+                 max_model_len: int | None = None, max_queue: int | None = None, api_key: str | None = None,
+                 engine=None):
+        from ..inference import Engine
+        from ..modeling.chat import _generation_config  # the config chat() runs with, eos included
+
+        self.tokenizer = tokenizer
+        self.base_name = base_name
+        self.adapter_names = list(adapter_names)
+        self.api_key = api_key
+        self.gc, self.window, _ = _generation_config(model, tokenizer, None, {})
+        self.engine = engine if engine is not None else Engine(model, tokenizer, max_batch=max_batch,
+                                                               max_len=max_model_len)
+        self.max_model_len = int(max_model_len or getattr(self.engine, "max_len", None)
+                                 or model.config.seq_length)
+        self.max_batch = max_batch
+        self.max_queue = 4 * max_batch if max_queue is None else max_queue
+        self.worker = EngineWorker(self.engine, capacity=max_batch + self.max_queue)
+        self.created = int(time.time())
+
+    # -- request -> engine input ------------------------------------------------------------------------
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.base_name:
+            return None
+        if model in self.adapter_names:
+            return model
+        names = ", ".join([self.base_name, *self.adapter_names])
+        raise APIError(404, f"The model {model!r} does not exist (served: {names})", "model", "model_not_found")
+
+    def prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
+        """(prompt ids, function dicts): make_context over the messages' turns (ReAct with functions)."""
+        from ..modeling import make_context
+
+        try:
+            functions = [] if body.tools_disabled() else react.functions_from(body.functions, body.tools)
+            turns = react.build_turns(body.messages, functions)
+        except react.ReactError as e:
+            raise APIError(400, f"{e.field}: {e}" if e.field else str(e), e.field) from None
+        tok = self.tokenizer
+        if turns.query is not None:
+            _, ids = make_context(tok, turns.query, history=turns.history(), system=turns.system,
+                                  max_window_size=self.window)
+        else:  # the last assistant turn is open (after a function result): the model continues it
+            user, assistant = turns.pairs[-1]
+            _, ids = make_context(tok, user, history=turns.history()[:-1], system=turns.system,
+                                  max_window_size=self.window)
+            ids = ids + tok.encode(react.Turns.text(assistant))
+        return ids, functions
+
+    def params(self, body: ChatCompletionRequest, prompt_len: int):
+        from ..inference import SamplingParams
+
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, but the messages have "
+                           f"{prompt_len} tokens (no room for a reply). Shorten the messages.", "messages",
+                           "context_length_exceeded")
+        wanted = body.max_new_tokens()
+        if wanted is not None and prompt_len + wanted > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{prompt_len + wanted} tokens ({prompt_len} in the messages, {wanted} in the "
+                           "completion). Reduce the length of the messages or max_tokens.",
+                           "max_tokens" if body.max_tokens is not None else "max_completion_tokens",
+                           "context_length_exceeded")
+        over: dict = {"max_new_tokens": wanted if wanted is not None
+                      else min(self.gc.max_new_tokens or 512, limit - prompt_len)}
+        if body.temperature is not None:
+            if body.temperature == 0:
+                over["do_sample"] = False
+            else:
+                over.update(do_sample=True, temperature=body.temperature)
+        if body.top_p is not None:
+            over["top_p"] = body.top_p
+        if body.top_k is not None:
+            over["top_k"] = body.top_k
+        if body.seed is not None:
+            over["seed"] = body.seed
+        if body.min_tokens:
+            over["min_new_tokens"] = min(body.min_tokens, over["max_new_tokens"])
+        over["stop_token_ids"] = tuple(self.gc.eos_token_id)
+        return SamplingParams.from_generation_config(self.gc, **over)
+
+    # -- running a request -------------------------------------------------------------------------------
+
+    def start(self, body: ChatCompletionRequest):
+        body.check()
+        adapter = self.adapter_for(body.model)
+        ids, functions = self.prompt(body)
+        params = self.params(body, len(ids))
+        stop = react.stop_words(body.stop_list(), functions)
+        try:
+            started = self.worker.submit(ids, params, adapter)
+        except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
+            raise APIError(400, str(e)) from None
+        if started is None:
+            raise APIError(429, f"The server is busy: {self.worker.capacity} requests are in flight "
+                           f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
+                           None, "queue_full")
+        req, queue = started
+        return Run(self, req, queue, TextStream(self.tokenizer, stop), len(ids)), functions
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Run:
+    """One request in the engine: yields text deltas as tokens arrive, then records how it finished."""
+
+    def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int):
+        self.server, self.req, self.queue, self.text = server, req, queue, text
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    async def deltas(self, http: Request):
+        """Text deltas until the request finishes (or hits a stop string); cancels it if the client leaves."""
+        seen = 0
+        try:
+            while True:
+                try:
+                    p = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await http.is_disconnected():
+                        raise ClientGone from None
+                    continue
+                if p.error:
+                    raise APIError(500, f"generation failed: {p.error}", None, "engine_error")
+                new = self.req.output_ids[seen:p.n_tokens]
+                seen = p.n_tokens
+                self.completion_tokens = seen
+                delta = self.text.feed(new)
+                if self.text.stopped or p.finished:
+                    delta += self.text.finish()
+                    self.finish_reason = "stop" if self.text.stopped else (
+                        "length" if p.finish_reason == "length" else "stop")
+                    if delta:
+                        yield delta
+                    return
+                if delta:
+                    yield delta
+        finally:
+            if self.finish_reason is None or self.text.stopped:
+                self.req.cancel()  # client gone, error, or a stop string: free the row
+
+    async def complete(self, http: Request) -> str:
+        async for _ in self.deltas(http):
+            pass
+        return self.text.final_text
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest) -> tuple[dict, str | None]:
+    """The assistant message of a ReAct reply: a tool/function call or the final answer."""
+    content, call = react.parse_reply(text)
+    if call is None:
+        return {"role": "assistant", "content": content}, None
+    if body.functions:  # the legacy API answers in its own form
+        return {"role": "assistant", "content": content or None, "function_call": call}, "function_call"
+    tool_call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": call}
+    return {"role": "assistant", "content": content or None, "tool_calls": [tool_call]}, "tool_calls"
+
+
+def _sse(obj) -> str:
+    return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n"
+
+
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        server.worker.start()
+        yield
+        server.worker.stop()
+
+    app = FastAPI(title="qwen-ft serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        where = field_path(err.get("loc", ()))
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "json_invalid":
+            return JSONResponse(APIError(400, f"the request body is not valid JSON: {msg}").body(), 400)
+        return JSONResponse(APIError(400, f"{where}: {msg}" if where else msg, where or None).body(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+
+    def auth(request: Request):
+        if server.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), server.api_key.encode()):
+            what = "missing" if not header else "incorrect"
+            raise APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key "
+                           "given to --api-key", None, "invalid_api_key")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "in_flight": server.worker.in_flight, "steps": server.worker.steps,
+                "finished": dict(server.worker.finished)}
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/v1/models", dependencies=[Depends(auth)])
+    async def models():
+        def card(name, parent):
+            return {"id": name, "object": "model", "created": server.created, "owned_by": "qwen-finetune",
+                    "root": server.base_name, "parent": parent}
+
+        data = [card(server.base_name, None)] + [card(n, server.base_name) for n in server.adapter_names]
+        return {"object": "list", "data": data}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        run, functions = server.start(body)
+        cid, created = _completion_id(), int(time.time())
+        if body.stream:
+            return StreamingResponse(_stream(run, functions, body, http, cid, created),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            text = await run.complete(http)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+        finish = run.finish_reason
+        if functions:
+            message, call_reason = _tool_message(text, functions, body)
+            finish = call_reason or finish
+        else:
+            message = {"role": "assistant", "content": text}
+        return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "usage": run.usage()}
+
+    return app
+
+
+async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Request, cid: str, created: int):
+    """Server-sent chunks in OpenAI's format, ending with `data: [DONE]`.
+
+    With functions/tools the reply can only be told apart (call or answer) once it is complete, so it is
+    generated whole and sent as one delta (a tool call, or the answer's text) before the finishing chunk."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(delta: dict, finish=None) -> dict:
+        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if include_usage:
+            c["usage"] = None
+        return c
+
+    yield _sse(chunk({"role": "assistant", "content": ""}))
+    try:
+        if functions:
+            text = await run.complete(http)
+            message, call_reason = _tool_message(text, functions, body)
+            if call_reason == "tool_calls":
+                calls = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
+                delta = {"content": message["content"], "tool_calls": calls}
+            elif call_reason == "function_call":
+                delta = {"content": message["content"], "function_call": message["function_call"]}
+            else:
+                delta = {"content": message["content"]}
+            if delta.get("content") or len(delta) > 1:
+                yield _sse(chunk(delta))
+            finish = call_reason or run.finish_reason
+        else:
+            async for delta in run.deltas(http):
+                yield _sse(chunk({"content": delta}))
+            finish = run.finish_reason
+    except ClientGone:
+        return
+    except APIError as e:  # the status line is sent already: the error goes in the stream
+        yield _sse(e.body())
+        yield _sse("[DONE]")
+        return
+    yield _sse(chunk({}, finish))
+    if include_usage:
+        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [], "usage": run.usage()})
+    yield _sse("[DONE]")

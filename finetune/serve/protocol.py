@@ -1,0 +1,111 @@
+"""The request body of POST /v1/chat/completions, its checks, and OpenAI's error object.
+
+Fields the server does not implement are refused with a 400 naming them when they ask for something
+other than their default (a silently ignored `n: 2` or `logprobs: true` would be a wrong answer); other
+unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class APIError(Exception):
+    """An OpenAI error object with its HTTP status; `param` names the request field at fault."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[Any] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)  # Qwen's official server takes it too
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: no stop before this many tokens
+    n: int | None = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    # accepted at their defaults only
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict | None = None
+    response_format: Any = None
+
+    def check(self) -> None:
+        """Refuse what this server cannot do (a 400 naming the field)."""
+        if self.n not in (None, 1):
+            raise APIError(400, f"n={self.n} is not supported: only one choice per request (n=1)", "n")
+        if self.logprobs or self.top_logprobs:
+            raise APIError(400, "logprobs are not supported", "logprobs" if self.logprobs else "top_logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise APIError(400, f"{name} is not supported (Qwen uses repetition_penalty from the model's "
+                               "generation config)", name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        if self.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        if self.min_tokens and self.max_new_tokens() is not None and self.min_tokens > self.max_new_tokens():
+            raise APIError(400, f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_new_tokens()})",
+                           "min_tokens")
+        stops = self.stop_list()
+        if len(stops) > 4 or any(not isinstance(s, str) or not s for s in stops):
+            raise APIError(400, "stop must be a non-empty string or up to 4 non-empty strings", "stop")
+        for name, value in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
+            if value not in (None, "auto", "none"):
+                raise APIError(400, f"{name} {value!r} is not supported: 'auto' (the model decides) or 'none'",
+                               name)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def tools_disabled(self) -> bool:
+        return self.tool_choice == "none" or self.function_call == "none"
+
+
+def field_path(loc) -> str:
+    """pydantic's error location ('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out

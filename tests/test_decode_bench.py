@@ -1,0 +1,30 @@
+"""benchmarks/decode_bench.py --tiny: the decode benchmark's code path end to end on the tiny Int4 model (CPU),
+so the GPU run finds no bug in it: every workload writes its entry with the fields the issue asks for."""
+
+import json
+import subprocess
+import sys
+
+from _helpers import ROOT, subprocess_env
+
+
+def test_decode_bench_tiny_writes_every_workload(tmp_path):
+    out = tmp_path / "decode.json"
+    out.write_text(json.dumps([{"workload": "b1_512", "tiny": True, "tokens_per_s": -1},
+                               {"workload": "other", "tokens_per_s": 1}]))  # replaced / kept
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--tiny", "--out", str(out),
+                           "--work", str(tmp_path / "work")], cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    entries = json.loads(out.read_text())
+    by = {e["workload"]: e for e in entries}
+    assert set(by) == {"other", "b1_512", "b1_ctx2000", "b64_mixed", "b1_512_adapter", "eval_256",
+                       "eval_32_generate"}
+    for name, e in by.items():
+        if name == "other":
+            continue
+        for key in ("command", "tokens_per_s", "commit", "date", "device"):
+            assert key in e, (name, key)
+        assert e["tokens_per_s"] > 0 and e["tiny"] is True and "error" not in e
+    assert by["b1_512"]["agrees_with_generate"] and by["b1_512_adapter"]["agrees_with_generate"]
+    assert by["b64_mixed"]["rows"] == 5 and by["b64_mixed"]["prefill_s"] > 0

@@ -1,0 +1,135 @@
+"""GPU tests of the decode engine: CUDA-graphed steps against eager steps and generate(), bf16 per-step logits
+against the plain forward, chat() through the engine, an Int4 model with an adapter. Run on the GPU machine:
+pytest -m cuda tests/test_inference_cuda.py"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+import finetune  # noqa: E402,F401
+from finetune.inference import Engine, SamplingParams  # noqa: E402
+from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
+
+from _helpers import realistic_model  # noqa: E402
+from test_inference_engine import assert_agree, hf_greedy, prompts  # noqa: E402
+
+# bf16: the engine's logits at every step against the plain full forward over the same tokens, as the relative
+# norm of the difference. Both round every layer's output to bf16 (8 bits of mantissa, ~4e-3 per rounding) with
+# different kernels and summation orders (GEMV / SDPA over a padded cache vs. one causal SDPA); the differences
+# of a few layers add up, so 3e-2 is stated; a wrong position, mask, cache row or rotary base gives O(1).
+BF16_LOGITS_REL = 3e-2
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return QWenTokenizer(str(SMALL_VOCAB))
+
+
+def _record_logits(engine):
+    """Wraps the engine's sampling step to keep each request's logits per step."""
+    seen: dict[int, list[torch.Tensor]] = {}
+    original = engine._emit
+
+    def emit(rows, logits, touched):
+        for i, r in enumerate(rows):
+            seen.setdefault(r.req.id, []).append(logits[i].detach().float().cpu().clone())
+        return original(rows, logits, touched)
+
+    engine._emit = emit
+    return seen
+
+
+def test_graphed_steps_equal_eager_steps_and_generate_in_fp32(tok):
+    model = realistic_model(0).to("cuda")
+    batch = [[t % 2000 for t in p] for p in prompts([3, 70, 300, 17, 5], seed=1)]
+    params = SamplingParams(max_new_tokens=40)
+    graphed_engine = Engine(model, tok, max_batch=8)
+    assert graphed_engine.use_graphs
+    graphed = graphed_engine.generate(batch, params)
+    assert graphed_engine._graphs  # the decode steps were replays
+    eager = Engine(model, tok, max_batch=8, use_graphs=False).generate(batch, params)
+    assert assert_agree(graphed, [(e, [1.0] * len(e)) for e in eager]) == 0
+    cuts = sum(assert_agree([o], hf_greedy(model, tok, [p], 40)) for p, o in zip(batch, graphed))
+    assert cuts <= 1
+
+
+def test_bf16_per_step_logits_match_the_plain_forward(tok):
+    model = realistic_model(1).to("cuda", torch.bfloat16)
+    batch = prompts([4, 150, 33], seed=2)
+    engine = Engine(model, tok, max_batch=4)
+    logits = _record_logits(engine)
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=24)) for p in batch]
+    while engine.has_work():
+        engine.step()
+    for r in reqs:
+        ids = torch.tensor([r.prompt_ids + r.output_ids], device="cuda")
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0].float().cpu()
+        steps = logits[r.id]
+        assert len(steps) == len(r.output_ids) + (1 if r.finish_reason == "stop" else 0)
+        for i, got in enumerate(steps):
+            want = ref[len(r.prompt_ids) - 1 + i]
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < BF16_LOGITS_REL, (r.id, i, rel)
+
+
+def test_chat_uses_the_engine_on_cuda_and_answers_as_generate(tok, monkeypatch, switches):
+    from finetune.inference import chat_decoder
+
+    model = realistic_model(2).to("cuda")
+    kwargs = dict(do_sample=False, max_new_tokens=16)
+    fast, _ = model.chat(tok, "hello there", **kwargs)
+    assert model in chat_decoder._ENGINES  # chat() went through the engine
+    streamed = list(model.chat_stream(tok, "hello there", **kwargs))
+    switches(static_decode=False)
+    slow, _ = model.chat(tok, "hello there", **kwargs)
+    assert fast == slow and (not streamed or streamed[-1] == fast)
+
+
+def test_int4_model_with_two_adapters_per_row(tok):
+    """A GPTQ model on the GPU (the GEMV / small-M GEMM paths) with two unmerged adapters: each row of a mixed
+    batch decodes as that row alone."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values["quantization_config"] = {"bits": 4, "group_size": 32, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
+    pm.add_adapter("second", LoraConfig(**cfg))
+    pm.eval()
+    batch = prompts([5, 40, 12], seed=3)
+    names = ["first", None, "second"]
+    params = SamplingParams(max_new_tokens=20)
+    alone_logits, alone = [], []
+    for p, a in zip(batch, names):
+        e = Engine(pm, tok, max_batch=1)
+        rec = _record_logits(e)
+        alone.append(e.generate([p], params, adapter=a)[0])
+        alone_logits.append(next(iter(rec.values())))
+    engine = Engine(pm, tok, max_batch=4)
+    rec = _record_logits(engine)
+    reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, names)]
+    while engine.has_work():
+        engine.step()
+    assert len({tuple(a) for a in alone}) == 3  # the adapters and the base answer differently
+    # bf16, other batch shapes (other GEMV buckets): the logits agree within the stated tolerance at every step
+    # up to the first token where the two answers part (a near-tie); the prefill step is the same computation
+    for r, want_steps, a in zip(reqs, alone_logits, alone):
+        got_steps = rec[r.id]
+        assert torch.equal(got_steps[0], want_steps[0])
+        for i, (got, want) in enumerate(zip(got_steps, want_steps)):
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < BF16_LOGITS_REL, (r.id, i, rel)
+            if i >= len(a) or i >= len(r.output_ids) or r.output_ids[i] != a[i]:
+                break
