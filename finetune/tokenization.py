@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
+import threading
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
@@ -53,7 +55,47 @@ CHAT_TEMPLATE = (
 
 
 class TokenizerError(ValueError):
-    """A model dir without a usable vocabulary file."""
+    """A model dir without a usable vocabulary file, or one that does not fit the model."""
+
+
+# apply_chat_template(tokenize=True) renders the template to one string and tokenizes it. To give control tokens
+# to the template's own "<|im_start|>"/"<|im_end|>" while message text stays text, every message content is
+# wrapped in private-use markers before rendering (the markers inside the content escaped), and the rendered
+# string is tokenized in "template mode" (per thread, only inside apply_chat_template): text outside the markers
+# is the template's and its control tokens count; each marked span is encoded as plain text on its own, which is
+# also how make_context encodes each piece.
+_SPAN_START, _SPAN_END, _ESC = "\ue000", "\ue001", "\ue002"
+_ESCAPES = {_ESC: _ESC + _ESC, _SPAN_START: _ESC + "0", _SPAN_END: _ESC + "1"}
+_UNESCAPE = re.compile(re.escape(_ESC) + "(.)", re.S)
+_SPECIALS_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+def _mark_span(text: str) -> str:
+    return _SPAN_START + "".join(_ESCAPES.get(c, c) for c in text) + _SPAN_END
+
+
+def _unmark_span(text: str) -> str:
+    return _UNESCAPE.sub(lambda m: {_ESC: _ESC, "0": _SPAN_START, "1": _SPAN_END}[m.group(1)], text)
+
+
+def _mark_contents(conversation):
+    """A copy of the messages with each string content marked; roles must be plain role names."""
+    marked = []
+    for m in conversation:
+        if not isinstance(m, dict):
+            return conversation  # message objects: left to transformers' normalisation, then refused below
+        role = m.get("role")
+        if isinstance(role, str) and (_SPECIALS_RE.search(role) or any(c in role for c in _ESCAPES)):
+            raise ValueError(f"chat message role {role!r} contains a control token; roles are plain names "
+                             f"(system, user, assistant)")
+        m = dict(m)
+        if isinstance(m.get("content"), str):
+            m["content"] = _mark_span(m["content"])
+        marked.append(m)
+    return marked
+
+
+_template_mode = threading.local()
 
 
 @lru_cache(maxsize=8)
@@ -151,9 +193,59 @@ class QWenTokenizer(PreTrainedTokenizer):
         vocab.update(self.special_tokens)
         return vocab
 
-    def tokenize(self, text: str, **kwargs) -> list[bytes]:  # type: ignore[override]
-        # Every character is text (no added-token splitting): see the module docstring.
+    def tokenize(self, text: str, **kwargs) -> list[bytes | str]:  # type: ignore[override]
+        # Every character is text (no added-token splitting): see the module docstring. The one exception is
+        # a chat template's own output, inside apply_chat_template on this thread.
+        if getattr(_template_mode, "on", False):
+            return self._template_tokens(text)
+        return self._plain_tokens(text)
+
+    def _plain_tokens(self, text: str) -> list[bytes]:
         return [self.decoder[i] for i in self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))]
+
+    def _template_tokens(self, text: str) -> list[bytes | str]:
+        """Tokens of a rendered chat template whose message contents were marked (see _mark_span)."""
+        tokens: list[bytes | str] = []
+        pos = 0
+        while pos <= len(text):
+            start = text.find(_SPAN_START, pos)
+            literal = text[pos:] if start < 0 else text[pos:start]
+            if _SPAN_END in literal or _ESC in literal:
+                raise ValueError("the chat template cut a message's text apart (it must insert message contents "
+                                 "whole); cannot tokenize its output safely")
+            for i, piece in enumerate(_SPECIALS_RE.split(literal)):
+                if i % 2:
+                    tokens.append(piece)  # the template's own control token
+                elif piece:
+                    tokens += self._plain_tokens(piece)
+            if start < 0:
+                break
+            end = text.find(_SPAN_END, start + 1)
+            if end < 0:
+                raise ValueError("the chat template cut a message's text apart (it must insert message contents "
+                                 "whole); cannot tokenize its output safely")
+            tokens += self._plain_tokens(_unmark_span(text[start + 1:end]))
+            pos = end + 1
+        return tokens
+
+    def apply_chat_template(self, conversation, *args, tokenize: bool = True, **kwargs):
+        """transformers' apply_chat_template; with tokenize=True the template's control tokens are control
+        tokens and message text is plain text, so the ids equal make_context's for the same chat."""
+        if not tokenize:
+            return super().apply_chat_template(conversation, *args, tokenize=False, **kwargs)
+        if kwargs.get("return_assistant_tokens_mask"):
+            raise ValueError("return_assistant_tokens_mask is not supported by the Qwen tokenizer (it needs a fast "
+                             "tokenizer's offsets); use finetune.data.encode_conversation for training labels")
+        kwargs.pop("sanitize_control_tokens", None)  # always the case here
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            marked = [_mark_contents(c) for c in conversation]
+        else:
+            marked = _mark_contents(conversation)
+        _template_mode.on = True
+        try:
+            return super().apply_chat_template(marked, *args, tokenize=True, **kwargs)
+        finally:
+            _template_mode.on = False
 
     def _tokenize(self, text: str, **kwargs) -> list[bytes]:
         return self.tokenize(text)
