@@ -20,6 +20,8 @@ from pathlib import Path
 import tiktoken
 from transformers import PreTrainedTokenizer
 
+from .errors import ModelLoadError
+
 VOCAB_FILE = "qwen.tiktoken"
 # A small BPE vocabulary in the same format, learned by finetune/bpe.py from text the project owns
 # (1840 ranks, so its specials are 1840.. and a model over it has vocab_size 2048). Tests and the demo use it.
@@ -36,6 +38,8 @@ EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
 SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND) + EXTRAS
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# qwen.tiktoken of every Qwen v1 release: 151,643 ranks, so <|endoftext|> is 151643 (DESIGN.md).
+QWEN_V1_RANKS = 151643
 
 # Renders exactly the token layout of the official `make_context` (chatml): the system block first (the
 # default system prompt when the conversation has none), then "\n" before every turn, and, with
@@ -54,7 +58,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(ModelLoadError):
     """A model dir without a usable vocabulary file, or one that does not fit the model."""
 
 
@@ -157,7 +161,12 @@ class QWenTokenizer(PreTrainedTokenizer):
         kwargs.setdefault("pad_token", ENDOFTEXT)
         kwargs.setdefault("chat_template", CHAT_TEMPLATE)
         kwargs.setdefault("padding_side", "right")
-        kwargs.pop("added_tokens_decoder", None)  # specials live in the tiktoken encoding, not in HF's trie
+        # Specials live in the tiktoken encoding, not in HF's trie; the ids a saved tokenizer_config.json
+        # recorded must still be the ones this vocabulary gives (a truncated qwen.tiktoken shifts them).
+        recorded = kwargs.pop("added_tokens_decoder", None) or {}
+        for token_id, token in recorded.items():
+            _check_special_id(self, str(getattr(token, "content", token)), int(token_id),
+                              "tokenizer_config.json saved with it")
         super().__init__(errors=errors, **kwargs)
 
     # -- the project's own interface ----------------------------------------------------------------
@@ -316,9 +325,61 @@ class QWenTokenizer(PreTrainedTokenizer):
         return files
 
 
-def load_tokenizer(model_dir: str | os.PathLike) -> QWenTokenizer:
-    """The tokenizer of a model dir (or of an adapter dir that carries the vocabulary)."""
+def _check_special_id(tok: QWenTokenizer, token: str, expected: int, source: str) -> None:
+    got = tok.special_tokens.get(token)
+    if got is not None and got != expected:
+        raise TokenizerError(
+            f"{tok.vocab_file}: {token} gets id {got} from this vocabulary ({len(tok.mergeable_ranks)} ranks), but "
+            f"the model expects {expected} ({source}): the file is truncated or not this model's vocabulary (copy "
+            f"{VOCAB_FILE} from the original model dir)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # unreadable side files are the model loader's to report
+    return data if isinstance(data, dict) else {}
+
+
+def check_tokenizer_fits(tok: QWenTokenizer, model_dir: str | os.PathLike) -> None:
+    """Raise TokenizerError (naming the vocabulary file) unless the tokenizer's ids fit the model in model_dir:
+    every id below config.json's vocab_size, and <|endoftext|> (and any special the dir's tokenizer_config.json
+    records) at the id the model was trained with. Reads only small JSON files: run it before loading weights."""
+    model_dir = Path(model_dir)
+    cfg = _read_json(model_dir / "config.json")
+    vocab_size = cfg.get("vocab_size")
+    if isinstance(vocab_size, int) and len(tok) > vocab_size:
+        raise TokenizerError(
+            f"{tok.vocab_file}: {len(tok.mergeable_ranks)} ranks + {len(SPECIAL_TOKENS)} special tokens = {len(tok)} "
+            f"ids, more than the model's vocab_size {vocab_size} ({model_dir / 'config.json'}): this vocabulary is "
+            f"not the model's (copy {VOCAB_FILE} from the original model dir)")
+    checked = False
+    gen = _read_json(model_dir / "generation_config.json")
+    for key in ("eos_token_id", "pad_token_id"):
+        if isinstance(gen.get(key), int):
+            _check_special_id(tok, ENDOFTEXT, gen[key], f"{key} in {model_dir / 'generation_config.json'}")
+            checked = True
+    recorded = _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
+    for token_id, token in recorded.items():
+        if isinstance(token, dict) and str(token_id).isdigit():
+            _check_special_id(tok, str(token.get("content")), int(token_id),
+                              f"added_tokens_decoder in {model_dir / 'tokenizer_config.json'}")
+            checked = checked or token.get("content") == ENDOFTEXT
+    if not checked and isinstance(vocab_size, int) and vocab_size >= QWEN_V1_RANKS + len(SPECIAL_TOKENS):
+        # A full-size Qwen v1 model with nothing else recorded: its vocabulary is the release's.
+        _check_special_id(tok, ENDOFTEXT, QWEN_V1_RANKS,
+                          f"every Qwen v1 model of vocab_size {vocab_size} uses the {QWEN_V1_RANKS}-rank vocabulary")
+
+
+def load_tokenizer(model_dir: str | os.PathLike, check_against: str | os.PathLike | None = None) -> QWenTokenizer:
+    """The tokenizer of a model dir (or of an adapter dir that carries the vocabulary), checked against the model
+    (``check_against``, default the dir itself when it is a model dir) before any weights are loaded."""
     from .hub import resolve_model_dir
 
     path = resolve_model_dir(model_dir)
-    return QWenTokenizer(str(resolve_vocab_file(path)))
+    tok = QWenTokenizer(str(resolve_vocab_file(path)))
+    model = Path(check_against) if check_against is not None else path
+    if (model / "config.json").is_file():
+        check_tokenizer_fits(tok, model)
+    return tok
