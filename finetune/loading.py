@@ -161,6 +161,9 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
             raise ModelLoadError(f"{model_dir}: loading the weights failed: {type(e).__name__}: {e}") from e
         model = model.to(device)
 
+    # PEFT records this as the adapter's base: the absolute path, valid from any working directory
+    model.name_or_path = str(model_dir.resolve())
+    model.config._name_or_path = model.name_or_path
     if adapter:
         from .adapters import load_adapter  # checks the adapter against the model, then PEFT
 

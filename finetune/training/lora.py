@@ -65,11 +65,13 @@ def _configure_deepspeed(args, plan, dtype) -> None:
 
 def attach_lora(model, lora_args, plan):
     """Wrap the model with trainable LoRA adapters (fp32), every other weight frozen."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
+
+    from ..adapters import load_adapter
 
     model.requires_grad_(False)
-    if lora_args.lora_weight_path:
-        model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+    if lora_args.lora_weight_path:  # the checked path every adapter load takes (finetune/adapters.py)
+        model = load_adapter(model, lora_args.lora_weight_path, is_trainable=True)
     else:
         config = LoraConfig(
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
