@@ -63,6 +63,33 @@ def _configure_deepspeed(args, plan, dtype) -> None:
     args.deepspeed_plugin = DeepSpeedPlugin(hf_ds_config=args.hf_deepspeed_config)
 
 
+def check_target_modules(model, targets, modules_to_save=None) -> None:
+    """Every --lora_target_modules name must match (PEFT's rule: the module name, or its dotted suffix) at least
+    one Linear of ``model`` (a meta-device build is enough), and every --modules_to_save name some module; else
+    ValueError naming it and listing the valid names."""
+    import torch.nn as nn
+
+    modules = [(n, m) for n, m in model.named_modules() if n]
+
+    def matches(name, target):
+        return name == target or name.endswith("." + target)
+
+    linears = [n for n, m in modules if isinstance(m, nn.Linear)]
+    valid = sorted({n.split(".")[-1] for n in linears} | {".".join(n.split(".")[-2:]) for n in linears
+                                                           if n.count(".") and n.split(".")[-1] == "c_proj"})
+    for t in targets or []:
+        if any(matches(n, t) for n in linears):
+            continue
+        others = sorted({type(m).__name__ for n, m in modules if matches(n, t)})
+        what = f"names a {'/'.join(others)}, not a Linear" if others else "matches no module"
+        raise ValueError(f"--lora_target_modules {t!r} {what} of {type(model).__name__}; valid names: "
+                         f"{', '.join(valid)}")
+    for t in modules_to_save or []:
+        if not any(matches(n, t) for n, _ in modules):
+            raise ValueError(f"--modules_to_save {t!r} matches no module of {type(model).__name__}; e.g. wte (the "
+                             f"embedding) and lm_head")
+
+
 def attach_lora(model, lora_args, plan):
     """Wrap the model with trainable LoRA adapters (fp32), every other weight frozen."""
     from peft import LoraConfig, get_peft_model
