@@ -173,9 +173,33 @@ def check_base(adapter_dir, base_dir, explicit: bool) -> None:
         raise AdapterError(msg + ("; the model at the recorded path has changed since training" if same_dir else "")
                            + "; pass the intended base with -m/--model (checked, loaded with a warning)")
     if want.get("architecture") == got["architecture"] and want.get("quantized") != got["quantized"]:
+        # the float twin of the Int4 base a Q-LoRA adapter was trained on (a documented route); the other way
+        # round load_adapter warns (float_adapter_on_int4)
         logger.info("%s: the %s twin of the recorded base", msg, "float" if want.get("quantized") else "Int4")
         return
     logger.warning("%s; loading it as asked", msg)
+
+
+def trained_on(adapter_dir) -> str | None:
+    """"float" or "int4": the kind of base the adapter was trained on (from base_model.json, else from the config of
+    the base it records), None when unknown."""
+    record = recorded_base(adapter_dir)
+    if record is not None and "quantized" in record["fingerprint"]:
+        return "int4" if record["fingerprint"]["quantized"] else "float"
+    base = adapter_base(adapter_dir)
+    if base and (Path(base) / "config.json").is_file():
+        try:
+            cfg = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+        except (ValueError, OSError):
+            return None
+        return "int4" if isinstance(cfg, dict) and cfg.get("quantization_config") else "float"
+    return None
+
+
+def float_adapter_on_int4(adapter_dir, base_dir) -> str:
+    return (f"adapter {adapter_dir} was trained on a float model ({adapter_base(adapter_dir)}) and is being put on "
+            f"the Int4 base {base_dir}: its deltas meet rounded weights it never saw; use the float base (-m) "
+            f"unless this is what you want")
 
 
 def resolve_base(adapter_dir, model_dir=None) -> Path:
@@ -408,6 +432,9 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
     if base and (Path(base) / "config.json").is_file():
         check_base(adapter_dir, Path(base), explicit=True)
     sd = checked_weights(model, adapter_dir, config)
+    if getattr(getattr(_unwrap(model), "config", None), "quantization_config", None) and \
+            trained_on(adapter_dir) == "float":
+        logger.warning(float_adapter_on_int4(adapter_dir, base or "given"))
 
     import finetune.quant  # noqa: F401  (LoRA on GPTQLinear is registered on import)
     from finetune.quant import register_peft
@@ -430,6 +457,6 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
 
 __all__ = [
     "AdapterError", "adapter_base", "base_fingerprint", "check_adapter", "check_adapter_values", "check_base",
-    "checked_weights", "is_adapter_dir", "load_adapter", "record_base",
+    "checked_weights", "float_adapter_on_int4", "is_adapter_dir", "load_adapter", "record_base", "trained_on",
     "lora_config", "read_adapter_config", "read_adapter_weights", "resolve_base", "target_module_names",
 ]
