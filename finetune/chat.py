@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 PROMPT = "User> "
 ANSWER = "Qwen> "
@@ -80,13 +81,12 @@ def load(args):
     from .tokenization import load_tokenizer
 
     model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
-    model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
-    try:
+    # the tokenizer first: it is checked against the model's config before any weights load
+    if args.adapter and not (Path(model_dir) / "qwen.tiktoken").is_file():
+        tokenizer = load_tokenizer(args.adapter, check_against=model_dir)  # saved with the adapter by the trainer
+    else:
         tokenizer = load_tokenizer(model_dir)
-    except Exception:
-        if not args.adapter:
-            raise
-        tokenizer = load_tokenizer(args.adapter)  # the trainer saves the tokenizer files with the adapter
+    model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
     return model, tokenizer
 
 

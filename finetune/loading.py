@@ -12,14 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, tensor_shapes
+from .errors import ModelLoadError
 from .hub import resolve_model_dir
-
-
-
-class ModelLoadError(ValueError):
-    """A model dir that cannot be loaded; the message says which dir and why."""
-
+from .checkpoint import FLOAT_DTYPES, checkpoint_tensors
 
 def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
     """bf16 where the hardware has it (CUDA with bf16 support), else fp32 (CPU), as training/precision.py decides for training."""
@@ -47,8 +42,10 @@ def read_config(model_dir: Path) -> dict:
                              f"model weights, as an official Qwen model dir has)")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     model_type = cfg.get("model_type")
     if model_type != "qwen":
         raise ModelLoadError(
@@ -60,20 +57,43 @@ def read_config(model_dir: Path) -> dict:
 
 def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of every tensor in the dir's weight files, read from headers (no weights loaded)."""
+    return {k: v.shape for k, v in checkpoint_tensors(model_dir).items()}
+
+
+# Fields of config.json the architecture is built from: each must be a positive integer.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "kv_channels", "seq_length")
+
+
+def model_config(model_dir: Path, cfg: dict | None = None):
+    """The QWenConfig of a model dir, with the fields the architecture is built from checked (one line naming
+    config.json and the field), and the model buildable from it (checked on the meta device)."""
+    from .modeling import QWenConfig, QWenLMHeadModel
+
+    cfg_path = model_dir / "config.json"
+    cfg = read_config(model_dir) if cfg is None else cfg
+    for key in _POSITIVE_INTS:
+        value = cfg.get(key)
+        if key in cfg and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ModelLoadError(f"{cfg_path}: {key} must be a positive integer, got {value!r}")
     try:
-        return tensor_shapes(model_dir)
-    except CheckpointError as e:
-        raise ModelLoadError(str(e)) from None
+        config = QWenConfig.from_pretrained(str(model_dir))
+        with torch.device("meta"):
+            QWenLMHeadModel(config)
+    except Exception as e:  # whatever the constructor trips on, said in one line about the file
+        raise ModelLoadError(f"{cfg_path}: does not describe a buildable Qwen model ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    return config
 
 
 def check_weights(model_dir: Path, config) -> None:
-    """Compare the checkpoint's names and shapes with what the config's model expects; one clear error."""
+    """Compare the checkpoint's names, shapes and dtypes (from headers) with what the config's model expects."""
     from .modeling import QWenLMHeadModel
 
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in QWenLMHeadModel(config).state_dict().items()}
-    found = checkpoint_shapes(model_dir)
-    found = {k: v for k, v in found.items() if not k.endswith("rotary_emb.inv_freq")}
+    infos = checkpoint_tensors(model_dir)
+    found = {k: v.shape for k, v in infos.items() if not k.endswith("rotary_emb.inv_freq")}
     missing = [k for k in expected if k not in found]
     unexpected = [k for k in found if k not in expected]
     mismatched = [k for k in expected if k in found and found[k] != expected[k]]
@@ -88,6 +108,26 @@ def check_weights(model_dir: Path, config) -> None:
                         f"config expects {list(expected[k])})")
     if problems:
         raise ModelLoadError(f"{model_dir}: the weights do not match config.json: " + "; ".join(problems))
+    for k in expected:
+        if infos[k].dtype not in FLOAT_DTYPES:
+            raise ModelLoadError(f"{infos[k].file}: tensor {k!r} is {infos[k].dtype}, expected a float tensor "
+                                 f"(a float model's weights; an Int4 dir declares quantization_config)")
+
+
+def inspect_model_dir(model_dir) -> dict:
+    """Everything about a model dir that can be checked without reading weights: config.json, the weight files'
+    headers against their sizes, and every tensor's name, shape and dtype against the config (GPTQ dirs: also the
+    quantization settings and g_idx ranges). Raises ModelLoadError (one line naming the file); returns config.json."""
+    model_dir = resolve_model_dir(model_dir)
+    cfg = read_config(model_dir)
+    config = model_config(model_dir, cfg)
+    if cfg.get("quantization_config"):
+        from .quant.loading import check_gptq_dir
+
+        check_gptq_dir(model_dir, config)
+    else:
+        check_weights(model_dir, config)
+    return cfg
 
 
 def load_model(model_dir, adapter=None, dtype=None, device=None):
@@ -106,14 +146,14 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _parse_dtype(dtype) or default_dtype(device)
 
+    config = model_config(model_dir, cfg)
     if cfg.get("quantization_config"):
         from .quant.loading import load_gptq_model  # the Int4 path (finetune/quant)
 
-        model = load_gptq_model(model_dir, dtype=dtype, device=device)
+        model = load_gptq_model(model_dir, config=config, dtype=dtype, device=device)
     else:
-        from .modeling import QWenConfig, QWenLMHeadModel
+        from .modeling import QWenLMHeadModel
 
-        config = QWenConfig.from_pretrained(str(model_dir))
         check_weights(model_dir, config)
         try:
             model = QWenLMHeadModel.from_pretrained(str(model_dir), config=config, dtype=dtype)
@@ -121,6 +161,9 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
             raise ModelLoadError(f"{model_dir}: loading the weights failed: {type(e).__name__}: {e}") from e
         model = model.to(device)
 
+    # PEFT records this as the adapter's base: the absolute path, valid from any working directory
+    model.name_or_path = str(model_dir.resolve())
+    model.config._name_or_path = model.name_or_path
     if adapter:
         from .adapters import load_adapter  # checks the adapter against the model, then PEFT
 
@@ -129,4 +172,5 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     return model
 
 
-__all__ = ["load_model", "ModelLoadError", "default_dtype", "check_weights", "checkpoint_shapes"]
+__all__ = ["load_model", "ModelLoadError", "default_dtype", "check_weights", "checkpoint_shapes", "inspect_model_dir",
+           "model_config", "read_config"]

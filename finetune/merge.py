@@ -1,6 +1,7 @@
 """`qwen-ft merge`: a LoRA / Q-LoRA adapter + its base -> one standalone model dir in the official layout.
 
-    qwen-ft merge --adapter DIR [--model BASE] --output OUT [--format bf16|int4] [--quant-method rtn|gptq]
+    qwen-ft merge --adapter DIR [--model BASE] --output OUT [--format float|bf16|int4] [--dtype bf16|fp16|fp32]
+                  [--quant-method rtn|gptq]
                   [--calib-data FILE] [--eval-data FILE]
 
 Routes (chosen from what the base dir is):
@@ -18,9 +19,10 @@ above --max-shard-size), ``config.json`` (no quantization_config for float; for 
 (``qwen.tiktoken``...) and any other file of the base dir (e.g. the official remote code), so both
 ``finetune.load_model`` and the official ``trust_remote_code`` loader read it.
 
-Every route reports the held-out loss (training masks) of the written model against the unmerged
-base+adapter, on --eval-data (else a sample of the calibration / training data): printed and saved as
-``merge_report.json`` in the output dir.
+Every route reports the loss (training masks) of the written model against the unmerged base+adapter, on
+--eval-data (held-out data the user gives) or else a sample of the calibration / training data (reported as
+training data): printed and saved as ``merge_report.json`` in the output dir. An RTN Int4 export whose loss rises
+more than RTN_WARN_DELTA is warned about, and so is a float-trained adapter merged into an Int4 base.
 """
 
 from __future__ import annotations
@@ -102,13 +104,8 @@ def merge_adapter(peft_model) -> nn.Module:
     for m in peft_model.modules():
         if isinstance(m, GPTQLoraLinear):
             m.merge_dtype = torch.float32
-    model = peft_model.merge_and_unload(safe_merge=True)
-    if getattr(model.config, "quantization_config", None) is not None:
-        try:
-            del model.config.quantization_config
-        except AttributeError:
-            model.config.quantization_config = None
-    return model
+    # on an Int4 base the result is a float model with no quantization_config (finetune/peft_hooks.py)
+    return peft_model.merge_and_unload(safe_merge=True)
 
 
 def _sample(records: list, n: int | None, seed: int = 0) -> list:
@@ -128,13 +125,41 @@ def _training_data(adapter_dir: Path) -> str | None:
     return data if data and Path(data).is_file() else None
 
 
-def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", quant_method: str = "rtn",
+# An Int4 export whose loss rises more than this (nats per trained token) above base+adapter has lost part of the
+# fine-tune to rounding: warned, with the calibrated route suggested.
+RTN_WARN_DELTA = 0.05
+
+
+def _warn(report: dict, msg: str) -> None:
+    report.setdefault("warnings", []).append(msg)
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_format(fmt: str, dtype: str | None) -> tuple[str, str | None]:
+    """(--format, --dtype) -> ("float", dtype) or ("int4", None); a contradiction is a MergeError.
+    --format bf16 is float in bf16 (so --dtype, if given, must agree); --dtype applies to float only."""
+    if fmt not in ("float", "bf16", "int4"):
+        raise MergeError(f"--format {fmt!r}: use float (in --dtype, default bf16), bf16 or int4")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if fmt == "int4":
+        if dtype is not None:
+            raise MergeError(f"--dtype {dtype} applies to a float export; --format int4 writes packed Int4 weights "
+                             f"with fp16 scales (drop --dtype, or use --format float --dtype {dtype})")
+        return "int4", None
+    if fmt == "bf16" and dtype not in (None, "bf16"):
+        raise MergeError(f"--format bf16 and --dtype {dtype} contradict each other; for {dtype} weights use "
+                         f"--format float --dtype {dtype}")
+    return "float", dtype or "bf16"
+
+
+def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = None, quant_method: str = "rtn",
           calib_data=None, eval_data=None, n_calib: int = 128, n_eval: int = 64, calib_max_len: int = 2048,
           bits: int = 4, group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
           true_sequential: bool = True, max_shard_size="2GB", device=None, overwrite: bool = False,
           seed: int = 0, log=print) -> dict:
     """Run one merge route; returns the report (also written to OUT/merge_report.json)."""
-    from .adapters import read_adapter_config, resolve_base
+    from .adapters import float_adapter_on_int4, read_adapter_config, resolve_base, trained_on
     from .evaluate import eval_loss, load_eval_records
     from .loading import load_model, read_config
     from .tokenization import load_tokenizer
@@ -142,13 +167,9 @@ def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", q
     t0 = time.time()
     adapter = Path(adapter)
     out = Path(output)
-    fmt = {"float": "bf16", "bf16": "bf16", "int4": "int4"}.get(fmt, fmt)
-    if fmt not in ("bf16", "int4"):
-        raise MergeError(f"--format {fmt!r}: use bf16 (a float model in --dtype) or int4")
+    fmt, dtype = resolve_format(fmt, dtype)
     if quant_method not in ("rtn", "gptq"):
         raise MergeError(f"--quant-method {quant_method!r}: use rtn or gptq")
-    if dtype not in DTYPES:
-        raise MergeError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     base_dir = resolve_base(adapter, model)
     if out.resolve() in (base_dir.resolve(), adapter.resolve()):
         raise MergeError(f"--output {out} is the base or the adapter dir; choose a new dir")
@@ -165,6 +186,9 @@ def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", q
         route = "LoRA merged into the float base"
     route += f" -> {fmt}" + (f" ({quant_method})" if fmt == "int4" else f" ({dtype})")
     log(f"merge: {route}; base {base_dir}, adapter {adapter}")
+    report: dict = {}
+    if base_int4 and trained_on(adapter) == "float":  # load_model below warns on the console
+        report.setdefault("warnings", []).append(float_adapter_on_int4(adapter, base_dir))
 
     tokenizer = load_tokenizer(base_dir if (base_dir / "qwen.tiktoken").is_file() else adapter)
     # data for the report (and GPTQ's calibration)
@@ -172,23 +196,28 @@ def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", q
     calib_path = calib_data or train_data
     eval_path = eval_data or calib_path
     eval_records = _sample(load_eval_records(eval_path), n_eval, seed) if eval_path else []
+    # say what the loss is measured on: held-out data only when the user gives it
+    data_kind = "held-out" if eval_data else "training-data"
+    if eval_records and not eval_data:
+        log(f"merge: no --eval-data: the loss below is on {len(eval_records)} conversations of {eval_path} "
+            f"(training/calibration data, not held out)")
     if fmt == "int4" and quant_method == "gptq" and not calib_path:
         raise MergeError("--quant-method gptq needs calibration conversations: pass --calib-data FILE (e.g. a "
                          "sample of your training data); the adapter's run_args.json names no readable data file")
 
     peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)
     max_len = getattr(peft_model.config, "seq_length", None)
-    report: dict = {"route": route, "base": str(base_dir), "adapter": str(adapter), "output": str(out),
-                    "format": fmt, "eval_data": str(eval_path) if eval_path else None,
-                    "eval_records": len(eval_records)}
+    report.update({"route": route, "base": str(base_dir), "adapter": str(adapter), "output": str(out),
+                   "format": fmt, "dtype": dtype, "eval_data": str(eval_path) if eval_path else None,
+                   "eval_data_kind": data_kind if eval_records else None, "eval_records": len(eval_records)})
     if eval_records:
         report["unmerged_loss"] = eval_loss(peft_model, tokenizer, eval_records, max_len=max_len)["loss"]
-        log(f"merge: held-out loss of base+adapter (unmerged): {report['unmerged_loss']:.4f}")
+        log(f"merge: {data_kind} loss of base+adapter (unmerged): {report['unmerged_loss']:.4f}")
     if eval_records and "Q-LoRA adapter merged into the float base" in route:
         # the cost against what was trained: the recorded Int4 base + adapter
         trained = load_model(Path(recorded), adapter=adapter, dtype=torch.float32, device=device)
         report["trained_int4_base_loss"] = eval_loss(trained, tokenizer, eval_records, max_len=max_len)["loss"]
-        log(f"merge: held-out loss of the Int4 base it was trained on + adapter: "
+        log(f"merge: {data_kind} loss of the Int4 base it was trained on + adapter: "
             f"{report['trained_int4_base_loss']:.4f}")
         del trained
     merged = merge_adapter(peft_model)
@@ -199,7 +228,7 @@ def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", q
     out.mkdir(parents=True, exist_ok=True)
     for p in out.glob("model*.safetensors"):
         p.unlink()
-    if fmt == "bf16":
+    if fmt == "float":
         dt = DTYPES[dtype]
         sd = {k: v.detach().to("cpu", dt) for k, v in merged.state_dict().items()}
         files = save_sharded(sd, out, max_shard_size)
@@ -249,8 +278,12 @@ def merge(adapter, output, model=None, fmt: str = "bf16", dtype: str = "bf16", q
         report["merged_loss"] = eval_loss(reloaded, tokenizer, eval_records, max_len=max_len)["loss"]
         report["loss_delta"] = report["merged_loss"] - report["unmerged_loss"]
         del reloaded
-        log(f"merge: held-out loss of the written model: {report['merged_loss']:.4f} "
+        log(f"merge: {data_kind} loss of the written model: {report['merged_loss']:.4f} "
             f"(unmerged {report['unmerged_loss']:.4f}, delta {report['loss_delta']:+.4f})")
+        if fmt == "int4" and quant_method == "rtn" and report["loss_delta"] > RTN_WARN_DELTA:
+            _warn(report, f"round-to-nearest Int4 raised the loss by {report['loss_delta']:+.4f} (more than "
+                          f"{RTN_WARN_DELTA}): it lost part of the fine-tune; --quant-method gptq --calib-data FILE "
+                          f"calibrates on your conversations and keeps more of it")
     report["seconds"] = round(time.time() - t0, 2)
     (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"merge: wrote {out} ({', '.join(files)})")
@@ -270,13 +303,19 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--model", help="base model dir (default: the base the adapter records); for a Q-LoRA "
                                           "adapter, the matching bf16 model merges without re-quantizing")
     p.add_argument("-o", "--output", required=True, help="new model dir")
-    p.add_argument("--format", default="bf16", choices=["bf16", "float", "int4"])
-    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="float weights' dtype (--format bf16)")
-    p.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq"])
+    p.add_argument("--format", default="float", choices=["float", "bf16", "int4"],
+                   help="float: a float model in --dtype (default); bf16: the same as float with --dtype bf16; "
+                        "int4: quantized again to GPTQ Int4 (see --quant-method)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="float weights' dtype for --format float (default bf16)")
+    p.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq"],
+                   help="--format int4: rtn (round-to-nearest, no data) or gptq (calibrated on --calib-data; keeps "
+                        "more of the fine-tune)")
     p.add_argument("--calib-data", help="conversations for GPTQ calibration (default: the adapter's training data)")
     p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--calib-max-len", type=int, default=2048)
-    p.add_argument("--eval-data", help="held-out conversations for the loss report (default: calib/training data)")
+    p.add_argument("--eval-data", help="held-out conversations for the loss report (default: the calibration or "
+                                        "training data, reported as such)")
     p.add_argument("--eval-samples", type=int, default=64)
     p.add_argument("--bits", type=int, default=4, choices=[4, 8])
     p.add_argument("--group-size", type=int, default=128)

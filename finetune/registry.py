@@ -37,10 +37,14 @@ def _auto_tokenizer(module) -> None:
 
 
 def _peft(module) -> None:
-    # the module registers itself when its import completes (this hook can fire while it is importing peft)
+    # LoRA on the GPTQ layer: the module registers itself when its import completes (this hook can fire while
+    # that module is importing peft). Then PEFT's own loading routes take the project's adapter checks.
     import importlib
 
     importlib.import_module("finetune.quant.peft_lora")
+    from .peft_hooks import install
+
+    install()
 
 
 def _fast_decoder(module) -> None:

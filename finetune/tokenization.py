@@ -10,13 +10,17 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
+import threading
 import unicodedata
 from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
 from transformers import PreTrainedTokenizer
+
+from .errors import ModelLoadError
 
 VOCAB_FILE = "qwen.tiktoken"
 # A small BPE vocabulary in the same format, learned by finetune/bpe.py from text the project owns
@@ -34,6 +38,8 @@ EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
 SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND) + EXTRAS
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
+# qwen.tiktoken of every Qwen v1 release: 151,643 ranks, so <|endoftext|> is 151643 (DESIGN.md).
+QWEN_V1_RANKS = 151643
 
 # Renders exactly the token layout of the official `make_context` (chatml): the system block first (the
 # default system prompt when the conversation has none), then "\n" before every turn, and, with
@@ -52,8 +58,48 @@ CHAT_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
-    """A model dir without a usable vocabulary file."""
+class TokenizerError(ModelLoadError):
+    """A model dir without a usable vocabulary file, or one that does not fit the model."""
+
+
+# apply_chat_template(tokenize=True) renders the template to one string and tokenizes it. To give control tokens
+# to the template's own "<|im_start|>"/"<|im_end|>" while message text stays text, every message content is
+# wrapped in private-use markers before rendering (the markers inside the content escaped), and the rendered
+# string is tokenized in "template mode" (per thread, only inside apply_chat_template): text outside the markers
+# is the template's and its control tokens count; each marked span is encoded as plain text on its own, which is
+# also how make_context encodes each piece.
+_SPAN_START, _SPAN_END, _ESC = "\ue000", "\ue001", "\ue002"
+_ESCAPES = {_ESC: _ESC + _ESC, _SPAN_START: _ESC + "0", _SPAN_END: _ESC + "1"}
+_UNESCAPE = re.compile(re.escape(_ESC) + "(.)", re.S)
+_SPECIALS_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+def _mark_span(text: str) -> str:
+    return _SPAN_START + "".join(_ESCAPES.get(c, c) for c in text) + _SPAN_END
+
+
+def _unmark_span(text: str) -> str:
+    return _UNESCAPE.sub(lambda m: {_ESC: _ESC, "0": _SPAN_START, "1": _SPAN_END}[m.group(1)], text)
+
+
+def _mark_contents(conversation):
+    """A copy of the messages with each string content marked; roles must be plain role names."""
+    marked = []
+    for m in conversation:
+        if not isinstance(m, dict):
+            return conversation  # message objects: left to transformers' normalisation, then refused below
+        role = m.get("role")
+        if isinstance(role, str) and (_SPECIALS_RE.search(role) or any(c in role for c in _ESCAPES)):
+            raise ValueError(f"chat message role {role!r} contains a control token; roles are plain names "
+                             f"(system, user, assistant)")
+        m = dict(m)
+        if isinstance(m.get("content"), str):
+            m["content"] = _mark_span(m["content"])
+        marked.append(m)
+    return marked
+
+
+_template_mode = threading.local()
 
 
 @lru_cache(maxsize=8)
@@ -115,7 +161,12 @@ class QWenTokenizer(PreTrainedTokenizer):
         kwargs.setdefault("pad_token", ENDOFTEXT)
         kwargs.setdefault("chat_template", CHAT_TEMPLATE)
         kwargs.setdefault("padding_side", "right")
-        kwargs.pop("added_tokens_decoder", None)  # specials live in the tiktoken encoding, not in HF's trie
+        # Specials live in the tiktoken encoding, not in HF's trie; the ids a saved tokenizer_config.json
+        # recorded must still be the ones this vocabulary gives (a truncated qwen.tiktoken shifts them).
+        recorded = kwargs.pop("added_tokens_decoder", None) or {}
+        for token_id, token in recorded.items():
+            _check_special_id(self, str(getattr(token, "content", token)), int(token_id),
+                              "tokenizer_config.json saved with it")
         super().__init__(errors=errors, **kwargs)
 
     # -- the project's own interface ----------------------------------------------------------------
@@ -151,9 +202,59 @@ class QWenTokenizer(PreTrainedTokenizer):
         vocab.update(self.special_tokens)
         return vocab
 
-    def tokenize(self, text: str, **kwargs) -> list[bytes]:  # type: ignore[override]
-        # Every character is text (no added-token splitting): see the module docstring.
+    def tokenize(self, text: str, **kwargs) -> list[bytes | str]:  # type: ignore[override]
+        # Every character is text (no added-token splitting): see the module docstring. The one exception is
+        # a chat template's own output, inside apply_chat_template on this thread.
+        if getattr(_template_mode, "on", False):
+            return self._template_tokens(text)
+        return self._plain_tokens(text)
+
+    def _plain_tokens(self, text: str) -> list[bytes]:
         return [self.decoder[i] for i in self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))]
+
+    def _template_tokens(self, text: str) -> list[bytes | str]:
+        """Tokens of a rendered chat template whose message contents were marked (see _mark_span)."""
+        tokens: list[bytes | str] = []
+        pos = 0
+        while pos <= len(text):
+            start = text.find(_SPAN_START, pos)
+            literal = text[pos:] if start < 0 else text[pos:start]
+            if _SPAN_END in literal or _ESC in literal:
+                raise ValueError("the chat template cut a message's text apart (it must insert message contents "
+                                 "whole); cannot tokenize its output safely")
+            for i, piece in enumerate(_SPECIALS_RE.split(literal)):
+                if i % 2:
+                    tokens.append(piece)  # the template's own control token
+                elif piece:
+                    tokens += self._plain_tokens(piece)
+            if start < 0:
+                break
+            end = text.find(_SPAN_END, start + 1)
+            if end < 0:
+                raise ValueError("the chat template cut a message's text apart (it must insert message contents "
+                                 "whole); cannot tokenize its output safely")
+            tokens += self._plain_tokens(_unmark_span(text[start + 1:end]))
+            pos = end + 1
+        return tokens
+
+    def apply_chat_template(self, conversation, *args, tokenize: bool = True, **kwargs):
+        """transformers' apply_chat_template; with tokenize=True the template's control tokens are control
+        tokens and message text is plain text, so the ids equal make_context's for the same chat."""
+        if not tokenize:
+            return super().apply_chat_template(conversation, *args, tokenize=False, **kwargs)
+        if kwargs.get("return_assistant_tokens_mask"):
+            raise ValueError("return_assistant_tokens_mask is not supported by the Qwen tokenizer (it needs a fast "
+                             "tokenizer's offsets); use finetune.data.encode_conversation for training labels")
+        kwargs.pop("sanitize_control_tokens", None)  # always the case here
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            marked = [_mark_contents(c) for c in conversation]
+        else:
+            marked = _mark_contents(conversation)
+        _template_mode.on = True
+        try:
+            return super().apply_chat_template(marked, *args, tokenize=True, **kwargs)
+        finally:
+            _template_mode.on = False
 
     def _tokenize(self, text: str, **kwargs) -> list[bytes]:
         return self.tokenize(text)
@@ -224,9 +325,61 @@ class QWenTokenizer(PreTrainedTokenizer):
         return files
 
 
-def load_tokenizer(model_dir: str | os.PathLike) -> QWenTokenizer:
-    """The tokenizer of a model dir (or of an adapter dir that carries the vocabulary)."""
+def _check_special_id(tok: QWenTokenizer, token: str, expected: int, source: str) -> None:
+    got = tok.special_tokens.get(token)
+    if got is not None and got != expected:
+        raise TokenizerError(
+            f"{tok.vocab_file}: {token} gets id {got} from this vocabulary ({len(tok.mergeable_ranks)} ranks), but "
+            f"the model expects {expected} ({source}): the file is truncated or not this model's vocabulary (copy "
+            f"{VOCAB_FILE} from the original model dir)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # unreadable side files are the model loader's to report
+    return data if isinstance(data, dict) else {}
+
+
+def check_tokenizer_fits(tok: QWenTokenizer, model_dir: str | os.PathLike) -> None:
+    """Raise TokenizerError (naming the vocabulary file) unless the tokenizer's ids fit the model in model_dir:
+    every id below config.json's vocab_size, and <|endoftext|> (and any special the dir's tokenizer_config.json
+    records) at the id the model was trained with. Reads only small JSON files: run it before loading weights."""
+    model_dir = Path(model_dir)
+    cfg = _read_json(model_dir / "config.json")
+    vocab_size = cfg.get("vocab_size")
+    if isinstance(vocab_size, int) and len(tok) > vocab_size:
+        raise TokenizerError(
+            f"{tok.vocab_file}: {len(tok.mergeable_ranks)} ranks + {len(SPECIAL_TOKENS)} special tokens = {len(tok)} "
+            f"ids, more than the model's vocab_size {vocab_size} ({model_dir / 'config.json'}): this vocabulary is "
+            f"not the model's (copy {VOCAB_FILE} from the original model dir)")
+    checked = False
+    gen = _read_json(model_dir / "generation_config.json")
+    for key in ("eos_token_id", "pad_token_id"):
+        if isinstance(gen.get(key), int):
+            _check_special_id(tok, ENDOFTEXT, gen[key], f"{key} in {model_dir / 'generation_config.json'}")
+            checked = True
+    recorded = _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
+    for token_id, token in recorded.items():
+        if isinstance(token, dict) and str(token_id).isdigit():
+            _check_special_id(tok, str(token.get("content")), int(token_id),
+                              f"added_tokens_decoder in {model_dir / 'tokenizer_config.json'}")
+            checked = checked or token.get("content") == ENDOFTEXT
+    if not checked and isinstance(vocab_size, int) and vocab_size >= QWEN_V1_RANKS + len(SPECIAL_TOKENS):
+        # A full-size Qwen v1 model with nothing else recorded: its vocabulary is the release's.
+        _check_special_id(tok, ENDOFTEXT, QWEN_V1_RANKS,
+                          f"every Qwen v1 model of vocab_size {vocab_size} uses the {QWEN_V1_RANKS}-rank vocabulary")
+
+
+def load_tokenizer(model_dir: str | os.PathLike, check_against: str | os.PathLike | None = None) -> QWenTokenizer:
+    """The tokenizer of a model dir (or of an adapter dir that carries the vocabulary), checked against the model
+    (``check_against``, default the dir itself when it is a model dir) before any weights are loaded."""
     from .hub import resolve_model_dir
 
     path = resolve_model_dir(model_dir)
-    return QWenTokenizer(str(resolve_vocab_file(path)))
+    tok = QWenTokenizer(str(resolve_vocab_file(path)))
+    model = Path(check_against) if check_against is not None else path
+    if (model / "config.json").is_file():
+        check_tokenizer_fits(tok, model)
+    return tok

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Merge a LoRA / Q-LoRA adapter into its base and write a standalone model dir (bf16, or Int4 by RTN / GPTQ).
-# Usage: bash scripts/merge.sh -a ADAPTER -o OUTPUT [-m BASE] [--format bf16|int4] [--quant-method rtn|gptq]
+# Usage: bash scripts/merge.sh -a ADAPTER -o OUTPUT [-m BASE] [--format float|int4] [--dtype bf16|fp16|fp32] [--quant-method rtn|gptq]
 #        [--calib-data FILE] [--eval-data FILE] [...]   (every other flag goes to `qwen-ft merge`, see --help)
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -173,3 +173,63 @@ def test_merge_errors(setup, tmp_path, capsys):
         merge(setup["lora"], tmp_path / "full", log=quiet)
     with pytest.raises(MergeError, match="base or the adapter"):
         merge(setup["lora"], setup["float"], log=quiet, overwrite=True)
+
+
+# -- issue 14, friction: merge's flags and reports say what they do ----------------------------------------------
+
+
+def test_format_and_dtype_are_consistent(setup, tmp_path, capsys):
+    from finetune.cli import main
+    from finetune.merge import _parser
+
+    helps = {a.dest: a.help for a in _parser()._actions}
+    assert helps["format"] and "float" in helps["format"] and helps["quant_method"]
+    for flags, expect in ((["--format", "bf16", "--dtype", "fp16"], "--format bf16 and --dtype fp16 contradict"),
+                          (["--format", "int4", "--dtype", "fp16"], "--dtype fp16 applies to a float export")):
+        rc = main(["merge", "--adapter", str(setup["lora"]), "--output", str(tmp_path / "never"), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert not (tmp_path / "never").exists()
+    lines = []
+    merge(setup["lora"], tmp_path / "fp16", fmt="float", dtype="fp16", log=lines.append)
+    assert "-> float (fp16)" in lines[0]
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_loss_is_named_for_the_data_it_is_computed_on(setup, tmp_path):
+    lines = []
+    report = merge(setup["lora"], tmp_path / "a", dtype="fp32", log=lines.append)  # the adapter's training data
+    assert report["eval_data_kind"] == "training-data"
+    assert not any("held-out" in line for line in lines) and any("not held out" in line for line in lines)
+    lines.clear()
+    report = merge(setup["lora"], tmp_path / "b", dtype="fp32", eval_data=setup["data"], log=lines.append)
+    assert report["eval_data_kind"] == "held-out" and any("held-out loss" in line for line in lines)
+
+
+def test_rtn_export_that_loses_the_fine_tune_warns(setup, tmp_path, monkeypatch, capsys):
+    import finetune.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "RTN_WARN_DELTA", -1.0)  # any delta counts as a loss here
+    report = merge(setup["qlora"], tmp_path / "rtn", fmt="int4", eval_data=setup["data"], log=quiet)
+    assert any("--quant-method gptq" in w for w in report["warnings"])
+    assert "warning: round-to-nearest Int4 raised the loss" in capsys.readouterr().err
+    monkeypatch.setattr(merge_module, "RTN_WARN_DELTA", 1e9)
+    report = merge(setup["qlora"], tmp_path / "rtn2", fmt="int4", eval_data=setup["data"], log=quiet)
+    assert "warnings" not in report
+
+
+def test_float_adapter_on_int4_base_warns_naming_both(setup, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
+        load_model(setup["int4"], adapter=setup["lora"], device="cpu")
+    assert any("trained on a float model" in r.message and str(setup["int4"]) in r.message
+               and str(setup["float"].resolve()) in r.message for r in caplog.records)
+    caplog.clear()
+    report = merge(setup["lora"], tmp_path / "f_on_i4", model=setup["int4"], dtype="fp32", log=quiet)
+    assert any("trained on a float model" in w for w in report["warnings"])
+    caplog.clear()
+    # the documented direction (a Q-LoRA adapter into its float twin) stays quiet
+    with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
+        load_model(setup["float"], adapter=setup["qlora"], device="cpu")
+    assert not caplog.records

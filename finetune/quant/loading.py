@@ -14,19 +14,21 @@ GPTQ buffers keep their own dtypes (int32; scales fp16).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, checkpoint_files, iter_tensors, tensor_files
+from ..errors import ModelLoadError
+from ..checkpoint import FLOAT_DTYPES, INT_DTYPES, checkpoint_files, checkpoint_tensors, iter_tensors
 from .linear import GPTQLinear
-from .packing import check_bits, default_g_idx, is_v2_format
+from .packing import check_bits, default_g_idx, is_v2_format, num_groups
 from .rtn import QWEN_QUANTIZED_SUFFIXES, is_quantized_module_name
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-class GPTQLoadError(ValueError):
+class GPTQLoadError(ModelLoadError):
     """A GPTQ model dir that cannot be loaded; the message says which dir and why."""
 
 
@@ -158,34 +160,16 @@ def _expected_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
-    """A GPTQ Qwen v1 dir -> QWenLMHeadModel (eval mode) with GPTQLinear layers, on ``device``.
-
-    ``dtype``: compute dtype for the float weights (default bf16 on CUDA with bf16, else fp32);
-    ``device``: default the current CUDA device when there is one, else CPU. Accepts (and mostly
-    ignores) from_pretrained's kwargs: ``torch_dtype`` (alias of dtype), ``device_map`` (one device only),
-    ``trust_remote_code``, ``low_cpu_mem_usage``, ``revision``...
-    """
-    from finetune.hub import resolve_model_dir
-
-    model_dir = resolve_model_dir(model_dir)
-    if dtype is None:
-        dtype = kwargs.pop("torch_dtype", None)
-    device = _resolve_device(device, kwargs.pop("device_map", None))
-    dtype = _resolve_dtype(dtype, device)
-    if config is None:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(model_dir))
+def _checked_meta_model(model_dir: Path, config):
+    """The meta model (GPTQLinear where the checkpoint is packed) after every check that needs no weights:
+    quantization settings, tensor names, header shapes and dtypes, g_idx ranges."""
     try:
         settings = gptq_settings(getattr(config, "quantization_config", None))
     except GPTQLoadError as e:
         raise GPTQLoadError(f"{model_dir}: {e}") from None
 
-    try:
-        keys = tensor_files(model_dir)
-    except CheckpointError as e:
-        raise GPTQLoadError(str(e)) from None
+    infos = checkpoint_tensors(model_dir, GPTQLoadError)
+    keys = {name: info.file for name, info in infos.items()}
     quant_modules = sorted({k[: -len(".qweight")] for k in keys if k.endswith(".qweight")})
     if not quant_modules:
         raise GPTQLoadError(f"{model_dir}: config.json declares GPTQ quantization but the checkpoint has no "
@@ -211,6 +195,38 @@ def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
         raise GPTQLoadError(f"{model_dir}: the checkpoint does not match the model: " + "; ".join(parts))
+    _check_header_shapes(model_dir, infos, expected)
+    _check_g_idx(model, keys, [k for k in keys if k.endswith(".g_idx") and k in expected])
+
+    return model, settings, expected, default_g_idx_for, tied
+
+
+def check_gptq_dir(model_dir, config) -> None:
+    """Raise GPTQLoadError (one line naming the file and tensor) unless the GPTQ dir can load; reads headers and
+    the small g_idx tensors only."""
+    _checked_meta_model(Path(model_dir), config)
+
+
+def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
+    """A GPTQ Qwen v1 dir -> QWenLMHeadModel (eval mode) with GPTQLinear layers, on ``device``.
+
+    ``dtype``: compute dtype for the float weights (default bf16 on CUDA with bf16, else fp32);
+    ``device``: default the current CUDA device when there is one, else CPU. Accepts (and mostly
+    ignores) from_pretrained's kwargs: ``torch_dtype`` (alias of dtype), ``device_map`` (one device only),
+    ``trust_remote_code``, ``low_cpu_mem_usage``, ``revision``...
+    """
+    from finetune.hub import resolve_model_dir
+
+    model_dir = resolve_model_dir(model_dir)
+    if dtype is None:
+        dtype = kwargs.pop("torch_dtype", None)
+    device = _resolve_device(device, kwargs.pop("device_map", None))
+    dtype = _resolve_dtype(dtype, device)
+    if config is None:
+        from finetune.modeling import QWenConfig
+
+        config = QWenConfig.from_pretrained(str(model_dir))
+    model, settings, expected, default_g_idx_for, tied = _checked_meta_model(model_dir, config)
 
     for path, _ in checkpoint_files(model_dir):
         for name, tensor in iter_tensors(path):
@@ -250,6 +266,52 @@ def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
         model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
     model.eval()
     return model
+
+
+def _check_header_shapes(model_dir, infos, expected) -> None:
+    """Shapes and dtype kinds of every tensor, from the files' headers, against the model config.json describes."""
+    for name, info in infos.items():
+        target = expected.get(name)
+        if target is None:
+            continue
+        if tuple(info.shape) != tuple(target.shape):
+            raise GPTQLoadError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json's model "
+                                f"expects {list(target.shape)}")
+        attr = name.rpartition(".")[2]
+        if attr in ("qweight", "qzeros", "g_idx") and info.dtype not in INT_DTYPES:
+            raise GPTQLoadError(f"{info.file}: tensor {name!r} is {info.dtype}, expected an integer tensor (int32)")
+        if target.is_floating_point() and info.dtype not in FLOAT_DTYPES:
+            raise GPTQLoadError(f"{info.file}: tensor {name!r} is {info.dtype}, expected a float tensor")
+
+
+def _check_g_idx(model: nn.Module, keys: dict[str, Path], names: list[str]) -> None:
+    """Every g_idx value names a group of its layer (an out-of-range one would index past the scales)."""
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(keys[n], []).append(n)
+    for path, file_names in by_file.items():
+        for name, g_idx in _read_tensors(path, file_names):
+            module = model.get_submodule(name.rpartition(".")[0])
+            groups = num_groups(module.in_features, module.group_size)
+            if g_idx.numel() and (int(g_idx.min()) < 0 or int(g_idx.max()) >= groups):
+                bad = int(g_idx.max()) if int(g_idx.max()) >= groups else int(g_idx.min())
+                raise GPTQLoadError(f"{path}: tensor {name!r} holds group index {bad}, but the layer has {groups} "
+                                    f"groups (0..{groups - 1}; in_features {module.in_features}, group_size "
+                                    f"{module.group_size}): the checkpoint is corrupt")
+
+
+def _read_tensors(path: Path, names: list[str]):
+    """(name, CPU tensor) for the named tensors of one file, reading only those."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for name in names:
+                yield name, f.get_tensor(name)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        for name in names:
+            yield name, sd[name]
 
 
 def _check_no_meta_buffers(model: nn.Module, where: str) -> None:

@@ -174,6 +174,35 @@ def register_peft(config: LoraConfig | None = None) -> None:
     LoraConfig.__post_init__ = __post_init__
 
 
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
+    """Replace every GPTQLinear left in ``model`` by a float nn.Linear holding its exact weight in ``dtype``, and
+    drop the config's quantization_config: the model is then a float model that saves and reloads as one.
+    Returns how many layers were dequantized."""
+    n = 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, GPTQLinear):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
+                           device=module.qweight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.dequantize(torch.float32))
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        linear.requires_grad_(False)
+        setattr(parent, child, linear)
+        n += 1
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "quantization_config", None) is not None:
+        try:
+            del config.quantization_config
+        except AttributeError:
+            config.quantization_config = None
+        config.torch_dtype = dtype
+    return n
+
+
 register_peft()
 
-__all__ = ["GPTQLoraLinear", "register_peft", "CUSTOM_MODULE_MAPPING"]
+__all__ = ["GPTQLoraLinear", "register_peft", "CUSTOM_MODULE_MAPPING", "dequantize_model"]

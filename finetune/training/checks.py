@@ -278,6 +278,8 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     identity = run_identity(model_dir, mode, lora_args)
     resume_from = check_output_dir(args, identity)
 
+    check_model_files(model_dir, mode, lora_args)
+
     if torch.cuda.is_available() and not args.use_cpu:
         device = f"cuda:{max(args.local_process_index, 0)}"
     else:
@@ -378,3 +380,37 @@ def _resumable(out: Path, identity: dict) -> str | None:
     raise TrainConfigError(
         f"--resume: no checkpoint in {out} can be resumed exactly; the newest, {p.name}: {problem}. Restore "
         "the file, or start over with --overwrite_output_dir")
+
+
+def check_model_files(model_dir: Path, mode: str, lora_args) -> None:
+    """What the model dir, its tokenizer and the adapter flags can be checked for before any weights load: config
+    and weight headers (shapes, dtypes, truncation, GPTQ settings and g_idx), the vocabulary against the model,
+    --lora_target_modules / --modules_to_save against the architecture, and a --lora_weight_path adapter against
+    the model (shapes from its header, dtypes, values, the base it records)."""
+    from ..adapters import AdapterError, check_base, checked_weights
+    from ..errors import ModelLoadError
+    from ..loading import inspect_model_dir, model_config
+    from ..tokenization import load_tokenizer
+    from .lora import check_target_modules
+
+    try:
+        inspect_model_dir(model_dir)
+        load_tokenizer(model_dir)
+    except ModelLoadError as e:
+        raise TrainConfigError(str(e)) from None
+    if mode == "full":
+        return
+    from ..modeling import QWenLMHeadModel
+
+    with torch.device("meta"):  # names and shapes only; GPTQ layers have the Linears' names and sizes
+        meta = QWenLMHeadModel(model_config(model_dir))
+    try:
+        check_target_modules(meta, lora_args.lora_target_modules, lora_args.modules_to_save)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
+    if lora_args.lora_weight_path:
+        try:
+            check_base(lora_args.lora_weight_path, model_dir, explicit=True)
+            checked_weights(meta, Path(lora_args.lora_weight_path))
+        except AdapterError as e:
+            raise TrainConfigError(f"--lora_weight_path: {e}") from None

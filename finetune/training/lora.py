@@ -7,13 +7,42 @@ import logging
 logger = logging.getLogger(__name__)
 
 
+def check_target_modules(model, targets, modules_to_save=None) -> None:
+    """Every --lora_target_modules name must match (PEFT's rule: the module name, or its dotted suffix) at least
+    one Linear of ``model`` (a meta-device build is enough), and every --modules_to_save name some module; else
+    ValueError naming it and listing the valid names."""
+    import torch.nn as nn
+
+    modules = [(n, m) for n, m in model.named_modules() if n]
+
+    def matches(name, target):
+        return name == target or name.endswith("." + target)
+
+    linears = [n for n, m in modules if isinstance(m, nn.Linear)]
+    valid = sorted({n.split(".")[-1] for n in linears} | {".".join(n.split(".")[-2:]) for n in linears
+                                                           if n.count(".") and n.split(".")[-1] == "c_proj"})
+    for t in targets or []:
+        if any(matches(n, t) for n in linears):
+            continue
+        others = sorted({type(m).__name__ for n, m in modules if matches(n, t)})
+        what = f"names a {'/'.join(others)}, not a Linear" if others else "matches no module"
+        raise ValueError(f"--lora_target_modules {t!r} {what} of {type(model).__name__}; valid names: "
+                         f"{', '.join(valid)}")
+    for t in modules_to_save or []:
+        if not any(matches(n, t) for n, _ in modules):
+            raise ValueError(f"--modules_to_save {t!r} matches no module of {type(model).__name__}; e.g. wte (the "
+                             f"embedding) and lm_head")
+
+
 def attach_lora(model, lora_args, plan):
     """Wrap the model with trainable LoRA adapters (fp32), every other weight frozen."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
+
+    from ..adapters import load_adapter
 
     model.requires_grad_(False)
-    if lora_args.lora_weight_path:
-        model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
+    if lora_args.lora_weight_path:  # the checked path every adapter load takes (finetune/adapters.py)
+        model = load_adapter(model, lora_args.lora_weight_path, is_trainable=True)
     else:
         config = LoraConfig(
             r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
