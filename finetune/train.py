@@ -20,6 +20,7 @@ import transformers
 from .data import DataError, build_dataset
 from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
 from .training.checks import FINISHED_MARKER, TrainConfigError, preflight
+from .training.console import quiet_third_party_notices
 from .training.lora import attach_lora, resolve_compute_dtype
 from .training.plots import LossCurveCallback
 from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
@@ -63,13 +64,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     model = load_model(plan.model_dir, dtype=torch.float32 if plan.mode == "full" else compute_dtype,
                        device=plan.device)
     model.config.use_cache = False
+    _state_special_tokens(model, tokenizer)
     if plan.mode == "full":
         model.requires_grad_(True)
     else:
         model = attach_lora(model, lora_args, plan)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        args.gradient_checkpointing = False  # done above, with the kwargs PEFT needs; Trainer must not redo it
+    if args.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # done above, with the kwargs PEFT needs; the Trainer (it reads the new name) must not redo it
+        args.activation_checkpointing = args.gradient_checkpointing = False
 
     graphs = _cuda_graphs(model, data_args, args, plan)
 
@@ -93,6 +96,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         _mark_finished(args.output_dir)
         _print_next_steps(plan, args.output_dir)
     return trainer
+
+
+def _state_special_tokens(model, tokenizer) -> None:
+    """The tokenizer's special tokens (<|endoftext|> as eos and pad) in the model config, as the generation
+    config has them: Qwen's config.json does not declare them, and the Trainer would otherwise set them itself
+    with a console notice."""
+    for name in ("eos_token_id", "pad_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None and getattr(model.config, name, None) is None:
+            setattr(model.config, name, tid)
 
 
 def _cuda_graphs(model, data_args, args, plan) -> bool:
@@ -189,6 +202,7 @@ def _print_next_steps(plan, output_dir):
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_third_party_notices()
     try:
         model_args, data_args, lora_args, args = parse_args(argv)
         train(model_args, data_args, lora_args, args)

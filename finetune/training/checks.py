@@ -112,6 +112,9 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         raise TrainConfigError("--modules_to_save and --lora_weight_path apply to LoRA; add --use_lora")
     if args.bf16 and args.fp16:
         raise TrainConfigError("--bf16 and --fp16 exclude each other")
+    if args.fp16 and (args.use_cpu or not torch.cuda.is_available()):
+        raise TrainConfigError("--fp16 needs a CUDA GPU; on the CPU training runs in fp32: drop --fp16 (the official "
+                               "Q-LoRA script passes it for auto-gptq; here Q-LoRA trains in bf16 on a GPU)")
 
     # -- DeepSpeed -------------------------------------------------------------------------------------------
     ds = deepspeed_config(args.deepspeed)
