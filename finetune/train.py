@@ -193,11 +193,14 @@ def _mark_finished(output_dir):
 
 
 def _print_next_steps(plan, output_dir):
+    import shlex
+
     print(f"\nDone. The {'adapter' if plan.mode != 'full' else 'model'} is in {output_dir}", flush=True)
     if plan.mode == "full":
-        print(f"Chat with it:  qwen-ft chat -m {output_dir}", flush=True)
+        cmd = ["qwen-ft", "chat", "-m", str(output_dir)]
     else:
-        print(f"Chat with it:  qwen-ft chat -m {plan.model_dir} --adapter {output_dir}", flush=True)
+        cmd = ["qwen-ft", "chat", "-m", str(plan.model_dir), "--adapter", str(output_dir)]
+    print(f"Chat with it:  {shlex.join(cmd)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
