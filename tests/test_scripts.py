@@ -89,7 +89,6 @@ def test_official_command_line_trains(setup, tmp_path, name):
     run_args = json.loads((out / "run_args.json").read_text())
     kind = CMDLINES[name][1]
     assert run_args["model_dir"] == str(setup[kind]) and run_args["data"]["data_path"] == str(setup["data"])
-    assert run_args["training"]["activation_checkpointing"] is False  # enabled on the model by train.py
     assert (out / "adapter_model.safetensors").is_file()
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ..hub import ModelNotFoundError, resolve_model_dir
 from ..tokenization import VOCAB_FILE
+from .memory import check_fits
 
 FINISHED_MARKER = "training_finished.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -164,5 +165,6 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         device = f"cuda:{max(args.local_process_index, 0)}"
     else:
         device = "cpu"
+    check_fits(model_dir, mode, lora_args, data_args, args, device, ds)  # the estimate, before any loading
     return TrainPlan(model_dir=model_dir, mode=mode, quantized=quantized, device=device,
                      zero_stage=zero_stage, resume_from=resume_from)
