@@ -177,3 +177,33 @@ def test_memory_preflight_stops_when_clearly_over(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     assert train_main(argv) == 2
+
+
+# -- the tests' real vocabulary ------------------------------------------------------------------------------
+
+
+def test_real_vocabulary_from_qwen_tiktoken(tmp_path):
+    """$QWEN_TIKTOKEN names the real vocabulary: used when it is there; a skip naming it where it is not, a
+    failure under CI=true."""
+    from _helpers import REAL_VOCAB
+
+    def run(vocab, ci):
+        env = subprocess_env(QWEN_TIKTOKEN=str(vocab))
+        env.pop("CI", None)
+        if ci:
+            env["CI"] = "true"
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                               "tests/test_tokenization.py::test_special_ids"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    missing = tmp_path / "nowhere" / "qwen.tiktoken"
+    skipped = run(missing, ci=False)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout and str(missing) in skipped.stdout, skipped.stdout
+    failed = run(missing, ci=True)
+    assert failed.returncode == 1 and "CI=true: CI always has it" in failed.stdout, failed.stdout  # fixture: an error
+    if REAL_VOCAB.is_file():
+        moved = tmp_path / "elsewhere" / "vocab.tiktoken"
+        moved.parent.mkdir()
+        os.symlink(REAL_VOCAB, moved)
+        passed = run(moved, ci=True)
+        assert passed.returncode == 0 and "1 passed" in passed.stdout, passed.stdout
