@@ -51,7 +51,7 @@ def test_config_file_then_flags(setup, tmp_path):
     cfg.write_text(f"model_name_or_path: {setup['float']}\ndata_path: {setup['data']}\noutput_dir: {tmp_path / 'o'}\n"
                    "learning_rate: 3e-4\nlora_r: 4\nuse_lora: true\ngradient_checkpointing: true\n"
                    "evaluation_strategy: 'no'\nwarmup_ratio: 0.05\nnum_train_epochs: 2\n")
-    model_args, data_args, lora_args, args = parse_args([str(cfg), "--lora_r", "8", "--num_train_epochs", "3"])
+    model_args, _, lora_args, args = parse_args([str(cfg), "--lora_r", "8", "--num_train_epochs", "3"])
     assert model_args.model_name_or_path == str(setup["float"]) and lora_args.use_lora
     assert args.learning_rate == 3e-4  # a YAML string, converted as on the command line
     assert lora_args.lora_r == 8 and args.num_train_epochs == 3  # the flags after the file win

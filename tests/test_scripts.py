@@ -6,7 +6,6 @@ through scripts/finetune_*.sh on the tiny models with the paths replaced, `--dee
 """
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from finetune.demo import make_demo_model
 from _helpers import ROOT, subprocess_env, write_memorise
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
-from official_cmdlines import CMDLINES, QWEN_COMMIT  # noqa: E402
+from official_cmdlines import CMDLINES, QWEN_COMMIT
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
