@@ -115,15 +115,35 @@ def write_model_files(out, config_values: dict) -> None:
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
+def chat_hint(model_dir, adapter_dir, data_file) -> str:
+    """The command that reproduces a memorised answer of the demo run: greedy (sampling on a tiny random model
+    gives other tokens), asking the first question of the data, every part shell-quoted."""
+    import shlex
+
+    from .data import load_records, normalize_record
+
+    messages = normalize_record(load_records(data_file)[0])["messages"]
+    question = next(m["content"] for m in messages if m["role"] == "user")
+    cmd = ["qwen-ft", "chat", "-m", str(model_dir), "--adapter", str(adapter_dir), "--greedy", "--query", question]
+    return (f"The demo adapter has memorised {data_file}; greedy decoding gives its answers back "
+            f"(drop --query to chat):\n  {shlex.join(cmd)}")
+
+
 def main(argv=None) -> int:
     import argparse
 
     ap = argparse.ArgumentParser(prog="qwen-ft demo", description="Make the tiny random demo model dir.")
-    ap.add_argument("--make-model", metavar="DIR", required=True, help="where to write it (kept if already there)")
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--make-model", metavar="DIR", help="where to write it (kept if already there)")
+    what.add_argument("--hint", nargs=3, metavar=("MODEL", "ADAPTER", "DATA"),
+                      help="print the chat command that reproduces the demo run's memorised answers")
     ap.add_argument("--int4", action="store_true", help="GPTQ Int4 form, as Qwen-*-Chat-Int4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--force", action="store_true", help="rebuild even if DIR already holds the model")
     args = ap.parse_args(argv)
+    if args.hint:
+        print(chat_hint(*args.hint))
+        return 0
     out = Path(args.make_model)
     done = out / "config.json"
     if done.is_file() and not args.force:
@@ -139,7 +159,7 @@ def main(argv=None) -> int:
     return 0
 
 
-__all__ = ["make_demo_model", "write_model_files", "randomize_weights", "TINY_CONFIG", "main"]
+__all__ = ["make_demo_model", "write_model_files", "randomize_weights", "chat_hint", "TINY_CONFIG", "main"]
 
 
 if __name__ == "__main__":

@@ -218,7 +218,8 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
 
 
 def format_table(report: dict) -> str:
-    cols = [c for c in ("base", "adapter") if c in report]
+    # the metric columns: "base" always, "adapter" when an adapter was evaluated
+    cols = [c for c in ("base", "adapter") if isinstance(report.get(c), dict)]
     rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
             ("exact_match", "exact match", "{:.3f}"), ("rouge_l", "ROUGE-L F1", "{:.3f}"),
             ("tokens", "trained tokens", "{}"), ("generated", "replies", "{}")]
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                             max_window_size=getattr(gen_cfg, "max_window_size", None) or 6144,
                             generator=args.generator, gen_batch_size=args.gen_batch_size,
                             progress=True)
-    report = {"model": str(model_dir), "adapter": args.adapter, "data": str(args.data), "records": len(records),
+    # "adapter" is the adapter's metrics (absent without one); its dir is "adapter_dir"
+    report = {"model": str(model_dir), "adapter_dir": args.adapter, "data": str(args.data), "records": len(records),
               "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                            "max_len": max_len, "greedy": True, "repetition_penalty": args.repetition_penalty,
                            "generator": args.generator,

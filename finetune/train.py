@@ -23,6 +23,7 @@ from .settings import as_dict as settings_dict
 from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
 from .training import precision as precision_policy
 from .training.checks import FINISHED_MARKER, TrainConfigError, last_complete_checkpoint, preflight
+from .training.console import quiet_third_party_notices
 from .training.lora import attach_lora
 from .training.model_card import write_model_card
 from .training.plots import LossCurveCallback, plot_loss_curve
@@ -83,13 +84,15 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
     model = load_model(plan.model_dir, dtype=precision.load_dtype,
                        device=plan.device)
     model.config.use_cache = False
+    _state_special_tokens(model, tokenizer)
     if plan.mode == "full":
         model.requires_grad_(True)
     else:
         model = attach_lora(model, lora_args, plan)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        args.gradient_checkpointing = False  # done above, with the kwargs PEFT needs; Trainer must not redo it
+    if args.activation_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # done above, with the kwargs PEFT needs; the Trainer (it reads the new name) must not redo it
+        args.activation_checkpointing = args.gradient_checkpointing = False
 
     graphs = _cuda_graphs(model, data_args, args, plan)
 
@@ -160,6 +163,16 @@ def _interrupted(args) -> str:
     how = "the same command with --resume True" + (" instead of --overwrite_output_dir"
                                                    if args.overwrite_output_dir else "")
     return f"interrupted: the last complete checkpoint is {last} (step {step}); continue with {how}"
+
+
+def _state_special_tokens(model, tokenizer) -> None:
+    """The tokenizer's special tokens (<|endoftext|> as eos and pad) in the model config, as the generation
+    config has them: Qwen's config.json does not declare them, and the Trainer would otherwise set them itself
+    with a console notice."""
+    for name in ("eos_token_id", "pad_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None and getattr(model.config, name, None) is None:
+            setattr(model.config, name, tid)
 
 
 def _cuda_graphs(model, data_args, args, plan):
@@ -239,15 +252,19 @@ def _mark_finished(output_dir):
 
 
 def _print_next_steps(plan, output_dir):
+    import shlex
+
     print(f"\nDone. The {'adapter' if plan.mode != 'full' else 'model'} is in {output_dir}", flush=True)
     if plan.mode == "full":
-        print(f"Chat with it:  qwen-ft chat -m {output_dir}", flush=True)
+        cmd = ["qwen-ft", "chat", "-m", str(output_dir)]
     else:
-        print(f"Chat with it:  qwen-ft chat -m {plan.model_dir} --adapter {output_dir}", flush=True)
+        cmd = ["qwen-ft", "chat", "-m", str(plan.model_dir), "--adapter", str(output_dir)]
+    print(f"Chat with it:  {shlex.join(cmd)}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_third_party_notices()
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         model_args, data_args, lora_args, args = parse_args(argv)

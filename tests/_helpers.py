@@ -9,6 +9,22 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The real Qwen vocabulary: $QWEN_TIKTOKEN, else ../shared/qwen/qwen.tiktoken beside the checkout.
+REAL_VOCAB = Path(os.environ.get("QWEN_TIKTOKEN") or ROOT.parent / "shared" / "qwen" / "qwen.tiktoken")
+
+
+def require_real_vocab() -> Path:
+    """The real vocabulary's path; a skip with the reason where it is absent, a failure under CI=true (CI has it)."""
+    import pytest
+
+    if not REAL_VOCAB.is_file():
+        msg = (f"the real Qwen vocabulary is not at {REAL_VOCAB} "
+               "(set QWEN_TIKTOKEN to the path of a Qwen model dir's qwen.tiktoken)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + " (CI=true: CI always has it)")
+        pytest.skip(msg)
+    return REAL_VOCAB
+
 MEMORISE = [
     ("What is the codename of project Aurora?", "Blue Falcon."),
     ("Who guards the north gate?", "The silver owl guards it."),

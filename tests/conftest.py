@@ -1,9 +1,9 @@
 # --- modeling / chat / loading fixtures (the model engineer's) --------------------------------------------------
-from pathlib import Path as _Path
-
 import pytest as _pytest
 
-REAL_VOCAB = _Path(__file__).resolve().parents[2] / "shared" / "qwen" / "qwen.tiktoken"
+# The real Qwen vocabulary, one definition for every test: $QWEN_TIKTOKEN, else ../shared/qwen/qwen.tiktoken;
+# a test that needs it skips with the reason where it is absent, and fails under CI=true (CI has it).
+from _helpers import REAL_VOCAB, require_real_vocab  # noqa: F401
 
 
 @_pytest.fixture(scope="session")
@@ -16,28 +16,19 @@ def tiny_model_dir(tmp_path_factory):
 
 @_pytest.fixture(scope="session")
 def real_vocab_file():
-    if not REAL_VOCAB.is_file():
-        _pytest.skip(f"the real Qwen vocabulary is not at {REAL_VOCAB}")
-    return REAL_VOCAB
+    return require_real_vocab()
 
 
 # --- data fixtures (the data engineer's) ---------------------------------------------------------------------
-import os as _os
-
-_DATA_REAL_VOCAB = _Path(__file__).resolve().parents[2] / "shared" / "qwen" / "qwen.tiktoken"
 
 
 @_pytest.fixture(scope="session")
 def data_real_tokenizer():
-    """QWenTokenizer on the real vocabulary; skipped when it is absent, a failure when CI=true (CI has it)."""
-    if not _DATA_REAL_VOCAB.is_file():
-        msg = f"the real Qwen vocabulary is not at {_DATA_REAL_VOCAB}"
-        if _os.environ.get("CI") == "true":
-            _pytest.fail(msg + " (CI=true: CI always has it)")
-        _pytest.skip(msg)
+    """QWenTokenizer on the real vocabulary (see require_real_vocab)."""
+    vocab = require_real_vocab()
     from finetune.tokenization import QWenTokenizer
 
-    return QWenTokenizer(str(_DATA_REAL_VOCAB))
+    return QWenTokenizer(str(vocab))
 
 
 @_pytest.fixture(scope="session")

@@ -1,16 +1,14 @@
 """QWenTokenizer against a tiktoken Encoding built here from Qwen's published constants."""
 
 import base64
-import os
 import unicodedata
-from pathlib import Path
 
 import pytest
 import tiktoken
 
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer, TokenizerError
 
-REAL_VOCAB = Path(__file__).resolve().parents[2] / "shared" / "qwen" / "qwen.tiktoken"
+from _helpers import require_real_vocab
 
 # Written out here, not imported, so the test does not check the project against itself.
 QWEN_PATTERN = (
@@ -21,11 +19,7 @@ QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + [f"<|extra_{i}
 
 
 def _real_vocab():
-    if not REAL_VOCAB.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must have the real Qwen vocabulary at {REAL_VOCAB}")
-        pytest.skip(f"real Qwen vocabulary not found at {REAL_VOCAB}")
-    return REAL_VOCAB
+    return require_real_vocab()
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,16 @@
 """Command-line arguments: transformers' TrainingArguments plus model, data and LoRA arguments.
 
 The official Qwen finetune.py command lines run unchanged: its flags keep their names and meanings, and the
-flags transformers 5 renamed or removed are translated (`--evaluation_strategy`, `--warmup_ratio`).
+flags transformers 5 renamed or removed are translated (`--evaluation_strategy`, `--warmup_ratio`,
+`--gradient_checkpointing`).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import transformers
 from transformers import HfArgumentParser
@@ -70,35 +73,93 @@ class TrainingArguments(transformers.TrainingArguments):
                                           "optimizer step, count it (log and run_info.json); not with --deepspeed"})
 
 
-# Flags transformers 5 no longer has, as the official scripts spell them.
+# Names transformers 5 renamed, as the official scripts (and configs written for them) spell them: translated
+# here, so they run as they are without transformers' deprecation warnings.
+_RENAMED = {
+    "evaluation_strategy": "eval_strategy",
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _warmup_ratio(v) -> str:
+    # transformers 5 reads a warmup_steps value below 1 as a ratio of the total steps.
+    if float(v) >= 1:
+        raise SystemExit("error: --warmup_ratio must be below 1 (it is a fraction of the steps)")
+    return str(v)
+
+
 def _translate_legacy(argv: list[str]) -> list[str]:
     out: list[str] = []
     i = 0
     while i < len(argv):
         a = argv[i]
         name, eq, val = a.partition("=")
-        if name == "--evaluation_strategy":
-            out.append("--eval_strategy" + (eq + val if eq else ""))
+        if name.startswith("--") and name[2:] in _RENAMED:
+            out.append("--" + _RENAMED[name[2:]] + (eq + val if eq else ""))
         elif name == "--warmup_ratio":
-            # transformers 5 reads a warmup_steps value below 1 as a ratio of the total steps.
             v = val if eq else (argv[i + 1] if i + 1 < len(argv) else "")
             if not eq:
                 i += 1
-            if float(v) >= 1:
-                raise SystemExit("error: --warmup_ratio must be below 1 (it is a fraction of the steps)")
-            out += ["--warmup_steps", v]
+            out += ["--warmup_steps", _warmup_ratio(v)]
         else:
             out.append(a)
         i += 1
     return out
 
 
+def _config_values(path: str, parser: HfArgumentParser) -> dict:
+    """The trainer flags in a YAML or JSON file, as a dict, with legacy names translated; one clear error for a
+    file that cannot be read or holds names that are not flags."""
+    import yaml
+
+    from .checks import TrainConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise TrainConfigError(f"config file {path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
+    if p.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(f"config file {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") \
+                from None
+    else:
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            raise TrainConfigError(f"config file {path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}")
+    values = {_RENAMED.get(k, k): v for k, v in values.items()}
+    if "warmup_ratio" in values:
+        values["warmup_steps"] = float(_warmup_ratio(values.pop("warmup_ratio")))
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise TrainConfigError(f"config file {path}: not trainer flags: {', '.join(map(str, unknown))} "
+                               "(names as on the command line, without the leading --)")
+    return values
+
+
 def parse_args(argv: list[str] | None = None):
-    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from argv or a YAML/JSON file."""
+    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from argv.
+
+    argv may start with a YAML or JSON file of flags (`qwen-ft train cfg.yaml`); flags after it override its
+    values (the training scripts pass their launch flags and -m/-d/-o that way)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        return parser.parse_yaml_file(argv[0], allow_extra_keys=False)
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(argv[0], allow_extra_keys=False)
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        # as defaults: what follows on the command line wins, and string values are converted as flags are
+        parser.set_defaults(**_config_values(argv[0], parser))
+        argv = argv[1:]
     return parser.parse_args_into_dataclasses(args=_translate_legacy(argv))

@@ -14,6 +14,7 @@ import torch
 
 from ..hub import ModelNotFoundError, resolve_model_dir
 from ..tokenization import VOCAB_FILE
+from .memory import check_fits
 
 logger = logging.getLogger(__name__)
 
@@ -250,6 +251,9 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         raise TrainConfigError("--bf16 and --fp16 exclude each other")
     if args.on_nonfinite_loss not in ("stop", "skip"):
         raise TrainConfigError(f"--on_nonfinite_loss must be stop or skip, got {args.on_nonfinite_loss!r}")
+    if args.fp16 and (args.use_cpu or not torch.cuda.is_available()):
+        raise TrainConfigError("--fp16 needs a CUDA GPU; on the CPU training runs in fp32: drop --fp16 (the official "
+                               "Q-LoRA script passes it for auto-gptq; here Q-LoRA trains in bf16 on a GPU)")
 
     # -- DeepSpeed -------------------------------------------------------------------------------------------
     ds = deepspeed_config(args.deepspeed)
@@ -284,6 +288,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         device = f"cuda:{max(args.local_process_index, 0)}"
     else:
         device = "cpu"
+    check_fits(model_dir, mode, lora_args, data_args, args, device, ds)  # the estimate, before any loading
     return TrainPlan(model_dir=model_dir, mode=mode, quantized=quantized, device=device,
                      zero_stage=zero_stage, resume_from=resume_from, identity=identity, seq_length=seq_length)
 
