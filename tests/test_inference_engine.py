@@ -227,6 +227,10 @@ def test_sampling_params_from_generation_config_and_bad_input(tok):
         SamplingParams.from_generation_config(GenerationConfig(num_beams=2))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="eval mode"):
+        Engine(tiny(seed=0).train(), tok)
+    with pytest.raises(TypeError, match="QWenLMHeadModel"):
+        Engine(torch.nn.Linear(2, 2), tok)
     engine = Engine(tiny(seed=0), tok, max_batch=2, max_len=40)
     with pytest.raises(ValueError, match="max_len 40"):
         engine.submit([1] * 30, SamplingParams(max_new_tokens=11))

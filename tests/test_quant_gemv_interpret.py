@@ -177,3 +177,17 @@ def test_interpreted_gemv_rejects_bad_inputs(gemv):
         gemv.triton_gemv(torch.randn(1, 32), **p, bits=4, trivial_g_idx=True)
     with pytest.raises(TypeError, match="fp32"):
         gemv.triton_gemv(torch.randn(1, 64, dtype=torch.float64), **p, bits=4, trivial_g_idx=True)
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_interpreted_gemv_even_n_without_n_masks(gemv, desc_act):
+    """N a multiple of BLOCK_N (every Qwen shape): the kernel drops its N masks (EVEN_N) and stays exact."""
+    p = random_packed(256, 64, 4, 32, desc_act, False, seed=7)
+    g = torch.Generator().manual_seed(2)
+    for config in [(32, 32, 2, 4, False, True), (32, 64, 0, 4, False, False), (32, 64, 1, 4, True, False)]:
+        for m in (1, 3, 20):
+            if m > 8 and not config[4]:
+                continue
+            x = torch.randn(m, 256, generator=g)
+            y = gemv.triton_gemv(x, **p, bits=4, group_size=32, trivial_g_idx=not desc_act, config=config)
+            assert _rel_err(y, _reference(x, p, 4, False)) < TOL[torch.float32], (config, m)

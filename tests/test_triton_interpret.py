@@ -17,7 +17,7 @@ from _helpers import ROOT, subprocess_env
 
 # the small odd shape (136 -> 8: N and K not multiples of the blocks) in every bits/group/desc_act layout, for the
 # default, dot and per-iteration-reduction configs, plus the routing, input checks and dropout tests
-SUBSET = "(136-8 and (default or True)) or rejects or not interpreted_gemv_equals"
+SUBSET = "(136-8 and (default or True)) or rejects or even_n or not interpreted_gemv_equals"
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")

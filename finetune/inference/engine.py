@@ -123,6 +123,8 @@ class Engine:
         lm = _qwen_lm(model)
         if lm is None:
             raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
+        if lm.training:  # dropout would be on, and NTK/logN are inference-only in Qwen v1
+            raise ValueError("Engine needs the model in eval mode: call model.eval() first")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         # Only submodules are held, never the model object itself: chat() keeps engines in a WeakKeyDictionary
