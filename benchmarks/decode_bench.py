@@ -107,7 +107,8 @@ def copy_bandwidth(device, nbytes=2 * 2**30) -> float:
 def time_gemv(fn, layers, x, device, reps=3) -> float:
     """Seconds per call, from a CUDA graph of one call per layer copy (the copies together exceed the L2, as
     40 layers do in decoding; the graph removes the host launch cost)."""
-    fn(x, layers[0])
+    for layer in layers:  # outside the capture: tuning, and per-weight checks that read the device once
+        fn(x, layer)
     sync(device)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
