@@ -89,10 +89,16 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         model.requires_grad_(True)
     else:
         model = attach_lora(model, lora_args, plan)
-    if args.activation_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        # done above, with the kwargs PEFT needs; the Trainer (it reads the new name) must not redo it
-        args.activation_checkpointing = args.gradient_checkpointing = False
+    if getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing:
+        # with the kwargs PEFT needs, under the name this transformers has (activation_* from 5.2x on); the
+        # Trainer must not redo it
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for name in ("activation_checkpointing", "gradient_checkpointing"):
+            if hasattr(args, name):
+                setattr(args, name, False)
 
     graphs = _cuda_graphs(model, data_args, args, plan)
 

@@ -116,7 +116,7 @@ elif [[ -z "$CONFIG" ]]; then
   ARGS+=(--num_train_epochs 5 --per_device_train_batch_size 2 --per_device_eval_batch_size 1
          --gradient_accumulation_steps 8 --learning_rate 3e-4 --weight_decay 0.1 --adam_beta2 0.95
          --warmup_steps 0.01 --lr_scheduler_type cosine --logging_steps 1 --save_strategy steps
-         --save_steps 1000 --save_total_limit 10 --model_max_length 2048 --activation_checkpointing True
+         --save_steps 1000 --save_total_limit 10 --model_max_length 2048 --gradient_checkpointing True
          --report_to none)
   if [[ "$MODE" == "full" ]]; then ARGS+=(--learning_rate 1e-5); fi
 else

@@ -7,6 +7,7 @@ flags transformers 5 renamed or removed are translated (`--evaluation_strategy`,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
@@ -74,12 +75,13 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
 # Names transformers 5 renamed, as the official scripts (and configs written for them) spell them: translated
-# here, so they run as they are without transformers' deprecation warnings.
-_RENAMED = {
+# here, so they run as they are without transformers' deprecation warnings; only where the installed
+# transformers has the new name (activation_checkpointing came after 5.17, the oldest version supported).
+_RENAMED = {old: new for old, new in {
     "evaluation_strategy": "eval_strategy",
     "gradient_checkpointing": "activation_checkpointing",
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
-}
+}.items() if new in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}}
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 

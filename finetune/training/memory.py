@@ -126,7 +126,7 @@ def estimate_memory(cfg: dict, tensors: dict, mode: str, lora_args, data_args, a
     tokens = int(args.per_device_train_batch_size) * int(data_args.model_max_length)
     act_bytes = 2 if half else 4
     one_layer = 10 * h + 4 * mlp  # norms, q|k|v, attention out, projections, the SwiGLU halves
-    if args.activation_checkpointing or getattr(args, "gradient_checkpointing", False):
+    if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         per_token = layers * 2 * h + one_layer  # each block's two halves keep their input; one is recomputed
     else:
         per_token = layers * one_layer
