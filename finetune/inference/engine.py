@@ -295,6 +295,9 @@ class Engine:
         self._key_pos = torch.arange(capacity, device=self.device)
         self._row_ids = torch.arange(slots, device=self.device)
         self._graphs.clear()  # captured against the old buffers
+        # and a fresh memory pool for the next captures: capturing into a pool whose graphs are all gone trips
+        # an internal assert of PyTorch's caching allocator (seen on the H200 when the cache grew mid-serving)
+        self._pool = None
         self._static = None
 
     # -- forwards -----------------------------------------------------------------------------------------------
