@@ -6,21 +6,12 @@ are imported (finetune/registry.py).
 """
 
 from . import registry
+from .lazy import lazy_attributes
 
 registry.install()
 
-_LAZY = {"load_model": ".loading", "load_tokenizer": ".tokenization", "QWenTokenizer": ".tokenization"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, {"load_model": ".loading", "load_tokenizer": ".tokenization",
+                                         "QWenTokenizer": ".tokenization"})
 
 __all__ = ["QWenTokenizer", "load_tokenizer", "load_model"]
 __version__ = "0.1.0"

@@ -4,19 +4,10 @@ The package itself imports only the configuration (light): transformers' Auto cl
 through finetune/registry.py, whose hooks can run while transformers is still importing its model code.
 """
 
+from ..lazy import lazy_attributes
 from .configuration import QWenConfig
 
-_LAZY = {"QWenLMHeadModel": ".model", "QWenModel": ".model", "QWenPreTrainedModel": ".model", "make_context": ".chat"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+__getattr__ = lazy_attributes(__name__, {"QWenLMHeadModel": ".model", "QWenModel": ".model",
+                                         "QWenPreTrainedModel": ".model", "make_context": ".chat"})
 
 __all__ = ["QWenConfig", "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "make_context"]
