@@ -14,7 +14,7 @@ import torch
 
 from ..hub import ModelNotFoundError, resolve_model_dir
 from ..tokenization import VOCAB_FILE
-from .memory import check_fits
+from .memory import fit_problem
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,9 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         device = f"cuda:{max(args.local_process_index, 0)}"
     else:
         device = "cpu"
-    check_fits(model_dir, mode, lora_args, data_args, args, device, ds)  # the estimate, before any loading
+    too_big = fit_problem(model_dir, mode, lora_args, data_args, args, device, ds)  # before any loading
+    if too_big:
+        raise TrainConfigError(too_big)
     return TrainPlan(model_dir=model_dir, mode=mode, quantized=quantized, device=device,
                      zero_stage=zero_stage, resume_from=resume_from, identity=identity, seq_length=seq_length)
 

@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..checkpoint import checkpoint_tensors
+
 FIT_MARGIN = 1.2  # stop only when the estimate exceeds the available memory by this factor
 GIB = 1024**3
 
@@ -43,16 +45,8 @@ class MemoryEstimate:
 
 
 def tensor_shapes(model_dir: Path) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{name: (shape, safetensors dtype)} from the headers of the model's .safetensors files ({} without them)."""
-    from safetensors import safe_open
-
-    out: dict[str, tuple[tuple[int, ...], str]] = {}
-    for path in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
-                s = f.get_slice(k)
-                out[k] = (tuple(s.get_shape()), s.get_dtype())
-    return out
+    """{name: (shape, safetensors dtype)} of the model's weights, from their headers (finetune/checkpoint.py)."""
+    return {name: (info.shape, info.dtype) for name, info in checkpoint_tensors(model_dir).items()}
 
 
 def _numel(shape) -> int:
@@ -146,19 +140,17 @@ def available_bytes(device: str) -> int:
     return psutil.virtual_memory().available
 
 
-def check_fits(model_dir, mode: str, lora_args, data_args, args, device: str, ds: dict | None) -> None:
-    """Stop (TrainConfigError) with the estimate when the run clearly cannot fit on its device."""
-    from .checks import TrainConfigError
-
+def fit_problem(model_dir, mode: str, lora_args, data_args, args, device: str, ds: dict | None) -> str | None:
+    """Why the run clearly cannot fit on its device, with the estimate (None when it may fit)."""
     tensors = tensor_shapes(Path(model_dir))
-    if not tensors:  # legacy .bin weights: no header to read without loading them
-        return
+    if not tensors:
+        return None
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
     est = estimate_memory(cfg, tensors, mode, lora_args, data_args, args, device, ds)
     free = available_bytes(device)
-    if est.total > FIT_MARGIN * free:
-        raise TrainConfigError(
-            f"this run needs about {est.total / GIB:.1f} GiB on {device} ({est.describe()}), and "
+    if est.total <= FIT_MARGIN * free:
+        return None
+    return (f"this run needs about {est.total / GIB:.1f} GiB on {device} ({est.describe()}), and "
             f"{free / GIB:.1f} GiB is free there. Lower --per_device_train_batch_size or --model_max_length, "
             "turn on --gradient_checkpointing, train Q-LoRA on the Int4 model, or use a DeepSpeed config with "
             "offload (ds_configs/zero2_offload.json)")
