@@ -188,11 +188,13 @@ def trained_on(adapter_dir) -> str | None:
         return "int4" if record["fingerprint"]["quantized"] else "float"
     base = adapter_base(adapter_dir)
     if base and (Path(base) / "config.json").is_file():
+        from .errors import ModelLoadError
+        from .model_dir import describe
+
         try:
-            cfg = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
-        except (ValueError, OSError):
+            return "int4" if describe(base).quantized else "float"
+        except ModelLoadError:
             return None
-        return "int4" if isinstance(cfg, dict) and cfg.get("quantization_config") else "float"
     return None
 
 

@@ -147,8 +147,9 @@ def main(argv=None) -> int:
     out = Path(args.make_model)
     done = out / "config.json"
     if done.is_file() and not args.force:
-        cfg = json.loads(done.read_text())
-        if bool(cfg.get("quantization_config")) == args.int4:
+        from .model_dir import describe
+
+        if describe(out).quantized == args.int4:
             print(f"demo model: {out} (cached)")
             return 0
         raise SystemExit(f"error: {out} holds a demo model of the other kind; pass another dir or --force")

@@ -7,13 +7,13 @@ Loading the model needs no vocabulary file.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from .errors import ModelLoadError
 from .hub import resolve_model_dir
+from .model_dir import describe, read_config
 from .checkpoint import FLOAT_DTYPES, checkpoint_tensors
 
 def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
@@ -33,26 +33,6 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     if str(dtype).lower() not in names:
         raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
     return names[str(dtype).lower()]
-
-
-def read_config(model_dir: Path) -> dict:
-    cfg_path = model_dir / "config.json"
-    if not cfg_path.is_file():
-        raise ModelLoadError(f"{model_dir} has no config.json: not a model directory (expected config.json and "
-                             f"model weights, as an official Qwen model dir has)")
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{cfg_path} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ModelLoadError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
-    model_type = cfg.get("model_type")
-    if model_type != "qwen":
-        raise ModelLoadError(
-            f"{cfg_path}: model_type {model_type!r} is not supported; this loader handles Qwen v1 dirs "
-            f"(model_type 'qwen', e.g. Qwen-7B-Chat, Qwen-14B-Chat, Qwen-14B-Chat-Int4)"
-        )
-    return cfg
 
 
 def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -119,9 +99,10 @@ def inspect_model_dir(model_dir) -> dict:
     headers against their sizes, and every tensor's name, shape and dtype against the config (GPTQ dirs: also the
     quantization settings and g_idx ranges). Raises ModelLoadError (one line naming the file); returns config.json."""
     model_dir = resolve_model_dir(model_dir)
-    cfg = read_config(model_dir)
+    info = describe(model_dir)
+    cfg = info.config
     config = model_config(model_dir, cfg)
-    if cfg.get("quantization_config"):
+    if info.quantized:
         from .quant.loading import check_gptq_dir
 
         check_gptq_dir(model_dir, config)
@@ -141,13 +122,14 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
 
         model_dir = resolve_base(adapter)
     model_dir = resolve_model_dir(model_dir)
-    cfg = read_config(model_dir)
+    info = describe(model_dir)
+    cfg = info.config
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = _parse_dtype(dtype) or default_dtype(device)
 
     config = model_config(model_dir, cfg)
-    if cfg.get("quantization_config"):
+    if info.quantized:
         from .quant.loading import load_gptq_model  # the Int4 path (finetune/quant)
 
         model = load_gptq_model(model_dir, config=config, dtype=dtype, device=device)

@@ -161,7 +161,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     """Run one merge route; returns the report (also written to OUT/merge_report.json)."""
     from .adapters import float_adapter_on_int4, read_adapter_config, resolve_base, trained_on
     from .evaluate import eval_loss, load_eval_records
-    from .loading import load_model, read_config
+    from .loading import load_model
+    from .model_dir import describe
     from .tokenization import load_tokenizer
 
     t0 = time.time()
@@ -175,12 +176,13 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         raise MergeError(f"--output {out} is the base or the adapter dir; choose a new dir")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MergeError(f"--output {out} exists and is not empty (pass --overwrite to replace its files)")
-    base_cfg = read_config(base_dir)
-    base_int4 = bool(base_cfg.get("quantization_config"))
+    base_info = describe(base_dir)
+    base_cfg, base_int4 = base_info.config, base_info.quantized
     recorded = read_adapter_config(adapter).get("base_model_name_or_path")
+    qlora_on_float = not base_int4 and bool(recorded) and _is_gptq_dir(Path(recorded))
     if base_int4:
         route = "int4 base: dequantize + merge"
-    elif recorded and Path(recorded).is_dir() and read_config_safe(Path(recorded)).get("quantization_config"):
+    elif qlora_on_float:
         route = "Q-LoRA adapter merged into the float base"
     else:
         route = "LoRA merged into the float base"
@@ -213,7 +215,7 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     if eval_records:
         report["unmerged_loss"] = eval_loss(peft_model, tokenizer, eval_records, max_len=max_len)["loss"]
         log(f"merge: {data_kind} loss of base+adapter (unmerged): {report['unmerged_loss']:.4f}")
-    if eval_records and "Q-LoRA adapter merged into the float base" in route:
+    if eval_records and qlora_on_float:
         # the cost against what was trained: the recorded Int4 base + adapter
         trained = load_model(Path(recorded), adapter=adapter, dtype=torch.float32, device=device)
         report["trained_int4_base_loss"] = eval_loss(trained, tokenizer, eval_records, max_len=max_len)["loss"]
@@ -290,11 +292,15 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     return report
 
 
-def read_config_safe(path: Path) -> dict:
+def _is_gptq_dir(path: Path) -> bool:
+    """Whether `path` is a GPTQ model dir (False for anything that is not a readable model dir)."""
+    from .errors import ModelLoadError
+    from .model_dir import describe
+
     try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+        return path.is_dir() and describe(path).quantized
+    except ModelLoadError:
+        return False
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -26,6 +26,8 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from ..errors import ModelLoadError
+from ..model_dir import gptq_of
 from .attention import AttentionSpec, _flex_attention, build_attention, document_ids
 from .configuration import QWenConfig
 from .kernels import fused, rms_norm, rotary_qk, swiglu
@@ -357,14 +359,15 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
             if os.path.isfile(os.path.join(str(pretrained_model_name_or_path), "config.json")):
                 config = QWenConfig.from_pretrained(pretrained_model_name_or_path)
-        qc = getattr(config, "quantization_config", None) if config is not None else None
-        if qc is not None:
-            method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-            if str(getattr(method, "value", method)).lower() == "gptq":
-                from finetune.quant.loading import load_gptq_model
+        try:
+            gptq = config is not None and gptq_of(config) is not None
+        except ModelLoadError:  # another quantization method: transformers' own loading says what it needs
+            gptq = False
+        if gptq:
+            from finetune.quant.loading import load_gptq_model
 
-                kwargs.pop("config", None)
-                return load_gptq_model(pretrained_model_name_or_path, config=config, **kwargs)
+            kwargs.pop("config", None)
+            return load_gptq_model(pretrained_model_name_or_path, config=config, **kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def forward(

@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..errors import ModelLoadError
 from ..checkpoint import FLOAT_DTYPES, INT_DTYPES, checkpoint_files, checkpoint_tensors, iter_tensors
 from .linear import GPTQLinear
-from .packing import check_bits, default_g_idx, is_v2_format, num_groups
+from .packing import default_g_idx, num_groups
 from .rtn import QWEN_QUANTIZED_SUFFIXES, is_quantized_module_name
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -36,30 +36,16 @@ class GPTQLoadError(ModelLoadError):
 
 
 def gptq_settings(quantization_config) -> dict:
-    """Validated {bits, group_size, desc_act, sym, v2} from a config's quantization_config."""
-    qc = quantization_config
-    if qc is None:
-        raise GPTQLoadError("config has no quantization_config; not a GPTQ model")
-    if not isinstance(qc, dict):
-        qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
-    method = qc.get("quant_method", "gptq")
-    method = str(getattr(method, "value", method)).lower()
-    if method != "gptq":
-        raise GPTQLoadError(f"quantization_config quant_method {method!r} is not supported; only 'gptq' (4 or 8 bits)")
-    bits = int(qc.get("bits", 4))
+    """Validated {bits, group_size, desc_act, sym, v2} from a config's quantization_config (model_dir.gptq_of)."""
+    from ..model_dir import gptq_of
+
     try:
-        check_bits(bits)
-    except ValueError as e:
+        settings = gptq_of({"quantization_config": quantization_config})
+    except ModelLoadError as e:
         raise GPTQLoadError(str(e)) from None
-    group_size = qc.get("group_size", 128)
-    group_size = -1 if group_size is None else int(group_size)
-    return {
-        "bits": bits,
-        "group_size": group_size,
-        "desc_act": bool(qc.get("desc_act", False)),
-        "sym": bool(qc.get("sym", True)),
-        "v2": is_v2_format(qc),
-    }
+    if settings is None:
+        raise GPTQLoadError("config has no quantization_config; not a GPTQ model")
+    return settings
 
 
 def _resolve_device(device, device_map=None) -> torch.device:

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelLoadError
 from ..hub import ModelNotFoundError, resolve_model_dir
+from ..model_dir import describe
 from ..tokenization import VOCAB_FILE
 from .memory import fit_problem
 
@@ -203,18 +205,15 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         model_dir = resolve_model_dir(model_args.model_name_or_path)
     except ModelNotFoundError as e:
         raise TrainConfigError(f"--model_name_or_path: {e}") from None
-    cfg_file = model_dir / "config.json"
-    if not cfg_file.is_file():
-        raise TrainConfigError(f"{model_dir} has no config.json: is it a model directory?")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") != "qwen":
-        raise TrainConfigError(
-            f"{cfg_file}: model_type is {cfg.get('model_type')!r}; this trainer supports Qwen v1 ('qwen') models")
+    try:
+        info = describe(model_dir)
+    except ModelLoadError as e:
+        raise TrainConfigError(str(e)) from None
+    cfg = info.config
     if not (model_dir / VOCAB_FILE).is_file():
         raise TrainConfigError(f"{model_dir} has no {VOCAB_FILE}: copy it from the original model dir")
     seq_length = cfg.get("seq_length") or cfg.get("max_position_embeddings")
-    qcfg = cfg.get("quantization_config") or {}
-    quantized = qcfg.get("quant_method") == "gptq"
+    quantized = info.quantized
 
     # -- data ------------------------------------------------------------------------------------------------
     if not data_args.data_path:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..checkpoint import checkpoint_tensors
+from ..model_dir import gptq_of
 
 FIT_MARGIN = 1.2  # stop only when the estimate exceeds the available memory by this factor
 GIB = 1024**3
@@ -79,7 +80,7 @@ def estimate_memory(cfg: dict, tensors: dict, mode: str, lora_args, data_args, a
     on_gpu = device.startswith("cuda")
     half = on_gpu or args.bf16 or args.fp16
     compute_bytes = 4 if mode == "full" or not half else 2  # full fine-tuning loads fp32 master weights
-    bits = int((cfg.get("quantization_config") or {}).get("bits", 4))
+    bits = (gptq_of(cfg) or {"bits": 4})["bits"]
 
     weights = 0
     for name, (shape, dtype) in tensors.items():
