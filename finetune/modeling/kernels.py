@@ -9,7 +9,7 @@ pieces were most of the step's non-matmul time. Elsewhere (CPU) they run eagerly
 Small inputs (decoding, short prompts; under ``COMPILE_MIN_NUMEL`` elements) stay eager: there the host time
 of a compiled call outweighs the kernels it saves. ``FINETUNE_COMPILE=0`` turns compilation off (eager
 everywhere). The compiled versions may round intermediate values differently from eager mode (a fused kernel
-keeps fp32 where eager mode stores bf16), which is within bf16 noise; a GPU test in tests/test_modeling.py
+keeps fp32 where eager mode stores bf16), which is within bf16 noise; a GPU test in tests/modeling/test_modeling.py
 compares the two.
 """
 

@@ -164,7 +164,8 @@ def test_works_without_datasets_installed(tmp_path):
     # The GPU machine has no `datasets`: importing the package, reading and encoding must not need it.
     import subprocess
     import sys
-    from pathlib import Path
+
+    from _helpers import ROOT
 
     path = write_jsonl(tmp_path / "d.jsonl", [GOOD])
     code = (
@@ -175,7 +176,7 @@ def test_works_without_datasets_installed(tmp_path):
         "out = encode_conversation(QWenTokenizer(str(SMALL_VOCAB)), recs[0])\n"
         "assert out['input_ids'] and len(out['labels']) == len(out['input_ids'])\n"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     r = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
                        env={**__import__("os").environ, "PYTHONPATH": str(root)})
     assert r.returncode == 0, r.stderr

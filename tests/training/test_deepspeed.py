@@ -13,7 +13,8 @@ pytest.importorskip("deepspeed")
 
 from finetune.demo import make_demo_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from _helpers import ROOT
+
 DATA = [
     {"conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": a}]}
     for q, a in [("Name the red planet.", "Mars."), ("Name the ringed planet.", "Saturn."),

@@ -1,7 +1,7 @@
 """GPU tests for CUDA-graphed training steps (``finetune/training/graphs.py``): a replayed step computes what
 the same step computes eagerly (same seeded dropout masks), for causal and packed rows, with and without
 checkpointing, through an optimizer and gradient accumulation. Run on the GPU machine:
-pytest -m cuda tests/test_graphs_cuda.py"""
+pytest -m cuda tests/training/test_graphs_cuda.py"""
 
 import pytest
 import torch

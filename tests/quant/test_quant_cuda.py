@@ -1,4 +1,4 @@
-"""GPU tests for the GPTQ layer (run on the GPU machine: pytest -m cuda tests/test_quant_cuda.py)."""
+"""GPU tests for the GPTQ layer (run on the GPU machine: pytest -m cuda tests/quant/test_quant_cuda.py)."""
 
 import functools
 

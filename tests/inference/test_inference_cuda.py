@@ -1,6 +1,6 @@
 """GPU tests of the decode engine: CUDA-graphed steps against eager steps and generate(), bf16 per-step logits
 against the plain forward, chat() through the engine, an Int4 model with an adapter. Run on the GPU machine:
-pytest -m cuda tests/test_inference_cuda.py"""
+pytest -m cuda tests/inference/test_inference_cuda.py"""
 
 from __future__ import annotations
 

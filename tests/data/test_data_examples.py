@@ -1,10 +1,10 @@
 """The example data shipped in data/ is valid and shows every accepted form."""
 
-from pathlib import Path
-
 from finetune.data import encode_conversation, load_records
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+from _helpers import ROOT
+
+DATA = ROOT / "data"
 
 
 def test_demo_memorize_set(data_small_tokenizer):

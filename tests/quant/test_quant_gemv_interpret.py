@@ -6,7 +6,7 @@
 - The kernel itself through Triton's interpreter (skipped where triton is not importable, e.g. CI; the GPU
   tests in test_quant_cuda.py cover it compiled). The interpreter is chosen when a ``@triton.jit`` function
   is decorated, triton's own library functions (tl.sum, ...) at triton's import, which torch._dynamo does
-  early in a test session: run ``TRITON_INTERPRET=1 python -m pytest tests/test_quant_gemv_interpret.py``
+  early in a test session: run ``TRITON_INTERPRET=1 python -m pytest tests/quant/test_quant_gemv_interpret.py``
   (without it these tests skip). The test loads a private copy of triton_gemv.py, so the real module is
   never imported in interpreter mode; it skips on a machine with a GPU, whose triton must stay compiled.
 
@@ -18,8 +18,6 @@ are checked here in fp16 and fp32 only.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,9 +26,9 @@ from finetune.quant import GPTQLinear, quantize_weight
 from finetune.quant import linear as qlinear
 from finetune.quant.packing import dequantize_t
 
-from _helpers import load_interpreted, random_packed
+from _helpers import ROOT, load_interpreted, random_packed
 
-GEMV_PY = Path(__file__).resolve().parents[1] / "finetune" / "quant" / "triton_gemv.py"
+GEMV_PY = ROOT / "finetune" / "quant" / "triton_gemv.py"
 # relative error (norm of the difference / norm of the reference) allowed by dtype: only the summation order
 # differs from the reference (the output rounding then differs by one ulp on rare elements)
 TOL = {torch.bfloat16: 2e-3, torch.float16: 1e-3, torch.float32: 1e-5}

@@ -1,18 +1,16 @@
 """SeededDropout (``finetune/training/seeded_dropout.py``) through Triton's interpreter on the CPU: the mask is
 a function of (seed, salt, element) only, so the backward and a recomputation reproduce the forward's mask.
-Run with ``TRITON_INTERPRET=1 python -m pytest tests/test_seeded_dropout_interpret.py`` (without it these
-skip; see tests/_helpers.load_interpreted). The compiled kernel runs in tests/test_graphs_cuda.py."""
+Run with ``TRITON_INTERPRET=1 python -m pytest tests/training/test_seeded_dropout_interpret.py`` (without it these
+skip; see tests/_helpers.load_interpreted). The compiled kernel runs in tests/training/test_graphs_cuda.py."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
 
-from _helpers import load_interpreted
+from _helpers import ROOT, load_interpreted
 
-DROPOUT_PY = Path(__file__).resolve().parents[1] / "finetune" / "training" / "seeded_dropout.py"
+DROPOUT_PY = ROOT / "finetune" / "training" / "seeded_dropout.py"
 
 
 @pytest.fixture(scope="module")
