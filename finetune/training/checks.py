@@ -297,12 +297,33 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
 _TRUE = ("True", "true", "auto", "last")
 
 
+def _lock_holder(out: Path) -> str | None:
+    """The pid written in the output dir's lock file while another process holds the lock, else None."""
+    import fcntl
+
+    try:
+        with open(out / LOCK_FILE) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = f.read().strip() or "unknown"
+                return None if holder == str(os.getpid()) else holder  # this run's own lock (claim re-checks)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
 def check_output_dir(args, identity: dict) -> str | None:
     """The checkpoint to resume from (None: start at step 0), or a TrainConfigError saying why the output dir
     cannot take this run. Reads only: nothing in the dir changes here (run_dir.claim_output_dir writes)."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         raise TrainConfigError(f"--output_dir {out} is a file, not a directory")
+    holder = _lock_holder(out)
+    if holder is not None:  # said before the model checks; run_dir.claim_output_dir takes the lock itself
+        raise TrainConfigError(f"--output_dir {out} is in use by another training run (pid {holder}); wait for it "
+                               "to end or choose another --output_dir")
     parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise TrainConfigError(f"--output_dir {out}: {parent} is a file, not a directory")
