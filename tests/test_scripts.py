@@ -6,7 +6,6 @@ through scripts/finetune_*.sh on the tiny models with the paths replaced, `--dee
 """
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import pytest
 
 from finetune.demo import make_demo_model
 
-from _helpers import ROOT, subprocess_env, write_memorise
+from _helpers import ROOT, free_port, subprocess_env, write_memorise
 
 sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
 from official_cmdlines import CMDLINES, QWEN_COMMIT
@@ -30,16 +29,10 @@ def setup(tmp_path_factory):
             "data": write_memorise(root / "mem.json")}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _script(name, argv, tmp_path, **env):
     """Run scripts/<name> from the repository root (the official lines name ds configs relative to it)."""
     env = subprocess_env(CUDA_VISIBLE_DEVICES="", QWEN_FT_CACHE=str(tmp_path / "demo-cache"),
-                         MASTER_PORT=str(_free_port()), **env)
+                         MASTER_PORT=str(free_port()), **env)
     for k in ("MODEL", "DATA", "OUTPUT", "DEEPSPEED", "NPROC"):
         env.pop(k, None)
     return subprocess.run(["bash", str(ROOT / "scripts" / name), *argv], cwd=ROOT, env=env, capture_output=True,

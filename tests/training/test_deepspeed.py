@@ -13,7 +13,7 @@ pytest.importorskip("deepspeed")
 
 from finetune.demo import make_demo_model
 
-from _helpers import ROOT
+from _helpers import ROOT, free_port
 
 DATA = [
     {"conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": a}]}
@@ -31,8 +31,8 @@ def setup(tmp_path_factory):
             "data": data}
 
 
-def _script(name, model, data, out, *flags, nproc=2, deepspeed=None, port=29511):
-    env = dict(os.environ, NPROC=str(nproc), MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="",
+def _script(name, model, data, out, *flags, nproc=2, deepspeed=None, port=None):
+    env = dict(os.environ, NPROC=str(nproc), MASTER_PORT=str(port or free_port()), CUDA_VISIBLE_DEVICES="",
                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR",
                                                    str(Path.home() / ".cache" / "torch_extensions")))
     if deepspeed:
@@ -90,7 +90,7 @@ def test_two_processes_equal_one_with_same_global_batch(setup, tmp_path):
     flags = ["--max_steps", "1", "--optim", "sgd", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
              "--max_grad_norm", "0"]
     two, one = tmp_path / "two", tmp_path / "one"
-    _script("finetune_lora.sh", setup["float"], setup["data"], two, *flags, port=29512)
+    _script("finetune_lora.sh", setup["float"], setup["data"], two, *flags)
     info = _script("finetune_lora.sh", setup["float"], setup["data"], one, *flags,
                    "--per_device_train_batch_size", "4", nproc=1)
     assert info["world_size"] == 1 and not info["deepspeed"]
@@ -105,7 +105,7 @@ def test_lora_zero3_two_processes_saves_gathered_adapter(setup, tmp_path):
     from finetune import load_model
 
     out = tmp_path / "z3"
-    info = _script("finetune_lora.sh", setup["float"], setup["data"], out, deepspeed="zero3.json", port=29513)
+    info = _script("finetune_lora.sh", setup["float"], setup["data"], out, deepspeed="zero3.json")
     assert info["deepspeed"] and info["zero_stage"] == 3 and info["world_size"] == 2
     weights = _adapter(out)
     cfg = json.loads((out / "adapter_config.json").read_text())
