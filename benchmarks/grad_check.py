@@ -1,0 +1,331 @@
+"""Which LoRA gradient is right? The eager and the graphed training steps against an fp32 reference (issue 15).
+
+The issue's run: a 14B-shaped random Int4 dir, 400 chats of about 680 tokens, packed rows of 2048, batch 1,
+LoRA dropout 0, constant LR 1e-4, seed 0. Eager (`--cuda_graphs False`) it logged gradient norms of 1.03 at
+step 25 and 1.85 at step 30 against ~0.1 around them; graphed, 0.09 at step 25.
+
+This runs that training in-process (the same argv the script builds, `--cuda_graphs False`), and before the
+optimizer steps listed in --steps it takes the step's exact batch and computes the LoRA gradients of the
+mean loss over its trained tokens, at the weights of that moment, several ways:
+- `eager`: the model's forward as the eager trainer runs it (unpadded row, FlexAttention, compiled kernels);
+- `eager_pad128` / `eager_pad2048`: the same, the row padded (as PackedCollator pads: one dummy sequence);
+- `eager_dense`: the same unpadded row through SDPA with a dense block-diagonal mask instead of FlexAttention;
+- `graph_body`: what a replayed CUDA graph computes (TrainGraphs' step body, run eagerly, padded to 2048);
+- `fp32_ref`: `reference_loss` below: every weight dequantized exactly to fp32 one layer at a time, math
+  attention with an explicit block-diagonal causal mask, fp32 everywhere, no compiled kernels, no graphs.
+Each is compared with the reference tensor by tensor (relative error, cosine), and the run's own logged
+gradient norms are kept, so the spike can be seen to reproduce.
+
+  python benchmarks/grad_check.py --work /tmp/gc --out benchmarks/results/grad_check.json      (GPU)
+  python benchmarks/grad_check.py --tiny --work /tmp/gc_tiny --out /tmp/grad_check.json      (CPU, minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The fp32 reference
+# ---------------------------------------------------------------------------------------------------------------
+def _weight(linear) -> torch.Tensor:
+    """The frozen base weight [out, in] in fp32: a GPTQ layer dequantized exactly, a float Linear upcast."""
+    from finetune.quant.linear import GPTQLinear
+
+    if isinstance(linear, GPTQLinear):
+        return linear.dequantize(torch.float32)
+    return linear.weight.detach().float()
+
+
+def _lora_linear(module, x: torch.Tensor) -> torch.Tensor:
+    """y = x W^T + b + scaling * B(A(x)) in fp32 (LoRA dropout must be 0: the reference is deterministic)."""
+    base = getattr(module, "base_layer", module)
+    y = x @ _weight(base).t()
+    if getattr(base, "bias", None) is not None:
+        y = y + base.bias.detach().float()
+    for name in getattr(module, "active_adapters", []) if hasattr(module, "lora_A") else []:
+        if name not in module.lora_A:
+            continue
+        drop = module.lora_dropout[name]
+        if isinstance(drop, torch.nn.Dropout) and drop.p > 0:
+            raise ValueError("the fp32 reference needs --lora_dropout 0")
+        A, B = module.lora_A[name].weight, module.lora_B[name].weight
+        y = y + (x @ A.float().t()) @ B.float().t() * module.scaling[name]
+    return y
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.detach().float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def reference_loss(lm, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The mean next-token NLL over trained positions of a packed batch, in fp32, written from Qwen v1's
+    definition (modeling_qwen.py) rather than through this project's model: RMSNorm, rotate-half RoPE with base
+    `rotary_emb_base` (NTK alpha 1, as in training), attention scaled by 1/sqrt(head_dim) over an explicit
+    causal mask restricted to each packed sequence (a sequence starts where the position id does not
+    increase), SwiGLU MLP c_proj(w1(x) * silu(w2(x))). `lm` is the QWenLMHeadModel (inside PEFT or not): its
+    weights are read, its forward is not run. One block at a time under checkpointing, dequantizing that
+    block's weights when it runs, so fp32 copies of all weights never exist at once."""
+    cfg = lm.config
+    tr = lm.transformer
+    B, T = input_ids.shape
+    H, D = cfg.num_attention_heads, cfg.kv_channels
+    rot = int(D * cfg.rotary_pct)
+    pos = position_ids.expand(B, T).to(input_ids.device)
+    restart = torch.zeros_like(pos, dtype=torch.bool)
+    restart[:, 1:] = pos[:, 1:] <= pos[:, :-1]
+    docs = restart.long().cumsum(-1)
+    idx = torch.arange(T, device=input_ids.device)
+    mask = (idx[None, :, None] >= idx[None, None, :]) & (docs[:, :, None] == docs[:, None, :])  # [B, T, S]
+    inv = 1.0 / (cfg.rotary_emb_base ** (torch.arange(0, rot, 2, device=input_ids.device, dtype=torch.float64) / rot))
+    freqs = pos.double()[..., None] * inv  # [B, T, rot/2]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().float()[:, None], emb.sin().float()[:, None]  # [B, 1, T, rot]
+    scale = D**-0.5 if cfg.scale_attn_weights else 1.0
+    eps = cfg.layer_norm_epsilon
+
+    def block(x, i):
+        blk = tr.h[i]
+        h = _rms(x, blk.ln_1.weight, eps)
+        q, k, v = _lora_linear(blk.attn.c_attn, h).split(H * D, dim=-1)
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in (q, k, v))
+
+        def rope(t):
+            r, p = t[..., :rot], t[..., rot:]
+            return torch.cat((r * cos + _rotate_half(r) * sin, p), -1)
+
+        q, k = rope(q), rope(k)
+        scores = (q @ k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        y = torch.softmax(scores, dim=-1) @ v
+        x = x + _lora_linear(blk.attn.c_proj, y.transpose(1, 2).reshape(B, T, H * D))
+        h = _rms(x, blk.ln_2.weight, eps)
+        a1, a2 = _lora_linear(blk.mlp.w1, h), _lora_linear(blk.mlp.w2, h)
+        return x + _lora_linear(blk.mlp.c_proj, a1 * F.silu(a2))
+
+    x = tr.wte.weight.detach().float()[input_ids]
+    for i in range(len(tr.h)):
+        x = checkpoint(block, x, i, use_reentrant=False)
+    x = _rms(x, tr.ln_f.weight, eps)
+    h = x[:, :-1].reshape(-1, x.shape[-1])
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    keep = y != IGNORE
+    logits = h[keep] @ _weight(lm.lm_head).t()
+    return F.cross_entropy(logits, y[keep], reduction="sum") / keep.sum()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The variants and the comparison
+# ---------------------------------------------------------------------------------------------------------------
+def pad_packed(batch: dict, length: int, pad_id: int) -> dict:
+    """A packed batch padded to `length` as PackedCollator pads (pad ids, labels -100, a dummy sequence)."""
+    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+    B, T = ids.shape
+    n = length - T
+    if n <= 0:
+        return dict(batch)
+    dev = ids.device
+    return {
+        "input_ids": torch.cat([ids, torch.full((B, n), pad_id, device=dev, dtype=ids.dtype)], 1),
+        "labels": torch.cat([labels, torch.full((B, n), IGNORE, device=dev, dtype=labels.dtype)], 1),
+        "position_ids": torch.cat([pos.expand(B, T), torch.arange(n, device=dev).expand(B, n)], 1),
+    }
+
+
+def compare(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict:
+    num = den = 0.0
+    dot = na = 0.0
+    per = []
+    for name, r in ref.items():
+        g = grads[name].double()
+        r = r.double()
+        d = float((g - r).norm())
+        rn = float(r.norm())
+        num += d * d
+        den += rn * rn
+        dot += float((g * r).sum())
+        na += float(g.norm()) ** 2
+        per.append((d / max(rn, 1e-30), name, float(g.norm()), rn))
+    per.sort(reverse=True)
+    return {
+        "norm": math.sqrt(na), "ref_norm": math.sqrt(den), "rel_err": math.sqrt(num / max(den, 1e-30)),
+        "cosine": dot / max(math.sqrt(na * den), 1e-30),
+        "worst": [{"tensor": n, "rel_err": e, "norm": gn, "ref_norm": rn} for e, n, gn, rn in per[:6]],
+    }
+
+
+def lora_grads(loss_fn, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    out = {n: (g if g is not None else torch.zeros_like(p)).detach().float()
+           for (n, p), g in zip(params.items(), grads)}
+    return out | {"__loss__": loss.detach().float()}
+
+
+@contextlib.contextmanager
+def no_flex(lm):
+    tr = lm.transformer
+    tr.use_flex_attention = lambda: False  # instance attribute: the dense block-diagonal mask through SDPA
+    try:
+        yield
+    finally:
+        del tr.use_flex_attention
+
+
+def check_step(trainer, model, inputs: dict, pad_id: int, row_len: int) -> dict:
+    from finetune.training.graphs import TrainGraphs, _find_lm
+
+    lm = _find_lm(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    batch = {k: inputs[k] for k in ("input_ids", "labels", "position_ids")}
+    T = batch["input_ids"].shape[1]
+    out = {"row_tokens": T, "trained_tokens": int((batch["labels"][:, 1:] != IGNORE).sum()),
+           "sequences": int((batch["position_ids"][0] == 0).sum())}
+
+    def model_loss(b):
+        return lambda: trainer.compute_loss(model, b)
+
+    variants = {
+        "eager": model_loss(batch),
+        "eager_pad128": model_loss(pad_packed(batch, -(-T // 128) * 128, pad_id)),
+        "eager_pad2048": model_loss(pad_packed(batch, row_len, pad_id)),
+    }
+    results = {}
+    for name, fn in variants.items():
+        with trainer._autocast():
+            results[name] = lora_grads(fn, params)
+    with no_flex(lm), trainer._autocast():
+        results["eager_dense"] = lora_grads(model_loss(batch), params)
+    graphs = TrainGraphs(lm)  # never captures here: enabled False runs its step body eagerly
+    graphs.enabled = False
+    try:
+        p = pad_packed(batch, row_len, pad_id)
+        with trainer._autocast():
+            results["graph_body"] = lora_grads(
+                lambda: graphs.loss(p["input_ids"], p["position_ids"], p["labels"], None), params)
+    finally:
+        graphs.close()
+    t = time.perf_counter()
+    ref = lora_grads(lambda: reference_loss(lm, batch["input_ids"], batch["position_ids"], batch["labels"]), params)
+    out["reference_seconds"] = round(time.perf_counter() - t, 1)
+    ref_loss = ref.pop("__loss__")
+    out["fp32_ref"] = {"loss": float(ref_loss), "norm": math.sqrt(sum(float(g.double().norm()) ** 2
+                                                                      for g in ref.values()))}
+    for name, g in results.items():
+        loss = g.pop("__loss__")
+        out[name] = {"loss": float(loss)} | compare(g, ref)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------
+def run(args) -> dict:
+    import transformers
+
+    from finetune import train as train_mod
+    from finetune.tokenization import load_tokenizer
+    from finetune.training.trainer import QwenTrainer
+    from make_model_dir import make_model_dir
+    from multi_gpu import chat_data
+
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model_dir = make_model_dir(work / f"{args.shape}_int4", args.shape, int4=True, device=device)
+    data = chat_data(work / "chats.json", load_tokenizer(model_dir), args.chats, args.tokens, seed=1)
+    # scripts/finetune_qlora.sh's defaults, then the issue's flags
+    argv = ["--num_train_epochs", "5", "--per_device_train_batch_size", "2", "--per_device_eval_batch_size", "1",
+            "--gradient_accumulation_steps", "8", "--learning_rate", "3e-4", "--weight_decay", "0.1",
+            "--adam_beta2", "0.95", "--warmup_steps", "0.01", "--lr_scheduler_type", "cosine", "--logging_steps", "1",
+            "--save_strategy", "no", "--model_max_length", "2048", "--gradient_checkpointing", "True",
+            "--report_to", "none", "--use_lora", "True", "--q_lora", "True",
+            "--packing", "True", "--model_max_length", str(args.row), "--per_device_train_batch_size", "1",
+            "--gradient_accumulation_steps", "1", "--seed", "0", "--lora_dropout", "0", "--warmup_steps", "0",
+            "--lr_scheduler_type", "constant", "--learning_rate", "1e-4", "--max_steps", str(max(args.steps)),
+            "--cuda_graphs", "False", "--disable_tqdm", "True", "--overwrite_output_dir", "True",
+            "--model_name_or_path", str(model_dir), "--data_path", str(data), "--output_dir", str(work / "out")]
+    if device == "cpu":
+        argv += ["--use_cpu", "True"]
+    if args.lora_r:
+        argv += ["--lora_r", str(args.lora_r)]
+    checks: dict[int, dict] = {}
+    pad_id = load_tokenizer(model_dir).eod_id
+    original = QwenTrainer.training_step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        step = self.state.global_step + 1
+        if step in args.steps:
+            prepared = self._prepare_inputs(inputs)
+            checks[step] = check_step(self, model, prepared, pad_id, args.row)
+            print(f"step {step}: " + json.dumps({k: (v if not isinstance(v, dict) else
+                                                      {kk: vv for kk, vv in v.items() if kk != "worst"})
+                                                  for k, v in checks[step].items()}), flush=True)
+        return original(self, model, inputs, num_items_in_batch)
+
+    QwenTrainer.training_step = training_step
+    try:
+        trainer = train_mod.train(*train_mod.parse_args(argv), argv=argv)
+    finally:
+        QwenTrainer.training_step = original
+    norms = {int(h["step"]): h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
+    from user_path import git_commit
+
+    commit = git_commit()
+    return {
+        "what": "LoRA gradients of the issue-15 run's batches: eager and graphed paths against an fp32 reference",
+        "argv": argv, "logged_grad_norms": norms, "checks": {str(k): v for k, v in sorted(checks.items())},
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+        "transformers": transformers.__version__, "commit": commit,
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", default="/tmp/grad_check")
+    p.add_argument("--out", default=None)
+    p.add_argument("--steps", type=int, nargs="+", default=[25, 30])
+    p.add_argument("--tiny", action="store_true", help="the tiny shape on whatever device (a code check)")
+    p.add_argument("--chats", type=int, default=400)
+    p.add_argument("--tokens", type=int, default=680)
+    p.add_argument("--row", type=int, default=2048)
+    p.add_argument("--lora_r", type=int, default=None)
+    args = p.parse_args(argv)
+    args.shape = "tiny" if args.tiny else "14b"
+    if args.tiny:
+        args.row, args.chats, args.tokens = min(args.row, 256), min(args.chats, 40), min(args.tokens, 60)
+        args.steps = [s for s in args.steps if s <= 4] or [2, 3]
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
