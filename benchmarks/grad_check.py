@@ -194,7 +194,195 @@ def no_flex(lm):
         del tr.use_flex_attention
 
 
-def check_step(trainer, model, inputs: dict, pad_id: int, row_len: int) -> dict:
+def attention_probe(trainer, model, batch: dict, layer: int = 0) -> dict:
+    """Layer `layer`'s attention on this batch, its backward through several kernels against fp32 math.
+
+    One forward+backward of the model without checkpointing records that layer's q, k, v (bf16, after
+    rotary) and the gradient arriving at its output; then dq, dk, dv are recomputed from exactly those
+    tensors by FlexAttention (bf16, and fp32 inputs), SDPA with a dense block-diagonal mask (bf16) and fp32
+    math (the reference), and the rows whose dq is furthest off are described."""
+    from finetune.modeling import model as model_mod
+    from finetune.training.graphs import _find_lm
+
+    lm = _find_lm(model)
+    seen, rec = [0], {}
+    orig = model_mod._flex_attention
+
+    def wrapped():
+        f = orig()
+
+        def call(q, k, v, **kw):
+            y = f(q, k, v, **kw)
+            if seen[0] == layer and y.requires_grad:
+                rec.update(q=q.detach(), k=k.detach(), v=v.detach(), kw=kw)
+                y.register_hook(lambda g: rec.__setitem__("dy", g.detach()))
+            seen[0] += 1
+            return y
+        return call
+
+    blocks = lm.transformer.h
+    saved = [b.gradient_checkpointing for b in blocks]
+    model_mod._flex_attention = wrapped
+    try:
+        for b in blocks:
+            b.gradient_checkpointing = False
+        with trainer._autocast():
+            loss = trainer.compute_loss(model, batch)
+        loss.backward(inputs=[p for p in model.parameters() if p.requires_grad][:1])
+    finally:
+        model_mod._flex_attention = orig
+        for b, g in zip(blocks, saved):
+            b.gradient_checkpointing = g
+    model.zero_grad(set_to_none=True)
+    if "dy" not in rec:
+        return {"error": "no FlexAttention call recorded (not a packed batch?)"}
+    q, k, v, dy, kw = rec["q"], rec["k"], rec["v"], rec["dy"], rec["kw"]
+    scale = kw["scale"]
+    pos = batch["position_ids"][0]
+    T = q.shape[2]
+    restart = torch.zeros(T, dtype=torch.bool, device=q.device)
+    restart[1:] = pos[1:] <= pos[:-1]
+    docs = restart.long().cumsum(0)
+    i = torch.arange(T, device=q.device)
+    mask = (i[:, None] >= i[None, :]) & (docs[:, None] == docs[None, :])
+
+    def grads(fn, dtype):
+        qq, kk, vv = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+        y = fn(qq, kk, vv)
+        return torch.autograd.grad(y, (qq, kk, vv), dy.to(y.dtype))
+
+    def math(qq, kk, vv):
+        s = (qq @ kk.transpose(-1, -2)) * scale
+        return torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vv
+
+    flex = orig()
+    ref = grads(math, torch.float32)
+    out = {"layer": layer, "doc_lengths": torch.bincount(docs).tolist()}
+    with torch.no_grad():
+        s = (q.float() @ k.float().transpose(-1, -2)) * scale
+        s = s.masked_fill(~mask, float("-inf"))
+        top2 = s.topk(2, dim=-1).values
+        gap = (top2[..., 0] - top2[..., 1]).nan_to_num(posinf=1e9)
+        out["logits"] = {"max": float(s[mask.expand_as(s)].max()), "min": float(s[mask.expand_as(s)].min()),
+                         "rows_top_gap_over_20": int((gap > 20).sum()), "rows": int(gap.numel())}
+        out["norms"] = {n: float(t.float().norm(dim=-1).max()) for n, t in (("q", q), ("k", k), ("v", v), ("dy", dy))}
+    paths = {
+        "flex_bf16": (lambda a, b, c: flex(a, b, c, **kw), q.dtype),
+        "flex_fp32": (lambda a, b, c: flex(a, b, c, **kw), torch.float32),
+        "sdpa_dense_bf16": (lambda a, b, c: F.scaled_dot_product_attention(a, b, c, attn_mask=mask, scale=scale),
+                            q.dtype),
+        "math_bf16": (math, q.dtype),
+    }
+    for name, (fn, dtype) in paths.items():
+        try:
+            g = grads(fn, dtype)
+        except Exception as e:  # a kernel that does not take this dtype: say so, keep going
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+            continue
+        r = {}
+        for n, a, b in zip(("dq", "dk", "dv"), g, ref):
+            err = (a.float() - b).norm() / b.norm().clamp_min(1e-30)
+            r[n] = float(err)
+        rows = (g[0].float() - ref[0]).norm(dim=-1).amax(dim=1)[0]  # [T]: worst head per query row
+        worst = rows.topk(5).indices.tolist()
+        r["worst_dq_rows"] = [{"row": t, "doc": int(docs[t]), "position": int(pos[t]),
+                               "token": int(batch["input_ids"][0, t]), "err": float(rows[t]),
+                               "ref_norm": float(ref[0][0, :, t].norm())} for t in worst]
+        out[name] = r
+    return out
+
+
+def layer_probe(trainer, model, batch: dict) -> list[dict]:
+    """Layer by layer, top to bottom: the gradient at each block's attention output (the residual stream) on
+    the FlexAttention path against the dense-mask SDPA path, and FlexAttention's own backward at that layer
+    (from the q, k, v and output gradient it saw) against fp32 math. The first layer, from the top, whose
+    gradient leaves the other path's shows where a bad gradient enters."""
+    from finetune.modeling import model as model_mod
+    from finetune.training.graphs import _find_lm
+
+    lm = _find_lm(model)
+    blocks = lm.transformer.h
+    first = next(p for p in model.parameters() if p.requires_grad)
+
+    def run(flex_path: bool):
+        resid, rec, calls = {}, {}, [0]
+        orig = model_mod._flex_attention
+
+        def wrapped():
+            f = orig()
+
+            def call(q, k, v, **kw):
+                y = f(q, k, v, **kw)
+                L = calls[0]
+                calls[0] += 1
+                rec[L] = {"q": q.detach(), "k": k.detach(), "v": v.detach(), "kw": kw}
+                y.register_hook(lambda g, L=L: rec[L].__setitem__("dy", g.detach()))
+                return y
+            return call
+
+        def keep_grad(L):
+            def hook(module, inputs, output):
+                output.register_hook(lambda g: resid.__setitem__(L, g.detach().float()))
+            return hook
+
+        hooks = [blk.attn.register_forward_hook(keep_grad(L)) for L, blk in enumerate(blocks)]
+        saved = [b.gradient_checkpointing for b in blocks]
+        model_mod._flex_attention = wrapped
+        try:
+            for b in blocks:
+                b.gradient_checkpointing = False
+            ctx = contextlib.nullcontext() if flex_path else no_flex(lm)
+            with ctx, trainer._autocast():
+                loss = trainer.compute_loss(model, batch)
+            loss.backward(inputs=[first])
+        finally:
+            model_mod._flex_attention = orig
+            for h in hooks:
+                h.remove()
+            for b, g in zip(blocks, saved):
+                b.gradient_checkpointing = g
+        first.grad = None
+        return resid, rec
+
+    resid_f, rec = run(True)
+    resid_d, _ = run(False)
+    T = batch["input_ids"].shape[1]
+    pos = batch["position_ids"][0]
+    restart = torch.zeros(T, dtype=torch.bool, device=pos.device)
+    restart[1:] = pos[1:] <= pos[:-1]
+    docs = restart.long().cumsum(0)
+    i = torch.arange(T, device=pos.device)
+    mask = (i[:, None] >= i[None, :]) & (docs[:, None] == docs[None, :])
+    flex = model_mod._flex_attention()
+    rows = []
+    for L in reversed(range(len(blocks))):
+        a, b = resid_f[L][0], resid_d[L][0]
+        na, nb = a.norm(dim=-1), b.norm(dim=-1)
+        row = {"layer": L, "resid_rel_err": float((a - b).norm() / b.norm().clamp_min(1e-30)),
+               "flex_max_row": [int(na.argmax()), float(na.max())], "dense_max_row": [int(nb.argmax()), float(nb.max())]}
+        r = rec.get(L)
+        if r is not None and "dy" in r:
+            q, k, v, dy, kw = r["q"], r["k"], r["v"], r["dy"], r["kw"]
+            qq, kk, vv = (t.float().requires_grad_(True) for t in (q, k, v))
+            s = (qq @ kk.transpose(-1, -2)) * kw["scale"]
+            ref = torch.autograd.grad(torch.softmax(s.masked_fill(~mask, float("-inf")), -1) @ vv, (qq, kk, vv),
+                                      dy.float())
+            del s
+            qb, kb, vb = (t.detach().requires_grad_(True) for t in (q, k, v))
+            got = torch.autograd.grad(flex(qb, kb, vb, **kw), (qb, kb, vb), dy)
+            row["flex_kernel_rel_err"] = {n: float((g.float() - e).norm() / e.norm().clamp_min(1e-30))
+                                          for n, g, e in zip(("dq", "dk", "dv"), got, ref)}
+            with torch.no_grad():
+                lse_rows = torch.logsumexp((q.float() @ k.float().transpose(-1, -2) * kw["scale"])
+                                           .masked_fill(~mask, float("-inf")), -1)
+                row["logit_max"] = float((q.float() @ k.float().transpose(-1, -2) * kw["scale"])
+                                         .masked_fill(~mask, float("-inf")).max())
+                row["lse_range"] = [float(lse_rows.min()), float(lse_rows.max())]
+        rows.append(row)
+    return rows
+
+
+def check_step(trainer, model, inputs: dict, pad_id: int, row_len: int, probe: bool = False) -> dict:
     from finetune.training.graphs import TrainGraphs, _find_lm
 
     lm = _find_lm(model)
@@ -209,6 +397,7 @@ def check_step(trainer, model, inputs: dict, pad_id: int, row_len: int) -> dict:
 
     variants = {
         "eager": model_loss(batch),
+        "eager_repeat": model_loss(batch),  # the same computation again: is it deterministic?
         "eager_pad128": model_loss(pad_packed(batch, -(-T // 128) * 128, pad_id)),
         "eager_pad2048": model_loss(pad_packed(batch, row_len, pad_id)),
     }
@@ -231,6 +420,10 @@ def check_step(trainer, model, inputs: dict, pad_id: int, row_len: int) -> dict:
     ref = lora_grads(lambda: reference_loss(lm, batch["input_ids"], batch["position_ids"], batch["labels"]), params)
     out["reference_seconds"] = round(time.perf_counter() - t, 1)
     ref_loss = ref.pop("__loss__")
+    if probe:
+        out["layer_probe"] = layer_probe(trainer, model, batch)
+        out["attention_probe"] = attention_probe(trainer, model, batch)
+        out["attention_probe_pad2048"] = attention_probe(trainer, model, pad_packed(batch, row_len, pad_id))
     out["fp32_ref"] = {"loss": float(ref_loss), "norm": math.sqrt(sum(float(g.double().norm()) ** 2
                                                                       for g in ref.values()))}
     for name, g in results.items():
@@ -279,7 +472,7 @@ def run(args) -> dict:
         step = self.state.global_step + 1
         if step in args.steps:
             prepared = self._prepare_inputs(inputs)
-            checks[step] = check_step(self, model, prepared, pad_id, args.row)
+            checks[step] = check_step(self, model, prepared, pad_id, args.row, probe=step in args.probe)
             print(f"step {step}: " + json.dumps({k: (v if not isinstance(v, dict) else
                                                       {kk: vv for kk, vv in v.items() if kk != "worst"})
                                                   for k, v in checks[step].items()}), flush=True)
@@ -308,6 +501,8 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="/tmp/grad_check")
     p.add_argument("--out", default=None)
     p.add_argument("--steps", type=int, nargs="+", default=[25, 30])
+    p.add_argument("--probe", type=int, nargs="*", default=[],
+                   help="steps (among --steps) whose first layer's attention backward is probed kernel by kernel")
     p.add_argument("--tiny", action="store_true", help="the tiny shape on whatever device (a code check)")
     p.add_argument("--chats", type=int, default=400)
     p.add_argument("--tokens", type=int, default=680)

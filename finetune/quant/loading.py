@@ -22,7 +22,7 @@ import torch.nn as nn
 from ..errors import ModelLoadError
 from ..checkpoint import FLOAT_DTYPES, INT_DTYPES, checkpoint_files, checkpoint_tensors, iter_tensors
 from .linear import GPTQLinear
-from .packing import default_g_idx, num_groups
+from .packing import default_g_idx, num_groups, pack_rows
 from .rtn import QWEN_QUANTIZED_SUFFIXES, is_quantized_module_name
 
 GPTQ_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
@@ -317,7 +317,7 @@ def _check_no_meta_buffers(model: nn.Module, where: str) -> None:
 
 def build_gptq_model_on_device(config, device="cuda", dtype=torch.bfloat16, seed=0, suffixes=QWEN_QUANTIZED_SUFFIXES):
     """A QWenLMHeadModel with random GPTQ weights made directly on ``device`` (no files): every Linear named
-    by ``suffixes`` is a GPTQLinear with random 4/8-bit values, symmetric zero point, small fp16 scales;
+    by ``suffixes`` is a GPTQLinear with random 4/8-bit values centred on a symmetric zero point, small fp16 scales;
     float weights random N(0, 0.02) in ``dtype`` (norms 1). For benchmarks (the 14B shapes) only."""
     device = torch.device(device)
     qc = getattr(config, "quantization_config", None) or {"bits": 4, "group_size": 128, "quant_method": "gptq"}
@@ -340,7 +340,14 @@ def build_gptq_model_on_device(config, device="cuda", dtype=torch.bfloat16, seed
         module = model.get_submodule(module_name) if module_name else model
         if isinstance(module, GPTQLinear) and attr in GPTQLinear._NEVER_CAST:
             if attr == "qweight":
-                v = torch.randint(-(2**31), 2**31 - 1, t.shape, generator=gen, device=device, dtype=torch.int32)
+                # values spread evenly around the zero point (1 .. 2**bits - 1 around 2**(bits - 1)): centred,
+                # as real GPTQ weights are. Uniform random words average half a step below zero, a direction
+                # every Linear writes into the residual stream; on the 14B shape that drove attention logits to
+                # ~700 and the bf16 attention backward into cancellation noise (benchmarks/NOTES.md, step 6).
+                q = torch.randint(1, 2**bits, (module.in_features, module.out_features), generator=gen,
+                                  device=device)
+                v = pack_rows(q, bits)
+                del q
             elif attr == "qzeros":
                 v = torch.full(t.shape, zero_word, device=device, dtype=torch.int32)
             elif attr == "scales":
