@@ -66,8 +66,10 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         raise TrainConfigError(
             f"--model_max_length {data_args.model_max_length} leaves no assistant reply to train on "
             f"(the longest kept row is {summary.max} tokens); raise it")
+    batches = batch_plan(summary, data_args, args)
     if args.process_index == 0:
         print(summary.format(), flush=True)
+        print(batches["text"], flush=True)
         if eval_set is not None:
             print("eval " + eval_summary.format(), flush=True)
         _warn_past_seq_length(train_set, summary, data_args, plan)
@@ -104,7 +106,7 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
 
     trainer = QwenTrainer(
         model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=make_collator(tokenizer, data_args, fixed_length=graphs is not None),
+        data_collator=make_collator(tokenizer, data_args, for_graphs=graphs is not None),
         processing_class=tokenizer, precision=precision, plan=plan, graphs=graphs,
         callbacks=[LossCurveCallback()],
     )
@@ -119,6 +121,7 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
     trainer.save_model(args.output_dir)
     info = run_info(trainer, graph_stats)
     info["throughput"] = speed
+    info["batches"] = {k: v for k, v in batches.items() if k != "text"}
     info["eval_loss"] = eval_metrics["eval_loss"] if eval_metrics else None
     if args.process_index == 0:
         if trainer.skipped_steps:
@@ -135,6 +138,32 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         _mark_finished(args.output_dir)
         _print_next_steps(plan, args.output_dir)
     return trainer
+
+
+def batch_plan(summary, data_args, args) -> dict:
+    """What an optimizer step holds and how many an epoch has, as the Trainer will batch the rows (a packed
+    row holds several conversations, so packed runs take fewer, larger steps). Printed before training and
+    kept in run_info.json."""
+    import math
+
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    rows = max(summary.rows, 1)
+    batches_per_epoch = math.ceil(rows / (args.per_device_train_batch_size * args.world_size))
+    steps_per_epoch = max(math.ceil(batches_per_epoch / args.gradient_accumulation_steps), 1)
+    per_row = summary.records_used / rows
+    conversations_per_step = min(rows_per_step, rows) * per_row
+    total = args.max_steps if args.max_steps and args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    text = (f"batches: an optimizer step holds {rows_per_step} rows ({args.per_device_train_batch_size} a device x "
+            f"{args.gradient_accumulation_steps} accumulated x {args.world_size} process"
+            f"{'es' if args.world_size > 1 else ''})")
+    if data_args.packing:
+        text += (f", about {conversations_per_step:,.0f} conversations (packed: {per_row:.1f} a row; --packing False "
+                 "for one a row, as the official recipe)")
+    text += f"; {steps_per_epoch:,} optimizer steps an epoch, {total:,} in this run"
+    text += " (--max_steps)" if args.max_steps and args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"
+    return {"rows_per_step": rows_per_step, "conversations_per_step": round(conversations_per_step, 1),
+            "conversations_per_row": round(per_row, 2), "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "packing": bool(data_args.packing), "text": text}
 
 
 def _warn_past_seq_length(train_set, summary, data_args, plan) -> None:
@@ -183,22 +212,21 @@ def _state_special_tokens(model, tokenizer) -> None:
 
 def _cuda_graphs(model, data_args, args, plan):
     """The TrainGraphs the trainer runs its steps through (finetune/training/graphs.py), or None: --cuda_graphs
-    (default on), one CUDA process without DeepSpeed, packed rows. Says why when asked for but not used."""
+    (default on), one CUDA process without DeepSpeed. Says why when asked for but not used."""
     if not args.cuda_graphs or not plan.device.startswith("cuda"):
         return None
     from .training.graphs import enable_train_graphs, graphs_unavailable
 
     if args.world_size > 1 or plan.zero_stage is not None:
         why = "several processes or DeepSpeed"
-    elif not data_args.packing:
-        why = "rows are not packed (--packing True gives every step one shape)"
     else:
         why = graphs_unavailable(model)
     if why is not None:
         if args.process_index == 0:
             logger.info("CUDA graphs off: %s", why)
         return None
-    logger.info("CUDA graphs on: each step shape is captured after 2 eager steps, then replayed")
+    logger.info("CUDA graphs on: each step shape (%s) is captured after 2 eager steps, then replayed",
+                "rows padded to --model_max_length" if data_args.packing else "rows padded to a multiple of 128")
     return enable_train_graphs(model)
 
 

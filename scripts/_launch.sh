@@ -90,7 +90,8 @@ ARGS=()
 TAIL=()  # model, data, output: after the trainer flags and a CONFIG, so that -m -d -o win
 if [[ -z "$MODEL" && -z "$CONFIG" ]]; then
   # The built-in demo: a tiny random Qwen v1 model (Int4 for Q-LoRA), made once and cached, trained on the
-  # memorise set in data/ on the CPU in a couple of minutes.
+  # memorise set in data/ on the CPU in a couple of minutes (one conversation a row: memorising a few short
+  # chats wants many small steps, not a few packed ones).
   CACHE="${QWEN_FT_CACHE:-$HOME/.cache/qwen-finetune}"
   DATA="${DATA:-$ROOT/data/demo_memorize.json}"
   OUTPUT="${OUTPUT:-output/demo-$MODE}"
@@ -107,7 +108,7 @@ if [[ -z "$MODEL" && -z "$CONFIG" ]]; then
   ARGS+=(--num_train_epochs 60 --per_device_train_batch_size 4 --learning_rate 5e-3 --warmup_steps 0.05
          --lr_scheduler_type cosine --weight_decay 0.0 --lora_r 16 --lora_alpha 32 --lora_dropout 0.0
          --model_max_length 256 --logging_steps 20 --save_strategy no --report_to none --disable_tqdm True
-         --overwrite_output_dir True --seed 0)
+         --overwrite_output_dir True --seed 0 --packing False)
 elif [[ -z "$CONFIG" ]]; then
   DEMO=0
   [[ -n "$DATA" ]] || { echo "error: no data: pass -d DATA (or DATA=..., or --data_path)" >&2; exit 2; }

@@ -50,7 +50,7 @@ def train_args(model, data, out, *extra) -> list[str]:
             "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16",
             "--lora_alpha", "32", "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no",
             "--report_to", "none", "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0",
-            "--model_max_length", "128", *extra]
+            "--model_max_length", "128", "--packing", "False", *extra]  # one chat a row: step counts as written
 
 
 def train_adapter(model_dir, data, out, steps=50, *extra) -> Path:

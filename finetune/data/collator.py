@@ -5,7 +5,9 @@ and returns an attention_mask of 1 for tokens and 0 for padding.
 
 `PackedCollator` is for packed rows (see packing.py): it returns input_ids, labels and position_ids and no
 attention_mask. Its padding forms one extra dummy sequence (position ids 0, 1, ... again, labels -100), so
-the model's "position 0 starts a sequence" rule keeps real tokens from attending to padding.
+the model's "position 0 starts a sequence" rule keeps real tokens from attending to padding. It also takes
+unpacked rows (no position_ids: one sequence per row), which gives padded batches the same layout: what the
+CUDA-graphed step trains on, with `pad_to_multiple_of` keeping the number of distinct shapes small.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ class PackedCollator(ChatCollator):  # same settings; rows carry position_ids an
         pos = torch.arange(n, dtype=torch.long).repeat(len(rows), 1)
         for i, r in enumerate(rows):
             k = len(r["input_ids"])
-            if len(r["labels"]) != k or len(r["position_ids"]) != k:
+            row_pos = r.get("position_ids")
+            if len(r["labels"]) != k or (row_pos is not None and len(row_pos) != k):
                 raise ValueError(f"row {i}: input_ids, labels and position_ids differ in length")
             ids[i, :k] = torch.as_tensor(r["input_ids"], dtype=torch.long)
             labels[i, :k] = torch.as_tensor(r["labels"], dtype=torch.long)
-            pos[i, :k] = torch.as_tensor(r["position_ids"], dtype=torch.long)
+            if row_pos is not None:  # else one sequence: positions 0..k-1 as filled in
+                pos[i, :k] = torch.as_tensor(row_pos, dtype=torch.long)
             pos[i, k:] -= k  # the padding is its own sequence: 0, 1, 2, ...
         return {"input_ids": ids, "labels": labels, "position_ids": pos}

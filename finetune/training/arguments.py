@@ -30,7 +30,11 @@ class DataArguments:
     data_path: str | None = field(default=None, metadata={"help": "Training data: JSON, JSONL or a datasets dir"})
     eval_data_path: str | None = field(default=None, metadata={"help": "Held-out data for evaluation"})
     model_max_length: int = field(default=8192, metadata={"help": "Longest row in tokens (turn-aware truncation)"})
-    packing: bool = field(default=False, metadata={"help": "Pack several conversations into each row"})
+    packing: bool = field(
+        default=True, metadata={"help": "Pack several conversations into each row of --model_max_length tokens, "
+                                        "attention kept within each (default): fewer, fuller steps, and every "
+                                        "step one shape for CUDA graphs. False: one conversation a row, padded, "
+                                        "as the official recipe"})
     train_on_prompt: bool = field(default=False, metadata={"help": "Also train on system/user text"})
     skip_invalid: bool = field(default=False, metadata={"help": "Count and skip invalid records instead of stopping"})
     lazy_preprocess: bool = field(

@@ -10,16 +10,17 @@ buffer that is installed as ``param.grad`` (so gradient accumulation, clipping a
 ordinary ``.grad`` tensors, and no extra copy of the gradients exists).
 
 What has to hold, and how it is kept:
-- Same shapes every step: packed rows padded to the row length (the trainer does that when graphs are on).
-  A step of another shape (the last, partial batch) runs eagerly.
+- Few shapes: packed rows padded to the row length (one shape), unpacked rows padded to a multiple of 128
+  tokens (a few shapes, one graph each). Each shape runs eagerly ``warmup`` times, then is captured and
+  replayed; after ``max_captures`` shapes, further shapes run eagerly.
 - No hidden host work in the step: position ids and, for packed rows, the FlexAttention block mask are
   built outside the graph and copied into its buffers; the loss runs lm_head over every position (ignored
   labels contribute nothing), so no data-dependent shape appears.
 - Dropout: checkpointing cannot stash and restore the CUDA RNG state inside a capture, so LoRA dropout is
   replaced by ``SeededDropout`` (mask recomputed from a seed tensor the graph advances each step). Any other
   dropout with p > 0 (embedding, attention) keeps the model eager.
-- Warm-up: a shape runs eagerly ``warmup`` times (compiles, Triton tuning) before it is captured; at most
-  one graph is kept (each holds its own memory pool) and at most ``max_captures`` are made per run.
+- Memory: each captured shape keeps its own memory pool (its activations); all of them add their gradients
+  into one set of buffers, the parameters' ``.grad``, so gradient accumulation works across shapes.
 
 Single process only (DeepSpeed and DDP hook parameter gradients, which a captured backward bypasses).
 The model knows nothing of this: the trainer owns a ``TrainGraphs`` and sends its training forwards through
@@ -77,7 +78,7 @@ def _find_lm(model: nn.Module):
     return None
 
 
-def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 4) -> "TrainGraphs":
+def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 8) -> "TrainGraphs":
     """A TrainGraphs for `model` (call after LoRA is attached and checkpointing is set): the caller owns it and
     runs its training forwards through it (`graphs(model, inputs)`); `close()` gives everything back.
     Raises RuntimeError saying why when graphs cannot be used (see ``graphs_unavailable``)."""
@@ -90,7 +91,7 @@ def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 4
 class TrainGraphs:
     """Decides per training forward whether to replay, capture or run eagerly (see the module docstring)."""
 
-    def __init__(self, lm, warmup: int = 2, max_captures: int = 4):
+    def __init__(self, lm, warmup: int = 2, max_captures: int = 8):
         self.lm = lm
         self.warmup = warmup
         self.max_captures = max_captures
@@ -103,10 +104,10 @@ class TrainGraphs:
         self.seed = torch.randint(0, 2**40, (1,), device=device, dtype=torch.int64)
         self._swapped: list[tuple[nn.ModuleDict, str, nn.Module]] = []
         self._swap_dropouts()
-        self.step: _CapturedStep | None = None
-        self._key = None
-        self._seen = 0
-        self._rng_use: str | None = None  # what else draws random numbers in the model (then: no capture)
+        self.steps: dict[tuple, _CapturedStep] = {}  # one per captured shape
+        self._grads: tuple[tuple[int, ...], list[torch.Tensor]] | None = None  # shared .grad buffers
+        self._seen: dict[tuple, int] = {}  # eager runs per shape so far
+        self._rng_use: dict[tuple, str | None] = {}  # per shape: what else draws random numbers (then: eager)
         self.enabled = True  # False: every step runs eagerly through the same seeded dropout (A/B, tests)
 
     # -- the training forward -----------------------------------------------------------------------------
@@ -130,7 +131,8 @@ class TrainGraphs:
         """Back to eager training: the captured step (and its memory pool) goes, the LoRA dropout modules are
         put back."""
         self.restore_dropouts()
-        self.step = None
+        self.steps.clear()
+        self._grads = None
 
     def stats(self) -> dict:
         out = {"captures": self.captures, "replayed_steps": self.replays, "eager_steps": self.eager_steps}
@@ -185,27 +187,28 @@ class TrainGraphs:
 
         if not self.enabled:
             key = None  # eager from here (a later step with it back on captures afresh)
-        elif self.step is not None and self.step.key == key:
+        elif key in self.steps:
             self.replays += 1
-            return self.step.run(input_ids, position_ids, doc_ids, labels, num_items_in_batch)
-        if key != self._key:
-            self._key, self._seen = key, 0
-            self._rng_use = self._rng_free() if key is not None else None  # a scan of every module: once a shape
-        self._seen += 1
-        if (key is not None and self._seen > self.warmup and self.captures < self.max_captures and params
-                and self._rng_use is None):
-            self.step = None  # its memory pool goes before the new capture allocates one
-            torch.cuda.empty_cache()
-            self.captures += 1
-            try:
-                self.step = _CapturedStep(self, key, params, input_ids, position_ids, doc_ids, labels, autocast)
-            except Exception as e:  # nothing ran during the failed capture: this step and the rest run eagerly
-                self.step, self.max_captures = None, 0
-                self.failure = f"{type(e).__name__}: {e}"
-                warnings.warn(f"CUDA graph capture failed, training continues without graphs ({self.failure})")
-            else:
-                self.replays += 1
-                return self.step.run(input_ids, position_ids, doc_ids, labels, num_items_in_batch)
+            return self.steps[key].run(input_ids, position_ids, doc_ids, labels, num_items_in_batch)
+        if key is not None:
+            seen = self._seen[key] = self._seen.get(key, 0) + 1
+            if key not in self._rng_use:  # a scan of every module: once a shape
+                self._rng_use[key] = self._rng_free()
+            if seen > self.warmup and self.captures < self.max_captures and params and self._rng_use[key] is None:
+                torch.cuda.empty_cache()  # cached blocks go back before the new graph's pool allocates
+                self.captures += 1
+                try:
+                    step = _CapturedStep(self, key, params, self._grad_buffers(params), input_ids, position_ids,
+                                         doc_ids, labels, autocast)
+                except Exception as e:  # nothing ran during the failed capture: this step and the rest run eagerly
+                    self.max_captures = 0
+                    self.steps.clear()
+                    self.failure = f"{type(e).__name__}: {e}"
+                    warnings.warn(f"CUDA graph capture failed, training continues without graphs ({self.failure})")
+                else:
+                    self.steps[key] = step
+                    self.replays += 1
+                    return step.run(input_ids, position_ids, doc_ids, labels, num_items_in_batch)
 
         self.eager_steps += 1
         self.seed.add_(1)
@@ -213,6 +216,14 @@ class TrainGraphs:
         with _autocast_without_cache(autocast):  # as captured: torch.compile guards on the autocast state
             total, count = self.body(input_ids, position_ids, labels, attn)
         return normalize_loss(total, count, num_items_in_batch)
+
+    def _grad_buffers(self, params) -> list[torch.Tensor]:
+        """The buffers every captured shape's backward adds into (installed as the parameters' .grad): one set,
+        so that micro-batches of different shapes accumulate into the same gradients."""
+        ids = tuple(map(id, params))
+        if self._grads is None or self._grads[0] != ids:
+            self._grads = (ids, [torch.zeros_like(p) for p in params])
+        return self._grads[1]
 
     def attention(self, doc_ids, B, T, device):
         return build_attention(None, doc_ids, T, 0, device, self.lm.transformer.use_flex_attention())
@@ -277,7 +288,7 @@ def _capturable_checkpointing(blocks):
 class _CapturedStep:
     """The forward and backward graphs of one input shape, with their input and output buffers."""
 
-    def __init__(self, owner: TrainGraphs, key, params, input_ids, position_ids, doc_ids, labels, autocast):
+    def __init__(self, owner: TrainGraphs, key, params, grads, input_ids, position_ids, doc_ids, labels, autocast):
         self.key = key
         self.params = params
         self.generation = 0
@@ -290,7 +301,7 @@ class _CapturedStep:
         # the mask_mod of a packed row's block mask reads self.docs: later steps refill it and the block tables
         self.attn = owner.attention(self.docs, B, T, device)
         self._owner = owner
-        self.grads = [torch.zeros_like(p) for p in params]
+        self.grads = grads
         self.grad_out = torch.ones((), device=device, dtype=torch.float32)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         pool = torch.cuda.graph_pool_handle()

@@ -26,12 +26,21 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def make_collator(tokenizer, data_args, fixed_length: bool = False):
-    """Packed rows are padded to the longest row of the batch, or with `fixed_length` (CUDA graphs replay one
-    shape) to --model_max_length."""
+# Unpacked rows under CUDA graphs are padded to a multiple of this: a few shapes (one graph each), at most
+# 127 padding tokens a row, and FlexAttention's block size.
+GRAPH_PAD_MULTIPLE = 128
+
+
+def make_collator(tokenizer, data_args, for_graphs: bool = False):
+    """Batches padded to their longest row. For CUDA graphs (`for_graphs`) a step must have one of a few shapes
+    and no attention_mask: packed rows are padded to --model_max_length (one shape), unpacked rows to a
+    multiple of GRAPH_PAD_MULTIPLE, their padding laid out as a sequence of its own (PackedCollator)."""
     if data_args.packing:
         return PackedCollator(pad_id=tokenizer.eod_id,
-                              pad_to_multiple_of=data_args.model_max_length if fixed_length else None)
+                              pad_to_multiple_of=data_args.model_max_length if for_graphs else None)
+    if for_graphs:
+        return PackedCollator(pad_id=tokenizer.eod_id,
+                              pad_to_multiple_of=min(GRAPH_PAD_MULTIPLE, data_args.model_max_length))
     return ChatCollator(pad_id=tokenizer.eod_id)
 
 
@@ -39,7 +48,7 @@ class QwenTrainer(Trainer):
     def __init__(self, *a, precision=None, plan=None, graphs=None, **kw):
         super().__init__(*a, **kw)
         self.graphs = graphs  # a training.graphs.TrainGraphs: the training forwards replay as CUDA graphs
-        self.meter = ThroughputMeter()
+        self.meter = ThroughputMeter(pad_id=getattr(self.processing_class, "eod_id", None))
         self.add_callback(self.meter)
         self.precision = precision  # training.precision.Precision, decided once in train.py
         self.plan = plan

@@ -61,19 +61,48 @@ def test_prebuilt_attention_spec_gives_the_same_model_output():
             torch.testing.assert_close(got, ref)
 
 
-def test_fixed_length_collator_pads_packed_rows_to_the_row_length():
+def test_graphs_collator_pads_packed_rows_to_the_row_length():
     args = DataArguments(packing=True, model_max_length=32)
 
     class Tok:
         eod_id = 7
 
     rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3], "position_ids": [0, 1, 2]}]
-    fixed = make_collator(Tok(), args, fixed_length=True)(rows)
+    fixed = make_collator(Tok(), args, for_graphs=True)(rows)
     free = make_collator(Tok(), args)(rows)
     assert isinstance(make_collator(Tok(), args), PackedCollator)
     assert fixed["input_ids"].shape == (1, 32) and free["input_ids"].shape == (1, 3)
     assert fixed["position_ids"][0, 3:].tolist() == list(range(29))  # padding: its own sequence
     assert (fixed["labels"][0, 3:] == -100).all()
+
+
+def test_graphs_collator_buckets_unpacked_rows_and_trains_on_the_same_loss():
+    # --packing False under CUDA graphs: rows padded to a multiple of 128 (a few shapes), the padding a
+    # sequence of its own instead of an attention_mask; the loss is the padded batch's loss
+    from finetune.data import ChatCollator
+    from finetune.training.trainer import GRAPH_PAD_MULTIPLE
+
+    args = DataArguments(packing=False, model_max_length=512)
+
+    class Tok:
+        eod_id = 0
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n in (130, 7, 61):
+        ids = torch.randint(1, 1024, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    batch = make_collator(Tok(), args, for_graphs=True)(rows)
+    assert set(batch) == {"input_ids", "labels", "position_ids"}
+    assert batch["input_ids"].shape == (3, 2 * GRAPH_PAD_MULTIPLE)
+    assert batch["position_ids"][1, :10].tolist() == list(range(7)) + [0, 1, 2]  # padding restarts
+    assert isinstance(make_collator(Tok(), args), ChatCollator)  # eager: padded to the longest row, a mask
+    plain = make_collator(Tok(), args)(rows)
+    model = tiny_model(seed=0).train()
+    with torch.no_grad():
+        a = model(**batch).loss
+        b = model(**plain).loss
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_cuda_graphs_flag(tmp_path):

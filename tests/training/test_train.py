@@ -43,6 +43,15 @@ def _log(out):
     return state["log_history"]
 
 
+def _encoded_lengths(model_dir):
+    """The memorise set's conversations as token lists (what a step trains on, unpadded)."""
+    from finetune.data import build_dataset
+    from finetune.tokenization import load_tokenizer
+
+    ds, _ = build_dataset(load_tokenizer(model_dir), MEMORISE, 128, packing=False, verbose=False)
+    return ds["input_ids"]
+
+
 def _run(argv):
     assert train_main(argv) == 0
 
@@ -77,10 +86,12 @@ def test_qlora_memorises_and_changes_only_adapters(models, memorise_file, tmp_pa
     # steady-state speed over steps 3..40: every step is the whole memorise set (4 rows, one padded length)
     speed = info["throughput"]
     assert speed["steps_timed"] == 38 and speed["seconds"] > 0 and speed["tokens_per_s"] > 0
-    assert speed["tokens"] % (38 * 4) == 0
-    row = speed["tokens"] // (38 * 4)
+    assert speed["padded_tokens"] % (38 * 4) == 0
+    row = speed["padded_tokens"] // (38 * 4)
     assert 16 < row <= 128  # a chat with its system prompt, within --model_max_length
-    assert 0 < speed["trained_tokens"] < speed["tokens"]
+    assert 0 < speed["trained_tokens"] < speed["tokens"] <= speed["padded_tokens"]
+    per_step = sum(len(r) for r in _encoded_lengths(models["int4"]))
+    assert speed["tokens"] == 38 * per_step  # real tokens: padding not counted
     assert speed["peak_reserved_gib_per_process"] is None  # no GPU here
     assert info["cuda_graphs"] is None
     assert info["dtypes"]["gptq.scales"] == ["float16"] and info["dtypes"]["gptq.qweight"] == ["int32"]
@@ -266,3 +277,24 @@ def test_report_to_tensorboard_and_offline_wandb(models, memorise_file, tmp_path
         assert runs and any(runs[0].rglob("*.wandb"))
     else:
         assert list(out.rglob("events.out.tfevents.*"))  # under output_dir/runs/
+
+
+def test_packing_is_the_default_and_the_run_says_what_a_step_holds(models, tmp_path, capsys):
+    # packed rows hold several conversations: the log and run_info.json say how many a step holds and how
+    # many steps an epoch has (the Trainer's own count)
+    base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)]
+    assert parse_args(base)[1].packing is True
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(memorise_records() * 6))  # 24 short conversations
+    out = tmp_path / "packed"
+    argv = _args(models["int4"], data, out, "--packing", "True", "--use_lora", "True", "--q_lora", "True",
+                 "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                 "--num_train_epochs", "1")
+    _run(argv)
+    info = json.loads((out / "run_info.json").read_text())
+    b = info["batches"]
+    assert b["packing"] is True and b["rows_per_step"] == 4 and b["conversations_per_row"] > 1
+    assert b["steps_per_epoch"] == b["total_steps"] == info["global_step"]
+    printed = capsys.readouterr().out
+    assert "batches: an optimizer step holds 4 rows (2 a device x 2 accumulated x 1 process)" in printed
+    assert f"{b['steps_per_epoch']} optimizer steps an epoch" in printed
