@@ -341,7 +341,7 @@ def encode_chats(args) -> dict:
         if proc.returncode != 0:
             lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
             msg = lines[-1] if lines else f"benchmarks/chat_rows.py exited with {proc.returncode}"
-            raise BadInput(msg[len("error: "):] if msg.startswith("error: ") else msg)
+            raise BadInput(msg.removeprefix("error: "))
         data = json.loads(out.read_text())
     return data
 
@@ -434,11 +434,11 @@ def train_chats(args, model, device, stats, data):
             label_names=["labels"], dataloader_num_workers=0, use_cpu=not cuda, **RECIPE)
         trainer = CountingTrainer(model=model, args=targs, train_dataset=rows, data_collator=collate,
                                   callbacks=[Meter()])
-        stats["grad_ckpt_active"] = bool(getattr(model.get_base_model(), "is_gradient_checkpointing", False))
         try:
             trainer.train()
         finally:
             summarize_chats(args, marks, logged, stats)
+    # the Trainer (re)applies checkpointing when training starts
     stats["grad_ckpt_active"] = bool(getattr(model.get_base_model(), "is_gradient_checkpointing", False))
 
 
