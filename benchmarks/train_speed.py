@@ -213,11 +213,12 @@ def run_short(args, cfg, device) -> dict:
 
 @torch.no_grad()
 def run_generate(args, cfg, device) -> dict:
-    """Batch-1 greedy decoding of --new tokens after a 24-token prompt: the static-cache CUDA-graph decoder that
-    chat() uses on CUDA, and transformers' generate() on the same model in the same process."""
+    """Batch-1 greedy decoding of --new tokens after a 24-token prompt: the inference engine that chat() uses on
+    CUDA, and transformers' generate() on the same model in the same process."""
     from transformers import GenerationConfig
 
-    from finetune.inference.static_decode import decode_tokens
+    from finetune.inference import Engine, SamplingParams
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
 
     config = QWenConfig(**cfg)
     model = build_gptq_model_on_device(config, device=device, dtype=torch.bfloat16)
@@ -227,11 +228,15 @@ def run_generate(args, cfg, device) -> dict:
                           eos_token_id=None, pad_token_id=0)
     warm = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     result = {}
-    if not args.no_static:
-        list(decode_tokens(model, prompt, warm))  # first calls tune the GEMV kernels
+    if not args.no_engine:
+        # The engine only reads the tokenizer's <|im_end|>/<|im_start|> ids (its stops); min_new_tokens = --new
+        # holds them back, so the random model decodes the whole length whatever those ids are.
+        engine = Engine(model, QWenTokenizer(str(SMALL_VOCAB)), max_batch=1)
+        engine.generate([prompt[0].tolist()], SamplingParams(max_new_tokens=8))  # tunes the GEMV, captures graphs
         sync(device)
         t = time.perf_counter()
-        static = list(decode_tokens(model, prompt, gc))  # includes allocating the cache and capturing the graph
+        static = engine.generate([prompt[0].tolist()], SamplingParams(max_new_tokens=args.new,
+                                                                      min_new_tokens=args.new))[0]
         sync(device)
         result.update(gen_tok_s=len(static) / (time.perf_counter() - t), new_tokens=len(static))
     model.generate(prompt, generation_config=warm)
@@ -241,7 +246,7 @@ def run_generate(args, cfg, device) -> dict:
     sync(device)
     new = out.shape[1] - prompt.shape[1]
     result.update(gen_tok_s_generate=new / (time.perf_counter() - t))
-    if not args.no_static:
+    if not args.no_engine:
         ref = out[0, prompt.shape[1]:].tolist()
         result["same_tokens_as_generate"] = static == ref
         # bf16 on random weights: nearly flat logits, so rounding differences flip an argmax sooner or later
@@ -342,7 +347,7 @@ def main(argv=None) -> int:
     ap.add_argument("--check-layers", type=int, default=4)
     ap.add_argument("--tiny", action="store_true", help="a tiny model on CPU, to test this script")
     ap.add_argument("--no-compile", action="store_true", help="eager RMSNorm/rotary/SwiGLU (FINETUNE_COMPILE=0)")
-    ap.add_argument("--no-static", action="store_true", help="--generate: only transformers' generate()")
+    ap.add_argument("--no-engine", action="store_true", help="--generate: only transformers' generate()")
     ap.add_argument("--no-gemv", action="store_true", help="decode through dequantize+matmul (FINETUNE_GPTQ_GEMV=0)")
     ap.add_argument("--no-graphs", action="store_true", help="train eagerly (no CUDA graphs)")
     ap.add_argument("--out", required=True)

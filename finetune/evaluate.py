@@ -13,7 +13,9 @@ system prompt, earlier turns as history, the last user turn as the query), gener
 last assistant turn: exact match and ROUGE-L F1 (see ``finetune/metrics.py``). By default the replies come
 from the inference engine (``finetune.inference.Engine``: continuous batching of ``--gen-batch-size`` rows,
 each row at its own positions, no padding; a progress bar); ``--generator generate`` uses transformers'
-``generate()`` in LEFT-padded batches instead.
+``generate()`` in LEFT-padded batches instead. Each column also reports ``generated_tokens`` (new token ids,
+stops excluded, counted from the ids and not from the decoded text), ``generation_seconds`` (generation alone,
+the loss excluded) and ``tokens_per_s`` (their ratio).
 
 With ``--adapter`` the model is loaded once; the base numbers come from the model with its adapter switched
 off: PEFT's ``disable_adapter()`` for the loss, rows without an adapter in the engine.
@@ -100,9 +102,10 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
-def generate_batch(model, tokenizer, contexts: list[list[int]], max_new_tokens: int = 128,
-                   repetition_penalty: float = 1.0) -> list[str]:
-    """Greedy replies for several prompts at once, LEFT-padded (pad = <|endoftext|>, attention_mask 0)."""
+def generate_batch_ids(model, tokenizer, contexts: list[list[int]], max_new_tokens: int = 128,
+                       repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Greedy new token ids for several prompts at once, LEFT-padded (pad = <|endoftext|>, attention_mask 0),
+    each cut before its first stop token."""
     from transformers import GenerationConfig
 
     device = _device(model)
@@ -116,28 +119,47 @@ def generate_batch(model, tokenizer, contexts: list[list[int]], max_new_tokens: 
                           pad_token_id=tokenizer.eod_id, repetition_penalty=repetition_penalty)
     out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
     stops = set(_stop_ids(tokenizer)) | {tokenizer.eod_id}
-    replies = []
+    rows = []
     for row in out[:, L:].tolist():
         cut = next((i for i, t in enumerate(row) if t in stops), len(row))
-        replies.append(tokenizer.decode(row[:cut]).strip())
-    return replies
+        rows.append(row[:cut])
+    return rows
+
+
+def _texts(tokenizer, rows: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(r).strip() for r in rows]
+
+
+def generate_batch(model, tokenizer, contexts: list[list[int]], max_new_tokens: int = 128,
+                   repetition_penalty: float = 1.0) -> list[str]:
+    """Greedy replies (text) for several prompts at once through generate(), LEFT-padded."""
+    return _texts(tokenizer, generate_batch_ids(model, tokenizer, contexts, max_new_tokens, repetition_penalty))
+
+
+def generate_reply_ids(model, tokenizer, contexts, batch_size: int = 8, max_new_tokens: int = 128,
+                       repetition_penalty: float = 1.0) -> list[list[int]]:
+    """New token ids of every context through generate(), in batches of similar lengths (input order kept)."""
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    rows: list[list[int]] = [[] for _ in contexts]
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        for i, r in zip(idx, generate_batch_ids(model, tokenizer, [contexts[i] for i in idx], max_new_tokens,
+                                                repetition_penalty)):
+            rows[i] = r
+    return rows
 
 
 def generate_replies(model, tokenizer, contexts, batch_size: int = 8, max_new_tokens: int = 128,
                      repetition_penalty: float = 1.0) -> list[str]:
-    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
-    replies: list[str] = [""] * len(contexts)
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
-        for i, r in zip(idx, generate_batch(model, tokenizer, [contexts[i] for i in idx], max_new_tokens,
-                                            repetition_penalty)):
-            replies[i] = r
-    return replies
+    return _texts(tokenizer, generate_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens,
+                                                repetition_penalty))
 
 
-def engine_replies(model, tokenizer, contexts, batch_size: int = 32, max_new_tokens: int = 128,
-                   repetition_penalty: float = 1.0, adapter: str | None = None, progress: bool = False) -> list[str]:
-    """Greedy replies through the inference engine (``adapter`` None = the base model, adapters off)."""
+def engine_reply_ids(model, tokenizer, contexts, batch_size: int = 32, max_new_tokens: int = 128,
+                     repetition_penalty: float = 1.0, adapter: str | None = None,
+                     progress: bool = False) -> list[list[int]]:
+    """Greedy new token ids through the inference engine (``adapter`` None = the base model, adapters off);
+    the stop token is not included."""
     from .inference import Engine, SamplingParams
 
     if not contexts:
@@ -146,8 +168,14 @@ def engine_replies(model, tokenizer, contexts, batch_size: int = 32, max_new_tok
                     max_len=max(len(c) for c in contexts) + max_new_tokens)
     params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
                             stop_token_ids=(tokenizer.eod_id,))
-    outputs = engine.generate(contexts, params, adapter=adapter, progress=progress)
-    return [tokenizer.decode(o).strip() for o in outputs]
+    return engine.generate(contexts, params, adapter=adapter, progress=progress)
+
+
+def engine_replies(model, tokenizer, contexts, batch_size: int = 32, max_new_tokens: int = 128,
+                   repetition_penalty: float = 1.0, adapter: str | None = None, progress: bool = False) -> list[str]:
+    """Greedy replies (text) through the inference engine."""
+    return _texts(tokenizer, engine_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens,
+                                              repetition_penalty, adapter, progress))
 
 
 def score_replies(replies: list[str], references: list[str]) -> dict:
@@ -184,19 +212,30 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
     contexts = [p[0] for p in prompts]
     for name, ctx in variants:
         t0 = time.time()
+        gen_s = 0.0
         with ctx():
             metrics = eval_loss(model, tokenizer, records, batch_size=batch_size, max_len=max_len)
             if generate and generator == "generate":
-                replies = generate_replies(model, tokenizer, contexts, batch_size, max_new_tokens, repetition_penalty)
+                t = time.perf_counter()
+                rows = generate_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens, repetition_penalty)
+                gen_s = time.perf_counter() - t
         if generate and generator == "engine":  # the engine switches adapters per row itself
             adapter = model.active_adapter if peft and name == "adapter" else None
-            replies = engine_replies(model, tokenizer, contexts, gen_batch_size, max_new_tokens, repetition_penalty,
-                                     adapter=adapter, progress=progress)
+            t = time.perf_counter()
+            rows = engine_reply_ids(model, tokenizer, contexts, gen_batch_size, max_new_tokens, repetition_penalty,
+                                    adapter=adapter, progress=progress)
+            gen_s = time.perf_counter() - t
         if generate:
+            replies = _texts(tokenizer, rows)
             scores = score_replies(replies, [p[1] for p in prompts])
             replies_by[name] = replies
             per = scores.pop("per_sample")
             metrics.update(scores)
+            # counted from the generated token ids (stops excluded), not from the text: tokens that decode to
+            # nothing visible (a random model's, ids past the tokenizer's vocabulary) are generated all the same
+            tokens = sum(len(r) for r in rows)
+            metrics.update(generated_tokens=tokens, generation_seconds=gen_s,
+                           tokens_per_s=tokens / gen_s if gen_s > 0 else 0.0)
             metrics["_per"] = per
         metrics["seconds"] = round(time.time() - t0, 3)
         report[name] = metrics
@@ -222,7 +261,8 @@ def format_table(report: dict) -> str:
     cols = [c for c in ("base", "adapter") if isinstance(report.get(c), dict)]
     rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
             ("exact_match", "exact match", "{:.3f}"), ("rouge_l", "ROUGE-L F1", "{:.3f}"),
-            ("tokens", "trained tokens", "{}"), ("generated", "replies", "{}")]
+            ("tokens", "trained tokens", "{}"), ("generated", "replies", "{}"),
+            ("generated_tokens", "new tokens", "{}"), ("tokens_per_s", "new tokens/s", "{:.1f}")]
     lines = [f"{'metric':<16}" + "".join(f"{c:>12}" for c in cols)]
     for key, label, fmt in rows:
         if not any(key in report[c] for c in cols):

@@ -24,7 +24,7 @@ class Settings:
     gptq_backend: str = "auto"  # FINETUNE_GPTQ_BACKEND: auto (Triton on CUDA when importable), triton, torch
     gptq_gemv: bool = True      # FINETUNE_GPTQ_GEMV: decoding through the fused Int4 GEMV
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
-    static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat() through the CUDA-graph decoder on CUDA
+    static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
 
 
 ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}

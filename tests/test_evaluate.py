@@ -165,3 +165,25 @@ def test_eval_cli(setup, tmp_path, capsys):
     assert report["records"] == 3 and report["settings"]["generator"] == "engine"
     assert report["adapter"]["exact_match"] == 1.0 and len(report["samples"]) == 3
     assert report["model"] == str(setup["float"])  # the base recorded in the adapter
+
+
+@pytest.mark.parametrize("generator", ["engine", "generate"])
+def test_generated_tokens_are_counted_from_ids_even_when_they_decode_to_no_text(generator):
+    """A random model's tokens may decode to nothing visible (here every token it picks is past the tokenizer's
+    vocabulary, as with the random 14B-shaped model over the small vocabulary): eval still counts them, so
+    tokens/s is the generated tokens' rate, not the visible text's."""
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+    from _helpers import tiny_model
+
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = tiny_model(seed=3, vocab_size=2 * len(tok))
+    with torch.no_grad():  # every id the tokenizer knows (the stops included) scores 0, the others +-random
+        model.lm_head.weight[: len(tok)] = 0
+    records = memorise_records()[:3]
+    report = evaluate_model(model, tok, records, batch_size=2, max_new_tokens=6, generator=generator,
+                            gen_batch_size=2)
+    base = report["base"]
+    assert [s["base"] for s in report["samples"]] == ["", "", ""]  # no visible text at all ...
+    assert base["generated_tokens"] == 3 * 6  # ... yet every row generated its 6 tokens
+    assert base["generation_seconds"] > 0 and base["tokens_per_s"] == pytest.approx(18 / base["generation_seconds"])

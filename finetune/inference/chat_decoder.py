@@ -11,11 +11,10 @@ from __future__ import annotations
 import weakref
 from typing import Iterator
 
-from .engine import Engine
-from .row_adapters import lora_layers
-from .sampling import SamplingParams
 from ..settings import settings
-from .static_decode import _qwen_lm, unsupported_options
+from .engine import Engine, qwen_lm
+from .row_adapters import lora_layers
+from .sampling import SamplingParams, unsupported_options
 
 _ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -52,7 +51,7 @@ def chat_tokens(model, tokenizer, input_ids, gc) -> Iterator[int] | None:
     """The new token ids of chat()'s one prompt row through the model's engine, or None (then generate())."""
     if not settings().static_decode or not _device_ok(input_ids) or input_ids.shape[0] != 1:
         return None
-    if _qwen_lm(model) is None or model.training or unsupported_options(gc):
+    if qwen_lm(model) is None or model.training or unsupported_options(gc):
         return None
     handled, adapter = active_adapter(model)
     if not handled:

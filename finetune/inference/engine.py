@@ -36,10 +36,9 @@ from collections import deque
 
 import torch
 
-from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha
+from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
 from .row_adapters import RowAdapters
 from .sampling import SamplingParams, apply_penalties, pick_tokens
-from .static_decode import _qwen_lm
 
 LENGTH_BUCKET = 256
 _IDS = itertools.count()
@@ -111,6 +110,12 @@ class _KV:
         return K[:b, :, : self.kv_len], V[:b, :, : self.kv_len]
 
 
+def qwen_lm(model):
+    """The QWenLMHeadModel inside `model` (itself, or the model a PEFT wrapper holds), else None."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return m if isinstance(m, QWenLMHeadModel) else None
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -120,7 +125,7 @@ class Engine:
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
                  use_graphs: bool | None = None):
-        lm = _qwen_lm(model)
+        lm = qwen_lm(model)
         if lm is None:
             raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
         if lm.training:  # dropout would be on, and NTK/logN are inference-only in Qwen v1

@@ -2,9 +2,10 @@
 
 The semantics are transformers' (and the official Qwen generation's): repetition penalty over the prompt and
 the tokens generated so far (RepetitionPenaltyLogitsProcessor), stop tokens held back until min_new_tokens,
-then argmax or temperature -> top-k -> top-p -> multinomial (``static_decode._pick``, shared with the batch-1
-decoder). Greedy rows are picked together in one argmax; sampling rows one by one (each may have its own
-seeded generator).
+then argmax or temperature -> top-k -> top-p -> multinomial (``pick_one``). Greedy rows are picked together in
+one argmax; sampling rows one by one (each may have its own seeded generator). A transformers GenerationConfig
+maps onto SamplingParams; options the engine does not implement (beams, no_repeat_ngram_size, ...) are named
+by ``unsupported_options`` so callers can refuse them in one line (or fall back to generate()).
 """
 
 from __future__ import annotations
@@ -13,8 +14,21 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+from transformers import GenerationConfig
 
-from .static_decode import _pick, unsupported_options
+# GenerationConfig fields the engine implements (anything else set away from its default is refused).
+_SUPPORTED = {
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "eos_token_id", "pad_token_id", "bos_token_id", "chat_format", "max_window_size", "transformers_version",
+    "use_cache", "return_dict_in_generate", "output_scores", "output_logits", "cache_implementation",
+}
+
+
+def unsupported_options(gc: GenerationConfig) -> list[str]:
+    """The generation options set in `gc` (away from transformers' defaults) that the engine does not implement."""
+    default = GenerationConfig().to_dict()
+    given = gc.to_dict()
+    return sorted(k for k, v in given.items() if k not in _SUPPORTED and k in default and default[k] != v)
 
 
 @dataclass
@@ -96,8 +110,32 @@ def pick_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: 
             out[i] = t
     for i, p in enumerate(params):
         if p.do_sample:
-            out[i] = int(_pick(scores[i], p, generators[i]))
+            out[i] = int(pick_one(scores[i], p, generators[i]))
     return out
 
 
-__all__ = ["SamplingParams", "apply_penalties", "pick_tokens"]
+def pick_one(scores: torch.Tensor, params, generator=None) -> torch.Tensor:
+    """The next token from fp32 scores [V]: argmax, or a sample after temperature, top-k and top-p (the order
+    and semantics of transformers' warpers; top_k 0 and top_p 1 are off). ``params``: a SamplingParams (or any
+    object with its do_sample / temperature / top_k / top_p fields, such as a GenerationConfig)."""
+    if not params.do_sample:
+        return scores.argmax()
+    temperature = params.temperature if params.temperature is not None else 1.0
+    if temperature != 1.0:
+        scores = scores / temperature
+    top_k = params.top_k or 0
+    if 0 < top_k < scores.shape[0]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    top_p = params.top_p if params.top_p is not None else 1.0
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores)  # ascending
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - top_p
+        remove[-1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(0, order, remove), -float("inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+__all__ = ["SamplingParams", "apply_penalties", "pick_tokens", "pick_one", "unsupported_options"]

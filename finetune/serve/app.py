@@ -151,8 +151,9 @@ class Run:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
-    async def deltas(self, http: Request):
-        """Text deltas until the request finishes (or hits a stop string); cancels it if the client leaves."""
+    async def deltas(self, http: Request, every_step: bool = False):
+        """Text deltas until the request finishes (or hits a stop string); cancels it if the client leaves.
+        ``every_step``: also an empty delta for a step whose tokens add no text yet (one per step with tokens)."""
         seen = 0
         try:
             while True:
@@ -172,10 +173,10 @@ class Run:
                     delta += self.text.finish()
                     self.finish_reason = "stop" if self.text.stopped else (
                         "length" if p.finish_reason == "length" else "stop")
-                    if delta:
+                    if delta or (every_step and new):
                         yield delta
                     return
-                if delta:
+                if delta or (every_step and new):
                     yield delta
         finally:
             if self.finish_reason is None or self.text.stopped:
@@ -294,12 +295,16 @@ async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Reques
 
     With functions/tools the reply can only be told apart (call or answer) once it is complete, so it is
     generated whole and sent as one delta (a tool call, or the answer's text) before the finishing chunk."""
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and options.continuous_usage_stats  # (as vLLM: only with include_usage)
 
     def chunk(delta: dict, finish=None) -> dict:
         c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
              "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-        if include_usage:
+        if continuous:
+            c["usage"] = run.usage()
+        elif include_usage:
             c["usage"] = None
         return c
 
@@ -319,7 +324,7 @@ async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Reques
                 yield _sse(chunk(delta))
             finish = call_reason or run.finish_reason
         else:
-            async for delta in run.deltas(http):
+            async for delta in run.deltas(http, every_step=continuous):
                 yield _sse(chunk({"content": delta}))
             finish = run.finish_reason
     except ClientGone:

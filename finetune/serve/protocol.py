@@ -29,6 +29,10 @@ class APIError(Exception):
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    # vLLM's extension (with include_usage): every chunk carries the usage so far, and a chunk goes out for every decode step that
+    # produced tokens, also when they add no visible text yet (a held-back partial character or stop-string
+    # prefix, or tokens that decode to nothing): clients can time and count tokens, not text
+    continuous_usage_stats: bool = False
 
 
 class ChatCompletionRequest(BaseModel):

@@ -28,3 +28,6 @@ def test_decode_bench_tiny_writes_every_workload(tmp_path):
         assert e["tokens_per_s"] > 0 and e["tiny"] is True and "error" not in e
     assert by["b1_512"]["agrees_with_generate"] and by["b1_512_adapter"]["agrees_with_generate"]
     assert by["b64_mixed"]["rows"] == 5 and by["b64_mixed"]["prefill_s"] > 0
+    # eval's figures come from the generated token ids it reports, not from re-encoded reply text
+    for name in ("eval_256", "eval_32_generate"):
+        assert by[name]["generated_tokens"] > 0 and by[name]["generation_s"] > 0

@@ -133,3 +133,42 @@ def test_int4_model_with_two_adapters_per_row(tok):
             assert rel < BF16_LOGITS_REL, (r.id, i, rel)
             if i >= len(a) or i >= len(r.output_ids) or r.output_ids[i] != a[i]:
                 break
+
+
+def _solo_with_gaps(model, tok, prompt, n):
+    """A prompt decoded alone (greedy): its tokens and the top-2 logit gap at each step."""
+    e = Engine(model, tok, max_batch=1)
+    rec = _record_logits(e)
+    out = e.generate([prompt], SamplingParams(max_new_tokens=n))[0]
+    steps = next(iter(rec.values()))
+    gaps = [float(t[0] - t[1]) for t in (s.topk(2).values for s in steps)]
+    return out, gaps
+
+
+def join_and_leave(model, tok):
+    """Row a finishes early (its tokens never change afterwards), row c joins a running batch: every row gets
+    the tokens it gets alone (up to a near-tie, where batch shapes may pick either token). Returns the rows cut
+    at a near-tie."""
+    a, b, c = prompts([7, 120, 30], seed=5)
+    solo = [_solo_with_gaps(model, tok, p, n) for p, n in ((a, 6), (b, 40), (c, 20))]
+    engine = Engine(model, tok, max_batch=4)
+    ra = engine.submit(a, SamplingParams(max_new_tokens=6))
+    rb = engine.submit(b, SamplingParams(max_new_tokens=40))
+    rc, frozen, steps = None, None, 0
+    while engine.has_work():
+        got = engine.step()
+        steps += 1
+        if ra.finished:
+            if frozen is None:
+                frozen = list(ra.output_ids)
+            else:
+                assert ra not in got
+            assert ra.output_ids == frozen
+        if steps == 3:
+            rc = engine.submit(c, SamplingParams(max_new_tokens=20))
+    return assert_agree([ra.output_ids, rb.output_ids, rc.output_ids], solo)
+
+
+def test_graphed_rows_leaving_and_joining_get_their_solo_tokens_in_fp32(tok):
+    model = realistic_model(3).to("cuda")
+    assert join_and_leave(model, tok) <= 1

@@ -293,3 +293,28 @@ def test_the_chat_engine_does_not_keep_its_model_alive(tok, monkeypatch):
     del model
     gc.collect()
     assert ref() is None
+
+
+def test_stop_ids_and_min_new_tokens_as_generate_applies_them(tok):
+    """A request's stop ids end it where generate() with those eos ids ends (the stop token itself is not in the
+    output: generate() returns it), and min_new_tokens holds the stops back exactly as generate()'s
+    MinNewTokensLengthLogitsProcessor does."""
+    model = tiny(seed=25)
+    p = prompts([9], seed=26)[0]
+    ids = torch.tensor([p])
+
+    def hf(**kw):
+        gc = GenerationConfig(do_sample=False, max_new_tokens=30, pad_token_id=0, **kw)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, len(p):].tolist()
+
+    free = hf(eos_token_id=None)
+    stop = free[5]
+    first = free.index(stop)
+    engine = Engine(model, tok, max_batch=1)
+    stopped = engine.generate([p], SamplingParams(max_new_tokens=30, stop_token_ids=(stop,)))[0]
+    assert stopped + [stop] == hf(eos_token_id=[stop]) == free[:first + 1]
+    held = SamplingParams(max_new_tokens=30, min_new_tokens=first + 3, stop_token_ids=(stop,))
+    got = engine.generate([p], held)[0]
+    ref = hf(eos_token_id=[stop], min_new_tokens=first + 3)
+    assert stop not in got[:first + 3]
+    assert got == (ref[:-1] if ref[-1] == stop else ref)

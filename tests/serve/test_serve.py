@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,23 +51,11 @@ def served(tmp_path_factory):
 
 
 class Live:
-    """uvicorn serving the app in a thread on a socket bound to 127.0.0.1:0 (a free port)."""
+    """The app served in the background (finetune.serve.background) and clients for it."""
 
-    def __init__(self, server):
-        from finetune.serve.app import create_app
-
-        self.server = server
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-        self.uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning"))
-        self.thread = threading.Thread(target=self.uv.run, kwargs={"sockets": [sock]}, daemon=True)
-        self.thread.start()
-        for _ in range(300):  # bounded: 30 s
-            if self.uv.started:
-                break
-            time.sleep(0.1)
-        assert self.uv.started, "the server did not start"
+    def __init__(self, live):
+        self.server = live.server
+        self.url = live.url
 
     def client(self, key=KEY, timeout=120.0):
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, timeout=timeout, max_retries=0)
@@ -78,21 +65,17 @@ class Live:
 
         return httpx.get(self.url + "/health", timeout=10).json()
 
-    def close(self):
-        self.uv.should_exit = True
-        self.thread.join(30)
-
 
 @pytest.fixture(scope="module")
 def live(served):
+    from finetune.serve.background import serve_in_background
     from finetune.serve.cli import _parser, build_server
 
     args = _parser().parse_args(["-m", str(served["model"]), "--adapter", f"a={served['a']}",
                                  "--adapter", f"b={served['b']}", "--adapter", f"tools={served['tools']}",
                                  "--api-key", KEY, "--max-batch", "8", "--max-queue", "8"])
-    srv = Live(build_server(args))
-    yield srv
-    srv.close()
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        yield Live(bg)
 
 
 @pytest.fixture(scope="module")
@@ -403,16 +386,15 @@ def importlib_missing(name: str) -> bool:
 @pytest.mark.cuda
 def test_on_cuda_adapters_answer_their_memorised_answers_concurrently(served):
     """The server over the CUDA engine (graphed decode steps): both adapters, concurrently, greedy."""
+    from finetune.serve.background import serve_in_background
     from finetune.serve.cli import _parser, build_server
 
     args = _parser().parse_args(["-m", str(served["model"]), "--adapter", f"a={served['a']}",
                                  "--adapter", f"b={served['b']}", "--api-key", KEY, "--device", "cuda"])
-    srv = Live(build_server(args))
-    try:
-        client = srv.client()
+
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        client = Live(bg).client()
         jobs = [(name, q, a) for name, pairs in (("a", MEMORISE), ("b", OTHER)) for q, a in pairs] * 2
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda j: ask(client, j[0], j[1]).choices[0].message.content, jobs, timeout=300))
         assert answers == [a for _, _, a in jobs]
-    finally:
-        srv.close()
