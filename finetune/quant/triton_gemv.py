@@ -461,6 +461,17 @@ def _full(cfg) -> tuple:
     return cfg if len(cfg) == 6 else cfg + (False,)
 
 
+def _check_v2(cfg, bits: int) -> None:
+    """A second-design config this problem cannot compile says so in one line (instead of a compiler error)."""
+    kind, block_n, block_k = cfg[:3]
+    per = 32 // bits
+    if block_k % per or block_n & (block_n - 1) or (block_k // per) & (block_k // per - 1):
+        raise ValueError(f"triton_gemv: config {cfg}: BLOCK_N and BLOCK_K / {per} must be powers of two")
+    if kind == "dot" and (block_n < 16 or block_k // per < 16):
+        raise ValueError(f"triton_gemv: config {cfg}: tl.dot needs BLOCK_N >= 16 and BLOCK_K >= {16 * per} "
+                         f"({bits}-bit values, {per} per word)")
+
+
 def _dims(cfg) -> tuple:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, uses tensor cores) of either config form."""
     if _is_v2(cfg):
@@ -617,6 +628,7 @@ def triton_gemv(
         grid, split, k_per_split = _plan(cfg, M, K, N, bits, device)
         warps = _dims(cfg)[3]
         if _is_v2(cfg):
+            _check_v2(cfg, bits)
             compiled = _gemv2_kernel[grid](*args2(split, k_per_split, cfg), num_warps=warps)
             return compiled, grid, split, k_per_split, cfg, None, None
         if split == 1:
