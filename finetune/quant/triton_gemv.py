@@ -104,6 +104,7 @@ _TUNE_MS: dict = {}  # tune key -> [(config, median ms)] as the tuner measured t
 _COMPILED: dict = {}
 _SM_COUNT: dict = {}
 _COUNTERS: dict = {}
+_OLD_COUNTERS: list = []
 
 
 @triton.jit
@@ -494,14 +495,19 @@ def _sm_count(device: torch.device) -> int:
 
 
 def _counters(device: torch.device, n: int) -> torch.Tensor:
-    """The split-K arrival counters (int32, zero between launches: the last program of each N block resets its
-    own), one buffer per (device, stream): kernels of one stream never overlap, two streams' could."""
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
+    """The split-K arrival counters: int32, zero between launches (the last program of each N block resets its
+    own). One buffer per device, made by an eager call (the tuning call precedes any graph capture) and never
+    freed: graphs captured earlier keep pointing at it. A call inside a graph capture that finds no buffer large
+    enough gets its own zeroed one (the graph then zeroes it before each replay). Two GEMVs running concurrently
+    on two streams of one device would share the counters: the callers here (engine, chat) decode on one stream."""
+    key = (device.type, device.index)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return torch.zeros(n, dtype=torch.int32, device=device)
+        buf = torch.zeros(max(n, 65536), dtype=torch.int32, device=device)
         _COUNTERS[key] = buf
+        _OLD_COUNTERS.append(buf)  # kept alive for the graphs that captured it
     return buf
 
 
