@@ -28,7 +28,7 @@ Two designs, both candidates of one tuner (``configs_for``):
   one fp32 per word and column and is summed over the words once, after the loop. The K splits of an N block
   are summed inside the same launch: every split stores its fp32 partial, the program that arrives last (an
   atomic counter per N block, reset by that program) adds the partials in split order and writes y (no second
-  kernel, still deterministic). The counters are per (device, stream).
+  kernel, still deterministic). The counters are per device (``_counters``).
 
 Work split: the grid is (N blocks, K splits). One program handles BLOCK_N outputs for all M rows (the weight
 tile is loaded once for every row) over one range of K, prefetching the next tile's words while it computes
@@ -323,7 +323,9 @@ def _gemv2_kernel(
     offs_w = tl.arange(0, BKW)
     zshift = (offs_n % PER) * BITS
     zcols = offs_n // PER
-    qw_cols = qweight_ptr + offs_n[None, :]
+    # int32 offsets within a tile, computed once (a Linear's packed words number < 2**31); each K block adds a
+    # scalar row offset to the base pointer
+    tile = offs_w[:, None] * stride_qw + offs_n[None, :]
 
     k_start = pid_s * K_PER_SPLIT
     KW = K // PER
@@ -336,17 +338,17 @@ def _gemv2_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BKW, BLOCK_N], dtype=tl.float32)
 
-    rows = k_start // PER + offs_w
-    packed = tl.load(qw_cols + (rows.to(tl.int64) * stride_qw)[:, None], mask=(rows < KW)[:, None] & mask_n[None, :],
+    row0 = k_start // PER
+    packed = tl.load(qweight_ptr + row0 * stride_qw + tile, mask=(row0 + offs_w < KW)[:, None] & mask_n[None, :],
                      other=0)
     # A fixed trip count; the last split's iterations past K load no weights (q = 0: finite w) and no x (0).
     for it in range(0, n_iter):
         k0 = k_start + it * BLOCK_K
         # prefetch the next tile's words while this one is computed (the last iteration: a limit of 0 words)
-        rows = (k0 + BLOCK_K) // PER + offs_w
+        row0 = (k0 + BLOCK_K) // PER
         next_limit = tl.where(it + 1 < n_iter, KW, 0)
-        nxt = tl.load(qw_cols + (rows.to(tl.int64) * stride_qw)[:, None],
-                      mask=(rows < next_limit)[:, None] & mask_n[None, :], other=0)
+        nxt = tl.load(qweight_ptr + row0 * stride_qw + tile,
+                      mask=(row0 + offs_w < next_limit)[:, None] & mask_n[None, :], other=0)
         kw0 = k0 + offs_w * PER  # [BKW]: the first input row of each word
         if GMODE == 0:  # the whole K block in one group: one row of terms, broadcast over the words
             g = tl.minimum(k0, K - 1) // GROUP_SIZE
