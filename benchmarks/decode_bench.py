@@ -209,6 +209,10 @@ def gemv_part(device, shape_sets=("14b",), rows_list=GEMV_ROWS) -> list[dict]:
                 else:
                     shown = row.get("error", f"rel_err {row['rel_err']:.1e} (not timed)")
                 print(f"{name:16s} {K:5d}x{N:<5d} rows={M:<3d} {row['config']:34s} {shown}", flush=True)
+                if row.get("tuner_ms"):
+                    top = sorted(row["tuner_ms"], key=lambda t: t[1])[:3]
+                    print("  tuner (one launch after an L2 flush, median of 5): "
+                          + ", ".join(f"{c} {ms * 1e3:.1f} us" for c, ms in top), flush=True)
             if not timed:
                 continue
             # the dequantize-then-matmul path GPTQLinear takes above 64 rows, for scale

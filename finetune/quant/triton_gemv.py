@@ -70,6 +70,8 @@ _CONFIGS_M1 = [
     ("fma", 512, 32, -4, 4),
     ("fma", 128, 64, -16, 4),
     ("fma", 256, 128, -2, 8),
+    ("fma", 256, 64, -32, 2),  # many small programs of 1-2 K blocks (GemLite's GEMV shape of work)
+    ("fma", 128, 32, -32, 1),
     ("dot", 128, 128, -4, 4),
     ("dot", 64, 128, -8, 4),
     (128, 128, 0, 4, False, True),
@@ -339,8 +341,9 @@ def _gemv2_kernel(
         acc = tl.zeros([BLOCK_M, BKW, BLOCK_N], dtype=tl.float32)
 
     row0 = k_start // PER
+    # the weight is read once: evict it first, so x, scales and zero points stay in L2 for the other programs
     packed = tl.load(qweight_ptr + row0 * stride_qw + tile, mask=(row0 + offs_w < KW)[:, None] & mask_n[None, :],
-                     other=0)
+                     other=0, eviction_policy="evict_first")
     # A fixed trip count; the last split's iterations past K load no weights (q = 0: finite w) and no x (0).
     for it in range(0, n_iter):
         k0 = k_start + it * BLOCK_K
@@ -348,7 +351,8 @@ def _gemv2_kernel(
         row0 = (k0 + BLOCK_K) // PER
         next_limit = tl.where(it + 1 < n_iter, KW, 0)
         nxt = tl.load(qweight_ptr + row0 * stride_qw + tile,
-                      mask=(row0 + offs_w < next_limit)[:, None] & mask_n[None, :], other=0)
+                      mask=(row0 + offs_w < next_limit)[:, None] & mask_n[None, :], other=0,
+                      eviction_policy="evict_first")
         kw0 = k0 + offs_w * PER  # [BKW]: the first input row of each word
         if GMODE == 0:  # the whole K block in one group: one row of terms, broadcast over the words
             g = tl.minimum(k0, K - 1) // GROUP_SIZE
