@@ -31,8 +31,8 @@ Two designs, both candidates of one tuner (``configs_for``):
   kernel, still deterministic). The counters are per device (``_counters``).
 
 Work split: the grid is (N blocks, K splits). One program handles BLOCK_N outputs for all M rows (the weight
-tile is loaded once for every row) over one range of K, prefetching the next tile's words while it computes
-the current one. Bandwidth needs many loads in flight: a shape such as N=5120 has only 20-80 N blocks for 132
+tile is loaded once for every row) over one range of K, prefetching the next tile's words (and, in the second
+design, its zero points and scales when a K block lies in one group) while it computes the current one. Bandwidth needs many loads in flight: a shape such as N=5120 has only 20-80 N blocks for 132
 SMs, so the configs split K for about 2-16 programs per SM. ``EVEN_N`` drops the N masks so the int32 words along
 N load as 16-byte vectors; 9..64 rows use a small-M GEMM (the tile dequantized in registers, ``tl.dot``).
 ``benchmarks/decode_bench.py --part gemv`` times every config against a device copy. The best config per (K, N,
@@ -257,18 +257,23 @@ def _gemv_kernel(
 
 
 @triton.jit
-def _scale_terms(qzeros_ptr, scales_ptr, g, zcols, zshift, offs_n, mask, stride_qz, stride_s,
-                 BITS: tl.constexpr, V2: tl.constexpr):
+def _load_meta(qzeros_ptr, scales_ptr, g, zcols, offs_n, mask, stride_qz, stride_s):
+    """The packed zero-point words and the scales of groups ``g`` (any shape that broadcasts with offs_n)."""
+    zw = tl.load(qzeros_ptr + g * stride_qz + zcols, mask=mask, other=0)
+    s = tl.load(scales_ptr + g * stride_s + offs_n, mask=mask, other=0.0)
+    return zw, s
+
+
+@triton.jit
+def _scale_terms(zw, s, zshift, BITS: tl.constexpr, V2: tl.constexpr):
     """(S, C) with (q - zero) * scale == fma(1 + q / 2048, S, C) exactly: S = 2048 * scale, C = -(2048 + zero) * scale.
 
-    ``g``: the group of each element (any shape that broadcasts with offs_n); zero points and scales are loaded
-    for it. Both terms are exact in fp32: 2048 + zero < 4096 (12 bits) times an fp16 scale (11 bits)."""
+    Both terms are exact in fp32: 2048 + zero < 4096 (12 bits) times an fp16 scale (11 bits)."""
     MASK: tl.constexpr = (1 << BITS) - 1
-    zw = tl.load(qzeros_ptr + g * stride_qz + zcols, mask=mask, other=0)
     z = (zw >> zshift) & MASK
     if not V2:
         z = z + 1
-    s = tl.load(scales_ptr + g * stride_s + offs_n, mask=mask, other=0.0).to(tl.float32)
+    s = s.to(tl.float32)
     return s * 2048.0, -(z.to(tl.float32) + 2048.0) * s
 
 
@@ -344,6 +349,9 @@ def _gemv2_kernel(
     # the weight is read once: evict it first, so x, scales and zero points stay in L2 for the other programs
     packed = tl.load(qweight_ptr + row0 * stride_qw + tile, mask=(row0 + offs_w < KW)[:, None] & mask_n[None, :],
                      other=0, eviction_policy="evict_first")
+    if GMODE == 0:  # the whole K block in one group: one row of zero points and scales, also prefetched
+        zw, sc = _load_meta(qzeros_ptr, scales_ptr, tl.minimum(k_start, K - 1) // GROUP_SIZE, zcols, offs_n, mask_n,
+                            stride_qz, stride_s)
     # A fixed trip count; the last split's iterations past K load no weights (q = 0: finite w) and no x (0).
     for it in range(0, n_iter):
         k0 = k_start + it * BLOCK_K
@@ -354,16 +362,19 @@ def _gemv2_kernel(
                       mask=(row0 + offs_w < next_limit)[:, None] & mask_n[None, :], other=0,
                       eviction_policy="evict_first")
         kw0 = k0 + offs_w * PER  # [BKW]: the first input row of each word
-        if GMODE == 0:  # the whole K block in one group: one row of terms, broadcast over the words
-            g = tl.minimum(k0, K - 1) // GROUP_SIZE
-            S, C = _scale_terms(qzeros_ptr, scales_ptr, g, zcols, zshift, offs_n, mask_n, stride_qz, stride_s,
-                                BITS, V2)
+        if GMODE == 0:
+            zw_next, sc_next = _load_meta(qzeros_ptr, scales_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE,
+                                          zcols, offs_n, mask_n, stride_qz, stride_s)
+            S, C = _scale_terms(zw, sc, zshift, BITS, V2)
             S = S[None, :]
             C = C[None, :]
+            zw = zw_next
+            sc = sc_next
         elif GMODE == 1:  # every word's PER rows in one group (GROUP_SIZE % PER == 0)
             g = (tl.minimum(kw0, K - 1) // GROUP_SIZE).to(tl.int64)[:, None]
-            S, C = _scale_terms(qzeros_ptr, scales_ptr, g, zcols[None, :], zshift[None, :], offs_n[None, :],
-                                mask_n[None, :], stride_qz, stride_s, BITS, V2)
+            zw, sc = _load_meta(qzeros_ptr, scales_ptr, g, zcols[None, :], offs_n[None, :], mask_n[None, :],
+                                stride_qz, stride_s)
+            S, C = _scale_terms(zw, sc, zshift[None, :], BITS, V2)
         for j in tl.static_range(PER):
             kk = kw0 + j  # [BKW]: this bit position's input row of each word
             if GMODE == 2:
@@ -371,8 +382,9 @@ def _gemv2_kernel(
                     g = tl.minimum(kk, K - 1) // GROUP_SIZE
                 else:
                     g = tl.load(g_idx_ptr + kk, mask=kk < K, other=0)
-                S, C = _scale_terms(qzeros_ptr, scales_ptr, g.to(tl.int64)[:, None], zcols[None, :],
-                                    zshift[None, :], offs_n[None, :], mask_n[None, :], stride_qz, stride_s, BITS, V2)
+                zw, sc = _load_meta(qzeros_ptr, scales_ptr, g.to(tl.int64)[:, None], zcols[None, :], offs_n[None, :],
+                                    mask_n[None, :], stride_qz, stride_s)
+                S, C = _scale_terms(zw, sc, zshift[None, :], BITS, V2)
             if BITS * j < POS:
                 v = packed << (POS - BITS * j)
             elif BITS * j > POS:
