@@ -237,7 +237,29 @@ def gemv_part(device, shape_sets=("14b",), rows_list=GEMV_ROWS) -> list[dict]:
         del layers
         if timed:
             torch.cuda.empty_cache()
+    if timed:
+        print_gemv_summary(results)
     return [dict(r, copy_tbps=copy_bps / 1e12, read_tbps=read_bps / 1e12) for r in results]
+
+
+def print_gemv_summary(results) -> None:
+    """One line per (shape, rows): the fastest config, the tuner's pick and dequantize+matmul."""
+    print("\nsummary (% of the device copy rate):")
+    print(f"{'layer':16s} {'rows':>4s}  {'best config':34s} {'us':>7s} {'%copy':>6s}  {'tuned us':>8s} {'%copy':>6s}"
+          f"  {'dq+mm us':>8s}")
+    keys = list(dict.fromkeys((r["layer"], r["rows"]) for r in results))
+    for layer, rows in keys:
+        mine = [r for r in results if (r["layer"], r["rows"]) == (layer, rows) and "us" in r]
+        cands = [r for r in mine if not r["config"].startswith(("tuned", "dequantize"))]
+        tuned = next((r for r in mine if r["config"].startswith("tuned")), None)
+        dq = next((r for r in mine if r["config"] == "dequantize+matmul"), None)
+        if not cands:
+            print(f"{layer:16s} {rows:4d}  (no config ran)")
+            continue
+        best = min(cands, key=lambda r: r["us"])
+        t = f"{tuned['us']:8.1f} {tuned['pct_copy']:6.1f}" if tuned else f"{'-':>8s} {'-':>6s}"
+        d = f"{dq['us']:8.1f}" if dq else f"{'-':>8s}"
+        print(f"{layer:16s} {rows:4d}  {best['config']:34s} {best['us']:7.1f} {best['pct_copy']:6.1f}  {t}  {d}")
 
 
 # -- (b) engine workloads -------------------------------------------------------------------------------------------
