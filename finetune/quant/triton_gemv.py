@@ -79,10 +79,10 @@ _CONFIGS_M1 = [
 # 2..8 rows: the weight tile dequantized once for every row; FMAs, or tensor-core dots with the rows padded to 16
 # (free: the kernel is bandwidth bound).
 _CONFIGS_MN = [
+    ("dot", 128, 128, -4, 4),
     ("fma", 128, 64, -8, 4),
     ("fma", 256, 32, -4, 4),
     ("fma", 64, 64, -8, 2),
-    ("dot", 128, 128, -4, 4),
     ("dot", 64, 128, -8, 4),
     ("dot", 128, 256, -4, 8),
     (128, 128, 0, 4, True, False),
