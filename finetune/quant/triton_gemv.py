@@ -19,10 +19,10 @@ Two designs, both candidates of one tuner (``configs_for``):
   2**23 + q), then (qf - zf) * scale; split-K partials summed by a second kernel. It reached 23% of the device
   copy rate at one row on an H200 (benchmarks/NOTES.md, Step 5).
 - The second (``_gemv2_kernel``, ``("fma" | "dot", ...)`` configs), built to spend fewer instructions per weight
-  (at one row an H200 must dequantize ~4 weights per byte read: the kernel is as much instruction-bound as
-  memory-bound): a 2-D [BLOCK_K / PER, BLOCK_N] tile of packed words (N-contiguous: 16-byte loads), unpacked one
-  bit position at a time into a 2-D weight tile (no 3-D broadcast, no reshape); each value is moved to bits 12..
-  of the float 1.0 (one shift and one and/or: the float 1 + q / 2048) and dequantized by ONE multiply-add,
+  (at one row an H200 must dequantize ~2 weights per byte read, ~9 T weights/s: the kernel is as much
+  instruction-bound as memory-bound): a 2-D [BLOCK_K / PER, BLOCK_N] tile of packed words (N-contiguous:
+  16-byte loads), unpacked one bit position at a time into a 2-D weight tile (no 3-D broadcast, no reshape);
+  each value is moved to bits 12.. of the float 1.0 (one shift and one and/or: the float 1 + q / 2048) and dequantized by ONE multiply-add,
   (1 + q / 2048) * (2048 * scale) - (2048 + zero) * scale == (q - zero) * scale, exact (every term fits fp32's
   24 bits, see ``_scale_terms``), with the two terms computed once per group and column; the accumulator keeps
   one fp32 per word and column and is summed over the words once, after the loop. The K splits of an N block
@@ -32,8 +32,9 @@ Two designs, both candidates of one tuner (``configs_for``):
 
 Work split: the grid is (N blocks, K splits). One program handles BLOCK_N outputs for all M rows (the weight
 tile is loaded once for every row) over one range of K, prefetching the next tile's words (and, in the second
-design, its zero points and scales when a K block lies in one group) while it computes the current one. Bandwidth needs many loads in flight: a shape such as N=5120 has only 20-80 N blocks for 132
-SMs, so the configs split K for about 2-16 programs per SM. ``EVEN_N`` drops the N masks so the int32 words along
+design, its zero points and scales when a K block lies in one group) while it computes the current one.
+Bandwidth needs many loads in flight: a shape such as N=5120 has only 20-80 N blocks for 132 SMs, so the
+configs split K for about 2-32 programs per SM. ``EVEN_N`` drops the N masks so the int32 words along
 N load as 16-byte vectors; 9..64 rows use a small-M GEMM (the tile dequantized in registers, ``tl.dot``).
 ``benchmarks/decode_bench.py --part gemv`` times every config against a device copy. The best config per (K, N,
 row bucket, bits, g_idx kind, dtype, ...) is picked once by timing (the median of 5 launches, each after an L2
