@@ -22,8 +22,8 @@ Two designs, both candidates of one tuner (``configs_for``):
   (at one row an H200 must dequantize ~2 weights per byte read, ~9 T weights/s: the kernel is as much
   instruction-bound as memory-bound): a 2-D [BLOCK_K / PER, BLOCK_N] tile of packed words (N-contiguous:
   16-byte loads), unpacked one bit position at a time into a 2-D weight tile (no 3-D broadcast, no reshape);
-  each value is moved to bits 12.. of the float 1.0 (one shift and one and/or: the float 1 + q / 2048) and dequantized by ONE multiply-add,
-  (1 + q / 2048) * (2048 * scale) - (2048 + zero) * scale == (q - zero) * scale, exact (every term fits fp32's
+  each value is moved to bits 12.. of the float 1.0 (one shift and one and/or: the float 1 + q / 2048) and
+  dequantized by ONE multiply-add, (1 + q / 2048) * (2048 * scale) - (2048 + zero) * scale == (q - zero) * scale, exact (every term fits fp32's
   24 bits, see ``_scale_terms``), with the two terms computed once per group and column; the accumulator keeps
   one fp32 per word and column and is summed over the words once, after the loop. The K splits of an N block
   are summed inside the same launch: every split stores its fp32 partial, the program that arrives last (an
