@@ -19,16 +19,16 @@ Two designs, both candidates of one tuner (``configs_for``):
   2**23 + q), then (qf - zf) * scale; split-K partials summed by a second kernel. It reached 23% of the device
   copy rate at one row on an H200 (benchmarks/NOTES.md, Step 5).
 - The second (``_gemv2_kernel``, ``("fma" | "dot", ...)`` configs), built to spend fewer instructions per weight
-  (at one row an H200 must dequantize ~2 weights per byte read, ~9 T weights/s: the kernel is as much
-  instruction-bound as memory-bound): a 2-D [BLOCK_K / PER, BLOCK_N] tile of packed words (N-contiguous:
-  16-byte loads), unpacked one bit position at a time into a 2-D weight tile (no 3-D broadcast, no reshape);
-  each value is moved to bits 12.. of the float 1.0 (one shift and one and/or: the float 1 + q / 2048) and
-  dequantized by ONE multiply-add, (1 + q / 2048) * (2048 * scale) - (2048 + zero) * scale == (q - zero) * scale, exact (every term fits fp32's
-  24 bits, see ``_scale_terms``), with the two terms computed once per group and column; the accumulator keeps
-  one fp32 per word and column and is summed over the words once, after the loop. The K splits of an N block
-  are summed inside the same launch: every split stores its fp32 partial, the program that arrives last (an
-  atomic counter per N block, reset by that program) adds the partials in split order and writes y (no second
-  kernel, still deterministic). The counters are per device (``_counters``).
+  (at one row an H200 must dequantize ~2 weights per byte read, ~9 T weights/s: the kernel is as much instruction-
+  bound as memory-bound): a 2-D [BLOCK_K / PER, BLOCK_N] tile of packed words (N-contiguous: 16-byte loads),
+  unpacked one bit position at a time into a 2-D weight tile (no 3-D broadcast, no reshape); each value is moved
+  to bits 12.. of the float 1.0 (one shift and one and/or: the float 1 + q / 2048) and dequantized by ONE
+  multiply-add, (1 + q / 2048) * (2048 * scale) - (2048 + zero) * scale == (q - zero) * scale, exact (every term
+  fits fp32's 24 bits, see ``_scale_terms``), with the two terms computed once per group and column; the
+  accumulator keeps one fp32 per word and column and is summed over the words once, after the loop. The K splits
+  of an N block are summed inside the same launch: every split stores its fp32 partial, the program that arrives
+  last (an atomic counter per N block, reset by that program) adds the partials in split order and writes y (no
+  second kernel, still deterministic). The counters are per device (``_counters``).
 
 Work split: the grid is (N blocks, K splits). One program handles BLOCK_N outputs for all M rows (the weight
 tile is loaded once for every row) over one range of K, prefetching the next tile's words (and, in the second
