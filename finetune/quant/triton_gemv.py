@@ -38,7 +38,8 @@ configs split K for about 2-32 programs per SM. ``EVEN_N`` drops the N masks so 
 N load as 16-byte vectors; 9..64 rows use a small-M GEMM (the tile dequantized in registers, ``tl.dot``).
 ``benchmarks/decode_bench.py --part gemv`` times every config against a device copy. The best config per (K, N,
 row bucket, bits, g_idx kind, dtype, ...) is picked once by timing (the median of 5 launches, each after an L2
-flush: in decoding every layer's weight comes from HBM; ``_TUNE_MS`` keeps what was measured);
+flush: in decoding every layer's weight comes from HBM; ``_TUNE_MS`` keeps what was measured) among the
+configs that compile and whose first result matches the dequantized matmul;
 ``FINETUNE_GPTQ_TUNE=0`` takes the first config of the list instead.
 """
 
@@ -671,7 +672,13 @@ def triton_gemv(
     tune_key = (K, N, row_bucket(M), bits, bool(v2), trivial, group_size, dtype, qweight.device)
     cfg = _BEST.get(tune_key)
     if cfg is None:
-        cfg = _tune(launch, fast, M, device, tune_key)
+        def reference():
+            """x @ W.T from the plain-torch dequantization (the tuner drops a config whose result is wrong)."""
+            from .packing import dequantize_t
+
+            return x2d.float() @ dequantize_t(qweight, qzeros, scales, g_idx, bits, v2=v2, dtype=dtype).float()
+
+        cfg = _tune(launch, fast, M, device, tune_key, y, reference)
         _BEST[tune_key] = cfg
     hit = launch(cfg)
     if hit[0] is not None and not _INTERPRET:
@@ -679,22 +686,34 @@ def triton_gemv(
     return y
 
 
-def _tune(launch, fast, M, device, tune_key):
-    """The fastest config for one problem (each compiled once, timed from a cold L2; first call only)."""
+def _tune(launch, fast, M, device, tune_key, out, reference):
+    """The fastest config for one problem (each compiled once, timed from a cold L2; first call only). Every
+    candidate's first result is compared with ``reference()`` (the dequantized matmul): a config that fails to
+    compile or gives a wrong result on this GPU is left out with a warning."""
     if _INTERPRET:
         return _INTERPRET_CONFIG
     configs = configs_for(M)
     if not settings().gptq_tune:  # e.g. tests: one compile per problem kind
         return configs[0]
+    ref = reference()
+    ref_norm = max(ref.norm().item(), 1e-30)
     hits, ok = [], []
     for cfg in configs:  # compile; a config this GPU cannot run (e.g. out of shared memory) is left out
         try:
-            hits.append(launch(cfg))
-            ok.append(cfg)
+            hit = launch(cfg)
         except Exception as exc:  # noqa: BLE001  (test_quant_cuda runs every config without this net)
             warnings.warn(f"triton_gemv: config {cfg} failed ({type(exc).__name__}: {exc}); skipped", stacklevel=3)
+            continue
+        err = (out.float() - ref).norm().item() / ref_norm
+        if not err < 1e-2:  # the summation order alone stays near 1e-3 even in bf16
+            warnings.warn(f"triton_gemv: config {cfg} gave a wrong result (relative error {err:.2e} against the "
+                          "dequantized matmul); skipped", stacklevel=3)
+            continue
+        hits.append(hit)
+        ok.append(cfg)
+    del ref
     if not hits:
-        raise RuntimeError("triton_gemv: no kernel config compiled for this problem")
+        raise RuntimeError("triton_gemv: no kernel config compiled and gave the right result for this problem")
     configs = ok
     # Each timed launch follows an L2 flush (> the 50 MiB L2 of an H100/H200): in decoding every layer's
     # weight comes from HBM. The flush also gives the host time to enqueue the launch, so the events time

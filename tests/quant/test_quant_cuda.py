@@ -253,6 +253,30 @@ def test_triton_gemv2_split_k_counters_in_cuda_graphs():
     assert torch.equal(again, eager)
 
 
+def test_triton_gemv_tuner_drops_a_config_with_a_wrong_result(monkeypatch, switches):
+    """A config that compiles but computes something else on this GPU is never picked, however fast."""
+    from finetune.quant import triton_gemv as tg
+
+    switches(gptq_tune=True)
+    ref = torch.randn(1, 64, device="cuda")
+    out = torch.empty_like(ref)
+    monkeypatch.setattr(tg, "_CONFIGS_M1", [("right",), ("wrong",)])
+
+    def launch(cfg):
+        out.copy_(ref if cfg == ("right",) else -ref)
+        return cfg
+
+    def fast(hit):
+        if hit == ("right",):
+            torch.cuda._sleep(100_000)  # the slower one: still the one picked
+        out.copy_(ref if hit == ("right",) else -ref)
+
+    with pytest.warns(UserWarning, match="wrong result"):
+        best = tg._tune(launch, fast, 1, torch.device("cuda"), ("test",), out, lambda: ref)
+    assert best == ("right",)
+    assert [cfg for cfg, _ in tg._TUNE_MS.pop(("test",))] == [("right",)]
+
+
 def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switches):
     from finetune.quant import linear as qlinear
 
