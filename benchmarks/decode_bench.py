@@ -3,9 +3,17 @@ shapes, every kernel config, and (b) the inference engine on the issue-16 worklo
 Int4 model (made by make_model_dir.py), written to benchmarks/results/decode.json.
 
     python benchmarks/decode_bench.py                      # both parts, 14B shape (~5 min on an H200)
-    python benchmarks/decode_bench.py --part gemv          # (a) only
+    python benchmarks/decode_bench.py --part gemv --out /tmp/gemv.json   # (a) only (~2 min: 14B shapes, rows 1 8 32 64)
+    python benchmarks/decode_bench.py --part gemv --gemv-shapes 14b 7b --gemv-rows 1 --out /tmp/gemv.json
+    TRITON_INTERPRET=1 python benchmarks/decode_bench.py --part gemv --gemv-rows 1 8 --out /tmp/g.json  # CPU check
     python benchmarks/decode_bench.py --part engine --workloads b1_512 b64_mixed
     python benchmarks/decode_bench.py --tiny --out /tmp/decode.json   # the same code on the tiny model (CPU)
+
+The GEMV part builds random packed buffers (no model), measures the device copy rate (read + write) and a read
+rate (a sum over 2 GiB), then for every shape and row count times every candidate config of triton_gemv, the
+tuner's pick ("tuned", with what the tuner measured) and dequantize+matmul, each from a CUDA graph over enough
+copies of the layer to exceed the L2 four times (every call reads its weight from HBM), and prints one line per
+config and the best per shape. A config that fails to compile or run is printed with its error; the others run.
 
 Self-checks before anything is timed: every GEMV config against the dequantized matmul (a config that is
 wrong is reported and never timed), and the engine's first greedy tokens against generate()'s (reported as
@@ -45,9 +53,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import finetune  # noqa: E402,F401
 from finetune.inference import Engine, SamplingParams  # noqa: E402
 
-# (in, out) of the four distinct Linear shapes of Qwen-14B
+# (in, out) of the four distinct Linear shapes of Qwen-14B (and of Qwen-7B)
 GEMV_SHAPES = {"c_attn": (5120, 15360), "attn.c_proj": (5120, 5120), "w1/w2": (5120, 13696),
                "mlp.c_proj": (13696, 5120)}
+GEMV_SHAPE_SETS = {"14b": GEMV_SHAPES, "7b": {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096),
+                                              "w1/w2": (4096, 11008), "mlp.c_proj": (11008, 4096)}}
+GEMV_ROWS = (1, 8, 32, 64)
 WORKLOADS = ["b1_512", "b1_ctx2000", "b64_mixed", "eval_256", "b1_512_adapter"]  # the adapter wraps the model: last
 # the same workloads scaled to the tiny model (CPU, seconds)
 TINY = {"b1_512": dict(prompt=24, new=8), "b1_ctx2000": dict(prompt=300, new=4),
@@ -78,17 +89,18 @@ def device_name(device) -> str:
 
 
 # -- (a) GEMV -------------------------------------------------------------------------------------------------------
-def random_layer(K, N, device, seed=0):
+def random_layer(K, N, device, seed=0, group_size=128):
     g = torch.Generator(device=device).manual_seed(seed)
     qweight = torch.randint(-2**31, 2**31 - 1, (K // 8, N), device=device, dtype=torch.int32, generator=g)
-    qzeros = torch.randint(-2**31, 2**31 - 1, (K // 128, N // 8), device=device, dtype=torch.int32, generator=g)
-    scales = (torch.rand(K // 128, N, device=device, generator=g) * 0.02 + 0.001).half()
-    g_idx = (torch.arange(K, device=device) // 128).int()
+    groups = -(-K // group_size)
+    qzeros = torch.randint(-2**31, 2**31 - 1, (groups, N // 8), device=device, dtype=torch.int32, generator=g)
+    scales = (torch.rand(groups, N, device=device, generator=g) * 0.02 + 0.001).half()
+    g_idx = (torch.arange(K, device=device) // group_size).int()
     return dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx)
 
 
-def copy_bandwidth(device, nbytes=2 * 2**30) -> float:
-    """Device copy rate in bytes/s, counting read + write."""
+def copy_bandwidth(device, nbytes=2 * 2**30) -> tuple[float, float]:
+    """(device copy rate counting read + write, read rate of a sum), bytes/s."""
     src = torch.empty(nbytes // 2, dtype=torch.int16, device=device)
     dst = torch.empty_like(src)
     for _ in range(3):
@@ -101,12 +113,22 @@ def copy_bandwidth(device, nbytes=2 * 2**30) -> float:
         dst.copy_(src)
     end.record()
     sync(device)
-    return 2 * nbytes * reps / (start.elapsed_time(end) / 1e3)
+    copy = 2 * nbytes * reps / (start.elapsed_time(end) / 1e3)
+    f = src.view(torch.float16)
+    f.zero_()
+    f.sum()
+    start.record()
+    for _ in range(reps):
+        f.sum()
+    end.record()
+    sync(device)
+    return copy, nbytes * reps / (start.elapsed_time(end) / 1e3)
 
 
 def time_gemv(fn, layers, x, device, reps=3) -> float:
-    """Seconds per call, from a CUDA graph of one call per layer copy (the copies together exceed the L2, as
-    40 layers do in decoding; the graph removes the host launch cost)."""
+    """Seconds per call, from a CUDA graph of one call per layer copy (the copies together exceed the L2 several
+    times, as 40 layers do in decoding, so every call reads its weight from HBM without a flush kernel inside
+    the timing; the graph removes the host launch cost)."""
     for layer in layers:  # outside the capture: tuning, and per-weight checks that read the device once
         fn(x, layer)
     sync(device)
@@ -125,58 +147,119 @@ def time_gemv(fn, layers, x, device, reps=3) -> float:
     return best
 
 
-def gemv_part(device, rows_list=(1, 64)) -> list[dict]:
+def gemv_part(device, shape_sets=("14b",), rows_list=GEMV_ROWS) -> list[dict]:
+    """Every candidate config of triton_gemv, the tuner's pick and dequantize+matmul, per shape and row count.
+
+    On the CPU with TRITON_INTERPRET=1: the same configs on a small layer, checked against the dequantized
+    matmul, not timed (a check that the config lists and this code run)."""
     from finetune.quant import triton_gemv as tg
+    from finetune.quant.linear import dequantize_weight_t
     from finetune.quant.packing import dequantize_t
 
-    copy_bps = copy_bandwidth(device)
-    print(f"device copy: {copy_bps / 1e12:.2f} TB/s (read + write)")
+    timed = device.type == "cuda"
+    if timed:
+        copy_bps, read_bps = copy_bandwidth(device)
+        print(f"device copy: {copy_bps / 1e12:.2f} TB/s (read + write); read (a sum): {read_bps / 1e12:.2f} TB/s",
+              flush=True)
+        shapes = {f"{k}/{name}": v for k in shape_sets for name, v in GEMV_SHAPE_SETS[k].items()}
+    else:
+        copy_bps = read_bps = float("nan")
+        shapes = {"interpreter": (256, 192)}
     results = []
-    for name, (K, N) in GEMV_SHAPES.items():
+    for name, (K, N) in shapes.items():
+        t_shape = time.perf_counter()
         weight_bytes = K * N // 2 + (K // 128) * N * 2 + (K // 128) * (N // 8) * 4
-        copies = max(2, -(-200 * 2**20 // weight_bytes))  # > 200 MiB in all (4x the L2): from HBM
+        copies = max(2, -(-200 * 2**20 // weight_bytes)) if timed else 1  # > 200 MiB in all (4x the L2)
         layers = [random_layer(K, N, device, seed=i) for i in range(copies)]
-        ref_w = dequantize_t(**layers[0], bits=4, dtype=torch.bfloat16).float()
+        ref_w = dequantize_t(**layers[0], bits=4, dtype=torch.bfloat16 if timed else torch.float16).float()
         for M in rows_list:
-            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16 if timed else torch.float16)
             ref = x.float() @ ref_w
-            candidates = [("tuned", None)] + [(str(c), c) for c in tg.configs_for(M)]
+            candidates = [(str(c), c) for c in tg.configs_for(M)] + ([("tuned", None)] if timed else [])
+            best = None
             for label, cfg in candidates:
                 def call(x, layer, cfg=cfg):
                     return tg.triton_gemv(x, **layer, bits=4, group_size=128, trivial_g_idx=True, config=cfg)
-                row = dict(layer=name, K=K, N=N, rows=M, config=label)
+                row = dict(layer=name, K=K, N=N, rows=M, config=label, weight_bytes=weight_bytes)
                 try:
-                    y = call(x, layers[0]).float()
+                    t = time.perf_counter()
+                    y = call(x, layers[0]).float()  # compiles (or, for "tuned", tunes)
+                    row["first_call_s"] = time.perf_counter() - t
                     err = ((y - ref).norm() / ref.norm()).item()
                     row["rel_err"] = err
                     if not err < 5e-3:
                         row["error"] = f"wrong result: relative error {err:.2e} against the dequantized matmul"
-                    else:
+                    elif timed:
                         sec = time_gemv(call, layers, x, device)
                         row.update(us=sec * 1e6, gbps=weight_bytes / sec / 1e9,
-                                   pct_copy=100 * weight_bytes / sec / copy_bps)
-                except Exception as exc:  # noqa: BLE001  (a config this GPU cannot run)
-                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                                   pct_copy=100 * weight_bytes / sec / copy_bps,
+                                   pct_read=100 * weight_bytes / sec / read_bps)
+                except Exception as exc:  # noqa: BLE001  (a config this GPU cannot run: reported, the others run)
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
                 if label == "tuned":
                     key = next((k for k in tg._BEST if k[:3] == (K, N, tg.row_bucket(M))), None)
                     row["config"] = f"tuned {tg._BEST.get(key)}"
+                    row["tuner_ms"] = [[str(c), ms] for c, ms in tg._TUNE_MS.get(key, [])]
+                elif "us" in row and (best is None or row["us"] < best["us"]):
+                    best = row
                 results.append(row)
-                shown = (f"{row['us']:8.1f} us {row['gbps']:7.0f} GB/s {row['pct_copy']:5.1f}% of copy"
-                         if "us" in row else row["error"])
-                print(f"{name:12s} {K}x{N} rows={M:<3d} {row['config']:40s} {shown}", flush=True)
+                if "us" in row:
+                    shown = (f"{row['us']:8.1f} us {row['gbps']:6.0f} GB/s {row['pct_copy']:5.1f}% of copy "
+                             f"{row['pct_read']:5.1f}% of read")
+                else:
+                    shown = row.get("error", f"rel_err {row['rel_err']:.1e} (not timed)")
+                print(f"{name:16s} {K:5d}x{N:<5d} rows={M:<3d} {row['config']:34s} {shown}", flush=True)
+                if row.get("tuner_ms"):
+                    top = sorted(row["tuner_ms"], key=lambda t: t[1])[:3]
+                    print("  tuner (one launch after an L2 flush, median of 5): "
+                          + ", ".join(f"{c} {ms * 1e3:.1f} us" for c, ms in top), flush=True)
+            if not timed:
+                continue
             # the dequantize-then-matmul path GPTQLinear takes above 64 rows, for scale
-            from finetune.quant.linear import dequantize_weight_t
-
             def dq(x, layer):
-                return x @ dequantize_weight_t(**layer, bits=4, v2=False, dtype=torch.bfloat16, group_size=128)
-            sec = time_gemv(dq, layers, x, device)
-            results.append(dict(layer=name, K=K, N=N, rows=M, config="dequantize+matmul", us=sec * 1e6,
-                                gbps=weight_bytes / sec / 1e9, pct_copy=100 * weight_bytes / sec / copy_bps))
-            print(f"{name:12s} {K}x{N} rows={M:<3d} {'dequantize+matmul':40s} {sec * 1e6:8.1f} us "
-                  f"{100 * weight_bytes / sec / copy_bps:5.1f}% of copy", flush=True)
+                return x @ dequantize_weight_t(**layer, bits=4, v2=False, dtype=torch.bfloat16, group_size=128,
+                                               trivial_g_idx=True)
+            row = dict(layer=name, K=K, N=N, rows=M, config="dequantize+matmul", weight_bytes=weight_bytes)
+            try:
+                sec = time_gemv(dq, layers, x, device)
+                row.update(us=sec * 1e6, gbps=weight_bytes / sec / 1e9, pct_copy=100 * weight_bytes / sec / copy_bps,
+                           pct_read=100 * weight_bytes / sec / read_bps)
+                shown = f"{sec * 1e6:8.1f} us {row['gbps']:6.0f} GB/s {row['pct_copy']:5.1f}% of copy"
+            except Exception as exc:  # noqa: BLE001
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                shown = row["error"]
+            results.append(row)
+            print(f"{name:16s} {K:5d}x{N:<5d} rows={M:<3d} {'dequantize+matmul':34s} {shown}", flush=True)
+            if best is not None:
+                vs = f", {row['us'] / best['us']:.1f}x faster than dequantize+matmul" if "us" in row else ""
+                print(f"  best: {best['config']} {best['us']:.1f} us = {best['pct_copy']:.1f}% of copy{vs}", flush=True)
+        print(f"  ({name}: {time.perf_counter() - t_shape:.0f} s)", flush=True)
         del layers
-        torch.cuda.empty_cache()
-    return [dict(r, copy_tbps=copy_bps / 1e12) for r in results]
+        if timed:
+            torch.cuda.empty_cache()
+    if timed:
+        print_gemv_summary(results)
+    return [dict(r, copy_tbps=copy_bps / 1e12, read_tbps=read_bps / 1e12) for r in results]
+
+
+def print_gemv_summary(results) -> None:
+    """One line per (shape, rows): the fastest config, the tuner's pick and dequantize+matmul."""
+    print("\nsummary (% of the device copy rate):")
+    print(f"{'layer':16s} {'rows':>4s}  {'best config':34s} {'us':>7s} {'%copy':>6s}  {'tuned us':>8s} {'%copy':>6s}"
+          f"  {'dq+mm us':>8s}")
+    keys = list(dict.fromkeys((r["layer"], r["rows"]) for r in results))
+    for layer, rows in keys:
+        mine = [r for r in results if (r["layer"], r["rows"]) == (layer, rows) and "us" in r]
+        cands = [r for r in mine if not r["config"].startswith(("tuned", "dequantize"))]
+        tuned = next((r for r in mine if r["config"].startswith("tuned")), None)
+        dq = next((r for r in mine if r["config"] == "dequantize+matmul"), None)
+        if not cands:
+            print(f"{layer:16s} {rows:4d}  (no config ran)")
+            continue
+        best = min(cands, key=lambda r: r["us"])
+        t = f"{tuned['us']:8.1f} {tuned['pct_copy']:6.1f}" if tuned else f"{'-':>8s} {'-':>6s}"
+        d = f"{dq['us']:8.1f}" if dq else f"{'-':>8s}"
+        print(f"{layer:16s} {rows:4d}  {best['config']:34s} {best['us']:7.1f} {best['pct_copy']:6.1f}  {t}  {d}")
 
 
 # -- (b) engine workloads -------------------------------------------------------------------------------------------
@@ -346,20 +429,31 @@ def main(argv=None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the tiny model (the same code, CPU is fine)")
     ap.add_argument("--part", choices=("all", "gemv", "engine"), default="all")
     ap.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=WORKLOADS)
+    ap.add_argument("--gemv-shapes", nargs="+", choices=sorted(GEMV_SHAPE_SETS), default=["14b"],
+                    help="the GEMV part's Linear shapes (default: 14b)")
+    ap.add_argument("--gemv-rows", nargs="+", type=int, default=list(GEMV_ROWS),
+                    help="the GEMV part's row counts, 1..64 (default: 1 8 32 64)")
     ap.add_argument("--model-dir", help="an Int4 model dir to use (default: made under --work)")
     ap.add_argument("--work", default="/tmp/decode_bench", help="where the model dir is made")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
     args = ap.parse_args(argv)
+    bad = [r for r in args.gemv_rows if not 1 <= r <= 64]
+    if bad:
+        ap.error(f"--gemv-rows: {bad[0]} is outside 1..64 (the GEMV's row range)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     meta = dict(commit=commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=device_name(device), torch=torch.__version__, tiny=args.tiny)
     entries = []
     if args.part in ("all", "gemv"):
-        if device.type == "cuda":
-            entries += [dict(workload="gemv", command="python benchmarks/decode_bench.py --part gemv", **r)
-                        for r in gemv_part(device)]
+        if device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+            command = " ".join(["python", "benchmarks/decode_bench.py", "--part", "gemv", "--gemv-shapes",
+                                *args.gemv_shapes, "--gemv-rows", *map(str, args.gemv_rows)])
+            t = time.perf_counter()
+            entries += [dict(workload="gemv", command=command, **r)
+                        for r in gemv_part(device, args.gemv_shapes, args.gemv_rows)]
+            print(f"gemv part: {time.perf_counter() - t:.0f} s", flush=True)
         else:
-            print("gemv part: skipped (needs CUDA and Triton)")
+            print("gemv part: skipped (needs CUDA, or TRITON_INTERPRET=1 for an untimed check of the configs)")
     if args.part in ("all", "engine"):
         entries += engine_part(args, device)
     entries = [dict(e, **meta) for e in entries]

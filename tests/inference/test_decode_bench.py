@@ -1,9 +1,13 @@
 """benchmarks/decode_bench.py --tiny: the decode benchmark's code path end to end on the tiny Int4 model (CPU),
 so the GPU run finds no bug in it: every workload writes its entry with the fields the issue asks for."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+
+import pytest
+import torch
 
 from _helpers import ROOT, subprocess_env
 
@@ -31,3 +35,32 @@ def test_decode_bench_tiny_writes_every_workload(tmp_path):
     # eval's figures come from the generated token ids it reports, not from re-encoded reply text
     for name in ("eval_256", "eval_32_generate"):
         assert by[name]["generated_tokens"] > 0 and by[name]["generation_s"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the GEMV part times the compiled kernels there")
+def test_decode_bench_gemv_part_checks_every_config_in_the_interpreter(tmp_path):
+    """--part gemv on the CPU with TRITON_INTERPRET=1: every candidate config of the row counts asked for runs on a
+    small layer and matches the dequantized matmul (the GPU sweep then finds valid config lists)."""
+    out = tmp_path / "gemv.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--part", "gemv",
+                           "--gemv-rows", "1", "3", "--out", str(out)], cwd=ROOT,
+                          env=subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    entries = json.loads(out.read_text())
+    from finetune.quant.triton_gemv import configs_for  # triton imported without the interpreter: only the lists
+
+    for rows in (1, 3):
+        mine = [e for e in entries if e["workload"] == "gemv" and e["rows"] == rows]
+        assert [e["config"] for e in mine] == [str(c) for c in configs_for(rows)]
+        for e in mine:
+            assert "error" not in e and e["rel_err"] < 5e-3, e
+
+
+def test_decode_bench_rejects_gemv_rows_out_of_range(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--part", "gemv",
+                           "--gemv-rows", "1", "65", "--out", str(tmp_path / "x.json")], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "error: --gemv-rows: 65 is outside 1..64" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

@@ -212,6 +212,71 @@ def test_triton_gemv_tuned_cached_and_unaligned_input(monkeypatch, switches):
         assert torch.equal(tg.triton_gemv(xu, **p, bits=4, group_size=128), y)
 
 
+@pytest.mark.parametrize("config", [("fma", 128, 64, -8, 4), ("dot", 128, 128, -4, 4)], ids=lambda c: c[0])
+def test_triton_gemv2_dequantizes_every_weight_exactly_in_bf16(config):
+    """Rows of the identity: y is W.T rounded to bf16 (round to nearest even on the GPU), bit for bit."""
+    from finetune.quant.triton_gemv import triton_gemv
+
+    p = _random_packed(1024, 640, 4, 128, False, False, seed=8)
+    wt = dequantize_t(**p, bits=4, dtype=torch.bfloat16)
+    eye = torch.eye(1024, device="cuda", dtype=torch.bfloat16)
+    for start in range(0, 1024, 8):
+        y = triton_gemv(eye[start:start + 8], **p, bits=4, group_size=128, trivial_g_idx=True, config=config)
+        assert torch.equal(y, wt[start:start + 8]), start
+
+
+def test_triton_gemv2_split_k_counters_in_cuda_graphs():
+    """The in-launch split-K reduction's counters: reset by every launch (graph replays equal the eager result),
+    and a capture that finds no counters makes its own, zeroed by the graph, without caching them."""
+    from finetune.quant import triton_gemv as tg
+
+    p = _random_packed(5120, 5120, seed=9)
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
+    config = ("fma", 128, 64, 8, 4)  # 40 N blocks x 8 splits
+    eager = tg.triton_gemv(x, **p, bits=4, group_size=128, trivial_g_idx=True, config=config)  # compiles
+    assert int(tg._COUNTERS[("cuda", x.device.index)].abs().sum()) == 0
+    saved = dict(tg._COUNTERS)
+    tg._COUNTERS.clear()  # as if the first call of the process were inside the capture
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y = tg.triton_gemv(x, **p, bits=4, group_size=128, trivial_g_idx=True, config=config)
+        assert not tg._COUNTERS
+        for _ in range(3):
+            y.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(y, eager)
+    finally:
+        tg._COUNTERS.update(saved)
+    again = tg.triton_gemv(x, **p, bits=4, group_size=128, trivial_g_idx=True, config=config)
+    assert torch.equal(again, eager)
+
+
+def test_triton_gemv_tuner_drops_a_config_with_a_wrong_result(monkeypatch, switches):
+    """A config that compiles but computes something else on this GPU is never picked, however fast."""
+    from finetune.quant import triton_gemv as tg
+
+    switches(gptq_tune=True)
+    ref = torch.randn(1, 64, device="cuda")
+    out = torch.empty_like(ref)
+    monkeypatch.setattr(tg, "_CONFIGS_M1", [("right",), ("wrong",)])
+
+    def launch(cfg):
+        out.copy_(ref if cfg == ("right",) else -ref)
+        return cfg
+
+    def fast(hit):
+        if hit == ("right",):
+            torch.cuda._sleep(100_000)  # the slower one: still the one picked
+        out.copy_(ref if hit == ("right",) else -ref)
+
+    with pytest.warns(UserWarning, match="wrong result"):
+        best = tg._tune(launch, fast, 1, torch.device("cuda"), ("test",), out, lambda: ref)
+    assert best == ("right",)
+    assert [cfg for cfg, _ in tg._TUNE_MS.pop(("test",))] == [("right",)]
+
+
 def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switches):
     from finetune.quant import linear as qlinear
 

@@ -189,3 +189,92 @@ def test_interpreted_gemv_even_n_without_n_masks(gemv, desc_act):
             x = torch.randn(m, 256, generator=g)
             y = gemv.triton_gemv(x, **p, bits=4, group_size=32, trivial_g_idx=not desc_act, config=config)
             assert _rel_err(y, _reference(x, p, 4, False)) < TOL[torch.float32], (config, m)
+
+
+# -- the second design (("fma" | "dot", BLOCK_N, BLOCK_K, SPLIT_K, num_warps) configs) ---------------------------
+# BLOCK_K 32..128 against groups of 12 (a group per input row), 32 (per word), 128 / all of K (per K block);
+# SPLIT_K fixed (1, 3) and per SM (-8: as many splits as K allows); BLOCK_N above and below N
+CONFIGS2 = [("fma", 32, 64, -8, 4), ("fma", 16, 128, 1, 2), ("fma", 64, 32, 3, 4), ("dot", 32, 128, 2, 4),
+            ("dot", 16, 128, -8, 4)]
+LAYOUTS2 = [(4, 128, False, False), (4, 32, False, True), (4, 12, False, False), (4, -1, True, False),
+            (8, 128, True, True), (8, -1, False, False)]
+
+
+@pytest.mark.parametrize("bits,group_size,desc_act,v2", LAYOUTS2, ids=lambda v: str(v))
+@pytest.mark.parametrize("config", CONFIGS2, ids=lambda c: "-".join(map(str, c)))
+def test_interpreted_gemv2_equals_dequantized_matmul(gemv, bits, group_size, desc_act, v2, config):
+    """136 -> 8: N below every BLOCK_N and K not a multiple of BLOCK_K (masks on both), 1..20 rows."""
+    p = random_packed(136, 8, bits, group_size, desc_act, v2, seed=bits + group_size)
+    g = torch.Generator().manual_seed(3)
+    for m, dtype in ((1, torch.bfloat16), (1, torch.float32), (3, torch.float16), (8, torch.float32),
+                     (20, torch.float16)):
+        if config[0] == "dot" and dtype == torch.bfloat16:
+            continue  # the interpreter's tl.dot cannot take bf16 (module doc)
+        if m > 8 and config[0] != "dot":
+            continue  # more than 8 rows: the tensor-core configs only (the fma ones would run, but slowly)
+        x = torch.randn(m, 136, generator=g).to(dtype)
+        y = gemv.triton_gemv(x, **p, bits=bits, v2=v2, group_size=group_size, trivial_g_idx=not desc_act,
+                             config=config)
+        assert y.shape == (m, 8) and y.dtype == dtype
+        err = _rel_err(y, _reference(x, p, bits, v2))
+        assert err < TOL[dtype], (m, dtype, err)
+
+
+@pytest.mark.parametrize("config", [("fma", 32, 64, 3, 4), ("dot", 32, 128, 2, 4)], ids=lambda c: c[0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_interpreted_gemv2_dequantizes_every_weight_exactly(gemv, config, dtype):
+    """x = rows of the identity: y is W.T itself, and must equal dequantize_t's weight rounded to x's dtype bit
+    for bit (the one-fma dequantization is exact, not just close)."""
+    bits, group_size = (4, 32) if config[0] == "fma" else (8, 128)
+    p = random_packed(256, 64, bits, group_size, False, False, seed=11)
+    wt = dequantize_t(**p, bits=bits, dtype=dtype)
+    eye = torch.eye(256, dtype=dtype)
+    for start in range(0, 256, 64):
+        rows = eye[start:start + 8]
+        y = gemv.triton_gemv(rows, **p, bits=bits, group_size=group_size, trivial_g_idx=True, config=config)
+        assert torch.equal(y, wt[start:start + 8])
+
+
+def test_interpreted_gemv2_split_k_is_deterministic_and_resets_its_counters(gemv):
+    p = random_packed(512, 64, 4, 128, False, False, seed=12)
+    x = torch.randn(2, 512)
+    config = ("fma", 32, 32, 4, 4)  # 2 N blocks x 4 splits
+    first = gemv.triton_gemv(x, **p, bits=4, group_size=128, trivial_g_idx=True, config=config)
+    counters = gemv._COUNTERS[("cpu", None)]
+    assert int(counters.abs().sum()) == 0  # the last program of each N block reset its counter
+    again = gemv.triton_gemv(x, **p, bits=4, group_size=128, trivial_g_idx=True, config=config)
+    assert torch.equal(first, again)
+    assert _rel_err(first, _reference(x, p, 4, False)) < TOL[torch.float32]
+
+
+def test_interpreted_gemv2_even_n(gemv):
+    """N a multiple of BLOCK_N: no N masks (EVEN_N), each K block in one group, several N blocks and splits."""
+    p = random_packed(512, 128, 4, 128, False, False, seed=13)
+    g = torch.Generator().manual_seed(4)
+    for config in [("fma", 32, 64, -8, 4), ("dot", 64, 128, 2, 4)]:
+        for m in (1, 5):
+            x = torch.randn(m, 512, generator=g)
+            y = gemv.triton_gemv(x, **p, bits=4, group_size=128, trivial_g_idx=True, config=config)
+            assert _rel_err(y, _reference(x, p, 4, False)) < TOL[torch.float32], (config, m)
+
+
+@pytest.mark.parametrize("m", [1, 3, 20])
+def test_interpreted_every_listed_config(gemv, m):
+    """Every config the tuner may pick for m rows (both designs) is valid and exact on a small layer."""
+    p = random_packed(256, 72, 4, 128, False, False, seed=14)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(5)).to(torch.float16)
+    ref = _reference(x, p, 4, False)
+    for config in gemv.configs_for(m):
+        y = gemv.triton_gemv(x, **p, bits=4, group_size=128, trivial_g_idx=True, config=config)
+        assert _rel_err(y, ref) < TOL[torch.float16], config
+
+
+def test_interpreted_gemv2_rejects_bad_configs(gemv):
+    p = random_packed(256, 64)
+    x = torch.randn(1, 256)
+    with pytest.raises(ValueError, match="kind"):
+        gemv.triton_gemv(x, **p, bits=4, trivial_g_idx=True, config=("wmma", 32, 64, 1, 4))
+    with pytest.raises(ValueError, match="BLOCK_K >= 128"):
+        gemv.triton_gemv(x, **p, bits=4, trivial_g_idx=True, config=("dot", 32, 64, 1, 4))
+    with pytest.raises(ValueError, match="powers of two"):
+        gemv.triton_gemv(x, **p, bits=4, trivial_g_idx=True, config=("fma", 48, 64, 1, 4))
