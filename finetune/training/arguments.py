@@ -80,7 +80,12 @@ class TrainingArguments(transformers.TrainingArguments):
     def __post_init__(self):
         if self.optim == "auto":
             self.optim = default_optimizer(self.use_cpu, self.deepspeed)
+        own_accelerator_config = self.accelerator_config is not None
         super().__post_init__()
+        if not own_accelerator_config:
+            # batches go to the GPU from pinned memory without waiting: a blocking copy synchronizes the stream,
+            # so fetching each micro-batch would wait for every step already queued (accelerate's default)
+            self.accelerator_config.non_blocking = True
 
 
 def default_optimizer(use_cpu: bool, deepspeed, cuda: bool | None = None) -> str:

@@ -70,6 +70,19 @@ def test_optim_auto_is_fused_adamw_on_a_gpu_without_deepspeed(tmp_path):
     assert parse_args([str(cfg), "--output_dir", out])[3].optim.value == "adamw_torch"
 
 
+def test_batches_are_copied_to_the_gpu_without_waiting(model, data, tmp_path, monkeypatch):
+    """accelerate copies each batch with non_blocking=False by default, which synchronizes the stream (a full GPU
+    sync per micro-batch); here non_blocking is on unless the user passes an accelerator config."""
+    args = parse_args(["--output_dir", str(tmp_path)])[3]
+    assert args.accelerator_config.non_blocking and args.dataloader_pin_memory
+    own = parse_args(["--output_dir", str(tmp_path), "--accelerator_config", '{"non_blocking": false}'])[3]
+    assert own.accelerator_config.non_blocking is False
+    from finetune.train import train
+
+    trainer = train(*parse_args(train_args(model, data, tmp_path / "o", "--use_lora", "True", "--max_steps", "1")))
+    assert trainer.accelerator.dataloader_config.non_blocking is True
+
+
 @pytest.mark.parametrize("optim, fused, route", [("adamw_torch", False, "host"), ("adamw_torch_fused", True, "device")])
 def test_run_info_records_the_optimizer(model, data, tmp_path, optim, fused, route):
     out = tmp_path / optim
