@@ -247,7 +247,8 @@ def _datasets(tokenizer, data_args, args):
 
 def run_info(trainer, graphs: dict | None = None) -> dict:
     """What actually ran: processes, DeepSpeed's ZeRO stage, CUDA graphs (captures, replayed and eager steps;
-    None when off), optimizer steps skipped for a non-finite loss, and the dtypes of each kind of tensor as the
+    None when off), optimizer steps skipped for a non-finite loss, the optimizer (its class, fused or not, how
+    the non-finite guard kept steps from it), and the dtypes of each kind of tensor as the
     (possibly DeepSpeed-wrapped) model holds them after training."""
     engine = trainer.model_wrapped
     stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
@@ -265,7 +266,7 @@ def run_info(trainer, graphs: dict | None = None) -> dict:
         "compute_dtype": str(trainer.precision.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
         "precision": trainer.precision.record(),
         "global_step": trainer.state.global_step, "cuda_graphs": graphs, "settings": settings_dict(),
-        "nonfinite_skipped_steps": trainer.skipped_steps,
+        "nonfinite_skipped_steps": trainer.skipped_steps, "optimizer": trainer.optimizer_record(),
         "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
     }
 

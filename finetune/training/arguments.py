@@ -60,7 +60,10 @@ class LoraArguments:
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
     cache_dir: str | None = field(default=None, metadata={"help": "Accepted for the official scripts"})
-    optim: str = field(default="adamw_torch")
+    optim: str = field(
+        default="auto", metadata={"help": "auto: adamw_torch_fused on a CUDA GPU without --deepspeed (one kernel "
+                                          "for the whole update), adamw_torch otherwise; or any transformers "
+                                          "optimizer name"})
     resume: bool = field(
         default=False, metadata={"help": "Continue an unfinished run from the last complete checkpoint in "
                                          "--output_dir (a finished run is not continued: start a new run from "
@@ -76,6 +79,28 @@ class TrainingArguments(transformers.TrainingArguments):
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "stop: end with an error naming the step; skip: do not apply that "
                                           "optimizer step, count it (log and run_info.json); not with --deepspeed"})
+
+
+    def __post_init__(self):
+        if self.optim == "auto":
+            self.optim = default_optimizer(self.use_cpu, self.deepspeed)
+        own_accelerator_config = self.accelerator_config is not None
+        super().__post_init__()
+        if not own_accelerator_config:
+            # batches go to the GPU from pinned memory without waiting: a blocking copy synchronizes the stream,
+            # so fetching each micro-batch would wait for every step already queued (accelerate's default)
+            self.accelerator_config.non_blocking = True
+
+
+def default_optimizer(use_cpu: bool, deepspeed, cuda: bool | None = None) -> str:
+    """--optim auto. Fused AdamW (torch's: one kernel for every parameter; it also skips a step flagged by the
+    non-finite guard on the GPU, training/nonfinite.py) where a CUDA GPU trains without DeepSpeed. Under
+    DeepSpeed its ZeRO optimizer steps one flat partition per group, so the plain AdamW costs the same there; a
+    config with its own optimizer block replaces it anyway. On the CPU: adamw_torch, as before."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "adamw_torch_fused" if cuda and not use_cpu and not deepspeed else "adamw_torch"
 
 
 # Names transformers 5 renamed, as the official scripts (and configs written for them) spell them: translated

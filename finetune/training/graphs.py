@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
 import warnings
 
 import torch
@@ -45,6 +47,11 @@ from ..settings import settings
 # lm_head rows per loss chunk inside a graph: launches cost nothing there, and a 1024-token chunk's fp32
 # logits and their gradient (about 2 GB on a 152k vocabulary) would be the largest block in the graph's pool
 GRAPH_LOSS_CHUNK = 256
+
+
+def seed_file_name(process_index: int = 0, world_size: int = 1) -> str:
+    """The checkpoint file holding a process's dropout seed (named as transformers names its RNG state files)."""
+    return "dropout_seed.json" if world_size <= 1 else f"dropout_seed_{process_index}.json"
 
 
 def graphs_unavailable(model: nn.Module) -> str | None:
@@ -133,6 +140,27 @@ class TrainGraphs:
         self.restore_dropouts()
         self.steps.clear()
         self._grads = None
+
+    # -- the seeded-dropout state in checkpoints ------------------------------------------------------------------
+    def save_seed(self, checkpoint_dir: str, process_index: int = 0, world_size: int = 1) -> None:
+        """Write the dropout seed (one file a process, beside the Trainer's RNG state files): a resumed run
+        continues with the masks the uninterrupted run would have drawn."""
+        path = os.path.join(checkpoint_dir, seed_file_name(process_index, world_size))
+        with open(path, "w") as f:
+            json.dump({"seed": int(self.seed)}, f)  # a read at checkpoints only
+
+    def load_seed(self, checkpoint_dir: str, process_index: int = 0, world_size: int = 1) -> bool:
+        """Restore the seed a checkpoint recorded; False when it has none (written without CUDA graphs or
+        before they kept it): the run then continues with other dropout masks than the uninterrupted one."""
+        path = os.path.join(checkpoint_dir, seed_file_name(process_index, world_size))
+        if not os.path.isfile(path):
+            return False
+        with open(path) as f:
+            value = json.load(f).get("seed")
+        if not isinstance(value, int):
+            raise ValueError(f"{path}: 'seed' must be an integer, got {value!r}")
+        self.seed.fill_(value)
+        return True
 
     def stats(self) -> dict:
         out = {"captures": self.captures, "replayed_steps": self.replays, "eager_steps": self.eager_steps}
@@ -381,4 +409,4 @@ class _Replay(torch.autograd.Function):
         return (None,) * (1 + len(step.params))
 
 
-__all__ = ["enable_train_graphs", "graphs_unavailable", "TrainGraphs"]
+__all__ = ["enable_train_graphs", "graphs_unavailable", "seed_file_name", "TrainGraphs"]

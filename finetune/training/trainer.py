@@ -12,18 +12,16 @@ import os
 import shutil
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import ChatCollator, PackedCollator
 from .checks import CHECKPOINT_RUN
+from .host_read import HostRead
+from .nonfinite import FoundInfHooks, NonFiniteGuard, NonFiniteLossError, takes_found_inf, unwrap_optimizer  # noqa: F401  (NonFiniteLossError: re-exported for train.py)
 from .throughput import ThroughputMeter
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 # Unpacked rows under CUDA graphs are padded to a multiple of this: a few shapes (one graph each), at most
@@ -55,7 +53,17 @@ class QwenTrainer(Trainer):
         self._staging_dir = None
         self._lora_layers = None  # PEFT tuner layers, found on first use
         self.skipped_steps = 0  # optimizer steps skipped for a non-finite loss (--on_nonfinite_loss skip)
-        self._nonfinite = None  # the first non-finite micro-batch loss of the current step, if any
+        self.guard = NonFiniteGuard(self.args.on_nonfinite_loss)
+        self._guard_route = None  # "device", "host" or "none": see _install_guard
+        self._found_inf_hooks = None
+        self._skip_this_step = False
+        self.add_callback(_OptimizerStepHook(self))
+        # transformers' filter of non-finite losses from the logged loss reads each loss on the host; done on the
+        # device in training_step instead
+        self._filter_logged_loss = self.args.logging_nan_inf_filter
+        self.args.logging_nan_inf_filter = False
+        self._record = None  # the last optimizer step's values, staged for the host (see _maybe_log_save_evaluate)
+        self._param_count = None
 
     # -- precision --------------------------------------------------------------------------------------
     def _autocast(self):
@@ -106,54 +114,180 @@ class QwenTrainer(Trainer):
         with self._autocast():
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
-    # -- a non-finite loss stops the run (or, with skip, its step) before any optimizer step uses it --------
+    # -- the training step: no host read of a device value (see nonfinite.py and host_read.py) -------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.meter.count(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():
-            if self.args.on_nonfinite_loss != "skip":
-                raise NonFiniteLossError(
-                    f"the loss is {loss.item()} at step {self.state.global_step + 1} (epoch {self.state.epoch:.2f}); "
-                    "stopping before the optimizer applies it. Lower --learning_rate, use --bf16 instead of --fp16, "
-                    "or check the data (--on_nonfinite_loss skip skips such steps); the last checkpoint is intact")
-            if self._nonfinite is None:
-                self._nonfinite = loss.item()
-        if self.args.on_nonfinite_loss == "skip":
-            self._guard_optimizer()
+        finite = self.guard.observe(loss)
+        if self._filter_logged_loss:
+            # transformers' logging_nan_inf_filter (off in its loop: it reads every loss on the host), on the
+            # device: a non-finite loss counts in the logged mean as the mean of the others since the last log
+            loss = torch.where(finite, loss,
+                               self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged))
         return loss
 
-    def _guard_optimizer(self):
-        """Wrap the (accelerate-prepared) optimizer's step once: a step whose gradients come from a non-finite
-        loss on any process is not applied; the gradients are then zeroed by the loop as after every step."""
+    def _begin_optimizer_step(self):
+        """Called before each optimizer step (callback below): the guard decides on the device whether it applies."""
+        found_inf = self.guard.end_step(self.state.global_step + 1, self.args.world_size)
+        if self._guard_route is None:
+            self._guard_route = self._install_guard()
+        if self._guard_route == "host" and found_inf is not None and bool(found_inf):  # a sync: other --optim only
+            if self.guard.mode == "stop":
+                self._read_now()  # raises, naming the step
+            self._skip_this_step = True
+
+    def _install_guard(self) -> str:
+        """How a step the guard rejects is kept from being applied: "device" (the fused optimizer's found_inf),
+        "host" (the step is not called; the flag is read at every step) or "none" (DeepSpeed applies the update
+        inside the backward pass; the run stops at the next read)."""
+        if self.is_deepspeed_enabled:
+            return "none"
+        inner = unwrap_optimizer(self.optimizer)
+        if takes_found_inf(inner):
+            self._found_inf_hooks = FoundInfHooks(inner, self.guard)
+            return "device"
         opt = self.optimizer
-        if getattr(opt, "_skips_nonfinite", False):
-            return
         step = opt.step
 
         @functools.wraps(step)  # keeps the marks torch's LR scheduler puts on the step it wraps
         def guarded_step(*a, **k):
-            bad = self._nonfinite is not None
-            if self.args.world_size > 1:  # every process skips together, or none does
-                import torch.distributed as dist
-
-                flag = torch.tensor(float(bad), device=self.args.device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                bad = bool(flag.item())
-            loss, self._nonfinite = self._nonfinite, None
-            if bad:
-                self.skipped_steps += 1
-                logger.warning("step %d: the loss is %s; the optimizer step is skipped (%d skipped so far)",
-                               self.state.global_step + 1, loss if loss is not None else "non-finite on another process",
-                               self.skipped_steps)
-                if getattr(self.accelerator, "scaler", None) is not None:
-                    # fp16's GradScaler has unscaled these gradients: its step sees them non-finite, skips the
-                    # update itself and lowers the scale (bypassing it would leave the scaler mid-step)
-                    return step(*a, **k)
+            skip, self._skip_this_step = self._skip_this_step, False
+            if skip and getattr(self.accelerator, "scaler", None) is None:
                 return None
+            # fp16's GradScaler has unscaled these gradients: its step sees them non-finite, skips the update
+            # itself and lowers the scale (bypassing it would leave the scaler mid-step)
             return step(*a, **k)
 
         opt.step = guarded_step
-        opt._skips_nonfinite = True
+        return "host"
+
+    def optimizer_record(self) -> dict | None:
+        """For run_info.json: the optimizer that ran and how non-finite steps were kept from it."""
+        if self.optimizer is None:
+            return None
+        inner = self.optimizer
+        for _ in range(8):  # accelerate's wrapper, DeepSpeed's wrapper and ZeRO optimizer: the one that steps
+            if getattr(inner, "optimizer", None) is None:
+                break
+            inner = inner.optimizer
+        return {"optim": str(getattr(self.args.optim, "value", self.args.optim)), "class": type(inner).__name__,
+                "fused": bool(getattr(inner, "defaults", {}).get("fused")),
+                "deepspeed": self.is_deepspeed_enabled, "nonfinite_guard": self._guard_route}
+
+    # -- logging one step late; the guard read with it ------------------------------------------------------
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                 learning_rate=None):
+        """transformers logs here after each optimizer step, reading the loss and gradient norm on the host (a
+        sync per step with --logging_steps 1). Instead, this step's values are staged (host_read.py) and the
+        previous step's are read and logged now, with that step's number and epoch: the log lines and their
+        order are as before. Evaluation, a checkpoint and the end of training read at once (the guard is checked
+        before anything is saved)."""
+        want_log = self.control.should_log
+        self._take_record()
+        self.control.should_log = want_log  # logging the previous step resets it
+        log = want_log and self.state.global_step > self._globalstep_last_logged
+        self._stage_record(tr_loss, grad_norm, learning_rate, start_time, log)
+        self.control.should_log = False
+        if self.control.should_evaluate or self.control.should_save or self.control.should_training_stop:
+            self._take_record()
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, trial, epoch, ignore_keys_for_eval, start_time,
+                                         learning_rate=learning_rate)
+
+    def _stage_record(self, tr_loss, grad_norm, learning_rate, start_time, log: bool):
+        values = self.guard.snapshot()
+        rec = {"step": self.state.global_step, "epoch": self.state.epoch, "log": None,
+               "tokens": self.state.num_input_tokens_seen, "guard": values is not None}
+        parts = [] if values is None else [values]
+        if log:
+            from transformers.trainer_pt_utils import nested_gather
+
+            loss = nested_gather(tr_loss, self.args.parallel_mode).mean().detach().float().reshape(1)
+            tr_loss -= tr_loss
+            parts.append(loss.to(parts[0].device) if parts else loss)
+            if isinstance(grad_norm, torch.Tensor):
+                parts.append(grad_norm.detach().float().reshape(1).to(parts[0].device))
+                grad_norm = "staged"
+            rec["log"] = {"steps": self.state.global_step - self._globalstep_last_logged, "grad_norm": grad_norm,
+                          "learning_rate": learning_rate if learning_rate is not None else self._get_learning_rate(),
+                          "start_time": start_time}
+            # total_flos: added up when a checkpoint or the end asks (store_flos), not here (a collective read)
+            self._globalstep_last_logged = self.state.global_step
+        rec["read"] = HostRead(torch.cat(parts)) if parts else None
+        self._record = rec
+
+    def _take_record(self):
+        rec, self._record = self._record, None
+        if rec is None:
+            return
+        values = rec["read"].values() if rec["read"] is not None else []
+        if rec["guard"]:
+            guard, values = values[:len(NonFiniteGuard.SNAPSHOT)], values[len(NonFiniteGuard.SNAPSHOT):]
+            self.skipped_steps = int(guard[0]) if self.guard.mode == "skip" else 0
+        if rec["log"] is not None:
+            log = rec["log"]
+            loss_sum, values = values[0], values[1:]
+            logs = {"loss": loss_sum / log["steps"]}
+            if log["grad_norm"] == "staged":
+                logs["grad_norm"] = values[0]
+            elif log["grad_norm"] is not None:
+                logs["grad_norm"] = log["grad_norm"]
+            logs["learning_rate"] = log["learning_rate"]
+            self._total_loss_scalar += loss_sum
+            now = self.state.global_step, self.state.epoch, self.state.num_input_tokens_seen
+            self.state.global_step, self.state.epoch, self.state.num_input_tokens_seen = \
+                rec["step"], rec["epoch"], rec["tokens"]
+            try:
+                self.log(logs, log["start_time"])
+            finally:
+                self.state.global_step, self.state.epoch, self.state.num_input_tokens_seen = now
+        if rec["guard"]:
+            warning = self.guard.verdict(guard, rec["epoch"])  # stop: raises
+            if warning:
+                logger.warning(warning)
+
+    def _read_now(self):
+        """Read whatever is staged, and the guard's state as it is now (raises for a stopped run)."""
+        self._take_record()
+        values = self.guard.snapshot()
+        if values is not None:
+            self._record = {"step": self.state.global_step, "epoch": self.state.epoch, "log": None,
+                            "tokens": self.state.num_input_tokens_seen, "guard": True, "read": HostRead(values)}
+            self._take_record()
+
+    def train(self, *args, **kwargs):
+        self._guard_route = None  # installed at the first optimizer step (the optimizer exists by then)
+        try:
+            out = super().train(*args, **kwargs)
+            self._read_now()  # the end: nothing is saved after a stopped run
+            return out
+        finally:
+            self._record = None
+            if self._found_inf_hooks is not None:
+                self._found_inf_hooks.remove()
+                self._found_inf_hooks = None
+
+    def floating_point_ops(self, inputs):
+        """transformers counts the model's parameters (a walk over every module) on every micro-batch; they do
+        not change during training, so the count is taken once."""
+        main = getattr(self.model, "main_input_name", "input_ids")
+        if main not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._param_count is None:
+            self._param_count = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main].numel() * self._param_count
+
+    # -- the dropout seed of CUDA-graphed steps travels with the RNG state -----------------------------------
+    def _save_rng_state(self, output_dir):
+        super()._save_rng_state(output_dir)
+        if self.graphs is not None:
+            self.graphs.save_seed(output_dir, self.args.process_index, self.args.world_size)
+
+    def _load_rng_state(self, checkpoint):
+        super()._load_rng_state(checkpoint)
+        if checkpoint is not None and self.graphs is not None \
+                and not self.graphs.load_seed(checkpoint, self.args.process_index, self.args.world_size):
+            logger.warning("%s has no dropout seed (written without CUDA graphs): LoRA dropout continues with other "
+                           "masks than an uninterrupted run would draw", checkpoint)
 
     # -- atomic checkpoints ------------------------------------------------------------------------------
     def _get_output_dir(self, trial):
@@ -163,7 +297,8 @@ class QwenTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         """Write checkpoint-N into a staging dir, then rename it into place: a run killed mid-save leaves no
-        half-written checkpoint-N for a resume to pick up."""
+        half-written checkpoint-N for a resume to pick up. Never after a step the guard stopped the run at."""
+        self._read_now()
         run_dir = self._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         staging = os.path.join(run_dir, ".staging")
@@ -190,3 +325,11 @@ class QwenTrainer(Trainer):
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+
+class _OptimizerStepHook(TrainerCallback):
+    def __init__(self, trainer: QwenTrainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._begin_optimizer_step()

@@ -109,3 +109,80 @@ def test_cuda_graphs_flag(tmp_path):
     base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)]
     assert parse_args(base)[3].cuda_graphs is True
     assert parse_args(base + ["--cuda_graphs", "False"])[3].cuda_graphs is False
+
+
+# -- the dropout seed in checkpoints ----------------------------------------------------------------------------
+
+@pytest.fixture
+def cpu_graphs(monkeypatch):
+    """train.py's TrainGraphs on the CPU: its steps run eagerly (enabled=False) through the same seeded path,
+    which advances the dropout seed once a training forward as on the GPU. Returns the TrainGraphs made."""
+    import finetune.train as train_mod
+    from finetune.training.graphs import TrainGraphs, _find_lm
+
+    made = []
+
+    def graphs(model, data_args, args, plan):
+        made.append(TrainGraphs(_find_lm(model)))
+        made[-1].enabled = False
+        return made[-1]
+
+    def applies(self, inputs):  # as on the GPU, less the device
+        return (inputs.get("labels") is not None and set(inputs) <= {"input_ids", "labels", "position_ids"}
+                and self.lm.training and torch.is_grad_enabled())
+
+    monkeypatch.setattr(train_mod, "_cuda_graphs", graphs)
+    monkeypatch.setattr(TrainGraphs, "applies", applies)
+    return made
+
+
+def test_dropout_seed_is_saved_with_each_checkpoint_and_restored_on_resume(tmp_path, cpu_graphs, monkeypatch):
+    import json
+
+    from finetune.demo import make_demo_model
+    from finetune.train import main
+    from finetune.training.graphs import seed_file_name
+    from finetune.training.trainer import QwenTrainer
+
+    from _helpers import train_args, write_memorise
+
+    model = make_demo_model(tmp_path / "m")
+    data = write_memorise(tmp_path / "d.json")
+    argv = ["--use_lora", "True", "--packing", "True", "--max_steps", "6", "--per_device_train_batch_size", "1",
+            "--save_strategy", "steps", "--save_steps", "2"]
+    full = tmp_path / "full"
+    assert main(train_args(model, data, full, *argv)) == 0
+    end = int(cpu_graphs[-1].seed)  # advanced once a step (one forward a step)
+
+    def saved(out, step):
+        return json.loads((out / f"checkpoint-{step}" / seed_file_name()).read_text())["seed"]
+
+    assert [saved(full, s) for s in (2, 4, 6)] == [end - 4, end - 2, end]
+
+    interrupted = tmp_path / "interrupted"
+    step = QwenTrainer.training_step
+
+    def interrupt_at_step_3(self, *a, **k):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(QwenTrainer, "training_step", interrupt_at_step_3)
+        assert main(train_args(model, data, interrupted, *argv)) == 130
+    assert saved(interrupted, 2) == end - 4
+    assert main(train_args(model, data, interrupted, *argv, "--resume", "True")) == 0
+    assert int(cpu_graphs[-1].seed) == end  # restored at step 2, then four steps: as the uninterrupted run
+    assert [saved(interrupted, s) for s in (4, 6)] == [end - 2, end]
+
+
+def test_a_checkpoint_without_a_seed_is_said(tmp_path, monkeypatch):
+    from finetune.training.graphs import TrainGraphs
+
+    graphs = TrainGraphs.__new__(TrainGraphs)
+    graphs.seed = torch.tensor([5], dtype=torch.int64)
+    assert graphs.load_seed(str(tmp_path)) is False and int(graphs.seed) == 5
+    graphs.save_seed(str(tmp_path), process_index=1, world_size=2)
+    assert (tmp_path / "dropout_seed_1.json").is_file()
+    graphs.seed.fill_(9)
+    assert graphs.load_seed(str(tmp_path), process_index=1, world_size=2) and int(graphs.seed) == 5

@@ -256,3 +256,69 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
     assert graphed[-1] < 0.3 * graphed[0] and eager[-1] < 0.3 * eager[0]
     for a, b in zip(graphed[:10], eager[:10]):  # later, bf16 rounding differences compound through the updates
         assert abs(a - b) <= 0.02 * abs(b), (graphed, eager)
+
+
+def test_graphed_run_with_lora_dropout_resumed_after_a_kill_matches_the_uninterrupted_run(tmp_path):
+    """Q-LoRA through CUDA graphs with LoRA dropout 0.05: a run SIGKILLed after its step-4 checkpoint and resumed
+    ends with the uninterrupted run's adapter (the dropout seed is restored from the checkpoint). Tolerance: fp32
+    adapters, rtol 1e-4 / atol 1e-6 (the CPU resume test's; the resumed run's first two steps are TrainGraphs'
+    eager warm-up, the same kernels as the replayed steps). Without the seed (file removed) the adapters differ
+    by far more, so the tolerance tells the two apart."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from finetune.demo import make_demo_model
+    from finetune.train import main
+    from finetune.training.graphs import seed_file_name
+
+    from _helpers import memorise_records, subprocess_env, train_args
+
+    model_dir = make_demo_model(tmp_path / "int4", int4=True)
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(memorise_records()))
+    common = ["--use_lora", "True", "--q_lora", "True", "--packing", "True", "--use_cpu", "False",
+              "--gradient_checkpointing", "True", "--cuda_graphs", "True", "--lora_dropout", "0.05",
+              "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4",
+              "--per_device_train_batch_size", "1", "--logging_steps", "1"]
+
+    def argv(out, *extra):
+        return train_args(model_dir, data, out, *common, *extra)
+
+    full = tmp_path / "full"
+    assert main(argv(full)) == 0
+    assert json.loads((full / "run_info.json").read_text())["cuda_graphs"]["replayed_steps"] > 0
+    script = (
+        "import os, sys, signal\n"
+        "from finetune.training.trainer import QwenTrainer\n"
+        "step = QwenTrainer.training_step\n"
+        "def killing_step(self, *a, **k):\n"
+        "    if self.state.global_step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(self, *a, **k)\n"
+        "QwenTrainer.training_step = killing_step\n"
+        "from finetune.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    killed = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", script, *argv(killed)], capture_output=True, text=True,
+                          timeout=900, env=subprocess_env())
+    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert (killed / "checkpoint-4" / seed_file_name()).is_file() and not (killed / "checkpoint-8").exists()
+    unseeded = tmp_path / "unseeded"  # the same checkpoint without its seed: the negative control
+    shutil.copytree(killed, unseeded)
+    os.remove(unseeded / "checkpoint-4" / seed_file_name())
+
+    assert main(argv(killed, "--resume", "True")) == 0
+    assert main(argv(unseeded, "--resume", "True")) == 0
+    ref = load_file(str(full / "adapter_model.safetensors"))
+    resumed = load_file(str(killed / "adapter_model.safetensors"))
+    other = load_file(str(unseeded / "adapter_model.safetensors"))
+    for k in ref:
+        torch.testing.assert_close(resumed[k], ref[k], rtol=1e-4, atol=1e-6, msg=k)
+    worst = max(float((other[k] - ref[k]).abs().max() / ref[k].abs().max().clamp_min(1e-12)) for k in ref
+                if "lora_B" in k)
+    assert worst > 1e-3, worst
