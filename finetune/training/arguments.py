@@ -86,10 +86,19 @@ class TrainingArguments(transformers.TrainingArguments):
             self.optim = default_optimizer(self.use_cpu, self.deepspeed)
         own_accelerator_config = self.accelerator_config is not None
         super().__post_init__()
-        if not own_accelerator_config:
+        if not own_accelerator_config and copies_to_a_gpu(self.use_cpu):
             # batches go to the GPU from pinned memory without waiting: a blocking copy synchronizes the stream,
-            # so fetching each micro-batch would wait for every step already queued (accelerate's default)
+            # so fetching each micro-batch would wait for every step already queued (accelerate's default). Not
+            # on the CPU: nothing to overlap, and transformers would print a notice about unpinned memory.
             self.accelerator_config.non_blocking = True
+
+
+def copies_to_a_gpu(use_cpu: bool, cuda: bool | None = None) -> bool:
+    """Whether training batches are copied to a CUDA GPU (then without waiting)."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return cuda and not use_cpu
 
 
 def default_optimizer(use_cpu: bool, deepspeed, cuda: bool | None = None) -> str:

@@ -72,13 +72,21 @@ def test_optim_auto_is_fused_adamw_on_a_gpu_without_deepspeed(tmp_path):
 def test_batches_are_copied_to_the_gpu_without_waiting(model, data, tmp_path, monkeypatch):
     """accelerate copies each batch with non_blocking=False by default, which synchronizes the stream (a full GPU
     sync per micro-batch); here non_blocking is on unless the user passes an accelerator config."""
+    from finetune.training import arguments
+
+    assert arguments.copies_to_a_gpu(use_cpu=False, cuda=True)
+    assert not arguments.copies_to_a_gpu(use_cpu=True, cuda=True) and not arguments.copies_to_a_gpu(False, cuda=False)
+    monkeypatch.setattr(arguments, "copies_to_a_gpu", lambda use_cpu, cuda=None: not use_cpu)  # as on a GPU machine
     args = parse_args(["--output_dir", str(tmp_path)])[3]
     assert args.accelerator_config.non_blocking and args.dataloader_pin_memory
     own = parse_args(["--output_dir", str(tmp_path), "--accelerator_config", '{"non_blocking": false}'])[3]
     assert own.accelerator_config.non_blocking is False
+    # on the CPU (--use_cpu, as the tests train) nothing is overlapped and no notice about pinning is printed
+    assert not parse_args(["--output_dir", str(tmp_path), "--use_cpu", "True"])[3].accelerator_config.non_blocking
     from finetune.train import train
 
-    trainer = train(*parse_args(train_args(model, data, tmp_path / "o", "--use_lora", "True", "--max_steps", "1")))
+    trainer = train(*parse_args(train_args(model, data, tmp_path / "o", "--use_lora", "True", "--max_steps", "1",
+                                           "--use_cpu", "False")))
     assert trainer.accelerator.dataloader_config.non_blocking is True
 
 
