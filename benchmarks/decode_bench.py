@@ -38,7 +38,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 import traceback
@@ -52,6 +51,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import finetune  # noqa: E402,F401
 from finetune.inference import Engine, SamplingParams  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 # (in, out) of the four distinct Linear shapes of Qwen-14B (and of Qwen-7B)
 GEMV_SHAPES = {"c_attn": (5120, 15360), "attn.c_proj": (5120, 5120), "w1/w2": (5120, 13696),
@@ -72,14 +72,6 @@ FULL = {"b1_512": dict(prompt=24, new=512), "b1_ctx2000": dict(prompt=2000, new=
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001  (not a git checkout)
-        return "unknown"
 
 
 def device_name(device) -> str:
@@ -441,7 +433,7 @@ def main(argv=None) -> int:
     if bad:
         ap.error(f"--gemv-rows: {bad[0]} is outside 1..64 (the GEMV's row range)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    meta = dict(commit=commit(), date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    meta = dict(commit=git_commit() or "unknown", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=device_name(device), torch=torch.__version__, tiny=args.tiny)
     entries = []
     if args.part in ("all", "gemv"):

@@ -484,7 +484,7 @@ def run(args) -> dict:
     finally:
         QwenTrainer.training_step = original
     norms = {int(h["step"]): h["grad_norm"] for h in trainer.state.log_history if "grad_norm" in h}
-    from user_path import git_commit
+    from provenance import git_commit
 
     commit = git_commit()
     return {

@@ -47,7 +47,6 @@ import argparse
 import asyncio
 import datetime
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,7 +54,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))  # make_model_dir
+sys.path.insert(0, str(ROOT / "benchmarks"))  # make_model_dir, provenance
+
+from provenance import git_commit  # noqa: E402
 
 TARGETS = {"aggregate_tok_s_at_32": 3000, "ttft_ms_p50_at_1": 150}
 MODES = ("base", "single", "mixed", "grouped")
@@ -191,14 +192,6 @@ def _req(text):
     return ChatCompletionRequest(model="x", messages=[{"role": "user", "content": text}])
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001  (not a git checkout)
-        return "unknown"
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model-dir", help="a model dir (e.g. from make_model_dir.py --shape 14b --int4)")
@@ -273,7 +266,7 @@ def main(argv=None) -> int:
               "definitions": "tokens from usage (continuous_usage_stats); TTFT: request sent -> first chunk whose "
                              "usage counts a completion token; ITL: gaps between token-carrying chunks per token",
               "command": "python benchmarks/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "commit": _commit(), "date": datetime.date.today().isoformat()}
+              "commit": git_commit() or "unknown", "date": datetime.date.today().isoformat()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}")

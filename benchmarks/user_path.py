@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from multi_gpu import WORDS, chat_data  # noqa: E402
+from provenance import git_commit  # noqa: E402
 
 WORKLOADS = {
     # name: (data, flags, environment); steps come from --steps (one value, or name=N)
@@ -62,14 +63,6 @@ def short_chats(path: Path, tokenizer, n: int, lo: int, hi: int, seed: int = 0) 
                                                          {"from": "assistant", "value": answer}]})
     path.write_text(json.dumps(records))
     return path
-
-
-def git_commit() -> str | None:
-    """QWEN_FT_COMMIT when set (the device machine's copy of the tree can carry a stale .git), else git's."""
-    if os.environ.get("QWEN_FT_COMMIT"):
-        return os.environ["QWEN_FT_COMMIT"]
-    r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return r.stdout.strip() or None
 
 
 def run_workload(name: str, model: Path, data: Path, work: Path, steps: int, extra: list[str], timeout: int,
