@@ -80,6 +80,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def packed_mask(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(document index [B, T], attention mask [B, T, S]) of packed rows: a sequence starts where the position id
+    does not increase; a token attends to itself and earlier tokens of its own sequence."""
+    T = position_ids.shape[1]
+    restart = torch.zeros_like(position_ids, dtype=torch.bool)
+    restart[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
+    docs = restart.long().cumsum(-1)
+    idx = torch.arange(T, device=position_ids.device)
+    return docs, (idx[None, :, None] >= idx[None, None, :]) & (docs[:, :, None] == docs[:, None, :])
+
+
 def reference_loss(lm, input_ids: torch.Tensor, position_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The mean next-token NLL over trained positions of a packed batch, in fp32, written from Qwen v1's
     definition (modeling_qwen.py) rather than through this project's model: RMSNorm, rotate-half RoPE with base
@@ -94,11 +105,7 @@ def reference_loss(lm, input_ids: torch.Tensor, position_ids: torch.Tensor, labe
     H, D = cfg.num_attention_heads, cfg.kv_channels
     rot = int(D * cfg.rotary_pct)
     pos = position_ids.expand(B, T).to(input_ids.device)
-    restart = torch.zeros_like(pos, dtype=torch.bool)
-    restart[:, 1:] = pos[:, 1:] <= pos[:, :-1]
-    docs = restart.long().cumsum(-1)
-    idx = torch.arange(T, device=input_ids.device)
-    mask = (idx[None, :, None] >= idx[None, None, :]) & (docs[:, :, None] == docs[:, None, :])  # [B, T, S]
+    _, mask = packed_mask(pos)  # [B, T, S]
     inv = 1.0 / (cfg.rotary_emb_base ** (torch.arange(0, rot, 2, device=input_ids.device, dtype=torch.float64) / rot))
     freqs = pos.double()[..., None] * inv  # [B, T, rot/2]
     emb = torch.cat((freqs, freqs), -1)
@@ -239,12 +246,7 @@ def attention_probe(trainer, model, batch: dict, layer: int = 0) -> dict:
     q, k, v, dy, kw = rec["q"], rec["k"], rec["v"], rec["dy"], rec["kw"]
     scale = kw["scale"]
     pos = batch["position_ids"][0]
-    T = q.shape[2]
-    restart = torch.zeros(T, dtype=torch.bool, device=q.device)
-    restart[1:] = pos[1:] <= pos[:-1]
-    docs = restart.long().cumsum(0)
-    i = torch.arange(T, device=q.device)
-    mask = (i[:, None] >= i[None, :]) & (docs[:, None] == docs[None, :])
+    docs, mask = (t[0] for t in packed_mask(pos[None]))
 
     def grads(fn, dtype):
         qq, kk, vv = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
@@ -346,13 +348,7 @@ def layer_probe(trainer, model, batch: dict) -> list[dict]:
 
     resid_f, rec = run(True)
     resid_d, _ = run(False)
-    T = batch["input_ids"].shape[1]
-    pos = batch["position_ids"][0]
-    restart = torch.zeros(T, dtype=torch.bool, device=pos.device)
-    restart[1:] = pos[1:] <= pos[:-1]
-    docs = restart.long().cumsum(0)
-    i = torch.arange(T, device=pos.device)
-    mask = (i[:, None] >= i[None, :]) & (docs[:, None] == docs[None, :])
+    _, mask = (t[0] for t in packed_mask(batch["position_ids"][:1]))
     flex = model_mod._flex_attention()
     rows = []
     for L in reversed(range(len(blocks))):
