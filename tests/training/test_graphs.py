@@ -136,18 +136,15 @@ def cpu_graphs(monkeypatch):
     return made
 
 
-def test_dropout_seed_is_saved_with_each_checkpoint_and_restored_on_resume(tmp_path, cpu_graphs, monkeypatch):
+def test_dropout_seed_is_saved_with_each_checkpoint_and_restored_on_resume(model, data, tmp_path, cpu_graphs,
+                                                                          monkeypatch):
     import json
 
-    from finetune.demo import make_demo_model
     from finetune.train import main
     from finetune.training.graphs import seed_file_name
     from finetune.training.trainer import QwenTrainer
 
-    from _helpers import train_args, write_memorise
-
-    model = make_demo_model(tmp_path / "m")
-    data = write_memorise(tmp_path / "d.json")
+    from _helpers import train_args
     argv = ["--use_lora", "True", "--packing", "True", "--max_steps", "6", "--per_device_train_batch_size", "1",
             "--save_strategy", "steps", "--save_steps", "2"]
     full = tmp_path / "full"

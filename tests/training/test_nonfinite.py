@@ -11,24 +11,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import Trainer
 
-from finetune.demo import make_demo_model
 from finetune.train import main as train_main
 from finetune.training.nonfinite import FoundInfHooks, NonFiniteGuard, NonFiniteLossError
 from finetune.training.trainer import QwenTrainer
 
-from _helpers import train_args, write_memorise
+from _helpers import train_args
 
 FUSED = ["--use_lora", "True", "--optim", "adamw_torch_fused", "--logging_steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_demo_model(tmp_path_factory.mktemp("models") / "float")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_memorise(tmp_path_factory.mktemp("data") / "memorise.json")
 
 
 def poison(monkeypatch, step):

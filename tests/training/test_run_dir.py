@@ -19,20 +19,10 @@ from finetune.training.arguments import parse_args
 from finetune.training.checks import LOCK_FILE, TrainConfigError, preflight
 from finetune.training.trainer import QwenTrainer
 
-from _helpers import ROOT, subprocess_env, train_args, write_memorise
+from _helpers import ROOT, subprocess_env, train_args
 
 STEPS4 = ["--use_lora", "True", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
           "--logging_steps", "1"]
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_demo_model(tmp_path_factory.mktemp("models") / "float")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_memorise(tmp_path_factory.mktemp("data") / "memorise.json")
 
 
 @pytest.fixture(scope="module")

@@ -6,22 +6,11 @@ import json
 
 import pytest
 
-from finetune.demo import make_demo_model
 from finetune.train import main as train_main
 from finetune.training.arguments import default_optimizer, parse_args
 from finetune.training.trainer import QwenTrainer
 
-from _helpers import train_args, write_memorise
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return make_demo_model(tmp_path_factory.mktemp("models") / "float")
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return write_memorise(tmp_path_factory.mktemp("data") / "memorise.json")
+from _helpers import train_args
 
 
 def _history(path):
