@@ -113,18 +113,10 @@ def host_reads_fail(monkeypatch):
     for name in ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "numpy", "cpu"):
         trap(name)
 
-    def ours(fn):
+    def trapping(fn, on: bool):
+        """fn with the trap on (our code) or off (transformers' and the model's) while it runs."""
         def run(*a, **k):
-            before, active[0] = active[0], True
-            try:
-                return fn(*a, **k)
-            finally:
-                active[0] = before
-        return run
-
-    def theirs(fn):
-        def run(*a, **k):
-            before, active[0] = active[0], False
+            before, active[0] = active[0], on
             try:
                 return fn(*a, **k)
             finally:
@@ -132,10 +124,10 @@ def host_reads_fail(monkeypatch):
         return run
 
     for name in ("training_step", "_begin_optimizer_step", "_stage_record"):
-        monkeypatch.setattr(QwenTrainer, name, ours(getattr(QwenTrainer, name)))
-    monkeypatch.setattr(torch.optim.AdamW, "step", ours(torch.optim.AdamW.step))
+        monkeypatch.setattr(QwenTrainer, name, trapping(getattr(QwenTrainer, name), True))
+    monkeypatch.setattr(torch.optim.AdamW, "step", trapping(torch.optim.AdamW.step, True))
     # transformers' step and the model's forward/backward are not this code
-    monkeypatch.setattr(Trainer, "training_step", theirs(Trainer.training_step))
+    monkeypatch.setattr(Trainer, "training_step", trapping(Trainer.training_step, False))
     return active
 
 
