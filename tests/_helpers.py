@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,6 +61,24 @@ def train_adapter(model_dir, data, out, steps=50, *extra) -> Path:
 
     assert main(train_args(model_dir, data, out, "--max_steps", str(steps), "--use_lora", "True", *extra)) == 0
     return Path(out)
+
+
+def train_killed_at_step(argv: list[str], step: int, timeout: int = 600):
+    """`python -m finetune.train argv` in a child that SIGKILLs itself when optimizer step `step` + 1 starts (a
+    crash mid-run, no cleanup); returns the CompletedProcess (returncode -9 when it got there)."""
+    script = (
+        "import os, sys, signal\n"
+        "from finetune.training.trainer import QwenTrainer\n"
+        "step = QwenTrainer.training_step\n"
+        "def killing_step(self, *a, **k):\n"
+        f"    if self.state.global_step == {int(step)}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(self, *a, **k)\n"
+        "QwenTrainer.training_step = killing_step\n"
+        "from finetune.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env())
 
 
 def subprocess_env(**extra) -> dict:

@@ -267,8 +267,6 @@ def test_graphed_run_with_lora_dropout_resumed_after_a_kill_matches_the_uninterr
     import json
     import os
     import shutil
-    import subprocess
-    import sys
 
     from safetensors.torch import load_file
 
@@ -276,7 +274,7 @@ def test_graphed_run_with_lora_dropout_resumed_after_a_kill_matches_the_uninterr
     from finetune.train import main
     from finetune.training.graphs import seed_file_name
 
-    from _helpers import memorise_records, subprocess_env, train_args
+    from _helpers import memorise_records, train_args, train_killed_at_step
 
     model_dir = make_demo_model(tmp_path / "int4", int4=True)
     data = tmp_path / "d.json"
@@ -292,20 +290,8 @@ def test_graphed_run_with_lora_dropout_resumed_after_a_kill_matches_the_uninterr
     full = tmp_path / "full"
     assert main(argv(full)) == 0
     assert json.loads((full / "run_info.json").read_text())["cuda_graphs"]["replayed_steps"] > 0
-    script = (
-        "import os, sys, signal\n"
-        "from finetune.training.trainer import QwenTrainer\n"
-        "step = QwenTrainer.training_step\n"
-        "def killing_step(self, *a, **k):\n"
-        "    if self.state.global_step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return step(self, *a, **k)\n"
-        "QwenTrainer.training_step = killing_step\n"
-        "from finetune.train import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
     killed = tmp_path / "killed"
-    proc = subprocess.run([sys.executable, "-c", script, *argv(killed)], capture_output=True, text=True,
-                          timeout=900, env=subprocess_env())
+    proc = train_killed_at_step(argv(killed), step=6, timeout=900)
     assert proc.returncode == -9, proc.stderr[-3000:]
     assert (killed / "checkpoint-4" / seed_file_name()).is_file() and not (killed / "checkpoint-8").exists()
     unseeded = tmp_path / "unseeded"  # the same checkpoint without its seed: the negative control

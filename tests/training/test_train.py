@@ -2,10 +2,7 @@
 
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,7 @@ from finetune.train import main as train_main
 from finetune.training.arguments import parse_args
 from finetune.training.checks import TrainConfigError
 
-from _helpers import ROOT, memorise_records, train_args
+from _helpers import ROOT, memorise_records, train_args, train_killed_at_step
 
 MEMORISE = memorise_records()
 
@@ -210,19 +207,7 @@ def test_resume_after_kill_matches_uninterrupted(models, memorise_file, tmp_path
 
     killed = tmp_path / "killed"
     # SIGKILL the process itself when step 7 starts: after the step-4 checkpoint, mid-way to step 8.
-    script = (
-        "import os, sys, signal\n"
-        "from finetune.training.trainer import QwenTrainer\n"
-        "step = QwenTrainer.training_step\n"
-        "def killing_step(self, *a, **k):\n"
-        "    if self.state.global_step == 6: os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return step(self, *a, **k)\n"
-        "QwenTrainer.training_step = killing_step\n"
-        "from finetune.train import main\n"
-        "sys.exit(main(sys.argv[1:]))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", script, *_args(models["float"], memorise_file, killed, *common)],
-                          capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = train_killed_at_step(_args(models["float"], memorise_file, killed, *common), step=6)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert (killed / "checkpoint-4" / "trainer_state.json").is_file()
     assert not (killed / "checkpoint-8").exists()
