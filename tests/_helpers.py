@@ -81,6 +81,28 @@ def train_killed_at_step(argv: list[str], step: int, timeout: int = 600):
                           env=subprocess_env())
 
 
+def lora_on_random_gptq(cfg, device, dtype, dropout: float = 0.0, seed: int = 0):
+    """A random GPTQ model of `cfg` (build_gptq_model_on_device) with LoRA r=8 on c_attn/c_proj/w1/w2 in fp32,
+    B drawn non-zero so that gradients reach A too; in training mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    model = build_gptq_model_on_device(cfg, device=device, dtype=dtype, seed=seed)
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                             target_modules=["c_attn", "c_proj", "w1", "w2"], task_type="CAUSAL_LM"))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            if "lora_B" in n:
+                p.data.normal_(0, 0.02)
+    return model.train()
+
+
 def subprocess_env(**extra) -> dict:
     """The environment for a child process: the source tree importable, one thread a process (2 cores)."""
     e = dict(os.environ, **extra)

@@ -22,26 +22,7 @@ from finetune.modeling import QWenConfig  # noqa: E402
 from finetune.quant.linear import GPTQLinear  # noqa: E402
 from finetune.quant.loading import build_gptq_model_on_device  # noqa: E402
 
-TARGETS = ["c_attn", "c_proj", "w1", "w2"]
-
-
-def _lora_model(cfg, device, dtype, seed=0):
-    from peft import LoraConfig, get_peft_model
-
-    model = build_gptq_model_on_device(cfg, device=device, dtype=dtype, seed=seed)
-    model.config.use_cache = False
-    model.requires_grad_(False)
-    torch.manual_seed(seed)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-            if "lora_B" in n:  # non-zero B: gradients reach A as well
-                p.data.normal_(0, 0.02)
-    model.train()
-    return model
-
+from _helpers import lora_on_random_gptq  # noqa: E402
 
 def _packed(lengths, vocab, device, seed=0):
     """One packed row of sequences of `lengths` (labels -100 on each sequence's first two tokens)."""
@@ -89,7 +70,7 @@ def test_reference_equals_the_model_in_fp32():
     cfg = QWenConfig(vocab_size=512, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, kv_channels=32,
                      intermediate_size=512, seq_length=256,
                      quantization_config={"bits": 4, "group_size": 64, "quant_method": "gptq", "desc_act": False})
-    model = _lora_model(cfg, "cpu", torch.float32)
+    model = lora_on_random_gptq(cfg, "cpu", torch.float32)
     batch = _packed([37, 1, 50, 20], 512, "cpu")
     lm = model.base_model.model
     got = _grads(model, model(**batch).loss)
@@ -108,7 +89,7 @@ def test_graphed_bf16_step_stays_near_the_fp32_reference():
     cfg = QWenConfig(vocab_size=4096, hidden_size=5120, num_hidden_layers=6, num_attention_heads=40, kv_channels=128,
                      intermediate_size=27392, seq_length=2048,
                      quantization_config={"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False})
-    model = _lora_model(cfg, "cuda", torch.bfloat16)
+    model = lora_on_random_gptq(cfg, "cuda", torch.bfloat16)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lm = model.base_model.model
     graphs = enable_train_graphs(model, warmup=1)

@@ -13,29 +13,13 @@ pytestmark = [
 
 from finetune.modeling import QWenConfig  # noqa: E402
 from finetune.training.graphs import enable_train_graphs  # noqa: E402
-from finetune.quant.loading import build_gptq_model_on_device  # noqa: E402
-
-TARGETS = ["c_attn", "c_proj", "w1", "w2"]
-
+from _helpers import lora_on_random_gptq  # noqa: E402
 
 def _model(dtype=torch.float32, layers=2, dropout=0.1, ckpt=True, seed=0):
-    from peft import LoraConfig, get_peft_model
-
     cfg = QWenConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
                      kv_channels=64, intermediate_size=1024, seq_length=512,
                      quantization_config={"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False})
-    model = build_gptq_model_on_device(cfg, device="cuda", dtype=dtype, seed=seed)
-    model.config.use_cache = False
-    model.requires_grad_(False)
-    torch.manual_seed(seed)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, target_modules=TARGETS,
-                                             task_type="CAUSAL_LM"))
-    for n, p in model.named_parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-            if "lora_B" in n:  # non-zero B: gradients reach A as well
-                p.data.normal_(0, 0.02)
-    model.train()
+    model = lora_on_random_gptq(cfg, "cuda", dtype, dropout=dropout, seed=seed)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
