@@ -111,6 +111,14 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
                 return f"{name}: corrupt or truncated ({e})"
             if bad is not None:
                 return f"{name}: corrupt ({bad} fails its checksum)"
+        elif name.startswith("dropout_seed") and name.endswith(".json"):
+            from .graphs import is_seed_file, read_seed  # torch: only when a checkpoint is resumed
+
+            if is_seed_file(name):
+                try:
+                    read_seed(f)
+                except ValueError as e:
+                    return f"{name}: {e}"
         elif name in ("adapter_config.json", CHECKPOINT_RUN):
             try:
                 json.loads(f.read_text())

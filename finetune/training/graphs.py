@@ -54,6 +54,24 @@ def seed_file_name(process_index: int = 0, world_size: int = 1) -> str:
     return "dropout_seed.json" if world_size <= 1 else f"dropout_seed_{process_index}.json"
 
 
+def is_seed_file(name: str) -> bool:
+    return name == "dropout_seed.json" or (name.startswith("dropout_seed_") and name.endswith(".json"))
+
+
+def read_seed(path) -> int:
+    """The seed a checkpoint's seed file holds; ValueError saying what is wrong with the file when it is damaged
+    (a resume checks it before loading anything: training/checks.py)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"corrupt or truncated ({e})") from None
+    value = value.get("seed") if isinstance(value, dict) else None
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"corrupt: 'seed' must be an integer, got {value!r}")
+    return value
+
+
 def graphs_unavailable(model: nn.Module) -> str | None:
     """Why `model` (a QWenLMHeadModel, possibly inside PEFT) cannot train through CUDA graphs, or None."""
     if not settings().cuda_graphs:
@@ -155,10 +173,10 @@ class TrainGraphs:
         path = os.path.join(checkpoint_dir, seed_file_name(process_index, world_size))
         if not os.path.isfile(path):
             return False
-        with open(path) as f:
-            value = json.load(f).get("seed")
-        if not isinstance(value, int):
-            raise ValueError(f"{path}: 'seed' must be an integer, got {value!r}")
+        try:
+            value = read_seed(path)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
         self.seed.fill_(value)
         return True
 
