@@ -1,0 +1,142 @@
+"""Where a decode step's time goes (one GPU, 14B-shaped random Int4 model from make_model_dir.py): for each
+batch size asked, the engine's whole step (host included), the CUDA-graph replay alone (GPU time of a step),
+and, from an eager run under the torch profiler, the GPU time per kernel family (Int4 GEMV, lm_head, attention,
+the rest) with the number of kernels a step launches. For benchmarks/NOTES.md.
+
+    python benchmarks/decode_profile.py --rows 1 32 --out $OUT/decode_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from decode_bench import load, prompt_ids  # noqa: E402
+from make_model_dir import make_model_dir  # noqa: E402
+from provenance import git_commit  # noqa: E402
+
+from finetune.inference import Engine, SamplingParams  # noqa: E402
+
+
+def family(name: str) -> str:
+    n = name.lower()
+    if "gemv" in n:
+        return "int4_gemv"
+    if "dequant" in n:
+        return "int4_dequant"
+    if "gemm" in n or "nvjet" in n or "cutlass" in n or "sm90" in n:
+        return "matmul (lm_head, LoRA)"
+    if "flash" in n or "attention" in n or "fmha" in n or "efficient" in n:
+        return "attention"
+    if "copy" in n or "memcpy" in n or "memset" in n:
+        return "copies"
+    return "other"
+
+
+def steps(engine, n):
+    for _ in range(n):
+        engine.step()
+
+
+def run_rows(model, tok, rows: int, prompt: int, new: int, prof_steps: int) -> dict:
+    vocab = model.config.vocab_size
+    params = SamplingParams(max_new_tokens=new, min_new_tokens=new)
+    prompts = [prompt_ids(prompt, i, vocab) for i in range(rows)]
+    out = dict(rows=rows, prompt_tokens=prompt)
+
+    engine = Engine(model, tok, max_batch=rows)
+    for p in prompts:  # warm-up: tuning, capture
+        engine.submit(p, params)
+    steps(engine, 4)
+    torch.cuda.synchronize()
+    timed = 32
+    t = time.perf_counter()
+    steps(engine, timed)
+    torch.cuda.synchronize()
+    out["engine_step_ms"] = (time.perf_counter() - t) / timed * 1e3
+    # the graph of the current (bucket, length bucket) alone: the GPU time of one step
+    (key, (graph, _)), = [(k, v) for k, v in engine._graphs.items() if k[0] == engine._bucket(rows)][-1:]
+    graph.replay()
+    torch.cuda.synchronize()
+    reps = 50
+    t = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    out["replay_ms"] = (time.perf_counter() - t) / reps * 1e3
+    out["graph_key"] = list(key)
+    out["host_ms"] = out["engine_step_ms"] - out["replay_ms"]
+    out["tokens_per_s_engine"] = rows / out["engine_step_ms"] * 1e3
+    out["tokens_per_s_replay"] = rows / out["replay_ms"] * 1e3
+    while engine.has_work():
+        engine.step()
+    del engine
+
+    # eager, under the profiler: kernels by family
+    eager = Engine(model, tok, max_batch=rows, use_graphs=False)
+    for p in prompts:
+        eager.submit(p, params)
+    steps(eager, 4)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        steps(eager, prof_steps)
+        torch.cuda.synchronize()
+    fam = defaultdict(float)
+    count = defaultdict(int)
+    top = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total
+        if us <= 0:
+            continue
+        f = family(e.key)
+        fam[f] += us / prof_steps / 1e3
+        count[f] += e.count / prof_steps
+        top.append((us / prof_steps / 1e3, e.count / prof_steps, e.key[:90]))
+    out["eager_gpu_ms_by_family"] = {k: round(v, 4) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}
+    out["eager_kernels_per_step_by_family"] = {k: round(v, 1) for k, v in count.items()}
+    out["eager_gpu_ms"] = sum(fam.values())
+    out["eager_top_kernels"] = [dict(ms=round(a, 4), per_step=round(b, 1), name=c)
+                                for a, b, c in sorted(top, reverse=True)[:25]]
+    while eager.has_work():
+        eager.step()
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--prompt", type=int, default=24)
+    ap.add_argument("--prof-steps", type=int, default=4)
+    ap.add_argument("--model-dir", default="/tmp/decode_bench/14b_int4")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_profile.py needs a CUDA GPU")
+        return 2
+    device = torch.device("cuda")
+    make_model_dir(Path(args.model_dir), "14b", True, "cuda")
+    model, tok = load(Path(args.model_dir), device)
+    results = []
+    for rows in args.rows:
+        r = run_rows(model, tok, rows, args.prompt, 64 + 40, args.prof_steps)
+        r.update(commit=git_commit() or "unknown", device=torch.cuda.get_device_name())
+        print(json.dumps(r, indent=1), flush=True)
+        results.append(r)
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
