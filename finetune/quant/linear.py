@@ -11,6 +11,10 @@
 - Decoding (at most ``GEMV_MAX_ROWS`` = 64 rows, no autograd graph needed, CUDA with Triton): a fused GEMV /
   small-M GEMM kernel (``triton_gemv.py``) reads the packed buffers directly and never writes the float
   weight; same numerics up to the summation order.
+- Decoding one or two rows of bf16 on CUDA: PyTorch's built-in int4 kernel (``aten._weight_int4pack_mm``) on a
+  copy of the weight converted once to its layout (``int4pack.py``; 1.6-1.8x the Triton GEMV's speed at one row
+  on an H200, slower from 8 rows). The copy costs as much memory again as the packed weight; it is made on the
+  first such call and dropped when the packed buffers change.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.
@@ -18,7 +22,8 @@
 Environment switches: ``FINETUNE_GPTQ_BACKEND`` = ``auto`` (default: Triton on CUDA when importable),
 ``torch`` (plain torch everywhere) or ``triton`` (fail if Triton is missing); ``FINETUNE_GPTQ_GEMV=0`` turns
 the fused decode GEMV off (dequantize + matmul for every row count); ``FINETUNE_GPTQ_TUNE=0`` skips the
-Triton kernels' one-time config timing.
+Triton kernels' one-time config timing; ``FINETUNE_GPTQ_INT4PACK=0`` keeps one- and two-row decoding on the
+Triton GEMV (no second copy of the weights).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from .packing import (
 from ..settings import settings
 
 GEMV_MAX_ROWS = 64  # = triton_gemv.MAX_ROWS (batched decoding up to 64 rows)
+INT4PACK_MAX_ROWS = 2  # measured faster than the Triton GEMV at 1 and 2 rows, slower at 8 (benchmarks/NOTES.md)
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -240,7 +246,28 @@ class GPTQLinear(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state.pop("_trivial_ref", None)  # a weakref: not picklable, recomputed on demand
+        state.pop("_int4pack", None)  # a derived copy of the weight, remade on demand
         return state
+
+    def _int4pack_weight(self, build: bool = True):
+        """(packed, scales_and_zeros, perm) of this layer in PyTorch's int4 layout, made on first use and
+        remade when the packed buffers change; None when the layer cannot use that kernel, or when there is no
+        current copy and ``build`` is False (inside a CUDA graph capture: making one syncs)."""
+        from . import int4pack
+
+        q = self.qweight
+        held = self.__dict__.get("_int4pack")
+        if held is not None and held[0]() is q and held[1] == q._version:
+            return held[2]
+        if not build:
+            return None
+        weight = None
+        gs = self.group_size if self.group_size > 0 else self.in_features
+        if int4pack.unsupported(self.in_features, self.out_features, self.bits, gs, self.g_idx) is None:
+            qn, sz, perm = int4pack.gptq_to_int4pack(q, self.qzeros, self.scales, self.g_idx, self.v2, gs)
+            weight = (int4pack.pack_for_cuda(qn), sz, perm)
+        self.__dict__["_int4pack"] = (weakref.ref(q), q._version, weight)
+        return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
@@ -256,8 +283,18 @@ class GPTQLinear(nn.Module):
         if (use_triton and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == self.in_features and dtype in _GEMV_DTYPES
                 and not (torch.is_grad_enabled() and x.requires_grad) and settings().gptq_gemv):
             # decoding: the fused GEMV reads the packed weight once and writes no float weight
-            y = gptq_gemv(x.reshape(rows, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
-                          self.bits, self.v2, self.group_size, trivial)
+            packed = None
+            if (rows <= INT4PACK_MAX_ROWS and dtype == torch.bfloat16 and self.bits == 4 and device_type == "cuda"
+                    and settings().gptq_int4pack):
+                packed = self._int4pack_weight(build=not torch.cuda.is_current_stream_capturing())
+            if packed is not None:
+                from .int4pack import int4pack_mm
+
+                gs = self.group_size if self.group_size > 0 else self.in_features
+                y = int4pack_mm(x.reshape(rows, self.in_features).contiguous(), *packed[:2], gs, packed[2])
+            else:
+                y = gptq_gemv(x.reshape(rows, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
+                              self.bits, self.v2, self.group_size, trivial)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:
             args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.v2, self.group_size,

@@ -64,40 +64,25 @@ MAX_ROWS = 64
 # BLOCK_K counts input rows. SPLIT_K > 0: that many K splits; 0: enough splits for about 4 programs per SM; -p:
 # about p programs per SM (capped so every split runs >= 2 K blocks and the fp32 partials stay well below the
 # weight's bytes). The first config of each list is the one FINETUNE_GPTQ_TUNE=0 takes.
+# Trimmed to the configs that won or came within ~5% on the H200 for some Qwen-14B shape (the sweep of
+# benchmarks/NOTES.md step 8 timed 12, 8 and 6 configs); the first of each list is the most frequent winner.
 _CONFIGS_M1 = [
-    ("fma", 128, 64, -8, 4),
-    ("fma", 256, 64, -4, 4),
-    ("fma", 128, 128, -4, 4),
-    ("fma", 64, 128, -8, 2),
-    ("fma", 512, 32, -4, 4),
     ("fma", 128, 64, -16, 4),
-    ("fma", 256, 128, -2, 8),
-    ("fma", 256, 64, -32, 2),  # many small programs of 1-2 K blocks (GemLite's GEMV shape of work)
-    ("fma", 128, 32, -32, 1),
-    ("dot", 128, 128, -4, 4),
-    ("dot", 64, 128, -8, 4),
-    (128, 128, 0, 4, False, True),
+    (128, 128, 0, 4, False, True),  # attn.c_proj (5120 x 5120)
+    ("fma", 128, 64, -8, 4),
 ]
-# 2..8 rows: the weight tile dequantized once for every row; FMAs, or tensor-core dots with the rows padded to 16
-# (free: the kernel is bandwidth bound).
+# 2..8 rows: the weight tile dequantized once for every row; tensor-core dots with the rows padded to 16 (free:
+# the kernel is bandwidth bound).
 _CONFIGS_MN = [
     ("dot", 128, 128, -4, 4),
-    ("fma", 128, 64, -8, 4),
-    ("fma", 256, 32, -4, 4),
-    ("fma", 64, 64, -8, 2),
+    (128, 128, 0, 4, True, False),  # attn.c_proj
     ("dot", 64, 128, -8, 4),
-    ("dot", 128, 256, -4, 8),
-    (128, 128, 0, 4, True, False),
-    (128, 64, 0, 4, False, True),
 ]
 # 9..64 rows (batched decoding, short prefills): a small-M GEMM, the tile dequantized in registers, tl.dot.
 _CONFIGS_MM = [
     (128, 128, 0, 4, True, False),
-    ("dot", 128, 128, -4, 4),
-    ("dot", 64, 128, -8, 4),
-    ("dot", 128, 256, -2, 8),
-    (64, 128, 0, 4, True, False),
     (256, 128, 0, 8, True, False),
+    (64, 128, 0, 4, True, False),
 ]
 _KINDS = ("fma", "dot")
 _DOT_M = 16  # tl.dot needs at least 16 rows
