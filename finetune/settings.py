@@ -23,7 +23,7 @@ class Settings:
     compile: bool = True        # FINETUNE_COMPILE: RMSNorm, rotary and SwiGLU through torch.compile on CUDA
     gptq_backend: str = "auto"  # FINETUNE_GPTQ_BACKEND: auto (Triton on CUDA when importable), triton, torch
     gptq_gemv: bool = True      # FINETUNE_GPTQ_GEMV: decoding through the fused Int4 GEMV
-    gptq_int4pack: bool = True  # FINETUNE_GPTQ_INT4PACK: 1-2 row bf16 decoding through aten's int4 kernel
+    gptq_int4pack: bool = True  # FINETUNE_GPTQ_INT4PACK: 1-4 row bf16 decoding through aten's int4 kernel
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
     static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
 

@@ -11,10 +11,10 @@
 - Decoding (at most ``GEMV_MAX_ROWS`` = 64 rows, no autograd graph needed, CUDA with Triton): a fused GEMV /
   small-M GEMM kernel (``triton_gemv.py``) reads the packed buffers directly and never writes the float
   weight; same numerics up to the summation order.
-- Decoding one or two rows of bf16 on CUDA: PyTorch's built-in int4 kernel (``aten._weight_int4pack_mm``) on a
-  copy of the weight converted once to its layout (``int4pack.py``; 1.6-1.8x the Triton GEMV's speed at one row
-  on an H200, slower from 8 rows). The copy costs as much memory again as the packed weight; it is made on the
-  first such call and dropped when the packed buffers change.
+- Decoding one to four rows of bf16 on CUDA: PyTorch's built-in int4 kernel (``aten._weight_int4pack_mm``) on a
+  copy of the weight converted once to its layout (``int4pack.py``; on an H200 1.6-1.8x the Triton GEMV's speed
+  at one row, 1.1-1.5x at four, slower from 8 rows). The copy costs as much memory again as the packed weight;
+  it is made on the first such call and dropped when the packed buffers change.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.
@@ -22,7 +22,7 @@
 Environment switches: ``FINETUNE_GPTQ_BACKEND`` = ``auto`` (default: Triton on CUDA when importable),
 ``torch`` (plain torch everywhere) or ``triton`` (fail if Triton is missing); ``FINETUNE_GPTQ_GEMV=0`` turns
 the fused decode GEMV off (dequantize + matmul for every row count); ``FINETUNE_GPTQ_TUNE=0`` skips the
-Triton kernels' one-time config timing; ``FINETUNE_GPTQ_INT4PACK=0`` keeps one- and two-row decoding on the
+Triton kernels' one-time config timing; ``FINETUNE_GPTQ_INT4PACK=0`` keeps one- to four-row decoding on the
 Triton GEMV (no second copy of the weights).
 """
 
@@ -44,7 +44,7 @@ from .packing import (
 from ..settings import settings
 
 GEMV_MAX_ROWS = 64  # = triton_gemv.MAX_ROWS (batched decoding up to 64 rows)
-INT4PACK_MAX_ROWS = 2  # measured faster than the Triton GEMV at 1 and 2 rows, slower at 8 (benchmarks/NOTES.md)
+INT4PACK_MAX_ROWS = 4  # measured faster than the Triton GEMV at 1, 2 and 4 rows, slower at 8 (benchmarks/NOTES.md)
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 

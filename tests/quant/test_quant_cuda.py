@@ -329,7 +329,7 @@ def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switch
 
 
 @pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True)])
-def test_gptq_linear_one_and_two_rows_use_the_int4pack_copy(in_f, out_f, desc_act, monkeypatch, switches):
+def test_gptq_linear_one_to_four_rows_use_the_int4pack_copy(in_f, out_f, desc_act, monkeypatch, switches):
     from finetune.quant import linear as qlinear
 
     switches(gptq_tune=False, gptq_gemv=True, gptq_int4pack=True)
@@ -339,13 +339,13 @@ def test_gptq_linear_one_and_two_rows_use_the_int4pack_copy(in_f, out_f, desc_ac
     p = _random_packed(in_f, out_f, desc_act=desc_act, seed=8)
     layer = GPTQLinear.from_quantized(**p, bits=4, group_size=128, desc_act=desc_act)
     w = layer.dequantize(torch.float32)
-    for rows in (1, 2, 8):
+    for rows in (1, 2, 4, 8):
         x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             y = layer(x)
         # bf16 scales and float zeros, bf16 output: about the error of rounding W and y to bf16
         assert _rel_err(y, x.float() @ w.t()) < 1e-2
-    assert gemv_rows == [8]  # 1 and 2 rows: the int4pack kernel; 8 rows: the Triton GEMV
+    assert gemv_rows == [8]  # 1, 2 and 4 rows: the int4pack kernel; 8 rows: the Triton GEMV
     held = layer.__dict__["_int4pack"][2]
     assert held is not None and "_int4pack" not in str(list(layer.state_dict()))
     # new packed values: the copy is remade (it follows qweight's version), not reused stale
