@@ -70,6 +70,8 @@ _CONFIGS_M1 = [
     ("fma", 128, 64, -16, 4),
     (128, 128, 0, 4, False, True),  # attn.c_proj (5120 x 5120)
     ("fma", 128, 64, -8, 4),
+    ("mma", 128, 128, -4, 4),  # the third design (unmeasured when added)
+    ("mma", 256, 128, -2, 8),
 ]
 # 2..8 rows: the weight tile dequantized once for every row; tensor-core dots with the rows padded to 16 (free:
 # the kernel is bandwidth bound).
@@ -77,14 +79,18 @@ _CONFIGS_MN = [
     ("dot", 128, 128, -4, 4),
     (128, 128, 0, 4, True, False),  # attn.c_proj
     ("dot", 64, 128, -8, 4),
+    ("mma", 128, 128, -4, 4),
+    ("mma", 64, 128, -8, 4),
 ]
 # 9..64 rows (batched decoding, short prefills): a small-M GEMM, the tile dequantized in registers, tl.dot.
 _CONFIGS_MM = [
     (128, 128, 0, 4, True, False),
     (256, 128, 0, 8, True, False),
     (64, 128, 0, 4, True, False),
+    ("mma", 128, 128, -4, 4),
+    ("mma", 64, 128, -8, 4),
 ]
-_KINDS = ("fma", "dot")
+_KINDS = ("fma", "dot", "mma")
 _DOT_M = 16  # tl.dot needs at least 16 rows
 _INTERPRET_CONFIG = (32, 32, 2, 4, False, False)  # TRITON_INTERPRET=1 (CPU): small blocks, two K splits, no tuning
 _REDUCE_BLOCK = 1024
@@ -425,6 +431,124 @@ def _gemv2_kernel(
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
+# Two 4-bit values of one packed word (bits 0-3 and 16-19 after a shift) become two bf16 numbers q - zero in one
+# register: the nibbles are placed in the mantissa of bf16 128 (128 + q, exact: bf16's ulp at 128 is 1), then one
+# paired fma subtracts 128 + zero (exact: |q - zero| <= 16). Three instructions for two weights.
+_PAIR_ASM = tl.constexpr("""{
+.reg .b32 t, one;
+mov.b32 one, 0x3F803F80;
+lop3.b32 t, $2, 0x000F000F, 0x43004300, 0xea;
+fma.rn.bf16x2 t, t, one, $3;
+mov.b32 {$0, $1}, t;
+}""")
+
+
+@triton.jit
+def _gemv3_kernel(
+    x_ptr,
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    g_idx_ptr,
+    out_ptr,  # y [M, N] in x's dtype (bf16)
+    ws_ptr,  # SPLIT > 1: the fp32 partials [SPLIT, M, N]
+    cnt_ptr,  # SPLIT > 1: one int32 arrival counter per N block, 0 between launches
+    M,
+    K,
+    N,
+    K_PER_SPLIT,  # a multiple of BLOCK_K
+    SPLIT,
+    stride_xm,
+    stride_qw,
+    stride_qz,
+    stride_s,
+    BITS: tl.constexpr,
+    V2: tl.constexpr,
+    GMODE: tl.constexpr,
+    TRIVIAL_G: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
+):
+    """The third design ("mma" configs; 4-bit, bf16, one group per K block only): the weights enter the tensor
+    cores as the exact integers q - zero in bf16 (two per register, ``_PAIR_ASM``), so the scale is applied once
+    per K block to the [BLOCK_M, BLOCK_N] accumulator instead of once per weight: about 1.5 instructions a weight
+    for the dequantization instead of 5-6. Same arguments as ``_gemv2_kernel``."""
+    BKW: tl.constexpr = BLOCK_K // 8  # packed words per column per K block
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if EVEN_N:
+        mask_n = tl.full([BLOCK_N], 1, tl.int1)
+    else:
+        mask_n = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_w = tl.arange(0, BKW)
+    zshift = (offs_n % 8) * 4
+    zcols = offs_n // 8
+    tile = offs_w[:, None] * stride_qw + offs_n[None, :]
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    k_start = pid_s * K_PER_SPLIT
+    KW = K // 8
+    n_iter = K_PER_SPLIT // BLOCK_K
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+    row0 = k_start // 8
+    packed = tl.load(qweight_ptr + row0 * stride_qw + tile, mask=(row0 + offs_w < KW)[:, None] & mask_n[None, :],
+                     other=0, eviction_policy="evict_first")
+    zw, sc = _load_meta(qzeros_ptr, scales_ptr, tl.minimum(k_start, K - 1) // GROUP_SIZE, zcols, offs_n, mask_n,
+                        stride_qz, stride_s)
+    for it in range(0, n_iter):
+        k0 = k_start + it * BLOCK_K
+        row0 = (k0 + BLOCK_K) // 8
+        next_limit = tl.where(it + 1 < n_iter, KW, 0)
+        nxt = tl.load(qweight_ptr + row0 * stride_qw + tile,
+                      mask=(row0 + offs_w < next_limit)[:, None] & mask_n[None, :], other=0,
+                      eviction_policy="evict_first")
+        zw_next, sc_next = _load_meta(qzeros_ptr, scales_ptr, tl.minimum(k0 + BLOCK_K, K - 1) // GROUP_SIZE, zcols,
+                                      offs_n, mask_n, stride_qz, stride_s)
+        z = (zw >> zshift) & 15
+        if not V2:
+            z = z + 1
+        # bf16 -(128 + zero) in both halves: sign, exponent of 128, and zero in the mantissa's low bits
+        nz = (z | (z << 16)) | (0xC300C300 - (1 << 32))
+        kw0 = k0 + offs_w * 8  # [BKW]: the first input row of each word
+        blk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for j in tl.static_range(4):
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM, "=h,=h,r,r", [packed >> (4 * j), nz[None, :]],
+                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+            x_lo = tl.load(x_rows + (kw0 + j)[None, :], mask=mask_m[:, None] & (kw0 + j < K)[None, :], other=0.0)
+            x_hi = tl.load(x_rows + (kw0 + j + 4)[None, :], mask=mask_m[:, None] & (kw0 + j + 4 < K)[None, :],
+                           other=0.0)
+            blk = tl.dot(x_lo, lo, blk)
+            blk = tl.dot(x_hi, hi, blk)
+        acc += blk * sc.to(tl.float32)[None, :]
+        packed = nxt
+        zw = zw_next
+        sc = sc_next
+
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    if ONE_SPLIT:
+        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:  # as in _gemv2_kernel: the last program of an N block sums the partials in split order
+        tl.store(ws_ptr + pid_s * M * N + out_offs, acc, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if arrived == SPLIT - 1:
+            tl.debug_barrier()
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, SPLIT):
+                total += tl.load(ws_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
 @triton.jit
 def _splitk_reduce_kernel(ws_ptr, out_ptr, MN, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
     """out[i] = sum over splits of ws[s, i] (fixed order), rounded once to out's dtype."""
@@ -447,9 +571,19 @@ def row_bucket(m: int) -> int:
     return b
 
 
-def configs_for(m: int) -> list:
-    """The candidate configs for ``m`` rows (tests run every one of them)."""
-    return _CONFIGS_M1 if m == 1 else _CONFIGS_MN if m <= 8 else _CONFIGS_MM
+def configs_for(m: int, mma: bool | None = None) -> list:
+    """The candidate configs for ``m`` rows (tests run every one of them); ``mma=False`` leaves out the third
+    design's, which need 4-bit weights, bf16 inputs and one group per K block (``mma_fits``). None: all of them,
+    except in Triton's interpreter (which cannot run the third design's inline PTX)."""
+    configs = _CONFIGS_M1 if m == 1 else _CONFIGS_MN if m <= 8 else _CONFIGS_MM
+    if mma is None:
+        mma = not _INTERPRET
+    return configs if mma else [c for c in configs if not (_is_v2(c) and c[0] == "mma")]
+
+
+def mma_fits(bits: int, dtype: torch.dtype, trivial: bool, group_size: int, block_k: int = 128) -> bool:
+    """Whether the third design ("mma" configs) can compute this problem."""
+    return bits == 4 and dtype == torch.bfloat16 and trivial and group_size % block_k == 0
 
 
 def _is_v2(cfg) -> bool:
@@ -473,7 +607,7 @@ def _check_v2(cfg, bits: int) -> None:
     per = 32 // bits
     if block_k % per or block_n & (block_n - 1) or (block_k // per) & (block_k // per - 1):
         raise ValueError(f"triton_gemv: config {cfg}: BLOCK_N and BLOCK_K / {per} must be powers of two")
-    if kind == "dot" and (block_n < 16 or block_k // per < 16):
+    if kind in ("dot", "mma") and (block_n < 16 or block_k // per < 16):
         raise ValueError(f"triton_gemv: config {cfg}: tl.dot needs BLOCK_N >= 16 and BLOCK_K >= {16 * per} "
                          f"({bits}-bit values, {per} per word)")
 
@@ -481,7 +615,7 @@ def _check_v2(cfg, bits: int) -> None:
 def _dims(cfg) -> tuple:
     """(BLOCK_N, BLOCK_K, SPLIT_K, num_warps, uses tensor cores) of either config form."""
     if _is_v2(cfg):
-        return cfg[1], cfg[2], cfg[3], cfg[4], cfg[0] == "dot"
+        return cfg[1], cfg[2], cfg[3], cfg[4], cfg[0] in ("dot", "mma")
     return cfg[0], cfg[1], cfg[2], cfg[3], bool(cfg[4])
 
 
@@ -640,7 +774,14 @@ def triton_gemv(
         warps = _dims(cfg)[3]
         if _is_v2(cfg):
             _check_v2(cfg, bits)
-            compiled = _gemv2_kernel[grid](*args2(split, k_per_split, cfg), num_warps=warps)
+            kernel = _gemv2_kernel
+            if cfg[0] == "mma":
+                if not mma_fits(bits, dtype, trivial, group_size, cfg[2]):
+                    raise ValueError(f"triton_gemv: config {cfg} needs 4-bit weights, bf16 inputs and one group per "
+                                     f"K block (got {bits}-bit, {dtype}, group size {group_size}, trivial g_idx "
+                                     f"{trivial})")
+                kernel = _gemv3_kernel
+            compiled = kernel[grid](*args2(split, k_per_split, cfg), num_warps=warps)
             return compiled, grid, split, k_per_split, cfg, None, None
         if split == 1:
             compiled = _gemv_kernel[grid](*args1(y, k_per_split, 0, cfg), num_warps=warps)
@@ -663,7 +804,7 @@ def triton_gemv(
 
             return x2d.float() @ dequantize_t(qweight, qzeros, scales, g_idx, bits, v2=v2, dtype=dtype).float()
 
-        cfg = _tune(launch, fast, M, device, tune_key, y, reference)
+        cfg = _tune(launch, fast, M, device, tune_key, y, reference, mma_fits(bits, dtype, trivial, group_size))
         _BEST[tune_key] = cfg
     hit = launch(cfg)
     if hit[0] is not None and not _INTERPRET:
@@ -671,13 +812,13 @@ def triton_gemv(
     return y
 
 
-def _tune(launch, fast, M, device, tune_key, out, reference):
+def _tune(launch, fast, M, device, tune_key, out, reference, mma: bool = True):
     """The fastest config for one problem (each compiled once, timed from a cold L2; first call only). Every
     candidate's first result is compared with ``reference()`` (the dequantized matmul): a config that fails to
     compile or gives a wrong result on this GPU is left out with a warning."""
     if _INTERPRET:
         return _INTERPRET_CONFIG
-    configs = configs_for(M)
+    configs = configs_for(M, mma)
     if not settings().gptq_tune:  # e.g. tests: one compile per problem kind
         return configs[0]
     ref = reference()

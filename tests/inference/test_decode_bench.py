@@ -52,7 +52,8 @@ def test_decode_bench_gemv_part_checks_every_config_in_the_interpreter(tmp_path)
 
     for rows in (1, 3):
         mine = [e for e in entries if e["workload"] == "gemv" and e["rows"] == rows]
-        assert [e["config"] for e in mine] == [str(c) for c in configs_for(rows)]
+        # every config the interpreter can run (the third design's inline PTX needs a GPU)
+        assert [e["config"] for e in mine] == [str(c) for c in configs_for(rows, mma=False)]
         for e in mine:
             assert "error" not in e and e["rel_err"] < 5e-3, e
 

@@ -173,7 +173,7 @@ def test_triton_gemv_equals_dequant_matmul(in_f, out_f, bits, group_size, desc_a
 ])
 def test_triton_gemv_every_config(in_f, out_f, bits, group_size, desc_act, v2):
     """The tuner may pick any config: each one is correct."""
-    from finetune.quant.triton_gemv import configs_for, triton_gemv
+    from finetune.quant.triton_gemv import configs_for, mma_fits, triton_gemv
 
     p = _random_packed(in_f, out_f, bits, group_size, desc_act, v2, seed=4)
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -182,7 +182,8 @@ def test_triton_gemv_every_config(in_f, out_f, bits, group_size, desc_act, v2):
         for m in (1, 3, 8, 16, 64):
             x = torch.randn(m, in_f, device="cuda", generator=g).to(dtype)
             ref = (x.double() @ wt).to(dtype)
-            for cfg in configs_for(m):
+            # (the third design's "mma" configs only where they apply; the next tests cover the others)
+            for cfg in configs_for(m, mma=mma_fits(bits, dtype, not desc_act, group_size if group_size > 0 else in_f)):
                 y = triton_gemv(x, **p, bits=bits, v2=v2, group_size=group_size, trivial_g_idx=not desc_act,
                                 config=cfg)
                 err = _rel_err(y, ref)
@@ -212,7 +213,17 @@ def test_triton_gemv_tuned_cached_and_unaligned_input(monkeypatch, switches):
         assert torch.equal(tg.triton_gemv(xu, **p, bits=4, group_size=128), y)
 
 
-@pytest.mark.parametrize("config", [("fma", 128, 64, -8, 4), ("dot", 128, 128, -4, 4)], ids=lambda c: c[0])
+def test_triton_gemv_mma_config_on_a_problem_it_cannot_compute_says_why():
+    from finetune.quant.triton_gemv import triton_gemv
+
+    p = _random_packed(256, 128, 4, 128, False, False, seed=2)
+    x = torch.randn(1, 256, device="cuda", dtype=torch.float16)
+    with pytest.raises(ValueError, match="needs 4-bit weights, bf16 inputs"):
+        triton_gemv(x, **p, bits=4, group_size=128, trivial_g_idx=True, config=("mma", 128, 128, -4, 4))
+
+
+@pytest.mark.parametrize("config", [("fma", 128, 64, -8, 4), ("dot", 128, 128, -4, 4), ("mma", 128, 128, -4, 4)],
+                         ids=lambda c: c[0])
 def test_triton_gemv2_dequantizes_every_weight_exactly_in_bf16(config):
     """Rows of the identity: y is W.T rounded to bf16 (round to nearest even on the GPU), bit for bit."""
     from finetune.quant.triton_gemv import triton_gemv
