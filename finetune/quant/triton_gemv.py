@@ -6,13 +6,15 @@ matrix-vector product: the time is the time to read the weight once. The dequant
 packed int32 words (0.5 byte per weight at 4 bits, 1 at 8) plus the zero points and scales once, and never
 writes a float weight.
 
-Numerics (both designs) match ``x @ packing.dequantize_t(..., dtype=x.dtype)`` up to the summation order: each
+Numerics (first two designs) match ``x @ packing.dequantize_t(..., dtype=x.dtype)`` up to the summation order: each
 weight is computed exactly in fp32 as (q - zero) * scale, rounded once to x's dtype, multiplied by x in fp32 and
 accumulated in fp32 (CUDA cores, or tensor cores for the ``dot`` / ``USE_DOT`` configs: bf16/fp16 products are
 exact in fp32, fp32 inputs use ``input_precision="ieee"``); the output is rounded once. Results are
-deterministic: split-K partials are always summed in split order.
+deterministic: split-K partials are always summed in split order. The third design (``_gemv3_kernel``, "mma"
+configs, bf16 only) never rounds a weight: it multiplies x by the exact integers q - zero and scales the fp32
+sums, so it matches the exact product (``dequantize_t(..., dtype=torch.float32)``) instead.
 
-Two designs, both candidates of one tuner (``configs_for``):
+Three designs, all candidates of one tuner (``configs_for``):
 
 - The first (``_gemv_kernel``, int-tuple configs): a [BLOCK_K / PER, PER, BLOCK_N] 3-D tile (PER = 32 / bits
   values per word), the integer -> float conversion by the 2**23 trick (bits ``0x4B000000 | q`` are the float
@@ -28,7 +30,13 @@ Two designs, both candidates of one tuner (``configs_for``):
   accumulator keeps one fp32 per word and column and is summed over the words once, after the loop. The K splits
   of an N block are summed inside the same launch: every split stores its fp32 partial, the program that arrives
   last (an atomic counter per N block, reset by that program) adds the partials in split order and writes y (no
-  second kernel, still deterministic). The counters are per device (``_counters``).
+  second kernel, still deterministic). The counters are per device (``_counters``). Measured: 21-24% of the copy
+  rate at one row (SASS: ~9.5 instructions a weight for "fma", ~6 for "dot").
+- The third (``_gemv3_kernel``, ``("mma", ...)`` configs; 4-bit, bf16, one group per K block): the second's
+  tiles and split-K, with the weights made into bf16 integers q - zero two at a time (``_PAIR_ASM``: one lop3 and
+  one paired fma) and fed to the tensor cores, the scale applied per K block to the accumulator (~4 instructions
+  a weight). Measured: 23-26% at one row, 18-21% at 8: a few % above the others, so the instruction count was
+  not what held them back. One- to four-row bf16 decoding now goes to ``int4pack.py`` (aten's kernel, ~40%).
 
 Work split: the grid is (N blocks, K splits). One program handles BLOCK_N outputs for all M rows (the weight
 tile is loaded once for every row) over one range of K, prefetching the next tile's words (and, in the second
@@ -70,8 +78,7 @@ _CONFIGS_M1 = [
     ("fma", 128, 64, -16, 4),
     (128, 128, 0, 4, False, True),  # attn.c_proj (5120 x 5120)
     ("fma", 128, 64, -8, 4),
-    ("mma", 128, 128, -4, 4),  # the third design (unmeasured when added)
-    ("mma", 256, 128, -2, 8),
+    ("mma", 128, 128, -4, 4),  # the third design: 3-7% faster than the others at one row (bf16 only)
 ]
 # 2..8 rows: the weight tile dequantized once for every row; tensor-core dots with the rows padded to 16 (free:
 # the kernel is bandwidth bound).
@@ -79,17 +86,14 @@ _CONFIGS_MN = [
     ("dot", 128, 128, -4, 4),
     (128, 128, 0, 4, True, False),  # attn.c_proj
     ("dot", 64, 128, -8, 4),
-    ("mma", 128, 128, -4, 4),
-    ("mma", 64, 128, -8, 4),
+    ("mma", 128, 128, -4, 4),  # 4-8% faster than "dot" at 8 rows for c_attn, w1/w2, mlp.c_proj
 ]
 # 9..64 rows (batched decoding, short prefills): a small-M GEMM, the tile dequantized in registers, tl.dot.
 _CONFIGS_MM = [
     (128, 128, 0, 4, True, False),
     (256, 128, 0, 8, True, False),
     (64, 128, 0, 4, True, False),
-    ("mma", 128, 128, -4, 4),
-    ("mma", 64, 128, -8, 4),
-]
+]  # (the third design's "mma" configs measured 2.3-4x slower than these at 32 rows: 32-row tiles spill)
 _KINDS = ("fma", "dot", "mma")
 _DOT_M = 16  # tl.dot needs at least 16 rows
 _INTERPRET_CONFIG = (32, 32, 2, 4, False, False)  # TRITON_INTERPRET=1 (CPU): small blocks, two K splits, no tuning
@@ -434,6 +438,8 @@ def _gemv2_kernel(
 # Two 4-bit values of one packed word (bits 0-3 and 16-19 after a shift) become two bf16 numbers q - zero in one
 # register: the nibbles are placed in the mantissa of bf16 128 (128 + q, exact: bf16's ulp at 128 is 1), then one
 # paired fma subtracts 128 + zero (exact: |q - zero| <= 16). Three instructions for two weights.
+# Measured on the H200 (benchmarks/NOTES.md step 8): at one row ~26% of the copy rate, 3-7% above the other designs
+# in spite of ~2x fewer instructions: the instruction count was not what limits these kernels.
 _PAIR_ASM = tl.constexpr("""{
 .reg .b32 t, one;
 mov.b32 one, 0x3F803F80;
