@@ -264,6 +264,9 @@ class Engine:
             joining = [self._pending.popleft() for _ in range(take)]
         if not joining:
             return
+        if not self._rows and self.adapters.refresh():  # LoRA weights changed since the graphs were captured
+            self._graphs.clear()
+            self._pool = None
         # grow the cache once for everything joining now (a growth copies the whole cache)
         need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in joining)
         self._ensure(len(self._rows) + len(joining), max([need] + [r.length + r.req.params.max_new_tokens

@@ -172,3 +172,22 @@ def join_and_leave(model, tok):
 def test_graphed_rows_leaving_and_joining_get_their_solo_tokens_in_fp32(tok):
     model = realistic_model(3).to("cuda")
     assert join_and_leave(model, tok) <= 1
+
+
+def test_graphed_engine_sees_adapter_weights_changed_between_generations(tok):
+    """Replayed graphs never run the adapter hooks: the stacked LoRA copies they read are refreshed (in place)
+    when a new batch starts, so more training between two chats reaches the next answer."""
+    from test_inference_engine import _peft
+
+    pm = _peft(realistic_model(0), ["default"]).to("cuda")
+    batch = [[t % 2000 for t in p] for p in prompts([9], seed=4)]
+    params = SamplingParams(max_new_tokens=16)
+    engine = Engine(pm, tok, max_batch=2)
+    base = engine.generate(batch, params, adapter=None)
+    tuned = engine.generate(batch, params, adapter="default")
+    assert engine._graphs and tuned != base
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert engine.generate(batch, params, adapter="default") == base

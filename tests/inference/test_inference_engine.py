@@ -141,6 +141,23 @@ def test_two_adapters_and_the_base_in_one_batch_each_give_their_own_answers(tok)
         assert assert_agree([alone[name]], hf_greedy(pm, tok, [p], 16)) == 0
 
 
+def test_adapter_weights_changed_in_place_are_used_at_the_next_step(tok):
+    """The engine computes each layer's adapters from stacked copies of their weights: a change to a LoRA weight
+    (further training, loading new values) must reach the next forward, never a stale copy."""
+    pm = _peft(tiny(seed=7), ["default"])
+    batch = prompts([9], seed=4)
+    engine = Engine(pm, tok, max_batch=2)
+    params = SamplingParams(max_new_tokens=12)
+    base = engine.generate(batch, params, adapter=None)
+    tuned = engine.generate(batch, params, adapter="default")
+    assert tuned != base
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.zero_()  # the adapter now adds nothing
+    assert engine.generate(batch, params, adapter="default") == base
+
+
 def test_finished_rows_never_change_and_a_row_joining_mid_batch_gets_its_solo_tokens(tok):
     model = tiny(seed=11)
     a, b, c = prompts([7, 30, 4], seed=12)
