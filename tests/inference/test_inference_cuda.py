@@ -4,6 +4,8 @@ pytest -m cuda tests/inference/test_inference_cuda.py"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 
@@ -31,17 +33,48 @@ def tok():
     return QWenTokenizer(str(SMALL_VOCAB))
 
 
+class _StepLogits(Mapping):
+    """request id -> the logits [V] of each token it picked (its stop token included). The engine runs greedy
+    rows one step ahead, so a row that finished also has the logits of one more step, whose token it dropped:
+    those are left out here."""
+
+    def __init__(self):
+        self.steps: dict[int, list[torch.Tensor]] = {}
+        self.reqs: dict = {}
+
+    def add(self, req, logits):
+        self.reqs[req.id] = req
+        self.steps.setdefault(req.id, []).append(logits.detach().float().cpu().clone())
+
+    def __getitem__(self, rid):
+        req = self.reqs[rid]
+        return self.steps[rid][:len(req.output_ids) + (1 if req.finish_reason == "stop" else 0)]
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self):
+        return len(self.steps)
+
+
 def _record_logits(engine):
-    """Wraps the engine's sampling step to keep each request's logits per step."""
-    seen: dict[int, list[torch.Tensor]] = {}
-    original = engine._emit
+    """Wraps the engine's host-side pick (prefill, sampled steps) and its device-picked step launch to keep each
+    request's logits per step (copied at once: a launched step's logits live until the next launch)."""
+    seen = _StepLogits()
+    emit, launch = engine._emit, engine._launch
 
-    def emit(rows, logits, touched):
+    def recording_emit(rows, logits, touched):
         for i, r in enumerate(rows):
-            seen.setdefault(r.req.id, []).append(logits[i].detach().float().cpu().clone())
-        return original(rows, logits, touched)
+            seen.add(r.req, logits[i])
+        return emit(rows, logits, touched)
 
-    engine._emit = emit
+    def recording_launch():
+        step = launch()
+        for i, r in enumerate(step.rows):
+            seen.add(r.req, step.logits[i])
+        return step
+
+    engine._emit, engine._launch = recording_emit, recording_launch
     return seen
 
 
