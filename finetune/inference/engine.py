@@ -19,15 +19,15 @@ hiding each row's positions beyond its own length. On CUDA that decode step is a
 (batch bucket 1, 2, 4, ..., max_batch; length bucket, a multiple of 256) and replayed; elsewhere it runs
 eagerly on exactly the active rows.
 
-Host time. When every active row is greedy (the server's temperature 0, chat's do_sample=False, eval), the
-token choice runs on the device with the decode step (repetition penalty, stop tokens held back until
-min_new_tokens, argmax; in the same CUDA graph), which writes each row's next input token, position and
-counters into the step's static inputs; the host then only reads the picked tokens, and it reads step t's
-tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row that finished at
-step t is in step t+1 too: its extra token is discarded, and its cache write (one position past its last
-token, inside its reserved length) is never read. Rows leave and join only with no step in flight (the
-step() that sees a finished, cancelled or waiting row first reads the step in flight). Steps with a sampled
-row pick on the host (sampling.py), one step at a time, as before.
+Host time. The token choice runs on the device after the decode step (repetition penalty, stop tokens held
+back until min_new_tokens, then argmax, or sampling.pick_one for a sampled row with the row's generator) and
+writes each row's next input token, position and counters into the step's static inputs; with every row
+greedy it is part of the step's CUDA graph. The host only reads the picked tokens (one small copy), and it
+reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row
+that finished at step t is in step t+1 too: its extra token is discarded, and its cache write (one position
+past its last token, inside its reserved length) is never read. Rows leave and join only with no step in
+flight (the step() that sees a finished, cancelled or waiting row first reads the step in flight); only then
+does the host write the step's inputs. Prefill picks its row's first token on the host (sampling.py).
 
 Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
 base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
@@ -48,7 +48,7 @@ import torch
 
 from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
 from .row_adapters import RowAdapters
-from .sampling import SamplingParams, apply_penalties, pick_tokens
+from .sampling import SamplingParams, apply_penalties, pick_one, pick_tokens
 
 LENGTH_BUCKET = 256
 _IDS = itertools.count()
@@ -191,6 +191,7 @@ class Engine:
         self._gone: list[_Row] = []  # rows finished while a step was in flight (removed once none is)
         self._synced = False  # the device's step inputs (token, position, counters) match the host's rows
         self._flags = (False, False)  # (any row penalised, any row holding its stops) of the uploaded rows
+        self._sampled: list = []  # the uploaded rows that sample: (slot, params, generator)
         self._host_tokens = None  # two pinned host buffers for the picked tokens (a step in flight uses one)
         self._events = None
         self._flip = 0
@@ -228,9 +229,9 @@ class Engine:
         """Cancelled rows leave, waiting requests join (prefill), then one decode step for every active row.
         Returns the requests that got a token or finished in this step.
 
-        With every row greedy the step is pipelined: the next decode step is enqueued before the tokens of
-        the one in flight are read, so a request's token arrives from the step() after the one that enqueued
-        it; a row finishes, leaves or is cancelled within one extra step."""
+        Pipelined: the next decode step is enqueued before the tokens of the one in flight are read, so a
+        token arrives from the step() after the one that enqueued it; a row finishes, leaves or is cancelled
+        within one extra step."""
         with self._step_lock:
             touched: dict[int, Request] = {}
             if self._inflight is not None and self._must_change():
@@ -242,13 +243,10 @@ class Engine:
                 self._drop_cancelled(touched)
                 self._admit(touched)
             if self._rows:
-                if all(not r.req.params.do_sample for r in self._rows):
-                    previous = self._take_inflight()
-                    self._inflight = self._launch()
-                    if previous is not None:
-                        self._read(previous, touched)
-                else:
-                    self._decode(touched)
+                previous = self._take_inflight()
+                self._inflight = self._launch()
+                if previous is not None:
+                    self._read(previous, touched)
             return list(touched.values())
 
     def generate(self, prompts, params: SamplingParams | None = None, adapter: str | None = None,
@@ -410,19 +408,6 @@ class Engine:
         self._synced = False
         self._emit([row], logits, touched)
 
-    def _decode_inputs(self, b: int):
-        rows = self._rows
-        n = len(rows)
-        tok = torch.zeros(b, dtype=torch.long)
-        pos = torch.zeros(b, dtype=torch.long)
-        alpha = torch.ones(b, dtype=torch.float32)
-        for i, r in enumerate(rows):
-            tok[i], pos[i], alpha[i] = r.last, r.length, r.alpha
-        key = (b, tuple(r.adapter_index for r in rows))
-        if key != self._sel_key:  # rebuilt only when the rows or their adapters change
-            self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
-        return tok, pos, alpha, self._sel
-
     def _decode_forward(self, tok, pos, alpha, sel, kv_len):
         """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1)."""
         cfg = self.config
@@ -434,21 +419,6 @@ class Engine:
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
         with self.adapters.applied(sel):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)
-
-    def _decode(self, touched) -> None:
-        n = len(self._rows)
-        need = max(r.length for r in self._rows) + 1
-        if not self.use_graphs:
-            tok, pos, alpha, sel = (t.to(self.device) for t in self._decode_inputs(n))
-            logits = self._decode_forward(tok, pos, alpha, sel, need)
-        else:
-            b = self._bucket(n)
-            kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
-            logits = self._replay(b, kv_len, *self._decode_inputs(b))[:n]
-        for r in self._rows:
-            r.length += 1
-        self._synced = False  # the static inputs hold this step's, not the next one's
-        self._emit(list(self._rows), logits, touched)
 
     # -- the device-picked step (every row greedy) ------------------------------------------------------------
     def _state(self) -> dict:
@@ -478,28 +448,29 @@ class Engine:
         ones = [1.0] * (b - n)
         flts = torch.tensor([[r.alpha for r in rows] + ones,
                              [r.req.params.repetition_penalty for r in rows] + ones], dtype=torch.float32)
-        s["ints"][:, :b].copy_(ints)
-        s["flts"][:, :b].copy_(flts)
+        s["ints"][:, :b].copy_(ints, non_blocking=True)
+        s["flts"][:, :b].copy_(flts, non_blocking=True)
         self._stopmask[:b].zero_()
         which = [(i, t) for i, r in enumerate(rows) if r.req.params.min_new_tokens > 0
                  for t in r.stops if t < self.vocab]
         if which:
-            rows_idx, stop_idx = torch.tensor(which, device=self.device).unbind(1)
+            rows_idx, stop_idx = torch.tensor(which).to(self.device, non_blocking=True).unbind(1)
             self._stopmask[rows_idx, stop_idx] = True
         key = (b, tuple(r.adapter_index for r in rows))
         if key != self._sel_key:
             self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
         s["sel"][:, :b].copy_(self._sel)
-        s["sel_from"] = self._sel
         self._flags = (any(r.req.params.repetition_penalty != 1.0 for r in rows),
                        any(r.req.params.min_new_tokens > 0 for r in rows))
+        self._sampled = [(i, r.req.params, r.generator) for i, r in enumerate(rows) if r.req.params.do_sample]
         self._synced = True
 
-    def _pick_next(self, logits, b, penalised, held, ints, seen) -> None:
-        """On the device, the greedy choice for rows 0..b-1 from their logits [b, V], as ``_emit`` makes it
-        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, argmax), written as
-        the next step's inputs into ``ints`` (the token; position and tokens picked advanced by one for the
-        active rows) and into ``seen``."""
+    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=()) -> None:
+        """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
+        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, then argmax, or for
+        the ``sampled`` rows [(row, params, generator)] sampling.pick_one in row order, as pick_tokens draws),
+        written as the next step's inputs into ``ints`` (the token; position and tokens picked advanced by one
+        for the active rows) and into ``seen``. Nothing here reads a value back to the host."""
         tok, pos, picked, min_new, active = ints[:, :b].unbind(0)
         scores = logits
         if penalised:
@@ -507,14 +478,18 @@ class Engine:
         if held:
             scores = scores.masked_fill((picked < min_new)[:, None] & self._stopmask[:b], -float("inf"))
         nxt = scores.argmax(-1)
+        for i, params, generator in sampled:
+            nxt[i] = pick_one(scores[i], params, generator)
         tok.copy_(nxt)
         seen[:b].scatter_(1, nxt[:, None], True)
         pos.add_(active)
         picked.add_(active)
 
     def _launch(self) -> _Step:
-        """Enqueue one decode step with its device-side pick for every active row (all greedy); nothing here
-        waits for the device. The picked tokens are copied into a pinned host buffer that ``_read`` reads."""
+        """Enqueue one decode step and its device-side pick for every active row; nothing here waits for the
+        device. The picked tokens are copied into a pinned host buffer that ``_read`` reads. With every row
+        greedy the pick is part of the step's CUDA graph; sampled rows (per-row generators, which a graph
+        would freeze) are picked by eager device ops after the graph of the forward alone."""
         rows = list(self._rows)
         n = len(rows)
         b = self._bucket(n)
@@ -524,18 +499,22 @@ class Engine:
         penalised, any_min_new = self._flags
         held = any_min_new and any(r.picked < r.req.params.min_new_tokens for r in rows)
         need = max(r.length for r in rows) + 1
+        sampled = self._sampled
         if self.use_graphs:
             kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
-            key = (b, kv_len, penalised, held)
+            pick = None if sampled else (penalised, held)
+            key = (b, kv_len) + (pick or ())
             entry = self._graphs.get(key)
             if entry is None:
-                entry = self._graphs[key] = self._capture(b, kv_len, (penalised, held))
+                entry = self._graphs[key] = self._capture(b, kv_len, pick)
             graph, out = entry
             graph.replay()
+            if sampled:
+                self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled)
             logits = out[:n]
         else:
             logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], s["sel"][:, :n], need)
-            self._pick_next(logits, n, penalised, held, s["ints"], self._seen)
+            self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled)
         for r in rows:
             r.length += 1
             r.picked += 1
@@ -574,24 +553,6 @@ class Engine:
                     self._gone.append(r)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------
-    def _replay(self, b, kv_len, tok, pos, alpha, sel):
-        """The host-picked step (a sampled row in the batch): inputs copied from the host, the forward replayed."""
-        s = self._state()
-        s["tok"][:b].copy_(tok, non_blocking=True)
-        s["pos"][:b].copy_(pos, non_blocking=True)
-        s["alpha"][:b].copy_(alpha, non_blocking=True)
-        if s.get("sel_from") is not sel:  # the selection changed since the last replay
-            s["sel"][:, :b].copy_(sel)
-            s["sel_from"] = sel
-        key = (b, kv_len)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(b, kv_len)
-            self._graphs[key] = entry
-        graph, out = entry
-        graph.replay()
-        return out
-
     def _capture(self, b, kv_len, pick=None):
         """The graph of one decode step of b rows (with ``pick`` = (penalised, held): and its device-side
         greedy pick, which advances the static inputs) -> (graph, its logits [b, V])."""

@@ -97,9 +97,10 @@ def test_pipelined_greedy_answers_as_the_host_pick_with_rows_leaving_and_joining
                                       [(p, host_picked(sp)) for p, sp in jobs])] == want
 
 
-def test_a_greedy_step_is_enqueued_before_the_previous_tokens_are_read(tok):
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_step_is_enqueued_before_the_previous_tokens_are_read(tok, sampled):
     """While the batch does not change, step() enqueues decode step k+1 and then reads step k's tokens (the host
-    bookkeeping overlaps the device's step); a sampled row makes every step pick on the host instead."""
+    bookkeeping overlaps the device's step), greedy rows and sampled rows alike."""
     model = tiny(seed=42)
     engine = Engine(model, tok, max_batch=2)
     log = []
@@ -115,7 +116,8 @@ def test_a_greedy_step_is_enqueued_before_the_previous_tokens_are_read(tok):
         return read(step, touched)
 
     engine._launch, engine._read = logged_launch, logged_read
-    params = SamplingParams(max_new_tokens=6, min_new_tokens=6)  # both rows run 6 tokens: 1 from prefill, 5 decoded
+    # both rows run 6 tokens: 1 from the prefill, 5 decoded
+    params = SamplingParams(max_new_tokens=6, min_new_tokens=6, do_sample=sampled, top_p=0.9, seed=1)
     reqs = [engine.submit(p, params) for p in prompts([4, 9], seed=43)]
     per_step = []
     while not all(r.finished for r in reqs):
@@ -129,9 +131,6 @@ def test_a_greedy_step_is_enqueued_before_the_previous_tokens_are_read(tok):
     # the step still in flight (the rows had finished) is read and dropped by the next step()
     engine.step()
     assert log[-1] == ("read", launched[-1]) and engine._rows == [] and engine._inflight is None
-    log.clear()
-    engine.generate(prompts([4], seed=44), SamplingParams(max_new_tokens=4, do_sample=True, seed=1))
-    assert log == []
 
 
 def test_cancelling_a_row_frees_it_at_the_next_step_and_leaves_the_others_unchanged(tok):
@@ -201,3 +200,47 @@ def test_the_graphed_bookkeeping_with_padding_slots_answers_as_the_eager_path(to
     reqs = run(engine, jobs + [(jobs[0][0], sampled)], join_at={5: 4})
     assert [r.output_ids for r in reqs] == want + [alone_sampled]
     assert any(len(k) == 2 for k in keys)  # the host-picked steps replayed the forward-only graph
+
+
+def plain_loop(model, tok, prompt, params):
+    """The reference: the full forward over the whole sequence at every step, transformers' order of processors
+    (repetition penalty, stops masked until min_new_tokens), sampling.pick_one with the request's seeded
+    generator."""
+    from finetune.inference.sampling import apply_penalties, pick_one
+
+    g = torch.Generator().manual_seed(params.seed)
+    stops = sorted({tok.im_end_id, tok.im_start_id, *params.stop_token_ids})
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(params.max_new_tokens):
+            logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            seen = torch.zeros(logits.shape[0], dtype=torch.bool)
+            seen[ids] = True
+            scores = apply_penalties(logits[None], seen[None], torch.tensor([params.repetition_penalty]))[0]
+            if len(out) < params.min_new_tokens:
+                scores[[t for t in stops if t < scores.shape[0]]] = -float("inf")
+            t = int(pick_one(scores, params, g))
+            if t in stops:
+                break
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+def test_seeded_sampled_rows_draw_as_pick_one_does_beside_greedy_rows(tok):
+    """Sampled rows picked on the device, in a batch with greedy rows and rows joining: each seeded row's tokens
+    are those of a plain forward loop drawing with sampling.pick_one from the same seeded generator."""
+    model = tiny(seed=48)
+    ps = prompts([7, 12, 4, 20], seed=49)
+    jobs = [
+        (ps[0], SamplingParams(max_new_tokens=14, do_sample=True, temperature=0.8, top_p=0.9, seed=3)),
+        (ps[1], SamplingParams(max_new_tokens=10)),
+        (ps[2], SamplingParams(max_new_tokens=12, do_sample=True, top_k=20, repetition_penalty=1.2,
+                               min_new_tokens=5, seed=4)),
+        (ps[3], SamplingParams(max_new_tokens=9, do_sample=True, temperature=1.3, seed=5)),
+    ]
+    want = [plain_loop(model, tok, p, sp) if sp.do_sample else free_run(model, tok, p, sp.max_new_tokens)
+            for p, sp in jobs]
+    reqs = run(Engine(model, tok, max_batch=3), jobs, join_at={3: 2})
+    assert [r.output_ids for r in reqs] == want
+    assert len({tuple(w) for w in want}) == 4
