@@ -20,7 +20,8 @@ hiding each row's positions beyond its own length. On CUDA that decode step is a
 eagerly on exactly the active rows.
 
 Host time. The token choice runs on the device after the decode step (repetition penalty, stop tokens held
-back until min_new_tokens, then argmax, or sampling.pick_one for a sampled row with the row's generator) and
+back until min_new_tokens, then argmax, or for sampled rows sampling.pick_one with a seeded row's generator,
+and for the rows without a seed sampling.sample_rows: the same processors, drawn in one batch) and
 writes each row's next input token, position and counters into the step's static inputs; with every row
 greedy it is part of the step's CUDA graph. The host only reads the picked tokens (one small copy), and it
 reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row
@@ -48,7 +49,7 @@ import torch
 
 from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
 from .row_adapters import RowAdapters
-from .sampling import SamplingParams, apply_penalties, pick_one, pick_tokens
+from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
 
 LENGTH_BUCKET = 256
 _IDS = itertools.count()
@@ -191,7 +192,8 @@ class Engine:
         self._gone: list[_Row] = []  # rows finished while a step was in flight (removed once none is)
         self._synced = False  # the device's step inputs (token, position, counters) match the host's rows
         self._flags = (False, False)  # (any row penalised, any row holding its stops) of the uploaded rows
-        self._sampled: list = []  # the uploaded rows that sample: (slot, params, generator)
+        self._seeded: list = []  # the uploaded rows that sample with a seed: (slot, params, generator)
+        self._unseeded = None  # and those without: (their slots on the device, their RowSampling)
         self._host_tokens = None  # two pinned host buffers for the picked tokens (a step in flight uses one)
         self._events = None
         self._flip = 0
@@ -462,15 +464,23 @@ class Engine:
         s["sel"][:, :b].copy_(self._sel)
         self._flags = (any(r.req.params.repetition_penalty != 1.0 for r in rows),
                        any(r.req.params.min_new_tokens > 0 for r in rows))
-        self._sampled = [(i, r.req.params, r.generator) for i, r in enumerate(rows) if r.req.params.do_sample]
+        # seeded rows draw from their own generators one by one; the others in one batch (RowSampling)
+        self._seeded = [(i, r.req.params, r.generator) for i, r in enumerate(rows)
+                        if r.req.params.do_sample and r.generator is not None]
+        unseeded = [i for i, r in enumerate(rows) if r.req.params.do_sample and r.generator is None]
+        self._unseeded = None
+        if unseeded:
+            self._unseeded = (torch.tensor(unseeded).to(self.device, non_blocking=True),
+                              RowSampling([rows[i].req.params for i in unseeded], self.vocab, self.device))
         self._synced = True
 
-    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=()) -> None:
+    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False) -> None:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
-        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, then argmax, or for
-        the ``sampled`` rows [(row, params, generator)] sampling.pick_one in row order, as pick_tokens draws),
-        written as the next step's inputs into ``ints`` (the token; position and tokens picked advanced by one
-        for the active rows) and into ``seen``. Nothing here reads a value back to the host."""
+        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, then argmax; with
+        ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
+        through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
+        tokens picked advanced by one for the active rows) and into ``seen``. Nothing here reads a value back
+        to the host."""
         tok, pos, picked, min_new, active = ints[:, :b].unbind(0)
         scores = logits
         if penalised:
@@ -478,8 +488,12 @@ class Engine:
         if held:
             scores = scores.masked_fill((picked < min_new)[:, None] & self._stopmask[:b], -float("inf"))
         nxt = scores.argmax(-1)
-        for i, params, generator in sampled:
-            nxt[i] = pick_one(scores[i], params, generator)
+        if sampled:
+            for i, params, generator in self._seeded:
+                nxt[i] = pick_one(scores[i], params, generator)
+            if self._unseeded is not None:
+                rows, rs = self._unseeded
+                nxt.index_copy_(0, rows, sample_rows(scores.index_select(0, rows), rs))
         tok.copy_(nxt)
         seen[:b].scatter_(1, nxt[:, None], True)
         pos.add_(active)
@@ -488,8 +502,8 @@ class Engine:
     def _launch(self) -> _Step:
         """Enqueue one decode step and its device-side pick for every active row; nothing here waits for the
         device. The picked tokens are copied into a pinned host buffer that ``_read`` reads. With every row
-        greedy the pick is part of the step's CUDA graph; sampled rows (per-row generators, which a graph
-        would freeze) are picked by eager device ops after the graph of the forward alone."""
+        greedy the pick is part of the step's CUDA graph; with sampled rows (per-row generators and sampling
+        parameters, which a graph would freeze) it runs as eager device ops after the forward's graph."""
         rows = list(self._rows)
         n = len(rows)
         b = self._bucket(n)
@@ -499,7 +513,7 @@ class Engine:
         penalised, any_min_new = self._flags
         held = any_min_new and any(r.picked < r.req.params.min_new_tokens for r in rows)
         need = max(r.length for r in rows) + 1
-        sampled = self._sampled
+        sampled = bool(self._seeded) or self._unseeded is not None
         if self.use_graphs:
             kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
             pick = None if sampled else (penalised, held)

@@ -244,3 +244,24 @@ def test_seeded_sampled_rows_draw_as_pick_one_does_beside_greedy_rows(tok):
     reqs = run(Engine(model, tok, max_batch=3), jobs, join_at={3: 2})
     assert [r.output_ids for r in reqs] == want
     assert len({tuple(w) for w in want}) == 4
+
+
+def test_unseeded_sampled_rows_sample_together_beside_greedy_rows(tok):
+    """Rows without a seed sample in one batch (sampling.sample_rows, the default generator): reproducible under
+    torch.manual_seed, top_k=1 still its argmax, a warm row differs from greedy, the greedy row unchanged."""
+    model = tiny(seed=50)
+    ps = prompts([5, 9, 13, 6], seed=51)
+    greedy = [free_run(model, tok, p, 10) for p in ps]
+    jobs = [(ps[0], SamplingParams(max_new_tokens=10)),
+            (ps[1], SamplingParams(max_new_tokens=10, do_sample=True, top_k=1, temperature=0.5)),
+            (ps[2], SamplingParams(max_new_tokens=10, do_sample=True, temperature=1.5, top_p=0.95)),
+            (ps[3], SamplingParams(max_new_tokens=10, do_sample=True, top_k=4, repetition_penalty=1.2))]
+    torch.manual_seed(0)
+    first = [r.output_ids for r in run(Engine(model, tok, max_batch=4), jobs, join_at={3: 2})]
+    torch.manual_seed(0)
+    again = [r.output_ids for r in run(Engine(model, tok, max_batch=4), jobs, join_at={3: 2})]
+    assert first == again
+    assert first[0] == greedy[0] and first[1] == greedy[1]
+    penalised_greedy = Engine(model, tok, max_batch=1).generate(
+        [ps[3]], SamplingParams(max_new_tokens=10, repetition_penalty=1.2))[0]
+    assert first[2] != greedy[2] and first[3] != penalised_greedy
