@@ -594,13 +594,9 @@ class Engine:
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def _emit(self, rows: list[_Row], logits: torch.Tensor, touched) -> None:
-        """Pick each row's next token from its logits [n, V] (rows are in slots 0..n-1 for a decode step, or
-        the one row just prefilled), append it or finish the row."""
-        n = len(rows)
-        if n == 1:
-            idx = torch.tensor([self._rows.index(rows[0])], device=self.device)
-        else:  # a decode step: the rows are slots 0..n-1
-            idx = self._row_ids[:n]
+        """Pick the first token of rows just prefilled from their logits [n, V] on the host (sampling.py), append
+        it or finish the row. (Decode steps pick on the device: ``_pick_next``.)"""
+        idx = torch.tensor([self._rows.index(r) for r in rows], device=self.device)
         scores = logits
         penalties = [r.req.params.repetition_penalty for r in rows]
         if any(p != 1.0 for p in penalties):  # (the common greedy/chat case without a penalty skips this)
