@@ -205,3 +205,38 @@ def join_and_leave(model, tok):
 def test_graphed_rows_leaving_and_joining_get_their_solo_tokens_in_fp32(tok):
     model = realistic_model(3).to("cuda")
     assert join_and_leave(model, tok) <= 1
+
+
+def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
+    """The pick inside the decode graph (repetition penalty, stops held back by min_new_tokens, argmax, next inputs
+    advanced on the device) and the sampled rows picked after the forward's graph (seeded: their generator; a
+    batch of unseeded rows under torch.manual_seed), with a row joining and rows finishing: the same tokens as the
+    eager engine, step for step."""
+    model = realistic_model(4).to("cuda")
+    ps = [[t % 2000 for t in p] for p in prompts([5, 60, 17, 9, 33], seed=6)]
+    free = Engine(model, tok, max_batch=1, use_graphs=False).generate([ps[2]], SamplingParams(max_new_tokens=30))[0]
+    stop = free[6]
+    jobs = [SamplingParams(max_new_tokens=30, repetition_penalty=1.3),
+            SamplingParams(max_new_tokens=24, min_new_tokens=10, stop_token_ids=(free[3],)),
+            SamplingParams(max_new_tokens=30, stop_token_ids=(stop,)),
+            SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, temperature=0.8, seed=11),
+            SamplingParams(max_new_tokens=20, do_sample=True, top_k=20, repetition_penalty=1.1)]
+
+    def run(use_graphs):
+        torch.manual_seed(0)
+        engine = Engine(model, tok, max_batch=8, use_graphs=use_graphs)
+        reqs = [engine.submit(p, sp) for p, sp in zip(ps[:4], jobs[:4])]
+        steps = 0
+        while engine.has_work() or len(reqs) < 5:
+            engine.step()
+            steps += 1
+            if steps == 3:
+                reqs.append(engine.submit(ps[4], jobs[4]))
+        return engine, [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
+
+    graphed_engine, graphed, reasons = run(True)
+    assert any(len(k) == 4 for k in graphed_engine._graphs)  # greedy steps: the pick inside the graph
+    assert any(len(k) == 2 for k in graphed_engine._graphs)  # sampled steps: the forward's graph
+    _, eager, eager_reasons = run(False)
+    assert graphed == eager and reasons == eager_reasons
+    assert reasons[2] == "stop" and stop not in graphed[2]
