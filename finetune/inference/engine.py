@@ -422,7 +422,7 @@ class Engine:
         with self.adapters.applied(sel):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)
 
-    # -- the device-picked step (every row greedy) ------------------------------------------------------------
+    # -- the decode step: inputs and pick on the device, one step ahead of the host ---------------------------
     def _state(self) -> dict:
         """The decode step's static inputs on the device, ``slots`` wide: token, position, tokens picked,
         min_new_tokens and active (1 for a row, 0 for a padding slot) as the rows of one long tensor, alpha
