@@ -265,3 +265,20 @@ def test_unseeded_sampled_rows_sample_together_beside_greedy_rows(tok):
     penalised_greedy = Engine(model, tok, max_batch=1).generate(
         [ps[3]], SamplingParams(max_new_tokens=10, repetition_penalty=1.2))[0]
     assert first[2] != greedy[2] and first[3] != penalised_greedy
+
+
+@pytest.mark.parametrize("graphed", [False, True])
+def test_a_row_joining_that_grows_the_cache_mid_run_gets_its_solo_tokens(tok, monkeypatch, graphed):
+    """A 300-token prompt (beyond seq_length 256: NTK and logN) joins two running rows: the cache grows (length
+    256 -> 512, and more slots) between steps, with no step in flight; every row gets its solo tokens."""
+    model = tiny(seed=52)
+    ps = prompts([6, 11, 300, 4], seed=53)
+    params = SamplingParams(max_new_tokens=8, repetition_penalty=1.1)
+    solo = [Engine(model, tok, max_batch=1).generate([p], params)[0] for p in ps]
+    engine = Engine(model, tok, max_batch=4, use_graphs=graphed)
+    if graphed:
+        monkeypatch.setattr(engine, "_capture", lambda b, kv_len, pick=None: (lambda g: (g, g.out))(
+            _Rerun(engine, b, kv_len, pick)))
+    reqs = run(engine, [(p, params) for p in ps], join_at={2: 2, 3: 3})
+    assert engine._capacity == 512
+    assert [r.output_ids for r in reqs] == solo
