@@ -216,7 +216,7 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
     ps = [[t % 2000 for t in p] for p in prompts([5, 60, 17, 9, 33], seed=6)]
     free = Engine(model, tok, max_batch=1, use_graphs=False).generate([ps[2]], SamplingParams(max_new_tokens=30))[0]
     stop = free[6]
-    jobs = [SamplingParams(max_new_tokens=30, repetition_penalty=1.3),
+    jobs = [SamplingParams(max_new_tokens=30, min_new_tokens=30, repetition_penalty=1.3),  # outlives the others
             SamplingParams(max_new_tokens=24, min_new_tokens=10, stop_token_ids=(free[3],)),
             SamplingParams(max_new_tokens=30, stop_token_ids=(stop,)),
             SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, temperature=0.8, seed=11),
