@@ -19,6 +19,17 @@ hiding each row's positions beyond its own length. On CUDA that decode step is a
 (batch bucket 1, 2, 4, ..., max_batch; length bucket, a multiple of 256) and replayed; elsewhere it runs
 eagerly on exactly the active rows.
 
+Host time. The token choice runs on the device after the decode step (repetition penalty, stop tokens held
+back until min_new_tokens, then argmax, or for sampled rows sampling.pick_one with a seeded row's generator,
+and for the rows without a seed sampling.sample_rows: the same processors, drawn in one batch) and
+writes each row's next input token, position and counters into the step's static inputs; with every row
+greedy it is part of the step's CUDA graph. The host only reads the picked tokens (one small copy), and it
+reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row
+that finished at step t is in step t+1 too: its extra token is discarded, and its cache write (one position
+past its last token, inside its reserved length) is never read. Rows leave and join only with no step in
+flight (the step() that sees a finished, cancelled or waiting row first reads the step in flight); only then
+does the host write the step's inputs. Prefill picks its row's first token on the host (sampling.py).
+
 Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
 base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
 <|im_end|>/<|im_start|> and the request's stop ids (stop tokens are not part of the output), sampling as
@@ -38,7 +49,7 @@ import torch
 
 from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
 from .row_adapters import RowAdapters
-from .sampling import SamplingParams, apply_penalties, pick_tokens
+from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
 
 LENGTH_BUCKET = 256
 _IDS = itertools.count()
@@ -72,16 +83,28 @@ class Request:
 
 
 class _Row:
-    __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last")
+    __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked")
 
     def __init__(self, req, alpha, generator, adapter_index, stops):
         self.req = req
-        self.length = 0  # tokens in the cache
+        self.length = 0  # tokens in the cache, counting the step in flight (its write is enqueued)
         self.alpha = alpha
         self.generator = generator
         self.adapter_index = adapter_index
         self.stops = stops
-        self.last = None  # the last picked token (the next decode input)
+        self.last = None  # the last picked token the host has read (the next decode input when none is in flight)
+        self.picked = 0  # tokens picked for the row, counting the step in flight (= len(output_ids) when none is)
+
+
+class _Step:
+    """A decode step enqueued on the device whose tokens the host has not read yet: the rows it covered (slots
+    0..n-1 at launch), the host buffer its picked tokens are being copied into, the event that marks the copy
+    done (None off CUDA), and its logits (valid until the next step is enqueued)."""
+
+    __slots__ = ("rows", "tokens", "event", "logits")
+
+    def __init__(self, rows, tokens, event, logits):
+        self.rows, self.tokens, self.event, self.logits = rows, tokens, event, logits
 
 
 class _KV:
@@ -164,6 +187,16 @@ class Engine:
         self._row_ids = None  # arange(slots) on the device
         self._sel_key = None  # the adapter selection of the last decode step, and its tensor
         self._sel = None
+        self._stopmask = None  # [slots, V] bool: each row's stop tokens (held back until min_new_tokens)
+        self._inflight: _Step | None = None  # the device-picked step whose tokens are not read yet
+        self._gone: list[_Row] = []  # rows finished while a step was in flight (removed once none is)
+        self._synced = False  # the device's step inputs (token, position, counters) match the host's rows
+        self._flags = (False, False)  # (any row penalised, any row holding its stops) of the uploaded rows
+        self._seeded: list = []  # the uploaded rows that sample with a seed: (slot, params, generator)
+        self._unseeded = None  # and those without: (their slots on the device, their RowSampling)
+        self._host_tokens = None  # two pinned host buffers for the picked tokens (a step in flight uses one)
+        self._events = None
+        self._flip = 0
 
     # -- public API ---------------------------------------------------------------------------------------------
     def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None) -> Request:
@@ -188,18 +221,34 @@ class Engine:
 
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self._pending) or bool(self._rows)
+            if self._pending:
+                return True
+        # (a step may still be in flight for rows that all finished: the next step() reads and drops it)
+        return any(not r.req.finished for r in self._rows)
 
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Cancelled rows leave, waiting requests join (prefill), then one decode step for every active row.
-        Returns the requests that got a token or finished in this step."""
+        Returns the requests that got a token or finished in this step.
+
+        Pipelined: the next decode step is enqueued before the tokens of the one in flight are read, so a
+        token arrives from the step() after the one that enqueued it; a row finishes, leaves or is cancelled
+        within one extra step."""
         with self._step_lock:
             touched: dict[int, Request] = {}
-            self._drop_cancelled(touched)
-            self._admit(touched)
+            if self._inflight is not None and self._must_change():
+                self._read(self._take_inflight(), touched)
+            if self._inflight is None:
+                if self._gone:
+                    gone, self._gone = self._gone, []
+                    self._remove(gone)
+                self._drop_cancelled(touched)
+                self._admit(touched)
             if self._rows:
-                self._decode(touched)
+                previous = self._take_inflight()
+                self._inflight = self._launch()
+                if previous is not None:
+                    self._read(previous, touched)
             return list(touched.values())
 
     def generate(self, prompts, params: SamplingParams | None = None, adapter: str | None = None,
@@ -222,6 +271,18 @@ class Engine:
         return [r.output_ids for r in reqs]
 
     # -- rows -------------------------------------------------------------------------------------------------
+    def _must_change(self) -> bool:
+        """Whether the batch changes before the next decode step (a row finished or was cancelled, or a waiting
+        request has room to join): then the step in flight is read first."""
+        if self._gone or any(r.req.cancelled for r in self._rows):
+            return True
+        with self._lock:
+            return bool(self._pending) and len(self._rows) < self.max_batch
+
+    def _take_inflight(self) -> _Step | None:
+        step, self._inflight = self._inflight, None
+        return step
+
     def _finish(self, row: _Row, reason: str, touched) -> None:
         row.req.finished = True
         row.req.finish_reason = reason
@@ -243,6 +304,7 @@ class Engine:
             self._seen[hole] = self._seen[src]
             new[hole], new[src] = row, None
         self._rows = [r for r in new[:n]]
+        self._synced = False
 
     def _drop_cancelled(self, touched) -> None:
         with self._lock:
@@ -292,6 +354,7 @@ class Engine:
         k = torch.zeros(shape, dtype=self.dtype, device=self.device)
         v = torch.zeros_like(k)
         seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        assert self._inflight is None  # (the cache grows only when rows join: no step is in flight then)
         if self._cache is not None:
             n = len(self._rows)
             k[:, :n, :, : self._capacity] = self._cache.k[:, :n]
@@ -307,6 +370,8 @@ class Engine:
         # an internal assert of PyTorch's caching allocator (seen on the H200 when the cache grew mid-serving)
         self._pool = None
         self._static = None
+        self._stopmask = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        self._synced = False
 
     # -- forwards -----------------------------------------------------------------------------------------------
     def _select(self, indices: list[int | None], width: int) -> torch.Tensor:
@@ -345,20 +410,8 @@ class Engine:
         self._seen[slot].zero_()
         self._seen[slot, ids[0]] = True
         self._rows.append(row)
+        self._synced = False
         self._emit([row], logits, touched)
-
-    def _decode_inputs(self, b: int):
-        rows = self._rows
-        n = len(rows)
-        tok = torch.zeros(b, dtype=torch.long)
-        pos = torch.zeros(b, dtype=torch.long)
-        alpha = torch.ones(b, dtype=torch.float32)
-        for i, r in enumerate(rows):
-            tok[i], pos[i], alpha[i] = r.last, r.length, r.alpha
-        key = (b, tuple(r.adapter_index for r in rows))
-        if key != self._sel_key:  # rebuilt only when the rows or their adapters change
-            self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
-        return tok, pos, alpha, self._sel
 
     def _decode_forward(self, tok, pos, alpha, sel, kv_len):
         """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1)."""
@@ -372,71 +425,181 @@ class Engine:
         with self.adapters.applied(sel):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)
 
-    def _decode(self, touched) -> None:
-        n = len(self._rows)
-        need = max(r.length for r in self._rows) + 1
-        if not self.use_graphs:
-            tok, pos, alpha, sel = (t.to(self.device) for t in self._decode_inputs(n))
-            logits = self._decode_forward(tok, pos, alpha, sel, need)
-        else:
-            b = self._bucket(n)
+    # -- the decode step: inputs and pick on the device, one step ahead of the host ---------------------------
+    def _state(self) -> dict:
+        """The decode step's static inputs on the device, ``slots`` wide: token, position, tokens picked,
+        min_new_tokens and active (1 for a row, 0 for a padding slot) as the rows of one long tensor, alpha
+        and repetition penalty as the rows of one float tensor, and the adapter selection."""
+        if self._static is None:
+            ints = torch.zeros(5, self._slots, dtype=torch.long, device=self.device)
+            flts = torch.ones(2, self._slots, dtype=torch.float32, device=self.device)
+            sel = torch.zeros(max(len(self.adapters.names), 1), self._slots, dtype=torch.float32, device=self.device)
+            self._static = dict(ints=ints, flts=flts, tok=ints[0], pos=ints[1], alpha=flts[0], penalty=flts[1],
+                                sel=sel)
+        return self._static
+
+    def _upload(self, b: int) -> None:
+        """Write the host's rows 0..n-1 (padding up to b) into the static inputs. Done when the rows changed
+        (no step in flight then), never per step: the device advances tokens, positions and counters itself."""
+        s = self._state()
+        rows = self._rows
+        n = len(rows)
+        pad = [0] * (b - n)
+        for r in rows:
+            r.picked = len(r.req.output_ids)
+        ints = torch.tensor([[r.last for r in rows] + pad, [r.length for r in rows] + pad,
+                             [r.picked for r in rows] + pad, [r.req.params.min_new_tokens for r in rows] + pad,
+                             [1] * n + pad], dtype=torch.long)
+        ones = [1.0] * (b - n)
+        flts = torch.tensor([[r.alpha for r in rows] + ones,
+                             [r.req.params.repetition_penalty for r in rows] + ones], dtype=torch.float32)
+        s["ints"][:, :b].copy_(ints, non_blocking=True)
+        s["flts"][:, :b].copy_(flts, non_blocking=True)
+        self._stopmask[:b].zero_()
+        which = [(i, t) for i, r in enumerate(rows) if r.req.params.min_new_tokens > 0
+                 for t in r.stops if t < self.vocab]
+        if which:
+            rows_idx, stop_idx = torch.tensor(which).to(self.device, non_blocking=True).unbind(1)
+            self._stopmask[rows_idx, stop_idx] = True
+        key = (b, tuple(r.adapter_index for r in rows))
+        if key != self._sel_key:
+            self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
+        s["sel"][:, :b].copy_(self._sel)
+        self._flags = (any(r.req.params.repetition_penalty != 1.0 for r in rows),
+                       any(r.req.params.min_new_tokens > 0 for r in rows))
+        # seeded rows draw from their own generators one by one; the others in one batch (RowSampling)
+        self._seeded = [(i, r.req.params, r.generator) for i, r in enumerate(rows)
+                        if r.req.params.do_sample and r.generator is not None]
+        unseeded = [i for i, r in enumerate(rows) if r.req.params.do_sample and r.generator is None]
+        self._unseeded = None
+        if unseeded:
+            self._unseeded = (torch.tensor(unseeded).to(self.device, non_blocking=True),
+                              RowSampling([rows[i].req.params for i in unseeded], self.vocab, self.device))
+        self._synced = True
+
+    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False) -> None:
+        """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
+        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, then argmax; with
+        ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
+        through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
+        tokens picked advanced by one for the active rows) and into ``seen``. Nothing here reads a value back
+        to the host."""
+        tok, pos, picked, min_new, active = ints[:, :b].unbind(0)
+        scores = logits
+        if penalised:
+            scores = apply_penalties(logits, seen[:b], self._state()["penalty"][:b])
+        if held:
+            scores = scores.masked_fill((picked < min_new)[:, None] & self._stopmask[:b], -float("inf"))
+        nxt = scores.argmax(-1)
+        if sampled:
+            for i, params, generator in self._seeded:
+                nxt[i] = pick_one(scores[i], params, generator)
+            if self._unseeded is not None:
+                rows, rs = self._unseeded
+                nxt.index_copy_(0, rows, sample_rows(scores.index_select(0, rows), rs))
+        tok.copy_(nxt)
+        seen[:b].scatter_(1, nxt[:, None], True)
+        pos.add_(active)
+        picked.add_(active)
+
+    def _launch(self) -> _Step:
+        """Enqueue one decode step and its device-side pick for every active row; nothing here waits for the
+        device. The picked tokens are copied into a pinned host buffer that ``_read`` reads. With every row
+        greedy the pick is part of the step's CUDA graph; with sampled rows (per-row generators and sampling
+        parameters, which a graph would freeze) it runs as eager device ops after the forward's graph."""
+        rows = list(self._rows)
+        n = len(rows)
+        b = self._bucket(n)
+        if not self._synced:
+            self._upload(b)
+        s = self._state()
+        penalised, any_min_new = self._flags
+        held = any_min_new and any(r.picked < r.req.params.min_new_tokens for r in rows)
+        need = max(r.length for r in rows) + 1
+        sampled = bool(self._seeded) or self._unseeded is not None
+        if self.use_graphs:
             kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
-            logits = self._replay(b, kv_len, *self._decode_inputs(b))[:n]
-        for r in self._rows:
+            pick = None if sampled else (penalised, held)
+            key = (b, kv_len) + (pick or ())
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._graphs[key] = self._capture(b, kv_len, pick)
+            graph, out = entry
+            graph.replay()
+            if sampled:
+                self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled)
+            logits = out[:n]
+        else:
+            logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], s["sel"][:, :n], need)
+            self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled)
+        for r in rows:
             r.length += 1
-        self._emit(list(self._rows), logits, touched)
+            r.picked += 1
+        if self.device.type != "cuda":
+            return _Step(rows, s["tok"][:n].clone(), None, logits)
+        if self._host_tokens is None:
+            self._host_tokens = [torch.zeros(self.max_batch, dtype=torch.long).pin_memory() for _ in range(2)]
+            self._events = [torch.cuda.Event() for _ in range(2)]
+        self._flip ^= 1  # the other buffer: the step before may still be unread
+        buf, event = self._host_tokens[self._flip], self._events[self._flip]
+        buf[:n].copy_(s["tok"][:n], non_blocking=True)
+        event.record()
+        return _Step(rows, buf[:n], event, logits)
+
+    def _read(self, step: _Step, touched) -> None:
+        """The host side of a device-picked step: wait for its tokens, append them, finish rows on a stop
+        token, max_new_tokens or a cancel (a row that finished before this step gets nothing from it)."""
+        if step.event is not None:
+            step.event.synchronize()
+        for r, t in zip(step.rows, step.tokens.tolist()):
+            req = r.req
+            if req.finished:
+                continue
+            touched[req.id] = req
+            if req.cancelled:
+                self._finish(r, "cancelled", touched)
+                self._gone.append(r)
+            elif t in r.stops:
+                self._finish(r, "stop", touched)
+                self._gone.append(r)
+            else:
+                req.output_ids.append(t)
+                r.last = t
+                if len(req.output_ids) >= req.params.max_new_tokens:
+                    self._finish(r, "length", touched)
+                    self._gone.append(r)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------
-    def _replay(self, b, kv_len, tok, pos, alpha, sel):
-        if self._static is None:
-            A = sel.shape[0]
-            self._static = dict(tok=torch.zeros(self._slots, dtype=torch.long, device=self.device),
-                                pos=torch.zeros(self._slots, dtype=torch.long, device=self.device),
-                                alpha=torch.ones(self._slots, dtype=torch.float32, device=self.device),
-                                sel=torch.zeros(A, self._slots, dtype=torch.float32, device=self.device))
-        s = self._static
-        s["tok"][:b].copy_(tok, non_blocking=True)
-        s["pos"][:b].copy_(pos, non_blocking=True)
-        s["alpha"][:b].copy_(alpha, non_blocking=True)
-        if s.get("sel_from") is not sel:  # the selection changed since the last replay
-            s["sel"][:, :b].copy_(sel)
-            s["sel_from"] = sel
-        key = (b, kv_len)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(b, kv_len)
-            self._graphs[key] = entry
-        graph, out = entry
-        graph.replay()
-        return out
-
-    def _capture(self, b, kv_len):
-        s = self._static
+    def _capture(self, b, kv_len, pick=None):
+        """The graph of one decode step of b rows (with ``pick`` = (penalised, held): and its device-side
+        greedy pick, which advances the static inputs) -> (graph, its logits [b, V])."""
+        s = self._state()
         args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b], kv_len)
         # Warm-up on a side stream (first calls tune Triton kernels and may synchronise); the writes it makes
-        # into the cache are at the rows' current positions, which the real step then writes again.
+        # into the cache are at the rows' current positions, which the real step then writes again. The pick
+        # warms up on copies of the inputs it advances.
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._decode_forward(*args)
+                logits = self._decode_forward(*args)
+                if pick is not None:
+                    self._pick_next(logits, b, *pick, s["ints"].clone(), self._seen[:b].clone())
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._decode_forward(*args)
+            if pick is not None:
+                self._pick_next(out, b, *pick, s["ints"], self._seen)
         return graph, out
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def _emit(self, rows: list[_Row], logits: torch.Tensor, touched) -> None:
-        """Pick each row's next token from its logits [n, V] (rows are in slots 0..n-1 for a decode step, or
-        the one row just prefilled), append it or finish the row."""
-        n = len(rows)
-        if n == 1:
-            idx = torch.tensor([self._rows.index(rows[0])], device=self.device)
-        else:  # a decode step: the rows are slots 0..n-1
-            idx = self._row_ids[:n]
+        """Pick the first token of rows just prefilled from their logits [n, V] on the host (sampling.py), append
+        it or finish the row. (Decode steps pick on the device: ``_pick_next``.)"""
+        idx = torch.tensor([self._rows.index(r) for r in rows], device=self.device)
         scores = logits
         penalties = [r.req.params.repetition_penalty for r in rows]
         if any(p != 1.0 for p in penalties):  # (the common greedy/chat case without a penalty skips this)

@@ -3,7 +3,9 @@
 The semantics are transformers' (and the official Qwen generation's): repetition penalty over the prompt and
 the tokens generated so far (RepetitionPenaltyLogitsProcessor), stop tokens held back until min_new_tokens,
 then argmax or temperature -> top-k -> top-p -> multinomial (``pick_one``). Greedy rows are picked together in
-one argmax; sampling rows one by one (each may have its own seeded generator). A transformers GenerationConfig
+one argmax; sampling rows one by one (each may have its own seeded generator), or, for rows without a seed,
+all at once with per-row parameters as tensors (``RowSampling``, ``sample_rows``: the same processors, the
+same distribution; the draws come from the device's default generator in one batch). A transformers GenerationConfig
 maps onto SamplingParams; options the engine does not implement (beams, no_repeat_ngram_size, ...) are named
 by ``unsupported_options`` so callers can refuse them in one line (or fall back to generate()).
 """
@@ -138,4 +140,47 @@ def pick_one(scores: torch.Tensor, params, generator=None) -> torch.Tensor:
     return torch.multinomial(probs, 1, generator=generator)[0]
 
 
-__all__ = ["SamplingParams", "apply_penalties", "pick_tokens", "pick_one", "unsupported_options"]
+class RowSampling:
+    """The sampling parameters of m rows as tensors on ``device`` (built once when the rows change): per-row
+    temperature, top-k (0 or >= vocab: off) and top-p (1: off)."""
+
+    def __init__(self, params: list[SamplingParams], vocab: int, device):
+        ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        self.kmax = max(ks)  # 0: no row uses top-k
+        self.any_top_p = any(p.top_p < 1.0 for p in params)
+        host = torch.tensor([[p.temperature for p in params],
+                             [k - 1 if k else 0 for k in ks],
+                             [1.0 if k else 0.0 for k in ks],
+                             # top-p keeps the tokens whose ascending cumulative probability exceeds 1 - top_p;
+                             # -1 keeps them all (the row without top-p)
+                             [1 - p.top_p if p.top_p < 1.0 else -1.0 for p in params]], dtype=torch.float64)
+        dev = host.to(device, non_blocking=True)
+        self.temperature = dev[0].float()[:, None]
+        self.kth = dev[1].long()[:, None]
+        self.k_on = dev[2].bool()[:, None]
+        self.top_p_cut = dev[3].float()[:, None]
+
+
+def sample_rows(scores: torch.Tensor, rs: RowSampling, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One sampled token per row [m] from fp32 scores [m, V] (already penalised and masked): each row's
+    temperature -> top-k -> top-p -> a draw from the softmax, as ``pick_one`` computes it for that row. The
+    draw is multinomial's: argmax of probs / q with q ~ Exp(1) (``noise``, default from the default
+    generator); nothing is read back to the host."""
+    scores = scores / rs.temperature
+    if rs.kmax:
+        kth = torch.topk(scores, rs.kmax, dim=-1).values.gather(1, rs.kth)
+        kth = kth.masked_fill(~rs.k_on, -float("inf"))
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if rs.any_top_p:
+        sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative <= rs.top_p_cut
+        remove[:, -1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    probs = scores.softmax(-1)
+    q = noise if noise is not None else torch.empty_like(probs).exponential_(1)
+    return (probs / q).argmax(-1)
+
+
+__all__ = ["SamplingParams", "RowSampling", "apply_penalties", "pick_tokens", "pick_one", "sample_rows",
+           "unsupported_options"]

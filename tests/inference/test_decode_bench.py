@@ -65,3 +65,22 @@ def test_decode_bench_rejects_gemv_rows_out_of_range(tmp_path):
     assert proc.returncode == 2
     assert "error: --gemv-rows: 65 is outside 1..64" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_engine_host_cost_measures_every_case(tmp_path):
+    """benchmarks/engine_host_cost.py (the engine's host time per step, graphs replaced by no-ops) runs on the CPU
+    and writes one entry per engine, case and batch size; a revision git does not know is one error line."""
+    out = tmp_path / "host.json"
+    script = str(ROOT / "benchmarks" / "engine_host_cost.py")
+    proc = subprocess.run([sys.executable, script, "--rows", "1", "3", "--steps", "3", "--out", str(out)], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    entries = json.loads(out.read_text())
+    assert len(entries) == 4 * 2 and {e["rows"] for e in entries} == {1, 3}
+    for e in entries:
+        assert e["engine"] == "working tree" and e["host_us_median"] > 0 and e["torch_ops_per_step"] > 0
+    greedy = [e for e in entries if e["case"] == "greedy"]
+    assert greedy[0]["torch_ops_per_step"] == greedy[1]["torch_ops_per_step"]  # no per-row host ops
+    bad = subprocess.run([sys.executable, script, "--rev", "no-such-revision-x"], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --rev no-such-revision-x")

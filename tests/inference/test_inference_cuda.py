@@ -4,6 +4,8 @@ pytest -m cuda tests/inference/test_inference_cuda.py"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 import torch
 
@@ -31,17 +33,48 @@ def tok():
     return QWenTokenizer(str(SMALL_VOCAB))
 
 
+class _StepLogits(Mapping):
+    """request id -> the logits [V] of each token it picked (its stop token included). The engine runs greedy
+    rows one step ahead, so a row that finished also has the logits of one more step, whose token it dropped:
+    those are left out here."""
+
+    def __init__(self):
+        self.steps: dict[int, list[torch.Tensor]] = {}
+        self.reqs: dict = {}
+
+    def add(self, req, logits):
+        self.reqs[req.id] = req
+        self.steps.setdefault(req.id, []).append(logits.detach().float().cpu().clone())
+
+    def __getitem__(self, rid):
+        req = self.reqs[rid]
+        return self.steps[rid][:len(req.output_ids) + (1 if req.finish_reason == "stop" else 0)]
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self):
+        return len(self.steps)
+
+
 def _record_logits(engine):
-    """Wraps the engine's sampling step to keep each request's logits per step."""
-    seen: dict[int, list[torch.Tensor]] = {}
-    original = engine._emit
+    """Wraps the engine's host-side pick (prefill, sampled steps) and its device-picked step launch to keep each
+    request's logits per step (copied at once: a launched step's logits live until the next launch)."""
+    seen = _StepLogits()
+    emit, launch = engine._emit, engine._launch
 
-    def emit(rows, logits, touched):
+    def recording_emit(rows, logits, touched):
         for i, r in enumerate(rows):
-            seen.setdefault(r.req.id, []).append(logits[i].detach().float().cpu().clone())
-        return original(rows, logits, touched)
+            seen.add(r.req, logits[i])
+        return emit(rows, logits, touched)
 
-    engine._emit = emit
+    def recording_launch():
+        step = launch()
+        for i, r in enumerate(step.rows):
+            seen.add(r.req, step.logits[i])
+        return step
+
+    engine._emit, engine._launch = recording_emit, recording_launch
     return seen
 
 
@@ -191,3 +224,38 @@ def test_graphed_engine_sees_adapter_weights_changed_between_generations(tok):
             if "lora_B" in name:
                 p.zero_()
     assert engine.generate(batch, params, adapter="default") == base
+
+
+def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
+    """The pick inside the decode graph (repetition penalty, stops held back by min_new_tokens, argmax, next inputs
+    advanced on the device) and the sampled rows picked after the forward's graph (seeded: their generator; a
+    batch of unseeded rows under torch.manual_seed), with a row joining and rows finishing: the same tokens as the
+    eager engine, step for step."""
+    model = realistic_model(4).to("cuda")
+    ps = [[t % 2000 for t in p] for p in prompts([5, 60, 17, 9, 33], seed=6)]
+    free = Engine(model, tok, max_batch=1, use_graphs=False).generate([ps[2]], SamplingParams(max_new_tokens=30))[0]
+    stop = free[6]
+    jobs = [SamplingParams(max_new_tokens=30, min_new_tokens=30, repetition_penalty=1.3),  # outlives the others
+            SamplingParams(max_new_tokens=24, min_new_tokens=10, stop_token_ids=(free[3],)),
+            SamplingParams(max_new_tokens=30, stop_token_ids=(stop,)),
+            SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, temperature=0.8, seed=11),
+            SamplingParams(max_new_tokens=20, do_sample=True, top_k=20, repetition_penalty=1.1)]
+
+    def run(use_graphs):
+        torch.manual_seed(0)
+        engine = Engine(model, tok, max_batch=8, use_graphs=use_graphs)
+        reqs = [engine.submit(p, sp) for p, sp in zip(ps[:4], jobs[:4])]
+        steps = 0
+        while engine.has_work() or len(reqs) < 5:
+            engine.step()
+            steps += 1
+            if steps == 3:
+                reqs.append(engine.submit(ps[4], jobs[4]))
+        return engine, [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
+
+    graphed_engine, graphed, reasons = run(True)
+    assert any(len(k) == 4 for k in graphed_engine._graphs)  # greedy steps: the pick inside the graph
+    assert any(len(k) == 2 for k in graphed_engine._graphs)  # sampled steps: the forward's graph
+    _, eager, eager_reasons = run(False)
+    assert graphed == eager and reasons == eager_reasons
+    assert reasons[2] == "stop" and stop not in graphed[2]

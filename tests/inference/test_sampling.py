@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from finetune.inference.sampling import SamplingParams, pick_one, pick_tokens, unsupported_options
+from finetune.inference.sampling import (RowSampling, SamplingParams, pick_one, pick_tokens, sample_rows,
+                                         unsupported_options)
 
 
 def test_top_p_keeps_the_nucleus_only():
@@ -26,6 +27,37 @@ def test_top_k_and_temperature():
     # a very low temperature makes sampling greedy; greedy is the argmax
     cold = {int(pick_one(scores, SamplingParams(do_sample=True, temperature=1e-4), g)) for _ in range(50)}
     assert cold == {0} and int(pick_one(scores, SamplingParams())) == 0
+
+
+def test_sample_rows_draws_each_row_as_pick_one_does():
+    """The batched sampler with per-row parameters (temperature, top-k on/off/beyond the vocabulary, top-p on/off)
+    picks, row by row, the token pick_one picks when both use the same exponential draws (the draw
+    torch.multinomial makes from a generator)."""
+    V = 400
+    params = [SamplingParams(do_sample=True, temperature=0.7, top_p=0.8),
+              SamplingParams(do_sample=True, top_k=5),
+              SamplingParams(do_sample=True),
+              SamplingParams(do_sample=True, temperature=1.5, top_k=50, top_p=0.6),
+              SamplingParams(do_sample=True, top_k=V + 3, top_p=0.95),
+              SamplingParams(do_sample=True, temperature=0.3, top_k=1)]
+    rs = RowSampling(params, V, "cpu")
+    g = torch.Generator().manual_seed(0)
+    drawn = set()
+    for trial in range(40):
+        scores = torch.randn(len(params), V, generator=g) * 2
+        seeds = [trial * 100 + i for i in range(len(params))]
+        noise = torch.stack([torch.empty(V).exponential_(1, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        want = [int(pick_one(scores[i], p, torch.Generator().manual_seed(s)))
+                for i, (p, s) in enumerate(zip(params, seeds))]
+        assert sample_rows(scores, rs, noise).tolist() == want
+        drawn.add(tuple(want))
+    assert len(drawn) > 30  # it does sample
+    # the top-k row only ever draws from its 5 best, the top_k=1 row is its argmax
+    scores = torch.randn(len(params), V, generator=g)
+    best5 = set(scores[1].topk(5).indices.tolist())
+    picks = [sample_rows(scores, rs).tolist() for _ in range(100)]
+    assert {p[1] for p in picks} <= best5 and len({p[1] for p in picks}) > 1
+    assert {p[5] for p in picks} == {int(scores[5].argmax())}
 
 
 def test_pick_tokens_mixes_greedy_and_seeded_sampling_rows():
