@@ -25,6 +25,7 @@ class Settings:
     gptq_gemv: bool = True      # FINETUNE_GPTQ_GEMV: decoding through the fused Int4 GEMV
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
     static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
+    fused_decode: bool = True   # FINETUNE_FUSED_DECODE: the engine's decode step through fused Triton kernels on CUDA
 
 
 ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}
