@@ -146,7 +146,7 @@ def _kernels_per_step(model, tok):
 
 
 def _besides_matmul_and_attention(names):
-    skip = ("gemm", "gemv", "nvjet", "cutlass", "sm90", "sm80", "fmha", "attention", "flash", "efficient")
+    skip = ("gemm", "gemv", "nvjet", "cutlass", "sm90", "sm80", "fmha", "attention", "flash", "efficient", "sdpa")
     return [n for n in names if not any(s in n.lower() for s in skip)]
 
 
