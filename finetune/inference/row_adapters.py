@@ -71,6 +71,7 @@ class RowAdapters:
 
     def _hook(self, select):
         names = self.names
+        weights: dict = {}  # (adapter, scaling) -> select[a] * scaling [rows], computed once per forward
 
         def hook(module, args, output):
             x = args[0]
@@ -81,8 +82,13 @@ class RowAdapters:
                 lora_A, lora_B = module.lora_A[name], module.lora_B[name]
                 xa = x if autocast else x.to(lora_A.weight.dtype)
                 delta = lora_B(lora_A(module.lora_dropout[name](xa)))
-                w = select[a].view(-1, *([1] * (delta.dim() - 1)))  # [rows, 1, ...]
-                output = output + (delta * module.scaling[name] * w).to(output.dtype)
+                scaling = module.scaling[name]
+                w = weights.get((a, scaling))
+                if w is None:
+                    w = weights[(a, scaling)] = select[a] * scaling
+                # output += delta * scaling * row weight, one kernel (a decode step runs this for every Linear
+                # and adapter) into the base layer's own fresh output, rounded once to its dtype
+                output = output.addcmul_(delta, w.view(-1, *([1] * (delta.dim() - 1))))  # w: [rows, 1, ...]
             return output
 
         return hook
