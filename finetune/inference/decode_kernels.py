@@ -13,9 +13,10 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three repla
 
 Numerics are the model's (``modeling/kernels.py``), rounding for rounding: fp32 arithmetic, rounded to the
 activation dtype exactly where eager torch rounds (the residual sum; RMSNorm's normalised value before the
-weight; rotary's output, then again after the logN scale; silu's output). What can differ is the fp32 summation
-order of RMSNorm's mean and the last bit of rsqrt/exp, so a bf16 result may differ by one ulp on rare elements.
-Every wrapper takes a decode step's shapes: one token per row.
+weight; rotary's output, then again after the logN scale; silu's output), and no multiply-add contraction
+(``enable_fp_fusion=False``: eager torch rounds rotary's two products before adding them). What can differ is
+the fp32 summation order of RMSNorm's mean and the last bit of rsqrt/exp, so a bf16 result may differ by one
+ulp on rare elements. Every wrapper takes a decode step's shapes: one token per row.
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, k_pt
     H = tl.num_programs(1)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
-    HALF: tl.constexpr = ROT // 2
+    HALF = ROT // 2
     rot = dmask & (d < ROT)
     # rotate_half: channel d < ROT/2 takes -t[d + ROT/2], channel ROT/2 <= d < ROT takes t[d - ROT/2]
     partner = tl.where(d < HALF, d + HALF, d - HALF)
@@ -114,7 +115,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     block = triton.next_power_of_2(N)
     _dec_add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, out, N, float(eps), x2.stride(0), d2.stride(0),
                                              out.stride(0), HAS_DELTA=delta is not None, BLOCK=block,
-                                             num_warps=min(16, max(1, block // 512)))
+                                             num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
     return x, out.view(x.shape)
 
 
@@ -146,7 +147,8 @@ def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
     _dec_rotary_cache_kernel[(b, heads)](qkv2, cs, sn, scale, pos, k_cache, v_cache, q, qkv2.stride(0), P,
                                          cs.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
                                          D=D, ROT=rot, HAS_SCALE=query_scale is not None,
-                                         BLOCK_D=triton.next_power_of_2(D), num_warps=1)
+                                         BLOCK_D=triton.next_power_of_2(D), num_warps=1,
+                                         enable_fp_fusion=False)
     return q
 
 
@@ -158,7 +160,8 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(up)
     n = up.numel()
     block = 1024
-    _dec_swiglu_kernel[(triton.cdiv(n, block),)](up, gate, out, n, BLOCK=block, num_warps=4)
+    _dec_swiglu_kernel[(triton.cdiv(n, block),)](up, gate, out, n, BLOCK=block, num_warps=4,
+                                                  enable_fp_fusion=False)
     return out
 
 
