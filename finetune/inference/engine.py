@@ -38,7 +38,7 @@ from collections import deque
 import torch
 
 from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
-from .fused_decode import additive_mask, decode_blocks, decode_kernels
+from .fused_decode import additive_mask, decode_blocks, fused_kernels
 from .row_adapters import RowAdapters
 from .sampling import SamplingParams, apply_penalties, pick_tokens
 
@@ -150,7 +150,7 @@ class Engine:
         self.vocab = lm.lm_head.out_features
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
         self.adapters = RowAdapters(model)
-        self._kernels = decode_kernels(self.tr, self.device, self.dtype)  # None: the model's own blocks decode
+        self._kernels = fused_kernels(self.tr, self.device, self.dtype)  # None: the model's own blocks decode
         self._base_stops = {tokenizer.im_end_id, tokenizer.im_start_id}
         self._lock = threading.Lock()  # pending queue
         self._step_lock = threading.Lock()

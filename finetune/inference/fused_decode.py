@@ -26,7 +26,7 @@ def _hooked(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
 
 
-def decode_kernels(tr, device: torch.device, dtype: torch.dtype):
+def fused_kernels(tr, device: torch.device, dtype: torch.dtype):
     """The Triton kernel module for the fused decode step of QWenModel ``tr``, or None where the model's own
     blocks must run (CPU, Triton missing, the switch off, hooks on a block, a block on another device)."""
     if device.type != "cuda" or not settings().fused_decode or dtype not in _DTYPES:
@@ -76,4 +76,4 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     return lm_head(h)[:, -1].float()
 
 
-__all__ = ["decode_kernels", "additive_mask", "decode_blocks"]
+__all__ = ["fused_kernels", "additive_mask", "decode_blocks"]
