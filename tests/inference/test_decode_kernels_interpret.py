@@ -3,7 +3,7 @@ against the plain torch ops the model runs (``modeling/kernels.py``, the engine'
 whole fused decode step against its unfused one.
 
 Run with ``TRITON_INTERPRET=1 python -m pytest tests/inference/test_decode_kernels_interpret.py`` (without it,
-or on a machine with a GPU, these tests skip: see ``load_interpreted``; the GPU tests in
+or on a machine with a GPU, the kernel tests skip: see ``load_interpreted``; the GPU tests in
 test_fused_decode_cuda.py cover the compiled kernels). The interpreter casts fp32 -> bf16 by truncation (numpy
 has no bf16), so exact comparisons are made in fp32 and fp16; bf16 is checked to within three bf16 ulps.
 """
@@ -158,3 +158,13 @@ def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length):
     for a, b in zip(fused_logits, plain_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert fused_ids == plain_ids
+
+
+# -- where the fused path runs (no triton needed) -----------------------------------------------------------------
+def test_the_cpu_keeps_the_model_blocks():
+    """(the switch and the hooks: test_fused_decode_cuda.py)"""
+    from finetune.inference.fused_decode import fused_kernels
+
+    model = tiny(seed=1)
+    assert fused_kernels(model.transformer, torch.device("cpu"), torch.float32) is None
+    assert Engine(model, QWenTokenizer(str(SMALL_VOCAB)))._kernels is None  # plain torch, no triton import
