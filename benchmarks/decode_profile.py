@@ -1,9 +1,12 @@
 """Where a decode step's time goes (one GPU, 14B-shaped random Int4 model from make_model_dir.py): for each
 batch size asked, the engine's whole step (host included), the CUDA-graph replay alone (GPU time of a step),
 and, from an eager run under the torch profiler, the GPU time per kernel family (Int4 GEMV, lm_head, attention,
-the rest) with the number of kernels a step launches. For benchmarks/NOTES.md.
+the rest) with the number of kernels a step launches, and the figures issue 16's step 8 is judged by: GPU time
+and kernels per step besides the Int4 GEMV, matmuls and attention, and those kernels per layer. For
+benchmarks/NOTES.md.
 
     python benchmarks/decode_profile.py --rows 1 32 --out $OUT/decode_profile.json
+    python benchmarks/decode_profile.py --rows 1 32 --unfused-too   # also FINETUNE_FUSED_DECODE=0 (before/after)
 """
 
 from __future__ import annotations
@@ -27,18 +30,27 @@ from make_model_dir import make_model_dir  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 from finetune.inference import Engine, SamplingParams  # noqa: E402
+from finetune.settings import override  # noqa: E402
+
+# the part of a step that is neither weights (GEMV, matmuls) nor attention: what step 8 cuts
+_WEIGHTS_AND_ATTENTION = ("int4_gemv", "int4_dequant", "matmul (lm_head, LoRA)", "attention", "split-K reduce")
 
 
 def family(name: str) -> str:
     n = name.lower()
     if "gemv" in n:
         return "int4_gemv"
+    if "splitk_reduce" in n:  # the first GEMV design's second kernel
+        return "split-K reduce"
+    if "_dec_" in n:  # finetune/inference/decode_kernels.py
+        return "fused decode (norm, rotary + cache, swiglu)"
     if "dequant" in n:
         return "int4_dequant"
+    # before matmuls: the memory-efficient SDPA kernels are named fmha_cutlass...
+    if "flash" in n or "attention" in n or "fmha" in n or "efficient" in n or "sdpa" in n:
+        return "attention"
     if "gemm" in n or "nvjet" in n or "cutlass" in n or "sm90" in n:
         return "matmul (lm_head, LoRA)"
-    if "flash" in n or "attention" in n or "fmha" in n or "efficient" in n:
-        return "attention"
     if "copy" in n or "memcpy" in n or "memset" in n:
         return "copies"
     return "other"
@@ -106,6 +118,11 @@ def run_rows(model, tok, rows: int, prompt: int, new: int, prof_steps: int) -> d
     out["eager_gpu_ms_by_family"] = {k: round(v, 4) for k, v in sorted(fam.items(), key=lambda kv: -kv[1])}
     out["eager_kernels_per_step_by_family"] = {k: round(v, 1) for k, v in count.items()}
     out["eager_gpu_ms"] = sum(fam.values())
+    rest = [f for f in fam if f not in _WEIGHTS_AND_ATTENTION]
+    out["fused_decode"] = eager._kernels is not None
+    out["rest_gpu_ms_per_step"] = round(sum(fam[f] for f in rest), 4)
+    out["rest_kernels_per_step"] = round(sum(count[f] for f in rest), 1)
+    out["rest_kernels_per_layer"] = round(out["rest_kernels_per_step"] / model.config.num_hidden_layers, 2)
     out["eager_top_kernels"] = [dict(ms=round(a, 4), per_step=round(b, 1), name=c)
                                 for a, b, c in sorted(top, reverse=True)[:25]]
     while eager.has_work():
@@ -120,6 +137,8 @@ def main(argv=None) -> int:
     ap.add_argument("--prof-steps", type=int, default=4)
     ap.add_argument("--model-dir", default="/tmp/decode_bench/14b_int4")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--unfused-too", action="store_true",
+                    help="also profile with FINETUNE_FUSED_DECODE=0 (the model's own blocks), for before/after")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode_profile.py needs a CUDA GPU")
@@ -128,13 +147,15 @@ def main(argv=None) -> int:
     make_model_dir(Path(args.model_dir), "14b", True, "cuda")
     model, tok = load(Path(args.model_dir), device)
     results = []
-    for rows in args.rows:
-        r = run_rows(model, tok, rows, args.prompt, 64 + 40, args.prof_steps)
-        r.update(commit=git_commit() or "unknown", device=torch.cuda.get_device_name())
-        print(json.dumps(r, indent=1), flush=True)
-        results.append(r)
-        if args.out:
-            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    for fused in (True, False) if args.unfused_too else (True,):
+        for rows in args.rows:
+            with override(fused_decode=fused):
+                r = run_rows(model, tok, rows, args.prompt, 64 + 40, args.prof_steps)
+            r.update(commit=git_commit() or "unknown", device=torch.cuda.get_device_name())
+            print(json.dumps(r, indent=1), flush=True)
+            results.append(r)
+            if args.out:
+                Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

@@ -26,6 +26,7 @@ class Settings:
     gptq_int4pack: bool = True  # FINETUNE_GPTQ_INT4PACK: 1-4 row bf16 decoding through aten's int4 kernel
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
     static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
+    fused_decode: bool = True   # FINETUNE_FUSED_DECODE: the engine's decode step through fused Triton kernels on CUDA
 
 
 ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}

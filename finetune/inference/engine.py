@@ -41,6 +41,7 @@ Thread safety: ``submit`` and ``Request.cancel`` may be called from any thread; 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 from collections import deque
@@ -48,6 +49,7 @@ from collections import deque
 import torch
 
 from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
+from .fused_decode import additive_mask, decode_blocks, fused_kernels
 from .row_adapters import RowAdapters
 from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
 
@@ -171,6 +173,7 @@ class Engine:
         self.vocab = lm.lm_head.out_features
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
         self.adapters = RowAdapters(model)
+        self._kernels = fused_kernels(self.tr, self.device, self.dtype)  # None: the model's own blocks decode
         self._base_stops = {tokenizer.im_end_id, tokenizer.im_start_id}
         self._lock = threading.Lock()  # pending queue
         self._step_lock = threading.Lock()
@@ -421,6 +424,17 @@ class Engine:
         cache.mode, cache.rows, cache.pos, cache.kv_len = "decode", self._row_ids[:b], pos, kv_len
         cos, sin = self.tr.rotary_emb(pos[:, None], alpha[:, None])
         query_scale = logn_scale(pos[:, None] + 1, cfg.seq_length) if cfg.use_logn_attn else None
+        if self._kernels is not None:
+            # keys up to a multiple of 16 (masked beyond each row's position): SDPA's memory-efficient kernel
+            # pads a mask of another width in every layer
+            kv_len = min(_round_up(kv_len, 16), self._capacity)
+            mask = additive_mask(self._key_pos, pos, kv_len, self.dtype)
+            x = self.tr.wte(tok[:, None])
+            # Triton launches on the current CUDA device (on the CPU: the interpreter tests)
+            on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            with self.adapters.applied(sel), on_device:
+                return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
+                                     query_scale, mask)
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
         with self.adapters.applied(sel):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)

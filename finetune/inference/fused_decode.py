@@ -1,0 +1,79 @@
+"""The engine's decode step on CUDA with the blocks' elementwise work fused (``decode_kernels.py``).
+
+Per layer a decode step then runs: residual add + ln_1 (one kernel), c_attn, rotary on q and k + logN + the KV
+cache write (one kernel), SDPA, c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
+the next layer's first kernel adds c_proj's output to the residual stream. The Linears are called as modules,
+so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
+once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
+
+Same arithmetic as the model's blocks (``QWenBlock`` under no_grad) up to fp32 summation order (see
+decode_kernels.py). Used only where nothing else would run a block's code: eval mode, no hooks on the blocks
+or their norms (accelerate's device-map hooks, user hooks), every block on the engine's device.
+``FINETUNE_FUSED_DECODE=0`` keeps the model's own blocks (the comparison path); CPU always uses them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..settings import settings
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def fused_kernels(tr, device: torch.device, dtype: torch.dtype):
+    """The Triton kernel module for the fused decode step of QWenModel ``tr``, or None where the model's own
+    blocks must run (CPU, Triton missing, the switch off, hooks on a block, a block on another device)."""
+    if device.type != "cuda" or not settings().fused_decode or dtype not in _DTYPES:
+        return None
+    norms = [tr.ln_f] + [n for block in tr.h for n in (block.ln_1, block.ln_2)]
+    if any(n.weight.device != device or n.weight.dtype != dtype for n in norms):
+        return None  # (e.g. fp32 norms in a bf16 model: eager torch would then carry an fp32 residual stream)
+    if any(_hooked(m) for block in tr.h for m in (block, block.ln_1, block.ln_2, block.attn, block.mlp)) \
+            or _hooked(tr.ln_f):
+        return None
+    try:
+        from . import decode_kernels as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def additive_mask(key_pos: torch.Tensor, pos: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[b, 1, 1, kv_len]: 0 where key position <= the row's position, -inf elsewhere (each row attends to its
+    own keys and the one it writes now)."""
+    keep = key_pos[None, :kv_len] <= pos[:, None]
+    mask = torch.zeros(keep.shape, dtype=dtype, device=pos.device).masked_fill_(~keep, float("-inf"))
+    return mask[:, None, None, :]
+
+
+def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, mask) -> torch.Tensor:
+    """fp32 logits [b, V] of one decode step: ``x`` [b, 1, hidden] the embedded tokens, ``pos`` [b] their
+    positions, ``cos``/``sin`` [b, 1, rot] and ``query_scale`` [b, 1] (or None) as the model computes them,
+    ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, ``mask`` [b, 1, 1,
+    kv_len] additive (``additive_mask``). ``kernels``: decode_kernels (or its interpreted copy in tests)."""
+    kv_len = mask.shape[-1]
+    b = x.shape[0]
+    x = x.contiguous()
+    delta = None
+    for block in tr.h:
+        attn, mlp = block.attn, block.mlp
+        layer = attn.layer_idx
+        x, h = kernels.add_rms_norm(x, delta, block.ln_1.weight, block.ln_1.eps)
+        q = kernels.rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer], pos,
+                                    attn.num_heads)
+        keys, values = k_cache[layer, :b, :, :kv_len], v_cache[layer, :b, :, :kv_len]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
+        delta = attn.c_proj(y.transpose(1, 2).reshape(b, 1, attn.projection_size))
+        x, h = kernels.add_rms_norm(x, delta, block.ln_2.weight, block.ln_2.eps)
+        delta = mlp.c_proj(kernels.swiglu(mlp.w1(h), mlp.w2(h)))
+    _, h = kernels.add_rms_norm(x, delta, tr.ln_f.weight, tr.ln_f.eps)
+    return lm_head(h)[:, -1].float()
+
+
+__all__ = ["fused_kernels", "additive_mask", "decode_blocks"]
