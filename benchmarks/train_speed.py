@@ -179,7 +179,7 @@ def run_sweep_point(args, cfg, device) -> dict:
     for _ in range(args.warmup + args.steps):
         ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=g).to(device)
         batches.append({"input_ids": ids, "labels": ids})
-    secs, loss = timed(step_fn(model, opt, device, graphs), batches, device, args.warmup)
+    secs, loss = timed(step_fn(model, opt, device, graphs, accum=args.accum), batches, device, args.warmup)
     tokens = args.seq * args.steps
     tok_s = tokens / secs
     return {"tok_s": tok_s, "step_s": secs / args.steps, "loss": loss,
@@ -218,7 +218,7 @@ def run_short(args, cfg, device) -> dict:
         batches = [collate(rows[i: i + args.batch]) for i in range(0, n_batches * args.batch, args.batch)]
     real = [int((b["labels"] != -100).sum()) for b in batches]  # padding is labelled -100 in both forms
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    secs, loss = timed(step_fn(model, opt, device, graphs), batches, device, args.warmup)
+    secs, loss = timed(step_fn(model, opt, device, graphs, accum=args.accum), batches, device, args.warmup)
     tokens = sum(real[args.warmup:])
     padded = sum(b["input_ids"].numel() for b in batches[args.warmup:])
     return {"tok_s": tokens / secs, "real_tokens": tokens, "row_tokens": padded, "fill": tokens / padded,
@@ -230,8 +230,9 @@ def trainer_rows(spec: str, row_len: int, tokenizer_dir: str | None) -> tuple[li
     """The rows the trainer packs (--packing True --model_max_length row_len) from `spec`: a data file, or
     chats:N:TOKENS:SEED, N conversations of about TOKENS tokens drawn by benchmarks/multi_gpu.py's chat_data (what
     benchmarks/user_path.py's rows2048 workloads train on: chats:400:680:1). Built by the project's own data
-    pipeline (chat template, first-fit packing, labels), so they are the trainer's rows, in dataset order (the
-    trainer shuffles them). The tokenizer: `tokenizer_dir`'s, else the project's small vocabulary, which the
+    pipeline (chat template, first-fit packing, labels), so they are the trainer's rows; in a seeded random order
+    (the trainer shuffles them too, in its own order), since first-fit decreasing puts the longest chats in the
+    first rows and a run times only some of the rows. The tokenizer: `tokenizer_dir`'s, else the project's small vocabulary, which the
     model dirs of benchmarks/make_model_dir.py carry. Returns (rows, the pad id)."""
     import tempfile
 
@@ -251,6 +252,7 @@ def trainer_rows(spec: str, row_len: int, tokenizer_dir: str | None) -> tuple[li
         dataset, _ = build_dataset(tok, str(path), row_len, packing=True, cache_dir=Path(tmp) / "cache",
                                    verbose=False, progress=False)
         rows = [{k: dataset[i][k] for k in ("input_ids", "labels", "position_ids")} for i in range(len(dataset))]
+    random.Random(0).shuffle(rows)
     return rows, tok.eod_id
 
 
