@@ -226,14 +226,15 @@ def run_short(args, cfg, device) -> dict:
             **graph_stats(graphs)}
 
 
-def trainer_rows(spec: str, row_len: int, tokenizer_dir: str | None) -> tuple[list[dict], int]:
+def trainer_rows(spec: str, row_len: int, tokenizer_dir: str | None, seed: int = 42) -> tuple[list[dict], int]:
     """The rows the trainer packs (--packing True --model_max_length row_len) from `spec`: a data file, or
     chats:N:TOKENS:SEED, N conversations of about TOKENS tokens drawn by benchmarks/multi_gpu.py's chat_data (what
     benchmarks/user_path.py's rows2048 workloads train on: chats:400:680:1). Built by the project's own data
-    pipeline (chat template, first-fit packing, labels), so they are the trainer's rows; in a seeded random order
-    (the trainer shuffles them too, in its own order), since first-fit decreasing puts the longest chats in the
-    first rows and a run times only some of the rows. The tokenizer: `tokenizer_dir`'s, else the project's small vocabulary, which the
-    model dirs of benchmarks/make_model_dir.py carry. Returns (rows, the pad id)."""
+    pipeline (chat template, first-fit packing, labels), so they are the trainer's rows, in the order in which
+    transformers' Trainer with --seed `seed` draws them in its first epoch (accelerate's seedable sampler:
+    torch.randperm from a generator seeded with it): the k-th row here is the trainer's k-th micro-batch. The
+    tokenizer: `tokenizer_dir`'s, else the project's small vocabulary, which the model dirs of
+    benchmarks/make_model_dir.py carry. Returns (rows, the pad id)."""
     import tempfile
 
     from finetune.data import build_dataset
@@ -245,15 +246,15 @@ def trainer_rows(spec: str, row_len: int, tokenizer_dir: str | None) -> tuple[li
             sys.path.insert(0, str(Path(__file__).resolve().parent))
             from multi_gpu import chat_data
 
-            n, tokens, seed = (int(v) for v in spec.split(":")[1:])
-            path = chat_data(Path(tmp) / "chats.json", tok, n, tokens, seed=seed)
+            n, tokens, chat_seed = (int(v) for v in spec.split(":")[1:])
+            path = chat_data(Path(tmp) / "chats.json", tok, n, tokens, seed=chat_seed)
         else:
             path = Path(spec)
         dataset, _ = build_dataset(tok, str(path), row_len, packing=True, cache_dir=Path(tmp) / "cache",
                                    verbose=False, progress=False)
         rows = [{k: dataset[i][k] for k in ("input_ids", "labels", "position_ids")} for i in range(len(dataset))]
-    random.Random(0).shuffle(rows)
-    return rows, tok.eod_id
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order], tok.eod_id
 
 
 def segment_lengths(position_ids: torch.Tensor) -> list[int]:
@@ -270,7 +271,7 @@ def run_packed_rows(args, cfg, device) -> dict:
     sweep point does (the trainer's padded_tokens_per_s); real_tok_s the non-padding tokens (its tokens_per_s)."""
     from finetune.data import PackedCollator
 
-    rows, pad_id = trainer_rows(args.packed_rows, args.seq, args.tokenizer)
+    rows, pad_id = trainer_rows(args.packed_rows, args.seq, args.tokenizer, args.rows_seed)
     model, config, opt, graphs = build_for_training(args, cfg, device)
     collate = PackedCollator(pad_id=pad_id, pad_to_multiple_of=args.seq)
     n_batches = args.warmup + args.steps
@@ -292,6 +293,7 @@ def run_packed_rows(args, cfg, device) -> dict:
     flops = flops_per_token(config, 0) * positions + 6 * L * d * attended  # attention: 6*L*d*len^2 a sequence
     return {"tok_s": positions / secs, "real_tok_s": real / secs, "trained_tok_s": trained / secs,
             "ms_per_row": 1000 * secs / (args.steps * args.batch), "loss": loss, "layout": args.packed_layout,
+            "rows_seed": args.rows_seed,
             "rows_in_data": len(rows), "rows_timed": args.steps * args.batch,
             "chats_per_row": sum(r["position_ids"].count(0) for r in picked[args.warmup * args.batch:])
             / (args.steps * args.batch),
@@ -435,6 +437,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", metavar="MODEL_DIR",
                     help="--packed-rows: this model dir's tokenizer (default: the project's small vocabulary, "
                          "as in benchmarks/make_model_dir.py's dirs)")
+    ap.add_argument("--rows-seed", type=int, default=42,
+                    help="--packed-rows: the rows in the order the trainer with this --seed takes them (its "
+                         "default 42); with --warmup 32 the timed rows are those of a trainer run's timed steps")
     ap.add_argument("--accum", type=int, default=1,
                     help="micro-batches per optimizer step (the trainer's --gradient_accumulation_steps)")
     ap.add_argument("--packing", action="store_true")

@@ -63,6 +63,34 @@ def test_packed_rows_are_the_graphed_trainers_rows(monkeypatch, tmp_path):
         assert a.keys() == {"input_ids", "labels"} and torch.equal(a["input_ids"], b["input_ids"])
 
 
+def test_packed_rows_come_in_the_order_the_trainer_takes_them(tmp_path):
+    """The k-th row of --packed-rows is the k-th micro-batch of transformers' Trainer with the trainer's default
+    --seed (its sampler's first epoch over the dataset the trainer builds), so --warmup can skip exactly the
+    rows that a trainer run's meter skips."""
+    from transformers import Trainer, TrainingArguments
+
+    from finetune.data import PackedCollator, build_dataset
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+    from finetune.training.arguments import parse_args
+    from multi_gpu import chat_data
+
+    from _helpers import tiny_model
+
+    seed = parse_args(["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)])[3].seed
+    rows, pad_id = train_speed.trainer_rows("chats:60:60:1", 256, None, seed=seed)
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    data = chat_data(tmp_path / "chats.json", tok, 60, 60, seed=1)
+    dataset, _ = build_dataset(tok, str(data), 256, packing=True, cache_dir=tmp_path / "cache", verbose=False,
+                               progress=False)
+    assert len(rows) == len(dataset) >= 10
+    args = TrainingArguments(output_dir=str(tmp_path / "o"), per_device_train_batch_size=1, use_cpu=True,
+                             report_to=[], seed=seed)
+    trainer = Trainer(model=tiny_model(), args=args, train_dataset=dataset, data_collator=PackedCollator(pad_id))
+    fed = [b["input_ids"][0].tolist() for b in trainer.get_train_dataloader()]
+    assert fed == [r["input_ids"] for r in rows]
+    assert fed != [list(ids) for ids in dataset["input_ids"]]  # reordered
+
+
 def test_packed_rows_train_with_gradient_accumulation(tmp_path):
     out = tmp_path / "r.jsonl"
     assert train_speed.main(["--tiny", "--packed-rows", SPEC, "--seq", "256", "--steps", "2", "--warmup", "0",
