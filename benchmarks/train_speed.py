@@ -252,7 +252,7 @@ def trainer_rows(spec: str, row_len: int, tokenizer_dir: str | None, seed: int =
             path = Path(spec)
         dataset, _ = build_dataset(tok, str(path), row_len, packing=True, cache_dir=Path(tmp) / "cache",
                                    verbose=False, progress=False)
-        rows = [{k: dataset[i][k] for k in ("input_ids", "labels", "position_ids")} for i in range(len(dataset))]
+        rows = [{k: row[k] for k in ("input_ids", "labels", "position_ids")} for row in dataset]
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
     return [rows[i] for i in order], tok.eod_id
 
