@@ -6,6 +6,8 @@ One configuration per process (so peak memory is the configuration's own); each 
   python benchmarks/train_speed.py --seq 2048 --ckpt --out results.jsonl       # one point of the sweep
   python benchmarks/train_speed.py --workload short --packing --out ...          # 100-600-token chats
   python benchmarks/train_speed.py --check --out ...                             # fast path == plain path
+  python benchmarks/train_speed.py --packed-rows chats:400:680:1 --ckpt --accum 16 --out ...
+                                        # the trainer's packed 2048-token rows (user_path.py's rows2048)
   python benchmarks/train_speed.py --generate --out ...                          # batch-1 chat generation
   python benchmarks/train_speed.py --tiny ...                                    # any of these on CPU, tiny
 
@@ -77,16 +79,29 @@ def lora_params(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def step_fn(model, opt, device, graphs=None):
-    """One optimizer step per batch, as the trainer runs it: through the TrainGraphs when there is one."""
+def step_fn(model, opt, device, graphs=None, accum: int = 1):
+    """A training step per batch, as the trainer runs it: through the TrainGraphs when there is one. One optimizer
+    step per batch, or with `accum` > 1 one every `accum` batches after clipping the gradients' norm to 1.0 (the
+    trainer's --gradient_accumulation_steps and --max_grad_norm defaults)."""
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    params = [p for p in model.parameters() if p.requires_grad]
+    calls = 0
 
     def step(batch):
+        nonlocal calls
         with autocast:
             loss = graphs(model, batch) if graphs is not None else model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if accum == 1:
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss.detach()
+        (loss / accum).backward()
+        calls += 1
+        if calls % accum == 0:
+            torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     return step
@@ -164,7 +179,7 @@ def run_sweep_point(args, cfg, device) -> dict:
     for _ in range(args.warmup + args.steps):
         ids = torch.randint(0, config.vocab_size, (1, args.seq), generator=g).to(device)
         batches.append({"input_ids": ids, "labels": ids})
-    secs, loss = timed(step_fn(model, opt, device, graphs), batches, device, args.warmup)
+    secs, loss = timed(step_fn(model, opt, device, graphs, accum=args.accum), batches, device, args.warmup)
     tokens = args.seq * args.steps
     tok_s = tokens / secs
     return {"tok_s": tok_s, "step_s": secs / args.steps, "loss": loss,
@@ -203,11 +218,86 @@ def run_short(args, cfg, device) -> dict:
         batches = [collate(rows[i: i + args.batch]) for i in range(0, n_batches * args.batch, args.batch)]
     real = [int((b["labels"] != -100).sum()) for b in batches]  # padding is labelled -100 in both forms
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    secs, loss = timed(step_fn(model, opt, device, graphs), batches, device, args.warmup)
+    secs, loss = timed(step_fn(model, opt, device, graphs, accum=args.accum), batches, device, args.warmup)
     tokens = sum(real[args.warmup:])
     padded = sum(b["input_ids"].numel() for b in batches[args.warmup:])
     return {"tok_s": tokens / secs, "real_tokens": tokens, "row_tokens": padded, "fill": tokens / padded,
             "loss": loss, "lora_params": lora_params(model), "rows_timed": args.steps * args.batch,
+            **graph_stats(graphs)}
+
+
+def trainer_rows(spec: str, row_len: int, tokenizer_dir: str | None, seed: int = 42) -> tuple[list[dict], int]:
+    """The rows the trainer packs (--packing True --model_max_length row_len) from `spec`: a data file, or
+    chats:N:TOKENS:SEED, N conversations of about TOKENS tokens drawn by benchmarks/multi_gpu.py's chat_data (what
+    benchmarks/user_path.py's rows2048 workloads train on: chats:400:680:1). Built by the project's own data
+    pipeline (chat template, first-fit packing, labels), so they are the trainer's rows, in the order in which
+    transformers' Trainer with --seed `seed` draws them in its first epoch (accelerate's seedable sampler:
+    torch.randperm from a generator seeded with it): the k-th row here is the trainer's k-th micro-batch. The
+    tokenizer: `tokenizer_dir`'s, else the project's small vocabulary, which the model dirs of
+    benchmarks/make_model_dir.py carry. Returns (rows, the pad id)."""
+    import tempfile
+
+    from finetune.data import build_dataset
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer, load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir) if tokenizer_dir else QWenTokenizer(str(SMALL_VOCAB))
+    with tempfile.TemporaryDirectory() as tmp:
+        if spec.startswith("chats:"):
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from multi_gpu import chat_data
+
+            n, tokens, chat_seed = (int(v) for v in spec.split(":")[1:])
+            path = chat_data(Path(tmp) / "chats.json", tok, n, tokens, seed=chat_seed)
+        else:
+            path = Path(spec)
+        dataset, _ = build_dataset(tok, str(path), row_len, packing=True, cache_dir=Path(tmp) / "cache",
+                                   verbose=False, progress=False)
+        rows = [{k: row[k] for k in ("input_ids", "labels", "position_ids")} for row in dataset]
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [rows[i] for i in order], tok.eod_id
+
+
+def segment_lengths(position_ids: torch.Tensor) -> list[int]:
+    """Lengths of the sequences in a packed row (a new one wherever the positions restart, padding included)."""
+    starts = (position_ids == 0).nonzero().flatten().tolist() + [position_ids.numel()]
+    return [b - a for a, b in zip(starts, starts[1:])]
+
+
+def run_packed_rows(args, cfg, device) -> dict:
+    """The trainer's packed rows (see trainer_rows), each padded to --seq by the collator the graphed trainer uses:
+    position ids restarting at every chat, so each step attends through FlexAttention's document block mask on
+    CUDA (--packed-layout documents); or the same tokens as one causal sequence, without position ids (causal:
+    SDPA's causal kernel, the sweep point's attention on the same rows). tok_s counts every position, as the
+    sweep point does (the trainer's padded_tokens_per_s); real_tok_s the non-padding tokens (its tokens_per_s)."""
+    from finetune.data import PackedCollator
+
+    rows, pad_id = trainer_rows(args.packed_rows, args.seq, args.tokenizer, args.rows_seed)
+    model, config, opt, graphs = build_for_training(args, cfg, device)
+    collate = PackedCollator(pad_id=pad_id, pad_to_multiple_of=args.seq)
+    n_batches = args.warmup + args.steps
+    picked = [rows[i % len(rows)] for i in range(n_batches * args.batch)]  # cycled when the data has fewer rows
+    batches = [collate(picked[i: i + args.batch]) for i in range(0, len(picked), args.batch)]
+    timed_batches = batches[args.warmup:]
+    segments = [segment_lengths(p) for b in timed_batches for p in b["position_ids"]]
+    real = sum(int((b["input_ids"] != pad_id).sum()) for b in timed_batches)
+    trained = sum(int((b["labels"] != -100).sum()) for b in timed_batches)
+    positions = sum(b["input_ids"].numel() for b in timed_batches)
+    if args.packed_layout == "causal":
+        batches = [{k: v for k, v in b.items() if k != "position_ids"} for b in batches]
+        attended = len(segments) * args.seq ** 2
+    else:
+        attended = sum(n * n for seg in segments for n in seg)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    secs, loss = timed(step_fn(model, opt, device, graphs, accum=args.accum), batches, device, args.warmup)
+    L, d = config.num_hidden_layers, config.hidden_size
+    flops = flops_per_token(config, 0) * positions + 6 * L * d * attended  # attention: 6*L*d*len^2 a sequence
+    return {"tok_s": positions / secs, "real_tok_s": real / secs, "trained_tok_s": trained / secs,
+            "ms_per_row": 1000 * secs / (args.steps * args.batch), "loss": loss, "layout": args.packed_layout,
+            "rows_seed": args.rows_seed,
+            "rows_in_data": len(rows), "rows_timed": args.steps * args.batch,
+            "chats_per_row": sum(r["position_ids"].count(0) for r in picked[args.warmup * args.batch:])
+            / (args.steps * args.batch),
+            "fill": real / positions, "mfu": flops / secs / H200_BF16_FLOPS, "lora_params": lora_params(model),
             **graph_stats(graphs)}
 
 
@@ -338,6 +428,20 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--workload", choices=["sweep", "short"], default="sweep")
+    ap.add_argument("--packed-rows", metavar="DATA|chats:N:TOKENS:SEED",
+                    help="train on the rows the trainer packs from this data (--seq: the row length; --batch rows "
+                         "a step), instead of random causal sequences")
+    ap.add_argument("--packed-layout", choices=["documents", "causal"], default="documents",
+                    help="--packed-rows: each chat attends within itself (the trainer's layout), or the whole row "
+                         "as one causal sequence (the sweep point's attention on the same tokens)")
+    ap.add_argument("--tokenizer", metavar="MODEL_DIR",
+                    help="--packed-rows: this model dir's tokenizer (default: the project's small vocabulary, "
+                         "as in benchmarks/make_model_dir.py's dirs)")
+    ap.add_argument("--rows-seed", type=int, default=42,
+                    help="--packed-rows: the rows in the order the trainer with this --seed takes them (its "
+                         "default 42); with --warmup 32 the timed rows are those of a trainer run's timed steps")
+    ap.add_argument("--accum", type=int, default=1,
+                    help="micro-batches per optimizer step (the trainer's --gradient_accumulation_steps)")
     ap.add_argument("--packing", action="store_true")
     ap.add_argument("--batch", type=int, default=1, help="rows per step (short workload)")
     ap.add_argument("--row-len", type=int, default=4096, help="packed row length (short workload)")
@@ -352,6 +456,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-graphs", action="store_true", help="train eagerly (no CUDA graphs)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    if args.accum < 1:
+        ap.error(f"--accum must be at least 1, got {args.accum}")
+    if args.packed_rows:
+        spec = args.packed_rows
+        if spec.startswith("chats:"):
+            parts = spec.split(":")[1:]
+            if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts[:2]) or not parts[2].isdigit():
+                ap.error(f"--packed-rows {spec}: expected chats:N:TOKENS:SEED (positive N and TOKENS, a seed)")
+        elif not Path(spec).is_file():
+            ap.error(f"--packed-rows {spec}: no such data file (or chats:N:TOKENS:SEED)")
+        if args.check or args.generate or args.workload != "sweep":
+            ap.error("--packed-rows is a training workload of its own: leave out --check, --generate and --workload")
     switches = {}
     if args.no_compile:
         switches["compile"] = False
@@ -371,7 +487,9 @@ def _main(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     record = {"stack": "qwen-finetune", "seq": args.seq, "ckpt": args.ckpt, "tiny": args.tiny,
               "ckpt_mode": args.ckpt_mode if args.ckpt else None,
-              "workload": "check" if args.check else "generate" if args.generate else args.workload,
+              "workload": ("check" if args.check else "generate" if args.generate
+                           else "packed_rows" if args.packed_rows else args.workload),
+              "packed_rows": args.packed_rows, "accum": args.accum,
               "packing": args.packing, "batch": args.batch, "steps": args.steps,
               "compile": settings().compile,
               "gc_freeze": os.environ.get("BENCH_GC_FREEZE") == "1",
@@ -384,6 +502,8 @@ def _main(args) -> int:
             record.update(run_check(args, cfg, device))
         elif args.generate:
             record.update(run_generate(args, cfg, device))
+        elif args.packed_rows:
+            record.update(run_packed_rows(args, cfg, device))
         elif args.workload == "short":
             record.update(run_short(args, cfg, device))
         else:
@@ -398,7 +518,7 @@ def _main(args) -> int:
     record["wall_s"] = time.perf_counter() - t0
     with open(args.out, "a") as f:
         f.write(json.dumps(record) + "\n")
-    keys = [k for k in ("tok_s", "gen_tok_s", "gen_tok_s_generate", "peak_gib", "reserved_gib", "graph_replays", "mfu", "logits_rel_err", "lora_grad_rel_err_max",
+    keys = [k for k in ("tok_s", "real_tok_s", "ms_per_row", "chats_per_row", "layout", "gen_tok_s", "gen_tok_s_generate", "peak_gib", "reserved_gib", "graph_replays", "mfu", "logits_rel_err", "lora_grad_rel_err_max",
                         "fill", "oom", "error") if k in record]
     print(json.dumps({k: record[k] for k in ["seq", "ckpt", "workload", "packing", "compile", "gemv", "graphs"] + keys}),
           flush=True)

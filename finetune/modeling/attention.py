@@ -17,16 +17,22 @@ class AttentionSpec:
         self.mask, self.is_causal, self.block_mask = mask, is_causal, block_mask
 
 
-def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor | None:
-    """[B, T] sequence index inside each packed row, or None when no row restarts its positions between two real
-    tokens (padding, whose positions are 0, is not a restart: the padding mask handles it)."""
+def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                 none_without_restart: bool = True) -> torch.Tensor | None:
+    """[B, T] sequence index inside each packed row: a new sequence wherever the positions restart between two
+    real tokens (padding, whose positions are 0, is not a restart: the padding mask handles it); a row without a
+    restart is sequence 0 throughout, whose document mask is the plain causal one.
+
+    none_without_restart: None when no row restarts, so that the caller can use the plain causal (or padded)
+    kernel. Asking is a host read of a device value, a GPU sync: the graphed training step passes False and
+    always gets the ids, so the host never waits for the GPU between micro-batches."""
     if position_ids.shape[1] < 2:
         return None
     restart = position_ids[:, 1:] <= position_ids[:, :-1]
     if attention_mask is not None:
         real = attention_mask.bool()
         restart = restart & real[:, 1:] & real[:, :-1]
-    if not bool(restart.any()):
+    if none_without_restart and not bool(restart.any()):
         return None
     return F.pad(restart.long(), (1, 0)).cumsum(-1)
 

@@ -13,9 +13,11 @@ What has to hold, and how it is kept:
 - Few shapes: packed rows padded to the row length (one shape), unpacked rows padded to a multiple of 128
   tokens (a few shapes, one graph each). Each shape runs eagerly ``warmup`` times, then is captured and
   replayed; after ``max_captures`` shapes, further shapes run eagerly.
-- No hidden host work in the step: position ids and, for packed rows, the FlexAttention block mask are
-  built outside the graph and copied into its buffers; the loss runs lm_head over every position (ignored
-  labels contribute nothing), so no data-dependent shape appears.
+- No hidden host work in the step: position ids and, for rows that have them, the FlexAttention block mask
+  are built outside the graph and copied into its buffers, without reading a device value back (no GPU sync
+  between micro-batches: a row without a restart gets document ids too, whose mask is the causal one); the
+  loss runs lm_head over every position (ignored labels contribute nothing), so no data-dependent shape
+  appears.
 - Dropout: checkpointing cannot stash and restore the CUDA RNG state inside a capture, so LoRA dropout is
   replaced by ``SeededDropout`` (mask recomputed from a seed tensor the graph advances each step). Any other
   dropout with p > 0 (embedding, attention) keeps the model eager.
@@ -225,7 +227,9 @@ class TrainGraphs:
         B, T = input_ids.shape
         if position_ids is not None and position_ids.shape[0] != B:
             position_ids = position_ids.expand(B, -1)
-        doc_ids = document_ids(position_ids) if position_ids is not None else None  # packed rows: one sync
+        # rows with position ids get document ids even without a restart (the same mask as causal): asking
+        # whether a row restarts would make the host wait for the GPU before every micro-batch
+        doc_ids = None if position_ids is None else document_ids(position_ids, none_without_restart=False)
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         params = tuple(p for p in self.lm.parameters() if p.requires_grad)
         key = (B, T, doc_ids is not None, position_ids is None, autocast, input_ids.device,

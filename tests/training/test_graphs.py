@@ -61,6 +61,96 @@ def test_prebuilt_attention_spec_gives_the_same_model_output():
             torch.testing.assert_close(got, ref)
 
 
+def _causal_row_and_packed_row(T=12):
+    return torch.stack([torch.arange(T), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7] * (T // 12))])
+
+
+def test_a_row_without_a_restart_is_one_document_with_the_causal_mask(monkeypatch):
+    """The graphed step asks for document ids without asking whether a row restarts (none_without_restart=False):
+    a row without a restart gets sequence 0 throughout, and its mask (dense on the CPU, FlexAttention's block
+    mask on the GPU) is the causal one that None gave before; a packed row gets the ids it always got."""
+    import warnings
+
+    import torch.nn.attention.flex_attention as flex
+    import torch.nn.functional as F
+
+    pos = _causal_row_and_packed_row()
+    ids = document_ids(pos, none_without_restart=False)
+    assert ids.tolist() == [[0] * 12, [0] * 4 + [1] * 8]
+    assert document_ids(pos[:1]) is None  # the model's forward still asks (then: the plain causal kernel)
+    assert document_ids(pos[1:]).tolist() == ids[1:].tolist()
+
+    model = tiny_model().train()
+    tokens = torch.randint(0, model.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        ref = model.transformer(input_ids=tokens, position_ids=pos[:1]).last_hidden_state  # doc ids None: causal
+        spec = build_attention(None, ids[:1], 12, 0, tokens.device, use_flex=False)
+        assert torch.equal(spec.mask[0, 0], torch.ones(12, 12, dtype=torch.bool).tril())
+        got = model.transformer(input_ids=tokens, position_ids=pos[:1], attention_spec=spec).last_hidden_state
+    torch.testing.assert_close(got, ref)
+
+    # the GPU's block mask, built here by the uncompiled create_block_mask (the same function; compiling it on
+    # the CPU takes tens of seconds): the same blocks as a causal mask_mod's, the same attention output
+    original = flex.create_block_mask
+    monkeypatch.setattr(flex, "create_block_mask", lambda *a, _compile=False, **k: original(*a, **k))
+    T = 384  # three of FlexAttention's 128-token blocks
+    one_doc = torch.zeros(1, T, dtype=torch.long)
+    block_mask = build_attention(None, one_doc, T, 0, "cpu", use_flex=True).block_mask
+    causal = original(lambda b, h, q, kv: q >= kv, 1, None, T, T, device="cpu")
+    assert torch.equal(block_mask.to_dense(), causal.to_dense())
+    q, k, v = torch.randn(3, 1, 2, T, 16).unbind(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # uncompiled flex_attention warns that it materialises the scores
+        out = flex.flex_attention(q, k, v, block_mask=block_mask)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class _NoHostReads(torch.overrides.TorchFunctionMode):
+    """Fails on what would make the host wait for a CUDA device if the tensor lived there: bool(), .item(),
+    .tolist(), int()/float(), nonzero (a data-dependent shape), copies to the host."""
+
+    READS = {torch.Tensor.__bool__, torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__int__,
+             torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
+             torch.Tensor.cpu, torch.Tensor.numpy}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"host read of a tensor: {getattr(func, '__name__', func)}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_graphed_steps_host_path_reads_nothing_back(monkeypatch):
+    """What the host does for each graphed micro-batch outside the graph (document ids, the attention mask,
+    block mask included) and the step's eager body read no tensor value back: on the GPU each such read would
+    stall the host until the queued micro-batches finish (the replay itself is tested on the GPU:
+    test_graphs_cuda.py::test_replayed_steps_never_sync)."""
+    import torch.nn.attention.flex_attention as flex
+
+    from finetune.training.graphs import TrainGraphs, _find_lm
+
+    pos = _causal_row_and_packed_row(T=384)
+    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+        document_ids(pos)  # asking whether a row restarts is such a read: the detector sees it
+
+    original = flex.create_block_mask  # uncompiled on the CPU (see the test above); compiled, no graph breaks
+    monkeypatch.setattr(flex, "create_block_mask", lambda *a, _compile=False, **k: original(*a, **k))
+    model = tiny_model().train()
+    graphs = TrainGraphs(_find_lm(model))
+    graphs.enabled = False  # the eager step through the same code (the CPU cannot capture)
+    tokens = torch.randint(0, model.config.vocab_size, pos.shape)
+    with _NoHostReads():
+        for use_flex in (True, False):
+            docs = document_ids(pos, none_without_restart=False)
+            graphs.lm.transformer.use_flex_attention = lambda: use_flex
+            graphs.attention(docs, *pos.shape, "cpu")
+        graphs.lm.transformer.use_flex_attention = lambda: False  # flex_attention's CPU kernel is compiled
+        for position_ids in (pos, pos[:1], None):
+            rows = tokens[: len(position_ids) if position_ids is not None else 1]
+            loss = graphs.loss(rows, position_ids, rows.clone(), None)
+            loss.backward()
+    assert graphs.eager_steps == 3
+
+
 def test_graphs_collator_pads_packed_rows_to_the_row_length():
     args = DataArguments(packing=True, model_max_length=32)
 

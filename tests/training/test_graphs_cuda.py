@@ -158,6 +158,33 @@ def test_seeded_dropout_masks_differ_between_steps_and_sites(monkeypatch):
                for d in m.lora_dropout.values())
 
 
+def test_replayed_steps_never_sync():
+    """Between micro-batches the host never waits for the GPU: replayed steps' forwards and backwards (document
+    ids, the block mask, the input copies, both replays) run under torch's sync debug mode set to error, for
+    packed rows and for a row without a restart, which gets one document's ids without asking (the causal
+    mask: the model's own causal forward gives the same loss)."""
+    model, plain = _model(dropout=0.0), _model(dropout=0.0)
+    graphs = enable_train_graphs(model, warmup=1)
+    batches = _batches(5, T=128, packed=True)
+    batches[4]["position_ids"] = torch.arange(128, device="cuda")[None]
+    losses = []
+    for i, batch in enumerate(batches):
+        torch.cuda.synchronize()
+        if i >= 2:  # the first runs eagerly, the second captures (a capture synchronizes)
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = graphs(model, batch)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        losses.append(float(loss))
+        model.zero_grad(set_to_none=True)
+    assert graphs.captures == 1 and graphs.replays == 4 and graphs.eager_steps == 1
+    with torch.no_grad():
+        ref = float(plain(**batches[4]).loss)  # no restart: document ids None, the plain causal kernel
+    assert abs(losses[4] - ref) <= 1e-4 * abs(ref)
+
+
 def test_other_shapes_run_eagerly_after_capture(monkeypatch):
     model = _model()
     graphs = enable_train_graphs(model, warmup=1)
