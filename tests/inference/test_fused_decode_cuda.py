@@ -94,7 +94,9 @@ def _one_step(engine, kernels):
     engine's current state (restored after)."""
     cache = engine._cache
     saved = cache.k.clone(), cache.v.clone()
-    tok, pos, alpha, sel = (t.to(engine.device) for t in engine._decode_inputs(len(engine._rows)))
+    n = len(engine._rows)
+    s = engine._state()  # the next step's inputs, as the device has advanced them
+    tok, pos, alpha, sel = s["tok"][:n].clone(), s["pos"][:n].clone(), s["alpha"][:n].clone(), s["sel"][:, :n].clone()
     engine._kernels = kernels
     with torch.no_grad():
         logits = engine._decode_forward(tok, pos, alpha, sel, max(r.length for r in engine._rows) + 1).clone()
