@@ -195,6 +195,7 @@ class Engine:
         self._gone: list[_Row] = []  # rows finished while a step was in flight (removed once none is)
         self._synced = False  # the device's step inputs (token, position, counters) match the host's rows
         self._flags = (False, False)  # (any row penalised, any row holding its stops) of the uploaded rows
+        self._lora = False  # any uploaded row uses an adapter (else the step runs no adapter at all)
         self._seeded: list = []  # the uploaded rows that sample with a seed: (slot, params, generator)
         self._unseeded = None  # and those without: (their slots on the device, their RowSampling)
         self._host_tokens = None  # two pinned host buffers for the picked tokens (a step in flight uses one)
@@ -407,7 +408,7 @@ class Engine:
         if cfg.use_logn_attn and T > cfg.seq_length:
             query_scale = logn_scale(pos + 1, cfg.seq_length)
         self._cache.mode, self._cache.slot = "prefill", slot
-        with self.adapters.applied(self._select([row.adapter_index], 1)):
+        with self.adapters.applied(None if row.adapter_index is None else self._select([row.adapter_index], 1)):
             logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale)
         row.length = T
         self._seen[slot].zero_()
@@ -479,6 +480,7 @@ class Engine:
         if key != self._sel_key:
             self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
         s["sel"][:, :b].copy_(self._sel)
+        self._lora = any(r.adapter_index is not None for r in rows)
         self._flags = (any(r.req.params.repetition_penalty != 1.0 for r in rows),
                        any(r.req.params.min_new_tokens > 0 for r in rows))
         # seeded rows draw from their own generators one by one; the others in one batch (RowSampling)
@@ -534,7 +536,7 @@ class Engine:
         if self.use_graphs:
             kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
             pick = None if sampled else (penalised, held)
-            key = (b, kv_len) + (pick or ())
+            key = (b, kv_len) + (pick or ()) + (("lora",) if self._lora else ())
             entry = self._graphs.get(key)
             if entry is None:
                 entry = self._graphs[key] = self._capture(b, kv_len, pick)
@@ -544,7 +546,8 @@ class Engine:
                 self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled)
             logits = out[:n]
         else:
-            logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], s["sel"][:, :n], need)
+            sel = s["sel"][:, :n] if self._lora else None
+            logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need)
             self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled)
         for r in rows:
             r.length += 1
@@ -588,7 +591,7 @@ class Engine:
         """The graph of one decode step of b rows (with ``pick`` = (penalised, held): and its device-side
         greedy pick, which advances the static inputs) -> (graph, its logits [b, V])."""
         s = self._state()
-        args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b], kv_len)
+        args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b] if self._lora else None, kv_len)
         # Warm-up on a side stream (first calls tune Triton kernels and may synchronise); the writes it makes
         # into the cache are at the rows' current positions, which the real step then writes again. The pick
         # warms up on copies of the inputs it advances.

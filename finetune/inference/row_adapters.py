@@ -58,11 +58,12 @@ class RowAdapters:
     @contextmanager
     def applied(self, select: torch.Tensor | None):
         """Within: the model computes base + sum_a select[a, row] * adapter_a for every row; ``select`` [A, rows]
-        (fp32 0/1; rows = the forward's batch size)."""
+        (fp32 0/1; rows = the forward's batch size). None: no row uses an adapter, the base alone runs (no
+        adapter is computed at all)."""
         if not self.layers:
             yield
             return
-        hooks = [layer.register_forward_hook(self._hook(select)) for layer in self.layers]
+        hooks = [] if select is None else [layer.register_forward_hook(self._hook(select)) for layer in self.layers]
         # PEFT's own path off (each layer returns its base layer's output), as its disable_adapter() does, but
         # set on the layers directly: the engine may hold the wrapped model (peft_model.chat() passes that),
         # and enable_adapters() would also change requires_grad

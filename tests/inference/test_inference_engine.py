@@ -141,6 +141,30 @@ def test_two_adapters_and_the_base_in_one_batch_each_give_their_own_answers(tok)
         assert assert_agree([alone[name]], hf_greedy(pm, tok, [p], 16)) == 0
 
 
+def test_a_batch_without_adapter_rows_computes_no_adapter(tok, monkeypatch):
+    """Base rows of a model with adapters (eval's base column, a server's base requests) run the base alone: no
+    adapter hook, and the base's answers."""
+    from finetune.inference.row_adapters import RowAdapters
+
+    pm = _peft(tiny(seed=7), ["default"])
+    calls = []
+    real = RowAdapters._hook
+
+    def counting(self, select):
+        hook = real(self, select)
+        return lambda *a: calls.append(1) or hook(*a)
+
+    monkeypatch.setattr(RowAdapters, "_hook", counting)
+    batch = prompts([6, 21], seed=8)
+    engine = Engine(pm, tok, max_batch=4)
+    base = engine.generate(batch, SamplingParams(max_new_tokens=10), adapter=None)
+    assert calls == []
+    with pm.disable_adapter():
+        assert assert_agree(base, hf_greedy(pm, tok, batch, 10)) <= 1
+    engine.generate(batch, SamplingParams(max_new_tokens=10), adapter="default")
+    assert calls  # rows with an adapter do run the hooks
+
+
 def test_adapter_weights_changed_in_place_are_used_at_the_next_step(tok):
     """The engine computes each layer's adapters from stacked copies of their weights: a change to a LoRA weight
     (further training, loading new values) must reach the next forward, never a stale copy."""
