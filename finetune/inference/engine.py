@@ -54,6 +54,7 @@ from .row_adapters import RowAdapters
 from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
 
 LENGTH_BUCKET = 256
+PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
 _IDS = itertools.count()
 
 
@@ -111,7 +112,7 @@ class _Step:
 
 class _KV:
     """The cache object the blocks call: ``update(k, v, layer)`` writes this forward's keys/values and returns
-    what attention reads. Prefill: one row (``slot``), positions 0..T-1, attention over the new keys only.
+    what attention reads. Prefill: rows ``slot``.. (one per prompt), positions 0..T-1, attention over the new keys only.
     Decode: rows 0..b-1, one token each at ``pos`` [b], attention over positions < ``kv_len``."""
 
     def __init__(self, k, v):
@@ -125,9 +126,9 @@ class _KV:
     def update(self, k, v, layer_idx):
         K, V = self.k[layer_idx], self.v[layer_idx]
         if self.mode == "prefill":
-            T = k.shape[2]
-            K[self.slot, :, :T] = k[0]
-            V[self.slot, :, :T] = v[0]
+            n, T = k.shape[0], k.shape[2]
+            K[self.slot:self.slot + n, :, :T] = k
+            V[self.slot:self.slot + n, :, :T] = v
             return k, v
         b = k.shape[0]
         K[self.rows[:b], :, self.pos] = k[:, :, 0]
@@ -337,8 +338,16 @@ class Engine:
         need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in joining)
         self._ensure(len(self._rows) + len(joining), max([need] + [r.length + r.req.params.max_new_tokens
                                                                    - len(r.req.output_ids) for r in self._rows]))
+        # prompts joining together are prefilled together (right-padded to the longest of a group): a server's
+        # burst of requests costs one forward per group instead of one per prompt
+        group: list[Request] = []
         for req in joining:
-            self._prefill(req, touched)
+            longest = max([len(r.prompt_ids) for r in group] + [len(req.prompt_ids)])
+            if group and (len(group) + 1) * longest > PREFILL_TOKENS:
+                self._prefill(group, touched)
+                group = []
+            group.append(req)
+        self._prefill(group, touched)
 
     # -- memory -------------------------------------------------------------------------------------------------
     def _bucket(self, n: int) -> int:
@@ -390,32 +399,48 @@ class Engine:
             x = block(x, rope=rope, attn=attn, query_scale=query_scale, cache=self._cache)
         return self.lm_head(self.tr.ln_f(x[:, -1:]))[:, -1].float()
 
-    def _prefill(self, req: Request, touched) -> None:
+    def _prefill(self, reqs: list[Request], touched) -> None:
+        """Prefill the prompts of ``reqs`` in one forward into the next free slots and pick each one's first token.
+        The prompts are right-padded to the longest: causal attention keeps every real position to its own row's
+        earlier tokens, and the cache positions written from padding lie at or past the row's length, where each
+        decode step writes before it reads. NTK alpha comes from each row's own length, as in Qwen v1."""
         cfg = self.config
-        T = len(req.prompt_ids)
-        self._ensure(len(self._rows) + 1, T + req.params.max_new_tokens)  # (done by _admit: a no-op here)
-        slot = len(self._rows)
-        alpha = float(ntk_alpha(T, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
-        generator = None
-        if req.params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
-        row = _Row(req, alpha, generator, self.adapters.index(req.adapter),
-                   self._base_stops | set(req.params.stop_token_ids))
-        ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-        pos = torch.arange(T, device=self.device)[None]
-        cos, sin = self.tr.rotary_emb(pos, torch.full((1, 1), alpha, device=self.device))
+        lengths = [len(r.prompt_ids) for r in reqs]
+        T, n = max(lengths), len(reqs)
+        slot0 = len(self._rows)
+        rows = []
+        for req, L in zip(reqs, lengths):
+            generator = None
+            if req.params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            alpha = float(ntk_alpha(L, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
+            rows.append(_Row(req, alpha, generator, self.adapters.index(req.adapter),
+                             self._base_stops | set(req.params.stop_token_ids)))
+        ids = torch.tensor([r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
+                           device=self.device)
+        pos = torch.arange(T, device=self.device)[None].expand(n, T)
+        alpha = torch.tensor([[r.alpha] for r in rows], device=self.device)
+        cos, sin = self.tr.rotary_emb(pos, alpha)
         query_scale = None
         if cfg.use_logn_attn and T > cfg.seq_length:
             query_scale = logn_scale(pos + 1, cfg.seq_length)
-        self._cache.mode, self._cache.slot = "prefill", slot
-        with self.adapters.applied(None if row.adapter_index is None else self._select([row.adapter_index], 1)):
-            logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale)
-        row.length = T
-        self._seen[slot].zero_()
-        self._seen[slot, ids[0]] = True
-        self._rows.append(row)
+        self._cache.mode, self._cache.slot = "prefill", slot0
+        indices = [r.adapter_index for r in rows]
+        select = None if all(a is None for a in indices) else self._select(indices, n)
+        with self.adapters.applied(select):
+            x = self.tr.wte(ids)
+            for block in self.tr.h:
+                x = block(x, rope=(cos, sin), attn=AttentionSpec(is_causal=T > 1), query_scale=query_scale,
+                          cache=self._cache)
+            last = x[torch.arange(n, device=self.device), torch.tensor(lengths, device=self.device) - 1]
+            logits = self.lm_head(self.tr.ln_f(last[:, None]))[:, -1].float()
+        for i, (row, L) in enumerate(zip(rows, lengths)):
+            row.length = L
+            self._seen[slot0 + i].zero_()
+            self._seen[slot0 + i, ids[i, :L]] = True
+        self._rows.extend(rows)
         self._synced = False
-        self._emit([row], logits, touched)
+        self._emit(rows, logits, touched)
 
     def _decode_forward(self, tok, pos, alpha, sel, kv_len):
         """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1)."""
