@@ -275,6 +275,31 @@ def _scale_terms(zw, s, zshift, BITS: tl.constexpr, V2: tl.constexpr):
 
 
 @triton.jit
+def _store_splits(y, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_n, pid_s, SPLIT,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ONE_SPLIT: tl.constexpr):
+    """Write the fp32 result tile y [BLOCK_M, BLOCK_N] of one K split (the second and third designs). One split:
+    y rounded once into out. Several: every split stores its partial; the program that arrives last at this N
+    block's counter sums the partials in split order (deterministic, whatever the arrival order), rounds once,
+    and resets the counter for the next launch. The barrier orders all threads' stores before the (acq_rel,
+    GPU-scope) atomic; the partials are read from L2 (.cg), never from a stale L1 line."""
+    out_mask = mask_m[:, None] & mask_n[None, :]
+    out_offs = offs_m[:, None] * N + offs_n[None, :]
+    if ONE_SPLIT:
+        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        tl.store(ws_ptr + pid_s * M * N + out_offs, y, mask=out_mask)
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1)
+        if arrived == SPLIT - 1:
+            tl.debug_barrier()
+            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for s in range(0, SPLIT):
+                total += tl.load(ws_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
 def _gemv2_kernel(
     x_ptr,
     qweight_ptr,
@@ -414,25 +439,8 @@ def _gemv2_kernel(
         y = tl.sum(acc, axis=0)[None, :]
     else:
         y = tl.sum(acc, axis=1)
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    if ONE_SPLIT:
-        tl.store(out_ptr + out_offs, y.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # Every split stores its partial; the program that arrives last at this N block's counter sums the
-        # partials in split order (deterministic, whatever the arrival order), rounds once, and resets the counter
-        # for the next launch. The barrier orders all threads' stores before the (acq_rel, GPU-scope) atomic;
-        # the partials are read from L2 (.cg), never from a stale L1 line.
-        tl.store(ws_ptr + pid_s * M * N + out_offs, y, mask=out_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1)
-        if arrived == SPLIT - 1:
-            tl.debug_barrier()
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, SPLIT):
-                total += tl.load(ws_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    _store_splits(y, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_n, pid_s, SPLIT,
+                  BLOCK_M, BLOCK_N, ONE_SPLIT)
 
 
 # Two 4-bit values of one packed word (bits 0-3 and 16-19 after a shift) become two bf16 numbers q - zero in one
@@ -538,21 +546,8 @@ def _gemv3_kernel(
         zw = zw_next
         sc = sc_next
 
-    out_mask = mask_m[:, None] & mask_n[None, :]
-    out_offs = offs_m[:, None] * N + offs_n[None, :]
-    if ONE_SPLIT:
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:  # as in _gemv2_kernel: the last program of an N block sums the partials in split order
-        tl.store(ws_ptr + pid_s * M * N + out_offs, acc, mask=out_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1)
-        if arrived == SPLIT - 1:
-            tl.debug_barrier()
-            total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for s in range(0, SPLIT):
-                total += tl.load(ws_ptr + s * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    _store_splits(acc, out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, mask_n, M, N, pid_n, pid_s, SPLIT,
+                  BLOCK_M, BLOCK_N, ONE_SPLIT)
 
 
 @triton.jit
