@@ -229,18 +229,32 @@ class GPTQLinear(nn.Module):
         )
         return wt.t().contiguous()
 
+    def _derived(self, name: str, sources: tuple, make=None):
+        """A value computed from the buffers ``sources``, kept in ``self.__dict__[name]`` until one of them is
+        replaced or changed in place (tracked by weak reference and version). ``make`` None: the kept value only
+        if it is current, else None."""
+        held = self.__dict__.get(name)
+        if held is not None and all(r() is t and v == t._version for r, v, t in zip(held[0], held[1], sources)):
+            return held[2]
+        if make is None:
+            return None
+        value = make()
+        self.__dict__[name] = (tuple(weakref.ref(t) for t in sources), tuple(t._version for t in sources), value)
+        return value
+
     def _trivial_g_idx(self) -> bool | None:
         """Whether g_idx is the plain ``k // group_size`` order; checked once per g_idx tensor (one host sync)
         and cached on the module, so the training loop never syncs. Only needed by the Triton path."""
-        g = self.g_idx
-        ref = self.__dict__.get("_trivial_ref")
-        if ref is None or ref[0]() is not g or ref[1] != g._version:
-            gs = self.group_size if self.group_size > 0 else self.in_features
-            expected = torch.arange(self.in_features, device=g.device, dtype=torch.int32) // gs
-            trivial = bool(torch.equal(g.to(torch.int32), expected))
-            self.__dict__["_trivial_ref"] = (weakref.ref(g), g._version, trivial)
-            return trivial
-        return ref[2]
+        def check():
+            g = self.g_idx
+            expected = torch.arange(self.in_features, device=g.device, dtype=torch.int32) // self._group()
+            return bool(torch.equal(g.to(torch.int32), expected))
+
+        return self._derived("_trivial_ref", (self.g_idx,), check)
+
+    def _group(self) -> int:
+        """The group size in input rows (one group of all of them when group_size is -1)."""
+        return self.group_size if self.group_size > 0 else self.in_features
 
     def __getstate__(self):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
@@ -250,24 +264,21 @@ class GPTQLinear(nn.Module):
         return state
 
     def _int4pack_weight(self, build: bool = True):
-        """(packed, scales_and_zeros, perm) of this layer in PyTorch's int4 layout, made on first use and
-        remade when the packed buffers change; None when the layer cannot use that kernel, or when there is no
-        current copy and ``build`` is False (inside a CUDA graph capture: making one syncs)."""
-        from . import int4pack
+        """(packed, scales_and_zeros, group size, perm): this layer in PyTorch's int4 layout, the arguments of
+        ``int4pack.int4pack_mm`` after x, made on first use and remade when a packed buffer changes; None when
+        the layer cannot use that kernel, or when there is no current copy and ``build`` is False (inside a CUDA
+        graph capture: making one syncs)."""
+        def make():
+            from . import int4pack
 
-        q = self.qweight
-        held = self.__dict__.get("_int4pack")
-        if held is not None and held[0]() is q and held[1] == q._version:
-            return held[2]
-        if not build:
-            return None
-        weight = None
-        gs = self.group_size if self.group_size > 0 else self.in_features
-        if int4pack.unsupported(self.in_features, self.out_features, self.bits, gs, self.g_idx) is None:
-            qn, sz, perm = int4pack.gptq_to_int4pack(q, self.qzeros, self.scales, self.g_idx, self.v2, gs)
-            weight = (int4pack.pack_for_cuda(qn), sz, perm)
-        self.__dict__["_int4pack"] = (weakref.ref(q), q._version, weight)
-        return weight
+            gs = self._group()
+            if int4pack.unsupported(self.in_features, self.out_features, self.bits, gs, self.g_idx) is not None:
+                return None
+            qn, sz, perm = int4pack.gptq_to_int4pack(self.qweight, self.qzeros, self.scales, self.g_idx, self.v2, gs)
+            return int4pack.pack_for_cuda(qn), sz, gs, perm
+
+        return self._derived("_int4pack", (self.qweight, self.qzeros, self.scales, self.g_idx),
+                             make if build else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
@@ -290,8 +301,7 @@ class GPTQLinear(nn.Module):
             if packed is not None:
                 from .int4pack import int4pack_mm
 
-                gs = self.group_size if self.group_size > 0 else self.in_features
-                y = int4pack_mm(x.reshape(rows, self.in_features).contiguous(), *packed[:2], gs, packed[2])
+                y = int4pack_mm(x.reshape(rows, self.in_features).contiguous(), *packed)
             else:
                 y = gptq_gemv(x.reshape(rows, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
                               self.bits, self.v2, self.group_size, trivial)
