@@ -394,10 +394,12 @@ class Engine:
                 sel[a, i] = 1.0
         return sel.to(self.device)
 
-    def _blocks(self, x, rope, attn, query_scale):
+    def _blocks(self, x, rope, attn, query_scale, last=None):
+        """fp32 logits [b, V] at each row's last position: ``last`` [b] its index (None: the final one)."""
         for block in self.tr.h:
             x = block(x, rope=rope, attn=attn, query_scale=query_scale, cache=self._cache)
-        return self.lm_head(self.tr.ln_f(x[:, -1:]))[:, -1].float()
+        x = x[:, -1:] if last is None else x[torch.arange(x.shape[0], device=x.device), last][:, None]
+        return self.lm_head(self.tr.ln_f(x))[:, -1].float()
 
     def _prefill(self, reqs: list[Request], touched) -> None:
         """Prefill the prompts of ``reqs`` in one forward into the next free slots and pick each one's first token.
@@ -428,12 +430,8 @@ class Engine:
         indices = [r.adapter_index for r in rows]
         select = None if all(a is None for a in indices) else self._select(indices, n)
         with self.adapters.applied(select):
-            x = self.tr.wte(ids)
-            for block in self.tr.h:
-                x = block(x, rope=(cos, sin), attn=AttentionSpec(is_causal=T > 1), query_scale=query_scale,
-                          cache=self._cache)
-            last = x[torch.arange(n, device=self.device), torch.tensor(lengths, device=self.device) - 1]
-            logits = self.lm_head(self.tr.ln_f(last[:, None]))[:, -1].float()
+            logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale,
+                                  last=torch.tensor(lengths, device=self.device) - 1)
         for i, (row, L) in enumerate(zip(rows, lengths)):
             row.length = L
             self._seen[slot0 + i].zero_()
