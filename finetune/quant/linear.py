@@ -15,6 +15,10 @@
   copy of the weight converted once to its layout (``int4pack.py``; on an H200 1.6-1.8x the Triton GEMV's speed
   at one row, 1.1-1.5x at four, slower from 8 rows). The copy costs as much memory again as the packed weight;
   it is made on the first such call and dropped when the packed buffers change.
+- Decoding one to 32 rows of bf16 on CUDA (compute capability 8.0+), first choice: a tensor-core kernel compiled
+  at run time (``mma_gemv.py``) on a copy of the weight repacked once into its layout (same memory again, like
+  the int4pack copy, which is then not made). Layers it cannot take (not 4-bit, N not a multiple of 16, a group
+  size not a multiple of 128) use the kernels above.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.
@@ -23,7 +27,7 @@ Environment switches: ``FINETUNE_GPTQ_BACKEND`` = ``auto`` (default: Triton on C
 ``torch`` (plain torch everywhere) or ``triton`` (fail if Triton is missing); ``FINETUNE_GPTQ_GEMV=0`` turns
 the fused decode GEMV off (dequantize + matmul for every row count); ``FINETUNE_GPTQ_TUNE=0`` skips the
 Triton kernels' one-time config timing; ``FINETUNE_GPTQ_INT4PACK=0`` keeps one- to four-row decoding on the
-Triton GEMV (no second copy of the weights).
+Triton GEMV (no second copy of the weights); ``FINETUNE_GPTQ_MMA=0`` turns the tensor-core kernel off.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from .packing import (
 from ..settings import settings
 
 GEMV_MAX_ROWS = 64  # = triton_gemv.MAX_ROWS (batched decoding up to 64 rows)
+MMA_MAX_ROWS = 32  # = mma_gemv.MAX_ROWS
 INT4PACK_MAX_ROWS = 4  # measured faster than the Triton GEMV at 1, 2 and 4 rows, slower at 8 (benchmarks/NOTES.md)
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -260,7 +265,8 @@ class GPTQLinear(nn.Module):
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
         state = dict(state)
         state.pop("_trivial_ref", None)  # a weakref: not picklable, recomputed on demand
-        state.pop("_int4pack", None)  # a derived copy of the weight, remade on demand
+        state.pop("_int4pack", None)  # derived copies of the weight, remade on demand
+        state.pop("_mma", None)
         return state
 
     def _int4pack_weight(self, build: bool = True):
@@ -280,6 +286,23 @@ class GPTQLinear(nn.Module):
         return self._derived("_int4pack", (self.qweight, self.qzeros, self.scales, self.g_idx),
                              make if build else None)
 
+    def _mma_weight(self, build: bool = True):
+        """(wpack, scales, qzeros, zero_add, group size, perm): this layer repacked for ``mma_gemv.mma_gemv``
+        (the arguments after x), made on first use and remade when a packed buffer changes; None when the layer
+        or the device cannot use that kernel, or when there is no current copy and ``build`` is False."""
+        def make():
+            from . import mma_gemv
+
+            gs = self._group()
+            if (mma_gemv.available() is not None or mma_gemv.unsupported(self.in_features, self.out_features,
+                                                                         self.bits, gs, self.g_idx) is not None):
+                return None
+            wpack, scales, qzeros, zero_add, perm = mma_gemv.repack(self.qweight, self.qzeros, self.scales,
+                                                                    self.g_idx, self.v2, gs)
+            return wpack, scales, qzeros, zero_add, gs, perm
+
+        return self._derived("_mma", (self.qweight, self.qzeros, self.scales, self.g_idx), make if build else None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
         autocast = torch.is_autocast_enabled(device_type)
@@ -294,16 +317,24 @@ class GPTQLinear(nn.Module):
         if (use_triton and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == self.in_features and dtype in _GEMV_DTYPES
                 and not (torch.is_grad_enabled() and x.requires_grad) and settings().gptq_gemv):
             # decoding: the fused GEMV reads the packed weight once and writes no float weight
-            packed = None
-            if (rows <= INT4PACK_MAX_ROWS and dtype == torch.bfloat16 and self.bits == 4 and device_type == "cuda"
-                    and settings().gptq_int4pack):
-                packed = self._int4pack_weight(build=not torch.cuda.is_current_stream_capturing())
-            if packed is not None:
-                from .int4pack import int4pack_mm
+            x2d = x.reshape(rows, self.in_features)
+            y = None
+            fast_bf16 = dtype == torch.bfloat16 and self.bits == 4 and device_type == "cuda"
+            capturing = torch.cuda.is_current_stream_capturing() if device_type == "cuda" else False
+            if fast_bf16 and rows <= MMA_MAX_ROWS and settings().gptq_mma:
+                mm = self._mma_weight(build=not capturing)
+                if mm is not None:
+                    from .mma_gemv import mma_gemv
 
-                y = int4pack_mm(x.reshape(rows, self.in_features).contiguous(), *packed)
-            else:
-                y = gptq_gemv(x.reshape(rows, self.in_features), self.qweight, self.qzeros, self.scales, self.g_idx,
+                    y = mma_gemv(x2d, *mm)  # None: no split-K workspace yet inside a capture
+            if y is None and fast_bf16 and rows <= INT4PACK_MAX_ROWS and settings().gptq_int4pack:
+                packed = self._int4pack_weight(build=not capturing)
+                if packed is not None:
+                    from .int4pack import int4pack_mm
+
+                    y = int4pack_mm(x2d.contiguous(), *packed)
+            if y is None:
+                y = gptq_gemv(x2d, self.qweight, self.qzeros, self.scales, self.g_idx,
                               self.bits, self.v2, self.group_size, trivial)
             y = y.reshape(*x.shape[:-1], self.out_features)
         else:

@@ -296,7 +296,7 @@ def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switch
     from finetune.quant import linear as qlinear
 
     switches(gptq_tune=False)
-    switches(gptq_gemv=True, gptq_int4pack=False)  # (one row with int4pack on: the next test)
+    switches(gptq_gemv=True, gptq_int4pack=False, gptq_mma=False)  # (int4pack, mma: the tests below)
     calls = []
     real = qlinear.gptq_gemv
 
@@ -347,7 +347,7 @@ def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switch
 def test_gptq_linear_one_to_four_rows_use_the_int4pack_copy(in_f, out_f, desc_act, monkeypatch, switches):
     from finetune.quant import linear as qlinear
 
-    switches(gptq_tune=False, gptq_gemv=True, gptq_int4pack=True)
+    switches(gptq_tune=False, gptq_gemv=True, gptq_int4pack=True, gptq_mma=False)
     gemv_rows = []
     real = qlinear.gptq_gemv
     monkeypatch.setattr(qlinear, "gptq_gemv", lambda *a, **k: gemv_rows.append(a[0].shape[0]) or real(*a, **k))
@@ -376,3 +376,97 @@ def test_gptq_linear_one_to_four_rows_use_the_int4pack_copy(in_f, out_f, desc_ac
     with torch.no_grad():
         fresh(x)
     assert "_int4pack" not in fresh.__dict__ and gemv_rows == [8, 1]
+
+
+# -- the tensor-core GEMV (mma_gemv.py) ------------------------------------------------------------------------
+MMA_SHAPES = [s for s in SHAPES if s[0] % 128 == 0 and s[1] % 16 == 0]
+
+
+@pytest.mark.parametrize("in_f,out_f", MMA_SHAPES)
+@pytest.mark.parametrize("desc_act,v2", [(False, False), (True, True)])
+def test_mma_gemv_equals_the_exact_product(in_f, out_f, desc_act, v2):
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(in_f, out_f, desc_act=desc_act, v2=v2, seed=11)
+    exact = dequantize_t(**p, bits=4, v2=v2, dtype=torch.float32)  # [K, N]
+    packed = G.repack(**p, v2=v2, group_size=128)
+    for rows in (1, 3, 8, 9, 16, 17, 32):
+        x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
+        y = G.mma_gemv(x, *packed[:4], 128, packed[4])
+        ref = x.float() @ exact
+        # fp32 sums of exact products: the bf16 rounding of the output is the error
+        assert y.dtype == torch.bfloat16 and y.shape == (rows, out_f)
+        assert _rel_err(y, ref) < 4e-3, rows
+        assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4]), y), rows  # the workspace is clean again
+
+
+@pytest.mark.parametrize("config", [(4, 4, 4), (8, 2, 2), (2, 2, 8), (4, 2, 1)])
+def test_mma_gemv_gives_every_weight_exactly(config):
+    """Rows of the identity: each output is one weight, (q - z) * s computed exactly and rounded once to bf16,
+    what the exact dequantization rounded to bf16 gives, bit for bit (for every split over K)."""
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(512, 4096, seed=12)
+    wt = dequantize_t(**p, bits=4, dtype=torch.float32).to(torch.bfloat16)  # [K, N]
+    packed = G.repack(**p, group_size=128)
+    eye = torch.eye(512, device="cuda", dtype=torch.bfloat16)
+    for start in range(0, 512, 32):
+        y = G.mma_gemv(eye[start:start + 32], *packed[:4], 128, packed[4], config=config)
+        assert torch.equal(y, wt[start:start + 32]), start
+
+
+def test_mma_gemv_split_k_workspace_in_cuda_graphs():
+    """The split-K workspace and counters are cleared by the last CTA of each tile: graph replays equal the eager
+    call, and a capture that finds no workspace falls back (None) instead of allocating one inside the graph."""
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(5120, 5120, seed=13)
+    packed = G.repack(**p, group_size=128)
+    x = torch.randn(2, 5120, device="cuda", dtype=torch.bfloat16)
+    eager = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8))
+    for _ in range(3):
+        y.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager)
+    ws, counters = G._workspaces[x.device.index]
+    assert int(counters.abs().sum()) == 0 and float(ws.abs().sum()) == 0.0
+    saved = dict(G._workspaces)
+    G._workspaces.clear()
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            assert G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8)) is None
+    finally:
+        G._workspaces.update(saved)
+
+
+@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True)])
+def test_gptq_linear_one_to_32_rows_use_the_mma_copy(in_f, out_f, desc_act, monkeypatch, switches):
+    from finetune.quant import linear as qlinear
+    from finetune.quant import mma_gemv as G
+
+    switches(gptq_tune=False, gptq_gemv=True, gptq_int4pack=True, gptq_mma=True)
+    gemv_rows, mma_rows = [], []
+    real, real_mma = qlinear.gptq_gemv, G.mma_gemv
+    monkeypatch.setattr(qlinear, "gptq_gemv", lambda *a, **k: gemv_rows.append(a[0].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(G, "mma_gemv", lambda *a, **k: mma_rows.append(a[0].shape[0]) or real_mma(*a, **k))
+    p = _random_packed(in_f, out_f, desc_act=desc_act, seed=14)
+    layer = GPTQLinear.from_quantized(**p, bits=4, group_size=128, desc_act=desc_act)
+    w = layer.dequantize(torch.float32)
+    for rows in (1, 4, 8, 32, 33):
+        x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y = layer(x)
+        assert _rel_err(y, x.float() @ w.t()) < 1e-2
+    assert mma_rows == [1, 4, 8, 32] and gemv_rows == [33]
+    assert "_int4pack" not in layer.__dict__  # the int4pack copy is not made when the mma copy serves
+    held = layer.__dict__["_mma"][2]
+    layer.scales.mul_(2)  # changed in place: the copy is remade
+    x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.__dict__["_mma"][2] is not held
+    assert _rel_err(y, x.float() @ layer.dequantize(torch.float32).t()) < 1e-2

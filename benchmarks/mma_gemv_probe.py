@@ -1,0 +1,113 @@
+"""The tensor-core Int4 GEMV (finetune/quant/mma_gemv.py) against PyTorch's int4 kernel and the Triton GEMV, for
+the Qwen-14B Linear shapes: each launch configuration of the new kernel, timed as decode_bench.py times a GEMV
+(a CUDA graph over > 200 MiB of layer copies, so every call reads HBM), with its relative error against the exact
+fp32 dequantized matmul. Prints the best configuration per (shape, rows).
+
+    python benchmarks/mma_gemv_probe.py --rows 1 2 4 8 16 32 --out $OUT/mma_gemv_probe.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from decode_bench import GEMV_SHAPE_SETS, copy_bandwidth, random_layer, time_gemv  # noqa: E402
+from provenance import git_commit  # noqa: E402
+
+from finetune.quant import int4pack as P  # noqa: E402
+from finetune.quant import mma_gemv as G  # noqa: E402
+from finetune.quant import triton_gemv as tg  # noqa: E402
+from finetune.quant.packing import dequantize_t  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
+    ap.add_argument("--shapes", default="14b", choices=sorted(GEMV_SHAPE_SETS))
+    ap.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
+    ap.add_argument("--depth", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--per-sm", nargs="+", type=int, default=[2, 4, 8])
+    ap.add_argument("--baselines", type=int, default=1, help="also time int4pack (rows <= 8) and the Triton GEMV")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    why = G.available()
+    if why:
+        print(f"mma_gemv unavailable: {why}")
+        return 1
+    copy_bps, _ = copy_bandwidth(device)
+    print(f"copy {copy_bps / 1e12:.2f} TB/s", flush=True)
+    results = []
+    commit = git_commit() or "unknown"
+    for name, (K, N) in GEMV_SHAPE_SETS[args.shapes].items():
+        weight_bytes = K * N // 2 + (K // 128) * N * 2 + (K // 128) * (N // 8) * 4
+        copies = max(2, -(-200 * 2**20 // weight_bytes))
+        layers = [random_layer(K, N, device, seed=i) for i in range(copies)]
+        mma = [dict(zip(("wpack", "scales", "qzeros", "zero_add", "perm"), G.repack(**lay, group_size=128)))
+               for lay in layers]
+        packs = None
+        if args.baselines:
+            packs = []
+            for lay in layers:
+                q, sz, perm = P.gptq_to_int4pack(**lay, group_size=128)
+                packs.append(dict(packed=P.pack_for_cuda(q), sz=sz, perm=perm))
+        exact = dequantize_t(**layers[0], bits=4, dtype=torch.float32)
+        for M in args.rows:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            ref = x.float() @ exact
+            cands = []
+            for warps, depth, per_sm in itertools.product(args.warps, args.depth, args.per_sm):
+                cfg = (warps, depth, per_sm)
+
+                def fn(x, pk, cfg=cfg):
+                    return G.mma_gemv(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128, pk["perm"],
+                                      config=cfg)
+                cands.append((f"mma{cfg}", fn, mma))
+            if packs is not None:
+                def tiny(x, pk):
+                    return P.int4pack_mm(x, pk["packed"], pk["sz"], 128, pk["perm"])
+
+                def gemv(x, lay):
+                    return tg.triton_gemv(x, **lay, bits=4, group_size=128, trivial_g_idx=True)
+                if M <= 8:
+                    cands.append(("int4pack", tiny, packs))
+                cands.append(("triton_gemv", gemv, layers))
+            best = None
+            for label, fn, data in cands:
+                try:
+                    y = fn(x, data[0])
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    again = fn(x, data[0])  # the split-K workspace must be clean after every call
+                    repeat = torch.equal(y, again)
+                    sec = time_gemv(fn, data, x, device)
+                except Exception as e:  # a config that does not compile or launch: reported, not fatal
+                    print(f"{name:12s} rows={M:<3d} {label:20s} failed: {str(e).splitlines()[0][:300]}", flush=True)
+                    results.append(dict(layer=name, K=K, N=N, rows=M, kernel=label, error=str(e)[:2000]))
+                    continue
+                row = dict(layer=name, K=K, N=N, rows=M, kernel=label, us=sec * 1e6, rel_err=err, repeat=repeat,
+                           pct_copy=100 * weight_bytes / sec / copy_bps, commit=commit)
+                results.append(row)
+                print(f"{name:12s} rows={M:<3d} {label:20s} {sec * 1e6:7.1f} us {row['pct_copy']:5.1f}% of copy "
+                      f"err {err:.2e} repeat {repeat}", flush=True)
+                if label.startswith("mma") and (best is None or sec < best[1]):
+                    best = (label, sec)
+            if best:
+                print(f"BEST {name} rows={M}: {best[0]} {best[1] * 1e6:.1f} us", flush=True)
+        del layers, mma, packs
+        torch.cuda.empty_cache()
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""GPTQ Int4 decoding GEMV / small-M GEMM on tensor cores: a CUDA C kernel compiled at run time by NVRTC.
+
+Why our own kernel: a decode step reads every Int4 weight once, so it is bound by memory bandwidth. PyTorch's
+int4 kernel ("tinygemm", ``int4pack.py``) reaches ~40% of the H200's copy rate at one row and falls off from 4
+rows; our Triton GEMVs reach 17-26% (benchmarks/NOTES.md). Neither splits K, and both spend several
+instructions a weight turning nibbles into floats. This kernel:
+
+- reads a copy of the weight repacked so that one 16-byte load per lane gives that lane its tensor-core
+  fragments for 16 output columns x 128 inputs (``repack``), in one contiguous 1 KiB block per warp;
+- turns each pair of nibbles into the exact bf16 pair (q - z) with one mask-or and one paired fma (the nibble
+  becomes the low mantissa bits of 128.0, then 128 + z is subtracted): about 1.4 instructions a weight;
+- multiplies on the tensor cores with the batch rows in the mma's 8-wide N dimension ("swapped" operands:
+  the weights fill the 16-wide M), so 1 to 8 rows cost the same, and sums in fp32; each 128-input chunk's sum
+  is scaled once by its group's fp16 scale;
+- splits K over warps and over CTAs (a fp32 workspace, and the last CTA of a tile writes the bf16 result and
+  clears the workspace and its counter, so the call stays a single kernel that CUDA graphs can replay).
+
+Within a chunk the inputs are visited in a permuted order, the same for x and the weights, chosen so that each
+lane reads 32 contiguous inputs of x (four 16-byte loads) instead of gathering pairs.
+
+Numerics: the products (q - z) * x are exact in fp32 and summed in fp32 on the tensor cores; the scale is
+applied per chunk in fp32. That is closer to the exact product than dequantizing to bf16 first (the training
+path, tinygemm).
+
+Limits (else the caller uses another kernel): 4-bit, bf16 activations, N a multiple of 16, K of 128, and the
+group size a multiple of 128 (Qwen's releases use 128); act-order (desc_act) weights are reordered at repack
+time and x's columns gathered at every call. CUDA compute capability 8.0 or newer, with NVRTC.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from .packing import unpack_cols, unpack_rows
+
+CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
+MAX_ROWS = 32  # up to four 8-row blocks of the mma's N dimension
+
+# Launch configurations by row count, measured on an H200 (benchmarks/mma_gemv_sweep.py): (warps a CTA, chunks
+# in flight a warp, target CTAs per SM for the split over K).
+CONFIGS = {1: (4, 4, 4), 2: (4, 2, 4), 4: (4, 2, 4)}  # by row_blocks()
+
+
+def row_blocks(rows: int) -> int:
+    """The kernel's MB: 8-row blocks of the mma's N dimension (1, 2 or 4)."""
+    return 1 if rows <= 8 else 2 if rows <= 16 else 4
+
+
+def unsupported(K: int, N: int, bits: int, group_size: int, g_idx: torch.Tensor | None = None) -> str | None:
+    """Why a layer cannot use this kernel (None: it can)."""
+    if bits != 4:
+        return f"{bits}-bit weights (the kernel is 4-bit only)"
+    if N % 16:
+        return f"{N} outputs (must be a multiple of 16)"
+    if K % CHUNK:
+        return f"{K} inputs (must be a multiple of {CHUNK})"
+    if group_size % CHUNK or K % group_size:
+        return f"group size {group_size} (must be a multiple of {CHUNK} that divides {K})"
+    if g_idx is not None and not bool((torch.bincount(g_idx.long()) == group_size).all()):
+        return "a g_idx whose groups are not all group_size rows"
+    return None
+
+
+# -- the repacked layout ------------------------------------------------------------------------------------
+# wpack int32 [N/16, K/128, 32 lanes, 8 words]. Lane L = 4 r + t (r = L // 4, t = L % 4) holds, in word j,
+# the weights of output columns n0 + r + 8 h (h = 0, 1) at inputs k = c*128 + 32 t + 4 j + e (e = 0..3), the
+# nibble of (e, h) at bit 4 p with p = 4 (e & 1) + 2 (e >> 1) + h. Read back with shifts 0, 4, 8, 12 and the
+# mask 0x000F000F, the word gives the four bf16x2 registers of the mma's A fragment (m16n8k16, row-major):
+# rows r / r + 8 (h), columns 2t, 2t+1 (e = 0, 1) and 2t+8, 2t+9 (e = 2, 3), in the order reg0 = (h 0, e 0-1),
+# reg1 = (h 1, e 0-1), reg2 = (h 0, e 2-3), reg3 = (h 1, e 2-3). The B fragment of the same lane holds x at the
+# same inputs: its registers for word j are x's words 2j and 2j+1 of the lane's 32 inputs from c*128 + 32 t.
+
+
+def repack(qweight, qzeros, scales, g_idx, v2: bool = False, group_size: int = 128):
+    """(wpack, scales, qzeros, zero_add, perm) for ``mma_gemv``: the weight in the kernel's layout, the scales and
+    zero points reordered to match it (the same tensors when g_idx is trivial), 1 for GPTQ v1's stored
+    ``zero - 1`` (0 for v2), and the input order (None when g_idx is trivial)."""
+    K = g_idx.shape[0]
+    N = scales.shape[1]
+    q = unpack_rows(qweight, 4)[:K].to(torch.int64)  # [K, N]
+    trivial = torch.equal(g_idx.long(), torch.arange(K, device=g_idx.device) // group_size)
+    perm = None
+    if not trivial:
+        perm = torch.sort(g_idx.long(), stable=True).indices
+        q = q[perm]
+        order = g_idx.long()[perm][::group_size]  # the group of each block of group_size sorted rows
+        scales, qzeros = scales[order], qzeros[order]
+    C, T = K // CHUNK, N // 16
+    # k = c*128 + 32 t + 4 j + 2 e_hi + e_lo ; n = 16 T + 8 h + r
+    q = q.view(C, 4, 8, 2, 2, T, 2, 8)  # c, t, j, e_hi, e_lo, T, h, r
+    q = q.permute(5, 0, 7, 1, 2, 4, 3, 6)  # T, c, r, t, j, e_lo, e_hi, h -> nibble p = 4 e_lo + 2 e_hi + h
+    q = q.reshape(T, C, 32, 8, 8)
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    words = (q << shifts).sum(dim=-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return (words.contiguous(), scales.to(torch.float16).contiguous(), qzeros.to(torch.int32).contiguous(),
+            0 if v2 else 1, perm)
+
+
+def emulate(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
+            group_size: int) -> torch.Tensor:
+    """The kernel's arithmetic in torch (fp32), read from the repacked layout the way the kernel reads it: a
+    CPU-testable statement of the layout and the fragment mapping. x2d [M, K] (already in the kernel's input
+    order) -> [M, N] fp32."""
+    T, C = wpack.shape[:2]
+    M, K = x2d.shape
+    w = wpack.to(torch.int64) & 0xFFFFFFFF  # [T, C, 32, 8]
+    regs = []
+    for s in (0, 4, 8, 12):  # reg0..reg3 of the A fragment
+        v = (w >> s) & 0x000F000F
+        regs.append(torch.stack([v & 0xFFFF, v >> 16], dim=-1))  # the bf16x2 halves' nibbles
+    # PTX m16n8k16 A fragment: reg i holds row r + 8 (i & 1), columns (k slots) 8 (i >> 1) + 2 t + half; the
+    # lane's B fragment holds x at the same slots, which are inputs c*128 + 32 t + 4 j + 2 (i >> 1) + half.
+    q = torch.stack(regs, dim=-2)  # T, C, lane, j, reg, half
+    q = q.view(T, C, 8, 4, 8, 2, 2, 2)  # T, C, r, t, j, reg >> 1, reg & 1, half
+    q = q.permute(1, 3, 4, 5, 7, 0, 6, 2).reshape(K, T * 16)  # k = (c, t, j, i >> 1, half), n = (T, i & 1, r)
+    z = unpack_cols(qzeros, 4)[:, : T * 16].to(torch.float32) + zero_add  # [G, N]
+    s = scales.to(torch.float32)
+    gk = torch.arange(K) // group_size
+    wq = (q.to(torch.float32) - z[gk]) * s[gk]
+    return x2d.to(torch.float32) @ wq
+
+
+# -- the kernel ----------------------------------------------------------------------------------------------
+_SOURCE = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+struct alignas(16) U4 { u32 x, y, z, w; };
+
+#define WARPS __WARPS__
+#define MB __MB__
+#define DEPTH __DEPTH__
+
+__device__ __forceinline__ U4 ld_stream(const U4* p) {
+  U4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ U4 ld_cached(const U4* p) {
+  U4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ u32 word_of(const U4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ float h2f(u16 h) {
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ u16 f2bf(float f) {
+  u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+// (128 + q) - (128 + z) for both halves, exact: fma(a, 1.0, -(128 + z))
+__device__ __forceinline__ u32 sub_zero(u32 a, u32 negz) {
+  u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x3F803F80u), "r"(negz)); return d;
+}
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
+              const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
+              int* __restrict__ counters, int M, int N, int K, int group, int zero_add, int x_stride) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int C = K >> 7;
+  const int c_begin = (int)((long long)C * split / splits);
+  const int c_end = (int)((long long)C * (split + 1) / splits);
+  const int n0 = tile << 4;
+  const U4* wt = wpack + (size_t)tile * C * 64 + lane * 2;
+  const int zcol = n0 >> 3, zrow = N >> 3;
+  float acc[MB][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.f;
+
+  for (int c0 = c_begin + warp; c0 < c_end; c0 += WARPS * DEPTH) {
+    U4 w[DEPTH][2];
+    U4 xv[DEPTH][MB][4];
+    u16 s0[DEPTH], s1[DEPTH];
+    int z0[DEPTH], z1[DEPTH];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int c = c0 + d * WARPS;
+      if (c < c_end) {
+        w[d][0] = ld_stream(wt + (size_t)c * 64);
+        w[d][1] = ld_stream(wt + (size_t)c * 64 + 1);
+        const int g = (c << 7) / group;
+        s0[d] = scales[(size_t)g * N + n0 + r];
+        s1[d] = scales[(size_t)g * N + n0 + r + 8];
+        z0[d] = qzeros[(size_t)g * zrow + zcol];
+        z1[d] = qzeros[(size_t)g * zrow + zcol + 1];
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          const int row = mb * 8 + r;
+          if (row < M) {
+            const U4* xp = (const U4*)(x + (size_t)row * x_stride + (c << 7) + (t << 5));
+#pragma unroll
+            for (int i = 0; i < 4; ++i) xv[d][mb][i] = ld_cached(xp + i);
+          } else {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) xv[d][mb][i] = U4{0u, 0u, 0u, 0u};
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int c = c0 + d * WARPS;
+      if (c < c_end) {
+        const u32 nz0 = (u32)(0xC300 + ((z0[d] >> (4 * r)) & 15) + zero_add) * 0x10001u;
+        const u32 nz1 = (u32)(0xC300 + ((z1[d] >> (4 * r)) & 15) + zero_add) * 0x10001u;
+        float tmp[MB][4];
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) tmp[mb][0] = tmp[mb][1] = tmp[mb][2] = tmp[mb][3] = 0.f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const u32 wj = word_of(w[d][j >> 2], j & 3);
+          const u32 a0 = sub_zero((wj & 0x000F000Fu) | 0x43004300u, nz0);
+          const u32 a1 = sub_zero(((wj >> 4) & 0x000F000Fu) | 0x43004300u, nz1);
+          const u32 a2 = sub_zero(((wj >> 8) & 0x000F000Fu) | 0x43004300u, nz0);
+          const u32 a3 = sub_zero(((wj >> 12) & 0x000F000Fu) | 0x43004300u, nz1);
+#pragma unroll
+          for (int mb = 0; mb < MB; ++mb) {
+            const u32 b0 = word_of(xv[d][mb][j >> 1], (2 * j) & 3);
+            const u32 b1 = word_of(xv[d][mb][j >> 1], (2 * j + 1) & 3);
+            mma(tmp[mb], a0, a1, a2, a3, b0, b1);
+          }
+        }
+        const float sc0 = h2f(s0[d]), sc1 = h2f(s1[d]);
+#pragma unroll
+        for (int mb = 0; mb < MB; ++mb) {
+          acc[mb][0] += sc0 * tmp[mb][0];
+          acc[mb][1] += sc0 * tmp[mb][1];
+          acc[mb][2] += sc1 * tmp[mb][2];
+          acc[mb][3] += sc1 * tmp[mb][3];
+        }
+      }
+    }
+  }
+
+  // the CTA's warps: sum in shared memory; warp 0 writes (or adds to the split-K workspace)
+  __shared__ float red[WARPS][MB * 4][32];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
+  __syncthreads();
+  if (warp != 0) return;
+  float v[MB * 4];
+#pragma unroll
+  for (int i = 0; i < MB * 4; ++i) {
+    float s = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < WARPS; ++wi) s += red[wi][i][lane];
+    v[i] = s;
+  }
+  if (splits == 1) {
+#pragma unroll
+    for (int i = 0; i < MB * 4; ++i) {
+      const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
+      if (b < M) out[(size_t)b * N + n] = f2bf(v[i]);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < MB * 4; ++i) {
+    const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
+    if (b < M) atomicAdd(ws + (size_t)b * N + n, v[i]);
+  }
+  __threadfence();
+  __syncwarp();
+  int last = 0;
+  if (lane == 0) last = atomicAdd(counters + tile, 1) == splits - 1;
+  last = __shfl_sync(0xffffffffu, last, 0);
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int i = 0; i < MB * 4; ++i) {
+    const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
+    if (b < M) {
+      float* p = ws + (size_t)b * N + n;
+      float s;
+      asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(s) : "l"(p));
+      out[(size_t)b * N + n] = f2bf(s);
+      *p = 0.f;
+    }
+  }
+  if (lane == 0) counters[tile] = 0;
+}
+"""
+
+_lock = threading.Lock()
+_kernels: dict = {}
+_workspaces: dict = {}
+
+
+def _kernel(device: torch.device, warps: int, mb: int, depth: int):
+    """The compiled kernel for a configuration (NVRTC, once per device and configuration); None when it is not
+    compiled yet and the stream is capturing a graph (loading a module there is not a stream operation)."""
+    key = (device.index, warps, mb, depth)
+    k = _kernels.get(key)
+    if k is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        with _lock:
+            k = _kernels.get(key)
+            if k is None:
+                src = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
+                       .replace("__DEPTH__", str(depth)))
+                with torch.cuda.device(device):
+                    k = torch.cuda._compile_kernel(src, "gptq_mma_gemv", nvcc_options=["-std=c++17"])
+                _kernels[key] = k
+    return k
+
+
+def available() -> str | None:
+    """Why the kernel cannot run here (None: it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return "compute capability below 8.0 (no bf16 tensor cores)"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
+    return None
+
+
+def workspace(device: torch.device, rows: int, N: int):
+    """The split-K workspace (fp32 [rows, N], zero) and tile counters (int32 [N/16], zero) of a device, grown on
+    demand outside graph capture. None when they are too small during a capture."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    held = _workspaces.get(key)
+    need = rows * N
+    if held is None or held[0].numel() < need or held[1].numel() < N // 16:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        size = max(need, held[0].numel() if held else 0, MAX_ROWS * 32768)
+        tiles = max(N // 16, held[1].numel() if held else 0, 32768 // 16)
+        held = (torch.zeros(size, device=device, dtype=torch.float32),
+                torch.zeros(tiles, device=device, dtype=torch.int32))
+        _workspaces[key] = held
+    return held
+
+
+def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
+             group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor | None:
+    """x2d [M, K] bf16 (M <= MAX_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
+    graph capture that finds the kernel not compiled or the split-K workspace too small (made only outside
+    captures; the caller then uses another kernel)."""
+    M, K = x2d.shape
+    T, C = wpack.shape[:2]
+    N = T * 16
+    if perm is not None:
+        x2d = x2d.index_select(1, perm)
+    if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous()
+    mb = row_blocks(M)
+    warps, depth, per_sm = config or CONFIGS[mb]
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+    splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
+    kernel = _kernel(x2d.device, warps, mb, depth)
+    if kernel is None:
+        return None
+    ws, counters = (None, None)
+    if splits > 1:
+        held = workspace(x2d.device, M, N)
+        if held is None:
+            return None
+        ws, counters = held
+    out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
+    dummy = out
+    kernel(
+        grid=(T, splits, 1), block=(warps * 32, 1, 1),
+        args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
+              counters if counters is not None else dummy, M, N, K, group_size, zero_add, x2d.stride(0)])
+    return out

@@ -1,0 +1,54 @@
+"""The tensor-core decode GEMV's weight layout (finetune/quant/mma_gemv.py), on the CPU: the repacked weight read
+back the way the kernel reads its mma fragments gives the layer's exact product. The kernel itself runs in
+tests/quant/test_quant_cuda.py."""
+
+import pytest
+import torch
+
+from finetune.quant import mma_gemv as G
+from finetune.quant.packing import dequantize_t
+
+from _helpers import random_packed
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("group_size", [128, 256])
+def test_repacked_weight_read_as_fragments_gives_the_exact_product(desc_act, v2, group_size):
+    layer = random_packed(512, 48, group_size=group_size, desc_act=desc_act, v2=v2, seed=5)
+    exact = dequantize_t(**layer, bits=4, v2=v2, dtype=torch.float64)  # [K, N]
+    wpack, scales, qzeros, zero_add, perm = G.repack(**layer, v2=v2, group_size=group_size)
+    assert wpack.dtype == torch.int32 and wpack.shape == (48 // 16, 512 // 128, 32, 8)
+    assert zero_add == (0 if v2 else 1) and (perm is not None) == desc_act
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xk = x if perm is None else x[:, perm]
+    y = G.emulate(xk.float(), wpack, scales, qzeros, zero_add, group_size)
+    ref = x @ exact
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_every_nibble_lands_in_its_own_place():
+    """A weight with distinct values in every (k, n) position (mod 16) in each word: a permutation mistake in
+    the layout would move some of them."""
+    K, N = 256, 32
+    q = (torch.arange(K).view(K, 1) * 7 + torch.arange(N).view(1, N) * 3) % 16
+    from finetune.quant.packing import pack_cols, pack_rows
+
+    layer = {"qweight": pack_rows(q, 4), "qzeros": pack_cols(torch.zeros(K // 128, N, dtype=torch.long), 4),
+             "scales": torch.ones(K // 128, N, dtype=torch.float16), "g_idx": torch.arange(K, dtype=torch.int32) // 128}
+    wpack, scales, qzeros, zero_add, _ = G.repack(**layer, v2=True, group_size=128)
+    for k, n in [(0, 0), (1, 0), (2, 0), (3, 0), (4, 1), (31, 8), (32, 9), (127, 15), (128, 16), (255, 31)]:
+        x = torch.zeros(1, K)
+        x[0, k] = 1
+        y = G.emulate(x, wpack, scales, qzeros, zero_add, 128)
+        assert y[0, n].item() == q[k, n].item()
+
+
+def test_unsupported_layers_say_why():
+    assert "4-bit" in G.unsupported(256, 32, 8, 128)
+    assert "multiple of 16" in G.unsupported(256, 40, 4, 128)
+    assert "multiple of 128" in G.unsupported(200, 32, 4, 128)
+    assert "group size 64" in G.unsupported(256, 32, 4, 64)
+    assert G.unsupported(13696, 5120, 4, 128) is None
+    uneven = torch.tensor([0] * 100 + [1] * 156, dtype=torch.int32)
+    assert "g_idx" in G.unsupported(256, 32, 4, 128, uneven)
