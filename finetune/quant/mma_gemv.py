@@ -165,6 +165,64 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+struct Chunk {
+  U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
+  U4 xv[MB][4];   // x at the lane's 32 inputs, for batch rows mb * 8 + r
+  u16 s0, s1;     // scales of columns n0 + r, n0 + r + 8
+  int z0, z1;     // the qzeros words of columns n0..n0+7 and n0+8..n0+15
+};
+
+__device__ __forceinline__ void load_chunk(Chunk& b, const U4* wt, const u16* x, const u16* scales,
+                                           const int* qzeros, int c, int N, int M, int x_stride, int n0, int r,
+                                           int t, int group) {
+  b.w[0] = ld_stream(wt + (size_t)c * 64);
+  b.w[1] = ld_stream(wt + (size_t)c * 64 + 1);
+  const int g = (c << 7) / group;
+  b.s0 = scales[(size_t)g * N + n0 + r];
+  b.s1 = scales[(size_t)g * N + n0 + r + 8];
+  b.z0 = qzeros[(size_t)g * (N >> 3) + (n0 >> 3)];
+  b.z1 = qzeros[(size_t)g * (N >> 3) + (n0 >> 3) + 1];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    const int row = mb * 8 + r;
+    if (row < M) {
+      const U4* xp = (const U4*)(x + (size_t)row * x_stride + (c << 7) + (t << 5));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b.xv[mb][i] = ld_cached(xp + i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{0u, 0u, 0u, 0u};
+    }
+  }
+}
+
+__device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4], int r, int zero_add) {
+  const u32 nz0 = (u32)(0xC300 + ((b.z0 >> (4 * r)) & 15) + zero_add) * 0x10001u;
+  const u32 nz1 = (u32)(0xC300 + ((b.z1 >> (4 * r)) & 15) + zero_add) * 0x10001u;
+  float tmp[MB][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) tmp[mb][0] = tmp[mb][1] = tmp[mb][2] = tmp[mb][3] = 0.f;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const u32 wj = word_of(b.w[j >> 2], j & 3);
+    const u32 a0 = sub_zero((wj & 0x000F000Fu) | 0x43004300u, nz0);
+    const u32 a1 = sub_zero(((wj >> 4) & 0x000F000Fu) | 0x43004300u, nz1);
+    const u32 a2 = sub_zero(((wj >> 8) & 0x000F000Fu) | 0x43004300u, nz0);
+    const u32 a3 = sub_zero(((wj >> 12) & 0x000F000Fu) | 0x43004300u, nz1);
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+      mma(tmp[mb], a0, a1, a2, a3, word_of(b.xv[mb][j >> 1], (2 * j) & 3), word_of(b.xv[mb][j >> 1], (2 * j + 1) & 3));
+  }
+  const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    acc[mb][0] += sc0 * tmp[mb][0];
+    acc[mb][1] += sc0 * tmp[mb][1];
+    acc[mb][2] += sc1 * tmp[mb][2];
+    acc[mb][3] += sc1 * tmp[mb][3];
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
@@ -177,72 +235,27 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const int c_end = (int)((long long)C * (split + 1) / splits);
   const int n0 = tile << 4;
   const U4* wt = wpack + (size_t)tile * C * 64 + lane * 2;
-  const int zcol = n0 >> 3, zrow = N >> 3;
   float acc[MB][4];
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.f;
 
-  for (int c0 = c_begin + warp; c0 < c_end; c0 += WARPS * DEPTH) {
-    U4 w[DEPTH][2];
-    U4 xv[DEPTH][MB][4];
-    u16 s0[DEPTH], s1[DEPTH];
-    int z0[DEPTH], z1[DEPTH];
+  // This warp's chunks: c_begin + warp + i * WARPS for i < mine. A ring of DEPTH register buffers: the loads of
+  // chunk i + DEPTH - 1 are issued before chunk i is computed, so loads stay in flight while the warp computes.
+  const int mine = c_end - c_begin - warp > 0 ? (c_end - c_begin - warp + WARPS - 1) / WARPS : 0;
+  Chunk buf[DEPTH];
+#pragma unroll
+  for (int d = 0; d < DEPTH - 1; ++d)
+    if (d < mine) load_chunk(buf[d], wt, x, scales, qzeros, c_begin + warp + d * WARPS, N, M, x_stride, n0, r, t, group);
+  for (int base = 0; base < mine; base += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
-      const int c = c0 + d * WARPS;
-      if (c < c_end) {
-        w[d][0] = ld_stream(wt + (size_t)c * 64);
-        w[d][1] = ld_stream(wt + (size_t)c * 64 + 1);
-        const int g = (c << 7) / group;
-        s0[d] = scales[(size_t)g * N + n0 + r];
-        s1[d] = scales[(size_t)g * N + n0 + r + 8];
-        z0[d] = qzeros[(size_t)g * zrow + zcol];
-        z1[d] = qzeros[(size_t)g * zrow + zcol + 1];
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-          const int row = mb * 8 + r;
-          if (row < M) {
-            const U4* xp = (const U4*)(x + (size_t)row * x_stride + (c << 7) + (t << 5));
-#pragma unroll
-            for (int i = 0; i < 4; ++i) xv[d][mb][i] = ld_cached(xp + i);
-          } else {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) xv[d][mb][i] = U4{0u, 0u, 0u, 0u};
-          }
-        }
-      }
-    }
-#pragma unroll
-    for (int d = 0; d < DEPTH; ++d) {
-      const int c = c0 + d * WARPS;
-      if (c < c_end) {
-        const u32 nz0 = (u32)(0xC300 + ((z0[d] >> (4 * r)) & 15) + zero_add) * 0x10001u;
-        const u32 nz1 = (u32)(0xC300 + ((z1[d] >> (4 * r)) & 15) + zero_add) * 0x10001u;
-        float tmp[MB][4];
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb) tmp[mb][0] = tmp[mb][1] = tmp[mb][2] = tmp[mb][3] = 0.f;
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const u32 wj = word_of(w[d][j >> 2], j & 3);
-          const u32 a0 = sub_zero((wj & 0x000F000Fu) | 0x43004300u, nz0);
-          const u32 a1 = sub_zero(((wj >> 4) & 0x000F000Fu) | 0x43004300u, nz1);
-          const u32 a2 = sub_zero(((wj >> 8) & 0x000F000Fu) | 0x43004300u, nz0);
-          const u32 a3 = sub_zero(((wj >> 12) & 0x000F000Fu) | 0x43004300u, nz1);
-#pragma unroll
-          for (int mb = 0; mb < MB; ++mb) {
-            const u32 b0 = word_of(xv[d][mb][j >> 1], (2 * j) & 3);
-            const u32 b1 = word_of(xv[d][mb][j >> 1], (2 * j + 1) & 3);
-            mma(tmp[mb], a0, a1, a2, a3, b0, b1);
-          }
-        }
-        const float sc0 = h2f(s0[d]), sc1 = h2f(s1[d]);
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb) {
-          acc[mb][0] += sc0 * tmp[mb][0];
-          acc[mb][1] += sc0 * tmp[mb][1];
-          acc[mb][2] += sc1 * tmp[mb][2];
-          acc[mb][3] += sc1 * tmp[mb][3];
-        }
+      const int i = base + d;
+      if (i < mine) {
+        const int ahead = i + DEPTH - 1;
+        if (ahead < mine)
+          load_chunk(buf[(d + DEPTH - 1) % DEPTH], wt, x, scales, qzeros, c_begin + warp + ahead * WARPS, N, M,
+                     x_stride, n0, r, t, group);
+        compute_chunk(buf[d], acc, r, zero_add);
       }
     }
   }
