@@ -36,6 +36,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
     ap.add_argument("--depth", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--per-sm", nargs="+", type=int, default=[2, 4, 8])
+    ap.add_argument("--async", dest="modes", nargs="+", type=int, default=[0, 1],
+                    help="the chunks through registers (0) and/or through a cp.async ring in shared memory (1)")
+    ap.add_argument("--extra", nargs="*", default=[], help="more configs to time, each warps,depth,per_sm,async")
+    ap.add_argument("--pick", help="write the CONFIGS line (by 8-row blocks: the fastest config over one layer's five "
+                                   "Linears at 1, 16 and 32 rows) to this file")
     ap.add_argument("--baselines", type=int, default=1, help="also time int4pack (rows <= 8) and the Triton GEMV")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -65,8 +70,9 @@ def main(argv=None) -> int:
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             ref = x.float() @ exact
             cands = []
-            for warps, depth, per_sm in itertools.product(args.warps, args.depth, args.per_sm):
-                cfg = (warps, depth, per_sm)
+            configs = list(itertools.product(args.warps, args.depth, args.per_sm, args.modes))
+            configs += [tuple(int(v) for v in e.split(",")) for e in args.extra]
+            for cfg in configs:
 
                 def fn(x, pk, cfg=cfg):
                     return G.mma_gemv(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128, pk["perm"],
@@ -106,7 +112,27 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    if args.pick:
+        Path(args.pick).write_text(pick(results) + "\n")
+        print(Path(args.pick).read_text(), flush=True)
     return 0
+
+
+def pick(results) -> str:
+    """The CONFIGS line of finetune/quant/mma_gemv.py from timed results: per 8-row block count, the config with
+    the least time over one decoder layer's Linears (c_attn, attn.c_proj, w1, w2, mlp.c_proj)."""
+    per_layer = {"c_attn": 1, "attn.c_proj": 1, "w1/w2": 2, "mlp.c_proj": 1}
+    chosen = {}
+    for mb, rows in ((1, 1), (2, 16), (4, 32)):
+        totals = {}
+        for r in results:
+            if r.get("rows") == rows and r["kernel"].startswith("mma") and "us" in r:
+                totals.setdefault(r["kernel"], {})[r["layer"]] = r["us"]
+        full = {k: sum(per_layer[name] * us for name, us in v.items()) for k, v in totals.items()
+                if set(v) == set(per_layer)}
+        if full:
+            chosen[mb] = min(full, key=full.get)[3:]
+    return "CONFIGS = {" + ", ".join(f"{mb}: {cfg}" for mb, cfg in chosen.items()) + "}  # by row_blocks()"
 
 
 if __name__ == "__main__":

@@ -38,9 +38,11 @@ from .packing import unpack_cols, unpack_rows
 CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
 MAX_ROWS = 32  # up to four 8-row blocks of the mma's N dimension
 
-# Launch configurations by row count, measured on an H200 (benchmarks/mma_gemv_sweep.py): (warps a CTA, chunks
-# in flight a warp, target CTAs per SM for the split over K).
-CONFIGS = {1: (4, 4, 4), 2: (4, 2, 4), 4: (4, 2, 4)}  # by row_blocks()
+# Launch configurations by 8-row blocks, measured on an H200 (benchmarks/mma_gemv_probe.py): (warps a CTA, chunks
+# in flight a warp, target CTAs per SM for the split over K, whether the chunks go through a cp.async ring in
+# shared memory (1) or through registers (0)).
+CONFIGS = {1: (4, 2, 4, 0), 2: (4, 2, 1, 0), 4: (8, 2, 2, 0)}  # by row_blocks()
+SLOT = 1088  # bytes of shared memory per warp and ring slot in the cp.async form (the kernel's SLOT)
 
 
 def row_blocks(rows: int) -> int:
@@ -132,6 +134,7 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 #define WARPS __WARPS__
 #define MB __MB__
 #define DEPTH __DEPTH__
+#define ASYNC __ASYNC__
 
 __device__ __forceinline__ U4 ld_stream(const U4* p) {
   U4 v;
@@ -165,6 +168,22 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+#define SLOT 1088  // bytes of one ring slot (ASYNC): 1024 of weights, 32 of scales, 8 of qzeros, padding to 16
+
+__device__ __forceinline__ u32 smem_addr(const void* p) {
+  u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async8(u32 dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(dst), "l"(src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int n> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(n)); }
+
 struct Chunk {
   U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
   U4 xv[MB][4];   // x at the lane's 32 inputs, for batch rows mb * 8 + r
@@ -182,6 +201,21 @@ __device__ __forceinline__ void load_chunk(Chunk& b, const U4* wt, const u16* x,
   b.s1 = scales[(size_t)g * N + n0 + r + 8];
   b.z0 = qzeros[(size_t)g * (N >> 3) + (n0 >> 3)];
   b.z1 = qzeros[(size_t)g * (N >> 3) + (n0 >> 3) + 1];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    const int row = mb * 8 + r;
+    if (row < M) {
+      const U4* xp = (const U4*)(x + (size_t)row * x_stride + (c << 7) + (t << 5));
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b.xv[mb][i] = ld_cached(xp + i);
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{0u, 0u, 0u, 0u};
+    }
+  }
+}
+
+__device__ __forceinline__ void load_x(Chunk& b, const u16* x, int c, int M, int x_stride, int r, int t) {
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
     const int row = mb * 8 + r;
@@ -239,9 +273,50 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.f;
 
-  // This warp's chunks: c_begin + warp + i * WARPS for i < mine. A ring of DEPTH register buffers: the loads of
-  // chunk i + DEPTH - 1 are issued before chunk i is computed, so loads stay in flight while the warp computes.
+  // This warp's chunks: c_begin + warp + i * WARPS for i < mine.
   const int mine = c_end - c_begin - warp > 0 ? (c_end - c_begin - warp + WARPS - 1) / WARPS : 0;
+#if ASYNC
+  // A ring of DEPTH shared-memory slots per warp, filled by cp.async DEPTH - 1 chunks ahead: many loads in flight
+  // per warp without holding them in registers. A slot: the warp's 1 KiB of weights (each lane's first 16 bytes,
+  // then its second, so that reading them back is free of bank conflicts), its 16 scales and 2 qzeros words.
+  extern __shared__ U4 smem[];
+  const u32 ring = smem_addr(smem) + (u32)(warp * DEPTH * SLOT);
+  const U4* wlane = wt;  // this lane's first 16 bytes of chunk 0
+  auto issue = [&](int i) {
+    const int c = c_begin + warp + i * WARPS;
+    const u32 slot = ring + (u32)((i % DEPTH) * SLOT);
+    cp_async16(slot + lane * 16, wlane + (size_t)c * 64);
+    cp_async16(slot + 512 + lane * 16, wlane + (size_t)c * 64 + 1);
+    const int g = (c << 7) / group;
+    if (lane < 2) cp_async16(slot + 1024 + lane * 16, scales + (size_t)g * N + n0 + lane * 8);
+    else if (lane == 2) cp_async8(slot + 1056, qzeros + (size_t)g * (N >> 3) + (n0 >> 3));
+  };
+#pragma unroll
+  for (int d = 0; d < DEPTH - 1; ++d) {
+    if (d < mine) issue(d);
+    cp_async_commit();
+  }
+  Chunk b;
+  if (mine > 0) load_x(b, x, c_begin + warp, M, x_stride, r, t);
+  for (int i = 0; i < mine; ++i) {
+    if (i + DEPTH - 1 < mine) issue(i + DEPTH - 1);
+    cp_async_commit();
+    cp_async_wait<DEPTH - 1>();
+    __syncwarp();
+    const unsigned char* slot = (const unsigned char*)smem + (warp * DEPTH + (i % DEPTH)) * SLOT;
+    b.w[0] = *(const U4*)(slot + lane * 16);
+    b.w[1] = *(const U4*)(slot + 512 + lane * 16);
+    b.s0 = *(const u16*)(slot + 1024 + 2 * r);
+    b.s1 = *(const u16*)(slot + 1024 + 2 * (r + 8));
+    b.z0 = *(const int*)(slot + 1056);
+    b.z1 = *(const int*)(slot + 1060);
+    compute_chunk(b, acc, r, zero_add);
+    __syncwarp();  // every lane is done with the slot before a later issue refills it
+    if (i + 1 < mine) load_x(b, x, c_begin + warp + (i + 1) * WARPS, M, x_stride, r, t);
+  }
+#else
+  // A ring of DEPTH register buffers: the loads of
+  // chunk i + DEPTH - 1 are issued before chunk i is computed, so loads stay in flight while the warp computes.
   Chunk buf[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH - 1; ++d)
@@ -260,6 +335,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     }
   }
 
+#endif
   // the CTA's warps: sum in shared memory; warp 0 writes (or adds to the split-K workspace)
   __shared__ float red[WARPS][MB * 4][32];
 #pragma unroll
@@ -316,10 +392,10 @@ _kernels: dict = {}
 _workspaces: dict = {}
 
 
-def _kernel(device: torch.device, warps: int, mb: int, depth: int):
+def _kernel(device: torch.device, warps: int, mb: int, depth: int, asynchronous: int):
     """The compiled kernel for a configuration (NVRTC, once per device and configuration); None when it is not
     compiled yet and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    key = (device.index, warps, mb, depth)
+    key = (device.index, warps, mb, depth, asynchronous)
     k = _kernels.get(key)
     if k is None:
         if torch.cuda.is_current_stream_capturing():
@@ -328,7 +404,7 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int):
             k = _kernels.get(key)
             if k is None:
                 src = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
-                       .replace("__DEPTH__", str(depth)))
+                       .replace("__DEPTH__", str(depth)).replace("__ASYNC__", str(int(asynchronous))))
                 with torch.cuda.device(device):
                     k = torch.cuda._compile_kernel(src, "gptq_mma_gemv", nvcc_options=["-std=c++17"])
                 _kernels[key] = k
@@ -376,10 +452,10 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
         x2d = x2d.contiguous()
     mb = row_blocks(M)
-    warps, depth, per_sm = config or CONFIGS[mb]
+    warps, depth, per_sm, asynchronous = config or CONFIGS[mb]
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
-    kernel = _kernel(x2d.device, warps, mb, depth)
+    kernel = _kernel(x2d.device, warps, mb, depth, asynchronous)
     if kernel is None:
         return None
     ws, counters = (None, None)
@@ -388,10 +464,13 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         if held is None:
             return None
         ws, counters = held
+    smem = warps * depth * SLOT if asynchronous else 0
+    if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
+        kernel.set_shared_memory_config(smem)  # above 48 KiB a kernel must ask for it
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
     dummy = out
     kernel(
-        grid=(T, splits, 1), block=(warps * 32, 1, 1),
+        grid=(T, splits, 1), block=(warps * 32, 1, 1), shared_mem=smem,
         args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
               counters if counters is not None else dummy, M, N, K, group_size, zero_add, x2d.stride(0)])
     return out
