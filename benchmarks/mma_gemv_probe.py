@@ -36,9 +36,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
     ap.add_argument("--depth", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--per-sm", nargs="+", type=int, default=[2, 4, 8])
-    ap.add_argument("--async", dest="modes", nargs="+", type=int, default=[0, 1],
-                    help="the chunks through registers (0) and/or through a cp.async ring in shared memory (1)")
-    ap.add_argument("--extra", nargs="*", default=[], help="more configs to time, each warps,depth,per_sm,async")
+    ap.add_argument("--extra", nargs="*", default=[], help="more configs to time, each warps,depth,per_sm")
     ap.add_argument("--pick", help="write the CONFIGS line (by 8-row blocks: the fastest config over one layer's five "
                                    "Linears at 1, 16 and 32 rows) to this file")
     ap.add_argument("--baselines", type=int, default=1, help="also time int4pack (rows <= 8) and the Triton GEMV")
@@ -70,7 +68,7 @@ def main(argv=None) -> int:
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             ref = x.float() @ exact
             cands = []
-            configs = list(itertools.product(args.warps, args.depth, args.per_sm, args.modes))
+            configs = list(itertools.product(args.warps, args.depth, args.per_sm))
             configs += [tuple(int(v) for v in e.split(",")) for e in args.extra]
             for cfg in configs:
 

@@ -7,8 +7,12 @@ instructions a weight turning nibbles into floats. This kernel:
 
 - reads a copy of the weight repacked so that one 16-byte load per lane gives that lane its tensor-core
   fragments for 16 output columns x 128 inputs (``repack``), in one contiguous 1 KiB block per warp;
-- turns each pair of nibbles into the exact bf16 pair (q - z) with one mask-or and one paired fma (the nibble
-  becomes the low mantissa bits of 128.0, then 128 + z is subtracted): about 1.4 instructions a weight;
+- turns each pair of nibbles into the exact bf16 pair (128 + q, 128 + q') with one shift and one mask-or (the
+  nibble becomes the low mantissa bits of 128.0); the zero point is applied once per chunk as (128 + z) * sum(x),
+  with sum(x) from one more mma against ones. About 145 instructions a warp per 2,048 weights (sm_90 SASS); a
+  form that subtracted the zero per pair and recomputed 64-bit addresses per chunk took 235 and reached only
+  ~48% of the copy rate, which is how we learnt the kernel was bound by instruction issue, not by loads in flight
+  (a cp.async ring in shared memory, more in flight and more instructions, was slower still);
 - multiplies on the tensor cores with the batch rows in the mma's 8-wide N dimension ("swapped" operands:
   the weights fill the 16-wide M), so 1 to 8 rows cost the same, and sums in fp32; each 128-input chunk's sum
   is scaled once by its group's fp16 scale;
@@ -18,9 +22,10 @@ instructions a weight turning nibbles into floats. This kernel:
 Within a chunk the inputs are visited in a permuted order, the same for x and the weights, chosen so that each
 lane reads 32 contiguous inputs of x (four 16-byte loads) instead of gathering pairs.
 
-Numerics: the products (q - z) * x are exact in fp32 and summed in fp32 on the tensor cores; the scale is
-applied per chunk in fp32. That is closer to the exact product than dequantizing to bf16 first (the training
-path, tinygemm).
+Numerics: the products (128 + q) * x are exact in fp32 and summed in fp32 on the tensor cores; (128 + z) * sum(x)
+is subtracted and the scale applied per chunk in fp32. The sums are ~17 times the result, so fp32 rounding costs
+~1e-6 relative, far below the bf16 rounding of the output: closer to the exact product than dequantizing to bf16
+first (the training path, tinygemm). A row of the identity gives each weight exactly.
 
 Limits (else the caller uses another kernel): 4-bit, bf16 activations, N a multiple of 16, K of 128, and the
 group size a multiple of 128 (Qwen's releases use 128); act-order (desc_act) weights are reordered at repack
@@ -39,10 +44,8 @@ CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
 MAX_ROWS = 32  # up to four 8-row blocks of the mma's N dimension
 
 # Launch configurations by 8-row blocks, measured on an H200 (benchmarks/mma_gemv_probe.py): (warps a CTA, chunks
-# in flight a warp, target CTAs per SM for the split over K, whether the chunks go through a cp.async ring in
-# shared memory (1) or through registers (0)).
-CONFIGS = {1: (4, 2, 4, 0), 2: (4, 2, 1, 0), 4: (8, 2, 2, 0)}  # by row_blocks()
-SLOT = 1088  # bytes of shared memory per warp and ring slot in the cp.async form (the kernel's SLOT)
+# in flight a warp, target CTAs per SM for the split over K).
+CONFIGS = {1: (4, 2, 4), 2: (4, 2, 1), 4: (8, 2, 2)}  # by row_blocks()
 
 
 def row_blocks(rows: int) -> int:
@@ -134,7 +137,7 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 #define WARPS __WARPS__
 #define MB __MB__
 #define DEPTH __DEPTH__
-#define ASYNC __ASYNC__
+#define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
 
 __device__ __forceinline__ U4 ld_stream(const U4* p) {
   U4 v;
@@ -168,22 +171,6 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-#define SLOT 1088  // bytes of one ring slot (ASYNC): 1024 of weights, 32 of scales, 8 of qzeros, padding to 16
-
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 a;
-  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-  return a;
-}
-__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async8(u32 dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(dst), "l"(src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int n> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" :: "n"(n)); }
-
 struct Chunk {
   U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
   U4 xv[MB][4];   // x at the lane's 32 inputs, for batch rows mb * 8 + r
@@ -191,76 +178,96 @@ struct Chunk {
   int z0, z1;     // the qzeros words of columns n0..n0+7 and n0+8..n0+15
 };
 
-__device__ __forceinline__ void load_chunk(Chunk& b, const U4* wt, const u16* x, const u16* scales,
-                                           const int* qzeros, int c, int N, int M, int x_stride, int n0, int r,
-                                           int t, int group) {
-  b.w[0] = ld_stream(wt + (size_t)c * 64);
-  b.w[1] = ld_stream(wt + (size_t)c * 64 + 1);
-  const int g = (c << 7) / group;
-  b.s0 = scales[(size_t)g * N + n0 + r];
-  b.s1 = scales[(size_t)g * N + n0 + r + 8];
-  b.z0 = qzeros[(size_t)g * (N >> 3) + (n0 >> 3)];
-  b.z1 = qzeros[(size_t)g * (N >> 3) + (n0 >> 3) + 1];
+// A warp's load cursor: where its next chunk's loads read, advanced by WARPS chunks after each load (running
+// pointers: recomputing 64-bit addresses from the chunk index cost ~50 instructions a chunk).
+struct Cursor {
+  const U4* w;          // this lane's first 16 bytes of the chunk
+  const u16* x[MB];     // x at the lane's 32 inputs, rows mb * 8 + r (null: a row past M)
+  const u16* s;         // scale of column n0 + r in the chunk's group
+  const int* z;         // the qzeros word of columns n0..n0+7 in the chunk's group
+  int c;                // the chunk
+};
+
+__device__ __forceinline__ void load_chunk(Chunk& b, Cursor& p, int N) {
+  b.w[0] = ld_stream(p.w);
+  b.w[1] = ld_stream(p.w + 1);
+#if GCHUNKS == 1
+  const u16* s = p.s;
+  const int* z = p.z;
+  p.s += WARPS * N;
+  p.z += WARPS * (N >> 3);
+#else
+  const int g = p.c / GCHUNKS;
+  const u16* s = p.s + g * N;
+  const int* z = p.z + g * (N >> 3);
+#endif
+  b.s0 = s[0];
+  b.s1 = s[8];
+  b.z0 = z[0];
+  b.z1 = z[1];
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
-    const int row = mb * 8 + r;
-    if (row < M) {
-      const U4* xp = (const U4*)(x + (size_t)row * x_stride + (c << 7) + (t << 5));
+    if (p.x[mb]) {
+      const U4* xp = (const U4*)p.x[mb];
 #pragma unroll
       for (int i = 0; i < 4; ++i) b.xv[mb][i] = ld_cached(xp + i);
+      p.x[mb] += WARPS * 128;
     } else {
 #pragma unroll
       for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{0u, 0u, 0u, 0u};
     }
   }
+  p.w += WARPS * 64;
+  p.c += WARPS;
 }
 
-__device__ __forceinline__ void load_x(Chunk& b, const u16* x, int c, int M, int x_stride, int r, int t) {
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb) {
-    const int row = mb * 8 + r;
-    if (row < M) {
-      const U4* xp = (const U4*)(x + (size_t)row * x_stride + (c << 7) + (t << 5));
-#pragma unroll
-      for (int i = 0; i < 4; ++i) b.xv[mb][i] = ld_cached(xp + i);
-    } else {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{0u, 0u, 0u, 0u};
-    }
-  }
+// (w >> shift) & 0x000F000F | magic in one instruction (the compiler splits the two constants otherwise)
+__device__ __forceinline__ u32 nibbles(u32 w, u32 magic) {
+  u32 d;
+  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(d) : "r"(w), "r"(magic));
+  return d;
 }
 
+// The A fragments are the bf16 values 128 + q (the nibble as the low mantissa bits of 128.0), so the mma gives
+// sum (128 + q) x; sum x comes from one more mma with A = 1, and (128 + z) sum x is subtracted once per chunk in
+// fp32 (the products are exact; the fp32 sums are ~17 times larger than the result, far below bf16's rounding).
 __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4], int r, int zero_add) {
-  const u32 nz0 = (u32)(0xC300 + ((b.z0 >> (4 * r)) & 15) + zero_add) * 0x10001u;
-  const u32 nz1 = (u32)(0xC300 + ((b.z1 >> (4 * r)) & 15) + zero_add) * 0x10001u;
-  float tmp[MB][4];
+  u32 magic, ones;
+  asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
+  asm volatile("mov.b32 %0, 0x3F803F80;" : "=r"(ones));
+  float tmp[MB][4], sx[MB][4];
 #pragma unroll
-  for (int mb = 0; mb < MB; ++mb) tmp[mb][0] = tmp[mb][1] = tmp[mb][2] = tmp[mb][3] = 0.f;
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) tmp[mb][i] = sx[mb][i] = 0.f;
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const u32 wj = word_of(b.w[j >> 2], j & 3);
-    const u32 a0 = sub_zero((wj & 0x000F000Fu) | 0x43004300u, nz0);
-    const u32 a1 = sub_zero(((wj >> 4) & 0x000F000Fu) | 0x43004300u, nz1);
-    const u32 a2 = sub_zero(((wj >> 8) & 0x000F000Fu) | 0x43004300u, nz0);
-    const u32 a3 = sub_zero(((wj >> 12) & 0x000F000Fu) | 0x43004300u, nz1);
+    const u32 a0 = nibbles(wj, magic), a1 = nibbles(wj >> 4, magic);
+    const u32 a2 = nibbles(wj >> 8, magic), a3 = nibbles(wj >> 12, magic);
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
-      mma(tmp[mb], a0, a1, a2, a3, word_of(b.xv[mb][j >> 1], (2 * j) & 3), word_of(b.xv[mb][j >> 1], (2 * j + 1) & 3));
+    for (int mb = 0; mb < MB; ++mb) {
+      const u32 b0 = word_of(b.xv[mb][j >> 1], (2 * j) & 3), b1 = word_of(b.xv[mb][j >> 1], (2 * j + 1) & 3);
+      mma(tmp[mb], a0, a1, a2, a3, b0, b1);
+      mma(sx[mb], ones, ones, ones, ones, b0, b1);
+    }
   }
+  const float zc0 = (float)(128 + ((b.z0 >> (4 * r)) & 15) + zero_add);
+  const float zc1 = (float)(128 + ((b.z1 >> (4 * r)) & 15) + zero_add);
   const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
-    acc[mb][0] += sc0 * tmp[mb][0];
-    acc[mb][1] += sc0 * tmp[mb][1];
-    acc[mb][2] += sc1 * tmp[mb][2];
-    acc[mb][3] += sc1 * tmp[mb][3];
+    acc[mb][0] += sc0 * (tmp[mb][0] - zc0 * sx[mb][0]);
+    acc[mb][1] += sc0 * (tmp[mb][1] - zc0 * sx[mb][1]);
+    acc[mb][2] += sc1 * (tmp[mb][2] - zc1 * sx[mb][2]);
+    acc[mb][3] += sc1 * (tmp[mb][3] - zc1 * sx[mb][3]);
   }
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
-              int* __restrict__ counters, int M, int N, int K, int group, int zero_add, int x_stride) {
+              int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -268,59 +275,32 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const int c_begin = (int)((long long)C * split / splits);
   const int c_end = (int)((long long)C * (split + 1) / splits);
   const int n0 = tile << 4;
-  const U4* wt = wpack + (size_t)tile * C * 64 + lane * 2;
+  const int c0 = c_begin + warp;  // this warp's first chunk; then every WARPS-th
+  Cursor p;
+  p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;
+#if GCHUNKS == 1
+  p.s = scales + (size_t)c0 * N + n0 + r;
+  p.z = qzeros + (size_t)c0 * (N >> 3) + (n0 >> 3);
+#else
+  p.s = scales + n0 + r;
+  p.z = qzeros + (n0 >> 3);
+#endif
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+    p.x[mb] = mb * 8 + r < M ? x + (size_t)(mb * 8 + r) * x_stride + c0 * 128 + (t << 5) : nullptr;
+  p.c = c0;
   float acc[MB][4];
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.f;
 
   // This warp's chunks: c_begin + warp + i * WARPS for i < mine.
   const int mine = c_end - c_begin - warp > 0 ? (c_end - c_begin - warp + WARPS - 1) / WARPS : 0;
-#if ASYNC
-  // A ring of DEPTH shared-memory slots per warp, filled by cp.async DEPTH - 1 chunks ahead: many loads in flight
-  // per warp without holding them in registers. A slot: the warp's 1 KiB of weights (each lane's first 16 bytes,
-  // then its second, so that reading them back is free of bank conflicts), its 16 scales and 2 qzeros words.
-  extern __shared__ U4 smem[];
-  const u32 ring = smem_addr(smem) + (u32)(warp * DEPTH * SLOT);
-  const U4* wlane = wt;  // this lane's first 16 bytes of chunk 0
-  auto issue = [&](int i) {
-    const int c = c_begin + warp + i * WARPS;
-    const u32 slot = ring + (u32)((i % DEPTH) * SLOT);
-    cp_async16(slot + lane * 16, wlane + (size_t)c * 64);
-    cp_async16(slot + 512 + lane * 16, wlane + (size_t)c * 64 + 1);
-    const int g = (c << 7) / group;
-    if (lane < 2) cp_async16(slot + 1024 + lane * 16, scales + (size_t)g * N + n0 + lane * 8);
-    else if (lane == 2) cp_async8(slot + 1056, qzeros + (size_t)g * (N >> 3) + (n0 >> 3));
-  };
-#pragma unroll
-  for (int d = 0; d < DEPTH - 1; ++d) {
-    if (d < mine) issue(d);
-    cp_async_commit();
-  }
-  Chunk b;
-  if (mine > 0) load_x(b, x, c_begin + warp, M, x_stride, r, t);
-  for (int i = 0; i < mine; ++i) {
-    if (i + DEPTH - 1 < mine) issue(i + DEPTH - 1);
-    cp_async_commit();
-    cp_async_wait<DEPTH - 1>();
-    __syncwarp();
-    const unsigned char* slot = (const unsigned char*)smem + (warp * DEPTH + (i % DEPTH)) * SLOT;
-    b.w[0] = *(const U4*)(slot + lane * 16);
-    b.w[1] = *(const U4*)(slot + 512 + lane * 16);
-    b.s0 = *(const u16*)(slot + 1024 + 2 * r);
-    b.s1 = *(const u16*)(slot + 1024 + 2 * (r + 8));
-    b.z0 = *(const int*)(slot + 1056);
-    b.z1 = *(const int*)(slot + 1060);
-    compute_chunk(b, acc, r, zero_add);
-    __syncwarp();  // every lane is done with the slot before a later issue refills it
-    if (i + 1 < mine) load_x(b, x, c_begin + warp + (i + 1) * WARPS, M, x_stride, r, t);
-  }
-#else
   // A ring of DEPTH register buffers: the loads of
   // chunk i + DEPTH - 1 are issued before chunk i is computed, so loads stay in flight while the warp computes.
   Chunk buf[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH - 1; ++d)
-    if (d < mine) load_chunk(buf[d], wt, x, scales, qzeros, c_begin + warp + d * WARPS, N, M, x_stride, n0, r, t, group);
+    if (d < mine) load_chunk(buf[d], p, N);
   for (int base = 0; base < mine; base += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
@@ -328,14 +308,12 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
       if (i < mine) {
         const int ahead = i + DEPTH - 1;
         if (ahead < mine)
-          load_chunk(buf[(d + DEPTH - 1) % DEPTH], wt, x, scales, qzeros, c_begin + warp + ahead * WARPS, N, M,
-                     x_stride, n0, r, t, group);
+          load_chunk(buf[(d + DEPTH - 1) % DEPTH], p, N);
         compute_chunk(buf[d], acc, r, zero_add);
       }
     }
   }
 
-#endif
   // the CTA's warps: sum in shared memory; warp 0 writes (or adds to the split-K workspace)
   __shared__ float red[WARPS][MB * 4][32];
 #pragma unroll
@@ -392,10 +370,10 @@ _kernels: dict = {}
 _workspaces: dict = {}
 
 
-def _kernel(device: torch.device, warps: int, mb: int, depth: int, asynchronous: int):
+def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int):
     """The compiled kernel for a configuration (NVRTC, once per device and configuration); None when it is not
     compiled yet and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    key = (device.index, warps, mb, depth, asynchronous)
+    key = (device.index, warps, mb, depth, group_size)
     k = _kernels.get(key)
     if k is None:
         if torch.cuda.is_current_stream_capturing():
@@ -404,7 +382,7 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int, asynchronous:
             k = _kernels.get(key)
             if k is None:
                 src = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
-                       .replace("__DEPTH__", str(depth)).replace("__ASYNC__", str(int(asynchronous))))
+                       .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK)))
                 with torch.cuda.device(device):
                     k = torch.cuda._compile_kernel(src, "gptq_mma_gemv", nvcc_options=["-std=c++17"])
                 _kernels[key] = k
@@ -452,10 +430,10 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
         x2d = x2d.contiguous()
     mb = row_blocks(M)
-    warps, depth, per_sm, asynchronous = config or CONFIGS[mb]
+    warps, depth, per_sm = config or CONFIGS[mb]
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
-    kernel = _kernel(x2d.device, warps, mb, depth, asynchronous)
+    kernel = _kernel(x2d.device, warps, mb, depth, group_size)
     if kernel is None:
         return None
     ws, counters = (None, None)
@@ -464,13 +442,10 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         if held is None:
             return None
         ws, counters = held
-    smem = warps * depth * SLOT if asynchronous else 0
-    if smem >= 48 * 1024 and kernel._max_shared_mem_bytes < smem:
-        kernel.set_shared_memory_config(smem)  # above 48 KiB a kernel must ask for it
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
     dummy = out
     kernel(
-        grid=(T, splits, 1), block=(warps * 32, 1, 1), shared_mem=smem,
+        grid=(T, splits, 1), block=(warps * 32, 1, 1), 
         args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
-              counters if counters is not None else dummy, M, N, K, group_size, zero_add, x2d.stride(0)])
+              counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0)])
     return out

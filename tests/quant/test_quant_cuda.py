@@ -394,16 +394,13 @@ def test_mma_gemv_equals_the_exact_product(in_f, out_f, desc_act, v2):
         x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
         y = G.mma_gemv(x, *packed[:4], 128, packed[4])
         ref = x.float() @ exact
-        y_async = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(8, 4, 2, 1))
-        assert _rel_err(y_async, ref) < 4e-3, rows
         # fp32 sums of exact products: the bf16 rounding of the output is the error
         assert y.dtype == torch.bfloat16 and y.shape == (rows, out_f)
         assert _rel_err(y, ref) < 4e-3, rows
         assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4]), y), rows  # the workspace is clean again
 
 
-@pytest.mark.parametrize("config", [(4, 4, 4, 0), (8, 2, 2, 0), (2, 2, 8, 0), (4, 2, 1, 0), (8, 4, 2, 1), (4, 2, 8, 1),
-                                    (16, 4, 1, 1), (8, 8, 4, 1)])
+@pytest.mark.parametrize("config", [(4, 4, 4), (8, 2, 2), (2, 2, 8), (4, 2, 1), (16, 3, 2)])
 def test_mma_gemv_gives_every_weight_exactly(config):
     """Rows of the identity: each output is one weight, (q - z) * s computed exactly and rounded once to bf16,
     what the exact dequantization rounded to bf16 gives, bit for bit (for every split over K)."""
@@ -418,8 +415,7 @@ def test_mma_gemv_gives_every_weight_exactly(config):
         assert torch.equal(y, wt[start:start + 32]), start
 
 
-@pytest.mark.parametrize("asynchronous", [0, 1])
-def test_mma_gemv_split_k_workspace_in_cuda_graphs(asynchronous):
+def test_mma_gemv_split_k_workspace_in_cuda_graphs():
     """The split-K workspace and counters are cleared by the last CTA of each tile: graph replays equal the eager
     call, and a capture that finds no workspace falls back (None) instead of allocating one inside the graph."""
     from finetune.quant import mma_gemv as G
@@ -427,10 +423,10 @@ def test_mma_gemv_split_k_workspace_in_cuda_graphs(asynchronous):
     p = _random_packed(5120, 5120, seed=13)
     packed = G.repack(**p, group_size=128)
     x = torch.randn(2, 5120, device="cuda", dtype=torch.bfloat16)
-    eager = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8, asynchronous))
+    eager = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8))
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8, asynchronous))
+        y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8))
     for _ in range(3):
         y.zero_()
         graph.replay()
@@ -442,7 +438,7 @@ def test_mma_gemv_split_k_workspace_in_cuda_graphs(asynchronous):
     G._workspaces.clear()
     try:
         with torch.cuda.graph(torch.cuda.CUDAGraph()):
-            assert G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8, asynchronous)) is None
+            assert G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8)) is None
     finally:
         G._workspaces.update(saved)
 
