@@ -39,6 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="more configs to time, each warps,depth,per_sm")
     ap.add_argument("--pick", help="write the CONFIGS line (by 8-row blocks: the fastest config over one layer's five "
                                    "Linears at 1, 16 and 32 rows) to this file")
+    ap.add_argument("--apply", action="store_true",
+                    help="with --pick: also write those two lines into finetune/quant/mma_gemv.py")
     ap.add_argument("--baselines", type=int, default=1, help="also time int4pack (rows <= 8) and the Triton GEMV")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -111,26 +113,45 @@ def main(argv=None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     if args.pick:
-        Path(args.pick).write_text(pick(results) + "\n")
-        print(Path(args.pick).read_text(), flush=True)
+        lines = pick(results)
+        Path(args.pick).write_text(lines + "\n")
+        print(lines, flush=True)
+        if args.apply:
+            src = ROOT / "finetune" / "quant" / "mma_gemv.py"
+            text = src.read_text().splitlines()
+            for line in lines.splitlines():
+                name = line.split(" = ")[0]
+                text = [line if t.startswith(name + " = ") else t for t in text]
+            src.write_text("\n".join(text) + "\n")
     return 0
 
 
 def pick(results) -> str:
-    """The CONFIGS line of finetune/quant/mma_gemv.py from timed results: per 8-row block count, the config with
-    the least time over one decoder layer's Linears (c_attn, attn.c_proj, w1, w2, mlp.c_proj)."""
+    """The CONFIGS and MAX_ROWS lines of finetune/quant/mma_gemv.py from timed results: per 8-row block count, the
+    config with the least time over one decoder layer's Linears (c_attn, attn.c_proj, w1, w2, mlp.c_proj); and the
+    largest of 8, 16, 32 rows up to which the best config beats the Triton GEMV where that was timed."""
     per_layer = {"c_attn": 1, "attn.c_proj": 1, "w1/w2": 2, "mlp.c_proj": 1}
-    chosen = {}
-    for mb, rows in ((1, 1), (2, 16), (4, 32)):
+
+    def layer_totals(rows, prefix):
         totals = {}
         for r in results:
-            if r.get("rows") == rows and r["kernel"].startswith("mma") and "us" in r:
+            if r.get("rows") == rows and r["kernel"].startswith(prefix) and "us" in r:
                 totals.setdefault(r["kernel"], {})[r["layer"]] = r["us"]
-        full = {k: sum(per_layer[name] * us for name, us in v.items()) for k, v in totals.items()
+        return {k: sum(per_layer[name] * us for name, us in v.items()) for k, v in totals.items()
                 if set(v) == set(per_layer)}
-        if full:
-            chosen[mb] = min(full, key=full.get)[3:]
-    return "CONFIGS = {" + ", ".join(f"{mb}: {cfg}" for mb, cfg in chosen.items()) + "}  # by row_blocks()"
+
+    chosen, max_rows = {}, 8
+    for mb, rows in ((1, 1), (2, 16), (4, 32)):
+        full = layer_totals(rows, "mma")
+        if not full:
+            continue
+        best = min(full, key=full.get)
+        chosen[mb] = best[3:]
+        triton = layer_totals(rows, "triton_gemv").get("triton_gemv")
+        if rows > 8 and max_rows == rows // 2 and (triton is None or full[best] < triton):
+            max_rows = rows
+    return ("CONFIGS = {" + ", ".join(f"{mb}: {cfg}" for mb, cfg in chosen.items()) + "}  # by row_blocks()\n"
+            f"MAX_ROWS = {max_rows}  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)")
 
 
 if __name__ == "__main__":

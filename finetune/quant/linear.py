@@ -15,7 +15,7 @@
   copy of the weight converted once to its layout (``int4pack.py``; on an H200 1.6-1.8x the Triton GEMV's speed
   at one row, 1.1-1.5x at four, slower from 8 rows). The copy costs as much memory again as the packed weight;
   it is made on the first such call and dropped when the packed buffers change.
-- Decoding one to 32 rows of bf16 on CUDA (compute capability 8.0+), first choice: a tensor-core kernel compiled
+- Decoding one to ``mma_gemv.MAX_ROWS`` rows of bf16 on CUDA (compute capability 8.0+), first choice: a tensor-core kernel compiled
   at run time (``mma_gemv.py``) on a copy of the weight repacked once into its layout (same memory again, like
   the int4pack copy, which is then not made). Layers it cannot take (not 4-bit, N not a multiple of 16, a group
   size not a multiple of 128) use the kernels above.
@@ -46,9 +46,9 @@ from .packing import (
 )
 
 from ..settings import settings
+from .mma_gemv import MAX_ROWS as MMA_MAX_ROWS  # where the tensor-core GEMV beats the Triton one (measured)
 
 GEMV_MAX_ROWS = 64  # = triton_gemv.MAX_ROWS (batched decoding up to 64 rows)
-MMA_MAX_ROWS = 32  # = mma_gemv.MAX_ROWS
 INT4PACK_MAX_ROWS = 4  # measured faster than the Triton GEMV at 1, 2 and 4 rows, slower at 8 (benchmarks/NOTES.md)
 _GEMV_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 

@@ -41,11 +41,12 @@ import torch
 from .packing import unpack_cols, unpack_rows
 
 CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
-MAX_ROWS = 32  # up to four 8-row blocks of the mma's N dimension
+MAX_ROWS = 16  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)
+KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
 
 # Launch configurations by 8-row blocks, measured on an H200 (benchmarks/mma_gemv_probe.py): (warps a CTA, chunks
 # in flight a warp, target CTAs per SM for the split over K).
-CONFIGS = {1: (4, 2, 4), 2: (4, 2, 1), 4: (8, 2, 2)}  # by row_blocks()
+CONFIGS = {1: (4, 2, 4), 2: (4, 2, 2), 4: (8, 2, 1)}  # by row_blocks()
 
 
 def row_blocks(rows: int) -> int:
@@ -228,33 +229,57 @@ __device__ __forceinline__ u32 nibbles(u32 w, u32 magic) {
   return d;
 }
 
-// The A fragments are the bf16 values 128 + q (the nibble as the low mantissa bits of 128.0), so the mma gives
-// sum (128 + q) x; sum x comes from one more mma with A = 1, and (128 + z) sum x is subtracted once per chunk in
-// fp32 (the products are exact; the fp32 sums are ~17 times larger than the result, far below bf16's rounding).
+// One row block (ZERO_BY_SUM): the A fragments are the bf16 values 128 + q (the nibble as the low mantissa bits of
+// 128.0), so the mma gives sum (128 + q) x; sum x comes from one more mma with A = 1, and (128 + z) sum x is
+// subtracted once per chunk in fp32 (the products are exact; the fp32 sums are ~17 times larger than the result,
+// far below bf16's rounding). More row blocks: the zero is subtracted from each pair (q - z exact in bf16), one
+// paired add shared by MB mma's, where the extra mma per block would make the tensor pipe the limit.
+#define ZERO_BY_SUM (MB == 1)
 __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4], int r, int zero_add) {
-  u32 magic, ones;
+  u32 magic;
   asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
+  float tmp[MB][4];
+#if ZERO_BY_SUM
+  u32 ones;
   asm volatile("mov.b32 %0, 0x3F803F80;" : "=r"(ones));
-  float tmp[MB][4], sx[MB][4];
+  float sx[MB][4];
+#else
+  const u32 nz0 = (u32)(0xC300 + ((b.z0 >> (4 * r)) & 15) + zero_add) * 0x10001u;
+  const u32 nz1 = (u32)(0xC300 + ((b.z1 >> (4 * r)) & 15) + zero_add) * 0x10001u;
+#endif
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-    for (int i = 0; i < 4; ++i) tmp[mb][i] = sx[mb][i] = 0.f;
+    for (int i = 0; i < 4; ++i) {
+      tmp[mb][i] = 0.f;
+#if ZERO_BY_SUM
+      sx[mb][i] = 0.f;
+#endif
+    }
 #pragma unroll
   for (int j = 0; j < 8; ++j) {
     const u32 wj = word_of(b.w[j >> 2], j & 3);
-    const u32 a0 = nibbles(wj, magic), a1 = nibbles(wj >> 4, magic);
-    const u32 a2 = nibbles(wj >> 8, magic), a3 = nibbles(wj >> 12, magic);
+    u32 a0 = nibbles(wj, magic), a1 = nibbles(wj >> 4, magic);
+    u32 a2 = nibbles(wj >> 8, magic), a3 = nibbles(wj >> 12, magic);
+#if !ZERO_BY_SUM
+    a0 = sub_zero(a0, nz0);
+    a1 = sub_zero(a1, nz1);
+    a2 = sub_zero(a2, nz0);
+    a3 = sub_zero(a3, nz1);
+#endif
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
       const u32 b0 = word_of(b.xv[mb][j >> 1], (2 * j) & 3), b1 = word_of(b.xv[mb][j >> 1], (2 * j + 1) & 3);
       mma(tmp[mb], a0, a1, a2, a3, b0, b1);
+#if ZERO_BY_SUM
       mma(sx[mb], ones, ones, ones, ones, b0, b1);
+#endif
     }
   }
+  const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);
+#if ZERO_BY_SUM
   const float zc0 = (float)(128 + ((b.z0 >> (4 * r)) & 15) + zero_add);
   const float zc1 = (float)(128 + ((b.z1 >> (4 * r)) & 15) + zero_add);
-  const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb) {
     acc[mb][0] += sc0 * (tmp[mb][0] - zc0 * sx[mb][0]);
@@ -262,6 +287,15 @@ __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4
     acc[mb][2] += sc1 * (tmp[mb][2] - zc1 * sx[mb][2]);
     acc[mb][3] += sc1 * (tmp[mb][3] - zc1 * sx[mb][3]);
   }
+#else
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    acc[mb][0] += sc0 * tmp[mb][0];
+    acc[mb][1] += sc0 * tmp[mb][1];
+    acc[mb][2] += sc1 * tmp[mb][2];
+    acc[mb][3] += sc1 * tmp[mb][3];
+  }
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -419,7 +453,7 @@ def workspace(device: torch.device, rows: int, N: int):
 
 def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor | None:
-    """x2d [M, K] bf16 (M <= MAX_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
+    """x2d [M, K] bf16 (M <= KERNEL_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
     graph capture that finds the kernel not compiled or the split-K workspace too small (made only outside
     captures; the caller then uses another kernel)."""
     M, K = x2d.shape

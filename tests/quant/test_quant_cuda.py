@@ -444,7 +444,7 @@ def test_mma_gemv_split_k_workspace_in_cuda_graphs():
 
 
 @pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True)])
-def test_gptq_linear_one_to_32_rows_use_the_mma_copy(in_f, out_f, desc_act, monkeypatch, switches):
+def test_gptq_linear_decoding_rows_use_the_mma_copy(in_f, out_f, desc_act, monkeypatch, switches):
     from finetune.quant import linear as qlinear
     from finetune.quant import mma_gemv as G
 
@@ -456,12 +456,13 @@ def test_gptq_linear_one_to_32_rows_use_the_mma_copy(in_f, out_f, desc_act, monk
     p = _random_packed(in_f, out_f, desc_act=desc_act, seed=14)
     layer = GPTQLinear.from_quantized(**p, bits=4, group_size=128, desc_act=desc_act)
     w = layer.dequantize(torch.float32)
-    for rows in (1, 4, 8, 32, 33):
+    limit = qlinear.MMA_MAX_ROWS
+    for rows in (1, 4, 8, limit, limit + 1, 65):
         x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             y = layer(x)
         assert _rel_err(y, x.float() @ w.t()) < 1e-2
-    assert mma_rows == [1, 4, 8, 32] and gemv_rows == [33]
+    assert mma_rows == [1, 4, 8, limit] and gemv_rows == [limit + 1]  # 65 rows: dequantize + matmul
     assert "_int4pack" not in layer.__dict__  # the int4pack copy is not made when the mma copy serves
     held = layer.__dict__["_mma"][2]
     layer.scales.mul_(2)  # changed in place: the copy is remade
