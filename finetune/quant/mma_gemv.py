@@ -16,8 +16,10 @@ instructions a weight turning nibbles into floats. This kernel:
 - multiplies on the tensor cores with the batch rows in the mma's 8-wide N dimension ("swapped" operands:
   the weights fill the 16-wide M), so 1 to 8 rows cost the same, and sums in fp32; each 128-input chunk's sum
   is scaled once by its group's fp16 scale;
-- splits K over warps and over CTAs (a fp32 workspace, and the last CTA of a tile writes the bf16 result and
-  clears the workspace and its counter, so the call stays a single kernel that CUDA graphs can replay).
+- splits K over warps and over CTAs: each CTA writes its fp32 partial sums to its own slot of a workspace, and the
+  last CTA of a tile (a counter, which it resets) adds the slots in a fixed order and writes the bf16 result, so
+  the call stays a single kernel that CUDA graphs can replay, and its result does not depend on which CTA
+  finished first (atomic adds did: greedy decoding must repeat itself).
 
 Within a chunk the inputs are visited in a permuted order, the same for x and the weights, chosen so that each
 lane reads 32 contiguous inputs of x (four 16-byte loads) instead of gathering pairs.
@@ -41,12 +43,12 @@ import torch
 from .packing import unpack_cols, unpack_rows
 
 CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
-MAX_ROWS = 16  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)
+MAX_ROWS = 32  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)
 KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
 
 # Launch configurations by 8-row blocks, measured on an H200 (benchmarks/mma_gemv_probe.py): (warps a CTA, chunks
 # in flight a warp, target CTAs per SM for the split over K).
-CONFIGS = {1: (4, 2, 4), 2: (4, 2, 2), 4: (8, 2, 1)}  # by row_blocks()
+CONFIGS = {1: (8, 1, 2), 2: (4, 1, 4), 4: (4, 1, 2)}  # by row_blocks()
 
 
 def row_blocks(rows: int) -> int:
@@ -375,7 +377,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
   for (int i = 0; i < MB * 4; ++i) {
     const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
-    if (b < M) atomicAdd(ws + (size_t)b * N + n, v[i]);
+    if (b < M) __stcg(ws + ((size_t)split * M + b) * N + n, v[i]);
   }
   __threadfence();
   __syncwarp();
@@ -388,11 +390,9 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   for (int i = 0; i < MB * 4; ++i) {
     const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
     if (b < M) {
-      float* p = ws + (size_t)b * N + n;
-      float s;
-      asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(s) : "l"(p));
+      float s = 0.f;
+      for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((size_t)sp * M + b) * N + n);  // a fixed order
       out[(size_t)b * N + n] = f2bf(s);
-      *p = 0.f;
     }
   }
   if (lane == 0) counters[tile] = 0;
@@ -434,16 +434,16 @@ def available() -> str | None:
     return None
 
 
-def workspace(device: torch.device, rows: int, N: int):
-    """The split-K workspace (fp32 [rows, N], zero) and tile counters (int32 [N/16], zero) of a device, grown on
-    demand outside graph capture. None when they are too small during a capture."""
+def workspace(device: torch.device, splits: int, rows: int, N: int):
+    """The split-K workspace (fp32, a [rows, N] slot per split) and tile counters (int32 [N/16], zero) of a device,
+    grown on demand outside graph capture. None when they are too small during a capture."""
     key = device.index if device.index is not None else torch.cuda.current_device()
     held = _workspaces.get(key)
-    need = rows * N
+    need = splits * rows * N
     if held is None or held[0].numel() < need or held[1].numel() < N // 16:
         if torch.cuda.is_current_stream_capturing():
             return None
-        size = max(need, held[0].numel() if held else 0, MAX_ROWS * 32768)
+        size = max(need, held[0].numel() if held else 0, 4 * KERNEL_ROWS * 32768)
         tiles = max(N // 16, held[1].numel() if held else 0, 32768 // 16)
         held = (torch.zeros(size, device=device, dtype=torch.float32),
                 torch.zeros(tiles, device=device, dtype=torch.int32))
@@ -472,7 +472,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         return None
     ws, counters = (None, None)
     if splits > 1:
-        held = workspace(x2d.device, M, N)
+        held = workspace(x2d.device, splits, M, N)
         if held is None:
             return None
         ws, counters = held
