@@ -15,9 +15,9 @@
   copy of the weight converted once to its layout (``int4pack.py``; on an H200 1.6-1.8x the Triton GEMV's speed
   at one row, 1.1-1.5x at four, slower from 8 rows). The copy costs as much memory again as the packed weight;
   it is made on the first such call and dropped when the packed buffers change.
-- Decoding one to ``mma_gemv.MAX_ROWS`` rows of bf16 on CUDA (compute capability 8.0+), first choice: a tensor-core kernel compiled
-  at run time (``mma_gemv.py``) on a copy of the weight repacked once into its layout (same memory again, like
-  the int4pack copy, which is then not made). Layers it cannot take (not 4-bit, N not a multiple of 16, a group
+- Decoding one to ``mma_gemv.MAX_ROWS`` (32) rows of bf16 on CUDA (compute capability 8.0+), first choice: a
+  tensor-core kernel compiled at run time (``mma_gemv.py``) on a copy of the weight repacked once into its layout
+  (same memory again, like the int4pack copy, which is then not made). Layers it cannot take (not 4-bit, N not a multiple of 16, a group
   size not a multiple of 128) use the kernels above.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input

@@ -9,13 +9,14 @@ instructions a weight turning nibbles into floats. This kernel:
   fragments for 16 output columns x 128 inputs (``repack``), in one contiguous 1 KiB block per warp;
 - turns each pair of nibbles into the exact bf16 pair (128 + q, 128 + q') with one shift and one mask-or (the
   nibble becomes the low mantissa bits of 128.0); the zero point is applied once per chunk as (128 + z) * sum(x),
-  with sum(x) from one more mma against ones. About 145 instructions a warp per 2,048 weights (sm_90 SASS); a
-  form that subtracted the zero per pair and recomputed 64-bit addresses per chunk took 235 and reached only
-  ~48% of the copy rate, which is how we learnt the kernel was bound by instruction issue, not by loads in flight
-  (a cp.async ring in shared memory, more in flight and more instructions, was slower still);
+  with sum(x) from one more mma against ones (2-4 row blocks subtract the zero per pair instead: there the
+  extra mma's would load the tensor cores). About 145 instructions a warp per 2,048 weights (sm_90 SASS); a
+  form with 235 (the zero subtracted per pair, 64-bit addresses recomputed per chunk) reached ~48% of the copy
+  rate, this one 50-55% on the large Linears (NOTES step 13: more loads in flight, through registers or a
+  cp.async ring in shared memory, did not help);
 - multiplies on the tensor cores with the batch rows in the mma's 8-wide N dimension ("swapped" operands:
-  the weights fill the 16-wide M), so 1 to 8 rows cost the same, and sums in fp32; each 128-input chunk's sum
-  is scaled once by its group's fp16 scale;
+  the weights fill the 16-wide M), so 1 to 8 rows share every weight load and mma, and sums in fp32; each
+  128-input chunk's sum is scaled once by its group's fp16 scale;
 - splits K over warps and over CTAs: each CTA writes its fp32 partial sums to its own slot of a workspace, and the
   last CTA of a tile (a counter, which it resets) adds the slots in a fixed order and writes the bf16 result, so
   the call stays a single kernel that CUDA graphs can replay, and its result does not depend on which CTA
@@ -46,8 +47,9 @@ CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
 MAX_ROWS = 32  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)
 KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
 
-# Launch configurations by 8-row blocks, measured on an H200 (benchmarks/mma_gemv_probe.py): (warps a CTA, chunks
-# in flight a warp, target CTAs per SM for the split over K).
+# Launch configurations by 8-row blocks, chosen on an H200 by benchmarks/mma_gemv_probe.py --pick: (warps a CTA,
+# register buffers a warp (1: a chunk's loads are not issued ahead of the previous chunk's compute), target CTAs
+# per SM for the split over K).
 CONFIGS = {1: (8, 1, 2), 2: (4, 1, 4), 4: (4, 1, 2)}  # by row_blocks()
 
 
