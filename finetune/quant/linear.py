@@ -294,8 +294,9 @@ class GPTQLinear(nn.Module):
             from . import mma_gemv
 
             gs = self._group()
-            if (mma_gemv.available() is not None or mma_gemv.unsupported(self.in_features, self.out_features,
-                                                                         self.bits, gs, self.g_idx) is not None):
+            if (mma_gemv.available() is not None
+                    or mma_gemv.unsupported(self.in_features, self.out_features, self.bits, gs, self.g_idx) is not None
+                    or mma_gemv.compile_error(self.qweight.device, gs) is not None):
                 return None
             wpack, scales, qzeros, zero_add, perm = mma_gemv.repack(self.qweight, self.qzeros, self.scales,
                                                                     self.g_idx, self.v2, gs)

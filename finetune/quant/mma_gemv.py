@@ -38,6 +38,7 @@ time and x's columns gathered at every call. CUDA compute capability 8.0 or newe
 from __future__ import annotations
 
 import threading
+import warnings
 
 import torch
 
@@ -402,13 +403,19 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 _lock = threading.Lock()
-_kernels: dict = {}
+_kernels: dict = {}  # (device index, warps, MB, depth, group size) -> the compiled kernel, or the reason it failed
 _workspaces: dict = {}
 
 
+def _compile(device: torch.device, source: str):
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(source, "gptq_mma_gemv", nvcc_options=["-std=c++17"])
+
+
 def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int):
-    """The compiled kernel for a configuration (NVRTC, once per device and configuration); None when it is not
-    compiled yet and the stream is capturing a graph (loading a module there is not a stream operation)."""
+    """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
+    it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
+    and the stream is capturing a graph (loading a module there is not a stream operation)."""
     key = (device.index, warps, mb, depth, group_size)
     k = _kernels.get(key)
     if k is None:
@@ -419,10 +426,21 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: i
             if k is None:
                 src = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
                        .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK)))
-                with torch.cuda.device(device):
-                    k = torch.cuda._compile_kernel(src, "gptq_mma_gemv", nvcc_options=["-std=c++17"])
+                try:
+                    k = _compile(device, src)
+                except Exception as e:  # NVRTC missing or refusing: the other decode kernels still work
+                    k = f"the tensor-core GEMV did not compile ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+                    warnings.warn(k + "; decoding uses the other Int4 kernels", stacklevel=3)
                 _kernels[key] = k
     return k
+
+
+def compile_error(device: torch.device, group_size: int) -> str | None:
+    """Why this kernel cannot be compiled for ``device`` (one configuration tried, and kept); None: it can. Checked
+    before a layer makes its repacked copy, so a failure costs no memory."""
+    warps, depth, _ = CONFIGS[1]
+    k = _kernel(device, warps, 1, depth, group_size)
+    return k if isinstance(k, str) else None
 
 
 def available() -> str | None:
@@ -470,7 +488,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
     kernel = _kernel(x2d.device, warps, mb, depth, group_size)
-    if kernel is None:
+    if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)
     if splits > 1:

@@ -52,3 +52,22 @@ def test_unsupported_layers_say_why():
     assert G.unsupported(13696, 5120, 4, 128) is None
     uneven = torch.tensor([0] * 100 + [1] * 156, dtype=torch.int32)
     assert "g_idx" in G.unsupported(256, 32, 4, 128, uneven)
+
+
+def test_a_kernel_that_does_not_compile_is_reported_once_and_left_to_the_other_kernels(monkeypatch):
+    """NVRTC missing or refusing the source: one warning, the reason kept (no retry, no exception into the
+    model's forward), and compile_error says why so that no repacked copy is made."""
+    monkeypatch.setattr(G, "_kernels", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    calls = []
+
+    def failing(device, source):
+        calls.append(source)
+        raise RuntimeError("Kernel compilation failed:\nno libnvrtc")
+
+    monkeypatch.setattr(G, "_compile", failing)
+    device = torch.device("cuda", 0)
+    with pytest.warns(UserWarning, match="did not compile .*no libnvrtc"):
+        why = G.compile_error(device, 128)
+    assert "RuntimeError" in why and len(calls) == 1
+    assert G.compile_error(device, 128) == why and len(calls) == 1  # kept: not compiled again
