@@ -17,8 +17,9 @@
   it is made on the first such call and dropped when the packed buffers change.
 - Decoding one to ``mma_gemv.MAX_ROWS`` (32) rows of bf16 on CUDA (compute capability 8.0+), first choice: a
   tensor-core kernel compiled at run time (``mma_gemv.py``) on a copy of the weight repacked once into its layout
-  (same memory again, like the int4pack copy, which is then not made). Layers it cannot take (not 4-bit, N not a multiple of 16, a group
-  size not a multiple of 128) use the kernels above.
+  (same memory again, like the int4pack copy, which is then not made). Layers it cannot take (not 4-bit, N not
+  a multiple of 16, a group size not a multiple of 128) use the kernels above. Both copies are made by the
+  first decoding call (one position per row), not by a short training or evaluation forward.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.
@@ -322,14 +323,17 @@ class GPTQLinear(nn.Module):
             y = None
             fast_bf16 = dtype == torch.bfloat16 and self.bits == 4 and device_type == "cuda"
             capturing = torch.cuda.is_current_stream_capturing() if device_type == "cuda" else False
+            # the weight copies below (6.3 GB for 14B) are made by decoding calls (one position per row), not by
+            # a short training or evaluation forward; once made, any small call uses them
+            build = not capturing and (x.dim() < 3 or x.shape[-2] == 1)
             if fast_bf16 and rows <= MMA_MAX_ROWS and settings().gptq_mma:
-                mm = self._mma_weight(build=not capturing)
+                mm = self._mma_weight(build=build)
                 if mm is not None:
                     from .mma_gemv import mma_gemv
 
                     y = mma_gemv(x2d, *mm)  # None: no split-K workspace yet inside a capture
             if y is None and fast_bf16 and rows <= INT4PACK_MAX_ROWS and settings().gptq_int4pack:
-                packed = self._int4pack_weight(build=not capturing)
+                packed = self._int4pack_weight(build=build)
                 if packed is not None:
                     from .int4pack import int4pack_mm
 

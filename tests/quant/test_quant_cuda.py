@@ -474,3 +474,11 @@ def test_gptq_linear_decoding_rows_use_the_mma_copy(in_f, out_f, desc_act, monke
         y = layer(x)
     assert layer.__dict__["_mma"][2] is not held
     assert _rel_err(y, x.float() @ layer.dequantize(torch.float32).t()) < 1e-2
+    # a short forward of 20 positions (training's evaluation, a prefill) makes no copy; a decoding call does
+    fresh = GPTQLinear.from_quantized(**p, bits=4, group_size=128, desc_act=desc_act)
+    with torch.no_grad():
+        fresh(torch.randn(1, 20, in_f, device="cuda", dtype=torch.bfloat16))
+    assert "_mma" not in fresh.__dict__ and "_int4pack" not in fresh.__dict__
+    with torch.no_grad():
+        fresh(torch.randn(20, 1, in_f, device="cuda", dtype=torch.bfloat16))
+    assert fresh.__dict__["_mma"][2] is not None
