@@ -2,7 +2,7 @@
 # One GPU call (~7-8 minutes on an H200) that re-measures the user-facing figures after a change: the decode
 # workloads (decode_bench.py), where a decode step's time goes (decode_profile.py), serving through the HTTP
 # server (serve_bench.py) and the training script's default path on short chats (user_path.py), all on one
-# 14B-shaped random Int4 dir. Run from the repo root with .whl carried (datasets, fastapi, uvicorn, openai);
+# 14B-shaped random Int4 dir. Run from the repo root with .whl carried (benchmarks/quick_wheels.sh fills it);
 # set QWEN_FT_COMMIT (the machine's copy of .git may be stale). Every part has its own time limit and writes
 # under $OUT as it finishes, so a part that runs long costs only itself.
 #
