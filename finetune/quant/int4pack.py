@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .packing import unpack_cols, unpack_rows
+from .packing import group_sorted_order, groups_even, unpack_cols, unpack_rows
 
 GROUP_SIZES = (32, 64, 128, 256)  # what the kernel accepts
 INNER_K_TILES = 8  # the kernel's packing parameter: K must be a multiple of INNER_K_TILES * 16
@@ -37,17 +37,11 @@ def unsupported(K: int, N: int, bits: int, group_size: int, g_idx: torch.Tensor 
         return f"{N} outputs (must be a multiple of 8)"
     if K % (INNER_K_TILES * 16):
         return f"{K} inputs (must be a multiple of {INNER_K_TILES * 16})"
-    if g_idx is not None and not _groups_even(g_idx, group_size):
+    if g_idx is not None and not groups_even(g_idx, group_size):
         return "a g_idx whose groups are not all group_size rows"
     if group_size not in GROUP_SIZES:
         return f"group size {group_size} (the kernel takes {GROUP_SIZES})"
     return None
-
-
-def _groups_even(g_idx: torch.Tensor, group_size: int) -> bool:
-    """Every group holds exactly group_size input rows (so sorting by group gives contiguous groups of that size)."""
-    counts = torch.bincount(g_idx.long())
-    return bool((counts == group_size).all())
 
 
 def gptq_to_int4pack(qweight, qzeros, scales, g_idx, v2: bool = False, group_size: int = 128):
@@ -61,12 +55,9 @@ def gptq_to_int4pack(qweight, qzeros, scales, g_idx, v2: bool = False, group_siz
     if not v2:
         z = z + 1
     s = scales.to(torch.float32)
-    trivial = torch.equal(g_idx.long(), torch.arange(K, device=g_idx.device) // group_size)
-    perm = None
-    if not trivial:
-        perm = torch.sort(g_idx.long(), stable=True).indices
+    perm, order = group_sorted_order(g_idx, group_size)
+    if perm is not None:
         q = q[perm]
-        order = g_idx.long()[perm][::group_size]  # the group of each block of group_size sorted rows
         s, z = s[order], z[order]
     sz = torch.stack([s, (8.0 - z) * s], dim=2).to(torch.bfloat16)  # [G, N, 2]
     return q.t().contiguous(), sz.contiguous(), perm

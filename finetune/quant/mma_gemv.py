@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from .packing import unpack_cols, unpack_rows
+from .packing import group_sorted_order, groups_even, to_int32_wrapping, unpack_cols, unpack_rows
 
 CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
 MAX_ROWS = 32  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)
@@ -69,7 +69,7 @@ def unsupported(K: int, N: int, bits: int, group_size: int, g_idx: torch.Tensor 
         return f"{K} inputs (must be a multiple of {CHUNK})"
     if group_size % CHUNK or K % group_size:
         return f"group size {group_size} (must be a multiple of {CHUNK} that divides {K})"
-    if g_idx is not None and not bool((torch.bincount(g_idx.long()) == group_size).all()):
+    if g_idx is not None and not groups_even(g_idx, group_size):
         return "a g_idx whose groups are not all group_size rows"
     return None
 
@@ -91,12 +91,9 @@ def repack(qweight, qzeros, scales, g_idx, v2: bool = False, group_size: int = 1
     K = g_idx.shape[0]
     N = scales.shape[1]
     q = unpack_rows(qweight, 4)[:K].to(torch.int64)  # [K, N]
-    trivial = torch.equal(g_idx.long(), torch.arange(K, device=g_idx.device) // group_size)
-    perm = None
-    if not trivial:
-        perm = torch.sort(g_idx.long(), stable=True).indices
+    perm, order = group_sorted_order(g_idx, group_size)
+    if perm is not None:
         q = q[perm]
-        order = g_idx.long()[perm][::group_size]  # the group of each block of group_size sorted rows
         scales, qzeros = scales[order], qzeros[order]
     C, T = K // CHUNK, N // 16
     # k = c*128 + 32 t + 4 j + 2 e_hi + e_lo ; n = 16 T + 8 h + r
@@ -104,8 +101,7 @@ def repack(qweight, qzeros, scales, g_idx, v2: bool = False, group_size: int = 1
     q = q.permute(5, 0, 7, 1, 2, 4, 3, 6)  # T, c, r, t, j, e_lo, e_hi, h -> nibble p = 4 e_lo + 2 e_hi + h
     q = q.reshape(T, C, 32, 8, 8)
     shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
-    words = (q << shifts).sum(dim=-1)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    words = to_int32_wrapping((q << shifts).sum(dim=-1))
     return (words.contiguous(), scales.to(torch.float16).contiguous(), qzeros.to(torch.int32).contiguous(),
             0 if v2 else 1, perm)
 

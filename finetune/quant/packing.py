@@ -37,7 +37,7 @@ def values_per_word(bits: int) -> int:
     return 32 // check_bits(bits)
 
 
-def _to_int32_wrapping(x: torch.Tensor) -> torch.Tensor:
+def to_int32_wrapping(x: torch.Tensor) -> torch.Tensor:
     """int64 values in [0, 2**32) -> int32 with the same bit pattern."""
     x = x & 0xFFFFFFFF
     x = torch.where(x >= 2**31, x - 2**32, x)
@@ -55,7 +55,7 @@ def pack_rows(q: torch.Tensor, bits: int) -> torch.Tensor:
         raise ValueError(f"values out of range for {bits} bits")
     q = q.reshape(rows // per, per, cols)
     shifts = (torch.arange(per, device=q.device, dtype=torch.int64) * bits).view(1, per, 1)
-    return _to_int32_wrapping((q << shifts).sum(dim=1))
+    return to_int32_wrapping((q << shifts).sum(dim=1))
 
 
 def unpack_rows(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -87,6 +87,24 @@ def num_groups(in_features: int, group_size: int) -> int:
     if group_size in (-1, None) or group_size <= 0:
         return 1
     return -(-in_features // group_size)
+
+
+def groups_even(g_idx: torch.Tensor, group_size: int) -> bool:
+    """Every group holds exactly group_size input rows (so sorting by group gives contiguous groups of that size)."""
+    counts = torch.bincount(g_idx.long())
+    return bool((counts == group_size).all())
+
+
+def group_sorted_order(g_idx: torch.Tensor, group_size: int):
+    """(perm, order) for kernels that need each group's input rows contiguous: perm sorts the input rows by group
+    (stably; x[:, perm] and the weight's rows [perm] then pair up), order is the group of each block of
+    group_size sorted rows (index the per-group scales and zeros with it). (None, None) when g_idx is already
+    ``k // group_size``. Needs groups_even."""
+    K = g_idx.shape[0]
+    if torch.equal(g_idx.long(), torch.arange(K, device=g_idx.device) // group_size):
+        return None, None
+    perm = torch.sort(g_idx.long(), stable=True).indices
+    return perm, g_idx.long()[perm][::group_size]
 
 
 def dequantize_t(
