@@ -2,6 +2,7 @@
 time, host time, GPU idle share). For benchmarks/NOTES.md.
 
   python benchmarks/profile_step.py --seq 2048 --ckpt [--ckpt-mode block]    # one Q-LoRA training step
+  python benchmarks/profile_step.py --seq 2048 --ckpt --json OUT.json        # + GPU time by kind of kernel
   python benchmarks/profile_step.py --decode 16                              # batch-1 decoding, per token
 """
 
@@ -30,6 +31,40 @@ def python_profile(fn, rows: int) -> None:
     st = pstats.Stats(pr)
     st.sort_stats("tottime").print_stats(rows)
     st.sort_stats("cumulative").print_stats(rows)
+
+
+# Kernel names -> what they do, first match wins (cuBLAS/CUTLASS GEMMs; this project's Triton kernels by their
+# function names; FlexAttention's and SDPA's kernels; what torch.compile generated; the rest of aten).
+CATEGORIES = [
+    ("dequantize (Int4 -> bf16)", ("_dequant",)),
+    ("attention", ("flex", "flash", "fmha", "attention", "triton_tem")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "sm90_", "sm80_", "splitk", "gemv")),
+    ("loss (log-softmax, NLL)", ("softmax", "nll", "cross_entropy", "logsumexp")),
+    ("LoRA dropout", ("seeded_dropout", "_dropout")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("compiled elementwise (norm, rotary, SwiGLU)", ("triton_poi", "triton_red", "triton_per")),
+    ("copies and casts", ("copy", "cast", "to_dtype")),
+    ("reductions", ("reduce",)),
+    ("other elementwise", ("elementwise", "vectorized", "unrolled")),
+]
+
+
+def categorise(prof) -> dict:
+    """GPU time (ms) by kind of kernel, and the 5 largest kernels of each kind."""
+    out: dict[str, dict] = {}
+    for e in prof.key_averages():
+        t = e.self_device_time_total / 1e3
+        if t <= 0:
+            continue
+        name = e.key.lower()
+        cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
+        d = out.setdefault(cat, {"ms": 0.0, "kernels": []})
+        d["ms"] += t
+        d["kernels"].append((round(t, 3), e.count, e.key[:120]))
+    for d in out.values():
+        d["ms"] = round(d["ms"], 3)
+        d["kernels"] = sorted(d["kernels"], reverse=True)[:5]
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["ms"]))
 
 
 def report(prof, wall_ms: float, title: str, rows: int) -> None:
@@ -66,8 +101,17 @@ def train_step(args, device):
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step(batch)
         torch.cuda.synchronize()
-    report(prof, wall * 1e3, f"seq {args.seq} layers {args.layers} ckpt {args.ckpt} ({args.ckpt_mode}) step",
-           args.rows)
+    title = f"seq {args.seq} layers {args.layers} ckpt {args.ckpt} ({args.ckpt_mode}) step"
+    report(prof, wall * 1e3, title, args.rows)
+    if args.json:
+        import json
+
+        cats = categorise(prof)
+        total = sum(d["ms"] for d in cats.values())
+        for c, d in cats.items():
+            print(f"{c:48s} {d['ms']:9.2f} ms {d['ms'] / total:6.1%}")
+        Path(args.json).write_text(json.dumps({"title": title, "wall_ms": round(wall * 1e3, 2),
+                                               "gpu_ms": round(total, 2), "categories": cats}, indent=1) + "\n")
 
 
 @torch.no_grad()
@@ -110,6 +154,7 @@ def main():
     ap.add_argument("--decode", type=int, default=0, help="profile batch-1 decoding of this many tokens instead")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--python", action="store_true", help="cProfile the host instead of the torch profiler")
+    ap.add_argument("--json", help="also write the step's GPU time by kind of kernel to this file")
     args = ap.parse_args()
     device = torch.device("cuda")
     if args.decode:

@@ -8,6 +8,8 @@
 #
 #   QUICK_PARTS="decode profile serve train" QUICK_DECODE="b1_512 b1_512_adapter b64_mixed b1_ctx2000" \
 #     bash benchmarks/run_quick_all.sh
+#   QUICK_PARTS="train step_profile" QUICK_TRAIN="rows2048_ckpt=5 rows2048_zero2=5" QUICK_T_TRAIN=400 \
+#     bash benchmarks/run_quick_all.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/quick_out}"
@@ -33,11 +35,16 @@ for part in "${parts[@]}"; do
       timeout "${QUICK_T_SERVE:-120}" python3 benchmarks/serve_bench.py --model-dir "$MODEL" \
         --out "$OUT/serve.json" > "$OUT/serve.log" 2>&1 ;;
     train)
+      # QUICK_TRAIN: user_path.py workloads as NAME=STEPS (default short_default=4)
+      read -r -a tw <<< "${QUICK_TRAIN:-short_default=4}"
       mkdir -p /tmp/user_path && ln -sfn "$MODEL" /tmp/user_path/14b_int4
       timeout "${QUICK_T_TRAIN:-150}" python3 benchmarks/user_path.py --work /tmp/user_path \
-        --workloads short_default --steps "short_default=${QUICK_TRAIN_STEPS:-4}" --out "$OUT/user_path.json" \
-        > "$OUT/train.log" 2>&1 ;;
-    *) echo "unknown part $part (decode, profile, serve, train)"; continue ;;
+        --workloads "${tw[@]%%=*}" --steps "${tw[@]}" --out "$OUT/user_path.json" > "$OUT/train.log" 2>&1 ;;
+    step_profile)
+      # GPU time of one checkpointed 2048-token Q-LoRA step (8 of the 14B model's layers) by kind of kernel
+      timeout "${QUICK_T_STEP_PROFILE:-120}" python3 benchmarks/profile_step.py --seq 2048 --ckpt --layers 8 \
+        --json "$OUT/step_profile.json" > "$OUT/step_profile.log" 2>&1 ;;
+    *) echo "unknown part $part (decode, profile, serve, train, step_profile)"; continue ;;
   esac
   echo "$part rc=$? $(( $(date +%s) - t0 )) s"
 done

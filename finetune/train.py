@@ -212,13 +212,16 @@ def _state_special_tokens(model, tokenizer) -> None:
 
 def _cuda_graphs(model, data_args, args, plan):
     """The TrainGraphs the trainer runs its steps through (finetune/training/graphs.py), or None: --cuda_graphs
-    (default on), one CUDA process without DeepSpeed. Says why when asked for but not used."""
+    (default on), one CUDA process, without DeepSpeed or under ZeRO-1/2 (whose gradient hooks then get the
+    replayed gradients through autograd). Says why when asked for but not used."""
     if not args.cuda_graphs or not plan.device.startswith("cuda"):
         return None
     from .training.graphs import enable_train_graphs, graphs_unavailable
 
-    if args.world_size > 1 or plan.zero_stage is not None:
-        why = "several processes or DeepSpeed"
+    if args.world_size > 1:
+        why = "several processes (not yet run with graphs on more than one GPU)"
+    elif plan.zero_stage == 3:
+        why = "ZeRO-3 gathers each layer's weights in module hooks, which a replayed step would skip"
     else:
         why = graphs_unavailable(model)
     if why is not None:
@@ -227,7 +230,7 @@ def _cuda_graphs(model, data_args, args, plan):
         return None
     logger.info("CUDA graphs on: each step shape (%s) is captured after 2 eager steps, then replayed",
                 "rows padded to --model_max_length" if data_args.packing else "rows padded to a multiple of 128")
-    return enable_train_graphs(model)
+    return enable_train_graphs(model, hooked_grads=plan.zero_stage is not None)
 
 
 def _datasets(tokenizer, data_args, args):

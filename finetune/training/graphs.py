@@ -24,7 +24,12 @@ What has to hold, and how it is kept:
 - Memory: each captured shape keeps its own memory pool (its activations); all of them add their gradients
   into one set of buffers, the parameters' ``.grad``, so gradient accumulation works across shapes.
 
-Single process only (DeepSpeed and DDP hook parameter gradients, which a captured backward bypasses).
+Under DeepSpeed ZeRO-1/2 (``hooked_grads``) the step is the same but the gradients leave the replayed backward
+through autograd: each parameter's gradient accumulates as in an eager backward, so the hooks DeepSpeed put
+on the parameters (its gradient reduction into the ZeRO buffers) see them; and the replay runs inside the
+engine's forward (``through_wrapper``), so the engine's own work around a forward and backward (its backward
+prologue, loss scaling, accumulation boundaries) happens as it does eagerly. ZeRO-3 (parameters gathered in
+module hooks, which a replay bypasses) and several processes stay eager.
 The model knows nothing of this: the trainer owns a ``TrainGraphs`` and sends its training forwards through
 it (``QwenTrainer.compute_loss``). ``--cuda_graphs False`` (default: ``FINETUNE_CUDA_GRAPHS``) keeps it off.
 """
@@ -105,21 +110,26 @@ def _find_lm(model: nn.Module):
     return None
 
 
-def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 8) -> "TrainGraphs":
+def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 8,
+                        hooked_grads: bool = False) -> "TrainGraphs":
     """A TrainGraphs for `model` (call after LoRA is attached and checkpointing is set): the caller owns it and
     runs its training forwards through it (`graphs(model, inputs)`); `close()` gives everything back.
+    `hooked_grads`: gradients reach the parameters through autograd, for a wrapper (DeepSpeed) that hooks them.
     Raises RuntimeError saying why when graphs cannot be used (see ``graphs_unavailable``)."""
     why = graphs_unavailable(model)
     if why is not None:
         raise RuntimeError(f"CUDA graphs cannot be used: {why}")
-    return TrainGraphs(_find_lm(model), warmup=warmup, max_captures=max_captures)
+    return TrainGraphs(_find_lm(model), warmup=warmup, max_captures=max_captures, hooked_grads=hooked_grads)
 
 
 class TrainGraphs:
     """Decides per training forward whether to replay, capture or run eagerly (see the module docstring)."""
 
-    def __init__(self, lm, warmup: int = 2, max_captures: int = 8):
+    def __init__(self, lm, warmup: int = 2, max_captures: int = 8, hooked_grads: bool = False):
         self.lm = lm
+        # True: a replayed backward hands the gradients to autograd (parameter hooks fire, one copy a step);
+        # False: it adds them straight into buffers installed as .grad (no copy)
+        self.hooked_grads = hooked_grads
         self.warmup = warmup
         self.max_captures = max_captures
         self.captures = 0
@@ -150,7 +160,13 @@ class TrainGraphs:
         """The training loss of one step on `inputs`: through the graphs where they apply, else `model`'s own
         forward."""
         if self.applies(inputs):
-            return self.loss(inputs["input_ids"], inputs.get("position_ids"), inputs["labels"], num_items_in_batch)
+            def step():
+                return self.loss(inputs["input_ids"], inputs.get("position_ids"), inputs["labels"],
+                                 num_items_in_batch)
+
+            if self.hooked_grads and _is_wrapper(model):
+                return through_wrapper(model, step, inputs)
+            return step()
         kw = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
         return model(**inputs, **kw).loss
 
@@ -285,6 +301,33 @@ class TrainGraphs:
         return causal_lm_nll_sum(self.lm.lm_head, hidden, labels, chunk_tokens=GRAPH_LOSS_CHUNK, select=False)
 
 
+def _is_wrapper(model: nn.Module) -> bool:
+    """A DeepSpeed engine (or DDP): it holds the model as `.module` and does its own work around each forward."""
+    return isinstance(getattr(model, "module", None), nn.Module)
+
+
+def through_wrapper(wrapper: nn.Module, step, inputs: dict):
+    """`step()`'s loss, computed inside `wrapper`'s forward in place of the wrapped module's own forward.
+
+    A DeepSpeed engine's forward enters its autocast, clears its per-backward state and hooks the output so that
+    its backward prologue runs; calling the graphs beside it would skip all of that. The wrapped module's
+    `forward` is replaced for this one call (an instance attribute, which nn.Module's call looks up first), so
+    the engine runs exactly what it runs around an eager forward, with the replay in the middle. `inputs` go
+    to the wrapper as in an eager step (it may move or cast them); the replay has its own copies."""
+    inner = wrapper.module
+    had = "forward" in inner.__dict__
+    saved = inner.__dict__.get("forward")
+    inner.forward = lambda *a, **k: step()
+    try:
+        out = wrapper(**inputs)
+    finally:
+        if had:
+            inner.forward = saved
+        else:
+            del inner.forward
+    return out if isinstance(out, torch.Tensor) else out["loss"]
+
+
 def _autocast_without_cache(dtype):
     """The caller's autocast, minus its weight-cast cache: a cast cached outside a capture would be read at a
     stale address inside it (PyTorch requires cache_enabled=False for graphed autocast regions). Warm-up
@@ -352,6 +395,7 @@ class _CapturedStep:
         self.attn = owner.attention(self.docs, B, T, device)
         self._owner = owner
         self.grads = grads
+        self.hooked = owner.hooked_grads
         self.grad_out = torch.ones((), device=device, dtype=torch.float32)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         pool = torch.cuda.graph_pool_handle()
@@ -398,7 +442,8 @@ def _copy_block_mask(static, fresh) -> None:
 
 class _Replay(torch.autograd.Function):
     """Replays the forward graph; its backward replays the backward graph, which adds the parameters'
-    gradients into the buffers installed as their .grad (so it returns None for them)."""
+    gradients into the buffers installed as their .grad (so it returns None for them), or, with `hooked_grads`,
+    into zeroed buffers that it returns to autograd as the parameters' gradients."""
 
     @staticmethod
     def forward(ctx, step: _CapturedStep, *params):
@@ -415,6 +460,12 @@ class _Replay(torch.autograd.Function):
                 "a CUDA-graphed training forward ran again before the backward of the previous one; run "
                 "backward after each training forward, or train with --cuda_graphs False")
         step.grad_out.copy_(grad)
+        if step.hooked:
+            # autograd accumulates these into .grad (a copy: the buffers stay the graph's) and fires the
+            # parameters' hooks, as after an eager backward
+            torch._foreach_zero_(step.grads)
+            step.bwd.replay()
+            return (None, *step.grads)
         zero, foreign = [], []
         for p, buf in zip(step.params, step.grads):
             if p.grad is None:

@@ -273,3 +273,163 @@ def test_a_checkpoint_without_a_seed_is_said(tmp_path, monkeypatch):
     assert (tmp_path / "dropout_seed_1.json").is_file()
     graphs.seed.fill_(9)
     assert graphs.load_seed(str(tmp_path), process_index=1, world_size=2) and int(graphs.seed) == 5
+
+
+# -- under DeepSpeed: gradients through autograd, the step inside the engine's forward --------------------------
+
+class _FakeGraph:
+    """Stands in for a captured CUDA graph: replay() runs a Python function."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def _fake_step(params, hooked: bool, grads_of_step):
+    """A _CapturedStep whose 'graphs' write grads_of_step()'s values into the step's buffers (as the captured
+    backward adds into them), for the replay's autograd wiring without a GPU."""
+    from finetune.training.graphs import _CapturedStep
+
+    step = _CapturedStep.__new__(_CapturedStep)
+    step.params, step.hooked, step.generation = params, hooked, 0
+    step.grads = [torch.zeros_like(p) for p in params]
+    step.grad_out = torch.ones(())
+    step.total = torch.tensor(1.5)
+
+    def bwd():
+        for buf, g in zip(step.grads, grads_of_step()):
+            buf.add_(g * step.grad_out)
+
+    step.fwd, step.bwd = _FakeGraph(lambda: None), _FakeGraph(bwd)
+    return step
+
+
+def test_hooked_replay_hands_each_micro_batch_gradient_to_autograd_and_its_hooks():
+    from finetune.training.graphs import _Replay
+
+    params = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    values = iter([[torch.tensor([1.0, 2, 3]), torch.ones(2, 2)], [torch.tensor([10.0, 0, 0]), 2 * torch.ones(2, 2)]])
+    step = _fake_step(params, hooked=True, grads_of_step=lambda: next(values))
+    seen = []
+    for p in params:  # how DeepSpeed's ZeRO reduction sees gradients (deepspeed.utils.torch.register_grad_hook)
+        p.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+
+    (_Replay.apply(step, *params) * 0.5).backward()
+    assert step.grad_out.item() == 0.5  # the incoming gradient (DeepSpeed's scaling) reaches the graph
+    torch.testing.assert_close(params[0].grad, torch.tensor([0.5, 1, 1.5]))
+    assert params[0].grad.data_ptr() != step.grads[0].data_ptr()  # .grad is autograd's, not the graph's buffer
+    assert len(seen) == 2
+    (_Replay.apply(step, *params) * 0.5).backward()  # buffers zeroed before each replay, .grad accumulates
+    torch.testing.assert_close(params[0].grad, torch.tensor([5.5, 1, 1.5]))
+    torch.testing.assert_close(params[1].grad, torch.full((2, 2), 1.5))
+    assert len(seen) == 4
+
+
+def test_unhooked_replay_adds_into_buffers_installed_as_grad():
+    from finetune.training.graphs import _Replay
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    step = _fake_step(params, hooked=False, grads_of_step=lambda: [torch.tensor([1.0, 2, 3])])
+    _Replay.apply(step, *params).backward()
+    _Replay.apply(step, *params).backward()
+    assert params[0].grad is step.grads[0]  # no copy: the graph writes .grad itself
+    torch.testing.assert_close(params[0].grad, torch.tensor([2.0, 4, 6]))
+    params[0].grad = own = torch.ones(3)  # someone else's .grad tensor: added into after the replay
+    _Replay.apply(step, *params).backward()
+    assert params[0].grad is own
+    torch.testing.assert_close(own, torch.tensor([2.0, 3, 4]))
+
+
+def test_through_wrapper_runs_the_step_inside_the_wrappers_forward():
+    from finetune.training.graphs import through_wrapper
+
+    class Wrapper(torch.nn.Module):  # what DeepSpeed's engine does around its module's forward
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, []
+
+        def forward(self, **inputs):
+            self.calls.append(sorted(inputs))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = self.module(**inputs)
+            return out * 2  # the engine's hook on the output stands for this
+
+    inner = torch.nn.Linear(2, 2)
+    wrapper = Wrapper(inner)
+    loss = through_wrapper(wrapper, lambda: torch.tensor(3.0) if torch.is_autocast_enabled("cpu") else None,
+                           {"input_ids": 1, "labels": 2})
+    assert loss.item() == 6.0 and wrapper.calls == [["input_ids", "labels"]]
+    assert "forward" not in inner.__dict__  # the module's own forward is back
+    assert inner(torch.ones(1, 2)).shape == (1, 2)
+    with pytest.raises(ValueError):
+        through_wrapper(wrapper, lambda: (_ for _ in ()).throw(ValueError("x")), {})
+    assert "forward" not in inner.__dict__  # restored after a failing step too
+
+
+_ZERO2_RUN = """
+import json, sys, torch
+import finetune.train as train_mod
+import finetune.training.graphs as graphs_mod
+from finetune.training.graphs import TrainGraphs, _find_lm
+
+wrapped = []
+if sys.argv[1] == "graphed":
+    def graphs(model, data_args, args, plan):
+        assert plan.zero_stage == 2
+        g = TrainGraphs(_find_lm(model), hooked_grads=True)
+        g.enabled = False  # no GPU: the step runs eagerly through the same seeded path, inside the engine's forward
+        return g
+
+    def applies(self, inputs):  # as on the GPU, less the device
+        return (inputs.get("labels") is not None and set(inputs) <= {"input_ids", "labels", "position_ids"}
+                and self.lm.training and torch.is_grad_enabled())
+
+    real = graphs_mod.through_wrapper
+
+    def spy(wrapper, step, inputs):
+        wrapped.append(type(wrapper).__name__)
+        return real(wrapper, step, inputs)
+
+    train_mod._cuda_graphs, TrainGraphs.applies, graphs_mod.through_wrapper = graphs, applies, spy
+rc = train_mod.main(json.loads(sys.argv[2]))
+print("WRAPPED", json.dumps(wrapped))
+sys.exit(rc)
+"""
+
+
+def test_zero2_trains_the_same_with_the_step_inside_deepspeeds_forward(model, data, tmp_path):
+    """One CPU process under DeepSpeed ZeRO-2: the graphed trainer's wiring (the step run inside the engine's
+    forward, gradients through autograd to ZeRO's hooks; on the CPU the step itself runs eagerly through the same
+    seeded path) trains the adapter DeepSpeed's plain eager path trains. A process per run: DeepSpeed keeps its
+    process groups in module state."""
+    pytest.importorskip("deepspeed")
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from _helpers import ROOT, free_port, train_args
+
+    argv = ["--use_lora", "True", "--max_steps", "4", "--gradient_accumulation_steps", "2",
+            "--per_device_train_batch_size", "2", "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+    wrapped = {}
+    for run in ("eager", "graphed"):
+        env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="",
+                   TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))  # the rank variables torchrun sets
+        proc = subprocess.run([sys.executable, "-c", _ZERO2_RUN, run,
+                               json.dumps(train_args(model, data, tmp_path / run, *argv))],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        wrapped[run] = json.loads(proc.stdout.split("WRAPPED ")[-1])
+    assert wrapped == {"eager": [], "graphed": ["DeepSpeedEngine"] * 8}  # 4 optimizer steps x 2 micro-batches
+    a = load_file(str(tmp_path / "eager" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "graphed" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and any("lora_B" in k and a[k].abs().max() > 0 for k in a)
+    for k in a:  # the loss sums in another order, and Adam magnifies that where a gradient is near zero:
+        # the whole of lora_B (zero at the start) is the training's update, which must agree to 0.1%
+        if "lora_B" in k:
+            assert (b[k] - a[k]).norm() <= 1e-3 * a[k].norm(), k
+        else:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-4)
