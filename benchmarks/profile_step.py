@@ -51,10 +51,12 @@ CATEGORIES = [
 
 def categorise(prof) -> dict:
     """GPU time (ms) by kind of kernel, and the 5 largest kernels of each kind."""
+    from torch.autograd import DeviceType
+
     out: dict[str, dict] = {}
     for e in prof.key_averages():
         t = e.self_device_time_total / 1e3
-        if t <= 0:
+        if t <= 0 or e.device_type != DeviceType.CUDA:  # kernels only: an aten op's row repeats its kernels' time
             continue
         name = e.key.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")

@@ -35,6 +35,54 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from .linear import GPTQLinear
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """lora_B as PEFT builds it (no bias, no hooks), whose product may be computed without calling it."""
+    return (type(module) is nn.Linear and module.bias is None and not module._forward_hooks
+            and not module._forward_pre_hooks)
+
+
+class _AddLoraB(torch.autograd.Function):
+    """base + scaling * low @ B.T as one matmul that accumulates into the base output (cuBLAS's addmm).
+
+    PEFT's way, lora_B(low) then torch.add(base, delta, alpha=scaling), writes the [tokens x out] delta, reads it
+    back with the base, and in backward scales the whole output gradient once more: about six full-size passes a
+    Linear (forward, recomputation, backward) that the addmm does not make. Nothing is saved for backward through
+    autograd's saved tensors: `low` ([tokens x r], small) and the weight are kept as plain references, so when this
+    Linear ends a checkpointed segment the recomputation still stops at lora_A, before the base matmul (see the
+    GPTQMatmul docstring in linear.py)."""
+
+    @staticmethod
+    def forward(ctx, result, low, weight, scaling):
+        out_f = result.shape[-1]
+        out = torch.addmm(result.reshape(-1, out_f), low.reshape(-1, low.shape[-1]), weight.to(result.dtype).t(),
+                          alpha=scaling)
+        ctx.low, ctx.weight, ctx.scaling = low, weight, scaling
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        low, weight, scaling = ctx.low, ctx.weight, ctx.scaling
+        g = grad.reshape(-1, grad.shape[-1])
+        grad_low = grad_weight = None
+        if ctx.needs_input_grad[1]:
+            # the scaling folded into the small weight (one rounding), not applied to the full-size gradient
+            grad_low = torch.mm(g, (weight.float() * scaling).to(g.dtype)).view(low.shape)
+        if ctx.needs_input_grad[2]:
+            grad_weight = torch.mm(g.t(), low.reshape(-1, low.shape[-1]).to(g.dtype)).to(weight.dtype)
+            grad_weight.mul_(scaling)
+        ctx.low = ctx.weight = None
+        return grad, grad_low, grad_weight, None
+
+
+def add_lora_b(result: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, scaling: float) -> torch.Tensor:
+    """result + scaling * low @ weight.T (`low` = lora_A's output, `weight` = lora_B's), in result's dtype."""
+    if torch.is_grad_enabled() and (result.requires_grad or low.requires_grad or weight.requires_grad):
+        return _AddLoraB.apply(result, low, weight, scaling)
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
+                      weight.to(result.dtype).t(), alpha=scaling)
+    return out.view(result.shape)
+
+
 class GPTQLoraLinear(nn.Module, LoraLayer):
     """LoRA adapter(s) around a frozen GPTQLinear."""
 
@@ -73,7 +121,9 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
         # The adapters run before the frozen base: the base matmul saves nothing for backward, so when this
         # Linear ends a checkpointed segment (attn.c_proj, mlp.c_proj) the recomputation stops after the
         # adapters and never redoes the base matmul.
-        deltas = []
+        # lora_B's product is added inside its matmul after the base (_AddLoraB) where the dtypes allow; else it
+        # is computed here, before the base (the base output has x's dtype)
+        deltas, lows = [], []
         for active_adapter in self.active_adapters:
             if active_adapter not in self.lora_A.keys():
                 continue
@@ -81,9 +131,18 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
             lora_B = self.lora_B[active_adapter]
             dropout = self.lora_dropout[active_adapter]
             xa = x if autocast else self._cast_input_dtype(x, lora_A.weight.dtype)
-            deltas.append((lora_B(lora_A(dropout(xa))), self.scaling[active_adapter]))
+            low = lora_A(dropout(xa))
+            if _plain_linear(lora_B) and low.dtype == x.dtype and (autocast or lora_B.weight.dtype == x.dtype):
+                lows.append((low, lora_B, self.scaling[active_adapter]))
+            else:
+                deltas.append((lora_B(low), self.scaling[active_adapter]))
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
+        for low, lora_B, scaling in lows:
+            if result_dtype == low.dtype:
+                result = add_lora_b(result, low, lora_B.weight, scaling)
+            else:  # a base layer with another output dtype than its input's
+                deltas.append((lora_B(low), scaling))
         for delta, scaling in deltas:
             if delta.dtype == result_dtype:
                 result = torch.add(result, delta, alpha=scaling)  # one kernel for scale and add

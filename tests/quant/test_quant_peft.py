@@ -157,3 +157,53 @@ def test_merge_and_unmerge_through_dequantize():
 def test_dora_is_rejected_clearly():
     with pytest.raises(ValueError, match="DoRA"):
         _lora(Toy(), use_dora=True)
+
+
+def _lora_toy(seed=0):
+    model = get_peft_model(Toy(seed=seed), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # trained-looking B (PEFT starts it at zero, which would hide a wrong B product)
+            with torch.no_grad():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 1000))
+    return model
+
+
+def _step(model, x, autocast):
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x)
+    out.float().square().mean().backward()
+    return out.float(), {n: p.grad.float().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_lora_b_added_inside_the_matmul_equals_peft_s_separate_add(autocast):
+    """The B product accumulated into the base output (_AddLoraB) against PEFT's lora_B(low) + torch.add, the
+    path a hook on lora_B keeps (forward, every LoRA gradient): fp32 to 1e-6, bf16 autocast to bf16 rounding."""
+    from finetune.quant.peft_lora import _AddLoraB
+
+    x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
+    if autocast:
+        x = x.bfloat16()  # as the model's hidden states are (the base output takes its input's dtype)
+    model = _lora_toy()
+    calls = []
+    real = _AddLoraB.forward
+
+    def counted(ctx, *a):
+        calls.append(1)
+        return real(ctx, *a)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(_AddLoraB, "forward", staticmethod(counted))
+        fused_out, fused = _step(model, x, autocast)
+    assert len(calls) == 5  # every LoRA Linear took it
+    hooks = [mod.register_forward_hook(lambda *a: None) for n, mod in model.named_modules()
+             if n.endswith("lora_B.default")]
+    plain_out, plain = _step(model, x, autocast)
+    for h in hooks:
+        h.remove()
+    tol = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(fused_out, plain_out, **tol)
+    assert fused.keys() == plain.keys() and len(fused) == 10
+    for n in fused:
+        torch.testing.assert_close(fused[n], plain[n], **tol, msg=n)

@@ -358,7 +358,8 @@ def test_zero2_one_gpu_trains_through_graphs_as_it_trains_eagerly(tmp_path):
     (g, graphed), (none, eager) = runs["True"], runs["False"]
     assert none is None and g["captures"] == 1 and g["replayed_steps"] == 38 and g["eager_steps"] == 2
     assert len(graphed) == len(eager) == 20
-    assert graphed[-1]["loss"] < 0.3 * graphed[0]["loss"]
     for a, b in zip(graphed[:10], eager[:10]):  # later, bf16 rounding differences compound through the updates
         assert abs(a["loss"] - b["loss"]) <= 0.02 * abs(b["loss"]), (graphed, eager)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 0.05 * abs(b["grad_norm"]), (graphed, eager)
+    # both learn (a replay reading stale weights, or gradients that never reach ZeRO, would not)
+    assert graphed[-1]["loss"] < 0.6 * graphed[0]["loss"] and eager[-1]["loss"] < 0.6 * eager[0]["loss"]
