@@ -20,8 +20,7 @@ import transformers
 
 from .data import DataError, TooLongError, build_dataset
 from .settings import as_dict as settings_dict
-from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
-                                 resolve_sampling)
+from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
 from .training import precision as precision_policy
 from .training.checks import FINISHED_MARKER, TrainConfigError, last_complete_checkpoint, preflight
 from .training.console import quiet_third_party_notices
@@ -37,7 +36,6 @@ logger = logging.getLogger(__name__)
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
           args: TrainingArguments, argv: list[str] | None = None):
     """Run one training job; returns the finished Trainer. `argv` is the command line, for the records."""
-    resolve_sampling(data_args, args)
     plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
     argv = list(sys.argv[1:] if argv is None else argv)
     if args.process_index != 0:  # rank 0 owns the output dir
@@ -161,8 +159,6 @@ def batch_plan(summary, data_args, args) -> dict:
     if data_args.packing:
         text += (f", about {conversations_per_step:,.0f} conversations (packed: {per_row:.1f} a row; --packing False "
                  "for one a row, as the official recipe)")
-    elif args.train_sampling_strategy == "group_by_length":
-        text += " of similar length (--train_sampling_strategy random for the official order)"
     text += f"; {steps_per_epoch:,} optimizer steps an epoch, {total:,} in this run"
     text += " (--max_steps)" if args.max_steps and args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"
     return {"rows_per_step": rows_per_step, "conversations_per_step": round(conversations_per_step, 1),
