@@ -73,9 +73,10 @@ class TrainingArguments(transformers.TrainingArguments):
                                          "files that are not this project's are never removed"})
     cuda_graphs: bool = field(
         default=settings().cuda_graphs,
-        metadata={"help": "One GPU, --packing: replay each training step as CUDA graphs (rows padded to "
-                          "--model_max_length so every step has one shape); False runs every step eagerly "
-                          "(default: FINETUNE_CUDA_GRAPHS, on)"})
+        metadata={"help": "One GPU (alone or under DeepSpeed ZeRO-1/2): replay each training step as CUDA graphs "
+                          "(packed rows padded to --model_max_length so every step has one shape, unpacked ones "
+                          "to a multiple of 128); False runs every step eagerly (default: FINETUNE_CUDA_GRAPHS, "
+                          "on)"})
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "stop: end with an error naming the step; skip: do not apply that "
                                           "optimizer step, count it (log and run_info.json); not with --deepspeed"})
