@@ -166,7 +166,8 @@ def _call(call, where: str) -> dict:
     return {"name": call["name"], "arguments": args}
 
 
-ROLE_ALIASES = {"human": "user", "gpt": "assistant", "observation": "function"}
+# ShareGPT's human/gpt; OpenAI's "developer" is its newer clients' name for the system message
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "observation": "function", "developer": "system"}
 
 
 def canonical_messages(messages, where: str = "messages") -> list[Message]:
@@ -216,7 +217,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                 pending.append((c.get("id"), len(out) - 1))
             continue
         if role not in ("system", "user", "assistant", "function"):
-            raise ReactError(f"unknown role {role!r} (accepted: system, user, assistant, tool, function)",
+            raise ReactError(f"unknown role {role!r} (accepted: system or developer, user, assistant, tool, function)",
                              f"{w}.role")
         fc = m.get("function_call")
         if fc is not None and role != "assistant":

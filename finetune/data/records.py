@@ -34,13 +34,15 @@ from typing import Any, Iterator
 from .. import react  # tool / function-call conversations: the ReAct layout the server uses
 from ..tokenization import DEFAULT_SYSTEM  # one definition, shared with chat()
 
-# Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's.
+# Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's
+# (OpenAI's newer clients send the system message as "developer").
 ROLES = {
     "user": "user",
     "human": "user",
     "assistant": "assistant",
     "gpt": "assistant",
     "system": "system",
+    "developer": "system",
 }
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 

@@ -32,6 +32,8 @@ NORMAL = {"id": "7", "system": DEFAULT_SYSTEM,
     {"id": 7, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},  # ShareGPT
     {"id": 7, "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]},  # OpenAI
     {"id": 7, "conversations": [{"from": "system", "value": DEFAULT_SYSTEM}, U, A]},  # system turn
+    {"id": 7, "messages": [{"role": "developer", "content": DEFAULT_SYSTEM}, {"role": "user", "content": "Hi"},
+                           {"role": "assistant", "content": "Hello."}]},  # OpenAI's newer name for system
     {"id": 7, "system": DEFAULT_SYSTEM, "conversations": [U, A]},  # top-level system
     NORMAL,  # the normalised form itself
 ])

@@ -66,3 +66,12 @@ def test_stop_words_and_tool_definitions():
     with pytest.raises(react.ReactError) as e:
         react.functions_from(tools=[{"type": "retrieval"}])
     assert e.value.field == "tools[0]"
+
+
+def test_a_developer_message_is_the_system_message():
+    """OpenAI's newer clients send the system prompt with role "developer"."""
+    dev = react.build_turns([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "q"}], [])
+    sys_ = react.build_turns([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], [])
+    assert dev == sys_ and dev.system == "Be brief."
+    with pytest.raises(react.ReactError, match="unknown role 'wizard'"):
+        react.build_turns([{"role": "wizard", "content": "q"}], [])
