@@ -211,26 +211,27 @@ def _state_special_tokens(model, tokenizer) -> None:
 
 
 def _cuda_graphs(model, data_args, args, plan):
-    """The TrainGraphs the trainer runs its steps through (finetune/training/graphs.py), or None: --cuda_graphs
-    (default on), one CUDA process, without DeepSpeed or under ZeRO-1/2 (whose gradient hooks then get the
-    replayed gradients through autograd). Says why when asked for but not used."""
-    if not args.cuda_graphs or not plan.device.startswith("cuda"):
+    """The TrainGraphs the trainer runs its steps through (finetune/training/graphs.py), or None. --cuda_graphs
+    unset: one CUDA process, alone or under ZeRO-1/2; True: also several processes (their gradient hooks, like
+    DeepSpeed's, get the replayed gradients through autograd). Says why when graphs are not used."""
+    if args.cuda_graphs is False or not plan.device.startswith("cuda"):
         return None
     from .training.graphs import enable_train_graphs, graphs_unavailable
 
-    if args.world_size > 1:
-        why = "several processes (not yet run with graphs on more than one GPU)"
+    several = args.world_size > 1
+    if several and args.cuda_graphs is None:
+        why = "several processes (graphs have not yet run on more than one GPU; --cuda_graphs True turns them on)"
     elif plan.zero_stage == 3:
         why = "ZeRO-3 gathers each layer's weights in module hooks, which a replayed step would skip"
     else:
-        why = graphs_unavailable(model)
+        why = graphs_unavailable(model, several_processes=several)
     if why is not None:
         if args.process_index == 0:
             logger.info("CUDA graphs off: %s", why)
         return None
     logger.info("CUDA graphs on: each step shape (%s) is captured after 2 eager steps, then replayed",
                 "rows padded to --model_max_length" if data_args.packing else "rows padded to a multiple of 128")
-    return enable_train_graphs(model, hooked_grads=plan.zero_stage is not None)
+    return enable_train_graphs(model, hooked_grads=plan.zero_stage is not None or several)
 
 
 def _datasets(tokenizer, data_args, args):

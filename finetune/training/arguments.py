@@ -71,12 +71,13 @@ class TrainingArguments(transformers.TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Start over in --output_dir: the previous run's checkpoints are removed; "
                                          "files that are not this project's are never removed"})
-    cuda_graphs: bool = field(
-        default=settings().cuda_graphs,
-        metadata={"help": "One GPU (alone or under DeepSpeed ZeRO-1/2): replay each training step as CUDA graphs "
-                          "(packed rows padded to --model_max_length so every step has one shape, unpacked ones "
-                          "to a multiple of 128); False runs every step eagerly (default: FINETUNE_CUDA_GRAPHS, "
-                          "on)"})
+    cuda_graphs: bool | None = field(
+        default=None,
+        metadata={"help": "Replay each training step as CUDA graphs (packed rows padded to --model_max_length so "
+                          "every step has one shape, unpacked ones to a multiple of 128). Default (unset): on for "
+                          "one GPU, alone or under DeepSpeed ZeRO-1/2, unless FINETUNE_CUDA_GRAPHS=0; off for "
+                          "several processes, where graphs have not yet run on GPUs (True turns them on there "
+                          "too); False: every step eager"})
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "stop: end with an error naming the step; skip: do not apply that "
                                           "optimizer step, count it (log and run_info.json); not with --deepspeed"})

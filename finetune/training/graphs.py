@@ -28,8 +28,10 @@ Under DeepSpeed ZeRO-1/2 (``hooked_grads``) the step is the same but the gradien
 through autograd: each parameter's gradient accumulates as in an eager backward, so the hooks DeepSpeed put
 on the parameters (its gradient reduction into the ZeRO buffers) see them; and the replay runs inside the
 engine's forward (``through_wrapper``), so the engine's own work around a forward and backward (its backward
-prologue, loss scaling, accumulation boundaries) happens as it does eagerly. ZeRO-3 (parameters gathered in
-module hooks, which a replay bypasses) and several processes stay eager.
+prologue, loss scaling, accumulation boundaries) happens as it does eagerly. The same holds for several
+processes (their gradient reduction runs in those hooks, after the replay; not yet run on more than one GPU,
+so train.py uses it there only with an explicit --cuda_graphs True). ZeRO-3 (parameters gathered in module
+hooks, which a replay bypasses) stays eager.
 The model knows nothing of this: the trainer owns a ``TrainGraphs`` and sends its training forwards through
 it (``QwenTrainer.compute_loss``). ``--cuda_graphs False`` (default: ``FINETUNE_CUDA_GRAPHS``) keeps it off.
 """
@@ -79,8 +81,10 @@ def read_seed(path) -> int:
     return value
 
 
-def graphs_unavailable(model: nn.Module) -> str | None:
-    """Why `model` (a QWenLMHeadModel, possibly inside PEFT) cannot train through CUDA graphs, or None."""
+def graphs_unavailable(model: nn.Module, several_processes: bool = False) -> str | None:
+    """Why `model` (a QWenLMHeadModel, possibly inside PEFT) cannot train through CUDA graphs, or None.
+    `several_processes`: the caller hands gradients to autograd (`hooked_grads`), so the hooks DeepSpeed or DDP
+    put on the parameters see them and several processes are possible."""
     if not settings().cuda_graphs:
         return "FINETUNE_CUDA_GRAPHS=0"
     if not torch.cuda.is_available():
@@ -90,7 +94,7 @@ def graphs_unavailable(model: nn.Module) -> str | None:
         return "not a Qwen model"
     if lm.lm_head.weight.device.type != "cuda":
         return "the model is not on a CUDA device"
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+    if not several_processes and torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         return "several processes (DeepSpeed/DDP hook gradients, which a captured backward bypasses)"
     cfg = lm.config
@@ -116,7 +120,7 @@ def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 8
     runs its training forwards through it (`graphs(model, inputs)`); `close()` gives everything back.
     `hooked_grads`: gradients reach the parameters through autograd, for a wrapper (DeepSpeed) that hooks them.
     Raises RuntimeError saying why when graphs cannot be used (see ``graphs_unavailable``)."""
-    why = graphs_unavailable(model)
+    why = graphs_unavailable(model, several_processes=hooked_grads)
     if why is not None:
         raise RuntimeError(f"CUDA graphs cannot be used: {why}")
     return TrainGraphs(_find_lm(model), warmup=warmup, max_captures=max_captures, hooked_grads=hooked_grads)

@@ -197,8 +197,42 @@ def test_graphs_collator_buckets_unpacked_rows_and_trains_on_the_same_loss():
 
 def test_cuda_graphs_flag(tmp_path):
     base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)]
-    assert parse_args(base)[3].cuda_graphs is True
+    assert parse_args(base)[3].cuda_graphs is None  # unset: train.py decides (one process: on)
+    assert parse_args(base + ["--cuda_graphs", "True"])[3].cuda_graphs is True
     assert parse_args(base + ["--cuda_graphs", "False"])[3].cuda_graphs is False
+
+
+@pytest.mark.parametrize("flag, world, zero, expect", [
+    (None, 1, None, "plain"),  # one GPU: on, gradients straight into .grad
+    (None, 1, 2, "hooked"),  # ZeRO-2 on one GPU: on, gradients through autograd to ZeRO's hooks
+    (None, 2, 2, "several processes (graphs have not yet run on more than one GPU; --cuda_graphs True turns "
+                 "them on)"),
+    (True, 2, 2, "hooked"),  # asked for: several processes too
+    (True, 2, None, "hooked"),  # DDP
+    (True, 1, 3, "ZeRO-3 gathers each layer's weights in module hooks, which a replayed step would skip"),
+    (False, 1, None, None),
+])
+def test_when_train_py_uses_graphs(flag, world, zero, expect, monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import finetune.training.graphs as graphs_mod
+    from finetune.train import _cuda_graphs
+
+    made = []
+    monkeypatch.setattr(graphs_mod, "graphs_unavailable", lambda model, several_processes=False: None)
+    monkeypatch.setattr(graphs_mod, "enable_train_graphs",
+                        lambda model, hooked_grads=False: made.append(hooked_grads) or "graphs")
+    args = SimpleNamespace(cuda_graphs=flag, world_size=world, process_index=0)
+    plan = SimpleNamespace(device="cuda:0", zero_stage=zero)
+    with caplog.at_level(logging.INFO, logger="finetune.train"):
+        out = _cuda_graphs(None, SimpleNamespace(packing=True), args, plan)
+    if expect in ("plain", "hooked"):
+        assert out == "graphs" and made == [expect == "hooked"]
+    else:
+        assert out is None and made == []
+        if expect is not None:
+            assert f"CUDA graphs off: {expect}" in caplog.text
 
 
 # -- the dropout seed in checkpoints ----------------------------------------------------------------------------
@@ -366,7 +400,7 @@ def test_through_wrapper_runs_the_step_inside_the_wrappers_forward():
 
 
 _ZERO2_RUN = """
-import json, sys, torch
+import json, os, sys, torch
 import finetune.train as train_mod
 import finetune.training.graphs as graphs_mod
 from finetune.training.graphs import TrainGraphs, _find_lm
@@ -374,7 +408,7 @@ from finetune.training.graphs import TrainGraphs, _find_lm
 wrapped = []
 if sys.argv[1] == "graphed":
     def graphs(model, data_args, args, plan):
-        assert plan.zero_stage == 2
+        assert plan.zero_stage == 2 and args.world_size == int(os.environ["WORLD_SIZE"])
         g = TrainGraphs(_find_lm(model), hooked_grads=True)
         g.enabled = False  # no GPU: the step runs eagerly through the same seeded path, inside the engine's forward
         return g
@@ -391,16 +425,17 @@ if sys.argv[1] == "graphed":
 
     train_mod._cuda_graphs, TrainGraphs.applies, graphs_mod.through_wrapper = graphs, applies, spy
 rc = train_mod.main(json.loads(sys.argv[2]))
-print("WRAPPED", json.dumps(wrapped))
+print("WRAPPED " + json.dumps(wrapped), flush=True)
 sys.exit(rc)
 """
 
 
-def test_zero2_trains_the_same_with_the_step_inside_deepspeeds_forward(model, data, tmp_path):
-    """One CPU process under DeepSpeed ZeRO-2: the graphed trainer's wiring (the step run inside the engine's
-    forward, gradients through autograd to ZeRO's hooks; on the CPU the step itself runs eagerly through the same
-    seeded path) trains the adapter DeepSpeed's plain eager path trains. A process per run: DeepSpeed keeps its
-    process groups in module state."""
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_zero2_trains_the_same_with_the_step_inside_deepspeeds_forward(model, data, tmp_path, nproc):
+    """DeepSpeed ZeRO-2 over gloo on the CPU, one process and two: the graphed trainer's wiring (the step run inside
+    the engine's forward, gradients through autograd to ZeRO's hooks, which reduce them across processes; on the
+    CPU the step itself runs eagerly through the same seeded path) trains the adapter DeepSpeed's plain eager path
+    trains. A process per run: DeepSpeed keeps its process groups in module state."""
     pytest.importorskip("deepspeed")
     import json
     import os
@@ -413,17 +448,21 @@ def test_zero2_trains_the_same_with_the_step_inside_deepspeeds_forward(model, da
 
     argv = ["--use_lora", "True", "--max_steps", "4", "--gradient_accumulation_steps", "2",
             "--per_device_train_batch_size", "2", "--deepspeed", str(ROOT / "ds_configs" / "zero2.json")]
+    driver = tmp_path / "driver.py"
+    driver.write_text(_ZERO2_RUN)
     wrapped = {}
     for run in ("eager", "graphed"):
-        env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), CUDA_VISIBLE_DEVICES="",
-                   TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"))  # the rank variables torchrun sets
-        proc = subprocess.run([sys.executable, "-c", _ZERO2_RUN, run,
-                               json.dumps(train_args(model, data, tmp_path / run, *argv))],
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=str(ROOT))
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                  "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # sets the rank variables
+        proc = subprocess.run([*launch, str(driver), run, json.dumps(train_args(model, data, tmp_path / run, *argv))],
                               env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        wrapped[run] = json.loads(proc.stdout.split("WRAPPED ")[-1])
-    assert wrapped == {"eager": [], "graphed": ["DeepSpeedEngine"] * 8}  # 4 optimizer steps x 2 micro-batches
+        wrapped[run] = [json.loads(line.split("WRAPPED ", 1)[1]) for line in proc.stdout.splitlines()
+                        if line.startswith("WRAPPED ")]
+    # each process: 4 optimizer steps through the engine, 2 micro-batches each (one process), or 1 (two: the 4
+    # chats give each process one micro-batch an epoch, and an epoch's last micro-batch ends the step)
+    assert wrapped == {"eager": [[]] * nproc, "graphed": [["DeepSpeedEngine"] * (8 // nproc)] * nproc}
     a = load_file(str(tmp_path / "eager" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "graphed" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and any("lora_B" in k and a[k].abs().max() > 0 for k in a)
