@@ -16,7 +16,6 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
-from ..settings import settings
 
 
 @dataclass
