@@ -17,7 +17,6 @@ import transformers
 from transformers import HfArgumentParser
 
 
-
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
