@@ -3,8 +3,9 @@ processes and LoRA under ZeRO-3, as a user launches them (`bash scripts/finetune
 DEEPSPEED set). Writes one JSON report:
 
 - speed: Q-LoRA ZeRO-2, Qwen-14B-shaped random Int4 model, packed rows of --seq tokens, per-device batch 1,
-  on 1 process and on 2: steady tokens/s (run_info.json's throughput, after 2 warm-up steps), the ratio,
-  peak memory per process; and, for reference, 1 GPU without DeepSpeed (CUDA graphs).
+  on 1 process (CUDA graphs) and on 2 (eager, the default there, and with --cuda_graphs True): steady tokens/s
+  (run_info.json's throughput, after 2 warm-up steps), the ratios, peak memory per process; and, for
+  reference, 1 GPU without DeepSpeed (CUDA graphs).
 - grad_check: one SGD step at the same global batch (1 process x 2 rows against 2 x 1; dropout 0): the
   first step's LoRA update (-lr x gradient) of every adapter tensor compared, relative error.
 - memorise: 2 processes repeat a 2-row batch; the loss must fall by several nats.
@@ -175,9 +176,18 @@ def main(argv=None) -> int:
         s1 = _speed(runner.run("qlora_z2_1", "finetune_qlora.sh", int4, many, 1, "zero2", *speed_flags))
         s2 = None if args.single else _speed(
             runner.run("qlora_z2_2", "finetune_qlora.sh", int4, many, procs, "zero2", *speed_flags))
+        # several processes replay graphs only when asked (not yet run on GPUs): both, for the comparison
+        s2g = None if args.single else _speed(
+            runner.run("qlora_z2_2_graphs", "finetune_qlora.sh", int4, many, procs, "zero2", *speed_flags,
+                       "--cuda_graphs", "True"))
         ref = _speed(runner.run("qlora_1_graphs", "finetune_qlora.sh", int4, many, 1, None, *speed_flags))
-        ratio = s2["tokens_per_s"] / s1["tokens_per_s"] if s2 and s1["tokens_per_s"] and s2["tokens_per_s"] else None
-        report["speed"] = {"one_process_zero2": s1, "two_processes_zero2": s2, "scaling": ratio,
+
+        def ratio(a, b):
+            return a["tokens_per_s"] / b["tokens_per_s"] if a and b and a["tokens_per_s"] and b["tokens_per_s"] \
+                else None
+
+        report["speed"] = {"one_process_zero2": s1, "two_processes_zero2": s2, "scaling": ratio(s2, s1),
+                           "two_processes_zero2_graphs": s2g, "scaling_graphs": ratio(s2g, s1),
                            "one_process_no_deepspeed": ref}
         save()
     if "grad" not in args.skip:

@@ -30,6 +30,8 @@ def test_multi_gpu_driver_on_cpu(tmp_path):
     assert speed["two_processes_zero2"]["world_size"] == 2 and speed["two_processes_zero2"]["zero_stage"] == 2
     assert speed["one_process_no_deepspeed"]["zero_stage"] is None
     assert speed["two_processes_zero2"]["steps_timed"] == 1 and speed["scaling"] > 0
+    g2 = speed["two_processes_zero2_graphs"]  # --cuda_graphs True: on the CPU there is nothing to capture
+    assert g2["world_size"] == 2 and g2["zero_stage"] == 2 and g2["cuda_graphs"] is None and speed["scaling_graphs"] > 0
     g = r["grad_check"]
     assert g["ok"] and g["lora_B_tensors"] == 10 and 0 < g["grad_rel_err_max"] < 1e-4  # two different rows
     m = r["memorise"]
