@@ -161,10 +161,11 @@ def test_dora_is_rejected_clearly():
 
 def _lora_toy(seed=0):
     model = get_peft_model(Toy(seed=seed), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(seed)
     for n, p in model.named_parameters():
         if "lora_B" in n:  # trained-looking B (PEFT starts it at zero, which would hide a wrong B product)
             with torch.no_grad():
-                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(hash(n) % 1000))
+                p.normal_(0, 0.1, generator=g)
     return model
 
 
@@ -179,7 +180,8 @@ def _step(model, x, autocast):
 @pytest.mark.parametrize("autocast", [False, True])
 def test_lora_b_added_inside_the_matmul_equals_peft_s_separate_add(autocast):
     """The B product accumulated into the base output (_AddLoraB) against PEFT's lora_B(low) + torch.add, the
-    path a hook on lora_B keeps (forward, every LoRA gradient): fp32 to 1e-6, bf16 autocast to bf16 rounding."""
+    path a hook on lora_B keeps (forward, every LoRA gradient): fp32 to 1e-6; under bf16 autocast the two round
+    differently, so relative L2 errors (measured over seeds 0-11: output <= 0.0044, gradients <= 0.012)."""
     from finetune.quant.peft_lora import _AddLoraB
 
     x = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1))
@@ -202,8 +204,12 @@ def test_lora_b_added_inside_the_matmul_equals_peft_s_separate_add(autocast):
     plain_out, plain = _step(model, x, autocast)
     for h in hooks:
         h.remove()
-    tol = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
-    torch.testing.assert_close(fused_out, plain_out, **tol)
     assert fused.keys() == plain.keys() and len(fused) == 10
+    if not autocast:
+        torch.testing.assert_close(fused_out, plain_out, rtol=1e-5, atol=1e-6)
+        for n in fused:
+            torch.testing.assert_close(fused[n], plain[n], rtol=1e-5, atol=1e-6, msg=n)
+        return
+    assert (fused_out - plain_out).norm() <= 1e-2 * plain_out.norm()
     for n in fused:
-        torch.testing.assert_close(fused[n], plain[n], **tol, msg=n)
+        assert (fused[n] - plain[n]).norm() <= 3e-2 * plain[n].norm(), n
