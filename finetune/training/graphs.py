@@ -33,7 +33,7 @@ processes (their gradient reduction runs in those hooks, after the replay; not y
 so train.py uses it there only with an explicit --cuda_graphs True). ZeRO-3 (parameters gathered in module
 hooks, which a replay bypasses) stays eager.
 The model knows nothing of this: the trainer owns a ``TrainGraphs`` and sends its training forwards through
-it (``QwenTrainer.compute_loss``). ``--cuda_graphs False`` (default: ``FINETUNE_CUDA_GRAPHS``) keeps it off.
+it (``QwenTrainer.compute_loss``). ``--cuda_graphs False`` (or ``FINETUNE_CUDA_GRAPHS=0``) keeps it off.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def graphs_unavailable(model: nn.Module, several_processes: bool = False) -> str
         return "the model is not on a CUDA device"
     if not several_processes and torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
-        return "several processes (DeepSpeed/DDP hook gradients, which a captured backward bypasses)"
+        return "several processes (their gradient hooks need the hooked_grads path)"
     cfg = lm.config
     if cfg.attn_dropout_prob > 0 or cfg.emb_dropout_prob > 0:
         return "attention or embedding dropout is on (only LoRA dropout can be replayed)"
@@ -131,7 +131,7 @@ class TrainGraphs:
 
     def __init__(self, lm, warmup: int = 2, max_captures: int = 8, hooked_grads: bool = False):
         self.lm = lm
-        # True: a replayed backward hands the gradients to autograd (parameter hooks fire, one copy a step);
+        # True: a replayed backward hands the gradients to autograd (parameter hooks fire, one copy a micro-batch);
         # False: it adds them straight into buffers installed as .grad (no copy)
         self.hooked_grads = hooked_grads
         self.warmup = warmup
