@@ -198,6 +198,9 @@ def parse_args(argv: list[str] | None = None):
     values (the training scripts pass their launch flags and -m/-d/-o that way)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    for action in parser._actions:
+        if action.dest == "cuda_graphs":  # unset by default (None), and like the other switches a bare flag is True
+            action.nargs, action.const = "?", True
     if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
         # as defaults: what follows on the command line wins, and string values are converted as flags are
         parser.set_defaults(**_config_values(argv[0], parser))

@@ -199,6 +199,7 @@ def test_cuda_graphs_flag(tmp_path):
     base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)]
     assert parse_args(base)[3].cuda_graphs is None  # unset: train.py decides (one process: on)
     assert parse_args(base + ["--cuda_graphs", "True"])[3].cuda_graphs is True
+    assert parse_args(base + ["--cuda_graphs"])[3].cuda_graphs is True  # a bare switch, as the other booleans
     assert parse_args(base + ["--cuda_graphs", "False"])[3].cuda_graphs is False
 
 
