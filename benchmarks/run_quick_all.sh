@@ -10,6 +10,7 @@
 #     bash benchmarks/run_quick_all.sh
 #   QUICK_PARTS="train step_profile" QUICK_TRAIN="rows2048_ckpt=5 rows2048_zero2=5" QUICK_T_TRAIN=400 \
 #     bash benchmarks/run_quick_all.sh
+#   QUICK_PARTS="harness train" QUICK_TRAIN="rows2048_ckpt=8" bash benchmarks/run_quick_all.sh   # trainer vs harness
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/quick_out}"
@@ -40,11 +41,17 @@ for part in "${parts[@]}"; do
       mkdir -p /tmp/user_path && ln -sfn "$MODEL" /tmp/user_path/14b_int4
       timeout "${QUICK_T_TRAIN:-150}" python3 benchmarks/user_path.py --work /tmp/user_path \
         --workloads "${tw[@]%%=*}" --steps "${tw[@]}" --out "$OUT/user_path.json" > "$OUT/train.log" 2>&1 ;;
+    harness)
+      # the step harness on the trainer's own 2048-token rows (same data, packing, order): with the train part's
+      # rows2048_ckpt in the same call, the trainer-against-harness comparison of issue 15
+      timeout "${QUICK_T_HARNESS:-240}" python3 benchmarks/train_speed.py --seq 2048 --ckpt \
+        --packed-rows chats:400:680:1 --packed-layout documents --tokenizer "$MODEL" --accum 16 --warmup 32 \
+        --steps 96 --out "$OUT/same_rows.jsonl" > "$OUT/harness.log" 2>&1 ;;
     step_profile)
       # GPU time of one checkpointed 2048-token Q-LoRA step (8 of the 14B model's layers) by kind of kernel
       timeout "${QUICK_T_STEP_PROFILE:-120}" python3 benchmarks/profile_step.py --seq 2048 --ckpt --layers 8 \
         --json "$OUT/step_profile.json" > "$OUT/step_profile.log" 2>&1 ;;
-    *) echo "unknown part $part (decode, profile, serve, train, step_profile)"; continue ;;
+    *) echo "unknown part $part (decode, profile, serve, train, harness, step_profile)"; continue ;;
   esac
   echo "$part rc=$? $(( $(date +%s) - t0 )) s"
 done
