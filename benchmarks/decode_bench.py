@@ -91,6 +91,25 @@ def random_layer(K, N, device, seed=0, group_size=128):
     return dict(qweight=qweight, qzeros=qzeros, scales=scales, g_idx=g_idx)
 
 
+def layer_copies(K, N, device, timed=True) -> tuple[int, list[dict]]:
+    """(packed bytes of one [K, N] Int4 layer, its random copies): more than 200 MiB of copies in all (4x the L2)
+    when timed, so that a graph of one call per copy reads every weight from HBM (`time_gemv`); one otherwise."""
+    weight_bytes = K * N // 2 + (K // 128) * N * 2 + (K // 128) * (N // 8) * 4
+    copies = max(2, -(-200 * 2**20 // weight_bytes)) if timed else 1
+    return weight_bytes, [random_layer(K, N, device, seed=i) for i in range(copies)]
+
+
+def int4pack_layers(layers) -> list[dict]:
+    """Each layer converted for aten's int4 kernel (finetune/quant/int4pack.py), as the probes call it."""
+    from finetune.quant import int4pack as P
+
+    packs = []
+    for layer in layers:
+        q, sz, perm = P.gptq_to_int4pack(**layer, group_size=128)
+        packs.append(dict(packed=P.pack_for_cuda(q), sz=sz, perm=perm))
+    return packs
+
+
 def copy_bandwidth(device, nbytes=2 * 2**30) -> tuple[float, float]:
     """(device copy rate counting read + write, read rate of a sum), bytes/s."""
     src = torch.empty(nbytes // 2, dtype=torch.int16, device=device)
@@ -160,9 +179,7 @@ def gemv_part(device, shape_sets=("14b",), rows_list=GEMV_ROWS) -> list[dict]:
     results = []
     for name, (K, N) in shapes.items():
         t_shape = time.perf_counter()
-        weight_bytes = K * N // 2 + (K // 128) * N * 2 + (K // 128) * (N // 8) * 4
-        copies = max(2, -(-200 * 2**20 // weight_bytes)) if timed else 1  # > 200 MiB in all (4x the L2)
-        layers = [random_layer(K, N, device, seed=i) for i in range(copies)]
+        weight_bytes, layers = layer_copies(K, N, device, timed)
         ref_w = dequantize_t(**layers[0], bits=4, dtype=torch.bfloat16 if timed else torch.float16).float()
         for M in rows_list:
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16 if timed else torch.float16)

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_bench import GEMV_SHAPE_SETS, copy_bandwidth, random_layer, time_gemv  # noqa: E402
+from decode_bench import GEMV_SHAPE_SETS, copy_bandwidth, int4pack_layers, layer_copies, time_gemv  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 from finetune.quant import int4pack as P  # noqa: E402
@@ -54,17 +54,10 @@ def main(argv=None) -> int:
     results = []
     commit = git_commit() or "unknown"
     for name, (K, N) in GEMV_SHAPE_SETS[args.shapes].items():
-        weight_bytes = K * N // 2 + (K // 128) * N * 2 + (K // 128) * (N // 8) * 4
-        copies = max(2, -(-200 * 2**20 // weight_bytes))
-        layers = [random_layer(K, N, device, seed=i) for i in range(copies)]
+        weight_bytes, layers = layer_copies(K, N, device)
         mma = [dict(zip(("wpack", "scales", "qzeros", "zero_add", "perm"), G.repack(**lay, group_size=128)))
                for lay in layers]
-        packs = None
-        if args.baselines:
-            packs = []
-            for lay in layers:
-                q, sz, perm = P.gptq_to_int4pack(**lay, group_size=128)
-                packs.append(dict(packed=P.pack_for_cuda(q), sz=sz, perm=perm))
+        packs = int4pack_layers(layers) if args.baselines else None
         exact = dequantize_t(**layers[0], bits=4, dtype=torch.float32)
         for M in args.rows:
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
