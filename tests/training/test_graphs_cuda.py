@@ -238,20 +238,26 @@ def test_a_failed_capture_falls_back_to_eager_steps(monkeypatch):
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+def _int4_demo(tmp_path):
+    """(the tiny Int4 demo model dir, the memorise set): what the trainer-level tests below train on."""
+    from finetune.demo import make_demo_model
+
+    from _helpers import write_memorise
+
+    return make_demo_model(tmp_path / "int4", int4=True), write_memorise(tmp_path / "d.json")
+
+
 def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_path):
     """`train` on the GPU with --packing: steps replay as graphs (rows padded to model_max_length), and the
     loss curve follows the eager run's (dropout 0, so both compute the same function; bf16 rounding only)."""
     import json
 
-    from finetune.demo import make_demo_model
     from finetune.train import train
     from finetune.training.arguments import parse_args
 
-    from _helpers import memorise_records, train_args
+    from _helpers import train_args
 
-    model_dir = make_demo_model(tmp_path / "int4", int4=True)
-    data = tmp_path / "d.json"
-    data.write_text(json.dumps(memorise_records()))
+    model_dir, data = _int4_demo(tmp_path)
     runs = {}
     for graphs in ("True", "False"):
         out = tmp_path / f"out_{graphs}"
@@ -281,15 +287,12 @@ def test_graphed_run_with_lora_dropout_resumed_after_a_kill_matches_the_uninterr
 
     from safetensors.torch import load_file
 
-    from finetune.demo import make_demo_model
     from finetune.train import main
     from finetune.training.graphs import seed_file_name
 
-    from _helpers import memorise_records, train_args, train_killed_at_step
+    from _helpers import train_args, train_killed_at_step
 
-    model_dir = make_demo_model(tmp_path / "int4", int4=True)
-    data = tmp_path / "d.json"
-    data.write_text(json.dumps(memorise_records()))
+    model_dir, data = _int4_demo(tmp_path)
     common = ["--use_lora", "True", "--q_lora", "True", "--packing", "True", "--use_cpu", "False",
               "--gradient_checkpointing", "True", "--cuda_graphs", "True", "--lora_dropout", "0.05",
               "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4",
@@ -331,13 +334,10 @@ def test_zero2_one_gpu_trains_through_graphs_as_it_trains_eagerly(tmp_path):
     import os
     import subprocess
 
-    from finetune.demo import make_demo_model
 
-    from _helpers import ROOT, free_port, memorise_records
+    from _helpers import ROOT, free_port
 
-    model_dir = make_demo_model(tmp_path / "int4", int4=True)
-    data = tmp_path / "d.json"
-    data.write_text(json.dumps(memorise_records()))
+    model_dir, data = _int4_demo(tmp_path)
     runs = {}
     for graphs in ("True", "False"):
         out = tmp_path / f"out_{graphs}"
