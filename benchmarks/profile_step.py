@@ -49,15 +49,19 @@ CATEGORIES = [
 ]
 
 
-def categorise(prof) -> dict:
-    """GPU time (ms) by kind of kernel, and the 5 largest kernels of each kind."""
+def kernels(prof) -> list:
+    """The profile's GPU kernel rows (key_averages), without the aten ops' rows, which repeat their kernels'
+    time as their own device time."""
     from torch.autograd import DeviceType
 
+    return [e for e in prof.key_averages() if e.self_device_time_total > 0 and e.device_type == DeviceType.CUDA]
+
+
+def categorise(prof) -> dict:
+    """GPU time (ms) by kind of kernel, and the 5 largest kernels of each kind."""
     out: dict[str, dict] = {}
-    for e in prof.key_averages():
+    for e in kernels(prof):
         t = e.self_device_time_total / 1e3
-        if t <= 0 or e.device_type != DeviceType.CUDA:  # kernels only: an aten op's row repeats its kernels' time
-            continue
         name = e.key.lower()
         cat = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
         d = out.setdefault(cat, {"ms": 0.0, "kernels": []})
@@ -71,8 +75,7 @@ def categorise(prof) -> dict:
 
 def report(prof, wall_ms: float, title: str, rows: int) -> None:
     ka = prof.key_averages()
-    kern = [e for e in ka if e.self_device_time_total > 0]
-    total_gpu = sum(e.self_device_time_total for e in kern) / 1e3
+    total_gpu = sum(e.self_device_time_total for e in kernels(prof)) / 1e3
     print(f"{title}: wall {wall_ms:.2f} ms, GPU kernels {total_gpu:.2f} ms ({total_gpu / wall_ms:.0%} busy)")
     print(ka.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70))
     print(ka.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70))
