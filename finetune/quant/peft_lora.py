@@ -53,11 +53,8 @@ class _AddLoraB(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, result, low, weight, scaling):
-        out_f = result.shape[-1]
-        out = torch.addmm(result.reshape(-1, out_f), low.reshape(-1, low.shape[-1]), weight.to(result.dtype).t(),
-                          alpha=scaling)
         ctx.low, ctx.weight, ctx.scaling = low, weight, scaling
-        return out.view(result.shape)
+        return _addmm_lora_b(result, low, weight, scaling)
 
     @staticmethod
     def backward(ctx, grad):
@@ -74,13 +71,17 @@ class _AddLoraB(torch.autograd.Function):
         return grad, grad_low, grad_weight, None
 
 
+def _addmm_lora_b(result, low, weight, scaling):
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
+                      weight.to(result.dtype).t(), alpha=scaling)
+    return out.view(result.shape)
+
+
 def add_lora_b(result: torch.Tensor, low: torch.Tensor, weight: torch.Tensor, scaling: float) -> torch.Tensor:
     """result + scaling * low @ weight.T (`low` = lora_A's output, `weight` = lora_B's), in result's dtype."""
     if torch.is_grad_enabled() and (result.requires_grad or low.requires_grad or weight.requires_grad):
         return _AddLoraB.apply(result, low, weight, scaling)
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
-                      weight.to(result.dtype).t(), alpha=scaling)
-    return out.view(result.shape)
+    return _addmm_lora_b(result, low, weight, scaling)
 
 
 class GPTQLoraLinear(nn.Module, LoraLayer):
