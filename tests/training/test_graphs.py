@@ -426,7 +426,8 @@ if sys.argv[1] == "graphed":
 
     train_mod._cuda_graphs, TrainGraphs.applies, graphs_mod.through_wrapper = graphs, applies, spy
 rc = train_mod.main(json.loads(sys.argv[2]))
-print("WRAPPED " + json.dumps(wrapped), flush=True)
+with open(os.path.join(sys.argv[3], "wrapped_rank%s.json" % os.environ.get("RANK", "0")), "w") as f:
+    json.dump(wrapped, f)  # a file per process: two processes' prints to one pipe can interleave mid-line
 sys.exit(rc)
 """
 
@@ -456,11 +457,12 @@ def test_zero2_trains_the_same_with_the_step_inside_deepspeeds_forward(model, da
         env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), PYTHONPATH=str(ROOT))
         launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                   "--master_addr", "127.0.0.1", "--master_port", str(free_port())]  # sets the rank variables
-        proc = subprocess.run([*launch, str(driver), run, json.dumps(train_args(model, data, tmp_path / run, *argv))],
-                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        spies = tmp_path / f"spies_{run}"
+        spies.mkdir()
+        proc = subprocess.run([*launch, str(driver), run, json.dumps(train_args(model, data, tmp_path / run, *argv)),
+                               str(spies)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-        wrapped[run] = [json.loads(line.split("WRAPPED ", 1)[1]) for line in proc.stdout.splitlines()
-                        if line.startswith("WRAPPED ")]
+        wrapped[run] = [json.loads((spies / f"wrapped_rank{r}.json").read_text()) for r in range(nproc)]
     # each process: 4 optimizer steps through the engine, 2 micro-batches each (one process), or 1 (two: the 4
     # chats give each process one micro-batch an epoch, and an epoch's last micro-batch ends the step)
     assert wrapped == {"eager": [[]] * nproc, "graphed": [["DeepSpeedEngine"] * (8 // nproc)] * nproc}
