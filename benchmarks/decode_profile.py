@@ -7,6 +7,7 @@ benchmarks/NOTES.md.
 
     python benchmarks/decode_profile.py --rows 1 32 --out $OUT/decode_profile.json
     python benchmarks/decode_profile.py --rows 1 32 --unfused-too   # also FINETUNE_FUSED_DECODE=0 (before/after)
+    python benchmarks/decode_profile.py --rows 1 --adapter 64       # every row through an unmerged r=64 LoRA
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_bench import load, prompt_ids  # noqa: E402
+from decode_bench import load, prompt_ids, with_adapter  # noqa: E402
 from make_model_dir import make_model_dir  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
@@ -38,6 +39,8 @@ _WEIGHTS_AND_ATTENTION = ("int4_gemv", "int4_dequant", "matmul (lm_head, LoRA)",
 
 def family(name: str) -> str:
     n = name.lower()
+    if n.startswith("void ") and "gemv" in n:  # cuBLAS's GEMVs (a LoRA's x @ A; C++ names), not an Int4 kernel
+        return "matmul (lm_head, LoRA)"
     if "gemv" in n:
         return "int4_gemv"
     if "splitk_reduce" in n:  # the first GEMV design's second kernel
@@ -61,15 +64,15 @@ def steps(engine, n):
         engine.step()
 
 
-def run_rows(model, tok, rows: int, prompt: int, new: int, prof_steps: int) -> dict:
+def run_rows(model, tok, rows: int, prompt: int, new: int, prof_steps: int, adapter: str | None = None) -> dict:
     vocab = model.config.vocab_size
     params = SamplingParams(max_new_tokens=new, min_new_tokens=new)
     prompts = [prompt_ids(prompt, i, vocab) for i in range(rows)]
-    out = dict(rows=rows, prompt_tokens=prompt)
+    out = dict(rows=rows, prompt_tokens=prompt, adapter=adapter)
 
     engine = Engine(model, tok, max_batch=rows)
     for p in prompts:  # warm-up: tuning, capture
-        engine.submit(p, params)
+        engine.submit(p, params, adapter=adapter)
     steps(engine, 4)
     torch.cuda.synchronize()
     timed = 32
@@ -98,7 +101,7 @@ def run_rows(model, tok, rows: int, prompt: int, new: int, prof_steps: int) -> d
     # eager, under the profiler: kernels by family
     eager = Engine(model, tok, max_batch=rows, use_graphs=False)
     for p in prompts:
-        eager.submit(p, params)
+        eager.submit(p, params, adapter=adapter)
     steps(eager, 4)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -139,6 +142,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--unfused-too", action="store_true",
                     help="also profile with FINETUNE_FUSED_DECODE=0 (the model's own blocks), for before/after")
+    ap.add_argument("--adapter", type=int, default=0, metavar="RANK",
+                    help="every row through a random unmerged LoRA adapter of this rank (decode_bench's)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("decode_profile.py needs a CUDA GPU")
@@ -146,11 +151,14 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     make_model_dir(Path(args.model_dir), "14b", True, "cuda")
     model, tok = load(Path(args.model_dir), device)
+    if args.adapter:
+        model = with_adapter(model, args.adapter)
     results = []
     for fused in (True, False) if args.unfused_too else (True,):
         for rows in args.rows:
             with override(fused_decode=fused):
-                r = run_rows(model, tok, rows, args.prompt, 64 + 40, args.prof_steps)
+                r = run_rows(model, tok, rows, args.prompt, 64 + 40, args.prof_steps,
+                             "default" if args.adapter else None)
             r.update(commit=git_commit() or "unknown", device=torch.cuda.get_device_name())
             print(json.dumps(r, indent=1), flush=True)
             results.append(r)

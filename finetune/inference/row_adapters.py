@@ -6,11 +6,17 @@ LoRA layer returns its base layer's output) and a forward hook on each LoRA laye
 only during the engine's forward (nothing is left on the model).
 
 All adapters of a layer are computed together, in the forward's dtype: their A matrices side by side [in, R]
-(R = the sum of their ranks) and their B matrices, scaling folded in, stacked [R, out], made once and remade when
-a LoRA weight changes. A step is then one matmul, one multiply by each column's row selection and one
-matmul-add per layer, whatever the number of adapters (PEFT's own forward: ~7 kernels per adapter and layer, in
-the LoRA weights' fp32). In bf16 the LoRA product is thus computed in bf16, as inference servers do; in fp32 it
-is PEFT's computation up to the summation order.
+(R = the sum of their ranks) and their B matrices, scaling folded in, as bt [out, R], made once and remade when
+a LoRA weight changes. A step is then one matmul (h = x A_all), one multiply by each column's row selection and
+one matmul-add per layer, whatever the number of adapters (PEFT's own forward: ~7 kernels per adapter and layer,
+in the LoRA weights' fp32). In bf16 the LoRA product is thus computed in bf16, as inference servers do; in fp32
+it is PEFT's computation up to the summation order.
+
+On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``), the last two are not kernels of
+their own: a pre-hook computes h and hands (h, selection, bt) to the base layer (``low_rank_epilogue``), whose
+kernel adds (h * selection) @ bt.T to each output before rounding it; the forward hook then adds nothing. One
+kernel a Linear instead of three (a decode step of a 40-layer model: 200 launches instead of 600). Where the base
+runs another kernel it leaves the tensors, and the forward hook adds them as above.
 
 Why not PEFT's mixed-batch ``adapter_names=`` forward: it splits the batch by adapter with index lists built
 on the host at every call, which a CUDA graph cannot capture (one graph would be needed per mix of
@@ -63,7 +69,12 @@ class RowAdapters:
         if not self.layers:
             yield
             return
-        hooks = [] if select is None else [layer.register_forward_hook(self._hook(select)) for layer in self.layers]
+        hooks = []
+        if select is not None:
+            by_cols: dict = {}  # the row selection of each column layout, [rows, R]: gathered once per forward
+            for layer in self.layers:
+                hooks.append(layer.register_forward_pre_hook(self._pre_hook(select, by_cols)))
+                hooks.append(layer.register_forward_hook(self._hook()))
         # PEFT's own path off (each layer returns its base layer's output), as its disable_adapter() does, but
         # set on the layers directly: the engine may hold the wrapped model (peft_model.chat() passes that),
         # and enable_adapters() would also change requires_grad
@@ -75,12 +86,16 @@ class RowAdapters:
         finally:
             for layer, flag in zip(self.layers, before):
                 layer._disable_adapters = flag
+                layer.__dict__.pop("_row_low_rank", None)
+                if getattr(layer.base_layer, "low_rank_epilogue", None) is not None:
+                    layer.base_layer.low_rank_epilogue = None  # a forward that raised midway
             for h in hooks:
                 h.remove()
 
     def _stacked(self, module, dtype):
-        """(A_all [in, R], B_all [R, out], the adapter index of each of the R columns) of one LoRA layer in
-        ``dtype``, cached until one of its LoRA weights changes (or the dtype / device does)."""
+        """(A_all [in, R], bt [out, R] (B_all with the scaling folded in, transposed), the adapter index of each of
+        the R columns) of one LoRA layer in ``dtype``, cached until one of its LoRA weights changes (or the dtype /
+        device does)."""
         parts = [(a, module.lora_A[n].weight, module.lora_B[n].weight, module.scaling[n])
                  for a, n in enumerate(self.names) if n in module.lora_A]
         key = (dtype, tuple((a, id(A), A._version, id(B), B._version, s) for a, A, B, s in parts))
@@ -89,7 +104,7 @@ class RowAdapters:
             return held[1:]
         with torch.no_grad():
             a_all = torch.cat([A for _, A, _, _ in parts], 0).t().to(dtype).contiguous()
-            b_all = torch.cat([B.float() * s for _, _, B, s in parts], 1).t().to(dtype).contiguous()
+            b_all = torch.cat([B.float() * s for _, _, B, s in parts], 1).to(dtype).contiguous()  # bt [out, R]
         if held is not None and held[1].shape == a_all.shape and held[2].shape == b_all.shape \
                 and held[1].dtype == dtype and held[1].device == a_all.device:
             # new values, same layout: into the same buffers, which CUDA graphs captured earlier read
@@ -114,23 +129,42 @@ class RowAdapters:
                     changed |= fresh[0] is not held[1]
         return changed
 
-    def _hook(self, select):
-        by_cols: dict = {}  # the row selection of each column layout, [rows, R]: gathered once per forward
-
-        def hook(module, args, output):
+    def _pre_hook(self, select, by_cols):
+        def pre_hook(module, args):
             x = args[0]
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            a_all, b_all, cols = self._stacked(module, dtype)
+            a_all, bt, cols = self._stacked(module, dtype)
             sel = by_cols.get(id(cols))
             if sel is None:
-                sel = select.t().index_select(1, cols).to(dtype)  # [rows, R]: 1 where the row uses that adapter
+                sel = select.t().index_select(1, cols).to(dtype).contiguous()  # [rows, R]: 1 where a row uses it
                 by_cols[id(cols)] = sel
             x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
-            h = (torch.matmul(x2, a_all) * sel[:, None, :]).reshape(-1, a_all.shape[1])
+            h = torch.matmul(x2, a_all).reshape(-1, a_all.shape[1])
+            low_rank = None
+            if x2.shape[1] == 1 and dtype == torch.bfloat16 and hasattr(module.base_layer, "_mma_weight"):
+                from ..quant.mma_gemv import lora_unfit
+
+                if lora_unfit((h, sel, bt), h.shape[0], bt.shape[0]) is None:  # one token a row: a decode step
+                    low_rank = (h, sel, bt)
+                    module.base_layer.low_rank_epilogue = low_rank  # the base may add it in its kernel
+            module.__dict__["_row_low_rank"] = (h, sel, bt, low_rank)
+
+        return pre_hook
+
+    def _hook(self):
+        def hook(module, args, output):
+            h, sel, bt, offered = module.__dict__.pop("_row_low_rank")
+            if offered is not None:
+                taken = module.base_layer.low_rank_epilogue is None
+                module.base_layer.low_rank_epilogue = None
+                if taken:
+                    return output
+            rows = sel.shape[0]
+            h = (h.view(rows, -1, h.shape[-1]) * sel[:, None, :]).reshape(-1, h.shape[-1])
             out = output.reshape(-1, output.shape[-1])
-            if out.dtype == dtype:
-                return torch.addmm(out, h, b_all).view(output.shape)
-            return (out + torch.matmul(h, b_all).to(out.dtype)).view(output.shape)
+            if out.dtype == h.dtype:
+                return torch.addmm(out, h, bt.t()).view(output.shape)
+            return (out + torch.matmul(h, bt.t()).to(out.dtype)).view(output.shape)
 
         return hook
 

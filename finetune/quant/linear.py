@@ -20,6 +20,9 @@
   (same memory again, like the int4pack copy, which is then not made). Layers it cannot take (not 4-bit, N not
   a multiple of 16, a group size not a multiple of 128) use the kernels above. Both copies are made by the
   first decoding call (one position per row), not by a short training or evaluation forward.
+- The inference engine's unmerged LoRA (``inference/row_adapters.py``) may set ``low_rank_epilogue`` = (h, sel,
+  bt) on the layer just before a forward: when the tensor-core GEMV runs, it adds (h * sel) @ bt.T in its
+  epilogue and the forward sets the attribute back to None; any other kernel leaves it for the engine to add.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.
@@ -268,6 +271,7 @@ class GPTQLinear(nn.Module):
         state.pop("_trivial_ref", None)  # a weakref: not picklable, recomputed on demand
         state.pop("_int4pack", None)  # derived copies of the weight, remade on demand
         state.pop("_mma", None)
+        state.pop("low_rank_epilogue", None)  # one forward's tensors
         return state
 
     def _int4pack_weight(self, build: bool = True):
@@ -331,7 +335,10 @@ class GPTQLinear(nn.Module):
                 if mm is not None:
                     from .mma_gemv import mma_gemv
 
-                    y = mma_gemv(x2d, *mm)  # None: no split-K workspace yet inside a capture
+                    low_rank = self.__dict__.get("low_rank_epilogue")
+                    y = mma_gemv(x2d, *mm, low_rank=low_rank)  # None: no split-K workspace yet inside a capture
+                    if y is not None and low_rank is not None:
+                        self.low_rank_epilogue = None  # added: the engine's hook must not add it again
             if y is None and fast_bf16 and rows <= INT4PACK_MAX_ROWS and settings().gptq_int4pack:
                 packed = self._int4pack_weight(build=build)
                 if packed is not None:

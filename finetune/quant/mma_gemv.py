@@ -299,10 +299,30 @@ __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4
 #endif
 }
 
+__device__ __forceinline__ float bf_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+// The low-rank epilogue: sum_j h[j] sel[j] bt[j] over R bf16 values (R a multiple of 8, rows 16-byte aligned): one
+// output's share of (h * sel) @ B, added to the fp32 result before its single rounding to bf16.
+__device__ __forceinline__ float lora_term(const u16* h, const u16* sel, const u16* bt, int R) {
+  float s = 0.f;
+  for (int j = 0; j < R; j += 8) {
+    const U4 hv = ld_cached((const U4*)(h + j)), sv = ld_cached((const U4*)(sel + j)), bv = ld_cached((const U4*)(bt + j));
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const u32 hw = word_of(hv, i), sw = word_of(sv, i), bw = word_of(bv, i);
+      s += bf_lo(hw) * bf_lo(sw) * bf_lo(bw);
+      s += bf_hi(hw) * bf_hi(sw) * bf_hi(bw);
+    }
+  }
+  return s;
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
-              int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride) {
+              int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
+              const u16* __restrict__ lh, const u16* __restrict__ lsel, const u16* __restrict__ lbt, int R) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -369,7 +389,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
     for (int i = 0; i < MB * 4; ++i) {
       const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
-      if (b < M) out[(size_t)b * N + n] = f2bf(v[i]);
+      if (b < M) out[(size_t)b * N + n] = f2bf(R ? v[i] + lora_term(lh + (size_t)b * R, lsel + (size_t)b * R, lbt + (size_t)n * R, R) : v[i]);
     }
     return;
   }
@@ -391,6 +411,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     if (b < M) {
       float s = 0.f;
       for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((size_t)sp * M + b) * N + n);  // a fixed order
+      if (R) s += lora_term(lh + (size_t)b * R, lsel + (size_t)b * R, lbt + (size_t)n * R, R);
       out[(size_t)b * N + n] = f2bf(s);
     }
   }
@@ -467,14 +488,34 @@ def workspace(device: torch.device, splits: int, rows: int, N: int):
     return held
 
 
+def lora_unfit(low_rank, M: int, N: int) -> str | None:
+    """Why ``mma_gemv``'s epilogue cannot take ``low_rank`` = (h, sel, bt) for an [M, N] output (None: it can)."""
+    h, sel, bt = low_rank
+    R = h.shape[-1]
+    if R % 8 or R == 0:
+        return f"rank sum {R} (must be a positive multiple of 8)"
+    want = {"h": (h, (M, R)), "sel": (sel, (M, R)), "bt": (bt, (N, R))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16:
+            return f"{name} {tuple(t.shape)} {t.dtype} (expected a contiguous, 16-byte aligned bf16 {shape})"
+    return None
+
+
 def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
-             group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor | None:
+             group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
+             low_rank: tuple | None = None) -> torch.Tensor | None:
     """x2d [M, K] bf16 (M <= KERNEL_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
     graph capture that finds the kernel not compiled or the split-K workspace too small (made only outside
-    captures; the caller then uses another kernel)."""
+    captures; the caller then uses another kernel).
+
+    ``low_rank`` = (h [M, R], sel [M, R], bt [N, R]), bf16: adds (h * sel) @ bt.T in the kernel's epilogue (the
+    engine's unmerged LoRA: h = x A, sel the rows' 0/1 adapter selection, bt = B with the scaling folded in), summed
+    in fp32 with the product before its one rounding to bf16; ``lora_unfit`` says which inputs it takes."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
+    if low_rank is not None and (why := lora_unfit(low_rank, M, N)) is not None:
+        raise ValueError(f"mma_gemv low_rank: {why}")
     if perm is not None:
         x2d = x2d.index_select(1, perm)
     if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
@@ -494,8 +535,10 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
     dummy = out
+    h, sel, bt = low_rank if low_rank is not None else (dummy, dummy, dummy)
     kernel(
-        grid=(T, splits, 1), block=(warps * 32, 1, 1), 
+        grid=(T, splits, 1), block=(warps * 32, 1, 1),
         args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
-              counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0)])
+              counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
+              h, sel, bt, h.shape[-1] if low_rank is not None else 0])
     return out

@@ -19,6 +19,8 @@ def test_kernel_families_separate_the_fused_decode_kernels_from_the_rest():
     for name in ("_dec_add_rms_norm_kernel", "_dec_rotary_cache_kernel", "_dec_swiglu_kernel"):
         assert mod.family(name) == fused
     assert mod.family("_gemv2_kernel") == "int4_gemv"
+    assert mod.family("gptq_mma_gemv") == "int4_gemv"
+    assert mod.family("void gemv2T_kernel_val<int, int, __nv_bfloat16, 128, 16, 4, 4, false>") == "matmul (lm_head, LoRA)"
     assert mod.family("_splitk_reduce_kernel") == "split-K reduce"
     assert mod.family("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
     assert mod.family("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, MeanOps>>") == "other"

@@ -259,3 +259,59 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
     _, eager, eager_reasons = run(False)
     assert graphed == eager and reasons == eager_reasons
     assert reasons[2] == "stop" and stop not in graphed[2]
+
+
+def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok, monkeypatch):
+    """Layers the tensor-core GEMV takes (K a multiple of 128, group size 128): the engine hands each LoRA
+    product to the GEMV's epilogue (row_adapters.py); a mixed batch of two adapters and the base then decodes as
+    with the product added by its own kernels, per-step logits within the bf16 tolerance."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant import mma_gemv as G
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    if G.available() is not None:
+        pytest.skip(G.available())
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values.update(hidden_size=128, kv_channels=32, intermediate_size=512)
+    values["quantization_config"] = {"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
+    pm.add_adapter("second", LoraConfig(**dict(cfg, r=8)))
+    pm.eval()
+    batch = prompts([5, 40, 12], seed=3)
+    names = ["first", None, "second"]
+    params = SamplingParams(max_new_tokens=20)
+    taken = []
+    real = G.mma_gemv
+
+    def spy(*a, **k):
+        y = real(*a, **k)
+        taken.append(k.get("low_rank") is not None and y is not None)
+        return y
+
+    monkeypatch.setattr(G, "mma_gemv", spy)
+
+    def run():
+        engine = Engine(pm, tok, max_batch=4)
+        rec = _record_logits(engine)
+        reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, names)]
+        while engine.has_work():
+            engine.step()
+        return reqs, rec
+
+    fused, fused_logits = run()
+    assert any(taken)
+    taken.clear()
+    monkeypatch.setattr(G, "lora_unfit", lambda *a: "switched off by the test")
+    plain, plain_logits = run()
+    assert taken and not any(taken)
+    for f, p in zip(fused, plain):
+        for i, (got, want) in enumerate(zip(fused_logits[f.id], plain_logits[p.id])):
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < BF16_LOGITS_REL, (f.id, i, rel)
+            if i >= len(f.output_ids) or i >= len(p.output_ids) or f.output_ids[i] != p.output_ids[i]:
+                break

@@ -148,13 +148,13 @@ def test_a_batch_without_adapter_rows_computes_no_adapter(tok, monkeypatch):
 
     pm = _peft(tiny(seed=7), ["default"])
     calls = []
-    real = RowAdapters._hook
+    real = RowAdapters._pre_hook  # where a layer's adapter computation starts
 
-    def counting(self, select):
-        hook = real(self, select)
+    def counting(self, select, by_cols):
+        hook = real(self, select, by_cols)
         return lambda *a: calls.append(1) or hook(*a)
 
-    monkeypatch.setattr(RowAdapters, "_hook", counting)
+    monkeypatch.setattr(RowAdapters, "_pre_hook", counting)
     batch = prompts([6, 21], seed=8)
     engine = Engine(pm, tok, max_batch=4)
     base = engine.generate(batch, SamplingParams(max_new_tokens=10), adapter=None)

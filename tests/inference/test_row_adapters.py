@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import collections
 
+import pytest
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -65,3 +67,63 @@ def test_each_row_gets_its_adapter_and_the_ops_do_not_grow_with_the_adapters():
     assert two == one, (one, two)  # two adapters: the same kernels as one
     # the base Linear, then per layer: x @ A_all, the rows' selection, one matmul-add with B_all
     assert sum(one.values()) <= 5, one
+
+
+def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once():
+    """bf16 decode rows on a GPTQ base: the pre-hook offers (h, selection, bt) to the base layer; a base whose
+    kernel adds it (the tensor-core GEMV on CUDA; here a stand-in) sets it back to None and the forward hook adds
+    nothing, one that does not leaves it and the hook adds it. Prefill rows (several tokens) are not offered, and
+    nothing is left on the layers afterwards, even after a forward that raised."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant.linear import GPTQLinear
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values["quantization_config"] = {"bits": 4, "group_size": 32, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cpu", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
+    pm.add_adapter("second", LoraConfig(**cfg))
+    pm.eval()
+    layer = pm.base_model.model.transformer.h[0].attn.c_attn
+    adapters = RowAdapters(pm)
+    select = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # rows: first, none, second
+    x = torch.randn(3, 1, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad(), adapters.applied(select):
+        plain = layer(x)  # the base leaves the offer: the hook adds it
+    offers = []
+    real = GPTQLinear.forward
+
+    def taking(self, x):
+        low_rank = self.__dict__.get("low_rank_epilogue")
+        y = real(self, x)
+        if low_rank is not None:
+            h, sel, bt = low_rank
+            offers.append(h.shape)
+            y = (y.float() + ((h.float() * sel.float()) @ bt.float().t()).view(y.shape)).to(y.dtype)
+            self.low_rank_epilogue = None
+        return y
+
+    GPTQLinear.forward = taking
+    try:
+        with torch.no_grad(), adapters.applied(select):
+            fused = layer(x)
+            prefill = layer(torch.randn(3, 2, layer.in_features, dtype=torch.bfloat16))
+        assert offers == [(3, 16)] and prefill.shape == (3, 2, layer.out_features)
+        torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)  # once, not twice (nor zero times)
+        base_only = layer.base_layer(x)
+        assert (plain - base_only).abs().max() > 10 * (fused - plain).abs().max()
+
+        def failing(self, x):
+            raise RuntimeError("kernel failed")
+
+        GPTQLinear.forward = failing
+        with pytest.raises(RuntimeError), torch.no_grad(), adapters.applied(select):
+            layer(x)
+    finally:
+        GPTQLinear.forward = real
+    assert layer.base_layer.__dict__.get("low_rank_epilogue") is None and "_row_low_rank" not in layer.__dict__

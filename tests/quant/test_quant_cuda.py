@@ -400,6 +400,34 @@ def test_mma_gemv_equals_the_exact_product(in_f, out_f, desc_act, v2):
         assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4]), y), rows  # the workspace is clean again
 
 
+@pytest.mark.parametrize("in_f,out_f", [(5120, 15360), (13696, 5120), (4096, 11008)])
+@pytest.mark.parametrize("ranks", [(64,), (16, 8)])
+def test_mma_gemv_low_rank_epilogue_adds_the_lora_product(in_f, out_f, ranks):
+    """The engine's LoRA in the GEMV's epilogue: (h * sel) @ bt.T added to every output before its rounding, for
+    each row its own 0/1 column selection (two adapters, a row with none), with and without the split over K."""
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(in_f, out_f, seed=14)
+    exact = dequantize_t(**p, bits=4, dtype=torch.float32)
+    packed = G.repack(**p, group_size=128)
+    R = sum(ranks)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    bt = (torch.randn(out_f, R, device="cuda", generator=gen) * 0.05).to(torch.bfloat16)
+    for rows in (1, 3, 9, 32):
+        x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16, generator=gen)
+        h = torch.randn(rows, R, device="cuda", dtype=torch.bfloat16, generator=gen)
+        cols = torch.cat([torch.full((r,), a) for a, r in enumerate(ranks)]).cuda()
+        pick = torch.arange(rows, device="cuda") % (len(ranks) + 1)  # adapter 0, 1, ..., then none
+        sel = (cols[None, :] == pick[:, None]).to(torch.bfloat16).contiguous()
+        ref = x.float() @ exact + (h.float() * sel.float()) @ bt.float().t()
+        for config in (None, (4, 1, 8), (8, 1, 1)):
+            y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(h, sel, bt))
+            assert _rel_err(y, ref) < 4e-3, (rows, config)
+            assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(h, sel, bt)), y)
+    with pytest.raises(ValueError, match="rank sum 12"):
+        G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(h[:, :12], sel[:, :12], bt[:, :12].contiguous()))
+
+
 @pytest.mark.parametrize("config", [(4, 4, 4), (8, 2, 2), (2, 2, 8), (4, 2, 1), (16, 3, 2)])
 def test_mma_gemv_gives_every_weight_exactly(config):
     """Rows of the identity: each output is one weight, (q - z) * s computed exactly and rounded once to bf16,
