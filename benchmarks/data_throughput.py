@@ -189,7 +189,7 @@ def main():
         # the encode + mask step alone, over normalised records
         records, t_load = timed(lambda: load_records(path))
         res["load_records"] = {"seconds": t_load, "records": len(records)}
-        step, t_step = timed(lambda: [encode_conversation(tok, r, MAX_LEN) for r in records])
+        step, t_step = timed(lambda recs=records: [encode_conversation(tok, r, MAX_LEN) for r in recs])
         n_step = sum(len(e["input_ids"]) for e in step)
         res["project_step"] = {"seconds": t_step, "tokens": n_step, "tokens_per_s": n_step / t_step}
         del step, records

@@ -1,6 +1,7 @@
 """The project's switches, read once from the environment and then fixed for the process.
 
-Each switch is for comparing paths or working around a problem; all are on by default. Code reads them through
+Each switch is for comparing paths or working around a problem; all are on by default except
+``gptq_lora_epilogue``, which stays off until its GPU tests have run on a device (it was written without one). Code reads them through
 `settings()` (a cached object, never `os.environ` in a hot path); a flag with the same meaning (`--cuda_graphs`)
 takes its default from here. `train` records them in run_info.json. Tests and benchmarks change them with
 `override(...)`, not by setting environment variables mid-process.
@@ -28,6 +29,9 @@ class Settings:
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
     static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
     fused_decode: bool = True   # FINETUNE_FUSED_DECODE: the engine's decode step through fused Triton kernels on CUDA
+    # FINETUNE_GPTQ_LORA_EPILOGUE: the engine's unmerged LoRA added in the tensor-core GEMV's epilogue (off: not yet
+    # run on a GPU; tests/quant/test_quant_cuda.py and tests/inference/test_inference_cuda.py turn it on)
+    gptq_lora_epilogue: bool = False
 
 
 ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}

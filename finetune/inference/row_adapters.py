@@ -16,7 +16,8 @@ On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``)
 their own: a pre-hook computes h and hands (h, selection, bt) to the base layer (``low_rank_epilogue``), whose
 kernel adds (h * selection) @ bt.T to each output before rounding it; the forward hook then adds nothing. One
 kernel a Linear instead of three (a decode step of a 40-layer model: 200 launches instead of 600). Where the base
-runs another kernel it leaves the tensors, and the forward hook adds them as above.
+runs another kernel it leaves the tensors, and the forward hook adds them as above. Off unless
+``FINETUNE_GPTQ_LORA_EPILOGUE=1`` until its GPU tests have run (settings.py).
 
 Why not PEFT's mixed-batch ``adapter_names=`` forward: it splits the batch by adapter with index lists built
 on the host at every call, which a CUDA graph cannot capture (one graph would be needed per mix of
@@ -31,6 +32,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..settings import settings
 
 def lora_layers(model) -> list:
     from peft.tuners.lora import LoraLayer
@@ -141,7 +143,8 @@ class RowAdapters:
             x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
             h = torch.matmul(x2, a_all).reshape(-1, a_all.shape[1])
             low_rank = None
-            if x2.shape[1] == 1 and dtype == torch.bfloat16 and hasattr(module.base_layer, "_mma_weight"):
+            if (x2.shape[1] == 1 and dtype == torch.bfloat16 and hasattr(module.base_layer, "_mma_weight")
+                    and settings().gptq_lora_epilogue):
                 from ..quant.mma_gemv import lora_unfit
 
                 if lora_unfit((h, sel, bt), h.shape[0], bt.shape[0]) is None:  # one token a row: a decode step

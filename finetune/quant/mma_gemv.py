@@ -140,6 +140,7 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 #define MB __MB__
 #define DEPTH __DEPTH__
 #define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
+#define LORA __LORA__  // 1: the low-rank epilogue (a build of its own, so the plain kernel's code is unchanged)
 
 __device__ __forceinline__ U4 ld_stream(const U4* p) {
   U4 v;
@@ -389,7 +390,11 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
     for (int i = 0; i < MB * 4; ++i) {
       const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
-      if (b < M) out[(size_t)b * N + n] = f2bf(R ? v[i] + lora_term(lh + (size_t)b * R, lsel + (size_t)b * R, lbt + (size_t)n * R, R) : v[i]);
+#if LORA
+      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + lora_term(lh + (size_t)b * R, lsel + (size_t)b * R, lbt + (size_t)n * R, R));
+#else
+      if (b < M) out[(size_t)b * N + n] = f2bf(v[i]);
+#endif
     }
     return;
   }
@@ -411,7 +416,9 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     if (b < M) {
       float s = 0.f;
       for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((size_t)sp * M + b) * N + n);  // a fixed order
-      if (R) s += lora_term(lh + (size_t)b * R, lsel + (size_t)b * R, lbt + (size_t)n * R, R);
+#if LORA
+      s += lora_term(lh + (size_t)b * R, lsel + (size_t)b * R, lbt + (size_t)n * R, R);
+#endif
       out[(size_t)b * N + n] = f2bf(s);
     }
   }
@@ -420,7 +427,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 _lock = threading.Lock()
-_kernels: dict = {}  # (device index, warps, MB, depth, group size) -> the compiled kernel, or the reason it failed
+_kernels: dict = {}  # (device index, warps, MB, depth, group size, LoRA epilogue) -> the compiled kernel, or why not
 _workspaces: dict = {}
 
 
@@ -429,11 +436,11 @@ def _compile(device: torch.device, source: str):
         return torch.cuda._compile_kernel(source, "gptq_mma_gemv", nvcc_options=["-std=c++17"])
 
 
-def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int):
+def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False):
     """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
     it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
     and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    key = (device.index, warps, mb, depth, group_size)
+    key = (device.index, warps, mb, depth, group_size, lora)
     k = _kernels.get(key)
     if k is None:
         if torch.cuda.is_current_stream_capturing():
@@ -442,7 +449,8 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: i
             k = _kernels.get(key)
             if k is None:
                 src = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
-                       .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK)))
+                       .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
+                       .replace("__LORA__", str(int(lora))))
                 try:
                     k = _compile(device, src)
                 except Exception as e:  # NVRTC missing or refusing: the other decode kernels still work
@@ -524,7 +532,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     warps, depth, per_sm = config or CONFIGS[mb]
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
-    kernel = _kernel(x2d.device, warps, mb, depth, group_size)
+    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)

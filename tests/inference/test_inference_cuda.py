@@ -261,7 +261,7 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
     assert reasons[2] == "stop" and stop not in graphed[2]
 
 
-def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok, monkeypatch):
+def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok, monkeypatch, switches):
     """Layers the tensor-core GEMV takes (K a multiple of 128, group size 128): the engine hands each LoRA
     product to the GEMV's epilogue (row_adapters.py); a mixed batch of two adapters and the base then decodes as
     with the product added by its own kernels, per-step logits within the bf16 tolerance."""
@@ -303,10 +303,11 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
             engine.step()
         return reqs, rec
 
+    switches(gptq_lora_epilogue=True)
     fused, fused_logits = run()
     assert any(taken)
     taken.clear()
-    monkeypatch.setattr(G, "lora_unfit", lambda *a: "switched off by the test")
+    switches(gptq_lora_epilogue=False)
     plain, plain_logits = run()
     assert taken and not any(taken)
     for f, p in zip(fused, plain):

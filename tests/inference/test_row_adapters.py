@@ -69,7 +69,7 @@ def test_each_row_gets_its_adapter_and_the_ops_do_not_grow_with_the_adapters():
     assert sum(one.values()) <= 5, one
 
 
-def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once():
+def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
     """bf16 decode rows on a GPTQ base: the pre-hook offers (h, selection, bt) to the base layer; a base whose
     kernel adds it (the tensor-core GEMV on CUDA; here a stand-in) sets it back to None and the forward hook adds
     nothing, one that does not leaves it and the hook adds it. Prefill rows (several tokens) are not offered, and
@@ -110,6 +110,10 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once():
 
     GPTQLinear.forward = taking
     try:
+        with torch.no_grad(), adapters.applied(select):
+            layer(x)
+        assert offers == []  # FINETUNE_GPTQ_LORA_EPILOGUE off (the default): nothing is offered
+        switches(gptq_lora_epilogue=True)
         with torch.no_grad(), adapters.applied(select):
             fused = layer(x)
             prefill = layer(torch.randn(3, 2, layer.in_features, dtype=torch.bfloat16))

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import finetune.quant  # noqa: F401  (registers LoRA for GPTQLinear with PEFT)
-from finetune.quant import GPTQLinear, quantize_weight
+from finetune.quant import GPTQLinear
 from finetune.quant.peft_lora import GPTQLoraLinear
 
 peft = pytest.importorskip("peft")
