@@ -313,11 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenization import load_tokenizer
 
     try:
+        records = load_eval_records(args.data, args.max_samples)  # bad data stops before the model loads
         model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
         tokenizer = load_tokenizer(args.adapter if args.adapter and (Path(args.adapter) / "qwen.tiktoken").is_file()
                                    else model_dir)
-        records = load_eval_records(args.data, args.max_samples)
     except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

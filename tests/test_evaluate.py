@@ -167,6 +167,23 @@ def test_eval_cli(setup, tmp_path, capsys):
     assert report["model"] == str(setup["float"])  # the base recorded in the adapter
 
 
+def test_eval_cli_stops_on_bad_data_before_loading_the_model(setup, tmp_path, capsys, monkeypatch):
+    import finetune.loading
+    from finetune.cli import main
+
+    bad = tmp_path / "heldout.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                   '{"messages": [oops}\n')
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(finetune.loading, "load_model", no_load)
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "record 2, line 2" in err and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("generator", ["engine", "generate"])
 def test_generated_tokens_are_counted_from_ids_even_when_they_decode_to_no_text(generator):
     """A random model's tokens may decode to nothing visible (here every token it picks is past the tokenizer's

@@ -204,6 +204,12 @@ class QWenPreTrainedModel(PreTrainedModel):
     _supports_cache_class = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # PEFT reads this name whenever it wraps a model; transformers 5.2x deprecated it with a FutureWarning that
+        # every adapter load and training run printed. The same answer as is_activation_checkpointing, silently.
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
 
 class QWenModel(QWenPreTrainedModel):
     def __init__(self, config: QWenConfig):

@@ -59,6 +59,8 @@ def check_args(args) -> None:
     for flag in ("max_batch", "port"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.port > 65535:
+        raise ValueError(f"--port must be at most 65535, got {args.port}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.max_queue is not None and args.max_queue < 0:

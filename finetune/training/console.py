@@ -2,21 +2,17 @@
 
 The project's own causes are fixed where they arise (the renamed checkpointing flags are translated in
 arguments.py, train.py calls the new checkpointing API and states the tokenizer's special tokens in the model
-config). What is left is silenced here, each by its exact source, never by a broad filter.
+config, the model answers PEFT's read of the deprecated `is_gradient_checkpointing` without transformers'
+warning). What is left is silenced here, each by its exact source, never by a broad filter.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 
 
 def quiet_third_party_notices() -> None:
-    # PEFT reads the deprecated `model.is_gradient_checkpointing` property when it wraps a model; the warning is
-    # about PEFT's code, not the user's (transformers raises it from modeling_utils).
-    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning,
-                            module=r"transformers\.modeling_utils")
     # matplotlib (the loss curve) logs building its font cache at INFO, which the trainer's log level shows
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # DeepSpeed is imported by accelerate whenever it is installed, used or not, and on a machine without a GPU

@@ -591,3 +591,23 @@ def test_bad_forward_inputs():
         model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 5, dtype=torch.long))
     with pytest.raises(TypeError, match="Cache"):
         model(torch.ones(1, 4, dtype=torch.long), past_key_values=((None, None),))
+
+
+def test_peft_wraps_the_model_without_transformers_deprecation_warning():
+    """PEFT reads model.is_gradient_checkpointing whenever it wraps a model (every adapter load, every training
+    run); transformers deprecated the name with a FutureWarning that eval, chat, merge and serve printed. The model
+    answers it (the same value as is_activation_checkpointing) without the warning."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    from _helpers import tiny_model
+
+    model = tiny_model(seed=0)
+    assert model.is_gradient_checkpointing is False
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"]))
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
+    model.transformer.gradient_checkpointing = True
+    assert model.is_gradient_checkpointing is True
