@@ -42,10 +42,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def bad_flag(args) -> str | None:
+    """The first sampling flag out of its range, as one line (checked before the model loads)."""
+    checks = [("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "at least 1"),
+              ("--temperature", args.temperature, lambda v: v >= 0, ">= 0 (0: greedy, as --greedy)"),
+              ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("--top-k", args.top_k, lambda v: v >= 0, ">= 0 (0: off)"),
+              ("--repetition-penalty", args.repetition_penalty, lambda v: v > 0, "> 0"),
+              ("--history-window", args.history_window, lambda v: v >= 1, "at least 1")]
+    for flag, value, ok, want in checks:
+        if value is not None and not ok(value):  # (NaN fails every comparison)
+            return f"{flag} must be {want}, got {value}"
+    return None
+
+
 def generation_kwargs(args) -> dict:
-    """The flags given, as chat()'s generation-config updates (unset flags keep the model's defaults)."""
+    """The flags given, as chat()'s generation-config updates (unset flags keep the model's defaults);
+    ``--temperature 0`` is greedy decoding, as in the server and OpenAI's API."""
     kw = {}
-    if args.greedy:
+    if args.greedy or args.temperature == 0:
         kw.update(do_sample=False, top_p=None, top_k=None, temperature=None)
     else:
         for name in ("temperature", "top_p", "top_k"):
@@ -157,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.model and not args.adapter:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
+        return 2
+    if (problem := bad_flag(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     import warnings
 

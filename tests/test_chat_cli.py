@@ -53,6 +53,36 @@ def test_query_mode_bad_adapter_is_a_clear_error(tmp_path, capsys):
     assert main(["chat", "--query", "hi"]) == 2  # neither a model nor an adapter
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--history-window", "0"], "--history-window must be at least 1"),
+])
+def test_sampling_flags_out_of_range_are_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, message):
+    import finetune.chat
+    from finetune.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(finetune.chat, "load", no_load)
+    assert main(["chat", "-m", str(tmp_path), "--query", "hi", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_temperature_zero_is_greedy(setup):
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-a", str(setup["lora"]), "--query",
+                        MEMORISE[1][0], "--temperature", "0"],
+                       capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == MEMORISE[1][1]
+
+
 class Pty:
     def __init__(self, argv):
         self.master, slave = pty.openpty()
