@@ -90,7 +90,7 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
     if plan.mode == "full":
         model.requires_grad_(True)
     else:
-        model = attach_lora(model, lora_args, plan)
+        model = attach_lora(model, lora_args, plan, verbose=args.process_index == 0)
     if getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing:
         # with the kwargs PEFT needs, under the name this transformers has (activation_* from 5.2x on); the
         # Trainer must not redo it

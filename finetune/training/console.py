@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 
 
 def quiet_third_party_notices() -> None:
+    # torch 2.13 deprecated all_gather_into_tensor, which DeepSpeed's ZeRO calls every step: one FutureWarning per
+    # process about DeepSpeed's code, not the user's
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
     # matplotlib (the loss curve) logs building its font cache at INFO, which the trainer's log level shows
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # DeepSpeed is imported by accelerate whenever it is installed, used or not, and on a machine without a GPU

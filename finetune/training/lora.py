@@ -34,8 +34,9 @@ def check_target_modules(model, targets, modules_to_save=None) -> None:
                              f"embedding) and lm_head")
 
 
-def attach_lora(model, lora_args, plan):
-    """Wrap the model with trainable LoRA adapters (fp32), every other weight frozen."""
+def attach_lora(model, lora_args, plan, verbose: bool = True):
+    """Wrap the model with trainable LoRA adapters (fp32), every other weight frozen; ``verbose``: print the
+    trainable parameter count (rank 0 only in a multi-process run)."""
     from peft import LoraConfig, get_peft_model
 
     from ..adapters import load_adapter
@@ -57,5 +58,6 @@ def attach_lora(model, lora_args, plan):
             n_train += p.numel()
     if n_train == 0:
         raise ValueError(f"no module matched --lora_target_modules {lora_args.lora_target_modules}")
-    model.print_trainable_parameters()
+    if verbose:
+        model.print_trainable_parameters()
     return model
