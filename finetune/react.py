@@ -139,7 +139,7 @@ class Message:
     function_call: dict | None = None  # {"name": str, "arguments": str} on assistant messages
 
 
-def _text(content, where: str) -> str:
+def content_text(content, where: str) -> str:
     """Message content: a string, None (empty), or OpenAI's list of text parts."""
     if content is None:
         return ""
@@ -185,7 +185,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         if not isinstance(role, str):
             raise ReactError("needs a 'role'", f"{w}.role")
         role = ROLE_ALIASES.get(role.lower(), role.lower())
-        content = _text(m.get("content", m.get("value")), f"{w}.content")
+        content = content_text(m.get("content", m.get("value")), f"{w}.content")
         if role == "tool":
             if not pending:
                 raise ReactError("a tool message must answer a tool call of the assistant message before it",

@@ -96,6 +96,8 @@ class ChatEncoder:
         # tool conversations: labels only on the assistant's trained segments (not on observations)
         masks = {} if train_on_prompt else {k + 1: self._segment_labels(turns[k + 1][1], m["segments"])
                                             for k, m in enumerate(record["messages"]) if "segments" in m}
+        # assistant turns with weight 0 (OpenAI's fine-tuning format) are context: never trained
+        context = {k + 1 for k, m in enumerate(record["messages"]) if m.get("weight") == 0}
         sizes = [len(header[r]) + len(c) + len(end) for r, c in turns]
         full_length = sum(sizes)
         if max_len is None or full_length <= max_len:
@@ -111,7 +113,7 @@ class ChatEncoder:
             input_ids += header[role]
             input_ids += c
             input_ids += end
-            if role == "assistant" or train_on_prompt:
+            if (role == "assistant" or train_on_prompt) and k not in context:
                 labels += header_mask[role]
                 content_labels = masks.get(k, c)
                 labels += content_labels

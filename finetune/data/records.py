@@ -4,9 +4,16 @@ The normalised form, which everything after this module works on:
 
     {"id": str | None, "system": str, "messages": [{"role": "user" | "assistant", "content": str}, ...]}
 
-`messages` alternate user/assistant, start with a user turn and contain at least one assistant turn; the
-system prompt lives only in `system` (the default one when the record has none). Normalising a normalised
-record returns an equal record, so downstream code can accept raw and normalised records alike.
+`messages` alternate user/assistant, start with a user turn and contain at least one trained assistant turn;
+the system prompt lives only in `system` (the default one when the record has none). An assistant message may
+carry `"weight": 0` (OpenAI's fine-tuning format: context, not trained) and, in tool conversations,
+`segments`. Normalising a normalised record returns an equal record, so downstream code can accept raw and
+normalised records alike.
+
+Accepted forms: `conversations` (Qwen's and ShareGPT's from/value turns), `messages` (OpenAI's role/content,
+content as a string or a list of text parts), tool / function-call conversations (react.py), and the Alpaca
+form LLaMA-Factory uses (`instruction`, optional `input`, `output`, optional `system` and `history` of
+[query, reply] pairs: the user turn is the instruction, a newline and the input when there is one).
 
 Reading streams: JSONL line by line, a JSON array element by element (`raw_decode` over the text, so the
 whole corpus never exists as one big Python list), so each record is validated as it is read and an
@@ -140,6 +147,59 @@ def _turn_fields(turn: Any, n: int) -> tuple[str, Any]:
     return role, content
 
 
+_ALPACA = ("instruction", "input", "output", "history")
+
+
+def _from_alpaca(record: dict) -> dict:
+    """An Alpaca-form record (LLaMA-Factory's convention) -> the `conversations` form, fields checked by name."""
+    def text(key, required):
+        v = record.get(key)
+        if v is None or v == "":
+            if required:
+                raise DataError("invalid alpaca record", f"'{key}' is missing or empty")
+            return ""
+        if not isinstance(v, str):
+            raise DataError("invalid alpaca record", f"'{key}' must be a string, got {type(v).__name__}")
+        if required and not v.strip():
+            raise DataError("invalid alpaca record", f"'{key}' is blank")
+        return v
+
+    instruction, extra, output = text("instruction", True), text("input", False), text("output", True)
+    turns = []
+    history = record.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise DataError("invalid alpaca record", f"'history' must be a list of [query, reply] pairs, got "
+                            f"{type(history).__name__}")
+        for i, pair in enumerate(history, 1):
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or not all(isinstance(x, str) and x.strip() for x in pair)):
+                raise DataError("invalid alpaca record", f"'history' item {i} must be a [query, reply] pair of "
+                                f"non-empty strings, got {_short(pair)}")
+            turns += [{"from": "user", "value": pair[0]}, {"from": "assistant", "value": pair[1]}]
+    turns += [{"from": "user", "value": instruction + ("\n" + extra if extra else "")},
+              {"from": "assistant", "value": output}]
+    out = {"conversations": turns}
+    for key in ("id", "system"):
+        if record.get(key) is not None:
+            out[key] = record[key]
+    return out
+
+
+def _weight(turn: dict, role: str, n: int) -> int:
+    """An assistant turn's OpenAI fine-tuning `weight`: 1 (trained, also when absent) or 0 (context only)."""
+    w = turn.get("weight")
+    if w is None:
+        return 1
+    if role != "assistant":
+        raise DataError("invalid weight", f"turn {n} ({role}) has a 'weight'; only assistant turns take one "
+                        "(0: not trained, 1: trained)")
+    if isinstance(w, bool) or w not in (0, 1) or not isinstance(w, int):
+        raise DataError("invalid weight", f"turn {n} (assistant) has weight {_short(w)}; it must be 0 (not "
+                        "trained) or 1 (trained)")
+    return w
+
+
 def normalize_record(record: Any) -> dict:
     """Validate one record in any accepted form and return its normalised form; raise DataError if invalid.
 
@@ -147,7 +207,19 @@ def normalize_record(record: Any) -> dict:
     """
     if not isinstance(record, dict):
         raise DataError("record is not an object", f"got a {type(record).__name__}")
+    alpaca = [k for k in _ALPACA if record.get(k) is not None]
+    if alpaca:
+        chat = [k for k in ("conversations", "messages") if record.get(k) is not None]
+        if chat:
+            raise DataError(f"both '{chat[0]}' and Alpaca fields", f"the record has '{chat[0]}' and "
+                            f"{', '.join(repr(k) for k in alpaca)}; keep one form (the other would be ignored)")
+        record = _from_alpaca(record)
     if react.is_tool_record(record):  # rendered into user/assistant turns whose assistants carry `segments`
+        turns = record.get("conversations", record.get("messages"))
+        for n, turn in enumerate(turns if isinstance(turns, list) else [], 1):
+            if isinstance(turn, dict) and turn.get("weight") not in (None, 1):
+                raise DataError("invalid weight", f"turn {n}: 'weight' 0 is not supported in tool / "
+                                "function-call conversations (every assistant turn of one is trained)")
         try:
             record = react.render_tool_record(record)
         except react.ReactError as e:
@@ -177,9 +249,15 @@ def normalize_record(record: Any) -> dict:
         if role is None:
             raise DataError("unknown role", f"turn {n} has role {raw_role!r} "
                             f"(accepted: {', '.join(ROLES)})")
+        if isinstance(content, list):  # OpenAI's content parts: text parts joined, as the server reads them
+            try:
+                content = react.content_text(content, f"turn {n} ({role})")
+            except react.ReactError as e:
+                raise DataError("invalid value", f"{e.field}: {e}") from None
         if not isinstance(content, str):
             raise DataError("invalid value", f"turn {n} ({role}) has a {type(content).__name__} value, "
                             "not a string")
+        weight = _weight(turn, role, n)
         _check_text(content, f"turn {n} ({role})")
         if role == "system":
             if n != 1:
@@ -197,6 +275,8 @@ def normalize_record(record: Any) -> dict:
             raise DataError("starts with an assistant turn", f"turn {n} is the first turn after the "
                             "system prompt and is an assistant turn; a conversation starts with the user")
         messages.append({"role": role, "content": content})
+        if weight == 0:
+            messages[-1]["weight"] = 0
         if role == "assistant" and "segments" in turn:  # labels per segment (react.render_tool_record)
             try:
                 messages[-1]["segments"] = react.check_segments(turn["segments"], content, f"turn {n}")
@@ -205,6 +285,8 @@ def normalize_record(record: Any) -> dict:
 
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn", "nothing to train on")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        raise DataError("no trained assistant turn", "every assistant turn has weight 0: nothing to train on")
     rid = record.get("id")
     if isinstance(rid, str):
         _check_text(rid, "the id")

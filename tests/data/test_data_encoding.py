@@ -168,3 +168,20 @@ def test_trailing_user_turn_is_its_own_pair(data_small_tokenizer):
     assert len(encode_conversation(tok, rec)["input_ids"]) == sys_n + u1 + a1 + u2
     out = encode_conversation_info(tok, rec, max_len=sys_n + u1 + a1 + u2 - 1)
     assert out.truncated and len(out.input_ids) == sys_n + u1 + a1
+
+
+def test_weight_zero_assistant_turns_are_context_not_trained(data_small_tokenizer):
+    """OpenAI's fine-tuning format: an assistant message with "weight": 0 stays in the input and gets no labels
+    (also with --train_on_prompt); the same conversation without weights trains both replies."""
+    tok = data_small_tokenizer
+    msgs = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "first reply", "weight": 0},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "second reply", "weight": 1}]
+    out = encode_conversation(tok, {"messages": msgs})
+    plain = encode_conversation(tok, {"messages": [{k: v for k, v in m.items() if k != "weight"} for m in msgs]})
+    assert out["input_ids"] == plain["input_ids"]
+    trained = [t for t, l in zip(out["input_ids"], out["labels"]) if l != IGN]
+    assert trained == tok.encode("second reply") + [tok.im_end_id]
+    on_prompt = encode_conversation(tok, {"messages": msgs}, train_on_prompt=True)
+    trained = [t for t, l in zip(on_prompt["input_ids"], on_prompt["labels"]) if l != IGN]
+    assert tok.encode("first reply") + [tok.im_end_id] != trained[:len(tok.encode("first reply")) + 1]
+    assert "first reply" not in tok.decode(trained) and "second reply" in tok.decode(trained)

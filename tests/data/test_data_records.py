@@ -346,3 +346,59 @@ def test_in_memory_id_too_long_to_convert():
     with pytest.raises(DataError, match="invalid id: an id too long to convert"):
         normalize_record({"id": 10 ** 5000, "conversations": [U, A]})
     assert normalize_record({"id": 12, "conversations": [U, A]})["id"] == "12"
+
+
+def test_alpaca_records_become_conversations():
+    """The Alpaca form LLaMA-Factory reads: the user turn is the instruction, then a newline and the input when
+    there is one; `history` pairs come first; `system` and `id` carry over."""
+    rec = normalize_record({"id": 7, "system": "Be brief.", "instruction": "Translate", "input": "bonjour",
+                            "output": "hello", "history": [["Hi", "Hello."]]})
+    assert rec == {"id": "7", "system": "Be brief.", "messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Translate\nbonjour"}, {"role": "assistant", "content": "hello"}]}
+    plain = normalize_record({"instruction": "Say hi", "input": "", "output": "hi"})
+    assert plain["messages"] == [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]
+    assert plain["system"] == DEFAULT_SYSTEM
+    assert normalize_record(plain) == plain
+
+
+@pytest.mark.parametrize("record, reason, detail", [
+    ({"instruction": "x"}, "invalid alpaca record", "'output' is missing or empty"),
+    ({"instruction": "  ", "output": "y"}, "invalid alpaca record", "'instruction' is blank"),
+    ({"instruction": "x", "input": 3, "output": "y"}, "invalid alpaca record", "'input' must be a string, got int"),
+    ({"instruction": "x", "output": "y", "history": [["q"]]}, "invalid alpaca record", "'history' item 1"),
+    ({"instruction": "x", "output": "y", "messages": [{"role": "user", "content": "q"}]},
+     "both 'messages' and Alpaca fields", "keep one form"),
+    ({"messages": [{"role": "user", "content": "q", "weight": 0}, {"role": "assistant", "content": "a"}]},
+     "invalid weight", "turn 1 (user) has a 'weight'"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0.5}]},
+     "invalid weight", "weight 0.5; it must be 0"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}]},
+     "no trained assistant turn", "every assistant turn has weight 0"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                   {"role": "assistant", "content": "a"}]},
+     "invalid value", "turn 1 (user)[0]"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+      "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0},
+                   {"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]},
+     "invalid weight", "not supported in tool / function-call conversations"),
+])
+def test_alpaca_weight_and_content_part_errors_name_the_field(record, reason, detail):
+    with pytest.raises(DataError) as e:
+        normalize_record(record)
+    assert e.value.reason == reason and detail in str(e.value), str(e.value)
+
+
+def test_openai_fine_tuning_records_weights_and_text_parts():
+    """OpenAI's chat fine-tuning JSONL: content as text parts (joined, as the server joins them) and assistant
+    "weight" 0 kept as context (normalised as "weight": 0; 1 is the default and not written)."""
+    rec = normalize_record({"messages": [
+        {"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "kind."}]},
+        {"role": "user", "content": [{"type": "text", "text": "q1"}]},
+        {"role": "assistant", "content": "a1", "weight": 0},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": [{"type": "text", "text": "a2"}], "weight": 1}]})
+    assert rec["system"] == "Be kind."
+    assert rec["messages"] == [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "weight": 0},
+                               {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]
+    assert normalize_record(rec) == rec
