@@ -1,7 +1,8 @@
 """The project's switches, read once from the environment and then fixed for the process.
 
 Each switch is for comparing paths or working around a problem; all are on by default except
-``gptq_lora_epilogue``, which stays off until its GPU tests have run on a device (it was written without one). Code reads them through
+``gptq_lora_epilogue`` and ``decode_attention``, which stay off until their GPU tests and measurements have run on
+a device (they were written without one). Code reads them through
 `settings()` (a cached object, never `os.environ` in a hot path); a flag with the same meaning (`--cuda_graphs`)
 takes its default from here. `train` records them in run_info.json. Tests and benchmarks change them with
 `override(...)`, not by setting environment variables mid-process.
@@ -32,6 +33,9 @@ class Settings:
     # FINETUNE_GPTQ_LORA_EPILOGUE: the engine's unmerged LoRA added in the tensor-core GEMV's epilogue (off: not yet
     # run on a GPU; tests/quant/test_quant_cuda.py and tests/inference/test_inference_cuda.py turn it on)
     gptq_lora_epilogue: bool = False
+    # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
+    # reads its own keys only) instead of SDPA over the step's length bucket (off: not yet run on a GPU)
+    decode_attention: bool = False
 
 
 ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}

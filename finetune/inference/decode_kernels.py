@@ -9,7 +9,11 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three repla
   RMSNorm, one program per row;
 - ``rotary_to_cache``: from c_attn's output, rotary on q and k, the logN query scale, and the write of k and v
   into the layer's KV cache at each row's position; returns q [b, H, 1, D];
-- ``swiglu``: up * silu(gate).
+- ``swiglu``: up * silu(gate);
+- ``decode_attention`` (with ``FINETUNE_DECODE_ATTENTION=1``): each row's query against its own keys only (the
+  cache up to its position), split over the keys as flash-decoding does, in fp32, written in the layout c_proj
+  reads. SDPA instead reads every row up to the step's length bucket under a mask, so a short row pays for the
+  longest one's keys.
 
 Numerics are the model's (``modeling/kernels.py``), rounding for rounding: fp32 arithmetic, rounded to the
 activation dtype exactly where eager torch rounds (the residual sum; RMSNorm's normalised value before the
@@ -90,6 +94,92 @@ def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, (u * silu.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, SPLIT,
+                           stride_qb, stride_cr, stride_ch, stride_cp, S,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    H = tl.num_programs(1)
+    # keys 0..pos (the one written this step included); a slot past the step's keys (a stale position) is cut
+    n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
+    start = sp * SPLIT
+    end = tl.minimum(start + SPLIT, n)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q_ptr + row * stride_qb + h * D + d, mask=dmask, other=0.0).to(tl.float32)
+    base = row.to(tl.int64) * stride_cr + h * stride_ch
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for n0 in range(start, end, BLOCK_N):  # an empty range (a split past the row's keys) leaves m = -inf, l = 0
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < end
+        tile = base + offs[:, None].to(tl.int64) * stride_cp + d[None, :]
+        kmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + tile, mask=kmask, other=0.0).to(tl.float32)
+        sc = tl.where(nmask, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new)
+        v = tl.load(v_ptr + tile, mask=kmask, other=0.0).to(tl.float32)
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    slot = ((row * H + h) * S + sp) * (BLOCK_D + 2)
+    tl.store(ws_ptr + slot + d, acc)
+    tl.store(ws_ptr + slot + BLOCK_D, m)
+    tl.store(ws_ptr + slot + BLOCK_D + 1, l)
+
+
+@triton.jit
+def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    sp = tl.arange(0, BLOCK_S)
+    smask = sp < S
+    d = tl.arange(0, BLOCK_D)
+    slots = ((row * H + h) * S + sp) * (BLOCK_D + 2)
+    m = tl.load(ws_ptr + slots + BLOCK_D, mask=smask, other=float("-inf"))
+    l = tl.load(ws_ptr + slots + BLOCK_D + 1, mask=smask, other=0.0)
+    acc = tl.load(ws_ptr + slots[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+    big = tl.max(m, axis=0)  # finite for every row with a key (split 0 holds key 0)
+    w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
+    total = tl.sum(w * l, axis=0)
+    y = tl.where(total > 0, tl.sum(w[:, None] * acc, axis=0) / total, 0.0)  # (a padding slot with no key: 0)
+    tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float, kv_len: int, split: int = 256) -> torch.Tensor:
+    """One decode step's attention: q [b, heads, 1, D] (rotary and logN applied), row i attending to its keys
+    0..pos[i] of ``k_cache``/``v_cache`` [slots >= b, heads, capacity, D] (at most ``kv_len``), scores times
+    ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. The keys of a row are split in
+    ``split``-key parts, each one program a head (fp32 online softmax), combined by a second kernel; parts past
+    a row's own keys return at once."""
+    b, heads, one, D = q.shape
+    if one != 1 or not q.is_contiguous():
+        raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] < b \
+            or k_cache.shape[1] != heads or k_cache.shape[3] != D or k_cache.stride(3) != 1 \
+            or kv_len > k_cache.shape[2]:
+        raise ValueError(f"KV cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not fit {b} rows x "
+                         f"{heads} heads x {D} and {kv_len} keys")
+    block_d = triton.next_power_of_2(D)
+    S = triton.cdiv(kv_len, split)
+    ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
+    out = torch.empty(b, 1, heads * D, dtype=q.dtype, device=q.device)
+    _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, split,
+                                          q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
+                                          D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
+    _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d,
+                                         BLOCK_S=triton.next_power_of_2(S), num_warps=1)
+    return out
+
+
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     """t as a [rows, last] view (add_rms_norm writes the residual back in place: never a copy)."""
     if not t.is_contiguous():
@@ -165,4 +255,4 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["add_rms_norm", "rotary_to_cache", "swiglu"]
+__all__ = ["add_rms_norm", "decode_attention", "rotary_to_cache", "swiglu"]

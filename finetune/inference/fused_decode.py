@@ -1,7 +1,8 @@
 """The engine's decode step on CUDA with the blocks' elementwise work fused (``decode_kernels.py``).
 
 Per layer a decode step then runs: residual add + ln_1 (one kernel), c_attn, rotary on q and k + logN + the KV
-cache write (one kernel), SDPA, c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
+cache write (one kernel), SDPA (or, with ``FINETUNE_DECODE_ATTENTION=1``, decode_kernels.decode_attention: each
+row's own keys only), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
 the next layer's first kernel adds c_proj's output to the residual stream. The Linears are called as modules,
 so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
@@ -60,6 +61,7 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     kv_len = mask.shape[-1]
     b = x.shape[0]
     x = x.contiguous()
+    own_keys = settings().decode_attention and hasattr(kernels, "decode_attention")
     delta = None
     for block in tr.h:
         attn, mlp = block.attn, block.mlp
@@ -67,9 +69,13 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
         x, h = kernels.add_rms_norm(x, delta, block.ln_1.weight, block.ln_1.eps)
         q = kernels.rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer], pos,
                                     attn.num_heads)
-        keys, values = k_cache[layer, :b, :, :kv_len], v_cache[layer, :b, :, :kv_len]
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
-        delta = attn.c_proj(y.transpose(1, 2).reshape(b, 1, attn.projection_size))
+        if own_keys:  # each row's keys only, written as c_proj reads them
+            y = kernels.decode_attention(q, k_cache[layer], v_cache[layer], pos, attn.scale, kv_len)
+        else:
+            keys, values = k_cache[layer, :b, :, :kv_len], v_cache[layer, :b, :, :kv_len]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
+            y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)
+        delta = attn.c_proj(y)
         x, h = kernels.add_rms_norm(x, delta, block.ln_2.weight, block.ln_2.eps)
         delta = mlp.c_proj(kernels.swiglu(mlp.w1(h), mlp.w2(h)))
     _, h = kernels.add_rms_norm(x, delta, tr.ln_f.weight, tr.ln_f.eps)

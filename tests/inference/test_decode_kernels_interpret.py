@@ -125,6 +125,67 @@ def test_swiglu_equals_up_times_silu_gate(kernels, dtype):
     torch.testing.assert_close(out.float(), swiglu(up, gate).float(), **TOL[dtype])
 
 
+def _attention_case(dtype, rows=3, heads=4, D=32, capacity=700, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(rows + 1, heads, capacity, D, generator=g).to(dtype)  # one slot more than the rows
+    v_cache = torch.randn(rows + 1, heads, capacity, D, generator=g).to(dtype)
+    q = torch.randn(rows, heads, 1, D, generator=g).to(dtype)
+    pos = torch.tensor([0, 517, 130][:rows])  # a first token, a row across three splits, one inside the first
+    return q, k_cache, v_cache, pos
+
+
+def _sdpa_reference(q, k_cache, v_cache, pos, scale, kv_len):
+    """The unfused step's attention in fp64: every row up to kv_len keys, masked past its position."""
+    from finetune.inference.fused_decode import additive_mask
+
+    b = q.shape[0]
+    mask = additive_mask(torch.arange(kv_len), pos, kv_len, torch.float64)
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k_cache[:b, :, :kv_len].double(), v_cache[:b, :, :kv_len].double(), attn_mask=mask, scale=scale)
+    return y.transpose(1, 2).reshape(b, 1, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_masked_sdpa_over_each_rows_own_keys(kernels, dtype):
+    q, k_cache, v_cache, pos = _attention_case(dtype)
+    kv_len, scale = 528, 32 ** -0.5
+    out = kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    assert out.shape == (3, 1, 4 * 32) and out.dtype == dtype
+    ref = _sdpa_reference(q, k_cache, v_cache, pos, scale, kv_len)
+    # fp32 softmax and sums either way: only the order differs; bf16: the output's rounding (truncated here)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    # a small split size (many parts per row, most of them past the short rows' keys) gives the same result
+    torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, split=64).double(),
+                               ref, **tol)
+
+
+def test_decode_attention_never_reads_past_a_rows_position(kernels):
+    """A short row in a batch with a long one reads only its own keys: NaN written past each row's position (and
+    past kv_len) does not reach any output."""
+    q, k_cache, v_cache, pos = _attention_case(torch.float32, seed=1)
+    kv_len, scale = 528, 32 ** -0.5
+    want = kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    for i, p in enumerate(pos.tolist()):
+        k_cache[i, :, p + 1:] = float("nan")
+        v_cache[i, :, p + 1:] = float("nan")
+    got = kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    assert torch.equal(got, want)
+    stale = pos.clone()
+    stale[0] = 10_000  # a padding slot's stale position: cut at kv_len, not past it
+    k_cache[0, :, :kv_len] = torch.randn(4, kv_len, 32)
+    v_cache[0, :, :kv_len] = torch.randn(4, kv_len, 32)
+    assert torch.isfinite(kernels.decode_attention(q, k_cache, v_cache, stale, scale, kv_len)).all()
+
+
+def test_decode_attention_rejects_shapes_that_do_not_fit(kernels):
+    q, k_cache, v_cache, pos = _attention_case(torch.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.decode_attention(q, k_cache, v_cache, pos, 1.0, 800)  # more keys than the cache holds
+    with pytest.raises(ValueError, match="query"):
+        kernels.decode_attention(q.transpose(0, 1), k_cache, v_cache, pos, 1.0, 100)
+
+
 # -- the engine's fused decode step (fp32, CPU, interpreted kernels) --------------------------------------------
 def _engine_logits(model, tok, batch, kernels, new=12):
     """Every request's fp32 logits per step, and the output ids, with the fused path given ``kernels`` (None:
@@ -146,8 +207,13 @@ def _engine_logits(model, tok, batch, kernels, new=12):
     return [torch.stack(seen[r.id]) for r in reqs], [r.output_ids for r in reqs]
 
 
+@pytest.mark.parametrize("own_keys", [False, True])  # SDPA over the length bucket, or decode_attention
 @pytest.mark.parametrize("seq_length", [256, 16])  # 16: rows cross seq_length (NTK per row, logN scale)
-def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length):
+def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, own_keys, switches, monkeypatch):
+    switches(decode_attention=own_keys)
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     tok = QWenTokenizer(str(SMALL_VOCAB))
     model = tiny(seed=11, seq_length=seq_length)
     g = torch.Generator().manual_seed(5)
@@ -155,6 +221,7 @@ def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length):
     with torch.no_grad():
         plain_logits, plain_ids = _engine_logits(model, tok, batch, None)
         fused_logits, fused_ids = _engine_logits(model, tok, batch, kernels)
+    assert bool(calls) == own_keys
     for a, b in zip(fused_logits, plain_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert fused_ids == plain_ids

@@ -18,6 +18,7 @@ def test_kernel_families_separate_the_fused_decode_kernels_from_the_rest():
     fused = "fused decode (norm, rotary + cache, swiglu)"
     for name in ("_dec_add_rms_norm_kernel", "_dec_rotary_cache_kernel", "_dec_swiglu_kernel"):
         assert mod.family(name) == fused
+    assert mod.family("_dec_attn_split_kernel") == mod.family("_dec_attn_combine_kernel") == "attention"
     assert mod.family("_gemv2_kernel") == "int4_gemv"
     assert mod.family("gptq_mma_gemv") == "int4_gemv"
     assert mod.family("void gemv2T_kernel_val<int, int, __nv_bfloat16, 128, 16, 4, 4, false>") == "matmul (lm_head, LoRA)"

@@ -122,6 +122,48 @@ def test_fused_step_matches_the_unfused_step_in_bf16(tok):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < BF16_STEP_REL
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
+    """The compiled split-key attention (40 heads of 128, rows at mixed positions, a stale padding slot) against
+    SDPA over the length bucket under the additive mask, computed in fp64."""
+    from finetune.inference import decode_kernels as K
+    from finetune.inference.fused_decode import additive_mask
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, heads, D, capacity, kv_len = 6, 40, 128, 2304, 2048
+    k_cache = torch.randn(rows, heads, capacity, D, device="cuda", generator=g).to(dtype)
+    v_cache = torch.randn(rows, heads, capacity, D, device="cuda", generator=g).to(dtype)
+    q = torch.randn(rows, heads, 1, D, device="cuda", generator=g).to(dtype)
+    pos = torch.tensor([0, 1999, 255, 256, 700, 2047], device="cuda")
+    scale = D ** -0.5
+    out = K.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    mask = additive_mask(torch.arange(kv_len, device="cuda"), pos, kv_len, torch.float64)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k_cache[:, :, :kv_len].double(),
+                                                           v_cache[:, :, :kv_len].double(), attn_mask=mask, scale=scale)
+    ref = ref.transpose(1, 2).reshape(rows, 1, heads * D)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=2 ** -8)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    graph = torch.cuda.CUDAGraph()  # capturable: no host sync, the positions read on the device
+    with torch.cuda.graph(graph):
+        replayed = K.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, out)
+
+
+def test_fused_step_with_decode_attention_matches_sdpa_in_bf16(tok, switches):
+    model = realistic_model(4).to("cuda", torch.bfloat16)
+    model.config.seq_length = 64
+    engine = _after_prefill(model, tok, prompts([5, 90, 33], seed=6))
+    kernels = engine._kernels
+    switches(decode_attention=True)
+    own, _, _ = _one_step(engine, kernels)
+    switches(decode_attention=False)
+    sdpa, _, _ = _one_step(engine, kernels)
+    rel = ((own - sdpa).norm() / sdpa.norm()).item()
+    assert rel < BF16_STEP_REL, rel
+
+
 def test_the_fused_path_is_used_only_where_it_computes_the_same(tok, switches):
     model = realistic_model(5).to("cuda", torch.bfloat16)
     assert Engine(model, tok)._kernels is not None
