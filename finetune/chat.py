@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 def bad_flag(args) -> str | None:
     """The first sampling flag out of its range, as one line (checked before the model loads)."""
     checks = [("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "at least 1"),
-              ("--temperature", args.temperature, lambda v: v >= 0, ">= 0 (0: greedy, as --greedy)"),
+              ("--temperature", args.temperature, lambda v: v >= 0, ">= 0 (below 0.01: greedy, as --greedy)"),
               ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
               ("--top-k", args.top_k, lambda v: v >= 0, ">= 0 (0: off)"),
               ("--repetition-penalty", args.repetition_penalty, lambda v: v > 0, "> 0"),
@@ -57,10 +57,12 @@ def bad_flag(args) -> str | None:
 
 
 def generation_kwargs(args) -> dict:
-    """The flags given, as chat()'s generation-config updates (unset flags keep the model's defaults);
-    ``--temperature 0`` is greedy decoding, as in the server and OpenAI's API."""
+    """The flags given, as chat()'s generation-config updates (unset flags keep the model's defaults); a
+    temperature below 0.01 (0 included) is greedy decoding, as in the server and the official openai_api.py."""
+    from .inference.sampling import GREEDY_BELOW
+
     kw = {}
-    if args.greedy or args.temperature == 0:
+    if args.greedy or (args.temperature is not None and args.temperature < GREEDY_BELOW):
         kw.update(do_sample=False, top_p=None, top_k=None, temperature=None)
     else:
         for name in ("temperature", "top_p", "top_k"):

@@ -11,8 +11,11 @@ calls and function results are written into the turns, how a reply is parsed bac
   {arguments}``; the function's result is appended as ``\\nObservation: {result}``; a later assistant
   message is appended to the same assistant turn after "\\n"; a plain assistant message (functions given)
   becomes ``Thought: I now know the final answer.\\nFinal Answer: {content}``.
+- A turn's first assistant message and each whole history reply lose leading newlines and trailing
+  whitespace (as the official strips them: no space after an empty "Action Input:" or "Final Answer:").
 - When the conversation ends with a function result, the open assistant turn gets ``\\nThought:`` and the
-  model continues it (a text completion, not a new turn).
+  model continues it (a text completion, not a new turn); one ending with an assistant message is continued
+  too.
 - A reply is a call when it has ``\\nAction:`` followed by ``\\nAction Input:``; generation stops at
   "Observation:".
 
@@ -240,11 +243,14 @@ class Turns:
     """A conversation laid out for ChatML: `system`, user/assistant `pairs`, then either a new user `query`
     or (`query` None) a last pair whose assistant text the model continues (after a function result).
 
-    Assistant texts are lists of (text, trained) segments; `text(segments)` joins them."""
+    Assistant texts are lists of (text, trained) segments; `text(segments)` joins them. `continues_assistant`:
+    the open last turn is the client's own assistant message (a prefix the reply continues), not the
+    "\\nThought:" written after a function result."""
 
     system: str
     pairs: list[tuple[str, list[tuple[str, bool]]]] = field(default_factory=list)
     query: str | None = None
+    continues_assistant: bool = False
 
     @staticmethod
     def text(segments) -> str:
@@ -264,8 +270,8 @@ def _assistant_segments(m: Message, functions: list[dict], after_observation: bo
         if not content.startswith("Thought:"):
             content = f"Thought: {content}"
         text = f"{content}\nAction: {m.function_call['name']}\nAction Input: {m.function_call['arguments']}"
-    if not after_observation:
-        return [(text, True)]
+    if not after_observation:  # the official strips a turn's first message (empty arguments or answer leave
+        return [(_clean(text), True)]  # no trailing space); later ones are appended as they are
     if text.startswith("Thought:"):  # the server writes "\nThought:" after an observation; the model goes on
         return [("\nThought:", False), (text[len("Thought:"):], True)]
     return [("\n", False), (text, True)]
@@ -320,15 +326,30 @@ def build_turns(messages, functions: list[dict] | None = None, default_system: s
     elif msgs[-1].function_call is not None:
         raise ReactError("the last function call has no function result after it", f"{where}[{len(msgs) - 1}]")
     pairs = []
-    for k in range(0, len(rows), 2):
-        pairs.append((rows[k][1], rows[k + 1][1]))
+    for k in range(0, len(rows), 2):  # the official strips each history reply again, as a whole
+        pairs.append((rows[k][1], _strip_segments(rows[k + 1][1])))
     if instruction:
         if pairs:  # as the official parse_messages: the last history pair's user message
             u, a = pairs[-1]
             pairs[-1] = (f"{instruction}\n\nQuestion: {u}", a)
         else:
             query = f"{instruction}\n\nQuestion: {query}"
-    return Turns(system, pairs, query)
+    return Turns(system, pairs, query, continues_assistant=query is None and msgs[-1].role == "assistant")
+
+
+def _strip_segments(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Segments whose joined text is `_clean`ed: no leading newlines (an empty first message's "\\n" joiner
+    goes), no trailing whitespace (an empty last result's " " goes)."""
+    out = list(segments)
+    while out and not out[-1][0].rstrip():
+        out.pop()
+    if out:
+        out[-1] = (out[-1][0].rstrip(), out[-1][1])
+    while out and not out[0][0].lstrip("\n"):
+        out.pop(0)
+    if out:
+        out[0] = (out[0][0].lstrip("\n"), out[0][1])
+    return out
 
 
 # -- replies ---------------------------------------------------------------------------------------------
@@ -343,9 +364,8 @@ def parse_reply(text: str) -> tuple[str, dict | None]:
     j = text.find("\nAction Input:")
     k = text.find("\nObservation:")
     if 0 <= i < j:
-        if k < j:  # generation stopped at "Observation:", which is cut off
-            text = text.rstrip() + "\nObservation:"
-            k = text.find("\nObservation:")
+        if k < 0:  # generation stopped at "Observation:", which is cut off: the arguments run to the end
+            k = len(text)  # (the official appends it to the text, which then shows in a reply that is no call)
         name = text[i + len("\nAction:"):j].strip()
         args = text[j + len("\nAction Input:"):k].strip()
         if name:

@@ -75,9 +75,10 @@ def test_sampling_flags_out_of_range_are_one_line_before_loading(tmp_path, capsy
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
-def test_temperature_zero_is_greedy(setup):
+@pytest.mark.parametrize("temperature", ["0", "1e-40"])  # 1e-40 would overflow the scores: greedy too
+def test_temperature_below_a_hundredth_is_greedy(setup, temperature):
     r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-a", str(setup["lora"]), "--query",
-                        MEMORISE[1][0], "--temperature", "0"],
+                        MEMORISE[1][0], "--temperature", temperature, "--seed", "1"],
                        capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == MEMORISE[1][1]

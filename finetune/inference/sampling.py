@@ -19,6 +19,10 @@ import torch
 from transformers import GenerationConfig
 
 # GenerationConfig fields the engine implements (anything else set away from its default is refused).
+# A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
+# openai_api.py does: scores divided by a tiny temperature overflow fp32 (1e-40: inf, then NaN in the softmax).
+GREEDY_BELOW = 0.01
+
 _SUPPORTED = {
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
     "eos_token_id", "pad_token_id", "bos_token_id", "chat_format", "max_window_size", "transformers_version",

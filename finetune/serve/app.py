@@ -3,7 +3,8 @@
 Prompts are built as `model.chat` builds them (`make_context`: the system message, the history pairs, the
 last user message; every text encoded as plain text, so no message can forge a control token), sampling
 defaults are the model dir's generation config as `model.chat` uses it, and the reply is stripped as
-chat() strips it: a greedy request answers exactly `model.chat(..., do_sample=False)`'s answer.
+chat() strips it: a greedy request answers exactly `model.chat(..., do_sample=False)`'s answer. A request
+ending with an assistant message gets that message's continuation, unstripped (the official text completion).
 Functions / tools go through Qwen's ReAct prompt (finetune/react.py).
 """
 
@@ -23,6 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import react
+from ..inference.sampling import GREEDY_BELOW
 from .protocol import APIError, ChatCompletionRequest, field_path
 from .textstream import TextStream
 from .worker import EngineWorker
@@ -61,25 +63,34 @@ class Server:
         names = ", ".join([self.base_name, *self.adapter_names])
         raise APIError(404, f"The model {model!r} does not exist (served: {names})", "model", "model_not_found")
 
-    def prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
-        """(prompt ids, function dicts): make_context over the messages' turns (ReAct with functions)."""
-        from ..modeling import make_context
-
+    def turns(self, body: ChatCompletionRequest) -> tuple[react.Turns, list[dict]]:
+        """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
         try:
             functions = [] if body.tools_disabled() else react.functions_from(body.functions, body.tools)
-            turns = react.build_turns(body.messages, functions)
+            return react.build_turns(body.messages, functions), functions
         except react.ReactError as e:
             raise APIError(400, f"{e.field}: {e}" if e.field else str(e), e.field) from None
+
+    def prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
+        """(prompt ids, function dicts): make_context over the messages' turns (ReAct with functions)."""
+        turns, functions = self.turns(body)
+        return self.prompt_ids(turns), functions
+
+    def prompt_ids(self, turns: react.Turns) -> list[int]:
+        from ..modeling import make_context
+
         tok = self.tokenizer
         if turns.query is not None:
             _, ids = make_context(tok, turns.query, history=turns.history(), system=turns.system,
                                   max_window_size=self.window)
-        else:  # the last assistant turn is open (after a function result): the model continues it
-            user, assistant = turns.pairs[-1]
-            _, ids = make_context(tok, user, history=turns.history()[:-1], system=turns.system,
-                                  max_window_size=self.window)
-            ids = ids + tok.encode(react.Turns.text(assistant))
-        return ids, functions
+            return ids
+        # the last assistant turn is open (after a function result, or the client's own assistant message):
+        # the model continues it. The official text completion strips every user text here, so an empty
+        # question under the ReAct instruction ends "Question:" (make_context's query path keeps "Question: ")
+        history = [(u.lstrip("\n").rstrip(), a) for u, a in turns.history()]
+        user, assistant = history[-1]
+        _, ids = make_context(tok, user, history=history[:-1], system=turns.system, max_window_size=self.window)
+        return ids + tok.encode(assistant)
 
     def params(self, body: ChatCompletionRequest, prompt_len: int):
         from ..inference import SamplingParams
@@ -99,7 +110,9 @@ class Server:
         over: dict = {"max_new_tokens": wanted if wanted is not None
                       else min(self.gc.max_new_tokens or 512, limit - prompt_len)}
         if body.temperature is not None:
-            if body.temperature == 0:
+            # below 0.01 is greedy, as in the official server: scores divided by a tiny temperature overflow
+            # fp32 (1e-40: inf, then NaN), and a seeded row's draw raises, failing the step for every row
+            if body.temperature < GREEDY_BELOW:
                 over["do_sample"] = False
             else:
                 over.update(do_sample=True, temperature=body.temperature)
@@ -119,7 +132,8 @@ class Server:
     def start(self, body: ChatCompletionRequest):
         body.check()
         adapter = self.adapter_for(body.model)
-        ids, functions = self.prompt(body)
+        turns, functions = self.turns(body)
+        ids = self.prompt_ids(turns)
         params = self.params(body, len(ids))
         stop = react.stop_words(body.stop_list(), functions)
         try:
@@ -131,7 +145,10 @@ class Server:
                            f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
                            None, "queue_full")
         req, queue = started
-        return Run(self, req, queue, TextStream(self.tokenizer, stop), len(ids)), functions
+        # a reply continuing the client's assistant message is sent as generated (its leading space joins it
+        # to that text), as the official text completion returns it; other replies are stripped as chat()'s
+        text = TextStream(self.tokenizer, stop, strip=not turns.continues_assistant)
+        return Run(self, req, queue, text, len(ids)), functions
 
 
 class ClientGone(Exception):

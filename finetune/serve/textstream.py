@@ -7,14 +7,17 @@
   string is held back until the next tokens decide; the text is cut where a stop string begins.
 - The deltas join to exactly what `model.chat` returns: the reply stripped of leading and trailing
   whitespace (leading whitespace is never sent; trailing whitespace is held back until text follows it).
+  With ``strip=False`` (the reply continues the client's own assistant message, as the official server's
+  text completion) the text is sent as generated: a leading space is part of the continuation.
 """
 
 from __future__ import annotations
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: list[str] | None = None):
+    def __init__(self, tokenizer, stop: list[str] | None = None, strip: bool = True):
         self.tokenizer = tokenizer
+        self.strip = strip
         self.stop = [s for s in (stop or []) if s]
         self._longest = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
@@ -47,7 +50,7 @@ class TextStream:
 
     @property
     def final_text(self) -> str:
-        return self.text.strip()
+        return self.text.strip() if self.strip else self.text
 
     def _find_stop(self) -> None:
         if not self.stop:
@@ -68,14 +71,15 @@ class TextStream:
         return 0
 
     def _emit(self, final: bool) -> str:
-        stripped = self.text.lstrip()
+        stripped = self.text.lstrip() if self.strip else self.text
         if not stripped:
             return ""
         begin = max(self._sent, len(self.text) - len(stripped))
         end = len(self.text)
         if not final and not self.stopped:
             end -= self._held()
-        end = len(self.text[:end].rstrip())  # whitespace waits for what follows it
+        if self.strip:
+            end = len(self.text[:end].rstrip())  # whitespace waits for what follows it
         if end <= begin:
             return ""
         self._sent = end

@@ -104,6 +104,23 @@ def test_two_calls_in_one_assistant_message_and_train_on_prompt(data_small_token
     assert " sun" in "".join(t for ok, t in _runs(tok, full) if ok)
 
 
+def test_a_call_without_arguments_renders_as_the_server_prompts_it(data_small_tokenizer):
+    """Empty arguments: "Action Input:" then "\nObservation:", no space between (the official parse_messages
+    strips the turn's first message); the labels cover the same bytes."""
+    rec = {"functions": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Ask.", "function_call": {"name": "get_weather", "arguments": ""}},
+        {"role": "function", "content": "sun"}, {"role": "assistant", "content": "Sunny."}]}
+    reply = normalize_record(rec)["messages"][1]["content"]
+    assert reply == ("Thought: Ask.\nAction: get_weather\nAction Input:\nObservation: sun\n"
+                     "Thought: I now know the final answer.\nFinal Answer: Sunny.")
+    turns = react.build_turns(rec["messages"][:3], [WEATHER])
+    assert reply.startswith(react.Turns.text(turns.pairs[-1][1])[:-len("\nThought:")])
+    tok = data_small_tokenizer
+    trained = [t for ok, t in _runs(tok, encode_conversation(tok, rec)) if ok]
+    assert trained[0] == "Thought: Ask.\nAction: get_weather\nAction Input:\nObservation:"
+
+
 @pytest.mark.parametrize("record, where", [
     ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]}, "messages[1].role"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",

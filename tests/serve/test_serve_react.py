@@ -38,6 +38,26 @@ def test_after_a_function_result_the_open_turn_is_continued():
                                                 "Observation: found\nThought:")
 
 
+@pytest.mark.parametrize("middle, functions, reply", [
+    # an empty answer: no space after "Final Answer:"
+    ([{"role": "assistant", "content": ""}], [F], "Thought: I now know the final answer.\nFinal Answer:"),
+    # the turn's first message is stripped: arguments lose their trailing newline
+    ([{"role": "assistant", "content": "look", "function_call": {"name": "search", "arguments": "{}\n"}},
+      {"role": "function", "content": "r"}, {"role": "assistant", "content": "done"}], [F],
+     "Thought: look\nAction: search\nAction Input: {}\nObservation: r\nThought: I now know the final answer.\n"
+     "Final Answer: done"),
+    # the reply is stripped as a whole: an empty result leaves no space after "Observation:" ...
+    ([{"role": "assistant", "content": "look", "function_call": {"name": "search", "arguments": "{}"}},
+      {"role": "function", "content": ""}], [F], "Thought: look\nAction: search\nAction Input: {}\nObservation:"),
+    # ... and an empty first message no leading newline
+    ([{"role": "assistant", "content": ""}, {"role": "assistant", "content": "b"}], [], "b"),
+])
+def test_history_replies_are_stripped_as_the_official_parse_messages(middle, functions, reply):
+    msgs = [{"role": "user", "content": "q1"}, *middle, {"role": "user", "content": "q2"}]
+    t = react.build_turns(msgs, functions)
+    assert t.history()[-1][1] == reply and t.query == "q2"
+
+
 def test_without_functions_the_turns_are_plain_chat():
     t = react.build_turns([{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
                            {"role": "user", "content": "q2"}])
@@ -51,6 +71,8 @@ def test_without_functions_the_turns_are_plain_chat():
      ("I need it.", {"name": "search", "arguments": "{\"q\": 1}"})),
     ("Thought: I now know the final answer.\nFinal Answer: 42", ("42", None)),
     ("Just text.", ("Just text.", None)),
+    # no function name: an answer, returned as generated (the official appends "\nObservation:" to it)
+    ("Thought: a\nAction: \nAction Input: x", ("Thought: a\nAction: \nAction Input: x", None)),
 ])
 def test_parse_reply_as_the_official_parse_response(text, expected):
     assert react.parse_reply(text) == expected

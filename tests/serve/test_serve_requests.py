@@ -62,6 +62,15 @@ def test_greedy_base_answer_equals_model_chat_and_max_completion_tokens_limits_i
     assert r.choices[0].message.content == model.chat(tok, "Tell me more.", do_sample=False, max_new_tokens=6)[0]
 
 
+def test_a_tiny_temperature_is_greedy_and_fails_no_request(live):
+    """Below 0.01 is greedy, as in the official server: a seeded 1e-40 used to divide the scores to inf/NaN,
+    and the failed draw ended every request in the batch with a 500."""
+    client = openai.OpenAI(base_url=live.api_url, api_key="none", timeout=60, max_retries=0)
+    kw = dict(model="tiny-qwen", messages=[{"role": "user", "content": "Tell me more."}], max_tokens=6)
+    greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    assert client.chat.completions.create(temperature=1e-40, seed=1, **kw).choices[0].message.content == greedy
+
+
 HI = [{"role": "user", "content": "hi"}]
 
 

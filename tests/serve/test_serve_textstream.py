@@ -55,3 +55,13 @@ def test_an_incomplete_last_character_ends_as_chat_decodes_it(tok):
     s = TextStream(tok)
     assert s.feed(ids[:-1]) == ""  # held: not a whole character yet
     assert s.finish() == tok.decode(ids[:-1]).strip()
+
+
+def test_unstripped_text_is_sent_as_generated(tok):
+    """strip=False (a reply continuing the client's assistant message): whitespace is text, sent at once;
+    stop strings are still held back and cut."""
+    s = TextStream(tok, ["END"], strip=False)
+    assert s.feed(tok.encode(" Hello ")) == " Hello "
+    assert s.feed(tok.encode("world EN")) == "world "  # "EN" may start the stop string
+    assert s.feed(tok.encode("D more")) == "" and s.stopped
+    assert s.finish() == "" and s.final_text == " Hello world "
