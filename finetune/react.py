@@ -84,11 +84,21 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
     if functions and tools:
         raise ReactError("give either 'functions' or 'tools', not both", where_tools)
     out = []
+    plain_ok = False
+    if isinstance(tools, str):  # LLaMA-Factory's ShareGPT form: the tool list as JSON text of function dicts
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ReactError(f"a string that is not JSON ({e.msg} at character {e.pos + 1})", where_tools) from None
+        plain_ok = True
     if tools:
         if not isinstance(tools, list):
             raise ReactError("must be a list", where_tools)
         for i, t in enumerate(tools):
             where = f"{where_tools}[{i}]"
+            if plain_ok and isinstance(t, dict) and "function" not in t:
+                out.append(_check_function(t, where))
+                continue
             if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(
                     t.get("function"), dict):
                 raise ReactError("must be {\"type\": \"function\", \"function\": {...}}", where)
@@ -219,6 +229,9 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                 out.append(Message("assistant", content if j == 0 else "", _call(c["function"], f"{cw}.function")))
                 pending.append((c.get("id"), len(out) - 1))
             continue
+        if role == "function_call":  # LLaMA-Factory's ShareGPT form: the assistant's call as JSON text
+            out.append(Message("assistant", "", _json_call(m.get("content", m.get("value")), f"{w}.value")))
+            continue
         if role not in ("system", "user", "assistant", "function"):
             raise ReactError(f"unknown role {role!r} (accepted: system or developer, user, assistant, tool, function)",
                              f"{w}.role")
@@ -229,6 +242,21 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
     if pending:
         raise ReactError(f"tool call {pending[0][0]!r} has no tool message answering it", where)
     return out
+
+
+def _json_call(value, where: str) -> dict:
+    """A `function_call` turn's value: JSON text of {"name", "arguments"} (or a list holding one such call)."""
+    try:
+        call = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as e:
+        raise ReactError(f"must be JSON text of {{\"name\": ..., \"arguments\": ...}} ({e.msg} at character "
+                         f"{e.pos + 1})", where) from None
+    if isinstance(call, list):
+        if len(call) != 1:
+            raise ReactError(f"holds {len(call)} calls; one function_call turn takes one call (parallel calls: "
+                             "an assistant message with OpenAI 'tool_calls' and a 'tool' message each)", where)
+        call = call[0]
+    return _call(call, where)
 
 
 def has_function_calls(messages: list[Message]) -> bool:
@@ -395,7 +423,7 @@ def stop_words(stop: list[str] | None, functions: list[dict] | None) -> list[str
 
 # -- training records ------------------------------------------------------------------------------------
 
-_CALL_ROLES = {"function", "tool", "observation"}
+_CALL_ROLES = {"function", "tool", "observation", "function_call"}
 
 
 def is_tool_record(record: dict) -> bool:

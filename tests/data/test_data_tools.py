@@ -121,7 +121,38 @@ def test_a_call_without_arguments_renders_as_the_server_prompts_it(data_small_to
     assert trained[0] == "Thought: Ask.\nAction: get_weather\nAction Input:\nObservation:"
 
 
+# the same call in LLaMA-Factory's ShareGPT form: the call as JSON text in a "function_call" turn, the result in
+# an "observation" turn, the tools as JSON text of plain function dicts
+LLAMA_FACTORY = {
+    "tools": json.dumps([WEATHER]),
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "sunny and 21C"},
+        {"from": "gpt", "value": "It is sunny."},
+    ],
+}
+
+
+def test_llama_factory_sharegpt_tool_form_renders_as_the_openai_form(data_small_tokenizer):
+    """A function_call turn is the assistant's call with no thought of its own (the official layout writes
+    "Thought: " before the action, as for an OpenAI call with empty content)."""
+    no_thought = json.loads(json.dumps(OPENAI))
+    no_thought["messages"][1]["content"] = ""
+    assert normalize_record(LLAMA_FACTORY) == normalize_record(no_thought)
+    assert encode_conversation(data_small_tokenizer, LLAMA_FACTORY) == encode_conversation(data_small_tokenizer,
+                                                                                           no_thought)
+
+
 @pytest.mark.parametrize("record, where", [
+    ({"tools": "[{oops", "conversations": LLAMA_FACTORY["conversations"]}, "tools: a string that is not JSON"),
+    ({"tools": LLAMA_FACTORY["tools"], "conversations": [
+        {"from": "human", "value": "q"},
+        {"from": "function_call", "value": json.dumps([{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}])},
+        {"from": "observation", "value": "r"}, {"from": "gpt", "value": "x"}]}, "conversations[1].value: holds 2 calls"),
+    ({"tools": LLAMA_FACTORY["tools"], "conversations": [
+        {"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(Paris)"},
+        {"from": "observation", "value": "r"}, {"from": "gpt", "value": "x"}]}, "conversations[1].value: must be JSON"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]}, "messages[1].role"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
                     "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
