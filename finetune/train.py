@@ -306,7 +306,10 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party_notices()
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
-        model_args, data_args, lora_args, args = parse_args(argv)
+        try:
+            model_args, data_args, lora_args, args = parse_args(argv)
+        except ValueError as e:  # transformers' own checks of its flags (TrainingArguments.__post_init__)
+            raise TrainConfigError(" ".join(str(e).split())) from None
         train(model_args, data_args, lora_args, args, argv=argv)
     except (TrainConfigError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -205,6 +205,33 @@ def deepspeed_config(ds) -> dict | None:
         raise TrainConfigError(f"--deepspeed {ds}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
 
 
+def check_numbers(lora_args, args) -> None:
+    """Numeric flags out of range, one line each, before anything loads (else a division by zero, or PEFT's,
+    numpy's or the optimizer's traceback, minutes later)."""
+    import math
+
+    for flag, value in (("--per_device_train_batch_size", args.per_device_train_batch_size),
+                        ("--per_device_eval_batch_size", args.per_device_eval_batch_size),
+                        ("--gradient_accumulation_steps", args.gradient_accumulation_steps)):
+        if value < 1:
+            raise TrainConfigError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--learning_rate", args.learning_rate), ("--weight_decay", args.weight_decay),
+                        ("--max_grad_norm", args.max_grad_norm)):
+        if not (math.isfinite(value) and value >= 0):
+            raise TrainConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    if not (math.isfinite(lora_args.lora_alpha) and lora_args.lora_alpha > 0):
+        raise TrainConfigError(f"--lora_alpha must be positive (the adapter is scaled by lora_alpha / lora_r), got "
+                               f"{lora_args.lora_alpha}")
+    if not 0 <= lora_args.lora_dropout < 1:
+        raise TrainConfigError(f"--lora_dropout must be in [0, 1), got {lora_args.lora_dropout}")
+    for flag, value in (("--seed", args.seed), ("--data_seed", args.data_seed)):
+        if value is not None and not 0 <= value < 2 ** 32:
+            raise TrainConfigError(f"{flag} must be in [0, 2**32), got {value}")
+    if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise TrainConfigError(f"nothing to train: --num_train_epochs {args.num_train_epochs} and no --max_steps; "
+                               "give a positive number of epochs or steps")
+
+
 def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     # -- model dir -------------------------------------------------------------------------------------------
     if not model_args.model_name_or_path:
@@ -248,6 +275,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         mode = "full"
     if lora_args.lora_r <= 0:
         raise TrainConfigError(f"--lora_r must be positive, got {lora_args.lora_r}")
+    check_numbers(lora_args, args)
     if lora_args.lora_bias not in ("none", "all", "lora_only"):
         raise TrainConfigError(f"--lora_bias must be none, all or lora_only, got {lora_args.lora_bias!r}")
     if lora_args.lora_weight_path and not Path(lora_args.lora_weight_path).is_dir():

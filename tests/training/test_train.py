@@ -180,6 +180,28 @@ def test_preflight_errors(models, memorise_file, tmp_path):
     check(_args(models["float"], memorise_file, tmp_path / "o", "--deepspeed", str(bad_ds)), "scheduler")
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number >= 0, got nan"),
+    (["--learning_rate=-1e-4"], "--learning_rate must be a finite number >= 0"),
+    (["--lora_alpha", "0"], "--lora_alpha must be positive"),
+    (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "nothing to train: --num_train_epochs 0"),
+    (["--bf16", "True", "--fp16", "True"], "fp16 and bf16"),  # transformers' own check, as one line
+])
+def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise_file, tmp_path, capsys,
+                                                                monkeypatch, flags, message):
+    import finetune.loading
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    argv = _args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True", "--max_steps", "1", *flags)
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
 def test_bad_data_stops_before_model_load(models, tmp_path, capsys, monkeypatch):
     import finetune.loading
 
