@@ -300,10 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
         return 2
     for flag, value in (("--batch-size", args.batch_size), ("--gen-batch-size", args.gen_batch_size),
-                        ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
+                        ("--max-new-tokens", args.max_new_tokens), ("--max-samples", args.max_samples)):
+        if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    if args.max_len is not None and args.max_len < 16:  # as training's --model_max_length
+        print(f"error: --max-len {args.max_len} is too small for any chat turn (at least 16)", file=sys.stderr)
+        return 2
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -31,8 +31,28 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
     if str(dtype).lower() not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of bf16, fp16, fp32")
     return names[str(dtype).lower()]
+
+
+def check_device(device) -> torch.device:
+    """``device`` as a torch.device that exists here; else ModelLoadError in one line (not torch's assertion
+    from deep inside the first copy to it, after the weights were read)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ModelLoadError(f"unknown device {device!r} ({' '.join(str(e).split())[:120]}); use cpu, cuda or "
+                             "cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"
+            raise ModelLoadError(f"device {device!r}: {why}; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelLoadError(f"device {device!r}: there are {torch.cuda.device_count()} GPUs here "
+                                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type != "cpu":
+        raise ModelLoadError(f"device {device!r}: only cpu and cuda are supported")
+    return dev
 
 
 def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
@@ -117,6 +137,10 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     device: default "cuda" when a GPU is there, else "cpu". dtype: default bf16 on a GPU with bf16, else fp32;
     every float weight is cast to it once, here. With an adapter and model_dir None, the base is the one the
     adapter records (see finetune/adapters.py)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(device)
+    dtype = _parse_dtype(dtype) or default_dtype(device)
     if model_dir is None and adapter:
         from .adapters import resolve_base
 
@@ -124,9 +148,6 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     model_dir = resolve_model_dir(model_dir)
     info = describe(model_dir)
     cfg = info.config
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = _parse_dtype(dtype) or default_dtype(device)
 
     config = model_config(model_dir, cfg)
     if info.quantized:
@@ -154,5 +175,5 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     return model
 
 
-__all__ = ["load_model", "ModelLoadError", "default_dtype", "check_weights", "checkpoint_shapes", "inspect_model_dir",
+__all__ = ["load_model", "ModelLoadError", "check_device", "default_dtype", "check_weights", "checkpoint_shapes", "inspect_model_dir",
            "model_config", "read_config"]

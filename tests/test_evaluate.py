@@ -167,6 +167,19 @@ def test_eval_cli(setup, tmp_path, capsys):
     assert report["model"] == str(setup["float"])  # the base recorded in the adapter
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--max-samples", "-1"], "--max-samples must be >= 1, got -1"),  # (was records[:-1]: the last one dropped)
+    (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
+    (["--max-len", "1"], "--max-len 1 is too small"),
+])
+def test_eval_flags_out_of_range_are_one_line(setup, capsys, flags, message):
+    from finetune.cli import main
+
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
 def test_eval_cli_stops_on_bad_data_before_loading_the_model(setup, tmp_path, capsys, monkeypatch):
     import finetune.loading
     from finetune.cli import main

@@ -229,3 +229,19 @@ def test_official_config_and_tokenizer_config_load_without_remote_code(model_dir
     assert isinstance(load_model(model_dir, device="cpu"), QWenLMHeadModel)
     tok = AutoTokenizer.from_pretrained(model_dir)
     assert isinstance(tok, finetune.QWenTokenizer) and tok.im_end_id == 1842
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "unknown device 'tpu'"),
+    ("cuda:99", "device 'cuda:99'"),
+    ("meta", "only cpu and cuda are supported"),
+])
+def test_a_device_that_is_not_here_is_one_line_before_the_weights_are_read(tmp_path, monkeypatch, device, message):
+    """(and not torch's "Torch not compiled with CUDA enabled" assertion from the first copy to the device)"""
+    import finetune.loading
+
+    monkeypatch.setattr(finetune.loading, "describe", lambda *a: pytest.fail("the model dir was read"))
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(tmp_path, device=device)
+    with pytest.raises(ModelLoadError, match="unknown dtype 'float7'"):
+        load_model(tmp_path, device="cpu", dtype="float7")
