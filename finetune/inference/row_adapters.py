@@ -34,6 +34,7 @@ import torch
 
 from ..settings import settings
 
+
 def lora_layers(model) -> list:
     from peft.tuners.lora import LoraLayer
 
