@@ -33,6 +33,7 @@ and the "\\nThought:" the server writes after it are not. Imports nothing heavy 
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass, field
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
@@ -189,7 +190,8 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
     if not isinstance(messages, list) or not messages:
         raise ReactError("must be a non-empty list", where)
     out: list[Message] = []
-    pending: list[tuple[str | None, int]] = []  # (tool_call_id, index in out) of calls awaiting results
+    results: dict[int, Message] = {}  # index in out of an answered call -> its result, which follows it
+    pending = _PendingCalls()
     for i, m in enumerate(messages):
         w = f"{where}[{i}]"
         if not isinstance(m, dict):
@@ -204,20 +206,14 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                 raise ReactError("a tool message must answer a tool call of the assistant message before it",
                                  f"{w}.role")
             call_id = m.get("tool_call_id")
-            ids = [cid for cid, _ in pending]
-            if call_id is not None and call_id in ids:
-                k = ids.index(call_id)
-            elif call_id is not None and any(c is not None for c in ids):
+            at = pending.take(call_id)
+            if at is None:
                 raise ReactError(f"tool_call_id {call_id!r} matches no open tool call", f"{w}.tool_call_id")
-            else:
-                k = 0
-            _, at = pending.pop(k)
             # the result goes right after its call (a later call waits until this one is answered)
-            out.insert(at + 1, Message("function", content))
-            pending = [(cid, j + 1 if j > at else j) for cid, j in pending]
+            results[at] = Message("function", content)
             continue
         if pending:
-            raise ReactError(f"tool call {pending[0][0]!r} has no tool message answering it", f"{w}.role")
+            raise ReactError(f"tool call {pending.first_id()!r} has no tool message answering it", f"{w}.role")
         if role == "assistant" and m.get("tool_calls"):
             calls = m["tool_calls"]
             if not isinstance(calls, list):
@@ -227,7 +223,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                 if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
                     raise ReactError("needs a 'function' object", cw)
                 out.append(Message("assistant", content if j == 0 else "", _call(c["function"], f"{cw}.function")))
-                pending.append((c.get("id"), len(out) - 1))
+                pending.add(c.get("id"), len(out) - 1)
             continue
         if role == "function_call":  # LLaMA-Factory's ShareGPT form: the assistant's call as JSON text
             out.append(Message("assistant", "", _json_call(m.get("content", m.get("value")), f"{w}.value")))
@@ -240,8 +236,65 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
             raise ReactError("only assistant messages carry a function_call", f"{w}.function_call")
         out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None))
     if pending:
-        raise ReactError(f"tool call {pending[0][0]!r} has no tool message answering it", where)
-    return out
+        raise ReactError(f"tool call {pending.first_id()!r} has no tool message answering it", where)
+    if not results:
+        return out
+    return [x for j, msg in enumerate(out) for x in ((msg, results[j]) if j in results else (msg,))]
+
+
+class _PendingCalls:
+    """The tool calls awaiting their `tool` messages, in order, matched in constant time (a request with
+    thousands of calls was quadratic: lists rebuilt and indices shifted for every result)."""
+
+    def __init__(self):
+        self._calls: list[list] = []  # [tool_call_id, index in out, still open]
+        self._head = 0  # no open call before this
+        self._by_id: dict = {}  # id key -> positions in _calls of the open calls with that id, in order
+        self._named = 0  # open calls that have an id
+
+    @staticmethod
+    def _key(call_id):
+        try:
+            hash(call_id)
+            return call_id
+        except TypeError:  # an id that is JSON array or object (compared by its JSON text)
+            return ("json", json.dumps(call_id, sort_keys=True, default=repr))
+
+    def add(self, call_id, at: int) -> None:
+        self._calls.append([call_id, at, True])
+        if call_id is not None:
+            self._by_id.setdefault(self._key(call_id), deque()).append(len(self._calls) - 1)
+            self._named += 1
+
+    def __bool__(self) -> bool:
+        self._skip()
+        return self._head < len(self._calls)
+
+    def _skip(self) -> None:
+        while self._head < len(self._calls) and not self._calls[self._head][2]:
+            self._head += 1
+
+    def first_id(self):
+        self._skip()
+        return self._calls[self._head][0]
+
+    def take(self, call_id) -> int | None:
+        """Close the call a result with `call_id` answers (the first open one with that id; without an id, or
+        with an id while no open call has one, the first open one) -> its index in out, or None for no match."""
+        positions = self._by_id.get(self._key(call_id)) if call_id is not None else None
+        if positions:
+            k = positions[0]
+        elif call_id is not None and self._named:
+            return None
+        else:
+            self._skip()
+            k = self._head
+        entry = self._calls[k]
+        entry[2] = False
+        if entry[0] is not None:
+            self._by_id[self._key(entry[0])].popleft()  # (k is the first open call with its id)
+            self._named -= 1
+        return entry[1]
 
 
 def _json_call(value, where: str) -> dict:

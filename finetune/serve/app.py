@@ -21,6 +21,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import react
@@ -67,6 +68,8 @@ class Server:
         """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
         try:
             functions = [] if body.tools_disabled() else react.functions_from(body.functions, body.tools)
+            for i, f in enumerate(functions):
+                _check_function(f, f"tools[{i}].function" if body.tools else f"functions[{i}]")
             return react.build_turns(body.messages, functions), functions
         except react.ReactError as e:
             raise APIError(400, f"{e.field}: {e}" if e.field else str(e), e.field) from None
@@ -129,13 +132,26 @@ class Server:
 
     # -- running a request -------------------------------------------------------------------------------
 
-    def start(self, body: ChatCompletionRequest):
-        body.check()
-        adapter = self.adapter_for(body.model)
-        turns, functions = self.turns(body)
-        ids = self.prompt_ids(turns)
+    def prepare(self, body: ChatCompletionRequest):
+        """Check the request and build its prompt -> (prompt ids, params, adapter, stop strings, function dicts,
+        strip). Runs in a worker thread (see `start`)."""
+        try:
+            body.check()
+            adapter = self.adapter_for(body.model)
+            turns, functions = self.turns(body)
+            ids = self.prompt_ids(turns)
+        except RecursionError:  # JSON nested as deep as the parser allows, then written out again (repr, dumps)
+            raise APIError(400, "the request body nests JSON too deeply") from None
         params = self.params(body, len(ids))
         stop = react.stop_words(body.stop_list(), functions)
+        # a reply continuing the client's assistant message is sent as generated (its leading space joins it
+        # to that text), as the official text completion returns it; other replies are stripped as chat()'s
+        return ids, params, adapter, stop, functions, not turns.continues_assistant
+
+    async def start(self, body: ChatCompletionRequest):
+        # tokenizing a big body takes seconds: off the event loop, or every other client's stream (and /health)
+        # would stall meanwhile (tiktoken releases the GIL while it encodes)
+        ids, params, adapter, stop, functions, strip = await run_in_threadpool(self.prepare, body)
         try:
             started = self.worker.submit(ids, params, adapter)
         except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
@@ -145,10 +161,7 @@ class Server:
                            f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
                            None, "queue_full")
         req, queue = started
-        # a reply continuing the client's assistant message is sent as generated (its leading space joins it
-        # to that text), as the official text completion returns it; other replies are stripped as chat()'s
-        text = TextStream(self.tokenizer, stop, strip=not turns.continues_assistant)
-        return Run(self, req, queue, text, len(ids)), functions
+        return Run(self, req, queue, TextStream(self.tokenizer, stop, strip=strip), len(ids)), functions
 
 
 class ClientGone(Exception):
@@ -163,23 +176,31 @@ class Run:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.gone = False  # the client disconnected
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
+    async def _watch(self, http: Request) -> None:
+        """Cancel the request the moment its client disconnects. Polling between tokens never saw it: tokens
+        keep coming, and a non-streamed reply writes nothing until its last one, so a client that left still
+        held its row to max_tokens."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.req.cancel()  # the engine drops the row at its next step, and reports it (finish reason cancelled)
+
     async def deltas(self, http: Request, every_step: bool = False):
         """Text deltas until the request finishes (or hits a stop string); cancels it if the client leaves.
         ``every_step``: also an empty delta for a step whose tokens add no text yet (one per step with tokens)."""
         seen = 0
+        watcher = asyncio.ensure_future(self._watch(http))
         try:
             while True:
-                try:
-                    p = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        raise ClientGone from None
-                    continue
+                p = await self.queue.get()
+                if self.gone:
+                    raise ClientGone
                 if p.error:
                     raise APIError(500, f"generation failed: {p.error}", None, "engine_error")
                 new = self.req.output_ids[seen:p.n_tokens]
@@ -196,6 +217,7 @@ class Run:
                 if delta or (every_step and new):
                     yield delta
         finally:
+            watcher.cancel()
             if self.finish_reason is None or self.text.stopped:
                 self.req.cancel()  # client gone, error, or a stop string: free the row
 
@@ -223,11 +245,103 @@ def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest)
     return {"role": "assistant", "content": content or None, "tool_calls": [tool_call]}, "tool_calls"
 
 
+def _check_function(f: dict, where: str) -> None:
+    """What the ReAct prompt needs of a function definition beyond react's checks (400 naming the field)."""
+    name_key = "name_for_model" if "name_for_model" in f else "name"
+    if not f[name_key].isprintable():  # "Action: {name}" is one line of the prompt: a line break could never
+        raise APIError(400, f"{where}.{name_key}: must be one line of printable characters",  # be parsed back
+                       f"{where}.{name_key}")
+    for key in ("description", "description_for_model", "name_for_human"):
+        if f.get(key) is not None and not isinstance(f[key], str):
+            raise APIError(400, f"{where}.{key}: must be a string, got {_json_type(f[key])}", f"{where}.{key}")
+    if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
+        raise APIError(400, f"{where}.parameters: must be a JSON Schema object, got {_json_type(f['parameters'])}",
+                       f"{where}.parameters")
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _body_problem(request: Request, err: dict) -> str:
+    """Why the body as a whole is no request: empty, not sent as JSON, or JSON that is no object."""
+    content_type = request.headers.get("content-type", "")
+    if err.get("type") == "missing":
+        return "the request body is empty: send a JSON object with 'Content-Type: application/json'"
+    media = content_type.split(";")[0].strip().lower()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        got = f"got {content_type!r}" if content_type else "none was given"
+        return f"the request body must be JSON sent with 'Content-Type: application/json' ({got})"
+    return f"the request body must be a JSON object, got {_json_type(err.get('input'))}"
+
+
+def _unparsable(cause: Exception) -> str:
+    """FastAPI's 400 "There was an error parsing the body", with what was wrong."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON: it nests too deeply"
+    return f"the request body is not valid JSON: {cause}"
+
+
+# 413 above this: a prompt that fits any context is far smaller, and a body is parsed (and copied) whole
+MAX_BODY_BYTES = 16 * 2**20
+
+
+class BodyLimit:
+    """A request body over `limit` bytes gets a 413 before anything parses it: a declared Content-Length at once,
+    a chunked body as soon as it passes the limit. The body read here is handed on to the app as one message."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending: no one to answer
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(send)
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # then the connection's own messages (the disconnect watchers wait for)
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        err = APIError(413, f"the request body is over {self.limit} bytes", None, "request_too_large")
+        body = json.dumps(err.body()).encode()
+        # (the rest of the body stays unread: the connection closes after the answer)
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def _sse(obj) -> str:
     return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n"
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         server.worker.start()
@@ -236,6 +350,7 @@ def create_app(server: Server) -> FastAPI:
 
     app = FastAPI(title="qwen-ft serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(BodyLimit, limit=max_body)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -247,34 +362,54 @@ def create_app(server: Server) -> FastAPI:
         err = exc.errors()[0]
         where = field_path(err.get("loc", ()))
         msg = err.get("msg", "invalid value")
-        if err.get("type") == "json_invalid":
-            return JSONResponse(APIError(400, f"the request body is not valid JSON: {msg}").body(), 400)
+        if err.get("type") == "json_invalid":  # loc: ("body", the character offset)
+            detail = (err.get("ctx") or {}).get("error") or msg
+            at = err.get("loc", ())[-1:]
+            if at and isinstance(at[0], int):
+                detail += f" at character {at[0] + 1}"
+            return JSONResponse(APIError(400, f"the request body is not valid JSON: {detail}").body(), 400)
+        if not where:  # the body as a whole: pydantic's words ("Field required") would name nothing
+            msg = _body_problem(request, err)
         return JSONResponse(APIError(400, f"{where}: {msg}" if where else msg, where or None).body(), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
-        return JSONResponse(APIError(exc.status_code, str(exc.detail)).body(), status_code=exc.status_code)
+        message = str(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, Exception):  # FastAPI could not parse the body
+            message = _unparsable(exc.__cause__)
+        # (the headers keep a 405's Allow)
+        return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        # a bug, still answered as an OpenAI error object (uvicorn logs the traceback)
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
 
     def auth(request: Request):
         if server.api_key is None:
             return
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), server.api_key.encode()):
+        # header values arrive decoded as Latin-1: back to the bytes sent, compared with the key's UTF-8 bytes
+        # (a non-ASCII key never matched)
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode("latin-1"),
+                                                                     server.api_key.encode()):
             what = "missing" if not header else "incorrect"
             raise APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key "
                            "given to --api-key", None, "invalid_api_key")
 
-    @app.get("/health")
+    # HEAD too on the GET routes (monitors probe with it; FastAPI answers 405 otherwise)
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         return {"status": "ok", "in_flight": server.worker.in_flight, "steps": server.worker.steps,
                 "finished": dict(server.worker.finished)}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
     async def models():
         def card(name, parent):
             return {"id": name, "object": "model", "created": server.created, "owned_by": "qwen-finetune",
@@ -285,7 +420,7 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatCompletionRequest, http: Request):
-        run, functions = server.start(body)
+        run, functions = await server.start(body)
         cid, created = _completion_id(), int(time.time())
         if body.stream:
             return StreamingResponse(_stream(run, functions, body, http, cid, created),

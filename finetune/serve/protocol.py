@@ -7,9 +7,10 @@ unknown fields are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic_core import PydanticCustomError
 
 
 class APIError(Exception):
@@ -27,12 +28,26 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+def _json_number(value):
+    """Numbers must be JSON numbers: pydantic's lax mode reads "0.5" as 0.5 and true as 1 (OpenAI refuses both)."""
+    if isinstance(value, (str, bool)):
+        raise PydanticCustomError("number_type", "Input should be a number, not {kind}",
+                                  {"kind": "a string" if isinstance(value, str) else "a boolean"})
+    return value
+
+
+Number = BeforeValidator(_json_number)
+# seeds seed a torch.Generator, which takes 64 bits: a bigger one failed the engine step, and with it every
+# request in the batch
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: StrictBool = False
     # vLLM's extension (with include_usage): every chunk carries the usage so far, and a chunk goes out for every decode step that
     # produced tokens, also when they add no visible text yet (a held-back partial character or stop-string
     # prefix, or tokens that decode to nothing): clients can time and count tokens, not text
-    continuous_usage_stats: bool = False
+    continuous_usage_stats: StrictBool = False
 
 
 class ChatCompletionRequest(BaseModel):
@@ -40,26 +55,27 @@ class ChatCompletionRequest(BaseModel):
 
     model: str
     messages: list[Any] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool | None = False  # null is OpenAI's default (false); a string "yes" is no boolean: 400
     stream_options: StreamOptions | None = None
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)  # Qwen's official server takes it too
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    min_tokens: int | None = Field(default=None, ge=0)  # vLLM's extension: no stop before this many tokens
-    n: int | None = Field(default=None, ge=1)
+    # NaN and Infinity (Python's json reads them) are no numbers here: allow_inf_nan=False
+    temperature: Annotated[float | None, Number] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Annotated[float | None, Number] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: Annotated[int | None, Number] = Field(default=None, ge=0)  # Qwen's official server takes it too
+    max_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
+    max_completion_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
+    stop: Any = None  # a string or a list of strings, checked in check() (one message naming `stop`)
+    seed: Annotated[int | None, Number] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    min_tokens: Annotated[int | None, Number] = Field(default=None, ge=0)  # vLLM's: no stop before this many
+    n: Annotated[int | None, Number] = Field(default=None, ge=1)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     # accepted at their defaults only
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int | None, Number] = None
+    presence_penalty: Annotated[float | None, Number] = None
+    frequency_penalty: Annotated[float | None, Number] = None
     logit_bias: dict | None = None
     response_format: Any = None
 
@@ -82,7 +98,7 @@ class ChatCompletionRequest(BaseModel):
         if self.min_tokens and self.max_new_tokens() is not None and self.min_tokens > self.max_new_tokens():
             raise APIError(400, f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_new_tokens()})",
                            "min_tokens")
-        stops = self.stop_list()
+        stops = self.stop_list() if isinstance(self.stop, (str, list, type(None))) else [None]
         if len(stops) > 4 or any(not isinstance(s, str) or not s for s in stops):
             raise APIError(400, "stop must be a non-empty string or up to 4 non-empty strings", "stop")
         for name, value in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):

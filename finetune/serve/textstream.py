@@ -55,7 +55,8 @@ class TextStream:
     def _find_stop(self) -> None:
         if not self.stop:
             return
-        start = max(0, self._searched - self._longest + 1)
+        # a stop string never starts in text already sent (see _held): a long one need not rescan it all
+        start = max(0, self._searched - self._longest + 1, self._sent)
         hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
@@ -63,8 +64,12 @@ class TextStream:
         self._searched = len(self.text)
 
     def _held(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of a stop string."""
-        for k in range(min(self._longest - 1, len(self.text)), 0, -1):
+        """Length of the longest tail of the text that is a proper prefix of a stop string.
+
+        Only the unsent text is tried: a tail reaching into sent text was a prefix of a stop string when it
+        was sent too, so it would have been held then. (Trying every tail up to the longest stop string cost
+        a hostile 1M-character stop string seconds of the event loop per token.)"""
+        for k in range(min(self._longest - 1, len(self.text) - self._sent), 0, -1):
             tail = self.text[-k:]
             if any(s.startswith(tail) for s in self.stop):
                 return k
