@@ -409,14 +409,19 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     async def page():
         return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
+    def card(name):
+        return {"id": name, "object": "model", "created": server.created, "owned_by": "qwen-finetune",
+                "root": server.base_name, "parent": None if name == server.base_name else server.base_name}
+
     @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
     async def models():
-        def card(name, parent):
-            return {"id": name, "object": "model", "created": server.created, "owned_by": "qwen-finetune",
-                    "root": server.base_name, "parent": parent}
+        return {"object": "list", "data": [card(n) for n in (server.base_name, *server.adapter_names)]}
 
-        data = [card(server.base_name, None)] + [card(n, server.base_name) for n in server.adapter_names]
-        return {"object": "list", "data": data}
+    # the openai client's models.retrieve(name); a name may hold "/" (the adapter names allow it)
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
+    async def model(name: str):
+        server.adapter_for(name)  # 404 model_not_found, naming what is served, for another name
+        return card(name)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatCompletionRequest, http: Request):

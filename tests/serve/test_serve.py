@@ -101,6 +101,11 @@ def ask(client, model, q, **kw):
 def test_models_lists_the_base_by_dir_name_and_each_adapter(live):
     models = live.client().models.list()
     assert [m.id for m in models] == ["tiny-qwen", "a", "b", "tools"]
+    client = live.client()  # and one by name, as the openai client's models.retrieve asks
+    assert client.models.retrieve("a").id == "a" and client.models.retrieve("tiny-qwen").id == "tiny-qwen"
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("nope")
+    assert e.value.body["code"] == "model_not_found" and "served: tiny-qwen, a, b, tools" in e.value.body["message"]
 
 
 @pytest.mark.parametrize("name, pairs", [("a", MEMORISE), ("b", OTHER)])
