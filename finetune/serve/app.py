@@ -355,6 +355,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 429:  # clients that retry (the openai client does, twice) wait this long first
+            headers = {"Retry-After": "1"}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

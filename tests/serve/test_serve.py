@@ -278,7 +278,7 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_row(live):
                 next(line for line in lines if line.startswith("data: "))  # it is running
                 with pytest.raises(openai.RateLimitError) as e:
                     ask(live.client(), "a", "hi")
-                assert _error(e)["code"] == "queue_full"
+                assert _error(e)["code"] == "queue_full" and e.value.response.headers["retry-after"] == "1"
             # the client closed the stream mid-answer: the request is cancelled and leaves the batch
         for _ in range(600):  # bounded: 60 s
             h = live.health()
