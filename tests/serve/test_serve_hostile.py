@@ -312,3 +312,32 @@ def test_a_long_stop_string_costs_nothing_per_token_while_nothing_matches():
     text = "".join(stream.feed([i]) for i in ids) + stream.finish()
     assert text == ("hello world " * 100).strip()
     assert tested[0] <= 4 * len(ids), tested[0]
+
+
+# -- the engine failing ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["_decode_forward", "step"])
+def test_after_a_failed_engine_step_the_server_serves_again(live, where):
+    """A step that raises (a bug, the GPU out of memory) ends the requests in flight with a 500 engine_error;
+    the rows it held are freed and the next request decodes as before, with the same answer."""
+    engine = live.server.worker.engine
+    want = _post(live, _body(max_tokens=8, temperature=0)).json()["choices"][0]["message"]["content"]
+    real = getattr(engine, where)
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # mid-request: after its prefill and a decode step
+            raise RuntimeError("injected failure")
+        return real(*a, **k)
+
+    setattr(engine, where, failing)
+    try:
+        err = _error(_post(live, _body(max_tokens=50, min_tokens=50, temperature=0)), status=500)
+        assert err["code"] == "engine_error" and "injected failure" in err["message"], err
+    finally:
+        delattr(engine, where)  # (the instance attribute set above; the class's method again)
+    assert _wait_idle(live)["in_flight"] == 0
+    again = _post(live, _body(max_tokens=8, temperature=0))
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == want
