@@ -36,11 +36,12 @@ class Server:
 
     def __init__(self, model, tokenizer, *, base_name: str, adapter_names=(), max_batch: int = 32,
                  max_model_len: int | None = None, max_queue: int | None = None, api_key: str | None = None,
-                 engine=None):
+                 engine=None, cors_origins=()):
         from ..inference import Engine
         from ..modeling.chat import _generation_config  # the config chat() runs with, eos included
 
         self.tokenizer = tokenizer
+        self.cors_origins = list(cors_origins)  # web pages on these origins may call the API from a browser
         self.base_name = base_name
         self.adapter_names = list(adapter_names)
         self.api_key = api_key
@@ -351,6 +352,11 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     app = FastAPI(title="qwen-ft serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit, limit=max_body)
+    if server.cors_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before auth
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):

@@ -2,6 +2,7 @@
 
     qwen-ft serve -m MODEL_DIR [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                   [--max-batch N] [--max-model-len N] [--max-queue N] [--device D] [--dtype T]
+                  [--cors-origin ORIGIN ...]
 
 The base is served under its dir name, each adapter under its NAME (the request's `model` picks one).
 """
@@ -14,6 +15,7 @@ import re
 import sys
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")  # what a browser sends as Origin: no path, no slash
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="requests waiting beyond --max-batch before new ones get 429 (default 4 x max-batch)")
     p.add_argument("--device", default=None, help="default cuda when there is a GPU, else cpu")
     p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages on ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
+                   "browser (repeatable; default none: browsers refuse cross-origin calls)")
     p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
     return p
 
@@ -67,6 +72,10 @@ def check_args(args) -> None:
         raise ValueError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
+    for origin in args.cors_origin:
+        if origin != "*" and not ORIGIN.match(origin):
+            raise ValueError(f"--cors-origin {origin!r}: expected scheme://host[:port] with no path (e.g. "
+                             "http://localhost:3000), or *")
     import socket
 
     try:  # a taken port is an error now, not after minutes of loading the model
@@ -89,7 +98,7 @@ def build_server(args):
     model, tokenizer = load_served_model(args.model, adapters, dtype=args.dtype, device=args.device)
     return Server(model, tokenizer, base_name=base, adapter_names=[n for n, _ in adapters],
                   max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
-                  api_key=args.api_key)
+                  api_key=args.api_key, cors_origins=args.cors_origin)
 
 
 def main(argv: list[str] | None = None) -> int:

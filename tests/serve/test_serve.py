@@ -316,6 +316,7 @@ def test_16_concurrent_requests_over_two_adapters(live):
     (["--adapter", "x=/does/not/exist"], "does not exist"),
     (["--max-batch", "0"], "--max-batch must be positive"),
     (["--port", "99999"], "--port must be at most 65535"),
+    (["--cors-origin", "http://localhost:3000/"], "--cors-origin 'http://localhost:3000/': expected scheme"),
 ])
 def test_cli_errors_are_one_line_and_exit_2(served, capsys, extra, message):
     from finetune.cli import main

@@ -341,3 +341,34 @@ def test_after_a_failed_engine_step_the_server_serves_again(live, where):
     assert _wait_idle(live)["in_flight"] == 0
     again = _post(live, _body(max_tokens=8, temperature=0))
     assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == want
+
+
+# -- browsers on other origins ---------------------------------------------------------------------------------
+
+
+def test_cors_only_for_the_origins_given(live, tmp_path):
+    """A web page on another origin calls the API only where --cors-origin allows it: the preflight (no key)
+    and the request itself carry Access-Control-Allow-Origin for that origin, nothing for others; a server
+    started without the flag sends none."""
+    from finetune.demo import make_demo_model
+    from finetune.serve.background import serve_in_background
+    from finetune.serve.cli import _parser, build_server
+
+    page, other = "http://localhost:3000", "http://evil.example"
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(live.api_url + "/chat/completions", headers={"Origin": page, **preflight}, timeout=10)
+    assert "access-control-allow-origin" not in r.headers  # (the module's server: no --cors-origin)
+    model_dir = make_demo_model(tmp_path / "tiny-qwen", seed=1)
+    args = _parser().parse_args(["-m", str(model_dir), "--cors-origin", page, "--api-key", "k"])
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        r = httpx.options(bg.api_url + "/chat/completions", headers={"Origin": page, **preflight}, timeout=10)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.options(bg.api_url + "/chat/completions", headers={"Origin": other, **preflight}, timeout=10)
+        assert r.headers.get("access-control-allow-origin") is None
+        r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60,
+                       headers={"Origin": page, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60, headers={"Origin": page})
+        assert r.status_code == 401  # the key is still required; CORS only lets the browser read the answer
