@@ -74,6 +74,16 @@ def test_config_file_errors_are_one_line(setup, tmp_path, capsys):
     assert "broken.yaml" in err and "line" in err and len(err.splitlines()) == 1
     assert train_main([str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+    # values of the wrong type, named with the file (not argparse's usage text, nor a TypeError from the model)
+    for text, says in (("lora_r: abc\n", "lora_r: 'abc' is not a valid value"),
+                       ("lora_r: 4.5\n", "lora_r: 4.5 is not a whole number"),
+                       ("lora_r: true\n", "lora_r: True is not a number"),
+                       ("learning_rate: [1, 2]\n", "learning_rate: [1, 2] is not a number")):
+        typed = tmp_path / "typed.yaml"
+        typed.write_text(text)
+        assert train_main([str(typed)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: config file ") and says in err and len(err.splitlines()) == 1, err
 
 
 # -- precision and the console -------------------------------------------------------------------------------

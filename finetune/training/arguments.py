@@ -7,6 +7,7 @@ flags transformers 5 renamed or removed are translated (`--evaluation_strategy`,
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import sys
@@ -188,6 +189,20 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
     if unknown:
         raise TrainConfigError(f"config file {path}: not trainer flags: {', '.join(map(str, unknown))} "
                                "(names as on the command line, without the leading --)")
+    # a value of the wrong type named with its file (argparse would name only the flag, after its usage text)
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in values.items():
+        convert = actions[key].type
+        if callable(convert) and isinstance(value, str) and not actions[key].nargs:
+            try:
+                convert(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a valid value "
+                                       f"({' '.join(str(e).split()) or type(e).__name__})") from None
+        elif convert in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a number")
+        elif convert is int and isinstance(value, float):
+            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a whole number")
     return values
 
 
