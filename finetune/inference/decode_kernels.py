@@ -163,11 +163,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     b, heads, one, D = q.shape
     if one != 1 or not q.is_contiguous():
         raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] < b \
-            or k_cache.shape[1] != heads or k_cache.shape[3] != D or k_cache.stride(3) != 1 \
-            or kv_len > k_cache.shape[2]:
-        raise ValueError(f"KV cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not fit {b} rows x "
-                         f"{heads} heads x {D} and {kv_len} keys")
+    _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d = triton.next_power_of_2(D)
     S = triton.cdiv(kv_len, split)
     ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
@@ -178,6 +174,17 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d,
                                          BLOCK_S=triton.next_power_of_2(S), num_warps=1)
     return out
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, b: int, heads: int, D: int, kv_len: int = 0) -> None:
+    """A layer's K and V caches [slots, heads, capacity, D] hold b rows of these heads (and kv_len keys), with one
+    layout for both and D contiguous (the kernels index them by the same strides)."""
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] < b \
+            or k_cache.shape[1] != heads or k_cache.shape[3] != D or k_cache.stride(3) != 1 \
+            or kv_len > k_cache.shape[2]:
+        keys = f" and {kv_len} keys" if kv_len else ""
+        raise ValueError(f"KV cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not fit {b} rows x "
+                         f"{heads} heads x {D}{keys}")
 
 
 def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
@@ -225,10 +232,7 @@ def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
     if 3 * heads * D != qkv2.shape[1] or rot > D or rot % 2:
         raise ValueError(f"qkv width {qkv2.shape[1]} does not split into 3 x {heads} heads, or rotary width {rot} "
                          f"is odd or above the head size")
-    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[1] != heads \
-            or k_cache.shape[3] != D or k_cache.stride(3) != 1 or k_cache.shape[0] < b:
-        raise ValueError(f"KV cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not fit {b} rows x "
-                         f"{heads} heads x {D}")
+    _check_cache(k_cache, v_cache, b, heads, D)
     cs, sn = cos.reshape(b, rot), sin.reshape(b, rot)
     if cs.dtype != torch.float32 or sn.dtype != torch.float32 or cs.stride() != sn.stride() or cs.stride(1) != 1:
         raise ValueError("cos and sin must be fp32 with the same contiguous layout")
