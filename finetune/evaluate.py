@@ -304,8 +304,11 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
-    if args.max_len is not None and args.max_len < 16:  # as training's --model_max_length
-        print(f"error: --max-len {args.max_len} is too small for any chat turn (at least 16)", file=sys.stderr)
+    from .data.encoding import MIN_MAX_LEN  # as training's --model_max_length
+
+    if args.max_len is not None and args.max_len < MIN_MAX_LEN:
+        print(f"error: --max-len {args.max_len} is too small for any chat turn (at least {MIN_MAX_LEN})",
+              file=sys.stderr)
         return 2
     from transformers.utils import logging as hf_logging
 

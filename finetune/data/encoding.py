@@ -27,6 +27,9 @@ from dataclasses import dataclass
 from .records import normalize_record
 
 IGNORE = -100
+# the shortest row length (--model_max_length, eval's --max-len) worth a run: a turn's ChatML headers and
+# <|im_end|> alone take several tokens, so below this no conversation keeps a trained token
+MIN_MAX_LEN = 16
 
 
 @dataclass

@@ -259,7 +259,9 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     eval_strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
     if eval_strategy != "no" and not data_args.eval_data_path:
         raise TrainConfigError(f"--eval_strategy {eval_strategy} needs an eval set: add --eval_data_path")
-    if data_args.model_max_length < 16:
+    from ..data.encoding import MIN_MAX_LEN
+
+    if data_args.model_max_length < MIN_MAX_LEN:
         raise TrainConfigError(f"--model_max_length {data_args.model_max_length} is too small for any chat turn")
 
     # -- mode ------------------------------------------------------------------------------------------------
