@@ -175,5 +175,5 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     return model
 
 
-__all__ = ["load_model", "ModelLoadError", "check_device", "default_dtype", "check_weights", "checkpoint_shapes", "inspect_model_dir",
-           "model_config", "read_config"]
+__all__ = ["load_model", "ModelLoadError", "check_device", "default_dtype", "check_weights", "checkpoint_shapes",
+           "inspect_model_dir", "model_config", "read_config"]

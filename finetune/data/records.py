@@ -218,8 +218,8 @@ def normalize_record(record: Any) -> dict:
         turns = record.get("conversations", record.get("messages"))
         for n, turn in enumerate(turns if isinstance(turns, list) else [], 1):
             if isinstance(turn, dict) and turn.get("weight") not in (None, 1):
-                raise DataError("invalid weight", f"turn {n}: 'weight' 0 is not supported in tool / "
-                                "function-call conversations (every assistant turn of one is trained)")
+                raise DataError("invalid weight", f"turn {n}: 'weight' {_short(turn['weight'])} is not supported in "
+                                "tool / function-call conversations (every assistant turn of one is trained)")
         try:
             record = react.render_tool_record(record)
         except react.ReactError as e:
