@@ -303,7 +303,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(send)
+            await self._refuse(receive, send, 0)
             return
         chunks, size = [], 0
         while True:
@@ -313,7 +313,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await self._refuse(send)
+                await self._refuse(receive, send, size, message.get("more_body", False))
                 return
             if not message.get("more_body", False):
                 break
@@ -328,10 +328,17 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
+    async def _refuse(self, receive, send, read: int, more: bool = True) -> None:
+        """Answer 413. The rest of the body is read and dropped first (up to 4x the limit): closing a connection
+        with unread bytes makes the kernel reset it, and a client still sending then loses the answer too."""
+        while more and read <= 4 * self.limit:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending: no one to answer
+                return
+            read += len(message.get("body", b""))
+            more = message.get("more_body", False)
         err = APIError(413, f"the request body is over {self.limit} bytes", None, "request_too_large")
         body = json.dumps(err.body()).encode()
-        # (the rest of the body stays unread: the connection closes after the answer)
         await send({"type": "http.response.start", "status": 413, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"connection", b"close")]})
