@@ -1,8 +1,8 @@
 """The engine's decode step on CUDA with the blocks' elementwise work fused (``decode_kernels.py``).
 
 Per layer a decode step then runs: residual add + ln_1 (one kernel), c_attn, rotary on q and k + logN + the KV
-cache write (one kernel), SDPA (or, with ``FINETUNE_DECODE_ATTENTION=1``, decode_kernels.decode_attention: each
-row's own keys only), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
+cache write (one kernel), attention (batches of 2+ rows: decode_kernels.decode_attention, each row's own keys only;
+one row, or ``FINETUNE_DECODE_ATTENTION=0``: SDPA over the step's length bucket), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
 the next layer's first kernel adds c_proj's output to the residual stream. The Linears are called as modules,
 so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
@@ -21,6 +21,10 @@ import torch.nn.functional as F
 from ..settings import settings
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# decode_attention from this many rows. Measured on the H200 (benchmarks/NOTES.md step 18): 64 rows of mixed lengths
+# +21% (SDPA reads every row up to the longest), one row -4% at 512 and at 2,000 positions (its second launch and
+# smaller blocks cost ~5 us a layer, and one row has no other row's padding to skip).
+OWN_KEYS_MIN_ROWS = 2
 
 
 def _hooked(module) -> bool:
@@ -61,7 +65,7 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     kv_len = mask.shape[-1]
     b = x.shape[0]
     x = x.contiguous()
-    own_keys = settings().decode_attention and hasattr(kernels, "decode_attention")
+    own_keys = settings().decode_attention and b >= OWN_KEYS_MIN_ROWS and hasattr(kernels, "decode_attention")
     delta = None
     for block in tr.h:
         attn, mlp = block.attn, block.mlp

@@ -227,6 +227,28 @@ def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, 
     assert fused_ids == plain_ids
 
 
+def test_one_row_keeps_sdpa_with_the_switch_on(kernels, switches, monkeypatch):
+    """decode_attention serves batches of 2+ rows (fused_decode.OWN_KEYS_MIN_ROWS): for one row SDPA measured
+    faster on the H200, and has no other row's padding to skip."""
+    from finetune.inference.fused_decode import OWN_KEYS_MIN_ROWS
+
+    assert OWN_KEYS_MIN_ROWS == 2
+    switches(decode_attention=True)
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = tiny(seed=11)
+    with torch.no_grad():
+        plain_logits, plain_ids = _engine_logits(model, tok, [[5, 9, 300, 41]], None)
+        fused_logits, fused_ids = _engine_logits(model, tok, [[5, 9, 300, 41]], kernels)
+        assert calls == []
+        _engine_logits(model, tok, [[5, 9, 300, 41], [7, 8]], kernels)
+    assert calls and set(calls) == {2}
+    torch.testing.assert_close(fused_logits[0], plain_logits[0], rtol=1e-5, atol=1e-5)
+    assert fused_ids == plain_ids
+
+
 # -- where the fused path runs (no triton needed) -----------------------------------------------------------------
 def test_the_cpu_keeps_the_model_blocks():
     """(the switch and the hooks: test_fused_decode_cuda.py)"""
