@@ -70,7 +70,7 @@ def measure(module, model, tok, rows: int, params: SamplingParams, steps: int) -
     logits = torch.randn(rows, engine.vocab, generator=torch.Generator().manual_seed(0))
     logits[:, [tok.im_end_id, tok.im_start_id]] = -1e4  # no row stops early
 
-    def capture(b, kv_len, pick=None):
+    def capture(b, kv_len, pick=None, *_):  # (newer engines also pass the attention choice)
         return _NoopGraph(), logits[:b].clone()
 
     engine._capture = capture

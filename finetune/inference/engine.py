@@ -49,7 +49,7 @@ from collections import deque
 import torch
 
 from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
-from .fused_decode import additive_mask, decode_blocks, fused_kernels
+from .fused_decode import additive_mask, decode_blocks, fused_kernels, use_own_keys
 from .row_adapters import RowAdapters
 from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
 
@@ -440,8 +440,9 @@ class Engine:
         self._synced = False
         self._emit(rows, logits, touched)
 
-    def _decode_forward(self, tok, pos, alpha, sel, kv_len):
-        """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1)."""
+    def _decode_forward(self, tok, pos, alpha, sel, kv_len, own_keys=False):
+        """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1); ``own_keys``: the
+        fused step's attention over each row's own keys (``_own_keys``)."""
         cfg = self.config
         b = tok.shape[0]
         cache = self._cache
@@ -458,7 +459,7 @@ class Engine:
             on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
             with self.adapters.applied(sel), on_device:
                 return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
-                                     query_scale, mask)
+                                     query_scale, mask, own_keys)
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
         with self.adapters.applied(sel):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)
@@ -559,10 +560,11 @@ class Engine:
         if self.use_graphs:
             kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
             pick = None if sampled else (penalised, held)
-            key = (b, kv_len) + (pick or ()) + (("lora",) if self._lora else ())
+            own = self._own_keys(rows, b, kv_len)
+            key = (b, kv_len) + (pick or ()) + (("lora",) if self._lora else ()) + (("own_keys",) if own else ())
             entry = self._graphs.get(key)
             if entry is None:
-                entry = self._graphs[key] = self._capture(b, kv_len, pick)
+                entry = self._graphs[key] = self._capture(b, kv_len, pick, own)
             graph, out = entry
             graph.replay()
             if sampled:
@@ -570,7 +572,8 @@ class Engine:
             logits = out[:n]
         else:
             sel = s["sel"][:, :n] if self._lora else None
-            logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need)
+            logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
+                                          self._own_keys(rows, n, need))
             self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled)
         for r in rows:
             r.length += 1
@@ -610,11 +613,18 @@ class Engine:
                     self._gone.append(r)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------
-    def _capture(self, b, kv_len, pick=None):
+    def _own_keys(self, rows, slots, kv_len) -> bool:
+        """Whether this step's fused attention reads each row's own keys (fused_decode.use_own_keys), from the
+        host's row lengths (the step's graph key holds the answer: a graph is captured for each)."""
+        if self._kernels is None:
+            return False
+        return use_own_keys([r.length for r in rows], slots, min(_round_up(kv_len, 16), self._capacity))
+
+    def _capture(self, b, kv_len, pick=None, own_keys=False):
         """The graph of one decode step of b rows (with ``pick`` = (penalised, held): and its device-side
         greedy pick, which advances the static inputs) -> (graph, its logits [b, V])."""
         s = self._state()
-        args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b] if self._lora else None, kv_len)
+        args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b] if self._lora else None, kv_len, own_keys)
         # Warm-up on a side stream (first calls tune Triton kernels and may synchronise); the writes it makes
         # into the cache are at the rows' current positions, which the real step then writes again. The pick
         # warms up on copies of the inputs it advances.

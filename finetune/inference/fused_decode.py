@@ -1,8 +1,9 @@
 """The engine's decode step on CUDA with the blocks' elementwise work fused (``decode_kernels.py``).
 
 Per layer a decode step then runs: residual add + ln_1 (one kernel), c_attn, rotary on q and k + logN + the KV
-cache write (one kernel), attention (batches of 2+ rows: decode_kernels.decode_attention, each row's own keys only;
-one row, or ``FINETUNE_DECODE_ATTENTION=0``: SDPA over the step's length bucket), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
+cache write (one kernel), attention (SDPA over the step's length bucket, masked past each row's position; or,
+where that would read many keys past the rows' positions, decode_kernels.decode_attention over each row's own
+keys: ``use_own_keys``), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
 the next layer's first kernel adds c_proj's output to the residual stream. The Linears are called as modules,
 so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
@@ -21,10 +22,22 @@ import torch.nn.functional as F
 from ..settings import settings
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# decode_attention from this many rows. Measured on the H200 (benchmarks/NOTES.md step 18): 64 rows of mixed lengths
-# +21% (SDPA reads every row up to the longest), one row -4% at 512 and at 2,000 positions (its second launch and
-# smaller blocks cost ~5 us a layer, and one row has no other row's padding to skip).
+# When decode_attention (each row's own keys) replaces SDPA over the step's length bucket. Measured on the H200
+# (benchmarks/NOTES.md step 18): 64 rows of mixed lengths +21% (SDPA reads every row up to the bucket), one row -4% at
+# 512 and at 2,000 positions and 8 rows of similar lengths -2.5% (its second launch and smaller blocks cost ~5 us a
+# layer): it pays where it skips much, so from 2 rows and where at least a quarter of the keys SDPA would read
+# lie past the rows' own positions.
 OWN_KEYS_MIN_ROWS = 2
+OWN_KEYS_MIN_SKIPPED = 0.25
+
+
+def use_own_keys(lengths: list[int], slots: int, kv_len: int) -> bool:
+    """Whether a decode step over ``slots`` cache rows (padding slots included) whose rows hold ``lengths``
+    positions before this step, attending over ``kv_len`` keys, reads them through decode_attention."""
+    if not settings().decode_attention or slots < OWN_KEYS_MIN_ROWS:
+        return False
+    read = sum(n + 1 for n in lengths) + (slots - len(lengths))  # a padding slot reads its one key
+    return read <= (1 - OWN_KEYS_MIN_SKIPPED) * slots * kv_len
 
 
 def _hooked(module) -> bool:
@@ -57,15 +70,16 @@ def additive_mask(key_pos: torch.Tensor, pos: torch.Tensor, kv_len: int, dtype: 
     return mask[:, None, None, :]
 
 
-def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, mask) -> torch.Tensor:
+def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, mask,
+                  own_keys: bool = False) -> torch.Tensor:
     """fp32 logits [b, V] of one decode step: ``x`` [b, 1, hidden] the embedded tokens, ``pos`` [b] their
     positions, ``cos``/``sin`` [b, 1, rot] and ``query_scale`` [b, 1] (or None) as the model computes them,
     ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, ``mask`` [b, 1, 1,
-    kv_len] additive (``additive_mask``). ``kernels``: decode_kernels (or its interpreted copy in tests)."""
+    kv_len] additive (``additive_mask``). ``kernels``: decode_kernels (or its interpreted copy in tests).
+    ``own_keys``: attention through kernels.decode_attention (``use_own_keys`` decides), else SDPA under the mask."""
     kv_len = mask.shape[-1]
     b = x.shape[0]
     x = x.contiguous()
-    own_keys = settings().decode_attention and b >= OWN_KEYS_MIN_ROWS and hasattr(kernels, "decode_attention")
     delta = None
     for block in tr.h:
         attn, mlp = block.attn, block.mlp
@@ -86,4 +100,4 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     return lm_head(h)[:, -1].float()
 
 
-__all__ = ["fused_kernels", "additive_mask", "decode_blocks"]
+__all__ = ["fused_kernels", "additive_mask", "decode_blocks", "use_own_keys"]

@@ -227,26 +227,40 @@ def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, 
     assert fused_ids == plain_ids
 
 
-def test_one_row_keeps_sdpa_with_the_switch_on(kernels, switches, monkeypatch):
-    """decode_attention serves batches of 2+ rows (fused_decode.OWN_KEYS_MIN_ROWS): for one row SDPA measured
-    faster on the H200, and has no other row's padding to skip."""
-    from finetune.inference.fused_decode import OWN_KEYS_MIN_ROWS
+def test_own_keys_where_they_skip_a_quarter_of_the_bucket_from_two_rows(switches):
+    """fused_decode.use_own_keys: decode_attention where SDPA would read at least 25% keys past the rows' own
+    positions, from 2 slots (one row: SDPA measured faster on the H200; benchmarks/NOTES.md step 18)."""
+    from finetune.inference.fused_decode import use_own_keys
 
-    assert OWN_KEYS_MIN_ROWS == 2
+    assert not use_own_keys([10], 1, 256)  # one row: SDPA, however short
+    assert use_own_keys([10, 200], 2, 256)  # reads 212 of 512
+    assert not use_own_keys([200, 230], 2, 256)  # reads 432 of 512: 15.6% skipped
+    assert use_own_keys([191, 191], 2, 256)  # reads 384 of 512: exactly 25% skipped
+    assert not use_own_keys([192, 191], 2, 256)
+    assert use_own_keys([250, 250, 250], 4, 256)  # a padding slot reads one key: 754 of 1024
+    switches(decode_attention=False)
+    assert not use_own_keys([10, 200], 2, 256)
+
+
+def test_the_engine_picks_the_attention_per_step_and_both_answer_the_same(kernels, switches, monkeypatch):
+    """The eager fused step asks use_own_keys at every step: one row keeps SDPA; two rows far apart in length take
+    decode_attention; both give the model blocks' logits (fp32)."""
     switches(decode_attention=True)
     calls = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     tok = QWenTokenizer(str(SMALL_VOCAB))
     model = tiny(seed=11)
+    one, two = [[5, 9, 300, 41]], [[5, 9, 300, 41] * 10, [7, 8]]
     with torch.no_grad():
-        plain_logits, plain_ids = _engine_logits(model, tok, [[5, 9, 300, 41]], None)
-        fused_logits, fused_ids = _engine_logits(model, tok, [[5, 9, 300, 41]], kernels)
-        assert calls == []
-        _engine_logits(model, tok, [[5, 9, 300, 41], [7, 8]], kernels)
-    assert calls and set(calls) == {2}
-    torch.testing.assert_close(fused_logits[0], plain_logits[0], rtol=1e-5, atol=1e-5)
-    assert fused_ids == plain_ids
+        for batch in (one, two):
+            plain_logits, plain_ids = _engine_logits(model, tok, batch, None)
+            calls.clear()
+            fused_logits, fused_ids = _engine_logits(model, tok, batch, kernels)
+            assert set(calls) == (set() if batch is one else {2})
+            for a, b in zip(fused_logits, plain_logits):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert fused_ids == plain_ids
 
 
 # -- where the fused path runs (no triton needed) -----------------------------------------------------------------

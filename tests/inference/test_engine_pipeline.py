@@ -162,14 +162,14 @@ class _Rerun:
     """Stands in for a captured CUDA graph on the CPU: replay() re-runs the calls the capture made, on the same
     static tensors, writing the logits into the same output tensor."""
 
-    def __init__(self, engine, b, kv_len, pick):
-        self.engine, self.b, self.kv_len, self.pick = engine, b, kv_len, pick
+    def __init__(self, engine, b, kv_len, pick, own_keys=False):
+        self.engine, self.b, self.kv_len, self.pick, self.own_keys = engine, b, kv_len, pick, own_keys
         self.out = torch.zeros(b, engine.vocab)
 
     def replay(self):
         e, s = self.engine, self.engine._state()
         self.out.copy_(e._decode_forward(s["tok"][:self.b], s["pos"][:self.b], s["alpha"][:self.b],
-                                         s["sel"][:, :self.b], self.kv_len))
+                                         s["sel"][:, :self.b], self.kv_len, self.own_keys))
         if self.pick is not None:
             e._pick_next(self.out, self.b, *self.pick, s["ints"], e._seen)
 
@@ -184,9 +184,9 @@ def test_the_graphed_bookkeeping_with_padding_slots_answers_as_the_eager_path(to
     engine = Engine(model, tok, max_batch=8, use_graphs=True)
     keys = []
 
-    def capture(b, kv_len, pick=None):
+    def capture(b, kv_len, pick=None, own_keys=False):
         keys.append((b, kv_len) + (tuple(pick) if pick is not None else ()))
-        g = _Rerun(engine, b, kv_len, pick)
+        g = _Rerun(engine, b, kv_len, pick, own_keys)
         return g, g.out
 
     monkeypatch.setattr(engine, "_capture", capture)
@@ -277,8 +277,8 @@ def test_a_row_joining_that_grows_the_cache_mid_run_gets_its_solo_tokens(tok, mo
     solo = [Engine(model, tok, max_batch=1).generate([p], params)[0] for p in ps]
     engine = Engine(model, tok, max_batch=4, use_graphs=graphed)
     if graphed:
-        monkeypatch.setattr(engine, "_capture", lambda b, kv_len, pick=None: (lambda g: (g, g.out))(
-            _Rerun(engine, b, kv_len, pick)))
+        monkeypatch.setattr(engine, "_capture", lambda b, kv_len, pick=None, own_keys=False: (lambda g: (g, g.out))(
+            _Rerun(engine, b, kv_len, pick, own_keys)))
     reqs = run(engine, [(p, params) for p in ps], join_at={2: 2, 3: 3})
     assert engine._capacity == 512
     assert [r.output_ids for r in reqs] == solo
