@@ -47,6 +47,9 @@ class RowAdapters:
     def __init__(self, model):
         self.layers = lora_layers(model) if hasattr(model, "peft_config") else []
         self._stacks: dict = {}  # id(layer) -> (key, A_all [in, R], B_all [R, out], column -> adapter [R])
+        # one column -> adapter tensor per layout (adapter, rank) of the layers: the rows' selection is then gathered
+        # once per forward and layout, not once per layer (200 gathers and casts a 14B step: ~0.5 ms on the H200)
+        self._cols: dict = {}
         names: set[str] = set()
         for layer in self.layers:
             names.update(layer.lora_A.keys())
@@ -115,7 +118,11 @@ class RowAdapters:
             held[2].copy_(b_all)
             self._stacks[id(module)] = (key,) + held[1:]
             return held[1:]
-        cols = torch.tensor([a for a, A, _, _ in parts for _ in range(A.shape[0])], device=a_all.device)
+        layout = (a_all.device, tuple((a, A.shape[0]) for a, A, _, _ in parts))
+        cols = self._cols.get(layout)
+        if cols is None:
+            cols = self._cols[layout] = torch.tensor([a for a, A, _, _ in parts for _ in range(A.shape[0])],
+                                                     device=a_all.device)
         self._stacks[id(module)] = (key, a_all, b_all, cols)
         return a_all, b_all, cols
 
@@ -137,10 +144,10 @@ class RowAdapters:
             x = args[0]
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             a_all, bt, cols = self._stacked(module, dtype)
-            sel = by_cols.get(id(cols))
+            sel = by_cols.get((id(cols), dtype))
             if sel is None:
                 sel = select.t().index_select(1, cols).to(dtype).contiguous()  # [rows, R]: 1 where a row uses it
-                by_cols[id(cols)] = sel
+                by_cols[(id(cols), dtype)] = sel
             x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
             h = torch.matmul(x2, a_all).reshape(-1, a_all.shape[1])
             low_rank = None

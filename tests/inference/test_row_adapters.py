@@ -69,6 +69,30 @@ def test_each_row_gets_its_adapter_and_the_ops_do_not_grow_with_the_adapters():
     assert sum(one.values()) <= 5, one
 
 
+def test_a_forward_gathers_the_rows_selection_once_for_all_layers_of_a_layout():
+    """Every LoRA layer with the same adapters and ranks shares one column layout: the rows' 0/1 selection is
+    gathered and cast once per forward, not once per layer (a 14B decode step had 200 of each); a layer with
+    another layout gets its own."""
+    pm = _peft(tiny(seed=2), ["first", "second"])
+    model = pm.base_model.model
+    adapters = RowAdapters(pm)
+    select = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    ids = torch.tensor([[5, 6], [7, 8], [9, 10]])
+    with torch.no_grad(), adapters.applied(select):
+        model(ids[:, :1])  # stacks every layer's weights
+    ops = _Ops()
+    with torch.no_grad(), adapters.applied(select), ops:
+        model(ids[:, :1])
+    assert len(adapters.layers) > 2
+    assert ops.ops["index_select"] == 1, ops.ops
+    assert len({id(held[3]) for held in adapters._stacks.values()}) == 1
+    other = _peft(tiny(seed=2), ["first"])
+    mixed = RowAdapters(other)
+    with torch.no_grad(), mixed.applied(select[:1]):
+        other.base_model.model(ids[:, :1])
+    assert next(iter(mixed._stacks.values()))[3] is not next(iter(adapters._stacks.values()))[3]
+
+
 def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
     """bf16 decode rows on a GPTQ base: the pre-hook offers (h, selection, bt) to the base layer; a base whose
     kernel adds it (the tensor-core GEMV on CUDA; here a stand-in) sets it back to None and the forward hook adds
