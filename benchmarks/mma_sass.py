@@ -97,9 +97,12 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for (mb, warps, depth), lora in [(c, v) for c in configs for v in variants]:
-            src = (G._SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
-                   .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(args.group_size // G.CHUNK))
-                   .replace("__LORA__", str(lora)))
+            if hasattr(G, "kernel_source"):
+                src = G.kernel_source(warps, mb, depth, args.group_size, bool(lora))
+            else:  # an older version of the module (--source)
+                src = (G._SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
+                       .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(args.group_size // G.CHUNK))
+                       .replace("__LORA__", str(lora)))
             ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
             ptx.write_text(compile_ptx(lib, src, args.arch))
             asm = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{args.arch}", "-v", str(ptx), "-o", str(cubin)],

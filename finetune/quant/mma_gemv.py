@@ -47,6 +47,7 @@ from .packing import group_sorted_order, groups_even, to_int32_wrapping, unpack_
 CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
 MAX_ROWS = 32  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)
 KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
+LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in shared memory); more: the caller adds it
 
 # Launch configurations by 8-row blocks, chosen on an H200 by benchmarks/mma_gemv_probe.py --pick: (warps a CTA,
 # register buffers a warp (1: a chunk's loads are not issued ahead of the previous chunk's compute), target CTAs
@@ -303,12 +304,23 @@ __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4
 __device__ __forceinline__ float bf_lo(u32 w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFFF0000u); }
 
-// The low-rank epilogue: sum_j h[j] sel[j] bt[j] over R bf16 values (R a multiple of 8, rows 16-byte aligned): one
-// output's share of (h * sel) @ B, added to the fp32 result before its single rounding to bf16.
+// The low-rank epilogue: sum_j h[j] sel[j] bt[j] over R bf16 values (R a multiple of 8, at most LRMAX): one output's
+// share of (h * sel) @ B, added to the fp32 result before its single rounding to bf16. Its operands (the CTA's 16
+// rows of bt, the batch rows of h and sel) are copied into shared memory by cp.async when the kernel starts, so they
+// arrive while the main loop runs: read from global memory after it (a first version), their latency made each
+// Linear ~6.5 us longer on the H200 (NOTES step 17).
+#define LRMAX __LRMAX__
+#define LSTRIDE (LRMAX + 8)  // a shared row's length: rows 272 bytes apart fall on different banks
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  unsigned s;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ float lora_term(const u16* h, const u16* sel, const u16* bt, int R) {
   float s = 0.f;
   for (int j = 0; j < R; j += 8) {
-    const U4 hv = ld_cached((const U4*)(h + j)), sv = ld_cached((const U4*)(sel + j)), bv = ld_cached((const U4*)(bt + j));
+    const U4 hv = *(const U4*)(h + j), sv = *(const U4*)(sel + j), bv = *(const U4*)(bt + j);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const u32 hw = word_of(hv, i), sw = word_of(sv, i), bw = word_of(bv, i);
@@ -332,6 +344,23 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const int c_end = (int)((long long)C * (split + 1) / splits);
   const int n0 = tile << 4;
   const int c0 = c_begin + warp;  // this warp's first chunk; then every WARPS-th
+#if LORA
+  __shared__ __align__(16) u16 l_bt[16 * LSTRIDE];
+  __shared__ __align__(16) u16 l_h[MB * 8 * LSTRIDE];
+  __shared__ __align__(16) u16 l_sel[MB * 8 * LSTRIDE];
+  {
+    const int pieces = R >> 3;  // 16-byte pieces a row
+    for (int i = threadIdx.x; i < 16 * pieces; i += WARPS * 32) {
+      const int row = i / pieces, c = (i - row * pieces) << 3;
+      cp_async16(l_bt + row * LSTRIDE + c, lbt + (size_t)(n0 + row) * R + c);
+    }
+    for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
+      const int row = i / pieces, c = (i - row * pieces) << 3;
+      cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);
+      cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);
+    }
+  }
+#endif
   Cursor p;
   p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;
 #if GCHUNKS == 1
@@ -376,6 +405,9 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
+#if LORA
+  cp_async_wait_all();  // this thread's copies; the barrier below makes every thread's visible
+#endif
   __syncthreads();
   if (warp != 0) return;
   float v[MB * 4];
@@ -391,7 +423,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     for (int i = 0; i < MB * 4; ++i) {
       const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
 #if LORA
-      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + lora_term(lh + (size_t)b * R, lsel + (size_t)b * R, lbt + (size_t)n * R, R));
+      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R));
 #else
       if (b < M) out[(size_t)b * N + n] = f2bf(v[i]);
 #endif
@@ -417,7 +449,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
       float s = 0.f;
       for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((size_t)sp * M + b) * N + n);  // a fixed order
 #if LORA
-      s += lora_term(lh + (size_t)b * R, lsel + (size_t)b * R, lbt + (size_t)n * R, R);
+      s += lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R);
 #endif
       out[(size_t)b * N + n] = f2bf(s);
     }
@@ -429,6 +461,13 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 _lock = threading.Lock()
 _kernels: dict = {}  # (device index, warps, MB, depth, group size, LoRA epilogue) -> the compiled kernel, or why not
 _workspaces: dict = {}
+
+
+def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
+    return (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
+            .replace("__GCHUNKS__", str(group_size // CHUNK)).replace("__LORA__", str(int(lora)))
+            .replace("__LRMAX__", str(LORA_MAX_RANK)))
 
 
 def _compile(device: torch.device, source: str):
@@ -448,9 +487,7 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: i
         with _lock:
             k = _kernels.get(key)
             if k is None:
-                src = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
-                       .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
-                       .replace("__LORA__", str(int(lora))))
+                src = kernel_source(warps, mb, depth, group_size, lora)
                 try:
                     k = _compile(device, src)
                 except Exception as e:  # NVRTC missing or refusing: the other decode kernels still work
@@ -500,8 +537,8 @@ def lora_unfit(low_rank, M: int, N: int) -> str | None:
     """Why ``mma_gemv``'s epilogue cannot take ``low_rank`` = (h, sel, bt) for an [M, N] output (None: it can)."""
     h, sel, bt = low_rank
     R = h.shape[-1]
-    if R % 8 or R == 0:
-        return f"rank sum {R} (must be a positive multiple of 8)"
+    if R % 8 or R == 0 or R > LORA_MAX_RANK:
+        return f"rank sum {R} (must be a positive multiple of 8, at most {LORA_MAX_RANK})"
     want = {"h": (h, (M, R)), "sel": (sel, (M, R)), "bt": (bt, (N, R))}
     for name, (t, shape) in want.items():
         if tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16:

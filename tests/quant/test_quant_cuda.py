@@ -401,7 +401,7 @@ def test_mma_gemv_equals_the_exact_product(in_f, out_f, desc_act, v2):
 
 
 @pytest.mark.parametrize("in_f,out_f", [(5120, 15360), (13696, 5120), (4096, 11008)])
-@pytest.mark.parametrize("ranks", [(64,), (16, 8)])
+@pytest.mark.parametrize("ranks", [(64,), (16, 8), (64, 64)])  # (64, 64): the epilogue's largest rank sum
 def test_mma_gemv_low_rank_epilogue_adds_the_lora_product(in_f, out_f, ranks):
     """The engine's LoRA in the GEMV's epilogue: (h * sel) @ bt.T added to every output before its rounding, for
     each row its own 0/1 column selection (two adapters, a row with none), with and without the split over K."""

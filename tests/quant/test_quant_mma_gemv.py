@@ -71,3 +71,20 @@ def test_a_kernel_that_does_not_compile_is_reported_once_and_left_to_the_other_k
         why = G.compile_error(device, 128)
     assert "RuntimeError" in why and len(calls) == 1
     assert G.compile_error(device, 128) == why and len(calls) == 1  # kept: not compiled again
+
+
+def test_the_low_rank_epilogue_takes_rank_sums_that_fit_its_shared_memory():
+    """lora_unfit: the epilogue's operands sit in shared memory sized for LORA_MAX_RANK, so a larger rank sum (three
+    r=64 adapters) is left to the engine's hook, which adds it with its own kernels; so are misshapen inputs."""
+    def operands(M, N, R, dtype=torch.bfloat16):
+        return torch.zeros(M, R, dtype=dtype), torch.zeros(M, R, dtype=dtype), torch.zeros(N, R, dtype=dtype)
+
+    assert G.LORA_MAX_RANK == 128
+    assert G.lora_unfit(operands(1, 64, 128), 1, 64) is None
+    assert G.lora_unfit(operands(32, 64, 64), 32, 64) is None
+    assert "at most 128" in G.lora_unfit(operands(1, 64, 192), 1, 64)
+    assert "rank sum 12" in G.lora_unfit(operands(1, 64, 12), 1, 64)
+    assert "bt" in G.lora_unfit(operands(1, 32, 64), 1, 64)
+    assert "h " in G.lora_unfit(operands(1, 64, 64, torch.float32), 1, 64)
+    src = G.kernel_source(8, 1, 1, 128, lora=True)
+    assert "#define LRMAX 128" in src and "__" + "LRMAX__" not in src
