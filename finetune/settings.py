@@ -1,7 +1,6 @@
 """The project's switches, read once from the environment and then fixed for the process.
 
-Each switch is for comparing paths or working around a problem; all are on by default except
-``gptq_lora_epilogue``, which its H200 measurement did not make faster (benchmarks/NOTES.md step 17). Code reads them through
+Each switch is for comparing paths or working around a problem; all are on by default. Code reads them through
 `settings()` (a cached object, never `os.environ` in a hot path); a flag with the same meaning (`--cuda_graphs`)
 takes its default from here. `train` records them in run_info.json. Tests and benchmarks change them with
 `override(...)`, not by setting environment variables mid-process.
@@ -29,9 +28,9 @@ class Settings:
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
     static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
     fused_decode: bool = True   # FINETUNE_FUSED_DECODE: the engine's decode step through fused Triton kernels on CUDA
-    # FINETUNE_GPTQ_LORA_EPILOGUE: the engine's unmerged LoRA added in the tensor-core GEMV's epilogue (off: correct on
-    # the H200, but the adapter's step was no faster; tests turn it on)
-    gptq_lora_epilogue: bool = False
+    # FINETUNE_GPTQ_LORA_EPILOGUE: the engine's unmerged LoRA added in the tensor-core GEMV's epilogue (H200, one row,
+    # r=64: +11.7% against the separate kernels; benchmarks/NOTES.md step 19)
+    gptq_lora_epilogue: bool = True
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention for 2+ rows through decode_kernels.decode_attention
     # (each row reads its own keys only) instead of SDPA over the step's length bucket
     decode_attention: bool = True
