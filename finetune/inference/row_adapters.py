@@ -7,9 +7,9 @@ only during the engine's forward (nothing is left on the model).
 
 All adapters of a layer are computed together, in the forward's dtype: their A matrices side by side [in, R]
 (R = the sum of their ranks) and their B matrices, scaling folded in, as bt [out, R], made once and remade when
-a LoRA weight changes. A step is then one matmul (h = x A_all; one for w1 and w2 together, which read the same
-input), one multiply by each column's row selection and one matmul-add per layer, whatever the number of
-adapters (PEFT's own forward: ~7 kernels per adapter and layer, in the LoRA weights' fp32). In bf16 the LoRA product is thus computed in bf16, as inference servers do; in fp32
+a LoRA weight changes. A step is then one matmul (h = x A_all), one multiply by each column's row selection and
+one matmul-add per layer, whatever the number of adapters (PEFT's own forward: ~7 kernels per adapter and layer,
+in the LoRA weights' fp32). In bf16 the LoRA product is thus computed in bf16, as inference servers do; in fp32
 it is PEFT's computation up to the summation order.
 
 On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``), the last two are not kernels of
@@ -50,16 +50,6 @@ class RowAdapters:
         # one column -> adapter tensor per layout (adapter, rank) of the layers: the rows' selection is then gathered
         # once per forward and layout, not once per layer (200 gathers and casts a 14B step: ~0.5 ms on the H200)
         self._cols: dict = {}
-        # Layers that read the same input, w1 and w2 of each MLP: their x A is one product (H200, one row, r=64: 6.1
-        # us for both against 5.6 each; benchmarks/NOTES.md step 19). id(layer) -> the other; and each layer's
-        # (buffer of its group's A's side by side, its first column there)
-        self._partner: dict = {}
-        self._joint: dict = {}
-        self._order = {id(m): i for i, m in enumerate(self.layers)}
-        for module in model.modules() if self.layers else ():
-            w1, w2 = getattr(module, "w1", None), getattr(module, "w2", None)
-            if w1 is not None and w2 is not None and id(w1) in self._order and id(w2) in self._order:
-                self._partner[id(w1)], self._partner[id(w2)] = w2, w1
         names: set[str] = set()
         for layer in self.layers:
             names.update(layer.lora_A.keys())
@@ -88,9 +78,8 @@ class RowAdapters:
         hooks = []
         if select is not None:
             by_cols: dict = {}  # the row selection of each column layout, [rows, R]: gathered once per forward
-            shared: dict = {}  # id(layer) -> (its input, its x A): computed by its partner on the same input
             for layer in self.layers:
-                hooks.append(layer.register_forward_pre_hook(self._pre_hook(select, by_cols, shared)))
+                hooks.append(layer.register_forward_pre_hook(self._pre_hook(select, by_cols)))
                 hooks.append(layer.register_forward_hook(self._hook()))
         # PEFT's own path off (each layer returns its base layer's output), as its disable_adapter() does, but
         # set on the layers directly: the engine may hold the wrapped model (peft_model.chat() passes that),
@@ -112,56 +101,30 @@ class RowAdapters:
     def _stacked(self, module, dtype):
         """(A_all [in, R], bt [out, R] (B_all with the scaling folded in, transposed), the adapter index of each of
         the R columns) of one LoRA layer in ``dtype``, cached until one of its LoRA weights changes (or the dtype /
-        device does). Layers that read the same input (an MLP's w1 and w2) have their A_all side by side in one
-        buffer, so that one product x A serves both (``_joint``)."""
+        device does)."""
+        parts = [(a, module.lora_A[n].weight, module.lora_B[n].weight, module.scaling[n])
+                 for a, n in enumerate(self.names) if n in module.lora_A]
+        key = (dtype, tuple((a, id(A), A._version, id(B), B._version, s) for a, A, B, s in parts))
         held = self._stacks.get(id(module))
-        if held is not None and held[0] == self._key(module, dtype):
+        if held is not None and held[0] == key:
             return held[1:]
-        self._stack(self._group(module), dtype)
-        return self._stacks[id(module)][1:]
-
-    def _parts(self, module):
-        return [(a, module.lora_A[n].weight, module.lora_B[n].weight, module.scaling[n])
-                for a, n in enumerate(self.names) if n in module.lora_A]
-
-    def _key(self, module, dtype):
-        return (dtype, tuple((a, id(A), A._version, id(B), B._version, s) for a, A, B, s in self._parts(module)))
-
-    def _group(self, module) -> tuple:
-        partner = self._partner.get(id(module))
-        if partner is None:
-            return (module,)
-        return (module, partner) if self._order[id(module)] < self._order[id(partner)] else (partner, module)
-
-    def _stack(self, group, dtype) -> None:
-        fresh = []
         with torch.no_grad():
-            for m in group:
-                parts = self._parts(m)
-                a_all = torch.cat([A for _, A, _, _ in parts], 0).t().to(dtype)
-                b_all = torch.cat([B.float() * s for _, _, B, s in parts], 1).to(dtype).contiguous()  # bt [out, R]
-                fresh.append((m, self._key(m, dtype), parts, a_all, b_all))
-            held = [self._stacks.get(id(m)) for m in group]
-            if all(h is not None and h[1].shape == a.shape and h[2].shape == b.shape and h[1].dtype == dtype
-                   and h[1].device == a.device for h, (_, _, _, a, b) in zip(held, fresh)):
-                # new values, same layout: into the same buffers, which CUDA graphs captured earlier read
-                for h, (m, key, _, a, b) in zip(held, fresh):
-                    h[1].copy_(a)
-                    h[2].copy_(b)
-                    self._stacks[id(m)] = (key,) + h[1:]
-                return
-            joint = torch.cat([a for _, _, _, a, _ in fresh], 1).contiguous()  # [in, R of the group]
-        start = 0
-        for m, key, parts, a_all, b_all in fresh:
-            layout = (a_all.device, tuple((a, A.shape[0]) for a, A, _, _ in parts))
-            cols = self._cols.get(layout)
-            if cols is None:
-                cols = self._cols[layout] = torch.tensor([a for a, A, _, _ in parts for _ in range(A.shape[0])],
-                                                         device=a_all.device)
-            width = a_all.shape[1]
-            self._stacks[id(m)] = (key, joint[:, start:start + width], b_all, cols)
-            self._joint[id(m)] = (joint, start)
-            start += width
+            a_all = torch.cat([A for _, A, _, _ in parts], 0).t().to(dtype).contiguous()
+            b_all = torch.cat([B.float() * s for _, _, B, s in parts], 1).to(dtype).contiguous()  # bt [out, R]
+        if held is not None and held[1].shape == a_all.shape and held[2].shape == b_all.shape \
+                and held[1].dtype == dtype and held[1].device == a_all.device:
+            # new values, same layout: into the same buffers, which CUDA graphs captured earlier read
+            held[1].copy_(a_all)
+            held[2].copy_(b_all)
+            self._stacks[id(module)] = (key,) + held[1:]
+            return held[1:]
+        layout = (a_all.device, tuple((a, A.shape[0]) for a, A, _, _ in parts))
+        cols = self._cols.get(layout)
+        if cols is None:
+            cols = self._cols[layout] = torch.tensor([a for a, A, _, _ in parts for _ in range(A.shape[0])],
+                                                     device=a_all.device)
+        self._stacks[id(module)] = (key, a_all, b_all, cols)
+        return a_all, b_all, cols
 
     def refresh(self) -> bool:
         """Bring every stacked copy up to date with the LoRA weights (changed in place since, e.g. by more
@@ -176,35 +139,19 @@ class RowAdapters:
                     changed |= fresh[0] is not held[1]
         return changed
 
-    def _pre_hook(self, select, by_cols, shared):
+    def _pre_hook(self, select, by_cols):
         def pre_hook(module, args):
             x = args[0]
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            partner = self._partner.get(id(module))
-            if partner is not None:
-                self._stacked(partner, dtype)  # first: restacking the pair (a new layout) replaces both entries
             a_all, bt, cols = self._stacked(module, dtype)
             sel = by_cols.get((id(cols), dtype))
             if sel is None:
                 sel = select.t().index_select(1, cols).to(dtype).contiguous()  # [rows, R]: 1 where a row uses it
                 by_cols[(id(cols), dtype)] = sel
-            seen = (x.data_ptr(), x._version, tuple(x.shape), x.dtype, dtype)
-            given = shared.pop(id(module), None)
-            R = a_all.shape[1]
-            if given is not None and given[0] == seen:
-                h = given[1]
-            else:
-                x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
-                joint, start = self._joint[id(module)]
-                if partner is not None and joint.shape[1] > R:  # one product for both: w2's x A is w1's input's
-                    hj = torch.matmul(x2, joint).reshape(-1, joint.shape[1])
-                    h = hj[:, start:start + R]
-                    p_start, p_width = self._joint[id(partner)][1], self._stacks[id(partner)][1].shape[1]
-                    shared[id(partner)] = (seen, hj[:, p_start:p_start + p_width])
-                else:
-                    h = torch.matmul(x2, a_all).reshape(-1, R)
+            x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
+            h = torch.matmul(x2, a_all).reshape(-1, a_all.shape[1])
             low_rank = None
-            if (x.numel() == sel.shape[0] * x.shape[-1] and dtype == torch.bfloat16 and hasattr(module.base_layer, "_mma_weight")
+            if (x2.shape[1] == 1 and dtype == torch.bfloat16 and hasattr(module.base_layer, "_mma_weight")
                     and settings().gptq_lora_epilogue):
                 from ..quant.mma_gemv import lora_unfit
 

@@ -335,8 +335,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
-              const u16* __restrict__ lh, const u16* __restrict__ lsel, const u16* __restrict__ lbt, int R,
-              int lh_stride) {
+              const u16* __restrict__ lh, const u16* __restrict__ lsel, const u16* __restrict__ lbt, int R) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -357,7 +356,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     }
     for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
-      cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * lh_stride + c);
+      cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);
       cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);
     }
   }
@@ -542,9 +541,7 @@ def lora_unfit(low_rank, M: int, N: int) -> str | None:
         return f"rank sum {R} (must be a positive multiple of 8, at most {LORA_MAX_RANK})"
     want = {"h": (h, (M, R)), "sel": (sel, (M, R)), "bt": (bt, (N, R))}
     for name, (t, shape) in want.items():
-        # h may be a column slice of a wider product (row_adapters: w1's and w2's x A computed as one)
-        rows_ok = t.is_contiguous() or (name == "h" and t.dim() == 2 and t.stride(1) == 1 and t.stride(0) % 8 == 0)
-        if tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not rows_ok or t.data_ptr() % 16:
+        if tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16:
             return f"{name} {tuple(t.shape)} {t.dtype} (expected a contiguous, 16-byte aligned bf16 {shape})"
     return None
 
@@ -558,8 +555,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
 
     ``low_rank`` = (h [M, R], sel [M, R], bt [N, R]), bf16: adds (h * sel) @ bt.T in the kernel's epilogue (the
     engine's unmerged LoRA: h = x A, sel the rows' 0/1 adapter selection, bt = B with the scaling folded in), summed
-    in fp32 with the product before its one rounding to bf16; h's rows need only be 16-byte aligned (a column slice
-    of a wider product will do); ``lora_unfit`` says which inputs it takes."""
+    in fp32 with the product before its one rounding to bf16; ``lora_unfit`` says which inputs it takes."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
@@ -589,5 +585,5 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         grid=(T, splits, 1), block=(warps * 32, 1, 1),
         args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
               counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
-              h, sel, bt, h.shape[-1] if low_rank is not None else 0, h.stride(0)])
+              h, sel, bt, h.shape[-1] if low_rank is not None else 0])
     return out

@@ -93,67 +93,6 @@ def test_a_forward_gathers_the_rows_selection_once_for_all_layers_of_a_layout():
     assert next(iter(mixed._stacks.values()))[3] is not next(iter(adapters._stacks.values()))[3]
 
 
-def _per_row_reference(pm, module, x, names):
-    with torch.no_grad():
-        want = []
-        for row, name in zip(x, names):
-            if name is None:
-                with pm.disable_adapter():
-                    want.append(module(row[None]))
-            else:
-                pm.set_adapter(name)
-                want.append(module(row[None]))
-    return torch.cat(want)
-
-
-def test_w1_and_w2_share_one_x_a_product_and_follow_weight_changes():
-    """An MLP's w1 and w2 read the same input: one matmul gives both their x A (columns side by side in one buffer),
-    each row still gets its own adapter, and a LoRA weight changed in place (more training) reaches the next
-    forward after refresh() through the same buffers (graphs captured before stay valid)."""
-    pm = _peft(tiny(seed=2), ["first", "second"])
-    mlp = pm.base_model.model.transformer.h[0].mlp
-    names = ["first", None, "second"]
-    adapters = RowAdapters(pm)
-    select = torch.zeros(2, 3)
-    select[adapters.index("first"), 0] = select[adapters.index("second"), 2] = 1.0
-    x = torch.randn(3, 1, mlp.w1.in_features)
-    with torch.no_grad(), adapters.applied(select):
-        mlp(x)  # stacks
-    ops = _Ops()
-    with torch.no_grad(), adapters.applied(select), ops:
-        got = mlp(x)
-    torch.testing.assert_close(got, _per_row_reference(pm, mlp, x, names), rtol=1e-4, atol=1e-5)
-    # x A: one for w1 and w2, one for c_proj; B: one matmul-add each (the base Linears: three more)
-    products = ops.ops["mm"] + ops.ops["bmm"] + ops.ops["addmm"] + ops.ops["matmul"]
-    assert products == 2 + 3 + 3, ops.ops
-    w1_a = adapters._stacks[id(mlp.w1)][1]
-    assert adapters._joint[id(mlp.w1)][0] is adapters._joint[id(mlp.w2)][0]
-    with torch.no_grad():
-        mlp.w2.lora_A["second"].weight.mul_(3.0)
-    assert adapters.refresh() is False  # same layout: the same buffers
-    assert adapters._stacks[id(mlp.w1)][1] is w1_a
-    with torch.no_grad(), adapters.applied(select):
-        changed = mlp(x)
-    torch.testing.assert_close(changed, _per_row_reference(pm, mlp, x, names), rtol=1e-4, atol=1e-5)
-    assert not torch.allclose(changed[2], got[2])
-
-
-def test_w2_computes_its_own_product_when_its_input_is_another_tensor():
-    """The shared product is keyed by the input: w2 called on other values than w1 computes its own x A."""
-    pm = _peft(tiny(seed=2), ["first"])
-    mlp = pm.base_model.model.transformer.h[0].mlp
-    adapters = RowAdapters(pm)
-    select = torch.ones(1, 2)
-    x, y = torch.randn(2, 1, mlp.w1.in_features), torch.randn(2, 1, mlp.w1.in_features)
-    with torch.no_grad(), adapters.applied(select):
-        got1, got2 = mlp.w1(x), mlp.w2(y)
-        got2_again = mlp.w2(x)  # after w1's product was used up by... nothing: w2(y) discarded it
-    with torch.no_grad():
-        torch.testing.assert_close(got1, mlp.w1(x), rtol=1e-5, atol=1e-6)  # PEFT's own forward (adapter enabled)
-        torch.testing.assert_close(got2, mlp.w2(y), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got2_again, mlp.w2(x), rtol=1e-5, atol=1e-6)
-
-
 def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
     """bf16 decode rows on a GPTQ base: the pre-hook offers (h, selection, bt) to the base layer; a base whose
     kernel adds it (the tensor-core GEMV on CUDA; here a stand-in) sets it back to None and the forward hook adds
