@@ -45,7 +45,7 @@ def family(name: str) -> str:
         return "int4_gemv"
     if "splitk_reduce" in n:  # the first GEMV design's second kernel
         return "split-K reduce"
-    if "_dec_attn" in n:  # decode_kernels.decode_attention (FINETUNE_DECODE_ATTENTION=1)
+    if "_dec_attn" in n:  # decode_kernels.decode_attention (fused_decode.use_own_keys)
         return "attention"
     if "_dec_" in n:  # finetune/inference/decode_kernels.py
         return "fused decode (norm, rotary + cache, swiglu)"

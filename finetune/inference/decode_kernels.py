@@ -10,7 +10,7 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three repla
 - ``rotary_to_cache``: from c_attn's output, rotary on q and k, the logN query scale, and the write of k and v
   into the layer's KV cache at each row's position; returns q [b, H, 1, D];
 - ``swiglu``: up * silu(gate);
-- ``decode_attention`` (with ``FINETUNE_DECODE_ATTENTION=1``): each row's query against its own keys only (the
+- ``decode_attention`` (where ``fused_decode.use_own_keys`` picks it): each row's query against its own keys only (the
   cache up to its position), split over the keys as flash-decoding does, in fp32, written in the layout c_proj
   reads. SDPA instead reads every row up to the step's length bucket under a mask, so a short row pays for the
   longest one's keys.
