@@ -450,9 +450,7 @@ class Engine:
         cos, sin = self.tr.rotary_emb(pos[:, None], alpha[:, None])
         query_scale = logn_scale(pos[:, None] + 1, cfg.seq_length) if cfg.use_logn_attn else None
         if self._kernels is not None:
-            # keys up to a multiple of 16 (masked beyond each row's position): SDPA's memory-efficient kernel
-            # pads a mask of another width in every layer
-            kv_len = min(_round_up(kv_len, 16), self._capacity)
+            kv_len = self._fused_kv_len(kv_len)
             mask = additive_mask(self._key_pos, pos, kv_len, self.dtype)
             x = self.tr.wte(tok[:, None])
             # Triton launches on the current CUDA device (on the CPU: the interpreter tests)
@@ -618,7 +616,12 @@ class Engine:
         host's row lengths (the step's graph key holds the answer: a graph is captured for each)."""
         if self._kernels is None:
             return False
-        return use_own_keys([r.length for r in rows], slots, min(_round_up(kv_len, 16), self._capacity))
+        return use_own_keys([r.length for r in rows], slots, self._fused_kv_len(kv_len))
+
+    def _fused_kv_len(self, kv_len) -> int:
+        """The keys the fused step attends over: up to a multiple of 16 (masked beyond each row's position), since
+        SDPA's memory-efficient kernel pads a mask of another width in every layer."""
+        return min(_round_up(kv_len, 16), self._capacity)
 
     def _capture(self, b, kv_len, pick=None, own_keys=False):
         """The graph of one decode step of b rows (with ``pick`` = (penalised, held): and its device-side
