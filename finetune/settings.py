@@ -31,8 +31,8 @@ class Settings:
     # FINETUNE_GPTQ_LORA_EPILOGUE: the engine's unmerged LoRA added in the tensor-core GEMV's epilogue (H200, one row,
     # r=64: +11.7% against the separate kernels; benchmarks/NOTES.md step 19)
     gptq_lora_epilogue: bool = True
-    # FINETUNE_DECODE_ATTENTION: the fused decode step's attention for 2+ rows through decode_kernels.decode_attention
-    # (each row reads its own keys only) instead of SDPA over the step's length bucket
+    # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
+    # reads its own keys only) where fused_decode.use_own_keys picks it; 0: always SDPA over the step's length bucket
     decode_attention: bool = True
 
 

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from ..settings import settings
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# When decode_attention (each row's own keys) replaces SDPA over the step's length bucket. Measured on the H200
-# (benchmarks/NOTES.md step 18): 64 rows of mixed lengths +21% (SDPA reads every row up to the bucket), one row -4% at
-# 512 and at 2,000 positions and 8 rows of similar lengths -2.5% (its second launch and smaller blocks cost ~5 us a
-# layer): it pays where it skips much, so from 2 rows and where at least a quarter of the keys SDPA would read
-# lie past the rows' own positions.
+# When decode_attention (each row's own keys) replaces SDPA over the step's length bucket. Measured on the H200 in one
+# call (benchmarks/NOTES.md step 18): 64 rows of mixed lengths +21% (SDPA reads every row up to the bucket), one row
+# -4% at 512 and at 2,000 positions (a fixed ~5 us a layer: its second launch and smaller blocks); 32 serving streams
+# of similar lengths, unchanged (on another machine). It pays where it skips much: from 2 rows, where at least a
+# quarter of the keys SDPA would read lie past the rows' own positions (the 25% is a choice, not a measured edge).
 OWN_KEYS_MIN_ROWS = 2
 OWN_KEYS_MIN_SKIPPED = 0.25
 
