@@ -8,6 +8,7 @@ nvidia-cuda-nvrtc-cu12`` unpacked anywhere (``--nvrtc`` names libnvrtc.so.12).
 
     python benchmarks/mma_sass.py --nvrtc /tmp/nvrtc/x/nvidia/cuda_nvrtc/lib/libnvrtc.so.12
     python benchmarks/mma_sass.py --source old_mma_gemv.py   # another version of the module (e.g. git show)
+    python benchmarks/mma_sass.py --gemm    # the small-M GEMM (finetune/quant/mma_gemm.py), every candidate config
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arch", default="90")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--gemm", action="store_true", help="the small-M GEMM's configs instead of the GEMV's")
     args = ap.parse_args(argv)
     nvrtc = args.nvrtc or find_nvrtc()
     if not nvrtc:
@@ -91,18 +93,9 @@ def main(argv=None) -> int:
 
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     lib = ctypes.CDLL(nvrtc)
-    G = load_module(args.source)
-    configs = sorted({(mb, w, d) for mb, (w, d, _) in G.CONFIGS.items()} | {(1, 4, 2), (4, 4, 1)})
-    variants = (0, 1) if "__LORA__" in G._SOURCE else (0,)  # the low-rank epilogue's build (step 17 on)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for (mb, warps, depth), lora in [(c, v) for c in configs for v in variants]:
-            if hasattr(G, "kernel_source"):
-                src = G.kernel_source(warps, mb, depth, args.group_size, bool(lora))
-            else:  # an older version of the module (--source)
-                src = (G._SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
-                       .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(args.group_size // G.CHUNK))
-                       .replace("__LORA__", str(lora)))
+        def assemble(src: str, **labels) -> None:
             ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
             ptx.write_text(compile_ptx(lib, src, args.arch))
             asm = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{args.arch}", "-v", str(ptx), "-o", str(cubin)],
@@ -110,14 +103,37 @@ def main(argv=None) -> int:
             info = " ".join(asm.stderr.split())
             regs = re.search(r"Used (\d+) registers", info)
             stack = re.search(r"(\d+) bytes stack frame", info) or re.search(r"(\d+) bytes cumulative stack", info)
+            smem = re.search(r"(\d+) bytes smem", info)
             sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                                   check=True).stdout
-            r = dict(row_blocks=mb, warps=warps, depth=depth, lora_epilogue=bool(lora), registers=int(regs.group(1)) if regs else None,
-                     stack_bytes=int(stack.group(1)) if stack else 0, **analyse(sass))
+            r = dict(**labels, registers=int(regs.group(1)) if regs else None,
+                     stack_bytes=int(stack.group(1)) if stack else 0, smem_bytes=int(smem.group(1)) if smem else 0,
+                     **analyse(sass))
             print(json.dumps(r), flush=True)
             results.append(r)
+
+        if args.gemm:
+            from finetune.quant import mma_gemm as M
+
+            for mb in (1, 2, 4, 8):
+                for warps, tpw, depth in [(w, t, d) for w in (4, 8) for t in (1, 2) for d in (1, 2)]:
+                    assemble(M.kernel_source(warps, mb, tpw, depth, args.group_size), kernel="gemm", row_blocks=mb,
+                             warps=warps, tiles_per_warp=tpw, depth=depth)
+        else:
+            G = load_module(args.source)
+            configs = sorted({(mb, w, d) for mb, (w, d, _) in G.CONFIGS.items()} | {(1, 4, 2), (4, 4, 1)})
+            variants = (0, 1) if "__LORA__" in G._SOURCE else (0,)  # the low-rank epilogue's build (step 17 on)
+            for (mb, warps, depth), lora in [(c, v) for c in configs for v in variants]:
+                if hasattr(G, "kernel_source"):
+                    src = G.kernel_source(warps, mb, depth, args.group_size, bool(lora))
+                else:  # an older version of the module (--source)
+                    src = (G._SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
+                           .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(args.group_size // G.CHUNK))
+                           .replace("__LORA__", str(lora)))
+                assemble(src, row_blocks=mb, warps=warps, depth=depth, lora_epilogue=bool(lora))
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(source=str(args.source), arch=args.arch, configs=results),
+        source = "finetune/quant/mma_gemm.py" if args.gemm else str(args.source)
+        Path(args.out).write_text(json.dumps(dict(source=source, arch=args.arch, configs=results),
                                              indent=1) + "\n")
     return 0
 

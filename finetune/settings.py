@@ -24,7 +24,7 @@ class Settings:
     gptq_backend: str = "auto"  # FINETUNE_GPTQ_BACKEND: auto (Triton on CUDA when importable), triton, torch
     gptq_gemv: bool = True      # FINETUNE_GPTQ_GEMV: decoding through the fused Int4 GEMV
     gptq_int4pack: bool = True  # FINETUNE_GPTQ_INT4PACK: 1-4 row bf16 decoding through aten's int4 kernel
-    gptq_mma: bool = True       # FINETUNE_GPTQ_MMA: 1-32 row bf16 decoding through the tensor-core GEMV (mma_gemv.py)
+    gptq_mma: bool = True       # FINETUNE_GPTQ_MMA: 1-64 row bf16 decoding on tensor cores (mma_gemv.py, mma_gemm.py)
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
     static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
     fused_decode: bool = True   # FINETUNE_FUSED_DECODE: the engine's decode step through fused Triton kernels on CUDA

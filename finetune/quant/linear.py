@@ -15,11 +15,13 @@
   copy of the weight converted once to its layout (``int4pack.py``; on an H200 1.6-1.8x the Triton GEMV's speed
   at one row, 1.1-1.5x at four, slower from 8 rows). The copy costs as much memory again as the packed weight;
   it is made on the first such call and dropped when the packed buffers change.
-- Decoding one to ``mma_gemv.MAX_ROWS`` (32) rows of bf16 on CUDA (compute capability 8.0+), first choice: a
-  tensor-core kernel compiled at run time (``mma_gemv.py``) on a copy of the weight repacked once into its layout
-  (same memory again, like the int4pack copy, which is then not made). Layers it cannot take (not 4-bit, N not
-  a multiple of 16, a group size not a multiple of 128) use the kernels above. Both copies are made by the
-  first decoding call (one position per row), not by a short training or evaluation forward.
+- Decoding 1 to 64 rows of bf16 on CUDA (compute capability 8.0+), first choice: tensor-core kernels compiled at
+  run time on a copy of the weight repacked once into their layout (same memory again, like the int4pack copy,
+  which is then not made): the GEMV (``mma_gemv.py``) below ``mma_gemm.MIN_ROWS`` rows, and up to 32 rows when the
+  engine offers a LoRA product for its epilogue; the small-M GEMM (``mma_gemm.py``, x staged in shared memory)
+  from there to 64 rows. Layers they cannot take (not 4-bit, N not a multiple of 16, a group size not a multiple
+  of 128) use the kernels above. Both copies are made by the first decoding call (one position per row), not by a
+  short training or evaluation forward.
 - The inference engine's unmerged LoRA (``inference/row_adapters.py``) may set ``low_rank_epilogue`` = (h, sel,
   bt) on the layer just before a forward: when the tensor-core GEMV runs, it adds (h * sel) @ bt.T in its
   epilogue and the forward sets the attribute back to None; any other kernel leaves it for the engine to add.
@@ -31,7 +33,7 @@ Environment switches: ``FINETUNE_GPTQ_BACKEND`` = ``auto`` (default: Triton on C
 ``torch`` (plain torch everywhere) or ``triton`` (fail if Triton is missing); ``FINETUNE_GPTQ_GEMV=0`` turns
 the fused decode GEMV off (dequantize + matmul for every row count); ``FINETUNE_GPTQ_TUNE=0`` skips the
 Triton kernels' one-time config timing; ``FINETUNE_GPTQ_INT4PACK=0`` keeps one- to four-row decoding on the
-Triton GEMV (no second copy of the weights); ``FINETUNE_GPTQ_MMA=0`` turns the tensor-core kernel off.
+Triton GEMV (no second copy of the weights); ``FINETUNE_GPTQ_MMA=0`` turns the tensor-core kernels off.
 """
 
 from __future__ import annotations
@@ -50,7 +52,8 @@ from .packing import (
 )
 
 from ..settings import settings
-from .mma_gemv import MAX_ROWS as MMA_MAX_ROWS  # where the tensor-core GEMV beats the Triton one (measured)
+from .mma_gemm import MIN_ROWS as MMA_GEMM_MIN_ROWS  # from here to 64 rows: the tensor-core GEMM (measured)
+from .mma_gemv import MAX_ROWS as MMA_MAX_ROWS  # the tensor-core GEMV's limit (with the LoRA epilogue)
 
 GEMV_MAX_ROWS = 64  # = triton_gemv.MAX_ROWS (batched decoding up to 64 rows)
 INT4PACK_MAX_ROWS = 4  # measured faster than the Triton GEMV at 1, 2 and 4 rows, slower at 8 (benchmarks/NOTES.md)
@@ -330,13 +333,18 @@ class GPTQLinear(nn.Module):
             # the weight copies below (6.3 GB for 14B) are made by decoding calls (one position per row), not by
             # a short training or evaluation forward; once made, any small call uses them
             build = not capturing and (x.dim() < 3 or x.shape[-2] == 1)
-            if fast_bf16 and rows <= MMA_MAX_ROWS and settings().gptq_mma:
+            if fast_bf16 and settings().gptq_mma:
                 mm = self._mma_weight(build=build)
-                if mm is not None:
+                low_rank = self.__dict__.get("low_rank_epilogue")
+                # the GEMV keeps 9-32 rows that bring a LoRA product for its epilogue (the GEMM has none)
+                if mm is not None and MMA_GEMM_MIN_ROWS <= rows and (low_rank is None or rows > MMA_MAX_ROWS):
+                    from .mma_gemm import mma_gemm
+
+                    y = mma_gemm(x2d, *mm)  # None: no split-K workspace yet inside a capture
+                elif mm is not None and rows <= MMA_MAX_ROWS:
                     from .mma_gemv import mma_gemv
 
-                    low_rank = self.__dict__.get("low_rank_epilogue")
-                    y = mma_gemv(x2d, *mm, low_rank=low_rank)  # None: no split-K workspace yet inside a capture
+                    y = mma_gemv(x2d, *mm, low_rank=low_rank)
                     if y is not None and low_rank is not None:
                         self.low_rank_epilogue = None  # added: the engine's hook must not add it again
             if y is None and fast_bf16 and rows <= INT4PACK_MAX_ROWS and settings().gptq_int4pack:

@@ -132,16 +132,12 @@ def emulate(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros
 
 
 # -- the kernel ----------------------------------------------------------------------------------------------
-_SOURCE = r"""
+# Device helpers shared by this GEMV and the small-M GEMM (mma_gemm.py): loads, bf16 conversions, the nibble
+# unpacking, the mma and cp.async.
+HELPERS = r"""
 typedef unsigned int u32;
 typedef unsigned short u16;
 struct alignas(16) U4 { u32 x, y, z, w; };
-
-#define WARPS __WARPS__
-#define MB __MB__
-#define DEPTH __DEPTH__
-#define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
-#define LORA __LORA__  // 1: the low-rank epilogue (a build of its own, so the plain kernel's code is unchanged)
 
 __device__ __forceinline__ U4 ld_stream(const U4* p) {
   U4 v;
@@ -174,6 +170,33 @@ __device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u3
                : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
                : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+
+// (w >> shift) & 0x000F000F | magic in one instruction (the compiler splits the two constants otherwise)
+__device__ __forceinline__ u32 nibbles(u32 w, u32 magic) {
+  u32 d;
+  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(d) : "r"(w), "r"(magic));
+  return d;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  unsigned s;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// wait until at most N of this thread's committed groups are still in flight
+template <int N> __device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+"""
+
+_SOURCE = HELPERS + r"""
+#define WARPS __WARPS__
+#define MB __MB__
+#define DEPTH __DEPTH__
+#define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
+#define LORA __LORA__  // 1: the low-rank epilogue (a build of its own, so the plain kernel's code is unchanged)
 
 struct Chunk {
   U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
@@ -223,13 +246,6 @@ __device__ __forceinline__ void load_chunk(Chunk& b, Cursor& p, int N) {
   }
   p.w += WARPS * 64;
   p.c += WARPS;
-}
-
-// (w >> shift) & 0x000F000F | magic in one instruction (the compiler splits the two constants otherwise)
-__device__ __forceinline__ u32 nibbles(u32 w, u32 magic) {
-  u32 d;
-  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(d) : "r"(w), "r"(magic));
-  return d;
 }
 
 // One row block (ZERO_BY_SUM): the A fragments are the bf16 values 128 + q (the nibble as the low mantissa bits of
@@ -311,12 +327,6 @@ __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFF
 // Linear ~6.5 us longer on the H200 (NOTES step 17).
 #define LRMAX __LRMAX__
 #define LSTRIDE (LRMAX + 8)  // a shared row's length: rows 272 bytes apart fall on different banks
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  unsigned s;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ float lora_term(const u16* h, const u16* sel, const u16* bt, int R) {
   float s = 0.f;
   for (int j = 0; j < R; j += 8) {
@@ -470,16 +480,23 @@ def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool =
             .replace("__LRMAX__", str(LORA_MAX_RANK)))
 
 
-def _compile(device: torch.device, source: str):
+def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
     with torch.cuda.device(device):
-        return torch.cuda._compile_kernel(source, "gptq_mma_gemv", nvcc_options=["-std=c++17"])
+        return torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"])
 
 
 def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False):
     """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
     it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
     and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    key = (device.index, warps, mb, depth, group_size, lora)
+    return compiled(device, (warps, mb, depth, group_size, lora), "gptq_mma_gemv",
+                    lambda: kernel_source(warps, mb, depth, group_size, lora))
+
+
+def compiled(device: torch.device, config: tuple, name: str, source):
+    """Kernel ``name`` of ``source()`` compiled for ``device`` once per ``config``; what ``_kernel`` says it returns
+    (also used by ``mma_gemm.py``)."""
+    key = (device.index, name) + config
     k = _kernels.get(key)
     if k is None:
         if torch.cuda.is_current_stream_capturing():
@@ -487,12 +504,12 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: i
         with _lock:
             k = _kernels.get(key)
             if k is None:
-                src = kernel_source(warps, mb, depth, group_size, lora)
                 try:
-                    k = _compile(device, src)
+                    k = _compile(device, source(), name)
                 except Exception as e:  # NVRTC missing or refusing: the other decode kernels still work
-                    k = f"the tensor-core GEMV did not compile ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
-                    warnings.warn(k + "; decoding uses the other Int4 kernels", stacklevel=3)
+                    detail = " ".join(str(e).split())[:300]
+                    k = f"the tensor-core kernel {name} did not compile ({type(e).__name__}: {detail})"
+                    warnings.warn(k + "; decoding uses the other Int4 kernels", stacklevel=4)
                 _kernels[key] = k
     return k
 

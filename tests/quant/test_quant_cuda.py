@@ -474,26 +474,105 @@ def test_mma_gemv_split_k_workspace_in_cuda_graphs():
         G._workspaces.update(saved)
 
 
+# -- the tensor-core small-M GEMM (mma_gemm.py) -------------------------------------------------------------
+GEMM_CONFIGS = [None, (4, 1, 1, 4), (8, 2, 3, 1), (4, 2, 2, 2), (8, 1, 3, 8)]  # (warps, tiles a warp, depth, per SM)
+
+
+@pytest.mark.parametrize("in_f,out_f", MMA_SHAPES)
+@pytest.mark.parametrize("desc_act,v2", [(False, False), (True, True)])
+def test_mma_gemm_equals_the_exact_product(in_f, out_f, desc_act, v2):
+    """1 to 64 rows, x staged in shared memory: the exact product up to the bf16 rounding of the output, the same
+    bits on a second call (the split-K workspace and counters are clean again), for the default and other
+    launch configurations."""
+    from finetune.quant import mma_gemm as MG
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(in_f, out_f, desc_act=desc_act, v2=v2, seed=21)
+    exact = dequantize_t(**p, bits=4, v2=v2, dtype=torch.float32)
+    packed = G.repack(**p, v2=v2, group_size=128)
+    configs = GEMM_CONFIGS if in_f * out_f > 30e6 else GEMM_CONFIGS[:2]
+    for rows in (3, 9, 16, 17, 31, 32, 33, 47, 64):
+        x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
+        ref = x.float() @ exact
+        for config in configs:
+            y = MG.mma_gemm(x, *packed[:4], 128, packed[4], config=config)
+            assert y.dtype == torch.bfloat16 and y.shape == (rows, out_f)
+            assert _rel_err(y, ref) < 4e-3, (rows, config)
+            assert torch.equal(MG.mma_gemm(x, *packed[:4], 128, packed[4], config=config), y), (rows, config)
+
+
+@pytest.mark.parametrize("config", GEMM_CONFIGS)
+@pytest.mark.parametrize("out_f,group_size", [(4096, 128), (1040, 256), (528, 128)])
+def test_mma_gemm_gives_every_weight_exactly(config, out_f, group_size):
+    """Rows of the identity give each weight, (q - z) * s exact and rounded once to bf16, bit for bit: for groups of
+    two chunks, and for tile counts that leave warps of the last CTA without a tile (65 and 33 tiles)."""
+    from finetune.quant import mma_gemm as MG
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(1024, out_f, group_size=group_size, seed=22)
+    wt = dequantize_t(**p, bits=4, dtype=torch.float32).to(torch.bfloat16)  # [K, N]
+    packed = G.repack(**p, group_size=group_size)
+    eye = torch.eye(1024, device="cuda", dtype=torch.bfloat16)
+    for start, rows in [(0, 64), (64, 64), (128, 40), (168, 9), (177, 33), (210, 5), (960, 64)]:
+        y = MG.mma_gemm(eye[start:start + rows], *packed[:4], group_size, packed[4], config=config)
+        assert torch.equal(y, wt[start:start + rows]), (start, rows)
+
+
+def test_mma_gemm_in_cuda_graphs_and_its_limits():
+    """Graph replays equal the eager call bit for bit (the counters are reset by each tile group's last CTA); a
+    capture that finds no workspace gives None; rows outside 1..64 say so."""
+    from finetune.quant import mma_gemm as MG
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(13696, 5120, seed=23)
+    packed = G.repack(**p, group_size=128)
+    x = torch.randn(64, 13696, device="cuda", dtype=torch.bfloat16)
+    eager = MG.mma_gemm(x, *packed[:4], 128, packed[4], config=(8, 1, 2, 4))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = MG.mma_gemm(x, *packed[:4], 128, packed[4], config=(8, 1, 2, 4))
+    for _ in range(3):
+        y.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager)
+    assert int(G._workspaces[x.device.index][1].abs().sum()) == 0
+    saved = dict(G._workspaces)
+    G._workspaces.clear()
+    try:
+        with torch.cuda.graph(torch.cuda.CUDAGraph()):
+            assert MG.mma_gemm(x, *packed[:4], 128, packed[4], config=(8, 1, 2, 4)) is None
+    finally:
+        G._workspaces.update(saved)
+    for rows in (0, 65):
+        with pytest.raises(ValueError, match=f"1 to 64 rows, got {rows}"):
+            MG.mma_gemm(torch.randn(rows, 13696, device="cuda", dtype=torch.bfloat16), *packed[:4], 128, packed[4])
+
+
 @pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True)])
 def test_gptq_linear_decoding_rows_use_the_mma_copy(in_f, out_f, desc_act, monkeypatch, switches):
     from finetune.quant import linear as qlinear
     from finetune.quant import mma_gemv as G
 
+    from finetune.quant import mma_gemm as MG
+
     switches(gptq_tune=False, gptq_gemv=True, gptq_int4pack=True, gptq_mma=True)
-    gemv_rows, mma_rows = [], []
-    real, real_mma = qlinear.gptq_gemv, G.mma_gemv
+    gemv_rows, mma_rows, gemm_rows = [], [], []
+    real, real_mma, real_gemm = qlinear.gptq_gemv, G.mma_gemv, MG.mma_gemm
     monkeypatch.setattr(qlinear, "gptq_gemv", lambda *a, **k: gemv_rows.append(a[0].shape[0]) or real(*a, **k))
     monkeypatch.setattr(G, "mma_gemv", lambda *a, **k: mma_rows.append(a[0].shape[0]) or real_mma(*a, **k))
+    monkeypatch.setattr(MG, "mma_gemm", lambda *a, **k: gemm_rows.append(a[0].shape[0]) or real_gemm(*a, **k))
     p = _random_packed(in_f, out_f, desc_act=desc_act, seed=14)
     layer = GPTQLinear.from_quantized(**p, bits=4, group_size=128, desc_act=desc_act)
     w = layer.dequantize(torch.float32)
-    limit = qlinear.MMA_MAX_ROWS
-    for rows in (1, 4, 8, limit, limit + 1, 65):
+    first = qlinear.MMA_GEMM_MIN_ROWS
+    for rows in (1, 4, 8, first - 1, first, 33, 64, 65):
         x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
             y = layer(x)
         assert _rel_err(y, x.float() @ w.t()) < 1e-2
-    assert mma_rows == [1, 4, 8, limit] and gemv_rows == [limit + 1]  # 65 rows: dequantize + matmul
+    # 65 rows: dequantize + matmul (neither list, nor the Triton GEMM's)
+    assert mma_rows == [1, 4, 8, first - 1] and gemm_rows == [first, 33, 64] and gemv_rows == []
     assert "_int4pack" not in layer.__dict__  # the int4pack copy is not made when the mma copy serves
     held = layer.__dict__["_mma"][2]
     layer.scales.mul_(2)  # changed in place: the copy is remade

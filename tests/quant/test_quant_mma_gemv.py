@@ -61,7 +61,7 @@ def test_a_kernel_that_does_not_compile_is_reported_once_and_left_to_the_other_k
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     calls = []
 
-    def failing(device, source):
+    def failing(device, source, name):
         calls.append(source)
         raise RuntimeError("Kernel compilation failed:\nno libnvrtc")
 

@@ -1,0 +1,147 @@
+"""The small-M tensor-core GEMM (finetune/quant/mma_gemm.py) against the tensor-core GEMV (mma_gemv.py) and the
+Triton GEMM, for the Qwen-14B Linear shapes at 8, 16, 32 and 64 rows: every candidate configuration, timed as
+decode_bench.py times a GEMV (a CUDA graph over > 200 MiB of layer copies, so every call reads HBM), with its
+relative error against the exact fp32 dequantized matmul and a repeat check (the split-K workspace is clean again).
+
+    python benchmarks/mma_gemm_probe.py --out $OUT/mma_gemm_probe.json --pick $OUT/pick.txt --apply
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from decode_bench import GEMV_SHAPE_SETS, copy_bandwidth, layer_copies, time_gemv  # noqa: E402
+from provenance import git_commit  # noqa: E402
+
+from finetune.quant import mma_gemm as MG  # noqa: E402
+from finetune.quant import mma_gemv as G  # noqa: E402
+from finetune.quant import triton_gemv as tg  # noqa: E402
+from finetune.quant.packing import dequantize_t  # noqa: E402
+
+PER_LAYER = {"c_attn": 1, "attn.c_proj": 1, "w1/w2": 2, "mlp.c_proj": 1}  # Linears of one decoder layer
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", nargs="+", type=int, default=[8, 16, 32, 64])
+    ap.add_argument("--shapes", default="14b", choices=sorted(GEMV_SHAPE_SETS))
+    ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--tpw", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--depth", nargs="+", type=int, default=[1, 2, 3])
+    ap.add_argument("--per-sm", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--baselines", type=int, default=1, help="also time the GEMV (rows <= 32) and the Triton GEMM")
+    ap.add_argument("--pick", help="write the CONFIGS and MIN_ROWS lines chosen from the timings to this file")
+    ap.add_argument("--apply", action="store_true", help="with --pick: also write them into finetune/quant/mma_gemm.py")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    why = G.available()
+    if why:
+        print(f"mma_gemm unavailable: {why}")
+        return 1
+    copy_bps, _ = copy_bandwidth(device)
+    print(f"copy {copy_bps / 1e12:.2f} TB/s", flush=True)
+    results = []
+    commit = git_commit() or "unknown"
+    for name, (K, N) in GEMV_SHAPE_SETS[args.shapes].items():
+        weight_bytes, layers = layer_copies(K, N, device)
+        packed = [dict(zip(("wpack", "scales", "qzeros", "zero_add", "perm"), G.repack(**lay, group_size=128)))
+                  for lay in layers]
+        exact = dequantize_t(**layers[0], bits=4, dtype=torch.float32)
+        for M in args.rows:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            ref = x.float() @ exact
+            cands = []
+            for cfg in itertools.product(args.warps, args.tpw, args.depth, args.per_sm):
+                def fn(x, pk, cfg=cfg):
+                    return MG.mma_gemm(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128, pk["perm"],
+                                       config=cfg)
+                cands.append((f"gemm{cfg}", fn, packed))
+            if args.baselines:
+                if M <= G.KERNEL_ROWS:
+                    def gemv(x, pk):
+                        return G.mma_gemv(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128, pk["perm"])
+                    cands.append(("mma_gemv", gemv, packed))
+
+                def triton(x, lay):
+                    return tg.triton_gemv(x, **lay, bits=4, group_size=128, trivial_g_idx=True)
+                cands.append(("triton_gemv", triton, layers))
+            best = None
+            for label, fn, data in cands:
+                try:
+                    y = fn(x, data[0])
+                    err = ((y.float() - ref).norm() / ref.norm()).item()
+                    repeat = torch.equal(y, fn(x, data[0]))
+                    sec = time_gemv(fn, data, x, device)
+                except Exception as e:  # a config that does not compile or launch: reported, not fatal
+                    print(f"{name:12s} rows={M:<3d} {label:24s} failed: {str(e).splitlines()[0][:300]}", flush=True)
+                    results.append(dict(layer=name, K=K, N=N, rows=M, kernel=label, error=str(e)[:2000]))
+                    continue
+                row = dict(layer=name, K=K, N=N, rows=M, kernel=label, us=sec * 1e6, rel_err=err, repeat=repeat,
+                           pct_copy=100 * weight_bytes / sec / copy_bps, commit=commit)
+                results.append(row)
+                print(f"{name:12s} rows={M:<3d} {label:24s} {sec * 1e6:7.1f} us {row['pct_copy']:5.1f}% of copy "
+                      f"err {err:.2e} repeat {repeat}", flush=True)
+                ok = err < 4e-3 and repeat
+                if label.startswith("gemm") and ok and (best is None or sec < best[1]):
+                    best = (label, sec)
+            if best:
+                print(f"BEST {name} rows={M}: {best[0]} {best[1] * 1e6:.1f} us", flush=True)
+        del layers, packed
+        torch.cuda.empty_cache()
+        if args.out:
+            Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    if args.pick:
+        lines = pick(results)
+        Path(args.pick).write_text(lines + "\n")
+        print(lines, flush=True)
+        if args.apply:
+            src = ROOT / "finetune" / "quant" / "mma_gemm.py"
+            text = src.read_text().splitlines()
+            for line in lines.splitlines():
+                key = line.split(" = ")[0]
+                text = [line if t.startswith(key + " = ") else t for t in text]
+            src.write_text("\n".join(text) + "\n")
+    return 0
+
+
+def layer_totals(results, rows: int, prefix: str) -> dict:
+    """kernel label -> us for one decoder layer's Linears at ``rows`` (only labels timed, right, on all of them)."""
+    totals = {}
+    for r in results:
+        if r.get("rows") == rows and r["kernel"].startswith(prefix) and "us" in r and r["rel_err"] < 4e-3 \
+                and r["repeat"]:
+            totals.setdefault(r["kernel"], {})[r["layer"]] = r["us"]
+    return {k: sum(PER_LAYER[name] * us for name, us in v.items()) for k, v in totals.items()
+            if set(v) == set(PER_LAYER)}
+
+
+def pick(results) -> str:
+    """The CONFIGS line (per 8-row block count, the config with the least time over one decoder layer) and
+    MIN_ROWS (17 when the GEMV beat the GEMM's best at 16 rows, else 9)."""
+    chosen, min_rows = {}, 9
+    for mb, rows in ((1, 8), (2, 16), (4, 32), (8, 64)):
+        full = layer_totals(results, rows, "gemm")
+        if not full:
+            continue
+        best = min(full, key=full.get)
+        chosen[mb] = best[4:]
+        gemv = layer_totals(results, rows, "mma_gemv").get("mma_gemv")
+        if rows == 16 and gemv is not None and gemv < full[best]:
+            min_rows = 17
+    return ("CONFIGS = {" + ", ".join(f"{mb}: {cfg}" for mb, cfg in chosen.items()) + "}\n"
+            f"MIN_ROWS = {min_rows}  # fewer rows: the GEMV (measured by benchmarks/mma_gemm_probe.py)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
