@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tpw", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--depth", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--per-sm", nargs="+", type=int, default=[1, 2, 4])
+    ap.add_argument("--rb", nargs="+", type=int, default=[0], help="row blocks summed at a time (0: all)")
     ap.add_argument("--baselines", type=int, default=1, help="also time the GEMV (rows <= 32) and the Triton GEMM")
     ap.add_argument("--pick", help="write the CONFIGS and MIN_ROWS lines chosen from the timings to this file")
     ap.add_argument("--apply", action="store_true", help="with --pick: also write them into finetune/quant/mma_gemm.py")
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             ref = x.float() @ exact
             cands = []
-            for cfg in itertools.product(args.warps, args.tpw, args.depth, args.per_sm):
+            for cfg in itertools.product(args.warps, args.tpw, args.depth, args.per_sm, args.rb):
+                cfg = cfg[:4] + ((cfg[4],) if 0 < cfg[4] < MG.row_blocks(M) else ())
                 def fn(x, pk, cfg=cfg):
                     return MG.mma_gemm(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128, pk["perm"],
                                        config=cfg)
@@ -127,20 +129,22 @@ def layer_totals(results, rows: int, prefix: str) -> dict:
 
 
 def pick(results) -> str:
-    """The CONFIGS line (per 8-row block count, the config with the least time over one decoder layer) and
-    MIN_ROWS (17 when the GEMV beat the GEMM's best at 16 rows, else 9)."""
-    chosen, min_rows = {}, 9
+    """The CONFIGS line (per 8-row block count, the config with the least time over one decoder layer; counts not
+    timed keep mma_gemm.py's) and MIN_ROWS (17 when the GEMV beat the GEMM's best at 16 rows, 9 when it did not,
+    unchanged when 16 rows were not timed)."""
+    chosen, min_rows = dict(MG.CONFIGS), MG.MIN_ROWS
     for mb, rows in ((1, 8), (2, 16), (4, 32), (8, 64)):
         full = layer_totals(results, rows, "gemm")
         if not full:
             continue
         best = min(full, key=full.get)
-        chosen[mb] = best[4:]
+        chosen[mb] = tuple(int(v) for v in best[5:-1].split(","))  # "gemm(4, 1, 2, 2)"
         gemv = layer_totals(results, rows, "mma_gemv").get("mma_gemv")
-        if rows == 16 and gemv is not None and gemv < full[best]:
-            min_rows = 17
-    return ("CONFIGS = {" + ", ".join(f"{mb}: {cfg}" for mb, cfg in chosen.items()) + "}\n"
-            f"MIN_ROWS = {min_rows}  # fewer rows: the GEMV (measured by benchmarks/mma_gemm_probe.py)")
+        if rows == 16 and gemv is not None:
+            min_rows = 17 if gemv < full[best] else 9
+    return ("CONFIGS = {" + ", ".join(f"{mb}: {cfg}" for mb, cfg in sorted(chosen.items())) + "}\n"
+            f"MIN_ROWS = {min_rows}  # GPTQLinear's threshold: fewer rows go to the GEMV (measured by "
+            "benchmarks/mma_gemm_probe.py)")
 
 
 if __name__ == "__main__":

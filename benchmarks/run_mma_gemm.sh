@@ -20,13 +20,13 @@ for part in "${parts[@]}"; do
   t0=$(date +%s)
   case "$part" in
     tests)
-      timeout "${GEMM_T_TESTS:-240}" python3 -m pytest -q -x -p no:cacheprovider tests/quant/test_quant_cuda.py \
+      timeout "${GEMM_T_TESTS:-240}" python3 -m pytest -q -x -m cuda -p no:cacheprovider tests/quant/test_quant_cuda.py \
         -k "mma_gemm or mma_copy or mma_gemv_equals" > "$OUT/logs/tests.log" 2>&1 ;;
     probe)
-      timeout "${GEMM_T_PROBE:-300}" python3 benchmarks/mma_gemm_probe.py --rows ${GEMM_ROWS:-16 32 64} \
+      timeout "${GEMM_T_PROBE:-300}" python3 benchmarks/mma_gemm_probe.py --rows ${GEMM_ROWS:-16 32 64} ${GEMM_PROBE_ARGS:-} \
         --out "$OUT/mma_gemm_probe.json" --pick "$OUT/pick.txt" --apply > "$OUT/logs/probe.log" 2>&1 ;;
     engine)
-      timeout "${GEMM_T_ENGINE:-300}" python3 -m pytest -q -p no:cacheprovider tests/inference/test_inference_cuda.py \
+      timeout "${GEMM_T_ENGINE:-300}" python3 -m pytest -q -m cuda -p no:cacheprovider tests/inference/test_inference_cuda.py \
         tests/quant/test_quant_cuda.py -k "not triton_dequant and not test_triton_gemv" > "$OUT/logs/engine.log" 2>&1 ;;
     *) echo "unknown part $part (tests, probe, engine)"; continue ;;
   esac

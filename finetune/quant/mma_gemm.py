@@ -30,13 +30,14 @@ import torch
 from . import mma_gemv
 from .mma_gemv import CHUNK
 
-MIN_ROWS = 9  # GPTQLinear's threshold: fewer rows go to the GEMV (one 8-row block; x is small there)
+MIN_ROWS = 9  # GPTQLinear's threshold: fewer rows go to the GEMV (measured by benchmarks/mma_gemm_probe.py)
 MAX_ROWS = 64
 STAGES = 3
 
 # Launch configurations by 8-row blocks: (warps a CTA (tiles side by side), tiles a warp, register buffers of
-# weights a warp, target CTAs per SM for the split over K). A first guess (not yet measured on a GPU).
-CONFIGS = {1: (8, 1, 2, 2), 2: (8, 1, 2, 2), 4: (8, 1, 2, 2), 8: (8, 1, 2, 1)}
+# weights a warp, target CTAs per SM for the split over K and for the register cap[, row blocks summed at a
+# time]). Measured on an H200 by benchmarks/mma_gemm_probe.py (NOTES step 21); 1: not measured, 2's config.
+CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 4), 4: (4, 1, 2, 2), 8: (4, 1, 1, 1)}
 
 
 def row_blocks(rows: int) -> int:
@@ -50,9 +51,11 @@ _SOURCE = r"""
 #define WARPS __WARPS__
 #define MB __MB__
 #define TPW __TPW__
+#define RB __RB__                // row blocks summed at a time (divides MB)
 #define DEPTH __DEPTH__
 #define GCHUNKS __GCHUNKS__
 #define STAGES __STAGES__
+#define MINB __MINB__            // CTAs an SM must hold: caps the registers a thread (the config's per-SM target)
 #define XROW 128                 // bf16 a shared row of x: one chunk
 #define XSTAGE (MB * 8 * XROW)  // bf16 a stage
 
@@ -103,59 +106,65 @@ __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, c
 }
 
 // One chunk: for each 16-input step the weights' A fragments ((q - z) in bf16, exact), x's B fragments from the
-// shared stage (one 16-byte read serves two steps and every tile of the warp), fp32 sums scaled once.
+// shared stage (one 16-byte read serves two steps and every tile of the warp), fp32 sums scaled once. The row
+// blocks are summed RB at a time: fewer registers (more warps an SM) for unpacking the weights MB / RB times.
 __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int sw, float (&acc)[TPW][MB][4], int r,
                                            int zero_add) {
   u32 magic;
   asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
   u32 nz[TPW][2];
-  float tmp[TPW][MB][4];
 #pragma unroll
   for (int tp = 0; tp < TPW; ++tp) {
     nz[tp][0] = (u32)(0xC300 + ((b.z[tp][0] >> (4 * r)) & 15) + zero_add) * 0x10001u;
     nz[tp][1] = (u32)(0xC300 + ((b.z[tp][1] >> (4 * r)) & 15) + zero_add) * 0x10001u;
-#pragma unroll
-    for (int mb = 0; mb < MB; ++mb) tmp[tp][mb][0] = tmp[tp][mb][1] = tmp[tp][mb][2] = tmp[tp][mb][3] = 0.f;
   }
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    u32 a[TPW][2][4];
+  for (int p0 = 0; p0 < MB; p0 += RB) {
+    float tmp[TPW][RB][4];
 #pragma unroll
     for (int tp = 0; tp < TPW; ++tp)
 #pragma unroll
-      for (int jj = 0; jj < 2; ++jj) {
-        const int j = 2 * i + jj;
-        const u32 wj = word_of(b.w[tp][j >> 2], j & 3);
-        a[tp][jj][0] = sub_zero(nibbles(wj, magic), nz[tp][0]);
-        a[tp][jj][1] = sub_zero(nibbles(wj >> 4, magic), nz[tp][1]);
-        a[tp][jj][2] = sub_zero(nibbles(wj >> 8, magic), nz[tp][0]);
-        a[tp][jj][3] = sub_zero(nibbles(wj >> 12, magic), nz[tp][1]);
-      }
-    const u16* xp = xr + ((i ^ sw) << 3);
+      for (int rb = 0; rb < RB; ++rb) tmp[tp][rb][0] = tmp[tp][rb][1] = tmp[tp][rb][2] = tmp[tp][rb][3] = 0.f;
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-      const U4 xv = *(const U4*)(xp + mb * 8 * XROW);
+    for (int i = 0; i < 4; ++i) {
+      u32 a[TPW][2][4];
 #pragma unroll
-      for (int tp = 0; tp < TPW; ++tp) {
-        mma(tmp[tp][mb], a[tp][0][0], a[tp][0][1], a[tp][0][2], a[tp][0][3], xv.x, xv.y);
-        mma(tmp[tp][mb], a[tp][1][0], a[tp][1][1], a[tp][1][2], a[tp][1][3], xv.z, xv.w);
+      for (int tp = 0; tp < TPW; ++tp)
+#pragma unroll
+        for (int jj = 0; jj < 2; ++jj) {
+          const int j = 2 * i + jj;
+          const u32 wj = word_of(b.w[tp][j >> 2], j & 3);
+          a[tp][jj][0] = sub_zero(nibbles(wj, magic), nz[tp][0]);
+          a[tp][jj][1] = sub_zero(nibbles(wj >> 4, magic), nz[tp][1]);
+          a[tp][jj][2] = sub_zero(nibbles(wj >> 8, magic), nz[tp][0]);
+          a[tp][jj][3] = sub_zero(nibbles(wj >> 12, magic), nz[tp][1]);
+        }
+      const u16* xp = xr + ((i ^ sw) << 3);
+#pragma unroll
+      for (int rb = 0; rb < RB; ++rb) {
+        const U4 xv = *(const U4*)(xp + (p0 + rb) * 8 * XROW);
+#pragma unroll
+        for (int tp = 0; tp < TPW; ++tp) {
+          mma(tmp[tp][rb], a[tp][0][0], a[tp][0][1], a[tp][0][2], a[tp][0][3], xv.x, xv.y);
+          mma(tmp[tp][rb], a[tp][1][0], a[tp][1][1], a[tp][1][2], a[tp][1][3], xv.z, xv.w);
+        }
       }
     }
-  }
 #pragma unroll
-  for (int tp = 0; tp < TPW; ++tp) {
-    const float sc0 = h2f(b.s[tp][0]), sc1 = h2f(b.s[tp][1]);
+    for (int tp = 0; tp < TPW; ++tp) {
+      const float sc0 = h2f(b.s[tp][0]), sc1 = h2f(b.s[tp][1]);
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb) {
-      acc[tp][mb][0] += sc0 * tmp[tp][mb][0];
-      acc[tp][mb][1] += sc0 * tmp[tp][mb][1];
-      acc[tp][mb][2] += sc1 * tmp[tp][mb][2];
-      acc[tp][mb][3] += sc1 * tmp[tp][mb][3];
+      for (int rb = 0; rb < RB; ++rb) {
+        acc[tp][p0 + rb][0] += sc0 * tmp[tp][rb][0];
+        acc[tp][p0 + rb][1] += sc0 * tmp[tp][rb][1];
+        acc[tp][p0 + rb][2] += sc1 * tmp[tp][rb][2];
+        acc[tp][p0 + rb][3] += sc1 * tmp[tp][rb][3];
+      }
     }
   }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride) {
@@ -270,13 +279,19 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 
-def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int) -> str:
-    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
+def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, rb: int | None = None,
+                  min_blocks: int = 1) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``rb``: row blocks
+    summed at a time (default all MB); ``min_blocks``: CTAs an SM must be able to hold (the compiler caps the
+    registers a thread to fit them)."""
+    rb = mb if rb is None else min(rb, mb)
     if group_size % CHUNK:
         raise ValueError(f"mma_gemm: group size {group_size} is not a multiple of {CHUNK}")
-    body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw))
+    if mb % rb:
+        raise ValueError(f"mma_gemm: {rb} row blocks at a time do not divide {mb}")
+    body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw)).replace("__RB__", str(rb))
             .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
-            .replace("__STAGES__", str(STAGES)))
+            .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks))))
     return mma_gemv.HELPERS + body
 
 
@@ -286,22 +301,24 @@ def shared_bytes(mb: int) -> int:
 
 
 def plan(M: int, T: int, C: int, config: tuple, sms: int) -> tuple:
-    """(row blocks, warps, tiles a warp, depth, CTAs along N, splits over K) for an [M, K] x [K, 16 T] product."""
+    """(row blocks, warps, tiles a warp, depth, row blocks at a time, CTAs along N, splits over K) for an [M, K] x
+    [K, 16 T] product; ``config`` = (warps, tiles a warp, depth, CTAs per SM[, row blocks at a time])."""
     mb = row_blocks(M)
-    warps, tpw, depth, per_sm = config
+    warps, tpw, depth, per_sm = config[:4]
+    rb = min(config[4], mb) if len(config) > 4 else mb
     if T % tpw:
         tpw = 1  # a warp's tiles side by side: an odd tile count gives one tile a warp
     ctas = -(-T // (warps * tpw))
     # at least 2 chunks a split (the pipeline fills in two), and enough CTAs for per_sm on every SM
     splits = max(1, min(C // 2 if C >= 2 else 1, -(-per_sm * sms // ctas)))
-    return mb, warps, tpw, depth, ctas, splits
+    return mb, warps, tpw, depth, rb, ctas, splits
 
 
 def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor | None:
     """x2d [M, K] bf16 (1 <= M <= 64; GPTQLinear sends it ``MIN_ROWS`` and more) @ W.T -> [M, N] bf16 from ``mma_gemv.repack``'s tensors; None inside a graph
     capture that finds the kernel not compiled or the split-K workspace too small (the caller uses another
-    kernel). ``config``: (warps, tiles a warp, depth, CTAs per SM) instead of ``CONFIGS``'s."""
+    kernel). ``config``: (warps, tiles a warp, depth, CTAs per SM[, row blocks at a time]) instead of ``CONFIGS``'s."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
@@ -312,9 +329,10 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
         x2d = x2d.contiguous()
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
-    mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config or CONFIGS[row_blocks(M)], sms)
-    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size), "gptq_mma_gemm",
-                               lambda: kernel_source(warps, mb, tpw, depth, group_size))
+    mb, warps, tpw, depth, rb, ctas, splits = plan(M, T, C, config or CONFIGS[row_blocks(M)], sms)
+    per_sm = (config or CONFIGS[mb])[3]
+    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, rb, per_sm), "gptq_mma_gemm",
+                               lambda: kernel_source(warps, mb, tpw, depth, group_size, rb, per_sm))
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)

@@ -10,12 +10,13 @@ from finetune.quant import mma_gemm as MG
 
 @pytest.mark.parametrize("N,K", [(15360, 5120), (5120, 5120), (13696, 5120), (5120, 13696), (1040, 1024), (528, 256),
                                  (16, 128)])
-@pytest.mark.parametrize("config", [(8, 1, 2, 1), (8, 2, 2, 2), (4, 2, 3, 4), (4, 1, 1, 8)])
+@pytest.mark.parametrize("config", [(8, 1, 2, 1), (8, 2, 2, 2), (4, 2, 3, 4), (4, 1, 1, 8), (4, 1, 1, 2, 4)])
 @pytest.mark.parametrize("rows", [1, 9, 33, 64])
 def test_every_tile_has_one_warp_and_every_split_two_chunks(N, K, config, rows):
     T, C = N // 16, K // 128
-    mb, warps, tpw, depth, ctas, splits = MG.plan(rows, T, C, config, sms=132)
+    mb, warps, tpw, depth, rb, ctas, splits = MG.plan(rows, T, C, config, sms=132)
     assert mb == MG.row_blocks(rows) and (warps, depth) == (config[0], config[2])
+    assert mb % rb == 0 and rb == min(config[4] if len(config) > 4 else mb, mb)
     assert tpw == (config[1] if T % config[1] == 0 else 1)  # an odd tile count: one tile a warp
     assert (ctas - 1) * warps * tpw < T <= ctas * warps * tpw  # no CTA without a tile
     assert 1 <= splits and (splits == 1 or C // splits >= 2)
@@ -30,5 +31,6 @@ def test_rows_and_sources():
     assert re.search(r"__[A-Z]+__", src) is None  # every placeholder filled
     assert "#define GCHUNKS 2" in src and "#define MB 8" in src
     assert MG.shared_bytes(8) <= 48 * 1024  # static shared memory, no opt-in attribute needed
+    assert "#define RB 2" in MG.kernel_source(8, 8, 1, 2, 128, rb=2)
     with pytest.raises(ValueError, match="group size 64"):
         MG.kernel_source(8, 8, 1, 2, 64)
