@@ -21,7 +21,7 @@ for part in "${parts[@]}"; do
   case "$part" in
     tests)
       timeout "${GEMM_T_TESTS:-240}" python3 -m pytest -q -x -m cuda -p no:cacheprovider tests/quant/test_quant_cuda.py \
-        -k "mma_gemm or mma_copy or mma_gemv_equals" > "$OUT/logs/tests.log" 2>&1 ;;
+        -k "${GEMM_TESTS_K:-mma_gemm or mma_copy or mma_gemv_equals}" > "$OUT/logs/tests.log" 2>&1 ;;
     probe)
       timeout "${GEMM_T_PROBE:-300}" python3 benchmarks/mma_gemm_probe.py --rows ${GEMM_ROWS:-16 32 64} ${GEMM_PROBE_ARGS:-} \
         --out "$OUT/mma_gemm_probe.json" --pick "$OUT/pick.txt" --apply > "$OUT/logs/probe.log" 2>&1 ;;
