@@ -39,8 +39,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tpw", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--depth", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--per-sm", nargs="+", type=int, default=[1, 2, 4])
-    ap.add_argument("--rb", nargs="+", type=int, default=[0], help="row blocks summed at a time (0: all)")
-    ap.add_argument("--rs", nargs="+", type=int, default=[1], help="warps that share a tile set (split the rows)")
     ap.add_argument("--baselines", type=int, default=1, help="also time the GEMV (rows <= 32) and the Triton GEMM")
     ap.add_argument("--pick", help="write the CONFIGS and MIN_ROWS lines chosen from the timings to this file")
     ap.add_argument("--apply", action="store_true", help="with --pick: also write them into finetune/quant/mma_gemm.py")
@@ -65,10 +63,7 @@ def main(argv=None) -> int:
             ref = x.float() @ exact
             cands, seen = [], set()
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            for cfg in itertools.product(args.warps, args.tpw, args.depth, args.per_sm, args.rb, args.rs):
-                if cfg[5] > 1 and (MG.row_blocks(M) % cfg[5] or cfg[0] % cfg[5]):
-                    continue
-                cfg = cfg[:4] + ((cfg[4],) if cfg[4] or cfg[5] > 1 else ()) + ((cfg[5],) if cfg[5] > 1 else ())
+            for cfg in itertools.product(args.warps, args.tpw, args.depth, args.per_sm):
                 launch = MG.plan(M, N // 16, K // 128, cfg, sms) + (cfg[3],)
                 if launch in seen:  # the same launch as a config already listed
                     continue

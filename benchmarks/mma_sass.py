@@ -116,11 +116,10 @@ def main(argv=None) -> int:
             from finetune.quant import mma_gemm as M
 
             for mb in (1, 2, 4, 8):
-                for warps, tpw, depth, rb, per_sm in [(w, t, d, b, p) for w in (4, 8) for t in (1, 2) for d in (1, 3)
-                                                      for b in sorted({1, mb}) for p in (1, 2, 4)]:
-                    assemble(M.kernel_source(warps, mb, tpw, depth, args.group_size, rb, per_sm), kernel="gemm",
-                             row_blocks=mb, warps=warps, tiles_per_warp=tpw, depth=depth, blocks_at_a_time=rb,
-                             min_blocks=per_sm)
+                for warps, tpw, depth, per_sm in [(w, t, d, p) for w in (4, 8) for t in (1, 2) for d in (1, 3)
+                                                  for p in (1, 2, 4)]:
+                    assemble(M.kernel_source(warps, mb, tpw, depth, args.group_size, per_sm), kernel="gemm",
+                             row_blocks=mb, warps=warps, tiles_per_warp=tpw, depth=depth, min_blocks=per_sm)
         else:
             G = load_module(args.source)
             configs = sorted({(mb, w, d) for mb, (w, d, _) in G.CONFIGS.items()} | {(1, 4, 2), (4, 4, 1)})

@@ -20,7 +20,8 @@ contiguous bytes, and the pieces are stored XOR-swizzled ((piece ^ ((t >> 1) | (
 lanes of each quarter-warp read 8 different bank groups.
 
 Limits: those of ``mma_gemv`` (4-bit, bf16, N a multiple of 16, K of 128, group size a multiple of 128), 1 to 64
-rows (``MIN_ROWS`` and more in GPTQLinear), compute capability 8.0+ with NVRTC. No LoRA epilogue: the engine's hook adds the product for these rows.
+rows (``MIN_ROWS`` and more in GPTQLinear), compute capability 8.0+ with NVRTC. No LoRA epilogue: the engine's
+hook adds the product for rows this kernel serves.
 """
 
 from __future__ import annotations
@@ -35,10 +36,9 @@ MAX_ROWS = 64
 STAGES = 3
 
 # Launch configurations by 8-row blocks: (warps a CTA (tiles side by side), tiles a warp, register buffers of
-# weights a warp, target CTAs per SM for the split over K and for the register cap[, row blocks summed at a
-# time (0: all of a warp's)[, warps that share a tile set, each with a part of the row blocks: x's reads from
-# shared memory per mma fall by the tiles a warp, at the cost of unpacking each weight in several warps]]). Measured on an H200 by benchmarks/mma_gemm_probe.py (NOTES step 21); 1: not measured, 2's config.
-CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 4), 4: (4, 1, 2, 2), 8: (4, 1, 1, 1)}
+# weights a warp, target CTAs per SM for the split over K and for the register cap). Measured on an H200 by
+# benchmarks/mma_gemm_probe.py (NOTES step 21); 1 (not measured) takes 2's.
+CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 4), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
 
 
 def row_blocks(rows: int) -> int:
@@ -52,9 +52,6 @@ _SOURCE = r"""
 #define WARPS __WARPS__
 #define MB __MB__
 #define TPW __TPW__
-#define RS __RS__                // warps that share a CTA's tiles, each with MB / RS of the row blocks
-#define MBW (MB / RS)           // row blocks a warp
-#define RB __RB__                // row blocks summed at a time (divides MBW)
 #define DEPTH __DEPTH__
 #define GCHUNKS __GCHUNKS__
 #define STAGES __STAGES__
@@ -109,61 +106,54 @@ __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, c
 }
 
 // One chunk: for each 16-input step the weights' A fragments ((q - z) in bf16, exact), x's B fragments from the
-// shared stage (one 16-byte read serves two steps and every tile of the warp), fp32 sums scaled once. The row
-// blocks are summed RB at a time: fewer registers (more warps an SM) for unpacking the weights MBW / RB times.
-// xr: this lane's place in the stage at the warp's first row block.
-__device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int sw, float (&acc)[TPW][MBW][4], int r,
+// shared stage (one 16-byte read serves two steps and every tile of the warp), fp32 sums scaled once.
+__device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int sw, float (&acc)[TPW][MB][4], int r,
                                            int zero_add) {
   u32 magic;
   asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
   u32 nz[TPW][2];
+  float tmp[TPW][MB][4];
 #pragma unroll
   for (int tp = 0; tp < TPW; ++tp) {
     nz[tp][0] = (u32)(0xC300 + ((b.z[tp][0] >> (4 * r)) & 15) + zero_add) * 0x10001u;
     nz[tp][1] = (u32)(0xC300 + ((b.z[tp][1] >> (4 * r)) & 15) + zero_add) * 0x10001u;
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) tmp[tp][mb][0] = tmp[tp][mb][1] = tmp[tp][mb][2] = tmp[tp][mb][3] = 0.f;
   }
 #pragma unroll
-  for (int p0 = 0; p0 < MBW; p0 += RB) {
-    float tmp[TPW][RB][4];
+  for (int i = 0; i < 4; ++i) {
+    u32 a[TPW][2][4];
 #pragma unroll
     for (int tp = 0; tp < TPW; ++tp)
 #pragma unroll
-      for (int rb = 0; rb < RB; ++rb) tmp[tp][rb][0] = tmp[tp][rb][1] = tmp[tp][rb][2] = tmp[tp][rb][3] = 0.f;
+      for (int jj = 0; jj < 2; ++jj) {
+        const int j = 2 * i + jj;
+        const u32 wj = word_of(b.w[tp][j >> 2], j & 3);
+        a[tp][jj][0] = sub_zero(nibbles(wj, magic), nz[tp][0]);
+        a[tp][jj][1] = sub_zero(nibbles(wj >> 4, magic), nz[tp][1]);
+        a[tp][jj][2] = sub_zero(nibbles(wj >> 8, magic), nz[tp][0]);
+        a[tp][jj][3] = sub_zero(nibbles(wj >> 12, magic), nz[tp][1]);
+      }
+    const u16* xp = xr + ((i ^ sw) << 3);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      u32 a[TPW][2][4];
+    for (int mb = 0; mb < MB; ++mb) {
+      const U4 xv = *(const U4*)(xp + mb * 8 * XROW);
 #pragma unroll
-      for (int tp = 0; tp < TPW; ++tp)
-#pragma unroll
-        for (int jj = 0; jj < 2; ++jj) {
-          const int j = 2 * i + jj;
-          const u32 wj = word_of(b.w[tp][j >> 2], j & 3);
-          a[tp][jj][0] = sub_zero(nibbles(wj, magic), nz[tp][0]);
-          a[tp][jj][1] = sub_zero(nibbles(wj >> 4, magic), nz[tp][1]);
-          a[tp][jj][2] = sub_zero(nibbles(wj >> 8, magic), nz[tp][0]);
-          a[tp][jj][3] = sub_zero(nibbles(wj >> 12, magic), nz[tp][1]);
-        }
-      const u16* xp = xr + ((i ^ sw) << 3);
-#pragma unroll
-      for (int rb = 0; rb < RB; ++rb) {
-        const U4 xv = *(const U4*)(xp + (p0 + rb) * 8 * XROW);
-#pragma unroll
-        for (int tp = 0; tp < TPW; ++tp) {
-          mma(tmp[tp][rb], a[tp][0][0], a[tp][0][1], a[tp][0][2], a[tp][0][3], xv.x, xv.y);
-          mma(tmp[tp][rb], a[tp][1][0], a[tp][1][1], a[tp][1][2], a[tp][1][3], xv.z, xv.w);
-        }
+      for (int tp = 0; tp < TPW; ++tp) {
+        mma(tmp[tp][mb], a[tp][0][0], a[tp][0][1], a[tp][0][2], a[tp][0][3], xv.x, xv.y);
+        mma(tmp[tp][mb], a[tp][1][0], a[tp][1][1], a[tp][1][2], a[tp][1][3], xv.z, xv.w);
       }
     }
+  }
 #pragma unroll
-    for (int tp = 0; tp < TPW; ++tp) {
-      const float sc0 = h2f(b.s[tp][0]), sc1 = h2f(b.s[tp][1]);
+  for (int tp = 0; tp < TPW; ++tp) {
+    const float sc0 = h2f(b.s[tp][0]), sc1 = h2f(b.s[tp][1]);
 #pragma unroll
-      for (int rb = 0; rb < RB; ++rb) {
-        acc[tp][p0 + rb][0] += sc0 * tmp[tp][rb][0];
-        acc[tp][p0 + rb][1] += sc0 * tmp[tp][rb][1];
-        acc[tp][p0 + rb][2] += sc1 * tmp[tp][rb][2];
-        acc[tp][p0 + rb][3] += sc1 * tmp[tp][rb][3];
-      }
+    for (int mb = 0; mb < MB; ++mb) {
+      acc[tp][mb][0] += sc0 * tmp[tp][mb][0];
+      acc[tp][mb][1] += sc0 * tmp[tp][mb][1];
+      acc[tp][mb][2] += sc1 * tmp[tp][mb][2];
+      acc[tp][mb][3] += sc1 * tmp[tp][mb][3];
     }
   }
 }
@@ -176,8 +166,7 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
   const int T = N >> 4, C = K >> 7;
-  const int tile0 = (blockIdx.x * (WARPS / RS) + warp / RS) * TPW;  // this warp's first tile
-  const int mb0 = (warp % RS) * MBW;                                  // and its first row block
+  const int tile0 = (blockIdx.x * WARPS + warp) * TPW;  // this warp's first tile
   const bool active = tile0 < T;  // the last CTA's extra warps load tile 0's weights and store nothing
   const int ltile = active ? tile0 : 0;
   const int split = blockIdx.y, splits = gridDim.y;
@@ -195,13 +184,13 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #endif
   int cw = c_begin;
   const int sw = (t >> 1) | ((r & 1) << 1);
-  const u16* xr = xs + (mb0 * 8 + r) * XROW + t * 32;
+  const u16* xr = xs + r * XROW + t * 32;
 
-  float acc[TPW][MBW][4];
+  float acc[TPW][MB][4];
 #pragma unroll
   for (int tp = 0; tp < TPW; ++tp)
 #pragma unroll
-    for (int mb = 0; mb < MBW; ++mb) acc[tp][mb][0] = acc[tp][mb][1] = acc[tp][mb][2] = acc[tp][mb][3] = 0.f;
+    for (int mb = 0; mb < MB; ++mb) acc[tp][mb][0] = acc[tp][mb][1] = acc[tp][mb][2] = acc[tp][mb][3] = 0.f;
 
   // x: chunks 0 and 1 in flight before the loop; chunk i + 2 is issued after the barrier of chunk i (every warp
   // has then finished chunk i - 1, whose stage it reuses). Every step commits one group (empty past the end).
@@ -238,10 +227,10 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
       for (int tp = 0; tp < TPW; ++tp)
 #pragma unroll
-        for (int mb = 0; mb < MBW; ++mb)
+        for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            const int b = (mb0 + mb) * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
+            const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
             if (b < M) out[(size_t)b * N + n] = f2bf(acc[tp][mb][q]);
           }
     }
@@ -251,10 +240,10 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
     for (int tp = 0; tp < TPW; ++tp)
 #pragma unroll
-      for (int mb = 0; mb < MBW; ++mb)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const int b = (mb0 + mb) * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
+          const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
           if (b < M) __stcg(ws + ((size_t)split * M + b) * N + n, acc[tp][mb][q]);
         }
   }
@@ -268,10 +257,10 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
     for (int tp = 0; tp < TPW; ++tp)
 #pragma unroll
-      for (int mb = 0; mb < MBW; ++mb)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const int b = (mb0 + mb) * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
+          const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
           if (b < M) {
             float s = 0.f;
             for (int sp_ = 0; sp_ < splits; ++sp_) s += __ldcg(ws + ((size_t)sp_ * M + b) * N + n);  // a fixed order
@@ -284,22 +273,12 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 
-def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, rb: int | None = None,
-                  min_blocks: int = 1, rs: int = 1) -> str:
-    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``rs``: warps that
-    share a CTA's tiles, each taking MB / rs of the row blocks; ``rb``: row blocks summed at a time (default all of
-    a warp's); ``min_blocks``: CTAs an SM must be able to hold (the compiler caps the registers a thread to fit
-    them)."""
-    if rs < 1 or mb % rs or warps % rs:
-        raise ValueError(f"mma_gemm: {rs} warps a tile set must divide the {mb} row blocks and the {warps} warps")
-    mbw = mb // rs
-    rb = mbw if rb is None else min(rb, mbw)
+def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``min_blocks``:
+    CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them)."""
     if group_size % CHUNK:
         raise ValueError(f"mma_gemm: group size {group_size} is not a multiple of {CHUNK}")
-    if mbw % rb:
-        raise ValueError(f"mma_gemm: {rb} row blocks at a time do not divide {mbw}")
     body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw))
-            .replace("__RB__", str(rb)).replace("__RS__", str(rs))
             .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
             .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks))))
     return mma_gemv.HELPERS + body
@@ -311,29 +290,24 @@ def shared_bytes(mb: int) -> int:
 
 
 def plan(M: int, T: int, C: int, config: tuple, sms: int) -> tuple:
-    """(row blocks, warps, tiles a warp, depth, row blocks at a time, warps a tile set, CTAs along N, splits over K)
-    for an [M, K] x [K, 16 T] product; ``config`` = (warps, tiles a warp, depth, CTAs per SM[, row blocks at a time
-    (0: all of a warp's)[, warps a tile set]])."""
+    """(row blocks, warps, tiles a warp, depth, CTAs along N, splits over K) for an [M, K] x [K, 16 T] product;
+    ``config`` = (warps, tiles a warp, depth, CTAs per SM)."""
     mb = row_blocks(M)
-    warps, tpw, depth, per_sm = config[:4]
-    rs = config[5] if len(config) > 5 else 1
-    while mb % rs or warps % rs:  # fewer row blocks than the config splits: fewer warps share a tile set
-        rs //= 2
-    mbw = mb // rs
-    rb = min(config[4], mbw) if len(config) > 4 and config[4] > 0 else mbw
+    warps, tpw, depth, per_sm = config
     if T % tpw:
         tpw = 1  # a warp's tiles side by side: an odd tile count gives one tile a warp
-    ctas = -(-T // (warps // rs * tpw))
+    ctas = -(-T // (warps * tpw))
     # at least 2 chunks a split (the pipeline fills in two), and enough CTAs for per_sm on every SM
     splits = max(1, min(C // 2 if C >= 2 else 1, -(-per_sm * sms // ctas)))
-    return mb, warps, tpw, depth, rb, rs, ctas, splits
+    return mb, warps, tpw, depth, ctas, splits
 
 
 def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor | None:
-    """x2d [M, K] bf16 (1 <= M <= 64; GPTQLinear sends it ``MIN_ROWS`` and more) @ W.T -> [M, N] bf16 from ``mma_gemv.repack``'s tensors; None inside a graph
-    capture that finds the kernel not compiled or the split-K workspace too small (the caller uses another
-    kernel). ``config``: a tuple of ``CONFIGS``'s form instead of theirs."""
+    """x2d [M, K] bf16 (1 <= M <= 64; GPTQLinear sends it ``MIN_ROWS`` and more) @ W.T -> [M, N] bf16 from
+    ``mma_gemv.repack``'s tensors; None inside a graph capture that finds the kernel not compiled or the split-K
+    workspace too small (the caller uses another kernel). ``config``: a tuple of ``CONFIGS``'s form instead of
+    theirs."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
@@ -345,10 +319,10 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         x2d = x2d.contiguous()
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     config = config or CONFIGS[row_blocks(M)]
-    mb, warps, tpw, depth, rb, rs, ctas, splits = plan(M, T, C, config, sms)
+    mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
-    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, rb, per_sm, rs), "gptq_mma_gemm",
-                               lambda: kernel_source(warps, mb, tpw, depth, group_size, rb, per_sm, rs))
+    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm), "gptq_mma_gemm",
+                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm))
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)
