@@ -41,7 +41,7 @@ def family(name: str) -> str:
     n = name.lower()
     if n.startswith("void ") and "gemv" in n:  # cuBLAS's GEMVs (a LoRA's x @ A; C++ names), not an Int4 kernel
         return "matmul (lm_head, LoRA)"
-    if "gemv" in n:
+    if "gemv" in n or "gptq_mma_gemm" in n:  # the Int4 kernels: GEMVs and the small-M tensor-core GEMM
         return "int4_gemv"
     if "splitk_reduce" in n:  # the first GEMV design's second kernel
         return "split-K reduce"

@@ -21,6 +21,7 @@ def test_kernel_families_separate_the_fused_decode_kernels_from_the_rest():
     assert mod.family("_dec_attn_split_kernel") == mod.family("_dec_attn_combine_kernel") == "attention"
     assert mod.family("_gemv2_kernel") == "int4_gemv"
     assert mod.family("gptq_mma_gemv") == "int4_gemv"
+    assert mod.family("gptq_mma_gemm") == "int4_gemv"  # the small-M GEMM (session 12: it was counted as a matmul)
     assert mod.family("void gemv2T_kernel_val<int, int, __nv_bfloat16, 128, 16, 4, 4, false>") == "matmul (lm_head, LoRA)"
     assert mod.family("_splitk_reduce_kernel") == "split-K reduce"
     assert mod.family("fmha_cutlassF_bf16_aligned_64x64_rf_sm80") == "attention"
