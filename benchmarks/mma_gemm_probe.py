@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_bench import GEMV_SHAPE_SETS, copy_bandwidth, layer_copies, time_gemv  # noqa: E402
+from decode_bench import GEMV_SHAPE_SETS, copy_bandwidth, layer_copies  # noqa: E402
+from mma_gemv_probe import apply_lines, repacked, time_candidate  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 from finetune.quant import mma_gemm as MG  # noqa: E402
@@ -55,8 +56,7 @@ def main(argv=None) -> int:
     commit = git_commit() or "unknown"
     for name, (K, N) in GEMV_SHAPE_SETS[args.shapes].items():
         weight_bytes, layers = layer_copies(K, N, device)
-        packed = [dict(zip(("wpack", "scales", "qzeros", "zero_add", "perm"), G.repack(**lay, group_size=128)))
-                  for lay in layers]
+        packed = repacked(layers)
         exact = dequantize_t(**layers[0], bits=4, dtype=torch.float32)
         for M in args.rows:
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
@@ -83,25 +83,13 @@ def main(argv=None) -> int:
                 cands.append(("triton_gemv", triton, layers))
             best = None
             for label, fn, data in cands:
-                try:
-                    y = fn(x, data[0])
-                    err = ((y.float() - ref).norm() / ref.norm()).item()
-                    repeat = torch.equal(y, fn(x, data[0]))
-                    sec = time_gemv(fn, data, x, device)
-                except Exception as e:  # a config that does not compile or launch: reported, not fatal
-                    print(f"{name:12s} rows={M:<3d} {label:24s} failed: {str(e).splitlines()[0][:300]}", flush=True)
-                    results.append(dict(layer=name, K=K, N=N, rows=M, kernel=label, error=str(e)[:2000]))
-                    continue
-                row = dict(layer=name, K=K, N=N, rows=M, kernel=label, us=sec * 1e6, rel_err=err, repeat=repeat,
-                           pct_copy=100 * weight_bytes / sec / copy_bps, commit=commit)
-                results.append(row)
-                print(f"{name:12s} rows={M:<3d} {label:24s} {sec * 1e6:7.1f} us {row['pct_copy']:5.1f}% of copy "
-                      f"err {err:.2e} repeat {repeat}", flush=True)
-                ok = err < 4e-3 and repeat
-                if label.startswith("gemm") and ok and (best is None or sec < best[1]):
-                    best = (label, sec)
+                row = time_candidate(results, name, K, N, M, label, fn, data, x, ref, weight_bytes, copy_bps, commit,
+                                     width=24)
+                ok = row is not None and row["rel_err"] < 4e-3 and row["repeat"]
+                if label.startswith("gemm") and ok and (best is None or row["us"] < best[1]):
+                    best = (label, row["us"])
             if best:
-                print(f"BEST {name} rows={M}: {best[0]} {best[1] * 1e6:.1f} us", flush=True)
+                print(f"BEST {name} rows={M}: {best[0]} {best[1]:.1f} us", flush=True)
         del layers, packed
         torch.cuda.empty_cache()
         if args.out:
@@ -111,12 +99,7 @@ def main(argv=None) -> int:
         Path(args.pick).write_text(lines + "\n")
         print(lines, flush=True)
         if args.apply:
-            src = ROOT / "finetune" / "quant" / "mma_gemm.py"
-            text = src.read_text().splitlines()
-            for line in lines.splitlines():
-                key = line.split(" = ")[0]
-                text = [line if t.startswith(key + " = ") else t for t in text]
-            src.write_text("\n".join(text) + "\n")
+            apply_lines(ROOT / "finetune" / "quant" / "mma_gemm.py", lines)
     return 0
 
 

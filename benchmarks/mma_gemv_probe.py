@@ -55,8 +55,7 @@ def main(argv=None) -> int:
     commit = git_commit() or "unknown"
     for name, (K, N) in GEMV_SHAPE_SETS[args.shapes].items():
         weight_bytes, layers = layer_copies(K, N, device)
-        mma = [dict(zip(("wpack", "scales", "qzeros", "zero_add", "perm"), G.repack(**lay, group_size=128)))
-               for lay in layers]
+        mma = repacked(layers)
         packs = int4pack_layers(layers) if args.baselines else None
         exact = dequantize_t(**layers[0], bits=4, dtype=torch.float32)
         for M in args.rows:
@@ -82,25 +81,11 @@ def main(argv=None) -> int:
                 cands.append(("triton_gemv", gemv, layers))
             best = None
             for label, fn, data in cands:
-                try:
-                    y = fn(x, data[0])
-                    err = ((y.float() - ref).norm() / ref.norm()).item()
-                    again = fn(x, data[0])  # the split-K workspace must be clean after every call
-                    repeat = torch.equal(y, again)
-                    sec = time_gemv(fn, data, x, device)
-                except Exception as e:  # a config that does not compile or launch: reported, not fatal
-                    print(f"{name:12s} rows={M:<3d} {label:20s} failed: {str(e).splitlines()[0][:300]}", flush=True)
-                    results.append(dict(layer=name, K=K, N=N, rows=M, kernel=label, error=str(e)[:2000]))
-                    continue
-                row = dict(layer=name, K=K, N=N, rows=M, kernel=label, us=sec * 1e6, rel_err=err, repeat=repeat,
-                           pct_copy=100 * weight_bytes / sec / copy_bps, commit=commit)
-                results.append(row)
-                print(f"{name:12s} rows={M:<3d} {label:20s} {sec * 1e6:7.1f} us {row['pct_copy']:5.1f}% of copy "
-                      f"err {err:.2e} repeat {repeat}", flush=True)
-                if label.startswith("mma") and (best is None or sec < best[1]):
-                    best = (label, sec)
+                row = time_candidate(results, name, K, N, M, label, fn, data, x, ref, weight_bytes, copy_bps, commit)
+                if row and label.startswith("mma") and (best is None or row["us"] < best[1]):
+                    best = (label, row["us"])
             if best:
-                print(f"BEST {name} rows={M}: {best[0]} {best[1] * 1e6:.1f} us", flush=True)
+                print(f"BEST {name} rows={M}: {best[0]} {best[1]:.1f} us", flush=True)
         del layers, mma, packs
         torch.cuda.empty_cache()
         if args.out:
@@ -110,13 +95,45 @@ def main(argv=None) -> int:
         Path(args.pick).write_text(lines + "\n")
         print(lines, flush=True)
         if args.apply:
-            src = ROOT / "finetune" / "quant" / "mma_gemv.py"
-            text = src.read_text().splitlines()
-            for line in lines.splitlines():
-                name = line.split(" = ")[0]
-                text = [line if t.startswith(name + " = ") else t for t in text]
-            src.write_text("\n".join(text) + "\n")
+            apply_lines(ROOT / "finetune" / "quant" / "mma_gemv.py", lines)
     return 0
+
+
+def repacked(layers) -> list[dict]:
+    """Each layer copy repacked for the tensor-core kernels, as the keyword arguments after x."""
+    return [dict(zip(("wpack", "scales", "qzeros", "zero_add", "perm"), G.repack(**lay, group_size=128)))
+            for lay in layers]
+
+
+def time_candidate(results, name, K, N, M, label, fn, data, x, ref, weight_bytes, copy_bps, commit, width=20):
+    """One kernel on one shape: its relative error against ``ref``, whether a second call gives the same bits (the
+    split-K workspace must be clean after every call) and its time (``time_gemv``); the row is appended to
+    ``results`` and printed, and returned (None, with an error row, when it does not compile or launch)."""
+    device = x.device
+    try:
+        y = fn(x, data[0])
+        err = ((y.float() - ref).norm() / ref.norm()).item()
+        repeat = torch.equal(y, fn(x, data[0]))
+        sec = time_gemv(fn, data, x, device)
+    except Exception as e:  # a config that does not compile or launch: reported, not fatal
+        print(f"{name:12s} rows={M:<3d} {label:{width}s} failed: {str(e).splitlines()[0][:300]}", flush=True)
+        results.append(dict(layer=name, K=K, N=N, rows=M, kernel=label, error=str(e)[:2000]))
+        return None
+    row = dict(layer=name, K=K, N=N, rows=M, kernel=label, us=sec * 1e6, rel_err=err, repeat=repeat,
+               pct_copy=100 * weight_bytes / sec / copy_bps, commit=commit)
+    results.append(row)
+    print(f"{name:12s} rows={M:<3d} {label:{width}s} {sec * 1e6:7.1f} us {row['pct_copy']:5.1f}% of copy "
+          f"err {err:.2e} repeat {repeat}", flush=True)
+    return row
+
+
+def apply_lines(src: Path, lines: str) -> None:
+    """Replace each ``NAME = ...`` line of ``src`` by the line of ``lines`` that assigns the same NAME."""
+    text = src.read_text().splitlines()
+    for line in lines.splitlines():
+        key = line.split(" = ")[0]
+        text = [line if t.startswith(key + " = ") else t for t in text]
+    src.write_text("\n".join(text) + "\n")
 
 
 def pick(results) -> str:

@@ -316,10 +316,7 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     N = T * 16
     if K != C * CHUNK:
         raise ValueError(f"mma_gemm: x has {K} columns, the repacked weight {C * CHUNK} inputs")
-    if perm is not None:
-        x2d = x2d.index_select(1, perm)
-    if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
-        x2d = x2d.contiguous()
+    x2d = mma_gemv.kernel_input(x2d, perm)
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     config = config or CONFIGS[row_blocks(M)]
     mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)

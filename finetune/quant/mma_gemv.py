@@ -563,6 +563,16 @@ def lora_unfit(low_rank, M: int, N: int) -> str | None:
     return None
 
 
+def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """x as the tensor-core kernels read it (also ``mma_gemm``): columns in the repacked weight's input order
+    (act-order weights), unit column stride, rows 16-byte aligned."""
+    if perm is not None:
+        x2d = x2d.index_select(1, perm)
+    if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous()
+    return x2d
+
+
 def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
              low_rank: tuple | None = None) -> torch.Tensor | None:
@@ -578,10 +588,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     N = T * 16
     if low_rank is not None and (why := lora_unfit(low_rank, M, N)) is not None:
         raise ValueError(f"mma_gemv low_rank: {why}")
-    if perm is not None:
-        x2d = x2d.index_select(1, perm)
-    if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
-        x2d = x2d.contiguous()
+    x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
     warps, depth, per_sm = config or CONFIGS[mb]
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
