@@ -34,8 +34,8 @@ LOOP_LOAD_W = "        if (i + DEPTH - 1 < chunks) load_w(buf[(d + DEPTH - 1) % 
 STAGE_START = "  int stage = 0, next_stage = STAGES - 1;\n"
 LOOP_X = """        cp_async_wait_group<STAGES - 2>();  // this thread's copies of chunk i have landed
         __syncthreads();                    // and every thread's
-        if (i + STAGES - 1 < chunks) load_x(xs + next_stage * STAGE_U16, x, M, x_stride, c_begin + i + STAGES - 1);
-        cp_async_commit();
+        if (i + STAGES - 1 < chunks) load_x(xs + next_stage * XSTAGE, x, M, x_stride, c_begin + i + STAGES - 1);
+        else cp_async_commit();
 """
 MMA_ASM = """  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
                "{%0,%1,%2,%3};"
@@ -82,19 +82,16 @@ def main(argv=None) -> int:
         _, layers = layer_copies(K, N, device)
         packed = [G.repack(**lay, group_size=128) for lay in layers]
         for M in args.rows:
-            mb, warps_, tpw_, depth_, ctas, splits, stages = MG.plan(M, N // 16, K // 128,
-                                                                      (warps, tpw, depth, per_sm), sms)
-            smem = MG.shared_bytes(mb, warps_ * tpw_, depth_, stages)
+            mb, warps_, tpw_, depth_, ctas, splits = MG.plan(M, N // 16, K // 128, (warps, tpw, depth, per_sm), sms)
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             for variant in ("as_built", "no_weight_loads", "no_x_staging", "no_mma", "compute_only"):
-                src = patched(MG.kernel_source(warps_, mb, tpw_, depth_, 128, per_sm, stages), variant)
+                src = patched(MG.kernel_source(warps_, mb, tpw_, depth_, 128, per_sm), variant)
                 kernel = G._compile(device, src, "gptq_mma_gemm")
-                MG._allow_shared(kernel, smem)
                 ws, counters = G.workspace(device, splits, M, N) if splits > 1 else (None, None)
 
                 def fn(x, pk, kernel=kernel, ws=ws, counters=counters):
                     out = torch.empty(M, N, device=device, dtype=torch.bfloat16)
-                    kernel(grid=(ctas, splits, 1), block=(warps_ * 32, 1, 1), shared_mem=smem,
+                    kernel(grid=(ctas, splits, 1), block=(warps_ * 32, 1, 1),
                            args=[pk[0], x, pk[1], pk[2], out, ws if ws is not None else out,
                                  counters if counters is not None else out, M, N, K, pk[3], x.stride(0)])
                     return out

@@ -38,11 +38,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default="14b", choices=sorted(GEMV_SHAPE_SETS))
     ap.add_argument("--warps", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--tpw", nargs="+", type=int, default=[1, 2])
-    ap.add_argument("--depth", nargs="+", type=int, default=[0, 1],
-                    help="register buffers of weights a warp; 0: the weights through the shared stages with x")
+    ap.add_argument("--depth", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--per-sm", nargs="+", type=int, default=[1, 2, 4])
-    ap.add_argument("--stages", nargs="+", type=int, default=[3, 4, 5],
-                    help="shared stages with depth 0 (the register rings keep mma_gemm.STAGES)")
     ap.add_argument("--baselines", type=int, default=1, help="also time the GEMV (rows <= 32) and the Triton GEMM")
     ap.add_argument("--pick", help="write the CONFIGS and MIN_ROWS lines chosen from the timings to this file")
     ap.add_argument("--apply", action="store_true", help="with --pick: also write them into finetune/quant/mma_gemm.py")
@@ -66,9 +63,7 @@ def main(argv=None) -> int:
             ref = x.float() @ exact
             cands, seen = [], set()
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            grid = [c + (st,) for c in itertools.product(args.warps, args.tpw, args.depth, args.per_sm)
-                    for st in (args.stages if c[2] == 0 else (MG.STAGES,))]
-            for cfg in grid:
+            for cfg in itertools.product(args.warps, args.tpw, args.depth, args.per_sm):
                 launch = MG.plan(M, N // 16, K // 128, cfg, sms) + (cfg[3],)
                 if launch in seen:  # the same launch as a config already listed
                     continue

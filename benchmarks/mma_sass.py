@@ -115,14 +115,11 @@ def main(argv=None) -> int:
         if args.gemm:
             from finetune.quant import mma_gemm as M
 
-            # depth 0: the weights through the shared stages (then 3-5 stages); 1 and 3: register rings
-            grid = [(w, t, d, p, s) for w in (4, 8) for t in (1, 2) for d in (0, 1, 3) for p in (1, 2, 4)
-                    for s in ((3, 4, 5) if d == 0 else (3,))]
             for mb in (1, 2, 4, 8):
-                for warps, tpw, depth, per_sm, stages in grid:
-                    assemble(M.kernel_source(warps, mb, tpw, depth, args.group_size, per_sm, stages), kernel="gemm",
-                             row_blocks=mb, warps=warps, tiles_per_warp=tpw, depth=depth, min_blocks=per_sm,
-                             stages=stages)
+                for warps, tpw, depth, per_sm in [(w, t, d, p) for w in (4, 8) for t in (1, 2) for d in (1, 3)
+                                                  for p in (1, 2, 4)]:
+                    assemble(M.kernel_source(warps, mb, tpw, depth, args.group_size, per_sm), kernel="gemm",
+                             row_blocks=mb, warps=warps, tiles_per_warp=tpw, depth=depth, min_blocks=per_sm)
         else:
             G = load_module(args.source)
             configs = sorted({(mb, w, d) for mb, (w, d, _) in G.CONFIGS.items()} | {(1, 4, 2), (4, 4, 1)})

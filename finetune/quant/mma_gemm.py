@@ -60,15 +60,7 @@ _SOURCE = r"""
 #define STAGES __STAGES__
 #define MINB __MINB__            // CTAs an SM must hold: caps the registers a thread (the config's per-SM target)
 #define XROW 128                 // bf16 a shared row of x: one chunk
-#define XSTAGE (MB * 8 * XROW)  // bf16 of x a stage
-// DEPTH 0: the weights, their scales and zero words go through the shared stages with x (cp.async, STAGES - 1 chunks
-// ahead, one wait and barrier a chunk for both); DEPTH > 0: a register ring of DEPTH chunks a warp
-#define WSHARED (DEPTH == 0)
-#define NTILES (WARPS * TPW)            // tiles a CTA
-#define WOFF XSTAGE                     // u16 offsets inside a stage: the tiles' 1 KiB weight blocks,
-#define SOFF (WOFF + NTILES * 512)      // their 16 scales a chunk,
-#define ZOFF (SOFF + NTILES * 16)       // their two zero-point words a chunk
-#define STAGE_U16 __STAGE_U16__         // u16 a stage (16-byte multiple)
+#define XSTAGE (MB * 8 * XROW)  // bf16 a stage
 
 // A warp's weights for one chunk: its TPW tiles' 32 bytes a lane, their scales and zero-point words.
 struct WChunk {
@@ -77,8 +69,7 @@ struct WChunk {
   int z[TPW][2];
 };
 
-// x of chunk c (rows < M) into a shared stage, each lane's four 16-byte pieces swizzled (module doc); the caller
-// commits the group.
+// x of chunk c (rows < M) into a shared stage, each lane's four 16-byte pieces swizzled (module doc); one group.
 __device__ __forceinline__ void load_x(u16* stage, const u16* x, int M, int x_stride, int c) {
   for (int i = threadIdx.x; i < M * 16; i += WARPS * 32) {
     const int row = i >> 4, p = i & 15, pt = p >> 2;
@@ -86,49 +77,7 @@ __device__ __forceinline__ void load_x(u16* stage, const u16* x, int M, int x_st
     cp_async16(stage + row * XROW + pt * 32 + (((p & 3) ^ sw) << 3),
                x + (size_t)row * x_stride + (size_t)c * 128 + p * 8);
   }
-}
-
-__device__ __forceinline__ void cp_async8(void* smem, const void* gmem) {
-  unsigned s;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(s), "l"(gmem) : "memory");
-}
-
-// WSHARED: chunk c's weights of this warp's tiles into the stage (each lane its own 32 bytes a tile, read back by
-// the same lane), and their scales and zero words (a few lanes; other lanes read them after the barrier). ``w`` is
-// the lane's pointer at chunk c of its first tile.
-__device__ __forceinline__ void load_w_shared(u16* stage, const U4* w, const u16* scales, const int* qzeros, int c,
-                                              int N, size_t tile_stride, int tile, int slot, int lane) {
-#pragma unroll
-  for (int tp = 0; tp < TPW; ++tp) {
-    u16* dst = stage + WOFF + ((slot + tp) * 32 + lane) * 16;
-    cp_async16(dst, w + tp * tile_stride);
-    cp_async16(dst + 8, w + tp * tile_stride + 1);
-  }
-  const int g = c / GCHUNKS;
-  if (lane < 2 * TPW) {
-    const int tp = lane >> 1, h = lane & 1;
-    cp_async16(stage + SOFF + (slot + tp) * 16 + h * 8, scales + (size_t)g * N + (tile + tp) * 16 + h * 8);
-  } else if (lane < 3 * TPW) {
-    const int tp = lane - 2 * TPW;
-    cp_async8(stage + ZOFF + (slot + tp) * 4, qzeros + (size_t)g * (N >> 3) + (tile + tp) * 2);
-  }
-}
-
-// WSHARED: a warp's chunk as gemm_chunk takes it, from the stage
-__device__ __forceinline__ void read_w_shared(WChunk& b, const u16* stage, int slot, int lane, int r) {
-#pragma unroll
-  for (int tp = 0; tp < TPW; ++tp) {
-    const U4* p = (const U4*)(stage + WOFF + ((slot + tp) * 32 + lane) * 16);
-    b.w[tp][0] = p[0];
-    b.w[tp][1] = p[1];
-    const u16* s = stage + SOFF + (slot + tp) * 16;
-    b.s[tp][0] = s[r];
-    b.s[tp][1] = s[r + 8];
-    const int* z = (const int*)(stage + ZOFF + (slot + tp) * 4);
-    b.z[tp][0] = z[0];
-    b.z[tp][1] = z[1];
-  }
+  cp_async_commit();
 }
 
 // the weights, scales and zeros of the next chunk; the pointers advance by one chunk
@@ -216,7 +165,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride) {
-  extern __shared__ __align__(16) u16 xs[];  // STAGES stages of STAGE_U16 (dynamic: over 48 KiB at 64 rows)
+  __shared__ __align__(16) u16 xs[STAGES * XSTAGE];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
   const int T = N >> 4, C = K >> 7;
@@ -229,7 +178,6 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 
   const size_t tile_stride = (size_t)C * 64;  // U4 between two tiles' blocks
   const U4* wp = wpack + ((size_t)ltile * C + c_begin) * 64 + lane * 2;
-#if !WSHARED
 #if GCHUNKS == 1
   const u16* sp = scales + (size_t)c_begin * N + ltile * 16 + r;
   const int* zp = qzeros + (size_t)c_begin * (N >> 3) + ltile * 2;
@@ -238,7 +186,6 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const int* zp = qzeros + ltile * 2;
 #endif
   int cw = c_begin;
-#endif
   const int sw = (t >> 1) | ((r & 1) << 1);
   const u16* xr = xs + r * XROW + t * 32;
 
@@ -248,43 +195,12 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) acc[tp][mb][0] = acc[tp][mb][1] = acc[tp][mb][2] = acc[tp][mb][3] = 0.f;
 
-  // Chunks 0 .. STAGES - 2 in flight before the loop; chunk i + STAGES - 1 is issued after the barrier of chunk i
-  // (every warp has then finished chunk i - 1, whose stage it reuses). Every step commits one group (empty past the
-  // end), so waiting until STAGES - 2 groups are pending means chunk i has landed.
-  const int slot = warp * TPW;  // this warp's first tile among the CTA's
-#if WSHARED
-  const U4* wl = wp;  // the next chunk to load
+  // x: chunks 0 and 1 in flight before the loop; chunk i + 2 is issued after the barrier of chunk i (every warp
+  // has then finished chunk i - 1, whose stage it reuses). Every step commits one group (empty past the end).
 #pragma unroll
   for (int d = 0; d < STAGES - 1; ++d) {
-    if (d < chunks) {
-      load_x(xs + d * STAGE_U16, x, M, x_stride, c_begin + d);
-      load_w_shared(xs + d * STAGE_U16, wl, scales, qzeros, c_begin + d, N, tile_stride, ltile, slot, lane);
-      wl += 64;
-    }
-    cp_async_commit();
-  }
-  int stage = 0, next_stage = STAGES - 1;
-  for (int i = 0; i < chunks; ++i) {
-    cp_async_wait_group<STAGES - 2>();
-    __syncthreads();
-    if (i + STAGES - 1 < chunks) {
-      u16* nxt = xs + next_stage * STAGE_U16;
-      load_x(nxt, x, M, x_stride, c_begin + i + STAGES - 1);
-      load_w_shared(nxt, wl, scales, qzeros, c_begin + i + STAGES - 1, N, tile_stride, ltile, slot, lane);
-      wl += 64;
-    }
-    cp_async_commit();
-    WChunk b;
-    read_w_shared(b, xs + stage * STAGE_U16, slot, lane, r);
-    gemm_chunk(b, xr + stage * STAGE_U16, sw, acc, r, zero_add);
-    stage = stage == STAGES - 1 ? 0 : stage + 1;
-    next_stage = next_stage == STAGES - 1 ? 0 : next_stage + 1;
-  }
-#else
-#pragma unroll
-  for (int d = 0; d < STAGES - 1; ++d) {
-    if (d < chunks) load_x(xs + d * STAGE_U16, x, M, x_stride, c_begin + d);
-    cp_async_commit();
+    if (d < chunks) load_x(xs + d * XSTAGE, x, M, x_stride, c_begin + d);
+    else cp_async_commit();
   }
   WChunk buf[DEPTH];
 #pragma unroll
@@ -299,15 +215,14 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
         if (i + DEPTH - 1 < chunks) load_w(buf[(d + DEPTH - 1) % DEPTH], wp, sp, zp, cw, N, tile_stride);
         cp_async_wait_group<STAGES - 2>();  // this thread's copies of chunk i have landed
         __syncthreads();                    // and every thread's
-        if (i + STAGES - 1 < chunks) load_x(xs + next_stage * STAGE_U16, x, M, x_stride, c_begin + i + STAGES - 1);
-        cp_async_commit();
-        gemm_chunk(buf[d], xr + stage * STAGE_U16, sw, acc, r, zero_add);
+        if (i + STAGES - 1 < chunks) load_x(xs + next_stage * XSTAGE, x, M, x_stride, c_begin + i + STAGES - 1);
+        else cp_async_commit();
+        gemm_chunk(buf[d], xr + stage * XSTAGE, sw, acc, r, zero_add);
         stage = stage == STAGES - 1 ? 0 : stage + 1;
         next_stage = next_stage == STAGES - 1 ? 0 : next_stage + 1;
       }
     }
   }
-#endif
   cp_async_wait_group<0>();
 
   if (splits == 1) {
@@ -361,61 +276,33 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 
-def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1,
-                  stages: int = STAGES) -> str:
+def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1) -> str:
     """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``min_blocks``:
-    CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them); ``depth`` 0: the
-    weights through the shared stages."""
+    CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them)."""
     if group_size % CHUNK:
         raise ValueError(f"mma_gemm: group size {group_size} is not a multiple of {CHUNK}")
-    if stages < 2:
-        raise ValueError(f"mma_gemm: {stages} shared stages (at least 2)")
     body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw))
             .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
-            .replace("__STAGES__", str(stages)).replace("__MINB__", str(max(1, min_blocks)))
-            .replace("__STAGE_U16__", str(stage_elems(mb, warps * tpw, depth))))
+            .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks))))
     return mma_gemv.HELPERS + body
 
 
-def stage_elems(mb: int, tiles: int, depth: int) -> int:
-    """16-bit elements of one shared stage: x's rows of a chunk, and with ``depth`` 0 the CTA's ``tiles`` 1 KiB
-    weight blocks, 16 scales and two zero-point words each; a 16-byte multiple."""
-    n = mb * 8 * CHUNK + (0 if depth else tiles * (512 + 16 + 4))
-    return -(-n // 8) * 8
-
-
-def shared_bytes(mb: int, tiles: int, depth: int, stages: int = STAGES) -> int:
-    """The dynamic shared memory a CTA asks for (over 48 KiB needs the kernel's opt-in, ``_allow_shared``)."""
-    return stages * stage_elems(mb, tiles, depth) * 2
-
-
-def _allow_shared(kernel, nbytes: int) -> None:
-    """Let ``kernel`` take ``nbytes`` of dynamic shared memory (CUDA asks for an opt-in above 48 KiB)."""
-    if nbytes < 48 * 1024 or getattr(kernel, "_finetune_shared", 0) >= nbytes:
-        return
-    if hasattr(kernel, "set_shared_memory_config"):
-        kernel.set_shared_memory_config(nbytes)
-    else:  # older torch: the driver call that method makes
-        from torch.cuda._utils import _check_cuda, _get_gpu_runtime_library
-
-        max_dynamic = 8  # CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-        _check_cuda(_get_gpu_runtime_library().cuFuncSetAttribute(kernel.func, max_dynamic, nbytes))
-    kernel._finetune_shared = nbytes
+def shared_bytes(mb: int) -> int:
+    """The x stages' static shared memory (at most 48 KiB: 64 rows x 256 bytes x 3 stages is exactly that)."""
+    return STAGES * mb * 8 * CHUNK * 2
 
 
 def plan(M: int, T: int, C: int, config: tuple, sms: int) -> tuple:
-    """(row blocks, warps, tiles a warp, depth, CTAs along N, splits over K, shared stages) for an [M, K] x [K, 16 T]
-    product; ``config`` = (warps, tiles a warp, depth, CTAs per SM[, shared stages])."""
+    """(row blocks, warps, tiles a warp, depth, CTAs along N, splits over K) for an [M, K] x [K, 16 T] product;
+    ``config`` = (warps, tiles a warp, depth, CTAs per SM)."""
     mb = row_blocks(M)
-    warps, tpw, depth, per_sm = config[:4]
-    stages = config[4] if len(config) > 4 else STAGES
+    warps, tpw, depth, per_sm = config
     if T % tpw:
         tpw = 1  # a warp's tiles side by side: an odd tile count gives one tile a warp
     ctas = -(-T // (warps * tpw))
-    # at least stages - 1 chunks a split (the pipeline's fill), and enough CTAs for per_sm on every SM
-    most = max(1, C // max(2, stages - 1))
-    splits = max(1, min(most, -(-per_sm * sms // ctas)))
-    return mb, warps, tpw, depth, ctas, splits, stages
+    # at least 2 chunks a split (the pipeline fills in two), and enough CTAs for per_sm on every SM
+    splits = max(1, min(C // 2 if C >= 2 else 1, -(-per_sm * sms // ctas)))
+    return mb, warps, tpw, depth, ctas, splits
 
 
 def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
@@ -432,14 +319,12 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     x2d = mma_gemv.kernel_input(x2d, perm)
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     config = config or CONFIGS[row_blocks(M)]
-    mb, warps, tpw, depth, ctas, splits, stages = plan(M, T, C, config, sms)
+    mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
-    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm, stages), "gptq_mma_gemm",
-                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm, stages))
+    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm), "gptq_mma_gemm",
+                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm))
     if kernel is None or isinstance(kernel, str):
         return None
-    smem = shared_bytes(mb, warps * tpw, depth, stages)
-    _allow_shared(kernel, smem)
     ws, counters = (None, None)
     if splits > 1:
         held = mma_gemv.workspace(x2d.device, splits, M, N)
@@ -447,7 +332,7 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
             return None
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
-    kernel(grid=(ctas, splits, 1), block=(warps * 32, 1, 1), shared_mem=smem,
+    kernel(grid=(ctas, splits, 1), block=(warps * 32, 1, 1),
            args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else out,
                  counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0)])
     return out
