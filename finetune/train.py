@@ -20,7 +20,8 @@ import transformers
 
 from .data import DataError, TooLongError, build_dataset
 from .settings import as_dict as settings_dict
-from .training.arguments import DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args
+from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
+                                 resolve_sampling)
 from .training import precision as precision_policy
 from .training.checks import FINISHED_MARKER, TrainConfigError, last_complete_checkpoint, preflight
 from .training.console import quiet_third_party_notices
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
           args: TrainingArguments, argv: list[str] | None = None):
     """Run one training job; returns the finished Trainer. `argv` is the command line, for the records."""
+    resolve_sampling(data_args, args)
     plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
     argv = list(sys.argv[1:] if argv is None else argv)
     if args.process_index != 0:  # rank 0 owns the output dir
@@ -110,6 +112,8 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         processing_class=tokenizer, precision=precision, plan=plan, graphs=graphs,
         callbacks=[LossCurveCallback()],
     )
+    if graphs is not None:
+        _capture_steps(trainer, train_set, data_args, args, tokenizer)
     if plan.resume_from and args.process_index == 0:
         step = json.loads(Path(plan.resume_from, "trainer_state.json").read_text())["global_step"]
         print(f"resuming from {plan.resume_from} (step {step})", flush=True)
@@ -159,6 +163,8 @@ def batch_plan(summary, data_args, args) -> dict:
     if data_args.packing:
         text += (f", about {conversations_per_step:,.0f} conversations (packed: {per_row:.1f} a row; --packing False "
                  "for one a row, as the official recipe)")
+    elif args.train_sampling_strategy == "group_by_length":
+        text += " of similar length (--train_sampling_strategy random for the official order)"
     text += f"; {steps_per_epoch:,} optimizer steps an epoch, {total:,} in this run"
     text += " (--max_steps)" if args.max_steps and args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"
     return {"rows_per_step": rows_per_step, "conversations_per_step": round(conversations_per_step, 1),
@@ -229,9 +235,29 @@ def _cuda_graphs(model, data_args, args, plan):
         if args.process_index == 0:
             logger.info("CUDA graphs off: %s", why)
         return None
-    logger.info("CUDA graphs on: each step shape (%s) is captured after 2 eager steps, then replayed",
-                "rows padded to --model_max_length" if data_args.packing else "rows padded to a multiple of 128")
-    return enable_train_graphs(model, hooked_grads=plan.zero_stage is not None or several)
+    hooked = plan.zero_stage is not None or several
+    logger.info("CUDA graphs on: each step shape (%s) is captured %s, then replayed",
+                "rows padded to --model_max_length" if data_args.packing else "rows padded to a multiple of 128",
+                "after 2 eager steps" if hooked else "before training")
+    return enable_train_graphs(model, hooked_grads=hooked)
+
+
+def _capture_steps(trainer, train_set, data_args, args, tokenizer) -> None:
+    """Capture the CUDA graphs of the step shapes the data gives before the first step, so the run replays from
+    its first step in whatever order the shapes come (one GPU without DeepSpeed; otherwise each shape is captured
+    when it first comes, after its eager warm-up steps)."""
+    from .training.trainer import graph_step_shapes
+
+    shapes = graph_step_shapes(train_set["length"], data_args, args.per_device_train_batch_size)
+    done = trainer.capture_graphs(shapes, tokenizer.eod_id)
+    if done and args.process_index == 0:
+        lengths = sorted(T for _, T in done)
+        span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        print(f"CUDA graphs: {len(done)} step shape(s) captured before training ({done[0][0]} rows of {span} "
+              f"tokens) in {trainer.graphs.prepare_s:.1f} s", flush=True)
+        if len(done) < len(shapes) and not trainer.graphs.failure:
+            print(f"CUDA graphs: {len(shapes) - len(done)} rarer shape(s) past the {len(done)} captured run eagerly",
+                  flush=True)
 
 
 def _datasets(tokenizer, data_args, args):

@@ -77,6 +77,14 @@ class TrainingArguments(transformers.TrainingArguments):
                           "one GPU, alone or under DeepSpeed ZeRO-1/2, unless FINETUNE_CUDA_GRAPHS=0; off for "
                           "several processes, where graphs have not yet run on GPUs (True turns them on there "
                           "too); False: every step eager"})
+    train_sampling_strategy: str = field(
+        default="auto",
+        metadata={"help": "Order of the training rows. auto: random with --packing; with --packing False "
+                          "group_by_length, so that a batch holds chats of similar length and pads little "
+                          "(transformers' LengthGroupedSampler: random groups of 50 batches, sorted within each); "
+                          "or random (the official order), sequential, group_by_length, batch_rebalance as in "
+                          "transformers",
+                  "choices": ["auto", "random", "sequential", "group_by_length", "batch_rebalance"]})
     on_nonfinite_loss: str = field(
         default="stop", metadata={"help": "stop: end with an error naming the step; skip: do not apply that "
                                           "optimizer step, count it (log and run_info.json); not with --deepspeed"})
@@ -92,6 +100,13 @@ class TrainingArguments(transformers.TrainingArguments):
             # so fetching each micro-batch would wait for every step already queued (accelerate's default). Not
             # on the CPU: nothing to overlap, and transformers would print a notice about unpinned memory.
             self.accelerator_config.non_blocking = True
+
+
+def resolve_sampling(data_args: DataArguments, args: TrainingArguments) -> None:
+    """--train_sampling_strategy auto: random for packed rows (all about one length), group_by_length for one chat
+    a row (padded to the longest in the batch: chats of like length waste little)."""
+    if args.train_sampling_strategy == "auto":
+        args.train_sampling_strategy = "random" if data_args.packing else "group_by_length"
 
 
 def copies_to_a_gpu(use_cpu: bool, cuda: bool | None = None) -> bool:

@@ -12,7 +12,10 @@ ordinary ``.grad`` tensors, and no extra copy of the gradients exists).
 What has to hold, and how it is kept:
 - Few shapes: packed rows padded to the row length (one shape), unpacked rows padded to a multiple of 128
   tokens (a few shapes, one graph each). Each shape runs eagerly ``warmup`` times, then is captured and
-  replayed; after ``max_captures`` shapes, further shapes run eagerly.
+  replayed; after ``max_captures`` shapes, further shapes run eagerly. The trainer captures the shapes its data
+  will give before the first step (``prepare``: the warm-ups run on batches whose labels are all ignored, so
+  their gradients are zero), so a run's steps are replayed from the first one, whatever order the shapes come
+  in.
 - No hidden host work in the step: position ids and, for rows that have them, the FlexAttention block mask
   are built outside the graph and copied into its buffers, without reading a device value back (no GPU sync
   between micro-batches: a row without a restart gets document ids too, whose mask is the causal one); the
@@ -21,8 +24,12 @@ What has to hold, and how it is kept:
 - Dropout: checkpointing cannot stash and restore the CUDA RNG state inside a capture, so LoRA dropout is
   replaced by ``SeededDropout`` (mask recomputed from a seed tensor the graph advances each step). Any other
   dropout with p > 0 (embedding, attention) keeps the model eager.
-- Memory: each captured shape keeps its own memory pool (its activations); all of them add their gradients
-  into one set of buffers, the parameters' ``.grad``, so gradient accumulation works across shapes.
+- Memory: all captured shapes share one memory pool, so the graphs together hold about what the largest step
+  needs, not the sum over shapes. That is safe because a step's forward replay is always followed by its own
+  backward before any other step replays (checked: a forward replay of any shape in between makes the earlier
+  backward refuse), and what a graph keeps across replays (its input buffers, the gradient buffers) lives
+  outside the pool. All of them add their gradients into one set of buffers, the parameters' ``.grad``, so
+  gradient accumulation works across shapes.
 
 Under DeepSpeed ZeRO-1/2 (``hooked_grads``) the step is the same but the gradients leave the replayed backward
 through autograd: each parameter's gradient accumulates as in an eager backward, so the hooks DeepSpeed put
@@ -42,12 +49,14 @@ import contextlib
 import functools
 import json
 import os
+import time
 import warnings
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data.encoding import IGNORE
 from ..modeling.attention import build_attention, document_ids
 from ..modeling.loss import causal_lm_nll_sum, normalize_loss
 from ..modeling.model import QWenLMHeadModel
@@ -114,7 +123,11 @@ def _find_lm(model: nn.Module):
     return None
 
 
-def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 8,
+# shapes a run may capture: every 128-token length up to 2048 (the pool is shared, so a shape costs little memory)
+MAX_CAPTURES = 16
+
+
+def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = MAX_CAPTURES,
                         hooked_grads: bool = False) -> "TrainGraphs":
     """A TrainGraphs for `model` (call after LoRA is attached and checkpointing is set): the caller owns it and
     runs its training forwards through it (`graphs(model, inputs)`); `close()` gives everything back.
@@ -129,7 +142,7 @@ def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = 8
 class TrainGraphs:
     """Decides per training forward whether to replay, capture or run eagerly (see the module docstring)."""
 
-    def __init__(self, lm, warmup: int = 2, max_captures: int = 8, hooked_grads: bool = False):
+    def __init__(self, lm, warmup: int = 2, max_captures: int = MAX_CAPTURES, hooked_grads: bool = False):
         self.lm = lm
         # True: a replayed backward hands the gradients to autograd (parameter hooks fire, one copy a micro-batch);
         # False: it adds them straight into buffers installed as .grad (no copy)
@@ -146,6 +159,10 @@ class TrainGraphs:
         self._swapped: list[tuple[nn.ModuleDict, str, nn.Module]] = []
         self._swap_dropouts()
         self.steps: dict[tuple, _CapturedStep] = {}  # one per captured shape
+        self.pool = None  # the memory pool every captured shape shares
+        self.generation = 0  # forward replays so far: a backward checks that no other replay came in between
+        self.prepared: list[tuple[int, int]] = []  # shapes captured before training (prepare)
+        self.prepare_s = 0.0
         self._grads: tuple[tuple[int, ...], list[torch.Tensor]] | None = None  # shared .grad buffers
         self._seen: dict[tuple, int] = {}  # eager runs per shape so far
         self._rng_use: dict[tuple, str | None] = {}  # per shape: what else draws random numbers (then: eager)
@@ -204,9 +221,60 @@ class TrainGraphs:
 
     def stats(self) -> dict:
         out = {"captures": self.captures, "replayed_steps": self.replays, "eager_steps": self.eager_steps}
+        if self.prepared:
+            out["captured_before_training"] = [list(s) for s in self.prepared]
+            out["capture_s"] = round(self.prepare_s, 1)
         if self.failure:
             out["capture_failure"] = self.failure
         return out
+
+    # -- before training --------------------------------------------------------------------------------
+    def prepare(self, shapes, pad_id: int, context=contextlib.nullcontext) -> list[tuple[int, int]]:
+        """Capture the steps of these (rows, tokens) shapes now, before training, so that a run replays from its
+        first step: each shape runs its ``warmup`` eager steps and its capture on a batch of padding whose labels
+        are all ignored (a zero loss: the gradients it adds are zero, and are dropped), as the collator lays out
+        graphed batches (position ids, no attention mask). The dropout seed and the step counters are put back,
+        so the run draws the masks and reports the counts it would have without this. ``context``: makes the
+        context the trainer's forwards run in (autocast: a captured step must be the one training replays).
+        Shapes past ``max_captures`` are left to the run (eager). Returns the shapes captured. Not under a wrapper
+        that hooks the gradients (DeepSpeed): its engine must see every backward."""
+        if self.hooked_grads or not self.enabled:
+            return []
+        lm = self.lm
+        device = lm.lm_head.weight.device
+        params = [p for p in lm.parameters() if p.requires_grad]
+        had_grad = [p.grad is not None for p in params]
+        seed, counts, was_training = self.seed.clone(), (self.replays, self.eager_steps), lm.training
+        done = []
+        t0 = time.perf_counter()
+        lm.train()
+        chosen = list(dict.fromkeys(shapes))[: max(0, self.max_captures - self.captures)]  # the most common
+        try:
+            # the largest first: the shared pool is then sized by it, and the smaller captures reuse its blocks
+            for B, T in sorted(chosen, key=lambda s: -s[0] * s[1]):
+                ids = torch.full((B, T), pad_id, device=device, dtype=torch.long)
+                batch = {"input_ids": ids, "labels": torch.full_like(ids, IGNORE),
+                         "position_ids": torch.arange(T, device=device).repeat(B, 1)}
+                before = self.captures
+                for _ in range(self.warmup + 1):
+                    with context():
+                        loss = self(lm, batch)
+                    loss.backward()
+                if self.captures > before and not self.failure:
+                    done.append((B, T))
+                if self.failure:
+                    break
+        finally:
+            self.seed.copy_(seed)
+            self.replays, self.eager_steps = counts
+            for p, had in zip(params, had_grad):
+                if not had:
+                    p.grad = None
+            lm.train(was_training)
+            torch.cuda.synchronize(device)
+            self.prepare_s += time.perf_counter() - t0
+        self.prepared += done
+        return done
 
     # -- dropout ----------------------------------------------------------------------------------------
     def _swap_dropouts(self) -> None:
@@ -388,7 +456,6 @@ class _CapturedStep:
     def __init__(self, owner: TrainGraphs, key, params, grads, input_ids, position_ids, doc_ids, labels, autocast):
         self.key = key
         self.params = params
-        self.generation = 0
         B, T = input_ids.shape
         device = input_ids.device
         self.input_ids = input_ids.clone()
@@ -402,7 +469,9 @@ class _CapturedStep:
         self.hooked = owner.hooked_grads
         self.grad_out = torch.ones((), device=device, dtype=torch.float32)
         self.fwd, self.bwd = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-        pool = torch.cuda.graph_pool_handle()
+        if owner.pool is None:
+            owner.pool = torch.cuda.graph_pool_handle()
+        pool = owner.pool
         with _capturable_checkpointing(owner.lm.transformer.h), _autocast_without_cache(autocast), \
                 _fresh_leaves(owner.lm, params) as leaves:
             with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"):
@@ -452,14 +521,15 @@ class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, step: _CapturedStep, *params):
         step.fwd.replay()
-        step.generation += 1
-        ctx.step, ctx.generation = step, step.generation
+        owner = step._owner
+        owner.generation += 1  # any shape: they share one memory pool
+        ctx.step, ctx.generation = step, owner.generation
         return step.total.clone()  # the caller's loss must survive the next replay
 
     @staticmethod
     def backward(ctx, grad):
         step = ctx.step
-        if ctx.generation != step.generation:
+        if ctx.generation != step._owner.generation:
             raise RuntimeError(
                 "a CUDA-graphed training forward ran again before the backward of the previous one; run "
                 "backward after each training forward, or train with --cuda_graphs False")

@@ -42,6 +42,24 @@ def make_collator(tokenizer, data_args, for_graphs: bool = False):
     return ChatCollator(pad_id=tokenizer.eod_id)
 
 
+def graph_step_shapes(lengths, data_args, batch_size: int) -> list[tuple[int, int]]:
+    """The (rows, tokens) shapes of the batches ``make_collator(for_graphs=True)`` makes from rows of these
+    lengths, the most common first: packed rows have one (--model_max_length); unpacked rows one per multiple of
+    GRAPH_PAD_MULTIPLE that some row pads to (a batch takes its longest row's). A last, smaller batch is left out."""
+    lengths = list(lengths)
+    rows = min(batch_size, len(lengths))
+    if not rows:
+        return []
+    if data_args.packing:
+        return [(rows, data_args.model_max_length)]
+    multiple = min(GRAPH_PAD_MULTIPLE, data_args.model_max_length)
+    counts: dict[int, int] = {}
+    for n in lengths:
+        padded = -(-n // multiple) * multiple
+        counts[padded] = counts.get(padded, 0) + 1
+    return [(rows, T) for T in sorted(counts, key=lambda t: (-counts[t], -t))]
+
+
 class QwenTrainer(Trainer):
     def __init__(self, *a, precision=None, plan=None, graphs=None, **kw):
         super().__init__(*a, **kw)
@@ -100,6 +118,13 @@ class QwenTrainer(Trainer):
                 return self.graphs(model, inputs, num_items_in_batch)
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                         num_items_in_batch=num_items_in_batch)
+
+    def capture_graphs(self, shapes, pad_id: int) -> list[tuple[int, int]]:
+        """Capture the training steps of these (rows, tokens) shapes before training (TrainGraphs.prepare), in the
+        context the training forwards run in; the shapes captured."""
+        if self.graphs is None:
+            return []
+        return self.graphs.prepare(shapes, pad_id, context=self._autocast)
 
     def release_graphs(self) -> dict | None:
         """Free the captured step's memory and put the LoRA dropout modules back; what the graphs did (None

@@ -195,6 +195,38 @@ def test_graphs_collator_buckets_unpacked_rows_and_trains_on_the_same_loss():
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_shapes_captured_before_training_are_the_collators(packing):
+    """graph_step_shapes names every (rows, tokens) shape the graphed collator makes from batches of these rows (a
+    last, smaller batch aside), the most common first, and no other."""
+    import random
+
+    from finetune.training.trainer import graph_step_shapes
+
+    args = DataArguments(packing=packing, model_max_length=640)
+
+    class Tok:
+        eod_id = 0
+
+    rng = random.Random(0)
+    lengths = [rng.choice([5, 100, 128, 129, 300, 300, 301, 640]) for _ in range(40)]
+    shapes = graph_step_shapes(lengths, args, batch_size=2)
+    collate = make_collator(Tok(), args, for_graphs=True)
+    made = set()
+    for _ in range(200):  # batches as a random sampler would draw them
+        rows = [{"input_ids": [1] * n, "labels": [1] * n, **({"position_ids": list(range(n))} if packing else {})}
+                for n in rng.sample(lengths, 2)]
+        made.add(tuple(collate(rows)["input_ids"].shape))
+    assert made <= set(shapes)
+    if packing:
+        assert shapes == [(2, 640)]
+    else:
+        assert shapes[0] == (2, 384)  # 129-301 tokens: the most common bucket
+        assert sorted(T for _, T in shapes) == [128, 256, 384, 640]
+    assert graph_step_shapes([50], args, batch_size=2) == [(1, 640 if packing else 128)]  # fewer rows than a batch
+    assert graph_step_shapes([], args, batch_size=2) == []
+
+
 def test_cuda_graphs_flag(tmp_path):
     base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)]
     assert parse_args(base)[3].cuda_graphs is None  # unset: train.py decides (one process: on)
@@ -319,13 +351,17 @@ class _FakeGraph:
         self.replay = fn
 
 
-def _fake_step(params, hooked: bool, grads_of_step):
+def _fake_step(params, hooked: bool, grads_of_step, owner=None):
     """A _CapturedStep whose 'graphs' write grads_of_step()'s values into the step's buffers (as the captured
-    backward adds into them), for the replay's autograd wiring without a GPU."""
+    backward adds into them), for the replay's autograd wiring without a GPU. `owner`: shared by the steps of one
+    TrainGraphs (their replays are counted together)."""
+    from types import SimpleNamespace
+
     from finetune.training.graphs import _CapturedStep
 
     step = _CapturedStep.__new__(_CapturedStep)
-    step.params, step.hooked, step.generation = params, hooked, 0
+    step.params, step.hooked = params, hooked
+    step._owner = owner if owner is not None else SimpleNamespace(generation=0)
     step.grads = [torch.zeros_like(p) for p in params]
     step.grad_out = torch.ones(())
     step.total = torch.tensor(1.5)
@@ -357,6 +393,26 @@ def test_hooked_replay_hands_each_micro_batch_gradient_to_autograd_and_its_hooks
     torch.testing.assert_close(params[0].grad, torch.tensor([5.5, 1, 1.5]))
     torch.testing.assert_close(params[1].grad, torch.full((2, 2), 1.5))
     assert len(seen) == 4
+
+
+def test_a_forward_of_another_shape_before_the_backward_is_refused():
+    """Captured shapes share one memory pool: between a step's forward replay and its backward, no other shape's
+    forward may replay (it would overwrite what the backward reads); in order, shapes alternate freely."""
+    from types import SimpleNamespace
+
+    from finetune.training.graphs import _Replay
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    owner = SimpleNamespace(generation=0)
+    short, long = (_fake_step(params, hooked=False, grads_of_step=lambda: [torch.ones(3)], owner=owner)
+                   for _ in range(2))
+    _Replay.apply(short, *params).backward()
+    _Replay.apply(long, *params).backward()
+    first = _Replay.apply(short, *params)
+    _Replay.apply(long, *params).backward()
+    with pytest.raises(RuntimeError, match="ran again before the backward"):
+        first.backward()
+    torch.testing.assert_close(params[0].grad, torch.full((3,), 3.0))  # the refused backward added nothing
 
 
 def test_unhooked_replay_adds_into_buffers_installed_as_grad():

@@ -56,12 +56,15 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-20))
 
 
-def _run(model, batches, graphs_on, monkeypatch, autocast=None, steps_per_update=1, lr=1e-2):
+def _run(model, batches, graphs_on, monkeypatch, autocast=None, steps_per_update=1, lr=1e-2, prepare=None):
     """Train on `batches` (AdamW); returns per-step losses, the gradients before each update and the final
-    LoRA weights. Graphs are enabled in both modes (same seeded dropout); off means every step runs eagerly."""
+    LoRA weights. Graphs are enabled in both modes (same seeded dropout); off means every step runs eagerly.
+    `prepare`: (rows, tokens) shapes captured before the first step."""
     torch.manual_seed(123)  # the dropout seed
     graphs = enable_train_graphs(model, warmup=1)
     graphs.enabled = graphs_on
+    if prepare:
+        assert graphs.prepare(prepare, pad_id=0) == sorted(prepare, key=lambda s: -s[1])
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses, grads = [], []
     for i, batch in enumerate(batches):
@@ -207,6 +210,50 @@ def test_forward_twice_before_backward_is_refused(monkeypatch):
         first.backward()
 
 
+def _mixed_lengths(packed=False):
+    """Batches of two lengths (64 and 96 tokens) interleaved, with position ids as the graphed collator gives."""
+    a, b = _batches(3, T=64, packed=packed, seed=3), _batches(3, T=96, packed=packed, seed=4)
+    out = [x for pair in zip(a, b) for x in pair]
+    for x in out:
+        x.setdefault("position_ids", torch.arange(x["input_ids"].shape[1], device="cuda")[None])
+    return out
+
+
+def test_shapes_captured_before_training_replay_every_step_as_eager_steps_compute(monkeypatch):
+    """prepare() captures both shapes up front: every step is replayed (none eager), and the losses, gradients
+    and weights equal those of eager steps with the same dropout masks (the seed and the gradients the warm-up
+    batches touched are put back). Both shapes share one memory pool."""
+    batches = _mixed_lengths()
+    eager = _run(_model(dropout=0.1), batches, False, monkeypatch)
+    graphed = _run(_model(dropout=0.1), batches, True, monkeypatch, prepare=[(1, 64), (1, 96)])
+    g = graphed[3]
+    assert (g.captures, g.replays, g.eager_steps) == (2, 6, 0)
+    assert g.prepared == [(1, 96), (1, 64)] and g.stats()["captured_before_training"] == [[1, 96], [1, 64]]
+    assert {step.fwd.pool() for step in g.steps.values()} == {tuple(g.pool)}
+    for a, b in zip(graphed[0], eager[0]):
+        assert abs(a - b) <= 1e-4 * abs(b), (graphed[0], eager[0])
+    for ga, gb in zip(graphed[1], eager[1]):
+        for n in gb:
+            assert _rel(ga[n], gb[n]) < 1e-4, n
+    for n in eager[2]:
+        assert _rel(graphed[2][n], eager[2][n]) < 1e-4, n
+
+
+def test_a_replay_of_another_shape_before_the_backward_is_refused(monkeypatch):
+    """The shapes share one memory pool: a forward of another shape between a forward and its backward would
+    overwrite what that backward reads, so the backward refuses."""
+    model = _model()
+    graphs = enable_train_graphs(model, warmup=1)
+    graphs.prepare([(1, 64), (1, 96)], pad_id=0)
+    short, long = _mixed_lengths()[:2]
+    first = graphs(model, short)
+    graphs(model, long).backward()
+    with pytest.raises(RuntimeError, match="ran again before the backward"):
+        first.backward()
+    graphs(model, short).backward()  # in order again: fine
+    assert graphs.replays == 3 and graphs.eager_steps == 0
+
+
 def test_compiled_elementwise_kernels_inside_the_graph(monkeypatch):
     """Rows long enough that RMSNorm/rotary/SwiGLU go through torch.compile (2^21 elements)."""
     batches = _batches(3, B=1, T=8192)
@@ -269,9 +316,46 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
                         json.loads((out / "run_info.json").read_text())["cuda_graphs"])
         assert trainer.graphs is None  # released after training
     (graphed, g), (eager, none) = runs["True"], runs["False"]
-    assert none is None and g == {"captures": 1, "replayed_steps": 28, "eager_steps": 2}
+    assert none is None and {k: g[k] for k in ("captures", "replayed_steps", "eager_steps")} == {
+        "captures": 1, "replayed_steps": 30, "eager_steps": 0}  # captured before the first step
+    assert len(g["captured_before_training"]) == 1
     assert graphed[-1] < 0.3 * graphed[0] and eager[-1] < 0.3 * eager[0]
     for a, b in zip(graphed[:10], eager[:10]):  # later, bf16 rounding differences compound through the updates
+        assert abs(a - b) <= 0.02 * abs(b), (graphed, eager)
+
+
+def test_trainer_one_chat_a_row_replays_every_step_and_trains_as_eagerly(tmp_path):
+    """--packing False under graphs (the default order, length-grouped): every length bucket the data has is
+    captured before training, no step runs eagerly, and the loss curve follows the eager run's."""
+    import json
+
+    from finetune.train import train
+    from finetune.training.arguments import parse_args
+
+    from _helpers import train_args
+
+    model_dir, data = _int4_demo(tmp_path)
+    records = []
+    for repeat in (1, 13, 25):  # each memorised answer at three lengths: 37-334 tokens, three 128-token buckets
+        for r in json.loads(data.read_text()):
+            turns = [dict(t) for t in r["conversations"]]
+            turns[1]["value"] = " ".join([turns[1]["value"]] * repeat)
+            records.append({"id": f"{r['id']}x{repeat}", "conversations": turns})
+    data.write_text(json.dumps(records))
+    runs = {}
+    for graphs in ("True", "False"):
+        out = tmp_path / f"padded_{graphs}"
+        argv = train_args(model_dir, data, out, "--max_steps", "12", "--use_lora", "True", "--q_lora", "True",
+                          "--logging_steps", "1", "--use_cpu", "False", "--model_max_length", "512",
+                          "--gradient_checkpointing", "True", "--cuda_graphs", graphs)
+        trainer = train(*parse_args(argv))
+        runs[graphs] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                        json.loads((out / "run_info.json").read_text())["cuda_graphs"])
+        assert trainer.args.train_sampling_strategy == "group_by_length"
+    (graphed, g), (eager, _) = runs["True"], runs["False"]
+    assert g["eager_steps"] == 0 and g["replayed_steps"] == 12 and g["captures"] == 3, g
+    assert sorted(T for _, T in g["captured_before_training"]) == [128, 256, 384]
+    for a, b in zip(graphed[:6], eager[:6]):
         assert abs(a - b) <= 0.02 * abs(b), (graphed, eager)
 
 
