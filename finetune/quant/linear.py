@@ -125,13 +125,41 @@ def gptq_gemv(
                        trivial_g_idx=trivial_g_idx)
 
 
+# Weights dequantized by a checkpointed segment's recomputation, kept for the backward of the same op, which runs
+# later in the same segment (its input gradient needs W again): {id of the packed weight: (backward pass, W.T)}.
+# An entry lives from the recomputation to that backward (at most a segment's input projections: c_attn, or w1
+# and w2, ~0.3 GB on the 14B shape), so a checkpointed step dequantizes 10 weights a layer instead of 13.
+_RECOMPUTED: dict[int, tuple[int, torch.Tensor]] = {}
+
+
+def _keep_recomputed(qweight: torch.Tensor, wt: torch.Tensor) -> None:
+    """Keep W.T when this forward is a recomputation (it runs inside a backward pass: only checkpointing does
+    that), for the backward of the same op in the same pass."""
+    task = torch._C._current_graph_task_id()
+    if task == -1:
+        return
+    if any(t != task for t, _ in _RECOMPUTED.values()):
+        _RECOMPUTED.clear()  # left by an earlier pass whose backward did not come (never used across passes)
+    _RECOMPUTED[id(qweight)] = (task, wt)
+
+
+def _take_recomputed(qweight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    held = _RECOMPUTED.pop(id(qweight), None)
+    if held is None or held[0] != torch._C._current_graph_task_id() or held[1].dtype != dtype:
+        return None
+    return held[1]
+
+
 class GPTQMatmul(torch.autograd.Function):
-    """y = x @ W.T with W dequantized on the fly; the weight is recomputed in backward, never saved."""
+    """y = x @ W.T with W dequantized on the fly; the weight is never saved: backward dequantizes it again, or,
+    under checkpointing, takes the copy the segment's recomputation just made (``_RECOMPUTED``)."""
 
     @staticmethod
     def forward(ctx, x, qweight, qzeros, scales, g_idx, bits, v2, group_size, trivial_g_idx=None):
         wt = dequantize_weight_t(qweight, qzeros, scales, g_idx, bits, v2, x.dtype, group_size, trivial_g_idx)
         y = torch.matmul(x, wt)
+        if ctx.needs_input_grad[0]:
+            _keep_recomputed(qweight, wt)
         ctx.bits, ctx.v2, ctx.group_size, ctx.trivial_g_idx = bits, v2, group_size, trivial_g_idx
         ctx.x_dtype = x.dtype
         # The packed buffers are frozen module buffers, kept as plain references rather than saved tensors:
@@ -146,9 +174,10 @@ class GPTQMatmul(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             qweight, qzeros, scales, g_idx = ctx.packed
-            wt = dequantize_weight_t(
-                qweight, qzeros, scales, g_idx, ctx.bits, ctx.v2, grad_y.dtype, ctx.group_size, ctx.trivial_g_idx
-            )
+            wt = _take_recomputed(qweight, grad_y.dtype)
+            if wt is None:
+                wt = dequantize_weight_t(qweight, qzeros, scales, g_idx, ctx.bits, ctx.v2, grad_y.dtype,
+                                         ctx.group_size, ctx.trivial_g_idx)
             grad_x = torch.matmul(grad_y, wt.t())
             if grad_x.dtype != ctx.x_dtype:
                 grad_x = grad_x.to(ctx.x_dtype)

@@ -239,25 +239,40 @@ def test_checkpointing_recomputes_only_the_input_projections(int4_dir, monkeypat
         return forward(ctx, x, qweight, *rest)
 
     monkeypatch.setattr(qlinear.GPTQMatmul, "forward", staticmethod(counting))
+    dequantized = []
+    dequantize = qlinear.dequantize_weight_t
+
+    def counting_dequantize(qweight, *rest):
+        dequantized.append(tuple(qweight.shape))
+        return dequantize(qweight, *rest)
+
+    monkeypatch.setattr(qlinear, "dequantize_weight_t", counting_dequantize)
 
     def step():
         pm.zero_grad()
         calls.clear()
+        dequantized.clear()
         torch.manual_seed(0)
         loss = pm(input_ids=ids, labels=ids).loss
         n_forward = len(calls)
         loss.backward()
+        assert not qlinear._RECOMPUTED  # every weight a recomputation kept went to its backward
         grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
-        return n_forward, calls[n_forward:], grads
+        return n_forward, calls[n_forward:], grads, len(dequantized) - n_forward
 
     layers = pm.config.num_hidden_layers
-    n_fwd, recomputed, plain = step()
-    assert n_fwd == 5 * layers and recomputed == []
+    n_fwd, recomputed, plain, backward_dequantized = step()
+    # backward dequantizes each weight whose input needs a gradient: all but the first block's c_attn (its input,
+    # the frozen embedding's normalised output, needs none)
+    assert n_fwd == 5 * layers and recomputed == [] and backward_dequantized == 5 * layers - 1
     pm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    n_fwd, recomputed, ckpt = step()
+    n_fwd, recomputed, ckpt, backward_dequantized = step()
     block = pm.base_model.model.transformer.h[0]
     shapes = {tuple(m.base_layer.qweight.shape) for m in (block.attn.c_attn, block.mlp.w1, block.mlp.w2)}
     assert n_fwd == 5 * layers and len(recomputed) == 3 * layers
+    # the recomputation dequantizes c_attn, w1 and w2 once, and their backward uses those copies: only the two
+    # c_proj's are dequantized again (5 a layer, not 8)
+    assert backward_dequantized == 5 * layers
     assert set(recomputed) == shapes
     for name, g in plain.items():
         assert g.abs().sum() > 0, name
