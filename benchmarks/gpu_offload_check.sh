@@ -4,9 +4,8 @@
 # Q-LoRA + zero2_offload on the tiny Int4 demo model; LoRA + zero3_offload on the tiny float one.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SITE=/tmp/ds_site
-python3 -m pip install -q --no-index --no-deps --target "$SITE" .dswheels/*.whl
-export PYTHONPATH="$PWD:$SITE" TORCH_EXTENSIONS_DIR=/tmp/torch_ext QWEN_FT_CACHE=/tmp/qft
+source benchmarks/device_site.sh && carried_wheels .dswheels /tmp/ds_site
+export TORCH_EXTENSIONS_DIR=/tmp/torch_ext QWEN_FT_CACHE=/tmp/qft
 python3 -m finetune.demo --make-model /tmp/qft/demo-int4 --int4
 python3 -m finetune.demo --make-model /tmp/qft/demo
 common=(--max_steps 6 --logging_steps 1 --save_strategy no --model_max_length 128 --per_device_train_batch_size 4

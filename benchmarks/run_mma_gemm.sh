@@ -11,10 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gemm_out}"
 mkdir -p "$OUT/logs"
-SITE=/tmp/quick_site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-  >/dev/null 2>&1
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
 read -r -a parts <<< "${GEMM_PARTS:-tests probe}"
 for part in "${parts[@]}"; do
   t0=$(date +%s)

@@ -15,10 +15,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/quick_out}"
 mkdir -p "$OUT"
-SITE=/tmp/quick_site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-  >/dev/null 2>&1
-export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
 MODEL=/tmp/decode_bench/14b_int4
 python3 benchmarks/make_model_dir.py --shape 14b --int4 --out "$MODEL" > "$OUT/make_model.log" 2>&1
 read -r -a parts <<< "${QUICK_PARTS:-decode profile serve train}"

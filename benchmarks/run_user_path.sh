@@ -11,9 +11,7 @@
 # QWEN_FT_COMMIT (the commit to record: the machine's copy of the tree may carry a stale .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SITE=/tmp/up_site
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl
-export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+source benchmarks/device_site.sh && carried_wheels .whl /tmp/up_site
 WORK=/tmp/user_path
 RES=benchmarks/results/user_path.json
 read -r -a workloads <<< "${UP_WORKLOADS:-short_default short_padded rows2048_ckpt rows2048_no_ckpt}"
