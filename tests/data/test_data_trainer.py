@@ -75,8 +75,13 @@ def test_all_records_too_long_under_skip_invalid_names_the_length_flag(tiny_mode
 
 
 @pytest.mark.parametrize("disable", [True, False])
-def test_datasets_progress_bars_follow_disable_tqdm(tiny_model_dir, tmp_path, capfd, disable):
+def test_datasets_progress_bars_follow_disable_tqdm(tiny_model_dir, tmp_path, capfd, disable, monkeypatch):
+    import datasets
+
     from finetune.tokenization import load_tokenizer
+
+    # a cache of its own: a hit in the shared one (an earlier run that had the same temporary path) shows no bar
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
     from finetune.train import _datasets
     from finetune.training.arguments import parse_args
 
