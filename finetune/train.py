@@ -8,6 +8,7 @@ train -> evaluate (with an eval set) -> save -> loss curve and model card.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -85,15 +86,16 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if plan.device.startswith("cuda") else "gloo")
-    model = load_model(plan.model_dir, dtype=precision.load_dtype,
-                       device=plan.device)
+    with _out_of_memory("while loading the model", plan, data_args, args, args.gradient_checkpointing):
+        model = load_model(plan.model_dir, dtype=precision.load_dtype, device=plan.device)
     model.config.use_cache = False
     _state_special_tokens(model, tokenizer)
     if plan.mode == "full":
         model.requires_grad_(True)
     else:
         model = attach_lora(model, lora_args, plan, verbose=args.process_index == 0)
-    if getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing:
+    checkpointing = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
+    if checkpointing:
         # with the kwargs PEFT needs, under the name this transformers has (activation_* from 5.2x on); the
         # Trainer must not redo it
         if hasattr(model, "activation_checkpointing_enable"):
@@ -113,11 +115,15 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         callbacks=[LossCurveCallback()],
     )
     if graphs is not None:
-        _capture_steps(trainer, train_set, data_args, args, tokenizer)
+        with _out_of_memory("while capturing the training step's CUDA graphs", plan, data_args, args,
+                            checkpointing):
+            _capture_steps(trainer, train_set, data_args, args, tokenizer)
     if plan.resume_from and args.process_index == 0:
         step = json.loads(Path(plan.resume_from, "trainer_state.json").read_text())["global_step"]
         print(f"resuming from {plan.resume_from} (step {step})", flush=True)
-    trainer.train(resume_from_checkpoint=plan.resume_from)
+    with _out_of_memory(lambda: f"in optimizer step {trainer.state.global_step + 1}", plan, data_args, args,
+                        checkpointing):
+        trainer.train(resume_from_checkpoint=plan.resume_from)
     graph_stats = trainer.release_graphs()
     speed = trainer.meter.summary(trainer.accelerator)
     eval_metrics = trainer.evaluate() if eval_set is not None else None  # at the end, whatever --eval_strategy
@@ -142,6 +148,21 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         _mark_finished(args.output_dir)
         _print_next_steps(plan, args.output_dir)
     return trainer
+
+
+@contextlib.contextmanager
+def _out_of_memory(where, plan, data_args, args, checkpointing: bool):
+    """A device out-of-memory error inside becomes one line (TrainConfigError) saying where, what the device
+    held and which flags lower the need; ``where``: a text, or a function giving it when the error comes."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        from .training.memory import out_of_memory
+
+        text = where() if callable(where) else where
+        raise TrainConfigError(out_of_memory(text, plan.device, data_args, args, checkpointing)) from None
 
 
 def batch_plan(summary, data_args, args) -> dict:

@@ -155,3 +155,28 @@ def fit_problem(model_dir, mode: str, lora_args, data_args, args, device: str, d
             f"{free / GIB:.1f} GiB is free there. Lower --per_device_train_batch_size or --model_max_length, "
             "turn on --gradient_checkpointing, train Q-LoRA on the Int4 model, or use a DeepSpeed config with "
             "offload (ds_configs/zero2_offload.json)")
+
+
+def out_of_memory(where: str, device: str, data_args, args, checkpointing: bool) -> str:
+    """One line for a run that ran out of device memory ``where`` (loading, capturing, a training step), with what
+    the device held and the flags that lower the need, the ones this run can still change first
+    (``checkpointing``: whether the run checkpoints activations)."""
+    held = ""
+    if device.startswith("cuda"):
+        import torch
+
+        dev = torch.device(device)
+        total = torch.cuda.get_device_properties(dev).total_memory
+        held = (f" ({torch.cuda.memory_reserved(dev) / GIB:.1f} GiB reserved by this process of {total / GIB:.1f} "
+                f"GiB on {device})")
+    ways = []
+    batch = args.per_device_train_batch_size
+    if batch > 1:
+        ways.append(f"--per_device_train_batch_size {batch // 2} --gradient_accumulation_steps "
+                    f"{2 * args.gradient_accumulation_steps} (the same optimizer step)")
+    if not checkpointing:
+        ways.append("--gradient_checkpointing True")
+    ways.append(f"a lower --model_max_length (now {data_args.model_max_length}"
+                + (", the length of every packed row)" if data_args.packing else ")"))
+    ways.append("a DeepSpeed config with offload (ds_configs/zero2_offload.json)")
+    return f"out of memory {where}{held}; try " + ", or ".join(ways)

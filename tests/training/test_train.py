@@ -213,6 +213,32 @@ def test_bad_data_stops_before_model_load(models, tmp_path, capsys, monkeypatch)
     assert "bad.jsonl" in err and "line 2" in err and "robot" in err
 
 
+@pytest.mark.parametrize("where", ["load", "step"])
+def test_out_of_memory_is_one_line_with_what_to_change(models, memorise_file, tmp_path, capsys, monkeypatch, where):
+    """A device out-of-memory error while loading or in a training step ends the run with one line: where it
+    happened and the flags that lower the need (half the batch with twice the accumulation first), no traceback."""
+    import finetune.loading
+    from finetune.training.trainer import QwenTrainer
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    if where == "load":
+        monkeypatch.setattr(finetune.loading, "load_model", oom)
+    else:
+        monkeypatch.setattr(QwenTrainer, "train", oom)
+    for ckpt in ("False", "True"):
+        assert train_main(_args(models["float"], memorise_file, tmp_path / f"o{ckpt}", "--use_lora", "True",
+                                "--gradient_accumulation_steps", "3", "--gradient_checkpointing", ckpt)) == 2
+        err = capsys.readouterr().err
+        line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(line) == 1 and "Traceback" not in err, err
+        assert ("while loading the model" if where == "load" else "in optimizer step 1") in line[0]
+        assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 6" in line[0]
+        assert "--model_max_length (now 128)" in line[0]
+        assert ("--gradient_checkpointing True" in line[0]) == (ckpt == "False")  # not asked of a run that has it
+
+
 def test_too_short_max_length_is_an_error(models, memorise_file, tmp_path, capsys):
     assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
                             "--model_max_length", "16")) == 2
