@@ -26,7 +26,34 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     module = importlib.import_module(COMMANDS[argv[0]][0])
-    return module.main(argv[1:]) or 0
+    try:
+        return module.main(argv[1:]) or 0
+    except Exception as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (torch is imported by then)
+            raise
+        print(f"error: {out_of_memory(argv[0])}", file=sys.stderr)
+        return 2
+
+
+# What lowers the memory a command needs (train says it itself, with its own flags)
+LOWER = {
+    "serve": "a smaller --max-batch or --max-model-len (the key-value cache is allocated for both)",
+    "eval": "a smaller --batch-size or --max-new-tokens",
+    "chat": "a GPU with more free memory, or --device cpu",
+    "merge": "--device cpu (the merge holds the base in fp32: 4 bytes a parameter)",
+}
+
+
+def out_of_memory(command: str) -> str:
+    """One line for a command that ran out of GPU memory: what the process held, and what lowers the need."""
+    import torch
+
+    held = ""
+    if torch.cuda.is_available():
+        dev = torch.cuda.current_device()
+        held = (f" ({torch.cuda.memory_reserved(dev) / 2**30:.1f} GiB reserved by this process of "
+                f"{torch.cuda.get_device_properties(dev).total_memory / 2**30:.1f} GiB on cuda:{dev})")
+    return f"qwen-ft {command} ran out of GPU memory{held}; try {LOWER.get(command, 'a smaller workload')}"
 
 
 if __name__ == "__main__":

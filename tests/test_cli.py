@@ -24,6 +24,38 @@ def setup(tmp_path_factory):
             "data": write_memorise(root / "mem.json")}
 
 
+# -- out of GPU memory ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command,advice", [("eval", "--batch-size"), ("serve", "--max-batch"),
+                                            ("merge", "--device cpu"), ("chat", "--device cpu")])
+def test_a_command_out_of_gpu_memory_says_so_in_one_line(command, advice, monkeypatch, capsys):
+    """torch's out-of-memory error from any qwen-ft command ends it with one line naming the command and what
+    lowers its need (exit 2, no traceback); other errors still propagate."""
+    import importlib
+
+    import torch
+
+    from finetune.cli import COMMANDS, main
+
+    module = importlib.import_module(COMMANDS[command][0])
+
+    def oom(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(module, "main", oom)
+    assert main([command, "-m", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: qwen-ft {command} ran out of GPU memory") and advice in err
+
+    def other(argv):
+        raise KeyError("not memory")
+
+    monkeypatch.setattr(module, "main", other)
+    with pytest.raises(KeyError):
+        main([command])
+
+
 # -- eval of a model without an adapter (a merged model) -----------------------------------------------------
 
 
