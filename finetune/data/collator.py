@@ -17,7 +17,7 @@ import torch
 from .encoding import IGNORE
 
 
-def _padded_len(n: int, multiple: int | None) -> int:
+def padded_len(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
 
 
@@ -30,7 +30,7 @@ class ChatCollator:
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("empty batch")
-        n = _padded_len(max(len(r["input_ids"]) for r in rows), self.multiple)
+        n = padded_len(max(len(r["input_ids"]) for r in rows), self.multiple)
         ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), n), self.label_pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), n), dtype=torch.long)
@@ -48,7 +48,7 @@ class PackedCollator(ChatCollator):  # same settings; rows carry position_ids an
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("empty batch")
-        n = _padded_len(max(len(r["input_ids"]) for r in rows), self.multiple)
+        n = padded_len(max(len(r["input_ids"]) for r in rows), self.multiple)
         ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), n), self.label_pad_id, dtype=torch.long)
         pos = torch.arange(n, dtype=torch.long).repeat(len(rows), 1)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections import Counter
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import ChatCollator, PackedCollator
+from ..data.collator import padded_len
 from .checks import CHECKPOINT_RUN
 from .host_read import HostRead
 from .nonfinite import FoundInfHooks, NonFiniteGuard, NonFiniteLossError, takes_found_inf, unwrap_optimizer  # noqa: F401  (NonFiniteLossError: re-exported for train.py)
@@ -33,30 +35,27 @@ def make_collator(tokenizer, data_args, for_graphs: bool = False):
     """Batches padded to their longest row. For CUDA graphs (`for_graphs`) a step must have one of a few shapes
     and no attention_mask: packed rows are padded to --model_max_length (one shape), unpacked rows to a
     multiple of GRAPH_PAD_MULTIPLE, their padding laid out as a sequence of its own (PackedCollator)."""
-    if data_args.packing:
-        return PackedCollator(pad_id=tokenizer.eod_id,
-                              pad_to_multiple_of=data_args.model_max_length if for_graphs else None)
     if for_graphs:
-        return PackedCollator(pad_id=tokenizer.eod_id,
-                              pad_to_multiple_of=min(GRAPH_PAD_MULTIPLE, data_args.model_max_length))
+        return PackedCollator(pad_id=tokenizer.eod_id, pad_to_multiple_of=_graph_pad_multiple(data_args))
+    if data_args.packing:
+        return PackedCollator(pad_id=tokenizer.eod_id)
     return ChatCollator(pad_id=tokenizer.eod_id)
+
+
+def _graph_pad_multiple(data_args) -> int:
+    """What graphed batches pad their rows to a multiple of: the row length for packed rows (one shape),
+    GRAPH_PAD_MULTIPLE for unpacked ones."""
+    return data_args.model_max_length if data_args.packing else min(GRAPH_PAD_MULTIPLE, data_args.model_max_length)
 
 
 def graph_step_shapes(lengths, data_args, batch_size: int) -> list[tuple[int, int]]:
     """The (rows, tokens) shapes of the batches ``make_collator(for_graphs=True)`` makes from rows of these
-    lengths, the most common first: packed rows have one (--model_max_length); unpacked rows one per multiple of
-    GRAPH_PAD_MULTIPLE that some row pads to (a batch takes its longest row's). A last, smaller batch is left out."""
+    lengths, the most common first: one per padded length that some row has (a batch takes its longest row's; packed
+    rows all pad to --model_max_length). A last, smaller batch is left out."""
     lengths = list(lengths)
     rows = min(batch_size, len(lengths))
-    if not rows:
-        return []
-    if data_args.packing:
-        return [(rows, data_args.model_max_length)]
-    multiple = min(GRAPH_PAD_MULTIPLE, data_args.model_max_length)
-    counts: dict[int, int] = {}
-    for n in lengths:
-        padded = -(-n // multiple) * multiple
-        counts[padded] = counts.get(padded, 0) + 1
+    multiple = _graph_pad_multiple(data_args)
+    counts = Counter(padded_len(n, multiple) for n in lengths)
     return [(rows, T) for T in sorted(counts, key=lambda t: (-counts[t], -t))]
 
 
