@@ -48,11 +48,9 @@ def out_of_memory(command: str) -> str:
     """One line for a command that ran out of GPU memory: what the process held, and what lowers the need."""
     import torch
 
-    held = ""
-    if torch.cuda.is_available():
-        dev = torch.cuda.current_device()
-        held = (f" ({torch.cuda.memory_reserved(dev) / 2**30:.1f} GiB reserved by this process of "
-                f"{torch.cuda.get_device_properties(dev).total_memory / 2**30:.1f} GiB on cuda:{dev})")
+    from .training.memory import held_on
+
+    held = held_on(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else ""
     return f"qwen-ft {command} ran out of GPU memory{held}; try {LOWER.get(command, 'a smaller workload')}"
 
 

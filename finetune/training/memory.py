@@ -161,14 +161,6 @@ def out_of_memory(where: str, device: str, data_args, args, checkpointing: bool)
     """One line for a run that ran out of device memory ``where`` (loading, capturing, a training step), with what
     the device held and the flags that lower the need, the ones this run can still change first
     (``checkpointing``: whether the run checkpoints activations)."""
-    held = ""
-    if device.startswith("cuda"):
-        import torch
-
-        dev = torch.device(device)
-        total = torch.cuda.get_device_properties(dev).total_memory
-        held = (f" ({torch.cuda.memory_reserved(dev) / GIB:.1f} GiB reserved by this process of {total / GIB:.1f} "
-                f"GiB on {device})")
     ways = []
     batch = args.per_device_train_batch_size
     if batch > 1:
@@ -179,4 +171,17 @@ def out_of_memory(where: str, device: str, data_args, args, checkpointing: bool)
     ways.append(f"a lower --model_max_length (now {data_args.model_max_length}"
                 + (", the length of every packed row)" if data_args.packing else ")"))
     ways.append("a DeepSpeed config with offload (ds_configs/zero2_offload.json)")
-    return f"out of memory {where}{held}; try " + ", or ".join(ways)
+    return f"out of memory {where}{held_on(device)}; try " + ", or ".join(ways)
+
+
+def held_on(device: str) -> str:
+    """The " (X GiB reserved by this process of Y GiB on DEVICE)" for a CUDA device, "" elsewhere: what an
+    out-of-memory line says the process held."""
+    if not device.startswith("cuda"):
+        return ""
+    import torch
+
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    return (f" ({torch.cuda.memory_reserved(dev) / GIB:.1f} GiB reserved by this process of {total / GIB:.1f} GiB "
+            f"on {device})")
