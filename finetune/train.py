@@ -270,7 +270,7 @@ def _capture_steps(trainer, train_set, data_args, args, tokenizer) -> None:
     from .training.trainer import graph_step_shapes
 
     shapes = graph_step_shapes(train_set["length"], data_args, args.per_device_train_batch_size)
-    if shapes and args.process_index == 0 and trainer.graphs is not None and not trainer.graphs.hooked_grads:
+    if shapes and args.process_index == 0 and not trainer.graphs.hooked_grads:  # hooked: captured as they come
         n = min(len(shapes), trainer.graphs.max_captures)
         print(f"CUDA graphs: capturing {n} step shape(s) before training (two warm-up steps and a capture each)",
               flush=True)

@@ -294,9 +294,9 @@ def _int4_demo(tmp_path):
     return make_demo_model(tmp_path / "int4", int4=True), write_memorise(tmp_path / "d.json")
 
 
-def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_path):
-    """`train` on the GPU with --packing: steps replay as graphs (rows padded to model_max_length), and the
-    loss curve follows the eager run's (dropout 0, so both compute the same function; bf16 rounding only)."""
+def _graphed_and_eager(out, model_dir, data, *flags):
+    """Q-LoRA through `train` on the GPU (checkpointing, a loss logged every step), with --cuda_graphs True and
+    False: {"True"/"False": (losses, run_info.json's cuda_graphs, the trainer)}."""
     import json
 
     from finetune.train import train
@@ -304,18 +304,24 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
 
     from _helpers import train_args
 
-    model_dir, data = _int4_demo(tmp_path)
     runs = {}
     for graphs in ("True", "False"):
-        out = tmp_path / f"out_{graphs}"
-        argv = train_args(model_dir, data, out, "--max_steps", "30", "--use_lora", "True", "--q_lora", "True",
-                          "--packing", "True", "--logging_steps", "1", "--use_cpu", "False",
-                          "--gradient_checkpointing", "True", "--cuda_graphs", graphs)
+        argv = train_args(model_dir, data, out / graphs, "--use_lora", "True", "--q_lora", "True",
+                          "--logging_steps", "1", "--use_cpu", "False", "--gradient_checkpointing", "True",
+                          "--cuda_graphs", graphs, *flags)
         trainer = train(*parse_args(argv))
         runs[graphs] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
-                        json.loads((out / "run_info.json").read_text())["cuda_graphs"])
-        assert trainer.graphs is None  # released after training
-    (graphed, g), (eager, none) = runs["True"], runs["False"]
+                        json.loads((out / graphs / "run_info.json").read_text())["cuda_graphs"], trainer)
+    return runs
+
+
+def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_path):
+    """`train` on the GPU with --packing: steps replay as graphs (rows padded to model_max_length), and the
+    loss curve follows the eager run's (dropout 0, so both compute the same function; bf16 rounding only)."""
+    model_dir, data = _int4_demo(tmp_path)
+    runs = _graphed_and_eager(tmp_path / "packed", model_dir, data, "--max_steps", "30", "--packing", "True")
+    (graphed, g, trainer), (eager, none, plain) = runs["True"], runs["False"]
+    assert trainer.graphs is None and plain.graphs is None  # released after training
     assert none is None and {k: g[k] for k in ("captures", "replayed_steps", "eager_steps")} == {
         "captures": 1, "replayed_steps": 30, "eager_steps": 0}  # captured before the first step
     assert len(g["captured_before_training"]) == 1
@@ -329,11 +335,6 @@ def test_trainer_one_chat_a_row_replays_every_step_and_trains_as_eagerly(tmp_pat
     captured before training, no step runs eagerly, and the loss curve follows the eager run's."""
     import json
 
-    from finetune.train import train
-    from finetune.training.arguments import parse_args
-
-    from _helpers import train_args
-
     model_dir, data = _int4_demo(tmp_path)
     records = []
     for repeat in (1, 13, 25):  # each memorised answer at three lengths: 37-334 tokens, three 128-token buckets
@@ -342,17 +343,9 @@ def test_trainer_one_chat_a_row_replays_every_step_and_trains_as_eagerly(tmp_pat
             turns[1]["value"] = " ".join([turns[1]["value"]] * repeat)
             records.append({"id": f"{r['id']}x{repeat}", "conversations": turns})
     data.write_text(json.dumps(records))
-    runs = {}
-    for graphs in ("True", "False"):
-        out = tmp_path / f"padded_{graphs}"
-        argv = train_args(model_dir, data, out, "--max_steps", "12", "--use_lora", "True", "--q_lora", "True",
-                          "--logging_steps", "1", "--use_cpu", "False", "--model_max_length", "512",
-                          "--gradient_checkpointing", "True", "--cuda_graphs", graphs)
-        trainer = train(*parse_args(argv))
-        runs[graphs] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
-                        json.loads((out / "run_info.json").read_text())["cuda_graphs"])
-        assert trainer.args.train_sampling_strategy == "group_by_length"
-    (graphed, g), (eager, _) = runs["True"], runs["False"]
+    runs = _graphed_and_eager(tmp_path / "padded", model_dir, data, "--max_steps", "12", "--model_max_length", "512")
+    (graphed, g, trainer), (eager, _, plain) = runs["True"], runs["False"]
+    assert trainer.args.train_sampling_strategy == plain.args.train_sampling_strategy == "group_by_length"
     assert g["eager_steps"] == 0 and g["replayed_steps"] == 12 and g["captures"] == 3, g
     assert sorted(T for _, T in g["captured_before_training"]) == [128, 256, 384]
     for a, b in zip(graphed[:6], eager[:6]):
