@@ -3,6 +3,9 @@ time, host time, GPU idle share). For benchmarks/NOTES.md.
 
   python benchmarks/profile_step.py --seq 2048 --ckpt [--ckpt-mode block]    # one Q-LoRA training step
   python benchmarks/profile_step.py --seq 2048 --ckpt --json OUT.json        # + GPU time by kind of kernel
+  python benchmarks/profile_step.py --seq 2048 --ckpt --docs 3 --graphs --where 12
+      # packed rows of 3 chats (FlexAttention's document mask, as the trainer's rows), replayed through the
+      # trainer's CUDA graphs, and which lines of the package the copies, casts and adds come from
   python benchmarks/profile_step.py --decode 16                              # batch-1 decoding, per token
 """
 
@@ -89,9 +92,18 @@ def train_step(args, device):
         if args.ckpt_mode == "block":
             checkpoint_whole_blocks()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    step = step_fn(model, opt, device)
+    graphs = None
+    if args.graphs:
+        from finetune.training.graphs import enable_train_graphs
+
+        graphs = enable_train_graphs(model, warmup=1)
+    step = step_fn(model, opt, device, graphs)
     ids = torch.randint(0, config.vocab_size, (1, args.seq), device=device)
     batch = {"input_ids": ids, "labels": ids}
+    if args.docs:  # packed rows: positions restart at every chat, so attention stays inside each (FlexAttention)
+        edges = [round(i * args.seq / args.docs) for i in range(args.docs + 1)]
+        pos = torch.cat([torch.arange(b - a) for a, b in zip(edges, edges[1:])])
+        batch["position_ids"] = pos[None].to(device)
     for _ in range(3):
         step(batch)
     torch.cuda.synchronize()
@@ -103,11 +115,14 @@ def train_step(args, device):
     print(f"step: {wall * 1e3:.1f} ms")
     if args.python:
         return python_profile(lambda: step(batch), args.rows)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.where)) as prof:
         step(batch)
         torch.cuda.synchronize()
-    title = f"seq {args.seq} layers {args.layers} ckpt {args.ckpt} ({args.ckpt_mode}) step"
+    title = (f"seq {args.seq} layers {args.layers} ckpt {args.ckpt} ({args.ckpt_mode}) docs {args.docs or 1} "
+             f"{'graphed' if graphs is not None else 'eager'} step")
     report(prof, wall * 1e3, title, args.rows)
+    if args.where:
+        where(prof, args.where)
     if args.json:
         import json
 
@@ -117,6 +132,27 @@ def train_step(args, device):
             print(f"{c:48s} {d['ms']:9.2f} ms {d['ms'] / total:6.1%}")
         Path(args.json).write_text(json.dumps({"title": title, "wall_ms": round(wall * 1e3, 2),
                                                "gpu_ms": round(total, 2), "categories": cats}, indent=1) + "\n")
+
+
+MOVERS = ("aten::copy_", "aten::cat", "aten::add", "aten::add_", "aten::clone", "aten::contiguous", "aten::mul",
+          "aten::_to_copy", "aten::fill_", "aten::zero_")
+
+
+def where(prof, depth: int) -> None:
+    """GPU time of the aten ops that copy, cast, concatenate, add or fill, by the Python stack that called them (the
+    frames inside this package, innermost first): which lines a layout change would remove."""
+    rows = []
+    for e in prof.key_averages(group_by_stack_n=depth):
+        if e.key not in MOVERS or e.device_time_total <= 0:
+            continue
+        frames = [f for f in e.stack if "finetune/" in f or "torch/utils/checkpoint" in f or "peft/" in f]
+        rows.append((e.device_time_total / 1e3, e.count, e.key, frames[:4]))
+    rows.sort(key=lambda r: -r[0])
+    print(f"\ncopies, casts, adds and fills by caller (GPU ms, calls), {len(rows)} call sites:")
+    for ms, n, key, frames in rows[:40]:
+        print(f"{ms:8.3f} ms {n:5d}  {key}")
+        for f in frames:
+            print(f"{'':22s}{f}")
 
 
 @torch.no_grad()
@@ -160,6 +196,10 @@ def main():
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--python", action="store_true", help="cProfile the host instead of the torch profiler")
     ap.add_argument("--json", help="also write the step's GPU time by kind of kernel to this file")
+    ap.add_argument("--docs", type=int, default=0, help="the row packs this many chats (FlexAttention's mask)")
+    ap.add_argument("--graphs", action="store_true", help="replay the step through the trainer's CUDA graphs")
+    ap.add_argument("--where", type=int, default=0, metavar="FRAMES",
+                    help="also list copies, casts and adds by the call stack (this many frames) that made them")
     args = ap.parse_args()
     device = torch.device("cuda")
     if args.decode:
