@@ -115,7 +115,8 @@ def train_step(args, device):
     print(f"step: {wall * 1e3:.1f} ms")
     if args.python:
         return python_profile(lambda: step(batch), args.rows)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.where)) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=bool(args.where),
+                 record_shapes=bool(args.where)) as prof:
         step(batch)
         torch.cuda.synchronize()
     title = (f"seq {args.seq} layers {args.layers} ckpt {args.ckpt} ({args.ckpt_mode}) docs {args.docs or 1} "
@@ -139,20 +140,29 @@ MOVERS = ("aten::copy_", "aten::cat", "aten::add", "aten::add_", "aten::clone", 
 
 
 def where(prof, depth: int) -> None:
-    """GPU time of the aten ops that copy, cast, concatenate, add or fill, by the Python stack that called them (the
-    frames inside this package, innermost first): which lines a layout change would remove."""
-    rows = []
-    for e in prof.key_averages(group_by_stack_n=depth):
-        if e.key not in MOVERS or e.device_time_total <= 0:
+    """GPU time of the aten ops that copy, cast, concatenate, add or fill, by what called them: the chain of
+    enclosing ops and Python frames (autograd's backward nodes for the backward), innermost first, `depth` links
+    at most. Which lines a layout change would remove."""
+    sites: dict = {}
+    for e in prof.events():
+        if e.name not in MOVERS or e.self_device_time_total <= 0:
             continue
-        frames = [f for f in e.stack if "finetune/" in f or "torch/utils/checkpoint" in f or "peft/" in f]
-        rows.append((e.device_time_total / 1e3, e.count, e.key, frames[:4]))
-    rows.sort(key=lambda r: -r[0])
+        chain, parent = [], e.cpu_parent
+        while parent is not None and len(chain) < depth:
+            name = parent.name
+            if not name.startswith("aten::") and "built-in method" not in name and "torch/" not in name:
+                chain.append(name[:90])
+            parent = parent.cpu_parent
+        shape = str(e.input_shapes[0] if e.input_shapes else "")[:40]
+        key = (e.name, shape, tuple(chain[:4]))
+        ms, n = sites.get(key, (0.0, 0))
+        sites[key] = (ms + e.self_device_time_total / 1e3, n + 1)
+    rows = sorted(sites.items(), key=lambda kv: -kv[1][0])
     print(f"\ncopies, casts, adds and fills by caller (GPU ms, calls), {len(rows)} call sites:")
-    for ms, n, key, frames in rows[:40]:
-        print(f"{ms:8.3f} ms {n:5d}  {key}")
-        for f in frames:
-            print(f"{'':22s}{f}")
+    for (name, shape, chain), (ms, n) in rows[:40]:
+        print(f"{ms:8.3f} ms {n:5d}  {name} {shape}")
+        for link in chain:
+            print(f"{'':22s}{link}")
 
 
 @torch.no_grad()

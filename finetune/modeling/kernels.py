@@ -33,19 +33,28 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """t [B, H, T, D]; cos/sin [B, T, rot]. Rotary in fp32 on the first `rot` channels, the rest passes through."""
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary in fp32 on the first `rot` channels of t's last dim (cos/sin [..., rot], broadcast to t); the rest
+    passes through."""
     rot = cos.shape[-1]
     tf = t.float()
     t_rot, t_pass = tf[..., :rot], tf[..., rot:]
-    cos, sin = cos[:, None], sin[:, None]
     t_rot = t_rot * cos + rotate_half(t_rot) * sin
     return torch.cat((t_rot, t_pass), dim=-1).type_as(t)
 
 
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """t [B, H, T, D]; cos/sin [B, T, rot]."""
+    return _rotate(t, cos[:, None], sin[:, None])
+
+
 def rotary_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotary on queries and keys together (one fused kernel for both when compiled)."""
-    return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    """Rotary on queries and keys together (one fused kernel for both when compiled). q, k [B, T, H, D], as c_attn
+    writes them, and so are the results: attention then takes them as [B, H, T, D] views, and FlexAttention writes
+    its output (and its gradients) in that same token-major order, so neither the output's reshape for c_proj nor
+    the gradients' way back to c_attn copies (a head-major layout cost five copies a layer)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
 
 def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:

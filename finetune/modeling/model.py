@@ -117,13 +117,11 @@ class QWenAttention(nn.Module):
         cache: Cache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.c_attn(x).split(self.projection_size, dim=-1)
-        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, H, T, D]
-        k = k.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-
+        shape = (B, T, self.num_heads, self.head_dim)
+        q, k, v = (t.view(shape) for t in self.c_attn(x).split(self.projection_size, dim=-1))
         cos, sin = rope
         q, k = fused(rotary_qk, q, k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D] views, token-major
         if query_scale is not None:  # logN (inference beyond seq_length)
             q = (q.float() * query_scale[:, None, :, None]).type_as(q)
         if cache is not None:

@@ -3,7 +3,7 @@
 Why: CUDA-graphed training (``graphs.py``) replays checkpointed blocks, and checkpointing normally re-creates
 a dropout mask in the recomputation by saving and restoring the global RNG state, which cannot be done
 inside a graph capture. Here the mask is recomputed from the seed instead: the recomputation, and the
-backward, regenerate exactly the forward's mask (Philox, ``tl.rand``), and nothing is saved for backward.
+backward, regenerate exactly the forward's mask (Philox, ``tl.rand4x``), and nothing is saved for backward.
 
 The seed is a one-element int64 tensor that the caller advances once per training forward (in place, so a
 captured graph advances it on every replay); each dropout site adds its own salt, so no two sites or steps
@@ -18,19 +18,32 @@ import triton
 import triton.language as tl
 from torch import nn
 
-_BLOCK = 1024
+_BLOCK = 2048
 SALTS = 1 << 16  # sites per seed value: key = seed * SALTS + salt is unique per (step, site)
 
 
 @triton.jit
-def _seeded_dropout_kernel(x_ptr, y_ptr, seed_ptr, salt, n, p, scale, BLOCK: tl.constexpr, SALTS: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+def _drop_quarter(x_ptr, y_ptr, offs, n, u, p, scale):
     inside = offs < n
-    key = tl.load(seed_ptr) * SALTS + salt
     x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-    keep = tl.rand(key, offs) >= p
-    y = tl.where(keep, x.to(tl.float32) * scale, 0.0)
+    y = tl.where(u >= p, x.to(tl.float32) * scale, 0.0)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _seeded_dropout_kernel(x_ptr, y_ptr, seed_ptr, salt, n, p, scale, BLOCK: tl.constexpr, SALTS: tl.constexpr):
+    # One Philox call makes four numbers: quarter k of the block takes the k-th of counter (block, i). Drawing one
+    # number a call (tl.rand) made this kernel bound by the generator's arithmetic: ~50 us for a [2048, 5120]
+    # input on an H200, against ~12 us for its bytes (benchmarks/NOTES.md, step 25).
+    Q: tl.constexpr = BLOCK // 4
+    pid = tl.program_id(0)
+    key = tl.load(seed_ptr) * SALTS + salt
+    u0, u1, u2, u3 = tl.rand4x(key, pid * Q + tl.arange(0, Q))
+    offs = pid * BLOCK + tl.arange(0, Q)
+    _drop_quarter(x_ptr, y_ptr, offs, n, u0, p, scale)
+    _drop_quarter(x_ptr, y_ptr, offs + Q, n, u1, p, scale)
+    _drop_quarter(x_ptr, y_ptr, offs + 2 * Q, n, u2, p, scale)
+    _drop_quarter(x_ptr, y_ptr, offs + 3 * Q, n, u3, p, scale)
 
 
 def seeded_dropout_apply(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
