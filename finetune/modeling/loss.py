@@ -1,5 +1,11 @@
 """The causal-LM loss from hidden states, in chunks: the fp32 [tokens x vocab] logits never exist at once.
-Used by the model's forward and by the graphed training step (static shapes, `select=False`)."""
+Used by the model's forward and by the graphed training step (static shapes, `select=False`).
+
+A frozen lm_head (LoRA, Q-LoRA) computes each chunk's gradient with its loss: the loss is the last op, so d loss /
+d logits (softmax minus the one-hot label) is known in the forward, and the hidden states' gradient is one more
+product there; the backward only scales it. A checkpointed chunk instead ran the [chunk x vocab] product three
+times (forward, recomputation, backward) and its log-softmax twice: on the 14B shape about 5% of a 2048-token
+micro-batch. A trainable lm_head (full fine-tuning) keeps the checkpointed chunks."""
 
 from __future__ import annotations
 
@@ -34,6 +40,40 @@ def normalize_loss(total: torch.Tensor, count: torch.Tensor, num_items_in_batch=
     return total / count.clamp(min=1)  # a device tensor: no host sync between forward and backward
 
 
+class _FrozenHeadNLL(torch.autograd.Function):
+    """Summed NLL of one chunk through a frozen, bias-free lm_head, the hidden states' gradient computed with it."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(h, weight).float()  # under autocast: the product in its dtype, as lm_head(h) computes it
+        lse = torch.logsumexp(logits, dim=-1)
+        trained = y != IGNORE_INDEX
+        target = y.clamp(min=0)[:, None]
+        nll = torch.where(trained, lse - logits.gather(1, target).squeeze(1), 0.0).sum()
+        ctx.dh, ctx.h_dtype = None, h.dtype
+        if ctx.needs_input_grad[0]:
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits (no second fp32 copy)
+            grad.scatter_add_(1, target, torch.full(target.shape, -1.0, device=grad.device))
+            grad.mul_(trained[:, None])
+            dev = h.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # F.linear's
+            ctx.dh = torch.mm(grad.to(dtype), weight.to(dtype))
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll: torch.Tensor):
+        dh, ctx.dh = ctx.dh, None
+        if dh is None:
+            raise RuntimeError("lm_head loss chunk: backward ran twice, or without its forward's gradient")
+        return (dh.float() * grad_nll).to(ctx.h_dtype), None, None
+
+
+def _frozen_head(lm_head: nn.Module) -> bool:
+    """A plain bias-free Linear whose weight is not trained and that nothing hooks: its chunks take _FrozenHeadNLL."""
+    return (type(lm_head) is nn.Linear and lm_head.bias is None and not lm_head.weight.requires_grad
+            and not lm_head._forward_hooks and not lm_head._forward_pre_hooks)
+
+
 def causal_lm_nll_sum(
     lm_head: nn.Module,
     hidden: torch.Tensor,
@@ -61,9 +101,12 @@ def causal_lm_nll_sum(
     total = hidden.new_zeros((), dtype=torch.float32)
     if h.shape[0] == 0:
         total = total + hidden.sum() * 0.0  # keep the graph connected (zero loss, zero grads)
+    frozen = _frozen_head(lm_head)
     for start in range(0, h.shape[0], chunk_tokens):
         hc, yc = h[start : start + chunk_tokens], y[start : start + chunk_tokens]
-        if torch.is_grad_enabled() and hc.requires_grad:
+        if frozen and torch.is_grad_enabled() and hc.requires_grad:
+            total = total + _FrozenHeadNLL.apply(hc, lm_head.weight, yc)
+        elif torch.is_grad_enabled() and hc.requires_grad:
             # no random ops in a chunk: nothing to stash (and stashing the CUDA RNG state cannot be captured)
             total = total + checkpoint(chunk_nll, hc, yc, use_reentrant=False, preserve_rng_state=False)
         else:

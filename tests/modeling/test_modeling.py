@@ -347,6 +347,49 @@ def test_chunked_loss_equals_full_cross_entropy_and_gradient():
     assert model(ids, labels=labels).logits.shape == (3, 21, 2048)
 
 
+def _backward_nodes(t):
+    seen, todo = set(), [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo += [n for n, _ in node.next_functions]
+    return {type(n).__name__ for n in seen}
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_frozen_lm_head_computes_the_hidden_gradient_with_the_loss(autocast):
+    # LoRA and Q-LoRA leave lm_head frozen: each chunk's hidden-state gradient is computed in the forward (no
+    # checkpointed recomputation); loss and gradient must equal plain cross-entropy's, scaling included
+    model = tiny_model(seed=9).train()
+    model.lm_head.weight.requires_grad_(False)
+    ids = torch.randint(0, 2048, (3, 21), generator=torch.Generator().manual_seed(0))
+    labels = _labels(ids)
+    hidden = model.transformer(ids).last_hidden_state.detach().requires_grad_(True)
+    n = torch.tensor(2 * int((labels[:, 1:] != -100).sum()))  # a global count, as the Trainer passes it
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = chunked_causal_lm_loss(model.lm_head, hidden, labels, num_items_in_batch=n, chunk_tokens=5)
+        assert "_FrozenHeadNLLBackward" in _backward_nodes(loss)
+        loss.backward()
+        fused = hidden.grad.clone()
+        hidden.grad = None
+        logits = model.lm_head(hidden)
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 2048).float(), labels[:, 1:].reshape(-1), ignore_index=-100,
+                          reduction="sum") / n
+    ref.backward()
+    tol = dict(atol=2e-3, rtol=2e-2) if autocast else dict(atol=1e-7, rtol=1e-4)
+    assert torch.allclose(loss, ref, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(fused, hidden.grad, **tol)
+    assert fused.abs().max() > 0
+    # rows without a trained label get no gradient
+    untrained = (labels[:, 1:] == -100)
+    assert torch.count_nonzero(fused[:, :-1][untrained]) == 0 and torch.count_nonzero(fused[:, -1]) == 0
+    # a trainable lm_head (full fine-tuning) keeps the checkpointed chunks
+    model.lm_head.weight.requires_grad_(True)
+    again = chunked_causal_lm_loss(model.lm_head, hidden, labels, num_items_in_batch=n, chunk_tokens=5)
+    assert "_FrozenHeadNLLBackward" not in _backward_nodes(again)
+
+
 def test_num_items_in_batch_sums_over_the_global_batch():
     model = tiny_model(seed=9).train()
     ids = torch.randint(0, 2048, (4, 15), generator=torch.Generator().manual_seed(1))
