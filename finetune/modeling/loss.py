@@ -40,25 +40,41 @@ def normalize_loss(total: torch.Tensor, count: torch.Tensor, num_items_in_batch=
     return total / count.clamp(min=1)  # a device tensor: no host sync between forward and backward
 
 
+def _nll_grad_kernel():
+    """The Triton kernel of nll_grad.py, or None where it cannot run (no triton)."""
+    global _NLL_GRAD
+    if _NLL_GRAD is None:
+        try:
+            from .nll_grad import nll_and_grad_
+        except ImportError:
+            nll_and_grad_ = False
+        _NLL_GRAD = nll_and_grad_
+    return _NLL_GRAD or None
+
+
+_NLL_GRAD = None
+
+
 class _FrozenHeadNLL(torch.autograd.Function):
     """Summed NLL of one chunk through a frozen, bias-free lm_head, the hidden states' gradient computed with it."""
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(h, weight).float()  # under autocast: the product in its dtype, as lm_head(h) computes it
-        lse = torch.logsumexp(logits, dim=-1)
-        trained = y != IGNORE_INDEX
-        target = y.clamp(min=0)[:, None]
-        nll = torch.where(trained, lse - logits.gather(1, target).squeeze(1), 0.0).sum()
-        ctx.dh, ctx.h_dtype = None, h.dtype
-        if ctx.needs_input_grad[0]:
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits (no second fp32 copy)
+        logits = F.linear(h, weight)  # under autocast: the product in its dtype, as lm_head(h) computes it
+        kernel = _nll_grad_kernel() if logits.is_cuda else None
+        if kernel is not None:
+            nll = kernel(logits, y, IGNORE_INDEX)  # the logits now hold the gradient, in their dtype
+            grad = logits
+        else:
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            trained = y != IGNORE_INDEX
+            target = y.clamp(min=0)[:, None]
+            nll = torch.where(trained, -logp.gather(1, target).squeeze(1), 0.0)
+            grad = logp.exp_()  # softmax minus the one-hot label; zero for rows without a trained label
             grad.scatter_add_(1, target, torch.full(target.shape, -1.0, device=grad.device))
-            grad.mul_(trained[:, None])
-            dev = h.device.type
-            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype  # F.linear's
-            ctx.dh = torch.mm(grad.to(dtype), weight.to(dtype))
-        return nll
+            grad = grad.mul_(trained[:, None]).to(logits.dtype)
+        ctx.dh, ctx.h_dtype = torch.mm(grad, weight.to(grad.dtype)), h.dtype
+        return nll.sum()
 
     @staticmethod
     def backward(ctx, grad_nll: torch.Tensor):

@@ -654,3 +654,31 @@ def test_peft_wraps_the_model_without_transformers_deprecation_warning():
     assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]
     model.transformer.gradient_checkpointing = True
     assert model.is_gradient_checkpointing is True
+
+
+@pytest.mark.cuda
+def test_cuda_frozen_head_loss_kernel_equals_cross_entropy(monkeypatch):
+    # the loss chunk's Triton kernel (nll_grad.py) at Qwen's vocabulary, bf16 under autocast: loss and the hidden
+    # states' gradient against plain fp32 cross-entropy over the same bf16 logits
+    from finetune.modeling import loss as loss_mod
+    from finetune.modeling.nll_grad import nll_and_grad_
+
+    calls = []
+    monkeypatch.setattr(loss_mod, "_NLL_GRAD", lambda *a: calls.append(1) or nll_and_grad_(*a))
+    torch.manual_seed(0)
+    head = torch.nn.Linear(512, 152064, bias=False).cuda().requires_grad_(False)
+    hidden = torch.randn(2, 300, 512, device="cuda").requires_grad_(True)
+    labels = torch.randint(0, 152064, (2, 300), device="cuda")
+    labels[torch.rand(labels.shape, device="cuda") < 0.3] = -100
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = chunked_causal_lm_loss(head, hidden, labels, chunk_tokens=256)
+        loss.backward()
+        fused = hidden.grad.clone()
+        hidden.grad = None
+        logits = head(hidden)
+    assert len(calls) == 3  # 598 positions in chunks of 256
+    ref = F.cross_entropy(logits[:, :-1].reshape(-1, 152064).float(), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-5)
+    err = (fused - hidden.grad).abs().max() / hidden.grad.abs().max()
+    assert err < 2e-2, err
