@@ -33,8 +33,8 @@ def _drop_quarter(x_ptr, y_ptr, offs, n, u, p, scale):
 @triton.jit
 def _seeded_dropout_kernel(x_ptr, y_ptr, seed_ptr, salt, n, p, scale, BLOCK: tl.constexpr, SALTS: tl.constexpr):
     # One Philox call makes four numbers: quarter k of the block takes the k-th of counter (block, i). Drawing one
-    # number a call (tl.rand) made this kernel bound by the generator's arithmetic: ~50 us for a [2048, 5120]
-    # input on an H200, against ~12 us for its bytes (benchmarks/NOTES.md, step 25).
+    # number a call (tl.rand) made this kernel bound by the generator's arithmetic: ~50 us a launch on average
+    # over a 14B step's LoRA inputs on an H200, where their bytes need 12-32 us (benchmarks/NOTES.md, step 25).
     Q: tl.constexpr = BLOCK // 4
     pid = tl.program_id(0)
     key = tl.load(seed_ptr) * SALTS + salt
