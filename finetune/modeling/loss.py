@@ -68,8 +68,9 @@ class _FrozenHeadNLL(torch.autograd.Function):
         else:
             logp = torch.log_softmax(logits.float(), dim=-1)
             trained = y != IGNORE_INDEX
-            target = y.clamp(min=0)[:, None]
-            nll = torch.where(trained, -logp.gather(1, target).squeeze(1), 0.0)
+            valid = (y >= 0) & (y < logp.shape[-1])  # as the kernel: a label outside the vocabulary gives NaN
+            target = torch.where(valid, y, 0)[:, None]
+            nll = torch.where(trained, torch.where(valid, -logp.gather(1, target).squeeze(1), float("nan")), 0.0)
             grad = logp.exp_()  # softmax minus the one-hot label; zero for rows without a trained label
             grad.scatter_add_(1, target, torch.full(target.shape, -1.0, device=grad.device))
             grad = grad.mul_(trained[:, None]).to(logits.dtype)

@@ -32,8 +32,10 @@ def _nll_grad_kernel(logits_ptr, y_ptr, nll_ptr, V, stride, IGNORE: tl.constexpr
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
         m = m_new
     lse = m + tl.log(s)
-    target = tl.load(base + tl.where(trained, y, 0)).to(tl.float32)
-    tl.store(nll_ptr + row, tl.where(trained, lse - target, 0.0))
+    # a label outside the vocabulary gives NaN (the trainer's non-finite guard reports it), never a stray read
+    valid = (y >= 0) & (y < V)
+    target = tl.load(base + tl.where(valid, y, 0)).to(tl.float32)
+    tl.store(nll_ptr + row, tl.where(trained, tl.where(valid, lse - target, float("nan")), 0.0))
     for start in range(0, V, BLOCK):
         c = start + cols
         inside = c < V
@@ -45,7 +47,7 @@ def _nll_grad_kernel(logits_ptr, y_ptr, nll_ptr, V, stride, IGNORE: tl.constexpr
 
 def nll_and_grad_(logits: torch.Tensor, y: torch.Tensor, ignore_index: int) -> torch.Tensor:
     """Per-row NLL [rows] in fp32 of logits [rows, V] against labels y [rows] (``ignore_index``: 0, and a zero
-    gradient); the logits are overwritten with d NLL / d logits in their dtype."""
+    gradient; a label outside [0, V): NaN); the logits are overwritten with d NLL / d logits in their dtype."""
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError(f"nll_and_grad_: logits must be [rows, vocab] with contiguous rows, got {tuple(logits.shape)}"
                          f" with strides {logits.stride()}")

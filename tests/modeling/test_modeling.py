@@ -384,6 +384,10 @@ def test_a_frozen_lm_head_computes_the_hidden_gradient_with_the_loss(autocast):
     # rows without a trained label get no gradient
     untrained = (labels[:, 1:] == -100)
     assert torch.count_nonzero(fused[:, :-1][untrained]) == 0 and torch.count_nonzero(fused[:, -1]) == 0
+    # a label outside the vocabulary makes the loss NaN (the trainer's non-finite guard reports the step)
+    bad = labels.clone()
+    bad[0, 3] = 2048
+    assert torch.isnan(chunked_causal_lm_loss(model.lm_head, hidden, bad, chunk_tokens=5))
     # a trainable lm_head (full fine-tuning) keeps the checkpointed chunks
     model.lm_head.weight.requires_grad_(True)
     again = chunked_causal_lm_loss(model.lm_head, hidden, labels, num_items_in_batch=n, chunk_tokens=5)

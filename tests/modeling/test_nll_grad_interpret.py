@@ -58,3 +58,9 @@ def test_rows_with_a_stride_and_bad_layouts(ng):
     assert torch.equal(big[:, 33:], rest)
     with pytest.raises(ValueError, match="contiguous rows"):
         ng.nll_and_grad_(torch.randn(8, 4).t(), torch.zeros(4, dtype=torch.long), -100)
+
+
+def test_a_label_outside_the_vocabulary_gives_nan_not_a_stray_read(ng):
+    logits = torch.randn(3, 20)
+    nll = ng.nll_and_grad_(logits, torch.tensor([20, -1, 4]), -100)
+    assert torch.isnan(nll[0]) and torch.isnan(nll[1]) and torch.isfinite(nll[2])
