@@ -144,7 +144,12 @@ def where(prof, depth: int) -> None:
     enclosing ops and Python frames (autograd's backward nodes for the backward), innermost first, `depth` links
     at most. Which lines a layout change would remove."""
     sites: dict = {}
+    gemms: dict = {}
     for e in prof.events():
+        if e.name in ("aten::mm", "aten::addmm", "aten::bmm") and e.device_time_total > 0:
+            key = (e.name, str(e.input_shapes)[:90])  # the products by shape: the base's and the adapters'
+            ms, n = gemms.get(key, (0.0, 0))
+            gemms[key] = (ms + e.device_time_total / 1e3, n + 1)
         if e.name not in MOVERS or e.self_device_time_total <= 0:
             continue
         chain, parent = [], e.cpu_parent
@@ -157,12 +162,6 @@ def where(prof, depth: int) -> None:
         key = (e.name, shape, tuple(chain[:4]))
         ms, n = sites.get(key, (0.0, 0))
         sites[key] = (ms + e.self_device_time_total / 1e3, n + 1)
-    gemms: dict = {}
-    for e in prof.events():  # the products by shape: which are the base's and which the adapters'
-        if e.name in ("aten::mm", "aten::addmm", "aten::bmm") and e.device_time_total > 0:
-            key = (e.name, str(e.input_shapes)[:90])
-            ms, n = gemms.get(key, (0.0, 0))
-            gemms[key] = (ms + e.device_time_total / 1e3, n + 1)
     print("\nmatrix products by input shapes (GPU ms, calls, us a call):")
     for (name, shapes), (ms, n) in sorted(gemms.items(), key=lambda kv: -kv[1][0])[:30]:
         print(f"{ms:8.3f} ms {n:5d} {1e3 * ms / n:8.1f} us  {name} {shapes}")

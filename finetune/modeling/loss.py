@@ -42,17 +42,11 @@ def normalize_loss(total: torch.Tensor, count: torch.Tensor, num_items_in_batch=
 
 def _nll_grad_kernel():
     """The Triton kernel of nll_grad.py, or None where it cannot run (no triton)."""
-    global _NLL_GRAD
-    if _NLL_GRAD is None:
-        try:
-            from .nll_grad import nll_and_grad_
-        except ImportError:
-            nll_and_grad_ = False
-        _NLL_GRAD = nll_and_grad_
-    return _NLL_GRAD or None
-
-
-_NLL_GRAD = None
+    try:
+        from . import nll_grad
+    except ImportError:
+        return None
+    return nll_grad.nll_and_grad_
 
 
 class _FrozenHeadNLL(torch.autograd.Function):
