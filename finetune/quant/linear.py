@@ -162,7 +162,9 @@ class GPTQMatmul(torch.autograd.Function):
         else:
             # the bias added in the product's epilogue: a separate broadcast add read and wrote c_attn's whole
             # [tokens x 15360] output once more (84 us at 2048 tokens on an H200, forward and recomputation)
-            y = torch.addmm(bias, x.reshape(-1, x.shape[-1]), wt).view(*x.shape[:-1], wt.shape[1])
+            # (into y's own storage: a view would not take LoRA's product in place, see peft_lora._AddLoraB)
+            y = torch.empty(*x.shape[:-1], wt.shape[1], device=x.device, dtype=x.dtype)
+            torch.addmm(bias, x.reshape(-1, x.shape[-1]), wt, out=y.view(-1, wt.shape[1]))
         if ctx.needs_input_grad[0]:
             _keep_recomputed(qweight, wt)
         ctx.bits, ctx.v2, ctx.group_size, ctx.trivial_g_idx = bits, v2, group_size, trivial_g_idx

@@ -213,3 +213,42 @@ def test_lora_b_added_inside_the_matmul_equals_peft_s_separate_add(autocast):
     assert (fused_out - plain_out).norm() <= 1e-2 * plain_out.norm()
     for n in fused:
         assert (fused[n] - plain[n]).norm() <= 3e-2 * plain[n].norm(), n
+
+
+def test_lora_b_product_goes_into_the_base_output_in_place_unless_it_is_a_view():
+    from finetune.quant.peft_lora import add_lora_b
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 8, generator=g, requires_grad=True)
+    low = torch.randn(6, 4, generator=g, requires_grad=True)
+    w = torch.randn(5, 4, generator=g, requires_grad=True)
+    base_w = torch.randn(5, 8, generator=g)
+
+    def run(make_result):
+        for t in (x, low, w):
+            t.grad = None
+        result = make_result()
+        before = result.detach().clone()
+        out = add_lora_b(result, low, w, 0.5)
+        torch.testing.assert_close(out, before + 0.5 * low @ w.t())
+        out.square().sum().backward()
+        return result, out, (x.grad.clone(), low.grad.clone(), w.grad.clone())
+
+    # a fresh product (the base layer's output): updated in place, the gradients those of the plain sum
+    result, out, grads = run(lambda: x @ base_w.t())
+    assert out is result
+    ref = (x @ base_w.t() + 0.5 * low @ w.t())
+    for t in (x, low, w):
+        t.grad = None
+    ref.square().sum().backward()
+    for got, want in zip(grads, (x.grad, low.grad, w.grad)):
+        torch.testing.assert_close(got, want)
+    # a view (here a transpose's) is left as it was: the sum goes to a new tensor
+    result, out, grads2 = run(lambda: (base_w @ x.t()).t())
+    assert out is not result and not torch.equal(out, result)
+    for got, want in zip(grads2, grads):
+        torch.testing.assert_close(got, want)
+    # without autograd, in place as well
+    with torch.no_grad():
+        fresh = x @ base_w.t()
+        assert add_lora_b(fresh, low, w, 0.5) is fresh
