@@ -15,16 +15,17 @@ def _looks_like_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
 
 
-def resolve_model_dir(ref: str | os.PathLike) -> Path:
-    """A local dir as is; `org/name` through huggingface_hub's cache/download; otherwise a clear error."""
+def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> Path:
+    """A local dir as is; `org/name` through huggingface_hub's cache/download; otherwise a clear error that names
+    ``what`` was looked for (a model directory, an adapter directory)."""
     p = Path(ref).expanduser()
     if p.is_dir():
         return p
     ref = str(ref)
     if p.exists():
-        raise ModelNotFoundError(f"{ref} is a file, not a model directory")
+        raise ModelNotFoundError(f"{ref} is a file, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
     if not _looks_like_hub_id(ref):
-        raise ModelNotFoundError(f"model directory {ref} does not exist")
+        raise ModelNotFoundError(f"{what} {ref} does not exist")
     try:
         from huggingface_hub import snapshot_download
 

@@ -170,7 +170,7 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     if adapter:
         from .adapters import load_adapter  # checks the adapter against the model, then PEFT
 
-        model = load_adapter(model, resolve_model_dir(adapter))
+        model = load_adapter(model, resolve_model_dir(adapter, "adapter directory"))
     model.eval()
     return model
 

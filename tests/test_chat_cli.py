@@ -53,6 +53,14 @@ def test_query_mode_bad_adapter_is_a_clear_error(tmp_path, capsys):
     assert main(["chat", "--query", "hi"]) == 2  # neither a model nor an adapter
 
 
+def test_a_missing_adapter_beside_a_good_model_is_named_as_the_adapter(setup, tmp_path, capsys):
+    from finetune.cli import main
+
+    assert main(["chat", "-m", str(setup["float"]), "--adapter", str(tmp_path / "nope"), "--query", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: adapter directory {tmp_path / 'nope'} does not exist"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
     (["--temperature", "-1"], "--temperature must be >= 0"),

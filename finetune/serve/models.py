@@ -40,7 +40,7 @@ def load_served_model(model_dir, adapters: list[tuple[str, str]], dtype=None, de
     model = load_model(model_dir, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
     for i, (name, adapter_dir) in enumerate(adapters):
-        adapter_dir = resolve_model_dir(adapter_dir)
+        adapter_dir = resolve_model_dir(adapter_dir, "adapter directory")
         if i == 0:
             model = load_adapter(model, adapter_dir, adapter_name=name)
         else:
