@@ -427,7 +427,9 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
 
     from .hub import resolve_model_dir
 
-    adapter_dir = resolve_model_dir(adapter_dir, "adapter directory") if not Path(adapter_dir).is_dir() else Path(adapter_dir)
+    if not Path(adapter_dir).is_dir():
+        adapter_dir = resolve_model_dir(adapter_dir, "adapter directory")
+    adapter_dir = Path(adapter_dir)
     config = lora_config(adapter_dir)
     config.inference_mode = not is_trainable
     base = getattr(_unwrap(model), "name_or_path", None)
