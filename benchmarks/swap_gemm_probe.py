@@ -8,8 +8,8 @@ BLOCK_K inputs], unpacked and zero-shifted in registers, never written to shared
 x rows], staged in shared memory by Triton's pipeliner), every weight is unpacked once per CTA for all rows and the
 rows ride in wgmma's N dimension (16-64). Numerics as the CUDA kernels: (q - zero) is an exact integer in bf16,
 products are exact and summed in fp32, and each 128-input group's sum is scaled once by its fp16 scale in fp32.
-Split-K as triton_gemv's second design: each split writes fp32 partials, the last program of a tile sums them in
-split order (deterministic) and resets its counter.
+Split-K through triton_gemv's own epilogue (``_store_splits``, its counters): each split writes fp32 partials, the
+last program of a tile sums them in split order (deterministic) and resets its counter.
 
     python benchmarks/swap_gemm_probe.py --rows 16 32 64 --out $OUT/swap_gemm_probe.json
     TRITON_INTERPRET=1 python benchmarks/swap_gemm_probe.py --check   # CPU: correctness of the kernel only
@@ -30,6 +30,8 @@ import triton.language as tl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from finetune.quant.triton_gemv import _counters, _store_splits  # noqa: E402  (triton_gemv's split-K epilogue)
 
 
 @triton.jit
@@ -63,34 +65,8 @@ def _swap_gemm_kernel(x_ptr, qw_ptr, qz_ptr, sc_ptr, out_ptr, ws_ptr, cnt_ptr, M
         else:
             w = (q - z[:, None]).to(tl.bfloat16)  # an exact integer in [-16, 15]
             acc += tl.dot(w, xt) * s[:, None]
-    out_offs = offs_m[None, :] * N + offs_n[:, None]
-    out_mask = mask_m[None, :] & (offs_n < N)[:, None]
-    if ONE_SPLIT:
-        tl.store(out_ptr + out_offs, acc.to(tl.bfloat16), mask=out_mask)
-    else:
-        tl.store(ws_ptr + pid_s * M * N + out_offs, acc, mask=out_mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1)
-        if arrived == SPLIT - 1:
-            tl.debug_barrier()
-            total = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for sp in range(0, SPLIT):
-                total += tl.load(ws_ptr + sp * M * N + out_offs, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + out_offs, total.to(tl.bfloat16), mask=out_mask)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-
-_WS: dict = {}
-
-
-def _buffers(device, splits, M, N):
-    key = str(device)
-    held = _WS.get(key)
-    if held is None or held[0].numel() < splits * M * N or held[1].numel() < N:
-        held = (torch.zeros(max(splits * M * N, 8 * 64 * 15360), device=device, dtype=torch.float32),
-                torch.zeros(max(N, 15360), device=device, dtype=torch.int32))
-        _WS[key] = held
-    return held
+    _store_splits(tl.trans(acc), out_ptr, ws_ptr, cnt_ptr, offs_m, offs_n, mask_m, offs_n < N, M, N, pid_n, pid_s,
+                  SPLIT, BLOCK_M, BLOCK_N, ONE_SPLIT)
 
 
 def swap_gemm(x, qweight, qzeros, scales, zero_add=1, group_size=128, block_n=128, block_k=128, warps=4, stages=3,
@@ -104,8 +80,9 @@ def swap_gemm(x, qweight, qzeros, scales, zero_add=1, group_size=128, block_n=12
     split = max(1, min(k_blocks, triton.cdiv(per_sm * sms, tiles)))
     k_per_split = triton.cdiv(k_blocks, split) * block_k
     split = triton.cdiv(K, k_per_split)
-    ws, cnt = _buffers(x.device, split, M, N)
     out = torch.empty(M, N, device=x.device, dtype=torch.bfloat16)
+    ws = torch.empty(split * M * N, device=x.device, dtype=torch.float32) if split > 1 else out
+    cnt = _counters(x.device, tiles)
     _swap_gemm_kernel[(tiles, split)](x, qweight, qzeros, scales, out, ws, cnt, M, N, K, x.stride(0), k_per_split,
                                       split, ZERO_ADD=zero_add, GROUP=group_size, BLOCK_N=block_n, BLOCK_M=block_m,
                                       BLOCK_K=block_k, ONE_SPLIT=split == 1,
@@ -120,7 +97,8 @@ def check(device) -> int:
     from finetune.quant.packing import dequantize_t
 
     bad = 0
-    for K, N, M, bn, per_sm in [(256, 64, 3, 64, 1), (512, 128, 17, 64, 4), (384, 256, 64, 128, 3), (256, 128, 9, 128, 2)]:
+    cases = [(256, 64, 3, 64, 1), (512, 128, 17, 64, 4), (384, 256, 64, 128, 3), (256, 128, 9, 128, 2)]
+    for K, N, M, bn, per_sm in cases:
         lay = random_layer(K, N, device, seed=K + N)
         x = torch.randn(M, K, device=device).to(torch.bfloat16)
         ref = x.float() @ dequantize_t(**lay, bits=4, dtype=torch.float32)
