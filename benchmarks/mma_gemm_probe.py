@@ -128,9 +128,28 @@ def pick(results) -> str:
         gemv = layer_totals(results, rows, "mma_gemv").get("mma_gemv")
         if rows == 16 and gemv is not None:
             min_rows = 17 if gemv < full[best] else 9
+    shapes = pick_shapes(results, chosen)
     return ("CONFIGS = {" + ", ".join(f"{mb}: {cfg}" for mb, cfg in sorted(chosen.items())) + "}\n"
+            "SHAPE_CONFIGS = {" + ", ".join(f"{key}: {cfg}" for key, cfg in sorted(shapes.items())) + "}\n"
             f"MIN_ROWS = {min_rows}  # GPTQLinear's threshold: fewer rows go to the GEMV (measured by "
             "benchmarks/mma_gemm_probe.py)")
+
+
+def pick_shapes(results, chosen: dict, margin: float = 0.03) -> dict:
+    """SHAPE_CONFIGS: (row blocks, K, N) -> the shape's fastest config, where it beats ``chosen[row blocks]`` (the
+    CONFIGS entry) on that shape by more than ``margin`` (timing noise between configs is a few percent)."""
+    times = {}
+    for r in results:
+        if r["kernel"].startswith("gemm") and "us" in r and r["rel_err"] < 4e-3 and r["repeat"]:
+            cfg = tuple(int(v) for v in r["kernel"][5:-1].split(","))
+            times.setdefault((MG.row_blocks(r["rows"]), r["K"], r["N"]), {})[cfg] = r["us"]
+    out = {}
+    for key, by_cfg in times.items():
+        best = min(by_cfg, key=by_cfg.get)
+        general = by_cfg.get(chosen.get(key[0]))
+        if general is not None and by_cfg[best] < (1 - margin) * general:
+            out[key] = best
+    return out
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@ What is probed, each a candidate checked against torch's product:
 - whether the register-A layout is mma.sync's, warp by warp (if every candidate fails, it is not);
 - which of the descriptor's two byte offsets steps along K between core matrices and which steps along N (the
   "leading" and "stride" offsets): B is placed with one stride and described with the fields both ways round;
+- whether an offset that is not a multiple of 128 bytes works (wgmma_gemm.py pads its x stages so that the copies
+  into them hit 32 banks);
 - the accumulator layout: warp w holds rows 16 w + lane / 4 (+ 8), and columns 8 j + 2 (lane % 4) (+ 1) of each
   8-column block j, in that register order.
 
@@ -42,7 +44,9 @@ extern "C" __global__ void __launch_bounds__(128) wgmma_probe(
     const u16* __restrict__ A, const u16* __restrict__ B, float* __restrict__ D,
     int k_stride, int n_stride, int lbo, int sbo)
 {
-    __shared__ __align__(1024) unsigned char sB[4096];
+    // the largest placement reaches 2,062 bytes (N = 64); a descriptor read the wrong way round reaches ~7.4 KB, and a
+    // read past the CTA's shared memory is an illegal address that ends the process, so the buffer covers both
+    __shared__ __align__(1024) unsigned char sB[16384];
     const int tid = threadIdx.x;
     // B element (n, k) at core matrix (k / 8, n / 8), row n % 8 (16 bytes a row), column k % 8
     for (int i = tid; i < __N__ * 16; i += 128) {
@@ -102,40 +106,65 @@ def kernel_source(n: int) -> str:
 
 def candidates(n: int) -> list[dict]:
     """B's placements and descriptor fields: core matrices adjacent along K (128 bytes apart) and along N apart by
-    the other stride, or the reverse; each described with the K step as the leading offset and as the stride."""
+    the other stride, or the reverse, or (``padded``) as finetune/quant/wgmma_gemm.py places them: along N 128 bytes
+    apart, the second core-matrix column along K 16 bytes past the first's end; each described with the K step as
+    the leading offset and as the stride."""
     out = []
-    for k_adjacent in (True, False):
-        k_stride, n_stride = (128, 256) if k_adjacent else (128 * max(n // 8, 1), 128)
+    blocks = max(n // 8, 1)
+    for placement, (k_stride, n_stride) in (("k_adjacent", (128, 256)), ("n_adjacent", (128 * blocks, 128)),
+                                            ("padded", (128 * blocks + 16, 128))):
         for k_is_leading in (True, False):
             lbo, sbo = (k_stride, n_stride) if k_is_leading else (n_stride, k_stride)
-            out.append(dict(k_adjacent=k_adjacent, k_is_leading=k_is_leading, k_stride=k_stride, n_stride=n_stride,
+            out.append(dict(placement=placement, k_is_leading=k_is_leading, k_stride=k_stride, n_stride=n_stride,
                             lbo=lbo, sbo=sbo))
     return out
 
 
-def run(device) -> list[dict]:
+def run_one(device, n: int, start: int) -> None:
+    """Candidates ``start``.. of N = ``n``, one JSON line each as it finishes (the child process of ``run``)."""
+    kernel = torch.cuda._compile_kernel(kernel_source(n), "wgmma_probe", compute_capability="90a",
+                                        nvcc_options=["-std=c++17"])
+    g = torch.Generator(device="cpu").manual_seed(n)
+    # small integers: every product and sum exact in fp32, so a right layout matches bit for bit
+    A = torch.randint(-8, 8, (64, 16), generator=g).to(torch.bfloat16).to(device)
+    B = torch.randint(-8, 8, (n, 16), generator=g).to(torch.bfloat16).to(device)
+    ref = A.float() @ B.float().t()
+    for i, cand in enumerate(candidates(n)):
+        if i < start:
+            continue
+        D = torch.full((64, n), float("nan"), device=device)
+        kernel(grid=(1, 1, 1), block=(128, 1, 1),
+               args=[A.view(torch.int16), B.view(torch.int16), D, cand["k_stride"], cand["n_stride"],
+                     cand["lbo"], cand["sbo"]])
+        torch.cuda.synchronize(device)
+        row = dict(N=n, index=i, **cand, exact=bool(torch.equal(D, ref)), wrong_elements=int((D != ref).sum().item()),
+                   # which A rows came out right (all 64 when the register layout is right)
+                   right_rows=int((D == ref).all(dim=1).sum().item()))
+        print(json.dumps(row), flush=True)
+
+
+def run() -> list[dict]:
+    """Every candidate of every N, each N in a child process: a candidate that faults (an illegal address ends the
+    CUDA context) is recorded as such and the child restarted after it."""
+    import subprocess
+
     results = []
-    g = torch.Generator(device="cpu").manual_seed(0)
     for n in ROWS:
-        kernel = torch.cuda._compile_kernel(kernel_source(n), "wgmma_probe", compute_capability="90a",
-                                            nvcc_options=["-std=c++17"])
-        # small integers: every product and sum exact in fp32, so a right layout matches bit for bit
-        A = torch.randint(-8, 8, (64, 16), generator=g).to(torch.bfloat16).to(device)
-        B = torch.randint(-8, 8, (n, 16), generator=g).to(torch.bfloat16).to(device)
-        ref = A.float() @ B.float().t()
-        for cand in candidates(n):
-            D = torch.full((64, n), float("nan"), device=device)
-            kernel(grid=(1, 1, 1), block=(128, 1, 1),
-                   args=[A.view(torch.int16), B.view(torch.int16), D, cand["k_stride"], cand["n_stride"],
-                         cand["lbo"], cand["sbo"]])
-            torch.cuda.synchronize(device)
-            exact = bool(torch.equal(D, ref))
-            wrong = int((D != ref).sum().item())
-            row = dict(N=n, **cand, exact=exact, wrong_elements=wrong)
-            # which A rows came out right (all 64 when the register layout is right)
-            row["right_rows"] = int((D == ref).all(dim=1).sum().item())
-            results.append(row)
-            print(json.dumps(row), flush=True)
+        cands, start = candidates(n), 0
+        while start < len(cands):
+            proc = subprocess.run([sys.executable, __file__, "--child", str(n), str(start)], capture_output=True,
+                                  text=True, timeout=120)
+            rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+            for row in rows:
+                print(json.dumps(row), flush=True)
+            results += rows
+            start += len(rows)
+            if proc.returncode and start < len(cands):
+                err = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+                row = dict(N=n, index=start, **cands[start], exact=False, fault=err[:300])
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                start += 1
     return results
 
 
@@ -176,15 +205,19 @@ def main(argv=None) -> int:
     ap.add_argument("--ptx-only", action="store_true", help="compile and assemble for sm_90a only (no GPU)")
     ap.add_argument("--nvrtc", default=None, help="libnvrtc.so.12 for --ptx-only")
     ap.add_argument("--out")
+    ap.add_argument("--child", nargs=2, type=int, metavar=("N", "START"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.child:
+        run_one(torch.device("cuda"), *args.child)
+        return 0
     if args.ptx_only:
         return ptx_only(args.nvrtc)
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0):
         print("wgmma_probe needs an sm_90 GPU (H100/H200)")
         return 2
-    results = run(torch.device("cuda"))
-    found = sorted({(r["k_adjacent"], r["k_is_leading"]) for r in results if r["exact"]})
-    summary = dict(exact_layouts=[dict(k_adjacent=a, k_is_leading=b) for a, b in found],
+    results = run()
+    found = sorted({(r["placement"], r["k_is_leading"]) for r in results if r["exact"]})
+    summary = dict(exact_layouts=[dict(placement=a, k_is_leading=b) for a, b in found],
                    all_rows_exact_somewhere=all(any(r["exact"] for r in results if r["N"] == n) for n in ROWS))
     print(json.dumps(summary))
     if args.out:

@@ -40,8 +40,20 @@ STAGES = 3
 
 # Launch configurations by 8-row blocks: (warps a CTA (tiles side by side), tiles a warp, register buffers of
 # weights a warp, target CTAs per SM for the split over K and for the register cap). Measured on an H200 by
-# benchmarks/mma_gemm_probe.py (NOTES step 21); 1 (not measured) takes 2's.
-CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 4), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
+# benchmarks/mma_gemm_probe.py (NOTES steps 21 and 30); 1 (8 rows, which GPTQLinear gives the GEMV) is not measured.
+CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 2), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
+# Where a layer shape's own best beats its row count's CONFIGS entry by more than 3%: (row blocks, K, N) -> config.
+# Mostly the split target: at 64 rows the 5,120-output Linears (320 tiles) want two CTAs an SM where 13,696-15,360
+# outputs want one, as in sessions 13 and 14's timings too. Qwen-14B's shapes on an H200 (NOTES step 30); other
+# shapes use CONFIGS.
+SHAPE_CONFIGS = {(2, 5120, 13696): (4, 1, 1, 4), (4, 5120, 13696): (4, 1, 2, 1), (4, 5120, 15360): (4, 1, 3, 1), (8, 5120, 5120): (4, 1, 1, 2), (8, 13696, 5120): (4, 1, 1, 2)}
+
+
+def config_for(rows: int, K: int, N: int) -> tuple:
+    """The launch configuration for an [rows, K] x [K, N] product: the shape's own (SHAPE_CONFIGS), else its row
+    count's (CONFIGS)."""
+    mb = row_blocks(rows)
+    return SHAPE_CONFIGS.get((mb, K, N), CONFIGS[mb])
 
 
 def row_blocks(rows: int) -> int:
@@ -310,7 +322,7 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     """x2d [M, K] bf16 (1 <= M <= 64; GPTQLinear sends it ``MIN_ROWS`` and more) @ W.T -> [M, N] bf16 from
     ``mma_gemv.repack``'s tensors; None inside a graph capture that finds the kernel not compiled or the split-K
     workspace too small (the caller uses another kernel). ``config``: a tuple of ``CONFIGS``'s form instead of
-    theirs."""
+    ``config_for``'s."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
@@ -318,7 +330,7 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         raise ValueError(f"mma_gemm: x has {K} columns, the repacked weight {C * CHUNK} inputs")
     x2d = mma_gemv.kernel_input(x2d, perm)
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
-    config = config or CONFIGS[row_blocks(M)]
+    config = config or config_for(M, K, N)
     mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
     kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm), "gptq_mma_gemm",

@@ -34,3 +34,30 @@ def test_rows_and_sources():
     assert "#define MINB 2" in MG.kernel_source(8, 8, 1, 2, 128, min_blocks=2)
     with pytest.raises(ValueError, match="group size 64"):
         MG.kernel_source(8, 8, 1, 2, 64)
+
+
+def test_a_shape_with_its_own_measured_config_gets_it_and_others_their_row_counts():
+    for (mb, K, N), cfg in MG.SHAPE_CONFIGS.items():
+        assert MG.config_for(8 * mb, K, N) == cfg and len(cfg) == 4
+    assert MG.config_for(64, 4096, 11008) == MG.CONFIGS[8]  # a Qwen-7B shape: the row count's
+    assert MG.config_for(9, 4096, 4096) == MG.CONFIGS[2]
+    with pytest.raises(ValueError, match="1 to 64 rows, got 65"):
+        MG.config_for(65, 5120, 5120)
+
+
+def test_the_probe_keeps_a_shape_config_only_where_it_beats_the_general_one_by_the_margin():
+    import sys
+
+    from _helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mma_gemm_probe as P
+
+    def row(K, N, rows, cfg, us):
+        return dict(layer="x", K=K, N=N, rows=rows, kernel=f"gemm{cfg}", us=us, rel_err=1e-3, repeat=True)
+
+    general = {8: (4, 1, 1, 1)}
+    results = [row(5120, 5120, 64, (4, 1, 1, 1), 44.0), row(5120, 5120, 64, (4, 1, 1, 2), 38.0),  # 14% faster
+               row(5120, 15360, 64, (4, 1, 1, 1), 51.0), row(5120, 15360, 64, (4, 1, 2, 1), 50.0),  # 2%: noise
+               row(5120, 13696, 64, (4, 1, 1, 1), 60.0), dict(row(5120, 13696, 64, (4, 1, 1, 2), 30.0), repeat=False)]
+    assert P.pick_shapes(results, general) == {(8, 5120, 5120): (4, 1, 1, 2)}

@@ -27,10 +27,10 @@ def test_asm_operands_match_the_accumulators(n):
     assert src.count('"+f"(d[') == n // 2 and f"m64n{n}k16" in asm
 
 
-def test_candidates_cover_both_placements_and_both_readings():
+def test_candidates_cover_every_placement_and_both_readings():
     cands = W.candidates(32)
-    assert {(c["k_adjacent"], c["k_is_leading"]) for c in cands} == {(a, b) for a in (True, False)
-                                                                    for b in (True, False)}
+    placements = ("k_adjacent", "n_adjacent", "padded")
+    assert {(c["placement"], c["k_is_leading"]) for c in cands} == {(a, b) for a in placements for b in (True, False)}
     for c in cands:
         assert {c["lbo"], c["sbo"]} == {c["k_stride"], c["n_stride"]}
         assert (c["lbo"] == c["k_stride"]) == c["k_is_leading"] or c["k_stride"] == c["n_stride"]
