@@ -85,7 +85,7 @@ def main(argv=None) -> int:
             for label, fn, data in cands:
                 row = time_candidate(results, name, K, N, M, label, fn, data, x, ref, weight_bytes, copy_bps, commit,
                                      width=24)
-                ok = row is not None and row["rel_err"] < 4e-3 and row["repeat"]
+                ok = row is not None and timed_right(row)
                 if label.startswith("gemm") and ok and (best is None or row["us"] < best[1]):
                     best = (label, row["us"])
             if best:
@@ -103,12 +103,22 @@ def main(argv=None) -> int:
     return 0
 
 
+def timed_right(r: dict) -> bool:
+    """A result row that was timed and whose output was right (the exact product within bf16 rounding, repeats
+    equal)."""
+    return "us" in r and r["rel_err"] < 4e-3 and r["repeat"]
+
+
+def gemm_config(label: str) -> tuple:
+    """The config tuple of a GEMM label: "gemm(4, 1, 2, 2)" -> (4, 1, 2, 2)."""
+    return tuple(int(v) for v in label[len("gemm("):-1].split(","))
+
+
 def layer_totals(results, rows: int, prefix: str) -> dict:
     """kernel label -> us for one decoder layer's Linears at ``rows`` (only labels timed, right, on all of them)."""
     totals = {}
     for r in results:
-        if r.get("rows") == rows and r["kernel"].startswith(prefix) and "us" in r and r["rel_err"] < 4e-3 \
-                and r["repeat"]:
+        if r.get("rows") == rows and r["kernel"].startswith(prefix) and timed_right(r):
             totals.setdefault(r["kernel"], {})[r["layer"]] = r["us"]
     return {k: sum(PER_LAYER[name] * us for name, us in v.items()) for k, v in totals.items()
             if set(v) == set(PER_LAYER)}
@@ -124,7 +134,7 @@ def pick(results) -> str:
         if not full:
             continue
         best = min(full, key=full.get)
-        chosen[mb] = tuple(int(v) for v in best[5:-1].split(","))  # "gemm(4, 1, 2, 2)"
+        chosen[mb] = gemm_config(best)
         gemv = layer_totals(results, rows, "mma_gemv").get("mma_gemv")
         if rows == 16 and gemv is not None:
             min_rows = 17 if gemv < full[best] else 9
@@ -140,9 +150,8 @@ def pick_shapes(results, chosen: dict, margin: float = 0.03) -> dict:
     CONFIGS entry) on that shape by more than ``margin`` (timing noise between configs is a few percent)."""
     times = {}
     for r in results:
-        if r["kernel"].startswith("gemm") and "us" in r and r["rel_err"] < 4e-3 and r["repeat"]:
-            cfg = tuple(int(v) for v in r["kernel"][5:-1].split(","))
-            times.setdefault((MG.row_blocks(r["rows"]), r["K"], r["N"]), {})[cfg] = r["us"]
+        if r["kernel"].startswith("gemm") and timed_right(r):
+            times.setdefault((MG.row_blocks(r["rows"]), r["K"], r["N"]), {})[gemm_config(r["kernel"])] = r["us"]
     out = {}
     for key, by_cfg in times.items():
         best = min(by_cfg, key=by_cfg.get)
