@@ -59,6 +59,23 @@ def compile_ptx(lib, source: str, arch: str) -> str:
     return ptx.value.decode()
 
 
+def nvidia_tools() -> Path:
+    """Triton's bundled CUDA tools (ptxas, cuobjdump)."""
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
+def assemble_ptx(ptx: str, arch: str, workdir: Path, name: str = "k") -> tuple[subprocess.CompletedProcess, Path]:
+    """``ptx`` assembled for sm_``arch`` by Triton's ptxas with -v (registers, stack and shared memory in stderr):
+    (the ptxas run, not checked, and the cubin's path)."""
+    src, cubin = workdir / f"{name}.ptx", workdir / f"{name}.cubin"
+    src.write_text(ptx)
+    asm = subprocess.run([str(nvidia_tools() / "ptxas"), f"-arch=sm_{arch}", "-v", str(src), "-o", str(cubin)],
+                         capture_output=True, text=True)
+    return asm, cubin
+
+
 def load_module(path: Path):
     spec = importlib.util.spec_from_file_location("finetune.quant._mma_sass_copy", path)
     mod = importlib.util.module_from_spec(spec)
@@ -89,22 +106,17 @@ def main(argv=None) -> int:
     if not nvrtc:
         print("no libnvrtc found: pass --nvrtc (pip download --no-deps nvidia-cuda-nvrtc-cu12, then unzip the wheel)")
         return 2
-    import triton
-
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     lib = ctypes.CDLL(nvrtc)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         def assemble(src: str, **labels) -> None:
-            ptx, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
-            ptx.write_text(compile_ptx(lib, src, args.arch))
-            asm = subprocess.run([str(tools / "ptxas"), f"-arch=sm_{args.arch}", "-v", str(ptx), "-o", str(cubin)],
-                                 capture_output=True, text=True, check=True)
+            asm, cubin = assemble_ptx(compile_ptx(lib, src, args.arch), args.arch, Path(tmp))
+            asm.check_returncode()
             info = " ".join(asm.stderr.split())
             regs = re.search(r"Used (\d+) registers", info)
             stack = re.search(r"(\d+) bytes stack frame", info) or re.search(r"(\d+) bytes cumulative stack", info)
             smem = re.search(r"(\d+) bytes smem", info)
-            sass = subprocess.run([str(tools / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
+            sass = subprocess.run([str(nvidia_tools() / "cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True,
                                   check=True).stdout
             r = dict(**labels, registers=int(regs.group(1)) if regs else None,
                      stack_bytes=int(stack.group(1)) if stack else 0, smem_bytes=int(smem.group(1)) if smem else 0,

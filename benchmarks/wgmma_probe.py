@@ -172,25 +172,19 @@ def ptx_only(nvrtc: str | None) -> int:
     """Every N compiled for sm_90a and assembled (no GPU): the asm strings are valid PTX."""
     import ctypes
     import re
-    import subprocess
     import tempfile
 
-    import triton
-    from mma_sass import compile_ptx, find_nvrtc
+    from mma_sass import assemble_ptx, compile_ptx, find_nvrtc
 
     lib_path = nvrtc or find_nvrtc()
     if not lib_path:
         print("no libnvrtc found: pass --nvrtc (pip download --no-deps nvidia-cuda-nvrtc-cu12, then unzip)")
         return 2
     lib = ctypes.CDLL(lib_path)
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as tmp:
         for n in ROWS:
             ptx = compile_ptx(lib, kernel_source(n), "90a")
-            p = Path(tmp) / f"n{n}.ptx"
-            p.write_text(ptx)
-            asm = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(p), "-o", str(Path(tmp) / f"n{n}.cubin")],
-                                 capture_output=True, text=True)
+            asm, _ = assemble_ptx(ptx, "90a", Path(tmp), f"n{n}")
             if asm.returncode:
                 print(f"N={n}: ptxas failed: {asm.stderr.strip()[:1500]}")
                 return 1
