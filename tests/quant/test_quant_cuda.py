@@ -589,3 +589,45 @@ def test_gptq_linear_decoding_rows_use_the_mma_copy(in_f, out_f, desc_act, monke
     with torch.no_grad():
         fresh(torch.randn(20, 1, in_f, device="cuda", dtype=torch.bfloat16))
     assert fresh.__dict__["_mma"][2] is not None
+
+
+# -- dependent launches (pdl.py) ----------------------------------------------------------------------------
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (9, 0),
+                    reason="programmatic dependent launch needs compute capability 9.0+")
+@pytest.mark.parametrize("rows,config", [(1, (4, 1, 8)), (8, None), (32, (4, 1, 1, 4)), (64, None)])
+def test_dependent_launches_equal_plain_launches_in_a_chain(rows, config, switches):
+    """Products that read the product just before them (the split-K workspace and counters passed straight from
+    one to the next, the output of one freed and reused while the next runs), launched as programmatic
+    dependents, eagerly and replayed in a CUDA graph, give the bits of plain launches: no product reads its input
+    or writes before the kernel before it has finished."""
+    from finetune.quant import mma_gemm as MG
+    from finetune.quant import mma_gemv as G
+    from finetune.quant import pdl
+
+    layers = [G.repack(**_random_packed(5120, 5120, seed=40 + i), group_size=128) for i in range(4)]
+    product = G.mma_gemv if rows <= 8 else MG.mma_gemm
+    x0 = torch.randn(rows, 5120, device="cuda", dtype=torch.bfloat16)
+
+    def chain():
+        x = x0
+        for i in range(0, len(layers), 2):
+            y = product(x, *layers[i][:4], 128, layers[i][4], config=config)
+            x = product(y, *layers[i + 1][:4], 128, layers[i + 1][4], config=config)  # straight after the first
+            x = F.rms_norm(x.float(), (5120,)).to(torch.bfloat16)  # (keeps the magnitudes in range)
+        return x
+
+    switches(pdl=False)
+    plain = chain()
+    switches(pdl=True)
+    assert pdl.enabled(x0.device)
+    for _ in range(3):
+        assert torch.equal(chain(), plain)
+    chain()  # compiled before the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, plain)
