@@ -10,7 +10,7 @@ MODEL=/tmp/decode_bench/14b_int4
 python3 benchmarks/make_model_dir.py --shape 14b --int4 --out "$MODEL" > /tmp/pdl_logs/make_model.log 2>&1
 for v in ${PDL_VARIANTS:-plain full no_prefetch prefetch_only no_release prefetch_8k plain full}; do
   f="$OUT/pdl_ablate_$v.json"; [ -e "$f" ] && f="$OUT/pdl_ablate_${v}_2.json"
-  timeout 90 python3 benchmarks/pdl_ablate.py "$v" -- --part engine --model-dir "$MODEL" \
+  timeout 100 python3 benchmarks/pdl_ablate.py "$v" -- --part engine --model-dir "$MODEL" \
     --workloads ${PDL_WORKLOADS:-b1_512} --out "$f" > "/tmp/pdl_logs/$v.log" 2>&1
   echo "$v rc=$? $(grep -ho '"decode_tokens_per_s": [0-9.]*\|"workload": "[a-z0-9_]*"\|"tokens_per_s": [0-9.]*' "$f" 2>/dev/null | tr '\n' ' ')" | tee -a "$OUT/summary.txt"
 done
