@@ -34,9 +34,6 @@ class Settings:
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
     # reads its own keys only) where fused_decode.use_own_keys picks it; 0: always SDPA over the step's length bucket
     decode_attention: bool = True
-    # FINETUNE_PDL: the tensor-core Int4 kernels launched as programmatic dependents (Hopper): each prefetches its
-    # weights into L2 while the kernel before it finishes (quant/pdl.py); 0: plain launches, as before
-    pdl: bool = True
 
 
 ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}

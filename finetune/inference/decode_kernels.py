@@ -29,16 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-from finetune.quant import pdl  # (absolute: the CPU tests load this file on its own, under Triton's interpreter)
-
-_HAS_GDC = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_launch_dependents")
-
 
 @triton.jit
 def _dec_add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_d, stride_o,
-                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, RELEASE: tl.constexpr):
-    if RELEASE:  # the Int4 product after this kernel may start prefetching its weights now (quant/pdl.py)
-        tl.extra.cuda.gdc_launch_dependents()
+                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
@@ -91,9 +85,7 @@ def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, k_pt
 
 
 @triton.jit
-def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, BLOCK: tl.constexpr, RELEASE: tl.constexpr):
-    if RELEASE:
-        tl.extra.cuda.gdc_launch_dependents()
+def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -143,9 +135,7 @@ def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, 
 
 @triton.jit
 def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_S: tl.constexpr, RELEASE: tl.constexpr):
-    if RELEASE:
-        tl.extra.cuda.gdc_launch_dependents()
+                             BLOCK_S: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
@@ -182,15 +172,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
                                           D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
     _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d,
-                                         BLOCK_S=triton.next_power_of_2(S), RELEASE=_release(q.device),
-                                         num_warps=1)
+                                         BLOCK_S=triton.next_power_of_2(S), num_warps=1)
     return out
-
-
-def _release(device: torch.device) -> bool:
-    """Whether this kernel lets the next one launch early (``griddepcontrol.launch_dependents``): where the Int4
-    products after it are launched as programmatic dependents (quant/pdl.py) and this Triton has the instruction."""
-    return _HAS_GDC and pdl.enabled(device)
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, b: int, heads: int, D: int, kv_len: int = 0) -> None:
@@ -229,7 +212,6 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     block = triton.next_power_of_2(N)
     _dec_add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, out, N, float(eps), x2.stride(0), d2.stride(0),
                                              out.stride(0), HAS_DELTA=delta is not None, BLOCK=block,
-                                             RELEASE=_release(x.device),
                                              num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
     return x, out.view(x.shape)
 
@@ -272,8 +254,7 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(up)
     n = up.numel()
     block = 1024
-    _dec_swiglu_kernel[(triton.cdiv(n, block),)](up, gate, out, n, BLOCK=block, RELEASE=_release(up.device),
-                                                  num_warps=4,
+    _dec_swiglu_kernel[(triton.cdiv(n, block),)](up, gate, out, n, BLOCK=block, num_warps=4,
                                                   enable_fp_fusion=False)
     return out
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from . import mma_gemv, pdl
+from . import mma_gemv
 from .mma_gemv import CHUNK
 
 MIN_ROWS = 9  # GPTQLinear's threshold: fewer rows go to the GEMV (measured by benchmarks/mma_gemm_probe.py)
@@ -197,12 +197,6 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const u16* sp = scales + ltile * 16 + r;
   const int* zp = qzeros + ltile * 2;
 #endif
-  // Dependent launch (pdl.py): each warp's tiles' weights for this split into L2 while the previous kernel finishes;
-  // nothing the previous kernel writes is read, and nothing is written, before the wait.
-  if (lane == 0 && active && chunks > 0)
-    for (int tp = 0; tp < TPW; ++tp)
-      pdl_prefetch_l2(wpack + ((size_t)(ltile + tp) * C + c_begin) * 64, (unsigned)chunks * 1024u);
-  pdl_wait_and_release();
   int cw = c_begin;
   const int sw = (t >> 1) | ((r & 1) << 1);
   const u16* xr = xs + r * XROW + t * 32;
@@ -294,17 +288,15 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 
-def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1,
-                  dependent: bool = False) -> str:
+def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1) -> str:
     """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``min_blocks``:
-    CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them); ``dependent``: with the
-    dependent-launch prologue (pdl.py)."""
+    CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them)."""
     if group_size % CHUNK:
         raise ValueError(f"mma_gemm: group size {group_size} is not a multiple of {CHUNK}")
     body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw))
             .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
             .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks))))
-    return pdl.source_prefix(dependent) + mma_gemv.HELPERS + body
+    return mma_gemv.HELPERS + body
 
 
 def shared_bytes(mb: int) -> int:
@@ -341,9 +333,8 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     config = config or config_for(M, K, N)
     mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
-    dependent = pdl.enabled(x2d.device)
-    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm, dependent), "gptq_mma_gemm",
-                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm, dependent))
+    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm), "gptq_mma_gemm",
+                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm))
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)
@@ -353,7 +344,7 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
             return None
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
-    pdl.run(kernel, dependent, grid=(ctas, splits, 1), block=(warps * 32, 1, 1),
-            args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else out,
-                  counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0)])
+    kernel(grid=(ctas, splits, 1), block=(warps * 32, 1, 1),
+           args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else out,
+                 counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0)])
     return out

@@ -42,7 +42,6 @@ import warnings
 
 import torch
 
-from . import pdl
 from .packing import group_sorted_order, groups_even, to_int32_wrapping, unpack_cols, unpack_rows
 
 CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
@@ -355,11 +354,6 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const int c_end = (int)((long long)C * (split + 1) / splits);
   const int n0 = tile << 4;
   const int c0 = c_begin + warp;  // this warp's first chunk; then every WARPS-th
-  // Dependent launch (pdl.py): the CTA's weights (one contiguous range) into L2 while the previous kernel finishes;
-  // nothing the previous kernel writes is read, and nothing is written, before the wait.
-  if (threadIdx.x == 0 && c_end > c_begin)
-    pdl_prefetch_l2(wpack + ((size_t)tile * C + c_begin) * 64, (unsigned)(c_end - c_begin) * 1024u);
-  pdl_wait_and_release();
 #if LORA
   __shared__ __align__(16) u16 l_bt[16 * LSTRIDE];
   __shared__ __align__(16) u16 l_h[MB * 8 * LSTRIDE];
@@ -479,10 +473,9 @@ _kernels: dict = {}  # (device index, warps, MB, depth, group size, LoRA epilogu
 _workspaces: dict = {}
 
 
-def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False, dependent: bool = False) -> str:
-    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``dependent``: with
-    the dependent-launch prologue (pdl.py)."""
-    return pdl.source_prefix(dependent) + (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
+def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
+    return (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
             .replace("__GCHUNKS__", str(group_size // CHUNK)).replace("__LORA__", str(int(lora)))
             .replace("__LRMAX__", str(LORA_MAX_RANK)))
 
@@ -492,13 +485,12 @@ def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
         return torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"])
 
 
-def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False,
-            dependent: bool = False):
+def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False):
     """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
     it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
     and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    return compiled(device, (warps, mb, depth, group_size, lora, dependent), "gptq_mma_gemv",
-                    lambda: kernel_source(warps, mb, depth, group_size, lora, dependent))
+    return compiled(device, (warps, mb, depth, group_size, lora), "gptq_mma_gemv",
+                    lambda: kernel_source(warps, mb, depth, group_size, lora))
 
 
 def compiled(device: torch.device, config: tuple, name: str, source):
@@ -526,7 +518,7 @@ def compile_error(device: torch.device, group_size: int) -> str | None:
     """Why this kernel cannot be compiled for ``device`` (one configuration tried, and kept); None: it can. Checked
     before a layer makes its repacked copy, so a failure costs no memory."""
     warps, depth, _ = CONFIGS[1]
-    k = _kernel(device, warps, 1, depth, group_size, dependent=pdl.enabled(device))
+    k = _kernel(device, warps, 1, depth, group_size)
     return k if isinstance(k, str) else None
 
 
@@ -601,8 +593,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     warps, depth, per_sm = config or CONFIGS[mb]
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
-    dependent = pdl.enabled(x2d.device)
-    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None, dependent=dependent)
+    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)
@@ -614,8 +605,9 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
     dummy = out
     h, sel, bt = low_rank if low_rank is not None else (dummy, dummy, dummy)
-    pdl.run(kernel, dependent, grid=(T, splits, 1), block=(warps * 32, 1, 1),
-            args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
-                  counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
-                  h, sel, bt, h.shape[-1] if low_rank is not None else 0])
+    kernel(
+        grid=(T, splits, 1), block=(warps * 32, 1, 1),
+        args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
+              counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
+              h, sel, bt, h.shape[-1] if low_rank is not None else 0])
     return out
