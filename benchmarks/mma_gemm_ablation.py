@@ -93,7 +93,8 @@ def main(argv=None) -> int:
                     out = torch.empty(M, N, device=device, dtype=torch.bfloat16)
                     kernel(grid=(ctas, splits, 1), block=(warps_ * 32, 1, 1),
                            args=[pk[0], x, pk[1], pk[2], out, ws if ws is not None else out,
-                                 counters if counters is not None else out, M, N, K, pk[3], x.stride(0)])
+                                 counters if counters is not None else out, M, N, K, pk[3], x.stride(0),
+                                 out, 0])  # (no bias)
                     return out
                 us = time_gemv(fn, packed, x, device) * 1e6
                 row = dict(layer=name, rows=M, variant=variant, us=us, config=args.config, splits=splits, ctas=ctas)

@@ -364,6 +364,8 @@ class GPTQLinear(nn.Module):
             # decoding: the fused GEMV reads the packed weight once and writes no float weight
             x2d = x.reshape(rows, self.in_features)
             y = None
+            bias = None if self.bias is None else self.bias.to(dtype)
+            biased = False  # the tensor-core kernels add the bias in their epilogue (one kernel less a call)
             fast_bf16 = dtype == torch.bfloat16 and self.bits == 4 and device_type == "cuda"
             capturing = torch.cuda.is_current_stream_capturing() if device_type == "cuda" else False
             # the weight copies below (6.3 GB for 14B) are made by decoding calls (one position per row), not by
@@ -376,11 +378,13 @@ class GPTQLinear(nn.Module):
                 if mm is not None and MMA_GEMM_MIN_ROWS <= rows and (low_rank is None or rows > MMA_MAX_ROWS):
                     from .mma_gemm import mma_gemm
 
-                    y = mma_gemm(x2d, *mm)  # None: no split-K workspace yet inside a capture
+                    y = mma_gemm(x2d, *mm, bias=bias)  # None: no split-K workspace yet inside a capture
+                    biased = y is not None
                 elif mm is not None and rows <= MMA_MAX_ROWS:
                     from .mma_gemv import mma_gemv
 
-                    y = mma_gemv(x2d, *mm, low_rank=low_rank)
+                    y = mma_gemv(x2d, *mm, low_rank=low_rank, bias=bias)
+                    biased = y is not None
                     if y is not None and low_rank is not None:
                         self.low_rank_epilogue = None  # added: the engine's hook must not add it again
             if y is None and fast_bf16 and rows <= INT4PACK_MAX_ROWS and settings().gptq_int4pack:
@@ -393,8 +397,8 @@ class GPTQLinear(nn.Module):
                 y = gptq_gemv(x2d, self.qweight, self.qzeros, self.scales, self.g_idx,
                               self.bits, self.v2, self.group_size, trivial)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            if self.bias is not None:
-                y = y + self.bias.to(dtype)
+            if bias is not None and not biased:
+                y = y + bias
         else:
             bias = None if self.bias is None else self.bias.to(dtype)
             args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.v2, self.group_size,

@@ -176,7 +176,8 @@ __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int s
 extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
-              int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride) {
+              int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
+              const u16* __restrict__ bias, int has_bias) {
   __shared__ __align__(16) u16 xs[STAGES * XSTAGE];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
@@ -246,7 +247,7 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
             const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
-            if (b < M) out[(size_t)b * N + n] = f2bf(acc[tp][mb][q]);
+            if (b < M) out[(size_t)b * N + n] = f2bf(acc[tp][mb][q] + bias_of(bias, has_bias, n));
           }
     }
     return;
@@ -279,7 +280,7 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
           if (b < M) {
             float s = 0.f;
             for (int sp_ = 0; sp_ < splits; ++sp_) s += __ldcg(ws + ((size_t)sp_ * M + b) * N + n);  // a fixed order
-            out[(size_t)b * N + n] = f2bf(s);
+            out[(size_t)b * N + n] = f2bf(s + bias_of(bias, has_bias, n));
           }
         }
   }
@@ -318,16 +319,18 @@ def plan(M: int, T: int, C: int, config: tuple, sms: int) -> tuple:
 
 
 def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
-             group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None) -> torch.Tensor | None:
+             group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x2d [M, K] bf16 (1 <= M <= 64; GPTQLinear sends it ``MIN_ROWS`` and more) @ W.T -> [M, N] bf16 from
     ``mma_gemv.repack``'s tensors; None inside a graph capture that finds the kernel not compiled or the split-K
     workspace too small (the caller uses another kernel). ``config``: a tuple of ``CONFIGS``'s form instead of
-    ``config_for``'s."""
+    ``config_for``'s. ``bias`` [N] bf16: added in fp32 before the output's one rounding."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
     if K != C * CHUNK:
         raise ValueError(f"mma_gemm: x has {K} columns, the repacked weight {C * CHUNK} inputs")
+    mma_gemv.check_bias(bias, N, x2d.device, "mma_gemm")
     x2d = mma_gemv.kernel_input(x2d, perm)
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     config = config or config_for(M, K, N)
@@ -346,5 +349,6 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
     kernel(grid=(ctas, splits, 1), block=(warps * 32, 1, 1),
            args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else out,
-                 counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0)])
+                 counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0),
+                 bias if bias is not None else out, int(bias is not None)])
     return out

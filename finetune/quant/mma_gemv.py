@@ -160,6 +160,10 @@ __device__ __forceinline__ float h2f(u16 h) {
 __device__ __forceinline__ u16 f2bf(float f) {
   u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
 }
+// output n's bias (bf16; has_bias 0: none), added in fp32 before the output's one rounding (as F.linear's epilogue)
+__device__ __forceinline__ float bias_of(const u16* bias, int has_bias, int n) {
+  return has_bias ? __uint_as_float((u32)bias[n] << 16) : 0.f;
+}
 // (128 + q) - (128 + z) for both halves, exact: fma(a, 1.0, -(128 + z))
 __device__ __forceinline__ u32 sub_zero(u32 a, u32 negz) {
   u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x3F803F80u), "r"(negz)); return d;
@@ -345,7 +349,8 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
-              const u16* __restrict__ lh, const u16* __restrict__ lsel, const u16* __restrict__ lbt, int R) {
+              const u16* __restrict__ lh, const u16* __restrict__ lsel, const u16* __restrict__ lbt, int R,
+              const u16* __restrict__ bias, int has_bias) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
   const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
@@ -433,9 +438,10 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     for (int i = 0; i < MB * 4; ++i) {
       const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
 #if LORA
-      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R));
+      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R)
+                                              + bias_of(bias, has_bias, n));
 #else
-      if (b < M) out[(size_t)b * N + n] = f2bf(v[i]);
+      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + bias_of(bias, has_bias, n));
 #endif
     }
     return;
@@ -461,7 +467,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #if LORA
       s += lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R);
 #endif
-      out[(size_t)b * N + n] = f2bf(s);
+      out[(size_t)b * N + n] = f2bf(s + bias_of(bias, has_bias, n));
     }
   }
   if (lane == 0) counters[tile] = 0;
@@ -563,6 +569,14 @@ def lora_unfit(low_rank, M: int, N: int) -> str | None:
     return None
 
 
+def check_bias(bias: torch.Tensor | None, N: int, device: torch.device, name: str) -> None:
+    """The kernels' bias epilogue takes a contiguous bf16 [N] on the output's device (or None)."""
+    if bias is not None and (bias.shape != (N,) or bias.dtype != torch.bfloat16 or not bias.is_contiguous()
+                             or bias.device != device):
+        raise ValueError(f"{name} bias: {tuple(bias.shape)} {bias.dtype} on {bias.device} (expected a contiguous "
+                         f"bf16 ({N},) on {device})")
+
+
 def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """x as the tensor-core kernels read it (also ``mma_gemm``): columns in the repacked weight's input order
     (act-order weights), unit column stride, rows 16-byte aligned."""
@@ -575,19 +589,21 @@ def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
 
 def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
-             low_rank: tuple | None = None) -> torch.Tensor | None:
+             low_rank: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x2d [M, K] bf16 (M <= KERNEL_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
     graph capture that finds the kernel not compiled or the split-K workspace too small (made only outside
     captures; the caller then uses another kernel).
 
     ``low_rank`` = (h [M, R], sel [M, R], bt [N, R]), bf16: adds (h * sel) @ bt.T in the kernel's epilogue (the
     engine's unmerged LoRA: h = x A, sel the rows' 0/1 adapter selection, bt = B with the scaling folded in), summed
-    in fp32 with the product before its one rounding to bf16; ``lora_unfit`` says which inputs it takes."""
+    in fp32 with the product before its one rounding to bf16; ``lora_unfit`` says which inputs it takes.
+    ``bias`` [N] bf16: added the same way (``check_bias``)."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
     if low_rank is not None and (why := lora_unfit(low_rank, M, N)) is not None:
         raise ValueError(f"mma_gemv low_rank: {why}")
+    check_bias(bias, N, x2d.device, "mma_gemv")
     x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
     warps, depth, per_sm = config or CONFIGS[mb]
@@ -609,5 +625,6 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         grid=(T, splits, 1), block=(warps * 32, 1, 1),
         args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
               counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
-              h, sel, bt, h.shape[-1] if low_rank is not None else 0])
+              h, sel, bt, h.shape[-1] if low_rank is not None else 0,
+              bias if bias is not None else dummy, int(bias is not None)])
     return out

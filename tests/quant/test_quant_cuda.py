@@ -589,3 +589,46 @@ def test_gptq_linear_decoding_rows_use_the_mma_copy(in_f, out_f, desc_act, monke
     with torch.no_grad():
         fresh(torch.randn(20, 1, in_f, device="cuda", dtype=torch.bfloat16))
     assert fresh.__dict__["_mma"][2] is not None
+
+
+# -- the bias in the tensor-core kernels' epilogue ---------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 8, 9, 17, 33, 64])
+@pytest.mark.parametrize("out_f,group_size", [(4096, 128), (1040, 256)])
+def test_mma_kernels_add_the_bias_before_the_one_rounding(rows, out_f, group_size):
+    """Rows of the identity with a bias give bf16(w + b) bit for bit, w the exact weight and the sum in fp32: the
+    bias is added to the fp32 result before its single rounding (as F.linear's epilogue), in the GEMV and the
+    GEMM, with and without a split over K."""
+    from finetune.quant import mma_gemm as MG
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(1024, out_f, group_size=group_size, seed=31)
+    w = dequantize_t(**p, bits=4, dtype=torch.float32)  # [K, N], exact
+    packed = G.repack(**p, group_size=group_size)
+    bias = torch.randn(out_f, device="cuda").to(torch.bfloat16)
+    eye = torch.eye(1024, device="cuda", dtype=torch.bfloat16)[100:100 + rows]
+    want = (w[100:100 + rows] + bias.float()).to(torch.bfloat16)
+    if rows <= 32:
+        for config in (None, (4, 1, 8)):  # (4, 1, 8): split over K
+            assert torch.equal(G.mma_gemv(eye, *packed[:4], group_size, packed[4], config=config, bias=bias), want)
+    if rows >= 9:
+        for config in (None, (4, 1, 1, 8)):
+            assert torch.equal(MG.mma_gemm(eye, *packed[:4], group_size, packed[4], config=config, bias=bias), want)
+    with pytest.raises(ValueError, match=r"mma_gemv bias: \(7,\) torch.bfloat16"):
+        G.mma_gemv(eye[:1], *packed[:4], group_size, packed[4], bias=bias[:7])
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_gptq_linear_decoding_adds_its_bias_once(rows, switches):
+    """A biased GPTQLinear (Qwen's c_attn) decodes through the tensor-core kernels with the bias in their epilogue:
+    the result is the dequantized product plus the bias (added once, not twice, not zero times)."""
+    switches(gptq_gemv=True, gptq_mma=True)
+    p = _random_packed(5120, 15360, seed=32)
+    x = torch.randn(rows, 5120, device="cuda", dtype=torch.bfloat16)
+    product = x.float() @ GPTQLinear.from_quantized(**p, bits=4, group_size=128).dequantize(torch.float32).t()
+    # a bias as large as the product: added twice or not at all, the error would be ~100%
+    bias = (torch.randn(15360, device="cuda") * product.abs().mean()).to(torch.bfloat16)
+    layer = GPTQLinear.from_quantized(**p, bias=bias, bits=4, group_size=128)
+    with torch.no_grad():
+        y = layer(x)
+    assert _rel_err(y, product + bias.float()) < 1e-2
+    assert "_mma" in layer.__dict__  # (the tensor-core copy served it)

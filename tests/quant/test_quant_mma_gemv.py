@@ -88,3 +88,13 @@ def test_the_low_rank_epilogue_takes_rank_sums_that_fit_its_shared_memory():
     assert "h " in G.lora_unfit(operands(1, 64, 64, torch.float32), 1, 64)
     src = G.kernel_source(8, 1, 1, 128, lora=True)
     assert "#define LRMAX 128" in src and "__" + "LRMAX__" not in src
+
+
+def test_the_bias_epilogue_takes_a_contiguous_bf16_vector_of_the_outputs():
+    G.check_bias(None, 64, torch.device("cpu"), "mma_gemv")
+    G.check_bias(torch.zeros(64, dtype=torch.bfloat16), 64, torch.device("cpu"), "mma_gemv")
+    for bad, why in [(torch.zeros(63, dtype=torch.bfloat16), r"\(63,\) torch.bfloat16"),
+                     (torch.zeros(64, dtype=torch.float16), "torch.float16"),
+                     (torch.zeros(128, dtype=torch.bfloat16)[::2], "expected a contiguous bf16 \\(64,\\)")]:
+        with pytest.raises(ValueError, match="mma_gemm bias: .*" + why):
+            G.check_bias(bad, 64, torch.device("cpu"), "mma_gemm")
