@@ -82,22 +82,22 @@ def main(argv=None) -> int:
         _, layers = layer_copies(K, N, device)
         packed = [G.repack(**lay, group_size=128) for lay in layers]
         for M in args.rows:
-            mb, warps_, tpw_, depth_, ctas, pieces = MG.plan(M, N // 16, K // 128, (warps, tpw, depth, per_sm), sms)
+            mb, warps_, tpw_, depth_, ctas, splits = MG.plan(M, N // 16, K // 128, (warps, tpw, depth, per_sm), sms)
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
             for variant in ("as_built", "no_weight_loads", "no_x_staging", "no_mma", "compute_only"):
                 src = patched(MG.kernel_source(warps_, mb, tpw_, depth_, 128, per_sm), variant)
                 kernel = G._compile(device, src, "gptq_mma_gemm")
-                ws, counters = G.workspace(device, pieces, M, N) if pieces > 1 else (None, None)
+                ws, counters = G.workspace(device, splits, M, N) if splits > 1 else (None, None)
 
                 def fn(x, pk, kernel=kernel, ws=ws, counters=counters):
                     out = torch.empty(M, N, device=device, dtype=torch.bfloat16)
-                    kernel(grid=(ctas, 1, 1), block=(warps_ * 32, 1, 1),
+                    kernel(grid=(ctas, splits, 1), block=(warps_ * 32, 1, 1),
                            args=[pk[0], x, pk[1], pk[2], out, ws if ws is not None else out,
                                  counters if counters is not None else out, M, N, K, pk[3], x.stride(0),
                                  out, 0])  # (no bias)
                     return out
                 us = time_gemv(fn, packed, x, device) * 1e6
-                row = dict(layer=name, rows=M, variant=variant, us=us, config=args.config, pieces=pieces, ctas=ctas)
+                row = dict(layer=name, rows=M, variant=variant, us=us, config=args.config, splits=splits, ctas=ctas)
                 results.append(row)
                 print(json.dumps(row), flush=True)
         del layers, packed

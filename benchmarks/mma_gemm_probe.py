@@ -40,8 +40,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tpw", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--depth", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--per-sm", nargs="+", type=int, default=[1, 2, 4])
-    ap.add_argument("--balanced", nargs="+", type=int, default=[0, 1],
-                    help="0: each group split over K; 1: equal ranges of all groups' chunks a CTA (mma_gemm.plan)")
     ap.add_argument("--baselines", type=int, default=1, help="also time the GEMV (rows <= 32) and the Triton GEMM")
     ap.add_argument("--pick", help="write the CONFIGS and MIN_ROWS lines chosen from the timings to this file")
     ap.add_argument("--apply", action="store_true", help="with --pick: also write them into finetune/quant/mma_gemm.py")
@@ -65,9 +63,8 @@ def main(argv=None) -> int:
             ref = x.float() @ exact
             cands, seen = [], set()
             sms = torch.cuda.get_device_properties(device).multi_processor_count
-            for cfg in itertools.product(args.warps, args.tpw, args.depth, args.per_sm, args.balanced):
-                cfg = cfg if cfg[4] else cfg[:4]  # (the split schedule keeps CONFIGS's 4-tuple form)
-                launch = MG.plan(M, N // 16, K // 128, cfg, sms) + (cfg[3], len(cfg))
+            for cfg in itertools.product(args.warps, args.tpw, args.depth, args.per_sm):
+                launch = MG.plan(M, N // 16, K // 128, cfg, sms) + (cfg[3],)
                 if launch in seen:  # the same launch as a config already listed
                     continue
                 seen.add(launch)

@@ -29,8 +29,6 @@ hook adds the product for rows this kernel serves.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from . import mma_gemv
@@ -175,23 +173,23 @@ __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int s
   }
 }
 
-// One segment of a CTA's range: chunks [c_begin, c_begin + chunks) of group g, its piece ``piece`` of ``pieces``
-// (module doc).
-__device__ __forceinline__ void gemm_segment(const U4* __restrict__ wpack, const u16* __restrict__ x,
-                                          const u16* __restrict__ scales, const int* __restrict__ qzeros,
-                                          u16* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
-                                          int M, int N, int C, int zero_add, int x_stride,
-                                          const u16* __restrict__ bias, int has_bias, u16* xs,
-                                          int g, int c_begin, int chunks, int piece, int pieces) {
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
+gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
+              const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
+              int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
+              const u16* __restrict__ bias, int has_bias) {
+  __shared__ __align__(16) u16 xs[STAGES * XSTAGE];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
-  const int T = N >> 4;
-  const size_t tile_stride = (size_t)C * 64;  // U4 between two tiles' blocks
-  const int sw = (t >> 1) | ((r & 1) << 1);
-  const u16* xr = xs + r * XROW + t * 32;
-  const int tile0 = (g * WARPS + warp) * TPW;  // this warp's first tile
-  const bool active = tile0 < T;  // the last group's extra warps load tile 0's weights and store nothing
+  const int T = N >> 4, C = K >> 7;
+  const int tile0 = (blockIdx.x * WARPS + warp) * TPW;  // this warp's first tile
+  const bool active = tile0 < T;  // the last CTA's extra warps load tile 0's weights and store nothing
   const int ltile = active ? tile0 : 0;
+  const int split = blockIdx.y, splits = gridDim.y;
+  const int c_begin = (int)((long long)C * split / splits);
+  const int chunks = (int)((long long)C * (split + 1) / splits) - c_begin;
+
+  const size_t tile_stride = (size_t)C * 64;  // U4 between two tiles' blocks
   const U4* wp = wpack + ((size_t)ltile * C + c_begin) * 64 + lane * 2;
 #if GCHUNKS == 1
   const u16* sp = scales + (size_t)c_begin * N + ltile * 16 + r;
@@ -201,6 +199,8 @@ __device__ __forceinline__ void gemm_segment(const U4* __restrict__ wpack, const
   const int* zp = qzeros + ltile * 2;
 #endif
   int cw = c_begin;
+  const int sw = (t >> 1) | ((r & 1) << 1);
+  const u16* xr = xs + r * XROW + t * 32;
 
   float acc[TPW][MB][4];
 #pragma unroll
@@ -238,7 +238,7 @@ __device__ __forceinline__ void gemm_segment(const U4* __restrict__ wpack, const
   }
   cp_async_wait_group<0>();
 
-  if (pieces == 1) {
+  if (splits == 1) {
     if (active) {
 #pragma unroll
       for (int tp = 0; tp < TPW; ++tp)
@@ -250,85 +250,41 @@ __device__ __forceinline__ void gemm_segment(const U4* __restrict__ wpack, const
             if (b < M) out[(size_t)b * N + n] = f2bf(acc[tp][mb][q] + bias_of(bias, has_bias, n));
           }
     }
-  } else {
-    if (active) {
+    return;
+  }
+  if (active) {
 #pragma unroll
-      for (int tp = 0; tp < TPW; ++tp)
+    for (int tp = 0; tp < TPW; ++tp)
 #pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
+      for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-          for (int q = 0; q < 4; ++q) {
-            const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
-            if (b < M) __stcg(ws + ((size_t)piece * M + b) * N + n, acc[tp][mb][q]);
+        for (int q = 0; q < 4; ++q) {
+          const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
+          if (b < M) __stcg(ws + ((size_t)split * M + b) * N + n, acc[tp][mb][q]);
+        }
+  }
+  __threadfence();
+  __syncthreads();
+  int last = 0;
+  if (threadIdx.x == 0) last = atomicAdd(counters + blockIdx.x, 1) == splits - 1;
+  if (!__syncthreads_or(last)) return;
+  __threadfence();
+  if (active) {
+#pragma unroll
+    for (int tp = 0; tp < TPW; ++tp)
+#pragma unroll
+      for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
+          if (b < M) {
+            float s = 0.f;
+            for (int sp_ = 0; sp_ < splits; ++sp_) s += __ldcg(ws + ((size_t)sp_ * M + b) * N + n);  // a fixed order
+            out[(size_t)b * N + n] = f2bf(s + bias_of(bias, has_bias, n));
           }
-    }
-    __threadfence();
-    __syncthreads();
-    int last = 0;
-    if (threadIdx.x == 0) last = atomicAdd(counters + g, 1) == pieces - 1;
-    if (__syncthreads_or(last)) {
-      __threadfence();
-      if (active) {
-#pragma unroll
-        for (int tp = 0; tp < TPW; ++tp)
-#pragma unroll
-          for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-              const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
-              if (b < M) {
-                float s = 0.f;
-                for (int pc = 0; pc < pieces; ++pc) s += __ldcg(ws + ((size_t)pc * M + b) * N + n);  // in order
-                out[(size_t)b * N + n] = f2bf(s + bias_of(bias, has_bias, n));
-              }
-            }
-      }
-      if (threadIdx.x == 0) counters[g] = 0;
-    }
+        }
   }
-}
-
-// The segment of a CTA's range that starts at unit u (advanced past it): its group, chunks, and which piece of the
-// group it is (the CTAs whose ranges meet group g: the first holds unit g C, the last unit (g + 1) C - 1).
-__device__ __forceinline__ void segment_at(const U4* __restrict__ wpack, const u16* __restrict__ x,
-                                           const u16* __restrict__ scales, const int* __restrict__ qzeros,
-                                           u16* __restrict__ out, float* __restrict__ ws, int* __restrict__ counters,
-                                           int M, int N, int C, int zero_add, int x_stride,
-                                           const u16* __restrict__ bias, int has_bias, u16* xs, int U, int G, int& u,
-                                           int u_end) {
-  const int g = u / C;
-  const int c_begin = u - g * C;
-  const int chunks = min(C - c_begin, u_end - u);
-  u += chunks;
-  const int first = ((g * C + 1) * G - 1) / U;
-  const int pieces = ((g + 1) * C * G - 1) / U - first + 1;
-  gemm_segment(wpack, x, scales, qzeros, out, ws, counters, M, N, C, zero_add, x_stride, bias, has_bias, xs, g, c_begin,
-               chunks, blockIdx.x - first, pieces);
-}
-
-extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
-gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
-              const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
-              int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
-              const u16* __restrict__ bias, int has_bias) {
-  __shared__ __align__(16) u16 xs[STAGES * XSTAGE];
-  const int T = N >> 4, C = K >> 7;
-  const int groups = (T + WARPS * TPW - 1) / (WARPS * TPW);  // a group: the WARPS x TPW tiles a CTA computes together
-  // The work is groups x C units (a group's chunk); CTA i takes units [U i / G, U (i + 1) / G) in group-major order:
-  // segments of consecutive chunks of one group (module doc). A group covered by several CTAs is summed by the last
-  // of them to finish, its pieces in a fixed order.
-  const int U = groups * C, G = gridDim.x;  // (the host keeps U x G below 2^31)
-  const int u_end = U * (blockIdx.x + 1) / G;
-  // A range spans at most two groups (the host keeps it at most C units long). Two calls, not a loop: in a loop over
-  // segments the compiler kept ~80 more registers a thread (sm_90: 196 against 118 at 32 rows).
-  int u = U * blockIdx.x / G;
-  if (u < u_end) segment_at(wpack, x, scales, qzeros, out, ws, counters, M, N, C, zero_add, x_stride, bias, has_bias,
-                            xs, U, G, u, u_end);
-  if (u < u_end) {
-    __syncthreads();  // every warp is done with the stages before the next segment's copies overwrite them
-    segment_at(wpack, x, scales, qzeros, out, ws, counters, M, N, C, zero_add, x_stride, bias, has_bias, xs, U, G, u,
-               u_end);
-  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 """
 
@@ -349,47 +305,17 @@ def shared_bytes(mb: int) -> int:
     return STAGES * mb * 8 * CHUNK * 2
 
 
-@functools.lru_cache(maxsize=4096)
 def plan(M: int, T: int, C: int, config: tuple, sms: int) -> tuple:
-    """(row blocks, warps, tiles a warp, depth, CTAs, pieces) for an [M, K] x [K, 16 T] product: the grid, and the
-    most CTAs that can share one group (the split-K workspace's slots). ``config`` = (warps, tiles a warp, depth,
-    CTAs per SM[, balanced]). Groups are a CTA's warps x tiles side by side, C chunks of K each.
-
-    balanced 0 (the default): each group is split over K into ``splits`` equal CTAs, enough for the CTAs-per-SM
-    target (at least 2 chunks a split). balanced 1: CTAs-per-SM x SMs CTAs take equal ranges of all groups' chunks
-    (``segments``), so every SM gets the same work whatever the group count (a stream-K schedule)."""
+    """(row blocks, warps, tiles a warp, depth, CTAs along N, splits over K) for an [M, K] x [K, 16 T] product;
+    ``config`` = (warps, tiles a warp, depth, CTAs per SM)."""
     mb = row_blocks(M)
-    warps, tpw, depth, per_sm = config[:4]
-    balanced = config[4] if len(config) > 4 else 0
+    warps, tpw, depth, per_sm = config
     if T % tpw:
         tpw = 1  # a warp's tiles side by side: an odd tile count gives one tile a warp
-    groups = -(-T // (warps * tpw))
-    units = groups * C
-    if balanced and units * max(groups, per_sm * sms) < 2 ** 31:  # (the kernel's unit arithmetic is 32-bit)
-        # at least 2 chunks a CTA (the pipeline fills in two), and at most C: a range then meets at most two groups
-        ctas = max(groups, min(per_sm * sms, units // 2))
-        least = units // ctas  # chunks a CTA takes, at least
-        return mb, warps, tpw, depth, ctas, 1 if units % ctas == 0 and least % C == 0 else -(-C // least) + 1
+    ctas = -(-T // (warps * tpw))
     # at least 2 chunks a split (the pipeline fills in two), and enough CTAs for per_sm on every SM
-    splits = max(1, min(C // 2 if C >= 2 else 1, -(-per_sm * sms // groups)))
-    return mb, warps, tpw, depth, groups * splits, splits
-
-
-def segments(groups: int, C: int, ctas: int, cta: int) -> list:
-    """What CTA ``cta`` of ``ctas`` computes, as the kernel derives it: [(group, first chunk, chunks, piece, pieces)].
-    The groups x C units (a group's chunk) are cut into equal consecutive ranges, one a CTA, in group-major order; a
-    group met by several CTAs is summed from their pieces 0..pieces-1 (the CPU tests check the arithmetic)."""
-    U = groups * C
-    u, end, out = U * cta // ctas, U * (cta + 1) // ctas, []
-    while u < end:
-        g = u // C
-        c = u - g * C
-        n = min(C - c, end - u)
-        first = ((g * C + 1) * ctas - 1) // U
-        last = ((g + 1) * C * ctas - 1) // U
-        out.append((g, c, n, cta - first, last - first + 1))
-        u += n
-    return out
+    splits = max(1, min(C // 2 if C >= 2 else 1, -(-per_sm * sms // ctas)))
+    return mb, warps, tpw, depth, ctas, splits
 
 
 def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
@@ -408,20 +334,20 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     x2d = mma_gemv.kernel_input(x2d, perm)
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     config = config or config_for(M, K, N)
-    mb, warps, tpw, depth, ctas, pieces = plan(M, T, C, tuple(config), sms)
+    mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
     kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm), "gptq_mma_gemm",
                                lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm))
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)
-    if pieces > 1:
-        held = mma_gemv.workspace(x2d.device, pieces, M, N)
+    if splits > 1:
+        held = mma_gemv.workspace(x2d.device, splits, M, N)
         if held is None:
             return None
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
-    kernel(grid=(ctas, 1, 1), block=(warps * 32, 1, 1),
+    kernel(grid=(ctas, splits, 1), block=(warps * 32, 1, 1),
            args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else out,
                  counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0),
                  bias if bias is not None else out, int(bias is not None)])

@@ -475,8 +475,7 @@ def test_mma_gemv_split_k_workspace_in_cuda_graphs():
 
 
 # -- the tensor-core small-M GEMM (mma_gemm.py) -------------------------------------------------------------
-GEMM_CONFIGS = [None, (4, 1, 1, 4), (8, 2, 3, 1), (4, 2, 2, 2), (8, 1, 3, 8),  # mma_gemm.CONFIGS's form
-                (4, 1, 1, 2, 1), (8, 1, 2, 3, 1)]  # balanced: equal ranges of every group's chunks a CTA
+GEMM_CONFIGS = [None, (4, 1, 1, 4), (8, 2, 3, 1), (4, 2, 2, 2), (8, 1, 3, 8)]  # mma_gemm.CONFIGS's form
 
 
 @pytest.mark.parametrize("in_f,out_f", MMA_SHAPES)
