@@ -359,13 +359,12 @@ class GPTQLinear(nn.Module):
         use_triton = _use_triton(self.qweight.device)
         trivial = self._trivial_g_idx() if use_triton else None
         rows = x.numel() // self.in_features if self.in_features else 0
+        bias = None if self.bias is None else self.bias.to(dtype)
         if (use_triton and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == self.in_features and dtype in _GEMV_DTYPES
                 and not (torch.is_grad_enabled() and x.requires_grad) and settings().gptq_gemv):
             # decoding: the fused GEMV reads the packed weight once and writes no float weight
             x2d = x.reshape(rows, self.in_features)
             y = None
-            bias = None if self.bias is None else self.bias.to(dtype)
-            biased = False  # the tensor-core kernels add the bias in their epilogue (one kernel less a call)
             fast_bf16 = dtype == torch.bfloat16 and self.bits == 4 and device_type == "cuda"
             capturing = torch.cuda.is_current_stream_capturing() if device_type == "cuda" else False
             # the weight copies below (6.3 GB for 14B) are made by decoding calls (one position per row), not by
@@ -379,14 +378,14 @@ class GPTQLinear(nn.Module):
                     from .mma_gemm import mma_gemm
 
                     y = mma_gemm(x2d, *mm, bias=bias)  # None: no split-K workspace yet inside a capture
-                    biased = y is not None
                 elif mm is not None and rows <= MMA_MAX_ROWS:
                     from .mma_gemv import mma_gemv
 
                     y = mma_gemv(x2d, *mm, low_rank=low_rank, bias=bias)
-                    biased = y is not None
                     if y is not None and low_rank is not None:
                         self.low_rank_epilogue = None  # added: the engine's hook must not add it again
+                if y is not None:
+                    bias = None  # added in the tensor-core kernel's epilogue (one kernel less a call)
             if y is None and fast_bf16 and rows <= INT4PACK_MAX_ROWS and settings().gptq_int4pack:
                 packed = self._int4pack_weight(build=build)
                 if packed is not None:
@@ -397,10 +396,9 @@ class GPTQLinear(nn.Module):
                 y = gptq_gemv(x2d, self.qweight, self.qzeros, self.scales, self.g_idx,
                               self.bits, self.v2, self.group_size, trivial)
             y = y.reshape(*x.shape[:-1], self.out_features)
-            if bias is not None and not biased:
+            if bias is not None:
                 y = y + bias
         else:
-            bias = None if self.bias is None else self.bias.to(dtype)
             args = (x, self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.v2, self.group_size,
                     trivial, bias)
             if autocast:
