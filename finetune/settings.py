@@ -25,9 +25,6 @@ class Settings:
     gptq_gemv: bool = True      # FINETUNE_GPTQ_GEMV: decoding through the fused Int4 GEMV
     gptq_int4pack: bool = True  # FINETUNE_GPTQ_INT4PACK: 1-4 row bf16 decoding through aten's int4 kernel
     gptq_mma: bool = True       # FINETUNE_GPTQ_MMA: 1-64 row bf16 decoding on tensor cores (mma_gemv.py, mma_gemm.py)
-    # FINETUNE_GPTQ_BULK: 1-8 row tensor-core GEMV with its weights streamed by Hopper's bulk copies (compute
-    # capability 9.0+; 0: each warp loads its own, the form of other GPUs)
-    gptq_bulk: bool = True
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
     static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
     fused_decode: bool = True   # FINETUNE_FUSED_DECODE: the engine's decode step through fused Triton kernels on CUDA

@@ -53,10 +53,6 @@ LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in share
 # register buffers a warp (1: a chunk's loads are not issued ahead of the previous chunk's compute), target CTAs
 # per SM for the split over K).
 CONFIGS = {1: (8, 1, 2), 2: (4, 1, 4), 4: (4, 1, 2)}  # by row_blocks()
-# One row block on compute capability 9.0+: the weights and x streamed into shared memory by bulk copies (a producer
-# warp and STAGES stages; the register buffers' depth is 0). (warps, 0, target CTAs per SM, stages), by x rows staged.
-BULK_CONFIGS = {1: (4, 0, 4, 4), 2: (4, 0, 4, 4), 4: (4, 0, 4, 3), 8: (4, 0, 4, 2)}
-BULK_MAX_CHUNKS = 128  # a bulk CTA's chunks at most (K is split further where needed): its scales sit in shared memory
 
 
 def row_blocks(rows: int) -> int:
@@ -199,58 +195,12 @@ template <int N> __device__ __forceinline__ void cp_async_wait_group() {
 }
 """
 
-# Hopper's bulk copies (TMA without a tensor map) and the shared-memory barriers that count their bytes: the GEMV's
-# BULK build (compiled only there: sm_90 instructions).
-BULK_HELPERS = r"""
-__device__ __forceinline__ u32 smem_addr(const void* p) {
-  u32 s;
-  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(p));
-  return s;
-}
-__device__ __forceinline__ void bar_init(unsigned long long* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem_addr(bar)), "r"(count) : "memory");
-}
-// the barriers' initialisation visible to the other threads and to the copy engine before either uses them
-__device__ __forceinline__ void bar_init_fence() {
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-__device__ __forceinline__ void bar_expect(unsigned long long* bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bar_arrive(unsigned long long* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bar)) : "memory");
-}
-__device__ __forceinline__ void bar_wait(unsigned long long* bar, u32 parity) {
-  asm volatile("{\n"
-               ".reg .pred done;\n"
-               "WAIT:\n"
-               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-               "@!done bra WAIT;\n"
-               "}" :: "r"(smem_addr(bar)), "r"(parity) : "memory");
-}
-// bytes (a multiple of 16, both addresses 16-byte aligned) from global to shared memory, counted on bar
-__device__ __forceinline__ void bulk_copy(void* dst, const void* src, u32 bytes, unsigned long long* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
-}
-"""
-
-_SOURCE = r"""
+_SOURCE = HELPERS + r"""
 #define WARPS __WARPS__
 #define MB __MB__
 #define DEPTH __DEPTH__
 #define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
 #define LORA __LORA__  // 1: the low-rank epilogue (a build of its own, so the plain kernel's code is unchanged)
-// BULK 1 (one row block, sm_90): a producer warp streams the CTA's weights and x into STAGES shared-memory stages by
-// bulk copies, WARPS consumer warps compute from there; 0: each warp loads its own chunks into DEPTH register buffers
-#define BULK __BULK__
-#define STAGES __STAGES__
-#define XROWS __XROWS__  // rows of x a stage holds (at least M)
-#define STAGE_W (WARPS * 1024)  // a stage's weights: one 1 KiB chunk a consumer warp
-#define STAGE_BYTES (STAGE_W + XROWS * WARPS * 256)
-#define MAXC __MAXC__  // chunks a CTA at most (the caller splits K so): its scales and zeros sit in shared memory
-#define MAXG ((MAXC + GCHUNKS - 1) / GCHUNKS + 1)  // groups such a range can touch
 
 struct Chunk {
   U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
@@ -415,89 +365,17 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   __shared__ __align__(16) u16 l_sel[MB * 8 * LSTRIDE];
   {
     const int pieces = R >> 3;  // 16-byte pieces a row
-    for (int i = threadIdx.x; i < 16 * pieces; i += blockDim.x) {
+    for (int i = threadIdx.x; i < 16 * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
       cp_async16(l_bt + row * LSTRIDE + c, lbt + (size_t)(n0 + row) * R + c);
     }
-    for (int i = threadIdx.x; i < M * pieces; i += blockDim.x) {
+    for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
       cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);
       cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);
     }
   }
 #endif
-  float acc[MB][4];
-#pragma unroll
-  for (int mb = 0; mb < MB; ++mb) acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.f;
-#if BULK
-  // The CTA's chunks [c_begin, c_end) of this tile lie contiguously in wpack. Load g (g = 0, 1, ...) brings chunks
-  // c_begin + g WARPS .. + WARPS - 1 and x at their inputs into stage g % STAGES; consumer warp w computes the w-th.
-  // full[s]: the stage's bytes have landed (the producer's arrival plus the copies' byte count); empty[s]: every
-  // consumer warp is done with it, so the producer may load it again.
-  __shared__ __align__(128) unsigned char stage[STAGES][STAGE_BYTES];
-  __shared__ __align__(8) unsigned long long full[STAGES], empty[STAGES];
-  __shared__ u16 s_sc[MAXG][16];
-  __shared__ int s_z[MAXG][2];
-  const int loads = (c_end - c_begin + WARPS - 1) / WARPS;
-  const int g_first = c_begin / GCHUNKS, n_groups = (c_end - 1) / GCHUNKS - g_first + 1;
-  const unsigned char* wsrc = (const unsigned char*)(wpack + ((size_t)tile * C + c_begin) * 64);
-  auto issue = [&](int g) {
-    const int s = g % STAGES, c = c_begin + g * WARPS, n = min(WARPS, c_end - c);
-    bar_expect(&full[s], (u32)(n * (1024 + M * 256)));
-    bulk_copy(stage[s], wsrc + (size_t)g * STAGE_W, n * 1024, &full[s]);
-    for (int row = 0; row < M; ++row)
-      bulk_copy(stage[s] + STAGE_W + row * (WARPS * 256), x + (size_t)row * x_stride + (size_t)c * 128, n * 256,
-                &full[s]);
-  };
-  if (warp == WARPS && lane == 0) {
-    for (int s = 0; s < STAGES; ++s) {
-      bar_init(&full[s], 1);
-      bar_init(&empty[s], WARPS);
-    }
-    bar_init_fence();
-    for (int g = 0; g < STAGES && g < loads; ++g) issue(g);
-  }
-  // the range's scales and zero words, once (their latency overlaps the first stages' copies)
-  for (int i = threadIdx.x; i < n_groups * 16; i += blockDim.x)
-    s_sc[i >> 4][i & 15] = scales[(size_t)(g_first + (i >> 4)) * N + n0 + (i & 15)];
-  for (int i = threadIdx.x; i < n_groups * 2; i += blockDim.x)
-    s_z[i >> 1][i & 1] = qzeros[(size_t)(g_first + (i >> 1)) * (N >> 3) + (n0 >> 3) + (i & 1)];
-  __syncthreads();
-  if (warp == WARPS) {
-    if (lane == 0)
-      for (int g = STAGES; g < loads; ++g) {
-        bar_wait(&empty[g % STAGES], ((g / STAGES) - 1) & 1);
-        issue(g);
-      }
-  } else {
-    for (int g = 0; g < loads; ++g) {
-      const int s = g % STAGES, c = c_begin + g * WARPS + warp;
-      bar_wait(&full[s], (g / STAGES) & 1);
-      if (c < c_end) {
-        Chunk b;
-        const U4* wp = (const U4*)(stage[s] + warp * 1024) + lane * 2;
-        b.w[0] = wp[0];
-        b.w[1] = wp[1];
-        if (r < M) {
-          const U4* xp = (const U4*)(stage[s] + STAGE_W + r * (WARPS * 256) + warp * 256 + t * 64);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) b.xv[0][i] = xp[i];
-        } else {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) b.xv[0][i] = U4{0u, 0u, 0u, 0u};
-        }
-        const int gi = c / GCHUNKS - g_first;
-        b.s0 = s_sc[gi][r];
-        b.s1 = s_sc[gi][r + 8];
-        b.z0 = s_z[gi][0];
-        b.z1 = s_z[gi][1];
-        compute_chunk(b, acc, r, zero_add);
-      }
-      __syncwarp();
-      if (lane == 0) bar_arrive(&empty[s]);
-    }
-  }
-#else
   Cursor p;
   p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;
 #if GCHUNKS == 1
@@ -511,6 +389,9 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   for (int mb = 0; mb < MB; ++mb)
     p.x[mb] = mb * 8 + r < M ? x + (size_t)(mb * 8 + r) * x_stride + c0 * 128 + (t << 5) : nullptr;
   p.c = c0;
+  float acc[MB][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.f;
 
   // This warp's chunks: c_begin + warp + i * WARPS for i < mine.
   const int mine = c_end - c_begin - warp > 0 ? (c_end - c_begin - warp + WARPS - 1) / WARPS : 0;
@@ -532,15 +413,13 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
       }
     }
   }
-#endif
 
   // the CTA's warps: sum in shared memory; warp 0 writes (or adds to the split-K workspace)
   __shared__ float red[WARPS][MB * 4][32];
-  if (warp < WARPS)  // (not the BULK build's producer warp)
 #pragma unroll
-    for (int mb = 0; mb < MB; ++mb)
+  for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
-      for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
+    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
 #if LORA
   cp_async_wait_all();  // this thread's copies; the barrier below makes every thread's visible
 #endif
@@ -600,24 +479,11 @@ _kernels: dict = {}  # (device index, warps, MB, depth, group size, LoRA epilogu
 _workspaces: dict = {}
 
 
-def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False, stages: int = 0,
-                  xrows: int = 1) -> str:
-    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py): ``depth`` register
-    buffers a warp, or (``stages`` > 0, one row block) the bulk-copy build with ``stages`` shared-memory stages of
-    ``xrows`` rows of x."""
-    source = (HELPERS + BULK_HELPERS + _SOURCE) if stages else (HELPERS + _SOURCE)
-    return (source.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
+def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
+    return (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
             .replace("__GCHUNKS__", str(group_size // CHUNK)).replace("__LORA__", str(int(lora)))
-            .replace("__LRMAX__", str(LORA_MAX_RANK)).replace("__BULK__", str(int(stages > 0)))
-            .replace("__STAGES__", str(max(stages, 1))).replace("__XROWS__", str(xrows))
-            .replace("__MAXC__", str(BULK_MAX_CHUNKS)))
-
-
-def bulk_shared_bytes(warps: int, stages: int, xrows: int, group_size: int, lora: bool) -> int:
-    """Static shared memory of a bulk-copy build (at most 48 KiB: more needs an opt-in the launch does not make)."""
-    groups = -(-BULK_MAX_CHUNKS // (group_size // CHUNK)) + 1
-    lora_bytes = (16 + 2 * 8) * (LORA_MAX_RANK + 8) * 2 if lora else 0
-    return stages * (warps * 1024 + xrows * warps * 256) + 16 * stages + groups * 40 + warps * 4 * 32 * 4 + lora_bytes
+            .replace("__LRMAX__", str(LORA_MAX_RANK)))
 
 
 def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
@@ -625,18 +491,15 @@ def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
         return torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"])
 
 
-def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False,
-            stages: int = 0, xrows: int = 1):
+def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False):
     """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
     it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
     and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    fallback = "one-row decoding uses the register-load build" if stages else "decoding uses the other Int4 kernels"
-    return compiled(device, (warps, mb, depth, group_size, lora, stages, xrows), "gptq_mma_gemv",
-                    lambda: kernel_source(warps, mb, depth, group_size, lora, stages, xrows), fallback)
+    return compiled(device, (warps, mb, depth, group_size, lora), "gptq_mma_gemv",
+                    lambda: kernel_source(warps, mb, depth, group_size, lora))
 
 
-def compiled(device: torch.device, config: tuple, name: str, source,
-             fallback: str = "decoding uses the other Int4 kernels"):
+def compiled(device: torch.device, config: tuple, name: str, source):
     """Kernel ``name`` of ``source()`` compiled for ``device`` once per ``config``; what ``_kernel`` says it returns
     (also used by ``mma_gemm.py``)."""
     key = (device.index, name) + config
@@ -652,7 +515,7 @@ def compiled(device: torch.device, config: tuple, name: str, source,
                 except Exception as e:  # NVRTC missing or refusing: the other decode kernels still work
                     detail = " ".join(str(e).split())[:300]
                     k = f"the tensor-core kernel {name} did not compile ({type(e).__name__}: {detail})"
-                    warnings.warn(f"{k}; {fallback}", stacklevel=4)
+                    warnings.warn(k + "; decoding uses the other Int4 kernels", stacklevel=4)
                 _kernels[key] = k
     return k
 
@@ -714,49 +577,6 @@ def check_bias(bias: torch.Tensor | None, N: int, device: torch.device, name: st
                          f"bf16 ({N},) on {device})")
 
 
-def check_config(config: tuple, M: int, group_size: int, lora: bool) -> tuple:
-    """(warps, depth, per_sm, stages) of a launch configuration given as (warps, depth, per_sm) or with stages:
-    register buffers (depth >= 1, stages 0) or bulk copies (depth 0, stages >= 1; at most 8 rows, 48 KiB)."""
-    if len(config) not in (3, 4):
-        raise ValueError(f"mma_gemv config {config}: expected (warps, depth, per_sm[, stages])")
-    warps, depth, per_sm, stages = tuple(config) + (0,) * (4 - len(config))
-    if stages == 0 and depth < 1:
-        raise ValueError(f"mma_gemv config {config}: register loads need depth >= 1")
-    if stages > 0:
-        if depth != 0 or M > 8:
-            raise ValueError(f"mma_gemv config {config}: bulk copies take depth 0 and at most 8 rows (got {M})")
-        if (need := bulk_shared_bytes(warps, stages, bulk_rows(M), group_size, lora)) > 48 * 1024:
-            raise ValueError(f"mma_gemv config {config}: {need} bytes of shared memory at {M} rows (at most 49152)")
-    return warps, depth, per_sm, stages
-
-
-def bulk_rows(M: int) -> int:
-    """Rows of x a bulk-copy build's stages hold for an M-row call (1, 2, 4 or 8)."""
-    return 1 << (M - 1).bit_length()
-
-
-def split_count(C: int, T: int, warps: int, per_sm: int, stages: int, sms: int) -> int:
-    """CTAs a 16-column tile's C chunks are split over: enough for ``per_sm`` CTAs on every SM, at least one chunk a
-    warp; a bulk-copy CTA (``stages`` > 0) takes at most BULK_MAX_CHUNKS chunks."""
-    splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
-    return min(C, max(splits, -(-C // BULK_MAX_CHUNKS))) if stages else splits
-
-
-_bulk_devices: dict = {}
-
-
-def bulk_ready(device: torch.device) -> bool:
-    """Whether one-row-block calls on ``device`` take the bulk-copy build (compute capability 9.0+, the switch on)."""
-    from ..settings import settings
-
-    if not settings().gptq_bulk:
-        return False
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    if key not in _bulk_devices:
-        _bulk_devices[key] = torch.cuda.get_device_capability(key) >= (9, 0)
-    return _bulk_devices[key]
-
-
 def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """x as the tensor-core kernels read it (also ``mma_gemm``): columns in the repacked weight's input order
     (act-order weights), unit column stride, rows 16-byte aligned."""
@@ -786,20 +606,12 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     check_bias(bias, N, x2d.device, "mma_gemv")
     x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
-    lora = low_rank is not None
-    kernel = None
-    if config is None and mb == 1 and bulk_ready(x2d.device):
-        xrows = bulk_rows(M)
-        warps, depth, per_sm, stages = BULK_CONFIGS[xrows]
-        kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora, stages, xrows)
-        if isinstance(kernel, str):  # not compiled (warned): the register-load build
-            kernel = None
-    if kernel is None:
-        warps, depth, per_sm, stages = check_config(config or CONFIGS[mb], M, group_size, lora)
-        kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora, stages, bulk_rows(M) if stages else 1)
+    warps, depth, per_sm = config or CONFIGS[mb]
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+    splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
+    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):
         return None
-    splits = split_count(C, T, warps, per_sm, stages, torch.cuda.get_device_properties(x2d.device).multi_processor_count)
     ws, counters = (None, None)
     if splits > 1:
         held = workspace(x2d.device, splits, M, N)
@@ -810,7 +622,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     dummy = out
     h, sel, bt = low_rank if low_rank is not None else (dummy, dummy, dummy)
     kernel(
-        grid=(T, splits, 1), block=((warps + (stages > 0)) * 32, 1, 1),
+        grid=(T, splits, 1), block=(warps * 32, 1, 1),
         args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
               counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
               h, sel, bt, h.shape[-1] if low_rank is not None else 0,

@@ -98,31 +98,3 @@ def test_the_bias_epilogue_takes_a_contiguous_bf16_vector_of_the_outputs():
                      (torch.zeros(128, dtype=torch.bfloat16)[::2], "expected a contiguous bf16 \\(64,\\)")]:
         with pytest.raises(ValueError, match="mma_gemm bias: .*" + why):
             G.check_bias(bad, 64, torch.device("cpu"), "mma_gemm")
-
-
-def test_launch_configs_are_checked_and_bulk_ctas_split_long_ranges():
-    """A config is register loads (depth >= 1) or bulk copies (depth 0, stages >= 1, at most 8 rows, within the
-    48 KiB of static shared memory), each refused in one line naming it; a bulk CTA never takes more than
-    BULK_MAX_CHUNKS chunks, so its scales fit in shared memory."""
-    assert G.check_config((8, 1, 2), 1, 128, False) == (8, 1, 2, 0)
-    assert G.check_config((4, 0, 4, 4), 1, 128, True) == (4, 0, 4, 4)
-    for cfg, rows, why in [((4, 0, 4), 1, "depth >= 1"), ((4, 0, 4, 2), 9, "at most 8 rows"),
-                           ((4, 1, 4, 2), 1, "depth 0"), ((4, 0, 4, 4), 8, "56424 bytes of shared memory at 8 rows"),
-                           ((4, 1), 1, "expected")]:
-        with pytest.raises(ValueError, match=why):
-            G.check_config(cfg, rows, 128, False)
-    for key, (warps, depth, per_sm, stages) in G.BULK_CONFIGS.items():
-        assert G.check_config((warps, depth, per_sm, stages), key, 128, True)  # the defaults fit, LoRA included
-    C = 29568 // 128
-    assert G.split_count(C, 960, 4, 4, 0, 132) == 1
-    assert G.split_count(C, 960, 4, 4, 4, 132) == 2 and -(-C // 2) <= G.BULK_MAX_CHUNKS
-    assert G.split_count(40, 320, 4, 4, 4, 132) == G.split_count(40, 320, 4, 4, 0, 132) == 2
-
-
-def test_bulk_build_is_its_own_source():
-    """The bulk-copy build's sm_90 instructions appear only in its source; the register build's source is the
-    same with and without the bulk code present."""
-    bulk = G.kernel_source(4, 1, 0, 128, stages=4, xrows=1)
-    plain = G.kernel_source(8, 1, 1, 128)
-    assert "cp.async.bulk" in bulk and "#define BULK 1" in bulk and "#define STAGES 4" in bulk
-    assert "cp.async.bulk" not in plain and "#define BULK 0" in plain
