@@ -40,8 +40,6 @@ def main(argv=None) -> int:
     ap.add_argument("--tpw", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--depth", nargs="+", type=int, default=[1, 2, 3])
     ap.add_argument("--per-sm", nargs="+", type=int, default=[1, 2, 4])
-    ap.add_argument("--chunk-major", action="store_true",
-                    help="also each config on the chunk-major weight copy (mma_gemv.to_chunk_major), labelled gemmC")
     ap.add_argument("--baselines", type=int, default=1, help="also time the GEMV (rows <= 32) and the Triton GEMM")
     ap.add_argument("--pick", help="write the CONFIGS and MIN_ROWS lines chosen from the timings to this file")
     ap.add_argument("--apply", action="store_true", help="with --pick: also write them into finetune/quant/mma_gemm.py")
@@ -59,7 +57,6 @@ def main(argv=None) -> int:
     for name, (K, N) in GEMV_SHAPE_SETS[args.shapes].items():
         weight_bytes, layers = layer_copies(K, N, device)
         packed = repacked(layers)
-        cmajor = [dict(pk, wpack=G.to_chunk_major(pk["wpack"])) for pk in packed] if args.chunk_major else None
         exact = dequantize_t(**layers[0], bits=4, dtype=torch.float32)
         for M in args.rows:
             x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
@@ -75,11 +72,6 @@ def main(argv=None) -> int:
                     return MG.mma_gemm(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128, pk["perm"],
                                        config=cfg)
                 cands.append((f"gemm{cfg}", fn, packed))
-                if cmajor is not None:
-                    def fnc(x, pk, cfg=cfg):
-                        return MG.mma_gemm(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128,
-                                           pk["perm"], config=cfg, chunk_major=True)
-                    cands.append((f"gemmC{cfg}", fnc, cmajor))
             if args.baselines:
                 if M <= G.KERNEL_ROWS:
                     def gemv(x, pk):
@@ -98,13 +90,10 @@ def main(argv=None) -> int:
                     best = (label, row["us"])
             if best:
                 print(f"BEST {name} rows={M}: {best[0]} {best[1]:.1f} us", flush=True)
-        del layers, packed, cmajor
+        del layers, packed
         torch.cuda.empty_cache()
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    for M in args.rows:  # one decoder layer's five Linears, the fastest configs of each layout
-        totals = sorted(layer_totals(results, M, "gemm").items(), key=lambda kv: kv[1])
-        print(f"LAYER rows={M}: " + ", ".join(f"{k} {us:.1f} us" for k, us in totals[:8]), flush=True)
     if args.pick:
         lines = pick(results)
         Path(args.pick).write_text(lines + "\n")
@@ -141,7 +130,7 @@ def pick(results) -> str:
     unchanged when 16 rows were not timed)."""
     chosen, min_rows = dict(MG.CONFIGS), MG.MIN_ROWS
     for mb, rows in ((1, 8), (2, 16), (4, 32), (8, 64)):
-        full = layer_totals(results, rows, "gemm(")
+        full = layer_totals(results, rows, "gemm")
         if not full:
             continue
         best = min(full, key=full.get)
@@ -161,7 +150,7 @@ def pick_shapes(results, chosen: dict, margin: float = 0.03) -> dict:
     CONFIGS entry) on that shape by more than ``margin`` (timing noise between configs is a few percent)."""
     times = {}
     for r in results:
-        if r["kernel"].startswith("gemm(") and timed_right(r):
+        if r["kernel"].startswith("gemm") and timed_right(r):
             times.setdefault((MG.row_blocks(r["rows"]), r["K"], r["N"]), {})[gemm_config(r["kernel"])] = r["us"]
     out = {}
     for key, by_cfg in times.items():

@@ -36,8 +36,6 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", nargs="+", type=int, default=[2, 4, 8])
     ap.add_argument("--depth", nargs="+", type=int, default=[2, 4])
     ap.add_argument("--per-sm", nargs="+", type=int, default=[2, 4, 8])
-    ap.add_argument("--chunk-major", action="store_true",
-                    help="also each config on the chunk-major weight copy (mma_gemv.to_chunk_major), labelled mmaC")
     ap.add_argument("--extra", nargs="*", default=[], help="more configs to time, each warps,depth,per_sm")
     ap.add_argument("--pick", help="write the CONFIGS line (by 8-row blocks: the fastest config over one layer's five "
                                    "Linears at 1, 16 and 32 rows) to this file")
@@ -58,7 +56,6 @@ def main(argv=None) -> int:
     for name, (K, N) in GEMV_SHAPE_SETS[args.shapes].items():
         weight_bytes, layers = layer_copies(K, N, device)
         mma = repacked(layers)
-        cmajor = [dict(pk, wpack=G.to_chunk_major(pk["wpack"])) for pk in mma] if args.chunk_major else None
         packs = int4pack_layers(layers) if args.baselines else None
         exact = dequantize_t(**layers[0], bits=4, dtype=torch.float32)
         for M in args.rows:
@@ -73,11 +70,6 @@ def main(argv=None) -> int:
                     return G.mma_gemv(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128, pk["perm"],
                                       config=cfg)
                 cands.append((f"mma{cfg}", fn, mma))
-                if cmajor is not None:
-                    def fnc(x, pk, cfg=cfg):
-                        return G.mma_gemv(x, pk["wpack"], pk["scales"], pk["qzeros"], pk["zero_add"], 128, pk["perm"],
-                                          config=cfg, chunk_major=True)
-                    cands.append((f"mmaC{cfg}", fnc, cmajor))
             if packs is not None:
                 def tiny(x, pk):
                     return P.int4pack_mm(x, pk["packed"], pk["sz"], 128, pk["perm"])
@@ -94,13 +86,10 @@ def main(argv=None) -> int:
                     best = (label, row["us"])
             if best:
                 print(f"BEST {name} rows={M}: {best[0]} {best[1]:.1f} us", flush=True)
-        del layers, mma, packs, cmajor
+        del layers, mma, packs
         torch.cuda.empty_cache()
         if args.out:
             Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
-    for M in args.rows:  # one decoder layer's five Linears, the fastest configs
-        totals = sorted(layer_totals(results, M, "mma").items(), key=lambda kv: kv[1])
-        print(f"LAYER rows={M}: " + ", ".join(f"{k} {us:.1f} us" for k, us in totals[:8]), flush=True)
     if args.pick:
         lines = pick(results)
         Path(args.pick).write_text(lines + "\n")
@@ -147,31 +136,28 @@ def apply_lines(src: Path, lines: str) -> None:
     src.write_text("\n".join(text) + "\n")
 
 
-PER_LAYER = {"c_attn": 1, "attn.c_proj": 1, "w1/w2": 2, "mlp.c_proj": 1}  # the 14B shapes in one decoder layer
-
-
-def layer_totals(results, rows, prefix) -> dict:
-    """Per kernel label starting with ``prefix``: one decoder layer's time at ``rows`` (labels timed on every shape)."""
-    totals = {}
-    for r in results:
-        if r.get("rows") == rows and r["kernel"].startswith(prefix) and "us" in r:
-            totals.setdefault(r["kernel"], {})[r["layer"]] = r["us"]
-    return {k: sum(PER_LAYER[name] * us for name, us in v.items()) for k, v in totals.items()
-            if set(v) == set(PER_LAYER)}
-
-
 def pick(results) -> str:
     """The CONFIGS and MAX_ROWS lines of finetune/quant/mma_gemv.py from timed results: per 8-row block count, the
     config with the least time over one decoder layer's Linears (c_attn, attn.c_proj, w1, w2, mlp.c_proj); and the
     largest of 8, 16, 32 rows up to which the best config beats the Triton GEMV where that was timed."""
+    per_layer = {"c_attn": 1, "attn.c_proj": 1, "w1/w2": 2, "mlp.c_proj": 1}
+
+    def layer_totals(rows, prefix):
+        totals = {}
+        for r in results:
+            if r.get("rows") == rows and r["kernel"].startswith(prefix) and "us" in r:
+                totals.setdefault(r["kernel"], {})[r["layer"]] = r["us"]
+        return {k: sum(per_layer[name] * us for name, us in v.items()) for k, v in totals.items()
+                if set(v) == set(per_layer)}
+
     chosen, max_rows = {}, 8
     for mb, rows in ((1, 1), (2, 16), (4, 32)):
-        full = layer_totals(results, rows, "mma(")
+        full = layer_totals(rows, "mma")
         if not full:
             continue
         best = min(full, key=full.get)
         chosen[mb] = best[3:]
-        triton = layer_totals(results, rows, "triton_gemv").get("triton_gemv")
+        triton = layer_totals(rows, "triton_gemv").get("triton_gemv")
         if rows > 8 and max_rows == rows // 2 and (triton is None or full[best] < triton):
             max_rows = rows
     return ("CONFIGS = {" + ", ".join(f"{mb}: {cfg}" for mb, cfg in chosen.items()) + "}  # by row_blocks()\n"

@@ -70,7 +70,6 @@ _SOURCE = r"""
 #define DEPTH __DEPTH__
 #define GCHUNKS __GCHUNKS__
 #define STAGES __STAGES__
-#define CMAJOR __CMAJOR__  // 1: the weight copy chunk-major (mma_gemv.to_chunk_major)
 #define MINB __MINB__            // CTAs an SM must hold: caps the registers a thread (the config's per-SM target)
 #define XROW 128                 // bf16 a shared row of x: one chunk
 #define XSTAGE (MB * 8 * XROW)  // bf16 a stage
@@ -95,7 +94,7 @@ __device__ __forceinline__ void load_x(u16* stage, const u16* x, int M, int x_st
 
 // the weights, scales and zeros of the next chunk; the pointers advance by one chunk
 __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, const int*& z, int& c, int N,
-                                       size_t tile_stride, size_t chunk_stride) {
+                                       size_t tile_stride) {
 #pragma unroll
   for (int tp = 0; tp < TPW; ++tp) {
     b.w[tp][0] = ld_stream(w + tp * tile_stride);
@@ -117,7 +116,7 @@ __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, c
     b.z[tp][0] = zc[2 * tp];
     b.z[tp][1] = zc[2 * tp + 1];
   }
-  w += chunk_stride;
+  w += 64;
   c += 1;
 }
 
@@ -190,13 +189,8 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const int c_begin = (int)((long long)C * split / splits);
   const int chunks = (int)((long long)C * (split + 1) / splits) - c_begin;
 
-#if CMAJOR  // U4 between two tiles' blocks and between two chunks' (mma_gemv's CMAJOR)
-  const size_t tile_stride = 64, chunk_stride = (size_t)T * 64;
-  const U4* wp = wpack + ((size_t)c_begin * T + ltile) * 64 + lane * 2;
-#else
-  const size_t tile_stride = (size_t)C * 64, chunk_stride = 64;
+  const size_t tile_stride = (size_t)C * 64;  // U4 between two tiles' blocks
   const U4* wp = wpack + ((size_t)ltile * C + c_begin) * 64 + lane * 2;
-#endif
 #if GCHUNKS == 1
   const u16* sp = scales + (size_t)c_begin * N + ltile * 16 + r;
   const int* zp = qzeros + (size_t)c_begin * (N >> 3) + ltile * 2;
@@ -224,15 +218,14 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   WChunk buf[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH - 1; ++d)
-    if (d < chunks) load_w(buf[d], wp, sp, zp, cw, N, tile_stride, chunk_stride);
+    if (d < chunks) load_w(buf[d], wp, sp, zp, cw, N, tile_stride);
   int stage = 0, next_stage = STAGES - 1;
   for (int base = 0; base < chunks; base += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int i = base + d;
       if (i < chunks) {
-        if (i + DEPTH - 1 < chunks)
-          load_w(buf[(d + DEPTH - 1) % DEPTH], wp, sp, zp, cw, N, tile_stride, chunk_stride);
+        if (i + DEPTH - 1 < chunks) load_w(buf[(d + DEPTH - 1) % DEPTH], wp, sp, zp, cw, N, tile_stride);
         cp_async_wait_group<STAGES - 2>();  // this thread's copies of chunk i have landed
         __syncthreads();                    // and every thread's
         if (i + STAGES - 1 < chunks) load_x(xs + next_stage * XSTAGE, x, M, x_stride, c_begin + i + STAGES - 1);
@@ -296,16 +289,14 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 
-def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1,
-                  chunk_major: bool = False) -> str:
+def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1) -> str:
     """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``min_blocks``:
     CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them)."""
     if group_size % CHUNK:
         raise ValueError(f"mma_gemm: group size {group_size} is not a multiple of {CHUNK}")
     body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw))
             .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
-            .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks)))
-            .replace("__CMAJOR__", str(int(chunk_major))))
+            .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks))))
     return mma_gemv.HELPERS + body
 
 
@@ -329,13 +320,13 @@ def plan(M: int, T: int, C: int, config: tuple, sms: int) -> tuple:
 
 def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
-             bias: torch.Tensor | None = None, chunk_major: bool = False) -> torch.Tensor | None:
+             bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x2d [M, K] bf16 (1 <= M <= 64; GPTQLinear sends it ``MIN_ROWS`` and more) @ W.T -> [M, N] bf16 from
     ``mma_gemv.repack``'s tensors; None inside a graph capture that finds the kernel not compiled or the split-K
     workspace too small (the caller uses another kernel). ``config``: a tuple of ``CONFIGS``'s form instead of
     ``config_for``'s. ``bias`` [N] bf16: added in fp32 before the output's one rounding."""
     M, K = x2d.shape
-    C, T = wpack.shape[:2] if chunk_major else reversed(wpack.shape[:2])  # (mma_gemv.to_chunk_major's order)
+    T, C = wpack.shape[:2]
     N = T * 16
     if K != C * CHUNK:
         raise ValueError(f"mma_gemm: x has {K} columns, the repacked weight {C * CHUNK} inputs")
@@ -345,8 +336,8 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     config = config or config_for(M, K, N)
     mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
-    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm, chunk_major), "gptq_mma_gemm",
-                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm, chunk_major))
+    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm), "gptq_mma_gemm",
+                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm))
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)

@@ -107,12 +107,6 @@ def repack(qweight, qzeros, scales, g_idx, v2: bool = False, group_size: int = 1
             0 if v2 else 1, perm)
 
 
-def to_chunk_major(wpack: torch.Tensor) -> torch.Tensor:
-    """``repack``'s weight [T, C, 32, 8] reordered chunk-major, [C, T, 32, 8]: chunk c of every 16-column tile side by
-    side, so CTAs working on the same chunk index read one contiguous region (``mma_gemv(..., chunk_major=True)``)."""
-    return wpack.permute(1, 0, 2, 3).contiguous()
-
-
 def emulate(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
             group_size: int) -> torch.Tensor:
     """The kernel's arithmetic in torch (fp32), read from the repacked layout the way the kernel reads it: a
@@ -207,7 +201,6 @@ _SOURCE = HELPERS + r"""
 #define DEPTH __DEPTH__
 #define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
 #define LORA __LORA__  // 1: the low-rank epilogue (a build of its own, so the plain kernel's code is unchanged)
-#define CMAJOR __CMAJOR__  // 1: wpack is chunk-major [C, T, 32, 8] (chunk c of every tile adjacent); 0: [T, C, 32, 8]
 
 struct Chunk {
   U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
@@ -255,11 +248,7 @@ __device__ __forceinline__ void load_chunk(Chunk& b, Cursor& p, int N) {
       for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{0u, 0u, 0u, 0u};
     }
   }
-#if CMAJOR
-  p.w += (size_t)WARPS * (N >> 4) * 64;
-#else
   p.w += WARPS * 64;
-#endif
   p.c += WARPS;
 }
 
@@ -388,11 +377,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   }
 #endif
   Cursor p;
-#if CMAJOR
-  p.w = wpack + ((size_t)c0 * (N >> 4) + tile) * 64 + lane * 2;
-#else
   p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;
-#endif
 #if GCHUNKS == 1
   p.s = scales + (size_t)c0 * N + n0 + r;
   p.z = qzeros + (size_t)c0 * (N >> 3) + (n0 >> 3);
@@ -494,12 +479,11 @@ _kernels: dict = {}  # (device index, warps, MB, depth, group size, LoRA epilogu
 _workspaces: dict = {}
 
 
-def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False,
-                  chunk_major: bool = False) -> str:
+def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
     """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
     return (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
             .replace("__GCHUNKS__", str(group_size // CHUNK)).replace("__LORA__", str(int(lora)))
-            .replace("__LRMAX__", str(LORA_MAX_RANK)).replace("__CMAJOR__", str(int(chunk_major))))
+            .replace("__LRMAX__", str(LORA_MAX_RANK)))
 
 
 def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
@@ -507,13 +491,12 @@ def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
         return torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"])
 
 
-def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False,
-            chunk_major: bool = False):
+def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False):
     """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
     it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
     and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    return compiled(device, (warps, mb, depth, group_size, lora, chunk_major), "gptq_mma_gemv",
-                    lambda: kernel_source(warps, mb, depth, group_size, lora, chunk_major))
+    return compiled(device, (warps, mb, depth, group_size, lora), "gptq_mma_gemv",
+                    lambda: kernel_source(warps, mb, depth, group_size, lora))
 
 
 def compiled(device: torch.device, config: tuple, name: str, source):
@@ -606,8 +589,7 @@ def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
 
 def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
-             low_rank: tuple | None = None, bias: torch.Tensor | None = None,
-             chunk_major: bool = False) -> torch.Tensor | None:
+             low_rank: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x2d [M, K] bf16 (M <= KERNEL_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
     graph capture that finds the kernel not compiled or the split-K workspace too small (made only outside
     captures; the caller then uses another kernel).
@@ -617,7 +599,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     in fp32 with the product before its one rounding to bf16; ``lora_unfit`` says which inputs it takes.
     ``bias`` [N] bf16: added the same way (``check_bias``)."""
     M, K = x2d.shape
-    C, T = wpack.shape[:2] if chunk_major else reversed(wpack.shape[:2])  # (chunk_major: ``to_chunk_major``'s)
+    T, C = wpack.shape[:2]
     N = T * 16
     if low_rank is not None and (why := lora_unfit(low_rank, M, N)) is not None:
         raise ValueError(f"mma_gemv low_rank: {why}")
@@ -627,7 +609,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     warps, depth, per_sm = config or CONFIGS[mb]
     sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
     splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
-    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None, chunk_major=chunk_major)
+    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)

@@ -443,31 +443,6 @@ def test_mma_gemv_gives_every_weight_exactly(config):
         assert torch.equal(y, wt[start:start + 32]), start
 
 
-@pytest.mark.parametrize("in_f,out_f", [(5120, 15360), (13696, 5120), (1024, 1040)])
-def test_chunk_major_copy_gives_the_same_bits(in_f, out_f):
-    """The chunk-major weight copy changes only where a warp's chunk lies, not which warp sums it: the same bits as
-    the tile-major copy, in the GEMV and the GEMM, for every row block, with and without the split over K."""
-    from finetune.quant import mma_gemv as G
-
-    p = _random_packed(in_f, out_f, seed=43)
-    packed = G.repack(**p, group_size=128)
-    cm = G.to_chunk_major(packed[0])
-    for rows in (1, 5, 16, 32):
-        x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
-        for config in (None, (4, 1, 8), (8, 2, 1)):
-            want = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config)
-            got = G.mma_gemv(x, cm, *packed[1:4], 128, packed[4], config=config, chunk_major=True)
-            assert torch.equal(got, want), (rows, config)
-    from finetune.quant import mma_gemm as MG
-
-    for rows in (9, 33, 64):
-        x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16)
-        for config in (None, (4, 1, 1, 8), (8, 2, 2, 1)):
-            want = MG.mma_gemm(x, *packed[:4], 128, packed[4], config=config)
-            got = MG.mma_gemm(x, cm, *packed[1:4], 128, packed[4], config=config, chunk_major=True)
-            assert torch.equal(got, want), (rows, config)
-
-
 def test_mma_gemv_split_k_workspace_in_cuda_graphs():
     """The split-K counters are reset by the last CTA of each tile and the slots are summed in a fixed order: graph
     replays and repeated calls equal the eager call bit for bit (with 3+ splits, atomic adds would not), and a

@@ -98,14 +98,3 @@ def test_the_bias_epilogue_takes_a_contiguous_bf16_vector_of_the_outputs():
                      (torch.zeros(128, dtype=torch.bfloat16)[::2], "expected a contiguous bf16 \\(64,\\)")]:
         with pytest.raises(ValueError, match="mma_gemm bias: .*" + why):
             G.check_bias(bad, 64, torch.device("cpu"), "mma_gemm")
-
-
-def test_chunk_major_copy_puts_each_chunk_of_every_tile_side_by_side():
-    """to_chunk_major: [T, C, 32, 8] -> [C, T, 32, 8], chunk c of tile t at row c, column t; the kernel's source
-    has a build for each order."""
-    w = torch.arange(3 * 5 * 32 * 8, dtype=torch.int32).view(3, 5, 32, 8)
-    cm = G.to_chunk_major(w)
-    assert cm.shape == (5, 3, 32, 8) and cm.is_contiguous()
-    assert torch.equal(cm[4, 2], w[2, 4])
-    assert "#define CMAJOR 1" in G.kernel_source(4, 1, 1, 128, chunk_major=True)
-    assert "#define CMAJOR 0" in G.kernel_source(4, 1, 1, 128)
