@@ -85,6 +85,26 @@ def stamped_gemv_source(warps: int, depth: int) -> str:
     return src.replace('extern "C"', STAMP + 'extern "C"', 1)
 
 
+def two_chains(src: str) -> str:
+    """The GEMV source with each chunk's eight HMMA's into two accumulators (even and odd k16 steps) instead of one
+    chain, added before the scale: half the dependent chain a chunk, if the HMMA latency is what binds (not bit-equal:
+    the fp32 sums are added in another order)."""
+    swaps = [("  float tmp[MB][4];", "  float tmp[MB][4], tmp2[MB][4];"),
+             ("  float sx[MB][4];", "  float sx[MB][4], sx2[MB][4];"),
+             ("      tmp[mb][i] = 0.f;", "      tmp[mb][i] = tmp2[mb][i] = 0.f;"),
+             ("      sx[mb][i] = 0.f;", "      sx[mb][i] = sx2[mb][i] = 0.f;"),
+             ("      mma(tmp[mb], a0,", "      mma((j & 1) ? tmp2[mb] : tmp[mb], a0,"),
+             ("      mma(sx[mb], ones,", "      mma((j & 1) ? sx2[mb] : sx[mb], ones,"),
+             ("  const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);",
+              "#pragma unroll\n  for (int mb = 0; mb < MB; ++mb)\n#pragma unroll\n    for (int i = 0; i < 4; ++i) {\n"
+              "      tmp[mb][i] += tmp2[mb][i];\n#if ZERO_BY_SUM\n      sx[mb][i] += sx2[mb][i];\n#endif\n    }\n"
+              "  const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);")]
+    for a, b in swaps:
+        assert src.count(a) == 1, f"two_chains: {a!r} not found once in the kernel source"
+        src = src.replace(a, b)
+    return src
+
+
 def summarise(tls: list[torch.Tensor]) -> dict:
     """Timeline statistics over the calls of one graph (the first call left out: it follows the graph's start)."""
     rows = []
@@ -157,6 +177,15 @@ def main(argv=None) -> int:
                                       out, out, out, 0, out, 0, tl])
         variants.append((f"gemv{(warps, depth, per_sm)} splits {splits}", [gemv_call(pk, tl) for pk, tl in zip(packs, tls)],
                          tls))
+        chained = torch.cuda._compile_kernel(two_chains(stamped_gemv_source(warps, depth)), "gptq_mma_gemv",
+                                             nvcc_options=["-std=c++17"])
+        ctls = [torch.zeros(T * splits * 3, dtype=torch.int64, device=device) for _ in packs]
+
+        def chained_call(pk, tl):
+            return lambda: chained(grid=(T, splits, 1), block=(warps * 32, 1, 1),
+                                   args=[pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0),
+                                         out, out, out, 0, out, 0, tl])
+        variants.append(("gemv, two HMMA chains", [chained_call(pk, tl) for pk, tl in zip(packs, ctls)], ctls))
         for w, inflight in ((warps, 1), (warps, 4), (4, 1), (4, 4)):
             src = READ.replace("__WARPS__", str(w)).replace("__INFLIGHT__", str(inflight))
             k = torch.cuda._compile_kernel(src, "read_like_gemv", nvcc_options=["-std=c++17"])
