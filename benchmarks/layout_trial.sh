@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One GPU call for a tensor-core kernel change (NOTES step 38): the kernels' GPU tests, the GEMV probe at 1, 8 and 32
+# rows and the GEMM probe at 16, 32 and 64 rows over the configs CONFIGS uses, then the decode workloads with this
+# tree and with the tree of BASE (a commit, unpacked beside it: the same machine, the same model dir).
+#   QWEN_FT_COMMIT=<hash> BASE=<hash> bash benchmarks/layout_trial.sh     (OUT: results; .whl and old/ carried)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/layout_out}"
+mkdir -p "$OUT"
+source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
+timeout "${T_TESTS:-150}" python3 -m pytest -q -m cuda -x tests/quant/test_quant_cuda.py \
+  -k "mma or bias or decoding_rows" > "$OUT/tests.log" 2>&1
+echo "tests rc=$?"; tail -2 "$OUT/tests.log"
+timeout 120 python3 benchmarks/mma_gemv_probe.py --rows 1 8 32 --baselines 0 --warps 4 8 --depth 1 --per-sm 2 4 \
+  --out "$OUT/gemv_probe.json" > "$OUT/gemv_probe.log" 2>&1
+echo "gemv probe rc=$?"; grep -E "^copy|^BEST" "$OUT/gemv_probe.log"
+timeout 120 python3 benchmarks/mma_gemm_probe.py --rows 16 32 64 --baselines 0 --warps 4 --tpw 1 --depth 1 \
+  --per-sm 1 2 4 --out "$OUT/gemm_probe.json" > "$OUT/gemm_probe.log" 2>&1
+echo "gemm probe rc=$?"; grep -E "^BEST" "$OUT/gemm_probe.log"
+MODEL=/tmp/decode_bench/14b_int4
+python3 benchmarks/make_model_dir.py --shape 14b --int4 --out "$MODEL" > "$OUT/make_model.log" 2>&1
+W="${WORKLOADS:-b1_512 b1_512_adapter b1_ctx2000 b64_mixed}"
+timeout "${T_DECODE:-170}" python3 benchmarks/decode_bench.py --part engine --model-dir "$MODEL" --workloads $W \
+  --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
+echo "decode rc=$?"; grep -E "tok/s" "$OUT/decode.log" | tail -8
+if [ -d old ]; then
+  (cd old && PYTHONPATH="$PWD:$PYTHONPATH" QWEN_FT_COMMIT="${BASE:-base}" timeout "${T_DECODE:-170}" python3 \
+    benchmarks/decode_bench.py --part engine --model-dir "$MODEL" --workloads ${OLD_WORKLOADS:-$W} \
+    --out "$OUT/decode_base.json" > "$OUT/decode_base.log" 2>&1)
+  echo "decode base rc=$?"; grep -E "tok/s" "$OUT/decode_base.log" | tail -8
+fi
