@@ -22,10 +22,10 @@ python3 benchmarks/make_model_dir.py --shape 14b --int4 --out "$MODEL" > "$OUT/m
 W="${WORKLOADS:-b1_512 b1_512_adapter b1_ctx2000 b64_mixed}"
 timeout "${T_DECODE:-170}" python3 benchmarks/decode_bench.py --part engine --model-dir "$MODEL" --workloads $W \
   --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
-echo "decode rc=$?"; grep -E "tok/s" "$OUT/decode.log" | tail -8
+echo "decode rc=$?"; python3 benchmarks/decode_summary.py "$OUT/decode.json"
 if [ -d old ]; then
   (cd old && PYTHONPATH="$PWD:$PYTHONPATH" QWEN_FT_COMMIT="${BASE:-base}" timeout "${T_DECODE:-170}" python3 \
     benchmarks/decode_bench.py --part engine --model-dir "$MODEL" --workloads ${OLD_WORKLOADS:-$W} \
     --out "$OUT/decode_base.json" > "$OUT/decode_base.log" 2>&1)
-  echo "decode base rc=$?"; grep -E "tok/s" "$OUT/decode_base.log" | tail -8
+  echo "decode base rc=$?"; python3 benchmarks/decode_summary.py "$OUT/decode_base.json"
 fi
