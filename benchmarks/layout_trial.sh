@@ -9,12 +9,12 @@ OUT="${OUT:-/tmp/layout_out}"
 mkdir -p "$OUT"
 source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
 timeout "${T_TESTS:-150}" python3 -m pytest -q -m cuda -x tests/quant/test_quant_cuda.py \
-  -k "mma or bias or decoding_rows" > "$OUT/tests.log" 2>&1
+  -k "${TESTS_K:-mma or bias or decoding_rows}" > "$OUT/tests.log" 2>  -k "mma or bias or decoding_rows" > "$OUT/tests.log" 2>&11
 echo "tests rc=$?"; tail -2 "$OUT/tests.log"
 timeout 120 python3 benchmarks/mma_gemv_probe.py --rows ${GEMV_ROWS:-1 8 32} --baselines 0 --warps 4 8 --depth 1 --per-sm 2 4 \
   --out "$OUT/gemv_probe.json" > "$OUT/gemv_probe.log" 2>&1
 echo "gemv probe rc=$?"; grep -E "^copy|^BEST" "$OUT/gemv_probe.log"
-timeout 120 python3 benchmarks/mma_gemm_probe.py --rows ${GEMM_ROWS:-16 32 64} --baselines 0 --warps 4 --tpw 1 --depth 1 \
+[ -n "${GEMM_ROWS-x}" ] && timeout 120 python3 benchmarks/mma_gemm_probe.py --rows ${GEMM_ROWS:-16 32 64} --baselines 0 --warps 4 --tpw 1 --depth 1 \
   --per-sm ${GEMM_PER_SM:-1 2 4} --out "$OUT/gemm_probe.json" > "$OUT/gemm_probe.log" 2>&1
 echo "gemm probe rc=$?"; grep -E "^BEST" "$OUT/gemm_probe.log"
 MODEL=/tmp/decode_bench/14b_int4
