@@ -96,6 +96,59 @@ read_flat(const U4* __restrict__ w, long long n, unsigned* sink, unsigned long l
 """
 
 
+# Two more read-only twins, to tell apart what separates the GEMV's grid from the flat read (NOTES, "where it stands
+# after session 18"): RANGE, each CTA reads its own tile's contiguous range (as the GEMV's CTAs) but in the flat read's
+# order (thread t: 16 bytes at 16 t, then 16 t + 4 KiB, ...); PERSIST, one wave of CTAs (CTAs an SM x SMs) each
+# taking tiles i, i + G, ... in turn, reading each range as the GEMV's warps do (lane L: 32 bytes at 32 L a chunk).
+RANGE = G.HELPERS + STAMP + r"""
+extern "C" __global__ void __launch_bounds__(256)
+read_range(const U4* __restrict__ wpack, int C, unsigned* sink, unsigned long long* tl) {
+  const unsigned long long t0 = gtime();
+  const U4* base = wpack + (size_t)blockIdx.x * C * 64;  // the tile's C chunks: C * 64 U4
+  const int n = C * 64;
+  unsigned acc = 0;
+  for (int i = threadIdx.x; i < n; i += 4 * 256) {
+    U4 v[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[k] = i + k * 256 < n ? ld_stream(base + i + k * 256) : U4{0u, 0u, 0u, 0u};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) acc ^= v[k].x ^ v[k].w;
+  }
+  if (acc == 0x9E3779B9u) sink[0] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    tl[3 * blockIdx.x] = t0;
+    tl[3 * blockIdx.x + 1] = gtime();
+    tl[3 * blockIdx.x + 2] = sm_id();
+  }
+}
+"""
+PERSIST = G.HELPERS + STAMP + r"""
+#define WARPS 8
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+read_persistent(const U4* __restrict__ wpack, int C, int T, unsigned* sink, unsigned long long* tl) {
+  const unsigned long long t0 = gtime();
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  unsigned acc = 0;
+  for (int tile = blockIdx.x; tile < T; tile += gridDim.x) {
+    const U4* p = wpack + ((size_t)tile * C + warp) * 64 + lane * 2;
+    for (int c = warp; c < C; c += WARPS) {
+      const U4 a = ld_stream(p), b = ld_stream(p + 1);
+      acc ^= a.x ^ a.w ^ b.x ^ b.w;
+      p += WARPS * 64;
+    }
+  }
+  if (acc == 0x9E3779B9u) sink[0] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    tl[3 * blockIdx.x] = t0;
+    tl[3 * blockIdx.x + 1] = gtime();
+    tl[3 * blockIdx.x + 2] = sm_id();
+  }
+}
+"""
+
+
 def stamped_gemv_source(warps: int, depth: int) -> str:
     """mma_gemv's one-row-block kernel with a timeline argument: thread 0 writes (start, all warps' chunks done, SM)."""
     src = G.kernel_source(warps, 1, depth, 128)
@@ -201,8 +254,8 @@ def main(argv=None) -> int:
             return lambda: gemv(grid=(T, splits, 1), block=(warps * 32, 1, 1),
                                 args=[pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0),
                                       out, out, out, 0, out, 0, tl])
-        variants.append((f"gemv{(warps, depth, per_sm)} splits {splits}", [gemv_call(pk, tl) for pk, tl in zip(packs, tls)],
-                         tls))
+        calls = [gemv_call(pk, tl) for pk, tl in zip(packs, tls)]
+        variants.append((f"gemv{(warps, depth, per_sm)} splits {splits}", calls, tls))
         chained = torch.cuda._compile_kernel(two_chains(stamped_gemv_source(warps, depth)), "gptq_mma_gemv",
                                              nvcc_options=["-std=c++17"])
         ctls = [torch.zeros(T * splits * 3, dtype=torch.int64, device=device) for _ in packs]
@@ -219,8 +272,8 @@ def main(argv=None) -> int:
 
             def read_call(pk, tl, k=k, w=w):
                 return lambda: k(grid=(T, 1, 1), block=(w * 32, 1, 1), args=[pk[0], C, sink, tl])
-            variants.append((f"read {w} warps, {inflight} in flight", [read_call(pk, tl) for pk, tl in zip(packs, rtls)],
-                             rtls))
+            calls = [read_call(pk, tl) for pk, tl in zip(packs, rtls)]
+            variants.append((f"read {w} warps, {inflight} in flight", calls, rtls))
         flat = torch.cuda._compile_kernel(FLAT, "read_flat", nvcc_options=["-std=c++17"])
         for per_sm in (4, 8):
             ftls = [torch.zeros(sms * per_sm * 3, dtype=torch.int64, device=device) for _ in packs]
@@ -230,6 +283,22 @@ def main(argv=None) -> int:
                                     args=[pk[0], pk[0].numel() // 4, sink, tl])
             variants.append((f"read flat, {per_sm} CTAs an SM", [flat_call(pk, tl) for pk, tl in zip(packs, ftls)],
                              ftls))
+        rng = torch.cuda._compile_kernel(RANGE, "read_range", nvcc_options=["-std=c++17"])
+        gtls = [torch.zeros(T * 3, dtype=torch.int64, device=device) for _ in packs]
+
+        def range_call(pk, tl):
+            return lambda: rng(grid=(T, 1, 1), block=(256, 1, 1), args=[pk[0], C, sink, tl])
+        calls = [range_call(pk, tl) for pk, tl in zip(packs, gtls)]
+        variants.append(("read each tile's range, flat order", calls, gtls))
+        persist = torch.cuda._compile_kernel(PERSIST, "read_persistent", nvcc_options=["-std=c++17"])
+        for per_sm in (2, 4):
+            grid = min(T, sms * per_sm)
+            ptls = [torch.zeros(grid * 3, dtype=torch.int64, device=device) for _ in packs]
+
+            def persist_call(pk, tl, grid=grid):
+                return lambda: persist(grid=(grid, 1, 1), block=(256, 1, 1), args=[pk[0], C, T, sink, tl])
+            calls = [persist_call(pk, tl) for pk, tl in zip(packs, ptls)]
+            variants.append((f"read persistent, {per_sm} CTAs an SM", calls, ptls))
         for label, calls, tl_list in variants:
             sec = run(calls, device)
             stats = summarise(tl_list)
