@@ -17,7 +17,9 @@ import gemv_timeline as GT  # noqa: E402
 def test_the_stamped_gemv_records_each_ctas_start_end_and_sm():
     src = GT.stamped_gemv_source(8, 1)
     assert "unsigned long long* tl) {" in src and "tl[3 * cta] = t_start" in src and "%%globaltimer" in src
-    assert src.count("__syncthreads();\n  if (threadIdx.x == 0) {") == 1  # after the loop's barrier: all warps done
+    # once, after the barrier that follows the chunk loop (all warps done)
+    assert src.count("tl[3 * cta] = t_start") == 1
+    assert src.index("compute_chunk(buf[d]") < src.index("__syncthreads();\n  if (threadIdx.x == 0) {\n    const int cta")
     chained = GT.two_chains(src)
     assert "tmp2[mb]" in chained and "sx[mb][i] += sx2[mb][i]" in chained
 
