@@ -79,7 +79,7 @@ read_like_gemv(const U4* __restrict__ wpack, int C, unsigned* sink, unsigned lon
 # (4 loads in flight a thread), CTAs enough for the SMs: what one kernel's read of those bytes can take.
 FLAT = G.HELPERS + STAMP + r"""
 extern "C" __global__ void __launch_bounds__(256)
-read_flat(const U4* __restrict__ w, long long n, unsigned* sink, unsigned long long* tl) {
+read_flat(const U4* __restrict__ w, int n, unsigned* sink, unsigned long long* tl) {  // (int: torch passes ints as C int)
   const unsigned long long t0 = gtime();
   const long long stride = (long long)gridDim.x * blockDim.x;
   unsigned acc = 0;
