@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_bench import GEMV_SHAPES, copy_bandwidth, layer_copies  # noqa: E402
+from decode_bench import GEMV_SHAPES, copy_bandwidth, layer_copies, time_gemv  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 from finetune.quant import mma_gemv as G  # noqa: E402
@@ -191,24 +191,13 @@ def summarise(tls: list[torch.Tensor]) -> dict:
     return {k: sum(r[k] for r in keep) / len(keep) for k in keep[0] if keep[0][k] is not None} | {"calls": rows}
 
 
-def run(fn_calls, device) -> float:
-    """Seconds a call over a graph of the given calls (best of 3 replays)."""
-    for f in fn_calls:
-        f()
-    torch.cuda.synchronize(device)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in fn_calls:
-            f()
-    best = float("inf")
-    for _ in range(3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        torch.cuda.synchronize(device)
-        best = min(best, a.elapsed_time(b) / 1e3 / len(fn_calls))
-    return best
+def timed_kernel(label: str, kernel, grid: tuple, block: int, args, ctas: int, packs: list) -> tuple:
+    """(label, one call per layer copy, their timeline buffers) for a stamped kernel: ``args(pack)`` gives the
+    arguments before the timeline buffer, which holds 3 words for each of ``ctas`` CTAs."""
+    tls = [torch.zeros(ctas * 3, dtype=torch.int64, device=pk[0].device) for pk in packs]
+    calls = [lambda pk=pk, tl=tl: kernel(grid=grid, block=(block, 1, 1), args=args(pk) + [tl])
+             for pk, tl in zip(packs, tls)]
+    return label, calls, tls
 
 
 def main(argv=None) -> int:
@@ -228,66 +217,38 @@ def main(argv=None) -> int:
         packs = [G.repack(**lay, group_size=128) for lay in layers]
         T, C = packs[0][0].shape[:2]
         x = torch.randn(1, K, device=device, dtype=torch.bfloat16)
-        variants = []
         warps, depth, per_sm = G.CONFIGS[1]
-        splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
-        gemv = torch.cuda._compile_kernel(stamped_gemv_source(warps, depth), "gptq_mma_gemv",
-                                          nvcc_options=["-std=c++17"])
+        splits = G.split_count(C, T, warps, per_sm, sms)
         ws, counters = G.workspace(device, splits, 1, N)
-        tls = [torch.zeros(T * splits * 3, dtype=torch.int64, device=device) for _ in packs]
         out = torch.empty(1, N, device=device, dtype=torch.bfloat16)
 
-        def gemv_call(pk, tl):
-            return lambda: gemv(grid=(T, splits, 1), block=(warps * 32, 1, 1),
-                                args=[pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0),
-                                      out, out, out, 0, out, 0, tl])
-        calls = [gemv_call(pk, tl) for pk, tl in zip(packs, tls)]
-        variants.append((f"gemv{(warps, depth, per_sm)} splits {splits}", calls, tls))
-        chained = torch.cuda._compile_kernel(two_chains(stamped_gemv_source(warps, depth)), "gptq_mma_gemv",
-                                             nvcc_options=["-std=c++17"])
-        ctls = [torch.zeros(T * splits * 3, dtype=torch.int64, device=device) for _ in packs]
-
-        def chained_call(pk, tl):
-            return lambda: chained(grid=(T, splits, 1), block=(warps * 32, 1, 1),
-                                   args=[pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0),
-                                         out, out, out, 0, out, 0, tl])
-        variants.append(("gemv, two HMMA chains", [chained_call(pk, tl) for pk, tl in zip(packs, ctls)], ctls))
+        def gemv_args(pk):  # mma_gemv's arguments: one row, no LoRA, no bias
+            return [pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0), out, out, out, 0, out, 0]
+        gemv_grid = (T, splits, 1)
+        variants = [
+            timed_kernel(f"gemv{(warps, depth, per_sm)} splits {splits}",
+                         G._compile(device, stamped_gemv_source(warps, depth)), gemv_grid, warps * 32, gemv_args,
+                         T * splits, packs),
+            timed_kernel("gemv, two HMMA chains", G._compile(device, two_chains(stamped_gemv_source(warps, depth))),
+                         gemv_grid, warps * 32, gemv_args, T * splits, packs)]
         for w, inflight in ((warps, 1), (warps, 4), (4, 1), (4, 4)):
             src = READ.replace("__WARPS__", str(w)).replace("__INFLIGHT__", str(inflight))
-            k = torch.cuda._compile_kernel(src, "read_like_gemv", nvcc_options=["-std=c++17"])
-            rtls = [torch.zeros(T * 3, dtype=torch.int64, device=device) for _ in packs]
-
-            def read_call(pk, tl, k=k, w=w):
-                return lambda: k(grid=(T, 1, 1), block=(w * 32, 1, 1), args=[pk[0], C, sink, tl])
-            calls = [read_call(pk, tl) for pk, tl in zip(packs, rtls)]
-            variants.append((f"read {w} warps, {inflight} in flight", calls, rtls))
-        flat = torch.cuda._compile_kernel(FLAT, "read_flat", nvcc_options=["-std=c++17"])
-        for per_sm in (4, 8):
-            ftls = [torch.zeros(sms * per_sm * 3, dtype=torch.int64, device=device) for _ in packs]
-
-            def flat_call(pk, tl, per_sm=per_sm):
-                return lambda: flat(grid=(sms * per_sm, 1, 1), block=(256, 1, 1),
-                                    args=[pk[0], pk[0].numel() // 4, sink, tl])
-            variants.append((f"read flat, {per_sm} CTAs an SM", [flat_call(pk, tl) for pk, tl in zip(packs, ftls)],
-                             ftls))
-        rng = torch.cuda._compile_kernel(RANGE, "read_range", nvcc_options=["-std=c++17"])
-        gtls = [torch.zeros(T * 3, dtype=torch.int64, device=device) for _ in packs]
-
-        def range_call(pk, tl):
-            return lambda: rng(grid=(T, 1, 1), block=(256, 1, 1), args=[pk[0], C, sink, tl])
-        calls = [range_call(pk, tl) for pk, tl in zip(packs, gtls)]
-        variants.append(("read each tile's range, flat order", calls, gtls))
-        persist = torch.cuda._compile_kernel(PERSIST, "read_persistent", nvcc_options=["-std=c++17"])
-        for per_sm in (2, 4):
-            grid = min(T, sms * per_sm)
-            ptls = [torch.zeros(grid * 3, dtype=torch.int64, device=device) for _ in packs]
-
-            def persist_call(pk, tl, grid=grid):
-                return lambda: persist(grid=(grid, 1, 1), block=(256, 1, 1), args=[pk[0], C, T, sink, tl])
-            calls = [persist_call(pk, tl) for pk, tl in zip(packs, ptls)]
-            variants.append((f"read persistent, {per_sm} CTAs an SM", calls, ptls))
+            variants.append(timed_kernel(f"read {w} warps, {inflight} in flight",
+                                         G._compile(device, src, "read_like_gemv"), (T, 1, 1), w * 32,
+                                         lambda pk: [pk[0], C, sink], T, packs))
+        flat = G._compile(device, FLAT, "read_flat")
+        for flat_per_sm in (4, 8):
+            variants.append(timed_kernel(f"read flat, {flat_per_sm} CTAs an SM", flat, (sms * flat_per_sm, 1, 1), 256,
+                                         lambda pk: [pk[0], pk[0].numel() // 4, sink], sms * flat_per_sm, packs))
+        variants.append(timed_kernel("read each tile's range, flat order", G._compile(device, RANGE, "read_range"),
+                                     (T, 1, 1), 256, lambda pk: [pk[0], C, sink], T, packs))
+        persist = G._compile(device, PERSIST, "read_persistent")
+        for persist_per_sm in (2, 4):
+            grid = min(T, sms * persist_per_sm)
+            variants.append(timed_kernel(f"read persistent, {persist_per_sm} CTAs an SM", persist, (grid, 1, 1), 256,
+                                         lambda pk: [pk[0], C, T, sink], grid, packs))
         for label, calls, tl_list in variants:
-            sec = run(calls, device)
+            sec = time_gemv(lambda _, call: call(), calls, None, device)  # (a graph of the calls, as the probes)
             stats = summarise(tl_list)
             row = dict(layer=name, K=K, N=N, kernel=label, us=sec * 1e6, pct_copy=100 * weight_bytes / sec / copy_bps,
                        commit=git_commit() or "unknown", **{k: v for k, v in stats.items() if k != "calls"},

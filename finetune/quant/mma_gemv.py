@@ -577,6 +577,12 @@ def check_bias(bias: torch.Tensor | None, N: int, device: torch.device, name: st
                          f"bf16 ({N},) on {device})")
 
 
+def split_count(C: int, T: int, warps: int, per_sm: int, sms: int) -> int:
+    """CTAs a 16-column tile's C chunks are split over: enough for ``per_sm`` CTAs on every SM of ``sms``, at least
+    one chunk a warp."""
+    return max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
+
+
 def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """x as the tensor-core kernels read it (also ``mma_gemm``): columns in the repacked weight's input order
     (act-order weights), unit column stride, rows 16-byte aligned."""
@@ -607,8 +613,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
     warps, depth, per_sm = config or CONFIGS[mb]
-    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
-    splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
+    splits = split_count(C, T, warps, per_sm, torch.cuda.get_device_properties(x2d.device).multi_processor_count)
     kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):
         return None

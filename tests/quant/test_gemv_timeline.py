@@ -36,3 +36,19 @@ def test_timeline_statistics_leave_out_the_first_call():
     assert abs(stats["dispatch_us"] - (2.0 + 0.0) / 2) < 1e-9
     assert abs(stats["gap_before_us"] - (1.0 + 1.0) / 2) < 1e-9  # 60 -> 61 us, 72 -> 73 us
     assert stats["ctas_per_sm_max"] == 2 and len(stats["calls"]) == 3 and stats["calls"][0]["gap_before_us"] is None
+
+
+def test_each_timed_call_launches_its_own_layer_copy_with_its_own_timeline():
+    launched = []
+
+    def kernel(grid, block, args):
+        launched.append((grid, block, args))
+
+    packs = [(torch.zeros(4, dtype=torch.int32), 7), (torch.ones(4, dtype=torch.int32), 8)]
+    label, calls, tls = GT.timed_kernel("k", kernel, (5, 1, 1), 64, lambda pk: [pk[0], pk[1]], 5, packs)
+    assert label == "k" and [tl.shape for tl in tls] == [(15,), (15,)]
+    for call in calls:
+        call()
+    assert [(g, b) for g, b, _ in launched] == [((5, 1, 1), (64, 1, 1))] * 2
+    for (_, _, args), pk, tl in zip(launched, packs, tls):
+        assert args[0] is pk[0] and args[1] == pk[1] and args[2] is tl
