@@ -12,11 +12,12 @@ one matmul-add per layer, whatever the number of adapters (PEFT's own forward: ~
 in the LoRA weights' fp32). In bf16 the LoRA product is thus computed in bf16, as inference servers do; in fp32
 it is PEFT's computation up to the summation order.
 
-On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``), the last two are not kernels of
-their own: a pre-hook computes h and hands (h, selection, bt) to the base layer (``low_rank_epilogue``), whose
-kernel adds (h * selection) @ bt.T to each output before rounding it; the forward hook then adds nothing. One
-kernel a Linear instead of three (a decode step of a 40-layer model: 200 launches instead of 600). Where the base
-runs another kernel (or the rank sum is over 128) it leaves the tensors, and the forward hook adds them as above.
+On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``), none of the three is a kernel
+of its own: a pre-hook hands (A_all, selection, bt) to the base layer (``low_rank_epilogue``), whose kernel computes
+h = x A_all in CTAs of its own and adds (h * selection) @ bt.T to each output before rounding it; the forward hook
+then adds nothing. One kernel a Linear instead of four (a decode step of a 40-layer model: 200 launches instead of
+800). Where the base runs another kernel (or the rank sum is over 128) it leaves the tensors, and the forward hook
+computes and adds them as above.
 ``FINETUNE_GPTQ_LORA_EPILOGUE=0`` always leaves them to the hook (settings.py).
 
 Why not PEFT's mixed-batch ``adapter_names=`` forward: it splits the batch by adapter with index lists built
@@ -149,29 +150,28 @@ class RowAdapters:
                 sel = select.t().index_select(1, cols).to(dtype).contiguous()  # [rows, R]: 1 where a row uses it
                 by_cols[(id(cols), dtype)] = sel
             x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
-            h = torch.matmul(x2, a_all).reshape(-1, a_all.shape[1])
-            low_rank = None
+            offered = None
             if (x2.shape[1] == 1 and dtype == torch.bfloat16 and hasattr(module.base_layer, "_mma_weight")
                     and settings().gptq_lora_epilogue):
                 from ..quant.mma_gemv import lora_unfit
 
-                if lora_unfit((h, sel, bt), h.shape[0], bt.shape[0]) is None:  # one token a row: a decode step
-                    low_rank = (h, sel, bt)
-                    module.base_layer.low_rank_epilogue = low_rank  # the base may add it in its kernel
-            module.__dict__["_row_low_rank"] = (h, sel, bt, low_rank)
+                if lora_unfit((a_all, sel, bt), x2.shape[0], a_all.shape[0], bt.shape[0]) is None:
+                    offered = (a_all, sel, bt)  # one token a row (a decode step): the base may compute it all
+                    module.base_layer.low_rank_epilogue = offered
+            module.__dict__["_row_low_rank"] = (x2, a_all, sel, bt, offered)
 
         return pre_hook
 
     def _hook(self):
         def hook(module, args, output):
-            h, sel, bt, offered = module.__dict__.pop("_row_low_rank")
+            x2, a_all, sel, bt, offered = module.__dict__.pop("_row_low_rank")
             if offered is not None:
                 taken = module.base_layer.low_rank_epilogue is None
                 module.base_layer.low_rank_epilogue = None
                 if taken:
                     return output
-            rows = sel.shape[0]
-            h = (h.view(rows, -1, h.shape[-1]) * sel[:, None, :]).reshape(-1, h.shape[-1])
+            h = torch.matmul(x2, a_all)  # [rows, tokens, R]
+            h = (h * sel[:, None, :]).reshape(-1, h.shape[-1])
             out = output.reshape(-1, output.shape[-1])
             if out.dtype == h.dtype:
                 return torch.addmm(out, h, bt.t()).view(output.shape)

@@ -22,9 +22,10 @@
   from there to 64 rows. Layers they cannot take (not 4-bit, N not a multiple of 16, a group size not a multiple
   of 128) use the kernels above. Both copies are made by the first decoding call (one position per row), not by a
   short training or evaluation forward.
-- The inference engine's unmerged LoRA (``inference/row_adapters.py``) may set ``low_rank_epilogue`` = (h, sel,
-  bt) on the layer just before a forward: when the tensor-core GEMV runs, it adds (h * sel) @ bt.T in its
-  epilogue and the forward sets the attribute back to None; any other kernel leaves it for the engine to add.
+- The inference engine's unmerged LoRA (``inference/row_adapters.py``) may set ``low_rank_epilogue`` = (a, sel,
+  bt) on the layer just before a forward: when the tensor-core GEMV runs, it computes h = x a and adds
+  (h * sel) @ bt.T in the same kernel, and the forward sets the attribute back to None; any other kernel leaves
+  it for the engine to add.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.

@@ -324,17 +324,32 @@ __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4
 __device__ __forceinline__ float bf_lo(u32 w) { return __uint_as_float(w << 16); }
 __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFFF0000u); }
 
-// The low-rank epilogue: sum_j h[j] sel[j] bt[j] over R bf16 values (R a multiple of 8, at most LRMAX): one output's
-// share of (h * sel) @ B, added to the fp32 result before its single rounding to bf16. Its operands (the CTA's 16
-// rows of bt, the batch rows of h and sel) are copied into shared memory by cp.async when the kernel starts, so they
-// arrive while the main loop runs: read from global memory after it (a first version), their latency made each
-// Linear ~6.5 us longer on the H200 (NOTES step 17).
+// The low-rank term (the engine's unmerged LoRA): out += (h * sel) @ bt.T with h = x A, all in the kernel.
+//
+// Producers: the grid's first P CTAs compute h = x A (A [K, R] bf16, each CTA a range of K, partial sums in fp32 to
+// a workspace slot of its own); the last producer to finish (a counter) adds the P slots in a fixed order, writes h
+// rounded to bf16 (as the separate matmul it replaces gave it) and raises a flag. The other CTAs compute the Int4
+// product as the plain build does and, in split 0 of each tile, wait for the flag only after their main loop, by
+// when the producers (a few microseconds of work) are long done: x A costs no launch and no time on the critical
+// path (two cuBLAS kernels a Linear before, ~5.9 us; NOTES step 39). The wait relies on CTAs being dispatched in
+// the order of their index, as CUTLASS's serial split-K does: the producers, first, are resident before any CTA
+// that waits for them. The last of the T waiting CTAs resets the counters for the next call (graph replays).
+//
+// The epilogue: each warp adds its share of the rank's columns (16-byte pieces warp, warp + WARPS, ...) to its
+// accumulators before the CTA's warps are summed, so no warp does all R products alone after the main loop (one
+// warp did before: ~2.3 us a Linear, NOTES step 19). bt's 16 rows and sel are copied into shared memory by
+// cp.async when the kernel starts; h after the wait.
 #define LRMAX __LRMAX__
 #define LSTRIDE (LRMAX + 8)  // a shared row's length: rows 272 bytes apart fall on different banks
-__device__ __forceinline__ float lora_term(const u16* h, const u16* sel, const u16* bt, int R) {
+#define LROWS 4              // batch rows a producer pass accumulates (registers: LROWS x 8 floats a thread)
+
+__device__ __forceinline__ float bf_of(u16 v) { return __uint_as_float((u32)v << 16); }
+
+// this warp's share of sum_j h[j] sel[j] bt[j]: the 16-byte pieces warp, warp + WARPS, ... of the R values
+__device__ __forceinline__ float lora_part(const u16* h, const u16* sel, const u16* bt, int pieces, int warp) {
   float s = 0.f;
-  for (int j = 0; j < R; j += 8) {
-    const U4 hv = *(const U4*)(h + j), sv = *(const U4*)(sel + j), bv = *(const U4*)(bt + j);
+  for (int q = warp; q < pieces; q += WARPS) {
+    const U4 hv = *(const U4*)(h + 8 * q), sv = *(const U4*)(sel + 8 * q), bv = *(const U4*)(bt + 8 * q);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const u32 hw = word_of(hv, i), sw = word_of(sv, i), bw = word_of(bv, i);
@@ -345,15 +360,100 @@ __device__ __forceinline__ float lora_term(const u16* h, const u16* sel, const u
   return s;
 }
 
+// Producer p of P: the partial sums of h = x A over its range of K for all M rows, into lws[p][M][R]; the last
+// producer adds the slots in order, writes h [M, R] bf16 to lh and sets lcnt[1]. Thread (g, q): piece q of A's rows
+// k0 + g, k0 + g + G, ... (G row groups of R / 8 pieces); the groups are summed in shared memory in a fixed order.
+__device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_stride, const u16* __restrict__ la,
+                             int M, int K, int R, float* __restrict__ lws, u16* __restrict__ lh, int* lcnt,
+                             float* part) {
+  const int tid = threadIdx.x, threads = WARPS * 32;
+  const int pieces = R >> 3, G = threads / pieces;
+  const int q = tid % pieces, g = tid / pieces;
+  const int k0 = (int)((long long)K * p / P), k1 = (int)((long long)K * (p + 1) / P);
+  for (int m0 = 0; m0 < M; m0 += LROWS) {
+    float acc[LROWS][8];
+#pragma unroll
+    for (int mm = 0; mm < LROWS; ++mm)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) acc[mm][i] = 0.f;
+    if (g < G) {
+#pragma unroll 4
+      for (int k = k0 + g; k < k1; k += G) {
+        const uint4 a4 = __ldg((const uint4*)(la + (size_t)k * R) + q);
+        const U4 av = {a4.x, a4.y, a4.z, a4.w};
+#pragma unroll
+        for (int mm = 0; mm < LROWS; ++mm) {
+          if (m0 + mm < M) {
+            const float xv = bf_of(__ldg(lx + (size_t)(m0 + mm) * lx_stride + k));
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+              acc[mm][2 * i] += xv * bf_lo(word_of(av, i));
+              acc[mm][2 * i + 1] += xv * bf_hi(word_of(av, i));
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int mm = 0; mm < LROWS; ++mm) {
+      if (m0 + mm >= M) continue;  // (the same for every thread: the barriers stay uniform)
+      __syncthreads();  // part is free
+      if (g < G) {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) part[g * R + 8 * q + i] = acc[mm][i];
+      }
+      __syncthreads();
+      for (int j = tid; j < R; j += threads) {
+        float s = 0.f;
+        for (int gg = 0; gg < G; ++gg) s += part[gg * R + j];
+        __stcg(lws + ((size_t)p * M + m0 + mm) * R + j, s);
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  __shared__ int last;
+  if (tid == 0) last = atomicAdd(lcnt, 1) == P - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int i = tid; i < M * R; i += threads) {
+    float s = 0.f;
+    for (int pp = 0; pp < P; ++pp) s += __ldcg(lws + (size_t)pp * M * R + i);  // a fixed order
+    lh[i] = f2bf(s);
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) atomicExch(lcnt + 1, 1);
+}
+
+__device__ __forceinline__ int ld_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
-              const u16* __restrict__ lh, const u16* __restrict__ lsel, const u16* __restrict__ lbt, int R,
-              const u16* __restrict__ bias, int has_bias) {
+              const u16* __restrict__ lx, int lx_stride, const u16* __restrict__ la, const u16* __restrict__ lsel,
+              const u16* __restrict__ lbt, int R, int P, float* __restrict__ lws, u16* __restrict__ lh,
+              int* __restrict__ lcnt, const u16* __restrict__ bias, int has_bias) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
+#if LORA
+  // a 1-D grid: P producers of h = x A, then the tiles' CTAs (tile fastest, as the plain build's (T, splits) grid)
+  __shared__ __align__(16) float l_part[WARPS * 32 * 8];
+  if ((int)blockIdx.x < P) {
+    lora_produce(blockIdx.x, P, lx, lx_stride, la, M, K, R, lws, lh, lcnt, l_part);
+    return;
+  }
+  const int T = N >> 4;
+  const int tile = ((int)blockIdx.x - P) % T, split = ((int)blockIdx.x - P) / T, splits = (gridDim.x - P) / T;
+#else
   const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+#endif
   const int C = K >> 7;
   const int c_begin = (int)((long long)C * split / splits);
   const int c_end = (int)((long long)C * (split + 1) / splits);
@@ -363,15 +463,14 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   __shared__ __align__(16) u16 l_bt[16 * LSTRIDE];
   __shared__ __align__(16) u16 l_h[MB * 8 * LSTRIDE];
   __shared__ __align__(16) u16 l_sel[MB * 8 * LSTRIDE];
-  {
-    const int pieces = R >> 3;  // 16-byte pieces a row
+  const int pieces = R >> 3;  // 16-byte pieces a row
+  if (split == 0) {  // split 0 of each tile adds the low-rank term
     for (int i = threadIdx.x; i < 16 * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
       cp_async16(l_bt + row * LSTRIDE + c, lbt + (size_t)(n0 + row) * R + c);
     }
     for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
-      cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);
       cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);
     }
   }
@@ -414,15 +513,38 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     }
   }
 
+#if LORA
+  if (split == 0) {
+    if (threadIdx.x == 0)
+      while (ld_acquire(lcnt + 1) == 0) __nanosleep(64);  // h is written (the producers ran first)
+    __syncthreads();
+    for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
+      const int row = i / pieces, c = (i - row * pieces) << 3;
+      const float4 v = __ldcg((const float4*)(lh + (size_t)row * R + c));  // L2: written in this kernel
+      *(float4*)(l_h + row * LSTRIDE + c) = v;
+    }
+    cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's visible
+    __syncthreads();
+    if (threadIdx.x == 0 && atomicAdd(lcnt + 2, 1) == (N >> 4) - 1) {
+      lcnt[0] = 0;  // the last tile to read h: every producer and every waiter is done with the counters
+      lcnt[1] = 0;
+      lcnt[2] = 0;
+    }
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int b = mb * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
+        if (b < M) acc[mb][i] += lora_part(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, pieces, warp);
+      }
+  }
+#endif
   // the CTA's warps: sum in shared memory; warp 0 writes (or adds to the split-K workspace)
   __shared__ float red[WARPS][MB * 4][32];
 #pragma unroll
   for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
-#if LORA
-  cp_async_wait_all();  // this thread's copies; the barrier below makes every thread's visible
-#endif
   __syncthreads();
   if (warp != 0) return;
   float v[MB * 4];
@@ -437,12 +559,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
     for (int i = 0; i < MB * 4; ++i) {
       const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
-#if LORA
-      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R)
-                                              + bias_of(bias, has_bias, n));
-#else
       if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + bias_of(bias, has_bias, n));
-#endif
     }
     return;
   }
@@ -464,9 +581,6 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     if (b < M) {
       float s = 0.f;
       for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((size_t)sp * M + b) * N + n);  // a fixed order
-#if LORA
-      s += lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R);
-#endif
       out[(size_t)b * N + n] = f2bf(s + bias_of(bias, has_bias, n));
     }
   }
@@ -556,17 +670,44 @@ def workspace(device: torch.device, splits: int, rows: int, N: int):
     return held
 
 
-def lora_unfit(low_rank, M: int, N: int) -> str | None:
-    """Why ``mma_gemv``'s epilogue cannot take ``low_rank`` = (h, sel, bt) for an [M, N] output (None: it can)."""
-    h, sel, bt = low_rank
-    R = h.shape[-1]
+def lora_unfit(low_rank, M: int, K: int, N: int) -> str | None:
+    """Why ``mma_gemv``'s epilogue cannot take ``low_rank`` = (a, sel, bt) for x [M, K] and an [M, N] output (None:
+    it can)."""
+    a, sel, bt = low_rank
+    R = a.shape[-1]
     if R % 8 or R == 0 or R > LORA_MAX_RANK:
         return f"rank sum {R} (must be a positive multiple of 8, at most {LORA_MAX_RANK})"
-    want = {"h": (h, (M, R)), "sel": (sel, (M, R)), "bt": (bt, (N, R))}
+    want = {"a": (a, (K, R)), "sel": (sel, (M, R)), "bt": (bt, (N, R))}
     for name, (t, shape) in want.items():
         if tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16:
             return f"{name} {tuple(t.shape)} {t.dtype} (expected a contiguous, 16-byte aligned bf16 {shape})"
     return None
+
+
+LORA_ROWS_A_PRODUCER = 256 * 64  # rows of A x rank a producer CTA reads: 32 KB of A, all its loads in flight at once
+
+
+def lora_producers(K: int, R: int) -> int:
+    """CTAs that compute h = x A in the LoRA build (``R`` the rank sum): ~32 KB of A each."""
+    return max(1, -(-K * R // LORA_ROWS_A_PRODUCER))
+
+
+def lora_workspace(device: torch.device, producers: int, rows: int, R: int):
+    """(partial sums fp32 [producers * rows * R], h bf16 [rows * R], counters int32 [3], zero) for the LoRA build's
+    producers, grown on demand outside graph capture; None when too small during a capture."""
+    key = ("lora", device.index if device.index is not None else torch.cuda.current_device())
+    held = _workspaces.get(key)
+    need = producers * rows * R
+    if held is None or held[0].numel() < need or held[1].numel() < rows * R:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        size = max(need, held[0].numel() if held else 0, 64 * KERNEL_ROWS * LORA_MAX_RANK)
+        hsize = max(rows * R, held[1].numel() if held else 0, KERNEL_ROWS * LORA_MAX_RANK)
+        held = (torch.zeros(size, device=device, dtype=torch.float32),
+                torch.zeros(hsize, device=device, dtype=torch.bfloat16),
+                torch.zeros(3, device=device, dtype=torch.int32))
+        _workspaces[key] = held
+    return held
 
 
 def check_bias(bias: torch.Tensor | None, N: int, device: torch.device, name: str) -> None:
@@ -597,19 +738,20 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
              low_rank: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x2d [M, K] bf16 (M <= KERNEL_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
-    graph capture that finds the kernel not compiled or the split-K workspace too small (made only outside
-    captures; the caller then uses another kernel).
+    graph capture that finds the kernel not compiled or a workspace too small (made only outside captures; the
+    caller then uses another kernel).
 
-    ``low_rank`` = (h [M, R], sel [M, R], bt [N, R]), bf16: adds (h * sel) @ bt.T in the kernel's epilogue (the
-    engine's unmerged LoRA: h = x A, sel the rows' 0/1 adapter selection, bt = B with the scaling folded in), summed
-    in fp32 with the product before its one rounding to bf16; ``lora_unfit`` says which inputs it takes.
-    ``bias`` [N] bf16: added the same way (``check_bias``)."""
+    ``low_rank`` = (a [K, R], sel [M, R], bt [N, R]), bf16: adds (h * sel) @ bt.T with h = x a rounded to bf16, all
+    in the same kernel (the engine's unmerged LoRA: a = the adapters' A side by side, sel the rows' 0/1 adapter
+    selection, bt = B with the scaling folded in), summed in fp32 with the product before its one rounding to bf16;
+    ``lora_unfit`` says which inputs it takes. ``bias`` [N] bf16: added the same way (``check_bias``)."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
-    if low_rank is not None and (why := lora_unfit(low_rank, M, N)) is not None:
+    if low_rank is not None and (why := lora_unfit(low_rank, M, K, N)) is not None:
         raise ValueError(f"mma_gemv low_rank: {why}")
     check_bias(bias, N, x2d.device, "mma_gemv")
+    x_orig = x2d if x2d.stride(1) == 1 else x2d.contiguous()  # the LoRA producers read x in A's row order
     x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
     warps, depth, per_sm = config or CONFIGS[mb]
@@ -625,11 +767,22 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
     dummy = out
-    h, sel, bt = low_rank if low_rank is not None else (dummy, dummy, dummy)
+    if low_rank is not None:
+        a, sel, bt = low_rank
+        R = a.shape[1]
+        producers = lora_producers(K, R)
+        held = lora_workspace(x2d.device, producers, M, R)
+        if held is None:
+            return None
+        lws, lh, lcnt = held
+        grid = (producers + T * splits, 1, 1)
+        lora_args = [x_orig, x_orig.stride(0), a, sel, bt, R, producers, lws, lh, lcnt]
+    else:
+        grid = (T, splits, 1)
+        lora_args = [dummy, 0, dummy, dummy, dummy, 0, 0, dummy, dummy, dummy]
     kernel(
-        grid=(T, splits, 1), block=(warps * 32, 1, 1),
+        grid=grid, block=(warps * 32, 1, 1),
         args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
               counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
-              h, sel, bt, h.shape[-1] if low_rank is not None else 0,
-              bias if bias is not None else dummy, int(bias is not None)])
+              *lora_args, bias if bias is not None else dummy, int(bias is not None)])
     return out

@@ -126,9 +126,10 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
         low_rank = self.__dict__.get("low_rank_epilogue")
         y = real(self, x)
         if low_rank is not None:
-            h, sel, bt = low_rank
-            offers.append(h.shape)
-            y = (y.float() + ((h.float() * sel.float()) @ bt.float().t()).view(y.shape)).to(y.dtype)
+            a, sel, bt = low_rank
+            offers.append(a.shape)
+            h = (x.reshape(-1, a.shape[0]) @ a).float()  # the kernel's h: x a rounded to bf16
+            y = (y.float() + ((h * sel.float()) @ bt.float().t()).view(y.shape)).to(y.dtype)
             self.low_rank_epilogue = None
         return y
 
@@ -142,7 +143,7 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
         with torch.no_grad(), adapters.applied(select):
             fused = layer(x)
             prefill = layer(torch.randn(3, 2, layer.in_features, dtype=torch.bfloat16))
-        assert offers == [(3, 16)] and prefill.shape == (3, 2, layer.out_features)
+        assert offers == [(layer.in_features, 16)] and prefill.shape == (3, 2, layer.out_features)
         torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)  # once, not twice (nor zero times)
         base_only = layer.base_layer(x)
         assert (plain - base_only).abs().max() > 10 * (fused - plain).abs().max()

@@ -400,32 +400,69 @@ def test_mma_gemv_equals_the_exact_product(in_f, out_f, desc_act, v2):
         assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4]), y), rows  # the workspace is clean again
 
 
-@pytest.mark.parametrize("in_f,out_f", [(5120, 15360), (13696, 5120), (4096, 11008)])
+@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True)])
 @pytest.mark.parametrize("ranks", [(64,), (16, 8), (64, 64)])  # (64, 64): the epilogue's largest rank sum
-def test_mma_gemv_low_rank_epilogue_adds_the_lora_product(in_f, out_f, ranks):
-    """The engine's LoRA in the GEMV's epilogue: (h * sel) @ bt.T added to every output before its rounding, for
-    each row its own 0/1 column selection (two adapters, a row with none), with and without the split over K."""
+def test_mma_gemv_low_rank_epilogue_adds_the_lora_product(in_f, out_f, desc_act, ranks):
+    """The engine's LoRA in the GEMV's kernel: h = x A (rounded to bf16, as a separate matmul gives it) computed by
+    the kernel's producer CTAs, then (h * sel) @ bt.T added to every output before its rounding, for each row its
+    own 0/1 column selection (two adapters, a row with none), with and without the split over K, for act-order
+    weights too (the producers read x in A's order, the product in the repacked order). Repeated calls are equal
+    bit for bit, and the counters the producers and waiters share are zero again after each call."""
     from finetune.quant import mma_gemv as G
 
-    p = _random_packed(in_f, out_f, seed=14)
+    p = _random_packed(in_f, out_f, desc_act=desc_act, seed=14)
     exact = dequantize_t(**p, bits=4, dtype=torch.float32)
     packed = G.repack(**p, group_size=128)
     R = sum(ranks)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    bt = (torch.randn(out_f, R, device="cuda", generator=gen) * 0.05).to(torch.bfloat16)
+    bt = (torch.randn(out_f, R, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+    a = (torch.randn(in_f, R, device="cuda", generator=gen) * in_f ** -0.5).to(torch.bfloat16)
     for rows in (1, 3, 9, 32):
         x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16, generator=gen)
-        h = torch.randn(rows, R, device="cuda", dtype=torch.bfloat16, generator=gen)
-        cols = torch.cat([torch.full((r,), a) for a, r in enumerate(ranks)]).cuda()
+        cols = torch.cat([torch.full((r,), a_) for a_, r in enumerate(ranks)]).cuda()
         pick = torch.arange(rows, device="cuda") % (len(ranks) + 1)  # adapter 0, 1, ..., then none
         sel = (cols[None, :] == pick[:, None]).to(torch.bfloat16).contiguous()
-        ref = x.float() @ exact + (h.float() * sel.float()) @ bt.float().t()
+        h = (x.float() @ a.float()).to(torch.bfloat16).float()
+        lora = (h * sel.float()) @ bt.float().t()
+        ref = x.float() @ exact + lora
         for config in (None, (4, 1, 8), (8, 1, 1)):
-            y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(h, sel, bt))
+            y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(a, sel, bt))
             assert _rel_err(y, ref) < 4e-3, (rows, config)
-            assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(h, sel, bt)), y)
+            # the low-rank term itself is there, once (a fifth to a half of the base product's size here)
+            assert _rel_err(y.float() - x.float() @ exact, lora) < 2e-2, (rows, config)
+            assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(a, sel, bt)), y)
+            assert int(G._workspaces[("lora", x.device.index)][2].abs().sum()) == 0
     with pytest.raises(ValueError, match="rank sum 12"):
-        G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(h[:, :12], sel[:, :12], bt[:, :12].contiguous()))
+        G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(a[:, :12].contiguous(), sel[:, :12].contiguous(),
+                                                             bt[:, :12].contiguous()))
+
+
+def test_mma_gemv_low_rank_in_cuda_graphs():
+    """Graph replays of the LoRA build (producers, the flag, the waiting tiles, the split-K counters) equal the eager
+    call bit for bit, with new x, A and selection values copied into the captured buffers between replays."""
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(5120, 5120, seed=15)
+    packed = G.repack(**p, group_size=128)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    R = 64
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16, generator=gen)
+    a = (torch.randn(5120, R, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    bt = (torch.randn(5120, R, device="cuda", generator=gen) * 0.05).to(torch.bfloat16)
+    sel = torch.ones(1, R, device="cuda", dtype=torch.bfloat16)
+    G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 1, 8), low_rank=(a, sel, bt))  # compiled, workspaces made
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 1, 8), low_rank=(a, sel, bt))
+    for step in range(4):
+        x.copy_(torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16, generator=gen))
+        a.copy_((torch.randn(5120, R, device="cuda", generator=gen) * 0.02).to(torch.bfloat16))
+        sel.fill_(step % 2)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 1, 8), low_rank=(a, sel, bt)))
+        plain = G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 1, 8))
+        assert torch.equal(y, plain) == (step % 2 == 0), step  # a row selecting nothing gets the base alone
 
 
 @pytest.mark.parametrize("config", [(4, 4, 4), (8, 2, 2), (2, 2, 8), (4, 2, 1), (16, 3, 2)])

@@ -76,18 +76,30 @@ def test_a_kernel_that_does_not_compile_is_reported_once_and_left_to_the_other_k
 def test_the_low_rank_epilogue_takes_rank_sums_that_fit_its_shared_memory():
     """lora_unfit: the epilogue's operands sit in shared memory sized for LORA_MAX_RANK, so a larger rank sum (three
     r=64 adapters) is left to the engine's hook, which adds it with its own kernels; so are misshapen inputs."""
-    def operands(M, N, R, dtype=torch.bfloat16):
-        return torch.zeros(M, R, dtype=dtype), torch.zeros(M, R, dtype=dtype), torch.zeros(N, R, dtype=dtype)
+    def operands(M, K, N, R, dtype=torch.bfloat16):
+        return torch.zeros(K, R, dtype=dtype), torch.zeros(M, R, dtype=dtype), torch.zeros(N, R, dtype=dtype)
 
     assert G.LORA_MAX_RANK == 128
-    assert G.lora_unfit(operands(1, 64, 128), 1, 64) is None
-    assert G.lora_unfit(operands(32, 64, 64), 32, 64) is None
-    assert "at most 128" in G.lora_unfit(operands(1, 64, 192), 1, 64)
-    assert "rank sum 12" in G.lora_unfit(operands(1, 64, 12), 1, 64)
-    assert "bt" in G.lora_unfit(operands(1, 32, 64), 1, 64)
-    assert "h " in G.lora_unfit(operands(1, 64, 64, torch.float32), 1, 64)
+    assert G.lora_unfit(operands(1, 256, 64, 128), 1, 256, 64) is None
+    assert G.lora_unfit(operands(32, 256, 64, 64), 32, 256, 64) is None
+    assert "at most 128" in G.lora_unfit(operands(1, 256, 64, 192), 1, 256, 64)
+    assert "rank sum 12" in G.lora_unfit(operands(1, 256, 64, 12), 1, 256, 64)
+    assert "bt" in G.lora_unfit(operands(1, 256, 32, 64), 1, 256, 64)
+    assert "a " in G.lora_unfit(operands(1, 128, 64, 64), 1, 256, 64)  # A's rows are x's inputs
+    assert "sel" in G.lora_unfit(operands(2, 256, 64, 64), 1, 256, 64)
+    assert "a " in G.lora_unfit(operands(1, 256, 64, 64, torch.float32), 1, 256, 64)
     src = G.kernel_source(8, 1, 1, 128, lora=True)
     assert "#define LRMAX 128" in src and "__" + "LRMAX__" not in src
+
+
+def test_the_lora_producers_read_about_32_kib_of_a_each():
+    """h = x A is computed by the LoRA build's first CTAs, each a range of A's rows: ~32 KB of A a CTA (all its
+    loads in flight at once), at least one; the 14B shapes at r=64 get 20 (K 5,120) and 54 (K 13,696)."""
+    assert G.lora_producers(5120, 64) == 20 and G.lora_producers(13696, 64) == 54
+    assert G.lora_producers(5120, 128) == 40 and G.lora_producers(128, 8) == 1
+    for K, R in ((5120, 64), (13696, 72), (4096, 8), (11008, 128)):
+        P = G.lora_producers(K, R)
+        assert (K / P) * R * 2 <= 32 * 1024 < (K / max(P - 1, 1)) * R * 2 or P == 1
 
 
 def test_the_bias_epilogue_takes_a_contiguous_bf16_vector_of_the_outputs():
