@@ -343,7 +343,9 @@ def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switch
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True)])
+# the 14B shapes, act order, and the tiny model's (one or two chunks, one producer, a rank sum of three 16-byte pieces)
+@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True),
+                                                 (128, 384, False), (256, 128, False)])
 def test_gptq_linear_one_to_four_rows_use_the_int4pack_copy(in_f, out_f, desc_act, monkeypatch, switches):
     from finetune.quant import linear as qlinear
 
@@ -400,7 +402,9 @@ def test_mma_gemv_equals_the_exact_product(in_f, out_f, desc_act, v2):
         assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4]), y), rows  # the workspace is clean again
 
 
-@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True)])
+# the 14B shapes, act order, and the tiny model's (one or two chunks, one producer, a rank sum of three 16-byte pieces)
+@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True),
+                                                 (128, 384, False), (256, 128, False)])
 @pytest.mark.parametrize("ranks", [(64,), (16, 8), (64, 64)])  # (64, 64): the epilogue's largest rank sum
 def test_mma_gemv_low_rank_epilogue_adds_the_lora_product(in_f, out_f, desc_act, ranks):
     """The engine's LoRA in the GEMV's kernel: h = x A (rounded to bf16, as a separate matmul gives it) computed by
@@ -586,7 +590,9 @@ def test_mma_gemm_in_cuda_graphs_and_its_limits():
             MG.mma_gemm(torch.randn(rows, 13696, device="cuda", dtype=torch.bfloat16), *packed[:4], 128, packed[4])
 
 
-@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True)])
+# the 14B shapes, act order, and the tiny model's (one or two chunks, one producer, a rank sum of three 16-byte pieces)
+@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True),
+                                                 (128, 384, False), (256, 128, False)])
 def test_gptq_linear_decoding_rows_use_the_mma_copy(in_f, out_f, desc_act, monkeypatch, switches):
     from finetune.quant import linear as qlinear
     from finetune.quant import mma_gemv as G

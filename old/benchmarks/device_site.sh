@@ -1,0 +1,14 @@
+# Sourced by the device scripts: the GPU machine has no internet, so a call carries the wheels its image lacks
+# (.whl from benchmarks/quick_wheels.sh, .dswheels, ...). carried_wheels installs them into a private target
+# directory, without dependencies and without touching the image's packages, and puts that directory and the
+# repo first on PYTHONPATH.
+#   source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
+carried_wheels() {
+  local wheels="$1" site="$2"
+  if ! python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "$wheels"/*.whl >/dev/null 2>&1; then
+    echo "carried_wheels: installing $wheels/*.whl into $site failed (run: python3 -m pip install --no-index" \
+         "--no-deps --target $site $wheels/*.whl)" >&2
+  fi
+  export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+}

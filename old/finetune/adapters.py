@@ -1,0 +1,466 @@
+"""PEFT LoRA adapters for chat, evaluation and merging: find the base, check the adapter against it, load it.
+
+What an adapter dir holds: ``adapter_config.json`` (PEFT's LoraConfig, which records the base model in
+``base_model_name_or_path``) and the weights, ``adapter_model.safetensors`` or, from older PEFT (the
+official Qwen finetune.py, 2023), ``adapter_model.bin``. The ``.bin`` is read only through
+``torch.load(..., weights_only=True)``: a pickle from the internet never runs code here.
+
+Loading is ``check_adapter`` then PEFT: before PEFT touches the model, every tensor of the adapter is
+matched with the module it belongs to, so an adapter made for another architecture, size or rank layout is
+one ``AdapterError`` naming the adapter dir and the first key that does not fit (PEFT alone would either
+raise a long size-mismatch dump or, for a missing key, silently leave a zero LoRA in place).
+
+2023-era configs (peft 0.5: ``"revision"``, ``"enable_lora": null``, no ``use_dora`` ...) load: keys the
+installed PEFT does not know are dropped (listed at debug level), the rest builds today's ``LoraConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be used with this base; the message names the adapter dir and the cause."""
+
+
+# -- reading ------------------------------------------------------------------------------------------
+
+
+def is_adapter_dir(path) -> bool:
+    return path is not None and (Path(path) / CONFIG_NAME).is_file()
+
+
+def read_adapter_config(adapter_dir) -> dict:
+    """adapter_config.json as a dict (raises AdapterError when missing or not a LoRA adapter)."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / CONFIG_NAME
+    if not path.is_file():
+        if not adapter_dir.exists():
+            raise AdapterError(f"adapter {adapter_dir} does not exist")
+        hint = " (it looks like a full model dir: pass it as the model, not as --adapter)" \
+            if (adapter_dir / "config.json").is_file() else ""
+        raise AdapterError(f"adapter {adapter_dir} has no {CONFIG_NAME}: not a PEFT adapter dir{hint}")
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"adapter {adapter_dir}: {CONFIG_NAME} is not valid JSON: {e}") from None
+    peft_type = str(cfg.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(f"adapter {adapter_dir}: peft_type {peft_type!r} is not supported (LoRA only)")
+    return cfg
+
+
+def lora_config(adapter_dir, cfg: dict | None = None):
+    """A current-PEFT LoraConfig from an adapter_config.json of any PEFT version (unknown keys dropped)."""
+    from peft import LoraConfig
+
+    cfg = dict(read_adapter_config(adapter_dir) if cfg is None else cfg)
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    dropped = sorted(k for k in cfg if k not in known)
+    if dropped:
+        logger.debug("adapter %s: ignoring config keys unknown to this PEFT: %s", adapter_dir, dropped)
+    kwargs = {k: v for k, v in cfg.items() if k in known and k != "peft_type"}
+    for key in ("loftq_config",):  # peft 0.5 wrote null where today's PEFT wants {}
+        if kwargs.get(key) is None:
+            kwargs.pop(key, None)
+    try:
+        config = LoraConfig(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise AdapterError(f"adapter {adapter_dir}: {CONFIG_NAME} is not a valid LoRA config: {e}") from None
+    config.inference_mode = True
+    return config
+
+
+def adapter_base(adapter_dir) -> str | None:
+    """The base model the adapter records (PEFT's base_model_name_or_path: an absolute path when the project saved
+    it, so PEFT's own AutoPeftModel finds the same base), or None."""
+    return read_adapter_config(adapter_dir).get("base_model_name_or_path") or None
+
+
+# -- the base an adapter was trained on ----------------------------------------------------------------
+# PEFT records the base as the path the user typed; when the project's model saves an adapter (see peft_hooks) that
+# path is made absolute and base_model.json beside adapter_config.json records a fingerprint of the base:
+# config.json's hash and each weight file's size and a hash of three samples of it. A base that does not match is refused (or, given explicitly with
+# -m, loaded with a warning naming both).
+
+BASE_RECORD = "base_model.json"
+_ARCH_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "kv_channels",
+              "intermediate_size")
+
+
+def base_fingerprint(model_dir) -> dict:
+    import hashlib
+
+    d = Path(model_dir)
+    raw = (d / "config.json").read_bytes()
+    try:
+        cfg = json.loads(raw)
+    except ValueError:
+        cfg = {}
+    cfg = cfg if isinstance(cfg, dict) else {}
+    weights = {p.name: _sample_digest(p) for p in sorted(d.iterdir())
+               if p.is_file() and (p.suffix in (".safetensors", ".bin") or p.name.endswith(".index.json"))}
+    return {"config_sha256": hashlib.sha256(raw).hexdigest(), "weights": weights,
+            "architecture": {k: cfg.get(k) for k in _ARCH_KEYS}, "quantized": bool(cfg.get("quantization_config"))}
+
+
+_SAMPLE = 64 * 1024
+
+
+def _sample_digest(path: Path) -> str:
+    """'<size>:<sha256 of three 64 KiB samples (start, middle, end)>': tells apart weight files of the same size
+    (another seed, another fine-tune) while reading 192 KiB of a multi-GB shard."""
+    import hashlib
+
+    size = path.stat().st_size
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(size // 2 - _SAMPLE // 2, 0), max(size - _SAMPLE, 0)}):
+            f.seek(offset)
+            h.update(f.read(_SAMPLE))
+    return f"{size}:{h.hexdigest()[:32]}"
+
+
+def record_base(adapter_dir, base_dir) -> None:
+    """Write base_model.json into an adapter dir: the base's absolute path and fingerprint."""
+    base_dir = Path(base_dir).resolve()
+    record = {"path": str(base_dir), "fingerprint": base_fingerprint(base_dir)}
+    (Path(adapter_dir) / BASE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def recorded_base(adapter_dir) -> dict | None:
+    p = Path(adapter_dir) / BASE_RECORD
+    if not p.is_file():
+        return None
+    try:
+        record = json.loads(p.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise AdapterError(f"adapter {adapter_dir}: {BASE_RECORD} is not valid JSON ({e})") from None
+    if not isinstance(record, dict) or not isinstance(record.get("fingerprint"), dict):
+        raise AdapterError(f"adapter {adapter_dir}: {BASE_RECORD} has no 'fingerprint' object")
+    return record
+
+
+def check_base(adapter_dir, base_dir, explicit: bool) -> None:
+    """Compare ``base_dir`` with the base the adapter records. A mismatch is an AdapterError naming both, unless
+    ``explicit`` (the user named this base, e.g. with -m) and it is another dir than the recorded one: then a
+    warning (none for the float twin of a recorded Int4 base: same architecture, merged or trained on)."""
+    record = recorded_base(adapter_dir)
+    if record is None or not (Path(base_dir) / "config.json").is_file():
+        return
+    want, got = record["fingerprint"], base_fingerprint(base_dir)
+    if want.get("config_sha256") == got["config_sha256"] and want.get("weights") == got["weights"]:
+        return
+    what = "config.json differs" if want.get("config_sha256") != got["config_sha256"] else \
+        "its weight files differ (names, sizes or sampled contents)"
+    msg = (f"adapter {adapter_dir} was trained on {record.get('path')}, but the base {Path(base_dir).resolve()} is "
+           f"not that model ({what})")
+    same_dir = record.get("path") and Path(record["path"]).resolve() == Path(base_dir).resolve()
+    if not explicit or same_dir:
+        raise AdapterError(msg + ("; the model at the recorded path has changed since training" if same_dir else "")
+                           + "; pass the intended base with -m/--model (checked, loaded with a warning)")
+    if want.get("architecture") == got["architecture"] and want.get("quantized") != got["quantized"]:
+        # the float twin of the Int4 base a Q-LoRA adapter was trained on (a documented route); the other way
+        # round load_adapter warns (float_adapter_on_int4)
+        logger.info("%s: the %s twin of the recorded base", msg, "float" if want.get("quantized") else "Int4")
+        return
+    logger.warning("%s; loading it as asked", msg)
+
+
+def trained_on(adapter_dir) -> str | None:
+    """"float" or "int4": the kind of base the adapter was trained on (from base_model.json, else from the config of
+    the base it records), None when unknown."""
+    record = recorded_base(adapter_dir)
+    if record is not None and "quantized" in record["fingerprint"]:
+        return "int4" if record["fingerprint"]["quantized"] else "float"
+    base = adapter_base(adapter_dir)
+    if base and (Path(base) / "config.json").is_file():
+        from .errors import ModelLoadError
+        from .model_dir import describe
+
+        try:
+            return "int4" if describe(base).quantized else "float"
+        except ModelLoadError:
+            return None
+    return None
+
+
+def float_adapter_on_int4(adapter_dir, base_dir) -> str:
+    return (f"adapter {adapter_dir} was trained on a float model ({adapter_base(adapter_dir)}) and is being put on "
+            f"the Int4 base {base_dir}: its deltas meet rounded weights it never saw; use the float base (-m) "
+            f"unless this is what you want")
+
+
+def resolve_base(adapter_dir, model_dir=None) -> Path:
+    """The base model dir: ``model_dir`` when given (a moved base; a fingerprint mismatch warns), else the one the
+    adapter records (a fingerprint mismatch is refused)."""
+    from .hub import ModelNotFoundError, resolve_model_dir
+
+    if model_dir is not None:
+        base = resolve_model_dir(model_dir)
+        check_base(adapter_dir, base, explicit=True)
+        return base
+    recorded = adapter_base(adapter_dir)
+    if not recorded:
+        raise AdapterError(f"adapter {adapter_dir} does not record its base model (no base_model_name_or_path "
+                           f"in {CONFIG_NAME}); pass the base model dir with -m/--model")
+    try:
+        base = resolve_model_dir(recorded)
+    except ModelNotFoundError as e:
+        raise AdapterError(f"adapter {adapter_dir} was trained on {recorded}, which cannot be found ({e}); if the "
+                           f"base moved, pass its dir with -m/--model") from None
+    check_base(adapter_dir, base, explicit=False)
+    return base
+
+
+def adapter_weights_file(adapter_dir) -> Path:
+    for name in WEIGHT_NAMES:
+        p = Path(adapter_dir) / name
+        if p.is_file():
+            return p
+    raise AdapterError(f"adapter {adapter_dir} has no weights (expected {' or '.join(WEIGHT_NAMES)})")
+
+
+# torch.save stores tensors uncompressed: a legacy .bin whose zip entries inflate far beyond the file is not one
+MAX_BIN_INFLATION = 4
+
+
+def adapter_tensor_shapes(adapter_dir) -> dict[str, tuple[int, ...]]:
+    """Canonical key -> shape of every adapter tensor, from the file's header alone (safetensors: header checked
+    against the file size; legacy .bin: the zip's directory checked for inflation, then the pickle read on the
+    meta device). Non-float tensors are refused here, naming the tensor."""
+    from .checkpoint import FLOAT_DTYPES, safetensors_header, zip_uncompressed_size
+
+    path = adapter_weights_file(adapter_dir)
+    where = f"adapter {adapter_dir}"
+    if path.suffix == ".safetensors":
+        header = safetensors_header(path, AdapterError)
+        for k, (dtype, _) in header.items():
+            if dtype not in FLOAT_DTYPES:
+                raise AdapterError(f"{where}: tensor {k!r} in {path.name} is {dtype}; LoRA weights are float tensors")
+        return {_canonical_key(k): shape for k, (_, shape) in header.items()}
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        size = path.stat().st_size
+        total = zip_uncompressed_size(path, AdapterError)
+        if total > MAX_BIN_INFLATION * size + 2**20:
+            raise AdapterError(f"{where}: {path.name} ({size} bytes) inflates to {total} bytes; torch.save writes "
+                               f"tensors uncompressed, so this is not an adapter file: refused without reading it")
+        try:
+            sd = torch.load(str(path), map_location="meta", weights_only=True, mmap=True)
+        except Exception as e:
+            raise AdapterError(f"{where}: cannot read {path.name} ({type(e).__name__}: {e}); a legacy .bin is read "
+                               f"only as plain tensors (weights_only=True)") from None
+    else:
+        sd = read_adapter_weights(adapter_dir)  # the pre-zip format: as large as the file, nothing inflates
+    _check_tensor_dict(adapter_dir, path, sd)
+    return {_canonical_key(k): tuple(v.shape) for k, v in sd.items()}
+
+
+def _check_tensor_dict(adapter_dir, path: Path, sd) -> None:
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AdapterError(f"adapter {adapter_dir}: {path.name} is not a dict of tensors")
+    for k, v in sd.items():
+        if not v.is_floating_point():
+            raise AdapterError(f"adapter {adapter_dir}: tensor {k!r} in {path.name} is {str(v.dtype).removeprefix('torch.')}; "
+                               f"LoRA weights are float tensors")
+
+
+def read_adapter_weights(adapter_dir) -> dict[str, torch.Tensor]:
+    """The adapter's tensors on CPU: safetensors, or a legacy .bin through torch.load(weights_only=True)."""
+    path = adapter_weights_file(adapter_dir)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            sd = load_file(str(path), device="cpu")
+        else:
+            sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise AdapterError(f"adapter {adapter_dir}: cannot read {path.name} ({type(e).__name__}: {e}); a legacy "
+                           f".bin is read only as plain tensors (weights_only=True)") from None
+    _check_tensor_dict(adapter_dir, path, sd)
+    return {_canonical_key(k): v for k, v in sd.items()}
+
+
+def check_adapter_values(adapter_dir, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse (naming the tensor) weights that would poison every output: NaN or infinite values."""
+    for k, v in state_dict.items():
+        bad = (~torch.isfinite(v)).sum().item()
+        if bad:
+            raise AdapterError(f"adapter {adapter_dir}: tensor {k!r} has {bad} of {v.numel()} values NaN or "
+                               f"infinite; the adapter is broken (a diverged run?)")
+
+
+_ADAPTER_NAME_IN_KEY = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(\.|$)")
+
+
+def _canonical_key(key: str) -> str:
+    """PEFT's saved form: 'base_model.model.<module>.lora_A.weight' (some writers kept '.default')."""
+    key = _ADAPTER_NAME_IN_KEY.sub(r".\1\2", key)
+    key = key.replace(".modules_to_save.default.", ".")
+    return key
+
+
+# -- checking -----------------------------------------------------------------------------------------
+
+
+def _unwrap(model):
+    from peft import PeftModel
+
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
+def target_module_names(model: nn.Module, config) -> list[str]:
+    """Names of the modules LoRA attaches to, by PEFT's own rule (suffix match, or full regex match)."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    names = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if check_target_module_exists(config, name):
+            names.append(name)
+    return names
+
+
+def _module_io(module: nn.Module) -> tuple[int, int] | None:
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return int(module.in_features), int(module.out_features)
+    return None
+
+
+def _rank(config, module_name: str) -> int:
+    for pattern, r in (config.rank_pattern or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", module_name):
+            return int(r)
+    return int(config.r)
+
+
+def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = None) -> None:
+    """Raise AdapterError (naming the adapter and the first bad key) unless every adapter tensor has a home
+    of the right shape in ``model`` and every targeted module has its LoRA weights. ``state_dict``: tensors or
+    shapes (default: the shapes read from the weight file's header, nothing else read)."""
+    model = _unwrap(model)
+    config = lora_config(adapter_dir) if config is None else config
+    sd = adapter_tensor_shapes(adapter_dir) if state_dict is None else state_dict
+    where = f"adapter {adapter_dir}"
+
+    targets = target_module_names(model, config)
+    if not targets:
+        raise AdapterError(f"{where}: none of its target modules {sorted(config.target_modules or [])} exist in "
+                           f"this model ({type(model).__name__}); it was made for another architecture")
+    modules = dict(model.named_modules())
+    expected: dict[str, tuple[int, ...]] = {}
+    for name in targets:
+        io = _module_io(modules[name])
+        if io is None:
+            continue  # PEFT would reject it later with its own message; not a shape question
+        in_f, out_f = io
+        r = _rank(config, name)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = (r, in_f)
+        expected[f"{PREFIX}{name}.lora_B.weight"] = (out_f, r)
+        if config.bias in ("lora_only", "all") and f"{PREFIX}{name}.lora_B.bias" in sd:
+            expected[f"{PREFIX}{name}.lora_B.bias"] = (out_f,)
+    for name, module in modules.items():
+        if not name or not config.modules_to_save:
+            continue
+        if any(name == m or name.endswith("." + m) for m in config.modules_to_save):
+            for pname, p in module.named_parameters(recurse=False):
+                expected[f"{PREFIX}{name}.{pname}"] = tuple(p.shape)
+
+    sd = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in sd.items()}  # tensors or shapes
+    lora_keys = [k for k in sd if ".lora_" in k]
+    if not lora_keys:
+        raise AdapterError(f"{where}: its weights hold no LoRA tensors (keys like "
+                           f"'{PREFIX}transformer.h.0.attn.c_attn.lora_A.weight')")
+    for k, v in sd.items():
+        if k not in expected:
+            if k.endswith("lora_B.bias") or (config.bias != "none" and k.endswith(".bias")):
+                continue
+            raise AdapterError(f"{where} does not fit this model: its tensor {k!r} {list(v)} has no place "
+                               f"in {type(model).__name__} (another architecture or layer count?)")
+        if v != expected[k]:
+            raise AdapterError(f"{where} does not fit this model: {k!r} has shape {list(v)}, the model "
+                               f"needs {list(expected[k])} (another model size, or a rank other than r="
+                               f"{config.r} from {CONFIG_NAME})")
+    missing = [k for k in expected if k not in sd]
+    if missing:
+        raise AdapterError(f"{where} does not fit this model: {len(missing)} tensor(s) the config targets are "
+                           f"missing from its weights, first {missing[0]!r} (target_modules "
+                           f"{sorted(config.target_modules or [])})")
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def checked_weights(model, adapter_dir, config=None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors after every check: shapes against ``model`` from the header before reading, then
+    dtypes and finiteness of the values. The one path every adapter load takes (see peft_hooks for PEFT's own)."""
+    config = lora_config(adapter_dir) if config is None else config
+    check_adapter(model, adapter_dir, config, adapter_tensor_shapes(adapter_dir))
+    sd = read_adapter_weights(adapter_dir)
+    check_adapter_values(adapter_dir, sd)
+    return sd
+
+
+def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable: bool = False):
+    """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (checked first) -> a PeftModel; in eval mode with
+    frozen weights unless ``is_trainable`` (then the LoRA weights train, as --lora_weight_path wants).
+
+    Works for float bases and Int4 (GPTQLinear) bases alike; adapters of any PEFT version since 0.5."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    from .hub import resolve_model_dir
+
+    if not Path(adapter_dir).is_dir():
+        adapter_dir = resolve_model_dir(adapter_dir, "adapter directory")
+    adapter_dir = Path(adapter_dir)
+    config = lora_config(adapter_dir)
+    config.inference_mode = not is_trainable
+    base = getattr(_unwrap(model), "name_or_path", None)
+    if base and (Path(base) / "config.json").is_file():
+        check_base(adapter_dir, Path(base), explicit=True)
+    sd = checked_weights(model, adapter_dir, config)
+    if getattr(getattr(_unwrap(model), "config", None), "quantization_config", None) and \
+            trained_on(adapter_dir) == "float":
+        logger.warning(float_adapter_on_int4(adapter_dir, base or "given"))
+
+    import finetune.quant  # noqa: F401  (LoRA on GPTQLinear is registered on import)
+    from finetune.quant import register_peft
+
+    register_peft(config)
+    from peft import PeftModelForCausalLM
+
+    cls = PeftModelForCausalLM if str(config.task_type or "CAUSAL_LM").upper() == "CAUSAL_LM" else PeftModel
+    peft_model = cls(model, config, adapter_name=adapter_name)
+    result = set_peft_model_state_dict(peft_model, sd, adapter_name=adapter_name)
+    lora_missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and adapter_name in k]
+    if lora_missing:  # check_adapter should make this impossible
+        raise AdapterError(f"adapter {adapter_dir}: PEFT did not load {lora_missing[0]!r}")
+    if not is_trainable:  # trainable: PEFT has already left only the adapter (and modules_to_save) trainable
+        for p in peft_model.parameters():
+            p.requires_grad_(False)
+        peft_model.eval()
+    return peft_model
+
+
+__all__ = [
+    "AdapterError", "adapter_base", "base_fingerprint", "check_adapter", "check_adapter_values", "check_base",
+    "checked_weights", "float_adapter_on_int4", "is_adapter_dir", "load_adapter", "record_base", "trained_on",
+    "lora_config", "read_adapter_config", "read_adapter_weights", "resolve_base", "target_module_names",
+]

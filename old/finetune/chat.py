@@ -1,0 +1,210 @@
+"""`qwen-ft chat`: talk to a model dir (float or Int4), optionally with a LoRA / Q-LoRA adapter.
+
+    qwen-ft chat -m MODEL [--adapter DIR] [--system S] [--query Q] [--temperature T] [--top_p P] [--top_k K]
+                 [--max_new_tokens N] [--repetition_penalty R] [--greedy] [--history-window TOKENS]
+
+Interactive: the reply streams as it is generated (``model.chat_stream``); the conversation is kept as
+history, as much of it as fits in the history window (``max_window_size`` tokens, default the model's
+generation config, 6144), newest turns first, as the official make_context does. Commands: ``:clear``
+forgets the history, ``:exit`` (or ``:quit``, or end of input, Ctrl-D) leaves.
+
+One-shot: ``--query Q`` prints the reply alone on stdout and exits 0 (scriptable).
+Without ``-m`` the base is the one the adapter records; a base that moved is given with ``-m``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+PROMPT = "User> "
+ANSWER = "Qwen> "
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", help="model dir or hub id (default: the base the adapter records)")
+    p.add_argument("-a", "--adapter", help="LoRA / Q-LoRA adapter dir")
+    p.add_argument("--system", "-s", default="You are a helpful assistant.", help="system prompt")
+    p.add_argument("--query", "-q", help="ask one question, print the reply, exit")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_p", "--top-p", type=float, default=None)
+    p.add_argument("--top_k", "--top-k", type=int, default=None)
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None)
+    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False): reproducible")
+    p.add_argument("--history-window", "--history_window", type=int, default=None,
+                   help="max_window_size in tokens for system + history + query (default: generation config)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    return p
+
+
+def bad_flag(args) -> str | None:
+    """The first sampling flag out of its range, as one line (checked before the model loads)."""
+    checks = [("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "at least 1"),
+              ("--temperature", args.temperature, lambda v: v >= 0, ">= 0 (below 0.01: greedy, as --greedy)"),
+              ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("--top-k", args.top_k, lambda v: v >= 0, ">= 0 (0: off)"),
+              ("--repetition-penalty", args.repetition_penalty, lambda v: v > 0, "> 0"),
+              ("--history-window", args.history_window, lambda v: v >= 1, "at least 1")]
+    for flag, value, ok, want in checks:
+        if value is not None and not ok(value):  # (NaN fails every comparison)
+            return f"{flag} must be {want}, got {value}"
+    return None
+
+
+def generation_kwargs(args) -> dict:
+    """The flags given, as chat()'s generation-config updates (unset flags keep the model's defaults); a
+    temperature below 0.01 (0 included) is greedy decoding, as in the server and the official openai_api.py."""
+    from .inference.sampling import GREEDY_BELOW
+
+    kw = {}
+    if args.greedy or (args.temperature is not None and args.temperature < GREEDY_BELOW):
+        kw.update(do_sample=False, top_p=None, top_k=None, temperature=None)
+    else:
+        for name in ("temperature", "top_p", "top_k"):
+            if getattr(args, name) is not None:
+                kw[name] = getattr(args, name)
+    for name in ("max_new_tokens", "repetition_penalty"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    if args.history_window is not None:
+        kw["max_window_size"] = args.history_window
+    return kw
+
+
+def trim_history(tokenizer, history: list, system: str, window: int) -> list:
+    """The newest turns that make_context would still include for a next query (older ones are dropped)."""
+    from .modeling import make_context
+
+    kept: list = []
+    sys_len = len(make_context(tokenizer, "", history=[], system=system, max_window_size=window)[1])
+    used = sys_len
+    for q, r in reversed(history):
+        n = len(tokenizer.encode(q)) + len(tokenizer.encode(r)) + 12  # role headers, control tokens, newlines
+        if used + n >= window:
+            break
+        kept.insert(0, (q, r))
+        used += n
+    return kept
+
+
+def load(args):
+    from .adapters import resolve_base
+    from .loading import load_model
+    from .tokenization import load_tokenizer
+
+    model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
+    # the tokenizer first: it is checked against the model's config before any weights load
+    if args.adapter and not (Path(model_dir) / "qwen.tiktoken").is_file():
+        tokenizer = load_tokenizer(args.adapter, check_against=model_dir)  # saved with the adapter by the trainer
+    else:
+        tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
+    return model, tokenizer
+
+
+def stream_reply(model, tokenizer, query, history, system, out, **kw) -> str:
+    """Print the reply as it grows; returns the final text."""
+    printed = ""
+    for text in model.chat_stream(tokenizer, query, history=history, system=system, **kw):
+        if text.startswith(printed):
+            out.write(text[len(printed):])
+        else:  # the decoded text changed behind us (rare: a strip or a merged character): reprint the line
+            out.write("\r" + ANSWER + text)
+        out.flush()
+        printed = text
+    out.write("\n")
+    out.flush()
+    return printed
+
+
+def interactive(model, tokenizer, args, kw, stdin=None, out=None) -> int:
+    stdin = stdin or sys.stdin
+    out = out or sys.stdout
+    window = kw.get("max_window_size") or getattr(model.generation_config, "max_window_size", None) or 6144
+    try:
+        import readline  # noqa: F401  (line editing and history in a terminal)
+    except ImportError:  # pragma: no cover
+        pass
+    out.write("Chat with the model. Commands: :clear (forget the history), :exit (or Ctrl-D) to leave.\n")
+    out.flush()
+    history: list = []
+    while True:
+        try:
+            if stdin is sys.stdin:
+                query = input(PROMPT)
+            else:
+                out.write(PROMPT)
+                out.flush()
+                query = stdin.readline()
+                if not query:
+                    raise EOFError
+        except EOFError:
+            out.write("\n")
+            break
+        except KeyboardInterrupt:
+            out.write("\n")
+            break
+        query = query.strip()
+        if not query:
+            continue
+        if query in (":exit", ":quit", ":q"):
+            break
+        if query == ":clear":
+            history = []
+            out.write("(history cleared)\n")
+            out.flush()
+            continue
+        out.write(ANSWER)
+        out.flush()
+        try:
+            reply = stream_reply(model, tokenizer, query, history, args.system, out, **kw)
+        except KeyboardInterrupt:
+            out.write("\n(interrupted)\n")
+            continue
+        history = trim_history(tokenizer, history + [(query, reply)], args.system, window)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.model and not args.adapter:
+        print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
+        return 2
+    if (problem := bad_flag(args)) is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    from .adapters import AdapterError
+    from .hub import ModelNotFoundError
+    from .loading import ModelLoadError
+
+    try:
+        model, tokenizer = load(args)
+    except (AdapterError, ModelLoadError, ModelNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.seed is not None:
+        from transformers import set_seed
+
+        set_seed(args.seed)
+    kw = generation_kwargs(args)
+    if args.query is not None:
+        reply, _ = model.chat(tokenizer, args.query, history=None, system=args.system, **kw)
+        print(reply, flush=True)
+        return 0
+    return interactive(model, tokenizer, args, kw)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""`qwen-ft`: one entry point for the project's commands."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("finetune.train", "fine-tune (LoRA, Q-LoRA or full); see `qwen-ft train --help`"),
+    "demo": ("finetune.demo", "make the tiny demo model (--make-model DIR [--int4])"),
+    "chat": ("finetune.chat", "chat with a model (+ adapter): interactive, or one --query"),
+    "merge": ("finetune.merge", "merge an adapter into its base: bf16 or Int4 (RTN / GPTQ) model dir"),
+    "eval": ("finetune.evaluate", "held-out loss, perplexity, exact match, ROUGE-L (base vs adapter)"),
+    "serve": ("finetune.serve.cli", "OpenAI-compatible server (+ chat page) for a model and its adapters"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        width = max(map(len, COMMANDS))
+        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("usage: qwen-ft COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    try:
+        return module.main(argv[1:]) or 0
+    except Exception as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (torch is imported by then)
+            raise
+        print(f"error: {out_of_memory(argv[0])}", file=sys.stderr)
+        return 2
+
+
+# What lowers the memory a command needs (train says it itself, with its own flags)
+LOWER = {
+    "serve": "a smaller --max-batch or --max-model-len (the key-value cache is allocated for both)",
+    "eval": "a smaller --batch-size or --max-new-tokens",
+    "chat": "a GPU with more free memory, or --device cpu",
+    "merge": "--device cpu (the merge holds the base in fp32: 4 bytes a parameter)",
+}
+
+
+def out_of_memory(command: str) -> str:
+    """One line for a command that ran out of GPU memory: what the process held, and what lowers the need."""
+    import torch
+
+    from .training.memory import held_on
+
+    held = held_on(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else ""
+    return f"qwen-ft {command} ran out of GPU memory{held}; try {LOWER.get(command, 'a smaller workload')}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,377 @@
+"""Records -> an encoded (optionally packed) `datasets.Dataset`, cached by fingerprint, plus its summary.
+
+  1. The records stream through validation and encoding straight into Arrow, in `num_proc` processes (a
+     JSONL file is split at line starts into byte ranges; a JSON array or dataset dir is read by one
+     process; an in-memory list is split into chunks). Nothing holds the corpus as Python objects as a
+     whole, and there is no intermediate Arrow copy of the raw records.
+     The result is one Arrow file in `datasets`' on-disk format, named by a `datasets` Hasher fingerprint
+     of everything that determines it (file path and an xxh3 hash of its bytes, of every file for a dataset
+     dir, or the records themselves; tokenizer vocabulary; options; FORMAT_VERSION), opened as a
+     memory-mapped `datasets.Dataset`. (A hash, not size and mtime: `cp -p`, `rsync -a` and `tar` keep
+     those for different content.) A second build
+     with the same inputs opens the file instead of encoding again, and later `filter`/`map` steps cache
+     next to it as usual. (The rows are written as whole record batches from numpy rather than through
+     `Dataset.from_generator`'s example-by-example writer, which measured as costly as the tokenizer.)
+  2. An invalid record becomes a row that carries its error (and, without `skip_invalid`, ends its shard),
+     so the first error in file order is raised after the step, skip counts survive a cache hit, and
+     nothing disappears unreported.
+  3. A record left with nothing to train (the prompt before its first reply fills max_len) stops the build
+     with a `TooLongError` naming how many there are and the first, unless `skip_invalid` (then counted);
+     `filter` keeps the records that have something to train on; with `packing`, `map` packs rows.
+
+`datasets` is imported inside the functions: the GPU machine runs without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .encoding import ChatEncoder, chat_encoder
+from .packing import pack_batch
+from .records import DataError, _is_jsonl, _iter_raw, iter_records, jsonl_shards, normalize_record
+from .summary import summarize
+
+# Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
+# old caches. 2: stricter validation (duplicate keys, conflicting fields, lone surrogates).
+FORMAT_VERSION = 3  # 3: assistant "weight" 0 untrained, Alpaca records, text parts, tool replies stripped
+TOO_LONG = "prompt longer than max_len (nothing left to train)"
+BATCH_ROWS = 512  # rows per Arrow record batch
+IN_MEMORY = "<records>"  # the "path" of records passed as a list
+
+
+class TooLongError(DataError):
+    """Records that max_len leaves nothing to train in (the prompt before the first reply fills it).
+
+    A type of its own so a caller can name its own setting for max_len (the trainer: --model_max_length).
+    """
+
+
+def _schema():
+    import pyarrow as pa
+
+    return pa.schema([
+        ("input_ids", pa.list_(pa.int32())),
+        ("labels", pa.list_(pa.int32())),
+        ("length", pa.int32()),
+        ("n_trained", pa.int32()),
+        ("truncated", pa.bool_()),
+        ("reason", pa.string()),  # an invalid record's error category (kept for counting), else null
+        ("error", pa.string()),  # its DataError as JSON
+    ])
+
+
+class _ArrowRows:
+    """Collects encoded rows and writes them as record batches (flat numpy token arrays + offsets)."""
+
+    def __init__(self, path: str):
+        import pyarrow as pa
+
+        self.pa = pa
+        self.sink = pa.OSFile(path, "wb")
+        self.writer = pa.ipc.new_stream(self.sink, _schema())
+        self._reset()
+
+    def _reset(self):
+        self.ids, self.labels, self.lengths, self.trained, self.truncated = [], [], [], [], []
+        self.reasons, self.errors = [], []
+
+    def add(self, ids, labels, trained, truncated, reason=None, error=None):
+        self.ids += ids
+        self.labels += labels
+        self.lengths.append(len(ids))
+        self.trained.append(trained)
+        self.truncated.append(truncated)
+        self.reasons.append(reason)
+        self.errors.append(error)
+        if len(self.lengths) >= BATCH_ROWS:
+            self.flush()
+
+    def flush(self):
+        import numpy as np
+
+        if not self.lengths:
+            return
+        pa = self.pa
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int32)
+        np.cumsum(self.lengths, out=offsets[1:])
+        offsets = pa.array(offsets)
+        batch = pa.record_batch([
+            pa.ListArray.from_arrays(offsets, pa.array(np.array(self.ids, dtype=np.int32))),
+            pa.ListArray.from_arrays(offsets, pa.array(np.array(self.labels, dtype=np.int32))),
+            pa.array(self.lengths, pa.int32()),
+            pa.array(self.trained, pa.int32()),
+            pa.array(self.truncated, pa.bool_()),
+            pa.array(self.reasons, pa.string()),
+            pa.array(self.errors, pa.string()),
+        ], schema=_schema())
+        self.writer.write_batch(batch)
+        self._reset()
+
+    def close(self):
+        self.flush()
+        self.writer.close()
+        self.sink.close()
+
+
+def _encode_into(out: _ArrowRows, pairs, encoder: ChatEncoder, max_len, train_on_prompt: bool,
+                 skip_invalid: bool) -> None:
+    import gc
+
+    # The loop makes many short-lived, acyclic lists; the cyclic GC would only rescan whatever else the
+    # process holds (measured: up to a third of the time with 20k records alive in the caller).
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _encode_loop(out, pairs, encoder, max_len, train_on_prompt, skip_invalid)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _encode_loop(out, pairs, encoder, max_len, train_on_prompt, skip_invalid) -> None:
+    encode = encoder.encode
+    for rec, err in pairs:
+        if err is not None:
+            out.add([], [], 0, False, err.reason, err.to_json())
+            if not skip_invalid:
+                return  # the build will raise this error; no point encoding the rest of the shard
+            continue
+        e = encode(rec, max_len, train_on_prompt, normalized=True)
+        out.add(e.input_ids, e.labels, e.n_trained, e.truncated)
+
+
+def _record_pairs(offset: int, records: list):
+    for i, raw in enumerate(records, offset):
+        try:
+            yield normalize_record(raw), None
+        except DataError as e:
+            yield None, e.located(IN_MEMORY, i, None)
+
+
+def _encode_shard(job: dict) -> str:
+    """Encode one shard into its own Arrow file; run in a worker process or inline."""
+    out = _ArrowRows(job["out"])
+    try:
+        if "records" in job:
+            pairs = _record_pairs(job["offset"], job["records"])
+        else:
+            pairs = iter_records(job["path"], skip_invalid=True, shard=job["shard"])
+        _encode_into(out, pairs, job["encoder"], job["max_len"], job["train_on_prompt"], job["skip_invalid"])
+    finally:
+        out.close()
+    return job["out"]
+
+
+def _concat_arrow(parts: list[str], dst: str) -> None:
+    import pyarrow as pa
+
+    with pa.OSFile(dst, "wb") as sink, pa.ipc.new_stream(sink, _schema()) as w:
+        for p in parts:
+            with pa.memory_map(p) as src:
+                for batch in pa.ipc.open_stream(src):
+                    w.write_batch(batch)
+
+
+def _encode_to_arrow(jobs: list[dict], dst: str, procs: int) -> None:
+    """Run the shard jobs (in `procs` processes), then join their files, in order, into `dst` atomically."""
+    tmp_base = f"{dst}.{os.getpid()}.tmp"
+    for k, job in enumerate(jobs):
+        job["out"] = f"{tmp_base}{k}"
+    try:
+        if procs > 1 and len(jobs) > 1:
+            import multiprocessing as mp
+
+            # fork: workers inherit the tokenizer's tiktoken encoding instead of rebuilding it (~1 s)
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
+            with ctx.Pool(min(procs, len(jobs))) as pool:
+                parts = pool.map(_encode_shard, jobs, chunksize=1)
+        else:
+            parts = [_encode_shard(job) for job in jobs]
+        if len(parts) == 1:
+            os.replace(parts[0], dst)
+        else:
+            _concat_arrow(parts, tmp_base)
+            os.replace(tmp_base, dst)
+    finally:
+        for job in jobs:
+            if os.path.exists(job["out"]):
+                os.remove(job["out"])
+        if os.path.exists(tmp_base):
+            os.remove(tmp_base)
+
+
+def _trainable(n_trained: list[int]) -> list[bool]:
+    return [n > 0 for n in n_trained]
+
+
+def _content_key(p: Path) -> list[tuple[str, int, str]]:
+    """(name, size, xxh3-128 of the bytes) of a data file, or of every file of a dataset dir (names relative)."""
+    import xxhash  # a dependency of `datasets`; ~10x faster than blake2b, and this runs on every build
+
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
+    buf = bytearray(1 << 20)
+    view = memoryview(buf)
+    key = []
+    for f in files:
+        h = xxhash.xxh3_128()
+        size = 0
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                h.update(view[:n])
+                size += n
+        key.append((f.name if f == p else str(f.relative_to(p)), size, h.hexdigest()))
+    return key
+
+
+def _record_line(source: str, index: int) -> int | None:
+    """The line of record `index` of a data file (None for in-memory records and dataset dirs); re-reads the
+    file up to it, so only for reporting."""
+    if source == IN_MEMORY or not Path(source).is_file():
+        return None
+    for i, line, _, _ in _iter_raw(source):
+        if i == index:
+            return line
+    return None
+
+
+@contextlib.contextmanager
+def _progress_bars(show: bool):
+    """`datasets`' own progress bars (filter, map, loading a dataset dir) on or off for the build; off follows
+    the trainer's --disable_tqdm."""
+    import datasets
+
+    if show or datasets.are_progress_bars_disabled():
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
+
+
+def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool = False,
+                  train_on_prompt: bool = False, skip_invalid: bool = False, num_proc: int | None = None,
+                  cache_dir: str | os.PathLike | None = None, verbose: bool = True, progress: bool = True):
+    """Encode a data file (or a list of records) into a `datasets.Dataset`; return (dataset, DataSummary).
+
+    Columns: input_ids, labels, length (and position_ids, num_sequences when packed). Raises DataError for
+    an invalid record, and TooLongError for records that `max_len` leaves nothing to train in (unless
+    `skip_invalid`: then both are counted in the summary, and printed), and when no record is left to train
+    on. `verbose=False` (e.g. on non-main ranks) keeps the skip report off stderr; it is in the summary
+    either way. `progress=False` hides `datasets`' progress bars. `num_proc` processes encode (a JSONL file
+    is split between them); the result is cached under `cache_dir` (default: the `datasets` cache) by a
+    fingerprint of everything that determines it.
+    """
+    with _progress_bars(progress):
+        return _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt, skip_invalid,
+                              num_proc, cache_dir, verbose)
+
+
+def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt, skip_invalid, num_proc,
+                   cache_dir, verbose):
+    import datasets
+
+    if packing and not max_len:
+        raise ValueError("packing needs max_len (the length of a packed row)")
+    if max_len is not None and max_len < 1:
+        raise ValueError(f"max_len must be positive, got {max_len}")
+    cache_dir = None if cache_dir is None else str(cache_dir)
+    encoder = chat_encoder(tokenizer)
+
+    from datasets.fingerprint import Hasher
+
+    procs = max(1, num_proc or 1)
+    common = {"encoder": encoder, "max_len": max_len, "train_on_prompt": train_on_prompt,
+              "skip_invalid": skip_invalid}
+    if isinstance(path_or_records, (str, os.PathLike)):
+        source = str(path_or_records)
+        p = Path(source)
+        if not p.exists():
+            raise DataError("file not found", "no such file", path=source)
+        path = str(p.resolve())
+        # The content (of every file, for a dataset dir), and the path, which the cached errors name.
+        key = {"path": path, "content": _content_key(p)}
+        # JSONL splits into byte ranges, one per process; other forms are read by one process.
+        shards = jsonl_shards(path, procs) if p.is_file() and _is_jsonl(path) else [None]
+        jobs = [{"path": path, "shard": sh, **common} for sh in shards]
+    else:
+        records = list(path_or_records)
+        source = f"{len(records)} in-memory records"
+        key = {"records": records}
+        step = -(-len(records) // procs) or 1
+        jobs = [{"offset": i, "records": records[i:i + step], **common}
+                for i in range(0, len(records), step)] or [{"offset": 0, "records": [], **common}]
+    # Everything that determines the encoded rows, and nothing else (not num_proc: same rows either way).
+    fingerprint = Hasher.hash({**key, **common, "version": FORMAT_VERSION})
+    if cache_dir is None:
+        cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "qwen_finetune")
+    os.makedirs(cache_dir, exist_ok=True)
+    arrow_file = os.path.join(cache_dir, f"encoded-{fingerprint}.arrow")
+    if not os.path.exists(arrow_file):
+        try:
+            _encode_to_arrow(jobs, arrow_file, procs)
+        except DataError as e:  # file-level (a broken JSON array): readable, without the traceback noise
+            raise e from None
+    encoded = datasets.Dataset.from_file(arrow_file)
+
+    # The summary reads only the small columns (no token lists).
+    reasons = encoded.data.column("reason").to_pylist()
+    lengths = encoded.data.column("length").to_pylist()
+    trained = encoded.data.column("n_trained").to_pylist()
+    truncated = encoded.data.column("truncated").to_pylist()
+    skipped = Counter(r for r in reasons if r is not None)
+    used_len, used_trained, n_trunc = [], [], 0
+    first_too_long = None  # row index = record index: every record has a row once no error ends a shard
+    for i, (r, n, t, tr) in enumerate(zip(reasons, lengths, trained, truncated)):
+        if r is not None:
+            continue
+        if t == 0:
+            skipped[TOO_LONG] += 1
+            if first_too_long is None:
+                first_too_long = i
+            continue
+        used_len.append(n)
+        used_trained.append(t)
+        n_trunc += tr
+    errors = []
+    if any(r is not None for r in reasons):
+        errors = [DataError.from_json(e) for e in encoded.data.column("error").to_pylist() if e is not None]
+        if not skip_invalid:
+            raise errors[0]  # the first invalid record in file order
+    if first_too_long is not None:
+        n = skipped[TOO_LONG]
+        where = source if isinstance(path_or_records, (str, os.PathLike)) else IN_MEMORY
+        too_long = TooLongError(TOO_LONG, f"{n} of {len(reasons)} record{'s' * (len(reasons) > 1)} "
+                                f"{'have' if n > 1 else 'has'} no reply token within max_len {max_len} (the "
+                                "prompt before the first reply fills it)" + ("; this is the first" if n > 1 else ""),
+                                path=where, index=first_too_long, line=_record_line(where, first_too_long))
+        if not skip_invalid:
+            raise too_long
+        errors.append(too_long)  # in the summary's examples
+    summary = summarize(source, used_len, used_trained, n_trunc, len(reasons), skipped, max_len)
+    summary.examples = [str(e) for e in errors[:5]]
+    if not used_len:
+        cls = TooLongError if skipped.get(TOO_LONG) else DataError
+        raise cls("no usable records", f"{len(reasons)} read; skipped: "
+                  + (", ".join(f"{n} {r}" for r, n in skipped.items()) or "none")
+                  + (f"; max_len is {max_len}" if skipped.get(TOO_LONG) else ""), path=source)
+    if skipped and verbose:
+        print(summary.format(), file=sys.stderr)  # skips are never silent, even if the caller ignores the summary
+
+    ds = encoded
+    if len(used_len) != len(reasons):
+        ds = ds.filter(_trainable, input_columns="n_trained", batched=True, num_proc=num_proc,
+                       desc="dropping records without trained tokens")
+    ds = ds.remove_columns(["n_trained", "truncated", "reason", "error"])
+    if packing:
+        ds = ds.map(pack_batch, batched=True, batch_size=2000, num_proc=num_proc,
+                    remove_columns=ds.column_names, fn_kwargs={"max_len": max_len},
+                    desc="packing")
+        summary.packed, summary.rows = True, len(ds)
+    return ds, summary
+

@@ -1,0 +1,648 @@
+"""Chat records: read JSON / JSONL / `datasets` dirs, validate every record, normalise to one form.
+
+The normalised form, which everything after this module works on:
+
+    {"id": str | None, "system": str, "messages": [{"role": "user" | "assistant", "content": str}, ...]}
+
+`messages` alternate user/assistant, start with a user turn and contain at least one trained assistant turn;
+the system prompt lives only in `system` (the default one when the record has none). An assistant message may
+carry `"weight": 0` (OpenAI's fine-tuning format: context, not trained) and, in tool conversations,
+`segments`. Normalising a normalised record returns an equal record, so downstream code can accept raw and
+normalised records alike.
+
+Accepted forms: `conversations` (Qwen's and ShareGPT's from/value turns), `messages` (OpenAI's role/content,
+content as a string or a list of text parts), tool / function-call conversations (react.py), and the Alpaca
+form LLaMA-Factory uses (`instruction`, optional `input`, `output`, optional `system` and `history` of
+[query, reply] pairs: the user turn is the instruction, a newline and the input when there is one).
+
+Reading streams: JSONL line by line, a JSON array element by element (`raw_decode` over the text, so the
+whole corpus never exists as one big Python list), so each record is validated as it is read and an
+error can name its record and line. Messages count records, turns and lines from 1 ("record 3" is the
+third record of the file); `DataError.index` is the 0-based position.
+
+Files must be UTF-8 (a UTF-8 BOM is allowed): UTF-16/32 files are refused naming the encoding found, and
+invalid UTF-8 bytes, JSON nested too deeply, integers too long to convert, duplicated keys and lone
+surrogates (a broken "\\ud800" escape) are errors of the record that holds them, never silent repairs.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import re
+import sys
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from .. import react  # tool / function-call conversations: the ReAct layout the server uses
+from ..tokenization import DEFAULT_SYSTEM  # one definition, shared with chat()
+
+# Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's
+# (OpenAI's newer clients send the system message as "developer").
+ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+    "developer": "system",
+}
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+class DataError(ValueError):
+    """An unreadable data file or an invalid record.
+
+    `reason` is a short category (used to count skips), `detail` the specific cause; `str(err)` names the
+    file, the record, the line (when known) and the cause. `index` is the record's 0-based position; the
+    message counts from 1, like lines ("record 3, line 3" is the third record, on the third line).
+    """
+
+    def __init__(self, reason: str, detail: str = "", *, path: str | None = None,
+                 index: int | None = None, line: int | None = None):
+        self.reason, self.detail, self.path, self.index, self.line = reason, detail, path, index, line
+        super().__init__(self._message())
+
+    def __reduce__(self):  # keep the fields across processes (datasets workers)
+        return (_rebuild_error, (self.reason, self.detail, self.path, self.index, self.line))
+
+    def to_json(self) -> str:
+        return json.dumps({"reason": self.reason, "detail": self.detail, "path": self.path,
+                           "index": self.index, "line": self.line}, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, s: str) -> "DataError":
+        return _rebuild_error(**json.loads(s))
+
+    def _message(self) -> str:
+        where = []
+        if self.path is not None:
+            where.append(str(self.path))
+        if self.index is not None:
+            where.append(f"record {self.index + 1}")
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        cause = self.reason + (f": {self.detail}" if self.detail else "")
+        return (", ".join(where) + ": " if where else "") + cause
+
+    def located(self, path: str | None, index: int | None, line: int | None) -> "DataError":
+        """The same error with its place in a file filled in."""
+        return DataError(self.reason, self.detail, path=path, index=index, line=line)
+
+
+def _rebuild_error(reason, detail, path, index, line):
+    return DataError(reason, detail, path=path, index=index, line=line)
+
+
+# -- checks on decoded values -----------------------------------------------------------------------------
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuse a lone surrogate: JSON lets "\\ud800" through, and the tokenizer would replace it silently."""
+    m = None if text.isascii() else _SURROGATE.search(text)  # isascii is O(1) in CPython
+    if m:
+        raise DataError("lone surrogate", f"{what} holds U+{ord(m.group()):04X} at character {m.start() + 1}, "
+                        "half of a UTF-16 surrogate pair (a broken \\u escape): not valid Unicode text")
+
+
+def _one_of(obj: dict, k1: str, k2: str, what: str, same=lambda a, b: a == b):
+    """The value of whichever of two synonymous keys is set (None counts as unset); both set and different is
+    an error, so neither side is dropped silently."""
+    a, b = obj.get(k1), obj.get(k2)
+    if a is None:
+        return b
+    if b is not None and not same(a, b):
+        raise DataError(f"both '{k1}' and '{k2}'", f"{what} has '{k1}' {_short(a)} and '{k2}' {_short(b)}; keep one")
+    return a
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _same_role(a, b) -> bool:
+    norm = (lambda r: ROLES.get(r.lower(), r) if isinstance(r, str) else r)
+    return norm(a) == norm(b)
+
+
+# -- one record ---------------------------------------------------------------------------------------
+
+
+def _turn_fields(turn: Any, n: int) -> tuple[str, Any]:
+    if not isinstance(turn, dict):
+        raise DataError("invalid turn", f"turn {n} is a {type(turn).__name__}, not an object")
+    role = _one_of(turn, "from", "role", f"turn {n}", _same_role)
+    if role is None:
+        raise DataError("invalid turn", f"turn {n} has no 'from' (or 'role') field")
+    content = _one_of(turn, "value", "content", f"turn {n}")
+    if content is None and "value" not in turn and "content" not in turn:
+        raise DataError("invalid turn", f"turn {n} has no 'value' (or 'content') field")
+    return role, content
+
+
+_ALPACA = ("instruction", "input", "output", "history")
+
+
+def _from_alpaca(record: dict) -> dict:
+    """An Alpaca-form record (LLaMA-Factory's convention) -> the `conversations` form, fields checked by name."""
+    def text(key, required):
+        v = record.get(key)
+        if v is None or v == "":
+            if required:
+                raise DataError("invalid alpaca record", f"'{key}' is missing or empty")
+            return ""
+        if not isinstance(v, str):
+            raise DataError("invalid alpaca record", f"'{key}' must be a string, got {type(v).__name__}")
+        if required and not v.strip():
+            raise DataError("invalid alpaca record", f"'{key}' is blank")
+        return v
+
+    instruction, extra, output = text("instruction", True), text("input", False), text("output", True)
+    turns = []
+    history = record.get("history")
+    if history is not None:
+        if not isinstance(history, list):
+            raise DataError("invalid alpaca record", f"'history' must be a list of [query, reply] pairs, got "
+                            f"{type(history).__name__}")
+        for i, pair in enumerate(history, 1):
+            if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                    or not all(isinstance(x, str) and x.strip() for x in pair)):
+                raise DataError("invalid alpaca record", f"'history' item {i} must be a [query, reply] pair of "
+                                f"non-empty strings, got {_short(pair)}")
+            turns += [{"from": "user", "value": pair[0]}, {"from": "assistant", "value": pair[1]}]
+    turns += [{"from": "user", "value": instruction + ("\n" + extra if extra else "")},
+              {"from": "assistant", "value": output}]
+    out = {"conversations": turns}
+    for key in ("id", "system"):
+        if record.get(key) is not None:
+            out[key] = record[key]
+    return out
+
+
+def _weight(turn: dict, role: str, n: int) -> int:
+    """An assistant turn's OpenAI fine-tuning `weight`: 1 (trained, also when absent) or 0 (context only)."""
+    w = turn.get("weight")
+    if w is None:
+        return 1
+    if role != "assistant":
+        raise DataError("invalid weight", f"turn {n} ({role}) has a 'weight'; only assistant turns take one "
+                        "(0: not trained, 1: trained)")
+    if isinstance(w, bool) or w not in (0, 1) or not isinstance(w, int):
+        raise DataError("invalid weight", f"turn {n} (assistant) has weight {_short(w)}; it must be 0 (not "
+                        "trained) or 1 (trained)")
+    return w
+
+
+def normalize_record(record: Any) -> dict:
+    """Validate one record in any accepted form and return its normalised form; raise DataError if invalid.
+
+    The error carries no file position; `iter_records` adds it.
+    """
+    if not isinstance(record, dict):
+        raise DataError("record is not an object", f"got a {type(record).__name__}")
+    alpaca = [k for k in _ALPACA if record.get(k) is not None]
+    if alpaca:
+        chat = [k for k in ("conversations", "messages") if record.get(k) is not None]
+        if chat:
+            raise DataError(f"both '{chat[0]}' and Alpaca fields", f"the record has '{chat[0]}' and "
+                            f"{', '.join(repr(k) for k in alpaca)}; keep one form (the other would be ignored)")
+        record = _from_alpaca(record)
+    if react.is_tool_record(record):  # rendered into user/assistant turns whose assistants carry `segments`
+        turns = record.get("conversations", record.get("messages"))
+        for n, turn in enumerate(turns if isinstance(turns, list) else [], 1):
+            if isinstance(turn, dict) and turn.get("weight") not in (None, 1):
+                raise DataError("invalid weight", f"turn {n}: 'weight' {_short(turn['weight'])} is not supported in "
+                                "tool / function-call conversations (every assistant turn of one is trained)")
+        try:
+            record = react.render_tool_record(record)
+        except react.ReactError as e:
+            raise DataError("invalid tool conversation", f"{e.field}: {e}" if e.field else str(e)) from None
+    # Both forms in one record would leave one of them unread. (None counts as absent: a `datasets` dir that
+    # mixes the forms has both columns, one of them null in each row.)
+    if record.get("conversations") is not None and record.get("messages") is not None:
+        raise DataError("both 'conversations' and 'messages'",
+                        "the record has both; keep one (the other would be ignored)")
+    key = "conversations" if record.get("conversations") is not None else "messages"
+    turns = record.get(key)
+    if turns is None:
+        raise DataError("no conversations", "the record has neither 'conversations' nor 'messages'")
+    if not isinstance(turns, list) or not turns:
+        raise DataError("no conversations", f"'{key}' must be a non-empty list")
+
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise DataError("invalid system", f"top-level 'system' must be a string, got {type(system).__name__}")
+    if system is not None:
+        _check_text(system, "the top-level 'system'")
+
+    messages = []
+    for n, turn in enumerate(turns, 1):
+        raw_role, content = _turn_fields(turn, n)
+        role = ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None
+        if role is None:
+            raise DataError("unknown role", f"turn {n} has role {raw_role!r} "
+                            f"(accepted: {', '.join(ROLES)})")
+        if isinstance(content, list):  # OpenAI's content parts: text parts joined, as the server reads them
+            try:
+                content = react.content_text(content, f"turn {n} ({role})")
+            except react.ReactError as e:
+                raise DataError("invalid value", f"{e.field}: {e}") from None
+        if not isinstance(content, str):
+            raise DataError("invalid value", f"turn {n} ({role}) has a {type(content).__name__} value, "
+                            "not a string")
+        weight = _weight(turn, role, n)
+        _check_text(content, f"turn {n} ({role})")
+        if role == "system":
+            if n != 1:
+                raise DataError("system turn not first", f"turn {n} is a system turn; only the first turn may be")
+            if system is not None:
+                raise DataError("two system prompts", "the record has both a top-level 'system' and a "
+                                "system turn")
+            system = content  # an empty system prompt is legitimate (make_context allows it)
+            continue
+        if not content.strip():
+            raise DataError("empty value", f"turn {n} ({role}) is empty")
+        if messages and messages[-1]["role"] == role:
+            raise DataError("consecutive turns of the same role", f"turns {n - 1} and {n} are both {role}")
+        if not messages and role == "assistant":
+            raise DataError("starts with an assistant turn", f"turn {n} is the first turn after the "
+                            "system prompt and is an assistant turn; a conversation starts with the user")
+        messages.append({"role": role, "content": content})
+        if weight == 0:
+            messages[-1]["weight"] = 0
+        if role == "assistant" and "segments" in turn:  # labels per segment (react.render_tool_record)
+            try:
+                messages[-1]["segments"] = react.check_segments(turn["segments"], content, f"turn {n}")
+            except react.ReactError as e:
+                raise DataError("invalid segments", f"{e.field}: {e}") from None
+
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError("no assistant turn", "nothing to train on")
+    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
+        raise DataError("no trained assistant turn", "every assistant turn has weight 0: nothing to train on")
+    rid = record.get("id")
+    if isinstance(rid, str):
+        _check_text(rid, "the id")
+    elif rid is not None:
+        try:
+            rid = str(rid)
+        except ValueError as e:  # an int longer than Python converts (sys.get_int_max_str_digits)
+            raise DataError("invalid id", f"an id too long to convert ({str(e).split(';')[0]})") from None
+    return {
+        "id": rid,
+        "system": DEFAULT_SYSTEM if system is None else system,
+        "messages": messages,
+    }
+
+
+# -- files ----------------------------------------------------------------------------------------------
+
+_WS = re.compile(r"[ \t\n\r]*")
+_BOM = b"\xef\xbb\xbf"
+
+# What json.detect_encoding finds -> how the message names it and how iconv calls it.
+_NOT_UTF8 = {
+    "utf-16": ("UTF-16 (with a byte order mark)", "UTF-16"),
+    "utf-16-le": ("UTF-16 little-endian (no byte order mark)", "UTF-16LE"),
+    "utf-16-be": ("UTF-16 big-endian (no byte order mark)", "UTF-16BE"),
+    "utf-32": ("UTF-32 (with a byte order mark)", "UTF-32"),
+    "utf-32-le": ("UTF-32 little-endian (no byte order mark)", "UTF-32LE"),
+    "utf-32-be": ("UTF-32 big-endian (no byte order mark)", "UTF-32BE"),
+}
+
+
+def _check_encoding(path: str, head: bytes) -> None:
+    """Refuse a UTF-16/32 file by name: read as UTF-8 it would fail in confusing ways (or, as JSONL, split
+    its characters at 0x0A bytes). json.detect_encoding applies RFC 4627's rule to the first four bytes."""
+    found = json.detect_encoding(head[:4])
+    if found in _NOT_UTF8:
+        name, iconv = _NOT_UTF8[found]
+        raise DataError("not UTF-8", f"the file is {name}; data files must be UTF-8: convert it, e.g. "
+                        f"`iconv -f {iconv} -t UTF-8 FILE > FILE.utf8`", path=path)
+
+
+class _Decoder:
+    """json decoding in which every way the json module can fail on a record becomes a DataError cause, and
+    duplicated keys (which json.loads resolves silently, last one wins) are found."""
+
+    def __init__(self):
+        self.duplicates: list[str] = []
+        dups = self.duplicates
+
+        def pairs_to_dict(pairs: list, dict=dict, len=len) -> dict:  # called per object: kept lean
+            obj = dict(pairs)
+            if len(obj) != len(pairs):
+                seen: set = set()
+                dups.extend(k for k, _ in pairs if k in seen or seen.add(k))
+            return obj
+
+        self.raw_decode = json.JSONDecoder(object_pairs_hook=pairs_to_dict).raw_decode
+
+    def decode(self, text: str, pos: int = 0) -> tuple[Any, int]:
+        """(object, end) of the JSON value at text[pos]; raises json.JSONDecodeError, or DataError for a value
+        too deep or a number too long to read."""
+        self.duplicates.clear()
+        try:
+            return self.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            raise
+        except RecursionError:
+            raise DataError("invalid JSON", "nested too deeply (more levels of arrays/objects than Python's "
+                            "json reader allows)") from None
+        except ValueError as e:  # a number longer than int() converts (sys.get_int_max_str_digits)
+            raise DataError("invalid JSON", f"a number too long to read ({str(e).split(';')[0]})") from None
+
+    def duplicate_error(self) -> DataError | None:
+        if not self.duplicates:
+            return None
+        return DataError("duplicate key", f"key {_short(self.duplicates[0])} appears twice in one object "
+                         "(a JSON reader keeps only one of the two values)")
+
+
+_bad_utf8 = threading.local()
+
+
+def _note_bad_utf8(e: UnicodeDecodeError) -> tuple[str, int]:
+    _bad_utf8.spans.append((e.start, e.end))
+    return "\ufffd", e.end
+
+
+codecs.register_error("finetune.data.note_bad_utf8", _note_bad_utf8)
+
+
+def _decode_utf8(data: bytes, offset: int = 0) -> tuple[str, list[int], list[str]]:
+    """Text of UTF-8 bytes with each invalid byte sequence replaced by U+FFFD; also the character positions
+    of the replacements and, for each, a description naming the bytes and their offset in the file (`offset`:
+    where `data` starts in it)."""
+    _bad_utf8.spans = []
+    text = data.decode("utf-8", "finetune.data.note_bad_utf8")
+    spans, _bad_utf8.spans = _bad_utf8.spans, []
+    chars, where, n, prev = [], [], 0, 0
+    for start, end in spans:  # the bytes between two bad spans are valid UTF-8
+        n += len(data[prev:start].decode("utf-8"))
+        chars.append(n)
+        where.append(f"invalid UTF-8 bytes {data[start:end]!r} at byte offset {offset + start}")
+        n, prev = n + 1, end
+    return text, chars, where
+
+
+def _json_error(path: str, e: json.JSONDecodeError, index: int | None = None) -> DataError:
+    return DataError("invalid JSON", f"{e.msg} at line {e.lineno} column {e.colno}",
+                     path=path, index=index, line=e.lineno)
+
+
+def _iter_json_array(path: str, text: str, start: int, bad: list[int] = (), bad_where: list[str] = ()
+                     ) -> Iterator[tuple[int, int | None, Any, DataError | None]]:
+    """(index, line, object, error) for each element of the JSON array that starts at text[start] == '['.
+
+    `bad`: character positions of invalid UTF-8 (see `_decode_utf8`); an element holding one is an error.
+    An element that cannot be parsed raises: its end is unknown, so reading cannot go on.
+    """
+    from bisect import bisect_left
+
+    decoder = _Decoder()
+
+    def syntax_error(e: json.JSONDecodeError, index: int | None) -> DataError:
+        k = bisect_left(bad, e.pos)
+        if k < len(bad) and bad[k] == e.pos:  # the parser stopped at an invalid byte: say that
+            return DataError("not UTF-8", f"{bad_where[k]} (line {e.lineno})", path=path, index=index,
+                             line=e.lineno)
+        return _json_error(path, e, index)
+
+    pos = _WS.match(text, start + 1).end()
+    line, counted = 1, 0  # line number of `pos`, maintained incrementally
+    if text.startswith("]", pos):
+        pos = _WS.match(text, pos + 1).end()
+        if pos != len(text):
+            raise syntax_error(json.JSONDecodeError("Extra data", text, pos), None)
+        return
+    index = 0
+    while True:
+        line += text.count("\n", counted, pos)
+        counted = pos
+        try:
+            obj, end = decoder.decode(text, pos)
+        except json.JSONDecodeError as e:
+            raise syntax_error(e, index) from None
+        except DataError as e:
+            raise e.located(path, index, line) from None
+        k = bisect_left(bad, pos)
+        if k < len(bad) and bad[k] < end:
+            at = bad[k]
+            yield index, line, None, DataError(
+                "not UTF-8", f"{bad_where[k]} (line {line + text.count(chr(10), pos, at)})",
+                path=path, index=index, line=line)
+        else:
+            err = decoder.duplicate_error()
+            yield index, line, (obj if err is None else None), err and err.located(path, index, line)
+        index += 1
+        pos = _WS.match(text, end).end()
+        if text.startswith(",", pos):
+            pos = _WS.match(text, pos + 1).end()
+            continue
+        if text.startswith("]", pos):
+            pos = _WS.match(text, pos + 1).end()
+            if pos != len(text):
+                raise syntax_error(json.JSONDecodeError("Extra data after the array", text, pos), None)
+            return
+        raise syntax_error(json.JSONDecodeError("Expecting ',' or ']'", text, pos), index)
+
+
+def _is_jsonl(path: str) -> bool:
+    """JSONL unless the file's first non-blank character opens a JSON array. Refuses a UTF-16/32 file."""
+    with open(path, "rb") as f:
+        raw = f.read(4096)
+        _check_encoding(path, raw)
+        if Path(path).suffix.lower() in JSONL_SUFFIXES:
+            return True
+        head = raw.removeprefix(_BOM).lstrip(b" \t\r\n")
+        while not head:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                return False  # empty: read as a (failing) JSON document
+            head = chunk.lstrip(b" \t\r\n")
+    return not head.startswith(b"[")
+
+
+def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 0, index0: int = 0):
+    """(index, line, raw record, parse error) for the lines of a JSONL file in bytes [start, end)."""
+    hint = "" if Path(path).suffix.lower() in JSONL_SUFFIXES else \
+        " (the file is not a JSON array, so it is read as one object per line)"
+    decoder = _Decoder()
+    index, lineno = index0, line0
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos = start
+        for line in f:
+            if end is not None and pos >= end:
+                break
+            line_start = pos
+            pos += len(line)
+            lineno += 1
+            if lineno == 1 and line.startswith(_BOM):
+                line = line[3:]  # a BOM, which some editors write
+                line_start += 3
+            if not line.strip():
+                continue  # blank lines hold no record
+            err = None
+            try:
+                text = line.decode("utf-8")
+                obj, stop = decoder.decode(text, _WS.match(text).end())
+                if _WS.match(text, stop).end() != len(text):
+                    raise json.JSONDecodeError("Extra data", text, stop)
+                err = decoder.duplicate_error()
+            except UnicodeDecodeError as e:
+                err = DataError("not UTF-8", f"invalid UTF-8 bytes {e.object[e.start:e.end]!r} at byte offset "
+                                f"{line_start + e.start} (column {e.start + 1} of the line)")
+            except json.JSONDecodeError as e:
+                err = DataError("invalid JSON", f"{e.msg} at line {lineno} column {e.colno}" + hint)
+            except DataError as e:
+                err = e
+            if err is None:
+                yield index, lineno, obj, None
+            else:
+                yield index, lineno, None, err.located(path, index, lineno)
+            index += 1
+
+
+def jsonl_shards(path: str, n: int) -> list[tuple[int, int | None, int, int]]:
+    """Split a JSONL file at line starts into n byte ranges: (start, end, lines before, records before)."""
+    size = os.path.getsize(path)
+    cuts = [size * k // n for k in range(1, n)]
+    shards, start, line0, index0 = [], 0, 0, 0
+    lines = records = 0
+    pos = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if cuts and pos >= cuts[0] and pos > start:
+                shards.append((start, pos, line0, index0))
+                start, line0, index0 = pos, lines, records
+                while cuts and cuts[0] <= pos:
+                    cuts.pop(0)
+            pos += len(line)
+            lines += 1
+            records += bool(line.strip())
+    shards.append((start, None, line0, index0))
+    return shards
+
+
+def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | None]]:
+    """(index, line, raw record, parse error) for each record of a file or `datasets` dir."""
+    p = Path(path)
+    if p.is_dir():
+        if not (p / "dataset_info.json").exists() and not (p / "dataset_dict.json").exists():
+            raise DataError("not a data file", "a directory that is not a `datasets` save_to_disk dir",
+                            path=path)
+        import datasets  # only needed for dataset dirs
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise DataError("not a data file", f"a DatasetDict without a 'train' split "
+                                f"(splits: {', '.join(ds)})", path=path)
+            ds = ds["train"]
+        for i, row in enumerate(ds):
+            yield i, None, row, None
+        return
+    if not p.is_file():
+        raise DataError("file not found", "no such file", path=path)
+    if _is_jsonl(path):
+        yield from _iter_jsonl(path)
+        return
+    data = p.read_bytes()
+    bom = len(_BOM) if data.startswith(_BOM) else 0
+    text, bad, bad_where = _decode_utf8(data[bom:], bom)
+    del data
+    start = _WS.match(text).end()
+    if start == len(text):
+        raise DataError("empty file", "no records", path=path)
+    if not text.startswith("[", start):  # _is_jsonl read it as an array: only a bad byte can get here
+        raise DataError("not UTF-8", bad_where[0] if bad else "the file does not start with '['", path=path)
+    yield from _iter_json_array(path, text, start, bad, bad_where)
+
+
+def iter_records(path: str | os.PathLike, skip_invalid: bool = False,
+                 shard: tuple | None = None) -> Iterator[tuple[dict | None, DataError | None]]:
+    """Stream (normalised record, None) per valid record, and (None, error) per invalid one when skipping.
+
+    File-level problems (missing file, a broken JSON array) always raise: there is no record to skip.
+    `shard` (from `jsonl_shards`) restricts a JSONL file to one byte range.
+    """
+    path = str(path)
+    raw_iter = _iter_raw(path) if shard is None else _iter_jsonl(path, *shard)
+    for index, line, raw, err in raw_iter:
+        if err is None:
+            try:
+                yield normalize_record(raw), None
+                continue
+            except DataError as e:
+                err = e.located(path, index, line)
+        if not skip_invalid:
+            raise err
+        yield None, err
+
+
+# -- whole files ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadReport:
+    """What `load_records` read: counts, and every skipped record's error."""
+
+    path: str
+    read: int = 0
+    used: int = 0
+    errors: list[DataError] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        return len(self.errors)
+
+    def reasons(self) -> Counter:
+        return Counter(e.reason for e in self.errors)
+
+    def format(self, max_examples: int = 5) -> str:
+        out = [f"{self.path}: {self.read} records read, {self.used} used, {self.skipped} skipped"]
+        for reason, n in self.reasons().most_common():
+            out.append(f"  skipped {n}: {reason}")
+        for e in self.errors[:max_examples]:
+            out.append(f"  e.g. {e}")
+        return "\n".join(out)
+
+
+class RecordList(list):
+    """A list of normalised records that also carries the `LoadReport` of the read (`.report`)."""
+
+    report: LoadReport
+
+
+def load_records(path: str | os.PathLike, skip_invalid: bool = False) -> RecordList:
+    """Read and validate a JSON array, JSONL file or `datasets` dir; return the normalised records.
+
+    Invalid records raise DataError, or with `skip_invalid` are counted in `result.report` (and the count
+    is printed to stderr). A file with no usable record is always an error.
+    """
+    report = LoadReport(str(path))
+    records = RecordList()
+    for rec, err in iter_records(path, skip_invalid):
+        report.read += 1
+        if err is not None:
+            report.errors.append(err)
+        else:
+            records.append(rec)
+    report.used = len(records)
+    records.report = report
+    if report.skipped:
+        print(report.format(), file=sys.stderr)
+    if not records:
+        raise DataError("no usable records",
+                        f"{report.read} read, {report.skipped} invalid" if report.read else "the file is empty",
+                        path=str(path))
+    return records

@@ -1,0 +1,354 @@
+"""`qwen-ft eval`: held-out loss / perplexity and generation quality, base and base+adapter side by side.
+
+    qwen-ft eval -m MODEL [--adapter DIR] --data FILE [--max-new-tokens N] [--batch-size B]
+                 [--max-samples N] [--output report.json]
+
+Loss: every record is encoded exactly as for training (``finetune.data.encode_conversation``, the same
+labels: assistant replies and their <|im_end|>), batched by ``ChatCollator``; loss = (sum of the token
+cross-entropies over all trained tokens) / (their count), perplexity = exp(loss).
+
+Generation: the prompt is the conversation up to its last assistant turn, built by ``make_context`` (the
+system prompt, earlier turns as history, the last user turn as the query), generated greedily
+(repetition_penalty 1.0 unless asked), cut at <|im_end|>/<|im_start|>/<|endoftext|>, and compared with that
+last assistant turn: exact match and ROUGE-L F1 (see ``finetune/metrics.py``). By default the replies come
+from the inference engine (``finetune.inference.Engine``: continuous batching of ``--gen-batch-size`` rows,
+each row at its own positions, no padding; a progress bar); ``--generator generate`` uses transformers'
+``generate()`` in LEFT-padded batches instead. Each column also reports ``generated_tokens`` (new token ids,
+stops excluded, counted from the ids and not from the decoded text), ``generation_seconds`` (generation alone,
+the loss excluded) and ``tokens_per_s`` (their ratio).
+
+With ``--adapter`` the model is loaded once; the base numbers come from the model with its adapter switched
+off: PEFT's ``disable_adapter()`` for the loss, rows without an adapter in the engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from .metrics import exact_match, rouge_l
+
+
+# -- data -----------------------------------------------------------------------------------------------
+
+
+def load_eval_records(path, max_samples: int | None = None) -> list[dict]:
+    """Validated, normalised records ({"id", "system", "messages"}), the first ``max_samples``."""
+    from .data import load_records, normalize_record
+
+    records = [normalize_record(r) for r in load_records(path)]
+    return records[:max_samples] if max_samples else records
+
+
+def generation_prompt(tokenizer, record: dict, max_window_size: int = 6144) -> tuple[list[int], str]:
+    """(context tokens, reference reply): the conversation up to its last assistant turn, via make_context."""
+    from .data import normalize_record
+    from .modeling import make_context
+
+    if "messages" not in record or "system" not in record:
+        record = normalize_record(record)
+    msgs = record["messages"]
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    # normalised records alternate user/assistant starting with the user, so msgs[last - 1] is the query
+    query = msgs[last - 1]["content"]
+    history = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, last - 1, 2)]
+    _, tokens = make_context(tokenizer, query, history=history, system=record["system"],
+                             max_window_size=max_window_size)
+    return tokens, msgs[last]["content"]
+
+
+# -- loss -----------------------------------------------------------------------------------------------
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def eval_loss(model, tokenizer, records, batch_size: int = 8, max_len: int | None = None) -> dict:
+    """{"loss", "perplexity", "tokens", "records"} with the training masks (sum over trained tokens / count)."""
+    from .data import ChatCollator, encode_conversation
+
+    collate = ChatCollator(pad_id=tokenizer.eod_id)
+    rows = [encode_conversation(tokenizer, r, max_len=max_len) for r in records]
+    rows = [r for r in rows if any(l != -100 for l in r["labels"][1:])]
+    device = _device(model)
+    total, count = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # less padding
+    for s in range(0, len(order), batch_size):
+        batch = collate([rows[i] for i in order[s:s + batch_size]])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    num_items_in_batch=1, return_logits=False, use_cache=False)  # loss = the sum
+        total += float(out.loss)
+        count += int((batch["labels"][:, 1:] != -100).sum())
+    loss = total / count if count else float("nan")
+    return {"loss": loss, "perplexity": math.exp(loss) if count and loss < 700 else float("inf"),
+            "tokens": count, "records": len(rows)}
+
+
+# -- generation -----------------------------------------------------------------------------------------
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    return [tokenizer.im_end_id, tokenizer.im_start_id]
+
+
+@torch.no_grad()
+def generate_batch_ids(model, tokenizer, contexts: list[list[int]], max_new_tokens: int = 128,
+                       repetition_penalty: float = 1.0) -> list[list[int]]:
+    """Greedy new token ids for several prompts at once, LEFT-padded (pad = <|endoftext|>, attention_mask 0),
+    each cut before its first stop token."""
+    from transformers import GenerationConfig
+
+    device = _device(model)
+    L = max(len(c) for c in contexts)
+    ids = torch.full((len(contexts), L), tokenizer.eod_id, dtype=torch.long)
+    mask = torch.zeros((len(contexts), L), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, L - len(c):] = torch.tensor(c, dtype=torch.long)
+        mask[i, L - len(c):] = 1
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=_stop_ids(tokenizer),
+                          pad_token_id=tokenizer.eod_id, repetition_penalty=repetition_penalty)
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
+    stops = set(_stop_ids(tokenizer)) | {tokenizer.eod_id}
+    rows = []
+    for row in out[:, L:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        rows.append(row[:cut])
+    return rows
+
+
+def _texts(tokenizer, rows: list[list[int]]) -> list[str]:
+    return [tokenizer.decode(r).strip() for r in rows]
+
+
+def generate_batch(model, tokenizer, contexts: list[list[int]], max_new_tokens: int = 128,
+                   repetition_penalty: float = 1.0) -> list[str]:
+    """Greedy replies (text) for several prompts at once through generate(), LEFT-padded."""
+    return _texts(tokenizer, generate_batch_ids(model, tokenizer, contexts, max_new_tokens, repetition_penalty))
+
+
+def generate_reply_ids(model, tokenizer, contexts, batch_size: int = 8, max_new_tokens: int = 128,
+                       repetition_penalty: float = 1.0) -> list[list[int]]:
+    """New token ids of every context through generate(), in batches of similar lengths (input order kept)."""
+    order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
+    rows: list[list[int]] = [[] for _ in contexts]
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        for i, r in zip(idx, generate_batch_ids(model, tokenizer, [contexts[i] for i in idx], max_new_tokens,
+                                                repetition_penalty)):
+            rows[i] = r
+    return rows
+
+
+def generate_replies(model, tokenizer, contexts, batch_size: int = 8, max_new_tokens: int = 128,
+                     repetition_penalty: float = 1.0) -> list[str]:
+    return _texts(tokenizer, generate_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens,
+                                                repetition_penalty))
+
+
+def engine_reply_ids(model, tokenizer, contexts, batch_size: int = 32, max_new_tokens: int = 128,
+                     repetition_penalty: float = 1.0, adapter: str | None = None,
+                     progress: bool = False) -> list[list[int]]:
+    """Greedy new token ids through the inference engine (``adapter`` None = the base model, adapters off);
+    the stop token is not included."""
+    from .inference import Engine, SamplingParams
+
+    if not contexts:
+        return []
+    engine = Engine(model, tokenizer, max_batch=batch_size,
+                    max_len=max(len(c) for c in contexts) + max_new_tokens)
+    params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                            stop_token_ids=(tokenizer.eod_id,))
+    return engine.generate(contexts, params, adapter=adapter, progress=progress)
+
+
+def engine_replies(model, tokenizer, contexts, batch_size: int = 32, max_new_tokens: int = 128,
+                   repetition_penalty: float = 1.0, adapter: str | None = None, progress: bool = False) -> list[str]:
+    """Greedy replies (text) through the inference engine."""
+    return _texts(tokenizer, engine_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens,
+                                              repetition_penalty, adapter, progress))
+
+
+def score_replies(replies: list[str], references: list[str]) -> dict:
+    n = len(references)
+    em = [exact_match(p, r) for p, r in zip(replies, references)]
+    rl = [rouge_l(p, r) for p, r in zip(replies, references)]
+    return {"exact_match": sum(em) / n if n else float("nan"), "rouge_l": sum(rl) / n if n else float("nan"),
+            "generated": n, "per_sample": {"exact_match": em, "rouge_l": rl}}
+
+
+# -- the whole evaluation -----------------------------------------------------------------------------------
+
+
+def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_tokens: int = 128,
+                   max_len: int | None = None, generate: bool = True, repetition_penalty: float = 1.0,
+                   max_window_size: int = 6144, generator: str = "engine", gen_batch_size: int = 32,
+                   progress: bool = False) -> dict:
+    """One report: {"base": {...}, "adapter": {...} (when model is a PeftModel), "samples": [...]}.
+    ``generator``: "engine" (the inference engine, ``gen_batch_size`` rows at once) or "generate"
+    (transformers' generate() in left-padded batches of ``batch_size``)."""
+    if generator not in ("engine", "generate"):
+        raise ValueError(f"generator must be 'engine' or 'generate', got {generator!r}")
+    from peft import PeftModel
+
+    from .data import normalize_record
+
+    records = [normalize_record(r) for r in records]  # any accepted form (idempotent on normalised ones)
+    model.eval()
+    prompts = [generation_prompt(tokenizer, r, max_window_size) for r in records] if generate else []
+    peft = isinstance(model, PeftModel)
+    variants = [("base", model.disable_adapter), ("adapter", nullcontext)] if peft else [("base", nullcontext)]
+    report: dict = {}
+    replies_by: dict[str, list[str]] = {}
+    contexts = [p[0] for p in prompts]
+    for name, ctx in variants:
+        t0 = time.time()
+        gen_s = 0.0
+        with ctx():
+            metrics = eval_loss(model, tokenizer, records, batch_size=batch_size, max_len=max_len)
+            if generate and generator == "generate":
+                t = time.perf_counter()
+                rows = generate_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens, repetition_penalty)
+                gen_s = time.perf_counter() - t
+        if generate and generator == "engine":  # the engine switches adapters per row itself
+            adapter = model.active_adapter if peft and name == "adapter" else None
+            t = time.perf_counter()
+            rows = engine_reply_ids(model, tokenizer, contexts, gen_batch_size, max_new_tokens, repetition_penalty,
+                                    adapter=adapter, progress=progress)
+            gen_s = time.perf_counter() - t
+        if generate:
+            replies = _texts(tokenizer, rows)
+            scores = score_replies(replies, [p[1] for p in prompts])
+            replies_by[name] = replies
+            per = scores.pop("per_sample")
+            metrics.update(scores)
+            # counted from the generated token ids (stops excluded), not from the text: tokens that decode to
+            # nothing visible (a random model's, ids past the tokenizer's vocabulary) are generated all the same
+            tokens = sum(len(r) for r in rows)
+            metrics.update(generated_tokens=tokens, generation_seconds=gen_s,
+                           tokens_per_s=tokens / gen_s if gen_s > 0 else 0.0)
+            metrics["_per"] = per
+        metrics["seconds"] = round(time.time() - t0, 3)
+        report[name] = metrics
+    if generate:
+        samples = []
+        for i, (rec, (_, ref)) in enumerate(zip(records, prompts)):
+            s = {"id": rec.get("id"), "query": rec["messages"][max(j for j, m in enumerate(rec["messages"])
+                                                                     if m["role"] == "assistant") - 1]["content"],
+                 "reference": ref}
+            for name in replies_by:
+                s[name] = replies_by[name][i]
+                s[f"{name}_exact_match"] = report[name]["_per"]["exact_match"][i]
+                s[f"{name}_rouge_l"] = report[name]["_per"]["rouge_l"][i]
+            samples.append(s)
+        report["samples"] = samples
+    for name, _ in variants:
+        report[name].pop("_per", None)
+    return report
+
+
+def format_table(report: dict) -> str:
+    # the metric columns: "base" always, "adapter" when an adapter was evaluated
+    cols = [c for c in ("base", "adapter") if isinstance(report.get(c), dict)]
+    rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
+            ("exact_match", "exact match", "{:.3f}"), ("rouge_l", "ROUGE-L F1", "{:.3f}"),
+            ("tokens", "trained tokens", "{}"), ("generated", "replies", "{}"),
+            ("generated_tokens", "new tokens", "{}"), ("tokens_per_s", "new tokens/s", "{:.1f}")]
+    lines = [f"{'metric':<16}" + "".join(f"{c:>12}" for c in cols)]
+    for key, label, fmt in rows:
+        if not any(key in report[c] for c in cols):
+            continue
+        lines.append(f"{label:<16}" + "".join(f"{fmt.format(report[c][key]) if key in report[c] else '-':>12}"
+                                             for c in cols))
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", help="model dir or hub id (default: the base the adapter records)")
+    p.add_argument("-a", "--adapter", help="LoRA / Q-LoRA adapter dir; base and base+adapter are reported")
+    p.add_argument("--data", required=True, help="held-out chat data (JSON / JSONL, any accepted form)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=8, help="rows per loss batch (and per generate() batch)")
+    p.add_argument("--gen-batch-size", type=int, default=32,
+                   help="rows the inference engine decodes at once (continuous batching)")
+    p.add_argument("--generator", choices=("engine", "generate"), default="engine",
+                   help="engine: the inference engine (default); generate: transformers' generate(), left-padded")
+    p.add_argument("--max-samples", type=int, default=None)
+    p.add_argument("--max-len", type=int, default=None,
+                   help="truncate conversations for the loss as training does (default: the model's seq_length)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
+    p.add_argument("--output", help="write the JSON report here")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.model and not args.adapter:
+        print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
+        return 2
+    for flag, value in (("--batch-size", args.batch_size), ("--gen-batch-size", args.gen_batch_size),
+                        ("--max-new-tokens", args.max_new_tokens), ("--max-samples", args.max_samples)):
+        if value is not None and value < 1:
+            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    from .data.encoding import MIN_MAX_LEN  # as training's --model_max_length
+
+    if args.max_len is not None and args.max_len < MIN_MAX_LEN:
+        print(f"error: --max-len {args.max_len} is too small for any chat turn (at least {MIN_MAX_LEN})",
+              file=sys.stderr)
+        return 2
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from .adapters import AdapterError, resolve_base
+    from .data import DataError
+    from .loading import ModelLoadError, load_model
+    from .tokenization import load_tokenizer
+
+    try:
+        records = load_eval_records(args.data, args.max_samples)  # bad data stops before the model loads
+        model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
+        model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
+        tokenizer = load_tokenizer(args.adapter if args.adapter and (Path(args.adapter) / "qwen.tiktoken").is_file()
+                                   else model_dir)
+    except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    max_len = args.max_len or getattr(model.config, "seq_length", None)
+    gen_cfg = getattr(model, "generation_config", None)
+    report = evaluate_model(model, tokenizer, records, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, max_len=max_len, generate=not args.no_generate,
+                            repetition_penalty=args.repetition_penalty,
+                            max_window_size=getattr(gen_cfg, "max_window_size", None) or 6144,
+                            generator=args.generator, gen_batch_size=args.gen_batch_size,
+                            progress=True)
+    # "adapter" is the adapter's metrics (absent without one); its dir is "adapter_dir"
+    report = {"model": str(model_dir), "adapter_dir": args.adapter, "data": str(args.data), "records": len(records),
+              "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+                           "max_len": max_len, "greedy": True, "repetition_penalty": args.repetition_penalty,
+                           "generator": args.generator,
+                           **({"gen_batch_size": args.gen_batch_size} if args.generator == "engine"
+                              else {"padding": "left"})}, **report}
+    print(format_table(report))
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        print(f"report: {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

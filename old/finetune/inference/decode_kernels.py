@@ -1,0 +1,262 @@
+"""Triton kernels for the engine's decode step: the elementwise work of a block in three kernels.
+
+Imported lazily by ``fused_decode.py`` (CUDA with Triton only; CPU code never imports triton). In eager torch a
+decode step spends ~50 small kernels per layer besides the GEMVs and attention (RMSNorm alone is eight: casts,
+pow, mean, add, rsqrt, two multiplies; rotary with its cats and casts about fourteen; the cache write an
+index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three replace them:
+
+- ``add_rms_norm``: the residual add of the previous half (written back into the residual stream) and the next
+  RMSNorm, one program per row;
+- ``rotary_to_cache``: from c_attn's output, rotary on q and k, the logN query scale, and the write of k and v
+  into the layer's KV cache at each row's position; returns q [b, H, 1, D];
+- ``swiglu``: up * silu(gate);
+- ``decode_attention`` (where ``fused_decode.use_own_keys`` picks it): each row's query against its own keys only (the
+  cache up to its position), split over the keys as flash-decoding does, in fp32, written in the layout c_proj
+  reads. SDPA instead reads every row up to the step's length bucket under a mask, so a short row pays for the
+  longest one's keys.
+
+Numerics are the model's (``modeling/kernels.py``), rounding for rounding: fp32 arithmetic, rounded to the
+activation dtype exactly where eager torch rounds (the residual sum; RMSNorm's normalised value before the
+weight; rotary's output, then again after the logN scale; silu's output), and no multiply-add contraction
+(``enable_fp_fusion=False``: eager torch rounds rotary's two products before adding them). What can differ is
+the fp32 summation order of RMSNorm's mean and the last bit of rsqrt/exp, so a bf16 result may differ by one
+ulp on rare elements. Every wrapper takes a decode step's shapes: one token per row.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dec_add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_d, stride_o,
+                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_DELTA:  # the residual add, rounded to the stream's dtype (as eager x + delta) and written back
+        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(x_ptr + row * stride_x + offs, x, mask=mask)
+    xf = x.to(tl.float32)
+    ms = tl.sum(xf * xf, axis=0) / N
+    y = (xf * tl.rsqrt(ms + eps)).to(x_ptr.dtype.element_ty)  # .type_as(x), then the weight
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    out = y.to(tl.float32) * w.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, k_ptr, v_ptr, q_ptr,
+                             stride_qkv, P, stride_cs, stride_cr, stride_ch, stride_cp,
+                             D: tl.constexpr, ROT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             BLOCK_D: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    HALF = ROT // 2
+    rot = dmask & (d < ROT)
+    # rotate_half: channel d < ROT/2 takes -t[d + ROT/2], channel ROT/2 <= d < ROT takes t[d - ROT/2]
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    base = qkv_ptr + row * stride_qkv + h * D
+    q = tl.load(base + d, mask=dmask, other=0.0).to(tl.float32)
+    k = tl.load(base + P + d, mask=dmask, other=0.0).to(tl.float32)
+    v = tl.load(base + 2 * P + d, mask=dmask, other=0.0)
+    q2 = tl.load(base + partner, mask=rot, other=0.0).to(tl.float32) * sign
+    k2 = tl.load(base + P + partner, mask=rot, other=0.0).to(tl.float32) * sign
+    # channels beyond ROT pass through: cos 1, sin 0
+    c = tl.load(cos_ptr + row * stride_cs + d, mask=rot, other=1.0)
+    s = tl.load(sin_ptr + row * stride_cs + d, mask=rot, other=0.0)
+    qr = (q * c + q2 * s).to(q_ptr.dtype.element_ty)
+    if HAS_SCALE:  # logN: (q.float() * scale).type_as(q), after rotary's own rounding
+        qr = (qr.to(tl.float32) * tl.load(scale_ptr + row)).to(q_ptr.dtype.element_ty)
+    kr = k * c + k2 * s
+    tl.store(q_ptr + (row * H + h) * D + d, qr, mask=dmask)
+    pos = tl.load(pos_ptr + row).to(tl.int64)
+    dst = row.to(tl.int64) * stride_cr + h * stride_ch + pos * stride_cp + d
+    tl.store(k_ptr + dst, kr.to(qkv_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty), mask=dmask)
+    tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=dmask)
+
+
+@triton.jit
+def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)  # F.silu rounds to the input dtype
+    tl.store(out_ptr + offs, (u * silu.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, SPLIT,
+                           stride_qb, stride_cr, stride_ch, stride_cp, S,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    H = tl.num_programs(1)
+    # keys 0..pos (the one written this step included); a slot past the step's keys (a stale position) is cut
+    n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
+    start = sp * SPLIT
+    end = tl.minimum(start + SPLIT, n)
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q_ptr + row * stride_qb + h * D + d, mask=dmask, other=0.0).to(tl.float32)
+    base = row.to(tl.int64) * stride_cr + h * stride_ch
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for n0 in range(start, end, BLOCK_N):  # an empty range (a split past the row's keys) leaves m = -inf, l = 0
+        offs = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs < end
+        tile = base + offs[:, None].to(tl.int64) * stride_cp + d[None, :]
+        kmask = nmask[:, None] & dmask[None, :]
+        k = tl.load(k_ptr + tile, mask=kmask, other=0.0).to(tl.float32)
+        sc = tl.where(nmask, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(sc, axis=0))
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(sc - m_new)
+        v = tl.load(v_ptr + tile, mask=kmask, other=0.0).to(tl.float32)
+        l = l * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        m = m_new
+    slot = ((row * H + h) * S + sp) * (BLOCK_D + 2)
+    tl.store(ws_ptr + slot + d, acc)
+    tl.store(ws_ptr + slot + BLOCK_D, m)
+    tl.store(ws_ptr + slot + BLOCK_D + 1, l)
+
+
+@triton.jit
+def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_S: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    sp = tl.arange(0, BLOCK_S)
+    smask = sp < S
+    d = tl.arange(0, BLOCK_D)
+    slots = ((row * H + h) * S + sp) * (BLOCK_D + 2)
+    m = tl.load(ws_ptr + slots + BLOCK_D, mask=smask, other=float("-inf"))
+    l = tl.load(ws_ptr + slots + BLOCK_D + 1, mask=smask, other=0.0)
+    acc = tl.load(ws_ptr + slots[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+    big = tl.max(m, axis=0)  # finite for every row with a key (split 0 holds key 0)
+    w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
+    total = tl.sum(w * l, axis=0)
+    y = tl.where(total > 0, tl.sum(w[:, None] * acc, axis=0) / total, 0.0)  # (a padding slot with no key: 0)
+    tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     scale: float, kv_len: int, split: int = 256) -> torch.Tensor:
+    """One decode step's attention: q [b, heads, 1, D] (rotary and logN applied), row i attending to its keys
+    0..pos[i] of ``k_cache``/``v_cache`` [slots >= b, heads, capacity, D] (at most ``kv_len``), scores times
+    ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. The keys of a row are split in
+    ``split``-key parts, each one program a head (fp32 online softmax), combined by a second kernel; parts past
+    a row's own keys return at once."""
+    b, heads, one, D = q.shape
+    if one != 1 or not q.is_contiguous():
+        raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
+    _check_cache(k_cache, v_cache, b, heads, D, kv_len)
+    block_d = triton.next_power_of_2(D)
+    S = triton.cdiv(kv_len, split)
+    ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
+    out = torch.empty(b, 1, heads * D, dtype=q.dtype, device=q.device)
+    _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, split,
+                                          q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
+                                          D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
+    _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d,
+                                         BLOCK_S=triton.next_power_of_2(S), num_warps=1)
+    return out
+
+
+def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, b: int, heads: int, D: int, kv_len: int = 0) -> None:
+    """A layer's K and V caches [slots, heads, capacity, D] hold b rows of these heads (and kv_len keys), with one
+    layout for both and D contiguous (the kernels index them by the same strides)."""
+    if k_cache.shape != v_cache.shape or k_cache.stride() != v_cache.stride() or k_cache.shape[0] < b \
+            or k_cache.shape[1] != heads or k_cache.shape[3] != D or k_cache.stride(3) != 1 \
+            or kv_len > k_cache.shape[2]:
+        keys = f" and {kv_len} keys" if kv_len else ""
+        raise ValueError(f"KV cache {tuple(k_cache.shape)} / {tuple(v_cache.shape)} does not fit {b} rows x "
+                         f"{heads} heads x {D}{keys}")
+
+
+def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
+    """t as a [rows, last] view (add_rms_norm writes the residual back in place: never a copy)."""
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got shape {tuple(t.shape)} strides {tuple(t.stride())}")
+    return t.view(-1, t.shape[-1])
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """``x += delta`` (in place, rounded to x's dtype; skipped when delta is None), then RMSNorm of the new x
+    as ``modeling.kernels.rms_norm`` computes it. Returns (x, normed); normed has x's shape and the dtype of
+    x * weight."""
+    N = x.shape[-1]
+    if weight.shape != (N,):
+        raise ValueError(f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({N},)")
+    x2 = _rows(x, "x")
+    if delta is not None:
+        if delta.shape != x.shape or delta.dtype != x.dtype:
+            raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} does not match x {tuple(x.shape)} {x.dtype}")
+        d2 = _rows(delta, "delta")
+    else:
+        d2 = x2
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(N)
+    _dec_add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, out, N, float(eps), x2.stride(0), d2.stride(0),
+                                             out.stride(0), HAS_DELTA=delta is not None, BLOCK=block,
+                                             num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
+    return x, out.view(x.shape)
+
+
+def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, heads: int) -> torch.Tensor:
+    """One decode step's attention inputs from c_attn's output ``qkv`` [b, 1, 3 * heads * D]: rotary on q and k
+    (``cos``/``sin`` [b, 1, rot] fp32, rot <= D), q scaled by ``query_scale`` [b, 1] (logN; None = 1), k and v
+    written into ``k_cache``/``v_cache`` [slots >= b, heads, capacity, D] at row i, position ``pos[i]``.
+    Returns q [b, heads, 1, D] in qkv's dtype."""
+    b = qkv.shape[0]
+    qkv2 = _rows(qkv, "qkv")
+    if qkv2.shape[0] != b:
+        raise ValueError(f"rotary_to_cache takes one token per row, got qkv of shape {tuple(qkv.shape)}")
+    P = qkv2.shape[1] // 3
+    D = P // heads
+    rot = cos.shape[-1]
+    if 3 * heads * D != qkv2.shape[1] or rot > D or rot % 2:
+        raise ValueError(f"qkv width {qkv2.shape[1]} does not split into 3 x {heads} heads, or rotary width {rot} "
+                         f"is odd or above the head size")
+    _check_cache(k_cache, v_cache, b, heads, D)
+    cs, sn = cos.reshape(b, rot), sin.reshape(b, rot)
+    if cs.dtype != torch.float32 or sn.dtype != torch.float32 or cs.stride() != sn.stride() or cs.stride(1) != 1:
+        raise ValueError("cos and sin must be fp32 with the same contiguous layout")
+    scale = query_scale.reshape(b).float() if query_scale is not None else cs
+    q = torch.empty(b, heads, 1, D, dtype=qkv.dtype, device=qkv.device)
+    _dec_rotary_cache_kernel[(b, heads)](qkv2, cs, sn, scale, pos, k_cache, v_cache, q, qkv2.stride(0), P,
+                                         cs.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+                                         D=D, ROT=rot, HAS_SCALE=query_scale is not None,
+                                         BLOCK_D=triton.next_power_of_2(D), num_warps=1,
+                                         enable_fp_fusion=False)
+    return q
+
+
+def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """``up * F.silu(gate)`` (Qwen's w1(x) * silu(w2(x))), same shape and dtype."""
+    if up.shape != gate.shape or up.dtype != gate.dtype or not (up.is_contiguous() and gate.is_contiguous()):
+        raise ValueError(f"swiglu needs contiguous up and gate of one shape and dtype, got {tuple(up.shape)} "
+                         f"{up.dtype} and {tuple(gate.shape)} {gate.dtype}")
+    out = torch.empty_like(up)
+    n = up.numel()
+    block = 1024
+    _dec_swiglu_kernel[(triton.cdiv(n, block),)](up, gate, out, n, BLOCK=block, num_warps=4,
+                                                  enable_fp_fusion=False)
+    return out
+
+
+__all__ = ["add_rms_norm", "decode_attention", "rotary_to_cache", "swiglu"]

@@ -1,0 +1,690 @@
+"""The decode engine: continuous batching over a static KV cache, one CUDA graph per batch bucket.
+
+    engine = Engine(model, tokenizer, max_batch=32)
+    req = engine.submit(prompt_ids, SamplingParams(max_new_tokens=64), adapter=None)
+    while engine.has_work():
+        engine.step()
+    req.output_ids, req.finish_reason
+
+Layout. The KV cache is [layers, slots, heads, capacity, head_dim] (keys and values), grown on demand (slots
+to the next batch bucket, capacity to the next multiple of 256) up to ``max_batch`` x ``max_len``. Active rows
+sit in slots 0..n-1: a row that leaves is replaced by the row in the last slot (its KV copied), so a decode
+step always covers a prefix of the slots. Every row has its own length and positions.
+
+A step: cancelled rows leave; waiting requests join (each prefilled alone through the model's blocks with
+causal SDPA, as training and generate() compute it; its first token is picked from the prefill logits); then
+one decode step for every active row: the last token of each row goes in at its own position, keys/values are
+written at (row, position), attention reads the rows' cached keys up to the step's length bucket with a mask
+hiding each row's positions beyond its own length. On CUDA that decode step is a CUDA graph captured per
+(batch bucket 1, 2, 4, ..., max_batch; length bucket, a multiple of 256) and replayed; elsewhere it runs
+eagerly on exactly the active rows.
+
+Host time. The token choice runs on the device after the decode step (repetition penalty, stop tokens held
+back until min_new_tokens, then argmax, or for sampled rows sampling.pick_one with a seeded row's generator,
+and for the rows without a seed sampling.sample_rows: the same processors, drawn in one batch) and
+writes each row's next input token, position and counters into the step's static inputs; with every row
+greedy it is part of the step's CUDA graph. The host only reads the picked tokens (one small copy), and it
+reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row
+that finished at step t is in step t+1 too: its extra token is discarded, and its cache write (one position
+past its last token, inside its reserved length) is never read. Rows leave and join only with no step in
+flight (the step() that sees a finished, cancelled or waiting row first reads the step in flight); only then
+does the host write the step's inputs. Prefill picks its row's first token on the host (sampling.py).
+
+Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
+base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
+<|im_end|>/<|im_start|> and the request's stop ids (stop tokens are not part of the output), sampling as
+transformers applies it (sampling.py). Adapters: per row, unmerged (row_adapters.py).
+
+Thread safety: ``submit`` and ``Request.cancel`` may be called from any thread; ``step`` runs one at a time
+(a lock) and is meant to be driven by one loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+from collections import deque
+
+import torch
+
+from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
+from .fused_decode import additive_mask, decode_blocks, fused_kernels, use_own_keys
+from .row_adapters import RowAdapters
+from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
+
+LENGTH_BUCKET = 256
+PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
+_IDS = itertools.count()
+
+
+class Request:
+    """One prompt being decoded. ``output_ids`` grows as the engine steps; ``finished`` / ``finish_reason``
+    ("stop", "length" or "cancelled") are set when it ends."""
+
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None):
+        self.id = next(_IDS)
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.adapter = adapter
+        self.output_ids: list[int] = []
+        self.finished = False
+        self.finish_reason: str | None = None
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this request; it leaves the batch at the next step (finish_reason "cancelled")."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def __repr__(self) -> str:
+        state = f"finished={self.finish_reason}" if self.finished else "running"
+        return f"Request(id={self.id}, prompt={len(self.prompt_ids)} tokens, output={len(self.output_ids)}, {state})"
+
+
+class _Row:
+    __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked")
+
+    def __init__(self, req, alpha, generator, adapter_index, stops):
+        self.req = req
+        self.length = 0  # tokens in the cache, counting the step in flight (its write is enqueued)
+        self.alpha = alpha
+        self.generator = generator
+        self.adapter_index = adapter_index
+        self.stops = stops
+        self.last = None  # the last picked token the host has read (the next decode input when none is in flight)
+        self.picked = 0  # tokens picked for the row, counting the step in flight (= len(output_ids) when none is)
+
+
+class _Step:
+    """A decode step enqueued on the device whose tokens the host has not read yet: the rows it covered (slots
+    0..n-1 at launch), the host buffer its picked tokens are being copied into, the event that marks the copy
+    done (None off CUDA), and its logits (valid until the next step is enqueued)."""
+
+    __slots__ = ("rows", "tokens", "event", "logits")
+
+    def __init__(self, rows, tokens, event, logits):
+        self.rows, self.tokens, self.event, self.logits = rows, tokens, event, logits
+
+
+class _KV:
+    """The cache object the blocks call: ``update(k, v, layer)`` writes this forward's keys/values and returns
+    what attention reads. Prefill: rows ``slot``.. (one per prompt), positions 0..T-1, attention over the new keys only.
+    Decode: rows 0..b-1, one token each at ``pos`` [b], attention over positions < ``kv_len``."""
+
+    def __init__(self, k, v):
+        self.k, self.v = k, v
+        self.mode = None
+        self.slot = 0
+        self.rows = None
+        self.pos = None
+        self.kv_len = 0
+
+    def update(self, k, v, layer_idx):
+        K, V = self.k[layer_idx], self.v[layer_idx]
+        if self.mode == "prefill":
+            n, T = k.shape[0], k.shape[2]
+            K[self.slot:self.slot + n, :, :T] = k
+            V[self.slot:self.slot + n, :, :T] = v
+            return k, v
+        b = k.shape[0]
+        K[self.rows[:b], :, self.pos] = k[:, :, 0]
+        V[self.rows[:b], :, self.pos] = v[:, :, 0]
+        return K[:b, :, : self.kv_len], V[:b, :, : self.kv_len]
+
+
+def qwen_lm(model):
+    """The QWenLMHeadModel inside `model` (itself, or the model a PEFT wrapper holds), else None."""
+    m = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return m if isinstance(m, QWenLMHeadModel) else None
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+class Engine:
+    """Continuous-batching decoder for a QWenLMHeadModel (or a PeftModel over it, several adapters allowed)."""
+
+    def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
+                 use_graphs: bool | None = None):
+        lm = qwen_lm(model)
+        if lm is None:
+            raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
+        if lm.training:  # dropout would be on, and NTK/logN are inference-only in Qwen v1
+            raise ValueError("Engine needs the model in eval mode: call model.eval() first")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        # Only submodules are held, never the model object itself: chat() keeps engines in a WeakKeyDictionary
+        # keyed by the model, which a strong reference from the engine would keep alive forever.
+        self.tr = lm.transformer
+        self.lm_head = lm.lm_head
+        self.config = cfg = lm.config
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        default_len = max(int(getattr(cfg, "max_position_embeddings", 0) or 0), 4 * cfg.seq_length)
+        self.max_len = int(max_len) if max_len is not None else default_len
+        if self.max_len < 2:
+            raise ValueError(f"max_len must be >= 2, got {max_len!r}")
+        self.device = self.tr.wte.weight.device
+        self.dtype = self.tr.wte.weight.dtype
+        self.vocab = lm.lm_head.out_features
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
+        self.adapters = RowAdapters(model)
+        self._kernels = fused_kernels(self.tr, self.device, self.dtype)  # None: the model's own blocks decode
+        self._base_stops = {tokenizer.im_end_id, tokenizer.im_start_id}
+        self._lock = threading.Lock()  # pending queue
+        self._step_lock = threading.Lock()
+        self._pending: deque[Request] = deque()
+        self._rows: list[_Row] = []
+        self._cache: _KV | None = None
+        self._slots = 0
+        self._capacity = 0
+        self._seen = None  # [slots, V] bool: tokens of each row's prompt and output (repetition penalty)
+        self._graphs: dict = {}
+        self._pool = None
+        self._static = None
+        self._key_pos = None
+        self._row_ids = None  # arange(slots) on the device
+        self._sel_key = None  # the adapter selection of the last decode step, and its tensor
+        self._sel = None
+        self._stopmask = None  # [slots, V] bool: each row's stop tokens (held back until min_new_tokens)
+        self._inflight: _Step | None = None  # the device-picked step whose tokens are not read yet
+        self._gone: list[_Row] = []  # rows finished while a step was in flight (removed once none is)
+        self._synced = False  # the device's step inputs (token, position, counters) match the host's rows
+        self._flags = (False, False)  # (any row penalised, any row holding its stops) of the uploaded rows
+        self._lora = False  # any uploaded row uses an adapter (else the step runs no adapter at all)
+        self._seeded: list = []  # the uploaded rows that sample with a seed: (slot, params, generator)
+        self._unseeded = None  # and those without: (their slots on the device, their RowSampling)
+        self._host_tokens = None  # two pinned host buffers for the picked tokens (a step in flight uses one)
+        self._events = None
+        self._flip = 0
+
+    # -- public API ---------------------------------------------------------------------------------------------
+    def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None) -> Request:
+        """Queue one prompt; it joins the running batch at the next step. Thread-safe."""
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        self.adapters.index(adapter)  # unknown adapter -> ValueError now, not at the step
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise ValueError("prompt_ids is empty: a request needs at least one prompt token")
+        bad = [t for t in ids if not 0 <= t < self.vocab]
+        if bad:
+            raise ValueError(f"prompt_ids: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
+        if len(ids) + params.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
+                             f"engine's max_len {self.max_len}")
+        req = Request(ids, params, adapter)
+        with self._lock:
+            self._pending.append(req)
+        return req
+
+    def has_work(self) -> bool:
+        with self._lock:
+            if self._pending:
+                return True
+        # (a step may still be in flight for rows that all finished: the next step() reads and drops it)
+        return any(not r.req.finished for r in self._rows)
+
+    @torch.no_grad()
+    def step(self) -> list[Request]:
+        """Cancelled rows leave, waiting requests join (prefill), then one decode step for every active row.
+        Returns the requests that got a token or finished in this step.
+
+        Pipelined: the next decode step is enqueued before the tokens of the one in flight are read, so a
+        token arrives from the step() after the one that enqueued it; a row finishes, leaves or is cancelled
+        within one extra step."""
+        with self._step_lock:
+            touched: dict[int, Request] = {}
+            if self._inflight is not None and self._must_change():
+                self._read(self._take_inflight(), touched)
+            if self._inflight is None:
+                if self._gone:
+                    gone, self._gone = self._gone, []
+                    self._remove(gone)
+                self._drop_cancelled(touched)
+                self._admit(touched)
+            if self._rows:
+                previous = self._take_inflight()
+                self._inflight = self._launch()
+                if previous is not None:
+                    self._read(previous, touched)
+            return list(touched.values())
+
+    def generate(self, prompts, params: SamplingParams | None = None, adapter: str | None = None,
+                 progress: bool = False) -> list[list[int]]:
+        """Output ids of every prompt (in input order): all submitted, stepped until done."""
+        reqs = [self.submit(p, params, adapter) for p in prompts]
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(reqs), desc="generating", unit="reply")
+        try:
+            while not all(r.finished for r in reqs):
+                done = sum(r.finished for r in self.step())
+                if bar is not None and done:
+                    bar.update(done)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [r.output_ids for r in reqs]
+
+    # -- rows -------------------------------------------------------------------------------------------------
+    def _must_change(self) -> bool:
+        """Whether the batch changes before the next decode step (a row finished or was cancelled, or a waiting
+        request has room to join): then the step in flight is read first."""
+        if self._gone or any(r.req.cancelled for r in self._rows):
+            return True
+        with self._lock:
+            return bool(self._pending) and len(self._rows) < self.max_batch
+
+    def _take_inflight(self) -> _Step | None:
+        step, self._inflight = self._inflight, None
+        return step
+
+    def _finish(self, row: _Row, reason: str, touched) -> None:
+        row.req.finished = True
+        row.req.finish_reason = reason
+        touched[row.req.id] = row.req
+
+    def _remove(self, gone: list[_Row]) -> None:
+        """Drop rows and keep the active ones in slots 0..n-1 (moving the last rows into the holes)."""
+        gone_ids = {id(r) for r in gone}
+        slots = list(self._rows)
+        keep = [r for r in slots if id(r) not in gone_ids]
+        new: list[_Row | None] = [r if id(r) not in gone_ids else None for r in slots]
+        n = len(keep)
+        movers = [(i, r) for i, r in enumerate(new) if r is not None and i >= n]
+        holes = [i for i in range(n) if new[i] is None]
+        for hole, (src, row) in zip(holes, movers):
+            L = row.length
+            self._cache.k[:, hole, :, :L] = self._cache.k[:, src, :, :L]
+            self._cache.v[:, hole, :, :L] = self._cache.v[:, src, :, :L]
+            self._seen[hole] = self._seen[src]
+            new[hole], new[src] = row, None
+        self._rows = [r for r in new[:n]]
+        self._synced = False
+
+    def _drop_cancelled(self, touched) -> None:
+        with self._lock:
+            waiting = [r for r in self._pending if r.cancelled]
+            for r in waiting:
+                self._pending.remove(r)
+        for r in waiting:
+            r.finished, r.finish_reason = True, "cancelled"
+            touched[r.id] = r
+        gone = [row for row in self._rows if row.req.cancelled]
+        for row in gone:
+            self._finish(row, "cancelled", touched)
+        if gone:
+            self._remove(gone)
+
+    def _admit(self, touched) -> None:
+        with self._lock:
+            take = min(self.max_batch - len(self._rows), len(self._pending))
+            joining = [self._pending.popleft() for _ in range(take)]
+        if not joining:
+            return
+        if not self._rows and self.adapters.refresh():  # LoRA weights changed since the graphs were captured
+            self._graphs.clear()
+            self._pool = None
+        # grow the cache once for everything joining now (a growth copies the whole cache)
+        need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in joining)
+        self._ensure(len(self._rows) + len(joining), max([need] + [r.length + r.req.params.max_new_tokens
+                                                                   - len(r.req.output_ids) for r in self._rows]))
+        # prompts joining together are prefilled together (right-padded to the longest of a group): a server's
+        # burst of requests costs one forward per group instead of one per prompt
+        group: list[Request] = []
+        for req in joining:
+            longest = max([len(r.prompt_ids) for r in group] + [len(req.prompt_ids)])
+            if group and (len(group) + 1) * longest > PREFILL_TOKENS:
+                self._prefill(group, touched)
+                group = []
+            group.append(req)
+        self._prefill(group, touched)
+
+    # -- memory -------------------------------------------------------------------------------------------------
+    def _bucket(self, n: int) -> int:
+        b = 1
+        while b < n:
+            b *= 2
+        return min(b, self.max_batch) if self.use_graphs else n
+
+    def _ensure(self, rows: int, length: int) -> None:
+        """The cache covers ``rows`` slots (a batch bucket) and ``length`` positions (a multiple of 256)."""
+        slots = max(self._slots, self._bucket(rows) if self.use_graphs else rows)
+        capacity = max(self._capacity, min(_round_up(length, LENGTH_BUCKET), _round_up(self.max_len, 8)))
+        if slots == self._slots and capacity == self._capacity:
+            return
+        cfg = self.config
+        shape = (cfg.num_hidden_layers, slots, cfg.num_attention_heads, capacity, cfg.kv_channels)
+        k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        v = torch.zeros_like(k)
+        seen = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        assert self._inflight is None  # (the cache grows only when rows join: no step is in flight then)
+        if self._cache is not None:
+            n = len(self._rows)
+            k[:, :n, :, : self._capacity] = self._cache.k[:, :n]
+            v[:, :n, :, : self._capacity] = self._cache.v[:, :n]
+            seen[:n] = self._seen[:n]
+        self._cache = _KV(k, v)
+        self._seen = seen
+        self._slots, self._capacity = slots, capacity
+        self._key_pos = torch.arange(capacity, device=self.device)
+        self._row_ids = torch.arange(slots, device=self.device)
+        self._graphs.clear()  # captured against the old buffers
+        # and a fresh memory pool for the next captures: capturing into a pool whose graphs are all gone trips
+        # an internal assert of PyTorch's caching allocator (seen on the H200 when the cache grew mid-serving)
+        self._pool = None
+        self._static = None
+        self._stopmask = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
+        self._synced = False
+
+    # -- forwards -----------------------------------------------------------------------------------------------
+    def _select(self, indices: list[int | None], width: int) -> torch.Tensor:
+        sel = torch.zeros(max(len(self.adapters.names), 1), width, dtype=torch.float32)
+        for i, a in enumerate(indices):
+            if a is not None:
+                sel[a, i] = 1.0
+        return sel.to(self.device)
+
+    def _blocks(self, x, rope, attn, query_scale, last=None):
+        """fp32 logits [b, V] at each row's last position: ``last`` [b] its index (None: the final one)."""
+        for block in self.tr.h:
+            x = block(x, rope=rope, attn=attn, query_scale=query_scale, cache=self._cache)
+        x = x[:, -1:] if last is None else x[torch.arange(x.shape[0], device=x.device), last][:, None]
+        return self.lm_head(self.tr.ln_f(x))[:, -1].float()
+
+    def _prefill(self, reqs: list[Request], touched) -> None:
+        """Prefill the prompts of ``reqs`` in one forward into the next free slots and pick each one's first token.
+        The prompts are right-padded to the longest: causal attention keeps every real position to its own row's
+        earlier tokens, and the cache positions written from padding lie at or past the row's length, where each
+        decode step writes before it reads. NTK alpha comes from each row's own length, as in Qwen v1."""
+        cfg = self.config
+        lengths = [len(r.prompt_ids) for r in reqs]
+        T, n = max(lengths), len(reqs)
+        slot0 = len(self._rows)
+        rows = []
+        for req, L in zip(reqs, lengths):
+            generator = None
+            if req.params.seed is not None:
+                generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+            alpha = float(ntk_alpha(L, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
+            rows.append(_Row(req, alpha, generator, self.adapters.index(req.adapter),
+                             self._base_stops | set(req.params.stop_token_ids)))
+        ids = torch.tensor([r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
+                           device=self.device)
+        pos = torch.arange(T, device=self.device)[None].expand(n, T)
+        alpha = torch.tensor([[r.alpha] for r in rows], device=self.device)
+        cos, sin = self.tr.rotary_emb(pos, alpha)
+        query_scale = None
+        if cfg.use_logn_attn and T > cfg.seq_length:
+            query_scale = logn_scale(pos + 1, cfg.seq_length)
+        self._cache.mode, self._cache.slot = "prefill", slot0
+        indices = [r.adapter_index for r in rows]
+        select = None if all(a is None for a in indices) else self._select(indices, n)
+        with self.adapters.applied(select):
+            logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale,
+                                  last=torch.tensor(lengths, device=self.device) - 1)
+        for i, (row, L) in enumerate(zip(rows, lengths)):
+            row.length = L
+            self._seen[slot0 + i].zero_()
+            self._seen[slot0 + i, ids[i, :L]] = True
+        self._rows.extend(rows)
+        self._synced = False
+        self._emit(rows, logits, touched)
+
+    def _decode_forward(self, tok, pos, alpha, sel, kv_len, own_keys=False):
+        """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1); ``own_keys``: the
+        fused step's attention over each row's own keys (``_own_keys``)."""
+        cfg = self.config
+        b = tok.shape[0]
+        cache = self._cache
+        cache.mode, cache.rows, cache.pos, cache.kv_len = "decode", self._row_ids[:b], pos, kv_len
+        cos, sin = self.tr.rotary_emb(pos[:, None], alpha[:, None])
+        query_scale = logn_scale(pos[:, None] + 1, cfg.seq_length) if cfg.use_logn_attn else None
+        if self._kernels is not None:
+            kv_len = self._fused_kv_len(kv_len)
+            mask = additive_mask(self._key_pos, pos, kv_len, self.dtype)
+            x = self.tr.wte(tok[:, None])
+            # Triton launches on the current CUDA device (on the CPU: the interpreter tests)
+            on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+            with self.adapters.applied(sel), on_device:
+                return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
+                                     query_scale, mask, own_keys)
+        mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
+        with self.adapters.applied(sel):
+            return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)
+
+    # -- the decode step: inputs and pick on the device, one step ahead of the host ---------------------------
+    def _state(self) -> dict:
+        """The decode step's static inputs on the device, ``slots`` wide: token, position, tokens picked,
+        min_new_tokens and active (1 for a row, 0 for a padding slot) as the rows of one long tensor, alpha
+        and repetition penalty as the rows of one float tensor, and the adapter selection."""
+        if self._static is None:
+            ints = torch.zeros(5, self._slots, dtype=torch.long, device=self.device)
+            flts = torch.ones(2, self._slots, dtype=torch.float32, device=self.device)
+            sel = torch.zeros(max(len(self.adapters.names), 1), self._slots, dtype=torch.float32, device=self.device)
+            self._static = dict(ints=ints, flts=flts, tok=ints[0], pos=ints[1], alpha=flts[0], penalty=flts[1],
+                                sel=sel)
+        return self._static
+
+    def _upload(self, b: int) -> None:
+        """Write the host's rows 0..n-1 (padding up to b) into the static inputs. Done when the rows changed
+        (no step in flight then), never per step: the device advances tokens, positions and counters itself."""
+        s = self._state()
+        rows = self._rows
+        n = len(rows)
+        pad = [0] * (b - n)
+        for r in rows:
+            r.picked = len(r.req.output_ids)
+        ints = torch.tensor([[r.last for r in rows] + pad, [r.length for r in rows] + pad,
+                             [r.picked for r in rows] + pad, [r.req.params.min_new_tokens for r in rows] + pad,
+                             [1] * n + pad], dtype=torch.long)
+        ones = [1.0] * (b - n)
+        flts = torch.tensor([[r.alpha for r in rows] + ones,
+                             [r.req.params.repetition_penalty for r in rows] + ones], dtype=torch.float32)
+        s["ints"][:, :b].copy_(ints, non_blocking=True)
+        s["flts"][:, :b].copy_(flts, non_blocking=True)
+        self._stopmask[:b].zero_()
+        which = [(i, t) for i, r in enumerate(rows) if r.req.params.min_new_tokens > 0
+                 for t in r.stops if t < self.vocab]
+        if which:
+            rows_idx, stop_idx = torch.tensor(which).to(self.device, non_blocking=True).unbind(1)
+            self._stopmask[rows_idx, stop_idx] = True
+        key = (b, tuple(r.adapter_index for r in rows))
+        if key != self._sel_key:
+            self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
+        s["sel"][:, :b].copy_(self._sel)
+        self._lora = any(r.adapter_index is not None for r in rows)
+        self._flags = (any(r.req.params.repetition_penalty != 1.0 for r in rows),
+                       any(r.req.params.min_new_tokens > 0 for r in rows))
+        # seeded rows draw from their own generators one by one; the others in one batch (RowSampling)
+        self._seeded = [(i, r.req.params, r.generator) for i, r in enumerate(rows)
+                        if r.req.params.do_sample and r.generator is not None]
+        unseeded = [i for i, r in enumerate(rows) if r.req.params.do_sample and r.generator is None]
+        self._unseeded = None
+        if unseeded:
+            self._unseeded = (torch.tensor(unseeded).to(self.device, non_blocking=True),
+                              RowSampling([rows[i].req.params for i in unseeded], self.vocab, self.device))
+        self._synced = True
+
+    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False) -> None:
+        """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
+        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, then argmax; with
+        ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
+        through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
+        tokens picked advanced by one for the active rows) and into ``seen``. Nothing here reads a value back
+        to the host."""
+        tok, pos, picked, min_new, active = ints[:, :b].unbind(0)
+        scores = logits
+        if penalised:
+            scores = apply_penalties(logits, seen[:b], self._state()["penalty"][:b])
+        if held:
+            scores = scores.masked_fill((picked < min_new)[:, None] & self._stopmask[:b], -float("inf"))
+        nxt = scores.argmax(-1)
+        if sampled:
+            for i, params, generator in self._seeded:
+                nxt[i] = pick_one(scores[i], params, generator)
+            if self._unseeded is not None:
+                rows, rs = self._unseeded
+                nxt.index_copy_(0, rows, sample_rows(scores.index_select(0, rows), rs))
+        tok.copy_(nxt)
+        seen[:b].scatter_(1, nxt[:, None], True)
+        pos.add_(active)
+        picked.add_(active)
+
+    def _launch(self) -> _Step:
+        """Enqueue one decode step and its device-side pick for every active row; nothing here waits for the
+        device. The picked tokens are copied into a pinned host buffer that ``_read`` reads. With every row
+        greedy the pick is part of the step's CUDA graph; with sampled rows (per-row generators and sampling
+        parameters, which a graph would freeze) it runs as eager device ops after the forward's graph."""
+        rows = list(self._rows)
+        n = len(rows)
+        b = self._bucket(n)
+        if not self._synced:
+            self._upload(b)
+        s = self._state()
+        penalised, any_min_new = self._flags
+        held = any_min_new and any(r.picked < r.req.params.min_new_tokens for r in rows)
+        need = max(r.length for r in rows) + 1
+        sampled = bool(self._seeded) or self._unseeded is not None
+        if self.use_graphs:
+            kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
+            pick = None if sampled else (penalised, held)
+            own = self._own_keys(rows, b, kv_len)
+            key = (b, kv_len) + (pick or ()) + (("lora",) if self._lora else ()) + (("own_keys",) if own else ())
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._graphs[key] = self._capture(b, kv_len, pick, own)
+            graph, out = entry
+            graph.replay()
+            if sampled:
+                self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled)
+            logits = out[:n]
+        else:
+            sel = s["sel"][:, :n] if self._lora else None
+            logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
+                                          self._own_keys(rows, n, need))
+            self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled)
+        for r in rows:
+            r.length += 1
+            r.picked += 1
+        if self.device.type != "cuda":
+            return _Step(rows, s["tok"][:n].clone(), None, logits)
+        if self._host_tokens is None:
+            self._host_tokens = [torch.zeros(self.max_batch, dtype=torch.long).pin_memory() for _ in range(2)]
+            self._events = [torch.cuda.Event() for _ in range(2)]
+        self._flip ^= 1  # the other buffer: the step before may still be unread
+        buf, event = self._host_tokens[self._flip], self._events[self._flip]
+        buf[:n].copy_(s["tok"][:n], non_blocking=True)
+        event.record()
+        return _Step(rows, buf[:n], event, logits)
+
+    def _read(self, step: _Step, touched) -> None:
+        """The host side of a device-picked step: wait for its tokens, append them, finish rows on a stop
+        token, max_new_tokens or a cancel (a row that finished before this step gets nothing from it)."""
+        if step.event is not None:
+            step.event.synchronize()
+        for r, t in zip(step.rows, step.tokens.tolist()):
+            req = r.req
+            if req.finished:
+                continue
+            touched[req.id] = req
+            if req.cancelled:
+                self._finish(r, "cancelled", touched)
+                self._gone.append(r)
+            elif t in r.stops:
+                self._finish(r, "stop", touched)
+                self._gone.append(r)
+            else:
+                req.output_ids.append(t)
+                r.last = t
+                if len(req.output_ids) >= req.params.max_new_tokens:
+                    self._finish(r, "length", touched)
+                    self._gone.append(r)
+
+    # -- CUDA graphs --------------------------------------------------------------------------------------------
+    def _own_keys(self, rows, slots, kv_len) -> bool:
+        """Whether this step's fused attention reads each row's own keys (fused_decode.use_own_keys), from the
+        host's row lengths (the step's graph key holds the answer: a graph is captured for each)."""
+        if self._kernels is None:
+            return False
+        return use_own_keys([r.length for r in rows], slots, self._fused_kv_len(kv_len))
+
+    def _fused_kv_len(self, kv_len) -> int:
+        """The keys the fused step attends over: up to a multiple of 16 (masked beyond each row's position), since
+        SDPA's memory-efficient kernel pads a mask of another width in every layer."""
+        return min(_round_up(kv_len, 16), self._capacity)
+
+    def _capture(self, b, kv_len, pick=None, own_keys=False):
+        """The graph of one decode step of b rows (with ``pick`` = (penalised, held): and its device-side
+        greedy pick, which advances the static inputs) -> (graph, its logits [b, V])."""
+        s = self._state()
+        args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b] if self._lora else None, kv_len, own_keys)
+        # Warm-up on a side stream (first calls tune Triton kernels and may synchronise); the writes it makes
+        # into the cache are at the rows' current positions, which the real step then writes again. The pick
+        # warms up on copies of the inputs it advances.
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                logits = self._decode_forward(*args)
+                if pick is not None:
+                    self._pick_next(logits, b, *pick, s["ints"].clone(), self._seen[:b].clone())
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._decode_forward(*args)
+            if pick is not None:
+                self._pick_next(out, b, *pick, s["ints"], self._seen)
+        return graph, out
+
+    # -- sampling -----------------------------------------------------------------------------------------------
+    def _emit(self, rows: list[_Row], logits: torch.Tensor, touched) -> None:
+        """Pick the first token of rows just prefilled from their logits [n, V] on the host (sampling.py), append
+        it or finish the row. (Decode steps pick on the device: ``_pick_next``.)"""
+        idx = torch.tensor([self._rows.index(r) for r in rows], device=self.device)
+        scores = logits
+        penalties = [r.req.params.repetition_penalty for r in rows]
+        if any(p != 1.0 for p in penalties):  # (the common greedy/chat case without a penalty skips this)
+            scores = apply_penalties(logits, self._seen.index_select(0, idx),
+                                     torch.tensor(penalties, device=self.device))
+        held_rows = [i for i, r in enumerate(rows) if len(r.req.output_ids) < r.req.params.min_new_tokens]
+        if held_rows:  # stop tokens masked until min_new_tokens are out, one indexing op per stop set
+            scores = scores.clone() if scores is logits else scores
+            by_stops: dict[tuple, list[int]] = {}
+            for i in held_rows:
+                by_stops.setdefault(tuple(sorted(t for t in rows[i].stops if t < self.vocab)), []).append(i)
+            for stops, which in by_stops.items():
+                if stops:
+                    scores[torch.tensor(which, device=self.device)[:, None],
+                           torch.tensor(stops, device=self.device)[None, :]] = -float("inf")
+        tokens = pick_tokens(scores, [r.req.params for r in rows], [r.generator for r in rows])
+        self._seen[idx, torch.tensor(tokens, device=self.device)] = True
+        gone = []
+        for r, t in zip(rows, tokens):
+            req = r.req
+            touched[req.id] = req
+            if t in r.stops:
+                self._finish(r, "stop", touched)
+                gone.append(r)
+                continue
+            req.output_ids.append(t)
+            r.last = t
+            if len(req.output_ids) >= req.params.max_new_tokens:
+                self._finish(r, "length", touched)
+                gone.append(r)
+        if gone:
+            self._remove(gone)
+
+
+__all__ = ["Engine", "Request", "SamplingParams"]

@@ -1,0 +1,103 @@
+"""The engine's decode step on CUDA with the blocks' elementwise work fused (``decode_kernels.py``).
+
+Per layer a decode step then runs: residual add + ln_1 (one kernel), c_attn, rotary on q and k + logN + the KV
+cache write (one kernel), attention (SDPA over the step's length bucket, masked past each row's position; or,
+where that would read many keys past the rows' positions, decode_kernels.decode_attention over each row's own
+keys: ``use_own_keys``), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
+the next layer's first kernel adds c_proj's output to the residual stream. The Linears are called as modules,
+so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
+once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
+
+Same arithmetic as the model's blocks (``QWenBlock`` under no_grad) up to fp32 summation order (see
+decode_kernels.py). Used only where nothing else would run a block's code: eval mode, no hooks on the blocks
+or their norms (accelerate's device-map hooks, user hooks), every block on the engine's device.
+``FINETUNE_FUSED_DECODE=0`` keeps the model's own blocks (the comparison path); CPU always uses them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..settings import settings
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# When decode_attention (each row's own keys) replaces SDPA over the step's length bucket. Measured on the H200 in one
+# call (benchmarks/NOTES.md step 18): 64 rows of mixed lengths +21% (SDPA reads every row up to the bucket), one row
+# -4% at 512 and at 2,000 positions (a fixed ~5 us a layer: its second launch and smaller blocks); 32 serving streams
+# of similar lengths, unchanged (on another machine). It pays where it skips much: from 2 rows, where at least a
+# quarter of the keys SDPA would read lie past the rows' own positions (the 25% is a choice, not a measured edge).
+OWN_KEYS_MIN_ROWS = 2
+OWN_KEYS_MIN_SKIPPED = 0.25
+
+
+def use_own_keys(lengths: list[int], slots: int, kv_len: int) -> bool:
+    """Whether a decode step over ``slots`` cache rows (padding slots included) whose rows hold ``lengths``
+    positions before this step, attending over ``kv_len`` keys, reads them through decode_attention."""
+    if not settings().decode_attention or slots < OWN_KEYS_MIN_ROWS:
+        return False
+    read = sum(n + 1 for n in lengths) + (slots - len(lengths))  # a padding slot reads its one key
+    return read <= (1 - OWN_KEYS_MIN_SKIPPED) * slots * kv_len
+
+
+def _hooked(module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
+
+
+def fused_kernels(tr, device: torch.device, dtype: torch.dtype):
+    """The Triton kernel module for the fused decode step of QWenModel ``tr``, or None where the model's own
+    blocks must run (CPU, Triton missing, the switch off, hooks on a block, a block on another device)."""
+    if device.type != "cuda" or not settings().fused_decode or dtype not in _DTYPES:
+        return None
+    norms = [tr.ln_f] + [n for block in tr.h for n in (block.ln_1, block.ln_2)]
+    if any(n.weight.device != device or n.weight.dtype != dtype for n in norms):
+        return None  # (e.g. fp32 norms in a bf16 model: eager torch would then carry an fp32 residual stream)
+    if any(_hooked(m) for block in tr.h for m in (block, block.ln_1, block.ln_2, block.attn, block.mlp)) \
+            or _hooked(tr.ln_f):
+        return None
+    try:
+        from . import decode_kernels as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
+def additive_mask(key_pos: torch.Tensor, pos: torch.Tensor, kv_len: int, dtype: torch.dtype) -> torch.Tensor:
+    """[b, 1, 1, kv_len]: 0 where key position <= the row's position, -inf elsewhere (each row attends to its
+    own keys and the one it writes now)."""
+    keep = key_pos[None, :kv_len] <= pos[:, None]
+    mask = torch.zeros(keep.shape, dtype=dtype, device=pos.device).masked_fill_(~keep, float("-inf"))
+    return mask[:, None, None, :]
+
+
+def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, mask,
+                  own_keys: bool = False) -> torch.Tensor:
+    """fp32 logits [b, V] of one decode step: ``x`` [b, 1, hidden] the embedded tokens, ``pos`` [b] their
+    positions, ``cos``/``sin`` [b, 1, rot] and ``query_scale`` [b, 1] (or None) as the model computes them,
+    ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, ``mask`` [b, 1, 1,
+    kv_len] additive (``additive_mask``). ``kernels``: decode_kernels (or its interpreted copy in tests).
+    ``own_keys``: attention through kernels.decode_attention (``use_own_keys`` decides), else SDPA under the mask."""
+    kv_len = mask.shape[-1]
+    b = x.shape[0]
+    x = x.contiguous()
+    delta = None
+    for block in tr.h:
+        attn, mlp = block.attn, block.mlp
+        layer = attn.layer_idx
+        x, h = kernels.add_rms_norm(x, delta, block.ln_1.weight, block.ln_1.eps)
+        q = kernels.rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer], pos,
+                                    attn.num_heads)
+        if own_keys:  # each row's keys only, written as c_proj reads them
+            y = kernels.decode_attention(q, k_cache[layer], v_cache[layer], pos, attn.scale, kv_len)
+        else:
+            keys, values = k_cache[layer, :b, :, :kv_len], v_cache[layer, :b, :, :kv_len]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
+            y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)
+        delta = attn.c_proj(y)
+        x, h = kernels.add_rms_norm(x, delta, block.ln_2.weight, block.ln_2.eps)
+        delta = mlp.c_proj(kernels.swiglu(mlp.w1(h), mlp.w2(h)))
+    _, h = kernels.add_rms_norm(x, delta, tr.ln_f.weight, tr.ln_f.eps)
+    return lm_head(h)[:, -1].float()
+
+
+__all__ = ["fused_kernels", "additive_mask", "decode_blocks", "use_own_keys"]

@@ -1,0 +1,183 @@
+"""LoRA per row of a batch, unmerged: every row chooses one of the adapters loaded in a PeftModel, or none.
+
+How: while the engine runs a forward, PEFT's adapters are switched off (as ``disable_adapter()`` does: every
+LoRA layer returns its base layer's output) and a forward hook on each LoRA layer adds, for each loaded adapter,
+``lora_B(lora_A(x)) * scaling`` times a per-row 0/1 weight read from a tensor the engine owns. The hooks exist
+only during the engine's forward (nothing is left on the model).
+
+All adapters of a layer are computed together, in the forward's dtype: their A matrices side by side [in, R]
+(R = the sum of their ranks) and their B matrices, scaling folded in, as bt [out, R], made once and remade when
+a LoRA weight changes. A step is then one matmul (h = x A_all), one multiply by each column's row selection and
+one matmul-add per layer, whatever the number of adapters (PEFT's own forward: ~7 kernels per adapter and layer,
+in the LoRA weights' fp32). In bf16 the LoRA product is thus computed in bf16, as inference servers do; in fp32
+it is PEFT's computation up to the summation order.
+
+On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``), the last two are not kernels of
+their own: a pre-hook computes h and hands (h, selection, bt) to the base layer (``low_rank_epilogue``), whose
+kernel adds (h * selection) @ bt.T to each output before rounding it; the forward hook then adds nothing. One
+kernel a Linear instead of three (a decode step of a 40-layer model: 200 launches instead of 600). Where the base
+runs another kernel (or the rank sum is over 128) it leaves the tensors, and the forward hook adds them as above.
+``FINETUNE_GPTQ_LORA_EPILOGUE=0`` always leaves them to the hook (settings.py).
+
+Why not PEFT's mixed-batch ``adapter_names=`` forward: it splits the batch by adapter with index lists built
+on the host at every call, which a CUDA graph cannot capture (one graph would be needed per mix of
+adapters), and the project's GPTQ LoRA layer does not implement it. Here the selection is data in a static
+tensor, so one captured graph per batch size serves any mix of adapters; the cost is that each loaded adapter
+is computed for every row (an r=64 adapter is ~2.5% of a 14B layer's weight bytes per adapter).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from ..settings import settings
+
+
+def lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [m for m in model.modules() if isinstance(m, LoraLayer)]
+
+
+class RowAdapters:
+    """The adapters of ``model`` (a PeftModel with LoRA adapters, or a plain model: none)."""
+
+    def __init__(self, model):
+        self.layers = lora_layers(model) if hasattr(model, "peft_config") else []
+        self._stacks: dict = {}  # id(layer) -> (key, A_all [in, R], B_all [R, out], column -> adapter [R])
+        # one column -> adapter tensor per layout (adapter, rank) of the layers: the rows' selection is then gathered
+        # once per forward and layout, not once per layer (200 gathers and casts a 14B step: ~0.5 ms on the H200)
+        self._cols: dict = {}
+        names: set[str] = set()
+        for layer in self.layers:
+            names.update(layer.lora_A.keys())
+            if getattr(layer, "merged", False):
+                raise ValueError(f"adapter(s) {layer.merged_adapters} are merged into the base weights; the engine "
+                                 "applies adapters unmerged: unmerge them (model.unmerge_adapter()) or pass the "
+                                 "merged model without PEFT")
+        self.names = sorted(names)
+
+    def index(self, name: str | None) -> int | None:
+        if name is None:
+            return None
+        if name not in self.names:
+            known = ", ".join(self.names) if self.names else "none (the model has no LoRA adapters)"
+            raise ValueError(f"unknown adapter {name!r}; loaded adapters: {known}")
+        return self.names.index(name)
+
+    @contextmanager
+    def applied(self, select: torch.Tensor | None):
+        """Within: the model computes base + sum_a select[a, row] * adapter_a for every row; ``select`` [A, rows]
+        (fp32 0/1; rows = the forward's batch size). None: no row uses an adapter, the base alone runs (no
+        adapter is computed at all)."""
+        if not self.layers:
+            yield
+            return
+        hooks = []
+        if select is not None:
+            by_cols: dict = {}  # the row selection of each column layout, [rows, R]: gathered once per forward
+            for layer in self.layers:
+                hooks.append(layer.register_forward_pre_hook(self._pre_hook(select, by_cols)))
+                hooks.append(layer.register_forward_hook(self._hook()))
+        # PEFT's own path off (each layer returns its base layer's output), as its disable_adapter() does, but
+        # set on the layers directly: the engine may hold the wrapped model (peft_model.chat() passes that),
+        # and enable_adapters() would also change requires_grad
+        before = [layer._disable_adapters for layer in self.layers]
+        try:
+            for layer in self.layers:
+                layer._disable_adapters = True
+            yield
+        finally:
+            for layer, flag in zip(self.layers, before):
+                layer._disable_adapters = flag
+                layer.__dict__.pop("_row_low_rank", None)
+                if getattr(layer.base_layer, "low_rank_epilogue", None) is not None:
+                    layer.base_layer.low_rank_epilogue = None  # a forward that raised midway
+            for h in hooks:
+                h.remove()
+
+    def _stacked(self, module, dtype):
+        """(A_all [in, R], bt [out, R] (B_all with the scaling folded in, transposed), the adapter index of each of
+        the R columns) of one LoRA layer in ``dtype``, cached until one of its LoRA weights changes (or the dtype /
+        device does)."""
+        parts = [(a, module.lora_A[n].weight, module.lora_B[n].weight, module.scaling[n])
+                 for a, n in enumerate(self.names) if n in module.lora_A]
+        key = (dtype, tuple((a, id(A), A._version, id(B), B._version, s) for a, A, B, s in parts))
+        held = self._stacks.get(id(module))
+        if held is not None and held[0] == key:
+            return held[1:]
+        with torch.no_grad():
+            a_all = torch.cat([A for _, A, _, _ in parts], 0).t().to(dtype).contiguous()
+            b_all = torch.cat([B.float() * s for _, _, B, s in parts], 1).to(dtype).contiguous()  # bt [out, R]
+        if held is not None and held[1].shape == a_all.shape and held[2].shape == b_all.shape \
+                and held[1].dtype == dtype and held[1].device == a_all.device:
+            # new values, same layout: into the same buffers, which CUDA graphs captured earlier read
+            held[1].copy_(a_all)
+            held[2].copy_(b_all)
+            self._stacks[id(module)] = (key,) + held[1:]
+            return held[1:]
+        layout = (a_all.device, tuple((a, A.shape[0]) for a, A, _, _ in parts))
+        cols = self._cols.get(layout)
+        if cols is None:
+            cols = self._cols[layout] = torch.tensor([a for a, A, _, _ in parts for _ in range(A.shape[0])],
+                                                     device=a_all.device)
+        self._stacks[id(module)] = (key, a_all, b_all, cols)
+        return a_all, b_all, cols
+
+    def refresh(self) -> bool:
+        """Bring every stacked copy up to date with the LoRA weights (changed in place since, e.g. by more
+        training). A replayed CUDA graph never runs the hooks, so the engine calls this when a new batch starts.
+        Returns True if a layout changed (new buffers: graphs captured before must be dropped)."""
+        changed = False
+        with torch.no_grad():
+            for layer in self.layers:
+                held = self._stacks.get(id(layer))
+                if held is not None:
+                    fresh = self._stacked(layer, held[0][0])
+                    changed |= fresh[0] is not held[1]
+        return changed
+
+    def _pre_hook(self, select, by_cols):
+        def pre_hook(module, args):
+            x = args[0]
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            a_all, bt, cols = self._stacked(module, dtype)
+            sel = by_cols.get((id(cols), dtype))
+            if sel is None:
+                sel = select.t().index_select(1, cols).to(dtype).contiguous()  # [rows, R]: 1 where a row uses it
+                by_cols[(id(cols), dtype)] = sel
+            x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
+            h = torch.matmul(x2, a_all).reshape(-1, a_all.shape[1])
+            low_rank = None
+            if (x2.shape[1] == 1 and dtype == torch.bfloat16 and hasattr(module.base_layer, "_mma_weight")
+                    and settings().gptq_lora_epilogue):
+                from ..quant.mma_gemv import lora_unfit
+
+                if lora_unfit((h, sel, bt), h.shape[0], bt.shape[0]) is None:  # one token a row: a decode step
+                    low_rank = (h, sel, bt)
+                    module.base_layer.low_rank_epilogue = low_rank  # the base may add it in its kernel
+            module.__dict__["_row_low_rank"] = (h, sel, bt, low_rank)
+
+        return pre_hook
+
+    def _hook(self):
+        def hook(module, args, output):
+            h, sel, bt, offered = module.__dict__.pop("_row_low_rank")
+            if offered is not None:
+                taken = module.base_layer.low_rank_epilogue is None
+                module.base_layer.low_rank_epilogue = None
+                if taken:
+                    return output
+            rows = sel.shape[0]
+            h = (h.view(rows, -1, h.shape[-1]) * sel[:, None, :]).reshape(-1, h.shape[-1])
+            out = output.reshape(-1, output.shape[-1])
+            if out.dtype == h.dtype:
+                return torch.addmm(out, h, bt.t()).view(output.shape)
+            return (out + torch.matmul(h, bt.t()).to(out.dtype)).view(output.shape)
+
+        return hook
+
+
+__all__ = ["RowAdapters", "lora_layers"]

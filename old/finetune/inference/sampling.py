@@ -1,0 +1,190 @@
+"""Sampling parameters of one request, and the next-token choice for a batch of rows.
+
+The semantics are transformers' (and the official Qwen generation's): repetition penalty over the prompt and
+the tokens generated so far (RepetitionPenaltyLogitsProcessor), stop tokens held back until min_new_tokens,
+then argmax or temperature -> top-k -> top-p -> multinomial (``pick_one``). Greedy rows are picked together in
+one argmax; sampling rows one by one (each may have its own seeded generator), or, for rows without a seed,
+all at once with per-row parameters as tensors (``RowSampling``, ``sample_rows``: the same processors, the
+same distribution; the draws come from the device's default generator in one batch). A transformers GenerationConfig
+maps onto SamplingParams; options the engine does not implement (beams, no_repeat_ngram_size, ...) are named
+by ``unsupported_options`` so callers can refuse them in one line (or fall back to generate()).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig
+
+# GenerationConfig fields the engine implements (anything else set away from its default is refused).
+# A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
+# openai_api.py does: scores divided by a tiny temperature overflow fp32 (1e-40: inf, then NaN in the softmax).
+GREEDY_BELOW = 0.01
+
+_SUPPORTED = {
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
+    "eos_token_id", "pad_token_id", "bos_token_id", "chat_format", "max_window_size", "transformers_version",
+    "use_cache", "return_dict_in_generate", "output_scores", "output_logits", "cache_implementation",
+}
+
+
+def unsupported_options(gc: GenerationConfig) -> list[str]:
+    """The generation options set in `gc` (away from transformers' defaults) that the engine does not implement."""
+    default = GenerationConfig().to_dict()
+    given = gc.to_dict()
+    return sorted(k for k, v in given.items() if k not in _SUPPORTED and k in default and default[k] != v)
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded. ``stop_token_ids`` are stops besides <|im_end|>/<|im_start|> (which the
+    engine always stops on); stop tokens never appear in the output."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    min_new_tokens: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple = ()
+
+    def __post_init__(self):
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        problems = []
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0, got {self.temperature!r}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not self.repetition_penalty > 0:
+            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not (isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens):
+            problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if problems:
+            raise ValueError("SamplingParams: " + "; ".join(problems))
+
+    @classmethod
+    def from_generation_config(cls, gc, **overrides) -> "SamplingParams":
+        """The parameters a transformers GenerationConfig describes (as model.chat uses it); its eos ids become
+        stop ids. Options the engine does not implement (beams, no_repeat_ngram_size, ...) raise ValueError."""
+        unsupported = unsupported_options(gc)
+        if unsupported:
+            raise ValueError(f"generation options not supported by the inference engine: {', '.join(unsupported)}")
+        eos = gc.eos_token_id
+        eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
+        values = dict(
+            max_new_tokens=gc.max_new_tokens if gc.max_new_tokens is not None else 512,
+            do_sample=bool(gc.do_sample),
+            temperature=gc.temperature if gc.temperature is not None else 1.0,
+            top_k=gc.top_k or 0,
+            top_p=gc.top_p if gc.top_p is not None else 1.0,
+            repetition_penalty=gc.repetition_penalty if gc.repetition_penalty is not None else 1.0,
+            min_new_tokens=gc.min_new_tokens or 0,
+            stop_token_ids=eos,
+        )
+        names = {f.name for f in dataclasses.fields(cls)}
+        bad = sorted(set(overrides) - names)
+        if bad:
+            raise ValueError(f"SamplingParams has no field(s) {', '.join(bad)}")
+        values.update(overrides)
+        return cls(**values)
+
+
+def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
+    """transformers' repetition penalty, row-wise: logits [n, V] fp32, seen [n, V] bool, penalties [n]."""
+    p = penalties[:, None]
+    penalised = torch.where(logits > 0, logits / p, logits * p)
+    return torch.where(seen & (p != 1.0), penalised, logits)
+
+
+def pick_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """The next token of each row from its (already penalised and masked) fp32 scores [n, V]."""
+    out = [0] * len(params)
+    greedy = [i for i, p in enumerate(params) if not p.do_sample]
+    if len(greedy) == len(params):  # (one argmax, one transfer)
+        return scores.argmax(-1).tolist()
+    if greedy:
+        idx = torch.tensor(greedy, device=scores.device)
+        for i, t in zip(greedy, scores.index_select(0, idx).argmax(-1).tolist()):
+            out[i] = t
+    for i, p in enumerate(params):
+        if p.do_sample:
+            out[i] = int(pick_one(scores[i], p, generators[i]))
+    return out
+
+
+def pick_one(scores: torch.Tensor, params, generator=None) -> torch.Tensor:
+    """The next token from fp32 scores [V]: argmax, or a sample after temperature, top-k and top-p (the order
+    and semantics of transformers' warpers; top_k 0 and top_p 1 are off). ``params``: a SamplingParams (or any
+    object with its do_sample / temperature / top_k / top_p fields, such as a GenerationConfig)."""
+    if not params.do_sample:
+        return scores.argmax()
+    temperature = params.temperature if params.temperature is not None else 1.0
+    if temperature != 1.0:
+        scores = scores / temperature
+    top_k = params.top_k or 0
+    if 0 < top_k < scores.shape[0]:
+        kth = torch.topk(scores, top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    top_p = params.top_p if params.top_p is not None else 1.0
+    if top_p < 1.0:
+        sorted_scores, order = torch.sort(scores)  # ascending
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - top_p
+        remove[-1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(0, order, remove), -float("inf"))
+    probs = scores.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+class RowSampling:
+    """The sampling parameters of m rows as tensors on ``device`` (built once when the rows change): per-row
+    temperature, top-k (0 or >= vocab: off) and top-p (1: off)."""
+
+    def __init__(self, params: list[SamplingParams], vocab: int, device):
+        ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+        self.kmax = max(ks)  # 0: no row uses top-k
+        self.any_top_p = any(p.top_p < 1.0 for p in params)
+        host = torch.tensor([[p.temperature for p in params],
+                             [k - 1 if k else 0 for k in ks],
+                             [1.0 if k else 0.0 for k in ks],
+                             # top-p keeps the tokens whose ascending cumulative probability exceeds 1 - top_p;
+                             # -1 keeps them all (the row without top-p)
+                             [1 - p.top_p if p.top_p < 1.0 else -1.0 for p in params]], dtype=torch.float64)
+        dev = host.to(device, non_blocking=True)
+        self.temperature = dev[0].float()[:, None]
+        self.kth = dev[1].long()[:, None]
+        self.k_on = dev[2].bool()[:, None]
+        self.top_p_cut = dev[3].float()[:, None]
+
+
+def sample_rows(scores: torch.Tensor, rs: RowSampling, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """One sampled token per row [m] from fp32 scores [m, V] (already penalised and masked): each row's
+    temperature -> top-k -> top-p -> a draw from the softmax, as ``pick_one`` computes it for that row. The
+    draw is multinomial's: argmax of probs / q with q ~ Exp(1) (``noise``, default from the default
+    generator); nothing is read back to the host."""
+    scores = scores / rs.temperature
+    if rs.kmax:
+        kth = torch.topk(scores, rs.kmax, dim=-1).values.gather(1, rs.kth)
+        kth = kth.masked_fill(~rs.k_on, -float("inf"))
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if rs.any_top_p:
+        sorted_scores, order = torch.sort(scores, dim=-1)  # ascending
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative <= rs.top_p_cut
+        remove[:, -1] = False  # keep at least the most likely token
+        scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
+    probs = scores.softmax(-1)
+    q = noise if noise is not None else torch.empty_like(probs).exponential_(1)
+    return (probs / q).argmax(-1)
+
+
+__all__ = ["SamplingParams", "RowSampling", "apply_penalties", "pick_tokens", "pick_one", "sample_rows",
+           "unsupported_options"]

@@ -1,0 +1,365 @@
+"""`qwen-ft merge`: a LoRA / Q-LoRA adapter + its base -> one standalone model dir in the official layout.
+
+    qwen-ft merge --adapter DIR [--model BASE] --output OUT [--format float|bf16|int4] [--dtype bf16|fp16|fp32]
+                  [--quant-method rtn|gptq]
+                  [--calib-data FILE] [--eval-data FILE]
+
+Routes (chosen from what the base dir is):
+- float base (LoRA on Qwen-14B-Chat, or a Q-LoRA adapter given the matching bf16 base with --model): the
+  LoRA deltas B @ A * alpha / r are added to the float weights (in fp32), written in --dtype (bf16 default).
+- Int4 base only (a Q-LoRA adapter and Qwen-14B-Chat-Int4): each GPTQ Linear is dequantized exactly
+  (``GPTQLinear.dequantize``), the delta added, and the result written as a float model, or, with
+  ``--format int4``, quantized again: round-to-nearest (``--quant-method rtn``, no data) or calibrated GPTQ
+  (``--quant-method gptq``, ``finetune/quant/gptq.py``) on a sample of the user's own conversations
+  (``--calib-data``, default: the adapter's training data from its run_args.json).
+
+Output: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
+above --max-shard-size), ``config.json`` (no quantization_config for float; for Int4 the auto-gptq
+``quantization_config`` plus ``quantize_config.json``), ``generation_config.json``, the tokenizer files
+(``qwen.tiktoken``...) and any other file of the base dir (e.g. the official remote code), so both
+``finetune.load_model`` and the official ``trust_remote_code`` loader read it.
+
+Every route reports the loss (training masks) of the written model against the unmerged base+adapter, on
+--eval-data (held-out data the user gives) or else a sample of the calibration / training data (reported as
+training data): printed and saved as ``merge_report.json`` in the output dir. An RTN Int4 export whose loss rises
+more than RTN_WARN_DELTA is warned about, and so is a float-trained adapter merged into an Int4 base.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import save_sharded
+
+SKIP_COPY = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
+             "merge_report.json"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+
+
+class MergeError(ValueError):
+    pass
+
+
+# -- writing a model dir ----------------------------------------------------------------------------------
+
+
+def copy_side_files(base_dir: Path, out_dir: Path, adapter_dir: Path | None = None) -> None:
+    """Tokenizer files, generation config, remote code...: every non-weight file of the base dir."""
+    for p in base_dir.iterdir():
+        if not p.is_file() or p.name in SKIP_COPY or p.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            continue
+        shutil.copy2(p, out_dir / p.name)
+    if adapter_dir is not None and not (out_dir / "qwen.tiktoken").is_file():
+        for name in ("qwen.tiktoken", "tokenizer_config.json"):
+            if (adapter_dir / name).is_file():
+                shutil.copy2(adapter_dir / name, out_dir / name)
+
+
+def write_float_config(base_cfg: dict, out_dir: Path, dtype: torch.dtype) -> dict:
+    cfg = {k: v for k, v in base_cfg.items() if k != "quantization_config"}
+    cfg["torch_dtype"] = DTYPE_NAMES[dtype]
+    for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+        if flag in cfg:
+            cfg[flag] = dtype == dt
+    cfg.pop("_name_or_path", None)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    return cfg
+
+
+def write_int4_config(base_cfg: dict, out_dir: Path, bits: int, group_size: int, desc_act: bool,
+                      damp_percent: float, sym: bool = True, true_sequential: bool = True,
+                      model_name_or_path: str | None = None) -> dict:
+    """config.json with quantization_config and quantize_config.json as auto-gptq wrote them."""
+    from .quant.rtn import quantization_config
+
+    qc = quantization_config(bits, group_size, desc_act, sym)
+    qc.update(damp_percent=damp_percent, true_sequential=true_sequential)
+    cfg = write_float_config(base_cfg, out_dir, torch.float16)
+    cfg["quantization_config"] = qc
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+    auto_gptq = {"bits": bits, "group_size": group_size, "damp_percent": damp_percent, "desc_act": desc_act,
+                 "static_groups": False, "sym": sym, "true_sequential": true_sequential,
+                 "model_name_or_path": model_name_or_path, "model_file_base_name": "model"}
+    (out_dir / "quantize_config.json").write_text(json.dumps(auto_gptq, indent=2) + "\n")
+    return cfg
+
+
+# -- merging ------------------------------------------------------------------------------------------------
+
+
+def merge_adapter(peft_model) -> nn.Module:
+    """PEFT's merge_and_unload in fp32 (GPTQ layers: exact dequantize + delta -> fp32 nn.Linear)."""
+    from .quant.peft_lora import GPTQLoraLinear
+
+    for m in peft_model.modules():
+        if isinstance(m, GPTQLoraLinear):
+            m.merge_dtype = torch.float32
+    # on an Int4 base the result is a float model with no quantization_config (finetune/peft_hooks.py)
+    return peft_model.merge_and_unload(safe_merge=True)
+
+
+def _sample(records: list, n: int | None, seed: int = 0) -> list:
+    if n is None or len(records) <= n:
+        return list(records)
+    return random.Random(seed).sample(list(records), n)
+
+
+def _training_data(adapter_dir: Path) -> str | None:
+    p = adapter_dir / "run_args.json"
+    if not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text()).get("data", {}).get("data_path")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return data if data and Path(data).is_file() else None
+
+
+# An Int4 export whose loss rises more than this (nats per trained token) above base+adapter has lost part of the
+# fine-tune to rounding: warned, with the calibrated route suggested.
+RTN_WARN_DELTA = 0.05
+
+
+def _warn(report: dict, msg: str) -> None:
+    report.setdefault("warnings", []).append(msg)
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def resolve_format(fmt: str, dtype: str | None) -> tuple[str, str | None]:
+    """(--format, --dtype) -> ("float", dtype) or ("int4", None); a contradiction is a MergeError.
+    --format bf16 is float in bf16 (so --dtype, if given, must agree); --dtype applies to float only."""
+    if fmt not in ("float", "bf16", "int4"):
+        raise MergeError(f"--format {fmt!r}: use float (in --dtype, default bf16), bf16 or int4")
+    if dtype is not None and dtype not in DTYPES:
+        raise MergeError(f"--dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    if fmt == "int4":
+        if dtype is not None:
+            raise MergeError(f"--dtype {dtype} applies to a float export; --format int4 writes packed Int4 weights "
+                             f"with fp16 scales (drop --dtype, or use --format float --dtype {dtype})")
+        return "int4", None
+    if fmt == "bf16" and dtype not in (None, "bf16"):
+        raise MergeError(f"--format bf16 and --dtype {dtype} contradict each other; for {dtype} weights use "
+                         f"--format float --dtype {dtype}")
+    return "float", dtype or "bf16"
+
+
+def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = None, quant_method: str = "rtn",
+          calib_data=None, eval_data=None, n_calib: int = 128, n_eval: int = 64, calib_max_len: int = 2048,
+          bits: int = 4, group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
+          true_sequential: bool = True, max_shard_size="2GB", device=None, overwrite: bool = False,
+          seed: int = 0, log=print) -> dict:
+    """Run one merge route; returns the report (also written to OUT/merge_report.json)."""
+    from .adapters import float_adapter_on_int4, read_adapter_config, resolve_base, trained_on
+    from .evaluate import eval_loss, load_eval_records
+    from .loading import load_model
+    from .model_dir import describe
+    from .tokenization import load_tokenizer
+
+    t0 = time.time()
+    adapter = Path(adapter)
+    out = Path(output)
+    fmt, dtype = resolve_format(fmt, dtype)
+    if quant_method not in ("rtn", "gptq"):
+        raise MergeError(f"--quant-method {quant_method!r}: use rtn or gptq")
+    base_dir = resolve_base(adapter, model)
+    if out.resolve() in (base_dir.resolve(), adapter.resolve()):
+        raise MergeError(f"--output {out} is the base or the adapter dir; choose a new dir")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"--output {out} exists and is not empty (pass --overwrite to replace its files)")
+    base_info = describe(base_dir)
+    base_cfg, base_int4 = base_info.config, base_info.quantized
+    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
+    qlora_on_float = not base_int4 and bool(recorded) and _is_gptq_dir(Path(recorded))
+    if base_int4:
+        route = "int4 base: dequantize + merge"
+    elif qlora_on_float:
+        route = "Q-LoRA adapter merged into the float base"
+    else:
+        route = "LoRA merged into the float base"
+    route += f" -> {fmt}" + (f" ({quant_method})" if fmt == "int4" else f" ({dtype})")
+    log(f"merge: {route}; base {base_dir}, adapter {adapter}")
+    report: dict = {}
+    if base_int4 and trained_on(adapter) == "float":  # load_model below warns on the console
+        report.setdefault("warnings", []).append(float_adapter_on_int4(adapter, base_dir))
+
+    tokenizer = load_tokenizer(base_dir if (base_dir / "qwen.tiktoken").is_file() else adapter)
+    # data for the report (and GPTQ's calibration)
+    train_data = _training_data(adapter)
+    calib_path = calib_data or train_data
+    eval_path = eval_data or calib_path
+    eval_records = _sample(load_eval_records(eval_path), n_eval, seed) if eval_path else []
+    # say what the loss is measured on: held-out data only when the user gives it
+    data_kind = "held-out" if eval_data else "training-data"
+    if eval_records and not eval_data:
+        log(f"merge: no --eval-data: the loss below is on {len(eval_records)} conversations of {eval_path} "
+            f"(training/calibration data, not held out)")
+    if fmt == "int4" and quant_method == "gptq" and not calib_path:
+        raise MergeError("--quant-method gptq needs calibration conversations: pass --calib-data FILE (e.g. a "
+                         "sample of your training data); the adapter's run_args.json names no readable data file")
+
+    peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)
+    max_len = getattr(peft_model.config, "seq_length", None)
+    report.update({"route": route, "base": str(base_dir), "adapter": str(adapter), "output": str(out),
+                   "format": fmt, "dtype": dtype, "eval_data": str(eval_path) if eval_path else None,
+                   "eval_data_kind": data_kind if eval_records else None, "eval_records": len(eval_records)})
+    if eval_records:
+        report["unmerged_loss"] = eval_loss(peft_model, tokenizer, eval_records, max_len=max_len)["loss"]
+        log(f"merge: {data_kind} loss of base+adapter (unmerged): {report['unmerged_loss']:.4f}")
+    if eval_records and qlora_on_float:
+        # the cost against what was trained: the recorded Int4 base + adapter
+        trained = load_model(Path(recorded), adapter=adapter, dtype=torch.float32, device=device)
+        report["trained_int4_base_loss"] = eval_loss(trained, tokenizer, eval_records, max_len=max_len)["loss"]
+        log(f"merge: {data_kind} loss of the Int4 base it was trained on + adapter: "
+            f"{report['trained_int4_base_loss']:.4f}")
+        del trained
+    merged = merge_adapter(peft_model)
+    del peft_model
+    if eval_records:
+        report["merged_fp32_loss"] = eval_loss(merged, tokenizer, eval_records, max_len=max_len)["loss"]
+
+    out.mkdir(parents=True, exist_ok=True)
+    for p in out.glob("model*.safetensors"):
+        p.unlink()
+    if fmt == "float":
+        dt = DTYPES[dtype]
+        sd = {k: v.detach().to("cpu", dt) for k, v in merged.state_dict().items()}
+        files = save_sharded(sd, out, max_shard_size)
+        write_float_config(base_cfg, out, dt)
+    else:
+        from .quant.rtn import quantize_state_dict
+
+        float_sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
+        if quant_method == "rtn":
+            qsd = quantize_state_dict(float_sd, bits=bits, group_size=group_size, desc_act=desc_act)
+            report["quantization"] = {"method": "rtn", "bits": bits, "group_size": group_size, "desc_act": desc_act}
+        else:
+            from .data import encode_conversation
+            from .quant.gptq import gptq_quantize_model
+
+            calib = _sample(load_eval_records(calib_path), n_calib, seed + 1)
+            samples = [encode_conversation(tokenizer, r, max_len=min(calib_max_len, max_len or calib_max_len))
+                       ["input_ids"] for r in calib]
+            log(f"merge: GPTQ on {len(samples)} calibration conversations from {calib_path}")
+            packed = gptq_quantize_model(merged, samples, bits=bits, group_size=group_size,
+                                         damp_percent=damp_percent, desc_act=desc_act,
+                                         true_sequential=true_sequential, log=log)
+            qsd = {}
+            for k, v in float_sd.items():
+                module, _, attr = k.rpartition(".")
+                if module in packed and attr == "weight":
+                    for pk, pv in packed[module].items():
+                        qsd[f"{module}.{pk}"] = pv.contiguous()
+                elif v.is_floating_point():
+                    qsd[k] = v.to(torch.float16)
+                else:
+                    qsd[k] = v
+            report["quantization"] = {"method": "gptq", "bits": bits, "group_size": group_size,
+                                      "desc_act": desc_act, "damp_percent": damp_percent,
+                                      "true_sequential": true_sequential, "calib_data": str(calib_path),
+                                      "calib_samples": len(samples)}
+        files = save_sharded(qsd, out, max_shard_size)
+        write_int4_config(base_cfg, out, bits, group_size, desc_act, damp_percent,
+                          true_sequential=true_sequential if quant_method == "gptq" else False,
+                          model_name_or_path=str(base_dir))
+    copy_side_files(base_dir, out, adapter)
+    del merged
+    report["files"] = files
+
+    if eval_records:
+        reloaded = load_model(out, dtype=torch.float32, device=device)
+        report["merged_loss"] = eval_loss(reloaded, tokenizer, eval_records, max_len=max_len)["loss"]
+        report["loss_delta"] = report["merged_loss"] - report["unmerged_loss"]
+        del reloaded
+        log(f"merge: {data_kind} loss of the written model: {report['merged_loss']:.4f} "
+            f"(unmerged {report['unmerged_loss']:.4f}, delta {report['loss_delta']:+.4f})")
+        if fmt == "int4" and quant_method == "rtn" and report["loss_delta"] > RTN_WARN_DELTA:
+            _warn(report, f"round-to-nearest Int4 raised the loss by {report['loss_delta']:+.4f} (more than "
+                          f"{RTN_WARN_DELTA}): it lost part of the fine-tune; --quant-method gptq --calib-data FILE "
+                          f"calibrates on your conversations and keeps more of it")
+    report["seconds"] = round(time.time() - t0, 2)
+    (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"merge: wrote {out} ({', '.join(files)})")
+    return report
+
+
+def _is_gptq_dir(path: Path) -> bool:
+    """Whether `path` is a GPTQ model dir (False for anything that is not a readable model dir)."""
+    from .errors import ModelLoadError
+    from .model_dir import describe
+
+    try:
+        return path.is_dir() and describe(path).quantized
+    except ModelLoadError:
+        return False
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="qwen-ft merge", description=__doc__.split("\n\n")[0])
+    p.add_argument("-a", "--adapter", required=True, help="LoRA / Q-LoRA adapter dir")
+    p.add_argument("-m", "--model", help="base model dir (default: the base the adapter records); for a Q-LoRA "
+                                          "adapter, the matching bf16 model merges without re-quantizing")
+    p.add_argument("-o", "--output", required=True, help="new model dir")
+    p.add_argument("--format", default="float", choices=["float", "bf16", "int4"],
+                   help="float: a float model in --dtype (default); bf16: the same as float with --dtype bf16; "
+                        "int4: quantized again to GPTQ Int4 (see --quant-method)")
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+                   help="float weights' dtype for --format float (default bf16)")
+    p.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq"],
+                   help="--format int4: rtn (round-to-nearest, no data) or gptq (calibrated on --calib-data; keeps "
+                        "more of the fine-tune)")
+    p.add_argument("--calib-data", help="conversations for GPTQ calibration (default: the adapter's training data)")
+    p.add_argument("--calib-samples", type=int, default=128)
+    p.add_argument("--calib-max-len", type=int, default=2048)
+    p.add_argument("--eval-data", help="held-out conversations for the loss report (default: the calibration or "
+                                        "training data, reported as such)")
+    p.add_argument("--eval-samples", type=int, default=64)
+    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
+    p.add_argument("--damp-percent", type=float, default=0.01)
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--device", default=None, help="where to merge (default: cuda if available); fp32 needs 4 bytes "
+                                                   "per parameter")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from .adapters import AdapterError
+    from .data import DataError
+    from .hub import ModelNotFoundError
+    from .loading import ModelLoadError
+
+    try:
+        merge(args.adapter, args.output, model=args.model, fmt=args.format, dtype=args.dtype,
+              quant_method=args.quant_method, calib_data=args.calib_data, eval_data=args.eval_data,
+              n_calib=args.calib_samples, n_eval=args.eval_samples, calib_max_len=args.calib_max_len,
+              bits=args.bits, group_size=args.group_size, desc_act=args.desc_act, damp_percent=args.damp_percent,
+              max_shard_size=args.max_shard_size, device=args.device, overwrite=args.overwrite, seed=args.seed)
+    except (MergeError, AdapterError, ModelLoadError, ModelNotFoundError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""ChatML prompts and `chat()` / `chat_stream()`, with the official Qwen semantics.
+
+`make_context` builds the prompt token for token as the official `qwen_generation_utils.make_context`: the
+system block, then as many past turns as fit in `max_window_size` (newest first), then the query and the
+assistant header. Every piece of text is encoded as plain text (a literal "<|im_end|>" in user text stays
+ordinary BPE tokens); control tokens enter only by id.
+
+`chat` and `chat_stream` are methods of `QWenLMHeadModel` (bound in model.py). On a PEFT-wrapped model,
+`peft_model.chat(...)` reaches them through PEFT's attribute forwarding; LoRA layers are injected into the
+wrapped model's own modules, so `self.generate` runs with the adapters active.
+"""
+
+from __future__ import annotations
+
+import copy
+import queue
+import threading
+from typing import Iterator
+
+import torch
+from transformers import GenerationConfig
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# The official generation_config.json of the Qwen v1 chat models (eos/pad are the vocabulary's <|endoftext|>).
+OFFICIAL_GENERATION_DEFAULTS = dict(
+    chat_format="chatml",
+    max_window_size=6144,
+    max_new_tokens=512,
+    do_sample=True,
+    top_k=0,
+    top_p=0.8,
+    repetition_penalty=1.1,
+)
+
+
+def make_context(tokenizer, query, history=None, system="", max_window_size=6144, chat_format="chatml"):
+    """(raw_text, context_tokens) exactly as the official make_context builds them."""
+    if history is None:
+        history = []
+    if chat_format == "raw":
+        return query, list(tokenizer.encode(query))
+    if chat_format != "chatml":
+        raise NotImplementedError(f"Unknown chat format {chat_format!r}")
+
+    im_start_tokens = [tokenizer.im_start_id]
+    im_end_tokens = [tokenizer.im_end_id]
+    nl_tokens = tokenizer.encode("\n")
+
+    def _tokenize_str(role, content):
+        return f"{role}\n{content}", tokenizer.encode(role) + nl_tokens + tokenizer.encode(content)
+
+    system_text, system_tokens_part = _tokenize_str("system", system)
+    system_tokens = im_start_tokens + system_tokens_part + im_end_tokens
+
+    raw_text = ""
+    context_tokens: list[int] = []
+    for turn_query, turn_response in reversed(history):
+        query_text, query_tokens_part = _tokenize_str("user", turn_query)
+        query_tokens = im_start_tokens + query_tokens_part + im_end_tokens
+        response_text, response_tokens_part = _tokenize_str("assistant", turn_response)
+        response_tokens = im_start_tokens + response_tokens_part + im_end_tokens
+
+        next_context_tokens = nl_tokens + query_tokens + nl_tokens + response_tokens
+        prev_chat = f"\n{IM_START}{query_text}{IM_END}\n{IM_START}{response_text}{IM_END}"
+
+        if len(system_tokens) + len(next_context_tokens) + len(context_tokens) < max_window_size:
+            context_tokens = next_context_tokens + context_tokens
+            raw_text = prev_chat + raw_text
+        else:
+            break
+
+    context_tokens = system_tokens + context_tokens
+    raw_text = f"{IM_START}{system_text}{IM_END}" + raw_text
+    context_tokens += (
+        nl_tokens
+        + im_start_tokens
+        + _tokenize_str("user", query)[1]
+        + im_end_tokens
+        + nl_tokens
+        + im_start_tokens
+        + tokenizer.encode("assistant")
+        + nl_tokens
+    )
+    raw_text += f"\n{IM_START}user\n{query}{IM_END}\n{IM_START}assistant\n"
+    return raw_text, context_tokens
+
+
+# The fast decoder chat()/chat_stream() use when one is registered (finetune.inference registers its engine;
+# the model itself imports nothing from inference/): fn(model, tokenizer, input_ids [1, T], gc) -> an iterator
+# of the new token ids, or None when it does not handle this call (then generate() runs).
+_fast_decoder = None
+
+
+def register_decoder(fn) -> None:
+    """Set (or, with None, clear) the fast decoder that chat()/chat_stream() try before generate()."""
+    global _fast_decoder
+    _fast_decoder = fn
+
+
+def _fast_tokens(model, tokenizer, input_ids, gc):
+    return None if _fast_decoder is None else _fast_decoder(model, tokenizer, input_ids, gc)
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    return [tokenizer.im_end_id, tokenizer.im_start_id]
+
+
+def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[GenerationConfig, int, str]:
+    """The config generate() runs with: the given one, else the model dir's generation_config.json (else the
+    official defaults), updated with the call's kwargs; eos always includes <|im_end|> and <|im_start|>."""
+    if generation_config is None:
+        generation_config = getattr(model, "generation_config", None)
+        loaded = generation_config is not None and getattr(generation_config, "chat_format", None) is not None
+        if not loaded:
+            generation_config = GenerationConfig(
+                **OFFICIAL_GENERATION_DEFAULTS, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.eod_id
+            )
+    gc = copy.deepcopy(generation_config)
+    max_window_size = kwargs.pop("max_window_size", None) or getattr(gc, "max_window_size", None) or 6144
+    chat_format = getattr(gc, "chat_format", None) or "chatml"
+    if chat_format != "chatml":
+        raise ValueError(f"chat() needs chat_format 'chatml', the generation config says {chat_format!r}")
+    extra_stops = kwargs.pop("stop_words_ids", None) or []
+    gc.update(**kwargs)
+    eos = gc.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    stops = stop_token_ids(tokenizer) + [s[0] for s in extra_stops if len(s) == 1]
+    gc.eos_token_id = list(dict.fromkeys(stops + eos))
+    if gc.pad_token_id is None:
+        gc.pad_token_id = tokenizer.eod_id
+    return gc, max_window_size, chat_format
+
+
+def _cut_response(tokenizer, new_tokens: list[int], stops: set[int]) -> str:
+    for i, t in enumerate(new_tokens):
+        if t in stops:
+            new_tokens = new_tokens[:i]
+            break
+    return tokenizer.decode(new_tokens).strip()  # the project's decode never raises on partial UTF-8
+
+
+def _prompt(model, tokenizer, query, history, system, generation_config, kwargs):
+    """The generation config (model dir defaults, updated by kwargs) and the make_context prompt ids."""
+    gc, max_window_size, chat_format = _generation_config(model, tokenizer, generation_config, kwargs)
+    _, context_tokens = make_context(tokenizer, query, history=history, system=system,
+                                     max_window_size=max_window_size, chat_format=chat_format)
+    return gc, torch.tensor([context_tokens], device=model.device)
+
+
+def chat(
+    self,
+    tokenizer,
+    query: str,
+    history: list | None = None,
+    system: str = DEFAULT_SYSTEM,
+    generation_config: GenerationConfig | None = None,
+    stream: bool = False,
+    **kwargs,
+) -> tuple[str, list]:
+    """One chat turn: (response, history + [(query, response)]). kwargs update the generation config
+    (e.g. do_sample=False, max_new_tokens=64) or set max_window_size."""
+    if stream:
+        raise ValueError("chat(stream=True) is not supported; use chat_stream(...), which yields the growing response")
+    history = [] if history is None else copy.deepcopy(history)
+    gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
+    fast = _fast_tokens(self, tokenizer, input_ids, gc)  # CUDA: the inference engine (CUDA graphs)
+    if fast is not None:
+        new_tokens = list(fast)
+    else:
+        outputs = self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
+        new_tokens = outputs[0, input_ids.shape[1]:].tolist()
+    response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id))
+    history.append((query, response))
+    return response, history
+
+
+class _TokenQueue:
+    """A generate() streamer handing the new token ids to the consuming thread."""
+
+    def __init__(self):
+        self.q: queue.Queue = queue.Queue()
+        self.skip_prompt = True
+
+    def put(self, value):
+        if self.skip_prompt:  # the first put is the prompt
+            self.skip_prompt = False
+            return
+        self.q.put(value.reshape(-1).tolist())
+
+    def end(self):
+        self.q.put(None)
+
+
+def chat_stream(
+    self,
+    tokenizer,
+    query: str,
+    history: list | None = None,
+    system: str = DEFAULT_SYSTEM,
+    generation_config: GenerationConfig | None = None,
+    **kwargs,
+) -> Iterator[str]:
+    """Yields the growing response text (each item the whole response so far), stopping as chat() does."""
+    history = [] if history is None else copy.deepcopy(history)
+    gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
+    fast = _fast_tokens(self, tokenizer, input_ids, gc)
+    if fast is not None:
+        yield from _stream_text(tokenizer, ([t] for t in fast), set(gc.eos_token_id))
+        return
+    streamer = _TokenQueue()
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc,
+                          streamer=streamer)
+        except BaseException as e:  # surfaced in the consuming thread
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    yield from _stream_text(tokenizer, iter(streamer.q.get, None), set(gc.eos_token_id))
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _stream_text(tokenizer, chunks, stops: set) -> Iterator[str]:
+    """The growing response text from chunks of new token ids, up to the first stop token; a text ending in
+    a partial UTF-8 character waits for the next chunk."""
+    tokens: list[int] = []
+    last = None
+    for item in chunks:
+        stopped = False
+        for t in item:
+            if t in stops:
+                stopped = True
+                break
+            tokens.append(t)
+        text = tokenizer.decode(tokens).strip()
+        if text != last and not text.endswith("\ufffd"):
+            last = text
+            yield text
+        if stopped:
+            break
+    final = tokenizer.decode(tokens).strip()
+    if final != last:
+        yield final
+
+
+__all__ = ["make_context", "chat", "chat_stream", "stop_token_ids", "register_decoder", "DEFAULT_SYSTEM"]

@@ -1,0 +1,91 @@
+"""PEFT's own routes on the project's model take the project's checks (installed by ``import finetune``).
+
+- ``PeftModel.from_pretrained`` (and so ``AutoPeftModelForCausalLM.from_pretrained``) on a QWenLMHeadModel checks the
+  adapter exactly as ``finetune.adapters.load_adapter`` does before PEFT reads it: the base's fingerprint, every
+  tensor's shape from the file header, dtypes and finite values.
+- ``PeftModel.save_pretrained`` of such a model records the base's absolute path (PEFT writes the path as typed) and
+  writes base_model.json (path + fingerprint, see adapters.py).
+- ``merge_and_unload`` on a model with GPTQ layers returns a float model: the merged layers and every GPTQ layer
+  the adapter did not touch are dequantized into one float dtype and quantization_config is dropped, so
+  ``save_pretrained`` writes a float model dir that loads (without this, float weights were saved under a config
+  that still declared GPTQ).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_installed = False
+
+
+def _project_model(model) -> bool:
+    from .modeling import QWenLMHeadModel
+
+    return isinstance(model, QWenLMHeadModel)
+
+
+def _local_base(model) -> Path | None:
+    p = getattr(model, "name_or_path", None)
+    return Path(p) if p and (Path(p) / "config.json").is_file() else None
+
+
+def install() -> None:
+    """Wrap the three PEFT entry points (idempotent)."""
+    global _installed
+    if _installed:
+        return
+    from peft import PeftModel
+    from peft.tuners.lora import LoraModel
+
+    original_from_pretrained = PeftModel.from_pretrained.__func__
+    original_save = PeftModel.save_pretrained
+    original_merge = LoraModel.merge_and_unload
+
+    def from_pretrained(cls, model, model_id, *args, **kwargs):
+        from .adapters import check_base, checked_weights, is_adapter_dir
+
+        if _project_model(model) and is_adapter_dir(model_id):
+            base = _local_base(model)
+            if base is not None:
+                check_base(model_id, base, explicit=True)
+            checked_weights(model, Path(model_id))
+        return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        from .adapters import record_base
+
+        base_model = self.get_base_model()
+        base = _local_base(base_model) if _project_model(base_model) else None
+        if base is not None:
+            for config in self.peft_config.values():
+                if config.base_model_name_or_path and Path(config.base_model_name_or_path) == base:
+                    config.base_model_name_or_path = str(base.resolve())
+        original_save(self, save_directory, *args, **kwargs)
+        if base is not None and kwargs.get("is_main_process", True):
+            record_base(save_directory, base)
+
+    def merge_and_unload(self, *args, **kwargs):
+        from .quant.linear import GPTQLinear
+        from .quant.peft_lora import GPTQLoraLinear, dequantize_model
+
+        packed = [m for m in self.model.modules() if isinstance(m, (GPTQLinear, GPTQLoraLinear))]
+        if not packed:
+            return original_merge(self, *args, **kwargs)
+        emb = self.model.get_input_embeddings() if hasattr(self.model, "get_input_embeddings") else None
+        dtype = emb.weight.dtype if emb is not None and emb.weight.is_floating_point() else None
+        for m in packed:
+            if isinstance(m, GPTQLoraLinear) and m.merge_dtype is None and dtype is not None:
+                m.merge_dtype = dtype
+        model = original_merge(self, *args, **kwargs)
+        dequantize_model(model, dtype or torch.float32)
+        return model
+
+    PeftModel.from_pretrained = classmethod(from_pretrained)
+    PeftModel.save_pretrained = save_pretrained
+    LoraModel.merge_and_unload = merge_and_unload
+    _installed = True
+
+
+__all__ = ["install"]

@@ -1,0 +1,635 @@
+"""GPTQ Int4 decoding GEMV / small-M GEMM on tensor cores: a CUDA C kernel compiled at run time by NVRTC.
+
+Why our own kernel: a decode step reads every Int4 weight once, so it is bound by memory bandwidth. PyTorch's
+int4 kernel ("tinygemm", ``int4pack.py``) reaches ~40% of the H200's copy rate at one row and falls off from 4
+rows; our Triton GEMVs reach 17-26% (benchmarks/NOTES.md). Neither splits K, and both spend several
+instructions a weight turning nibbles into floats. This kernel:
+
+- reads a copy of the weight repacked so that one 16-byte load per lane gives that lane its tensor-core
+  fragments for 16 output columns x 128 inputs (``repack``), in one contiguous 1 KiB block per warp;
+- turns each pair of nibbles into the exact bf16 pair (128 + q, 128 + q') with one shift and one mask-or (the
+  nibble becomes the low mantissa bits of 128.0); the zero point is applied once per chunk as (128 + z) * sum(x),
+  with sum(x) from one more mma against ones (2-4 row blocks subtract the zero per pair instead: there the
+  extra mma's would load the tensor cores). About 145 instructions a warp per 2,048 weights (sm_90 SASS); a
+  form with 235 (the zero subtracted per pair, 64-bit addresses recomputed per chunk) reached ~48% of the copy
+  rate, this one 50-55% on the large Linears (NOTES step 13: more loads in flight, through registers or a
+  cp.async ring in shared memory, did not help);
+- multiplies on the tensor cores with the batch rows in the mma's 8-wide N dimension ("swapped" operands:
+  the weights fill the 16-wide M), so 1 to 8 rows share every weight load and mma, and sums in fp32; each
+  128-input chunk's sum is scaled once by its group's fp16 scale;
+- splits K over warps and over CTAs: each CTA writes its fp32 partial sums to its own slot of a workspace, and the
+  last CTA of a tile (a counter, which it resets) adds the slots in a fixed order and writes the bf16 result, so
+  the call stays a single kernel that CUDA graphs can replay, and its result does not depend on which CTA
+  finished first (atomic adds did: greedy decoding must repeat itself).
+
+Within a chunk the inputs are visited in a permuted order, the same for x and the weights, chosen so that each
+lane reads 32 contiguous inputs of x (four 16-byte loads) instead of gathering pairs.
+
+Numerics: the products (128 + q) * x are exact in fp32 and summed in fp32 on the tensor cores; (128 + z) * sum(x)
+is subtracted and the scale applied per chunk in fp32. The sums are ~17 times the result, so fp32 rounding costs
+~1e-6 relative, far below the bf16 rounding of the output: closer to the exact product than dequantizing to bf16
+first (the training path, tinygemm). A row of the identity gives each weight exactly.
+
+Limits (else the caller uses another kernel): 4-bit, bf16 activations, N a multiple of 16, K of 128, and the
+group size a multiple of 128 (Qwen's releases use 128); act-order (desc_act) weights are reordered at repack
+time and x's columns gathered at every call. CUDA compute capability 8.0 or newer, with NVRTC.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+
+import torch
+
+from .packing import group_sorted_order, groups_even, to_int32_wrapping, unpack_cols, unpack_rows
+
+CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
+MAX_ROWS = 32  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)
+KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
+LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in shared memory); more: the caller adds it
+
+# Launch configurations by 8-row blocks, chosen on an H200 by benchmarks/mma_gemv_probe.py --pick: (warps a CTA,
+# register buffers a warp (1: a chunk's loads are not issued ahead of the previous chunk's compute), target CTAs
+# per SM for the split over K).
+CONFIGS = {1: (8, 1, 2), 2: (4, 1, 4), 4: (4, 1, 2)}  # by row_blocks()
+
+
+def row_blocks(rows: int) -> int:
+    """The kernel's MB: 8-row blocks of the mma's N dimension (1, 2 or 4)."""
+    return 1 if rows <= 8 else 2 if rows <= 16 else 4
+
+
+def unsupported(K: int, N: int, bits: int, group_size: int, g_idx: torch.Tensor | None = None) -> str | None:
+    """Why a layer cannot use this kernel (None: it can)."""
+    if bits != 4:
+        return f"{bits}-bit weights (the kernel is 4-bit only)"
+    if N % 16:
+        return f"{N} outputs (must be a multiple of 16)"
+    if K % CHUNK:
+        return f"{K} inputs (must be a multiple of {CHUNK})"
+    if group_size % CHUNK or K % group_size:
+        return f"group size {group_size} (must be a multiple of {CHUNK} that divides {K})"
+    if g_idx is not None and not groups_even(g_idx, group_size):
+        return "a g_idx whose groups are not all group_size rows"
+    return None
+
+
+# -- the repacked layout ------------------------------------------------------------------------------------
+# wpack int32 [N/16, K/128, 32 lanes, 8 words]. Lane L = 4 r + t (r = L // 4, t = L % 4) holds, in word j,
+# the weights of output columns n0 + r + 8 h (h = 0, 1) at inputs k = c*128 + 32 t + 4 j + e (e = 0..3), the
+# nibble of (e, h) at bit 4 p with p = 4 (e & 1) + 2 (e >> 1) + h. Read back with shifts 0, 4, 8, 12 and the
+# mask 0x000F000F, the word gives the four bf16x2 registers of the mma's A fragment (m16n8k16, row-major):
+# rows r / r + 8 (h), columns 2t, 2t+1 (e = 0, 1) and 2t+8, 2t+9 (e = 2, 3), in the order reg0 = (h 0, e 0-1),
+# reg1 = (h 1, e 0-1), reg2 = (h 0, e 2-3), reg3 = (h 1, e 2-3). The B fragment of the same lane holds x at the
+# same inputs: its registers for word j are x's words 2j and 2j+1 of the lane's 32 inputs from c*128 + 32 t.
+
+
+def repack(qweight, qzeros, scales, g_idx, v2: bool = False, group_size: int = 128):
+    """(wpack, scales, qzeros, zero_add, perm) for ``mma_gemv``: the weight in the kernel's layout, the scales and
+    zero points reordered to match it (the same tensors when g_idx is trivial), 1 for GPTQ v1's stored
+    ``zero - 1`` (0 for v2), and the input order (None when g_idx is trivial)."""
+    K = g_idx.shape[0]
+    N = scales.shape[1]
+    q = unpack_rows(qweight, 4)[:K].to(torch.int64)  # [K, N]
+    perm, order = group_sorted_order(g_idx, group_size)
+    if perm is not None:
+        q = q[perm]
+        scales, qzeros = scales[order], qzeros[order]
+    C, T = K // CHUNK, N // 16
+    # k = c*128 + 32 t + 4 j + 2 e_hi + e_lo ; n = 16 T + 8 h + r
+    q = q.view(C, 4, 8, 2, 2, T, 2, 8)  # c, t, j, e_hi, e_lo, T, h, r
+    q = q.permute(5, 0, 7, 1, 2, 4, 3, 6)  # T, c, r, t, j, e_lo, e_hi, h -> nibble p = 4 e_lo + 2 e_hi + h
+    q = q.reshape(T, C, 32, 8, 8)
+    shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
+    words = to_int32_wrapping((q << shifts).sum(dim=-1))
+    return (words.contiguous(), scales.to(torch.float16).contiguous(), qzeros.to(torch.int32).contiguous(),
+            0 if v2 else 1, perm)
+
+
+def emulate(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
+            group_size: int) -> torch.Tensor:
+    """The kernel's arithmetic in torch (fp32), read from the repacked layout the way the kernel reads it: a
+    CPU-testable statement of the layout and the fragment mapping. x2d [M, K] (already in the kernel's input
+    order) -> [M, N] fp32."""
+    T, C = wpack.shape[:2]
+    M, K = x2d.shape
+    w = wpack.to(torch.int64) & 0xFFFFFFFF  # [T, C, 32, 8]
+    regs = []
+    for s in (0, 4, 8, 12):  # reg0..reg3 of the A fragment
+        v = (w >> s) & 0x000F000F
+        regs.append(torch.stack([v & 0xFFFF, v >> 16], dim=-1))  # the bf16x2 halves' nibbles
+    # PTX m16n8k16 A fragment: reg i holds row r + 8 (i & 1), columns (k slots) 8 (i >> 1) + 2 t + half; the
+    # lane's B fragment holds x at the same slots, which are inputs c*128 + 32 t + 4 j + 2 (i >> 1) + half.
+    q = torch.stack(regs, dim=-2)  # T, C, lane, j, reg, half
+    q = q.view(T, C, 8, 4, 8, 2, 2, 2)  # T, C, r, t, j, reg >> 1, reg & 1, half
+    q = q.permute(1, 3, 4, 5, 7, 0, 6, 2).reshape(K, T * 16)  # k = (c, t, j, i >> 1, half), n = (T, i & 1, r)
+    z = unpack_cols(qzeros, 4)[:, : T * 16].to(torch.float32) + zero_add  # [G, N]
+    s = scales.to(torch.float32)
+    gk = torch.arange(K) // group_size
+    wq = (q.to(torch.float32) - z[gk]) * s[gk]
+    return x2d.to(torch.float32) @ wq
+
+
+# -- the kernel ----------------------------------------------------------------------------------------------
+# Device helpers shared by this GEMV and the small-M GEMM (mma_gemm.py): loads, bf16 conversions, the nibble
+# unpacking, the mma and cp.async.
+HELPERS = r"""
+typedef unsigned int u32;
+typedef unsigned short u16;
+struct alignas(16) U4 { u32 x, y, z, w; };
+
+__device__ __forceinline__ U4 ld_stream(const U4* p) {
+  U4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ U4 ld_cached(const U4* p) {
+  U4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ u32 word_of(const U4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ float h2f(u16 h) {
+  float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f;
+}
+__device__ __forceinline__ u16 f2bf(float f) {
+  u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h;
+}
+// output n's bias (bf16; has_bias 0: none), added in fp32 before the output's one rounding (as F.linear's epilogue)
+__device__ __forceinline__ float bias_of(const u16* bias, int has_bias, int n) {
+  return has_bias ? __uint_as_float((u32)bias[n] << 16) : 0.f;
+}
+// (128 + q) - (128 + z) for both halves, exact: fma(a, 1.0, -(128 + z))
+__device__ __forceinline__ u32 sub_zero(u32 a, u32 negz) {
+  u32 d; asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x3F803F80u), "r"(negz)); return d;
+}
+__device__ __forceinline__ void mma(float* d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// (w >> shift) & 0x000F000F | magic in one instruction (the compiler splits the two constants otherwise)
+__device__ __forceinline__ u32 nibbles(u32 w, u32 magic) {
+  u32 d;
+  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(d) : "r"(w), "r"(magic));
+  return d;
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  unsigned s;
+  asm("{ .reg .u64 a; cvta.to.shared.u64 a, %1; cvt.u32.u64 %0, a; }" : "=r"(s) : "l"(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(s), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// wait until at most N of this thread's committed groups are still in flight
+template <int N> __device__ __forceinline__ void cp_async_wait_group() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+"""
+
+_SOURCE = HELPERS + r"""
+#define WARPS __WARPS__
+#define MB __MB__
+#define DEPTH __DEPTH__
+#define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
+#define LORA __LORA__  // 1: the low-rank epilogue (a build of its own, so the plain kernel's code is unchanged)
+
+struct Chunk {
+  U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
+  U4 xv[MB][4];   // x at the lane's 32 inputs, for batch rows mb * 8 + r
+  u16 s0, s1;     // scales of columns n0 + r, n0 + r + 8
+  int z0, z1;     // the qzeros words of columns n0..n0+7 and n0+8..n0+15
+};
+
+// A warp's load cursor: where its next chunk's loads read, advanced by WARPS chunks after each load (running
+// pointers: recomputing 64-bit addresses from the chunk index cost ~50 instructions a chunk).
+struct Cursor {
+  const U4* w;          // this lane's first 16 bytes of the chunk
+  const u16* x[MB];     // x at the lane's 32 inputs, rows mb * 8 + r (null: a row past M)
+  const u16* s;         // scale of column n0 + r in the chunk's group
+  const int* z;         // the qzeros word of columns n0..n0+7 in the chunk's group
+  int c;                // the chunk
+};
+
+__device__ __forceinline__ void load_chunk(Chunk& b, Cursor& p, int N) {
+  b.w[0] = ld_stream(p.w);
+  b.w[1] = ld_stream(p.w + 1);
+#if GCHUNKS == 1
+  const u16* s = p.s;
+  const int* z = p.z;
+  p.s += WARPS * N;
+  p.z += WARPS * (N >> 3);
+#else
+  const int g = p.c / GCHUNKS;
+  const u16* s = p.s + g * N;
+  const int* z = p.z + g * (N >> 3);
+#endif
+  b.s0 = s[0];
+  b.s1 = s[8];
+  b.z0 = z[0];
+  b.z1 = z[1];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    if (p.x[mb]) {
+      const U4* xp = (const U4*)p.x[mb];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b.xv[mb][i] = ld_cached(xp + i);
+      p.x[mb] += WARPS * 128;
+    } else {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{0u, 0u, 0u, 0u};
+    }
+  }
+  p.w += WARPS * 64;
+  p.c += WARPS;
+}
+
+// One row block (ZERO_BY_SUM): the A fragments are the bf16 values 128 + q (the nibble as the low mantissa bits of
+// 128.0), so the mma gives sum (128 + q) x; sum x comes from one more mma with A = 1, and (128 + z) sum x is
+// subtracted once per chunk in fp32 (the products are exact; the fp32 sums are ~17 times larger than the result,
+// far below bf16's rounding). More row blocks: the zero is subtracted from each pair (q - z exact in bf16), one
+// paired add shared by MB mma's, where the extra mma per block would make the tensor pipe the limit.
+#define ZERO_BY_SUM (MB == 1)
+__device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4], int r, int zero_add) {
+  u32 magic;
+  asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
+  float tmp[MB][4];
+#if ZERO_BY_SUM
+  u32 ones;
+  asm volatile("mov.b32 %0, 0x3F803F80;" : "=r"(ones));
+  float sx[MB][4];
+#else
+  const u32 nz0 = (u32)(0xC300 + ((b.z0 >> (4 * r)) & 15) + zero_add) * 0x10001u;
+  const u32 nz1 = (u32)(0xC300 + ((b.z1 >> (4 * r)) & 15) + zero_add) * 0x10001u;
+#endif
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      tmp[mb][i] = 0.f;
+#if ZERO_BY_SUM
+      sx[mb][i] = 0.f;
+#endif
+    }
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const u32 wj = word_of(b.w[j >> 2], j & 3);
+    u32 a0 = nibbles(wj, magic), a1 = nibbles(wj >> 4, magic);
+    u32 a2 = nibbles(wj >> 8, magic), a3 = nibbles(wj >> 12, magic);
+#if !ZERO_BY_SUM
+    a0 = sub_zero(a0, nz0);
+    a1 = sub_zero(a1, nz1);
+    a2 = sub_zero(a2, nz0);
+    a3 = sub_zero(a3, nz1);
+#endif
+#pragma unroll
+    for (int mb = 0; mb < MB; ++mb) {
+      const u32 b0 = word_of(b.xv[mb][j >> 1], (2 * j) & 3), b1 = word_of(b.xv[mb][j >> 1], (2 * j + 1) & 3);
+      mma(tmp[mb], a0, a1, a2, a3, b0, b1);
+#if ZERO_BY_SUM
+      mma(sx[mb], ones, ones, ones, ones, b0, b1);
+#endif
+    }
+  }
+  const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);
+#if ZERO_BY_SUM
+  const float zc0 = (float)(128 + ((b.z0 >> (4 * r)) & 15) + zero_add);
+  const float zc1 = (float)(128 + ((b.z1 >> (4 * r)) & 15) + zero_add);
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    acc[mb][0] += sc0 * (tmp[mb][0] - zc0 * sx[mb][0]);
+    acc[mb][1] += sc0 * (tmp[mb][1] - zc0 * sx[mb][1]);
+    acc[mb][2] += sc1 * (tmp[mb][2] - zc1 * sx[mb][2]);
+    acc[mb][3] += sc1 * (tmp[mb][3] - zc1 * sx[mb][3]);
+  }
+#else
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) {
+    acc[mb][0] += sc0 * tmp[mb][0];
+    acc[mb][1] += sc0 * tmp[mb][1];
+    acc[mb][2] += sc1 * tmp[mb][2];
+    acc[mb][3] += sc1 * tmp[mb][3];
+  }
+#endif
+}
+
+__device__ __forceinline__ float bf_lo(u32 w) { return __uint_as_float(w << 16); }
+__device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFFF0000u); }
+
+// The low-rank epilogue: sum_j h[j] sel[j] bt[j] over R bf16 values (R a multiple of 8, at most LRMAX): one output's
+// share of (h * sel) @ B, added to the fp32 result before its single rounding to bf16. Its operands (the CTA's 16
+// rows of bt, the batch rows of h and sel) are copied into shared memory by cp.async when the kernel starts, so they
+// arrive while the main loop runs: read from global memory after it (a first version), their latency made each
+// Linear ~6.5 us longer on the H200 (NOTES step 17).
+#define LRMAX __LRMAX__
+#define LSTRIDE (LRMAX + 8)  // a shared row's length: rows 272 bytes apart fall on different banks
+__device__ __forceinline__ float lora_term(const u16* h, const u16* sel, const u16* bt, int R) {
+  float s = 0.f;
+  for (int j = 0; j < R; j += 8) {
+    const U4 hv = *(const U4*)(h + j), sv = *(const U4*)(sel + j), bv = *(const U4*)(bt + j);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const u32 hw = word_of(hv, i), sw = word_of(sv, i), bw = word_of(bv, i);
+      s += bf_lo(hw) * bf_lo(sw) * bf_lo(bw);
+      s += bf_hi(hw) * bf_hi(sw) * bf_hi(bw);
+    }
+  }
+  return s;
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
+              const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
+              int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
+              const u16* __restrict__ lh, const u16* __restrict__ lsel, const u16* __restrict__ lbt, int R,
+              const u16* __restrict__ bias, int has_bias) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = lane >> 2, t = lane & 3;
+  const int tile = blockIdx.x, split = blockIdx.y, splits = gridDim.y;
+  const int C = K >> 7;
+  const int c_begin = (int)((long long)C * split / splits);
+  const int c_end = (int)((long long)C * (split + 1) / splits);
+  const int n0 = tile << 4;
+  const int c0 = c_begin + warp;  // this warp's first chunk; then every WARPS-th
+#if LORA
+  __shared__ __align__(16) u16 l_bt[16 * LSTRIDE];
+  __shared__ __align__(16) u16 l_h[MB * 8 * LSTRIDE];
+  __shared__ __align__(16) u16 l_sel[MB * 8 * LSTRIDE];
+  {
+    const int pieces = R >> 3;  // 16-byte pieces a row
+    for (int i = threadIdx.x; i < 16 * pieces; i += WARPS * 32) {
+      const int row = i / pieces, c = (i - row * pieces) << 3;
+      cp_async16(l_bt + row * LSTRIDE + c, lbt + (size_t)(n0 + row) * R + c);
+    }
+    for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
+      const int row = i / pieces, c = (i - row * pieces) << 3;
+      cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);
+      cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);
+    }
+  }
+#endif
+  Cursor p;
+  p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;
+#if GCHUNKS == 1
+  p.s = scales + (size_t)c0 * N + n0 + r;
+  p.z = qzeros + (size_t)c0 * (N >> 3) + (n0 >> 3);
+#else
+  p.s = scales + n0 + r;
+  p.z = qzeros + (n0 >> 3);
+#endif
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+    p.x[mb] = mb * 8 + r < M ? x + (size_t)(mb * 8 + r) * x_stride + c0 * 128 + (t << 5) : nullptr;
+  p.c = c0;
+  float acc[MB][4];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb) acc[mb][0] = acc[mb][1] = acc[mb][2] = acc[mb][3] = 0.f;
+
+  // This warp's chunks: c_begin + warp + i * WARPS for i < mine.
+  const int mine = c_end - c_begin - warp > 0 ? (c_end - c_begin - warp + WARPS - 1) / WARPS : 0;
+  // A ring of DEPTH register buffers: the loads of
+  // chunk i + DEPTH - 1 are issued before chunk i is computed, so loads stay in flight while the warp computes.
+  Chunk buf[DEPTH];
+#pragma unroll
+  for (int d = 0; d < DEPTH - 1; ++d)
+    if (d < mine) load_chunk(buf[d], p, N);
+  for (int base = 0; base < mine; base += DEPTH) {
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d) {
+      const int i = base + d;
+      if (i < mine) {
+        const int ahead = i + DEPTH - 1;
+        if (ahead < mine)
+          load_chunk(buf[(d + DEPTH - 1) % DEPTH], p, N);
+        compute_chunk(buf[d], acc, r, zero_add);
+      }
+    }
+  }
+
+  // the CTA's warps: sum in shared memory; warp 0 writes (or adds to the split-K workspace)
+  __shared__ float red[WARPS][MB * 4][32];
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
+#if LORA
+  cp_async_wait_all();  // this thread's copies; the barrier below makes every thread's visible
+#endif
+  __syncthreads();
+  if (warp != 0) return;
+  float v[MB * 4];
+#pragma unroll
+  for (int i = 0; i < MB * 4; ++i) {
+    float s = 0.f;
+#pragma unroll
+    for (int wi = 0; wi < WARPS; ++wi) s += red[wi][i][lane];
+    v[i] = s;
+  }
+  if (splits == 1) {
+#pragma unroll
+    for (int i = 0; i < MB * 4; ++i) {
+      const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
+#if LORA
+      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R)
+                                              + bias_of(bias, has_bias, n));
+#else
+      if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + bias_of(bias, has_bias, n));
+#endif
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < MB * 4; ++i) {
+    const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
+    if (b < M) __stcg(ws + ((size_t)split * M + b) * N + n, v[i]);
+  }
+  __threadfence();
+  __syncwarp();
+  int last = 0;
+  if (lane == 0) last = atomicAdd(counters + tile, 1) == splits - 1;
+  last = __shfl_sync(0xffffffffu, last, 0);
+  if (!last) return;
+  __threadfence();
+#pragma unroll
+  for (int i = 0; i < MB * 4; ++i) {
+    const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
+    if (b < M) {
+      float s = 0.f;
+      for (int sp = 0; sp < splits; ++sp) s += __ldcg(ws + ((size_t)sp * M + b) * N + n);  // a fixed order
+#if LORA
+      s += lora_term(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, R);
+#endif
+      out[(size_t)b * N + n] = f2bf(s + bias_of(bias, has_bias, n));
+    }
+  }
+  if (lane == 0) counters[tile] = 0;
+}
+"""
+
+_lock = threading.Lock()
+_kernels: dict = {}  # (device index, warps, MB, depth, group size, LoRA epilogue) -> the compiled kernel, or why not
+_workspaces: dict = {}
+
+
+def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
+    return (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
+            .replace("__GCHUNKS__", str(group_size // CHUNK)).replace("__LORA__", str(int(lora)))
+            .replace("__LRMAX__", str(LORA_MAX_RANK)))
+
+
+def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
+    with torch.cuda.device(device):
+        return torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"])
+
+
+def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False):
+    """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
+    it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
+    and the stream is capturing a graph (loading a module there is not a stream operation)."""
+    return compiled(device, (warps, mb, depth, group_size, lora), "gptq_mma_gemv",
+                    lambda: kernel_source(warps, mb, depth, group_size, lora))
+
+
+def compiled(device: torch.device, config: tuple, name: str, source):
+    """Kernel ``name`` of ``source()`` compiled for ``device`` once per ``config``; what ``_kernel`` says it returns
+    (also used by ``mma_gemm.py``)."""
+    key = (device.index, name) + config
+    k = _kernels.get(key)
+    if k is None:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        with _lock:
+            k = _kernels.get(key)
+            if k is None:
+                try:
+                    k = _compile(device, source(), name)
+                except Exception as e:  # NVRTC missing or refusing: the other decode kernels still work
+                    detail = " ".join(str(e).split())[:300]
+                    k = f"the tensor-core kernel {name} did not compile ({type(e).__name__}: {detail})"
+                    warnings.warn(k + "; decoding uses the other Int4 kernels", stacklevel=4)
+                _kernels[key] = k
+    return k
+
+
+def compile_error(device: torch.device, group_size: int) -> str | None:
+    """Why this kernel cannot be compiled for ``device`` (one configuration tried, and kept); None: it can. Checked
+    before a layer makes its repacked copy, so a failure costs no memory."""
+    warps, depth, _ = CONFIGS[1]
+    k = _kernel(device, warps, 1, depth, group_size)
+    return k if isinstance(k, str) else None
+
+
+def available() -> str | None:
+    """Why the kernel cannot run here (None: it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return "compute capability below 8.0 (no bf16 tensor cores)"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
+    return None
+
+
+def workspace(device: torch.device, splits: int, rows: int, N: int):
+    """The split-K workspace (fp32, a [rows, N] slot per split) and tile counters (int32 [N/16], zero) of a device,
+    grown on demand outside graph capture. None when they are too small during a capture."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    held = _workspaces.get(key)
+    need = splits * rows * N
+    if held is None or held[0].numel() < need or held[1].numel() < N // 16:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        size = max(need, held[0].numel() if held else 0, 4 * KERNEL_ROWS * 32768)
+        tiles = max(N // 16, held[1].numel() if held else 0, 32768 // 16)
+        held = (torch.zeros(size, device=device, dtype=torch.float32),
+                torch.zeros(tiles, device=device, dtype=torch.int32))
+        _workspaces[key] = held
+    return held
+
+
+def lora_unfit(low_rank, M: int, N: int) -> str | None:
+    """Why ``mma_gemv``'s epilogue cannot take ``low_rank`` = (h, sel, bt) for an [M, N] output (None: it can)."""
+    h, sel, bt = low_rank
+    R = h.shape[-1]
+    if R % 8 or R == 0 or R > LORA_MAX_RANK:
+        return f"rank sum {R} (must be a positive multiple of 8, at most {LORA_MAX_RANK})"
+    want = {"h": (h, (M, R)), "sel": (sel, (M, R)), "bt": (bt, (N, R))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16:
+            return f"{name} {tuple(t.shape)} {t.dtype} (expected a contiguous, 16-byte aligned bf16 {shape})"
+    return None
+
+
+def check_bias(bias: torch.Tensor | None, N: int, device: torch.device, name: str) -> None:
+    """The kernels' bias epilogue takes a contiguous bf16 [N] on the output's device (or None)."""
+    if bias is not None and (bias.shape != (N,) or bias.dtype != torch.bfloat16 or not bias.is_contiguous()
+                             or bias.device != device):
+        raise ValueError(f"{name} bias: {tuple(bias.shape)} {bias.dtype} on {bias.device} (expected a contiguous "
+                         f"bf16 ({N},) on {device})")
+
+
+def split_count(C: int, T: int, warps: int, per_sm: int, sms: int) -> int:
+    """CTAs a 16-column tile's C chunks are split over: enough for ``per_sm`` CTAs on every SM of ``sms``, at least
+    one chunk a warp."""
+    return max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
+
+
+def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """x as the tensor-core kernels read it (also ``mma_gemm``): columns in the repacked weight's input order
+    (act-order weights), unit column stride, rows 16-byte aligned."""
+    if perm is not None:
+        x2d = x2d.index_select(1, perm)
+    if x2d.stride(1) != 1 or x2d.stride(0) % 8 or x2d.data_ptr() % 16:
+        x2d = x2d.contiguous()
+    return x2d
+
+
+def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
+             group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
+             low_rank: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x2d [M, K] bf16 (M <= KERNEL_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
+    graph capture that finds the kernel not compiled or the split-K workspace too small (made only outside
+    captures; the caller then uses another kernel).
+
+    ``low_rank`` = (h [M, R], sel [M, R], bt [N, R]), bf16: adds (h * sel) @ bt.T in the kernel's epilogue (the
+    engine's unmerged LoRA: h = x A, sel the rows' 0/1 adapter selection, bt = B with the scaling folded in), summed
+    in fp32 with the product before its one rounding to bf16; ``lora_unfit`` says which inputs it takes.
+    ``bias`` [N] bf16: added the same way (``check_bias``)."""
+    M, K = x2d.shape
+    T, C = wpack.shape[:2]
+    N = T * 16
+    if low_rank is not None and (why := lora_unfit(low_rank, M, N)) is not None:
+        raise ValueError(f"mma_gemv low_rank: {why}")
+    check_bias(bias, N, x2d.device, "mma_gemv")
+    x2d = kernel_input(x2d, perm)
+    mb = row_blocks(M)
+    warps, depth, per_sm = config or CONFIGS[mb]
+    splits = split_count(C, T, warps, per_sm, torch.cuda.get_device_properties(x2d.device).multi_processor_count)
+    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
+    if kernel is None or isinstance(kernel, str):
+        return None
+    ws, counters = (None, None)
+    if splits > 1:
+        held = workspace(x2d.device, splits, M, N)
+        if held is None:
+            return None
+        ws, counters = held
+    out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
+    dummy = out
+    h, sel, bt = low_rank if low_rank is not None else (dummy, dummy, dummy)
+    kernel(
+        grid=(T, splits, 1), block=(warps * 32, 1, 1),
+        args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
+              counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
+              h, sel, bt, h.shape[-1] if low_rank is not None else 0,
+              bias if bias is not None else dummy, int(bias is not None)])
+    return out

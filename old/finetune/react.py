@@ -1,0 +1,539 @@
+"""Qwen's ReAct layout for function calling, shared by the server and the training data.
+
+Qwen v1 chat models call functions through ReAct prompting, as the official `openai_api.py` does it (facts
+reproduced here: the tool description and instruction texts, where the instruction goes, how assistant
+calls and function results are written into the turns, how a reply is parsed back):
+
+- The instruction (`REACT_INSTRUCTION`, listing each function as `TOOL_DESC`) is put in front of one user
+  message as ``{instruction}\\n\\nQuestion: {text}``: the last user message of the history when the
+  conversation has history pairs, else the query.
+- An assistant message that calls a function becomes ``Thought: {content}\\nAction: {name}\\nAction Input:
+  {arguments}``; the function's result is appended as ``\\nObservation: {result}``; a later assistant
+  message is appended to the same assistant turn after "\\n"; a plain assistant message (functions given)
+  becomes ``Thought: I now know the final answer.\\nFinal Answer: {content}``.
+- A turn's first assistant message and each whole history reply lose leading newlines and trailing
+  whitespace (as the official strips them: no space after an empty "Action Input:" or "Final Answer:").
+- When the conversation ends with a function result, the open assistant turn gets ``\\nThought:`` and the
+  model continues it (a text completion, not a new turn); one ending with an assistant message is continued
+  too.
+- A reply is a call when it has ``\\nAction:`` followed by ``\\nAction Input:``; generation stops at
+  "Observation:".
+
+Accepted message forms: OpenAI's (`tool_calls` on assistant messages, `tool` role messages answering them,
+matched by `tool_call_id` or else in order) and the official format's (`function_call` on assistant
+messages, `function` role messages). Tool definitions: OpenAI `tools` ([{"type": "function", "function":
+{...}}]) or the legacy `functions` list; both end up as function dicts with `name`, `description`,
+`parameters` (and the official `name_for_model` / `name_for_human` / `description_for_model`).
+
+For training, an assistant turn is a list of (text, trained) segments: the model's own Thought/Action/
+Action Input/Final Answer text and the "\\nObservation:" that ends a call are trained; the observation text
+and the "\\nThought:" the server writes after it are not. Imports nothing heavy (used by data workers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass, field
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+TOOL_DESC = (
+    "{name_for_model}: Call this tool to interact with the {name_for_human} API."
+    " What is the {name_for_human} API useful for? {description_for_model} Parameters: {parameters}"
+)
+
+REACT_INSTRUCTION = """Answer the following questions as best you can. You have access to the following APIs:
+
+{tools_text}
+
+Use the following format:
+
+Question: the input question you must answer
+Thought: you should always think about what to do
+Action: the action to take, should be one of [{tools_name_text}]
+Action Input: the input to the action
+Observation: the result of the action
+... (this Thought/Action/Action Input/Observation can be repeated zero or more times)
+Thought: I now know the final answer
+Final Answer: the final answer to the original input question
+
+Begin!"""
+
+# Generation stops here: the model would otherwise invent the observation.
+OBSERVATION_STOP = "Observation:"
+FINAL_THOUGHT = "Thought: I now know the final answer.\nFinal Answer: "
+
+
+class ReactError(ValueError):
+    """An invalid message list or function definition; `field` names where (e.g. "messages[2].tool_calls")."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+def _clean(text: str) -> str:
+    return text.lstrip("\n").rstrip()
+
+
+# -- function definitions -----------------------------------------------------------------------------
+
+
+def functions_from(functions=None, tools=None, where_functions="functions", where_tools="tools") -> list[dict]:
+    """The function dicts of a legacy `functions` list or an OpenAI `tools` list (not both)."""
+    if functions and tools:
+        raise ReactError("give either 'functions' or 'tools', not both", where_tools)
+    out = []
+    plain_ok = False
+    if isinstance(tools, str):  # LLaMA-Factory's ShareGPT form: the tool list as JSON text of function dicts
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ReactError(f"a string that is not JSON ({e.msg} at character {e.pos + 1})", where_tools) from None
+        plain_ok = True
+    if tools:
+        if not isinstance(tools, list):
+            raise ReactError("must be a list", where_tools)
+        for i, t in enumerate(tools):
+            where = f"{where_tools}[{i}]"
+            if plain_ok and isinstance(t, dict) and "function" not in t:
+                out.append(_check_function(t, where))
+                continue
+            if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(
+                    t.get("function"), dict):
+                raise ReactError("must be {\"type\": \"function\", \"function\": {...}}", where)
+            out.append(_check_function(t["function"], f"{where}.function"))
+    elif functions:
+        if not isinstance(functions, list):
+            raise ReactError("must be a list", where_functions)
+        out = [_check_function(f, f"{where_functions}[{i}]") for i, f in enumerate(functions)]
+    return out
+
+
+def _check_function(f, where: str) -> dict:
+    if not isinstance(f, dict):
+        raise ReactError("must be an object", where)
+    name = f.get("name_for_model", f.get("name"))
+    if not isinstance(name, str) or not name.strip():
+        raise ReactError("needs a non-empty 'name'", f"{where}.name")
+    return f
+
+
+def function_names(functions: list[dict]) -> list[str]:
+    return [f.get("name_for_model", f.get("name", "")) for f in functions]
+
+
+def react_instruction(functions: list[dict]) -> str:
+    """The ReAct instruction listing the functions (empty without functions)."""
+    if not functions:
+        return ""
+    tools_text, names = [], []
+    for f in functions:
+        name = f.get("name", "")
+        name_m = f.get("name_for_model", name)
+        desc = f.get("description", "")
+        tools_text.append(TOOL_DESC.format(
+            name_for_model=name_m, name_for_human=f.get("name_for_human", name),
+            description_for_model=f.get("description_for_model", desc),
+            parameters=json.dumps(f.get("parameters", {}), ensure_ascii=False)))
+        names.append(name_m)
+    return _clean(REACT_INSTRUCTION.format(tools_text="\n\n".join(tools_text), tools_name_text=", ".join(names)))
+
+
+# -- messages -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Message:
+    """One message in the official openai_api.py form: role system/user/assistant/function."""
+
+    role: str
+    content: str
+    function_call: dict | None = None  # {"name": str, "arguments": str} on assistant messages
+
+
+def content_text(content, where: str) -> str:
+    """Message content: a string, None (empty), or OpenAI's list of text parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for i, p in enumerate(content):
+            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise ReactError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
+                                 f"{where}[{i}]")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise ReactError(f"must be a string, got {type(content).__name__}", where)
+
+
+def _call(call, where: str) -> dict:
+    """{"name", "arguments"} of a function_call / a tool call's "function" (arguments as a string)."""
+    if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
+        raise ReactError("needs a 'name' string", where)
+    args = call.get("arguments", "")
+    if not isinstance(args, str):
+        args = json.dumps(args, ensure_ascii=False)
+    return {"name": call["name"], "arguments": args}
+
+
+# ShareGPT's human/gpt; OpenAI's "developer" is its newer clients' name for the system message
+ROLE_ALIASES = {"human": "user", "gpt": "assistant", "observation": "function", "developer": "system"}
+
+
+def canonical_messages(messages, where: str = "messages") -> list[Message]:
+    """OpenAI or official-format message dicts (role/content or from/value) -> Messages in the official
+    form: OpenAI tool calls become one assistant message per call, each followed by its `tool` result."""
+    if not isinstance(messages, list) or not messages:
+        raise ReactError("must be a non-empty list", where)
+    out: list[Message] = []
+    results: dict[int, Message] = {}  # index in out of an answered call -> its result, which follows it
+    pending = _PendingCalls()
+    for i, m in enumerate(messages):
+        w = f"{where}[{i}]"
+        if not isinstance(m, dict):
+            raise ReactError("must be an object", w)
+        role = m.get("role", m.get("from"))
+        if not isinstance(role, str):
+            raise ReactError("needs a 'role'", f"{w}.role")
+        role = ROLE_ALIASES.get(role.lower(), role.lower())
+        content = content_text(m.get("content", m.get("value")), f"{w}.content")
+        if role == "tool":
+            if not pending:
+                raise ReactError("a tool message must answer a tool call of the assistant message before it",
+                                 f"{w}.role")
+            call_id = m.get("tool_call_id")
+            at = pending.take(call_id)
+            if at is None:
+                raise ReactError(f"tool_call_id {call_id!r} matches no open tool call", f"{w}.tool_call_id")
+            # the result goes right after its call (a later call waits until this one is answered)
+            results[at] = Message("function", content)
+            continue
+        if pending:
+            raise ReactError(f"tool call {pending.first_id()!r} has no tool message answering it", f"{w}.role")
+        if role == "assistant" and m.get("tool_calls"):
+            calls = m["tool_calls"]
+            if not isinstance(calls, list):
+                raise ReactError("must be a list", f"{w}.tool_calls")
+            for j, c in enumerate(calls):
+                cw = f"{w}.tool_calls[{j}]"
+                if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
+                    raise ReactError("needs a 'function' object", cw)
+                out.append(Message("assistant", content if j == 0 else "", _call(c["function"], f"{cw}.function")))
+                pending.add(c.get("id"), len(out) - 1)
+            continue
+        if role == "function_call":  # LLaMA-Factory's ShareGPT form: the assistant's call as JSON text
+            out.append(Message("assistant", "", _json_call(m.get("content", m.get("value")), f"{w}.value")))
+            continue
+        if role not in ("system", "user", "assistant", "function"):
+            raise ReactError(f"unknown role {role!r} (accepted: system or developer, user, assistant, tool, function)",
+                             f"{w}.role")
+        fc = m.get("function_call")
+        if fc is not None and role != "assistant":
+            raise ReactError("only assistant messages carry a function_call", f"{w}.function_call")
+        out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None))
+    if pending:
+        raise ReactError(f"tool call {pending.first_id()!r} has no tool message answering it", where)
+    if not results:
+        return out
+    return [x for j, msg in enumerate(out) for x in ((msg, results[j]) if j in results else (msg,))]
+
+
+class _PendingCalls:
+    """The tool calls awaiting their `tool` messages, in order, matched in constant time (a request with
+    thousands of calls was quadratic: lists rebuilt and indices shifted for every result)."""
+
+    def __init__(self):
+        self._calls: list[list] = []  # [tool_call_id, index in out, still open]
+        self._head = 0  # no open call before this
+        self._by_id: dict = {}  # id key -> positions in _calls of the open calls with that id, in order
+        self._named = 0  # open calls that have an id
+
+    @staticmethod
+    def _key(call_id):
+        try:
+            hash(call_id)
+            return call_id
+        except TypeError:  # an id that is JSON array or object (compared by its JSON text)
+            return ("json", json.dumps(call_id, sort_keys=True, default=repr))
+
+    def add(self, call_id, at: int) -> None:
+        self._calls.append([call_id, at, True])
+        if call_id is not None:
+            self._by_id.setdefault(self._key(call_id), deque()).append(len(self._calls) - 1)
+            self._named += 1
+
+    def __bool__(self) -> bool:
+        self._skip()
+        return self._head < len(self._calls)
+
+    def _skip(self) -> None:
+        while self._head < len(self._calls) and not self._calls[self._head][2]:
+            self._head += 1
+
+    def first_id(self):
+        self._skip()
+        return self._calls[self._head][0]
+
+    def take(self, call_id) -> int | None:
+        """Close the call a result with `call_id` answers (the first open one with that id; without an id, or
+        with an id while no open call has one, the first open one) -> its index in out, or None for no match."""
+        positions = self._by_id.get(self._key(call_id)) if call_id is not None else None
+        if positions:
+            k = positions[0]
+        elif call_id is not None and self._named:
+            return None
+        else:
+            self._skip()
+            k = self._head
+        entry = self._calls[k]
+        entry[2] = False
+        if entry[0] is not None:
+            self._by_id[self._key(entry[0])].popleft()  # (k is the first open call with its id)
+            self._named -= 1
+        return entry[1]
+
+
+def _json_call(value, where: str) -> dict:
+    """A `function_call` turn's value: JSON text of {"name", "arguments"} (or a list holding one such call)."""
+    try:
+        call = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as e:
+        raise ReactError(f"must be JSON text of {{\"name\": ..., \"arguments\": ...}} ({e.msg} at character "
+                         f"{e.pos + 1})", where) from None
+    if isinstance(call, list):
+        if len(call) != 1:
+            raise ReactError(f"holds {len(call)} calls; one function_call turn takes one call (parallel calls: "
+                             "an assistant message with OpenAI 'tool_calls' and a 'tool' message each)", where)
+        call = call[0]
+    return _call(call, where)
+
+
+def has_function_calls(messages: list[Message]) -> bool:
+    return any(m.role == "function" or m.function_call for m in messages)
+
+
+# -- the turns -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Turns:
+    """A conversation laid out for ChatML: `system`, user/assistant `pairs`, then either a new user `query`
+    or (`query` None) a last pair whose assistant text the model continues (after a function result).
+
+    Assistant texts are lists of (text, trained) segments; `text(segments)` joins them. `continues_assistant`:
+    the open last turn is the client's own assistant message (a prefix the reply continues), not the
+    "\\nThought:" written after a function result."""
+
+    system: str
+    pairs: list[tuple[str, list[tuple[str, bool]]]] = field(default_factory=list)
+    query: str | None = None
+    continues_assistant: bool = False
+
+    @staticmethod
+    def text(segments) -> str:
+        return "".join(t for t, _ in segments)
+
+    def history(self) -> list[tuple[str, str]]:
+        """(user, assistant) pairs as model.chat's history takes them."""
+        return [(u, self.text(a)) for u, a in self.pairs]
+
+
+def _assistant_segments(m: Message, functions: list[dict], after_observation: bool) -> list[tuple[str, bool]]:
+    """One assistant message as trained/untrained segments (joined: the official layout's text)."""
+    content = _clean(m.content)
+    if m.function_call is None:
+        text = FINAL_THOUGHT + content if functions else content
+    else:
+        if not content.startswith("Thought:"):
+            content = f"Thought: {content}"
+        text = f"{content}\nAction: {m.function_call['name']}\nAction Input: {m.function_call['arguments']}"
+    if not after_observation:  # the official strips a turn's first message (empty arguments or answer leave
+        return [(_clean(text), True)]  # no trailing space); later ones are appended as they are
+    if text.startswith("Thought:"):  # the server writes "\nThought:" after an observation; the model goes on
+        return [("\nThought:", False), (text[len("Thought:"):], True)]
+    return [("\n", False), (text, True)]
+
+
+def build_turns(messages, functions: list[dict] | None = None, default_system: str = DEFAULT_SYSTEM,
+                where: str = "messages") -> Turns:
+    """Messages (any accepted form) + function dicts -> Turns, as the official parse_messages lays them out.
+
+    Raises ReactError naming the message when the order is not user, assistant (+ function results), ...
+    """
+    functions = functions or []
+    msgs = messages if messages and isinstance(messages[0], Message) else canonical_messages(messages, where)
+    system = default_system
+    start = 0
+    if msgs and msgs[0].role == "system":
+        system = _clean(msgs[0].content)
+        start = 1
+    if not any(m.role == "user" for m in msgs):
+        raise ReactError("expecting at least one user message", where)
+    instruction = react_instruction(functions)
+
+    # user texts and assistant segment lists, in order
+    rows: list[list] = []  # [role, text or segments]
+    for i in range(start, len(msgs)):
+        m, w = msgs[i], f"{where}[{i}]"
+        if m.role == "system":
+            raise ReactError("only the first message may be a system message", f"{w}.role")
+        if m.role == "user":
+            if rows and rows[-1][0] == "user":
+                raise ReactError("two user messages in a row (expecting an assistant message between them)",
+                                 f"{w}.role")
+            rows.append(["user", _clean(m.content)])
+        elif m.role == "assistant":
+            if not rows:
+                raise ReactError("expecting a user message before the first assistant message", f"{w}.role")
+            if rows[-1][0] == "user":
+                rows.append(["assistant", _assistant_segments(m, functions, False)])
+            else:  # continues the assistant turn after a function result
+                rows[-1][1] += _assistant_segments(m, functions, True)
+        elif m.role == "function":
+            if not rows or rows[-1][0] != "assistant" or msgs[i - 1].function_call is None:
+                raise ReactError("a function result must follow the assistant message that called it",
+                                 f"{w}.role")
+            rows[-1][1] += [("\nObservation:", True), (f" {_clean(m.content)}", False)]
+
+    query = None
+    if rows[-1][0] == "user":
+        query = rows.pop()[1]
+    elif msgs[-1].role == "function":
+        rows[-1][1].append(("\nThought:", False))  # the model continues the open turn
+    elif msgs[-1].function_call is not None:
+        raise ReactError("the last function call has no function result after it", f"{where}[{len(msgs) - 1}]")
+    pairs = []
+    for k in range(0, len(rows), 2):  # the official strips each history reply again, as a whole
+        pairs.append((rows[k][1], _strip_segments(rows[k + 1][1])))
+    if instruction:
+        if pairs:  # as the official parse_messages: the last history pair's user message
+            u, a = pairs[-1]
+            pairs[-1] = (f"{instruction}\n\nQuestion: {u}", a)
+        else:
+            query = f"{instruction}\n\nQuestion: {query}"
+    return Turns(system, pairs, query, continues_assistant=query is None and msgs[-1].role == "assistant")
+
+
+def _strip_segments(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """Segments whose joined text is `_clean`ed: no leading newlines (an empty first message's "\\n" joiner
+    goes), no trailing whitespace (an empty last result's " " goes)."""
+    out = list(segments)
+    while out and not out[-1][0].rstrip():
+        out.pop()
+    if out:
+        out[-1] = (out[-1][0].rstrip(), out[-1][1])
+    while out and not out[0][0].lstrip("\n"):
+        out.pop(0)
+    if out:
+        out[0] = (out[0][0].lstrip("\n"), out[0][1])
+    return out
+
+
+# -- replies ---------------------------------------------------------------------------------------------
+
+
+def parse_reply(text: str) -> tuple[str, dict | None]:
+    """A generated ReAct reply -> (content, call or None), as the official parse_response.
+
+    A call: content is the Thought text before "\\nAction:", call {"name", "arguments"}. Otherwise the
+    content is what follows the last "\\nFinal Answer: " (the whole text when there is none)."""
+    i = text.find("\nAction:")
+    j = text.find("\nAction Input:")
+    k = text.find("\nObservation:")
+    if 0 <= i < j:
+        if k < 0:  # generation stopped at "Observation:", which is cut off: the arguments run to the end
+            k = len(text)  # (the official appends it to the text, which then shows in a reply that is no call)
+        name = text[i + len("\nAction:"):j].strip()
+        args = text[j + len("\nAction Input:"):k].strip()
+        if name:
+            thought = text[:i]
+            t = thought.find("Thought: ")
+            if t >= 0:
+                thought = thought[t + len("Thought: "):]
+            return thought.strip(), {"name": name, "arguments": args}
+    z = text.rfind("\nFinal Answer: ")
+    if z >= 0:
+        text = text[z + len("\nFinal Answer: "):]
+    return text, None
+
+
+def stop_words(stop: list[str] | None, functions: list[dict] | None) -> list[str]:
+    """The request's stop strings, each also without leading newlines (as the official server adds them),
+    plus "Observation:" when functions are given."""
+    words = list(stop or [])
+    for s in list(words):
+        t = s.lstrip("\n")
+        if t and t not in words:
+            words.append(t)
+    if functions and OBSERVATION_STOP not in words:
+        words.append(OBSERVATION_STOP)
+    return words
+
+
+# -- training records ------------------------------------------------------------------------------------
+
+_CALL_ROLES = {"function", "tool", "observation", "function_call"}
+
+
+def is_tool_record(record: dict) -> bool:
+    """A training record with functions, function calls or their results (rendered in the ReAct layout)."""
+    if record.get("functions") or record.get("tools"):
+        return True
+    turns = record.get("conversations", record.get("messages"))
+    if not isinstance(turns, list):
+        return False
+    return any(isinstance(t, dict) and (str(t.get("role", t.get("from", ""))).lower() in _CALL_ROLES
+                                        or t.get("function_call") or t.get("tool_calls")) for t in turns)
+
+
+def render_tool_record(record: dict) -> dict:
+    """A tool/function-call training record -> the data pipeline's normalised form, each assistant message
+    carrying `segments` ([text, trained] pairs: labels on the model's own text, none on observations).
+
+    Raises ReactError (field names the turn) for a conversation the layout cannot hold."""
+    key = "conversations" if "conversations" in record else "messages"
+    turns = record.get(key)
+    functions = functions_from(record.get("functions"), record.get("tools"))
+    msgs = canonical_messages(turns, key)
+    top_system = record.get("system")
+    if top_system is not None:
+        if msgs[0].role == "system":
+            raise ReactError("the record has both a top-level 'system' and a system turn", f"{key}[0]")
+        if not isinstance(top_system, str):
+            raise ReactError("must be a string", "system")
+    t = build_turns(msgs, functions, DEFAULT_SYSTEM if top_system is None else top_system, where=key)
+    if msgs[-1].role == "function":
+        raise ReactError("ends with a function result: the assistant's reply after it is missing",
+                         f"{key}[{len(turns) - 1}]")
+    messages = []
+    for user, segments in t.pairs:
+        messages.append({"role": "user", "content": user})
+        messages.append({"role": "assistant", "content": Turns.text(segments),
+                         "segments": [[s, trained] for s, trained in segments if s]})
+    if t.query is not None:
+        messages.append({"role": "user", "content": t.query})
+    rid = record.get("id")
+    return {"id": None if rid is None else str(rid), "system": t.system, "messages": messages}
+
+
+
+def check_segments(segments, content: str, where: str) -> list[list]:
+    """A normalised assistant message's `segments`: [text, trained] pairs whose texts join to `content`."""
+    if not isinstance(segments, list) or not all(
+            isinstance(x, (list, tuple)) and len(x) == 2 and isinstance(x[0], str) and isinstance(x[1], bool)
+            for x in segments):
+        raise ReactError("must be a list of [text, trained] pairs", where)
+    if "".join(x[0] for x in segments) != content:
+        raise ReactError("the segments' texts do not join to the message content", where)
+    return [[x[0], x[1]] for x in segments]
+
+
+__all__ = [
+    "FINAL_THOUGHT", "Message", "OBSERVATION_STOP", "REACT_INSTRUCTION", "ReactError", "TOOL_DESC", "Turns",
+    "build_turns", "canonical_messages", "check_segments", "function_names", "functions_from", "has_function_calls",
+    "is_tool_record", "parse_reply", "react_instruction", "render_tool_record", "stop_words",
+]

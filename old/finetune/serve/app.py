@@ -1,0 +1,512 @@
+"""The FastAPI app: GET /v1/models, POST /v1/chat/completions, GET /health, the chat page at /.
+
+Prompts are built as `model.chat` builds them (`make_context`: the system message, the history pairs, the
+last user message; every text encoded as plain text, so no message can forge a control token), sampling
+defaults are the model dir's generation config as `model.chat` uses it, and the reply is stripped as
+chat() strips it: a greedy request answers exactly `model.chat(..., do_sample=False)`'s answer. A request
+ending with an assistant message gets that message's continuation, unstripped (the official text completion).
+Functions / tools go through Qwen's ReAct prompt (finetune/react.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import react
+from ..inference.sampling import GREEDY_BELOW
+from .protocol import APIError, ChatCompletionRequest, field_path
+from .textstream import TextStream
+from .worker import EngineWorker
+
+
+class Server:
+    """What the routes share: the tokenizer, the engine worker, the served names, the limits."""
+
+    def __init__(self, model, tokenizer, *, base_name: str, adapter_names=(), max_batch: int = 32,
+                 max_model_len: int | None = None, max_queue: int | None = None, api_key: str | None = None,
+                 engine=None, cors_origins=()):
+        from ..inference import Engine
+        from ..modeling.chat import _generation_config  # the config chat() runs with, eos included
+
+        self.tokenizer = tokenizer
+        self.cors_origins = list(cors_origins)  # web pages on these origins may call the API from a browser
+        self.base_name = base_name
+        self.adapter_names = list(adapter_names)
+        self.api_key = api_key
+        self.gc, self.window, _ = _generation_config(model, tokenizer, None, {})
+        self.engine = engine if engine is not None else Engine(model, tokenizer, max_batch=max_batch,
+                                                               max_len=max_model_len)
+        self.max_model_len = int(max_model_len or getattr(self.engine, "max_len", None)
+                                 or model.config.seq_length)
+        self.max_batch = max_batch
+        self.max_queue = 4 * max_batch if max_queue is None else max_queue
+        self.worker = EngineWorker(self.engine, capacity=max_batch + self.max_queue)
+        self.created = int(time.time())
+
+    # -- request -> engine input ------------------------------------------------------------------------
+
+    def adapter_for(self, model: str) -> str | None:
+        if model == self.base_name:
+            return None
+        if model in self.adapter_names:
+            return model
+        names = ", ".join([self.base_name, *self.adapter_names])
+        raise APIError(404, f"The model {model!r} does not exist (served: {names})", "model", "model_not_found")
+
+    def turns(self, body: ChatCompletionRequest) -> tuple[react.Turns, list[dict]]:
+        """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
+        try:
+            functions = [] if body.tools_disabled() else react.functions_from(body.functions, body.tools)
+            for i, f in enumerate(functions):
+                _check_function(f, f"tools[{i}].function" if body.tools else f"functions[{i}]")
+            return react.build_turns(body.messages, functions), functions
+        except react.ReactError as e:
+            raise APIError(400, f"{e.field}: {e}" if e.field else str(e), e.field) from None
+
+    def prompt(self, body: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
+        """(prompt ids, function dicts): make_context over the messages' turns (ReAct with functions)."""
+        turns, functions = self.turns(body)
+        return self.prompt_ids(turns), functions
+
+    def prompt_ids(self, turns: react.Turns) -> list[int]:
+        from ..modeling import make_context
+
+        tok = self.tokenizer
+        if turns.query is not None:
+            _, ids = make_context(tok, turns.query, history=turns.history(), system=turns.system,
+                                  max_window_size=self.window)
+            return ids
+        # the last assistant turn is open (after a function result, or the client's own assistant message):
+        # the model continues it. The official text completion strips every user text here, so an empty
+        # question under the ReAct instruction ends "Question:" (make_context's query path keeps "Question: ")
+        history = [(u.lstrip("\n").rstrip(), a) for u, a in turns.history()]
+        user, assistant = history[-1]
+        _, ids = make_context(tok, user, history=history[:-1], system=turns.system, max_window_size=self.window)
+        return ids + tok.encode(assistant)
+
+    def params(self, body: ChatCompletionRequest, prompt_len: int):
+        from ..inference import SamplingParams
+
+        limit = self.max_model_len
+        if prompt_len >= limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, but the messages have "
+                           f"{prompt_len} tokens (no room for a reply). Shorten the messages.", "messages",
+                           "context_length_exceeded")
+        wanted = body.max_new_tokens()
+        if wanted is not None and prompt_len + wanted > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"{prompt_len + wanted} tokens ({prompt_len} in the messages, {wanted} in the "
+                           "completion). Reduce the length of the messages or max_tokens.",
+                           "max_tokens" if body.max_tokens is not None else "max_completion_tokens",
+                           "context_length_exceeded")
+        over: dict = {"max_new_tokens": wanted if wanted is not None
+                      else min(self.gc.max_new_tokens or 512, limit - prompt_len)}
+        if body.temperature is not None:
+            # below 0.01 is greedy, as in the official server: scores divided by a tiny temperature overflow
+            # fp32 (1e-40: inf, then NaN), and a seeded row's draw raises, failing the step for every row
+            if body.temperature < GREEDY_BELOW:
+                over["do_sample"] = False
+            else:
+                over.update(do_sample=True, temperature=body.temperature)
+        if body.top_p is not None:
+            over["top_p"] = body.top_p
+        if body.top_k is not None:
+            over["top_k"] = body.top_k
+        if body.seed is not None:
+            over["seed"] = body.seed
+        if body.min_tokens:
+            over["min_new_tokens"] = min(body.min_tokens, over["max_new_tokens"])
+        over["stop_token_ids"] = tuple(self.gc.eos_token_id)
+        return SamplingParams.from_generation_config(self.gc, **over)
+
+    # -- running a request -------------------------------------------------------------------------------
+
+    def prepare(self, body: ChatCompletionRequest):
+        """Check the request and build its prompt -> (prompt ids, params, adapter, stop strings, function dicts,
+        strip). Runs in a worker thread (see `start`)."""
+        try:
+            body.check()
+            adapter = self.adapter_for(body.model)
+            turns, functions = self.turns(body)
+            ids = self.prompt_ids(turns)
+        except RecursionError:  # JSON nested as deep as the parser allows, then written out again (repr, dumps)
+            raise APIError(400, "the request body nests JSON too deeply") from None
+        params = self.params(body, len(ids))
+        stop = react.stop_words(body.stop_list(), functions)
+        # a reply continuing the client's assistant message is sent as generated (its leading space joins it
+        # to that text), as the official text completion returns it; other replies are stripped as chat()'s
+        return ids, params, adapter, stop, functions, not turns.continues_assistant
+
+    async def start(self, body: ChatCompletionRequest):
+        # tokenizing a big body takes seconds: off the event loop, or every other client's stream (and /health)
+        # would stall meanwhile (tiktoken releases the GIL while it encodes)
+        ids, params, adapter, stop, functions, strip = await run_in_threadpool(self.prepare, body)
+        try:
+            started = self.worker.submit(ids, params, adapter)
+        except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
+            raise APIError(400, str(e)) from None
+        if started is None:
+            raise APIError(429, f"The server is busy: {self.worker.capacity} requests are in flight "
+                           f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
+                           None, "queue_full")
+        req, queue = started
+        return Run(self, req, queue, TextStream(self.tokenizer, stop, strip=strip), len(ids)), functions
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Run:
+    """One request in the engine: yields text deltas as tokens arrive, then records how it finished."""
+
+    def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int):
+        self.server, self.req, self.queue, self.text = server, req, queue, text
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.gone = False  # the client disconnected
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+    async def _watch(self, http: Request) -> None:
+        """Cancel the request the moment its client disconnects. Polling between tokens never saw it: tokens
+        keep coming, and a non-streamed reply writes nothing until its last one, so a client that left still
+        held its row to max_tokens."""
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        self.req.cancel()  # the engine drops the row at its next step, and reports it (finish reason cancelled)
+
+    async def deltas(self, http: Request, every_step: bool = False):
+        """Text deltas until the request finishes (or hits a stop string); cancels it if the client leaves.
+        ``every_step``: also an empty delta for a step whose tokens add no text yet (one per step with tokens)."""
+        seen = 0
+        watcher = asyncio.ensure_future(self._watch(http))
+        try:
+            while True:
+                p = await self.queue.get()
+                if self.gone:
+                    raise ClientGone
+                if p.error:
+                    raise APIError(500, f"generation failed: {p.error}", None, "engine_error")
+                new = self.req.output_ids[seen:p.n_tokens]
+                seen = p.n_tokens
+                self.completion_tokens = seen
+                delta = self.text.feed(new)
+                if self.text.stopped or p.finished:
+                    delta += self.text.finish()
+                    self.finish_reason = "stop" if self.text.stopped else (
+                        "length" if p.finish_reason == "length" else "stop")
+                    if delta or (every_step and new):
+                        yield delta
+                    return
+                if delta or (every_step and new):
+                    yield delta
+        finally:
+            watcher.cancel()
+            if self.finish_reason is None or self.text.stopped:
+                self.req.cancel()  # client gone, error, or a stop string: free the row
+
+    async def complete(self, http: Request) -> str:
+        async for _ in self.deltas(http):
+            pass
+        return self.text.final_text
+
+
+# -- responses ---------------------------------------------------------------------------------------------
+
+
+def _completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest) -> tuple[dict, str | None]:
+    """The assistant message of a ReAct reply: a tool/function call or the final answer."""
+    content, call = react.parse_reply(text)
+    if call is None:
+        return {"role": "assistant", "content": content}, None
+    if body.functions:  # the legacy API answers in its own form
+        return {"role": "assistant", "content": content or None, "function_call": call}, "function_call"
+    tool_call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": call}
+    return {"role": "assistant", "content": content or None, "tool_calls": [tool_call]}, "tool_calls"
+
+
+def _check_function(f: dict, where: str) -> None:
+    """What the ReAct prompt needs of a function definition beyond react's checks (400 naming the field)."""
+    name_key = "name_for_model" if "name_for_model" in f else "name"
+    if not f[name_key].isprintable():  # "Action: {name}" is one line of the prompt: a line break could never
+        raise APIError(400, f"{where}.{name_key}: must be one line of printable characters",  # be parsed back
+                       f"{where}.{name_key}")
+    for key in ("description", "description_for_model", "name_for_human"):
+        if f.get(key) is not None and not isinstance(f[key], str):
+            raise APIError(400, f"{where}.{key}: must be a string, got {_json_type(f[key])}", f"{where}.{key}")
+    if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
+        raise APIError(400, f"{where}.parameters: must be a JSON Schema object, got {_json_type(f['parameters'])}",
+                       f"{where}.parameters")
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _body_problem(request: Request, err: dict) -> str:
+    """Why the body as a whole is no request: empty, not sent as JSON, or JSON that is no object."""
+    content_type = request.headers.get("content-type", "")
+    if err.get("type") == "missing":
+        return "the request body is empty: send a JSON object with 'Content-Type: application/json'"
+    media = content_type.split(";")[0].strip().lower()
+    if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
+        got = f"got {content_type!r}" if content_type else "none was given"
+        return f"the request body must be JSON sent with 'Content-Type: application/json' ({got})"
+    return f"the request body must be a JSON object, got {_json_type(err.get('input'))}"
+
+
+def _unparsable(cause: Exception) -> str:
+    """FastAPI's 400 "There was an error parsing the body", with what was wrong."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "the request body is not valid JSON: it nests too deeply"
+    return f"the request body is not valid JSON: {cause}"
+
+
+# 413 above this: a prompt that fits any context is far smaller, and a body is parsed (and copied) whole
+MAX_BODY_BYTES = 16 * 2**20
+
+
+class BodyLimit:
+    """A request body over `limit` bytes gets a 413 before anything parses it: a declared Content-Length at once,
+    a chunked body as soon as it passes the limit. The body read here is handed on to the app as one message."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(receive, send, 0)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending: no one to answer
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self._refuse(receive, send, size, message.get("more_body", False))
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:  # then the connection's own messages (the disconnect watchers wait for)
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, receive, send, read: int, more: bool = True) -> None:
+        """Answer 413. The rest of the body is read and dropped first (up to 4x the limit): closing a connection
+        with unread bytes makes the kernel reset it, and a client still sending then loses the answer too."""
+        while more and read <= 4 * self.limit:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending: no one to answer
+                return
+            read += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        err = APIError(413, f"the request body is over {self.limit} bytes", None, "request_too_large")
+        body = json.dumps(err.body()).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _sse(obj) -> str:
+    return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n"
+
+
+def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        server.worker.start()
+        yield
+        server.worker.stop()
+
+    app = FastAPI(title="qwen-ft serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+    app.add_middleware(BodyLimit, limit=max_body)
+    if server.cors_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before auth
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["GET", "POST", "HEAD"],
+                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 429:  # clients that retry (the openai client does, twice) wait this long first
+            headers = {"Retry-After": "1"}
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        err = exc.errors()[0]
+        where = field_path(err.get("loc", ()))
+        msg = err.get("msg", "invalid value")
+        if err.get("type") == "json_invalid":  # loc: ("body", the character offset)
+            detail = (err.get("ctx") or {}).get("error") or msg
+            at = err.get("loc", ())[-1:]
+            if at and isinstance(at[0], int):
+                detail += f" at character {at[0] + 1}"
+            return JSONResponse(APIError(400, f"the request body is not valid JSON: {detail}").body(), 400)
+        if not where:  # the body as a whole: pydantic's words ("Field required") would name nothing
+            msg = _body_problem(request, err)
+        return JSONResponse(APIError(400, f"{where}: {msg}" if where else msg, where or None).body(), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        message = str(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, Exception):  # FastAPI could not parse the body
+            message = _unparsable(exc.__cause__)
+        # (the headers keep a 405's Allow)
+        return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        # a bug, still answered as an OpenAI error object (uvicorn logs the traceback)
+        return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
+
+    def auth(request: Request):
+        if server.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        # header values arrive decoded as Latin-1: back to the bytes sent, compared with the key's UTF-8 bytes
+        # (a non-ASCII key never matched)
+        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode("latin-1"),
+                                                                     server.api_key.encode()):
+            what = "missing" if not header else "incorrect"
+            raise APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key "
+                           "given to --api-key", None, "invalid_api_key")
+
+    # HEAD too on the GET routes (monitors probe with it; FastAPI answers 405 otherwise)
+    @app.api_route("/health", methods=["GET", "HEAD"])
+    async def health():
+        return {"status": "ok", "in_flight": server.worker.in_flight, "steps": server.worker.steps,
+                "finished": dict(server.worker.finished)}
+
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+    async def page():
+        return resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+
+    def card(name):
+        return {"id": name, "object": "model", "created": server.created, "owned_by": "qwen-finetune",
+                "root": server.base_name, "parent": None if name == server.base_name else server.base_name}
+
+    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
+    async def models():
+        return {"object": "list", "data": [card(n) for n in (server.base_name, *server.adapter_names)]}
+
+    # the openai client's models.retrieve(name); a name may hold "/" (the adapter names allow it)
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
+    async def model(name: str):
+        server.adapter_for(name)  # 404 model_not_found, naming what is served, for another name
+        return card(name)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    async def chat_completions(body: ChatCompletionRequest, http: Request):
+        run, functions = await server.start(body)
+        cid, created = _completion_id(), int(time.time())
+        if body.stream:
+            return StreamingResponse(_stream(run, functions, body, http, cid, created),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            text = await run.complete(http)
+        except ClientGone:
+            return JSONResponse({}, status_code=499)
+        finish = run.finish_reason
+        if functions:
+            message, call_reason = _tool_message(text, functions, body)
+            finish = call_reason or finish
+        else:
+            message = {"role": "assistant", "content": text}
+        return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "usage": run.usage()}
+
+    return app
+
+
+async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Request, cid: str, created: int):
+    """Server-sent chunks in OpenAI's format, ending with `data: [DONE]`.
+
+    With functions/tools the reply can only be told apart (call or answer) once it is complete, so it is
+    generated whole and sent as one delta (a tool call, or the answer's text) before the finishing chunk."""
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and options.continuous_usage_stats  # (as vLLM: only with include_usage)
+
+    def chunk(delta: dict, finish=None) -> dict:
+        c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+        if continuous:
+            c["usage"] = run.usage()
+        elif include_usage:
+            c["usage"] = None
+        return c
+
+    yield _sse(chunk({"role": "assistant", "content": ""}))
+    try:
+        if functions:
+            text = await run.complete(http)
+            message, call_reason = _tool_message(text, functions, body)
+            if call_reason == "tool_calls":
+                calls = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
+                delta = {"content": message["content"], "tool_calls": calls}
+            elif call_reason == "function_call":
+                delta = {"content": message["content"], "function_call": message["function_call"]}
+            else:
+                delta = {"content": message["content"]}
+            if delta.get("content") or len(delta) > 1:
+                yield _sse(chunk(delta))
+            finish = call_reason or run.finish_reason
+        else:
+            async for delta in run.deltas(http, every_step=continuous):
+                yield _sse(chunk({"content": delta}))
+            finish = run.finish_reason
+    except ClientGone:
+        return
+    except APIError as e:  # the status line is sent already: the error goes in the stream
+        yield _sse(e.body())
+        yield _sse("[DONE]")
+        return
+    yield _sse(chunk({}, finish))
+    if include_usage:
+        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [], "usage": run.usage()})
+    yield _sse("[DONE]")

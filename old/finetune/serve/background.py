@@ -1,0 +1,68 @@
+"""The server under uvicorn in a background thread of this process, for tests and benchmarks.
+
+    with serve_in_background(server) as live:     # a free port on 127.0.0.1
+        openai.OpenAI(base_url=live.api_url, api_key=...)
+
+`qwen-ft serve` runs uvicorn in the foreground instead (its signal handling, Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+
+@dataclass
+class Live:
+    server: object  # the finetune.serve.app.Server being served
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return self.url + "/v1"
+
+
+@contextmanager
+def serve_in_background(server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                        start_timeout: float = 60.0, stop_timeout: float = 30.0) -> Iterator[Live]:
+    """Serve ``create_app(server)`` with uvicorn in a daemon thread on ``host:port`` (port 0: a free one, bound
+    here, so no other process can take it between choosing and listening); yields once uvicorn is ready, stops
+    it on exit. Raises RuntimeError if it does not start within ``start_timeout`` seconds."""
+    import uvicorn
+
+    from .app import create_app
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level=log_level))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + start_timeout
+        while not uv.started:
+            if not thread.is_alive():
+                raise RuntimeError("the server thread ended while starting (see the log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start within {start_timeout:g} s")
+            time.sleep(0.05)
+        yield Live(server, host, sock.getsockname()[1])
+    finally:
+        uv.should_exit = True
+        thread.join(stop_timeout)
+        sock.close()
+
+
+__all__ = ["Live", "serve_in_background"]

@@ -1,0 +1,52 @@
+"""The served model: one base and its LoRA adapters, loaded into one PeftModel (adapters stay unmerged, so
+every request picks its adapter, or the base, by the OpenAI `model` field)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def base_name(model_dir) -> str:
+    """The base model's name in /v1/models: its dir name (the last part of a hub id)."""
+    return Path(str(model_dir).rstrip("/")).name
+
+
+def add_adapter(peft_model, adapter_dir, name: str) -> None:
+    """Load one more adapter into a PeftModel under `name`, checked against the model first."""
+    from peft import set_peft_model_state_dict
+
+    from ..adapters import AdapterError, check_adapter, lora_config, read_adapter_weights
+    from ..quant import register_peft
+
+    config = lora_config(adapter_dir)
+    sd = read_adapter_weights(adapter_dir)
+    check_adapter(peft_model, adapter_dir, config, sd)
+    register_peft(config)
+    peft_model.add_adapter(name, config)
+    result = set_peft_model_state_dict(peft_model, sd, adapter_name=name)
+    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and f".{name}." in k]
+    if missing:  # check_adapter should make this impossible
+        raise AdapterError(f"adapter {adapter_dir}: PEFT did not load {missing[0]!r}")
+
+
+def load_served_model(model_dir, adapters: list[tuple[str, str]], dtype=None, device=None):
+    """(model, tokenizer): the base from `model_dir`, with each (name, dir) adapter loaded under its name."""
+    from ..adapters import load_adapter
+    from ..hub import resolve_model_dir
+    from ..loading import load_model
+    from ..tokenization import load_tokenizer
+
+    model_dir = resolve_model_dir(model_dir)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(model_dir)
+    for i, (name, adapter_dir) in enumerate(adapters):
+        adapter_dir = resolve_model_dir(adapter_dir, "adapter directory")
+        if i == 0:
+            model = load_adapter(model, adapter_dir, adapter_name=name)
+        else:
+            add_adapter(model, adapter_dir, name)
+    if adapters:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    model.eval()
+    return model, tokenizer

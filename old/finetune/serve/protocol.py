@@ -1,0 +1,131 @@
+"""The request body of POST /v1/chat/completions, its checks, and OpenAI's error object.
+
+Fields the server does not implement are refused with a 400 naming them when they ask for something
+other than their default (a silently ignored `n: 2` or `logprobs: true` would be a wrong answer); other
+unknown fields are ignored, as OpenAI-compatible servers do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic_core import PydanticCustomError
+
+
+class APIError(Exception):
+    """An OpenAI error object with its HTTP status; `param` names the request field at fault."""
+
+    TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+             429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def _json_number(value):
+    """Numbers must be JSON numbers: pydantic's lax mode reads "0.5" as 0.5 and true as 1 (OpenAI refuses both)."""
+    if isinstance(value, (str, bool)):
+        raise PydanticCustomError("number_type", "Input should be a number, not {kind}",
+                                  {"kind": "a string" if isinstance(value, str) else "a boolean"})
+    return value
+
+
+Number = BeforeValidator(_json_number)
+# seeds seed a torch.Generator, which takes 64 bits: a bigger one failed the engine step, and with it every
+# request in the batch
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+    # vLLM's extension (with include_usage): every chunk carries the usage so far, and a chunk goes out for every decode step that
+    # produced tokens, also when they add no visible text yet (a held-back partial character or stop-string
+    # prefix, or tokens that decode to nothing): clients can time and count tokens, not text
+    continuous_usage_stats: StrictBool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    messages: list[Any] = Field(min_length=1)
+    stream: StrictBool | None = False  # null is OpenAI's default (false); a string "yes" is no boolean: 400
+    stream_options: StreamOptions | None = None
+    # NaN and Infinity (Python's json reads them) are no numbers here: allow_inf_nan=False
+    temperature: Annotated[float | None, Number] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Annotated[float | None, Number] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    top_k: Annotated[int | None, Number] = Field(default=None, ge=0)  # Qwen's official server takes it too
+    max_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
+    max_completion_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
+    stop: Any = None  # a string or a list of strings, checked in check() (one message naming `stop`)
+    seed: Annotated[int | None, Number] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
+    min_tokens: Annotated[int | None, Number] = Field(default=None, ge=0)  # vLLM's: no stop before this many
+    n: Annotated[int | None, Number] = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    # accepted at their defaults only
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int | None, Number] = None
+    presence_penalty: Annotated[float | None, Number] = None
+    frequency_penalty: Annotated[float | None, Number] = None
+    logit_bias: dict | None = None
+    response_format: Any = None
+
+    def check(self) -> None:
+        """Refuse what this server cannot do (a 400 naming the field)."""
+        if self.n not in (None, 1):
+            raise APIError(400, f"n={self.n} is not supported: only one choice per request (n=1)", "n")
+        if self.logprobs or self.top_logprobs:
+            raise APIError(400, "logprobs are not supported", "logprobs" if self.logprobs else "top_logprobs")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise APIError(400, f"{name} is not supported (Qwen uses repetition_penalty from the model's "
+                               "generation config)", name)
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        if self.response_format not in (None, {"type": "text"}):
+            raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        if self.min_tokens and self.max_new_tokens() is not None and self.min_tokens > self.max_new_tokens():
+            raise APIError(400, f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_new_tokens()})",
+                           "min_tokens")
+        stops = self.stop_list() if isinstance(self.stop, (str, list, type(None))) else [None]
+        if len(stops) > 4 or any(not isinstance(s, str) or not s for s in stops):
+            raise APIError(400, "stop must be a non-empty string or up to 4 non-empty strings", "stop")
+        for name, value in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
+            if value not in (None, "auto", "none"):
+                raise APIError(400, f"{name} {value!r} is not supported: 'auto' (the model decides) or 'none'",
+                               name)
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def tools_disabled(self) -> bool:
+        return self.tool_choice == "none" or self.function_call == "none"
+
+
+def field_path(loc) -> str:
+    """pydantic's error location ('body', 'messages', 0, 'role') -> 'messages[0].role'."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out

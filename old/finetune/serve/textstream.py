@@ -1,0 +1,91 @@
+"""Generated token ids -> the text deltas a client sees.
+
+- Incremental decoding that never splits a multi-byte character: the ids not yet turned into text are
+  decoded together, and their text is taken once it no longer ends in U+FFFD (an incomplete UTF-8
+  sequence); a byte-level BPE text is the concatenation of its tokens' bytes, so cutting there is exact.
+- Stop strings are honoured across chunk boundaries: a tail of the text that could be the start of a stop
+  string is held back until the next tokens decide; the text is cut where a stop string begins.
+- The deltas join to exactly what `model.chat` returns: the reply stripped of leading and trailing
+  whitespace (leading whitespace is never sent; trailing whitespace is held back until text follows it).
+  With ``strip=False`` (the reply continues the client's own assistant message, as the official server's
+  text completion) the text is sent as generated: a leading space is part of the continuation.
+"""
+
+from __future__ import annotations
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: list[str] | None = None, strip: bool = True):
+        self.tokenizer = tokenizer
+        self.strip = strip
+        self.stop = [s for s in (stop or []) if s]
+        self._longest = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""  # decoded text of ids[:_decoded]
+        self._decoded = 0
+        self._searched = 0  # text[:_searched] holds no stop string start that could still complete
+        self._sent = 0  # text[:_sent] has been handed out (after the leading-whitespace skip)
+        self.stopped = False  # a stop string was found: the text ends before it
+
+    def feed(self, new_ids: list[int]) -> str:
+        """Add generated ids; return the new text that is safe to send ("" when nothing is)."""
+        if self.stopped:
+            return ""
+        self.ids += new_ids
+        tail = self.tokenizer.decode(self.ids[self._decoded:])
+        if tail and not tail.endswith("\ufffd"):
+            self.text += tail
+            self._decoded = len(self.ids)
+            self._find_stop()
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """Generation ended: the rest of the text (an incomplete last character decodes as U+FFFD, as in
+        chat())."""
+        if not self.stopped and self._decoded < len(self.ids):
+            self.text += self.tokenizer.decode(self.ids[self._decoded:])
+            self._decoded = len(self.ids)
+            self._find_stop()
+        return self._emit(final=True)
+
+    @property
+    def final_text(self) -> str:
+        return self.text.strip() if self.strip else self.text
+
+    def _find_stop(self) -> None:
+        if not self.stop:
+            return
+        # a stop string never starts in text already sent (see _held): a long one need not rescan it all
+        start = max(0, self._searched - self._longest + 1, self._sent)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+        self._searched = len(self.text)
+
+    def _held(self) -> int:
+        """Length of the longest tail of the text that is a proper prefix of a stop string.
+
+        Only the unsent text is tried: a tail reaching into sent text was a prefix of a stop string when it
+        was sent too, so it would have been held then. (Trying every tail up to the longest stop string cost
+        a hostile 1M-character stop string seconds of the event loop per token.)"""
+        for k in range(min(self._longest - 1, len(self.text) - self._sent), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
+
+    def _emit(self, final: bool) -> str:
+        stripped = self.text.lstrip() if self.strip else self.text
+        if not stripped:
+            return ""
+        begin = max(self._sent, len(self.text) - len(stripped))
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= self._held()
+        if self.strip:
+            end = len(self.text[:end].rstrip())  # whitespace waits for what follows it
+        if end <= begin:
+            return ""
+        self._sent = end
+        return self.text[begin:end]

@@ -1,0 +1,86 @@
+"""The project's switches, read once from the environment and then fixed for the process.
+
+Each switch is for comparing paths or working around a problem; all are on by default. Code reads them through
+`settings()` (a cached object, never `os.environ` in a hot path); a flag with the same meaning (`--cuda_graphs`)
+takes its default from here. `train` records them in run_info.json. Tests and benchmarks change them with
+`override(...)`, not by setting environment variables mid-process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+
+
+class SettingsError(ValueError):
+    """An environment switch holds a value it cannot take."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    cuda_graphs: bool = True    # FINETUNE_CUDA_GRAPHS: training steps replayed as CUDA graphs (--cuda_graphs)
+    compile: bool = True        # FINETUNE_COMPILE: RMSNorm, rotary and SwiGLU through torch.compile on CUDA
+    gptq_backend: str = "auto"  # FINETUNE_GPTQ_BACKEND: auto (Triton on CUDA when importable), triton, torch
+    gptq_gemv: bool = True      # FINETUNE_GPTQ_GEMV: decoding through the fused Int4 GEMV
+    gptq_int4pack: bool = True  # FINETUNE_GPTQ_INT4PACK: 1-4 row bf16 decoding through aten's int4 kernel
+    gptq_mma: bool = True       # FINETUNE_GPTQ_MMA: 1-64 row bf16 decoding on tensor cores (mma_gemv.py, mma_gemm.py)
+    gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
+    static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
+    fused_decode: bool = True   # FINETUNE_FUSED_DECODE: the engine's decode step through fused Triton kernels on CUDA
+    # FINETUNE_GPTQ_LORA_EPILOGUE: the engine's unmerged LoRA added in the tensor-core GEMV's epilogue (H200, one row,
+    # r=64: +11.7% against the separate kernels; benchmarks/NOTES.md step 19)
+    gptq_lora_epilogue: bool = True
+    # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
+    # reads its own keys only) where fused_decode.use_own_keys picks it; 0: always SDPA over the step's length bucket
+    decode_attention: bool = True
+
+
+ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}
+_CHOICES = {"gptq_backend": ("auto", "triton", "torch")}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def from_environ(environ=os.environ) -> Settings:
+    values = {}
+    for field in dataclasses.fields(Settings):
+        raw = environ.get(ENV[field.name])
+        if raw is None or raw == "":
+            continue
+        value = raw.strip().lower()
+        if field.name in _CHOICES:
+            if value not in _CHOICES[field.name]:
+                raise SettingsError(f"{ENV[field.name]}={raw!r}: expected one of {', '.join(_CHOICES[field.name])}")
+            values[field.name] = value
+        elif value in _TRUE or value in _FALSE:
+            values[field.name] = value in _TRUE
+        else:
+            raise SettingsError(f"{ENV[field.name]}={raw!r}: expected 1 or 0")
+    return Settings(**values)
+
+
+_current: Settings | None = None
+
+
+def settings() -> Settings:
+    """The process's settings (read from the environment on first use)."""
+    global _current
+    if _current is None:
+        _current = from_environ()
+    return _current
+
+
+@contextlib.contextmanager
+def override(**changes):
+    """Settings changed for the duration of a `with` block (tests, benchmarks' A/B runs)."""
+    global _current
+    saved = settings()
+    _current = dataclasses.replace(saved, **changes)
+    try:
+        yield _current
+    finally:
+        _current = saved
+
+
+def as_dict() -> dict:
+    return dataclasses.asdict(settings())

@@ -1,0 +1,385 @@
+"""Qwen's tiktoken tokenizer, as a transformers tokenizer.
+
+Message text is always encoded as plain text: a literal "<|im_end|>" inside user data becomes ordinary
+BPE tokens, never the control token, so data cannot forge chat turns. Control tokens enter a sequence only
+through the code that builds the ChatML layout, by id (`im_start_id`, `im_end_id`).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import threading
+import unicodedata
+from functools import lru_cache
+from pathlib import Path
+
+import tiktoken
+from transformers import PreTrainedTokenizer
+
+from .errors import ModelLoadError
+
+VOCAB_FILE = "qwen.tiktoken"
+# A small BPE vocabulary in the same format, learned by finetune/bpe.py from text the project owns
+# (1840 ranks, so its specials are 1840.. and a model over it has vocab_size 2048). Tests and the demo use it.
+SMALL_VOCAB = Path(__file__).parent / "assets" / "qwen_small.tiktoken"
+PAT_STR = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+ENDOFTEXT = "<|endoftext|>"
+IMSTART = "<|im_start|>"
+IMEND = "<|im_end|>"
+EXTRAS = tuple(f"<|extra_{i}|>" for i in range(205))
+# Specials follow the BPE ranks in this order: 151643.. for the real vocabulary.
+SPECIAL_TOKENS = (ENDOFTEXT, IMSTART, IMEND) + EXTRAS
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+# qwen.tiktoken of every Qwen v1 release: 151,643 ranks, so <|endoftext|> is 151643 (DESIGN.md).
+QWEN_V1_RANKS = 151643
+
+# Renders exactly the token layout of the official `make_context` (chatml): the system block first (the
+# default system prompt when the conversation has none), then "\n" before every turn, and, with
+# add_generation_prompt, "\n<|im_start|>assistant\n".
+CHAT_TEMPLATE = (
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set system = messages[0]['content'] -%}{%- set turns = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set system = '" + DEFAULT_SYSTEM + "' -%}{%- set turns = messages -%}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + system + '<|im_end|>' -}}"
+    "{%- for m in turns -%}"
+    "{{- '\\n<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '\\n<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+
+
+class TokenizerError(ModelLoadError):
+    """A model dir without a usable vocabulary file, or one that does not fit the model."""
+
+
+# apply_chat_template(tokenize=True) renders the template to one string and tokenizes it. To give control tokens
+# to the template's own "<|im_start|>"/"<|im_end|>" while message text stays text, every message content is
+# wrapped in private-use markers before rendering (the markers inside the content escaped), and the rendered
+# string is tokenized in "template mode" (per thread, only inside apply_chat_template): text outside the markers
+# is the template's and its control tokens count; each marked span is encoded as plain text on its own, which is
+# also how make_context encodes each piece.
+_SPAN_START, _SPAN_END, _ESC = "\ue000", "\ue001", "\ue002"
+_ESCAPES = {_ESC: _ESC + _ESC, _SPAN_START: _ESC + "0", _SPAN_END: _ESC + "1"}
+_UNESCAPE = re.compile(re.escape(_ESC) + "(.)", re.S)
+_SPECIALS_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+
+def _mark_span(text: str) -> str:
+    return _SPAN_START + "".join(_ESCAPES.get(c, c) for c in text) + _SPAN_END
+
+
+def _unmark_span(text: str) -> str:
+    return _UNESCAPE.sub(lambda m: {_ESC: _ESC, "0": _SPAN_START, "1": _SPAN_END}[m.group(1)], text)
+
+
+def _mark_contents(conversation):
+    """A copy of the messages with each string content marked; roles must be plain role names."""
+    marked = []
+    for m in conversation:
+        if not isinstance(m, dict):
+            return conversation  # message objects: left to transformers' normalisation, then refused below
+        role = m.get("role")
+        if isinstance(role, str) and (_SPECIALS_RE.search(role) or any(c in role for c in _ESCAPES)):
+            raise ValueError(f"chat message role {role!r} contains a control token; roles are plain names "
+                             f"(system, user, assistant)")
+        m = dict(m)
+        if isinstance(m.get("content"), str):
+            m["content"] = _mark_span(m["content"])
+        marked.append(m)
+    return marked
+
+
+_template_mode = threading.local()
+
+
+@lru_cache(maxsize=8)
+def _load_ranks(path: str) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token)] = int(rank)
+            except ValueError as e:
+                raise TokenizerError(f"{path}: line {lineno} is not '<base64 token> <rank>': {e}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise TokenizerError(f"{path}: ranks are not a contiguous 0..{len(ranks) - 1} range")
+    return ranks
+
+
+def build_encoding(vocab_file: str | os.PathLike, name: str = "qwen") -> tiktoken.Encoding:
+    """The tiktoken Encoding for a `.tiktoken` file, with Qwen's specials appended after the ranks."""
+    ranks = _load_ranks(str(Path(vocab_file).resolve()))
+    specials = {tok: len(ranks) + i for i, tok in enumerate(SPECIAL_TOKENS)}
+    return tiktoken.Encoding(name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=specials)
+
+
+def resolve_vocab_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if p.is_dir():
+        p = p / VOCAB_FILE
+    if not p.is_file():
+        where = Path(path)
+        raise TokenizerError(
+            f"no Qwen vocabulary at {where}: expected the file {VOCAB_FILE} "
+            f"{'in that directory' if where.is_dir() else '(the directory does not exist)' if not where.exists() else ''}; "
+            "every Qwen model dir ships it (copy it from the original model dir)"
+        )
+    return p
+
+
+class QWenTokenizer(PreTrainedTokenizer):
+    """Qwen v1 tokenizer on tiktoken (reads `qwen.tiktoken`)."""
+
+    vocab_files_names = {"vocab_file": VOCAB_FILE}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file: str, errors: str = "replace", **kwargs):
+        self.vocab_file = str(vocab_file)
+        self.errors = errors
+        self.encoding = build_encoding(resolve_vocab_file(vocab_file))
+        self.mergeable_ranks = self.encoding._mergeable_ranks
+        self.special_tokens = dict(self.encoding._special_tokens)
+        self.decoder: dict[int, bytes | str] = {v: k for k, v in self.mergeable_ranks.items()}
+        self.decoder.update({v: k for k, v in self.special_tokens.items()})
+        self.eod_id = self.special_tokens[ENDOFTEXT]
+        self.im_start_id = self.special_tokens[IMSTART]
+        self.im_end_id = self.special_tokens[IMEND]
+        kwargs.setdefault("eos_token", ENDOFTEXT)
+        kwargs.setdefault("pad_token", ENDOFTEXT)
+        kwargs.setdefault("chat_template", CHAT_TEMPLATE)
+        kwargs.setdefault("padding_side", "right")
+        # Specials live in the tiktoken encoding, not in HF's trie; the ids a saved tokenizer_config.json
+        # recorded must still be the ones this vocabulary gives (a truncated qwen.tiktoken shifts them).
+        recorded = kwargs.pop("added_tokens_decoder", None) or {}
+        for token_id, token in recorded.items():
+            _check_special_id(self, str(getattr(token, "content", token)), int(token_id),
+                              "tokenizer_config.json saved with it")
+        super().__init__(errors=errors, **kwargs)
+
+    # -- the project's own interface ----------------------------------------------------------------
+    def encode(self, text, text_pair=None, **kwargs) -> list[int]:  # type: ignore[override]
+        """Plain-text encoding: NFC, then BPE; every character is text, control tokens never appear."""
+        if isinstance(text, str) and text_pair is None:
+            return self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))
+        return super().encode(text, text_pair=text_pair, **kwargs)
+
+    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:  # type: ignore[override]
+        """Never raises on partial UTF-8: broken byte sequences become U+FFFD."""
+        if hasattr(token_ids, "tolist"):
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        if token_ids and isinstance(token_ids[0], list):
+            raise TypeError("decode takes one sequence of ids; use batch_decode for several")
+        # Ids past the vocabulary (a model's padding rows) and, if asked, specials decode to nothing.
+        limit = self.eod_id if skip_special_tokens else self.encoding.n_vocab
+        token_ids = [i for i in token_ids if 0 <= i < limit]
+        return self.encoding.decode(list(token_ids), errors=self.errors)
+
+    # -- what PreTrainedTokenizer needs ---------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    def __len__(self) -> int:
+        return self.encoding.n_vocab
+
+    def get_vocab(self) -> dict[bytes | str, int]:
+        vocab: dict[bytes | str, int] = dict(self.mergeable_ranks)
+        vocab.update(self.special_tokens)
+        return vocab
+
+    def tokenize(self, text: str, **kwargs) -> list[bytes | str]:  # type: ignore[override]
+        # Every character is text (no added-token splitting): see the module docstring. The one exception is
+        # a chat template's own output, inside apply_chat_template on this thread.
+        if getattr(_template_mode, "on", False):
+            return self._template_tokens(text)
+        return self._plain_tokens(text)
+
+    def _plain_tokens(self, text: str) -> list[bytes]:
+        return [self.decoder[i] for i in self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))]
+
+    def _template_tokens(self, text: str) -> list[bytes | str]:
+        """Tokens of a rendered chat template whose message contents were marked (see _mark_span)."""
+        tokens: list[bytes | str] = []
+        pos = 0
+        while pos <= len(text):
+            start = text.find(_SPAN_START, pos)
+            literal = text[pos:] if start < 0 else text[pos:start]
+            if _SPAN_END in literal or _ESC in literal:
+                raise ValueError("the chat template cut a message's text apart (it must insert message contents "
+                                 "whole); cannot tokenize its output safely")
+            for i, piece in enumerate(_SPECIALS_RE.split(literal)):
+                if i % 2:
+                    tokens.append(piece)  # the template's own control token
+                elif piece:
+                    tokens += self._plain_tokens(piece)
+            if start < 0:
+                break
+            end = text.find(_SPAN_END, start + 1)
+            if end < 0:
+                raise ValueError("the chat template cut a message's text apart (it must insert message contents "
+                                 "whole); cannot tokenize its output safely")
+            tokens += self._plain_tokens(_unmark_span(text[start + 1:end]))
+            pos = end + 1
+        return tokens
+
+    def apply_chat_template(self, conversation, *args, tokenize: bool = True, **kwargs):
+        """transformers' apply_chat_template; with tokenize=True the template's control tokens are control
+        tokens and message text is plain text, so the ids equal make_context's for the same chat."""
+        if not tokenize:
+            return super().apply_chat_template(conversation, *args, tokenize=False, **kwargs)
+        if kwargs.get("return_assistant_tokens_mask"):
+            raise ValueError("return_assistant_tokens_mask is not supported by the Qwen tokenizer (it needs a fast "
+                             "tokenizer's offsets); use finetune.data.encode_conversation for training labels")
+        kwargs.pop("sanitize_control_tokens", None)  # always the case here
+        if conversation and isinstance(conversation[0], (list, tuple)):
+            marked = [_mark_contents(c) for c in conversation]
+        else:
+            marked = _mark_contents(conversation)
+        _template_mode.on = True
+        try:
+            return super().apply_chat_template(marked, *args, tokenize=True, **kwargs)
+        finally:
+            _template_mode.on = False
+
+    def _tokenize(self, text: str, **kwargs) -> list[bytes]:
+        return self.tokenize(text)
+
+    def convert_tokens_to_ids(self, tokens):  # type: ignore[override]
+        if isinstance(tokens, (bytes, str)):
+            return self._convert_token_to_id(tokens)
+        return [self._convert_token_to_id(t) for t in tokens]
+
+    def _convert_token_to_id(self, token: bytes | str) -> int:
+        if isinstance(token, str) and token in self.special_tokens:
+            return self.special_tokens[token]
+        if isinstance(token, str):
+            token = token.encode("utf-8")
+        if token in self.mergeable_ranks:
+            return self.mergeable_ranks[token]
+        raise ValueError(f"unknown token {token!r}")
+
+    def _convert_id_to_token(self, index: int) -> bytes | str:
+        if index in self.decoder:
+            return self.decoder[index]
+        raise ValueError(f"token id {index} is outside the vocabulary (size {self.vocab_size})")
+
+    def convert_tokens_to_string(self, tokens) -> str:
+        out, buf = [], b""
+        for t in tokens:
+            if isinstance(t, str):
+                if buf:
+                    out.append(buf.decode("utf-8", errors=self.errors))
+                    buf = b""
+                out.append(t)
+            else:
+                buf += t
+        if buf:
+            out.append(buf.decode("utf-8", errors=self.errors))
+        return "".join(out)
+
+    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        return self.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        # Qwen adds no BOS/EOS around encoded text.
+        return list(token_ids_0) + (list(token_ids_1) if token_ids_1 else [])
+
+    def num_special_tokens_to_add(self, pair: bool = False) -> int:
+        return 0
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE
+        dst = os.path.join(save_directory, name)
+        if os.path.abspath(dst) != os.path.abspath(self.vocab_file):
+            shutil.copyfile(self.vocab_file, dst)
+        return (dst,)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        # The official remote code expects the auto_map-free tokenizer class name; record ours so
+        # AutoTokenizer finds it after `import finetune`, and keep the tokenizer config readable.
+        cfg_path = Path(save_directory) / "tokenizer_config.json"
+        if cfg_path.exists():
+            cfg = json.loads(cfg_path.read_text())
+            cfg["tokenizer_class"] = "QWenTokenizer"
+            cfg.pop("auto_map", None)
+            # transformers 5 writes the template to chat_template.jinja; older tools (vLLM, TRL, lm-eval
+            # on transformers 4) read it from here.
+            cfg.setdefault("chat_template", self.chat_template)
+            cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+        return files
+
+
+def _check_special_id(tok: QWenTokenizer, token: str, expected: int, source: str) -> None:
+    got = tok.special_tokens.get(token)
+    if got is not None and got != expected:
+        raise TokenizerError(
+            f"{tok.vocab_file}: {token} gets id {got} from this vocabulary ({len(tok.mergeable_ranks)} ranks), but "
+            f"the model expects {expected} ({source}): the file is truncated or not this model's vocabulary (copy "
+            f"{VOCAB_FILE} from the original model dir)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # unreadable side files are the model loader's to report
+    return data if isinstance(data, dict) else {}
+
+
+def check_tokenizer_fits(tok: QWenTokenizer, model_dir: str | os.PathLike) -> None:
+    """Raise TokenizerError (naming the vocabulary file) unless the tokenizer's ids fit the model in model_dir:
+    every id below config.json's vocab_size, and <|endoftext|> (and any special the dir's tokenizer_config.json
+    records) at the id the model was trained with. Reads only small JSON files: run it before loading weights."""
+    model_dir = Path(model_dir)
+    cfg = _read_json(model_dir / "config.json")
+    vocab_size = cfg.get("vocab_size")
+    if isinstance(vocab_size, int) and len(tok) > vocab_size:
+        raise TokenizerError(
+            f"{tok.vocab_file}: {len(tok.mergeable_ranks)} ranks + {len(SPECIAL_TOKENS)} special tokens = {len(tok)} "
+            f"ids, more than the model's vocab_size {vocab_size} ({model_dir / 'config.json'}): this vocabulary is "
+            f"not the model's (copy {VOCAB_FILE} from the original model dir)")
+    checked = False
+    gen = _read_json(model_dir / "generation_config.json")
+    for key in ("eos_token_id", "pad_token_id"):
+        if isinstance(gen.get(key), int):
+            _check_special_id(tok, ENDOFTEXT, gen[key], f"{key} in {model_dir / 'generation_config.json'}")
+            checked = True
+    recorded = _read_json(model_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
+    for token_id, token in recorded.items():
+        if isinstance(token, dict) and str(token_id).isdigit():
+            _check_special_id(tok, str(token.get("content")), int(token_id),
+                              f"added_tokens_decoder in {model_dir / 'tokenizer_config.json'}")
+            checked = checked or token.get("content") == ENDOFTEXT
+    if not checked and isinstance(vocab_size, int) and vocab_size >= QWEN_V1_RANKS + len(SPECIAL_TOKENS):
+        # A full-size Qwen v1 model with nothing else recorded: its vocabulary is the release's.
+        _check_special_id(tok, ENDOFTEXT, QWEN_V1_RANKS,
+                          f"every Qwen v1 model of vocab_size {vocab_size} uses the {QWEN_V1_RANKS}-rank vocabulary")
+
+
+def load_tokenizer(model_dir: str | os.PathLike, check_against: str | os.PathLike | None = None) -> QWenTokenizer:
+    """The tokenizer of a model dir (or of an adapter dir that carries the vocabulary), checked against the model
+    (``check_against``, default the dir itself when it is a model dir) before any weights are loaded."""
+    from .hub import resolve_model_dir
+
+    path = resolve_model_dir(model_dir)
+    tok = QWenTokenizer(str(resolve_vocab_file(path)))
+    model = Path(check_against) if check_against is not None else path
+    if (model / "config.json").is_file():
+        check_tokenizer_fits(tok, model)
+    return tok

@@ -1,0 +1,402 @@
+"""Fine-tune a Qwen chat model: LoRA, Q-LoRA (Int4 base) or full, on one GPU, several (DeepSpeed) or CPU.
+
+`qwen-ft train ...` and `python -m finetune.train ...` run `main`. The path, top to bottom:
+parse the arguments -> check everything that can be checked before loading anything -> claim the output dir
+(lock, console log) -> tokenizer -> data (validated, encoded, summarised) -> model -> adapters -> Trainer ->
+train -> evaluate (with an eval set) -> save -> loss curve and model card.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shlex
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import transformers
+
+from .data import DataError, TooLongError, build_dataset
+from .settings import as_dict as settings_dict
+from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
+                                 resolve_sampling)
+from .training import precision as precision_policy
+from .training.checks import FINISHED_MARKER, TrainConfigError, last_complete_checkpoint, preflight
+from .training.console import quiet_third_party_notices
+from .training.lora import attach_lora
+from .training.model_card import write_model_card
+from .training.plots import LossCurveCallback, plot_loss_curve
+from .training.run_dir import claim_output_dir
+from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
+
+logger = logging.getLogger(__name__)
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
+          args: TrainingArguments, argv: list[str] | None = None):
+    """Run one training job; returns the finished Trainer. `argv` is the command line, for the records."""
+    resolve_sampling(data_args, args)
+    plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if args.process_index != 0:  # rank 0 owns the output dir
+        return _train(plan, model_args, data_args, lora_args, args, argv)
+    with claim_output_dir(args, plan.identity):
+        _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan, argv)
+        try:
+            return _train(plan, model_args, data_args, lora_args, args, argv)
+        except KeyboardInterrupt:
+            print(_interrupted(args), file=sys.stderr, flush=True)
+            raise
+
+
+def _train(plan, model_args, data_args, lora_args, args, argv):
+    precision = precision_policy.decide(args, plan)
+    precision_policy.apply(args, precision)
+
+    from .tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(plan.model_dir)
+    try:
+        train_set, summary, eval_set, eval_summary = _datasets(tokenizer, data_args, args)
+    except TooLongError as e:
+        raise TrainConfigError(f"{e}; raise --model_max_length (now {data_args.model_max_length})"
+                               + ("" if data_args.skip_invalid else ", or pass --skip_invalid True to skip and "
+                                  "count such records")) from None
+    if summary.trained_tokens == 0:
+        raise TrainConfigError(
+            f"--model_max_length {data_args.model_max_length} leaves no assistant reply to train on "
+            f"(the longest kept row is {summary.max} tokens); raise it")
+    batches = batch_plan(summary, data_args, args)
+    if args.process_index == 0:
+        print(summary.format(), flush=True)
+        print(batches["text"], flush=True)
+        if eval_set is not None:
+            print("eval " + eval_summary.format(), flush=True)
+        _warn_past_seq_length(train_set, summary, data_args, plan)
+
+    from .loading import load_model
+
+    transformers.set_seed(args.seed)  # adapters are initialised before the Trainer would seed
+    if plan.zero_stage == 3:
+        # transformers loads under deepspeed.zero.Init (each process keeps only its shard); that needs
+        # DeepSpeed's communication up before the model is built.
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if plan.device.startswith("cuda") else "gloo")
+    with _out_of_memory("while loading the model", plan, data_args, args, args.gradient_checkpointing):
+        model = load_model(plan.model_dir, dtype=precision.load_dtype, device=plan.device)
+    model.config.use_cache = False
+    _state_special_tokens(model, tokenizer)
+    if plan.mode == "full":
+        model.requires_grad_(True)
+    else:
+        model = attach_lora(model, lora_args, plan, verbose=args.process_index == 0)
+    checkpointing = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
+    if checkpointing:
+        # with the kwargs PEFT needs, under the name this transformers has (activation_* from 5.2x on); the
+        # Trainer must not redo it
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for name in ("activation_checkpointing", "gradient_checkpointing"):
+            if hasattr(args, name):
+                setattr(args, name, False)
+
+    graphs = _cuda_graphs(model, data_args, args, plan)
+
+    trainer = QwenTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=make_collator(tokenizer, data_args, for_graphs=graphs is not None),
+        processing_class=tokenizer, precision=precision, plan=plan, graphs=graphs,
+        callbacks=[LossCurveCallback()],
+    )
+    if graphs is not None:
+        with _out_of_memory("while capturing the training step's CUDA graphs", plan, data_args, args,
+                            checkpointing):
+            _capture_steps(trainer, train_set, data_args, args, tokenizer)
+    if plan.resume_from and args.process_index == 0:
+        step = json.loads(Path(plan.resume_from, "trainer_state.json").read_text())["global_step"]
+        print(f"resuming from {plan.resume_from} (step {step})", flush=True)
+    with _out_of_memory(lambda: f"in optimizer step {trainer.state.global_step + 1}", plan, data_args, args,
+                        checkpointing):
+        trainer.train(resume_from_checkpoint=plan.resume_from)
+    graph_stats = trainer.release_graphs()
+    speed = trainer.meter.summary(trainer.accelerator)
+    eval_metrics = trainer.evaluate() if eval_set is not None else None  # at the end, whatever --eval_strategy
+    trainer.save_state()
+    trainer.save_model(args.output_dir)
+    info = run_info(trainer, graph_stats)
+    info["throughput"] = speed
+    info["batches"] = {k: v for k, v in batches.items() if k != "text"}
+    info["eval_loss"] = eval_metrics["eval_loss"] if eval_metrics else None
+    if args.process_index == 0:
+        if trainer.skipped_steps:
+            logger.warning("%d optimizer step(s) skipped for a non-finite loss (--on_nonfinite_loss skip)",
+                           trainer.skipped_steps)
+        if eval_metrics:
+            print(f"eval loss: {eval_metrics['eval_loss']:.4f} ({data_args.eval_data_path})", flush=True)
+            plot_loss_curve(trainer.state.log_history, os.path.join(args.output_dir, "loss_curve.png"))
+        tokenizer.save_pretrained(args.output_dir)
+        Path(args.output_dir, "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        write_model_card(args.output_dir, plan=plan, lora_args=lora_args, summary=summary,
+                         eval_summary=eval_summary, command=_command(argv), info=info,
+                         log_history=trainer.state.log_history)
+        _mark_finished(args.output_dir)
+        _print_next_steps(plan, args.output_dir)
+    return trainer
+
+
+@contextlib.contextmanager
+def _out_of_memory(where, plan, data_args, args, checkpointing: bool):
+    """A device out-of-memory error inside becomes one line (TrainConfigError) saying where, what the device
+    held and which flags lower the need; ``where``: a text, or a function giving it when the error comes."""
+    import torch
+
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        from .training.memory import out_of_memory
+
+        text = where() if callable(where) else where
+        raise TrainConfigError(out_of_memory(text, plan.device, data_args, args, checkpointing)) from None
+
+
+def batch_plan(summary, data_args, args) -> dict:
+    """What an optimizer step holds and how many an epoch has, as the Trainer will batch the rows (a packed
+    row holds several conversations, so packed runs take fewer, larger steps). Printed before training and
+    kept in run_info.json."""
+    import math
+
+    rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    rows = max(summary.rows, 1)
+    batches_per_epoch = math.ceil(rows / (args.per_device_train_batch_size * args.world_size))
+    steps_per_epoch = max(math.ceil(batches_per_epoch / args.gradient_accumulation_steps), 1)
+    per_row = summary.records_used / rows
+    conversations_per_step = min(rows_per_step, rows) * per_row
+    total = args.max_steps if args.max_steps and args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
+    text = (f"batches: an optimizer step holds {rows_per_step} rows ({args.per_device_train_batch_size} a device x "
+            f"{args.gradient_accumulation_steps} accumulated x {args.world_size} process"
+            f"{'es' if args.world_size > 1 else ''})")
+    if data_args.packing:
+        text += (f", about {conversations_per_step:,.0f} conversations (packed: {per_row:.1f} a row; --packing False "
+                 "for one a row, as the official recipe)")
+    elif args.train_sampling_strategy == "group_by_length":
+        text += " of similar length (--train_sampling_strategy random for the official order)"
+    text += f"; {steps_per_epoch:,} optimizer steps an epoch, {total:,} in this run"
+    text += " (--max_steps)" if args.max_steps and args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"
+    return {"rows_per_step": rows_per_step, "conversations_per_step": round(conversations_per_step, 1),
+            "conversations_per_row": round(per_row, 2), "steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "packing": bool(data_args.packing), "text": text}
+
+
+def _warn_past_seq_length(train_set, summary, data_args, plan) -> None:
+    """One warning when conversations are longer than the context the model was trained on (config.json's
+    seq_length): positions past it are new to the model."""
+    limit = plan.seq_length
+    if not limit or data_args.model_max_length <= limit or summary.max <= limit:
+        return
+    import pyarrow.compute as pc
+
+    table = train_set.data.table if hasattr(train_set.data, "table") else train_set.data
+    if "position_ids" in train_set.column_names:  # packed: a conversation past the limit has position `limit`
+        n = pc.sum(pc.equal(pc.list_flatten(table.column("position_ids")), limit)).as_py() or 0
+    else:
+        n = pc.sum(pc.greater(table.column("length"), limit)).as_py() or 0
+    logger.warning("%d conversation(s) are longer than the model's seq_length %d (%s; the longest is %d tokens): "
+                   "the model was not trained on positions past it; --model_max_length %d truncates them",
+                   n, limit, Path(plan.model_dir, "config.json"), summary.max, limit)
+
+
+def _command(argv: list[str]) -> str:
+    return "python -m finetune.train " + shlex.join(argv)
+
+
+def _interrupted(args) -> str:
+    """What an interrupted run tells the user: where its last checkpoint is and how to continue from it."""
+    last = last_complete_checkpoint(args.output_dir)
+    if last is None:
+        return (f"interrupted: no checkpoint was written in {args.output_dir} yet (--save_strategy "
+                f"{args.save_strategy}); run the command again to start over")
+    step = json.loads(Path(last, "trainer_state.json").read_text())["global_step"]
+    how = "the same command with --resume True" + (" instead of --overwrite_output_dir"
+                                                   if args.overwrite_output_dir else "")
+    return f"interrupted: the last complete checkpoint is {last} (step {step}); continue with {how}"
+
+
+def _state_special_tokens(model, tokenizer) -> None:
+    """The tokenizer's special tokens (<|endoftext|> as eos and pad) in the model config, as the generation
+    config has them: Qwen's config.json does not declare them, and the Trainer would otherwise set them itself
+    with a console notice."""
+    for name in ("eos_token_id", "pad_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None and getattr(model.config, name, None) is None:
+            setattr(model.config, name, tid)
+
+
+def _cuda_graphs(model, data_args, args, plan):
+    """The TrainGraphs the trainer runs its steps through (finetune/training/graphs.py), or None. --cuda_graphs
+    unset: one CUDA process, alone or under ZeRO-1/2; True: also several processes (their gradient hooks, like
+    DeepSpeed's, get the replayed gradients through autograd). Says why when graphs are not used."""
+    if args.cuda_graphs is False or not plan.device.startswith("cuda"):
+        return None
+    from .training.graphs import enable_train_graphs, graphs_unavailable
+
+    several = args.world_size > 1
+    if several and args.cuda_graphs is None:
+        why = "several processes (graphs have not yet run on more than one GPU; --cuda_graphs True turns them on)"
+    elif plan.zero_stage == 3:
+        why = "ZeRO-3 gathers each layer's weights in module hooks, which a replayed step would skip"
+    else:
+        why = graphs_unavailable(model, several_processes=several)
+    if why is not None:
+        if args.process_index == 0:
+            logger.info("CUDA graphs off: %s", why)
+        return None
+    hooked = plan.zero_stage is not None or several
+    logger.info("CUDA graphs on: each step shape (%s) is captured %s, then replayed",
+                "rows padded to --model_max_length" if data_args.packing else "rows padded to a multiple of 128",
+                "after 2 eager steps" if hooked else "before training")
+    return enable_train_graphs(model, hooked_grads=hooked)
+
+
+def _capture_steps(trainer, train_set, data_args, args, tokenizer) -> None:
+    """Capture the CUDA graphs of the step shapes the data gives before the first step, so the run replays from
+    its first step in whatever order the shapes come (one GPU without DeepSpeed; otherwise each shape is captured
+    when it first comes, after its eager warm-up steps)."""
+    from .training.trainer import graph_step_shapes
+
+    shapes = graph_step_shapes(train_set["length"], data_args, args.per_device_train_batch_size)
+    if shapes and args.process_index == 0 and not trainer.graphs.hooked_grads:  # hooked: captured as they come
+        n = min(len(shapes), trainer.graphs.max_captures)
+        print(f"CUDA graphs: capturing {n} step shape(s) before training (two warm-up steps and a capture each)",
+              flush=True)
+    done = trainer.capture_graphs(shapes, tokenizer.eod_id)
+    if done and args.process_index == 0:
+        lengths = sorted(T for _, T in done)
+        span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
+        print(f"CUDA graphs: {len(done)} step shape(s) captured before training ({done[0][0]} rows of {span} "
+              f"tokens) in {trainer.graphs.prepare_s:.1f} s", flush=True)
+        if len(done) < len(shapes) and not trainer.graphs.failure:
+            print(f"CUDA graphs: {len(shapes) - len(done)} rarer shape(s) past the {len(done)} captured run eagerly",
+                  flush=True)
+
+
+def _datasets(tokenizer, data_args, args):
+    """Train (and eval) datasets, built once on the main process and read from its cache by the others."""
+    kw = dict(packing=data_args.packing, train_on_prompt=data_args.train_on_prompt,
+              skip_invalid=data_args.skip_invalid, num_proc=data_args.preprocessing_num_workers,
+              progress=not args.disable_tqdm)
+    with args.main_process_first(desc="tokenizing"):
+        train_set, summary = build_dataset(tokenizer, data_args.data_path, data_args.model_max_length,
+                                           verbose=args.process_index == 0, **kw)
+        eval_set = eval_summary = None
+        if data_args.eval_data_path:
+            eval_set, eval_summary = build_dataset(tokenizer, data_args.eval_data_path,
+                                                   data_args.model_max_length, verbose=False, **kw)
+    return train_set, summary, eval_set, eval_summary
+
+
+def run_info(trainer, graphs: dict | None = None) -> dict:
+    """What actually ran: processes, DeepSpeed's ZeRO stage, CUDA graphs (captures, replayed and eager steps;
+    None when off), optimizer steps skipped for a non-finite loss, the optimizer (its class, fused or not, how
+    the non-finite guard kept steps from it), and the dtypes of each kind of tensor as the
+    (possibly DeepSpeed-wrapped) model holds them after training."""
+    engine = trainer.model_wrapped
+    stage = engine.zero_optimization_stage() if hasattr(engine, "zero_optimization_stage") else None
+    module = getattr(engine, "module", engine)
+    dtypes: dict[str, set] = {}
+    for name, p in module.named_parameters():
+        kind = "trainable" if p.requires_grad else "frozen"
+        dtypes.setdefault(kind, set()).add(str(p.dtype).removeprefix("torch."))
+    for name, b in module.named_buffers():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in ("qweight", "qzeros", "scales", "g_idx"):
+            dtypes.setdefault(f"gptq.{leaf}", set()).add(str(b.dtype).removeprefix("torch."))
+    return {
+        "world_size": trainer.args.world_size, "deepspeed": stage is not None, "zero_stage": stage,
+        "compute_dtype": str(trainer.precision.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
+        "precision": trainer.precision.record(),
+        "global_step": trainer.state.global_step, "cuda_graphs": graphs, "settings": settings_dict(),
+        "nonfinite_skipped_steps": trainer.skipped_steps, "optimizer": trainer.optimizer_record(),
+        "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
+    }
+
+
+def _write_run_args(output_dir, model_args, data_args, lora_args, args, plan, argv):
+    """Written when the run takes the dir: it marks the dir as holding a run of this project."""
+    os.makedirs(output_dir, exist_ok=True)
+    record = {
+        "model": asdict(model_args), "data": asdict(data_args), "lora": asdict(lora_args),
+        "training": json.loads(args.to_json_string()), "mode": plan.mode, "model_dir": str(plan.model_dir),
+        "argv": argv,
+    }
+    Path(output_dir, "run_args.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _mark_finished(output_dir):
+    Path(output_dir, FINISHED_MARKER).write_text(json.dumps({"finished": True}) + "\n")
+
+
+def _print_next_steps(plan, output_dir):
+    import shlex
+
+    print(f"\nDone. The {'adapter' if plan.mode != 'full' else 'model'} is in {output_dir}", flush=True)
+    if plan.mode == "full":
+        cmd = ["qwen-ft", "chat", "-m", str(output_dir)]
+    else:
+        cmd = ["qwen-ft", "chat", "-m", str(plan.model_dir), "--adapter", str(output_dir)]
+    print(f"Chat with it:  {shlex.join(cmd)}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    quiet_third_party_notices()
+    try:
+        argv = list(sys.argv[1:] if argv is None else argv)
+        try:
+            model_args, data_args, lora_args, args = parse_args(argv)
+        except ValueError as e:  # transformers' own checks of its flags (TrainingArguments.__post_init__)
+            raise TrainConfigError(" ".join(str(e).split())) from None
+        train(model_args, data_args, lora_args, args, argv=argv)
+    except (TrainConfigError, DataError, NonFiniteLossError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:  # rank 0 has said where the last checkpoint is
+        return 130
+    _end_distributed()  # after success only: a failing rank must exit, not wait for the others
+    return 0
+
+
+def _end_distributed() -> None:
+    # Leave the process group together: a rank that exits while another still holds it open (DeepSpeed's
+    # CPU shared-memory communication threads, gloo) can abort at interpreter shutdown.
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+
+
+def _exit_worker_rank(code: int) -> None:
+    """A non-zero rank of a multi-process launch that finished cleanly leaves without interpreter teardown:
+    after the process group is gone, C++ threads of the communication backends (gloo, DeepSpeed's CPU
+    shared-memory ops) can still abort the process in their destructors ("terminate called without an active
+    exception", seen in 2-process CPU runs after training had finished and everything was written). Rank 0,
+    which writes the outputs and the reports, exits normally."""
+    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(0)
+
+
+if __name__ == "__main__":
+    _code = main()
+    _exit_worker_rank(_code)
+    sys.exit(_code)

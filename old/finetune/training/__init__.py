@@ -1,0 +1,1 @@
+"""Components that finetune/train.py assembles: arguments, checks, adapters, the Trainer, plots."""

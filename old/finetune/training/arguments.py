@@ -1,0 +1,238 @@
+"""Command-line arguments: transformers' TrainingArguments plus model, data and LoRA arguments.
+
+The official Qwen finetune.py command lines run unchanged: its flags keep their names and meanings, and the
+flags transformers 5 renamed or removed are translated (`--evaluation_strategy`, `--warmup_ratio`,
+`--gradient_checkpointing`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import transformers
+from transformers import HfArgumentParser
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Model dir (bf16/fp16 or GPTQ Int4/Int8) or hub id"})
+
+
+@dataclass
+class DataArguments:
+    data_path: str | None = field(default=None, metadata={"help": "Training data: JSON, JSONL or a datasets dir"})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Held-out data for evaluation"})
+    model_max_length: int = field(default=8192, metadata={"help": "Longest row in tokens (turn-aware truncation)"})
+    packing: bool = field(
+        default=True, metadata={"help": "Pack several conversations into each row of --model_max_length tokens, "
+                                        "attention kept within each (default): fewer, fuller steps, and every "
+                                        "step one shape for CUDA graphs. False: one conversation a row, padded, "
+                                        "as the official recipe"})
+    train_on_prompt: bool = field(default=False, metadata={"help": "Also train on system/user text"})
+    skip_invalid: bool = field(default=False, metadata={"help": "Count and skip invalid records instead of stopping"})
+    lazy_preprocess: bool = field(
+        default=False, metadata={"help": "Accepted for the official scripts; data is always encoded once and cached"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing"})
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (implied by --q_lora)"})
+    q_lora: bool = field(default=False, metadata={"help": "LoRA on a GPTQ Int4 base (implied by an Int4 dir)"})
+    lora_r: int = 64
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "w1", "w2"])
+    lora_weight_path: str = field(default="", metadata={"help": "Start from this adapter's weights"})
+    lora_bias: str = field(default="none", metadata={"help": "none, all or lora_only (as PEFT)"})
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Also train these in full, e.g. wte lm_head for a base (non-chat) model"})
+
+
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    cache_dir: str | None = field(default=None, metadata={"help": "Accepted for the official scripts"})
+    optim: str = field(
+        default="auto", metadata={"help": "auto: adamw_torch_fused on a CUDA GPU without --deepspeed (one kernel "
+                                          "for the whole update), adamw_torch otherwise; or any transformers "
+                                          "optimizer name"})
+    resume: bool = field(
+        default=False, metadata={"help": "Continue an unfinished run from the last complete checkpoint in "
+                                         "--output_dir (a finished run is not continued: start a new run from "
+                                         "its adapter with --lora_weight_path)"})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start over in --output_dir: the previous run's checkpoints are removed; "
+                                         "files that are not this project's are never removed"})
+    cuda_graphs: bool | None = field(
+        default=None,
+        metadata={"help": "Replay each training step as CUDA graphs (packed rows padded to --model_max_length so "
+                          "every step has one shape, unpacked ones to a multiple of 128). Default (unset): on for "
+                          "one GPU, alone or under DeepSpeed ZeRO-1/2, unless FINETUNE_CUDA_GRAPHS=0; off for "
+                          "several processes, where graphs have not yet run on GPUs (True turns them on there "
+                          "too); False: every step eager"})
+    train_sampling_strategy: str = field(
+        default="auto",
+        metadata={"help": "Order of the training rows. auto: random with --packing; with --packing False "
+                          "group_by_length, so that a batch holds chats of similar length and pads little "
+                          "(transformers' LengthGroupedSampler: random groups of 50 batches, sorted within each); "
+                          "or random (the official order), sequential, group_by_length, batch_rebalance as in "
+                          "transformers",
+                  "choices": ["auto", "random", "sequential", "group_by_length", "batch_rebalance"]})
+    on_nonfinite_loss: str = field(
+        default="stop", metadata={"help": "stop: end with an error naming the step; skip: do not apply that "
+                                          "optimizer step, count it (log and run_info.json); not with --deepspeed"})
+
+
+    def __post_init__(self):
+        if self.optim == "auto":
+            self.optim = default_optimizer(self.use_cpu, self.deepspeed)
+        own_accelerator_config = self.accelerator_config is not None
+        super().__post_init__()
+        if not own_accelerator_config and copies_to_a_gpu(self.use_cpu):
+            # batches go to the GPU from pinned memory without waiting: a blocking copy synchronizes the stream,
+            # so fetching each micro-batch would wait for every step already queued (accelerate's default). Not
+            # on the CPU: nothing to overlap, and transformers would print a notice about unpinned memory.
+            self.accelerator_config.non_blocking = True
+
+
+def resolve_sampling(data_args: DataArguments, args: TrainingArguments) -> None:
+    """--train_sampling_strategy auto: random for packed rows (all about one length), group_by_length for one chat
+    a row (padded to the longest in the batch: chats of like length waste little)."""
+    if args.train_sampling_strategy == "auto":
+        args.train_sampling_strategy = "random" if data_args.packing else "group_by_length"
+
+
+def copies_to_a_gpu(use_cpu: bool, cuda: bool | None = None) -> bool:
+    """Whether training batches are copied to a CUDA GPU (then without waiting)."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return cuda and not use_cpu
+
+
+def default_optimizer(use_cpu: bool, deepspeed, cuda: bool | None = None) -> str:
+    """--optim auto. Fused AdamW (torch's: one kernel for every parameter; it also skips a step flagged by the
+    non-finite guard on the GPU, training/nonfinite.py) where a CUDA GPU trains without DeepSpeed. Under
+    DeepSpeed its ZeRO optimizer steps one flat partition per group, so the plain AdamW costs the same there; a
+    config with its own optimizer block replaces it anyway. On the CPU: adamw_torch, as before."""
+    import torch
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    return "adamw_torch_fused" if cuda and not use_cpu and not deepspeed else "adamw_torch"
+
+
+# Names transformers 5 renamed, as the official scripts (and configs written for them) spell them: translated
+# here, so they run as they are without transformers' deprecation warnings; only where the installed
+# transformers has the new name (activation_checkpointing came after 5.17, the oldest version supported).
+_RENAMED = {old: new for old, new in {
+    "evaluation_strategy": "eval_strategy",
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}.items() if new in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}}
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def _warmup_ratio(v) -> str:
+    # transformers 5 reads a warmup_steps value below 1 as a ratio of the total steps.
+    if float(v) >= 1:
+        raise SystemExit("error: --warmup_ratio must be below 1 (it is a fraction of the steps)")
+    return str(v)
+
+
+def _translate_legacy(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name, eq, val = a.partition("=")
+        if name.startswith("--") and name[2:] in _RENAMED:
+            out.append("--" + _RENAMED[name[2:]] + (eq + val if eq else ""))
+        elif name == "--warmup_ratio":
+            v = val if eq else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not eq:
+                i += 1
+            out += ["--warmup_steps", _warmup_ratio(v)]
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
+def _config_values(path: str, parser: HfArgumentParser) -> dict:
+    """The trainer flags in a YAML or JSON file, as a dict, with legacy names translated; one clear error for a
+    file that cannot be read or holds names that are not flags."""
+    import yaml
+
+    from .checks import TrainConfigError
+
+    p = Path(path)
+    if not p.is_file():
+        raise TrainConfigError(f"config file {path}: no such file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise TrainConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
+    if p.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(f"config file {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") \
+                from None
+    else:
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
+            raise TrainConfigError(f"config file {path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}")
+    values = {_RENAMED.get(k, k): v for k, v in values.items()}
+    if "warmup_ratio" in values:
+        values["warmup_steps"] = float(_warmup_ratio(values.pop("warmup_ratio")))
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in values if k not in known)
+    if unknown:
+        raise TrainConfigError(f"config file {path}: not trainer flags: {', '.join(map(str, unknown))} "
+                               "(names as on the command line, without the leading --)")
+    # a value of the wrong type named with its file (argparse would name only the flag, after its usage text)
+    actions = {a.dest: a for a in parser._actions}
+    for key, value in values.items():
+        convert = actions[key].type
+        if callable(convert) and isinstance(value, str) and not actions[key].nargs:
+            try:
+                convert(value)
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+                raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a valid value "
+                                       f"({' '.join(str(e).split()) or type(e).__name__})") from None
+        elif convert in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float, str))):
+            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a number")
+        elif convert is int and isinstance(value, float):
+            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a whole number")
+    return values
+
+
+def parse_args(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from argv.
+
+    argv may start with a YAML or JSON file of flags (`qwen-ft train cfg.yaml`); flags after it override its
+    values (the training scripts pass their launch flags and -m/-d/-o that way)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    for action in parser._actions:
+        if action.dest == "cuda_graphs":  # unset by default (None), and like the other switches a bare flag is True
+            action.nargs, action.const = "?", True
+    if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
+        # as defaults: what follows on the command line wins, and string values are converted as flags are
+        parser.set_defaults(**_config_values(argv[0], parser))
+        argv = argv[1:]
+    return parser.parse_args_into_dataclasses(args=_translate_legacy(argv))

@@ -1,0 +1,481 @@
+"""Everything that can be checked before a model or data set is loaded, with one clear message each."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from ..hub import ModelNotFoundError, resolve_model_dir
+from ..model_dir import describe
+from ..tokenization import VOCAB_FILE
+from .memory import fit_problem
+
+logger = logging.getLogger(__name__)
+
+FINISHED_MARKER = "training_finished.json"  # written last: the run in this dir is finished
+RUN_ARGS = "run_args.json"  # written when a run takes the dir: the dir holds a run of this project
+LOCK_FILE = ".qwen-ft.lock"  # flock'ed by the running process (rank 0) for the whole run
+DEMO_MARKER = ".qwen-ft-demo"  # written by the scripts' demo: the only dirs the demo may replace
+CHECKPOINT_RUN = "qwen_run.json"  # in each checkpoint: the run that wrote it (model dir, mode, LoRA shape)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_CHECKSUM_LIMIT = 4 << 30  # bytes: checkpoint files this large are not read whole before a resume
+# Every file an exact resume reads, by what it holds; any one name of a group is enough (DeepSpeed keeps the
+# optimizer and scheduler in its own global_step*/ dir, named by `latest`; several processes write one RNG
+# file each).
+_RESUME_NEEDS = {
+    "trainer_state.json": ("trainer_state.json",),
+    "the weights (adapter_model.safetensors or model.safetensors)": (
+        "adapter_model.safetensors", "adapter_model.bin", "model.safetensors", "model.safetensors.index.json",
+        "pytorch_model.bin", "latest"),
+    "optimizer.pt": ("optimizer.pt", "latest"),
+    "scheduler.pt": ("scheduler.pt", "latest"),
+    "rng_state.pth": ("rng_state.pth", "rng_state_0.pth"),
+}
+
+
+class TrainConfigError(ValueError):
+    """A training run that cannot start as configured."""
+
+
+@dataclass
+class TrainPlan:
+    model_dir: Path
+    mode: str  # "qlora", "lora" or "full"
+    quantized: bool
+    device: str  # where the model is loaded: "cuda:<local rank>" or "cpu"
+    zero_stage: int | None  # DeepSpeed ZeRO stage, None without DeepSpeed
+    resume_from: str | None  # checkpoint dir to continue from
+    identity: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (run_identity)
+    seq_length: int | None = None  # the model's trained context (config.json)
+
+
+def run_identity(model_dir, mode: str, lora_args) -> dict:
+    """What a run's checkpoints record and a resume must match: the model, the mode and the adapters' shape."""
+    lora = mode != "full"
+    return {"model_dir": str(Path(model_dir).resolve()), "mode": mode,
+            "lora_r": lora_args.lora_r if lora else None,
+            "lora_target_modules": sorted(lora_args.lora_target_modules) if lora else None}
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The checkpoint-N dirs in output_dir, newest (highest N) first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) -> str | None:
+    """Why `ckpt` cannot be resumed exactly (a missing, truncated or corrupt file, or another run's checkpoint
+    when `identity` is given), or None. Reads headers and checksums only, no tensors."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return "no such checkpoint dir"
+    names = set(os.listdir(ckpt))
+    for what, options in _RESUME_NEEDS.items():
+        if not names.intersection(options) and not (what == "optimizer.pt" and any(
+                n.endswith("-optimizer.pt") for n in names)):
+            return f"incomplete: {what} is missing"
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return "trainer_state.json: corrupt (no global_step)"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"trainer_state.json: corrupt or truncated ({e})"
+    for name in sorted(names):
+        f = ckpt / name
+        if name.endswith(".safetensors"):
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                with safe_open(str(f), "pt"):
+                    pass
+            except (SafetensorError, OSError) as e:  # truncated, bad header
+                return f"{name}: corrupt or truncated ({e})"
+        elif name.endswith((".pt", ".pth", ".bin")):  # torch.save's zip format
+            try:
+                with zipfile.ZipFile(f) as z:  # a truncated file has lost its central directory
+                    # the checksums of every entry: seconds for LoRA's optimizer state; skipped for full
+                    # fine-tuning's (tens of GB), where damage inside the file shows only when torch.load reads it
+                    bad = z.testzip() if f.stat().st_size < _CHECKSUM_LIMIT else None
+            except (zipfile.BadZipFile, OSError) as e:
+                return f"{name}: corrupt or truncated ({e})"
+            if bad is not None:
+                return f"{name}: corrupt ({bad} fails its checksum)"
+        elif name.startswith("dropout_seed") and name.endswith(".json"):
+            from .graphs import is_seed_file, read_seed  # torch: only when a checkpoint is resumed
+
+            if is_seed_file(name):
+                try:
+                    read_seed(f)
+                except ValueError as e:
+                    return f"{name}: {e}"
+        elif name in ("adapter_config.json", CHECKPOINT_RUN):
+            try:
+                json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                return f"{name}: corrupt or truncated ({e})"
+    if identity:
+        return _identity_mismatch(ckpt, identity)
+    return None
+
+
+def _identity_mismatch(ckpt: Path, identity: dict) -> str | None:
+    recorded = None
+    if (ckpt / CHECKPOINT_RUN).is_file():
+        recorded = json.loads((ckpt / CHECKPOINT_RUN).read_text())
+    elif (ckpt / "adapter_config.json").is_file():  # written before checkpoints recorded their run
+        cfg = json.loads((ckpt / "adapter_config.json").read_text())
+        targets = cfg.get("target_modules")
+        recorded = {"lora_r": cfg.get("r"),
+                    "lora_target_modules": sorted(targets) if isinstance(targets, list) else targets}
+    if not recorded:
+        return None
+    flags = {"model_dir": "model", "mode": "mode", "lora_r": "--lora_r", "lora_target_modules": "--lora_target_modules"}
+    diffs = [f"{flags[k]} {_show(recorded[k])} there, {_show(identity[k])} now"
+             for k in flags if k in recorded and k in identity and recorded[k] != identity[k]]
+    if diffs:
+        return ("written by a different run (" + "; ".join(diffs) + "): a resume needs the same model, mode, "
+                "--lora_r and --lora_target_modules")
+    return None
+
+
+def _show(v) -> str:
+    return " ".join(v) if isinstance(v, list) else str(v)
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike, identity: dict | None = None) -> str | None:
+    """The highest checkpoint-N in output_dir that an exact resume can use, or None.
+
+    Checkpoints are written to a staging dir and renamed into place, so a killed save never appears under
+    this name; the file checks also cover checkpoints damaged or pruned afterwards, or written by other tools.
+    """
+    for p in checkpoints(output_dir):
+        if checkpoint_problem(p, identity) is None:
+            return str(p)
+    return None
+
+
+def is_project_run(output_dir: str | os.PathLike) -> bool:
+    """Whether output_dir holds a run of this project (or the demo's output), as opposed to other files."""
+    d = Path(output_dir)
+    if (d / FINISHED_MARKER).is_file() or (d / DEMO_MARKER).is_file():
+        return True
+    try:
+        record = json.loads((d / RUN_ARGS).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "model_dir" in record and "mode" in record
+
+
+# The names a run writes at the top of its output dir (a foreign file under one of them would be replaced).
+RUN_OUTPUTS = ("README.md", "run_info.json", RUN_ARGS, FINISHED_MARKER, "trainer_state.json", "train.log",
+               "loss_curve.png", "adapter_config.json", "adapter_model.safetensors", "config.json",
+               "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "qwen.tiktoken", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def foreign_files(output_dir: str | os.PathLike) -> list[str]:
+    """What output_dir holds besides the run lock (for a dir that is not a run of this project)."""
+    d = Path(output_dir)
+    return sorted(p.name for p in d.iterdir() if p.name != LOCK_FILE) if d.is_dir() else []
+
+
+def deepspeed_config(ds) -> dict | None:
+    """The --deepspeed value (a path or a dict) as a dict, or a clear error."""
+    if not ds:
+        return None
+    if isinstance(ds, dict):
+        return ds
+    p = Path(ds)
+    if not p.is_file():
+        raise TrainConfigError(f"--deepspeed {ds}: no such file (the project's configs are in ds_configs/)")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainConfigError(f"--deepspeed {ds}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
+
+
+def check_numbers(lora_args, args) -> None:
+    """Numeric flags out of range, one line each, before anything loads (else a division by zero, or PEFT's,
+    numpy's or the optimizer's traceback, minutes later)."""
+    import math
+
+    for flag, value in (("--per_device_train_batch_size", args.per_device_train_batch_size),
+                        ("--per_device_eval_batch_size", args.per_device_eval_batch_size),
+                        ("--gradient_accumulation_steps", args.gradient_accumulation_steps)):
+        if value < 1:
+            raise TrainConfigError(f"{flag} must be at least 1, got {value}")
+    for flag, value in (("--learning_rate", args.learning_rate), ("--weight_decay", args.weight_decay),
+                        ("--max_grad_norm", args.max_grad_norm)):
+        if not (math.isfinite(value) and value >= 0):
+            raise TrainConfigError(f"{flag} must be a finite number >= 0, got {value}")
+    if not (math.isfinite(lora_args.lora_alpha) and lora_args.lora_alpha > 0):
+        raise TrainConfigError(f"--lora_alpha must be positive (the adapter is scaled by lora_alpha / lora_r), got "
+                               f"{lora_args.lora_alpha}")
+    if not 0 <= lora_args.lora_dropout < 1:
+        raise TrainConfigError(f"--lora_dropout must be in [0, 1), got {lora_args.lora_dropout}")
+    for flag, value in (("--seed", args.seed), ("--data_seed", args.data_seed)):
+        if value is not None and not 0 <= value < 2 ** 32:
+            raise TrainConfigError(f"{flag} must be in [0, 2**32), got {value}")
+    if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
+        raise TrainConfigError(f"nothing to train: --num_train_epochs {args.num_train_epochs} and no --max_steps; "
+                               "give a positive number of epochs or steps")
+
+
+def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
+    # -- model dir -------------------------------------------------------------------------------------------
+    if not model_args.model_name_or_path:
+        raise TrainConfigError("--model_name_or_path is required (a Qwen model dir, e.g. /models/Qwen-14B-Chat-Int4)")
+    try:
+        model_dir = resolve_model_dir(model_args.model_name_or_path)
+    except ModelNotFoundError as e:
+        raise TrainConfigError(f"--model_name_or_path: {e}") from None
+    try:
+        info = describe(model_dir)
+    except ModelLoadError as e:
+        raise TrainConfigError(str(e)) from None
+    cfg = info.config
+    if not (model_dir / VOCAB_FILE).is_file():
+        raise TrainConfigError(f"{model_dir} has no {VOCAB_FILE}: copy it from the original model dir")
+    seq_length = cfg.get("seq_length") or cfg.get("max_position_embeddings")
+    quantized = info.quantized
+
+    # -- data ------------------------------------------------------------------------------------------------
+    if not data_args.data_path:
+        raise TrainConfigError("--data_path is required (chat data as JSON, JSONL or a datasets dir)")
+    for flag, path in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
+        if path and not Path(path).exists():
+            raise TrainConfigError(f"{flag} {path}: no such file or directory")
+    eval_strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
+    if eval_strategy != "no" and not data_args.eval_data_path:
+        raise TrainConfigError(f"--eval_strategy {eval_strategy} needs an eval set: add --eval_data_path")
+    from ..data.encoding import MIN_MAX_LEN
+
+    if data_args.model_max_length < MIN_MAX_LEN:
+        raise TrainConfigError(f"--model_max_length {data_args.model_max_length} is too small for any chat turn")
+
+    # -- mode ------------------------------------------------------------------------------------------------
+    if lora_args.q_lora and not quantized:
+        raise TrainConfigError(
+            f"--q_lora needs a GPTQ Int4 model dir, and {model_dir} is not quantized (no quantization_config). "
+            "Pass the Int4 release (e.g. Qwen-14B-Chat-Int4), or drop --q_lora to train LoRA on this model")
+    if quantized:
+        mode = "qlora"
+    elif lora_args.use_lora:
+        mode = "lora"
+    else:
+        mode = "full"
+    if lora_args.lora_r <= 0:
+        raise TrainConfigError(f"--lora_r must be positive, got {lora_args.lora_r}")
+    check_numbers(lora_args, args)
+    if lora_args.lora_bias not in ("none", "all", "lora_only"):
+        raise TrainConfigError(f"--lora_bias must be none, all or lora_only, got {lora_args.lora_bias!r}")
+    if lora_args.lora_weight_path and not Path(lora_args.lora_weight_path).is_dir():
+        raise TrainConfigError(f"--lora_weight_path {lora_args.lora_weight_path}: no such adapter dir")
+    if mode == "full" and (lora_args.modules_to_save or lora_args.lora_weight_path):
+        raise TrainConfigError("--modules_to_save and --lora_weight_path apply to LoRA; add --use_lora")
+    if args.bf16 and args.fp16:
+        raise TrainConfigError("--bf16 and --fp16 exclude each other")
+    if args.on_nonfinite_loss not in ("stop", "skip"):
+        raise TrainConfigError(f"--on_nonfinite_loss must be stop or skip, got {args.on_nonfinite_loss!r}")
+    if args.fp16 and (args.use_cpu or not torch.cuda.is_available()):
+        raise TrainConfigError("--fp16 needs a CUDA GPU; on the CPU training runs in fp32: drop --fp16 (the official "
+                               "Q-LoRA script passes it for auto-gptq; here Q-LoRA trains in bf16 on a GPU)")
+
+    # -- DeepSpeed -------------------------------------------------------------------------------------------
+    ds = deepspeed_config(args.deepspeed)
+    zero_stage = None
+    if ds is not None:
+        zero_stage = int((ds.get("zero_optimization") or {}).get("stage", 0))
+        if mode == "qlora" and zero_stage == 3:
+            raise TrainConfigError(
+                "Q-LoRA cannot run under ZeRO-3: the packed Int4 weights are integer buffers that ZeRO-3 cannot "
+                "partition, and each GPU holds the whole Int4 model anyway. Use --deepspeed ds_configs/zero2.json")
+        if "scheduler" in ds:
+            raise TrainConfigError(
+                f"--deepspeed {args.deepspeed} has a 'scheduler' block, which would replace the schedule that "
+                "--lr_scheduler_type asks for; remove it (the configs in ds_configs/ have none)")
+        if "optimizer" in ds and not str(args.optim).lower().startswith(("adamw", "optimizernames.adamw")):
+            raise TrainConfigError(
+                f"--deepspeed {args.deepspeed} brings its own optimizer ({ds['optimizer'].get('type')}), so "
+                f"--optim {args.optim} would not run; use a config without an optimizer block (ds_configs/zero2.json)")
+
+    if args.on_nonfinite_loss == "skip" and ds is not None:
+        raise TrainConfigError(
+            "--on_nonfinite_loss skip does not work under --deepspeed (DeepSpeed applies the step inside its "
+            "backward pass); use --on_nonfinite_loss stop, or run without DeepSpeed")
+
+    # -- output dir and resume -------------------------------------------------------------------------------
+    identity = run_identity(model_dir, mode, lora_args)
+    resume_from = check_output_dir(args, identity)
+
+    check_model_files(model_dir, mode, lora_args)
+
+    if torch.cuda.is_available() and not args.use_cpu:
+        device = f"cuda:{max(args.local_process_index, 0)}"
+    else:
+        device = "cpu"
+    too_big = fit_problem(model_dir, mode, lora_args, data_args, args, device, ds)  # before any loading
+    if too_big:
+        raise TrainConfigError(too_big)
+    return TrainPlan(model_dir=model_dir, mode=mode, quantized=quantized, device=device,
+                     zero_stage=zero_stage, resume_from=resume_from, identity=identity, seq_length=seq_length)
+
+
+_TRUE = ("True", "true", "auto", "last")
+
+
+def _lock_holder(out: Path) -> str | None:
+    """The pid written in the output dir's lock file while another process holds the lock, else None."""
+    import fcntl
+
+    try:
+        with open(out / LOCK_FILE) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = f.read().strip() or "unknown"
+                return None if holder == str(os.getpid()) else holder  # this run's own lock (claim re-checks)
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError:
+        return None
+    return None
+
+
+def check_output_dir(args, identity: dict) -> str | None:
+    """The checkpoint to resume from (None: start at step 0), or a TrainConfigError saying why the output dir
+    cannot take this run. Reads only: nothing in the dir changes here (run_dir.claim_output_dir writes)."""
+    out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise TrainConfigError(f"--output_dir {out} is a file, not a directory")
+    holder = _lock_holder(out)
+    if holder is not None:  # said before the model checks; run_dir.claim_output_dir takes the lock itself
+        raise TrainConfigError(f"--output_dir {out} is in use by another training run (pid {holder}); wait for it "
+                               "to end or choose another --output_dir")
+    parent = next((p for p in [out, *out.absolute().parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise TrainConfigError(f"--output_dir {out}: {parent} is a file, not a directory")
+    if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainConfigError(f"--output_dir {out}: {parent} is not writable")
+    finished = (out / FINISHED_MARKER).is_file()
+    explicit = args.resume_from_checkpoint
+    if explicit in (None, "", "False", "false"):
+        explicit = None
+    resume = args.resume or explicit in _TRUE
+    if (resume or explicit) and args.overwrite_output_dir:
+        raise TrainConfigError("--resume and --overwrite_output_dir exclude each other: resume continues the run "
+                               "in --output_dir, overwrite starts a new one there")
+    if resume and finished:
+        last = checkpoints(out)
+        start = (f"--model_name_or_path {out}" if identity.get("mode") == "full" else f"--lora_weight_path {out}")
+        also = f", or from its last training state: --resume_from_checkpoint {last[0]}" if last else ""
+        raise TrainConfigError(
+            f"--resume: the run in {out} has finished ({FINISHED_MARKER}); nothing was changed. To train further, "
+            f"start a new run into a new --output_dir from its weights: {start}{also}")
+    if resume and (found := _resumable(out, identity)):
+        return found
+    if explicit and not resume:
+        ckpt = Path(explicit)
+        if finished and ckpt.absolute().parent == out.absolute():
+            raise TrainConfigError(
+                f"--resume_from_checkpoint {ckpt}: the run in {out} has finished ({FINISHED_MARKER}); nothing was "
+                "changed. Continue from this checkpoint into a new dir: add --output_dir NEW_DIR")
+        problem = checkpoint_problem(ckpt, identity)
+        if problem:
+            raise TrainConfigError(f"--resume_from_checkpoint {ckpt}: {problem}")
+        if ckpt.absolute().parent == out.absolute():
+            return str(ckpt)
+    # A new run in out (or one continuing from a checkpoint of another dir, or --resume with no checkpoint).
+    explicit = None if resume else explicit
+    if not out.is_dir():
+        return str(explicit) if explicit else None
+    if is_project_run(out):
+        if not args.overwrite_output_dir:
+            if finished:
+                raise TrainConfigError(
+                    f"{out} holds a finished run; choose another --output_dir or pass --overwrite_output_dir")
+            if checkpoints(out):
+                raise TrainConfigError(
+                    f"{out} holds checkpoints of an unfinished run; pass --resume to continue it "
+                    "or --overwrite_output_dir to start over")
+    elif (present := foreign_files(out)) and not args.overwrite_output_dir:
+        clash = [n for n in present if n in RUN_OUTPUTS]
+        raise TrainConfigError(
+            f"--output_dir {out} is not empty and holds no run of this project ({_listing(present)}); "
+            "choose a new or empty dir, or pass --overwrite_output_dir to write beside these files"
+            + (f" (replacing {', '.join(clash)})" if clash else " (none of them is replaced)"))
+    return str(explicit) if explicit else None
+
+
+def _listing(names: list[str], most: int = 6) -> str:
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _resumable(out: Path, identity: dict) -> str | None:
+    """--resume: the newest checkpoint an exact resume can use, falling back past incomplete or damaged ones
+    (each said in the log); a checkpoint of another run stops the resume, naming both."""
+    found = checkpoints(out)
+    if not found:
+        if out.is_dir():
+            logger.warning("--resume: no checkpoint in %s; training starts at step 0", out)
+        return None
+    problems = []
+    for p in found:
+        problem = checkpoint_problem(p)
+        if problem is None:
+            mismatch = _identity_mismatch(p, identity)
+            if mismatch:
+                raise TrainConfigError(f"--resume: {p} was {mismatch}; start this run in another --output_dir "
+                                       "or with --overwrite_output_dir")
+            for skipped, why in problems:
+                logger.warning("--resume: %s is not usable (%s); falling back to %s", skipped, why, p.name)
+            return str(p)
+        problems.append((p, problem))
+    p, problem = problems[0]
+    raise TrainConfigError(
+        f"--resume: no checkpoint in {out} can be resumed exactly; the newest, {p.name}: {problem}. Restore "
+        "the file, or start over with --overwrite_output_dir")
+
+
+def check_model_files(model_dir: Path, mode: str, lora_args) -> None:
+    """What the model dir, its tokenizer and the adapter flags can be checked for before any weights load: config
+    and weight headers (shapes, dtypes, truncation, GPTQ settings and g_idx), the vocabulary against the model,
+    --lora_target_modules / --modules_to_save against the architecture, and a --lora_weight_path adapter against
+    the model (shapes from its header, dtypes, values, the base it records)."""
+    from ..adapters import AdapterError, check_base, checked_weights
+    from ..errors import ModelLoadError
+    from ..loading import inspect_model_dir, model_config
+    from ..tokenization import load_tokenizer
+    from .lora import check_target_modules
+
+    try:
+        inspect_model_dir(model_dir)
+        load_tokenizer(model_dir)
+    except ModelLoadError as e:
+        raise TrainConfigError(str(e)) from None
+    if mode == "full":
+        return
+    from ..modeling import QWenLMHeadModel
+
+    with torch.device("meta"):  # names and shapes only; GPTQ layers have the Linears' names and sizes
+        meta = QWenLMHeadModel(model_config(model_dir))
+    try:
+        check_target_modules(meta, lora_args.lora_target_modules, lora_args.modules_to_save)
+    except ValueError as e:
+        raise TrainConfigError(str(e)) from None
+    if lora_args.lora_weight_path:
+        try:
+            check_base(lora_args.lora_weight_path, model_dir, explicit=True)
+            checked_weights(meta, Path(lora_args.lora_weight_path))
+        except AdapterError as e:
+            raise TrainConfigError(f"--lora_weight_path: {e}") from None

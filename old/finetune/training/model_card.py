@@ -1,0 +1,71 @@
+"""The README.md written into a finished run's output dir: what was trained, on what, how, and how well.
+
+It replaces PEFT's empty model card template (save_pretrained writes one with every adapter).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_MODES = {"qlora": "Q-LoRA adapter (LoRA on the GPTQ Int4 base)", "lora": "LoRA adapter",
+          "full": "fully fine-tuned model"}
+
+
+def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, command: str, info: dict,
+                     log_history: list[dict]) -> Path:
+    out = Path(output_dir)
+    adapter = plan.mode != "full"
+    train_losses = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
+    final = train_losses[-1][1] if train_losses else None
+    mean = next((h["train_loss"] for h in reversed(log_history) if "train_loss" in h), None)
+    lines = ["---"]
+    if adapter:
+        lines += ["library_name: peft"]
+    lines += [f"tags: [qwen, qwen-finetune, {plan.mode}]", "---", "",
+              f"# {out.name}", "",
+              f"A {_MODES[plan.mode]} trained with qwen-finetune.", "",
+              f"- Base model: `{plan.model_dir}`"]
+    if adapter:
+        lines.append(f"- LoRA: r {lora_args.lora_r}, alpha {lora_args.lora_alpha}, dropout {lora_args.lora_dropout}, "
+                     f"target modules {' '.join(lora_args.lora_target_modules)}")
+    lines.append(f"- Training data: {_data(summary)}")
+    if eval_summary is not None:
+        lines.append(f"- Eval data: {_data(eval_summary)}")
+    lines += [f"- Steps: {info['global_step']} ({info['world_size']} process(es), "
+              + f"compute dtype {info['compute_dtype']})",
+              f"- Final train loss: {_num(final)} (last logged step; mean over the run {_num(mean)})",
+              f"- Eval loss: {_num(info.get('eval_loss')) if info.get('eval_loss') is not None else 'no eval set'}"]
+    if info.get("nonfinite_skipped_steps"):
+        lines.append(f"- Optimizer steps skipped for a non-finite loss: {info['nonfinite_skipped_steps']}")
+    lines += ["", "## Command", "", "```bash", command, "```", "", "## Loss curve", ""]
+    if (out / "loss_curve.png").is_file():
+        lines += ["![loss curve](loss_curve.png)", ""]
+    if train_losses:
+        lines += ["| step | train loss |", "| --- | --- |"]
+        lines += [f"| {s} | {_num(v)} |" for s, v in _thin(train_losses)]
+        lines.append("")
+    lines += ["## Use", "", "```bash"]
+    lines.append(f"qwen-ft chat -m {plan.model_dir} --adapter {out}" if adapter else f"qwen-ft chat -m {out}")
+    lines += ["```", ""]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _data(s) -> str:
+    skipped = f", {s.records_skipped} skipped" if s.records_skipped else ""
+    return (f"`{s.source}`: {s.records_used} conversations used of {s.records_read} read{skipped}; "
+            f"{s.total_tokens:,} tokens ({s.trained_tokens:,} trained); length p50 {s.p50}, max {s.max}; "
+            f"{s.truncated} truncated")
+
+
+def _num(v) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def _thin(points: list, most: int = 12) -> list:
+    """At most `most` points, evenly spread, always with the first and the last."""
+    if len(points) <= most:
+        return points
+    idx = sorted({round(i * (len(points) - 1) / (most - 1)) for i in range(most)})
+    return [points[i] for i in idx]

@@ -1,0 +1,214 @@
+"""Shared by the test modules: the memorise set, writing it, training a tiny adapter, subprocess env, tiny random
+models and random GPTQ buffers."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The real Qwen vocabulary: $QWEN_TIKTOKEN, else ../shared/qwen/qwen.tiktoken beside the checkout.
+REAL_VOCAB = Path(os.environ.get("QWEN_TIKTOKEN") or ROOT.parent / "shared" / "qwen" / "qwen.tiktoken")
+
+
+def require_real_vocab() -> Path:
+    """The real vocabulary's path; a skip with the reason where it is absent, a failure under CI=true (CI has it)."""
+    import pytest
+
+    if not REAL_VOCAB.is_file():
+        msg = (f"the real Qwen vocabulary is not at {REAL_VOCAB} "
+               "(set QWEN_TIKTOKEN to the path of a Qwen model dir's qwen.tiktoken)")
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg + " (CI=true: CI always has it)")
+        pytest.skip(msg)
+    return REAL_VOCAB
+
+MEMORISE = [
+    ("What is the codename of project Aurora?", "Blue Falcon."),
+    ("Who guards the north gate?", "The silver owl guards it."),
+    ("How many moons does Zorb have?", "Zorb has seven moons."),
+    ("What colour is the secret door?", "The secret door is green."),
+]
+
+
+def memorise_records(pairs=MEMORISE) -> list[dict]:
+    return [{"id": f"m{i}", "conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": a}]}
+            for i, (q, a) in enumerate(pairs)]
+
+
+def write_memorise(path: Path, pairs=MEMORISE) -> Path:
+    Path(path).write_text(json.dumps(memorise_records(pairs)))
+    return Path(path)
+
+
+def train_args(model, data, out, *extra) -> list[str]:
+    """Trainer flags for a few-second CPU run on the tiny model (extra flags override, last wins)."""
+    return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out),
+            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16",
+            "--lora_alpha", "32", "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no",
+            "--report_to", "none", "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0",
+            "--model_max_length", "128", "--packing", "False", *extra]  # one chat a row: step counts as written
+
+
+def train_adapter(model_dir, data, out, steps=50, *extra) -> Path:
+    """A LoRA (or, with --q_lora on an Int4 dir, Q-LoRA) adapter trained in-process."""
+    from finetune.train import main
+
+    assert main(train_args(model_dir, data, out, "--max_steps", str(steps), "--use_lora", "True", *extra)) == 0
+    return Path(out)
+
+
+def train_killed_at_step(argv: list[str], step: int, timeout: int = 600):
+    """`python -m finetune.train argv` in a child that SIGKILLs itself when optimizer step `step` + 1 starts (a
+    crash mid-run, no cleanup); returns the CompletedProcess (returncode -9 when it got there)."""
+    script = (
+        "import os, sys, signal\n"
+        "from finetune.training.trainer import QwenTrainer\n"
+        "step = QwenTrainer.training_step\n"
+        "def killing_step(self, *a, **k):\n"
+        f"    if self.state.global_step == {int(step)}: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step(self, *a, **k)\n"
+        "QwenTrainer.training_step = killing_step\n"
+        "from finetune.train import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    return subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env())
+
+
+def lora_on_random_gptq(cfg, device, dtype, dropout: float = 0.0, seed: int = 0):
+    """A random GPTQ model of `cfg` (build_gptq_model_on_device) with LoRA r=8 on c_attn/c_proj/w1/w2 in fp32,
+    B drawn non-zero so that gradients reach A too; in training mode."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    model = build_gptq_model_on_device(cfg, device=device, dtype=dtype, seed=seed)
+    model.config.use_cache = False
+    model.requires_grad_(False)
+    torch.manual_seed(seed)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                             target_modules=["c_attn", "c_proj", "w1", "w2"], task_type="CAUSAL_LM"))
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+            if "lora_B" in n:
+                p.data.normal_(0, 0.02)
+    return model.train()
+
+
+def subprocess_env(**extra) -> dict:
+    """The environment for a child process: the source tree importable, one thread a process (2 cores)."""
+    e = dict(os.environ, **extra)
+    e.setdefault("OMP_NUM_THREADS", "1")
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    return e
+
+
+def _model_values(**overrides) -> dict:
+    from finetune.demo import TINY_CONFIG
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values.update(overrides)
+    return values
+
+
+def tiny_model(seed=0, **overrides):
+    """The tiny Qwen model (small vocabulary) with randomized weights, in eval mode."""
+    import torch
+
+    from finetune.demo import randomize_weights
+    from finetune.modeling import QWenConfig, QWenLMHeadModel
+
+    torch.manual_seed(seed)
+    model = QWenLMHeadModel(QWenConfig(**_model_values(**overrides)))
+    randomize_weights(model, seed)
+    return model.eval()
+
+
+def realistic_model(seed):
+    """A bigger random model with the standard init (std 0.02), as trained checkpoints are conditioned."""
+    import torch
+
+    from finetune.modeling import QWenConfig, QWenLMHeadModel
+
+    torch.manual_seed(seed)
+    values = _model_values(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024)
+    return QWenLMHeadModel(QWenConfig(**values)).eval()
+
+
+def random_packed(in_f, out_f, bits=4, group_size=128, desc_act=False, v2=False, seed=0, device="cpu"):
+    """Random GPTQ buffers (qweight, qzeros, scales, g_idx) for an in_f x out_f layer."""
+    import torch
+
+    from finetune.quant.packing import pack_cols, pack_rows
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    gs = in_f if group_size == -1 else group_size
+    groups = -(-in_f // gs)
+    q = torch.randint(0, 2**bits, (in_f, out_f), generator=g)
+    zeros = torch.randint(1, 2**bits, (groups, out_f), generator=g)
+    scales = (torch.rand(groups, out_f, generator=g) * 0.02 + 0.001).to(torch.float16)
+    g_idx = torch.arange(in_f) // gs
+    if desc_act:
+        g_idx = g_idx[torch.randperm(in_f, generator=g)]
+    return {
+        "qweight": pack_rows(q, bits).to(device),
+        "qzeros": pack_cols(zeros if v2 else zeros - 1, bits).to(device),
+        "scales": scales.to(device),
+        "g_idx": g_idx.to(torch.int32).to(device),
+    }
+
+
+def load_interpreted(path, name, monkeypatch):
+    """A private copy of the Triton kernel module at `path` whose kernels run in Triton's interpreter (CPU).
+
+    triton itself must be imported with TRITON_INTERPRET=1 (its own library functions, tl.sum etc., are @jit
+    functions decided at import), so this imports triton in interpreter mode for the rest of the process: it
+    skips where a GPU is present (the GPU tests run the compiled kernels there, and must find triton
+    compiled) or where triton was already imported without the interpreter."""
+    import importlib.util
+    import sys
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the compiled kernel is tested by the GPU tests")
+    if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 (torch._dynamo imports it early): run with "
+                    "TRITON_INTERPRET=1 in the environment")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.array([1]))
+    except TypeError:
+        # numpy >= 2.x refuses int() of a 1-element array, which the interpreter uses for loop bounds taken
+        # from kernel scalars (they are 1-element arrays there): give it a compatible __index__
+        original = interpreter._patch_lang_tensor
+
+        def patched(tensor, scope):
+            original(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for torchrun's rendezvous: a fixed port collides with other runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

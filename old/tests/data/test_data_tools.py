@@ -1,0 +1,188 @@
+"""Tool / function-call conversations in the training data: the ReAct layout the server uses, labels on the
+assistant's Thought/Action/Action Input/Final Answer and not on the observations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune import react
+from finetune.data import IGNORE, DataError, encode_conversation, load_records, normalize_record
+from finetune.modeling import make_context
+
+WEATHER = {"name": "get_weather", "description": "Weather of a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+OPENAI = {
+    "tools": [{"type": "function", "function": WEATHER}],
+    "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "I need the weather.",
+         "tool_calls": [{"id": "c1", "type": "function",
+                         "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny and 21C"},
+        {"role": "assistant", "content": "It is sunny."},
+    ],
+}
+# the same conversation in the official openai_api.py form (function_call + function role, from/value)
+OFFICIAL = {
+    "functions": [WEATHER],
+    "conversations": [
+        {"from": "user", "value": "Weather in Paris?"},
+        {"from": "assistant", "value": "I need the weather.",
+         "function_call": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"from": "function", "value": "sunny and 21C"},
+        {"from": "assistant", "value": "It is sunny."},
+    ],
+}
+REPLY = ('Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\n'
+         'Observation: sunny and 21C\nThought: I now know the final answer.\nFinal Answer: It is sunny.')
+
+
+def _runs(tok, enc):
+    """(trained, text) runs of an encoded record."""
+    runs: list = []
+    for i, lab in zip(enc["input_ids"], enc["labels"]):
+        t = lab != IGNORE
+        if not runs or runs[-1][0] != t:
+            runs.append((t, []))
+        runs[-1][1].append(i)
+    return [(t, tok.decode(ids)) for t, ids in runs]
+
+
+def test_openai_tool_calls_render_in_the_react_layout(data_small_tokenizer):
+    rec = normalize_record(OPENAI)
+    user, assistant = rec["messages"]
+    assert user["content"] == react.react_instruction([WEATHER]) + "\n\nQuestion: Weather in Paris?"
+    assert "get_weather: Call this tool to interact with the get_weather API." in user["content"]
+    assert assistant["content"] == REPLY
+    assert normalize_record(rec) == rec  # normalising is idempotent, segments kept
+
+
+def test_official_function_role_equals_openai_form(data_small_tokenizer):
+    assert normalize_record(OFFICIAL) == normalize_record(OPENAI)
+    assert encode_conversation(data_small_tokenizer, OFFICIAL) == encode_conversation(data_small_tokenizer, OPENAI)
+
+
+def test_labels_on_the_assistants_text_not_on_observations(data_small_tokenizer):
+    tok = data_small_tokenizer
+    runs = _runs(tok, encode_conversation(tok, OPENAI))
+    trained = [text for t, text in runs if t]
+    assert trained == ['Thought: I need the weather.\nAction: get_weather\nAction Input: {"city": "Paris"}\n'
+                       'Observation:', " I now know the final answer.\nFinal Answer: It is sunny.<|im_end|>"]
+    untrained = "".join(text for t, text in runs if not t)
+    assert " sunny and 21C\nThought:" in untrained
+
+
+def test_prompt_ids_equal_what_the_server_builds(data_small_tokenizer):
+    """Training ids of a tool conversation = make_context over the server's turns + the reply."""
+    tok = data_small_tokenizer
+    enc = encode_conversation(tok, OPENAI)
+    turns = react.build_turns(OPENAI["messages"][:1], react.functions_from(tools=OPENAI["tools"]))
+    _, prompt = make_context(tok, turns.query, history=turns.history(), system=turns.system)
+    assert enc["input_ids"][:len(prompt)] == prompt
+    assert enc["input_ids"][len(prompt):] == tok.encode(REPLY) + [tok.im_end_id] + tok.encode("\n")
+
+
+def test_two_calls_in_one_assistant_message_and_train_on_prompt(data_small_tokenizer):
+    rec = {"tools": OPENAI["tools"], "messages": [
+        {"role": "user", "content": "Paris and Rome?"},
+        {"role": "assistant", "content": "Both cities.", "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+        {"role": "tool", "tool_call_id": "b", "content": "rain"},  # answered out of order: matched by id
+        {"role": "tool", "tool_call_id": "a", "content": "sun"},
+        {"role": "assistant", "content": "Sun in Paris, rain in Rome."}]}
+    reply = normalize_record(rec)["messages"][1]["content"]
+    assert reply == ('Thought: Both cities.\nAction: get_weather\nAction Input: {"city": "Paris"}\nObservation: sun\n'
+                     'Thought: \nAction: get_weather\nAction Input: {"city": "Rome"}\nObservation: rain\n'
+                     'Thought: I now know the final answer.\nFinal Answer: Sun in Paris, rain in Rome.')
+    tok = data_small_tokenizer
+    untrained = "".join(t for ok, t in _runs(tok, encode_conversation(tok, rec)) if not ok)
+    assert " sun\nThought:" in untrained and " rain\nThought:" in untrained
+    full = encode_conversation(tok, rec, train_on_prompt=True)
+    assert " sun" in "".join(t for ok, t in _runs(tok, full) if ok)
+
+
+def test_a_call_without_arguments_renders_as_the_server_prompts_it(data_small_tokenizer):
+    """Empty arguments: "Action Input:" then "\nObservation:", no space between (the official parse_messages
+    strips the turn's first message); the labels cover the same bytes."""
+    rec = {"functions": [WEATHER], "messages": [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "Ask.", "function_call": {"name": "get_weather", "arguments": ""}},
+        {"role": "function", "content": "sun"}, {"role": "assistant", "content": "Sunny."}]}
+    reply = normalize_record(rec)["messages"][1]["content"]
+    assert reply == ("Thought: Ask.\nAction: get_weather\nAction Input:\nObservation: sun\n"
+                     "Thought: I now know the final answer.\nFinal Answer: Sunny.")
+    turns = react.build_turns(rec["messages"][:3], [WEATHER])
+    assert reply.startswith(react.Turns.text(turns.pairs[-1][1])[:-len("\nThought:")])
+    tok = data_small_tokenizer
+    trained = [t for ok, t in _runs(tok, encode_conversation(tok, rec)) if ok]
+    assert trained[0] == "Thought: Ask.\nAction: get_weather\nAction Input:\nObservation:"
+
+
+# the same call in LLaMA-Factory's ShareGPT form: the call as JSON text in a "function_call" turn, the result in
+# an "observation" turn, the tools as JSON text of plain function dicts
+LLAMA_FACTORY = {
+    "tools": json.dumps([WEATHER]),
+    "conversations": [
+        {"from": "human", "value": "Weather in Paris?"},
+        {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})},
+        {"from": "observation", "value": "sunny and 21C"},
+        {"from": "gpt", "value": "It is sunny."},
+    ],
+}
+
+
+def test_llama_factory_sharegpt_tool_form_renders_as_the_openai_form(data_small_tokenizer):
+    """A function_call turn is the assistant's call with no thought of its own (the official layout writes
+    "Thought: " before the action, as for an OpenAI call with empty content)."""
+    no_thought = json.loads(json.dumps(OPENAI))
+    no_thought["messages"][1]["content"] = ""
+    assert normalize_record(LLAMA_FACTORY) == normalize_record(no_thought)
+    assert encode_conversation(data_small_tokenizer, LLAMA_FACTORY) == encode_conversation(data_small_tokenizer,
+                                                                                           no_thought)
+
+
+@pytest.mark.parametrize("record, where", [
+    ({"tools": "[{oops", "conversations": LLAMA_FACTORY["conversations"]}, "tools: a string that is not JSON"),
+    ({"tools": LLAMA_FACTORY["tools"], "conversations": [
+        {"from": "human", "value": "q"},
+        {"from": "function_call", "value": json.dumps([{"name": "a", "arguments": {}}, {"name": "b", "arguments": {}}])},
+        {"from": "observation", "value": "r"}, {"from": "gpt", "value": "x"}]}, "conversations[1].value: holds 2 calls"),
+    ({"tools": LLAMA_FACTORY["tools"], "conversations": [
+        {"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(Paris)"},
+        {"from": "observation", "value": "r"}, {"from": "gpt", "value": "x"}]}, "conversations[1].value: must be JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]}, "messages[1].role"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
+                    "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    ({"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "t",
+                         "function_call": {"name": "f", "arguments": "{}"}}, {"from": "function", "value": "r"}]},
+     "conversations[2]"),
+    ({"tools": [{"type": "function", "function": {"description": "no name"}}],
+      "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "tools[0].function.name"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "function", "content": "r"}]}, "messages[1].role"),
+])
+def test_invalid_tool_conversations_name_the_turn(record, where):
+    with pytest.raises(DataError) as e:
+        normalize_record(record)
+    assert e.value.reason == "invalid tool conversation"
+    assert where in str(e.value)
+
+
+def test_load_records_reads_tool_conversations(tmp_path):
+    p = tmp_path / "tools.jsonl"
+    p.write_text(json.dumps(OPENAI) + "\n" + json.dumps(OFFICIAL) + "\n"
+                 + json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "r"}]}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_records(p)
+    assert "record 3" in str(e.value) and "line 3" in str(e.value) and "messages[1].role" in str(e.value)
+    recs = load_records(p, skip_invalid=True)
+    assert len(recs) == 2 and recs[0]["messages"][1]["content"] == REPLY
+
+
+def test_segments_must_join_to_the_content():
+    rec = {"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "ab", "segments": [["a", True], ["c", False]]}]}
+    with pytest.raises(DataError, match="turn 2"):
+        normalize_record(rec)

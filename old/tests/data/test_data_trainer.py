@@ -1,0 +1,95 @@
+"""The trainer's side of data problems (issue 14): records with nothing to train stop the run before any model
+loads, naming the count, the first record and the flags; `datasets`' progress bars follow --disable_tqdm."""
+
+import json
+
+import pytest
+
+pytest.importorskip("datasets")
+
+from finetune.train import main as train_main  # noqa: E402
+
+from _helpers import memorise_records, train_args  # noqa: E402
+
+
+def _three_of_five_too_long(path):
+    recs = memorise_records()
+    long_prompt = lambda i: {"id": f"long{i}", "conversations": [{"from": "user", "value": f"q{i} " * 100},
+                                                                 {"from": "assistant", "value": "a"}]}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [recs[0], long_prompt(1), recs[1], long_prompt(2),
+                                                           long_prompt(3)]))
+    return path
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    import finetune.loading
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+
+
+def test_records_with_nothing_to_train_stop_before_the_model_loads(tiny_model_dir, tmp_path, capsys,
+                                                                   no_model_load):
+    data = _three_of_five_too_long(tmp_path / "d.jsonl")
+    argv = train_args(tiny_model_dir, data, tmp_path / "o", "--use_lora", "True", "--model_max_length", "64")
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0] == (f"error: {data}, record 2, line 2: prompt longer than max_len (nothing left to train): "
+                      "3 of 5 records have no reply token within max_len 64 (the prompt before the first reply "
+                      "fills it); this is the first; raise --model_max_length (now 64), or pass --skip_invalid "
+                      "True to skip and count such records")
+
+
+def test_skip_invalid_trains_on_the_rest_and_reports_the_count(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import finetune.loading
+
+    class Loaded(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(finetune.loading, "load_model", stop)
+    data = _three_of_five_too_long(tmp_path / "d.jsonl")
+    argv = train_args(tiny_model_dir, data, tmp_path / "o", "--use_lora", "True", "--model_max_length", "64",
+                      "--skip_invalid", "True")
+    with pytest.raises(Loaded):  # the data passed: the run went on to load the model
+        train_main(argv)
+    out = capsys.readouterr()
+    assert "5 read, 2 used, 3 skipped" in out.out + out.err
+    assert "skipped 3: prompt longer than max_len (nothing left to train)" in out.err
+    assert f"e.g. {data}, record 2, line 2" in out.err
+
+
+def test_all_records_too_long_under_skip_invalid_names_the_length_flag(tiny_model_dir, tmp_path, capsys,
+                                                                       no_model_load):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"conversations": [{"from": "user", "value": "q " * 100},
+                                                  {"from": "assistant", "value": "a"}]}) + "\n")
+    argv = train_args(tiny_model_dir, data, tmp_path / "o", "--use_lora", "True", "--model_max_length", "64",
+                      "--skip_invalid", "True")
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no usable records" in err and "raise --model_max_length (now 64)" in err and "--skip_invalid" not in err
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_datasets_progress_bars_follow_disable_tqdm(tiny_model_dir, tmp_path, capfd, disable, monkeypatch):
+    import datasets
+
+    from finetune.tokenization import load_tokenizer
+
+    # a cache of its own: a hit in the shared one (an earlier run that had the same temporary path) shows no bar
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    from finetune.train import _datasets
+    from finetune.training.arguments import parse_args
+
+    data = _three_of_five_too_long(tmp_path / "d.jsonl")  # skipped rows: the filter step runs, then packing
+    _, data_args, _, args = parse_args(train_args(tiny_model_dir, data, tmp_path / "o", "--use_lora", "True",
+                                                  "--model_max_length", "64", "--skip_invalid", "True",
+                                                  "--packing", "True", "--disable_tqdm", str(disable)))
+    capfd.readouterr()
+    _datasets(load_tokenizer(tiny_model_dir), data_args, args)
+    err = capfd.readouterr().err
+    assert ("packing" in err) == (not disable) and ("dropping records" in err) == (not disable)

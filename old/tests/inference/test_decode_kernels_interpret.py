@@ -1,0 +1,273 @@
+"""The fused decode kernels (``finetune/inference/decode_kernels.py``) on the CPU through Triton's interpreter,
+against the plain torch ops the model runs (``modeling/kernels.py``, the engine's cache write), and the engine's
+whole fused decode step against its unfused one.
+
+Run with ``TRITON_INTERPRET=1 python -m pytest tests/inference/test_decode_kernels_interpret.py`` (without it,
+or on a machine with a GPU, the kernel tests skip: see ``load_interpreted``; the GPU tests in
+test_fused_decode_cuda.py cover the compiled kernels). The interpreter casts fp32 -> bf16 by truncation (numpy
+has no bf16), so exact comparisons are made in fp32 and fp16; bf16 is checked to within three bf16 ulps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from finetune.inference import Engine, SamplingParams
+from finetune.modeling.kernels import apply_rotary, rms_norm, swiglu
+from finetune.modeling.model import RotaryEmbedding, logn_scale
+from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+from _helpers import ROOT, load_interpreted
+from _helpers import tiny_model as tiny
+
+KERNELS_PY = ROOT / "finetune" / "inference" / "decode_kernels.py"
+# fp32/fp16: only the summation order of RMSNorm's mean and the last bits of rsqrt/exp differ (numpy's, here);
+# bf16: up to two truncations (the interpreter's casts) against eager's round-to-nearest, each < 1 ulp (2**-7)
+TOL = {torch.float32: dict(rtol=1e-6, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
+       torch.bfloat16: dict(rtol=3 * 2 ** -7, atol=1e-2)}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    with pytest.MonkeyPatch.context() as mp:
+        yield load_interpreted(KERNELS_PY, "_decode_kernels_interpreted", mp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (3, 80)])
+def test_add_rms_norm_equals_residual_add_then_rms_norm(kernels, dtype, with_delta, rows, hidden):
+    g = torch.Generator().manual_seed(rows * hidden)
+    x = torch.randn(rows, 1, hidden, generator=g).to(dtype)
+    delta = torch.randn(rows, 1, hidden, generator=g).to(dtype) if with_delta else None
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    stream = x + delta if with_delta else x.clone()
+    expected = rms_norm(stream, weight, 1e-6)
+
+    x_in = x.clone()
+    res, out = kernels.add_rms_norm(x_in, delta, weight, 1e-6)
+    assert res is x_in  # the residual stream is updated in place
+    if dtype != torch.bfloat16:
+        assert torch.equal(res, stream)  # one rounding of the fp32 sum, as eager x + delta
+    torch.testing.assert_close(res.float(), stream.float(), **TOL[dtype])
+    assert out.shape == x.shape and out.dtype == dtype
+    torch.testing.assert_close(out.float(), expected.float(), **TOL[dtype])
+
+
+def test_add_rms_norm_rejects_a_mismatched_delta(kernels):
+    x = torch.randn(2, 1, 64)
+    with pytest.raises(ValueError, match="delta"):
+        kernels.add_rms_norm(x, torch.randn(2, 1, 64, dtype=torch.float16), torch.ones(64), 1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        kernels.add_rms_norm(x, None, torch.ones(32), 1e-6)
+
+
+def _reference_rotary_to_cache(qkv, cos, sin, query_scale, K, V, pos, heads):
+    """What the model's attention and the engine's _KV.update compute: q rotated (and logN-scaled), k rotated,
+    both at each row's position."""
+    b = qkv.shape[0]
+    P = qkv.shape[-1] // 3
+    q, k, v = (t.view(b, 1, heads, P // heads).transpose(1, 2) for t in qkv.split(P, dim=-1))
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    if query_scale is not None:
+        q = (q.float() * query_scale[:, None, :, None]).type_as(q)
+    rows = torch.arange(b)
+    K[rows, :, pos] = k[:, :, 0]
+    V[rows, :, pos] = v[:, :, 0]
+    return q
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rot_pct,logn", [(1.0, True), (1.0, False), (0.5, True)])
+def test_rotary_to_cache_equals_rotary_logn_and_the_cache_write(kernels, dtype, rot_pct, logn):
+    b, heads, D, slots, cap = 3, 4, 16, 4, 40
+    g = torch.Generator().manual_seed(7)
+    qkv = torch.randn(b, 1, 3 * heads * D, generator=g).to(dtype)
+    pos = torch.tensor([0, 17, 39])
+    alpha = torch.tensor([1.0, 3.0, 7.0])  # every row its own NTK base
+    cos, sin = RotaryEmbedding(int(D * rot_pct))(pos[:, None], alpha[:, None])
+    query_scale = logn_scale(pos[:, None] + 1, 16) if logn else None
+    assert not logn or query_scale[2, 0] > 1  # the last row is beyond seq_length: a real scale
+    K0 = torch.randn(slots, heads, cap, D, generator=g).to(dtype)
+    V0 = torch.randn(slots, heads, cap, D, generator=g).to(dtype)
+    K_ref, V_ref = K0.clone(), V0.clone()
+    q_ref = _reference_rotary_to_cache(qkv, cos, sin, query_scale, K_ref, V_ref, pos, heads)
+
+    K, V = K0.clone(), V0.clone()
+    q = kernels.rotary_to_cache(qkv, cos, sin, query_scale, K, V, pos, heads)
+    assert q.shape == (b, heads, 1, D) and q.dtype == dtype
+    torch.testing.assert_close(q.float(), q_ref.float(), **TOL[dtype])
+    torch.testing.assert_close(K.float(), K_ref.float(), **TOL[dtype])
+    assert torch.equal(V, V_ref)  # v is copied as is
+    written = torch.zeros(slots, cap, dtype=torch.bool)
+    written[torch.arange(b), pos] = True
+    assert torch.equal(K.transpose(1, 2)[~written], K0.transpose(1, 2)[~written])  # nothing else touched
+
+
+def test_rotary_to_cache_rejects_shapes_that_do_not_fit(kernels):
+    qkv = torch.randn(2, 1, 3 * 4 * 16)
+    cos = sin = torch.ones(2, 1, 16)
+    K = torch.zeros(2, 4, 8, 16)
+    with pytest.raises(ValueError, match="KV cache"):
+        kernels.rotary_to_cache(qkv, cos, sin, None, K, torch.zeros(2, 4, 8, 8), torch.zeros(2, dtype=torch.long), 4)
+    with pytest.raises(ValueError, match="split"):
+        kernels.rotary_to_cache(qkv, cos, sin, None, K, K.clone(), torch.zeros(2, dtype=torch.long), 5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_swiglu_equals_up_times_silu_gate(kernels, dtype):
+    g = torch.Generator().manual_seed(3)
+    up = (3 * torch.randn(2, 1, 1500, generator=g)).to(dtype)
+    gate = (3 * torch.randn(2, 1, 1500, generator=g)).to(dtype)
+    out = kernels.swiglu(up, gate)
+    assert out.shape == up.shape and out.dtype == dtype
+    torch.testing.assert_close(out.float(), swiglu(up, gate).float(), **TOL[dtype])
+
+
+def _attention_case(dtype, rows=3, heads=4, D=32, capacity=700, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(rows + 1, heads, capacity, D, generator=g).to(dtype)  # one slot more than the rows
+    v_cache = torch.randn(rows + 1, heads, capacity, D, generator=g).to(dtype)
+    q = torch.randn(rows, heads, 1, D, generator=g).to(dtype)
+    pos = torch.tensor([0, 517, 130][:rows])  # a first token, a row across three splits, one inside the first
+    return q, k_cache, v_cache, pos
+
+
+def _sdpa_reference(q, k_cache, v_cache, pos, scale, kv_len):
+    """The unfused step's attention in fp64: every row up to kv_len keys, masked past its position."""
+    from finetune.inference.fused_decode import additive_mask
+
+    b = q.shape[0]
+    mask = additive_mask(torch.arange(kv_len), pos, kv_len, torch.float64)
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k_cache[:b, :, :kv_len].double(), v_cache[:b, :, :kv_len].double(), attn_mask=mask, scale=scale)
+    return y.transpose(1, 2).reshape(b, 1, -1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_masked_sdpa_over_each_rows_own_keys(kernels, dtype):
+    q, k_cache, v_cache, pos = _attention_case(dtype)
+    kv_len, scale = 528, 32 ** -0.5
+    out = kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    assert out.shape == (3, 1, 4 * 32) and out.dtype == dtype
+    ref = _sdpa_reference(q, k_cache, v_cache, pos, scale, kv_len)
+    # fp32 softmax and sums either way: only the order differs; bf16: the output's rounding (truncated here)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    # a small split size (many parts per row, most of them past the short rows' keys) gives the same result
+    torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, split=64).double(),
+                               ref, **tol)
+
+
+def test_decode_attention_never_reads_past_a_rows_position(kernels):
+    """A short row in a batch with a long one reads only its own keys: NaN written past each row's position (and
+    past kv_len) does not reach any output."""
+    q, k_cache, v_cache, pos = _attention_case(torch.float32, seed=1)
+    kv_len, scale = 528, 32 ** -0.5
+    want = kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    for i, p in enumerate(pos.tolist()):
+        k_cache[i, :, p + 1:] = float("nan")
+        v_cache[i, :, p + 1:] = float("nan")
+    got = kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    assert torch.equal(got, want)
+    stale = pos.clone()
+    stale[0] = 10_000  # a padding slot's stale position: cut at kv_len, not past it
+    k_cache[0, :, :kv_len] = torch.randn(4, kv_len, 32)
+    v_cache[0, :, :kv_len] = torch.randn(4, kv_len, 32)
+    assert torch.isfinite(kernels.decode_attention(q, k_cache, v_cache, stale, scale, kv_len)).all()
+
+
+def test_decode_attention_rejects_shapes_that_do_not_fit(kernels):
+    q, k_cache, v_cache, pos = _attention_case(torch.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        kernels.decode_attention(q, k_cache, v_cache, pos, 1.0, 800)  # more keys than the cache holds
+    with pytest.raises(ValueError, match="query"):
+        kernels.decode_attention(q.transpose(0, 1), k_cache, v_cache, pos, 1.0, 100)
+
+
+# -- the engine's fused decode step (fp32, CPU, interpreted kernels) --------------------------------------------
+def _engine_logits(model, tok, batch, kernels, new=12):
+    """Every request's fp32 logits per step, and the output ids, with the fused path given ``kernels`` (None:
+    the model's own blocks)."""
+    engine = Engine(model, tok, max_batch=8)
+    engine._kernels = kernels
+    seen: dict[int, list[torch.Tensor]] = {}
+    emit = engine._emit
+
+    def record(rows, logits, touched):
+        for i, r in enumerate(rows):
+            seen.setdefault(r.req.id, []).append(logits[i].clone())
+        return emit(rows, logits, touched)
+
+    engine._emit = record
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=new, min_new_tokens=new)) for p in batch]
+    while engine.has_work():
+        engine.step()
+    return [torch.stack(seen[r.id]) for r in reqs], [r.output_ids for r in reqs]
+
+
+@pytest.mark.parametrize("own_keys", [False, True])  # SDPA over the length bucket, or decode_attention
+@pytest.mark.parametrize("seq_length", [256, 16])  # 16: rows cross seq_length (NTK per row, logN scale)
+def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, own_keys, switches, monkeypatch):
+    switches(decode_attention=own_keys)
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = tiny(seed=11, seq_length=seq_length)
+    g = torch.Generator().manual_seed(5)
+    batch = [torch.randint(3, 1700, (n,), generator=g).tolist() for n in (3, 20, 9)]
+    with torch.no_grad():
+        plain_logits, plain_ids = _engine_logits(model, tok, batch, None)
+        fused_logits, fused_ids = _engine_logits(model, tok, batch, kernels)
+    assert bool(calls) == own_keys
+    for a, b in zip(fused_logits, plain_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fused_ids == plain_ids
+
+
+def test_own_keys_where_they_skip_a_quarter_of_the_bucket_from_two_rows(switches):
+    """fused_decode.use_own_keys: decode_attention where SDPA would read at least 25% keys past the rows' own
+    positions, from 2 slots (one row: SDPA measured faster on the H200; benchmarks/NOTES.md step 18)."""
+    from finetune.inference.fused_decode import use_own_keys
+
+    assert not use_own_keys([10], 1, 256)  # one row: SDPA, however short
+    assert use_own_keys([10, 200], 2, 256)  # reads 212 of 512
+    assert not use_own_keys([200, 230], 2, 256)  # reads 432 of 512: 15.6% skipped
+    assert use_own_keys([191, 191], 2, 256)  # reads 384 of 512: exactly 25% skipped
+    assert not use_own_keys([192, 191], 2, 256)
+    assert use_own_keys([250, 250, 250], 4, 256)  # a padding slot reads one key: 754 of 1024
+    switches(decode_attention=False)
+    assert not use_own_keys([10, 200], 2, 256)
+
+
+def test_the_engine_picks_the_attention_per_step_and_both_answer_the_same(kernels, switches, monkeypatch):
+    """The eager fused step asks use_own_keys at every step: one row keeps SDPA; two rows far apart in length take
+    decode_attention; both give the model blocks' logits (fp32)."""
+    switches(decode_attention=True)
+    calls = []
+    real = kernels.decode_attention
+    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = tiny(seed=11)
+    one, two = [[5, 9, 300, 41]], [[5, 9, 300, 41] * 10, [7, 8]]
+    with torch.no_grad():
+        for batch in (one, two):
+            plain_logits, plain_ids = _engine_logits(model, tok, batch, None)
+            calls.clear()
+            fused_logits, fused_ids = _engine_logits(model, tok, batch, kernels)
+            assert set(calls) == (set() if batch is one else {2})
+            for a, b in zip(fused_logits, plain_logits):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+            assert fused_ids == plain_ids
+
+
+# -- where the fused path runs (no triton needed) -----------------------------------------------------------------
+def test_the_cpu_keeps_the_model_blocks():
+    """(the switch and the hooks: test_fused_decode_cuda.py)"""
+    from finetune.inference.fused_decode import fused_kernels
+
+    model = tiny(seed=1)
+    assert fused_kernels(model.transformer, torch.device("cpu"), torch.float32) is None
+    assert Engine(model, QWenTokenizer(str(SMALL_VOCAB)))._kernels is None  # plain torch, no triton import

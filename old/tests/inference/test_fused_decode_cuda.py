@@ -1,0 +1,214 @@
+"""GPU tests of the engine's fused decode step (finetune/inference/fused_decode.py, decode_kernels.py): the compiled
+kernels against the torch ops they replace in bf16, a decode step fused against unfused in bf16, when the fused
+path is used, and how many kernels a layer launches. Run on the GPU machine:
+pytest -m cuda tests/inference/test_fused_decode_cuda.py"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+import finetune  # noqa: E402,F401
+from finetune.inference import Engine, SamplingParams  # noqa: E402
+from finetune.modeling import QWenConfig, QWenLMHeadModel  # noqa: E402
+from finetune.modeling.kernels import apply_rotary, rms_norm, swiglu  # noqa: E402
+from finetune.modeling.model import RotaryEmbedding, logn_scale  # noqa: E402
+from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
+
+from _helpers import _model_values, realistic_model  # noqa: E402
+from test_inference_engine import prompts  # noqa: E402
+
+BF16_ULP = 2 ** -7  # relative spacing of bf16 values (8 bits of significand)
+# One fused decode step against the unfused one, bf16, relative norm of the logits' difference: the kernels round
+# where eager torch rounds, so only rare one-ulp flips (RMSNorm's summation order, rsqrt/exp's last bit) differ
+# and propagate through two layers; a wrong position, rotary channel, cache row or mask gives O(1).
+BF16_STEP_REL = 1e-2
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return QWenTokenizer(str(SMALL_VOCAB))
+
+
+def _close_bf16(got, want, max_flips=0.01):
+    """Equal up to one bf16 ulp, on at most ``max_flips`` of the elements (rounding ties of a different fp32
+    summation order)."""
+    got, want = got.float(), want.float()
+    diff = (got - want).abs()
+    assert bool((diff <= BF16_ULP * want.abs() + 1e-6).all()), diff.max().item()
+    assert (diff > 0).float().mean().item() <= max_flips
+
+
+def test_compiled_kernels_equal_the_torch_ops_in_bf16():
+    from finetune.inference import decode_kernels as K  # triton: imported on the GPU machine only
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dt = torch.bfloat16
+    x = torch.randn(5, 1, 5120, device="cuda", generator=g).to(dt)
+    delta = torch.randn(5, 1, 5120, device="cuda", generator=g).to(dt)
+    w = (1 + 0.1 * torch.randn(5120, device="cuda", generator=g)).to(dt)
+    stream = x + delta
+    res, out = K.add_rms_norm(x.clone(), delta, w, 1e-6)
+    assert torch.equal(res, stream)
+    _close_bf16(out, rms_norm(stream, w, 1e-6))
+
+    b, heads, D = 5, 40, 128
+    qkv = torch.randn(b, 1, 3 * heads * D, device="cuda", generator=g).to(dt)
+    pos = torch.tensor([0, 5, 300, 2047, 4100], device="cuda")
+    alpha = torch.tensor([1.0, 1.0, 3.0, 3.0, 7.0], device="cuda")
+    cos, sin = RotaryEmbedding(D)(pos[:, None], alpha[:, None])
+    scale = logn_scale(pos[:, None] + 1, 2048)
+    kc = torch.zeros(8, heads, 4352, D, device="cuda", dtype=dt)
+    vc = torch.zeros_like(kc)
+    q = K.rotary_to_cache(qkv, cos, sin, scale, kc, vc, pos, heads)
+    qr, kr, vr = (t.view(b, 1, heads, D).transpose(1, 2) for t in qkv.split(heads * D, dim=-1))
+    q_ref = (apply_rotary(qr, cos, sin).float() * scale[:, None, :, None]).to(dt)
+    k_ref = apply_rotary(kr, cos, sin)
+    _close_bf16(q, q_ref)
+    rows = torch.arange(b, device="cuda")
+    _close_bf16(kc[rows, :, pos], k_ref[:, :, 0])
+    assert torch.equal(vc[rows, :, pos], vr[:, :, 0])
+    assert kc.count_nonzero() == k_ref.count_nonzero()  # nothing written elsewhere
+
+    up = torch.randn(5, 1, 13696, device="cuda", generator=g).to(dt)
+    gate = torch.randn(5, 1, 13696, device="cuda", generator=g).to(dt)
+    _close_bf16(K.swiglu(up, gate), swiglu(up, gate))
+
+
+def _after_prefill(model, tok, batch):
+    engine = Engine(model, tok, max_batch=8, use_graphs=False)
+    for p in batch:
+        engine.submit(p, SamplingParams(max_new_tokens=30, min_new_tokens=30))
+    for _ in range(3):  # prefill + a few decode steps
+        engine.step()
+    return engine
+
+
+def _one_step(engine, kernels, own_keys=False):
+    """One decode step's logits and the cache it leaves, with ``kernels`` (None: the model's blocks), from the
+    engine's current state (restored after)."""
+    cache = engine._cache
+    saved = cache.k.clone(), cache.v.clone()
+    n = len(engine._rows)
+    s = engine._state()  # the next step's inputs, as the device has advanced them
+    tok, pos, alpha, sel = s["tok"][:n].clone(), s["pos"][:n].clone(), s["alpha"][:n].clone(), s["sel"][:, :n].clone()
+    engine._kernels = kernels
+    with torch.no_grad():
+        logits = engine._decode_forward(tok, pos, alpha, sel, max(r.length for r in engine._rows) + 1,
+                                        own_keys).clone()
+    written = cache.k.clone(), cache.v.clone()
+    cache.k.copy_(saved[0])
+    cache.v.copy_(saved[1])
+    return logits, written, pos
+
+
+def test_fused_step_matches_the_unfused_step_in_bf16(tok):
+    model = realistic_model(4).to("cuda", torch.bfloat16)
+    model.config.seq_length = 64  # rows beyond it: logN scale and NTK alphas above 1
+    engine = _after_prefill(model, tok, prompts([5, 90, 33], seed=6))
+    kernels = engine._kernels
+    assert kernels is not None
+    fused, (fk, fv), pos = _one_step(engine, kernels)
+    plain, (pk, pv), _ = _one_step(engine, None)
+    rel = ((fused - plain).norm() / plain.norm()).item()
+    assert rel < BF16_STEP_REL, rel
+    rows = torch.arange(len(engine._rows), device="cuda")
+    for f, p in ((fk, pk), (fv, pv)):
+        got, want = f[:, rows, :, pos], p[:, rows, :, pos]  # [rows, layers, heads, D]
+        assert ((got.float() - want.float()).norm() / want.float().norm()).item() < BF16_STEP_REL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
+    """The compiled split-key attention (40 heads of 128, rows at mixed positions, a stale padding slot) against
+    SDPA over the length bucket under the additive mask, computed in fp64."""
+    from finetune.inference import decode_kernels as K
+    from finetune.inference.fused_decode import additive_mask
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, heads, D, capacity, kv_len = 6, 40, 128, 2304, 2048
+    k_cache = torch.randn(rows, heads, capacity, D, device="cuda", generator=g).to(dtype)
+    v_cache = torch.randn(rows, heads, capacity, D, device="cuda", generator=g).to(dtype)
+    q = torch.randn(rows, heads, 1, D, device="cuda", generator=g).to(dtype)
+    pos = torch.tensor([0, 1999, 255, 256, 700, 2047], device="cuda")
+    scale = D ** -0.5
+    out = K.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    mask = additive_mask(torch.arange(kv_len, device="cuda"), pos, kv_len, torch.float64)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k_cache[:, :, :kv_len].double(),
+                                                           v_cache[:, :, :kv_len].double(), attn_mask=mask, scale=scale)
+    ref = ref.transpose(1, 2).reshape(rows, 1, heads * D)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=2 ** -8)
+    torch.testing.assert_close(out.double(), ref, **tol)
+    graph = torch.cuda.CUDAGraph()  # capturable: no host sync, the positions read on the device
+    with torch.cuda.graph(graph):
+        replayed = K.decode_attention(q, k_cache, v_cache, pos, scale, kv_len)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(replayed, out)
+
+
+def test_fused_step_with_decode_attention_matches_sdpa_in_bf16(tok, switches):
+    model = realistic_model(4).to("cuda", torch.bfloat16)
+    model.config.seq_length = 64
+    engine = _after_prefill(model, tok, prompts([5, 90, 33], seed=6))
+    kernels = engine._kernels
+    own, _, _ = _one_step(engine, kernels, own_keys=True)
+    sdpa, _, _ = _one_step(engine, kernels, own_keys=False)
+    rel = ((own - sdpa).norm() / sdpa.norm()).item()
+    assert rel < BF16_STEP_REL, rel
+
+
+def test_the_fused_path_is_used_only_where_it_computes_the_same(tok, switches):
+    model = realistic_model(5).to("cuda", torch.bfloat16)
+    assert Engine(model, tok)._kernels is not None
+    switches(fused_decode=False)
+    assert Engine(model, tok)._kernels is None
+    switches(fused_decode=True)
+    handle = model.transformer.h[0].register_forward_hook(lambda m, a, o: o)
+    assert Engine(model, tok)._kernels is None  # a hook on a block would be skipped
+    handle.remove()
+    model.transformer.h[1].ln_2.float()
+    assert Engine(model, tok)._kernels is None  # an fp32 norm: eager torch would carry an fp32 stream
+
+
+def _kernels_per_step(model, tok):
+    """Names of the CUDA kernels of one eager decode step (batch 2)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = _after_prefill(model, tok, prompts([5, 12], seed=7))
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def _besides_matmul_and_attention(names):
+    # cuBLAS's kernels (its split-K matmuls add a splitKreduce kernel) and SDPA's
+    skip = ("gemm", "gemv", "nvjet", "cutlass", "sm90", "sm80", "splitk", "fmha", "attention", "flash", "efficient",
+            "sdpa")
+    return [n for n in names if not any(s in n.lower() for s in skip)]
+
+
+def test_a_fused_layer_launches_few_kernels(tok, switches):
+    """The kernels one layer adds to a decode step (a 6-layer model's step minus a 2-layer model's, over 4),
+    besides matmuls and attention: two add + RMSNorm, rotary + cache write, SwiGLU, c_attn's bias add, and room
+    for SDPA's own helpers (issue 16's goal: <= 12); the model's own blocks launch several times more."""
+    counts = {}
+    for fused in (True, False):
+        switches(fused_decode=fused)
+        n = {}
+        for layers in (2, 6):
+            torch.manual_seed(6)
+            values = _model_values(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024,
+                                   num_hidden_layers=layers)
+            model = QWenLMHeadModel(QWenConfig(**values)).eval().to("cuda", torch.bfloat16)
+            n[layers] = len(_besides_matmul_and_attention(_kernels_per_step(model, tok)))
+        counts[fused] = (n[6] - n[2]) / 4
+    assert counts[True] <= 8, counts
+    assert counts[False] >= 3 * counts[True], counts

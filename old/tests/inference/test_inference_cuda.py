@@ -1,0 +1,320 @@
+"""GPU tests of the decode engine: CUDA-graphed steps against eager steps and generate(), bf16 per-step logits
+against the plain forward, chat() through the engine, an Int4 model with an adapter. Run on the GPU machine:
+pytest -m cuda tests/inference/test_inference_cuda.py"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import pytest
+import torch
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+import finetune  # noqa: E402,F401
+from finetune.inference import Engine, SamplingParams  # noqa: E402
+from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
+
+from _helpers import realistic_model  # noqa: E402
+from test_inference_engine import assert_agree, hf_greedy, prompts  # noqa: E402
+
+# bf16: the engine's logits at every step against the plain full forward over the same tokens, as the relative
+# norm of the difference. Both round every layer's output to bf16 (8 bits of mantissa, ~4e-3 per rounding) with
+# different kernels and summation orders (GEMV / SDPA over a padded cache vs. one causal SDPA); the differences
+# of a few layers add up, so 3e-2 is stated; a wrong position, mask, cache row or rotary base gives O(1).
+BF16_LOGITS_REL = 3e-2
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return QWenTokenizer(str(SMALL_VOCAB))
+
+
+class _StepLogits(Mapping):
+    """request id -> the logits [V] of each token it picked (its stop token included). The engine runs greedy
+    rows one step ahead, so a row that finished also has the logits of one more step, whose token it dropped:
+    those are left out here."""
+
+    def __init__(self):
+        self.steps: dict[int, list[torch.Tensor]] = {}
+        self.reqs: dict = {}
+
+    def add(self, req, logits):
+        self.reqs[req.id] = req
+        self.steps.setdefault(req.id, []).append(logits.detach().float().cpu().clone())
+
+    def __getitem__(self, rid):
+        req = self.reqs[rid]
+        return self.steps[rid][:len(req.output_ids) + (1 if req.finish_reason == "stop" else 0)]
+
+    def __iter__(self):
+        return iter(self.steps)
+
+    def __len__(self):
+        return len(self.steps)
+
+
+def _record_logits(engine):
+    """Wraps the engine's host-side pick (prefill, sampled steps) and its device-picked step launch to keep each
+    request's logits per step (copied at once: a launched step's logits live until the next launch)."""
+    seen = _StepLogits()
+    emit, launch = engine._emit, engine._launch
+
+    def recording_emit(rows, logits, touched):
+        for i, r in enumerate(rows):
+            seen.add(r.req, logits[i])
+        return emit(rows, logits, touched)
+
+    def recording_launch():
+        step = launch()
+        for i, r in enumerate(step.rows):
+            seen.add(r.req, step.logits[i])
+        return step
+
+    engine._emit, engine._launch = recording_emit, recording_launch
+    return seen
+
+
+def test_graphed_steps_equal_eager_steps_and_generate_in_fp32(tok):
+    model = realistic_model(0).to("cuda")
+    batch = [[t % 2000 for t in p] for p in prompts([3, 70, 300, 17, 5], seed=1)]
+    params = SamplingParams(max_new_tokens=40)
+    graphed_engine = Engine(model, tok, max_batch=8)
+    assert graphed_engine.use_graphs
+    graphed = graphed_engine.generate(batch, params)
+    assert graphed_engine._graphs  # the decode steps were replays
+    eager = Engine(model, tok, max_batch=8, use_graphs=False).generate(batch, params)
+    assert assert_agree(graphed, [(e, [1.0] * len(e)) for e in eager]) == 0
+    cuts = sum(assert_agree([o], hf_greedy(model, tok, [p], 40)) for p, o in zip(batch, graphed))
+    assert cuts <= 1
+
+
+def test_bf16_per_step_logits_match_the_plain_forward(tok):
+    model = realistic_model(1).to("cuda", torch.bfloat16)
+    batch = prompts([4, 150, 33], seed=2)
+    engine = Engine(model, tok, max_batch=4)
+    logits = _record_logits(engine)
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=24)) for p in batch]
+    while engine.has_work():
+        engine.step()
+    for r in reqs:
+        ids = torch.tensor([r.prompt_ids + r.output_ids], device="cuda")
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0].float().cpu()
+        steps = logits[r.id]
+        assert len(steps) == len(r.output_ids) + (1 if r.finish_reason == "stop" else 0)
+        for i, got in enumerate(steps):
+            want = ref[len(r.prompt_ids) - 1 + i]
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < BF16_LOGITS_REL, (r.id, i, rel)
+
+
+def test_chat_uses_the_engine_on_cuda_and_answers_as_generate(tok, monkeypatch, switches):
+    from finetune.inference import chat_decoder
+
+    model = realistic_model(2).to("cuda")
+    kwargs = dict(do_sample=False, max_new_tokens=16)
+    fast, _ = model.chat(tok, "hello there", **kwargs)
+    assert model in chat_decoder._ENGINES  # chat() went through the engine
+    streamed = list(model.chat_stream(tok, "hello there", **kwargs))
+    switches(static_decode=False)
+    slow, _ = model.chat(tok, "hello there", **kwargs)
+    assert fast == slow and (not streamed or streamed[-1] == fast)
+
+
+def test_int4_model_with_two_adapters_per_row(tok):
+    """A GPTQ model on the GPU (the GEMV / small-M GEMM paths) with two unmerged adapters: each row of a mixed
+    batch decodes as that row alone."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values["quantization_config"] = {"bits": 4, "group_size": 32, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
+    pm.add_adapter("second", LoraConfig(**cfg))
+    pm.eval()
+    batch = prompts([5, 40, 12], seed=3)
+    names = ["first", None, "second"]
+    params = SamplingParams(max_new_tokens=20)
+    alone_logits, alone = [], []
+    for p, a in zip(batch, names):
+        e = Engine(pm, tok, max_batch=1)
+        rec = _record_logits(e)
+        alone.append(e.generate([p], params, adapter=a)[0])
+        alone_logits.append(next(iter(rec.values())))
+    engine = Engine(pm, tok, max_batch=4)
+    rec = _record_logits(engine)
+    reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, names)]
+    while engine.has_work():
+        engine.step()
+    assert len({tuple(a) for a in alone}) == 3  # the adapters and the base answer differently
+    # bf16, other batch shapes (other GEMV buckets): the logits agree within the stated tolerance at every step
+    # up to the first token where the two answers part (a near-tie); the prefill step is the same computation
+    for r, want_steps, a in zip(reqs, alone_logits, alone):
+        got_steps = rec[r.id]
+        assert torch.equal(got_steps[0], want_steps[0])
+        for i, (got, want) in enumerate(zip(got_steps, want_steps)):
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < BF16_LOGITS_REL, (r.id, i, rel)
+            if i >= len(a) or i >= len(r.output_ids) or r.output_ids[i] != a[i]:
+                break
+
+
+def _solo_with_gaps(model, tok, prompt, n):
+    """A prompt decoded alone (greedy): its tokens and the top-2 logit gap at each step."""
+    e = Engine(model, tok, max_batch=1)
+    rec = _record_logits(e)
+    out = e.generate([prompt], SamplingParams(max_new_tokens=n))[0]
+    steps = next(iter(rec.values()))
+    gaps = [float(t[0] - t[1]) for t in (s.topk(2).values for s in steps)]
+    return out, gaps
+
+
+def join_and_leave(model, tok):
+    """Row a finishes early (its tokens never change afterwards), row c joins a running batch: every row gets
+    the tokens it gets alone (up to a near-tie, where batch shapes may pick either token). Returns the rows cut
+    at a near-tie."""
+    a, b, c = prompts([7, 120, 30], seed=5)
+    solo = [_solo_with_gaps(model, tok, p, n) for p, n in ((a, 6), (b, 40), (c, 20))]
+    engine = Engine(model, tok, max_batch=4)
+    ra = engine.submit(a, SamplingParams(max_new_tokens=6))
+    rb = engine.submit(b, SamplingParams(max_new_tokens=40))
+    rc, frozen, steps = None, None, 0
+    while engine.has_work():
+        got = engine.step()
+        steps += 1
+        if ra.finished:
+            if frozen is None:
+                frozen = list(ra.output_ids)
+            else:
+                assert ra not in got
+            assert ra.output_ids == frozen
+        if steps == 3:
+            rc = engine.submit(c, SamplingParams(max_new_tokens=20))
+    return assert_agree([ra.output_ids, rb.output_ids, rc.output_ids], solo)
+
+
+def test_graphed_rows_leaving_and_joining_get_their_solo_tokens_in_fp32(tok):
+    model = realistic_model(3).to("cuda")
+    assert join_and_leave(model, tok) <= 1
+
+
+def test_graphed_engine_sees_adapter_weights_changed_between_generations(tok):
+    """Replayed graphs never run the adapter hooks: the stacked LoRA copies they read are refreshed (in place)
+    when a new batch starts, so more training between two chats reaches the next answer."""
+    from test_inference_engine import _peft
+
+    pm = _peft(realistic_model(0), ["default"]).to("cuda")
+    batch = [[t % 2000 for t in p] for p in prompts([9], seed=4)]
+    params = SamplingParams(max_new_tokens=16)
+    engine = Engine(pm, tok, max_batch=2)
+    base = engine.generate(batch, params, adapter=None)
+    tuned = engine.generate(batch, params, adapter="default")
+    assert engine._graphs and tuned != base
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    assert engine.generate(batch, params, adapter="default") == base
+
+
+def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
+    """The pick inside the decode graph (repetition penalty, stops held back by min_new_tokens, argmax, next inputs
+    advanced on the device) and the sampled rows picked after the forward's graph (seeded: their generator; a
+    batch of unseeded rows under torch.manual_seed), with a row joining and rows finishing: the same tokens as the
+    eager engine, step for step."""
+    model = realistic_model(4).to("cuda")
+    ps = [[t % 2000 for t in p] for p in prompts([5, 60, 17, 9, 33], seed=6)]
+    free = Engine(model, tok, max_batch=1, use_graphs=False).generate([ps[2]], SamplingParams(max_new_tokens=30))[0]
+    stop = free[6]
+    jobs = [SamplingParams(max_new_tokens=30, min_new_tokens=30, repetition_penalty=1.3),  # outlives the others
+            SamplingParams(max_new_tokens=24, min_new_tokens=10, stop_token_ids=(free[3],)),
+            SamplingParams(max_new_tokens=30, stop_token_ids=(stop,)),
+            SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, temperature=0.8, seed=11),
+            SamplingParams(max_new_tokens=20, do_sample=True, top_k=20, repetition_penalty=1.1)]
+
+    def run(use_graphs):
+        torch.manual_seed(0)
+        engine = Engine(model, tok, max_batch=8, use_graphs=use_graphs)
+        reqs = [engine.submit(p, sp) for p, sp in zip(ps[:4], jobs[:4])]
+        steps = 0
+        while engine.has_work() or len(reqs) < 5:
+            engine.step()
+            steps += 1
+            if steps == 3:
+                reqs.append(engine.submit(ps[4], jobs[4]))
+        return engine, [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
+
+    graphed_engine, graphed, reasons = run(True)
+    # a graph key is (rows, keys) + the pick's two fields when the pick is inside, then flags ("own_keys", "lora")
+    keys = [tuple(v for v in k if v not in ("own_keys", "lora")) for k in graphed_engine._graphs]
+    assert any(len(k) == 4 for k in keys)  # greedy steps: the pick inside the graph
+    assert any(len(k) == 2 for k in keys)  # sampled steps: the forward's graph
+    _, eager, eager_reasons = run(False)
+    assert graphed == eager and reasons == eager_reasons
+    assert reasons[2] == "stop" and stop not in graphed[2]
+
+
+def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok, monkeypatch, switches):
+    """Layers the tensor-core GEMV takes (K a multiple of 128, group size 128): the engine hands each LoRA
+    product to the GEMV's epilogue (row_adapters.py); a mixed batch of two adapters and the base then decodes as
+    with the product added by its own kernels, per-step logits within the bf16 tolerance."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant import mma_gemv as G
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    if G.available() is not None:
+        pytest.skip(G.available())
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values.update(hidden_size=128, kv_channels=32, intermediate_size=512)
+    values["quantization_config"] = {"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
+    pm.add_adapter("second", LoraConfig(**dict(cfg, r=8)))
+    pm.eval()
+    batch = prompts([5, 40, 12], seed=3)
+    names = ["first", None, "second"]
+    params = SamplingParams(max_new_tokens=20)
+    taken = []
+    real = G.mma_gemv
+
+    def spy(*a, **k):
+        y = real(*a, **k)
+        taken.append(k.get("low_rank") is not None and y is not None)
+        return y
+
+    monkeypatch.setattr(G, "mma_gemv", spy)
+
+    def run():
+        engine = Engine(pm, tok, max_batch=4)
+        rec = _record_logits(engine)
+        reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, names)]
+        while engine.has_work():
+            engine.step()
+        return reqs, rec
+
+    switches(gptq_lora_epilogue=True)
+    fused, fused_logits = run()
+    assert any(taken)
+    taken.clear()
+    switches(gptq_lora_epilogue=False)
+    plain, plain_logits = run()
+    assert taken and not any(taken)
+    for f, p in zip(fused, plain):
+        for i, (got, want) in enumerate(zip(fused_logits[f.id], plain_logits[p.id])):
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < BF16_LOGITS_REL, (f.id, i, rel)
+            if i >= len(f.output_ids) or i >= len(p.output_ids) or f.output_ids[i] != p.output_ids[i]:
+                break

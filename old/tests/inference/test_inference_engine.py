@@ -1,0 +1,379 @@
+"""The decode engine (finetune/inference/engine.py) on CPU in fp32: the same greedy tokens as generate(), for one row
+and for batches of mixed prompt lengths, with and without adapters, beyond seq_length (NTK/logN); continuous
+batching (rows leaving, joining, cancelled) never changes another row's tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+import finetune  # noqa: F401
+from finetune.inference import Engine, Request, SamplingParams
+from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+from _helpers import tiny_model as tiny
+
+GAP = 1e-4  # where generate()'s top-2 logits are closer than this, summation order may pick either token
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return QWenTokenizer(str(SMALL_VOCAB))
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1700, (n,), generator=g).tolist() for n in lengths]
+
+
+def hf_greedy(model, tok, batch, max_new, penalty=1.0):
+    """generate()'s greedy new tokens for LEFT-padded rows (cut at the first stop), and each row's top-2 logit gaps."""
+    L = max(len(p) for p in batch)
+    ids = torch.zeros(len(batch), L, dtype=torch.long)
+    mask = torch.zeros(len(batch), L, dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, L - len(p):] = torch.tensor(p)
+        mask[i, L - len(p):] = 1
+    stops = [tok.im_end_id, tok.im_start_id]
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=stops, pad_token_id=0,
+                          repetition_penalty=penalty)
+    out = model.generate(ids, attention_mask=mask, generation_config=gc, output_scores=True,
+                         return_dict_in_generate=True)
+    new = out.sequences[:, L:].tolist()
+    top2 = torch.stack([s.float().topk(2, dim=-1).values for s in out.scores], 1)  # [B, steps, 2]
+    gaps = (top2[..., 0] - top2[..., 1]).tolist()
+    rows = []
+    for row, g in zip(new, gaps):
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        rows.append((row[:cut], g))
+    return rows
+
+
+def assert_agree(ours, theirs):
+    """Each row equal to generate()'s up to the first step whose top-2 gap is below GAP (after which the two
+    may diverge legitimately); returns how many rows had such a step (kept small by the callers' seeds)."""
+    cut_rows = 0
+    for got, (ref, gaps) in zip(ours, theirs):
+        n = next((i for i, g in enumerate(gaps) if g < GAP), None)
+        if n is None:
+            assert got == ref
+        else:
+            cut_rows += 1
+            assert got[:n] == ref[:n]
+    return cut_rows
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.3])
+def test_batch_1_greedy_equals_generate(tok, penalty):
+    model = tiny(seed=1)
+    engine = Engine(model, tok, max_batch=1)
+    for p in prompts([1, 9, 33], seed=2):
+        ours = engine.generate([p], SamplingParams(max_new_tokens=24, repetition_penalty=penalty))
+        assert assert_agree(ours, hf_greedy(model, tok, [p], 24, penalty)) == 0
+
+
+def test_mixed_prompt_lengths_in_one_batch_equal_generate(tok):
+    model = tiny(seed=3)
+    batch = prompts([3, 40, 11, 25, 1], seed=4)
+    engine = Engine(model, tok, max_batch=8)
+    ours = engine.generate(batch, SamplingParams(max_new_tokens=20))
+    cut = assert_agree(ours, hf_greedy(model, tok, batch, 20))
+    assert cut <= 1, f"{cut} of 5 rows compared only up to a near-tie"
+    # and each row as generate() computes it alone
+    for p, o in zip(batch, ours):
+        assert assert_agree([o], hf_greedy(model, tok, [p], 20)) == 0
+
+
+def test_beyond_seq_length_with_dynamic_ntk_and_logn(tok):
+    """seq_length 16: prompts of 10..40 tokens decode 24 more, so rows cross seq_length (logN) and have NTK
+    alphas 1, 3 and 7 fixed at prefill; each row equals generate()'s, alone and in one batch."""
+    model = tiny(seed=5, seq_length=16)
+    assert model.config.use_dynamic_ntk and model.config.use_logn_attn
+    batch = prompts([10, 20, 40], seed=6)
+    engine = Engine(model, tok, max_batch=4)
+    assert engine.max_len >= 64
+    ours = engine.generate(batch, SamplingParams(max_new_tokens=24))
+    for p, o in zip(batch, ours):
+        assert assert_agree([o], hf_greedy(model, tok, [p], 24)) == 0
+    # without NTK/logN the answers differ (the test would catch a path that ignored them)
+    plain = tiny(seed=5, seq_length=16, use_dynamic_ntk=False, use_logn_attn=False)
+    assert Engine(plain, tok, max_batch=4).generate(batch, SamplingParams(max_new_tokens=24)) != ours
+
+
+def _peft(model, names, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    torch.manual_seed(seed)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name=names[0])
+    for i, name in enumerate(names[1:]):
+        torch.manual_seed(seed + 1 + i)
+        pm.add_adapter(name, LoraConfig(**cfg))
+    return pm.eval()
+
+
+def test_adapter_rows_equal_generate_with_that_adapter(tok):
+    pm = _peft(tiny(seed=7), ["default"])
+    batch = prompts([6, 21, 13], seed=8)
+    engine = Engine(pm, tok, max_batch=4)
+    ours = engine.generate(batch, SamplingParams(max_new_tokens=16), adapter="default")
+    assert assert_agree(ours, hf_greedy(pm, tok, batch, 16)) <= 1
+    base = engine.generate(batch, SamplingParams(max_new_tokens=16), adapter=None)
+    with pm.disable_adapter():
+        assert assert_agree(base, hf_greedy(pm, tok, batch, 16)) <= 1
+    assert base != ours  # the adapter changes the answers
+
+
+def test_two_adapters_and_the_base_in_one_batch_each_give_their_own_answers(tok):
+    pm = _peft(tiny(seed=9), ["first", "second"], seed=3)
+    p = prompts([12], seed=10)[0]
+    params = SamplingParams(max_new_tokens=16)
+    alone = {name: Engine(pm, tok, max_batch=1).generate([p], params, adapter=name)[0] for name in ("first", "second", None)}
+    assert len({tuple(v) for v in alone.values()}) == 3  # three different answers
+    engine = Engine(pm, tok, max_batch=4)
+    reqs = [engine.submit(p, params, adapter=name) for name in ("first", None, "second", "first")]
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in reqs] == [alone["first"], alone[None], alone["second"], alone["first"]]
+    for name in ("first", "second"):
+        pm.set_adapter(name)
+        assert assert_agree([alone[name]], hf_greedy(pm, tok, [p], 16)) == 0
+
+
+def test_a_batch_without_adapter_rows_computes_no_adapter(tok, monkeypatch):
+    """Base rows of a model with adapters (eval's base column, a server's base requests) run the base alone: no
+    adapter hook, and the base's answers."""
+    from finetune.inference.row_adapters import RowAdapters
+
+    pm = _peft(tiny(seed=7), ["default"])
+    calls = []
+    real = RowAdapters._pre_hook  # where a layer's adapter computation starts
+
+    def counting(self, select, by_cols):
+        hook = real(self, select, by_cols)
+        return lambda *a: calls.append(1) or hook(*a)
+
+    monkeypatch.setattr(RowAdapters, "_pre_hook", counting)
+    batch = prompts([6, 21], seed=8)
+    engine = Engine(pm, tok, max_batch=4)
+    base = engine.generate(batch, SamplingParams(max_new_tokens=10), adapter=None)
+    assert calls == []
+    with pm.disable_adapter():
+        assert assert_agree(base, hf_greedy(pm, tok, batch, 10)) <= 1
+    engine.generate(batch, SamplingParams(max_new_tokens=10), adapter="default")
+    assert calls  # rows with an adapter do run the hooks
+
+
+def test_prompts_joining_together_are_prefilled_in_groups_and_answer_as_alone(tok, monkeypatch):
+    """Requests that join in the same step share one prefill forward (right-padded, at most PREFILL_TOKENS
+    positions a forward), each with its own NTK alpha, and every row answers as it does alone."""
+    from finetune.inference import engine as engine_mod
+
+    model = tiny(seed=3, seq_length=16)  # prompts past seq_length: per-row NTK alphas and logN differ
+    batch = prompts([10, 30, 25, 5], seed=12)
+    params = SamplingParams(max_new_tokens=12)
+    alone = [Engine(model, tok, max_batch=1).generate([p], params)[0] for p in batch]
+    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", 64)  # groups: [10, 30] (2 x 30), then [25, 5] (2 x 25)
+    engine = Engine(model, tok, max_batch=4)
+    groups = []
+    real = engine._prefill
+    monkeypatch.setattr(engine, "_prefill", lambda reqs, touched: groups.append(len(reqs)) or real(reqs, touched))
+    assert engine.generate(batch, params) == alone
+    assert groups == [2, 2]
+
+
+def test_adapter_weights_changed_in_place_are_used_at_the_next_step(tok):
+    """The engine computes each layer's adapters from stacked copies of their weights: a change to a LoRA weight
+    (further training, loading new values) must reach the next forward, never a stale copy."""
+    pm = _peft(tiny(seed=7), ["default"])
+    batch = prompts([9], seed=4)
+    engine = Engine(pm, tok, max_batch=2)
+    params = SamplingParams(max_new_tokens=12)
+    base = engine.generate(batch, params, adapter=None)
+    tuned = engine.generate(batch, params, adapter="default")
+    assert tuned != base
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.zero_()  # the adapter now adds nothing
+    assert engine.generate(batch, params, adapter="default") == base
+
+
+def test_finished_rows_never_change_and_a_row_joining_mid_batch_gets_its_solo_tokens(tok):
+    model = tiny(seed=11)
+    a, b, c = prompts([7, 30, 4], seed=12)
+    solo = {i: Engine(model, tok, max_batch=1).generate([p], SamplingParams(max_new_tokens=n))[0]
+            for i, (p, n) in enumerate([(a, 5), (b, 20), (c, 12)])}
+    engine = Engine(model, tok, max_batch=4)
+    ra = engine.submit(a, SamplingParams(max_new_tokens=5))
+    rb = engine.submit(b, SamplingParams(max_new_tokens=20))
+    frozen = None
+    rc = None
+    steps = 0
+    while engine.has_work():
+        got = engine.step()
+        steps += 1
+        if ra.finished:
+            if frozen is None:  # the step it finished in reports it ...
+                frozen = list(ra.output_ids)
+                assert ra in got and ra.finish_reason == "length"
+            else:  # ... and no later step touches it
+                assert ra not in got
+            assert ra.output_ids == frozen
+        if steps == 3:
+            rc = engine.submit(c, SamplingParams(max_new_tokens=12))  # joins a running batch
+    assert [ra.output_ids, rb.output_ids, rc.output_ids] == [solo[0], solo[1], solo[2]]
+    assert all(r.finish_reason == "length" for r in (ra, rb, rc))
+
+
+def test_cancel_frees_the_row_and_leaves_the_others_unchanged(tok):
+    model = tiny(seed=13)
+    a, b = prompts([8, 15], seed=14)
+    solo_b = Engine(model, tok, max_batch=1).generate([b], SamplingParams(max_new_tokens=10))[0]
+    engine = Engine(model, tok, max_batch=2)
+    ra, rb = engine.submit(a, SamplingParams(max_new_tokens=10)), engine.submit(b, SamplingParams(max_new_tokens=10))
+    engine.step()
+    engine.step()
+    ra.cancel()
+    kept = list(ra.output_ids)
+    got = engine.step()
+    assert ra in got and ra.finished and ra.finish_reason == "cancelled" and ra.output_ids == kept
+    assert len(engine._rows) == 1
+    waiting = engine.submit(a, SamplingParams(max_new_tokens=10))
+    waiting.cancel()  # cancelled before it joined: never prefilled
+    while engine.has_work():
+        engine.step()
+    assert waiting.finish_reason == "cancelled" and waiting.output_ids == []
+    assert rb.output_ids == solo_b and rb.finish_reason == "length"
+
+
+def test_stop_tokens_end_the_row_and_are_not_in_the_output(tok):
+    model = tiny(seed=15)
+    p = prompts([9], seed=16)[0]
+    free = Engine(model, tok, max_batch=1).generate([p], SamplingParams(max_new_tokens=12))[0]
+    stop = free[4]
+    first = free.index(stop)
+    engine = Engine(model, tok, max_batch=1)
+    req = engine.submit(p, SamplingParams(max_new_tokens=12, stop_token_ids=(stop,)))
+    while engine.has_work():
+        engine.step()
+    assert req.output_ids == free[:first] and req.finish_reason == "stop"
+    # min_new_tokens holds the stop back
+    held = Engine(model, tok, max_batch=1).generate([p], SamplingParams(max_new_tokens=12, min_new_tokens=first + 2,
+                                                                        stop_token_ids=(stop,)))[0]
+    assert stop not in held[:first + 2] and len(held) >= first + 2
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tok):
+    model = tiny(seed=17)
+    batch = prompts([5, 11], seed=18)
+    engine = Engine(model, tok, max_batch=2)
+    greedy = engine.generate(batch, SamplingParams(max_new_tokens=12))
+    assert engine.generate(batch, SamplingParams(max_new_tokens=12, do_sample=True, top_k=1, seed=1)) == greedy
+    nucleus = SamplingParams(max_new_tokens=12, do_sample=True, top_p=0.9, temperature=1.5, seed=7)
+    one = engine.generate(batch, nucleus)
+    assert engine.generate(batch, nucleus) == one and one != greedy
+
+
+def test_sampling_params_from_generation_config_and_bad_input(tok):
+    gc = GenerationConfig(max_new_tokens=7, do_sample=True, top_p=0.8, top_k=0, repetition_penalty=1.1,
+                          eos_token_id=[5, 6])
+    p = SamplingParams.from_generation_config(gc, seed=3)
+    assert (p.max_new_tokens, p.do_sample, p.top_p, p.repetition_penalty, p.stop_token_ids, p.seed) == \
+        (7, True, 0.8, 1.1, (5, 6), 3)
+    with pytest.raises(ValueError, match="num_beams"):
+        SamplingParams.from_generation_config(GenerationConfig(num_beams=2))
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="eval mode"):
+        Engine(tiny(seed=0).train(), tok)
+    with pytest.raises(TypeError, match="QWenLMHeadModel"):
+        Engine(torch.nn.Linear(2, 2), tok)
+    engine = Engine(tiny(seed=0), tok, max_batch=2, max_len=40)
+    with pytest.raises(ValueError, match="max_len 40"):
+        engine.submit([1] * 30, SamplingParams(max_new_tokens=11))
+    with pytest.raises(ValueError, match="unknown adapter 'x'"):
+        engine.submit([1, 2], adapter="x")
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit([])
+    with pytest.raises(ValueError, match="vocabulary"):
+        engine.submit([10**7])
+    assert not engine.has_work()
+
+
+def test_generate_runs_more_prompts_than_max_batch_in_input_order(tok):
+    model = tiny(seed=19)
+    batch = prompts([4, 12, 7, 2, 9], seed=20)
+    solo = Engine(model, tok, max_batch=8).generate(batch, SamplingParams(max_new_tokens=6))
+    assert Engine(model, tok, max_batch=2).generate(batch, SamplingParams(max_new_tokens=6), progress=True) == solo
+    assert isinstance(Engine(model, tok).submit(batch[0]), Request)
+
+
+def test_chat_and_chat_stream_through_the_engine_answer_as_generate(tok, monkeypatch, switches):
+    """chat()/chat_stream() reach the engine through the registration hook (forced on the CPU here; it is the
+    CUDA path): the same answers as generate(), with the active adapter, and the base inside disable_adapter();
+    a stream the caller stops early frees its row."""
+    from finetune.inference import chat_decoder
+
+    pm = _peft(tiny(seed=21), ["default"])
+    kwargs = dict(do_sample=False, max_new_tokens=12)
+    with_adapter, _ = pm.chat(tok, "what is packing?", **kwargs)
+    with pm.disable_adapter():
+        base, _ = pm.chat(tok, "what is packing?", **kwargs)
+    streamed_ref = list(pm.chat_stream(tok, "what is packing?", **kwargs))
+    inner = pm.get_base_model()  # peft_model.chat() runs chat() on the wrapped model (PEFT's forwarding)
+    assert inner not in chat_decoder._ENGINES  # CPU: generate()
+    monkeypatch.setattr(chat_decoder, "_device_ok", lambda ids: True)
+    assert pm.chat(tok, "what is packing?", **kwargs)[0] == with_adapter
+    assert inner in chat_decoder._ENGINES  # the engine answered
+    with pm.disable_adapter():
+        assert pm.chat(tok, "what is packing?", **kwargs)[0] == base
+    assert list(pm.chat_stream(tok, "what is packing?", **kwargs)) == streamed_ref
+    stream = pm.chat_stream(tok, "what is packing?", **kwargs)
+    next(stream)
+    stream.close()  # the caller stops reading
+    assert not chat_decoder._ENGINES[inner].has_work()
+    switches(static_decode=False)
+    assert chat_decoder.chat_tokens(pm, tok, torch.tensor([[1, 2]]), GenerationConfig(max_new_tokens=2)) is None
+
+
+def test_the_chat_engine_does_not_keep_its_model_alive(tok, monkeypatch):
+    import gc
+    import weakref
+
+    from finetune.inference import chat_decoder
+
+    monkeypatch.setattr(chat_decoder, "_device_ok", lambda ids: True)
+    model = tiny(seed=23)
+    model.chat(tok, "hi", do_sample=False, max_new_tokens=3)
+    assert model in chat_decoder._ENGINES
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_stop_ids_and_min_new_tokens_as_generate_applies_them(tok):
+    """A request's stop ids end it where generate() with those eos ids ends (the stop token itself is not in the
+    output: generate() returns it), and min_new_tokens holds the stops back exactly as generate()'s
+    MinNewTokensLengthLogitsProcessor does."""
+    model = tiny(seed=25)
+    p = prompts([9], seed=26)[0]
+    ids = torch.tensor([p])
+
+    def hf(**kw):
+        gc = GenerationConfig(do_sample=False, max_new_tokens=30, pad_token_id=0, **kw)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, len(p):].tolist()
+
+    free = hf(eos_token_id=None)
+    stop = free[5]
+    first = free.index(stop)
+    engine = Engine(model, tok, max_batch=1)
+    stopped = engine.generate([p], SamplingParams(max_new_tokens=30, stop_token_ids=(stop,)))[0]
+    assert stopped + [stop] == hf(eos_token_id=[stop]) == free[:first + 1]
+    held = SamplingParams(max_new_tokens=30, min_new_tokens=first + 3, stop_token_ids=(stop,))
+    got = engine.generate([p], held)[0]
+    ref = hf(eos_token_id=[stop], min_new_tokens=first + 3)
+    assert stop not in got[:first + 3]
+    assert got == (ref[:-1] if ref[-1] == stop else ref)

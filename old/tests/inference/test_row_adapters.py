@@ -1,0 +1,158 @@
+"""The engine's per-row adapter hooks (finetune/inference/row_adapters.py) on one LoRA Linear: each row gets its
+own adapter's output, and a layer's adapters are computed together, so the ops a forward runs do not grow with
+the number of adapters (a decode step runs the hook for every Linear of every layer: each extra kernel costs
+~200 launches a step)."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from finetune.inference.row_adapters import RowAdapters
+
+from _helpers import tiny_model as tiny
+from test_inference_engine import _peft
+
+
+class _Ops(TorchDispatchMode):
+    """Counts the aten ops run inside (views and metadata ops included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _layer_ops(pm, layer, names, x):
+    """(output, compute ops of the second forward) of ``layer`` with row i using names[i] (None: the base)."""
+    adapters = RowAdapters(pm)
+    select = torch.zeros(len(adapters.names), x.shape[0])
+    for row, name in enumerate(names):
+        if name is not None:
+            select[adapters.index(name), row] = 1.0
+    with torch.no_grad(), adapters.applied(select):
+        layer(x)  # the first forward also stacks the adapters' weights
+    ops = _Ops()
+    with torch.no_grad(), adapters.applied(select), ops:
+        got = layer(x)
+    skip = ("view", "t", "_unsafe_view", "unsqueeze", "expand", "select", "reshape", "alias", "detach")
+    return got, {k: n for k, n in ops.ops.items() if k not in skip}
+
+
+def test_each_row_gets_its_adapter_and_the_ops_do_not_grow_with_the_adapters():
+    pm = _peft(tiny(seed=2), ["first", "second"])
+    layer = pm.base_model.model.transformer.h[0].attn.c_attn
+    x = torch.randn(3, 1, layer.in_features)
+    got, two = _layer_ops(pm, layer, ["first", None, "second"], x)
+    with torch.no_grad():
+        want = []
+        for row, name in zip(x, ["first", None, "second"]):
+            if name is None:
+                with pm.disable_adapter():
+                    want.append(layer(row[None]))
+            else:
+                pm.set_adapter(name)
+                want.append(layer(row[None]))
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-6)
+    one_pm = _peft(tiny(seed=2), ["first"])
+    one_layer = one_pm.base_model.model.transformer.h[0].attn.c_attn
+    _, one = _layer_ops(one_pm, one_layer, ["first", None, "first"], x)
+    assert two == one, (one, two)  # two adapters: the same kernels as one
+    # the base Linear, then per layer: x @ A_all, the rows' selection, one matmul-add with B_all
+    assert sum(one.values()) <= 5, one
+
+
+def test_a_forward_gathers_the_rows_selection_once_for_all_layers_of_a_layout():
+    """Every LoRA layer with the same adapters and ranks shares one column layout: the rows' 0/1 selection is
+    gathered and cast once per forward, not once per layer (a 14B decode step had 200 of each); a layer with
+    another layout gets its own."""
+    pm = _peft(tiny(seed=2), ["first", "second"])
+    model = pm.base_model.model
+    adapters = RowAdapters(pm)
+    select = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    ids = torch.tensor([[5, 6], [7, 8], [9, 10]])
+    with torch.no_grad(), adapters.applied(select):
+        model(ids[:, :1])  # stacks every layer's weights
+    ops = _Ops()
+    with torch.no_grad(), adapters.applied(select), ops:
+        model(ids[:, :1])
+    assert len(adapters.layers) > 2
+    assert ops.ops["index_select"] == 1, ops.ops
+    assert len({id(held[3]) for held in adapters._stacks.values()}) == 1
+    other = _peft(tiny(seed=2), ["first"])
+    mixed = RowAdapters(other)
+    with torch.no_grad(), mixed.applied(select[:1]):
+        other.base_model.model(ids[:, :1])
+    assert next(iter(mixed._stacks.values()))[3] is not next(iter(adapters._stacks.values()))[3]
+
+
+def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
+    """bf16 decode rows on a GPTQ base: the pre-hook offers (h, selection, bt) to the base layer; a base whose
+    kernel adds it (the tensor-core GEMV on CUDA; here a stand-in) sets it back to None and the forward hook adds
+    nothing, one that does not leaves it and the hook adds it. Prefill rows (several tokens) are not offered, and
+    nothing is left on the layers afterwards, even after a forward that raised."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant.linear import GPTQLinear
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values["quantization_config"] = {"bits": 4, "group_size": 32, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cpu", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
+    pm.add_adapter("second", LoraConfig(**cfg))
+    pm.eval()
+    layer = pm.base_model.model.transformer.h[0].attn.c_attn
+    adapters = RowAdapters(pm)
+    select = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # rows: first, none, second
+    x = torch.randn(3, 1, layer.in_features, dtype=torch.bfloat16)
+    with torch.no_grad(), adapters.applied(select):
+        plain = layer(x)  # the base leaves the offer: the hook adds it
+    offers = []
+    real = GPTQLinear.forward
+
+    def taking(self, x):
+        low_rank = self.__dict__.get("low_rank_epilogue")
+        y = real(self, x)
+        if low_rank is not None:
+            h, sel, bt = low_rank
+            offers.append(h.shape)
+            y = (y.float() + ((h.float() * sel.float()) @ bt.float().t()).view(y.shape)).to(y.dtype)
+            self.low_rank_epilogue = None
+        return y
+
+    GPTQLinear.forward = taking
+    try:
+        switches(gptq_lora_epilogue=False)
+        with torch.no_grad(), adapters.applied(select):
+            layer(x)
+        assert offers == []  # FINETUNE_GPTQ_LORA_EPILOGUE=0: nothing is offered
+        switches(gptq_lora_epilogue=True)  # (the default)
+        with torch.no_grad(), adapters.applied(select):
+            fused = layer(x)
+            prefill = layer(torch.randn(3, 2, layer.in_features, dtype=torch.bfloat16))
+        assert offers == [(3, 16)] and prefill.shape == (3, 2, layer.out_features)
+        torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)  # once, not twice (nor zero times)
+        base_only = layer.base_layer(x)
+        assert (plain - base_only).abs().max() > 10 * (fused - plain).abs().max()
+
+        def failing(self, x):
+            raise RuntimeError("kernel failed")
+
+        GPTQLinear.forward = failing
+        with pytest.raises(RuntimeError), torch.no_grad(), adapters.applied(select):
+            layer(x)
+    finally:
+        GPTQLinear.forward = real
+    assert layer.base_layer.__dict__.get("low_rank_epilogue") is None and "_row_low_rank" not in layer.__dict__

@@ -1,0 +1,112 @@
+"""Sampling (finetune/inference/sampling.py): the next-token choice as transformers' warpers make it, which
+generation options the engine implements, and one clear line for those it does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from finetune.inference.sampling import (RowSampling, SamplingParams, pick_one, pick_tokens, sample_rows,
+                                         unsupported_options)
+
+
+def test_top_p_keeps_the_nucleus_only():
+    scores = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    params = SamplingParams(do_sample=True, top_k=0, top_p=0.7)
+    g = torch.Generator().manual_seed(0)
+    picks = {int(pick_one(scores, params, g)) for _ in range(300)}
+    assert picks == {0, 1}  # 0.5 + 0.3 >= 0.7: tokens 2 and 3 are never drawn
+
+
+def test_top_k_and_temperature():
+    scores = torch.log(torch.tensor([0.4, 0.35, 0.2, 0.05]))
+    g = torch.Generator().manual_seed(0)
+    top2 = {int(pick_one(scores, SamplingParams(do_sample=True, top_k=2), g)) for _ in range(300)}
+    assert top2 == {0, 1}
+    # a very low temperature makes sampling greedy; greedy is the argmax
+    cold = {int(pick_one(scores, SamplingParams(do_sample=True, temperature=1e-4), g)) for _ in range(50)}
+    assert cold == {0} and int(pick_one(scores, SamplingParams())) == 0
+
+
+def test_sample_rows_draws_each_row_as_pick_one_does():
+    """The batched sampler with per-row parameters (temperature, top-k on/off/beyond the vocabulary, top-p on/off)
+    picks, row by row, the token pick_one picks when both use the same exponential draws (the draw
+    torch.multinomial makes from a generator)."""
+    V = 400
+    params = [SamplingParams(do_sample=True, temperature=0.7, top_p=0.8),
+              SamplingParams(do_sample=True, top_k=5),
+              SamplingParams(do_sample=True),
+              SamplingParams(do_sample=True, temperature=1.5, top_k=50, top_p=0.6),
+              SamplingParams(do_sample=True, top_k=V + 3, top_p=0.95),
+              SamplingParams(do_sample=True, temperature=0.3, top_k=1)]
+    rs = RowSampling(params, V, "cpu")
+    g = torch.Generator().manual_seed(0)
+    drawn = set()
+    for trial in range(40):
+        scores = torch.randn(len(params), V, generator=g) * 2
+        seeds = [trial * 100 + i for i in range(len(params))]
+        noise = torch.stack([torch.empty(V).exponential_(1, generator=torch.Generator().manual_seed(s)) for s in seeds])
+        want = [int(pick_one(scores[i], p, torch.Generator().manual_seed(s)))
+                for i, (p, s) in enumerate(zip(params, seeds))]
+        assert sample_rows(scores, rs, noise).tolist() == want
+        drawn.add(tuple(want))
+    assert len(drawn) > 30  # it does sample
+    # the top-k row only ever draws from its 5 best, the top_k=1 row is its argmax
+    scores = torch.randn(len(params), V, generator=g)
+    best5 = set(scores[1].topk(5).indices.tolist())
+    picks = [sample_rows(scores, rs).tolist() for _ in range(100)]
+    assert {p[1] for p in picks} <= best5 and len({p[1] for p in picks}) > 1
+    assert {p[5] for p in picks} == {int(scores[5].argmax())}
+
+
+def test_pick_tokens_mixes_greedy_and_seeded_sampling_rows():
+    scores = torch.log(torch.tensor([[0.1, 0.6, 0.3], [0.34, 0.33, 0.33], [0.2, 0.2, 0.6]]))
+    params = [SamplingParams(), SamplingParams(do_sample=True, seed=1), SamplingParams()]
+
+    def run(seed):
+        return pick_tokens(scores, params, [None, torch.Generator().manual_seed(seed), None])
+
+    assert run(5) == run(5)
+    assert run(5)[0] == 1 and run(5)[2] == 2  # the greedy rows are their argmax
+    assert len({run(s)[1] for s in range(30)}) > 1  # the sampled row does sample
+
+
+def test_unsupported_options_are_named():
+    assert unsupported_options(GenerationConfig(max_new_tokens=16, do_sample=True, top_p=0.8, top_k=0,
+                                                repetition_penalty=1.1, eos_token_id=[1, 2])) == []
+    assert unsupported_options(GenerationConfig(num_beams=2, no_repeat_ngram_size=3)) == ["no_repeat_ngram_size",
+                                                                                          "num_beams"]
+
+
+def test_unsupported_options_and_bad_values_are_refused_in_one_line():
+    with pytest.raises(ValueError) as err:
+        SamplingParams.from_generation_config(GenerationConfig(num_beams=2, no_repeat_ngram_size=3))
+    msg = str(err.value)
+    assert "\n" not in msg and "no_repeat_ngram_size, num_beams" in msg and "inference engine" in msg
+    with pytest.raises(ValueError) as err:
+        SamplingParams(max_new_tokens=0, temperature=0, top_p=1.5)
+    msg = str(err.value)
+    assert "\n" not in msg and all(k in msg for k in ("max_new_tokens", "temperature", "top_p"))
+    with pytest.raises(ValueError, match="no field.*bogus"):
+        SamplingParams.from_generation_config(GenerationConfig(), bogus=1)
+
+
+def test_chat_falls_back_to_generate_for_options_the_engine_lacks(monkeypatch):
+    """chat() with an option the engine does not implement (beams) is answered by generate(), not refused."""
+    from finetune.inference import chat_decoder
+
+    from _helpers import tiny_model
+
+    model = tiny_model(seed=2)
+    monkeypatch.setattr(chat_decoder, "_device_ok", lambda ids: True)  # the CUDA route, on the CPU
+    assert chat_decoder.chat_tokens(model, _tok(), torch.tensor([[5, 6]]),
+                                    GenerationConfig(max_new_tokens=3, num_beams=2)) is None
+    assert chat_decoder.chat_tokens(model, _tok(), torch.tensor([[5, 6]]),
+                                    GenerationConfig(max_new_tokens=3)) is not None
+
+
+def _tok():
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+    return QWenTokenizer(str(SMALL_VOCAB))

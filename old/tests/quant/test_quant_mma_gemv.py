@@ -1,0 +1,100 @@
+"""The tensor-core decode GEMV's weight layout (finetune/quant/mma_gemv.py), on the CPU: the repacked weight read
+back the way the kernel reads its mma fragments gives the layer's exact product. The kernel itself runs in
+tests/quant/test_quant_cuda.py."""
+
+import pytest
+import torch
+
+from finetune.quant import mma_gemv as G
+from finetune.quant.packing import dequantize_t
+
+from _helpers import random_packed
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize("group_size", [128, 256])
+def test_repacked_weight_read_as_fragments_gives_the_exact_product(desc_act, v2, group_size):
+    layer = random_packed(512, 48, group_size=group_size, desc_act=desc_act, v2=v2, seed=5)
+    exact = dequantize_t(**layer, bits=4, v2=v2, dtype=torch.float64)  # [K, N]
+    wpack, scales, qzeros, zero_add, perm = G.repack(**layer, v2=v2, group_size=group_size)
+    assert wpack.dtype == torch.int32 and wpack.shape == (48 // 16, 512 // 128, 32, 8)
+    assert zero_add == (0 if v2 else 1) and (perm is not None) == desc_act
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xk = x if perm is None else x[:, perm]
+    y = G.emulate(xk.float(), wpack, scales, qzeros, zero_add, group_size)
+    ref = x @ exact
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+
+
+def test_every_nibble_lands_in_its_own_place():
+    """A weight with distinct values in every (k, n) position (mod 16) in each word: a permutation mistake in
+    the layout would move some of them."""
+    K, N = 256, 32
+    q = (torch.arange(K).view(K, 1) * 7 + torch.arange(N).view(1, N) * 3) % 16
+    from finetune.quant.packing import pack_cols, pack_rows
+
+    layer = {"qweight": pack_rows(q, 4), "qzeros": pack_cols(torch.zeros(K // 128, N, dtype=torch.long), 4),
+             "scales": torch.ones(K // 128, N, dtype=torch.float16), "g_idx": torch.arange(K, dtype=torch.int32) // 128}
+    wpack, scales, qzeros, zero_add, _ = G.repack(**layer, v2=True, group_size=128)
+    for k, n in [(0, 0), (1, 0), (2, 0), (3, 0), (4, 1), (31, 8), (32, 9), (127, 15), (128, 16), (255, 31)]:
+        x = torch.zeros(1, K)
+        x[0, k] = 1
+        y = G.emulate(x, wpack, scales, qzeros, zero_add, 128)
+        assert y[0, n].item() == q[k, n].item()
+
+
+def test_unsupported_layers_say_why():
+    assert "4-bit" in G.unsupported(256, 32, 8, 128)
+    assert "multiple of 16" in G.unsupported(256, 40, 4, 128)
+    assert "multiple of 128" in G.unsupported(200, 32, 4, 128)
+    assert "group size 64" in G.unsupported(256, 32, 4, 64)
+    assert G.unsupported(13696, 5120, 4, 128) is None
+    uneven = torch.tensor([0] * 100 + [1] * 156, dtype=torch.int32)
+    assert "g_idx" in G.unsupported(256, 32, 4, 128, uneven)
+
+
+def test_a_kernel_that_does_not_compile_is_reported_once_and_left_to_the_other_kernels(monkeypatch):
+    """NVRTC missing or refusing the source: one warning, the reason kept (no retry, no exception into the
+    model's forward), and compile_error says why so that no repacked copy is made."""
+    monkeypatch.setattr(G, "_kernels", {})
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    calls = []
+
+    def failing(device, source, name):
+        calls.append(source)
+        raise RuntimeError("Kernel compilation failed:\nno libnvrtc")
+
+    monkeypatch.setattr(G, "_compile", failing)
+    device = torch.device("cuda", 0)
+    with pytest.warns(UserWarning, match="did not compile .*no libnvrtc"):
+        why = G.compile_error(device, 128)
+    assert "RuntimeError" in why and len(calls) == 1
+    assert G.compile_error(device, 128) == why and len(calls) == 1  # kept: not compiled again
+
+
+def test_the_low_rank_epilogue_takes_rank_sums_that_fit_its_shared_memory():
+    """lora_unfit: the epilogue's operands sit in shared memory sized for LORA_MAX_RANK, so a larger rank sum (three
+    r=64 adapters) is left to the engine's hook, which adds it with its own kernels; so are misshapen inputs."""
+    def operands(M, N, R, dtype=torch.bfloat16):
+        return torch.zeros(M, R, dtype=dtype), torch.zeros(M, R, dtype=dtype), torch.zeros(N, R, dtype=dtype)
+
+    assert G.LORA_MAX_RANK == 128
+    assert G.lora_unfit(operands(1, 64, 128), 1, 64) is None
+    assert G.lora_unfit(operands(32, 64, 64), 32, 64) is None
+    assert "at most 128" in G.lora_unfit(operands(1, 64, 192), 1, 64)
+    assert "rank sum 12" in G.lora_unfit(operands(1, 64, 12), 1, 64)
+    assert "bt" in G.lora_unfit(operands(1, 32, 64), 1, 64)
+    assert "h " in G.lora_unfit(operands(1, 64, 64, torch.float32), 1, 64)
+    src = G.kernel_source(8, 1, 1, 128, lora=True)
+    assert "#define LRMAX 128" in src and "__" + "LRMAX__" not in src
+
+
+def test_the_bias_epilogue_takes_a_contiguous_bf16_vector_of_the_outputs():
+    G.check_bias(None, 64, torch.device("cpu"), "mma_gemv")
+    G.check_bias(torch.zeros(64, dtype=torch.bfloat16), 64, torch.device("cpu"), "mma_gemv")
+    for bad, why in [(torch.zeros(63, dtype=torch.bfloat16), r"\(63,\) torch.bfloat16"),
+                     (torch.zeros(64, dtype=torch.float16), "torch.float16"),
+                     (torch.zeros(128, dtype=torch.bfloat16)[::2], "expected a contiguous bf16 \\(64,\\)")]:
+        with pytest.raises(ValueError, match="mma_gemm bias: .*" + why):
+            G.check_bias(bad, 64, torch.device("cpu"), "mma_gemm")

@@ -1,0 +1,374 @@
+"""`qwen-ft serve` against hostile and unusual client input, on the tiny demo model (no adapters) served in-process
+on 127.0.0.1 (a free port): each test is a request that once gave a 500, a wrong status, a message naming no
+field, a request that held its row after its client left, or a stalled event loop."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+HI = [{"role": "user", "content": "hi"}]
+JSON = {"Content-Type": "application/json"}
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    from finetune.demo import make_demo_model
+    from finetune.serve.background import serve_in_background
+    from finetune.serve.cli import _parser, build_server
+
+    model_dir = make_demo_model(tmp_path_factory.mktemp("serve_hostile") / "tiny-qwen", seed=1)
+    args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "2", "--max-queue", "2",
+                                 "--max-model-len", "1024"])
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        yield bg
+
+
+def _post(live, body=None, content=None, headers=None, timeout=60):
+    return httpx.post(live.api_url + "/chat/completions", json=body, content=content, headers=headers,
+                      timeout=timeout)
+
+
+def _body(**kw):
+    return {"model": "tiny-qwen", "messages": HI, "max_tokens": 2, **kw}  # (the base, by its dir name)
+
+
+def _error(r, status=400):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and "\n" not in err["message"], err
+    return err
+
+
+def _health(live) -> dict:
+    return httpx.get(live.url + "/health", timeout=10).json()
+
+
+def _wait_idle(live) -> dict:
+    for _ in range(600):  # bounded: 60 s
+        h = _health(live)
+        if h["in_flight"] == 0:
+            return h
+        time.sleep(0.1)
+    raise AssertionError(f"requests still in flight: {h}")
+
+
+def _wait_in_flight(live, n: int) -> None:
+    for _ in range(600):
+        if _health(live)["in_flight"] >= n:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{n} request(s) never got in flight")
+
+
+# -- sampling fields --------------------------------------------------------------------------------------------
+
+
+def test_a_seed_beyond_64_bits_is_400_and_fails_no_other_request(live):
+    """A seed torch.Generator cannot take failed the engine step: 500 for it and for every request in the batch."""
+    out = {}
+    victim = threading.Thread(target=lambda: out.update(r=_post(live, _body(
+        max_tokens=1000, min_tokens=1000, temperature=1.0))))
+    victim.start()
+    try:
+        _wait_in_flight(live, 1)
+        for seed in (2**64, -(2**63) - 1, 10**30):
+            err = _error(_post(live, _body(seed=seed, temperature=1.0)))
+            assert err["param"] == "seed", err
+    finally:
+        victim.join(120)
+    assert out["r"].status_code == 200, out["r"].text
+    for seed in (2**64 - 1, -(2**63)):  # the ends of what a torch.Generator takes
+        assert _post(live, _body(seed=seed, temperature=1.0)).status_code == 200
+
+
+@pytest.mark.parametrize("raw, param", [
+    (b'"temperature": NaN', "temperature"), (b'"temperature": Infinity', "temperature"),
+    (b'"top_p": NaN', "top_p"), (b'"top_p": -Infinity', "top_p"),
+])
+def test_nan_and_infinity_are_400_as_no_finite_number(live, raw, param):
+    """Python's json reads NaN/Infinity; NaN was refused as "less than or equal to 2"."""
+    body = b'{"model": "tiny-qwen", "messages": [{"role": "user", "content": "hi"}], ' + raw + b"}"
+    err = _error(_post(live, content=body, headers=JSON))
+    assert err["param"] == param and "finite number" in err["message"], err
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(stream="yes"), "stream"), (dict(stream=1), "stream"), (dict(max_tokens="4"), "max_tokens"),
+    (dict(temperature="0.5"), "temperature"), (dict(temperature=True), "temperature"), (dict(n="1"), "n"),
+    (dict(seed="7"), "seed"), (dict(logprobs="no"), "logprobs"),
+    (dict(stream=True, stream_options={"include_usage": "yes"}), "stream_options.include_usage"),
+])
+def test_strings_and_booleans_for_numbers_or_booleans_are_400(live, kw, param):
+    """pydantic's lax mode took "yes" as true and "4" as 4 (OpenAI refuses both)."""
+    err = _error(_post(live, _body(**kw)))
+    assert err["param"] == param, err
+
+
+def test_null_stream_is_openais_default(live):
+    r = _post(live, _body(stream=None))
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+
+
+@pytest.mark.parametrize("stop", [5, [5], [None], {"a": "b"}, ["a", ""], ["a"] * 5])
+def test_a_bad_stop_is_400_naming_stop(live, stop):
+    """A number was a 500 (list(5)); a list of numbers named the field "stop.str"."""
+    err = _error(_post(live, _body(stop=stop)))
+    assert err["param"] == "stop", err
+
+
+# -- the body as a whole ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content, headers, words", [
+    (b"", JSON, "the request body is empty"),
+    (b"[1, 2]", JSON, "must be a JSON object, got an array"),
+    (b'"hi"', JSON, "must be a JSON object, got a string"),
+    (b"null", JSON, "must be a JSON object, got null"),
+    (json.dumps({"model": "tiny-qwen", "messages": HI}).encode(), {"Content-Type": "text/plain"},
+     "Content-Type: application/json' (got 'text/plain')"),
+    (json.dumps({"model": "tiny-qwen", "messages": HI}).encode(), {"Content-Type": "application/x-www-form-urlencoded"},
+     "Content-Type: application/json"),
+    (b'{"model": "tiny-qwen", "messages": [{"role": "user", "content": "\xff"}]}', JSON, "not valid UTF-8"),
+    (b'{"model": ' + b"[" * 100000 + b"]" * 100000 + b"}", JSON, "nests too deeply"),
+    (b'{"model": "tiny-qwen",', JSON, "not valid JSON: Expecting property name enclosed in double quotes at character"),
+], ids=["empty", "array", "string", "null", "text/plain", "form", "bad-utf8", "deep", "truncated"])
+def test_a_body_that_is_no_json_object_says_why(live, content, headers, words):
+    """These were "Field required" or "Input should be a valid dictionary" (no field named), or "There was an
+    error parsing the body"."""
+    err = _error(_post(live, content=content, headers=headers))
+    assert words in err["message"] and err["param"] is None, err
+
+
+def test_a_body_over_the_limit_is_413_and_the_server_goes_on(live):
+    from finetune.serve.app import MAX_BODY_BYTES
+
+    text = "x" * (MAX_BODY_BYTES + 1)
+    err = _error(_post(live, {"model": "tiny-qwen", "messages": [{"role": "user", "content": text}]}), 413)
+    assert err["code"] == "request_too_large", err
+
+    def chunked():  # no Content-Length: refused once the chunks pass the limit
+        yield b'{"model": "tiny-qwen", "messages": [{"role": "user", "content": "'
+        for _ in range(MAX_BODY_BYTES // 2**20 + 1):
+            yield b"x" * 2**20
+        yield b'"}]}'
+
+    assert _error(_post(live, content=chunked(), headers=JSON), 413)["code"] == "request_too_large"
+    assert _post(live, _body()).status_code == 200
+
+
+def test_head_answers_on_get_routes_and_405_names_the_allowed_methods(live):
+    assert httpx.head(live.url + "/health", timeout=10).status_code == 200
+    assert httpx.head(live.api_url + "/models", timeout=10).status_code == 200
+    r = httpx.get(live.api_url + "/chat/completions", timeout=10)
+    _error(r, 405)
+    assert r.headers["allow"] == "POST"
+
+
+def test_a_bug_is_still_an_openai_error_object(live, monkeypatch):
+    def broken(turns):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(live.server, "prompt_ids", broken)
+    err = _error(_post(live, _body()), 500)
+    assert err["type"] == "server_error" and "RuntimeError" in err["message"], err
+
+
+# -- tools -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("function, param", [
+    ({"name": "f", "parameters": "nope"}, "tools[0].function.parameters"),
+    ({"name": "f", "parameters": [1]}, "tools[0].function.parameters"),
+    ({"name": "f", "description": {"a": 1}}, "tools[0].function.description"),
+    ({"name": "f\nAction: g"}, "tools[0].function.name"),
+])
+def test_a_function_definition_the_prompt_cannot_hold_is_400(live, function, param):
+    err = _error(_post(live, _body(tools=[{"type": "function", "function": function}])))
+    assert err["param"] == param, err
+
+
+def test_the_same_checks_name_the_legacy_functions_field(live):
+    err = _error(_post(live, _body(functions=[{"name": "f", "parameters": "nope"}])))
+    assert err["param"] == "functions[0].parameters", err
+
+
+def test_thousands_of_tool_calls_are_matched_in_linear_time():
+    """Each tool result rescanned and rebuilt the list of open calls: 30,000 calls in a 4 MB body cost 87 s of CPU.
+    Counted, not timed: the id comparisons a result in reverse order costs."""
+    from finetune import react
+
+    compared = [0]
+
+    class Id(str):
+        def __eq__(self, other):
+            compared[0] += 1
+            return str.__eq__(self, other)
+
+        __hash__ = str.__hash__
+
+    n = 400
+    calls = [{"id": Id(f"c{i}"), "type": "function", "function": {"name": "f", "arguments": "{}"}} for i in range(n)]
+    results = [{"role": "tool", "tool_call_id": Id(f"c{i}"), "content": f"r{i}"} for i in reversed(range(n))]
+    msgs = react.canonical_messages([HI[0], {"role": "assistant", "content": "", "tool_calls": calls}, *results])
+    assert compared[0] <= 2 * n, compared[0]
+    # each call is followed by its own result
+    assert [m.content for m in msgs[2::2]] == [f"r{i}" for i in range(n)]
+    assert [m.function_call["name"] for m in msgs[1::2]] == ["f"] * n
+
+
+def test_json_nested_past_pythons_recursion_limit_is_400(live):
+    """Nesting the parser allowed could overflow the stack when the prompt wrote the JSON out again."""
+    from finetune.serve.protocol import APIError, ChatCompletionRequest
+
+    deep: dict = {}
+    for _ in range(5000):
+        deep = {"a": deep}
+    body = ChatCompletionRequest(model="tiny-qwen", messages=HI,
+                                 tools=[{"type": "function", "function": {"name": "f", "parameters": deep}}])
+    with pytest.raises(APIError) as e:
+        live.server.prepare(body)
+    assert e.value.status == 400 and "too deeply" in e.value.message
+
+
+# -- the API key -----------------------------------------------------------------------------------------------
+
+
+def test_a_non_ascii_api_key_matches(live, monkeypatch):
+    """Header values arrive decoded as Latin-1; the key was compared with its UTF-8 encoding and never matched."""
+    monkeypatch.setattr(live.server, "api_key", "clé-ü")
+    r = httpx.get(live.api_url + "/models", headers={"Authorization": "Bearer clé-ü".encode()}, timeout=10)
+    assert r.status_code == 200, r.text
+    r = httpx.get(live.api_url + "/models", headers={"Authorization": "Bearer cle-u"}, timeout=10)
+    assert _error(r, 401)["code"] == "invalid_api_key"
+
+
+# -- the event loop and disconnects ----------------------------------------------------------------------------
+
+
+def test_a_non_streamed_request_is_cancelled_when_its_client_disconnects(live):
+    """Disconnects were only looked for when no token came for 0.5 s: a non-streamed request whose client left
+    kept its row to max_tokens."""
+    before = _wait_idle(live)["finished"]
+    data = json.dumps(_body(max_tokens=1000, min_tokens=1000, temperature=1.0)).encode()
+    with socket.create_connection((live.host, live.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        _wait_in_flight(live, 1)
+    after = _wait_idle(live)["finished"]
+    assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1, (before, after)
+    assert after.get("length", 0) == before.get("length", 0), (before, after)
+
+
+def test_building_a_prompt_does_not_block_the_event_loop(live, monkeypatch):
+    """Tokenizing ran on the event loop: a big body stalled /health and every other client's stream meanwhile.
+    Here the prompt building waits until /health has answered (bounded): on the event loop it never would."""
+    entered, answered = threading.Event(), threading.Event()
+    server = live.server
+    build = server.prompt_ids
+
+    def slow(turns):
+        entered.set()
+        answered.wait(30)
+        return build(turns)
+
+    monkeypatch.setattr(server, "prompt_ids", slow)
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=_post(live, _body())))
+    t.start()
+    try:
+        assert entered.wait(30)
+        assert _health(live)["status"] == "ok"
+    finally:
+        answered.set()
+        t.join(60)
+    assert out["r"].status_code == 200, out["r"].text
+
+
+def test_a_long_stop_string_costs_nothing_per_token_while_nothing_matches():
+    """Every token tried each tail of the text up to the longest stop string: a 1M-character stop string cost
+    seconds of the event loop per token. Counted, not timed: the prefix tests per token."""
+    from finetune.serve.textstream import TextStream
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+    tested = [0]
+
+    class Stop(str):
+        def startswith(self, prefix, *args):
+            tested[0] += 1
+            return str.startswith(self, prefix, *args)
+
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    ids = tok.encode("hello world " * 100)
+    stream = TextStream(tok, [Stop("z" * 100_000)])
+    text = "".join(stream.feed([i]) for i in ids) + stream.finish()
+    assert text == ("hello world " * 100).strip()
+    assert tested[0] <= 4 * len(ids), tested[0]
+
+
+# -- the engine failing ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["_decode_forward", "step"])
+def test_after_a_failed_engine_step_the_server_serves_again(live, where):
+    """A step that raises (a bug, the GPU out of memory) ends the requests in flight with a 500 engine_error;
+    the rows it held are freed and the next request decodes as before, with the same answer."""
+    engine = live.server.worker.engine
+    want = _post(live, _body(max_tokens=8, temperature=0)).json()["choices"][0]["message"]["content"]
+    real = getattr(engine, where)
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # mid-request: after its prefill and a decode step
+            raise RuntimeError("injected failure")
+        return real(*a, **k)
+
+    setattr(engine, where, failing)
+    try:
+        err = _error(_post(live, _body(max_tokens=50, min_tokens=50, temperature=0)), status=500)
+        assert err["code"] == "engine_error" and "injected failure" in err["message"], err
+    finally:
+        delattr(engine, where)  # (the instance attribute set above; the class's method again)
+    assert _wait_idle(live)["in_flight"] == 0
+    again = _post(live, _body(max_tokens=8, temperature=0))
+    assert again.status_code == 200 and again.json()["choices"][0]["message"]["content"] == want
+
+
+# -- browsers on other origins ---------------------------------------------------------------------------------
+
+
+def test_cors_only_for_the_origins_given(live, tmp_path):
+    """A web page on another origin calls the API only where --cors-origin allows it: the preflight (no key)
+    and the request itself carry Access-Control-Allow-Origin for that origin, nothing for others; a server
+    started without the flag sends none."""
+    from finetune.demo import make_demo_model
+    from finetune.serve.background import serve_in_background
+    from finetune.serve.cli import _parser, build_server
+
+    page, other = "http://localhost:3000", "http://evil.example"
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    r = httpx.options(live.api_url + "/chat/completions", headers={"Origin": page, **preflight}, timeout=10)
+    assert "access-control-allow-origin" not in r.headers  # (the module's server: no --cors-origin)
+    model_dir = make_demo_model(tmp_path / "tiny-qwen", seed=1)
+    args = _parser().parse_args(["-m", str(model_dir), "--cors-origin", page, "--api-key", "k"])
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        r = httpx.options(bg.api_url + "/chat/completions", headers={"Origin": page, **preflight}, timeout=10)
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        r = httpx.options(bg.api_url + "/chat/completions", headers={"Origin": other, **preflight}, timeout=10)
+        assert r.headers.get("access-control-allow-origin") is None
+        r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60,
+                       headers={"Origin": page, "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60, headers={"Origin": page})
+        assert r.status_code == 401  # the key is still required; CORS only lets the browser read the answer

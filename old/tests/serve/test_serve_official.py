@@ -1,0 +1,120 @@
+"""Where the server follows the official openai_api.py beyond the ReAct texts: the prompt of a continued turn,
+replies that continue the client's assistant message, tiny temperatures. The engine is scripted (each request
+generates the tokens of a given text), so replies with exact whitespace can be asserted."""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from finetune import react  # noqa: E402
+from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
+
+F = {"name": "search", "description": "Search the web.", "parameters": {"type": "object"}}
+_IDS = itertools.count()
+
+
+class ScriptedEngine:
+    """The engine interface the server's worker drives; every request generates `reply`'s tokens, one a step,
+    then finishes with reason "stop" (as at <|im_end|>)."""
+
+    max_len = 2048
+
+    def __init__(self, tok):
+        self.tok, self.reply, self.running = tok, "", []
+
+    def submit(self, prompt_ids, params, adapter=None):
+        req = SimpleNamespace(id=next(_IDS), prompt_ids=list(prompt_ids), output_ids=[], finished=False,
+                              finish_reason=None, todo=self.tok.encode(self.reply))
+        req.cancel = lambda: setattr(req, "todo", [])
+        self.running.append(req)
+        return req
+
+    def has_work(self):
+        return bool(self.running)
+
+    def step(self):
+        for req in self.running:
+            if req.todo:
+                req.output_ids.append(req.todo.pop(0))
+            if not req.todo:
+                req.finished, req.finish_reason = True, "stop"
+        updated, self.running = self.running, [r for r in self.running if not r.finished]
+        return updated
+
+
+@pytest.fixture(scope="module")
+def live():
+    from finetune.serve.app import Server
+    from finetune.serve.background import serve_in_background
+
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = SimpleNamespace(generation_config=None, config=SimpleNamespace(seq_length=2048))
+    server = Server(model, tok, base_name="scripted", engine=ScriptedEngine(tok))
+    with serve_in_background(server, start_timeout=30) as bg:
+        yield bg
+
+
+def _post(live, reply, messages, **kw):
+    live.server.engine.reply = reply
+    r = httpx.post(live.api_url + "/chat/completions", timeout=30,
+                   json={"model": "scripted", "messages": messages, **kw})
+    assert r.status_code == 200, r.text
+    if not kw.get("stream"):
+        return r.json()["choices"][0]
+    import json
+
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    return "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+
+
+def test_a_continued_assistant_message_gets_the_reply_as_generated(live):
+    """As the official text completion: a conversation ending with an assistant message is continued, and the
+    continuation comes back unstripped (its leading space separates it from the client's text)."""
+    msgs = [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello"}]
+    choice = _post(live, " world.\n", msgs)
+    assert choice["message"]["content"] == " world.\n" and choice["finish_reason"] == "stop"
+    assert _post(live, " world.\n", msgs, stream=True) == " world.\n"
+    # a new turn is stripped as model.chat strips it
+    assert _post(live, " Hi there. ", msgs[:1])["message"]["content"] == "Hi there."
+    assert _post(live, " Hi there. ", msgs[:1], stream=True) == "Hi there."
+
+
+def test_after_a_function_result_the_reply_is_parsed_as_before(live):
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "look", "function_call": {"name": "search", "arguments": "{}"}},
+            {"role": "function", "content": "found"}]
+    choice = _post(live, " I now know the final answer.\nFinal Answer: It is found.", msgs, functions=[F])
+    assert choice["message"]["content"] == "It is found." and choice["finish_reason"] == "stop"
+
+
+def test_the_continued_turns_prompt_is_the_official_text_completion_prompt(live):
+    """The official text completion strips every user text of the prompt (an empty question under the
+    instruction ends "Question:") and each history reply (no space after an empty "Action Input:")."""
+    tok = live.server.tokenizer
+    msgs = [{"role": "user", "content": ""},
+            {"role": "assistant", "content": "", "function_call": {"name": "search", "arguments": ""}},
+            {"role": "function", "content": "found"}]
+    from finetune.serve.protocol import ChatCompletionRequest
+
+    ids, _ = live.server.prompt(ChatCompletionRequest(model="scripted", messages=msgs, functions=[F]))
+    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                + react.react_instruction([F]) + "\n\nQuestion:<|im_end|>\n<|im_start|>assistant\n"
+                "Thought: \nAction: search\nAction Input:\nObservation: found\nThought:")
+    assert tok.decode(ids) == expected
+
+
+@pytest.mark.parametrize("temperature, greedy", [(0, True), (1e-40, True), (0.009, True), (0.01, False)])
+def test_a_temperature_below_001_is_greedy_as_in_the_official_server(live, temperature, greedy):
+    from finetune.serve.protocol import ChatCompletionRequest
+
+    body = ChatCompletionRequest(model="scripted", messages=[{"role": "user", "content": "hi"}],
+                                 temperature=temperature, seed=1)
+    params = live.server.params(body, 10)
+    assert params.do_sample is (not greedy)

@@ -1,0 +1,99 @@
+"""Qwen's ReAct layout as the official openai_api.py builds and parses it (finetune/react.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune import react
+
+F = {"name": "search", "description": "Search the web.", "parameters": {"type": "object"}}
+
+
+def test_instruction_text_matches_the_official_layout():
+    text = react.react_instruction([F])
+    assert text.startswith("Answer the following questions as best you can. You have access to the following APIs:"
+                           "\n\nsearch: Call this tool to interact with the search API. What is the search API "
+                           "useful for? Search the web. Parameters: {\"type\": \"object\"}\n\nUse the following format:")
+    assert "Action: the action to take, should be one of [search]" in text and text.endswith("Begin!")
+    assert react.react_instruction([]) == ""
+
+
+def test_instruction_goes_on_the_last_history_pair_or_the_query():
+    t = react.build_turns([{"role": "user", "content": "q"}], [F])
+    assert t.pairs == [] and t.query.endswith("\n\nQuestion: q") and t.query.startswith("Answer the following")
+    t = react.build_turns([{"role": "system", "content": "\nBe brief. "}, {"role": "user", "content": "q1"},
+                           {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}], [F])
+    assert t.system == "Be brief."
+    assert t.pairs[0][0].endswith("Question: q1") and t.query == "q2"  # as the official parse_messages
+    assert react.Turns.text(t.pairs[0][1]) == "Thought: I now know the final answer.\nFinal Answer: a1"
+
+
+def test_after_a_function_result_the_open_turn_is_continued():
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "look", "function_call": {"name": "search", "arguments": "{}"}},
+            {"role": "function", "content": "found"}]
+    t = react.build_turns(msgs, [F])
+    assert t.query is None
+    assert react.Turns.text(t.pairs[-1][1]) == ("Thought: look\nAction: search\nAction Input: {}\n"
+                                                "Observation: found\nThought:")
+
+
+@pytest.mark.parametrize("middle, functions, reply", [
+    # an empty answer: no space after "Final Answer:"
+    ([{"role": "assistant", "content": ""}], [F], "Thought: I now know the final answer.\nFinal Answer:"),
+    # the turn's first message is stripped: arguments lose their trailing newline
+    ([{"role": "assistant", "content": "look", "function_call": {"name": "search", "arguments": "{}\n"}},
+      {"role": "function", "content": "r"}, {"role": "assistant", "content": "done"}], [F],
+     "Thought: look\nAction: search\nAction Input: {}\nObservation: r\nThought: I now know the final answer.\n"
+     "Final Answer: done"),
+    # the reply is stripped as a whole: an empty result leaves no space after "Observation:" ...
+    ([{"role": "assistant", "content": "look", "function_call": {"name": "search", "arguments": "{}"}},
+      {"role": "function", "content": ""}], [F], "Thought: look\nAction: search\nAction Input: {}\nObservation:"),
+    # ... and an empty first message no leading newline
+    ([{"role": "assistant", "content": ""}, {"role": "assistant", "content": "b"}], [], "b"),
+])
+def test_history_replies_are_stripped_as_the_official_parse_messages(middle, functions, reply):
+    msgs = [{"role": "user", "content": "q1"}, *middle, {"role": "user", "content": "q2"}]
+    t = react.build_turns(msgs, functions)
+    assert t.history()[-1][1] == reply and t.query == "q2"
+
+
+def test_without_functions_the_turns_are_plain_chat():
+    t = react.build_turns([{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                           {"role": "user", "content": "q2"}])
+    assert (t.system, t.history(), t.query) == ("You are a helpful assistant.", [("q1", "a1")], "q2")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("Thought: I need it.\nAction: search\nAction Input: {\"q\": 1}\nObservation:",
+     ("I need it.", {"name": "search", "arguments": "{\"q\": 1}"})),
+    ("Thought: I need it.\nAction: search\nAction Input: {\"q\": 1}",  # the stop word was cut off
+     ("I need it.", {"name": "search", "arguments": "{\"q\": 1}"})),
+    ("Thought: I now know the final answer.\nFinal Answer: 42", ("42", None)),
+    ("Just text.", ("Just text.", None)),
+    # no function name: an answer, returned as generated (the official appends "\nObservation:" to it)
+    ("Thought: a\nAction: \nAction Input: x", ("Thought: a\nAction: \nAction Input: x", None)),
+])
+def test_parse_reply_as_the_official_parse_response(text, expected):
+    assert react.parse_reply(text) == expected
+
+
+def test_stop_words_and_tool_definitions():
+    assert react.stop_words(["\nEnd"], [F]) == ["\nEnd", "End", "Observation:"]
+    assert react.stop_words(None, []) == []
+    assert react.functions_from(tools=[{"type": "function", "function": F}]) == [F]
+    with pytest.raises(react.ReactError) as e:
+        react.functions_from([F], [{"type": "function", "function": F}])
+    assert e.value.field == "tools"
+    with pytest.raises(react.ReactError) as e:
+        react.functions_from(tools=[{"type": "retrieval"}])
+    assert e.value.field == "tools[0]"
+
+
+def test_a_developer_message_is_the_system_message():
+    """OpenAI's newer clients send the system prompt with role "developer"."""
+    dev = react.build_turns([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "q"}], [])
+    sys_ = react.build_turns([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "q"}], [])
+    assert dev == sys_ and dev.system == "Be brief."
+    with pytest.raises(react.ReactError, match="unknown role 'wizard'"):
+        react.build_turns([{"role": "wizard", "content": "q"}], [])

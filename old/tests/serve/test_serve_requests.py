@@ -1,0 +1,120 @@
+"""`qwen-ft serve`'s request handling on a cheap server (the tiny demo model dir, no adapters, no key): sampling
+defaults from the model dir's generation_config, the request fields the server refuses (400 naming the field),
+bodies that are not JSON, unknown routes and methods as OpenAI error objects, /health."""
+
+from __future__ import annotations
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from finetune.demo import make_demo_model
+
+    return make_demo_model(tmp_path_factory.mktemp("serve_requests") / "tiny-qwen", seed=1)
+
+
+@pytest.fixture(scope="module")
+def live(model_dir):
+    from finetune.serve.background import serve_in_background
+    from finetune.serve.cli import _parser, build_server
+
+    args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "2", "--max-model-len", "200"])
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        yield bg
+
+
+def _body(**kw):
+    from finetune.serve.protocol import ChatCompletionRequest
+
+    return ChatCompletionRequest(**dict(dict(model="tiny-qwen", messages=[{"role": "user", "content": "hi"}]), **kw))
+
+
+def test_sampling_defaults_are_the_model_dirs_generation_config(live):
+    """As model.chat: the demo dir's generation_config.json samples (top_p 0.8, repetition_penalty 1.1);
+    temperature 0 is greedy with the rest unchanged; request fields override."""
+    server = live.server
+    default = server.params(_body(), 30)
+    assert (default.do_sample, default.top_p, default.top_k, default.repetition_penalty) == (True, 0.8, 0, 1.1)
+    assert default.max_new_tokens == 200 - 30  # the dir's 512, capped by the room left under --max-model-len
+    tok = server.tokenizer
+    assert {tok.im_end_id, tok.im_start_id, tok.eod_id} <= set(default.stop_token_ids)
+    greedy = server.params(_body(temperature=0), 30)
+    assert (greedy.do_sample, greedy.repetition_penalty) == (False, 1.1)
+    custom = server.params(_body(temperature=0.7, top_p=0.5, top_k=4, seed=3, max_tokens=9, min_tokens=2), 30)
+    assert (custom.do_sample, custom.temperature, custom.top_p, custom.top_k, custom.seed, custom.max_new_tokens,
+            custom.min_new_tokens) == (True, 0.7, 0.5, 4, 3, 9, 2)
+
+
+def test_greedy_base_answer_equals_model_chat_and_max_completion_tokens_limits_it(live, model_dir):
+    from finetune import load_model, load_tokenizer
+
+    client = openai.OpenAI(base_url=live.api_url, api_key="none", timeout=60, max_retries=0)
+    r = client.chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": "Tell me more."}],
+                                       temperature=0, max_completion_tokens=6)
+    assert r.usage.completion_tokens <= 6
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    assert r.choices[0].message.content == model.chat(tok, "Tell me more.", do_sample=False, max_new_tokens=6)[0]
+
+
+def test_a_tiny_temperature_is_greedy_and_fails_no_request(live):
+    """Below 0.01 is greedy, as in the official server: a seeded 1e-40 used to divide the scores to inf/NaN,
+    and the failed draw ended every request in the batch with a 500."""
+    client = openai.OpenAI(base_url=live.api_url, api_key="none", timeout=60, max_retries=0)
+    kw = dict(model="tiny-qwen", messages=[{"role": "user", "content": "Tell me more."}], max_tokens=6)
+    greedy = client.chat.completions.create(temperature=0, **kw).choices[0].message.content
+    assert client.chat.completions.create(temperature=1e-40, seed=1, **kw).choices[0].message.content == greedy
+
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(stream_options={"include_usage": True}), "stream_options"),  # without stream: true
+    (dict(logprobs=True), "logprobs"),
+    (dict(top_logprobs=2), "top_logprobs"),
+    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(frequency_penalty=-1), "frequency_penalty"),
+    (dict(logit_bias={"5": 10}), "logit_bias"),
+    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
+    (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(stop=""), "stop"),
+    (dict(top_p=0), "top_p"),
+    (dict(max_completion_tokens=0), "max_completion_tokens"),
+    (dict(max_completion_tokens=500), "max_completion_tokens"),  # over --max-model-len 200
+    (dict(model=None), "model"),
+])
+def test_unsupported_or_bad_fields_are_400_naming_the_field(live, kw, param):
+    body = {"model": "tiny-qwen", "messages": HI, **kw}
+    body = {k: v for k, v in body.items() if v is not None}
+    r = httpx.post(live.api_url + "/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error" and "\n" not in err["message"], err
+
+
+def test_a_body_that_is_not_json_is_400(live):
+    r = httpx.post(live.api_url + "/chat/completions", content=b"{not json", timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_unknown_routes_and_methods_are_openai_error_objects(live):
+    r = httpx.get(live.api_url + "/completions/nope", timeout=30)
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.get(live.api_url + "/chat/completions", timeout=30)
+    assert r.status_code == 405 and "error" in r.json()
+
+
+def test_health_and_models_without_a_key(live):
+    h = httpx.get(live.url + "/health", timeout=30).json()
+    assert h["status"] == "ok" and h["in_flight"] == 0
+    models = openai.OpenAI(base_url=live.api_url, api_key="anything", timeout=30, max_retries=0).models.list()
+    assert [m.id for m in models] == ["tiny-qwen"]

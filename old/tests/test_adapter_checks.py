@@ -1,0 +1,221 @@
+"""One checked path for every adapter load (issue 14 items 4, 17, 18): finetune.load_model, --lora_weight_path and
+PEFT's own PeftModel / AutoPeftModelForCausalLM after `import finetune`; the base recorded with a fingerprint;
+PEFT's merge_and_unload on an Int4 base writing a float model dir that loads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import finetune  # noqa: F401  (installs the PEFT hooks)
+from finetune import load_model
+from finetune.adapters import AdapterError, BASE_RECORD
+from finetune.demo import make_demo_model
+
+from _helpers import train_args, write_memorise
+
+IDS = torch.tensor([[1841, 872, 198, 100, 200, 300, 17, 5]])
+
+
+def make_adapter(base_dir, out, targets=("c_attn", "c_proj", "w1", "w2"), seed=1) -> Path:
+    """A LoRA adapter with random (non-zero) A and B, saved by PEFT from the project's model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = load_model(base_dir, dtype=torch.float32, device="cpu")
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
+                        task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.3)
+    peft_model.save_pretrained(out)
+    return Path(out)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapter_checks")
+    d = {"root": root, "data": write_memorise(root / "mem.json")}
+    d["float"] = make_demo_model(root / "float")
+    d["int4"] = make_demo_model(root / "int4", int4=True)
+    d["float1"] = make_demo_model(root / "float1", num_hidden_layers=1)
+    d["float3"] = make_demo_model(root / "float3", num_hidden_layers=3)
+    d["lora"] = make_adapter(d["float"], root / "lora")
+    d["lora1"] = make_adapter(d["float1"], root / "lora1")
+    d["lora3"] = make_adapter(d["float3"], root / "lora3")
+    d["qlora"] = make_adapter(d["int4"], root / "qlora", targets=("c_attn", "w1"))
+    return d
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def retarget(adapter, base, out) -> Path:
+    """A copy of ``adapter`` whose config says it belongs to ``base`` (as if trained there), no fingerprint."""
+    shutil.copytree(adapter, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    (out / BASE_RECORD).unlink()
+    return out
+
+
+def with_tensors(adapter, out, change) -> Path:
+    shutil.copytree(adapter, out)
+    sd = load_file(str(out / "adapter_model.safetensors"))
+    change(sd)
+    save_file(sd, str(out / "adapter_model.safetensors"))
+    return out
+
+
+# -- item 17: one checked path -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("other, first_bad", [("lora1", r"missing.*transformer\.h\.1\."),
+                                              ("lora3", r"transformer\.h\.2\..*has no place")])
+def test_adapter_of_another_layer_count_is_refused_everywhere(setup, tmp_path, capsys, other, first_bad):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from finetune.train import main
+
+    adapter = retarget(setup[other], setup["float"], tmp_path / "adapter")
+    with pytest.raises(AdapterError, match=first_bad):
+        load_model(setup["float"], adapter=adapter, device="cpu")
+    with pytest.raises(AdapterError, match=first_bad):
+        AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+    with pytest.raises(AdapterError, match=first_bad):
+        PeftModel.from_pretrained(load_model(setup["float"], device="cpu"), str(adapter))
+    rc = main(train_args(setup["float"], setup["data"], tmp_path / "out", "--max_steps", "1", "--use_lora", "True",
+                         "--lora_weight_path", str(adapter)))
+    err = capsys.readouterr().err
+    assert rc == 2 and "--lora_weight_path" in err and str(adapter) in err, err
+
+
+@pytest.mark.parametrize("change, expect", [
+    (lambda sd: sd.update({k: torch.full_like(v, float("nan")) for k, v in sd.items()}),
+     r"tensor '.*lora_[AB]\.weight' has \d+ of \d+ values NaN or infinite"),
+    (lambda sd: sd.update({k: v.to(torch.int64) for k, v in sd.items()}),
+     r"tensor '.*lora_[AB]\.weight' in adapter_model\.safetensors is I64; LoRA weights are float"),
+])
+def test_nan_and_integer_adapters_are_refused(setup, tmp_path, change, expect):
+    from peft import PeftModel
+
+    adapter = with_tensors(setup["lora"], tmp_path / "bad", change)
+    with pytest.raises(AdapterError, match=expect):
+        load_model(setup["float"], adapter=adapter, device="cpu")
+    with pytest.raises(AdapterError, match=expect):
+        PeftModel.from_pretrained(load_model(setup["float"], device="cpu"), str(adapter))
+
+
+def test_inflating_legacy_bin_is_refused_before_it_is_read(setup, tmp_path, monkeypatch):
+    adapter = tmp_path / "bomb"
+    shutil.copytree(setup["lora"], adapter)
+    (adapter / "adapter_model.safetensors").unlink()
+    plain = tmp_path / "plain.bin"
+    torch.save({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(4096, 4096)}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(adapter / "adapter_model.bin", "w",
+                                                        compression=zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    assert os.path.getsize(adapter / "adapter_model.bin") < 2**20 < 64 * 2**20
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or pytest.fail("torch.load was called"))
+    with pytest.raises(AdapterError, match=r"adapter_model\.bin \(\d+ bytes\) inflates to \d+ bytes"):
+        load_model(setup["float"], adapter=adapter, device="cpu")
+    assert not calls
+
+
+def test_truncated_adapter_file_names_the_tensor(setup, tmp_path):
+    adapter = tmp_path / "cut"
+    shutil.copytree(setup["lora"], adapter)
+    f = adapter / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])
+    with pytest.raises(AdapterError, match=r"adapter_model\.safetensors: tensor '.*' ends at byte .*truncated"):
+        load_model(setup["float"], adapter=adapter, device="cpu")
+
+
+def test_lora_weight_path_continues_from_the_adapter(setup, tmp_path):
+    """--lora_weight_path goes through finetune.adapters.load_adapter and trains that adapter's weights."""
+    from finetune.train import main
+
+    out = tmp_path / "continued"
+    assert main(train_args(setup["float"], setup["data"], out, "--max_steps", "1", "--use_lora", "True",
+                           "--learning_rate", "0", "--lora_weight_path", str(setup["lora"]))) == 0
+    a = load_file(str(setup["lora"] / "adapter_model.safetensors"))
+    b = load_file(str(out / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- item 18: the base, by absolute path and fingerprint ----------------------------------------------------------
+
+
+def test_adapter_records_absolute_base_and_fingerprint(setup, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(setup["float"], tmp_path / "models" / "fp")
+    adapter = make_adapter("models/fp", tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((tmp_path / "models" / "fp").resolve())
+    record = json.loads((adapter / BASE_RECORD).read_text())
+    assert record["path"] == cfg["base_model_name_or_path"] and record["fingerprint"]["weights"]
+    ref = logits(load_model(None, adapter=adapter, device="cpu"))
+
+    # another directory holding a different model at the same relative path: the recorded base still loads
+    elsewhere = tmp_path / "elsewhere"
+    make_demo_model(elsewhere / "models" / "fp", seed=5)
+    monkeypatch.chdir(elsewhere)
+    assert torch.equal(logits(load_model(None, adapter=adapter, device="cpu")), ref)
+
+
+def test_base_with_another_fingerprint_is_refused_naming_both(setup, tmp_path, caplog):
+    from peft import AutoPeftModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(setup["float"], base)
+    adapter = make_adapter(base, tmp_path / "adapter")
+    shutil.rmtree(base)
+    make_demo_model(base, seed=7, intermediate_size=512)  # same path, another model
+    with pytest.raises(AdapterError, match=rf"trained on {base}.*{base} is not that model \(config\.json differs\)"):
+        load_model(None, adapter=adapter, device="cpu")
+    with pytest.raises(AdapterError, match=r"not that model"):
+        AutoPeftModelForCausalLM.from_pretrained(str(adapter))
+
+    # named explicitly (-m), a different dir: loaded, with a warning naming both
+    other = make_demo_model(tmp_path / "other", seed=3)
+    with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
+        load_model(other, adapter=adapter, device="cpu")
+    assert any(str(base) in r.message and str(other) in r.message and "as asked" in r.message
+               for r in caplog.records)
+
+
+# -- item 4: PEFT's merge route on an Int4 base -------------------------------------------------------------------
+
+
+def test_peft_merge_and_unload_on_int4_writes_a_float_model_dir(setup, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+
+    ref = load_model(setup["int4"], adapter=setup["qlora"], dtype=torch.float32, device="cpu")
+    merged = AutoPeftModelForCausalLM.from_pretrained(str(setup["qlora"])).merge_and_unload()
+    out = tmp_path / "merged"
+    merged.save_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    assert not [k for k in load_file(str(out / "model.safetensors")) if k.endswith((".qweight", ".g_idx"))]
+    reloaded = load_model(out, dtype=torch.float32, device="cpu")
+    diff = (logits(reloaded) - logits(ref)).abs().max()
+    assert diff < 1e-4, diff
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert (logits(auto) - logits(ref)).abs().max() < 1e-4

@@ -1,0 +1,243 @@
+"""Adapters for chat: the recorded base, a moved base, official finetune.py adapters (.bin, peft 0.5 config),
+mismatches as clear errors, PEFT's AutoPeftModelForCausalLM on an Int4 base, and a trained adapter answering
+through model.chat after a reload in a fresh process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import finetune  # noqa: F401  (registrations)
+from finetune import load_model, load_tokenizer
+from finetune.adapters import AdapterError, check_adapter, read_adapter_weights
+from finetune.demo import make_demo_model
+
+from _helpers import MEMORISE, write_memorise, train_adapter, subprocess_env
+
+IDS = torch.tensor([[1841, 872, 198, 100, 200, 300, 17, 5]])
+
+
+
+
+
+
+
+
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    fl = make_demo_model(root / "float")
+    i4 = make_demo_model(root / "int4", int4=True)
+    data = root / "mem.json"
+    write_memorise(data)
+    lora = train_adapter(fl, data, root / "lora", 50)
+    qlora = train_adapter(i4, data, root / "qlora", 50, "--q_lora", "True")
+    return {"root": root, "float": fl, "int4": i4, "data": data, "lora": lora, "qlora": qlora}
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.float()
+
+
+def test_recorded_base_and_moved_base(setup, tmp_path):
+    a = load_model(None, adapter=setup["lora"])  # the base recorded in adapter_config.json
+    ref = logits(a)
+    moved_base = tmp_path / "moved_base"
+    shutil.copytree(setup["float"], moved_base)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(setup["lora"], adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(tmp_path / "gone" / "Qwen-7B-Chat")
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"gone.*--model"):
+        load_model(None, adapter=adapter)
+    b = load_model(moved_base, adapter=adapter)
+    assert torch.equal(logits(b), ref)
+
+
+OFFICIAL_CONFIG_2023 = {
+    "auto_mapping": None,
+    "base_model_name_or_path": "Qwen/Qwen-7B-Chat",
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "lora_alpha": 16,
+    "lora_dropout": 0.05,
+    "modules_to_save": None,
+    "peft_type": "LORA",
+    "r": 8,
+    "revision": None,
+    "target_modules": ["c_attn", "c_proj", "w1", "w2"],
+    "task_type": "CAUSAL_LM",
+    "enable_lora": None,
+}
+TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.w1", "mlp.w2", "mlp.c_proj")
+
+
+def write_official_adapter(base_dir, out, r=8, alpha=16, modules_to_save=False, seed=1):
+    """An adapter as the official Qwen finetune.py (peft 0.5, 2023) wrote it, built by hand."""
+    from safetensors.torch import load_file
+
+    base = load_file(str(Path(base_dir) / "model.safetensors"))
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    g = torch.Generator().manual_seed(seed)
+    sd, deltas = {}, {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for t in TARGETS:
+            name = f"transformer.h.{layer}.{t}"
+            out_f, in_f = base[f"{name}.weight"].shape
+            A = torch.randn(r, in_f, generator=g) * 0.2
+            B = torch.randn(out_f, r, generator=g) * 0.2
+            sd[f"base_model.model.{name}.lora_A.weight"] = A
+            sd[f"base_model.model.{name}.lora_B.weight"] = B
+            deltas[f"{name}.weight"] = B @ A * (alpha / r)
+    config = dict(OFFICIAL_CONFIG_2023, r=r, lora_alpha=alpha)
+    replaced = {}
+    if modules_to_save:
+        config["modules_to_save"] = ["wte", "lm_head"]
+        for key in ("transformer.wte.weight", "lm_head.weight"):
+            new = base[key] + torch.randn(base[key].shape, generator=g) * 0.05
+            sd[f"base_model.model.{key}"] = new
+            replaced[key] = new
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    torch.save(sd, out / "adapter_model.bin")
+    return out, deltas, replaced
+
+
+@pytest.mark.parametrize("modules_to_save", [False, True])
+def test_official_finetune_py_adapter_loads_and_matches_hand_merge(setup, tmp_path, monkeypatch, modules_to_save):
+    adapter, deltas, replaced = write_official_adapter(setup["float"], tmp_path / "official",
+                                                       modules_to_save=modules_to_save)
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    model = load_model(setup["float"], adapter=adapter, dtype=torch.float32, device="cpu")
+    monkeypatch.setattr(torch, "load", real_load)
+    assert calls and all(c is True for c in calls), calls
+
+    base = load_model(setup["float"], dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        sd = base.state_dict()
+        for k, d in deltas.items():
+            sd[k] += d
+        for k, v in replaced.items():
+            sd[k].copy_(v)
+    diff = (logits(model) - logits(base)).abs().max()
+    assert diff < 1e-4, diff
+    # and it really changes the output
+    plain = load_model(setup["float"], dtype=torch.float32, device="cpu")
+    assert (logits(model) - logits(plain)).abs().max() > 1e-2
+
+
+def test_legacy_bin_is_never_unpickled(setup, tmp_path):
+    adapter, _, _ = write_official_adapter(setup["float"], tmp_path / "evil")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": torch.zeros(8, 64), "x": Evil()},
+               adapter / "adapter_model.bin")
+    with pytest.raises(AdapterError, match="weights_only"):
+        read_adapter_weights(adapter)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_mismatched_adapters_are_clear_errors(setup, tmp_path):
+    adapter = setup["lora"]
+    other = make_demo_model(tmp_path / "wider", hidden_size=128, num_attention_heads=4, kv_channels=32)
+    with pytest.raises(AdapterError) as e:
+        load_model(other, adapter=adapter)
+    msg = str(e.value)
+    assert str(adapter) in msg and "transformer.h.0.attn.c_attn.lora_A.weight" in msg and "shape" in msg
+
+    shallow = make_demo_model(tmp_path / "shallow", num_hidden_layers=1)
+    with pytest.raises(AdapterError, match=r"transformer\.h\.1\..*has no place"):
+        load_model(shallow, adapter=adapter)
+
+    # rank layout: config says r=8, the tensors are r=16
+    bad_rank = tmp_path / "bad_rank"
+    shutil.copytree(adapter, bad_rank)
+    cfg = json.loads((bad_rank / "adapter_config.json").read_text())
+    cfg["r"] = 8
+    (bad_rank / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"lora_A\.weight.*\[16, 64\].*needs \[8, 64\]"):
+        load_model(setup["float"], adapter=bad_rank)
+
+    # another architecture's target modules
+    llama = tmp_path / "llama_adapter"
+    shutil.copytree(adapter, llama)
+    cfg["r"], cfg["target_modules"] = 16, ["q_proj", "v_proj"]
+    (llama / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=r"none of its target modules.*q_proj"):
+        load_model(setup["float"], adapter=llama)
+
+    # a full model dir passed as an adapter
+    with pytest.raises(AdapterError, match="not a PEFT adapter"):
+        load_model(setup["float"], adapter=setup["float"])
+
+
+def test_check_adapter_finds_missing_tensors(setup, tmp_path):
+    model = load_model(setup["float"], device="cpu")
+    sd = read_adapter_weights(setup["lora"])
+    sd.pop("base_model.model.transformer.h.1.mlp.w2.lora_B.weight")
+    with pytest.raises(AdapterError, match=r"missing.*h\.1\.mlp\.w2\.lora_B"):
+        check_adapter(model, setup["lora"], state_dict=sd)
+
+
+def test_auto_peft_model_on_int4_base(setup):
+    from peft import AutoPeftModelForCausalLM
+
+    from finetune.quant.peft_lora import GPTQLoraLinear
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(setup["qlora"]))
+    assert any(isinstance(m, GPTQLoraLinear) for m in model.modules())
+    ref = load_model(setup["int4"], adapter=setup["qlora"], dtype=torch.float32, device="cpu")
+    model.eval()
+    assert torch.allclose(logits(model), logits(ref), atol=1e-5)
+    tok = load_tokenizer(setup["int4"])
+    reply, _ = model.chat(tok, MEMORISE[1][0], do_sample=False, max_new_tokens=20)
+    assert reply == MEMORISE[1][1]
+
+    float_model = AutoPeftModelForCausalLM.from_pretrained(str(setup["lora"]))
+    assert float_model.chat(tok, MEMORISE[0][0], do_sample=False, max_new_tokens=20)[0] == MEMORISE[0][1]
+
+
+def test_trained_adapters_answer_after_reload_in_fresh_process(setup):
+    """LoRA (float base) and Q-LoRA (Int4 base), each loaded from its dir alone in a new interpreter."""
+    code = (
+        "import json, sys\n"
+        "from finetune import load_model, load_tokenizer\n"
+        "qs = json.loads(sys.argv[1])\n"
+        "out = {}\n"
+        "for kind, adapter in json.loads(sys.argv[2]).items():\n"
+        "    m = load_model(None, adapter=adapter)\n"
+        "    tok = load_tokenizer(adapter)\n"
+        "    out[kind] = [m.chat(tok, q, do_sample=False, max_new_tokens=24)[0] for q in qs]\n"
+        "print(json.dumps(out))\n"
+    )
+    adapters = {k: str(setup[k]) for k in ("lora", "qlora")}
+    r = subprocess.run([sys.executable, "-c", code, json.dumps([q for q, _ in MEMORISE]), json.dumps(adapters)],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    answers = json.loads(r.stdout.strip().splitlines()[-1])
+    for kind in adapters:
+        assert answers[kind] == [a for _, a in MEMORISE], kind

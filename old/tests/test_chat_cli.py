@@ -1,0 +1,169 @@
+"""`qwen-ft chat`: one-shot --query in a subprocess, scripts/chat.sh, and the interactive mode driven through a
+pseudo-terminal (type a question, read the streamed answer, :clear, :exit)."""
+
+import os
+import pty
+import select
+import subprocess
+import sys
+import time
+
+import pytest
+
+import finetune  # noqa: F401
+from finetune.demo import make_demo_model
+
+from _helpers import ROOT, MEMORISE, write_memorise, train_adapter, subprocess_env
+
+
+
+
+
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    fl = make_demo_model(root / "float")
+    data = write_memorise(root / "mem.json")
+    return {"float": fl, "lora": train_adapter(fl, data, root / "lora", 50)}
+
+
+def test_query_mode_subprocess(setup):
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-m", str(setup["float"]), "--adapter",
+                        str(setup["lora"]), "--query", MEMORISE[2][0], "--greedy", "--max_new_tokens", "24"],
+                       capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == MEMORISE[2][1]  # the reply alone: scriptable
+
+
+def test_chat_sh_wrapper_uses_recorded_base(setup):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "chat.sh"), "-a", str(setup["lora"]), "--query",
+                        MEMORISE[0][0], "--greedy"], capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == MEMORISE[0][1]
+
+
+def test_query_mode_bad_adapter_is_a_clear_error(tmp_path, capsys):
+    from finetune.cli import main
+
+    assert main(["chat", "--adapter", str(tmp_path / "nope"), "--query", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and str(tmp_path / "nope") in err
+    assert main(["chat", "--query", "hi"]) == 2  # neither a model nor an adapter
+
+
+def test_a_missing_adapter_beside_a_good_model_is_named_as_the_adapter(setup, tmp_path, capsys):
+    from finetune.cli import main
+
+    assert main(["chat", "-m", str(setup["float"]), "--adapter", str(tmp_path / "nope"), "--query", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"error: adapter directory {tmp_path / 'nope'} does not exist"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--history-window", "0"], "--history-window must be at least 1"),
+])
+def test_sampling_flags_out_of_range_are_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, message):
+    import finetune.chat
+    from finetune.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(finetune.chat, "load", no_load)
+    assert main(["chat", "-m", str(tmp_path), "--query", "hi", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("temperature", ["0", "1e-40"])  # 1e-40 would overflow the scores: greedy too
+def test_temperature_below_a_hundredth_is_greedy(setup, temperature):
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-a", str(setup["lora"]), "--query",
+                        MEMORISE[1][0], "--temperature", temperature, "--seed", "1"],
+                       capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == MEMORISE[1][1]
+
+
+class Pty:
+    def __init__(self, argv):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=subprocess_env(TERM="dumb"), close_fds=True)
+        os.close(slave)
+        self.buf = ""
+
+    def expect(self, text, timeout=90.0):
+        end = time.time() + timeout
+        while text not in self.buf:
+            left = end - time.time()
+            if left <= 0:
+                raise AssertionError(f"did not see {text!r}; got {self.buf[-2000:]!r}")
+            r, _, _ = select.select([self.master], [], [], left)
+            if r:
+                try:
+                    data = os.read(self.master, 4096)
+                except OSError:
+                    data = b""
+                if not data:
+                    raise AssertionError(f"EOF before {text!r}; got {self.buf[-2000:]!r}")
+                self.buf += data.decode("utf-8", "replace")
+        i = self.buf.index(text) + len(text)
+        before, self.buf = self.buf[:i], self.buf[i:]
+        return before
+
+    def send(self, line):
+        os.write(self.master, (line + "\n").encode())
+
+    def close(self):
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            os.close(self.master)
+
+
+def test_interactive_through_a_pty(setup):
+    from finetune.chat import ANSWER, PROMPT
+
+    t = Pty([sys.executable, "-m", "finetune.cli", "chat", "-m", str(setup["float"]), "--adapter",
+             str(setup["lora"]), "--greedy", "--max_new_tokens", "24"])
+    try:
+        t.expect(PROMPT)
+        t.send(MEMORISE[1][0])
+        t.expect(ANSWER)
+        answer = t.expect(PROMPT)
+        assert MEMORISE[1][1] in answer, answer
+        t.send(":clear")
+        assert "history cleared" in t.expect(PROMPT)
+        t.send(MEMORISE[3][0])
+        t.expect(ANSWER)
+        assert MEMORISE[3][1] in t.expect(PROMPT)
+        t.send(":exit")
+        assert t.close() == 0
+    finally:
+        if t.proc.poll() is None:
+            t.proc.kill()
+
+
+def test_stream_and_history_window(setup):
+    import io
+
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import stream_reply, trim_history
+
+    model = load_model(None, adapter=setup["lora"])
+    tok = load_tokenizer(setup["float"])
+    out = io.StringIO()
+    reply = stream_reply(model, tok, MEMORISE[0][0], [], "You are a helpful assistant.", out, do_sample=False,
+                         max_new_tokens=24)
+    assert reply == MEMORISE[0][1] and out.getvalue() == reply + "\n"
+    history = [(q, a) for q, a in MEMORISE]
+    assert trim_history(tok, history, "You are a helpful assistant.", 6144) == history
+    kept = trim_history(tok, history, "You are a helpful assistant.", 60)
+    assert 0 < len(kept) < len(history) and kept == history[-len(kept):]  # newest turns kept

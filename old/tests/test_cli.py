@@ -1,0 +1,251 @@
+"""The command line around training and evaluation: eval of a merged model, config files, the run's console,
+--fp16 on the CPU, the demo's chat hint, and the memory estimate made before loading."""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from finetune.demo import make_demo_model
+from finetune.train import main as train_main
+from finetune.training.arguments import parse_args
+from finetune.training.checks import TrainConfigError, preflight
+
+from _helpers import ROOT, subprocess_env, train_args, write_memorise
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return {"float": make_demo_model(root / "float"), "int4": make_demo_model(root / "int4", int4=True),
+            "data": write_memorise(root / "mem.json")}
+
+
+# -- out of GPU memory ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command,advice", [("eval", "--batch-size"), ("serve", "--max-batch"),
+                                            ("merge", "--device cpu"), ("chat", "--device cpu")])
+def test_a_command_out_of_gpu_memory_says_so_in_one_line(command, advice, monkeypatch, capsys):
+    """torch's out-of-memory error from any qwen-ft command ends it with one line naming the command and what
+    lowers its need (exit 2, no traceback); other errors still propagate."""
+    import importlib
+
+    import torch
+
+    from finetune.cli import COMMANDS, main
+
+    module = importlib.import_module(COMMANDS[command][0])
+
+    def oom(argv):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(module, "main", oom)
+    assert main([command, "-m", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: qwen-ft {command} ran out of GPU memory") and advice in err
+
+    def other(argv):
+        raise KeyError("not memory")
+
+    monkeypatch.setattr(module, "main", other)
+    with pytest.raises(KeyError):
+        main([command])
+
+
+# -- eval of a model without an adapter (a merged model) -----------------------------------------------------
+
+
+def test_eval_without_adapter_writes_the_report(setup, tmp_path, capsys):
+    from finetune.cli import main
+
+    out = tmp_path / "report.json"
+    rc = main(["eval", "-m", str(setup["float"]), "--data", str(setup["data"]), "--max-new-tokens", "4",
+               "--batch-size", "2", "--output", str(out)])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "perplexity" in stdout and "base" in stdout
+    report = json.loads(out.read_text())
+    assert report["model"] == str(setup["float"]) and report["adapter_dir"] is None
+    assert "adapter" not in report  # no adapter metrics: one model evaluated
+    assert report["base"]["records"] == 4 and report["base"]["generated"] == 4
+    assert report["base"]["loss"] > 0 and len(report["samples"]) == 4
+
+
+# -- config files --------------------------------------------------------------------------------------------
+
+
+def test_config_file_then_flags(setup, tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: {setup['float']}\ndata_path: {setup['data']}\noutput_dir: {tmp_path / 'o'}\n"
+                   "learning_rate: 3e-4\nlora_r: 4\nuse_lora: true\ngradient_checkpointing: true\n"
+                   "evaluation_strategy: 'no'\nwarmup_ratio: 0.05\nnum_train_epochs: 2\n")
+    model_args, _, lora_args, args = parse_args([str(cfg), "--lora_r", "8", "--num_train_epochs", "3"])
+    assert model_args.model_name_or_path == str(setup["float"]) and lora_args.use_lora
+    assert args.learning_rate == 3e-4  # a YAML string, converted as on the command line
+    assert lora_args.lora_r == 8 and args.num_train_epochs == 3  # the flags after the file win
+    assert args.activation_checkpointing is True and args.warmup_steps == 0.05
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"model_name_or_path": str(setup["float"]), "lora_r": 2}))
+    assert parse_args([str(js)])[2].lora_r == 2
+
+
+def test_config_file_errors_are_one_line(setup, tmp_path, capsys):
+    bad_key = tmp_path / "typo.yaml"
+    bad_key.write_text("lora_rank: 8\nlearning_rate: 1e-4\n")
+    assert train_main([str(bad_key)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "typo.yaml" in err and "lora_rank" in err and len(err.splitlines()) == 1
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("lora_r: 8\n  learning_rate: [1e-4\n")
+    assert train_main([str(broken)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "broken.yaml" in err and "line" in err and len(err.splitlines()) == 1
+    assert train_main([str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    # values of the wrong type, named with the file (not argparse's usage text, nor a TypeError from the model)
+    for text, says in (("lora_r: abc\n", "lora_r: 'abc' is not a valid value"),
+                       ("lora_r: 4.5\n", "lora_r: 4.5 is not a whole number"),
+                       ("lora_r: true\n", "lora_r: True is not a number"),
+                       ("learning_rate: [1, 2]\n", "learning_rate: [1, 2] is not a number")):
+        typed = tmp_path / "typed.yaml"
+        typed.write_text(text)
+        assert train_main([str(typed)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: config file ") and says in err and len(err.splitlines()) == 1, err
+
+
+# -- precision and the console -------------------------------------------------------------------------------
+
+
+def test_fp16_on_the_cpu_is_refused_before_loading(setup, tmp_path):
+    with pytest.raises(TrainConfigError, match="--fp16"):
+        preflight(*parse_args(train_args(setup["int4"], setup["data"], tmp_path / "o", "--fp16", "True")))
+
+
+def test_console_shows_no_third_party_notices(setup, tmp_path):
+    """A run with checkpointing as the official lines ask for it: no FutureWarnings for the checkpointing names,
+    no DeepSpeed accelerator probe line, no PAD/BOS/EOS notice."""
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="")
+    env.pop("DS_ACCELERATOR", None)
+    out = tmp_path / "o"
+    proc = subprocess.run([sys.executable, "-m", "finetune.train",
+                           *train_args(setup["float"], setup["data"], out, "--use_lora", "True", "--max_steps", "2",
+                                       "--gradient_checkpointing")],
+                          env=env, capture_output=True, text=True, timeout=900)
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console[-4000:]
+    assert "FutureWarning" not in console, console
+    assert "Setting accelerator to CPU" not in console and "PAD/BOS/EOS" not in console, console
+
+
+def test_checkpointing_is_enabled_once_without_reentrant(setup, tmp_path, monkeypatch):
+    from finetune.modeling import QWenLMHeadModel
+    from finetune.train import train
+
+    calls = []
+    original = QWenLMHeadModel.activation_checkpointing_enable
+
+    def spy(self, *a, **k):
+        calls.append(k.get("activation_checkpointing_kwargs", a[0] if a else None))
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(QWenLMHeadModel, "activation_checkpointing_enable", spy)
+    trainer = train(*parse_args(train_args(setup["float"], setup["data"], tmp_path / "o", "--use_lora", "True",
+                                           "--max_steps", "1", "--gradient_checkpointing", "True")))
+    assert calls == [{"use_reentrant": False}]
+    assert all(b.gradient_checkpointing for b in trainer.model.get_base_model().transformer.h)
+
+
+# -- the demo's chat hint ------------------------------------------------------------------------------------
+
+
+def test_demo_hint_is_greedy_and_shell_quoted(tmp_path):
+    from finetune.demo import chat_hint
+
+    model, adapter = tmp_path / "my models" / "demo int4", tmp_path / "out dir" / "demo"
+    data = ROOT / "data" / "demo_memorize.json"
+    line = chat_hint(model, adapter, data).splitlines()[-1]
+    argv = shlex.split(line)
+    question = json.loads(data.read_text())[0]["conversations"][0]["value"]
+    assert argv[:2] == ["qwen-ft", "chat"] and "--greedy" in argv
+    assert argv[argv.index("-m") + 1] == str(model) and argv[argv.index("--adapter") + 1] == str(adapter)
+    assert argv[argv.index("--query") + 1] == question
+
+
+# -- the memory estimate -------------------------------------------------------------------------------------
+
+
+def test_memory_estimate_counts_the_adapters_peft_makes(setup, tmp_path):
+    from finetune.loading import load_model
+    from finetune.training.lora import attach_lora
+    from finetune.training.memory import estimate_memory, tensor_shapes
+
+    for kind, extra in (("float", ["--use_lora", "True"]), ("int4", ["--q_lora", "True"])):
+        margs = parse_args(train_args(setup[kind], setup["data"], tmp_path / kind, *extra,
+                                      "--lora_target_modules", "c_attn", "w2"))
+        plan = preflight(*margs)
+        cfg = json.loads((setup[kind] / "config.json").read_text())
+        est = estimate_memory(cfg, tensor_shapes(setup[kind]), plan.mode, margs[2], margs[1], margs[3], "cpu", None)
+        model = attach_lora(load_model(setup[kind], device="cpu"), margs[2], plan)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert est.trainable_params == trainable, kind
+        assert est.adapters == 4 * trainable and est.optimizer == 12 * trainable
+        assert est.tokens == 4 * 128  # --per_device_train_batch_size 4 x --model_max_length 128
+        if kind == "float":
+            assert est.weights == 4 * sum(p.numel() for p in model.get_base_model().parameters() if not p.requires_grad)
+
+
+def test_memory_preflight_stops_when_clearly_over(setup, tmp_path, monkeypatch):
+    import finetune.loading
+    from finetune.training import memory
+
+    argv = train_args(setup["int4"], setup["data"], tmp_path / "o", "--q_lora", "True")
+    est_total = []
+    real = memory.estimate_memory
+    monkeypatch.setattr(memory, "estimate_memory", lambda *a: est_total.append(real(*a)) or est_total[-1])
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10 * 1024**3)
+    preflight(*parse_args(argv))  # fits
+    need = est_total[-1].total
+    monkeypatch.setattr(memory, "available_bytes", lambda device: int(need / 1.1))
+    preflight(*parse_args(argv))  # within the margin: not clearly over, runs
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need // 2)
+    with pytest.raises(TrainConfigError, match=r"needs about .* GiB on cpu .*weights .*activations .* is free"):
+        preflight(*parse_args(argv))
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(argv) == 2
+
+
+# -- the tests' real vocabulary ------------------------------------------------------------------------------
+
+
+def test_real_vocabulary_from_qwen_tiktoken(tmp_path):
+    """$QWEN_TIKTOKEN names the real vocabulary: used when it is there; a skip naming it where it is not, a
+    failure under CI=true."""
+    from _helpers import REAL_VOCAB
+
+    def run(vocab, ci):
+        env = subprocess_env(QWEN_TIKTOKEN=str(vocab))
+        env.pop("CI", None)
+        if ci:
+            env["CI"] = "true"
+        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+                               "tests/test_tokenization.py::test_special_ids"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    missing = tmp_path / "nowhere" / "qwen.tiktoken"
+    skipped = run(missing, ci=False)
+    assert skipped.returncode == 0 and "1 skipped" in skipped.stdout and str(missing) in skipped.stdout, skipped.stdout
+    failed = run(missing, ci=True)
+    assert failed.returncode == 1 and "CI=true: CI always has it" in failed.stdout, failed.stdout  # fixture: an error
+    if REAL_VOCAB.is_file():
+        moved = tmp_path / "elsewhere" / "vocab.tiktoken"
+        moved.parent.mkdir()
+        os.symlink(REAL_VOCAB, moved)
+        passed = run(moved, ci=True)
+        assert passed.returncode == 0 and "1 passed" in passed.stdout, passed.stdout

@@ -1,0 +1,35 @@
+"""The README's main command: `bash scripts/finetune_qlora.sh` with no arguments trains the built-in demo."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_script_trains_an_adapter_that_answers(tmp_path):
+    env = dict(os.environ, QWEN_FT_CACHE=str(tmp_path / "cache"), OUTPUT=str(tmp_path / "out"),
+               CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(ROOT / "scripts" / "finetune_qlora.sh")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "qwen-ft chat" in proc.stdout  # it ends by saying how to chat with the result
+    model_dir = tmp_path / "cache" / "demo-int4"
+    assert json.loads((model_dir / "config.json").read_text())["quantization_config"]["bits"] == 4
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file() and (out / "loss_curve.png").is_file()
+
+    record = json.loads((ROOT / "data" / "demo_memorize.json").read_text())[0]
+    question, answer = (t["value"] for t in record["conversations"][:2])
+    chat = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-m", str(model_dir), "--adapter", str(out),
+                           "--query", question, "--greedy"], env=env, capture_output=True, text=True, timeout=300)
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert chat.stdout.strip() == answer
+
+    # the cached model is reused, and a second run replaces the demo output rather than failing
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "finetune_qlora.sh"), "--max_steps", "2"], env=env,
+                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "(cached)" in again.stdout

@@ -1,0 +1,219 @@
+"""`qwen-ft eval`: metrics on hand examples, the loss with training masks, left-padded batched generation,
+prompts built as make_context builds them, and the base-vs-adapter report."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import finetune  # noqa: F401
+from finetune import load_model, load_tokenizer
+from finetune.demo import make_demo_model
+from finetune.evaluate import eval_loss, evaluate_model, generate_batch, generation_prompt
+from finetune.metrics import exact_match, lcs_length, rouge_l, rouge_tokens
+
+from _helpers import MEMORISE, memorise_records, write_memorise, train_adapter
+
+
+
+
+
+# -- metrics on hand examples ---------------------------------------------------------------------------
+
+
+def test_rouge_tokens():
+    assert rouge_tokens("  the  cat\nsat ") == ["the", "cat", "sat"]
+    assert rouge_tokens("Qwen模型 is good") == ["Qwen", "模", "型", "is", "good"]
+    assert rouge_tokens("我喜欢猫。") == ["我", "喜", "欢", "猫", "。"]
+    assert rouge_tokens("ＡＢＣ") == ["ABC"]  # NFKC: full-width -> ASCII
+
+
+def test_lcs_and_rouge_l_by_hand():
+    assert lcs_length(list("ABCBDAB"), list("BDCABA")) == 4
+    # LCS("the cat sat on the mat", "the cat on the mat") = 5; P = 5/6, R = 5/5 -> F1 = 10/11
+    assert rouge_l("the cat sat on the mat", "the cat on the mat") == pytest.approx(10 / 11)
+    # CJK per character: 3 of 4 characters in order -> P = R = 3/4
+    assert rouge_l("我喜欢猫", "我喜欢狗") == pytest.approx(0.75)
+    # order matters (subsequence, not bag of words): LCS("a b c", "c b a") = 1 -> F1 = 1/3
+    assert rouge_l("a b c", "c b a") == pytest.approx(1 / 3)
+    assert rouge_l("Blue Falcon.", "Blue Falcon.") == 1.0
+    assert rouge_l("", "") == 1.0 and rouge_l("x", "") == 0.0 and rouge_l("x", "y") == 0.0
+
+
+def test_exact_match_by_hand():
+    assert exact_match("  Blue   Falcon. ", "Blue Falcon.") == 1.0
+    assert exact_match("blue falcon.", "Blue Falcon.") == 0.0  # case kept
+    assert exact_match("Blue Falcon", "Blue Falcon.") == 0.0  # punctuation kept
+    assert exact_match("你好", "你好") == 1.0
+
+
+# -- model-level ------------------------------------------------------------------------------------------
+
+
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    fl = make_demo_model(root / "float")
+    data = root / "mem.json"
+    records = memorise_records()
+    write_memorise(data)
+    lora = train_adapter(fl, data, root / "lora", 50)
+    return {"root": root, "float": fl, "data": data, "lora": lora, "records": records,
+            "tok": load_tokenizer(fl)}
+
+
+def test_loss_uses_training_masks(setup):
+    from finetune.data import encode_conversation
+
+    model = load_model(setup["float"], dtype=torch.float32, device="cpu")
+    tok = setup["tok"]
+    multi = {"system": "Be brief.", "conversations": [
+        {"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello there"},
+        {"from": "user", "value": "and?"}, {"from": "assistant", "value": "nothing more"}]}
+    records = setup["records"] + [multi]
+    got = eval_loss(model, tok, records, batch_size=2)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for r in records:  # one row at a time, no padding, plain cross-entropy over the trained labels
+            enc = encode_conversation(tok, r)
+            ids, labels = torch.tensor([enc["input_ids"]]), torch.tensor(enc["labels"])
+            lg = model(input_ids=ids).logits[0, :-1].float()
+            y = labels[1:]
+            keep = y != -100
+            total += float(F.cross_entropy(lg[keep], y[keep], reduction="sum"))
+            count += int(keep.sum())
+    assert got["tokens"] == count and got["records"] == 5
+    assert got["loss"] == pytest.approx(total / count, rel=1e-5)
+    assert got["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+
+
+def test_generation_prompt_is_make_context(setup):
+    from finetune.modeling import make_context
+
+    tok = setup["tok"]
+    rec = {"system": "Be brief.", "conversations": [
+        {"from": "user", "value": "q1"}, {"from": "assistant", "value": "a1"},
+        {"from": "user", "value": "q2"}, {"from": "assistant", "value": "a2"}]}
+    tokens, ref = generation_prompt(tok, rec)
+    assert ref == "a2"
+    assert tokens == make_context(tok, "q2", history=[("q1", "a1")], system="Be brief.")[1]
+
+
+def test_left_padded_batch_equals_one_by_one(setup):
+    model = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    tok = setup["tok"]
+    records = setup["records"] + [{"conversations": [{"from": "user", "value": "A much longer question, with "
+                                                      "many more words than the others have, to pad them?"},
+                                                     {"from": "assistant", "value": "x"}]}]
+    contexts = [generation_prompt(tok, r)[0] for r in records]
+    assert len({len(c) for c in contexts}) > 1
+    batched = generate_batch(model, tok, contexts, max_new_tokens=12)
+    single = [generate_batch(model, tok, [c], max_new_tokens=12)[0] for c in contexts]
+    assert batched == single
+    assert batched[:4] == [a for _, a in MEMORISE]
+
+
+def test_base_vs_adapter_report(setup):
+    model = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    report = evaluate_model(model, setup["tok"], setup["records"], batch_size=3, max_new_tokens=16)
+    base_only = evaluate_model(load_model(setup["float"], dtype=torch.float32, device="cpu"), setup["tok"],
+                               setup["records"], batch_size=3, max_new_tokens=16)
+    assert set(report) == {"base", "adapter", "samples"}
+    for key in ("loss", "perplexity", "tokens", "records", "exact_match", "rouge_l", "generated"):
+        assert key in report["base"] and key in report["adapter"], key
+    assert report["adapter"]["exact_match"] == 1.0 and report["adapter"]["rouge_l"] == 1.0
+    assert report["adapter"]["loss"] < report["base"]["loss"]
+    # the base numbers under disable_adapter() are the plain base model's
+    assert report["base"]["loss"] == pytest.approx(base_only["base"]["loss"], rel=1e-6)
+    assert [s["base"] for s in report["samples"]] == [s["base"] for s in base_only["samples"]]
+    assert report["samples"][0]["reference"] == MEMORISE[0][1] and report["samples"][0]["adapter"] == MEMORISE[0][1]
+
+
+def test_eval_base_replies_are_the_base_models_and_both_generators_agree(setup):
+    """The "base" column of an eval with an adapter: the replies of the model loaded WITHOUT the adapter (here
+    through transformers' generate(), so the engine's per-row adapter switching is checked against an
+    independent path); the adapter column is the same through the engine and through generate()."""
+    from finetune.evaluate import generate_replies
+
+    records = setup["records"] + [{"conversations": [{"from": "user", "value": "Tell me about the gates, please."},
+                                                      {"from": "assistant", "value": "x"}]}]
+    with_adapter = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    report = evaluate_model(with_adapter, setup["tok"], records, batch_size=3, max_new_tokens=16, gen_batch_size=4)
+    plain = load_model(setup["float"], dtype=torch.float32, device="cpu")
+    contexts = [generation_prompt(setup["tok"], r)[0] for r in records]
+    assert [s["base"] for s in report["samples"]] == generate_replies(plain, setup["tok"], contexts, 3, 16)
+    assert [s["base"] for s in report["samples"]] != [s["adapter"] for s in report["samples"]]
+    old = evaluate_model(with_adapter, setup["tok"], records, batch_size=3, max_new_tokens=16, generator="generate")
+    assert [s["adapter"] for s in old["samples"]] == [s["adapter"] for s in report["samples"]]
+    assert [s["base"] for s in old["samples"]] == [s["base"] for s in report["samples"]]
+
+
+def test_eval_cli(setup, tmp_path, capsys):
+    out = tmp_path / "report.json"
+    from finetune.cli import main
+
+    rc = main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), "--max-new-tokens", "16",
+               "--batch-size", "2", "--max-samples", "3", "--output", str(out)])
+    stdout = capsys.readouterr().out
+    assert rc == 0
+    assert "ROUGE-L" in stdout and "adapter" in stdout and "perplexity" in stdout
+    report = json.loads(out.read_text())
+    assert report["records"] == 3 and report["settings"]["generator"] == "engine"
+    assert report["adapter"]["exact_match"] == 1.0 and len(report["samples"]) == 3
+    assert report["model"] == str(setup["float"])  # the base recorded in the adapter
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--max-samples", "-1"], "--max-samples must be >= 1, got -1"),  # (was records[:-1]: the last one dropped)
+    (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
+    (["--max-len", "1"], "--max-len 1 is too small"),
+])
+def test_eval_flags_out_of_range_are_one_line(setup, capsys, flags, message):
+    from finetune.cli import main
+
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_eval_cli_stops_on_bad_data_before_loading_the_model(setup, tmp_path, capsys, monkeypatch):
+    import finetune.loading
+    from finetune.cli import main
+
+    bad = tmp_path / "heldout.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}\n'
+                   '{"messages": [oops}\n')
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(finetune.loading, "load_model", no_load)
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "record 2, line 2" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("generator", ["engine", "generate"])
+def test_generated_tokens_are_counted_from_ids_even_when_they_decode_to_no_text(generator):
+    """A random model's tokens may decode to nothing visible (here every token it picks is past the tokenizer's
+    vocabulary, as with the random 14B-shaped model over the small vocabulary): eval still counts them, so
+    tokens/s is the generated tokens' rate, not the visible text's."""
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+    from _helpers import tiny_model
+
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = tiny_model(seed=3, vocab_size=2 * len(tok))
+    with torch.no_grad():  # every id the tokenizer knows (the stops included) scores 0, the others +-random
+        model.lm_head.weight[: len(tok)] = 0
+    records = memorise_records()[:3]
+    report = evaluate_model(model, tok, records, batch_size=2, max_new_tokens=6, generator=generator,
+                            gen_batch_size=2)
+    base = report["base"]
+    assert [s["base"] for s in report["samples"]] == ["", "", ""]  # no visible text at all ...
+    assert base["generated_tokens"] == 3 * 6  # ... yet every row generated its 6 tokens
+    assert base["generation_seconds"] > 0 and base["tokens_per_s"] == pytest.approx(18 / base["generation_seconds"])

@@ -1,0 +1,235 @@
+"""Merging: LoRA into a float base, Q-LoRA into the float base, Q-LoRA into the dequantized Int4 base, Int4
+export by RTN and by calibrated GPTQ (finetune/quant/gptq.py), the written layout, and error cases."""
+
+import json
+
+import pytest
+import torch
+
+import finetune  # noqa: F401
+from finetune import load_model
+from finetune.demo import make_demo_model
+from finetune.merge import MergeError, merge
+
+from _helpers import write_memorise, train_adapter
+
+IDS = torch.tensor([[1841, 872, 198, 100, 200, 300, 17, 5], [3, 4, 5, 6, 7, 8, 9, 10]])
+
+
+
+
+
+
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("merge")
+    fl = make_demo_model(root / "float")
+    i4 = make_demo_model(root / "int4", int4=True)
+    data = root / "mem.json"
+    write_memorise(data)
+    lora = train_adapter(fl, data, root / "lora", 40)
+    qlora = train_adapter(i4, data, root / "qlora", 40, "--q_lora", "True")
+    return {"root": root, "float": fl, "int4": i4, "data": data, "lora": lora, "qlora": qlora}
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def quiet(*a, **k):
+    pass
+
+
+def test_lora_merge_into_float_base_matches_unmerged(setup, tmp_path):
+    out = tmp_path / "merged"
+    report = merge(setup["lora"], out, dtype="fp32", eval_data=setup["data"], log=quiet)
+    ref = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    merged = load_model(out, dtype=torch.float32, device="cpu")
+    assert type(merged).__name__ == "QWenLMHeadModel"
+    assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+    # the official layout
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "float32" and cfg["model_type"] == "qwen"
+    for name in ("generation_config.json", "qwen.tiktoken", "tokenizer_config.json", "merge_report.json"):
+        assert (out / name).is_file(), name
+    assert report["route"].startswith("LoRA merged into the float base")
+    assert abs(report["merged_loss"] - report["unmerged_loss"]) < 1e-4
+    assert json.loads((out / "merge_report.json").read_text())["unmerged_loss"] == report["unmerged_loss"]
+
+
+def test_qlora_merge_into_dequantized_int4_base(setup, tmp_path):
+    out = tmp_path / "q_float"
+    report = merge(setup["qlora"], out, dtype="fp32", eval_data=setup["data"], log=quiet)
+    assert report["route"].startswith("int4 base: dequantize + merge")
+    ref = load_model(setup["int4"], adapter=setup["qlora"], dtype=torch.float32, device="cpu")  # GPTQ + LoRA
+    merged = load_model(out, dtype=torch.float32, device="cpu")
+    assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+    assert not any(n.endswith("qweight") for n, _ in merged.named_buffers())
+
+
+def test_qlora_merge_into_matching_float_base(setup, tmp_path):
+    out = tmp_path / "q_into_float"
+    report = merge(setup["qlora"], out, model=setup["float"], dtype="fp32", eval_data=setup["data"], log=quiet,
+                   max_shard_size="150KB")
+    assert report["route"].startswith("Q-LoRA adapter merged into the float base")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (out / "model.safetensors").exists()
+    ref = load_model(setup["float"], adapter=setup["qlora"], dtype=torch.float32, device="cpu")
+    merged = load_model(out, dtype=torch.float32, device="cpu")
+    assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+
+
+def test_bf16_export_dtype(setup, tmp_path):
+    out = tmp_path / "bf16"
+    merge(setup["lora"], out, log=quiet)  # default dtype bf16, no eval data: the adapter's training data
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["eval_records"] == 4 and abs(report["loss_delta"]) < 0.05
+
+
+def test_int4_exports_rtn_and_gptq(setup, tmp_path):
+    reports = {}
+    for method in ("rtn", "gptq"):
+        out = tmp_path / f"int4_{method}"
+        reports[method] = merge(setup["qlora"], out, fmt="int4", quant_method=method, calib_data=setup["data"],
+                                eval_data=setup["data"], log=quiet)
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["bits"] == 4
+        qc = json.loads((out / "quantize_config.json").read_text())
+        assert set(qc) == {"bits", "group_size", "damp_percent", "desc_act", "static_groups", "sym",
+                           "true_sequential", "model_name_or_path", "model_file_base_name"}
+        model = load_model(out, dtype=torch.float32, device="cpu")
+        assert any(type(m).__name__ == "GPTQLinear" for m in model.modules())
+    # calibrated GPTQ costs less than round-to-nearest on the user's data
+    assert reports["gptq"]["merged_loss"] < reports["rtn"]["merged_loss"], reports
+    assert reports["gptq"]["quantization"]["calib_samples"] == 4
+
+
+def _linear_inputs(model, samples):
+    """Inputs X of every block Linear of the float model on the calibration samples."""
+    xs, hooks = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and ".h." in name:
+            hooks.append(m.register_forward_hook(
+                lambda mod, a, o, n=name: xs.setdefault(n, []).append(a[0].detach().reshape(-1, a[0].shape[-1]))))
+    with torch.no_grad():
+        for s in samples:
+            model(input_ids=torch.tensor([s]))
+    for h in hooks:
+        h.remove()
+    return {k: torch.cat(v) for k, v in xs.items()}
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_beats_rtn_on_calibration_inputs(setup, desc_act):
+    from finetune.data import encode_conversation
+    from finetune.quant.gptq import HessianAccumulator, gptq_quantize_weight, layer_output_error
+    from finetune.quant.packing import dequantize
+    from finetune.quant.rtn import quantize_weight
+    from finetune.tokenization import load_tokenizer
+
+    model = load_model(setup["float"], dtype=torch.float32, device="cpu")
+    tok = load_tokenizer(setup["float"])
+    records = json.loads(setup["data"].read_text())
+    samples = [encode_conversation(tok, r)["input_ids"] for r in records]
+    xs = _linear_inputs(model, samples)
+    assert len(xs) == 10
+    total_g = total_r = 0.0
+    for name, X in xs.items():
+        W = model.get_submodule(name).weight.detach()
+        acc = HessianAccumulator(W.shape[1], "cpu")
+        acc.add(X)
+        assert torch.allclose(acc.H, 2 * X.t() @ X / X.shape[0], rtol=1e-4, atol=1e-4)
+        g = gptq_quantize_weight(W, acc.H, desc_act=desc_act)
+        Qg = dequantize(g["qweight"], g["qzeros"], g["scales"], g["g_idx"], 4)
+        assert torch.equal(Qg, g["dequantized"])  # packed exactly what GPTQ chose
+        r = quantize_weight(W)
+        Qr = dequantize(r["qweight"], r["qzeros"], r["scales"], r["g_idx"], 4)
+        eg, er = layer_output_error(W, Qg, X), layer_output_error(W, Qr, X)
+        assert eg < er, (name, eg, er)
+        total_g, total_r = total_g + eg, total_r + er
+    assert total_g < 0.8 * total_r
+
+
+def test_merge_errors(setup, tmp_path, capsys):
+    other = make_demo_model(tmp_path / "wider", hidden_size=128, kv_channels=32)
+    from finetune.cli import main
+
+    rc = main(["merge", "--adapter", str(setup["lora"]), "--model", str(other), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert str(setup["lora"]) in err and "transformer.h.0.attn.c_attn.lora_A.weight" in err and "shape" in err
+
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(MergeError, match="not empty"):
+        merge(setup["lora"], tmp_path / "full", log=quiet)
+    with pytest.raises(MergeError, match="base or the adapter"):
+        merge(setup["lora"], setup["float"], log=quiet, overwrite=True)
+
+
+# -- issue 14, friction: merge's flags and reports say what they do ----------------------------------------------
+
+
+def test_format_and_dtype_are_consistent(setup, tmp_path, capsys):
+    from finetune.cli import main
+    from finetune.merge import _parser
+
+    helps = {a.dest: a.help for a in _parser()._actions}
+    assert helps["format"] and "float" in helps["format"] and helps["quant_method"]
+    for flags, expect in ((["--format", "bf16", "--dtype", "fp16"], "--format bf16 and --dtype fp16 contradict"),
+                          (["--format", "int4", "--dtype", "fp16"], "--dtype fp16 applies to a float export")):
+        rc = main(["merge", "--adapter", str(setup["lora"]), "--output", str(tmp_path / "never"), *flags])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err
+    assert not (tmp_path / "never").exists()
+    lines = []
+    merge(setup["lora"], tmp_path / "fp16", fmt="float", dtype="fp16", log=lines.append)
+    assert "-> float (fp16)" in lines[0]
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["torch_dtype"] == "float16"
+
+
+def test_loss_is_named_for_the_data_it_is_computed_on(setup, tmp_path):
+    lines = []
+    report = merge(setup["lora"], tmp_path / "a", dtype="fp32", log=lines.append)  # the adapter's training data
+    assert report["eval_data_kind"] == "training-data"
+    assert not any("held-out" in line for line in lines) and any("not held out" in line for line in lines)
+    lines.clear()
+    report = merge(setup["lora"], tmp_path / "b", dtype="fp32", eval_data=setup["data"], log=lines.append)
+    assert report["eval_data_kind"] == "held-out" and any("held-out loss" in line for line in lines)
+
+
+def test_rtn_export_that_loses_the_fine_tune_warns(setup, tmp_path, monkeypatch, capsys):
+    import finetune.merge as merge_module
+
+    monkeypatch.setattr(merge_module, "RTN_WARN_DELTA", -1.0)  # any delta counts as a loss here
+    report = merge(setup["qlora"], tmp_path / "rtn", fmt="int4", eval_data=setup["data"], log=quiet)
+    assert any("--quant-method gptq" in w for w in report["warnings"])
+    assert "warning: round-to-nearest Int4 raised the loss" in capsys.readouterr().err
+    monkeypatch.setattr(merge_module, "RTN_WARN_DELTA", 1e9)
+    report = merge(setup["qlora"], tmp_path / "rtn2", fmt="int4", eval_data=setup["data"], log=quiet)
+    assert "warnings" not in report
+
+
+def test_float_adapter_on_int4_base_warns_naming_both(setup, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
+        load_model(setup["int4"], adapter=setup["lora"], device="cpu")
+    assert any("trained on a float model" in r.message and str(setup["int4"]) in r.message
+               and str(setup["float"].resolve()) in r.message for r in caplog.records)
+    caplog.clear()
+    report = merge(setup["lora"], tmp_path / "f_on_i4", model=setup["int4"], dtype="fp32", log=quiet)
+    assert any("trained on a float model" in w for w in report["warnings"])
+    caplog.clear()
+    # the documented direction (a Q-LoRA adapter into its float twin) stays quiet
+    with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
+        load_model(setup["float"], adapter=setup["qlora"], device="cpu")
+    assert not caplog.records

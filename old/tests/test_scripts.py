@@ -1,0 +1,150 @@
+"""The training scripts as a user runs them: the official Qwen command lines unchanged, --help, a config file.
+
+The official flag sets (tests/fixtures/official_cmdlines.py, copied from QwenLM/Qwen with the commit noted) run
+through scripts/finetune_*.sh on the tiny models with the paths replaced, `--deepspeed ds_configs/zero2.json`,
+`--fp16`/`--bf16` removed (CPU) and `--max_steps 2` appended.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.demo import make_demo_model
+
+from _helpers import ROOT, free_port, subprocess_env, write_memorise
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+from official_cmdlines import CMDLINES, QWEN_COMMIT
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scripts")
+    return {"float": make_demo_model(root / "float"), "int4": make_demo_model(root / "int4", int4=True),
+            "data": write_memorise(root / "mem.json")}
+
+
+def _script(name, argv, tmp_path, **env):
+    """Run scripts/<name> from the repository root (the official lines name ds configs relative to it)."""
+    env = subprocess_env(CUDA_VISIBLE_DEVICES="", QWEN_FT_CACHE=str(tmp_path / "demo-cache"),
+                         MASTER_PORT=str(free_port()), **env)
+    for k in ("MODEL", "DATA", "OUTPUT", "DEEPSPEED", "NPROC"):
+        env.pop(k, None)
+    return subprocess.run(["bash", str(ROOT / "scripts" / name), *argv], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1200)
+
+
+def _official(name, setup, out, ds="ds_configs/zero2.json", keep_precision=False):
+    """(project script, the official flags with paths replaced)."""
+    script, kind, flags = CMDLINES[name]
+    subst = {"$MODEL": str(setup[kind]), "$DATA": str(setup["data"]), "output_qwen": str(out),
+             "finetune/ds_config_zero2.json": ds, "${DS_CONFIG_PATH}": ds}
+    argv = [subst.get(f, f) for f in flags]
+    if not keep_precision:
+        for flag in ("--fp16", "--bf16"):
+            if flag in argv:
+                i = argv.index(flag)
+                del argv[i:i + 2]
+    return script, argv
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def test_fixture_is_the_official_sets():
+    assert len(QWEN_COMMIT) == 40
+    for script, kind, flags in CMDLINES.values():
+        assert flags[:2] == ["--model_name_or_path", "$MODEL"] and "--use_lora" in flags
+    official_ds = json.loads((FIXTURES / "qwen_ds_config_zero2.json").read_text())
+    assert "scheduler" in official_ds and "optimizer" in official_ds
+
+
+@pytest.mark.parametrize("name", list(CMDLINES))
+def test_official_command_line_trains(setup, tmp_path, name):
+    out = tmp_path / "out"
+    script, argv = _official(name, setup, out)
+    uses_ds = "--deepspeed" in argv
+    proc = _script(script, [*argv, "--max_steps", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "mpi4py" not in proc.stderr and "Traceback" not in proc.stderr
+    # --model_name_or_path / --data_path / --output_dir acted as -m / -d / -o: no demo
+    assert "demo" not in proc.stdout and not (tmp_path / "demo-cache").exists()
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["global_step"] == 2 and info["mode"] == ("qlora" if "--q_lora" in argv else "lora")
+    assert info["deepspeed"] is uses_ds and info["zero_stage"] == (2 if uses_ds else None)
+    run_args = json.loads((out / "run_args.json").read_text())
+    kind = CMDLINES[name][1]
+    assert run_args["model_dir"] == str(setup[kind]) and run_args["data"]["data_path"] == str(setup["data"])
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_official_qlora_line_unmodified_on_cpu_names_fp16(setup, tmp_path):
+    """Paths replaced, nothing else: the official Q-LoRA line's --fp16 stops the run before loading."""
+    out = tmp_path / "out"
+    script, argv = _official("finetune_qlora_single_gpu.sh", setup, out, ds=str(FIXTURES / "qwen_ds_config_zero2.json"),
+                             keep_precision=True)
+    proc = _script(script, argv, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1 and "--fp16" in errors[0], proc.stderr[-3000:]
+    assert not out.exists() and not (tmp_path / "demo-cache").exists()
+
+
+def test_official_deepspeed_config_is_refused(setup, tmp_path):
+    """Qwen's ds_config_zero2.json carries optimizer and scheduler blocks: refused, saying why and what to use."""
+    out = tmp_path / "out"
+    script, argv = _official("finetune_lora_ds.sh", setup, out, ds=str(FIXTURES / "qwen_ds_config_zero2.json"))
+    proc = _script(script, argv, tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    errors = _error_lines(proc.stderr)
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "scheduler" in errors[0] and "--lr_scheduler_type" in errors[0] and "ds_configs/" in errors[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("mode", ["qlora", "lora", "full"])
+def test_help_prints_the_scripts_usage(mode, tmp_path):
+    proc = _script(f"finetune_{mode}.sh", ["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{'Q-LoRA' if mode == 'qlora' else 'LoRA' if mode == 'lora' else 'Full'}")
+    assert f"Usage: bash scripts/finetune_{mode}.sh [-m MODEL]" in proc.stdout
+    assert "CONFIG" in proc.stdout and "DEEPSPEED" in proc.stdout
+    assert "set -euo" not in proc.stdout and "source" not in proc.stdout
+
+
+def test_config_file_through_the_script(setup, tmp_path):
+    """`bash scripts/finetune_lora.sh cfg.yaml [flags]`: the file's values, flags after it overriding them."""
+    out = tmp_path / "out"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        f"model_name_or_path: {setup['float']}\n"
+        f"data_path: {setup['data']}\n"
+        f"output_dir: {out}\n"
+        "learning_rate: 2e-3\n"  # YAML reads this as a string: converted as the flag would be
+        "lora_r: 4\n"
+        "lora_target_modules: [c_attn, w1]\n"
+        "per_device_train_batch_size: 4\n"
+        "model_max_length: 128\n"
+        "gradient_checkpointing: true\n"
+        "warmup_ratio: 0.1\n"
+        "report_to: none\n"
+        "save_strategy: 'no'\n"
+        "max_steps: 5\n")
+    proc = _script("finetune_lora.sh", [str(cfg), "--lora_r", "8", "--max_steps", "2"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    assert "demo" not in proc.stdout and not (tmp_path / "demo-cache").exists()
+    record = json.loads((out / "run_args.json").read_text())
+    assert record["lora"]["lora_r"] == 8 and record["lora"]["lora_target_modules"] == ["c_attn", "w1"]
+    assert record["training"]["learning_rate"] == 2e-3 and record["training"]["warmup_steps"] == 0.1
+    assert record["training"]["max_steps"] == 2 and record["mode"] == "lora"
+    assert json.loads((out / "run_info.json").read_text())["global_step"] == 2
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 8 and sorted(adapter_cfg["target_modules"]) == ["c_attn", "w1"]

@@ -1,0 +1,384 @@
+"""A run's output dir: finished runs stay finished, checkpoints are resumed only when complete and of the same
+run, overwriting clears the old run (and never other files), one run at a time, the demo replaces only demo
+outputs; what a run leaves there (console log, model card, final eval) and what an interrupted run says."""
+
+import fcntl
+import json
+import logging
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.demo import make_demo_model
+from finetune.train import main as train_main
+from finetune.training.arguments import parse_args
+from finetune.training.checks import LOCK_FILE, TrainConfigError, preflight
+from finetune.training.trainer import QwenTrainer
+
+from _helpers import ROOT, subprocess_env, train_args
+
+STEPS4 = ["--use_lora", "True", "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+          "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def finished(model, data, tmp_path_factory):
+    """A finished 4-step LoRA run with checkpoint-2 and checkpoint-4, evaluated on an eval set. Read-only:
+    tests copy it."""
+    out = tmp_path_factory.mktemp("runs") / "finished"
+    assert train_main(train_args(model, data, out, *STEPS4, "--eval_data_path", str(data))) == 0
+    return out
+
+
+def _copy(src, dst, finished_marker=True):
+    shutil.copytree(src, dst)
+    if not finished_marker:  # as a run killed after its last checkpoint
+        (dst / "training_finished.json").unlink()
+    return dst
+
+
+def _snapshot(d):
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+
+def _preflight(argv):
+    return preflight(*parse_args(argv))
+
+
+def _one_line(err):
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# -- what a finished run leaves: eval at the end, model card, console log, released lock ----------------------
+
+def test_eval_set_is_evaluated_at_the_end_without_eval_strategy(finished):
+    info = json.loads((finished / "run_info.json").read_text())
+    assert info["eval_loss"] is not None and math.isfinite(info["eval_loss"])
+    state = json.loads((finished / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [4]
+
+
+def test_model_card_describes_the_run(finished, model, data):
+    card = (finished / "README.md").read_text()
+    assert "More Information Needed" not in card  # not PEFT's empty template
+    assert str(model) in card and str(data) in card
+    assert "4 conversations used" in card and "r 16" in card
+    info = json.loads((finished / "run_info.json").read_text())
+    assert f"{info['eval_loss']:.4f}" in card
+    assert "python -m finetune.train --model_name_or_path" in card and "--eval_data_path" in card
+    assert "![loss curve](loss_curve.png)" in card and "| 4 |" in card
+
+
+def test_console_log_is_kept_in_the_output_dir_and_lock_released(finished):
+    log = (finished / "train.log").read_text()
+    assert "data: " in log and "'loss':" in log and "Done." in log
+    with open(finished / LOCK_FILE, "a+") as f:  # the run is over: its lock is free
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+# -- item 3: a finished run is finished ------------------------------------------------------------------------
+
+def test_resume_on_a_finished_run_changes_nothing(finished, model, data, tmp_path, capsys):
+    run = _copy(finished, tmp_path / "run")
+    before = _snapshot(run)
+    for flags in (["--resume", "True"], ["--resume", "True", "--max_steps", "8", "--learning_rate", "1e-2"],
+                  ["--resume_from_checkpoint", str(run / "checkpoint-4")]):
+        assert train_main(train_args(model, data, run, *STEPS4, *flags)) == 2
+        line = _one_line(capsys.readouterr().err)
+        assert "has finished" in line and "nothing was changed" in line and "--output_dir" in line
+    assert _snapshot(run) == before
+
+
+def test_continuing_a_finished_run_goes_into_a_new_dir(finished, model, data, tmp_path, capsys):
+    """The documented ways on: a new dir from the old adapter, or from the old run's last full state."""
+    plan = _preflight(train_args(model, data, tmp_path / "next", *STEPS4, "--lora_weight_path", str(finished)))
+    assert plan.resume_from is None
+    before = _snapshot(finished)
+    new = tmp_path / "continued"
+    assert train_main(train_args(model, data, new, *STEPS4, "--max_steps", "6",
+                                 "--resume_from_checkpoint", str(finished / "checkpoint-4"))) == 0
+    assert f"resuming from {finished / 'checkpoint-4'} (step 4)" in capsys.readouterr().out
+    state = json.loads((new / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [5, 6]
+    assert _snapshot(finished) == before
+
+
+# -- item 7: an incomplete checkpoint is never resumed -----------------------------------------------------------
+
+def test_incomplete_checkpoint_falls_back_to_the_previous_one(finished, model, data, tmp_path, capsys, caplog):
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    (run / "checkpoint-4" / "optimizer.pt").unlink()
+    with caplog.at_level(logging.WARNING):
+        assert train_main(train_args(model, data, run, *STEPS4, "--resume", "True")) == 0
+    assert "checkpoint-4 is not usable (incomplete: optimizer.pt is missing); falling back to checkpoint-2" \
+        in caplog.text
+    assert f"resuming from {run / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
+    state = json.loads((run / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [3, 4]
+
+
+@pytest.mark.parametrize("missing", ["rng_state.pth", "optimizer.pt", "scheduler.pt", "trainer_state.json",
+                                     "adapter_model.safetensors"])
+def test_without_a_complete_checkpoint_resume_names_the_missing_file(finished, model, data, tmp_path, missing):
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    shutil.rmtree(run / "checkpoint-2")
+    (run / "checkpoint-4" / missing).unlink()
+    with pytest.raises(TrainConfigError, match=rf"checkpoint-4: incomplete: .*{missing}.* is missing.*"
+                                               r"--overwrite_output_dir"):
+        _preflight(train_args(model, data, run, *STEPS4, "--resume", "True"))
+    with pytest.raises(TrainConfigError, match=rf"incomplete: .*{missing}"):
+        _preflight(train_args(model, data, tmp_path / "new", *STEPS4,
+                              "--resume_from_checkpoint", str(run / "checkpoint-4")))
+
+
+# -- item 12: damaged checkpoint files, output dirs that cannot be written ------------------------------------
+
+@pytest.mark.parametrize("name, damage", [
+    ("adapter_model.safetensors", "truncate"), ("optimizer.pt", "truncate"), ("rng_state.pth", "flip"),
+    ("scheduler.pt", "truncate"), ("trainer_state.json", "truncate"), ("dropout_seed.json", "truncate")])
+def test_damaged_checkpoint_file_is_named_before_loading(finished, model, data, tmp_path, capsys, monkeypatch,
+                                                         name, damage):
+    import finetune.loading
+
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    shutil.rmtree(run / "checkpoint-2")
+    f = run / "checkpoint-4" / name
+    if not f.exists():  # written by CUDA-graphed runs only: this CPU run's checkpoint gets one
+        f.write_text('{"seed": 1234567890123}')
+    raw = bytearray(f.read_bytes())
+    if damage == "truncate":
+        raw = raw[:len(raw) * 2 // 3]
+    else:  # one byte inside the stored tensor data: only the zip checksums see it
+        raw[len(raw) // 3] ^= 0xFF
+    f.write_bytes(bytes(raw))
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(train_args(model, data, run, *STEPS4, "--resume", "True")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "checkpoint-4" in line and name in line and ("corrupt" in line or "truncated" in line)
+
+
+def test_output_dir_that_is_a_file(model, data, tmp_path, capsys):
+    f = tmp_path / "out"
+    f.write_text("x")
+    assert train_main(train_args(model, data, f, "--use_lora", "True")) == 2
+    assert "is a file, not a directory" in _one_line(capsys.readouterr().err)
+    assert train_main(train_args(model, data, f / "sub", "--use_lora", "True")) == 2
+    assert "is a file, not a directory" in _one_line(capsys.readouterr().err)
+
+
+def test_output_dir_not_writable(model, data, tmp_path, capsys):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only dirs")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert train_main(train_args(model, data, ro / "out", "--use_lora", "True")) == 2
+        assert "is not writable" in _one_line(capsys.readouterr().err)
+    finally:
+        ro.chmod(0o755)
+
+
+# -- item 8: overwrite clears the old run; another run's checkpoint is refused --------------------------------
+
+def test_overwrite_removes_the_old_runs_checkpoints(finished, model, data, tmp_path, capsys, monkeypatch):
+    run = _copy(finished, tmp_path / "run")
+
+    def interrupted(self, *a, **k):  # the new run is stopped at its first step, before any checkpoint
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(QwenTrainer, "training_step", interrupted)
+    assert train_main(train_args(model, data, run, *STEPS4, "--overwrite_output_dir", "True")) == 130
+    assert not list(run.glob("checkpoint-*")) and not (run / "training_finished.json").exists()
+    assert not (run / "adapter_model.safetensors").exists() and not (run / "run_info.json").exists()
+    assert "no checkpoint was written" in capsys.readouterr().err
+    assert _preflight(train_args(model, data, run, *STEPS4, "--resume", "True")).resume_from is None
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(finished, model, data, tmp_path):
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    with pytest.raises(TrainConfigError, match=r"checkpoint-4 was written by a different run \(--lora_r 16 there, "
+                                               r"8 now\)"):
+        _preflight(train_args(model, data, run, *STEPS4, "--resume", "True", "--lora_r", "8"))
+    with pytest.raises(TrainConfigError, match=r"--lora_target_modules c_attn c_proj w1 w2 there, c_attn now"):
+        _preflight(train_args(model, data, run, *STEPS4, "--resume", "True", "--lora_target_modules", "c_attn"))
+    other = make_demo_model(tmp_path / "int4", int4=True)
+    with pytest.raises(TrainConfigError, match=rf"model {model} there, {other} now; mode lora there, qlora now"):
+        _preflight(train_args(other, data, run, *STEPS4, "--resume", "True"))
+    with pytest.raises(TrainConfigError, match=r"--resume_from_checkpoint .*checkpoint-2: written by a different "
+                                               r"run \(--lora_r 16 there, 8 now\)"):
+        _preflight(train_args(model, data, tmp_path / "new", *STEPS4, "--lora_r", "8",
+                              "--resume_from_checkpoint", str(run / "checkpoint-2")))
+
+
+# -- item 9: the demo replaces only demo outputs ------------------------------------------------------------------
+
+def test_demo_never_replaces_a_dir_that_is_not_a_demo_output(finished, tmp_path):
+    run = _copy(finished, tmp_path / "run")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "README.md").write_text("mine")
+    for target in (run, notes):
+        before = _snapshot(target)
+        proc = subprocess.run(["bash", str(ROOT / "scripts" / "finetune_qlora.sh"), "-o", str(target)],
+                              env=subprocess_env(QWEN_FT_CACHE=str(tmp_path / "cache"), CUDA_VISIBLE_DEVICES=""),
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "is not a demo output" in _one_line(proc.stderr)
+        assert _snapshot(target) == before
+    assert not (tmp_path / "cache").exists()  # stopped before making the demo model
+
+
+# -- item 10: one run at a time in a dir ---------------------------------------------------------------------------
+
+def test_second_run_into_a_locked_dir_stops(model, data, tmp_path, capsys, monkeypatch):
+    import finetune.tokenization
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / LOCK_FILE, "a+") as held:  # as the first run holds it
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        monkeypatch.setattr(finetune.tokenization, "load_tokenizer", lambda *a, **k: pytest.fail("went on"))
+        assert train_main(train_args(model, data, out, "--use_lora", "True")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "in use by another training run (pid 4242)" in line
+    assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+
+
+# -- item 13: --on_nonfinite_loss ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def nan_at_step_2(monkeypatch):
+    compute = QwenTrainer.compute_loss
+
+    def poisoned(self, *a, **k):
+        loss = compute(self, *a, **k)
+        return loss * float("nan") if self.state.global_step == 1 else loss
+
+    monkeypatch.setattr(QwenTrainer, "compute_loss", poisoned)
+
+
+def test_nonfinite_loss_skip_skips_and_counts(model, data, tmp_path, nan_at_step_2, caplog):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "skip"
+    with caplog.at_level(logging.WARNING):
+        assert train_main(train_args(model, data, out, "--use_lora", "True", "--max_steps", "3",
+                                     "--logging_steps", "1", "--on_nonfinite_loss", "skip")) == 0
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["nonfinite_skipped_steps"] == 1 and info["global_step"] == 3
+    assert "step 2: the loss is nan; the optimizer step is skipped (1 skipped so far)" in caplog.text
+    assert "1 optimizer step(s) skipped" in caplog.text
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert any(w.abs().sum() > 0 for k, w in weights.items() if "lora_B" in k)  # the other steps did train
+
+
+def test_nonfinite_loss_stop_names_the_step(model, data, tmp_path, nan_at_step_2, capsys):
+    assert train_main(train_args(model, data, tmp_path / "stop", "--use_lora", "True", "--max_steps", "3")) == 2
+    assert "the loss is nan at step 2" in _one_line(capsys.readouterr().err)
+
+
+def test_eval_strategy_without_an_eval_set(model, data, tmp_path):
+    with pytest.raises(TrainConfigError, match="--eval_strategy .*epoch needs an eval set: add --eval_data_path"):
+        _preflight(train_args(model, data, tmp_path / "o", "--eval_strategy", "epoch"))
+
+
+def test_nonfinite_loss_values_checked(model, data, tmp_path):
+    with pytest.raises(TrainConfigError, match="stop or skip"):
+        _preflight(train_args(model, data, tmp_path / "o", "--on_nonfinite_loss", "ignore"))
+    with pytest.raises(TrainConfigError, match="skip does not work under --deepspeed"):
+        _preflight(train_args(model, data, tmp_path / "o", "--on_nonfinite_loss", "skip", "--deepspeed",
+                              str(ROOT / "ds_configs" / "zero2.json")))
+
+
+# -- item 20: a dir of other files -------------------------------------------------------------------------------
+
+def test_dir_of_other_files_is_refused_unless_overwrite(model, data, tmp_path, capsys, caplog):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "README.md").write_text("my project")
+    (out / "run_info.json").write_text("{}")
+    (out / "notes.txt").write_text("keep me")
+    before = _snapshot(out)
+    assert train_main(train_args(model, data, out, "--use_lora", "True", "--max_steps", "2")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert "not empty" in line and "notes.txt" in line and "replacing README.md, run_info.json" in line
+    assert _snapshot(out) == before
+    with caplog.at_level(logging.WARNING):
+        assert train_main(train_args(model, data, out, "--use_lora", "True", "--max_steps", "2",
+                                     "--overwrite_output_dir", "True")) == 0
+    assert "this run replaces README.md, run_info.json and leaves the rest" in caplog.text
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_resume_without_checkpoints_into_a_dir_of_other_files_is_refused(model, data, tmp_path):
+    out = tmp_path / "project"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(TrainConfigError, match=r"not empty and holds no run of this project \(notes.txt\)"):
+        _preflight(train_args(model, data, out, "--use_lora", "True", "--resume", "True"))
+
+
+# -- friction: Ctrl-C, rows past seq_length ----------------------------------------------------------------------
+
+def test_ctrl_c_says_where_the_checkpoint_is_and_resume_says_where_it_continues(model, data, tmp_path, capsys,
+                                                                               monkeypatch):
+    out = tmp_path / "run"
+    step = QwenTrainer.training_step
+
+    def ctrl_c_at_step_3(self, *a, **k):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(QwenTrainer, "training_step", ctrl_c_at_step_3)
+    assert train_main(train_args(model, data, out, *STEPS4)) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted: the last complete checkpoint is {out / 'checkpoint-2'} (step 2); continue with the same " \
+           "command with --resume True" in err
+    monkeypatch.setattr(QwenTrainer, "training_step", step)
+    assert train_main(train_args(model, data, out, *STEPS4, "--resume", "True")) == 0
+    assert f"resuming from {out / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
+    log = (out / "train.log").read_text()  # both runs' consoles, in order
+    assert log.index("interrupted: the last complete") < log.index("resuming from") < log.index("Done.")
+
+
+def test_rows_past_the_models_seq_length_warn_once(model, data, tmp_path, monkeypatch, caplog):
+    import finetune.loading
+
+    short = tmp_path / "short"
+    shutil.copytree(model, short)
+    cfg = json.loads((short / "config.json").read_text())
+    cfg["seq_length"] = 32
+    (short / "config.json").write_text(json.dumps(cfg))
+
+    class Loaded(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Loaded
+
+    monkeypatch.setattr(finetune.loading, "load_model", stop)
+    from finetune.train import train
+
+    for packing in ("False", "True"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), pytest.raises(Loaded):
+            train(*parse_args(train_args(short, data, tmp_path / f"o{packing}", "--use_lora", "True",
+                                         "--packing", packing)))
+        warned = [r.getMessage() for r in caplog.records if "seq_length" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].startswith("4 conversation(s) are longer than the model's "
+                                                         "seq_length 32"), warned
+        assert "--model_max_length 32" in warned[0]

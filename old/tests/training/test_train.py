@@ -1,0 +1,367 @@
+"""Training end to end on the tiny models: Q-LoRA, LoRA and full; precision; schedule; accumulation; resume."""
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.demo import make_demo_model
+from finetune.train import main as train_main
+from finetune.training.arguments import parse_args
+from finetune.training.checks import TrainConfigError
+
+from _helpers import ROOT, memorise_records, train_args, train_killed_at_step
+
+MEMORISE = memorise_records()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {"float": make_demo_model(root / "float"), "int4": make_demo_model(root / "int4", int4=True)}
+
+
+@pytest.fixture(scope="module")
+def memorise_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("data") / "memorise.json"
+    p.write_text(json.dumps(MEMORISE))
+    return p
+
+
+def _args(model, data, out, *extra):
+    return train_args(model, data, out, "--logging_steps", "1", *extra)
+
+
+def _log(out):
+    state = json.loads((Path(out) / "trainer_state.json").read_text())
+    return state["log_history"]
+
+
+def _encoded_lengths(model_dir):
+    """The memorise set's conversations as token lists (what a step trains on, unpadded)."""
+    from finetune.data import build_dataset
+    from finetune.tokenization import load_tokenizer
+
+    ds, _ = build_dataset(load_tokenizer(model_dir), MEMORISE, 128, packing=False, verbose=False)
+    return ds["input_ids"]
+
+
+def _run(argv):
+    assert train_main(argv) == 0
+
+
+def _adapter_state(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(out) / "adapter_model.safetensors"))
+
+
+def test_qlora_memorises_and_changes_only_adapters(models, memorise_file, tmp_path):
+    from finetune import load_model
+    from finetune.train import train
+
+    out = tmp_path / "qlora"
+    margs = parse_args(_args(models["int4"], memorise_file, out, "--max_steps", "40", "--use_lora", "True",
+                             "--q_lora", "True"))
+    base = load_model(models["int4"])
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    trainer = train(*margs)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.3 * losses[0], losses
+
+    model = trainer.model
+    trained = {k.replace(".base_layer", ""): v for k, v in model.get_base_model().state_dict().items()}
+    for k, v in before.items():  # every base tensor (packed Int4 buffers included) is bit-identical
+        assert torch.equal(trained[k], v), k
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["dtypes"]["trainable"] == ["float32"] and info["mode"] == "qlora"
+    # steady-state speed over steps 3..40: every step is the whole memorise set (4 rows, one padded length)
+    speed = info["throughput"]
+    assert speed["steps_timed"] == 38 and speed["seconds"] > 0 and speed["tokens_per_s"] > 0
+    assert speed["padded_tokens"] % (38 * 4) == 0
+    row = speed["padded_tokens"] // (38 * 4)
+    assert 16 < row <= 128  # a chat with its system prompt, within --model_max_length
+    assert 0 < speed["trained_tokens"] < speed["tokens"] <= speed["padded_tokens"]
+    per_step = sum(len(r) for r in _encoded_lengths(models["int4"]))
+    assert speed["tokens"] == 38 * per_step  # real tokens: padding not counted
+    assert speed["peak_reserved_gib_per_process"] is None  # no GPU here
+    assert info["cuda_graphs"] is None
+    assert info["dtypes"]["gptq.scales"] == ["float16"] and info["dtypes"]["gptq.qweight"] == ["int32"]
+    assert (out / "adapter_config.json").is_file() and (out / "qwen.tiktoken").is_file()
+    assert (out / "loss_curve.png").stat().st_size > 1000
+
+    reloaded = load_model(models["int4"], adapter=out)
+    ids = torch.tensor([[1841, 872, 198, 100, 200, 300]])
+    model.eval()
+    with torch.no_grad():
+        a = model(input_ids=ids).logits
+        b = reloaded(input_ids=ids).logits
+    assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("mode", ["lora", "full"])
+def test_lora_and_full_train(models, memorise_file, tmp_path, mode):
+    from finetune import load_model
+
+    out = tmp_path / mode
+    extra = ["--use_lora", "True"] if mode == "lora" else ["--learning_rate", "1e-3"]
+    _run(_args(models["float"], memorise_file, out, "--max_steps", "30", *extra))
+    losses = [h["loss"] for h in _log(out) if "loss" in h]
+    assert losses[-1] < 0.3 * losses[0], losses
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["dtypes"]["trainable"] == ["float32"]
+    if mode == "full":
+        assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
+        reloaded = load_model(out)
+        assert reloaded is not None
+
+
+def _cosine(step, base, warmup, total):
+    if step < warmup:
+        return base * step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def test_lr_follows_requested_cosine(models, memorise_file, tmp_path):
+    out = tmp_path / "lr"
+    _run(_args(models["float"], memorise_file, out, "--use_lora", "True", "--max_steps", "12",
+               "--warmup_steps", "3", "--lr_scheduler_type", "cosine", "--learning_rate", "1e-3"))
+    logged = {h["step"]: h["learning_rate"] for h in _log(out) if "learning_rate" in h}
+    assert len(logged) == 12
+    for step, lr in logged.items():
+        # the rate logged with step s is the one that step s trained with: the schedule at s - 1
+        assert lr == pytest.approx(_cosine(step - 1, 1e-3, 3, 12), rel=1e-6, abs=1e-12), step
+
+
+def test_gradient_accumulation_matches_big_batch(models, memorise_file, tmp_path):
+    """4 accumulated micro-batches of 1 give the same update as one batch of 4 (loss = mean over all
+    trained tokens of the whole batch, not a mean of per-micro-batch means)."""
+    common = ["--use_lora", "True", "--max_steps", "1", "--learning_rate", "1e-2", "--lr_scheduler_type",
+              "constant", "--optim", "sgd", "--max_grad_norm", "0", "--save_strategy", "no"]
+    a, b = tmp_path / "acc", tmp_path / "big"
+    _run(_args(models["float"], memorise_file, a, *common, "--per_device_train_batch_size", "1",
+               "--gradient_accumulation_steps", "4"))
+    _run(_args(models["float"], memorise_file, b, *common, "--per_device_train_batch_size", "4",
+               "--gradient_accumulation_steps", "1"))
+    sa, sb = _adapter_state(a), _adapter_state(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_preflight_errors(models, memorise_file, tmp_path):
+    from finetune.training.checks import preflight
+
+    def check(argv, match):
+        with pytest.raises(TrainConfigError, match=match):
+            preflight(*parse_args(argv))
+
+    check(_args(tmp_path / "nope", memorise_file, tmp_path / "o"), "does not exist")
+    check(_args(models["float"], tmp_path / "missing.json", tmp_path / "o"), "missing.json")
+    check(_args(models["float"], memorise_file, tmp_path / "o", "--q_lora", "True"), "not quantized")
+    check(_args(models["int4"], memorise_file, tmp_path / "o", "--deepspeed", str(ROOT / "ds_configs/zero3.json")),
+          "ZeRO-3")
+    novocab = tmp_path / "novocab"
+    shutil.copytree(models["float"], novocab)
+    (novocab / "qwen.tiktoken").unlink()
+    check(_args(novocab, memorise_file, tmp_path / "o"), "qwen.tiktoken")
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "training_finished.json").write_text("{}")
+    check(_args(models["float"], memorise_file, done), "finished run")
+    bad_ds = tmp_path / "sched.json"
+    bad_ds.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}, "zero_optimization": {"stage": 2}}))
+    check(_args(models["float"], memorise_file, tmp_path / "o", "--deepspeed", str(bad_ds)), "scheduler")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
+    (["--learning_rate", "nan"], "--learning_rate must be a finite number >= 0, got nan"),
+    (["--learning_rate=-1e-4"], "--learning_rate must be a finite number >= 0"),
+    (["--lora_alpha", "0"], "--lora_alpha must be positive"),
+    (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "nothing to train: --num_train_epochs 0"),
+    (["--bf16", "True", "--fp16", "True"], "fp16 and bf16"),  # transformers' own check, as one line
+])
+def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise_file, tmp_path, capsys,
+                                                                monkeypatch, flags, message):
+    import finetune.loading
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    argv = _args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True", "--max_steps", "1", *flags)
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_bad_data_stops_before_model_load(models, tmp_path, capsys, monkeypatch):
+    import finetune.loading
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(MEMORISE[0]) + "\n" + '{"conversations": [{"from": "robot", "value": "x"}]}\n')
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(_args(models["float"], bad, tmp_path / "o", "--use_lora", "True")) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl" in err and "line 2" in err and "robot" in err
+
+
+@pytest.mark.parametrize("where", ["load", "step"])
+def test_out_of_memory_is_one_line_with_what_to_change(models, memorise_file, tmp_path, capsys, monkeypatch, where):
+    """A device out-of-memory error while loading or in a training step ends the run with one line: where it
+    happened and the flags that lower the need (half the batch with twice the accumulation first), no traceback."""
+    import finetune.loading
+    from finetune.training.trainer import QwenTrainer
+
+    def oom(*a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    if where == "load":
+        monkeypatch.setattr(finetune.loading, "load_model", oom)
+    else:
+        monkeypatch.setattr(QwenTrainer, "train", oom)
+    for ckpt in ("False", "True"):
+        assert train_main(_args(models["float"], memorise_file, tmp_path / f"o{ckpt}", "--use_lora", "True",
+                                "--gradient_accumulation_steps", "3", "--gradient_checkpointing", ckpt)) == 2
+        err = capsys.readouterr().err
+        line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(line) == 1 and "Traceback" not in err, err
+        assert ("while loading the model" if where == "load" else "in optimizer step 1") in line[0]
+        assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 6" in line[0]
+        assert "--model_max_length (now 128)" in line[0]
+        assert ("--gradient_checkpointing True" in line[0]) == (ckpt == "False")  # not asked of a run that has it
+
+
+def test_too_short_max_length_is_an_error(models, memorise_file, tmp_path, capsys):
+    assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
+                            "--model_max_length", "16")) == 2
+    assert "model_max_length" in capsys.readouterr().err
+
+
+def test_resume_after_kill_matches_uninterrupted(models, memorise_file, tmp_path):
+    """A run killed with SIGKILL after its step-4 checkpoint, resumed with --resume, ends with the same adapter
+    as a run that was never interrupted."""
+    common = ["--use_lora", "True", "--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4",
+              "--per_device_train_batch_size", "1", "--lora_dropout", "0.1"]
+    full = tmp_path / "full"
+    _run(_args(models["float"], memorise_file, full, *common))
+
+    killed = tmp_path / "killed"
+    # SIGKILL the process itself when step 7 starts: after the step-4 checkpoint, mid-way to step 8.
+    proc = train_killed_at_step(_args(models["float"], memorise_file, killed, *common), step=6)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert (killed / "checkpoint-4" / "trainer_state.json").is_file()
+    assert not (killed / "checkpoint-8").exists()
+
+    _run(_args(models["float"], memorise_file, killed, *common, "--resume", "True"))
+    sa, sb = _adapter_state(full), _adapter_state(killed)
+    for k in sa:  # within float tolerance: the killed run is a child process, summing in its own thread order
+        assert torch.allclose(sa[k], sb[k], rtol=1e-4, atol=1e-6), (k, (sa[k] - sb[k]).abs().max())
+    steps = [h["step"] for h in _log(killed) if "loss" in h]
+    assert steps[-1] == 8
+
+
+@pytest.mark.parametrize("stage, mode", [(2, "qlora"), (3, "lora"), (2, "full")])
+def test_deepspeed_config_follows_resolved_precision(models, memorise_file, tmp_path, stage, mode):
+    """`--bf16 True` as the official scripts pass it: below ZeRO-3 the adapters stay fp32 on a bf16 base, so
+    DeepSpeed must not cast the model (bf16 off) and must run the forward under its own torch_autocast (it
+    switches off an autocast entered outside its engine); ZeRO-3 and full fine-tuning use DeepSpeed's bf16."""
+    from finetune.training.checks import TrainPlan
+    from finetune.training import precision as policy
+
+    margs = parse_args(_args(models["float"], memorise_file, tmp_path / "o", "--bf16", "True", "--deepspeed",
+                             str(ROOT / f"ds_configs/zero{stage}.json")))
+    args = margs[3]
+    plan = TrainPlan(model_dir=models["float"], mode=mode, quantized=mode == "qlora", device="cpu",
+                     zero_stage=stage, resume_from=None)
+    precision = policy.decide(args, plan)
+    policy.apply(args, precision)
+    assert precision.compute_dtype == torch.bfloat16
+    cfg = args.hf_deepspeed_config.config
+    native_bf16 = stage == 3 or mode == "full"
+    assert cfg["bf16"]["enabled"] is native_bf16 and args.bf16 is native_bf16
+    assert ("torch_autocast" in cfg) is (not native_bf16)
+    if not native_bf16:
+        assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert "scheduler" not in cfg
+
+
+@pytest.mark.parametrize("report_to", ["tensorboard", "wandb"])
+def test_report_to_tensorboard_and_offline_wandb(models, memorise_file, tmp_path, monkeypatch, report_to):
+    if report_to == "wandb":
+        pytest.importorskip("wandb")
+        monkeypatch.setenv("WANDB_MODE", "offline")  # no network: runs are written locally
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+        monkeypatch.setenv("WANDB_SILENT", "true")
+    else:
+        pytest.importorskip("tensorboard")
+    out = tmp_path / "o"
+    _run(_args(models["float"], memorise_file, out, "--use_lora", "True", "--max_steps", "3",
+               "--report_to", report_to))
+    if report_to == "wandb":
+        runs = list((tmp_path / "wandb").glob("offline-run-*"))
+        assert runs and any(runs[0].rglob("*.wandb"))
+    else:
+        assert list(out.rglob("events.out.tfevents.*"))  # under output_dir/runs/
+
+
+def test_packing_is_the_default_and_the_run_says_what_a_step_holds(models, tmp_path, capsys):
+    # packed rows hold several conversations: the log and run_info.json say how many a step holds and how
+    # many steps an epoch has (the Trainer's own count)
+    base = ["--model_name_or_path", "m", "--data_path", "d", "--output_dir", str(tmp_path)]
+    assert parse_args(base)[1].packing is True
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(memorise_records() * 6))  # 24 short conversations
+    out = tmp_path / "packed"
+    argv = _args(models["int4"], data, out, "--packing", "True", "--use_lora", "True", "--q_lora", "True",
+                 "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+                 "--num_train_epochs", "1")
+    _run(argv)
+    info = json.loads((out / "run_info.json").read_text())
+    b = info["batches"]
+    assert b["packing"] is True and b["rows_per_step"] == 4 and b["conversations_per_row"] > 1
+    assert b["steps_per_epoch"] == b["total_steps"] == info["global_step"]
+    printed = capsys.readouterr().out
+    assert "batches: an optimizer step holds 4 rows (2 a device x 2 accumulated x 1 process)" in printed
+    assert f"{b['steps_per_epoch']} optimizer steps an epoch" in printed
+
+
+def test_one_chat_a_row_batches_chats_of_like_length_by_default(model, tmp_path):
+    """--packing False: --train_sampling_strategy auto becomes group_by_length (transformers' LengthGroupedSampler),
+    so a batch pads less than in random order; random stays available; packed rows keep random order."""
+    import json
+    import random
+
+    from finetune.train import train
+    from finetune.training.arguments import parse_args
+
+    from _helpers import train_args
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "delta", "omega"]
+    records = [{"id": f"r{i}", "conversations": [
+        {"from": "user", "value": "Say some words."},
+        {"from": "assistant", "value": " ".join(rng.choice(words) for _ in range(rng.choice([2, 4, 30, 60])))}]}
+        for i in range(64)]
+    data = tmp_path / "varied.json"
+    data.write_text(json.dumps(records))
+
+    def real_share(out, *flags):
+        trainer = train(*parse_args(train_args(model, data, tmp_path / out, "--use_lora", "True", "--max_steps",
+                                               "10", *flags)))
+        speed = json.loads((tmp_path / out / "run_info.json").read_text())["throughput"]
+        return trainer.args.train_sampling_strategy, speed["tokens_per_s"] / speed["padded_tokens_per_s"]
+
+    grouped, grouped_share = real_share("grouped")
+    plain, random_share = real_share("random", "--train_sampling_strategy", "random")
+    assert (grouped, plain) == ("group_by_length", "random")
+    assert grouped_share > random_share + 0.1, (grouped_share, random_share)  # measured: 0.84 against 0.67
+    packed, _ = real_share("packed", "--packing", "True", "--max_steps", "4")
+    assert packed == "random"
