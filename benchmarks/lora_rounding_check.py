@@ -3,8 +3,8 @@
 The GPU test `test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels` compares the engine with the
 LoRA computed inside the tensor-core GEMV (h = x A, then (h * sel) @ bt.T added before the output's rounding) against
 the engine with it added by separate kernels (cuBLAS's h in bf16, then an addmm on the rounded output). This script
-runs the same tiny model, adapters and batch four ways and prints, per request, the largest relative norm of the
-per-step logit difference while the two runs' tokens agree:
+runs the same tiny model and batch with adapters of several random inits, four ways each, and prints, per request,
+the largest relative norm of the per-step logit difference while the two runs' tokens agree:
 
   fused    the GEMV computes h and adds the product (the default)
   cublas   separate kernels: h = matmul in bf16 (cuBLAS), addmm on the bf16 output (the test's reference)
@@ -35,8 +35,10 @@ from finetune.inference import row_adapters  # noqa: E402
 from finetune.settings import override  # noqa: E402
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
 
+from test_inference_cuda import _max_rel_while_agreeing, _record_logits, separate_lora_hook  # noqa: E402
 
-def tiny_model():
+
+def tiny_model(seed: int):
     """The GPU test's model: hidden 128, group size 128 (the tensor-core GEMV takes every layer), two adapters."""
     from peft import LoraConfig, get_peft_model
 
@@ -49,86 +51,61 @@ def tiny_model():
     values["quantization_config"] = {"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False}
     model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
     cfg = dict(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    torch.manual_seed(seed)  # the adapters' random init
     pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
     pm.add_adapter("second", LoraConfig(**dict(cfg, r=8)))
     return pm.eval()
 
 
-def separate_hook(h_rule: str):
-    """RowAdapters._hook with h computed by ``h_rule`` (fp32h / exact) and nothing offered to the GEMV."""
-    def make(self):
-        def hook(module, args, output):
-            x2, a_all, sel, bt, _ = module.__dict__.pop("_row_low_rank")
-            h = x2.float() @ a_all.float()
-            if h_rule == "fp32h":
-                h = h.to(x2.dtype).float()
-            h = (h * sel.float()[:, None, :]).reshape(-1, h.shape[-1])
-            out = output.reshape(-1, output.shape[-1]).float() + h @ bt.float().t()
-            return out.to(output.dtype).view(output.shape)
-
-        return hook
-
-    return make
-
-
 def run(pm, tok, batch, names, steps):
-    from test_inference_cuda import _record_logits
-
     engine = Engine(pm, tok, max_batch=4)
     rec = _record_logits(engine)
     reqs = [engine.submit(p, SamplingParams(max_new_tokens=steps), adapter=a) for p, a in zip(batch, names)]
     while engine.has_work():
         engine.step()
-    return [(r.output_ids, rec[r.id]) for r in reqs]
-
-
-def spread(a, b):
-    """Per request: the largest relative norm of the logit difference over the steps whose earlier tokens agree."""
-    worst = []
-    for (ta, la), (tb, lb) in zip(a, b):
-        w = 0.0
-        for i, (x, y) in enumerate(zip(la, lb)):
-            w = max(w, ((x - y).norm() / y.norm()).item())
-            if i >= len(ta) or i >= len(tb) or ta[i] != tb[i]:
-                break
-        worst.append(round(w, 5))
-    return worst
+    return reqs, rec
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3], help="the adapters' random inits")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     from test_inference_engine import prompts
 
     tok = QWenTokenizer(str(SMALL_VOCAB))
-    pm = tiny_model()
     batch = prompts([5, 40, 12], seed=3)
     names = ["first", None, "second"]
-    runs = {}
-    with override(gptq_lora_epilogue=True):
-        runs["fused"] = run(pm, tok, batch, names, args.steps)
-    real = row_adapters.RowAdapters._hook
-    with override(gptq_lora_epilogue=False):
-        runs["cublas"] = run(pm, tok, batch, names, args.steps)
-        for rule in ("fp32h", "exact"):
-            row_adapters.RowAdapters._hook = separate_hook(rule)
-            try:
-                runs[rule] = run(pm, tok, batch, names, args.steps)
-            finally:
-                row_adapters.RowAdapters._hook = real
-    pairs = {}
-    keys = list(runs)
-    for i, a in enumerate(keys):
-        for b in keys[i + 1:]:
-            pairs[f"{a} vs {b}"] = spread(runs[a], runs[b])
-            print(f"{a:>7} vs {b:<7} per request (adapters {names}): {pairs[f'{a} vs {b}']}")
+    results = []
+    for seed in args.seeds:
+        pm = tiny_model(seed)
+        runs = {}
+        with override(gptq_lora_epilogue=True):
+            runs["fused"] = run(pm, tok, batch, names, args.steps)
+        real = row_adapters.RowAdapters._hook
+        with override(gptq_lora_epilogue=False):
+            runs["cublas"] = run(pm, tok, batch, names, args.steps)
+            for rule in ("fp32h", "exact"):
+                row_adapters.RowAdapters._hook = separate_lora_hook(rule)
+                try:
+                    runs[rule] = run(pm, tok, batch, names, args.steps)
+                finally:
+                    row_adapters.RowAdapters._hook = real
+        pairs = {}
+        keys = list(runs)
+        for i, a in enumerate(keys):
+            for b in keys[i + 1:]:
+                worst = [round(w, 5) for w in _max_rel_while_agreeing(*runs[a], *runs[b])]
+                pairs[f"{a} vs {b}"] = worst
+                print(f"seed {seed}: {a:>7} vs {b:<7} per request (adapters {names}): {worst}")
+        results.append({"seed": seed, "max_rel_logits": pairs})
     if args.out:
         from provenance import git_commit
 
         Path(args.out).write_text(json.dumps({"commit": git_commit(), "device": torch.cuda.get_device_name(),
-                                              "adapters": names, "max_rel_logits": pairs}, indent=1) + "\n")
+                                              "adapters": names, "steps": args.steps, "runs": results},
+                                             indent=1) + "\n")
     return 0
 
 

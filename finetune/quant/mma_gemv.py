@@ -405,6 +405,7 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
       __syncthreads();
       for (int j = tid; j < R; j += threads) {
         float s = 0.f;
+#pragma unroll 8
         for (int gg = 0; gg < G; ++gg) s += part[gg * R + j];
         __stcg(lws + ((size_t)p * M + m0 + mm) * R + j, s);
       }
@@ -417,10 +418,27 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
   __syncthreads();
   if (!last) return;
   __threadfence();
-  for (int i = tid; i < M * R; i += threads) {
+  // the P slots summed in a fixed order: when the M R sums are fewer than the threads, S threads share one, each
+  // a stride-S subset of the slots (its loads in flight together: one after another, 54 slots on the 14B's
+  // mlp.c_proj kept the tiles waiting), then the S subtotals in order
+  const int O = M * R, S = O < threads ? threads / O : 1;
+  const int s_of = tid / O;
+  for (int i = tid % O; i < O && s_of < S; i += (S == 1 ? threads : O)) {
     float s = 0.f;
-    for (int pp = 0; pp < P; ++pp) s += __ldcg(lws + (size_t)pp * M * R + i);  // a fixed order
-    lh[i] = f2bf(s);
+#pragma unroll 8
+    for (int pp = s_of; pp < P; pp += S) s += __ldcg(lws + (size_t)pp * O + i);
+    if (S == 1)
+      lh[i] = f2bf(s);
+    else
+      part[s_of * O + i] = s;
+  }
+  if (S > 1) {
+    __syncthreads();
+    for (int i = tid; i < O; i += threads) {
+      float s = 0.f;
+      for (int k = 0; k < S; ++k) s += part[k * O + i];
+      lh[i] = f2bf(s);
+    }
   }
   __threadfence();
   __syncthreads();

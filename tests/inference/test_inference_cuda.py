@@ -263,13 +263,52 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
     assert reasons[2] == "stop" and stop not in graphed[2]
 
 
+def separate_lora_hook(h_rule: str):
+    """A stand-in for RowAdapters._hook that adds the LoRA product by its own kernels with h = x A computed by
+    ``h_rule``: "exact" (fp32, unrounded, the product added to the output in fp32 before one rounding) or "fp32h"
+    (summed in fp32 and rounded to bf16, the tensor-core kernel's rule for h). Also used by
+    benchmarks/lora_rounding_check.py."""
+    def make(self):
+        def hook(module, args, output):
+            x2, a_all, sel, bt, _ = module.__dict__.pop("_row_low_rank")
+            h = x2.float() @ a_all.float()
+            if h_rule == "fp32h":
+                h = h.to(x2.dtype).float()
+            h = (h * sel.float()[:, None, :]).reshape(-1, h.shape[-1])
+            out = output.reshape(-1, output.shape[-1]).float() + h @ bt.float().t()
+            return out.to(output.dtype).view(output.shape)
+
+        return hook
+
+    return make
+
+
+def _max_rel_while_agreeing(a_reqs, a_logits, b_reqs, b_logits):
+    """Per request pair: the largest relative norm of the per-step logit difference over the steps whose earlier
+    tokens agree."""
+    worst = []
+    for a, b in zip(a_reqs, b_reqs):
+        w = 0.0
+        for i, (x, y) in enumerate(zip(a_logits[a.id], b_logits[b.id])):
+            w = max(w, ((x - y).norm() / y.norm()).item())
+            if i >= len(a.output_ids) or i >= len(b.output_ids) or a.output_ids[i] != b.output_ids[i]:
+                break
+        worst.append(w)
+    return worst
+
+
 def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok, monkeypatch, switches):
-    """Layers the tensor-core GEMV takes (K a multiple of 128, group size 128): the engine hands each LoRA
-    product to the GEMV's epilogue (row_adapters.py); a mixed batch of two adapters and the base then decodes as
-    with the product added by its own kernels, per-step logits within the bf16 tolerance."""
+    """Layers the tensor-core GEMV takes (K a multiple of 128, group size 128): the engine hands each LoRA layer's
+    A, row selection and B to the GEMV (row_adapters.py), which computes h = x A and adds (h * sel) @ B in the same
+    kernel. A mixed batch of two adapters and the base then decodes with per-step logits within the bf16 tolerance
+    of the exact LoRA product (h in fp32, added before the output's one rounding, by separate kernels), as the
+    separate bf16 kernels (cuBLAS's h, an addmm on the rounded output) are; the row without an adapter gets the
+    base's logits bit for bit. (The exact product is the reference because the two bf16 paths round h differently:
+    on this random tiny model that alone moves the logits 1.5-4.4% between them, NOTES step 39.)"""
     from peft import LoraConfig, get_peft_model
 
     from finetune.demo import TINY_CONFIG
+    from finetune.inference import row_adapters
     from finetune.modeling import QWenConfig
     from finetune.quant import mma_gemv as G
     from finetune.quant.loading import build_gptq_model_on_device
@@ -281,6 +320,7 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
     values["quantization_config"] = {"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False}
     model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
     cfg = dict(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    torch.manual_seed(0)  # the adapters' random init: the same weights whichever tests ran before
     pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
     pm.add_adapter("second", LoraConfig(**dict(cfg, r=8)))
     pm.eval()
@@ -306,15 +346,15 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
         return reqs, rec
 
     switches(gptq_lora_epilogue=True)
-    fused, fused_logits = run()
+    fused = run()
     assert any(taken)
     taken.clear()
     switches(gptq_lora_epilogue=False)
-    plain, plain_logits = run()
+    plain = run()
     assert taken and not any(taken)
-    for f, p in zip(fused, plain):
-        for i, (got, want) in enumerate(zip(fused_logits[f.id], plain_logits[p.id])):
-            rel = ((got - want).norm() / want.norm()).item()
-            assert rel < BF16_LOGITS_REL, (f.id, i, rel)
-            if i >= len(f.output_ids) or i >= len(p.output_ids) or f.output_ids[i] != p.output_ids[i]:
-                break
+    monkeypatch.setattr(row_adapters.RowAdapters, "_hook", separate_lora_hook("exact"))
+    exact = run()
+    fused_err = _max_rel_while_agreeing(*fused, *exact)
+    plain_err = _max_rel_while_agreeing(*plain, *exact)
+    assert max(fused_err) < BF16_LOGITS_REL and max(plain_err) < BF16_LOGITS_REL, (fused_err, plain_err)
+    assert _max_rel_while_agreeing(*fused, *plain)[1] == 0.0  # the base row: no adapter term at all
