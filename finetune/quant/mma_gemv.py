@@ -327,13 +327,16 @@ __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFF
 // The low-rank term (the engine's unmerged LoRA): out += (h * sel) @ bt.T with h = x A, all in the kernel.
 //
 // Producers: the grid's first P CTAs compute h = x A (A [K, R] bf16, each CTA a range of K, partial sums in fp32 to
-// a workspace slot of its own); the last producer to finish (a counter) adds the P slots in a fixed order, writes h
-// rounded to bf16 (as the separate matmul it replaces gave it) and raises a flag. The other CTAs compute the Int4
-// product as the plain build does and, in split 0 of each tile, wait for the flag only after their main loop, by
-// when the producers (a few microseconds of work) are long done: x A costs no launch and no time on the critical
-// path (two cuBLAS kernels a Linear before, ~5.9 us; NOTES step 39). The wait relies on CTAs being dispatched in
-// the order of their index, as CUTLASS's serial split-K does: the producers, first, are resident before any CTA
-// that waits for them. The last of the T waiting CTAs resets the counters for the next call (graph replays).
+// a workspace slot of its own); the last producer to finish (a counter, which it resets) adds the P slots in a fixed
+// order and writes h rounded to bf16 (as the separate matmul it replaces gave it) over a buffer that holds a
+// sentinel (a NaN the producer never writes) between calls. The other CTAs compute the Int4 product as the plain
+// build does and, in split 0 of each tile, read h only after their main loop, by when the producers (a few
+// microseconds of work) are done: they poll h itself until no sentinel is left, one L2 round trip when it is there
+// (a flag and then h took two, and the counter below a third: ~5 us a Linear on the H200, NOTES step 39). So x A
+// costs no launch and little time (two cuBLAS kernels a Linear before, ~5.9 us). The wait relies on CTAs being
+// dispatched in the order of their index, as CUTLASS's serial split-K does: the producers, first, are resident
+// before any CTA that waits for them. The last of the T waiting CTAs (a counter its last warp checks when it is
+// done) writes the sentinel back for the next call (graph replays).
 //
 // The epilogue: each warp adds its share of the rank's columns (16-byte pieces warp, warp + WARPS, ...) to its
 // accumulators before the CTA's warps are summed, so no warp does all R products alone after the main loop (one
@@ -342,6 +345,19 @@ __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFF
 #define LRMAX __LRMAX__
 #define LSTRIDE (LRMAX + 8)  // a shared row's length: rows 272 bytes apart fall on different banks
 #define LROWS 4              // batch rows a producer pass accumulates (registers: LROWS x 8 floats a thread)
+#define H_EMPTY 0xFFC1u      // lh between calls: a NaN that h_value never writes (mma_gemv.H_EMPTY)
+#define H_NAN 0x7FFFu
+__device__ __forceinline__ u16 h_value(float s) {  // h as bf16, never the sentinel
+  const u16 v = f2bf(s);
+  return v == H_EMPTY ? (u16)H_NAN : v;
+}
+__device__ __forceinline__ U4 ld_volatile(const void* p) {
+  U4 v;
+  asm volatile("ld.volatile.global.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ bool has_empty(u32 w) { return (w & 0xFFFFu) == H_EMPTY || (w >> 16) == H_EMPTY; }
 
 __device__ __forceinline__ float bf_of(u16 v) { return __uint_as_float((u32)v << 16); }
 
@@ -361,7 +377,7 @@ __device__ __forceinline__ float lora_part(const u16* h, const u16* sel, const u
 }
 
 // Producer p of P: the partial sums of h = x A over its range of K for all M rows, into lws[p][M][R]; the last
-// producer adds the slots in order, writes h [M, R] bf16 to lh and sets lcnt[1]. Thread (g, q): piece q of A's rows
+// producer adds the slots in order and writes h [M, R] bf16 over lh's sentinels. Thread (g, q): piece q of A's rows
 // k0 + g, k0 + g + G, ... (G row groups of R / 8 pieces); the groups are summed in shared memory in a fixed order.
 __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_stride, const u16* __restrict__ la,
                              int M, int K, int R, float* __restrict__ lws, u16* __restrict__ lh, int* lcnt,
@@ -417,6 +433,7 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
   if (tid == 0) last = atomicAdd(lcnt, 1) == P - 1;
   __syncthreads();
   if (!last) return;
+  if (tid == 0) lcnt[0] = 0;  // every producer has arrived: ready for the next call
   __threadfence();
   // the P slots summed in a fixed order: when the M R sums are fewer than the threads, S threads share one, each
   // a stride-S subset of the slots (its loads in flight together: one after another, 54 slots on the 14B's
@@ -428,7 +445,7 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
 #pragma unroll 8
     for (int pp = s_of; pp < P; pp += S) s += __ldcg(lws + (size_t)pp * O + i);
     if (S == 1)
-      lh[i] = f2bf(s);
+      lh[i] = h_value(s);
     else
       part[s_of * O + i] = s;
   }
@@ -437,18 +454,9 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
     for (int i = tid; i < O; i += threads) {
       float s = 0.f;
       for (int k = 0; k < S; ++k) s += part[k * O + i];
-      lh[i] = f2bf(s);
+      lh[i] = h_value(s);
     }
   }
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) atomicExch(lcnt + 1, 1);
-}
-
-__device__ __forceinline__ int ld_acquire(const int* p) {
-  int v;
-  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -532,22 +540,21 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   }
 
 #if LORA
+  int readers = 0;  // the waiting tiles that had read h before this one (the last warp's thread 0)
   if (split == 0) {
-    if (threadIdx.x == 0)
-      while (ld_acquire(lcnt + 1) == 0) __nanosleep(64);  // h is written (the producers ran first)
-    __syncthreads();
     for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
-      const float4 v = __ldcg((const float4*)(lh + (size_t)row * R + c));  // L2: written in this kernel
-      *(float4*)(l_h + row * LSTRIDE + c) = v;
+      U4 v = ld_volatile(lh + (size_t)row * R + c);  // L2: written in this kernel
+      while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {
+        __nanosleep(32);
+        v = ld_volatile(lh + (size_t)row * R + c);
+      }
+      *(U4*)(l_h + row * LSTRIDE + c) = v;
     }
     cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's visible
     __syncthreads();
-    if (threadIdx.x == 0 && atomicAdd(lcnt + 2, 1) == (N >> 4) - 1) {
-      lcnt[0] = 0;  // the last tile to read h: every producer and every waiter is done with the counters
-      lcnt[1] = 0;
-      lcnt[2] = 0;
-    }
+    // counted now, its answer used only when the last warp is done (the round trip overlaps the work below)
+    if (threadIdx.x == (WARPS - 1) * 32) readers = atomicAdd(lcnt + 1, 1);
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -564,6 +571,19 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
     for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
   __syncthreads();
+#if LORA
+  if (split == 0 && warp == WARPS - 1) {  // the last tile to read h writes the sentinel back for the next call
+    const int last_reader = __shfl_sync(0xffffffffu, readers, 0) == (N >> 4) - 1;
+    if (last_reader) {
+      for (int i = lane; i < M * pieces; i += 32) {
+        const int row = i / pieces, c = (i - row * pieces) << 3;
+        *(U4*)(lh + (size_t)row * R + c) = U4{H_EMPTY * 0x10001u, H_EMPTY * 0x10001u, H_EMPTY * 0x10001u,
+                                              H_EMPTY * 0x10001u};
+      }
+      if (lane == 0) lcnt[1] = 0;
+    }
+  }
+#endif
   if (warp != 0) return;
   float v[MB * 4];
 #pragma unroll
@@ -710,9 +730,12 @@ def lora_producers(K: int, R: int) -> int:
     return max(1, -(-K * R // LORA_ROWS_A_PRODUCER))
 
 
+H_EMPTY = 0xFFC1  # what the kernel's h buffer holds between calls (a bf16 NaN the kernel never writes)
+
+
 def lora_workspace(device: torch.device, producers: int, rows: int, R: int):
-    """(partial sums fp32 [producers * rows * R], h bf16 [rows * R], counters int32 [3], zero) for the LoRA build's
-    producers, grown on demand outside graph capture; None when too small during a capture."""
+    """(partial sums fp32 [producers * rows * R], h [rows * R] bf16 holding H_EMPTY, counters int32 [2], zero) for the
+    LoRA build, grown on demand outside graph capture; None when too small during a capture."""
     key = ("lora", device.index if device.index is not None else torch.cuda.current_device())
     held = _workspaces.get(key)
     need = producers * rows * R
@@ -722,8 +745,8 @@ def lora_workspace(device: torch.device, producers: int, rows: int, R: int):
         size = max(need, held[0].numel() if held else 0, 64 * KERNEL_ROWS * LORA_MAX_RANK)
         hsize = max(rows * R, held[1].numel() if held else 0, KERNEL_ROWS * LORA_MAX_RANK)
         held = (torch.zeros(size, device=device, dtype=torch.float32),
-                torch.zeros(hsize, device=device, dtype=torch.bfloat16),
-                torch.zeros(3, device=device, dtype=torch.int32))
+                torch.full((hsize,), H_EMPTY - 0x10000, device=device, dtype=torch.int16).view(torch.bfloat16),
+                torch.zeros(2, device=device, dtype=torch.int32))
         _workspaces[key] = held
     return held
 

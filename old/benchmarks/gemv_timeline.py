@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from decode_bench import GEMV_SHAPES, copy_bandwidth, layer_copies, time_gemv  # noqa: E402
+from decode_bench import GEMV_SHAPES, copy_bandwidth, layer_copies  # noqa: E402
 from provenance import git_commit  # noqa: E402
 
 from finetune.quant import mma_gemv as G  # noqa: E402
@@ -32,17 +32,6 @@ __device__ __forceinline__ unsigned long long gtime() {
   unsigned long long t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t;
 }
 __device__ __forceinline__ unsigned sm_id() { unsigned s; asm volatile("mov.u32 %0, %%smid;" : "=r"(s)); return s; }
-// a read-only kernel's end: its folded word kept (stored only if it has an unlikely value), then thread 0 records the
-// CTA's start, its end (every thread done) and its SM
-__device__ __forceinline__ void stamp_end(unsigned long long* tl, unsigned long long t0, unsigned acc, unsigned* sink) {
-  if (acc == 0x9E3779B9u) sink[0] = acc;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    tl[3 * blockIdx.x] = t0;
-    tl[3 * blockIdx.x + 1] = gtime();
-    tl[3 * blockIdx.x + 2] = sm_id();
-  }
-}
 """
 
 # Reads a tile's chunks as the GEMV does (warp w: chunks w, w + WARPS, ...; each lane its 32 bytes), with INFLIGHT
@@ -70,7 +59,13 @@ read_like_gemv(const U4* __restrict__ wpack, int C, unsigned* sink, unsigned lon
     for (int i = 0; i < INFLIGHT; ++i) acc ^= v[i][0].x ^ v[i][0].y ^ v[i][0].z ^ v[i][0].w ^ v[i][1].x ^ v[i][1].w;
     p += (size_t)WARPS * INFLIGHT * 64;
   }
-  stamp_end(tl, t0, acc, sink);
+  if (acc == 0x9E3779B9u) sink[0] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    tl[3 * blockIdx.x] = t0;
+    tl[3 * blockIdx.x + 1] = gtime();
+    tl[3 * blockIdx.x + 2] = sm_id();
+  }
 }
 """
 
@@ -79,7 +74,7 @@ read_like_gemv(const U4* __restrict__ wpack, int C, unsigned* sink, unsigned lon
 # (4 loads in flight a thread), CTAs enough for the SMs: what one kernel's read of those bytes can take.
 FLAT = G.HELPERS + STAMP + r"""
 extern "C" __global__ void __launch_bounds__(256)
-read_flat(const U4* __restrict__ w, int n, unsigned* sink, unsigned long long* tl) {  // (int: torch passes ints as C int)
+read_flat(const U4* __restrict__ w, long long n, unsigned* sink, unsigned long long* tl) {
   const unsigned long long t0 = gtime();
   const long long stride = (long long)gridDim.x * blockDim.x;
   unsigned acc = 0;
@@ -90,48 +85,13 @@ read_flat(const U4* __restrict__ w, int n, unsigned* sink, unsigned long long* t
 #pragma unroll
     for (int k = 0; k < 4; ++k) acc ^= v[k].x ^ v[k].w;
   }
-  stamp_end(tl, t0, acc, sink);
-}
-"""
-
-
-# Two more read-only twins, to tell apart what separates the GEMV's grid from the flat read (NOTES, "where it stands
-# after session 18"): RANGE, each CTA reads its own tile's contiguous range (as the GEMV's CTAs) but in the flat read's
-# order (thread t: 16 bytes at 16 t, then 16 t + 4 KiB, ...); PERSIST, one wave of CTAs (CTAs an SM x SMs) each
-# taking tiles i, i + G, ... in turn, reading each range as the GEMV's warps do (lane L: 32 bytes at 32 L a chunk).
-RANGE = G.HELPERS + STAMP + r"""
-extern "C" __global__ void __launch_bounds__(256)
-read_range(const U4* __restrict__ wpack, int C, unsigned* sink, unsigned long long* tl) {
-  const unsigned long long t0 = gtime();
-  const U4* base = wpack + (size_t)blockIdx.x * C * 64;  // the tile's C chunks: C * 64 U4
-  const int n = C * 64;
-  unsigned acc = 0;
-  for (int i = threadIdx.x; i < n; i += 4 * 256) {
-    U4 v[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[k] = i + k * 256 < n ? ld_stream(base + i + k * 256) : U4{0u, 0u, 0u, 0u};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) acc ^= v[k].x ^ v[k].w;
+  if (acc == 0x9E3779B9u) sink[0] = acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    tl[3 * blockIdx.x] = t0;
+    tl[3 * blockIdx.x + 1] = gtime();
+    tl[3 * blockIdx.x + 2] = sm_id();
   }
-  stamp_end(tl, t0, acc, sink);
-}
-"""
-PERSIST = G.HELPERS + STAMP + r"""
-#define WARPS 8
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
-read_persistent(const U4* __restrict__ wpack, int C, int T, unsigned* sink, unsigned long long* tl) {
-  const unsigned long long t0 = gtime();
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  unsigned acc = 0;
-  for (int tile = blockIdx.x; tile < T; tile += gridDim.x) {
-    const U4* p = wpack + ((size_t)tile * C + warp) * 64 + lane * 2;
-    for (int c = warp; c < C; c += WARPS) {
-      const U4 a = ld_stream(p), b = ld_stream(p + 1);
-      acc ^= a.x ^ a.w ^ b.x ^ b.w;
-      p += WARPS * 64;
-    }
-  }
-  stamp_end(tl, t0, acc, sink);
 }
 """
 
@@ -191,13 +151,24 @@ def summarise(tls: list[torch.Tensor]) -> dict:
     return {k: sum(r[k] for r in keep) / len(keep) for k in keep[0] if keep[0][k] is not None} | {"calls": rows}
 
 
-def timed_kernel(label: str, kernel, grid: tuple, block: int, args, ctas: int, packs: list) -> tuple:
-    """(label, one call per layer copy, their timeline buffers) for a stamped kernel: ``args(pack)`` gives the
-    arguments before the timeline buffer, which holds 3 words for each of ``ctas`` CTAs."""
-    tls = [torch.zeros(ctas * 3, dtype=torch.int64, device=pk[0].device) for pk in packs]
-    calls = [lambda pk=pk, tl=tl: kernel(grid=grid, block=(block, 1, 1), args=args(pk) + [tl])
-             for pk, tl in zip(packs, tls)]
-    return label, calls, tls
+def run(fn_calls, device) -> float:
+    """Seconds a call over a graph of the given calls (best of 3 replays)."""
+    for f in fn_calls:
+        f()
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fn_calls:
+            f()
+    best = float("inf")
+    for _ in range(3):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize(device)
+        best = min(best, a.elapsed_time(b) / 1e3 / len(fn_calls))
+    return best
 
 
 def main(argv=None) -> int:
@@ -217,38 +188,50 @@ def main(argv=None) -> int:
         packs = [G.repack(**lay, group_size=128) for lay in layers]
         T, C = packs[0][0].shape[:2]
         x = torch.randn(1, K, device=device, dtype=torch.bfloat16)
+        variants = []
         warps, depth, per_sm = G.CONFIGS[1]
-        splits = G.split_count(C, T, warps, per_sm, sms)
+        splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
+        gemv = torch.cuda._compile_kernel(stamped_gemv_source(warps, depth), "gptq_mma_gemv",
+                                          nvcc_options=["-std=c++17"])
         ws, counters = G.workspace(device, splits, 1, N)
+        tls = [torch.zeros(T * splits * 3, dtype=torch.int64, device=device) for _ in packs]
         out = torch.empty(1, N, device=device, dtype=torch.bfloat16)
 
-        def gemv_args(pk):  # mma_gemv's arguments: one row, no LoRA, no bias
-            return [pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0), out, out, out, 0, out, 0]
-        gemv_grid = (T, splits, 1)
-        variants = [
-            timed_kernel(f"gemv{(warps, depth, per_sm)} splits {splits}",
-                         G._compile(device, stamped_gemv_source(warps, depth)), gemv_grid, warps * 32, gemv_args,
-                         T * splits, packs),
-            timed_kernel("gemv, two HMMA chains", G._compile(device, two_chains(stamped_gemv_source(warps, depth))),
-                         gemv_grid, warps * 32, gemv_args, T * splits, packs)]
+        def gemv_call(pk, tl):
+            return lambda: gemv(grid=(T, splits, 1), block=(warps * 32, 1, 1),
+                                args=[pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0),
+                                      out, out, out, 0, out, 0, tl])
+        variants.append((f"gemv{(warps, depth, per_sm)} splits {splits}", [gemv_call(pk, tl) for pk, tl in zip(packs, tls)],
+                         tls))
+        chained = torch.cuda._compile_kernel(two_chains(stamped_gemv_source(warps, depth)), "gptq_mma_gemv",
+                                             nvcc_options=["-std=c++17"])
+        ctls = [torch.zeros(T * splits * 3, dtype=torch.int64, device=device) for _ in packs]
+
+        def chained_call(pk, tl):
+            return lambda: chained(grid=(T, splits, 1), block=(warps * 32, 1, 1),
+                                   args=[pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0),
+                                         out, out, out, 0, out, 0, tl])
+        variants.append(("gemv, two HMMA chains", [chained_call(pk, tl) for pk, tl in zip(packs, ctls)], ctls))
         for w, inflight in ((warps, 1), (warps, 4), (4, 1), (4, 4)):
             src = READ.replace("__WARPS__", str(w)).replace("__INFLIGHT__", str(inflight))
-            variants.append(timed_kernel(f"read {w} warps, {inflight} in flight",
-                                         G._compile(device, src, "read_like_gemv"), (T, 1, 1), w * 32,
-                                         lambda pk: [pk[0], C, sink], T, packs))
-        flat = G._compile(device, FLAT, "read_flat")
-        for flat_per_sm in (4, 8):
-            variants.append(timed_kernel(f"read flat, {flat_per_sm} CTAs an SM", flat, (sms * flat_per_sm, 1, 1), 256,
-                                         lambda pk: [pk[0], pk[0].numel() // 4, sink], sms * flat_per_sm, packs))
-        variants.append(timed_kernel("read each tile's range, flat order", G._compile(device, RANGE, "read_range"),
-                                     (T, 1, 1), 256, lambda pk: [pk[0], C, sink], T, packs))
-        persist = G._compile(device, PERSIST, "read_persistent")
-        for persist_per_sm in (2, 4):
-            grid = min(T, sms * persist_per_sm)
-            variants.append(timed_kernel(f"read persistent, {persist_per_sm} CTAs an SM", persist, (grid, 1, 1), 256,
-                                         lambda pk: [pk[0], C, T, sink], grid, packs))
+            k = torch.cuda._compile_kernel(src, "read_like_gemv", nvcc_options=["-std=c++17"])
+            rtls = [torch.zeros(T * 3, dtype=torch.int64, device=device) for _ in packs]
+
+            def read_call(pk, tl, k=k, w=w):
+                return lambda: k(grid=(T, 1, 1), block=(w * 32, 1, 1), args=[pk[0], C, sink, tl])
+            variants.append((f"read {w} warps, {inflight} in flight", [read_call(pk, tl) for pk, tl in zip(packs, rtls)],
+                             rtls))
+        flat = torch.cuda._compile_kernel(FLAT, "read_flat", nvcc_options=["-std=c++17"])
+        for per_sm in (4, 8):
+            ftls = [torch.zeros(sms * per_sm * 3, dtype=torch.int64, device=device) for _ in packs]
+
+            def flat_call(pk, tl, per_sm=per_sm):
+                return lambda: flat(grid=(sms * per_sm, 1, 1), block=(256, 1, 1),
+                                    args=[pk[0], pk[0].numel() // 4, sink, tl])
+            variants.append((f"read flat, {per_sm} CTAs an SM", [flat_call(pk, tl) for pk, tl in zip(packs, ftls)],
+                             ftls))
         for label, calls, tl_list in variants:
-            sec = time_gemv(lambda _, call: call(), calls, None, device)  # (a graph of the calls, as the probes)
+            sec = run(calls, device)
             stats = summarise(tl_list)
             row = dict(layer=name, K=K, N=N, kernel=label, us=sec * 1e6, pct_copy=100 * weight_bytes / sec / copy_bps,
                        commit=git_commit() or "unknown", **{k: v for k, v in stats.items() if k != "calls"},

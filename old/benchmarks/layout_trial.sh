@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One GPU call for a tensor-core kernel change (first used for NOTES step 38): the kernels' GPU tests, the GEMV probe
-# (1, 8, 32 rows) and the GEMM probe (16, 32, 64 rows) over the configs CONFIGS uses, then the decode workloads with
-# this tree and with the tree of BASE (a commit unpacked into old/: the same machine, the same model dir).
+# One GPU call for a tensor-core kernel change (NOTES step 38): the kernels' GPU tests, the GEMV probe (1, 8, 32 rows)
+# and the GEMM probe (16, 32, 64 rows) over the configs CONFIGS uses, then the decode workloads with this tree and with
+# the tree of BASE (a commit unpacked into old/: the same machine, the same model dir).
 #   QWEN_FT_COMMIT=<hash> BASE=<hash> bash benchmarks/layout_trial.sh     (OUT: results; .whl and old/ carried)
 # Knobs: TESTS_K (pytest -k), GEMV_ROWS, GEMM_ROWS (empty: no GEMM probe), GEMM_PER_SM, WORKLOADS, OLD_WORKLOADS,
 # T_TESTS, T_DECODE (seconds).

@@ -301,10 +301,11 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
     """Layers the tensor-core GEMV takes (K a multiple of 128, group size 128): the engine hands each LoRA layer's
     A, row selection and B to the GEMV (row_adapters.py), which computes h = x A and adds (h * sel) @ B in the same
     kernel. A mixed batch of two adapters and the base then decodes with per-step logits within the bf16 tolerance
-    of the exact LoRA product (h in fp32, added before the output's one rounding, by separate kernels), as the
-    separate bf16 kernels (cuBLAS's h, an addmm on the rounded output) are; the row without an adapter gets the
-    base's logits bit for bit. (The exact product is the reference because the two bf16 paths round h differently:
-    on this random tiny model that alone moves the logits 1.5-4.4% between them, NOTES step 39.)"""
+    of the exact LoRA product (h in fp32, added before the output's one rounding, by separate kernels), or no
+    farther from it than the separate bf16 kernels (cuBLAS's h, an addmm on the rounded output) are; the row without
+    an adapter gets the base's logits bit for bit. On this random tiny model with random adapters, rounding h to
+    bf16 at all moves one request's logits 4.7% from the exact product on both bf16 paths alike (and the two paths
+    1-3.4% apart), past the 3% stated for the base model (NOTES step 39, `benchmarks/lora_rounding_check.py`)."""
     from peft import LoraConfig, get_peft_model
 
     from finetune.demo import TINY_CONFIG
@@ -356,5 +357,8 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
     exact = run()
     fused_err = _max_rel_while_agreeing(*fused, *exact)
     plain_err = _max_rel_while_agreeing(*plain, *exact)
-    assert max(fused_err) < BF16_LOGITS_REL and max(plain_err) < BF16_LOGITS_REL, (fused_err, plain_err)
+    # within the bf16 tolerance of the exact product, or no farther from it than the separate bf16 kernels are (a
+    # margin for the two roundings of h); a missing, doubled or misrouted low-rank term gives O(1)
+    for f, p_ in zip(fused_err, plain_err):
+        assert f < max(BF16_LOGITS_REL, p_ + 0.015), (fused_err, plain_err)
     assert _max_rel_while_agreeing(*fused, *plain)[1] == 0.0  # the base row: no adapter term at all

@@ -90,6 +90,7 @@ def test_the_low_rank_epilogue_takes_rank_sums_that_fit_its_shared_memory():
     assert "a " in G.lora_unfit(operands(1, 256, 64, 64, torch.float32), 1, 256, 64)
     src = G.kernel_source(8, 1, 1, 128, lora=True)
     assert "#define LRMAX 128" in src and "__" + "LRMAX__" not in src
+    assert f"#define H_EMPTY 0x{G.H_EMPTY:X}u" in src  # the h buffer's fill (lora_workspace) is what the kernel polls
 
 
 def test_the_lora_producers_read_about_32_kib_of_a_each():

@@ -98,7 +98,7 @@ __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, c
 #pragma unroll
   for (int tp = 0; tp < TPW; ++tp) {
     b.w[tp][0] = ld_stream(w + tp * tile_stride);
-    b.w[tp][1] = ld_stream(w + tp * tile_stride + 1);
+    b.w[tp][1] = ld_stream(w + tp * tile_stride + 32);  // (mma_gemv.repack: a lane's second 16 bytes 512 later)
   }
 #if GCHUNKS == 1
   const u16* sc = s;
@@ -190,7 +190,7 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   const int chunks = (int)((long long)C * (split + 1) / splits) - c_begin;
 
   const size_t tile_stride = (size_t)C * 64;  // U4 between two tiles' blocks
-  const U4* wp = wpack + ((size_t)ltile * C + c_begin) * 64 + lane * 2;
+  const U4* wp = wpack + ((size_t)ltile * C + c_begin) * 64 + lane;
 #if GCHUNKS == 1
   const u16* sp = scales + (size_t)c_begin * N + ltile * 16 + r;
   const int* zp = qzeros + (size_t)c_begin * (N >> 3) + ltile * 2;

@@ -76,7 +76,11 @@ def unsupported(K: int, N: int, bits: int, group_size: int, g_idx: torch.Tensor 
 
 
 # -- the repacked layout ------------------------------------------------------------------------------------
-# wpack int32 [N/16, K/128, 32 lanes, 8 words]. Lane L = 4 r + t (r = L // 4, t = L % 4) holds, in word j,
+# wpack int32 [N/16, K/128, 2 halves, 32 lanes, 4 words]: a tile's chunk is 1 KiB, lane L's words 0-3 in the first
+# 512 bytes and its words 4-7 in the second, so each of a warp's two 16-byte loads reads 512 contiguous bytes (with
+# a lane's 32 bytes side by side, each load read half of every 32-byte sector of the chunk and the chunk crossed L2
+# twice: a read-only kernel with that pattern took 16.3 us on c_attn's bytes where a flat read took 12.0; NOTES step
+# 37). Lane L = 4 r + t (r = L // 4, t = L % 4) holds, in word j,
 # the weights of output columns n0 + r + 8 h (h = 0, 1) at inputs k = c*128 + 32 t + 4 j + e (e = 0..3), the
 # nibble of (e, h) at bit 4 p with p = 4 (e & 1) + 2 (e >> 1) + h. Read back with shifts 0, 4, 8, 12 and the
 # mask 0x000F000F, the word gives the four bf16x2 registers of the mma's A fragment (m16n8k16, row-major):
@@ -102,7 +106,8 @@ def repack(qweight, qzeros, scales, g_idx, v2: bool = False, group_size: int = 1
     q = q.permute(5, 0, 7, 1, 2, 4, 3, 6)  # T, c, r, t, j, e_lo, e_hi, h -> nibble p = 4 e_lo + 2 e_hi + h
     q = q.reshape(T, C, 32, 8, 8)
     shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
-    words = to_int32_wrapping((q << shifts).sum(dim=-1))
+    words = to_int32_wrapping((q << shifts).sum(dim=-1))  # [T, C, lane, word]
+    words = words.view(T, C, 32, 2, 4).permute(0, 1, 3, 2, 4)  # [T, C, half, lane, word of the half]
     return (words.contiguous(), scales.to(torch.float16).contiguous(), qzeros.to(torch.int32).contiguous(),
             0 if v2 else 1, perm)
 
@@ -114,7 +119,7 @@ def emulate(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros
     order) -> [M, N] fp32."""
     T, C = wpack.shape[:2]
     M, K = x2d.shape
-    w = wpack.to(torch.int64) & 0xFFFFFFFF  # [T, C, 32, 8]
+    w = wpack.permute(0, 1, 3, 2, 4).reshape(T, C, 32, 8).to(torch.int64) & 0xFFFFFFFF  # [T, C, lane, word]
     regs = []
     for s in (0, 4, 8, 12):  # reg0..reg3 of the A fragment
         v = (w >> s) & 0x000F000F
@@ -212,7 +217,7 @@ struct Chunk {
 // A warp's load cursor: where its next chunk's loads read, advanced by WARPS chunks after each load (running
 // pointers: recomputing 64-bit addresses from the chunk index cost ~50 instructions a chunk).
 struct Cursor {
-  const U4* w;          // this lane's first 16 bytes of the chunk
+  const U4* w;          // this lane's first 16 bytes of the chunk (its second 512 bytes later)
   const u16* x[MB];     // x at the lane's 32 inputs, rows mb * 8 + r (null: a row past M)
   const u16* s;         // scale of column n0 + r in the chunk's group
   const int* z;         // the qzeros word of columns n0..n0+7 in the chunk's group
@@ -221,7 +226,7 @@ struct Cursor {
 
 __device__ __forceinline__ void load_chunk(Chunk& b, Cursor& p, int N) {
   b.w[0] = ld_stream(p.w);
-  b.w[1] = ld_stream(p.w + 1);
+  b.w[1] = ld_stream(p.w + 32);
 #if GCHUNKS == 1
   const u16* s = p.s;
   const int* z = p.z;
@@ -261,11 +266,13 @@ __device__ __forceinline__ void load_chunk(Chunk& b, Cursor& p, int N) {
 __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4], int r, int zero_add) {
   u32 magic;
   asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
-  float tmp[MB][4];
+  // one row block: two accumulator chains (even and odd k16 steps), added before the scale, so the chunk's dependent
+  // HMMA chain is half as long (c_attn: 18.8 -> 17.6 us, NOTES step 37); more blocks would pay registers for it
+  float tmp[MB][4], tmp2[MB][4];
 #if ZERO_BY_SUM
   u32 ones;
   asm volatile("mov.b32 %0, 0x3F803F80;" : "=r"(ones));
-  float sx[MB][4];
+  float sx[MB][4], sx2[MB][4];
 #else
   const u32 nz0 = (u32)(0xC300 + ((b.z0 >> (4 * r)) & 15) + zero_add) * 0x10001u;
   const u32 nz1 = (u32)(0xC300 + ((b.z1 >> (4 * r)) & 15) + zero_add) * 0x10001u;
@@ -274,9 +281,9 @@ __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4
   for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      tmp[mb][i] = 0.f;
+      tmp[mb][i] = tmp2[mb][i] = 0.f;
 #if ZERO_BY_SUM
-      sx[mb][i] = 0.f;
+      sx[mb][i] = sx2[mb][i] = 0.f;
 #endif
     }
 #pragma unroll
@@ -293,12 +300,21 @@ __device__ __forceinline__ void compute_chunk(const Chunk& b, float (&acc)[MB][4
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) {
       const u32 b0 = word_of(b.xv[mb][j >> 1], (2 * j) & 3), b1 = word_of(b.xv[mb][j >> 1], (2 * j + 1) & 3);
-      mma(tmp[mb], a0, a1, a2, a3, b0, b1);
+      mma((MB == 1 && (j & 1)) ? tmp2[mb] : tmp[mb], a0, a1, a2, a3, b0, b1);
 #if ZERO_BY_SUM
-      mma(sx[mb], ones, ones, ones, ones, b0, b1);
+      mma((j & 1) ? sx2[mb] : sx[mb], ones, ones, ones, ones, b0, b1);
 #endif
     }
   }
+#pragma unroll
+  for (int mb = 0; mb < MB; ++mb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      tmp[mb][i] += tmp2[mb][i];
+#if ZERO_BY_SUM
+      sx[mb][i] += sx2[mb][i];
+#endif
+    }
   const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);
 #if ZERO_BY_SUM
   const float zc0 = (float)(128 + ((b.z0 >> (4 * r)) & 15) + zero_add);
@@ -377,7 +393,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   }
 #endif
   Cursor p;
-  p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;
+  p.w = wpack + ((size_t)tile * C + c0) * 64 + lane;
 #if GCHUNKS == 1
   p.s = scales + (size_t)c0 * N + n0 + r;
   p.z = qzeros + (size_t)c0 * (N >> 3) + (n0 >> 3);
@@ -577,12 +593,6 @@ def check_bias(bias: torch.Tensor | None, N: int, device: torch.device, name: st
                          f"bf16 ({N},) on {device})")
 
 
-def split_count(C: int, T: int, warps: int, per_sm: int, sms: int) -> int:
-    """CTAs a 16-column tile's C chunks are split over: enough for ``per_sm`` CTAs on every SM of ``sms``, at least
-    one chunk a warp."""
-    return max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
-
-
 def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     """x as the tensor-core kernels read it (also ``mma_gemm``): columns in the repacked weight's input order
     (act-order weights), unit column stride, rows 16-byte aligned."""
@@ -613,7 +623,8 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
     warps, depth, per_sm = config or CONFIGS[mb]
-    splits = split_count(C, T, warps, per_sm, torch.cuda.get_device_properties(x2d.device).multi_processor_count)
+    sms = torch.cuda.get_device_properties(x2d.device).multi_processor_count
+    splits = max(1, min(C // warps if C >= warps else 1, -(-per_sm * sms // T)))
     kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):
         return None

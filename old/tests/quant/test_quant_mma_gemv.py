@@ -18,7 +18,7 @@ def test_repacked_weight_read_as_fragments_gives_the_exact_product(desc_act, v2,
     layer = random_packed(512, 48, group_size=group_size, desc_act=desc_act, v2=v2, seed=5)
     exact = dequantize_t(**layer, bits=4, v2=v2, dtype=torch.float64)  # [K, N]
     wpack, scales, qzeros, zero_add, perm = G.repack(**layer, v2=v2, group_size=group_size)
-    assert wpack.dtype == torch.int32 and wpack.shape == (48 // 16, 512 // 128, 32, 8)
+    assert wpack.dtype == torch.int32 and wpack.shape == (48 // 16, 512 // 128, 2, 32, 4)
     assert zero_add == (0 if v2 else 1) and (perm is not None) == desc_act
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     xk = x if perm is None else x[:, perm]
@@ -98,3 +98,18 @@ def test_the_bias_epilogue_takes_a_contiguous_bf16_vector_of_the_outputs():
                      (torch.zeros(128, dtype=torch.bfloat16)[::2], "expected a contiguous bf16 \\(64,\\)")]:
         with pytest.raises(ValueError, match="mma_gemm bias: .*" + why):
             G.check_bias(bad, 64, torch.device("cpu"), "mma_gemm")
+
+
+def test_each_of_a_lanes_two_loads_reads_its_own_half_of_the_chunk():
+    """The kernels read lane L's words 0-3 at 16 L bytes into a tile's 1 KiB chunk and words 4-7 at 512 + 16 L (one
+    warp-wide load: 512 contiguous bytes); the repacked copy puts them there, as emulate's lane-major reading says."""
+    layer = random_packed(256, 32, seed=6)
+    wpack = G.repack(**layer, group_size=128)[0]
+    T, C = wpack.shape[:2]
+    lane_major = wpack.permute(0, 1, 3, 2, 4).reshape(T, C, 32, 8)
+    for t in range(T):
+        for c in range(C):
+            flat = wpack[t, c].reshape(-1)  # the chunk's 256 words as they lie in memory
+            for lane in (0, 1, 7, 31):
+                assert torch.equal(flat[4 * lane:4 * lane + 4], lane_major[t, c, lane, :4])
+                assert torch.equal(flat[128 + 4 * lane:128 + 4 * lane + 4], lane_major[t, c, lane, 4:])
