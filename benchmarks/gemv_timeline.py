@@ -142,12 +142,12 @@ def stamped_gemv_source(warps: int, depth: int) -> str:
     src = src.replace("const u16* __restrict__ bias, int has_bias) {",
                       "const u16* __restrict__ bias, int has_bias, unsigned long long* tl) {\n"
                       "  const unsigned long long t_start = gtime();", 1)
-    marker = "  __syncthreads();\n  if (warp != 0) return;"
-    assert marker in src, "the kernel's end-of-loop barrier moved: update stamped_gemv_source"
-    src = src.replace(marker, "  __syncthreads();\n  if (threadIdx.x == 0) {\n"
-                              "    const int cta = blockIdx.y * gridDim.x + blockIdx.x;\n"
-                              "    tl[3 * cta] = t_start; tl[3 * cta + 1] = gtime(); tl[3 * cta + 2] = sm_id();\n  }\n"
-                              "  if (warp != 0) return;", 1)
+    marker = "red[warp][mb * 4 + i][lane] = acc[mb][i];\n  __syncthreads();\n"  # every warp's chunks are done
+    assert src.count(marker) == 1, "the kernel's end-of-loop barrier moved: update stamped_gemv_source"
+    src = src.replace(marker, marker + "  if (threadIdx.x == 0) {\n"
+                                       "    const int cta = blockIdx.y * gridDim.x + blockIdx.x;\n"
+                                       "    tl[3 * cta] = t_start; tl[3 * cta + 1] = gtime(); tl[3 * cta + 2] = sm_id();\n"
+                                       "  }\n", 1)
     return src.replace('extern "C"', STAMP + 'extern "C"', 1)
 
 
@@ -191,10 +191,10 @@ def summarise(tls: list[torch.Tensor]) -> dict:
     return {k: sum(r[k] for r in keep) / len(keep) for k in keep[0] if keep[0][k] is not None} | {"calls": rows}
 
 
-def timed_kernel(label: str, kernel, grid: tuple, block: int, args, ctas: int, packs: list) -> tuple:
+def timed_kernel(label: str, kernel, grid: tuple, block: int, args, ctas: int, packs: list, words: int = 3) -> tuple:
     """(label, one call per layer copy, their timeline buffers) for a stamped kernel: ``args(pack)`` gives the
-    arguments before the timeline buffer, which holds 3 words for each of ``ctas`` CTAs."""
-    tls = [torch.zeros(ctas * 3, dtype=torch.int64, device=pk[0].device) for pk in packs]
+    arguments before the timeline buffer, which holds ``words`` words for each of ``ctas`` CTAs."""
+    tls = [torch.zeros(ctas * words, dtype=torch.int64, device=pk[0].device) for pk in packs]
     calls = [lambda pk=pk, tl=tl: kernel(grid=grid, block=(block, 1, 1), args=args(pk) + [tl])
              for pk, tl in zip(packs, tls)]
     return label, calls, tls
