@@ -28,8 +28,9 @@ class Settings:
     gptq_tune: bool = True      # FINETUNE_GPTQ_TUNE: autotune the Triton kernels' block sizes (else the first)
     static_decode: bool = True  # FINETUNE_STATIC_DECODE: chat()/chat_stream() through the inference engine on CUDA
     fused_decode: bool = True   # FINETUNE_FUSED_DECODE: the engine's decode step through fused Triton kernels on CUDA
-    # FINETUNE_GPTQ_LORA_EPILOGUE: the engine's unmerged LoRA added in the tensor-core GEMV's epilogue (H200, one row,
-    # r=64: +11.7% against the separate kernels; benchmarks/NOTES.md step 19)
+    # FINETUNE_GPTQ_LORA_EPILOGUE: the engine's unmerged LoRA computed (x A) and added inside the tensor-core GEMV
+    # instead of by separate kernels (H200, one row, r=64: separate 145 tok/s against 162 for the first epilogue in
+    # session 11, NOTES step 19; 192.6 with x A inside too, step 39)
     gptq_lora_epilogue: bool = True
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
     # reads its own keys only) where fused_decode.use_own_keys picks it; 0: always SDPA over the step's length bucket
