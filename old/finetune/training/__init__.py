@@ -1,1 +1,0 @@
-"""Components that finetune/train.py assembles: arguments, checks, adapters, the Trainer, plots."""
