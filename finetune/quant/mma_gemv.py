@@ -629,6 +629,9 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 _lock = threading.Lock()
 _kernels: dict = {}  # (device index, warps, MB, depth, group size, LoRA epilogue) -> the compiled kernel, or why not
 _workspaces: dict = {}
+# workspaces replaced by larger ones, kept alive: a CUDA graph captured before the growth still launches the kernels
+# on the old buffers (their addresses are in the graph), which must not go back to the allocator for other tensors
+_retired: list = []
 
 
 def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
@@ -702,6 +705,8 @@ def workspace(device: torch.device, splits: int, rows: int, N: int):
             return None
         size = max(need, held[0].numel() if held else 0, 4 * KERNEL_ROWS * 32768)
         tiles = max(N // 16, held[1].numel() if held else 0, 32768 // 16)
+        if held is not None:
+            _retired.append(held)
         held = (torch.zeros(size, device=device, dtype=torch.float32),
                 torch.zeros(tiles, device=device, dtype=torch.int32))
         _workspaces[key] = held
@@ -744,6 +749,8 @@ def lora_workspace(device: torch.device, producers: int, rows: int, R: int):
             return None
         size = max(need, held[0].numel() if held else 0, 64 * KERNEL_ROWS * LORA_MAX_RANK)
         hsize = max(rows * R, held[1].numel() if held else 0, KERNEL_ROWS * LORA_MAX_RANK)
+        if held is not None:
+            _retired.append(held)
         held = (torch.zeros(size, device=device, dtype=torch.float32),
                 torch.full((hsize,), H_EMPTY - 0x10000, device=device, dtype=torch.int16).view(torch.bfloat16),
                 torch.zeros(2, device=device, dtype=torch.int32))

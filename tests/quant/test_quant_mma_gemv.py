@@ -111,3 +111,22 @@ def test_the_bias_epilogue_takes_a_contiguous_bf16_vector_of_the_outputs():
                      (torch.zeros(128, dtype=torch.bfloat16)[::2], "expected a contiguous bf16 \\(64,\\)")]:
         with pytest.raises(ValueError, match="mma_gemm bias: .*" + why):
             G.check_bias(bad, 64, torch.device("cpu"), "mma_gemm")
+
+
+def test_grown_workspaces_stay_alive_for_graphs_captured_before(monkeypatch):
+    """A larger split-K or LoRA workspace replaces the device's current one outside graph capture; the old buffers
+    are kept (a graph captured earlier launches its kernels on them), and inside a capture nothing is allocated."""
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(G, "_workspaces", {})
+    monkeypatch.setattr(G, "_retired", [])
+    cpu = torch.device("cpu", 0)  # (an index: the workspaces are kept per device index)
+    small = G.workspace(cpu, 2, 1, 64)
+    assert G.workspace(cpu, 2, 1, 64) is small and G._retired == []
+    big = G.workspace(cpu, 8, 32, 1 << 16)  # more than the first allocation holds
+    assert big is not small and big[0].numel() >= 8 * 32 * (1 << 16) and G._retired == [small]
+    lora = G.lora_workspace(cpu, 2, 1, 64)
+    assert bool((lora[1].view(torch.int16) == G.H_EMPTY - 0x10000).all()) and int(lora[2].sum()) == 0
+    grown = G.lora_workspace(cpu, 107, 32, 128)  # 2 adapters of r=64 at 32 rows on K 13,696
+    assert grown[0].numel() >= 107 * 32 * 128 and G._retired == [small, lora]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert G.workspace(cpu, 16, 32, 1 << 17) is None and G.lora_workspace(cpu, 500, 32, 128) is None
