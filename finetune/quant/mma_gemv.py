@@ -560,7 +560,8 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int b = mb * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
-        if (b < M) acc[mb][i] += lora_part(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, pieces, warp);
+        if (b < M)
+          acc[mb][i] += lora_part(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, pieces, warp);
       }
   }
 #endif
@@ -747,7 +748,7 @@ def lora_workspace(device: torch.device, producers: int, rows: int, R: int):
     if held is None or held[0].numel() < need or held[1].numel() < rows * R:
         if torch.cuda.is_current_stream_capturing():
             return None
-        size = max(need, held[0].numel() if held else 0, 64 * KERNEL_ROWS * LORA_MAX_RANK)
+        size = max(need, held[0].numel() if held else 0, 256 * KERNEL_ROWS * LORA_MAX_RANK)  # 4 MB: K to 32,768
         hsize = max(rows * R, held[1].numel() if held else 0, KERNEL_ROWS * LORA_MAX_RANK)
         if held is not None:
             _retired.append(held)

@@ -126,7 +126,8 @@ def test_grown_workspaces_stay_alive_for_graphs_captured_before(monkeypatch):
     assert big is not small and big[0].numel() >= 8 * 32 * (1 << 16) and G._retired == [small]
     lora = G.lora_workspace(cpu, 2, 1, 64)
     assert bool((lora[1].view(torch.int16) == G.H_EMPTY - 0x10000).all()) and int(lora[2].sum()) == 0
-    grown = G.lora_workspace(cpu, 107, 32, 128)  # 2 adapters of r=64 at 32 rows on K 13,696
-    assert grown[0].numel() >= 107 * 32 * 128 and G._retired == [small, lora]
+    assert G.lora_workspace(cpu, 107, 32, 128) is lora  # 2 adapters of r=64 at 32 rows on K 13,696: made large
+    grown = G.lora_workspace(cpu, 300, 32, 128)  # K beyond 32,768
+    assert grown[0].numel() >= 300 * 32 * 128 and G._retired == [small, lora]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert G.workspace(cpu, 16, 32, 1 << 17) is None and G.lora_workspace(cpu, 500, 32, 128) is None
