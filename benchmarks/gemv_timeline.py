@@ -223,8 +223,7 @@ def main(argv=None) -> int:
         out = torch.empty(1, N, device=device, dtype=torch.bfloat16)
 
         def gemv_args(pk):  # mma_gemv's arguments: one row, no LoRA, no bias
-            lora = [out, 0, out, out, out, 0, 0, out, out, out]  # x, its stride, A, sel, bt, R, producers, workspaces
-            return [pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0), *lora, out, 0]
+            return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters)
         gemv_grid = (T, splits, 1)
         variants = [
             timed_kernel(f"gemv{(warps, depth, per_sm)} splits {splits}",

@@ -135,12 +135,10 @@ def main(argv=None) -> int:
         out = torch.empty(1, N, device=device, dtype=torch.bfloat16)
 
         def plain_args(pk):
-            none = [out, 0, out, out, out, 0, 0, out, out, out]
-            return [pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0), *none, out, 0]
+            return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters)
 
         def lora_args(pk):
-            return [pk[0], x, pk[1], pk[2], out, ws, counters, 1, N, K, pk[3], x.stride(0),
-                    x, x.stride(0), pk[5], sel, pk[6], R, P, lws, lh, lcnt, out, 0]
+            return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters, (x, pk[5], sel, pk[6], P, lws, lh, lcnt))
 
         variants = [
             ("plain", timed_kernel("plain", G._compile(device, stamped_gemv_source(warps, depth)), (T, splits, 1),

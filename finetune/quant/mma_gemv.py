@@ -359,8 +359,6 @@ __device__ __forceinline__ U4 ld_volatile(const void* p) {
 }
 __device__ __forceinline__ bool has_empty(u32 w) { return (w & 0xFFFFu) == H_EMPTY || (w >> 16) == H_EMPTY; }
 
-__device__ __forceinline__ float bf_of(u16 v) { return __uint_as_float((u32)v << 16); }
-
 // this warp's share of sum_j h[j] sel[j] bt[j]: the 16-byte pieces warp, warp + WARPS, ... of the R values
 __device__ __forceinline__ float lora_part(const u16* h, const u16* sel, const u16* bt, int pieces, int warp) {
   float s = 0.f;
@@ -400,7 +398,7 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
 #pragma unroll
         for (int mm = 0; mm < LROWS; ++mm) {
           if (m0 + mm < M) {
-            const float xv = bf_of(__ldg(lx + (size_t)(m0 + mm) * lx_stride + k));
+            const float xv = bf_lo(__ldg(lx + (size_t)(m0 + mm) * lx_stride + k));
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
               acc[mm][2 * i] += xv * bf_lo(word_of(av, i));
@@ -695,23 +693,33 @@ def available() -> str | None:
     return None
 
 
+def _grown(kind: str, device: torch.device, fits, make):
+    """The device's workspace of ``kind``: kept while ``fits(held)``, else made by ``make(held)`` (held: the one it
+    replaces, or None), which only happens outside graph capture (None is returned during one). A replaced workspace
+    is kept alive in ``_retired``."""
+    key = (kind, device.index if device.index is not None else torch.cuda.current_device())
+    held = _workspaces.get(key)
+    if held is None or not fits(held):
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        if held is not None:
+            _retired.append(held)
+        held = _workspaces[key] = make(held)
+    return held
+
+
 def workspace(device: torch.device, splits: int, rows: int, N: int):
     """The split-K workspace (fp32, a [rows, N] slot per split) and tile counters (int32 [N/16], zero) of a device,
     grown on demand outside graph capture. None when they are too small during a capture."""
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    held = _workspaces.get(key)
     need = splits * rows * N
-    if held is None or held[0].numel() < need or held[1].numel() < N // 16:
-        if torch.cuda.is_current_stream_capturing():
-            return None
+
+    def make(held):
         size = max(need, held[0].numel() if held else 0, 4 * KERNEL_ROWS * 32768)
         tiles = max(N // 16, held[1].numel() if held else 0, 32768 // 16)
-        if held is not None:
-            _retired.append(held)
-        held = (torch.zeros(size, device=device, dtype=torch.float32),
+        return (torch.zeros(size, device=device, dtype=torch.float32),
                 torch.zeros(tiles, device=device, dtype=torch.int32))
-        _workspaces[key] = held
-    return held
+
+    return _grown("split-K", device, lambda held: held[0].numel() >= need and held[1].numel() >= N // 16, make)
 
 
 def lora_unfit(low_rank, M: int, K: int, N: int) -> str | None:
@@ -728,7 +736,7 @@ def lora_unfit(low_rank, M: int, K: int, N: int) -> str | None:
     return None
 
 
-LORA_ROWS_A_PRODUCER = 256 * 64  # rows of A x rank a producer CTA reads: 32 KB of A, all its loads in flight at once
+LORA_ROWS_A_PRODUCER = 256 * 64  # rows of A x rank a producer CTA reads: 32 KB of A (r=64: 8 rows a thread)
 
 
 def lora_producers(K: int, R: int) -> int:
@@ -742,21 +750,16 @@ H_EMPTY = 0xFFC1  # what the kernel's h buffer holds between calls (a bf16 NaN t
 def lora_workspace(device: torch.device, producers: int, rows: int, R: int):
     """(partial sums fp32 [producers * rows * R], h [rows * R] bf16 holding H_EMPTY, counters int32 [2], zero) for the
     LoRA build, grown on demand outside graph capture; None when too small during a capture."""
-    key = ("lora", device.index if device.index is not None else torch.cuda.current_device())
-    held = _workspaces.get(key)
     need = producers * rows * R
-    if held is None or held[0].numel() < need or held[1].numel() < rows * R:
-        if torch.cuda.is_current_stream_capturing():
-            return None
+
+    def make(held):
         size = max(need, held[0].numel() if held else 0, 256 * KERNEL_ROWS * LORA_MAX_RANK)  # 4 MB: K to 32,768
         hsize = max(rows * R, held[1].numel() if held else 0, KERNEL_ROWS * LORA_MAX_RANK)
-        if held is not None:
-            _retired.append(held)
-        held = (torch.zeros(size, device=device, dtype=torch.float32),
+        return (torch.zeros(size, device=device, dtype=torch.float32),
                 torch.full((hsize,), H_EMPTY - 0x10000, device=device, dtype=torch.int16).view(torch.bfloat16),
                 torch.zeros(2, device=device, dtype=torch.int32))
-        _workspaces[key] = held
-    return held
+
+    return _grown("lora", device, lambda held: held[0].numel() >= need and held[1].numel() >= rows * R, make)
 
 
 def check_bias(bias: torch.Tensor | None, N: int, device: torch.device, name: str) -> None:
@@ -783,6 +786,23 @@ def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
     return x2d
 
 
+def kernel_args(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
+                out: torch.Tensor, ws: torch.Tensor | None = None, counters: torch.Tensor | None = None,
+                lora: tuple | None = None, bias: torch.Tensor | None = None) -> list:
+    """The kernel's arguments in its order (x2d already ``kernel_input``'s). ``lora`` = (lx, a, sel, bt, producers,
+    lws, lh, lcnt) for the LoRA build: x in A's row order, the operands, the producer count and ``lora_workspace``'s
+    tensors. Pointers the call does not use are ``out``."""
+    M, K = x2d.shape
+    if lora is None:
+        lora_args = [out, 0, out, out, out, 0, 0, out, out, out]
+    else:
+        lx, a, sel, bt, producers, lws, lh, lcnt = lora
+        lora_args = [lx, lx.stride(0), a, sel, bt, a.shape[1], producers, lws, lh, lcnt]
+    return [wpack, x2d, scales, qzeros, out, ws if ws is not None else out, counters if counters is not None else out,
+            M, out.shape[1], K, zero_add, x2d.stride(0), *lora_args, bias if bias is not None else out,
+            int(bias is not None)]
+
+
 def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
              low_rank: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -800,7 +820,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     if low_rank is not None and (why := lora_unfit(low_rank, M, K, N)) is not None:
         raise ValueError(f"mma_gemv low_rank: {why}")
     check_bias(bias, N, x2d.device, "mma_gemv")
-    x_orig = x2d if x2d.stride(1) == 1 else x2d.contiguous()  # the LoRA producers read x in A's row order
+    x_given = x2d
     x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
     warps, depth, per_sm = config or CONFIGS[mb]
@@ -815,23 +835,15 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
             return None
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
-    dummy = out
+    lora, grid = None, (T, splits, 1)
     if low_rank is not None:
         a, sel, bt = low_rank
-        R = a.shape[1]
-        producers = lora_producers(K, R)
-        held = lora_workspace(x2d.device, producers, M, R)
+        producers = lora_producers(K, a.shape[1])
+        held = lora_workspace(x2d.device, producers, M, a.shape[1])
         if held is None:
             return None
-        lws, lh, lcnt = held
-        grid = (producers + T * splits, 1, 1)
-        lora_args = [x_orig, x_orig.stride(0), a, sel, bt, R, producers, lws, lh, lcnt]
-    else:
-        grid = (T, splits, 1)
-        lora_args = [dummy, 0, dummy, dummy, dummy, 0, 0, dummy, dummy, dummy]
-    kernel(
-        grid=grid, block=(warps * 32, 1, 1),
-        args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else dummy,
-              counters if counters is not None else dummy, M, N, K, zero_add, x2d.stride(0),
-              *lora_args, bias if bias is not None else dummy, int(bias is not None)])
+        lx = x2d if perm is None else kernel_input(x_given, None)  # the producers read x in A's row order
+        lora, grid = (lx, a, sel, bt, producers, *held), (producers + T * splits, 1, 1)
+    kernel(grid=grid, block=(warps * 32, 1, 1),
+           args=kernel_args(x2d, wpack, scales, qzeros, zero_add, out, ws, counters, lora, bias))
     return out

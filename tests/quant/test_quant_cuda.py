@@ -504,7 +504,7 @@ def test_mma_gemv_split_k_workspace_in_cuda_graphs():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, eager)
-    ws, counters = G._workspaces[x.device.index]
+    ws, counters = G._workspaces[("split-K", x.device.index)]
     assert int(counters.abs().sum()) == 0
     for _ in range(5):
         assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4], config=(4, 2, 8)), eager)
@@ -579,7 +579,7 @@ def test_mma_gemm_in_cuda_graphs_and_its_limits():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, eager)
-    assert int(G._workspaces[x.device.index][1].abs().sum()) == 0
+    assert int(G._workspaces[("split-K", x.device.index)][1].abs().sum()) == 0
     saved = dict(G._workspaces)
     G._workspaces.clear()
     try:

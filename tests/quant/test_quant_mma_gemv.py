@@ -131,3 +131,22 @@ def test_grown_workspaces_stay_alive_for_graphs_captured_before(monkeypatch):
     assert grown[0].numel() >= 300 * 32 * 128 and G._retired == [small, lora]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert G.workspace(cpu, 16, 32, 1 << 17) is None and G.lora_workspace(cpu, 500, 32, 128) is None
+
+
+def test_kernel_args_match_the_kernels_parameters():
+    """One list builder serves mma_gemv and the timeline scripts: as many arguments as the kernel declares, with
+    x's row stride, the rank sum and the producer count where the kernel reads them."""
+    src = G.kernel_source(8, 1, 1, 128, lora=True)
+    sig = src[src.index("gptq_mma_gemv("):]
+    params = [p.strip() for p in sig[len("gptq_mma_gemv("):sig.index(") {")].split(",")]
+    x = torch.zeros(3, 256, dtype=torch.bfloat16)[:, :128]  # a row stride of 256
+    out = torch.zeros(3, 64, dtype=torch.bfloat16)
+    w = torch.zeros(1, dtype=torch.int32)
+    plain = G.kernel_args(x, w, w, w, 1, out)
+    a, sel, bt = torch.zeros(128, 24), torch.zeros(3, 24), torch.zeros(64, 24)
+    lora = G.kernel_args(x, w, w, w, 1, out, lora=(x, a, sel, bt, 5, w, w, w), bias=out[0])
+    assert len(plain) == len(lora) == len(params)
+    named = dict(zip([p.split()[-1] for p in params], lora))
+    assert (named["M"], named["N"], named["K"], named["x_stride"], named["lx_stride"]) == (3, 64, 128, 256, 256)
+    assert (named["R"], named["P"], named["has_bias"]) == (24, 5, 1) and named["la"] is a and named["lbt"] is bt
+    assert dict(zip([p.split()[-1] for p in params], plain))["P"] == 0  # no producers in the plain build
