@@ -30,40 +30,13 @@ ROOT = Path(__file__).resolve().parents[1]
 for p in (ROOT, ROOT / "tests", ROOT / "tests" / "inference"):
     sys.path.insert(0, str(p))
 
-from finetune.inference import Engine, SamplingParams  # noqa: E402
+from finetune.inference import SamplingParams  # noqa: E402
 from finetune.inference import row_adapters  # noqa: E402
 from finetune.settings import override  # noqa: E402
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
 
-from test_inference_cuda import _max_rel_while_agreeing, _record_logits, separate_lora_hook  # noqa: E402
-
-
-def tiny_model(seed: int):
-    """The GPU test's model: hidden 128, group size 128 (the tensor-core GEMV takes every layer), two adapters."""
-    from peft import LoraConfig, get_peft_model
-
-    from finetune.demo import TINY_CONFIG
-    from finetune.modeling import QWenConfig
-    from finetune.quant.loading import build_gptq_model_on_device
-
-    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
-    values.update(hidden_size=128, kv_channels=32, intermediate_size=512)
-    values["quantization_config"] = {"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False}
-    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
-    cfg = dict(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
-    torch.manual_seed(seed)  # the adapters' random init
-    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
-    pm.add_adapter("second", LoraConfig(**dict(cfg, r=8)))
-    return pm.eval()
-
-
-def run(pm, tok, batch, names, steps):
-    engine = Engine(pm, tok, max_batch=4)
-    rec = _record_logits(engine)
-    reqs = [engine.submit(p, SamplingParams(max_new_tokens=steps), adapter=a) for p, a in zip(batch, names)]
-    while engine.has_work():
-        engine.step()
-    return reqs, rec
+from test_inference_cuda import (  # noqa: E402
+    _max_rel_while_agreeing, decode_recorded, epilogue_model, separate_lora_hook)
 
 
 def main(argv=None) -> int:
@@ -79,17 +52,18 @@ def main(argv=None) -> int:
     names = ["first", None, "second"]
     results = []
     for seed in args.seeds:
-        pm = tiny_model(seed)
+        pm = epilogue_model(seed)
+        params = SamplingParams(max_new_tokens=args.steps)
         runs = {}
         with override(gptq_lora_epilogue=True):
-            runs["fused"] = run(pm, tok, batch, names, args.steps)
+            runs["fused"] = decode_recorded(pm, tok, batch, names, params)
         real = row_adapters.RowAdapters._hook
         with override(gptq_lora_epilogue=False):
-            runs["cublas"] = run(pm, tok, batch, names, args.steps)
+            runs["cublas"] = decode_recorded(pm, tok, batch, names, params)
             for rule in ("fp32h", "exact"):
                 row_adapters.RowAdapters._hook = separate_lora_hook(rule)
                 try:
-                    runs[rule] = run(pm, tok, batch, names, args.steps)
+                    runs[rule] = decode_recorded(pm, tok, batch, names, params)
                 finally:
                     row_adapters.RowAdapters._hook = real
         pairs = {}

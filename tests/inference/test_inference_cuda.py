@@ -297,6 +297,36 @@ def _max_rel_while_agreeing(a_reqs, a_logits, b_reqs, b_logits):
     return worst
 
 
+def epilogue_model(seed: int = 0):
+    """A tiny Int4 model whose every layer the tensor-core GEMV takes (hidden 128, group size 128) with two LoRA
+    adapters of random init (``seed``): "first" r=16 and "second" r=8. Also used by lora_rounding_check.py."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values.update(hidden_size=128, kv_channels=32, intermediate_size=512)
+    values["quantization_config"] = {"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    torch.manual_seed(seed)  # the adapters' random init: the same weights whichever tests ran before
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
+    pm.add_adapter("second", LoraConfig(**dict(cfg, r=8)))
+    return pm.eval()
+
+
+def decode_recorded(model, tok, batch, adapters, params):
+    """The engine (4 rows) decoding ``batch``, each prompt through its adapter: (requests, their per-step logits)."""
+    engine = Engine(model, tok, max_batch=4)
+    rec = _record_logits(engine)
+    reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, adapters)]
+    while engine.has_work():
+        engine.step()
+    return reqs, rec
+
+
 def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok, monkeypatch, switches):
     """Layers the tensor-core GEMV takes (K a multiple of 128, group size 128): the engine hands each LoRA layer's
     A, row selection and B to the GEMV (row_adapters.py), which computes h = x A and adds (h * sel) @ B in the same
@@ -306,25 +336,12 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
     an adapter gets the base's logits bit for bit. On this random tiny model with random adapters, rounding h to
     bf16 at all moves one request's logits 4.7% from the exact product on both bf16 paths alike (and the two paths
     1-3.4% apart), past the 3% stated for the base model (NOTES step 39, `benchmarks/lora_rounding_check.py`)."""
-    from peft import LoraConfig, get_peft_model
-
-    from finetune.demo import TINY_CONFIG
     from finetune.inference import row_adapters
-    from finetune.modeling import QWenConfig
     from finetune.quant import mma_gemv as G
-    from finetune.quant.loading import build_gptq_model_on_device
 
     if G.available() is not None:
         pytest.skip(G.available())
-    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
-    values.update(hidden_size=128, kv_channels=32, intermediate_size=512)
-    values["quantization_config"] = {"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False}
-    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
-    cfg = dict(r=16, lora_alpha=32, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
-    torch.manual_seed(0)  # the adapters' random init: the same weights whichever tests ran before
-    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
-    pm.add_adapter("second", LoraConfig(**dict(cfg, r=8)))
-    pm.eval()
+    pm = epilogue_model(0)
     batch = prompts([5, 40, 12], seed=3)
     names = ["first", None, "second"]
     params = SamplingParams(max_new_tokens=20)
@@ -339,12 +356,7 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
     monkeypatch.setattr(G, "mma_gemv", spy)
 
     def run():
-        engine = Engine(pm, tok, max_batch=4)
-        rec = _record_logits(engine)
-        reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, names)]
-        while engine.has_work():
-            engine.step()
-        return reqs, rec
+        return decode_recorded(pm, tok, batch, names, params)
 
     switches(gptq_lora_epilogue=True)
     fused = run()
