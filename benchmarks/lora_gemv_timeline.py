@@ -75,13 +75,17 @@ def stamped_lora_source(warps: int, depth: int, wait: bool = True, gather_max: i
                  "t_start);")
     # tiles
     src = _patch(src, "#if LORA\n  int readers = 0;", "  t_main = t_h = gtime();\n#if LORA\n  int readers = 0;")
-    src = _patch(src, "    __syncthreads();  // every thread's copies and polls visible\n",
-                 "    __syncthreads();  // every thread's copies and polls visible\n    t_h = gtime();\n")
+    src = _patch(src, "    cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's "
+                      "visible\n    __syncthreads();\n",
+                 "    cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's "
+                 "visible\n    __syncthreads();\n    t_h = gtime();\n")
     src = _patch(src, "    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];\n  __syncthreads();\n",
                  "    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];\n  __syncthreads();\n"
                  "  if (threadIdx.x == 0) stamp5(tl, t_start, t_main, t_h, gtime());\n")
     if not wait:
-        src = _patch(src, "  while (empty(v)) {", "  while (false) {")
+        src = _patch(src, "        while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {",
+                     "        while (false) {")
+        src = _patch(src, "        while (poll && __float_as_uint(v[j]) == S_EMPTY) {", "        while (false) {")
     stamp5 = (STAMP + "__device__ __forceinline__ void stamp5(unsigned long long* tl, unsigned long long a, "
               "unsigned long long b, unsigned long long c, unsigned long long d) {\n"
               "  unsigned long long* r = tl + 5 * blockIdx.x;\n  r[0] = a; r[1] = b; r[2] = c; r[3] = d; r[4] = sm_id();\n}\n")

@@ -369,57 +369,51 @@ __device__ __forceinline__ bool has_empty(u32 w) { return (w & 0xFFFFu) == H_EMP
 __device__ __forceinline__ float slot_value(float s) {  // a partial sum as stored, never the sentinel
   return __float_as_uint(s) == S_EMPTY ? __uint_as_float(0x7FFFFFFFu) : s;
 }
+__device__ __forceinline__ float ld_slot(const float* p) {
+  float v;
+  asm volatile("ld.volatile.global.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
+  return v;
+}
 __device__ __forceinline__ void fill_u4(void* p, int words, u32 value, int first, int step) {
   for (int i = first; i < (words >> 2); i += step) ((U4*)p)[i] = U4{value, value, value, value};
 }
 
 // value i of the O = M R values of h: the P slots' partial sums added in order p = s_of, s_of + S, ... (the thread's
-// stride-S subset), GATHER_LOADS loads in flight; from the workspace (L2), or from a tile's copy in shared memory
-__device__ __forceinline__ float slot_sum(const float* slots, int P, int O, int i, int s_of, int S, bool staged) {
+// stride-S subset), GATHER_LOADS loads in flight; with poll, a slot is re-read until it holds no sentinel
+__device__ __forceinline__ float slot_sum(const float* lws, int P, int O, int i, int s_of, int S, bool poll) {
   float s = 0.f;
   for (int p0 = s_of; p0 < P; p0 += S * GATHER_LOADS) {
     float v[GATHER_LOADS];
 #pragma unroll
     for (int j = 0; j < GATHER_LOADS; ++j) {
       const int pp = p0 + j * S;
-      v[j] = pp >= P ? 0.f : staged ? slots[(size_t)pp * O + i] : __ldcg(slots + (size_t)pp * O + i);
+      v[j] = pp < P ? (poll ? ld_slot(lws + (size_t)pp * O + i) : __ldcg(lws + (size_t)pp * O + i)) : 0.f;
     }
 #pragma unroll
-    for (int j = 0; j < GATHER_LOADS; ++j)
-      if (p0 + j * S < P) s += v[j];
+    for (int j = 0; j < GATHER_LOADS; ++j) {
+      const int pp = p0 + j * S;
+      if (pp < P) {
+        while (poll && __float_as_uint(v[j]) == S_EMPTY) {
+          __nanosleep(32);
+          v[j] = ld_slot(lws + (size_t)pp * O + i);
+        }
+        s += v[j];
+      }
+    }
   }
   return s;
-}
-
-// Poll a 16-byte piece of lh or the slots (L2: written in this kernel) until none of its values is the sentinel
-// (empty tells), backing off: the waiting tiles' loads compete with the others' weight reads
-template <class Empty>
-__device__ __forceinline__ U4 polled(const void* p, U4 v, Empty empty) {
-  unsigned ns = 64;
-  while (empty(v)) {
-    __nanosleep(ns);
-    ns = ns < 1024 ? 2 * ns : ns;
-    v = ld_volatile(p);
-  }
-  return v;
-}
-__device__ __forceinline__ bool h_empty(const U4& v) {
-  return has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w);
-}
-__device__ __forceinline__ bool slots_empty(const U4& v) {
-  return v.x == S_EMPTY || v.y == S_EMPTY || v.z == S_EMPTY || v.w == S_EMPTY;
 }
 
 // h [M, R] = the slots added (slot_sum): when the O values are fewer than the threads, S threads share one, each a
 // stride-S subset of the slots (their loads in flight together), then the S subtotals in order through part. Each
 // value goes to put(i, sum). The same order in the last producer and in the tiles: the same h bit for bit.
 template <class Put>
-__device__ __forceinline__ void slots_added(const float* slots, int P, int O, bool staged, float* part, Put put) {
+__device__ __forceinline__ void slots_added(const float* lws, int P, int O, bool poll, float* part, Put put) {
   const int tid = threadIdx.x, threads = WARPS * 32;
   const int S = O < threads ? threads / O : 1;
   const int s_of = tid / O;
   for (int i = tid % O; i < O && s_of < S; i += (S == 1 ? threads : O)) {
-    const float s = slot_sum(slots, P, O, i, s_of, S, staged);
+    const float s = slot_sum(lws, P, O, i, s_of, S, poll);
     if (S == 1)
       put(i, s);
     else
@@ -551,9 +545,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   __shared__ __align__(16) u16 l_bt[16 * LSTRIDE];
   __shared__ __align__(16) u16 l_h[MB * 8 * LSTRIDE];
   __shared__ __align__(16) u16 l_sel[MB * 8 * LSTRIDE];
-  __shared__ __align__(16) float l_slots[MB == 1 && GATHER_MAX > 4 ? GATHER_MAX : 4];  // the tiles' route: the slots' copy
   const int pieces = R >> 3;  // 16-byte pieces a row
-  const int slot_pieces = gather ? (P * M * R) >> 2 : 0;
   if (split == 0) {  // split 0 of each tile adds the low-rank term
     for (int i = threadIdx.x; i < 16 * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
@@ -562,11 +554,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
       cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);
-      // h or the slots as they are now (a tile dispatched after the producers are done finds them complete, and
-      // the copy's round trip overlaps its main loop); what is still empty is polled after the main loop
-      if (!gather) cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);
     }
-    for (int i = threadIdx.x; i < slot_pieces; i += WARPS * 32) cp_async16(l_slots + 4 * i, lws + 4 * i);
   }
 #endif
   Cursor p;
@@ -610,23 +598,22 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #if LORA
   int readers = 0;  // the waiting tiles that had read h before this one (the last warp's thread 0)
   if (split == 0) {
-    cp_async_wait_all();  // this thread's copies (bt, sel, h or the slots): each thread completes what it copied
     if (gather) {
-      for (int i = threadIdx.x; i < slot_pieces; i += WARPS * 32) {
-        const U4 v = *(const U4*)(l_slots + 4 * i);
-        if (slots_empty(v)) *(U4*)(l_slots + 4 * i) = polled(lws + 4 * i, v, slots_empty);
-      }
-      __syncthreads();
-      slots_added(l_slots, P, M * R, true, l_part,
+      slots_added(lws, P, M * R, true, l_part,
                   [&](int i, float s) { l_h[(i / R) * LSTRIDE + i % R] = f2bf(s); });
     } else {
       for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
         const int row = i / pieces, c = (i - row * pieces) << 3;
-        const U4 v = *(const U4*)(l_h + row * LSTRIDE + c);
-        if (h_empty(v)) *(U4*)(l_h + row * LSTRIDE + c) = polled(lh + (size_t)row * R + c, v, h_empty);
+        U4 v = ld_volatile(lh + (size_t)row * R + c);  // L2: written in this kernel
+        while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {
+          __nanosleep(32);
+          v = ld_volatile(lh + (size_t)row * R + c);
+        }
+        *(U4*)(l_h + row * LSTRIDE + c) = v;
       }
     }
-    __syncthreads();  // every thread's copies and polls visible
+    cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's visible
+    __syncthreads();
     // counted now, its answer used only when the last warp is done (the round trip overlaps the work below)
     if (threadIdx.x == (WARPS - 1) * 32) readers = atomicAdd(lcnt + 1, 1);
 #pragma unroll

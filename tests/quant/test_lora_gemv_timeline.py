@@ -27,11 +27,11 @@ def test_the_stamped_lora_build_records_producers_and_tiles():
         "stamp5(tl, t_start, t_loaded, t_counted, gtime())")
     # the tiles': chunks done before the wait for the slots or h, h read before the warps' sum
     main_done = src.index("t_main = t_h = gtime()")
-    assert main_done < src.index("slots_added(l_slots, P, M * R, true", main_done) < src.index(
-        "polled(lh + ", main_done) < src.index("    t_h = gtime();\n", main_done)
+    assert main_done < src.index("slots_added(lws, P, M * R, true", main_done) < src.index("has_empty(v.x)", main_done)
+    assert src.index("has_empty(v.x)", main_done) < src.index("    t_h = gtime();\n", main_done)
     assert "while (false)" not in src and "#define GATHER_MAX 2048" in src
     no_wait = LT.stamped_lora_source(8, 1, wait=False, gather_max=0)
-    assert no_wait.count("while (false)") == 1 and "#define GATHER_MAX 0 " in no_wait
+    assert no_wait.count("while (false)") == 2 and "#define GATHER_MAX 0 " in no_wait
 
 
 def test_lora_timeline_statistics_per_call_from_the_first_cta():
