@@ -149,7 +149,7 @@ def main(argv=None) -> int:
             return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters,
                                  (x, pk[5], sel, pk[6], P, lws, lh, lcnt))
 
-        def lora_kernel(label, wait=True, gather_max=None):
+        def lora_kernel(label, wait=True, gather_max=None, packs=packs):
             return timed_kernel(label, G._compile(device, stamped_lora_source(warps, depth, wait, gather_max)),
                                 (P + T * splits, 1, 1), warps * 32, lora_args, P + T * splits, packs, WORDS)
 
