@@ -1,16 +1,15 @@
-"""Where the tensor-core GEMV's LoRA build spends its extra time at one row (NOTES steps 39-40): on the H200 a LoRA
-Linear took ~5 us more than the plain kernel. Each CTA of the LoRA build records the global timer:
+"""Where the tensor-core GEMV's LoRA build spends its extra time at one row (NOTES step 39): on the H200 a LoRA Linear
+took ~5 us more than the plain kernel, and neither a parallel final reduce of the producers nor one L2 round trip
+fewer in the tiles' wait changed that. Each CTA of the LoRA build records the global timer:
 
-  producers (the first P CTAs): start, thread 0's loads of A consumed, then (the route where the last producer adds
-                                the slots) the arrival counter read and the end (the last one: h written), or (the
-                                route where the tiles add them) the slots written, twice
+  producers (the first P CTAs): start, thread 0's loads of A consumed, the arrival counter read, end (the last one:
+                                h written)
   tiles:                        start, thread 0's chunks done, h read (split 0), the CTA's warps summed
 
-beside the plain kernel, the LoRA build by the other route of h (the tiles adding the slots, or the last producer)
-and the LoRA build with the wait taken out (its tiles read h or the slots whatever they hold: timing only), each in
-a CUDA graph of back-to-back calls over layer copies (A and B per copy too), as the probes time them. Per kernel:
-its time, when h (or the last slot) is written after the kernel's first CTA starts, when the tiles' chunks are done
-(first, mean, last), and how long the tiles of split 0 wait for h.
+beside the plain kernel and the LoRA build with the wait taken out (its tiles read h whatever it holds: timing only),
+each in a CUDA graph of back-to-back calls over layer copies (A and B per copy too), as the probes time them.
+Per kernel: its time, when h is written after the kernel's first CTA starts, when the tiles' chunks are done (first,
+mean, last), and how long the tiles of split 0 wait for h.
 
     python benchmarks/lora_gemv_timeline.py --out $OUT/lora_gemv_timeline.json
 """
@@ -42,37 +41,31 @@ def _patch(src: str, old: str, new: str) -> str:
     return src.replace(old, new)
 
 
-def stamped_lora_source(warps: int, depth: int, wait: bool = True, gather_max: int | None = None) -> str:
+def stamped_lora_source(warps: int, depth: int, wait: bool = True) -> str:
     """The one-row-block LoRA build with a timeline argument (WORDS words a CTA, thread 0 writes them); ``wait``
-    False: the tiles read h or the slots without polling for them (wrong values, the same work otherwise);
-    ``gather_max``: the kernel's route threshold (``kernel_source``)."""
-    src = G.kernel_source(warps, 1, depth, 128, lora=True, gather_max=gather_max)
+    False: the tiles read h without polling for it (wrong values, the same work otherwise)."""
+    src = G.kernel_source(warps, 1, depth, 128, lora=True)
     src = _patch(src, "const u16* __restrict__ bias, int has_bias) {",
                  "const u16* __restrict__ bias, int has_bias, unsigned long long* tl) {\n"
                  "  const unsigned long long t_start = gtime();\n"
                  "  unsigned long long t_main = 0, t_h = 0;")
     # producers
     src = _patch(src, "int M, int K, int R, float* __restrict__ lws, u16* __restrict__ lh, int* lcnt,\n"
-                      "                             float* part, bool gather) {",
+                      "                             float* part) {",
                  "int M, int K, int R, float* __restrict__ lws, u16* __restrict__ lh, int* lcnt,\n"
-                 "                             float* part, bool gather, unsigned long long* tl,\n"
-                 "                             unsigned long long t_start) {\n"
+                 "                             float* part, unsigned long long* tl, unsigned long long t_start) {\n"
                  "  unsigned long long t_loaded = 0, t_counted = 0;")
     src = _patch(src, "    }\n#pragma unroll\n    for (int mm = 0; mm < LROWS; ++mm) {\n",
                  "    }\n    if (m0 == 0) t_loaded = gtime();\n#pragma unroll\n    for (int mm = 0; mm < LROWS; ++mm) {\n")
-    src = _patch(src, "  if (gather) return;",
-                 "  if (gather) {\n    __syncthreads();\n"
-                 "    if (tid == 0) stamp5(tl, t_start, t_loaded, gtime(), gtime());\n    return;\n  }")
     src = _patch(src, "  __syncthreads();\n  if (!last) return;\n  if (tid == 0) lcnt[0] = 0;",
                  "  __syncthreads();\n  t_counted = gtime();\n"
                  "  if (!last) {\n    if (tid == 0) stamp5(tl, t_start, t_loaded, t_counted, t_counted);\n    return;\n  }\n"
                  "  if (tid == 0) lcnt[0] = 0;")
-    src = _patch(src, "{ lh[i] = h_value(s); });\n  __syncthreads();",
-                 "{ lh[i] = h_value(s); });\n  __syncthreads();\n"
-                 "  if (tid == 0) stamp5(tl, t_start, t_loaded, t_counted, gtime());")
-    src = _patch(src, "lora_produce(blockIdx.x, P, lx, lx_stride, la, M, K, R, lws, lh, lcnt, l_part, gather);",
-                 "lora_produce(blockIdx.x, P, lx, lx_stride, la, M, K, R, lws, lh, lcnt, l_part, gather, tl, "
-                 "t_start);")
+    src = _patch(src, "      lh[i] = h_value(s);\n    }\n  }\n}\n",
+                 "      lh[i] = h_value(s);\n    }\n  }\n  __syncthreads();\n"
+                 "  if (tid == 0) stamp5(tl, t_start, t_loaded, t_counted, gtime());\n}\n")
+    src = _patch(src, "lora_produce(blockIdx.x, P, lx, lx_stride, la, M, K, R, lws, lh, lcnt, l_part);",
+                 "lora_produce(blockIdx.x, P, lx, lx_stride, la, M, K, R, lws, lh, lcnt, l_part, tl, t_start);")
     # tiles
     src = _patch(src, "#if LORA\n  int readers = 0;", "  t_main = t_h = gtime();\n#if LORA\n  int readers = 0;")
     src = _patch(src, "    cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's "
@@ -83,9 +76,8 @@ def stamped_lora_source(warps: int, depth: int, wait: bool = True, gather_max: i
                  "    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];\n  __syncthreads();\n"
                  "  if (threadIdx.x == 0) stamp5(tl, t_start, t_main, t_h, gtime());\n")
     if not wait:
-        src = _patch(src, "        while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {",
-                     "        while (false) {")
-        src = _patch(src, "        while (poll && __float_as_uint(v[j]) == S_EMPTY) {", "        while (false) {")
+        src = _patch(src, "      while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {",
+                     "      while (false) {")
     stamp5 = (STAMP + "__device__ __forceinline__ void stamp5(unsigned long long* tl, unsigned long long a, "
               "unsigned long long b, unsigned long long c, unsigned long long d) {\n"
               "  unsigned long long* r = tl + 5 * blockIdx.x;\n  r[0] = a; r[1] = b; r[2] = c; r[3] = d; r[4] = sm_id();\n}\n")
@@ -137,37 +129,32 @@ def main(argv=None) -> int:
         splits = G.split_count(C, T, warps, per_sm, sms)
         P = G.lora_producers(K, R)
         ws, counters = G.workspace(device, splits, 1, N)
-        lws, lh, lcnt = G.lora_workspace(device, P, 1, R)
-        gather = P * R <= G.LORA_GATHER_MAX  # the route mma_gemv takes here
-        route, other = ("tiles add", "last adds") if gather else ("last adds", "tiles add")
+        lws = torch.zeros(P * R, device=device, dtype=torch.float32)
+        lh = torch.full((R,), G.H_EMPTY - 0x10000, device=device, dtype=torch.int16).view(torch.bfloat16)
+        lcnt = torch.zeros(2, device=device, dtype=torch.int32)
         out = torch.empty(1, N, device=device, dtype=torch.bfloat16)
 
         def plain_args(pk):
             return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters)
 
         def lora_args(pk):
-            return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters,
-                                 (x, pk[5], sel, pk[6], P, lws, lh, lcnt))
-
-        def lora_kernel(label, wait=True, gather_max=None, packs=packs):
-            return timed_kernel(label, G._compile(device, stamped_lora_source(warps, depth, wait, gather_max)),
-                                (P + T * splits, 1, 1), warps * 32, lora_args, P + T * splits, packs, WORDS)
+            return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters, (x, pk[5], sel, pk[6], P, lws, lh, lcnt))
 
         variants = [
             ("plain", timed_kernel("plain", G._compile(device, stamped_gemv_source(warps, depth)), (T, splits, 1),
                                    warps * 32, plain_args, T * splits, packs), None),
-            (f"lora, {route}", lora_kernel("lora"), P),
-            (f"lora, {other}", lora_kernel("lora, other route", gather_max=0 if gather else 1 << 30), P),
-            ("lora, no wait", lora_kernel("lora, no wait", wait=False), P)]
+            ("lora", timed_kernel("lora", G._compile(device, stamped_lora_source(warps, depth)),
+                                  (P + T * splits, 1, 1), warps * 32, lora_args, P + T * splits, packs, WORDS), P),
+            ("lora, no wait", timed_kernel("lora, no wait", G._compile(device, stamped_lora_source(warps, depth, False)),
+                                           (P + T * splits, 1, 1), warps * 32, lora_args, P + T * splits, packs,
+                                           WORDS), P)]
         for label, (_, calls, tl_list), producers in variants:
             sec = time_gemv(lambda _, call: call(), calls, None, device)
             row = dict(layer=name, K=K, N=N, rank=R, producers=P, splits=splits, kernel=label, us=sec * 1e6,
                        commit=git_commit() or "unknown")
             if producers is not None:
                 row.update(summarise_lora(tl_list, producers))
-                # after the no-wait build's races: the workspace as it is between calls
-                lws.view(torch.int32).fill_(G.S_EMPTY - (1 << 32))
-                lh.view(torch.int16).fill_(G.H_EMPTY - 0x10000)
+                lh.view(torch.int16).fill_(G.H_EMPTY - 0x10000)  # after the no-wait build's races
                 lcnt.zero_()
             results.append(row)
             extra = "" if producers is None else (
@@ -175,7 +162,7 @@ def main(argv=None) -> int:
                 f"{row['producer_counted_us']:4.1f}), tiles' chunks done {row['tiles_chunks_first_us']:4.1f} / "
                 f"{row['tiles_chunks_mean_us']:4.1f} / {row['tiles_chunks_last_us']:4.1f}, wait mean "
                 f"{row['wait_mean_us']:4.2f} max {row['wait_max_us']:4.2f} (>1 us: {row['tiles_waiting_over_1us']:.0f})")
-            print(f"{name:12s} {label:16s} {sec * 1e6:6.1f} us{extra}", flush=True)
+            print(f"{name:12s} {label:14s} {sec * 1e6:6.1f} us{extra}", flush=True)
         del layers, packs, lora
         torch.cuda.empty_cache()
         if args.out:

@@ -327,21 +327,16 @@ __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFF
 // The low-rank term (the engine's unmerged LoRA): out += (h * sel) @ bt.T with h = x A, all in the kernel.
 //
 // Producers: the grid's first P CTAs compute h = x A (A [K, R] bf16, each CTA a range of K, partial sums in fp32 to
-// a workspace slot of its own). The other CTAs compute the Int4 product as the plain build does and, in split 0 of
-// each tile, need h only after their main loop, by when the producers (a few microseconds of work) are done. h is
-// the P slots added in a fixed order and rounded to bf16 (as the separate matmul it replaces gave it), by one of two
-// routes, chosen by the size of the slots (GATHER_MAX, builds of one row block: the same choice in every CTA):
-//  - small (one row): every waiting tile adds the slots itself. The slots hold a sentinel between calls (a NaN the
-//    producers never write); a tile polls each value until it is there. No fence, counter or second stage: h is
-//    ready when the last producer's stores land (the chain below took 8-11 us after the kernel's start, NOTES
-//    step 40).
-//  - larger (more rows or ranks: the slots read by every tile would cost more than the chain): the last producer to
-//    finish (a counter, which it resets) adds the slots, writes h over a buffer that holds a sentinel between calls
-//    and writes the slots' sentinel back; the tiles poll h itself (NOTES step 39).
-// So x A costs no launch and little time (two cuBLAS kernels a Linear before, ~5.9 us). The wait relies on CTAs
-// being dispatched in the order of their index, as CUTLASS's serial split-K does: the producers, first, are resident
+// a workspace slot of its own); the last producer to finish (a counter, which it resets) adds the P slots in a fixed
+// order and writes h rounded to bf16 (as the separate matmul it replaces gave it) over a buffer that holds a
+// sentinel (a NaN the producer never writes) between calls. The other CTAs compute the Int4 product as the plain
+// build does and, in split 0 of each tile, read h only after their main loop, by when the producers (a few
+// microseconds of work) are done: they poll h itself until no sentinel is left, one L2 round trip when it is there
+// (a flag and then h took two, and the counter below a third: ~5 us a Linear on the H200, NOTES step 39). So x A
+// costs no launch and little time (two cuBLAS kernels a Linear before, ~5.9 us). The wait relies on CTAs being
+// dispatched in the order of their index, as CUTLASS's serial split-K does: the producers, first, are resident
 // before any CTA that waits for them. The last of the T waiting CTAs (a counter its last warp checks when it is
-// done) writes the sentinels back for the next call (graph replays).
+// done) writes the sentinel back for the next call (graph replays).
 //
 // The epilogue: each warp adds its share of the rank's columns (16-byte pieces warp, warp + WARPS, ...) to its
 // accumulators before the CTA's warps are summed, so no warp does all R products alone after the main loop (one
@@ -352,9 +347,6 @@ __device__ __forceinline__ float bf_hi(u32 w) { return __uint_as_float(w & 0xFFF
 #define LROWS 4              // batch rows a producer pass accumulates (registers: LROWS x 8 floats a thread)
 #define H_EMPTY 0xFFC1u      // lh between calls: a NaN that h_value never writes (mma_gemv.H_EMPTY)
 #define H_NAN 0x7FFFu
-#define S_EMPTY 0xFFC00001u  // the slots between calls: a NaN that slot_value never writes (mma_gemv.S_EMPTY)
-#define GATHER_MAX __GATHER_MAX__  // the tiles add the slots themselves up to P M R = GATHER_MAX fp32 values
-#define GATHER_LOADS 8       // slot loads a thread has in flight when a tile adds them
 __device__ __forceinline__ u16 h_value(float s) {  // h as bf16, never the sentinel
   const u16 v = f2bf(s);
   return v == H_EMPTY ? (u16)H_NAN : v;
@@ -366,68 +358,6 @@ __device__ __forceinline__ U4 ld_volatile(const void* p) {
   return v;
 }
 __device__ __forceinline__ bool has_empty(u32 w) { return (w & 0xFFFFu) == H_EMPTY || (w >> 16) == H_EMPTY; }
-__device__ __forceinline__ float slot_value(float s) {  // a partial sum as stored, never the sentinel
-  return __float_as_uint(s) == S_EMPTY ? __uint_as_float(0x7FFFFFFFu) : s;
-}
-__device__ __forceinline__ float ld_slot(const float* p) {
-  float v;
-  asm volatile("ld.volatile.global.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory");
-  return v;
-}
-__device__ __forceinline__ void fill_u4(void* p, int words, u32 value, int first, int step) {
-  for (int i = first; i < (words >> 2); i += step) ((U4*)p)[i] = U4{value, value, value, value};
-}
-
-// value i of the O = M R values of h: the P slots' partial sums added in order p = s_of, s_of + S, ... (the thread's
-// stride-S subset), GATHER_LOADS loads in flight; with poll, a slot is re-read until it holds no sentinel
-__device__ __forceinline__ float slot_sum(const float* lws, int P, int O, int i, int s_of, int S, bool poll) {
-  float s = 0.f;
-  for (int p0 = s_of; p0 < P; p0 += S * GATHER_LOADS) {
-    float v[GATHER_LOADS];
-#pragma unroll
-    for (int j = 0; j < GATHER_LOADS; ++j) {
-      const int pp = p0 + j * S;
-      v[j] = pp < P ? (poll ? ld_slot(lws + (size_t)pp * O + i) : __ldcg(lws + (size_t)pp * O + i)) : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < GATHER_LOADS; ++j) {
-      const int pp = p0 + j * S;
-      if (pp < P) {
-        while (poll && __float_as_uint(v[j]) == S_EMPTY) {
-          __nanosleep(32);
-          v[j] = ld_slot(lws + (size_t)pp * O + i);
-        }
-        s += v[j];
-      }
-    }
-  }
-  return s;
-}
-
-// h [M, R] = the slots added (slot_sum): when the O values are fewer than the threads, S threads share one, each a
-// stride-S subset of the slots (their loads in flight together), then the S subtotals in order through part. Each
-// value goes to put(i, sum). The same order in the last producer and in the tiles: the same h bit for bit.
-template <class Put>
-__device__ __forceinline__ void slots_added(const float* lws, int P, int O, bool poll, float* part, Put put) {
-  const int tid = threadIdx.x, threads = WARPS * 32;
-  const int S = O < threads ? threads / O : 1;
-  const int s_of = tid / O;
-  for (int i = tid % O; i < O && s_of < S; i += (S == 1 ? threads : O)) {
-    const float s = slot_sum(lws, P, O, i, s_of, S, poll);
-    if (S == 1)
-      put(i, s);
-    else
-      part[s_of * O + i] = s;
-  }
-  if (S > 1) {
-    __syncthreads();
-    for (int i = tid; i < O; i += threads) {
-      float s = 0.f;
-      for (int k = 0; k < S; ++k) s += part[k * O + i];
-      put(i, s);
-    }
-  }
-}
 
 // this warp's share of sum_j h[j] sel[j] bt[j]: the 16-byte pieces warp, warp + WARPS, ... of the R values
 __device__ __forceinline__ float lora_part(const u16* h, const u16* sel, const u16* bt, int pieces, int warp) {
@@ -444,14 +374,13 @@ __device__ __forceinline__ float lora_part(const u16* h, const u16* sel, const u
   return s;
 }
 
-// Producer p of P: the partial sums of h = x A over its range of K for all M rows, into lws[p][M][R] over the
-// slots' sentinels; when the tiles do not add the slots (gather false), the last producer adds them in order,
-// writes h [M, R] bf16 over lh's sentinels and the slots' sentinels back. Thread (g, q): piece q of A's rows
-// k0 + g, k0 + g + G, ... (G row groups of R / 8 pieces; all its loads in flight for ~32 KB of A a CTA); the groups
-// are summed in shared memory in a fixed order.
+// Producer p of P: the partial sums of h = x A over its range of K for all M rows, into lws[p][M][R]; the last
+// producer adds the slots in order and writes h [M, R] bf16 over lh's sentinels. Thread (g, q): piece q of A's rows
+// k0 + g, k0 + g + G, ... (G row groups of R / 8 pieces; its 8 loads of A at r=64 and 8 warps all in flight: +1.1-1.6%
+// for b1_512_adapter against two rounds of 4, NOTES step 42); the groups are summed in shared memory in a fixed order.
 __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_stride, const u16* __restrict__ la,
                              int M, int K, int R, float* __restrict__ lws, u16* __restrict__ lh, int* lcnt,
-                             float* part, bool gather) {
+                             float* part) {
   const int tid = threadIdx.x, threads = WARPS * 32;
   const int pieces = R >> 3, G = threads / pieces;
   const int q = tid % pieces, g = tid / pieces;
@@ -493,11 +422,10 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
         float s = 0.f;
 #pragma unroll 8
         for (int gg = 0; gg < G; ++gg) s += part[gg * R + j];
-        __stcg(lws + ((size_t)p * M + m0 + mm) * R + j, slot_value(s));
+        __stcg(lws + ((size_t)p * M + m0 + mm) * R + j, s);
       }
     }
   }
-  if (gather) return;  // the tiles poll the slots themselves
   __threadfence();
   __syncthreads();
   __shared__ int last;
@@ -506,10 +434,28 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
   if (!last) return;
   if (tid == 0) lcnt[0] = 0;  // every producer has arrived: ready for the next call
   __threadfence();
-  // the P slots summed in a fixed order (one after another, 54 slots on the 14B's mlp.c_proj kept the tiles waiting)
-  slots_added(lws, P, M * R, false, part, [&](int i, float s) { lh[i] = h_value(s); });
-  __syncthreads();  // every slot read: their sentinels back for the next call
-  fill_u4(lws, P * M * R, S_EMPTY, tid, threads);
+  // the P slots summed in a fixed order: when the M R sums are fewer than the threads, S threads share one, each
+  // a stride-S subset of the slots (its loads in flight together: one after another, 54 slots on the 14B's
+  // mlp.c_proj kept the tiles waiting), then the S subtotals in order
+  const int O = M * R, S = O < threads ? threads / O : 1;
+  const int s_of = tid / O;
+  for (int i = tid % O; i < O && s_of < S; i += (S == 1 ? threads : O)) {
+    float s = 0.f;
+#pragma unroll 8
+    for (int pp = s_of; pp < P; pp += S) s += __ldcg(lws + (size_t)pp * O + i);
+    if (S == 1)
+      lh[i] = h_value(s);
+    else
+      part[s_of * O + i] = s;
+  }
+  if (S > 1) {
+    __syncthreads();
+    for (int i = tid; i < O; i += threads) {
+      float s = 0.f;
+      for (int k = 0; k < S; ++k) s += part[k * O + i];
+      lh[i] = h_value(s);
+    }
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -524,11 +470,8 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #if LORA
   // a 1-D grid: P producers of h = x A, then the tiles' CTAs (tile fastest, as the plain build's (T, splits) grid)
   __shared__ __align__(16) float l_part[WARPS * 32 * 8];
-  // the tiles add the producers' slots themselves (one row block only: the route's registers made the 9-16 row
-  // build spill in its main loop)
-  const bool gather = MB == 1 && P * M * R <= GATHER_MAX;
   if ((int)blockIdx.x < P) {
-    lora_produce(blockIdx.x, P, lx, lx_stride, la, M, K, R, lws, lh, lcnt, l_part, gather);
+    lora_produce(blockIdx.x, P, lx, lx_stride, la, M, K, R, lws, lh, lcnt, l_part);
     return;
   }
   const int T = N >> 4;
@@ -598,19 +541,14 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #if LORA
   int readers = 0;  // the waiting tiles that had read h before this one (the last warp's thread 0)
   if (split == 0) {
-    if (gather) {
-      slots_added(lws, P, M * R, true, l_part,
-                  [&](int i, float s) { l_h[(i / R) * LSTRIDE + i % R] = f2bf(s); });
-    } else {
-      for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
-        const int row = i / pieces, c = (i - row * pieces) << 3;
-        U4 v = ld_volatile(lh + (size_t)row * R + c);  // L2: written in this kernel
-        while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {
-          __nanosleep(32);
-          v = ld_volatile(lh + (size_t)row * R + c);
-        }
-        *(U4*)(l_h + row * LSTRIDE + c) = v;
+    for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
+      const int row = i / pieces, c = (i - row * pieces) << 3;
+      U4 v = ld_volatile(lh + (size_t)row * R + c);  // L2: written in this kernel
+      while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {
+        __nanosleep(32);
+        v = ld_volatile(lh + (size_t)row * R + c);
       }
+      *(U4*)(l_h + row * LSTRIDE + c) = v;
     }
     cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's visible
     __syncthreads();
@@ -634,13 +572,14 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
   __syncthreads();
 #if LORA
-  if (split == 0 && warp == WARPS - 1) {  // the last tile to read h or the slots writes their sentinels back
+  if (split == 0 && warp == WARPS - 1) {  // the last tile to read h writes the sentinel back for the next call
     const int last_reader = __shfl_sync(0xffffffffu, readers, 0) == (N >> 4) - 1;
     if (last_reader) {
-      if (gather)
-        fill_u4(lws, P * M * R, S_EMPTY, lane, 32);
-      else
-        fill_u4(lh, M * R / 2, H_EMPTY * 0x10001u, lane, 32);
+      for (int i = lane; i < M * pieces; i += 32) {
+        const int row = i / pieces, c = (i - row * pieces) << 3;
+        *(U4*)(lh + (size_t)row * R + c) = U4{H_EMPTY * 0x10001u, H_EMPTY * 0x10001u, H_EMPTY * 0x10001u,
+                                              H_EMPTY * 0x10001u};
+      }
       if (lane == 0) lcnt[1] = 0;
     }
   }
@@ -695,13 +634,11 @@ _workspaces: dict = {}
 _retired: list = []
 
 
-def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False,
-                  gather_max: int | None = None) -> str:
-    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``gather_max``
-    replaces LORA_GATHER_MAX (benchmarks/lora_gemv_timeline.py times both routes of h on one shape)."""
+def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
     return (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
             .replace("__GCHUNKS__", str(group_size // CHUNK)).replace("__LORA__", str(int(lora)))
-            .replace("__LRMAX__", str(LORA_MAX_RANK)).replace("__GATHER_MAX__", str(LORA_GATHER_MAX if gather_max is None else gather_max)))
+            .replace("__LRMAX__", str(LORA_MAX_RANK)))
 
 
 def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
@@ -809,23 +746,17 @@ def lora_producers(K: int, R: int) -> int:
 
 
 H_EMPTY = 0xFFC1  # what the kernel's h buffer holds between calls (a bf16 NaN the kernel never writes)
-S_EMPTY = 0xFFC00001  # what the producers' slots hold between calls (an fp32 NaN the kernel never writes)
-# The tiles add the producers' slots themselves up to this many fp32 values (P M R; 8 KB a tile, read from L2 after
-# its main loop; up to 8 rows): one row at r=64 for K to 8,192 (the 14B's c_attn, attn.c_proj and w1/w2: 20 slots of 64). Beyond,
-# the last producer adds them once: on mlp.c_proj (54 slots) the tiles finish after h is there anyway (NOTES step
-# 39), and every tile reading 20-54 slots of several rows would read as much as its Int4 weights.
-LORA_GATHER_MAX = 2048
 
 
 def lora_workspace(device: torch.device, producers: int, rows: int, R: int):
-    """(partial sums fp32 [producers * rows * R] holding S_EMPTY, h [rows * R] bf16 holding H_EMPTY, counters int32
-    [2], zero) for the LoRA build, grown on demand outside graph capture; None when too small during a capture."""
+    """(partial sums fp32 [producers * rows * R], h [rows * R] bf16 holding H_EMPTY, counters int32 [2], zero) for the
+    LoRA build, grown on demand outside graph capture; None when too small during a capture."""
     need = producers * rows * R
 
     def make(held):
         size = max(need, held[0].numel() if held else 0, 256 * KERNEL_ROWS * LORA_MAX_RANK)  # 4 MB: K to 32,768
         hsize = max(rows * R, held[1].numel() if held else 0, KERNEL_ROWS * LORA_MAX_RANK)
-        return (torch.full((size,), S_EMPTY - (1 << 32), device=device, dtype=torch.int32).view(torch.float32),
+        return (torch.zeros(size, device=device, dtype=torch.float32),
                 torch.full((hsize,), H_EMPTY - 0x10000, device=device, dtype=torch.int16).view(torch.bfloat16),
                 torch.zeros(2, device=device, dtype=torch.int32))
 

@@ -16,22 +16,16 @@ import lora_gemv_timeline as LT  # noqa: E402
 
 def test_the_stamped_lora_build_records_producers_and_tiles():
     src = LT.stamped_lora_source(8, 1)
-    # producers on the tiles' route, the other route's non-last and last producers, the tiles
-    assert "unsigned long long* tl) {" in src and src.count("stamp5(tl,") == 4
-    # the producers' marks: loads consumed first; the tiles' route stamps once its slots are written; on the other,
-    # the counter is read before its mark and the last one's end comes after h is written
-    assert src.index("t_loaded = gtime()") < src.index("  if (gather) {\n    __syncthreads();\n    if (tid == 0) stamp5(")
-    assert src.index("if (gather) {\n    __syncthreads();") < src.index("atomicAdd(lcnt, 1)") < src.index(
-        "t_counted = gtime()")
-    assert src.index("{ lh[i] = h_value(s); });\n  __syncthreads();") < src.index(
+    assert "unsigned long long* tl) {" in src and src.count("stamp5(tl,") == 3  # non-last, last producer, tiles
+    # the producers' marks: loads consumed before the counter, the last one's end after h is written
+    assert src.index("t_loaded = gtime()") < src.index("atomicAdd(lcnt, 1)") < src.index("t_counted = gtime()")
+    assert src.index("lh[i] = h_value(s);\n    }\n  }\n  __syncthreads();") < src.index(
         "stamp5(tl, t_start, t_loaded, t_counted, gtime())")
-    # the tiles': chunks done before the wait for the slots or h, h read before the warps' sum
-    main_done = src.index("t_main = t_h = gtime()")
-    assert main_done < src.index("slots_added(lws, P, M * R, true", main_done) < src.index("has_empty(v.x)", main_done)
-    assert src.index("has_empty(v.x)", main_done) < src.index("    t_h = gtime();\n", main_done)
-    assert "while (false)" not in src and "#define GATHER_MAX 2048" in src
-    no_wait = LT.stamped_lora_source(8, 1, wait=False, gather_max=0)
-    assert no_wait.count("while (false)") == 2 and "#define GATHER_MAX 0 " in no_wait
+    # the tiles': chunks done before the wait for h, h read before the warps' sum
+    waits = src.index("has_empty(v.x)")
+    assert src.index("t_main = t_h = gtime()") < waits < src.index("    t_h = gtime();\n", waits)
+    assert "while (false)" not in src
+    assert "while (false)" in LT.stamped_lora_source(8, 1, wait=False)
 
 
 def test_lora_timeline_statistics_per_call_from_the_first_cta():
