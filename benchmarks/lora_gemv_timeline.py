@@ -6,8 +6,11 @@ fewer in the tiles' wait changed that. Each CTA of the LoRA build records the gl
                                 h written)
   tiles:                        start, thread 0's chunks done, h read (split 0), the CTA's warps summed
 
-beside the plain kernel and the LoRA build with the wait taken out (its tiles read h whatever it holds: timing only),
-each in a CUDA graph of back-to-back calls over layer copies (A and B per copy too), as the probes time them.
+beside the plain kernel, the LoRA build with the wait taken out (its tiles read h whatever it holds: timing only),
+and the LoRA build with h ready before the kernel starts (no producers; every tile copies h with bt and sel before
+its main loop, so nothing is left for after it: what x A computed in the kernel before the GEMV would give, NOTES
+step 42), each in a CUDA graph of back-to-back calls over layer copies (A and B per copy too), as the probes time
+them.
 Per kernel: its time, when h is written after the kernel's first CTA starts, when the tiles' chunks are done (first,
 mean, last), and how long the tiles of split 0 wait for h.
 
@@ -41,9 +44,10 @@ def _patch(src: str, old: str, new: str) -> str:
     return src.replace(old, new)
 
 
-def stamped_lora_source(warps: int, depth: int, wait: bool = True) -> str:
+def stamped_lora_source(warps: int, depth: int, wait: bool = True, h_ready: bool = False) -> str:
     """The one-row-block LoRA build with a timeline argument (WORDS words a CTA, thread 0 writes them); ``wait``
-    False: the tiles read h without polling for it (wrong values, the same work otherwise)."""
+    False: the tiles read h without polling for it (wrong values, the same work otherwise); ``h_ready``: launched
+    without producers on an h written before, which the tiles copy when they start and nobody empties."""
     src = G.kernel_source(warps, 1, depth, 128, lora=True)
     src = _patch(src, "const u16* __restrict__ bias, int has_bias) {",
                  "const u16* __restrict__ bias, int has_bias, unsigned long long* tl) {\n"
@@ -75,6 +79,16 @@ def stamped_lora_source(warps: int, depth: int, wait: bool = True) -> str:
     src = _patch(src, "    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];\n  __syncthreads();\n",
                  "    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];\n  __syncthreads();\n"
                  "  if (threadIdx.x == 0) stamp5(tl, t_start, t_main, t_h, gtime());\n")
+    if h_ready:
+        src = _patch(src, "      cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);\n",
+                     "      cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);\n"
+                     "      cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);\n")
+        after = src.index("int readers = 0;")  # the wait after the main loop, taken out
+        poll = src[src.index("    for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {\n", after):
+                   src.index("    cp_async_wait_all();  // this thread's copies of bt and sel")]
+        src = _patch(src, poll, "")
+        src = _patch(src, "    if (last_reader) {\n", "    if (last_reader) {\n      if (lane == 0) lcnt[1] = 0;\n"
+                     "    }\n    if (false) {\n")
     if not wait:
         src = _patch(src, "      while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {",
                      "      while (false) {")
@@ -95,8 +109,10 @@ def summarise_lora(tls: list[torch.Tensor], producers: int) -> dict:
         rel = (t[:, :4] - t0) / 1e3
         prod, tiles = rel[:producers], rel[producers:]
         wait = tiles[:, 2] - tiles[:, 1]
-        rows.append(dict(h_written_us=prod[:, 3].max().item(), producer_loaded_us=prod[:, 1].mean().item(),
-                         producer_counted_us=prod[:, 2].max().item(),
+        nan = float("nan")  # (no producers: h was ready before the call)
+        rows.append(dict(h_written_us=prod[:, 3].max().item() if producers else nan,
+                         producer_loaded_us=prod[:, 1].mean().item() if producers else nan,
+                         producer_counted_us=prod[:, 2].max().item() if producers else nan,
                          tiles_chunks_first_us=tiles[:, 1].min().item(), tiles_chunks_mean_us=tiles[:, 1].mean().item(),
                          tiles_chunks_last_us=tiles[:, 1].max().item(), wait_mean_us=wait.mean().item(),
                          wait_max_us=wait.max().item(), tiles_waiting_over_1us=int((wait > 1.0).sum()),
@@ -140,6 +156,10 @@ def main(argv=None) -> int:
         def lora_args(pk):
             return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters, (x, pk[5], sel, pk[6], P, lws, lh, lcnt))
 
+        def ready_args(pk):  # no producers: lh holds x A of the first copy, written before the timing
+            return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters,
+                                 (x, pk[5], sel, pk[6], 0, lws, lh, lcnt))
+
         variants = [
             ("plain", timed_kernel("plain", G._compile(device, stamped_gemv_source(warps, depth)), (T, splits, 1),
                                    warps * 32, plain_args, T * splits, packs), None),
@@ -147,8 +167,13 @@ def main(argv=None) -> int:
                                   (P + T * splits, 1, 1), warps * 32, lora_args, P + T * splits, packs, WORDS), P),
             ("lora, no wait", timed_kernel("lora, no wait", G._compile(device, stamped_lora_source(warps, depth, False)),
                                            (P + T * splits, 1, 1), warps * 32, lora_args, P + T * splits, packs,
-                                           WORDS), P)]
+                                           WORDS), P),
+            ("lora, h ready", timed_kernel("lora, h ready", G._compile(device, stamped_lora_source(warps, depth,
+                                                                                                  h_ready=True)),
+                                           (T * splits, 1, 1), warps * 32, ready_args, T * splits, packs, WORDS), 0)]
         for label, (_, calls, tl_list), producers in variants:
+            if producers == 0:
+                lh.copy_((x.float() @ packs[0][5].float()).to(torch.bfloat16).view(-1))
             sec = time_gemv(lambda _, call: call(), calls, None, device)
             row = dict(layer=name, K=K, N=N, rank=R, producers=P, splits=splits, kernel=label, us=sec * 1e6,
                        commit=git_commit() or "unknown")
@@ -158,8 +183,9 @@ def main(argv=None) -> int:
                 lcnt.zero_()
             results.append(row)
             extra = "" if producers is None else (
-                f" | h written {row['h_written_us']:5.1f} us (loads {row['producer_loaded_us']:4.1f}, counted "
-                f"{row['producer_counted_us']:4.1f}), tiles' chunks done {row['tiles_chunks_first_us']:4.1f} / "
+                (f" | h written {row['h_written_us']:5.1f} us (loads {row['producer_loaded_us']:4.1f}, counted "
+                 f"{row['producer_counted_us']:4.1f})" if producers else " | h ready before")
+                + f", tiles' chunks done {row['tiles_chunks_first_us']:4.1f} / "
                 f"{row['tiles_chunks_mean_us']:4.1f} / {row['tiles_chunks_last_us']:4.1f}, wait mean "
                 f"{row['wait_mean_us']:4.2f} max {row['wait_max_us']:4.2f} (>1 us: {row['tiles_waiting_over_1us']:.0f})")
             print(f"{name:12s} {label:14s} {sec * 1e6:6.1f} us{extra}", flush=True)
