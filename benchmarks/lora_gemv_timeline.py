@@ -109,10 +109,11 @@ def summarise_lora(tls: list[torch.Tensor], producers: int) -> dict:
         rel = (t[:, :4] - t0) / 1e3
         prod, tiles = rel[:producers], rel[producers:]
         wait = tiles[:, 2] - tiles[:, 1]
-        nan = float("nan")  # (no producers: h was ready before the call)
-        rows.append(dict(h_written_us=prod[:, 3].max().item() if producers else nan,
-                         producer_loaded_us=prod[:, 1].mean().item() if producers else nan,
-                         producer_counted_us=prod[:, 2].max().item() if producers else nan,
+        def of_producers(col: int, stat: str) -> float:  # nan without producers (h was ready before the call)
+            return getattr(prod[:, col], stat)().item() if producers else float("nan")
+
+        rows.append(dict(h_written_us=of_producers(3, "max"), producer_loaded_us=of_producers(1, "mean"),
+                         producer_counted_us=of_producers(2, "max"),
                          tiles_chunks_first_us=tiles[:, 1].min().item(), tiles_chunks_mean_us=tiles[:, 1].mean().item(),
                          tiles_chunks_last_us=tiles[:, 1].max().item(), wait_mean_us=wait.mean().item(),
                          wait_max_us=wait.max().item(), tiles_waiting_over_1us=int((wait > 1.0).sum()),
@@ -153,12 +154,9 @@ def main(argv=None) -> int:
         def plain_args(pk):
             return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters)
 
-        def lora_args(pk):
-            return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters, (x, pk[5], sel, pk[6], P, lws, lh, lcnt))
-
-        def ready_args(pk):  # no producers: lh holds x A of the first copy, written before the timing
+        def lora_args(pk, producers=P):  # (0: the h-ready twin; lh holds x A of the first copy, written before)
             return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters,
-                                 (x, pk[5], sel, pk[6], 0, lws, lh, lcnt))
+                                 (x, pk[5], sel, pk[6], producers, lws, lh, lcnt))
 
         variants = [
             ("plain", timed_kernel("plain", G._compile(device, stamped_gemv_source(warps, depth)), (T, splits, 1),
@@ -170,7 +168,8 @@ def main(argv=None) -> int:
                                            WORDS), P),
             ("lora, h ready", timed_kernel("lora, h ready", G._compile(device, stamped_lora_source(warps, depth,
                                                                                                   h_ready=True)),
-                                           (T * splits, 1, 1), warps * 32, ready_args, T * splits, packs, WORDS), 0)]
+                                           (T * splits, 1, 1), warps * 32, lambda pk: lora_args(pk, 0),
+                                           T * splits, packs, WORDS), 0)]
         for label, (_, calls, tl_list), producers in variants:
             if producers == 0:
                 lh.copy_((x.float() @ packs[0][5].float()).to(torch.bfloat16).view(-1))
