@@ -7,9 +7,9 @@ fewer in the tiles' wait changed that. Each CTA of the LoRA build records the gl
   tiles:                        start, thread 0's chunks done, h read (split 0), the CTA's warps summed
 
 beside the plain kernel, the LoRA build with the wait taken out (its tiles read h whatever it holds: timing only),
-and the LoRA build with h ready before the kernel starts (no producers; every tile copies h with bt and sel before
-its main loop, so nothing is left for after it: what x A computed in the kernel before the GEMV would give, NOTES
-step 42), each in a CUDA graph of back-to-back calls over layer copies (A and B per copy too), as the probes time
+and the LoRA build given h computed before it (no producers; every tile copies h with bt and sel before its main
+loop, so nothing is left for after it: the engine's norm kernel computes x A for c_attn, w1 and w2, NOTES step 43),
+each in a CUDA graph of back-to-back calls over layer copies (A and B per copy too), as the probes time
 them.
 Per kernel: its time, when h is written after the kernel's first CTA starts, when the tiles' chunks are done (first,
 mean, last), and how long the tiles of split 0 wait for h.
@@ -44,10 +44,10 @@ def _patch(src: str, old: str, new: str) -> str:
     return src.replace(old, new)
 
 
-def stamped_lora_source(warps: int, depth: int, wait: bool = True, h_ready: bool = False) -> str:
+def stamped_lora_source(warps: int, depth: int, wait: bool = True) -> str:
     """The one-row-block LoRA build with a timeline argument (WORDS words a CTA, thread 0 writes them); ``wait``
-    False: the tiles read h without polling for it (wrong values, the same work otherwise); ``h_ready``: launched
-    without producers on an h written before, which the tiles copy when they start and nobody empties."""
+    False: the tiles read h without polling for it (wrong values, the same work otherwise). Launched without
+    producers, it is the build given h (copied when a tile starts, left as it is)."""
     src = G.kernel_source(warps, 1, depth, 128, lora=True)
     src = _patch(src, "const u16* __restrict__ bias, int has_bias) {",
                  "const u16* __restrict__ bias, int has_bias, unsigned long long* tl) {\n"
@@ -72,23 +72,13 @@ def stamped_lora_source(warps: int, depth: int, wait: bool = True, h_ready: bool
                  "lora_produce(blockIdx.x, P, lx, lx_stride, la, M, K, R, lws, lh, lcnt, l_part, tl, t_start);")
     # tiles
     src = _patch(src, "#if LORA\n  int readers = 0;", "  t_main = t_h = gtime();\n#if LORA\n  int readers = 0;")
-    src = _patch(src, "    cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's "
-                      "visible\n    __syncthreads();\n",
-                 "    cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's "
-                 "visible\n    __syncthreads();\n    t_h = gtime();\n")
+    src = _patch(src, "    cp_async_wait_all();  // this thread's copies of bt and sel (and h, given); the barrier makes "
+                      "every thread's visible\n    __syncthreads();\n",
+                 "    cp_async_wait_all();  // this thread's copies of bt and sel (and h, given); the barrier makes "
+                 "every thread's visible\n    __syncthreads();\n    t_h = gtime();\n")
     src = _patch(src, "    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];\n  __syncthreads();\n",
                  "    for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];\n  __syncthreads();\n"
                  "  if (threadIdx.x == 0) stamp5(tl, t_start, t_main, t_h, gtime());\n")
-    if h_ready:
-        src = _patch(src, "      cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);\n",
-                     "      cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);\n"
-                     "      cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);\n")
-        after = src.index("int readers = 0;")  # the wait after the main loop, taken out
-        poll = src[src.index("    for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {\n", after):
-                   src.index("    cp_async_wait_all();  // this thread's copies of bt and sel")]
-        src = _patch(src, poll, "")
-        src = _patch(src, "    if (last_reader) {\n", "    if (last_reader) {\n      if (lane == 0) lcnt[1] = 0;\n"
-                     "    }\n    if (false) {\n")
     if not wait:
         src = _patch(src, "      while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {",
                      "      while (false) {")
@@ -154,7 +144,7 @@ def main(argv=None) -> int:
         def plain_args(pk):
             return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters)
 
-        def lora_args(pk, producers=P):  # (0: the h-ready twin; lh holds x A of the first copy, written before)
+        def lora_args(pk, producers=P):  # (0: h given; lh holds x A of the first copy, written before)
             return G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters,
                                  (x, pk[5], sel, pk[6], producers, lws, lh, lcnt))
 
@@ -166,8 +156,7 @@ def main(argv=None) -> int:
             ("lora, no wait", timed_kernel("lora, no wait", G._compile(device, stamped_lora_source(warps, depth, False)),
                                            (P + T * splits, 1, 1), warps * 32, lora_args, P + T * splits, packs,
                                            WORDS), P),
-            ("lora, h ready", timed_kernel("lora, h ready", G._compile(device, stamped_lora_source(warps, depth,
-                                                                                                  h_ready=True)),
+            ("lora, h given", timed_kernel("lora, h given", G._compile(device, stamped_lora_source(warps, depth)),
                                            (T * splits, 1, 1), warps * 32, lambda pk: lora_args(pk, 0),
                                            T * splits, packs, WORDS), 0)]
         for label, (_, calls, tl_list), producers in variants:
@@ -183,7 +172,7 @@ def main(argv=None) -> int:
             results.append(row)
             extra = "" if producers is None else (
                 (f" | h written {row['h_written_us']:5.1f} us (loads {row['producer_loaded_us']:4.1f}, counted "
-                 f"{row['producer_counted_us']:4.1f})" if producers else " | h ready before")
+                 f"{row['producer_counted_us']:4.1f})" if producers else " | h given")
                 + f", tiles' chunks done {row['tiles_chunks_first_us']:4.1f} / "
                 f"{row['tiles_chunks_mean_us']:4.1f} / {row['tiles_chunks_last_us']:4.1f}, wait mean "
                 f"{row['wait_mean_us']:4.2f} max {row['wait_max_us']:4.2f} (>1 us: {row['tiles_waiting_over_1us']:.0f})")

@@ -6,7 +6,8 @@ pow, mean, add, rsqrt, two multiplies; rotary with its cats and casts about four
 index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three replace them:
 
 - ``add_rms_norm``: the residual add of the previous half (written back into the residual stream) and the next
-  RMSNorm, one program per row;
+  RMSNorm, one program per row; ``add_rms_norm_low_rank`` also computes x A for the LoRA products of the Linears
+  that read the normed rows (the engine's unmerged adapters, one row), spread over 64 programs a row;
 - ``rotary_to_cache``: from c_attn's output, rotary on q and k, the logN query scale, and the write of k and v
   into the layer's KV cache at each row's position; returns q [b, H, 1, D];
 - ``swiglu``: up * silu(gate);
@@ -47,6 +48,36 @@ def _dec_add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, N, eps, stride_x, str
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     out = y.to(tl.float32) * w.to(tl.float32)
     tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dec_add_rms_norm_xa_kernel(x_ptr, d_ptr, w_ptr, at_ptr, xo_ptr, out_ptr, h_ptr, N, R, eps, stride_x, stride_d,
+                                stride_xo, stride_o, stride_at, stride_h, HAS_DELTA: tl.constexpr, COLS: tl.constexpr,
+                                BLOCK: tl.constexpr):
+    # program (row, c): the row's add + RMSNorm as _dec_add_rms_norm_kernel computes it (every program of the row
+    # recomputes it: 30 KB from L2 at 5,120 wide), then COLS columns of h = normed @ at.T; program (row, 0) writes
+    # the new residual (to xo: x is read by the row's other programs) and the normed row
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < N
+    a = tl.load(at_ptr + cols[:, None] * stride_at + offs[None, :], mask=(cols[:, None] < R) & mask[None, :],
+                other=0.0)  # issued first: the only load from DRAM
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    xf = x.to(tl.float32)
+    ms = tl.sum(xf * xf, axis=0) / N
+    y = (xf * tl.rsqrt(ms + eps)).to(x_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    out = (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    if tl.program_id(1) == 0:
+        tl.store(out_ptr + row * stride_o + offs, out, mask=mask)
+        if HAS_DELTA:
+            tl.store(xo_ptr + row * stride_xo + offs, x, mask=mask)
+    h = tl.sum(out.to(tl.float32)[None, :] * a.to(tl.float32), axis=1)
+    tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=cols < R)
 
 
 @triton.jit
@@ -216,6 +247,38 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return x, out.view(x.shape)
 
 
+def add_rms_norm_low_rank(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                          at: torch.Tensor):
+    """``add_rms_norm``, and h = normed @ ``at``.T for the LoRA products of the Linears that read the normed rows
+    (``at`` [R, N]: their A matrices transposed, stacked), summed in fp32 and rounded once to normed's dtype, as the
+    GEMV's own producers compute it. Returns (x, normed, h [rows, R]); x is a new tensor holding x + delta (the
+    kernel's programs all read the old x), or x itself when delta is None."""
+    N = x.shape[-1]
+    if weight.shape != (N,):
+        raise ValueError(f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({N},)")
+    if at.dim() != 2 or at.shape[1] != N or at.stride(1) != 1 or at.dtype != x.dtype:
+        raise ValueError(f"the stacked A.T {tuple(at.shape)} {at.dtype} does not fit rows of {N} {x.dtype} "
+                         "(expected [R, N], unit column stride)")
+    x2 = _rows(x, "x")
+    if delta is not None:
+        if delta.shape != x.shape or delta.dtype != x.dtype:
+            raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} does not match x {tuple(x.shape)} {x.dtype}")
+        d2 = _rows(delta, "delta")
+        xo = torch.empty_like(x2)
+    else:
+        d2 = xo = x2
+    rows, R = x2.shape[0], at.shape[0]
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    h = torch.empty(rows, R, dtype=out.dtype, device=x.device)
+    block = triton.next_power_of_2(N)
+    cols = 1 if R <= 64 else 2  # 64 programs a row at one or two adapters' r=64
+    _dec_add_rms_norm_xa_kernel[(rows, triton.cdiv(R, cols))](
+        x2, d2, weight, at, xo, out, h, N, R, float(eps), x2.stride(0), d2.stride(0), xo.stride(0), out.stride(0),
+        at.stride(0), h.stride(0), HAS_DELTA=delta is not None, COLS=cols, BLOCK=block,
+        num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
+    return (xo.view(x.shape) if delta is not None else x), out.view(x.shape), h
+
+
 def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, heads: int) -> torch.Tensor:
     """One decode step's attention inputs from c_attn's output ``qkv`` [b, 1, 3 * heads * D]: rotary on q and k
@@ -259,4 +322,4 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["add_rms_norm", "decode_attention", "rotary_to_cache", "swiglu"]
+__all__ = ["add_rms_norm", "add_rms_norm_low_rank", "decode_attention", "rotary_to_cache", "swiglu"]

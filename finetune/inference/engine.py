@@ -457,7 +457,7 @@ class Engine:
             on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
             with self.adapters.applied(sel), on_device:
                 return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
-                                     query_scale, mask, own_keys)
+                                     query_scale, mask, own_keys, self.adapters)
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
         with self.adapters.applied(sel):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)

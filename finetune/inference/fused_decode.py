@@ -4,7 +4,9 @@ Per layer a decode step then runs: residual add + ln_1 (one kernel), c_attn, rot
 cache write (one kernel), attention (SDPA over the step's length bucket, masked past each row's position; or,
 where that would read many keys past the rows' positions, decode_kernels.decode_attention over each row's own
 keys: ``use_own_keys``), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
-the next layer's first kernel adds c_proj's output to the residual stream. The Linears are called as modules,
+the next layer's first kernel adds c_proj's output to the residual stream. With the engine's unmerged adapters at
+one row, the two norm kernels also compute x A for the LoRA products of c_attn and of w1 and w2 (``_norm``), which
+the GEMVs then read instead of computing it themselves. The Linears are called as modules,
 so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
 
@@ -70,13 +72,25 @@ def additive_mask(key_pos: torch.Tensor, pos: torch.Tensor, kv_len: int, dtype: 
     return mask[:, None, None, :]
 
 
+def _norm(kernels, adapters, x, delta, norm, consumers):
+    """(x, normed) of ``kernels.add_rms_norm``; where the engine's adapters want it (``RowAdapters.norm_low_rank``),
+    the norm kernel also computes x A for the LoRA products of ``consumers`` and hands it to them."""
+    at = adapters.norm_low_rank(consumers, x.shape[0], x.dtype) if adapters is not None else None
+    if at is None:
+        return kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
+    x, normed, h = kernels.add_rms_norm_low_rank(x, delta, norm.weight, norm.eps, at)
+    adapters.give_h(consumers, h)
+    return x, normed
+
+
 def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, mask,
-                  own_keys: bool = False) -> torch.Tensor:
+                  own_keys: bool = False, adapters=None) -> torch.Tensor:
     """fp32 logits [b, V] of one decode step: ``x`` [b, 1, hidden] the embedded tokens, ``pos`` [b] their
     positions, ``cos``/``sin`` [b, 1, rot] and ``query_scale`` [b, 1] (or None) as the model computes them,
     ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, ``mask`` [b, 1, 1,
     kv_len] additive (``additive_mask``). ``kernels``: decode_kernels (or its interpreted copy in tests).
-    ``own_keys``: attention through kernels.decode_attention (``use_own_keys`` decides), else SDPA under the mask."""
+    ``own_keys``: attention through kernels.decode_attention (``use_own_keys`` decides), else SDPA under the mask.
+    ``adapters``: the engine's RowAdapters, applied (their x A for c_attn, w1 and w2 then comes from the norms)."""
     kv_len = mask.shape[-1]
     b = x.shape[0]
     x = x.contiguous()
@@ -84,7 +98,7 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     for block in tr.h:
         attn, mlp = block.attn, block.mlp
         layer = attn.layer_idx
-        x, h = kernels.add_rms_norm(x, delta, block.ln_1.weight, block.ln_1.eps)
+        x, h = _norm(kernels, adapters, x, delta, block.ln_1, (attn.c_attn,))
         q = kernels.rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer], pos,
                                     attn.num_heads)
         if own_keys:  # each row's keys only, written as c_proj reads them
@@ -94,7 +108,7 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
             y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)
         delta = attn.c_proj(y)
-        x, h = kernels.add_rms_norm(x, delta, block.ln_2.weight, block.ln_2.eps)
+        x, h = _norm(kernels, adapters, x, delta, block.ln_2, (mlp.w1, mlp.w2))
         delta = mlp.c_proj(kernels.swiglu(mlp.w1(h), mlp.w2(h)))
     _, h = kernels.add_rms_norm(x, delta, tr.ln_f.weight, tr.ln_f.eps)
     return lm_head(h)[:, -1].float()

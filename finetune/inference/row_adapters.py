@@ -20,6 +20,11 @@ then adds nothing. One kernel a Linear instead of four (a decode step of a 40-la
 computes and adds them as above.
 ``FINETUNE_GPTQ_LORA_EPILOGUE=0`` always leaves them to the hook (settings.py).
 
+At one row the fused decode step goes one further for the Linears that read a norm's output (c_attn; w1 and w2,
+which share theirs): the norm kernel computes x A for them (``norm_low_rank``: their A matrices transposed and
+stacked, cached like the rest) and hands each its columns (``give_h``), so their GEMVs start with h instead of
+computing it in producer CTAs and waiting for it after their main loop (NOTES step 43).
+
 Why not PEFT's mixed-batch ``adapter_names=`` forward: it splits the batch by adapter with index lists built
 on the host at every call, which a CUDA graph cannot capture (one graph would be needed per mix of
 adapters), and the project's GPTQ LoRA layer does not implement it. Here the selection is data in a static
@@ -51,6 +56,8 @@ class RowAdapters:
         # one column -> adapter tensor per layout (adapter, rank) of the layers: the rows' selection is then gathered
         # once per forward and layout, not once per layer (200 gathers and casts a 14B step: ~0.5 ms on the H200)
         self._cols: dict = {}
+        self._stacked_t: dict = {}  # consumers' ids -> (their stacks' keys, A.T of all of them [sum R, in])
+        self._active = False  # within applied() with a selection: the hooks are on
         names: set[str] = set()
         for layer in self.layers:
             names.update(layer.lora_A.keys())
@@ -59,6 +66,7 @@ class RowAdapters:
                                  "applies adapters unmerged: unmerge them (model.unmerge_adapter()) or pass the "
                                  "merged model without PEFT")
         self.names = sorted(names)
+        self._ids = {id(layer) for layer in self.layers}
 
     def index(self, name: str | None) -> int | None:
         if name is None:
@@ -82,6 +90,7 @@ class RowAdapters:
             for layer in self.layers:
                 hooks.append(layer.register_forward_pre_hook(self._pre_hook(select, by_cols)))
                 hooks.append(layer.register_forward_hook(self._hook()))
+            self._active = True
         # PEFT's own path off (each layer returns its base layer's output), as its disable_adapter() does, but
         # set on the layers directly: the engine may hold the wrapped model (peft_model.chat() passes that),
         # and enable_adapters() would also change requires_grad
@@ -91,9 +100,11 @@ class RowAdapters:
                 layer._disable_adapters = True
             yield
         finally:
+            self._active = False
             for layer, flag in zip(self.layers, before):
                 layer._disable_adapters = flag
                 layer.__dict__.pop("_row_low_rank", None)
+                layer.__dict__.pop("_row_h", None)
                 if getattr(layer.base_layer, "low_rank_epilogue", None) is not None:
                     layer.base_layer.low_rank_epilogue = None  # a forward that raised midway
             for h in hooks:
@@ -127,6 +138,50 @@ class RowAdapters:
         self._stacks[id(module)] = (key, a_all, b_all, cols)
         return a_all, b_all, cols
 
+    def norm_low_rank(self, consumers, rows: int, dtype) -> torch.Tensor | None:
+        """A.T of the adapters of ``consumers`` (Linears that read one norm's output), stacked [sum R, in] in their
+        order, for the norm kernel to compute h = x A for all of them (``give_h``); None where their GEMVs would not
+        take h that way: outside ``applied`` with a selection, a consumer without LoRA, more than one row, not bf16,
+        not a GPTQ base on the tensor-core kernel, an epilogue it cannot take, or the switches off. Cached until a
+        LoRA weight changes (new values of the same layout go into the same buffer: captured graphs read it)."""
+        if not (self._active and rows == 1 and dtype == torch.bfloat16 and settings().lora_xa_in_norm
+                and settings().gptq_lora_epilogue):
+            return None
+        from ..quant.mma_gemv import LORA_MAX_RANK
+
+        stacks = []
+        for m in consumers:
+            if not (hasattr(m, "lora_A") and id(m) in self._ids and hasattr(m.base_layer, "_mma_weight")):
+                return None
+            a_all, _, _ = self._stacked(m, dtype)
+            if a_all.shape[1] % 8 or a_all.shape[1] > LORA_MAX_RANK:
+                return None
+            stacks.append((self._stacks[id(m)][0], a_all))
+        return self._stacked_transposed(tuple(id(m) for m in consumers), stacks)
+
+    def _stacked_transposed(self, ids: tuple, stacks: list) -> torch.Tensor:
+        key = tuple(k for k, _ in stacks)
+        held = self._stacked_t.get(ids)
+        if held is not None and held[0] == key:
+            return held[1]
+        with torch.no_grad():
+            at = torch.cat([a.t() for _, a in stacks], 0).contiguous()
+        if held is not None and held[1].shape == at.shape and held[1].dtype == at.dtype \
+                and held[1].device == at.device:
+            held[1].copy_(at)
+            at = held[1]
+        self._stacked_t[ids] = (key, at)
+        return at
+
+    def give_h(self, consumers, h: torch.Tensor) -> None:
+        """Hand each of ``consumers`` its columns of h = x A [rows, sum R] (``norm_low_rank``'s order) for its next
+        forward: its pre-hook offers them to the GEMV with (sel, bt), and the GEMV reads them instead of x A."""
+        start = 0
+        for m in consumers:
+            r = self._stacks[id(m)][1].shape[1]
+            m.__dict__["_row_h"] = h[:, start:start + r]
+            start += r
+
     def refresh(self) -> bool:
         """Bring every stacked copy up to date with the LoRA weights (changed in place since, e.g. by more
         training). A replayed CUDA graph never runs the hooks, so the engine calls this when a new batch starts.
@@ -138,6 +193,9 @@ class RowAdapters:
                 if held is not None:
                     fresh = self._stacked(layer, held[0][0])
                     changed |= fresh[0] is not held[1]
+            for ids, (key, at) in list(self._stacked_t.items()):
+                stacks = [(self._stacks[i][0], self._stacks[i][1]) for i in ids]
+                changed |= self._stacked_transposed(ids, stacks) is not at
         return changed
 
     def _pre_hook(self, select, by_cols):
@@ -150,13 +208,18 @@ class RowAdapters:
                 sel = select.t().index_select(1, cols).to(dtype).contiguous()  # [rows, R]: 1 where a row uses it
                 by_cols[(id(cols), dtype)] = sel
             x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
+            given = module.__dict__.pop("_row_h", None)  # x A from the norm kernel (give_h)
             offered = None
             if (x2.shape[1] == 1 and dtype == torch.bfloat16 and hasattr(module.base_layer, "_mma_weight")
                     and settings().gptq_lora_epilogue):
                 from ..quant.mma_gemv import lora_unfit
 
-                if lora_unfit((a_all, sel, bt), x2.shape[0], a_all.shape[0], bt.shape[0]) is None:
+                if given is not None and lora_unfit((a_all, sel, bt, given), x2.shape[0], a_all.shape[0],
+                                                    bt.shape[0]) is None:
+                    offered = (a_all, sel, bt, given)  # the GEMV starts with h: no producers, no wait
+                elif lora_unfit((a_all, sel, bt), x2.shape[0], a_all.shape[0], bt.shape[0]) is None:
                     offered = (a_all, sel, bt)  # one token a row (a decode step): the base may compute it all
+                if offered is not None:
                     module.base_layer.low_rank_epilogue = offered
             module.__dict__["_row_low_rank"] = (x2, a_all, sel, bt, offered)
 

@@ -464,7 +464,7 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
               const u16* __restrict__ lx, int lx_stride, const u16* __restrict__ la, const u16* __restrict__ lsel,
               const u16* __restrict__ lbt, int R, int P, float* __restrict__ lws, u16* __restrict__ lh,
-              int* __restrict__ lcnt, const u16* __restrict__ bias, int has_bias) {
+              int lh_stride, int* __restrict__ lcnt, const u16* __restrict__ bias, int has_bias) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
 #if LORA
@@ -498,6 +498,11 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
       const int row = i / pieces, c = (i - row * pieces) << 3;
       cp_async16(l_sel + row * LSTRIDE + c, lsel + (size_t)row * R + c);
     }
+    if (P == 0)  // h given (computed before the kernel, rows lh_stride apart): copied now, nothing to wait for later
+      for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
+        const int row = i / pieces, c = (i - row * pieces) << 3;
+        cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * lh_stride + c);
+      }
   }
 #endif
   Cursor p;
@@ -541,19 +546,19 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #if LORA
   int readers = 0;  // the waiting tiles that had read h before this one (the last warp's thread 0)
   if (split == 0) {
-    for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
+    for (int i = threadIdx.x; i < (P > 0 ? M * pieces : 0); i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
-      U4 v = ld_volatile(lh + (size_t)row * R + c);  // L2: written in this kernel
+      U4 v = ld_volatile(lh + (size_t)row * lh_stride + c);  // L2: written in this kernel
       while (has_empty(v.x) || has_empty(v.y) || has_empty(v.z) || has_empty(v.w)) {
         __nanosleep(32);
-        v = ld_volatile(lh + (size_t)row * R + c);
+        v = ld_volatile(lh + (size_t)row * lh_stride + c);
       }
       *(U4*)(l_h + row * LSTRIDE + c) = v;
     }
-    cp_async_wait_all();  // this thread's copies of bt and sel; the barrier makes every thread's visible
+    cp_async_wait_all();  // this thread's copies of bt and sel (and h, given); the barrier makes every thread's visible
     __syncthreads();
     // counted now, its answer used only when the last warp is done (the round trip overlaps the work below)
-    if (threadIdx.x == (WARPS - 1) * 32) readers = atomicAdd(lcnt + 1, 1);
+    if (P > 0 && threadIdx.x == (WARPS - 1) * 32) readers = atomicAdd(lcnt + 1, 1);
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
@@ -572,12 +577,12 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     for (int i = 0; i < 4; ++i) red[warp][mb * 4 + i][lane] = acc[mb][i];
   __syncthreads();
 #if LORA
-  if (split == 0 && warp == WARPS - 1) {  // the last tile to read h writes the sentinel back for the next call
+  if (P > 0 && split == 0 && warp == WARPS - 1) {  // the last tile to read h writes the sentinel back for the next call
     const int last_reader = __shfl_sync(0xffffffffu, readers, 0) == (N >> 4) - 1;
     if (last_reader) {
       for (int i = lane; i < M * pieces; i += 32) {
         const int row = i / pieces, c = (i - row * pieces) << 3;
-        *(U4*)(lh + (size_t)row * R + c) = U4{H_EMPTY * 0x10001u, H_EMPTY * 0x10001u, H_EMPTY * 0x10001u,
+        *(U4*)(lh + (size_t)row * lh_stride + c) = U4{H_EMPTY * 0x10001u, H_EMPTY * 0x10001u, H_EMPTY * 0x10001u,
                                               H_EMPTY * 0x10001u};
       }
       if (lane == 0) lcnt[1] = 0;
@@ -724,16 +729,26 @@ def workspace(device: torch.device, splits: int, rows: int, N: int):
 
 
 def lora_unfit(low_rank, M: int, K: int, N: int) -> str | None:
-    """Why ``mma_gemv``'s epilogue cannot take ``low_rank`` = (a, sel, bt) for x [M, K] and an [M, N] output (None:
-    it can)."""
-    a, sel, bt = low_rank
-    R = a.shape[-1]
+    """Why ``mma_gemv``'s epilogue cannot take ``low_rank`` = (a, sel, bt) or (a, sel, bt, h) for x [M, K] and an
+    [M, N] output (None: it can). With h [M, R] given (x a computed before the call: rows may be a wider tensor's,
+    16-byte aligned), a is not read and may be None."""
+    a, sel, bt = low_rank[:3]
+    h = low_rank[3] if len(low_rank) > 3 else None
+    R = bt.shape[-1]
     if R % 8 or R == 0 or R > LORA_MAX_RANK:
         return f"rank sum {R} (must be a positive multiple of 8, at most {LORA_MAX_RANK})"
-    want = {"a": (a, (K, R)), "sel": (sel, (M, R)), "bt": (bt, (N, R))}
+    want = {"sel": (sel, (M, R)), "bt": (bt, (N, R))}
+    if h is None or a is not None:
+        want["a"] = (a, (K, R))
     for name, (t, shape) in want.items():
-        if tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not t.is_contiguous() or t.data_ptr() % 16:
-            return f"{name} {tuple(t.shape)} {t.dtype} (expected a contiguous, 16-byte aligned bf16 {shape})"
+        if t is None or tuple(t.shape) != shape or t.dtype != torch.bfloat16 or not t.is_contiguous() \
+                or t.data_ptr() % 16:
+            got = "None" if t is None else f"{tuple(t.shape)} {t.dtype}"
+            return f"{name} {got} (expected a contiguous, 16-byte aligned bf16 {shape})"
+    if h is not None and (tuple(h.shape) != (M, R) or h.dtype != torch.bfloat16 or h.stride(1) != 1
+                          or (M > 1 and h.stride(0) % 8) or h.data_ptr() % 16):
+        return (f"h {tuple(h.shape)} {h.dtype} strides {tuple(h.stride())} (expected bf16 ({M}, {R}), unit column "
+                "stride, rows 16-byte aligned)")
     return None
 
 
@@ -792,13 +807,16 @@ def kernel_args(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qz
                 lora: tuple | None = None, bias: torch.Tensor | None = None) -> list:
     """The kernel's arguments in its order (x2d already ``kernel_input``'s). ``lora`` = (lx, a, sel, bt, producers,
     lws, lh, lcnt) for the LoRA build: x in A's row order, the operands, the producer count and ``lora_workspace``'s
-    tensors. Pointers the call does not use are ``out``."""
+    tensors; with no producers, lh holds h (given: [M, R] rows at its row stride; a flat buffer: R apart).
+    Pointers the call does not use are ``out``."""
     M, K = x2d.shape
     if lora is None:
-        lora_args = [out, 0, out, out, out, 0, 0, out, out, out]
+        lora_args = [out, 0, out, out, out, 0, 0, out, out, 0, out]
     else:
         lx, a, sel, bt, producers, lws, lh, lcnt = lora
-        lora_args = [lx, lx.stride(0), a, sel, bt, a.shape[1], producers, lws, lh, lcnt]
+        R = bt.shape[1]
+        lh_stride = lh.stride(0) if lh.dim() == 2 else R
+        lora_args = [lx, lx.stride(0), a if a is not None else out, sel, bt, R, producers, lws, lh, lh_stride, lcnt]
     return [wpack, x2d, scales, qzeros, out, ws if ws is not None else out, counters if counters is not None else out,
             M, out.shape[1], K, zero_add, x2d.stride(0), *lora_args, bias if bias is not None else out,
             int(bias is not None)]
@@ -814,7 +832,9 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     ``low_rank`` = (a [K, R], sel [M, R], bt [N, R]), bf16: adds (h * sel) @ bt.T with h = x a rounded to bf16, all
     in the same kernel (the engine's unmerged LoRA: a = the adapters' A side by side, sel the rows' 0/1 adapter
     selection, bt = B with the scaling folded in), summed in fp32 with the product before its one rounding to bf16;
-    ``lora_unfit`` says which inputs it takes. ``bias`` [N] bf16: added the same way (``check_bias``)."""
+    (a, sel, bt, h): h [M, R] bf16 given, computed before the call (the engine's norm kernel does it for the Linears
+    it feeds), so the kernel has no producers and nothing to wait for. ``lora_unfit`` says which inputs it takes.
+    ``bias`` [N] bf16: added the same way (``check_bias``)."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
@@ -837,8 +857,11 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
     lora, grid = None, (T, splits, 1)
-    if low_rank is not None:
-        a, sel, bt = low_rank
+    if low_rank is not None and len(low_rank) > 3 and low_rank[3] is not None:
+        _, sel, bt, h = low_rank
+        lora, grid = (x2d, None, sel, bt, 0, out, h, out), (T * splits, 1, 1)
+    elif low_rank is not None:
+        a, sel, bt = low_rank[:3]
         producers = lora_producers(K, a.shape[1])
         held = lora_workspace(x2d.device, producers, M, a.shape[1])
         if held is None:

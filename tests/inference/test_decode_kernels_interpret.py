@@ -63,6 +63,32 @@ def test_add_rms_norm_rejects_a_mismatched_delta(kernels):
         kernels.add_rms_norm(x, None, torch.ones(32), 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_delta", [False, True])
+@pytest.mark.parametrize("rows,hidden,rank", [(1, 64, 24), (3, 80, 136)])  # 136: two columns a program, a part one
+def test_add_rms_norm_low_rank_is_add_rms_norm_and_x_a(kernels, dtype, with_delta, rows, hidden, rank):
+    """The norm kernel that also computes x A for the Linears reading its output: the residual and the normed rows
+    as add_rms_norm gives them, bit for bit (the old x left as it was: the new residual is a new tensor), and h the
+    normed rows times A, summed in fp32 and rounded once."""
+    g = torch.Generator().manual_seed(rows + rank)
+    x = torch.randn(rows, 1, hidden, generator=g).to(dtype)
+    delta = torch.randn(rows, 1, hidden, generator=g).to(dtype) if with_delta else None
+    weight = (1 + 0.1 * torch.randn(hidden, generator=g)).to(dtype)
+    at = (torch.randn(rank, hidden, generator=g) * hidden ** -0.5).to(dtype)
+    res_plain, out_plain = kernels.add_rms_norm(x.clone(), delta, weight, 1e-6)
+
+    x_in = x.clone()
+    res, out, h = kernels.add_rms_norm_low_rank(x_in, delta, weight, 1e-6, at)
+    assert torch.equal(res, res_plain) and torch.equal(out, out_plain)
+    assert torch.equal(x_in, x) and (res is x_in) == (delta is None)
+    assert h.shape == (rows, rank) and h.dtype == dtype
+    exact = out.reshape(rows, hidden).double() @ at.double().t()
+    torch.testing.assert_close(h.double(), exact, **(TOL[dtype] if dtype == torch.bfloat16 else dict(rtol=1e-5,
+                                                                                                    atol=1e-5)))
+    with pytest.raises(ValueError, match="A.T"):
+        kernels.add_rms_norm_low_rank(x, delta, weight, 1e-6, at[:, :-8])
+
+
 def _reference_rotary_to_cache(qkv, cos, sin, query_scale, K, V, pos, heads):
     """What the model's attention and the engine's _KV.update compute: q rotated (and logN-scaled), k rotated,
     both at each row's position."""

@@ -374,3 +374,59 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
     for f, p_ in zip(fused_err, plain_err):
         assert f < max(BF16_LOGITS_REL, p_ + 0.015), (fused_err, plain_err)
     assert _max_rel_while_agreeing(*fused, *plain)[1] == 0.0  # the base row: no adapter term at all
+
+
+def test_one_row_adapters_take_x_a_from_the_norm_kernel(tok, monkeypatch, switches):
+    """At one row the fused decode step's norms compute x A for c_attn, w1 and w2 (decode_kernels.add_rms_norm_low_rank)
+    and their GEMVs read it instead of computing it (no producer CTAs). Per adapter (and none), the decoded logits
+    stay within the bf16 tolerance of the exact LoRA product, or no farther from it than the GEMV's own x A is, and
+    the row without an adapter gets the base's logits bit for bit; FINETUNE_LORA_XA_IN_NORM=0 takes the GEMV's way."""
+    from finetune.inference import decode_kernels, row_adapters
+    from finetune.quant import mma_gemv as G
+
+    if G.available() is not None:
+        pytest.skip(G.available())
+    pm = epilogue_model(1)
+    params = SamplingParams(max_new_tokens=16)
+    given, norms = [], []
+    real, real_norm = G.mma_gemv, decode_kernels.add_rms_norm_low_rank
+
+    def spy(*a, **k):
+        low_rank = k.get("low_rank")
+        given.append(low_rank is not None and len(low_rank) == 4)
+        return real(*a, **k)
+
+    def norm_spy(*a, **k):
+        norms.append(a[4].shape[0])
+        return real_norm(*a, **k)
+
+    monkeypatch.setattr(G, "mma_gemv", spy)
+    monkeypatch.setattr(decode_kernels, "add_rms_norm_low_rank", norm_spy)
+    for name in ("first", "second", None):
+        batch = prompts([9], seed=5)
+
+        def run():
+            return decode_recorded(pm, tok, batch, [name], params)
+
+        given.clear(), norms.clear()
+        switches(lora_xa_in_norm=True)
+        in_norm = run()
+        if name is None:
+            assert not any(given) and not norms
+        else:
+            assert any(given) and set(norms) == {24, 48}  # c_attn: r 16 + 8; w1 and w2: twice that
+        given.clear(), norms.clear()
+        switches(lora_xa_in_norm=False)
+        in_gemv = run()
+        assert not any(given) and not norms
+        if name is None:
+            assert _max_rel_while_agreeing(*in_norm, *in_gemv)[0] == 0.0
+            continue
+        with monkeypatch.context() as m:
+            m.setattr(row_adapters.RowAdapters, "_hook", separate_lora_hook("exact"))
+            switches(gptq_lora_epilogue=False)
+            exact = run()
+            switches(gptq_lora_epilogue=True)
+        f = _max_rel_while_agreeing(*in_norm, *exact)[0]
+        p_ = _max_rel_while_agreeing(*in_gemv, *exact)[0]
+        assert f < max(BF16_LOGITS_REL, p_ + 0.015), (name, f, p_)

@@ -157,3 +157,84 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
     finally:
         GPTQLinear.forward = real
     assert layer.base_layer.__dict__.get("low_rank_epilogue") is None and "_row_low_rank" not in layer.__dict__
+
+
+def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
+    """One bf16 decode row on a GPTQ base: ``norm_low_rank`` stacks A.T of the Linears that read one norm (c_attn
+    alone; w1 and w2 together, in that order), ``give_h`` hands each its columns of x A, and the pre-hook offers
+    them with (a, sel, bt) to the base, which then reads h instead of computing x A; where they do not fit (outside
+    applied(), two rows, fp32, the switch off, a Linear without LoRA) nothing is stacked. The stack follows a LoRA
+    weight changed in place, in the same buffer (captured graphs read it), at refresh()."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant.linear import GPTQLinear
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values["quantization_config"] = {"bits": 4, "group_size": 32, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cpu", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
+    pm.add_adapter("second", LoraConfig(**cfg))
+    pm.eval()
+    block = pm.base_model.model.transformer.h[0]
+    c_attn, w1, w2 = block.attn.c_attn, block.mlp.w1, block.mlp.w2
+    adapters = RowAdapters(pm)
+    select = torch.tensor([[0.0], [1.0]])  # one row, the second adapter
+    bf = torch.bfloat16
+
+    def stacked_t(m):
+        return torch.cat([m.lora_A[n].weight for n in ("first", "second")], 0).to(bf)
+
+    assert adapters.norm_low_rank((c_attn,), 1, bf) is None  # outside applied()
+    offers = []
+    real = GPTQLinear.forward
+
+    def taking(self, x):
+        low_rank = self.__dict__.get("low_rank_epilogue")
+        y = real(self, x)
+        if low_rank is not None:
+            offers.append(len(low_rank))
+            a, sel, bt, h = low_rank if len(low_rank) == 4 else (*low_rank, None)
+            if h is None:
+                h = (x.reshape(-1, a.shape[0]) @ a).float()
+            y = (y.float() + ((h.float() * sel.float()) @ bt.float().t()).view(y.shape)).to(y.dtype)
+            self.low_rank_epilogue = None
+        return y
+
+    GPTQLinear.forward = taking
+    try:
+        x = torch.randn(1, 1, c_attn.in_features, dtype=bf)
+        with torch.no_grad(), adapters.applied(select):
+            at = adapters.norm_low_rank((c_attn,), 1, bf)
+            assert torch.equal(at, stacked_t(c_attn))
+            at12 = adapters.norm_low_rank((w1, w2), 1, bf)
+            assert torch.equal(at12, torch.cat([stacked_t(w1), stacked_t(w2)], 0))
+            assert adapters.norm_low_rank((c_attn,), 2, bf) is None
+            assert adapters.norm_low_rank((c_attn,), 1, torch.float32) is None
+            assert adapters.norm_low_rank((c_attn.base_layer,), 1, bf) is None
+            switches(lora_xa_in_norm=False)
+            assert adapters.norm_low_rank((c_attn,), 1, bf) is None
+            switches(lora_xa_in_norm=True)
+            computed = c_attn(x)
+            h = (x.reshape(1, -1) @ at.t()).to(bf)
+            adapters.give_h((c_attn,), h)
+            given = c_attn(x)
+            assert "_row_h" not in c_attn.__dict__
+            h12 = (x.reshape(1, -1) @ at12.t()).to(bf)
+            adapters.give_h((w1, w2), h12)
+            assert torch.equal(w2.__dict__["_row_h"], h12[:, 16:])
+            w1(x), w2(x)
+        assert offers == [3, 4, 4, 4]
+        torch.testing.assert_close(given, computed, rtol=2e-2, atol=2e-2)
+    finally:
+        GPTQLinear.forward = real
+    with torch.no_grad():
+        c_attn.lora_A["second"].weight.mul_(2)
+    adapters.refresh()
+    with torch.no_grad(), adapters.applied(select):
+        again = adapters.norm_low_rank((c_attn,), 1, bf)
+    assert again is at and torch.equal(again, stacked_t(c_attn))

@@ -43,19 +43,6 @@ def test_lora_timeline_statistics_per_call_from_the_first_cta():
     assert stats["tiles_waiting_over_1us"] == 1 and abs(stats["span_us"] - 9.0) < 1e-9
 
 
-def test_the_h_ready_twin_copies_h_before_its_main_loop_and_keeps_it():
-    """The twin for h computed before the GEMV: no wait after the main loop (h is copied with bt and sel when the
-    tile starts), and the last tile resets the readers' counter but leaves h as written."""
-    src = LT.stamped_lora_source(8, 1, h_ready=True)
-    main_loop = src.index("compute_chunk(buf[d], acc, r, zero_add);")
-    assert src.index("cp_async16(l_h + row * LSTRIDE + c, lh + (size_t)row * R + c);") < main_loop
-    assert "has_empty(v.x)" not in src[main_loop:] and "ld_volatile(lh" not in src[main_loop:]
-    assert src.index("t_main = t_h = gtime()") < src.index("cp_async_wait_all();", main_loop) < src.index(
-        "    t_h = gtime();\n", main_loop)
-    reset = src.index("    if (last_reader) {\n      if (lane == 0) lcnt[1] = 0;\n    }\n    if (false) {")
-    assert src.index("H_EMPTY * 0x10001u", reset) > reset  # the sentinel write is what is switched off
-
-
 def test_lora_timeline_statistics_without_producers():
     first = torch.zeros(2 * LT.WORDS, dtype=torch.int64)
     second = torch.tensor([[1000, 5000, 5500, 6000, 0], [1200, 7000, 7200, 8000, 1]], dtype=torch.int64).flatten()

@@ -471,6 +471,50 @@ def test_mma_gemv_low_rank_in_cuda_graphs():
         assert torch.equal(y, plain) == (step % 2 == 0), step  # a row selecting nothing gets the base alone
 
 
+@pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True),
+                                                 (256, 128, False)])
+def test_mma_gemv_low_rank_with_h_given_equals_the_producers_route(in_f, out_f, desc_act):
+    """h = x A computed before the call (the engine's norm kernel) and handed in, here a column range of a wider
+    tensor (rows 16-byte aligned, wider than R): no producers run, and the output equals the producers' route bit
+    for bit where both have the same h (x and A small integers: every sum exact in fp32, in any order); the
+    producers' workspace is left as it was; a graph replay with new h values equals the eager call."""
+    from finetune.quant import mma_gemv as G
+
+    p = _random_packed(in_f, out_f, desc_act=desc_act, seed=16)
+    packed = G.repack(**p, group_size=128)
+    R = 64
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    bt = (torch.randn(out_f, R, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+    a = torch.randint(-1, 2, (in_f, R), device="cuda", generator=gen).to(torch.bfloat16)
+    for rows in (1, 3, 9, 32):
+        x = torch.randint(-3, 4, (rows, in_f), device="cuda", generator=gen).to(torch.bfloat16)
+        sel = (torch.arange(rows, device="cuda")[:, None] % 2 == 0).expand(rows, R).to(torch.bfloat16).contiguous()
+        wide = torch.zeros(rows, R + 24, device="cuda", dtype=torch.bfloat16)
+        wide[:, 8:8 + R] = (x.float() @ a.float()).to(torch.bfloat16)  # integer sums: exact in fp32, one rounding
+        h = wide[:, 8:8 + R]
+        for config in (None, (4, 1, 8)):
+            y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(a, sel, bt))
+            held = [t.clone() for t in G._workspaces[("lora", x.device.index)]]
+            given = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(None, sel, bt, h))
+            assert torch.equal(given, y), (rows, config)
+            assert all(torch.equal(t, u) for t, u in zip(held, G._workspaces[("lora", x.device.index)]))
+            assert torch.equal(wide[:, 8:8 + R], (x.float() @ a.float()).to(torch.bfloat16))  # h read, not emptied
+    with pytest.raises(ValueError, match="h "):
+        G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(None, sel, bt, wide[:, 4:4 + R]))  # 8-byte aligned
+    x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16, generator=gen)
+    sel, h = torch.ones(1, R, device="cuda", dtype=torch.bfloat16), torch.zeros(1, R, device="cuda",
+                                                                                  dtype=torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(None, sel, bt, h))
+    for step in range(3):
+        h.copy_(torch.randn(1, R, device="cuda", generator=gen).to(torch.bfloat16) * step)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(None, sel, bt, h))), step
+        assert torch.equal(y, G.mma_gemv(x, *packed[:4], 128, packed[4])) == (step == 0), step
+
+
 @pytest.mark.parametrize("config", [(4, 4, 4), (8, 2, 2), (2, 2, 8), (4, 2, 1), (16, 3, 2)])
 def test_mma_gemv_gives_every_weight_exactly(config):
     """Rows of the identity: each output is one weight, (q - z) * s computed exactly and rounded once to bf16,
