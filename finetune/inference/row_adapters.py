@@ -147,11 +147,11 @@ class RowAdapters:
         """A.T of the adapters of ``consumers`` (Linears that read one norm's output), stacked [sum R, in] in their
         order, for the norm kernel to compute h = x A for all of them (``give_h``); None where their GEMVs would not
         take h that way: outside ``applied`` with a selection, a consumer without LoRA, more rows than
-        XA_IN_NORM_MAX_ROWS, not bf16,
-        not a GPTQ base on the tensor-core kernel, an epilogue it cannot take, or the switches off. Cached until a
-        LoRA weight changes (new values of the same layout go into the same buffer: captured graphs read it)."""
-        if not (self._active and rows <= XA_IN_NORM_MAX_ROWS and dtype == torch.bfloat16 and settings().lora_xa_in_norm
-                and settings().gptq_lora_epilogue):
+        XA_IN_NORM_MAX_ROWS, not bf16, not a GPTQ base on the tensor-core kernel, an epilogue it cannot take, or the
+        switches off. Cached until a LoRA weight changes (new values of the same layout go into the same buffer:
+        captured graphs read it)."""
+        if not (self._active and rows <= XA_IN_NORM_MAX_ROWS and dtype == torch.bfloat16
+                and settings().lora_xa_in_norm and settings().gptq_lora_epilogue):
             return None
         from ..quant.mma_gemv import LORA_MAX_RANK
 
