@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from finetune.inference import row_adapters
 from finetune.inference.row_adapters import RowAdapters
 
 from _helpers import tiny_model as tiny
@@ -163,8 +164,8 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
     """One bf16 decode row on a GPTQ base: ``norm_low_rank`` stacks A.T of the Linears that read one norm (c_attn
     alone; w1 and w2 together, in that order), ``give_h`` hands each its columns of x A, and the pre-hook offers
     them with (a, sel, bt) to the base, which then reads h instead of computing x A; where they do not fit (outside
-    applied(), two rows, fp32, the switch off, a Linear without LoRA) nothing is stacked. The stack follows a LoRA
-    weight changed in place, in the same buffer (captured graphs read it), at refresh()."""
+    applied(), more rows than XA_IN_NORM_MAX_ROWS, fp32, the switch off, a Linear without LoRA) nothing is stacked.
+    The stack follows a LoRA weight changed in place, in the same buffer (captured graphs read it), at refresh()."""
     from peft import LoraConfig, get_peft_model
 
     from finetune.demo import TINY_CONFIG
@@ -213,7 +214,7 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
             assert torch.equal(at, stacked_t(c_attn))
             at12 = adapters.norm_low_rank((w1, w2), 1, bf)
             assert torch.equal(at12, torch.cat([stacked_t(w1), stacked_t(w2)], 0))
-            assert adapters.norm_low_rank((c_attn,), 2, bf) is None
+            assert adapters.norm_low_rank((c_attn,), row_adapters.XA_IN_NORM_MAX_ROWS + 1, bf) is None
             assert adapters.norm_low_rank((c_attn,), 1, torch.float32) is None
             assert adapters.norm_low_rank((c_attn.base_layer,), 1, bf) is None
             switches(lora_xa_in_norm=False)
