@@ -53,16 +53,17 @@ def _dec_add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, N, eps, stride_x, str
 @triton.jit
 def _dec_add_rms_norm_xa_kernel(x_ptr, d_ptr, w_ptr, at_ptr, xo_ptr, out_ptr, h_ptr, N, R, eps, stride_x, stride_d,
                                 stride_xo, stride_o, stride_at, stride_h, HAS_DELTA: tl.constexpr, COLS: tl.constexpr,
-                                BLOCK: tl.constexpr):
+                                SUB: tl.constexpr, BLOCK: tl.constexpr):
     # program (row, c): the row's add + RMSNorm as _dec_add_rms_norm_kernel computes it (every program of the row
-    # recomputes it: 30 KB from L2 at 5,120 wide), then COLS columns of h = normed @ at.T; program (row, 0) writes
-    # the new residual (to xo: x is read by the row's other programs) and the normed row
+    # recomputes it: 30 KB from L2 at 5,120 wide), then COLS columns of h = normed @ at.T, SUB at a time; program
+    # (row, 0) writes the new residual (to xo: x is read by the row's other programs) and the normed row
     row = tl.program_id(0)
-    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    col0 = tl.program_id(1) * COLS
     offs = tl.arange(0, BLOCK)
     mask = offs < N
+    cols = col0 + tl.arange(0, SUB)
     a = tl.load(at_ptr + cols[:, None] * stride_at + offs[None, :], mask=(cols[:, None] < R) & mask[None, :],
-                other=0.0)  # issued first: the only load from DRAM
+                other=0.0)  # issued first: the first columns' A.T, the only load from DRAM
     x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
     if HAS_DELTA:
         d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
@@ -76,8 +77,15 @@ def _dec_add_rms_norm_xa_kernel(x_ptr, d_ptr, w_ptr, at_ptr, xo_ptr, out_ptr, h_
         tl.store(out_ptr + row * stride_o + offs, out, mask=mask)
         if HAS_DELTA:
             tl.store(xo_ptr + row * stride_xo + offs, x, mask=mask)
-    h = tl.sum(out.to(tl.float32)[None, :] * a.to(tl.float32), axis=1)
+    of = out.to(tl.float32)
+    h = tl.sum(of[None, :] * a.to(tl.float32), axis=1)
     tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=cols < R)
+    for c in tl.static_range(SUB, COLS, SUB):
+        cols = col0 + c + tl.arange(0, SUB)
+        a = tl.load(at_ptr + cols[:, None] * stride_at + offs[None, :], mask=(cols[:, None] < R) & mask[None, :],
+                    other=0.0)
+        h = tl.sum(of[None, :] * a.to(tl.float32), axis=1)
+        tl.store(h_ptr + row * stride_h + cols, h.to(h_ptr.dtype.element_ty), mask=cols < R)
 
 
 @triton.jit
@@ -247,6 +255,9 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return x, out.view(x.shape)
 
 
+XA_PROGRAMS = 256
+
+
 def add_rms_norm_low_rank(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
                           at: torch.Tensor):
     """``add_rms_norm``, and h = normed @ ``at``.T for the LoRA products of the Linears that read the normed rows
@@ -271,10 +282,12 @@ def add_rms_norm_low_rank(x: torch.Tensor, delta: torch.Tensor | None, weight: t
     out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     h = torch.empty(rows, R, dtype=out.dtype, device=x.device)
     block = triton.next_power_of_2(N)
-    cols = 1 if R <= 64 else 2  # 64 programs a row at one or two adapters' r=64
+    sub = 1 if R <= 64 else 2  # one row: 64 programs at one or two adapters' r=64 (NOTES step 43)
+    # more rows: columns a program grow so that about XA_PROGRAMS programs redo a row's norm (each reads the row)
+    cols = max(sub, min(triton.next_power_of_2(R), triton.next_power_of_2(triton.cdiv(rows * R, XA_PROGRAMS))))
     _dec_add_rms_norm_xa_kernel[(rows, triton.cdiv(R, cols))](
         x2, d2, weight, at, xo, out, h, N, R, float(eps), x2.stride(0), d2.stride(0), xo.stride(0), out.stride(0),
-        at.stride(0), h.stride(0), HAS_DELTA=delta is not None, COLS=cols, BLOCK=block,
+        at.stride(0), h.stride(0), HAS_DELTA=delta is not None, COLS=cols, SUB=sub, BLOCK=block,
         num_warps=min(16, max(1, block // 512)), enable_fp_fusion=False)
     return (xo.view(x.shape) if delta is not None else x), out.view(x.shape), h
 

@@ -21,7 +21,7 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
         {"x_ptr": "*bf16", "d_ptr": "*bf16", "w_ptr": "*bf16", "at_ptr": "*bf16", "xo_ptr": "*bf16", "out_ptr": "*bf16",
          "h_ptr": "*bf16", "N": "i32", "R": "i32", "eps": "fp32", "stride_x": "i32", "stride_d": "i32",
          "stride_xo": "i32", "stride_o": "i32", "stride_at": "i32", "stride_h": "i32"},
-        {"HAS_DELTA": True, "COLS": 2, "BLOCK": 8192}),
+        {"HAS_DELTA": True, "COLS": 8, "SUB": 2, "BLOCK": 8192}),
     "_dec_rotary_cache_kernel": (
         {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "scale_ptr": "*fp32", "pos_ptr": "*i64",
          "k_ptr": "*bf16", "v_ptr": "*bf16", "q_ptr": "*bf16", "stride_qkv": "i32", "P": "i32", "stride_cs": "i32",

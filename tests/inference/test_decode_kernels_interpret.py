@@ -65,7 +65,8 @@ def test_add_rms_norm_rejects_a_mismatched_delta(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_delta", [False, True])
-@pytest.mark.parametrize("rows,hidden,rank", [(1, 64, 24), (3, 80, 136)])  # 136: two columns a program, a part one
+# (3, 80, 136): two columns a program, a part one; (9, 80, 64), (12, 64, 136): more columns a program than taken at once
+@pytest.mark.parametrize("rows,hidden,rank", [(1, 64, 24), (3, 80, 136), (9, 80, 64), (12, 64, 136)])
 def test_add_rms_norm_low_rank_is_add_rms_norm_and_x_a(kernels, dtype, with_delta, rows, hidden, rank):
     """The norm kernel that also computes x A for the Linears reading its output: the residual and the normed rows
     as add_rms_norm gives them, bit for bit (the old x left as it was: the new residual is a new tensor), and h the
