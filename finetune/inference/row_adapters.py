@@ -41,9 +41,8 @@ import torch
 from ..settings import settings
 
 # Rows up to which the norm kernels compute x A for c_attn, w1 and w2 (``norm_low_rank``). Measured on the H200 with
-# an r=64 adapter (NOTES step 43): a decode step 11% shorter at 1 row, 17% at 4, 23% at 8; the norm kernel grows with
-# the rows (its programs redo their row's norm: 2.5 us at 1 row, 5.6 at 8), and 9-32 rows are not measured
-XA_IN_NORM_MAX_ROWS = 8
+# an r=64 adapter (NOTES steps 43-44): a decode step 11% shorter at 1 row, 17% at 4, 23% at 8
+XA_IN_NORM_MAX_ROWS = 32
 
 
 def lora_layers(model) -> list:
@@ -239,7 +238,10 @@ class RowAdapters:
                 module.base_layer.low_rank_epilogue = None
                 if taken:
                     return output
-            h = torch.matmul(x2, a_all)  # [rows, tokens, R]
+            if offered is not None and len(offered) == 4:
+                h = offered[3][:, None, :]  # x A from the norm kernel (9+ rows: the base ran the GEMM)
+            else:
+                h = torch.matmul(x2, a_all)  # [rows, tokens, R]
             h = (h * sel[:, None, :]).reshape(-1, h.shape[-1])
             out = output.reshape(-1, output.shape[-1])
             if out.dtype == h.dtype:

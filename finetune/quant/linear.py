@@ -17,15 +17,14 @@
   it is made on the first such call and dropped when the packed buffers change.
 - Decoding 1 to 64 rows of bf16 on CUDA (compute capability 8.0+), first choice: tensor-core kernels compiled at
   run time on a copy of the weight repacked once into their layout (same memory again, like the int4pack copy,
-  which is then not made): the GEMV (``mma_gemv.py``) below ``mma_gemm.MIN_ROWS`` rows, and up to 32 rows when the
-  engine offers a LoRA product for its epilogue; the small-M GEMM (``mma_gemm.py``, x staged in shared memory)
-  from there to 64 rows. Layers they cannot take (not 4-bit, N not a multiple of 16, a group size not a multiple
+  which is then not made): the GEMV (``mma_gemv.py``) below ``mma_gemm.MIN_ROWS`` (9) rows, the small-M GEMM
+  (``mma_gemm.py``, x staged in shared memory) from there to 64 rows. Layers they cannot take (not 4-bit, N not a multiple of 16, a group size not a multiple
   of 128) use the kernels above. Both copies are made by the first decoding call (one position per row), not by a
   short training or evaluation forward.
 - The inference engine's unmerged LoRA (``inference/row_adapters.py``) may set ``low_rank_epilogue`` = (a, sel,
-  bt) on the layer just before a forward: when the tensor-core GEMV runs, it computes h = x a and adds
-  (h * sel) @ bt.T in the same kernel, and the forward sets the attribute back to None; any other kernel leaves
-  it for the engine to add.
+  bt) or (a, sel, bt, h) on the layer just before a forward: when the tensor-core GEMV runs (1-8 rows), it
+  computes h = x a (or takes h) and adds (h * sel) @ bt.T in the same kernel, and the forward sets the attribute
+  back to None; any other kernel leaves it for the engine to add.
 - Autograd: ``GPTQMatmul`` keeps only references to the packed buffers (no activations, no float weight,
   no saved tensors) and recomputes the dequantized weight in backward; it returns a gradient for the input
   only.
@@ -54,7 +53,6 @@ from .packing import (
 
 from ..settings import settings
 from .mma_gemm import MIN_ROWS as MMA_GEMM_MIN_ROWS  # from here to 64 rows: the tensor-core GEMM (measured)
-from .mma_gemv import MAX_ROWS as MMA_MAX_ROWS  # the tensor-core GEMV's limit (with the LoRA epilogue)
 
 GEMV_MAX_ROWS = 64  # = triton_gemv.MAX_ROWS (batched decoding up to 64 rows)
 INT4PACK_MAX_ROWS = 4  # measured faster than the Triton GEMV at 1, 2 and 4 rows, slower at 8 (benchmarks/NOTES.md)
@@ -374,12 +372,14 @@ class GPTQLinear(nn.Module):
             if fast_bf16 and settings().gptq_mma:
                 mm = self._mma_weight(build=build)
                 low_rank = self.__dict__.get("low_rank_epilogue")
-                # the GEMV keeps 9-32 rows that bring a LoRA product for its epilogue (the GEMM has none)
-                if mm is not None and MMA_GEMM_MIN_ROWS <= rows and (low_rank is None or rows > MMA_MAX_ROWS):
+                # 9+ rows: the GEMM, also where a LoRA product is offered (the GEMM has no epilogue for it: the
+                # engine's hook adds it); the GEMV's LoRA build at 16 and 32 rows took 2-3x the GEMM's step with
+                # separate LoRA kernels (NOTES step 44)
+                if mm is not None and MMA_GEMM_MIN_ROWS <= rows:
                     from .mma_gemm import mma_gemm
 
                     y = mma_gemm(x2d, *mm, bias=bias)  # None: no split-K workspace yet inside a capture
-                elif mm is not None and rows <= MMA_MAX_ROWS:
+                elif mm is not None:  # (fewer rows than the GEMM takes)
                     from .mma_gemv import mma_gemv
 
                     y = mma_gemv(x2d, *mm, low_rank=low_rank, bias=bias)

@@ -430,3 +430,51 @@ def test_one_row_adapters_take_x_a_from_the_norm_kernel(tok, monkeypatch, switch
         f = _max_rel_while_agreeing(*in_norm, *exact)[0]
         p_ = _max_rel_while_agreeing(*in_gemv, *exact)[0]
         assert f < max(BF16_LOGITS_REL, p_ + 0.015), (name, f, p_)
+
+
+def test_adapters_at_nine_rows_and_more_take_the_gemm_and_the_hook(tok, monkeypatch, switches):
+    """From 9 rows the base Linears run the small-M GEMM (no LoRA epilogue) and the engine's hook adds each row's
+    adapter product, with x A from the norm kernels for c_attn, w1 and w2. Twelve rows over two adapters and none
+    decode with per-step logits within the bf16 tolerance of the exact LoRA product, or no farther from it than
+    with the hook's own cuBLAS x A (FINETUNE_LORA_XA_IN_NORM=0), and the rows without an adapter get the base's
+    logits bit for bit (the exact run's base rows too: no adapter term at all)."""
+    from finetune.inference import row_adapters
+    from finetune.quant import mma_gemm
+    from finetune.quant import mma_gemv as G
+
+    if G.available() is not None:
+        pytest.skip(G.available())
+    pm = epilogue_model(2)
+    batch = prompts([5, 40, 12, 7, 9, 30, 3, 16, 22, 11, 8, 6], seed=7)
+    names = ["first", None, "second"] * 4
+    params = SamplingParams(max_new_tokens=12)
+    gemm_rows = []
+    real = mma_gemm.mma_gemm
+
+    def spy(x2d, *a, **k):
+        gemm_rows.append(x2d.shape[0])
+        return real(x2d, *a, **k)
+
+    monkeypatch.setattr(mma_gemm, "mma_gemm", spy)
+
+    def run():
+        engine = Engine(pm, tok, max_batch=16)
+        rec = _record_logits(engine)
+        reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, names)]
+        while engine.has_work():
+            engine.step()
+        return reqs, rec
+
+    in_norm = run()
+    assert any(r >= 9 for r in gemm_rows)
+    switches(lora_xa_in_norm=False)
+    in_hook = run()
+    monkeypatch.setattr(row_adapters.RowAdapters, "_hook", separate_lora_hook("exact"))
+    exact = run()
+    f = _max_rel_while_agreeing(*in_norm, *exact)
+    p_ = _max_rel_while_agreeing(*in_hook, *exact)
+    for i, (a, b) in enumerate(zip(f, p_)):
+        if names[i] is None:
+            assert a == 0.0 and b == 0.0, i
+        else:
+            assert a < max(BF16_LOGITS_REL, b + 0.015), (i, f, p_)

@@ -163,7 +163,8 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
 def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
     """One bf16 decode row on a GPTQ base: ``norm_low_rank`` stacks A.T of the Linears that read one norm (c_attn
     alone; w1 and w2 together, in that order), ``give_h`` hands each its columns of x A, and the pre-hook offers
-    them with (a, sel, bt) to the base, which then reads h instead of computing x A; where they do not fit (outside
+    them with (a, sel, bt) to the base, which then reads h instead of computing x A (or, where the base does not
+    take it, the forward hook adds the product with that h); where they do not fit (outside
     applied(), more rows than XA_IN_NORM_MAX_ROWS, fp32, the switch off, a Linear without LoRA) nothing is stacked.
     The stack follows a LoRA weight changed in place, in the same buffer (captured graphs read it), at refresh()."""
     from peft import LoraConfig, get_peft_model
@@ -233,6 +234,15 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
         torch.testing.assert_close(given, computed, rtol=2e-2, atol=2e-2)
     finally:
         GPTQLinear.forward = real
+    with torch.no_grad(), adapters.applied(select):  # a base that does not take it (the GEMM): the hook adds it
+        at = adapters.norm_low_rank((c_attn,), 1, bf)
+        adapters.give_h((c_attn,), (x.reshape(1, -1) @ at.t()).to(bf))
+        hooked = c_attn(x)
+        adapters.give_h((c_attn,), torch.zeros(1, at.shape[0], dtype=bf))
+        zero_h = c_attn(x)  # the given h is what the hook uses: zero adds nothing
+        base = c_attn.base_layer(x)
+    torch.testing.assert_close(hooked, computed, rtol=2e-2, atol=2e-2)
+    assert torch.equal(zero_h, base) and not torch.equal(hooked, base)
     with torch.no_grad():
         c_attn.lora_A["second"].weight.mul_(2)
     adapters.refresh()
