@@ -32,7 +32,7 @@ class Settings:
     # instead of by separate kernels (H200, one row, r=64: separate 145 tok/s against 162 for the first epilogue in
     # session 11, NOTES step 19; 192.6 with x A inside too, step 39)
     gptq_lora_epilogue: bool = True
-    # FINETUNE_LORA_XA_IN_NORM: in the fused decode step (up to 8 rows), the RMSNorm kernels before c_attn and before
+    # FINETUNE_LORA_XA_IN_NORM: in the fused decode step (up to 32 rows), the RMSNorm kernels before c_attn and before
     # w1/w2 also compute their LoRA products' x A, so their GEMVs start with it (NOTES step 43); 0: the GEMV does it
     lora_xa_in_norm: bool = True
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row

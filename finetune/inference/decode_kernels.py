@@ -7,7 +7,7 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three repla
 
 - ``add_rms_norm``: the residual add of the previous half (written back into the residual stream) and the next
   RMSNorm, one program per row; ``add_rms_norm_low_rank`` also computes x A for the LoRA products of the Linears
-  that read the normed rows (the engine's unmerged adapters, up to 8 rows), spread over 64 programs a row;
+  that read the normed rows (the engine's unmerged adapters, up to 32 rows), spread over ~64-256 programs;
 - ``rotary_to_cache``: from c_attn's output, rotary on q and k, the logN query scale, and the write of k and v
   into the layer's KV cache at each row's position; returns q [b, H, 1, D];
 - ``swiglu``: up * silu(gate);

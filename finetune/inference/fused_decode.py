@@ -5,7 +5,7 @@ cache write (one kernel), attention (SDPA over the step's length bucket, masked 
 where that would read many keys past the rows' positions, decode_kernels.decode_attention over each row's own
 keys: ``use_own_keys``), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
 the next layer's first kernel adds c_proj's output to the residual stream. With the engine's unmerged adapters at
-up to 8 rows (row_adapters.XA_IN_NORM_MAX_ROWS), the two norm kernels also compute x A for the LoRA products of
+up to 32 rows (row_adapters.XA_IN_NORM_MAX_ROWS), the two norm kernels also compute x A for the LoRA products of
 c_attn and of w1 and w2 (``_norm``), which the GEMVs then read instead of computing it. The Linears are called as
 modules, so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).

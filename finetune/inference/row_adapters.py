@@ -12,18 +12,19 @@ one matmul-add per layer, whatever the number of adapters (PEFT's own forward: ~
 in the LoRA weights' fp32). In bf16 the LoRA product is thus computed in bf16, as inference servers do; in fp32
 it is PEFT's computation up to the summation order.
 
-On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``), none of the three is a kernel
-of its own: a pre-hook hands (A_all, selection, bt) to the base layer (``low_rank_epilogue``), whose kernel computes
-h = x A_all in CTAs of its own and adds (h * selection) @ bt.T to each output before rounding it; the forward hook
-then adds nothing. One kernel a Linear instead of four (a decode step of a 40-layer model: 200 launches instead of
-800). Where the base runs another kernel (or the rank sum is over 128) it leaves the tensors, and the forward hook
-computes and adds them as above.
+On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``, 1-8 rows), none of the three is a
+kernel of its own: a pre-hook hands (A_all, selection, bt) to the base layer (``low_rank_epilogue``), whose kernel
+computes h = x A_all in CTAs of its own and adds (h * selection) @ bt.T to each output before rounding it; the
+forward hook then adds nothing. One kernel a Linear instead of four (a decode step of a 40-layer model: 200 launches instead of
+800). Where the base runs another kernel (the small-M GEMM from 9 rows, or the rank sum is over 128) it leaves the
+tensors, and the forward hook computes and adds them as above.
 ``FINETUNE_GPTQ_LORA_EPILOGUE=0`` always leaves them to the hook (settings.py).
 
-At up to 8 rows (XA_IN_NORM_MAX_ROWS) the fused decode step goes one further for the Linears that read a norm's
+At up to 32 rows (XA_IN_NORM_MAX_ROWS) the fused decode step goes one further for the Linears that read a norm's
 output (c_attn; w1 and w2, which share theirs): the norm kernel computes x A for them (``norm_low_rank``: their
 A matrices transposed and stacked, cached like the rest) and hands each its columns (``give_h``), so their GEMVs
-start with h instead of computing it in producer CTAs and waiting for it after their main loop (NOTES step 43).
+start with h instead of computing it in producer CTAs and waiting for it after their main loop (NOTES step 43);
+from 9 rows the forward hook adds the product with that h instead of a cuBLAS x A (step 45).
 
 Why not PEFT's mixed-batch ``adapter_names=`` forward: it splits the batch by adapter with index lists built
 on the host at every call, which a CUDA graph cannot capture (one graph would be needed per mix of
@@ -41,7 +42,8 @@ import torch
 from ..settings import settings
 
 # Rows up to which the norm kernels compute x A for c_attn, w1 and w2 (``norm_low_rank``). Measured on the H200 with
-# an r=64 adapter (NOTES steps 43-44): a decode step 11% shorter at 1 row, 17% at 4, 23% at 8
+# an r=64 adapter (NOTES steps 43-45): a decode step 11% shorter at 1 row, 17% at 4, 23% at 8 (the GEMV takes h);
+# 5% at 16 and 1.5% at 32 rows (the GEMM runs and the hook adds the product with h: one cuBLAS x A fewer a Linear)
 XA_IN_NORM_MAX_ROWS = 32
 
 

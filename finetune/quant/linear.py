@@ -18,9 +18,9 @@
 - Decoding 1 to 64 rows of bf16 on CUDA (compute capability 8.0+), first choice: tensor-core kernels compiled at
   run time on a copy of the weight repacked once into their layout (same memory again, like the int4pack copy,
   which is then not made): the GEMV (``mma_gemv.py``) below ``mma_gemm.MIN_ROWS`` (9) rows, the small-M GEMM
-  (``mma_gemm.py``, x staged in shared memory) from there to 64 rows. Layers they cannot take (not 4-bit, N not a multiple of 16, a group size not a multiple
-  of 128) use the kernels above. Both copies are made by the first decoding call (one position per row), not by a
-  short training or evaluation forward.
+  (``mma_gemm.py``, x staged in shared memory) from there to 64 rows. Layers they cannot take (not 4-bit, N not a
+  multiple of 16, a group size not a multiple of 128) use the kernels above. Both copies are made by the first
+  decoding call (one position per row), not by a short training or evaluation forward.
 - The inference engine's unmerged LoRA (``inference/row_adapters.py``) may set ``low_rank_epilogue`` = (a, sel,
   bt) or (a, sel, bt, h) on the layer just before a forward: when the tensor-core GEMV runs (1-8 rows), it
   computes h = x a (or takes h) and adds (h * sel) @ bt.T in the same kernel, and the forward sets the attribute
