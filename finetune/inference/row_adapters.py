@@ -15,9 +15,9 @@ it is PEFT's computation up to the summation order.
 On a GPTQ base that decodes through the tensor-core GEMV (``quant/mma_gemv.py``, 1-8 rows), none of the three is a
 kernel of its own: a pre-hook hands (A_all, selection, bt) to the base layer (``low_rank_epilogue``), whose kernel
 computes h = x A_all in CTAs of its own and adds (h * selection) @ bt.T to each output before rounding it; the
-forward hook then adds nothing. One kernel a Linear instead of four (a decode step of a 40-layer model: 200 launches instead of
-800). Where the base runs another kernel (the small-M GEMM from 9 rows, or the rank sum is over 128) it leaves the
-tensors, and the forward hook computes and adds them as above.
+forward hook then adds nothing. One kernel a Linear instead of four (a decode step of a 40-layer model: 200
+launches instead of 800). Where the base runs another kernel (the small-M GEMM from 9 rows, or the rank sum is over
+128) it leaves the tensors, and the forward hook computes and adds them as above.
 ``FINETUNE_GPTQ_LORA_EPILOGUE=0`` always leaves them to the hook (settings.py).
 
 At up to 32 rows (XA_IN_NORM_MAX_ROWS) the fused decode step goes one further for the Linears that read a norm's
