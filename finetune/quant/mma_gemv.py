@@ -45,7 +45,7 @@ import torch
 from .packing import group_sorted_order, groups_even, to_int32_wrapping, unpack_cols, unpack_rows
 
 CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
-MAX_ROWS = 32  # GPTQLinear's limit for this kernel (measured against the Triton GEMV)
+MAX_ROWS = 32  # the most rows it was measured faster than the Triton GEMV for; GPTQLinear sends it 1-8 (mma_gemm: 9+)
 KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
 LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in shared memory); more: the caller adds it
 
