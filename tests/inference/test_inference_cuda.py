@@ -317,9 +317,9 @@ def epilogue_model(seed: int = 0):
     return pm.eval()
 
 
-def decode_recorded(model, tok, batch, adapters, params):
-    """The engine (4 rows) decoding ``batch``, each prompt through its adapter: (requests, their per-step logits)."""
-    engine = Engine(model, tok, max_batch=4)
+def decode_recorded(model, tok, batch, adapters, params, max_batch: int = 4):
+    """The engine decoding ``batch``, each prompt through its adapter: (requests, their per-step logits)."""
+    engine = Engine(model, tok, max_batch=max_batch)
     rec = _record_logits(engine)
     reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, adapters)]
     while engine.has_work():
@@ -458,12 +458,7 @@ def test_adapters_at_nine_rows_and_more_take_the_gemm_and_the_hook(tok, monkeypa
     monkeypatch.setattr(mma_gemm, "mma_gemm", spy)
 
     def run():
-        engine = Engine(pm, tok, max_batch=16)
-        rec = _record_logits(engine)
-        reqs = [engine.submit(p, params, adapter=a) for p, a in zip(batch, names)]
-        while engine.has_work():
-            engine.step()
-        return reqs, rec
+        return decode_recorded(pm, tok, batch, names, params, max_batch=16)
 
     in_norm = run()
     assert any(r >= 9 for r in gemm_rows)

@@ -94,16 +94,12 @@ def test_a_forward_gathers_the_rows_selection_once_for_all_layers_of_a_layout():
     assert next(iter(mixed._stacks.values()))[3] is not next(iter(adapters._stacks.values()))[3]
 
 
-def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
-    """bf16 decode rows on a GPTQ base: the pre-hook offers (h, selection, bt) to the base layer; a base whose
-    kernel adds it (the tensor-core GEMV on CUDA; here a stand-in) sets it back to None and the forward hook adds
-    nothing, one that does not leaves it and the hook adds it. Prefill rows (several tokens) are not offered, and
-    nothing is left on the layers afterwards, even after a forward that raised."""
+def _gptq_peft_model():
+    """The tiny model on a bf16 GPTQ base (CPU) with two r=8 LoRA adapters of random init, "first" and "second"."""
     from peft import LoraConfig, get_peft_model
 
     from finetune.demo import TINY_CONFIG
     from finetune.modeling import QWenConfig
-    from finetune.quant.linear import GPTQLinear
     from finetune.quant.loading import build_gptq_model_on_device
 
     values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
@@ -114,6 +110,17 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
     pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
     pm.add_adapter("second", LoraConfig(**cfg))
     pm.eval()
+    return pm
+
+
+def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
+    """bf16 decode rows on a GPTQ base: the pre-hook offers (h, selection, bt) to the base layer; a base whose
+    kernel adds it (the tensor-core GEMV on CUDA; here a stand-in) sets it back to None and the forward hook adds
+    nothing, one that does not leaves it and the hook adds it. Prefill rows (several tokens) are not offered, and
+    nothing is left on the layers afterwards, even after a forward that raised."""
+    from finetune.quant.linear import GPTQLinear
+
+    pm = _gptq_peft_model()
     layer = pm.base_model.model.transformer.h[0].attn.c_attn
     adapters = RowAdapters(pm)
     select = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # rows: first, none, second
@@ -167,21 +174,9 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
     take it, the forward hook adds the product with that h); where they do not fit (outside
     applied(), more rows than XA_IN_NORM_MAX_ROWS, fp32, the switch off, a Linear without LoRA) nothing is stacked.
     The stack follows a LoRA weight changed in place, in the same buffer (captured graphs read it), at refresh()."""
-    from peft import LoraConfig, get_peft_model
-
-    from finetune.demo import TINY_CONFIG
-    from finetune.modeling import QWenConfig
     from finetune.quant.linear import GPTQLinear
-    from finetune.quant.loading import build_gptq_model_on_device
 
-    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
-    values["quantization_config"] = {"bits": 4, "group_size": 32, "quant_method": "gptq", "desc_act": False}
-    model = build_gptq_model_on_device(QWenConfig(**values), device="cpu", dtype=torch.bfloat16, seed=0).eval()
-    cfg = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
-    torch.manual_seed(0)
-    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first")
-    pm.add_adapter("second", LoraConfig(**cfg))
-    pm.eval()
+    pm = _gptq_peft_model()
     block = pm.base_model.model.transformer.h[0]
     c_attn, w1, w2 = block.attn.c_attn, block.mlp.w1, block.mlp.w2
     adapters = RowAdapters(pm)
