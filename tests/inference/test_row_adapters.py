@@ -113,6 +113,24 @@ def _gptq_peft_model():
     return pm
 
 
+def _taking(real, offers: list):
+    """A stand-in for the tensor-core GEMV's LoRA build around GPTQLinear.forward ``real``: it takes an offered
+    (a, sel, bt[, h]) (recorded in ``offers``), adds (h * sel) @ bt.T with h given or x a, and clears the offer."""
+    def taking(self, x):
+        low_rank = self.__dict__.get("low_rank_epilogue")
+        y = real(self, x)
+        if low_rank is not None:
+            offers.append(low_rank)
+            a, sel, bt, h = low_rank if len(low_rank) == 4 else (*low_rank, None)
+            if h is None:
+                h = x.reshape(-1, a.shape[0]) @ a  # the kernel's h: x a rounded to bf16
+            y = (y.float() + ((h.float() * sel.float()) @ bt.float().t()).view(y.shape)).to(y.dtype)
+            self.low_rank_epilogue = None
+        return y
+
+    return taking
+
+
 def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
     """bf16 decode rows on a GPTQ base: the pre-hook offers (h, selection, bt) to the base layer; a base whose
     kernel adds it (the tensor-core GEMV on CUDA; here a stand-in) sets it back to None and the forward hook adds
@@ -129,19 +147,7 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
         plain = layer(x)  # the base leaves the offer: the hook adds it
     offers = []
     real = GPTQLinear.forward
-
-    def taking(self, x):
-        low_rank = self.__dict__.get("low_rank_epilogue")
-        y = real(self, x)
-        if low_rank is not None:
-            a, sel, bt = low_rank
-            offers.append(a.shape)
-            h = (x.reshape(-1, a.shape[0]) @ a).float()  # the kernel's h: x a rounded to bf16
-            y = (y.float() + ((h * sel.float()) @ bt.float().t()).view(y.shape)).to(y.dtype)
-            self.low_rank_epilogue = None
-        return y
-
-    GPTQLinear.forward = taking
+    GPTQLinear.forward = _taking(real, offers)
     try:
         switches(gptq_lora_epilogue=False)
         with torch.no_grad(), adapters.applied(select):
@@ -151,7 +157,7 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
         with torch.no_grad(), adapters.applied(select):
             fused = layer(x)
             prefill = layer(torch.randn(3, 2, layer.in_features, dtype=torch.bfloat16))
-        assert offers == [(layer.in_features, 16)] and prefill.shape == (3, 2, layer.out_features)
+        assert [o[0].shape for o in offers] == [(layer.in_features, 16)] and prefill.shape == (3, 2, layer.out_features)
         torch.testing.assert_close(fused, plain, rtol=2e-2, atol=2e-2)  # once, not twice (nor zero times)
         base_only = layer.base_layer(x)
         assert (plain - base_only).abs().max() > 10 * (fused - plain).abs().max()
@@ -189,20 +195,7 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
     assert adapters.norm_low_rank((c_attn,), 1, bf) is None  # outside applied()
     offers = []
     real = GPTQLinear.forward
-
-    def taking(self, x):
-        low_rank = self.__dict__.get("low_rank_epilogue")
-        y = real(self, x)
-        if low_rank is not None:
-            offers.append(len(low_rank))
-            a, sel, bt, h = low_rank if len(low_rank) == 4 else (*low_rank, None)
-            if h is None:
-                h = (x.reshape(-1, a.shape[0]) @ a).float()
-            y = (y.float() + ((h.float() * sel.float()) @ bt.float().t()).view(y.shape)).to(y.dtype)
-            self.low_rank_epilogue = None
-        return y
-
-    GPTQLinear.forward = taking
+    GPTQLinear.forward = _taking(real, offers)
     try:
         x = torch.randn(1, 1, c_attn.in_features, dtype=bf)
         with torch.no_grad(), adapters.applied(select):
@@ -225,7 +218,7 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
             adapters.give_h((w1, w2), h12)
             assert torch.equal(w2.__dict__["_row_h"], h12[:, 16:])
             w1(x), w2(x)
-        assert offers == [3, 4, 4, 4]
+        assert [len(o) for o in offers] == [3, 4, 4, 4]
         torch.testing.assert_close(given, computed, rtol=2e-2, atol=2e-2)
     finally:
         GPTQLinear.forward = real
