@@ -32,31 +32,41 @@ import triton.language as tl
 
 
 @triton.jit
+def _add_rms_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, row, N, eps, stride_x, stride_d, offs, mask,
+                      HAS_DELTA: tl.constexpr):
+    """(the new residual, the normed row) of ``row``: the residual add rounded to the stream's dtype (as eager
+    x + delta), then RMSNorm rounded where eager rounds it; both norm kernels compute it here."""
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_DELTA:
+        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    xf = x.to(tl.float32)
+    ms = tl.sum(xf * xf, axis=0) / N
+    y = (xf * tl.rsqrt(ms + eps)).to(x_ptr.dtype.element_ty)  # .type_as(x), then the weight
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    return x, (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def _dec_add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, out_ptr, N, eps, stride_x, stride_d, stride_o,
                              HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < N
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if HAS_DELTA:  # the residual add, rounded to the stream's dtype (as eager x + delta) and written back
-        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
+    x, out = _add_rms_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, row, N, eps, stride_x, stride_d, offs, mask,
+                               HAS_DELTA)
+    if HAS_DELTA:  # the residual written back
         tl.store(x_ptr + row * stride_x + offs, x, mask=mask)
-    xf = x.to(tl.float32)
-    ms = tl.sum(xf * xf, axis=0) / N
-    y = (xf * tl.rsqrt(ms + eps)).to(x_ptr.dtype.element_ty)  # .type_as(x), then the weight
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    out = y.to(tl.float32) * w.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + offs, out, mask=mask)
 
 
 @triton.jit
 def _dec_add_rms_norm_xa_kernel(x_ptr, d_ptr, w_ptr, at_ptr, xo_ptr, out_ptr, h_ptr, N, R, eps, stride_x, stride_d,
                                 stride_xo, stride_o, stride_at, stride_h, HAS_DELTA: tl.constexpr, COLS: tl.constexpr,
                                 SUB: tl.constexpr, BLOCK: tl.constexpr):
-    # program (row, c): the row's add + RMSNorm as _dec_add_rms_norm_kernel computes it (every program of the row
-    # recomputes it: 30 KB from L2 at 5,120 wide), then COLS columns of h = normed @ at.T, SUB at a time; program
-    # (row, 0) writes the new residual (to xo: x is read by the row's other programs) and the normed row
+    # program (row, c): the row's add + RMSNorm (_add_rms_norm_row: every program of the row recomputes it, 30 KB
+    # from L2 at 5,120 wide), then COLS columns of h = normed @ at.T, SUB at a time; program (row, 0) writes the new
+    # residual (to xo: x is read by the row's other programs) and the normed row
     row = tl.program_id(0)
     col0 = tl.program_id(1) * COLS
     offs = tl.arange(0, BLOCK)
@@ -64,15 +74,8 @@ def _dec_add_rms_norm_xa_kernel(x_ptr, d_ptr, w_ptr, at_ptr, xo_ptr, out_ptr, h_
     cols = col0 + tl.arange(0, SUB)
     a = tl.load(at_ptr + cols[:, None] * stride_at + offs[None, :], mask=(cols[:, None] < R) & mask[None, :],
                 other=0.0)  # issued first: the first columns' A.T, the only load from DRAM
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
-    if HAS_DELTA:
-        d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + d.to(tl.float32)).to(x_ptr.dtype.element_ty)
-    xf = x.to(tl.float32)
-    ms = tl.sum(xf * xf, axis=0) / N
-    y = (xf * tl.rsqrt(ms + eps)).to(x_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    out = (y.to(tl.float32) * w.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    x, out = _add_rms_norm_row(x_ptr, d_ptr, w_ptr, out_ptr, row, N, eps, stride_x, stride_d, offs, mask,
+                               HAS_DELTA)
     if tl.program_id(1) == 0:
         tl.store(out_ptr + row * stride_o + offs, out, mask=mask)
         if HAS_DELTA:
@@ -233,10 +236,9 @@ def _rows(t: torch.Tensor, name: str) -> torch.Tensor:
     return t.view(-1, t.shape[-1])
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """``x += delta`` (in place, rounded to x's dtype; skipped when delta is None), then RMSNorm of the new x
-    as ``modeling.kernels.rms_norm`` computes it. Returns (x, normed); normed has x's shape and the dtype of
-    x * weight."""
+def _norm_operands(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor):
+    """The norm kernels' operands, checked: x and delta as [rows, N] views (delta: x's when None) and the normed
+    rows' output (the dtype of x * weight)."""
     N = x.shape[-1]
     if weight.shape != (N,):
         raise ValueError(f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({N},)")
@@ -247,7 +249,15 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
         d2 = _rows(delta, "delta")
     else:
         d2 = x2
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    return x2, d2, torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """``x += delta`` (in place, rounded to x's dtype; skipped when delta is None), then RMSNorm of the new x
+    as ``modeling.kernels.rms_norm`` computes it. Returns (x, normed); normed has x's shape and the dtype of
+    x * weight."""
+    x2, d2, out = _norm_operands(x, delta, weight)
+    N = x2.shape[1]
     block = triton.next_power_of_2(N)
     _dec_add_rms_norm_kernel[(x2.shape[0],)](x2, d2, weight, out, N, float(eps), x2.stride(0), d2.stride(0),
                                              out.stride(0), HAS_DELTA=delta is not None, BLOCK=block,
@@ -264,22 +274,13 @@ def add_rms_norm_low_rank(x: torch.Tensor, delta: torch.Tensor | None, weight: t
     (``at`` [R, N]: their A matrices transposed, stacked), summed in fp32 and rounded once to normed's dtype, as the
     GEMV's own producers compute it. Returns (x, normed, h [rows, R]); x is a new tensor holding x + delta (the
     kernel's programs all read the old x), or x itself when delta is None."""
-    N = x.shape[-1]
-    if weight.shape != (N,):
-        raise ValueError(f"RMSNorm weight has shape {tuple(weight.shape)}, expected ({N},)")
+    x2, d2, out = _norm_operands(x, delta, weight)
+    rows, N = x2.shape
     if at.dim() != 2 or at.shape[1] != N or at.stride(1) != 1 or at.dtype != x.dtype:
         raise ValueError(f"the stacked A.T {tuple(at.shape)} {at.dtype} does not fit rows of {N} {x.dtype} "
                          "(expected [R, N], unit column stride)")
-    x2 = _rows(x, "x")
-    if delta is not None:
-        if delta.shape != x.shape or delta.dtype != x.dtype:
-            raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} does not match x {tuple(x.shape)} {x.dtype}")
-        d2 = _rows(delta, "delta")
-        xo = torch.empty_like(x2)
-    else:
-        d2 = xo = x2
-    rows, R = x2.shape[0], at.shape[0]
-    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    xo = torch.empty_like(x2) if delta is not None else x2
+    R = at.shape[0]
     h = torch.empty(rows, R, dtype=out.dtype, device=x.device)
     block = triton.next_power_of_2(N)
     sub = 1 if R <= 64 else 2  # one row: 64 programs at one or two adapters' r=64 (NOTES step 43)

@@ -47,6 +47,10 @@ from ..settings import settings
 XA_IN_NORM_MAX_ROWS = 32
 
 
+def _same_layout(held: torch.Tensor, fresh: torch.Tensor) -> bool:
+    return held.shape == fresh.shape and held.dtype == fresh.dtype and held.device == fresh.device
+
+
 def lora_layers(model) -> list:
     from peft.tuners.lora import LoraLayer
 
@@ -129,8 +133,7 @@ class RowAdapters:
         with torch.no_grad():
             a_all = torch.cat([A for _, A, _, _ in parts], 0).t().to(dtype).contiguous()
             b_all = torch.cat([B.float() * s for _, _, B, s in parts], 1).to(dtype).contiguous()  # bt [out, R]
-        if held is not None and held[1].shape == a_all.shape and held[2].shape == b_all.shape \
-                and held[1].dtype == dtype and held[1].device == a_all.device:
+        if held is not None and _same_layout(held[1], a_all) and _same_layout(held[2], b_all):
             # new values, same layout: into the same buffers, which CUDA graphs captured earlier read
             held[1].copy_(a_all)
             held[2].copy_(b_all)
@@ -173,8 +176,7 @@ class RowAdapters:
             return held[1]
         with torch.no_grad():
             at = torch.cat([a.t() for _, a in stacks], 0).contiguous()
-        if held is not None and held[1].shape == at.shape and held[1].dtype == at.dtype \
-                and held[1].device == at.device:
+        if held is not None and _same_layout(held[1], at):  # into the buffer captured graphs read, as _stacked
             held[1].copy_(at)
             at = held[1]
         self._stacked_t[ids] = (key, at)
