@@ -3,11 +3,12 @@
 Why: CUDA-graphed training (``graphs.py``) replays checkpointed blocks, and checkpointing normally re-creates
 a dropout mask in the recomputation by saving and restoring the global RNG state, which cannot be done
 inside a graph capture. Here the mask is recomputed from the seed instead: the recomputation, and the
-backward, regenerate exactly the forward's mask (Philox, ``tl.rand4x``), and nothing is saved for backward.
+backward, regenerate exactly the forward's mask (Philox, ``tl.randint4x``), and nothing is saved for backward.
 
 The seed is a one-element int64 tensor that the caller advances once per training forward (in place, so a
 captured graph advances it on every replay); each dropout site adds its own salt, so no two sites or steps
-share a mask. Same distribution as ``nn.Dropout``: zero with probability p, survivors scaled by 1/(1-p).
+share a mask. As ``nn.Dropout``: zero with probability p (to the nearest 1/65536: each element draws 16 random
+bits), survivors scaled by 1/(1-p).
 CUDA with Triton only (and Triton's CPU interpreter, which the tests use).
 """
 
@@ -18,32 +19,35 @@ import triton
 import triton.language as tl
 from torch import nn
 
-_BLOCK = 2048
+_BLOCK = 4096  # elements a program: 512 Philox calls of 8 elements each
 SALTS = 1 << 16  # sites per seed value: key = seed * SALTS + salt is unique per (step, site)
+_LEVELS = 1 << 16  # a mask draws 16 random bits an element
+
+
+def drop_threshold(p: float) -> int:
+    """An element is dropped when its 16 random bits are below this: p taken to the nearest 1/65536 (0.05 drops
+    with probability 3277/65536 = 0.0500030). Survivors are scaled by 1/(1-p) for the p asked, as nn.Dropout."""
+    return round(p * _LEVELS)
 
 
 @triton.jit
-def _drop_quarter(x_ptr, y_ptr, offs, n, u, p, scale):
-    inside = offs < n
-    x = tl.load(x_ptr + offs, mask=inside, other=0.0)
-    y = tl.where(u >= p, x.to(tl.float32) * scale, 0.0)
-    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
-
-
-@triton.jit
-def _seeded_dropout_kernel(x_ptr, y_ptr, seed_ptr, salt, n, p, scale, BLOCK: tl.constexpr, SALTS: tl.constexpr):
-    # One Philox call makes four numbers: quarter k of the block takes the k-th of counter (block, i). Drawing one
-    # number a call (tl.rand) made this kernel bound by the generator's arithmetic: ~50 us a launch on average
-    # over a 14B step's LoRA inputs on an H200, where their bytes need 12-32 us (benchmarks/NOTES.md, step 25).
-    Q: tl.constexpr = BLOCK // 4
+def _seeded_dropout_kernel(x_ptr, y_ptr, seed_ptr, salt, n, threshold, scale, BLOCK: tl.constexpr,
+                           SALTS: tl.constexpr):
+    # One Philox call makes four 32-bit words, eight 16-bit numbers: counter c of the program serves its elements
+    # 8c..8c+7, so each thread loads and stores 16 contiguous bytes. The generator's arithmetic bounded this
+    # kernel: one number a call made it ~50 us a launch over a 14B step's LoRA inputs on an H200, four a call
+    # (31-bit numbers) ~26 us, where the bytes need 12-32 (benchmarks/NOTES.md, steps 25 and 46).
+    C: tl.constexpr = BLOCK // 8
     pid = tl.program_id(0)
     key = tl.load(seed_ptr) * SALTS + salt
-    u0, u1, u2, u3 = tl.rand4x(key, pid * Q + tl.arange(0, Q))
-    offs = pid * BLOCK + tl.arange(0, Q)
-    _drop_quarter(x_ptr, y_ptr, offs, n, u0, p, scale)
-    _drop_quarter(x_ptr, y_ptr, offs + Q, n, u1, p, scale)
-    _drop_quarter(x_ptr, y_ptr, offs + 2 * Q, n, u2, p, scale)
-    _drop_quarter(x_ptr, y_ptr, offs + 3 * Q, n, u3, p, scale)
+    r0, r1, r2, r3 = tl.randint4x(key, pid * C + tl.arange(0, C))
+    words = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (C, 4)).to(tl.uint32, bitcast=True)
+    bits = tl.reshape(tl.join(words & 0xFFFF, words >> 16), (C, 8))
+    offs = pid * BLOCK + tl.arange(0, C)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    inside = offs < n
+    x = tl.load(x_ptr + offs, mask=inside, other=0.0)
+    y = tl.where(bits >= threshold, x.to(tl.float32) * scale, 0.0)
+    tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=inside)
 
 
 def seeded_dropout_apply(x: torch.Tensor, seed: torch.Tensor, salt: int, p: float) -> torch.Tensor:
@@ -54,8 +58,8 @@ def seeded_dropout_apply(x: torch.Tensor, seed: torch.Tensor, salt: int, p: floa
     y = torch.empty_like(x)
     n = x.numel()
     if n:
-        _seeded_dropout_kernel[(triton.cdiv(n, _BLOCK),)](x, y, seed, salt, n, p, 1.0 / (1.0 - p), BLOCK=_BLOCK,
-                                                          SALTS=SALTS)
+        _seeded_dropout_kernel[(triton.cdiv(n, _BLOCK),)](x, y, seed, salt, n, drop_threshold(p), 1.0 / (1.0 - p),
+                                                          BLOCK=_BLOCK, SALTS=SALTS)
     return y
 
 

@@ -55,6 +55,24 @@ def test_drop_rate_is_p(sd, p):
     assert abs(float((y == 0).float().mean()) - p) < 0.005
 
 
+def test_each_of_the_eight_elements_a_philox_call_serves_draws_its_own_bits(sd):
+    # one call's four words make the masks of eight adjacent elements (a word's low and high halves): each of the
+    # eight positions drops at rate p, and neighbours independently of each other
+    y = sd.SeededDropout(0.5, _seed(3), 2)(torch.ones(8 * 20_000)).view(-1, 8) == 0
+    assert torch.all((y.float().mean(0) - 0.5).abs() < 0.02), y.float().mean(0)
+    both = (y[:, :-1] & y[:, 1:]).float().mean(0)
+    assert torch.all((both - 0.25).abs() < 0.02), both
+
+
+def test_p_is_taken_to_the_nearest_65536th(sd):
+    assert sd.drop_threshold(0.05) == 3277 and sd.drop_threshold(0.25) == 16384 and sd.drop_threshold(0.0) == 0
+    # a size that is not a multiple of the block or of eight: every element is either dropped or scaled
+    x = torch.rand(4096 + 13) + 1.0
+    y = sd.SeededDropout(0.25, _seed(9), 1)(x)
+    assert torch.all((y == 0) | torch.isclose(y, x / 0.75))
+    assert (y[-13:] != 0).any()
+
+
 def test_eval_and_p_zero_are_identity(sd):
     x = torch.randn(64)
     drop = sd.SeededDropout(0.3, _seed(1), 0)
