@@ -105,7 +105,9 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         for name in ("activation_checkpointing", "gradient_checkpointing"):
             if hasattr(args, name):
                 setattr(args, name, False)
-
+        kept = _keep_mlp_projections(model, data_args, args, precision)
+    else:
+        kept = None
     graphs = _cuda_graphs(model, data_args, args, plan)
 
     trainer = QwenTrainer(
@@ -132,6 +134,7 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
     info = run_info(trainer, graph_stats)
     info["throughput"] = speed
     info["batches"] = {k: v for k, v in batches.items() if k != "text"}
+    info["checkpointing"] = kept
     info["eval_loss"] = eval_metrics["eval_loss"] if eval_metrics else None
     if args.process_index == 0:
         if trainer.skipped_steps:
@@ -235,6 +238,27 @@ def _state_special_tokens(model, tokenizer) -> None:
         tid = getattr(tokenizer, name, None)
         if tid is not None and getattr(model.config, name, None) is None:
             setattr(model.config, name, tid)
+
+
+def _keep_mlp_projections(model, data_args, args, precision) -> dict:
+    """--gradient_checkpointing_keep_gib: the last blocks it covers keep their w1/w2 outputs instead of recomputing
+    them (training/checkpointing.py). Logged, and returned for run_info.json."""
+    import torch
+
+    from .training.checkpointing import kept_block_bytes, keep_mlp_projections
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = lm.transformer.h
+    tokens = args.per_device_train_batch_size * data_args.model_max_length  # packed rows are exactly this long
+    act_bytes = torch.finfo(precision.compute_dtype).bits // 8
+    kept = keep_mlp_projections(blocks, lm.config, args.gradient_checkpointing_keep_gib, tokens, act_bytes)
+    per_block = kept_block_bytes(lm.config, tokens, act_bytes)
+    if args.process_index == 0:
+        logger.info("gradient checkpointing: the last %d of %d blocks keep their MLP projections (%.2f GiB of "
+                    "--gradient_checkpointing_keep_gib %g); the others recompute them", kept, len(blocks),
+                    kept * per_block / (1 << 30), args.gradient_checkpointing_keep_gib)
+    return {"blocks": len(blocks), "blocks_keeping_mlp_projections": kept,
+            "kept_gib": round(kept * per_block / (1 << 30), 3)}
 
 
 def _cuda_graphs(model, data_args, args, plan):

@@ -157,7 +157,12 @@ def test_checkpointing_is_enabled_once_without_reentrant(setup, tmp_path, monkey
     trainer = train(*parse_args(train_args(setup["float"], setup["data"], tmp_path / "o", "--use_lora", "True",
                                            "--max_steps", "1", "--gradient_checkpointing", "True")))
     assert calls == [{"use_reentrant": False}]
-    assert all(b.gradient_checkpointing for b in trainer.model.get_base_model().transformer.h)
+    blocks = trainer.model.get_base_model().transformer.h
+    assert all(b.gradient_checkpointing for b in blocks)
+    # the default --gradient_checkpointing_keep_gib (1) covers every block of the tiny model at 128 tokens
+    assert all(b.keep_mlp_projections for b in blocks)
+    info = json.loads((tmp_path / "o" / "run_info.json").read_text())["checkpointing"]
+    assert info["blocks"] == len(blocks) == info["blocks_keeping_mlp_projections"] and info["kept_gib"] > 0
 
 
 # -- the demo's chat hint ------------------------------------------------------------------------------------

@@ -161,9 +161,12 @@ class QWenBlock(nn.Module):
     hidden state between them (one [tokens x hidden] tensor per block). Each half's recomputation then ends
     early, with non-reentrant checkpointing, at the last tensor that backward needs: the output projection
     (attn.c_proj, mlp.c_proj) of a frozen Int4 base saves nothing, so its matmul is not redone (on the 14B
-    shape that is 30% of the block's weights)."""
+    shape that is 30% of the block's weights). A block with ``keep_mlp_projections`` set (the trainer's
+    ``--gradient_checkpointing_keep_gib``) computes ln_2, w1 and w2 outside the checkpoint, so their outputs are
+    kept for the backward instead of recomputed: the same arithmetic, more memory, two fewer matmuls."""
 
     gradient_checkpointing = False
+    keep_mlp_projections = False
 
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
@@ -178,10 +181,16 @@ class QWenBlock(nn.Module):
     def _mlp_half(self, x):
         return x + self.mlp(self.ln_2(x))
 
+    def _mlp_tail(self, x, up, gate):
+        return x + self.mlp.c_proj(fused(swiglu, up, gate))  # QWenMLP.forward after its w1 and w2
+
     def forward(self, x, rope=None, attn=None, query_scale=None, cache=None, use_cache=False):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             # no cache here: a checkpointed half would write it a second time when recomputed
             x = self._gradient_checkpointing_func(self._attention_half, x, rope, attn, query_scale, None)
+            if self.keep_mlp_projections:
+                h = self.ln_2(x)
+                return self._gradient_checkpointing_func(self._mlp_tail, x, self.mlp.w1(h), self.mlp.w2(h))
             return self._gradient_checkpointing_func(self._mlp_half, x)
         return self._mlp_half(self._attention_half(x, rope, attn, query_scale, cache))
 

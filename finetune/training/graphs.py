@@ -321,7 +321,8 @@ class TrainGraphs:
         autocast = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
         params = tuple(p for p in self.lm.parameters() if p.requires_grad)
         key = (B, T, doc_ids is not None, position_ids is None, autocast, input_ids.device,
-               tuple(b.gradient_checkpointing for b in self.lm.transformer.h), tuple(map(id, params)))
+               tuple((b.gradient_checkpointing, b.keep_mlp_projections) for b in self.lm.transformer.h),
+               tuple(map(id, params)))
 
         if not self.enabled:
             key = None  # eager from here (a later step with it back on captures afresh)

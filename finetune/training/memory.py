@@ -123,6 +123,8 @@ def estimate_memory(cfg: dict, tensors: dict, mode: str, lora_args, data_args, a
     one_layer = 10 * h + 4 * mlp  # norms, q|k|v, attention out, projections, the SwiGLU halves
     if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         per_token = layers * 2 * h + one_layer  # each block's two halves keep their input; one is recomputed
+        keep = float(getattr(args, "gradient_checkpointing_keep_gib", 0) or 0) * GIB  # what the kept blocks hold
+        per_token += min(layers * (2 * mlp + 2 * h), int(keep) // max(1, tokens * act_bytes))
     else:
         per_token = layers * one_layer
     activations = tokens * per_token * act_bytes
@@ -168,6 +170,9 @@ def out_of_memory(where: str, device: str, data_args, args, checkpointing: bool)
                     f"{2 * args.gradient_accumulation_steps} (the same optimizer step)")
     if not checkpointing:
         ways.append("--gradient_checkpointing True")
+    elif getattr(args, "gradient_checkpointing_keep_gib", 0) > 0:
+        ways.append(f"--gradient_checkpointing_keep_gib 0 (now {args.gradient_checkpointing_keep_gib:g}: memory "
+                    "spent keeping MLP projections)")
     ways.append(f"a lower --model_max_length (now {data_args.model_max_length}"
                 + (", the length of every packed row)" if data_args.packing else ")"))
     ways.append("a DeepSpeed config with offload (ds_configs/zero2_offload.json)")

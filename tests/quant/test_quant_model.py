@@ -277,3 +277,11 @@ def test_checkpointing_recomputes_only_the_input_projections(int4_dir, monkeypat
     for name, g in plain.items():
         assert g.abs().sum() > 0, name
         torch.testing.assert_close(ckpt[name], g, rtol=1e-5, atol=1e-6, msg=name)
+    # the last block keeping its MLP projections (--gradient_checkpointing_keep_gib): its w1 and w2 are not
+    # recomputed (their backward dequantizes them instead), and the gradients stay the uncheckpointed step's
+    last = pm.base_model.model.transformer.h[-1]
+    last.keep_mlp_projections = True
+    n_fwd, recomputed, kept, backward_dequantized = step()
+    assert n_fwd == 5 * layers and len(recomputed) == 3 * layers - 2 and backward_dequantized == 5 * layers
+    for name, g in plain.items():
+        torch.testing.assert_close(kept[name], g, rtol=1e-5, atol=1e-6, msg=name)

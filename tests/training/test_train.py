@@ -188,6 +188,7 @@ def test_preflight_errors(models, memorise_file, tmp_path):
     (["--lora_alpha", "0"], "--lora_alpha must be positive"),
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
     (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--gradient_checkpointing_keep_gib", "-1"], "--gradient_checkpointing_keep_gib must be a finite number >= 0"),
     (["--max_steps", "-1", "--num_train_epochs", "0"], "nothing to train: --num_train_epochs 0"),
     (["--bf16", "True", "--fp16", "True"], "fp16 and bf16"),  # transformers' own check, as one line
 ])
@@ -237,6 +238,7 @@ def test_out_of_memory_is_one_line_with_what_to_change(models, memorise_file, tm
         assert "--per_device_train_batch_size 2 --gradient_accumulation_steps 6" in line[0]
         assert "--model_max_length (now 128)" in line[0]
         assert ("--gradient_checkpointing True" in line[0]) == (ckpt == "False")  # not asked of a run that has it
+        assert ("--gradient_checkpointing_keep_gib 0 (now 1" in line[0]) == (ckpt == "True")
 
 
 def test_too_short_max_length_is_an_error(models, memorise_file, tmp_path, capsys):
