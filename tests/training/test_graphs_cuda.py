@@ -15,13 +15,15 @@ from finetune.modeling import QWenConfig  # noqa: E402
 from finetune.training.graphs import enable_train_graphs  # noqa: E402
 from _helpers import lora_on_random_gptq  # noqa: E402
 
-def _model(dtype=torch.float32, layers=2, dropout=0.1, ckpt=True, seed=0):
+def _model(dtype=torch.float32, layers=2, dropout=0.1, ckpt=True, seed=0, keep_last=False):
     cfg = QWenConfig(vocab_size=1024, hidden_size=256, num_hidden_layers=layers, num_attention_heads=4,
                      kv_channels=64, intermediate_size=1024, seq_length=512,
                      quantization_config={"bits": 4, "group_size": 128, "quant_method": "gptq", "desc_act": False})
     model = lora_on_random_gptq(cfg, "cuda", dtype, dropout=dropout, seed=seed)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # the last block keeps its MLP projections (--gradient_checkpointing_keep_gib)
+    model.get_base_model().transformer.h[-1].keep_mlp_projections = keep_last
     return model
 
 
@@ -81,12 +83,12 @@ def _run(model, batches, graphs_on, monkeypatch, autocast=None, steps_per_update
     return losses, grads, weights, graphs
 
 
-@pytest.mark.parametrize("ckpt", [True, False])
+@pytest.mark.parametrize("ckpt", [True, False, "keep"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_graphed_steps_equal_eager_steps(ckpt, packed, monkeypatch):
     batches = _batches(5, B=2, packed=packed)
-    eager = _run(_model(ckpt=ckpt), batches, False, monkeypatch)
-    graphed = _run(_model(ckpt=ckpt), batches, True, monkeypatch)
+    eager = _run(_model(ckpt=bool(ckpt), keep_last=ckpt == "keep"), batches, False, monkeypatch)
+    graphed = _run(_model(ckpt=bool(ckpt), keep_last=ckpt == "keep"), batches, True, monkeypatch)
     assert eager[3].captures == 0 and eager[3].eager_steps == 5
     assert graphed[3].captures == 1 and graphed[3].replays == 4 and graphed[3].eager_steps == 1
     for a, b in zip(graphed[0], eager[0]):
