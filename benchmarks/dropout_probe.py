@@ -1,7 +1,9 @@
 """The seeded LoRA dropout kernel (finetune/training/seeded_dropout.py) alone, on the 14B step's LoRA inputs: us a
 call and the rate of its bytes (read x, write y), beside a plain copy of the same tensor (the bandwidth it could
 reach) and, with --old FILE, an earlier version of the module (e.g. `git show REV:finetune/training/seeded_dropout.py
-> /tmp/old_sd.py`) timed in the same process.
+> /tmp/old_sd.py`) timed in the same process. The launches are timed one after another without a CUDA graph, so
+a small input measures the host (Python and Triton launch overhead, ~30 us), not the kernel (session 22: 30.5 us for
+the hidden-size input with either kernel); use the large input, or a profile of the graphed step.
 
   python benchmarks/dropout_probe.py --old /tmp/old_sd.py --out benchmarks/results/dropout_probe.json
 """
