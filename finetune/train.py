@@ -254,9 +254,11 @@ def _keep_mlp_projections(model, data_args, args, precision) -> dict:
     kept = keep_mlp_projections(blocks, lm.config, args.gradient_checkpointing_keep_gib, tokens, act_bytes)
     per_block = kept_block_bytes(lm.config, tokens, act_bytes)
     if args.process_index == 0:
-        logger.info("gradient checkpointing: the last %d of %d blocks keep their MLP projections (%.2f GiB of "
-                    "--gradient_checkpointing_keep_gib %g); the others recompute them", kept, len(blocks),
-                    kept * per_block / (1 << 30), args.gradient_checkpointing_keep_gib)
+        which = ("every block keeps its" if kept == len(blocks)
+                 else f"the last {kept} of {len(blocks)} blocks keep their")
+        logger.info("gradient checkpointing: %s MLP projections (%.3g GiB of --gradient_checkpointing_keep_gib "
+                    "%g)%s", which, kept * per_block / (1 << 30), args.gradient_checkpointing_keep_gib,
+                    "" if kept == len(blocks) else "; the others recompute them")
     return {"blocks": len(blocks), "blocks_keeping_mlp_projections": kept,
             "kept_gib": round(kept * per_block / (1 << 30), 3)}
 
