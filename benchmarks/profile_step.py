@@ -91,6 +91,9 @@ def train_step(args, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.ckpt_mode == "block":
             checkpoint_whole_blocks()
+        blocks = model.get_base_model().transformer.h
+        for b in blocks[len(blocks) - args.keep_mlp:]:  # as --gradient_checkpointing_keep_gib sets it
+            b.keep_mlp_projections = True
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     graphs = None
     if args.graphs:
@@ -119,7 +122,8 @@ def train_step(args, device):
                  record_shapes=bool(args.where)) as prof:
         step(batch)
         torch.cuda.synchronize()
-    title = (f"seq {args.seq} layers {args.layers} ckpt {args.ckpt} ({args.ckpt_mode}) docs {args.docs or 1} "
+    title = (f"seq {args.seq} layers {args.layers} ckpt {args.ckpt} ({args.ckpt_mode}, {args.keep_mlp} keep MLP "
+             f"projections) docs {args.docs or 1} "
              f"{'graphed' if graphs is not None else 'eager'} step")
     report(prof, wall * 1e3, title, args.rows)
     if args.where:
@@ -210,6 +214,9 @@ def main():
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--ckpt", action="store_true")
     ap.add_argument("--ckpt-mode", choices=["halves", "block"], default="halves")
+    ap.add_argument("--keep-mlp", type=int, default=0, metavar="N",
+                    help="with --ckpt: the last N blocks keep their MLP projections (the trainer's "
+                         "--gradient_checkpointing_keep_gib)")
     ap.add_argument("--decode", type=int, default=0, help="profile batch-1 decoding of this many tokens instead")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--python", action="store_true", help="cProfile the host instead of the torch profiler")
