@@ -29,3 +29,23 @@ def test_the_budget_buys_the_last_blocks_it_covers():
     assert keep_mlp_projections(blocks, QWEN_14B, 100.0, 2048, 2) == 40
     assert keep_mlp_projections(blocks, QWEN_14B, 0.0, 2048, 2) == 0
     assert not any(b.keep_mlp_projections for b in blocks)
+
+
+def test_the_memory_estimate_counts_the_kept_projections():
+    from finetune.training.memory import estimate_memory
+
+    cfg = {"hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 27392}
+    lora = SimpleNamespace(lora_r=64, lora_target_modules=["w1"], modules_to_save=None)
+    data = SimpleNamespace(model_max_length=2048)
+
+    def activations(keep_gib, checkpointing=True):
+        args = SimpleNamespace(bf16=True, fp16=False, optim="adamw_torch", per_device_train_batch_size=1,
+                               world_size=1, gradient_checkpointing=checkpointing,
+                               gradient_checkpointing_keep_gib=keep_gib)
+        return estimate_memory(cfg, {}, "lora", lora, data, args, "cuda:0", None).activations
+
+    # the budget is added whole while the blocks can take it, never more than keeping every block costs, and
+    # not at all without checkpointing
+    assert abs(activations(1.0) - activations(0.0) - GIB) < 2048 * 2
+    assert activations(1000.0) - activations(0.0) == 40 * kept_block_bytes(SimpleNamespace(**cfg), 2048, 2)
+    assert activations(1.0, checkpointing=False) == activations(0.0, checkpointing=False)
