@@ -25,7 +25,8 @@ def test_the_budget_buys_the_last_blocks_it_covers():
     assert keep_mlp_projections(blocks, QWEN_14B, 1.0, 2048, 2) == GIB // per == 6
     assert [b.keep_mlp_projections for b in blocks] == [False] * 34 + [True] * 6
     # twice the tokens a micro-batch: half the blocks; a budget past the model: every block; 0: none (cleared)
-    assert keep_mlp_projections(blocks, QWEN_14B, 1.0, 4096, 2) == 3 and sum(b.keep_mlp_projections for b in blocks) == 3
+    assert keep_mlp_projections(blocks, QWEN_14B, 1.0, 4096, 2) == 3
+    assert sum(b.keep_mlp_projections for b in blocks) == 3
     assert keep_mlp_projections(blocks, QWEN_14B, 100.0, 2048, 2) == 40
     assert keep_mlp_projections(blocks, QWEN_14B, 0.0, 2048, 2) == 0
     assert not any(b.keep_mlp_projections for b in blocks)
