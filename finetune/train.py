@@ -245,22 +245,22 @@ def _keep_mlp_projections(model, data_args, args, precision) -> dict:
     them (training/checkpointing.py). Logged, and returned for run_info.json."""
     import torch
 
-    from .training.checkpointing import kept_block_bytes, keep_mlp_projections
+    from .training.checkpointing import GIB, kept_block_bytes, keep_mlp_projections
 
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = lm.transformer.h
     tokens = args.per_device_train_batch_size * data_args.model_max_length  # packed rows are exactly this long
     act_bytes = torch.finfo(precision.compute_dtype).bits // 8
     kept = keep_mlp_projections(blocks, lm.config, args.gradient_checkpointing_keep_gib, tokens, act_bytes)
-    per_block = kept_block_bytes(lm.config, tokens, act_bytes)
+    kept_gib = kept * kept_block_bytes(lm.config, tokens, act_bytes) / GIB
     if args.process_index == 0:
         which = ("every block keeps its" if kept == len(blocks)
                  else f"the last {kept} of {len(blocks)} blocks keep their")
         logger.info("gradient checkpointing: %s MLP projections (%.3g GiB of --gradient_checkpointing_keep_gib "
-                    "%g)%s", which, kept * per_block / (1 << 30), args.gradient_checkpointing_keep_gib,
+                    "%g)%s", which, kept_gib, args.gradient_checkpointing_keep_gib,
                     "" if kept == len(blocks) else "; the others recompute them")
     return {"blocks": len(blocks), "blocks_keeping_mlp_projections": kept,
-            "kept_gib": round(kept * per_block / (1 << 30), 3)}
+            "kept_gib": round(kept_gib, 3)}
 
 
 def _cuda_graphs(model, data_args, args, plan):

@@ -150,7 +150,11 @@ class QWenMLP(nn.Module):
         self.c_proj = nn.Linear(ff, config.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c_proj(fused(swiglu, self.w1(x), self.w2(x)))
+        return self.down(self.w1(x), self.w2(x))
+
+    def down(self, up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """What follows w1 and w2 (a block that keeps their outputs under checkpointing starts here)."""
+        return self.c_proj(fused(swiglu, up, gate))
 
 
 class QWenBlock(nn.Module):
@@ -182,7 +186,7 @@ class QWenBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
     def _mlp_tail(self, x, up, gate):
-        return x + self.mlp.c_proj(fused(swiglu, up, gate))  # QWenMLP.forward after its w1 and w2
+        return x + self.mlp.down(up, gate)
 
     def forward(self, x, rope=None, attn=None, query_scale=None, cache=None, use_cache=False):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():

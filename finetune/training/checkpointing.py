@@ -12,10 +12,15 @@ from __future__ import annotations
 GIB = 1 << 30
 
 
+def kept_values_per_token(hidden_size: int, mlp_width: int) -> int:
+    """Values a block keeping its MLP projections holds a token: w1's and w2's outputs and two input copies."""
+    return 2 * mlp_width + 2 * hidden_size
+
+
 def kept_block_bytes(config, tokens: int, act_bytes: int) -> int:
     """What keeping one block's MLP projections costs for a micro-batch of ``tokens`` (an upper bound)."""
     width = config.intermediate_size // 2  # Qwen v1: w1 and w2 are each half the configured size
-    return tokens * (2 * width + 2 * config.hidden_size) * act_bytes
+    return tokens * kept_values_per_token(config.hidden_size, width) * act_bytes
 
 
 def keep_mlp_projections(blocks, config, budget_gib: float, tokens: int, act_bytes: int) -> int:

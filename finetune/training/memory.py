@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..checkpoint import checkpoint_tensors
 from ..model_dir import gptq_of
+from .checkpointing import kept_values_per_token
 
 FIT_MARGIN = 1.2  # stop only when the estimate exceeds the available memory by this factor
 GIB = 1024**3
@@ -124,7 +125,7 @@ def estimate_memory(cfg: dict, tensors: dict, mode: str, lora_args, data_args, a
     if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         per_token = layers * 2 * h + one_layer  # each block's two halves keep their input; one is recomputed
         keep = float(getattr(args, "gradient_checkpointing_keep_gib", 0) or 0) * GIB  # what the kept blocks hold
-        per_token += min(layers * (2 * mlp + 2 * h), int(keep) // max(1, tokens * act_bytes))
+        per_token += min(layers * kept_values_per_token(h, mlp), int(keep) // max(1, tokens * act_bytes))
     else:
         per_token = layers * one_layer
     activations = tokens * per_token * act_bytes
