@@ -38,9 +38,6 @@ class Settings:
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
     # reads its own keys only) where fused_decode.use_own_keys picks it; 0: always SDPA over the step's length bucket
     decode_attention: bool = True
-    # FINETUNE_FUSED_LORA_DROPOUT: in graphed training, lora_A(dropout(x)) as one kernel that masks x as it loads it
-    # (and one in backward), instead of the dropout kernel and a cuBLAS matmul (NOTES step 51)
-    fused_lora_dropout: bool = True
 
 
 ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}

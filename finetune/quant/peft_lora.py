@@ -155,11 +155,7 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
             lora_B = self.lora_B[active_adapter]
             dropout = self.lora_dropout[active_adapter]
             xa = x if autocast else self._cast_input_dtype(x, lora_A.weight.dtype)
-            # graphed training's seeded dropout can compute lora_A(dropout(x)) in one kernel (training/seeded_dropout.py)
-            project = getattr(dropout, "project", None)
-            low = project(xa, lora_A.weight) if project is not None and _plain_linear(lora_A) else None
-            if low is None:
-                low = lora_A(dropout(xa))
+            low = lora_A(dropout(xa))
             if _plain_linear(lora_B) and low.dtype == x.dtype and (autocast or lora_B.weight.dtype == x.dtype):
                 lows.append((low, lora_B, self.scaling[active_adapter]))
             else:

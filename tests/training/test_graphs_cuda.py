@@ -141,50 +141,6 @@ def test_without_dropout_the_graphed_loss_and_grads_equal_the_plain_model(monkey
     assert graphs.replays == 2
 
 
-def test_fused_lora_dropout_trains_as_the_dropout_kernel_and_cublas_do(monkeypatch):
-    """lora_A(dropout(x)) in one kernel (SeededDropout.project) against the dropout kernel then lora_A: the same
-    masks, so the same losses and gradients up to bf16 rounding (the fused kernel keeps the scaled survivors in
-    fp32 and accumulates lora_A's gradient in fp32)."""
-    from finetune.settings import override
-
-    batches = _batches(6, B=2, T=128, packed=True)
-    fused = _run(_model(dtype=torch.bfloat16), batches, True, monkeypatch, autocast=torch.bfloat16, steps_per_update=2)
-    with override(fused_lora_dropout=False):
-        plain = _run(_model(dtype=torch.bfloat16), batches, True, monkeypatch, autocast=torch.bfloat16,
-                     steps_per_update=2)
-    assert fused[3].replays == plain[3].replays == 5
-    for a, b in zip(fused[0], plain[0]):
-        assert abs(a - b) <= 2e-3 * abs(b)
-    for ga, gb in zip(fused[1], plain[1]):
-        assert ga.keys() == gb.keys()
-        for n in gb:
-            assert _rel(ga[n], gb[n]) < 2e-2, n
-
-
-@pytest.mark.parametrize("K,R", [(5120, 64), (13696, 64), (5120, 8)])
-def test_fused_lora_dropout_kernels_at_the_14b_shapes(K, R):
-    from finetune.training import seeded_dropout as sd
-
-    torch.manual_seed(K + R)
-    M, p, salt = 2048 + 40, 0.05, 11
-    seed = torch.tensor([5], device="cuda", dtype=torch.int64)
-    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    a = (torch.randn(R, K, device="cuda") / K ** 0.5).bfloat16()
-    g = torch.randn(M, R, device="cuda", dtype=torch.bfloat16)
-    keep = sd.seeded_dropout_apply(torch.ones_like(x), seed, salt, p) != 0
-    xm = torch.where(keep, x.float(), 0.0)
-    out = sd.dropout_xa(x, a, seed, salt, p)
-    torch.testing.assert_close(out.float(), xm @ a.float().T / (1 - p), atol=2e-2, rtol=1e-2)
-    gx, ga = sd.dropout_xa_backward(x, a, g, seed, salt, p)
-    assert torch.equal(gx != 0, keep)
-    torch.testing.assert_close(gx.float(), torch.where(keep, g.float() @ a.float(), 0.0) / (1 - p),
-                               atol=2e-2, rtol=1e-2)
-    ref = g.float().T @ xm / (1 - p)
-    assert _rel(ga, ref) < 1e-5
-    gx2, ga2 = sd.dropout_xa_backward(x, a, g, seed, salt, p)
-    assert torch.equal(ga2, ga) and torch.equal(gx2, gx)  # deterministic: the row parts summed in a fixed order
-
-
 def test_seeded_dropout_masks_differ_between_steps_and_sites(monkeypatch):
     model = _model()
     graphs = enable_train_graphs(model, warmup=1)
