@@ -38,6 +38,9 @@ class Settings:
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
     # reads its own keys only) where fused_decode.use_own_keys picks it; 0: always SDPA over the step's length bucket
     decode_attention: bool = True
+    # FINETUNE_PAIRED_DECODE: the fused decode step runs w1 and w2 as one tensor-core launch over their weights side
+    # by side (quant.linear.paired_decode, NOTES step 52); 0: two launches
+    paired_decode: bool = True
 
 
 ENV = {f.name: "FINETUNE_" + f.name.upper() for f in dataclasses.fields(Settings)}

@@ -127,11 +127,14 @@ def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, k_pt
 
 
 @triton.jit
-def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, cols, stride, BLOCK: tl.constexpr):
+    # element i of the output is row i // cols, column i % cols of up and gate, whose rows are `stride` apart (the
+    # two halves of one [rows, 2 cols] product when w1 and w2 ran as one GEMV)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    src = (offs // cols) * stride + offs % cols
+    g = tl.load(gate_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + src, mask=mask, other=0.0).to(tl.float32)
     silu = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)  # F.silu rounds to the input dtype
     tl.store(out_ptr + offs, (u * silu.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -323,16 +326,36 @@ def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
     return q
 
 
+def _row_stride(t: torch.Tensor) -> int | None:
+    """The distance between t's rows when its leading dims collapse into one (its last dim contiguous), else None."""
+    if t.dim() == 0 or (t.stride(-1) != 1 and t.shape[-1] > 1):
+        return None
+    lead = [(size, stride) for size, stride in zip(t.shape[:-1], t.stride()[:-1]) if size != 1]
+    if not lead:
+        return t.shape[-1]
+    row = lead[-1][1]
+    inner = 1
+    for size, stride in reversed(lead):
+        if stride != row * inner:
+            return None
+        inner *= size
+    return row if row >= t.shape[-1] else None
+
+
 def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """``up * F.silu(gate)`` (Qwen's w1(x) * silu(w2(x))), same shape and dtype."""
-    if up.shape != gate.shape or up.dtype != gate.dtype or not (up.is_contiguous() and gate.is_contiguous()):
-        raise ValueError(f"swiglu needs contiguous up and gate of one shape and dtype, got {tuple(up.shape)} "
-                         f"{up.dtype} and {tuple(gate.shape)} {gate.dtype}")
-    out = torch.empty_like(up)
+    """``up * F.silu(gate)`` (Qwen's w1(x) * silu(w2(x))), same shape and dtype, contiguous. up and gate may be
+    views whose rows are the same distance apart (the halves of w1 and w2's product from one GEMV)."""
+    stride = _row_stride(up)
+    if (up.shape != gate.shape or up.dtype != gate.dtype or stride is None or _row_stride(gate) != stride):
+        raise ValueError(f"swiglu needs up and gate of one shape, dtype and row layout (last dim contiguous), got "
+                         f"{tuple(up.shape)} {up.dtype} strides {up.stride()} and {tuple(gate.shape)} {gate.dtype} "
+                         f"strides {gate.stride()}")
+    out = torch.empty(up.shape, device=up.device, dtype=up.dtype)
     n = up.numel()
-    block = 1024
-    _dec_swiglu_kernel[(triton.cdiv(n, block),)](up, gate, out, n, BLOCK=block, num_warps=4,
-                                                  enable_fp_fusion=False)
+    if n:
+        block = 1024
+        _dec_swiglu_kernel[(triton.cdiv(n, block),)](up, gate, out, n, up.shape[-1], stride, BLOCK=block,
+                                                      num_warps=4, enable_fp_fusion=False)
     return out
 
 

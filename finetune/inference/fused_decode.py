@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..quant.linear import paired_decode
 from ..settings import settings
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -109,7 +110,11 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
             y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)
         delta = attn.c_proj(y)
         x, h = _norm(kernels, adapters, x, delta, block.ln_2, (mlp.w1, mlp.w2))
-        delta = mlp.c_proj(kernels.swiglu(mlp.w1(h), mlp.w2(h)))
+        # one launch for both where it can (adapters add their products to each Linear's own call)
+        up_gate = paired_decode(mlp.w1, mlp.w2, h) if adapters is None else None
+        if up_gate is None:
+            up_gate = mlp.w1(h), mlp.w2(h)
+        delta = mlp.c_proj(kernels.swiglu(*up_gate))
     _, h = kernels.add_rms_norm(x, delta, tr.ln_f.weight, tr.ln_f.eps)
     return lm_head(h)[:, -1].float()
 

@@ -309,6 +309,7 @@ class GPTQLinear(nn.Module):
         state.pop("_trivial_ref", None)  # a weakref: not picklable, recomputed on demand
         state.pop("_int4pack", None)  # derived copies of the weight, remade on demand
         state.pop("_mma", None)
+        state.pop("_mma_pair", None)
         state.pop("low_rank_epilogue", None)  # one forward's tensors
         return state
 
@@ -346,6 +347,11 @@ class GPTQLinear(nn.Module):
             return wpack, scales, qzeros, zero_add, gs, perm
 
         return self._derived("_mma", (self.qweight, self.qzeros, self.scales, self.g_idx), make if build else None)
+
+    def _share_mma_weight(self, wpack: torch.Tensor) -> None:
+        """Make this layer's repacked weight ``wpack`` (a view of a pair's, equal to it): the copy it held is freed."""
+        refs, versions, value = self.__dict__["_mma"]
+        self.__dict__["_mma"] = (refs, versions, (wpack,) + tuple(value[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
@@ -453,3 +459,59 @@ class GPTQLinear(nn.Module):
                                  desc_act=desc_act, v2=v2)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls.from_quantized(**packed, bias=bias, bits=bits, group_size=group_size, v2=v2, desc_act=desc_act)
+
+
+def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor) -> tuple | None:
+    """(first(x), second(x)) for two bias-free Int4 Linears that read the same decoding input, by one tensor-core
+    launch over their weights side by side (the decode step's w1 and w2: a launch a layer less, at one row ~4 us of
+    fixed cost each, NOTES step 52). Each layer's own repacked copy becomes a view of the pair's, so the weights
+    are not held twice. None where this does not apply, and the caller calls the two layers: not bf16 CUDA
+    decoding of 1-64 rows, a hook or a LoRA epilogue on either (an adapter's), a bias, layers the kernels or the
+    pairing cannot take, no pair made yet inside a CUDA graph capture, or FINETUNE_PAIRED_DECODE=0. The results
+    are the two halves (views) of one [..., N1 + N2] tensor.
+    """
+    K = first.in_features
+    rows = x.numel() // K if K else 0
+    if not (x.is_cuda and x.dtype == torch.bfloat16 and 0 < rows <= GEMV_MAX_ROWS and x.shape[-1] == K):
+        return None
+    switches = settings()
+    if not (switches.paired_decode and switches.gptq_gemv and switches.gptq_mma):
+        return None
+    if torch.is_grad_enabled() and x.requires_grad:
+        return None
+    for layer in (first, second):
+        if (type(layer) is not GPTQLinear or layer.bias is not None or layer.bits != 4 or layer.in_features != K
+                or layer._forward_hooks or layer._forward_pre_hooks
+                or layer.__dict__.get("low_rank_epilogue") is not None):
+            return None
+    from . import mma_gemv
+
+    def make():
+        a, b = first._mma_weight(build=True), second._mma_weight(build=True)
+        if a is None or b is None or a[4] != b[4]:
+            return False  # cannot pair (kept, so that the check is not repeated every step)
+        pair = mma_gemv.side_by_side(a[:4] + (a[5],), b[:4] + (b[5],))
+        if pair is None:
+            return False
+        split = a[0].shape[0]
+        first._share_mma_weight(pair[0][:split])
+        second._share_mma_weight(pair[0][split:])
+        return pair[:4] + (a[4], None)
+
+    build = not torch.cuda.is_current_stream_capturing() and (x.dim() < 3 or x.shape[-2] == 1)
+    sources = tuple(getattr(layer, name) for layer in (first, second)
+                    for name in ("qweight", "qzeros", "scales", "g_idx"))
+    mm = first._derived("_mma_pair", sources, make if build else None)
+    if not mm:
+        return None
+    x2d = x.reshape(rows, K)
+    if rows >= MMA_GEMM_MIN_ROWS:
+        from .mma_gemm import mma_gemm
+
+        y = mma_gemm(x2d, *mm)
+    else:
+        y = mma_gemv.mma_gemv(x2d, *mm)
+    if y is None:
+        return None
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y[..., :first.out_features], y[..., first.out_features:]

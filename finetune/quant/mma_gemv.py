@@ -107,6 +107,17 @@ def repack(qweight, qzeros, scales, g_idx, v2: bool = False, group_size: int = 1
             0 if v2 else 1, perm)
 
 
+def side_by_side(first: tuple, second: tuple) -> tuple | None:
+    """Two layers' ``repack`` results (wpack, scales, qzeros, zero_add, perm) as one layer whose outputs are the
+    first's then the second's, for two Linears that read the same input (one launch instead of two); None when they
+    cannot be one: other inputs, zero conventions or input orders (only layers in the plain input order pair up).
+    The weight's tiles are its first dim, so each layer's part of the result is a contiguous view of it."""
+    (w1, s1, z1, a1, p1), (w2, s2, z2, a2, p2) = first, second
+    if w1.shape[1:] != w2.shape[1:] or s1.shape[0] != s2.shape[0] or a1 != a2 or p1 is not None or p2 is not None:
+        return None
+    return (torch.cat([w1, w2]), torch.cat([s1, s2], 1).contiguous(), torch.cat([z1, z2], 1).contiguous(), a1, None)
+
+
 def emulate(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
             group_size: int) -> torch.Tensor:
     """The kernel's arithmetic in torch (fp32), read from the repacked layout the way the kernel reads it: a

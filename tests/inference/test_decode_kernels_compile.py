@@ -27,7 +27,8 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
          "k_ptr": "*bf16", "v_ptr": "*bf16", "q_ptr": "*bf16", "stride_qkv": "i32", "P": "i32", "stride_cs": "i32",
          "stride_cr": "i64", "stride_ch": "i32", "stride_cp": "i32"},
         {"D": 128, "ROT": 128, "HAS_SCALE": True, "BLOCK_D": 128}),
-    "_dec_swiglu_kernel": ({"up_ptr": "*bf16", "gate_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32"}, {"BLOCK": 1024}),
+    "_dec_swiglu_kernel": ({"up_ptr": "*bf16", "gate_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "cols": "i32",
+                            "stride": "i32"}, {"BLOCK": 1024}),
     "_dec_attn_split_kernel": (
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "ws_ptr": "*fp32", "scale": "fp32",
          "kv_len": "i32", "SPLIT": "i32", "stride_qb": "i32", "stride_cr": "i64", "stride_ch": "i32",

@@ -152,6 +152,20 @@ def test_swiglu_equals_up_times_silu_gate(kernels, dtype):
     torch.testing.assert_close(out.float(), swiglu(up, gate).float(), **TOL[dtype])
 
 
+def test_swiglu_of_the_two_halves_of_one_product(kernels):
+    # w1 and w2 run as one GEMV: up and gate are the halves of one [rows, 1, 2 n] tensor (rows 2 n apart)
+    g = torch.Generator().manual_seed(4)
+    both = (3 * torch.randn(3, 1, 2 * 700, generator=g)).half()
+    up, gate = both[..., :700], both[..., 700:]
+    out = kernels.swiglu(up, gate)
+    assert out.is_contiguous() and out.shape == (3, 1, 700)
+    torch.testing.assert_close(out.float(), swiglu(up.contiguous(), gate.contiguous()).float(), **TOL[torch.float16])
+    with pytest.raises(ValueError, match="row layout"):
+        kernels.swiglu(up, gate.contiguous())  # rows 2 n apart against n apart
+    with pytest.raises(ValueError, match="row layout"):
+        kernels.swiglu(both[..., ::2], both[..., 1::2])  # last dim not contiguous
+
+
 def _attention_case(dtype, rows=3, heads=4, D=32, capacity=700, seed=0):
     g = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(rows + 1, heads, capacity, D, generator=g).to(dtype)  # one slot more than the rows

@@ -212,3 +212,29 @@ def test_a_fused_layer_launches_few_kernels(tok, switches):
         counts[fused] = (n[6] - n[2]) / 4
     assert counts[True] <= 8, counts
     assert counts[False] >= 3 * counts[True], counts
+
+
+@pytest.mark.parametrize("rows", [3, 12])  # the GEMV, and from 9 rows the small-M GEMM
+def test_w1_and_w2_decode_as_one_launch_with_the_logits_of_two(tok, monkeypatch, rows):
+    """Int4 model: the fused step runs w1 and w2 as one tensor-core launch over their weights side by side
+    (quant.linear.paired_decode). Its logits equal the step with the two called apart within the bf16 tolerance,
+    and each layer's own repacked weight is a view of the pair's, not a second copy."""
+    from finetune.inference import fused_decode
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    values = _model_values(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024,
+                           quantization_config={"bits": 4, "group_size": 128, "quant_method": "gptq",
+                                                "desc_act": False})
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    engine = _after_prefill(model, tok, prompts([5, 90, 33, 17, 60, 8, 21, 44, 9, 30, 12, 70][:rows], seed=6))
+    paired, _, _ = _one_step(engine, engine._kernels)
+    mlp = model.transformer.h[0].mlp
+    pair = mlp.w1.__dict__["_mma_pair"][2]
+    assert pair, "w1 and w2 did not pair"
+    split = mlp.w1.out_features // 16
+    assert mlp.w1.__dict__["_mma"][2][0].data_ptr() == pair[0].data_ptr()
+    assert mlp.w2.__dict__["_mma"][2][0].data_ptr() == pair[0][split:].data_ptr()
+    monkeypatch.setattr(fused_decode, "paired_decode", lambda *args: None)
+    apart, _, _ = _one_step(engine, engine._kernels)
+    rel = ((paired - apart).norm() / apart.norm()).item()
+    assert rel < BF16_STEP_REL, rel

@@ -27,6 +27,23 @@ def test_repacked_weight_read_as_fragments_gives_the_exact_product(desc_act, v2,
     assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
 
 
+def test_two_layers_side_by_side_give_both_products_and_each_a_view():
+    # w1 and w2 of a decode step as one launch: outputs 0..47 the first layer's, 48..111 the second's
+    first = random_packed(512, 48, seed=5)
+    second = random_packed(512, 64, seed=6)
+    a, b = G.repack(**first, v2=False), G.repack(**second, v2=False)
+    wpack, scales, qzeros, zero_add, perm = G.side_by_side(a, b)
+    assert wpack.shape == (7, 4, 32, 8) and scales.shape == (4, 112) and qzeros.shape == (4, 14) and perm is None
+    assert torch.equal(wpack[:3], a[0]) and torch.equal(wpack[3:], b[0]) and wpack[3:].is_contiguous()
+    x = torch.randn(3, 512, generator=torch.Generator().manual_seed(2))
+    y = G.emulate(x, wpack, scales, qzeros, zero_add, 128)
+    assert torch.equal(y[:, :48], G.emulate(x, *a[:4], 128)) and torch.equal(y[:, 48:], G.emulate(x, *b[:4], 128))
+    # only layers that read the same inputs in the same order and zero convention pair up
+    assert G.side_by_side(a, G.repack(**random_packed(512, 32, desc_act=True, seed=7), v2=False)) is None
+    assert G.side_by_side(a, G.repack(**second, v2=True)) is None
+    assert G.side_by_side(a, G.repack(**random_packed(256, 64, seed=8), v2=False)) is None
+
+
 def test_every_nibble_lands_in_its_own_place():
     """A weight with distinct values in every (k, n) position (mod 16) in each word: a permutation mistake in
     the layout would move some of them."""
