@@ -209,9 +209,9 @@ def attention_probe(trainer, model, batch: dict, layer: int = 0) -> dict:
     tensors by FlexAttention (bf16, and fp32 inputs), SDPA with a dense block-diagonal mask (bf16) and fp32
     math (the reference), and the rows whose dq is furthest off are described."""
     from finetune.modeling import model as model_mod
-    from finetune.training.graphs import _find_lm
+    from finetune.modeling.model import qwen_lm
 
-    lm = _find_lm(model)
+    lm = qwen_lm(model)
     seen, rec = [0], {}
     orig = model_mod._flex_attention
 
@@ -300,9 +300,9 @@ def layer_probe(trainer, model, batch: dict) -> list[dict]:
     (from the q, k, v and output gradient it saw) against fp32 math. The first layer, from the top, whose
     gradient leaves the other path's shows where a bad gradient enters."""
     from finetune.modeling import model as model_mod
-    from finetune.training.graphs import _find_lm
+    from finetune.modeling.model import qwen_lm
 
-    lm = _find_lm(model)
+    lm = qwen_lm(model)
     blocks = lm.transformer.h
     first = next(p for p in model.parameters() if p.requires_grad)
 
@@ -379,9 +379,10 @@ def layer_probe(trainer, model, batch: dict) -> list[dict]:
 
 
 def check_step(trainer, model, inputs: dict, pad_id: int, row_len: int, probe: bool = False) -> dict:
-    from finetune.training.graphs import TrainGraphs, _find_lm
+    from finetune.modeling.model import qwen_lm
+    from finetune.training.graphs import TrainGraphs
 
-    lm = _find_lm(model)
+    lm = qwen_lm(model)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     batch = {k: inputs[k] for k in ("input_ids", "labels", "position_ids")}
     T = batch["input_ids"].shape[1]

@@ -245,9 +245,10 @@ def _keep_mlp_projections(model, data_args, args, precision) -> dict:
     them (training/checkpointing.py). Logged, and returned for run_info.json."""
     import torch
 
+    from .modeling.model import qwen_lm
     from .training.checkpointing import GIB, kept_block_bytes, keep_mlp_projections
 
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lm = qwen_lm(model)
     blocks = lm.transformer.h
     tokens = args.per_device_train_batch_size * data_args.model_max_length  # packed rows are exactly this long
     act_bytes = torch.finfo(precision.compute_dtype).bits // 8

@@ -12,7 +12,8 @@ import weakref
 from typing import Iterator
 
 from ..settings import settings
-from .engine import Engine, qwen_lm
+from ..modeling.model import qwen_lm
+from .engine import Engine
 from .row_adapters import lora_layers
 from .sampling import SamplingParams, unsupported_options
 

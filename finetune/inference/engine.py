@@ -48,7 +48,7 @@ from collections import deque
 
 import torch
 
-from ..modeling.model import AttentionSpec, QWenLMHeadModel, logn_scale, ntk_alpha
+from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, use_own_keys
 from .row_adapters import RowAdapters
 from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
@@ -134,12 +134,6 @@ class _KV:
         K[self.rows[:b], :, self.pos] = k[:, :, 0]
         V[self.rows[:b], :, self.pos] = v[:, :, 0]
         return K[:b, :, : self.kv_len], V[:b, :, : self.kv_len]
-
-
-def qwen_lm(model):
-    """The QWenLMHeadModel inside `model` (itself, or the model a PEFT wrapper holds), else None."""
-    m = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return m if isinstance(m, QWenLMHeadModel) else None
 
 
 def _round_up(n: int, m: int) -> int:

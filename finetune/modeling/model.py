@@ -439,4 +439,19 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     from .chat import chat, chat_stream  # noqa: E402  (methods defined in chat.py, bound here)
 
 
-__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "ntk_alpha"]
+def qwen_lm(model) -> QWenLMHeadModel | None:
+    """The QWenLMHeadModel that `model` is or wraps: itself, the model a PEFT wrapper holds (`get_base_model`), or
+    the one inside a module wrapper (DeepSpeed's engine, DDP: `.module`), through any chain of these; else None."""
+    for _ in range(8):  # wrappers do not nest deeper than a few
+        if isinstance(model, QWenLMHeadModel):
+            return model
+        if hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            return None
+    return None
+
+
+__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "ntk_alpha", "qwen_lm"]

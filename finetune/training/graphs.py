@@ -59,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 from ..data.encoding import IGNORE
 from ..modeling.attention import build_attention, document_ids
 from ..modeling.loss import causal_lm_nll_sum, normalize_loss
-from ..modeling.model import QWenLMHeadModel
+from ..modeling.model import qwen_lm
 from ..settings import settings
 
 # lm_head rows per loss chunk inside a graph: launches cost nothing there, and a 1024-token chunk's fp32
@@ -98,7 +98,7 @@ def graphs_unavailable(model: nn.Module, several_processes: bool = False) -> str
         return "FINETUNE_CUDA_GRAPHS=0"
     if not torch.cuda.is_available():
         return "no CUDA device"
-    lm = _find_lm(model)
+    lm = qwen_lm(model)
     if lm is None:
         return "not a Qwen model"
     if lm.lm_head.weight.device.type != "cuda":
@@ -116,13 +116,6 @@ def graphs_unavailable(model: nn.Module, several_processes: bool = False) -> str
     return None
 
 
-def _find_lm(model: nn.Module):
-    for m in model.modules():
-        if isinstance(m, QWenLMHeadModel):
-            return m
-    return None
-
-
 # shapes a run may capture: every 128-token length up to 2048 (the pool is shared, so a shape costs little memory)
 MAX_CAPTURES = 16
 
@@ -136,7 +129,7 @@ def enable_train_graphs(model: nn.Module, warmup: int = 2, max_captures: int = M
     why = graphs_unavailable(model, several_processes=hooked_grads)
     if why is not None:
         raise RuntimeError(f"CUDA graphs cannot be used: {why}")
-    return TrainGraphs(_find_lm(model), warmup=warmup, max_captures=max_captures, hooked_grads=hooked_grads)
+    return TrainGraphs(qwen_lm(model), warmup=warmup, max_captures=max_captures, hooked_grads=hooked_grads)
 
 
 class TrainGraphs:

@@ -687,3 +687,21 @@ def test_cuda_frozen_head_loss_kernel_equals_cross_entropy(monkeypatch):
     assert torch.allclose(loss, ref, rtol=1e-5)
     err = (fused - hidden.grad).abs().max() / hidden.grad.abs().max()
     assert err < 2e-2, err
+
+
+def test_qwen_lm_finds_the_model_through_its_wrappers():
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.modeling.model import qwen_lm
+
+    model = tiny_model(seed=3)
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"]))
+
+    class Engine(torch.nn.Module):  # DeepSpeed's engine and DDP hold the model as `.module`
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    assert qwen_lm(model) is model and qwen_lm(peft) is model and qwen_lm(Engine(peft)) is model
+    assert qwen_lm(torch.nn.Linear(2, 2)) is None and qwen_lm(Engine(torch.nn.Linear(2, 2))) is None
+    assert qwen_lm(model.transformer) is None  # the body alone is not the LM

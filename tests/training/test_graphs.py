@@ -126,7 +126,8 @@ def test_the_graphed_steps_host_path_reads_nothing_back(monkeypatch):
     test_graphs_cuda.py::test_replayed_steps_never_sync)."""
     import torch.nn.attention.flex_attention as flex
 
-    from finetune.training.graphs import TrainGraphs, _find_lm
+    from finetune.modeling.model import qwen_lm
+    from finetune.training.graphs import TrainGraphs
 
     pos = _causal_row_and_packed_row(T=384)
     with pytest.raises(AssertionError, match="host read"), _NoHostReads():
@@ -135,7 +136,7 @@ def test_the_graphed_steps_host_path_reads_nothing_back(monkeypatch):
     original = flex.create_block_mask  # uncompiled on the CPU (see the test above); compiled, no graph breaks
     monkeypatch.setattr(flex, "create_block_mask", lambda *a, _compile=False, **k: original(*a, **k))
     model = tiny_model().train()
-    graphs = TrainGraphs(_find_lm(model))
+    graphs = TrainGraphs(qwen_lm(model))
     graphs.enabled = False  # the eager step through the same code (the CPU cannot capture)
     tokens = torch.randint(0, model.config.vocab_size, pos.shape)
     with _NoHostReads():
@@ -275,12 +276,13 @@ def cpu_graphs(monkeypatch):
     """train.py's TrainGraphs on the CPU: its steps run eagerly (enabled=False) through the same seeded path,
     which advances the dropout seed once a training forward as on the GPU. Returns the TrainGraphs made."""
     import finetune.train as train_mod
-    from finetune.training.graphs import TrainGraphs, _find_lm
+    from finetune.modeling.model import qwen_lm
+    from finetune.training.graphs import TrainGraphs
 
     made = []
 
     def graphs(model, data_args, args, plan):
-        made.append(TrainGraphs(_find_lm(model)))
+        made.append(TrainGraphs(qwen_lm(model)))
         made[-1].enabled = False
         return made[-1]
 
@@ -460,13 +462,14 @@ _ZERO2_RUN = """
 import json, os, sys, torch
 import finetune.train as train_mod
 import finetune.training.graphs as graphs_mod
-from finetune.training.graphs import TrainGraphs, _find_lm
+from finetune.modeling.model import qwen_lm
+from finetune.training.graphs import TrainGraphs
 
 wrapped = []
 if sys.argv[1] == "graphed":
     def graphs(model, data_args, args, plan):
         assert plan.zero_stage == 2 and args.world_size == int(os.environ["WORLD_SIZE"])
-        g = TrainGraphs(_find_lm(model), hooked_grads=True)
+        g = TrainGraphs(qwen_lm(model), hooked_grads=True)
         g.enabled = False  # no GPU: the step runs eagerly through the same seeded path, inside the engine's forward
         return g
 
