@@ -105,7 +105,10 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         for name in ("activation_checkpointing", "gradient_checkpointing"):
             if hasattr(args, name):
                 setattr(args, name, False)
-        kept = _keep_mlp_projections(model, data_args, args, precision)
+    restore_embedding = _compact_embedding(model, plan, train_set, eval_set, tokenizer)
+    if checkpointing:
+        freed = restore_embedding.freed_gib if restore_embedding is not None else 0.0
+        kept = _keep_mlp_projections(model, data_args, args, precision, freed)
     else:
         kept = None
     graphs = _cuda_graphs(model, data_args, args, plan)
@@ -127,6 +130,8 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
                         checkpointing):
         trainer.train(resume_from_checkpoint=plan.resume_from)
     graph_stats = trainer.release_graphs()
+    if restore_embedding is not None:
+        restore_embedding()  # the whole table again: evaluation and saving see the model as loaded
     speed = trainer.meter.summary(trainer.accelerator)
     eval_metrics = trainer.evaluate() if eval_set is not None else None  # at the end, whatever --eval_strategy
     trainer.save_state()
@@ -135,6 +140,8 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
     info["throughput"] = speed
     info["batches"] = {k: v for k, v in batches.items() if k != "text"}
     info["checkpointing"] = kept
+    info["input_embedding"] = ({"rows_on_gpu": restore_embedding.rows, "freed_gib": restore_embedding.freed_gib}
+                               if restore_embedding is not None else None)
     info["eval_loss"] = eval_metrics["eval_loss"] if eval_metrics else None
     if args.process_index == 0:
         if trainer.skipped_steps:
@@ -240,28 +247,44 @@ def _state_special_tokens(model, tokenizer) -> None:
             setattr(model.config, name, tid)
 
 
-def _keep_mlp_projections(model, data_args, args, precision) -> dict:
-    """--gradient_checkpointing_keep_gib: the last blocks it covers keep their w1/w2 outputs instead of recomputing
-    them (training/checkpointing.py). Logged, and returned for run_info.json."""
+def _keep_mlp_projections(model, data_args, args, precision, freed_gib: float) -> dict:
+    """--gradient_checkpointing_keep_gib (unset: 1 plus ``freed_gib``, what the compact input embedding freed): the
+    last blocks it covers keep their w1/w2 outputs instead of recomputing them (training/checkpointing.py). Logged,
+    and returned for run_info.json."""
     import torch
 
     from .modeling.model import qwen_lm
-    from .training.checkpointing import GIB, kept_block_bytes, keep_mlp_projections
+    from .training.checkpointing import GIB, keep_budget_gib, kept_block_bytes, keep_mlp_projections
 
     lm = qwen_lm(model)
     blocks = lm.transformer.h
     tokens = args.per_device_train_batch_size * data_args.model_max_length  # packed rows are exactly this long
     act_bytes = torch.finfo(precision.compute_dtype).bits // 8
-    kept = keep_mlp_projections(blocks, lm.config, args.gradient_checkpointing_keep_gib, tokens, act_bytes)
+    budget = keep_budget_gib(args, freed_gib)
+    kept = keep_mlp_projections(blocks, lm.config, budget, tokens, act_bytes)
     kept_gib = kept * kept_block_bytes(lm.config, tokens, act_bytes) / GIB
     if args.process_index == 0:
         which = ("every block keeps its" if kept == len(blocks)
                  else f"the last {kept} of {len(blocks)} blocks keep their")
+        given = args.gradient_checkpointing_keep_gib
         logger.info("gradient checkpointing: %s MLP projections (%.3g GiB of --gradient_checkpointing_keep_gib "
-                    "%g)%s", which, kept_gib, args.gradient_checkpointing_keep_gib,
+                    "%s)%s", which, kept_gib,
+                    f"{given:g}" if given is not None else f"unset: 1 + {freed_gib:.3g} the compact embedding freed",
                     "" if kept == len(blocks) else "; the others recompute them")
     return {"blocks": len(blocks), "blocks_keeping_mlp_projections": kept,
-            "kept_gib": round(kept_gib, 3)}
+            "kept_gib": round(kept_gib, 3), "budget_gib": round(budget, 3)}
+
+
+def _compact_embedding(model, plan, train_set, eval_set, tokenizer):
+    """The frozen input embedding cut to the rows of the data's tokens for training (training/compact_embedding.py);
+    returns what puts the whole table back, or None where it stays whole."""
+    from .modeling.model import qwen_lm
+    from .training.compact_embedding import compact_input_embedding, data_token_ids
+
+    why_not = ("full fine-tuning" if plan.mode == "full" else "ZeRO-3 partitions it" if plan.zero_stage == 3
+               else "not on a GPU" if not str(plan.device).startswith("cuda") else None)
+    ids = data_token_ids((train_set, eval_set), tokenizer.special_tokens.values()) if why_not is None else None
+    return compact_input_embedding(qwen_lm(model), ids, why_not)
 
 
 def _cuda_graphs(model, data_args, args, plan):

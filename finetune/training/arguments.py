@@ -77,12 +77,14 @@ class TrainingArguments(transformers.TrainingArguments):
                           "one GPU, alone or under DeepSpeed ZeRO-1/2, unless FINETUNE_CUDA_GRAPHS=0; off for "
                           "several processes, where graphs have not yet run on GPUs (True turns them on there "
                           "too); False: every step eager"})
-    gradient_checkpointing_keep_gib: float = field(
-        default=1.0,
+    gradient_checkpointing_keep_gib: float | None = field(
+        default=None,
         metadata={"help": "With --gradient_checkpointing: GPU memory (GiB) to spend keeping the MLP's w1/w2 outputs "
                           "of the last blocks instead of recomputing them in the backward pass (14B model, 2048 "
                           "tokens a micro-batch: ~150 MB and ~0.9 ms a block on an H200); 0 recomputes every "
-                          "block"})
+                          "block. Default (unset): 1 plus what the compact input embedding frees for training "
+                          "(the rows of tokens the data never uses), so the run holds what it would with the "
+                          "whole table and 1 GiB"})
     train_sampling_strategy: str = field(
         default="auto",
         metadata={"help": "Order of the training rows. auto: random with --packing; with --packing False "

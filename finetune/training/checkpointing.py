@@ -12,6 +12,16 @@ from __future__ import annotations
 GIB = 1 << 30
 
 
+DEFAULT_KEEP_GIB = 1.0  # --gradient_checkpointing_keep_gib unset: this, plus what the compact input embedding frees
+
+
+def keep_budget_gib(args, freed_gib: float = 0.0) -> float:
+    """--gradient_checkpointing_keep_gib as a number: the value given, else DEFAULT_KEEP_GIB plus ``freed_gib`` (the
+    GiB the compact input embedding gave back, training/compact_embedding.py); 0 for arguments without the flag."""
+    value = getattr(args, "gradient_checkpointing_keep_gib", 0)
+    return float(value) if value is not None else DEFAULT_KEEP_GIB + freed_gib
+
+
 def kept_values_per_token(hidden_size: int, mlp_width: int) -> int:
     """Values a block keeping its MLP projections holds a token: w1's and w2's outputs and two input copies."""
     return 2 * mlp_width + 2 * hidden_size

@@ -218,7 +218,7 @@ def check_numbers(lora_args, args) -> None:
     for flag, value in (("--learning_rate", args.learning_rate), ("--weight_decay", args.weight_decay),
                         ("--max_grad_norm", args.max_grad_norm),
                         ("--gradient_checkpointing_keep_gib", args.gradient_checkpointing_keep_gib)):
-        if not (math.isfinite(value) and value >= 0):
+        if value is not None and not (math.isfinite(value) and value >= 0):
             raise TrainConfigError(f"{flag} must be a finite number >= 0, got {value}")
     if not (math.isfinite(lora_args.lora_alpha) and lora_args.lora_alpha > 0):
         raise TrainConfigError(f"--lora_alpha must be positive (the adapter is scaled by lora_alpha / lora_r), got "

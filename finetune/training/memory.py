@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..checkpoint import checkpoint_tensors
 from ..model_dir import gptq_of
-from .checkpointing import kept_values_per_token
+from .checkpointing import DEFAULT_KEEP_GIB, keep_budget_gib, kept_values_per_token
 
 FIT_MARGIN = 1.2  # stop only when the estimate exceeds the available memory by this factor
 GIB = 1024**3
@@ -124,7 +124,8 @@ def estimate_memory(cfg: dict, tensors: dict, mode: str, lora_args, data_args, a
     one_layer = 10 * h + 4 * mlp  # norms, q|k|v, attention out, projections, the SwiGLU halves
     if getattr(args, "activation_checkpointing", False) or getattr(args, "gradient_checkpointing", False):
         per_token = layers * 2 * h + one_layer  # each block's two halves keep their input; one is recomputed
-        keep = float(getattr(args, "gradient_checkpointing_keep_gib", 0) or 0) * GIB  # what the kept blocks hold
+        keep = keep_budget_gib(args) * GIB  # what the kept blocks hold (the compact embedding's share not counted:
+        # the whole input embedding is counted in the weights)
         per_token += min(layers * kept_values_per_token(h, mlp), int(keep) // max(1, tokens * act_bytes))
     else:
         per_token = layers * one_layer
@@ -171,9 +172,11 @@ def out_of_memory(where: str, device: str, data_args, args, checkpointing: bool)
                     f"{2 * args.gradient_accumulation_steps} (the same optimizer step)")
     if not checkpointing:
         ways.append("--gradient_checkpointing True")
-    elif getattr(args, "gradient_checkpointing_keep_gib", 0) > 0:
-        ways.append(f"--gradient_checkpointing_keep_gib 0 (now {args.gradient_checkpointing_keep_gib:g}: memory "
-                    "spent keeping MLP projections)")
+    elif keep_budget_gib(args) > 0:
+        now = args.gradient_checkpointing_keep_gib
+        ways.append("--gradient_checkpointing_keep_gib 0 (now "
+                    + (f"{now:g}" if now is not None else f"{DEFAULT_KEEP_GIB:g} plus what the compact input "
+                       "embedding freed") + ": memory spent keeping MLP projections)")
     ways.append(f"a lower --model_max_length (now {data_args.model_max_length}"
                 + (", the length of every packed row)" if data_args.packing else ")"))
     ways.append("a DeepSpeed config with offload (ds_configs/zero2_offload.json)")

@@ -50,3 +50,18 @@ def test_the_memory_estimate_counts_the_kept_projections():
     assert abs(activations(1.0) - activations(0.0) - GIB) < 2048 * 2
     assert activations(1000.0) - activations(0.0) == 40 * kept_block_bytes(SimpleNamespace(**cfg), 2048, 2)
     assert activations(1.0, checkpointing=False) == activations(0.0, checkpointing=False)
+
+
+def test_the_keep_budget_unset_is_one_gib_plus_what_the_compact_embedding_freed():
+    from types import SimpleNamespace
+
+    from finetune.training.arguments import parse_args
+    from finetune.training.checkpointing import keep_budget_gib
+
+    assert keep_budget_gib(SimpleNamespace(gradient_checkpointing_keep_gib=None), 1.4) == 2.4
+    assert keep_budget_gib(SimpleNamespace(gradient_checkpointing_keep_gib=0.5), 1.4) == 0.5  # given: as given
+    assert keep_budget_gib(SimpleNamespace(gradient_checkpointing_keep_gib=0.0), 1.4) == 0.0
+    assert keep_budget_gib(SimpleNamespace()) == 0.0
+    base = ["--model_name_or_path", "m", "--data_path", "d.json", "--output_dir", "o"]
+    assert parse_args(base)[3].gradient_checkpointing_keep_gib is None
+    assert parse_args(base + ["--gradient_checkpointing_keep_gib", "2.5"])[3].gradient_checkpointing_keep_gib == 2.5

@@ -332,6 +332,44 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
         assert abs(a - b) <= 0.02 * abs(b), (graphed, eager)
 
 
+def test_trainer_with_the_compact_input_embedding_trains_as_with_the_whole_table(tmp_path):
+    """Q-LoRA through `train` on the GPU: the input embedding holds only the data's token rows during training
+    (run_info.json says how many), gives the same vectors, so the same losses and adapter as the whole table
+    (FINETUNE_COMPACT_EMBEDDING=0), and is whole again after training."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from finetune.modeling.model import qwen_lm
+    from finetune.settings import override
+    from finetune.train import train
+    from finetune.training.arguments import parse_args
+
+    from _helpers import train_args
+
+    model_dir, data = _int4_demo(tmp_path)
+    runs = {}
+    for compact in (True, False):
+        out = tmp_path / f"compact_{compact}"
+        argv = train_args(model_dir, data, out, "--use_lora", "True", "--q_lora", "True", "--logging_steps", "1",
+                          "--use_cpu", "False", "--gradient_checkpointing", "True", "--max_steps", "8",
+                          "--packing", "True")
+        with override(compact_embedding=compact):
+            trainer = train(*parse_args(argv))
+        embedding = qwen_lm(trainer.model).get_input_embeddings()
+        assert type(embedding) is torch.nn.Embedding and embedding.weight.is_cuda  # whole again
+        runs[compact] = ([h["loss"] for h in trainer.state.log_history if "loss" in h],
+                         json.loads((out / "run_info.json").read_text())["input_embedding"],
+                         load_file(str(out / "adapter_model.safetensors")), embedding.num_embeddings)
+    (losses, info, adapter, vocab), (whole_losses, whole_info, whole_adapter, _) = runs[True], runs[False]
+    assert whole_info is None and 0 < info["rows_on_gpu"] < vocab and info["freed_gib"] > 0
+    assert len(losses) == 8
+    for a, b in zip(losses, whole_losses):
+        assert abs(a - b) <= 1e-5 * abs(b), (losses, whole_losses)
+    for name, t in whole_adapter.items():
+        torch.testing.assert_close(adapter[name], t, rtol=1e-4, atol=1e-6)
+
+
 def test_trainer_one_chat_a_row_replays_every_step_and_trains_as_eagerly(tmp_path):
     """--packing False under graphs (the default order, length-grouped): every length bucket the data has is
     captured before training, no step runs eagerly, and the loss curve follows the eager run's."""
