@@ -281,10 +281,17 @@ def _compact_embedding(model, plan, train_set, eval_set, tokenizer):
     from .modeling.model import qwen_lm
     from .training.compact_embedding import compact_input_embedding, data_token_ids
 
+    lm = qwen_lm(model)
     why_not = ("full fine-tuning" if plan.mode == "full" else "ZeRO-3 partitions it" if plan.zero_stage == 3
                else "not on a GPU" if not str(plan.device).startswith("cuda") else None)
-    ids = data_token_ids((train_set, eval_set), tokenizer.special_tokens.values()) if why_not is None else None
-    return compact_input_embedding(qwen_lm(model), ids, why_not)
+    ids = None
+    if why_not is None:
+        ids = data_token_ids((train_set, eval_set), tokenizer.special_tokens.values())
+        vocab = lm.get_input_embeddings().num_embeddings
+        if len(ids) and int(ids[-1]) >= vocab:
+            raise TrainConfigError(f"the data holds token id {int(ids[-1])}, past the model's input embedding of "
+                                   f"{vocab} rows: the tokenizer in {plan.model_dir} does not match its model")
+    return compact_input_embedding(lm, ids, why_not)
 
 
 def _cuda_graphs(model, data_args, args, plan):

@@ -64,6 +64,8 @@ def data_token_ids(datasets, extra_ids) -> torch.Tensor:
         if ds is None:
             continue
         table = ds.data.table if hasattr(ds.data, "table") else ds.data
+        if "input_ids" not in table.column_names:
+            raise ValueError(f"a dataset without an input_ids column (columns: {', '.join(table.column_names)})")
         column = table.column("input_ids")
         for chunk in column.chunks:
             found.append(pc.unique(pc.list_flatten(chunk)).to_numpy(zero_copy_only=False).astype(np.int64))
