@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from lora_xa_probe import graphed_us  # noqa: E402  (benchmarks/ is the script's own directory)
+
 
 def _flops(docs, heads, dim, backward):
     # causal: half of each chat's L x L scores, two matmuls (QK^T, PV) of 2 FLOPs a multiply-add
@@ -34,25 +36,7 @@ def _flops(docs, heads, dim, backward):
 def _time(fn, iters):
     """ms a call, from replays of a CUDA graph holding `iters` calls: launched one by one, a compiled call's host
     time (~0.1 ms forward, ~1 ms forward and backward) would be what is timed, not the kernels."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (5 * iters)
+    return graphed_us(fn, calls=iters, reps=5) / 1000
 
 
 def main() -> None:
