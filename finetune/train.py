@@ -254,7 +254,7 @@ def _keep_mlp_projections(model, data_args, args, precision, freed_gib: float) -
     import torch
 
     from .modeling.model import qwen_lm
-    from .training.checkpointing import GIB, keep_budget_gib, kept_block_bytes, keep_mlp_projections
+    from .training.checkpointing import DEFAULT_KEEP_GIB, GIB, keep_budget_gib, kept_block_bytes, keep_mlp_projections
 
     lm = qwen_lm(model)
     blocks = lm.transformer.h
@@ -267,9 +267,10 @@ def _keep_mlp_projections(model, data_args, args, precision, freed_gib: float) -
         which = ("every block keeps its" if kept == len(blocks)
                  else f"the last {kept} of {len(blocks)} blocks keep their")
         given = args.gradient_checkpointing_keep_gib
+        flag = (f"{given:g}" if given is not None
+                else f"unset: {DEFAULT_KEEP_GIB:g} + {freed_gib:.3g} the compact embedding freed")
         logger.info("gradient checkpointing: %s MLP projections (%.3g GiB of --gradient_checkpointing_keep_gib "
-                    "%s)%s", which, kept_gib,
-                    f"{given:g}" if given is not None else f"unset: 1 + {freed_gib:.3g} the compact embedding freed",
+                    "%s)%s", which, kept_gib, flag,
                     "" if kept == len(blocks) else "; the others recompute them")
     return {"blocks": len(blocks), "blocks_keeping_mlp_projections": kept,
             "kept_gib": round(kept_gib, 3), "budget_gib": round(budget, 3)}
@@ -281,17 +282,11 @@ def _compact_embedding(model, plan, train_set, eval_set, tokenizer):
     from .modeling.model import qwen_lm
     from .training.compact_embedding import compact_input_embedding, data_token_ids
 
-    lm = qwen_lm(model)
     why_not = ("full fine-tuning" if plan.mode == "full" else "ZeRO-3 partitions it" if plan.zero_stage == 3
                else "not on a GPU" if not str(plan.device).startswith("cuda") else None)
-    ids = None
-    if why_not is None:
-        ids = data_token_ids((train_set, eval_set), tokenizer.special_tokens.values())
-        vocab = lm.get_input_embeddings().num_embeddings
-        if len(ids) and int(ids[-1]) >= vocab:
-            raise TrainConfigError(f"the data holds token id {int(ids[-1])}, past the model's input embedding of "
-                                   f"{vocab} rows: the tokenizer in {plan.model_dir} does not match its model")
-    return compact_input_embedding(lm, ids, why_not)
+    # (every id is below the embedding's rows: preflight's load_tokenizer checked the tokenizer against vocab_size)
+    ids = data_token_ids((train_set, eval_set), tokenizer.special_tokens.values()) if why_not is None else None
+    return compact_input_embedding(qwen_lm(model), ids, why_not)
 
 
 def _cuda_graphs(model, data_args, args, plan):

@@ -45,7 +45,6 @@ class CompactEmbedding(nn.Module):
         remap = torch.zeros(full.num_embeddings, dtype=torch.long, device=device)
         remap[ids] = torch.arange(ids.numel(), device=device)
         self.register_buffer("remap", remap, persistent=False)
-        self.register_buffer("ids", ids, persistent=False)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(self.remap[input_ids], self.weight)
