@@ -92,16 +92,20 @@ def run_workload(name: str, model: Path, data: Path, work: Path, steps: int, ext
     info = json.loads(info_path.read_text())
     speed = info.get("throughput") or {}
     peaks = speed.get("peak_reserved_gib_per_process") or [None]
+    allocated = speed.get("peak_allocated_gib_per_process") or [None]
     state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").is_file() else {}
     entry.update(
         tokens_per_s=speed.get("tokens_per_s"), trained_tokens_per_s=speed.get("trained_tokens_per_s"),
         padded_tokens_per_s=speed.get("padded_tokens_per_s"), peak_reserved_gib=peaks[0],
+        peak_allocated_gib=allocated[0], input_embedding=info.get("input_embedding"),
+        checkpointing=info.get("checkpointing"),
         steps_timed=speed.get("steps_timed"), seconds_timed=speed.get("seconds"),
         cuda_graphs=info.get("cuda_graphs"), zero_stage=info.get("zero_stage"), batches=info.get("batches"),
         optimizer=info.get("optimizer"),
         losses=[h["loss"] for h in state.get("log_history", []) if "loss" in h],
         grad_norms=[h["grad_norm"] for h in state.get("log_history", []) if "grad_norm" in h])
-    print(f"   {entry['tokens_per_s']} tok/s real, {entry['peak_reserved_gib']} GiB, {wall} s wall", flush=True)
+    print(f"   {entry['tokens_per_s']} tok/s real, {entry['peak_reserved_gib']} GiB reserved "
+          f"({entry['peak_allocated_gib']} allocated), {wall} s wall", flush=True)
     return entry
 
 

@@ -90,17 +90,23 @@ def compact_input_embedding(lm, ids: torch.Tensor, why_not: str | None = None):
     if reason is not None:
         logger.info("input embedding: kept whole (%s)", reason)
         return None
+    device = full.weight.device
+    on_gpu = device.type == "cuda"
+    before = torch.cuda.memory_allocated(device) if on_gpu else 0
     compact = CompactEmbedding(full, ids)
     compact._forward_hooks.update(full._forward_hooks)  # PEFT's inputs-require-grad hook, if it set one
     compact._forward_pre_hooks.update(full._forward_pre_hooks)
-    device = full.weight.device
     full.to("cpu")
     lm.set_input_embeddings(compact)
-    if device.type == "cuda":
+    if on_gpu:
         # give the table's block back to the driver: held in PyTorch's cache it would serve only allocations outside
-        # the CUDA graphs' private pool, and the run's peak stayed where it was (NOTES step 53)
+        # the CUDA graphs' private pool (NOTES step 53)
         torch.cuda.empty_cache()
-    freed = (full.num_embeddings - compact.weight.shape[0]) * full.embedding_dim * full.weight.element_size()
+        # what the allocator really got back (the compact rows and the lookup table taken off): a reference to the
+        # old table held elsewhere would keep it on the GPU, and the keep budget must not count it then
+        freed = max(0, before - torch.cuda.memory_allocated(device))
+    else:
+        freed = (full.num_embeddings - compact.weight.shape[0]) * full.embedding_dim * full.weight.element_size()
     logger.info("input embedding: %d of %d rows on %s (the tokens of the training data), %.2f GiB freed for "
                 "training", compact.weight.shape[0], full.num_embeddings, device, freed / 2**30)
 
@@ -108,7 +114,7 @@ def compact_input_embedding(lm, ids: torch.Tensor, why_not: str | None = None):
         full.to(device)
         lm.set_input_embeddings(full)
 
-    restore.rows, restore.freed_gib = compact.weight.shape[0], round(freed / 2**30, 3)
+    restore.rows, restore.freed_bytes, restore.freed_gib = compact.weight.shape[0], freed, round(freed / 2**30, 3)
     return restore
 
 

@@ -63,12 +63,15 @@ class ThroughputMeter(TrainerCallback):
     def summary(self, accelerator) -> dict | None:
         """Summed over processes (a collective: every process must call it). None when too few steps ran."""
         device = accelerator.device
-        peak = torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else 0.0
+        cuda = torch.cuda.is_available()
+        # reserved is what the process holds from the driver (what limits a run); allocated is what tensors use of
+        # it, the difference the allocator's cache and fragmentation
+        peak = [torch.cuda.max_memory_reserved() / 2**30, torch.cuda.max_memory_allocated() / 2**30] if cuda else [0, 0]
         timed = self._mark is not None and self._end is not None and self._end[1] > self._mark[1]
         local = torch.tensor([self._end[i] - self._mark[i] for i in (2, 3, 4)] if timed else [0, 0, 0],
                              dtype=torch.float64, device=device)
         totals = accelerator.reduce(local, reduction="sum")
-        peaks = accelerator.gather(torch.tensor([peak], dtype=torch.float64, device=device))
+        peaks = accelerator.gather(torch.tensor([peak], dtype=torch.float64, device=device)).reshape(-1, 2)
         if not timed:
             return None
         seconds = self._end[0] - self._mark[0]
@@ -77,5 +80,5 @@ class ThroughputMeter(TrainerCallback):
                 "tokens_per_s": round(float(totals[0]) / seconds, 1),
                 "trained_tokens_per_s": round(float(totals[1]) / seconds, 1),
                 "padded_tokens_per_s": round(float(totals[2]) / seconds, 1),
-                "peak_reserved_gib_per_process": [round(float(p), 2) for p in peaks.tolist()]
-                if torch.cuda.is_available() else None}
+                "peak_reserved_gib_per_process": [round(float(p[0]), 2) for p in peaks.tolist()] if cuda else None,
+                "peak_allocated_gib_per_process": [round(float(p[1]), 2) for p in peaks.tolist()] if cuda else None}

@@ -332,6 +332,28 @@ def test_trainer_with_packing_trains_through_graphs_as_it_trains_eagerly(tmp_pat
         assert abs(a - b) <= 0.02 * abs(b), (graphed, eager)
 
 
+def test_the_compact_input_embedding_counts_the_memory_the_gpu_got_back():
+    """On the GPU the freed figure (what the keep budget grows by) is what the allocator got back: the whole table
+    less the compact rows and the lookup table; with the old table still referenced elsewhere, nothing."""
+    from finetune.training.compact_embedding import compact_input_embedding
+
+    from _helpers import tiny_model
+
+    for held in (False, True):
+        model = tiny_model(seed=2).requires_grad_(False).cuda()
+        full = model.get_input_embeddings()
+        extra = full.weight.data if held else None  # e.g. a state dict someone kept
+        whole = full.weight.numel() * full.weight.element_size()
+        restore = compact_input_embedding(model, torch.arange(0, 40, 2))
+        compact = model.get_input_embeddings()
+        kept = compact.weight.numel() * compact.weight.element_size() + compact.remap.numel() * 8
+        want = 0 if held else whole - kept
+        assert abs(restore.freed_bytes - want) <= 4 * 512, (held, restore.freed_bytes, want)  # 512-byte rounding
+        restore()
+        del extra, model, full, compact
+        torch.cuda.empty_cache()
+
+
 def test_trainer_with_the_compact_input_embedding_trains_as_with_the_whole_table(tmp_path):
     """Q-LoRA through `train` on the GPU: the input embedding holds only the data's token rows during training
     (run_info.json says how many), gives the same vectors, so the same losses and adapter as the whole table

@@ -90,6 +90,7 @@ def test_qlora_memorises_and_changes_only_adapters(models, memorise_file, tmp_pa
     per_step = sum(len(r) for r in _encoded_lengths(models["int4"]))
     assert speed["tokens"] == 38 * per_step  # real tokens: padding not counted
     assert speed["peak_reserved_gib_per_process"] is None  # no GPU here
+    assert speed["peak_allocated_gib_per_process"] is None
     assert info["cuda_graphs"] is None
     assert info["dtypes"]["gptq.scales"] == ["float16"] and info["dtypes"]["gptq.qweight"] == ["int32"]
     assert (out / "adapter_config.json").is_file() and (out / "qwen.tiktoken").is_file()
