@@ -84,6 +84,9 @@ def run_workload(name: str, model: Path, data: Path, work: Path, steps: int, ext
     (work / f"{name}.log").write_text(log)
     entry = {"workload": name, "command": shown, "steps": steps, "wall_s": wall, "device": device_name,
              "commit": git_commit(), "date": datetime.date.today().isoformat()}
+    for var in ("PYTORCH_CUDA_ALLOC_CONF", "FINETUNE_COMPACT_EMBEDDING"):  # settings that change the figures
+        if os.environ.get(var):
+            entry[var] = os.environ[var]
     info_path = out / "run_info.json"
     if rc != 0 or not info_path.is_file():
         entry.update(error=f"exit {rc}", log_tail=log[-2500:])

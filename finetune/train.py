@@ -331,10 +331,21 @@ def _capture_steps(trainer, train_set, data_args, args, tokenizer) -> None:
         lengths = sorted(T for _, T in done)
         span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
         print(f"CUDA graphs: {len(done)} step shape(s) captured before training ({done[0][0]} rows of {span} "
-              f"tokens) in {trainer.graphs.prepare_s:.1f} s", flush=True)
+              f"tokens) in {trainer.graphs.prepare_s:.1f} s; {_gpu_memory()}", flush=True)
         if len(done) < len(shapes) and not trainer.graphs.failure:
             print(f"CUDA graphs: {len(shapes) - len(done)} rarer shape(s) past the {len(done)} captured run eagerly",
                   flush=True)
+
+
+def _gpu_memory() -> str:
+    """This process's GPU memory now and at its peak: reserved (held from the driver, what another process cannot
+    use) and allocated (what tensors use of it)."""
+    import torch
+
+    gib = 2**30
+    return (f"GPU memory {torch.cuda.memory_reserved() / gib:.2f} GiB reserved "
+            f"({torch.cuda.memory_allocated() / gib:.2f} allocated), peak so far "
+            f"{torch.cuda.max_memory_reserved() / gib:.2f} ({torch.cuda.max_memory_allocated() / gib:.2f})")
 
 
 def _datasets(tokenizer, data_args, args):
