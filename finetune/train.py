@@ -24,6 +24,7 @@ from .settings import as_dict as settings_dict
 from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
                                  resolve_sampling)
 from .training import precision as precision_policy
+from .training.allocator import default_allocator_settings
 from .training.checks import FINISHED_MARKER, TrainConfigError, last_complete_checkpoint, preflight
 from .training.console import quiet_third_party_notices
 from .training.lora import attach_lora
@@ -384,6 +385,7 @@ def run_info(trainer, graphs: dict | None = None) -> dict:
         "compute_dtype": str(trainer.precision.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
         "precision": trainer.precision.record(),
         "global_step": trainer.state.global_step, "cuda_graphs": graphs, "settings": settings_dict(),
+        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF")),
         "nonfinite_skipped_steps": trainer.skipped_steps, "optimizer": trainer.optimizer_record(),
         "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
     }
@@ -416,6 +418,7 @@ def _print_next_steps(plan, output_dir):
 
 
 def main(argv: list[str] | None = None) -> int:
+    default_allocator_settings()  # before anything touches CUDA (training/allocator.py)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_third_party_notices()
     try:
