@@ -93,6 +93,18 @@ def test_config_file_then_flags(setup, tmp_path):
     assert parse_args([str(js)])[2].lora_r == 2
 
 
+def test_train_takes_the_short_model_data_output_flags(setup, tmp_path):
+    """`qwen-ft train -m -d -o` as the scripts, chat, eval and serve take them; they override a config file too."""
+    model_args, data_args, _, args = parse_args(["-m", str(setup["float"]), "-d", str(setup["data"]),
+                                                 "-o", str(tmp_path / "o"), "--max_steps", "2"])
+    assert (model_args.model_name_or_path, data_args.data_path, args.output_dir, args.max_steps) == (
+        str(setup["float"]), str(setup["data"]), str(tmp_path / "o"), 2)
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model_name_or_path: /elsewhere\ndata_path: {setup['data']}\noutput_dir: {tmp_path / 'x'}\n")
+    model_args, _, _, args = parse_args([str(cfg), "-m", str(setup["float"]), "-o", str(tmp_path / "o")])
+    assert model_args.model_name_or_path == str(setup["float"]) and args.output_dir == str(tmp_path / "o")
+
+
 def test_config_file_errors_are_one_line(setup, tmp_path, capsys):
     bad_key = tmp_path / "typo.yaml"
     bad_key.write_text("lora_rank: 8\nlearning_rate: 1e-4\n")

@@ -21,12 +21,13 @@ from transformers import HfArgumentParser
 @dataclass
 class ModelArguments:
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Model dir (bf16/fp16 or GPTQ Int4/Int8) or hub id"})
+        default=None, metadata={"help": "Model dir (bf16/fp16 or GPTQ Int4/Int8) or hub id", "aliases": ["-m"]})
 
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(default=None, metadata={"help": "Training data: JSON, JSONL or a datasets dir"})
+    data_path: str | None = field(default=None, metadata={"help": "Training data: JSON, JSONL or a datasets dir",
+                                                          "aliases": ["-d"]})
     eval_data_path: str | None = field(default=None, metadata={"help": "Held-out data for evaluation"})
     model_max_length: int = field(default=8192, metadata={"help": "Longest row in tokens (turn-aware truncation)"})
     packing: bool = field(
@@ -58,6 +59,9 @@ class LoraArguments:
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
+    # -m -d -o as the training scripts, chat, eval and serve take them
+    output_dir: str | None = field(default=None, metadata={"help": "Where the adapter (or model), its checkpoints "
+                                                                   "and run_info.json go", "aliases": ["-o"]})
     cache_dir: str | None = field(default=None, metadata={"help": "Accepted for the official scripts"})
     optim: str = field(
         default="auto", metadata={"help": "auto: adamw_torch_fused on a CUDA GPU without --deepspeed (one kernel "
