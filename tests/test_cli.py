@@ -105,6 +105,18 @@ def test_train_takes_the_short_model_data_output_flags(setup, tmp_path):
     assert model_args.model_name_or_path == str(setup["float"]) and args.output_dir == str(tmp_path / "o")
 
 
+def test_without_an_output_dir_the_run_goes_where_the_scripts_put_it(setup, capsys):
+    """No --output_dir: output/qwen-<mode>, as scripts/finetune_<mode>.sh would write it, said on the console (not
+    transformers' ./trainer_output); one given stays as given."""
+    model_args_etc = parse_args(["-m", str(setup["float"]), "-d", str(setup["data"]), "--use_lora", "True"])
+    preflight(*model_args_etc)
+    assert model_args_etc[3].output_dir == os.path.join("output", "qwen-lora")
+    assert "no --output_dir: the run goes to output/qwen-lora" in capsys.readouterr().out
+    model_args_etc = parse_args(["-m", str(setup["float"]), "-d", str(setup["data"]), "-o", "mine"])
+    preflight(*model_args_etc)
+    assert model_args_etc[3].output_dir == "mine"
+
+
 def test_config_file_errors_are_one_line(setup, tmp_path, capsys):
     bad_key = tmp_path / "typo.yaml"
     bad_key.write_text("lora_rank: 8\nlearning_rate: 1e-4\n")

@@ -103,6 +103,9 @@ class TrainingArguments(transformers.TrainingArguments):
 
 
     def __post_init__(self):
+        # unset, the run goes where the scripts put it, output/qwen-<mode> (preflight knows the mode), not into
+        # transformers' ./trainer_output
+        self.output_dir_unset = self.output_dir is None
         if self.optim == "auto":
             self.optim = default_optimizer(self.use_cpu, self.deepspeed)
         own_accelerator_config = self.accelerator_config is not None

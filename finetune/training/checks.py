@@ -276,6 +276,10 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         mode = "lora"
     else:
         mode = "full"
+    if getattr(args, "output_dir_unset", False):
+        args.output_dir = os.path.join("output", f"qwen-{mode}")
+        if args.process_index == 0:
+            print(f"no --output_dir: the run goes to {args.output_dir} (as the training scripts' default)", flush=True)
     if lora_args.lora_r <= 0:
         raise TrainConfigError(f"--lora_r must be positive, got {lora_args.lora_r}")
     check_numbers(lora_args, args)
