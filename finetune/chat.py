@@ -5,8 +5,9 @@
 
 Interactive: the reply streams as it is generated (``model.chat_stream``); the conversation is kept as
 history, as much of it as fits in the history window (``max_window_size`` tokens, default the model's
-generation config, 6144), newest turns first, as the official make_context does. Commands: ``:clear``
-forgets the history, ``:exit`` (or ``:quit``, or end of input, Ctrl-D) leaves.
+generation config, 6144), newest turns first, as the official make_context does. Commands (``:help`` lists
+them; the official cli_demo's names): ``:clear`` forgets the history, ``:history`` shows it, ``:seed N`` and
+``:conf KEY=VALUE`` change the sampling, ``:exit`` (or ``:quit``, or end of input, Ctrl-D) leaves.
 
 One-shot: ``--query Q`` prints the reply alone on stdout and exits 0 (scriptable).
 Without ``-m`` the base is the one the adapter records; a base that moved is given with ``-m``.
@@ -122,16 +123,86 @@ def stream_reply(model, tokenizer, query, history, system, out, **kw) -> str:
     return printed
 
 
-def interactive(model, tokenizer, args, kw, stdin=None, out=None) -> int:
+HELP = """Commands (as the official cli_demo's, where it has them):
+  :help, :h                  this list
+  :exit, :quit, :q           leave (or Ctrl-D)
+  :clear, :cl, :clear-his, :clh   forget the history
+  :history, :his             the turns kept as history
+  :seed                      the seed; :seed N sets it (each reply is sampled from it, as the official demo)
+  :conf                      the generation settings; :conf KEY=VALUE [...] changes them (temperature, top_p,
+                             top_k, max_new_tokens, repetition_penalty, greedy or do_sample, history_window
+                             or max_window_size)
+  :reset-conf                the settings given on the command line again
+A line starting with ':' that is none of these is sent as a message.
+"""
+
+# :conf names: the flags' dests, and the generation-config names the official demo takes
+_CONF_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_new_tokens",
+               "repetition_penalty": "repetition_penalty", "greedy": "greedy", "do_sample": "greedy",
+               "history_window": "history_window", "max_window_size": "history_window"}
+
+
+def _bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"not a yes/no value: {text!r}")
+
+
+def change_conf(conf: argparse.Namespace, words: list[str]) -> str:
+    """Apply ``:conf KEY=VALUE ...`` to ``conf`` (the parsed flags), all or nothing; returns what to print."""
+    changed = argparse.Namespace(**vars(conf))
+    for word in words:
+        key, eq, text = word.partition("=")
+        dest = _CONF_NAMES.get(key.strip().replace("-", "_"))
+        if not eq or dest is None:
+            return f"(:conf takes KEY=VALUE with KEY one of {', '.join(_CONF_NAMES)}; got {word!r})"
+        try:
+            if text.strip().lower() in ("none", "null", ""):
+                value = None if dest != "greedy" else False
+            elif dest == "greedy":
+                value = _bool(text) if key.strip() == "greedy" else not _bool(text)
+            elif dest in ("top_k", "max_new_tokens", "history_window"):
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError:
+            return f"({key}: {text!r} is not a {'yes/no value' if dest == 'greedy' else 'number'}; nothing changed)"
+        setattr(changed, dest, value)
+    if (problem := bad_flag(changed)) is not None:
+        flag, rest = problem.split(" ", 1)  # "--top-p must be ...": named as :conf names it
+        return f"({flag.lstrip('-').replace('-', '_')} {rest}; nothing changed)"
+    vars(conf).update(vars(changed))
+    return describe_conf(conf)
+
+
+def describe_conf(conf: argparse.Namespace) -> str:
+    shown = {name: getattr(conf, name) for name in ("greedy", "temperature", "top_p", "top_k", "max_new_tokens",
+                                                    "repetition_penalty", "history_window")}
+    return "(" + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()) + ")"
+
+
+def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
+    """The chat loop: a line is a message, or one of HELP's commands. ``args``: the parsed flags (``:conf``
+    changes a copy; each reply's generation settings come from it)."""
+    from transformers import set_seed
+
     stdin = stdin or sys.stdin
     out = out or sys.stdout
-    window = kw.get("max_window_size") or getattr(model.generation_config, "max_window_size", None) or 6144
+    conf = argparse.Namespace(**vars(args))
+    seed = args.seed
     try:
         import readline  # noqa: F401  (line editing and history in a terminal)
     except ImportError:  # pragma: no cover
         pass
-    out.write("Chat with the model. Commands: :clear (forget the history), :exit (or Ctrl-D) to leave.\n")
-    out.flush()
+
+    def say(text: str) -> None:
+        out.write(text + ("" if text.endswith("\n") else "\n"))
+        out.flush()
+
+    say("Chat with the model. :help lists the commands; :exit (or Ctrl-D) leaves.")
     history: list = []
     while True:
         try:
@@ -143,22 +214,47 @@ def interactive(model, tokenizer, args, kw, stdin=None, out=None) -> int:
                 query = stdin.readline()
                 if not query:
                     raise EOFError
-        except EOFError:
-            out.write("\n")
-            break
-        except KeyboardInterrupt:
+        except (EOFError, KeyboardInterrupt):
             out.write("\n")
             break
         query = query.strip()
         if not query:
             continue
-        if query in (":exit", ":quit", ":q"):
+        words = query[1:].split() if query.startswith(":") else []
+        command = words[0] if words else None
+        if command in ("exit", "quit", "q"):
             break
-        if query == ":clear":
-            history = []
-            out.write("(history cleared)\n")
-            out.flush()
+        if command in ("help", "h"):
+            say(HELP)
             continue
+        if command in ("clear", "cl", "clear-his", "clh"):
+            history = []
+            say("(history cleared)")
+            continue
+        if command in ("history", "his"):
+            say("\n".join(f"User[{i}]: {q}\nQwen[{i}]: {r}" for i, (q, r) in enumerate(history))
+                or "(no history)")
+            continue
+        if command == "seed":
+            if len(words) > 1:
+                try:
+                    seed = int(words[1])
+                except ValueError:
+                    say(f"(:seed takes a whole number, got {words[1]!r}; the seed stays {seed})")
+                    continue
+            say(f"(seed {seed if seed is not None else 'unset: each reply draws afresh'})")
+            continue
+        if command == "conf":
+            say(change_conf(conf, words[1:]) if len(words) > 1 else describe_conf(conf))
+            continue
+        if command == "reset-conf":
+            conf = argparse.Namespace(**vars(args))
+            say(describe_conf(conf))
+            continue
+        kw = generation_kwargs(conf)
+        window = kw.get("max_window_size") or getattr(model.generation_config, "max_window_size", None) or 6144
+        if seed is not None:
+            set_seed(seed)
         out.write(ANSWER)
         out.flush()
         try:
@@ -194,16 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     except (AdapterError, ModelLoadError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.seed is not None:
-        from transformers import set_seed
-
-        set_seed(args.seed)
-    kw = generation_kwargs(args)
     if args.query is not None:
-        reply, _ = model.chat(tokenizer, args.query, history=None, system=args.system, **kw)
+        if args.seed is not None:
+            from transformers import set_seed
+
+            set_seed(args.seed)
+        reply, _ = model.chat(tokenizer, args.query, history=None, system=args.system, **generation_kwargs(args))
         print(reply, flush=True)
         return 0
-    return interactive(model, tokenizer, args, kw)
+    return interactive(model, tokenizer, args)
 
 
 if __name__ == "__main__":

@@ -167,3 +167,55 @@ def test_stream_and_history_window(setup):
     assert trim_history(tok, history, "You are a helpful assistant.", 6144) == history
     kept = trim_history(tok, history, "You are a helpful assistant.", 60)
     assert 0 < len(kept) < len(history) and kept == history[-len(kept):]  # newest turns kept
+
+
+def _session(model, tok, lines, flags=()):
+    import io
+
+    from finetune.chat import _parser, interactive
+
+    out = io.StringIO()
+    args = _parser().parse_args(["-m", "unused", *flags])
+    assert interactive(model, tok, args, stdin=io.StringIO("".join(line + "\n" for line in lines)), out=out) == 0
+    return out.getvalue()
+
+
+def test_the_official_demos_commands(setup):
+    """:help, :history, :conf (checked as the flags are, all or nothing), :reset-conf, :seed, :clh; an unknown
+    ':' line is a message, as in the official cli_demo."""
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import ANSWER, PROMPT
+
+    model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
+    text = _session(model, tok, [":h", MEMORISE[0][0], ":his", ":conf top_p=1.5 top_k=3", ":conf top_k=-2",
+                                 ":conf top_k=3 max_new_tokens=5", ":conf nope=1", ":reset-conf", ":seed", ":seed 9",
+                                 ":seed x", ":clh", ":history", ":hello", ":q", "never read"],
+                    ["--greedy", "--max_new_tokens", "24"])
+    replies = text.split(PROMPT)
+    assert ":conf KEY=VALUE" in replies[1]  # the help
+    assert replies[2].strip() == ANSWER + MEMORISE[0][1]
+    assert replies[3].strip() == f"User[0]: {MEMORISE[0][0]}\nQwen[0]: {MEMORISE[0][1]}"
+    assert replies[4].strip() == "(top_p must be in (0, 1], got 1.5; nothing changed)"  # top_k=3 not applied
+    assert replies[5].strip() == "(top_k must be >= 0 (0: off), got -2; nothing changed)"
+    assert "top_k=3" in replies[6] and "max_new_tokens=5" in replies[6] and "greedy=True" in replies[6]
+    assert "KEY one of" in replies[7] and "'nope=1'" in replies[7]
+    assert "top_k=default" in replies[8] and "max_new_tokens=24" in replies[8]
+    assert [r.strip() for r in replies[9:12]] == ["(seed unset: each reply draws afresh)", "(seed 9)",
+                                                  "(:seed takes a whole number, got 'x'; the seed stays 9)"]
+    assert replies[12].strip() == "(history cleared)" and replies[13].strip() == "(no history)"
+    assert replies[14].startswith(ANSWER)  # ':hello' went to the model
+    assert len(replies) == 16 and "never read" not in text  # :q left
+
+
+def test_a_set_seed_samples_each_reply_the_same_way(setup):
+    """As the official demo: the seed is set again before every reply, so a question asked afresh (history
+    cleared) gets the same sampled reply; without a seed it differs (the untrained model's flat distribution)."""
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import PROMPT
+
+    model, tok = load_model(setup["float"]), load_tokenizer(setup["float"])
+    flags = ["--temperature", "1.0", "--top_k", "0", "--top_p", "1.0", "--max_new_tokens", "12"]
+    seeded = _session(model, tok, [":seed 4", "hi", ":clear", "hi"], flags).split(PROMPT)
+    assert seeded[2] == seeded[4] and len(seeded[2].strip()) > len("Qwen>")
+    free = _session(model, tok, ["hi", ":clear", "hi"], flags).split(PROMPT)
+    assert free[1] != free[3]
