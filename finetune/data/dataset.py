@@ -357,9 +357,12 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     summary.examples = [str(e) for e in errors[:5]]
     if not used_len:
         cls = TooLongError if skipped.get(TOO_LONG) else DataError
-        raise cls("no usable records", f"{len(reasons)} read; skipped: "
+        empty = ("no records given" if not isinstance(path_or_records, (str, os.PathLike))
+                 else "the dataset is empty" if os.path.isdir(path_or_records) else "the file is empty")
+        detail = (empty if not reasons else f"{len(reasons)} read; skipped: "
                   + (", ".join(f"{n} {r}" for r, n in skipped.items()) or "none")
-                  + (f"; max_len is {max_len}" if skipped.get(TOO_LONG) else ""), path=source)
+                  + (f"; max_len is {max_len}" if skipped.get(TOO_LONG) else ""))
+        raise cls("no usable records", detail, path=source)
     if skipped and verbose:
         print(summary.format(), file=sys.stderr)  # skips are never silent, even if the caller ignores the summary
 

@@ -111,6 +111,16 @@ def test_zero_usable_records(data_small_tokenizer, jsonl, tmp_path):
         build_dataset(data_small_tokenizer, path, 64, skip_invalid=True, cache_dir=tmp_path / "c")
 
 
+@pytest.mark.parametrize("text", ["[]", "", "\n\n"])
+def test_an_empty_file_says_so(data_small_tokenizer, tmp_path, text):
+    # as load_records (eval) words it, not "0 read; skipped: none"
+    path = tmp_path / ("empty.json" if text == "[]" else "empty.jsonl")
+    path.write_text(text)
+    with pytest.raises(DataError, match="no usable records: the file is empty") as e:
+        build_dataset(data_small_tokenizer, str(path), 64, cache_dir=tmp_path / "c")
+    assert str(path) in str(e.value)
+
+
 def test_packing(data_small_tokenizer, jsonl, tmp_path):
     tok = data_small_tokenizer
     ds, s = build_dataset(tok, jsonl(GOOD), 128, packing=True, cache_dir=tmp_path / "c")
