@@ -24,7 +24,7 @@ from .settings import as_dict as settings_dict
 from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
                                  resolve_sampling)
 from .training import precision as precision_policy
-from .training.allocator import default_allocator_settings
+from .training.allocator import allocator_settings, default_allocator_settings
 from .training.checks import FINISHED_MARKER, TrainConfigError, last_complete_checkpoint, preflight
 from .training.console import quiet_third_party_notices
 from .training.lora import attach_lora
@@ -320,6 +320,7 @@ def _capture_steps(trainer, train_set, data_args, args, tokenizer) -> None:
     """Capture the CUDA graphs of the step shapes the data gives before the first step, so the run replays from
     its first step in whatever order the shapes come (one GPU without DeepSpeed; otherwise each shape is captured
     when it first comes, after its eager warm-up steps)."""
+    from .training.memory import gpu_memory_now
     from .training.trainer import graph_step_shapes
 
     shapes = graph_step_shapes(train_set["length"], data_args, args.per_device_train_batch_size)
@@ -332,21 +333,10 @@ def _capture_steps(trainer, train_set, data_args, args, tokenizer) -> None:
         lengths = sorted(T for _, T in done)
         span = f"{lengths[0]}" if len(lengths) == 1 else f"{lengths[0]}-{lengths[-1]}"
         print(f"CUDA graphs: {len(done)} step shape(s) captured before training ({done[0][0]} rows of {span} "
-              f"tokens) in {trainer.graphs.prepare_s:.1f} s; {_gpu_memory()}", flush=True)
+              f"tokens) in {trainer.graphs.prepare_s:.1f} s; {gpu_memory_now()}", flush=True)
         if len(done) < len(shapes) and not trainer.graphs.failure:
             print(f"CUDA graphs: {len(shapes) - len(done)} rarer shape(s) past the {len(done)} captured run eagerly",
                   flush=True)
-
-
-def _gpu_memory() -> str:
-    """This process's GPU memory now and at its peak: reserved (held from the driver, what another process cannot
-    use) and allocated (what tensors use of it)."""
-    import torch
-
-    gib = 2**30
-    return (f"GPU memory {torch.cuda.memory_reserved() / gib:.2f} GiB reserved "
-            f"({torch.cuda.memory_allocated() / gib:.2f} allocated), peak so far "
-            f"{torch.cuda.max_memory_reserved() / gib:.2f} ({torch.cuda.max_memory_allocated() / gib:.2f})")
 
 
 def _datasets(tokenizer, data_args, args):
@@ -385,7 +375,7 @@ def run_info(trainer, graphs: dict | None = None) -> dict:
         "compute_dtype": str(trainer.precision.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
         "precision": trainer.precision.record(),
         "global_step": trainer.state.global_step, "cuda_graphs": graphs, "settings": settings_dict(),
-        "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", os.environ.get("PYTORCH_ALLOC_CONF")),
+        "cuda_alloc_conf": allocator_settings(),
         "nonfinite_skipped_steps": trainer.skipped_steps, "optimizer": trainer.optimizer_record(),
         "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},
     }

@@ -16,14 +16,23 @@ import os
 TRAINING_ALLOC_CONF = "expandable_segments:True"
 
 
+def allocator_settings(environ=os.environ) -> str | None:
+    """The allocator variable's value as set (PYTORCH_CUDA_ALLOC_CONF, else PYTORCH_ALLOC_CONF); None where neither
+    is set."""
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        if name in environ:
+            return environ[name]
+    return None
+
+
 def default_allocator_settings(environ=os.environ) -> str | None:
     """Set PYTORCH_CUDA_ALLOC_CONF to TRAINING_ALLOC_CONF where neither allocator variable is set; returns the
     setting now in force (None: torch's defaults)."""
-    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
-        if name in environ:
-            return environ[name] or None
+    chosen = allocator_settings(environ)
+    if chosen is not None:
+        return chosen or None
     environ["PYTORCH_CUDA_ALLOC_CONF"] = TRAINING_ALLOC_CONF
     return TRAINING_ALLOC_CONF
 
 
-__all__ = ["TRAINING_ALLOC_CONF", "default_allocator_settings"]
+__all__ = ["TRAINING_ALLOC_CONF", "allocator_settings", "default_allocator_settings"]

@@ -194,3 +194,13 @@ def held_on(device: str) -> str:
     total = torch.cuda.get_device_properties(dev).total_memory
     return (f" ({torch.cuda.memory_reserved(dev) / GIB:.1f} GiB reserved by this process of {total / GIB:.1f} GiB "
             f"on {device})")
+
+
+def gpu_memory_now() -> str:
+    """This process's GPU memory now and at its peak, for a progress line: reserved (held from the driver, what
+    another process cannot use) and allocated (what tensors use of it)."""
+    import torch
+
+    return (f"GPU memory {torch.cuda.memory_reserved() / GIB:.2f} GiB reserved "
+            f"({torch.cuda.memory_allocated() / GIB:.2f} allocated), peak so far "
+            f"{torch.cuda.max_memory_reserved() / GIB:.2f} ({torch.cuda.max_memory_allocated() / GIB:.2f})")
