@@ -142,17 +142,12 @@ _CONF_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                "history_window": "history_window", "max_window_size": "history_window"}
 
 
-def _bool(text: str) -> bool:
-    low = text.strip().lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"not a yes/no value: {text!r}")
-
-
 def change_conf(conf: argparse.Namespace, words: list[str]) -> str:
-    """Apply ``:conf KEY=VALUE ...`` to ``conf`` (the parsed flags), all or nothing; returns what to print."""
+    """Apply ``:conf KEY=VALUE ...`` to ``conf`` (the parsed flags), all or nothing; returns what to print. Values
+    are read as the flags' own types read them."""
+    from .settings import yes_no
+
+    types = {action.dest: action.type for action in _parser()._actions}
     changed = argparse.Namespace(**vars(conf))
     for word in words:
         key, eq, text = word.partition("=")
@@ -163,11 +158,9 @@ def change_conf(conf: argparse.Namespace, words: list[str]) -> str:
             if text.strip().lower() in ("none", "null", ""):
                 value = None if dest != "greedy" else False
             elif dest == "greedy":
-                value = _bool(text) if key.strip() == "greedy" else not _bool(text)
-            elif dest in ("top_k", "max_new_tokens", "history_window"):
-                value = int(text)
+                value = yes_no(text) if key.strip() == "greedy" else not yes_no(text)
             else:
-                value = float(text)
+                value = types[dest](text)
         except ValueError:
             return f"({key}: {text!r} is not a {'yes/no value' if dest == 'greedy' else 'number'}; nothing changed)"
         setattr(changed, dest, value)
@@ -179,8 +172,7 @@ def change_conf(conf: argparse.Namespace, words: list[str]) -> str:
 
 
 def describe_conf(conf: argparse.Namespace) -> str:
-    shown = {name: getattr(conf, name) for name in ("greedy", "temperature", "top_p", "top_k", "max_new_tokens",
-                                                    "repetition_penalty", "history_window")}
+    shown = {dest: getattr(conf, dest) for dest in dict.fromkeys(_CONF_NAMES.values())}
     return "(" + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()) + ")"
 
 

@@ -51,6 +51,14 @@ _CHOICES = {"gptq_backend": ("auto", "triton", "torch")}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+def yes_no(text: str) -> bool:
+    """1/true/yes/on or 0/false/no/off (any case, spaces around) as a bool; ValueError otherwise."""
+    value = text.strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(f"expected 1 or 0, got {text!r}")
+
+
 def from_environ(environ=os.environ) -> Settings:
     values = {}
     for field in dataclasses.fields(Settings):
@@ -62,10 +70,11 @@ def from_environ(environ=os.environ) -> Settings:
             if value not in _CHOICES[field.name]:
                 raise SettingsError(f"{ENV[field.name]}={raw!r}: expected one of {', '.join(_CHOICES[field.name])}")
             values[field.name] = value
-        elif value in _TRUE or value in _FALSE:
-            values[field.name] = value in _TRUE
         else:
-            raise SettingsError(f"{ENV[field.name]}={raw!r}: expected 1 or 0")
+            try:
+                values[field.name] = yes_no(value)
+            except ValueError:
+                raise SettingsError(f"{ENV[field.name]}={raw!r}: expected 1 or 0") from None
     return Settings(**values)
 
 
