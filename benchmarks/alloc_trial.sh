@@ -9,10 +9,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
 out=${OUT:-/tmp/alloc_trial}
-mkdir -p "$out" /tmp/user_path
+mkdir -p "$out"
 start=$SECONDS
-[[ -d /tmp/m ]] || python3 benchmarks/make_model_dir.py --shape 14b --int4 --out /tmp/m > /dev/null 2>&1
-ln -sfn /tmp/m /tmp/user_path/14b_int4
+user_path_model
 up() { python3 benchmarks/user_path.py --work /tmp/user_path --timeout 170 "$@"; }
 run() {  # name workload steps
   up --workloads "$2" --steps "$2=$3" --out "$out/$1.json"

@@ -9,14 +9,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
 out=${OUT:-/tmp/clock_trial}
-mkdir -p "$out" /tmp/user_path
+mkdir -p "$out"
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,power.limit,temperature.gpu,utilization.gpu,clocks_throttle_reasons.active \
   --format=csv,nounits -lms 500 > "$out/smi.csv" 2>/dev/null &
 smi=$!
 start=$SECONDS
 mark() { echo "$(date -u +%Y/%m/%d\ %H:%M:%S.000) $1" >> "$out/marks.txt"; }
-[[ -d /tmp/m ]] || python3 benchmarks/make_model_dir.py --shape 14b --int4 --out /tmp/m
-ln -sfn /tmp/m /tmp/user_path/14b_int4
+user_path_model
 up() { python3 benchmarks/user_path.py --work /tmp/user_path --timeout 200 "$@"; }
 mark "rows2048_ckpt keep 1.5"
 up --workloads rows2048_ckpt --steps rows2048_ckpt=6 --extra "--gradient_checkpointing_keep_gib 1.5" \

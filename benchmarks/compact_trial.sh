@@ -8,13 +8,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
 out=${OUT:-/tmp/compact_trial}
-mkdir -p "$out" /tmp/user_path
+mkdir -p "$out"
 start=$SECONDS
 timeout 120 python3 -m pytest -q -m cuda -x tests/training/test_graphs_cuda.py -k compact_input_embedding \
   > "$out/tests.log" 2>&1
 echo "tests rc=$? ($((SECONDS - start)) s)"; tail -2 "$out/tests.log"
-[[ -d /tmp/m ]] || python3 benchmarks/make_model_dir.py --shape 14b --int4 --out /tmp/m > /dev/null 2>&1
-ln -sfn /tmp/m /tmp/user_path/14b_int4
+user_path_model
 up() { python3 benchmarks/user_path.py --work /tmp/user_path --timeout 170 "$@"; }
 up --workloads rows2048_ckpt --steps rows2048_ckpt=6 --out "$out/ckpt_compact.json"
 echo "rows2048 compact ($((SECONDS - start)) s)"

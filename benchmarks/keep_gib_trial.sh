@@ -8,9 +8,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
 out=${OUT:-/tmp/keep_trial}
-mkdir -p "$out" /tmp/user_path
-[[ -d /tmp/m ]] || python3 benchmarks/make_model_dir.py --shape 14b --int4 --out /tmp/m
-ln -sfn /tmp/m /tmp/user_path/14b_int4
+mkdir -p "$out"
+user_path_model
 up() { python3 benchmarks/user_path.py --work /tmp/user_path --timeout 200 "$@"; }
 up --workloads rows2048_ckpt --steps rows2048_ckpt=6 --out "$out/ckpt_keep1.json"
 up --workloads rows2048_ckpt --steps rows2048_ckpt=6 --extra "--gradient_checkpointing_keep_gib 1.75" \
