@@ -87,8 +87,8 @@ class TrainingArguments(transformers.TrainingArguments):
                           "of the last blocks instead of recomputing them in the backward pass (14B model, 2048 "
                           "tokens a micro-batch: ~150 MB and ~0.9 ms a block on an H200); 0 recomputes every "
                           "block. Default (unset): 1 plus what the compact input embedding frees for training "
-                          "(the rows of tokens the data never uses), so the run holds what it would with the "
-                          "whole table and 1 GiB"})
+                          "(the rows of tokens the data never uses), so the kept blocks spend what the table gave "
+                          "back"})
     train_sampling_strategy: str = field(
         default="auto",
         metadata={"help": "Order of the training rows. auto: random with --packing; with --packing False "
