@@ -1,0 +1,142 @@
+"""Where the one-row tensor-core GEMV (finetune/quant/mma_gemv.py) waits: the kernel timed as built and with one
+part taken out or changed at a time, by editing its CUDA source here (diagnostic builds: their results are wrong on
+purpose, only the time counts), beside a sweep of its launch configurations per Linear shape.
+
+NOTES step 37 and session 19: a read-only twin of the GEMV's loads (lane L: 16 bytes at 32 L and at 32 L + 16 of
+each 1 KiB chunk) takes ~16.3 us on c_attn, the GEMV's own time, while a twin reading the same tile ranges 16 bytes a
+thread in flat order takes 11.8. The variants say which part of the GEMV holds it at the slower rate:
+
+- ``as_built``: the kernel;
+- ``full_sector``: each weight load instruction reads 512 contiguous bytes (lane L at 16 L, then 512 + 16 L), the
+  read-only fast twin's pattern, with everything else as built (step 38 changed the layout and the HMMA chains
+  together, and its GEMV was not faster);
+- ``no_w``: the weights made from the chunk index in registers (no weight loads);
+- ``no_x``: x made in registers (no x loads);
+- ``no_sz``: the scales and zero words made in registers (no scale or zero loads);
+- ``no_mma``: the mma's replaced by fp32 adds (loads and unpacking stay);
+- ``compute_only``: no_w + no_x + no_sz (unpacking and mma's only).
+
+    python benchmarks/mma_gemv_ablation.py --out $OUT/mma_gemv_ablation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from decode_bench import GEMV_SHAPES, layer_copies, time_gemv  # noqa: E402
+from provenance import git_commit  # noqa: E402
+
+from finetune.quant import mma_gemv as G  # noqa: E402
+
+# the 14B Linears at one row as the fused decode step calls them: w1 and w2 as one paired launch (side_by_side)
+SHAPES = dict(GEMV_SHAPES, **{"w1+w2 paired": (5120, 2 * 13696)})
+VARIANTS = ("as_built", "full_sector", "no_w", "no_x", "no_sz", "no_mma", "compute_only")
+
+W_START = "p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;"
+W_LOADS = "  b.w[0] = ld_stream(p.w);\n  b.w[1] = ld_stream(p.w + 1);\n"
+SZ_LOADS = "  b.s0 = s[0];\n  b.s1 = s[8];\n  b.z0 = z[0];\n  b.z1 = z[1];\n"
+X_LOAD = "for (int i = 0; i < 4; ++i) b.xv[mb][i] = ld_cached(xp + i);"
+MMA_ASM = """  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+"""
+NO_MMA = """  d[0] += __uint_as_float(a0 ^ b0); d[1] += __uint_as_float(a1 ^ b1);
+  d[2] += __uint_as_float(a2 ^ b0); d[3] += __uint_as_float(a3 ^ b1);
+"""
+# register stand-ins that change every chunk (p.c), so the compiler cannot hoist the work out of the loop
+FAKE_W = ("  b.w[0] = U4{(u32)p.c * 0x9E3779B9u, (u32)p.c ^ 0x5A5A5A5Au, (u32)p.c + 0x01234567u, (u32)p.c * 7u};\n"
+          "  b.w[1] = U4{(u32)p.c * 0x85EBCA6Bu, (u32)p.c ^ 0xA5A5A5A5u, (u32)p.c + 0x76543210u, (u32)p.c * 13u};\n")
+FAKE_SZ = ("  b.s0 = (u16)(0x2000 + (p.c & 255));\n  b.s1 = (u16)(0x2100 + (p.c & 255));\n"
+           "  b.z0 = p.c * 0x01010101;\n  b.z1 = p.c * 0x02020202;\n")
+FAKE_X = "for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{(u32)p.c * 0x3F80u, (u32)i, 0x3F803F80u, (u32)mb + (u32)p.c};"
+
+
+def patched(src: str, variant: str) -> str:
+    def sub(text, old, new):
+        if old not in text:
+            raise SystemExit(f"{variant}: the kernel source no longer has the piece this ablation edits")
+        return text.replace(old, new)
+
+    if variant == "full_sector":
+        src = sub(src, W_START, W_START.replace("lane * 2", "lane"))
+        src = sub(src, W_LOADS, "  b.w[0] = ld_stream(p.w);\n  b.w[1] = ld_stream(p.w + 32);\n")
+    if variant in ("no_w", "compute_only"):
+        src = sub(src, W_LOADS, FAKE_W)
+    if variant in ("no_sz", "compute_only"):
+        src = sub(src, SZ_LOADS, FAKE_SZ)
+    if variant in ("no_x", "compute_only"):
+        src = sub(src, X_LOAD, FAKE_X)
+    if variant == "no_mma":
+        src = sub(src, MMA_ASM, NO_MMA)
+    return src
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    ap.add_argument("--ablate", nargs="+", default=["8,1,2", "4,1,4"],
+                    help="configs (warps,depth,per_sm) the variants are timed at")
+    ap.add_argument("--sweep", nargs="+", default=[f"{w},{d},{s}" for w in (4, 8) for d in (1, 2) for s in (2, 4, 8)],
+                    help="configs the kernel as built is timed at (per shape: which is fastest)")
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    why = G.available()
+    if why:
+        raise SystemExit(f"mma_gemv unavailable: {why}")
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    commit = git_commit()
+    results = []
+    M = 1
+    for name in args.shapes:
+        K, N = SHAPES[name]
+        weight_bytes, layers = layer_copies(K, N, device)
+        packed = [G.repack(**lay, group_size=128) for lay in layers]
+        x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+        jobs = [(c, "as_built") for c in args.sweep] + [(c, v) for c in args.ablate for v in VARIANTS
+                                                        if not (v == "as_built" and c in args.sweep)]
+        for config, variant in jobs:
+            warps, depth, per_sm = (int(v) for v in config.split(","))
+            src = patched(G.kernel_source(warps, 1, depth, 128), variant)
+            kernel = G._compile(device, src, "gptq_mma_gemv")
+            T, C = N // 16, K // 128
+            splits = G.split_count(C, T, warps, per_sm, sms)
+            ws, counters = G.workspace(device, splits, M, N) if splits > 1 else (None, None)
+
+            def fn(x, pk, kernel=kernel, ws=ws, counters=counters, splits=splits, warps=warps):
+                out = torch.empty(M, N, device=device, dtype=torch.bfloat16)
+                kernel(grid=(T, splits, 1), block=(warps * 32, 1, 1),
+                       args=G.kernel_args(x, pk[0], pk[1], pk[2], pk[3], out, ws, counters, None, None))
+                return out
+
+            us = time_gemv(fn, packed, x, device) * 1e6
+            row = dict(layer=name, K=K, N=N, rows=M, config=config, variant=variant, us=round(us, 2),
+                       weight_bytes=weight_bytes, tb_s=round(weight_bytes / us / 1e6, 3), splits=splits,
+                       commit=commit)
+            results.append(row)
+            print(json.dumps(row), flush=True)
+        del layers, packed
+        torch.cuda.empty_cache()
+    best = {}
+    for r in results:
+        if r["variant"] == "as_built" and (r["layer"] not in best or r["us"] < best[r["layer"]]["us"]):
+            best[r["layer"]] = r
+    for name, r in best.items():
+        print(f"best as built, {name}: {r['config']} {r['us']} us ({r['tb_s']} TB/s)", flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
