@@ -14,7 +14,11 @@ thread in flat order takes 11.8. The variants say which part of the GEMV holds i
 - ``no_x``: x made in registers (no x loads);
 - ``no_sz``: the scales and zero words made in registers (no scale or zero loads);
 - ``no_mma``: the mma's replaced by fp32 adds (loads and unpacking stay);
-- ``compute_only``: no_w + no_x + no_sz (unpacking and mma's only).
+- ``compute_only``: no_w + no_x + no_sz (unpacking and mma's only);
+- ``no_sum_mma``: without the one-row build's second mma a k-step (sum x against ones, for the zero point);
+- ``compute_no_sum``: compute_only and no_sum_mma;
+- ``no_unpack``: the weight words go to the mma as they are (no shifts or lop3 a word);
+- ``skeleton``: compute_only with no chunks (the launch, the CTA's reduction and the write).
 
     python benchmarks/mma_gemv_ablation.py --out $OUT/mma_gemv_ablation.json
 """
@@ -39,7 +43,8 @@ from finetune.quant import mma_gemv as G  # noqa: E402
 
 # the 14B Linears at one row as the fused decode step calls them: w1 and w2 as one paired launch (side_by_side)
 SHAPES = dict(GEMV_SHAPES, **{"w1+w2 paired": (5120, 2 * 13696)})
-VARIANTS = ("as_built", "full_sector", "no_w", "no_x", "no_sz", "no_mma", "compute_only")
+VARIANTS = ("as_built", "full_sector", "no_w", "no_x", "no_sz", "no_mma", "compute_only", "no_sum_mma", "compute_no_sum",
+            "no_unpack", "skeleton")
 
 W_START = "p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;"
 W_LOADS = "  b.w[0] = ld_stream(p.w);\n  b.w[1] = ld_stream(p.w + 1);\n"
@@ -58,6 +63,9 @@ FAKE_W = ("  b.w[0] = U4{(u32)p.c * 0x9E3779B9u, (u32)p.c ^ 0x5A5A5A5Au, (u32)p.
           "  b.w[1] = U4{(u32)p.c * 0x85EBCA6Bu, (u32)p.c ^ 0xA5A5A5A5u, (u32)p.c + 0x76543210u, (u32)p.c * 13u};\n")
 FAKE_SZ = ("  b.s0 = (u16)(0x2000 + (p.c & 255));\n  b.s1 = (u16)(0x2100 + (p.c & 255));\n"
            "  b.z0 = p.c * 0x01010101;\n  b.z1 = p.c * 0x02020202;\n")
+SUM_MMA = "      mma(sx[mb], ones, ones, ones, ones, b0, b1);\n"
+UNPACK = "    u32 a0 = nibbles(wj, magic), a1 = nibbles(wj >> 4, magic);\n    u32 a2 = nibbles(wj >> 8, magic), a3 = nibbles(wj >> 12, magic);\n"
+MINE = "  const int mine = c_end"
 FAKE_X = "for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{(u32)p.c * 0x3F80u, (u32)i, 0x3F803F80u, (u32)mb + (u32)p.c};"
 
 
@@ -70,12 +78,19 @@ def patched(src: str, variant: str) -> str:
     if variant == "full_sector":
         src = sub(src, W_START, W_START.replace("lane * 2", "lane"))
         src = sub(src, W_LOADS, "  b.w[0] = ld_stream(p.w);\n  b.w[1] = ld_stream(p.w + 32);\n")
-    if variant in ("no_w", "compute_only"):
+    fake_all = variant in ("compute_only", "compute_no_sum", "skeleton")
+    if variant == "no_w" or fake_all:
         src = sub(src, W_LOADS, FAKE_W)
-    if variant in ("no_sz", "compute_only"):
+    if variant == "no_sz" or fake_all:
         src = sub(src, SZ_LOADS, FAKE_SZ)
-    if variant in ("no_x", "compute_only"):
+    if variant == "no_x" or fake_all:
         src = sub(src, X_LOAD, FAKE_X)
+    if variant in ("no_sum_mma", "compute_no_sum"):
+        src = sub(src, SUM_MMA, "")
+    if variant == "no_unpack":
+        src = sub(src, UNPACK, "    u32 a0 = wj, a1 = wj ^ magic, a2 = wj + magic, a3 = wj ^ 0x00F000F0u;\n")
+    if variant == "skeleton":
+        src = sub(src, MINE, "  const int mine = 0 * c_end")
     if variant == "no_mma":
         src = sub(src, MMA_ASM, NO_MMA)
     return src
