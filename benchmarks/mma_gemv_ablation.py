@@ -18,7 +18,10 @@ thread in flat order takes 11.8. The variants say which part of the GEMV holds i
 - ``no_sum_mma``: without the one-row build's second mma a k-step (sum x against ones, for the zero point);
 - ``compute_no_sum``: compute_only and no_sum_mma;
 - ``no_unpack``: the weight words go to the mma as they are (no shifts or lop3 a word);
-- ``skeleton``: compute_only with no chunks (the launch, the CTA's reduction and the write).
+- ``skeleton``: compute_only with no chunks (the launch, the CTA's reduction and the write);
+- ``chains2`` / ``chains4``: the k-steps' mma's of a chunk into 2 or 4 independent accumulators (even and odd
+  steps, or step mod 4), added together before the scale: shorter dependent HMMA chains (fp32 order changes);
+- ``compute_chains4``, ``compute_no_sum_chains4``, ``compute_no_mma``: the same with compute_only's fakes.
 
     python benchmarks/mma_gemv_ablation.py --out $OUT/mma_gemv_ablation.json
 """
@@ -44,7 +47,8 @@ from finetune.quant import mma_gemv as G  # noqa: E402
 # the 14B Linears at one row as the fused decode step calls them: w1 and w2 as one paired launch (side_by_side)
 SHAPES = dict(GEMV_SHAPES, **{"w1+w2 paired": (5120, 2 * 13696)})
 VARIANTS = ("as_built", "full_sector", "no_w", "no_x", "no_sz", "no_mma", "compute_only", "no_sum_mma", "compute_no_sum",
-            "no_unpack", "skeleton")
+            "no_unpack", "skeleton", "chains2", "chains4", "compute_chains4", "compute_no_sum_chains4",
+            "compute_no_mma")
 
 W_START = "p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;"
 W_LOADS = "  b.w[0] = ld_stream(p.w);\n  b.w[1] = ld_stream(p.w + 1);\n"
@@ -66,6 +70,21 @@ FAKE_SZ = ("  b.s0 = (u16)(0x2000 + (p.c & 255));\n  b.s1 = (u16)(0x2100 + (p.c 
 SUM_MMA = "      mma(sx[mb], ones, ones, ones, ones, b0, b1);\n"
 UNPACK = "    u32 a0 = nibbles(wj, magic), a1 = nibbles(wj >> 4, magic);\n    u32 a2 = nibbles(wj >> 8, magic), a3 = nibbles(wj >> 12, magic);\n"
 MINE = "  const int mine = c_end"
+TMP_DECL = "  float tmp[MB][4];\n"
+SX_DECL = "  float sx[MB][4];\n"
+MMA_TMP = "      mma(tmp[mb], a0, a1, a2, a3, b0, b1);\n"
+SCALE_START = "  const float sc0 = h2f(b.s0), sc1 = h2f(b.s1);\n"
+
+
+def chains(src: str, n: int, sub) -> str:
+    """The chunk's mma's into n accumulator sets by k-step (j % n), summed before the scale."""
+    src = sub(src, TMP_DECL, f"  float tmpc[{n}][MB][4] = {{}};\n  float (&tmp)[MB][4] = tmpc[0];\n")
+    src = sub(src, SX_DECL, f"  float sxc[{n}][MB][4] = {{}};\n  float (&sx)[MB][4] = sxc[0];\n")
+    src = sub(src, MMA_TMP, f"      mma(tmpc[j % {n}][mb], a0, a1, a2, a3, b0, b1);\n")
+    src = sub(src, SUM_MMA, f"      mma(sxc[j % {n}][mb], ones, ones, ones, ones, b0, b1);\n")
+    fold = (f"#pragma unroll\n  for (int c = 1; c < {n}; ++c)\n#pragma unroll\n    for (int mb = 0; mb < MB; ++mb)\n"
+            "#pragma unroll\n      for (int i = 0; i < 4; ++i) { tmp[mb][i] += tmpc[c][mb][i]; sx[mb][i] += sxc[c][mb][i]; }\n")
+    return sub(src, SCALE_START, fold + SCALE_START)
 FAKE_X = "for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{(u32)p.c * 0x3F80u, (u32)i, 0x3F803F80u, (u32)mb + (u32)p.c};"
 
 
@@ -78,20 +97,23 @@ def patched(src: str, variant: str) -> str:
     if variant == "full_sector":
         src = sub(src, W_START, W_START.replace("lane * 2", "lane"))
         src = sub(src, W_LOADS, "  b.w[0] = ld_stream(p.w);\n  b.w[1] = ld_stream(p.w + 32);\n")
-    fake_all = variant in ("compute_only", "compute_no_sum", "skeleton")
+    fake_all = variant.startswith("compute") or variant == "skeleton"
     if variant == "no_w" or fake_all:
         src = sub(src, W_LOADS, FAKE_W)
     if variant == "no_sz" or fake_all:
         src = sub(src, SZ_LOADS, FAKE_SZ)
     if variant == "no_x" or fake_all:
         src = sub(src, X_LOAD, FAKE_X)
-    if variant in ("no_sum_mma", "compute_no_sum"):
-        src = sub(src, SUM_MMA, "")
+    if variant in ("chains2", "chains4", "compute_chains4", "compute_no_sum_chains4"):
+        src = chains(src, 2 if variant == "chains2" else 4, sub)
+    if variant in ("no_sum_mma", "compute_no_sum", "compute_no_sum_chains4"):
+        src = sub(src, SUM_MMA if "chains" not in variant else
+                  "      mma(sxc[j % 4][mb], ones, ones, ones, ones, b0, b1);\n", "")
     if variant == "no_unpack":
         src = sub(src, UNPACK, "    u32 a0 = wj, a1 = wj ^ magic, a2 = wj + magic, a3 = wj ^ 0x00F000F0u;\n")
     if variant == "skeleton":
         src = sub(src, MINE, "  const int mine = 0 * c_end")
-    if variant == "no_mma":
+    if variant in ("no_mma", "compute_no_mma"):
         src = sub(src, MMA_ASM, NO_MMA)
     return src
 
@@ -103,6 +125,7 @@ def main(argv=None) -> int:
                     help="configs (warps,depth,per_sm) the variants are timed at")
     ap.add_argument("--sweep", nargs="+", default=[f"{w},{d},{s}" for w in (4, 8) for d in (1, 2) for s in (2, 4, 8)],
                     help="configs the kernel as built is timed at (per shape: which is fastest)")
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -118,7 +141,7 @@ def main(argv=None) -> int:
         weight_bytes, layers = layer_copies(K, N, device)
         packed = [G.repack(**lay, group_size=128) for lay in layers]
         x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
-        jobs = [(c, "as_built") for c in args.sweep] + [(c, v) for c in args.ablate for v in VARIANTS
+        jobs = [(c, "as_built") for c in args.sweep] + [(c, v) for c in args.ablate for v in args.variants
                                                         if not (v == "as_built" and c in args.sweep)]
         for config, variant in jobs:
             warps, depth, per_sm = (int(v) for v in config.split(","))
