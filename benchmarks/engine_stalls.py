@@ -42,7 +42,7 @@ def pct(values, q):
 
 def sync():
     if torch.cuda.is_available():
-        sync()
+        torch.cuda.synchronize()
 
 
 def timed_methods(engine, log):
