@@ -1,0 +1,89 @@
+"""Where one engine prefill's time goes (the first-token time of a request that joins alone): wall time of
+``Engine._prefill`` for prompts of several lengths, warm (each length run before), against the GPU time of its
+kernels under the torch profiler, by kernel family (decode_profile.family), with the kernel count. A wall time far
+above the GPU time is host time (eager launches); GPU time near the wall is the kernels'. NOTES step 58.
+
+    python benchmarks/prefill_profile.py --model-dir /tmp/m --out $OUT/prefill_profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from decode_bench import load, prompt_ids  # noqa: E402
+from decode_profile import family  # noqa: E402
+from provenance import git_commit  # noqa: E402
+
+from finetune.inference import Engine, SamplingParams  # noqa: E402
+
+
+def prefill_once(engine, ids) -> float:
+    """Seconds of one prefill of ``ids`` (joining an empty batch), synchronised; the request is then dropped."""
+    req = engine.submit(ids, SamplingParams(max_new_tokens=1))
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with engine._step_lock:
+        touched: dict = {}
+        engine._admit(touched)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    req.cancel()
+    while engine.has_work():
+        engine.step()
+    return dt
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", required=True)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[24, 128, 500, 1000, 2000])
+    ap.add_argument("--out")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    model, tok = load(args.model_dir, device)
+    engine = Engine(model, tok, max_batch=8, max_len=4096)
+    results = []
+    for n in args.lengths:
+        ids = prompt_ids(n, n, engine.vocab)
+        cold = prefill_once(engine, ids)
+        warm = min(prefill_once(engine, ids) for _ in range(3))
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            profiled = prefill_once(engine, ids)
+        by_family, kernels = defaultdict(float), defaultdict(int)
+        top = defaultdict(float)
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                f = family(e.name)
+                by_family[f] += e.device_time_total / 1e3
+                kernels[f] += 1
+                top[e.name[:90]] += e.device_time_total / 1e3
+        gpu_ms = sum(by_family.values())
+        row = dict(prompt_tokens=n, cold_ms=round(cold * 1e3, 2), warm_ms=round(warm * 1e3, 2),
+                   profiled_ms=round(profiled * 1e3, 2), gpu_ms=round(gpu_ms, 2), kernels=sum(kernels.values()),
+                   gpu_ms_by_family={k: round(v, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
+                   kernels_by_family=dict(kernels),
+                   top_kernels=[dict(name=k, ms=round(v, 3)) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]],
+                   tflops=round(28e9 * n / warm / 1e12, 1))
+        results.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("top_kernels", "kernels_by_family")}), flush=True)
+    out = dict(command=" ".join(sys.argv), commit=git_commit(), device=torch.cuda.get_device_name(device),
+               results=results)
+    if args.out:
+        Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
