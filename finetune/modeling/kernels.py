@@ -6,8 +6,11 @@ input dtype). On CUDA each is run through ``torch.compile``, which fuses its han
 backward, each reading and writing a [tokens x 5120] fp32 tensor; at 2048 tokens on the 14B shape these
 pieces were most of the step's non-matmul time. Elsewhere (CPU) they run eagerly, unchanged.
 
-Small inputs (decoding, short prompts; under ``COMPILE_MIN_NUMEL`` elements) stay eager: there the host time
-of a compiled call outweighs the kernels it saves. ``FINETUNE_COMPILE=0`` turns compilation off (eager
+Only training compiles: a forward that records gradients, on inputs of at least ``COMPILE_MIN_NUMEL`` elements.
+Smaller inputs stay eager (the host time of a compiled call outweighs the kernels it saves), and so does every
+forward without gradients (prefill, evaluation, chat): the first compile of the three pieces took 15 s on an H200
+(NOTES step 58), which a server's or a chat's first long prompt waited for, to save ~1-3 ms of a prefill's
+~100 ms; a training run repays it within its first steps. ``FINETUNE_COMPILE=0`` turns compilation off (eager
 everywhere). The compiled versions may round intermediate values differently from eager mode (a fused kernel
 keeps fp32 where eager mode stores bf16), which is within bf16 noise; a GPU test in tests/modeling/test_modeling.py
 compares the two.
@@ -89,13 +92,19 @@ def _mark_dynamic(args) -> None:
 COMPILE_MIN_NUMEL = 1 << 21
 
 
+def compile_pays(x: torch.Tensor) -> bool:
+    """Whether ``fused`` runs its compiled version for first argument ``x``: a large CUDA tensor in a forward that
+    records gradients (training), compilation on, and not already inside a compiled region."""
+    return (x.is_cuda and torch.is_grad_enabled() and x.numel() >= COMPILE_MIN_NUMEL and compile_enabled()
+            and not torch.compiler.is_compiling())
+
+
 def fused(fn, *args):
-    """``fn(*args)``, through its compiled version when the first argument is a large CUDA tensor."""
-    x = args[0]
-    if x.is_cuda and x.numel() >= COMPILE_MIN_NUMEL and compile_enabled() and not torch.compiler.is_compiling():
+    """``fn(*args)``, through its compiled version where that pays (``compile_pays``), else eagerly."""
+    if compile_pays(args[0]):
         _mark_dynamic(args)
         return _compiled(fn)(*args)
     return fn(*args)
 
 
-__all__ = ["rms_norm", "apply_rotary", "rotary_qk", "swiglu", "fused", "compile_enabled"]
+__all__ = ["rms_norm", "apply_rotary", "rotary_qk", "swiglu", "fused", "compile_enabled", "compile_pays"]

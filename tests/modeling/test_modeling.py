@@ -705,3 +705,33 @@ def test_qwen_lm_finds_the_model_through_its_wrappers():
     assert qwen_lm(model) is model and qwen_lm(peft) is model and qwen_lm(Engine(peft)) is model
     assert qwen_lm(torch.nn.Linear(2, 2)) is None and qwen_lm(Engine(torch.nn.Linear(2, 2))) is None
     assert qwen_lm(model.transformer) is None  # the body alone is not the LM
+
+
+def test_only_training_forwards_compile_the_elementwise_pieces():
+    """torch.compile of RMSNorm/rotary/SwiGLU costs ~15 s the first time (NOTES step 58): training repays it, a
+    prefill or an evaluation (no gradients) does not, so those stay eager however long the input."""
+    from finetune.modeling import kernels
+    from finetune.settings import override
+
+    class Big:  # what compile_pays reads of a CUDA tensor
+        is_cuda = True
+
+        def __init__(self, n):
+            self.n = n
+
+        def numel(self):
+            return self.n
+
+    big, small = Big(kernels.COMPILE_MIN_NUMEL), Big(kernels.COMPILE_MIN_NUMEL - 1)
+    with override(compile=True):
+        with torch.enable_grad():
+            assert kernels.compile_pays(big)
+            assert not kernels.compile_pays(small)
+        with torch.no_grad():
+            assert not kernels.compile_pays(big)
+        with torch.inference_mode():
+            assert not kernels.compile_pays(big)
+    with override(compile=False), torch.enable_grad():
+        assert not kernels.compile_pays(big)
+    with override(compile=True), torch.enable_grad():
+        assert not kernels.compile_pays(torch.zeros(kernels.COMPILE_MIN_NUMEL))  # a CPU tensor
