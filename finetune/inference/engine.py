@@ -44,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
+import time
 from collections import deque
 
 import torch
@@ -268,6 +269,33 @@ class Engine:
             if bar is not None:
                 bar.close()
         return [r.output_ids for r in reqs]
+
+    def warm_up(self) -> float:
+        """Do the engine's first-use work now, before requests wait for it; returns the seconds it took.
+
+        On a fresh CUDA process the first prefill and decode steps compile kernels (Triton, NVRTC), start cuBLAS
+        and cuDNN and capture graphs: ~10 s that the first requests of a server waited for (NOTES step 58). This
+        runs a short greedy prompt through every batch bucket (each bucket's graph, and the tensor-core kernels of
+        each row count), one sampled and penalised row (the device-side sampling), and a row through each
+        adapter (the LoRA kernels). The engine must be idle; it is idle again afterwards, its graphs kept until
+        the cache grows (the compiled kernels stay for the process)."""
+        if self.has_work():
+            raise RuntimeError("warm_up needs an idle engine (requests are waiting or running)")
+        start = time.perf_counter()
+        ids = ((self.tokenizer.encode("Warming up the decoder.") * 4)[:16] or [0])[: max(1, self.max_len - 2)]
+        new = min(2, self.max_len - len(ids))
+        greedy = SamplingParams(max_new_tokens=new)
+        b = 1
+        while True:
+            self.generate([ids] * b, greedy)
+            if b >= self.max_batch:
+                break
+            b = min(2 * b, self.max_batch)
+        self.generate([ids], SamplingParams(max_new_tokens=new, do_sample=True, top_p=0.8, repetition_penalty=1.1,
+                                            seed=0))
+        for name in self.adapters.names:
+            self.generate([ids], greedy, adapter=name)
+        return time.perf_counter() - start
 
     # -- rows -------------------------------------------------------------------------------------------------
     def _must_change(self) -> bool:

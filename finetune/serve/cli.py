@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, AdapterError, ModelLoadError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if server.engine.device.type == "cuda":  # first-use compiles and graph captures, before any request waits
+        print("warming up the decoder (kernel compiles, CUDA graphs)...", end=" ", flush=True)
+        print(f"done in {server.engine.warm_up():.1f} s", flush=True)
     import uvicorn
 
     from .app import create_app

@@ -92,6 +92,17 @@ def test_graphed_steps_equal_eager_steps_and_generate_in_fp32(tok):
     assert cuts <= 1
 
 
+def test_warm_up_captures_every_batch_bucket_and_later_answers_are_unchanged(tok):
+    model = realistic_model(0).to("cuda")
+    batch = [[t % 2000 for t in p] for p in prompts([3, 70, 17], seed=1)]
+    params = SamplingParams(max_new_tokens=16)
+    want = Engine(model, tok, max_batch=6).generate(batch, params)
+    engine = Engine(model, tok, max_batch=6)
+    engine.warm_up()
+    assert {key[0] for key in engine._graphs} == {1, 2, 4, 6} and not engine.has_work()
+    assert engine.generate(batch, params) == want
+
+
 def test_bf16_per_step_logits_match_the_plain_forward(tok):
     model = realistic_model(1).to("cuda", torch.bfloat16)
     batch = prompts([4, 150, 33], seed=2)

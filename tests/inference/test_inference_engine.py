@@ -377,3 +377,26 @@ def test_stop_ids_and_min_new_tokens_as_generate_applies_them(tok):
     ref = hf(eos_token_id=[stop], min_new_tokens=first + 3)
     assert stop not in got[:first + 3]
     assert got == (ref[:-1] if ref[-1] == stop else ref)
+
+
+def test_warm_up_leaves_an_idle_engine_that_answers_as_a_fresh_one(tok):
+    """warm_up runs every batch bucket, a sampled row and each adapter through the engine, then leaves it idle:
+    what comes after is what a fresh engine gives (greedy, mixed lengths, and a seeded sample)."""
+    model = tiny(seed=5)
+    batch = prompts([7, 30, 2], seed=6)
+    sampled = SamplingParams(max_new_tokens=12, do_sample=True, top_p=0.8, seed=3)
+    fresh = Engine(model, tok, max_batch=6)
+    want = fresh.generate(batch, SamplingParams(max_new_tokens=12)), fresh.generate(batch[:1], sampled)
+    warmed = Engine(model, tok, max_batch=6)
+    seconds = warmed.warm_up()
+    assert seconds > 0 and not warmed.has_work()
+    assert (warmed.generate(batch, SamplingParams(max_new_tokens=12)), warmed.generate(batch[:1], sampled)) == want
+    with pytest.raises(RuntimeError, match="idle"):
+        warmed.submit(batch[0], SamplingParams(max_new_tokens=2))
+        warmed.warm_up()
+
+
+def test_warm_up_fits_a_tiny_max_len(tok):
+    engine = Engine(tiny(seed=5), tok, max_batch=2, max_len=3)
+    engine.warm_up()
+    assert not engine.has_work()
