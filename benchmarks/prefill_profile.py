@@ -34,7 +34,7 @@ def prefill_once(engine, ids) -> float:
     req = engine.submit(ids, SamplingParams(max_new_tokens=1))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
-    with engine._step_lock:
+    with engine._step_lock, torch.no_grad():  # as step() runs it
         touched: dict = {}
         engine._admit(touched)
     torch.cuda.synchronize()

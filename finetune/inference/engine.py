@@ -285,12 +285,9 @@ class Engine:
         ids = ((self.tokenizer.encode("Warming up the decoder.") * 4)[:16] or [0])[: max(1, self.max_len - 2)]
         new = min(2, self.max_len - len(ids))
         greedy = SamplingParams(max_new_tokens=new)
-        b = 1
-        while True:
+        # the largest bucket first: the cache grows to it once (a growth drops the graphs captured before it)
+        for b in sorted({self._bucket(n) for n in range(1, self.max_batch + 1)}, reverse=True):
             self.generate([ids] * b, greedy)
-            if b >= self.max_batch:
-                break
-            b = min(2 * b, self.max_batch)
         self.generate([ids], SamplingParams(max_new_tokens=new, do_sample=True, top_p=0.8, repetition_penalty=1.1,
                                             seed=0))
         for name in self.adapters.names:
