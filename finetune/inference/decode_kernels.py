@@ -9,7 +9,8 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three repla
   RMSNorm, one program per row; ``add_rms_norm_low_rank`` also computes x A for the LoRA products of the Linears
   that read the normed rows (the engine's unmerged adapters, up to 32 rows), spread over ~64-256 programs;
 - ``rotary_to_cache``: from c_attn's output, rotary on q and k, the logN query scale, and the write of k and v
-  into the layer's KV cache at each row's position; returns q [b, H, 1, D];
+  into the layer's KV cache at each row's position; returns q [b, H, 1, D]; ``prefill_rotary_to_cache`` does the
+  same for a prefill's prompts (every token to its row and position);
 - ``swiglu``: up * silu(gate);
 - ``decode_attention`` (where ``fused_decode.use_own_keys`` picks it): each row's query against its own keys only (the
   cache up to its position), split over the keys as flash-decoding does, in fp32, written in the layout c_proj
@@ -21,7 +22,9 @@ activation dtype exactly where eager torch rounds (the residual sum; RMSNorm's n
 weight; rotary's output, then again after the logN scale; silu's output), and no multiply-add contraction
 (``enable_fp_fusion=False``: eager torch rounds rotary's two products before adding them). What can differ is
 the fp32 summation order of RMSNorm's mean and the last bit of rsqrt/exp, so a bf16 result may differ by one
-ulp on rare elements. Every wrapper takes a decode step's shapes: one token per row.
+ulp on rare elements. The wrappers take a decode step's shapes (one token per row), except the prefill's rotary;
+add_rms_norm and swiglu take any number of tokens, so the engine's prefill runs on them too
+(``fused_decode.prefill_blocks``: 17 kernels a layer instead of the model's ~52 eager ones, NOTES step 59).
 """
 
 from __future__ import annotations
@@ -92,10 +95,11 @@ def _dec_add_rms_norm_xa_kernel(x_ptr, d_ptr, w_ptr, at_ptr, xo_ptr, out_ptr, h_
 
 
 @triton.jit
-def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, k_ptr, v_ptr, q_ptr,
+def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, crow_ptr, k_ptr, v_ptr, q_ptr,
                              stride_qkv, P, stride_cs, stride_cr, stride_ch, stride_cp,
-                             D: tl.constexpr, ROT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                             D: tl.constexpr, ROT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CROW: tl.constexpr,
                              BLOCK_D: tl.constexpr):
+    # one program per (token, head); the token's cache row is crow[row] (a prefill's tokens), else row itself
     row = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
@@ -121,7 +125,11 @@ def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, k_pt
     kr = k * c + k2 * s
     tl.store(q_ptr + (row * H + h) * D + d, qr, mask=dmask)
     pos = tl.load(pos_ptr + row).to(tl.int64)
-    dst = row.to(tl.int64) * stride_cr + h * stride_ch + pos * stride_cp + d
+    if HAS_CROW:
+        crow = tl.load(crow_ptr + row).to(tl.int64)
+    else:
+        crow = row.to(tl.int64)
+    dst = crow * stride_cr + h * stride_ch + pos * stride_cp + d
     tl.store(k_ptr + dst, kr.to(qkv_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty), mask=dmask)
     tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=dmask)
 
@@ -318,12 +326,58 @@ def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
         raise ValueError("cos and sin must be fp32 with the same contiguous layout")
     scale = query_scale.reshape(b).float() if query_scale is not None else cs
     q = torch.empty(b, heads, 1, D, dtype=qkv.dtype, device=qkv.device)
-    _dec_rotary_cache_kernel[(b, heads)](qkv2, cs, sn, scale, pos, k_cache, v_cache, q, qkv2.stride(0), P,
+    _dec_rotary_cache_kernel[(b, heads)](qkv2, cs, sn, scale, pos, pos, k_cache, v_cache, q, qkv2.stride(0), P,
                                          cs.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                         D=D, ROT=rot, HAS_SCALE=query_scale is not None,
+                                         D=D, ROT=rot, HAS_SCALE=query_scale is not None, HAS_CROW=False,
                                          BLOCK_D=triton.next_power_of_2(D), num_warps=1,
                                          enable_fp_fusion=False)
     return q
+
+
+def prefill_index(n: int, T: int, slot: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, cache row) of each token of a prefill of n prompts right-padded to T, joining at cache row
+    ``slot``: what ``prefill_rotary_to_cache`` takes (made once a prefill, not once a layer)."""
+    pos = torch.arange(T, device=device).repeat(n)  # (int64, as a decode step's positions: one kernel build)
+    rows = torch.arange(slot, slot + n, device=device).repeat_interleave(T)
+    return pos, rows
+
+
+def prefill_rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                            query_scale: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            slot: int, heads: int, index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A prefill's attention inputs from c_attn's output ``qkv`` [n, T, 3 * heads * D] (n prompts right-padded to
+    T): rotary on q and k (``cos``/``sin`` [n, T, rot] fp32), q scaled by ``query_scale`` [n, T] (logN; None = 1),
+    k and v written into ``k_cache``/``v_cache`` [slots, heads, capacity, D] at rows slot..slot+n-1, positions
+    0..T-1 (``index``: ``prefill_index``). The same arithmetic as ``rotary_to_cache`` a token. Returns q as
+    [n, heads, T, D] (a view of token-major storage, as the model's attention takes it)."""
+    n, T = qkv.shape[0], qkv.shape[1] if qkv.dim() == 3 else 0
+    qkv2 = _rows(qkv, "qkv")
+    tokens = qkv2.shape[0]
+    if qkv.dim() != 3 or tokens != n * T:
+        raise ValueError(f"prefill_rotary_to_cache takes qkv as [prompts, tokens, width], got {tuple(qkv.shape)}")
+    P = qkv2.shape[1] // 3
+    D = P // heads
+    rot = cos.shape[-1]
+    if 3 * heads * D != qkv2.shape[1] or rot > D or rot % 2:
+        raise ValueError(f"qkv width {qkv2.shape[1]} does not split into 3 x {heads} heads, or rotary width {rot} "
+                         f"is odd or above the head size")
+    _check_cache(k_cache, v_cache, slot + n, heads, D, T)
+    pos, rows = index
+    if pos.shape != (tokens,) or rows.shape != (tokens,):
+        raise ValueError(f"the prefill index holds {tuple(pos.shape)} positions for {tokens} tokens")
+    if cos.shape[:2] != (n, T) or sin.shape != cos.shape:
+        raise ValueError(f"cos/sin {tuple(cos.shape)} do not cover {n} prompts x {T} tokens")
+    cs, sn = cos.reshape(tokens, rot), sin.reshape(tokens, rot)
+    if cs.dtype != torch.float32 or sn.dtype != torch.float32 or cs.stride() != sn.stride() or cs.stride(1) != 1:
+        raise ValueError("cos and sin must be fp32 with the same contiguous layout")
+    scale = query_scale.reshape(tokens).float() if query_scale is not None else cs
+    q = torch.empty(n, T, heads, D, dtype=qkv.dtype, device=qkv.device)
+    _dec_rotary_cache_kernel[(tokens, heads)](qkv2, cs, sn, scale, pos, rows, k_cache, v_cache, q, qkv2.stride(0),
+                                              P, cs.stride(0), k_cache.stride(0), k_cache.stride(1),
+                                              k_cache.stride(2), D=D, ROT=rot, HAS_SCALE=query_scale is not None,
+                                              HAS_CROW=True, BLOCK_D=triton.next_power_of_2(D), num_warps=1,
+                                              enable_fp_fusion=False)
+    return q.transpose(1, 2)
 
 
 def _row_stride(t: torch.Tensor) -> int | None:
@@ -359,4 +413,5 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return out
 
 
-__all__ = ["add_rms_norm", "add_rms_norm_low_rank", "decode_attention", "rotary_to_cache", "swiglu"]
+__all__ = ["add_rms_norm", "add_rms_norm_low_rank", "decode_attention", "prefill_index", "prefill_rotary_to_cache",
+           "rotary_to_cache", "swiglu"]

@@ -11,8 +11,9 @@ to the next batch bucket, capacity to the next multiple of 256) up to ``max_batc
 sit in slots 0..n-1: a row that leaves is replaced by the row in the last slot (its KV copied), so a decode
 step always covers a prefix of the slots. Every row has its own length and positions.
 
-A step: cancelled rows leave; waiting requests join (each prefilled alone through the model's blocks with
-causal SDPA, as training and generate() compute it; its first token is picked from the prefill logits); then
+A step: cancelled rows leave; waiting requests join (prefilled together, right-padded, with causal SDPA as
+training and generate() compute it: on CUDA through the decode step's fused kernels, ``prefill_blocks``, else the
+model's blocks; each one's first token is picked from the prefill logits); then
 one decode step for every active row: the last token of each row goes in at its own position, keys/values are
 written at (row, position), attention reads the rows' cached keys up to the step's length bucket with a mask
 hiding each row's positions beyond its own length. On CUDA that decode step is a CUDA graph captured per
@@ -50,7 +51,7 @@ from collections import deque
 import torch
 
 from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
-from .fused_decode import additive_mask, decode_blocks, fused_kernels, use_own_keys
+from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
 from .row_adapters import RowAdapters
 from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
 
@@ -448,9 +449,16 @@ class Engine:
         self._cache.mode, self._cache.slot = "prefill", slot0
         indices = [r.adapter_index for r in rows]
         select = None if all(a is None for a in indices) else self._select(indices, n)
+        last = torch.tensor(lengths, device=self.device) - 1
         with self.adapters.applied(select):
-            logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale,
-                                  last=torch.tensor(lengths, device=self.device) - 1)
+            if self._kernels is not None:  # the decode step's fused kernels (on the current CUDA device)
+                on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+                with on_device:
+                    logits = prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
+                                            self.tr.wte(ids), cos, sin, query_scale, slot0, last)
+            else:
+                logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale,
+                                      last=last)
         for i, (row, L) in enumerate(zip(rows, lengths)):
             row.length = L
             self._seen[slot0 + i].zero_()

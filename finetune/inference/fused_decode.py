@@ -1,7 +1,7 @@
 """The engine's decode step on CUDA with the blocks' elementwise work fused (``decode_kernels.py``).
 
-Per layer a decode step then runs: residual add + ln_1 (one kernel), c_attn, rotary on q and k + logN + the KV
-cache write (one kernel), attention (SDPA over the step's length bucket, masked past each row's position; or,
+Per layer a decode step runs: residual add + ln_1 (one kernel), c_attn, rotary on q and k + logN + the KV cache
+write (one kernel), attention (SDPA over the step's length bucket, masked past each row's position; or,
 where that would read many keys past the rows' positions, decode_kernels.decode_attention over each row's own
 keys: ``use_own_keys``), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
 the next layer's first kernel adds c_proj's output to the residual stream. With the engine's unmerged adapters at
@@ -9,6 +9,7 @@ up to 32 rows (row_adapters.XA_IN_NORM_MAX_ROWS), the two norm kernels also comp
 c_attn and of w1 and w2 (``_norm``), which the GEMVs then read instead of computing it. The Linears are called as
 modules, so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
+The engine's prefill runs on the same kernels (``prefill_blocks``), with causal SDPA over each prompt's new keys.
 
 Same arithmetic as the model's blocks (``QWenBlock`` under no_grad) up to fp32 summation order (see
 decode_kernels.py). Used only where nothing else would run a block's code: eval mode, no hooks on the blocks
@@ -120,4 +121,35 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     return lm_head(h)[:, -1].float()
 
 
-__all__ = ["fused_kernels", "additive_mask", "decode_blocks", "use_own_keys"]
+def prefill_blocks(kernels, tr, lm_head, k_cache, v_cache, x, cos, sin, query_scale, slot, last) -> torch.Tensor:
+    """fp32 logits [n, V] at each prompt's last position of a prefill through the same fused kernels as the decode
+    step: ``x`` [n, T, hidden] the embedded prompts right-padded to T, ``cos``/``sin`` [n, T, rot] and
+    ``query_scale`` [n, T] (or None) as the model computes them, keys and values written into ``k_cache``/
+    ``v_cache`` [layers, slots, heads, capacity, D] at rows slot..slot+n-1, positions 0..T-1, ``last`` [n] each
+    prompt's last index. Causal SDPA over each prompt's own new keys, as the model's blocks attend in a prefill
+    (padding comes after a prompt's tokens, so no real position sees it). The Linears are called as modules on
+    [n, T, ...] inputs, as the blocks call them (GPTQ dequantize + matmul, the engine's per-row adapter hooks).
+    Why: the model's eager blocks launch ~52 kernels a layer, and a prefill of a short prompt was bound by their
+    host time (~65 ms a prompt on the 14B against ~20 ms of GPU time, benchmarks/NOTES.md step 58)."""
+    n, T, _ = x.shape
+    x = x.contiguous()
+    index = kernels.prefill_index(n, T, slot, x.device)
+    delta = None
+    for block in tr.h:
+        attn, mlp = block.attn, block.mlp
+        layer = attn.layer_idx
+        x, h = kernels.add_rms_norm(x, delta, block.ln_1.weight, block.ln_1.eps)
+        q = kernels.prefill_rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer],
+                                            slot, attn.num_heads, index)
+        keys, values = k_cache[layer, slot:slot + n, :, :T], v_cache[layer, slot:slot + n, :, :T]
+        y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, scale=attn.scale)
+        delta = attn.c_proj(y.transpose(1, 2).reshape(n, T, attn.projection_size))
+        x, h = kernels.add_rms_norm(x, delta, block.ln_2.weight, block.ln_2.eps)
+        delta = mlp.c_proj(kernels.swiglu(mlp.w1(h), mlp.w2(h)))
+    rows = torch.arange(n, device=x.device)
+    x, delta = x[rows, last][:, None].contiguous(), delta[rows, last][:, None].contiguous()
+    _, h = kernels.add_rms_norm(x, delta, tr.ln_f.weight, tr.ln_f.eps)
+    return lm_head(h)[:, -1].float()
+
+
+__all__ = ["fused_kernels", "additive_mask", "decode_blocks", "prefill_blocks", "use_own_keys"]

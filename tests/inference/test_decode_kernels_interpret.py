@@ -132,6 +132,39 @@ def test_rotary_to_cache_equals_rotary_logn_and_the_cache_write(kernels, dtype, 
     assert torch.equal(K.transpose(1, 2)[~written], K0.transpose(1, 2)[~written])  # nothing else touched
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("logn", [True, False])
+def test_prefill_rotary_to_cache_equals_the_model_attention_and_the_prefill_cache_write(kernels, dtype, logn):
+    """A prefill of 2 prompts padded to T, joining at cache row 1: q rotated (and logN-scaled past seq_length), k
+    rotated, both as the model computes them, and k/v written at rows 1-2, positions 0..T-1; nothing else."""
+    n, T, heads, D, slots, cap, slot = 2, 9, 4, 16, 4, 24, 1
+    g = torch.Generator().manual_seed(3)
+    qkv = torch.randn(n, T, 3 * heads * D, generator=g).to(dtype)
+    pos = torch.arange(T)[None].expand(n, T)
+    alpha = torch.tensor([[1.0], [5.0]])  # each prompt its own NTK base
+    cos, sin = RotaryEmbedding(D)(pos, alpha)
+    query_scale = logn_scale(pos + 1, 4) if logn else None
+    P = heads * D
+    q_ref, k_ref, v_ref = (t.view(n, T, heads, D).transpose(1, 2) for t in qkv.split(P, dim=-1))
+    q_ref, k_ref = apply_rotary(q_ref, cos, sin), apply_rotary(k_ref, cos, sin)
+    if logn:
+        q_ref = (q_ref.float() * query_scale[:, None, :, None]).type_as(q_ref)
+    K0 = torch.randn(slots, heads, cap, D, generator=g).to(dtype)
+    V0 = torch.randn(slots, heads, cap, D, generator=g).to(dtype)
+    K_ref, V_ref = K0.clone(), V0.clone()
+    K_ref[slot:slot + n, :, :T], V_ref[slot:slot + n, :, :T] = k_ref, v_ref
+
+    K, V = K0.clone(), V0.clone()
+    q = kernels.prefill_rotary_to_cache(qkv, cos, sin, query_scale, K, V, slot, heads,
+                                        kernels.prefill_index(n, T, slot, qkv.device))
+    assert q.shape == (n, heads, T, D) and q.dtype == dtype
+    torch.testing.assert_close(q.float(), q_ref.float(), **TOL[dtype])
+    torch.testing.assert_close(K.float(), K_ref.float(), **TOL[dtype])
+    assert torch.equal(V, V_ref)  # v copied as is, and nothing outside rows 1-2, positions 0..T-1 touched
+    with pytest.raises(ValueError, match="does not fit"):  # rows 3-4 of a 4-slot cache
+        kernels.prefill_rotary_to_cache(qkv, cos, sin, None, K, V, 3, heads, kernels.prefill_index(n, T, 3, "cpu"))
+
+
 def test_rotary_to_cache_rejects_shapes_that_do_not_fit(kernels):
     qkv = torch.randn(2, 1, 3 * 4 * 16)
     cos = sin = torch.ones(2, 1, 16)
@@ -302,6 +335,43 @@ def test_the_engine_picks_the_attention_per_step_and_both_answer_the_same(kernel
             for a, b in zip(fused_logits, plain_logits):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
             assert fused_ids == plain_ids
+
+
+def test_fused_prefill_and_steps_with_two_adapters_equal_the_model_blocks_in_fp32(kernels):
+    """Rows on two adapters and the base, prefilled together and decoded, through the fused kernels (the
+    adapters' per-row hooks on the Linears, inputs [prompts, tokens, ...] in the prefill): the model blocks'
+    logits at every step."""
+    from test_inference_engine import _peft
+
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    pm = _peft(tiny(seed=13), ["a", "b"]).eval()
+    g = torch.Generator().manual_seed(8)
+    batch = [torch.randint(3, 1700, (n,), generator=g).tolist() for n in (6, 15, 2)]
+
+    def run(k):
+        engine = Engine(pm, tok, max_batch=4)
+        engine._kernels = k
+        seen: dict[int, list[torch.Tensor]] = {}
+        emit = engine._emit
+
+        def record(rows, logits, touched):
+            for i, r in enumerate(rows):
+                seen.setdefault(r.req.id, []).append(logits[i].clone())
+            return emit(rows, logits, touched)
+
+        engine._emit = record
+        reqs = [engine.submit(p, SamplingParams(max_new_tokens=6, min_new_tokens=6), adapter=a)
+                for p, a in zip(batch, ["a", "b", None])]
+        while engine.has_work():
+            engine.step()
+        return [torch.stack(seen[r.id]) for r in reqs], [r.output_ids for r in reqs]
+
+    with torch.no_grad():
+        plain_logits, plain_ids = run(None)
+        fused_logits, fused_ids = run(kernels)
+    for a, b in zip(fused_logits, plain_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert fused_ids == plain_ids
 
 
 # -- where the fused path runs (no triton needed) -----------------------------------------------------------------
