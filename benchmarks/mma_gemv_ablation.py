@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from decode_bench import GEMV_SHAPES, layer_copies, time_gemv  # noqa: E402
+from mma_gemm_ablation import MMA_ASM, NO_MMA  # noqa: E402  (the same mma the GEMM's ablation replaces)
 from provenance import git_commit  # noqa: E402
 
 from finetune.quant import mma_gemv as G  # noqa: E402
@@ -54,14 +55,6 @@ W_START = "p.w = wpack + ((size_t)tile * C + c0) * 64 + lane * 2;"
 W_LOADS = "  b.w[0] = ld_stream(p.w);\n  b.w[1] = ld_stream(p.w + 1);\n"
 SZ_LOADS = "  b.s0 = s[0];\n  b.s1 = s[8];\n  b.z0 = z[0];\n  b.z1 = z[1];\n"
 X_LOAD = "for (int i = 0; i < 4; ++i) b.xv[mb][i] = ld_cached(xp + i);"
-MMA_ASM = """  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-               "{%0,%1,%2,%3};"
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-"""
-NO_MMA = """  d[0] += __uint_as_float(a0 ^ b0); d[1] += __uint_as_float(a1 ^ b1);
-  d[2] += __uint_as_float(a2 ^ b0); d[3] += __uint_as_float(a3 ^ b1);
-"""
 # register stand-ins that change every chunk (p.c), so the compiler cannot hoist the work out of the loop
 FAKE_W = ("  b.w[0] = U4{(u32)p.c * 0x9E3779B9u, (u32)p.c ^ 0x5A5A5A5Au, (u32)p.c + 0x01234567u, (u32)p.c * 7u};\n"
           "  b.w[1] = U4{(u32)p.c * 0x85EBCA6Bu, (u32)p.c ^ 0xA5A5A5A5u, (u32)p.c + 0x76543210u, (u32)p.c * 13u};\n")

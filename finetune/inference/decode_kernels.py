@@ -304,6 +304,34 @@ def add_rms_norm_low_rank(x: torch.Tensor, delta: torch.Tensor | None, weight: t
     return (xo.view(x.shape) if delta is not None else x), out.view(x.shape), h
 
 
+def _rotary_cache(qkv2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None,
+                  heads: int, slots: int, keys: int = 0) -> torch.Tensor:
+    """The rotary kernel over the tokens of ``qkv2`` [tokens, 3 * heads * D]: token i's k and v to cache row
+    ``rows[i]`` (None: row i) at position ``pos[i]``, cos/sin/query_scale one row a token. The cache must hold
+    ``slots`` rows (and ``keys`` positions). Returns q [tokens, heads, D]."""
+    tokens = qkv2.shape[0]
+    P = qkv2.shape[1] // 3
+    D = P // heads
+    rot = cos.shape[-1]
+    if 3 * heads * D != qkv2.shape[1] or rot > D or rot % 2:
+        raise ValueError(f"qkv width {qkv2.shape[1]} does not split into 3 x {heads} heads, or rotary width {rot} "
+                         f"is odd or above the head size")
+    _check_cache(k_cache, v_cache, slots, heads, D, keys)
+    cs, sn = cos.reshape(tokens, rot), sin.reshape(tokens, rot)
+    if cs.dtype != torch.float32 or sn.dtype != torch.float32 or cs.stride() != sn.stride() or cs.stride(1) != 1:
+        raise ValueError("cos and sin must be fp32 with the same contiguous layout")
+    scale = query_scale.reshape(tokens).float() if query_scale is not None else cs
+    q = torch.empty(tokens, heads, D, dtype=qkv2.dtype, device=qkv2.device)
+    _dec_rotary_cache_kernel[(tokens, heads)](qkv2, cs, sn, scale, pos, rows if rows is not None else pos, k_cache,
+                                              v_cache, q, qkv2.stride(0), P, cs.stride(0), k_cache.stride(0),
+                                              k_cache.stride(1), k_cache.stride(2), D=D, ROT=rot,
+                                              HAS_SCALE=query_scale is not None, HAS_CROW=rows is not None,
+                                              BLOCK_D=triton.next_power_of_2(D), num_warps=1,
+                                              enable_fp_fusion=False)
+    return q
+
+
 def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, heads: int) -> torch.Tensor:
     """One decode step's attention inputs from c_attn's output ``qkv`` [b, 1, 3 * heads * D]: rotary on q and k
@@ -314,24 +342,8 @@ def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
     qkv2 = _rows(qkv, "qkv")
     if qkv2.shape[0] != b:
         raise ValueError(f"rotary_to_cache takes one token per row, got qkv of shape {tuple(qkv.shape)}")
-    P = qkv2.shape[1] // 3
-    D = P // heads
-    rot = cos.shape[-1]
-    if 3 * heads * D != qkv2.shape[1] or rot > D or rot % 2:
-        raise ValueError(f"qkv width {qkv2.shape[1]} does not split into 3 x {heads} heads, or rotary width {rot} "
-                         f"is odd or above the head size")
-    _check_cache(k_cache, v_cache, b, heads, D)
-    cs, sn = cos.reshape(b, rot), sin.reshape(b, rot)
-    if cs.dtype != torch.float32 or sn.dtype != torch.float32 or cs.stride() != sn.stride() or cs.stride(1) != 1:
-        raise ValueError("cos and sin must be fp32 with the same contiguous layout")
-    scale = query_scale.reshape(b).float() if query_scale is not None else cs
-    q = torch.empty(b, heads, 1, D, dtype=qkv.dtype, device=qkv.device)
-    _dec_rotary_cache_kernel[(b, heads)](qkv2, cs, sn, scale, pos, pos, k_cache, v_cache, q, qkv2.stride(0), P,
-                                         cs.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-                                         D=D, ROT=rot, HAS_SCALE=query_scale is not None, HAS_CROW=False,
-                                         BLOCK_D=triton.next_power_of_2(D), num_warps=1,
-                                         enable_fp_fusion=False)
-    return q
+    q = _rotary_cache(qkv2, cos, sin, query_scale, k_cache, v_cache, pos, None, heads, b)
+    return q.view(b, heads, 1, q.shape[-1])
 
 
 def prefill_index(n: int, T: int, slot: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,34 +362,16 @@ def prefill_rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     k and v written into ``k_cache``/``v_cache`` [slots, heads, capacity, D] at rows slot..slot+n-1, positions
     0..T-1 (``index``: ``prefill_index``). The same arithmetic as ``rotary_to_cache`` a token. Returns q as
     [n, heads, T, D] (a view of token-major storage, as the model's attention takes it)."""
-    n, T = qkv.shape[0], qkv.shape[1] if qkv.dim() == 3 else 0
-    qkv2 = _rows(qkv, "qkv")
-    tokens = qkv2.shape[0]
-    if qkv.dim() != 3 or tokens != n * T:
+    if qkv.dim() != 3:
         raise ValueError(f"prefill_rotary_to_cache takes qkv as [prompts, tokens, width], got {tuple(qkv.shape)}")
-    P = qkv2.shape[1] // 3
-    D = P // heads
-    rot = cos.shape[-1]
-    if 3 * heads * D != qkv2.shape[1] or rot > D or rot % 2:
-        raise ValueError(f"qkv width {qkv2.shape[1]} does not split into 3 x {heads} heads, or rotary width {rot} "
-                         f"is odd or above the head size")
-    _check_cache(k_cache, v_cache, slot + n, heads, D, T)
+    n, T = qkv.shape[:2]
     pos, rows = index
-    if pos.shape != (tokens,) or rows.shape != (tokens,):
-        raise ValueError(f"the prefill index holds {tuple(pos.shape)} positions for {tokens} tokens")
+    if pos.shape != (n * T,) or rows.shape != (n * T,):
+        raise ValueError(f"the prefill index holds {tuple(pos.shape)} positions for {n * T} tokens")
     if cos.shape[:2] != (n, T) or sin.shape != cos.shape:
         raise ValueError(f"cos/sin {tuple(cos.shape)} do not cover {n} prompts x {T} tokens")
-    cs, sn = cos.reshape(tokens, rot), sin.reshape(tokens, rot)
-    if cs.dtype != torch.float32 or sn.dtype != torch.float32 or cs.stride() != sn.stride() or cs.stride(1) != 1:
-        raise ValueError("cos and sin must be fp32 with the same contiguous layout")
-    scale = query_scale.reshape(tokens).float() if query_scale is not None else cs
-    q = torch.empty(n, T, heads, D, dtype=qkv.dtype, device=qkv.device)
-    _dec_rotary_cache_kernel[(tokens, heads)](qkv2, cs, sn, scale, pos, rows, k_cache, v_cache, q, qkv2.stride(0),
-                                              P, cs.stride(0), k_cache.stride(0), k_cache.stride(1),
-                                              k_cache.stride(2), D=D, ROT=rot, HAS_SCALE=query_scale is not None,
-                                              HAS_CROW=True, BLOCK_D=triton.next_power_of_2(D), num_warps=1,
-                                              enable_fp_fusion=False)
-    return q.transpose(1, 2)
+    q = _rotary_cache(_rows(qkv, "qkv"), cos, sin, query_scale, k_cache, v_cache, pos, rows, heads, slot + n, T)
+    return q.view(n, T, heads, q.shape[-1]).transpose(1, 2)
 
 
 def _row_stride(t: torch.Tensor) -> int | None:

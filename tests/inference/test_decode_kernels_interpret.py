@@ -261,9 +261,9 @@ def test_decode_attention_rejects_shapes_that_do_not_fit(kernels):
 
 
 # -- the engine's fused decode step (fp32, CPU, interpreted kernels) --------------------------------------------
-def _engine_logits(model, tok, batch, kernels, new=12):
-    """Every request's fp32 logits per step, and the output ids, with the fused path given ``kernels`` (None:
-    the model's own blocks)."""
+def _engine_logits(model, tok, batch, kernels, new=12, adapters=None):
+    """Every request's fp32 logits per step (the prefill's first), and the output ids, with the fused path given
+    ``kernels`` (None: the model's own blocks); ``adapters``: each request's adapter name (or None)."""
     engine = Engine(model, tok, max_batch=8)
     engine._kernels = kernels
     seen: dict[int, list[torch.Tensor]] = {}
@@ -275,7 +275,8 @@ def _engine_logits(model, tok, batch, kernels, new=12):
         return emit(rows, logits, touched)
 
     engine._emit = record
-    reqs = [engine.submit(p, SamplingParams(max_new_tokens=new, min_new_tokens=new)) for p in batch]
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=new, min_new_tokens=new), adapter=a)
+            for p, a in zip(batch, adapters or [None] * len(batch))]
     while engine.has_work():
         engine.step()
     return [torch.stack(seen[r.id]) for r in reqs], [r.output_ids for r in reqs]
@@ -348,27 +349,9 @@ def test_fused_prefill_and_steps_with_two_adapters_equal_the_model_blocks_in_fp3
     g = torch.Generator().manual_seed(8)
     batch = [torch.randint(3, 1700, (n,), generator=g).tolist() for n in (6, 15, 2)]
 
-    def run(k):
-        engine = Engine(pm, tok, max_batch=4)
-        engine._kernels = k
-        seen: dict[int, list[torch.Tensor]] = {}
-        emit = engine._emit
-
-        def record(rows, logits, touched):
-            for i, r in enumerate(rows):
-                seen.setdefault(r.req.id, []).append(logits[i].clone())
-            return emit(rows, logits, touched)
-
-        engine._emit = record
-        reqs = [engine.submit(p, SamplingParams(max_new_tokens=6, min_new_tokens=6), adapter=a)
-                for p, a in zip(batch, ["a", "b", None])]
-        while engine.has_work():
-            engine.step()
-        return [torch.stack(seen[r.id]) for r in reqs], [r.output_ids for r in reqs]
-
     with torch.no_grad():
-        plain_logits, plain_ids = run(None)
-        fused_logits, fused_ids = run(kernels)
+        plain_logits, plain_ids = _engine_logits(pm, tok, batch, None, new=6, adapters=["a", "b", None])
+        fused_logits, fused_ids = _engine_logits(pm, tok, batch, kernels, new=6, adapters=["a", "b", None])
     for a, b in zip(fused_logits, plain_logits):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert fused_ids == plain_ids
