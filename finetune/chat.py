@@ -176,6 +176,18 @@ def describe_conf(conf: argparse.Namespace) -> str:
     return "(" + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()) + ")"
 
 
+def _on_cuda(model) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
+def warm_up(model, tokenizer, say) -> None:
+    """The chat engine's first-use work (kernel compiles, CUDA graphs: seconds on a GPU) before the first question,
+    so that the first reply does not wait for it in silence."""
+    from .inference.chat_decoder import engine_for
+
+    say(f"(decoder warmed up in {engine_for(model, tokenizer).warm_up():.1f} s)")
+
+
 def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
     """The chat loop: a line is a message, or one of HELP's commands. ``args``: the parsed flags (``:conf``
     changes a copy; each reply's generation settings come from it)."""
@@ -194,6 +206,8 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
         out.write(text + ("" if text.endswith("\n") else "\n"))
         out.flush()
 
+    if _on_cuda(model):
+        warm_up(model, tokenizer, say)
     say("Chat with the model. :help lists the commands; :exit (or Ctrl-D) leaves.")
     history: list = []
     while True:

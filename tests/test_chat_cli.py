@@ -219,3 +219,20 @@ def test_a_set_seed_samples_each_reply_the_same_way(setup):
     assert seeded[2] == seeded[4] and len(seeded[2].strip()) > len("Qwen>")
     free = _session(model, tok, ["hi", ":clear", "hi"], flags).split(PROMPT)
     assert free[1] != free[3]
+
+
+def test_interactive_chat_warms_the_decoder_up_first_on_a_gpu(setup, monkeypatch):
+    """On CUDA the chat engine's first-use work runs before the first question (said in one line); the replies
+    are those of a chat without it (here the CUDA check is patched: the engine warms up on the CPU)."""
+    import finetune.chat as chat_cli
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import ANSWER, PROMPT
+
+    model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
+    monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: True)
+    text = _session(model, tok, [MEMORISE[1][0], ":q"], ["--greedy", "--max_new_tokens", "24"])
+    first = text.split(PROMPT)[0]
+    assert first.startswith("(decoder warmed up in ") and "Chat with the model." in first
+    assert text.split(PROMPT)[1].strip() == ANSWER + MEMORISE[1][1]
+    monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: False)
+    assert "warmed up" not in _session(model, tok, [":q"])
