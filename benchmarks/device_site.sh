@@ -13,12 +13,17 @@ carried_wheels() {
   export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-# The 14B-shaped Int4 model dir that benchmarks/user_path.py trains, made once a machine (/tmp/m) and linked where
-# user_path.py --work /tmp/user_path looks for it.
+# The 14B-shaped Int4 model dir the benchmarks use, made once a machine (/tmp/m; its log shown if it fails).
+#   source benchmarks/device_site.sh && int4_model_dir
+int4_model_dir() {
+  [[ -f /tmp/m/config.json ]] || python3 benchmarks/make_model_dir.py --shape 14b --int4 --out /tmp/m \
+    > /tmp/make_model.log 2>&1 || { tail -5 /tmp/make_model.log >&2; return 1; }
+}
+
+# That dir, linked where benchmarks/user_path.py --work /tmp/user_path looks for the model it trains.
 #   source benchmarks/device_site.sh && user_path_model
 user_path_model() {
   mkdir -p /tmp/user_path
-  [[ -d /tmp/m ]] || python3 benchmarks/make_model_dir.py --shape 14b --int4 --out /tmp/m > /tmp/make_model.log 2>&1 \
-    || { tail -5 /tmp/make_model.log >&2; return 1; }
+  int4_model_dir || return 1
   ln -sfn /tmp/m /tmp/user_path/14b_int4
 }

@@ -8,9 +8,8 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/prefill_out}"
 mkdir -p "$OUT"
 source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
+int4_model_dir || exit 1
 MODEL=/tmp/m
-[[ -f "$MODEL/config.json" ]] || python3 benchmarks/make_model_dir.py --shape 14b --int4 --out "$MODEL" \
-  > "$OUT/make_model.log" 2>&1
 C="${QWEN_FT_COMMIT:-$(git rev-parse --short HEAD)}"
 timeout "${T_PROFILE:-150}" python3 benchmarks/prefill_profile.py --model-dir "$MODEL" \
   --out "$OUT/prefill_profile_fused_$C.json" 2>&1 | grep '^{'

@@ -451,9 +451,8 @@ class Engine:
         select = None if all(a is None for a in indices) else self._select(indices, n)
         last = torch.tensor(lengths, device=self.device) - 1
         with self.adapters.applied(select):
-            if self._kernels is not None:  # the decode step's fused kernels (on the current CUDA device)
-                on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-                with on_device:
+            if self._kernels is not None:  # the decode step's fused kernels
+                with self._kernel_device():
                     logits = prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
                                             self.tr.wte(ids), cos, sin, query_scale, slot0, last)
             else:
@@ -466,6 +465,11 @@ class Engine:
         self._rows.extend(rows)
         self._synced = False
         self._emit(rows, logits, touched)
+
+    def _kernel_device(self):
+        """The engine's device made current for the fused kernels: Triton launches on the current CUDA device (on
+        the CPU, where only the interpreter tests run them, nothing to do)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _decode_forward(self, tok, pos, alpha, sel, kv_len, own_keys=False):
         """fp32 logits [b, V] of one decode step (tensors on the device; b rows in slots 0..b-1); ``own_keys``: the
@@ -480,9 +484,7 @@ class Engine:
             kv_len = self._fused_kv_len(kv_len)
             mask = additive_mask(self._key_pos, pos, kv_len, self.dtype)
             x = self.tr.wte(tok[:, None])
-            # Triton launches on the current CUDA device (on the CPU: the interpreter tests)
-            on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-            with self.adapters.applied(sel), on_device:
+            with self.adapters.applied(sel), self._kernel_device():
                 return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
                                      query_scale, mask, own_keys, self.adapters)
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
