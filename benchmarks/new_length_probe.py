@@ -39,9 +39,9 @@ def timed(fn) -> float:
 def sdpa_first_use(lengths, heads=40, dim=128):
     """ms of the first and second causal SDPA call at each fresh length, per backend (one layer's shape)."""
     out = {}
-    for name, backends in BACKENDS.items():
+    for index, (name, backends) in enumerate(BACKENDS.items()):
         rows = []
-        for T in lengths:
+        for T in (T + 2 * index for T in lengths):  # fresh lengths for each backend
             q = torch.randn(1, heads, T, dim, device="cuda", dtype=torch.bfloat16)
 
             def call():
@@ -69,28 +69,28 @@ def matmul_first_use(lengths):
 
 
 def engine_prefills(model_dir, lengths):
+    """The engine's prefill at fresh lengths (first and second call), as built (SDPA without cuDNN in inference)
+    and with SDPA's own choice (``Settings.sdpa_flash`` off), in one process."""
     from decode_bench import load, prompt_ids
     from prefill_profile import prefill_once
 
     from finetune.inference import Engine
+    from finetune.settings import override
 
     model, tok = load(model_dir, torch.device("cuda"))
     engine = Engine(model, tok, max_batch=8, max_len=4096)
     engine.warm_up()
+    engine.step()  # reads the warm-up's last step, which is still in flight
     prefill_once(engine, prompt_ids(2000, 2000, engine.vocab))  # the cache at its size for every length below
     out = {}
-    for name in ("default", "flash"):
+    for offset, (name, flash) in enumerate((("no_cudnn", True), ("sdpa_default", False))):
         rows = []
-        for T in lengths:
-            T = T + (1 if name == "flash" else 0)  # fresh for this pass too
-            ids = prompt_ids(T, T, engine.vocab)
-            if BACKENDS[name] is None:
+        with override(sdpa_flash=flash):
+            for T in lengths:
+                ids = prompt_ids(T + offset, T, engine.vocab)  # fresh for each pass
                 first, second = prefill_once(engine, ids), prefill_once(engine, ids)
-            else:
-                with sdpa_kernel(BACKENDS[name]):
-                    first, second = prefill_once(engine, ids), prefill_once(engine, ids)
-            rows.append(dict(T=T, first_ms=round(first * 1e3, 2), second_ms=round(second * 1e3, 2)))
-            print(json.dumps(dict(pass_=name, **rows[-1])), flush=True)
+                rows.append(dict(T=T + offset, first_ms=round(first * 1e3, 2), second_ms=round(second * 1e3, 2)))
+                print(json.dumps(dict(pass_=name, **rows[-1])), flush=True)
         out[name] = rows
     return out
 

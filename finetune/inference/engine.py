@@ -50,6 +50,7 @@ from collections import deque
 
 import torch
 
+from ..modeling.attention import inference_sdpa
 from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
 from .row_adapters import RowAdapters
@@ -450,7 +451,7 @@ class Engine:
         indices = [r.adapter_index for r in rows]
         select = None if all(a is None for a in indices) else self._select(indices, n)
         last = torch.tensor(lengths, device=self.device) - 1
-        with self.adapters.applied(select):
+        with self.adapters.applied(select), inference_sdpa(self.device):
             if self._kernels is not None:  # the decode step's fused kernels
                 with self._kernel_device():
                     logits = prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
@@ -484,11 +485,11 @@ class Engine:
             kv_len = self._fused_kv_len(kv_len)
             mask = additive_mask(self._key_pos, pos, kv_len, self.dtype)
             x = self.tr.wte(tok[:, None])
-            with self.adapters.applied(sel), self._kernel_device():
+            with self.adapters.applied(sel), self._kernel_device(), inference_sdpa(self.device):
                 return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
                                      query_scale, mask, own_keys, self.adapters)
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
-        with self.adapters.applied(sel):
+        with self.adapters.applied(sel), inference_sdpa(self.device):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)
 
     # -- the decode step: inputs and pick on the device, one step ahead of the host ---------------------------

@@ -5,8 +5,13 @@ mask on CUDA)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from finetune.settings import settings
 
 # ---------------------------------------------------------------------------------------------------------------
 class AttentionSpec:
@@ -35,6 +40,20 @@ def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None
     if none_without_restart and not bool(restart.any()):
         return None
     return F.pad(restart.long(), (1, 0)).cumsum(-1)
+
+
+# No cuDNN: SDPA's first pick for bf16 on the H200 (torch 2.11) builds an execution graph for each new shape, ~40 ms
+# a length (benchmarks/NOTES.md step 60), and inference meets a new length with nearly every prompt, generate() with
+# every step. Flash and memory-efficient attention have no per-shape cost.
+_SHAPE_FREE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def inference_sdpa(device):
+    """Context for a forward without gradients: SDPA on CUDA never through cuDNN (``Settings.sdpa_flash``).
+    Training keeps SDPA's own choice, since its shapes repeat."""
+    if torch.is_grad_enabled() or torch.device(device).type != "cuda" or not settings().sdpa_flash:
+        return contextlib.nullcontext()
+    return sdpa_kernel(_SHAPE_FREE, set_priority=True)
 
 
 _FLEX = None

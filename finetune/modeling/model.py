@@ -28,7 +28,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..errors import ModelLoadError
 from ..model_dir import gptq_of
-from .attention import AttentionSpec, _flex_attention, build_attention, document_ids
+from .attention import AttentionSpec, _flex_attention, build_attention, document_ids, inference_sdpa
 from .configuration import QWenConfig
 from .kernels import fused, rms_norm, rotary_qk, swiglu
 from .loss import chunked_causal_lm_loss
@@ -336,8 +336,9 @@ class QWenModel(QWenPreTrainedModel):
                 query_scale = logn_scale(pos1, self.config.seq_length)
 
         x = self.drop(x)
-        for block in self.h:
-            x = block(x, rope=(cos, sin), attn=attn, query_scale=query_scale, cache=cache, use_cache=use_cache)
+        with inference_sdpa(device):
+            for block in self.h:
+                x = block(x, rope=(cos, sin), attn=attn, query_scale=query_scale, cache=cache, use_cache=use_cache)
         x = self.ln_f(x)
         return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
 

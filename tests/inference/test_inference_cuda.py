@@ -484,3 +484,19 @@ def test_adapters_at_nine_rows_and_more_take_the_gemm_and_the_hook(tok, monkeypa
             assert a == 0.0 and b == 0.0, i
         else:
             assert a < max(BF16_LOGITS_REL, b + 0.015), (i, f, p_)
+
+
+def test_inference_forwards_run_no_cudnn_attention(tok):
+    """SDPA's cuDNN kernels build a graph per shape (~40 ms a new prompt length on the H200, NOTES step 60): the
+    engine's prefill and decode steps and a no-grad forward of the model (generate(), eval) must not run them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = realistic_model(2).to("cuda", torch.bfloat16)
+    engine = Engine(model, tok, max_batch=2, use_graphs=False)
+    ids = tok.encode("A prompt of a length this engine has not run before, to be decoded a few steps.")
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        engine.generate([ids, ids[:7]], SamplingParams(max_new_tokens=3))
+        with torch.no_grad():
+            model(torch.tensor([ids], device="cuda"))
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert names and not [n for n in names if "cudnn" in n.lower()], sorted({n for n in names if "cudnn" in n.lower()})
