@@ -44,9 +44,9 @@ class Settings:
     # FINETUNE_COMPACT_EMBEDDING: during LoRA training the frozen input embedding keeps on the GPU only the rows of
     # the training data's tokens (training/compact_embedding.py); 0: the whole table
     compact_embedding: bool = True
-    # FINETUNE_SDPA_FLASH: forwards without gradients on CUDA (the engine, generate(), eval) run SDPA through flash or
-    # memory-efficient attention, never cuDNN's, which builds a graph for each new shape (~40 ms on the H200, NOTES
-    # step 60); 0: SDPA's own choice
+    # FINETUNE_SDPA_FLASH: forwards without gradients on CUDA (the engine's prefill and eager steps, generate(), eval)
+    # run SDPA through flash or memory-efficient attention, never cuDNN's, which builds a graph for each new shape
+    # (40-70 ms a prompt length on the H200, NOTES step 60); 0: SDPA's own choice
     sdpa_flash: bool = True
 
 

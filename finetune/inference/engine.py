@@ -485,11 +485,11 @@ class Engine:
             kv_len = self._fused_kv_len(kv_len)
             mask = additive_mask(self._key_pos, pos, kv_len, self.dtype)
             x = self.tr.wte(tok[:, None])
-            with self.adapters.applied(sel), self._kernel_device(), inference_sdpa(self.device):
+            with self.adapters.applied(sel), self._kernel_device():
                 return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
                                      query_scale, mask, own_keys, self.adapters)
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
-        with self.adapters.applied(sel), inference_sdpa(self.device):
+        with self.adapters.applied(sel):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)
 
     # -- the decode step: inputs and pick on the device, one step ahead of the host ---------------------------
@@ -598,10 +598,12 @@ class Engine:
             if sampled:
                 self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled)
             logits = out[:n]
-        else:
+        else:  # eager steps meet a new key length each time: no cuDNN attention (a graph is captured once a key,
+            # where cuDNN's masked one-query attention is the faster: b1_512 244 tok/s against 222, NOTES step 60)
             sel = s["sel"][:, :n] if self._lora else None
-            logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
-                                          self._own_keys(rows, n, need))
+            with inference_sdpa(self.device):
+                logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
+                                              self._own_keys(rows, n, need))
             self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled)
         for r in rows:
             r.length += 1

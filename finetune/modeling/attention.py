@@ -42,9 +42,10 @@ def document_ids(position_ids: torch.Tensor, attention_mask: torch.Tensor | None
     return F.pad(restart.long(), (1, 0)).cumsum(-1)
 
 
-# No cuDNN: SDPA's first pick for bf16 on the H200 (torch 2.11) builds an execution graph for each new shape, ~40 ms
+# No cuDNN: SDPA's first pick for bf16 on the H200 (torch 2.11) builds an execution graph for each new shape, 40-70 ms
 # a length (benchmarks/NOTES.md step 60), and inference meets a new length with nearly every prompt, generate() with
-# every step. Flash and memory-efficient attention have no per-shape cost.
+# every step. Flash and memory-efficient attention have no per-shape cost. (The engine's CUDA-graphed decode steps
+# keep cuDNN: a graph is captured once for its key length.)
 _SHAPE_FREE = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

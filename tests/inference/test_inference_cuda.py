@@ -488,7 +488,8 @@ def test_adapters_at_nine_rows_and_more_take_the_gemm_and_the_hook(tok, monkeypa
 
 def test_inference_forwards_run_no_cudnn_attention(tok):
     """SDPA's cuDNN kernels build a graph per shape (~40 ms a new prompt length on the H200, NOTES step 60): the
-    engine's prefill and decode steps and a no-grad forward of the model (generate(), eval) must not run them."""
+    engine's prefill, its eager decode steps (a new key length each) and a no-grad forward of the model (generate(),
+    eval) must not run them. (Graphed steps may: a graph is captured once for its key length.)"""
     from torch.profiler import ProfilerActivity, profile
 
     model = realistic_model(2).to("cuda", torch.bfloat16)
