@@ -500,11 +500,15 @@ def test_inference_forwards_run_no_cudnn_attention(tok):
             torch.cuda.synchronize()
         return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
 
+    def attention(names):
+        return sorted({n for n in names if any(s in n.lower() for s in ("cudnn", "fmha", "flash", "attention"))})
+
     q = torch.randn(1, 4, 1, 64, device="cuda", dtype=torch.bfloat16)
     kv = torch.randn(1, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
     mask = torch.zeros(1, 1, 1, 300, device="cuda", dtype=torch.bfloat16)
     one_query = lambda: F.scaled_dot_product_attention(q, kv, kv, attn_mask=mask)  # noqa: E731  (a graphed step's)
-    chosen = kernels(one_query)
+    one_query()  # (first use)
+    chosen = attention(kernels(one_query))
     model = realistic_model(2).to("cuda", torch.bfloat16)
     engine = Engine(model, tok, max_batch=2, use_graphs=False)
     ids = tok.encode("A prompt of a length this engine has not run before, to be decoded a few steps.")
@@ -516,4 +520,4 @@ def test_inference_forwards_run_no_cudnn_attention(tok):
     names = kernels(infer)
     assert names and not [n for n in names if "cudnn" in n.lower()], sorted({n for n in names if "cudnn" in n.lower()})
     # and SDPA's own choice elsewhere in the process is what it was (restoring a priority order changed it once)
-    assert sorted(set(kernels(one_query))) == sorted(set(chosen))
+    assert chosen and attention(kernels(one_query)) == chosen
