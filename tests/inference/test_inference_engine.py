@@ -167,20 +167,24 @@ def test_a_batch_without_adapter_rows_computes_no_adapter(tok, monkeypatch):
 
 def test_prompts_joining_together_are_prefilled_in_groups_and_answer_as_alone(tok, monkeypatch):
     """Requests that join in the same step share one prefill forward (right-padded, at most PREFILL_TOKENS
-    positions a forward), each with its own NTK alpha, and every row answers as it does alone."""
+    positions a forward), shortest first so that a group pads little, each with its own NTK alpha, and every row
+    answers as it does alone."""
     from finetune.inference import engine as engine_mod
 
     model = tiny(seed=3, seq_length=16)  # prompts past seq_length: per-row NTK alphas and logN differ
-    batch = prompts([10, 30, 25, 5], seed=12)
+    batch = prompts([30, 5, 28, 6], seed=12)
     params = SamplingParams(max_new_tokens=12)
     alone = [Engine(model, tok, max_batch=1).generate([p], params)[0] for p in batch]
-    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", 64)  # groups: [10, 30] (2 x 30), then [25, 5] (2 x 25)
+    # in arrival order the groups would be [30, 5] and [28, 6]: 2 x 30 + 2 x 28 positions; by length [5, 6] and
+    # [28, 30]: 2 x 6 + 2 x 30 (three in one would be 3 x 28 > 64)
+    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", 64)
     engine = Engine(model, tok, max_batch=4)
     groups = []
     real = engine._prefill
-    monkeypatch.setattr(engine, "_prefill", lambda reqs, touched: groups.append(len(reqs)) or real(reqs, touched))
+    monkeypatch.setattr(engine, "_prefill", lambda reqs, touched: groups.append(
+        sorted(len(r.prompt_ids) for r in reqs)) or real(reqs, touched))
     assert engine.generate(batch, params) == alone
-    assert groups == [2, 2]
+    assert groups == [[5, 6], [28, 30]]
 
 
 def test_adapter_weights_changed_in_place_are_used_at_the_next_step(tok):
