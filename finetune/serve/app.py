@@ -124,6 +124,8 @@ class Server:
             over["top_p"] = body.top_p
         if body.top_k is not None:
             over["top_k"] = body.top_k
+        if body.repetition_penalty is not None:
+            over["repetition_penalty"] = body.repetition_penalty
         if body.seed is not None:
             over["seed"] = body.seed
         if body.min_tokens:

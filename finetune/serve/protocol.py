@@ -66,6 +66,10 @@ class ChatCompletionRequest(BaseModel):
     stop: Any = None  # a string or a list of strings, checked in check() (one message naming `stop`)
     seed: Annotated[int | None, Number] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     min_tokens: Annotated[int | None, Number] = Field(default=None, ge=0)  # vLLM's: no stop before this many
+    # vLLM's extension, as Qwen's docs send it (extra_body); default: the model's generation config's. Bounded:
+    # seen tokens' scores are divided or multiplied by it, a 1e-40 overflows fp32 to inf, and a sampled row's draw
+    # then fails the engine step for every request in the batch (past x100 either way it changes nothing more)
+    repetition_penalty: Annotated[float | None, Number] = Field(default=None, ge=0.01, le=100, allow_inf_nan=False)
     n: Annotated[int | None, Number] = Field(default=None, ge=1)
     tools: list[Any] | None = None
     tool_choice: Any = None
@@ -87,8 +91,8 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "logprobs are not supported", "logprobs" if self.logprobs else "top_logprobs")
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
-                raise APIError(400, f"{name} is not supported (Qwen uses repetition_penalty from the model's "
-                               "generation config)", name)
+                raise APIError(400, f"{name} is not supported (Qwen uses repetition_penalty: send that, or leave "
+                               "the model's generation config's)", name)
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if self.response_format not in (None, {"type": "text"}):

@@ -62,6 +62,21 @@ def test_greedy_base_answer_equals_model_chat_and_max_completion_tokens_limits_i
     assert r.choices[0].message.content == model.chat(tok, "Tell me more.", do_sample=False, max_new_tokens=6)[0]
 
 
+def test_repetition_penalty_overrides_the_generation_configs(live, model_dir):
+    """vLLM's extension (Qwen's docs send it in extra_body) was silently ignored: every request ran the model
+    dir's 1.1."""
+    from finetune import load_model, load_tokenizer
+
+    assert live.server.params(_body(repetition_penalty=1.5), 30).repetition_penalty == 1.5
+    client = openai.OpenAI(base_url=live.api_url, api_key="none", timeout=60, max_retries=0)
+    q = "Tell me more, tell me more."
+    r = client.chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": q}], temperature=0,
+                                       max_tokens=12, extra_body={"repetition_penalty": 1.5})
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    expected = model.chat(tok, q, do_sample=False, max_new_tokens=12, repetition_penalty=1.5)[0]
+    assert r.choices[0].message.content == expected
+
+
 def test_a_tiny_temperature_is_greedy_and_fails_no_request(live):
     """Below 0.01 is greedy, as in the official server: a seeded 1e-40 used to divide the scores to inf/NaN,
     and the failed draw ended every request in the batch with a 500."""
@@ -87,6 +102,8 @@ HI = [{"role": "user", "content": "hi"}]
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
     (dict(stop=""), "stop"),
     (dict(top_p=0), "top_p"),
+    (dict(repetition_penalty=1e-40), "repetition_penalty"),  # overflows the scores: a failed step for every row
+    (dict(repetition_penalty=0), "repetition_penalty"),
     (dict(max_completion_tokens=0), "max_completion_tokens"),
     (dict(max_completion_tokens=500), "max_completion_tokens"),  # over --max-model-len 200
     (dict(model=None), "model"),
