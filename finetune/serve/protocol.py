@@ -82,6 +82,11 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Annotated[float | None, Number] = None
     logit_bias: dict | None = None
     response_format: Any = None
+    # output this server cannot produce (OpenAI answers 400 for a model without it; ignored, a client asking for
+    # audio or a web search got a text answer with neither and no word why)
+    modalities: Any = None
+    audio: Any = None
+    web_search_options: Any = None
 
     def check(self) -> None:
         """Refuse what this server cannot do (a 400 naming the field)."""
@@ -97,6 +102,13 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if self.response_format not in (None, {"type": "text"}):
             raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+        if self.modalities not in (None, ["text"]):
+            raise APIError(400, "only modalities [\"text\"] is supported: this model answers with text only",
+                           "modalities")
+        for name in ("audio", "web_search_options"):
+            if getattr(self, name) is not None:
+                raise APIError(400, f"{name} is not supported: this model answers with text only, no audio or "
+                               "web search", name)
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
         if self.min_tokens and self.max_new_tokens() is not None and self.min_tokens > self.max_new_tokens():

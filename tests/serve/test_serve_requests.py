@@ -98,6 +98,9 @@ HI = [{"role": "user", "content": "hi"}]
     (dict(logit_bias={"5": 10}), "logit_bias"),
     (dict(response_format={"type": "json_object"}), "response_format"),
     (dict(tool_choice={"type": "function", "function": {"name": "f"}}), "tool_choice"),
+    (dict(modalities=["text", "audio"], audio={"voice": "alloy", "format": "wav"}), "modalities"),
+    (dict(audio={"voice": "alloy", "format": "wav"}), "audio"),
+    (dict(web_search_options={}), "web_search_options"),  # ({} asks for a search with the defaults)
     (dict(min_tokens=5, max_tokens=2), "min_tokens"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
     (dict(stop=""), "stop"),
@@ -115,6 +118,15 @@ def test_unsupported_or_bad_fields_are_400_naming_the_field(live, kw, param):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and "\n" not in err["message"], err
+
+
+def test_text_output_and_openais_bookkeeping_fields_are_accepted(live):
+    """modalities ["text"] is OpenAI's default; user, store, metadata, service_tier are ignored, as OpenAI does
+    for a server that keeps no records."""
+    body = {"model": "tiny-qwen", "messages": HI, "max_tokens": 1, "modalities": ["text"], "audio": None,
+            "web_search_options": None, "user": "u1", "store": False, "metadata": {"a": "b"}, "service_tier": "auto"}
+    r = httpx.post(live.api_url + "/chat/completions", json=body, timeout=30)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["role"] == "assistant", r.text
 
 
 def test_a_body_that_is_not_json_is_400(live):
