@@ -31,6 +31,11 @@ from .textstream import TextStream
 from .worker import EngineWorker
 
 
+# after the open turn's "\nThought:": the official final-answer thought, up to the answer (its space is the
+# answer's first token, as in the trained text)
+FINAL_ANSWER_OPEN = react.FINAL_THOUGHT[len("Thought:"):].rstrip()
+
+
 class Server:
     """What the routes share: the tokenizer, the engine worker, the served names, the limits."""
 
@@ -68,10 +73,21 @@ class Server:
     def turns(self, body: ChatCompletionRequest) -> tuple[react.Turns, list[dict]]:
         """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
         try:
-            functions = [] if body.tools_disabled() else react.functions_from(body.functions, body.tools)
+            functions = react.functions_from(body.functions, body.tools)
             for i, f in enumerate(functions):
                 _check_function(f, f"tools[{i}].function" if body.tools else f"functions[{i}]")
-            return react.build_turns(body.messages, functions), functions
+            if not body.tools_disabled():
+                return react.build_turns(body.messages, functions), functions
+            turns = react.build_turns(body.messages, [])
+            if functions and turns.query is None and not turns.continues_assistant:
+                # tool_choice "none" after a tool result: the open ReAct turn went on after "Thought:" with no
+                # instruction and no "Observation:" stop, and the client got the ReAct text ("I now know the final
+                # answer.\nFinal Answer: ...", or an invented call and observation) as its answer. Laid out as with
+                # the tools, the turn is closed with the official final-answer thought: the model writes the answer
+                turns = react.build_turns(body.messages, functions)
+                user, segments = turns.pairs[-1]
+                turns.pairs[-1] = (user, segments + [(FINAL_ANSWER_OPEN, False)])
+            return turns, []
         except react.ReactError as e:
             raise APIError(400, f"{e.field}: {e}" if e.field else str(e), e.field) from None
 

@@ -118,3 +118,28 @@ def test_a_temperature_below_001_is_greedy_as_in_the_official_server(live, tempe
                                  temperature=temperature, seed=1)
     params = live.server.params(body, 10)
     assert params.do_sample is (not greedy)
+
+
+def test_tool_choice_none_after_a_tool_result_gets_a_final_answer(live):
+    """The open ReAct turn went on after "Thought:" without the instruction and without the "Observation:" stop,
+    and the client got "I now know the final answer.\nFinal Answer: ..." (or an invented call) as its content.
+    The turn is now laid out as with the tools and ends in the official final-answer thought."""
+    from finetune.serve.protocol import ChatCompletionRequest
+
+    tools = [{"type": "function", "function": F}]
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "look", "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "search", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "found"}]
+    ids, functions = live.server.prompt(ChatCompletionRequest(model="scripted", messages=msgs, tools=tools,
+                                                              tool_choice="none"))
+    auto, _ = live.server.prompt(ChatCompletionRequest(model="scripted", messages=msgs, tools=tools))
+    tok = live.server.tokenizer
+    assert functions == [] and tok.decode(auto).endswith("\nObservation: found\nThought:")
+    assert tok.decode(ids) == tok.decode(auto) + " I now know the final answer.\nFinal Answer:"
+    choice = _post(live, " It is found.", msgs, tools=tools, tool_choice="none")
+    assert choice["message"] == {"role": "assistant", "content": "It is found."} and choice["finish_reason"] == "stop"
+    # a conversation ending with a user message stays plain chat (no ReAct prompt)
+    plain, _ = live.server.prompt(ChatCompletionRequest(model="scripted", messages=msgs[:1], tools=tools,
+                                                        tool_choice="none"))
+    assert "Action" not in tok.decode(plain)
