@@ -27,3 +27,14 @@ user_path_model() {
   int4_model_dir || return 1
   ln -sfn /tmp/m /tmp/user_path/14b_int4
 }
+
+# What an inference trial's call starts with (run from the repo root): $OUT made (default $1), the carried .whl on
+# PYTHONPATH, the model dir at /tmp/m, and $C the commit its results are named by (QWEN_FT_COMMIT, else HEAD).
+#   source benchmarks/device_site.sh && inference_trial /tmp/my_out || exit 1
+inference_trial() {
+  OUT="${OUT:-$1}"
+  mkdir -p "$OUT"
+  carried_wheels .whl /tmp/quick_site
+  C="${QWEN_FT_COMMIT:-$(git rev-parse --short HEAD)}"
+  int4_model_dir
+}

@@ -5,15 +5,10 @@
 #   QWEN_FT_COMMIT=<rev> bash benchmarks/prefill_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/prefill_out}"
-mkdir -p "$OUT"
-source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
-int4_model_dir || exit 1
-MODEL=/tmp/m
-C="${QWEN_FT_COMMIT:-$(git rev-parse --short HEAD)}"
-timeout "${T_PROFILE:-150}" python3 benchmarks/prefill_profile.py --model-dir "$MODEL" \
+source benchmarks/device_site.sh && inference_trial /tmp/prefill_out || exit 1
+timeout "${T_PROFILE:-150}" python3 benchmarks/prefill_profile.py --model-dir /tmp/m \
   --out "$OUT/prefill_profile_fused_$C.json" 2>&1 | grep '^{'
-FINETUNE_FUSED_DECODE=0 timeout "${T_PROFILE:-150}" python3 benchmarks/prefill_profile.py --model-dir "$MODEL" \
+FINETUNE_FUSED_DECODE=0 timeout "${T_PROFILE:-150}" python3 benchmarks/prefill_profile.py --model-dir /tmp/m \
   --out "$OUT/prefill_profile_blocks_$C.json" 2>&1 | grep '^{'
-timeout "${T_STALLS:-200}" python3 benchmarks/engine_stalls.py --model-dir "$MODEL" --warm-up \
+timeout "${T_STALLS:-200}" python3 benchmarks/engine_stalls.py --model-dir /tmp/m --warm-up \
   --out "$OUT/engine_stalls_warm_$C.json" 2>&1 | tail -3

@@ -6,11 +6,7 @@
 #   QWEN_FT_COMMIT=<rev> bash benchmarks/sdpa_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-/tmp/sdpa_out}"
-mkdir -p "$OUT"
-source benchmarks/device_site.sh && carried_wheels .whl /tmp/quick_site
-int4_model_dir || exit 1
-C="${QWEN_FT_COMMIT:-$(git rev-parse --short HEAD)}"
+source benchmarks/device_site.sh && inference_trial /tmp/sdpa_out || exit 1
 timeout 60 python3 -m pytest -q -m cuda tests/inference/test_inference_cuda.py -k cudnn -p no:cacheprovider 2>&1 | tail -3
 timeout 200 python3 benchmarks/new_length_probe.py --model-dir /tmp/m --out "$OUT/new_length_probe_$C.json" 2>&1 \
   | grep -v Warn | tail -16
