@@ -147,7 +147,8 @@ def test_cancelling_a_row_frees_it_at_the_next_step_and_leaves_the_others_unchan
     kept = list(reqs[1].output_ids)
     got = engine.step()
     assert reqs[1] in got and reqs[1].finish_reason == "cancelled" and reqs[1].output_ids == kept
-    assert [r.req for r in engine._rows] == [reqs[0], reqs[2]]
+    # the other two stay (their slot order is the prefill's, shortest prompt first)
+    assert sorted(r.req.id for r in engine._rows) == sorted([reqs[0].id, reqs[2].id])
     while engine.has_work():
         engine.step()
     assert kept == solo[1][:len(kept)]
