@@ -57,10 +57,32 @@ def read_adapter_config(adapter_dir) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise AdapterError(f"adapter {adapter_dir}: {CONFIG_NAME} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(f"adapter {adapter_dir}: {CONFIG_NAME} must be a JSON object, got {type(cfg).__name__}")
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise AdapterError(f"adapter {adapter_dir}: peft_type {peft_type!r} is not supported (LoRA only)")
+    _check_config_values(adapter_dir, cfg)
     return cfg
+
+
+def _check_config_values(adapter_dir, cfg: dict) -> None:
+    """The fields the adapter is built from, by type (PEFT takes them as they are, and a string rank or alpha
+    fails deep inside the layer's construction, with a traceback)."""
+    where = f"adapter {adapter_dir}: {CONFIG_NAME}"
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise AdapterError(f"{where}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise AdapterError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
+    targets = cfg.get("target_modules")
+    if targets is not None and not isinstance(targets, str) and not (
+            isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        raise AdapterError(f"{where}: target_modules must be a module name, a regex or a list of names, got "
+                           f"{targets!r}")
+    base = cfg.get("base_model_name_or_path")
+    if base is not None and not isinstance(base, str):
+        raise AdapterError(f"{where}: base_model_name_or_path must be a path, got {base!r}")
 
 
 def lora_config(adapter_dir, cfg: dict | None = None):

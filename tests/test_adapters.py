@@ -195,6 +195,24 @@ def test_mismatched_adapters_are_clear_errors(setup, tmp_path):
         load_model(setup["float"], adapter=setup["float"])
 
 
+@pytest.mark.parametrize("config, expect", [
+    ([], "must be a JSON object, got list"),
+    ({"peft_type": "LORA", "r": "16", "lora_alpha": 16}, "r must be a positive integer, got '16'"),
+    ({"peft_type": "LORA", "r": 0}, "r must be a positive integer, got 0"),
+    ({"peft_type": "LORA", "r": 16, "lora_alpha": "x"}, "lora_alpha must be a positive number, got 'x'"),
+    ({"peft_type": "LORA", "r": 16, "target_modules": 5}, "target_modules must be .* got 5"),
+    ({"peft_type": "LORA", "r": 16, "base_model_name_or_path": ["a"]}, "base_model_name_or_path must be a path"),
+])
+def test_adapter_config_of_the_wrong_shape_is_one_error(tmp_path, config, expect):
+    # a hand-edited adapter_config.json: a line naming the file and the field, before PEFT builds a layer from it
+    # (a string rank or alpha used to end in a TypeError inside the layer's construction)
+    from finetune.adapters import read_adapter_config
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=f"adapter_config.json.*{expect}"):
+        read_adapter_config(tmp_path)
+
+
 def test_check_adapter_finds_missing_tensors(setup, tmp_path):
     model = load_model(setup["float"], device="cpu")
     sd = read_adapter_weights(setup["lora"])
