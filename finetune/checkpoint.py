@@ -120,7 +120,7 @@ def checkpoint_files(model_dir, error=ModelLoadError) -> list[tuple[Path, list[s
     for single in ("model.safetensors", "pytorch_model.bin"):
         if (d / single).is_file():
             return [(d / single, None)]
-    st = sorted(d.glob("*.safetensors"))
+    st = sorted(p for p in d.glob("*.safetensors") if p.is_file())  # (a directory of that name is no weights)
     if st:
         return [(p, None) for p in st]
     raise error(f"{d} has no model weights (expected model.safetensors[.index.json] or "

@@ -83,7 +83,34 @@ def model_config(model_dir: Path, cfg: dict | None = None):
     except Exception as e:  # whatever the constructor trips on, said in one line about the file
         raise ModelLoadError(f"{cfg_path}: does not describe a buildable Qwen model ({type(e).__name__}: "
                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    check_side_files(model_dir)
     return config
+
+
+def check_side_files(model_dir: Path) -> None:
+    """generation_config.json and tokenizer_config.json, where present, as readable JSON objects (and the first as
+    a generation config): the loaders read the first after the weights (a traceback then), and the vocabulary check
+    would silently skip the ids a broken second one records."""
+    import json
+
+    for name in ("generation_config.json", "tokenizer_config.json"):
+        path = model_dir / name
+        if not path.exists():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
+            raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if (model_dir / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        try:
+            GenerationConfig.from_pretrained(str(model_dir))
+        except Exception as e:  # transformers' own validation of the values, in one line
+            raise ModelLoadError(f"{model_dir / 'generation_config.json'}: not a valid generation config "
+                                 f"({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def check_weights(model_dir: Path, config) -> None:
@@ -176,4 +203,4 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
 
 
 __all__ = ["load_model", "ModelLoadError", "check_device", "default_dtype", "check_weights", "checkpoint_shapes",
-           "inspect_model_dir", "model_config", "read_config"]
+           "inspect_model_dir", "model_config", "read_config", "check_side_files"]

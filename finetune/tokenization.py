@@ -114,6 +114,8 @@ def _load_ranks(path: str) -> dict[bytes, int]:
                 ranks[base64.b64decode(token)] = int(rank)
             except ValueError as e:
                 raise TokenizerError(f"{path}: line {lineno} is not '<base64 token> <rank>': {e}") from None
+    if not ranks:  # (tiktoken would fail on max() of nothing)
+        raise TokenizerError(f"{path}: no token ranks: the file is empty (copy it again from the original model dir)")
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise TokenizerError(f"{path}: ranks are not a contiguous 0..{len(ranks) - 1} range")
     return ranks

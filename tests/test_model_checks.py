@@ -143,6 +143,37 @@ def test_malformed_config_json(dirs, tmp_path, field, value, expect, capsys, mon
         load_model(d, device="cpu")
 
 
+@pytest.mark.parametrize("kind", ["float", "int4"])
+@pytest.mark.parametrize("name, text, expect", [
+    ("generation_config.json", "{bad", r"generation_config\.json is not valid JSON: .*line 1 column 2"),
+    ("generation_config.json", json.dumps({"max_new_tokens": "abc"}), r"generation_config\.json: not a valid "
+                                                                        r"generation config \(TypeError"),
+    ("tokenizer_config.json", "[1]", r"tokenizer_config\.json: expected a JSON object, got list"),
+])
+def test_broken_side_json_files(dirs, tmp_path, kind, name, text, expect, capsys, monkeypatch):
+    # generation_config.json was read after the weights (transformers' OSError traceback), and a broken
+    # tokenizer_config.json silently skipped the special-token check it feeds
+    d = damaged(dirs, tmp_path, kind)
+    (d / name).write_text(text)
+    with pytest.raises(ModelLoadError, match=expect):
+        load_model(d, device="cpu")
+    assert name in train_error(dirs, d, capsys, monkeypatch)
+
+
+def test_empty_vocabulary_and_a_directory_for_weights(dirs, tmp_path, capsys, monkeypatch):
+    d = damaged(dirs, tmp_path)
+    (d / "qwen.tiktoken").write_bytes(b"")  # tiktoken failed on max() of nothing
+    with pytest.raises(TokenizerError, match=r"qwen\.tiktoken: no token ranks: the file is empty"):
+        load_tokenizer(d)
+    assert "qwen.tiktoken" in train_error(dirs, d, capsys, monkeypatch)
+    shutil.copy(dirs["float"] / "qwen.tiktoken", d / "qwen.tiktoken")
+    (d / "model.safetensors").unlink()
+    (d / "model.safetensors").mkdir()  # was opened as a file: IsADirectoryError
+    with pytest.raises(ModelLoadError, match="has no model weights"):
+        load_model(d, device="cpu")
+    assert "has no model weights" in train_error(dirs, d, capsys, monkeypatch)
+
+
 def test_gptq_wrong_shapes_and_dtypes_from_headers(dirs, tmp_path):
     d = damaged(dirs, tmp_path, "int4")
     sd = load_file(str(d / "model.safetensors"))
