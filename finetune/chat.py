@@ -50,11 +50,16 @@ def bad_flag(args) -> str | None:
               ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
               ("--top-k", args.top_k, lambda v: v >= 0, ">= 0 (0: off)"),
               ("--repetition-penalty", args.repetition_penalty, lambda v: v > 0, "> 0"),
-              ("--history-window", args.history_window, lambda v: v >= 1, "at least 1")]
+              ("--history-window", args.history_window, lambda v: v >= 1, "at least 1"),
+              ("--seed", args.seed, seed_ok, "in [0, 2**32) (numpy's seed range, which set_seed seeds too)")]
     for flag, value, ok, want in checks:
         if value is not None and not ok(value):  # (NaN fails every comparison)
             return f"{flag} must be {want}, got {value}"
     return None
+
+
+def seed_ok(seed: int) -> bool:
+    return 0 <= seed < 2 ** 32
 
 
 def generation_kwargs(args) -> dict:
@@ -244,10 +249,13 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
         if command == "seed":
             if len(words) > 1:
                 try:
-                    seed = int(words[1])
+                    new_seed = int(words[1])
                 except ValueError:
-                    say(f"(:seed takes a whole number, got {words[1]!r}; the seed stays {seed})")
+                    new_seed = None
+                if new_seed is None or not seed_ok(new_seed):
+                    say(f"(:seed takes a whole number in [0, 2**32), got {words[1]!r}; the seed stays {seed})")
                     continue
+                seed = new_seed
             say(f"(seed {seed if seed is not None else 'unset: each reply draws afresh'})")
             continue
         if command == "conf":

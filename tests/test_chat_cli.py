@@ -69,6 +69,8 @@ def test_a_missing_adapter_beside_a_good_model_is_named_as_the_adapter(setup, tm
     (["--top-k", "-2"], "--top-k must be >= 0"),
     (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     (["--history-window", "0"], "--history-window must be at least 1"),
+    (["--seed", "-5"], "--seed must be in [0, 2**32)"),  # set_seed's numpy traceback after the model loaded
+    (["--seed", str(2 ** 32)], "--seed must be in [0, 2**32)"),
 ])
 def test_sampling_flags_out_of_range_are_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, message):
     import finetune.chat
@@ -189,7 +191,7 @@ def test_the_official_demos_commands(setup):
     model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
     text = _session(model, tok, [":h", MEMORISE[0][0], ":his", ":conf top_p=1.5 top_k=3", ":conf top_k=-2",
                                  ":conf top_k=3 max_new_tokens=5", ":conf nope=1", ":reset-conf", ":seed", ":seed 9",
-                                 ":seed x", ":clh", ":history", ":hello", ":q", "never read"],
+                                 ":seed x", ":seed -1", ":clh", ":history", ":hello", ":q", "never read"],
                     ["--greedy", "--max_new_tokens", "24"])
     replies = text.split(PROMPT)
     assert ":conf KEY=VALUE" in replies[1]  # the help
@@ -200,11 +202,14 @@ def test_the_official_demos_commands(setup):
     assert "top_k=3" in replies[6] and "max_new_tokens=5" in replies[6] and "greedy=True" in replies[6]
     assert "KEY one of" in replies[7] and "'nope=1'" in replies[7]
     assert "top_k=default" in replies[8] and "max_new_tokens=24" in replies[8]
-    assert [r.strip() for r in replies[9:12]] == ["(seed unset: each reply draws afresh)", "(seed 9)",
-                                                  "(:seed takes a whole number, got 'x'; the seed stays 9)"]
-    assert replies[12].strip() == "(history cleared)" and replies[13].strip() == "(no history)"
-    assert replies[14].startswith(ANSWER)  # ':hello' went to the model
-    assert len(replies) == 16 and "never read" not in text  # :q left
+    # (a seed outside numpy's range used to end the session with set_seed's traceback at the next reply)
+    assert [r.strip() for r in replies[9:13]] == [
+        "(seed unset: each reply draws afresh)", "(seed 9)",
+        "(:seed takes a whole number in [0, 2**32), got 'x'; the seed stays 9)",
+        "(:seed takes a whole number in [0, 2**32), got '-1'; the seed stays 9)"]
+    assert replies[13].strip() == "(history cleared)" and replies[14].strip() == "(no history)"
+    assert replies[15].startswith(ANSWER)  # ':hello' went to the model
+    assert len(replies) == 17 and "never read" not in text  # :q left
 
 
 def test_a_set_seed_samples_each_reply_the_same_way(setup):
