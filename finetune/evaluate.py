@@ -272,6 +272,18 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def unwritable(path: Path) -> str | None:
+    """Why a report file cannot be written at ``path`` (its missing parent dirs are made), or None."""
+    if path.is_dir():
+        return "is a directory; give a file name for the JSON report"
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a directory"
+    return None
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", help="model dir or hub id (default: the base the adapter records)")
@@ -304,6 +316,13 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None and value < 1:
             print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    rp = args.repetition_penalty
+    if not rp > 0 or rp == float("inf"):  # (NaN fails the comparison) the engine refused it after the model loaded
+        print(f"error: --repetition-penalty must be a finite number > 0, got {rp}", file=sys.stderr)
+        return 2
+    if args.output and (problem := unwritable(Path(args.output))):  # found now, not after the evaluation
+        print(f"error: --output {args.output}: {problem}", file=sys.stderr)
+        return 2
     from .data.encoding import MIN_MAX_LEN  # as training's --model_max_length
 
     if args.max_len is not None and args.max_len < MIN_MAX_LEN:

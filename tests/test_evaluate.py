@@ -171,6 +171,9 @@ def test_eval_cli(setup, tmp_path, capsys):
     (["--max-samples", "-1"], "--max-samples must be >= 1, got -1"),  # (was records[:-1]: the last one dropped)
     (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
     (["--max-len", "1"], "--max-len 1 is too small"),
+    # the engine's SamplingParams refused these with a traceback, after the model had loaded
+    (["--repetition-penalty", "nan"], "--repetition-penalty must be a finite number > 0, got nan"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0, got 0.0"),
 ])
 def test_eval_flags_out_of_range_are_one_line(setup, capsys, flags, message):
     from finetune.cli import main
@@ -178,6 +181,21 @@ def test_eval_flags_out_of_range_are_one_line(setup, capsys, flags, message):
     assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_eval_output_that_cannot_be_written_is_refused_before_loading(setup, tmp_path, capsys, monkeypatch):
+    # was IsADirectoryError / FileExistsError from writing the report, after the whole evaluation
+    import finetune.loading
+    from finetune.cli import main
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for output, message in ((tmp_path, "is a directory"), (a_file / "sub" / "r.json", f"{a_file} is a file")):
+        assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]),
+                     "--output", str(output)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --output {output}: ") and message in err and err.count("\n") == 1, err
 
 
 def test_eval_cli_stops_on_bad_data_before_loading_the_model(setup, tmp_path, capsys, monkeypatch):
