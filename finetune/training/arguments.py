@@ -250,4 +250,9 @@ def parse_args(argv: list[str] | None = None):
         # as defaults: what follows on the command line wins, and string values are converted as flags are
         parser.set_defaults(**_config_values(argv[0], parser))
         argv = argv[1:]
-    return parser.parse_args_into_dataclasses(args=_translate_legacy(argv))
+    argv = _translate_legacy(argv)
+    # TrainingArguments reads the --deepspeed file as it is built: check it first, for one line naming it
+    from .checks import deepspeed_config
+
+    deepspeed_config(parser.parse_known_args(argv)[0].deepspeed)
+    return parser.parse_args_into_dataclasses(args=argv)

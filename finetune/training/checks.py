@@ -194,15 +194,37 @@ def deepspeed_config(ds) -> dict | None:
     """The --deepspeed value (a path or a dict) as a dict, or a clear error."""
     if not ds:
         return None
+    where = "--deepspeed (inline)" if isinstance(ds, dict) else f"--deepspeed {ds}"
     if isinstance(ds, dict):
-        return ds
-    p = Path(ds)
-    if not p.is_file():
-        raise TrainConfigError(f"--deepspeed {ds}: no such file (the project's configs are in ds_configs/)")
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainConfigError(f"--deepspeed {ds}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")
+        cfg = ds
+    else:
+        p = Path(ds)
+        if p.is_dir():
+            raise TrainConfigError(f"{where}: a directory, not a config file (e.g. ds_configs/zero2.json)")
+        if not p.is_file():
+            raise TrainConfigError(f"{where}: no such file (the project's configs are in ds_configs/)")
+        try:
+            cfg = json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise TrainConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
+    # the shape transformers' and accelerate's readers assume (else an AttributeError deep inside them)
+    if not isinstance(cfg, dict):
+        raise TrainConfigError(f"{where}: must be a JSON object, got {type(cfg).__name__}")
+    for key in ("zero_optimization", "optimizer", "scheduler"):
+        if key in cfg and not isinstance(cfg[key], dict):
+            raise TrainConfigError(f"{where}: '{key}' must be an object, got {cfg[key]!r}")
+    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise TrainConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return cfg
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def check_numbers(lora_args, args) -> None:
@@ -319,6 +341,13 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         raise TrainConfigError(
             "--on_nonfinite_loss skip does not work under --deepspeed (DeepSpeed applies the step inside its "
             "backward pass); use --on_nonfinite_loss stop, or run without DeepSpeed")
+    launch_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    if ds is not None and not all(v in os.environ for v in launch_vars) and not _importable("mpi4py"):
+        # without them deepspeed.initialize looks for MPI (mpi4py), after the data and the model have loaded
+        raise TrainConfigError(
+            f"--deepspeed needs the rank variables torchrun sets ({', '.join(launch_vars)}): run it through a training "
+            "script (bash scripts/finetune_qlora.sh ... --deepspeed CONFIG, which launches it that way even for one "
+            "process) or python -m finetune.training.launch --nproc_per_node N -m finetune.train ...")
 
     # -- output dir and resume -------------------------------------------------------------------------------
     identity = run_identity(model_dir, mode, lora_args)

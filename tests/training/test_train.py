@@ -215,6 +215,45 @@ def test_bad_data_stops_before_model_load(models, tmp_path, capsys, monkeypatch)
     assert "bad.jsonl" in err and "line 2" in err and "robot" in err
 
 
+@pytest.mark.parametrize("config, message", [
+    ("[1, 2]", "must be a JSON object, got list"),
+    ('{"zero_optimization": 2}', "'zero_optimization' must be an object, got 2"),
+    ('{"zero_optimization": {"stage": "auto"}}', "zero_optimization.stage must be 0, 1, 2 or 3, got 'auto'"),
+    ('{"optimizer": "adam"}', "'optimizer' must be an object, got 'adam'"),
+    ("", "invalid JSON at line 1 column 1"),
+    (None, "a directory, not a config file"),
+])
+def test_deepspeed_config_of_the_wrong_shape_is_one_line(models, memorise_file, tmp_path, capsys, config, message):
+    # transformers and accelerate read the file while TrainingArguments is built: an AttributeError or
+    # IsADirectoryError from inside them, or a JSON error that did not name the file
+    ds = tmp_path / "ds"
+    if config is None:
+        ds.mkdir()
+    else:
+        ds.write_text(config)
+    assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
+                            "--deepspeed", str(ds))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --deepspeed {ds}: ") and message in err and err.count("\n") == 1, err
+
+
+def test_deepspeed_without_a_launcher_stops_before_loading(models, memorise_file, tmp_path, capsys, monkeypatch):
+    # `qwen-ft train --deepspeed ...` by hand: DeepSpeed looked for MPI once the data and the model had loaded
+    import finetune.loading
+    import finetune.training.checks as checks
+
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(checks, "_importable", lambda module: False)  # no mpi4py either
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    out = tmp_path / "o"
+    assert train_main(_args(models["float"], memorise_file, out, "--use_lora", "True",
+                            "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --deepspeed needs the rank variables torchrun sets") and "scripts/" in err, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("where", ["load", "step"])
 def test_out_of_memory_is_one_line_with_what_to_change(models, memorise_file, tmp_path, capsys, monkeypatch, where):
     """A device out-of-memory error while loading or in a training step ends the run with one line: where it
