@@ -153,6 +153,36 @@ def resolve_format(fmt: str, dtype: str | None) -> tuple[str, str | None]:
     return "float", dtype or "bf16"
 
 
+def check_numbers(fmt: str, quant_method: str, n_calib, n_eval, calib_max_len: int, group_size: int,
+                  damp_percent: float, max_shard_size) -> None:
+    """The numeric flags, before anything loads (each failed with a traceback, most after the merge itself)."""
+    from .checkpoint import parse_size
+    from .data.encoding import MIN_MAX_LEN
+
+    if quant_method == "gptq" and fmt != "int4":
+        raise MergeError("--quant-method gptq calibrates an Int4 export: add --format int4 (a float export is "
+                         "not quantized)")
+    if n_eval is not None and n_eval < 0:
+        raise MergeError(f"--eval-samples must be 0 or more (0: no loss report), got {n_eval}")
+    try:
+        shard = parse_size(max_shard_size)
+    except ValueError:
+        shard = None
+    if shard is None or shard < 1:
+        raise MergeError(f"--max-shard-size {max_shard_size!r}: expected a positive size such as 2GB or 500MB")
+    if fmt != "int4":
+        return
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size >= 1):
+        raise MergeError(f"--group-size must be -1 (one group a row) or a positive number of columns, got {group_size}")
+    if quant_method == "gptq":
+        if n_calib is not None and n_calib < 1:
+            raise MergeError(f"--calib-samples must be at least 1, got {n_calib}")
+        if calib_max_len < MIN_MAX_LEN:
+            raise MergeError(f"--calib-max-len {calib_max_len} is too small for any chat turn (at least {MIN_MAX_LEN})")
+        if not 0 < damp_percent < 1:  # (NaN fails too) the dampening is a fraction of the Hessian's mean diagonal
+            raise MergeError(f"--damp-percent must be in (0, 1), got {damp_percent}")
+
+
 def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = None, quant_method: str = "rtn",
           calib_data=None, eval_data=None, n_calib: int = 128, n_eval: int = 64, calib_max_len: int = 2048,
           bits: int = 4, group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
@@ -171,9 +201,12 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     fmt, dtype = resolve_format(fmt, dtype)
     if quant_method not in ("rtn", "gptq"):
         raise MergeError(f"--quant-method {quant_method!r}: use rtn or gptq")
+    check_numbers(fmt, quant_method, n_calib, n_eval, calib_max_len, group_size, damp_percent, max_shard_size)
     base_dir = resolve_base(adapter, model)
     if out.resolve() in (base_dir.resolve(), adapter.resolve()):
         raise MergeError(f"--output {out} is the base or the adapter dir; choose a new dir")
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"--output {out} is a file, not a directory; choose a new dir")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MergeError(f"--output {out} exists and is not empty (pass --overwrite to replace its files)")
     base_info = describe(base_dir)
@@ -206,6 +239,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     if fmt == "int4" and quant_method == "gptq" and not calib_path:
         raise MergeError("--quant-method gptq needs calibration conversations: pass --calib-data FILE (e.g. a "
                          "sample of your training data); the adapter's run_args.json names no readable data file")
+    calib_records = None
+    if fmt == "int4" and quant_method == "gptq":  # read (and checked) now, not after the merge
+        calib_records = _sample(load_eval_records(calib_path), n_calib, seed + 1)
 
     peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)
     max_len = getattr(peft_model.config, "seq_length", None)
@@ -246,9 +282,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
             from .data import encode_conversation
             from .quant.gptq import gptq_quantize_model
 
-            calib = _sample(load_eval_records(calib_path), n_calib, seed + 1)
             samples = [encode_conversation(tokenizer, r, max_len=min(calib_max_len, max_len or calib_max_len))
-                       ["input_ids"] for r in calib]
+                       ["input_ids"] for r in calib_records]
             log(f"merge: GPTQ on {len(samples)} calibration conversations from {calib_path}")
             packed = gptq_quantize_model(merged, samples, bits=bits, group_size=group_size,
                                          damp_percent=damp_percent, desc_act=desc_act,

@@ -175,6 +175,34 @@ def test_merge_errors(setup, tmp_path, capsys):
         merge(setup["lora"], setup["float"], log=quiet, overwrite=True)
 
 
+@pytest.mark.parametrize("flags, message", [
+    # each was a traceback (random.sample's, parse_size's, GPTQ's, encode's, os.listdir's), most after the merge
+    (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
+    (["--max-shard-size", "abc"], "--max-shard-size 'abc': expected a positive size"),
+    (["--format", "int4", "--group-size", "0"], "--group-size must be -1 (one group a row) or a positive"),
+    (["--format", "int4", "--quant-method", "gptq", "--calib-samples", "0"], "--calib-samples must be at least 1"),
+    (["--format", "int4", "--quant-method", "gptq", "--calib-max-len", "0"], "--calib-max-len 0 is too small"),
+    (["--format", "int4", "--quant-method", "gptq", "--damp-percent", "-1"], "--damp-percent must be in (0, 1)"),
+    # GPTQ asked for and silently not run: a float export is not quantized
+    (["--quant-method", "gptq"], "--quant-method gptq calibrates an Int4 export: add --format int4"),
+    (["--format", "int4", "--quant-method", "gptq", "--calib-data", "BAD"], "bad.jsonl, record 1, line 1"),
+    (["--output", "FILE"], "is a file, not a directory"),
+])
+def test_merge_flags_are_checked_before_loading(setup, tmp_path, capsys, monkeypatch, flags, message):
+    import finetune.loading
+    from finetune.cli import main
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    (tmp_path / "bad.jsonl").write_text('{"conversations": [{"from": "robot", "value": "x"}]}\n')
+    (tmp_path / "file").write_text("x")
+    flags = [str(tmp_path / "bad.jsonl") if f == "BAD" else str(tmp_path / "file") if f == "FILE" else f
+             for f in flags]
+    argv = ["merge", "--adapter", str(setup["qlora"]), "--eval-data", str(setup["data"])]
+    rc = main(argv + (flags if "--output" in flags else ["--output", str(tmp_path / "out"), *flags]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+
+
 # -- issue 14, friction: merge's flags and reports say what they do ----------------------------------------------
 
 
