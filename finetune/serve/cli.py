@@ -18,6 +18,9 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")  # what a browser sends as Origin: no path, no slash
 
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-ft serve", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", required=True, help="base model dir (float or Int4) or hub id")
@@ -38,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages on ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
                    "browser (repeatable; default none: browsers refuse cross-origin calls)")
-    p.add_argument("--log-level", default="warning", help="uvicorn's log level (default warning)")
+    p.add_argument("--log-level", default="warning",
+                   help=f"uvicorn's log level: {', '.join(LOG_LEVELS)} (default warning)")
     return p
 
 
@@ -70,6 +74,8 @@ def check_args(args) -> None:
         raise ValueError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.max_queue is not None and args.max_queue < 0:
         raise ValueError(f"--max-queue must be 0 or more, got {args.max_queue}")
+    if args.log_level.lower() not in LOG_LEVELS:  # uvicorn raised KeyError for it, after the model had loaded
+        raise ValueError(f"--log-level {args.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     if args.api_key is not None and not args.api_key.strip():
         raise ValueError("--api-key is empty")
     for origin in args.cors_origin:

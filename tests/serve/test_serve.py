@@ -317,6 +317,7 @@ def test_16_concurrent_requests_over_two_adapters(live):
     (["--max-batch", "0"], "--max-batch must be positive"),
     (["--port", "99999"], "--port must be at most 65535"),
     (["--cors-origin", "http://localhost:3000/"], "--cors-origin 'http://localhost:3000/': expected scheme"),
+    (["--log-level", "bogus"], "--log-level 'bogus': use one of critical"),  # was uvicorn's KeyError after loading
 ])
 def test_cli_errors_are_one_line_and_exit_2(served, capsys, extra, message):
     from finetune.cli import main
