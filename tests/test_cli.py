@@ -91,6 +91,12 @@ def test_config_file_then_flags(setup, tmp_path):
     js = tmp_path / "run.json"
     js.write_text(json.dumps({"model_name_or_path": str(setup["float"]), "lora_r": 2}))
     assert parse_args([str(js)])[2].lora_r == 2
+    # one name for a list flag is that name (it was iterated letter by letter: 'c' matches no module), and a
+    # list for a flag that takes one stays a list
+    cfg.write_text("lora_target_modules: c_attn\nmodules_to_save: wte\nreport_to: [none]\n")
+    _, _, lora_args, args = parse_args([str(cfg)])
+    assert lora_args.lora_target_modules == ["c_attn"] and lora_args.modules_to_save == ["wte"]
+    assert args.report_to == []  # ("none" as transformers reads it)
 
 
 def test_train_takes_the_short_model_data_output_flags(setup, tmp_path):
@@ -134,7 +140,11 @@ def test_config_file_errors_are_one_line(setup, tmp_path, capsys):
     for text, says in (("lora_r: abc\n", "lora_r: 'abc' is not a valid value"),
                        ("lora_r: 4.5\n", "lora_r: 4.5 is not a whole number"),
                        ("lora_r: true\n", "lora_r: True is not a number"),
-                       ("learning_rate: [1, 2]\n", "learning_rate: [1, 2] is not a number")):
+                       ("learning_rate: [1, 2]\n", "learning_rate: [1, 2] is not a number"),
+                       # were a TypeError from pathlib, and argparse's usage text without the file
+                       ("model_name_or_path: [a, b]\n", "model_name_or_path: ['a', 'b'] is not a single value"),
+                       ("use_cpu: maybe\n", "use_cpu: 'maybe' is not a valid value"),
+                       ("lora_target_modules: {a: 1}\n", "lora_target_modules: {'a': 1} is not a list of names")):
         typed = tmp_path / "typed.yaml"
         typed.write_text(text)
         assert train_main([str(typed)]) == 2

@@ -221,9 +221,16 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
                                "(names as on the command line, without the leading --)")
     # a value of the wrong type named with its file (argparse would name only the flag, after its usage text)
     actions = {a.dest: a for a in parser._actions}
-    for key, value in values.items():
+    containers = _container_fields()
+    for key, value in list(values.items()):
+        if actions[key].nargs in ("+", "*"):
+            if isinstance(value, str):  # `lora_target_modules: c_attn` is the one name, not its letters
+                values[key] = value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, (str, int, float)) for v in value):
+                raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a list of names")
+            continue
         convert = actions[key].type
-        if callable(convert) and isinstance(value, str) and not actions[key].nargs:
+        if callable(convert) and isinstance(value, str) and actions[key].nargs in (None, "?"):
             try:
                 convert(value)
             except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
@@ -233,7 +240,27 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
             raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a number")
         elif convert is int and isinstance(value, float):
             raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a whole number")
+        elif isinstance(value, (list, dict)) and key not in containers:  # (a path given as a list: a TypeError later)
+            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a single value")
     return values
+
+
+def _container_fields() -> set[str]:
+    """The flags whose value may be a list or a mapping in a config file (report_to, deepspeed, ...)."""
+    import typing
+
+    out = set()
+    for cls in (ModelArguments, DataArguments, LoraArguments, TrainingArguments):
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # an annotation this Python cannot resolve: leave that class's values to argparse
+            out.update(f.name for f in dataclasses.fields(cls))
+            continue
+        for name, hint in hints.items():
+            kinds = typing.get_args(hint) or (hint,)
+            if any(k in (list, dict) or typing.get_origin(k) in (list, dict) for k in kinds):
+                out.add(name)
+    return out
 
 
 def parse_args(argv: list[str] | None = None):
