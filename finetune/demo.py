@@ -146,10 +146,17 @@ def main(argv=None) -> int:
         return 0
     out = Path(args.make_model)
     done = out / "config.json"
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: {out} is a file, not a directory; pass another dir for the demo model")
     if done.is_file() and not args.force:
+        from .errors import ModelLoadError
         from .model_dir import describe
 
-        if describe(out).quantized == args.int4:
+        try:
+            quantized = describe(out).quantized
+        except ModelLoadError as e:  # a damaged cache: said, not rebuilt over silently
+            raise SystemExit(f"error: {e}; remove {out} (or pass --force) to rebuild the demo model") from None
+        if quantized == args.int4:
             print(f"demo model: {out} (cached)")
             return 0
         raise SystemExit(f"error: {out} holds a demo model of the other kind; pass another dir or --force")

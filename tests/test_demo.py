@@ -33,3 +33,22 @@ def test_demo_script_trains_an_adapter_that_answers(tmp_path):
                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(cached)" in again.stdout
+
+
+def test_demo_model_dir_that_is_a_file_or_damaged_is_one_line(tmp_path, capsys):
+    # `qwen-ft demo --make-model` (what the scripts run first): os.listdir's NotADirectoryError for a file, and a
+    # ModelLoadError traceback for a damaged cache
+    import pytest
+
+    from finetune.demo import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    damaged = tmp_path / "cache"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{bad")
+    for where, says in ((a_file, "is a file, not a directory"), (damaged, "config.json is not valid JSON")):
+        with pytest.raises(SystemExit) as e:
+            main(["--make-model", str(where), "--int4"])
+        assert str(e.value).startswith("error: ") and says in str(e.value), e.value
+    assert (damaged / "config.json").read_text() == "{bad"  # not rebuilt over without --force
