@@ -187,10 +187,12 @@ def _on_cuda(model) -> bool:
 
 def warm_up(model, tokenizer, say) -> None:
     """The chat engine's first-use work (kernel compiles, CUDA graphs: seconds on a GPU) before the first question,
-    so that the first reply does not wait for it in silence."""
-    from .inference.chat_decoder import engine_for
+    so that the first reply does not wait for it in silence; nothing where the replies do not go through the engine
+    (``FINETUNE_STATIC_DECODE=0``: generate())."""
+    from .inference.chat_decoder import engine_for, engine_takes
 
-    say(f"(decoder warmed up in {engine_for(model, tokenizer).warm_up():.1f} s)")
+    if engine_takes(model):
+        say(f"(decoder warmed up in {engine_for(model, tokenizer).warm_up():.1f} s)")
 
 
 def interactive(model, tokenizer, args, stdin=None, out=None) -> int:

@@ -232,6 +232,7 @@ def test_interactive_chat_warms_the_decoder_up_first_on_a_gpu(setup, monkeypatch
     import finetune.chat as chat_cli
     from finetune import load_model, load_tokenizer
     from finetune.chat import ANSWER, PROMPT
+    from finetune.settings import override
 
     model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
     monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: True)
@@ -241,3 +242,6 @@ def test_interactive_chat_warms_the_decoder_up_first_on_a_gpu(setup, monkeypatch
     assert text.split(PROMPT)[1].strip() == ANSWER + MEMORISE[1][1]
     monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: False)
     assert "warmed up" not in _session(model, tok, [":q"])
+    monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: True)
+    with override(static_decode=False):  # replies through generate(): no engine to warm
+        assert "warmed up" not in _session(model, tok, [":q"])

@@ -48,11 +48,15 @@ def _device_ok(input_ids) -> bool:
     return input_ids.is_cuda
 
 
+def engine_takes(model) -> bool:
+    """Whether chat() hands this model's turns to the engine at all (each call's own checks aside): the fast
+    decoder on (``FINETUNE_STATIC_DECODE``), a Qwen model in eval mode."""
+    return settings().static_decode and qwen_lm(model) is not None and not model.training
+
+
 def chat_tokens(model, tokenizer, input_ids, gc) -> Iterator[int] | None:
     """The new token ids of chat()'s one prompt row through the model's engine, or None (then generate())."""
-    if not settings().static_decode or not _device_ok(input_ids) or input_ids.shape[0] != 1:
-        return None
-    if qwen_lm(model) is None or model.training or unsupported_options(gc):
+    if not engine_takes(model) or not _device_ok(input_ids) or input_ids.shape[0] != 1 or unsupported_options(gc):
         return None
     handled, adapter = active_adapter(model)
     if not handled:
@@ -83,4 +87,4 @@ def _stream(engine, req) -> Iterator[int]:
                 engine.step()
 
 
-__all__ = ["chat_tokens", "engine_for", "active_adapter"]
+__all__ = ["chat_tokens", "engine_for", "engine_takes", "active_adapter"]
