@@ -103,14 +103,14 @@ def check_side_files(model_dir: Path) -> None:
             raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(data, dict):
             raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    if (model_dir / "generation_config.json").is_file():
-        from transformers import GenerationConfig
+        if name == "generation_config.json":
+            from transformers import GenerationConfig
 
-        try:
-            GenerationConfig.from_pretrained(str(model_dir))
-        except Exception as e:  # transformers' own validation of the values, in one line
-            raise ModelLoadError(f"{model_dir / 'generation_config.json'}: not a valid generation config "
-                                 f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+            try:  # what from_pretrained does with the file's contents: transformers' own validation of the values
+                GenerationConfig.from_dict(data)
+            except Exception as e:  # in one line
+                raise ModelLoadError(f"{path}: not a valid generation config "
+                                     f"({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def check_weights(model_dir: Path, config) -> None:
