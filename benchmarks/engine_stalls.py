@@ -45,9 +45,10 @@ def sync():
         torch.cuda.synchronize()
 
 
-def timed_methods(engine, log):
-    """Wrap the engine's prefill and graph capture with synchronised timers that append to ``log``."""
-    prefill, capture = engine._prefill, engine._capture
+def timed_methods(engine, log, submits=False):
+    """Wrap the engine's prefill and graph capture with synchronised timers that append to ``log``; each entry's
+    ``at`` is its start on time.perf_counter()'s clock. ``submits``: each submit() logged too (when it came)."""
+    prefill, capture, submit = engine._prefill, engine._capture, engine.submit
 
     def timed_prefill(reqs, touched):
         sync()
@@ -55,7 +56,7 @@ def timed_methods(engine, log):
         prefill(reqs, touched)
         sync()
         log.append(dict(kind="prefill", rows=len(reqs), longest=max(len(r.prompt_ids) for r in reqs),
-                        ms=round((time.perf_counter() - t0) * 1e3, 2)))
+                        ms=round((time.perf_counter() - t0) * 1e3, 2), at=t0))
 
     def timed_capture(b, kv_len, pick=None, own_keys=False):
         sync()
@@ -63,10 +64,22 @@ def timed_methods(engine, log):
         out = capture(b, kv_len, pick, own_keys)
         sync()
         log.append(dict(kind="capture", rows=b, kv_len=kv_len, pick=pick, own_keys=own_keys,
-                        ms=round((time.perf_counter() - t0) * 1e3, 2)))
+                        ms=round((time.perf_counter() - t0) * 1e3, 2), at=t0))
         return out
 
+    def logged_submit(prompt_ids, *args, **kwargs):
+        log.append(dict(kind="submit", tokens=len(prompt_ids), at=time.perf_counter()))
+        return submit(prompt_ids, *args, **kwargs)
+
     engine._prefill, engine._capture = timed_prefill, timed_capture
+    if submits:
+        engine.submit = logged_submit
+
+
+def relative(log, origin):
+    """``log``'s entries with ``at`` as ms after ``origin`` (a time.perf_counter() reading), in the order they began
+    (a prefill or capture is logged when it ends)."""
+    return sorted((dict(e, at=round((e["at"] - origin) * 1e3, 2)) for e in log), key=lambda e: e["at"])
 
 
 def trace(seed, n, seconds, lo, hi, vocab):
@@ -119,7 +132,7 @@ def run(engine, reqs, log):
                 prefills=len(prefills), prefill_ms=round(sum(e["ms"] for e in prefills), 1),
                 captures=len(captures), capture_ms=round(sum(e["ms"] for e in captures), 1),
                 capture_ms_each=dict(p50=pct([e["ms"] for e in captures], 0.5), max=pct([e["ms"] for e in captures], 1.0)),
-                log=list(log))
+                log=relative(log, start))
 
 
 def main(argv=None) -> int:

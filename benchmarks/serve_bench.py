@@ -176,7 +176,7 @@ async def run_level(url, mode, names, prompts, new_tokens) -> dict:
     per_stream = [{"model": r["model"], "tokens": r["tokens"], "ttft_ms": _round(r["ttft_ms"]),
                    "itl_ms_p50": _round(percentile(r["itl_ms"], 50)), "decode_tok_s": _round(r["decode_tok_s"])}
                   for r in results]
-    return {"mode": mode, "streams": len(prompts), "completion_tokens": tokens, "wall_s": round(wall, 3),
+    return {"t0": t0, "mode": mode, "streams": len(prompts), "completion_tokens": tokens, "wall_s": round(wall, 3),
             "aggregate_tok_s": round(tokens / wall, 1), "ttft_ms_p50": _round(percentile(ttft, 50)),
             "ttft_ms_p99": _round(percentile(ttft, 99)), "itl_ms_p50": _round(percentile(itl, 50)),
             "itl_ms_p99": _round(percentile(itl, 99)), "streams_timed": len(ttft), "per_stream": per_stream}
@@ -203,6 +203,9 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=None,
                     help=f"loads to compare, comma-separated, of {', '.join(MODES)} (default: base, or mixed with "
                          "--adapters)")
+    ap.add_argument("--engine-log", action="store_true",
+                    help="log each measured round's submits, prefills and graph captures (engine_stalls.py's "
+                         "timers: they synchronise the device around each prefill and capture)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args(argv)
     if not args.model_dir and not args.tiny:
@@ -248,6 +251,11 @@ def main(argv=None) -> int:
     names = {"base": base_name(model_dir), "adapters": adapter_names}
     server = Server(model, tokenizer, base_name=names["base"], adapter_names=adapter_names,
                     max_batch=max(levels), max_model_len=prompt_tokens + new_tokens, max_queue=0)
+    log = [] if args.engine_log else None
+    if log is not None:
+        from engine_stalls import relative, timed_methods
+
+        timed_methods(server.engine, log, submits=True)
     results = []
     with serve_in_background(server) as live:
         for n in levels:
@@ -255,10 +263,15 @@ def main(argv=None) -> int:
             prompt_max = max(len(server.prompt(_req(p))[0]) for p in prompts)
             for mode in modes:
                 asyncio.run(run_level(live.api_url, mode, names, prompts, new_tokens))  # warm-up: graphs
+                if log is not None:
+                    log.clear()
                 r = asyncio.run(run_level(live.api_url, mode, names, prompts, new_tokens))
+                t0 = r.pop("t0")
+                if log is not None:
+                    r["engine_log"] = relative(log, t0)  # ms after the round's start
                 r["prompt_tokens_max"] = prompt_max
                 results.append(r)
-                print(json.dumps({k: v for k, v in r.items() if k != "per_stream"}), flush=True)
+                print(json.dumps({k: v for k, v in r.items() if k not in ("per_stream", "engine_log")}), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report = {"model_dir": str(model_dir), "device": device, "prompt_tokens": prompt_tokens,
               "new_tokens": new_tokens, "adapters": args.adapters, "modes": modes, "max_batch": max(levels),

@@ -147,7 +147,15 @@ def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, cols, stride, BLOCK: tl.con
     tl.store(out_ptr + offs, (u * silu.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+# The key length and the split count change with every length bucket a decode step meets. Specialised (Triton's
+# own for ints equal to 1 or divisible by 16), and with the combine's block sized to the splits, a serving trace
+# compiled both kernels again at its first 1,024- and 1,280-key steps, inside graph captures that first tokens
+# waited for (0.9 and 0.4 s, NOTES step 62); so they are plain ints here, and the combine reads a fixed block of
+# splits (at least COMBINE_SPLITS: one compile up to 8,192 keys, masked slots cost next to nothing).
+COMBINE_SPLITS = 32
+
+
+@triton.jit(do_not_specialize=["kv_len", "SPLIT", "S"])
 def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, SPLIT,
                            stride_qb, stride_cr, stride_ch, stride_cp, S,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -186,7 +194,7 @@ def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, 
     tl.store(ws_ptr + slot + BLOCK_D + 1, l)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_S: tl.constexpr):
     row = tl.program_id(0)
@@ -225,7 +233,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
                                           D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
     _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d,
-                                         BLOCK_S=triton.next_power_of_2(S), num_warps=1)
+                                         BLOCK_S=max(COMBINE_SPLITS, triton.next_power_of_2(S)), num_warps=1)
     return out
 
 

@@ -14,7 +14,7 @@ def test_serve_bench_tiny(tmp_path):
     import serve_bench
 
     out = tmp_path / "serve.json"
-    assert serve_bench.main(["--tiny", "--streams", "1,3", "--adapters", "2", "--out", str(out)]) == 0
+    assert serve_bench.main(["--tiny", "--streams", "1,3", "--adapters", "2", "--engine-log", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     assert [lv["streams"] for lv in report["levels"]] == [1, 3]
     for lv in report["levels"]:
@@ -25,6 +25,11 @@ def test_serve_bench_tiny(tmp_path):
         assert lv["mode"] == "mixed" and lv["streams_timed"] == lv["streams"]
         assert [s["model"] for s in lv["per_stream"]] == ["lora0", "lora1", "lora0"][: lv["streams"]]
         assert all(s["tokens"] == report["new_tokens"] and s["ttft_ms"] > 0 for s in lv["per_stream"])
+        # --engine-log: the measured round's submits (one a stream) and prefills, timed from the round's start
+        log = lv["engine_log"]
+        assert sum(e["kind"] == "submit" for e in log) == lv["streams"]
+        assert sum(e["rows"] for e in log if e["kind"] == "prefill") == lv["streams"]
+        assert all(e["at"] >= 0 for e in log) and [e["at"] for e in log] == sorted(e["at"] for e in log)
 
 
 def test_serve_bench_compares_adapter_loads_and_refuses_bad_flags(tmp_path, capsys):
