@@ -2,7 +2,8 @@
 
 For each concurrency level (default 1, 8, 32) and each mode: N streamed chat completions of exactly
 --new-tokens tokens (min_tokens = max_tokens) after prompts of --prompt-tokens tokens (each stream its own
-prompt), started together, after one unmeasured warm-up round of the same shape (CUDA graph capture).
+prompt), started together, after one unmeasured warm-up round of the same shape (CUDA graph capture); on a GPU
+the engine's warm_up() runs first, as `qwen-ft serve` runs it before it listens.
 
 What is measured, per stream and summarised per level:
 - Tokens are counted from the server's usage, never from text: the streams ask for
@@ -251,6 +252,9 @@ def main(argv=None) -> int:
     names = {"base": base_name(model_dir), "adapters": adapter_names}
     server = Server(model, tokenizer, base_name=names["base"], adapter_names=adapter_names,
                     max_batch=max(levels), max_model_len=prompt_tokens + new_tokens, max_queue=0)
+    warm_up_s = None
+    if server.engine.device.type == "cuda":  # as `qwen-ft serve` does before it listens
+        warm_up_s = round(server.engine.warm_up(), 2)
     log = [] if args.engine_log else None
     if log is not None:
         from engine_stalls import relative, timed_methods
@@ -274,7 +278,8 @@ def main(argv=None) -> int:
                 print(json.dumps({k: v for k, v in r.items() if k not in ("per_stream", "engine_log")}), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report = {"model_dir": str(model_dir), "device": device, "prompt_tokens": prompt_tokens,
-              "new_tokens": new_tokens, "adapters": args.adapters, "modes": modes, "max_batch": max(levels),
+              "new_tokens": new_tokens, "adapters": args.adapters, "warm_up_s": warm_up_s, "modes": modes,
+              "max_batch": max(levels),
               "levels": results, "targets": TARGETS,
               "definitions": "tokens from usage (continuous_usage_stats); TTFT: request sent -> first chunk whose "
                              "usage counts a completion token; ITL: gaps between token-carrying chunks per token",

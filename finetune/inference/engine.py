@@ -58,6 +58,10 @@ from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pi
 
 LENGTH_BUCKET = 256
 PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
+# warm_up's KV cache: max_batch rows of max_len positions, or of as many as this share of the device's free memory
+# holds. A cache that grows later drops every captured graph (they hold its buffers): in a serving trace after a
+# warm-up at 16-token prompts, the first requests grew it and the graphs were all captured again (NOTES step 62).
+WARM_CACHE_SHARE = 0.5
 _IDS = itertools.count()
 
 
@@ -279,11 +283,15 @@ class Engine:
         and cuDNN and capture graphs: ~10 s that the first requests of a server waited for (NOTES step 58). This
         runs a short greedy prompt through every batch bucket (each bucket's graph, and the tensor-core kernels of
         each row count), one sampled and penalised row (the device-side sampling), and a row through each
-        adapter (the LoRA kernels). The engine must be idle; it is idle again afterwards, its graphs kept until
-        the cache grows (the compiled kernels stay for the process)."""
+        adapter (the LoRA kernels). On CUDA it first sizes the KV cache for max_batch rows of max_len positions,
+        or of as many as WARM_CACHE_SHARE of the free device memory holds (``warm_length``), so that requests
+        up to that length never grow it (a growth drops the graphs). The engine must be idle; it is idle again
+        afterwards, its graphs kept until the cache grows (the compiled kernels stay for the process)."""
         if self.has_work():
             raise RuntimeError("warm_up needs an idle engine (requests are waiting or running)")
         start = time.perf_counter()
+        if self.use_graphs:
+            self._ensure(self.max_batch, self.warm_length())
         ids = ((self.tokenizer.encode("Warming up the decoder.") * 4)[:16] or [0])[: max(1, self.max_len - 2)]
         new = min(2, self.max_len - len(ids))
         greedy = SamplingParams(max_new_tokens=new)
@@ -295,6 +303,17 @@ class Engine:
         for name in self.adapters.names:
             self.generate([ids], greedy, adapter=name)
         return time.perf_counter() - start
+
+    def warm_length(self) -> int:
+        """The positions a row gets from warm_up's cache: max_len, or fewer (a multiple of LENGTH_BUCKET, at least
+        one) where max_batch rows of it would take more than WARM_CACHE_SHARE of the device's free memory."""
+        cfg = self.config
+        row_bytes = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * self.dtype.itemsize
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        if free is None:
+            return self.max_len
+        fits = int(WARM_CACHE_SHARE * free) // (self._bucket(self.max_batch) * row_bytes)
+        return max(LENGTH_BUCKET, min(self.max_len, fits // LENGTH_BUCKET * LENGTH_BUCKET))
 
     # -- rows -------------------------------------------------------------------------------------------------
     def _must_change(self) -> bool:

@@ -100,7 +100,26 @@ def test_warm_up_captures_every_batch_bucket_and_later_answers_are_unchanged(tok
     engine = Engine(model, tok, max_batch=6)
     engine.warm_up()
     assert {key[0] for key in engine._graphs} == {1, 2, 4, 6} and not engine.has_work()
+    # the cache was sized for every row at max_len, so no request grows it (a growth drops the graphs)
+    assert (engine._slots, engine._capacity) == (6, -(-engine.max_len // 8) * 8)
+    warm = set(engine._graphs)
     assert engine.generate(batch, params) == want
+    long = [[t % 2000 for t in p] for p in prompts([engine.max_len - 40], seed=2)]
+    engine.generate(long, SamplingParams(max_new_tokens=8))
+    assert warm <= set(engine._graphs)
+
+
+def test_warm_length_keeps_the_cache_within_its_share_of_free_memory(tok):
+    from finetune.inference.engine import LENGTH_BUCKET, WARM_CACHE_SHARE
+
+    model = realistic_model(0).to("cuda")
+    cfg = model.config
+    engine = Engine(model, tok, max_batch=5, max_len=10 ** 9)  # (nothing is allocated until warm_up)
+    length = engine.warm_length()
+    row_bytes = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * engine.dtype.itemsize
+    assert length % LENGTH_BUCKET == 0 and LENGTH_BUCKET <= length < 10 ** 9
+    assert 5 * length * row_bytes <= WARM_CACHE_SHARE * torch.cuda.mem_get_info()[0] + 5 * LENGTH_BUCKET * row_bytes
+    assert Engine(model, tok, max_batch=5, max_len=300).warm_length() == 300
 
 
 def test_bf16_per_step_logits_match_the_plain_forward(tok):
