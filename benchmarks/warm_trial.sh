@@ -13,5 +13,7 @@ timeout 120 python3 benchmarks/engine_stalls.py --model-dir /tmp/m --warm-up \
   --out "$OUT/engine_stalls_warm_$C.json" 2>&1 | tail -2 | cut -c1-600
 timeout 240 python3 benchmarks/serve_bench.py --model-dir /tmp/m --engine-log --out "$OUT/serve_log_$C.json" 2>&1 \
   | grep "^{" | cut -c1-400
-[[ "${B64:-0}" == 1 ]] && timeout 120 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \
-  --workloads b64_mixed --out "$OUT/decode_b64_$C.json" 2>&1 | grep "^{" | cut -c1-400
+if [[ "${B64:-0}" == 1 ]]; then
+  timeout 120 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m --workloads b64_mixed \
+    --out "$OUT/decode_b64_$C.json" 2>&1 | grep "^{" | cut -c1-400
+fi
