@@ -1,10 +1,10 @@
-"""decode_bench.py's engine workloads with the fused step's attention choice changed in-process (NOTES step 65):
-decode_attention (each row's own keys) from --min-rows rows where at least --min-skipped of the bucket's keys lie
-past the rows' positions (fused_decode's OWN_KEYS_MIN_ROWS / OWN_KEYS_MIN_SKIPPED: 2 and 0.25 as shipped), its keys
-split in --split-key parts (decode_kernels.decode_attention's default 256). The rest of argv goes to decode_bench.
+"""decode_bench.py's engine workloads with decode_attention's key split fixed in-process (NOTES step 65):
+--split N makes every decode_attention call split its keys in N-key parts instead of decode_kernels.key_split's
+choice. The rest of argv (after --) goes to decode_bench. (Step 65 ran this at 334d57d, where one-row steps still
+went through SDPA unless fused_decode's thresholds were patched; the SDPA side is now FINETUNE_DECODE_ATTENTION=0.)
 
-    python benchmarks/own_keys_trial.py --min-rows 1 --min-skipped 0 -- --part engine --model-dir /tmp/m \\
-        --workloads b1_512 b1_ctx2000 --out $OUT/decode_own1.json
+    python benchmarks/own_keys_trial.py --split 64 -- --part engine --model-dir /tmp/m \\
+        --workloads b1_512 b1_ctx2000 --out $OUT/decode_own64.json
 """
 
 from __future__ import annotations
@@ -20,21 +20,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import decode_bench  # noqa: E402
 
-from finetune.inference import decode_kernels, fused_decode  # noqa: E402
+from finetune.inference import decode_kernels  # noqa: E402
 
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--min-rows", type=int, default=fused_decode.OWN_KEYS_MIN_ROWS)
-    ap.add_argument("--min-skipped", type=float, default=fused_decode.OWN_KEYS_MIN_SKIPPED)
-    ap.add_argument("--split", type=int, default=256)
+    ap.add_argument("--split", type=int, required=True, help="keys a decode_attention program reads")
     args = ap.parse_args(ours)
-    fused_decode.OWN_KEYS_MIN_ROWS = args.min_rows
-    fused_decode.OWN_KEYS_MIN_SKIPPED = args.min_skipped
     decode_kernels.decode_attention = functools.partial(decode_kernels.decode_attention, split=args.split)
-    print(f"own keys from {args.min_rows} rows, {args.min_skipped} skipped, split {args.split}", flush=True)
+    print(f"decode_attention with {args.split}-key splits", flush=True)
     return decode_bench.main(rest)
 
 

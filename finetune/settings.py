@@ -36,7 +36,7 @@ class Settings:
     # w1/w2 also compute their LoRA products' x A, so their GEMVs start with it (NOTES step 43); 0: the GEMV does it
     lora_xa_in_norm: bool = True
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
-    # reads its own keys only) where fused_decode.use_own_keys picks it; 0: always SDPA over the step's length bucket
+    # reads its own keys only, NOTES steps 18 and 65); 0: SDPA over the step's length bucket, under a mask
     decode_attention: bool = True
     # FINETUNE_PAIRED_DECODE: the fused decode step runs w1 and w2 as one tensor-core launch over their weights side
     # by side (quant.linear.paired_decode, NOTES step 52); 0: two launches

@@ -12,10 +12,10 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three repla
   into the layer's KV cache at each row's position; returns q [b, H, 1, D]; ``prefill_rotary_to_cache`` does the
   same for a prefill's prompts (every token to its row and position);
 - ``swiglu``: up * silu(gate);
-- ``decode_attention`` (where ``fused_decode.use_own_keys`` picks it): each row's query against its own keys only (the
-  cache up to its position), split over the keys as flash-decoding does, in fp32, written in the layout c_proj
-  reads. SDPA instead reads every row up to the step's length bucket under a mask, so a short row pays for the
-  longest one's keys.
+- ``decode_attention`` (``fused_decode.use_own_keys``): each row's query against its own keys only (the cache up to
+  its position), split over the keys as flash-decoding does, in fp32, written in the layout c_proj reads. SDPA
+  instead reads every row up to the step's length bucket under a mask, so a short row pays for the longest one's
+  keys.
 
 Numerics are the model's (``modeling/kernels.py``), rounding for rounding: fp32 arithmetic, rounded to the
 activation dtype exactly where eager torch rounds (the residual sum; RMSNorm's normalised value before the
@@ -214,18 +214,34 @@ def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLO
     tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
+# A step's programs (rows x heads x key splits) that fill the H200's 132 SMs: one row of 40 heads at 512 keys in
+# 256-key splits is 80 programs, and its decode ran at 233 tok/s against 249 with 64-key splits (320 programs); at
+# 2,000 keys 128-key splits (640) beat 256 (320) and 64 (1,280): 220 against 214 and 216 (NOTES step 65).
+FILL_PROGRAMS = 512
+
+
+def key_split(rows: int, heads: int, kv_len: int) -> int:
+    """The keys a decode_attention program reads: 256, halved (to 64 at least) while the step would have fewer than
+    FILL_PROGRAMS programs."""
+    split = 256
+    while split > 64 and rows * heads * -(-kv_len // split) < FILL_PROGRAMS:
+        split //= 2
+    return split
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scale: float, kv_len: int, split: int = 256) -> torch.Tensor:
+                     scale: float, kv_len: int, split: int | None = None) -> torch.Tensor:
     """One decode step's attention: q [b, heads, 1, D] (rotary and logN applied), row i attending to its keys
     0..pos[i] of ``k_cache``/``v_cache`` [slots >= b, heads, capacity, D] (at most ``kv_len``), scores times
     ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. The keys of a row are split in
-    ``split``-key parts, each one program a head (fp32 online softmax), combined by a second kernel; parts past
-    a row's own keys return at once."""
+    ``split``-key parts (default ``key_split``), each one program a head (fp32 online softmax), combined by a second
+    kernel; parts past a row's own keys return at once."""
     b, heads, one, D = q.shape
     if one != 1 or not q.is_contiguous():
         raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d = triton.next_power_of_2(D)
+    split = split or key_split(b, heads, kv_len)
     S = triton.cdiv(kv_len, split)
     ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
     out = torch.empty(b, 1, heads * D, dtype=q.dtype, device=q.device)

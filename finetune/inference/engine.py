@@ -608,7 +608,7 @@ class Engine:
         if self.use_graphs:
             kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
             pick = None if sampled else (penalised, held)
-            own = self._own_keys(rows, b, kv_len)
+            own = self._own_keys()
             key = (b, kv_len) + (pick or ()) + (("lora",) if self._lora else ()) + (("own_keys",) if own else ())
             entry = self._graphs.get(key)
             if entry is None:
@@ -623,7 +623,7 @@ class Engine:
             sel = s["sel"][:, :n] if self._lora else None
             with inference_sdpa(self.device):
                 logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
-                                              self._own_keys(rows, n, need))
+                                              self._own_keys())
             self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled)
         for r in rows:
             r.length += 1
@@ -663,12 +663,10 @@ class Engine:
                     self._gone.append(r)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------
-    def _own_keys(self, rows, slots, kv_len) -> bool:
-        """Whether this step's fused attention reads each row's own keys (fused_decode.use_own_keys), from the
-        host's row lengths (the step's graph key holds the answer: a graph is captured for each)."""
-        if self._kernels is None:
-            return False
-        return use_own_keys([r.length for r in rows], slots, self._fused_kv_len(kv_len))
+    def _own_keys(self) -> bool:
+        """Whether the fused steps' attention reads each row's own keys (fused_decode.use_own_keys; the step's graph
+        key holds the answer)."""
+        return self._kernels is not None and use_own_keys()
 
     def _fused_kv_len(self, kv_len) -> int:
         """The keys the fused step attends over: up to a multiple of 16 (masked beyond each row's position), since

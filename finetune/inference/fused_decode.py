@@ -1,9 +1,9 @@
 """The engine's decode step on CUDA with the blocks' elementwise work fused (``decode_kernels.py``).
 
 Per layer a decode step runs: residual add + ln_1 (one kernel), c_attn, rotary on q and k + logN + the KV cache
-write (one kernel), attention (SDPA over the step's length bucket, masked past each row's position; or,
-where that would read many keys past the rows' positions, decode_kernels.decode_attention over each row's own
-keys: ``use_own_keys``), c_proj, residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
+write (one kernel), attention (decode_kernels.decode_attention over each row's own keys; with
+FINETUNE_DECODE_ATTENTION=0, SDPA over the step's length bucket, masked past each row's position), c_proj,
+residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
 the next layer's first kernel adds c_proj's output to the residual stream. With the engine's unmerged adapters at
 up to 32 rows (row_adapters.XA_IN_NORM_MAX_ROWS), the two norm kernels also compute x A for the LoRA products of
 c_attn and of w1 and w2 (``_norm``), which the GEMVs then read instead of computing it. The Linears are called as
@@ -26,22 +26,16 @@ from ..quant.linear import paired_decode
 from ..settings import settings
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-# When decode_attention (each row's own keys) replaces SDPA over the step's length bucket. Measured on the H200 in one
-# call (benchmarks/NOTES.md step 18): 64 rows of mixed lengths +21% (SDPA reads every row up to the bucket), one row
-# -4% at 512 and at 2,000 positions (a fixed ~5 us a layer: its second launch and smaller blocks); 32 serving streams
-# of similar lengths, unchanged (on another machine). It pays where it skips much: from 2 rows, where at least a
-# quarter of the keys SDPA would read lie past the rows' own positions (the 25% is a choice, not a measured edge).
-OWN_KEYS_MIN_ROWS = 2
-OWN_KEYS_MIN_SKIPPED = 0.25
 
 
-def use_own_keys(lengths: list[int], slots: int, kv_len: int) -> bool:
-    """Whether a decode step over ``slots`` cache rows (padding slots included) whose rows hold ``lengths``
-    positions before this step, attending over ``kv_len`` keys, reads them through decode_attention."""
-    if not settings().decode_attention or slots < OWN_KEYS_MIN_ROWS:
-        return False
-    read = sum(n + 1 for n in lengths) + (slots - len(lengths))  # a padding slot reads its one key
-    return read <= (1 - OWN_KEYS_MIN_SKIPPED) * slots * kv_len
+def use_own_keys() -> bool:
+    """Whether the fused step's attention is decode_kernels.decode_attention over each row's own keys (else SDPA over
+    the step's length bucket under a mask): always, unless FINETUNE_DECODE_ATTENTION=0. Measured on the H200: 64 rows
+    of mixed lengths +21% (SDPA reads every row up to the bucket, NOTES step 18); one row with the keys split to fill
+    the GPU, b1_512 248.8 against 245.0 tok/s and b1_ctx2000 220.4 against 221.7 (step 65). And no per-shape cost:
+    SDPA's choice in a graphed step is cuDNN, which builds a plan for every new (rows, key length) (~40 ms a capture,
+    ~0.5 s for the first ones) and compiled ~12 s of kernels in a fresh machine's first warm-up (step 64)."""
+    return settings().decode_attention
 
 
 def _hooked(module) -> bool:
@@ -91,7 +85,7 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     positions, ``cos``/``sin`` [b, 1, rot] and ``query_scale`` [b, 1] (or None) as the model computes them,
     ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, ``mask`` [b, 1, 1,
     kv_len] additive (``additive_mask``). ``kernels``: decode_kernels (or its interpreted copy in tests).
-    ``own_keys``: attention through kernels.decode_attention (``use_own_keys`` decides), else SDPA under the mask.
+    ``own_keys``: attention through kernels.decode_attention (``use_own_keys``), else SDPA under the mask.
     ``adapters``: the engine's RowAdapters, applied (their x A for c_attn, w1 and w2 then comes from the norms)."""
     kv_len = mask.shape[-1]
     b = x.shape[0]

@@ -302,40 +302,40 @@ def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, 
     assert fused_ids == plain_ids
 
 
-def test_own_keys_where_they_skip_a_quarter_of_the_bucket_from_two_rows(switches):
-    """fused_decode.use_own_keys: decode_attention where SDPA would read at least 25% keys past the rows' own
-    positions, from 2 slots (one row: SDPA measured faster on the H200; benchmarks/NOTES.md step 18)."""
+def test_key_split_fills_the_gpu_before_it_shortens_the_programs():
+    """decode_kernels.key_split: 256-key splits while a step has FILL_PROGRAMS programs (rows x heads x splits),
+    else halved down to 64 (one row of the 14B's 40 heads: 64 at 512 keys, 128 at 2,000, as measured best on the
+    H200, NOTES step 65)."""
+    from finetune.inference.decode_kernels import key_split
+
+    assert [key_split(1, 40, n) for n in (256, 512, 1024, 2048, 2304, 4096, 8192)] == [64, 64, 64, 128, 128, 256, 256]
+    assert key_split(64, 40, 256) == 256 and key_split(8, 40, 512) == 256 and key_split(2, 40, 512) == 64
+    assert key_split(1, 1, 10 ** 6) == 256 and key_split(1, 1, 1) == 64
+
+
+def test_every_fused_step_reads_its_rows_own_keys_and_answers_as_the_blocks(kernels, switches, monkeypatch):
+    """The fused steps (eager here) attend through decode_attention for one row and for two; with
+    FINETUNE_DECODE_ATTENTION=0 through SDPA; each gives the model blocks' logits (fp32)."""
     from finetune.inference.fused_decode import use_own_keys
 
-    assert not use_own_keys([10], 1, 256)  # one row: SDPA, however short
-    assert use_own_keys([10, 200], 2, 256)  # reads 212 of 512
-    assert not use_own_keys([200, 230], 2, 256)  # reads 432 of 512: 15.6% skipped
-    assert use_own_keys([191, 191], 2, 256)  # reads 384 of 512: exactly 25% skipped
-    assert not use_own_keys([192, 191], 2, 256)
-    assert use_own_keys([250, 250, 250], 4, 256)  # a padding slot reads one key: 754 of 1024
-    switches(decode_attention=False)
-    assert not use_own_keys([10, 200], 2, 256)
-
-
-def test_the_engine_picks_the_attention_per_step_and_both_answer_the_same(kernels, switches, monkeypatch):
-    """The eager fused step asks use_own_keys at every step: one row keeps SDPA; two rows far apart in length take
-    decode_attention; both give the model blocks' logits (fp32)."""
-    switches(decode_attention=True)
     calls = []
     real = kernels.decode_attention
     monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     tok = QWenTokenizer(str(SMALL_VOCAB))
     model = tiny(seed=11)
     one, two = [[5, 9, 300, 41]], [[5, 9, 300, 41] * 10, [7, 8]]
-    with torch.no_grad():
-        for batch in (one, two):
-            plain_logits, plain_ids = _engine_logits(model, tok, batch, None)
-            calls.clear()
-            fused_logits, fused_ids = _engine_logits(model, tok, batch, kernels)
-            assert set(calls) == (set() if batch is one else {2})
-            for a, b in zip(fused_logits, plain_logits):
-                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-            assert fused_ids == plain_ids
+    for on in (True, False):
+        switches(decode_attention=on)
+        assert use_own_keys() == on
+        with torch.no_grad():
+            for batch in (one, two):
+                plain_logits, plain_ids = _engine_logits(model, tok, batch, None)
+                calls.clear()
+                fused_logits, fused_ids = _engine_logits(model, tok, batch, kernels)
+                assert set(calls) == ({len(batch)} if on else set())
+                for a, b in zip(fused_logits, plain_logits):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+                assert fused_ids == plain_ids
 
 
 def test_fused_prefill_and_steps_with_two_adapters_equal_the_model_blocks_in_fp32(kernels):

@@ -214,7 +214,7 @@ def _kernels_per_step(model, tok):
 def _besides_matmul_and_attention(names):
     # cuBLAS's kernels (its split-K matmuls add a splitKreduce kernel) and SDPA's
     skip = ("gemm", "gemv", "nvjet", "cutlass", "sm90", "sm80", "splitk", "fmha", "attention", "flash", "efficient",
-            "sdpa")
+            "sdpa", "_dec_attn")
     return [n for n in names if not any(s in n.lower() for s in skip)]
 
 
