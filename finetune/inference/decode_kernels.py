@@ -222,9 +222,10 @@ FILL_PROGRAMS = 512
 
 def key_split(rows: int, heads: int, kv_len: int) -> int:
     """The keys a decode_attention program reads: 256, halved (to 64 at least) while the step would have fewer than
-    FILL_PROGRAMS programs."""
+    FILL_PROGRAMS programs and a row no more than COMBINE_SPLITS splits (the combine's one compiled block)."""
     split = 256
-    while split > 64 and rows * heads * -(-kv_len // split) < FILL_PROGRAMS:
+    while split > 64 and rows * heads * -(-kv_len // split) < FILL_PROGRAMS \
+            and -(-kv_len // (split // 2)) <= COMBINE_SPLITS:
         split //= 2
     return split
 

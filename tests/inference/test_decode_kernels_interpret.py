@@ -311,6 +311,8 @@ def test_key_split_fills_the_gpu_before_it_shortens_the_programs():
     assert [key_split(1, 40, n) for n in (256, 512, 1024, 2048, 2304, 4096, 8192)] == [64, 64, 64, 128, 128, 256, 256]
     assert key_split(64, 40, 256) == 256 and key_split(8, 40, 512) == 256 and key_split(2, 40, 512) == 64
     assert key_split(1, 1, 10 ** 6) == 256 and key_split(1, 1, 1) == 64
+    # few heads (a small model) never split a row in more than COMBINE_SPLITS parts by halving
+    assert key_split(2, 4, 4096) == 128 and key_split(2, 4, 8192) == 256 and key_split(1, 4, 2048) == 64
 
 
 def test_every_fused_step_reads_its_rows_own_keys_and_answers_as_the_blocks(kernels, switches, monkeypatch):

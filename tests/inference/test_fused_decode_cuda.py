@@ -155,7 +155,8 @@ def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
 def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
     """A decode step at a key length not met before must not compile the attention kernels again: in a serving
     trace that happened inside graph captures the first tokens waited for (NOTES step 62). One variant of each
-    kernel serves 256 (one split) to 8,192 keys (32 splits), the lengths a non-multiple of 16 among them."""
+    kernel serves 256 to 8,192 keys, whatever key_split picks (up to 32 splits a row; a non-multiple of 16 among
+    the lengths), with 4 heads (a small model: the most halving) and with the 14B's 40."""
     from finetune.inference import decode_kernels as K
 
     kernels = (K._dec_attn_split_kernel, K._dec_attn_combine_kernel)
@@ -163,16 +164,17 @@ def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
     def variants():  # Triton's compiled kernels of each function, over every device
         return [sum(len(cache[0]) for cache in fn.device_caches.values()) for fn in kernels]
 
-    heads, D, capacity = 4, 128, 8192
-    k_cache = torch.zeros(2, heads, capacity, D, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.zeros_like(k_cache)
-    q = torch.zeros(2, heads, 1, D, device="cuda", dtype=torch.bfloat16)
-    K.decode_attention(q, k_cache, v_cache, torch.tensor([3, 200], device="cuda"), 0.1, 256)
-    first = variants()
-    for kv_len in (512, 1024, 1280, 2056, 4096, 8192):
-        K.decode_attention(q, k_cache, v_cache, torch.tensor([3, kv_len - 1], device="cuda"), 0.1, kv_len)
-    torch.cuda.synchronize()
-    assert variants() == first
+    D, capacity = 128, 8192
+    first = None
+    for heads in (4, 40):
+        k_cache = torch.zeros(2, heads, capacity, D, device="cuda", dtype=torch.bfloat16)
+        v_cache = torch.zeros_like(k_cache)
+        q = torch.zeros(2, heads, 1, D, device="cuda", dtype=torch.bfloat16)
+        for kv_len in (256, 512, 1024, 1280, 2056, 4096, 8192):
+            K.decode_attention(q, k_cache, v_cache, torch.tensor([3, kv_len - 1], device="cuda"), 0.1, kv_len)
+            first = first or variants()
+        torch.cuda.synchronize()
+        assert variants() == first, heads
 
 
 def test_fused_step_with_decode_attention_matches_sdpa_in_bf16(tok, switches):
