@@ -483,11 +483,18 @@ def is_tool_record(record: dict) -> bool:
     """A training record with functions, function calls or their results (rendered in the ReAct layout)."""
     if record.get("functions") or record.get("tools"):
         return True
-    turns = record.get("conversations", record.get("messages"))
+    turns = record_turns(record)
     if not isinstance(turns, list):
         return False
     return any(isinstance(t, dict) and (str(t.get("role", t.get("from", ""))).lower() in _CALL_ROLES
                                         or t.get("function_call") or t.get("tool_calls")) for t in turns)
+
+
+def record_turns(record: dict):
+    """A record's `conversations`, else its `messages` (a null counts as absent: a `datasets` dir that mixes the
+    forms has both columns, one of them null in each row)."""
+    turns = record.get("conversations")
+    return record.get("messages") if turns is None else turns
 
 
 def render_tool_record(record: dict) -> dict:
@@ -495,7 +502,7 @@ def render_tool_record(record: dict) -> dict:
     carrying `segments` ([text, trained] pairs: labels on the model's own text, none on observations).
 
     Raises ReactError (field names the turn) for a conversation the layout cannot hold."""
-    key = "conversations" if "conversations" in record else "messages"
+    key = "conversations" if record.get("conversations") is not None else "messages"
     turns = record.get(key)
     functions = functions_from(record.get("functions"), record.get("tools"))
     msgs = canonical_messages(turns, key)
@@ -535,5 +542,5 @@ def check_segments(segments, content: str, where: str) -> list[list]:
 __all__ = [
     "FINAL_THOUGHT", "Message", "OBSERVATION_STOP", "REACT_INSTRUCTION", "ReactError", "TOOL_DESC", "Turns",
     "build_turns", "canonical_messages", "check_segments", "function_names", "functions_from", "has_function_calls",
-    "is_tool_record", "parse_reply", "react_instruction", "render_tool_record", "stop_words",
+    "is_tool_record", "parse_reply", "react_instruction", "record_turns", "render_tool_record", "stop_words",
 ]

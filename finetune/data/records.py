@@ -214,21 +214,27 @@ def normalize_record(record: Any) -> dict:
             raise DataError(f"both '{chat[0]}' and Alpaca fields", f"the record has '{chat[0]}' and "
                             f"{', '.join(repr(k) for k in alpaca)}; keep one form (the other would be ignored)")
         record = _from_alpaca(record)
+    # Both forms in one record would leave one of them unread. (None counts as absent: a `datasets` dir that
+    # mixes the forms has both columns, one of them null in each row.) Checked before a tool record is
+    # rendered, which reads one of the two.
+    if record.get("conversations") is not None and record.get("messages") is not None:
+        raise DataError("both 'conversations' and 'messages'",
+                        "the record has both; keep one (the other would be ignored)")
     if react.is_tool_record(record):  # rendered into user/assistant turns whose assistants carry `segments`
-        turns = record.get("conversations", record.get("messages"))
+        turns = react.record_turns(record)
         for n, turn in enumerate(turns if isinstance(turns, list) else [], 1):
-            if isinstance(turn, dict) and turn.get("weight") not in (None, 1):
+            if not isinstance(turn, dict):
+                continue  # (react names it)
+            # react reads one key of each synonymous pair: two that disagree are refused as in other records
+            _one_of(turn, "from", "role", f"turn {n}", _same_role)
+            _one_of(turn, "value", "content", f"turn {n}")
+            if turn.get("weight") not in (None, 1):
                 raise DataError("invalid weight", f"turn {n}: 'weight' {_short(turn['weight'])} is not supported in "
                                 "tool / function-call conversations (every assistant turn of one is trained)")
         try:
             record = react.render_tool_record(record)
         except react.ReactError as e:
             raise DataError("invalid tool conversation", f"{e.field}: {e}" if e.field else str(e)) from None
-    # Both forms in one record would leave one of them unread. (None counts as absent: a `datasets` dir that
-    # mixes the forms has both columns, one of them null in each row.)
-    if record.get("conversations") is not None and record.get("messages") is not None:
-        raise DataError("both 'conversations' and 'messages'",
-                        "the record has both; keep one (the other would be ignored)")
     key = "conversations" if record.get("conversations") is not None else "messages"
     turns = record.get(key)
     if turns is None:

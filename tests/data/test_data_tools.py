@@ -170,6 +170,25 @@ def test_invalid_tool_conversations_name_the_turn(record, where):
     assert where in str(e.value)
 
 
+@pytest.mark.parametrize("record, reason", [
+    # react reads one of each pair: the other was dropped without a word
+    ({**OPENAI, "conversations": OFFICIAL["conversations"]}, "both 'conversations' and 'messages'"),
+    ({**OPENAI, "messages": [{"role": "user", "from": "assistant", "content": "q"}, *OPENAI["messages"][1:]]},
+     "both 'from' and 'role'"),
+    ({**OPENAI, "messages": [{"role": "user", "content": "q", "value": "other q"}, *OPENAI["messages"][1:]]},
+     "both 'value' and 'content'"),
+])
+def test_tool_records_refuse_what_plain_records_refuse(record, reason):
+    with pytest.raises(DataError) as e:
+        normalize_record(record)
+    assert e.value.reason == reason
+
+
+def test_tool_record_with_a_null_conversations_column_reads_its_messages():
+    """A `datasets` dir that mixes the forms has both columns, one null in each row."""
+    assert normalize_record({"conversations": None, **OPENAI}) == normalize_record(OPENAI)
+
+
 def test_load_records_reads_tool_conversations(tmp_path):
     p = tmp_path / "tools.jsonl"
     p.write_text(json.dumps(OPENAI) + "\n" + json.dumps(OFFICIAL) + "\n"
