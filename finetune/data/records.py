@@ -13,7 +13,8 @@ normalised records alike.
 Accepted forms: `conversations` (Qwen's and ShareGPT's from/value turns), `messages` (OpenAI's role/content,
 content as a string or a list of text parts), tool / function-call conversations (react.py), and the Alpaca
 form LLaMA-Factory uses (`instruction`, optional `input`, `output`, optional `system` and `history` of
-[query, reply] pairs: the user turn is the instruction, a newline and the input when there is one).
+[query, reply] pairs, optional `tools`: the user turn is the instruction, a newline and the input when there
+is one).
 
 Reading streams: JSONL line by line, a JSON array element by element (`raw_decode` over the text, so the
 whole corpus never exists as one big Python list), so each record is validated as it is read and an
@@ -180,7 +181,8 @@ def _from_alpaca(record: dict) -> dict:
     turns += [{"from": "user", "value": instruction + ("\n" + extra if extra else "")},
               {"from": "assistant", "value": output}]
     out = {"conversations": turns}
-    for key in ("id", "system"):
+    # LLaMA-Factory's Alpaca columns include `tools`: the record is then rendered in the ReAct layout
+    for key in ("id", "system", "tools", "functions"):
         if record.get(key) is not None:
             out[key] = record[key]
     return out

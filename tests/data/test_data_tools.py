@@ -144,6 +144,16 @@ def test_llama_factory_sharegpt_tool_form_renders_as_the_openai_form(data_small_
                                                                                            no_thought)
 
 
+def test_alpaca_record_keeps_its_tools():
+    """LLaMA-Factory's Alpaca form has a `tools` column: it was dropped, and the record trained as plain chat."""
+    alpaca = {"instruction": "Weather in Paris?", "output": "It is sunny.", "tools": LLAMA_FACTORY["tools"]}
+    chat = {"tools": LLAMA_FACTORY["tools"], "conversations": [
+        {"from": "human", "value": "Weather in Paris?"}, {"from": "gpt", "value": "It is sunny."}]}
+    rec = normalize_record(alpaca)
+    assert rec == normalize_record(chat)
+    assert rec["messages"][0]["content"].startswith(react.react_instruction([WEATHER]))
+
+
 @pytest.mark.parametrize("record, where", [
     ({"tools": "[{oops", "conversations": LLAMA_FACTORY["conversations"]}, "tools: a string that is not JSON"),
     ({"tools": LLAMA_FACTORY["tools"], "conversations": [
