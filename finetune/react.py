@@ -112,12 +112,27 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
 
 
 def _check_function(f, where: str) -> dict:
+    """A function definition the ReAct prompt can hold (the server's requests and the training data alike)."""
     if not isinstance(f, dict):
         raise ReactError("must be an object", where)
-    name = f.get("name_for_model", f.get("name"))
+    name_key = "name_for_model" if "name_for_model" in f else "name"
+    name = f.get(name_key)
     if not isinstance(name, str) or not name.strip():
         raise ReactError("needs a non-empty 'name'", f"{where}.name")
+    if not name.isprintable():  # "Action: {name}" is one line of the prompt: a line break could never be parsed back
+        raise ReactError("must be one line of printable characters", f"{where}.{name_key}")
+    for key in ("description", "description_for_model", "name_for_human"):
+        if f.get(key) is not None and not isinstance(f[key], str):
+            raise ReactError(f"must be a string, got {json_type(f[key])}", f"{where}.{key}")
+    if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
+        raise ReactError(f"must be a JSON Schema object, got {json_type(f['parameters'])}", f"{where}.parameters")
     return f
+
+
+def json_type(value) -> str:
+    """A decoded JSON value's type as JSON names it."""
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
 def function_names(functions: list[dict]) -> list[str]:
@@ -542,5 +557,6 @@ def check_segments(segments, content: str, where: str) -> list[list]:
 __all__ = [
     "FINAL_THOUGHT", "Message", "OBSERVATION_STOP", "REACT_INSTRUCTION", "ReactError", "TOOL_DESC", "Turns",
     "build_turns", "canonical_messages", "check_segments", "function_names", "functions_from", "has_function_calls",
-    "is_tool_record", "parse_reply", "react_instruction", "record_turns", "render_tool_record", "stop_words",
+    "is_tool_record", "json_type", "parse_reply", "react_instruction", "record_turns", "render_tool_record",
+    "stop_words",
 ]

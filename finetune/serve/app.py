@@ -73,9 +73,7 @@ class Server:
     def turns(self, body: ChatCompletionRequest) -> tuple[react.Turns, list[dict]]:
         """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
         try:
-            functions = react.functions_from(body.functions, body.tools)
-            for i, f in enumerate(functions):
-                _check_function(f, f"tools[{i}].function" if body.tools else f"functions[{i}]")
+            functions = react.functions_from(body.functions, body.tools)  # (each definition checked there)
             if not body.tools_disabled():
                 return react.build_turns(body.messages, functions), functions
             turns = react.build_turns(body.messages, [])
@@ -264,25 +262,6 @@ def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest)
     return {"role": "assistant", "content": content or None, "tool_calls": [tool_call]}, "tool_calls"
 
 
-def _check_function(f: dict, where: str) -> None:
-    """What the ReAct prompt needs of a function definition beyond react's checks (400 naming the field)."""
-    name_key = "name_for_model" if "name_for_model" in f else "name"
-    if not f[name_key].isprintable():  # "Action: {name}" is one line of the prompt: a line break could never
-        raise APIError(400, f"{where}.{name_key}: must be one line of printable characters",  # be parsed back
-                       f"{where}.{name_key}")
-    for key in ("description", "description_for_model", "name_for_human"):
-        if f.get(key) is not None and not isinstance(f[key], str):
-            raise APIError(400, f"{where}.{key}: must be a string, got {_json_type(f[key])}", f"{where}.{key}")
-    if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
-        raise APIError(400, f"{where}.parameters: must be a JSON Schema object, got {_json_type(f['parameters'])}",
-                       f"{where}.parameters")
-
-
-def _json_type(value) -> str:
-    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
-            int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
 def _body_problem(request: Request, err: dict) -> str:
     """Why the body as a whole is no request: empty, not sent as JSON, or JSON that is no object."""
     content_type = request.headers.get("content-type", "")
@@ -292,7 +271,7 @@ def _body_problem(request: Request, err: dict) -> str:
     if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
         got = f"got {content_type!r}" if content_type else "none was given"
         return f"the request body must be JSON sent with 'Content-Type: application/json' ({got})"
-    return f"the request body must be a JSON object, got {_json_type(err.get('input'))}"
+    return f"the request body must be a JSON object, got {react.json_type(err.get('input'))}"
 
 
 def _unparsable(cause: Exception) -> str:

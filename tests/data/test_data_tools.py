@@ -172,6 +172,14 @@ def test_alpaca_record_keeps_its_tools():
     ({"tools": [{"type": "function", "function": {"description": "no name"}}],
       "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "tools[0].function.name"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "function", "content": "r"}]}, "messages[1].role"),
+    # definitions the server refuses (400) trained a prompt it never builds: "Action: f\nAction: g" cannot be
+    # parsed back, a description 5 or parameters "nope" rendered as such
+    ({**OPENAI, "tools": [{"type": "function", "function": {**WEATHER, "name": "get\nweather"}}]},
+     "tools[0].function.name: must be one line of printable characters"),
+    ({**OPENAI, "tools": [{"type": "function", "function": {**WEATHER, "description": 5}}]},
+     "tools[0].function.description: must be a string, got a number"),
+    ({**OFFICIAL, "functions": [{**WEATHER, "parameters": "nope"}]},
+     "functions[0].parameters: must be a JSON Schema object, got a string"),
 ])
 def test_invalid_tool_conversations_name_the_turn(record, where):
     with pytest.raises(DataError) as e:
