@@ -166,6 +166,8 @@ class Message:
     role: str
     content: str
     function_call: dict | None = None  # {"name": str, "arguments": str} on assistant messages
+    where: str = ""  # where the message's content is in the request / record, for errors (canonical_messages)
+    call_where: str = ""  # and its function_call
 
 
 def content_text(content, where: str) -> str:
@@ -189,8 +191,10 @@ def _call(call, where: str) -> dict:
     """{"name", "arguments"} of a function_call / a tool call's "function" (arguments as a string)."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
         raise ReactError("needs a 'name' string", where)
-    args = call.get("arguments", "")
-    if not isinstance(args, str):
+    args = call.get("arguments")
+    if args is None:  # null: no arguments (json.dumps would write "null" into "Action Input:")
+        args = ""
+    elif not isinstance(args, str):
         args = json.dumps(args, ensure_ascii=False)
     return {"name": call["name"], "arguments": args}
 
@@ -225,7 +229,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
             if at is None:
                 raise ReactError(f"tool_call_id {call_id!r} matches no open tool call", f"{w}.tool_call_id")
             # the result goes right after its call (a later call waits until this one is answered)
-            results[at] = Message("function", content)
+            results[at] = Message("function", content, where=f"{w}.content")
             continue
         if pending:
             raise ReactError(f"tool call {pending.first_id()!r} has no tool message answering it", f"{w}.role")
@@ -237,11 +241,13 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                 cw = f"{w}.tool_calls[{j}]"
                 if not isinstance(c, dict) or not isinstance(c.get("function"), dict):
                     raise ReactError("needs a 'function' object", cw)
-                out.append(Message("assistant", content if j == 0 else "", _call(c["function"], f"{cw}.function")))
+                out.append(Message("assistant", content if j == 0 else "", _call(c["function"], f"{cw}.function"),
+                                   f"{w}.content", f"{cw}.function"))
                 pending.add(c.get("id"), len(out) - 1)
             continue
         if role == "function_call":  # LLaMA-Factory's ShareGPT form: the assistant's call as JSON text
-            out.append(Message("assistant", "", _json_call(m.get("content", m.get("value")), f"{w}.value")))
+            out.append(Message("assistant", "", _json_call(m.get("content", m.get("value")), f"{w}.value"),
+                               f"{w}.value", f"{w}.value"))
             continue
         if role not in ("system", "user", "assistant", "function"):
             raise ReactError(f"unknown role {role!r} (accepted: system or developer, user, assistant, tool, function)",
@@ -249,7 +255,8 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         fc = m.get("function_call")
         if fc is not None and role != "assistant":
             raise ReactError("only assistant messages carry a function_call", f"{w}.function_call")
-        out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None))
+        out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None,
+                           f"{w}.content", f"{w}.function_call"))
     if pending:
         raise ReactError(f"tool call {pending.first_id()!r} has no tool message answering it", where)
     if not results:
@@ -531,6 +538,7 @@ def render_tool_record(record: dict) -> dict:
     if msgs[-1].role == "function":
         raise ReactError("ends with a function result: the assistant's reply after it is missing",
                          f"{key}[{len(turns) - 1}]")
+    _check_training_messages(msgs, functions)
     messages = []
     for user, segments in t.pairs:
         messages.append({"role": "user", "content": user})
@@ -541,6 +549,35 @@ def render_tool_record(record: dict) -> dict:
     rid = record.get("id")
     return {"id": None if rid is None else str(rid), "system": t.system, "messages": messages}
 
+
+
+def _check_training_messages(msgs: list[Message], functions: list[dict]) -> None:
+    """What the model would learn wrong from a tool conversation that the layout itself can hold: an empty
+    question or answer (plain records refuse those too), arguments that are not JSON, a call of a function the
+    record does not define (the server prompts with the definitions, so the call would be learnt without them)."""
+    names = function_names(functions)
+    for m in msgs:
+        if m.role == "user" and not m.content.strip():
+            raise ReactError("a user message must not be empty", m.where)
+        if m.role != "assistant":
+            continue
+        call = m.function_call
+        if call is None:
+            if not m.content.strip():
+                raise ReactError("an assistant message without a call must not be empty", m.where)
+            continue
+        if not names:
+            raise ReactError(f"calls {call['name']!r}, but the record defines no functions: list them in 'tools' "
+                             "(or 'functions'), as the server's prompt does", f"{m.call_where}.name")
+        if call["name"] not in names:
+            raise ReactError(f"calls {call['name']!r}, which the record does not define (defined: "
+                             f"{', '.join(names)})", f"{m.call_where}.name")
+        if call["arguments"].strip():
+            try:
+                json.loads(call["arguments"])
+            except json.JSONDecodeError as e:
+                raise ReactError(f"not JSON ({e.msg} at character {e.pos + 1}): the model would learn to write "
+                                 "calls no tool can read", f"{m.call_where}.arguments") from None
 
 
 def check_segments(segments, content: str, where: str) -> list[list]:

@@ -121,6 +121,15 @@ def test_a_call_without_arguments_renders_as_the_server_prompts_it(data_small_to
     assert trained[0] == "Thought: Ask.\nAction: get_weather\nAction Input:\nObservation:"
 
 
+
+def test_null_arguments_are_no_arguments():
+    """`"arguments": null` was written out as "Action Input: null"."""
+    def rec(args):
+        return {**OFFICIAL, "conversations": [OFFICIAL["conversations"][0], {**OFFICIAL["conversations"][1],
+                "function_call": {"name": "get_weather", "arguments": args}}, *OFFICIAL["conversations"][2:]]}
+    assert normalize_record(rec(None)) == normalize_record(rec(""))
+    assert "Action Input:\nObservation:" in normalize_record(rec(None))["messages"][1]["content"]
+
 # the same call in LLaMA-Factory's ShareGPT form: the call as JSON text in a "function_call" turn, the result in
 # an "observation" turn, the tools as JSON text of plain function dicts
 LLAMA_FACTORY = {
@@ -180,6 +189,25 @@ def test_alpaca_record_keeps_its_tools():
      "tools[0].function.description: must be a string, got a number"),
     ({**OFFICIAL, "functions": [{**WEATHER, "parameters": "nope"}]},
      "functions[0].parameters: must be a JSON Schema object, got a string"),
+    # each was trained as it was: a call in broken JSON, a call of an undefined function (or with no definitions:
+    # the server only prompts in this layout with them), an empty question or answer (refused in plain records)
+    ({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": "}}]},
+        *OPENAI["messages"][2:]]}, "messages[1].tool_calls[0].function.arguments: not JSON"),
+    ({"tools": LLAMA_FACTORY["tools"], "conversations": [
+        LLAMA_FACTORY["conversations"][0], {"from": "function_call", "value": json.dumps(
+            {"name": "get_weather", "arguments": "city=Paris"})}, *LLAMA_FACTORY["conversations"][2:]]},
+     "conversations[1].value.arguments: not JSON"),
+    ({"messages": OPENAI["messages"]},
+     "messages[1].tool_calls[0].function.name: calls 'get_weather', but the record defines no functions"),
+    ({**OFFICIAL, "conversations": [OFFICIAL["conversations"][0], {**OFFICIAL["conversations"][1], "function_call": {
+        "name": "get_wether", "arguments": "{}"}}, *OFFICIAL["conversations"][2:]]},
+     "conversations[1].function_call.name: calls 'get_wether', which the record does not define (defined: "
+     "get_weather)"),
+    ({**OPENAI, "messages": [{"role": "user", "content": " "}, *OPENAI["messages"][1:]]},
+     "messages[0].content: a user message must not be empty"),
+    ({**OPENAI, "messages": [*OPENAI["messages"][:3], {"role": "assistant", "content": None}]},
+     "messages[3].content: an assistant message without a call must not be empty"),
 ])
 def test_invalid_tool_conversations_name_the_turn(record, where):
     with pytest.raises(DataError) as e:
