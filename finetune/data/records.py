@@ -550,7 +550,11 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
                             path=path)
         import datasets  # only needed for dataset dirs
 
-        ds = datasets.load_from_disk(str(p))
+        try:
+            ds = datasets.load_from_disk(str(p))
+        except Exception as e:  # datasets' own errors for a damaged dir vary (FileNotFoundError, ValueError, ...)
+            raise DataError("unreadable datasets dir", f"datasets.load_from_disk failed: {type(e).__name__}: "
+                            f"{' '.join(str(e).split())}", path=path) from None
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds:
                 raise DataError("not a data file", f"a DatasetDict without a 'train' split "

@@ -66,6 +66,23 @@ def test_datasets_dir(tmp_path):
     assert recs[0]["messages"][1]["content"] == "a"
 
 
+@pytest.mark.parametrize("damage", ["only dataset_info.json", "arrow file missing"])
+def test_damaged_datasets_dir_is_a_data_error(tmp_path, damage):
+    """datasets' own exception was a traceback out of `qwen-ft train` (which reports DataErrors in one line)."""
+    datasets = pytest.importorskip("datasets")
+    d = tmp_path / "ds"
+    if damage == "only dataset_info.json":
+        d.mkdir()
+        (d / "dataset_info.json").write_text("{}")
+    else:
+        datasets.Dataset.from_list([GOOD]).save_to_disk(str(d))
+        for f in d.glob("*.arrow"):
+            f.unlink()
+    with pytest.raises(DataError) as e:
+        load_records(d)
+    assert str(e.value).startswith(f"{d}: unreadable datasets dir: datasets.load_from_disk failed: ")
+
+
 # -- bad input: each case names the file, the record (and line) and the cause ----------------------------
 
 def bad(tmp_path, record, name="d.jsonl"):
