@@ -73,12 +73,16 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def eval_loss(model, tokenizer, records, batch_size: int = 8, max_len: int | None = None) -> dict:
-    """{"loss", "perplexity", "tokens", "records"} with the training masks (sum over trained tokens / count)."""
-    from .data import ChatCollator, encode_conversation
+    """{"loss", "perplexity", "tokens", "records"} with the training masks (sum over trained tokens / count);
+    also "left_out" (records with no scored token within max_len: the prompt fills it), "first_left_out" (the
+    first one's 0-based index, or None) and "truncated" (records cut to max_len)."""
+    from .data import ChatCollator, encode_conversation_info
 
     collate = ChatCollator(pad_id=tokenizer.eod_id)
-    rows = [encode_conversation(tokenizer, r, max_len=max_len) for r in records]
-    rows = [r for r in rows if any(l != -100 for l in r["labels"][1:])]
+    encoded = [encode_conversation_info(tokenizer, r, max_len=max_len) for r in records]
+    kept = [i for i, e in enumerate(encoded) if any(l != -100 for l in e.labels[1:])]
+    rows = [encoded[i].as_dict() for i in kept]
+    left_out = sorted(set(range(len(records))) - set(kept))
     device = _device(model)
     total, count = 0.0, 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # less padding
@@ -91,7 +95,23 @@ def eval_loss(model, tokenizer, records, batch_size: int = 8, max_len: int | Non
         count += int((batch["labels"][:, 1:] != -100).sum())
     loss = total / count if count else float("nan")
     return {"loss": loss, "perplexity": math.exp(loss) if count and loss < 700 else float("inf"),
-            "tokens": count, "records": len(rows)}
+            "tokens": count, "records": len(rows), "left_out": len(left_out),
+            "first_left_out": left_out[0] if left_out else None, "truncated": sum(encoded[i].truncated for i in kept)}
+
+
+def loss_coverage_note(metrics: dict, n_records: int, max_len: int | None, source: str, setting: str) -> str | None:
+    """One line saying which records the loss left out or truncated (None when it scored them all whole): a
+    held-out loss over fewer or shorter conversations than the file holds is not silently the file's loss."""
+    left, cut = metrics.get("left_out", 0), metrics.get("truncated", 0)
+    if not left and not cut:
+        return None
+    parts = []
+    if left:
+        parts.append(f"leaves out {left} of {n_records} record{'s' * (n_records > 1)} (no reply token within max_len "
+                     f"{max_len}: the prompt fills it; the first: {source}, record {metrics['first_left_out'] + 1})")
+    if cut:
+        parts.append(f"scores {cut} record{'s' * (cut > 1)} truncated to max_len {max_len}")
+    return f"note: the loss {' and '.join(parts)}; {setting} sets max_len"
 
 
 # -- generation -----------------------------------------------------------------------------------------
@@ -361,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
                            "generator": args.generator,
                            **({"gen_batch_size": args.gen_batch_size} if args.generator == "engine"
                               else {"padding": "left"})}, **report}
+    note = loss_coverage_note(report["base"], len(records), max_len, args.data,
+                              "--max-len" if args.max_len else "--max-len (default: the model's seq_length)")
+    if note:
+        print(note, file=sys.stderr)
     print(format_table(report))
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,27 @@ def test_eval_cli(setup, tmp_path, capsys):
     assert report["model"] == str(setup["float"])  # the base recorded in the adapter
 
 
+def test_eval_says_which_records_the_loss_leaves_out_or_truncates(setup, tmp_path, capsys):
+    """A record whose prompt fills --max-len was dropped from the loss, and a long one cut, without a word."""
+    from finetune.cli import main
+
+    data = tmp_path / "heldout.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},
+            {"messages": [{"role": "user", "content": "word " * 80}, {"role": "assistant", "content": "x"}]},
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "word " * 80}]}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "report.json"
+    assert main(["eval", "-m", str(setup["float"]), "--data", str(data), "--max-len", "48", "--no-generate",
+                 "--output", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert (f"note: the loss leaves out 1 of 3 records (no reply token within max_len 48: the prompt fills it; the "
+            f"first: {data}, record 2) and scores 1 record truncated to max_len 48; --max-len sets max_len\n") in err
+    base = json.loads(out.read_text())["base"]
+    assert (base["records"], base["left_out"], base["first_left_out"], base["truncated"]) == (2, 1, 1, 1)
+    assert main(["eval", "-m", str(setup["float"]), "--data", str(data), "--max-len", "4096", "--no-generate"]) == 0
+    assert "note:" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--max-samples", "-1"], "--max-samples must be >= 1, got -1"),  # (was records[:-1]: the last one dropped)
     (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
