@@ -240,7 +240,10 @@ def normalize_record(record: Any) -> dict:
     key = "conversations" if record.get("conversations") is not None else "messages"
     turns = record.get(key)
     if turns is None:
-        raise DataError("no conversations", "the record has neither 'conversations' nor 'messages'")
+        keys = ", ".join(_short(k) for k in list(record)[:8]) + (", ..." if len(record) > 8 else "")
+        # the keys it has point at the cause: {"data": [...]} around the records, a column named otherwise
+        raise DataError("no conversations", "the record has neither 'conversations' nor 'messages' (nor the Alpaca "
+                        f"'instruction' / 'output'); its keys: {keys or 'none'}")
     if not isinstance(turns, list) or not turns:
         raise DataError("no conversations", f"'{key}' must be a non-empty list")
 

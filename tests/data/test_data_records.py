@@ -83,6 +83,16 @@ def test_damaged_datasets_dir_is_a_data_error(tmp_path, damage):
     assert str(e.value).startswith(f"{d}: unreadable datasets dir: datasets.load_from_disk failed: ")
 
 
+def test_a_record_without_turns_names_its_keys(tmp_path):
+    """{"data": [...]} around the records said only that the record had neither key."""
+    p = tmp_path / "wrapped.json"
+    p.write_text(json.dumps({"data": [GOOD]}))
+    with pytest.raises(DataError) as e:
+        load_records(p)
+    assert str(e.value) == (f"{p}, record 1, line 1: no conversations: the record has neither 'conversations' nor "
+                            "'messages' (nor the Alpaca 'instruction' / 'output'); its keys: 'data'")
+
+
 # -- bad input: each case names the file, the record (and line) and the cause ----------------------------
 
 def bad(tmp_path, record, name="d.jsonl"):
