@@ -264,7 +264,13 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         report["merged_fp32_loss"] = eval_loss(merged, tokenizer, eval_records, max_len=max_len)["loss"]
 
     out.mkdir(parents=True, exist_ok=True)
-    for p in out.glob("model*.safetensors"):
+    # An earlier merge's weights, shard index and Int4 config go: a stale index names shards that are gone, and a
+    # stale quantize_config.json calls a float export GPTQ
+    stale = sorted(p for p in out.glob("model*.safetensors")) + [
+        p for p in (out / "model.safetensors.index.json", out / "quantize_config.json") if p.is_file()]
+    if stale:
+        log(f"merge: --overwrite: removing {', '.join(p.name for p in stale)} from {out}")
+    for p in stale:
         p.unlink()
     if fmt == "float":
         dt = DTYPES[dtype]

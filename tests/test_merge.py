@@ -175,6 +175,23 @@ def test_merge_errors(setup, tmp_path, capsys):
         merge(setup["lora"], setup["float"], log=quiet, overwrite=True)
 
 
+def test_overwrite_leaves_nothing_of_the_earlier_merge(setup, tmp_path):
+    # a sharded Int4 merge, then a one-file float merge over it: the stale index named the removed shards (the
+    # merge's own reload failed on it) and the stale quantize_config.json called the float dir GPTQ
+    out = tmp_path / "again"
+    merge(setup["qlora"], out, fmt="int4", max_shard_size="100KB", n_eval=1, log=quiet)
+    assert (out / "model.safetensors.index.json").is_file() and (out / "quantize_config.json").is_file()
+    (out / "notes.txt").write_text("mine")
+    lines = []
+    report = merge(setup["qlora"], out, dtype="fp32", overwrite=True, eval_data=setup["data"], log=lines.append)
+    assert report["files"] == ["model.safetensors"]
+    assert not (out / "model.safetensors.index.json").exists() and not (out / "quantize_config.json").exists()
+    assert not list(out.glob("model-*")) and (out / "notes.txt").read_text() == "mine"
+    assert any("removing" in line and "quantize_config.json" in line for line in lines)
+    assert abs(report["loss_delta"]) < 1e-4
+    assert "qweight" not in "".join(n for n, _ in load_model(out, device="cpu").named_buffers())
+
+
 @pytest.mark.parametrize("flags, message", [
     # each was a traceback (random.sample's, parse_size's, GPTQ's, encode's, os.listdir's), most after the merge
     (["--eval-samples", "-1"], "--eval-samples must be 0 or more"),
