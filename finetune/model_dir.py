@@ -33,6 +33,10 @@ def read_config(model_dir) -> dict:
     model_dir = Path(model_dir)
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
+        if (model_dir / "adapter_config.json").is_file():  # the usual slip: the trainer's adapter dir as the model
+            raise ModelLoadError(f"{model_dir} has no config.json: it is a LoRA adapter dir (adapter_config.json), "
+                                 f"not a model dir; pass it as the adapter (chat/eval/merge --adapter, serve --adapter "
+                                 f"NAME=DIR, train --lora_weight_path) and its base model as the model")
         raise ModelLoadError(f"{model_dir} has no config.json: not a model directory (expected config.json and "
                              f"model weights, as an official Qwen model dir has)")
     try:

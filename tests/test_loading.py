@@ -125,6 +125,13 @@ def test_dir_without_config(tmp_path):
         load_model(tmp_path / "empty")
 
 
+def test_adapter_dir_given_as_the_model_says_so(tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="no config.json: it is a LoRA adapter dir.*pass it as the adapter"):
+        load_model(tmp_path / "adapter")
+
+
 def test_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "nope")
