@@ -199,7 +199,14 @@ def check_base(adapter_dir, base_dir, explicit: bool) -> None:
         # round load_adapter warns (float_adapter_on_int4)
         logger.info("%s: the %s twin of the recorded base", msg, "float" if want.get("quantized") else "Int4")
         return
-    logger.warning("%s; loading it as asked", msg)
+    # once a process: the commands check the base when resolving it and again when the adapter loads onto it
+    key = (str(Path(adapter_dir).resolve()), str(Path(base_dir).resolve()))
+    if key not in _WARNED_BASES:
+        _WARNED_BASES.add(key)
+        logger.warning("%s; loading it as asked", msg)
+
+
+_WARNED_BASES: set[tuple[str, str]] = set()
 
 
 def trained_on(adapter_dir) -> str | None:

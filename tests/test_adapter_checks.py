@@ -199,6 +199,20 @@ def test_base_with_another_fingerprint_is_refused_naming_both(setup, tmp_path, c
                for r in caplog.records)
 
 
+def test_a_named_base_that_is_not_the_recorded_one_warns_once(setup, tmp_path, caplog):
+    # chat, eval and merge check the base when they resolve it and load_adapter checks it again: the same warning
+    # was printed twice
+    from finetune.chat import main
+
+    adapter = make_adapter(setup["float"], tmp_path / "adapter")
+    other = make_demo_model(tmp_path / "other", seed=3)
+    with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
+        assert main(["-m", str(other), "--adapter", str(adapter), "--query", "hi", "--max_new_tokens", "2"]) == 0
+    assert [r.message for r in caplog.records].count(
+        f"adapter {adapter} was trained on {setup['float'].resolve()}, but the base {other.resolve()} is not that "
+        f"model (its weight files differ (names, sizes or sampled contents)); loading it as asked") == 1
+
+
 # -- item 4: PEFT's merge route on an Int4 base -------------------------------------------------------------------
 
 
