@@ -352,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar, as chat and merge (the engine's stays)
     from .adapters import AdapterError, resolve_base
     from .data import DataError
     from .loading import ModelLoadError, load_model

@@ -188,6 +188,21 @@ def test_eval_says_which_records_the_loss_leaves_out_or_truncates(setup, tmp_pat
     assert "note:" not in capsys.readouterr().err
 
 
+def test_eval_cli_prints_no_weight_loading_bar(setup, capsys):
+    # chat and merge turned transformers' "Loading weights" bar off; eval printed it over its table
+    from transformers.utils import logging as hf_logging
+
+    from finetune.cli import main
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()  # another test's chat or merge may have turned it off in this process
+    try:
+        assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate"]) == 0
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+    assert "Loading weights" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--max-samples", "-1"], "--max-samples must be >= 1, got -1"),  # (was records[:-1]: the last one dropped)
     (["--max-samples", "0"], "--max-samples must be >= 1, got 0"),
