@@ -447,6 +447,17 @@ def checked_weights(model, adapter_dir, config=None) -> dict[str, torch.Tensor]:
     return sd
 
 
+def check_model_base(model, adapter_dir) -> None:
+    """The adapter's recorded base against the loaded ``model`` (check_base, explicit), and a warning for a
+    float-trained adapter on an Int4 model: for every adapter put on a model, the first or a further one."""
+    base = getattr(_unwrap(model), "name_or_path", None)
+    if base and (Path(base) / "config.json").is_file():
+        check_base(adapter_dir, Path(base), explicit=True)
+    if getattr(getattr(_unwrap(model), "config", None), "quantization_config", None) and \
+            trained_on(adapter_dir) == "float":
+        logger.warning(float_adapter_on_int4(adapter_dir, base or "given"))
+
+
 def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable: bool = False):
     """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (checked first) -> a PeftModel; in eval mode with
     frozen weights unless ``is_trainable`` (then the LoRA weights train, as --lora_weight_path wants).
@@ -461,13 +472,8 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
     adapter_dir = Path(adapter_dir)
     config = lora_config(adapter_dir)
     config.inference_mode = not is_trainable
-    base = getattr(_unwrap(model), "name_or_path", None)
-    if base and (Path(base) / "config.json").is_file():
-        check_base(adapter_dir, Path(base), explicit=True)
+    check_model_base(model, adapter_dir)
     sd = checked_weights(model, adapter_dir, config)
-    if getattr(getattr(_unwrap(model), "config", None), "quantization_config", None) and \
-            trained_on(adapter_dir) == "float":
-        logger.warning(float_adapter_on_int4(adapter_dir, base or "given"))
 
     import finetune.quant  # noqa: F401  (LoRA on GPTQLinear is registered on import)
     from finetune.quant import register_peft
@@ -490,6 +496,7 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
 
 __all__ = [
     "AdapterError", "adapter_base", "base_fingerprint", "check_adapter", "check_adapter_values", "check_base",
+    "check_model_base",
     "checked_weights", "float_adapter_on_int4", "is_adapter_dir", "load_adapter", "record_base", "trained_on",
     "lora_config", "read_adapter_config", "read_adapter_weights", "resolve_base", "target_module_names",
 ]

@@ -213,6 +213,19 @@ def test_a_named_base_that_is_not_the_recorded_one_warns_once(setup, tmp_path, c
         f"model (its weight files differ (names, sizes or sampled contents)); loading it as asked") == 1
 
 
+def test_served_adapters_after_the_first_are_checked_against_the_base_too(setup, caplog):
+    # serve loads the first adapter through load_adapter and the rest through add_adapter, which skipped the base
+    # check: a float-trained adapter second on an Int4 base was served without the warning the first one gets
+    from finetune.serve.models import load_served_model
+
+    with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
+        load_served_model(setup["int4"], [("q", str(setup["qlora"])), ("f", str(setup["lora"]))], device="cpu")
+    assert [r.message for r in caplog.records if "trained on a float model" in r.message] == [
+        f"adapter {setup['lora']} was trained on a float model ({setup['float'].resolve()}) and is being put on "
+        f"the Int4 base {setup['int4']}: its deltas meet rounded weights it never saw; use the float base (-m) "
+        f"unless this is what you want"]
+
+
 # -- item 4: PEFT's merge route on an Int4 base -------------------------------------------------------------------
 
 

@@ -15,10 +15,11 @@ def add_adapter(peft_model, adapter_dir, name: str) -> None:
     """Load one more adapter into a PeftModel under `name`, checked against the model first."""
     from peft import set_peft_model_state_dict
 
-    from ..adapters import AdapterError, check_adapter, lora_config, read_adapter_weights
+    from ..adapters import AdapterError, check_adapter, check_model_base, lora_config, read_adapter_weights
     from ..quant import register_peft
 
     config = lora_config(adapter_dir)
+    check_model_base(peft_model, adapter_dir)  # as load_adapter does for the first (it went unchecked here)
     sd = read_adapter_weights(adapter_dir)
     check_adapter(peft_model, adapter_dir, config, sd)
     register_peft(config)
