@@ -25,9 +25,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    module = importlib.import_module(COMMANDS[argv[0]][0])
     try:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
         return module.main(argv[1:]) or 0
+    except KeyboardInterrupt:  # Ctrl-C while a model loads or a one-shot reply runs (train says its own and returns)
+        print(f"\nqwen-ft {argv[0]}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:
         if type(e).__name__ != "OutOfMemoryError":  # torch.OutOfMemoryError (torch is imported by then)
             raise

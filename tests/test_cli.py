@@ -56,6 +56,24 @@ def test_a_command_out_of_gpu_memory_says_so_in_one_line(command, advice, monkey
         main([command])
 
 
+@pytest.mark.parametrize("command", ["chat", "eval", "merge", "serve"])
+def test_ctrl_c_ends_a_command_in_one_line(command, monkeypatch, capsys):
+    # Ctrl-C while the model loaded (or in chat --query's reply) was a KeyboardInterrupt traceback
+    import importlib
+
+    from finetune.cli import COMMANDS, main
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importlib.import_module(COMMANDS[command][0]), "main", interrupted)
+    try:
+        rc = main([command, "-m", "x"])
+    except KeyboardInterrupt:  # (left to propagate, it would stop the test session)
+        pytest.fail("KeyboardInterrupt escaped qwen-ft")
+    assert rc == 130 and capsys.readouterr().err == f"\nqwen-ft {command}: interrupted\n"
+
+
 # -- eval of a model without an adapter (a merged model) -----------------------------------------------------
 
 
