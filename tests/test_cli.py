@@ -117,6 +117,20 @@ def test_config_file_then_flags(setup, tmp_path):
     assert args.report_to == []  # ("none" as transformers reads it)
 
 
+def test_train_help_shows_the_lora_defaults_and_no_false_default_for_no_flags(capsys):
+    # the LoRA flags had no help, so --help showed no default; --no_packing repeated --packing's help ending in
+    # "(default: False)", right under "--packing ... (default: True)"
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split("options:", 1)[1].split())
+    for flag, default in (("--lora_r", "64"), ("--lora_alpha", "16"), ("--lora_dropout", "0.05"),
+                          ("--lora_target_modules", "['c_attn', 'c_proj', 'w1', 'w2']"), ("--use_rslora", "False")):
+        entry = text.split(f" {flag.replace('_', '-')} ", 1)[1].split(" --", 1)[0]  # after its dashed alias
+        assert f"(default: {default})" in entry, (flag, entry)
+    assert "--no_packing, --no-packing The same as --packing False --train_on_prompt" in text
+    assert parse_args(["--no_packing"])[1].packing is False and parse_args([])[1].packing is True
+
+
 def test_train_takes_the_short_model_data_output_flags(setup, tmp_path):
     """`qwen-ft train -m -d -o` as the scripts, chat, eval and serve take them; they override a config file too."""
     model_args, data_args, _, args = parse_args(["-m", str(setup["float"]), "-d", str(setup["data"]),

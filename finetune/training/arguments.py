@@ -46,13 +46,18 @@ class DataArguments:
 class LoraArguments:
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (implied by --q_lora)"})
     q_lora: bool = field(default=False, metadata={"help": "LoRA on a GPTQ Int4 base (implied by an Int4 dir)"})
-    lora_r: int = 64
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "w1", "w2"])
+    # (a help text each, so that --help shows their defaults)
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by "
+                                                          "alpha / r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input"})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["c_attn", "c_proj", "w1", "w2"],
+        metadata={"help": "Linears that get adapters: c_attn, c_proj (attn.c_proj and mlp.c_proj), attn.c_proj, "
+                          "mlp.c_proj, w1, w2, lm_head"})
     lora_weight_path: str = field(default="", metadata={"help": "Start from this adapter's weights"})
     lora_bias: str = field(default="none", metadata={"help": "none, all or lora_only (as PEFT)"})
-    use_rslora: bool = False
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale by alpha / sqrt(r)"})
     modules_to_save: list[str] | None = field(
         default=None, metadata={"help": "Also train these in full, e.g. wte lm_head for a base (non-chat) model"})
 
@@ -273,6 +278,10 @@ def parse_args(argv: list[str] | None = None):
     for action in parser._actions:
         if action.dest == "cuda_graphs":  # unset by default (None), and like the other switches a bare flag is True
             action.nargs, action.const = "?", True
+        if isinstance(action, argparse._StoreFalseAction):
+            # HfArgumentParser's --no_X for a switch that defaults to True copied X's help with "(default: False)"
+            # after it ("--no_packing ... (default: False)"); the switch's own default is what applies
+            action.help, action.default = f"The same as --{action.dest} False", argparse.SUPPRESS
     if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
         # as defaults: what follows on the command line wins, and string values are converted as flags are
         parser.set_defaults(**_config_values(argv[0], parser))
