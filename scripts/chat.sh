@@ -6,12 +6,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-ARGS=()
-while [[ $# -gt 0 ]]; do
-  case "$1" in
-    -a) ARGS+=(--adapter "$2"); shift 2 ;;
-    -h|--help) sed -n '2,4p' "${BASH_SOURCE[0]}"; exec "$PYTHON" -m finetune.cli chat --help ;;
-    *) ARGS+=("$1"); shift ;;
-  esac
+# qwen-ft chat takes -m and -a itself (a flag without its value is its one usage error, not bash's)
+for arg in "$@"; do
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+    sed -n '2,4p' "${BASH_SOURCE[0]}"; exec "$PYTHON" -m finetune.cli chat --help
+  fi
 done
-exec "$PYTHON" -m finetune.cli chat "${ARGS[@]}"
+exec "$PYTHON" -m finetune.cli chat "$@"

@@ -120,6 +120,16 @@ def test_help_prints_the_scripts_usage(mode, tmp_path):
     assert "set -euo" not in proc.stdout and "source" not in proc.stdout
 
 
+@pytest.mark.parametrize("script, argv, message", [
+    ("chat.sh", ["-a"], "argument -a/--adapter: expected one argument"),
+    ("merge.sh", ["-a", "x", "-o"], "argument -o/--output: expected one argument"),
+])
+def test_chat_and_merge_scripts_name_a_flag_without_its_value(script, argv, message, tmp_path):
+    # the scripts translated -a/-m/-o themselves and ended on bash's "$2: unbound variable"
+    proc = _script(script, argv, tmp_path)
+    assert proc.returncode == 2 and message in proc.stderr and "unbound" not in proc.stderr, proc.stderr
+
+
 def test_config_file_through_the_script(setup, tmp_path):
     """`bash scripts/finetune_lora.sh cfg.yaml [flags]`: the file's values, flags after it overriding them."""
     out = tmp_path / "out"
