@@ -34,5 +34,5 @@ def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> 
         raise ModelNotFoundError(
             f"{ref} is not a local directory and could not be fetched from the Hugging Face hub "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without a network, download "
-            f"the model elsewhere and pass its local directory, e.g. --model_name_or_path /models/{ref.split('/')[-1]}"
+            f"it elsewhere and pass its local directory instead, e.g. /models/{ref.split('/')[-1]}"
         ) from None

@@ -132,6 +132,22 @@ def test_adapter_dir_given_as_the_model_says_so(tmp_path):
         load_model(tmp_path / "adapter")
 
 
+def test_a_hub_id_that_cannot_be_fetched_names_no_other_commands_flag(monkeypatch):
+    # the same message ends chat, eval, merge and serve, which take -m: it named the trainer's --model_name_or_path
+    import huggingface_hub
+
+    from finetune.hub import ModelNotFoundError, resolve_model_dir
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve_model_dir("Qwen/Qwen-7B-Chat")
+    assert "could not be fetched" in str(e.value) and "e.g. /models/Qwen-7B-Chat" in str(e.value)
+    assert "--model_name_or_path" not in str(e.value)
+
+
 def test_missing_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_model(tmp_path / "nope")
