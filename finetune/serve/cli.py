@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a LoRA adapter served as model NAME (repeatable)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                    "only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--api-key", default=os.environ.get("QWEN_FT_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $QWEN_FT_API_KEY, else none)")
     p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default 32)")

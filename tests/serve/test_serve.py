@@ -330,6 +330,14 @@ def test_cli_errors_are_one_line_and_exit_2(served, capsys, extra, message):
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_help_names_the_default_port():
+    # the other flags' help names their defaults; --port's (8000, as the README shows) had no help at all
+    from finetune.serve.cli import _parser
+
+    port = next(a for a in _parser()._actions if a.dest == "port")
+    assert port.default == 8000 and "default 8000" in (port.help or "")
+
+
 # -- the chat page -----------------------------------------------------------------------------------------
 
 
