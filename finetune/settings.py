@@ -63,7 +63,10 @@ def yes_no(text: str) -> bool:
     raise ValueError(f"expected 1 or 0, got {text!r}")
 
 
-def from_environ(environ=os.environ) -> Settings:
+def from_environ(environ=None) -> Settings:
+    # os.environ as it is now: a default bound at import kept the object that something may since have replaced
+    # (something in the test suite's process does), and a switch set after that went unread
+    environ = os.environ if environ is None else environ
     values = {}
     for field in dataclasses.fields(Settings):
         raw = environ.get(ENV[field.name])

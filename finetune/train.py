@@ -20,6 +20,7 @@ from pathlib import Path
 import transformers
 
 from .data import DataError, TooLongError, build_dataset
+from .settings import SettingsError, settings
 from .settings import as_dict as settings_dict
 from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
                                  resolve_sampling)
@@ -412,13 +413,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     quiet_third_party_notices()
     try:
+        settings()  # a bad FINETUNE_* switch stops the run now (run_info.json first read them, after training)
         argv = list(sys.argv[1:] if argv is None else argv)
         try:
             model_args, data_args, lora_args, args = parse_args(argv)
         except ValueError as e:  # transformers' own checks of its flags (TrainingArguments.__post_init__)
             raise TrainConfigError(" ".join(str(e).split())) from None
         train(model_args, data_args, lora_args, args, argv=argv)
-    except (TrainConfigError, DataError, NonFiniteLossError) as e:
+    except (TrainConfigError, DataError, NonFiniteLossError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # rank 0 has said where the last checkpoint is

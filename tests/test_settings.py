@@ -21,3 +21,28 @@ def test_switches_from_the_environment():
         from_environ({ENV["compile"]: "maybe"})
     with pytest.raises(SettingsError, match="FINETUNE_GPTQ_BACKEND='cuda': expected one of auto, triton, torch"):
         from_environ({ENV["gptq_backend"]: "cuda"})
+
+
+def test_the_environment_is_read_as_it_is_when_asked(monkeypatch):
+    # from_environ's default was os.environ as bound at import: once something replaced os.environ (something in
+    # the test suite's process does), switches set afterwards were never seen
+    import os
+
+    monkeypatch.setattr(os, "environ", dict(os.environ, **{ENV["compile"]: "maybe"}))
+    with pytest.raises(SettingsError, match="FINETUNE_COMPILE='maybe'"):
+        from_environ()
+
+
+@pytest.mark.parametrize("entry", ["cli", "train"])
+def test_a_bad_switch_stops_a_command_in_one_line_before_it_starts(entry, tmp_path, monkeypatch, capsys):
+    # it was a traceback from wherever the switch was first read: for the trainer, run_info.json, after training
+    import finetune.settings
+    import finetune.train
+    from finetune.cli import main as cli_main
+
+    monkeypatch.setattr(finetune.settings, "_current", None)  # read the environment again, as a new process
+    monkeypatch.setenv(ENV["cuda_graphs"], "x")
+    monkeypatch.setattr(finetune.train, "train", lambda *a, **k: pytest.fail("the run started"))
+    argv = ["-m", str(tmp_path / "model"), "-d", str(tmp_path / "data.json"), "-o", str(tmp_path / "out")]
+    rc = cli_main(["chat", *argv[:2]]) if entry == "cli" else finetune.train.main(argv)
+    assert rc == 2 and capsys.readouterr().err == "error: FINETUNE_CUDA_GRAPHS='x': expected 1 or 0\n"
