@@ -27,7 +27,8 @@ messages, `function` role messages). Tool definitions: OpenAI `tools` ([{"type":
 
 For training, an assistant turn is a list of (text, trained) segments: the model's own Thought/Action/
 Action Input/Final Answer text and the "\\nObservation:" that ends a call are trained; the observation text
-and the "\\nThought:" the server writes after it are not. Imports nothing heavy (used by data workers).
+and the "\\nThought:" the server writes after it are not. Imports nothing heavy (used by data workers;
+`prompt_ids` imports make_context when called).
 """
 
 from __future__ import annotations
@@ -440,6 +441,26 @@ def build_turns(messages, functions: list[dict] | None = None, default_system: s
     return Turns(system, pairs, query, continues_assistant=query is None and msgs[-1].role == "assistant")
 
 
+def prompt_ids(tokenizer, turns: Turns, max_window_size: int = 6144) -> list[int]:
+    """The prompt ids of `turns` as the server builds them: make_context (every text encoded as plain text, so
+    no message can forge a control token); an open last turn (query None) is continued as the official text
+    completion continues it."""
+    from .modeling import make_context
+
+    if turns.query is not None:
+        _, ids = make_context(tokenizer, turns.query, history=turns.history(), system=turns.system,
+                              max_window_size=max_window_size)
+        return ids
+    # the last assistant turn is open (after a function result, or the client's own assistant message):
+    # the model continues it. The official text completion strips every user text here, so an empty
+    # question under the ReAct instruction ends "Question:" (make_context's query path keeps "Question: ")
+    history = [(u.lstrip("\n").rstrip(), a) for u, a in turns.history()]
+    user, assistant = history[-1]
+    _, ids = make_context(tokenizer, user, history=history[:-1], system=turns.system,
+                          max_window_size=max_window_size)
+    return ids + tokenizer.encode(assistant)
+
+
 def _strip_segments(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """Segments whose joined text is `_clean`ed: no leading newlines (an empty first message's "\\n" joiner
     goes), no trailing whitespace (an empty last result's " " goes)."""
@@ -594,6 +615,6 @@ def check_segments(segments, content: str, where: str) -> list[list]:
 __all__ = [
     "FINAL_THOUGHT", "Message", "OBSERVATION_STOP", "REACT_INSTRUCTION", "ReactError", "TOOL_DESC", "Turns",
     "build_turns", "canonical_messages", "check_segments", "function_names", "functions_from", "has_function_calls",
-    "is_tool_record", "json_type", "parse_reply", "react_instruction", "record_turns", "render_tool_record",
-    "stop_words",
+    "is_tool_record", "json_type", "parse_reply", "prompt_ids", "react_instruction", "record_turns",
+    "render_tool_record", "stop_words",
 ]

@@ -95,20 +95,7 @@ class Server:
         return self.prompt_ids(turns), functions
 
     def prompt_ids(self, turns: react.Turns) -> list[int]:
-        from ..modeling import make_context
-
-        tok = self.tokenizer
-        if turns.query is not None:
-            _, ids = make_context(tok, turns.query, history=turns.history(), system=turns.system,
-                                  max_window_size=self.window)
-            return ids
-        # the last assistant turn is open (after a function result, or the client's own assistant message):
-        # the model continues it. The official text completion strips every user text here, so an empty
-        # question under the ReAct instruction ends "Question:" (make_context's query path keeps "Question: ")
-        history = [(u.lstrip("\n").rstrip(), a) for u, a in turns.history()]
-        user, assistant = history[-1]
-        _, ids = make_context(tok, user, history=history[:-1], system=turns.system, max_window_size=self.window)
-        return ids + tok.encode(assistant)
+        return react.prompt_ids(self.tokenizer, turns, self.window)
 
     def params(self, body: ChatCompletionRequest, prompt_len: int):
         from ..inference import SamplingParams
