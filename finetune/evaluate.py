@@ -10,7 +10,11 @@ cross-entropies over all trained tokens) / (their count), perplexity = exp(loss)
 Generation: the prompt is the conversation up to its last assistant turn, built by ``make_context`` (the
 system prompt, earlier turns as history, the last user turn as the query), generated greedily
 (repetition_penalty 1.0 unless asked), cut at <|im_end|>/<|im_start|>/<|endoftext|>, and compared with that
-last assistant turn: exact match and ROUGE-L F1 (see ``finetune/metrics.py``). By default the replies come
+last assistant turn: exact match and ROUGE-L F1 (see ``finetune/metrics.py``). Tool / function-call records
+(the ReAct layout, ``finetune/react.py``) are asked what ``qwen-ft serve`` asks: a last turn with tool results
+is continued after its last one (the prompt ends "Observation: {result}\\nThought:", as the server's after a
+tool result) and compared with the trained text after it (a tool result is no text the model could write); a
+reply to a tool record ends at "Observation:", the server's stop with functions. By default the replies come
 from the inference engine (``finetune.inference.Engine``: continuous batching of ``--gen-batch-size`` rows,
 each row at its own positions, no padding; a progress bar); ``--generator generate`` uses transformers'
 ``generate()`` in LEFT-padded batches instead. Each column also reports ``generated_tokens`` (new token ids,
@@ -33,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from . import react
 from .metrics import exact_match, rouge_l
 
 
@@ -47,21 +52,56 @@ def load_eval_records(path, max_samples: int | None = None) -> list[dict]:
     return records[:max_samples] if max_samples else records
 
 
+def _last_assistant(messages: list[dict]) -> int:
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+
+
+def split_last_turn(message: dict) -> tuple[str, str]:
+    """(the text the prompt continues, the reference) of a record's last assistant turn.
+
+    A turn with tool results (ReAct segments not trained: the observations and the "\\nThought:" after each)
+    is cut after its last untrained segment: the model continues from there, as the server prompts it after a
+    tool result, and the reference is the trained text that follows, stripped as replies are (its leading space
+    follows "Thought:"). Any other turn: ("", its whole text)."""
+    segments = message.get("segments") or []
+    cut = max((i for i, (_, trained) in enumerate(segments) if not trained), default=None)
+    if cut is None:
+        return "", message["content"]
+    return "".join(t for t, _ in segments[:cut + 1]), "".join(t for t, _ in segments[cut + 1:]).strip()
+
+
+def reply_stop(record: dict) -> str | None:
+    """Where a reply to ``record`` ends besides the stop tokens: "Observation:" when its last assistant turn is
+    in the ReAct layout (the record has functions; the server stops there, a reply that calls a tool ends
+    there), else None."""
+    return react.OBSERVATION_STOP if "segments" in record["messages"][_last_assistant(record["messages"])] else None
+
+
+def cut_reply(reply: str, stop: str | None) -> str:
+    """``reply`` up to ``stop`` (stripped again, as the server strips a reply cut at a stop string)."""
+    return reply.split(stop, 1)[0].strip() if stop else reply
+
+
 def generation_prompt(tokenizer, record: dict, max_window_size: int = 6144) -> tuple[list[int], str]:
-    """(context tokens, reference reply): the conversation up to its last assistant turn, via make_context."""
+    """(context tokens, reference reply): the conversation up to its last assistant turn, via make_context; a
+    last turn with tool results is continued after the last one, as the server prompts it (``split_last_turn``)."""
     from .data import normalize_record
     from .modeling import make_context
 
     if "messages" not in record or "system" not in record:
         record = normalize_record(record)
     msgs = record["messages"]
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    last = _last_assistant(msgs)
+    continued, reference = split_last_turn(msgs[last])
     # normalised records alternate user/assistant starting with the user, so msgs[last - 1] is the query
     query = msgs[last - 1]["content"]
     history = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, last - 1, 2)]
+    if continued:  # the open turn: the server's prompt builder, its text encoded as text after the header
+        pairs = [(u, [(a, True)]) for u, a in history] + [(query, [(continued, False)])]
+        return react.prompt_ids(tokenizer, react.Turns(record["system"], pairs), max_window_size), reference
     _, tokens = make_context(tokenizer, query, history=history, system=record["system"],
                              max_window_size=max_window_size)
-    return tokens, msgs[last]["content"]
+    return tokens, reference
 
 
 # -- loss -----------------------------------------------------------------------------------------------
@@ -225,6 +265,7 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
     records = [normalize_record(r) for r in records]  # any accepted form (idempotent on normalised ones)
     model.eval()
     prompts = [generation_prompt(tokenizer, r, max_window_size) for r in records] if generate else []
+    stops = [reply_stop(r) for r in records] if generate else []
     peft = isinstance(model, PeftModel)
     variants = [("base", model.disable_adapter), ("adapter", nullcontext)] if peft else [("base", nullcontext)]
     report: dict = {}
@@ -246,13 +287,14 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
                                     adapter=adapter, progress=progress)
             gen_s = time.perf_counter() - t
         if generate:
-            replies = _texts(tokenizer, rows)
+            replies = [cut_reply(r, stop) for r, stop in zip(_texts(tokenizer, rows), stops)]
             scores = score_replies(replies, [p[1] for p in prompts])
             replies_by[name] = replies
             per = scores.pop("per_sample")
             metrics.update(scores)
             # counted from the generated token ids (stops excluded), not from the text: tokens that decode to
-            # nothing visible (a random model's, ids past the tokenizer's vocabulary) are generated all the same
+            # nothing visible (a random model's, ids past the tokenizer's vocabulary) are generated all the same,
+            # and so are those after an "Observation:" the text is cut at
             tokens = sum(len(r) for r in rows)
             metrics.update(generated_tokens=tokens, generation_seconds=gen_s,
                            tokens_per_s=tokens / gen_s if gen_s > 0 else 0.0)
@@ -262,9 +304,13 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
     if generate:
         samples = []
         for i, (rec, (_, ref)) in enumerate(zip(records, prompts)):
-            s = {"id": rec.get("id"), "query": rec["messages"][max(j for j, m in enumerate(rec["messages"])
-                                                                     if m["role"] == "assistant") - 1]["content"],
-                 "reference": ref}
+            last = _last_assistant(rec["messages"])
+            s = {"id": rec.get("id"), "query": rec["messages"][last - 1]["content"], "reference": ref}
+            if stops[i]:  # a tool record: what the prompt continues (tool results included), where replies end
+                continued = split_last_turn(rec["messages"][last])[0]
+                if continued:
+                    s["continues"] = continued
+                s["stop"] = stops[i]
             for name in replies_by:
                 s[name] = replies_by[name][i]
                 s[f"{name}_exact_match"] = report[name]["_per"]["exact_match"][i]

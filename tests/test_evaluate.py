@@ -1,5 +1,6 @@
 """`qwen-ft eval`: metrics on hand examples, the loss with training masks, left-padded batched generation,
-prompts built as make_context builds them, and the base-vs-adapter report."""
+prompts built as make_context builds them (tool records as the server prompts them), and the base-vs-adapter
+report."""
 
 import json
 import math
@@ -271,3 +272,125 @@ def test_generated_tokens_are_counted_from_ids_even_when_they_decode_to_no_text(
     assert [s["base"] for s in report["samples"]] == ["", "", ""]  # no visible text at all ...
     assert base["generated_tokens"] == 3 * 6  # ... yet every row generated its 6 tokens
     assert base["generation_seconds"] > 0 and base["tokens_per_s"] == pytest.approx(18 / base["generation_seconds"])
+
+
+# -- tool / function-call records ---------------------------------------------------------------------------
+
+WEATHER = {"name": "get_weather", "description": "Weather of a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+TOOLS = [{"type": "function", "function": WEATHER}]
+# a request ending with a tool result: the server prompts the model to continue the open turn after it
+CALL = [{"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "I need the weather.", "tool_calls": [
+            {"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny and 21C"}]
+# two turns, two calls answered in one assistant message
+CALLS_2 = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+           {"role": "user", "content": "Paris and Rome?"},
+           {"role": "assistant", "content": "Both cities.", "tool_calls": [
+               {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+               {"id": "b", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Rome"}}}]},
+           {"role": "tool", "tool_call_id": "a", "content": "sun"},
+           {"role": "tool", "tool_call_id": "b", "content": "rain"}]
+AFTER_CALL = {"tools": TOOLS, "messages": CALL + [{"role": "assistant", "content": "It is sunny."}]}
+AFTER_CALLS_2 = {"tools": TOOLS, "messages": CALLS_2 + [{"role": "assistant", "content": "Sun, then rain."}]}
+# functions defined, no call in the last turn: the reference is the whole turn
+NO_CALL = {"tools": TOOLS, "messages": [{"role": "user", "content": "Say hi."},
+                                        {"role": "assistant", "content": "Hi!"}]}
+
+
+@pytest.fixture(scope="module")
+def small_tok():
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+    return QWenTokenizer(str(SMALL_VOCAB))
+
+
+@pytest.mark.parametrize("record, request_messages, answer", [
+    (AFTER_CALL, CALL, "It is sunny."), (AFTER_CALLS_2, CALLS_2, "Sun, then rain.")])
+def test_a_tool_record_is_prompted_after_its_last_tool_result_as_the_server_prompts_the_follow_up(
+        small_tok, record, request_messages, answer):
+    """The prompt ends with the last observation and the "\\nThought:" the server writes after it (the model's
+    own text before it included), and its ids are the server's for the request that ends with that tool result;
+    the reference is the trained text that follows, stripped as replies are. (It was the whole turn, tool results
+    included, after a prompt that ended at "<|im_start|>assistant\\n".)"""
+    from finetune import react
+    from finetune.data import IGNORE, encode_conversation
+
+    tok = small_tok
+    tokens, ref = generation_prompt(tok, record)
+    server = react.prompt_ids(tok, react.build_turns(request_messages, react.functions_from(tools=TOOLS)))
+    assert tokens == server
+    assert tok.decode(tokens).endswith(f"Observation: {request_messages[-1]['content']}\nThought:")
+    assert ref == f"I now know the final answer.\nFinal Answer: {answer}"
+    # the prompt is the training row's prefix, and what follows it is the trained reference and <|im_end|>
+    enc = encode_conversation(tok, record)
+    assert enc["input_ids"][:len(tokens)] == tokens
+    rest = enc["labels"][len(tokens):]
+    assert IGNORE not in rest[:-1] and tok.decode(rest[:-1]) == f" {ref}<|im_end|>"
+
+
+def test_a_tool_record_without_a_call_in_its_last_turn_is_prompted_as_before(small_tok):
+    from finetune.data import normalize_record
+    from finetune.modeling import make_context
+
+    tokens, ref = generation_prompt(small_tok, NO_CALL)
+    msgs = normalize_record(NO_CALL)["messages"]
+    assert tokens == make_context(small_tok, msgs[0]["content"], system="You are a helpful assistant.")[1]
+    assert ref == "Thought: I now know the final answer.\nFinal Answer: Hi!"
+
+
+PLAIN = [
+    {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": " a \n"}]},
+    {"system": "Be brief.", "messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                                         {"role": "user", "content": "\nq2 "}, {"role": "assistant", "content": "a2"}]},
+    {"instruction": "Add.", "input": "1 + 1", "output": "2", "history": [["hi", "hello"]]},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Observation: none"}]},
+]
+
+
+@pytest.mark.parametrize("record", PLAIN)
+def test_plain_records_are_prompted_and_referenced_as_before(small_tok, record):
+    """Records without tools: make_context over the turns before the last assistant one (the last user turn the
+    query) and that turn's content, byte for byte."""
+    from finetune.data import normalize_record
+    from finetune.modeling import make_context
+
+    rec = normalize_record(record)
+    msgs = rec["messages"]
+    history = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, len(msgs) - 2, 2)]
+    tokens, ref = generation_prompt(small_tok, record)
+    assert tokens == make_context(small_tok, msgs[-2]["content"], history=history, system=rec["system"])[1]
+    assert ref == msgs[-1]["content"]
+
+
+def test_replies_to_tool_records_end_at_observation_as_the_servers(small_tok, monkeypatch):
+    """With functions the server stops at "Observation:" (a reply that calls a tool ends there): eval cuts a
+    tool record's reply there too; a plain record's reply is the whole text (no functions, no such stop)."""
+    import finetune.evaluate
+
+    from _helpers import tiny_model
+
+    tok = small_tok
+    call = 'Thought: Let me look.\nAction: get_weather\nAction Input: {"city": "Paris"}'
+    answer = "Thought: I now know the final answer.\nFinal Answer: Hi!"
+    records = [AFTER_CALL, NO_CALL, PLAIN[3]]
+    replies = {tuple(generation_prompt(tok, AFTER_CALL)[0]): f" {call}\nObservation: rainy\nThought: x",
+               tuple(generation_prompt(tok, NO_CALL)[0]): f"{answer}\nObservation: invented",
+               tuple(generation_prompt(tok, PLAIN[3])[0]): "Observation: none\nObservation: more"}
+
+    def scripted(model, tokenizer, contexts, *args, **kwargs):
+        return [tokenizer.encode(replies[tuple(c)]) for c in contexts]
+
+    monkeypatch.setattr(finetune.evaluate, "engine_reply_ids", scripted)
+    report = evaluate_model(tiny_model(), tok, records, batch_size=3, max_new_tokens=8)
+    s = report["samples"]
+    assert [x["base"] for x in s] == [call, answer, "Observation: none\nObservation: more"]
+    assert [x["base_exact_match"] for x in s] == [0.0, 1.0, 0.0]
+    assert s[0]["reference"] == "I now know the final answer.\nFinal Answer: It is sunny."
+    assert s[0]["continues"].endswith("\nObservation: sunny and 21C\nThought:") and s[0]["stop"] == "Observation:"
+    assert "continues" not in s[1] and s[1]["stop"] == "Observation:"
+    assert set(s[2]) == {"id", "query", "reference", "base", "base_exact_match", "base_rouge_l"}  # as before
+    # the generated tokens are the engine's, all of them (the text is cut for scoring, not the count)
+    assert report["base"]["generated_tokens"] == sum(len(tok.encode(r)) for r in replies.values())

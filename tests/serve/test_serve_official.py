@@ -110,6 +110,27 @@ def test_the_continued_turns_prompt_is_the_official_text_completion_prompt(live)
     assert tok.decode(ids) == expected
 
 
+def test_eval_prompts_a_tool_record_as_the_server_prompts_the_request_ending_with_its_last_tool_result(live):
+    """`qwen-ft eval` asks an adapter what the server asks it after a tool result: the same prompt ids, through
+    the server's whole request path (the request's tools, its turns, its prompt)."""
+    from finetune.evaluate import generation_prompt
+    from finetune.serve.protocol import ChatCompletionRequest
+
+    tools = [{"type": "function", "function": F}]
+    msgs = [{"role": "user", "content": "Find it."},
+            {"role": "assistant", "content": "", "tool_calls": [
+                {"id": "a", "type": "function", "function": {"name": "search", "arguments": "{\"q\": \"it\"}"}}]},
+            {"role": "tool", "tool_call_id": "a", "content": "here"},
+            {"role": "assistant", "content": "Again.", "tool_calls": [
+                {"id": "b", "type": "function", "function": {"name": "search", "arguments": ""}}]},
+            {"role": "tool", "tool_call_id": "b", "content": " there\n"}]
+    ids, _ = live.server.prompt(ChatCompletionRequest(model="scripted", messages=msgs, tools=tools))
+    record = {"tools": tools, "messages": msgs + [{"role": "assistant", "content": "It is there."}]}
+    tokens, reference = generation_prompt(live.server.tokenizer, record, live.server.window)
+    assert tokens == ids
+    assert reference == "I now know the final answer.\nFinal Answer: It is there."
+
+
 @pytest.mark.parametrize("temperature, greedy", [(0, True), (1e-40, True), (0.009, True), (0.01, False)])
 def test_a_temperature_below_001_is_greedy_as_in_the_official_server(live, temperature, greedy):
     from finetune.serve.protocol import ChatCompletionRequest
