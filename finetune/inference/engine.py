@@ -307,11 +307,11 @@ class Engine:
     def warm_length(self) -> int:
         """The positions a row gets from warm_up's cache: max_len, or fewer (a multiple of LENGTH_BUCKET, at least
         one) where max_batch rows of it would take more than WARM_CACHE_SHARE of the device's free memory."""
+        if self.device.type != "cuda":
+            return self.max_len
         cfg = self.config
         row_bytes = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * self.dtype.itemsize
-        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
-        if free is None:
-            return self.max_len
+        free = torch.cuda.mem_get_info(self.device)[0]
         fits = int(WARM_CACHE_SHARE * free) // (self._bucket(self.max_batch) * row_bytes)
         return max(LENGTH_BUCKET, min(self.max_len, fits // LENGTH_BUCKET * LENGTH_BUCKET))
 
@@ -503,11 +503,12 @@ class Engine:
         query_scale = logn_scale(pos[:, None] + 1, cfg.seq_length) if cfg.use_logn_attn else None
         if self._kernels is not None:
             kv_len = self._fused_kv_len(kv_len)
-            mask = additive_mask(self._key_pos, pos, kv_len, self.dtype)
+            # (own keys need no mask: the kernel reads each row's positions; building one was a step's 3 kernels)
+            mask = None if own_keys else additive_mask(self._key_pos, pos, kv_len, self.dtype)
             x = self.tr.wte(tok[:, None])
             with self.adapters.applied(sel), self._kernel_device():
                 return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
-                                     query_scale, mask, own_keys, self.adapters)
+                                     query_scale, kv_len, mask, self.adapters)
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]
         with self.adapters.applied(sel):
             return self._blocks(self.tr.wte(tok[:, None]), (cos, sin), AttentionSpec(mask=mask), query_scale)

@@ -79,15 +79,15 @@ def _norm(kernels, adapters, x, delta, norm, consumers):
     return x, normed
 
 
-def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, mask,
-                  own_keys: bool = False, adapters=None) -> torch.Tensor:
+def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, kv_len, mask,
+                  adapters=None) -> torch.Tensor:
     """fp32 logits [b, V] of one decode step: ``x`` [b, 1, hidden] the embedded tokens, ``pos`` [b] their
     positions, ``cos``/``sin`` [b, 1, rot] and ``query_scale`` [b, 1] (or None) as the model computes them,
-    ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, ``mask`` [b, 1, 1,
-    kv_len] additive (``additive_mask``). ``kernels``: decode_kernels (or its interpreted copy in tests).
-    ``own_keys``: attention through kernels.decode_attention (``use_own_keys``), else SDPA under the mask.
-    ``adapters``: the engine's RowAdapters, applied (their x A for c_attn, w1 and w2 then comes from the norms)."""
-    kv_len = mask.shape[-1]
+    ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, attending over at most
+    ``kv_len`` keys. ``mask``: None for attention through kernels.decode_attention over each row's own keys
+    (``use_own_keys``), else [b, 1, 1, kv_len] additive (``additive_mask``) for SDPA over the bucket.
+    ``kernels``: decode_kernels (or its interpreted copy in tests). ``adapters``: the engine's RowAdapters,
+    applied (their x A for c_attn, w1 and w2 then comes from the norms)."""
     b = x.shape[0]
     x = x.contiguous()
     delta = None
@@ -97,7 +97,7 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
         x, h = _norm(kernels, adapters, x, delta, block.ln_1, (attn.c_attn,))
         q = kernels.rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer], pos,
                                     attn.num_heads)
-        if own_keys:  # each row's keys only, written as c_proj reads them
+        if mask is None:  # each row's keys only, written as c_proj reads them
             y = kernels.decode_attention(q, k_cache[layer], v_cache[layer], pos, attn.scale, kv_len)
         else:
             keys, values = k_cache[layer, :b, :, :kv_len], v_cache[layer, :b, :, :kv_len]
