@@ -151,7 +151,10 @@ def main(argv=None) -> int:
     engine = Engine(model, tok, max_batch=args.max_batch, max_len=2048)
     log: list = []
     timed_methods(engine, log)
-    warm_up_s = round(engine.warm_up(), 2) if args.warm_up else None
+    # the trace's two halves: greedy, and sampled as Qwen's generation_config samples (qwen-ft serve warms up its
+    # generation config's sampled and greedy steps)
+    expect = [SamplingParams(), SamplingParams(do_sample=True, top_p=0.8, repetition_penalty=1.1)]
+    warm_up_s = round(engine.warm_up(expect), 2) if args.warm_up else None
     if warm_up_s is not None:
         print(f"warm_up: {warm_up_s} s ({len(log)} prefills and captures)", flush=True)
     passes = []

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One device call for NOTES step 66: the GPU tests of the fused decode step and the engine's warm-up, the one-row
+# One device call for NOTES steps 66-67: the GPU tests of the fused decode step and the engine's warm-up, the one-row
 # workloads with every step over its own keys against FINETUNE_DECODE_ATTENTION=0 (SDPA, cuDNN in graphs), `qwen-ft
-# serve` under 1, 8 and 32 streams with the engine's log, and the serving trace after warm_up. From the repo root on
-# the GPU machine, .whl carried; results under $OUT.
+# serve` under 1, 8 and 32 streams with the engine's log (and its warm_up's seconds), and the serving trace after
+# warm_up. From the repo root on the GPU machine, .whl carried; results under $OUT. (b64_mixed: warm_trial.sh B64=1.)
 #   QWEN_FT_COMMIT=<rev> bash benchmarks/final_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -254,7 +254,7 @@ def main(argv=None) -> int:
                     max_batch=max(levels), max_model_len=prompt_tokens + new_tokens, max_queue=0)
     warm_up_s = None
     if server.engine.device.type == "cuda":  # as `qwen-ft serve` does before it listens
-        warm_up_s = round(server.engine.warm_up(), 2)
+        warm_up_s = round(server.engine.warm_up(server.default_sampling()), 2)
     log = [] if args.engine_log else None
     if log is not None:
         from engine_stalls import relative, timed_methods

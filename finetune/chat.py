@@ -185,14 +185,21 @@ def _on_cuda(model) -> bool:
     return next(model.parameters()).device.type == "cuda"
 
 
-def warm_up(model, tokenizer, say) -> None:
+def warm_up(model, tokenizer, say, kw: dict) -> None:
     """The chat engine's first-use work (kernel compiles, CUDA graphs: seconds on a GPU) before the first question,
     so that the first reply does not wait for it in silence; nothing where the replies do not go through the engine
-    (``FINETUNE_STATIC_DECODE=0``: generate())."""
+    (``FINETUNE_STATIC_DECODE=0``: generate()). ``kw``: the replies' generation settings (generation_kwargs), whose
+    decode steps it captures."""
     from .inference.chat_decoder import engine_for, engine_takes
+    from .inference.sampling import SamplingParams
+    from .modeling.chat import _generation_config
 
     if engine_takes(model):
-        say(f"(decoder warmed up in {engine_for(model, tokenizer).warm_up():.1f} s)")
+        try:
+            expect = [SamplingParams.from_generation_config(_generation_config(model, tokenizer, None, dict(kw))[0])]
+        except ValueError:  # options the engine does not implement: those replies go through generate()
+            expect = []
+        say(f"(decoder warmed up in {engine_for(model, tokenizer).warm_up(expect):.1f} s)")
 
 
 def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
@@ -214,7 +221,7 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
         out.flush()
 
     if _on_cuda(model):
-        warm_up(model, tokenizer, say)
+        warm_up(model, tokenizer, say, generation_kwargs(conf))
     say("Chat with the model. :help lists the commands; :exit (or Ctrl-D) leaves.")
     history: list = []
     while True:

@@ -212,3 +212,32 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class RerunGraph:
+    """Stands in for a captured CUDA graph of the engine's decode step on the CPU: replay() re-runs the calls
+    Engine._capture captures, on the same static tensors, writing the logits into the same output tensor."""
+
+    def __init__(self, engine, b, kv_len, pick, own_keys, lora):
+        import torch
+
+        self.engine, self.b, self.kv_len, self.pick, self.own_keys, self.lora = engine, b, kv_len, pick, own_keys, lora
+        self.out = torch.zeros(b, engine.vocab)
+
+    def replay(self):
+        e, s = self.engine, self.engine._state()
+        sel = s["sel"][:, :self.b] if self.lora else None
+        self.out.copy_(e._decode_forward(s["tok"][:self.b], s["pos"][:self.b], s["alpha"][:self.b], sel,
+                                         self.kv_len, self.own_keys))
+        if self.pick is not None:
+            e._pick_next(self.out, self.b, *self.pick, s["ints"], e._seen)
+
+    @classmethod
+    def capturing(cls, engine, keys: list | None = None):
+        """A stand-in for ``engine._capture`` that appends each captured graph's key to ``keys``."""
+        def capture(b, kv_len, pick, own_keys, lora):
+            if keys is not None:
+                keys.append(engine._graph_key(b, kv_len, pick, lora, own_keys))
+            graph = cls(engine, b, kv_len, pick, own_keys, lora)
+            return graph, graph.out
+        return capture

@@ -147,110 +147,134 @@ def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, cols, stride, BLOCK: tl.con
     tl.store(out_ptr + offs, (u * silu.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# The key length and the split count change with every length bucket a decode step meets. Specialised (Triton's
-# own for ints equal to 1 or divisible by 16), and with the combine's block sized to the splits, a serving trace
-# compiled both kernels again at its first 1,024- and 1,280-key steps, inside graph captures that first tokens
-# waited for (0.9 and 0.4 s, NOTES step 62); so they are plain ints here, and the combine reads a fixed block of
-# splits (at least COMBINE_SPLITS: one compile up to 8,192 keys, masked slots cost next to nothing).
+# A decode step's graph is captured once and replayed for every key length up to the one it was captured at, so
+# nothing in these kernels may depend on the step's key length but the grid: each row's keys are cut into parts at
+# run time, from its own length (``_key_span``), and the grid holds enough parts for the longest row. The lengths
+# and counts are plain ints (not specialised): a serving trace once compiled both kernels again at new lengths,
+# inside graph captures that first tokens waited for (0.9 and 0.4 s, NOTES step 62); and the combine reads a fixed
+# block of parts (at least COMBINE_SPLITS: one compile up to 8,192 keys, masked slots cost next to nothing).
 COMBINE_SPLITS = 32
+# The most keys one program reads: a long row gets more programs, never longer ones (a mixed batch's longest row
+# would otherwise set the step's time).
+MAX_SPAN = 256
+# A step's programs (rows x heads x parts) that fill the H200's 132 SMs: one row of 40 heads at 512 keys in
+# 256-key parts is 80 programs, and its decode ran at 233 tok/s against 249 with 64-key parts (320 programs); at
+# 2,000 keys 128-key parts (640) beat 256 (320) and 64 (1,280): 220 against 214 and 216 (NOTES step 65).
+FILL_PROGRAMS = 512
 
 
-@triton.jit(do_not_specialize=["kv_len", "SPLIT", "S"])
-def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, SPLIT,
+@triton.jit
+def _key_span(n, FILL, BLOCK_N: tl.constexpr, MAX_SPAN_: tl.constexpr):
+    """The keys each part of a row with ``n`` keys reads: n / FILL rounded up to whole tiles, at most MAX_SPAN_."""
+    return tl.minimum(tl.cdiv(tl.cdiv(n, FILL), BLOCK_N) * BLOCK_N, MAX_SPAN_)
+
+
+@triton.jit(do_not_specialize=["kv_len", "FILL", "S"])
+def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, FILL,
                            stride_qb, stride_cr, stride_ch, stride_cp, S,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPAN_: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
     H = tl.num_programs(1)
     # keys 0..pos (the one written this step included); a slot past the step's keys (a stale position) is cut
     n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
-    start = sp * SPLIT
-    end = tl.minimum(start + SPLIT, n)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    q = tl.load(q_ptr + row * stride_qb + h * D + d, mask=dmask, other=0.0).to(tl.float32)
-    base = row.to(tl.int64) * stride_cr + h * stride_ch
-    m = tl.full((), float("-inf"), tl.float32)
-    l = tl.zeros((), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    for n0 in range(start, end, BLOCK_N):  # an empty range (a split past the row's keys) leaves m = -inf, l = 0
-        offs = n0 + tl.arange(0, BLOCK_N)
-        nmask = offs < end
-        tile = base + offs[:, None].to(tl.int64) * stride_cp + d[None, :]
-        kmask = nmask[:, None] & dmask[None, :]
-        k = tl.load(k_ptr + tile, mask=kmask, other=0.0).to(tl.float32)
-        sc = tl.where(nmask, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, axis=0))
-        alpha = tl.exp(m - m_new)
-        p = tl.exp(sc - m_new)
-        v = tl.load(v_ptr + tile, mask=kmask, other=0.0).to(tl.float32)
-        l = l * alpha + tl.sum(p, axis=0)
-        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
-        m = m_new
-    slot = ((row * H + h) * S + sp) * (BLOCK_D + 2)
-    tl.store(ws_ptr + slot + d, acc)
-    tl.store(ws_ptr + slot + BLOCK_D, m)
-    tl.store(ws_ptr + slot + BLOCK_D + 1, l)
+    span = _key_span(n, FILL, BLOCK_N, MAX_SPAN_)
+    start = sp * span
+    if start < n:  # a part past the row's keys does nothing (the combine reads only the row's parts)
+        end = tl.minimum(start + span, n)
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < D
+        q = tl.load(q_ptr + row * stride_qb + h * D + d, mask=dmask, other=0.0).to(tl.float32)
+        base = row.to(tl.int64) * stride_cr + h * stride_ch
+        m = tl.full((), float("-inf"), tl.float32)
+        l = tl.zeros((), tl.float32)
+        acc = tl.zeros((BLOCK_D,), tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs = n0 + tl.arange(0, BLOCK_N)
+            nmask = offs < end
+            tile = base + offs[:, None].to(tl.int64) * stride_cp + d[None, :]
+            kmask = nmask[:, None] & dmask[None, :]
+            k = tl.load(k_ptr + tile, mask=kmask, other=0.0).to(tl.float32)
+            sc = tl.where(nmask, tl.sum(k * q[None, :], axis=1) * scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(sc, axis=0))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(sc - m_new)
+            v = tl.load(v_ptr + tile, mask=kmask, other=0.0).to(tl.float32)
+            l = l * alpha + tl.sum(p, axis=0)
+            acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+            m = m_new
+        slot = ((row * H + h) * S + sp) * (BLOCK_D + 2)
+        tl.store(ws_ptr + slot + d, acc)
+        tl.store(ws_ptr + slot + BLOCK_D, m)
+        tl.store(ws_ptr + slot + BLOCK_D + 1, l)
 
 
-@triton.jit(do_not_specialize=["S"])
-def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_S: tl.constexpr):
+@triton.jit(do_not_specialize=["kv_len", "FILL", "S"])
+def _dec_attn_combine_kernel(ws_ptr, pos_ptr, out_ptr, kv_len, FILL, S, stride_ob, D: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+                             MAX_SPAN_: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
+    n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
+    parts = tl.cdiv(n, _key_span(n, FILL, BLOCK_N, MAX_SPAN_))  # each holds at least one key: a finite max
     sp = tl.arange(0, BLOCK_S)
-    smask = sp < S
+    smask = sp < parts
     d = tl.arange(0, BLOCK_D)
     slots = ((row * H + h) * S + sp) * (BLOCK_D + 2)
     m = tl.load(ws_ptr + slots + BLOCK_D, mask=smask, other=float("-inf"))
     l = tl.load(ws_ptr + slots + BLOCK_D + 1, mask=smask, other=0.0)
     acc = tl.load(ws_ptr + slots[:, None] + d[None, :], mask=smask[:, None], other=0.0)
-    big = tl.max(m, axis=0)  # finite for every row with a key (split 0 holds key 0)
-    w = tl.where(smask & (m > float("-inf")), tl.exp(m - big), 0.0)
-    total = tl.sum(w * l, axis=0)
-    y = tl.where(total > 0, tl.sum(w[:, None] * acc, axis=0) / total, 0.0)  # (a padding slot with no key: 0)
+    big = tl.max(m, axis=0)
+    w = tl.where(smask, tl.exp(m - big), 0.0)
+    y = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
     tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-# A step's programs (rows x heads x key splits) that fill the H200's 132 SMs: one row of 40 heads at 512 keys in
-# 256-key splits is 80 programs, and its decode ran at 233 tok/s against 249 with 64-key splits (320 programs); at
-# 2,000 keys 128-key splits (640) beat 256 (320) and 64 (1,280): 220 against 214 and 216 (NOTES step 65).
-FILL_PROGRAMS = 512
+def fill_parts(rows: int, heads: int) -> int:
+    """The parts a row's keys are cut into when it has enough keys: the fewest (a power of two, at most
+    COMBINE_SPLITS) that give a step FILL_PROGRAMS programs. One row of 40 heads: 16 (64-key parts at 512 keys,
+    128 at 2,000, as measured best); 16 rows and more: 1 (256-key parts)."""
+    parts = 1
+    while parts < COMBINE_SPLITS and rows * heads * parts < FILL_PROGRAMS:
+        parts *= 2
+    return parts
 
 
-def key_split(rows: int, heads: int, kv_len: int) -> int:
-    """The keys a decode_attention program reads: 256, halved (to 64 at least) while the step would have fewer than
-    FILL_PROGRAMS programs and a row no more than COMBINE_SPLITS splits (the combine's one compiled block)."""
-    split = 256
-    while split > 64 and rows * heads * -(-kv_len // split) < FILL_PROGRAMS \
-            and -(-kv_len // (split // 2)) <= COMBINE_SPLITS:
-        split //= 2
-    return split
+def covering_length(rows: int, heads: int, need: int) -> int:
+    """The key length a graph of this step is captured at: the longest with the grid of a step of ``need`` keys,
+    MAX_SPAN x a power of two (at least fill_parts). A step's graph replays for every length up to it, so a row
+    meets a new graph at a few lengths only (one row of 40 heads: none up to 4,096 keys)."""
+    parts = fill_parts(rows, heads)
+    while parts * MAX_SPAN < need:
+        parts *= 2
+    return parts * MAX_SPAN
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scale: float, kv_len: int, split: int | None = None) -> torch.Tensor:
+                     scale: float, kv_len: int, fill: int | None = None) -> torch.Tensor:
     """One decode step's attention: q [b, heads, 1, D] (rotary and logN applied), row i attending to its keys
     0..pos[i] of ``k_cache``/``v_cache`` [slots >= b, heads, capacity, D] (at most ``kv_len``), scores times
-    ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. The keys of a row are split in
-    ``split``-key parts (default ``key_split``), each one program a head (fp32 online softmax), combined by a second
-    kernel; parts past a row's own keys return at once."""
+    ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. A row's n keys are cut into parts of
+    n / ``fill`` keys (default ``fill_parts``; whole 64-key tiles, at most MAX_SPAN), each one program a head (fp32
+    online softmax), combined by a second kernel; the grid's parts past a row's own keys return at once. Only the
+    grid depends on ``kv_len``: a graph of this call serves every step whose rows have at most kv_len keys."""
     b, heads, one, D = q.shape
     if one != 1 or not q.is_contiguous():
         raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d = triton.next_power_of_2(D)
-    split = split or key_split(b, heads, kv_len)
-    S = triton.cdiv(kv_len, split)
+    fill = fill or fill_parts(b, heads)
+    S = max(fill, -(-kv_len // MAX_SPAN))
     ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
     out = torch.empty(b, 1, heads * D, dtype=q.dtype, device=q.device)
-    _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, split,
+    _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, fill,
                                           q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
-                                          D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
-    _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d,
-                                         BLOCK_S=max(COMBINE_SPLITS, triton.next_power_of_2(S)), num_warps=1)
+                                          D=D, BLOCK_D=block_d, BLOCK_N=64, MAX_SPAN_=MAX_SPAN, num_warps=4)
+    _dec_attn_combine_kernel[(b, heads)](ws, pos, out, kv_len, fill, S, out.stride(0), D=D, BLOCK_D=block_d,
+                                         BLOCK_S=max(COMBINE_SPLITS, triton.next_power_of_2(S)), BLOCK_N=64,
+                                         MAX_SPAN_=MAX_SPAN, num_warps=1)
     return out
 
 

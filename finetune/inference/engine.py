@@ -15,9 +15,11 @@ A step: cancelled rows leave; waiting requests join (prefilled together, right-p
 training and generate() compute it: on CUDA through the decode step's fused kernels, ``prefill_blocks``, else the
 model's blocks; each one's first token is picked from the prefill logits); then
 one decode step for every active row: the last token of each row goes in at its own position, keys/values are
-written at (row, position), attention reads the rows' cached keys up to the step's length bucket with a mask
-hiding each row's positions beyond its own length. On CUDA that decode step is a CUDA graph captured per
-(batch bucket 1, 2, 4, ..., max_batch; length bucket, a multiple of 256) and replayed; elsewhere it runs
+written at (row, position), attention reads each row's own cached keys (on CUDA's fused step; elsewhere, and
+with FINETUNE_DECODE_ATTENTION=0, the keys up to the step's length bucket with a mask hiding each row's positions
+beyond its own length). On CUDA that decode step is a CUDA graph captured per (batch bucket 1, 2, 4, ...,
+max_batch; graph length: over own keys decode_kernels.covering_length, 256 x a power of two, since only the
+attention's grid depends on it; else the length bucket, a multiple of 256) and replayed; elsewhere it runs
 eagerly on exactly the active rows.
 
 Host time. The token choice runs on the device after the decode step (repetition penalty, stop tokens held
@@ -47,6 +49,7 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Sequence
 
 import torch
 
@@ -276,17 +279,21 @@ class Engine:
                 bar.close()
         return [r.output_ids for r in reqs]
 
-    def warm_up(self) -> float:
+    def warm_up(self, expect: Sequence[SamplingParams] = (SamplingParams(),)) -> float:
         """Do the engine's first-use work now, before requests wait for it; returns the seconds it took.
 
         On a fresh CUDA process the first prefill and decode steps compile kernels (Triton, NVRTC), start cuBLAS
-        and cuDNN and capture graphs: ~10 s that the first requests of a server waited for (NOTES step 58). This
-        runs a short greedy prompt through every batch bucket (each bucket's graph, and the tensor-core kernels of
-        each row count), one sampled and penalised row (the device-side sampling), and a row through each
-        adapter (the LoRA kernels). On CUDA it first sizes the KV cache for max_batch rows of max_len positions,
-        or of as many as WARM_CACHE_SHARE of the free device memory holds (``warm_length``), so that requests
-        up to that length never grow it (a growth drops the graphs). The engine must be idle; it is idle again
-        afterwards, its graphs kept until the cache grows (the compiled kernels stay for the process)."""
+        and capture graphs: ~10 s that the first requests of a server waited for (NOTES step 58). This runs a
+        short greedy prompt through every batch bucket (each bucket's graph, and the tensor-core kernels of each
+        row count), one sampled and penalised row (the device-side sampling), and a row through each adapter (the
+        LoRA kernels). On CUDA it first sizes the KV cache for max_batch rows of max_len positions, or of as many
+        as WARM_CACHE_SHARE of the free device memory holds (``warm_length``), so that requests up to that length
+        never grow it (a growth drops the graphs); then, where the steps read their rows' own keys, it captures
+        the decode step of every batch bucket at every graph length the cache holds (``_graph_length``: a few
+        a bucket) for the sampling of ``expect`` (what the requests to come will use: greedy by default; the
+        server's and chat's generation-config defaults), with and without adapters, so that no such request
+        waits for a capture (~0.1 s each; a step of other sampling is captured when first met). The engine must be idle; it is idle again afterwards, its graphs kept until
+        the cache grows (the compiled kernels stay for the process)."""
         if self.has_work():
             raise RuntimeError("warm_up needs an idle engine (requests are waiting or running)")
         start = time.perf_counter()
@@ -295,14 +302,31 @@ class Engine:
         ids = ((self.tokenizer.encode("Warming up the decoder.") * 4)[:16] or [0])[: max(1, self.max_len - 2)]
         new = min(2, self.max_len - len(ids))
         greedy = SamplingParams(max_new_tokens=new)
+        buckets = sorted({self._bucket(n) for n in range(1, self.max_batch + 1)}, reverse=True)
         # the largest bucket first: the cache grows to it once (a growth drops the graphs captured before it)
-        for b in sorted({self._bucket(n) for n in range(1, self.max_batch + 1)}, reverse=True):
+        for b in buckets:
             self.generate([ids] * b, greedy)
         self.generate([ids], SamplingParams(max_new_tokens=new, do_sample=True, top_p=0.8, repetition_penalty=1.1,
                                             seed=0))
         for name in self.adapters.names:
             self.generate([ids], greedy, adapter=name)
+        if self.use_graphs and self._own_keys():
+            picks = {None if p.do_sample else (p.repetition_penalty != 1.0, p.min_new_tokens > 0) for p in expect}
+            loras = (False, True) if self.adapters.names else (False,)
+            for b in buckets:
+                for length in self._graph_lengths(b):
+                    for pick, lora in itertools.product(sorted(picks, key=repr), loras):
+                        key = self._graph_key(b, length, pick, lora, True)
+                        if key not in self._graphs:
+                            self._graphs[key] = self._capture(b, length, pick, True, lora)
         return time.perf_counter() - start
+
+    def _graph_lengths(self, b: int) -> list[int]:
+        """Every graph length of own-keys steps of b rows that the cache holds, shortest first."""
+        lengths = [self._graph_length(b, 1, True)]
+        while lengths[-1] < self._capacity:
+            lengths.append(self._graph_length(b, lengths[-1] + 1, True))
+        return lengths
 
     def warm_length(self) -> int:
         """The positions a row gets from warm_up's cache: max_len, or fewer (a multiple of LENGTH_BUCKET, at least
@@ -607,13 +631,13 @@ class Engine:
         need = max(r.length for r in rows) + 1
         sampled = bool(self._seeded) or self._unseeded is not None
         if self.use_graphs:
-            kv_len = min(_round_up(need, LENGTH_BUCKET), self._capacity)
-            pick = None if sampled else (penalised, held)
             own = self._own_keys()
-            key = (b, kv_len) + (pick or ()) + (("lora",) if self._lora else ()) + (("own_keys",) if own else ())
+            kv_len = self._graph_length(b, need, own)
+            pick = None if sampled else (penalised, held)
+            key = self._graph_key(b, kv_len, pick, self._lora, own)
             entry = self._graphs.get(key)
             if entry is None:
-                entry = self._graphs[key] = self._capture(b, kv_len, pick, own)
+                entry = self._graphs[key] = self._capture(b, kv_len, pick, own, self._lora)
             graph, out = entry
             graph.replay()
             if sampled:
@@ -669,23 +693,41 @@ class Engine:
         key holds the answer)."""
         return self._kernels is not None and use_own_keys()
 
+    def _graph_length(self, b: int, need: int, own_keys: bool) -> int:
+        """The key length of the graph of a step of b rows whose longest needs ``need`` keys (the graph replays for
+        every step up to it), at most the cache's capacity. Own keys: decode_kernels.covering_length, since only the
+        attention's grid depends on it (one row of the 14B: one graph up to 4,096 keys); SDPA reads every row up to
+        it: the next multiple of LENGTH_BUCKET."""
+        if own_keys:
+            length = self._kernels.covering_length(b, self.config.num_attention_heads, need)
+        else:
+            length = _round_up(need, LENGTH_BUCKET)
+        return min(length, self._capacity)
+
+    @staticmethod
+    def _graph_key(b, kv_len, pick, lora: bool, own_keys: bool) -> tuple:
+        return (b, kv_len) + (pick or ()) + (("lora",) if lora else ()) + (("own_keys",) if own_keys else ())
+
     def _fused_kv_len(self, kv_len) -> int:
         """The keys the fused step attends over: up to a multiple of 16 (masked beyond each row's position), since
         SDPA's memory-efficient kernel pads a mask of another width in every layer."""
         return min(_round_up(kv_len, 16), self._capacity)
 
-    def _capture(self, b, kv_len, pick=None, own_keys=False):
+    def _capture(self, b, kv_len, pick, own_keys, lora):
         """The graph of one decode step of b rows (with ``pick`` = (penalised, held): and its device-side
-        greedy pick, which advances the static inputs) -> (graph, its logits [b, V])."""
+        greedy pick, which advances the static inputs; ``lora``: with the rows' adapters) -> (graph, its logits
+        [b, V])."""
         s = self._state()
-        args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b] if self._lora else None, kv_len, own_keys)
+        args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b] if lora else None, kv_len, own_keys)
         # Warm-up on a side stream (first calls tune Triton kernels and may synchronise); the writes it makes
-        # into the cache are at the rows' current positions, which the real step then writes again. The pick
-        # warms up on copies of the inputs it advances.
+        # into the cache are at the rows' current positions, which the real step then writes again (or, in
+        # warm_up's captures, at stale positions of empty slots). The pick warms up on copies of the inputs it
+        # advances. Once a graph of the same step at another length exists, its kernels have run: one pass.
+        kin = [k for k in self._graphs if k[0] == b and k[2:] == self._graph_key(b, kv_len, pick, lora, own_keys)[2:]]
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):
+            for _ in range(1 if kin else 2):
                 logits = self._decode_forward(*args)
                 if pick is not None:
                     self._pick_next(logits, b, *pick, s["ints"].clone(), self._seen[:b].clone())

@@ -60,6 +60,14 @@ class Server:
         self.worker = EngineWorker(self.engine, capacity=max_batch + self.max_queue)
         self.created = int(time.time())
 
+    def default_sampling(self) -> list:
+        """The sampling of requests that set none (the model's generation config) and of greedy ones (temperature
+        0, the config's repetition penalty kept): what warm_up captures the decode steps of (other sampling's
+        steps are captured when a request first needs them)."""
+        from ..inference import SamplingParams
+
+        return [SamplingParams.from_generation_config(self.gc, do_sample=d) for d in (True, False)]
+
     # -- request -> engine input ------------------------------------------------------------------------
 
     def adapter_for(self, model: str) -> str | None:

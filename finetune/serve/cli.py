@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if server.engine.device.type == "cuda":  # first-use compiles and graph captures, before any request waits
         print("warming up the decoder (kernel compiles, CUDA graphs)...", end=" ", flush=True)
-        print(f"done in {server.engine.warm_up():.1f} s", flush=True)
+        print(f"done in {server.engine.warm_up(server.default_sampling()):.1f} s", flush=True)
     import uvicorn
 
     from .app import create_app

@@ -18,7 +18,7 @@ from finetune.modeling.kernels import apply_rotary, rms_norm, swiglu
 from finetune.modeling.model import RotaryEmbedding, logn_scale
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
 
-from _helpers import ROOT, load_interpreted
+from _helpers import ROOT, RerunGraph, load_interpreted
 from _helpers import tiny_model as tiny
 
 KERNELS_PY = ROOT / "finetune" / "inference" / "decode_kernels.py"
@@ -229,9 +229,21 @@ def test_decode_attention_equals_masked_sdpa_over_each_rows_own_keys(kernels, dt
     # fp32 softmax and sums either way: only the order differs; bf16: the output's rounding (truncated here)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
     torch.testing.assert_close(out.double(), ref, **tol)
-    # a small split size (many parts per row, most of them past the short rows' keys) gives the same result
-    torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, split=64).double(),
-                               ref, **tol)
+    # other cuts of the rows' keys (one part of up to MAX_SPAN keys, or many small ones) give the same result
+    for fill in (1, 2, 64):
+        torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, fill).double(),
+                                   ref, **tol)
+
+
+def test_decode_attention_is_the_same_for_every_length_its_grid_covers(kernels):
+    """A graph captured at one key length replays for every step up to it: the rows' parts come from their own
+    positions, not from kv_len, so any kv_len at or past the longest row gives the same bits (more grid parts,
+    all past the rows' keys)."""
+    q, k_cache, v_cache, pos = _attention_case(torch.float32, seed=2)
+    scale = 32 ** -0.5
+    for fill in (None, 2):
+        outs = [kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, fill) for kv_len in (518, 640, 700)]
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
 def test_decode_attention_never_reads_past_a_rows_position(kernels):
@@ -302,17 +314,23 @@ def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, 
     assert fused_ids == plain_ids
 
 
-def test_key_split_fills_the_gpu_before_it_shortens_the_programs():
-    """decode_kernels.key_split: 256-key splits while a step has FILL_PROGRAMS programs (rows x heads x splits),
-    else halved down to 64 (one row of the 14B's 40 heads: 64 at 512 keys, 128 at 2,000, as measured best on the
-    H200, NOTES step 65)."""
-    from finetune.inference.decode_kernels import key_split
+def test_fill_parts_fills_the_gpu_and_covering_length_shares_its_grid():
+    """decode_kernels.fill_parts: a row's keys in the fewest parts (a power of two, at most COMBINE_SPLITS) that give
+    a step FILL_PROGRAMS programs (one row of the 14B's 40 heads: 16, so 64-key parts at 512 keys and 128 at
+    2,000, as measured best on the H200, NOTES step 65); covering_length: the longest key length with the same grid
+    (a graph captured there serves every step up to it)."""
+    from finetune.inference.decode_kernels import COMBINE_SPLITS, MAX_SPAN, covering_length, fill_parts
 
-    assert [key_split(1, 40, n) for n in (256, 512, 1024, 2048, 2304, 4096, 8192)] == [64, 64, 64, 128, 128, 256, 256]
-    assert key_split(64, 40, 256) == 256 and key_split(8, 40, 512) == 256 and key_split(2, 40, 512) == 64
-    assert key_split(1, 1, 10 ** 6) == 256 and key_split(1, 1, 1) == 64
-    # few heads (a small model) never split a row in more than COMBINE_SPLITS parts by halving
-    assert key_split(2, 4, 4096) == 128 and key_split(2, 4, 8192) == 256 and key_split(1, 4, 2048) == 64
+    assert [fill_parts(rows, 40) for rows in (1, 2, 4, 8, 16, 64)] == [16, 8, 4, 2, 1, 1]
+    assert fill_parts(1, 1) == COMBINE_SPLITS and fill_parts(3, 4) == 32
+    # one row of 40 heads: one graph up to 4,096 keys, then 8,192; 32 rows: 256, 512, 1,024, ...
+    assert [covering_length(1, 40, n) for n in (1, 537, 2512, 4096, 4097, 8192)] == [4096] * 4 + [8192] * 2
+    assert [covering_length(32, 40, n) for n in (1, 256, 257, 700, 2001)] == [256, 256, 512, 1024, 2048]
+    for rows, heads, n in [(1, 40, 3000), (8, 40, 5000), (2, 4, 100), (32, 40, 9000)]:
+        length = covering_length(rows, heads, n)
+        assert length >= n and length % MAX_SPAN == 0 and covering_length(rows, heads, length) == length
+        if length > fill_parts(rows, heads) * MAX_SPAN:  # a doubling: every step past the shorter length shares it
+            assert covering_length(rows, heads, length // 2 + 1) == length
 
 
 def test_every_fused_step_reads_its_rows_own_keys_and_answers_as_the_blocks(kernels, switches, monkeypatch):
@@ -367,3 +385,57 @@ def test_the_cpu_keeps_the_model_blocks():
     model = tiny(seed=1)
     assert fused_kernels(model.transformer, torch.device("cpu"), torch.float32) is None
     assert Engine(model, QWenTokenizer(str(SMALL_VOCAB)))._kernels is None  # plain torch, no triton import
+
+
+def test_own_keys_graphs_serve_every_length_they_cover_and_warm_up_captures_each_one(kernels, switches, monkeypatch):
+    """Graphed fused steps over own keys (a CPU stand-in replays what Engine._capture captures) are keyed by
+    decode_kernels.covering_length: warm_up captures every (batch bucket, graph length) the cache holds, for the
+    sampling it is told to expect; then rows of mixed lengths, crossing graph lengths, leaving and
+    joining, meet no new capture and get the tokens of eager fused steps (fp32)."""
+    switches(decode_attention=True)
+    monkeypatch.setattr(kernels, "FILL_PROGRAMS", 8)  # a tiny model's 4 heads then meet several graph lengths
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = tiny(seed=11)
+    g = torch.Generator().manual_seed(9)
+    batch = [torch.randint(3, 1700, (n,), generator=g).tolist() for n in (250, 20, 9, 300)]
+    params = [SamplingParams(max_new_tokens=n) for n in (12, 4, 9, 6)]
+
+    def run(engine):
+        reqs = [engine.submit(p, sp) for p, sp in zip(batch[:3], params[:3])]
+        steps = 0
+        while engine.has_work() or len(reqs) < 4:
+            engine.step()
+            steps += 1
+            if steps == 3:  # a long row joins: the step's length passes 256, then 512 (its graphs' lengths)
+                reqs.append(engine.submit(batch[3], params[3]))
+        return [r.output_ids for r in reqs]
+
+    eager = Engine(model, tok, max_batch=4, max_len=1024, use_graphs=False)
+    eager._kernels = kernels
+    with torch.no_grad():
+        want = run(eager)
+    engine = Engine(model, tok, max_batch=4, max_len=1024, use_graphs=True)
+    engine._kernels = kernels
+    keys, replayed = [], []
+
+    class Counted(RerunGraph):
+        def replay(self):
+            replayed.append((self.b, self.kv_len))
+            super().replay()
+
+    monkeypatch.setattr(engine, "_capture", Counted.capturing(engine, keys))
+    sampled, penalised = SamplingParams(do_sample=True, top_p=0.8), SamplingParams(repetition_penalty=1.1)
+    engine.warm_up([sampled, penalised, SamplingParams()])
+    heads = model.config.num_attention_heads
+    assert engine._capacity == 1024 and kernels.fill_parts(1, heads) * kernels.MAX_SPAN == 512
+    lengths = {1: [512, 1024], 2: [256, 512, 1024], 4: [256, 512, 1024]}
+    assert {b: engine._graph_lengths(b) for b in (1, 2, 4)} == lengths
+    expected = {(b, n) + pick + ("own_keys",) for b in lengths for n in lengths[b]
+                for pick in [(), (False, False), (True, False)]}
+    assert set(keys) == expected and len(keys) == len(expected)  # each captured once
+    replayed.clear()
+    with torch.no_grad():
+        got = run(engine)
+    assert len(keys) == len(expected)  # no capture after warm_up
+    assert {n for _, n in replayed} == {256, 512} and len({b for b, _ in replayed}) > 1  # rows left: buckets
+    assert got == want and [len(ids) for ids in want] == [12, 4, 9, 6]

@@ -14,6 +14,7 @@ import finetune  # noqa: F401
 from finetune.inference import Engine, SamplingParams
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
 
+from _helpers import RerunGraph
 from _helpers import tiny_model as tiny
 from test_inference_engine import prompts
 
@@ -159,22 +160,6 @@ def test_cancelling_a_row_frees_it_at_the_next_step_and_leaves_the_others_unchan
     assert [reqs[1].output_ids, reqs[2].output_ids] == [solo[1], solo[2]]
 
 
-class _Rerun:
-    """Stands in for a captured CUDA graph on the CPU: replay() re-runs the calls the capture made, on the same
-    static tensors, writing the logits into the same output tensor."""
-
-    def __init__(self, engine, b, kv_len, pick, own_keys=False):
-        self.engine, self.b, self.kv_len, self.pick, self.own_keys = engine, b, kv_len, pick, own_keys
-        self.out = torch.zeros(b, engine.vocab)
-
-    def replay(self):
-        e, s = self.engine, self.engine._state()
-        self.out.copy_(e._decode_forward(s["tok"][:self.b], s["pos"][:self.b], s["alpha"][:self.b],
-                                         s["sel"][:, :self.b], self.kv_len, self.own_keys))
-        if self.pick is not None:
-            e._pick_next(self.out, self.b, *self.pick, s["ints"], e._seen)
-
-
 def test_the_graphed_bookkeeping_with_padding_slots_answers_as_the_eager_path(tok, monkeypatch):
     """use_graphs on the CPU with a re-running stand-in for the graph: batch buckets with padding slots, the
     static inputs advanced by the step itself, graphs per (bucket, length bucket, penalty, held stops), rows
@@ -184,13 +169,7 @@ def test_the_graphed_bookkeeping_with_padding_slots_answers_as_the_eager_path(to
     want = alone_host_picked(model, tok, jobs)
     engine = Engine(model, tok, max_batch=8, use_graphs=True)
     keys = []
-
-    def capture(b, kv_len, pick=None, own_keys=False):
-        keys.append((b, kv_len) + (tuple(pick) if pick is not None else ()))
-        g = _Rerun(engine, b, kv_len, pick, own_keys)
-        return g, g.out
-
-    monkeypatch.setattr(engine, "_capture", capture)
+    monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine, keys))
     assert [r.output_ids for r in run(engine, jobs)] == want
     assert keys[0] == (8, 256, True, True)  # 5 rows: bucket 8, 3 padding slots
     assert any(k[0] < 8 for k in keys)  # rows left: smaller buckets
@@ -278,8 +257,7 @@ def test_a_row_joining_that_grows_the_cache_mid_run_gets_its_solo_tokens(tok, mo
     solo = [Engine(model, tok, max_batch=1).generate([p], params)[0] for p in ps]
     engine = Engine(model, tok, max_batch=4, use_graphs=graphed)
     if graphed:
-        monkeypatch.setattr(engine, "_capture", lambda b, kv_len, pick=None, own_keys=False: (lambda g: (g, g.out))(
-            _Rerun(engine, b, kv_len, pick, own_keys)))
+        monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
     reqs = run(engine, [(p, params) for p in ps], join_at={2: 2, 3: 3})
     assert engine._capacity == 512
     assert [r.output_ids for r in reqs] == solo

@@ -98,15 +98,21 @@ def test_warm_up_captures_every_batch_bucket_and_later_answers_are_unchanged(tok
     params = SamplingParams(max_new_tokens=16)
     want = Engine(model, tok, max_batch=6).generate(batch, params)
     engine = Engine(model, tok, max_batch=6)
-    engine.warm_up()
+    engine.warm_up([SamplingParams(), SamplingParams(do_sample=True)])
     assert {key[0] for key in engine._graphs} == {1, 2, 4, 6} and not engine.has_work()
     # the cache was sized for every row at max_len, so no request grows it (a growth drops the graphs)
     assert (engine._slots, engine._capacity) == (6, -(-engine.max_len // 8) * 8)
+    # every batch bucket's steps at every graph length the cache holds, greedy and sampled, were captured
+    for b in (1, 2, 4, 6):
+        lengths = {key[1] for key in engine._graphs if key[0] == b}
+        assert lengths == set(engine._graph_lengths(b)) and engine._capacity in lengths
+        assert {key[2:] for key in engine._graphs if key[0] == b} == {("own_keys",), (False, False, "own_keys")}
     warm = set(engine._graphs)
     assert engine.generate(batch, params) == want
     long = [[t % 2000 for t in p] for p in prompts([engine.max_len - 40], seed=2)]
     engine.generate(long, SamplingParams(max_new_tokens=8))
-    assert warm <= set(engine._graphs)
+    engine.generate(batch, SamplingParams(max_new_tokens=8, do_sample=True, top_p=0.8, seed=1))
+    assert set(engine._graphs) == warm  # no request waited for a capture
 
 
 def test_warm_length_keeps_the_cache_within_its_share_of_free_memory(tok):
