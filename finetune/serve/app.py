@@ -117,8 +117,8 @@ class Server:
         if wanted is not None and prompt_len + wanted > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                            f"{prompt_len + wanted} tokens ({prompt_len} in the messages, {wanted} in the "
-                           "completion). Reduce the length of the messages or max_tokens.",
-                           "max_tokens" if body.max_tokens is not None else "max_completion_tokens",
+                           f"completion). Reduce the length of the messages or {body.max_tokens_field()}.",
+                           body.max_tokens_field(),
                            "context_length_exceeded")
         over: dict = {"max_new_tokens": wanted if wanted is not None
                       else min(self.gc.max_new_tokens or 512, limit - prompt_len)}
@@ -151,6 +151,7 @@ class Server:
             body.check()
             adapter = self.adapter_for(body.model)
             turns, functions = self.turns(body)
+            body.check_continuation(turns.continues_assistant)
             ids = self.prompt_ids(turns)
         except RecursionError:  # JSON nested as deep as the parser allows, then written out again (repr, dumps)
             raise APIError(400, "the request body nests JSON too deeply") from None

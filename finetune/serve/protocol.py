@@ -1,12 +1,14 @@
 """The request body of POST /v1/chat/completions, its checks, and OpenAI's error object.
 
 Fields the server does not implement are refused with a 400 naming them when they ask for something
-other than their default (a silently ignored `n: 2` or `logprobs: true` would be a wrong answer); other
-unknown fields are ignored, as OpenAI-compatible servers do.
+other than their default (a silently ignored `n: 2` or `logprobs: true` would be a wrong answer), vLLM's
+and newer OpenAI fields that change the answer included (`NEUTRAL`); other unknown fields (bookkeeping such
+as `user`, `metadata`, `store`; front ends' own keys) are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
@@ -42,6 +44,24 @@ Number = BeforeValidator(_json_number)
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
+# Fields other servers take (vLLM's extra_body, newer OpenAI models') that would change the answer, which this
+# server does not implement -> the values that ask for nothing (absent and null too). Ignored, a client asking
+# for min_p, ignore_eos, guided JSON or a reasoning effort got an answer made without it and no word why.
+NEUTRAL: dict[str, tuple] = {
+    "min_p": (0,), "typical_p": (1,), "best_of": (1,), "use_beam_search": (False,), "ignore_eos": (False,),
+    "stop_token_ids": ([],), "include_stop_str_in_output": (False,), "echo": (False,), "bad_words": ([],),
+    "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
+    "return_tokens_as_token_ids": (False,), "chat_template": (), "documents": (),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structural_tag": (),
+    "structured_outputs": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
+}
+
+
+def _is_neutral(value, neutral: tuple) -> bool:
+    """value is null or one of `neutral`, type included (true is no 1, 1.0 is 1)."""
+    return value is None or any(value == n and isinstance(value, bool) == isinstance(n, bool) for n in neutral)
+
+
 class StreamOptions(BaseModel):
     include_usage: StrictBool = False
     # vLLM's extension (with include_usage): every chunk carries the usage so far, and a chunk goes out for every decode step that
@@ -51,7 +71,7 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # (model_extra: checked against NEUTRAL)
 
     model: str
     messages: list[Any] = Field(min_length=1)
@@ -75,6 +95,13 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
+    # a ReAct reply holds one call at most, which both values allow
+    parallel_tool_calls: StrictBool | None = None
+    # vLLM's: whether the last (assistant) message is continued, or a new turn starts after the messages. Here a
+    # last assistant message is always continued (the official server's text completion) and any other gets a
+    # new turn: a value saying otherwise is a 400 (checked in Server.prepare, against the messages' turns)
+    continue_final_message: StrictBool | None = None
+    add_generation_prompt: StrictBool | None = None
     # accepted at their defaults only
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int | None, Number] = None
@@ -109,6 +136,11 @@ class ChatCompletionRequest(BaseModel):
             if getattr(self, name) is not None:
                 raise APIError(400, f"{name} is not supported: this model answers with text only, no audio or "
                                "web search", name)
+        for name, value in (self.model_extra or {}).items():
+            if name in NEUTRAL and not _is_neutral(value, NEUTRAL[name]):
+                allowed = ["absent", "null", *(json.dumps(n) for n in NEUTRAL[name])]
+                raise APIError(400, f"{name} is not supported by this server (only {', '.join(allowed[:-1])} or "
+                               f"{allowed[-1]})", name)
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
         if self.min_tokens and self.max_new_tokens() is not None and self.min_tokens > self.max_new_tokens():
@@ -129,6 +161,23 @@ class ChatCompletionRequest(BaseModel):
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def max_tokens_field(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def check_continuation(self, continues: bool) -> None:
+        """continue_final_message / add_generation_prompt against what the prompt does (`continues`: it ends in
+        the client's own assistant message, continued)."""
+        if self.continue_final_message is not None and self.continue_final_message != continues:
+            raise APIError(400, "continue_final_message: true needs the last message to be an assistant message"
+                           if self.continue_final_message else "a last assistant message is always continued "
+                           "here (the official text completion): drop continue_final_message: false or that message",
+                           "continue_final_message")
+        if self.add_generation_prompt is not None and self.add_generation_prompt == continues:
+            raise APIError(400, "a last assistant message is always continued here, with no new turn: drop "
+                           "add_generation_prompt: true or that message" if continues else "add_generation_prompt:"
+                           " false needs the last message to be an assistant message (it is continued)",
+                           "add_generation_prompt")
 
     def tools_disabled(self) -> bool:
         return self.tool_choice == "none" or self.function_call == "none"

@@ -1,0 +1,122 @@
+"""`qwen-ft serve` against what real clients send today, on the tiny demo model (no adapters, no key): the current
+`openai` client's message forms and fields, vLLM's extra_body fields, and the routes front ends (Open WebUI,
+curl) call. Each either answers as OpenAI defines it or is a 400 naming the field; nothing that changes the
+answer is silently ignored."""
+
+from __future__ import annotations
+
+import pytest
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+Q = "Tell me more."
+ASK = [{"role": "user", "content": Q}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    from finetune.demo import make_demo_model
+    from finetune.serve.background import serve_in_background
+    from finetune.serve.cli import _parser, build_server
+
+    model_dir = make_demo_model(tmp_path_factory.mktemp("serve_clients") / "tiny-qwen", seed=1)
+    args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "2", "--max-model-len", "1024"])
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        yield bg
+
+
+def _client(live):
+    return openai.OpenAI(base_url=live.api_url, api_key="none", timeout=60, max_retries=0)
+
+
+def _greedy(live, messages=ASK, **kw):
+    r = _client(live).chat.completions.create(model="tiny-qwen", messages=messages, temperature=0, max_tokens=6, **kw)
+    return r.choices[0].message.content
+
+
+def _bad_request(live, **kw) -> dict:
+    with pytest.raises(openai.BadRequestError) as e:
+        _client(live).chat.completions.create(model="tiny-qwen", messages=ASK, max_tokens=2, **kw)
+    err = e.value.body
+    assert err["type"] == "invalid_request_error" and "\n" not in err["message"], err
+    return err
+
+
+def test_the_openai_clients_message_forms_answer_as_plain_text_messages(live):
+    """Text content parts, the `developer` role, `name` on messages (not shown to the model, as in the official
+    server) and the bookkeeping fields give the plain request's greedy answer."""
+    plain = _greedy(live)
+    assert _greedy(live, [{"role": "user", "content": [{"type": "text", "text": "Tell me "},
+                                                       {"type": "text", "text": "more."}]}]) == plain
+    assert _greedy(live, [{"role": "user", "content": Q, "name": "bob"}]) == plain
+    assert _greedy(live, ASK, user="u1", metadata={"k": "v"}, store=False, seed=3, parallel_tool_calls=False,
+                   tool_choice="none", stream_options=None, extra_body={"min_p": 0, "ignore_eos": False,
+                                                                        "chat_template_kwargs": {}}) == plain
+    system = [{"role": "system", "content": "Be brief."}, *ASK]
+    assert _greedy(live, [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}, *ASK]) \
+        == _greedy(live, system)
+
+
+@pytest.mark.parametrize("extra, param", [
+    ({"min_p": 0.1}, "min_p"),
+    ({"min_p": False}, "min_p"),  # a boolean is no number, even where it equals the neutral 0
+    ({"ignore_eos": True}, "ignore_eos"),
+    ({"stop_token_ids": [5]}, "stop_token_ids"),
+    ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"best_of": 2}, "best_of"),
+    ({"use_beam_search": True}, "use_beam_search"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"guided_choice": ["a", "b"]}, "guided_choice"),
+    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    ({"echo": True}, "echo"),
+    ({"chat_template": "{{ messages }}"}, "chat_template"),
+    ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+    ({"continue_final_message": True}, "continue_final_message"),  # the last message is the user's
+    ({"add_generation_prompt": False}, "add_generation_prompt"),
+])
+def test_vllm_fields_that_would_change_the_answer_are_400_naming_them(live, extra, param):
+    """These were accepted and ignored: a client asking for min_p, guided JSON or ignore_eos got an answer made
+    without it and no word why."""
+    assert _bad_request(live, extra_body=extra)["param"] == param
+
+
+@pytest.mark.parametrize("kw, param", [
+    (dict(reasoning_effort="low"), "reasoning_effort"),  # (OpenAI's answer for a model without reasoning)
+    (dict(verbosity="low"), "verbosity"),
+    (dict(tool_choice="required", tools=TOOLS), "tool_choice"),
+    (dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, tools=TOOLS), "tool_choice"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
+    (dict(max_completion_tokens=5000), "max_completion_tokens"),  # (with max_tokens 2: the one used, over the limit)
+])
+def test_openai_fields_this_model_cannot_honour_are_400_naming_them(live, kw, param):
+    err = _bad_request(live, **kw)
+    assert err["param"] == param, err
+    if param == "max_completion_tokens":
+        assert err["message"].endswith("or max_completion_tokens."), err
+
+
+def test_verbosity_medium_and_null_extensions_are_accepted(live):
+    """OpenAI's default verbosity, and vLLM's fields at their defaults, ask for nothing."""
+    plain = _greedy(live)
+    assert _greedy(live, verbosity="medium", extra_body={"guided_json": None, "best_of": 1, "stop_token_ids": []}) \
+        == plain
+
+
+def test_continue_final_message_agrees_with_the_continued_assistant_message(live):
+    """vLLM's way of asking for a continuation is the server's own for a last assistant message; a value asking
+    for a new turn after it instead is a 400 (it would be continued)."""
+    messages = [*ASK, {"role": "assistant", "content": "Sure"}]
+    continued = _greedy(live, messages)
+    assert _greedy(live, messages, extra_body={"continue_final_message": True, "add_generation_prompt": False}) \
+        == continued
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(live, messages, extra_body={"continue_final_message": False})
+    assert e.value.body["param"] == "continue_final_message"
+    with pytest.raises(openai.BadRequestError) as e:
+        _greedy(live, messages, extra_body={"add_generation_prompt": True})
+    assert e.value.body["param"] == "add_generation_prompt"
