@@ -385,6 +385,10 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         message = str(exc.detail)
         if exc.status_code == 400 and isinstance(exc.__cause__, Exception):  # FastAPI could not parse the body
             message = _unparsable(exc.__cause__)
+        elif exc.status_code == 404:  # no such route: OpenAI's words, and what is served (e.g. for the legacy
+            # /v1/completions, which the official Qwen server does not serve either)
+            message = (f"Invalid URL ({request.method} {request.url.path}): this server serves POST "
+                       "/v1/chat/completions, GET /v1/models and GET /v1/models/{model}")
         # (the headers keep a 405's Allow)
         return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
@@ -421,7 +425,9 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         return {"id": name, "object": "model", "created": server.created, "owned_by": "qwen-finetune",
                 "root": server.base_name, "parent": None if name == server.base_name else server.base_name}
 
+    # (also with a trailing slash: the model route below would take "/v1/models/" as the model "")
     @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
+    @app.api_route("/v1/models/", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
     async def models():
         return {"object": "list", "data": [card(n) for n in (server.base_name, *server.adapter_names)]}
 
@@ -431,7 +437,9 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         server.adapter_for(name)  # 404 model_not_found, naming what is served, for another name
         return card(name)
 
+    # a trailing slash is served, not redirected: a 307 reached curl without -L as an empty answer
     @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions/", dependencies=[Depends(auth)])
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         run, functions = await server.start(body)
         cid, created = _completion_id(), int(time.time())

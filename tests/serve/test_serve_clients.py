@@ -120,3 +120,20 @@ def test_continue_final_message_agrees_with_the_continued_assistant_message(live
     with pytest.raises(openai.BadRequestError) as e:
         _greedy(live, messages, extra_body={"add_generation_prompt": True})
     assert e.value.body["param"] == "add_generation_prompt"
+
+
+def test_trailing_slashes_are_served_not_redirected(live):
+    """/v1/models/ was a 404 for the model "" and /v1/chat/completions/ a 307 (an empty answer to curl without -L)."""
+    r = httpx.get(live.api_url + "/models/", timeout=30)
+    assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["tiny-qwen"], r.text
+    body = {"model": "tiny-qwen", "messages": ASK, "max_tokens": 2}
+    r = httpx.post(live.api_url + "/chat/completions/", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+
+
+def test_the_legacy_completions_endpoint_is_a_404_naming_what_is_served(live):
+    with pytest.raises(openai.NotFoundError) as e:
+        _client(live).completions.create(model="tiny-qwen", prompt="hi", max_tokens=2)
+    err = e.value.body
+    assert set(err) == {"message", "type", "param", "code"}, err
+    assert err["message"].startswith("Invalid URL (POST /v1/completions)") and "/v1/chat/completions" in err["message"]
