@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -276,6 +277,9 @@ def _unparsable(cause: Exception) -> str:
         return f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
     if isinstance(cause, RecursionError):
         return "the request body is not valid JSON: it nests too deeply"
+    if type(cause) is ValueError:  # json's int() past Python's digit limit (its words advise a Python setting)
+        return (f"the request body holds a number of more than {sys.get_int_max_str_digits()} digits (no field "
+                "takes one)")
     return f"the request body is not valid JSON: {cause}"
 
 

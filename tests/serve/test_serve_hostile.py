@@ -140,7 +140,8 @@ def test_a_bad_stop_is_400_naming_stop(live, stop):
     (b'{"model": "tiny-qwen", "messages": [{"role": "user", "content": "\xff"}]}', JSON, "not valid UTF-8"),
     (b'{"model": ' + b"[" * 100000 + b"]" * 100000 + b"}", JSON, "nests too deeply"),
     (b'{"model": "tiny-qwen",', JSON, "not valid JSON: Expecting property name enclosed in double quotes at character"),
-], ids=["empty", "array", "string", "null", "text/plain", "form", "bad-utf8", "deep", "truncated"])
+    (b'{"model": "tiny-qwen", "seed": 1' + b"0" * 5000 + b"}", JSON, "a number of more than 4300 digits"),
+], ids=["empty", "array", "string", "null", "text/plain", "form", "bad-utf8", "deep", "truncated", "digits"])
 def test_a_body_that_is_no_json_object_says_why(live, content, headers, words):
     """These were "Field required" or "Input should be a valid dictionary" (no field named), or "There was an
     error parsing the body"."""
