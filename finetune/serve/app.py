@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import sys
 import time
@@ -335,11 +336,43 @@ class BodyLimit:
             read += len(message.get("body", b""))
             more = message.get("more_body", False)
         err = APIError(413, f"the request body is over {self.limit} bytes", None, "request_too_large")
-        body = json.dumps(err.body()).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, 413, err, close=True)
+
+
+async def _send_json(send, status: int, err: APIError, close: bool = False) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status,
+                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BugAsError:
+    """A bug (an exception no handler took) answered as an OpenAI error object from inside the CORS middleware.
+    Starlette's last-resort handler sits outside every middleware: a browser on an allowed origin got that 500
+    without Access-Control-Allow-Origin, and showed a network error instead of it."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if started:  # (a stream already answering: Starlette's handler logs it and ends the connection)
+                raise
+            logging.getLogger("uvicorn.error").exception("internal error on %s %s", scope["method"], scope["path"])
+            await _send_json(send, 500, APIError(500, f"internal error: {type(exc).__name__}"))
 
 
 def _sse(obj) -> str:
@@ -355,6 +388,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
 
     app = FastAPI(title="qwen-ft serve", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(BugAsError)  # (innermost: inside the CORS middleware below)
     app.add_middleware(BodyLimit, limit=max_body)
     if server.cors_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before auth
         from fastapi.middleware.cors import CORSMiddleware
@@ -399,7 +433,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _bug(request, exc: Exception):
-        # a bug, still answered as an OpenAI error object (uvicorn logs the traceback)
+        # a bug in a middleware (BugAsError answers the app's), still an OpenAI error object (uvicorn logs it)
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
 
     def auth(request: Request):

@@ -373,3 +373,12 @@ def test_cors_only_for_the_origins_given(live, tmp_path):
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
         r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60, headers={"Origin": page})
         assert r.status_code == 401  # the key is still required; CORS only lets the browser read the answer
+        assert r.headers["access-control-allow-origin"] == page  # (errors are answers the page must read)
+
+        def broken(turns):
+            raise RuntimeError("boom")
+
+        bg.server.prompt_ids = broken  # a bug: its 500 came without the header, a network error to the page
+        r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60,
+                       headers={"Origin": page, "Authorization": "Bearer k"})
+        assert _error(r, 500)["type"] == "server_error" and r.headers["access-control-allow-origin"] == page
