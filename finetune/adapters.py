@@ -83,6 +83,28 @@ def _check_config_values(adapter_dir, cfg: dict) -> None:
     base = cfg.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{where}: base_model_name_or_path must be a path, got {base!r}")
+    for key, what in UNSUPPORTED_VARIANTS.items():
+        if cfg.get(key) not in (None, False, [], {}, ""):
+            raise AdapterError(f"{where} sets {key}: {cfg[key]!r} ({what}); only plain LoRA (x A^T B^T scaling added "
+                               f"to each targeted Linear) is supported here (a model merged from it where PEFT's "
+                               f"merge_and_unload can merge it loads as a plain model dir)")
+
+
+# LoraConfig fields whose non-default values change what the adapter computes beyond the plain LoRA product: the
+# decode engine, the Int4 layer and merge apply that product only, so such an adapter would run as another model
+UNSUPPORTED_VARIANTS = {
+    "use_dora": "DoRA: a learned magnitude rescales each output",
+    "lora_bias": "a bias on lora_B, which Qwen v1's bias-free c_proj, w1 and w2 cannot merge",
+    "use_qalora": "QA-LoRA: the input is pooled by groups before lora_A",
+    "alora_invocation_tokens": "activated LoRA: applied only after the invocation tokens",
+    "layer_replication": "layers duplicated: another architecture",
+    "target_parameters": "LoRA on parameters rather than modules",
+    "trainable_token_indices": "trained rows of the embedding",
+    "arrow_config": "Arrow routing between adapters",
+    "use_bdlora": "block-diagonal LoRA",
+    "kasa_config": "KaSA",
+    "monteclora_config": "MonteCLoRA",
+}
 
 
 def lora_config(adapter_dir, cfg: dict | None = None):
@@ -391,7 +413,7 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
 
     targets = target_module_names(model, config)
     if not targets:
-        raise AdapterError(f"{where}: none of its target modules {sorted(config.target_modules or [])} exist in "
+        raise AdapterError(f"{where}: none of its target modules {_targets_text(config)} exist in "
                            f"this model ({type(model).__name__}); it was made for another architecture")
     modules = dict(model.named_modules())
     expected: dict[str, tuple[int, ...]] = {}
@@ -403,26 +425,32 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
         r = _rank(config, name)
         expected[f"{PREFIX}{name}.lora_A.weight"] = (r, in_f)
         expected[f"{PREFIX}{name}.lora_B.weight"] = (out_f, r)
-        if config.bias in ("lora_only", "all") and f"{PREFIX}{name}.lora_B.bias" in sd:
-            expected[f"{PREFIX}{name}.lora_B.bias"] = (out_f,)
     for name, module in modules.items():
         if not name or not config.modules_to_save:
             continue
         if any(name == m or name.endswith("." + m) for m in config.modules_to_save):
+            module = getattr(module, "original_module", module)  # already wrapped by an adapter loaded before
             for pname, p in module.named_parameters(recurse=False):
                 expected[f"{PREFIX}{name}.{pname}"] = tuple(p.shape)
+    optional = base_bias_keys(model, config, targets)  # saved by PEFT with bias "all" / "lora_only"
 
+    sd = rename_legacy_biases(sd, targets)
     sd = {k: tuple(v.shape) if hasattr(v, "shape") else tuple(v) for k, v in sd.items()}  # tensors or shapes
     lora_keys = [k for k in sd if ".lora_" in k]
     if not lora_keys:
         raise AdapterError(f"{where}: its weights hold no LoRA tensors (keys like "
                            f"'{PREFIX}transformer.h.0.attn.c_attn.lora_A.weight')")
     for k, v in sd.items():
+        if k not in expected and k in optional:
+            if v != optional[k]:
+                raise AdapterError(f"{where} does not fit this model: {k!r} has shape {list(v)}, the model needs "
+                                   f"{list(optional[k])} (another model size?)")
+            continue
         if k not in expected:
-            if k.endswith("lora_B.bias") or (config.bias != "none" and k.endswith(".bias")):
-                continue
+            hint = (f"; a bias, but {CONFIG_NAME} says bias {config.bias!r}" if k.endswith(".bias") and
+                    config.bias == "none" else " (another architecture or layer count?)")
             raise AdapterError(f"{where} does not fit this model: its tensor {k!r} {list(v)} has no place "
-                               f"in {type(model).__name__} (another architecture or layer count?)")
+                               f"in {type(model).__name__}{hint}")
         if v != expected[k]:
             raise AdapterError(f"{where} does not fit this model: {k!r} has shape {list(v)}, the model "
                                f"needs {list(expected[k])} (another model size, or a rank other than r="
@@ -431,7 +459,48 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
     if missing:
         raise AdapterError(f"{where} does not fit this model: {len(missing)} tensor(s) the config targets are "
                            f"missing from its weights, first {missing[0]!r} (target_modules "
-                           f"{sorted(config.target_modules or [])})")
+                           f"{_targets_text(config)})")
+
+
+def base_bias_keys(model, config, targets) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of each base-layer bias an adapter may carry: with bias "lora_only" the biases of its targeted
+    modules, with "all" every bias of the model. They are trained with the adapter, and PEFT loads them into the base
+    layers themselves (see ``changes_base``)."""
+    if config.bias == "none":
+        return {}
+    targeted, out = set(targets), {}
+    for name, module in _unwrap(model).named_modules():
+        if not name or name.endswith(".base_layer") or ".lora_" in name or ".modules_to_save." in name:
+            continue
+        base = module.get_base_layer() if hasattr(module, "get_base_layer") else module
+        bias = getattr(base, "bias", None)
+        if not isinstance(bias, torch.Tensor):
+            continue
+        if name in targeted:
+            out[f"{PREFIX}{name}.base_layer.bias"] = tuple(bias.shape)
+        elif config.bias == "all":
+            out[f"{PREFIX}{name}.bias"] = tuple(bias.shape)
+    return out
+
+
+def rename_legacy_biases(sd: dict, targets) -> dict:
+    """PEFT before the base_layer wrapper (0.5/0.6: the official Qwen finetune.py) saved a targeted module's trained
+    bias as '<module>.bias'; today's PEFT loads only '<module>.base_layer.bias' and drops the other unseen."""
+    legacy = {f"{PREFIX}{name}.bias": f"{PREFIX}{name}.base_layer.bias" for name in targets}
+    return {legacy.get(k, k): v for k, v in sd.items()}
+
+
+def changes_base(config) -> bool:
+    """Whether an adapter with this config loads trained biases into the base layers (PEFT's bias "all" or
+    "lora_only"): its base model is then no longer at hand beside it, neither through PEFT's ``disable_adapter()`` nor
+    for the engine's rows without this adapter."""
+    return getattr(config, "bias", "none") != "none"
+
+
+def _targets_text(config) -> str:
+    # a string is one regex that must match a module's whole name (PEFT's rule), not a list of letters
+    t = config.target_modules
+    return f"(regex) {t!r}" if isinstance(t, str) else str(sorted(t or []))
 
 
 # -- loading ------------------------------------------------------------------------------------------
@@ -444,7 +513,7 @@ def checked_weights(model, adapter_dir, config=None) -> dict[str, torch.Tensor]:
     check_adapter(model, adapter_dir, config, adapter_tensor_shapes(adapter_dir))
     sd = read_adapter_weights(adapter_dir)
     check_adapter_values(adapter_dir, sd)
-    return sd
+    return rename_legacy_biases(sd, target_module_names(_unwrap(model), config))
 
 
 def check_model_base(model, adapter_dir) -> None:
@@ -495,8 +564,9 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
 
 
 __all__ = [
-    "AdapterError", "adapter_base", "base_fingerprint", "check_adapter", "check_adapter_values", "check_base",
-    "check_model_base",
+    "AdapterError", "adapter_base", "base_bias_keys", "base_fingerprint", "changes_base", "check_adapter",
+    "check_adapter_values", "check_base", "check_model_base",
     "checked_weights", "float_adapter_on_int4", "is_adapter_dir", "load_adapter", "record_base", "trained_on",
-    "lora_config", "read_adapter_config", "read_adapter_weights", "resolve_base", "target_module_names",
+    "lora_config", "read_adapter_config", "read_adapter_weights", "rename_legacy_biases", "resolve_base",
+    "target_module_names",
 ]

@@ -2,7 +2,8 @@
 
 - ``PeftModel.from_pretrained`` (and so ``AutoPeftModelForCausalLM.from_pretrained``) on a QWenLMHeadModel checks the
   adapter exactly as ``finetune.adapters.load_adapter`` does before PEFT reads it: the base's fingerprint, every
-  tensor's shape from the file header, dtypes and finite values.
+  tensor's shape from the file header, dtypes and finite values; trained biases saved under PEFT 0.5's names are
+  loaded too (PEFT itself skips them).
 - ``PeftModel.save_pretrained`` of such a model records the base's absolute path (PEFT writes the path as typed) and
   writes base_model.json (path + fingerprint, see adapters.py).
 - ``merge_and_unload`` on a model with GPTQ layers returns a float model: the merged layers and every GPTQ layer
@@ -44,14 +45,23 @@ def install() -> None:
     original_merge = LoraModel.merge_and_unload
 
     def from_pretrained(cls, model, model_id, *args, **kwargs):
-        from .adapters import check_base, checked_weights, is_adapter_dir
+        from .adapters import AdapterError, check_base, checked_weights, is_adapter_dir
 
-        if _project_model(model) and is_adapter_dir(model_id):
-            base = _local_base(model)
-            if base is not None:
-                check_base(model_id, base, explicit=True)
-            checked_weights(model, Path(model_id))
-        return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        if not (_project_model(model) and is_adapter_dir(model_id)):
+            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        base = _local_base(model)
+        if base is not None:
+            check_base(model_id, base, explicit=True)
+        sd = checked_weights(model, Path(model_id))
+        peft_model = original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        # trained biases under their legacy names (PEFT 0.5/0.6), which PEFT itself would leave out unseen
+        biases = {k: v for k, v in sd.items() if k.endswith(".bias")}
+        if biases:
+            with torch.no_grad():
+                result = peft_model.load_state_dict(biases, strict=False)
+            if result.unexpected_keys:  # check_adapter placed every key: a bias with no home is a bug here
+                raise AdapterError(f"adapter {model_id}: bias {result.unexpected_keys[0]!r} has no place in the model")
+        return peft_model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         from .adapters import record_base

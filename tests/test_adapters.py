@@ -259,3 +259,114 @@ def test_trained_adapters_answer_after_reload_in_fresh_process(setup):
     answers = json.loads(r.stdout.strip().splitlines()[-1])
     for kind in adapters:
         assert answers[kind] == [a for _, a in MEMORISE], kind
+
+
+def _edited(adapter, out, **changes) -> Path:
+    """A copy of ``adapter`` with adapter_config.json values changed (no fingerprint: as if brought from elsewhere)."""
+    shutil.copytree(adapter, out)
+    (out / "base_model.json").unlink(missing_ok=True)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("key, value, what", [
+    ("use_dora", True, "DoRA"),
+    ("lora_bias", True, "a bias on lora_B"),
+    ("layer_replication", [[0, 2], [1, 2]], "layers duplicated"),
+    ("trainable_token_indices", [5, 6], "trained rows of the embedding"),
+])
+def test_adapter_variants_applied_otherwise_are_refused_in_one_line(setup, tmp_path, capsys, key, value, what):
+    # a DoRA adapter was refused as "another architecture or layer count?" (its magnitude vectors had no place); a
+    # lora_bias adapter loaded, and the engine and the Int4 merge left its bias out
+    from peft import PeftModel
+
+    from finetune.chat import main as chat_main
+    from finetune.evaluate import main as eval_main
+    from finetune.merge import main as merge_main
+
+    adapter = _edited(setup["lora"], tmp_path / "variant", **{key: value})
+    expect = rf"adapter_config\.json sets {key}: .*\({what}.*only plain LoRA"
+    with pytest.raises(AdapterError, match=expect):
+        load_model(setup["float"], adapter=adapter, device="cpu")
+    with pytest.raises(AdapterError, match=expect):
+        PeftModel.from_pretrained(load_model(setup["float"], device="cpu"), str(adapter))
+    for main, args in ((chat_main, ["--adapter", str(adapter), "--query", "hi", "--max_new_tokens", "2"]),
+                       (merge_main, ["--adapter", str(adapter), "-o", str(tmp_path / "merged")]),
+                       (eval_main, ["--adapter", str(adapter), "--data", str(setup["data"]), "--no-generate"])):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and f"sets {key}" in lines[0], err
+
+
+def _bias_adapter(base_dir, out) -> Path:
+    """An adapter saved by PEFT with bias "all": the c_attn biases trained (moved) with it."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = load_model(base_dir, dtype=torch.float32, device="cpu")
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "w1", "w2"],
+                                          bias="all", init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if name.endswith("base_layer.bias"):
+                p.add_(0.5)
+    pm.save_pretrained(out)
+    return Path(out)
+
+
+def test_trained_biases_under_peft_0_5_names_load(setup, tmp_path):
+    # PEFT 0.5 (the official finetune.py's) saved a targeted module's trained bias as '<module>.bias'; today's PEFT
+    # loads only '<module>.base_layer.bias' and dropped the others without a word
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    new = _bias_adapter(setup["float"], tmp_path / "new")
+    sd = load_file(str(new / "adapter_model.safetensors"))
+    assert any(k.endswith(".c_attn.base_layer.bias") for k in sd)
+    legacy = _edited(new, tmp_path / "legacy")
+    (legacy / "adapter_model.safetensors").unlink()
+    torch.save({k.replace(".base_layer.bias", ".bias"): v for k, v in sd.items()}, legacy / "adapter_model.bin")
+    want = logits(load_model(setup["float"], adapter=new, dtype=torch.float32, device="cpu"))
+    got = logits(load_model(setup["float"], adapter=legacy, dtype=torch.float32, device="cpu"))
+    assert torch.equal(got, want)
+    peft_route = PeftModel.from_pretrained(load_model(setup["float"], dtype=torch.float32, device="cpu"), str(legacy))
+    assert torch.equal(logits(peft_route.eval()), want)
+    # the biases matter: without them the outputs differ
+    without = _edited(legacy, tmp_path / "without")
+    torch.save({k: v for k, v in torch.load(legacy / "adapter_model.bin").items() if not k.endswith(".bias")},
+               without / "adapter_model.bin")
+    assert (logits(load_model(setup["float"], adapter=without, dtype=torch.float32, device="cpu")) - want).abs().max() > 1e-2
+
+
+def test_bias_tensors_that_do_not_fit_name_the_tensor(setup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    adapter = _bias_adapter(setup["float"], tmp_path / "bias")
+    key = "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias"
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    sd[key] = torch.zeros(7)
+    save_file(sd, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=rf"'{key}' has shape \[7\], the model needs \[192\]"):
+        load_model(setup["float"], adapter=adapter, device="cpu")
+    sd[key] = torch.zeros(192)
+    sd["base_model.model.transformer.h.7.attn.c_attn.base_layer.bias"] = torch.zeros(192)  # a layer it lacks
+    save_file(sd, str(adapter / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=r"'base_model\.model\.transformer\.h\.7\.attn\.c_attn\.base_layer\.bias' "
+                                           r"\[192\] has no place"):
+        load_model(setup["float"], adapter=adapter, device="cpu")
+    # biases in an adapter whose config says bias "none" would change the base unannounced
+    plain = _edited(adapter, tmp_path / "none", bias="none")
+    with pytest.raises(AdapterError, match=r"base_layer\.bias' \[192\] has no place .*a bias, but adapter_config\.json "
+                                           r"says bias 'none'"):
+        load_model(setup["float"], adapter=plain, device="cpu")
+
+
+def test_a_target_modules_regex_is_named_as_one(setup, tmp_path):
+    # PEFT takes a string as one regex over whole module names: the message listed its letters
+    adapter = _edited(setup["lora"], tmp_path / "regex", target_modules="c_attn|w1")
+    with pytest.raises(AdapterError, match=r"none of its target modules \(regex\) 'c_attn\|w1' exist"):
+        load_model(setup["float"], adapter=adapter, device="cpu")
