@@ -249,6 +249,19 @@ def score_replies(replies: list[str], references: list[str]) -> dict:
 # -- the whole evaluation -----------------------------------------------------------------------------------
 
 
+def check_base_column(config, adapter) -> None:
+    """Refuse an adapter whose base the model no longer holds beside it (AdapterError): one with trained base-layer
+    biases, which PEFT loads into the base itself, so that its ``disable_adapter()`` (and the engine's rows without
+    the adapter) would report the base plus those biases as "base"."""
+    from .adapters import AdapterError, changes_base
+
+    if changes_base(config):
+        raise AdapterError(f"adapter {adapter} trained base-layer biases (bias {config.bias!r} in its "
+                           f"adapter_config.json), which PEFT loads into the base model itself: eval's base column "
+                           f"would not be the base model; merge the adapter (qwen-ft merge) and evaluate the merged "
+                           f"model and the base, each with -m")
+
+
 def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_tokens: int = 128,
                    max_len: int | None = None, generate: bool = True, repetition_penalty: float = 1.0,
                    max_window_size: int = 6144, generator: str = "engine", gen_batch_size: int = 32,
@@ -267,6 +280,8 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
     prompts = [generation_prompt(tokenizer, r, max_window_size) for r in records] if generate else []
     stops = [reply_stop(r) for r in records] if generate else []
     peft = isinstance(model, PeftModel)
+    if peft:
+        check_base_column(model.peft_config[model.active_adapter], model.active_adapter)
     variants = [("base", model.disable_adapter), ("adapter", nullcontext)] if peft else [("base", nullcontext)]
     report: dict = {}
     replies_by: dict[str, list[str]] = {}
@@ -399,13 +414,15 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar, as chat and merge (the engine's stays)
-    from .adapters import AdapterError, resolve_base
+    from .adapters import AdapterError, lora_config, resolve_base
     from .data import DataError
     from .loading import ModelLoadError, load_model
     from .tokenization import load_tokenizer
 
     try:
         records = load_eval_records(args.data, args.max_samples)  # bad data stops before the model loads
+        if args.adapter:
+            check_base_column(lora_config(args.adapter), args.adapter)
         model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
         tokenizer = load_tokenizer(args.adapter if args.adapter and (Path(args.adapter) / "qwen.tiktoken").is_file()

@@ -252,6 +252,37 @@ def test_eval_cli_stops_on_bad_data_before_loading_the_model(setup, tmp_path, ca
     assert err.startswith("error: ") and "record 2, line 2" in err and err.count("\n") == 1
 
 
+def test_an_adapter_that_trained_base_biases_is_refused_before_loading(setup, tmp_path, capsys, monkeypatch):
+    # PEFT loads bias "all" / "lora_only" biases into the base layers, and its disable_adapter() keeps them: the base
+    # column was the base plus the adapter's biases, reported as the base
+    import json
+    import shutil
+
+    import finetune.loading
+    from finetune.cli import main
+
+    adapter = tmp_path / "bias_all"
+    shutil.copytree(setup["lora"], adapter)
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps(dict(cfg, bias="all")))
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the adapter was checked")
+
+    monkeypatch.setattr(finetune.loading, "load_model", no_load)
+    assert main(["eval", "--adapter", str(adapter), "--data", str(setup["data"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: adapter {adapter} trained base-layer biases (bias 'all' ") and \
+        "base column would not be the base model" in err and err.count("\n") == 1, err
+    monkeypatch.undo()
+    from finetune.adapters import AdapterError
+
+    model = load_model(setup["float"], adapter=setup["lora"], device="cpu")
+    model.peft_config["default"].bias = "lora_only"
+    with pytest.raises(AdapterError, match=r"bias 'lora_only'"):
+        evaluate_model(model, setup["tok"], setup["records"][:1], generate=False)
+
+
 @pytest.mark.parametrize("generator", ["engine", "generate"])
 def test_generated_tokens_are_counted_from_ids_even_when_they_decode_to_no_text(generator):
     """A random model's tokens may decode to nothing visible (here every token it picks is past the tokenizer's

@@ -529,8 +529,8 @@ class Engine:
             kv_len = self._fused_kv_len(kv_len)
             # (own keys need no mask: the kernel reads each row's positions; building one was a step's 3 kernels)
             mask = None if own_keys else additive_mask(self._key_pos, pos, kv_len, self.dtype)
-            x = self.tr.wte(tok[:, None])
             with self.adapters.applied(sel), self._kernel_device():
+                x = self.tr.wte(tok[:, None])  # within: an adapter's own wte (modules_to_save) reaches its rows
                 return decode_blocks(self._kernels, self.tr, self.lm_head, cache.k, cache.v, x, pos, cos, sin,
                                      query_scale, kv_len, mask, self.adapters)
         mask = (self._key_pos[None, :kv_len] <= pos[:, None])[:, None, None, :]

@@ -57,6 +57,17 @@ def lora_layers(model) -> list:
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def saved_modules(model) -> list:
+    """PEFT's modules_to_save wrappers of ``model`` (each holds the original module and a trained copy per adapter)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    return [m for m in model.modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+class AdapterMixError(ValueError):
+    """Rows that the loaded adapters cannot compute side by side (one of them changed the base model itself)."""
+
+
 class RowAdapters:
     """The adapters of ``model`` (a PeftModel with LoRA adapters, or a plain model: none)."""
 
@@ -75,23 +86,39 @@ class RowAdapters:
                 raise ValueError(f"adapter(s) {layer.merged_adapters} are merged into the base weights; the engine "
                                  "applies adapters unmerged: unmerge them (model.unmerge_adapter()) or pass the "
                                  "merged model without PEFT")
+        # modules_to_save (the official finetune.py's LoRA saves wte and lm_head): whole copies of a module per
+        # adapter; the original module runs for every row and a forward hook puts each adapter's copy's output into
+        # its rows
+        self.saved = saved_modules(model) if hasattr(model, "peft_config") else []
+        for wrapper in self.saved:
+            names.update(wrapper.modules_to_save.keys())
         self.names = sorted(names)
         self._ids = {id(layer) for layer in self.layers}
+        # adapters that trained base-layer biases: PEFT loaded those into the base layers themselves, so no row
+        # without that adapter (the base's, another adapter's) can be computed beside it
+        configs = getattr(model, "peft_config", None) or {}
+        # (finetune.adapters.changes_base: PEFT's bias "all" / "lora_only")
+        self.base_changed = sorted(n for n in self.names if getattr(configs.get(n), "bias", "none") != "none")
 
     def index(self, name: str | None) -> int | None:
-        if name is None:
-            return None
-        if name not in self.names:
+        if name is not None and name not in self.names:
             known = ", ".join(self.names) if self.names else "none (the model has no LoRA adapters)"
             raise ValueError(f"unknown adapter {name!r}; loaded adapters: {known}")
-        return self.names.index(name)
+        other = [n for n in self.base_changed if n != name]
+        if other:
+            who = "the base model" if name is None else f"adapter {name!r}"
+            raise AdapterMixError(f"adapter {other[0]!r} trained base-layer biases (bias {'all'!r} or "
+                                  f"{'lora_only'!r} in its adapter_config.json), which PEFT loads into the base model "
+                                  f"itself: {who} cannot run beside it; load that adapter alone, or merge it (qwen-ft "
+                                  f"merge) and load the merged model")
+        return None if name is None else self.names.index(name)
 
     @contextmanager
     def applied(self, select: torch.Tensor | None):
         """Within: the model computes base + sum_a select[a, row] * adapter_a for every row; ``select`` [A, rows]
         (fp32 0/1; rows = the forward's batch size). None: no row uses an adapter, the base alone runs (no
         adapter is computed at all)."""
-        if not self.layers:
+        if not self.layers and not self.saved:
             yield
             return
         hooks = []
@@ -100,19 +127,23 @@ class RowAdapters:
             for layer in self.layers:
                 hooks.append(layer.register_forward_pre_hook(self._pre_hook(select, by_cols)))
                 hooks.append(layer.register_forward_hook(self._hook()))
+            for wrapper in self.saved:
+                hooks.append(wrapper.register_forward_hook(self._saved_hook(select)))
             self._active = True
         # PEFT's own path off (each layer returns its base layer's output), as its disable_adapter() does, but
         # set on the layers directly: the engine may hold the wrapped model (peft_model.chat() passes that),
         # and enable_adapters() would also change requires_grad
-        before = [layer._disable_adapters for layer in self.layers]
+        switched = self.layers + self.saved
+        before = [m._disable_adapters for m in switched]
         try:
-            for layer in self.layers:
-                layer._disable_adapters = True
+            for m in switched:
+                m._disable_adapters = True  # a modules_to_save wrapper then runs its original module
             yield
         finally:
             self._active = False
-            for layer, flag in zip(self.layers, before):
-                layer._disable_adapters = flag
+            for m, flag in zip(switched, before):
+                m._disable_adapters = flag
+            for layer in self.layers:
                 layer.__dict__.pop("_row_low_rank", None)
                 layer.__dict__.pop("_row_h", None)
                 if getattr(layer.base_layer, "low_rank_epilogue", None) is not None:
@@ -234,6 +265,18 @@ class RowAdapters:
 
         return pre_hook
 
+    def _saved_hook(self, select):
+        def hook(module, args, output):
+            # rows (the first dim of the input ids or hidden states) that use an adapter with its own copy of this
+            # module take that copy's output: exact, whatever the mix of rows
+            for a, name in enumerate(self.names):
+                if name in module.modules_to_save:
+                    rows = select[a].to(device=output.device).view(-1, *([1] * (output.dim() - 1))) > 0
+                    output = torch.where(rows, module.modules_to_save[name](*args).to(output.dtype), output)
+            return output
+
+        return hook
+
     def _hook(self):
         def hook(module, args, output):
             x2, a_all, sel, bt, offered = module.__dict__.pop("_row_low_rank")
@@ -255,4 +298,4 @@ class RowAdapters:
         return hook
 
 
-__all__ = ["RowAdapters", "lora_layers"]
+__all__ = ["AdapterMixError", "RowAdapters", "lora_layers", "saved_modules"]

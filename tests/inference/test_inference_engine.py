@@ -404,3 +404,69 @@ def test_warm_up_fits_a_tiny_max_len(tok):
     engine = Engine(tiny(seed=5), tok, max_batch=2, max_len=3)
     engine.warm_up()
     assert not engine.has_work()
+
+
+def _with_modules_to_save(model, names, saved, seed=0):
+    """A PeftModel whose adapters in ``saved`` also carry their own trained wte and lm_head (modules_to_save, as the
+    official finetune.py's LoRA mode saves them), the others plain LoRA."""
+    from peft import LoraConfig, get_peft_model
+
+    pm = None
+    for i, name in enumerate(names):
+        cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False,
+                         modules_to_save=["wte", "lm_head"] if name in saved else None)
+        torch.manual_seed(seed + i)
+        if pm is None:
+            pm = get_peft_model(model, cfg, adapter_name=name)
+        else:
+            pm.add_adapter(name, cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if ".modules_to_save." in n:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    return pm.eval()
+
+
+def test_modules_to_save_reach_only_their_adapters_rows(tok):
+    # the engine ran the active adapter's own wte and lm_head for every row: base rows and rows of another adapter
+    # got them too
+    pm = _with_modules_to_save(tiny(seed=11), ["saved", "plain"], saved={"saved"}, seed=4)
+    p = prompts([14], seed=12)[0]
+    params = SamplingParams(max_new_tokens=16)
+    refs = {}
+    for name in ("saved", "plain"):
+        pm.set_adapter(name)
+        refs[name] = hf_greedy(pm, tok, [p], 16)
+    with pm.disable_adapter():
+        refs[None] = hf_greedy(pm, tok, [p], 16)
+    assert len({tuple(r[0][0]) for r in refs.values()}) == 3
+    for active in ("saved", "plain"):  # whichever adapter PEFT has active, each row gets its own
+        pm.set_adapter(active)
+        engine = Engine(pm, tok, max_batch=4)
+        reqs = [engine.submit(p, params, adapter=name) for name in ("saved", None, "plain", "saved")]
+        while engine.has_work():
+            engine.step()
+        for req, name in zip(reqs, ("saved", None, "plain", "saved")):
+            assert assert_agree([req.output_ids], refs[name]) == 0, (active, name)
+
+
+def test_an_adapter_that_trained_base_biases_runs_alone(tok):
+    # PEFT loads bias "all" / "lora_only" adapters' biases into the base layers: rows of the base (or of another
+    # adapter) beside it would carry them, so they are refused in one line; its own rows are exact
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.inference.row_adapters import AdapterMixError
+
+    torch.manual_seed(0)
+    pm = get_peft_model(tiny(seed=13), LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "w1"], bias="all",
+                                                  init_lora_weights=False)).eval()
+    with torch.no_grad():
+        pm.base_model.model.transformer.h[0].attn.c_attn.base_layer.bias.add_(0.5)
+    engine = Engine(pm, tok, max_batch=2)
+    p = prompts([9], seed=14)[0]
+    with pytest.raises(AdapterMixError, match=r"adapter 'default' trained base-layer biases .* the base model cannot "
+                                              r"run beside it"):
+        engine.submit(p, SamplingParams(max_new_tokens=8), adapter=None)
+    ours = engine.generate([p], SamplingParams(max_new_tokens=12), adapter="default")
+    assert assert_agree(ours, hf_greedy(pm, tok, [p], 12)) == 0
