@@ -234,12 +234,21 @@ def test_interactive_chat_warms_the_decoder_up_first_on_a_gpu(setup, monkeypatch
     from finetune.chat import ANSWER, PROMPT
     from finetune.settings import override
 
+    from finetune.inference import Engine
+
     model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
     monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: True)
+    expected = []
+    warm_up = Engine.warm_up
+    monkeypatch.setattr(Engine, "warm_up", lambda self, expect: expected.append(expect) or warm_up(self, expect))
     text = _session(model, tok, [MEMORISE[1][0], ":q"], ["--greedy", "--max_new_tokens", "24"])
     first = text.split(PROMPT)[0]
     assert first.startswith("(decoder warmed up in ") and "Chat with the model." in first
     assert text.split(PROMPT)[1].strip() == ANSWER + MEMORISE[1][1]
+    # the decode steps warmed up are those of the replies' settings: greedy here, as the flags ask
+    assert [[p.do_sample for p in expect] for expect in expected] == [[False]]
+    _session(model, tok, [":q"], ["--temperature", "0.7"])
+    assert [p.do_sample for p in expected[-1]] == [True] and expected[-1][0].temperature == 0.7
     monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: False)
     assert "warmed up" not in _session(model, tok, [":q"])
     monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: True)
