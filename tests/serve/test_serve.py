@@ -413,3 +413,20 @@ def test_on_cuda_adapters_answer_their_memorised_answers_concurrently(served):
         with ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(lambda j: ask(client, j[0], j[1]).choices[0].message.content, jobs, timeout=300))
         assert answers == [a for _, _, a in jobs]
+
+
+def test_the_warm_up_expects_the_sampling_of_default_and_greedy_requests(live):
+    """qwen-ft serve warms up the decode steps of Server.default_sampling(): a request that sets no sampling and one
+    at temperature 0 each decode as one of those kinds (sampled: the forward's graph; greedy: the pick inside, with
+    or without the repetition penalty), so neither waits for a capture."""
+    from finetune.serve.protocol import ChatCompletionRequest
+
+    server = live.server
+
+    def kind(p):  # the engine's graph key part of a row's sampling
+        return None if p.do_sample else (p.repetition_penalty != 1.0, p.min_new_tokens > 0)
+
+    warmed = {kind(p) for p in server.default_sampling()}
+    for options in ({}, {"temperature": 0}):
+        body = ChatCompletionRequest(model=server.base_name, messages=[{"role": "user", "content": "hi"}], **options)
+        assert kind(server.params(body, 5)) in warmed, options
