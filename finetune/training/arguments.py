@@ -17,6 +17,8 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
+from .checks import TrainConfigError, deepspeed_config
+
 
 @dataclass
 class ModelArguments:
@@ -161,8 +163,12 @@ CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
 def _warmup_ratio(v) -> str:
     # transformers 5 reads a warmup_steps value below 1 as a ratio of the total steps.
-    if float(v) >= 1:
-        raise SystemExit("error: --warmup_ratio must be below 1 (it is a fraction of the steps)")
+    try:
+        ratio = float(v)
+    except (TypeError, ValueError):
+        raise TrainConfigError(f"--warmup_ratio: {v!r} is not a number") from None
+    if not 0 <= ratio < 1:
+        raise TrainConfigError(f"--warmup_ratio must be in [0, 1) (it is a fraction of the steps), got {v}")
     return str(v)
 
 
@@ -189,8 +195,6 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
     """The trainer flags in a YAML or JSON file, as a dict, with legacy names translated; one clear error for a
     file that cannot be read or holds names that are not flags."""
     import yaml
-
-    from .checks import TrainConfigError
 
     p = Path(path)
     if not p.is_file():
@@ -274,7 +278,7 @@ def parse_args(argv: list[str] | None = None):
     argv may start with a YAML or JSON file of flags (`qwen-ft train cfg.yaml`); flags after it override its
     values (the training scripts pass their launch flags and -m/-d/-o that way)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    parser = _Parser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
     for action in parser._actions:
         if action.dest == "cuda_graphs":  # unset by default (None), and like the other switches a bare flag is True
             action.nargs, action.const = "?", True
@@ -288,7 +292,32 @@ def parse_args(argv: list[str] | None = None):
         argv = argv[1:]
     argv = _translate_legacy(argv)
     # TrainingArguments reads the --deepspeed file as it is built: check it first, for one line naming it
-    from .checks import deepspeed_config
-
     deepspeed_config(parser.parse_known_args(argv)[0].deepspeed)
-    return parser.parse_args_into_dataclasses(args=argv)
+    *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        raise TrainConfigError(_not_flags(rest, parser))
+    return tuple(parsed)
+
+
+class _Parser(HfArgumentParser):
+    """argparse's errors (a bad value, an ambiguous abbreviation) as one line, not its 100-line usage text."""
+
+    def error(self, message):
+        raise TrainConfigError(" ".join(message.split()))
+
+
+def _not_flags(rest: list[str], parser) -> str:
+    """What the parser left over, as one line: each unknown flag with the nearest known one, or the values no
+    flag took (a path with spaces, unquoted)."""
+    import difflib
+
+    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    unknown = [r.partition("=")[0] for r in rest if r.startswith("--")]
+    if unknown:
+        parts = []
+        for flag in unknown:
+            near = difflib.get_close_matches(flag.replace("-", "_"), known, n=1, cutoff=0.6)
+            parts.append(flag + (f" (did you mean {near[0]}?)" if near else ""))
+        return f"unknown flag{'s' * (len(parts) > 1)}: {', '.join(parts)}; python -m finetune.train --help lists them"
+    return (f"value{'s' * (len(rest) > 1)} without a flag: {' '.join(map(repr, rest))} (a path with spaces must be "
+            "quoted)")

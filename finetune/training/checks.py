@@ -237,7 +237,10 @@ def check_numbers(lora_args, args) -> None:
                         ("--gradient_accumulation_steps", args.gradient_accumulation_steps)):
         if value < 1:
             raise TrainConfigError(f"{flag} must be at least 1, got {value}")
-    for flag, value in (("--learning_rate", args.learning_rate), ("--weight_decay", args.weight_decay),
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        raise TrainConfigError(f"--learning_rate must be a finite number > 0 (0 trains nothing), got "
+                               f"{args.learning_rate}")
+    for flag, value in (("--weight_decay", args.weight_decay),
                         ("--max_grad_norm", args.max_grad_norm),
                         ("--gradient_checkpointing_keep_gib", args.gradient_checkpointing_keep_gib)):
         if value is not None and not (math.isfinite(value) and value >= 0):
@@ -250,6 +253,9 @@ def check_numbers(lora_args, args) -> None:
     for flag, value in (("--seed", args.seed), ("--data_seed", args.data_seed)):
         if value is not None and not 0 <= value < 2 ** 32:
             raise TrainConfigError(f"{flag} must be in [0, 2**32), got {value}")
+    if args.max_steps == 0:  # transformers would read it as unset and train --num_train_epochs instead
+        raise TrainConfigError("--max_steps 0 trains nothing; leave it out (or -1) to train --num_train_epochs "
+                               f"({args.num_train_epochs:g})")
     if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
         raise TrainConfigError(f"nothing to train: --num_train_epochs {args.num_train_epochs} and no --max_steps; "
                                "give a positive number of epochs or steps")
