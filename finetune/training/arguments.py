@@ -319,5 +319,5 @@ def _not_flags(rest: list[str], parser) -> str:
             near = difflib.get_close_matches(flag.replace("-", "_"), known, n=1, cutoff=0.6)
             parts.append(flag + (f" (did you mean {near[0]}?)" if near else ""))
         return f"unknown flag{'s' * (len(parts) > 1)}: {', '.join(parts)}; python -m finetune.train --help lists them"
-    return (f"value{'s' * (len(rest) > 1)} without a flag: {' '.join(map(repr, rest))} (a path with spaces must be "
-            "quoted)")
+    return (f"value{'s' * (len(rest) > 1)} without a flag: {' '.join(map(repr, rest))} (the flag before takes one "
+            "value; quote a path that has spaces)")

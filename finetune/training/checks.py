@@ -261,6 +261,51 @@ def check_numbers(lora_args, args) -> None:
                                "give a positive number of epochs or steps")
 
 
+def _available_integrations() -> list[str]:
+    from transformers.integrations.integration_utils import get_available_reporting_integrations
+
+    return get_available_reporting_integrations()
+
+
+def check_report_to(args) -> None:
+    """--report_to names transformers knows, installed, and for W&B online a login: each would otherwise be a
+    traceback from the Trainer after the model has loaded (or a W&B UsageError when training begins)."""
+    import difflib
+
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    asked = [str(r) for r in (args.report_to or []) if r != "none"]
+    for name in asked:
+        if name not in INTEGRATION_TO_CALLBACK:
+            near = difflib.get_close_matches(name, list(INTEGRATION_TO_CALLBACK), n=1)
+            raise TrainConfigError(f"--report_to {name}: not a reporting integration"
+                                   + (f" (did you mean {near[0]}?)" if near else "")
+                                   + f"; one of {', '.join(INTEGRATION_TO_CALLBACK)}, or none")
+    available = set(_available_integrations())
+    missing = [n for n in asked if n not in available]
+    if missing:
+        hint = " or pip install -e \".[wandb]\"" if missing == ["wandb"] else ""
+        raise TrainConfigError(f"--report_to {' '.join(missing)}: not installed (pip install {' '.join(missing)}"
+                               f"{hint}), or drop it from --report_to")
+    if "wandb" in asked and args.process_index == 0:  # only the main process logs to W&B
+        import sys
+
+        import wandb
+
+        # (the environment first: wandb.setup() keeps the settings of its first call in this process)
+        mode = os.environ.get("WANDB_MODE") or wandb.setup().settings.mode
+        if mode not in ("online", "shared"):  # offline, disabled: no account needed
+            return
+        try:
+            # a prompt only where the callback would have prompted (a terminal), now instead of after loading
+            logged_in = wandb.login(verify=False, prompt=sys.stdin.isatty())
+        except wandb.errors.Error as e:
+            raise TrainConfigError(f"--report_to wandb: {' '.join(str(e).split())}") from None
+        if not logged_in:
+            raise TrainConfigError("--report_to wandb: no W&B API key: run `wandb login` (or set WANDB_API_KEY) "
+                                   "first, or WANDB_MODE=offline to keep the run's logs locally")
+
+
 def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     # -- model dir -------------------------------------------------------------------------------------------
     if not model_args.model_name_or_path:
@@ -311,6 +356,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     if lora_args.lora_r <= 0:
         raise TrainConfigError(f"--lora_r must be positive, got {lora_args.lora_r}")
     check_numbers(lora_args, args)
+    check_report_to(args)
     if lora_args.lora_bias not in ("none", "all", "lora_only"):
         raise TrainConfigError(f"--lora_bias must be none, all or lora_only, got {lora_args.lora_bias!r}")
     if lora_args.lora_weight_path and not Path(lora_args.lora_weight_path).is_dir():

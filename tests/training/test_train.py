@@ -192,7 +192,7 @@ def test_preflight_errors(models, memorise_file, tmp_path):
     (["--lora_rr", "8"], "unknown flag: --lora_rr (did you mean --lora_r?)"),
     (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
     (["--lora", "8"], "ambiguous option: --lora could match --lora_r"),
-    (["/tmp/my", "data.json"], "values without a flag: '/tmp/my' 'data.json' (a path with spaces must be quoted)"),
+    (["/tmp/my", "data.json"], "values without a flag: '/tmp/my' 'data.json' (the flag before takes one value; quote a path that has spaces)"),
     (["--lora_alpha", "0"], "--lora_alpha must be positive"),
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
     (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
@@ -360,6 +360,45 @@ def test_report_to_tensorboard_and_offline_wandb(models, memorise_file, tmp_path
         assert runs and any(runs[0].rglob("*.wandb"))
     else:
         assert list(out.rglob("events.out.tfevents.*"))  # under output_dir/runs/
+
+
+@pytest.mark.parametrize("report_to, message", [
+    ("wandbb", "--report_to wandbb: not a reporting integration (did you mean wandb?)"),
+    ("mlflow", "--report_to mlflow: not installed (pip install mlflow)"),
+])
+def test_report_to_unknown_or_not_installed_is_one_line_before_loading(models, memorise_file, tmp_path, capsys,
+                                                                       monkeypatch, report_to, message):
+    # the Trainer's ValueError / RuntimeError tracebacks once the model had loaded
+    import finetune.loading
+    import finetune.training.checks as checks
+
+    monkeypatch.setattr(checks, "_available_integrations", lambda: ["tensorboard"])
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
+                            "--report_to", report_to)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_to_wandb_without_a_login_is_one_line_before_loading(models, memorise_file, tmp_path):
+    # wandb.init's UsageError ("No API key configured") when training began, after the model had loaded. A child
+    # process: wandb keeps the settings of its first setup in a process, and no terminal to prompt on.
+    import subprocess
+    import sys
+
+    pytest.importorskip("wandb")
+    from _helpers import subprocess_env
+
+    env = {k: v for k, v in subprocess_env(HOME=str(tmp_path)).items()
+           if not k.startswith("WANDB_") and k != "NETRC"}
+    out = tmp_path / "o"
+    p = subprocess.run([sys.executable, "-m", "finetune.train", *_args(models["float"], memorise_file, out,
+                        "--use_lora", "True", "--report_to", "wandb")], cwd=tmp_path, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("error: --report_to wandb: no W&B API key: run `wandb login`")
+    assert "Traceback" not in p.stderr and "Loading weights" not in p.stderr and not out.exists()
 
 
 def test_packing_is_the_default_and_the_run_says_what_a_step_holds(models, tmp_path, capsys):
