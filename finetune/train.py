@@ -26,7 +26,8 @@ from .training.arguments import (DataArguments, LoraArguments, ModelArguments, T
                                  resolve_sampling)
 from .training import precision as precision_policy
 from .training.allocator import allocator_settings, default_allocator_settings
-from .training.checks import FINISHED_MARKER, TrainConfigError, last_complete_checkpoint, preflight
+from .training.checks import (DATA_KEY, FINISHED_MARKER, TrainConfigError, conflicts_error, deepspeed_config,
+                              identity_mismatch, last_complete_checkpoint, precision_conflicts, preflight)
 from .training.console import quiet_third_party_notices
 from .training.lora import attach_lora
 from .training.model_card import write_model_card
@@ -46,16 +47,26 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     if args.process_index != 0:  # rank 0 owns the output dir
         return _train(plan, model_args, data_args, lora_args, args, argv)
     with claim_output_dir(args, plan.identity):
-        _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan, argv)
+        def record_args():
+            _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan, argv)
+
+        # A resume in its own dir records its arguments once the data is known to be the run's: a refused resume
+        # leaves the run's run_args.json as it was (any other run marks its dir as a run of this project now).
+        resumes_here = plan.resume_from and Path(plan.resume_from).absolute().parent == Path(args.output_dir).absolute()
+        if not resumes_here:
+            record_args()
         try:
-            return _train(plan, model_args, data_args, lora_args, args, argv)
+            return _train(plan, model_args, data_args, lora_args, args, argv,
+                          record_args=record_args if resumes_here else None)
         except KeyboardInterrupt:
             print(_interrupted(args), file=sys.stderr, flush=True)
             raise
 
 
-def _train(plan, model_args, data_args, lora_args, args, argv):
+def _train(plan, model_args, data_args, lora_args, args, argv, record_args=None):
     precision = precision_policy.decide(args, plan)
+    if args.deepspeed and (conflicts := precision_conflicts(deepspeed_config(args.deepspeed), precision)):
+        raise conflicts_error(f"--deepspeed {args.deepspeed}", conflicts)
     precision_policy.apply(args, precision)
 
     from .tokenization import load_tokenizer
@@ -67,6 +78,12 @@ def _train(plan, model_args, data_args, lora_args, args, argv):
         raise TrainConfigError(f"{e}; raise --model_max_length (now {data_args.model_max_length})"
                                + ("" if data_args.skip_invalid else ", or pass --skip_invalid True to skip and "
                                   "count such records")) from None
+    plan.identity[DATA_KEY] = summary.content  # recorded in each checkpoint (qwen_run.json)
+    if plan.resume_from and (mismatch := identity_mismatch(Path(plan.resume_from), plan.identity)):
+        raise TrainConfigError(f"{'--resume' if args.resume else '--resume_from_checkpoint'}: {plan.resume_from} "
+                               f"was {mismatch}")
+    if record_args is not None:
+        record_args()
     if summary.trained_tokens == 0:
         raise TrainConfigError(
             f"--model_max_length {data_args.model_max_length} leaves no assistant reply to train on "

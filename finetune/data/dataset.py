@@ -356,6 +356,10 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         errors.append(too_long)  # in the summary's examples
     summary = summarize(source, used_len, used_trained, n_trunc, len(reasons), skipped, max_len)
     summary.examples = [str(e) for e in errors[:5]]
+    # a single file's content without its name (a moved or renamed copy is the same data); a dir's file names
+    # are part of what it holds
+    content = key.get("content", key.get("records"))
+    summary.content = Hasher.hash([c[1:] for c in content] if "content" in key and p.is_file() else content)
     if not used_len:
         cls = TooLongError if skipped.get(TOO_LONG) else DataError
         empty = ("no records given" if not isinstance(path_or_records, (str, os.PathLike))

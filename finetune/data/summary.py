@@ -31,6 +31,7 @@ class DataSummary:
     rows: int = 0  # rows of the final dataset (fewer than records_used when packed)
     packed: bool = False
     examples: list[str] = field(default_factory=list)  # the first few skipped records' errors
+    content: str | None = None  # a hash of the data's content (not its path): a resume checks it is the same
 
     @property
     def records_skipped(self) -> int:

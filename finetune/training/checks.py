@@ -57,12 +57,47 @@ class TrainPlan:
     seq_length: int | None = None  # the model's trained context (config.json)
 
 
-def run_identity(model_dir, mode: str, lora_args) -> dict:
-    """What a run's checkpoints record and a resume must match: the model, the mode and the adapters' shape."""
+def run_identity(model_dir, mode: str, lora_args, data_args=None, args=None) -> dict:
+    """What a run's checkpoints record and a resume must match: the model, the mode and the adapters' shape; with
+    the data and training arguments also what else a resume would silently change or ignore: the adapters'
+    scaling and dropout, the rows (--model_max_length, --packing, --train_on_prompt; the data's content is added
+    once it is read, DATA_KEY), the batches and the data order (transformers skips the batches already trained
+    by count), and the optimizer's settings (the optimizer state a resume loads keeps the old ones). Not
+    --max_steps or --num_train_epochs: continuing past the old end is what a resume from a checkpoint is for."""
     lora = mode != "full"
-    return {"model_dir": str(Path(model_dir).resolve()), "mode": mode,
-            "lora_r": lora_args.lora_r if lora else None,
-            "lora_target_modules": sorted(lora_args.lora_target_modules) if lora else None}
+    identity = {"model_dir": str(Path(model_dir).resolve()), "mode": mode,
+                "lora_r": lora_args.lora_r if lora else None,
+                "lora_target_modules": sorted(lora_args.lora_target_modules) if lora else None}
+    if lora:
+        identity.update(lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+                        use_rslora=lora_args.use_rslora, lora_bias=lora_args.lora_bias,
+                        modules_to_save=sorted(lora_args.modules_to_save or []))
+    if data_args is not None:
+        identity.update(model_max_length=data_args.model_max_length, packing=data_args.packing,
+                        train_on_prompt=data_args.train_on_prompt)
+    if args is not None:
+        sampling = str(getattr(args.train_sampling_strategy, "value", args.train_sampling_strategy))
+        if sampling == "auto" and data_args is not None:  # as arguments.resolve_sampling resolves it
+            sampling = "random" if data_args.packing else "group_by_length"
+        identity.update(
+            per_device_train_batch_size=args.per_device_train_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, processes=args.world_size,
+            seed=args.seed, data_seed=args.data_seed,
+            train_sampling_strategy=sampling,
+            optim=str(getattr(args.optim, "value", args.optim)), learning_rate=args.learning_rate,
+            weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+            adam_epsilon=args.adam_epsilon)
+    return identity
+
+
+DATA_KEY = "data"  # identity: a hash of the training data's content (train.py adds it once the data is read)
+# How a difference is named: the flag, or what it is.
+_IDENTITY_NAMES = {"model_dir": "model", "mode": "mode", "processes": "processes",
+                   DATA_KEY: "the training data (its content)"}
+# Differences a new run from the checkpoint's adapter (--lora_weight_path) cannot take: another model, or the
+# adapter's own config, which --lora_weight_path keeps.
+_STRUCTURAL = ("model_dir", "mode", "lora_r", "lora_target_modules", "lora_alpha", "lora_dropout", "use_rslora",
+               "lora_bias", "modules_to_save")
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
@@ -125,32 +160,38 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 return f"{name}: corrupt or truncated ({e})"
     if identity:
-        return _identity_mismatch(ckpt, identity)
+        return identity_mismatch(ckpt, identity)
     return None
 
 
-def _identity_mismatch(ckpt: Path, identity: dict) -> str | None:
+def identity_mismatch(ckpt: Path, identity: dict) -> str | None:
     recorded = None
     if (ckpt / CHECKPOINT_RUN).is_file():
         recorded = json.loads((ckpt / CHECKPOINT_RUN).read_text())
     elif (ckpt / "adapter_config.json").is_file():  # written before checkpoints recorded their run
         cfg = json.loads((ckpt / "adapter_config.json").read_text())
         targets = cfg.get("target_modules")
-        recorded = {"lora_r": cfg.get("r"),
+        recorded = {"lora_r": cfg.get("r"), "lora_alpha": cfg.get("lora_alpha"),
                     "lora_target_modules": sorted(targets) if isinstance(targets, list) else targets}
     if not recorded:
         return None
-    flags = {"model_dir": "model", "mode": "mode", "lora_r": "--lora_r", "lora_target_modules": "--lora_target_modules"}
-    diffs = [f"{flags[k]} {_show(recorded[k])} there, {_show(identity[k])} now"
-             for k in flags if k in recorded and k in identity and recorded[k] != identity[k]]
-    if diffs:
-        return ("written by a different run (" + "; ".join(diffs) + "): a resume needs the same model, mode, "
-                "--lora_r and --lora_target_modules")
-    return None
+    # (keys one side lacks are not compared: checkpoints written before a key was recorded)
+    differ = [k for k in identity if k in recorded and recorded[k] != identity[k]]
+    if not differ:
+        return None
+    diffs = "; ".join(f"{_IDENTITY_NAMES.get(k, '--' + k)} {_show(recorded[k])} there, {_show(identity[k])} now"
+                      for k in differ if k != DATA_KEY)
+    if DATA_KEY in differ:
+        diffs += ("; " if diffs else "") + "the training data's content differs"
+    seed = ("" if identity.get("mode") == "full" or any(k in _STRUCTURAL for k in differ)
+            else f"; its adapter can start a new run with these settings (--lora_weight_path {ckpt} --output_dir "
+                 "NEW_DIR)")
+    return (f"written by a different run ({diffs}): a resume continues that run as it was (its model, adapters, "
+            f"rows, batches, data order and optimizer){seed}")
 
 
 def _show(v) -> str:
-    return " ".join(v) if isinstance(v, list) else str(v)
+    return (" ".join(map(str, v)) or "none") if isinstance(v, list) else str(v)
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike, identity: dict | None = None) -> str | None:
@@ -219,6 +260,56 @@ def deepspeed_config(ds) -> dict | None:
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise TrainConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return cfg
+
+
+def _ds_value(cfg: dict, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _conflicts(cfg: dict, pairs) -> list[str]:
+    # as transformers compares them (HfTrainerDeepSpeedConfig.fill_match): "auto" and absent values take the flag's
+    return [f"{key} is {json.dumps(_ds_value(cfg, key))} there, {flag} {value} here" for key, value, flag in pairs
+            if _ds_value(cfg, key) not in (None, "auto") and _ds_value(cfg, key) != value]
+
+
+def deepspeed_conflicts(cfg: dict, args) -> list[str]:
+    """Values a DeepSpeed config sets that differ from the command line's (transformers' ValueError once the
+    model had loaded). The precision fields are checked against the precision decided: precision_conflicts."""
+    world = max(args.world_size, 1)
+    return _conflicts(cfg, [
+        ("train_micro_batch_size_per_gpu", args.per_device_train_batch_size, "--per_device_train_batch_size"),
+        ("gradient_accumulation_steps", args.gradient_accumulation_steps, "--gradient_accumulation_steps"),
+        ("train_batch_size", world * args.per_device_train_batch_size * args.gradient_accumulation_steps,
+         f"--per_device_train_batch_size x --gradient_accumulation_steps x {world} process(es) ="),
+        ("gradient_clipping", args.max_grad_norm, "--max_grad_norm"),
+        ("optimizer.params.lr", args.learning_rate, "--learning_rate"),
+        ("optimizer.params.betas", [args.adam_beta1, args.adam_beta2], "--adam_beta1, --adam_beta2"),
+        ("optimizer.params.eps", args.adam_epsilon, "--adam_epsilon"),
+        ("optimizer.params.weight_decay", args.weight_decay, "--weight_decay"),
+    ])
+
+
+def precision_conflicts(cfg: dict, precision) -> list[str]:
+    """fp16.enabled / bf16.enabled set in a DeepSpeed config against what the precision policy gives DeepSpeed
+    (training/precision.py: LoRA's fp32 adapters on a bf16 base run under autocast, DeepSpeed's own bf16 off)."""
+    dtype = str(precision.compute_dtype).removeprefix("torch.")
+    out = []
+    for key, value in (("fp16.enabled", precision.hf_fp16), ("bf16.enabled", precision.hf_bf16)):
+        if _ds_value(cfg, key) not in (None, "auto") and _ds_value(cfg, key) != value:
+            out.append(f"{key} is {json.dumps(_ds_value(cfg, key))} there, and this run turns DeepSpeed's "
+                       f"{key.split('.')[0]} {'on' if value else 'off'} (it computes in {dtype}; --bf16 / --fp16 "
+                       "decide)")
+    return out
+
+
+def conflicts_error(where: str, conflicts: list[str]) -> TrainConfigError:
+    return TrainConfigError(f"{where} sets values the command line decides: {'; '.join(conflicts)}; set them to "
+                            "\"auto\" (as in ds_configs/) or pass the flags to match")
 
 
 def _importable(module: str) -> bool:
@@ -384,6 +475,8 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
             raise TrainConfigError(
                 f"--deepspeed {args.deepspeed} has a 'scheduler' block, which would replace the schedule that "
                 "--lr_scheduler_type asks for; remove it (the configs in ds_configs/ have none)")
+        if conflicts := deepspeed_conflicts(ds, args):
+            raise conflicts_error(f"--deepspeed {args.deepspeed}", conflicts)
         if "optimizer" in ds and not str(args.optim).lower().startswith(("adamw", "optimizernames.adamw")):
             raise TrainConfigError(
                 f"--deepspeed {args.deepspeed} brings its own optimizer ({ds['optimizer'].get('type')}), so "
@@ -402,7 +495,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
             "process) or python -m finetune.training.launch --nproc_per_node N -m finetune.train ...")
 
     # -- output dir and resume -------------------------------------------------------------------------------
-    identity = run_identity(model_dir, mode, lora_args)
+    identity = run_identity(model_dir, mode, lora_args, data_args, args)
     resume_from = check_output_dir(args, identity)
 
     check_model_files(model_dir, mode, lora_args)
@@ -519,10 +612,10 @@ def _resumable(out: Path, identity: dict) -> str | None:
     for p in found:
         problem = checkpoint_problem(p)
         if problem is None:
-            mismatch = _identity_mismatch(p, identity)
+            mismatch = identity_mismatch(p, identity)
             if mismatch:
-                raise TrainConfigError(f"--resume: {p} was {mismatch}; start this run in another --output_dir "
-                                       "or with --overwrite_output_dir")
+                raise TrainConfigError(f"--resume: {p} was {mismatch}; or start this run afresh in another "
+                                       "--output_dir or with --overwrite_output_dir")
             for skipped, why in problems:
                 logger.warning("--resume: %s is not usable (%s); falling back to %s", skipped, why, p.name)
             return str(p)

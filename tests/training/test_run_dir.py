@@ -220,6 +220,57 @@ def test_resume_refuses_a_checkpoint_of_another_run(finished, model, data, tmp_p
                               "--resume_from_checkpoint", str(run / "checkpoint-2")))
 
 
+@pytest.mark.parametrize("flags, differs", [
+    (["--lora_alpha", "8"], "--lora_alpha 32 there, 8 now"),  # loaded into adapters scaled otherwise
+    (["--learning_rate", "1"], "--learning_rate 0.005 there, 1.0 now"),  # the optimizer state kept the old one
+    (["--weight_decay", "0.1"], "--weight_decay 0.0 there, 0.1 now"),
+    (["--optim", "sgd"], "--optim adamw_torch there, sgd now"),  # was a KeyError from torch's SGD mid-run
+    (["--model_max_length", "64"], "--model_max_length 128 there, 64 now"),  # other rows: batches skipped by count
+    (["--packing", "True"], "--packing False there, True now"),
+    (["--per_device_train_batch_size", "2"], "--per_device_train_batch_size 4 there, 2 now"),
+    (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps 1 there, 2 now"),
+    (["--seed", "1"], "--seed 0 there, 1 now"),  # another order of the epoch's rows
+])
+def test_resume_refuses_settings_the_run_did_not_train_with(finished, model, data, tmp_path, flags, differs):
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    with pytest.raises(TrainConfigError) as e:
+        _preflight(train_args(model, data, run, *STEPS4, "--resume", "True", *flags))
+    assert str(e.value).startswith(f"--resume: {run / 'checkpoint-4'} was written by a different run ({differs}")
+    hint = (f"its adapter can start a new run with these settings (--lora_weight_path {run / 'checkpoint-4'} "
+            "--output_dir NEW_DIR)")
+    assert (hint in str(e.value)) is (flags[0] != "--lora_alpha")  # a new run from the adapter keeps its alpha
+    # what a resume may change: how long it goes on, and how often it logs and saves
+    assert _preflight(train_args(model, data, run, *STEPS4, "--resume", "True", "--max_steps", "6",
+                                 "--save_steps", "3", "--logging_steps", "2")).resume_from == str(run / "checkpoint-4")
+
+
+def test_resume_on_other_data_stops_before_loading_and_keeps_the_runs_records(finished, model, data, tmp_path,
+                                                                              capsys, monkeypatch):
+    import finetune.loading
+
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    before = _snapshot(run)
+    records = json.loads(Path(data).read_text())
+    records[0]["conversations"][1]["value"] = "Another answer."
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(records))
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(train_args(model, edited, run, *STEPS4, "--resume", "True")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith(f"error: --resume: {run / 'checkpoint-4'} was written by a different run (the training "
+                           "data's content differs)"), line
+    after = _snapshot(run)
+    assert after.pop("train.log") and before.pop("train.log")  # the attempt is in the console log
+    assert after == before  # run_args.json too: still the run's own
+
+    # the same content under another name is the same data
+    copy = tmp_path / "copy of data.json"
+    copy.write_bytes(Path(data).read_bytes())
+    monkeypatch.undo()
+    assert train_main(train_args(model, copy, run, *STEPS4, "--resume", "True", "--max_steps", "5")) == 0
+    assert "resuming from" in capsys.readouterr().out
+
+
 # -- item 9: the demo replaces only demo outputs ------------------------------------------------------------------
 
 def test_demo_never_replaces_a_dir_that_is_not_a_demo_output(finished, tmp_path):

@@ -244,6 +244,38 @@ def test_deepspeed_config_of_the_wrong_shape_is_one_line(models, memorise_file, 
     assert err.startswith(f"error: --deepspeed {ds}: ") and message in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("values, message", [
+    ({"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 3},
+     "train_micro_batch_size_per_gpu is 8 there, --per_device_train_batch_size 4 here; gradient_accumulation_steps "
+     "is 3 there, --gradient_accumulation_steps 1 here"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping is 0.5 there, --max_grad_norm 1.0 here"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": "auto"}}},
+     "optimizer.params.lr is 0.0001 there, --learning_rate 0.005 here"),
+    ({"bf16": {"enabled": True}}, "bf16.enabled is true there, and this run turns DeepSpeed's bf16 off (it computes "
+                                  "in float32"),
+])
+def test_deepspeed_values_that_contradict_the_command_line_are_one_line_before_loading(
+        models, memorise_file, tmp_path, monkeypatch, values, message):
+    # transformers' "Please correct the following DeepSpeed config values" ValueError once the model had loaded
+    import finetune.loading
+    from finetune.train import train
+
+    cfg = json.loads((ROOT / "ds_configs" / "zero2.json").read_text())
+    cfg.update(values)
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(cfg))
+    margs = parse_args(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
+                             "--deepspeed", str(ds)))
+    for var, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", "29500")):  # as torchrun sets them (after parsing: nothing starts here)
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(TrainConfigError) as e:
+        train(*margs)
+    assert str(e.value).startswith(f"--deepspeed {ds} sets values the command line decides: {message}")
+    assert str(e.value).endswith('set them to "auto" (as in ds_configs/) or pass the flags to match')
+
+
 def test_deepspeed_without_a_launcher_stops_before_loading(models, memorise_file, tmp_path, capsys, monkeypatch):
     # `qwen-ft train --deepspeed ...` by hand: DeepSpeed looked for MPI once the data and the model had loaded
     import finetune.loading
