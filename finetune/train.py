@@ -58,8 +58,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         try:
             return _train(plan, model_args, data_args, lora_args, args, argv,
                           record_args=record_args if resumes_here else None)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             print(_interrupted(args), file=sys.stderr, flush=True)
+            e.reported = True  # main says nothing more
             raise
 
 
@@ -249,7 +250,7 @@ def _interrupted(args) -> str:
     last = last_complete_checkpoint(args.output_dir)
     if last is None:
         return (f"interrupted: no checkpoint was written in {args.output_dir} yet (--save_strategy "
-                f"{args.save_strategy}); run the command again to start over")
+                f"{getattr(args.save_strategy, 'value', args.save_strategy)}); run the command again to start over")
     step = json.loads(Path(last, "trainer_state.json").read_text())["global_step"]
     how = "the same command with --resume True" + (" instead of --overwrite_output_dir"
                                                    if args.overwrite_output_dir else "")
@@ -440,7 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     except (TrainConfigError, DataError, NonFiniteLossError, SettingsError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    except KeyboardInterrupt:  # rank 0 has said where the last checkpoint is
+    except KeyboardInterrupt as e:  # once the run has its output dir, rank 0 has said where the last checkpoint is
+        if not getattr(e, "reported", False) and os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted before training began; nothing was written", file=sys.stderr, flush=True)
         return 130
     _end_distributed()  # after success only: a failing rank must exit, not wait for the others
     return 0

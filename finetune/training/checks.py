@@ -24,6 +24,7 @@ FINISHED_MARKER = "training_finished.json"  # written last: the run in this dir 
 RUN_ARGS = "run_args.json"  # written when a run takes the dir: the dir holds a run of this project
 LOCK_FILE = ".qwen-ft.lock"  # flock'ed by the running process (rank 0) for the whole run
 DEMO_MARKER = ".qwen-ft-demo"  # written by the scripts' demo: the only dirs the demo may replace
+STAGING = ".staging"  # checkpoints are written here and renamed into place once complete (trainer.py)
 CHECKPOINT_RUN = "qwen_run.json"  # in each checkpoint: the run that wrote it (model dir, mode, LoRA shape)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _CHECKSUM_LIMIT = 4 << 30  # bytes: checkpoint files this large are not read whole before a resume

@@ -15,8 +15,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .checks import (DEMO_MARKER, LOCK_FILE, RUN_OUTPUTS, TrainConfigError, check_output_dir, checkpoints,
-                     foreign_files, is_project_run)
+from .checks import (DEMO_MARKER, LOCK_FILE, RUN_OUTPUTS, STAGING, TrainConfigError, check_output_dir,
+                     checkpoints, foreign_files, is_project_run)
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +46,9 @@ def claim_output_dir(args, identity: dict):
             checks_log.setLevel(level)
         if args.overwrite_output_dir:
             _clear_previous_run(out)
+        elif (out / STAGING).exists():  # a save that was killed: never a checkpoint; its files must not mix into one
+            shutil.rmtree(out / STAGING)
+            logger.warning("removed %s: the unfinished checkpoint save of an interrupted run", out / STAGING)
         with _console_copy(out / CONSOLE_LOG):
             yield out
     finally:
@@ -72,7 +75,7 @@ def _clear_previous_run(out: Path) -> None:
     --resume can never continue the old run and a new run that stops early leaves nothing of the old one to
     mistake for its own. Only a run of this project is cleared; other files are never deleted."""
     if is_project_run(out):
-        old = checkpoints(out) + [p for p in (out / ".staging", *(out / n for n in RUN_OUTPUTS)) if p.exists()]
+        old = checkpoints(out) + [p for p in (out / STAGING, *(out / n for n in RUN_OUTPUTS)) if p.exists()]
         for p in old:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if old:

@@ -18,7 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import ChatCollator, PackedCollator
 from ..data.collator import padded_len
-from .checks import CHECKPOINT_RUN
+from .checks import CHECKPOINT_RUN, STAGING
 from .host_read import HostRead
 from .nonfinite import FoundInfHooks, NonFiniteGuard, NonFiniteLossError, takes_found_inf, unwrap_optimizer  # noqa: F401  (NonFiniteLossError: re-exported for train.py)
 from .throughput import ThroughputMeter
@@ -325,7 +325,7 @@ class QwenTrainer(Trainer):
         self._read_now()
         run_dir = self._get_output_dir(trial)
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging = os.path.join(run_dir, ".staging")
+        staging = os.path.join(run_dir, STAGING)
         self._staging_dir = staging
         try:
             super()._save_checkpoint(model, trial)

@@ -16,7 +16,7 @@ import torch
 from finetune.demo import make_demo_model
 from finetune.train import main as train_main
 from finetune.training.arguments import parse_args
-from finetune.training.checks import LOCK_FILE, TrainConfigError, preflight
+from finetune.training.checks import LOCK_FILE, TrainConfigError, checkpoint_problem, preflight
 from finetune.training.trainer import QwenTrainer
 
 from _helpers import ROOT, subprocess_env, train_args
@@ -200,7 +200,7 @@ def test_overwrite_removes_the_old_runs_checkpoints(finished, model, data, tmp_p
     assert train_main(train_args(model, data, run, *STEPS4, "--overwrite_output_dir", "True")) == 130
     assert not list(run.glob("checkpoint-*")) and not (run / "training_finished.json").exists()
     assert not (run / "adapter_model.safetensors").exists() and not (run / "run_info.json").exists()
-    assert "no checkpoint was written" in capsys.readouterr().err
+    assert f"no checkpoint was written in {run} yet (--save_strategy steps); run the command" in capsys.readouterr().err
     assert _preflight(train_args(model, data, run, *STEPS4, "--resume", "True")).resume_from is None
 
 
@@ -404,6 +404,33 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_resume_says_where_it_continues(
     assert f"resuming from {out / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
     log = (out / "train.log").read_text()  # both runs' consoles, in order
     assert log.index("interrupted: the last complete") < log.index("resuming from") < log.index("Done.")
+
+
+def test_ctrl_c_before_the_run_takes_its_dir_says_so(model, data, tmp_path, capsys, monkeypatch):
+    import finetune.train
+
+    def interrupted(*a, **k):  # e.g. while preflight reads the weight files' headers
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(finetune.train, "preflight", interrupted)
+    assert train_main(train_args(model, data, tmp_path / "o", *STEPS4)) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["interrupted before training began; nothing was written"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_discards_a_killed_checkpoint_save(finished, model, data, tmp_path, caplog):
+    # a run killed while writing checkpoint-6 left .staging/checkpoint-6: its files must not end up in the
+    # checkpoint-6 the resumed run writes there
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    stale = run / ".staging" / "checkpoint-6"
+    stale.mkdir(parents=True)
+    (stale / "optimizer.pt").write_bytes(b"half")
+    (stale / "stale_rank_file.pth").write_bytes(b"x")
+    with caplog.at_level(logging.WARNING):
+        assert train_main(train_args(model, data, run, *STEPS4, "--resume", "True", "--max_steps", "6")) == 0
+    assert f"removed {run / '.staging'}: the unfinished checkpoint save of an interrupted run" in caplog.text
+    assert not (run / ".staging").exists() and not (run / "checkpoint-6" / "stale_rank_file.pth").exists()
+    assert checkpoint_problem(run / "checkpoint-6") is None
 
 
 def test_rows_past_the_models_seq_length_warn_once(model, data, tmp_path, monkeypatch, caplog):
