@@ -95,6 +95,10 @@ def _train(plan, model_args, data_args, lora_args, args, argv, record_args=None)
         print(batches["text"], flush=True)
         if eval_set is not None:
             print("eval " + eval_summary.format(), flush=True)
+            if eval_summary.content == summary.content:
+                logger.warning("--eval_data_path %s holds the same conversations as --data_path %s: its loss measures "
+                               "how well the training data is fitted, not held-out data", data_args.eval_data_path,
+                               data_args.data_path)
         _warn_past_seq_length(train_set, summary, data_args, plan)
 
     from .loading import load_model

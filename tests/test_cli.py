@@ -128,6 +128,21 @@ def test_config_file_then_flags(setup, tmp_path):
     assert args.report_to == []  # ("none" as transformers reads it)
 
 
+def test_a_leading_tilde_in_a_path_flag_is_the_home_dir(tmp_path, monkeypatch):
+    # the shell leaves ~ alone in --output_dir=~/x, in "~/x" and in a config file; a dir named "~" was made in
+    # the working dir
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    home = tmp_path / "home"
+    model_args, data_args, _, args = parse_args(["--output_dir=~/runs/a", "--data_path", "~/d.json", "-m", "~/m"])
+    assert (args.output_dir, data_args.data_path, model_args.model_name_or_path) == \
+        (str(home / "runs/a"), str(home / "d.json"), str(home / "m"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("output_dir: ~/runs/b\neval_data_path: ~/e.json\nlora_target_modules: [c_attn]\n")
+    _, data_args, _, args = parse_args([str(cfg)])
+    assert args.output_dir == str(home / "runs/b") and data_args.eval_data_path == str(home / "e.json")
+    assert parse_args(["--data_path", "data/~x.json"])[1].data_path == "data/~x.json"  # only a leading ~
+
+
 def test_train_help_shows_the_lora_defaults_and_no_false_default_for_no_flags(capsys):
     # the LoRA flags had no help, so --help showed no default; --no_packing repeated --packing's help ending in
     # "(default: False)", right under "--packing ... (default: True)"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,6 +160,29 @@ _RENAMED = {old: new for old, new in {
     "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
 }.items() if new in {f.name for f in dataclasses.fields(transformers.TrainingArguments)}}
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+# Path flags whose leading ~ is the home dir: the shell expands it only in a word of its own, not in
+# --output_dir=~/x or a config file's value (which made a dir named "~" in the working dir).
+PATH_FLAGS = ("model_name_or_path", "data_path", "eval_data_path", "output_dir", "lora_weight_path", "deepspeed",
+              "resume_from_checkpoint", "logging_dir", "cache_dir")
+
+
+def _home(value):
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+def _expand_home(argv: list[str]) -> list[str]:
+    def is_path_flag(flag: str) -> bool:
+        return flag in ("-m", "-d", "-o") or flag.startswith("--") and flag[2:].replace("-", "_") in PATH_FLAGS
+
+    out = []
+    for i, a in enumerate(argv):
+        name, eq, val = a.partition("=")
+        if eq and is_path_flag(name):
+            a = f"{name}={_home(val)}"
+        elif i and is_path_flag(argv[i - 1]):
+            a = _home(a)  # a quoted "~/x"
+        out.append(a)
+    return out
 
 
 def _warmup_ratio(v) -> str:
@@ -220,7 +244,7 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         values = {}
     if not isinstance(values, dict):
         raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}")
-    values = {_RENAMED.get(k, k): v for k, v in values.items()}
+    values = {_RENAMED.get(k, k): (_home(v) if k in PATH_FLAGS else v) for k, v in values.items()}
     if "warmup_ratio" in values:
         values["warmup_steps"] = float(_warmup_ratio(values.pop("warmup_ratio")))
     known = {a.dest for a in parser._actions}
@@ -290,7 +314,7 @@ def parse_args(argv: list[str] | None = None):
         # as defaults: what follows on the command line wins, and string values are converted as flags are
         parser.set_defaults(**_config_values(argv[0], parser))
         argv = argv[1:]
-    argv = _translate_legacy(argv)
+    argv = _expand_home(_translate_legacy(argv))
     # TrainingArguments reads the --deepspeed file as it is built: check it first, for one line naming it
     deepspeed_config(parser.parse_known_args(argv)[0].deepspeed)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

@@ -65,6 +65,20 @@ def test_eval_set_is_evaluated_at_the_end_without_eval_strategy(finished):
     assert [h["step"] for h in state["log_history"] if "eval_loss" in h] == [4]
 
 
+def test_an_eval_set_that_is_the_training_data_is_warned_about(model, data, tmp_path, caplog):
+    copy = tmp_path / "held out.json"  # the same content under another name
+    copy.write_bytes(Path(data).read_bytes())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(json.loads(Path(data).read_text())[:2]))
+    for eval_path, warned in ((copy, True), (other, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert train_main(train_args(model, data, tmp_path / eval_path.stem, "--use_lora", "True", "--max_steps",
+                                         "1", "--eval_data_path", str(eval_path))) == 0
+        assert (f"--eval_data_path {eval_path} holds the same conversations as --data_path {data}: its loss measures"
+                in caplog.text) is warned
+
+
 def test_model_card_describes_the_run(finished, model, data):
     card = (finished / "README.md").read_text()
     assert "More Information Needed" not in card  # not PEFT's empty template
