@@ -74,8 +74,21 @@ PY
 )
 fi
 
+# Counts from the environment: a typo would otherwise be read by bash's arithmetic as 0 (NPROC=two: one process).
+for var in NPROC NNODES NODE_RANK MASTER_PORT; do
+  val="${!var:-}"
+  if [[ -n "$val" && ! "$val" =~ ^[0-9]+$ ]] || [[ "$var" != NODE_RANK && "$val" == 0 ]]; then
+    echo "error: $var=$val: must be a whole number$([[ "$var" != NODE_RANK ]] && echo ' >= 1')" >&2
+    exit 2
+  fi
+done
 if [[ -n "${GPUS:-}" ]]; then export CUDA_VISIBLE_DEVICES="$GPUS"; fi
 NGPU=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
+if [[ "$NGPU" -eq 0 && -n "${CUDA_VISIBLE_DEVICES+set}" ]] && command -v nvidia-smi >/dev/null \
+    && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  # said, not silent: the machine has GPUs and the variable hides them all (CUDA_VISIBLE_DEVICES="" or a bad id)
+  echo "note: CUDA_VISIBLE_DEVICES='${CUDA_VISIBLE_DEVICES}' leaves no GPU visible: training on the CPU (GPUS=0,1 or unset it to use the GPUs)" >&2
+fi
 NNODES="${NNODES:-1}"; NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"; MASTER_PORT="${MASTER_PORT:-29500}"
 if [[ "$NGPU" -gt 0 ]]; then NPROC_PER_NODE="$NGPU"; else NPROC_PER_NODE="${NPROC:-1}"; fi

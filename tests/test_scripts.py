@@ -158,3 +158,38 @@ def test_config_file_through_the_script(setup, tmp_path):
     assert json.loads((out / "run_info.json").read_text())["global_step"] == 2
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 8 and sorted(adapter_cfg["target_modules"]) == ["c_attn", "w1"]
+
+
+def _bare_script(argv, tmp_path, **env):
+    e = subprocess_env(CUDA_VISIBLE_DEVICES="", **env)
+    return subprocess.run(["bash", str(ROOT / "scripts" / "finetune_lora.sh"), *argv], cwd=tmp_path, env=e,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("var, value, message", [
+    ("NPROC", "two", "error: NPROC=two: must be a whole number >= 1"),  # bash's arithmetic read it as 0
+    ("NPROC", "0", "error: NPROC=0: must be a whole number >= 1"),
+    ("NNODES", "1x", "error: NNODES=1x: must be a whole number >= 1"),
+    ("NODE_RANK", "-1", "error: NODE_RANK=-1: must be a whole number"),
+])
+def test_a_bad_count_in_the_environment_is_one_line(tmp_path, var, value, message):
+    p = _bare_script(["-m", str(tmp_path / "m"), "-d", str(tmp_path / "d.json")], tmp_path, **{var: value})
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [message], p.stderr
+
+
+def test_gpus_hidden_by_cuda_visible_devices_are_said(tmp_path):
+    # CUDA_VISIBLE_DEVICES="" on a GPU machine trained on the CPU without a word (a stand-in nvidia-smi lists one)
+    import os
+
+    def run_with_nvidia_smi(listing):
+        bin_dir = tmp_path / f"bin{len(listing)}"
+        bin_dir.mkdir()
+        (bin_dir / "nvidia-smi").write_text(f"#!/bin/sh\necho '{listing}'\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+        return _bare_script(["-m", str(tmp_path / "m"), "-d", str(tmp_path / "d.json")], tmp_path,
+                            PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}").stderr
+
+    err = run_with_nvidia_smi("GPU 0: NVIDIA H200 (UUID: GPU-0)")
+    assert ("note: CUDA_VISIBLE_DEVICES='' leaves no GPU visible: training on the CPU (GPUS=0,1 or unset it to use "
+            "the GPUs)") in err.splitlines(), err
+    assert "note:" not in run_with_nvidia_smi("No devices were found")  # a machine without GPUs: nothing to say
