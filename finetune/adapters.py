@@ -198,16 +198,17 @@ def recorded_base(adapter_dir) -> dict | None:
     return record
 
 
-def check_base(adapter_dir, base_dir, explicit: bool) -> None:
+def check_base(adapter_dir, base_dir, explicit: bool) -> str | None:
     """Compare ``base_dir`` with the base the adapter records. A mismatch is an AdapterError naming both, unless
     ``explicit`` (the user named this base, e.g. with -m) and it is another dir than the recorded one: then a
-    warning (none for the float twin of a recorded Int4 base: same architecture, merged or trained on)."""
+    warning, also returned (so a report can carry it); none for the float twin of a recorded Int4 base (same
+    architecture, merged or trained on)."""
     record = recorded_base(adapter_dir)
     if record is None or not (Path(base_dir) / "config.json").is_file():
-        return
+        return None
     want, got = record["fingerprint"], base_fingerprint(base_dir)
     if want.get("config_sha256") == got["config_sha256"] and want.get("weights") == got["weights"]:
-        return
+        return None
     what = "config.json differs" if want.get("config_sha256") != got["config_sha256"] else \
         "its weight files differ (names, sizes or sampled contents)"
     msg = (f"adapter {adapter_dir} was trained on {record.get('path')}, but the base {Path(base_dir).resolve()} is "
@@ -220,12 +221,14 @@ def check_base(adapter_dir, base_dir, explicit: bool) -> None:
         # the float twin of the Int4 base a Q-LoRA adapter was trained on (a documented route); the other way
         # round load_adapter warns (float_adapter_on_int4)
         logger.info("%s: the %s twin of the recorded base", msg, "float" if want.get("quantized") else "Int4")
-        return
+        return None
+    msg += "; loading it as asked"
     # once a process: the commands check the base when resolving it and again when the adapter loads onto it
     key = (str(Path(adapter_dir).resolve()), str(Path(base_dir).resolve()))
     if key not in _WARNED_BASES:
         _WARNED_BASES.add(key)
-        logger.warning("%s; loading it as asked", msg)
+        logger.warning("%s", msg)
+    return msg
 
 
 _WARNED_BASES: set[tuple[str, str]] = set()

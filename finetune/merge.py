@@ -17,7 +17,8 @@ Output: ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model
 above --max-shard-size), ``config.json`` (no quantization_config for float; for Int4 the auto-gptq
 ``quantization_config`` plus ``quantize_config.json``), ``generation_config.json``, the tokenizer files
 (``qwen.tiktoken``...) and any other file of the base dir (e.g. the official remote code), so both
-``finetune.load_model`` and the official ``trust_remote_code`` loader read it.
+``finetune.load_model`` and the official ``trust_remote_code`` loader read it. The files are written into
+``OUT/merge-incomplete`` and moved into OUT when all are there (``write_staged``).
 
 Every route reports the loss (training masks) of the written model against the unmerged base+adapter, on
 --eval-data (held-out data the user gives) or else a sample of the calibration / training data (reported as
@@ -153,6 +154,30 @@ def resolve_format(fmt: str, dtype: str | None) -> tuple[str, str | None]:
     return "float", dtype or "bf16"
 
 
+# flags that only an Int4 export reads, and those only calibrated GPTQ reads: given to another route they did nothing
+INT4_FLAGS = ("--bits", "--group-size", "--desc-act")
+GPTQ_FLAGS = ("--calib-data", "--calib-samples", "--calib-max-len", "--damp-percent")
+DEFAULTS = {"bits": 4, "group_size": 128, "desc_act": False, "damp_percent": 0.01, "n_calib": 128,
+            "calib_max_len": 2048}
+
+
+def check_route_flags(fmt: str, quant_method: str, given: dict) -> None:
+    """A flag the chosen route does not read is a MergeError naming it (``given``: flag -> value or None/False
+    when not given): ``--bits 8`` on a float export, or ``--calib-data`` on a round-to-nearest one, was ignored
+    and the export looked like what was asked."""
+    named = [f for f, v in given.items() if v not in (None, False)]
+    if fmt != "int4":
+        extra = [f for f in named if f in INT4_FLAGS + GPTQ_FLAGS]
+        if extra:
+            raise MergeError(f"{', '.join(extra)} appl{'ies' if len(extra) == 1 else 'y'} to an Int4 export "
+                             f"(--format int4); a float export is not quantized")
+    elif quant_method != "gptq":
+        extra = [f for f in named if f in GPTQ_FLAGS]
+        if extra:
+            raise MergeError(f"{', '.join(extra)} appl{'ies' if len(extra) == 1 else 'y'} to calibrated GPTQ: add "
+                             f"--quant-method gptq (round-to-nearest, the default, reads no data)")
+
+
 def check_numbers(fmt: str, quant_method: str, n_calib, n_eval, calib_max_len: int, group_size: int,
                   damp_percent: float, max_shard_size) -> None:
     """The numeric flags, before anything loads (each failed with a traceback, most after the merge itself)."""
@@ -183,13 +208,56 @@ def check_numbers(fmt: str, quant_method: str, n_calib, n_eval, calib_max_len: i
             raise MergeError(f"--damp-percent must be in (0, 1), got {damp_percent}")
 
 
+# A merge is written into OUT/INCOMPLETE and moved into OUT when every file is there: an interrupted merge (Ctrl-C,
+# a full disk, a kill) leaves no dir that looks like a complete model, nor an earlier merge's files mixed with its own.
+INCOMPLETE = "merge-incomplete"
+
+
+def write_staged(out: Path, write, log=print) -> list[str]:
+    """``write(dir)`` into ``out/INCOMPLETE``, then the earlier merge's files of ``out`` are removed and the new
+    ones moved in, config.json last (the file that makes a dir a model dir). Returns ``write``'s result; an
+    OSError (a full disk, no permission) is a MergeError naming ``out``."""
+    import os
+
+    stage = out / INCOMPLETE
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if stage.exists():
+            log(f"merge: --overwrite: removing {stage} (an interrupted merge)")
+            shutil.rmtree(stage)
+        stage.mkdir()
+        try:
+            result = write(stage)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        # An earlier merge's weights, shard index, Int4 config and report go: a stale index names shards that are
+        # gone, a stale quantize_config.json calls a float export GPTQ, a stale report describes other weights
+        stale = sorted(p for p in out.glob("model*.safetensors")) + [
+            out / n for n in ("model.safetensors.index.json", "quantize_config.json", "merge_report.json",
+                              "config.json") if (out / n).is_file()]
+        shown = [p.name for p in stale if p.name != "config.json" and not (stage / p.name).exists()]
+        if shown:
+            log(f"merge: --overwrite: removing {', '.join(shown)} from {out}")
+        for p in stale:
+            p.unlink()
+        new = sorted(stage.iterdir(), key=lambda p: p.name == "config.json")
+        for p in new:
+            os.replace(p, out / p.name)
+        stage.rmdir()
+    except OSError as e:
+        raise MergeError(f"writing the merged model into {out}: {e.strerror or e} ({e.filename or out})") from None
+    return result
+
+
 def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = None, quant_method: str = "rtn",
-          calib_data=None, eval_data=None, n_calib: int = 128, n_eval: int = 64, calib_max_len: int = 2048,
-          bits: int = 4, group_size: int = 128, desc_act: bool = False, damp_percent: float = 0.01,
-          true_sequential: bool = True, max_shard_size="2GB", device=None, overwrite: bool = False,
-          seed: int = 0, log=print) -> dict:
-    """Run one merge route; returns the report (also written to OUT/merge_report.json)."""
-    from .adapters import float_adapter_on_int4, read_adapter_config, resolve_base, trained_on
+          calib_data=None, eval_data=None, n_calib: int | None = None, n_eval: int = 64,
+          calib_max_len: int | None = None, bits: int | None = None, group_size: int | None = None,
+          desc_act: bool = False, damp_percent: float | None = None, true_sequential: bool = True,
+          max_shard_size="2GB", device=None, overwrite: bool = False, seed: int = 0, log=print) -> dict:
+    """Run one merge route; returns the report (also written to OUT/merge_report.json). The quantization
+    arguments left None take DEFAULTS; one given to a route that does not read it is a MergeError."""
+    from .adapters import check_base, float_adapter_on_int4, read_adapter_config, resolve_base, trained_on
     from .evaluate import eval_loss, load_eval_records
     from .loading import load_model
     from .model_dir import describe
@@ -201,17 +269,31 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     fmt, dtype = resolve_format(fmt, dtype)
     if quant_method not in ("rtn", "gptq"):
         raise MergeError(f"--quant-method {quant_method!r}: use rtn or gptq")
+    check_route_flags(fmt, quant_method, {"--bits": bits, "--group-size": group_size, "--desc-act": desc_act,
+                                          "--calib-data": calib_data, "--calib-samples": n_calib,
+                                          "--calib-max-len": calib_max_len, "--damp-percent": damp_percent})
+    bits = DEFAULTS["bits"] if bits is None else bits
+    group_size = DEFAULTS["group_size"] if group_size is None else group_size
+    damp_percent = DEFAULTS["damp_percent"] if damp_percent is None else damp_percent
+    n_calib = DEFAULTS["n_calib"] if n_calib is None else n_calib
+    calib_max_len = DEFAULTS["calib_max_len"] if calib_max_len is None else calib_max_len
     check_numbers(fmt, quant_method, n_calib, n_eval, calib_max_len, group_size, damp_percent, max_shard_size)
     base_dir = resolve_base(adapter, model)
-    if out.resolve() in (base_dir.resolve(), adapter.resolve()):
-        raise MergeError(f"--output {out} is the base or the adapter dir; choose a new dir")
+    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
+    # the inputs: the base, the adapter, and the Int4 base a Q-LoRA adapter merged into its float twin is checked on
+    inputs = [base_dir, adapter] + ([Path(recorded)] if recorded and model is not None else [])
+    if any(out.resolve() == p.resolve() for p in inputs):
+        raise MergeError(f"--output {out} is an input of this merge (the base, the adapter or the base the adapter "
+                         f"was trained on); choose a new dir")
     if out.exists() and not out.is_dir():
         raise MergeError(f"--output {out} is a file, not a directory; choose a new dir")
     if out.exists() and any(out.iterdir()) and not overwrite:
+        if (out / INCOMPLETE).exists():
+            raise MergeError(f"--output {out} holds an interrupted merge ({out / INCOMPLETE}); pass --overwrite to "
+                             f"replace it")
         raise MergeError(f"--output {out} exists and is not empty (pass --overwrite to replace its files)")
     base_info = describe(base_dir)
     base_cfg, base_int4 = base_info.config, base_info.quantized
-    recorded = read_adapter_config(adapter).get("base_model_name_or_path")
     qlora_on_float = not base_int4 and bool(recorded) and _is_gptq_dir(Path(recorded))
     if base_int4:
         route = "int4 base: dequantize + merge"
@@ -219,9 +301,11 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         route = "Q-LoRA adapter merged into the float base"
     else:
         route = "LoRA merged into the float base"
-    route += f" -> {fmt}" + (f" ({quant_method})" if fmt == "int4" else f" ({dtype})")
+    route += f" -> int{bits} ({quant_method})" if fmt == "int4" else f" -> {fmt} ({dtype})"
     log(f"merge: {route}; base {base_dir}, adapter {adapter}")
     report: dict = {}
+    if model is not None and (other := check_base(adapter, base_dir, explicit=True)):  # (on the console already)
+        report.setdefault("warnings", []).append(other)
     if base_int4 and trained_on(adapter) == "float":  # load_model below warns on the console
         report.setdefault("warnings", []).append(float_adapter_on_int4(adapter, base_dir))
 
@@ -263,26 +347,14 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     if eval_records:
         report["merged_fp32_loss"] = eval_loss(merged, tokenizer, eval_records, max_len=max_len)["loss"]
 
-    out.mkdir(parents=True, exist_ok=True)
-    # An earlier merge's weights, shard index and Int4 config go: a stale index names shards that are gone, and a
-    # stale quantize_config.json calls a float export GPTQ
-    stale = sorted(p for p in out.glob("model*.safetensors")) + [
-        p for p in (out / "model.safetensors.index.json", out / "quantize_config.json") if p.is_file()]
-    if stale:
-        log(f"merge: --overwrite: removing {', '.join(p.name for p in stale)} from {out}")
-    for p in stale:
-        p.unlink()
     if fmt == "float":
-        dt = DTYPES[dtype]
-        sd = {k: v.detach().to("cpu", dt) for k, v in merged.state_dict().items()}
-        files = save_sharded(sd, out, max_shard_size)
-        write_float_config(base_cfg, out, dt)
+        sd = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in merged.state_dict().items()}
     else:
         from .quant.rtn import quantize_state_dict
 
         float_sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
         if quant_method == "rtn":
-            qsd = quantize_state_dict(float_sd, bits=bits, group_size=group_size, desc_act=desc_act)
+            sd = quantize_state_dict(float_sd, bits=bits, group_size=group_size, desc_act=desc_act)
             report["quantization"] = {"method": "rtn", "bits": bits, "group_size": group_size, "desc_act": desc_act}
         else:
             from .data import encode_conversation
@@ -294,25 +366,33 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
             packed = gptq_quantize_model(merged, samples, bits=bits, group_size=group_size,
                                          damp_percent=damp_percent, desc_act=desc_act,
                                          true_sequential=true_sequential, log=log)
-            qsd = {}
+            sd = {}
             for k, v in float_sd.items():
                 module, _, attr = k.rpartition(".")
                 if module in packed and attr == "weight":
                     for pk, pv in packed[module].items():
-                        qsd[f"{module}.{pk}"] = pv.contiguous()
+                        sd[f"{module}.{pk}"] = pv.contiguous()
                 elif v.is_floating_point():
-                    qsd[k] = v.to(torch.float16)
+                    sd[k] = v.to(torch.float16)
                 else:
-                    qsd[k] = v
+                    sd[k] = v
             report["quantization"] = {"method": "gptq", "bits": bits, "group_size": group_size,
                                       "desc_act": desc_act, "damp_percent": damp_percent,
                                       "true_sequential": true_sequential, "calib_data": str(calib_path),
                                       "calib_samples": len(samples)}
-        files = save_sharded(qsd, out, max_shard_size)
-        write_int4_config(base_cfg, out, bits, group_size, desc_act, damp_percent,
-                          true_sequential=true_sequential if quant_method == "gptq" else False,
-                          model_name_or_path=str(base_dir))
-    copy_side_files(base_dir, out, adapter)
+
+    def write_model(d: Path) -> list[str]:
+        names = save_sharded(sd, d, max_shard_size)
+        if fmt == "float":
+            write_float_config(base_cfg, d, DTYPES[dtype])
+        else:
+            write_int4_config(base_cfg, d, bits, group_size, desc_act, damp_percent,
+                              true_sequential=true_sequential if quant_method == "gptq" else False,
+                              model_name_or_path=str(base_dir))
+        copy_side_files(base_dir, d, adapter)
+        return names
+
+    files = write_staged(out, write_model, log)
     del merged
     report["files"] = files
 
@@ -359,15 +439,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="--format int4: rtn (round-to-nearest, no data) or gptq (calibrated on --calib-data; keeps "
                         "more of the fine-tune)")
     p.add_argument("--calib-data", help="conversations for GPTQ calibration (default: the adapter's training data)")
-    p.add_argument("--calib-samples", type=int, default=128)
-    p.add_argument("--calib-max-len", type=int, default=2048)
+    p.add_argument("--calib-samples", type=int, default=None, help="GPTQ: conversations sampled (default 128)")
+    p.add_argument("--calib-max-len", type=int, default=None, help="GPTQ: tokens a conversation (default 2048)")
     p.add_argument("--eval-data", help="held-out conversations for the loss report (default: the calibration or "
                                         "training data, reported as such)")
     p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--bits", type=int, default=4, choices=[4, 8])
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--desc-act", action="store_true", help="GPTQ act-order")
-    p.add_argument("--damp-percent", type=float, default=0.01)
+    p.add_argument("--bits", type=int, default=None, choices=[4, 8], help="--format int4: 4 (default) or 8")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="--format int4: columns that share a scale (default 128; -1: one group a row)")
+    p.add_argument("--desc-act", action="store_true", help="--format int4: act-order (columns by importance)")
+    p.add_argument("--damp-percent", type=float, default=None,
+                   help="GPTQ: dampening, a fraction of the Hessian's mean diagonal (default 0.01)")
     p.add_argument("--max-shard-size", default="2GB")
     p.add_argument("--device", default=None, help="where to merge (default: cuda if available); fp32 needs 4 bytes "
                                                    "per parameter")

@@ -80,6 +80,16 @@ def test_qlora_merge_into_matching_float_base(setup, tmp_path):
     ref = load_model(setup["float"], adapter=setup["qlora"], dtype=torch.float32, device="cpu")
     merged = load_model(out, dtype=torch.float32, device="cpu")
     assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+    assert "warnings" not in report  # the float model the Int4 base was quantized from
+
+
+def test_another_base_than_the_adapters_is_named_in_the_report(setup, tmp_path):
+    """-m of a model the adapter was not trained on (same shapes, other weights) loads as asked, and the report
+    says so (the console's warning was not in merge_report.json)."""
+    other_i4 = make_demo_model(tmp_path / "other_i4", seed=1, int4=True)
+    report = merge(setup["qlora"], tmp_path / "a", model=other_i4, dtype="fp32", n_eval=0, log=quiet)
+    assert any("is not that model" in w and str(other_i4) in w for w in report["warnings"]), report
+    assert json.loads((tmp_path / "a" / "merge_report.json").read_text())["warnings"] == report["warnings"]
 
 
 def test_bf16_export_dtype(setup, tmp_path):
@@ -98,8 +108,8 @@ def test_int4_exports_rtn_and_gptq(setup, tmp_path):
     reports = {}
     for method in ("rtn", "gptq"):
         out = tmp_path / f"int4_{method}"
-        reports[method] = merge(setup["qlora"], out, fmt="int4", quant_method=method, calib_data=setup["data"],
-                                eval_data=setup["data"], log=quiet)
+        reports[method] = merge(setup["qlora"], out, fmt="int4", quant_method=method, eval_data=setup["data"],
+                                calib_data=setup["data"] if method == "gptq" else None, log=quiet)
         cfg = json.loads((out / "config.json").read_text())
         assert cfg["quantization_config"]["quant_method"] == "gptq" and cfg["quantization_config"]["bits"] == 4
         qc = json.loads((out / "quantize_config.json").read_text())
@@ -171,8 +181,11 @@ def test_merge_errors(setup, tmp_path, capsys):
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(MergeError, match="not empty"):
         merge(setup["lora"], tmp_path / "full", log=quiet)
-    with pytest.raises(MergeError, match="base or the adapter"):
-        merge(setup["lora"], setup["float"], log=quiet, overwrite=True)
+    for out, model in ((setup["float"], None), (setup["lora"], None), (setup["int4"], setup["float"])):
+        # the base, the adapter, and the Int4 base a Q-LoRA adapter merged into the float twin is scored on
+        with pytest.raises(MergeError, match="is an input of this merge"):
+            merge(setup["qlora"] if model else setup["lora"], out, model=model, log=quiet, overwrite=True)
+    assert (setup["int4"] / "model.safetensors").is_file() and (setup["lora"] / "adapter_config.json").is_file()
 
 
 def test_overwrite_leaves_nothing_of_the_earlier_merge(setup, tmp_path):
@@ -204,6 +217,13 @@ def test_overwrite_leaves_nothing_of_the_earlier_merge(setup, tmp_path):
     (["--quant-method", "gptq"], "--quant-method gptq calibrates an Int4 export: add --format int4"),
     (["--format", "int4", "--quant-method", "gptq", "--calib-data", "BAD"], "bad.jsonl, record 1, line 1"),
     (["--output", "FILE"], "is a file, not a directory"),
+    # flags the route does not read: the export looked like what was asked (a float model for --bits 8, RTN for
+    # --calib-data)
+    (["--bits", "8"], "--bits applies to an Int4 export (--format int4)"),
+    (["--desc-act", "--group-size", "64"], "--group-size, --desc-act apply to an Int4 export"),
+    (["--format", "int4", "--calib-data", "BAD"], "--calib-data applies to calibrated GPTQ: add --quant-method gptq"),
+    (["--format", "int4", "--calib-samples", "8", "--damp-percent", "0.1"],
+     "--calib-samples, --damp-percent apply to calibrated GPTQ"),
 ])
 def test_merge_flags_are_checked_before_loading(setup, tmp_path, capsys, monkeypatch, flags, message):
     import finetune.loading
@@ -278,3 +298,72 @@ def test_float_adapter_on_int4_base_warns_naming_both(setup, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
         load_model(setup["float"], adapter=setup["qlora"], device="cpu")
     assert not caplog.records
+
+
+# -- a merge that stops while writing ----------------------------------------------------------------------------
+
+
+def test_an_interrupted_merge_leaves_no_complete_looking_dir_and_no_mix(setup, tmp_path, monkeypatch):
+    """The files are written into OUT/merge-incomplete and moved in when all are there. Before, a merge stopped
+    after its weights (Ctrl-C, a full disk) left them beside the earlier merge's config.json, tokenizer and
+    merge_report.json: a dir that looked complete and described other weights."""
+    import finetune.merge as merge_module
+    from finetune.merge import INCOMPLETE
+
+    out = tmp_path / "m"
+    first = merge(setup["lora"], out, dtype="fp32", n_eval=0, log=quiet)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge_module, "write_float_config", stop)  # after the weights are written
+    with pytest.raises(KeyboardInterrupt):
+        merge(setup["qlora"], out, dtype="bf16", n_eval=0, overwrite=True, log=quiet)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the earlier merge, whole
+    with pytest.raises(KeyboardInterrupt):
+        merge(setup["lora"], tmp_path / "fresh", n_eval=0, log=quiet)
+    assert list((tmp_path / "fresh").iterdir()) == []  # nothing a loader would take for a model
+    monkeypatch.undo()
+
+    # a killed merge (no cleanup) leaves its stage: said, and replaced only with --overwrite
+    (tmp_path / "killed" / INCOMPLETE).mkdir(parents=True)
+    (tmp_path / "killed" / INCOMPLETE / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(MergeError, match="holds an interrupted merge"):
+        merge(setup["lora"], tmp_path / "killed", n_eval=0, log=quiet)
+    lines = []
+    report = merge(setup["lora"], tmp_path / "killed", dtype="fp32", n_eval=0, overwrite=True, log=lines.append)
+    assert not (tmp_path / "killed" / INCOMPLETE).exists() and any("interrupted merge" in line for line in lines)
+    assert report["files"] == first["files"] and (tmp_path / "killed" / "config.json").is_file()
+    merged = load_model(tmp_path / "killed", dtype=torch.float32, device="cpu")
+    assert torch.equal(logits(merged), logits(load_model(out, dtype=torch.float32, device="cpu")))
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_earlier_merge(setup, tmp_path, monkeypatch, capsys):
+    import errno
+
+    import finetune.merge as merge_module
+    from finetune.cli import main
+
+    out = tmp_path / "m"
+    merge(setup["lora"], out, n_eval=0, log=quiet)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def full(sd, d, *a, **k):
+        (d / "model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device", str(d / "model.safetensors"))
+
+    monkeypatch.setattr(merge_module, "save_sharded", full)
+    capsys.readouterr()
+    rc = main(["merge", "--adapter", str(setup["lora"]), "--output", str(out), "--overwrite", "--eval-samples", "0"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: writing the merged model into"), err
+    assert "No space left on device" in err[0]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_an_int8_export_says_int8(setup, tmp_path):
+    report = merge(setup["qlora"], tmp_path / "i8", fmt="int4", bits=8, eval_data=setup["data"], log=quiet)
+    assert report["route"].endswith("-> int8 (rtn)") and report["quantization"]["bits"] == 8
+    assert json.loads((tmp_path / "i8" / "quantize_config.json").read_text())["bits"] == 8
+    assert abs(report["loss_delta"]) < 0.05
