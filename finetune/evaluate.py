@@ -338,13 +338,15 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
 
 
 def format_table(report: dict) -> str:
-    # the metric columns: "base" always, "adapter" when an adapter was evaluated
+    # the metric columns: "base" always, "adapter" when an adapter was evaluated; alone (e.g. a merged model, no
+    # adapter) the one model's column is headed "model": it is not a base of anything here
     cols = [c for c in ("base", "adapter") if isinstance(report.get(c), dict)]
+    heads = cols if len(cols) > 1 else ["model"]
     rows = [("loss", "loss", "{:.4f}"), ("perplexity", "perplexity", "{:.3f}"),
             ("exact_match", "exact match", "{:.3f}"), ("rouge_l", "ROUGE-L F1", "{:.3f}"),
             ("tokens", "trained tokens", "{}"), ("generated", "replies", "{}"),
             ("generated_tokens", "new tokens", "{}"), ("tokens_per_s", "new tokens/s", "{:.1f}")]
-    lines = [f"{'metric':<16}" + "".join(f"{c:>12}" for c in cols)]
+    lines = [f"{'metric':<16}" + "".join(f"{c:>12}" for c in heads)]
     for key, label, fmt in rows:
         if not any(key in report[c] for c in cols):
             continue
@@ -404,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.output and (problem := unwritable(Path(args.output))):  # found now, not after the evaluation
         print(f"error: --output {args.output}: {problem}", file=sys.stderr)
         return 2
+    if args.output and Path(args.output).resolve() == Path(args.data).resolve():
+        print(f"error: --output {args.output} is the --data file: the report would replace the held-out data; give "
+              f"another file name", file=sys.stderr)
+        return 2
     from .data.encoding import MIN_MAX_LEN  # as training's --model_max_length
 
     if args.max_len is not None and args.max_len < MIN_MAX_LEN:
@@ -414,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar, as chat and merge (the engine's stays)
-    from .adapters import AdapterError, lora_config, resolve_base
+    from .adapters import AdapterError, check_base, lora_config, resolve_base
     from .data import DataError
     from .loading import ModelLoadError, load_model
     from .tokenization import load_tokenizer
@@ -424,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.adapter:
             check_base_column(lora_config(args.adapter), args.adapter)
         model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
+        # a base the adapter was not trained on loads as asked (warned on the console); the report says so too
+        other_base = check_base(args.adapter, model_dir, explicit=True) if args.adapter and args.model else None
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
         tokenizer = load_tokenizer(args.adapter if args.adapter and (Path(args.adapter) / "qwen.tiktoken").is_file()
                                    else model_dir)
@@ -445,15 +453,18 @@ def main(argv: list[str] | None = None) -> int:
                            "generator": args.generator,
                            **({"gen_batch_size": args.gen_batch_size} if args.generator == "engine"
                               else {"padding": "left"})}, **report}
+    if other_base:
+        report["warnings"] = [other_base]
     note = loss_coverage_note(report["base"], len(records), max_len, args.data,
                               "--max-len" if args.max_len else "--max-len (default: the model's seq_length)")
     if note:
         print(note, file=sys.stderr)
     print(format_table(report))
     if args.output:
+        replaced = Path(args.output).exists()
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        print(f"report: {args.output}")
+        print(f"report: {args.output}" + (" (replaced the file that was there)" if replaced else ""))
     return 0
 
 

@@ -96,7 +96,9 @@ def test_eval_without_adapter_writes_the_report(setup, tmp_path, capsys):
                "--batch-size", "2", "--output", str(out)])
     stdout = capsys.readouterr().out
     assert rc == 0
-    assert "perplexity" in stdout and "base" in stdout
+    assert "perplexity" in stdout
+    # one model, no adapter: its column is "model" (it was "base" over a merged model's numbers)
+    assert stdout.splitlines()[0].split() == ["metric", "model"]
     report = json.loads(out.read_text())
     assert report["model"] == str(setup["float"]) and report["adapter_dir"] is None
     assert "adapter" not in report  # no adapter metrics: one model evaluated

@@ -235,6 +235,41 @@ def test_eval_output_that_cannot_be_written_is_refused_before_loading(setup, tmp
         assert err.startswith(f"error: --output {output}: ") and message in err and err.count("\n") == 1, err
 
 
+def test_eval_output_that_is_the_data_file_is_refused_before_loading(setup, tmp_path, capsys, monkeypatch):
+    # the report replaced the held-out data it was computed on
+    import finetune.loading
+    from finetune.cli import main
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    data = tmp_path / "heldout.json"
+    data.write_text(setup["data"].read_text())
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(data),
+                 "--output", str(tmp_path / "." / "heldout.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output ") and "is the --data file" in err and err.count("\n") == 1, err
+    assert data.read_text() == setup["data"].read_text()
+
+
+def test_eval_on_another_base_says_so_in_the_report_and_names_a_replaced_report(setup, tmp_path, capsys):
+    """-a with -m of a model the adapter was not trained on (same shapes) evaluates as asked; the JSON report
+    carries the console's warning (it had none), and writing over an earlier report is said."""
+    from finetune.cli import main
+
+    other = make_demo_model(tmp_path / "other", seed=1)
+    out = tmp_path / "r.json"
+    out.write_text("an earlier report")
+    assert main(["eval", "-a", str(setup["lora"]), "-m", str(other), "--data", str(setup["data"]),
+                 "--no-generate", "--output", str(out)]) == 0
+    assert f"report: {out} (replaced the file that was there)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["model"] == str(other)
+    assert len(report["warnings"]) == 1 and "is not that model" in report["warnings"][0]
+    assert str(other) in report["warnings"][0] and str(setup["float"]) in report["warnings"][0]
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate",
+                 "--output", str(out)]) == 0
+    assert "warnings" not in json.loads(out.read_text())  # the recorded base
+
+
 def test_eval_cli_stops_on_bad_data_before_loading_the_model(setup, tmp_path, capsys, monkeypatch):
     import finetune.loading
     from finetune.cli import main
