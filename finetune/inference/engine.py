@@ -303,13 +303,16 @@ class Engine:
         new = min(2, self.max_len - len(ids))
         greedy = SamplingParams(max_new_tokens=new)
         buckets = sorted({self._bucket(n) for n in range(1, self.max_batch + 1)}, reverse=True)
+        # the rows run on the base, or on the adapter that must run alone (it trained the base's biases)
+        lead = self.adapters.base_changed[0] if self.adapters.base_changed else None
         # the largest bucket first: the cache grows to it once (a growth drops the graphs captured before it)
         for b in buckets:
-            self.generate([ids] * b, greedy)
+            self.generate([ids] * b, greedy, adapter=lead)
         self.generate([ids], SamplingParams(max_new_tokens=new, do_sample=True, top_p=0.8, repetition_penalty=1.1,
-                                            seed=0))
+                                            seed=0), adapter=lead)
         for name in self.adapters.names:
-            self.generate([ids], greedy, adapter=name)
+            if not [n for n in self.adapters.base_changed if n != name]:
+                self.generate([ids], greedy, adapter=name)
         if self.use_graphs and self._own_keys():
             picks = {None if p.do_sample else (p.repetition_penalty != 1.0, p.min_new_tokens > 0) for p in expect}
             loras = (False, True) if self.adapters.names else (False,)

@@ -470,3 +470,6 @@ def test_an_adapter_that_trained_base_biases_runs_alone(tok):
         engine.submit(p, SamplingParams(max_new_tokens=8), adapter=None)
     ours = engine.generate([p], SamplingParams(max_new_tokens=12), adapter="default")
     assert assert_agree(ours, hf_greedy(pm, tok, [p], 12)) == 0
+    # a server of that adapter warms up on its rows (base rows would be refused), and answers the same after
+    engine.warm_up()
+    assert engine.generate([p], SamplingParams(max_new_tokens=12), adapter="default") == ours
