@@ -19,7 +19,7 @@ from finetune.inference import Engine, SamplingParams  # noqa: E402
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
 
 from _helpers import realistic_model  # noqa: E402
-from test_inference_engine import assert_agree, hf_greedy, prompts  # noqa: E402
+from test_inference_engine import _with_modules_to_save, assert_agree, hf_greedy, prompts  # noqa: E402
 
 # bf16: the engine's logits at every step against the plain full forward over the same tokens, as the relative
 # norm of the difference. Both round every layer's output to bf16 (8 bits of mantissa, ~4e-3 per rounding) with
@@ -562,3 +562,28 @@ def test_inference_sdpa_leaves_sdpa_s_own_choice_to_the_rest_of_the_process():
 
     fresh = chosen("fresh")
     assert fresh != "[]" and chosen("after_inference") == fresh
+
+
+def test_modules_to_save_reach_only_their_rows_in_graphed_fused_steps(tok):
+    """An adapter's own wte and lm_head (modules_to_save) in the graphed fused decode steps and the fused prefill
+    (fp32): rows of the base, of that adapter and of a plain one share batches, after warm_up's captures, and each
+    gets the tokens transformers' generate() gives it alone."""
+    pm = _with_modules_to_save(realistic_model(3), ["saved", "plain"], saved={"saved"}, seed=4).to("cuda")
+    ps = [[t % 2000 for t in p] for p in prompts([14, 40, 9, 70], seed=12)]
+    names = ("saved", None, "plain", "saved")
+    refs = []
+    for p, name in zip(ps, names):
+        if name is None:
+            with pm.disable_adapter():
+                refs.append(hf_greedy(pm, tok, [p], 16))
+        else:
+            pm.set_adapter(name)
+            refs.append(hf_greedy(pm, tok, [p], 16))
+    engine = Engine(pm, tok, max_batch=4)
+    assert engine._kernels is not None and engine.use_graphs
+    engine.warm_up()
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=16), adapter=name) for p, name in zip(ps, names)]
+    while engine.has_work():
+        engine.step()
+    for req, ref, name in zip(reqs, refs, names):
+        assert assert_agree([req.output_ids], ref) == 0, name
