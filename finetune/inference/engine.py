@@ -235,6 +235,12 @@ class Engine:
         # (a step may still be in flight for rows that all finished: the next step() reads and drops it)
         return any(not r.req.finished for r in self._rows)
 
+    def occupancy(self) -> tuple[int, int]:
+        """(rows in the running batch, finished ones not yet dropped included; requests waiting to join it)."""
+        with self._lock:
+            waiting = len(self._pending)
+        return len(self._rows), waiting
+
     @torch.no_grad()
     def step(self) -> list[Request]:
         """Cancelled rows leave, waiting requests join (prefill), then one decode step for every active row.

@@ -30,7 +30,7 @@ from .. import react
 from ..inference.sampling import GREEDY_BELOW
 from .protocol import APIError, ChatCompletionRequest, field_path
 from .textstream import TextStream
-from .worker import EngineWorker
+from .worker import Closed, EngineWorker
 
 
 # after the open turn's "\nThought:": the official final-answer thought, up to the answer (its space is the
@@ -171,6 +171,8 @@ class Server:
             started = self.worker.submit(ids, params, adapter)
         except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
             raise APIError(400, str(e)) from None
+        except Closed:  # (a request that arrived while the server stops)
+            raise APIError(503, "the server is shutting down", None, "server_shutting_down") from None
         if started is None:
             raise APIError(429, f"The server is busy: {self.worker.capacity} requests are in flight "
                            f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
@@ -216,8 +218,8 @@ class Run:
                 p = await self.queue.get()
                 if self.gone:
                     raise ClientGone
-                if p.error:
-                    raise APIError(500, f"generation failed: {p.error}", None, "engine_error")
+                if p.error:  # the engine failed (500) or the server is stopping (503)
+                    raise p.error
                 new = self.req.output_ids[seen:p.n_tokens]
                 seen = p.n_tokens
                 self.completion_tokens = seen
@@ -452,8 +454,13 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     # HEAD too on the GET routes (monitors probe with it; FastAPI answers 405 otherwise)
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
-        return {"status": "ok", "in_flight": server.worker.in_flight, "steps": server.worker.steps,
-                "finished": dict(server.worker.finished)}
+        running, waiting = server.engine.occupancy()
+        body = {"status": "ok", "in_flight": server.worker.in_flight, "running": running, "waiting": waiting,
+                "steps": server.worker.steps, "finished": dict(server.worker.finished)}
+        failure = server.worker.failure
+        if failure is not None:  # the last engine step failed (and, while steps keep failing, each retry)
+            return JSONResponse({**body, "status": "engine_error", "error": failure}, status_code=503)
+        return body
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():

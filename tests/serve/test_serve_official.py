@@ -39,6 +39,9 @@ class ScriptedEngine:
     def has_work(self):
         return bool(self.running)
 
+    def occupancy(self):
+        return len(self.running), 0
+
     def step(self):
         for req in self.running:
             if req.todo:
