@@ -6,6 +6,6 @@
     worker.py      the engine's decode thread and each request's asyncio queue
     models.py      the base model and its adapters, loaded into one PeftModel
     cli.py         the command line
-    background.py  the app under uvicorn in a thread on a free port (tests, benchmarks)
+    background.py  the app under uvicorn (stopping ends requests in flight); in a thread on a free port for tests
     static/        the chat page served at /
 """

@@ -1,9 +1,8 @@
-"""The server under uvicorn in a background thread of this process, for tests and benchmarks.
+"""The app under uvicorn: `Uvicorn` (what `qwen-ft serve` runs in the foreground, with uvicorn's signal handling),
+and the same in a background thread of this process, for tests and benchmarks:
 
     with serve_in_background(server) as live:     # a free port on 127.0.0.1
         openai.OpenAI(base_url=live.api_url, api_key=...)
-
-`qwen-ft serve` runs uvicorn in the foreground instead (its signal handling, Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,7 +12,9 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
+
+import uvicorn
 
 
 @dataclass
@@ -31,14 +32,29 @@ class Live:
         return self.url + "/v1"
 
 
+class Uvicorn(uvicorn.Server):
+    """uvicorn's server for the app of `server`. When it stops (Ctrl-C, SIGTERM, ``should_exit``) the requests in
+    flight end at once with a 503 server_shutting_down (a stream: that error event, then [DONE]): uvicorn's own
+    graceful stop waited for every open stream to generate to its end (minutes at a long max_tokens), refusing
+    nothing new meanwhile on open connections. ``on_stop(n)`` is called with how many requests were ended."""
+
+    def __init__(self, config: uvicorn.Config, server, on_stop: Callable[[int], None] | None = None):
+        super().__init__(config)
+        self.app_server, self.on_stop = server, on_stop
+
+    async def shutdown(self, sockets=None) -> None:
+        ended = self.app_server.worker.close()
+        if self.on_stop is not None:
+            self.on_stop(ended)
+        await super().shutdown(sockets)
+
+
 @contextmanager
 def serve_in_background(server, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
                         start_timeout: float = 60.0, stop_timeout: float = 30.0) -> Iterator[Live]:
     """Serve ``create_app(server)`` with uvicorn in a daemon thread on ``host:port`` (port 0: a free one, bound
     here, so no other process can take it between choosing and listening); yields once uvicorn is ready, stops
     it on exit. Raises RuntimeError if it does not start within ``start_timeout`` seconds."""
-    import uvicorn
-
     from .app import create_app
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -47,7 +63,7 @@ def serve_in_background(server, host: str = "127.0.0.1", port: int = 0, log_leve
     except OSError:
         sock.close()
         raise
-    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level=log_level))
+    uv = Uvicorn(uvicorn.Config(create_app(server), log_level=log_level), server)
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
     thread.start()
     try:
@@ -65,4 +81,4 @@ def serve_in_background(server, host: str = "127.0.0.1", port: int = 0, log_leve
         sock.close()
 
 
-__all__ = ["Live", "serve_in_background"]
+__all__ = ["Live", "Uvicorn", "serve_in_background"]

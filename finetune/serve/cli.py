@@ -138,11 +138,21 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from .app import create_app
+    from .background import Uvicorn
+
+    def stopping(ended: int) -> None:
+        print(f"qwen-ft serve: stopping; {ended} request(s) in flight ended with 503 server_shutting_down",
+              file=sys.stderr, flush=True)
 
     names = ", ".join([server.base_name, *server.adapter_names])
     print(f"serving {names} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
     try:
-        uvicorn.run(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+        # (uvicorn.run, with requests in flight ended on Ctrl-C/SIGTERM instead of waited for; after SIGTERM uvicorn
+        # raises the signal again once stopped, so the process ends by it, as under uvicorn.run)
+        Uvicorn(config, server, on_stop=stopping).run()
+    except KeyboardInterrupt:  # (uvicorn.run swallows it too: Ctrl-C is how a server is stopped)
+        pass
     except OSError as e:  # e.g. the port is taken
         print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2

@@ -1,12 +1,16 @@
 """`qwen-ft serve` over time, on the tiny demo model with two random adapters, in-process on 127.0.0.1 (a free
-port): bursts of concurrent streams, clients that leave, engine steps that fail, and answers that do not depend
-on what else is in the batch."""
+port) and as a `qwen-ft serve` subprocess: bursts of concurrent streams, clients that leave, engine steps that
+fail, stopping with streams open, and answers that do not depend on what else is in the batch."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -16,6 +20,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
+
+from _helpers import ROOT, free_port  # noqa: E402
 
 MODELS = ("tiny-qwen", "ra", "rb")  # the base (by its dir name) and the two adapters
 QUESTIONS = ("What is the codename of project Aurora?", "Who guards the north gate?", "Tell me a story.")
@@ -283,3 +289,90 @@ def test_a_step_that_keeps_failing_is_retried_with_growing_pauses_and_health_say
     assert len(tracebacks) == 1 and len(caplog.records) > 10
     assert _wait_idle(live)["status"] == "ok"
     assert _ask(_client(live), "ra", QUESTIONS[0]).choices[0].message.content == reference["ra", QUESTIONS[0]]
+
+
+# -- stopping ---------------------------------------------------------------------------------------------------
+
+
+def _open_streams(url: str, n: int, out: dict) -> list:
+    """n long streams in threads, each recording its events (or the exception that ended it) in out[i]."""
+
+    def run(i):
+        try:
+            with httpx.stream("POST", url + "/v1/chat/completions", timeout=60, json={
+                    "model": "tiny-qwen", "messages": [{"role": "user", "content": "Tell me a story."}],
+                    "stream": True, **LONG}) as r:
+                out[i] = _events(r.iter_lines())
+        except httpx.HTTPError as e:
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads
+
+
+def _ended_by_shutdown(events) -> bool:
+    return (isinstance(events, list) and events[-1] == "[DONE]"
+            and events[-2].get("error", {}).get("code") == "server_shutting_down")
+
+
+def test_stopping_the_server_ends_open_streams_at_once_with_an_error(model_dir):
+    """uvicorn's graceful stop waited for every open stream to generate to max_tokens. Now the requests in flight
+    (running, queued, non-streamed) end at once: a stream with a server_shutting_down event and [DONE], a
+    non-streamed request with a 503; the server's thread ends."""
+    from finetune.serve.background import serve_in_background
+
+    server = _build(model_dir, "--max-batch", "2")
+    out: dict = {}
+    with serve_in_background(server, start_timeout=30, stop_timeout=60) as bg:
+        threads = _open_streams(bg.url, 3, out)  # two running, one queued
+        whole = threading.Thread(target=lambda: out.update(whole=httpx.post(
+            bg.api_url + "/chat/completions", timeout=60,
+            json={"model": "ra", "messages": [{"role": "user", "content": "Tell me a story."}], **LONG})))
+        whole.start()
+        _wait_until(lambda: server.worker.in_flight == 4 and server.engine.occupancy()[0] == 2,
+                    "the requests did not start")
+    for t in [*threads, whole]:
+        t.join(60)
+    assert all(_ended_by_shutdown(out[i]) for i in range(3)), out
+    assert out["whole"].status_code == 503 and out["whole"].json()["error"]["code"] == "server_shutting_down"
+    assert server.worker.in_flight == 0 and not server.worker._thread.is_alive()
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)])
+def test_ctrl_c_or_sigterm_of_qwen_ft_serve_with_open_streams(model_dir, sig, code):
+    """`qwen-ft serve` stopped with streams open exits at once (not when the streams have generated to their
+    end), saying how many requests it ended in one line; the clients get a server_shutting_down event and [DONE].
+    Ctrl-C exits 0; after SIGTERM the process ends by the signal, as under uvicorn.run."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "serve", "-m", str(model_dir / "tiny-qwen"),
+                             "--port", str(port), "--max-batch", "2"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    out: dict = {}
+    try:
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None  # (then the asserts below show why)
+
+        _wait_until(up, "the server did not start")
+        assert proc.poll() is None, proc.communicate()
+        threads = _open_streams(url, 3, out)
+        _wait_until(lambda: httpx.get(url + "/health", timeout=5).json()["in_flight"] == 3, "no streams opened")
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    for t in threads:
+        t.join(60)
+    assert proc.returncode == code, stderr
+    assert stderr.strip().splitlines()[-1] == \
+        "qwen-ft serve: stopping; 3 request(s) in flight ended with 503 server_shutting_down", stderr
+    assert "Traceback" not in stderr
+    assert all(_ended_by_shutdown(out[i]) for i in range(3)), out
