@@ -65,3 +65,44 @@ def test_unstripped_text_is_sent_as_generated(tok):
     assert s.feed(tok.encode("world EN")) == "world "  # "EN" may start the stop string
     assert s.feed(tok.encode("D more")) == "" and s.stopped
     assert s.finish() == "" and s.final_text == " Hello world "
+
+
+def test_random_replies_and_stop_strings_stream_to_the_whole_answer(real_vocab_file):
+    """Replies of Chinese, emoji (several tokens a character), whitespace and stray bytes, fed a token at a time as
+    the server does, with stop strings cut from anywhere in the reply (across characters and tokens): the deltas
+    join to the whole answer, that answer is the text up to the first stop string as generation meets it, and no
+    delta holds U+FFFD unless the reply decodes to it."""
+    import random
+
+    tok = QWenTokenizer(str(real_vocab_file))
+    pieces = ["猫头鹰", "🦉", "👨‍👩‍👧", " ", "\n", "hello", "Observation:", "。", "Ａ", "é", "  ", "你好世界", "😀😀", "x"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        ids = tok.encode("".join(rng.choice(pieces) for _ in range(rng.randint(0, 12))))
+        if rng.random() < 0.3:
+            ids += [rng.randrange(256) for _ in range(rng.randint(0, 3))]  # byte tokens: maybe no whole character
+        full = tok.decode(ids)
+        stops = []
+        for _ in range(rng.randint(0, 2)):
+            i = rng.randrange(len(full) or 1)
+            stops.append(full[i:i + rng.randint(1, 6)] or rng.choice(pieces))
+        strip = rng.random() < 0.7
+        expected = full  # generation stops once a stop string is in the text decoded so far
+        for k in range(1, len(ids) + 1):
+            text = tok.decode(ids[:k])
+            if k < len(ids) and text.endswith("\ufffd"):
+                continue  # (an incomplete character: not text yet)
+            hits = [text.find(s) for s in stops if s in text]
+            if hits:
+                expected = text[:min(hits)]
+                break
+        s = TextStream(tok, stops, strip=strip)
+        deltas = []
+        for i in ids:
+            deltas.append(s.feed([i]))
+            if s.stopped:
+                break
+        deltas.append(s.finish())
+        case = (ids, stops, strip, deltas)
+        assert "".join(deltas) == s.final_text == (expected.strip() if strip else expected), case
+        assert "\ufffd" not in "".join(deltas) or "\ufffd" in expected, case
