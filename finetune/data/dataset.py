@@ -17,7 +17,8 @@
      nothing disappears unreported.
   3. A record left with nothing to train (the prompt before its first reply fills max_len) stops the build
      with a `TooLongError` naming how many there are and the first, unless `skip_invalid` (then counted);
-     `filter` keeps the records that have something to train on; with `packing`, `map` packs rows.
+     `filter` keeps the records that have something to train on; with `packing`, the used rows are packed
+     (packing.pack_table) into a second cached file, named by the same fingerprint.
 
 `datasets` is imported inside the functions: the GPU machine runs without it.
 """
@@ -25,14 +26,15 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 from .encoding import ChatEncoder, chat_encoder
-from .packing import pack_batch
-from .records import DataError, _is_jsonl, _iter_raw, iter_records, jsonl_shards, normalize_record
+from .packing import PACK_BLOCK, pack_table, packed_schema
+from .records import DataError, _is_jsonl, _iter_raw, iter_records, jsonl_shards_counted, normalize_record
 from .summary import summarize
 
 # Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
@@ -42,6 +44,7 @@ FORMAT_VERSION = 4  # 3: assistant "weight" 0 untrained, Alpaca records, text pa
 TOO_LONG = "prompt longer than max_len (nothing left to train)"
 BATCH_ROWS = 512  # rows per Arrow record batch
 IN_MEMORY = "<records>"  # the "path" of records passed as a list
+PACK_VERSION = 1  # part of a packed file's name: bump when the packing changes
 
 
 class TooLongError(DataError):
@@ -133,9 +136,21 @@ def _encode_into(out: _ArrowRows, pairs, encoder: ChatEncoder, max_len, train_on
             gc.enable()
 
 
+# Called with the number of records done since the last call (the progress bar, or a worker's shared
+# counter); None: no progress shown.
+_progress = None
+PROGRESS_EVERY = 256  # records between progress updates
+
+
 def _encode_loop(out, pairs, encoder, max_len, train_on_prompt, skip_invalid) -> None:
     encode = encoder.encode
+    tick = _progress
+    done = 0
     for rec, err in pairs:
+        done += 1
+        if tick is not None and done == PROGRESS_EVERY:
+            tick(done)
+            done = 0
         if err is not None:
             out.add([], [], 0, False, err.reason, err.to_json())
             if not skip_invalid:
@@ -143,6 +158,8 @@ def _encode_loop(out, pairs, encoder, max_len, train_on_prompt, skip_invalid) ->
             continue
         e = encode(rec, max_len, train_on_prompt, normalized=True)
         out.add(e.input_ids, e.labels, e.n_trained, e.truncated)
+    if tick is not None and done:
+        tick(done)
 
 
 def _record_pairs(offset: int, records: list):
@@ -177,8 +194,20 @@ def _concat_arrow(parts: list[str], dst: str) -> None:
                     w.write_batch(batch)
 
 
-def _encode_to_arrow(jobs: list[dict], dst: str, procs: int) -> None:
-    """Run the shard jobs (in `procs` processes), then join their files, in order, into `dst` atomically."""
+def _count_into(counter, n: int) -> None:
+    with counter.get_lock():
+        counter.value += n
+
+
+def _worker_progress(counter) -> None:  # a Pool initializer: this worker's records go to the shared counter
+    global _progress
+    _progress = functools.partial(_count_into, counter)
+
+
+def _encode_to_arrow(jobs: list[dict], dst: str, procs: int, bar=None) -> None:
+    """Run the shard jobs (in `procs` processes), then join their files, in order, into `dst` atomically.
+    `bar` (a tqdm bar, or None) counts the records done."""
+    global _progress
     tmp_base = f"{dst}.{os.getpid()}.tmp"
     for k, job in enumerate(jobs):
         job["out"] = f"{tmp_base}{k}"
@@ -188,10 +217,21 @@ def _encode_to_arrow(jobs: list[dict], dst: str, procs: int) -> None:
 
             # fork: workers inherit the tokenizer's tiktoken encoding instead of rebuilding it (~1 s)
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else None)
-            with ctx.Pool(min(procs, len(jobs))) as pool:
-                parts = pool.map(_encode_shard, jobs, chunksize=1)
+            counter = ctx.Value("q", 0)
+            init = (_worker_progress, (counter,)) if bar is not None else (None, ())
+            with ctx.Pool(min(procs, len(jobs)), *init) as pool:
+                result = pool.map_async(_encode_shard, jobs, chunksize=1)
+                while not result.ready():
+                    result.wait(0.5)
+                    if bar is not None:
+                        bar.update(counter.value - bar.n)
+                parts = result.get()
         else:
-            parts = [_encode_shard(job) for job in jobs]
+            _progress = None if bar is None else bar.update
+            try:
+                parts = [_encode_shard(job) for job in jobs]
+            finally:
+                _progress = None
         if len(parts) == 1:
             os.replace(parts[0], dst)
         else:
@@ -203,6 +243,26 @@ def _encode_to_arrow(jobs: list[dict], dst: str, procs: int) -> None:
                 os.remove(job["out"])
         if os.path.exists(tmp_base):
             os.remove(tmp_base)
+
+
+def _write_packed(arrow_file: str, rows: list[int], max_len: int, dst: str, bar=None) -> None:
+    """Pack the encoded rows `rows` of `arrow_file` into `dst` (atomically); `bar` counts the records."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    tmp = f"{dst}.{os.getpid()}.tmp"
+    try:
+        with pa.memory_map(arrow_file) as src:
+            table = pa.ipc.open_stream(src).read_all()
+            with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_stream(sink, packed_schema()) as w:
+                for batch in pack_table(table, rows, max_len):
+                    w.write_batch(batch)
+                    if bar is not None:
+                        bar.update(int(pc.sum(batch.column("num_sequences")).as_py()))
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _trainable(n_trained: list[int]) -> list[bool]:
@@ -240,6 +300,18 @@ def _record_line(source: str, index: int) -> int | None:
 
 
 @contextlib.contextmanager
+def _bar(show: bool, total: int | None, desc: str, unit: str):
+    """A tqdm bar on stderr for one stage of the build (None when hidden)."""
+    if not show:
+        yield None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit) as bar:
+        yield bar
+
+
+@contextlib.contextmanager
 def _progress_bars(show: bool):
     """`datasets`' own progress bars (filter, map, loading a dataset dir) on or off for the build; off follows
     the trainer's --disable_tqdm."""
@@ -264,17 +336,17 @@ def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool
     an invalid record, and TooLongError for records that `max_len` leaves nothing to train in (unless
     `skip_invalid`: then both are counted in the summary, and printed), and when no record is left to train
     on. `verbose=False` (e.g. on non-main ranks) keeps the skip report off stderr; it is in the summary
-    either way. `progress=False` hides `datasets`' progress bars. `num_proc` processes encode (a JSONL file
+    either way. `progress=False` hides the progress bars (tokenizing, packing, `datasets`' own). `num_proc` processes encode (a JSONL file
     is split between them); the result is cached under `cache_dir` (default: the `datasets` cache) by a
     fingerprint of everything that determines it.
     """
     with _progress_bars(progress):
         return _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt, skip_invalid,
-                              num_proc, cache_dir, verbose)
+                              num_proc, cache_dir, verbose, progress)
 
 
 def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt, skip_invalid, num_proc,
-                   cache_dir, verbose):
+                   cache_dir, verbose, progress):
     import datasets
 
     if packing and not max_len:
@@ -298,11 +370,14 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         # The content (of every file, for a dataset dir), and the path, which the cached errors name.
         key = {"path": path, "content": _content_key(p)}
         # JSONL splits into byte ranges, one per process; other forms are read by one process.
-        shards = jsonl_shards(path, procs) if p.is_file() and _is_jsonl(path) else [None]
+        shards, n_records = [None], None  # (a JSON array's count is known only once it is read)
+        if p.is_file() and _is_jsonl(path):
+            shards, n_records = jsonl_shards_counted(path, procs)
         jobs = [{"path": path, "shard": sh, **common} for sh in shards]
     else:
         records = list(path_or_records)
         source = f"{len(records)} in-memory records"
+        n_records = len(records)
         key = {"records": records}
         step = -(-len(records) // procs) or 1
         jobs = [{"offset": i, "records": records[i:i + step], **common}
@@ -315,7 +390,8 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     arrow_file = os.path.join(cache_dir, f"encoded-{fingerprint}.arrow")
     if not os.path.exists(arrow_file):
         try:
-            _encode_to_arrow(jobs, arrow_file, procs)
+            with _bar(progress, n_records, "tokenizing", " records") as bar:
+                _encode_to_arrow(jobs, arrow_file, procs, bar)
         except DataError as e:  # file-level (a broken JSON array): readable, without the traceback noise
             raise e from None
     encoded = datasets.Dataset.from_file(arrow_file)
@@ -326,7 +402,7 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     trained = encoded.data.column("n_trained").to_pylist()
     truncated = encoded.data.column("truncated").to_pylist()
     skipped = Counter(r for r in reasons if r is not None)
-    used_len, used_trained, n_trunc = [], [], 0
+    used_len, used_trained, used_rows, n_trunc = [], [], [], 0
     first_too_long = None  # row index = record index: every record has a row once no error ends a shard
     for i, (r, n, t, tr) in enumerate(zip(reasons, lengths, trained, truncated)):
         if r is not None:
@@ -336,6 +412,7 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
             if first_too_long is None:
                 first_too_long = i
             continue
+        used_rows.append(i)
         used_len.append(n)
         used_trained.append(t)
         n_trunc += tr
@@ -371,15 +448,19 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     if skipped and verbose:
         print(summary.format(), file=sys.stderr)  # skips are never silent, even if the caller ignores the summary
 
+    if packing:
+        # Packed from the flat token arrays into a file of its own next to the encoded one (datasets.map over
+        # Python lists of ints cost more than the tokenizer). Blocks of PACK_BLOCK used records in file order:
+        # the same rows whatever num_proc.
+        packed_file = os.path.join(cache_dir, f"packed-v{PACK_VERSION}-b{PACK_BLOCK}-{fingerprint}.arrow")
+        if not os.path.exists(packed_file):
+            with _bar(progress, len(used_rows), "packing", " records") as bar:
+                _write_packed(arrow_file, used_rows, max_len, packed_file, bar)
+        ds = datasets.Dataset.from_file(packed_file)
+        summary.packed, summary.rows = True, len(ds)
+        return ds, summary
     ds = encoded
     if len(used_len) != len(reasons):
         ds = ds.filter(_trainable, input_columns="n_trained", batched=True, num_proc=num_proc,
                        desc="dropping records without trained tokens")
-    ds = ds.remove_columns(["n_trained", "truncated", "reason", "error"])
-    if packing:
-        ds = ds.map(pack_batch, batched=True, batch_size=2000, num_proc=num_proc,
-                    remove_columns=ds.column_names, fn_kwargs={"max_len": max_len},
-                    desc="packing")
-        summary.packed, summary.rows = True, len(ds)
-    return ds, summary
-
+    return ds.remove_columns(["n_trained", "truncated", "reason", "error"]), summary

@@ -525,6 +525,11 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
 
 def jsonl_shards(path: str, n: int) -> list[tuple[int, int | None, int, int]]:
     """Split a JSONL file at line starts into n byte ranges: (start, end, lines before, records before)."""
+    return jsonl_shards_counted(path, n)[0]
+
+
+def jsonl_shards_counted(path: str, n: int) -> tuple[list[tuple[int, int | None, int, int]], int]:
+    """`jsonl_shards` and the number of records (non-blank lines) of the file, from the same pass."""
     size = os.path.getsize(path)
     cuts = [size * k // n for k in range(1, n)]
     shards, start, line0, index0 = [], 0, 0, 0
@@ -541,7 +546,7 @@ def jsonl_shards(path: str, n: int) -> list[tuple[int, int | None, int, int]]:
             lines += 1
             records += bool(line.strip())
     shards.append((start, None, line0, index0))
-    return shards
+    return shards, records
 
 
 def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | None]]:

@@ -257,9 +257,12 @@ def test_progress_bars_follow_progress_flag(data_small_tokenizer, jsonl, tmp_pat
     kw = dict(packing=True, skip_invalid=True, verbose=False)
     build_dataset(data_small_tokenizer, path, 64, progress=False, cache_dir=tmp_path / "c1", **kw)
     err = capfd.readouterr().err
-    assert "packing" not in err and "dropping records" not in err and "%|" not in err
+    assert "packing" not in err and "dropping records" not in err and "%|" not in err and "tokenizing" not in err
     import datasets
 
     assert not datasets.are_progress_bars_disabled()  # restored
     build_dataset(data_small_tokenizer, path, 64, progress=True, cache_dir=tmp_path / "c2", **kw)
-    assert "packing" in capfd.readouterr().err  # the bars this turns off do exist
+    err = capfd.readouterr().err
+    assert "packing" in err and "tokenizing" in err  # the bars this turns off do exist
+    build_dataset(data_small_tokenizer, path, 64, progress=True, num_proc=2, cache_dir=tmp_path / "c3", **kw)
+    assert f"tokenizing: 100%|{'█' * 10}| {len(GOOD) + 1}/{len(GOOD) + 1}" in capfd.readouterr().err  # workers count
