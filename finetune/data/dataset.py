@@ -369,19 +369,22 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         path = str(p.resolve())
         # The content (of every file, for a dataset dir), and the path, which the cached errors name.
         key = {"path": path, "content": _content_key(p)}
-        # JSONL splits into byte ranges, one per process; other forms are read by one process.
-        shards, n_records = [None], None  # (a JSON array's count is known only once it is read)
-        if p.is_file() and _is_jsonl(path):
-            shards, n_records = jsonl_shards_counted(path, procs)
-        jobs = [{"path": path, "shard": sh, **common} for sh in shards]
+
+        def make_jobs():  # only on a cache miss: splitting a JSONL file reads it through
+            # JSONL splits into byte ranges, one per process; other forms are read by one process.
+            shards, n_records = [None], None  # (a JSON array's count is known only once it is read)
+            if p.is_file() and _is_jsonl(path):
+                shards, n_records = jsonl_shards_counted(path, procs)
+            return [{"path": path, "shard": sh, **common} for sh in shards], n_records
     else:
         records = list(path_or_records)
         source = f"{len(records)} in-memory records"
-        n_records = len(records)
         key = {"records": records}
-        step = -(-len(records) // procs) or 1
-        jobs = [{"offset": i, "records": records[i:i + step], **common}
-                for i in range(0, len(records), step)] or [{"offset": 0, "records": [], **common}]
+
+        def make_jobs():
+            step = -(-len(records) // procs) or 1
+            return [{"offset": i, "records": records[i:i + step], **common}
+                    for i in range(0, len(records), step)] or [{"offset": 0, "records": [], **common}], len(records)
     # Everything that determines the encoded rows, and nothing else (not num_proc: same rows either way).
     fingerprint = Hasher.hash({**key, **common, "version": FORMAT_VERSION})
     if cache_dir is None:
@@ -390,6 +393,7 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     arrow_file = os.path.join(cache_dir, f"encoded-{fingerprint}.arrow")
     if not os.path.exists(arrow_file):
         try:
+            jobs, n_records = make_jobs()
             with _bar(progress, n_records, "tokenizing", " records") as bar:
                 _encode_to_arrow(jobs, arrow_file, procs, bar)
         except DataError as e:  # file-level (a broken JSON array): readable, without the traceback noise

@@ -85,11 +85,11 @@ def test_datasets_progress_bars_follow_disable_tqdm(tiny_model_dir, tmp_path, ca
     from finetune.train import _datasets
     from finetune.training.arguments import parse_args
 
-    data = _three_of_five_too_long(tmp_path / "d.jsonl")  # skipped rows: the filter step runs, then packing
+    data = _three_of_five_too_long(tmp_path / "d.jsonl")  # skipped rows: packing takes the others
     _, data_args, _, args = parse_args(train_args(tiny_model_dir, data, tmp_path / "o", "--use_lora", "True",
                                                   "--model_max_length", "64", "--skip_invalid", "True",
                                                   "--packing", "True", "--disable_tqdm", str(disable)))
     capfd.readouterr()
     _datasets(load_tokenizer(tiny_model_dir), data_args, args)
     err = capfd.readouterr().err
-    assert ("packing" in err) == (not disable) and ("dropping records" in err) == (not disable)
+    assert ("packing" in err) == (not disable) and ("tokenizing" in err) == (not disable)
