@@ -8,7 +8,8 @@ tokens of the real Qwen vocabulary (English, Chinese, Japanese, Russian, German,
 literal control-token text), 1-4 turn pairs, replies about three times longer than the questions, one in ten
 with its own system prompt, one in fifty a tool-call record; as JSONL and as one JSON array (indent 2, the way
 `json.dump` writes one). Each stage runs in a fresh process (as a user's run does) and reports its wall time
-and the peak RSS of its process tree (sampled every 20 ms, workers included):
+and the peak RSS of its process tree (sampled every 20 ms, workers included), also without shared pages
+(memory-mapped Arrow files count in RSS while they are read):
 
   read      the file parsed record by record (records._iter_raw), nothing else
   validate  read + normalize_record (iter_records)
@@ -186,16 +187,20 @@ def child(stage: str, path: str, workers: int, cache: str, max_len: int) -> dict
     return res
 
 
-def _tree_rss(proc) -> int:
+def _tree_rss(proc) -> tuple[int, int]:
+    """(RSS, RSS less shared pages) of a process and its children: the second leaves out the pages of
+    memory-mapped Arrow files (the page cache holds them; they are not the process's own memory)."""
     import psutil
 
-    total = 0
+    total = own = 0
     for p in [proc] + proc.children(recursive=True):
         try:
-            total += p.memory_info().rss
+            m = p.memory_info()
         except psutil.Error:
-            pass
-    return total
+            continue
+        total += m.rss
+        own += m.rss - m.shared
+    return total, own
 
 
 def run_stage(stage: str, path: Path, workers: int, cache: Path, max_len: int) -> dict:
@@ -205,12 +210,13 @@ def run_stage(stage: str, path: Path, workers: int, cache: Path, max_len: int) -
            "--cache", str(cache), "--max-len", str(max_len)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     ps = psutil.Process(proc.pid)
-    peak = [0]
+    peak = [0, 0]
 
     def sample():
         while proc.poll() is None:
             try:
-                peak[0] = max(peak[0], _tree_rss(ps))
+                rss, own = _tree_rss(ps)
+                peak[0], peak[1] = max(peak[0], rss), max(peak[1], own)
             except psutil.Error:
                 break
             time.sleep(0.02)
@@ -223,6 +229,7 @@ def run_stage(stage: str, path: Path, workers: int, cache: Path, max_len: int) -
         raise SystemExit(f"stage {stage} failed (exit {proc.returncode})")
     res = json.loads(out.strip().splitlines()[-1])
     res["peak_rss_mb"] = round(peak[0] / 2**20)
+    res["peak_unshared_mb"] = round(peak[1] / 2**20)
     return res
 
 
@@ -259,8 +266,9 @@ def main():
                 r.update(form=form, workers=w, stage=stage)
                 res["runs"].append(r)
                 rate = f"{r['tokens'] / r['seconds'] / 1e6:6.2f} M tok/s" if "tokens" in r else " " * 14
-                print(f"{form:5s} w={w} {stage:9s} {r['seconds']:8.1f} s  {rate}  peak RSS {r['peak_rss_mb']:6d} MB"
-                      f"  (imports+tokenizer {r['import_and_tokenizer_s']:.1f} s)", flush=True)
+                print(f"{form:5s} w={w} {stage:9s} {r['seconds']:8.1f} s  {rate}  peak RSS {r['peak_rss_mb']:6d} MB "
+                      f"({r['peak_unshared_mb']} unshared)  (imports+tokenizer {r['import_and_tokenizer_s']:.1f} s)",
+                      flush=True)
             shutil.rmtree(cache, ignore_errors=True)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
