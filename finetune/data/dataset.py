@@ -45,6 +45,21 @@ TOO_LONG = "prompt longer than max_len (nothing left to train)"
 BATCH_ROWS = 512  # rows per Arrow record batch
 IN_MEMORY = "<records>"  # the "path" of records passed as a list
 PACK_VERSION = 1  # part of a packed file's name: bump when the packing changes
+# Without --preprocessing_num_workers a JSONL file this large is encoded by several processes (the rows are the
+# same either way): 200k records (950 MB) took 124 s in one process and 78 s in two on a busy 2-core machine
+# (benchmarks/NOTES.md step 68); a small file is not worth the workers' start.
+AUTO_SPLIT_BYTES = 64 << 20
+AUTO_MAX_PROCS = 8
+
+
+def auto_procs(path: str) -> int:
+    """The processes that encode ``path`` when the caller does not say: up to AUTO_MAX_PROCS (the CPUs this
+    process may run on) for a JSONL file of AUTO_SPLIT_BYTES and more, else one (other forms are read by one)."""
+    p = Path(path)
+    if not (p.is_file() and _is_jsonl(path) and p.stat().st_size >= AUTO_SPLIT_BYTES):
+        return 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(AUTO_MAX_PROCS, cpus))
 
 
 class TooLongError(DataError):
@@ -337,7 +352,7 @@ def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool
     `skip_invalid`: then both are counted in the summary, and printed), and when no record is left to train
     on. `verbose=False` (e.g. on non-main ranks) keeps the skip report off stderr; it is in the summary
     either way. `progress=False` hides the progress bars (tokenizing, packing, `datasets`' own). `num_proc` processes encode (a JSONL file
-    is split between them); the result is cached under `cache_dir` (default: the `datasets` cache) by a
+    is split between them; None: ``auto_procs``); the result is cached under `cache_dir` (default: the `datasets` cache) by a
     fingerprint of everything that determines it.
     """
     with _progress_bars(progress):
@@ -358,7 +373,7 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
 
     from datasets.fingerprint import Hasher
 
-    procs = max(1, num_proc or 1)
+    procs = max(1, num_proc) if num_proc else 1
     common = {"encoder": encoder, "max_len": max_len, "train_on_prompt": train_on_prompt,
               "skip_invalid": skip_invalid}
     if isinstance(path_or_records, (str, os.PathLike)):
@@ -367,6 +382,8 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         if not p.exists():
             raise DataError("file not found", "no such file", path=source)
         path = str(p.resolve())
+        if not num_proc:
+            procs = auto_procs(path)
         # The content (of every file, for a dataset dir), and the path, which the cached errors name.
         key = {"path": path, "content": _content_key(p)}
 
@@ -394,7 +411,8 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     if not os.path.exists(arrow_file):
         try:
             jobs, n_records = make_jobs()
-            with _bar(progress, n_records, "tokenizing", " records") as bar:
+            with _bar(progress, n_records, f"tokenizing ({procs} processes)" if procs > 1 else "tokenizing",
+                      " records") as bar:
                 _encode_to_arrow(jobs, arrow_file, procs, bar)
         except DataError as e:  # file-level (a broken JSON array): readable, without the traceback noise
             raise e from None

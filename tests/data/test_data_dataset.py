@@ -48,6 +48,35 @@ def test_rows_match_encode_conversation(data_small_tokenizer, jsonl, tmp_path):
     assert "40 read, 40 used, 0 skipped" in text and "p50" in text and "truncated: 0" in text
 
 
+def test_a_large_jsonl_file_is_split_between_processes_unless_the_flag_says(data_small_tokenizer, jsonl, tmp_path,
+                                                                           monkeypatch):
+    """Without num_proc, a JSONL file of AUTO_SPLIT_BYTES and more is encoded by up to AUTO_MAX_PROCS processes (one
+    per CPU), a smaller one or a JSON array by one; num_proc given is what runs. The rows are the same."""
+    import finetune.data.dataset as dataset_mod
+
+    calls = []
+    encode = dataset_mod._encode_to_arrow
+    monkeypatch.setattr(dataset_mod, "_encode_to_arrow",
+                        lambda jobs, dst, procs, bar=None: calls.append((len(jobs), procs))
+                        or encode(jobs, dst, procs, bar))
+    lines = jsonl(GOOD, "big.jsonl")
+    arr = tmp_path / "d.json"
+    arr.write_text(json.dumps(GOOD))
+    want, _ = build_dataset(data_small_tokenizer, lines, 64, cache_dir=tmp_path / "c0")
+    assert calls.pop() == (1, 1)  # small: one process
+    monkeypatch.setattr(dataset_mod, "AUTO_SPLIT_BYTES", 1)
+    cpus = dataset_mod.auto_procs(str(lines))
+    assert 1 <= cpus <= dataset_mod.AUTO_MAX_PROCS
+    got, _ = build_dataset(data_small_tokenizer, lines, 64, cache_dir=tmp_path / "c1")
+    assert calls.pop() == (cpus, cpus) and got["input_ids"][:] == want["input_ids"][:]
+    build_dataset(data_small_tokenizer, lines, 64, num_proc=1, cache_dir=tmp_path / "c2")
+    assert calls.pop() == (1, 1)
+    build_dataset(data_small_tokenizer, str(arr), 64, cache_dir=tmp_path / "c3")
+    assert calls.pop()[1] == 1  # a JSON array is read by one process
+    monkeypatch.setattr(dataset_mod.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert dataset_mod.auto_procs(str(lines)) == dataset_mod.AUTO_MAX_PROCS
+
+
 def test_same_result_from_list_json_and_two_processes(data_small_tokenizer, jsonl, tmp_path):
     tok = data_small_tokenizer
     base, _ = build_dataset(tok, jsonl(GOOD), 64, cache_dir=tmp_path / "c1")
@@ -265,4 +294,5 @@ def test_progress_bars_follow_progress_flag(data_small_tokenizer, jsonl, tmp_pat
     err = capfd.readouterr().err
     assert "packing" in err and "tokenizing" in err  # the bars this turns off do exist
     build_dataset(data_small_tokenizer, path, 64, progress=True, num_proc=2, cache_dir=tmp_path / "c3", **kw)
-    assert f"tokenizing: 100%|{'█' * 10}| {len(GOOD) + 1}/{len(GOOD) + 1}" in capfd.readouterr().err  # workers count
+    bar = f"tokenizing (2 processes): 100%|{'█' * 10}| {len(GOOD) + 1}/{len(GOOD) + 1}"
+    assert bar in capfd.readouterr().err  # the workers' records count
