@@ -35,30 +35,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from synthetic_text import CODE as CODE_BASE  # noqa: E402
+from synthetic_text import EN, NAMES  # noqa: E402
+from synthetic_text import ZH as ZH_BASE  # noqa: E402
+
 VOCAB = ROOT.parent / "shared" / "qwen" / "qwen.tiktoken"
 
-EN = ("the model learns from examples and every answer should be short clear and correct while the data "
-      "pipeline keeps whole turns together so that training never loses the end of a reply we measure "
-      "throughput in tokens per second across many conversations with different lengths and languages "
-      "please explain how attention works in a transformer and why the rotary embedding helps with long "
-      "context windows as well as what happens when a sequence is truncated").split()
-ZH = ("我们 今天 讨论 模型 训练 的 数据 处理 问题 。 请 解释 一下 注意力 机制 是 如何 工作 的 ， 以及 为什么 "
-      "长 文本 需要 特别 的 位置 编码 。 这个 方法 在 实际 应用 中 非常 有效 ， 但是 也 有 一些 局限性 。 "
-      "北京 上海 广州 深圳 的 天气 都 不错 ， 适合 出去 走走 。 数据集 包含 二十万 条 对话 ， 每 条 对话 "
-      "都 经过 清洗 和 去重 。").split()
+ZH = ZH_BASE + ['数据集', '包含', '二十万', '条', '对话', '，', '每', '条', '对话', '都', '经过', '清洗', '和', '去重', '。']
 JA = "これは 日本語 の 文章 です 。 モデル は データ から 学習 し ます 。 東京 の 天気 は 晴れ です 。".split()
 RU = ("модель учится на примерах и каждый ответ должен быть коротким ясным и правильным данные "
       "проходят проверку перед обучением").split()
 DE = "das Modell lernt aus Beispielen und jede Antwort sollte kurz und richtig sein über große Datenmengen".split()
-CODE = [
-    "def {f}({a}, {b}):\n    return {a} * {b} + {n}\n",
-    "for {a} in range({n}):\n    if {a} % 3 == 0:\n        print({a}, \"{f}\")\n",
-    "class {F}:\n    def __init__(self, {a}):\n        self.{a} = {a}\n\n    def {f}(self):\n        return self.{a}\n",
-    "const {f} = ({a}, {b}) => {{ return {a}.map(x => x + {b}); }};\n",
-    "SELECT {a}, COUNT(*) FROM {f} WHERE {b} > {n} GROUP BY {a};\n",
-    "fn {f}({a}: &[u32]) -> u64 {{\n    {a}.iter().map(|x| *x as u64 * {n}).sum()\n}}\n",
+CODE = CODE_BASE + [
+    'fn {f}({a}: &[u32]) -> u64 {{\n    {a}.iter().map(|x| *x as u64 * {n}).sum()\n}}\n',
 ]
-NAMES = ["alpha", "beta", "count", "total", "value", "items", "key", "node", "data", "result", "x_max"]
 EXTRA = ["<|im_end|>", "<|endoftext|>", "<|im_start|>assistant", "🙂", "👍🏽", "e\u0301", "\t", "—", "½"]
 SYSTEMS = ["You are a careful assistant who answers in Chinese.", "你是一个乐于助人的助手。",
            "You are a senior Python reviewer. Be terse."]
