@@ -146,6 +146,12 @@ class _KV:
         return K[:b, :, : self.kv_len], V[:b, :, : self.kv_len]
 
 
+def _greedy_flags(params: SamplingParams) -> tuple[bool, bool]:
+    """(penalised, holds its stops back): what a row's sampling adds to a greedy step's graph key (the pick inside
+    the graph applies the repetition penalty and the held stops only when some row needs them)."""
+    return params.repetition_penalty != 1.0, params.min_new_tokens > 0
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -298,8 +304,9 @@ class Engine:
         the decode step of every batch bucket at every graph length the cache holds (``_graph_length``: a few
         a bucket) for the sampling of ``expect`` (what the requests to come will use: greedy by default; the
         server's and chat's generation-config defaults), with and without adapters, so that no such request
-        waits for a capture (~0.1 s each; a step of other sampling is captured when first met). The engine must be idle; it is idle again afterwards, its graphs kept until
-        the cache grows (the compiled kernels stay for the process)."""
+        waits for a capture (~0.1 s each; a step of other sampling is captured when first met). The engine must
+        be idle; it is idle again afterwards, its graphs kept until the cache grows (the compiled kernels stay
+        for the process)."""
         if self.has_work():
             raise RuntimeError("warm_up needs an idle engine (requests are waiting or running)")
         start = time.perf_counter()
@@ -320,7 +327,7 @@ class Engine:
             if not [n for n in self.adapters.base_changed if n != name]:
                 self.generate([ids], greedy, adapter=name)
         if self.use_graphs and self._own_keys():
-            picks = {None if p.do_sample else (p.repetition_penalty != 1.0, p.min_new_tokens > 0) for p in expect}
+            picks = {None if p.do_sample else _greedy_flags(p) for p in expect}
             loras = (False, True) if self.adapters.names else (False,)
             for b in buckets:
                 for length in self._graph_lengths(b):
@@ -587,8 +594,8 @@ class Engine:
             self._sel_key, self._sel = key, self._select([r.adapter_index for r in rows] + [None] * (b - n), b)
         s["sel"][:, :b].copy_(self._sel)
         self._lora = any(r.adapter_index is not None for r in rows)
-        self._flags = (any(r.req.params.repetition_penalty != 1.0 for r in rows),
-                       any(r.req.params.min_new_tokens > 0 for r in rows))
+        flags = [_greedy_flags(r.req.params) for r in rows]
+        self._flags = (any(f[0] for f in flags), any(f[1] for f in flags))
         # seeded rows draw from their own generators one by one; the others in one batch (RowSampling)
         self._seeded = [(i, r.req.params, r.generator) for i, r in enumerate(rows)
                         if r.req.params.do_sample and r.generator is not None]
@@ -732,7 +739,8 @@ class Engine:
         # into the cache are at the rows' current positions, which the real step then writes again (or, in
         # warm_up's captures, at stale positions of empty slots). The pick warms up on copies of the inputs it
         # advances. Once a graph of the same step at another length exists, its kernels have run: one pass.
-        kin = [k for k in self._graphs if k[0] == b and k[2:] == self._graph_key(b, kv_len, pick, lora, own_keys)[2:]]
+        kind = self._graph_key(b, kv_len, pick, lora, own_keys)[2:]
+        kin = any(k[0] == b and k[2:] == kind for k in self._graphs)
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
