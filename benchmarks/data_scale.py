@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from synthetic_text import CODE as CODE_BASE  # noqa: E402
-from synthetic_text import EN, NAMES  # noqa: E402
+from synthetic_text import EN, NAMES, draw_text  # noqa: E402
 from synthetic_text import ZH as ZH_BASE  # noqa: E402
 
 VOCAB = ROOT.parent / "shared" / "qwen" / "qwen.tiktoken"
@@ -106,12 +106,8 @@ def make_conversations(n: int, encoding, seed: int = 1234, lo: int = 100, hi: in
         turns = []
         for t in range(2 * pairs):
             share = budget // (4 * pairs) * (3 if t % 2 else 1)
-            parts, size = [], 0
-            while size < share or not parts:
-                k = rng.randrange(len(pool))
-                parts.append(pool[k])
-                size += pool_len[k] + 1
-            turns.append({"from": "user" if t % 2 == 0 else "assistant", "value": " ".join(parts)})
+            turns.append({"from": "user" if t % 2 == 0 else "assistant",
+                          "value": draw_text(rng, pool, pool_len, share)})
         rec = {"id": f"bench-{i}", "conversations": turns}
         if i % 10 == 3:
             rec["system"] = rng.choice(SYSTEMS)

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from finetune.data import build_dataset, encode_conversation, load_records  # noqa: E402
 from finetune.tokenization import QWenTokenizer  # noqa: E402
-from synthetic_text import CODE, EN, NAMES, ZH  # noqa: E402
+from synthetic_text import CODE, EN, NAMES, ZH, draw_text  # noqa: E402
 
 IGNORE_TOKEN_ID = -100
 MAX_LEN = 2048
@@ -63,12 +63,8 @@ def make_conversations(n: int, encoding, seed: int = 1234) -> list[dict]:
         turns = []
         per_turn = budget // (2 * pairs)
         for t in range(2 * pairs):
-            parts, size = [], 0
-            while size < per_turn or not parts:
-                k = rng.randrange(len(pool))
-                parts.append(pool[k])
-                size += pool_len[k] + 1
-            turns.append({"from": "user" if t % 2 == 0 else "assistant", "value": " ".join(parts)})
+            turns.append({"from": "user" if t % 2 == 0 else "assistant",
+                          "value": draw_text(rng, pool, pool_len, per_turn)})
         out.append({"id": f"bench-{i}", "conversations": turns})
     return out
 

@@ -17,3 +17,14 @@ CODE = [
     "SELECT {a}, COUNT(*) FROM {f} WHERE {b} > {n} GROUP BY {a};\n",
 ]
 NAMES = ["alpha", "beta", "count", "total", "value", "items", "key", "node", "data", "result", "x_max"]
+
+
+def draw_text(rng, pool: list[str], pool_len: list[int], tokens: int) -> str:
+    """Sentences drawn from ``pool`` (their token counts in ``pool_len``) until about ``tokens`` tokens, at least one,
+    joined by spaces."""
+    parts, size = [], 0
+    while size < tokens or not parts:
+        k = rng.randrange(len(pool))
+        parts.append(pool[k])
+        size += pool_len[k] + 1
+    return " ".join(parts)
