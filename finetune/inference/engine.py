@@ -328,7 +328,8 @@ class Engine:
                 self.generate([ids], greedy, adapter=name)
         if self.use_graphs and self._own_keys():
             picks = {None if p.do_sample else _greedy_flags(p) for p in expect}
-            loras = (False, True) if self.adapters.names else (False,)
+            # (no base rows beside an adapter that must run alone: its steps always run the adapters)
+            loras = (True,) if lead is not None else (False, True) if self.adapters.names else (False,)
             for b in buckets:
                 for length in self._graph_lengths(b):
                     for pick, lora in itertools.product(sorted(picks, key=repr), loras):
