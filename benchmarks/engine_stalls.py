@@ -13,6 +13,7 @@ for the first time, as a freshly started server does; the second shows what is l
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import random
 import statistics
@@ -58,12 +59,15 @@ def timed_methods(engine, log, submits=False):
         log.append(dict(kind="prefill", rows=len(reqs), longest=max(len(r.prompt_ids) for r in reqs),
                         ms=round((time.perf_counter() - t0) * 1e3, 2), at=t0))
 
-    def timed_capture(b, kv_len, pick=None, own_keys=False):
+    arguments = inspect.signature(capture)  # the wrapper takes what the engine passes, whatever that grows to
+
+    def timed_capture(*args, **kwargs):
         sync()
         t0 = time.perf_counter()
-        out = capture(b, kv_len, pick, own_keys)
+        out = capture(*args, **kwargs)
         sync()
-        log.append(dict(kind="capture", rows=b, kv_len=kv_len, pick=pick, own_keys=own_keys,
+        named = arguments.bind(*args, **kwargs).arguments
+        log.append(dict(kind="capture", rows=named.pop("b"), **named,
                         ms=round((time.perf_counter() - t0) * 1e3, 2), at=t0))
         return out
 

@@ -165,8 +165,20 @@ FILL_PROGRAMS = 512
 
 @triton.jit
 def _key_span(n, FILL, BLOCK_N: tl.constexpr, MAX_SPAN_: tl.constexpr):
-    """The keys each part of a row with ``n`` keys reads: n / FILL rounded up to whole tiles, at most MAX_SPAN_."""
-    return tl.minimum(tl.cdiv(tl.cdiv(n, FILL), BLOCK_N) * BLOCK_N, MAX_SPAN_)
+    """The keys each part of a row with ``n`` keys reads: the shortest of 1, 2 and 4 tiles that cuts the row into at
+    most part_limit(FILL) parts, else MAX_SPAN_ (= 4 tiles)."""
+    tl.static_assert(MAX_SPAN_ == 4 * BLOCK_N)
+    limit = FILL + FILL // 2
+    return tl.where(tl.cdiv(n, BLOCK_N) <= limit, BLOCK_N,
+                    tl.where(tl.cdiv(n, 2 * BLOCK_N) <= limit, 2 * BLOCK_N, MAX_SPAN_))
+
+
+def part_limit(fill: int) -> int:
+    """The most parts a row is cut into while its parts are shorter than MAX_SPAN: 1.5 x ``fill`` (one row of 40
+    heads: 24 parts, 960 programs). One row at 2,000 keys ran best in 16 parts of 128 keys (640 programs), against 32
+    of 64 (1,280) and 8 of 256 (320); at 512 keys 8 parts of 64 (320) beat 4 of 128 and 2 of 256 (NOTES steps 65, 70).
+    Kept in step with _key_span."""
+    return fill + fill // 2
 
 
 @triton.jit(do_not_specialize=["kv_len", "FILL", "S"])
@@ -257,8 +269,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """One decode step's attention: q [b, heads, 1, D] (rotary and logN applied), row i attending to its keys
     0..pos[i] of ``k_cache``/``v_cache`` [slots >= b, heads, capacity, D] (at most ``kv_len``), scores times
     ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. A row's n keys are cut into parts of
-    n / ``fill`` keys (default ``fill_parts``; whole 64-key tiles, at most MAX_SPAN), each one program a head (fp32
-    online softmax), combined by a second kernel; the grid's parts past a row's own keys return at once. Only the
+    64, 128 or MAX_SPAN keys (the shortest that gives at most part_limit(``fill``) parts; ``fill`` by default
+    fill_parts), each one program a head (fp32 online softmax), combined by a second kernel; the grid's parts past a row's own keys return at once. Only the
     grid depends on ``kv_len``: a graph of this call serves every step whose rows have at most kv_len keys."""
     b, heads, one, D = q.shape
     if one != 1 or not q.is_contiguous():
@@ -266,7 +278,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d = triton.next_power_of_2(D)
     fill = fill or fill_parts(b, heads)
-    S = max(fill, -(-kv_len // MAX_SPAN))
+    S = max(part_limit(fill), -(-kv_len // MAX_SPAN))
     ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
     out = torch.empty(b, 1, heads * D, dtype=q.dtype, device=q.device)
     _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, fill,

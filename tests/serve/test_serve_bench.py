@@ -51,3 +51,40 @@ def test_serve_bench_compares_adapter_loads_and_refuses_bad_flags(tmp_path, caps
         assert serve_bench.main(["--tiny", *argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_engine_log_names_each_capture_by_the_engines_own_arguments():
+    """engine_stalls.timed_methods (serve_bench --engine-log) wraps Engine._capture whatever its arguments are (a
+    fixed-arity wrapper broke both benchmarks on the GPU when _capture gained ``lora``): each capture is logged
+    with the engine's own argument names and returns what the engine's capture returned."""
+    import inspect
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import engine_stalls
+
+    from finetune.inference.engine import Engine
+
+    class Stub:
+        def _prefill(self, reqs, touched):
+            pass
+
+        def submit(self, prompt_ids):
+            pass
+
+    stub = Stub()
+    calls = []
+
+    def capture(*args):
+        calls.append(args)
+        return "graph"
+
+    own = list(inspect.signature(Engine._capture).parameters.values())[1:]  # without self
+    capture.__signature__ = inspect.Signature(own)
+    stub._capture = capture
+    log = []
+    engine_stalls.timed_methods(stub, log)
+    args = (4, 1024, (False, True), True, False)[: len(own)]
+    assert stub._capture(*args) == "graph" and calls == [args]
+    (entry,) = log
+    assert entry["kind"] == "capture" and entry["rows"] == 4 and entry["kv_len"] == 1024
+    assert {p.name for p in own} - {"b"} <= set(entry) and entry["ms"] >= 0
