@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device call for NOTES steps 66-67: the GPU tests of the fused decode step and the engine's warm-up, the one-row
+# One device call for NOTES steps 66-70: the GPU tests of the fused decode step and the engine's warm-up, the one-row
 # workloads with every step over its own keys against FINETUNE_DECODE_ATTENTION=0 (SDPA, cuDNN in graphs), `qwen-ft
-# serve` under 1, 8 and 32 streams with the engine's log (and its warm_up's seconds), and the serving trace after
-# warm_up. From the repo root on the GPU machine, .whl carried; results under $OUT. (b64_mixed: warm_trial.sh B64=1.)
-#   QWEN_FT_COMMIT=<rev> bash benchmarks/final_trial.sh
+# serve` under 1, 8 and 32 streams with the engine's log (and its warm_up's seconds), the serving trace after warm_up,
+# and with B64=1 b64_mixed. From the repo root on the GPU machine, .whl carried; results under $OUT.
+#   QWEN_FT_COMMIT=<rev> [B64=1] bash benchmarks/final_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/final_out || exit 1
@@ -17,3 +17,7 @@ W=(--part engine --model-dir /tmp/m --workloads b1_512 b1_ctx2000)
 timeout 100 python3 benchmarks/decode_bench.py "${W[@]}" --out "$OUT/decode_own_$C.json" 2>&1 | grep "^{" | cut -c1-300
 FINETUNE_DECODE_ATTENTION=0 timeout 100 python3 benchmarks/decode_bench.py "${W[@]}" --out "$OUT/decode_sdpa_$C.json" \
   2>&1 | grep "^{" | cut -c1-300
+if [[ "${B64:-0}" == 1 ]]; then
+  timeout 120 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m --workloads b64_mixed \
+    --out "$OUT/decode_b64_$C.json" 2>&1 | grep "^{" | cut -c1-300
+fi
