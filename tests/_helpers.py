@@ -230,7 +230,7 @@ class RerunGraph:
         self.out.copy_(e._decode_forward(s["tok"][:self.b], s["pos"][:self.b], s["alpha"][:self.b], sel,
                                          self.kv_len, self.own_keys))
         if self.pick is not None:
-            e._pick_next(self.out, self.b, *self.pick, s["ints"], e._seen)
+            e._pick_next(self.out, self.b, *self.pick, True, s["ints"], e._seen)
 
     @classmethod
     def capturing(cls, engine, keys: list | None = None):

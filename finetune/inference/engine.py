@@ -147,9 +147,16 @@ class _KV:
 
 
 def _greedy_flags(params: SamplingParams) -> tuple[bool, bool]:
-    """(penalised, holds its stops back): what a row's sampling adds to a greedy step's graph key (the pick inside
-    the graph applies the repetition penalty and the held stops only when some row needs them)."""
+    """(penalised, holds its stops back): what a row's sampling asks of the device-side pick."""
     return params.repetition_penalty != 1.0, params.min_new_tokens > 0
+
+
+def graph_pick(params: SamplingParams) -> tuple[bool] | None:
+    """The kind of decode graph a row of this sampling steps in: None when sampled (the forward's graph, the pick
+    after it), else (penalised,): the greedy pick inside the graph, with the repetition penalty only when some row
+    needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
+    kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES step 71)."""
+    return None if params.do_sample else (params.repetition_penalty != 1.0,)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -327,7 +334,7 @@ class Engine:
             if not [n for n in self.adapters.base_changed if n != name]:
                 self.generate([ids], greedy, adapter=name)
         if self.use_graphs and self._own_keys():
-            picks = {None if p.do_sample else _greedy_flags(p) for p in expect}
+            picks = {graph_pick(p) for p in expect}
             # (no base rows beside an adapter that must run alone: its steps always run the adapters)
             loras = (True,) if lead is not None else (False, True) if self.adapters.names else (False,)
             for b in buckets:
@@ -650,7 +657,7 @@ class Engine:
         if self.use_graphs:
             own = self._own_keys()
             kv_len = self._graph_length(b, need, own)
-            pick = None if sampled else (penalised, held)
+            pick = None if sampled else (penalised,)
             key = self._graph_key(b, kv_len, pick, self._lora, own)
             entry = self._graphs.get(key)
             if entry is None:
@@ -731,9 +738,9 @@ class Engine:
         return min(_round_up(kv_len, 16), self._capacity)
 
     def _capture(self, b, kv_len, pick, own_keys, lora):
-        """The graph of one decode step of b rows (with ``pick`` = (penalised, held): and its device-side
-        greedy pick, which advances the static inputs; ``lora``: with the rows' adapters) -> (graph, its logits
-        [b, V])."""
+        """The graph of one decode step of b rows (with ``pick`` = (penalised,): and its device-side greedy pick,
+        stops held where a row asks, which advances the static inputs; ``lora``: with the rows' adapters) ->
+        (graph, its logits [b, V])."""
         s = self._state()
         args = (s["tok"][:b], s["pos"][:b], s["alpha"][:b], s["sel"][:, :b] if lora else None, kv_len, own_keys)
         # Warm-up on a side stream (first calls tune Triton kernels and may synchronise); the writes it makes
@@ -748,7 +755,7 @@ class Engine:
             for _ in range(1 if kin else 2):
                 logits = self._decode_forward(*args)
                 if pick is not None:
-                    self._pick_next(logits, b, *pick, s["ints"].clone(), self._seen[:b].clone())
+                    self._pick_next(logits, b, *pick, True, s["ints"].clone(), self._seen[:b].clone())
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -756,7 +763,7 @@ class Engine:
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._decode_forward(*args)
             if pick is not None:
-                self._pick_next(out, b, *pick, s["ints"], self._seen)
+                self._pick_next(out, b, *pick, True, s["ints"], self._seen)
         return graph, out
 
     # -- sampling -----------------------------------------------------------------------------------------------

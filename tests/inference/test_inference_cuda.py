@@ -290,9 +290,9 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
         return engine, [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
 
     graphed_engine, graphed, reasons = run(True)
-    # a graph key is (rows, keys) + the pick's two fields when the pick is inside, then flags ("own_keys", "lora")
+    # a graph key is (rows, keys) + (penalised,) when the pick is inside, then flags ("own_keys", "lora")
     keys = [tuple(v for v in k if v not in ("own_keys", "lora")) for k in graphed_engine._graphs]
-    assert any(len(k) == 4 for k in keys)  # greedy steps: the pick inside the graph
+    assert any(len(k) == 3 for k in keys)  # greedy steps: the pick inside the graph
     assert any(len(k) == 2 for k in keys)  # sampled steps: the forward's graph
     _, eager, eager_reasons = run(False)
     assert graphed == eager and reasons == eager_reasons

@@ -83,7 +83,7 @@ def test_engine_log_names_each_capture_by_the_engines_own_arguments():
     stub._capture = capture
     log = []
     engine_stalls.timed_methods(stub, log)
-    args = (4, 1024, (False, True), True, False)[: len(own)]
+    args = (4, 1024, (True,), True, False)[: len(own)]
     assert stub._capture(*args) == "graph" and calls == [args]
     (entry,) = log
     assert entry["kind"] == "capture" and entry["rows"] == 4 and entry["kv_len"] == 1024
