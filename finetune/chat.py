@@ -16,6 +16,7 @@ Without ``-m`` the base is the one the adapter records; a base that moved is giv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -116,13 +117,15 @@ def load(args):
 def stream_reply(model, tokenizer, query, history, system, out, **kw) -> str:
     """Print the reply as it grows; returns the final text."""
     printed = ""
-    for text in model.chat_stream(tokenizer, query, history=history, system=system, **kw):
-        if text.startswith(printed):
-            out.write(text[len(printed):])
-        else:  # the decoded text changed behind us (rare: a strip or a merged character): reprint the line
-            out.write("\r" + ANSWER + text)
-        out.flush()
-        printed = text
+    # closed even when Ctrl-C lands here rather than inside the stream: closing stops the generation behind it
+    with contextlib.closing(model.chat_stream(tokenizer, query, history=history, system=system, **kw)) as stream:
+        for text in stream:
+            if text.startswith(printed):
+                out.write(text[len(printed):])
+            else:  # the decoded text changed behind us (rare: a strip or a merged character): reprint the line
+                out.write("\r" + ANSWER + text)
+            out.flush()
+            printed = text
     out.write("\n")
     out.flush()
     return printed

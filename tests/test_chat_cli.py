@@ -254,3 +254,62 @@ def test_interactive_chat_warms_the_decoder_up_first_on_a_gpu(setup, monkeypatch
     monkeypatch.setattr(chat_cli, "_on_cuda", lambda m: True)
     with override(static_decode=False):  # replies through generate(): no engine to warm
         assert "warmed up" not in _session(model, tok, [":q"])
+
+
+def test_a_stream_closed_early_stops_its_generation(setup):
+    """Ctrl-C in the chat (or any consumer closing the stream) ends generate() too: it used to run on to
+    max_new_tokens in its thread, beside the next reply. min_new_tokens keeps the tiny model from stopping early."""
+    import threading
+
+    from finetune import load_model, load_tokenizer
+
+    model, tok = load_model(setup["float"]), load_tokenizer(setup["float"])
+    before = set(threading.enumerate())
+    stream = model.chat_stream(tok, "hi", history=None, do_sample=False, max_new_tokens=3000, min_new_tokens=3000)
+    next(stream)
+    started = [t for t in threading.enumerate() if t not in before]
+    assert started  # generate() runs in its own thread
+    stream.close()
+    assert not any(t.is_alive() for t in started)  # joined on close, and it ended: no wait needed
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_history(setup, monkeypatch):
+    """A KeyboardInterrupt while the reply streams: '(interrupted)', the turn is not kept, the generation behind
+    it has stopped, and the next question is answered as in a fresh chat."""
+    import io
+    import threading
+
+    import finetune.chat as chat_cli
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import ANSWER, PROMPT, _parser, interactive
+
+    settings = chat_cli.generation_kwargs
+    calls = []  # the first (interrupted) reply would run 3000 tokens: still running when the session goes on
+
+    def first_reply_long(conf):
+        calls.append(1)
+        return dict(settings(conf), **({"max_new_tokens": 3000, "min_new_tokens": 3000} if len(calls) == 1 else {}))
+
+    monkeypatch.setattr(chat_cli, "generation_kwargs", first_reply_long)
+
+    model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
+    before = set(threading.enumerate())
+
+    class Out(io.StringIO):
+        interrupt = True
+
+        def write(self, text):  # Ctrl-C as the first piece of the first reply is printed
+            if self.interrupt and self.getvalue().endswith(ANSWER) and text:
+                self.interrupt = False
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = Out()
+    args = _parser().parse_args(["-m", "unused", "--greedy", "--max_new_tokens", "24"])
+    lines = ["hi", ":history", MEMORISE[2][0], ":history", ":q"]
+    assert interactive(model, tok, args, stdin=io.StringIO("".join(s + "\n" for s in lines)), out=out) == 0
+    replies = out.getvalue().split(PROMPT)
+    assert "(interrupted)" in replies[1] and replies[2].strip() == "(no history)"
+    assert replies[3].strip() == ANSWER + MEMORISE[2][1]
+    assert replies[4].strip() == f"User[0]: {MEMORISE[2][0]}\nQwen[0]: {MEMORISE[2][1]}"
+    assert not any(t.is_alive() for t in threading.enumerate() if t not in before)

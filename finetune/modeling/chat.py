@@ -18,7 +18,7 @@ import threading
 from typing import Iterator
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -211,21 +211,37 @@ def chat_stream(
         return
     streamer = _TokenQueue()
     errors: list[BaseException] = []
+    # A consumer that stops early (the chat CLI's Ctrl-C, a closed generator) must stop generate() too: else
+    # the abandoned reply runs on to max_new_tokens beside the next one.
+    abandoned = threading.Event()
 
     def run():
         try:
             self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc,
-                          streamer=streamer)
+                          streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(abandoned)]))
         except BaseException as e:  # surfaced in the consuming thread
             errors.append(e)
             streamer.end()
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    yield from _stream_text(tokenizer, iter(streamer.q.get, None), set(gc.eos_token_id))
-    thread.join()
+    try:
+        yield from _stream_text(tokenizer, iter(streamer.q.get, None), set(gc.eos_token_id))
+    finally:
+        abandoned.set()  # (a no-op when generate() has ended on its own)
+        thread.join()
     if errors:
         raise errors[0]
+
+
+class _StopWhenSet(StoppingCriteria):
+    """Ends generate() at its next step once ``event`` is set."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 def _stream_text(tokenizer, chunks, stops: set) -> Iterator[str]:
