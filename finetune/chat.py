@@ -24,12 +24,25 @@ PROMPT = "User> "
 ANSWER = "Qwen> "
 
 
+class _Once(argparse.Action):
+    """Stores the value, noting a second use: argparse keeps the last silently, so ``--adapter A --adapter B``
+    would chat with B alone, as if A had been dropped."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = vars(namespace).setdefault("_given", set())
+        if self.dest in seen and not hasattr(namespace, "_repeated"):
+            namespace._repeated = f"{'/'.join(self.option_strings)} given twice ({getattr(namespace, self.dest)!r} " \
+                                  f"and {values!r}); pass it once"
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", help="model dir or hub id (default: the base the adapter records)")
-    p.add_argument("-a", "--adapter", help="LoRA / Q-LoRA adapter dir")
-    p.add_argument("--system", "-s", default="You are a helpful assistant.", help="system prompt")
-    p.add_argument("--query", "-q", help="ask one question, print the reply, exit")
+    p.add_argument("-m", "--model", action=_Once, help="model dir or hub id (default: the base the adapter records)")
+    p.add_argument("-a", "--adapter", action=_Once, help="LoRA / Q-LoRA adapter dir (one)")
+    p.add_argument("--system", "-s", default="You are a helpful assistant.", action=_Once, help="system prompt")
+    p.add_argument("--query", "-q", action=_Once, help="ask one question, print the reply, exit")
     p.add_argument("--temperature", type=float, default=None)
     p.add_argument("--top_p", "--top-p", type=float, default=None)
     p.add_argument("--top_k", "--top-k", type=int, default=None)
@@ -56,6 +69,22 @@ def bad_flag(args) -> str | None:
     for flag, value, ok, want in checks:
         if value is not None and not ok(value):  # (NaN fails every comparison)
             return f"{flag} must be {want}, got {value}"
+    return None
+
+
+def contradiction(args) -> str | None:
+    """Flags that cannot all hold, as one line (command line only: ``:conf greedy=yes`` keeps the sampling
+    settings for a later ``greedy=no``)."""
+    from .inference.sampling import GREEDY_BELOW
+
+    if args.greedy:
+        temperature = None if args.temperature is not None and args.temperature < GREEDY_BELOW else args.temperature
+        ignored = [f"{flag} {value}" for flag, value in (("--temperature", temperature), ("--top-p", args.top_p),
+                                                         ("--top-k", args.top_k)) if value is not None]
+        if ignored:
+            return f"--greedy does not sample, so {', '.join(ignored)} would be ignored; pass one or the other"
+    if args.query is not None and not args.query.strip():
+        return "--query is empty (the interactive chat skips empty lines; leave --query out for it)"
     return None
 
 
@@ -297,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model and not args.adapter:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
         return 2
-    if (problem := bad_flag(args)) is not None:
+    if (problem := getattr(args, "_repeated", None) or bad_flag(args) or contradiction(args)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     import warnings

@@ -313,3 +313,36 @@ def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_history(setup, monkeypatch
     assert replies[3].strip() == ANSWER + MEMORISE[2][1]
     assert replies[4].strip() == f"User[0]: {MEMORISE[2][0]}\nQwen[0]: {MEMORISE[2][1]}"
     assert not any(t.is_alive() for t in threading.enumerate() if t not in before)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adapter", "a1", "--adapter", "a2"], "-a/--adapter given twice ('a1' and 'a2'); pass it once"),
+    (["-a", "a1", "--adapter", "a1"], "-a/--adapter given twice"),
+    (["-m", "other"], "-m/--model given twice"),
+    (["-s", "one", "--system", "two"], "--system/-s given twice ('one' and 'two')"),
+    (["--greedy", "--temperature", "0.7"], "--greedy does not sample, so --temperature 0.7 would be ignored"),
+    (["--greedy", "--top-p", "0.5", "--top-k", "3"], "so --top-p 0.5, --top-k 3 would be ignored"),
+    (["--query", "  "], "--query is empty"),
+])
+def test_contradicting_or_repeated_flags_are_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, message):
+    """argparse keeps the last of a repeated flag silently (the first adapter was dropped) and --greedy silently
+    overrode the sampling flags: each is now an error, before the model loads."""
+    import finetune.chat
+    from finetune.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(finetune.chat, "load", no_load)
+    query = [] if "--query" in flags else ["--query", "hi"]
+    assert main(["chat", "-m", str(tmp_path), *query, *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_greedy_with_a_greedy_temperature_is_no_contradiction(setup):
+    r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-a", str(setup["lora"]), "--query",
+                        MEMORISE[1][0], "--greedy", "--temperature", "0"],
+                       capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == MEMORISE[1][1]
