@@ -321,6 +321,15 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
     return 0
 
 
+def tolerate_bad_text(*streams) -> None:
+    """Bytes the terminal's encoding cannot decode (a Latin-1 paste into a UTF-8 terminal) or characters it cannot
+    encode (a reply in Chinese to an ASCII locale) become U+FFFD / '?' rather than a traceback that ends the chat:
+    the model then sees the same U+FFFD that :history shows."""
+    for stream in streams:
+        if hasattr(stream, "reconfigure"):  # (a TextIOWrapper; not a test's StringIO)
+            stream.reconfigure(errors="replace")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if not args.model and not args.adapter:
@@ -329,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     if (problem := getattr(args, "_repeated", None) or bad_flag(args) or contradiction(args)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    tolerate_bad_text(sys.stdin, sys.stdout)
     import warnings
 
     from transformers.utils import logging as hf_logging

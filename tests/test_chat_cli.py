@@ -346,3 +346,22 @@ def test_greedy_with_a_greedy_temperature_is_no_contradiction(setup):
                        capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == MEMORISE[1][1]
+
+
+def test_undecodable_input_and_unencodable_replies_do_not_end_the_chat(setup):
+    """Non-UTF-8 bytes on a strict UTF-8 stdin (a Latin-1 paste) used to end the session with input()'s
+    UnicodeDecodeError; an ASCII stdout, with print()'s UnicodeEncodeError after the reply. Now U+FFFD / '?'."""
+    base = [sys.executable, "-m", "finetune.cli", "chat", "-m", str(setup["float"]), "--greedy",
+            "--max_new_tokens", "4"]
+    r = subprocess.run(base, input=b"caf\xe9 \xff ok\n:history\n", capture_output=True, timeout=120,
+                       env=subprocess_env(TERM="dumb", PYTHONIOENCODING="utf-8"))
+    out = r.stdout.decode("utf-8")
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "User[0]: caf\ufffd \ufffd ok" in out
+    r = subprocess.run(base + ["--query", "\u4f60\u597d \U0001f600"], capture_output=True, timeout=120,
+                       env=subprocess_env(TERM="dumb", PYTHONIOENCODING="ascii"))
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+    r = subprocess.run(base, input="\u4f60\u597d\n:history\n".encode(), capture_output=True, timeout=120,
+                       env=subprocess_env(TERM="dumb", PYTHONIOENCODING="ascii"))
+    assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+    assert b"User[0]: ??????" in r.stdout  # each undecodable byte one U+FFFD, printed as '?'
