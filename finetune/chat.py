@@ -128,6 +128,22 @@ def trim_history(tokenizer, history: list, system: str, window: int) -> list:
     return kept
 
 
+def window_size(model, kw: dict) -> int:
+    """max_window_size as chat() reads it: the flag / :conf, else the generation config, else 6144."""
+    return kw.get("max_window_size") or getattr(model.generation_config, "max_window_size", None) or 6144
+
+
+def too_long(tokenizer, query: str, system: str, window: int) -> str | None:
+    """Why the message alone (with the system prompt, no history) does not fit the window, or None. make_context
+    would send it anyway, past the length the model is made for (a pasted file: garbage, or out of GPU memory)."""
+    from .modeling import make_context
+
+    n = len(make_context(tokenizer, query, history=[], system=system, max_window_size=window)[1])
+    if n > window:
+        return f"the message is {n} tokens with the system prompt, more than the {window}-token window"
+    return None
+
+
 def load(args):
     from .adapters import resolve_base
     from .loading import load_model
@@ -307,7 +323,10 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
             say(describe_conf(conf))
             continue
         kw = generation_kwargs(conf)
-        window = kw.get("max_window_size") or getattr(model.generation_config, "max_window_size", None) or 6144
+        window = window_size(model, kw)
+        if (problem := too_long(tokenizer, query, args.system, window)) is not None:
+            say(f"({problem} (:conf history_window); not sent)")
+            continue
         if seed is not None:
             set_seed(seed)
         out.write(ANSWER)
@@ -360,7 +379,11 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import set_seed
 
             set_seed(args.seed)
-        reply, _ = model.chat(tokenizer, args.query, history=None, system=args.system, **generation_kwargs(args))
+        kw = generation_kwargs(args)
+        if (problem := too_long(tokenizer, args.query, args.system, window_size(model, kw))) is not None:
+            print(f"error: {problem} (--history-window)", file=sys.stderr)
+            return 2
+        reply, _ = model.chat(tokenizer, args.query, history=None, system=args.system, **kw)
         print(reply, flush=True)
         return 0
     return interactive(model, tokenizer, args)

@@ -365,3 +365,22 @@ def test_undecodable_input_and_unencodable_replies_do_not_end_the_chat(setup):
                        env=subprocess_env(TERM="dumb", PYTHONIOENCODING="ascii"))
     assert r.returncode == 0 and b"Traceback" not in r.stderr, r.stderr[-2000:]
     assert b"User[0]: ??????" in r.stdout  # each undecodable byte one U+FFFD, printed as '?'
+
+
+def test_a_message_past_the_window_is_one_line_and_the_chat_goes_on(setup, capsys):
+    """make_context never cuts the query: a message longer than the window (a pasted file) went to the model
+    whole, past the length it is made for. Now it is refused in one line; the session and history go on."""
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import ANSWER, PROMPT
+    from finetune.cli import main
+
+    model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
+    flags = ["--greedy", "--max_new_tokens", "24", "--history-window", "200"]
+    text = _session(model, tok, ["word " * 400, MEMORISE[0][0], ":history"], flags).split(PROMPT)
+    assert text[1].strip().startswith("(the message is ") and "more than the 200-token window" in text[1]
+    assert text[1].strip().endswith("not sent)") and ANSWER not in text[1]
+    assert text[2].strip() == ANSWER + MEMORISE[0][1]
+    assert text[3].strip() == f"User[0]: {MEMORISE[0][0]}\nQwen[0]: {MEMORISE[0][1]}"  # nothing of the long one
+    assert main(["chat", "-a", str(setup["lora"]), "--query", "word " * 400, *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the message is ") and err[-1].endswith("200-token window (--history-window)")
