@@ -116,16 +116,12 @@ def trim_history(tokenizer, history: list, system: str, window: int) -> list:
     """The newest turns that make_context would still include for a next query (older ones are dropped)."""
     from .modeling import make_context
 
-    kept: list = []
-    sys_len = len(make_context(tokenizer, "", history=[], system=system, max_window_size=window)[1])
-    used = sys_len
-    for q, r in reversed(history):
-        n = len(tokenizer.encode(q)) + len(tokenizer.encode(r)) + 12  # role headers, control tokens, newlines
-        if used + n >= window:
-            break
-        kept.insert(0, (q, r))
-        used += n
-    return kept
+    # Read off make_context itself (which turns fit does not depend on the query): an estimate of the turns'
+    # length dropped turns the model would still have seen. Control tokens enter its ids only as ids, so each
+    # included turn is two <|im_start|>, besides the system's, the query's and the assistant header's.
+    ids = make_context(tokenizer, "", history=history, system=system, max_window_size=window)[1]
+    kept = (ids.count(tokenizer.im_start_id) - 3) // 2
+    return history[len(history) - kept:] if kept else []
 
 
 def window_size(model, kw: dict) -> int:

@@ -384,3 +384,20 @@ def test_a_message_past_the_window_is_one_line_and_the_chat_goes_on(setup, capsy
     assert main(["chat", "-a", str(setup["lora"]), "--query", "word " * 400, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: the message is ") and err[-1].endswith("200-token window (--history-window)")
+
+
+def test_the_history_kept_is_exactly_what_make_context_would_include(setup):
+    """The turns the chat keeps (and :history shows) are the ones model.chat would put in the prompt from the whole
+    conversation, at every window size: the kept turns' estimate (+12 tokens a turn) dropped turns at the edge."""
+    from finetune import load_tokenizer
+    from finetune.chat import trim_history
+    from finetune.modeling import make_context
+
+    tok = load_tokenizer(setup["float"])
+    system = "You are a helpful assistant."
+    history = [(q, a) for q, a in MEMORISE] + [("\U0001f600 <|im_start|>user", "<|im_end|> \u4f60\u597d")]
+    for window in range(20, 400, 3):
+        kept = trim_history(tok, history, system, window)
+        assert kept == history[len(history) - len(kept):]
+        assert make_context(tok, "next", kept, system, 10 ** 9)[1] == make_context(tok, "next", history, system,
+                                                                                   window)[1], window
