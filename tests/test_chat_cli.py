@@ -401,3 +401,44 @@ def test_the_history_kept_is_exactly_what_make_context_would_include(setup):
         assert kept == history[len(history) - len(kept):]
         assert make_context(tok, "next", kept, system, 10 ** 9)[1] == make_context(tok, "next", history, system,
                                                                                    window)[1], window
+
+
+def test_streamed_pieces_add_up_to_the_final_text_at_multibyte_boundaries(setup):
+    """The tiny vocabulary splits CJK, emoji and accents into byte tokens: the pieces the chat prints as they grow
+    (one token at a time) must add up to the final text, with no reprint and no U+FFFD from a split character."""
+    import random
+
+    from finetune import load_tokenizer
+    from finetune.modeling.chat import _stream_text
+
+    tok = load_tokenizer(setup["float"])
+    stops = {tok.im_end_id, tok.im_start_id}
+    ordinary = list(range(tok.eod_id + 1)) + list(range(tok.im_end_id + 1, len(tok)))  # every id but the stops
+    rng = random.Random(0)
+    text = " \u4f60\u597d, \U0001f600 h\u00e9llo \U0001f469\u200d\U0001f467 \u00fcn\u00efc\u00f6d\u00e9 \n end "
+    cases = [tok.encode(text)] + [[rng.choice(ordinary) for _ in range(rng.randint(1, 30))] for _ in range(500)]
+    assert max(len(tok.decode([i]).encode()) for i in cases[0]) < len(text.encode())  # split into pieces
+    for ids in cases:
+        printed = shown = ""
+        for grown in _stream_text(tok, ([i] for i in ids), stops):
+            assert grown.startswith(printed), (ids, printed, grown)
+            shown += grown[len(printed):]
+            printed = grown
+        assert shown == printed == tok.decode(ids).strip(), ids
+    assert printed and "\ufffd" not in tok.decode(cases[0])
+
+
+def test_the_second_turn_equals_model_chat_with_the_first_as_history(setup):
+    """Two greedy turns in the interactive chat answer as model.chat(tokenizer, query, history=...) does."""
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import ANSWER, PROMPT
+
+    model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
+    questions = [MEMORISE[0][0], "And what about the other one?"]
+    text = _session(model, tok, questions, ["--greedy", "--max_new_tokens", "24", "-s", "Be brief."])
+    replies = [r.strip()[len(ANSWER):] for r in text.split(PROMPT)[1:3]]
+    expected, history = [], None
+    for q in questions:
+        reply, history = model.chat(tok, q, history=history, system="Be brief.", do_sample=False, max_new_tokens=24)
+        expected.append(reply)
+    assert replies == expected and history == list(zip(questions, expected))
