@@ -155,6 +155,17 @@ def load(args):
     return model, tokenizer
 
 
+# C0 controls but newline and tab, DEL, C1: shown as \xNN on a terminal, where a model's ESC sequence (even a
+# tiny model's stray byte) would clear the screen, retitle the window or move the cursor over the answer
+_CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)] if chr(c) not in "\n\t"}
+
+
+def for_terminal(out, text: str) -> str:
+    """``text`` as ``out`` should show it: control characters made visible on a terminal, as-is elsewhere."""
+    isatty = getattr(out, "isatty", None)
+    return text.translate(_CONTROLS) if isatty is not None and isatty() else text
+
+
 def stream_reply(model, tokenizer, query, history, system, out, **kw) -> str:
     """Print the reply as it grows; returns the final text."""
     printed = ""
@@ -162,9 +173,9 @@ def stream_reply(model, tokenizer, query, history, system, out, **kw) -> str:
     with contextlib.closing(model.chat_stream(tokenizer, query, history=history, system=system, **kw)) as stream:
         for text in stream:
             if text.startswith(printed):
-                out.write(text[len(printed):])
+                out.write(for_terminal(out, text[len(printed):]))
             else:  # the decoded text changed behind us (rare: a strip or a merged character): reprint the line
-                out.write("\r" + ANSWER + text)
+                out.write("\r" + ANSWER + for_terminal(out, text))
             out.flush()
             printed = text
     out.write("\n")
@@ -260,8 +271,8 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
     except ImportError:  # pragma: no cover
         pass
 
-    def say(text: str) -> None:
-        out.write(text + ("" if text.endswith("\n") else "\n"))
+    def say(text: str) -> None:  # (text: :history's turns among them)
+        out.write(for_terminal(out, text) + ("" if text.endswith("\n") else "\n"))
         out.flush()
 
     if _on_cuda(model):
@@ -380,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {problem} (--history-window)", file=sys.stderr)
             return 2
         reply, _ = model.chat(tokenizer, args.query, history=None, system=args.system, **kw)
-        print(reply, flush=True)
+        print(for_terminal(sys.stdout, reply), flush=True)
         return 0
     return interactive(model, tokenizer, args)
 

@@ -442,3 +442,25 @@ def test_the_second_turn_equals_model_chat_with_the_first_as_history(setup):
         reply, history = model.chat(tok, q, history=history, system="Be brief.", do_sample=False, max_new_tokens=24)
         expected.append(reply)
     assert replies == expected and history == list(zip(questions, expected))
+
+
+def test_control_characters_in_a_reply_are_shown_not_obeyed_on_a_terminal():
+    """A reply's ESC sequence (or a tiny model's stray \\x13) went to the terminal raw, where it clears the screen,
+    moves the cursor or retitles the window: on a terminal it is shown as \\xNN; piped, the text is as generated."""
+    import io
+
+    from finetune.chat import stream_reply
+
+    class Model:
+        def chat_stream(self, tokenizer, query, history, system, **kw):
+            yield "a\x1b[2J"
+            yield "a\x1b[2Jb\tc\nd\x9b\x7f\x13\u4f60"
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    for out, shown in [(Terminal(), "a\\x1b[2Jb\tc\nd\\x9b\\x7f\\x13\u4f60\n"),
+                       (io.StringIO(), "a\x1b[2Jb\tc\nd\x9b\x7f\x13\u4f60\n")]:
+        assert stream_reply(Model(), None, "q", [], "s", out) == "a\x1b[2Jb\tc\nd\x9b\x7f\x13\u4f60"  # history: as is
+        assert out.getvalue() == shown
