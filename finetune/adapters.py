@@ -66,6 +66,10 @@ def read_adapter_config(adapter_dir) -> dict:
     return cfg
 
 
+NO_TARGETS = ("names no target_modules, so the modules it adapts are unknown (Qwen adapters list them, e.g. "
+              "[\"c_attn\", \"c_proj\", \"w1\", \"w2\"])")
+
+
 def _check_config_values(adapter_dir, cfg: dict) -> None:
     """The fields the adapter is built from, by type (PEFT takes them as they are, and a string rank or alpha
     fails deep inside the layer's construction, with a traceback)."""
@@ -75,6 +79,13 @@ def _check_config_values(adapter_dir, cfg: dict) -> None:
         raise AdapterError(f"{where}: r must be a positive integer, got {r!r}")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
         raise AdapterError(f"{where}: lora_alpha must be a positive number, got {alpha!r}")
+    for key in ("rank_pattern", "alpha_pattern"):  # {module pattern: rank / alpha}, read as r and lora_alpha are
+        pattern = cfg.get(key) or {}
+        bad = [v for v in pattern.values() if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0
+               or (key == "rank_pattern" and not isinstance(v, int))] if isinstance(pattern, dict) else [pattern]
+        if bad:
+            raise AdapterError(f"{where}: {key} must map module names to positive numbers"
+                               f"{' (whole, for ranks)' if key == 'rank_pattern' else ''}, got {bad[0]!r}")
     targets = cfg.get("target_modules")
     if targets is not None and not isinstance(targets, str) and not (
             isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
@@ -83,6 +94,8 @@ def _check_config_values(adapter_dir, cfg: dict) -> None:
     base = cfg.get("base_model_name_or_path")
     if base is not None and not isinstance(base, str):
         raise AdapterError(f"{where}: base_model_name_or_path must be a path, got {base!r}")
+    if targets is None:  # PEFT's default table has no Qwen entry: its matcher raised TypeError deep in the load
+        raise AdapterError(f"{where}: {NO_TARGETS}")
     for key, what in UNSUPPORTED_VARIANTS.items():
         if cfg.get(key) not in (None, False, [], {}, ""):
             raise AdapterError(f"{where} sets {key}: {cfg[key]!r} ({what}); only plain LoRA (x A^T B^T scaling added "
@@ -414,6 +427,8 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
     sd = adapter_tensor_shapes(adapter_dir) if state_dict is None else state_dict
     where = f"adapter {adapter_dir}"
 
+    if config.target_modules is None:  # (a config built in memory; a file's is refused as it is read)
+        raise AdapterError(f"{where}: {NO_TARGETS}")
     targets = target_module_names(model, config)
     if not targets:
         raise AdapterError(f"{where}: none of its target modules {_targets_text(config)} exist in "

@@ -247,3 +247,28 @@ def test_peft_merge_and_unload_on_int4_writes_a_float_model_dir(setup, tmp_path)
 
     auto = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
     assert (logits(auto) - logits(ref)).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("change, expect", [
+    (lambda cfg: cfg.pop("target_modules"), "adapter_config.json: names no target_modules"),
+    (lambda cfg: cfg.update(rank_pattern={"c_attn": "x"}), "rank_pattern must map module names to positive numbers"),
+    (lambda cfg: cfg.update(alpha_pattern={"w1": 0}), "alpha_pattern must map module names to positive numbers"),
+])
+def test_adapter_configs_without_targets_or_with_bad_patterns_are_one_clear_error(setup, tmp_path, capsys, change,
+                                                                                   expect):
+    """PEFT's LoraConfig leaves target_modules None when the config omits it (PEFT has no default for Qwen) and
+    takes rank_pattern's values as they are: the load ended in PEFT's TypeError / int()'s ValueError (a traceback
+    from qwen-ft chat). Now an AdapterError naming the key, in chat as in PEFT's own load."""
+    from peft import PeftModel
+
+    from finetune.cli import main
+
+    adapter = shutil.copytree(setup["lora"], tmp_path / "adapter")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    change(cfg)
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(AdapterError, match=expect):
+        PeftModel.from_pretrained(load_model(setup["float"], device="cpu"), str(adapter))
+    assert main(["chat", "-m", str(setup["float"]), "-a", str(adapter), "--query", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"error: adapter {adapter}: adapter_config.json: {expect.split(': ')[-1]}"), err
