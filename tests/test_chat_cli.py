@@ -464,3 +464,35 @@ def test_control_characters_in_a_reply_are_shown_not_obeyed_on_a_terminal():
                        (io.StringIO(), "a\x1b[2Jb\tc\nd\x9b\x7f\x13\u4f60\n")]:
         assert stream_reply(Model(), None, "q", [], "s", out) == "a\x1b[2Jb\tc\nd\x9b\x7f\x13\u4f60"  # history: as is
         assert out.getvalue() == shown
+
+
+def test_a_stream_closed_early_closes_the_fast_decoders_tokens(setup):
+    """The same through the registered fast decoder (the CUDA engine): its token generator, whose finally frees
+    the engine's row, is closed with the stream, not when the last reference to the stream's frame goes."""
+    import gc
+
+    from finetune import load_model, load_tokenizer
+    from finetune.modeling import chat as chat_module
+
+    model, tok = load_model(setup["float"]), load_tokenizer(setup["float"])
+    closed = []
+
+    def tokens():
+        try:
+            while True:
+                yield 300
+        finally:
+            closed.append(True)
+
+    previous = chat_module._fast_decoder
+    chat_module.register_decoder(lambda model, tokenizer, input_ids, gc: tokens())
+    gc.disable()  # only an explicit close counts
+    try:
+        stream = model.chat_stream(tok, "hi", history=None, do_sample=False)
+        next(stream)
+        frame = stream.gi_frame  # noqa: F841  (a reference to its frame, as a live traceback holds one)
+        stream.close()
+        assert closed == [True]
+    finally:
+        gc.enable()
+        chat_module.register_decoder(previous)

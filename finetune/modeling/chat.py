@@ -207,7 +207,11 @@ def chat_stream(
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     fast = _fast_tokens(self, tokenizer, input_ids, gc)
     if fast is not None:
-        yield from _stream_text(tokenizer, ([t] for t in fast), set(gc.eos_token_id))
+        try:
+            yield from _stream_text(tokenizer, ([t] for t in fast), set(gc.eos_token_id))
+        finally:  # a consumer that stops early frees the engine's row now, not whenever the generator is collected
+            if hasattr(fast, "close"):
+                fast.close()
         return
     streamer = _TokenQueue()
     errors: list[BaseException] = []
