@@ -321,6 +321,26 @@ def test_second_run_into_a_locked_dir_stops(model, data, tmp_path, capsys, monke
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
 
 
+def test_only_rank_0_asks_whether_the_dir_is_locked(tmp_path):
+    """Rank 0 of a launch claims the output dir while the other ranks still run their checks: a rank other than 0
+    must not take rank 0's lock for another run's (tests/training/test_multi_gpu_bench.py failed now and then on
+    that race). Rank 0 still stops on a dir another run holds."""
+    from types import SimpleNamespace
+
+    from finetune.training.checks import check_output_dir
+
+    out = tmp_path / "out"
+    out.mkdir()
+    flags = dict(output_dir=str(out), overwrite_output_dir=False, resume=None, resume_from_checkpoint=None)
+    with open(out / LOCK_FILE, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("4242\n")
+        held.flush()
+        assert check_output_dir(SimpleNamespace(**flags, process_index=1), {}) is None
+        with pytest.raises(TrainConfigError, match=r"in use by another training run \(pid 4242\)"):
+            check_output_dir(SimpleNamespace(**flags, process_index=0), {})
+
+
 # -- item 13: --on_nonfinite_loss ------------------------------------------------------------------------------------
 
 @pytest.fixture
