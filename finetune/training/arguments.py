@@ -18,7 +18,7 @@ from pathlib import Path
 import transformers
 from transformers import HfArgumentParser
 
-from .checks import TrainConfigError, deepspeed_config
+from .checks import TrainConfigError, deepspeed_config, require_deepspeed
 
 
 @dataclass
@@ -316,8 +316,11 @@ def parse_args(argv: list[str] | None = None):
         parser.set_defaults(**_config_values(argv[0], parser))
         argv = argv[1:]
     argv = _expand_home(_translate_legacy(argv))
-    # TrainingArguments reads the --deepspeed file as it is built: check it first, for one line naming it
-    deepspeed_config(parser.parse_known_args(argv)[0].deepspeed)
+    # TrainingArguments reads the --deepspeed file, and needs DeepSpeed, as it is built: check both first, for one
+    # line naming the problem
+    ds = parser.parse_known_args(argv)[0].deepspeed
+    deepspeed_config(ds)
+    require_deepspeed(ds)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         raise TrainConfigError(_not_flags(rest, parser))

@@ -263,6 +263,15 @@ def deepspeed_config(ds) -> dict | None:
     return cfg
 
 
+def require_deepspeed(ds) -> None:
+    """--deepspeed without DeepSpeed installed (the optional extra): one line now, where transformers raised
+    PackageNotFoundError from TrainingArguments (a traceback, under torchrun one per rank)."""
+    if ds and not _importable("deepspeed"):
+        where = "--deepspeed (inline)" if isinstance(ds, dict) else f"--deepspeed {ds}"
+        raise TrainConfigError(f"{where}: DeepSpeed is not installed: pip install -e \".[deepspeed]\" in the "
+                               "checkout (or pip install deepspeed)")
+
+
 def _ds_value(cfg: dict, dotted: str):
     node = cfg
     for part in dotted.split("."):

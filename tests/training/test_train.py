@@ -283,13 +283,27 @@ def test_deepspeed_without_a_launcher_stops_before_loading(models, memorise_file
 
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(checks, "_importable", lambda module: False)  # no mpi4py either
+    monkeypatch.setattr(checks, "_importable", lambda module: module != "mpi4py")  # no mpi4py either
     monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     out = tmp_path / "o"
     assert train_main(_args(models["float"], memorise_file, out, "--use_lora", "True",
                             "--deepspeed", str(ROOT / "ds_configs" / "zero2.json"))) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --deepspeed needs the rank variables torchrun sets") and "scripts/" in err, err
+    assert not out.exists()
+
+
+def test_deepspeed_not_installed_is_one_line_before_parsing(models, memorise_file, tmp_path, capsys, monkeypatch):
+    # without the [deepspeed] extra, transformers' TrainingArguments raised PackageNotFoundError (a traceback)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # as if not installed
+    ds = ROOT / "ds_configs" / "zero2.json"
+    out = tmp_path / "o"
+    assert train_main(_args(models["float"], memorise_file, out, "--use_lora", "True", "--deepspeed", str(ds))) == 2
+    err = capsys.readouterr().err
+    assert err == f'error: --deepspeed {ds}: DeepSpeed is not installed: pip install -e ".[deepspeed]" in the ' \
+                  "checkout (or pip install deepspeed)\n"
     assert not out.exists()
 
 
