@@ -99,6 +99,22 @@ if [[ "$NGPU" -eq 0 ]]; then
   export DS_ACCELERATOR="${DS_ACCELERATOR:-cpu}"
 fi
 
+# Whether DeepSpeed runs, decided (and checked installed) before the demo model is made or anything launched
+DS_WHY=""; DS_ADD=""
+if [[ -n "$DS_FLAG" ]]; then
+  DS_WHY="--deepspeed $([[ "$DS_FLAG" == inline ]] && echo "(inline)" || echo "$DS_FLAG")"
+elif [[ "$WORLD" -gt 1 || -n "${DEEPSPEED:-}" ]]; then
+  if [[ "$MODE" == "full" ]]; then DS_DEFAULT="$ROOT/ds_configs/zero3.json"; else DS_DEFAULT="$ROOT/ds_configs/zero2.json"; fi
+  DS_FLAG="${DEEPSPEED:-$DS_DEFAULT}"
+  DS_ADD=1  # (added after the recipe, below)
+  if [[ -n "${DEEPSPEED:-}" ]]; then DS_WHY="DEEPSPEED=$DS_FLAG"; else DS_WHY="$WORLD processes train under DeepSpeed ($DS_FLAG)"; fi
+fi
+if [[ -n "$DS_FLAG" ]] && ! "$PYTHON" -c 'import importlib.util, sys; sys.exit(importlib.util.find_spec("deepspeed") is None)'; then
+  # DeepSpeed is an optional extra: said once here, not by every rank after torchrun has started them
+  echo "error: $DS_WHY: DeepSpeed is not installed: pip install -e \".[deepspeed]\" in the checkout (or pip install deepspeed)" >&2
+  exit 2
+fi
+
 ARGS=()
 TAIL=()  # model, data, output: after the trainer flags and a CONFIG, so that -m -d -o win
 if [[ -z "$MODEL" && -z "$CONFIG" ]]; then
@@ -146,11 +162,7 @@ case "$MODE" in
   qlora) ARGS+=(--use_lora True --q_lora True) ;;
   lora) ARGS+=(--use_lora True) ;;
 esac
-if [[ -z "$DS_FLAG" && ( "$WORLD" -gt 1 || -n "${DEEPSPEED:-}" ) ]]; then
-  if [[ "$MODE" == "full" ]]; then DS_DEFAULT="$ROOT/ds_configs/zero3.json"; else DS_DEFAULT="$ROOT/ds_configs/zero2.json"; fi
-  DS_FLAG="${DEEPSPEED:-$DS_DEFAULT}"
-  ARGS+=(--deepspeed "$DS_FLAG")
-fi
+if [[ -n "$DS_ADD" ]]; then ARGS+=(--deepspeed "$DS_FLAG"); fi
 ARGS+=("${EXTRA[@]}" "${TAIL[@]}")
 
 if [[ "$WORLD" -gt 1 || -n "$DS_FLAG" ]]; then

@@ -193,3 +193,22 @@ def test_gpus_hidden_by_cuda_visible_devices_are_said(tmp_path):
     assert ("note: CUDA_VISIBLE_DEVICES='' leaves no GPU visible: training on the CPU (GPUS=0,1 or unset it to use "
             "the GPUs)") in err.splitlines(), err
     assert "note:" not in run_with_nvidia_smi("No devices were found")  # a machine without GPUs: nothing to say
+
+
+@pytest.mark.parametrize("env, argv, why", [
+    ({"NPROC": "2"}, [], "2 processes train under DeepSpeed ({root}/ds_configs/zero2.json)"),
+    ({"DEEPSPEED": "ds_configs/zero2_offload.json"}, [], "DEEPSPEED=ds_configs/zero2_offload.json"),
+    ({}, ["--deepspeed", "ds_configs/zero2.json"], "--deepspeed ds_configs/zero2.json"),
+])
+def test_deepspeed_not_installed_is_one_line_before_anything_starts(tmp_path, env, argv, why):
+    # without the [deepspeed] extra each rank ended on transformers' PackageNotFoundError traceback, after the
+    # demo model had been made
+    blocker = tmp_path / "no_deepspeed"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['deepspeed'] = None  # as if not installed\n")
+    cache = tmp_path / "demo-cache"
+    p = _bare_script(argv, tmp_path, PYTHONPATH=str(blocker), QWEN_FT_CACHE=str(cache), **env)
+    message = (f"error: {why.format(root=ROOT)}: DeepSpeed is not installed: pip install -e \".[deepspeed]\" in the "
+               "checkout (or pip install deepspeed)")
+    assert p.returncode == 2 and p.stderr.splitlines() == [message] and p.stdout == "", p.stderr
+    assert not cache.exists()  # (the demo, as no -m was given, had not begun)
