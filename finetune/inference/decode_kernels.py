@@ -164,25 +164,24 @@ FILL_PROGRAMS = 512
 
 
 @triton.jit
-def _key_span(n, FILL, BLOCK_N: tl.constexpr, MAX_SPAN_: tl.constexpr):
+def _key_span(n, LIMIT, BLOCK_N: tl.constexpr, MAX_SPAN_: tl.constexpr):
     """The keys each part of a row with ``n`` keys reads: the shortest of 1, 2 and 4 tiles that cuts the row into at
-    most part_limit(FILL) parts, else MAX_SPAN_ (= 4 tiles)."""
+    most LIMIT parts (part_limit), else MAX_SPAN_ (= 4 tiles)."""
     tl.static_assert(MAX_SPAN_ == 4 * BLOCK_N)
-    limit = FILL + FILL // 2
-    return tl.where(tl.cdiv(n, BLOCK_N) <= limit, BLOCK_N,
-                    tl.where(tl.cdiv(n, 2 * BLOCK_N) <= limit, 2 * BLOCK_N, MAX_SPAN_))
+    return tl.where(tl.cdiv(n, BLOCK_N) <= LIMIT, BLOCK_N,
+                    tl.where(tl.cdiv(n, 2 * BLOCK_N) <= LIMIT, 2 * BLOCK_N, MAX_SPAN_))
 
 
 def part_limit(fill: int) -> int:
     """The most parts a row is cut into while its parts are shorter than MAX_SPAN: 1.5 x ``fill`` (one row of 40
     heads: 24 parts, 960 programs). One row at 2,000 keys ran best in 16 parts of 128 keys (640 programs), against 32
     of 64 (1,280) and 8 of 256 (320); at 512 keys 8 parts of 64 (320) beat 4 of 128 and 2 of 256 (NOTES steps 65, 70).
-    Kept in step with _key_span."""
+    The kernels take this limit (LIMIT), so that the grid and their cuts agree."""
     return fill + fill // 2
 
 
-@triton.jit(do_not_specialize=["kv_len", "FILL", "S"])
-def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, FILL,
+@triton.jit(do_not_specialize=["kv_len", "LIMIT", "S"])
+def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, LIMIT,
                            stride_qb, stride_cr, stride_ch, stride_cp, S,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPAN_: tl.constexpr):
     row = tl.program_id(0)
@@ -191,7 +190,7 @@ def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, 
     H = tl.num_programs(1)
     # keys 0..pos (the one written this step included); a slot past the step's keys (a stale position) is cut
     n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
-    span = _key_span(n, FILL, BLOCK_N, MAX_SPAN_)
+    span = _key_span(n, LIMIT, BLOCK_N, MAX_SPAN_)
     start = sp * span
     end = tl.minimum(start + span, n)
     d = tl.arange(0, BLOCK_D)
@@ -223,15 +222,15 @@ def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, 
     tl.store(ws_ptr + slot + BLOCK_D + 1, l)
 
 
-@triton.jit(do_not_specialize=["kv_len", "FILL", "S"])
-def _dec_attn_combine_kernel(ws_ptr, pos_ptr, out_ptr, kv_len, FILL, S, stride_ob, D: tl.constexpr,
+@triton.jit(do_not_specialize=["kv_len", "LIMIT", "S"])
+def _dec_attn_combine_kernel(ws_ptr, pos_ptr, out_ptr, kv_len, LIMIT, S, stride_ob, D: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
                              MAX_SPAN_: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
     n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
-    parts = tl.cdiv(n, _key_span(n, FILL, BLOCK_N, MAX_SPAN_))  # each holds at least one key: a finite max
+    parts = tl.cdiv(n, _key_span(n, LIMIT, BLOCK_N, MAX_SPAN_))  # each holds at least one key: a finite max
     sp = tl.arange(0, BLOCK_S)
     smask = sp < parts
     d = tl.arange(0, BLOCK_D)
@@ -271,21 +270,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     0..pos[i] of ``k_cache``/``v_cache`` [slots >= b, heads, capacity, D] (at most ``kv_len``), scores times
     ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. A row's n keys are cut into parts of
     64, 128 or MAX_SPAN keys (the shortest that gives at most part_limit(``fill``) parts; ``fill`` by default
-    fill_parts), each one program a head (fp32 online softmax), combined by a second kernel; the grid's parts past a row's own keys return at once. Only the
-    grid depends on ``kv_len``: a graph of this call serves every step whose rows have at most kv_len keys."""
+    fill_parts), each one program a head (fp32 online softmax), combined by a second kernel, which reads only the
+    row's own parts (the grid's parts past them store an empty state). Only the grid depends on ``kv_len``: a graph of this call serves every step whose rows have at most kv_len keys."""
     b, heads, one, D = q.shape
     if one != 1 or not q.is_contiguous():
         raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d = triton.next_power_of_2(D)
-    fill = fill or fill_parts(b, heads)
-    S = max(part_limit(fill), -(-kv_len // MAX_SPAN))
+    limit = part_limit(fill or fill_parts(b, heads))
+    S = max(limit, -(-kv_len // MAX_SPAN))
     ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
     out = torch.empty(b, 1, heads * D, dtype=q.dtype, device=q.device)
-    _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, fill,
+    _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, limit,
                                           q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
                                           D=D, BLOCK_D=block_d, BLOCK_N=64, MAX_SPAN_=MAX_SPAN, num_warps=4)
-    _dec_attn_combine_kernel[(b, heads)](ws, pos, out, kv_len, fill, S, out.stride(0), D=D, BLOCK_D=block_d,
+    _dec_attn_combine_kernel[(b, heads)](ws, pos, out, kv_len, limit, S, out.stride(0), D=D, BLOCK_D=block_d,
                                          BLOCK_S=max(COMBINE_SPLITS, triton.next_power_of_2(S)), BLOCK_N=64,
                                          MAX_SPAN_=MAX_SPAN, num_warps=1)
     return out
