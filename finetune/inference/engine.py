@@ -155,8 +155,8 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     """The kind of decode graph a row of this sampling steps in: None when sampled (the forward's graph, the pick
     after it), else (penalised,): the greedy pick inside the graph, with the repetition penalty only when some row
     needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
-    kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES step 71)."""
-    return None if params.do_sample else (params.repetition_penalty != 1.0,)
+    kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71)."""
+    return None if params.do_sample else _greedy_flags(params)[:1]
 
 
 def _round_up(n: int, m: int) -> int:

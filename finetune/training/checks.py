@@ -549,7 +549,7 @@ def check_output_dir(args, identity: dict) -> str | None:
         raise TrainConfigError(f"--output_dir {out} is a file, not a directory")
     # Rank 0 claims the dir (run_dir.claim_output_dir), so another rank of the same launch may find it locked by
     # rank 0 already: only rank 0 asks (a multi-process test failed now and then on that race)
-    holder = _lock_holder(out) if getattr(args, "process_index", 0) == 0 else None
+    holder = _lock_holder(out) if args.process_index == 0 else None
     if holder is not None:  # said before the model checks; run_dir.claim_output_dir takes the lock itself
         raise TrainConfigError(f"--output_dir {out} is in use by another training run (pid {holder}); wait for it "
                                "to end or choose another --output_dir")
