@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     ap.add_argument("--variant", action="append", default=[], help="NAME=FILE: another decode_kernels.py")
-    ap.add_argument("--fills", type=int, nargs="*", default=[], help="also the kernel with these fill values")
+    ap.add_argument("--splits", type=int, nargs="*", default=[], help="also the kernel with these key splits")
     ap.add_argument("--calls", type=int, default=160, help="calls in the timed graph (cycling through the layers)")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
@@ -86,10 +86,10 @@ def main(argv=None) -> int:
             layer[0] = (layer[0] + 1) % LAYERS
             return layer[0]
 
-        def own(kv_len, fn=decode_kernels.decode_attention, *fill):
+        def own(kv_len, fn=decode_kernels.decode_attention, *split):
             def call():
                 i = next_layer()
-                return fn(q, k_cache[i], v_cache[i], pos, scale, kv_len, *fill)
+                return fn(q, k_cache[i], v_cache[i], pos, scale, kv_len, *split)
             return call
 
         mask = additive_mask(torch.arange(cap, device=dev), pos, exact, torch.bfloat16)
@@ -103,13 +103,14 @@ def main(argv=None) -> int:
         layer[0] = LAYERS - 1
         ref = sdpa().transpose(1, 2).reshape(b, 1, HEADS * D).float()
         timed = {"own_exact": own(exact), "own_covering": own(covering), "sdpa_bucket": sdpa}
-        timed.update({f"own_fill{f}_covering": own(covering, decode_kernels.decode_attention, f) for f in args.fills})
+        timed.update({f"own_split{s}_covering": own(covering, decode_kernels.decode_attention, s) for s in args.splits})
         for name, module in variants:  # (a copy from before covering_length ran at the exact grid only)
             timed.update({f"{name}_exact": own(exact, module.decode_attention),
                           f"{name}_covering": own(covering, module.decode_attention)})
         read = sum(keys) * HEADS * D * 2 * 2  # K and V, bf16
         row = dict(case=case, rows=b, keys_max=need, exact_kv_len=exact, covering_kv_len=covering,
-                   fill=decode_kernels.fill_parts(b, HEADS), kv_mb_a_layer=round(read / 1e6, 1))
+                   split_exact=decode_kernels.key_split(b, HEADS, exact),
+                   split_covering=decode_kernels.key_split(b, HEADS, covering), kv_mb_a_layer=round(read / 1e6, 1))
         for name, fn in timed.items():
             layer[0] = LAYERS - 1  # the next call reads layer 0, as ref did
             out = fn()

@@ -1,10 +1,10 @@
-"""decode_bench.py's engine workloads with decode_attention's cut of the keys fixed in-process: --fill N makes
-every decode_attention call cut a row's keys into N parts (whole 64-key tiles, at most MAX_SPAN keys each) instead
-of decode_kernels.fill_parts' choice. The rest of argv (after --) goes to decode_bench. (NOTES step 65 ran an
-earlier version, --split N: fixed N-key parts, at 334d57d; the SDPA side is FINETUNE_DECODE_ATTENTION=0.)
+"""decode_bench.py's engine workloads with decode_attention's cut of the keys fixed in-process: --split N makes
+every decode_attention call cut the keys into N-key parts instead of decode_kernels.key_split's choice. The rest of
+argv (after --) goes to decode_bench. (NOTES step 65 ran it at 334d57d, session 30's --fill at a058090; the SDPA side
+is FINETUNE_DECODE_ATTENTION=0.)
 
-    python benchmarks/own_keys_trial.py --fill 16 -- --part engine --model-dir /tmp/m \\
-        --workloads b1_512 b1_ctx2000 --out $OUT/decode_own_fill16.json
+    python benchmarks/own_keys_trial.py --split 128 -- --part engine --model-dir /tmp/m \\
+        --workloads b1_512 b1_ctx2000 --out $OUT/decode_own_split128.json
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--fill", type=int, required=True, help="parts decode_attention cuts a row's keys into")
+    ap.add_argument("--split", type=int, required=True, help="keys a decode_attention program reads")
     args = ap.parse_args(ours)
-    decode_kernels.decode_attention = functools.partial(decode_kernels.decode_attention, fill=args.fill)
-    print(f"decode_attention with a row's keys in {args.fill} parts", flush=True)
+    decode_kernels.decode_attention = functools.partial(decode_kernels.decode_attention, split=args.split)
+    print(f"decode_attention in {args.split}-key splits", flush=True)
     return decode_bench.main(rest)
 
 

@@ -147,52 +147,27 @@ def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, cols, stride, BLOCK: tl.con
     tl.store(out_ptr + offs, (u * silu.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# A decode step's graph is captured once and replayed for every key length up to the one it was captured at, so
-# nothing in these kernels may depend on the step's key length but the grid: each row's keys are cut into parts at
-# run time, from its own length (``_key_span``), and the grid holds enough parts for the longest row. The lengths
-# and counts are plain ints (not specialised): a serving trace once compiled both kernels again at new lengths,
-# inside graph captures that first tokens waited for (0.9 and 0.4 s, NOTES step 62); and the combine reads a fixed
-# block of parts (at least COMBINE_SPLITS: one compile up to 8,192 keys, masked slots cost next to nothing).
+# The lengths and counts are plain ints (not specialised): a serving trace once compiled both kernels again at new
+# lengths, inside graph captures that first tokens waited for (0.9 and 0.4 s, NOTES step 62); and the combine reads
+# the splits COMBINE_SPLITS at a time (one compile for any count; masked slots cost next to nothing).
+# The split's length is the host's choice, one per graph (key_split): cutting each row's keys in the kernel by its own
+# length, so that one graph served more lengths, ran 10% slower at 32-64 rows and up to 24% at one row for the same
+# cuts (NOTES step 71).
 COMBINE_SPLITS = 32
-# The most keys one program reads: a long row gets more programs, never longer ones (a mixed batch's longest row
-# would otherwise set the step's time).
-MAX_SPAN = 256
-# A step's programs (rows x heads x parts) that fill the H200's 132 SMs: one row of 40 heads at 512 keys in
-# 256-key parts is 80 programs, and its decode ran at 233 tok/s against 249 with 64-key parts (320 programs); at
-# 2,000 keys 128-key parts (640) beat 256 (320) and 64 (1,280): 220 against 214 and 216 (NOTES step 65).
-FILL_PROGRAMS = 512
 
 
-@triton.jit
-def _key_span(n, LIMIT, BLOCK_N: tl.constexpr, MAX_SPAN_: tl.constexpr):
-    """The keys each part of a row with ``n`` keys reads: the shortest of 1, 2 and 4 tiles that cuts the row into at
-    most LIMIT parts (part_limit), else MAX_SPAN_ (= 4 tiles)."""
-    tl.static_assert(MAX_SPAN_ == 4 * BLOCK_N)
-    return tl.where(tl.cdiv(n, BLOCK_N) <= LIMIT, BLOCK_N,
-                    tl.where(tl.cdiv(n, 2 * BLOCK_N) <= LIMIT, 2 * BLOCK_N, MAX_SPAN_))
-
-
-def part_limit(fill: int) -> int:
-    """The most parts a row is cut into while its parts are shorter than MAX_SPAN: 1.5 x ``fill`` (one row of 40
-    heads: 24 parts, 960 programs). One row at 2,000 keys ran best in 16 parts of 128 keys (640 programs), against 32
-    of 64 (1,280) and 8 of 256 (320); at 512 keys 8 parts of 64 (320) beat 4 of 128 and 2 of 256 (NOTES steps 65, 70).
-    The kernels take this limit (LIMIT), so that the grid and their cuts agree."""
-    return fill + fill // 2
-
-
-@triton.jit(do_not_specialize=["kv_len", "LIMIT", "S"])
-def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, LIMIT,
+@triton.jit(do_not_specialize=["kv_len", "SPLIT", "S"])
+def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, SPLIT,
                            stride_qb, stride_cr, stride_ch, stride_cp, S,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPAN_: tl.constexpr):
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
     H = tl.num_programs(1)
     # keys 0..pos (the one written this step included); a slot past the step's keys (a stale position) is cut
     n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
-    span = _key_span(n, LIMIT, BLOCK_N, MAX_SPAN_)
-    start = sp * span
-    end = tl.minimum(start + span, n)
+    start = sp * SPLIT
+    end = tl.minimum(start + SPLIT, n)
     d = tl.arange(0, BLOCK_D)
     dmask = d < D
     q = tl.load(q_ptr + row * stride_qb + h * D + d, mask=dmask, other=0.0).to(tl.float32)
@@ -200,9 +175,7 @@ def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, 
     m = tl.full((), float("-inf"), tl.float32)
     l = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    # a part past the row's keys runs no iteration and stores an empty state, which the combine does not read
-    # (step 67 put the loop and stores behind a branch; b1_ctx2000 and b64_mixed then ran 3-4% slower, NOTES step 71)
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in range(start, end, BLOCK_N):  # an empty range (a split past the row's keys) leaves m = -inf, l = 0
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < end
         tile = base + offs[:, None].to(tl.int64) * stride_cp + d[None, :]
@@ -222,71 +195,87 @@ def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, 
     tl.store(ws_ptr + slot + BLOCK_D + 1, l)
 
 
-@triton.jit(do_not_specialize=["kv_len", "LIMIT", "S"])
-def _dec_attn_combine_kernel(ws_ptr, pos_ptr, out_ptr, kv_len, LIMIT, S, stride_ob, D: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
-                             MAX_SPAN_: tl.constexpr):
+@triton.jit(do_not_specialize=["S"])
+def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                             BLOCK_S: tl.constexpr):
     row = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
-    n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
-    parts = tl.cdiv(n, _key_span(n, LIMIT, BLOCK_N, MAX_SPAN_))  # each holds at least one key: a finite max
-    sp = tl.arange(0, BLOCK_S)
-    smask = sp < parts
     d = tl.arange(0, BLOCK_D)
-    slots = ((row * H + h) * S + sp) * (BLOCK_D + 2)
-    m = tl.load(ws_ptr + slots + BLOCK_D, mask=smask, other=float("-inf"))
-    l = tl.load(ws_ptr + slots + BLOCK_D + 1, mask=smask, other=0.0)
-    acc = tl.load(ws_ptr + slots[:, None] + d[None, :], mask=smask[:, None], other=0.0)
-    big = tl.max(m, axis=0)
-    w = tl.where(smask, tl.exp(m - big), 0.0)
-    y = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * l, axis=0)
+    m = tl.full((), float("-inf"), tl.float32)
+    total = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    # BLOCK_S splits at a time, so that one compile serves any number of splits (up to 32 splits: one pass, the same
+    # sums as one block)
+    for s0 in range(0, S, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        smask = sp < S
+        slots = ((row * H + h) * S + sp) * (BLOCK_D + 2)
+        ms = tl.load(ws_ptr + slots + BLOCK_D, mask=smask, other=float("-inf"))
+        ls = tl.load(ws_ptr + slots + BLOCK_D + 1, mask=smask, other=0.0)
+        parts = tl.load(ws_ptr + slots[:, None] + d[None, :], mask=smask[:, None], other=0.0)
+        m_new = tl.maximum(m, tl.max(ms, axis=0))  # -inf until a split with a key (split 0 holds key 0)
+        alpha = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
+        w = tl.where(ms > float("-inf"), tl.exp(ms - m_new), 0.0)
+        total = total * alpha + tl.sum(w * ls, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * parts, axis=0)
+        m = m_new
+    y = tl.where(total > 0, acc / total, 0.0)  # (a padding slot with no key: 0)
     tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
 
 
-def fill_parts(rows: int, heads: int) -> int:
-    """The parts a row's keys are cut into when it has enough keys: the fewest (a power of two, at most
-    COMBINE_SPLITS) that give a step FILL_PROGRAMS programs. One row of 40 heads: 16 (64-key parts at 512 keys,
-    128 at 2,000, as measured best); 16 rows and more: 1 (256-key parts)."""
-    parts = 1
-    while parts < COMBINE_SPLITS and rows * heads * parts < FILL_PROGRAMS:
-        parts *= 2
-    return parts
+# A step's programs (rows x heads x key splits) that fill the H200's 132 SMs: one row of 40 heads at 512 keys in
+# 256-key splits is 80 programs, and its decode ran at 233 tok/s against 249 with 64-key splits (320 programs); at
+# 2,000 keys 128-key splits (640) beat 256 (320) and 64 (1,280): 220 against 214 and 216 (NOTES step 65).
+FILL_PROGRAMS = 512
+MAX_SPLIT = 256
+
+
+def key_split(rows: int, heads: int, kv_len: int) -> int:
+    """The keys a decode_attention program reads: MAX_SPLIT, halved (to 64 at least) while the step would have fewer
+    than FILL_PROGRAMS programs."""
+    split = MAX_SPLIT
+    while split > 64 and rows * heads * -(-kv_len // split) < FILL_PROGRAMS:
+        split //= 2
+    return split
 
 
 def covering_length(rows: int, heads: int, need: int) -> int:
-    """The key length a graph of this step is captured at: the longest with the grid of a step of ``need`` keys,
-    MAX_SPAN x a power of two (at least fill_parts). A step's graph replays for every length up to it, so a row
-    meets a new graph at a few lengths only (one row of 40 heads: none up to 4,096 keys)."""
-    parts = fill_parts(rows, heads)
-    while parts * MAX_SPAN < need:
-        parts *= 2
-    return parts * MAX_SPAN
+    """The key length a graph of this step is captured at, >= ``need``: the longest with the split of ``need``'s
+    (key_split), and for MAX_SPLIT, MAX_SPLIT x a power of two. A graph replays for every step up to its length, and
+    the splits past a row's keys cost next to nothing at 8-64 rows (NOTES step 71), so a row meets a new graph at a
+    few lengths only (one row of 40 heads: 1,536, 3,072, 4,096, 8,192; 64 rows: 256 x a power of two)."""
+    split = key_split(rows, heads, need)
+    if split < MAX_SPLIT:  # split is kept up to the longest length at which key_split did not stop at 2 x split
+        return 2 * split * ((FILL_PROGRAMS - 1) // (rows * heads))
+    splits = 1
+    while splits * MAX_SPLIT < need:
+        splits *= 2
+    return splits * MAX_SPLIT
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     scale: float, kv_len: int, fill: int | None = None) -> torch.Tensor:
+                     scale: float, kv_len: int, split: int | None = None) -> torch.Tensor:
     """One decode step's attention: q [b, heads, 1, D] (rotary and logN applied), row i attending to its keys
     0..pos[i] of ``k_cache``/``v_cache`` [slots >= b, heads, capacity, D] (at most ``kv_len``), scores times
-    ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. A row's n keys are cut into parts of
-    64, 128 or MAX_SPAN keys (the shortest that gives at most part_limit(``fill``) parts; ``fill`` by default
-    fill_parts), each one program a head (fp32 online softmax), combined by a second kernel, which reads only the
-    row's own parts (the grid's parts past them store an empty state). Only the grid depends on ``kv_len``: a graph of this call serves every step whose rows have at most kv_len keys."""
+    ``scale``. Returns [b, 1, heads * D] in q's dtype, the layout c_proj reads. The keys are split in ``split``-key
+    parts (default ``key_split`` of kv_len), each one program a head (fp32 online softmax), combined by a second
+    kernel; splits past a row's own keys run no iteration, so a graph of this call serves every step whose rows
+    have at most kv_len keys."""
     b, heads, one, D = q.shape
     if one != 1 or not q.is_contiguous():
         raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d = triton.next_power_of_2(D)
-    limit = part_limit(fill or fill_parts(b, heads))
-    S = max(limit, -(-kv_len // MAX_SPAN))
+    split = split or key_split(b, heads, kv_len)
+    S = triton.cdiv(kv_len, split)
     ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
     out = torch.empty(b, 1, heads * D, dtype=q.dtype, device=q.device)
-    _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, limit,
+    _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, split,
                                           q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
-                                          D=D, BLOCK_D=block_d, BLOCK_N=64, MAX_SPAN_=MAX_SPAN, num_warps=4)
-    _dec_attn_combine_kernel[(b, heads)](ws, pos, out, kv_len, limit, S, out.stride(0), D=D, BLOCK_D=block_d,
-                                         BLOCK_S=max(COMBINE_SPLITS, triton.next_power_of_2(S)), BLOCK_N=64,
-                                         MAX_SPAN_=MAX_SPAN, num_warps=1)
+                                          D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
+    _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d, BLOCK_S=COMBINE_SPLITS,
+                                         num_warps=1)
     return out
 
 

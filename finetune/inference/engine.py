@@ -18,8 +18,8 @@ one decode step for every active row: the last token of each row goes in at its 
 written at (row, position), attention reads each row's own cached keys (on CUDA's fused step; elsewhere, and
 with FINETUNE_DECODE_ATTENTION=0, the keys up to the step's length bucket with a mask hiding each row's positions
 beyond its own length). On CUDA that decode step is a CUDA graph captured per (batch bucket 1, 2, 4, ...,
-max_batch; graph length: over own keys decode_kernels.covering_length, 256 x a power of two, since only the
-attention's grid depends on it; else the length bucket, a multiple of 256) and replayed; elsewhere it runs
+max_batch; graph length: over own keys decode_kernels.covering_length, the longest with the same key split, since
+only the attention's grid depends on it; else the length bucket, a multiple of 256) and replayed; elsewhere it runs
 eagerly on exactly the active rows.
 
 Host time. The token choice runs on the device after the decode step (repetition penalty, stop tokens held
@@ -720,8 +720,8 @@ class Engine:
     def _graph_length(self, b: int, need: int, own_keys: bool) -> int:
         """The key length of the graph of a step of b rows whose longest needs ``need`` keys (the graph replays for
         every step up to it), at most the cache's capacity. Own keys: decode_kernels.covering_length, since only the
-        attention's grid depends on it (one row of the 14B: one graph up to 4,096 keys); SDPA reads every row up to
-        it: the next multiple of LENGTH_BUCKET."""
+        attention's grid depends on it (one row of the 14B: graphs at 1,536, 3,072, 4,096 and 8,192 keys); SDPA reads
+        every row up to it: the next multiple of LENGTH_BUCKET."""
         if own_keys:
             length = self._kernels.covering_length(b, self.config.num_attention_heads, need)
         else:

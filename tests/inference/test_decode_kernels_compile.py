@@ -31,13 +31,12 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
                             "stride": "i32"}, {"BLOCK": 1024}),
     "_dec_attn_split_kernel": (
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "ws_ptr": "*fp32", "scale": "fp32",
-         "kv_len": "i32", "LIMIT": "i32", "stride_qb": "i32", "stride_cr": "i64", "stride_ch": "i32",
+         "kv_len": "i32", "SPLIT": "i32", "stride_qb": "i32", "stride_cr": "i64", "stride_ch": "i32",
          "stride_cp": "i32", "S": "i32"},
-        {"D": 128, "BLOCK_D": 128, "BLOCK_N": 64, "MAX_SPAN_": 256}),
+        {"D": 128, "BLOCK_D": 128, "BLOCK_N": 64}),
     "_dec_attn_combine_kernel": (
-        {"ws_ptr": "*fp32", "pos_ptr": "*i64", "out_ptr": "*bf16", "kv_len": "i32", "LIMIT": "i32", "S": "i32",
-         "stride_ob": "i32"},
-        {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32, "BLOCK_N": 64, "MAX_SPAN_": 256}),
+        {"ws_ptr": "*fp32", "out_ptr": "*bf16", "S": "i32", "stride_ob": "i32"},
+        {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32}),
 }
 
 

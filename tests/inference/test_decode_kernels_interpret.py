@@ -229,20 +229,19 @@ def test_decode_attention_equals_masked_sdpa_over_each_rows_own_keys(kernels, dt
     # fp32 softmax and sums either way: only the order differs; bf16: the output's rounding (truncated here)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
     torch.testing.assert_close(out.double(), ref, **tol)
-    # other cuts of the rows' keys (one part of up to MAX_SPAN keys, or many small ones) give the same result
-    for fill in (1, 2, 64):
-        torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, fill).double(),
+    # other splits of the rows' keys give the same result (16 keys: 33 splits, more than the combine reads at once)
+    for split in (16, 64, 128, 256):
+        torch.testing.assert_close(kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, split).double(),
                                    ref, **tol)
 
 
 def test_decode_attention_is_the_same_for_every_length_its_grid_covers(kernels):
-    """A graph captured at one key length replays for every step up to it: the rows' parts come from their own
-    positions, not from kv_len, so any kv_len at or past the longest row gives the same bits (more grid parts,
-    all past the rows' keys)."""
+    """A graph captured at one key length replays for every step up to it: with the same split, any kv_len at or
+    past the longest row gives the same bits (more splits, all past the rows' keys)."""
     q, k_cache, v_cache, pos = _attention_case(torch.float32, seed=2)
     scale = 32 ** -0.5
-    for fill in (None, 2):
-        outs = [kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, fill) for kv_len in (518, 640, 700)]
+    for split in (64, 256):
+        outs = [kernels.decode_attention(q, k_cache, v_cache, pos, scale, kv_len, split) for kv_len in (518, 640, 700)]
         assert all(torch.equal(o, outs[0]) for o in outs[1:])
 
 
@@ -314,23 +313,25 @@ def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, 
     assert fused_ids == plain_ids
 
 
-def test_fill_parts_fills_the_gpu_and_covering_length_shares_its_grid():
-    """decode_kernels.fill_parts: a row's keys in the fewest parts (a power of two, at most COMBINE_SPLITS) that give
-    a step FILL_PROGRAMS programs (one row of the 14B's 40 heads: 16, so 64-key parts at 512 keys and 128 at
-    2,000, as measured best on the H200, NOTES step 65); covering_length: the longest key length with the same grid
-    (a graph captured there serves every step up to it)."""
-    from finetune.inference.decode_kernels import COMBINE_SPLITS, MAX_SPAN, covering_length, fill_parts
+def test_key_split_fills_the_gpu_and_covering_length_keeps_the_split():
+    """decode_kernels.key_split: 256-key splits, halved (to 64) while a step has fewer than FILL_PROGRAMS programs
+    (one row of the 14B's 40 heads: 64 keys up to 1,536, 128 up to 3,072, as measured best on the H200, NOTES step
+    65); covering_length: the longest key length with the same split (a graph captured there serves every step up
+    to it), 256 x a power of two once the split is 256."""
+    from finetune.inference.decode_kernels import MAX_SPLIT, covering_length, key_split
 
-    assert [fill_parts(rows, 40) for rows in (1, 2, 4, 8, 16, 64)] == [16, 8, 4, 2, 1, 1]
-    assert fill_parts(1, 1) == COMBINE_SPLITS and fill_parts(3, 4) == 32
-    # one row of 40 heads: one graph up to 4,096 keys, then 8,192; 32 rows: 256, 512, 1,024, ...
-    assert [covering_length(1, 40, n) for n in (1, 537, 2512, 4096, 4097, 8192)] == [4096] * 4 + [8192] * 2
+    assert [key_split(1, 40, n) for n in (1, 512, 1536, 1537, 3072, 3073)] == [64] * 3 + [128] * 2 + [256]
+    assert [key_split(rows, 40, 300) for rows in (1, 8, 16, 64)] == [64, 256, 256, 256]
+    # one row of 40 heads: graphs at 1,536, 3,072, 4,096 and 8,192 keys; 32 rows: 256, 512, 1,024, ...
+    assert [covering_length(1, 40, n) for n in (1, 537, 1537, 3072, 3073, 4097)] == [1536, 1536, 3072, 3072, 4096, 8192]
     assert [covering_length(32, 40, n) for n in (1, 256, 257, 700, 2001)] == [256, 256, 512, 1024, 2048]
-    for rows, heads, n in [(1, 40, 3000), (8, 40, 5000), (2, 4, 100), (32, 40, 9000)]:
-        length = covering_length(rows, heads, n)
-        assert length >= n and length % MAX_SPAN == 0 and covering_length(rows, heads, length) == length
-        if length > fill_parts(rows, heads) * MAX_SPAN:  # a doubling: every step past the shorter length shares it
-            assert covering_length(rows, heads, length // 2 + 1) == length
+    for rows, heads in [(1, 40), (2, 40), (4, 40), (8, 40), (3, 4), (64, 40), (1, 1)]:
+        for n in range(1, 9000, 61):
+            length = covering_length(rows, heads, n)
+            assert length >= n and covering_length(rows, heads, length) == length
+            assert key_split(rows, heads, length) == key_split(rows, heads, n)
+            if key_split(rows, heads, length + 1) == key_split(rows, heads, length) < MAX_SPLIT:
+                raise AssertionError(f"a longer graph keeps the split: {rows} x {heads} at {n}")
 
 
 def test_every_fused_step_reads_its_rows_own_keys_and_answers_as_the_blocks(kernels, switches, monkeypatch):
@@ -393,7 +394,7 @@ def test_own_keys_graphs_serve_every_length_they_cover_and_warm_up_captures_each
     sampling it is told to expect; then rows of mixed lengths, crossing graph lengths, leaving and
     joining, meet no new capture and get the tokens of eager fused steps (fp32)."""
     switches(decode_attention=True)
-    monkeypatch.setattr(kernels, "FILL_PROGRAMS", 8)  # a tiny model's 4 heads then meet several graph lengths
+    monkeypatch.setattr(kernels, "FILL_PROGRAMS", 8)  # a tiny model's 4 heads then meet several splits
     tok = QWenTokenizer(str(SMALL_VOCAB))
     model = tiny(seed=11)
     g = torch.Generator().manual_seed(9)
@@ -427,8 +428,8 @@ def test_own_keys_graphs_serve_every_length_they_cover_and_warm_up_captures_each
     sampled, penalised = SamplingParams(do_sample=True, top_p=0.8), SamplingParams(repetition_penalty=1.1)
     engine.warm_up([sampled, penalised, SamplingParams()])
     heads = model.config.num_attention_heads
-    assert engine._capacity == 1024 and kernels.fill_parts(1, heads) * kernels.MAX_SPAN == 512
-    lengths = {1: [512, 1024], 2: [256, 512, 1024], 4: [256, 512, 1024]}
+    assert engine._capacity == 1024 and [kernels.key_split(1, heads, n) for n in (128, 256, 257)] == [64, 128, 256]
+    lengths = {1: [128, 256, 512, 1024], 2: [256, 512, 1024], 4: [256, 512, 1024]}
     assert {b: engine._graph_lengths(b) for b in (1, 2, 4)} == lengths
     expected = {(b, n) + pick + ("own_keys",) for b in lengths for n in lengths[b]
                 for pick in [(), (False,), (True,)]}

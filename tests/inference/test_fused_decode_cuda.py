@@ -150,8 +150,9 @@ def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(replayed, out)
-    # a graph captured at a longer length (the engine's covering_length) gives the same bits: the rows' parts come
-    # from their own positions, only the grid grows
+    # a graph captured at a longer length with the same split (the engine's covering_length) gives the same bits:
+    # only the grid grows, by splits past every row's keys
+    assert K.key_split(rows, heads, capacity) == K.key_split(rows, heads, kv_len)
     with torch.cuda.graph(graph := torch.cuda.CUDAGraph()):
         longer = K.decode_attention(q, k_cache, v_cache, pos, scale, capacity)
     graph.replay()

@@ -106,7 +106,7 @@ def test_warm_up_captures_every_batch_bucket_and_later_answers_are_unchanged(tok
     for b in (1, 2, 4, 6):
         lengths = {key[1] for key in engine._graphs if key[0] == b}
         assert lengths == set(engine._graph_lengths(b)) and engine._capacity in lengths
-        assert {key[2:] for key in engine._graphs if key[0] == b} == {("own_keys",), (False, False, "own_keys")}
+        assert {key[2:] for key in engine._graphs if key[0] == b} == {("own_keys",), (False, "own_keys")}
     warm = set(engine._graphs)
     assert engine.generate(batch, params) == want
     long = [[t % 2000 for t in p] for p in prompts([engine.max_len - 40], seed=2)]
