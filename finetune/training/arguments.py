@@ -124,6 +124,11 @@ class TrainingArguments(transformers.TrainingArguments):
             # so fetching each micro-batch would wait for every step already queued (accelerate's default). Not
             # on the CPU: nothing to overlap, and transformers would print a notice about unpinned memory.
             self.accelerator_config.non_blocking = True
+        if self.dataloader_pin_memory and not pins_for_an_accelerator():
+            # pinned memory only speeds copies to an accelerator; with none (a CPU-only machine, without
+            # --use_cpu, as `qwen-ft train` runs there) torch's DataLoader would print a UserWarning about it
+            # at the first step. --use_cpu turns it off the same way in transformers.
+            self.dataloader_pin_memory = False
 
 
 def resolve_sampling(data_args: DataArguments, args: TrainingArguments) -> None:
@@ -139,6 +144,14 @@ def copies_to_a_gpu(use_cpu: bool, cuda: bool | None = None) -> bool:
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     return cuda and not use_cpu
+
+
+def pins_for_an_accelerator() -> bool:
+    """Whether --dataloader_pin_memory can do anything: torch's DataLoader pins for the current accelerator and
+    warns where there is none."""
+    import torch
+
+    return torch.accelerator.is_available()
 
 
 def default_optimizer(use_cpu: bool, deepspeed, cuda: bool | None = None) -> str:

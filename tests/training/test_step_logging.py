@@ -66,6 +66,7 @@ def test_batches_are_copied_to_the_gpu_without_waiting(model, data, tmp_path, mo
     assert arguments.copies_to_a_gpu(use_cpu=False, cuda=True)
     assert not arguments.copies_to_a_gpu(use_cpu=True, cuda=True) and not arguments.copies_to_a_gpu(False, cuda=False)
     monkeypatch.setattr(arguments, "copies_to_a_gpu", lambda use_cpu, cuda=None: not use_cpu)  # as on a GPU machine
+    monkeypatch.setattr(arguments, "pins_for_an_accelerator", lambda: True)
     args = parse_args(["--output_dir", str(tmp_path)])[3]
     assert args.accelerator_config.non_blocking and args.dataloader_pin_memory
     own = parse_args(["--output_dir", str(tmp_path), "--accelerator_config", '{"non_blocking": false}'])[3]
@@ -77,6 +78,31 @@ def test_batches_are_copied_to_the_gpu_without_waiting(model, data, tmp_path, mo
     trainer = train(*parse_args(train_args(model, data, tmp_path / "o", "--use_lora", "True", "--max_steps", "1",
                                            "--use_cpu", "False")))
     assert trainer.accelerator.dataloader_config.non_blocking is True
+
+
+def test_no_pinned_memory_without_an_accelerator(model, data, tmp_path, monkeypatch):
+    """`qwen-ft train` on a CPU-only machine (no --use_cpu, as the scripts add) does not ask the DataLoader to
+    pin memory, which torch answers with a UserWarning at the first step; with an accelerator it still pins."""
+    import warnings
+
+    from finetune.training import arguments
+
+    monkeypatch.setattr(arguments, "pins_for_an_accelerator", lambda: False)
+    assert parse_args(["--output_dir", str(tmp_path)])[3].dataloader_pin_memory is False
+    assert parse_args(["--output_dir", str(tmp_path), "--dataloader_pin_memory", "True"])[3].dataloader_pin_memory is False
+    monkeypatch.setattr(arguments, "pins_for_an_accelerator", lambda: True)
+    assert parse_args(["--output_dir", str(tmp_path)])[3].dataloader_pin_memory is True
+    assert parse_args(["--output_dir", str(tmp_path), "--dataloader_pin_memory", "False"])[3].dataloader_pin_memory is False
+    monkeypatch.undo()
+    import torch
+
+    if torch.accelerator.is_available():
+        pytest.skip("needs a machine without an accelerator")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert train_main(train_args(model, data, tmp_path / "o", "--use_lora", "True", "--max_steps", "1",
+                                     "--use_cpu", "False")) == 0
+    assert not [w for w in caught if "pin_memory" in str(w.message)]
 
 
 @pytest.mark.parametrize("optim, fused, route", [("adamw_torch", False, "host"), ("adamw_torch_fused", True, "device")])
