@@ -159,6 +159,15 @@ def test_train_help_shows_the_lora_defaults_and_no_false_default_for_no_flags(ca
     assert parse_args(["--no_packing"])[1].packing is False and parse_args([])[1].packing is True
 
 
+def test_train_help_names_the_command_and_the_config_file(capsys):
+    # the usage line said "usage: cli.py" (python -m finetune.cli) or "train.py", and never showed the config file
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: qwen-ft train [CONFIG] [-m MODEL] [-d DATA] [-o OUTPUT]")
+    assert "cli.py" not in out and "train.py" not in out and "YAML or JSON" in out
+
+
 def test_train_takes_the_short_model_data_output_flags(setup, tmp_path):
     """`qwen-ft train -m -d -o` as the scripts, chat, eval and serve take them; they override a config file too."""
     model_args, data_args, _, args = parse_args(["-m", str(setup["float"]), "-d", str(setup["data"]),

@@ -310,13 +310,23 @@ def _container_fields() -> set[str]:
     return out
 
 
+# --help's head: the prog as the user types it (argparse took the file's name, "cli.py" or "train.py"), and the
+# config file argparse does not know about (argv[0] is read before argparse sees it) instead of a 100-line list
+# of every flag, which the options below give with their help
+TRAIN_USAGE = "qwen-ft train [CONFIG] [-m MODEL] [-d DATA] [-o OUTPUT] [--FLAG VALUE ...]"
+TRAIN_DESCRIPTION = ("Fine-tune a Qwen v1 model: LoRA (--use_lora), Q-LoRA (an Int4 model dir) or full. CONFIG, "
+                     "first if given: a YAML or JSON file of the flags below (names without --); flags after it "
+                     "override its values. Without -o the run goes to output/qwen-<mode>.")
+
+
 def parse_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from argv.
 
     argv may start with a YAML or JSON file of flags (`qwen-ft train cfg.yaml`); flags after it override its
     values (the training scripts pass their launch flags and -m/-d/-o that way)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = _Parser((ModelArguments, DataArguments, LoraArguments, TrainingArguments))
+    parser = _Parser((ModelArguments, DataArguments, LoraArguments, TrainingArguments), prog="qwen-ft train",
+                     usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION)
     for action in parser._actions:
         if action.dest == "cuda_graphs":  # unset by default (None), and like the other switches a bare flag is True
             action.nargs, action.const = "?", True
