@@ -117,15 +117,21 @@ def write_model_files(out, config_values: dict) -> None:
 
 def chat_hint(model_dir, adapter_dir, data_file) -> str:
     """The command that reproduces a memorised answer of the demo run: greedy (sampling on a tiny random model
-    gives other tokens), asking the first question of the data, every part shell-quoted."""
+    gives other tokens), asking the first question of the data, every part shell-quoted. adapter_dir is the run's
+    output: an adapter (LoRA, Q-LoRA), or a whole model (full fine-tuning), which is chatted with as the model."""
     import shlex
 
     from .data import load_records, normalize_record
 
     messages = normalize_record(load_records(data_file)[0])["messages"]
     question = next(m["content"] for m in messages if m["role"] == "user")
-    cmd = ["qwen-ft", "chat", "-m", str(model_dir), "--adapter", str(adapter_dir), "--greedy", "--query", question]
-    return (f"The demo adapter has memorised {data_file}; greedy decoding gives its answers back "
+    out = Path(adapter_dir)
+    if (out / "config.json").is_file() and not (out / "adapter_config.json").is_file():
+        what, cmd = "model", ["qwen-ft", "chat", "-m", str(out)]
+    else:
+        what, cmd = "adapter", ["qwen-ft", "chat", "-m", str(model_dir), "--adapter", str(out)]
+    cmd += ["--greedy", "--query", question]
+    return (f"The demo {what} has memorised {data_file}; greedy decoding gives its answers back "
             f"(drop --query to chat):\n  {shlex.join(cmd)}")
 
 

@@ -284,6 +284,19 @@ def test_demo_hint_is_greedy_and_shell_quoted(tmp_path):
     assert argv[argv.index("--query") + 1] == question
 
 
+def test_demo_hint_for_a_full_fine_tune_chats_with_the_written_model(tmp_path):
+    # finetune_full.sh's demo printed `qwen-ft chat -m DEMO --adapter OUT`, which chat refuses: OUT is a model dir
+    from finetune.demo import chat_hint
+
+    model, out = tmp_path / "demo", tmp_path / "demo-full"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    line = chat_hint(model, out, ROOT / "data" / "demo_memorize.json").splitlines()[-1]
+    argv = shlex.split(line)
+    assert argv[:4] == ["qwen-ft", "chat", "-m", str(out)] and "--adapter" not in argv and "--greedy" in argv
+    assert "demo model has memorised" in chat_hint(model, out, ROOT / "data" / "demo_memorize.json")
+
+
 # -- the memory estimate -------------------------------------------------------------------------------------
 
 
