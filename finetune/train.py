@@ -178,7 +178,7 @@ def _train(plan, model_args, data_args, lora_args, args, argv, record_args=None)
         Path(args.output_dir, "run_info.json").write_text(json.dumps(info, indent=2) + "\n")
         write_model_card(args.output_dir, plan=plan, lora_args=lora_args, summary=summary,
                          eval_summary=eval_summary, command=_command(argv), info=info,
-                         log_history=trainer.state.log_history)
+                         log_history=trainer.state.log_history, logging_steps=args.logging_steps)
         _mark_finished(args.output_dir)
         _print_next_steps(plan, args.output_dir)
     return trainer

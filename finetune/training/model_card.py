@@ -12,7 +12,7 @@ _MODES = {"qlora": "Q-LoRA adapter (LoRA on the GPTQ Int4 base)", "lora": "LoRA 
 
 
 def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, command: str, info: dict,
-                     log_history: list[dict]) -> Path:
+                     log_history: list[dict], logging_steps: float | None = None) -> Path:
     out = Path(output_dir)
     adapter = plan.mode != "full"
     train_losses = [(h["step"], h["loss"]) for h in log_history if "loss" in h and "step" in h]
@@ -40,6 +40,15 @@ def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, comm
     lines += ["", "## Command", "", "```bash", command, "```", "", "## Loss curve", ""]
     if (out / "loss_curve.png").is_file():
         lines += ["![loss curve](loss_curve.png)", ""]
+    if not train_losses:
+        # an empty section read as a bug: a run shorter than --logging_steps (transformers' default 500 when
+        # `qwen-ft train` is run without the scripts' recipe) logs no step's loss
+        steps = info.get("global_step")
+        short = (logging_steps is not None and logging_steps >= 1 and isinstance(steps, int)
+                 and steps < logging_steps)
+        lines += [f"No train loss was logged: the run took {steps} optimizer step(s), and --logging_steps "
+                  f"{logging_steps:g} logs every {logging_steps:g} (pass a smaller one for a curve)." if short
+                  else "No train loss was logged.", ""]
     if train_losses:
         lines += ["| step | train loss |", "| --- | --- |"]
         lines += [f"| {s} | {_num(v)} |" for s, v in _thin(train_losses)]

@@ -90,6 +90,18 @@ def test_model_card_describes_the_run(finished, model, data):
     assert "![loss curve](loss_curve.png)" in card and "| 4 |" in card
 
 
+def test_model_card_says_why_a_short_run_has_no_loss_curve(model, data, tmp_path):
+    # `qwen-ft train` without the scripts' --logging_steps 1 logs every 500 steps (transformers' default): a short
+    # run's card had an empty "Loss curve" section and no loss_curve.png, without a word why
+    out = tmp_path / "short"
+    assert train_main(train_args(model, data, out, "--use_lora", "True", "--max_steps", "2",
+                                 "--logging_steps", "500")) == 0
+    card = (out / "README.md").read_text()
+    section = card.split("## Loss curve", 1)[1].split("## Use", 1)[0]
+    assert "No train loss was logged: the run took 2 optimizer step(s), and --logging_steps 500" in section
+    assert not (out / "loss_curve.png").exists()
+
+
 def test_console_log_is_kept_in_the_output_dir_and_lock_released(finished):
     log = (finished / "train.log").read_text()
     assert "data: " in log and "'loss':" in log and "Done." in log
