@@ -18,6 +18,13 @@ def quiet_third_party_notices() -> None:
     # process about DeepSpeed's code, not the user's
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
                             category=FutureWarning, module=r"torch\.distributed\.c10d_logger")
+    # transformers' Trainer counts gradient accumulation itself and hands accelerate a plugin of 1 step, so under
+    # DeepSpeed accelerate warns of a "mismatch" with the config's value (the --gradient_accumulation_steps the
+    # user gave, filled in for "auto") in every run that accumulates; a real difference between the flag and the
+    # config stops the run before loading (checks.deepspeed_config), so the warning only misleads
+    accelerate_log = logging.getLogger("accelerate.accelerator")
+    if not any(isinstance(f, _TrainerAccumulationNotice) for f in accelerate_log.filters):
+        accelerate_log.addFilter(_TrainerAccumulationNotice())
     # matplotlib (the loss curve) logs building its font cache at INFO, which the trainer's log level shows
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # DeepSpeed is imported by accelerate whenever it is installed, used or not, and on a machine without a GPU
@@ -28,3 +35,11 @@ def quiet_third_party_notices() -> None:
 
         if not torch.cuda.is_available():
             os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+class _TrainerAccumulationNotice(logging.Filter):
+    """Drops accelerate's "Gradient accumulation steps mismatch" warning where its plugin holds the 1 step that
+    transformers' Trainer always gives it (any other count is let through)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1," not in record.getMessage()
