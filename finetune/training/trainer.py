@@ -78,6 +78,7 @@ class QwenTrainer(Trainer):
         # transformers' filter of non-finite losses from the logged loss reads each loss on the host; done on the
         # device in training_step instead
         self._filter_logged_loss = self.args.logging_nan_inf_filter
+        self._step_learning_rate = None  # under DeepSpeed: the LR of the step in progress, read as it begins
         self.args.logging_nan_inf_filter = False
         self._record = None  # the last optimizer step's values, staged for the host (see _maybe_log_save_evaluate)
         self._param_count = None
@@ -150,6 +151,14 @@ class QwenTrainer(Trainer):
                                self._tr_loss / (1 + self.state.global_step - self._globalstep_last_logged))
         return loss
 
+    def _note_step_learning_rate(self):
+        """Under DeepSpeed, the LR this optimizer step applies, read before it runs. transformers logs the LR it
+        reads after the optimizer step, before its own scheduler step; where DeepSpeed owns the scheduler (a config
+        with an optimizer block, as ds_configs/zero2_offload.json) the engine has stepped it inside the backward
+        pass by then, and each log line showed the next step's LR (0.0003 for a warmup step that applied 0)."""
+        if self.is_deepspeed_enabled and self.lr_scheduler is not None:
+            self._step_learning_rate = self._get_learning_rate()
+
     def _begin_optimizer_step(self):
         """Called before each optimizer step (callback below): the guard decides on the device whether it applies."""
         found_inf = self.guard.end_step(self.state.global_step + 1, self.args.world_size)
@@ -206,6 +215,8 @@ class QwenTrainer(Trainer):
         previous step's are read and logged now, with that step's number and epoch: the log lines and their
         order are as before. Evaluation, a checkpoint and the end of training read at once (the guard is checked
         before anything is saved)."""
+        if self._step_learning_rate is not None:
+            learning_rate = self._step_learning_rate  # see _note_step_learning_rate
         want_log = self.control.should_log
         self._take_record()
         self.control.should_log = want_log  # logging the previous step resets it
@@ -354,6 +365,9 @@ class QwenTrainer(Trainer):
 class _OptimizerStepHook(TrainerCallback):
     def __init__(self, trainer: QwenTrainer):
         self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._note_step_learning_rate()
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._begin_optimizer_step()

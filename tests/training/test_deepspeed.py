@@ -92,6 +92,17 @@ def test_qlora_zero2_two_processes(setup, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in _adapter(out).items() if "lora_B" in k)
 
 
+def test_offload_config_logs_the_rate_each_step_trained_with(setup, tmp_path):
+    """ds_configs/zero2_offload.json has an optimizer block, so DeepSpeed owns the scheduler and steps it inside the
+    backward pass: each log line showed the next step's rate (1e-2 for the warmup step, which applied 0)."""
+    out = tmp_path / "offload"
+    _script("finetune_qlora.sh", setup["int4"], setup["data"], out, nproc=1, deepspeed="zero2_offload.json")
+    state = json.loads((out / "trainer_state.json").read_text())
+    lrs = [h["learning_rate"] for h in state["log_history"] if "learning_rate" in h]
+    expected = [0.0] + [1e-2 * 0.5 * (1 + math.cos(math.pi * (k - 1) / 2)) for k in (1, 2)]
+    assert lrs == pytest.approx(expected, rel=1e-6, abs=1e-12)
+
+
 def test_two_processes_equal_one_with_same_global_batch(setup, tmp_path):
     """One SGD step at global batch 4: 2 processes x 2 rows (ZeRO-2) give the adapter 1 process x 4 rows gives."""
     flags = ["--max_steps", "1", "--optim", "sgd", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
