@@ -168,6 +168,21 @@ def test_train_help_names_the_command_and_the_config_file(capsys):
     assert "cli.py" not in out and "train.py" not in out and "YAML or JSON" in out
 
 
+def test_bf16_without_a_gpu_or_use_cpu_is_one_line_naming_the_flag(monkeypatch):
+    # transformers said "Your setup doesn't support bf16/gpu. You need to assign use_cpu ..." (no flag named, and
+    # nothing of what the CPU does without it)
+    from finetune.training import arguments
+    from finetune.training.checks import TrainConfigError
+
+    monkeypatch.setattr(arguments, "no_bf16_device", lambda: True)
+    with pytest.raises(TrainConfigError, match=r"^--bf16 needs a CUDA GPU.*add --use_cpu True.*drop --bf16"):
+        parse_args(["--bf16", "True"])
+    with pytest.raises(TrainConfigError, match=r"^--bf16_full_eval needs"):
+        parse_args(["--bf16_full_eval", "True"])
+    assert parse_args(["--bf16", "True", "--use_cpu", "True"])[3].bf16  # bf16 on the CPU, as the scripts run it
+    assert not parse_args([])[3].bf16
+
+
 def test_train_takes_the_short_model_data_output_flags(setup, tmp_path):
     """`qwen-ft train -m -d -o` as the scripts, chat, eval and serve take them; they override a config file too."""
     model_args, data_args, _, args = parse_args(["-m", str(setup["float"]), "-d", str(setup["data"]),

@@ -118,6 +118,13 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.optim == "auto":
             self.optim = default_optimizer(self.use_cpu, self.deepspeed)
         own_accelerator_config = self.accelerator_config is not None
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and no_bf16_device():
+            # transformers' own words ("Your setup doesn't support bf16/gpu. You need to assign use_cpu ...") named
+            # neither the flag nor what the CPU does without it
+            flag = "--bf16" if self.bf16 else "--bf16_full_eval"
+            raise TrainConfigError(f"{flag} needs a CUDA GPU with bf16, and this machine has none: add --use_cpu True "
+                                   f"to run in bf16 on the CPU (the training scripts add it there), or drop {flag} "
+                                   "to run in fp32")
         super().__post_init__()
         if not own_accelerator_config and copies_to_a_gpu(self.use_cpu):
             # batches go to the GPU from pinned memory without waiting: a blocking copy synchronizes the stream,
@@ -144,6 +151,15 @@ def copies_to_a_gpu(use_cpu: bool, cuda: bool | None = None) -> bool:
 
     cuda = torch.cuda.is_available() if cuda is None else cuda
     return cuda and not use_cpu
+
+
+def no_bf16_device() -> bool:
+    """Where transformers refuses --bf16 without --use_cpu: no CUDA device at all (an old GPU keeps its message,
+    which says what it needs)."""
+    import torch
+    from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+    return not torch.cuda.is_available() and not is_torch_bf16_gpu_available() and not is_torch_xla_available()
 
 
 def pins_for_an_accelerator() -> bool:
