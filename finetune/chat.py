@@ -43,17 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--adapter", action=_Once, help="LoRA / Q-LoRA adapter dir (one)")
     p.add_argument("--system", "-s", default="You are a helpful assistant.", action=_Once, help="system prompt")
     p.add_argument("--query", "-q", action=_Once, help="ask one question, print the reply, exit")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top_p", "--top-p", type=float, default=None)
-    p.add_argument("--top_k", "--top-k", type=int, default=None)
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None)
-    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None)
+    p.add_argument("--temperature", type=float, default=None, action=_Once)
+    p.add_argument("--top_p", "--top-p", type=float, default=None, action=_Once)
+    p.add_argument("--top_k", "--top-k", type=int, default=None, action=_Once)
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, action=_Once)
+    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None, action=_Once)
     p.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False): reproducible")
-    p.add_argument("--history-window", "--history_window", type=int, default=None,
+    p.add_argument("--history-window", "--history_window", type=int, default=None, action=_Once,
                    help="max_window_size in tokens for system + history + query (default: generation config)")
-    p.add_argument("--seed", type=int, default=None, help="seed for sampling")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=None, action=_Once, help="seed for sampling")
+    p.add_argument("--device", default=None, action=_Once)
+    p.add_argument("--dtype", default=None, action=_Once, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     return p
 
 

@@ -320,6 +320,9 @@ def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_history(setup, monkeypatch
     (["-a", "a1", "--adapter", "a1"], "-a/--adapter given twice"),
     (["-m", "other"], "-m/--model given twice"),
     (["-s", "one", "--system", "two"], "--system/-s given twice ('one' and 'two')"),
+    (["--seed", "1", "--seed", "2"], "--seed given twice (1 and 2); pass it once"),  # the sampling flags too
+    (["--temperature", "0.5", "--temperature", "0.9"], "--temperature given twice (0.5 and 0.9)"),
+    (["--top-p", "0.5", "--top_p", "0.9"], "--top_p/--top-p given twice"),
     (["--greedy", "--temperature", "0.7"], "--greedy does not sample, so --temperature 0.7 would be ignored"),
     (["--greedy", "--top-p", "0.5", "--top-k", "3"], "so --top-p 0.5, --top-k 3 would be ignored"),
     (["--query", "  "], "--query is empty"),
