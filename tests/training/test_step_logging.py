@@ -66,6 +66,7 @@ def test_batches_are_copied_to_the_gpu_without_waiting(model, data, tmp_path, mo
     assert arguments.copies_to_a_gpu(use_cpu=False, cuda=True)
     assert not arguments.copies_to_a_gpu(use_cpu=True, cuda=True) and not arguments.copies_to_a_gpu(False, cuda=False)
     monkeypatch.setattr(arguments, "copies_to_a_gpu", lambda use_cpu, cuda=None: not use_cpu)  # as on a GPU machine
+    pins = arguments.pins_for_an_accelerator
     monkeypatch.setattr(arguments, "pins_for_an_accelerator", lambda: True)
     args = parse_args(["--output_dir", str(tmp_path)])[3]
     assert args.accelerator_config.non_blocking and args.dataloader_pin_memory
@@ -75,6 +76,7 @@ def test_batches_are_copied_to_the_gpu_without_waiting(model, data, tmp_path, mo
     assert not parse_args(["--output_dir", str(tmp_path), "--use_cpu", "True"])[3].accelerator_config.non_blocking
     from finetune.train import train
 
+    monkeypatch.setattr(arguments, "pins_for_an_accelerator", pins)  # this machine's answer: no pinning warning
     trainer = train(*parse_args(train_args(model, data, tmp_path / "o", "--use_lora", "True", "--max_steps", "1",
                                            "--use_cpu", "False")))
     assert trainer.accelerator.dataloader_config.non_blocking is True
