@@ -44,11 +44,12 @@ from .metrics import exact_match, rouge_l
 # -- data -----------------------------------------------------------------------------------------------
 
 
-def load_eval_records(path, max_samples: int | None = None) -> list[dict]:
-    """Validated, normalised records ({"id", "system", "messages"}), the first ``max_samples``."""
+def load_eval_records(path, max_samples: int | None = None, flag: str | None = None) -> list[dict]:
+    """Validated, normalised records ({"id", "system", "messages"}), the first ``max_samples``; `flag` (the
+    command-line flag that gave `path`) is named in the errors."""
     from .data import load_records, normalize_record
 
-    records = [normalize_record(r) for r in load_records(path)]
+    records = [normalize_record(r) for r in load_records(path, flag=flag)]
     return records[:max_samples] if max_samples else records
 
 
@@ -426,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     from .tokenization import load_tokenizer
 
     try:
-        records = load_eval_records(args.data, args.max_samples)  # bad data stops before the model loads
+        records = load_eval_records(args.data, args.max_samples, flag="--data")  # bad data stops before the model loads
         if args.adapter:
             check_base_column(lora_config(args.adapter), args.adapter)
         model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model

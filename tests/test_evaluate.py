@@ -460,3 +460,13 @@ def test_replies_to_tool_records_end_at_observation_as_the_servers(small_tok, mo
     assert set(s[2]) == {"id", "query", "reference", "base", "base_exact_match", "base_rouge_l"}  # as before
     # the generated tokens are the engine's, all of them (the text is cut for scoring, not the count)
     assert report["base"]["generated_tokens"] == sum(len(tok.encode(r)) for r in replies.values())
+
+
+def test_a_missing_data_file_is_one_line_naming_the_flag(tmp_path, capsys):
+    # was "error: X: file not found: no such file" (the words twice, the flag not named); the data is read before
+    # any model, so the model dir need not exist
+    from finetune.cli import main
+
+    missing = tmp_path / "nonexist.json"
+    assert main(["eval", "-m", str(tmp_path / "no_model"), "--data", str(missing)]) == 2
+    assert capsys.readouterr().err == f"error: --data {missing}: no such file\n"

@@ -300,6 +300,20 @@ def test_float_adapter_on_int4_base_warns_naming_both(setup, tmp_path, caplog):
     assert not caplog.records
 
 
+def test_a_missing_data_file_names_the_flag_that_gave_it(setup, tmp_path, capsys):
+    # was "error: X: file not found: no such file"; --calib-data is also the loss report's data without --eval-data
+    from finetune.cli import main
+
+    missing = tmp_path / "nonexist.json"
+    for flags, flag in ((["--eval-data", str(missing)], "--eval-data"),
+                        (["--format", "int4", "--quant-method", "gptq", "--calib-data", str(missing)], "--calib-data"),
+                        (["--format", "int4", "--quant-method", "gptq", "--calib-data", str(missing),
+                          "--eval-data", str(setup["data"])], "--calib-data")):
+        rc = main(["merge", "--adapter", str(setup["lora"]), "--output", str(tmp_path / "never"), *flags])
+        assert rc == 2 and capsys.readouterr().err == f"error: {flag} {missing}: no such file\n", flags
+    assert not (tmp_path / "never").exists()
+
+
 # -- a merge that stops while writing ----------------------------------------------------------------------------
 
 

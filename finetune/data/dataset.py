@@ -380,7 +380,7 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         source = str(path_or_records)
         p = Path(source)
         if not p.exists():
-            raise DataError("file not found", "no such file", path=source)
+            raise DataError("no such file", path=source)
         path = str(p.resolve())
         if not num_proc:
             procs = auto_procs(path)

@@ -59,21 +59,23 @@ class DataError(ValueError):
     """An unreadable data file or an invalid record.
 
     `reason` is a short category (used to count skips), `detail` the specific cause; `str(err)` names the
-    file, the record, the line (when known) and the cause. `index` is the record's 0-based position; the
-    message counts from 1, like lines ("record 3, line 3" is the third record, on the third line).
+    file (after the command-line flag that gave it, when `flag` is set: "--data d.json: no such file"), the
+    record, the line (when known) and the cause. `index` is the record's 0-based position; the message counts
+    from 1, like lines ("record 3, line 3" is the third record, on the third line).
     """
 
     def __init__(self, reason: str, detail: str = "", *, path: str | None = None,
-                 index: int | None = None, line: int | None = None):
+                 index: int | None = None, line: int | None = None, flag: str | None = None):
         self.reason, self.detail, self.path, self.index, self.line = reason, detail, path, index, line
+        self.flag = flag
         super().__init__(self._message())
 
     def __reduce__(self):  # keep the fields across processes (datasets workers)
-        return (_rebuild_error, (self.reason, self.detail, self.path, self.index, self.line))
+        return (_rebuild_error, (self.reason, self.detail, self.path, self.index, self.line, self.flag))
 
     def to_json(self) -> str:
         return json.dumps({"reason": self.reason, "detail": self.detail, "path": self.path,
-                           "index": self.index, "line": self.line}, ensure_ascii=False)
+                           "index": self.index, "line": self.line, "flag": self.flag}, ensure_ascii=False)
 
     @classmethod
     def from_json(cls, s: str) -> "DataError":
@@ -82,7 +84,7 @@ class DataError(ValueError):
     def _message(self) -> str:
         where = []
         if self.path is not None:
-            where.append(str(self.path))
+            where.append(f"{self.flag} {self.path}" if self.flag else str(self.path))
         if self.index is not None:
             where.append(f"record {self.index + 1}")
         if self.line is not None:
@@ -92,11 +94,17 @@ class DataError(ValueError):
 
     def located(self, path: str | None, index: int | None, line: int | None) -> "DataError":
         """The same error with its place in a file filled in."""
-        return DataError(self.reason, self.detail, path=path, index=index, line=line)
+        return DataError(self.reason, self.detail, path=path, index=index, line=line, flag=self.flag)
+
+    def given_by(self, flag: str | None) -> "DataError":
+        """The same error naming the command-line flag that gave its file (unchanged without one)."""
+        if not flag or self.flag:
+            return self
+        return type(self)(self.reason, self.detail, path=self.path, index=self.index, line=self.line, flag=flag)
 
 
-def _rebuild_error(reason, detail, path, index, line):
-    return DataError(reason, detail, path=path, index=index, line=line)
+def _rebuild_error(reason, detail, path, index, line, flag=None):
+    return DataError(reason, detail, path=path, index=index, line=line, flag=flag)
 
 
 # -- checks on decoded values -----------------------------------------------------------------------------
@@ -572,7 +580,7 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
             yield i, None, row, None
         return
     if not p.is_file():
-        raise DataError("file not found", "no such file", path=path)
+        raise DataError("no such file", path=path)
     if _is_jsonl(path):
         yield from _iter_jsonl(path)
         return
@@ -643,12 +651,20 @@ class RecordList(list):
     report: LoadReport
 
 
-def load_records(path: str | os.PathLike, skip_invalid: bool = False) -> RecordList:
+def load_records(path: str | os.PathLike, skip_invalid: bool = False, *, flag: str | None = None) -> RecordList:
     """Read and validate a JSON array, JSONL file or `datasets` dir; return the normalised records.
 
     Invalid records raise DataError, or with `skip_invalid` are counted in `result.report` (and the count
-    is printed to stderr). A file with no usable record is always an error.
+    is printed to stderr). A file with no usable record is always an error. `flag` is the command-line flag
+    that gave `path`, named in the errors ("--data d.json: no such file").
     """
+    try:
+        return _load_records(path, skip_invalid)
+    except DataError as e:
+        raise e.given_by(flag) from None
+
+
+def _load_records(path, skip_invalid: bool) -> RecordList:
     report = LoadReport(str(path))
     records = RecordList()
     for rec, err in iter_records(path, skip_invalid):

@@ -133,8 +133,24 @@ def test_invalid_record_in_json_array_names_index_and_line(tmp_path):
 
 
 def test_file_missing(tmp_path):
-    with pytest.raises(DataError, match=r"nope\.json.*file not found"):
-        load_records(tmp_path / "nope.json")
+    missing = tmp_path / "nope.json"
+    with pytest.raises(DataError) as e:
+        load_records(missing)
+    assert str(e.value) == f"{missing}: no such file"  # once, not "file not found: no such file"
+    # the command-line flag that gave the path, named before it (as the trainer's "--data_path X: no such file")
+    with pytest.raises(DataError) as e:
+        load_records(missing, flag="--data")
+    assert str(e.value) == f"--data {missing}: no such file" and e.value.flag == "--data"
+
+
+def test_flag_survives_pickle_and_json(tmp_path):
+    import pickle
+
+    err = DataError("no assistant turn", path="d.json", index=2, line=3).given_by("--eval-data")
+    assert str(err) == "--eval-data d.json, record 3, line 3: no assistant turn"
+    for copy in (pickle.loads(pickle.dumps(err)), DataError.from_json(err.to_json())):
+        assert str(copy) == str(err) and copy.flag == "--eval-data"
+    assert err.given_by("--other") is err  # the first flag named stays
 
 
 def test_invalid_json_has_line_and_column(tmp_path):
