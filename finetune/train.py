@@ -212,19 +212,32 @@ def batch_plan(summary, data_args, args) -> dict:
     per_row = summary.records_used / rows
     conversations_per_step = min(rows_per_step, rows) * per_row
     total = args.max_steps if args.max_steps and args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
-    text = (f"batches: an optimizer step holds {rows_per_step} rows ({args.per_device_train_batch_size} a device x "
-            f"{args.gradient_accumulation_steps} accumulated x {args.world_size} process"
-            f"{'es' if args.world_size > 1 else ''})")
+    layout = (f"{args.per_device_train_batch_size} a device x {args.gradient_accumulation_steps} accumulated x "
+              f"{args.world_size} process{'es' if args.world_size > 1 else ''}")
+    if rows < rows_per_step:  # the whole epoch is one step, smaller than the step the flags allow
+        text = (f"batches: an optimizer step holds the epoch's {_count(rows, 'row')} (of up to {rows_per_step}: "
+                f"{layout})")
+        conversations = _count(summary.records_used, "conversation")
+    else:
+        text = f"batches: an optimizer step holds {_count(rows_per_step, 'row')} ({layout})"
+        conversations = f"about {conversations_per_step:,.0f} conversations"
     if data_args.packing:
-        text += (f", about {conversations_per_step:,.0f} conversations (packed: {per_row:.1f} a row; --packing False "
-                 "for one a row, as the official recipe)")
+        text += (f", {conversations} (packed: {per_row:.1f} a row; --packing False for one a row, as the official "
+                 "recipe)")
     elif args.train_sampling_strategy == "group_by_length":
         text += " of similar length (--train_sampling_strategy random for the official order)"
-    text += f"; {steps_per_epoch:,} optimizer steps an epoch, {total:,} in this run"
-    text += " (--max_steps)" if args.max_steps and args.max_steps > 0 else f" ({args.num_train_epochs:g} epochs)"
-    return {"rows_per_step": rows_per_step, "conversations_per_step": round(conversations_per_step, 1),
+    text += f"; {_count(steps_per_epoch, 'optimizer step')} an epoch, {total:,} in this run"
+    text += (" (--max_steps)" if args.max_steps and args.max_steps > 0
+             else f" ({args.num_train_epochs:g} epoch{'' if args.num_train_epochs == 1 else 's'})")
+    # rows_per_step: what the flags allow a step; rows_per_epoch: what the data has (a step holds the fewer)
+    return {"rows_per_step": rows_per_step, "rows_per_epoch": summary.rows,
+            "conversations_per_step": round(conversations_per_step, 1),
             "conversations_per_row": round(per_row, 2), "steps_per_epoch": steps_per_epoch, "total_steps": total,
             "packing": bool(data_args.packing), "text": text}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _warn_past_seq_length(train_set, summary, data_args, plan) -> None:

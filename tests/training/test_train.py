@@ -468,6 +468,29 @@ def test_packing_is_the_default_and_the_run_says_what_a_step_holds(models, tmp_p
     assert f"{b['steps_per_epoch']} optimizer steps an epoch" in printed
 
 
+def test_data_that_packs_into_fewer_rows_than_a_step_holds_says_what_a_step_really_holds(models, tmp_path, capsys):
+    # four short conversations pack into one row: the line said "an optimizer step holds 16 rows ... 1 optimizer
+    # steps an epoch" (the configured size, and bad grammar); it now says the step holds the epoch's one row
+    out = tmp_path / "one_row"
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(memorise_records()))  # 4 short conversations
+    argv = _args(models["float"], data, out, "--packing", "True", "--use_lora", "True",
+                 "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "4",
+                 "--num_train_epochs", "2", "--model_max_length", "256")
+    _run(argv)
+    info = json.loads((out / "run_info.json").read_text())
+    b = info["batches"]
+    assert b["rows_per_epoch"] == 1 and b["rows_per_step"] == 16  # rows_per_step kept: what the flags allow
+    assert b["steps_per_epoch"] == 1 and b["total_steps"] == info["global_step"] == 2  # the Trainer's own count
+    assert b["conversations_per_step"] == 4
+    printed = capsys.readouterr().out
+    line = next(x for x in printed.splitlines() if x.startswith("batches: "))
+    assert line.startswith("batches: an optimizer step holds the epoch's 1 row (of up to 16: 4 a device x 4 "
+                           "accumulated x 1 process), 4 conversations (packed: 4.0 a row;"), line
+    assert line.endswith("; 1 optimizer step an epoch, 2 in this run (2 epochs)"), line
+    assert "1 optimizer steps" not in printed and "holds 16 rows" not in printed
+
+
 def test_one_chat_a_row_batches_chats_of_like_length_by_default(model, tmp_path):
     """--packing False: --train_sampling_strategy auto becomes group_by_length (transformers' LengthGroupedSampler),
     so a batch pads less than in random order; random stays available; packed rows keep random order."""
