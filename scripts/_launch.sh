@@ -2,6 +2,8 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CALLER="${BASH_SOURCE[1]:-$0}"
+# The trainer names the script, as it was run, in its error for an unknown flag (finetune/training/arguments.py)
+export QWEN_FT_SCRIPT="$CALLER"
 PYTHON="${PYTHON:-python3}"
 # The package is importable from a source checkout too, installed or not.
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"

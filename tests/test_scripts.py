@@ -120,6 +120,17 @@ def test_help_prints_the_scripts_usage(mode, tmp_path):
     assert "set -euo" not in proc.stdout and "source" not in proc.stdout
 
 
+def test_an_unknown_trainer_flag_names_the_script_and_the_trainers_help(tmp_path):
+    # the trainer said `python -m finetune.train --help`, a command the user had not run
+    script = ROOT / "scripts" / "finetune_qlora.sh"
+    proc = _script("finetune_qlora.sh", ["-m", str(tmp_path / "m"), "-d", str(tmp_path / "d.json"),
+                                         "--lora_rr", "8"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc.stderr) == [
+        f"error: unknown flag: --lora_rr (did you mean --lora_r?); the trainer's flags, which {script} passes on: "
+        f"qwen-ft train --help (the script's own: bash {script} --help)"], proc.stderr
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("chat.sh", ["-a"], "argument -a/--adapter: expected one argument"),
     ("merge.sh", ["-a", "x", "-o"], "argument -o/--output: expected one argument"),

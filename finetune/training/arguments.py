@@ -373,6 +373,24 @@ class _Parser(HfArgumentParser):
         raise TrainConfigError(" ".join(message.split()))
 
 
+# Set by scripts/_launch.sh to the script as it was run: its flags other than its own reach the trainer.
+SCRIPT_ENV = "QWEN_FT_SCRIPT"
+
+
+def _help_hint() -> str:
+    """Where the trainer's flags are listed, named for the command the user ran: `qwen-ft train` (the
+    console script, or python -m finetune.cli), `python -m finetune.train`, or a training script (which
+    passes the flags it does not take itself on to the trainer)."""
+    script = os.environ.get(SCRIPT_ENV)
+    if script:
+        return (f"the trainer's flags, which {script} passes on: qwen-ft train --help (the script's own: "
+                f"bash {script} --help)")
+    argv0 = Path(sys.argv[0] if sys.argv else "")
+    if argv0.parts[-2:] == ("finetune", "train.py"):
+        return "python -m finetune.train --help lists them"
+    return "qwen-ft train --help lists them"
+
+
 def _not_flags(rest: list[str], parser) -> str:
     """What the parser left over, as one line: each unknown flag with the nearest known one, or the values no
     flag took (a path with spaces, unquoted)."""
@@ -385,6 +403,6 @@ def _not_flags(rest: list[str], parser) -> str:
         for flag in unknown:
             near = difflib.get_close_matches(flag.replace("-", "_"), known, n=1, cutoff=0.6)
             parts.append(flag + (f" (did you mean {near[0]}?)" if near else ""))
-        return f"unknown flag{'s' * (len(parts) > 1)}: {', '.join(parts)}; python -m finetune.train --help lists them"
+        return f"unknown flag{'s' * (len(parts) > 1)}: {', '.join(parts)}; {_help_hint()}"
     return (f"value{'s' * (len(rest) > 1)} without a flag: {' '.join(map(repr, rest))} (the flag before takes one "
             "value; quote a path that has spaces)")

@@ -181,6 +181,25 @@ def test_preflight_errors(models, memorise_file, tmp_path):
     check(_args(models["float"], memorise_file, tmp_path / "o", "--deepspeed", str(bad_ds)), "scheduler")
 
 
+@pytest.mark.parametrize("command, hint", [
+    (["-m", "finetune.cli", "train"], "; qwen-ft train --help lists them"),  # what the qwen-ft console script runs
+    (["-m", "finetune.train"], "; python -m finetune.train --help lists them"),
+])
+def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hint, tmp_path):
+    # it named `python -m finetune.train --help` whatever the user ran (scripts: tests/test_scripts.py)
+    import subprocess
+    import sys
+
+    from _helpers import subprocess_env
+
+    env = subprocess_env()
+    env.pop("QWEN_FT_SCRIPT", None)
+    p = subprocess.run([sys.executable, *command, "--lora_rr", "8"], cwd=tmp_path, env=env,
+                       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr == f"error: unknown flag: --lora_rr (did you mean --lora_r?){hint}\n"
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be at least 1, got 0"),
     (["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps must be at least 1, got 0"),
