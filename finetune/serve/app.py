@@ -381,6 +381,12 @@ def _sse(obj) -> str:
     return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n"
 
 
+# Every route create_app serves (HEAD too on the GET ones; a trailing slash is served as without it), as a 404
+# names them
+SERVED = ("POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}, GET /health (the server's state) and "
+          "GET / (the chat page)")
+
+
 def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -427,8 +433,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             message = _unparsable(exc.__cause__)
         elif exc.status_code == 404:  # no such route: OpenAI's words, and what is served (e.g. for the legacy
             # /v1/completions, which the official Qwen server does not serve either)
-            message = (f"Invalid URL ({request.method} {request.url.path}): this server serves POST "
-                       "/v1/chat/completions, GET /v1/models and GET /v1/models/{model}")
+            message = f"Invalid URL ({request.method} {request.url.path}): this server serves {SERVED}"
         # (the headers keep a 405's Allow)
         return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

@@ -5,6 +5,7 @@ field, a request that held its row after its client left, or a stalled event loo
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -172,6 +173,25 @@ def test_head_answers_on_get_routes_and_405_names_the_allowed_methods(live):
     r = httpx.get(live.api_url + "/chat/completions", timeout=10)
     _error(r, 405)
     assert r.headers["allow"] == "POST"
+
+
+def test_a_404_names_every_route_served(live):
+    # it named the /v1 routes only, not GET /health or GET / (the chat page)
+    from fastapi.routing import APIRoute
+
+    from finetune.serve.app import create_app
+
+    r = httpx.get(live.url + "/nonexistent", timeout=10)
+    err = _error(r, 404)
+    assert err["message"] == ("Invalid URL (GET /nonexistent): this server serves POST /v1/chat/completions, "
+                              "GET /v1/models, GET /v1/models/{model}, GET /health (the server's state) and "
+                              "GET / (the chat page)")
+    # each route the app has (as create_app builds it), by method and path
+    named = {item.partition(" (")[0] for item in re.split(r", | and ", err["message"].partition("serves ")[2])}
+    served = {f"{method} {route.path.rstrip('/').replace('{name:path}', '{model}') or '/'}"
+              for route in create_app(live.server).routes if isinstance(route, APIRoute)
+              for method in route.methods - {"HEAD"}}
+    assert served == named
 
 
 def test_a_bug_is_still_an_openai_error_object(live, monkeypatch):
