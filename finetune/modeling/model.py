@@ -16,6 +16,7 @@ unchanged. Differences from the official remote code, all deliberate:
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from ..errors import ModelLoadError
@@ -34,6 +36,8 @@ from .kernels import fused, rms_norm, rotary_qk, swiglu
 from .loss import chunked_causal_lm_loss
 
 # transformers 5.2x renamed the outputs' `past_key_values` field to `cache`; use whichever this version has.
+logger = logging.getLogger(__name__)
+
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -46,6 +50,16 @@ def ntk_alpha(length: int, seq_length: int) -> int:
     if length <= 0:
         return 1
     return max(2 ** math.ceil(math.log2(length / seq_length) + 1) - 1, 1)
+
+
+def context_window(prompt_length: int, seq_length: int, use_dynamic_ntk: bool) -> int:
+    """How far a sequence whose prefill is `prompt_length` tokens may run inside what the model covers: seq_length,
+    and with dynamic NTK the 2^k * seq_length that the prefill's alpha (fixed at prefill, as the official code)
+    scales the rotary base for (alpha 3: 2x, alpha 7: 4x, ...). config.max_position_embeddings plays no part: the
+    official Qwen v1 code never reads it as a limit (Qwen-14B: 8192 beside seq_length 2048)."""
+    if not use_dynamic_ntk:
+        return seq_length
+    return seq_length * (ntk_alpha(prompt_length, seq_length) + 1) // 2
 
 
 def logn_scale(positions: torch.Tensor, seq_length: int) -> torch.Tensor:
@@ -436,8 +450,49 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         result = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         return result if return_dict is not False else result.to_tuple()
 
+    def _get_stopping_criteria(self, generation_config, stopping_criteria, *args, **kwargs):
+        """transformers' criteria, with its length check measured against this model's window: transformers'
+        MaxLengthCriteria reminds against config.max_position_embeddings, which is not a Qwen v1 limit; the
+        window is seq_length, widened by dynamic NTK for a long prompt (context_window). Stopping is unchanged."""
+        criteria = super()._get_stopping_criteria(generation_config, stopping_criteria, *args, **kwargs)
+        for i, c in enumerate(criteria):
+            if type(c) is MaxLengthCriteria:
+                criteria[i] = _WindowLengthCriteria(self, c.max_length)
+        return criteria
+
     # chat() / chat_stream(): see chat.py
     from .chat import chat, chat_stream  # noqa: E402  (methods defined in chat.py, bound here)
+
+
+class _WindowLengthCriteria(MaxLengthCriteria):
+    """MaxLengthCriteria (stops at max_length, as before) whose warning is the model's own: said once per model
+    and window when the sequence runs past context_window() of its prompt. The prompt length is the width of
+    the first ids seen (one new token past the prefill; with left padding, the longest row's)."""
+
+    def __init__(self, model, max_length: int):
+        super().__init__(max_length=max_length, max_position_embeddings=None)
+        self.model = model
+        self.prompt_length: int | None = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        cur_len = input_ids.shape[1]
+        if self.prompt_length is None:
+            self.prompt_length = cur_len - 1
+        cfg = self.model.config
+        window = context_window(self.prompt_length, cfg.seq_length, cfg.use_dynamic_ntk)
+        if cur_len > window and cur_len < self.max_length:
+            said = self.model.__dict__.setdefault("_window_warned", set())
+            if window not in said:
+                said.add(window)
+                ntk = ("; dynamic NTK, fixed from the prompt's length, widens it only for a prompt past seq_length"
+                       if cfg.use_dynamic_ntk else "; use_dynamic_ntk is off")
+                logger.warning(
+                    "generation ran past the model's context window: a %d-token prompt plus up to %d new tokens "
+                    "reaches %d positions, the window is %d (seq_length %d in config.json%s); the tokens past %d are "
+                    "decoded beyond what the model covers. Pass max_new_tokens=%d or fewer to stay inside it.",
+                    self.prompt_length, self.max_length - self.prompt_length, self.max_length, window,
+                    cfg.seq_length, ntk, window, max(window - self.prompt_length, 0))
+        return super().__call__(input_ids, scores, **kwargs)
 
 
 def qwen_lm(model) -> QWenLMHeadModel | None:
@@ -455,4 +510,4 @@ def qwen_lm(model) -> QWenLMHeadModel | None:
     return None
 
 
-__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "ntk_alpha", "qwen_lm"]
+__all__ = ["QWenPreTrainedModel", "QWenModel", "QWenLMHeadModel", "ntk_alpha", "context_window", "qwen_lm"]

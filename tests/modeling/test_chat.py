@@ -177,3 +177,47 @@ def test_chat_through_peft_wrapper_applies_the_adapter(answering_model):
     assert changed != "Hello world!"
     with lora.disable_adapter():
         assert lora.chat(tok, "Hi", do_sample=False)[0] == "Hello world!"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The context window: the model's own length check (seq_length, widened by dynamic NTK), not transformers' reminder
+# ---------------------------------------------------------------------------------------------------------------
+def _chat_logs(model_dir, caplog, monkeypatch, max_new_tokens):
+    import logging
+
+    import transformers.utils.logging as hf_logging
+
+    hf_logging.warning_once.cache_clear()  # transformers says its reminder once per process
+    monkeypatch.setattr(logging.getLogger("transformers"), "propagate", True)
+    tok = finetune.load_tokenizer(model_dir)
+    model = finetune.load_model(model_dir, dtype="fp32", device="cpu")
+    prompt = len(make_context(tok, "Who are you?", system="You are a helpful assistant.")[1])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        reply, _ = model.chat(tok, "Who are you?", history=None, do_sample=False, max_new_tokens=max_new_tokens)
+    return prompt, len(tok.encode(reply)), caplog.text
+
+
+def test_chat_past_the_window_says_so_in_our_words(tmp_path, caplog, monkeypatch):
+    from finetune.demo import make_demo_model
+
+    # seq_length (= max_position_embeddings) 24 and a 23-token prompt: NTK alpha 1, so the window is 24
+    model_dir = make_demo_model(tmp_path / "m", seed=0, seq_length=24, max_position_embeddings=24)
+    prompt, new, text = _chat_logs(model_dir, caplog, monkeypatch, max_new_tokens=8)
+    assert prompt == 23 and new >= 3  # the reply runs past position 24
+    assert "friendly reminder" not in text
+    assert "ran past the model's context window" in text
+    assert "the window is 24 (seq_length 24 in config.json" in text
+    assert "Pass max_new_tokens=1 or fewer" in text
+
+
+def test_chat_inside_the_ntk_window_is_quiet(tmp_path, caplog, monkeypatch):
+    from finetune.demo import make_demo_model
+
+    # seq_length 16 and a 23-token prompt: dynamic NTK alpha 3 covers 32 positions; 23 + 8 stays inside, though
+    # past max_position_embeddings 16 (transformers' reminder would fire)
+    model_dir = make_demo_model(tmp_path / "m", seed=0, seq_length=16, max_position_embeddings=16)
+    prompt, new, text = _chat_logs(model_dir, caplog, monkeypatch, max_new_tokens=8)
+    assert prompt == 23 and new >= 1
+    assert "friendly reminder" not in text
+    assert "context window" not in text
