@@ -209,6 +209,12 @@ def batch_plan(summary, data_args, args) -> dict:
     rows = max(summary.rows, 1)
     batches_per_epoch = math.ceil(rows / (args.per_device_train_batch_size * args.world_size))
     steps_per_epoch = max(math.ceil(batches_per_epoch / args.gradient_accumulation_steps), 1)
+    # Over several processes accelerate's sampler (even_batches, its default) completes the epoch's last round of
+    # batches (processes x per-device batch) with rows from the epoch's start, so that every process gets a full
+    # batch: those rows are drawn again (with --dataloader_drop_last the round is dropped instead).
+    padded = (args.world_size > 1 and not getattr(args, "dataloader_drop_last", False)
+              and getattr(getattr(args, "accelerator_config", None), "even_batches", True))
+    repeated = batches_per_epoch * args.per_device_train_batch_size * args.world_size - rows if padded else 0
     per_row = summary.records_used / rows
     conversations_per_step = min(rows_per_step, rows) * per_row
     total = args.max_steps if args.max_steps and args.max_steps > 0 else math.ceil(steps_per_epoch * args.num_train_epochs)
@@ -221,6 +227,10 @@ def batch_plan(summary, data_args, args) -> dict:
     else:
         text = f"batches: an optimizer step holds {_count(rows_per_step, 'row')} ({layout})"
         conversations = f"about {conversations_per_step:,.0f} conversations"
+    if repeated:
+        text += (f", and {_count(repeated, 'repeated row')} an epoch (the sampler completes the last round of "
+                 f"{args.world_size} processes x {args.per_device_train_batch_size} a device with rows from the "
+                 "epoch's start, so that every process gets a full batch)")
     if data_args.packing:
         text += (f", {conversations} (packed: {per_row:.1f} a row; --packing False for one a row, as the official "
                  "recipe)")
@@ -230,7 +240,8 @@ def batch_plan(summary, data_args, args) -> dict:
     text += (" (--max_steps)" if args.max_steps and args.max_steps > 0
              else f" ({args.num_train_epochs:g} epoch{'' if args.num_train_epochs == 1 else 's'})")
     # rows_per_step: what the flags allow a step; rows_per_epoch: what the data has (a step holds the fewer)
-    return {"rows_per_step": rows_per_step, "rows_per_epoch": summary.rows,
+    # repeated_rows_per_epoch: rows the sampler draws again each epoch to give every process a full batch
+    return {"rows_per_step": rows_per_step, "rows_per_epoch": summary.rows, "repeated_rows_per_epoch": repeated,
             "conversations_per_step": round(conversations_per_step, 1),
             "conversations_per_row": round(per_row, 2), "steps_per_epoch": steps_per_epoch, "total_steps": total,
             "packing": bool(data_args.packing), "text": text}

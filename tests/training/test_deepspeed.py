@@ -134,3 +134,24 @@ def test_lora_zero3_two_processes_saves_gathered_adapter(setup, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
     model = load_model(setup["float"], adapter=out)
     assert isinstance(model, PeftModel)
+
+
+def test_two_processes_with_fewer_rows_than_a_round_say_how_many_rows_repeat(setup, tmp_path):
+    """4 rows (one conversation a row), 2 processes x 4 a device: accelerate's sampler fills the 8 places of the
+    round with the 4 rows and 4 repeats of them; the batch line and run_info.json say so."""
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    drawn = [i for p in range(2) for b in BatchSamplerShard(BatchSampler(SequentialSampler(range(4)), 4, False),
+                                                              num_processes=2, process_index=p) for i in b]
+    assert len(drawn) - 4 == 4  # what the sampler the Trainer shards with does
+
+    info, console = _run_script("finetune_lora.sh", setup["float"], setup["data"], tmp_path / "o", "--max_steps", "1",
+                                "--packing", "False", "--per_device_train_batch_size", "4")
+    b = info["batches"]
+    assert info["world_size"] == 2 and b["rows_per_epoch"] == 4 and b["rows_per_step"] == 8
+    assert b["repeated_rows_per_epoch"] == 4
+    line = next(x for x in console.splitlines() if x.startswith("batches: "))
+    assert line.startswith("batches: an optimizer step holds the epoch's 4 rows (of up to 8: 4 a device x 1 accumulated"
+                           " x 2 processes), and 4 repeated rows an epoch (the sampler completes the last round of 2 "
+                           "processes x 4 a device with rows from the epoch's start"), line

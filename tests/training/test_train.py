@@ -500,6 +500,7 @@ def test_data_that_packs_into_fewer_rows_than_a_step_holds_says_what_a_step_real
     info = json.loads((out / "run_info.json").read_text())
     b = info["batches"]
     assert b["rows_per_epoch"] == 1 and b["rows_per_step"] == 16  # rows_per_step kept: what the flags allow
+    assert b["repeated_rows_per_epoch"] == 0  # one process: no sampler fills a round with repeats
     assert b["steps_per_epoch"] == 1 and b["total_steps"] == info["global_step"] == 2  # the Trainer's own count
     assert b["conversations_per_step"] == 4
     printed = capsys.readouterr().out
