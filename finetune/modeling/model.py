@@ -466,7 +466,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
 class _WindowLengthCriteria(MaxLengthCriteria):
     """MaxLengthCriteria (stops at max_length, as before) whose warning is the model's own: said once per model
-    and window when the sequence runs past context_window() of its prompt. The prompt length is the width of
+    and window when the sequence runs past context_window() of its prompt and past max_position_embeddings. The prompt length is the width of
     the first ids seen (one new token past the prefill; with left padding, the longest row's)."""
 
     def __init__(self, model, max_length: int):
@@ -480,7 +480,9 @@ class _WindowLengthCriteria(MaxLengthCriteria):
             self.prompt_length = cur_len - 1
         cfg = self.model.config
         window = context_window(self.prompt_length, cfg.seq_length, cfg.use_dynamic_ntk)
-        if cur_len > window and cur_len < self.max_length:
+        # said only where transformers said its reminder (past max_position_embeddings too: Qwen-14B's 8192), so a
+        # generation the official code runs quietly stays quiet
+        if cur_len > max(window, cfg.max_position_embeddings or 0) and cur_len < self.max_length:
             said = self.model.__dict__.setdefault("_window_warned", set())
             if window not in said:
                 said.add(window)

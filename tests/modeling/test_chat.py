@@ -221,3 +221,14 @@ def test_chat_inside_the_ntk_window_is_quiet(tmp_path, caplog, monkeypatch):
     assert prompt == 23 and new >= 1
     assert "friendly reminder" not in text
     assert "context window" not in text
+
+
+def test_chat_past_seq_length_but_inside_max_position_embeddings_is_quiet(tmp_path, caplog, monkeypatch):
+    from finetune.demo import make_demo_model
+
+    # as Qwen-14B (seq_length 2048, max_position_embeddings 8192): past the NTK window of a 23-token prompt (32) but
+    # not past max_position_embeddings (64): neither transformers nor the official code says anything, nor do we
+    model_dir = make_demo_model(tmp_path / "m", seed=0, seq_length=16, max_position_embeddings=64)
+    prompt, new, text = _chat_logs(model_dir, caplog, monkeypatch, max_new_tokens=30)
+    assert prompt == 23 and prompt + new > 33  # the reply runs past the window
+    assert "friendly reminder" not in text and "context window" not in text
