@@ -163,8 +163,9 @@ def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
 def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
     """A decode step at a key length not met before must not compile the attention kernels again: in a serving
     trace that happened inside graph captures the first tokens waited for (NOTES step 62). One variant of each
-    kernel serves 256 to 8,192 keys, whatever key_split picks (up to 32 splits a row; a non-multiple of 16 among
-    the lengths), with 4 heads (a small model: the most halving) and with the 14B's 40."""
+    kernel serves 256 to 8,192 keys, whatever key_split picks (up to 64 splits a row, past the 32 the combine reads
+    at once; a non-multiple of 16 among the lengths), with 4 heads (a small model: the most halving) and with the
+    14B's 40."""
     from finetune.inference import decode_kernels as K
 
     kernels = (K._dec_attn_split_kernel, K._dec_attn_combine_kernel)
