@@ -35,9 +35,9 @@ from .configuration import QWenConfig
 from .kernels import fused, rms_norm, rotary_qk, swiglu
 from .loss import chunked_causal_lm_loss
 
-# transformers 5.2x renamed the outputs' `past_key_values` field to `cache`; use whichever this version has.
 logger = logging.getLogger(__name__)
 
+# transformers 5.2x renamed the outputs' `past_key_values` field to `cache`; use whichever this version has.
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -466,20 +466,23 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
 class _WindowLengthCriteria(MaxLengthCriteria):
     """MaxLengthCriteria (stops at max_length, as before) whose warning is the model's own: said once per model
-    and window when the sequence runs past context_window() of its prompt and past max_position_embeddings. The prompt length is the width of
-    the first ids seen (one new token past the prefill; with left padding, the longest row's)."""
+    and window when the sequence runs past context_window() of its prompt and past max_position_embeddings. The
+    prompt length is the width of the first ids seen (one new token past the prefill; with left padding, the
+    longest row's); the window follows from it once, not at every token."""
 
     def __init__(self, model, max_length: int):
         super().__init__(max_length=max_length, max_position_embeddings=None)
         self.model = model
         self.prompt_length: int | None = None
+        self.window: int | None = None
 
     def __call__(self, input_ids, scores, **kwargs):
         cur_len = input_ids.shape[1]
+        cfg = self.model.config
         if self.prompt_length is None:
             self.prompt_length = cur_len - 1
-        cfg = self.model.config
-        window = context_window(self.prompt_length, cfg.seq_length, cfg.use_dynamic_ntk)
+            self.window = context_window(self.prompt_length, cfg.seq_length, cfg.use_dynamic_ntk)
+        window = self.window
         # said only where transformers said its reminder (past max_position_embeddings too: Qwen-14B's 8192), so a
         # generation the official code runs quietly stays quiet
         if cur_len > max(window, cfg.max_position_embeddings or 0) and cur_len < self.max_length:
