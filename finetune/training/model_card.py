@@ -40,18 +40,19 @@ def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, comm
     lines += ["", "## Command", "", "```bash", command, "```", "", "## Loss curve", ""]
     if (out / "loss_curve.png").is_file():
         lines += ["![loss curve](loss_curve.png)", ""]
-    if not train_losses:
-        # an empty section read as a bug: a run shorter than --logging_steps (transformers' default 500 when
-        # `qwen-ft train` is run without the scripts' recipe) logs no step's loss
-        steps = info.get("global_step")
-        short = (logging_steps is not None and logging_steps >= 1 and isinstance(steps, int)
-                 and steps < logging_steps)
-        lines += [f"No train loss was logged: the run took {steps} optimizer step(s), and --logging_steps "
-                  f"{logging_steps:g} logs every {logging_steps:g} (pass a smaller one for a curve)." if short
-                  else "No train loss was logged.", ""]
     if train_losses:
         lines += ["| step | train loss |", "| --- | --- |"]
         lines += [f"| {s} | {_num(v)} |" for s, v in _thin(train_losses)]
+        lines.append("")
+    else:
+        # an empty section read as a bug: a run shorter than --logging_steps (transformers' default 500 when
+        # `qwen-ft train` is run without the scripts' recipe) logs no step's loss
+        steps = info.get("global_step")
+        if logging_steps is not None and logging_steps >= 1 and isinstance(steps, int) and steps < logging_steps:
+            lines.append(f"No train loss was logged: the run took {steps} optimizer step(s), and --logging_steps "
+                         f"{logging_steps:g} logs every {logging_steps:g} (pass a smaller one for a curve).")
+        else:
+            lines.append("No train loss was logged.")
         lines.append("")
     lines += ["## Use", "", "```bash"]
     lines.append(f"qwen-ft chat -m {plan.model_dir} --adapter {out}" if adapter else f"qwen-ft chat -m {out}")
