@@ -13,8 +13,8 @@ def test_accelerates_accumulation_mismatch_notice_is_left_out_only_for_the_train
     log = logging.getLogger("accelerate.accelerator")  # accelerate's get_logger wraps this one, "[RANK 0] " first
     assert len(log.filters) == 1
     with caplog.at_level(logging.WARNING, logger="accelerate.accelerator"):
-        log.warning("[RANK 0] Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1, DeepSpeed config has "
-                    "8. Using DeepSpeed's value.")
+        log.warning("[RANK 0] Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1, DeepSpeed "
+                    "config has 8. Using DeepSpeed's value.")
         log.warning("Gradient accumulation steps mismatch: GradientAccumulationPlugin has 4, DeepSpeed config has "
                     "8. Using DeepSpeed's value.")
         log.warning("something else")

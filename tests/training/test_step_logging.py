@@ -89,12 +89,15 @@ def test_no_pinned_memory_without_an_accelerator(model, data, tmp_path, monkeypa
 
     from finetune.training import arguments
 
+    def pins(*flags):
+        return parse_args(["--output_dir", str(tmp_path), *flags])[3].dataloader_pin_memory
+
     monkeypatch.setattr(arguments, "pins_for_an_accelerator", lambda: False)
-    assert parse_args(["--output_dir", str(tmp_path)])[3].dataloader_pin_memory is False
-    assert parse_args(["--output_dir", str(tmp_path), "--dataloader_pin_memory", "True"])[3].dataloader_pin_memory is False
+    assert pins() is False
+    assert pins("--dataloader_pin_memory", "True") is False
     monkeypatch.setattr(arguments, "pins_for_an_accelerator", lambda: True)
-    assert parse_args(["--output_dir", str(tmp_path)])[3].dataloader_pin_memory is True
-    assert parse_args(["--output_dir", str(tmp_path), "--dataloader_pin_memory", "False"])[3].dataloader_pin_memory is False
+    assert pins() is True
+    assert pins("--dataloader_pin_memory", "False") is False
     monkeypatch.undo()
     import torch
 
