@@ -121,12 +121,13 @@ def chat_hint(model_dir, adapter_dir, data_file) -> str:
     output: an adapter (LoRA, Q-LoRA), or a whole model (full fine-tuning), which is chatted with as the model."""
     import shlex
 
+    from .adapters import is_adapter_dir
     from .data import load_records, normalize_record
 
     messages = normalize_record(load_records(data_file)[0])["messages"]
     question = next(m["content"] for m in messages if m["role"] == "user")
     out = Path(adapter_dir)
-    if (out / "config.json").is_file() and not (out / "adapter_config.json").is_file():
+    if (out / "config.json").is_file() and not is_adapter_dir(out):
         what, cmd = "model", ["qwen-ft", "chat", "-m", str(out)]
     else:
         what, cmd = "adapter", ["qwen-ft", "chat", "-m", str(model_dir), "--adapter", str(out)]
