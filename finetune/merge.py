@@ -317,7 +317,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     # the flag that gave each path, for the errors (None: the adapter's training data, from its run_args.json)
     calib_flag = "--calib-data" if calib_data else None
     eval_flag = "--eval-data" if eval_data else calib_flag
-    eval_records = _sample(load_eval_records(eval_path, flag=eval_flag), n_eval, seed) if eval_path else []
+    eval_all = load_eval_records(eval_path, flag=eval_flag) if eval_path else []
+    eval_records = _sample(eval_all, n_eval, seed)
     # say what the loss is measured on: held-out data only when the user gives it
     data_kind = "held-out" if eval_data else "training-data"
     if eval_records and not eval_data:
@@ -328,7 +329,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                          "sample of your training data); the adapter's run_args.json names no readable data file")
     calib_records = None
     if fmt == "int4" and quant_method == "gptq":  # read (and checked) now, not after the merge
-        calib_records = _sample(load_eval_records(calib_path, flag=calib_flag), n_calib, seed + 1)
+        # without --eval-data the report's data is this file, read and checked once above
+        calib_all = eval_all if calib_path == eval_path else load_eval_records(calib_path, flag=calib_flag)
+        calib_records = _sample(calib_all, n_calib, seed + 1)
 
     peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)
     max_len = getattr(peft_model.config, "seq_length", None)
