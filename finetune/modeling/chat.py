@@ -18,7 +18,7 @@ import threading
 from typing import Iterator
 
 import torch
-from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -122,22 +122,111 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
     chat_format = getattr(gc, "chat_format", None) or "chatml"
     if chat_format != "chatml":
         raise ValueError(f"chat() needs chat_format 'chatml', the generation config says {chat_format!r}")
-    extra_stops = kwargs.pop("stop_words_ids", None) or []
     gc.update(**kwargs)
     eos = gc.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    stops = stop_token_ids(tokenizer) + [s[0] for s in extra_stops if len(s) == 1]
-    gc.eos_token_id = list(dict.fromkeys(stops + eos))
+    gc.eos_token_id = list(dict.fromkeys(stop_token_ids(tokenizer) + eos))
     if gc.pad_token_id is None:
         gc.pad_token_id = tokenizer.eod_id
     return gc, max_window_size, chat_format
 
 
-def _cut_response(tokenizer, new_tokens: list[int], stops: set[int]) -> str:
+# -- the official stop words ----------------------------------------------------------------------------------
+# The official Qwen code takes `stop_words_ids` (token id sequences) in chat(), chat_stream() and generate(), and
+# in generation_config.stop_words_ids for generate(). A row whose ids (prompt included) end with one of them gets
+# eos as its next token: the stop word stays in the output, and chat()'s decoding, which cuts at <|im_start|> /
+# <|im_end|> only and otherwise drops the last token (the eos), keeps its text in the reply.
+
+
+def check_stop_words(stop_words_ids) -> list[list[int]]:
+    """``stop_words_ids`` as a list of token id lists (None: none); anything else is a ValueError saying what."""
+    if stop_words_ids is None:
+        return []
+    if not isinstance(stop_words_ids, (list, tuple)):
+        raise ValueError(f"stop_words_ids must be a list of token id lists, got {type(stop_words_ids).__name__}")
+    out = []
+    for i, w in enumerate(stop_words_ids):
+        if (not isinstance(w, (list, tuple)) or not w
+                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w)):
+            raise ValueError(f"stop_words_ids[{i}] must be a non-empty list of token ids, got {w!r}")
+        out.append([int(t) for t in w])
+    return out
+
+
+def ends_with_stop_word(ids: list[int], stop_words: list[list[int]]) -> bool:
+    return any(len(w) <= len(ids) and ids[-len(w):] == w for w in stop_words)
+
+
+class StopWordsLogitsProcessor(LogitsProcessor):
+    """The official generate()'s stop words: a row whose ids end with one of them has its eos logit(s) set to
+    2**15, so its next token is eos. (Stop words that are the eos itself are left to generate's own stop.)"""
+
+    def __init__(self, stop_words_ids, eos_token_id):
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.eos = eos
+        self.stop_words = [w for w in check_stop_words(stop_words_ids) if not (len(w) == 1 and w[0] in eos)]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.stop_words or not self.eos:
+            return scores
+        longest = max(len(w) for w in self.stop_words)
+        for i, row in enumerate(input_ids[:, -longest:].tolist()):
+            if ends_with_stop_word(row, self.stop_words):
+                scores[i, self.eos] = float(2**15)
+        return scores
+
+
+def with_stop_words(model, generation_config, logits_processor, stop_words_ids):
+    """generate()'s logits processors with the official stop words added: ``stop_words_ids`` when given, else the
+    generation config's ``stop_words_ids``, else the model's (as the official generate() looks them up)."""
+    if stop_words_ids is None and generation_config is not None:
+        stop_words_ids = getattr(generation_config, "stop_words_ids", None)
+    if stop_words_ids is None:
+        stop_words_ids = getattr(getattr(model, "generation_config", None), "stop_words_ids", None)
+    stop_words = check_stop_words(stop_words_ids)
+    if not stop_words:
+        return logits_processor
+    gc = generation_config if generation_config is not None else model.generation_config
+    processors = LogitsProcessorList(logits_processor or [])
+    processors.append(StopWordsLogitsProcessor(stop_words, gc.eos_token_id))
+    return processors
+
+
+def _until_stop_word(tokens: Iterator[int], context: list[int], stop_words: list[list[int]]) -> Iterator[int]:
+    """A token stream that does not apply the stop words itself (the engine's), ended after the token that
+    completes one; a prompt that already ends with one gives nothing (its first token would be eos)."""
+    if not stop_words:
+        yield from tokens
+        return
+    longest = max(len(w) for w in stop_words)
+    ids = list(context[-longest:])
+    if ends_with_stop_word(ids, stop_words):
+        return
+    for t in tokens:
+        yield t
+        ids = ids[-(longest - 1):] + [t] if longest > 1 else [t]
+        if ends_with_stop_word(ids, stop_words):
+            return
+
+
+def _budget(gc, context_len: int) -> int | None:
+    """The new tokens generation may make (max_new_tokens, else what max_length leaves)."""
+    if gc.max_new_tokens is not None:
+        return gc.max_new_tokens
+    return None if gc.max_length is None else gc.max_length - context_len
+
+
+def _cut_response(tokenizer, new_tokens: list[int], stops: set[int], budget: int | None) -> str:
+    """chat()'s reply, as the official decode_tokens gives it: cut before the first stop token; a reply that
+    used the whole budget without one loses its last token (the official loop over the new tokens leaves its
+    index on the last one when nothing breaks it, and decodes the tokens before it)."""
     for i, t in enumerate(new_tokens):
         if t in stops:
             new_tokens = new_tokens[:i]
             break
+    else:
+        if budget is not None and len(new_tokens) >= budget:
+            new_tokens = new_tokens[:-1]
     return tokenizer.decode(new_tokens).strip()  # the project's decode never raises on partial UTF-8
 
 
@@ -157,21 +246,29 @@ def chat(
     system: str = DEFAULT_SYSTEM,
     generation_config: GenerationConfig | None = None,
     stream: bool = False,
+    stop_words_ids: list[list[int]] | None = None,
     **kwargs,
 ) -> tuple[str, list]:
     """One chat turn: (response, history + [(query, response)]). kwargs update the generation config
-    (e.g. do_sample=False, max_new_tokens=64) or set max_window_size."""
+    (e.g. do_sample=False, max_new_tokens=64) or set max_window_size. ``stop_words_ids``: token id sequences that
+    end the reply after them (kept in it), as in the official code."""
     if stream:
         raise ValueError("chat(stream=True) is not supported; use chat_stream(...), which yields the growing response")
+    stop_words = check_stop_words(stop_words_ids)
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     fast = _fast_tokens(self, tokenizer, input_ids, gc)  # CUDA: the inference engine (CUDA graphs)
     if fast is not None:
-        new_tokens = list(fast)
+        try:
+            new_tokens = list(_until_stop_word(fast, input_ids[0].tolist(), stop_words))
+        finally:  # a stop word ends the reply before the engine does: free its row now
+            if hasattr(fast, "close"):
+                fast.close()
     else:
-        outputs = self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc)
+        outputs = self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc,
+                                stop_words_ids=stop_words)
         new_tokens = outputs[0, input_ids.shape[1]:].tolist()
-    response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id))
+    response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id), _budget(gc, input_ids.shape[1]))
     history.append((query, response))
     return response, history
 
@@ -200,15 +297,20 @@ def chat_stream(
     history: list | None = None,
     system: str = DEFAULT_SYSTEM,
     generation_config: GenerationConfig | None = None,
+    stop_words_ids: list[list[int]] | None = None,
     **kwargs,
 ) -> Iterator[str]:
-    """Yields the growing response text (each item the whole response so far), stopping as chat() does."""
+    """Yields the growing response text (each item the whole response so far), stopping as chat() does. Its
+    last item is the whole reply (as the official chat_stream's, which does not drop a last token as chat()
+    does when the reply runs to max_new_tokens)."""
+    stop_words = check_stop_words(stop_words_ids)
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     fast = _fast_tokens(self, tokenizer, input_ids, gc)
     if fast is not None:
         try:
-            yield from _stream_text(tokenizer, ([t] for t in fast), set(gc.eos_token_id))
+            tokens = _until_stop_word(fast, input_ids[0].tolist(), stop_words)
+            yield from _stream_text(tokenizer, ([t] for t in tokens), set(gc.eos_token_id))
         finally:  # a consumer that stops early frees the engine's row now, not whenever the generator is collected
             if hasattr(fast, "close"):
                 fast.close()
@@ -222,7 +324,8 @@ def chat_stream(
     def run():
         try:
             self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc,
-                          streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(abandoned)]))
+                          streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(abandoned)]),
+                          stop_words_ids=stop_words)
         except BaseException as e:  # surfaced in the consuming thread
             errors.append(e)
             streamer.end()
@@ -271,4 +374,5 @@ def _stream_text(tokenizer, chunks, stops: set) -> Iterator[str]:
         yield final
 
 
-__all__ = ["make_context", "chat", "chat_stream", "stop_token_ids", "register_decoder", "DEFAULT_SYSTEM"]
+__all__ = ["make_context", "chat", "chat_stream", "stop_token_ids", "register_decoder", "DEFAULT_SYSTEM",
+           "StopWordsLogitsProcessor", "with_stop_words", "check_stop_words"]

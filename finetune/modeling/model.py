@@ -31,6 +31,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from ..errors import ModelLoadError
 from ..model_dir import gptq_of
 from .attention import AttentionSpec, _flex_attention, build_attention, document_ids, inference_sdpa
+from .chat import with_stop_words
 from .configuration import QWenConfig
 from .kernels import fused, rms_norm, rotary_qk, swiglu
 from .loss import chunked_causal_lm_loss
@@ -459,6 +460,12 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             if type(c) is MaxLengthCriteria:
                 criteria[i] = _WindowLengthCriteria(self, c.max_length)
         return criteria
+
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stop_words_ids=None, **kwargs):
+        """transformers' generate(), also taking the official Qwen code's ``stop_words_ids`` (else the generation
+        config's): a row that ends with one of those token sequences gets eos next (chat.StopWordsLogitsProcessor)."""
+        logits_processor = with_stop_words(self, generation_config, logits_processor, stop_words_ids)
+        return super().generate(inputs, generation_config, logits_processor, **kwargs)
 
     # chat() / chat_stream(): see chat.py
     from .chat import chat, chat_stream  # noqa: E402  (methods defined in chat.py, bound here)

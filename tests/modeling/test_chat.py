@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import re
+
 import pytest
 import torch
 
@@ -144,10 +147,89 @@ def test_chat_stops_on_im_start(tiny_model_dir):
     assert model.chat(tok, "Hi", do_sample=False)[0] == "Hello world!"
 
 
-def test_chat_without_a_stop_uses_max_new_tokens(answering_model):
+def test_chat_without_a_stop_loses_the_last_token_as_the_official_decoding(answering_model):
+    # the official decode_tokens cuts at <|im_start|>/<|im_end|>; when none came, its loop index stays on the last
+    # new token and the tokens before it are decoded: a reply cut by max_new_tokens loses its last token in chat()
     model, tok = answering_model
+    answer = tok.encode("Hello world!")
     response, _ = model.chat(tok, "Hi", do_sample=False, max_new_tokens=2)
-    assert response == tok.decode(tok.encode("Hello world!")[:2])
+    assert response == tok.decode(answer[:1])
+    # a stop within the budget keeps the whole reply, also when it is the budget's last token
+    assert model.chat(tok, "Hi", do_sample=False, max_new_tokens=len(answer) + 1)[0] == "Hello world!"
+    # chat_stream (like the official one) shows every token generated
+    assert list(model.chat_stream(tok, "Hi", do_sample=False, max_new_tokens=2))[-1] == tok.decode(answer[:2])
+
+
+def test_chat_stop_words_end_the_reply_after_them_as_the_official_code(answering_model):
+    model, tok = answering_model
+    world, bang = tok.encode(" world"), tok.encode("!")
+    assert len(world) == 1 and len(bang) == 1
+    # a stop word stays in the reply (the official decoding cuts at <|im_end|>/<|im_start|> only)
+    assert model.chat(tok, "Hi", do_sample=False, stop_words_ids=[world])[0] == "Hello world"
+    two = tok.encode(" world!")
+    assert len(two) == 2
+    assert model.chat(tok, "Hi", do_sample=False, stop_words_ids=[[999], two])[0] == "Hello world!"
+    # a stop word met on the budget's last token: no room for the eos, so the official decoding drops that token
+    assert model.chat(tok, "Hi", do_sample=False, max_new_tokens=2, stop_words_ids=[world])[0] == "Hello"
+    assert list(model.chat_stream(tok, "Hi", do_sample=False, stop_words_ids=[world]))[-1] == "Hello world"
+    # history keeps the reply as returned
+    assert model.chat(tok, "Hi", do_sample=False, stop_words_ids=[world])[1] == [("Hi", "Hello world")]
+
+
+def test_generate_takes_stop_words_ids_and_the_generation_configs(answering_model):
+    model, tok = answering_model
+    _, ctx = make_context(tok, "Hi", system="You are a helpful assistant.")
+    world = tok.encode(" world")
+    hello = tok.encode("Hello")
+    # the row that ends with a stop word gets eos next (the model's generation_config eos), then generation ends
+    out = model.generate(torch.tensor([ctx]), max_new_tokens=8, do_sample=False, stop_words_ids=[world])
+    assert out[0, len(ctx):].tolist() == hello + world + [tok.eod_id]
+    gc = copy.deepcopy(model.generation_config)
+    gc.stop_words_ids = [world]
+    out = model.generate(torch.tensor([ctx]), generation_config=gc, max_new_tokens=8, do_sample=False)
+    assert out[0, len(ctx):].tolist() == hello + world + [tok.eod_id]
+    # an explicit empty list wins over the config's, as in the official generate()
+    out = model.generate(torch.tensor([ctx]), generation_config=gc, max_new_tokens=3, do_sample=False,
+                         stop_words_ids=[])
+    assert out[0, len(ctx):].tolist() == tok.encode("Hello world!")
+
+
+@pytest.mark.parametrize("bad, words", [
+    ([[]], "stop_words_ids[0] must be a non-empty list"),
+    ([5], "stop_words_ids[0] must be a non-empty list"),
+    ([["a"]], "stop_words_ids[0]"),
+    ("Observation:", "must be a list of token id lists, got str"),
+])
+def test_bad_stop_words_ids_are_one_clear_error(answering_model, bad, words):
+    model, tok = answering_model
+    with pytest.raises(ValueError, match=re.escape(words)):
+        model.chat(tok, "Hi", do_sample=False, stop_words_ids=bad)
+
+
+def test_chat_applies_stop_words_on_the_fast_decoders_tokens(answering_model, monkeypatch):
+    # the engine (CUDA) does not know stop words: chat() ends its stream after one and frees the row (close())
+    from finetune.modeling import chat as chat_module
+
+    model, tok = answering_model
+    answer = tok.encode("Hello world!")
+    closed = []
+
+    def fake_engine(model_, tokenizer, input_ids, gc):
+        def tokens():  # as the engine yields them: stop tokens left out, at most max_new_tokens
+            try:
+                yield from (answer + tok.encode("X"))[:gc.max_new_tokens]
+            finally:
+                closed.append(True)
+        return tokens()
+
+    monkeypatch.setattr(chat_module, "_fast_decoder", fake_engine)
+    assert model.chat(tok, "Hi", stop_words_ids=[tok.encode(" world")])[0] == "Hello world"
+    assert closed
+    assert list(model.chat_stream(tok, "Hi", stop_words_ids=[tok.encode(" world")]))[-1] == "Hello world"
+    # the budget used up: the last token goes, as on generate()'s path
+    assert model.chat(tok, "Hi", max_new_tokens=2)[0] == "Hello"
+    # a prompt that already ends with a stop word: the official first token is eos, so the reply is empty
+    assert model.chat(tok, "Hi", stop_words_ids=[tok.encode("\n")])[0] == ""
 
 
 def test_chat_stream_yields_growing_response(answering_model):
