@@ -178,8 +178,10 @@ class QWenTokenizer(PreTrainedTokenizer):
             return self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))
         return super().encode(text, text_pair=text_pair, **kwargs)
 
-    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:  # type: ignore[override]
-        """Never raises on partial UTF-8: broken byte sequences become U+FFFD."""
+    def decode(self, token_ids, skip_special_tokens: bool = False, errors: str | None = None,
+               **kwargs) -> str:  # type: ignore[override]
+        """Never raises on partial UTF-8: broken byte sequences become U+FFFD (``errors``, as the official
+        tokenizer's: "replace" by default, "ignore" leaves them out)."""
         if hasattr(token_ids, "tolist"):
             token_ids = token_ids.tolist()
         if isinstance(token_ids, int):
@@ -189,7 +191,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         # Ids past the vocabulary (a model's padding rows) and, if asked, specials decode to nothing.
         limit = self.eod_id if skip_special_tokens else self.encoding.n_vocab
         token_ids = [i for i in token_ids if 0 <= i < limit]
-        return self.encoding.decode(list(token_ids), errors=self.errors)
+        return self.encoding.decode(list(token_ids), errors=errors or self.errors)
 
     # -- what PreTrainedTokenizer needs ---------------------------------------------------------------
     @property
@@ -294,8 +296,8 @@ class QWenTokenizer(PreTrainedTokenizer):
             out.append(buf.decode("utf-8", errors=self.errors))
         return "".join(out)
 
-    def _decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
-        return self.decode(token_ids, skip_special_tokens=skip_special_tokens)
+    def _decode(self, token_ids, skip_special_tokens: bool = False, errors: str | None = None, **kwargs) -> str:
+        return self.decode(token_ids, skip_special_tokens=skip_special_tokens, errors=errors)
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         # Qwen adds no BOS/EOS around encoded text.

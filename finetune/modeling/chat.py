@@ -300,9 +300,9 @@ def chat_stream(
     stop_words_ids: list[list[int]] | None = None,
     **kwargs,
 ) -> Iterator[str]:
-    """Yields the growing response text (each item the whole response so far), stopping as chat() does. Its
-    last item is the whole reply (as the official chat_stream's, which does not drop a last token as chat()
-    does when the reply runs to max_new_tokens)."""
+    """Yields the growing response text (each item the whole response so far), stopping as chat() does, as the
+    official chat_stream yields it: not stripped, special tokens and an incomplete last character left out, and
+    with every token generated (chat() drops the last one of a reply cut by max_new_tokens)."""
     stop_words = check_stop_words(stop_words_ids)
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
@@ -352,10 +352,11 @@ class _StopWhenSet(StoppingCriteria):
 
 
 def _stream_text(tokenizer, chunks, stops: set) -> Iterator[str]:
-    """The growing response text from chunks of new token ids, up to the first stop token; a text ending in
-    a partial UTF-8 character waits for the next chunk."""
+    """The growing response text from chunks of new token ids, up to the first stop token, decoded as the
+    official chat_stream decodes it: special tokens skipped, not stripped, an incomplete UTF-8 character left out
+    (errors="ignore") until its bytes are complete. A text is yielded when it has changed."""
     tokens: list[int] = []
-    last = None
+    last = ""
     for item in chunks:
         stopped = False
         for t in item:
@@ -363,15 +364,12 @@ def _stream_text(tokenizer, chunks, stops: set) -> Iterator[str]:
                 stopped = True
                 break
             tokens.append(t)
-        text = tokenizer.decode(tokens).strip()
-        if text != last and not text.endswith("\ufffd"):
+        text = tokenizer.decode(tokens, skip_special_tokens=True, errors="ignore")
+        if text != last:
             last = text
             yield text
         if stopped:
             break
-    final = tokenizer.decode(tokens).strip()
-    if final != last:
-        yield final
 
 
 __all__ = ["make_context", "chat", "chat_stream", "stop_token_ids", "register_decoder", "DEFAULT_SYSTEM",
