@@ -136,6 +136,17 @@ def json_type(value) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
+def short(value, limit: int = 60) -> str:
+    """repr of a value from a request or record, cut to `limit` characters: an error line never echoes a huge value."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+def _listed(names: list[str], most: int = 8) -> str:
+    shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in names[:most])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
+
+
 def function_names(functions: list[dict]) -> list[str]:
     return [f.get("name_for_model", f.get("name", "")) for f in functions]
 
@@ -185,7 +196,7 @@ def content_text(content, where: str) -> str:
                                  f"{where}[{i}]")
             parts.append(p["text"])
         return "".join(parts)
-    raise ReactError(f"must be a string, got {type(content).__name__}", where)
+    raise ReactError(f"must be a string, got {json_type(content)}", where)
 
 
 def _call(call, where: str) -> dict:
@@ -228,12 +239,12 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
             call_id = m.get("tool_call_id")
             at = pending.take(call_id)
             if at is None:
-                raise ReactError(f"tool_call_id {call_id!r} matches no open tool call", f"{w}.tool_call_id")
+                raise ReactError(f"tool_call_id {short(call_id)} matches no open tool call", f"{w}.tool_call_id")
             # the result goes right after its call (a later call waits until this one is answered)
             results[at] = Message("function", content, where=f"{w}.content")
             continue
         if pending:
-            raise ReactError(f"tool call {pending.first_id()!r} has no tool message answering it", f"{w}.role")
+            raise ReactError(f"tool call {short(pending.first_id())} has no tool message answering it", f"{w}.role")
         if role == "assistant" and m.get("tool_calls"):
             calls = m["tool_calls"]
             if not isinstance(calls, list):
@@ -251,15 +262,15 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                                f"{w}.value", f"{w}.value"))
             continue
         if role not in ("system", "user", "assistant", "function"):
-            raise ReactError(f"unknown role {role!r} (accepted: system or developer, user, assistant, tool, function)",
-                             f"{w}.role")
+            raise ReactError(f"unknown role {short(role)} (accepted: system or developer, user, assistant, tool, "
+                             "function)", f"{w}.role")
         fc = m.get("function_call")
         if fc is not None and role != "assistant":
             raise ReactError("only assistant messages carry a function_call", f"{w}.function_call")
         out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None,
                            f"{w}.content", f"{w}.function_call"))
     if pending:
-        raise ReactError(f"tool call {pending.first_id()!r} has no tool message answering it", where)
+        raise ReactError(f"tool call {short(pending.first_id())} has no tool message answering it", where)
     if not results:
         return out
     return [x for j, msg in enumerate(out) for x in ((msg, results[j]) if j in results else (msg,))]
@@ -588,11 +599,11 @@ def _check_training_messages(msgs: list[Message], functions: list[dict]) -> None
                 raise ReactError("an assistant message without a call must not be empty", m.where)
             continue
         if not names:
-            raise ReactError(f"calls {call['name']!r}, but the record defines no functions: list them in 'tools' "
+            raise ReactError(f"calls {short(call['name'])}, but the record defines no functions: list them in 'tools' "
                              "(or 'functions'), as the server's prompt does", f"{m.call_where}.name")
         if call["name"] not in names:
-            raise ReactError(f"calls {call['name']!r}, which the record does not define (defined: "
-                             f"{', '.join(names)})", f"{m.call_where}.name")
+            raise ReactError(f"calls {short(call['name'])}, which the record does not define (defined: "
+                             f"{_listed(names)})", f"{m.call_where}.name")
         if call["arguments"].strip():
             try:
                 json.loads(call["arguments"])

@@ -146,7 +146,7 @@ def _same_role(a, b) -> bool:
 
 def _turn_fields(turn: Any, n: int) -> tuple[str, Any]:
     if not isinstance(turn, dict):
-        raise DataError("invalid turn", f"turn {n} is a {type(turn).__name__}, not an object")
+        raise DataError("invalid turn", f"turn {n} is {react.json_type(turn)}, not an object")
     role = _one_of(turn, "from", "role", f"turn {n}", _same_role)
     if role is None:
         raise DataError("invalid turn", f"turn {n} has no 'from' (or 'role') field")
@@ -168,7 +168,7 @@ def _from_alpaca(record: dict) -> dict:
                 raise DataError("invalid alpaca record", f"'{key}' is missing or empty")
             return ""
         if not isinstance(v, str):
-            raise DataError("invalid alpaca record", f"'{key}' must be a string, got {type(v).__name__}")
+            raise DataError("invalid alpaca record", f"'{key}' must be a string, got {react.json_type(v)}")
         if required and not v.strip():
             raise DataError("invalid alpaca record", f"'{key}' is blank")
         return v
@@ -179,7 +179,7 @@ def _from_alpaca(record: dict) -> dict:
     if history is not None:
         if not isinstance(history, list):
             raise DataError("invalid alpaca record", f"'history' must be a list of [query, reply] pairs, got "
-                            f"{type(history).__name__}")
+                            f"{react.json_type(history)}")
         for i, pair in enumerate(history, 1):
             if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                     or not all(isinstance(x, str) and x.strip() for x in pair)):
@@ -216,7 +216,7 @@ def normalize_record(record: Any) -> dict:
     The error carries no file position; `iter_records` adds it.
     """
     if not isinstance(record, dict):
-        raise DataError("record is not an object", f"got a {type(record).__name__}")
+        raise DataError("record is not an object", f"got {react.json_type(record)}")
     alpaca = [k for k in _ALPACA if record.get(k) is not None]
     if alpaca:
         chat = [k for k in ("conversations", "messages") if record.get(k) is not None]
@@ -257,7 +257,7 @@ def normalize_record(record: Any) -> dict:
 
     system = record.get("system")
     if system is not None and not isinstance(system, str):
-        raise DataError("invalid system", f"top-level 'system' must be a string, got {type(system).__name__}")
+        raise DataError("invalid system", f"top-level 'system' must be a string, got {react.json_type(system)}")
     if system is not None:
         _check_text(system, "the top-level 'system'")
 
@@ -266,7 +266,7 @@ def normalize_record(record: Any) -> dict:
         raw_role, content = _turn_fields(turn, n)
         role = ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise DataError("unknown role", f"turn {n} has role {raw_role!r} "
+            raise DataError("unknown role", f"turn {n} has role {_short(raw_role)} "
                             f"(accepted: {', '.join(ROLES)})")
         if isinstance(content, list):  # OpenAI's content parts: text parts joined, as the server reads them
             try:
@@ -274,7 +274,7 @@ def normalize_record(record: Any) -> dict:
             except react.ReactError as e:
                 raise DataError("invalid value", f"{e.field}: {e}") from None
         if not isinstance(content, str):
-            raise DataError("invalid value", f"turn {n} ({role}) has a {type(content).__name__} value, "
+            raise DataError("invalid value", f"turn {n} ({role}): the value is {react.json_type(content)}, "
                             "not a string")
         weight = _weight(turn, role, n)
         _check_text(content, f"turn {n} ({role})")

@@ -408,7 +408,8 @@ def test_alpaca_records_become_conversations():
 @pytest.mark.parametrize("record, reason, detail", [
     ({"instruction": "x"}, "invalid alpaca record", "'output' is missing or empty"),
     ({"instruction": "  ", "output": "y"}, "invalid alpaca record", "'instruction' is blank"),
-    ({"instruction": "x", "input": 3, "output": "y"}, "invalid alpaca record", "'input' must be a string, got int"),
+    ({"instruction": "x", "input": 3, "output": "y"}, "invalid alpaca record",
+     "'input' must be a string, got a number"),
     ({"instruction": "x", "output": "y", "history": [["q"]]}, "invalid alpaca record", "'history' item 1"),
     ({"instruction": "x", "output": "y", "messages": [{"role": "user", "content": "q"}]},
      "both 'messages' and Alpaca fields", "keep one form"),
