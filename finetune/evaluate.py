@@ -53,6 +53,18 @@ def load_eval_records(path, max_samples: int | None = None, flag: str | None = N
     return records[:max_samples] if max_samples else records
 
 
+def _is_data_file(output: str, data: str) -> bool:
+    """Whether `output` is one of the files `data` names (a glob or a list names several)."""
+    from .data import DataError
+    from .data.records import data_sources
+
+    try:
+        sources = data_sources(data)
+    except DataError:
+        sources = [data]  # (the reading reports it)
+    return any(Path(output).resolve() == Path(f).resolve() for f in sources)
+
+
 def _last_assistant(messages: list[dict]) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
@@ -372,7 +384,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", help="model dir or hub id (default: the base the adapter records)")
     p.add_argument("-a", "--adapter", help="LoRA / Q-LoRA adapter dir; base and base+adapter are reported")
-    p.add_argument("--data", required=True, help="held-out chat data (JSON / JSONL, any accepted form)")
+    p.add_argument("--data", required=True, help="held-out chat data (JSON / JSONL, any accepted form; several: "
+                   "a quoted glob, a comma-separated list or a directory of .json/.jsonl files)")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=8, help="rows per loss batch (and per generate() batch)")
     p.add_argument("--gen-batch-size", type=int, default=32,
@@ -407,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output and (problem := unwritable(Path(args.output))):  # found now, not after the evaluation
         print(f"error: --output {args.output}: {problem}", file=sys.stderr)
         return 2
-    if args.output and Path(args.output).resolve() == Path(args.data).resolve():
+    if args.output and _is_data_file(args.output, args.data):
         print(f"error: --output {args.output} is the --data file: the report would replace the held-out data; give "
               f"another file name", file=sys.stderr)
         return 2

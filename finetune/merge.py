@@ -123,7 +123,15 @@ def _training_data(adapter_dir: Path) -> str | None:
         data = json.loads(p.read_text()).get("data", {}).get("data_path")
     except (json.JSONDecodeError, AttributeError):
         return None
-    return data if data and Path(data).is_file() else None
+    if not data:
+        return None
+    from .data import DataError
+    from .data.records import data_sources
+
+    try:  # one file, or the several a glob / a list / a plain dir named in training
+        return data if all(Path(f).is_file() for f in data_sources(data)) else None
+    except DataError:
+        return None
 
 
 # An Int4 export whose loss rises more than this (nats per trained token) above base+adapter has lost part of the

@@ -34,7 +34,8 @@ from pathlib import Path
 
 from .encoding import ChatEncoder, chat_encoder
 from .packing import PACK_BLOCK, pack_table, packed_schema
-from .records import DataError, _is_jsonl, _iter_raw, iter_records, jsonl_shards_counted, normalize_record
+from .records import (DataError, _is_jsonl, _iter_raw, data_sources, iter_records, jsonl_shards_counted,
+                      normalize_record)
 from .summary import summarize
 
 # Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
@@ -53,10 +54,11 @@ AUTO_MAX_PROCS = 8
 
 
 def auto_procs(path: str) -> int:
-    """The processes that encode ``path`` when the caller does not say: up to AUTO_MAX_PROCS (the CPUs this
-    process may run on) for a JSONL file of AUTO_SPLIT_BYTES and more, else one (other forms are read by one)."""
-    p = Path(path)
-    if not (p.is_file() and _is_jsonl(path) and p.stat().st_size >= AUTO_SPLIT_BYTES):
+    """The processes that encode ``path`` (or the files it names: `data_sources`) when the caller does not say:
+    up to AUTO_MAX_PROCS (the CPUs this process may run on) for JSONL files of AUTO_SPLIT_BYTES and more in
+    all, else one (other forms are read by one process each)."""
+    files = [Path(f) for f in data_sources(path)]
+    if sum(f.stat().st_size for f in files if f.is_file() and _is_jsonl(str(f))) < AUTO_SPLIT_BYTES:
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(AUTO_MAX_PROCS, cpus))
@@ -192,7 +194,7 @@ def _encode_shard(job: dict) -> str:
         if "records" in job:
             pairs = _record_pairs(job["offset"], job["records"])
         else:
-            pairs = iter_records(job["path"], skip_invalid=True, shard=job["shard"])
+            pairs = iter_records(job["path"], skip_invalid=True, shard=job["shard"])  # (one file each)
         _encode_into(out, pairs, job["encoder"], job["max_len"], job["train_on_prompt"], job["skip_invalid"])
     finally:
         out.close()
@@ -303,6 +305,20 @@ def _content_key(p: Path) -> list[tuple[str, int, str]]:
     return key
 
 
+def _record_place(source: str, sources: list[str], row: int) -> tuple[str, int, int | None]:
+    """(file, index in it, line) of the encoded row `row` of data read from `sources` (one or several files or
+    dataset dirs; `source`: as the user gave them, named when there is only one). Re-reads the files up to
+    it, so only for reporting."""
+    if len(sources) == 1:
+        return sources[0], row, _record_line(sources[0], row)
+    for f in sources:
+        for i, line, _, _ in _iter_raw(f):
+            if row == 0:
+                return f, i, line
+            row -= 1
+    return source, row, None
+
+
 def _record_line(source: str, index: int) -> int | None:
     """The line of record `index` of a data file (None for in-memory records and dataset dirs); re-reads the
     file up to it, so only for reporting."""
@@ -345,15 +361,17 @@ def _progress_bars(show: bool):
 def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool = False,
                   train_on_prompt: bool = False, skip_invalid: bool = False, num_proc: int | None = None,
                   cache_dir: str | os.PathLike | None = None, verbose: bool = True, progress: bool = True):
-    """Encode a data file (or a list of records) into a `datasets.Dataset`; return (dataset, DataSummary).
+    """Encode a data file (several: a glob, a comma-separated list or a plain directory, see
+    `records.data_sources`; or a list of records) into a `datasets.Dataset`; return (dataset, DataSummary).
 
     Columns: input_ids, labels, length (and position_ids, num_sequences when packed). Raises DataError for
     an invalid record, and TooLongError for records that `max_len` leaves nothing to train in (unless
     `skip_invalid`: then both are counted in the summary, and printed), and when no record is left to train
     on. `verbose=False` (e.g. on non-main ranks) keeps the skip report off stderr; it is in the summary
-    either way. `progress=False` hides the progress bars (tokenizing, packing, `datasets`' own). `num_proc` processes encode (a JSONL file
-    is split between them; None: ``auto_procs``); the result is cached under `cache_dir` (default: the `datasets` cache) by a
-    fingerprint of everything that determines it.
+    either way. `progress=False` hides the progress bars (tokenizing, packing, `datasets`' own). `num_proc`
+    processes encode (a JSONL file is split between them; None: ``auto_procs``); the result is cached under
+    `cache_dir` (default: the `datasets` cache) by a fingerprint of everything that determines it (every
+    file's content).
     """
     with _progress_bars(progress):
         return _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt, skip_invalid,
@@ -378,21 +396,28 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
               "skip_invalid": skip_invalid}
     if isinstance(path_or_records, (str, os.PathLike)):
         source = str(path_or_records)
-        p = Path(source)
-        if not p.exists():
-            raise DataError("no such file", path=source)
-        path = str(p.resolve())
+        sources = data_sources(source)  # one file or dataset dir, or several (a glob, a list, a plain dir)
+        paths = [str(Path(f).resolve()) for f in sources]
         if not num_proc:
-            procs = auto_procs(path)
+            procs = auto_procs(source)
         # The content (of every file, for a dataset dir), and the path, which the cached errors name.
-        key = {"path": path, "content": _content_key(p)}
+        if len(paths) == 1:
+            p = Path(paths[0])
+            key = {"path": paths[0], "content": _content_key(p)}
+        else:  # every file's path and content, in reading order: a change in any one is another build
+            p = None
+            key = {"paths": paths, "content": [_content_key(Path(f)) for f in paths]}
 
         def make_jobs():  # only on a cache miss: splitting a JSONL file reads it through
             # JSONL splits into byte ranges, one per process; other forms are read by one process.
-            shards, n_records = [None], None  # (a JSON array's count is known only once it is read)
-            if p.is_file() and _is_jsonl(path):
-                shards, n_records = jsonl_shards_counted(path, procs)
-            return [{"path": path, "shard": sh, **common} for sh in shards], n_records
+            jobs, n_records = [], 0
+            for path in paths:
+                shards, n = [None], None  # (a JSON array's count is known only once it is read)
+                if Path(path).is_file() and _is_jsonl(path):
+                    shards, n = jsonl_shards_counted(path, procs)
+                jobs += [{"path": path, "shard": sh, **common} for sh in shards]
+                n_records = None if n is None or n_records is None else n_records + n
+            return jobs, n_records
     else:
         records = list(path_or_records)
         source = f"{len(records)} in-memory records"
@@ -445,11 +470,13 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
             raise errors[0]  # the first invalid record in file order
     if first_too_long is not None:
         n = skipped[TOO_LONG]
-        where = source if isinstance(path_or_records, (str, os.PathLike)) else IN_MEMORY
+        where, index, line = IN_MEMORY, first_too_long, None
+        if isinstance(path_or_records, (str, os.PathLike)):
+            where, index, line = _record_place(source, sources, first_too_long)
         too_long = TooLongError(TOO_LONG, f"{n} of {len(reasons)} record{'s' * (len(reasons) > 1)} "
                                 f"{'have' if n > 1 else 'has'} no reply token within max_len {max_len} (the "
                                 "prompt before the first reply fills it)" + ("; this is the first" if n > 1 else ""),
-                                path=where, index=first_too_long, line=_record_line(where, first_too_long))
+                                path=where, index=index, line=line)
         if not skip_invalid:
             raise too_long
         errors.append(too_long)  # in the summary's examples
@@ -458,11 +485,12 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     # a single file's content without its name (a moved or renamed copy is the same data); a dir's file names
     # are part of what it holds
     content = key.get("content", key.get("records"))
-    summary.content = Hasher.hash([c[1:] for c in content] if "content" in key and p.is_file() else content)
+    summary.content = Hasher.hash([c[1:] for c in content] if "path" in key and p.is_file() else content)
     if not used_len:
         cls = TooLongError if skipped.get(TOO_LONG) else DataError
         empty = ("no records given" if not isinstance(path_or_records, (str, os.PathLike))
-                 else "the dataset is empty" if os.path.isdir(path_or_records) else "the file is empty")
+                 else "the files are empty" if "paths" in key
+                 else "the dataset is empty" if p.is_dir() else "the file is empty")
         detail = (empty if not reasons else f"{len(reasons)} read; skipped: "
                   + (", ".join(f"{n} {r}" for r, n in skipped.items()) or "none")
                   + (f"; max_len is {max_len}" if skipped.get(TOO_LONG) else ""))

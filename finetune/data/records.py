@@ -557,11 +557,68 @@ def jsonl_shards_counted(path: str, n: int) -> tuple[list[tuple[int, int | None,
     return shards, records
 
 
+GLOB_CHARS = re.compile(r"[*?\[]")
+DATA_SUFFIXES = (".json",) + JSONL_SUFFIXES  # the files a plain directory given as data contributes
+
+
+def _is_datasets_dir(p: Path) -> bool:
+    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+
+
+def _dir_files(d: str) -> list[str]:
+    """The .json / .jsonl / .ndjson files directly in a plain directory, sorted by name."""
+    files = sorted(str(f) for f in Path(d).iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+    if not files:
+        raise DataError("not a data file", "a directory that is not a `datasets` save_to_disk dir and holds no "
+                        f"{' / '.join(DATA_SUFFIXES)} files", path=d)
+    return files
+
+
+def data_sources(spec: str | os.PathLike) -> list[str]:
+    """The data files (and `datasets` dirs) that a data flag names, in the order their records are read.
+
+    `spec` is one file or `datasets` dir; a plain directory (its .json / .jsonl / .ndjson files, sorted by
+    name); a glob pattern, quoted so the shell leaves it ("data/train-*.jsonl", ** for subdirs; the matches
+    sorted by name); or a comma-separated list of any of these (in the order given). An existing path is
+    always taken as it is, so a file whose name holds a comma or a * still reads. A pattern that matches
+    nothing, a missing file and a file named twice are errors naming them.
+    """
+    import glob
+
+    spec = os.fspath(spec)
+    if os.path.exists(spec):
+        return _dir_files(spec) if os.path.isdir(spec) and not _is_datasets_dir(Path(spec)) else [spec]
+    parts = [s.strip() for s in spec.split(",")] if "," in spec else [spec]
+    if "" in parts:
+        raise DataError("invalid list of files", "an empty entry in the comma-separated list", path=spec)
+    out: list[str] = []
+    for part in parts:
+        part = os.path.expanduser(part)
+        if os.path.exists(part):
+            found = [part]
+        elif GLOB_CHARS.search(part):
+            found = sorted(glob.glob(part, recursive=True))
+            if not found:
+                raise DataError("no match", "the pattern matches no file", path=part)
+        else:
+            raise DataError("no such file", path=part)
+        for f in found:
+            out += _dir_files(f) if os.path.isdir(f) and not _is_datasets_dir(Path(f)) else [f]
+    seen: dict[str, str] = {}
+    for f in out:
+        real = os.path.realpath(f)
+        if real in seen:
+            raise DataError("file given twice", f"{f} is named more than once (its records would be read twice)",
+                            path=spec)
+        seen[real] = f
+    return out
+
+
 def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | None]]:
     """(index, line, raw record, parse error) for each record of a file or `datasets` dir."""
     p = Path(path)
     if p.is_dir():
-        if not (p / "dataset_info.json").exists() and not (p / "dataset_dict.json").exists():
+        if not _is_datasets_dir(p):
             raise DataError("not a data file", "a directory that is not a `datasets` save_to_disk dir",
                             path=path)
         import datasets  # only needed for dataset dirs
@@ -601,10 +658,17 @@ def iter_records(path: str | os.PathLike, skip_invalid: bool = False,
     """Stream (normalised record, None) per valid record, and (None, error) per invalid one when skipping.
 
     File-level problems (missing file, a broken JSON array) always raise: there is no record to skip.
-    `shard` (from `jsonl_shards`) restricts a JSONL file to one byte range.
+    `path` may name several files (`data_sources`): their records follow each other, each error naming its
+    own file and its index there. `shard` (from `jsonl_shards`) restricts one JSONL file to one byte range.
     """
-    path = str(path)
-    raw_iter = _iter_raw(path) if shard is None else _iter_jsonl(path, *shard)
+    if shard is not None:
+        yield from _iter_file(str(path), skip_invalid, _iter_jsonl(str(path), *shard))
+        return
+    for source in data_sources(path):
+        yield from _iter_file(source, skip_invalid, _iter_raw(source))
+
+
+def _iter_file(path: str, skip_invalid: bool, raw_iter) -> Iterator[tuple[dict | None, DataError | None]]:
     for index, line, raw, err in raw_iter:
         if err is None:
             try:
@@ -652,7 +716,8 @@ class RecordList(list):
 
 
 def load_records(path: str | os.PathLike, skip_invalid: bool = False, *, flag: str | None = None) -> RecordList:
-    """Read and validate a JSON array, JSONL file or `datasets` dir; return the normalised records.
+    """Read and validate a JSON array, JSONL file or `datasets` dir (or several: `data_sources`); return the
+    normalised records.
 
     Invalid records raise DataError, or with `skip_invalid` are counted in `result.report` (and the count
     is printed to stderr). A file with no usable record is always an error. `flag` is the command-line flag
@@ -679,6 +744,7 @@ def _load_records(path, skip_invalid: bool) -> RecordList:
         print(report.format(), file=sys.stderr)
     if not records:
         raise DataError("no usable records",
-                        f"{report.read} read, {report.skipped} invalid" if report.read else "the file is empty",
+                        f"{report.read} read, {report.skipped} invalid" if report.read
+                        else "the file is empty" if len(data_sources(path)) == 1 else "the files are empty",
                         path=str(path))
     return records

@@ -29,9 +29,10 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    data_path: str | None = field(default=None, metadata={"help": "Training data: JSON, JSONL or a datasets dir",
-                                                          "aliases": ["-d"]})
-    eval_data_path: str | None = field(default=None, metadata={"help": "Held-out data for evaluation"})
+    data_path: str | None = field(default=None, metadata={
+        "help": "Training data: JSON, JSONL or a datasets dir; several: a quoted glob ('data/train-*.jsonl'), a "
+                "comma-separated list, or a directory of .json/.jsonl files", "aliases": ["-d"]})
+    eval_data_path: str | None = field(default=None, metadata={"help": "Held-out data for evaluation (as --data_path)"})
     model_max_length: int = field(default=8192, metadata={"help": "Longest row in tokens (turn-aware truncation)"})
     packing: bool = field(
         default=True, metadata={"help": "Pack several conversations into each row of --model_max_length tokens, "
@@ -42,8 +43,9 @@ class DataArguments:
     skip_invalid: bool = field(default=False, metadata={"help": "Count and skip invalid records instead of stopping"})
     lazy_preprocess: bool = field(
         default=False, metadata={"help": "Accepted for the official scripts; data is always encoded once and cached"})
-    preprocessing_num_workers: int | None = field(default=None, metadata={"help": "Processes for tokenizing (default: one, or up to 8 for a JSONL file of 64 MB and more; the "
-                              "rows are the same either way)"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "Processes for tokenizing (default: one, or up to 8 for JSONL data of 64 MB and more; the rows are "
+                "the same either way)"})
 
 
 @dataclass

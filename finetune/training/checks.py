@@ -428,9 +428,14 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     # -- data ------------------------------------------------------------------------------------------------
     if not data_args.data_path:
         raise TrainConfigError("--data_path is required (chat data as JSON, JSONL or a datasets dir)")
+    from ..data.records import DataError, data_sources
+
     for flag, path in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
-        if path and not Path(path).exists():
-            raise TrainConfigError(f"{flag} {path}: no such file or directory")
+        if path:  # one file or dataset dir, a plain dir of them, a glob or a comma-separated list (data_sources)
+            try:
+                data_sources(path)
+            except DataError as e:
+                raise TrainConfigError(str(e.given_by(flag))) from None
     eval_strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
     if eval_strategy != "no" and not data_args.eval_data_path:
         raise TrainConfigError(f"--eval_strategy {eval_strategy} needs an eval set: add --eval_data_path")

@@ -1,0 +1,206 @@
+"""Data split over several files: a quoted glob, a comma-separated list, a plain directory of .json/.jsonl files.
+
+Records come in a deterministic order (a glob's or a directory's files sorted by name, a list's in its order, then
+each file's records in order), errors name the file and the record's index in that file, and the data cache key
+covers every file's content.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from finetune.data import DataError, build_dataset, load_records
+from finetune.data.records import data_sources
+from finetune.evaluate import load_eval_records
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def rec(q: str, a: str = "ok") -> dict:
+    return {"id": q, "conversations": [{"from": "user", "value": q}, {"from": "assistant", "value": a}]}
+
+
+def jsonl(path: Path, records: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def shards(tmp_path):
+    """data/train-0000{1,2,3}.jsonl written out of order, and a README beside them."""
+    d = tmp_path / "data"
+    jsonl(d / "train-00002.jsonl", [rec("c"), rec("d")])
+    jsonl(d / "train-00001.jsonl", [rec("a"), rec("b")])
+    (d / "train-00003.json").write_text(json.dumps([rec("e")]))
+    (d / "README.md").write_text("not data")
+    return d
+
+
+def ids(records) -> list:
+    return [r["id"] for r in records]
+
+
+def test_a_glob_reads_its_files_sorted_by_name(shards, data_small_tokenizer):
+    spec = str(shards / "train-*.json*")
+    assert [Path(f).name for f in data_sources(spec)] == ["train-00001.jsonl", "train-00002.jsonl", "train-00003.json"]
+    assert ids(load_records(spec)) == ids(load_eval_records(spec)) == ["a", "b", "c", "d", "e"]
+    ds, summary = build_dataset(data_small_tokenizer, spec, 64, cache_dir=shards.parent / "cache", progress=False)
+    single = [build_dataset(data_small_tokenizer, str(f), 64, cache_dir=shards.parent / "cache", progress=False)[0]
+              for f in data_sources(spec)]
+    assert ds["input_ids"] == [row for d in single for row in d["input_ids"]]  # each file's rows, in order
+    assert summary.records_read == 5 and summary.source == spec
+
+
+def test_a_comma_separated_list_reads_in_the_order_given(shards):
+    spec = f"{shards / 'train-00002.jsonl'}, {shards / 'train-00001.jsonl'}"  # (spaces after commas are fine)
+    assert ids(load_records(spec)) == ["c", "d", "a", "b"]
+    # a list entry may itself be a glob
+    assert ids(load_records(f"{shards / 'train-00003.json'},{shards / 'train-0000[12].jsonl'}")) == list("eabcd")
+
+
+def test_a_plain_directory_reads_its_json_and_jsonl_files_sorted(shards, data_small_tokenizer):
+    assert ids(load_records(shards)) == list("abcde")  # README.md is not data
+    _, summary = build_dataset(data_small_tokenizer, str(shards), 64, cache_dir=shards.parent / "cache",
+                               progress=False)
+    assert summary.records_read == 5
+
+
+def test_a_directory_without_data_files_is_one_line(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(DataError) as e:
+        load_records(tmp_path / "empty")
+    assert str(e.value) == (f"{tmp_path / 'empty'}: not a data file: a directory that is not a `datasets` "
+                            "save_to_disk dir and holds no .json / .jsonl / .ndjson files")
+
+
+def test_an_error_names_its_file_and_its_index_there(shards, data_small_tokenizer):
+    jsonl(shards / "train-00002.jsonl", [rec("c"), {"conversations": [{"from": "bot", "value": "x"}]}])
+    spec = str(shards / "train-*.jsonl")
+    for read in (lambda: load_records(spec), lambda: load_eval_records(spec),
+                 lambda: build_dataset(data_small_tokenizer, spec, 64, cache_dir=shards.parent / "cache",
+                                       progress=False)):
+        with pytest.raises(DataError) as e:
+            read()
+        msg = str(e.value)
+        assert "\n" not in msg and "train-00002.jsonl, record 2, line 2: unknown role" in msg, msg
+    # skipped with --skip_invalid: counted, the others kept
+    _, summary = build_dataset(data_small_tokenizer, spec, 64, skip_invalid=True, cache_dir=shards.parent / "cache",
+                               progress=False, verbose=False)
+    assert summary.records_read == 4 and summary.skipped == {"unknown role": 1}
+
+
+def test_a_record_too_long_is_named_in_its_own_file(shards, data_small_tokenizer):
+    jsonl(shards / "train-00002.jsonl", [rec("c"), rec("long " * 200)])
+    with pytest.raises(DataError) as e:
+        build_dataset(data_small_tokenizer, str(shards / "train-*.jsonl"), 64, cache_dir=shards.parent / "cache",
+                      progress=False)
+    assert str(e.value).startswith(f"{shards / 'train-00002.jsonl'}, record 2, line 2: prompt longer than max_len")
+
+
+def test_the_cache_key_covers_every_file(shards, data_small_tokenizer):
+    cache = shards.parent / "cache"
+    spec = str(shards / "train-*.jsonl")
+
+    def build():
+        return build_dataset(data_small_tokenizer, spec, 64, cache_dir=cache, progress=False)
+
+    first, summary1 = build()
+    assert build()[0].cache_files == first.cache_files  # unchanged: the cached file is read
+    stat = os.stat(shards / "train-00002.jsonl")
+    jsonl(shards / "train-00002.jsonl", [rec("c"), rec("D")])  # same size, same mtime: only the content differs
+    os.utime(shards / "train-00002.jsonl", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second, summary2 = build()
+    assert second.cache_files != first.cache_files and summary2.content != summary1.content
+    assert second["input_ids"][3] != first["input_ids"][3] and second["input_ids"][:3] == first["input_ids"][:3]
+    jsonl(shards / "train-00004.jsonl", [rec("f")])  # a new file matching the glob
+    assert len(build()[0]) == 5
+
+
+def test_a_pattern_matching_nothing_is_one_line_naming_it(tmp_path, data_small_tokenizer):
+    spec = str(tmp_path / "data" / "*.jsonl")
+    for read in (lambda: load_records(spec), lambda: load_eval_records(spec, flag="--data"),
+                 lambda: build_dataset(data_small_tokenizer, spec, 64, cache_dir=tmp_path / "cache", progress=False)):
+        with pytest.raises(DataError) as e:
+            read()
+        assert str(e.value).endswith(f"{spec}: no match: the pattern matches no file")
+    with pytest.raises(DataError) as e:
+        load_eval_records(spec, flag="--data")
+    assert str(e.value) == f"--data {spec}: no match: the pattern matches no file"
+
+
+def test_list_errors_name_the_entry(shards):
+    a = shards / "train-00001.jsonl"
+    with pytest.raises(DataError) as e:
+        load_records(f"{a},{shards / 'missing.jsonl'}")
+    assert str(e.value) == f"{shards / 'missing.jsonl'}: no such file"
+    with pytest.raises(DataError, match="an empty entry in the comma-separated list"):
+        load_records(f"{a},")
+    with pytest.raises(DataError, match=r"is named more than once \(its records would be read twice\)"):
+        load_records(f"{a},{shards / 'train-*.jsonl'}")
+
+
+def test_an_existing_name_with_a_comma_or_a_star_is_one_file(tmp_path):
+    for name in ("a,b.jsonl", "x*.jsonl"):
+        jsonl(tmp_path / name, [rec(name)])
+        assert ids(load_records(tmp_path / name)) == [name]
+
+
+def test_the_trainer_names_the_flag_and_the_pattern(tmp_path, tiny_model_dir, capsys):
+    from finetune.train import main
+
+    spec = str(tmp_path / "nothing-*.jsonl")
+    rc = main(["--model_name_or_path", str(tiny_model_dir), "--data_path", spec, "--output_dir", str(tmp_path / "o"),
+               "--use_cpu", "True", "--report_to", "none"])
+    assert rc == 2 and capsys.readouterr().err == f"error: --data_path {spec}: no match: the pattern matches no file\n"
+
+
+def test_the_trainer_reads_a_glob(tmp_path, tiny_model_dir, shards):
+    """A glob through the whole trainer (what run_args.json records too: the pattern as given)."""
+    from finetune.train import main
+
+    out = tmp_path / "out"
+    rc = main(["--model_name_or_path", str(tiny_model_dir), "--data_path", str(shards / "train-*.jsonl"),
+               "--output_dir", str(out), "--use_cpu", "True", "--report_to", "none", "--max_steps", "1",
+               "--per_device_train_batch_size", "4", "--save_strategy", "no", "--disable_tqdm", "True",
+               "--use_lora", "True", "--model_max_length", "64"])
+    assert rc == 0
+
+
+def test_the_scripts_pass_a_quoted_glob_through_unexpanded(tmp_path, shards):
+    """finetune_*.sh forward -d as one word: the trainer, not the shell, expands the pattern."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/bin/sh\n[ "$1" = -c ] && { echo 0; exit 0; }\nfor a in "$@"; do echo "ARG:$a"; done\n')
+    fake.chmod(0o755)
+    pattern = str(shards / "train-*.jsonl")
+    for script in ("finetune_qlora.sh", "finetune_lora.sh", "finetune_full.sh"):
+        p = subprocess.run(["bash", str(ROOT / "scripts" / script), "-m", str(tmp_path / "model"), "-d", pattern,
+                            "-o", str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                           env={**os.environ, "PYTHON": str(fake), "CUDA_VISIBLE_DEVICES": "", "NPROC": "1"})
+        args = [line[4:] for line in p.stdout.splitlines() if line.startswith("ARG:")]
+        assert p.returncode == 0 and args[args.index("--data_path") + 1] == pattern, (script, p.stdout, p.stderr)
+
+
+def test_eval_refuses_an_output_that_is_one_of_the_data_files(shards):
+    from finetune.evaluate import _is_data_file
+
+    spec = str(shards / "train-*.jsonl")
+    assert _is_data_file(str(shards / "train-00002.jsonl"), spec)
+    assert not _is_data_file(str(shards / "report.json"), spec)
+
+
+def test_merge_finds_training_data_given_as_a_glob(shards, tmp_path):
+    """merge's default calibration / report data is the adapter's --data_path, a glob included."""
+    from finetune.merge import _training_data
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for data, found in ((str(shards / "train-*.jsonl"), True), (str(tmp_path / "gone-*.jsonl"), False)):
+        (adapter / "run_args.json").write_text(json.dumps({"data": {"data_path": data}}))
+        assert _training_data(adapter) == (data if found else None)
