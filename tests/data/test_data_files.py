@@ -54,6 +54,9 @@ def test_a_glob_reads_its_files_sorted_by_name(shards, data_small_tokenizer):
     single = [build_dataset(data_small_tokenizer, str(f), 64, cache_dir=shards.parent / "cache", progress=False)[0]
               for f in data_sources(spec)]
     assert ds["input_ids"] == [row for d in single for row in d["input_ids"]]  # each file's rows, in order
+    two, _ = build_dataset(data_small_tokenizer, spec, 64, num_proc=2, cache_dir=shards.parent / "cache2",
+                           progress=False)
+    assert two["input_ids"] == ds["input_ids"]  # the same rows from two processes
     assert summary.records_read == 5 and summary.source == spec
 
 
