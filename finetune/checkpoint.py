@@ -69,10 +69,18 @@ def safetensors_header(path, error=ModelLoadError) -> dict[str, tuple[str, tuple
                         f"but needs {need}: the header is corrupt")
         entries.append((begin, end, name))
         out[name] = (dtype, tuple(shape))
+    position = 0
     for begin, end, name in sorted(entries):
         if end > data_bytes:
             raise error(f"{path}: tensor {name!r} ends at byte {end} of the data, but the file holds only "
                         f"{data_bytes} bytes after its header: the file is truncated (copy it again)")
+        if begin != position:  # the format's rule (the safetensors library refuses it as it opens the file)
+            raise error(f"{path}: tensor {name!r} starts at byte {begin} of the data, but the tensor before it ends "
+                        f"at {position}: the header's offsets overlap or leave a gap (a corrupt header)")
+        position = end
+    if position != data_bytes:
+        raise error(f"{path}: its tensors end at byte {position} of the data, but the file holds {data_bytes} bytes "
+                    f"after its header: a corrupt header, or bytes appended")
     return out
 
 
