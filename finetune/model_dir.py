@@ -61,25 +61,79 @@ def gptq_of(config) -> dict | None:
     if not qc:
         return None
     if not isinstance(qc, dict):
+        if not hasattr(qc, "to_dict") and not hasattr(qc, "__dict__"):
+            raise ModelLoadError(f"quantization_config must be an object (bits, group_size, ...), got {qc!r}")
         qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
     method = qc.get("quant_method", "gptq")
     method = str(getattr(method, "value", method)).lower()
     if method != "gptq":
         raise ModelLoadError(f"quantization_config quant_method {method!r} is not supported; only 'gptq' (4 or 8 "
                              "bits)")
-    bits = int(qc.get("bits", 4))
+    return _gptq_settings(qc, "quantization_config ")
+
+
+def _whole(value) -> bool:
+    return not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and value.is_integer())
+
+
+def _gptq_settings(qc: dict, where: str) -> dict:
+    """{bits, group_size, desc_act, sym, v2} of a GPTQ settings dict (config.json's quantization_config or
+    auto-gptq's quantize_config.json), each field checked (``where`` prefixes the field in a message)."""
+    bits = qc.get("bits", 4)
+    if not _whole(bits):
+        raise ModelLoadError(f"{where}bits must be 4 or 8, got {bits!r}")
     try:
-        check_bits(bits)
+        check_bits(int(bits))
     except ValueError as e:
-        raise ModelLoadError(str(e)) from None
+        raise ModelLoadError(f"{where}{e}") from None
     group_size = qc.get("group_size", 128)
+    group_size = -1 if group_size is None else group_size
+    if not _whole(group_size) or not (group_size == -1 or group_size > 0):
+        raise ModelLoadError(f"{where}group_size must be a positive integer or -1 (one group per row), got "
+                             f"{qc.get('group_size')!r}")
+    for key in ("desc_act", "sym"):
+        if qc.get(key) is not None and not isinstance(qc[key], bool):
+            raise ModelLoadError(f"{where}{key} must be true or false, got {qc[key]!r}")
+    fmt = qc.get("checkpoint_format", qc.get("format"))
+    if fmt is not None and str(fmt).lower() not in ("gptq", "gptq_v2"):
+        raise ModelLoadError(f"{where}checkpoint_format {fmt!r} is not supported; 'gptq' (auto-gptq's v1, as Qwen's "
+                             f"Int4 releases ship) or 'gptq_v2'")
     return {
-        "bits": bits,
-        "group_size": -1 if group_size is None else int(group_size),
+        "bits": int(bits),
+        "group_size": int(group_size),
         "desc_act": bool(qc.get("desc_act", False)),
         "sym": bool(qc.get("sym", True)),
         "v2": is_v2_format(qc),
     }
+
+
+QUANTIZE_CONFIG = "quantize_config.json"
+# the settings that decide how the packed tensors are read (sym only decided how they were made)
+_LAYOUT = ("bits", "group_size", "desc_act", "v2")
+
+
+def check_quantize_config(model_dir, gptq: dict | None) -> None:
+    """auto-gptq's quantize_config.json, where present beside a GPTQ config.json, must describe the same layout:
+    auto-gptq loads by it, transformers by config.json, so two different answers are refused rather than one
+    silently picked. Without quantization_config in config.json it is said so, naming both files."""
+    path = Path(model_dir) / QUANTIZE_CONFIG
+    if not path.is_file():
+        return
+    cfg_path = Path(model_dir) / "config.json"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    if gptq is None:
+        return  # a float dir with a stale quantize_config.json; a packed checkpoint is named by the weight check
+    own = _gptq_settings(data, f"{path}: ")
+    for key in _LAYOUT:
+        if own[key] != gptq[key]:
+            name = "checkpoint_format" if key == "v2" else key
+            raise ModelLoadError(f"{path}: {name} {own[key]!r} contradicts {cfg_path}'s quantization_config "
+                                 f"({gptq[key]!r}); the two files must describe the same checkpoint")
 
 
 def describe(model_dir) -> ModelDir:
@@ -89,4 +143,5 @@ def describe(model_dir) -> ModelDir:
         gptq = gptq_of(cfg)
     except ModelLoadError as e:
         raise ModelLoadError(f"{Path(model_dir) / 'config.json'}: {e}") from None
+    check_quantize_config(model_dir, gptq)
     return ModelDir(path=Path(model_dir), config=cfg, family=cfg["model_type"], gptq=gptq)

@@ -181,7 +181,7 @@ def _checked_meta_model(model_dir: Path, config):
         if unexpected:
             parts.append(f"{len(unexpected)} unexpected tensor(s), first {unexpected[0]!r}")
         raise GPTQLoadError(f"{model_dir}: the checkpoint does not match the model: " + "; ".join(parts))
-    _check_header_shapes(model_dir, infos, expected)
+    _check_header_shapes(model_dir, infos, expected, settings)
     _check_g_idx(model, keys, [k for k in keys if k.endswith(".g_idx") and k in expected])
 
     return model, settings, expected, default_g_idx_for, tied
@@ -254,16 +254,18 @@ def load_gptq_model(model_dir, config=None, dtype=None, device=None, **kwargs):
     return model
 
 
-def _check_header_shapes(model_dir, infos, expected) -> None:
+def _check_header_shapes(model_dir, infos, expected, settings=None) -> None:
     """Shapes and dtype kinds of every tensor, from the files' headers, against the model config.json describes."""
     for name, info in infos.items():
         target = expected.get(name)
         if target is None:
             continue
-        if tuple(info.shape) != tuple(target.shape):
-            raise GPTQLoadError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json's model "
-                                f"expects {list(target.shape)}")
         attr = name.rpartition(".")[2]
+        if tuple(info.shape) != tuple(target.shape):
+            packed = f" (packed with bits {settings['bits']}, group_size {settings['group_size']} from its " \
+                     f"quantization_config)" if settings and attr in GPTQ_SUFFIXES else ""
+            raise GPTQLoadError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, but config.json's model "
+                                f"expects {list(target.shape)}{packed}")
         if attr in ("qweight", "qzeros", "g_idx") and info.dtype not in INT_DTYPES:
             raise GPTQLoadError(f"{info.file}: tensor {name!r} is {info.dtype}, expected an integer tensor (int32)")
         if target.is_floating_point() and info.dtype not in FLOAT_DTYPES:
