@@ -60,9 +60,24 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return {k: v.shape for k, v in checkpoint_tensors(model_dir).items()}
 
 
-# Fields of config.json the architecture is built from: each must be a positive integer.
+# Fields of config.json the architecture is built from: each must be a positive integer (an integral float such as
+# 64.0, as some JSON writers emit, is taken as the integer).
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "kv_channels", "seq_length")
+                  "kv_channels", "seq_length", "max_position_embeddings")
+# ... positive numbers (a string "1e-6" failed at the first forward; a zero or negative one gave NaN or garbage)
+_POSITIVE_NUMBERS = ("layer_norm_epsilon", "rotary_emb_base")
+# ... numbers in a range
+_RANGES = (("emb_dropout_prob", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+           ("attn_dropout_prob", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+           ("rotary_pct", lambda v: 0 < v <= 1, "a number in (0, 1]"),
+           ("initializer_range", lambda v: v >= 0, "a number >= 0"))
+# ... and booleans (the string "false" is truthy: it switched the feature on)
+_BOOLS = ("no_bias", "use_dynamic_ntk", "use_logn_attn", "scale_attn_weights", "bf16", "fp16", "fp32",
+          "softmax_in_fp32", "use_cache_quantization", "use_cache_kernel", "tie_word_embeddings")
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == value
 
 
 def model_config(model_dir: Path, cfg: dict | None = None):
@@ -72,12 +87,27 @@ def model_config(model_dir: Path, cfg: dict | None = None):
 
     cfg_path = model_dir / "config.json"
     cfg = read_config(model_dir) if cfg is None else cfg
+    integral = {}
     for key in _POSITIVE_INTS:
         value = cfg.get(key)
+        if isinstance(value, float) and value.is_integer():
+            value = integral[key] = int(value)
         if key in cfg and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-            raise ModelLoadError(f"{cfg_path}: {key} must be a positive integer, got {value!r}")
+            raise ModelLoadError(f"{cfg_path}: {key} must be a positive integer, got {cfg[key]!r}")
+    for key in _POSITIVE_NUMBERS:
+        if key in cfg and not (_is_number(cfg[key]) and cfg[key] > 0):
+            raise ModelLoadError(f"{cfg_path}: {key} must be a positive number, got {cfg[key]!r}")
+    for key, ok, want in _RANGES:
+        if key in cfg and not (_is_number(cfg[key]) and ok(cfg[key])):
+            raise ModelLoadError(f"{cfg_path}: {key} must be {want}, got {cfg[key]!r}")
+    if "use_flash_attn" in cfg and cfg["use_flash_attn"] not in (True, False, "auto"):
+        raise ModelLoadError(f"{cfg_path}: use_flash_attn must be true, false or \"auto\", got "
+                             f"{cfg['use_flash_attn']!r}")
+    for key in _BOOLS:
+        if key in cfg and not isinstance(cfg[key], bool):
+            raise ModelLoadError(f"{cfg_path}: {key} must be true or false, got {cfg[key]!r}")
     try:
-        config = QWenConfig.from_pretrained(str(model_dir))
+        config = QWenConfig.from_pretrained(str(model_dir), **integral)
         with torch.device("meta"):
             QWenLMHeadModel(config)
     except Exception as e:  # whatever the constructor trips on, said in one line about the file
@@ -111,6 +141,45 @@ def check_side_files(model_dir: Path) -> None:
             except Exception as e:  # in one line
                 raise ModelLoadError(f"{path}: not a valid generation config "
                                      f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+            problem = generation_problem(data)
+            if problem:
+                raise ModelLoadError(f"{path}: {problem}")
+
+
+def _ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def generation_problem(gen: dict) -> str | None:
+    """The first value of a generation_config.json that the chat, the engine or generate() would trip on (a
+    traceback at the first reply) or silently misread, as ``<field> must be ..., got ...``; the ranges are the chat
+    flags' (finetune/chat.py bad_flag)."""
+    def number(v):
+        return _is_number(v)
+
+    checks = [
+        ("temperature", lambda v: number(v) and v >= 0, ">= 0"),
+        ("top_p", lambda v: number(v) and 0 < v <= 1, "in (0, 1]"),
+        ("top_k", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: off)"),
+        ("repetition_penalty", lambda v: number(v) and v > 0, "> 0"),
+        ("max_window_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+         "an integer of at least 1 (tokens)"),
+        ("eos_token_id", lambda v: _ids([v]) or _ids(v), "a token id or a list of token ids"),
+        ("pad_token_id", lambda v: _ids([v]), "a token id"),
+        ("stop_words_ids", lambda v: isinstance(v, list) and all(_ids(s) for s in v),
+         "a list of token-id lists, e.g. [[151643]]"),
+        ("do_sample", lambda v: isinstance(v, bool), "true or false"),
+    ]
+    for key, ok, want in checks:
+        if gen.get(key) is not None and not ok(gen[key]):
+            return f"{key} must be {want}, got {gen[key]!r}"
+    from .inference.sampling import GREEDY_BELOW
+
+    if gen.get("do_sample") and gen.get("temperature") is not None and gen["temperature"] < GREEDY_BELOW:
+        return (f"temperature {gen['temperature']!r} with do_sample true: sampling needs a temperature of at least "
+                f"{GREEDY_BELOW}; for greedy decoding set do_sample false")
+    return None
 
 
 def check_weights(model_dir: Path, config) -> None:
@@ -133,12 +202,37 @@ def check_weights(model_dir: Path, config) -> None:
         k = mismatched[0]
         problems.append(f"{len(mismatched)} mis-shaped (first: {k}: checkpoint {list(found[k])}, "
                         f"config expects {list(expected[k])})")
+    if any(k.endswith(".qweight") for k in unexpected):  # GPTQ-packed weights under a float config.json
+        qc = model_dir / "quantize_config.json"
+        problems.append("the checkpoint is GPTQ-packed (qweight) but config.json has no quantization_config" +
+                        (f" (the settings are in {qc.name}: add them to config.json as quantization_config with "
+                         f"quant_method 'gptq', as Qwen's Int4 releases have them)" if qc.is_file() else ""))
     if problems:
         raise ModelLoadError(f"{model_dir}: the weights do not match config.json: " + "; ".join(problems))
     for k in expected:
         if infos[k].dtype not in FLOAT_DTYPES:
             raise ModelLoadError(f"{infos[k].file}: tensor {k!r} is {infos[k].dtype}, expected a float tensor "
                                  f"(a float model's weights; an Int4 dir declares quantization_config)")
+
+
+_CHUNK = 2**24  # elements a finiteness check looks at at once (a 16 MiB mask, not one the size of an embedding)
+
+
+def check_finite_weights(model, model_dir: Path) -> None:
+    """Refuse (naming the file and tensor) float weights holding NaN or infinite values: every output of the model
+    would be NaN or garbage, with no word why (a broken conversion or download). One pass over the loaded weights,
+    a few chunks at a time."""
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point() or t.device.type == "meta":
+            continue
+        flat = t.detach().reshape(-1)
+        bad = sum(int((~torch.isfinite(flat[i:i + _CHUNK])).sum()) for i in range(0, flat.numel(), _CHUNK))
+        if bad:
+            info = checkpoint_tensors(model_dir).get(name)
+            where = info.file if info is not None else model_dir
+            raise ModelLoadError(f"{where}: tensor {name!r} has {bad} of {t.numel()} values NaN or infinite (loaded "
+                                 f"as {str(t.dtype).removeprefix('torch.')}); the weights are broken (copy the model "
+                                 f"dir again from its source)")
 
 
 def inspect_model_dir(model_dir) -> dict:
@@ -191,6 +285,7 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
             raise ModelLoadError(f"{model_dir}: loading the weights failed: {type(e).__name__}: {e}") from e
         model = model.to(device)
 
+    check_finite_weights(model, model_dir)
     # PEFT records this as the adapter's base: the absolute path, valid from any working directory
     model.name_or_path = str(model_dir.resolve())
     model.config._name_or_path = model.name_or_path
@@ -203,4 +298,4 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
 
 
 __all__ = ["load_model", "ModelLoadError", "check_device", "default_dtype", "check_weights", "checkpoint_shapes",
-           "inspect_model_dir", "model_config", "read_config", "check_side_files"]
+           "inspect_model_dir", "model_config", "check_finite_weights", "read_config", "check_side_files"]

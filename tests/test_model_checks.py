@@ -128,7 +128,8 @@ def test_truncated_safetensors_names_file_and_tensor(dirs, tmp_path, capsys, mon
 @pytest.mark.parametrize("field, value, expect", [
     ("hidden_size", "64", r"hidden_size must be a positive integer, got '64'"),
     ("num_hidden_layers", -2, r"num_hidden_layers must be a positive integer"),
-    ("rotary_emb_base", "abc", r"does not describe a buildable Qwen model \(ValueError: could not convert"),
+    ("rotary_emb_base", "abc", r"rotary_emb_base must be a positive number, got 'abc'"),
+    ("tie_word_embeddings", True, r"does not describe a buildable Qwen model \(ValueError: Qwen v1 has an untied"),
 ])
 def test_malformed_config_json(dirs, tmp_path, field, value, expect, capsys, monkeypatch):
     d = damaged(dirs, tmp_path)
