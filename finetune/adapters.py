@@ -74,6 +74,12 @@ def _check_config_values(adapter_dir, cfg: dict) -> None:
     """The fields the adapter is built from, by type (PEFT takes them as they are, and a string rank or alpha
     fails deep inside the layer's construction, with a traceback)."""
     where = f"adapter {adapter_dir}: {CONFIG_NAME}"
+    for key in ("r", "lora_alpha"):  # an integral float (8.0, as some JSON writers emit) is the integer
+        if isinstance(cfg.get(key), float) and cfg[key].is_integer():
+            cfg[key] = int(cfg[key])
+    if isinstance(cfg.get("rank_pattern"), dict):
+        cfg["rank_pattern"] = {k: int(v) if isinstance(v, float) and v.is_integer() else v
+                               for k, v in cfg["rank_pattern"].items()}
     r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise AdapterError(f"{where}: r must be a positive integer, got {r!r}")
@@ -86,6 +92,22 @@ def _check_config_values(adapter_dir, cfg: dict) -> None:
         if bad:
             raise AdapterError(f"{where}: {key} must map module names to positive numbers"
                                f"{' (whole, for ranks)' if key == 'rank_pattern' else ''}, got {bad[0]!r}")
+    dropout = cfg.get("lora_dropout", 0.0)
+    if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                or not 0 <= dropout < 1):
+        raise AdapterError(f"{where}: lora_dropout must be a number in [0, 1), got {dropout!r}")
+    if cfg.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise AdapterError(f"{where}: bias must be 'none', 'all' or 'lora_only', got {cfg['bias']!r}")
+    layers = cfg.get("layers_to_transform")
+
+    def index(i) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and i >= 0
+
+    if layers is not None and not index(layers) and not (isinstance(layers, list) and all(map(index, layers))):
+        raise AdapterError(f"{where}: layers_to_transform must be a layer index or a list of them, got {layers!r}")
+    saved = cfg.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) for m in saved)):
+        raise AdapterError(f"{where}: modules_to_save must be a list of module names, got {saved!r}")
     targets = cfg.get("target_modules")
     if targets is not None and not isinstance(targets, str) and not (
             isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
@@ -370,7 +392,8 @@ def check_adapter_values(adapter_dir, state_dict: dict[str, torch.Tensor]) -> No
         bad = (~torch.isfinite(v)).sum().item()
         if bad:
             raise AdapterError(f"adapter {adapter_dir}: tensor {k!r} has {bad} of {v.numel()} values NaN or "
-                               f"infinite; the adapter is broken (a diverged run?)")
+                               f"infinite ({adapter_weights_file(adapter_dir).name}); the adapter is broken (a "
+                               f"diverged run?)")
 
 
 _ADAPTER_NAME_IN_KEY = re.compile(r"\.(lora_[AB]|lora_embedding_[AB]|lora_magnitude_vector)\.default(\.|$)")
@@ -418,6 +441,14 @@ def _rank(config, module_name: str) -> int:
     return int(config.r)
 
 
+def _rank_text(config, key: str) -> str:
+    module = key.removeprefix(PREFIX).split(".lora_")[0]
+    for pattern, r in (config.rank_pattern or {}).items():
+        if re.match(rf"(.*\.)?{pattern}$", module):
+            return f"{r} (rank_pattern {pattern!r})"
+    return f"r={config.r}"
+
+
 def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = None) -> None:
     """Raise AdapterError (naming the adapter and the first bad key) unless every adapter tensor has a home
     of the right shape in ``model`` and every targeted module has its LoRA weights. ``state_dict``: tensors or
@@ -430,10 +461,22 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
     if config.target_modules is None:  # (a config built in memory; a file's is refused as it is read)
         raise AdapterError(f"{where}: {NO_TARGETS}")
     targets = target_module_names(model, config)
+    layers = config.layers_to_transform
+    layers = [layers] if isinstance(layers, int) else list(layers or [])
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    beyond = [i for i in layers if isinstance(n_layers, int) and i >= n_layers]
+    if beyond:
+        raise AdapterError(f"{where}: {CONFIG_NAME}'s layers_to_transform names layer {beyond[0]}, but the model has "
+                           f"{n_layers} (0..{n_layers - 1}); it was made for a deeper model")
     if not targets:
         raise AdapterError(f"{where}: none of its target modules {_targets_text(config)} exist in "
-                           f"this model ({type(model).__name__}); it was made for another architecture")
+                           f"this model ({type(model).__name__}; target_modules of {CONFIG_NAME}); it was made for "
+                           f"another architecture")
     modules = dict(model.named_modules())
+    for m in config.modules_to_save or []:  # PEFT skips a name that matches nothing, and the adapter's rows with it
+        if not any(name == m or name.endswith("." + m) for name in modules):
+            raise AdapterError(f"{where}: {CONFIG_NAME}'s modules_to_save names {m!r}, which is no module of this "
+                               f"model ({type(model).__name__}; Qwen's are e.g. 'wte', 'lm_head')")
     expected: dict[str, tuple[int, ...]] = {}
     for name in targets:
         io = _module_io(modules[name])
@@ -465,14 +508,20 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
                                    f"{list(optional[k])} (another model size?)")
             continue
         if k not in expected:
+            layer = re.search(r"\.h\.(\d+)\.", k)
             hint = (f"; a bias, but {CONFIG_NAME} says bias {config.bias!r}" if k.endswith(".bias") and
-                    config.bias == "none" else " (another architecture or layer count?)")
+                    config.bias == "none" else
+                    f"; layer {layer.group(1)} is not in {CONFIG_NAME}'s layers_to_transform {layers}"
+                    if layers and layer and int(layer.group(1)) < (n_layers or 0) else
+                    f"; the model has that module, but {CONFIG_NAME}'s target_modules {_targets_text(config)} do not "
+                    f"name it" if ".lora_" in k and k.removeprefix(PREFIX).split(".lora_")[0] in modules else
+                    " (another architecture or layer count?)")
             raise AdapterError(f"{where} does not fit this model: its tensor {k!r} {list(v)} has no place "
                                f"in {type(model).__name__}{hint}")
         if v != expected[k]:
             raise AdapterError(f"{where} does not fit this model: {k!r} has shape {list(v)}, the model "
-                               f"needs {list(expected[k])} (another model size, or a rank other than r="
-                               f"{config.r} from {CONFIG_NAME})")
+                               f"needs {list(expected[k])} (another model size, or a rank other than "
+                               f"{_rank_text(config, k)} from {CONFIG_NAME})")
     missing = [k for k in expected if k not in sd]
     if missing:
         raise AdapterError(f"{where} does not fit this model: {len(missing)} tensor(s) the config targets are "
