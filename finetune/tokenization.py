@@ -105,19 +105,29 @@ _template_mode = threading.local()
 @lru_cache(maxsize=8)
 def _load_ranks(path: str) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
+    line_of: dict[int, int] = {}  # rank -> the line that gave it
     with open(path, "rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 token, rank = line.split()
-                ranks[base64.b64decode(token)] = int(rank)
+                token, rank = base64.b64decode(token, validate=True), int(rank)
             except ValueError as e:
                 raise TokenizerError(f"{path}: line {lineno} is not '<base64 token> <rank>': {e}") from None
+            if token in ranks:  # a later line would silently replace the token's rank
+                raise TokenizerError(f"{path}: line {lineno} gives token {token!r} again (rank {ranks[token]} on "
+                                     f"line {line_of[ranks[token]]}): a corrupt vocabulary")
+            if rank in line_of:
+                raise TokenizerError(f"{path}: line {lineno} gives rank {rank} again (first on line "
+                                     f"{line_of[rank]}): a corrupt vocabulary")
+            ranks[token], line_of[rank] = rank, lineno
     if not ranks:  # (tiktoken would fail on max() of nothing)
         raise TokenizerError(f"{path}: no token ranks: the file is empty (copy it again from the original model dir)")
     if sorted(ranks.values()) != list(range(len(ranks))):
-        raise TokenizerError(f"{path}: ranks are not a contiguous 0..{len(ranks) - 1} range")
+        missing = next(i for i in range(len(ranks) + 1) if i not in line_of)
+        raise TokenizerError(f"{path}: ranks are not a contiguous 0..{len(ranks) - 1} range (no line gives rank "
+                             f"{missing})")
     return ranks
 
 
