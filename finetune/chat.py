@@ -140,12 +140,31 @@ def too_long(tokenizer, query: str, system: str, window: int) -> str | None:
     return None
 
 
+def check_chat_format(model_dir) -> None:
+    """A model dir whose generation_config.json has a chat_format other than chatml (a base model's "raw") cannot
+    chat: one line before the weights load, not model.chat's ValueError at the first reply."""
+    import json
+
+    from .errors import ModelLoadError
+    from .hub import resolve_model_dir
+
+    path = resolve_model_dir(model_dir) / "generation_config.json"
+    try:
+        fmt = json.loads(path.read_text(encoding="utf-8")).get("chat_format", "chatml")
+    except (OSError, ValueError, AttributeError):
+        return  # absent (the official defaults) or broken (the loader names the file)
+    if fmt != "chatml":
+        raise ModelLoadError(f"{path}: chat_format {fmt!r}: chat needs a chat model (chat_format \"chatml\", as "
+                             f"Qwen-*-Chat have); {fmt!r} is a base model's")
+
+
 def load(args):
     from .adapters import resolve_base
     from .loading import load_model
     from .tokenization import load_tokenizer
 
     model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
+    check_chat_format(model_dir)
     # the tokenizer first: it is checked against the model's config before any weights load
     if args.adapter and not (Path(model_dir) / "qwen.tiktoken").is_file():
         tokenizer = load_tokenizer(args.adapter, check_against=model_dir)  # saved with the adapter by the trainer
