@@ -230,25 +230,29 @@ def generate_replies(model, tokenizer, contexts, batch_size: int = 8, max_new_to
 
 def engine_reply_ids(model, tokenizer, contexts, batch_size: int = 32, max_new_tokens: int = 128,
                      repetition_penalty: float = 1.0, adapter: str | None = None,
-                     progress: bool = False) -> list[list[int]]:
+                     progress: bool = False, stops: list[str | None] | None = None) -> list[list[int]]:
     """Greedy new token ids through the inference engine (``adapter`` None = the base model, adapters off);
-    the stop token is not included."""
+    the stop token is not included. ``stops``: a stop string for each context (or None), where its row ends
+    (the tokens that complete it are its last; the text is cut at it by ``cut_reply``)."""
     from .inference import Engine, SamplingParams
 
     if not contexts:
         return []
     engine = Engine(model, tokenizer, max_batch=batch_size,
                     max_len=max(len(c) for c in contexts) + max_new_tokens)
-    params = SamplingParams(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
-                            stop_token_ids=(tokenizer.eod_id,))
+    base = dict(max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty,
+                stop_token_ids=(tokenizer.eod_id,))
+    params = [SamplingParams(**base, stop=(stop,) if stop else ()) for stop in (stops or [None] * len(contexts))]
     return engine.generate(contexts, params, adapter=adapter, progress=progress)
 
 
 def engine_replies(model, tokenizer, contexts, batch_size: int = 32, max_new_tokens: int = 128,
-                   repetition_penalty: float = 1.0, adapter: str | None = None, progress: bool = False) -> list[str]:
-    """Greedy replies (text) through the inference engine."""
-    return _texts(tokenizer, engine_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens,
-                                              repetition_penalty, adapter, progress))
+                   repetition_penalty: float = 1.0, adapter: str | None = None, progress: bool = False,
+                   stops: list[str | None] | None = None) -> list[str]:
+    """Greedy replies (text) through the inference engine, each cut at its stop string."""
+    rows = engine_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens, repetition_penalty, adapter,
+                            progress, stops)
+    return [cut_reply(r, stop) for r, stop in zip(_texts(tokenizer, rows), stops or [None] * len(rows))]
 
 
 def score_replies(replies: list[str], references: list[str]) -> dict:
@@ -312,7 +316,7 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
             adapter = model.active_adapter if peft and name == "adapter" else None
             t = time.perf_counter()
             rows = engine_reply_ids(model, tokenizer, contexts, gen_batch_size, max_new_tokens, repetition_penalty,
-                                    adapter=adapter, progress=progress)
+                                    adapter=adapter, progress=progress, stops=stops)
             gen_s = time.perf_counter() - t
         if generate:
             replies = [cut_reply(r, stop) for r, stop in zip(_texts(tokenizer, rows), stops)]
@@ -322,7 +326,8 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
             metrics.update(scores)
             # counted from the generated token ids (stops excluded), not from the text: tokens that decode to
             # nothing visible (a random model's, ids past the tokenizer's vocabulary) are generated all the same,
-            # and so are those after an "Observation:" the text is cut at
+            # and so are those generate() makes after an "Observation:" the text is cut at (the engine's rows
+            # end there)
             tokens = sum(len(r) for r in rows)
             metrics.update(generated_tokens=tokens, generation_seconds=gen_s,
                            tokens_per_s=tokens / gen_s if gen_s > 0 else 0.0)

@@ -462,6 +462,26 @@ def test_replies_to_tool_records_end_at_observation_as_the_servers(small_tok, mo
     assert report["base"]["generated_tokens"] == sum(len(tok.encode(r)) for r in replies.values())
 
 
+def test_the_engines_rows_end_at_their_stop_string(small_tok):
+    """A tool record's row ends where its text reaches "Observation:" (the server's stop), not at max_new_tokens:
+    the reply is the same as cut afterwards, with fewer tokens generated."""
+    from finetune.evaluate import _texts, engine_replies, engine_reply_ids
+
+    from _helpers import tiny_model
+
+    tok, model = small_tok, tiny_model(seed=3)
+    contexts = [tok.encode("one two three"), tok.encode("four five six seven")]
+    free = engine_reply_ids(model, tok, contexts, max_new_tokens=24)
+    text = _texts(tok, [free[0]])[0]
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert len(stop.strip()) == 3 and "\ufffd" not in stop
+    ended = engine_reply_ids(model, tok, contexts, max_new_tokens=24, stops=[stop, None])
+    assert ended[1] == free[1] and len(ended[0]) < len(free[0]) and ended[0] == free[0][:len(ended[0])]
+    assert stop in tok.decode(ended[0]) and stop not in tok.decode(ended[0][:-1])
+    assert engine_replies(model, tok, contexts, max_new_tokens=24, stops=[stop, None]) == [
+        text.split(stop, 1)[0].strip(), _texts(tok, [free[1]])[0]]
+
+
 def test_a_missing_data_file_is_one_line_naming_the_flag(tmp_path, capsys):
     # was "error: X: file not found: no such file" (the words twice, the flag not named); the data is read before
     # any model, so the model dir need not exist

@@ -35,7 +35,8 @@ does the host write the step's inputs. Prefill picks its row's first token on th
 
 Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
 base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
-<|im_end|>/<|im_start|> and the request's stop ids (stop tokens are not part of the output), sampling as
+<|im_end|>/<|im_start|> and the request's stop ids (stop tokens are not part of the output), and at the token
+whose text completes one of its stop strings (stop_strings.py; that token is the output's last), sampling as
 transformers applies it (sampling.py). Adapters: per row, unmerged (row_adapters.py).
 
 Thread safety: ``submit`` and ``Request.cancel`` may be called from any thread; ``step`` runs one at a time
@@ -58,6 +59,7 @@ from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
 from .row_adapters import RowAdapters
 from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
+from .stop_strings import StopStrings
 
 LENGTH_BUCKET = 256
 PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
@@ -80,6 +82,7 @@ class Request:
         self.output_ids: list[int] = []
         self.finished = False
         self.finish_reason: str | None = None
+        self.stop_string: str | None = None  # the one of params.stop that ended it, if one did
         self._cancel = threading.Event()
 
     def cancel(self) -> None:
@@ -96,10 +99,11 @@ class Request:
 
 
 class _Row:
-    __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked")
+    __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked", "stop_text")
 
-    def __init__(self, req, alpha, generator, adapter_index, stops):
+    def __init__(self, req, alpha, generator, adapter_index, stops, stop_text=None):
         self.req = req
+        self.stop_text = stop_text  # a StopStrings over the row's text when the request has stop strings
         self.length = 0  # tokens in the cache, counting the step in flight (its write is enqueued)
         self.alpha = alpha
         self.generator = generator
@@ -279,10 +283,14 @@ class Engine:
                     self._read(previous, touched)
             return list(touched.values())
 
-    def generate(self, prompts, params: SamplingParams | None = None, adapter: str | None = None,
-                 progress: bool = False) -> list[list[int]]:
-        """Output ids of every prompt (in input order): all submitted, stepped until done."""
-        reqs = [self.submit(p, params, adapter) for p in prompts]
+    def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 adapter: str | None = None, progress: bool = False) -> list[list[int]]:
+        """Output ids of every prompt (in input order): all submitted, stepped until done. ``params``: one for
+        every prompt, or a list with one each."""
+        each = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(each) != len(prompts):
+            raise ValueError(f"params: {len(each)} given for {len(prompts)} prompts")
+        reqs = [self.submit(p, q, adapter) for p, q in zip(prompts, each)]
         bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -505,8 +513,9 @@ class Engine:
             if req.params.seed is not None:
                 generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
             alpha = float(ntk_alpha(L, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
+            stop_text = StopStrings(self.tokenizer, req.params.stop) if req.params.stop else None
             rows.append(_Row(req, alpha, generator, self.adapters.index(req.adapter),
-                             self._base_stops | set(req.params.stop_token_ids)))
+                             self._base_stops | set(req.params.stop_token_ids), stop_text))
         ids = torch.tensor([r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
                            device=self.device)
         pos = torch.arange(T, device=self.device)[None].expand(n, T)
@@ -707,8 +716,8 @@ class Engine:
             else:
                 req.output_ids.append(t)
                 r.last = t
-                if len(req.output_ids) >= req.params.max_new_tokens:
-                    self._finish(r, "length", touched)
+                if self._ends(r, t) or len(req.output_ids) >= req.params.max_new_tokens:
+                    self._finish(r, "stop" if req.stop_string is not None else "length", touched)
                     self._gone.append(r)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------
@@ -798,11 +807,19 @@ class Engine:
                 continue
             req.output_ids.append(t)
             r.last = t
-            if len(req.output_ids) >= req.params.max_new_tokens:
-                self._finish(r, "length", touched)
+            if self._ends(r, t) or len(req.output_ids) >= req.params.max_new_tokens:
+                self._finish(r, "stop" if req.stop_string is not None else "length", touched)
                 gone.append(r)
         if gone:
             self._remove(gone)
+
+    @staticmethod
+    def _ends(row: _Row, token: int) -> bool:
+        """Whether ``token`` completes one of the row's stop strings (noted in its request's stop_string)."""
+        if row.stop_text is None:
+            return False
+        row.req.stop_string = row.stop_text.add(token)
+        return row.req.stop_string is not None
 
 
 __all__ = ["Engine", "Request", "SamplingParams"]

@@ -40,7 +40,9 @@ def unsupported_options(gc: GenerationConfig) -> list[str]:
 @dataclass
 class SamplingParams:
     """How one request is decoded. ``stop_token_ids`` are stops besides <|im_end|>/<|im_start|> (which the
-    engine always stops on); stop tokens never appear in the output."""
+    engine always stops on); stop tokens never appear in the output. ``stop``: strings that end the output at
+    the token whose text completes one (that token is the output's last; the caller cuts the text, e.g. at
+    ``Request.stop_string``)."""
 
     max_new_tokens: int = 512
     do_sample: bool = False
@@ -51,10 +53,16 @@ class SamplingParams:
     min_new_tokens: int = 0
     seed: int | None = None
     stop_token_ids: tuple = ()
+    stop: tuple = ()
 
     def __post_init__(self):
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
         problems = []
+        if isinstance(self.stop, str):
+            self.stop = (self.stop,)
+        self.stop = tuple(self.stop)
+        if not all(isinstance(s, str) and s for s in self.stop):
+            problems.append(f"stop must be non-empty strings, got {self.stop!r}")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not self.temperature > 0:

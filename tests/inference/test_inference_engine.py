@@ -269,6 +269,43 @@ def test_stop_tokens_end_the_row_and_are_not_in_the_output(tok):
     assert stop not in held[:first + 2] and len(held) >= first + 2
 
 
+def test_a_stop_string_ends_the_row_at_the_token_that_completes_it(tok):
+    # a random row's text; its stop string taken across a token boundary, so no single token holds it
+    model = tiny(seed=15)
+    p, other = prompts([9, 14], seed=16)
+    free = Engine(model, tok, max_batch=2).generate([p], SamplingParams(max_new_tokens=16))[0]
+    texts = [tok.decode(free[:i]) for i in range(len(free) + 1)]
+    k = next(i for i in range(2, len(free)) if len(tok.decode(free[i - 1:i])) >= 1 and "\ufffd" not in texts[i]
+             and len(texts[i]) > len(texts[i - 1]) and "\ufffd" not in texts[i - 1] and len(texts[i - 1]) >= 1)
+    stop = texts[k][len(texts[k - 1]) - 1:]  # the last character of token k-1's text + token k's text
+    assert stop not in texts[k - 1]
+    first = next(i for i in range(len(free) + 1) if stop in texts[i])
+    engine = Engine(model, tok, max_batch=2)
+    req = engine.submit(p, SamplingParams(max_new_tokens=16, stop=(stop, "never here \u2603")))
+    keep = engine.submit(other, SamplingParams(max_new_tokens=16))
+    while engine.has_work():
+        engine.step()
+    assert req.output_ids == free[:first] and req.finish_reason == "stop" and req.stop_string == stop
+    # the other row runs on as alone; a stop string never met changes nothing
+    assert keep.output_ids == Engine(model, tok, max_batch=1).generate([other], SamplingParams(max_new_tokens=16))[0]
+    assert Engine(model, tok, max_batch=1).generate([p], SamplingParams(max_new_tokens=16, stop="\u2603"))[0] == free
+    with pytest.raises(ValueError, match="stop must be non-empty strings"):
+        SamplingParams(stop=("",))
+    with pytest.raises(ValueError, match="params: 1 given for 2 prompts"):
+        engine.generate([p, other], [SamplingParams()])
+
+
+def test_stop_strings_wait_for_a_split_character():
+    from finetune.inference.stop_strings import StopStrings
+
+    t = QWenTokenizer(str(SMALL_VOCAB))
+    ids = t.encode("a\u2603b")
+    assert len(ids) == 5  # the snowman's three bytes are three tokens
+    s = StopStrings(t, ["\u2603b"])
+    hits = [s.add(i) for i in ids]
+    assert hits[:-1] == [None] * (len(ids) - 1) and hits[-1] == "\u2603b"
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(tok):
     model = tiny(seed=17)
     batch = prompts([5, 11], seed=18)
