@@ -422,6 +422,12 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             if at and isinstance(at[0], int):
                 detail += f" at character {at[0] + 1}"
             return JSONResponse(APIError(400, f"the request body is not valid JSON: {detail}").body(), 400)
+        if not where and err.get("type") == "string_unicode" and isinstance(err.get("input"), str):
+            # a top-level key with a lone surrogate ("\\ud800" in the JSON), no valid text to match a field by:
+            # named as the JSON wrote it (it was "the request body must be a JSON object, got a string")
+            key = json.dumps(err["input"])[1:-1]
+            msg = f"{key}: a field name must be valid Unicode text (this one holds a lone surrogate)"
+            return JSONResponse(APIError(400, msg, key).body(), 400)
         if not where:  # the body as a whole: pydantic's words ("Field required") would name nothing
             msg = _body_problem(request, err)
         return JSONResponse(APIError(400, f"{where}: {msg}" if where else msg, where or None).body(), 400)

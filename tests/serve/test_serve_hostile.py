@@ -402,3 +402,14 @@ def test_cors_only_for_the_origins_given(live, tmp_path):
         r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60,
                        headers={"Origin": page, "Authorization": "Bearer k"})
         assert _error(r, 500)["type"] == "server_error" and r.headers["access-control-allow-origin"] == page
+
+
+@pytest.mark.parametrize("raw", [b'"\\ud800model"', b'"x\xed\xa0\x80"'], ids=["escaped", "utf8-encoded"])
+def test_a_field_name_with_a_lone_surrogate_is_400_naming_it(live, raw):
+    """A top-level key holding a lone surrogate (as a JSON escape, or its UTF-8 bytes, which json.loads lets through
+    alike) failed pydantic's validation at the body's root: the answer was "the request body must be a JSON object,
+    got a string" (it is an object) and named no field."""
+    content = b'{"model": "tiny-qwen", "messages": [{"role": "user", "content": "hi"}], ' + raw + b": 1}"
+    err = _error(_post(live, content=content, headers=JSON))
+    key = json.dumps(json.loads(b"{" + raw + b": 1}").popitem()[0])[1:-1]  # as JSON escapes it: "\\ud800model"
+    assert err["param"] == key and "lone surrogate" in err["message"], err
