@@ -458,7 +458,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         # (a non-ASCII key never matched)
         if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode("latin-1"),
                                                                      server.api_key.encode()):
-            what = "missing" if not header else "incorrect"
+            what = "missing" if not header or (scheme.lower() == "bearer" and not key.strip()) else "incorrect"
             raise APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key "
                            "given to --api-key", None, "invalid_api_key")
 

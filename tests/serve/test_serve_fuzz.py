@@ -382,7 +382,6 @@ def test_fuzz_chat_completions(live, errors):
     assert not findings, f"{len(findings)} finding(s):\n" + "\n".join(findings)
     health = httpx.get(live.url + "/health", timeout=10).json()
     assert health["status"] == "ok", health
-    print(seen)
     assert seen.get(200, 0) > 20 and seen.get(400, 0) > 50, seen  # (the mix stays a mix)
 
 

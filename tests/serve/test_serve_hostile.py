@@ -272,6 +272,56 @@ def test_a_non_ascii_api_key_matches(live, monkeypatch):
     assert _error(r, 401)["code"] == "invalid_api_key"
 
 
+@pytest.mark.parametrize("header, status, what", [
+    # the scheme is case-insensitive (RFC 7235); blanks around the key do not count
+    ("Bearer sk-KEY", 200, None), ("bearer sk-KEY", 200, None), ("BEARER sk-KEY", 200, None),
+    ("Bearer   sk-KEY", 200, None), ("Bearer sk-KEY\t", 200, None),
+    (None, 401, "missing"), ("Bearer", 401, "missing"), ("Bearer   ", 401, "missing"),
+    # no scheme, another scheme, a tab for the space, two keys: as a wrong key
+    ("sk-KEY", 401, "incorrect"), ("Basic c2stS0VZ", 401, "incorrect"), ("Bearer sk-KEYx", 401, "incorrect"),
+    ("Bearer\tsk-KEY", 401, "incorrect"), ("Bearer sk-KEY, Bearer x", 401, "incorrect"),
+    ("Token sk-KEY", 401, "incorrect"),
+])
+def test_authorization_header_forms(live, monkeypatch, header, status, what):
+    """A "Bearer" with no key after it was an "incorrect API key" (it is missing: what OpenAI says too)."""
+    import http.client
+
+    monkeypatch.setattr(live.server, "api_key", "sk-KEY")
+    conn = http.client.HTTPConnection(live.host, live.port, timeout=10)  # (httpx refuses a trailing blank)
+    conn.putrequest("GET", "/v1/models")
+    if header is not None:
+        conn.putheader("Authorization", header)
+    conn.endheaders()
+    r = conn.getresponse()
+    body = json.loads(r.read())
+    conn.close()
+    assert r.status == status, body
+    if what:
+        assert body["error"]["code"] == "invalid_api_key" and body["error"]["message"].startswith(what), body
+        assert r.getheader("WWW-Authenticate") == "Bearer"
+
+
+@pytest.mark.parametrize("path, name", [
+    ("tiny%2Fqwen", "tiny/qwen"), ("tiny-qwen%2F", "tiny-qwen/"), ("%2F", "/"), ("/tiny-qwen", "/tiny-qwen"),
+    ("tiny-qwen/", "tiny-qwen/"), ("%C3%A9", "é"), ("%00", "\x00"), ("..%2F..%2Fetc", "../../etc"),
+    ("%20tiny-qwen", " tiny-qwen"), ("x" * 20000, "x" * 20000), ("%ED%A0%80", None), ("%FF", None),
+])
+def test_odd_model_ids_are_404_model_not_found(live, path, name):
+    err = _error(httpx.get(live.api_url + "/models/" + path, timeout=10), 404)
+    assert err["code"] == "model_not_found" and err["param"] == "model", err
+    if name is not None:
+        assert repr(name) in err["message"], err
+    assert httpx.get(live.api_url + "/models/tiny-qwen?x=%FF", timeout=10).json()["id"] == "tiny-qwen"
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"])
+def test_unknown_methods_are_405_error_objects(live, method):
+    r = httpx.request(method, live.api_url + "/chat/completions", timeout=10)
+    assert _error(r, 405)["message"] == "Method Not Allowed" and r.headers["allow"] == "POST"
+    r = httpx.request(method, live.api_url + "/models/tiny-qwen", timeout=10)
+    assert _error(r, 405) and set(r.headers["allow"].split(", ")) == {"GET", "HEAD"}
+
+
 # -- the event loop and disconnects ----------------------------------------------------------------------------
 
 
