@@ -815,11 +815,15 @@ class Engine:
 
     @staticmethod
     def _ends(row: _Row, token: int) -> bool:
-        """Whether ``token`` completes one of the row's stop strings (noted in its request's stop_string)."""
+        """Whether ``token`` completes one of the row's stop strings (noted in its request's stop_string); before
+        min_new_tokens none ends it, as no stop token does."""
         if row.stop_text is None:
             return False
-        row.req.stop_string = row.stop_text.add(token)
-        return row.req.stop_string is not None
+        hit = row.stop_text.add(token)
+        if hit is None or len(row.req.output_ids) < row.req.params.min_new_tokens:
+            return False
+        row.req.stop_string = hit
+        return True
 
 
 __all__ = ["Engine", "Request", "SamplingParams"]

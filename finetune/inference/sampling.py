@@ -42,7 +42,7 @@ class SamplingParams:
     """How one request is decoded. ``stop_token_ids`` are stops besides <|im_end|>/<|im_start|> (which the
     engine always stops on); stop tokens never appear in the output. ``stop``: strings that end the output at
     the token whose text completes one (that token is the output's last; the caller cuts the text, e.g. at
-    ``Request.stop_string``)."""
+    ``Request.stop_string``). Neither ends the output before ``min_new_tokens`` tokens."""
 
     max_new_tokens: int = 512
     do_sample: bool = False

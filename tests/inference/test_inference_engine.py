@@ -289,6 +289,10 @@ def test_a_stop_string_ends_the_row_at_the_token_that_completes_it(tok):
     # the other row runs on as alone; a stop string never met changes nothing
     assert keep.output_ids == Engine(model, tok, max_batch=1).generate([other], SamplingParams(max_new_tokens=16))[0]
     assert Engine(model, tok, max_batch=1).generate([p], SamplingParams(max_new_tokens=16, stop="\u2603"))[0] == free
+    # min_new_tokens holds a stop string back as it holds stop tokens
+    held = Engine(model, tok, max_batch=1).generate([p], SamplingParams(max_new_tokens=16, min_new_tokens=first + 1,
+                                                                        stop=(stop,)))[0]
+    assert held[:first + 1] == free[:first + 1] and len(held) > first
     with pytest.raises(ValueError, match="stop must be non-empty strings"):
         SamplingParams(stop=("",))
     with pytest.raises(ValueError, match="params: 1 given for 2 prompts"):
