@@ -8,6 +8,9 @@ from ..lazy import lazy_attributes
 from .configuration import QWenConfig
 
 __getattr__ = lazy_attributes(__name__, {"QWenLMHeadModel": ".model", "QWenModel": ".model",
-                                         "QWenPreTrainedModel": ".model", "make_context": ".chat"})
+                                         "QWenPreTrainedModel": ".model", "make_context": ".chat",
+                                         "decode_tokens": ".chat", "get_stop_words_ids": ".chat",
+                                         "StopWordsLogitsProcessor": ".chat"})
 
-__all__ = ["QWenConfig", "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "make_context"]
+__all__ = ["QWenConfig", "QWenLMHeadModel", "QWenModel", "QWenPreTrainedModel", "make_context", "decode_tokens",
+           "get_stop_words_ids", "StopWordsLogitsProcessor"]

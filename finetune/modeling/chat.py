@@ -17,11 +17,14 @@ import queue
 import threading
 from typing import Iterator
 
+import numpy as np
+
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+_SENTINEL = object()  # chat()'s `stream` default: the official chat() refuses any value passed for it
 
 # The official generation_config.json of the Qwen v1 chat models (eos/pad are the vocabulary's <|endoftext|>).
 OFFICIAL_GENERATION_DEFAULTS = dict(
@@ -39,6 +42,9 @@ def make_context(tokenizer, query, history=None, system="", max_window_size=6144
     """(raw_text, context_tokens) exactly as the official make_context builds them."""
     if history is None:
         history = []
+    for name, value in (("query", query), ("system", system)):
+        if not isinstance(value, str):  # (the official code fails inside the tokenizer)
+            raise ValueError(f"make_context: {name} must be a string, got {type(value).__name__}")
     if chat_format == "raw":
         return query, list(tokenizer.encode(query))
     if chat_format != "chatml":
@@ -87,6 +93,79 @@ def make_context(tokenizer, query, history=None, system="", max_window_size=6144
     return raw_text, context_tokens
 
 
+def get_stop_words_ids(chat_format, tokenizer) -> list[list[int]]:
+    """The official stop words of a chat format: chatml [[<|im_end|>], [<|im_start|>]]; raw ["Human:" ids,
+    [<|endoftext|>]]."""
+    if chat_format == "raw":
+        return [tokenizer.encode("Human:"), [tokenizer.eod_id]]
+    if chat_format == "chatml":
+        return [[tokenizer.im_end_id], [tokenizer.im_start_id]]
+    raise NotImplementedError(f"Unknown chat format {chat_format!r}")
+
+
+def _decode_default(tokens, *, stop_words, eod_words, tokenizer, raw_text_len, verbose=False,
+                    return_end_reason=False, errors="replace"):
+    """The official raw-format decoding: the text after the prompt's characters, each stop word removed (and the
+    text stripped after each), cut before the first eod word, stripped."""
+    text = tokenizer.decode(tokens, errors=errors)[raw_text_len:]
+    if verbose:
+        print("\nRaw Generate: ", text)
+    end_reason = f"Gen length {len(tokens)}"
+    for word in stop_words:
+        text = text.replace(word, "").strip()
+    for word in eod_words:
+        if word in text:
+            end_reason = f"Gen {word!r}"
+        text = text.split(word)[0]
+    text = text.strip()
+    if verbose:
+        print("\nEnd Reason:", end_reason)
+        print("\nGenerate: ", text)
+    return (text, end_reason) if return_end_reason else text
+
+
+def _decode_chatml(tokens, *, stop_words, eod_token_ids, tokenizer, raw_text_len, context_length, verbose=False,
+                   return_end_reason=False, errors="replace"):
+    """The official chatml decoding: the tokens before the first of ``eod_token_ids`` after the prompt (when none
+    comes, before the last token), as text after the prompt's ``raw_text_len`` characters, stop words removed,
+    stripped."""
+    end_reason = f"Gen length {len(tokens)}"
+    end = context_length
+    for end in range(context_length, len(tokens)):
+        if tokens[end] in eod_token_ids:
+            end_reason = f"Gen {tokenizer.decode([tokens[end]])!r}"
+            break
+    text = tokenizer.decode(tokens[:end], errors=errors)[raw_text_len:]
+    if verbose:
+        print("\nRaw Generate w/o EOD:", tokenizer.decode(tokens, errors=errors)[raw_text_len:])
+        print("\nRaw Generate:", text)
+        print("\nEnd Reason:", end_reason)
+    for word in stop_words:
+        text = text.replace(word, "").strip()
+    text = text.strip()
+    if verbose:
+        print("\nGenerate:", text)
+    return (text, end_reason) if return_end_reason else text
+
+
+def decode_tokens(tokens, tokenizer, raw_text_len: int, context_length: int, chat_format: str,
+                  verbose: bool = False, return_end_reason: bool = False, errors: str = "replace"):
+    """The official ``decode_tokens``: the reply in ``tokens`` (prompt + generated, a list or a 1-D tensor) after
+    the prompt (``raw_text_len`` characters of make_context's raw_text, ``context_length`` of its tokens); with
+    ``return_end_reason``, (reply, "Gen '<|im_end|>'" or "Gen length N")."""
+    if torch.is_tensor(tokens):
+        tokens = tokens.cpu().tolist()
+    if chat_format == "chatml":
+        return _decode_chatml(tokens, stop_words=[], eod_token_ids=[tokenizer.im_start_id, tokenizer.im_end_id],
+                              tokenizer=tokenizer, raw_text_len=raw_text_len, context_length=context_length,
+                              verbose=verbose, return_end_reason=return_end_reason, errors=errors)
+    if chat_format == "raw":
+        return _decode_default(tokens, stop_words=["<|endoftext|>"], eod_words=["<|endoftext|>"],
+                               tokenizer=tokenizer, raw_text_len=raw_text_len, verbose=verbose,
+                               return_end_reason=return_end_reason, errors=errors)
+    raise NotImplementedError(f"Unknown chat format {chat_format!r}")
+
+
 # The fast decoder chat()/chat_stream() use when one is registered (finetune.inference registers its engine;
 # the model itself imports nothing from inference/): fn(model, tokenizer, input_ids [1, T], gc) -> an iterator
 # of the new token ids, or None when it does not handle this call (then generate() runs).
@@ -109,7 +188,8 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[GenerationConfig, int, str]:
     """The config generate() runs with: the given one, else the model dir's generation_config.json (else the
-    official defaults), updated with the call's kwargs; eos always includes <|im_end|> and <|im_start|>."""
+    official defaults), updated with the call's kwargs; eos always includes <|im_end|> and <|im_start|>. The kwargs
+    that are not generation config fields are left in ``kwargs`` (generate()'s own arguments)."""
     if generation_config is None:
         generation_config = getattr(model, "generation_config", None)
         loaded = generation_config is not None and getattr(generation_config, "chat_format", None) is not None
@@ -118,11 +198,23 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
                 **OFFICIAL_GENERATION_DEFAULTS, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.eod_id
             )
     gc = copy.deepcopy(generation_config)
-    max_window_size = kwargs.pop("max_window_size", None) or getattr(gc, "max_window_size", None) or 6144
+    max_window_size = kwargs.pop("max_window_size", None)  # (0 is a window too, as officially)
+    if max_window_size is None:
+        max_window_size = getattr(gc, "max_window_size", None)
+    if max_window_size is None:
+        max_window_size = 6144
     chat_format = getattr(gc, "chat_format", None) or "chatml"
     if chat_format != "chatml":
-        raise ValueError(f"chat() needs chat_format 'chatml', the generation config says {chat_format!r}")
-    gc.update(**kwargs)
+        raise ValueError(f"chat() needs chat_format 'chatml', the generation config says {chat_format!r} (a base "
+                         f"model's, not a chat model's; the official chat() refuses it too)")
+    if kwargs.get("return_dict_in_generate"):
+        raise ValueError("chat() returns the reply text; return_dict_in_generate is not supported (call generate())")
+    # As the official chat() passes its kwargs to generate(): the generation config's fields update the config;
+    # the rest (logits_processor, stopping_criteria, ...) stay in `kwargs` for generate(), which refuses unknown ones.
+    unused = gc.update(**kwargs)
+    kwargs.clear()
+    kwargs.update(unused)
+    kwargs.pop("return_dict_in_generate", None)
     eos = gc.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
     gc.eos_token_id = list(dict.fromkeys(stop_token_ids(tokenizer) + eos))
@@ -139,15 +231,16 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
 
 
 def check_stop_words(stop_words_ids) -> list[list[int]]:
-    """``stop_words_ids`` as a list of token id lists (None: none); anything else is a ValueError saying what."""
+    """``stop_words_ids`` as a list of token id lists (None: none); anything else is a ValueError saying what, where
+    the official code raises one too or fails (a list of lists of ids >= 0, numpy integers included)."""
     if stop_words_ids is None:
         return []
-    if not isinstance(stop_words_ids, (list, tuple)):
+    if not isinstance(stop_words_ids, list):
         raise ValueError(f"stop_words_ids must be a list of token id lists, got {type(stop_words_ids).__name__}")
     out = []
     for i, w in enumerate(stop_words_ids):
-        if (not isinstance(w, (list, tuple)) or not w
-                or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w)):
+        if (not isinstance(w, list) or not w
+                or not all(isinstance(t, (int, np.integer)) and t >= 0 for t in w)):
             raise ValueError(f"stop_words_ids[{i}] must be a non-empty list of token ids, got {w!r}")
         out.append([int(t) for t in w])
     return out
@@ -159,9 +252,12 @@ def ends_with_stop_word(ids: list[int], stop_words: list[list[int]]) -> bool:
 
 class StopWordsLogitsProcessor(LogitsProcessor):
     """The official generate()'s stop words: a row whose ids end with one of them has its eos logit(s) set to
-    2**15, so its next token is eos. (Stop words that are the eos itself are left to generate's own stop.)"""
+    2**15, so its next token is eos. (Stop words that are the eos itself are left to generate's own stop.)
+    ``stop_words_ids`` must be a non-empty list of non-empty lists of ids, else a ValueError, as officially."""
 
     def __init__(self, stop_words_ids, eos_token_id):
+        if not isinstance(stop_words_ids, list) or not stop_words_ids:
+            raise ValueError(f"`stop_words_ids` has to be a non-empty list, but is {stop_words_ids}.")
         eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.eos = eos
         self.stop_words = [w for w in check_stop_words(stop_words_ids) if not (len(w) == 1 and w[0] in eos)]
@@ -177,18 +273,16 @@ class StopWordsLogitsProcessor(LogitsProcessor):
 
 
 def with_stop_words(model, generation_config, logits_processor, stop_words_ids):
-    """generate()'s logits processors with the official stop words added: ``stop_words_ids`` when given, else the
-    generation config's ``stop_words_ids``, else the model's (as the official generate() looks them up)."""
-    if stop_words_ids is None and generation_config is not None:
-        stop_words_ids = getattr(generation_config, "stop_words_ids", None)
+    """generate()'s logits processors with the official stop words added: ``stop_words_ids`` when given (not None),
+    else the ``stop_words_ids`` of the generation config generate() runs with (the one passed, else the model's),
+    as the official generate() looks them up."""
+    gc = generation_config if generation_config is not None else getattr(model, "generation_config", None)
     if stop_words_ids is None:
-        stop_words_ids = getattr(getattr(model, "generation_config", None), "stop_words_ids", None)
-    stop_words = check_stop_words(stop_words_ids)
-    if not stop_words:
+        stop_words_ids = getattr(gc, "stop_words_ids", None)
+    if stop_words_ids is None:
         return logits_processor
-    gc = generation_config if generation_config is not None else model.generation_config
     processors = LogitsProcessorList(logits_processor or [])
-    processors.append(StopWordsLogitsProcessor(stop_words, gc.eos_token_id))
+    processors.append(StopWordsLogitsProcessor(stop_words_ids, gc.eos_token_id))
     return processors
 
 
@@ -216,16 +310,17 @@ def _budget(gc, context_len: int) -> int | None:
     return None if gc.max_length is None else gc.max_length - context_len
 
 
-def _cut_response(tokenizer, new_tokens: list[int], stops: set[int], budget: int | None) -> str:
-    """chat()'s reply, as the official decode_tokens gives it: cut before the first stop token; a reply that
-    used the whole budget without one loses its last token (the official loop over the new tokens leaves its
-    index on the last one when nothing breaks it, and decodes the tokens before it)."""
+def _cut_response(tokenizer, new_tokens: list[int], stops: set[int], unstopped_drops_last: bool) -> str:
+    """chat()'s reply, as the official decode_tokens gives it: cut before the first stop token; a reply with none
+    loses its last token (the official loop over the new tokens leaves its index on the last one when nothing breaks
+    it, and decodes the tokens before it). ``unstopped_drops_last``: whether that applies (generate()'s tokens end
+    with the eos or at the budget; the engine's leave the stop token out, so only a used-up budget counts)."""
     for i, t in enumerate(new_tokens):
         if t in stops:
             new_tokens = new_tokens[:i]
             break
     else:
-        if budget is not None and len(new_tokens) >= budget:
+        if unstopped_drops_last:
             new_tokens = new_tokens[:-1]
     return tokenizer.decode(new_tokens).strip()  # the project's decode never raises on partial UTF-8
 
@@ -244,33 +339,45 @@ def chat(
     query: str,
     history: list | None = None,
     system: str = DEFAULT_SYSTEM,
-    generation_config: GenerationConfig | None = None,
-    stream: bool = False,
+    stream=_SENTINEL,
     stop_words_ids: list[list[int]] | None = None,
+    generation_config: GenerationConfig | None = None,
     **kwargs,
 ) -> tuple[str, list]:
-    """One chat turn: (response, history + [(query, response)]). kwargs update the generation config
-    (e.g. do_sample=False, max_new_tokens=64) or set max_window_size. ``stop_words_ids``: token id sequences that
-    end the reply after them (kept in it), as in the official code."""
-    if stream:
-        raise ValueError("chat(stream=True) is not supported; use chat_stream(...), which yields the growing response")
+    """One chat turn: (response, history + [(query, response)]), the official signature. kwargs update the
+    generation config (e.g. do_sample=False, max_new_tokens=64) or set max_window_size; the others go to generate()
+    (logits_processor, stopping_criteria, ...). ``stop_words_ids``: token id sequences that end the reply after them
+    (kept in it), as in the official code. ``stream`` is refused whatever its value, as officially."""
+    if stream is not _SENTINEL:
+        raise ValueError("chat() takes no `stream` argument (the official chat() refuses it too); use "
+                         "chat_stream(...), which yields the growing response")
     stop_words = check_stop_words(stop_words_ids)
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
-    fast = _fast_tokens(self, tokenizer, input_ids, gc)  # CUDA: the inference engine (CUDA graphs)
+    # CUDA: the inference engine (CUDA graphs), unless generate()'s own arguments were passed
+    fast = None if kwargs else _fast_tokens(self, tokenizer, input_ids, gc)
     if fast is not None:
         try:
             new_tokens = list(_until_stop_word(fast, input_ids[0].tolist(), stop_words))
         finally:  # a stop word ends the reply before the engine does: free its row now
             if hasattr(fast, "close"):
                 fast.close()
+        budget = _budget(gc, input_ids.shape[1])
+        drop_last = budget is not None and len(new_tokens) >= budget
     else:
-        outputs = self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc,
-                                stop_words_ids=stop_words)
+        kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
+        outputs = self.generate(input_ids, generation_config=gc,
+                                stop_words_ids=stop_words + stop_token_words(tokenizer), **kwargs)
         new_tokens = outputs[0, input_ids.shape[1]:].tolist()
-    response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id), _budget(gc, input_ids.shape[1]))
+        drop_last = True
+    response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id), drop_last)
     history.append((query, response))
     return response, history
+
+
+def stop_token_words(tokenizer) -> list[list[int]]:
+    """chatml's stop words, [[<|im_end|>], [<|im_start|>]] (get_stop_words_ids("chatml", ...))."""
+    return get_stop_words_ids("chatml", tokenizer)
 
 
 class _TokenQueue:
@@ -296,36 +403,52 @@ def chat_stream(
     query: str,
     history: list | None = None,
     system: str = DEFAULT_SYSTEM,
-    generation_config: GenerationConfig | None = None,
     stop_words_ids: list[list[int]] | None = None,
+    logits_processor: LogitsProcessorList | None = None,
+    generation_config: GenerationConfig | None = None,
     **kwargs,
 ) -> Iterator[str]:
-    """Yields the growing response text (each item the whole response so far), stopping as chat() does, as the
-    official chat_stream yields it: not stripped, special tokens and an incomplete last character left out, and
-    with every token generated (chat() drops the last one of a reply cut by max_new_tokens)."""
+    """Returns a generator of the growing response text (each item the whole response so far), as the official
+    chat_stream: one item per generated token (the stop token's included, repeating the text), not stripped, special
+    tokens and an incomplete last character left out, and with every token generated (chat() drops the last one of a
+    reply cut by max_new_tokens). Bad arguments raise here, at the call, as officially; ``logits_processor`` and the
+    kwargs that are not generation config fields go to generate()."""
     stop_words = check_stop_words(stop_words_ids)
+    if "streamer" in kwargs:
+        raise ValueError("chat_stream() streams by itself; it takes no `streamer`")
     history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
-    fast = _fast_tokens(self, tokenizer, input_ids, gc)
+    if logits_processor is not None:
+        kwargs["logits_processor"] = logits_processor
+    fast = None if kwargs else _fast_tokens(self, tokenizer, input_ids, gc)
     if fast is not None:
-        try:
-            tokens = _until_stop_word(fast, input_ids[0].tolist(), stop_words)
-            yield from _stream_text(tokenizer, ([t] for t in tokens), set(gc.eos_token_id))
-        finally:  # a consumer that stops early frees the engine's row now, not whenever the generator is collected
-            if hasattr(fast, "close"):
-                fast.close()
-        return
+        return _fast_stream(fast, tokenizer, input_ids, gc, stop_words)
+    return _generate_stream(self, tokenizer, input_ids, gc, stop_words + stop_token_words(tokenizer), kwargs)
+
+
+def _fast_stream(fast, tokenizer, input_ids, gc, stop_words) -> Iterator[str]:
+    try:
+        tokens = _until_stop_word(fast, input_ids[0].tolist(), stop_words)
+        yield from _stream_text(tokenizer, ([t] for t in tokens), set(gc.eos_token_id))
+    finally:  # a consumer that stops early frees the engine's row now, not whenever the generator is collected
+        if hasattr(fast, "close"):
+            fast.close()
+
+
+def _generate_stream(model, tokenizer, input_ids, gc, stop_words, kwargs) -> Iterator[str]:
     streamer = _TokenQueue()
     errors: list[BaseException] = []
     # A consumer that stops early (the chat CLI's Ctrl-C, a closed generator) must stop generate() too: else
     # the abandoned reply runs on to max_new_tokens beside the next one.
     abandoned = threading.Event()
+    stopping = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])
+    stopping.append(_StopWhenSet(abandoned))
+    kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
 
     def run():
         try:
-            self.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=gc,
-                          streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet(abandoned)]),
-                          stop_words_ids=stop_words)
+            model.generate(input_ids, generation_config=gc, streamer=streamer, stopping_criteria=stopping,
+                           stop_words_ids=stop_words, **kwargs)
         except BaseException as e:  # surfaced in the consuming thread
             errors.append(e)
             streamer.end()
@@ -354,23 +477,15 @@ class _StopWhenSet(StoppingCriteria):
 def _stream_text(tokenizer, chunks, stops: set) -> Iterator[str]:
     """The growing response text from chunks of new token ids, up to the first stop token, decoded as the
     official chat_stream decodes it: special tokens skipped, not stripped, an incomplete UTF-8 character left out
-    (errors="ignore") until its bytes are complete. A text is yielded when it has changed."""
+    (errors="ignore") until its bytes are complete. One text per token, as officially (the stop token's too)."""
     tokens: list[int] = []
-    last = ""
     for item in chunks:
-        stopped = False
         for t in item:
-            if t in stops:
-                stopped = True
-                break
             tokens.append(t)
-        text = tokenizer.decode(tokens, skip_special_tokens=True, errors="ignore")
-        if text != last:
-            last = text
-            yield text
-        if stopped:
-            break
+            yield tokenizer.decode(tokens, skip_special_tokens=True, errors="ignore")
+            if t in stops:
+                return
 
 
-__all__ = ["make_context", "chat", "chat_stream", "stop_token_ids", "register_decoder", "DEFAULT_SYSTEM",
-           "StopWordsLogitsProcessor", "with_stop_words", "check_stop_words"]
+__all__ = ["make_context", "get_stop_words_ids", "decode_tokens", "chat", "chat_stream", "stop_token_ids",
+           "register_decoder", "DEFAULT_SYSTEM", "StopWordsLogitsProcessor", "with_stop_words", "check_stop_words"]

@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from transformers import GenerationConfig
 
 import finetune
 from finetune.modeling import make_context
@@ -188,10 +189,18 @@ def test_generate_takes_stop_words_ids_and_the_generation_configs(answering_mode
     gc.stop_words_ids = [world]
     out = model.generate(torch.tensor([ctx]), generation_config=gc, max_new_tokens=8, do_sample=False)
     assert out[0, len(ctx):].tolist() == hello + world + [tok.eod_id]
-    # an explicit empty list wins over the config's, as in the official generate()
-    out = model.generate(torch.tensor([ctx]), generation_config=gc, max_new_tokens=3, do_sample=False,
-                         stop_words_ids=[])
-    assert out[0, len(ctx):].tolist() == tok.encode("Hello world!")
+    # an explicit empty list is refused, as by the official generate() (its StopWordsLogitsProcessor: "has to be a
+    # non-empty list", modeling_qwen.py / qwen_generation_utils.py)
+    with pytest.raises(ValueError, match="non-empty list"):
+        model.generate(torch.tensor([ctx]), generation_config=gc, max_new_tokens=3, do_sample=False, stop_words_ids=[])
+    # a passed generation config without stop_words_ids has none: the model's are not looked up (official generate())
+    model.generation_config.stop_words_ids = [world]
+    try:
+        out = model.generate(torch.tensor([ctx]), generation_config=GenerationConfig(
+            max_new_tokens=3, do_sample=False, eos_token_id=tok.eod_id, pad_token_id=tok.eod_id))
+        assert out[0, len(ctx):].tolist() == tok.encode("Hello world!")
+    finally:
+        del model.generation_config.stop_words_ids
 
 
 @pytest.mark.parametrize("bad, words", [
@@ -233,12 +242,12 @@ def test_chat_applies_stop_words_on_the_fast_decoders_tokens(answering_model, mo
 
 
 def test_chat_stream_yields_growing_response(answering_model):
+    # official chat_stream (modeling_qwen.py): one decode(..., skip_special_tokens=True, errors='ignore') of all the
+    # tokens so far per generated token, the stop token's included (its text repeats the one before)
     model, tok = answering_model
+    answer = tok.encode("Hello world!")
     parts = list(model.chat_stream(tok, "Hi", do_sample=False, max_new_tokens=20))
-    assert parts[-1] == "Hello world!"
-    assert len(parts) >= 2
-    for a, b in zip(parts, parts[1:]):
-        assert b.startswith(a) and len(b) > len(a)
+    assert parts == [tok.decode(answer[:i]) for i in range(1, len(answer) + 1)] + ["Hello world!"]
 
 
 def test_chat_through_peft_wrapper_applies_the_adapter(answering_model):
@@ -314,3 +323,112 @@ def test_chat_past_seq_length_but_inside_max_position_embeddings_is_quiet(tmp_pa
     prompt, new, text = _chat_logs(model_dir, caplog, monkeypatch, max_new_tokens=30)
     assert prompt == 23 and prompt + new > 33  # the reply runs past the window
     assert "friendly reminder" not in text and "context window" not in text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rest of the official qwen_generation_utils / modeling_qwen surface
+# ---------------------------------------------------------------------------------------------------------------
+def test_get_stop_words_ids_as_the_official(real_tok):
+    from finetune.modeling.chat import get_stop_words_ids
+
+    # qwen_generation_utils.get_stop_words_ids
+    assert get_stop_words_ids("chatml", real_tok) == [[IM_END], [IM_START]]
+    assert get_stop_words_ids("raw", real_tok) == [real_tok.encode("Human:"), [151643]]
+    with pytest.raises(NotImplementedError, match="Unknown chat format"):
+        get_stop_words_ids("alpaca", real_tok)
+
+
+def test_decode_tokens_as_the_official(real_tok):
+    # qwen_generation_utils.decode_tokens / _decode_chatml / _decode_default
+    from finetune.modeling.chat import decode_tokens
+
+    raw, ctx = make_context(real_tok, "Hi", system="s")
+    reply = real_tok.encode(" Hello there ")
+    n = len(ctx)
+    tokens = torch.tensor(ctx + reply + [IM_END, 151643])
+    assert decode_tokens(tokens, real_tok, len(raw), n, "chatml") == "Hello there"  # cut at <|im_end|>, stripped
+    assert decode_tokens(ctx + reply + [IM_END], real_tok, len(raw), n, "chatml",
+                         return_end_reason=True) == ("Hello there", "Gen '<|im_end|>'")
+    # no <|im_start|>/<|im_end|>: the last token goes; the end reason counts every token, the prompt's too
+    assert decode_tokens(ctx + reply, real_tok, len(raw), n, "chatml",
+                         return_end_reason=True) == (real_tok.decode(reply[:-1]).strip(), f"Gen length {n + len(reply)}")
+    # raw: every <|endoftext|> removed (so the eod split finds none), stripped
+    text = "Q: 1+1?"
+    ids = real_tok.encode(text)
+    out = ids + real_tok.encode(" 2") + [151643] + real_tok.encode(" more")
+    assert decode_tokens(out, real_tok, len(text), len(ids), "raw", return_end_reason=True) == (
+        "2 more", f"Gen length {len(out)}")
+    with pytest.raises(NotImplementedError):
+        decode_tokens(out, real_tok, 0, 0, "alpaca")
+
+
+def test_stop_words_logits_processor_as_the_official():
+    import numpy as np
+
+    from finetune.modeling.chat import StopWordsLogitsProcessor
+
+    p = StopWordsLogitsProcessor([[np.int64(3), 4], [9]], eos_token_id=9)  # numpy ids pass; [eos] is dropped
+    assert p.stop_words == [[3, 4]]
+    scores = torch.zeros(2, 10)
+    out = p(torch.tensor([[1, 3, 4], [3, 4, 1]]), scores)
+    assert out[0, 9] == 2**15 and out[1].abs().sum() == 0
+    for bad in ([], ([1],), [(1,)], [[-1]], [[]], None):  # all ValueErrors (the official asserts on [[]])
+        with pytest.raises(ValueError):
+            StopWordsLogitsProcessor(bad, eos_token_id=9)
+
+
+def test_chat_signature_and_kwargs_as_the_official(answering_model):
+    import inspect
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    model, tok = answering_model
+    # modeling_qwen.QWenLMHeadModel.chat / chat_stream: the official parameter order
+    assert list(inspect.signature(model.chat).parameters)[:6] == [
+        "tokenizer", "query", "history", "system", "stream", "stop_words_ids"]
+    assert list(inspect.signature(model.chat_stream).parameters)[:6] == [
+        "tokenizer", "query", "history", "system", "stop_words_ids", "logits_processor"]
+    # any `stream` is refused (the official asserts `stream is _SENTINEL`)
+    with pytest.raises(ValueError, match="chat_stream"):
+        model.chat(tok, "Hi", None, "s", False)
+
+    class Ban(LogitsProcessor):  # bans " world"
+        def __call__(self, input_ids, scores):
+            scores[:, tok.encode(" world")[0]] = -float("inf")
+            return scores
+
+    # kwargs that are not generation config fields go to generate(), as officially
+    banned = model.chat(tok, "Hi", do_sample=False, max_new_tokens=3, logits_processor=LogitsProcessorList([Ban()]))[0]
+    assert banned.startswith("Hello") and "world" not in banned
+    assert "world" not in list(model.chat_stream(tok, "Hi", do_sample=False, max_new_tokens=3,
+                                                 logits_processor=LogitsProcessorList([Ban()])))[-1]
+    with pytest.raises(ValueError, match="not_a_generate_argument"):  # generate() refuses unknown kwargs
+        model.chat(tok, "Hi", do_sample=False, not_a_generate_argument=1)
+    # max_window_size=0 is a window (no history fits), not "unset"
+    model.generation_config.max_window_size = 6144
+    seen = []
+    orig = model.generate
+
+    def spy(input_ids, **kw):
+        seen.append(input_ids.shape[1])
+        return orig(input_ids, **kw)
+
+    model.generate = spy
+    try:
+        model.chat(tok, "Hi", history=[("q", "a")], do_sample=False, max_new_tokens=1, max_window_size=0)
+        model.chat(tok, "Hi", history=[("q", "a")], do_sample=False, max_new_tokens=1)
+    finally:
+        del model.generate
+    assert seen[0] == len(make_context(tok, "Hi", system="You are a helpful assistant.")[1]) < seen[1]
+
+
+def test_chat_stream_raises_at_the_call_as_the_official(answering_model):
+    model, tok = answering_model
+    model.generation_config.chat_format = "raw"
+    try:
+        with pytest.raises(ValueError, match="chatml"):
+            model.chat_stream(tok, "Hi")  # not on the first next(): the official checks before returning the generator
+    finally:
+        model.generation_config.chat_format = "chatml"
+    with pytest.raises(ValueError, match="system must be a string"):
+        model.chat_stream(tok, "Hi", system=None)
