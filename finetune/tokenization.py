@@ -100,6 +100,7 @@ def _mark_contents(conversation):
 
 
 _template_mode = threading.local()
+_SPECIAL_ARGS = {"allowed_special", "disallowed_special"}
 
 
 @lru_cache(maxsize=8)
@@ -183,8 +184,12 @@ class QWenTokenizer(PreTrainedTokenizer):
 
     # -- the project's own interface ----------------------------------------------------------------
     def encode(self, text, text_pair=None, **kwargs) -> list[int]:  # type: ignore[override]
-        """Plain-text encoding: NFC, then BPE; every character is text, control tokens never appear."""
+        """Plain-text encoding: NFC, then BPE; every character is text, control tokens never appear (the official
+        tokenizer parses them by default: see the module docstring). ``allowed_special`` / ``disallowed_special``
+        passed explicitly act as in the official tokenize() (an opt-in for the caller's own text)."""
         if isinstance(text, str) and text_pair is None:
+            if _SPECIAL_ARGS & kwargs.keys():
+                return [self._convert_token_to_id(t) for t in self.tokenize(text, **kwargs)]
             return self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))
         return super().encode(text, text_pair=text_pair, **kwargs)
 
@@ -211,17 +216,35 @@ class QWenTokenizer(PreTrainedTokenizer):
     def __len__(self) -> int:
         return self.encoding.n_vocab
 
-    def get_vocab(self) -> dict[bytes | str, int]:
-        vocab: dict[bytes | str, int] = dict(self.mergeable_ranks)
-        vocab.update(self.special_tokens)
-        return vocab
+    def get_vocab(self) -> dict[bytes, int]:
+        """The BPE ranks (bytes -> id), without the special tokens, as the official get_vocab()."""
+        return dict(self.mergeable_ranks)
 
-    def tokenize(self, text: str, **kwargs) -> list[bytes | str]:  # type: ignore[override]
-        # Every character is text (no added-token splitting): see the module docstring. The one exception is
-        # a chat template's own output, inside apply_chat_template on this thread.
+    def _add_tokens(self, new_tokens, special_tokens: bool = False) -> int:
+        # As the official tokenizer: the vocabulary is fixed; Qwen's own specials are already there.
+        if not special_tokens and new_tokens:
+            raise ValueError("Adding regular tokens is not supported (the Qwen vocabulary is fixed)")
+        for token in new_tokens:
+            surface = getattr(token, "content", token)
+            if surface not in self.special_tokens:
+                raise ValueError(f"Adding unknown special tokens is not supported: {surface!r} is not one of Qwen's "
+                                 f"specials (<|endoftext|>, <|im_start|>, <|im_end|>, <|extra_0|>..<|extra_204|>)")
+        return 0
+
+    def tokenize(self, text: str, allowed_special=None, disallowed_special=None,  # type: ignore[override]
+                 **kwargs) -> list[bytes | str]:
+        # Every character is text (no added-token splitting): see the module docstring. The exceptions: a chat
+        # template's own output, inside apply_chat_template on this thread; and a caller that passes
+        # allowed_special / disallowed_special itself, which act as in the official tokenize() ("all" or a set of
+        # specials to parse; specials to refuse with a ValueError).
         if getattr(_template_mode, "on", False):
             return self._template_tokens(text)
-        return self._plain_tokens(text)
+        if allowed_special is None and disallowed_special is None:
+            return self._plain_tokens(text)
+        ids = self.encoding.encode(unicodedata.normalize("NFC", text),
+                                   allowed_special=set() if allowed_special is None else allowed_special,
+                                   disallowed_special=() if disallowed_special is None else disallowed_special)
+        return [self.decoder[i] for i in ids]
 
     def _plain_tokens(self, text: str) -> list[bytes]:
         return [self.decoder[i] for i in self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))]
@@ -274,18 +297,22 @@ class QWenTokenizer(PreTrainedTokenizer):
         return self.tokenize(text)
 
     def convert_tokens_to_ids(self, tokens):  # type: ignore[override]
+        """As the official: a special token's name (str) or a BPE token (bytes) -> its id; anything else (a str
+        that is not a special's name, unknown bytes) -> None."""
         if isinstance(tokens, (bytes, str)):
-            return self._convert_token_to_id(tokens)
-        return [self._convert_token_to_id(t) for t in tokens]
+            return self._token_id_or_none(tokens)
+        return [self._token_id_or_none(t) for t in tokens]
+
+    def _token_id_or_none(self, token) -> int | None:
+        if isinstance(token, str):
+            return self.special_tokens.get(token)
+        return self.mergeable_ranks.get(token) if isinstance(token, bytes) else None
 
     def _convert_token_to_id(self, token: bytes | str) -> int:
-        if isinstance(token, str) and token in self.special_tokens:
-            return self.special_tokens[token]
-        if isinstance(token, str):
-            token = token.encode("utf-8")
-        if token in self.mergeable_ranks:
-            return self.mergeable_ranks[token]
-        raise ValueError(f"unknown token {token!r}")
+        token_id = self._token_id_or_none(token)
+        if token_id is None:
+            raise ValueError(f"unknown token {token!r} (BPE tokens are bytes; str only names a special token)")
+        return token_id
 
     def _convert_id_to_token(self, index: int) -> bytes | str:
         if index in self.decoder:
@@ -317,8 +344,8 @@ class QWenTokenizer(PreTrainedTokenizer):
         return 0
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        name = (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE
-        dst = os.path.join(save_directory, name)
+        # Always qwen.tiktoken, the name the tokenizer loads from (the official one ignores the prefix too).
+        dst = os.path.join(save_directory, VOCAB_FILE)
         if os.path.abspath(dst) != os.path.abspath(self.vocab_file):
             shutil.copyfile(self.vocab_file, dst)
         return (dst,)

@@ -232,3 +232,50 @@ def test_chat_template_of_saved_tokenizer_through_autotokenizer(tmp_path, small_
 def test_chat_template_refuses_control_tokens_in_roles(small_tok):
     with pytest.raises(ValueError, match="role"):
         small_tok.apply_chat_template([{"role": "user<|im_end|>", "content": "x"}], tokenize=True)
+
+
+# -- the official tokenization_qwen.QWenTokenizer surface, on the real vocabulary -----------------------------
+def test_token_id_conversions_as_the_official(real_tok):
+    # convert_tokens_to_ids: a special's name (str) or a BPE token (bytes); anything else gives None
+    assert real_tok.convert_tokens_to_ids("<|im_end|>") == 151645
+    assert real_tok.convert_tokens_to_ids(b"Hello") == 9707
+    assert real_tok.convert_tokens_to_ids("Hello") is None  # str names only specials (the ranks are bytes)
+    assert real_tok.convert_tokens_to_ids([b"Hello", b"\xff\xfe\xfd\xfc", "<|endoftext|>"]) == [9707, None, 151643]
+    with pytest.raises(ValueError, match="unknown token"):
+        real_tok._convert_token_to_id("Hello")
+    assert real_tok.convert_ids_to_tokens([151645, 9707]) == ["<|im_end|>", b"Hello"]
+    with pytest.raises(ValueError):
+        real_tok.convert_ids_to_tokens([151851])
+    assert real_tok.convert_tokens_to_string([b"Hel", b"lo", "<|im_end|>", b"\xe4\xbd"]) == "Hello<|im_end|>\ufffd"
+    # get_vocab is the BPE ranks only; len() and vocab_size count the specials
+    vocab = real_tok.get_vocab()
+    assert len(vocab) == 151643 and vocab[b"Hello"] == 9707 and "<|im_end|>" not in vocab
+    assert len(real_tok) == real_tok.vocab_size == 151851
+
+
+def test_adding_tokens_is_refused_as_the_official(real_tok):
+    with pytest.raises(ValueError, match="regular tokens"):
+        real_tok.add_tokens(["foo"])
+    with pytest.raises(ValueError, match="unknown special"):
+        real_tok.add_special_tokens({"additional_special_tokens": ["<|mine|>"]})
+    assert real_tok.add_special_tokens({"additional_special_tokens": ["<|extra_3|>"]}) == 0
+    assert len(real_tok) == 151851 and real_tok.encode("foo") == real_tok.encode("foo")
+
+
+def test_tokenize_takes_allowed_and_disallowed_special_when_passed(real_tok):
+    text = "a<|im_end|>b"
+    # the default stays plain text (the project's deliberate difference; DESIGN.md, README)
+    assert "<|im_end|>" not in real_tok.tokenize(text) and 151645 not in real_tok.encode(text)
+    # passed explicitly, they act as in the official tokenize()
+    assert real_tok.tokenize(text, allowed_special="all") == [b"a", "<|im_end|>", b"b"]
+    assert real_tok.encode(text, allowed_special={"<|im_end|>"}) == [64, 151645, 65]
+    assert real_tok(text, allowed_special="all")["input_ids"] == [64, 151645, 65]
+    assert 151645 not in real_tok.encode(text, allowed_special=set())
+    with pytest.raises(ValueError):
+        real_tok.tokenize(text, allowed_special=set(), disallowed_special="all")
+
+
+def test_save_vocabulary_ignores_the_prefix_as_the_official(real_tok, tmp_path):
+    (path,) = real_tok.save_vocabulary(str(tmp_path), filename_prefix="x")
+    assert path == str(tmp_path / "qwen.tiktoken")
+    assert QWenTokenizer(path).encode("Hello world") == real_tok.encode("Hello world")
