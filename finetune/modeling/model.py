@@ -297,12 +297,19 @@ class QWenModel(QWenPreTrainedModel):
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
         attention_spec: AttentionSpec | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         """`attention_spec`: a prebuilt attention description for a training forward (the CUDA-graphed step
         builds it outside the graph); the masks are then not derived from attention_mask / position_ids."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            raise ValueError("output_attentions is not supported: attention runs through PyTorch's SDPA, which does "
+                             "not return the weights (the official model refuses it with flash-attn too)")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         cache = cache if cache is not None else past_key_values
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError("the KV cache must be a transformers Cache (e.g. DynamicCache), not a tuple")
@@ -351,11 +358,16 @@ class QWenModel(QWenPreTrainedModel):
                 query_scale = logn_scale(pos1, self.config.seq_length)
 
         x = self.drop(x)
+        hidden_states: tuple | None = () if output_hidden_states else None
         with inference_sdpa(device):
             for block in self.h:
+                if hidden_states is not None:  # each block's input, as the official all_hidden_states
+                    hidden_states += (x,)
                 x = block(x, rope=(cos, sin), attn=attn, query_scale=query_scale, cache=cache, use_cache=use_cache)
         x = self.ln_f(x)
-        return BaseModelOutputWithPast(last_hidden_state=x, **{_CACHE_FIELD: cache})
+        if hidden_states is not None:  # then the final normed output: num_hidden_layers + 1 entries
+            hidden_states += (x,)
+        return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=hidden_states, **{_CACHE_FIELD: cache})
 
 
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
@@ -430,6 +442,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
             cache=cache if cache is not None else past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_hidden_states=kwargs.get("output_hidden_states"),
+            output_attentions=kwargs.get("output_attentions"),
         )
         hidden = out.last_hidden_state
 
@@ -448,7 +462,8 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 h = hidden[:, logits_to_keep]
             logits = self.lm_head(h)
 
-        result = CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)})
         return result if return_dict is not False else result.to_tuple()
 
     def _get_stopping_criteria(self, generation_config, stopping_criteria, *args, **kwargs):

@@ -350,8 +350,8 @@ def test_decode_tokens_as_the_official(real_tok):
     assert decode_tokens(ctx + reply + [IM_END], real_tok, len(raw), n, "chatml",
                          return_end_reason=True) == ("Hello there", "Gen '<|im_end|>'")
     # no <|im_start|>/<|im_end|>: the last token goes; the end reason counts every token, the prompt's too
-    assert decode_tokens(ctx + reply, real_tok, len(raw), n, "chatml",
-                         return_end_reason=True) == (real_tok.decode(reply[:-1]).strip(), f"Gen length {n + len(reply)}")
+    expect = (real_tok.decode(reply[:-1]).strip(), f"Gen length {n + len(reply)}")
+    assert decode_tokens(ctx + reply, real_tok, len(raw), n, "chatml", return_end_reason=True) == expect
     # raw: every <|endoftext|> removed (so the eod split finds none), stripped
     text = "Q: 1+1?"
     ids = real_tok.encode(text)

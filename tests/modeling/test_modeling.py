@@ -735,3 +735,21 @@ def test_only_training_forwards_compile_the_elementwise_pieces():
         assert not kernels.compile_pays(big)
     with override(compile=True), torch.enable_grad():
         assert not kernels.compile_pays(torch.zeros(kernels.COMPILE_MIN_NUMEL))  # a CPU tensor
+
+
+def test_output_hidden_states_as_the_official():
+    # modeling_qwen.QWenModel.forward: each block's input, then ln_f's output (num_hidden_layers + 1 entries);
+    # token_type_ids is accepted and unused; output_attentions is refused in one ValueError (SDPA has no weights)
+    model = tiny_model().eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        out = model(ids, output_hidden_states=True, token_type_ids=torch.zeros_like(ids))
+        plain = model(ids)
+    assert plain.hidden_states is None
+    hs = out.hidden_states
+    assert len(hs) == model.config.num_hidden_layers + 1
+    torch.testing.assert_close(hs[0], model.transformer.wte(ids))
+    torch.testing.assert_close(hs[-1], model.transformer(ids).last_hidden_state)
+    torch.testing.assert_close(model.lm_head(hs[-1]), out.logits)
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(ids, output_attentions=True)
