@@ -357,6 +357,42 @@ def check_numbers(lora_args, args) -> None:
     if args.max_steps == 0:  # transformers would read it as unset and train --num_train_epochs instead
         raise TrainConfigError("--max_steps 0 trains nothing; leave it out (or -1) to train --num_train_epochs "
                                f"({args.num_train_epochs:g})")
+    if args.max_steps < -1:  # transformers reads any value below 1 as unset: a typo would train every epoch
+        raise TrainConfigError(f"--max_steps must be a positive number of steps, or -1 (the default) to train "
+                               f"--num_train_epochs, got {args.max_steps}")
+    # Adam's settings: torch refuses betas outside [0, 1) only when the optimizer is built (after the model has
+    # loaded), and an epsilon of 0 divides 0 by 0 for LoRA's A matrices in the first step (B starts at zero)
+    for flag, value in (("--adam_beta1", args.adam_beta1), ("--adam_beta2", args.adam_beta2)):
+        if not 0 <= value < 1:
+            raise TrainConfigError(f"{flag} must be in [0, 1), got {value}")
+    if not (math.isfinite(args.adam_epsilon) and args.adam_epsilon > 0):
+        raise TrainConfigError(f"--adam_epsilon must be a finite number > 0 (it keeps Adam's update from dividing "
+                               f"by zero), got {args.adam_epsilon}")
+    if not (math.isfinite(args.warmup_steps) and args.warmup_steps >= 0):  # (transformers refuses only < 0)
+        raise TrainConfigError(f"--warmup_steps must be a finite number >= 0 (below 1: a fraction of the steps), "
+                               f"got {args.warmup_steps}")
+    # Intervals, under the strategy that reads them: transformers refuses only 0 for --logging_steps; a negative
+    # --save_steps saved nothing, NaN never logged or saved, a negative --logging_steps logged every step
+    for flag, strategy, value in (("--logging_steps", args.logging_strategy, args.logging_steps),
+                                  ("--save_steps", args.save_strategy, args.save_steps),
+                                  ("--eval_steps", args.eval_strategy, args.eval_steps)):
+        if str(getattr(strategy, "value", strategy)) == "steps" and value is not None and not (
+                math.isfinite(value) and value > 0):
+            raise TrainConfigError(f"{flag} must be a whole number of steps, or a fraction of the run's steps in "
+                                   f"(0, 1), got {value} (with --{flag[2:].replace('_steps', '_strategy')} steps)")
+    for flag, value, least in (("--save_total_limit", args.save_total_limit, 1),
+                               ("--eval_accumulation_steps", args.eval_accumulation_steps, 1),
+                               ("--dataloader_num_workers", args.dataloader_num_workers, 0)):
+        # (transformers reads a --save_total_limit below 1 as no limit: every checkpoint kept)
+        if value is not None and value < least:
+            raise TrainConfigError(f"{flag} must be at least {least}"
+                                   + (" (leave it out to keep every checkpoint)" if flag == "--save_total_limit"
+                                      else "") + f", got {value}")
+    if not (math.isfinite(args.label_smoothing_factor) and 0 <= args.label_smoothing_factor < 1):
+        raise TrainConfigError(f"--label_smoothing_factor must be in [0, 1), got {args.label_smoothing_factor}")
+    if args.neftune_noise_alpha is not None and not (math.isfinite(args.neftune_noise_alpha)
+                                                     and args.neftune_noise_alpha >= 0):
+        raise TrainConfigError(f"--neftune_noise_alpha must be a finite number >= 0, got {args.neftune_noise_alpha}")
     if args.max_steps <= 0 and not (math.isfinite(args.num_train_epochs) and args.num_train_epochs > 0):
         raise TrainConfigError(f"nothing to train: --num_train_epochs {args.num_train_epochs} and no --max_steps; "
                                "give a positive number of epochs or steps")
@@ -439,6 +475,9 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     eval_strategy = getattr(args.eval_strategy, "value", args.eval_strategy)
     if eval_strategy != "no" and not data_args.eval_data_path:
         raise TrainConfigError(f"--eval_strategy {eval_strategy} needs an eval set: add --eval_data_path")
+    if data_args.preprocessing_num_workers is not None and data_args.preprocessing_num_workers < 1:
+        raise TrainConfigError(f"--preprocessing_num_workers must be at least 1 (leave it out to choose by the "
+                               f"data's size), got {data_args.preprocessing_num_workers}")
     from ..data.encoding import MIN_MAX_LEN
 
     if data_args.model_max_length < MIN_MAX_LEN:
@@ -455,10 +494,16 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         mode = "lora"
     else:
         mode = "full"
+    if not getattr(args, "output_dir_unset", False) and not str(args.output_dir).strip():
+        # (Path("") is the working dir)
+        raise TrainConfigError("--output_dir is empty: give the dir the run writes to (left out: output/qwen-<mode>)")
     if getattr(args, "output_dir_unset", False):
         args.output_dir = os.path.join("output", f"qwen-{mode}")
         if args.process_index == 0:
             print(f"no --output_dir: the run goes to {args.output_dir} (as the training scripts' default)", flush=True)
+    if mode != "full" and not lora_args.lora_target_modules:
+        raise TrainConfigError("--lora_target_modules is empty: name the Linears that get adapters (c_attn, c_proj, "
+                               "w1, w2 by default)")
     if lora_args.lora_r <= 0:
         raise TrainConfigError(f"--lora_r must be positive, got {lora_args.lora_r}")
     check_numbers(lora_args, args)

@@ -218,6 +218,25 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--gradient_checkpointing_keep_gib", "-1"], "--gradient_checkpointing_keep_gib must be a finite number >= 0"),
     (["--max_steps", "-1", "--num_train_epochs", "0"], "nothing to train: --num_train_epochs 0"),
     (["--bf16", "True", "--fp16", "True"], "fp16 and bf16"),  # transformers' own check, as one line
+    # each of these was taken: no checkpoint written (save_steps <= 0), never logged (NaN), every epoch trained for
+    # a typo (max_steps -5), NaN Adam states or torch's ValueError after loading, a ZeroDivisionError in eval
+    (["--save_strategy", "steps", "--save_steps", "-1"], "--save_steps must be a whole number of steps, or a "
+                                                         "fraction of the run's steps in (0, 1), got -1.0"),
+    (["--save_strategy", "steps", "--save_steps", "0"], "--save_steps must be a whole number"),
+    (["--logging_steps", "nan"], "--logging_steps must be a whole number of steps"),
+    (["--logging_steps", "-1"], "--logging_steps must be a whole number of steps"),
+    (["--max_steps", "-5"], "--max_steps must be a positive number of steps, or -1 (the default)"),
+    (["--adam_beta1", "1.5"], "--adam_beta1 must be in [0, 1), got 1.5"),
+    (["--adam_beta2", "nan"], "--adam_beta2 must be in [0, 1), got nan"),
+    (["--adam_epsilon", "0"], "--adam_epsilon must be a finite number > 0"),
+    (["--warmup_steps", "nan"], "--warmup_steps must be a finite number >= 0"),
+    (["--save_total_limit", "0"], "--save_total_limit must be at least 1 (leave it out to keep every checkpoint)"),
+    (["--eval_accumulation_steps", "0"], "--eval_accumulation_steps must be at least 1, got 0"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be at least 0, got -1"),
+    (["--preprocessing_num_workers", "0"], "--preprocessing_num_workers must be at least 1"),
+    (["--label_smoothing_factor", "nan"], "--label_smoothing_factor must be in [0, 1), got nan"),
+    (["--neftune_noise_alpha", "-1"], "--neftune_noise_alpha must be a finite number >= 0, got -1.0"),
+    (["--output_dir", ""], "--output_dir is empty"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise_file, tmp_path, capsys,
                                                                 monkeypatch, flags, message):
