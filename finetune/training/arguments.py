@@ -119,6 +119,10 @@ class TrainingArguments(transformers.TrainingArguments):
         self.output_dir_unset = self.output_dir is None
         if self.optim == "auto":
             self.optim = default_optimizer(self.use_cpu, self.deepspeed)
+        check_optimizer_name(self.optim)
+        for name in _DICT_FLAGS:  # transformers' json.loads error or open() of a missing file named no flag
+            if hasattr(self, name):
+                setattr(self, name, _dict_flag(name, getattr(self, name)))
         own_accelerator_config = self.accelerator_config is not None
         if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and no_bf16_device():
             # transformers' own words ("Your setup doesn't support bf16/gpu. You need to assign use_cpu ...") named
@@ -138,6 +142,52 @@ class TrainingArguments(transformers.TrainingArguments):
             # --use_cpu, as `qwen-ft train` runs there) torch's DataLoader would print a UserWarning about it
             # at the first step. --use_cpu turns it off the same way in transformers.
             self.dataloader_pin_memory = False
+
+
+# The mapping flags transformers parses from a JSON object on the command line (accelerator_config also takes
+# the path of a JSON file; --deepspeed has its own checks, checks.deepspeed_config)
+_DICT_FLAGS = ("lr_scheduler_kwargs", "activation_checkpointing_kwargs", "gradient_checkpointing_kwargs",
+               "accelerator_config")
+
+
+def _dict_flag(name: str, value):
+    """A mapping flag's value as transformers will read it (a dict, or accelerator_config's file path), or one
+    line naming the flag."""
+    if value is None or isinstance(value, dict) or dataclasses.is_dataclass(value):
+        return value
+    flag = f"--{name}" + (" (--gradient_checkpointing_kwargs)" if name == "activation_checkpointing_kwargs" else "")
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            loaded = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise TrainConfigError(f"{flag}: invalid JSON at column {e.colno}: {e.msg}") from None
+        if isinstance(loaded, dict):
+            return value  # transformers parses it again (and converts its string values)
+    elif isinstance(value, str) and name == "accelerator_config":
+        if not Path(value).is_file():
+            raise TrainConfigError(f"{flag} {value}: no such file (a JSON file, or a JSON object such as "
+                                   "'{\"even_batches\": false}')")
+        return value
+    raise TrainConfigError(f"{flag}: {value!r} is not a JSON object (e.g. '{{\"min_lr\": 1e-6}}' for "
+                           "--lr_scheduler_kwargs)" if name == "lr_scheduler_kwargs" else
+                           f"{flag}: {value!r} is not a JSON object")
+
+
+def check_optimizer_name(optim) -> None:
+    """--optim names one of transformers' optimizers: its own error named neither the flag nor the nearest name."""
+    import difflib
+
+    from transformers.training_args import OptimizerNames
+
+    names = [o.value for o in OptimizerNames]
+    if str(getattr(optim, "value", optim)) in names:
+        return
+    near = ([n for n in names if n.startswith(str(optim))] if optim else []) or difflib.get_close_matches(
+        str(optim), names, n=1)
+    raise TrainConfigError(f"--optim {optim!r} is not an optimizer transformers knows"
+                           + (f" (did you mean {near[0]}?)" if near else "")
+                           + "; auto (the default) picks adamw_torch_fused or adamw_torch; the names: "
+                           + ", ".join(names))
 
 
 def resolve_sampling(data_args: DataArguments, args: TrainingArguments) -> None:

@@ -398,6 +398,22 @@ def check_numbers(lora_args, args) -> None:
                                "give a positive number of epochs or steps")
 
 
+def check_scheduler(args) -> None:
+    """--lr_scheduler_type with --lr_scheduler_kwargs, built once on a stand-in optimizer: a name the schedule does
+    not take (a TypeError) or a missing one (cosine_with_min_lr's min_lr) came from the Trainer after loading."""
+    from transformers.optimization import get_scheduler
+
+    kind = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    kwargs = args.lr_scheduler_kwargs or {}
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=args.learning_rate)
+    try:
+        get_scheduler(kind, optimizer, num_warmup_steps=0, num_training_steps=10,
+                      scheduler_specific_kwargs=dict(kwargs))
+    except (TypeError, ValueError) as e:
+        given = f" with --lr_scheduler_kwargs {json.dumps(kwargs)}" if kwargs else ""
+        raise TrainConfigError(f"--lr_scheduler_type {kind}{given}: {' '.join(str(e).split())}") from None
+
+
 def _available_integrations() -> list[str]:
     from transformers.integrations.integration_utils import get_available_reporting_integrations
 
@@ -507,6 +523,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     if lora_args.lora_r <= 0:
         raise TrainConfigError(f"--lora_r must be positive, got {lora_args.lora_r}")
     check_numbers(lora_args, args)
+    check_scheduler(args)
     check_report_to(args)
     if lora_args.lora_bias not in ("none", "all", "lora_only"):
         raise TrainConfigError(f"--lora_bias must be none, all or lora_only, got {lora_args.lora_bias!r}")

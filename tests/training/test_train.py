@@ -237,6 +237,15 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--label_smoothing_factor", "nan"], "--label_smoothing_factor must be in [0, 1), got nan"),
     (["--neftune_noise_alpha", "-1"], "--neftune_noise_alpha must be a finite number >= 0, got -1.0"),
     (["--output_dir", ""], "--output_dir is empty"),
+    # transformers' own messages named no flag (or came from the Trainer after loading, or were a traceback)
+    (["--optim", "adamw"], "--optim 'adamw' is not an optimizer transformers knows (did you mean adamw_torch?)"),
+    (["--lr_scheduler_kwargs", "{bad"], "--lr_scheduler_kwargs: invalid JSON at column 2"),
+    (["--lr_scheduler_kwargs", "[1]"], "--lr_scheduler_kwargs: '[1]' is not a JSON object"),
+    (["--lr_scheduler_kwargs", '{"foo": 1}'], "--lr_scheduler_type linear with --lr_scheduler_kwargs {\"foo\": 1}: "
+                                              "get_linear_schedule_with_warmup() got an unexpected keyword argument"),
+    (["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type cosine_with_min_lr: One of min_lr or"),
+    (["--accelerator_config", "/nonexistent/acc.json"], "--accelerator_config /nonexistent/acc.json: no such file"),
+    (["--gradient_checkpointing_kwargs", "x"], "(--gradient_checkpointing_kwargs): 'x' is not a JSON object"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise_file, tmp_path, capsys,
                                                                 monkeypatch, flags, message):
