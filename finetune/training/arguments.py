@@ -17,8 +17,9 @@ from pathlib import Path
 
 import transformers
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
-from .checks import TrainConfigError, deepspeed_config, require_deepspeed
+from .checks import DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, require_deepspeed
 
 
 @dataclass
@@ -306,18 +307,22 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
     if not p.is_file():
         raise TrainConfigError(f"config file {path}: no such file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_text(encoding="utf-8-sig")  # (a BOM, as Windows editors write, is fine)
     except UnicodeDecodeError as e:
         raise TrainConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
     if p.suffix == ".json":
         try:
-            values = json.loads(text)
+            values = load_json(text)
         except json.JSONDecodeError as e:
             raise TrainConfigError(f"config file {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") \
                 from None
+        except DuplicateKeyError as e:  # json keeps the last silently
+            raise TrainConfigError(f"config file {path}: {e}") from None
     else:
         try:
-            values = yaml.safe_load(text)
+            values = yaml.load(text, Loader=_UniqueKeyLoader)
+        except DuplicateKeyError as e:  # PyYAML keeps the last silently
+            raise TrainConfigError(f"config file {path}: {e}") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
@@ -335,7 +340,8 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         raise TrainConfigError(f"config file {path}: not trainer flags: {', '.join(map(str, unknown))} "
                                "(names as on the command line, without the leading --)")
     # a value of the wrong type named with its file (argparse would name only the flag, after its usage text)
-    actions = {a.dest: a for a in parser._actions}
+    # (a switch that defaults to True also has a --no_X action of the same dest, without X's type: not that one)
+    actions = {a.dest: a for a in parser._actions if not isinstance(a, argparse._StoreFalseAction)}
     containers = _container_fields()
     for key, value in list(values.items()):
         if actions[key].nargs in ("+", "*"):
@@ -345,6 +351,27 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
                 raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a list of names")
             continue
         convert = actions[key].type
+        if key in containers and isinstance(value, (bool, int, float)):  # (deepspeed: 5 was a TypeError)
+            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not "
+                                   + ("a path or a mapping" if key in PATH_FLAGS or key in _DICT_FLAGS
+                                      else "a name or a list of names"))
+        if convert is string_to_bool and not isinstance(value, (bool, str)):
+            # YAML's 1 and 0 read as the command line reads them; 2 or null is no switch value (`resume: 2` was kept
+            # as 2, `packing: null` as None)
+            if value in (0, 1) and not isinstance(value, float):
+                values[key] = bool(value)
+            elif not (value is None and actions[key].default is None):
+                raise TrainConfigError(f"config file {path}: {key}: {value!r} is not true or false")
+            continue
+        if convert is str and isinstance(value, (bool, int, float)):
+            if key == "resume_from_checkpoint" and isinstance(value, bool):
+                values[key] = str(value).lower()  # `resume_from_checkpoint: true` as --resume_from_checkpoint true
+            elif isinstance(value, bool):
+                raise TrainConfigError(f"config file {path}: {key}: {value!r} is not "
+                                       + ("a path" if key in PATH_FLAGS else "a name or a text"))
+            else:
+                values[key] = str(value)  # `output_dir: 2024` is the dir --output_dir 2024 names
+            continue
         if callable(convert) and isinstance(value, str) and actions[key].nargs in (None, "?"):
             try:
                 convert(value)
@@ -358,6 +385,27 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         elif isinstance(value, (list, dict)) and key not in containers:  # (a path given as a list: a TypeError later)
             raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a single value")
     return values
+
+
+def _yaml_loader():
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        """yaml.safe_load's loader, refusing a key given twice in one mapping (DuplicateKeyError, naming its line)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise DuplicateKeyError(f"{key!r} is given twice (again at line {key_node.start_mark.line + 1})")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return UniqueKeyLoader
+
+
+_UniqueKeyLoader = _yaml_loader()
 
 
 def _container_fields() -> set[str]:

@@ -46,6 +46,23 @@ class TrainConfigError(ValueError):
     """A training run that cannot start as configured."""
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object or YAML mapping gives one key twice (json and PyYAML keep the last, silently)."""
+
+
+def load_json(text: str):
+    """json.loads, refusing a key given twice in one object (DuplicateKeyError, naming it)."""
+    def pairs(items):
+        seen = {}
+        for key, value in items:
+            if key in seen:
+                raise DuplicateKeyError(f"{key!r} is given twice")
+            seen[key] = value
+        return seen
+
+    return json.loads(text, object_pairs_hook=pairs)
+
+
 @dataclass
 class TrainPlan:
     model_dir: Path
@@ -237,6 +254,8 @@ def deepspeed_config(ds) -> dict | None:
     if not ds:
         return None
     where = "--deepspeed (inline)" if isinstance(ds, dict) else f"--deepspeed {ds}"
+    if not isinstance(ds, (dict, str, os.PathLike)):
+        raise TrainConfigError(f"--deepspeed: {ds!r} is not the path of a config file or a mapping")
     if isinstance(ds, dict):
         cfg = ds
     else:
@@ -246,17 +265,24 @@ def deepspeed_config(ds) -> dict | None:
         if not p.is_file():
             raise TrainConfigError(f"{where}: no such file (the project's configs are in ds_configs/)")
         try:
-            cfg = json.loads(p.read_text(encoding="utf-8"))
+            cfg = load_json(p.read_text(encoding="utf-8-sig"))  # (a BOM, as Windows editors write, is fine)
         except json.JSONDecodeError as e:
             raise TrainConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         except UnicodeDecodeError as e:
             raise TrainConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
+        except DuplicateKeyError as e:
+            raise TrainConfigError(f"{where}: {e}") from None
     # the shape transformers' and accelerate's readers assume (else an AttributeError deep inside them)
     if not isinstance(cfg, dict):
         raise TrainConfigError(f"{where}: must be a JSON object, got {type(cfg).__name__}")
-    for key in ("zero_optimization", "optimizer", "scheduler"):
+    for key in ("zero_optimization", "optimizer", "scheduler", "fp16", "bf16"):
         if key in cfg and not isinstance(cfg[key], dict):
             raise TrainConfigError(f"{where}: '{key}' must be an object, got {cfg[key]!r}")
+    if "params" in cfg.get("optimizer", {}) and not isinstance(cfg["optimizer"]["params"], dict):
+        raise TrainConfigError(f"{where}: 'optimizer.params' must be an object, got {cfg['optimizer']['params']!r}")
+    if "zero_optimization" not in cfg:  # transformers: "Please specify the ZeRO optimization config ...", no file
+        raise TrainConfigError(f"{where}: no 'zero_optimization' section: add one with its stage, e.g. "
+                               "\"zero_optimization\": {\"stage\": 2} (as ds_configs/zero2.json)")
     stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise TrainConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")

@@ -276,6 +276,12 @@ def test_bad_data_stops_before_model_load(models, tmp_path, capsys, monkeypatch)
     ('{"optimizer": "adam"}', "'optimizer' must be an object, got 'adam'"),
     ("", "invalid JSON at line 1 column 1"),
     (None, "a directory, not a config file"),
+    # were an AttributeError from transformers, accelerate's message without the file, or a silent last-wins
+    ('{"zero_optimization": {"stage": 2}, "fp16": "yes"}', "'fp16' must be an object, got 'yes'"),
+    ('{"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW", "params": "x"}}',
+     "'optimizer.params' must be an object, got 'x'"),
+    ('{"train_micro_batch_size_per_gpu": "auto"}', "no 'zero_optimization' section: add one with its stage"),
+    ('{"zero_optimization": {"stage": 2}, "zero_optimization": {"stage": 3}}', "'zero_optimization' is given twice"),
 ])
 def test_deepspeed_config_of_the_wrong_shape_is_one_line(models, memorise_file, tmp_path, capsys, config, message):
     # transformers and accelerate read the file while TrainingArguments is built: an AttributeError or
@@ -289,6 +295,47 @@ def test_deepspeed_config_of_the_wrong_shape_is_one_line(models, memorise_file, 
                             "--deepspeed", str(ds))) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: --deepspeed {ds}: ") and message in err and err.count("\n") == 1, err
+
+
+def test_deepspeed_config_with_a_bom_is_read(models, memorise_file, tmp_path):
+    from finetune.training.checks import deepspeed_config
+
+    ds = tmp_path / "ds.json"
+    ds.write_bytes(b"\xef\xbb\xbf" + (ROOT / "ds_configs" / "zero2.json").read_bytes())  # as Notepad saves it
+    assert deepspeed_config(str(ds))["zero_optimization"]["stage"] == 2
+
+
+@pytest.mark.parametrize("name, text, message", [
+    # each was taken silently (the last of two values, a resume of 2, packing None) or was a traceback (a
+    # TypeError from pathlib, an OSError from reading file descriptor 5)
+    ("twice.yaml", "lora_r: 8\nlearning_rate: 1e-4\nlora_r: 16\n", "'lora_r' is given twice (again at line 3)"),
+    ("twice.json", '{"lora_r": 8, "lora_r": 16}', "'lora_r' is given twice"),
+    ("two.yaml", "resume: 2\n", "resume: 2 is not true or false"),
+    ("null.json", '{"packing": null}', "packing: None is not true or false"),
+    ("maybe.yaml", "packing: maybe\n", "packing: 'maybe' is not a valid value"),
+    ("ds.yaml", "deepspeed: 5\n", "deepspeed: 5 is not a path or a mapping"),
+    ("acc.yaml", "accelerator_config: 5\n", "accelerator_config: 5 is not a path or a mapping"),
+    ("report.yaml", "report_to: 5\n", "report_to: 5 is not a name or a list of names"),
+    ("out.yaml", "output_dir: true\n", "output_dir: True is not a path"),
+])
+def test_config_file_values_that_cannot_be_meant_are_one_line_naming_the_file(models, memorise_file, tmp_path,
+                                                                              capsys, name, text, message):
+    config = tmp_path / name
+    config.write_text(text)
+    assert train_main([str(config), "-m", str(models["float"]), "-d", str(memorise_file), "-o",
+                       str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: config file {config}: {message}") and err.count("\n") == 1, err
+
+
+def test_config_file_values_read_as_the_command_line_reads_them(models, memorise_file, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_bytes(b"\xef\xbb\xbf" + b"use_lora: 1\nresume_from_checkpoint: false\nrun_name: 2024\n"
+                       b"lora_target_modules: c_attn\n")  # a BOM, as Windows editors write
+    model_args, data_args, lora_args, args = parse_args([str(config), "-m", str(models["float"]), "-d",
+                                                         str(memorise_file), "-o", str(tmp_path / "o")])
+    assert lora_args.use_lora is True and lora_args.lora_target_modules == ["c_attn"]
+    assert args.resume_from_checkpoint == "false" and args.run_name == "2024"
 
 
 @pytest.mark.parametrize("values, message", [
