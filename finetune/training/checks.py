@@ -131,6 +131,8 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
     """Why `ckpt` cannot be resumed exactly (a missing, truncated or corrupt file, or another run's checkpoint
     when `identity` is given), or None. Reads headers and checksums only, no tensors."""
     ckpt = Path(ckpt)
+    if ckpt.is_file():
+        return "a file, not a checkpoint dir (checkpoint-N, holding trainer_state.json)"
     if not ckpt.is_dir():
         return "no such checkpoint dir"
     names = set(os.listdir(ckpt))
@@ -144,6 +146,8 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
             return "trainer_state.json: corrupt (no global_step)"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return f"trainer_state.json: corrupt or truncated ({e})"
+    if problem := _trainer_state_problem(state, ckpt.name):
+        return f"trainer_state.json: {problem}"
     for name in sorted(names):
         f = ckpt / name
         if name.endswith(".safetensors"):
@@ -174,11 +178,41 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
                     return f"{name}: {e}"
         elif name in ("adapter_config.json", CHECKPOINT_RUN):
             try:
-                json.loads(f.read_text())
+                record = json.loads(f.read_text())
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 return f"{name}: corrupt or truncated ({e})"
+            if not isinstance(record, dict):  # (a list was read as recording nothing: never compared)
+                return f"{name}: corrupt (a JSON {type(record).__name__}, not an object)"
     if identity:
         return identity_mismatch(ckpt, identity)
+    return None
+
+
+def _trainer_state_problem(state: dict, name: str) -> str | None:
+    """What in a checkpoint's trainer_state.json the Trainer's resume could not use (TrainerState(**state): a
+    TypeError for a key it does not know; a TypeError or a wrong step count later for a value of the wrong type)."""
+    import dataclasses
+
+    from transformers import TrainerState
+
+    known = {f.name for f in dataclasses.fields(TrainerState)}
+    if unknown := sorted(k for k in state if k not in known):
+        return f"corrupt (fields the Trainer does not know: {', '.join(map(str, unknown))})"
+    step = state["global_step"]
+    if isinstance(step, bool) or step < 0:
+        return f"corrupt (global_step {step!r})"
+    if (m := _CHECKPOINT.match(name)) and int(m.group(1)) != step:
+        return f"global_step {step}, but the dir is {name}: edited or copied from another checkpoint"
+    number = (int, float)
+    for key, kinds in (("epoch", number), ("max_steps", int), ("num_train_epochs", number),
+                       ("log_history", list), ("stateful_callbacks", dict), ("best_model_checkpoint", str),
+                       ("train_batch_size", int), ("logging_steps", number), ("save_steps", number),
+                       ("eval_steps", number)):
+        value = state.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+            return f"corrupt ({key} {json.dumps(value)[:40]})"
+    if not all(isinstance(entry, dict) for entry in state.get("log_history") or []):
+        return "corrupt (log_history holds entries that are not objects)"
     return None
 
 
@@ -655,6 +689,11 @@ def check_output_dir(args, identity: dict) -> str | None:
     explicit = args.resume_from_checkpoint
     if explicit in (None, "", "False", "false"):
         explicit = None
+    if args.resume and explicit is not None and explicit not in _TRUE:
+        # (the path was dropped silently: --resume took the newest checkpoint in --output_dir)
+        raise TrainConfigError(f"--resume and --resume_from_checkpoint {explicit} exclude each other: --resume "
+                               "continues the newest checkpoint in --output_dir, --resume_from_checkpoint the one "
+                               "it names; give one")
     resume = args.resume or explicit in _TRUE
     if (resume or explicit) and args.overwrite_output_dir:
         raise TrainConfigError("--resume and --overwrite_output_dir exclude each other: resume continues the run "
@@ -666,6 +705,12 @@ def check_output_dir(args, identity: dict) -> str | None:
         raise TrainConfigError(
             f"--resume: the run in {out} has finished ({FINISHED_MARKER}); nothing was changed. To train further, "
             f"start a new run into a new --output_dir from its weights: {start}{also}")
+    if explicit in _TRUE and not args.resume and not checkpoints(out):
+        # as the Trainer's train(resume_from_checkpoint=True) ("No valid checkpoint found in output directory");
+        # --resume True is the switch that starts at step 0 when there is none
+        raise TrainConfigError(f"--resume_from_checkpoint {explicit}: no checkpoint in {out} to continue from; "
+                               "leave it out to start a new run, or pass --resume True, which starts at step 0 "
+                               "when there is no checkpoint yet")
     if resume and (found := _resumable(out, identity)):
         return found
     if explicit and not resume:

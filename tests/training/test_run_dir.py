@@ -190,6 +190,58 @@ def test_damaged_checkpoint_file_is_named_before_loading(finished, model, data, 
     assert "checkpoint-4" in line and name in line and ("corrupt" in line or "truncated" in line)
 
 
+def _state(change):
+    def damage(ckpt):
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        change(state)
+        (ckpt / "trainer_state.json").write_text(json.dumps(state))
+    return damage
+
+
+@pytest.mark.parametrize("damage, says", [
+    # each was resumed into transformers' TypeError (TrainerState(**state)) after loading, or continued from the
+    # wrong step, or (qwen_run.json a list) resumed without comparing the run at all
+    (_state(lambda s: s.update(foo=1)), "trainer_state.json: corrupt (fields the Trainer does not know: foo)"),
+    (_state(lambda s: s.update(global_step=True)), "trainer_state.json: corrupt (global_step True)"),
+    (_state(lambda s: s.update(global_step=2)), "trainer_state.json: global_step 2, but the dir is checkpoint-4"),
+    (_state(lambda s: s.update(log_history=5)), "trainer_state.json: corrupt (log_history 5)"),
+    (_state(lambda s: s.update(epoch="x")), 'trainer_state.json: corrupt (epoch "x")'),
+    (_state(lambda s: s.update(log_history=[1])), "trainer_state.json: corrupt (log_history holds entries"),
+    (lambda c: (c / "qwen_run.json").write_text("[1]"), "qwen_run.json: corrupt (a JSON list, not an object)"),
+    (lambda c: (c / "adapter_config.json").write_text('"x"'), "adapter_config.json: corrupt (a JSON str"),
+])
+def test_damaged_trainer_state_or_run_record_is_named_before_loading(finished, model, data, tmp_path, capsys,
+                                                                     monkeypatch, damage, says):
+    import finetune.loading
+
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    shutil.rmtree(run / "checkpoint-2")
+    damage(run / "checkpoint-4")
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(train_args(model, data, run, *STEPS4, "--resume", "True")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"checkpoint-4: {says}" in line, line
+
+
+@pytest.mark.parametrize("flags, says", [
+    # the path was dropped silently (--resume took the newest checkpoint in --output_dir)
+    (["--resume", "True", "--resume_from_checkpoint", "{run}/checkpoint-2"],
+     "--resume and --resume_from_checkpoint {run}/checkpoint-2 exclude each other"),
+    # trained from step 0 (the Trainer's train(resume_from_checkpoint=True) raises "No valid checkpoint found")
+    (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no checkpoint in {new} to continue from"),
+    (["--resume_from_checkpoint", "{run}/checkpoint-4/optimizer.pt"],
+     "--resume_from_checkpoint {run}/checkpoint-4/optimizer.pt: a file, not a checkpoint dir"),
+])
+def test_resume_flags_that_cannot_both_hold_are_one_line(finished, model, data, tmp_path, capsys, flags, says):
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    new = tmp_path / "new"
+    out = run if "--resume" in flags else new
+    flags = [f.format(run=run) for f in flags]
+    assert train_main(train_args(model, data, out, *STEPS4, *flags)) == 2
+    assert says.format(run=run, new=new) in _one_line(capsys.readouterr().err)
+    assert not new.exists()
+
+
 def test_output_dir_that_is_a_file(model, data, tmp_path, capsys):
     f = tmp_path / "out"
     f.write_text("x")
