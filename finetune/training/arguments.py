@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -121,6 +122,11 @@ class TrainingArguments(transformers.TrainingArguments):
         if self.optim == "auto":
             self.optim = default_optimizer(self.use_cpu, self.deepspeed)
         check_optimizer_name(self.optim)
+        for name in ("logging_steps", "save_steps", "eval_steps"):  # transformers' int(inf): an OverflowError
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise TrainConfigError(f"--{name} must be a whole number of steps, or a fraction of the run's steps "
+                                       f"in (0, 1), got {value}")
         for name in _DICT_FLAGS:  # transformers' json.loads error or open() of a missing file named no flag
             if hasattr(self, name):
                 setattr(self, name, _dict_flag(name, getattr(self, name)))
@@ -154,6 +160,8 @@ _DICT_FLAGS = ("lr_scheduler_kwargs", "activation_checkpointing_kwargs", "gradie
 def _dict_flag(name: str, value):
     """A mapping flag's value as transformers will read it (a dict, or accelerator_config's file path), or one
     line naming the flag."""
+    if isinstance(value, dict):  # (from a config file)
+        _accelerator_keys(name, value)
     if value is None or isinstance(value, dict) or dataclasses.is_dataclass(value):
         return value
     flag = f"--{name}" + (" (--gradient_checkpointing_kwargs)" if name == "activation_checkpointing_kwargs" else "")
@@ -163,15 +171,35 @@ def _dict_flag(name: str, value):
         except json.JSONDecodeError as e:
             raise TrainConfigError(f"{flag}: invalid JSON at column {e.colno}: {e.msg}") from None
         if isinstance(loaded, dict):
+            _accelerator_keys(name, loaded)
             return value  # transformers parses it again (and converts its string values)
     elif isinstance(value, str) and name == "accelerator_config":
         if not Path(value).is_file():
             raise TrainConfigError(f"{flag} {value}: no such file (a JSON file, or a JSON object such as "
                                    "'{\"even_batches\": false}')")
+        try:
+            loaded = load_json(Path(value).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise TrainConfigError(f"{flag} {value}: not a JSON object ({' '.join(str(e).split())})") from None
+        if not isinstance(loaded, dict):
+            raise TrainConfigError(f"{flag} {value}: not a JSON object")
+        _accelerator_keys(name, loaded, f" {value}")
         return value
     raise TrainConfigError(f"{flag}: {value!r} is not a JSON object (e.g. '{{\"min_lr\": 1e-6}}' for "
                            "--lr_scheduler_kwargs)" if name == "lr_scheduler_kwargs" else
                            f"{flag}: {value!r} is not a JSON object")
+
+
+def _accelerator_keys(name: str, values: dict, where: str = "") -> None:
+    # transformers builds AcceleratorConfig(**values): a TypeError for a name it does not take
+    if name != "accelerator_config":
+        return
+    from transformers.trainer_pt_utils import AcceleratorConfig
+
+    known = {f.name for f in dataclasses.fields(AcceleratorConfig)}
+    if unknown := sorted(k for k in values if k not in known):
+        raise TrainConfigError(f"--accelerator_config{where}: not accelerate's settings: {', '.join(unknown)} (its "
+                               f"names: {', '.join(sorted(known))})")
 
 
 def check_optimizer_name(optim) -> None:
@@ -351,6 +379,12 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
                 raise TrainConfigError(f"config file {path}: {key}: {value!r} is not a list of names")
             continue
         convert = actions[key].type
+        choices = actions[key].choices
+        if choices is not None and not (value is None and actions[key].default is None) and (
+                not isinstance(value, str) or value not in [str(getattr(c, "value", c)) for c in choices]):
+            # (transformers' "None is not a valid SaveStrategy" named neither the key nor the file)
+            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not one of "
+                                   f"{', '.join(str(getattr(c, 'value', c)) for c in choices)}")
         if key in containers and isinstance(value, (bool, int, float)):  # (deepspeed: 5 was a TypeError)
             raise TrainConfigError(f"config file {path}: {key}: {value!r} is not "
                                    + ("a path or a mapping" if key in PATH_FLAGS or key in _DICT_FLAGS

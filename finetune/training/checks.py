@@ -299,7 +299,11 @@ def deepspeed_config(ds) -> dict | None:
         if not p.is_file():
             raise TrainConfigError(f"{where}: no such file (the project's configs are in ds_configs/)")
         try:
-            cfg = load_json(p.read_text(encoding="utf-8-sig"))  # (a BOM, as Windows editors write, is fine)
+            text = p.read_text(encoding="utf-8")
+            if text.startswith("\ufeff"):  # transformers' json.load refuses it, after the checks here
+                raise TrainConfigError(f"{where}: starts with a UTF-8 BOM, which transformers' reader of the file "
+                                       "refuses; save it as UTF-8 without a BOM")
+            cfg = load_json(text)
         except json.JSONDecodeError as e:
             raise TrainConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
         except UnicodeDecodeError as e:

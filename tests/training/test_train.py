@@ -246,6 +246,8 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type cosine_with_min_lr: One of min_lr or"),
     (["--accelerator_config", "/nonexistent/acc.json"], "--accelerator_config /nonexistent/acc.json: no such file"),
     (["--gradient_checkpointing_kwargs", "x"], "(--gradient_checkpointing_kwargs): 'x' is not a JSON object"),
+    (["--accelerator_config", '{"foo": 1}'], "--accelerator_config: not accelerate's settings: foo"),
+    (["--logging_steps", "inf"], "--logging_steps must be a whole number of steps"),  # an OverflowError
 ])
 def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise_file, tmp_path, capsys,
                                                                 monkeypatch, flags, message):
@@ -297,12 +299,15 @@ def test_deepspeed_config_of_the_wrong_shape_is_one_line(models, memorise_file, 
     assert err.startswith(f"error: --deepspeed {ds}: ") and message in err and err.count("\n") == 1, err
 
 
-def test_deepspeed_config_with_a_bom_is_read(models, memorise_file, tmp_path):
-    from finetune.training.checks import deepspeed_config
-
+def test_deepspeed_config_with_a_bom_is_one_line(models, memorise_file, tmp_path, capsys):
+    # transformers' json.load of the file raised "Unexpected UTF-8 BOM" naming neither the flag nor the file
     ds = tmp_path / "ds.json"
     ds.write_bytes(b"\xef\xbb\xbf" + (ROOT / "ds_configs" / "zero2.json").read_bytes())  # as Notepad saves it
-    assert deepspeed_config(str(ds))["zero_optimization"]["stage"] == 2
+    assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
+                            "--deepspeed", str(ds))) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --deepspeed {ds}: starts with a UTF-8 BOM, which transformers' reader of the file " \
+                  "refuses; save it as UTF-8 without a BOM\n"
 
 
 @pytest.mark.parametrize("name, text, message", [
