@@ -25,13 +25,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2
         return 0
-    from .settings import SettingsError, settings
+    from .settings import SettingsError, settings, unknown_switches
 
     try:
         settings()  # a bad FINETUNE_* switch is one line now, not a traceback wherever it is first read
     except SettingsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    for line in unknown_switches():
+        print(f"warning: {line}", file=sys.stderr)
     try:
         module = importlib.import_module(COMMANDS[argv[0]][0])
         return module.main(argv[1:]) or 0

@@ -85,6 +85,28 @@ def from_environ(environ=None) -> Settings:
     return Settings(**values)
 
 
+# Switches of earlier versions, now gone (their paths were taken back or became the only one): named as such
+RETIRED = {"FINETUNE_PDL", "FINETUNE_GPTQ_WGMMA", "FINETUNE_GPTQ_BULK", "FINETUNE_FUSED_LORA_DROPOUT"}
+
+
+def unknown_switches(environ=None) -> list[str]:
+    """A line for each FINETUNE_* variable that is no switch (a misspelt name would otherwise be ignored without a
+    word, and the run would take the path the user meant to switch off)."""
+    import difflib
+
+    environ = os.environ if environ is None else environ
+    known = set(ENV.values())
+    lines = []
+    for name in sorted(k for k in environ if k.startswith("FINETUNE_") and k not in known):
+        if name in RETIRED:
+            lines.append(f"{name} is no longer a switch (removed); it is ignored")
+            continue
+        near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        hint = f" (did you mean {near[0]}?)" if near else f" (the switches: {', '.join(sorted(known))})"
+        lines.append(f"{name} is not a qwen-finetune switch{hint}; it is ignored")
+    return lines
+
+
 _current: Settings | None = None
 
 

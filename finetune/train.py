@@ -20,7 +20,7 @@ from pathlib import Path
 import transformers
 
 from .data import DataError, TooLongError, build_dataset
-from .settings import SettingsError, settings
+from .settings import SettingsError, settings, unknown_switches
 from .settings import as_dict as settings_dict
 from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
                                  resolve_sampling)
@@ -460,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party_notices()
     try:
         settings()  # a bad FINETUNE_* switch stops the run now (run_info.json first read them, after training)
+        if os.environ.get("RANK", "0") == "0":  # (once for a multi-process launch)
+            for line in unknown_switches():
+                logger.warning(line)
         argv = list(sys.argv[1:] if argv is None else argv)
         try:
             model_args, data_args, lora_args, args = parse_args(argv)

@@ -46,3 +46,24 @@ def test_a_bad_switch_stops_a_command_in_one_line_before_it_starts(entry, tmp_pa
     argv = ["-m", str(tmp_path / "model"), "-d", str(tmp_path / "data.json"), "-o", str(tmp_path / "out")]
     rc = cli_main(["chat", *argv[:2]]) if entry == "cli" else finetune.train.main(argv)
     assert rc == 2 and capsys.readouterr().err == "error: FINETUNE_CUDA_GRAPHS='x': expected 1 or 0\n"
+
+
+def test_a_misspelt_or_retired_switch_is_named_not_silently_ignored(monkeypatch, capsys):
+    # FINETUNE_CUDA_GRAPH=0 was ignored without a word: the run captured graphs the user meant to switch off
+    import finetune.settings
+    from finetune.cli import main as cli_main
+    from finetune.settings import unknown_switches
+
+    env = {"FINETUNE_CUDA_GRAPH": "0", "FINETUNE_PDL": "0", "FINETUNE_ZZZ": "1", ENV["compile"]: "0", "HOME": "/x"}
+    assert unknown_switches(env) == [
+        "FINETUNE_CUDA_GRAPH is not a qwen-finetune switch (did you mean FINETUNE_CUDA_GRAPHS?); it is ignored",
+        "FINETUNE_PDL is no longer a switch (removed); it is ignored",
+        "FINETUNE_ZZZ is not a qwen-finetune switch (the switches: " + ", ".join(sorted(ENV.values()))
+        + "); it is ignored"]
+    assert unknown_switches({ENV["compile"]: "0"}) == []
+    monkeypatch.setattr(finetune.settings, "_current", None)
+    monkeypatch.setenv("FINETUNE_CUDA_GRAPH", "0")
+    with pytest.raises(SystemExit):  # (argparse's --help exits)
+        cli_main(["chat", "--help"])
+    assert "warning: FINETUNE_CUDA_GRAPH is not a qwen-finetune switch (did you mean FINETUNE_CUDA_GRAPHS?)" in (
+        capsys.readouterr().err)
