@@ -147,7 +147,9 @@ def eval_loss(model, tokenizer, records, batch_size: int = 8, max_len: int | Non
         total += float(out.loss)
         count += int((batch["labels"][:, 1:] != -100).sum())
     loss = total / count if count else float("nan")
-    return {"loss": loss, "perplexity": math.exp(loss) if count and loss < 700 else float("inf"),
+    # no scored token: no loss and no perplexity (NaN, null in the JSON report; it read inf)
+    perplexity = float("nan") if not count else math.exp(loss) if loss < 700 else float("inf")
+    return {"loss": loss, "perplexity": perplexity,
             "tokens": count, "records": len(rows), "left_out": len(left_out),
             "first_left_out": left_out[0] if left_out else None, "truncated": sum(encoded[i].truncated for i in kept)}
 
@@ -377,58 +379,176 @@ def unwritable(path: Path) -> str | None:
     """Why a report file cannot be written at ``path`` (its missing parent dirs are made), or None."""
     if path.is_dir():
         return "is a directory; give a file name for the JSON report"
-    parent = path.parent
-    while not parent.exists():
+    return unwritable_place(path.parent)
+
+
+def unwritable_place(directory: Path) -> str | None:
+    """Why nothing can be written in ``directory`` (or, where it does not exist yet, in its nearest existing
+    parent, under which it would be made), or None: tried with a temporary file, as permissions, read-only mounts
+    and pseudo file systems (/proc) all say no only to a write."""
+    import tempfile
+
+    parent = Path(directory)
+    while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir():
         return f"{parent} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        return f"cannot write in {parent} ({e.strerror or e})"
     return None
 
 
+def json_safe(value):
+    """``value`` with every float that is not finite made None: JSON has no NaN or Infinity (``json.dumps`` writes
+    them as bare words that strict parsers, jq and JavaScript's JSON.parse refuse). A loss over no scored token is
+    NaN, and a perplexity past float range inf: null in the report."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def is_eval_report(path: Path) -> bool:
+    """Whether ``path`` holds a JSON report this command wrote (``model``, ``settings`` and ``base`` keys)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and {"model", "settings", "base"} <= data.keys()
+
+
+def overwrites_input(output: Path, inputs) -> Path | None:
+    """The input dir (adapter or model) of which ``output`` is an existing file other than an earlier report, or
+    None: ``--output ADAPTER/adapter_config.json`` replaced the adapter's config with the report."""
+    output = Path(output)
+    if not output.is_file():
+        return None
+    target = output.resolve()
+    for d in inputs:
+        if d is not None and Path(d).is_dir() and Path(d).resolve() in target.parents and not is_eval_report(output):
+            return Path(d)
+    return None
+
+
+def max_new_tokens_limit(model_dir) -> int | None:
+    """The most new tokens a reply may have on ``model_dir`` (a local model dir; None otherwise): the engine's
+    default length, max(max_position_embeddings, 4 x seq_length), as chat and the server have it."""
+    from .errors import ModelLoadError
+    from .model_dir import read_config
+
+    if not Path(model_dir).is_dir():
+        return None
+    try:
+        cfg = read_config(model_dir)
+    except ModelLoadError:
+        return None  # (the load says what is wrong with it)
+    positions, seq = cfg.get("max_position_embeddings") or 0, cfg.get("seq_length") or 0
+    if not isinstance(positions, int) or not isinstance(seq, int):
+        return None
+    return max(positions, 4 * seq) or None
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", help="model dir or hub id (default: the base the adapter records)")
-    p.add_argument("-a", "--adapter", help="LoRA / Q-LoRA adapter dir; base and base+adapter are reported")
-    p.add_argument("--data", required=True, help="held-out chat data (JSON / JSONL, any accepted form; several: "
-                   "a quoted glob, a comma-separated list or a directory of .json/.jsonl files)")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8, help="rows per loss batch (and per generate() batch)")
-    p.add_argument("--gen-batch-size", type=int, default=32,
+    from .chat import _Once  # a flag given twice is an error (argparse keeps the last silently), as in chat
+
+    from .merge import OneLineParser
+
+    p = OneLineParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", action=_Once, help="model dir or hub id (default: the base the adapter records)")
+    p.add_argument("-a", "--adapter", action=_Once,
+                   help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N); base and base+adapter are reported")
+    p.add_argument("--data", required=True, action=_Once,
+                   help="held-out chat data (JSON / JSONL, any accepted form; several: a quoted glob, a "
+                        "comma-separated list or a directory of .json/.jsonl files)")
+    p.add_argument("--max-new-tokens", type=int, default=128, action=_Once)
+    p.add_argument("--batch-size", type=int, default=8, action=_Once,
+                   help="rows per loss batch (and per generate() batch)")
+    p.add_argument("--gen-batch-size", type=int, default=32, action=_Once,
                    help="rows the inference engine decodes at once (continuous batching)")
-    p.add_argument("--generator", choices=("engine", "generate"), default="engine",
+    p.add_argument("--generator", choices=("engine", "generate"), default="engine", action=_Once,
                    help="engine: the inference engine (default); generate: transformers' generate(), left-padded")
-    p.add_argument("--max-samples", type=int, default=None)
-    p.add_argument("--max-len", type=int, default=None,
+    p.add_argument("--max-samples", type=int, default=None, action=_Once)
+    p.add_argument("--max-len", type=int, default=None, action=_Once,
                    help="truncate conversations for the loss as training does (default: the model's seq_length)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, action=_Once)
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
-    p.add_argument("--output", help="write the JSON report here")
-    p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--output", action=_Once, help="write the JSON report here")
+    p.add_argument("--device", default=None, action=_Once)
+    p.add_argument("--dtype", default=None, action=_Once,
+                   help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     return p
+
+
+def preload_problem(args, model_dir) -> str | None:
+    """What the model's inputs say against the flags, found before it loads (one line), or None: an --output that
+    is a file of the adapter or model dir (the report replaced it), and a --max-new-tokens the model cannot hold
+    (the engine then tried to allocate its cache for it)."""
+    if args.output and (inside := overwrites_input(Path(args.output), [args.adapter, model_dir])):
+        return (f"--output {args.output} is a file of {inside}, an input of this evaluation, and no earlier report: "
+                f"the report would replace it; give another file name")
+    limit = max_new_tokens_limit(model_dir)
+    if limit and args.max_new_tokens > limit:
+        return (f"--max-new-tokens {args.max_new_tokens} is more than {model_dir} holds (at most {limit}: "
+                f"max(max_position_embeddings, 4 x seq_length) of its config.json)")
+    return None
+
+
+def nothing_to_score(tokenizer, records, args, model_dir) -> str | None:
+    """With --no-generate, why the run would report nothing (every record's prompt fills max_len, so no reply
+    token is scored: the loss was NaN over 0 tokens), or None."""
+    from .data import encode_conversation_info
+    from .errors import ModelLoadError
+    from .model_dir import read_config
+
+    max_len = args.max_len
+    if max_len is None and Path(model_dir).is_dir():
+        try:
+            max_len = read_config(model_dir).get("seq_length")
+        except ModelLoadError:
+            return None
+    if not isinstance(max_len, int):
+        return None
+    for r in records:
+        if any(label != -100 for label in encode_conversation_info(tokenizer, r, max_len=max_len).labels[1:]):
+            return None
+    setting = "--max-len" if args.max_len else "--max-len (default: the model's seq_length)"
+    return (f"--data {args.data}: no record has a reply token within max_len {max_len} (each prompt fills it), so "
+            f"--no-generate has nothing to score; {setting} sets max_len")
+
+
+def _error(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "_repeated", None):
+        return _error(args._repeated)
+    for flag, value in (("-m/--model", args.model), ("-a/--adapter", args.adapter), ("--data", args.data),
+                        ("--output", args.output), ("--device", args.device), ("--dtype", args.dtype)):
+        if value is not None and not value.strip():  # an unset shell variable: was "." or, for --output, no report
+            return _error(f"{flag} is empty")
     if not args.model and not args.adapter:
-        print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
-        return 2
+        return _error("pass -m MODEL (and/or --adapter DIR)")
     for flag, value in (("--batch-size", args.batch_size), ("--gen-batch-size", args.gen_batch_size),
                         ("--max-new-tokens", args.max_new_tokens), ("--max-samples", args.max_samples)):
         if value is not None and value < 1:
-            print(f"error: {flag} must be >= 1, got {value}", file=sys.stderr)
-            return 2
+            return _error(f"{flag} must be >= 1, got {value}")
     rp = args.repetition_penalty
     if not rp > 0 or rp == float("inf"):  # (NaN fails the comparison) the engine refused it after the model loaded
-        print(f"error: --repetition-penalty must be a finite number > 0, got {rp}", file=sys.stderr)
-        return 2
+        return _error(f"--repetition-penalty must be a finite number > 0, got {rp}")
     if args.output and (problem := unwritable(Path(args.output))):  # found now, not after the evaluation
-        print(f"error: --output {args.output}: {problem}", file=sys.stderr)
-        return 2
+        return _error(f"--output {args.output}: {problem}")
     if args.output and _is_data_file(args.output, args.data):
-        print(f"error: --output {args.output} is the --data file: the report would replace the held-out data; give "
-              f"another file name", file=sys.stderr)
-        return 2
+        return _error(f"--output {args.output} is the --data file: the report would replace the held-out data; give "
+                      f"another file name")
     from .data.encoding import MIN_MAX_LEN  # as training's --model_max_length
 
     if args.max_len is not None and args.max_len < MIN_MAX_LEN:
@@ -451,9 +571,16 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
         # a base the adapter was not trained on loads as asked (warned on the console); the report says so too
         other_base = check_base(args.adapter, model_dir, explicit=True) if args.adapter and args.model else None
-        model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
+        problem = preload_problem(args, model_dir)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
         tokenizer = load_tokenizer(args.adapter if args.adapter and (Path(args.adapter) / "qwen.tiktoken").is_file()
                                    else model_dir)
+        if args.no_generate and (problem := nothing_to_score(tokenizer, records, args, model_dir)):
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
     except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -482,7 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.output:
         replaced = Path(args.output).exists()
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        Path(args.output).write_text(json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False)
+                                     + "\n")
         print(f"report: {args.output}" + (" (replaced the file that was there)" if replaced else ""))
     return 0
 

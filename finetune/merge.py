@@ -116,7 +116,11 @@ def _sample(records: list, n: int | None, seed: int = 0) -> list:
 
 
 def _training_data(adapter_dir: Path) -> str | None:
+    """The data file(s) the adapter was trained on, from its run's run_args.json: in the adapter dir, or, for a
+    checkpoint-N dir (which has none), in the run dir above it; None when none is recorded or readable."""
     p = adapter_dir / "run_args.json"
+    if not p.is_file() and adapter_dir.name.startswith("checkpoint-"):
+        p = adapter_dir.parent / "run_args.json"
     if not p.is_file():
         return None
     try:
@@ -199,7 +203,7 @@ def check_numbers(fmt: str, quant_method: str, n_calib, n_eval, calib_max_len: i
         raise MergeError(f"--eval-samples must be 0 or more (0: no loss report), got {n_eval}")
     try:
         shard = parse_size(max_shard_size)
-    except ValueError:
+    except (ValueError, OverflowError):  # ("1" and 400 zeros: a float that int() cannot take)
         shard = None
     if shard is None or shard < 1:
         raise MergeError(f"--max-shard-size {max_shard_size!r}: expected a positive size such as 2GB or 500MB")
@@ -272,6 +276,10 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     from .tokenization import load_tokenizer
 
     t0 = time.time()
+    for flag, value in (("--adapter", adapter), ("--output", output), ("--model", model), ("--calib-data", calib_data),
+                        ("--eval-data", eval_data), ("--device", device)):
+        if isinstance(value, str) and not value.strip():  # an unset shell variable: Path("") is the current dir
+            raise MergeError(f"{flag} is empty")
     adapter = Path(adapter)
     out = Path(output)
     fmt, dtype = resolve_format(fmt, dtype)
@@ -295,6 +303,13 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                          f"was trained on); choose a new dir")
     if out.exists() and not out.is_dir():
         raise MergeError(f"--output {out} is a file, not a directory; choose a new dir")
+    if (out / "adapter_config.json").is_file():  # (even with --overwrite) a model written beside an adapter
+        raise MergeError(f"--output {out} holds an adapter (adapter_config.json): the merged model would be mixed "
+                         f"into it; choose a new dir")
+    from .evaluate import unwritable_place
+
+    if problem := unwritable_place(out):  # found now, not after the merge
+        raise MergeError(f"--output {out}: {problem}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         if (out / INCOMPLETE).exists():
             raise MergeError(f"--output {out} holds an interrupted merge ({out / INCOMPLETE}); pass --overwrite to "
@@ -332,6 +347,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     if eval_records and not eval_data:
         log(f"merge: no --eval-data: the loss below is on {len(eval_records)} conversations of {eval_path} "
             f"(training/calibration data, not held out)")
+    if not eval_path and n_eval:  # said, not silently a report without a loss
+        log(f"merge: no --eval-data, and {adapter} records no readable training data (run_args.json): the report "
+            f"has no loss; pass --eval-data FILE for one")
     if fmt == "int4" and quant_method == "gptq" and not calib_path:
         raise MergeError("--quant-method gptq needs calibration conversations: pass --calib-data FILE (e.g. a "
                          "sample of your training data); the adapter's run_args.json names no readable data file")
@@ -422,7 +440,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                           f"{RTN_WARN_DELTA}): it lost part of the fine-tune; --quant-method gptq --calib-data FILE "
                           f"calibrates on your conversations and keeps more of it")
     report["seconds"] = round(time.time() - t0, 2)
-    (out / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    from .evaluate import json_safe
+
+    (out / "merge_report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     log(f"merge: wrote {out} ({', '.join(files)})")
     return report
 
@@ -438,42 +458,60 @@ def _is_gptq_dir(path: Path) -> bool:
         return False
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors (a bad value, a missing flag, an ambiguous abbreviation) as one line naming the flag, not
+    the usage text above it (as the trainer's)."""
+
+    def error(self, message):
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-ft merge", description=__doc__.split("\n\n")[0])
-    p.add_argument("-a", "--adapter", required=True, help="LoRA / Q-LoRA adapter dir")
-    p.add_argument("-m", "--model", help="base model dir (default: the base the adapter records); for a Q-LoRA "
-                                          "adapter, the matching bf16 model merges without re-quantizing")
-    p.add_argument("-o", "--output", required=True, help="new model dir")
-    p.add_argument("--format", default="float", choices=["float", "bf16", "int4"],
+    from .chat import _Once  # a flag given twice is an error (argparse keeps the last silently), as in chat
+
+    p = OneLineParser(prog="qwen-ft merge", description=__doc__.split("\n\n")[0])
+    once = {"action": _Once}
+    p.add_argument("-a", "--adapter", required=True, **once,
+                   help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N)")
+    p.add_argument("-m", "--model", **once,
+                   help="base model dir (default: the base the adapter records); for a Q-LoRA adapter, the matching "
+                        "bf16 model merges without re-quantizing")
+    p.add_argument("-o", "--output", required=True, **once, help="new model dir")
+    p.add_argument("--format", default="float", choices=["float", "bf16", "int4"], **once,
                    help="float: a float model in --dtype (default); bf16: the same as float with --dtype bf16; "
                         "int4: quantized again to GPTQ Int4 (see --quant-method)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES),
+    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), **once,
                    help="float weights' dtype for --format float (default bf16)")
-    p.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq"],
+    p.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq"], **once,
                    help="--format int4: rtn (round-to-nearest, no data) or gptq (calibrated on --calib-data; keeps "
                         "more of the fine-tune)")
-    p.add_argument("--calib-data", help="conversations for GPTQ calibration (default: the adapter's training data)")
-    p.add_argument("--calib-samples", type=int, default=None, help="GPTQ: conversations sampled (default 128)")
-    p.add_argument("--calib-max-len", type=int, default=None, help="GPTQ: tokens a conversation (default 2048)")
-    p.add_argument("--eval-data", help="held-out conversations for the loss report (default: the calibration or "
-                                        "training data, reported as such)")
-    p.add_argument("--eval-samples", type=int, default=64)
-    p.add_argument("--bits", type=int, default=None, choices=[4, 8], help="--format int4: 4 (default) or 8")
-    p.add_argument("--group-size", type=int, default=None,
+    p.add_argument("--calib-data", **once,
+                   help="conversations for GPTQ calibration (default: the adapter's training data)")
+    p.add_argument("--calib-samples", type=int, default=None, **once, help="GPTQ: conversations sampled (default 128)")
+    p.add_argument("--calib-max-len", type=int, default=None, **once, help="GPTQ: tokens a conversation (default 2048)")
+    p.add_argument("--eval-data", **once, help="held-out conversations for the loss report (default: the calibration "
+                                               "or training data, reported as such)")
+    p.add_argument("--eval-samples", type=int, default=64, **once)
+    p.add_argument("--bits", type=int, default=None, choices=[4, 8], **once, help="--format int4: 4 (default) or 8")
+    p.add_argument("--group-size", type=int, default=None, **once,
                    help="--format int4: columns that share a scale (default 128; -1: one group a row)")
     p.add_argument("--desc-act", action="store_true", help="--format int4: act-order (columns by importance)")
-    p.add_argument("--damp-percent", type=float, default=None,
+    p.add_argument("--damp-percent", type=float, default=None, **once,
                    help="GPTQ: dampening, a fraction of the Hessian's mean diagonal (default 0.01)")
-    p.add_argument("--max-shard-size", default="2GB")
-    p.add_argument("--device", default=None, help="where to merge (default: cuda if available); fp32 needs 4 bytes "
-                                                   "per parameter")
+    p.add_argument("--max-shard-size", default="2GB", **once)
+    p.add_argument("--device", default=None, **once,
+                   help="where to merge (default: cuda if available); fp32 needs 4 bytes per parameter")
     p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, **once)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "_repeated", None):
+        print(f"error: {args._repeated}", file=sys.stderr)
+        return 2
     import warnings
 
     from transformers.utils import logging as hf_logging

@@ -4,6 +4,7 @@ report."""
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -490,3 +491,160 @@ def test_a_missing_data_file_is_one_line_naming_the_flag(tmp_path, capsys):
     missing = tmp_path / "nonexist.json"
     assert main(["eval", "-m", str(tmp_path / "no_model"), "--data", str(missing)]) == 2
     assert capsys.readouterr().err == f"error: --data {missing}: no such file\n"
+
+
+# -- hostile and unusual use: one line before the model loads; what the report says -------------------------------
+
+
+class _Loaded(Exception):
+    """Raised by a patched load_model: the command got past every check."""
+
+
+def _no_load(monkeypatch):
+    import finetune.loading
+
+    def loaded(*a, **k):
+        raise _Loaded
+
+    monkeypatch.setattr(finetune.loading, "load_model", loaded)
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("flags, message", [
+    # argparse kept the last silently: the first adapter / data file was dropped
+    (["-a", "LORA"], "-a/--adapter given twice"),
+    (["--data", "DATA"], "--data given twice"),
+    (["--max-new-tokens", "4", "--max-new-tokens", "8"], "--max-new-tokens given twice (4 and 8)"),
+    # an unset shell variable: --output "" wrote no report, -a "" named "."
+    (["--output", ""], "--output is empty"),
+    (["-m", " "], "-m/--model is empty"),
+    # the engine tried to allocate a cache for it after the model loaded (a traceback)
+    (["--max-new-tokens", "99999999999"], "--max-new-tokens 99999999999 is more than"),
+    # argparse's usage text above its error
+    (["--batch-size", "x"], "argument --batch-size: invalid int value: 'x' (see qwen-ft eval --help)"),
+])
+def test_eval_flags_given_twice_empty_or_too_big_are_one_line_before_loading(setup, capsys, monkeypatch, flags,
+                                                                              message):
+    from finetune.cli import main
+
+    _no_load(monkeypatch)
+    flags = [str(setup["lora"]) if f == "LORA" else str(setup["data"]) if f == "DATA" else f for f in flags]
+    try:
+        rc = main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), *flags])
+    except SystemExit as e:  # argparse's own errors exit
+        rc = e.code
+    assert rc == 2 and message in _one_error_line(capsys)
+
+
+def test_eval_output_that_is_a_file_of_the_adapter_is_refused_and_a_report_there_is_replaced(setup, tmp_path, capsys,
+                                                                                              monkeypatch):
+    # --output ADAPTER/adapter_config.json replaced the adapter's config with the report (the adapter was gone)
+    import shutil
+
+    from finetune.cli import main
+
+    _no_load(monkeypatch)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(setup["lora"], adapter)
+    config = (adapter / "adapter_config.json").read_text()
+    for target in (adapter / "adapter_config.json", setup["float"] / "config.json"):
+        assert main(["eval", "-a", str(adapter), "-m", str(setup["float"]), "--data", str(setup["data"]),
+                     "--output", str(target)]) == 2
+        line = _one_error_line(capsys)
+        assert f"--output {target} is a file of {target.parent}, an input of this evaluation" in line, line
+    assert (adapter / "adapter_config.json").read_text() == config
+    # a new file there, or an earlier report, is fine (the report is written after the evaluation)
+    (adapter / "eval.json").write_text(json.dumps({"model": "m", "settings": {}, "base": {}}))
+    for target in (adapter / "eval.json", adapter / "new.json"):
+        with pytest.raises(_Loaded):
+            main(["eval", "-a", str(adapter), "--data", str(setup["data"]), "--output", str(target)])
+
+
+def test_eval_output_in_a_place_that_cannot_be_written_is_refused_before_loading(setup, tmp_path, capsys,
+                                                                                  monkeypatch):
+    # was the report's FileNotFoundError / PermissionError traceback after the whole evaluation
+    import os
+
+    from finetune.cli import main
+
+    _no_load(monkeypatch)
+    if os.geteuid() == 0:  # root writes anywhere a mode says no; /proc takes no new file from anyone
+        if not Path("/proc/self").is_dir():
+            pytest.skip("needs /proc (or a non-root user)")
+        place = Path("/proc")
+    else:
+        place = tmp_path / "ro"
+        place.mkdir()
+        place.chmod(0o500)
+    output = place / "sub dir" / "r.json"
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), "--output", str(output)]) == 2
+    assert _one_error_line(capsys).startswith(f"error: --output {output}: cannot write in {place}")
+
+
+def test_no_generate_with_no_scored_token_is_one_line_before_loading(setup, tmp_path, capsys, monkeypatch):
+    # every prompt fills --max-len: the report was a NaN loss over 0 tokens (and perplexity inf)
+    from finetune.cli import main
+
+    _no_load(monkeypatch)
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 80},
+                                             {"role": "assistant", "content": "x"}]}) + "\n")
+    assert main(["eval", "-m", str(setup["float"]), "--data", str(data), "--max-len", "48", "--no-generate"]) == 2
+    assert _one_error_line(capsys) == (f"error: --data {data}: no record has a reply token within max_len 48 (each "
+                                       f"prompt fills it), so --no-generate has nothing to score; --max-len sets "
+                                       f"max_len")
+
+
+def test_a_loss_over_no_token_is_null_in_a_strict_json_report(setup, tmp_path, capsys):
+    # json.dumps wrote NaN and Infinity, which strict parsers (jq, JSON.parse) refuse; the perplexity of no token
+    # was inf
+    from finetune.cli import main
+
+    data = tmp_path / "long.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "word " * 80},
+                                             {"role": "assistant", "content": "x"}]}) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", "-m", str(setup["float"]), "--data", str(data), "--max-len", "48", "--max-new-tokens", "2",
+                 "--output", str(out)]) == 0
+
+    def refuse(word):
+        raise ValueError(f"not JSON: {word}")
+
+    report = json.loads(out.read_text(), parse_constant=refuse)
+    assert report["base"]["loss"] is None and report["base"]["perplexity"] is None
+    assert report["base"]["tokens"] == 0 and report["base"]["left_out"] == 1 and report["base"]["generated"] == 1
+    got = eval_loss(load_model(setup["float"], dtype=torch.float32, device="cpu"), setup["tok"],
+                    [json.loads(data.read_text())], max_len=48)
+    assert math.isnan(got["loss"]) and math.isnan(got["perplexity"]) and got["tokens"] == 0
+
+
+def test_perplexity_in_the_report_is_exp_of_the_mean_loss_over_trained_tokens(setup, tmp_path):
+    # by hand: each record alone, cross-entropy summed over its trained labels, divided by their count
+    from finetune.cli import main
+    from finetune.data import encode_conversation
+
+    out = tmp_path / "r.json"
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate", "--batch-size", "3",
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    model = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    for column, ctx in (("adapter", None), ("base", model.disable_adapter)):
+        total, count = 0.0, 0
+        with torch.no_grad(), (ctx() if ctx else torch.no_grad()):
+            for r in setup["records"]:
+                enc = encode_conversation(setup["tok"], r)
+                lg = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0, :-1].float()
+                y = torch.tensor(enc["labels"][1:])
+                total += float(F.cross_entropy(lg[y != -100], y[y != -100], reduction="sum"))
+                count += int((y != -100).sum())
+        col = report[column]
+        assert col["tokens"] == count and col["records"] == 4 and col["left_out"] == 0 and col["truncated"] == 0
+        assert col["loss"] == pytest.approx(total / count, rel=1e-5)
+        assert col["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert set(report) >= {"model", "adapter_dir", "data", "records", "settings", "base", "adapter"}
+    assert report["adapter_dir"] == str(setup["lora"]) and report["records"] == 4

@@ -381,3 +381,186 @@ def test_an_int8_export_says_int8(setup, tmp_path):
     assert report["route"].endswith("-> int8 (rtn)") and report["quantization"]["bits"] == 8
     assert json.loads((tmp_path / "i8" / "quantize_config.json").read_text())["bits"] == 8
     assert abs(report["loss_delta"]) < 0.05
+
+
+# -- hostile and unusual use ------------------------------------------------------------------------------------
+
+
+class _Loaded(Exception):
+    pass
+
+
+def _main_rc(argv) -> int:
+    from finetune.cli import main
+
+    try:
+        return main(argv)
+    except SystemExit as e:  # argparse's own errors exit
+        return e.code
+
+
+@pytest.mark.parametrize("flags, message", [
+    # argparse kept the last silently: the first adapter, or --eval-samples 0, was dropped
+    (["-a", "QLORA"], "-a/--adapter given twice"),
+    (["--eval-samples", "0", "--eval-samples", "3"], "--eval-samples given twice (0 and 3)"),
+    # an unset shell variable: Path("") is the current dir (with --overwrite the merge went there)
+    (["--output", "", "--overwrite"], "--output is empty"),
+    (["-m", ""], "--model is empty"),
+    # the merge ran, then failed to write (one line, but after the whole merge)
+    (["--output", "/proc/merged"], "--output /proc/merged: cannot write in /proc"),
+    # a model written into a dir that holds an adapter (a run dir above its checkpoint) mixes the two
+    (["--output", "ADAPTER_DIR", "--overwrite"], "holds an adapter (adapter_config.json)"),
+    (["--max-shard-size", "1" + "0" * 400], "--max-shard-size '1000"),  # OverflowError's traceback
+    (["--group-size", "x"], "argument --group-size: invalid int value: 'x' (see qwen-ft merge --help)"),
+])
+def test_merge_flags_twice_empty_or_unwritable_are_one_line_before_loading(setup, tmp_path, capsys, monkeypatch,
+                                                                           flags, message):
+    import shutil
+
+    import finetune.loading
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    if "/proc/merged" in flags and not (tmp_path.anchor == "/" and __import__("os").path.isdir("/proc/self")):
+        pytest.skip("needs /proc")
+    run = tmp_path / "run"
+    shutil.copytree(setup["lora"], run)
+    flags = [str(setup["qlora"]) if f == "QLORA" else str(run) if f == "ADAPTER_DIR" else f for f in flags]
+    adapter = str(run / "checkpoint-3") if "ADAPTER_DIR" in flags or str(run) in flags else str(setup["lora"])
+    if adapter != str(setup["lora"]):
+        shutil.copytree(setup["lora"], adapter)
+    argv = ["merge", "-a", adapter, "--eval-data", str(setup["data"])]
+    rc = _main_rc(argv + (flags if "--output" in flags else ["--output", str(tmp_path / "out"), *flags]))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_merges_and_reports_the_loss_on_its_runs_training_data(setup, tmp_path):
+    """A checkpoint-N dir holds the adapter as it was at step N (the README's --lora_weight_path OUT/checkpoint-N):
+    it merges as the final adapter does. Its loss report was silently absent: run_args.json is in the run dir."""
+    import shutil
+
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy2(setup["lora"] / "run_args.json", run / "run_args.json")
+    ckpt = run / "checkpoint-3"
+    shutil.copytree(setup["lora"], ckpt, ignore=shutil.ignore_patterns("run_args.json", "checkpoint-*"))
+    report = merge(ckpt, tmp_path / "m", dtype="fp32", log=quiet)
+    assert report["eval_data_kind"] == "training-data" and report["eval_records"] == 4
+    assert report["eval_data"] == str(setup["data"]) and abs(report["loss_delta"]) < 1e-4
+    # with no recorded data at all the report has no loss, and says why
+    (run / "run_args.json").unlink()
+    lines = []
+    report = merge(ckpt, tmp_path / "m2", dtype="fp32", log=lines.append)
+    assert "merged_loss" not in report and any("the report has no loss; pass --eval-data" in line for line in lines)
+
+
+def test_a_merge_report_with_no_scored_token_is_strict_json(setup, tmp_path, monkeypatch):
+    # a NaN loss was written as NaN, which strict JSON parsers refuse
+    import finetune.evaluate
+
+    real = finetune.evaluate.eval_loss
+    monkeypatch.setattr(finetune.evaluate, "eval_loss", lambda *a, **k: dict(real(*a, **k), loss=float("nan")))
+    merge(setup["lora"], tmp_path / "m", eval_data=setup["data"], log=quiet)
+
+    def refuse(word):
+        raise ValueError(word)
+
+    report = json.loads((tmp_path / "m" / "merge_report.json").read_text(), parse_constant=refuse)
+    assert report["merged_loss"] is None and report["unmerged_loss"] is None
+
+
+# -- what a merge writes: adapters of every layout, Int4 exactly as quantized, the report's numbers ------------
+
+
+def _peft_adapter(base, out, **cfg):
+    """An adapter of `cfg` on `base` with random B (and perturbed modules_to_save copies), saved as PEFT saves it."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+
+    model = load_model(base, dtype=torch.float32, device="cpu")
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **cfg))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+            if "modules_to_save" in n:
+                p.add_(torch.randn_like(p) * 0.05)
+    peft_model.save_pretrained(out)
+    for name in ("qwen.tiktoken", "tokenizer_config.json"):
+        shutil.copy2(base / name, out / name)
+    return out
+
+
+ADAPTER_LAYOUTS = {
+    "rank_and_alpha_patterns": dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"],
+                                    rank_pattern={"h.0.attn.c_attn": 4, "w2": 2},
+                                    alpha_pattern={"h.1.mlp.c_proj": 64}),
+    "rslora_on_two_linears": dict(r=8, lora_alpha=16, target_modules=["c_attn", "w1"], use_rslora=True),
+    "one_linear": dict(r=4, lora_alpha=8, target_modules=["w2"]),
+    "modules_to_save": dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["wte", "lm_head"]),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(ADAPTER_LAYOUTS))
+@pytest.mark.parametrize("base", ["float", "int4"])
+def test_every_adapter_layout_merges_to_what_the_unmerged_adapter_computes(setup, tmp_path, layout, base):
+    from finetune.quant.packing import dequantize
+    from finetune.quant.rtn import quantize_weight
+
+    adapter = _peft_adapter(setup[base], tmp_path / "adapter", **ADAPTER_LAYOUTS[layout])
+    unmerged = load_model(setup[base], adapter=adapter, dtype=torch.float32, device="cpu")
+    ref = logits(unmerged)
+    merge(adapter, tmp_path / "f", dtype="fp32", n_eval=0, log=quiet)
+    merged = load_model(tmp_path / "f", dtype=torch.float32, device="cpu")
+    assert (logits(merged) - ref).abs().max() < 1e-4
+    # Int4 (round-to-nearest): every block Linear holds exactly the quantized merged weight; the rest (wte and lm_head
+    # of modules_to_save included) the merged tensors in fp16
+    merge(adapter, tmp_path / "q", fmt="int4", group_size=32, n_eval=0, log=quiet)
+    int4 = load_model(tmp_path / "q", dtype=torch.float32, device="cpu")
+    floats = dict(merged.named_parameters())
+    for name, m in int4.named_modules():
+        if type(m).__name__ == "GPTQLinear":
+            q = quantize_weight(floats[f"{name}.weight"].detach(), group_size=32)
+            want = dequantize(q["qweight"], q["qzeros"], q["scales"], q["g_idx"], 4)
+            got = dequantize(m.qweight, m.qzeros, m.scales, m.g_idx, 4)
+            assert torch.equal(got, want), name
+    for key in ("transformer.wte.weight", "lm_head.weight"):
+        assert torch.equal(dict(int4.named_parameters())[key], floats[key].half().float()), key
+
+
+def test_gptq_act_order_export_holds_what_gptq_chose_and_the_report_is_its_loss(setup, tmp_path, monkeypatch):
+    import finetune.quant.gptq as gptq
+    from finetune.evaluate import eval_loss, load_eval_records
+    from finetune.quant.packing import dequantize
+    from finetune.tokenization import load_tokenizer
+
+    chosen = []
+    real = gptq.gptq_quantize_weight
+
+    def spy(W, H, **k):
+        packed = real(W, H, **k)
+        chosen.append(packed["dequantized"].clone())
+        return packed
+
+    monkeypatch.setattr(gptq, "gptq_quantize_weight", spy)
+    adapter = _peft_adapter(setup["float"], tmp_path / "adapter", **ADAPTER_LAYOUTS["rank_and_alpha_patterns"])
+    out = tmp_path / "gptq"
+    report = merge(adapter, out, fmt="int4", quant_method="gptq", desc_act=True, group_size=16,
+                   calib_data=setup["data"], eval_data=setup["data"], log=quiet)
+    model = load_model(out, dtype=torch.float32, device="cpu")
+    layers = [m for m in model.modules() if type(m).__name__ == "GPTQLinear"]
+    assert len(layers) == len(chosen) == 10
+    for m, want in zip(layers, chosen):
+        assert bool((m.g_idx[1:] < m.g_idx[:-1]).any())  # act-order: groups are not in column order
+        assert torch.equal(dequantize(m.qweight, m.qzeros, m.scales, m.g_idx, 4), want)
+    # the report's numbers are the written model's, over the records it names
+    records = load_eval_records(setup["data"])
+    got = eval_loss(model, load_tokenizer(out), records, max_len=model.config.seq_length)
+    assert report["merged_loss"] == pytest.approx(got["loss"], rel=1e-6) and report["eval_records"] == len(records)
+    assert report["loss_delta"] == pytest.approx(report["merged_loss"] - report["unmerged_loss"])
+    assert report["quantization"] == {"method": "gptq", "bits": 4, "group_size": 16, "desc_act": True,
+                                      "damp_percent": 0.01, "true_sequential": True, "calib_data": str(setup["data"]),
+                                      "calib_samples": 4}
