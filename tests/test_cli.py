@@ -385,3 +385,170 @@ def test_real_vocabulary_from_qwen_tiktoken(tmp_path):
         os.symlink(REAL_VOCAB, moved)
         passed = run(moved, ci=True)
         assert passed.returncode == 0 and "1 passed" in passed.stdout, passed.stdout
+
+
+# -- a seeded fuzzer over merge's and eval's flags and paths: the documented value, or one line before loading ------
+
+
+FUZZ_SEED, FUZZ_CASES = 1234, 120
+FUZZ_VALUES = ["", " ", "x", "-1", "0", "1", "3", "4", "8", "16", "64", "0.5", "1e-3", "nan", "inf", "-inf", "1e400",
+               "99999999999999999999", "-99999999999999999999", "1" + "0" * 400, "\uff12", "2GB", "0KB", "-5MB",
+               "150KB"]
+
+
+def _as_int(v):
+    try:
+        return int(v)  # argparse's type=int (which takes "\uff12", a full-width 2, too)
+    except ValueError:
+        return None
+
+
+def _as_float(v):
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def _size_ok(v) -> bool:
+    import math
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]?i?B)?\s*", v, re.I)
+    if not m or not math.isfinite(float(m.group(1))):
+        return False
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[(m.group(2) or "B").upper()]
+    return int(float(m.group(1)) * mult) >= 1
+
+
+def _int_in(lo=None, hi=None, also=()):
+    def ok(v):
+        n = _as_int(v)
+        return n is not None and (n in also or ((lo is None or n >= lo) and (hi is None or n <= hi)))
+    return ok
+
+
+MERGE_FLAGS = {  # what the README and --help document, for an Int4 GPTQ merge (the route that reads them all)
+    "--eval-samples": _int_in(0), "--calib-samples": _int_in(1), "--calib-max-len": _int_in(16),
+    "--bits": _int_in(also=(4, 8), lo=9, hi=0), "--group-size": _int_in(1, also=(-1,)),
+    "--damp-percent": lambda v: (f := _as_float(v)) is not None and 0 < f < 1, "--max-shard-size": _size_ok,
+    "--seed": _int_in(),
+}
+
+
+def _eval_flags(limit):
+    return {"--max-new-tokens": _int_in(1, limit), "--batch-size": _int_in(1), "--gen-batch-size": _int_in(1),
+            "--max-samples": _int_in(1), "--max-len": _int_in(16),
+            "--repetition-penalty": lambda v: (f := _as_float(v)) is not None and 0 < f < float("inf"),
+            "--generator": lambda v: v in ("engine", "generate")}
+
+
+@pytest.fixture(scope="module")
+def fuzz_setup(setup, tmp_path_factory):
+    from _helpers import train_adapter
+
+    root = tmp_path_factory.mktemp("fuzz")
+    adapter = train_adapter(setup["float"], setup["data"], root / "adapter", 2)
+    return dict(setup, root=root, adapter=adapter)
+
+
+def _fuzz_run(argv, capsys):
+    """('loaded', None) when every check passed (load_model is patched to raise), else ('refused', the line)."""
+    from finetune.cli import main
+
+    capsys.readouterr()
+    try:
+        rc = main(argv)
+    except _FuzzLoaded:
+        return "loaded", None
+    except SystemExit as e:
+        rc = e.code
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and not line.startswith("warning")]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), (argv, rc, err)
+    return "refused", err[0]
+
+
+class _FuzzLoaded(Exception):
+    pass
+
+
+@pytest.mark.parametrize("command", ["merge", "eval"])
+def test_fuzzed_flags_and_paths_parse_as_documented_or_are_one_line_naming_them(fuzz_setup, tmp_path, capsys,
+                                                                                monkeypatch, command):
+    """Seeded: 1-3 flags given a wrong type, empty, negative, zero, huge, NaN or inf value (sometimes twice), and an
+    output of every kind (a file, a full dir, the adapter, the base, the data, a place nothing can be written in,
+    a name with spaces and unicode, a dir inside the adapter). Nothing loads a model (load_model raises): a case
+    either passes every check, when all its values are documented as valid, or is refused in one line that names
+    one of its bad flags or paths; never a traceback."""
+    import random
+
+    import finetune.loading
+    from finetune.evaluate import max_new_tokens_limit
+
+    def loaded(*a, **k):
+        raise _FuzzLoaded
+
+    monkeypatch.setattr(finetune.loading, "load_model", loaded)
+    s = fuzz_setup
+    adapter, base, data = str(s["adapter"]), str(s["float"]), str(s["data"])
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    proc = os.path.isdir("/proc/self")
+    if command == "merge":
+        flags = MERGE_FLAGS
+        outputs = {str(tmp_path / "new"): True, str(tmp_path / "a_file"): False, str(tmp_path / "full"): False,
+                   adapter: False, base: False, str(s["adapter"] / "merged"): True, "": False,
+                   str(tmp_path / "with space" / "\u00fc\u540d"): True, **({"/proc/merged": False} if proc else {})}
+        fixed = ["merge", "-a", adapter, "--format", "int4", "--quant-method", "gptq", "--calib-data", data,
+                 "--eval-data", data]
+        out_flag = "--output"
+    else:
+        flags = _eval_flags(max_new_tokens_limit(base))
+        outputs = {str(tmp_path / "r.json"): True, str(tmp_path): False,
+                   str(s["adapter"] / "adapter_config.json"): False, str(s["float"] / "config.json"): False,
+                   data: False, "": False,
+                   str(tmp_path / "with space" / "\u00fc\u540d.json"): True, str(s["adapter"] / "eval.json"): True,
+                   **({"/proc/r.json": False} if proc else {})}
+        fixed = ["eval", "-a", adapter, "--data", data]
+        out_flag = "--output"
+    rng = random.Random(FUZZ_SEED)
+    seen = {"loaded": 0, "refused": 0}
+    # every flag with every value once (a new output), then every output alone, then seeded combinations
+    sweep = [[(f, v)] for f in sorted(flags) for v in FUZZ_VALUES] + [[] for _ in outputs]
+    for case in range(len(sweep) + FUZZ_CASES):
+        argv, bad = list(fixed), []
+        chosen = sweep[case] if case < len(sweep) else [(f, None) for f in rng.sample(sorted(flags), rng.randint(1, 3))]
+        for flag, value in chosen:
+            if value is not None:
+                argv += [flag, value]
+                bad += [] if flags[flag](value) else [flag]
+                continue
+            values = FUZZ_VALUES + (["engine", "generate"] if flag == "--generator" else [])
+            good = [v for v in values if flags[flag](v)]
+            value = rng.choice(good if good and rng.random() < 0.6 else values)  # enough cases pass every check
+            argv += [flag, value]
+            if not flags[flag](value):
+                bad.append(flag)
+            if rng.random() < 0.1:  # given twice
+                argv += [flag, rng.choice(FUZZ_VALUES)]
+                bad.append(f"{flag} given twice")
+        if case < len(sweep):  # a valid output beside a flag; each output alone
+            output = min(o for o in outputs if outputs[o]) if chosen else sorted(outputs)[case - len(sweep)
+                                                                                          + len(outputs)]
+        else:
+            output = rng.choice(sorted(o for o in outputs if outputs[o] or rng.random() < 0.5))
+        argv += [out_flag, output]
+        if not outputs[output]:
+            bad.append(output or "--output is empty")
+        outcome, line = _fuzz_run(argv, capsys)
+        seen[outcome] += 1
+        if not bad:
+            assert outcome == "loaded", (case, argv, line)
+        else:
+            assert outcome == "refused", (case, argv, bad)
+            # the line names one of the bad flags or paths (a path as given, or its flag)
+            assert any(b.split(" given")[0] in line or b in line for b in bad) or (
+                any(b in outputs for b in bad) and f"{out_flag} " in line), (case, argv, bad, line)
+    assert seen["loaded"] > FUZZ_CASES / 4 and seen["refused"] > FUZZ_CASES / 4, seen
