@@ -648,3 +648,19 @@ def test_perplexity_in_the_report_is_exp_of_the_mean_loss_over_trained_tokens(se
         assert col["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert set(report) >= {"model", "adapter_dir", "data", "records", "settings", "base", "adapter"}
     assert report["adapter_dir"] == str(setup["lora"]) and report["records"] == 4
+
+
+def test_exact_match_and_rouge_l_on_cjk_punctuation_and_whitespace_by_hand():
+    # NFKC: the full-width comma and exclamation mark are ASCII ones; whitespace runs are one space, the ends
+    # stripped; case and punctuation count (the official plugin eval compares action names strip().lower(), and
+    # scores ROUGE-L over its BPE tokens: this project's README defines its own, words and CJK characters)
+    assert exact_match(" 你好，世界！\n", "你好,世界!") == 1.0
+    assert exact_match("你好 世界", "你好世界") == 0.0  # a space between CJK characters is a difference
+    assert exact_match("Qwen  is\tgreat", "Qwen is great") == 1.0
+    assert rouge_tokens("我爱 Qwen，真的！") == ["我", "爱", "Qwen,", "真", "的", "!"]
+    # prediction 我/爱/Qwen,/真/的/! (6) vs reference 我/很/爱/Qwen,/的/! (6): LCS 我 爱 Qwen, 的 ! = 5
+    assert rouge_l("我爱 Qwen，真的！", "我很爱Qwen, 的!") == pytest.approx(2 * (5 / 6) * (5 / 6) / (5 / 6 + 5 / 6))
+    # 我很爱Qwen, -> 我/很/爱/Qwen, : the Latin run after CJK characters is its own token
+    assert rouge_tokens("我很爱Qwen, 的!") == ["我", "很", "爱", "Qwen,", "的", "!"]
+    # a space between CJK characters changes no token: ROUGE-L 1 where exact match is 0
+    assert rouge_l("你好 世界", "你好世界") == 1.0
