@@ -81,6 +81,27 @@ def train_killed_at_step(argv: list[str], step: int, timeout: int = 600):
                           env=subprocess_env())
 
 
+def random_adapter(base_dir, out, targets=("c_attn", "c_proj", "w1", "w2"), r=4, alpha=8, seed=1,
+                   **config) -> Path:
+    """A LoRA adapter with random (non-zero) A and B, saved by PEFT from the project's model; ``config``: more
+    LoraConfig fields (use_rslora, rank_pattern, ...)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from finetune import load_model
+
+    torch.manual_seed(seed)
+    model = load_model(base_dir, dtype=torch.float32, device="cpu")
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
+                                                  init_lora_weights=False, task_type="CAUSAL_LM", **config))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.mul_(0.3)
+    peft_model.save_pretrained(out)
+    return Path(out)
+
+
 def lora_on_random_gptq(cfg, device, dtype, dropout: float = 0.0, seed: int = 0):
     """A random GPTQ model of `cfg` (build_gptq_model_on_device) with LoRA r=8 on c_attn/c_proj/w1/w2 in fp32,
     B drawn non-zero so that gradients reach A too; in training mode."""

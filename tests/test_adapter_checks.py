@@ -20,26 +20,9 @@ from finetune import load_model
 from finetune.adapters import AdapterError, BASE_RECORD
 from finetune.demo import make_demo_model
 
-from _helpers import train_args, write_memorise
+from _helpers import random_adapter, train_args, write_memorise
 
 IDS = torch.tensor([[1841, 872, 198, 100, 200, 300, 17, 5]])
-
-
-def make_adapter(base_dir, out, targets=("c_attn", "c_proj", "w1", "w2"), seed=1) -> Path:
-    """A LoRA adapter with random (non-zero) A and B, saved by PEFT from the project's model."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    model = load_model(base_dir, dtype=torch.float32, device="cpu")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), init_lora_weights=False,
-                        task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(0.3)
-    peft_model.save_pretrained(out)
-    return Path(out)
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +33,10 @@ def setup(tmp_path_factory):
     d["int4"] = make_demo_model(root / "int4", int4=True)
     d["float1"] = make_demo_model(root / "float1", num_hidden_layers=1)
     d["float3"] = make_demo_model(root / "float3", num_hidden_layers=3)
-    d["lora"] = make_adapter(d["float"], root / "lora")
-    d["lora1"] = make_adapter(d["float1"], root / "lora1")
-    d["lora3"] = make_adapter(d["float3"], root / "lora3")
-    d["qlora"] = make_adapter(d["int4"], root / "qlora", targets=("c_attn", "w1"))
+    d["lora"] = random_adapter(d["float"], root / "lora")
+    d["lora1"] = random_adapter(d["float1"], root / "lora1")
+    d["lora3"] = random_adapter(d["float3"], root / "lora3")
+    d["qlora"] = random_adapter(d["int4"], root / "qlora", targets=("c_attn", "w1"))
     return d
 
 
@@ -165,7 +148,7 @@ def test_lora_weight_path_continues_from_the_adapter(setup, tmp_path):
 def test_adapter_records_absolute_base_and_fingerprint(setup, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     shutil.copytree(setup["float"], tmp_path / "models" / "fp")
-    adapter = make_adapter("models/fp", tmp_path / "adapter")
+    adapter = random_adapter("models/fp", tmp_path / "adapter")
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str((tmp_path / "models" / "fp").resolve())
     record = json.loads((adapter / BASE_RECORD).read_text())
@@ -184,7 +167,7 @@ def test_base_with_another_fingerprint_is_refused_naming_both(setup, tmp_path, c
 
     base = tmp_path / "base"
     shutil.copytree(setup["float"], base)
-    adapter = make_adapter(base, tmp_path / "adapter")
+    adapter = random_adapter(base, tmp_path / "adapter")
     shutil.rmtree(base)
     make_demo_model(base, seed=7, intermediate_size=512)  # same path, another model
     with pytest.raises(AdapterError, match=rf"trained on {base}.*{base} is not that model \(config\.json differs\)"):
@@ -205,7 +188,7 @@ def test_a_named_base_that_is_not_the_recorded_one_warns_once(setup, tmp_path, c
     # was printed twice
     from finetune.chat import main
 
-    adapter = make_adapter(setup["float"], tmp_path / "adapter")
+    adapter = random_adapter(setup["float"], tmp_path / "adapter")
     other = make_demo_model(tmp_path / "other", seed=3)
     with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
         assert main(["-m", str(other), "--adapter", str(adapter), "--query", "hi", "--max_new_tokens", "2"]) == 0

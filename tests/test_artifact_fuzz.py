@@ -19,29 +19,14 @@ from safetensors.torch import load_file, save_file
 
 import finetune  # noqa: F401  (installs the PEFT hooks)
 
+from _helpers import random_adapter
+
 SEED = 20240611
 OK = "ok"
 GREEDY = ["--greedy"]
 
 
 # -- building the valid artifacts once ------------------------------------------------------------------------
-
-
-def make_adapter(base_dir, out, targets=("c_attn", "c_proj", "w1", "w2"), r=4, alpha=8, seed=1, **config) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    from finetune import load_model
-
-    torch.manual_seed(seed)
-    model = load_model(base_dir, dtype=torch.float32, device="cpu")
-    peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets),
-                                                  init_lora_weights=False, task_type="CAUSAL_LM", **config))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.mul_(0.3)
-    peft_model.save_pretrained(out)
-    return Path(out)
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +39,8 @@ def valid(tmp_path_factory):
     (d["int4"] / "quantize_config.json").write_text(json.dumps(  # as auto-gptq (and Qwen's Int4 releases) ship it
         {k: qc[k] for k in ("bits", "group_size", "damp_percent", "desc_act", "static_groups", "sym",
                             "true_sequential", "model_name_or_path", "model_file_base_name")}, indent=2))
-    d["lora"] = make_adapter(d["float"], root / "lora")
-    d["qlora"] = make_adapter(d["int4"], root / "qlora", targets=("c_attn", "w1"))
+    d["lora"] = random_adapter(d["float"], root / "lora")
+    d["qlora"] = random_adapter(d["int4"], root / "qlora", targets=("c_attn", "w1"))
     return d
 
 
