@@ -20,40 +20,29 @@ import contextlib
 import sys
 from pathlib import Path
 
+from .command_line import Once, repeated
+
 PROMPT = "User> "
 ANSWER = "Qwen> "
 
 
-class _Once(argparse.Action):
-    """Stores the value, noting a second use: argparse keeps the last silently, so ``--adapter A --adapter B``
-    would chat with B alone, as if A had been dropped."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        seen = vars(namespace).setdefault("_given", set())
-        if self.dest in seen and not hasattr(namespace, "_repeated"):
-            namespace._repeated = f"{'/'.join(self.option_strings)} given twice ({getattr(namespace, self.dest)!r} " \
-                                  f"and {values!r}); pass it once"
-        seen.add(self.dest)
-        setattr(namespace, self.dest, values)
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", action=_Once, help="model dir or hub id (default: the base the adapter records)")
-    p.add_argument("-a", "--adapter", action=_Once, help="LoRA / Q-LoRA adapter dir (one)")
-    p.add_argument("--system", "-s", default="You are a helpful assistant.", action=_Once, help="system prompt")
-    p.add_argument("--query", "-q", action=_Once, help="ask one question, print the reply, exit")
-    p.add_argument("--temperature", type=float, default=None, action=_Once)
-    p.add_argument("--top_p", "--top-p", type=float, default=None, action=_Once)
-    p.add_argument("--top_k", "--top-k", type=int, default=None, action=_Once)
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, action=_Once)
-    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None, action=_Once)
+    p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
+    p.add_argument("-a", "--adapter", action=Once, help="LoRA / Q-LoRA adapter dir (one)")
+    p.add_argument("--system", "-s", default="You are a helpful assistant.", action=Once, help="system prompt")
+    p.add_argument("--query", "-q", action=Once, help="ask one question, print the reply, exit")
+    p.add_argument("--temperature", type=float, default=None, action=Once)
+    p.add_argument("--top_p", "--top-p", type=float, default=None, action=Once)
+    p.add_argument("--top_k", "--top-k", type=int, default=None, action=Once)
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, action=Once)
+    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None, action=Once)
     p.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False): reproducible")
-    p.add_argument("--history-window", "--history_window", type=int, default=None, action=_Once,
+    p.add_argument("--history-window", "--history_window", type=int, default=None, action=Once,
                    help="max_window_size in tokens for system + history + query (default: generation config)")
-    p.add_argument("--seed", type=int, default=None, action=_Once, help="seed for sampling")
-    p.add_argument("--device", default=None, action=_Once)
-    p.add_argument("--dtype", default=None, action=_Once, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--seed", type=int, default=None, action=Once, help="seed for sampling")
+    p.add_argument("--device", default=None, action=Once)
+    p.add_argument("--dtype", default=None, action=Once, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     return p
 
 
@@ -380,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model and not args.adapter:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
         return 2
-    if (problem := getattr(args, "_repeated", None) or bad_flag(args) or contradiction(args)) is not None:
+    if (problem := repeated(args) or bad_flag(args) or contradiction(args)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     tolerate_bad_text(sys.stdin, sys.stdout)

@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from . import react
+from .command_line import OneLineParser, Once, repeated, unwritable_place
 from .metrics import exact_match, rouge_l
 
 
@@ -382,25 +383,6 @@ def unwritable(path: Path) -> str | None:
     return unwritable_place(path.parent)
 
 
-def unwritable_place(directory: Path) -> str | None:
-    """Why nothing can be written in ``directory`` (or, where it does not exist yet, in its nearest existing
-    parent, under which it would be made), or None: tried with a temporary file, as permissions, read-only mounts
-    and pseudo file systems (/proc) all say no only to a write."""
-    import tempfile
-
-    parent = Path(directory)
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir():
-        return f"{parent} is a file, not a directory"
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as e:
-        return f"cannot write in {parent} ({e.strerror or e})"
-    return None
-
-
 def json_safe(value):
     """``value`` with every float that is not finite made None: JSON has no NaN or Infinity (``json.dumps`` writes
     them as bare words that strict parsers, jq and JavaScript's JSON.parse refuse). A loss over no scored token is
@@ -455,32 +437,28 @@ def max_new_tokens_limit(model_dir) -> int | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .chat import _Once  # a flag given twice is an error (argparse keeps the last silently), as in chat
-
-    from .merge import OneLineParser
-
     p = OneLineParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", action=_Once, help="model dir or hub id (default: the base the adapter records)")
-    p.add_argument("-a", "--adapter", action=_Once,
+    p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
+    p.add_argument("-a", "--adapter", action=Once,
                    help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N); base and base+adapter are reported")
-    p.add_argument("--data", required=True, action=_Once,
+    p.add_argument("--data", required=True, action=Once,
                    help="held-out chat data (JSON / JSONL, any accepted form; several: a quoted glob, a "
                         "comma-separated list or a directory of .json/.jsonl files)")
-    p.add_argument("--max-new-tokens", type=int, default=128, action=_Once)
-    p.add_argument("--batch-size", type=int, default=8, action=_Once,
+    p.add_argument("--max-new-tokens", type=int, default=128, action=Once)
+    p.add_argument("--batch-size", type=int, default=8, action=Once,
                    help="rows per loss batch (and per generate() batch)")
-    p.add_argument("--gen-batch-size", type=int, default=32, action=_Once,
+    p.add_argument("--gen-batch-size", type=int, default=32, action=Once,
                    help="rows the inference engine decodes at once (continuous batching)")
-    p.add_argument("--generator", choices=("engine", "generate"), default="engine", action=_Once,
+    p.add_argument("--generator", choices=("engine", "generate"), default="engine", action=Once,
                    help="engine: the inference engine (default); generate: transformers' generate(), left-padded")
-    p.add_argument("--max-samples", type=int, default=None, action=_Once)
-    p.add_argument("--max-len", type=int, default=None, action=_Once,
+    p.add_argument("--max-samples", type=int, default=None, action=Once)
+    p.add_argument("--max-len", type=int, default=None, action=Once,
                    help="truncate conversations for the loss as training does (default: the model's seq_length)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, action=_Once)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, action=Once)
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
-    p.add_argument("--output", action=_Once, help="write the JSON report here")
-    p.add_argument("--device", default=None, action=_Once)
-    p.add_argument("--dtype", default=None, action=_Once,
+    p.add_argument("--output", action=Once, help="write the JSON report here")
+    p.add_argument("--device", default=None, action=Once)
+    p.add_argument("--dtype", default=None, action=Once,
                    help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     return p
 
@@ -529,8 +507,8 @@ def _error(msg: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if getattr(args, "_repeated", None):
-        return _error(args._repeated)
+    if problem := repeated(args):
+        return _error(problem)
     for flag, value in (("-m/--model", args.model), ("-a/--adapter", args.adapter), ("--data", args.data),
                         ("--output", args.output), ("--device", args.device), ("--dtype", args.dtype)):
         if value is not None and not value.strip():  # an unset shell variable: was "." or, for --output, no report

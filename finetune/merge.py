@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import save_sharded
+from .command_line import OneLineParser, Once, repeated, unwritable_place
 
 SKIP_COPY = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
              "merge_report.json"}
@@ -306,7 +307,6 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     if (out / "adapter_config.json").is_file():  # (even with --overwrite) a model written beside an adapter
         raise MergeError(f"--output {out} holds an adapter (adapter_config.json): the merged model would be mixed "
                          f"into it; choose a new dir")
-    from .evaluate import unwritable_place
 
     if problem := unwritable_place(out):  # found now, not after the merge
         raise MergeError(f"--output {out}: {problem}")
@@ -458,20 +458,9 @@ def _is_gptq_dir(path: Path) -> bool:
         return False
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's errors (a bad value, a missing flag, an ambiguous abbreviation) as one line naming the flag, not
-    the usage text above it (as the trainer's)."""
-
-    def error(self, message):
-        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
 def _parser() -> argparse.ArgumentParser:
-    from .chat import _Once  # a flag given twice is an error (argparse keeps the last silently), as in chat
-
     p = OneLineParser(prog="qwen-ft merge", description=__doc__.split("\n\n")[0])
-    once = {"action": _Once}
+    once = {"action": Once}
     p.add_argument("-a", "--adapter", required=True, **once,
                    help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N)")
     p.add_argument("-m", "--model", **once,
@@ -509,8 +498,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if getattr(args, "_repeated", None):
-        print(f"error: {args._repeated}", file=sys.stderr)
+    if problem := repeated(args):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     import warnings
 

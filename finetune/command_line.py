@@ -1,0 +1,53 @@
+"""What the commands (chat, eval, merge) share on their command lines: a parser whose errors are one line, flags
+that may be given once, and the check that a command can write where its output goes, made before any work."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors (a bad value, a missing flag, an ambiguous abbreviation) as one line naming the flag, not
+    the usage text above it (as the trainer's)."""
+
+    def error(self, message):
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class Once(argparse.Action):
+    """Stores the value, noting a second use (``repeated``): argparse keeps the last silently, so ``--adapter A
+    --adapter B`` would run with B alone, as if A had been dropped."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        seen = vars(namespace).setdefault("_given", set())
+        if self.dest in seen and not hasattr(namespace, "_repeated"):
+            namespace._repeated = f"{'/'.join(self.option_strings)} given twice ({getattr(namespace, self.dest)!r} " \
+                                  f"and {values!r}); pass it once"
+        seen.add(self.dest)
+        setattr(namespace, self.dest, values)
+
+
+def repeated(args: argparse.Namespace) -> str | None:
+    """The line saying which ``Once`` flag was given twice, or None."""
+    return getattr(args, "_repeated", None)
+
+
+def unwritable_place(directory: Path) -> str | None:
+    """Why nothing can be written in ``directory`` (or, where it does not exist yet, in its nearest existing
+    parent, under which it would be made), or None: tried with a temporary file, as permissions, read-only mounts
+    and pseudo file systems (/proc) all say no only to a write."""
+    parent = Path(directory)
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"{parent} is a file, not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        return f"cannot write in {parent} ({e.strerror or e})"
+    return None
