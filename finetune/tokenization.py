@@ -229,6 +229,10 @@ class QWenTokenizer(PreTrainedTokenizer):
             if surface not in self.special_tokens:
                 raise ValueError(f"Adding unknown special tokens is not supported: {surface!r} is not one of Qwen's "
                                  f"specials (<|endoftext|>, <|im_start|>, <|im_end|>, <|extra_0|>..<|extra_204|>)")
+        # Qwen's own specials (eos/pad: <|endoftext|>) are recorded with their ids, as transformers records added
+        # tokens, so a saved tokenizer_config.json says which id each had: a vocabulary truncated since then is
+        # caught on load (_check_special_id). No id is added (0, as officially): they are all in the vocabulary.
+        super()._add_tokens(new_tokens, special_tokens=True)
         return 0
 
     def tokenize(self, text: str, allowed_special=None, disallowed_special=None,  # type: ignore[override]

@@ -290,3 +290,11 @@ def test_finetune_switches():
 def _no_rank_variables(monkeypatch):
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
+    # --report_to all/wandb reaches the W&B check, whose wandb.setup() keeps its first settings for the process:
+    # offline here, and torn down after, so a later test's own W&B mode is the one it sets
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    yield
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
