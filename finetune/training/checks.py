@@ -604,6 +604,9 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
                                "Q-LoRA script passes it for auto-gptq; here Q-LoRA trains in bf16 on a GPU)")
 
     # -- DeepSpeed -------------------------------------------------------------------------------------------
+    if getattr(args, "fsdp", None):  # transformers takes it; the Int4 buffers, graphs and checkpoints are DeepSpeed's
+        raise TrainConfigError("--fsdp: FSDP is not supported here; several GPUs train through DeepSpeed "
+                               "(--deepspeed ds_configs/zero2.json) or plain data parallel (NPROC=N)")
     ds = deepspeed_config(args.deepspeed)
     zero_stage = None
     if ds is not None:
