@@ -10,9 +10,12 @@ The base is served under its dir name, each adapter under its NAME (the request'
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import sys
+
+from ..command_line import OneLineParser, Once, repeated
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")  # what a browser sends as Origin: no path, no slash
@@ -21,27 +24,33 @@ ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")  # what a browser sends 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's
 
 
+API_KEY_ENV = "QWEN_FT_API_KEY"
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-ft serve", description=__doc__.split("\n\n")[0])
-    p.add_argument("-m", "--model", required=True, help="base model dir (float or Int4) or hub id")
+    # one-line errors (a bad value, an unknown flag, a flag missing its value); every flag but the repeatable
+    # --adapter and --cors-origin may be given once (argparse kept the last silently: --port 8001 --port 8002)
+    p = OneLineParser(prog="qwen-ft serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("-m", "--model", required=True, action=Once, help="base model dir (float or Int4) or hub id")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter served as model NAME (repeatable)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
-                   "only; 0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--api-key", default=os.environ.get("QWEN_FT_API_KEY"),
+    p.add_argument("--host", action=Once, default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
+                   "this machine only; 0.0.0.0 for every interface)")
+    p.add_argument("--port", action=Once, type=int, default=8000, help="default 8000")
+    p.add_argument("--api-key", action=Once, default=os.environ.get(API_KEY_ENV),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $QWEN_FT_API_KEY, else none)")
-    p.add_argument("--max-batch", type=int, default=32, help="rows decoded together (default 32)")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--max-batch", action=Once, type=int, default=32, help="rows decoded together (default 32)")
+    p.add_argument("--max-model-len", action=Once, type=int, default=None,
                    help="prompt + reply limit in tokens (default: the engine's, else the model's seq_length)")
-    p.add_argument("--max-queue", type=int, default=None,
+    p.add_argument("--max-queue", action=Once, type=int, default=None,
                    help="requests waiting beyond --max-batch before new ones get 429 (default 4 x max-batch)")
-    p.add_argument("--device", default=None, help="default cuda when there is a GPU, else cpu")
-    p.add_argument("--dtype", default=None, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", action=Once, default=None, help="default cuda when there is a GPU, else cpu")
+    p.add_argument("--dtype", action=Once, default=None,
+                   help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="let web pages on ORIGIN (e.g. http://localhost:3000; * for any) call the API from a "
                    "browser (repeatable; default none: browsers refuse cross-origin calls)")
-    p.add_argument("--log-level", default="warning",
+    p.add_argument("--log-level", action=Once, default="warning",
                    help=f"uvicorn's log level: {', '.join(LOG_LEVELS)} (default warning)")
     return p
 
@@ -63,8 +72,64 @@ def parse_adapters(specs: list[str], base: str) -> list[tuple[str, str]]:
     return out
 
 
+def _given(args, dest: str) -> bool:
+    """Whether the flag was on the command line (a ``Once`` flag notes it), not its default."""
+    return dest in vars(args).get("_given", ())
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host  # an IPv6 address in a URL (http://[::1]:8000)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Bind (host, port) as uvicorn will (IPv6 for a host with a colon, else IPv4; SO_REUSEADDR), so a taken port
+    or an address not of this machine is an error now, not after minutes of loading the model."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except socket.gaierror as e:  # a name that does not resolve, 999.1.1.1, an IPv4 name for ::1
+        raise ValueError(f"--host {host!r}: not an address or a host name that resolves here "
+                         f"({e.strerror or e})") from None
+    except OSError as e:
+        where = f"{_url_host(host)}:{port}"
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"--port {port}: {where} is already in use (another server?); pick another "
+                             "--port") from None
+        if e.errno == errno.EACCES:
+            raise ValueError(f"--port {port}: not allowed to listen on {where} ({e.strerror}; ports below 1024 "
+                             "need root)") from None
+        if e.errno == errno.EADDRNOTAVAIL:
+            raise ValueError(f"--host {host!r}: not an address of this machine ({e.strerror})") from None
+        raise ValueError(f"--host/--port: cannot listen on {where}: {e.strerror or e}") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may be any interface's
+        return False
+
+
+def open_without_key(args) -> str | None:
+    """The warning for a server other machines can reach with no key (any client may then use the model), or
+    None. A warning, not an error: serving a trusted network without a key is a choice the README shows."""
+    if args.api_key is not None or _is_loopback(args.host):
+        return None
+    return (f"warning: --host {args.host} listens where other machines can reach it and no --api-key (nor "
+            f"${API_KEY_ENV}) is set: anyone who reaches port {args.port} can use the model")
+
+
 def check_args(args) -> None:
     """Raise ValueError for a bad flag before any model is loaded."""
+    if problem := repeated(args):
+        raise ValueError(problem)
     for flag in ("max_batch", "port"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
@@ -76,30 +141,51 @@ def check_args(args) -> None:
         raise ValueError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if args.log_level.lower() not in LOG_LEVELS:  # uvicorn raised KeyError for it, after the model had loaded
         raise ValueError(f"--log-level {args.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise ValueError("--api-key is empty")
+    if args.api_key is not None:
+        # (an empty $QWEN_FT_API_KEY was reported as an empty --api-key, a flag the user had not given)
+        source = "--api-key" if _given(args, "api_key") else f"${API_KEY_ENV}"
+        if not args.api_key.strip():
+            raise ValueError(f"{source} is empty" + ("" if source == "--api-key" else
+                                                     " (unset it to serve without a key)"))
+        if args.api_key != args.api_key.strip():  # a client's header loses them, so no request ever matched
+            raise ValueError(f"{source} begins or ends with white space, which no client's header keeps")
+        if any(ord(c) < 32 or ord(c) == 127 for c in args.api_key):
+            raise ValueError(f"{source} holds a control character, which an HTTP header cannot carry")
     for origin in args.cors_origin:
+        if origin != origin.lower():  # browsers send it in lower case and it is matched exactly: never allowed
+            raise ValueError(f"--cors-origin {origin!r}: browsers send the origin in lower case "
+                             f"({origin.lower()!r})")
         if origin != "*" and not ORIGIN.match(origin):
             raise ValueError(f"--cors-origin {origin!r}: expected scheme://host[:port] with no path (e.g. "
                              "http://localhost:3000), or *")
-    import socket
+    from ..loading import ModelLoadError, _parse_dtype, check_device
 
-    try:  # a taken port is an error now, not after minutes of loading the model
-        with socket.create_server((args.host, args.port)):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    for flag, check in (("--device", check_device), ("--dtype", _parse_dtype)):
+        value = getattr(args, flag[2:])
+        if value is not None:
+            try:
+                check(value)
+            except ModelLoadError as e:
+                raise ValueError(f"{flag}: {e}") from None
+    if not args.host.strip():  # uvicorn took '' as every interface, and the banner said http://:8000
+        raise ValueError("--host is empty (0.0.0.0 for every interface)")
+    _check_listen(args.host, args.port)
 
 
 def build_server(args):
     """Load the model and adapters; return the Server (the app is `create_app(server)`)."""
+    from pathlib import Path
+
     from ..adapters import read_adapter_config
     from .app import Server
     from .models import base_name, load_served_model
 
     base = base_name(args.model)
     adapters = parse_adapters(args.adapter, base)
-    for _, path in adapters:  # a missing or broken adapter is an error before the model loads
+    for name, path in adapters:  # a missing or broken adapter is an error before the model loads
+        path = Path(path).expanduser()  # (as the loader takes it: x=~/adapter was "does not exist" here)
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--adapter {name}={path}: {path} is a file, not an adapter directory")
         read_adapter_config(path)
     model, tokenizer = load_served_model(args.model, adapters, dtype=args.dtype, device=args.device)
     return Server(model, tokenizer, base_name=base, adapter_names=[n for n, _ in adapters],
@@ -128,13 +214,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_args(args)
+        if warning := open_without_key(args):  # before the load, so a mistake can be stopped at once
+            print(warning, file=sys.stderr, flush=True)
         server = build_server(args)
     except (ValueError, AdapterError, ModelLoadError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if server.engine.device.type == "cuda":  # first-use compiles and graph captures, before any request waits
+        import torch
+
         print("warming up the decoder (kernel compiles, CUDA graphs)...", end=" ", flush=True)
-        print(f"done in {server.engine.warm_up(server.default_sampling()):.1f} s", flush=True)
+        try:
+            print(f"done in {server.engine.warm_up(server.default_sampling()):.1f} s", flush=True)
+        except torch.cuda.OutOfMemoryError:  # (was a traceback; the cache is --max-batch rows of >= 256 positions)
+            print(flush=True)
+            print(f"error: the GPU has no memory for the KV cache of --max-batch {args.max_batch} rows "
+                  f"(--max-model-len {server.max_model_len}); lower --max-batch", file=sys.stderr)
+            return 2
     import uvicorn
 
     from .app import create_app
@@ -145,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
 
     names = ", ".join([server.base_name, *server.adapter_names])
-    print(f"serving {names} on http://{args.host}:{args.port} (chat page at /, API at /v1)", flush=True)
-    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level)
+    print(f"serving {names} on http://{_url_host(args.host)}:{args.port} (chat page at /, API at /v1)", flush=True)
+    config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level.lower())
     try:
         # (uvicorn.run, with requests in flight ended on Ctrl-C/SIGTERM instead of waited for; after SIGTERM uvicorn
         # raises the signal again once stopped, so the process ends by it, as under uvicorn.run)
@@ -154,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # (uvicorn.run swallows it too: Ctrl-C is how a server is stopped)
         pass
     except OSError as e:  # e.g. the port is taken
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        print(f"error: --host/--port: cannot listen on {_url_host(args.host)}:{args.port}: {e}", file=sys.stderr)
         return 2
     return 0
 
