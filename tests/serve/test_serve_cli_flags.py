@@ -1,0 +1,257 @@
+"""`qwen-ft serve`'s flags under hostile and unusual use: every command line either passes the checks and reaches
+the model load (here a stub that stops there with a marker) or ends with exit 2 and one line naming the flag (or
+variable) at fault, before the load; never a traceback, never a flag silently dropped."""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import subprocess
+
+import pytest
+
+from _helpers import ROOT
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+LOADED = "MARKER: the model load was reached"
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """A (never loaded) base dir named tiny-qwen, an adapter dir (its config is all the checks read), a model dir,
+    a file, a trainer's checkpoint-N and a missing path."""
+    root = tmp_path_factory.mktemp("serve_flags")
+    (root / "tiny-qwen").mkdir()
+    (root / "tiny-qwen" / "config.json").write_text("{}")
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["c_attn"],
+              "base_model_name_or_path": str(root / "tiny-qwen")}
+    for d in ("ad", "run/checkpoint-20"):
+        (root / d).mkdir(parents=True)
+        (root / d / "adapter_config.json").write_text(json.dumps(config))
+    (root / "file.txt").write_text("not a dir")
+    return root
+
+
+@pytest.fixture
+def serve(monkeypatch, capsys, dirs):
+    """Run `qwen-ft serve -m <base> ARGV` up to the load: ('loaded', stderr) or (exit code, stderr)."""
+    import finetune.serve.models as models
+
+    def stop(*a, **k):
+        raise RuntimeError(LOADED)
+
+    monkeypatch.setattr(models, "load_served_model", stop)
+    monkeypatch.delenv("QWEN_FT_API_KEY", raising=False)
+
+    def run(argv, env=None):
+        from finetune.cli import main
+
+        if env is not None:
+            monkeypatch.setenv("QWEN_FT_API_KEY", env)
+        capsys.readouterr()
+        try:
+            code = main(["serve", "-m", str(dirs / "tiny-qwen"), *argv])
+        except SystemExit as e:  # argparse's errors
+            code = e.code
+        except RuntimeError as e:
+            assert str(e) == LOADED
+            code = "loaded"
+        finally:
+            monkeypatch.delenv("QWEN_FT_API_KEY", raising=False)
+        return code, capsys.readouterr().err
+
+    return run
+
+
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _one_line(err: str) -> str:
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+# -- the regressions, one by one ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, env, message", [
+    # argparse's usage text above the error (three lines) was one line only for the other commands
+    (["--port", "abc"], None, "error: argument --port: invalid int value: 'abc' (see qwen-ft serve --help)"),
+    (["--bogus"], None, "unrecognized arguments: --bogus"),
+    (["--max-batch"], None, "argument --max-batch: expected one argument"),
+    # argparse kept the last of a flag given twice, silently
+    (["--port", "8001", "--port", "8002"], None, "--port given twice (8001 and 8002); pass it once"),
+    (["-m", "/other/model"], None, "-m/--model given twice"),
+    (["--api-key", "a", "--api-key", "b"], None, "--api-key given twice"),
+    (["--max-batch", "4", "--max-batch", "8"], None, "--max-batch given twice"),
+    # an empty host bound every interface (and the banner said http://:8000)
+    (["--host", ""], None, "--host is empty (0.0.0.0 for every interface)"),
+    # a host that does not resolve / no address: was "cannot listen on H:P: ..." naming no flag
+    (["--host", "no-such-host.invalid"], None, "--host 'no-such-host.invalid': not an address or a host name"),
+    (["--host", "999.1.1.1"], None, "--host '999.1.1.1': not an address"),
+    # an empty $QWEN_FT_API_KEY was reported as an empty --api-key, a flag not given
+    ([], "", "error: $QWEN_FT_API_KEY is empty (unset it to serve without a key)"),
+    ([], "   ", "$QWEN_FT_API_KEY is empty"),
+    ([], "key ", "$QWEN_FT_API_KEY begins or ends with white space"),  # no client could send it: 401 always
+    (["--api-key", " key"], None, "--api-key begins or ends with white space"),
+    (["--api-key", "a\nb"], None, "--api-key holds a control character"),
+    # a capital in the origin never matched what browsers send, silently
+    (["--cors-origin", "http://LOCALHOST:3000"], None, "browsers send the origin in lower case"),
+    # --dtype / --device were checked by the loader, with messages naming no flag
+    (["--dtype", "int3"], None, "--dtype: unknown dtype 'int3'"),
+    (["--device", "tpu"], None, "--device: unknown device 'tpu'"),
+    (["--device", "cuda:7"], None, "--device: device 'cuda:7'"),
+    # an adapter that is a file was "has no adapter_config.json: not a PEFT adapter dir"
+    (["--adapter", "x={root}/file.txt"], None, "is a file, not an adapter directory"),
+])
+def test_each_bad_flag_is_one_line_naming_it_before_the_load(serve, dirs, argv, env, message):
+    code, err = serve([a.replace("{root}", str(dirs)) for a in argv] + ["--port", _free_port()]
+                      if "--port" not in argv else argv, env)
+    assert code == 2 and message in _one_line(err)
+
+
+def test_a_port_in_use_is_one_line_naming_port(serve):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, err = serve(["--port", str(port)])
+    assert code == 2 and _one_line(err) == (f"error: --port {port}: 127.0.0.1:{port} is already in use (another "
+                                            "server?); pick another --port\n")
+
+
+def test_an_adapter_dir_with_a_tilde_is_expanded_as_the_loader_does(serve, dirs, monkeypatch):
+    monkeypatch.setenv("HOME", str(dirs))
+    assert serve(["--adapter", "x=~/ad", "--port", _free_port()])[0] == "loaded"  # was "adapter ~/ad does not exist"
+
+
+def test_an_ipv6_host_passes_the_check_as_uvicorn_binds_it(serve):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    # the check bound an IPv4 socket: "Address family for hostname not supported" for what uvicorn serves
+    assert serve(["--host", "::1", "--port", _free_port()])[0] == "loaded"
+
+
+def test_every_interface_without_a_key_warns_before_the_load_and_still_starts(serve):
+    code, err = serve(["--host", "0.0.0.0", "--port", _free_port()])
+    assert code == "loaded" and err.startswith("warning: --host 0.0.0.0 listens where other machines can reach it "
+                                               "and no --api-key") and err.count("\n") == 1
+    assert serve(["--host", "0.0.0.0", "--port", _free_port(), "--api-key", "k"]) == ("loaded", "")
+    assert serve(["--host", "0.0.0.0", "--port", _free_port()], env="k") == ("loaded", "")
+    assert serve(["--host", "localhost", "--port", _free_port()]) == ("loaded", "")
+
+
+def test_a_warm_up_out_of_gpu_memory_is_one_line_naming_max_batch(serve, monkeypatch, capsys):
+    import torch
+
+    import finetune.serve.cli as cli
+
+    class Engine:
+        device = torch.device("cuda")
+
+        def warm_up(self, sampling):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 TiB")
+
+    class Server:
+        engine, max_model_len = Engine(), 8192
+
+        def default_sampling(self):
+            return None
+
+    monkeypatch.setattr(cli, "build_server", lambda args: Server())
+    code, err = serve(["--max-batch", "100000", "--port", _free_port()])
+    assert code == 2 and _one_line(err) == ("error: the GPU has no memory for the KV cache of --max-batch 100000 "
+                                            "rows (--max-model-len 8192); lower --max-batch\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["-m"], "argument -m/--model: expected one argument"),
+    (["-m", "/x", "--port"], "argument --port: expected one argument"),
+    (["-m", "/x", "--adapter"], "argument --adapter: expected one argument"),
+])
+def test_serve_sh_with_a_flag_missing_its_value(argv, message):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh"), *argv], capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 2 and r.stdout == "" and message in _one_line(r.stderr)
+
+
+# -- the fuzzer ----------------------------------------------------------------------------------------------
+
+def _pools(root):
+    """flag -> [(value, passes the checks)]; {port} / {busy} filled in per case."""
+    ad = str(root / "ad")
+    return {
+        "--adapter": [(f"a={ad}", True), (f"b={root / 'run' / 'checkpoint-20'}", True), (f"org/x.y:z-1={ad}", True),
+                      ("a" * 300 + f"={ad}", True), ("noequals", False), (f"={ad}", False), ("a=", False),
+                      (f"my name={ad}", False), (f"é={ad}", False), (f"tiny-qwen={ad}", False),
+                      (f"m={root / 'tiny-qwen'}", False), (f"f={root / 'file.txt'}", False),
+                      (f"g={root / 'missing'}", False), ("h=/", False)],
+        "--port": [("{port}", True), ("0", False), ("-1", False), ("65536", False), ("eighty", False),
+                   ("{busy}", False), ("", False)],
+        "--host": [("127.0.0.1", True), ("localhost", True), ("0.0.0.0", True), ("", False), ("300.1.1.1", False),
+                   ("no-such-host.invalid", False), ("192.0.2.1", False)],
+        "--max-batch": [("1", True), ("32", True), (str(10 ** 12), True), ("0", False), ("-4", False),
+                        ("1.5", False), ("", False)],
+        "--max-queue": [("0", True), (str(10 ** 15), True), ("-1", False), ("x", False)],
+        "--max-model-len": [("2", True), (str(10 ** 12), True), ("1", False), ("0", False), ("-5", False)],
+        "--api-key": [("k", True), ("s3cr3t-ключ", True), ("", False), ("  ", False), (" k", False),
+                      ("a\tb", False)],
+        "--cors-origin": [("*", True), ("http://localhost:3000", True), ("https://a.example", True), ("", False),
+                          ("null", False), ("http://a/", False), ("localhost:3000", False), ("HTTP://A", False)],
+        "--log-level": [("info", True), ("WARNING", True), ("bogus", False)],
+        "--dtype": [("bf16", True), ("fp32", True), ("int3", False)],
+        "--device": [("cpu", True), ("tpu", False)],
+        "--bogus": [(None, False)],
+    }
+
+
+REPEATABLE = ("--adapter", "--cors-origin")
+
+
+def test_fuzz_flags_either_reach_the_load_or_stop_with_one_line_naming_the_flag(serve, dirs):
+    pools = _pools(dirs)
+    rng = random.Random(20261205)
+    outcomes = {"loaded": 0, 2: 0}
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        for case in range(300):
+            argv, ok, names, given = [], True, set(), set()
+            for _ in range(rng.randint(0, 5)):
+                flag = rng.choice(list(pools))
+                value, good = rng.choice(pools[flag])
+                if flag in given and flag not in REPEATABLE:
+                    good = False  # given twice: refused
+                if flag == "--adapter" and good:
+                    name = value.partition("=")[0]
+                    good = name not in names
+                    names.add(name)
+                given.add(flag)
+                ok &= good
+                value = None if value is None else value.format(port=_free_port(), busy=busy.getsockname()[1])
+                argv += [flag] if value is None else [flag, value]
+            env = rng.choice([None, None, None, "k", ""])
+            ok &= env != "" or "--api-key" in given
+            if "--port" not in given:
+                argv += ["--port", _free_port()]
+            code, err = serve(argv, env)
+            where = f"case {case}: {argv} env={env!r}"
+            outcomes[code] += 1
+            if ok:
+                assert code == "loaded", f"{where}: {err}"
+                assert err == "" or (err.startswith("warning: --host") and err.count("\n") == 1), f"{where}: {err}"
+            else:
+                assert code == 2, f"{where}: reached the load"
+                line = _one_line(err)
+                assert "--" in line or "$QWEN_FT_API_KEY" in line or "adapter " in line, f"{where}: {line}"
+    assert min(outcomes.values()) >= 30, outcomes  # both sides of the checks were exercised
