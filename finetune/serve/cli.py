@@ -221,16 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if server.engine.device.type == "cuda":  # first-use compiles and graph captures, before any request waits
-        import torch
-
         print("warming up the decoder (kernel compiles, CUDA graphs)...", end=" ", flush=True)
-        try:
-            print(f"done in {server.engine.warm_up(server.default_sampling()):.1f} s", flush=True)
-        except torch.cuda.OutOfMemoryError:  # (was a traceback; the cache is --max-batch rows of >= 256 positions)
-            print(flush=True)
-            print(f"error: the GPU has no memory for the KV cache of --max-batch {args.max_batch} rows "
-                  f"(--max-model-len {server.max_model_len}); lower --max-batch", file=sys.stderr)
-            return 2
+        print(f"done in {server.engine.warm_up(server.default_sampling()):.1f} s", flush=True)
     import uvicorn
 
     from .app import create_app

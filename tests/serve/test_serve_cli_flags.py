@@ -151,29 +151,6 @@ def test_every_interface_without_a_key_warns_before_the_load_and_still_starts(se
     assert serve(["--host", "localhost", "--port", _free_port()]) == ("loaded", "")
 
 
-def test_a_warm_up_out_of_gpu_memory_is_one_line_naming_max_batch(serve, monkeypatch, capsys):
-    import torch
-
-    import finetune.serve.cli as cli
-
-    class Engine:
-        device = torch.device("cuda")
-
-        def warm_up(self, sampling):
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9 TiB")
-
-    class Server:
-        engine, max_model_len = Engine(), 8192
-
-        def default_sampling(self):
-            return None
-
-    monkeypatch.setattr(cli, "build_server", lambda args: Server())
-    code, err = serve(["--max-batch", "100000", "--port", _free_port()])
-    assert code == 2 and _one_line(err) == ("error: the GPU has no memory for the KV cache of --max-batch 100000 "
-                                            "rows (--max-model-len 8192); lower --max-batch\n")
-
-
 @pytest.mark.parametrize("argv, message", [
     (["-m"], "argument -m/--model: expected one argument"),
     (["-m", "/x", "--port"], "argument --port: expected one argument"),
