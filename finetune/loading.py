@@ -25,7 +25,7 @@ def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
     return torch.float32
 
 
-def _parse_dtype(dtype) -> torch.dtype | None:
+def parse_dtype(dtype) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -261,7 +261,7 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(device)
-    dtype = _parse_dtype(dtype) or default_dtype(device)
+    dtype = parse_dtype(dtype) or default_dtype(device)
     if model_dir is None and adapter:
         from .adapters import resolve_base
 

@@ -158,9 +158,9 @@ def check_args(args) -> None:
         if origin != "*" and not ORIGIN.match(origin):
             raise ValueError(f"--cors-origin {origin!r}: expected scheme://host[:port] with no path (e.g. "
                              "http://localhost:3000), or *")
-    from ..loading import ModelLoadError, _parse_dtype, check_device
+    from ..loading import ModelLoadError, parse_dtype, check_device
 
-    for flag, check in (("--device", check_device), ("--dtype", _parse_dtype)):
+    for flag, check in (("--device", check_device), ("--dtype", parse_dtype)):
         value = getattr(args, flag[2:])
         if value is not None:
             try:
