@@ -178,11 +178,33 @@ def _stop_ids(tokenizer) -> list[int]:
 
 
 @torch.no_grad()
+def _stop_string_criteria(tokenizer, stops: list[str | None]):
+    """generate()'s stopping criterion for rows with a stop string: a row ends at the token whose text completes
+    it, as the engine's rows do (inference/stop_strings.py); rows without one are left to eos and the budget."""
+    from transformers import StoppingCriteria
+
+    from .inference.stop_strings import StopStrings
+
+    class StopAtString(StoppingCriteria):
+        def __init__(self):
+            self.watch = [StopStrings(tokenizer, [s]) if s else None for s in stops]
+            self.done = [False] * len(stops)
+
+        def __call__(self, input_ids, scores, **kwargs):
+            for i, t in enumerate(input_ids[:, -1].tolist()):  # (called once a new token is appended)
+                if self.watch[i] is not None and not self.done[i]:
+                    self.done[i] = self.watch[i].add(t) is not None
+            return torch.tensor(self.done, dtype=torch.bool, device=input_ids.device)
+
+    return StopAtString()
+
+
 def generate_batch_ids(model, tokenizer, contexts: list[list[int]], max_new_tokens: int = 128,
-                       repetition_penalty: float = 1.0) -> list[list[int]]:
+                       repetition_penalty: float = 1.0, stops: list[str | None] | None = None) -> list[list[int]]:
     """Greedy new token ids for several prompts at once, LEFT-padded (pad = <|endoftext|>, attention_mask 0),
-    each cut before its first stop token."""
-    from transformers import GenerationConfig
+    each cut before its first stop token; ``stops``: a stop string for each prompt (or None) where its row ends
+    (the tokens that complete it are its last)."""
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     device = _device(model)
     L = max(len(c) for c in contexts)
@@ -193,11 +215,13 @@ def generate_batch_ids(model, tokenizer, contexts: list[list[int]], max_new_toke
         mask[i, L - len(c):] = 1
     gc = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=_stop_ids(tokenizer),
                           pad_token_id=tokenizer.eod_id, repetition_penalty=repetition_penalty)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc)
-    stops = set(_stop_ids(tokenizer)) | {tokenizer.eod_id}
+    criteria = StoppingCriteriaList([_stop_string_criteria(tokenizer, stops)] if stops and any(stops) else [])
+    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=gc,
+                         stopping_criteria=criteria)
+    stop_ids = set(_stop_ids(tokenizer)) | {tokenizer.eod_id}
     rows = []
-    for row in out[:, L:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+    for row in out[:, L:].tolist():  # (a row that ended early, at a stop or its stop string, is padded after it)
+        cut = next((k for k, t in enumerate(row) if t in stop_ids), len(row))
         rows.append(row[:cut])
     return rows
 
@@ -213,14 +237,15 @@ def generate_batch(model, tokenizer, contexts: list[list[int]], max_new_tokens: 
 
 
 def generate_reply_ids(model, tokenizer, contexts, batch_size: int = 8, max_new_tokens: int = 128,
-                       repetition_penalty: float = 1.0) -> list[list[int]]:
-    """New token ids of every context through generate(), in batches of similar lengths (input order kept)."""
+                       repetition_penalty: float = 1.0, stops: list[str | None] | None = None) -> list[list[int]]:
+    """New token ids of every context through generate(), in batches of similar lengths (input order kept);
+    ``stops`` as in ``generate_batch_ids``."""
     order = sorted(range(len(contexts)), key=lambda i: len(contexts[i]))
     rows: list[list[int]] = [[] for _ in contexts]
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
         for i, r in zip(idx, generate_batch_ids(model, tokenizer, [contexts[i] for i in idx], max_new_tokens,
-                                                repetition_penalty)):
+                                                repetition_penalty, [stops[i] for i in idx] if stops else None)):
             rows[i] = r
     return rows
 
@@ -313,7 +338,8 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
             metrics = eval_loss(model, tokenizer, records, batch_size=batch_size, max_len=max_len)
             if generate and generator == "generate":
                 t = time.perf_counter()
-                rows = generate_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens, repetition_penalty)
+                rows = generate_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens, repetition_penalty,
+                                          stops)
                 gen_s = time.perf_counter() - t
         if generate and generator == "engine":  # the engine switches adapters per row itself
             adapter = model.active_adapter if peft and name == "adapter" else None
@@ -328,9 +354,8 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
             per = scores.pop("per_sample")
             metrics.update(scores)
             # counted from the generated token ids (stops excluded), not from the text: tokens that decode to
-            # nothing visible (a random model's, ids past the tokenizer's vocabulary) are generated all the same,
-            # and so are those generate() makes after an "Observation:" the text is cut at (the engine's rows
-            # end there)
+            # nothing visible (a random model's, ids past the tokenizer's vocabulary) are generated all the same
+            # (rows with a stop string end at it, on either generator)
             tokens = sum(len(r) for r in rows)
             metrics.update(generated_tokens=tokens, generation_seconds=gen_s,
                            tokens_per_s=tokens / gen_s if gen_s > 0 else 0.0)

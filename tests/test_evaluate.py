@@ -463,7 +463,7 @@ def test_replies_to_tool_records_end_at_observation_as_the_servers(small_tok, mo
     assert report["base"]["generated_tokens"] == sum(len(tok.encode(r)) for r in replies.values())
 
 
-def test_the_engines_rows_end_at_their_stop_string(small_tok):
+def test_rows_end_at_their_stop_string_on_either_generator(small_tok):
     """A tool record's row ends where its text reaches "Observation:" (the server's stop), not at max_new_tokens:
     the reply is the same as cut afterwards, with fewer tokens generated."""
     from finetune.evaluate import _texts, engine_replies, engine_reply_ids
@@ -481,6 +481,11 @@ def test_the_engines_rows_end_at_their_stop_string(small_tok):
     assert stop in tok.decode(ended[0]) and stop not in tok.decode(ended[0][:-1])
     assert engine_replies(model, tok, contexts, max_new_tokens=24, stops=[stop, None]) == [
         text.split(stop, 1)[0].strip(), _texts(tok, [free[1]])[0]]
+    # generate()'s rows end at their stop string too, the same tokens (the engine answers as generate() does)
+    from finetune.evaluate import generate_reply_ids
+
+    assert generate_reply_ids(model, tok, contexts, batch_size=2, max_new_tokens=24) == free
+    assert generate_reply_ids(model, tok, contexts, batch_size=2, max_new_tokens=24, stops=[stop, None]) == ended
 
 
 def test_a_missing_data_file_is_one_line_naming_the_flag(tmp_path, capsys):
