@@ -36,6 +36,11 @@ def repeated(args: argparse.Namespace) -> str | None:
     return getattr(args, "_repeated", None)
 
 
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether a ``Once`` flag was on the command line, rather than left at its default."""
+    return dest in vars(args).get("_given", ())
+
+
 def unwritable_place(directory: Path) -> str | None:
     """Why nothing can be written in ``directory`` (or, where it does not exist yet, in its nearest existing
     parent, under which it would be made), or None: tried with a temporary file, as permissions, read-only mounts

@@ -458,7 +458,9 @@ def max_new_tokens_limit(model_dir) -> int | None:
     positions, seq = cfg.get("max_position_embeddings") or 0, cfg.get("seq_length") or 0
     if not isinstance(positions, int) or not isinstance(seq, int):
         return None
-    return max(positions, 4 * seq) or None
+    from .inference.engine import default_max_len
+
+    return default_max_len(positions, seq) or None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -574,15 +576,12 @@ def main(argv: list[str] | None = None) -> int:
         model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
         # a base the adapter was not trained on loads as asked (warned on the console); the report says so too
         other_base = check_base(args.adapter, model_dir, explicit=True) if args.adapter and args.model else None
-        problem = preload_problem(args, model_dir)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+        if problem := preload_problem(args, model_dir):
+            return _error(problem)
         tokenizer = load_tokenizer(args.adapter if args.adapter and (Path(args.adapter) / "qwen.tiktoken").is_file()
                                    else model_dir)
         if args.no_generate and (problem := nothing_to_score(tokenizer, records, args, model_dir)):
-            print(f"error: {problem}", file=sys.stderr)
-            return 2
+            return _error(problem)
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
     except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

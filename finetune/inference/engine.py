@@ -70,6 +70,12 @@ WARM_CACHE_SHARE = 0.5
 _IDS = itertools.count()
 
 
+def default_max_len(max_position_embeddings, seq_length: int) -> int:
+    """An engine's positions a row when not given: max(max_position_embeddings, 4 x seq_length) (dynamic NTK
+    stretches Qwen v1's window past seq_length)."""
+    return max(int(max_position_embeddings or 0), 4 * int(seq_length))
+
+
 class Request:
     """One prompt being decoded. ``output_ids`` grows as the engine steps; ``finished`` / ``finish_reason``
     ("stop", "length" or "cancelled") are set when it ends."""
@@ -186,7 +192,7 @@ class Engine:
         self.config = cfg = lm.config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
-        default_len = max(int(getattr(cfg, "max_position_embeddings", 0) or 0), 4 * cfg.seq_length)
+        default_len = default_max_len(getattr(cfg, "max_position_embeddings", 0), cfg.seq_length)
         self.max_len = int(max_len) if max_len is not None else default_len
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len!r}")

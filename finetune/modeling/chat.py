@@ -367,17 +367,12 @@ def chat(
     else:
         kwargs.setdefault("attention_mask", torch.ones_like(input_ids))
         outputs = self.generate(input_ids, generation_config=gc,
-                                stop_words_ids=stop_words + stop_token_words(tokenizer), **kwargs)
+                                stop_words_ids=stop_words + get_stop_words_ids("chatml", tokenizer), **kwargs)
         new_tokens = outputs[0, input_ids.shape[1]:].tolist()
         drop_last = True
     response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id), drop_last)
     history.append((query, response))
     return response, history
-
-
-def stop_token_words(tokenizer) -> list[list[int]]:
-    """chatml's stop words, [[<|im_end|>], [<|im_start|>]] (get_stop_words_ids("chatml", ...))."""
-    return get_stop_words_ids("chatml", tokenizer)
 
 
 class _TokenQueue:
@@ -423,7 +418,8 @@ def chat_stream(
     fast = None if kwargs else _fast_tokens(self, tokenizer, input_ids, gc)
     if fast is not None:
         return _fast_stream(fast, tokenizer, input_ids, gc, stop_words)
-    return _generate_stream(self, tokenizer, input_ids, gc, stop_words + stop_token_words(tokenizer), kwargs)
+    return _generate_stream(self, tokenizer, input_ids, gc, stop_words + get_stop_words_ids("chatml", tokenizer),
+                            kwargs)
 
 
 def _fast_stream(fast, tokenizer, input_ids, gc, stop_words) -> Iterator[str]:

@@ -15,7 +15,7 @@ import os
 import re
 import sys
 
-from ..command_line import OneLineParser, Once, repeated
+from ..command_line import OneLineParser, Once, given, repeated
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 ORIGIN = re.compile(r"^[a-z][a-z0-9+.-]*://[^/\s?#]+$")  # what a browser sends as Origin: no path, no slash
@@ -70,11 +70,6 @@ def parse_adapters(specs: list[str], base: str) -> list[tuple[str, str]]:
             raise ValueError(f"--adapter {spec!r}: NAME {name!r} is given twice")
         out.append((name, path))
     return out
-
-
-def _given(args, dest: str) -> bool:
-    """Whether the flag was on the command line (a ``Once`` flag notes it), not its default."""
-    return dest in vars(args).get("_given", ())
 
 
 def _url_host(host: str) -> str:
@@ -143,7 +138,7 @@ def check_args(args) -> None:
         raise ValueError(f"--log-level {args.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     if args.api_key is not None:
         # (an empty $QWEN_FT_API_KEY was reported as an empty --api-key, a flag the user had not given)
-        source = "--api-key" if _given(args, "api_key") else f"${API_KEY_ENV}"
+        source = "--api-key" if given(args, "api_key") else f"${API_KEY_ENV}"
         if not args.api_key.strip():
             raise ValueError(f"{source} is empty" + ("" if source == "--api-key" else
                                                      " (unset it to serve without a key)"))
