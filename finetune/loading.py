@@ -155,14 +155,11 @@ def generation_problem(gen: dict) -> str | None:
     """The first value of a generation_config.json that the chat, the engine or generate() would trip on (a
     traceback at the first reply) or silently misread, as ``<field> must be ..., got ...``; the ranges are the chat
     flags' (finetune/chat.py bad_flag)."""
-    def number(v):
-        return _is_number(v)
-
     checks = [
-        ("temperature", lambda v: number(v) and v >= 0, ">= 0"),
-        ("top_p", lambda v: number(v) and 0 < v <= 1, "in (0, 1]"),
+        ("temperature", lambda v: _is_number(v) and v >= 0, ">= 0"),
+        ("top_p", lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1]"),
         ("top_k", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: off)"),
-        ("repetition_penalty", lambda v: number(v) and v > 0, "> 0"),
+        ("repetition_penalty", lambda v: _is_number(v) and v > 0, "> 0"),
         ("max_window_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
          "an integer of at least 1 (tokens)"),
         ("eos_token_id", lambda v: _ids([v]) or _ids(v), "a token id or a list of token ids"),
