@@ -53,6 +53,17 @@ LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in share
 # register buffers a warp (1: a chunk's loads are not issued ahead of the previous chunk's compute), target CTAs
 # per SM for the split over K).
 CONFIGS = {1: (8, 1, 2), 2: (4, 1, 4), 4: (4, 1, 2)}  # by row_blocks()
+# Where a layer shape's own best beat its row blocks' CONFIGS entry by more than 3% in two calls: (row blocks, K, N)
+# -> config. Qwen-14B's c_attn at one row: 4 warps a CTA and 4 CTAs an SM, 16.1-16.8 against 17.3-17.4 us (NOTES
+# step 57; w1 and w2's pair moved either way between calls, so it keeps CONFIGS). Other shapes use CONFIGS.
+SHAPE_CONFIGS = {(1, 5120, 15360): (4, 1, 4)}
+
+
+def config_for(rows: int, K: int, N: int) -> tuple:
+    """The launch configuration for an [rows, K] x [K, N] product: the shape's own (SHAPE_CONFIGS), else its row
+    blocks' (CONFIGS)."""
+    mb = row_blocks(rows)
+    return SHAPE_CONFIGS.get((mb, K, N), CONFIGS[mb])
 
 
 def row_blocks(rows: int) -> int:
@@ -855,7 +866,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     x_given = x2d
     x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
-    warps, depth, per_sm = config or CONFIGS[mb]
+    warps, depth, per_sm = config or config_for(M, K, N)
     splits = split_count(C, T, warps, per_sm, torch.cuda.get_device_properties(x2d.device).multi_processor_count)
     kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):
