@@ -48,15 +48,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def bad_flag(args) -> str | None:
     """The first sampling flag out of its range, as one line (checked before the model loads)."""
+    from .inference.sampling import GREEDY_BELOW, SAMPLING_RANGES
+
     checks = [("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "at least 1"),
-              ("--temperature", args.temperature, lambda v: v >= 0, ">= 0 (below 0.01: greedy, as --greedy)"),
-              ("--top-p", args.top_p, lambda v: 0 < v <= 1, "in (0, 1]"),
-              ("--top-k", args.top_k, lambda v: v >= 0, ">= 0 (0: off)"),
-              ("--repetition-penalty", args.repetition_penalty, lambda v: v > 0, "> 0"),
+              *(("--" + name.replace("_", "-"), getattr(args, name), *SAMPLING_RANGES[name])
+                for name in SAMPLING_RANGES),
               ("--history-window", args.history_window, lambda v: v >= 1, "at least 1"),
               ("--seed", args.seed, seed_ok, "in [0, 2**32) (numpy's seed range, which set_seed seeds too)")]
     for flag, value, ok, want in checks:
         if value is not None and not ok(value):  # (NaN fails every comparison)
+            if flag == "--temperature":
+                want += f" (below {GREEDY_BELOW}: greedy, as --greedy)"
             return f"{flag} must be {want}, got {value}"
     return None
 

@@ -154,12 +154,11 @@ def _ids(value) -> bool:
 def generation_problem(gen: dict) -> str | None:
     """The first value of a generation_config.json that the chat, the engine or generate() would trip on (a
     traceback at the first reply) or silently misread, as ``<field> must be ..., got ...``; the ranges are the chat
-    flags' (finetune/chat.py bad_flag)."""
+    flags' (inference/sampling.py SAMPLING_RANGES)."""
+    from .inference.sampling import GREEDY_BELOW, SAMPLING_RANGES
+
     checks = [
-        ("temperature", lambda v: _is_number(v) and v >= 0, ">= 0"),
-        ("top_p", lambda v: _is_number(v) and 0 < v <= 1, "in (0, 1]"),
-        ("top_k", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0, "an integer >= 0 (0: off)"),
-        ("repetition_penalty", lambda v: _is_number(v) and v > 0, "> 0"),
+        *((name, *SAMPLING_RANGES[name]) for name in SAMPLING_RANGES),
         ("max_window_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
          "an integer of at least 1 (tokens)"),
         ("eos_token_id", lambda v: _ids([v]) or _ids(v), "a token id or a list of token ids"),
@@ -171,8 +170,6 @@ def generation_problem(gen: dict) -> str | None:
     for key, ok, want in checks:
         if gen.get(key) is not None and not ok(gen[key]):
             return f"{key} must be {want}, got {gen[key]!r}"
-    from .inference.sampling import GREEDY_BELOW
-
     if gen.get("do_sample") and gen.get("temperature") is not None and gen["temperature"] < GREEDY_BELOW:
         return (f"temperature {gen['temperature']!r} with do_sample true: sampling needs a temperature of at least "
                 f"{GREEDY_BELOW}; for greedy decoding set do_sample false")

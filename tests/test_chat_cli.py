@@ -66,7 +66,7 @@ def test_a_missing_adapter_beside_a_good_model_is_named_as_the_adapter(setup, tm
     (["--temperature", "-1"], "--temperature must be >= 0"),
     (["--temperature", "nan"], "--temperature must be >= 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
-    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--top-k", "-2"], "--top-k must be an integer >= 0"),
     (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
     (["--history-window", "0"], "--history-window must be at least 1"),
     (["--seed", "-5"], "--seed must be in [0, 2**32)"),  # set_seed's numpy traceback after the model loaded
@@ -198,7 +198,7 @@ def test_the_official_demos_commands(setup):
     assert replies[2].strip() == ANSWER + MEMORISE[0][1]
     assert replies[3].strip() == f"User[0]: {MEMORISE[0][0]}\nQwen[0]: {MEMORISE[0][1]}"
     assert replies[4].strip() == "(top_p must be in (0, 1], got 1.5; nothing changed)"  # top_k=3 not applied
-    assert replies[5].strip() == "(top_k must be >= 0 (0: off), got -2; nothing changed)"
+    assert replies[5].strip() == "(top_k must be an integer >= 0 (0: off), got -2; nothing changed)"
     assert "top_k=3" in replies[6] and "max_new_tokens=5" in replies[6] and "greedy=True" in replies[6]
     assert "KEY one of" in replies[7] and "'nope=1'" in replies[7]
     assert "top_k=default" in replies[8] and "max_new_tokens=24" in replies[8]

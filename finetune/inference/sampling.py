@@ -23,6 +23,33 @@ from transformers import GenerationConfig
 # openai_api.py does: scores divided by a tiny temperature overflow fp32 (1e-40: inf, then NaN in the softmax).
 GREEDY_BELOW = 0.01
 
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:  # (NaN fails every range's comparison as well)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# The sampling settings' ranges, one table for SamplingParams, the chat flags (finetune/chat.py bad_flag) and a
+# model dir's generation_config.json (loading.generation_problem): name -> (test, what the value must be).
+# Temperature 0 is allowed here for greedy decoding (it is ignored there); sampling needs it above 0
+# (GREEDY_BELOW at the user-facing doors).
+SAMPLING_RANGES = {
+    "temperature": (lambda v: _number(v) and v >= 0, ">= 0"),
+    "top_p": (lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: _whole(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "repetition_penalty": (lambda v: _number(v) and v > 0, "> 0"),
+}
+
+
+def out_of_range(name: str, value) -> str | None:
+    """``must be ..., got ...`` when ``value`` is outside SAMPLING_RANGES[name], else None."""
+    ok, want = SAMPLING_RANGES[name]
+    return None if ok(value) else f"must be {want}, got {value!r}"
+
+
 _SUPPORTED = {
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
     "eos_token_id", "pad_token_id", "bos_token_id", "chat_format", "max_window_size", "transformers_version",
@@ -63,17 +90,15 @@ class SamplingParams:
         self.stop = tuple(self.stop)
         if not all(isinstance(s, str) and s for s in self.stop):
             problems.append(f"stop must be non-empty strings, got {self.stop!r}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not _whole(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not self.temperature > 0:
-            problems.append(f"temperature must be > 0, got {self.temperature!r}")
-        if not (isinstance(self.top_k, int) and self.top_k >= 0):
-            problems.append(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not self.repetition_penalty > 0:
-            problems.append(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        if not (isinstance(self.min_new_tokens, int) and 0 <= self.min_new_tokens):
+        problems += [f"{name} {why}" for name in SAMPLING_RANGES
+                     if (why := out_of_range(name, getattr(self, name))) is not None]
+        if self.do_sample and _number(self.temperature) and self.temperature == 0:
+            # (a greedy row ignores its temperature, as transformers does: a generation_config.json that says
+            # do_sample false often has temperature 0)
+            problems.append("temperature must be > 0 to sample (do_sample false decodes greedily), got 0")
+        if not (_whole(self.min_new_tokens) and 0 <= self.min_new_tokens):
             problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
         if problems:
             raise ValueError("SamplingParams: " + "; ".join(problems))

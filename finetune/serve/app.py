@@ -67,8 +67,12 @@ class Server:
         0, the config's repetition penalty kept): what warm_up captures the decode steps of (other sampling's
         steps are captured when a request first needs them)."""
         from ..inference import SamplingParams
+        from ..inference.sampling import GREEDY_BELOW
 
-        return [SamplingParams.from_generation_config(self.gc, do_sample=d) for d in (True, False)]
+        # a greedy config's temperature (often 0) is not a sampling one: requests that sample give their own
+        sampled = {} if (self.gc.temperature or 0) >= GREEDY_BELOW else {"temperature": 1.0}
+        return [SamplingParams.from_generation_config(self.gc, do_sample=True, **sampled),
+                SamplingParams.from_generation_config(self.gc, do_sample=False)]
 
     # -- request -> engine input ------------------------------------------------------------------------
 

@@ -85,9 +85,24 @@ def test_unsupported_options_and_bad_values_are_refused_in_one_line():
     msg = str(err.value)
     assert "\n" not in msg and "no_repeat_ngram_size, num_beams" in msg and "inference engine" in msg
     with pytest.raises(ValueError) as err:
-        SamplingParams(max_new_tokens=0, temperature=0, top_p=1.5)
+        SamplingParams(max_new_tokens=0, do_sample=True, temperature=0, top_p=1.5)
     msg = str(err.value)
     assert "\n" not in msg and all(k in msg for k in ("max_new_tokens", "temperature", "top_p"))
+    for bad in (-1.0, float("nan"), "0.7", True):
+        with pytest.raises(ValueError, match="temperature must be >= 0"):
+            SamplingParams(temperature=bad)
+    with pytest.raises(ValueError, match="top_k must be an integer"):
+        SamplingParams(top_k=2.0)
+
+
+def test_a_greedy_config_with_temperature_0_is_greedy_and_sampling_needs_a_temperature():
+    """A generation_config.json that says do_sample false often has temperature 0: greedy rows ignore it, as
+    transformers' generate() does (the engine refused it, so such a model dir crashed chat on CUDA and serve)."""
+    gc = GenerationConfig(do_sample=False, temperature=0.0, top_p=0.8, eos_token_id=[5])
+    p = SamplingParams.from_generation_config(gc)
+    assert (p.do_sample, p.temperature) == (False, 0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0 to sample"):
+        SamplingParams.from_generation_config(gc, do_sample=True)
     with pytest.raises(ValueError, match="no field.*bogus"):
         SamplingParams.from_generation_config(GenerationConfig(), bogus=1)
 

@@ -148,3 +148,30 @@ def test_health_and_models_without_a_key(live):
     assert h["status"] == "ok" and h["in_flight"] == 0
     models = openai.OpenAI(base_url=live.api_url, api_key="anything", timeout=30, max_retries=0).models.list()
     assert [m.id for m in models] == ["tiny-qwen"]
+
+
+def test_a_model_dir_that_decodes_greedily_with_temperature_0_serves_greedy_answers(tmp_path):
+    """generation_config.json with do_sample false and temperature 0 (a common way to write greedy) crashed
+    `qwen-ft serve` with a traceback while it built the default sampling; now requests that set no temperature
+    answer greedily, as model.chat does, and a request's own temperature still samples."""
+    import json
+
+    from finetune import load_model, load_tokenizer
+    from finetune.demo import make_demo_model
+    from finetune.serve.background import serve_in_background
+    from finetune.serve.cli import _parser, build_server
+
+    model_dir = make_demo_model(tmp_path / "tiny-qwen", seed=1)
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    (model_dir / "generation_config.json").write_text(json.dumps(dict(gen, do_sample=False, temperature=0.0)))
+    args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "2", "--max-model-len", "200"])
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        sampled, greedy = bg.server.default_sampling()
+        assert (sampled.do_sample, sampled.temperature, greedy.do_sample) == (True, 1.0, False)
+        assert bg.server.params(_body(temperature=0.7), 30).do_sample
+        client = openai.OpenAI(base_url=bg.api_url, api_key="none", timeout=60, max_retries=0)
+        r = client.chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": "Tell me more."}],
+                                           max_tokens=6)
+    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    assert not model.generation_config.do_sample
+    assert r.choices[0].message.content == model.chat(tok, "Tell me more.", max_new_tokens=7)[0]  # (as above)
