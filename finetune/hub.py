@@ -25,14 +25,30 @@ def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> 
     if p.exists():
         raise ModelNotFoundError(f"{ref} is a file, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
     if not _looks_like_hub_id(ref):
-        raise ModelNotFoundError(f"{what} {ref} does not exist")
+        raise ModelNotFoundError(f"{what} {ref} does not exist{_beside(p)}")
     try:
         from huggingface_hub import snapshot_download
 
         return Path(snapshot_download(ref))
     except Exception as e:  # offline, unknown id, auth: all end the same way for the user
+        why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if p.parent.is_dir():  # `output/my-adapter` mistyped reads as a hub id: the local reading first
+            raise ModelNotFoundError(f"{what} {ref} does not exist{_beside(p)}; as a Hugging Face hub id it could "
+                                     f"not be fetched either ({why})") from None
         raise ModelNotFoundError(
-            f"{ref} is not a local directory and could not be fetched from the Hugging Face hub "
-            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Without a network, download "
-            f"it elsewhere and pass its local directory instead, e.g. /models/{ref.split('/')[-1]}"
+            f"{ref} is not a local directory and could not be fetched from the Hugging Face hub ({why}). Without "
+            f"a network, download it elsewhere and pass its local directory instead, e.g. /models/{ref.split('/')[-1]}"
         ) from None
+
+
+def _beside(p: Path, most: int = 6) -> str:
+    """`` (DIR/ holds: a, b, ...)``: the directories beside a path that does not exist, when its parent does (a
+    mistyped run name is the usual cause), else ``""``."""
+    try:
+        names = sorted(c.name for c in p.parent.iterdir() if c.is_dir() and not c.name.startswith("."))
+    except OSError:
+        return ""
+    if not names:
+        return f" ({p.parent}/ holds no directories)"
+    more = f", ... ({len(names)} in all)" if len(names) > most else ""
+    return f" ({p.parent}/ holds: {', '.join(names[:most])}{more})"

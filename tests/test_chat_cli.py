@@ -58,7 +58,7 @@ def test_a_missing_adapter_beside_a_good_model_is_named_as_the_adapter(setup, tm
 
     assert main(["chat", "-m", str(setup["float"]), "--adapter", str(tmp_path / "nope"), "--query", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"error: adapter directory {tmp_path / 'nope'} does not exist"
+    assert err[-1] == f"error: adapter directory {tmp_path / 'nope'} does not exist ({tmp_path}/ holds no directories)"
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -268,3 +268,24 @@ def test_a_device_that_is_not_here_is_one_line_before_the_weights_are_read(tmp_p
         load_model(tmp_path, device=device)
     with pytest.raises(ModelLoadError, match="unknown dtype 'float7'"):
         load_model(tmp_path, device="cpu", dtype="float7")
+
+
+def test_a_mistyped_local_dir_is_reported_as_local_with_what_is_beside_it(tmp_path, monkeypatch):
+    """`--adapter output/qwen-qlora` (a run named otherwise) reads as a hub id too: it said only that the hub could
+    not be fetched; now the local reading comes first, with the directories that are there."""
+    import huggingface_hub
+
+    from finetune.hub import ModelNotFoundError, resolve_model_dir
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    (tmp_path / "output" / "demo-qlora").mkdir(parents=True)
+    (tmp_path / "output" / "notes.txt").write_text("")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelNotFoundError) as e:
+        resolve_model_dir("output/qwen-qlora", "adapter directory")
+    assert str(e.value) == ("adapter directory output/qwen-qlora does not exist (output/ holds: demo-qlora); as a "
+                            "Hugging Face hub id it could not be fetched either (OSError: offline)")
+    with pytest.raises(ModelNotFoundError, match=r"nope/x/y does not exist$"):  # no parent: nothing to list
+        resolve_model_dir(tmp_path / "nope" / "x" / "y")
+    with pytest.raises(ModelNotFoundError, match=r"holds: demo-qlora\)$"):
+        resolve_model_dir(tmp_path / "output" / "other")
