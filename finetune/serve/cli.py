@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="qwen-ft serve", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", required=True, action=Once, help="base model dir (float or Int4) or hub id")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="a LoRA adapter served as model NAME (repeatable)")
+                   help="a LoRA adapter (a dir or hub id) served as model NAME (repeatable)")
     p.add_argument("--host", action=Once, default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
                    "this machine only; 0.0.0.0 for every interface)")
     p.add_argument("--port", action=Once, type=int, default=8000, help="default 8000")
@@ -172,16 +172,19 @@ def build_server(args):
     from pathlib import Path
 
     from ..adapters import read_adapter_config
+    from ..hub import resolve_model_dir
     from .app import Server
     from .models import base_name, load_served_model
 
     base = base_name(args.model)
-    adapters = parse_adapters(args.adapter, base)
-    for name, path in adapters:  # a missing or broken adapter is an error before the model loads
-        path = Path(path).expanduser()  # (as the loader takes it: x=~/adapter was "does not exist" here)
+    adapters = []
+    for name, ref in parse_adapters(args.adapter, base):  # a missing or broken adapter: an error before the load
+        path = Path(ref).expanduser()  # (as the loader takes it: x=~/adapter was "does not exist" here)
         if path.exists() and not path.is_dir():
             raise ValueError(f"--adapter {name}={path}: {path} is a file, not an adapter directory")
+        path = resolve_model_dir(ref, "adapter directory")  # a hub id (org/name) as chat takes one
         read_adapter_config(path)
+        adapters.append((name, str(path)))
     model, tokenizer = load_served_model(args.model, adapters, dtype=args.dtype, device=args.device)
     return Server(model, tokenizer, base_name=base, adapter_names=[n for n, _ in adapters],
                   max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,

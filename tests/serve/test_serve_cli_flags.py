@@ -232,3 +232,32 @@ def test_fuzz_flags_either_reach_the_load_or_stop_with_one_line_naming_the_flag(
                 line = _one_line(err)
                 assert "--" in line or "$QWEN_FT_API_KEY" in line or "adapter " in line, f"{where}: {line}"
     assert min(outcomes.values()) >= 30, outcomes  # both sides of the checks were exercised
+
+
+
+def test_an_adapter_given_as_a_hub_id_is_fetched_before_the_model_loads(serve, dirs, tmp_path, monkeypatch):
+    """`--adapter NAME=org/adapter` was "adapter org/adapter does not exist": serve read the config from the
+    given string before the loader (which fetches hub ids, as chat does) ever saw it. An id that cannot be
+    fetched is one line naming it."""
+    import huggingface_hub
+
+    import finetune.serve.models as models
+
+    fetched, loads = [], []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda ref, **k: fetched.append(ref) or str(dirs / "ad"))
+
+    def stop(model, adapters, **k):
+        loads.append(adapters)
+        raise RuntimeError(LOADED)
+
+    monkeypatch.setattr(models, "load_served_model", stop)
+    monkeypatch.chdir(tmp_path)  # (no local org/ dir)
+    assert serve(["--adapter", "sup=org/support-adapter", "--port", _free_port()])[0] == "loaded"
+    assert fetched == ["org/support-adapter"] and loads == [[("sup", str(dirs / "ad"))]]
+
+    def offline(ref, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    code, err = serve(["--adapter", "sup=org/other", "--port", _free_port()])
+    assert code == 2 and "org/other is not a local directory and could not be fetched" in _one_line(err)
