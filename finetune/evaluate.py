@@ -467,7 +467,8 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
     p.add_argument("-a", "--adapter", action=Once,
-                   help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N); base and base+adapter are reported")
+                   help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N, or a hub id); base and base+adapter "
+                   "are reported")
     p.add_argument("--data", required=True, action=Once,
                    help="held-out chat data (JSON / JSONL, any accepted form; several: a quoted glob, a "
                         "comma-separated list or a directory of .json/.jsonl files)")
@@ -566,12 +567,14 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar, as chat and merge (the engine's stays)
     from .adapters import AdapterError, check_base, lora_config, resolve_base
     from .data import DataError
+    from .hub import resolve_model_dir
     from .loading import ModelLoadError, load_model
     from .tokenization import load_tokenizer
 
     try:
         records = load_eval_records(args.data, args.max_samples, flag="--data")  # bad data stops before the model loads
         if args.adapter:
+            args.adapter = str(resolve_model_dir(args.adapter, "adapter directory"))  # a hub id too, as chat takes
             check_base_column(lora_config(args.adapter), args.adapter)
         model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
         # a base the adapter was not trained on loads as asked (warned on the console); the report says so too

@@ -281,7 +281,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                         ("--eval-data", eval_data), ("--device", device)):
         if isinstance(value, str) and not value.strip():  # an unset shell variable: Path("") is the current dir
             raise MergeError(f"{flag} is empty")
-    adapter = Path(adapter)
+    from .hub import resolve_model_dir
+
+    adapter = resolve_model_dir(adapter, "adapter directory")  # a hub id (org/name) too, as chat takes one
     out = Path(output)
     fmt, dtype = resolve_format(fmt, dtype)
     if quant_method not in ("rtn", "gptq"):
@@ -462,7 +464,7 @@ def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="qwen-ft merge", description=__doc__.split("\n\n")[0])
     once = {"action": Once}
     p.add_argument("-a", "--adapter", required=True, **once,
-                   help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N)")
+                   help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N, or a hub id)")
     p.add_argument("-m", "--model", **once,
                    help="base model dir (default: the base the adapter records); for a Q-LoRA adapter, the matching "
                         "bf16 model merges without re-quantizing")

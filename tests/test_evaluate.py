@@ -669,3 +669,20 @@ def test_exact_match_and_rouge_l_on_cjk_punctuation_and_whitespace_by_hand():
     assert rouge_tokens("我很爱Qwen, 的!") == ["我", "很", "爱", "Qwen,", "的", "!"]
     # a space between CJK characters changes no token: ROUGE-L 1 where exact match is 0
     assert rouge_l("你好 世界", "你好世界") == 1.0
+
+
+def test_eval_takes_an_adapters_hub_id_as_chat_does(setup, tmp_path, capsys, monkeypatch):
+    """`--adapter org/name` was "does not exist" in eval while chat fetched it."""
+    import huggingface_hub
+
+    from finetune.cli import main
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda ref, **k: fetched.append(ref) or str(setup["lora"]))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "report.json"
+    assert main(["eval", "--adapter", "org/memorised", "--data", str(setup["data"]), "--no-generate",
+                 "--max-samples", "2", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert fetched == ["org/memorised"] and report["adapter_dir"] == str(setup["lora"]) and "adapter" in report

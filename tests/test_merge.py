@@ -564,3 +564,15 @@ def test_gptq_act_order_export_holds_what_gptq_chose_and_the_report_is_its_loss(
     assert report["quantization"] == {"method": "gptq", "bits": 4, "group_size": 16, "desc_act": True,
                                       "damp_percent": 0.01, "true_sequential": True, "calib_data": str(setup["data"]),
                                       "calib_samples": 4}
+
+
+def test_an_adapters_hub_id_is_fetched_and_merged(setup, tmp_path, monkeypatch):
+    """`qwen-ft merge --adapter org/name` (as chat takes one) was "adapter org/name does not exist"."""
+    import huggingface_hub
+
+    from finetune.cli import main
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda ref, **k: str(setup["lora"]))
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--adapter", "org/memorised", "-o", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
+    assert (tmp_path / "merged" / "config.json").is_file()
