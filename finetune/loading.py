@@ -136,14 +136,18 @@ def check_side_files(model_dir: Path) -> None:
         if name == "generation_config.json":
             from transformers import GenerationConfig
 
+            problem = generation_problem(data)  # (first: its lines name the field and the range)
+            if problem:
+                raise ModelLoadError(f"{path}: {problem}")
             try:  # what from_pretrained does with the file's contents: transformers' own validation of the values
                 GenerationConfig.from_dict(data)
             except Exception as e:  # in one line
                 raise ModelLoadError(f"{path}: not a valid generation config "
                                      f"({type(e).__name__}: {' '.join(str(e).split())})") from None
-            problem = generation_problem(data)
-            if problem:
-                raise ModelLoadError(f"{path}: {problem}")
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _ids(value) -> bool:
@@ -159,8 +163,9 @@ def generation_problem(gen: dict) -> str | None:
 
     checks = [
         *((name, *SAMPLING_RANGES[name]) for name in SAMPLING_RANGES),
-        ("max_window_size", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
-         "an integer of at least 1 (tokens)"),
+        ("max_new_tokens", lambda v: _whole(v) and v >= 1, "an integer of at least 1 (tokens)"),
+        ("min_new_tokens", lambda v: _whole(v) and v >= 0, "an integer >= 0 (tokens)"),
+        ("max_window_size", lambda v: _whole(v) and v >= 1, "an integer of at least 1 (tokens)"),
         ("eos_token_id", lambda v: _ids([v]) or _ids(v), "a token id or a list of token ids"),
         ("pad_token_id", lambda v: _ids([v]), "a token id"),
         ("stop_words_ids", lambda v: isinstance(v, list) and all(_ids(s) for s in v),

@@ -203,6 +203,9 @@ CASES = [
     ("gen-eos-string", "float", set_key(GEN, "eos_token_id", "<|endoftext|>"), (GEN, "eos_token_id")),
     ("gen-rep-penalty-0", "float", set_key(GEN, "repetition_penalty", 0), (GEN, "repetition_penalty")),
     ("gen-max-new-tokens-0", "float", set_key(GEN, "max_new_tokens", 0), (GEN, "max_new_tokens")),
+    ("gen-max-new-tokens-string", "float", set_key(GEN, "max_new_tokens", "512"), (GEN, "max_new_tokens")),
+    ("gen-min-new-tokens-negative", "float", set_key(GEN, "min_new_tokens", -1), (GEN, "min_new_tokens")),
+    ("gen-max-length-beside-max-new-tokens", "float", set_key(GEN, "max_length", 10), OK),
     ("gen-bom", "float", with_bom(GEN), (GEN, "BOM")),
     ("gen-missing", "float", remove(GEN), OK),
     # GPTQ settings: config.json's quantization_config (what transformers reads) and quantize_config.json
@@ -475,6 +478,9 @@ def test_integral_floats_in_config_json_are_the_integers(valid, tmp_path):
     ("float", set_key(GEN, "stop_words_ids", [1, 2]), r"generation_config\.json: stop_words_ids must be a list of"),
     ("float", set_key(GEN, "top_k", -1), r"generation_config\.json: top_k must be an integer >= 0"),
     ("float", set_key(GEN, "temperature", 0), r"generation_config\.json: temperature 0 with do_sample true"),
+    # every served request failed with a 500 on it (the engine refused it per request)
+    ("float", set_key(GEN, "min_new_tokens", -1), r"generation_config\.json: min_new_tokens must be an integer >= 0"),
+    ("float", set_key(GEN, "max_new_tokens", "512"), r"generation_config\.json: max_new_tokens must be an integer"),
 ])
 def test_model_dir_findings_are_one_line(valid, tmp_path, kind, mutate, expect):
     from finetune import load_model

@@ -61,6 +61,8 @@ def unsupported_options(gc: GenerationConfig) -> list[str]:
     """The generation options set in `gc` (away from transformers' defaults) that the engine does not implement."""
     default = GenerationConfig().to_dict()
     given = gc.to_dict()
+    if given.get("max_new_tokens") is not None:  # generate() ignores max_length then (a saved config often has both)
+        given.pop("max_length", None)
     return sorted(k for k, v in given.items() if k not in _SUPPORTED and k in default and default[k] != v)
 
 

@@ -174,9 +174,12 @@ def build_server(args):
     from ..adapters import read_adapter_config
     from ..hub import resolve_model_dir
     from .app import Server
-    from .models import base_name, load_served_model
+    from .models import base_name, load_served_model, unserved_options
 
     base = base_name(args.model)
+    model_dir = resolve_model_dir(args.model)
+    if problem := unserved_options(model_dir):
+        raise ValueError(problem)
     adapters = []
     for name, ref in parse_adapters(args.adapter, base):  # a missing or broken adapter: an error before the load
         path = Path(ref).expanduser()  # (as the loader takes it: x=~/adapter was "does not exist" here)
@@ -185,7 +188,7 @@ def build_server(args):
         path = resolve_model_dir(ref, "adapter directory")  # a hub id (org/name) as chat takes one
         read_adapter_config(path)
         adapters.append((name, str(path)))
-    model, tokenizer = load_served_model(args.model, adapters, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_served_model(model_dir, adapters, dtype=args.dtype, device=args.device)
     return Server(model, tokenizer, base_name=base, adapter_names=[n for n, _ in adapters],
                   max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
                   api_key=args.api_key, cors_origins=args.cors_origin)

@@ -11,6 +11,29 @@ def base_name(model_dir) -> str:
     return Path(str(model_dir).rstrip("/")).name
 
 
+def unserved_options(model_dir) -> str | None:
+    """Why the model dir's generation_config.json cannot be served, or None: options the decode engine does not
+    implement (beams, n-gram blocking, ...), which every request would otherwise fail on. A missing or broken
+    file is the loader's to report."""
+    import json
+
+    from transformers import GenerationConfig
+
+    from ..inference.sampling import unsupported_options
+
+    path = Path(model_dir) / "generation_config.json"
+    try:
+        gc = GenerationConfig.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except Exception:  # noqa: BLE001  (the load checks the file and says what is wrong with it)
+        return None
+    if unsupported := unsupported_options(gc):
+        given = ", ".join(f"{k}={getattr(gc, k)!r}" for k in unsupported)
+        return (f"{path}: {given}: the server's decode engine does not implement "
+                f"{'this option' if len(unsupported) == 1 else 'these options'}; remove "
+                f"{'it' if len(unsupported) == 1 else 'them'} from the file to serve this model")
+    return None
+
+
 def add_adapter(peft_model, adapter_dir, name: str) -> None:
     """Load one more adapter into a PeftModel under `name`, checked against the model first."""
     from peft import set_peft_model_state_dict

@@ -261,3 +261,30 @@ def test_an_adapter_given_as_a_hub_id_is_fetched_before_the_model_loads(serve, d
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     code, err = serve(["--adapter", "sup=org/other", "--port", _free_port()])
     assert code == 2 and "org/other is not a local directory and could not be fetched" in _one_line(err)
+
+
+@pytest.mark.parametrize("gen, expected", [
+    ({"num_beams": 2}, "num_beams=2: the server's decode engine does not implement this option; remove it"),
+    ({"num_beams": 2, "no_repeat_ngram_size": 3}, "no_repeat_ngram_size=3, num_beams=2: the server's decode engine "
+                                                  "does not implement these options; remove them"),
+    ({"max_new_tokens": 512, "max_length": 10}, None),  # generate() ignores max_length beside max_new_tokens
+])
+def test_generation_options_the_engine_lacks_stop_serve_before_the_load(serve, tmp_path, capsys, gen, expected):
+    """Every request failed with a 500 on them (the engine refused them request by request)."""
+    from finetune.cli import main
+
+    base = tmp_path / "beams-qwen"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    (base / "generation_config.json").write_text(json.dumps(dict({"do_sample": False}, **gen)))
+    capsys.readouterr()
+    try:
+        code = main(["serve", "-m", str(base), "--port", _free_port()])
+    except RuntimeError as e:
+        assert str(e) == LOADED
+        code = "loaded"
+    err = capsys.readouterr().err
+    if expected is None:
+        assert code == "loaded", err
+    else:
+        assert code == 2 and f"generation_config.json: {expected}" in _one_line(err)
