@@ -7,6 +7,8 @@ and the same in a background thread of this process, for tests and benchmarks:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -47,6 +49,11 @@ class Uvicorn(uvicorn.Server):
         if self.on_stop is not None:
             self.on_stop(ended)
         await super().shutdown(sockets)
+        if self.force_exit:
+            # a forced exit (Ctrl-C twice) skips the app's lifespan shutdown, and the lifespan task, cancelled as the
+            # loop closed, was logged as an error traceback; the app's own shutdown is quick (the worker is closed)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.lifespan.shutdown(), 5)
 
 
 @contextmanager

@@ -376,3 +376,31 @@ def test_ctrl_c_or_sigterm_of_qwen_ft_serve_with_open_streams(model_dir, sig, co
         "qwen-ft serve: stopping; 3 request(s) in flight ended with 503 server_shutting_down", stderr
     assert "Traceback" not in stderr
     assert all(_ended_by_shutdown(out[i]) for i in range(3)), out
+
+
+def test_ctrl_c_pressed_twice_stops_qwen_ft_serve_without_a_traceback(model_dir):
+    """Two SIGINTs a few ms apart (an impatient Ctrl-C, or `timeout` forwarding one beside the terminal's) ended
+    the process with uvicorn's "ERROR: Traceback ... CancelledError" of the app's lifespan."""
+    port = free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "serve", "-m", str(model_dir / "tiny-qwen"),
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        def up():
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None
+
+        _wait_until(up, "the server did not start")
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.005)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert proc.returncode == 0, stderr
