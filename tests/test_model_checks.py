@@ -147,8 +147,10 @@ def test_malformed_config_json(dirs, tmp_path, field, value, expect, capsys, mon
 @pytest.mark.parametrize("kind", ["float", "int4"])
 @pytest.mark.parametrize("name, text, expect", [
     ("generation_config.json", "{bad", r"generation_config\.json is not valid JSON: .*line 1 column 2"),
-    ("generation_config.json", json.dumps({"max_new_tokens": "abc"}), r"generation_config\.json: not a valid "
-                                                                        r"generation config \(TypeError"),
+    ("generation_config.json", json.dumps({"max_new_tokens": "abc"}), r"generation_config\.json: max_new_tokens "
+                                                                        r"must be an integer of at least 1"),
+    ("generation_config.json", json.dumps({"num_return_sequences": "x"}), r"generation_config\.json: not a valid "
+                                                                          r"generation config \(TypeError"),
     ("tokenizer_config.json", "[1]", r"tokenizer_config\.json: expected a JSON object, got list"),
 ])
 def test_broken_side_json_files(dirs, tmp_path, kind, name, text, expect, capsys, monkeypatch):

@@ -343,6 +343,28 @@ def test_gptq_linear_decode_uses_the_gemv_only_without_graph(monkeypatch, switch
     assert len(calls) == 2
 
 
+def test_mma_gemv_at_each_shapes_own_config_equals_the_exact_product():
+    """The shapes SHAPE_CONFIGS gives a launch config of their own (w1 and w2's pair is 27,392 outputs: no layer
+    of SHAPES has it), at the row counts that use it, with and without the low-rank epilogue's producers."""
+    from finetune.quant import mma_gemv as G
+
+    for (mb, K, N), config in G.SHAPE_CONFIGS.items():
+        p = _random_packed(K, N, seed=12)
+        exact = dequantize_t(**p, bits=4, dtype=torch.float32)
+        packed = G.repack(**p, group_size=128)
+        gen = torch.Generator(device="cuda").manual_seed(1)
+        a = (torch.randn(K, 16, device="cuda", generator=gen) * K ** -0.5).to(torch.bfloat16)
+        bt = (torch.randn(N, 16, device="cuda", generator=gen) * 0.5).to(torch.bfloat16)
+        for rows in range(8 * mb - 7, 8 * mb + 1, 3):
+            assert G.config_for(rows, K, N) == config
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16, generator=gen)
+            sel = torch.ones(rows, 16, device="cuda", dtype=torch.bfloat16)
+            h = (x.float() @ a.float()).to(torch.bfloat16).float()
+            assert _rel_err(G.mma_gemv(x, *packed[:4], 128, packed[4]), x.float() @ exact) < 4e-3, (K, N, rows)
+            with_lora = G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(a, sel, bt))
+            assert _rel_err(with_lora, x.float() @ exact + h @ bt.float().t()) < 4e-3, (K, N, rows)
+
+
 # the 14B shapes, act order, and the tiny model's (one or two chunks, one producer, a rank sum of three 16-byte pieces)
 @pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True),
                                                  (128, 384, False), (256, 128, False)])
