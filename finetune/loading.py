@@ -151,8 +151,7 @@ def _whole(value) -> bool:
 
 
 def _ids(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    return isinstance(value, list) and bool(value) and all(_whole(t) and t >= 0 for t in value)
 
 
 def generation_problem(gen: dict) -> str | None:

@@ -37,7 +37,8 @@ def dirs(tmp_path_factory):
 
 @pytest.fixture
 def serve(monkeypatch, capsys, dirs):
-    """Run `qwen-ft serve -m <base> ARGV` up to the load: ('loaded', stderr) or (exit code, stderr)."""
+    """Run `qwen-ft serve -m <base> ARGV` up to the load: ('loaded', stderr) or (exit code, stderr); ``model``:
+    another base dir than the module's."""
     import finetune.serve.models as models
 
     def stop(*a, **k):
@@ -46,14 +47,14 @@ def serve(monkeypatch, capsys, dirs):
     monkeypatch.setattr(models, "load_served_model", stop)
     monkeypatch.delenv("QWEN_FT_API_KEY", raising=False)
 
-    def run(argv, env=None):
+    def run(argv, env=None, model=None):
         from finetune.cli import main
 
         if env is not None:
             monkeypatch.setenv("QWEN_FT_API_KEY", env)
         capsys.readouterr()
         try:
-            code = main(["serve", "-m", str(dirs / "tiny-qwen"), *argv])
+            code = main(["serve", "-m", str(model or dirs / "tiny-qwen"), *argv])
         except SystemExit as e:  # argparse's errors
             code = e.code
         except RuntimeError as e:
@@ -269,21 +270,13 @@ def test_an_adapter_given_as_a_hub_id_is_fetched_before_the_model_loads(serve, d
                                                   "does not implement these options; remove them"),
     ({"max_new_tokens": 512, "max_length": 10}, None),  # generate() ignores max_length beside max_new_tokens
 ])
-def test_generation_options_the_engine_lacks_stop_serve_before_the_load(serve, tmp_path, capsys, gen, expected):
+def test_generation_options_the_engine_lacks_stop_serve_before_the_load(serve, tmp_path, gen, expected):
     """Every request failed with a 500 on them (the engine refused them request by request)."""
-    from finetune.cli import main
-
     base = tmp_path / "beams-qwen"
     base.mkdir()
     (base / "config.json").write_text("{}")
     (base / "generation_config.json").write_text(json.dumps(dict({"do_sample": False}, **gen)))
-    capsys.readouterr()
-    try:
-        code = main(["serve", "-m", str(base), "--port", _free_port()])
-    except RuntimeError as e:
-        assert str(e) == LOADED
-        code = "loaded"
-    err = capsys.readouterr().err
+    code, err = serve(["--port", _free_port()], model=base)
     if expected is None:
         assert code == "loaded", err
     else:
