@@ -1,0 +1,147 @@
+"""The Int4 kernels' launch configs judged inside the decode step: for each candidate set of SHAPE_CONFIGS entries, a
+fresh Engine captures its decode graph at each row count and the graph's replay is timed (the GPU time of one whole
+step), candidates alternated over rounds in one process on one model. Steps 73-74 (benchmarks/NOTES.md) found the
+layer probe (mma_gemv_probe.py, mma_gemm_probe.py: each launch timed alone) 2-4x off what a config gains inside the
+step; this times what the step gains, ~1 s a candidate and row count instead of a process per decode_bench run.
+
+A candidate is NAME or NAME:ENTRY+ENTRY..., an entry "mb,K,N=config": a 3-value config (warps, depth, CTAs an SM)
+goes to mma_gemv.SHAPE_CONFIGS (the 1-8 row GEMV, mb = 1), a 4-value one (warps, tiles a warp, depth, CTAs an SM)
+to mma_gemm.SHAPE_CONFIGS (9-64 rows, mb = 8-row blocks 2, 4, 8), on top of the shipped entries ("base": none
+added; "general:" a prefix-free NAME "general" empties both tables). Each added entry is first checked against the
+exact product at its shape (random Int4 weights, 1e-2 relative; a wrong config is reported and skipped).
+
+    python benchmarks/step_config_sweep.py --model-dir /tmp/m --rows 1 --prompt 24 \
+        --candidates base A414:1,5120,5120=4,1,4 --rounds 2 --out $OUT/sweep.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from decode_bench import device_name, load, prompt_ids, random_layer, with_adapter  # noqa: E402
+from provenance import git_commit  # noqa: E402
+
+from finetune.inference import Engine, SamplingParams  # noqa: E402
+from finetune.quant import mma_gemm, mma_gemv  # noqa: E402
+from finetune.quant.packing import dequantize_t  # noqa: E402
+
+SHIPPED = {"gemv": dict(mma_gemv.SHAPE_CONFIGS), "gemm": dict(mma_gemm.SHAPE_CONFIGS)}
+
+
+def parse(candidate: str) -> tuple[str, dict]:
+    """NAME[:entries] -> (name, {"gemv": {...}, "gemm": {...}}) of entries added to the shipped ones."""
+    name, _, spec = candidate.partition(":")
+    added: dict = {"gemv": {}, "gemm": {}}
+    for entry in filter(None, spec.split("+")):
+        shape, config = entry.split("=")
+        shape, config = tuple(map(int, shape.split(","))), tuple(map(int, config.split(",")))
+        if len(shape) != 3 or len(config) not in (3, 4):
+            raise SystemExit(f"{candidate}: entry {entry!r} is not mb,K,N=w,d,s (GEMV) or mb,K,N=w,t,d,s (GEMM)")
+        added["gemv" if len(config) == 3 else "gemm"][shape] = config
+    return name, added
+
+
+def apply(name: str, added: dict) -> None:
+    for kind, module in (("gemv", mma_gemv), ("gemm", mma_gemm)):
+        module.SHAPE_CONFIGS.clear()
+        if name != "general":
+            module.SHAPE_CONFIGS.update(SHIPPED[kind])
+        module.SHAPE_CONFIGS.update(added[kind])
+
+
+def check(added: dict, device) -> str | None:
+    """Why an added entry is wrong (its product off the exact one), or None."""
+    for kind, entries in added.items():
+        for (mb, K, N), config in entries.items():
+            p = random_layer(K, N, device, seed=5)
+            exact = dequantize_t(**p, bits=4, dtype=torch.float32)
+            packed = mma_gemv.repack(**p, group_size=128)
+            rows = 8 * mb
+            x = torch.randn(rows, K, device=device, dtype=torch.bfloat16)
+            fn = mma_gemv.mma_gemv if kind == "gemv" else mma_gemm.mma_gemm
+            y = fn(x, *packed[:4], 128, packed[4], config=config)
+            ref = x.float() @ exact
+            err = ((y.float() - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:
+                return f"{kind} {(mb, K, N)} at {config}: relative error {err:.3g}"
+    return None
+
+
+def step_ms(model, tok, rows: int, prompt: int, reps: int, adapter: str | None) -> float:
+    """A fresh engine's decode graph for `rows` rows after `prompt`-token prompts: ms a replay."""
+    vocab = model.config.vocab_size
+    engine = Engine(model, tok, max_batch=rows)
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=12)
+    for i in range(rows):
+        engine.submit(prompt_ids(prompt, i, vocab), params, adapter=adapter)
+    for _ in range(4):  # prefill, then decode steps: warm-up (compiles this candidate's kernels) and capture
+        engine.step()
+    (graph, _), = [v for k, v in engine._graphs.items() if k[0] == engine._bucket(rows)][-1:]
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        graph.replay()
+    torch.cuda.synchronize()
+    ms = (time.perf_counter() - t) / reps * 1e3
+    while engine.has_work():
+        engine.step()
+    del engine, graph
+    torch.cuda.empty_cache()
+    return ms
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model-dir", default="/tmp/m")
+    ap.add_argument("--rows", nargs="+", type=int, default=[1])
+    ap.add_argument("--prompt", type=int, default=24, help="prompt tokens a row (the context the steps read)")
+    ap.add_argument("--candidates", nargs="+", default=["base", "general"])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=100)
+    ap.add_argument("--adapter", type=int, default=0, metavar="RANK", help="every row through an r=RANK LoRA")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    candidates = [parse(c) for c in args.candidates]
+    kept = []
+    for name, added in candidates:
+        if problem := check(added, device):
+            print(json.dumps({"candidate": name, "skipped": problem}), flush=True)
+        else:
+            kept.append((name, added))
+    model, tok = load(args.model_dir, device)
+    adapter = None
+    if args.adapter:
+        model, adapter = with_adapter(model, args.adapter), "default"
+    meta = dict(commit=git_commit(), device=device_name(device), date=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                command=" ".join(["python", "benchmarks/step_config_sweep.py", *(argv or sys.argv[1:])]))
+    results = []
+    for rnd in range(1, args.rounds + 1):
+        for rows in args.rows:
+            for name, added in kept:
+                apply(name, added)
+                ms = step_ms(model, tok, rows, args.prompt, args.reps, adapter)
+                row = dict(candidate=name, round=rnd, rows=rows, prompt=args.prompt, adapter_rank=args.adapter,
+                           replay_ms=round(ms, 4), tokens_per_s=round(rows / ms * 1e3, 1),
+                           gemv=str(mma_gemv.SHAPE_CONFIGS), gemm=str(mma_gemm.SHAPE_CONFIGS))
+                print(json.dumps(row), flush=True)
+                results.append(row)
+                if args.out:  # after every row: a call cut short keeps what it measured
+                    Path(args.out).write_text(json.dumps([{**meta, **r} for r in results], indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
