@@ -10,13 +10,16 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/config_sweep_out || exit 1
 A=1,5120,5120 M=1,13696,5120 W=1,5120,13696 P64=8,5120,27392 C64=8,5120,15360 P32=4,5120,27392
-GEMV_CANDIDATES="${GEMV_CANDIDATES:-base A414:$A=4,1,4 A412:$A=4,1,2 A814:$A=8,1,4 M414:$M=4,1,4 M412:$M=4,1,2 M814:$M=8,1,4}"
-GEMM_CANDIDATES="${GEMM_CANDIDATES:-base P64w2:$P64=4,1,1,2 P64x8:$P64=8,1,1,1 C64w2:$C64=4,1,1,2 P32d2:$P32=4,1,2,1 P32s4:$P32=4,1,1,4}"
+GEMV_CANDIDATES="${GEMV_CANDIDATES:-base A414:$A=4,1,4 A412:$A=4,1,2 A814:$A=8,1,4 M414:$M=4,1,4 M412:$M=4,1,2
+  M814:$M=8,1,4}"
+GEMM_CANDIDATES="${GEMM_CANDIDATES:-base P64w2:$P64=4,1,1,2 P64x8:$P64=8,1,1,1 C64w2:$C64=4,1,1,2 P64t2:$P64=4,2,1,1
+  C64t2:$C64=4,2,1,1 P32d2:$P32=4,1,2,1 P32s4:$P32=4,1,1,4}"
 LORA_CANDIDATES="${LORA_CANDIDATES:-base W414:$W=4,1,4 W414M414:$W=4,1,4+$M=4,1,4}"
 sweep() {  # OUT_NAME TIMEOUT ARGS...
   local name="$1" limit="$2"
   shift 2
-  timeout "$limit" python3 benchmarks/step_config_sweep.py --model-dir /tmp/m --out "$OUT/${name}_$C.json" "$@" \
+  timeout "$limit" python3 benchmarks/step_config_sweep.py --model-dir /tmp/m --out "$OUT/${name}_$C.json" \
+    --rounds "${ROUNDS:-2}" "$@" \
     2>&1 | grep -E '^\{|Error|error' | cut -c1-300
 }
 [[ -z "$GEMV_CANDIDATES" ]] || sweep sweep_gemv 170 --rows 1 8 --prompt 24 --candidates $GEMV_CANDIDATES

@@ -8,7 +8,8 @@ A candidate is NAME or NAME:ENTRY+ENTRY..., an entry "mb,K,N=config": a 3-value 
 goes to mma_gemv.SHAPE_CONFIGS (the 1-8 row GEMV, mb = 1), a 4-value one (warps, tiles a warp, depth, CTAs an SM)
 to mma_gemm.SHAPE_CONFIGS (9-64 rows, mb = 8-row blocks 2, 4, 8), on top of the shipped entries ("base": none
 added; "general:" a prefix-free NAME "general" empties both tables). Each added entry is first checked against the
-exact product at its shape (random Int4 weights, 1e-2 relative; a wrong config is reported and skipped).
+exact product at its shape (random Int4 weights, 1e-2 relative; a wrong config is reported and skipped). A
+candidate runs only at the row counts its entries are for.
 
     python benchmarks/step_config_sweep.py --model-dir /tmp/m --rows 1 --prompt 24 \
         --candidates base A414:1,5120,5120=4,1,4 --rounds 2 --out $OUT/sweep.json
@@ -57,6 +58,14 @@ def apply(name: str, added: dict) -> None:
         if name != "general":
             module.SHAPE_CONFIGS.update(SHIPPED[kind])
         module.SHAPE_CONFIGS.update(added[kind])
+
+
+def touches(added: dict, rows: int) -> bool:
+    """Whether a step of `rows` rows launches a kernel with one of the added entries' row blocks (a candidate whose
+    entries are all for other row counts is the base there, and is not timed again)."""
+    if rows < mma_gemm.MIN_ROWS:
+        return any(mb == mma_gemv.row_blocks(rows) for mb, _, _ in added["gemv"])
+    return any(mb == mma_gemm.row_blocks(rows) for mb, _, _ in added["gemm"])
 
 
 def check(added: dict, device) -> str | None:
@@ -131,6 +140,8 @@ def main(argv=None) -> int:
     for rnd in range(1, args.rounds + 1):
         for rows in args.rows:
             for name, added in kept:
+                if any(added.values()) and not touches(added, rows):
+                    continue
                 apply(name, added)
                 ms = step_ms(model, tok, rows, args.prompt, args.reps, adapter)
                 row = dict(candidate=name, round=rnd, rows=rows, prompt=args.prompt, adapter_rank=args.adapter,
