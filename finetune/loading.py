@@ -146,25 +146,20 @@ def check_side_files(model_dir: Path) -> None:
                                      f"({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
-def _whole(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _ids(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(_whole(t) and t >= 0 for t in value)
-
-
 def generation_problem(gen: dict) -> str | None:
     """The first value of a generation_config.json that the chat, the engine or generate() would trip on (a
     traceback at the first reply) or silently misread, as ``<field> must be ..., got ...``; the ranges are the chat
     flags' (inference/sampling.py SAMPLING_RANGES)."""
-    from .inference.sampling import GREEDY_BELOW, SAMPLING_RANGES
+    from .inference.sampling import GREEDY_BELOW, SAMPLING_RANGES, whole
+
+    def _ids(value) -> bool:
+        return isinstance(value, list) and bool(value) and all(whole(t) and t >= 0 for t in value)
 
     checks = [
         *((name, *SAMPLING_RANGES[name]) for name in SAMPLING_RANGES),
-        ("max_new_tokens", lambda v: _whole(v) and v >= 1, "an integer of at least 1 (tokens)"),
-        ("min_new_tokens", lambda v: _whole(v) and v >= 0, "an integer >= 0 (tokens)"),
-        ("max_window_size", lambda v: _whole(v) and v >= 1, "an integer of at least 1 (tokens)"),
+        ("max_new_tokens", lambda v: whole(v) and v >= 1, "an integer of at least 1 (tokens)"),
+        ("min_new_tokens", lambda v: whole(v) and v >= 0, "an integer >= 0 (tokens)"),
+        ("max_window_size", lambda v: whole(v) and v >= 1, "an integer of at least 1 (tokens)"),
         ("eos_token_id", lambda v: _ids([v]) or _ids(v), "a token id or a list of token ids"),
         ("pad_token_id", lambda v: _ids([v]), "a token id"),
         ("stop_words_ids", lambda v: isinstance(v, list) and all(_ids(s) for s in v),

@@ -24,7 +24,8 @@ from transformers import GenerationConfig
 GREEDY_BELOW = 0.01
 
 
-def _whole(v) -> bool:
+def whole(v) -> bool:
+    """An int, not a bool (JSON's 3.0 and true are not token counts)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
@@ -39,7 +40,7 @@ def _number(v) -> bool:  # (NaN fails every range's comparison as well)
 SAMPLING_RANGES = {
     "temperature": (lambda v: _number(v) and v >= 0, ">= 0"),
     "top_p": (lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
-    "top_k": (lambda v: _whole(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "top_k": (lambda v: whole(v) and v >= 0, "an integer >= 0 (0: off)"),
     "repetition_penalty": (lambda v: _number(v) and v > 0, "> 0"),
 }
 
@@ -92,7 +93,7 @@ class SamplingParams:
         self.stop = tuple(self.stop)
         if not all(isinstance(s, str) and s for s in self.stop):
             problems.append(f"stop must be non-empty strings, got {self.stop!r}")
-        if not _whole(self.max_new_tokens) or self.max_new_tokens < 1:
+        if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         problems += [f"{name} {why}" for name in SAMPLING_RANGES
                      if (why := out_of_range(name, getattr(self, name))) is not None]
@@ -100,7 +101,7 @@ class SamplingParams:
             # (a greedy row ignores its temperature, as transformers does: a generation_config.json that says
             # do_sample false often has temperature 0)
             problems.append("temperature must be > 0 to sample (do_sample false decodes greedily), got 0")
-        if not (_whole(self.min_new_tokens) and 0 <= self.min_new_tokens):
+        if not (whole(self.min_new_tokens) and 0 <= self.min_new_tokens):
             problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
         if problems:
             raise ValueError("SamplingParams: " + "; ".join(problems))
