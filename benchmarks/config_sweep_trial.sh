@@ -2,7 +2,8 @@
 # One device call for NOTES step 75: the Int4 kernels' launch configs judged inside the decode step
 # (benchmarks/step_config_sweep.py), at 1 and 8 rows (the GEMV's one-row-block entries) and at 32 and 64 rows (the
 # GEMM's), at one row with an r=64 adapter on every row (the LoRA epilogue's launches: w1 and w2 are not paired
-# there), then the GPU tests of the tensor-core GEMV, then (ONCE, optional) decode_bench workloads with the shipped
+# there), the decode attention alone against copies written another way (benchmarks/attention_variants.py, NOTES
+# step 76; ATTN=0: not), then the GPU tests of the tensor-core GEMV, then (ONCE, optional) decode_bench workloads with the shipped
 # configs. From the repo root, .whl carried.
 #   QWEN_FT_COMMIT=<rev> [GEMV_CANDIDATES=...] [GEMM_CANDIDATES=...] [ONCE="b1_ctx2000 b1_512_adapter"] \
 #     bash benchmarks/config_sweep_trial.sh
@@ -23,8 +24,17 @@ sweep() {  # OUT_NAME TIMEOUT ARGS...
     2>&1 | grep -E '^\{|Error|error' | cut -c1-300
 }
 [[ -z "$GEMV_CANDIDATES" ]] || sweep sweep_gemv 170 --rows 1 8 --prompt 24 --candidates $GEMV_CANDIDATES
-[[ -z "$GEMM_CANDIDATES" ]] || sweep sweep_gemm 170 --rows 32 64 --prompt 24 --candidates $GEMM_CANDIDATES
 [[ -z "$LORA_CANDIDATES" ]] || sweep sweep_lora 120 --rows 1 --prompt 24 --adapter 64 --candidates $LORA_CANDIDATES
+if [[ "${ATTN:-1}" != 0 ]]; then
+  V=()
+  for v in $(python3 benchmarks/attention_variants.py /tmp/attn_variants); do V+=(--variant "$v"); done
+  timeout 120 python3 benchmarks/decode_attention_probe.py "${V[@]}" --out "$OUT/attn_variants_$C.json" 2>&1 \
+    | grep "^{" | python3 -c 'import json, sys
+for line in sys.stdin:
+    r = json.loads(line)
+    print(r["case"], {k[:-3]: v for k, v in r.items() if k.endswith("_us")})'
+fi
+[[ -z "$GEMM_CANDIDATES" ]] || sweep sweep_gemm 170 --rows 32 64 --prompt 24 --candidates $GEMM_CANDIDATES
 [[ "${TESTS:-1}" == 0 ]] || timeout 120 python3 -m pytest -q -m cuda tests/quant/test_quant_cuda.py -k "mma_gemv" \
   -p no:cacheprovider 2>&1 | tail -3
 [[ -z "${ONCE:-}" ]] || timeout 150 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \
