@@ -53,11 +53,13 @@ LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in share
 # register buffers a warp (1: a chunk's loads are not issued ahead of the previous chunk's compute), target CTAs
 # per SM for the split over K).
 CONFIGS = {1: (8, 1, 2), 2: (4, 1, 4), 4: (4, 1, 2)}  # by row_blocks()
-# Where a layer shape's own config beat its row blocks' CONFIGS entry end to end (an A/B of b1_512 in one call):
-# (row blocks, K, N) -> config. Qwen-14B at 1-8 rows, 4 warps a CTA and 4 CTAs an SM: c_attn +1.6-1.9% (NOTES step
-# 73), and then w1 and w2's pair (the paired decode launch, 27,392 outputs) +3.9% more (step 74). Other shapes use
-# CONFIGS.
-SHAPE_CONFIGS = {(1, 5120, 15360): (4, 1, 4), (1, 5120, 27392): (4, 1, 4)}
+# Where a layer shape's own config beat its row blocks' CONFIGS entry end to end (an A/B of b1_512 in one call, or the
+# decode graph's replay, benchmarks/step_config_sweep.py): (row blocks, K, N) -> config. Qwen-14B at 1-8 rows, 4
+# warps a CTA and 4 CTAs an SM: c_attn +1.6-1.9% (NOTES step 73), then w1 and w2's pair (the paired decode launch,
+# 27,392 outputs) +3.9% more (step 74), and w1 and w2 alone (unpaired where an adapter's epilogue runs) 0.9% of the
+# adapter's step (step 75). The two c_proj keep CONFIGS: (4, 1, 4) gained 0.3% on mlp.c_proj without an adapter and
+# lost 4% with one (step 75). Other shapes use CONFIGS.
+SHAPE_CONFIGS = {(1, 5120, 15360): (4, 1, 4), (1, 5120, 27392): (4, 1, 4), (1, 5120, 13696): (4, 1, 4)}
 
 
 def config_for(rows: int, K: int, N: int) -> tuple:

@@ -612,6 +612,24 @@ def test_mma_gemm_equals_the_exact_product(in_f, out_f, desc_act, v2):
             assert torch.equal(MG.mma_gemm(x, *packed[:4], 128, packed[4], config=config), y), (rows, config)
 
 
+def test_mma_gemm_at_each_shapes_own_config_equals_the_exact_product():
+    """The shapes SHAPE_CONFIGS gives a launch config of their own (w1 and w2's pair, 27,392 outputs, among them), at
+    row counts of the row blocks that use it, twice (the split-K workspace and counters clean again)."""
+    from finetune.quant import mma_gemm as MG
+    from finetune.quant import mma_gemv as G
+
+    for (mb, K, N), config in MG.SHAPE_CONFIGS.items():
+        p = _random_packed(K, N, seed=23)
+        exact = dequantize_t(**p, bits=4, dtype=torch.float32)
+        packed = G.repack(**p, group_size=128)
+        for rows in sorted({max(MG.MIN_ROWS, 8 * mb - 7), 8 * mb - 3, 8 * mb}):
+            assert MG.config_for(rows, K, N) == config
+            x = torch.randn(rows, K, device="cuda", dtype=torch.bfloat16)
+            y = MG.mma_gemm(x, *packed[:4], 128, packed[4])
+            assert _rel_err(y, x.float() @ exact) < 4e-3, (K, N, rows)
+            assert torch.equal(MG.mma_gemm(x, *packed[:4], 128, packed[4]), y), (K, N, rows)
+
+
 @pytest.mark.parametrize("config", GEMM_CONFIGS)
 @pytest.mark.parametrize("out_f,group_size", [(4096, 128), (1040, 256), (528, 128)])
 def test_mma_gemm_gives_every_weight_exactly(config, out_f, group_size):

@@ -39,6 +39,7 @@ def test_rows_and_sources():
 def test_a_shape_with_its_own_measured_config_gets_it_and_others_their_row_counts():
     for (mb, K, N), cfg in MG.SHAPE_CONFIGS.items():
         assert MG.config_for(8 * mb, K, N) == cfg and len(cfg) == 4
+    assert MG.config_for(57, 5120, 2 * 13696) == (4, 2, 1, 1)  # the 14B's w1/w2 pair: two tiles a warp (step 75)
     assert MG.config_for(64, 4096, 11008) == MG.CONFIGS[8]  # a Qwen-7B shape: the row count's
     assert MG.config_for(9, 4096, 4096) == MG.CONFIGS[2]
     with pytest.raises(ValueError, match="1 to 64 rows, got 65"):
