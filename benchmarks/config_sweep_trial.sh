@@ -5,17 +5,19 @@
 # there), the decode attention alone against copies written another way (benchmarks/attention_variants.py, NOTES
 # step 76; ATTN=0: not), then the GPU tests of the tensor-core GEMV, then (ONCE, optional) decode_bench workloads with the shipped
 # configs. From the repo root, .whl carried.
+# A candidate list set empty skips its sweep.
 #   QWEN_FT_COMMIT=<rev> [GEMV_CANDIDATES=...] [GEMM_CANDIDATES=...] [ONCE="b1_ctx2000 b1_512_adapter"] \
 #     bash benchmarks/config_sweep_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/config_sweep_out || exit 1
 A=1,5120,5120 M=1,13696,5120 W=1,5120,13696 P64=8,5120,27392 C64=8,5120,15360 P32=4,5120,27392
-GEMV_CANDIDATES="${GEMV_CANDIDATES:-base A414:$A=4,1,4 A412:$A=4,1,2 A814:$A=8,1,4 M414:$M=4,1,4 M412:$M=4,1,2
+GEMV_CANDIDATES="${GEMV_CANDIDATES-base A414:$A=4,1,4 A412:$A=4,1,2 A814:$A=8,1,4 M414:$M=4,1,4 M412:$M=4,1,2
   M814:$M=8,1,4}"
-GEMM_CANDIDATES="${GEMM_CANDIDATES:-base P64w2:$P64=4,1,1,2 P64x8:$P64=8,1,1,1 C64w2:$C64=4,1,1,2 P64t2:$P64=4,2,1,1
+GEMM_CANDIDATES="${GEMM_CANDIDATES-base P64w2:$P64=4,1,1,2 P64x8:$P64=8,1,1,1 C64w2:$C64=4,1,1,2 P64t2:$P64=4,2,1,1
   C64t2:$C64=4,2,1,1 P32d2:$P32=4,1,2,1 P32s4:$P32=4,1,1,4}"
-LORA_CANDIDATES="${LORA_CANDIDATES:-base W414:$W=4,1,4 W414M414:$W=4,1,4+$M=4,1,4}"
+LORA_CANDIDATES="${LORA_CANDIDATES-base W414:$W=4,1,4 W414M414:$W=4,1,4+$M=4,1,4}"
+LORA_ROWS="${LORA_ROWS:-1}"
 sweep() {  # OUT_NAME TIMEOUT ARGS...
   local name="$1" limit="$2"
   shift 2
@@ -24,7 +26,7 @@ sweep() {  # OUT_NAME TIMEOUT ARGS...
     2>&1 | grep -E '^\{|Error|error' | cut -c1-300
 }
 [[ -z "$GEMV_CANDIDATES" ]] || sweep sweep_gemv 170 --rows 1 8 --prompt 24 --candidates $GEMV_CANDIDATES
-[[ -z "$LORA_CANDIDATES" ]] || sweep sweep_lora 120 --rows 1 --prompt 24 --adapter 64 --candidates $LORA_CANDIDATES
+[[ -z "$LORA_CANDIDATES" ]] || sweep sweep_lora 120 --rows $LORA_ROWS --prompt 24 --adapter 64 --candidates $LORA_CANDIDATES
 if [[ "${ATTN:-1}" != 0 ]]; then
   V=()
   for v in $(python3 benchmarks/attention_variants.py /tmp/attn_variants); do V+=(--variant "$v"); done
@@ -34,8 +36,8 @@ for line in sys.stdin:
     r = json.loads(line)
     print(r["case"], {k[:-3]: v for k, v in r.items() if k.endswith("_us")})'
 fi
-[[ -z "$GEMM_CANDIDATES" ]] || sweep sweep_gemm 170 --rows 32 64 --prompt 24 --candidates $GEMM_CANDIDATES
-[[ "${TESTS:-1}" == 0 ]] || timeout 120 python3 -m pytest -q -m cuda tests/quant/test_quant_cuda.py -k "mma_gemv" \
-  -p no:cacheprovider 2>&1 | tail -3
-[[ -z "${ONCE:-}" ]] || timeout 150 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \
+[[ -z "$GEMM_CANDIDATES" ]] || sweep sweep_gemm 170 --rows ${GEMM_ROWS:-32 64} --prompt 24 --candidates $GEMM_CANDIDATES
+[[ "${TESTS:-1}" == 0 ]] || timeout 150 python3 -m pytest -q -m cuda ${TEST_FILES:-tests/quant/test_quant_cuda.py} \
+  -k "${TEST_K:-mma_gemv}" -p no:cacheprovider 2>&1 | tail -3
+[[ -z "${ONCE:-}" ]] || timeout 200 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \
   --workloads $ONCE --out "$OUT/decode_once_$C.json" 2>&1 | grep "^{" | cut -c1-250

@@ -7,7 +7,8 @@ step; this times what the step gains, ~1 s a candidate and row count instead of 
 A candidate is NAME or NAME:ENTRY+ENTRY..., an entry "mb,K,N=config": a 3-value config (warps, depth, CTAs an SM)
 goes to mma_gemv.SHAPE_CONFIGS (the 1-8 row GEMV, mb = 1), a 4-value one (warps, tiles a warp, depth, CTAs an SM)
 to mma_gemm.SHAPE_CONFIGS (9-64 rows, mb = 8-row blocks 2, 4, 8), on top of the shipped entries ("base": none
-added; "general:" a prefix-free NAME "general" empties both tables). Each added entry is first checked against the
+added; a candidate named "general" empties both tables); an entry "switch=0|1" (a field of finetune/settings.py,
+e.g. paired_decode=0) holds for that candidate's runs. Each added entry is first checked against the
 exact product at its shape (random Int4 weights, 1e-2 relative; a wrong config is reported and skipped). A
 candidate runs only at the row counts its entries are for.
 
@@ -35,6 +36,7 @@ from provenance import git_commit  # noqa: E402
 from finetune.inference import Engine, SamplingParams  # noqa: E402
 from finetune.quant import mma_gemm, mma_gemv  # noqa: E402
 from finetune.quant.packing import dequantize_t  # noqa: E402
+from finetune.settings import override  # noqa: E402
 
 SHIPPED = {"gemv": dict(mma_gemv.SHAPE_CONFIGS), "gemm": dict(mma_gemm.SHAPE_CONFIGS)}
 
@@ -42,9 +44,12 @@ SHIPPED = {"gemv": dict(mma_gemv.SHAPE_CONFIGS), "gemm": dict(mma_gemm.SHAPE_CON
 def parse(candidate: str) -> tuple[str, dict]:
     """NAME[:entries] -> (name, {"gemv": {...}, "gemm": {...}}) of entries added to the shipped ones."""
     name, _, spec = candidate.partition(":")
-    added: dict = {"gemv": {}, "gemm": {}}
+    added: dict = {"gemv": {}, "gemm": {}, "settings": {}}
     for entry in filter(None, spec.split("+")):
         shape, config = entry.split("=")
+        if shape.isidentifier():  # a switch of finetune/settings.py for this candidate (paired_decode=0)
+            added["settings"][shape] = bool(int(config)) if config in ("0", "1") else int(config)
+            continue
         shape, config = tuple(map(int, shape.split(","))), tuple(map(int, config.split(",")))
         if len(shape) != 3 or len(config) not in (3, 4):
             raise SystemExit(f"{candidate}: entry {entry!r} is not mb,K,N=w,d,s (GEMV) or mb,K,N=w,t,d,s (GEMM)")
@@ -63,6 +68,8 @@ def apply(name: str, added: dict) -> None:
 def touches(added: dict, rows: int) -> bool:
     """Whether a step of `rows` rows launches a kernel with one of the added entries' row blocks (a candidate whose
     entries are all for other row counts is the base there, and is not timed again)."""
+    if added["settings"]:
+        return True
     if rows < mma_gemm.MIN_ROWS:
         return any(mb == mma_gemv.row_blocks(rows) for mb, _, _ in added["gemv"])
     return any(mb == mma_gemm.row_blocks(rows) for mb, _, _ in added["gemm"])
@@ -70,8 +77,8 @@ def touches(added: dict, rows: int) -> bool:
 
 def check(added: dict, device) -> str | None:
     """Why an added entry is wrong (its product off the exact one), or None."""
-    for kind, entries in added.items():
-        for (mb, K, N), config in entries.items():
+    for kind in ("gemv", "gemm"):
+        for (mb, K, N), config in added[kind].items():
             p = random_layer(K, N, device, seed=5)
             exact = dequantize_t(**p, bits=4, dtype=torch.float32)
             packed = mma_gemv.repack(**p, group_size=128)
@@ -143,7 +150,8 @@ def main(argv=None) -> int:
                 if any(added.values()) and not touches(added, rows):
                     continue
                 apply(name, added)
-                ms = step_ms(model, tok, rows, args.prompt, args.reps, adapter)
+                with override(**added["settings"]):
+                    ms = step_ms(model, tok, rows, args.prompt, args.reps, adapter)
                 row = dict(candidate=name, round=rnd, rows=rows, prompt=args.prompt, adapter_rank=args.adapter,
                            replay_ms=round(ms, 4), tokens_per_s=round(rows / ms * 1e3, 1),
                            gemv=str(mma_gemv.SHAPE_CONFIGS), gemm=str(mma_gemm.SHAPE_CONFIGS))

@@ -78,7 +78,10 @@ class RowAdapters:
         # once per forward and layout, not once per layer (200 gathers and casts a 14B step: ~0.5 ms on the H200)
         self._cols: dict = {}
         self._stacked_t: dict = {}  # consumers' ids -> (their stacks' keys, A.T of all of them [sum R, in])
+        self._pairs: dict = {}  # two layers' ids -> (their stacks' keys, bt of both, block-diagonal [out1+out2, R1+R2])
         self._active = False  # within applied() with a selection: the hooks are on
+        self._base_only = False  # within applied() without one: every LoRA layer returns its base layer's output
+        self._select = self._by_cols = None  # applied()'s selection, and its gathers by column layout
         names: set[str] = set()
         for layer in self.layers:
             names.update(layer.lora_A.keys())
@@ -123,9 +126,10 @@ class RowAdapters:
             return
         hooks = []
         if select is not None:
-            by_cols: dict = {}  # the row selection of each column layout, [rows, R]: gathered once per forward
+            # the row selection of each column layout, [rows, R]: gathered once per forward (``_selection``)
+            self._select, self._by_cols = select, {}
             for layer in self.layers:
-                hooks.append(layer.register_forward_pre_hook(self._pre_hook(select, by_cols)))
+                hooks.append(layer.register_forward_pre_hook(self._pre_hook()))
                 hooks.append(layer.register_forward_hook(self._hook()))
             for wrapper in self.saved:
                 hooks.append(wrapper.register_forward_hook(self._saved_hook(select)))
@@ -138,9 +142,11 @@ class RowAdapters:
         try:
             for m in switched:
                 m._disable_adapters = True  # a modules_to_save wrapper then runs its original module
+            self._base_only = select is None
             yield
         finally:
-            self._active = False
+            self._active = self._base_only = False
+            self._select = self._by_cols = None
             for m, flag in zip(switched, before):
                 m._disable_adapters = flag
             for layer in self.layers:
@@ -213,6 +219,68 @@ class RowAdapters:
         self._stacked_t[ids] = (key, at)
         return at
 
+    def _selection(self, cols: torch.Tensor, dtype) -> torch.Tensor:
+        """[rows, R]: 1 where a row uses the adapter of a column of layout ``cols`` (gathered once per forward)."""
+        sel = self._by_cols.get((id(cols), dtype))
+        if sel is None:
+            sel = self._select.t().index_select(1, cols).to(dtype).contiguous()
+            self._by_cols[(id(cols), dtype)] = sel
+        return sel
+
+    def paired(self, first, second, x: torch.Tensor) -> tuple | None:
+        """(first(x), second(x)) of two LoRA Linears that read the same norm output (the fused step's w1 and w2) as
+        one tensor-core launch over both base weights (quant/linear.py ``paired_decode``), each row's adapters added
+        in its epilogue; None where that does not apply (the caller calls the two layers). Inside ``applied``
+        without a selection the two base layers are paired alone. With a selection, only at 1-8 rows with x A
+        given by the norm kernel (``give_h``) for both: the epilogue then takes h of both side by side (one
+        tensor, as the norm wrote it), their selections side by side, and B of both as one block-diagonal bt
+        (zeros where an output meets the other layer's ranks: the same sums, each output's rounding unchanged)."""
+        from ..quant.linear import paired_decode
+
+        if not all(hasattr(m, "lora_A") and id(m) in self._ids for m in (first, second)):
+            return None
+        if self._base_only:
+            return paired_decode(first.base_layer, second.base_layer, x)
+        if not self._active:
+            return None
+        h1, h2 = first.__dict__.get("_row_h"), second.__dict__.get("_row_h")
+        if h1 is None or h2 is None:
+            return None
+        r1 = h1.shape[1]
+        # the norm's x A for both: h2 follows h1 in one tensor (give_h's slices) when they are read side by side
+        if not (h2.data_ptr() == h1.data_ptr() + r1 * h1.element_size() and h1.stride() == h2.stride()):
+            return None
+        h = h1.as_strided((h1.shape[0], r1 + h2.shape[1]), h1.stride())
+        dtype = x.dtype
+        (_, bt1, cols1), (_, bt2, cols2) = self._stacked(first, dtype), self._stacked(second, dtype)
+        sel = self._by_cols.get(("pair", id(cols1), id(cols2), dtype))
+        if sel is None:
+            sel = torch.cat([self._selection(cols1, dtype), self._selection(cols2, dtype)], 1)
+            self._by_cols[("pair", id(cols1), id(cols2), dtype)] = sel
+        bt = self._block_diagonal((id(first), id(second)), bt1, bt2)
+        out = paired_decode(first.base_layer, second.base_layer, x, low_rank=(None, sel, bt, h))
+        if out is not None:
+            first.__dict__.pop("_row_h", None)
+            second.__dict__.pop("_row_h", None)
+        return out
+
+    def _block_diagonal(self, ids: tuple, bt1: torch.Tensor, bt2: torch.Tensor) -> torch.Tensor:
+        """[[bt1, 0], [0, bt2]]: the B side of two layers as one, cached until either stack changes (new values of
+        the same layout into the same buffer, which captured graphs read)."""
+        key = tuple(self._stacks[i][0] for i in ids)
+        held = self._pairs.get(ids)
+        if held is not None and held[0] == key:
+            return held[1]
+        with torch.no_grad():
+            bt = bt1.new_zeros(bt1.shape[0] + bt2.shape[0], bt1.shape[1] + bt2.shape[1])
+            bt[:bt1.shape[0], :bt1.shape[1]] = bt1
+            bt[bt1.shape[0]:, bt1.shape[1]:] = bt2
+        if held is not None and _same_layout(held[1], bt):
+            held[1].copy_(bt)
+            bt = held[1]
+        self._pairs[ids] = (key, bt)
+        return bt
+
     def give_h(self, consumers, h: torch.Tensor) -> None:
         """Hand each of ``consumers`` its columns of h = x A [rows, sum R] (``norm_low_rank``'s order) for its next
         forward: its pre-hook offers them to the GEMV with (sel, bt), and the GEMV reads them instead of x A."""
@@ -236,17 +304,16 @@ class RowAdapters:
             for ids, (key, at) in list(self._stacked_t.items()):
                 stacks = [(self._stacks[i][0], self._stacks[i][1]) for i in ids]
                 changed |= self._stacked_transposed(ids, stacks) is not at
+            for ids, (key, bt) in list(self._pairs.items()):
+                changed |= self._block_diagonal(ids, self._stacks[ids[0]][2], self._stacks[ids[1]][2]) is not bt
         return changed
 
-    def _pre_hook(self, select, by_cols):
+    def _pre_hook(self):
         def pre_hook(module, args):
             x = args[0]
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             a_all, bt, cols = self._stacked(module, dtype)
-            sel = by_cols.get((id(cols), dtype))
-            if sel is None:
-                sel = select.t().index_select(1, cols).to(dtype).contiguous()  # [rows, R]: 1 where a row uses it
-                by_cols[(id(cols), dtype)] = sel
+            sel = self._selection(cols, dtype)
             x2 = x.reshape(sel.shape[0], -1, x.shape[-1]).to(dtype)  # [rows, tokens, in]
             given = module.__dict__.pop("_row_h", None)  # x A from the norm kernel (give_h)
             offered = None

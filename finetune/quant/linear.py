@@ -461,7 +461,8 @@ class GPTQLinear(nn.Module):
         return cls.from_quantized(**packed, bias=bias, bits=bits, group_size=group_size, v2=v2, desc_act=desc_act)
 
 
-def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor) -> tuple | None:
+def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor,
+                  low_rank: tuple | None = None) -> tuple | None:
     """(first(x), second(x)) for two bias-free Int4 Linears that read the same decoding input, by one tensor-core
     launch over their weights side by side (the decode step's w1 and w2: a launch a layer less, at one row ~4 us of
     fixed cost each, NOTES step 52). Each layer's own repacked copy becomes a view of the pair's, so the weights
@@ -469,6 +470,9 @@ def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor) -> tup
     decoding of 1-64 rows, a hook or a LoRA epilogue on either (an adapter's), a bias, layers the kernels or the
     pairing cannot take, no pair made yet inside a CUDA graph capture, or FINETUNE_PAIRED_DECODE=0. The results
     are the two halves (views) of one [..., N1 + N2] tensor.
+
+    ``low_rank`` = (None, sel, bt, h) for both at once, as ``mma_gemv``'s epilogue takes it over the pair's N1 + N2
+    outputs (the engine's adapters: ``RowAdapters.paired``): 1-8 rows only (the GEMV), else None.
     """
     K = first.in_features
     rows = x.numel() // K if K else 0
@@ -505,12 +509,15 @@ def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor) -> tup
     if not mm:
         return None
     x2d = x.reshape(rows, K)
+    if low_rank is not None and (rows >= MMA_GEMM_MIN_ROWS or not switches.gptq_lora_epilogue
+                                 or mma_gemv.lora_unfit(low_rank, rows, K, mm[0].shape[0] * 16) is not None):
+        return None
     if rows >= MMA_GEMM_MIN_ROWS:
         from .mma_gemm import mma_gemm
 
         y = mma_gemm(x2d, *mm)
     else:
-        y = mma_gemv.mma_gemv(x2d, *mm)
+        y = mma_gemv.mma_gemv(x2d, *mm, low_rank=low_rank)
     if y is None:
         return None
     y = y.view(*x.shape[:-1], y.shape[-1])

@@ -412,6 +412,42 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
     assert _max_rel_while_agreeing(*fused, *plain)[1] == 0.0  # the base row: no adapter term at all
 
 
+def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
+    """At 1-8 rows the fused step runs an adapter's w1 and w2 as one tensor-core launch over both base weights, their
+    LoRA products in its epilogue (row_adapters.RowAdapters.paired: h of both from the norm kernel, selections side
+    by side, B block-diagonal), and a batch with no adapter row pairs the base layers alone. Per-step logits of a
+    mixed batch (two adapters and the base) and of single rows equal the step with the two called apart within the
+    bf16 tolerance; a missing or misplaced low-rank block gives O(1)."""
+    from finetune.inference import row_adapters
+    from finetune.quant import linear as qlinear
+    from finetune.quant import mma_gemv as G
+
+    if G.available() is not None:
+        pytest.skip(G.available())
+    pm = epilogue_model(2)
+    params = SamplingParams(max_new_tokens=12)
+    calls = []
+    real = qlinear.paired_decode
+
+    def spy(*a, **k):
+        y = real(*a, **k)
+        calls.append((k.get("low_rank") is not None, y is not None))
+        return y
+
+    monkeypatch.setattr(qlinear, "paired_decode", spy)
+    for batch, names in ((prompts([5, 40, 12], seed=4), ["first", None, "second"]), (prompts([9], seed=7), ["second"]),
+                         (prompts([9, 30], seed=7), [None, None])):
+        calls.clear()
+        paired = decode_recorded(pm, tok, batch, names, params)
+        with_adapter = any(n is not None for n in names)
+        assert (with_adapter, True) in calls, (names, set(calls))  # decode steps took the pair (prefill: not)
+        with monkeypatch.context() as m:
+            m.setattr(row_adapters.RowAdapters, "paired", lambda *a: None)
+            apart = decode_recorded(pm, tok, batch, names, params)
+        for err in _max_rel_while_agreeing(*paired, *apart):
+            assert err < BF16_LOGITS_REL, (names, err)
+
+
 def test_one_row_adapters_take_x_a_from_the_norm_kernel(tok, monkeypatch, switches):
     """At one row the fused decode step's norms compute x A for c_attn, w1 and w2 (decode_kernels.add_rms_norm_low_rank)
     and their GEMVs read it instead of computing it (no producer CTAs). Per adapter (and none), the decoded logits
