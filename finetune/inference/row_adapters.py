@@ -235,13 +235,14 @@ class RowAdapters:
         given by the norm kernel (``give_h``) for both: the epilogue then takes h of both side by side (one
         tensor, as the norm wrote it), their selections side by side, and B of both as one block-diagonal bt
         (zeros where an output meets the other layer's ranks: the same sums, each output's rounding unchanged)."""
-        from ..quant.linear import paired_decode
+        from ..quant.linear import MMA_GEMM_MIN_ROWS, paired_decode
 
         if not all(hasattr(m, "lora_A") and id(m) in self._ids for m in (first, second)):
             return None
         if self._base_only:
             return paired_decode(first.base_layer, second.base_layer, x)
-        if not self._active:
+        # (checked before the operands are built: at 9+ rows their concatenation would be a kernel a layer for nothing)
+        if not (self._active and x.is_cuda and x.numel() // x.shape[-1] < MMA_GEMM_MIN_ROWS):
             return None
         h1, h2 = first.__dict__.get("_row_h"), second.__dict__.get("_row_h")
         if h1 is None or h2 is None:
