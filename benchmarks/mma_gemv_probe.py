@@ -128,11 +128,22 @@ def time_candidate(results, name, K, N, M, label, fn, data, x, ref, weight_bytes
 
 
 def apply_lines(src: Path, lines: str) -> None:
-    """Replace each ``NAME = ...`` line of ``src`` by the line of ``lines`` that assigns the same NAME."""
+    """Replace each ``NAME = ...`` statement of ``src`` (with the lines a bracket it opens carries on to) by the line
+    of ``lines`` that assigns the same NAME."""
     text = src.read_text().splitlines()
     for line in lines.splitlines():
-        key = line.split(" = ")[0]
-        text = [line if t.startswith(key + " = ") else t for t in text]
+        key = line.split(" = ")[0] + " = "
+        out, depth = [], 0
+        for t in text:
+            if depth > 0:  # a continuation line of the statement replaced
+                depth += t.count("{") + t.count("(") + t.count("[") - t.count("}") - t.count(")") - t.count("]")
+                continue
+            if t.startswith(key):
+                out.append(line)
+                depth = t.count("{") + t.count("(") + t.count("[") - t.count("}") - t.count(")") - t.count("]")
+            else:
+                out.append(t)
+        text = out
     src.write_text("\n".join(text) + "\n")
 
 

@@ -105,7 +105,7 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
             y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)
         delta = attn.c_proj(y)
         x, h = _norm(kernels, adapters, x, delta, block.ln_2, (mlp.w1, mlp.w2))
-        # one launch for both where it can (with adapters: their products in its epilogue at 1-8 rows, else each
+        # one launch for both where it can (with adapters: their products in its epilogue at one row, else each
         # Linear's own call adds its product)
         up_gate = adapters.paired(mlp.w1, mlp.w2, h) if adapters is not None else None
         if up_gate is None:

@@ -45,6 +45,9 @@ from ..settings import settings
 # an r=64 adapter (NOTES steps 43-45): a decode step 11% shorter at 1 row, 17% at 4, 23% at 8 (the GEMV takes h);
 # 5% at 16 and 1.5% at 32 rows (the GEMM runs and the hook adds the product with h: one cuBLAS x A fewer a Linear)
 XA_IN_NORM_MAX_ROWS = 32
+# Rows up to which an adapter's w1 and w2 decode as one launch (``paired``). On the H200 with an r=64 adapter: a one-row
+# step 1.1% shorter, an 8-row step 1.5% longer (the block-diagonal B's zeros read by every row block; NOTES step 77)
+PAIRED_LORA_MAX_ROWS = 1
 
 
 def _same_layout(held: torch.Tensor, fresh: torch.Tensor) -> bool:
@@ -231,18 +234,19 @@ class RowAdapters:
         """(first(x), second(x)) of two LoRA Linears that read the same norm output (the fused step's w1 and w2) as
         one tensor-core launch over both base weights (quant/linear.py ``paired_decode``), each row's adapters added
         in its epilogue; None where that does not apply (the caller calls the two layers). Inside ``applied``
-        without a selection the two base layers are paired alone. With a selection, only at 1-8 rows with x A
-        given by the norm kernel (``give_h``) for both: the epilogue then takes h of both side by side (one
+        without a selection the two base layers are paired alone. With a selection, only up to
+        PAIRED_LORA_MAX_ROWS rows (the GEMV's epilogue takes 1-8) with x A given by the norm kernel (``give_h``)
+        for both: the epilogue then takes h of both side by side (one
         tensor, as the norm wrote it), their selections side by side, and B of both as one block-diagonal bt
         (zeros where an output meets the other layer's ranks: the same sums, each output's rounding unchanged)."""
-        from ..quant.linear import MMA_GEMM_MIN_ROWS, paired_decode
+        from ..quant.linear import paired_decode
 
         if not all(hasattr(m, "lora_A") and id(m) in self._ids for m in (first, second)):
             return None
         if self._base_only:
             return paired_decode(first.base_layer, second.base_layer, x)
-        # (checked before the operands are built: at 9+ rows their concatenation would be a kernel a layer for nothing)
-        if not (self._active and x.is_cuda and x.numel() // x.shape[-1] < MMA_GEMM_MIN_ROWS):
+        # (checked before the operands are built, which would otherwise cost kernels a layer for nothing)
+        if not (self._active and x.is_cuda and x.numel() // x.shape[-1] <= PAIRED_LORA_MAX_ROWS):
             return None
         h1, h2 = first.__dict__.get("_row_h"), second.__dict__.get("_row_h")
         if h1 is None or h2 is None:

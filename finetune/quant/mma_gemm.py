@@ -45,10 +45,12 @@ CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 2), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
 # Where a layer shape's own best beats its row count's CONFIGS entry by more than 3%: (row blocks, K, N) -> config.
 # Mostly the split target: at 64 rows the 5,120-output Linears (320 tiles) want two CTAs an SM where 13,696-15,360
 # outputs want one, as in sessions 13 and 14's timings too. Qwen-14B's shapes on an H200 (NOTES step 30); other
-# shapes use CONFIGS. w1 and w2's pair (27,392 outputs, one launch) at 64 rows: two tiles a warp, chosen inside the
-# decode step's graph (benchmarks/step_config_sweep.py, NOTES step 75: the 64-row step 5.8% shorter).
+# shapes use CONFIGS. w1 and w2's pair (27,392 outputs, one launch) at 32 and 64 rows: two tiles a warp, chosen inside
+# the decode step's graph (benchmarks/step_config_sweep.py, NOTES steps 75 and 77: the 64-row step 5.8% shorter, the
+# 32-row step 1.6%).
 SHAPE_CONFIGS = {(2, 5120, 13696): (4, 1, 1, 4), (4, 5120, 13696): (4, 1, 2, 1), (4, 5120, 15360): (4, 1, 3, 1),
-                 (8, 5120, 5120): (4, 1, 1, 2), (8, 13696, 5120): (4, 1, 1, 2), (8, 5120, 27392): (4, 2, 1, 1)}
+                 (4, 5120, 27392): (4, 2, 1, 1), (8, 5120, 5120): (4, 1, 1, 2), (8, 13696, 5120): (4, 1, 1, 2),
+                 (8, 5120, 27392): (4, 2, 1, 1)}
 
 
 def config_for(rows: int, K: int, N: int) -> tuple:

@@ -413,11 +413,11 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
 
 
 def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
-    """At 1-8 rows the fused step runs an adapter's w1 and w2 as one tensor-core launch over both base weights, their
-    LoRA products in its epilogue (row_adapters.RowAdapters.paired: h of both from the norm kernel, selections side
-    by side, B block-diagonal), and a batch with no adapter row pairs the base layers alone. Per-step logits of a
-    mixed batch (two adapters and the base) and of single rows equal the step with the two called apart within the
-    bf16 tolerance; a missing or misplaced low-rank block gives O(1)."""
+    """At one row (PAIRED_LORA_MAX_ROWS) the fused step runs an adapter's w1 and w2 as one tensor-core launch over
+    both base weights, their LoRA products in its epilogue (row_adapters.RowAdapters.paired: h of both from the norm
+    kernel, selections side by side, B block-diagonal); more rows with adapters call the two apart, and a batch with
+    no adapter row pairs the base layers alone. Per-step logits equal the step with the two always called apart
+    within the bf16 tolerance; a missing or misplaced low-rank block gives O(1)."""
     from finetune.inference import row_adapters
     from finetune.quant import linear as qlinear
     from finetune.quant import mma_gemv as G
@@ -425,7 +425,7 @@ def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
     if G.available() is not None:
         pytest.skip(G.available())
     pm = epilogue_model(2)
-    params = SamplingParams(max_new_tokens=12)
+    params = SamplingParams(max_new_tokens=12, min_new_tokens=12)  # every row to the end: no batch shrinks to one
     calls = []
     real = qlinear.paired_decode
 
@@ -435,12 +435,16 @@ def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
         return y
 
     monkeypatch.setattr(qlinear, "paired_decode", spy)
-    for batch, names in ((prompts([5, 40, 12], seed=4), ["first", None, "second"]), (prompts([9], seed=7), ["second"]),
+    for batch, names in ((prompts([9], seed=7), ["second"]), (prompts([5, 40, 12], seed=4), ["first", None, "second"]),
                          (prompts([9, 30], seed=7), [None, None])):
         calls.clear()
         paired = decode_recorded(pm, tok, batch, names, params)
         with_adapter = any(n is not None for n in names)
-        assert (with_adapter, True) in calls, (names, set(calls))  # decode steps took the pair (prefill: not)
+        # decode steps took the pair (prefill: not): with the adapters' products at one row, the base layers alone
+        # without an adapter row
+        lora_pair = with_adapter and len(batch) <= row_adapters.PAIRED_LORA_MAX_ROWS
+        assert ((True, True) in calls) == lora_pair, (names, set(calls))
+        assert ((False, True) in calls) == (not with_adapter), (names, set(calls))
         with monkeypatch.context() as m:
             m.setattr(row_adapters.RowAdapters, "paired", lambda *a: None)
             apart = decode_recorded(pm, tok, batch, names, params)

@@ -40,10 +40,31 @@ def test_a_shape_with_its_own_measured_config_gets_it_and_others_their_row_count
     for (mb, K, N), cfg in MG.SHAPE_CONFIGS.items():
         assert MG.config_for(8 * mb, K, N) == cfg and len(cfg) == 4
     assert MG.config_for(57, 5120, 2 * 13696) == (4, 2, 1, 1)  # the 14B's w1/w2 pair: two tiles a warp (step 75)
+    assert MG.config_for(32, 5120, 2 * 13696) == (4, 2, 1, 1)  # and at 25-32 rows (step 77)
     assert MG.config_for(64, 4096, 11008) == MG.CONFIGS[8]  # a Qwen-7B shape: the row count's
     assert MG.config_for(9, 4096, 4096) == MG.CONFIGS[2]
     with pytest.raises(ValueError, match="1 to 64 rows, got 65"):
         MG.config_for(65, 5120, 5120)
+
+
+def test_the_probes_apply_replaces_a_table_written_over_several_lines(tmp_path):
+    """`mma_gemm_probe.py --apply` rewrites CONFIGS and SHAPE_CONFIGS in a copy of mma_gemm.py: the whole statement,
+    continuation lines included (a dangling half of the old table would not compile)."""
+    import ast
+    import sys
+
+    from _helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import mma_gemv_probe as P
+
+    src = tmp_path / "mma_gemm.py"
+    src.write_text((ROOT / "finetune" / "quant" / "mma_gemm.py").read_text())
+    P.apply_lines(src, "CONFIGS = {8: (4, 1, 1, 1)}\nSHAPE_CONFIGS = {(8, 5120, 5120): (4, 1, 1, 2)}")
+    tables = {node.targets[0].id: ast.literal_eval(node.value) for node in ast.parse(src.read_text()).body
+              if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") in ("CONFIGS", "SHAPE_CONFIGS")}
+    assert tables == {"CONFIGS": {8: (4, 1, 1, 1)}, "SHAPE_CONFIGS": {(8, 5120, 5120): (4, 1, 1, 2)}}
+    assert src.read_text().count("(8, 5120, 27392)") == 0  # the old table's later lines went with it
 
 
 def test_the_probe_keeps_a_shape_config_only_where_it_beats_the_general_one_by_the_margin():
