@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One device call for NOTES step 75: the Int4 kernels' launch configs judged inside the decode step
-# (benchmarks/step_config_sweep.py), at 1 and 8 rows (the GEMV's one-row-block entries) and at 32 and 64 rows (the
-# GEMM's), at one row with an r=64 adapter on every row (the LoRA epilogue's launches: w1 and w2 are not paired
-# there), the decode attention alone against copies written another way (benchmarks/attention_variants.py, NOTES
-# step 76; ATTN=0: not), then the GPU tests of the tensor-core GEMV, then (ONCE, optional) decode_bench workloads with the shipped
-# configs. From the repo root, .whl carried.
-# A candidate list set empty skips its sweep.
+# One device call for NOTES steps 75-77: the Int4 kernels' launch configs judged inside the decode step
+# (benchmarks/step_config_sweep.py), at 1 and 8 rows (the GEMV's one-row-block entries), at LORA_ROWS with an r=64
+# adapter on every row (the LoRA epilogue's launches), and at GEMM_ROWS (the GEMM's); with ATTN=1 the decode attention
+# alone against copies written another way (benchmarks/attention_variants.py, step 76); then the GPU tests
+# (TEST_FILES, TEST_K; TESTS=0: none) and (ONCE, optional) decode_bench workloads with the shipped configs. The
+# default candidate lists are session 34's first call's; a list set empty skips its sweep. From the repo root, .whl
+# carried.
 #   QWEN_FT_COMMIT=<rev> [GEMV_CANDIDATES=...] [GEMM_CANDIDATES=...] [ONCE="b1_ctx2000 b1_512_adapter"] \
 #     bash benchmarks/config_sweep_trial.sh
 set -uo pipefail
@@ -26,8 +26,9 @@ sweep() {  # OUT_NAME TIMEOUT ARGS...
     2>&1 | grep -E '^\{|Error|error' | cut -c1-300
 }
 [[ -z "$GEMV_CANDIDATES" ]] || sweep sweep_gemv 170 --rows 1 8 --prompt 24 --candidates $GEMV_CANDIDATES
-[[ -z "$LORA_CANDIDATES" ]] || sweep sweep_lora 120 --rows $LORA_ROWS --prompt 24 --adapter 64 --candidates $LORA_CANDIDATES
-if [[ "${ATTN:-1}" != 0 ]]; then
+[[ -z "$LORA_CANDIDATES" ]] || sweep sweep_lora 120 --rows $LORA_ROWS --prompt 24 --adapter 64 \
+  --candidates $LORA_CANDIDATES
+if [[ "${ATTN:-0}" == 1 ]]; then
   V=()
   for v in $(python3 benchmarks/attention_variants.py /tmp/attn_variants); do V+=(--variant "$v"); done
   timeout 120 python3 benchmarks/decode_attention_probe.py "${V[@]}" --out "$OUT/attn_variants_$C.json" 2>&1 \
