@@ -42,7 +42,8 @@ SHIPPED = {"gemv": dict(mma_gemv.SHAPE_CONFIGS), "gemm": dict(mma_gemm.SHAPE_CON
 
 
 def parse(candidate: str) -> tuple[str, dict]:
-    """NAME[:entries] -> (name, {"gemv": {...}, "gemm": {...}}) of entries added to the shipped ones."""
+    """NAME[:entries] -> (name, {"gemv": {...}, "gemm": {...}, "settings": {...}}): table entries added to the shipped
+    ones, and settings switches."""
     name, _, spec = candidate.partition(":")
     added: dict = {"gemv": {}, "gemm": {}, "settings": {}}
     for entry in filter(None, spec.split("+")):

@@ -1,0 +1,55 @@
+"""benchmarks/step_config_sweep.py's candidates (CPU; the timing itself needs the GPU): an entry goes to the kernel
+its config's length names, a settings switch is kept apart, each candidate lands on top of the shipped tables (or
+on none, for "general") and runs only at the row counts its entries are for."""
+
+import importlib.util
+import sys
+
+import pytest
+
+from _helpers import ROOT
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # (its imports of decode_bench and provenance)
+    spec = importlib.util.spec_from_file_location("step_config_sweep", ROOT / "benchmarks" / "step_config_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_entries_go_to_the_kernel_their_config_names(sweep):
+    name, added = sweep.parse("X:1,5120,5120=4,1,4+8,5120,27392=4,2,1,1+paired_decode=0")
+    assert name == "X"
+    assert added == {"gemv": {(1, 5120, 5120): (4, 1, 4)}, "gemm": {(8, 5120, 27392): (4, 2, 1, 1)},
+                     "settings": {"paired_decode": False}}
+    assert sweep.parse("base") == ("base", {"gemv": {}, "gemm": {}, "settings": {}})
+    with pytest.raises(SystemExit, match="is not mb,K,N"):
+        sweep.parse("bad:1,5120=4,1,4")
+
+
+def test_a_candidate_runs_only_at_its_entries_row_counts(sweep):
+    gemv = sweep.parse("A:1,5120,5120=4,1,4")[1]
+    gemm64 = sweep.parse("P:8,5120,27392=4,2,1,1")[1]
+    switch = sweep.parse("S:paired_decode=0")[1]
+    assert [sweep.touches(gemv, r) for r in (1, 8, 9, 32, 64)] == [True, True, False, False, False]
+    assert [sweep.touches(gemm64, r) for r in (1, 8, 32, 57, 64)] == [False, False, False, True, True]
+    assert all(sweep.touches(switch, r) for r in (1, 8, 32, 64))
+
+
+def test_candidates_land_on_the_shipped_tables_and_general_empties_them(sweep):
+    from finetune.quant import mma_gemm, mma_gemv
+
+    shipped = dict(mma_gemv.SHAPE_CONFIGS), dict(mma_gemm.SHAPE_CONFIGS)
+    try:
+        sweep.apply(*sweep.parse("A:1,5120,5120=4,1,4"))
+        assert mma_gemv.SHAPE_CONFIGS == {**shipped[0], (1, 5120, 5120): (4, 1, 4)}
+        assert mma_gemm.SHAPE_CONFIGS == shipped[1]
+        sweep.apply(*sweep.parse("general"))
+        assert mma_gemv.SHAPE_CONFIGS == {} and mma_gemm.SHAPE_CONFIGS == {}
+        sweep.apply(*sweep.parse("base"))
+        assert (mma_gemv.SHAPE_CONFIGS, mma_gemm.SHAPE_CONFIGS) == shipped
+    finally:
+        mma_gemv.SHAPE_CONFIGS.clear(), mma_gemm.SHAPE_CONFIGS.clear()
+        mma_gemv.SHAPE_CONFIGS.update(shipped[0]), mma_gemm.SHAPE_CONFIGS.update(shipped[1])
