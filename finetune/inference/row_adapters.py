@@ -236,9 +236,9 @@ class RowAdapters:
         in its epilogue; None where that does not apply (the caller calls the two layers). Inside ``applied``
         without a selection the two base layers are paired alone. With a selection, only up to
         PAIRED_LORA_MAX_ROWS rows (the GEMV's epilogue takes 1-8) with x A given by the norm kernel (``give_h``)
-        for both: the epilogue then takes h of both side by side (one
-        tensor, as the norm wrote it), their selections side by side, and B of both as one block-diagonal bt
-        (zeros where an output meets the other layer's ranks: the same sums, each output's rounding unchanged)."""
+        for both: the epilogue then takes h of both side by side (one tensor, as the norm wrote it), their
+        selections side by side, and B of both as one block-diagonal bt (zeros where an output meets the other
+        layer's ranks: the same sums, each output's rounding unchanged)."""
         from ..quant.linear import paired_decode
 
         if not all(hasattr(m, "lora_A") and id(m) in self._ids for m in (first, second)):
@@ -309,7 +309,7 @@ class RowAdapters:
             for ids, (key, at) in list(self._stacked_t.items()):
                 stacks = [(self._stacks[i][0], self._stacks[i][1]) for i in ids]
                 changed |= self._stacked_transposed(ids, stacks) is not at
-            for ids, (key, bt) in list(self._pairs.items()):
+            for ids, (_, bt) in list(self._pairs.items()):
                 changed |= self._block_diagonal(ids, self._stacks[ids[0]][2], self._stacks[ids[1]][2]) is not bt
         return changed
 

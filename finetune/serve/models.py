@@ -54,17 +54,15 @@ def add_adapter(peft_model, adapter_dir, name: str) -> None:
 
 
 def load_served_model(model_dir, adapters: list[tuple[str, str]], dtype=None, device=None):
-    """(model, tokenizer): the base from `model_dir`, with each (name, dir) adapter loaded under its name."""
+    """(model, tokenizer): the base from `model_dir`, with each (name, dir) adapter loaded under its name. The dirs
+    are local (serve/cli.py build_server resolves hub ids once, for its checks before the load)."""
     from ..adapters import load_adapter
-    from ..hub import resolve_model_dir
     from ..loading import load_model
     from ..tokenization import load_tokenizer
 
-    model_dir = resolve_model_dir(model_dir)
     model = load_model(model_dir, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
     for i, (name, adapter_dir) in enumerate(adapters):
-        adapter_dir = resolve_model_dir(adapter_dir, "adapter directory")
         if i == 0:
             model = load_adapter(model, adapter_dir, adapter_name=name)
         else:
