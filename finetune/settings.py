@@ -38,6 +38,9 @@ class Settings:
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
     # reads its own keys only, NOTES steps 18 and 65); 0: SDPA over the step's length bucket, under a mask
     decode_attention: bool = True
+    # FINETUNE_ATTENTION_ONE_LAUNCH: with decode_attention, the rotary and cache write, the attention's key splits and
+    # their combine as one launch a layer (decode_kernels.rotary_attention, NOTES step 79); 0: three launches
+    attention_one_launch: bool = True
     # FINETUNE_PAIRED_DECODE: the fused decode step runs w1 and w2 as one tensor-core launch over their weights side
     # by side (quant.linear.paired_decode, NOTES step 52); 0: two launches
     paired_decode: bool = True

@@ -29,9 +29,16 @@ add_rms_norm and swiglu take any number of tokens, so the engine's prefill runs 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from finetune.quant.mma_gemv import grown_buffer  # (absolute: the CPU tests load this file on its own)
+
+# Under Triton's interpreter (the CPU tests) numpy never contracts a product into an fma, and inline PTX cannot run
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -95,6 +102,54 @@ def _dec_add_rms_norm_xa_kernel(x_ptr, d_ptr, w_ptr, at_ptr, xo_ptr, out_ptr, h_
 
 
 @triton.jit
+def _mul_rn(a, b, EXACT: tl.constexpr):
+    """a * b rounded on its own: never contracted into an fma with an add after it (eager torch rounds rotary's two
+    products before adding them). Kernels compiled with enable_fp_fusion=False (and the interpreter) need no more
+    than ``*``; the fused attention kernel keeps fusion for its own sums and passes EXACT."""
+    if EXACT:
+        r = tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32, is_pure=True,
+                                      pack=1)
+    else:
+        r = a * b
+    return r
+
+
+@triton.jit
+def _rotated(ptr, d, dmask, rot, partner, sign, c, s, EXACT: tl.constexpr):
+    """fp32 rotary of the D channels at ``ptr`` (q or k of one head): t * cos + rotate_half(t) * sin, where
+    rotate_half gives channel d < ROT/2 -t[d + ROT/2] and ROT/2 <= d < ROT t[d - ROT/2] (``partner``, ``sign``);
+    channels past ROT pass through (cos 1, sin 0)."""
+    t = tl.load(ptr + d, mask=dmask, other=0.0).to(tl.float32)
+    t2 = tl.load(ptr + partner, mask=rot, other=0.0).to(tl.float32) * sign
+    return _mul_rn(t, c, EXACT) + _mul_rn(t2, s, EXACT)
+
+
+@triton.jit
+def _rotary_operands(cos_ptr, sin_ptr, row, stride_cs, D: tl.constexpr, ROT: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(d, dmask, rot, partner, sign, cos, sin) of a token's rotary: its channels, those that rotate, each one's
+    partner in rotate_half and that one's sign, and the token's cos/sin (1 and 0 past ROT)."""
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    HALF = ROT // 2
+    rot = dmask & (d < ROT)
+    partner = tl.where(d < HALF, d + HALF, d - HALF)
+    sign = tl.where(d < HALF, -1.0, 1.0)
+    c = tl.load(cos_ptr + row * stride_cs + d, mask=rot, other=1.0)
+    s = tl.load(sin_ptr + row * stride_cs + d, mask=rot, other=0.0)
+    return d, dmask, rot, partner, sign, c, s
+
+
+@triton.jit
+def _rotated_query(base, scale_ptr, row, d, dmask, rot, partner, sign, c, s, dtype: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, EXACT: tl.constexpr):
+    """q of one head after rotary, rounded to ``dtype``, then the logN scale (q.float() * scale).type_as(q)."""
+    qr = _rotated(base, d, dmask, rot, partner, sign, c, s, EXACT).to(dtype)
+    if HAS_SCALE:
+        qr = (qr.to(tl.float32) * tl.load(scale_ptr + row)).to(dtype)
+    return qr
+
+
+@triton.jit
 def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, crow_ptr, k_ptr, v_ptr, q_ptr,
                              stride_qkv, P, stride_cs, stride_cr, stride_ch, stride_cp,
                              D: tl.constexpr, ROT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_CROW: tl.constexpr,
@@ -103,26 +158,12 @@ def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, crow
     row = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    HALF = ROT // 2
-    rot = dmask & (d < ROT)
-    # rotate_half: channel d < ROT/2 takes -t[d + ROT/2], channel ROT/2 <= d < ROT takes t[d - ROT/2]
-    partner = tl.where(d < HALF, d + HALF, d - HALF)
-    sign = tl.where(d < HALF, -1.0, 1.0)
+    d, dmask, rot, partner, sign, c, s = _rotary_operands(cos_ptr, sin_ptr, row, stride_cs, D, ROT, BLOCK_D)
     base = qkv_ptr + row * stride_qkv + h * D
-    q = tl.load(base + d, mask=dmask, other=0.0).to(tl.float32)
-    k = tl.load(base + P + d, mask=dmask, other=0.0).to(tl.float32)
+    qr = _rotated_query(base, scale_ptr, row, d, dmask, rot, partner, sign, c, s, q_ptr.dtype.element_ty, HAS_SCALE,
+                        False)
+    kr = _rotated(base + P, d, dmask, rot, partner, sign, c, s, False)
     v = tl.load(base + 2 * P + d, mask=dmask, other=0.0)
-    q2 = tl.load(base + partner, mask=rot, other=0.0).to(tl.float32) * sign
-    k2 = tl.load(base + P + partner, mask=rot, other=0.0).to(tl.float32) * sign
-    # channels beyond ROT pass through: cos 1, sin 0
-    c = tl.load(cos_ptr + row * stride_cs + d, mask=rot, other=1.0)
-    s = tl.load(sin_ptr + row * stride_cs + d, mask=rot, other=0.0)
-    qr = (q * c + q2 * s).to(q_ptr.dtype.element_ty)
-    if HAS_SCALE:  # logN: (q.float() * scale).type_as(q), after rotary's own rounding
-        qr = (qr.to(tl.float32) * tl.load(scale_ptr + row)).to(q_ptr.dtype.element_ty)
-    kr = k * c + k2 * s
     tl.store(q_ptr + (row * H + h) * D + d, qr, mask=dmask)
     pos = tl.load(pos_ptr + row).to(tl.int64)
     if HAS_CROW:
@@ -156,26 +197,16 @@ def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, cols, stride, BLOCK: tl.con
 COMBINE_SPLITS = 32
 
 
-@triton.jit(do_not_specialize=["kv_len", "SPLIT", "S"])
-def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, SPLIT,
-                           stride_qb, stride_cr, stride_ch, stride_cp, S,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    row = tl.program_id(0)
-    h = tl.program_id(1)
-    sp = tl.program_id(2)
-    H = tl.num_programs(1)
-    # keys 0..pos (the one written this step included); a slot past the step's keys (a stale position) is cut
-    n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
-    start = sp * SPLIT
-    end = tl.minimum(start + SPLIT, n)
-    d = tl.arange(0, BLOCK_D)
-    dmask = d < D
-    q = tl.load(q_ptr + row * stride_qb + h * D + d, mask=dmask, other=0.0).to(tl.float32)
-    base = row.to(tl.int64) * stride_cr + h * stride_ch
+@triton.jit
+def _attention_part(q, k_ptr, v_ptr, base, start, end, scale, stride_cp, d, dmask, BLOCK_D: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """(m, l, acc) of one head's query q (fp32) over the keys start..end-1 of the cache rows at ``base``: the
+    running max, the sum of exp(score - m) and the sum of those times V, online (fp32). An empty range (a split
+    past the row's keys) leaves m = -inf, l = 0."""
     m = tl.full((), float("-inf"), tl.float32)
     l = tl.zeros((), tl.float32)
     acc = tl.zeros((BLOCK_D,), tl.float32)
-    for n0 in range(start, end, BLOCK_N):  # an empty range (a split past the row's keys) leaves m = -inf, l = 0
+    for n0 in range(start, end, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
         nmask = offs < end
         tile = base + offs[:, None].to(tl.int64) * stride_cp + d[None, :]
@@ -189,10 +220,58 @@ def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, 
         l = l * alpha + tl.sum(p, axis=0)
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         m = m_new
-    slot = ((row * H + h) * S + sp) * (BLOCK_D + 2)
+    return m, l, acc
+
+
+@triton.jit
+def _store_part(ws_ptr, slot, d, m, l, acc, BLOCK_D: tl.constexpr):
     tl.store(ws_ptr + slot + d, acc)
     tl.store(ws_ptr + slot + BLOCK_D, m)
     tl.store(ws_ptr + slot + BLOCK_D + 1, l)
+
+
+@triton.jit
+def _combined(ws_ptr, first, S, d, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One head's attention output (fp32) from its S parts at slots first..first+S-1 of ws: BLOCK_S parts at a time,
+    so that one compile serves any number of splits (up to 32: one pass, the same sums as one block). The loads
+    bypass L1 (.cg): in the one-launch kernel the parts were written by other programs of the same launch."""
+    m = tl.full((), float("-inf"), tl.float32)
+    total = tl.zeros((), tl.float32)
+    acc = tl.zeros((BLOCK_D,), tl.float32)
+    for s0 in range(0, S, BLOCK_S):
+        sp = s0 + tl.arange(0, BLOCK_S)
+        smask = sp < S
+        slots = (first + sp) * (BLOCK_D + 2)
+        ms = tl.load(ws_ptr + slots + BLOCK_D, mask=smask, other=float("-inf"), cache_modifier=".cg")
+        ls = tl.load(ws_ptr + slots + BLOCK_D + 1, mask=smask, other=0.0, cache_modifier=".cg")
+        parts = tl.load(ws_ptr + slots[:, None] + d[None, :], mask=smask[:, None], other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m, tl.max(ms, axis=0))  # -inf until a split with a key (split 0 holds key 0)
+        alpha = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
+        w = tl.where(ms > float("-inf"), tl.exp(ms - m_new), 0.0)
+        total = total * alpha + tl.sum(w * ls, axis=0)
+        acc = acc * alpha + tl.sum(w[:, None] * parts, axis=0)
+        m = m_new
+    return tl.where(total > 0, acc / total, 0.0)  # (a padding slot with no key: 0)
+
+
+@triton.jit(do_not_specialize=["kv_len", "SPLIT", "S"])
+def _dec_attn_split_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, ws_ptr, scale, kv_len, SPLIT,
+                           stride_qb, stride_cr, stride_ch, stride_cp, S,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    H = tl.num_programs(1)
+    # keys 0..pos (the one written this step included); a slot past the step's keys (a stale position) is cut
+    n = tl.minimum(tl.load(pos_ptr + row).to(tl.int32) + 1, kv_len)
+    start = sp * SPLIT
+    d = tl.arange(0, BLOCK_D)
+    dmask = d < D
+    q = tl.load(q_ptr + row * stride_qb + h * D + d, mask=dmask, other=0.0).to(tl.float32)
+    base = row.to(tl.int64) * stride_cr + h * stride_ch
+    m, l, acc = _attention_part(q, k_ptr, v_ptr, base, start, tl.minimum(start + SPLIT, n), scale, stride_cp, d,
+                                dmask, BLOCK_D, BLOCK_N)
+    _store_part(ws_ptr, ((row * H + h) * S + sp) * (BLOCK_D + 2), d, m, l, acc, BLOCK_D)
 
 
 @triton.jit(do_not_specialize=["S"])
@@ -202,26 +281,48 @@ def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLO
     h = tl.program_id(1)
     H = tl.num_programs(1)
     d = tl.arange(0, BLOCK_D)
-    m = tl.full((), float("-inf"), tl.float32)
-    total = tl.zeros((), tl.float32)
-    acc = tl.zeros((BLOCK_D,), tl.float32)
-    # BLOCK_S splits at a time, so that one compile serves any number of splits (up to 32 splits: one pass, the same
-    # sums as one block)
-    for s0 in range(0, S, BLOCK_S):
-        sp = s0 + tl.arange(0, BLOCK_S)
-        smask = sp < S
-        slots = ((row * H + h) * S + sp) * (BLOCK_D + 2)
-        ms = tl.load(ws_ptr + slots + BLOCK_D, mask=smask, other=float("-inf"))
-        ls = tl.load(ws_ptr + slots + BLOCK_D + 1, mask=smask, other=0.0)
-        parts = tl.load(ws_ptr + slots[:, None] + d[None, :], mask=smask[:, None], other=0.0)
-        m_new = tl.maximum(m, tl.max(ms, axis=0))  # -inf until a split with a key (split 0 holds key 0)
-        alpha = tl.where(m > float("-inf"), tl.exp(m - m_new), 0.0)
-        w = tl.where(ms > float("-inf"), tl.exp(ms - m_new), 0.0)
-        total = total * alpha + tl.sum(w * ls, axis=0)
-        acc = acc * alpha + tl.sum(w[:, None] * parts, axis=0)
-        m = m_new
-    y = tl.where(total > 0, acc / total, 0.0)  # (a padding slot with no key: 0)
+    y = _combined(ws_ptr, (row * H + h) * S, S, d, BLOCK_D, BLOCK_S)
     tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=d < D)
+
+
+@triton.jit(do_not_specialize=["kv_len", "SPLIT", "S"])
+def _dec_rotary_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qscale_ptr, pos_ptr, k_ptr, v_ptr, ws_ptr, cnt_ptr, out_ptr,
+                            scale, kv_len, SPLIT, stride_qkv, P, stride_cs, stride_cr, stride_ch, stride_cp, S,
+                            stride_ob, D: tl.constexpr, ROT: tl.constexpr, HAS_SCALE: tl.constexpr,
+                            EXACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_S: tl.constexpr):
+    # rotary_to_cache, the split kernel and the combine as one launch (program (row, head, split), as the split
+    # kernel's): each program rotates the row's query itself; the program whose split holds the row's position
+    # writes the new key and value into the cache before its loop reads them; the last program of a (row, head) to
+    # finish its part (a counter, reset by it for the next call) combines the parts.
+    row = tl.program_id(0)
+    h = tl.program_id(1)
+    sp = tl.program_id(2)
+    H = tl.num_programs(1)
+    d, dmask, rot, partner, sign, c, s = _rotary_operands(cos_ptr, sin_ptr, row, stride_cs, D, ROT, BLOCK_D)
+    base = qkv_ptr + row * stride_qkv + h * D
+    q = _rotated_query(base, qscale_ptr, row, d, dmask, rot, partner, sign, c, s, qkv_ptr.dtype.element_ty,
+                       HAS_SCALE, EXACT).to(tl.float32)
+    pos = tl.load(pos_ptr + row).to(tl.int32)
+    cbase = row.to(tl.int64) * stride_cr + h * stride_ch
+    # the writer: the split holding pos (the last one for a stale position past kv_len, which no split reads)
+    if sp == tl.minimum(pos // SPLIT, S - 1):
+        kr = _rotated(base + P, d, dmask, rot, partner, sign, c, s, EXACT)
+        v = tl.load(base + 2 * P + d, mask=dmask, other=0.0)
+        dst = cbase + pos.to(tl.int64) * stride_cp + d
+        tl.store(k_ptr + dst, kr.to(qkv_ptr.dtype.element_ty).to(k_ptr.dtype.element_ty), mask=dmask)
+        tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=dmask)
+    tl.debug_barrier()  # the key and value written above are read by this program's other threads below
+    start = sp * SPLIT
+    end = tl.minimum(start + SPLIT, tl.minimum(pos + 1, kv_len))
+    m, l, acc = _attention_part(q, k_ptr, v_ptr, cbase, start, end, scale, stride_cp, d, dmask, BLOCK_D, BLOCK_N)
+    first = (row * H + h) * S
+    _store_part(ws_ptr, (first + sp) * (BLOCK_D + 2), d, m, l, acc, BLOCK_D)
+    tl.debug_barrier()  # every thread's share of the part is stored before the counter says so
+    if tl.atomic_add(cnt_ptr + row * H + h, 1, sem="acq_rel") == S - 1:
+        y = _combined(ws_ptr, first, S, d, BLOCK_D, BLOCK_S)
+        tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
+        tl.store(cnt_ptr + row * H + h, 0)
 
 
 # A step's programs (rows x heads x key splits) that fill the H200's 132 SMs: one row of 40 heads at 512 keys in
@@ -276,6 +377,51 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
     _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d, BLOCK_S=COMBINE_SPLITS,
                                          num_warps=1)
+    return out
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor | None:
+    """rotary_attention's per-(row, head) counters: int32 zeros (each call leaves them zero), at least n, grown
+    outside graph capture only (None during one when too few: the caller then takes the three-kernel path)."""
+    if device.type != "cuda":  # the interpreter's CPU tensors (tests): no graphs to keep buffers for
+        return torch.zeros(n, dtype=torch.int32, device=device)
+
+    def make(held):
+        return torch.zeros(max(n, 64 * 128, held.numel() if held is not None else 0), dtype=torch.int32,
+                           device=device)
+
+    return grown_buffer("attention counters", device, lambda held: held.numel() >= n, make)
+
+
+def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, heads: int, scale: float,
+                     kv_len: int, split: int | None = None) -> torch.Tensor:
+    """``rotary_to_cache`` then ``decode_attention`` as one launch: from c_attn's output ``qkv`` [b, 1, 3 * heads * D],
+    rotary and the logN scale on q and k, k and v written into the caches at each row's position, and each row's
+    attention over its own keys 0..pos[i] (at most ``kv_len``), split over the keys as ``decode_attention`` splits
+    them; the last program of each (row, head) combines its parts. Two launches a layer fewer (~3 us each of launch
+    gap, ramp and tail at one row, NOTES step 79). The same arithmetic as the two calls (q, the cache and the output
+    as they give them). Returns [b, 1, heads * D] in qkv's dtype."""
+    b = qkv.shape[0]
+    qkv2 = _rows(qkv, "qkv")
+    if qkv2.shape[0] != b:
+        raise ValueError(f"rotary_attention takes one token per row, got qkv of shape {tuple(qkv.shape)}")
+    P, D, rot, cs, sn, qscale = _rotary_inputs(qkv2, cos, sin, query_scale, heads)
+    _check_cache(k_cache, v_cache, b, heads, D, kv_len)
+    counters = _counters(qkv.device, b * heads)
+    if counters is None:  # first met inside a graph capture with too few counters: the same result in three launches
+        q = rotary_to_cache(qkv, cos, sin, query_scale, k_cache, v_cache, pos, heads)
+        return decode_attention(q, k_cache, v_cache, pos, scale, kv_len, split)
+    block_d = triton.next_power_of_2(D)
+    split = split or key_split(b, heads, kv_len)
+    S = triton.cdiv(kv_len, split)
+    ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=qkv.device)
+    out = torch.empty(b, 1, heads * D, dtype=qkv.dtype, device=qkv.device)
+    _dec_rotary_attn_kernel[(b, heads, S)](
+        qkv2, cs, sn, qscale, pos, k_cache, v_cache, ws, counters, out, float(scale), kv_len, split, qkv2.stride(0), P,
+        cs.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S, out.stride(0), D=D, ROT=rot,
+        HAS_SCALE=query_scale is not None, EXACT=not _INTERPRETED, BLOCK_D=block_d, BLOCK_N=64,
+        BLOCK_S=COMBINE_SPLITS, num_warps=4)
     return out
 
 
@@ -354,12 +500,10 @@ def add_rms_norm_low_rank(x: torch.Tensor, delta: torch.Tensor | None, weight: t
     return (xo.view(x.shape) if delta is not None else x), out.view(x.shape), h
 
 
-def _rotary_cache(qkv2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
-                  k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None,
-                  heads: int, slots: int, keys: int = 0) -> torch.Tensor:
-    """The rotary kernel over the tokens of ``qkv2`` [tokens, 3 * heads * D]: token i's k and v to cache row
-    ``rows[i]`` (None: row i) at position ``pos[i]``, cos/sin/query_scale one row a token. The cache must hold
-    ``slots`` rows (and ``keys`` positions). Returns q [tokens, heads, D]."""
+def _rotary_inputs(qkv2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
+                   heads: int):
+    """The rotary kernels' operands for the tokens of ``qkv2`` [tokens, 3 * heads * D], checked: (P = heads * D, D,
+    rot, cos and sin as [tokens, rot] fp32, the logN scale a token as fp32 (cos when None: not read))."""
     tokens = qkv2.shape[0]
     P = qkv2.shape[1] // 3
     D = P // heads
@@ -367,11 +511,22 @@ def _rotary_cache(qkv2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, quer
     if 3 * heads * D != qkv2.shape[1] or rot > D or rot % 2:
         raise ValueError(f"qkv width {qkv2.shape[1]} does not split into 3 x {heads} heads, or rotary width {rot} "
                          f"is odd or above the head size")
-    _check_cache(k_cache, v_cache, slots, heads, D, keys)
     cs, sn = cos.reshape(tokens, rot), sin.reshape(tokens, rot)
     if cs.dtype != torch.float32 or sn.dtype != torch.float32 or cs.stride() != sn.stride() or cs.stride(1) != 1:
         raise ValueError("cos and sin must be fp32 with the same contiguous layout")
     scale = query_scale.reshape(tokens).float() if query_scale is not None else cs
+    return P, D, rot, cs, sn, scale
+
+
+def _rotary_cache(qkv2: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, rows: torch.Tensor | None,
+                  heads: int, slots: int, keys: int = 0) -> torch.Tensor:
+    """The rotary kernel over the tokens of ``qkv2`` [tokens, 3 * heads * D]: token i's k and v to cache row
+    ``rows[i]`` (None: row i) at position ``pos[i]``, cos/sin/query_scale one row a token. The cache must hold
+    ``slots`` rows (and ``keys`` positions). Returns q [tokens, heads, D]."""
+    tokens = qkv2.shape[0]
+    P, D, rot, cs, sn, scale = _rotary_inputs(qkv2, cos, sin, query_scale, heads)
+    _check_cache(k_cache, v_cache, slots, heads, D, keys)
     q = torch.empty(tokens, heads, D, dtype=qkv2.dtype, device=qkv2.device)
     _dec_rotary_cache_kernel[(tokens, heads)](qkv2, cs, sn, scale, pos, rows if rows is not None else pos, k_cache,
                                               v_cache, q, qkv2.stride(0), P, cs.stride(0), k_cache.stride(0),
@@ -458,4 +613,4 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["add_rms_norm", "add_rms_norm_low_rank", "decode_attention", "prefill_index", "prefill_rotary_to_cache",
-           "rotary_to_cache", "swiglu"]
+           "rotary_attention", "rotary_to_cache", "swiglu"]

@@ -84,22 +84,27 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     """fp32 logits [b, V] of one decode step: ``x`` [b, 1, hidden] the embedded tokens, ``pos`` [b] their
     positions, ``cos``/``sin`` [b, 1, rot] and ``query_scale`` [b, 1] (or None) as the model computes them,
     ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, attending over at most
-    ``kv_len`` keys. ``mask``: None for attention through kernels.decode_attention over each row's own keys
-    (``use_own_keys``), else [b, 1, 1, kv_len] additive (``additive_mask``) for SDPA over the bucket.
+    ``kv_len`` keys. ``mask``: None for attention through kernels.rotary_attention over each row's own keys
+    (``use_own_keys``; with FINETUNE_ATTENTION_ONE_LAUNCH=0 rotary_to_cache and decode_attention), else [b, 1, 1, kv_len] additive (``additive_mask``) for SDPA over the bucket.
     ``kernels``: decode_kernels (or its interpreted copy in tests). ``adapters``: the engine's RowAdapters,
     applied (their x A for c_attn, w1 and w2 then comes from the norms)."""
     b = x.shape[0]
     x = x.contiguous()
     delta = None
+    one_launch = settings().attention_one_launch
     for block in tr.h:
         attn, mlp = block.attn, block.mlp
         layer = attn.layer_idx
         x, h = _norm(kernels, adapters, x, delta, block.ln_1, (attn.c_attn,))
-        q = kernels.rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer], pos,
-                                    attn.num_heads)
-        if mask is None:  # each row's keys only, written as c_proj reads them
+        qkv = attn.c_attn(h)
+        if mask is None and one_launch:  # each row's keys only, written as c_proj reads them
+            y = kernels.rotary_attention(qkv, cos, sin, query_scale, k_cache[layer], v_cache[layer], pos,
+                                         attn.num_heads, attn.scale, kv_len)
+        elif mask is None:
+            q = kernels.rotary_to_cache(qkv, cos, sin, query_scale, k_cache[layer], v_cache[layer], pos, attn.num_heads)
             y = kernels.decode_attention(q, k_cache[layer], v_cache[layer], pos, attn.scale, kv_len)
         else:
+            q = kernels.rotary_to_cache(qkv, cos, sin, query_scale, k_cache[layer], v_cache[layer], pos, attn.num_heads)
             keys, values = k_cache[layer, :b, :, :kv_len], v_cache[layer, :b, :, :kv_len]
             y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
             y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)

@@ -724,7 +724,7 @@ def available() -> str | None:
     return None
 
 
-def _grown(kind: str, device: torch.device, fits, make):
+def grown_buffer(kind: str, device: torch.device, fits, make):
     """The device's workspace of ``kind``: kept while ``fits(held)``, else made by ``make(held)`` (held: the one it
     replaces, or None), which only happens outside graph capture (None is returned during one). A replaced workspace
     is kept alive in ``_retired``."""
@@ -750,7 +750,7 @@ def workspace(device: torch.device, splits: int, rows: int, N: int):
         return (torch.zeros(size, device=device, dtype=torch.float32),
                 torch.zeros(tiles, device=device, dtype=torch.int32))
 
-    return _grown("split-K", device, lambda held: held[0].numel() >= need and held[1].numel() >= N // 16, make)
+    return grown_buffer("split-K", device, lambda held: held[0].numel() >= need and held[1].numel() >= N // 16, make)
 
 
 def lora_unfit(low_rank, M: int, K: int, N: int) -> str | None:
@@ -800,7 +800,7 @@ def lora_workspace(device: torch.device, producers: int, rows: int, R: int):
                 torch.full((hsize,), H_EMPTY - 0x10000, device=device, dtype=torch.int16).view(torch.bfloat16),
                 torch.zeros(2, device=device, dtype=torch.int32))
 
-    return _grown("lora", device, lambda held: held[0].numel() >= need and held[1].numel() >= rows * R, make)
+    return grown_buffer("lora", device, lambda held: held[0].numel() >= need and held[1].numel() >= rows * R, make)
 
 
 def check_bias(bias: torch.Tensor | None, N: int, device: torch.device, name: str) -> None:

@@ -34,6 +34,12 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
          "kv_len": "i32", "SPLIT": "i32", "stride_qb": "i32", "stride_cr": "i64", "stride_ch": "i32",
          "stride_cp": "i32", "S": "i32"},
         {"D": 128, "BLOCK_D": 128, "BLOCK_N": 64}),
+    "_dec_rotary_attn_kernel": (
+        {"qkv_ptr": "*bf16", "cos_ptr": "*fp32", "sin_ptr": "*fp32", "qscale_ptr": "*fp32", "pos_ptr": "*i64",
+         "k_ptr": "*bf16", "v_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32",
+         "kv_len": "i32", "SPLIT": "i32", "stride_qkv": "i32", "P": "i32", "stride_cs": "i32", "stride_cr": "i64",
+         "stride_ch": "i32", "stride_cp": "i32", "S": "i32", "stride_ob": "i32"},
+        {"D": 128, "ROT": 128, "HAS_SCALE": True, "EXACT": True, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32}),
     "_dec_attn_combine_kernel": (
         {"ws_ptr": "*fp32", "out_ptr": "*bf16", "S": "i32", "stride_ob": "i32"},
         {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32}),

@@ -263,6 +263,36 @@ def test_decode_attention_never_reads_past_a_rows_position(kernels):
     assert torch.isfinite(kernels.decode_attention(q, k_cache, v_cache, stale, scale, kv_len)).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rot_pct,logn", [(1.0, True), (0.5, False)])
+def test_rotary_attention_is_rotary_to_cache_then_decode_attention(kernels, dtype, rot_pct, logn, monkeypatch):
+    """The one-launch kernel gives the two calls' bits: the output, and the cache with each row's new key and value
+    at its position (a stale slot's past kv_len too) and nothing else; for splits of 16-256 keys (16: 33 parts, more
+    than the combine reads at once). Its counters are zero again after every call, so a second call (a graph
+    replay) gives the same."""
+    rows, heads, D, cap, kv_len = 4, 4, 32, 700, 528
+    g = torch.Generator().manual_seed(11)
+    qkv = torch.randn(rows, 1, 3 * heads * D, generator=g).to(dtype)
+    pos = torch.tensor([0, 517, 130, 600])  # a first token, three splits, inside the first, a stale slot
+    alpha = torch.tensor([1.0, 3.0, 7.0, 1.0])
+    cos, sin = RotaryEmbedding(int(D * rot_pct))(pos[:, None], alpha[:, None])
+    query_scale = logn_scale(pos[:, None] + 1, 64) if logn else None
+    K0 = torch.randn(rows, heads, cap, D, generator=g).to(dtype)
+    V0 = torch.randn(rows, heads, cap, D, generator=g).to(dtype)
+    counters = torch.zeros(rows * heads, dtype=torch.int32)
+    monkeypatch.setattr(kernels, "_counters", lambda device, n: counters)
+    for split in (None, 16, 64, 256):
+        K1, V1 = K0.clone(), V0.clone()
+        q = kernels.rotary_to_cache(qkv, cos, sin, query_scale, K1, V1, pos, heads)
+        want = kernels.decode_attention(q, K1, V1, pos, D ** -0.5, kv_len, split)
+        for _ in range(2):
+            K2, V2 = K0.clone(), V0.clone()
+            got = kernels.rotary_attention(qkv, cos, sin, query_scale, K2, V2, pos, heads, D ** -0.5, kv_len, split)
+            assert got.shape == (rows, 1, heads * D) and got.dtype == dtype
+            assert torch.equal(got, want) and torch.equal(K2, K1) and torch.equal(V2, V1), split
+            assert not counters.any()
+
+
 def test_decode_attention_rejects_shapes_that_do_not_fit(kernels):
     q, k_cache, v_cache, pos = _attention_case(torch.float32)
     with pytest.raises(ValueError, match="does not fit"):
@@ -293,13 +323,17 @@ def _engine_logits(model, tok, batch, kernels, new=12, adapters=None):
     return [torch.stack(seen[r.id]) for r in reqs], [r.output_ids for r in reqs]
 
 
-@pytest.mark.parametrize("own_keys", [False, True])  # SDPA over the length bucket, or decode_attention
+# SDPA over the length bucket, or each row's own keys in one launch (rotary_attention) or three (rotary_to_cache,
+# decode_attention)
+@pytest.mark.parametrize("own_keys,one_launch", [(False, True), (True, True), (True, False)])
 @pytest.mark.parametrize("seq_length", [256, 16])  # 16: rows cross seq_length (NTK per row, logN scale)
-def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, own_keys, switches, monkeypatch):
-    switches(decode_attention=own_keys)
+def test_fused_decode_step_equals_the_model_blocks_in_fp32(kernels, seq_length, own_keys, one_launch, switches,
+                                                           monkeypatch):
+    switches(decode_attention=own_keys, attention_one_launch=one_launch)
     calls = []
-    real = kernels.decode_attention
-    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    name = "rotary_attention" if one_launch else "decode_attention"
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     tok = QWenTokenizer(str(SMALL_VOCAB))
     model = tiny(seed=11, seq_length=seq_length)
     g = torch.Generator().manual_seed(5)
@@ -335,13 +369,13 @@ def test_key_split_fills_the_gpu_and_covering_length_keeps_the_split():
 
 
 def test_every_fused_step_reads_its_rows_own_keys_and_answers_as_the_blocks(kernels, switches, monkeypatch):
-    """The fused steps (eager here) attend through decode_attention for one row and for two; with
+    """The fused steps (eager here) attend through rotary_attention for one row and for two; with
     FINETUNE_DECODE_ATTENTION=0 through SDPA; each gives the model blocks' logits (fp32)."""
     from finetune.inference.fused_decode import use_own_keys
 
     calls = []
-    real = kernels.decode_attention
-    monkeypatch.setattr(kernels, "decode_attention", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    real = kernels.rotary_attention
+    monkeypatch.setattr(kernels, "rotary_attention", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
     tok = QWenTokenizer(str(SMALL_VOCAB))
     model = tiny(seed=11)
     one, two = [[5, 9, 300, 41]], [[5, 9, 300, 41] * 10, [7, 8]]

@@ -160,15 +160,52 @@ def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
     assert torch.equal(longer, out)
 
 
+@pytest.mark.parametrize("rows,split", [(1, None), (6, None), (6, 64), (64, None)])  # 6 rows at 64: 64 parts
+def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, split):
+    """The one-launch kernel (rotary, cache write, attention over the row's own keys, the parts combined by the last
+    program of each head) against rotary_to_cache then decode_attention, compiled: the caches bit for bit (each new
+    key and value at its row's position, a stale slot's past kv_len too), the output up to the combine's fp32
+    summation order (4 warps where the combine kernel has one), and replays of a captured graph equal to the eager
+    call (the counters reset after every call)."""
+    from finetune.inference import decode_kernels as K
+
+    g = torch.Generator(device="cuda").manual_seed(rows)
+    heads, D, capacity, kv_len, dt = 40, 128, 4352, 4096, torch.bfloat16
+    qkv = torch.randn(rows, 1, 3 * heads * D, device="cuda", generator=g).to(dt)
+    pos = torch.tensor([4095, 0, 255, 256, 1999, 4200] * 11, device="cuda")[:rows]  # 4200: a stale padding slot
+    alpha = torch.linspace(1.0, 7.0, rows, device="cuda")
+    cos, sin = RotaryEmbedding(D)(pos[:, None], alpha[:, None])
+    query_scale = logn_scale(pos[:, None] + 1, 2048)
+    K0 = torch.randn(rows, heads, capacity, D, device="cuda", generator=g).to(dt)
+    V0 = torch.randn(rows, heads, capacity, D, device="cuda", generator=g).to(dt)
+    scale = D ** -0.5
+    K1, V1 = K0.clone(), V0.clone()
+    q = K.rotary_to_cache(qkv, cos, sin, query_scale, K1, V1, pos, heads)
+    want = K.decode_attention(q, K1, V1, pos, scale, kv_len, split)
+    K2, V2 = K0.clone(), V0.clone()
+    got = K.rotary_attention(qkv, cos, sin, query_scale, K2, V2, pos, heads, scale, kv_len, split)
+    torch.cuda.synchronize()
+    assert torch.equal(K2, K1) and torch.equal(V2, V1)
+    _close_bf16(got, want)
+    K3, V3 = K0.clone(), V0.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = K.rotary_attention(qkv, cos, sin, query_scale, K3, V3, pos, heads, scale, kv_len, split)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, got) and torch.equal(K3, K1) and torch.equal(V3, V1)
+
+
 def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
     """A decode step at a key length not met before must not compile the attention kernels again: in a serving
     trace that happened inside graph captures the first tokens waited for (NOTES step 62). One variant of each
     kernel serves 256 to 8,192 keys, whatever key_split picks (up to 64 splits a row, past the 32 the combine reads
     at once; a non-multiple of 16 among the lengths), with 4 heads (a small model: the most halving) and with the
-    14B's 40."""
+    14B's 40; the one-launch kernel (rotary_attention) likewise."""
     from finetune.inference import decode_kernels as K
 
-    kernels = (K._dec_attn_split_kernel, K._dec_attn_combine_kernel)
+    kernels = (K._dec_attn_split_kernel, K._dec_attn_combine_kernel, K._dec_rotary_attn_kernel)
 
     def variants():  # Triton's compiled kernels of each function, over every device
         return [sum(len(cache[0]) for cache in fn.device_caches.values()) for fn in kernels]
@@ -179,8 +216,12 @@ def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
         k_cache = torch.zeros(2, heads, capacity, D, device="cuda", dtype=torch.bfloat16)
         v_cache = torch.zeros_like(k_cache)
         q = torch.zeros(2, heads, 1, D, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.zeros(2, 1, 3 * heads * D, device="cuda", dtype=torch.bfloat16)
+        cos, sin = torch.ones(2, 1, D, device="cuda"), torch.zeros(2, 1, D, device="cuda")
         for kv_len in (256, 512, 1024, 1280, 2056, 4096, 8192):
-            K.decode_attention(q, k_cache, v_cache, torch.tensor([3, kv_len - 1], device="cuda"), 0.1, kv_len)
+            pos = torch.tensor([3, kv_len - 1], device="cuda")
+            K.decode_attention(q, k_cache, v_cache, pos, 0.1, kv_len)
+            K.rotary_attention(qkv, cos, sin, None, k_cache, v_cache, pos, heads, 0.1, kv_len)
             first = first or variants()
         torch.cuda.synchronize()
         assert variants() == first, heads
