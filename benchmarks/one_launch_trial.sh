@@ -4,7 +4,7 @@
 # with it against three launches (FINETUNE_ATTENTION_ONE_LAUNCH=0) in one process, at 1, 8 and 64 rows after 24-token
 # prompts and at one row after 2,000; decode_bench's workloads each way; serve_bench with the default. From the repo
 # root on the GPU machine, .whl carried; results under $OUT.
-#   QWEN_FT_COMMIT=<rev> [TESTS=0] [SERVE=0] [WORKLOADS="b1_512 b1_ctx2000"] bash benchmarks/one_launch_trial.sh
+#   QWEN_FT_COMMIT=<rev> [TESTS=0] [SERVE=0] [WORKLOADS="b1_512 ..."] [AB_WORKLOADS=...] bash benchmarks/one_launch_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/one_launch_out || exit 1
@@ -18,10 +18,11 @@ sweep() {  # OUT_NAME ARGS...
 }
 sweep one_launch_short --rows 1 8 64 --prompt 24
 sweep one_launch_long --rows 1 --prompt 2000
-W=(--part engine --model-dir /tmp/m --workloads ${WORKLOADS:-b1_512 b1_ctx2000 b1_512_adapter b64_mixed})
+# the default with every README workload, then three launches on the one-row pair (AB_WORKLOADS) for the A/B
 for v in 1 0; do
-  FINETUNE_ATTENTION_ONE_LAUNCH=$v timeout 200 python3 benchmarks/decode_bench.py "${W[@]}" \
-    --out "$OUT/decode_one_launch${v}_$C.json" 2>&1 | grep "^{" | cut -c1-300
+  if [[ $v == 1 ]]; then w="${WORKLOADS:-b1_512 b1_ctx2000 b1_512_adapter b64_mixed}"; else w="${AB_WORKLOADS-b1_512 b1_ctx2000}"; fi
+  [[ -z "$w" ]] || FINETUNE_ATTENTION_ONE_LAUNCH=$v timeout 200 python3 benchmarks/decode_bench.py --part engine \
+    --model-dir /tmp/m --workloads $w --out "$OUT/decode_one_launch${v}_$C.json" 2>&1 | grep "^{" | cut -c1-300
 done
 [[ "${SERVE:-1}" == 0 ]] || timeout 150 python3 benchmarks/serve_bench.py --model-dir /tmp/m --out "$OUT/serve_$C.json" \
   2>&1 | grep "^{" | cut -c1-400
