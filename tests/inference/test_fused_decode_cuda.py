@@ -292,8 +292,9 @@ def test_a_fused_layer_launches_few_kernels(tok, switches):
 @pytest.mark.parametrize("rows", [3, 12])  # the GEMV, and from 9 rows the small-M GEMM
 def test_w1_and_w2_decode_as_one_launch_with_the_logits_of_two(tok, monkeypatch, rows):
     """Int4 model: the fused step runs w1 and w2 as one tensor-core launch over their weights side by side
-    (quant.linear.paired_decode). Its logits equal the step with the two called apart within the bf16 tolerance,
-    and each layer's own repacked weight is a view of the pair's, not a second copy."""
+    (quant.linear.paired_decode), at 1-8 rows with SwiGLU finished in it. Its logits equal the step with the pair and
+    SwiGLU's own kernel, and the step with the two called apart, within the bf16 tolerance; each layer's own
+    repacked weight is a view of the pair's, not a second copy."""
     from finetune.inference import fused_decode
     from finetune.quant.loading import build_gptq_model_on_device
 
@@ -302,6 +303,15 @@ def test_w1_and_w2_decode_as_one_launch_with_the_logits_of_two(tok, monkeypatch,
                                                 "desc_act": False})
     model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
     engine = _after_prefill(model, tok, prompts([5, 90, 33, 17, 60, 8, 21, 44, 9, 30, 12, 70][:rows], seed=6))
+    real, glued = fused_decode.paired_decode, []
+
+    def spy(*a, glu=False, **k):
+        y = real(*a, glu=glu, **k)
+        if glu:
+            glued.append(y is not None)
+        return y
+
+    monkeypatch.setattr(fused_decode, "paired_decode", spy)
     paired, _, _ = _one_step(engine, engine._kernels)
     mlp = model.transformer.h[0].mlp
     pair = mlp.w1.__dict__["_mma_pair"][2]
@@ -309,7 +319,13 @@ def test_w1_and_w2_decode_as_one_launch_with_the_logits_of_two(tok, monkeypatch,
     split = mlp.w1.out_features // 16
     assert mlp.w1.__dict__["_mma"][2][0].data_ptr() == pair[0].data_ptr()
     assert mlp.w2.__dict__["_mma"][2][0].data_ptr() == pair[0][split:].data_ptr()
-    monkeypatch.setattr(fused_decode, "paired_decode", lambda *args: None)
+    with monkeypatch.context() as m:  # the pair without SwiGLU in its launch (from 9 rows: the same)
+        m.setattr(fused_decode, "paired_decode", lambda *a, glu=False, **k: None if glu else real(*a, **k))
+        unglued, _, _ = _one_step(engine, engine._kernels)
+    rel = ((paired - unglued).norm() / unglued.norm()).item()
+    assert rel < BF16_STEP_REL, rel
+    assert set(glued) == {rows < 9}, glued  # SwiGLU inside the pair's launch at 1-8 rows (the GEMV's GLU build)
+    monkeypatch.setattr(fused_decode, "paired_decode", lambda *a, **k: None)
     apart, _, _ = _one_step(engine, engine._kernels)
     rel = ((paired - apart).norm() / apart.norm()).item()
     assert rel < BF16_STEP_REL, rel

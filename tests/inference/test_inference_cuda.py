@@ -446,7 +446,7 @@ def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
         assert ((True, True) in calls) == lora_pair, (names, set(calls))
         assert ((False, True) in calls) == (not with_adapter), (names, set(calls))
         with monkeypatch.context() as m:
-            m.setattr(row_adapters.RowAdapters, "paired", lambda *a: None)
+            m.setattr(row_adapters.RowAdapters, "paired", lambda *a, **k: None)
             apart = decode_recorded(pm, tok, batch, names, params)
         for err in _max_rel_while_agreeing(*paired, *apart):
             assert err < BF16_LOGITS_REL, (names, err)
