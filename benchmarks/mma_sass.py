@@ -135,19 +135,15 @@ def main(argv=None) -> int:
         else:
             G = load_module(args.source)
             configs = sorted({(mb, w, d) for mb, (w, d, _) in G.CONFIGS.items()} | {(1, 4, 2), (4, 4, 1)})
-            variants = [(0, 0), (1, 0)] if "__LORA__" in G._SOURCE else [(0, 0)]  # the low-rank build (step 17 on)
-            if "__GLU__" in G._SOURCE:  # the pair finished by up * silu(gate) (step 80 on)
-                variants += [(0, 1), (1, 1)]
-            for (mb, warps, depth), (lora, glu) in [(c, v) for c in configs for v in variants]:
-                if glu:
-                    src = G.kernel_source(warps, mb, depth, args.group_size, bool(lora), True)
-                elif hasattr(G, "kernel_source"):
+            variants = (0, 1) if "__LORA__" in G._SOURCE else (0,)  # the low-rank epilogue's build (step 17 on)
+            for (mb, warps, depth), lora in [(c, v) for c in configs for v in variants]:
+                if hasattr(G, "kernel_source"):
                     src = G.kernel_source(warps, mb, depth, args.group_size, bool(lora))
                 else:  # an older version of the module (--source)
                     src = (G._SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
                            .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(args.group_size // G.CHUNK))
                            .replace("__LORA__", str(lora)))
-                assemble(src, row_blocks=mb, warps=warps, depth=depth, lora_epilogue=bool(lora), glu=bool(glu))
+                assemble(src, row_blocks=mb, warps=warps, depth=depth, lora_epilogue=bool(lora))
     if args.out:
         source = "finetune/quant/mma_gemm.py" if args.gemm else str(args.source)
         Path(args.out).write_text(json.dumps(dict(source=source, arch=args.arch, configs=results),

@@ -44,9 +44,6 @@ class Settings:
     # FINETUNE_PAIRED_DECODE: the fused decode step runs w1 and w2 as one tensor-core launch over their weights side
     # by side (quant.linear.paired_decode, NOTES step 52); 0: two launches
     paired_decode: bool = True
-    # FINETUNE_GLU_EPILOGUE: at 1-8 rows that pair's kernel also finishes SwiGLU (up * silu(gate)), so the decode step
-    # launches no SwiGLU kernel (mma_gemv's GLU build, NOTES step 80); 0: SwiGLU as a launch of its own
-    glu_epilogue: bool = True
     # FINETUNE_COMPACT_EMBEDDING: during LoRA training the frozen input embedding keeps on the GPU only the rows of
     # the training data's tokens (training/compact_embedding.py); 0: the whole table
     compact_embedding: bool = True

@@ -289,12 +289,13 @@ def _dec_attn_combine_kernel(ws_ptr, out_ptr, S, stride_ob, D: tl.constexpr, BLO
 def _dec_rotary_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qscale_ptr, pos_ptr, k_ptr, v_ptr, ws_ptr, cnt_ptr, out_ptr,
                             scale, kv_len, SPLIT, stride_qkv, P, stride_cs, stride_cr, stride_ch, stride_cp, S,
                             stride_ob, D: tl.constexpr, ROT: tl.constexpr, HAS_SCALE: tl.constexpr,
-                            EXACT: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_S: tl.constexpr):
-    # rotary_to_cache, the split kernel and the combine as one launch (program (row, head, split), as the split
-    # kernel's): each program rotates the row's query itself; the program whose split holds the row's position
-    # writes the new key and value into the cache before its loop reads them; the last program of a (row, head) to
-    # finish its part (a counter, reset by it for the next call) combines the parts.
+                            EXACT: tl.constexpr, COMBINE: tl.constexpr, BLOCK_D: tl.constexpr,
+                            BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr):
+    # rotary_to_cache and the split kernel as one launch (program (row, head, split), as the split kernel's): each
+    # program rotates the row's query itself; the program whose split holds the row's position writes the new key and
+    # value into the cache before its loop reads them. One split: its part is the output. COMBINE: the last program
+    # of a (row, head) to finish its part (a counter, reset by it for the next call) combines the parts; else the
+    # combine kernel does, launched after.
     row = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.program_id(2)
@@ -317,12 +318,17 @@ def _dec_rotary_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qscale_ptr, pos_ptr, k_pt
     end = tl.minimum(start + SPLIT, tl.minimum(pos + 1, kv_len))
     m, l, acc = _attention_part(q, k_ptr, v_ptr, cbase, start, end, scale, stride_cp, d, dmask, BLOCK_D, BLOCK_N)
     first = (row * H + h) * S
-    _store_part(ws_ptr, (first + sp) * (BLOCK_D + 2), d, m, l, acc, BLOCK_D)
-    tl.debug_barrier()  # every thread's share of the part is stored before the counter says so
-    if tl.atomic_add(cnt_ptr + row * H + h, 1, sem="acq_rel") == S - 1:
-        y = _combined(ws_ptr, first, S, d, BLOCK_D, BLOCK_S)
+    if S == 1:  # (the combine of one part gives these bits: its weight is exp(0) = 1)
+        y = tl.where(l > 0, acc / l, 0.0)
         tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
-        tl.store(cnt_ptr + row * H + h, 0)
+    else:
+        _store_part(ws_ptr, (first + sp) * (BLOCK_D + 2), d, m, l, acc, BLOCK_D)
+        if COMBINE:
+            tl.debug_barrier()  # every thread's share of the part is stored before the counter says so
+            if tl.atomic_add(cnt_ptr + row * H + h, 1, sem="acq_rel") == S - 1:
+                y = _combined(ws_ptr, first, S, d, BLOCK_D, BLOCK_S)
+                tl.store(out_ptr + row * stride_ob + h * D + d, y.to(out_ptr.dtype.element_ty), mask=dmask)
+                tl.store(cnt_ptr + row * H + h, 0)
 
 
 # A step's programs (rows x heads x key splits) that fill the H200's 132 SMs: one row of 40 heads at 512 keys in
@@ -380,9 +386,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
+# The most programs (rows x heads x key splits) whose parts the last program of each (row, head) combines inside the
+# one launch: at one row (40-640 programs) that beat the combine kernel launched after (NOTES step 79); at 64 rows of
+# one split each (2,560) the counter's round trip at the end of every program cost more than the launch it saves, so
+# larger grids launch the combine kernel (one wave of programs is about 1,000 on the H200).
+ONE_LAUNCH_PROGRAMS = 1024
+
+
 def _counters(device: torch.device, n: int) -> torch.Tensor | None:
     """rotary_attention's per-(row, head) counters: int32 zeros (each call leaves them zero), at least n, grown
-    outside graph capture only (None during one when too few: the caller then takes the three-kernel path)."""
+    outside graph capture only (None during one when too few: the combine kernel is launched instead)."""
     if device.type != "cuda":  # the interpreter's CPU tensors (tests): no graphs to keep buffers for
         return torch.zeros(n, dtype=torch.int32, device=device)
 
@@ -396,32 +409,34 @@ def _counters(device: torch.device, n: int) -> torch.Tensor | None:
 def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, query_scale: torch.Tensor | None,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor, heads: int, scale: float,
                      kv_len: int, split: int | None = None) -> torch.Tensor:
-    """``rotary_to_cache`` then ``decode_attention`` as one launch: from c_attn's output ``qkv`` [b, 1, 3 * heads * D],
-    rotary and the logN scale on q and k, k and v written into the caches at each row's position, and each row's
-    attention over its own keys 0..pos[i] (at most ``kv_len``), split over the keys as ``decode_attention`` splits
-    them; the last program of each (row, head) combines its parts. Two launches a layer fewer (~3 us each of launch
-    gap, ramp and tail at one row, NOTES step 79). The same arithmetic as the two calls (q, the cache and the output
-    as they give them). Returns [b, 1, heads * D] in qkv's dtype."""
+    """``rotary_to_cache`` then ``decode_attention`` in one launch (two where the grid is large): from c_attn's
+    output ``qkv`` [b, 1, 3 * heads * D], rotary and the logN scale on q and k, k and v written into the caches at
+    each row's position, and each row's attention over its own keys 0..pos[i] (at most ``kv_len``), split over the
+    keys as ``decode_attention`` splits them. The parts are combined by the last program of each (row, head) where
+    the grid has at most ONE_LAUNCH_PROGRAMS programs, else by the combine kernel; one split needs no combine. The
+    same arithmetic as the two calls (the cache and q bit for bit; the output up to the combine's summation order).
+    Returns [b, 1, heads * D] in qkv's dtype."""
     b = qkv.shape[0]
     qkv2 = _rows(qkv, "qkv")
     if qkv2.shape[0] != b:
         raise ValueError(f"rotary_attention takes one token per row, got qkv of shape {tuple(qkv.shape)}")
     P, D, rot, cs, sn, qscale = _rotary_inputs(qkv2, cos, sin, query_scale, heads)
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
-    counters = _counters(qkv.device, b * heads)
-    if counters is None:  # first met inside a graph capture with too few counters: the same result in three launches
-        q = rotary_to_cache(qkv, cos, sin, query_scale, k_cache, v_cache, pos, heads)
-        return decode_attention(q, k_cache, v_cache, pos, scale, kv_len, split)
     block_d = triton.next_power_of_2(D)
     split = split or key_split(b, heads, kv_len)
     S = triton.cdiv(kv_len, split)
-    ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=qkv.device)
+    counters = _counters(qkv.device, b * heads) if 1 < S and b * heads * S <= ONE_LAUNCH_PROGRAMS else None
     out = torch.empty(b, 1, heads * D, dtype=qkv.dtype, device=qkv.device)
+    ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=qkv.device)  # (not read at S = 1)
     _dec_rotary_attn_kernel[(b, heads, S)](
-        qkv2, cs, sn, qscale, pos, k_cache, v_cache, ws, counters, out, float(scale), kv_len, split, qkv2.stride(0), P,
-        cs.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S, out.stride(0), D=D, ROT=rot,
-        HAS_SCALE=query_scale is not None, EXACT=not _INTERPRETED, BLOCK_D=block_d, BLOCK_N=64,
-        BLOCK_S=COMBINE_SPLITS, num_warps=4)
+        qkv2, cs, sn, qscale, pos, k_cache, v_cache, ws, counters if counters is not None else pos.new_empty(1,
+        dtype=torch.int32), out, float(scale), kv_len, split, qkv2.stride(0), P, cs.stride(0), k_cache.stride(0),
+        k_cache.stride(1), k_cache.stride(2), S, out.stride(0), D=D, ROT=rot, HAS_SCALE=query_scale is not None,
+        EXACT=not _INTERPRETED, COMBINE=counters is not None, BLOCK_D=block_d, BLOCK_N=64, BLOCK_S=COMBINE_SPLITS,
+        num_warps=4)
+    if S > 1 and counters is None:
+        _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d, BLOCK_S=COMBINE_SPLITS,
+                                             num_warps=1)
     return out
 
 

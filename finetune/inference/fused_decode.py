@@ -79,12 +79,6 @@ def _norm(kernels, adapters, x, delta, norm, consumers):
     return x, normed
 
 
-def _paired(adapters, mlp, h, glu: bool = False):
-    """``paired_decode`` of the block's w1 and w2 (through the engine's adapters where they are wrapped)."""
-    out = adapters.paired(mlp.w1, mlp.w2, h, glu=glu) if adapters is not None else None
-    return out if out is not None else paired_decode(mlp.w1, mlp.w2, h, glu=glu)
-
-
 def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, kv_len, mask,
                   adapters=None) -> torch.Tensor:
     """fp32 logits [b, V] of one decode step: ``x`` [b, 1, hidden] the embedded tokens, ``pos`` [b] their
@@ -116,13 +110,14 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
             y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)
         delta = attn.c_proj(y)
         x, h = _norm(kernels, adapters, x, delta, block.ln_2, (mlp.w1, mlp.w2))
-        # w1, w2 and SwiGLU as one launch where it can (1-8 rows; with adapters: their products in its epilogue at
-        # one row), else w1 and w2 as one launch, else each Linear's own call (which adds its adapters' product)
-        act = _paired(adapters, mlp, h, glu=True)
-        if act is None:
-            up_gate = _paired(adapters, mlp, h)
-            act = kernels.swiglu(*(up_gate if up_gate is not None else (mlp.w1(h), mlp.w2(h))))
-        delta = mlp.c_proj(act)
+        # one launch for both where it can (with adapters: their products in its epilogue at one row, else each
+        # Linear's own call adds its product)
+        up_gate = adapters.paired(mlp.w1, mlp.w2, h) if adapters is not None else None
+        if up_gate is None:
+            up_gate = paired_decode(mlp.w1, mlp.w2, h)
+        if up_gate is None:
+            up_gate = mlp.w1(h), mlp.w2(h)
+        delta = mlp.c_proj(kernels.swiglu(*up_gate))
     _, h = kernels.add_rms_norm(x, delta, tr.ln_f.weight, tr.ln_f.eps)
     return lm_head(h)[:, -1].float()
 

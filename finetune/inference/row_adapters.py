@@ -230,7 +230,7 @@ class RowAdapters:
             self._by_cols[(id(cols), dtype)] = sel
         return sel
 
-    def paired(self, first, second, x: torch.Tensor, glu: bool = False) -> tuple | torch.Tensor | None:
+    def paired(self, first, second, x: torch.Tensor) -> tuple | None:
         """(first(x), second(x)) of two LoRA Linears that read the same norm output (the fused step's w1 and w2) as
         one tensor-core launch over both base weights (quant/linear.py ``paired_decode``), each row's adapters added
         in its epilogue; None where that does not apply (the caller calls the two layers). Inside ``applied``
@@ -238,14 +238,13 @@ class RowAdapters:
         PAIRED_LORA_MAX_ROWS rows (the GEMV's epilogue takes 1-8) with x A given by the norm kernel (``give_h``)
         for both: the epilogue then takes h of both side by side (one tensor, as the norm wrote it), their
         selections side by side, and B of both as one block-diagonal bt (zeros where an output meets the other
-        layer's ranks: the same sums, each output's rounding unchanged). ``glu``: first(x) * silu(second(x)) from the
-        same launch instead, or None (``paired_decode``'s glu)."""
+        layer's ranks: the same sums, each output's rounding unchanged)."""
         from ..quant.linear import paired_decode
 
         if not all(hasattr(m, "lora_A") and id(m) in self._ids for m in (first, second)):
             return None
         if self._base_only:
-            return paired_decode(first.base_layer, second.base_layer, x, glu=glu)
+            return paired_decode(first.base_layer, second.base_layer, x)
         # (checked before the operands are built, which would otherwise cost kernels a layer for nothing)
         if not (self._active and x.is_cuda and x.numel() // x.shape[-1] <= PAIRED_LORA_MAX_ROWS):
             return None
@@ -264,7 +263,7 @@ class RowAdapters:
             sel = torch.cat([self._selection(cols1, dtype), self._selection(cols2, dtype)], 1)
             self._by_cols[("pair", id(cols1), id(cols2), dtype)] = sel
         bt = self._block_diagonal((id(first), id(second)), bt1, bt2)
-        out = paired_decode(first.base_layer, second.base_layer, x, low_rank=(None, sel, bt, h), glu=glu)
+        out = paired_decode(first.base_layer, second.base_layer, x, low_rank=(None, sel, bt, h))
         if out is not None:
             first.__dict__.pop("_row_h", None)
             second.__dict__.pop("_row_h", None)

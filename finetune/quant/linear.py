@@ -462,7 +462,7 @@ class GPTQLinear(nn.Module):
 
 
 def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor,
-                  low_rank: tuple | None = None, glu: bool = False) -> tuple | torch.Tensor | None:
+                  low_rank: tuple | None = None) -> tuple | None:
     """(first(x), second(x)) for two bias-free Int4 Linears that read the same decoding input, by one tensor-core
     launch over their weights side by side (the decode step's w1 and w2: a launch a layer less, at one row ~4 us of
     fixed cost each, NOTES step 52). Each layer's own repacked copy becomes a view of the pair's, so the weights
@@ -473,10 +473,6 @@ def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor,
 
     ``low_rank`` = (None, sel, bt, h) for both at once, as ``mma_gemv``'s epilogue takes it over the pair's N1 + N2
     outputs (the engine's adapters: ``RowAdapters.paired``): 1-8 rows only (the GEMV), else None.
-
-    ``glu``: first(x) * silu(second(x)) instead (Qwen's SwiGLU of w1 and w2), finished inside the same launch (the
-    GEMV's GLU build: the decode step's SwiGLU launch goes, NOTES step 80); 1-8 rows of equal widths only, else None
-    (the caller then pairs without it). FINETUNE_GLU_EPILOGUE=0: always None.
     """
     K = first.in_features
     rows = x.numel() // K if K else 0
@@ -484,8 +480,6 @@ def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor,
         return None
     switches = settings()
     if not (switches.paired_decode and switches.gptq_gemv and switches.gptq_mma):
-        return None
-    if glu and not (switches.glu_epilogue and rows < MMA_GEMM_MIN_ROWS and first.out_features == second.out_features):
         return None
     if torch.is_grad_enabled() and x.requires_grad:
         return None
@@ -523,10 +517,8 @@ def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor,
 
         y = mma_gemm(x2d, *mm)
     else:
-        y = mma_gemv.mma_gemv(x2d, *mm, low_rank=low_rank, glu=glu)
+        y = mma_gemv.mma_gemv(x2d, *mm, low_rank=low_rank)
     if y is None:
         return None
     y = y.view(*x.shape[:-1], y.shape[-1])
-    if glu:
-        return y
     return y[..., :first.out_features], y[..., first.out_features:]

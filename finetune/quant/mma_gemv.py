@@ -226,7 +226,6 @@ _SOURCE = HELPERS + r"""
 #define DEPTH __DEPTH__
 #define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
 #define LORA __LORA__  // 1: the low-rank epilogue (a build of its own, so the plain kernel's code is unchanged)
-#define GLU __GLU__    // 1: w1 and w2 side by side, finished by up * silu(gate) (glu_finish)
 
 struct Chunk {
   U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
@@ -484,36 +483,13 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
   }
 }
 
-// The GLU build (w1 and w2 as one [M, 2 Nh] product, paired_decode): once a tile's outputs are written, the second of
-// the two tiles that hold the same columns of up (w1) and gate (w2) to finish (a counter a column block, reset by it)
-// reads both (L2) and writes up * silu(gate) to glu_out [M, Nh], rounded as the decode step's SwiGLU kernel rounds
-// it (silu to bf16, then the product): the SwiGLU launch of each layer goes.
-__device__ __forceinline__ float bf2f(u16 h) { return __uint_as_float((u32)h << 16); }
-__device__ void glu_finish(const u16* out, u16* glu_out, int* glu_counters, int tile, int M, int N, int lane) {
-  const int Nh = N >> 1, block = tile % (Nh >> 4);
-  __threadfence();  // this warp's outputs of the tile, before the counter says so
-  __syncwarp();
-  int second = 0;
-  if (lane == 0) second = atomicAdd(glu_counters + block, 1) == 1;
-  if (!__shfl_sync(0xffffffffu, second, 0)) return;
-  __threadfence();
-  for (int i = lane; i < M * 16; i += 32) {
-    const int b = i >> 4, j = (block << 4) + (i & 15);
-    const float u = bf2f(__ldcg(out + (size_t)b * N + j)), g = bf2f(__ldcg(out + (size_t)b * N + Nh + j));
-    const float silu = bf2f(f2bf(g / (1.f + expf(-g))));
-    glu_out[(size_t)b * Nh + j] = f2bf(u * silu);
-  }
-  if (lane == 0) glu_counters[block] = 0;
-}
-
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
               const u16* __restrict__ lx, int lx_stride, const u16* __restrict__ la, const u16* __restrict__ lsel,
               const u16* __restrict__ lbt, int R, int P, float* __restrict__ lws, u16* __restrict__ lh,
-              int lh_stride, int* __restrict__ lcnt, const u16* __restrict__ bias, int has_bias,
-              u16* __restrict__ glu_out, int* __restrict__ glu_counters) {
+              int lh_stride, int* __restrict__ lcnt, const u16* __restrict__ bias, int has_bias) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
 #if LORA
@@ -653,9 +629,6 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
       const int b = (i >> 2) * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
       if (b < M) out[(size_t)b * N + n] = f2bf(v[i] + bias_of(bias, has_bias, n));
     }
-#if GLU
-    glu_finish(out, glu_out, glu_counters, tile, M, N, lane);
-#endif
     return;
   }
 #pragma unroll
@@ -680,9 +653,6 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     }
   }
   if (lane == 0) counters[tile] = 0;
-#if GLU
-  glu_finish(out, glu_out, glu_counters, tile, M, N, lane);
-#endif
 }
 """
 
@@ -694,11 +664,11 @@ _workspaces: dict = {}
 _retired: list = []
 
 
-def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False, glu: bool = False) -> str:
+def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
     """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
     return (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
             .replace("__GCHUNKS__", str(group_size // CHUNK)).replace("__LORA__", str(int(lora)))
-            .replace("__GLU__", str(int(glu))).replace("__LRMAX__", str(LORA_MAX_RANK)))
+            .replace("__LRMAX__", str(LORA_MAX_RANK)))
 
 
 def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
@@ -706,13 +676,12 @@ def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
         return torch.cuda._compile_kernel(source, name, nvcc_options=["-std=c++17"])
 
 
-def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False,
-            glu: bool = False):
+def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: int, lora: bool = False):
     """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
     it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
     and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    config = (warps, mb, depth, group_size, lora) + ((True,) if glu else ())
-    return compiled(device, config, "gptq_mma_gemv", lambda: kernel_source(warps, mb, depth, group_size, lora, glu))
+    return compiled(device, (warps, mb, depth, group_size, lora), "gptq_mma_gemv",
+                    lambda: kernel_source(warps, mb, depth, group_size, lora))
 
 
 def compiled(device: torch.device, config: tuple, name: str, source):
@@ -782,15 +751,6 @@ def workspace(device: torch.device, splits: int, rows: int, N: int):
                 torch.zeros(tiles, device=device, dtype=torch.int32))
 
     return grown_buffer("split-K", device, lambda held: held[0].numel() >= need and held[1].numel() >= N // 16, make)
-
-
-def glu_counters(device: torch.device, blocks: int) -> torch.Tensor | None:
-    """The GLU build's counters (int32 zeros, one a 16-column block of a half), grown outside graph capture."""
-    def make(held):
-        return torch.zeros(max(blocks, 32768 // 16, held.numel() if held is not None else 0), device=device,
-                           dtype=torch.int32)
-
-    return grown_buffer("glu", device, lambda held: held.numel() >= blocks, make)
 
 
 def lora_unfit(low_rank, M: int, K: int, N: int) -> str | None:
@@ -869,11 +829,11 @@ def kernel_input(x2d: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
 
 def kernel_args(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
                 out: torch.Tensor, ws: torch.Tensor | None = None, counters: torch.Tensor | None = None,
-                lora: tuple | None = None, bias: torch.Tensor | None = None, glu: tuple | None = None) -> list:
+                lora: tuple | None = None, bias: torch.Tensor | None = None) -> list:
     """The kernel's arguments in its order (x2d already ``kernel_input``'s). ``lora`` = (lx, a, sel, bt, producers,
     lws, lh, lcnt) for the LoRA build: x in A's row order, the operands, the producer count and ``lora_workspace``'s
     tensors; with no producers, lh holds h (given: [M, R] rows at its row stride; a flat buffer: R apart).
-    ``glu`` = (glu_out, glu_counters) for the GLU build. Pointers the call does not use are ``out``."""
+    Pointers the call does not use are ``out``."""
     M, K = x2d.shape
     if lora is None:
         lora_args = [out, 0, out, out, out, 0, 0, out, out, 0, out]
@@ -884,12 +844,12 @@ def kernel_args(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qz
         lora_args = [lx, lx.stride(0), a if a is not None else out, sel, bt, R, producers, lws, lh, lh_stride, lcnt]
     return [wpack, x2d, scales, qzeros, out, ws if ws is not None else out, counters if counters is not None else out,
             M, out.shape[1], K, zero_add, x2d.stride(0), *lora_args, bias if bias is not None else out,
-            int(bias is not None), *(glu if glu is not None else (out, out))]
+            int(bias is not None)]
 
 
 def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, zero_add: int,
              group_size: int, perm: torch.Tensor | None = None, config: tuple | None = None,
-             low_rank: tuple | None = None, bias: torch.Tensor | None = None, glu: bool = False) -> torch.Tensor | None:
+             low_rank: tuple | None = None, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x2d [M, K] bf16 (M <= KERNEL_ROWS) @ W.T -> [M, N] bf16 with W given by ``repack``'s tensors; None inside a
     graph capture that finds the kernel not compiled or a workspace too small (made only outside captures; the
     caller then uses another kernel).
@@ -899,9 +859,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     selection, bt = B with the scaling folded in), summed in fp32 with the product before its one rounding to bf16;
     (a, sel, bt, h): h [M, R] bf16 given, computed before the call (the engine's norm kernel does it for the Linears
     it feeds), so the kernel has no producers and nothing to wait for. ``lora_unfit`` says which inputs it takes.
-    ``bias`` [N] bf16: added the same way (``check_bias``). ``glu``: W is two Linears' side by side (up, then gate,
-    N/2 outputs each, a multiple of 16), and the result is up * silu(gate) [M, N/2] instead, finished in the same
-    kernel (the decode step's SwiGLU; its launch goes)."""
+    ``bias`` [N] bf16: added the same way (``check_bias``)."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]
     N = T * 16
@@ -913,17 +871,9 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     mb = row_blocks(M)
     warps, depth, per_sm = config or config_for(M, K, N)
     splits = split_count(C, T, warps, per_sm, torch.cuda.get_device_properties(x2d.device).multi_processor_count)
-    if glu and (N % 32 or bias is not None):
-        raise ValueError(f"mma_gemv glu: {N} outputs do not split into two halves of 16-column tiles, or a bias")
-    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None, glu=glu)
+    kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):
         return None
-    glu_args = None
-    if glu:
-        counters_glu = glu_counters(x2d.device, N // 32)
-        if counters_glu is None:
-            return None
-        glu_args = (torch.empty(M, N // 2, device=x2d.device, dtype=torch.bfloat16), counters_glu)
     ws, counters = (None, None)
     if splits > 1:
         held = workspace(x2d.device, splits, M, N)
@@ -944,5 +894,5 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
         lx = x2d if perm is None else kernel_input(x_given, None)  # the producers read x in A's row order
         lora, grid = (lx, a, sel, bt, producers, *held), (producers + T * splits, 1, 1)
     kernel(grid=grid, block=(warps * 32, 1, 1),
-           args=kernel_args(x2d, wpack, scales, qzeros, zero_add, out, ws, counters, lora, bias, glu_args))
-    return glu_args[0] if glu else out
+           args=kernel_args(x2d, wpack, scales, qzeros, zero_add, out, ws, counters, lora, bias))
+    return out

@@ -39,18 +39,20 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
          "k_ptr": "*bf16", "v_ptr": "*bf16", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "out_ptr": "*bf16", "scale": "fp32",
          "kv_len": "i32", "SPLIT": "i32", "stride_qkv": "i32", "P": "i32", "stride_cs": "i32", "stride_cr": "i64",
          "stride_ch": "i32", "stride_cp": "i32", "S": "i32", "stride_ob": "i32"},
-        {"D": 128, "ROT": 128, "HAS_SCALE": True, "EXACT": True, "BLOCK_D": 128, "BLOCK_N": 64, "BLOCK_S": 32}),
+        {"D": 128, "ROT": 128, "HAS_SCALE": True, "EXACT": True, "COMBINE": True, "BLOCK_D": 128, "BLOCK_N": 64,
+         "BLOCK_S": 32}),
     "_dec_attn_combine_kernel": (
         {"ws_ptr": "*fp32", "out_ptr": "*bf16", "S": "i32", "stride_ob": "i32"},
         {"D": 128, "BLOCK_D": 128, "BLOCK_S": 32}),
 }
 
 
-# the prefill's build of the rotary kernel (every token to its own cache row)
-VARIANTS = {"_dec_rotary_cache_kernel": {"HAS_CROW": True}}
+# the prefill's build of the rotary kernel (every token to its own cache row), and
+VARIANTS = [("_dec_rotary_cache_kernel", {"HAS_CROW": True}),
+            ("_dec_rotary_attn_kernel", {"COMBINE": False})]  # the parts combined by the combine kernel after it
 
 
-@pytest.mark.parametrize("name,variant", [(n, None) for n in sorted(KERNELS)] + [(n, v) for n, v in VARIANTS.items()])
+@pytest.mark.parametrize("name,variant", [(n, None) for n in sorted(KERNELS)] + VARIANTS)
 def test_kernel_compiles_for_sm90(name, variant):
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget

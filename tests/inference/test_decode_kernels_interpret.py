@@ -267,9 +267,9 @@ def test_decode_attention_never_reads_past_a_rows_position(kernels):
 @pytest.mark.parametrize("rot_pct,logn", [(1.0, True), (0.5, False)])
 def test_rotary_attention_is_rotary_to_cache_then_decode_attention(kernels, dtype, rot_pct, logn, monkeypatch):
     """The one-launch kernel gives the two calls' bits: the output, and the cache with each row's new key and value
-    at its position (a stale slot's past kv_len too) and nothing else; for splits of 16-256 keys (16: 33 parts, more
-    than the combine reads at once). Its counters are zero again after every call, so a second call (a graph
-    replay) gives the same."""
+    at its position (a stale slot's past kv_len too) and nothing else; for splits of 16-1,024 keys (16: 33 parts,
+    more than the combine reads at once; 1,024: one part), the parts combined in the launch or by the combine kernel
+    after it. Its counters are zero again after every call, so a second call (a graph replay) gives the same."""
     rows, heads, D, cap, kv_len = 4, 4, 32, 700, 528
     g = torch.Generator().manual_seed(11)
     qkv = torch.randn(rows, 1, 3 * heads * D, generator=g).to(dtype)
@@ -281,7 +281,8 @@ def test_rotary_attention_is_rotary_to_cache_then_decode_attention(kernels, dtyp
     V0 = torch.randn(rows, heads, cap, D, generator=g).to(dtype)
     counters = torch.zeros(rows * heads, dtype=torch.int32)
     monkeypatch.setattr(kernels, "_counters", lambda device, n: counters)
-    for split in (None, 16, 64, 256):
+    for split, one_launch in ((None, 1024), (16, 1024), (64, 1024), (256, 1024), (1024, 1024), (64, 0)):
+        monkeypatch.setattr(kernels, "ONE_LAUNCH_PROGRAMS", one_launch)  # 0: the combine kernel after it
         K1, V1 = K0.clone(), V0.clone()
         q = kernels.rotary_to_cache(qkv, cos, sin, query_scale, K1, V1, pos, heads)
         want = kernels.decode_attention(q, K1, V1, pos, D ** -0.5, kv_len, split)

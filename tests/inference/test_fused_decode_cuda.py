@@ -160,19 +160,26 @@ def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
     assert torch.equal(longer, out)
 
 
-@pytest.mark.parametrize("rows,split", [(1, None), (6, None), (6, 64), (64, None)])  # 6 rows at 64: 64 parts
-def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, split):
+# parts combined in the launch (1 row: 16 parts; 64 parts, two passes of the combine's loop), by the combine kernel
+# (6 and 64 rows: more programs than ONE_LAUNCH_PROGRAMS), and one part (64 rows at 256 keys)
+@pytest.mark.parametrize("rows,split,kv_len,one_launch", [(1, None, 4096, 1 << 20), (1, 64, 4096, 1 << 20),
+                                                          (6, None, 4096, None), (64, None, 4096, None),
+                                                          (64, None, 256, None)])
+def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, split, kv_len, one_launch,
+                                                                          monkeypatch):
     """The one-launch kernel (rotary, cache write, attention over the row's own keys, the parts combined by the last
-    program of each head) against rotary_to_cache then decode_attention, compiled: the caches bit for bit (each new
-    key and value at its row's position, a stale slot's past kv_len too), the output up to the combine's fp32
-    summation order (4 warps where the combine kernel has one), and replays of a captured graph equal to the eager
-    call (the counters reset after every call)."""
+    program of each head, or by the combine kernel after it for large grids) against rotary_to_cache then
+    decode_attention, compiled: the caches bit for bit (each new key and value at its row's position, a stale slot's
+    past kv_len too), the output up to the combine's fp32 summation order (4 warps where the combine kernel has
+    one), and replays of a captured graph equal to the eager call (the counters reset after every call)."""
     from finetune.inference import decode_kernels as K
 
+    if one_launch is not None:
+        monkeypatch.setattr(K, "ONE_LAUNCH_PROGRAMS", one_launch)
     g = torch.Generator(device="cuda").manual_seed(rows)
-    heads, D, capacity, kv_len, dt = 40, 128, 4352, 4096, torch.bfloat16
+    heads, D, capacity, dt = 40, 128, 4352, torch.bfloat16
     qkv = torch.randn(rows, 1, 3 * heads * D, device="cuda", generator=g).to(dt)
-    pos = torch.tensor([4095, 0, 255, 256, 1999, 4200] * 11, device="cuda")[:rows]  # 4200: a stale padding slot
+    pos = torch.tensor([4095, 0, 255, 256, 1999, 4200] * 11, device="cuda")[:rows] % (kv_len + 104)  # a stale slot
     alpha = torch.linspace(1.0, 7.0, rows, device="cuda")
     cos, sin = RotaryEmbedding(D)(pos[:, None], alpha[:, None])
     query_scale = logn_scale(pos[:, None] + 1, 2048)
@@ -202,7 +209,7 @@ def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
     trace that happened inside graph captures the first tokens waited for (NOTES step 62). One variant of each
     kernel serves 256 to 8,192 keys, whatever key_split picks (up to 64 splits a row, past the 32 the combine reads
     at once; a non-multiple of 16 among the lengths), with 4 heads (a small model: the most halving) and with the
-    14B's 40; the one-launch kernel (rotary_attention) likewise."""
+    14B's 40; the one-launch kernel (rotary_attention) likewise, one variant for each way its parts are combined."""
     from finetune.inference import decode_kernels as K
 
     kernels = (K._dec_attn_split_kernel, K._dec_attn_combine_kernel, K._dec_rotary_attn_kernel)
@@ -221,10 +228,10 @@ def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
         for kv_len in (256, 512, 1024, 1280, 2056, 4096, 8192):
             pos = torch.tensor([3, kv_len - 1], device="cuda")
             K.decode_attention(q, k_cache, v_cache, pos, 0.1, kv_len)
+            first = first or variants()[:2]
             K.rotary_attention(qkv, cos, sin, None, k_cache, v_cache, pos, heads, 0.1, kv_len)
-            first = first or variants()
         torch.cuda.synchronize()
-        assert variants() == first, heads
+        assert variants()[:2] == first and variants()[2] == 2, (heads, variants())
 
 
 def test_fused_step_with_decode_attention_matches_sdpa_in_bf16(tok, switches):
@@ -292,9 +299,8 @@ def test_a_fused_layer_launches_few_kernels(tok, switches):
 @pytest.mark.parametrize("rows", [3, 12])  # the GEMV, and from 9 rows the small-M GEMM
 def test_w1_and_w2_decode_as_one_launch_with_the_logits_of_two(tok, monkeypatch, rows):
     """Int4 model: the fused step runs w1 and w2 as one tensor-core launch over their weights side by side
-    (quant.linear.paired_decode), at 1-8 rows with SwiGLU finished in it. Its logits equal the step with the pair and
-    SwiGLU's own kernel, and the step with the two called apart, within the bf16 tolerance; each layer's own
-    repacked weight is a view of the pair's, not a second copy."""
+    (quant.linear.paired_decode). Its logits equal the step with the two called apart within the bf16 tolerance,
+    and each layer's own repacked weight is a view of the pair's, not a second copy."""
     from finetune.inference import fused_decode
     from finetune.quant.loading import build_gptq_model_on_device
 
@@ -303,15 +309,6 @@ def test_w1_and_w2_decode_as_one_launch_with_the_logits_of_two(tok, monkeypatch,
                                                 "desc_act": False})
     model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
     engine = _after_prefill(model, tok, prompts([5, 90, 33, 17, 60, 8, 21, 44, 9, 30, 12, 70][:rows], seed=6))
-    real, glued = fused_decode.paired_decode, []
-
-    def spy(*a, glu=False, **k):
-        y = real(*a, glu=glu, **k)
-        if glu:
-            glued.append(y is not None)
-        return y
-
-    monkeypatch.setattr(fused_decode, "paired_decode", spy)
     paired, _, _ = _one_step(engine, engine._kernels)
     mlp = model.transformer.h[0].mlp
     pair = mlp.w1.__dict__["_mma_pair"][2]
@@ -319,13 +316,7 @@ def test_w1_and_w2_decode_as_one_launch_with_the_logits_of_two(tok, monkeypatch,
     split = mlp.w1.out_features // 16
     assert mlp.w1.__dict__["_mma"][2][0].data_ptr() == pair[0].data_ptr()
     assert mlp.w2.__dict__["_mma"][2][0].data_ptr() == pair[0][split:].data_ptr()
-    with monkeypatch.context() as m:  # the pair without SwiGLU in its launch (from 9 rows: the same)
-        m.setattr(fused_decode, "paired_decode", lambda *a, glu=False, **k: None if glu else real(*a, **k))
-        unglued, _, _ = _one_step(engine, engine._kernels)
-    rel = ((paired - unglued).norm() / unglued.norm()).item()
-    assert rel < BF16_STEP_REL, rel
-    assert set(glued) == {rows < 9}, glued  # SwiGLU inside the pair's launch at 1-8 rows (the GEMV's GLU build)
-    monkeypatch.setattr(fused_decode, "paired_decode", lambda *a, **k: None)
+    monkeypatch.setattr(fused_decode, "paired_decode", lambda *args: None)
     apart, _, _ = _one_step(engine, engine._kernels)
     rel = ((paired - apart).norm() / apart.norm()).item()
     assert rel < BF16_STEP_REL, rel

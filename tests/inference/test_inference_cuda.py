@@ -158,7 +158,9 @@ def test_chat_uses_the_engine_on_cuda_and_answers_as_generate(tok, monkeypatch, 
     streamed = list(model.chat_stream(tok, "hello there", **kwargs))
     switches(static_decode=False)
     slow, _ = model.chat(tok, "hello there", **kwargs)
-    assert fast == slow and (not streamed or streamed[-1] == fast)
+    # (chat_stream's texts are not chat()'s reply: as officially, a stream keeps a reply's last token where chat()
+    # drops it when max_new_tokens cut the reply, and leaves out incomplete characters where chat() writes U+FFFD)
+    assert fast == slow and streamed == list(model.chat_stream(tok, "hello there", **kwargs))
 
 
 def test_int4_model_with_two_adapters_per_row(tok):
@@ -446,7 +448,7 @@ def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
         assert ((True, True) in calls) == lora_pair, (names, set(calls))
         assert ((False, True) in calls) == (not with_adapter), (names, set(calls))
         with monkeypatch.context() as m:
-            m.setattr(row_adapters.RowAdapters, "paired", lambda *a, **k: None)
+            m.setattr(row_adapters.RowAdapters, "paired", lambda *a: None)
             apart = decode_recorded(pm, tok, batch, names, params)
         for err in _max_rel_while_agreeing(*paired, *apart):
             assert err < BF16_LOGITS_REL, (names, err)

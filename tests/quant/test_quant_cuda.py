@@ -493,56 +493,6 @@ def test_mma_gemv_low_rank_in_cuda_graphs():
         assert torch.equal(y, plain) == (step % 2 == 0), step  # a row selecting nothing gets the base alone
 
 
-def _swiglu_bf16(up, gate):
-    """The decode step's SwiGLU in bf16: silu rounded to bf16, then the product rounded (F.silu, then *)."""
-    return (up.float() * F.silu(gate).float()).to(torch.bfloat16)
-
-
-@pytest.mark.parametrize("in_f,half,desc_act", [(5120, 13696, False), (256, 512, True)])  # 14B's w1/w2, a tiny pair
-def test_mma_gemv_glu_build_finishes_swiglu_of_the_two_halves(in_f, half, desc_act):
-    """The GLU build (paired_decode(glu=True): w1 and w2 side by side, one launch): up * silu(gate) [M, half] equals
-    SwiGLU of the plain build's two halves up to silu's last bit (CUDA's expf against torch's: one bf16 ulp on few
-    elements), at 1-8 rows, with and without the split over K, and with the LoRA epilogue (h given) at one row;
-    repeated calls and graph replays give the same bits, and the counters are zero after each call."""
-    from finetune.quant import mma_gemv as G
-
-    p = _random_packed(in_f, 2 * half, desc_act=desc_act, seed=21)
-    packed = G.repack(**p, group_size=128)
-    gen = torch.Generator(device="cuda").manual_seed(2)
-
-    def check(got, want):
-        diff = (got.float() - want.float()).abs()
-        assert bool((diff <= 2 ** -7 * want.float().abs() + 1e-6).all()), diff.max().item()
-        assert (diff > 0).float().mean().item() <= 0.01
-
-    R = 64
-    bt = (torch.randn(2 * half, R, device="cuda", generator=gen) * 0.3).to(torch.bfloat16)
-    for rows in (1, 3, 8):
-        x = torch.randn(rows, in_f, device="cuda", dtype=torch.bfloat16, generator=gen)
-        for config in (None, (4, 1, 8), (8, 1, 1)):
-            y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config)
-            glu = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, glu=True)
-            assert glu.shape == (rows, half) and glu.dtype == torch.bfloat16
-            check(glu, _swiglu_bf16(y[:, :half], y[:, half:]))
-            assert torch.equal(G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, glu=True), glu)
-            assert int(G._workspaces[("glu", x.device.index)].abs().sum()) == 0
-        if rows == 1:  # an adapter's product in the epilogue, then SwiGLU
-            h = torch.randn(1, R, device="cuda", dtype=torch.bfloat16, generator=gen)
-            sel = torch.ones(1, R, device="cuda", dtype=torch.bfloat16)
-            y = G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(None, sel, bt, h))
-            glu = G.mma_gemv(x, *packed[:4], 128, packed[4], low_rank=(None, sel, bt, h), glu=True)
-            check(glu, _swiglu_bf16(y[:, :half], y[:, half:]))
-    x = torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16, generator=gen)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        replayed = G.mma_gemv(x, *packed[:4], 128, packed[4], glu=True)
-    for _ in range(3):
-        x.copy_(torch.randn(1, in_f, device="cuda", dtype=torch.bfloat16, generator=gen))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(replayed, G.mma_gemv(x, *packed[:4], 128, packed[4], glu=True))
-
-
 @pytest.mark.parametrize("in_f,out_f,desc_act", [(5120, 15360, False), (13696, 5120, False), (4096, 11008, True),
                                                  (256, 128, False)])
 def test_mma_gemv_low_rank_with_h_given_equals_the_producers_route(in_f, out_f, desc_act):
