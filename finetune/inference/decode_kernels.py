@@ -195,6 +195,10 @@ def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, cols, stride, BLOCK: tl.con
 # length, so that one graph served more lengths, ran 10% slower at 32-64 rows and up to 24% at one row for the same
 # cuts (NOTES step 71).
 COMBINE_SPLITS = 32
+# The combine kernel's warps = the one-launch kernel's: Triton lays a reduction out by the warps, so the same count
+# makes a head's output the same bits whichever of them combined its parts (a row's bits would otherwise depend on
+# the grid size of the batch it is in, rotary_attention's ONE_LAUNCH_PROGRAMS)
+COMBINE_WARPS = 4
 
 
 @triton.jit
@@ -382,7 +386,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                                           q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
                                           D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
     _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d, BLOCK_S=COMBINE_SPLITS,
-                                         num_warps=1)
+                                         num_warps=COMBINE_WARPS)
     return out
 
 
@@ -414,7 +418,7 @@ def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qu
     each row's position, and each row's attention over its own keys 0..pos[i] (at most ``kv_len``), split over the
     keys as ``decode_attention`` splits them. The parts are combined by the last program of each (row, head) where
     the grid has at most ONE_LAUNCH_PROGRAMS programs, else by the combine kernel; one split needs no combine. The
-    same arithmetic as the two calls (the cache and q bit for bit; the output up to the combine's summation order).
+    same arithmetic as the two calls, and the same bits (COMBINE_WARPS).
     Returns [b, 1, heads * D] in qkv's dtype."""
     b = qkv.shape[0]
     qkv2 = _rows(qkv, "qkv")
@@ -433,10 +437,10 @@ def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qu
         dtype=torch.int32), out, float(scale), kv_len, split, qkv2.stride(0), P, cs.stride(0), k_cache.stride(0),
         k_cache.stride(1), k_cache.stride(2), S, out.stride(0), D=D, ROT=rot, HAS_SCALE=query_scale is not None,
         EXACT=not _INTERPRETED, COMBINE=counters is not None, BLOCK_D=block_d, BLOCK_N=64, BLOCK_S=COMBINE_SPLITS,
-        num_warps=4)
+        num_warps=COMBINE_WARPS)
     if S > 1 and counters is None:
         _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d, BLOCK_S=COMBINE_SPLITS,
-                                             num_warps=1)
+                                             num_warps=COMBINE_WARPS)
     return out
 
 

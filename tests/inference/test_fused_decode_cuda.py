@@ -169,9 +169,9 @@ def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, 
                                                                           monkeypatch):
     """The one-launch kernel (rotary, cache write, attention over the row's own keys, the parts combined by the last
     program of each head, or by the combine kernel after it for large grids) against rotary_to_cache then
-    decode_attention, compiled: the caches bit for bit (each new key and value at its row's position, a stale slot's
-    past kv_len too), the output up to the combine's fp32 summation order (4 warps where the combine kernel has
-    one), and replays of a captured graph equal to the eager call (the counters reset after every call)."""
+    decode_attention, compiled: the caches and the output bit for bit (each new key and value at its row's position,
+    a stale slot's past kv_len too; the combine in either place sums in the same order), and replays of a captured
+    graph equal to the eager call (the counters reset after every call)."""
     from finetune.inference import decode_kernels as K
 
     if one_launch is not None:
@@ -193,7 +193,7 @@ def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, 
     got = K.rotary_attention(qkv, cos, sin, query_scale, K2, V2, pos, heads, scale, kv_len, split)
     torch.cuda.synchronize()
     assert torch.equal(K2, K1) and torch.equal(V2, V1)
-    _close_bf16(got, want)
+    assert torch.equal(got, want)
     K3, V3 = K0.clone(), V0.clone()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -231,7 +231,7 @@ def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
             first = first or variants()[:2]
             K.rotary_attention(qkv, cos, sin, None, k_cache, v_cache, pos, heads, 0.1, kv_len)
         torch.cuda.synchronize()
-        assert variants()[:2] == first and variants()[2] == 2, (heads, variants())
+        assert variants()[:2] == first and variants()[2] <= 2, (heads, variants())  # one a way of combining
 
 
 def test_fused_step_with_decode_attention_matches_sdpa_in_bf16(tok, switches):
