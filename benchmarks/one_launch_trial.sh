@@ -5,7 +5,8 @@
 # 24-token prompts, at one row after 2,000 and at one row with an r=64 adapter; decode_bench's workloads with it and
 # (AB_WORKLOADS) without; serve_bench with the defaults. From the repo root on the GPU machine, .whl carried.
 # Parts (each 1 by default; 0 skips): TESTS, SWEEPS, BENCH, SERVE (the whole is more than one 10-minute call).
-#   QWEN_FT_COMMIT=<rev> [BENCH=0 SERVE=0] [WORKLOADS="b1_512 ..."] [AB_WORKLOADS=...] bash benchmarks/one_launch_trial.sh
+#   QWEN_FT_COMMIT=<rev> [BENCH=0 SERVE=0] [WORKLOADS="b1_512 ..."] [AB_WORKLOADS=...] \
+#     bash benchmarks/one_launch_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/one_launch_out || exit 1
@@ -25,7 +26,8 @@ if [[ "${SWEEPS:-1}" == 1 ]]; then
 fi
 # the defaults with every README workload, then three launches on the one-row pair (AB_WORKLOADS) for the A/B
 for v in $([[ "${BENCH:-1}" == 1 ]] && echo 1 0); do
-  if [[ $v == 1 ]]; then w="${WORKLOADS:-b1_512 b1_ctx2000 b1_512_adapter b64_mixed}"; else w="${AB_WORKLOADS-b1_512 b1_ctx2000}"; fi
+  w="${AB_WORKLOADS-b1_512 b1_ctx2000}"
+  [[ $v == 0 ]] || w="${WORKLOADS:-b1_512 b1_ctx2000 b1_512_adapter b64_mixed}"
   [[ -z "$w" ]] || FINETUNE_ATTENTION_ONE_LAUNCH=$v timeout 200 python3 benchmarks/decode_bench.py --part engine \
     --model-dir /tmp/m --workloads $w --out "$OUT/decode_one_launch${v}_$C.json" 2>&1 | grep "^{" | cut -c1-300
 done

@@ -1,9 +1,9 @@
-"""Triton kernels for the engine's decode step: the elementwise work of a block in three kernels.
+"""Triton kernels for the engine's decode step: the elementwise work of a block, and its attention.
 
 Imported lazily by ``fused_decode.py`` (CUDA with Triton only; CPU code never imports triton). In eager torch a
 decode step spends ~50 small kernels per layer besides the GEMVs and attention (RMSNorm alone is eight: casts,
 pow, mean, add, rsqrt, two multiplies; rotary with its cats and casts about fourteen; the cache write an
-index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three replace them:
+index_put per tensor), each 1.5-3 us even inside a CUDA graph. These replace them:
 
 - ``add_rms_norm``: the residual add of the previous half (written back into the residual stream) and the next
   RMSNorm, one program per row; ``add_rms_norm_low_rank`` also computes x A for the LoRA products of the Linears
@@ -16,11 +16,15 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These three repla
   its position), split over the keys as flash-decoding does, in fp32, written in the layout c_proj reads. SDPA
   instead reads every row up to the step's length bucket under a mask, so a short row pays for the longest one's
   keys.
+- ``rotary_attention``: ``rotary_to_cache`` and ``decode_attention`` in one launch (the fused step's default), the
+  parts combined by the last program of each (row, head) where the grid is about one wave, else by the combine
+  kernel after it.
 
 Numerics are the model's (``modeling/kernels.py``), rounding for rounding: fp32 arithmetic, rounded to the
 activation dtype exactly where eager torch rounds (the residual sum; RMSNorm's normalised value before the
 weight; rotary's output, then again after the logN scale; silu's output), and no multiply-add contraction
-(``enable_fp_fusion=False``: eager torch rounds rotary's two products before adding them). What can differ is
+(``enable_fp_fusion=False``: eager torch rounds rotary's two products before adding them; ``rotary_attention``
+keeps fusion for the attention's own sums and rounds those products apart, ``_mul_rn``). What can differ is
 the fp32 summation order of RMSNorm's mean and the last bit of rsqrt/exp, so a bf16 result may differ by one
 ulp on rare elements. The wrappers take a decode step's shapes (one token per row), except the prefill's rotary;
 add_rms_norm and swiglu take any number of tokens, so the engine's prefill runs on them too

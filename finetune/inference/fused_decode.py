@@ -85,7 +85,8 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     positions, ``cos``/``sin`` [b, 1, rot] and ``query_scale`` [b, 1] (or None) as the model computes them,
     ``k_cache``/``v_cache`` [layers, slots, heads, capacity, D] with rows 0..b-1 the batch, attending over at most
     ``kv_len`` keys. ``mask``: None for attention through kernels.rotary_attention over each row's own keys
-    (``use_own_keys``; with FINETUNE_ATTENTION_ONE_LAUNCH=0 rotary_to_cache and decode_attention), else [b, 1, 1, kv_len] additive (``additive_mask``) for SDPA over the bucket.
+    (``use_own_keys``; with FINETUNE_ATTENTION_ONE_LAUNCH=0 rotary_to_cache and decode_attention), else
+    [b, 1, 1, kv_len] additive (``additive_mask``) for SDPA over the bucket.
     ``kernels``: decode_kernels (or its interpreted copy in tests). ``adapters``: the engine's RowAdapters,
     applied (their x A for c_attn, w1 and w2 then comes from the norms)."""
     b = x.shape[0]
