@@ -31,5 +31,5 @@ for v in $([[ "${BENCH:-1}" == 1 ]] && echo 1 0); do
   [[ -z "$w" ]] || FINETUNE_ATTENTION_ONE_LAUNCH=$v timeout 200 python3 benchmarks/decode_bench.py --part engine \
     --model-dir /tmp/m --workloads $w --out "$OUT/decode_one_launch${v}_$C.json" 2>&1 | grep "^{" | cut -c1-300
 done
-[[ "${SERVE:-1}" == 0 ]] || timeout 150 python3 benchmarks/serve_bench.py --model-dir /tmp/m --out "$OUT/serve_$C.json" \
-  2>&1 | grep "^{" | cut -c1-400
+[[ "${SERVE:-1}" == 0 ]] || timeout 150 python3 benchmarks/serve_bench.py --model-dir /tmp/m \
+  --out "$OUT/serve_$C.json" 2>&1 | grep "^{" | cut -c1-400
