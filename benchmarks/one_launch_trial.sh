@@ -4,7 +4,8 @@
 # replay with it against three launches (FINETUNE_ATTENTION_ONE_LAUNCH=0) in one process, at 1 and 64 rows after
 # 24-token prompts, at one row after 2,000 and at one row with an r=64 adapter; decode_bench's workloads with it and
 # (AB_WORKLOADS) without; serve_bench with the defaults. From the repo root on the GPU machine, .whl carried.
-# Parts (each 1 by default; 0 skips): TESTS, SWEEPS, BENCH, SERVE (the whole is more than one 10-minute call).
+# Parts (each 1 by default; 0 skips): TESTS, SWEEPS, BENCH, SERVE (the whole is more than one 10-minute call);
+# LONG_REPEATS: how many processes run the one-row 2,000-token sweep (default 1).
 #   QWEN_FT_COMMIT=<rev> [BENCH=0 SERVE=0] [WORKLOADS="b1_512 ..."] [AB_WORKLOADS=...] \
 #     bash benchmarks/one_launch_trial.sh
 set -uo pipefail
@@ -21,7 +22,8 @@ sweep() {  # OUT_NAME ARGS...
 }
 if [[ "${SWEEPS:-1}" == 1 ]]; then
   sweep one_launch_short --rows 1 64 --prompt 24
-  sweep one_launch_long --rows 1 --prompt 2000
+  # (several fresh processes: the first of these died once with an illegal memory access, NOTES step 81)
+  for i in $(seq "${LONG_REPEATS:-1}"); do sweep "one_launch_long$i" --rows 1 --prompt 2000; done
   sweep one_launch_adapter --rows 1 --prompt 24 --adapter 64
 fi
 # the defaults with every README workload, then three launches on the one-row pair (AB_WORKLOADS) for the A/B
