@@ -130,17 +130,20 @@ def time_candidate(results, name, K, N, M, label, fn, data, x, ref, weight_bytes
 def apply_lines(src: Path, lines: str) -> None:
     """Replace each ``NAME = ...`` statement of ``src`` (with the lines a bracket it opens carries on to) by the line
     of ``lines`` that assigns the same NAME."""
+    def opened(t: str) -> int:  # brackets a line opens, less those it closes
+        return sum(t.count(c) for c in "{([") - sum(t.count(c) for c in "})]")
+
     text = src.read_text().splitlines()
     for line in lines.splitlines():
         key = line.split(" = ")[0] + " = "
         out, depth = [], 0
         for t in text:
             if depth > 0:  # a continuation line of the statement replaced
-                depth += t.count("{") + t.count("(") + t.count("[") - t.count("}") - t.count(")") - t.count("]")
+                depth += opened(t)
                 continue
             if t.startswith(key):
                 out.append(line)
-                depth = t.count("{") + t.count("(") + t.count("[") - t.count("}") - t.count(")") - t.count("]")
+                depth = opened(t)
             else:
                 out.append(t)
         text = out

@@ -369,6 +369,18 @@ def covering_length(rows: int, heads: int, need: int) -> int:
     return splits * MAX_SPLIT
 
 
+def _parts(b: int, heads: int, D: int, kv_len: int, split: int | None, like: torch.Tensor):
+    """(BLOCK_D, split, S, ws, out) of a decode attention call: the keys' split (``key_split`` unless given) and its
+    part count, the parts' workspace (fp32, BLOCK_D + 2 a part: acc, m, l) and the output [b, 1, heads * D] in
+    ``like``'s dtype. One place for both wrappers, whose parts must be split alike (their outputs are the same bits)."""
+    block_d = triton.next_power_of_2(D)
+    split = split or key_split(b, heads, kv_len)
+    S = triton.cdiv(kv_len, split)
+    ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=like.device)
+    out = torch.empty(b, 1, heads * D, dtype=like.dtype, device=like.device)
+    return block_d, split, S, ws, out
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      scale: float, kv_len: int, split: int | None = None) -> torch.Tensor:
     """One decode step's attention: q [b, heads, 1, D] (rotary and logN applied), row i attending to its keys
@@ -381,11 +393,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if one != 1 or not q.is_contiguous():
         raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
-    block_d = triton.next_power_of_2(D)
-    split = split or key_split(b, heads, kv_len)
-    S = triton.cdiv(kv_len, split)
-    ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=q.device)
-    out = torch.empty(b, 1, heads * D, dtype=q.dtype, device=q.device)
+    block_d, split, S, ws, out = _parts(b, heads, D, kv_len, split, q)
     _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, split,
                                           q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
                                           D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
@@ -430,12 +438,8 @@ def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qu
         raise ValueError(f"rotary_attention takes one token per row, got qkv of shape {tuple(qkv.shape)}")
     P, D, rot, cs, sn, qscale = _rotary_inputs(qkv2, cos, sin, query_scale, heads)
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
-    block_d = triton.next_power_of_2(D)
-    split = split or key_split(b, heads, kv_len)
-    S = triton.cdiv(kv_len, split)
+    block_d, split, S, ws, out = _parts(b, heads, D, kv_len, split, qkv)  # (ws not read at S = 1)
     counters = _counters(qkv.device, b * heads) if 1 < S and b * heads * S <= ONE_LAUNCH_PROGRAMS else None
-    out = torch.empty(b, 1, heads * D, dtype=qkv.dtype, device=qkv.device)
-    ws = torch.empty(b * heads * S * (block_d + 2), dtype=torch.float32, device=qkv.device)  # (not read at S = 1)
     _dec_rotary_attn_kernel[(b, heads, S)](
         qkv2, cs, sn, qscale, pos, k_cache, v_cache, ws, counters if counters is not None else pos.new_empty(1,
         dtype=torch.int32), out, float(scale), kv_len, split, qkv2.stride(0), P, cs.stride(0), k_cache.stride(0),

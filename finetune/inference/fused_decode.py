@@ -101,14 +101,14 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
         if mask is None and one_launch:  # each row's keys only, written as c_proj reads them
             y = kernels.rotary_attention(qkv, cos, sin, query_scale, k_cache[layer], v_cache[layer], pos,
                                          attn.num_heads, attn.scale, kv_len)
-        elif mask is None:
-            q = kernels.rotary_to_cache(qkv, cos, sin, query_scale, k_cache[layer], v_cache[layer], pos, attn.num_heads)
-            y = kernels.decode_attention(q, k_cache[layer], v_cache[layer], pos, attn.scale, kv_len)
         else:
             q = kernels.rotary_to_cache(qkv, cos, sin, query_scale, k_cache[layer], v_cache[layer], pos, attn.num_heads)
-            keys, values = k_cache[layer, :b, :, :kv_len], v_cache[layer, :b, :, :kv_len]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
-            y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)
+            if mask is None:
+                y = kernels.decode_attention(q, k_cache[layer], v_cache[layer], pos, attn.scale, kv_len)
+            else:
+                keys, values = k_cache[layer, :b, :, :kv_len], v_cache[layer, :b, :, :kv_len]
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
+                y = y.transpose(1, 2).reshape(b, 1, attn.projection_size)
         delta = attn.c_proj(y)
         x, h = _norm(kernels, adapters, x, delta, block.ln_2, (mlp.w1, mlp.w2))
         # one launch for both where it can (with adapters: their products in its epilogue at one row, else each
