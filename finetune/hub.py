@@ -41,6 +41,11 @@ def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> 
         ) from None
 
 
+def _dir_name(d: Path) -> str:
+    """d as a directory name: a trailing slash, except for the root (which is one already)."""
+    return str(d) if str(d).endswith("/") else f"{d}/"
+
+
 def _beside(p: Path, most: int = 6) -> str:
     """`` (DIR/ holds: a, b, ...)``: the directories beside a path that does not exist, when its parent does (a
     mistyped run name is the usual cause), else ``""``."""
@@ -49,6 +54,6 @@ def _beside(p: Path, most: int = 6) -> str:
     except OSError:
         return ""
     if not names:
-        return f" ({p.parent}/ holds no directories)"
+        return f" ({_dir_name(p.parent)} holds no directories)"
     more = f", ... ({len(names)} in all)" if len(names) > most else ""
-    return f" ({p.parent}/ holds: {', '.join(names[:most])}{more})"
+    return f" ({_dir_name(p.parent)} holds: {', '.join(names[:most])}{more})"

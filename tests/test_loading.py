@@ -289,3 +289,5 @@ def test_a_mistyped_local_dir_is_reported_as_local_with_what_is_beside_it(tmp_pa
         resolve_model_dir(tmp_path / "nope" / "x" / "y")
     with pytest.raises(ModelNotFoundError, match=r"holds: demo-qlora\)$"):
         resolve_model_dir(tmp_path / "output" / "other")
+    with pytest.raises(ModelNotFoundError, match=r"^adapter directory /qwen-ft-nope-9f3 does not exist \(/ holds"):
+        resolve_model_dir("/qwen-ft-nope-9f3", "adapter directory")  # the root named once, not as "//"

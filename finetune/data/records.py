@@ -303,9 +303,9 @@ def normalize_record(record: Any) -> dict:
                 raise DataError("invalid segments", f"{e.field}: {e}") from None
 
     if not any(m["role"] == "assistant" for m in messages):
-        raise DataError("no assistant turn", "nothing to train on")
+        raise DataError("no assistant turn", "nothing to train on or score")
     if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
-        raise DataError("no trained assistant turn", "every assistant turn has weight 0: nothing to train on")
+        raise DataError("no trained assistant turn", "every assistant turn has weight 0: nothing to train on or score")
     rid = record.get("id")
     if isinstance(rid, str):
         _check_text(rid, "the id")
