@@ -28,7 +28,8 @@ if [[ "${MEMCHECK:-1}" == 1 ]]; then
     | grep -vE "^\s*$" | tail -12
   echo "== memcheck: one row after 2,000 tokens, the 14B decode step"
   timeout 240 compute-sanitizer --tool memcheck --print-limit 10 python3 benchmarks/step_config_sweep.py \
-    --model-dir /tmp/m --out "$OUT/memcheck_long_$C.json" --rounds 1 --reps 5 --candidates base --rows 1 --prompt 2000 2>&1 \
+    --model-dir /tmp/m --out "$OUT/memcheck_long_$C.json" --rounds 1 --reps 5 --candidates base --rows 1 \
+    --prompt 2000 2>&1 \
     | grep -E "^\{|=====|Error|error" | head -30 | cut -c1-200
 fi
 if [[ "${LONG:-1}" == 1 ]]; then
