@@ -41,7 +41,9 @@ if [[ "${NCU:-1}" == 1 ]]; then
   sections=()
   for s in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats MemoryWorkloadAnalysis \
            ComputeWorkloadAnalysis InstructionStats SourceCounters; do sections+=(--section "$s"); done
-  timeout 240 ncu --clock-control none -k regex:gptq_mma "${sections[@]}" --csv --page details \
+  timeout 240 ncu --clock-control none -k regex:gptq_mma "${sections[@]}" \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
     python3 benchmarks/ncu_kernels.py --rows ${NCU_ROWS:-1 64} > "$OUT/ncu_$C.csv" 2> "$OUT/ncu_$C.err"
   echo "ncu: rc $?, $(grep -c . "$OUT/ncu_$C.csv") lines"; tail -3 "$OUT/ncu_$C.err"
+  python3 benchmarks/ncu_summary.py "$OUT/ncu_$C.csv" --json "$OUT/ncu_summary_$C.json" | cut -c1-300
 fi
