@@ -98,9 +98,13 @@ def step_ms(model, tok, rows: int, prompt: int, reps: int, adapter: str | None) 
     """A fresh engine's decode graph for `rows` rows after `prompt`-token prompts: ms a replay."""
     vocab = model.config.vocab_size
     engine = Engine(model, tok, max_batch=rows)
-    params = SamplingParams(max_new_tokens=12, min_new_tokens=12)
-    for i in range(rows):
-        engine.submit(prompt_ids(prompt, i, vocab), params, adapter=adapter)
+    # Each replay below advances the rows' positions on the device without the host knowing, so the rows ask for
+    # enough tokens that the cache (sized for prompt + max_new_tokens) holds every replay's key and value: with 12,
+    # the 103 replays after a 2,000-token prompt wrote past the 2,048 positions of the cache, an illegal address in
+    # two processes of three (NOTES step 82). The rows are cancelled after the timing.
+    new = 4 + 3 + reps + 8
+    params = SamplingParams(max_new_tokens=new, min_new_tokens=new)
+    reqs = [engine.submit(prompt_ids(prompt, i, vocab), params, adapter=adapter) for i in range(rows)]
     for _ in range(4):  # prefill, then decode steps: warm-up (compiles this candidate's kernels) and capture
         engine.step()
     (graph, _), = [v for k, v in engine._graphs.items() if k[0] == engine._bucket(rows)][-1:]
@@ -112,6 +116,8 @@ def step_ms(model, tok, rows: int, prompt: int, reps: int, adapter: str | None) 
         graph.replay()
     torch.cuda.synchronize()
     ms = (time.perf_counter() - t) / reps * 1e3
+    for req in reqs:
+        req.cancel()
     while engine.has_work():
         engine.step()
     del engine, graph

@@ -219,6 +219,7 @@ def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
 
     D, capacity = 128, 8192
     first = None
+    one_launch_before = variants()[2]  # (the file's other tests compile their own variants of it: HAS_SCALE, ...)
     for heads in (4, 40):
         k_cache = torch.zeros(2, heads, capacity, D, device="cuda", dtype=torch.bfloat16)
         v_cache = torch.zeros_like(k_cache)
@@ -231,7 +232,8 @@ def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
             first = first or variants()[:2]
             K.rotary_attention(qkv, cos, sin, None, k_cache, v_cache, pos, heads, 0.1, kv_len)
         torch.cuda.synchronize()
-        assert variants()[:2] == first and variants()[2] <= 2, (heads, variants())  # one a way of combining
+        # one variant of the one-launch kernel for each way of combining its parts (in the launch, or after it)
+        assert variants()[:2] == first and variants()[2] - one_launch_before <= 2, (heads, variants())
 
 
 def test_fused_step_with_decode_attention_matches_sdpa_in_bf16(tok, switches):
