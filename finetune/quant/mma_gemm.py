@@ -22,13 +22,6 @@ The shared stage holds MB*8 rows of 128 bf16 (256 bytes); a lane reads 16 bytes 
 contiguous bytes, and the pieces are stored XOR-swizzled ((piece ^ ((t >> 1) | ((row & 1) << 1))) so that the 8
 lanes of each quarter-warp read 8 different bank groups.
 
-KG (a config's fifth field, 1 by default): KG groups of WARPS warps share the CTA's tiles and split its chunks,
-group g taking chunks g, g + KG, ...; a stage holds one chunk of x for each group, and at the end the groups' sums
-are added in group order through shared memory and group 0 writes them. At 64 rows Nsight Compute found the kernel
-latency-bound for lack of warps (NOTES step 82: ~7 warps an SM, one issue every 4-7 cycles a warp, grids under one
-wave, since a second wave of CTAs costs more than it hides); two groups double the warps an SM at the same grid.
-Registers: the config's CTAs per SM cap them for WARPS x KG warps (128 at 64 rows and two CTAs of 8 warps).
-
 Limits: those of ``mma_gemv`` (4-bit, bf16, N a multiple of 16, K of 128, group size a multiple of 128), 1 to 64
 rows (``MIN_ROWS`` and more in GPTQLinear), compute capability 8.0+ with NVRTC. No LoRA epilogue: the engine's
 hook adds the product for rows this kernel serves.
@@ -46,8 +39,7 @@ MAX_ROWS = 64
 STAGES = 3
 
 # Launch configurations by 8-row blocks: (warps a CTA (tiles side by side), tiles a warp, register buffers of
-# weights a warp, target CTAs per SM for the split over K and for the register cap[, groups of warps along K (KG)]).
-# Measured on an H200 by
+# weights a warp, target CTAs per SM for the split over K and for the register cap). Measured on an H200 by
 # benchmarks/mma_gemm_probe.py (NOTES steps 21 and 30); 1 (8 rows, which GPTQLinear gives the GEMV) is not measured.
 CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 2), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
 # Where a layer shape's own best beats its row count's CONFIGS entry by more than 3%: (row blocks, K, N) -> config.
@@ -83,11 +75,8 @@ _SOURCE = r"""
 #define GCHUNKS __GCHUNKS__
 #define STAGES __STAGES__
 #define MINB __MINB__            // CTAs an SM must hold: caps the registers a thread (the config's per-SM target)
-#define KG __KG__                // groups of WARPS warps splitting the CTA's chunks (module doc: KG)
-#define THREADS (WARPS * KG * 32)
 #define XROW 128                 // bf16 a shared row of x: one chunk
-#define XCHUNK (MB * 8 * XROW)   // bf16 of one chunk of x
-#define XSTAGE (KG * XCHUNK)     // bf16 a stage: one chunk for each group
+#define XSTAGE (MB * 8 * XROW)  // bf16 a stage
 
 // A warp's weights for one chunk: its TPW tiles' 32 bytes a lane, their scales and zero-point words.
 struct WChunk {
@@ -96,24 +85,18 @@ struct WChunk {
   int z[TPW][2];
 };
 
-// x of chunks c..c+n-1 (n <= KG; rows < M) into a shared stage, chunk g at g * XCHUNK, each lane's four 16-byte
-// pieces swizzled (module doc); one group of copies.
-__device__ __forceinline__ void load_x(u16* stage, const u16* x, int M, int x_stride, int c, int n) {
-  for (int i = threadIdx.x; i < n * M * 16; i += THREADS) {
-#if KG == 1
-    const int g = 0, j = i;
-#else
-    const int g = i / (M * 16), j = i - g * (M * 16);
-#endif
-    const int row = j >> 4, p = j & 15, pt = p >> 2;
+// x of chunk c (rows < M) into a shared stage, each lane's four 16-byte pieces swizzled (module doc); one group.
+__device__ __forceinline__ void load_x(u16* stage, const u16* x, int M, int x_stride, int c) {
+  for (int i = threadIdx.x; i < M * 16; i += WARPS * 32) {
+    const int row = i >> 4, p = i & 15, pt = p >> 2;
     const int sw = (pt >> 1) | ((row & 1) << 1);
-    cp_async16(stage + g * XCHUNK + row * XROW + pt * 32 + (((p & 3) ^ sw) << 3),
-               x + (size_t)row * x_stride + (size_t)(c + g) * 128 + p * 8);
+    cp_async16(stage + row * XROW + pt * 32 + (((p & 3) ^ sw) << 3),
+               x + (size_t)row * x_stride + (size_t)c * 128 + p * 8);
   }
   cp_async_commit();
 }
 
-// the weights, scales and zeros of the warp's next chunk; the pointers advance by KG chunks (its group's next)
+// the weights, scales and zeros of the next chunk; the pointers advance by one chunk
 __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, const int*& z, int& c, int N,
                                        size_t tile_stride) {
 #pragma unroll
@@ -124,8 +107,8 @@ __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, c
 #if GCHUNKS == 1
   const u16* sc = s;
   const int* zc = z;
-  s += KG * N;
-  z += KG * (N >> 3);
+  s += N;
+  z += N >> 3;
 #else
   const u16* sc = s + (c / GCHUNKS) * N;
   const int* zc = z + (c / GCHUNKS) * (N >> 3);
@@ -137,8 +120,8 @@ __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, c
     b.z[tp][0] = zc[2 * tp];
     b.z[tp][1] = zc[2 * tp + 1];
   }
-  w += KG * 64;
-  c += KG;
+  w += 64;
+  c += 1;
 }
 
 // One chunk: for each 16-input step the weights' A fragments ((q - z) in bf16, exact), x's B fragments from the
@@ -194,43 +177,34 @@ __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int s
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, MINB)
+extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
 gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
               const u16* __restrict__ bias, int has_bias) {
-#if KG == 1
   __shared__ __align__(16) u16 xs[STAGES * XSTAGE];
-#else
-  extern __shared__ __align__(16) u16 xs[];  // STAGES * XSTAGE (over 48 KiB at 64 rows: the opt-in attribute)
-#endif
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int wt = warp % WARPS, kg = warp / WARPS;  // the warp's tile slot and its group along K
   const int r = lane >> 2, t = lane & 3;
   const int T = N >> 4, C = K >> 7;
-  const int tile0 = (blockIdx.x * WARPS + wt) * TPW;  // this warp's first tile
-  bool active = tile0 < T;  // the last CTA's extra warps load tile 0's weights and store nothing
+  const int tile0 = (blockIdx.x * WARPS + warp) * TPW;  // this warp's first tile
+  const bool active = tile0 < T;  // the last CTA's extra warps load tile 0's weights and store nothing
   const int ltile = active ? tile0 : 0;
   const int split = blockIdx.y, splits = gridDim.y;
   const int c_begin = (int)((long long)C * split / splits);
   const int chunks = (int)((long long)C * (split + 1) / splits) - c_begin;
-  // step i of the loop takes chunks c_begin + KG i .. + KG - 1, chunk c_begin + KG i + kg by this warp's group
-  const int steps = (chunks + KG - 1) / KG;
-  const int mine = (chunks - kg + KG - 1) / KG;  // the steps in which this group has a chunk
 
   const size_t tile_stride = (size_t)C * 64;  // U4 between two tiles' blocks
-  const int c0 = c_begin + kg;                // the group's first chunk
-  const U4* wp = wpack + ((size_t)ltile * C + c0) * 64 + lane * 2;
+  const U4* wp = wpack + ((size_t)ltile * C + c_begin) * 64 + lane * 2;
 #if GCHUNKS == 1
-  const u16* sp = scales + (size_t)c0 * N + ltile * 16 + r;
-  const int* zp = qzeros + (size_t)c0 * (N >> 3) + ltile * 2;
+  const u16* sp = scales + (size_t)c_begin * N + ltile * 16 + r;
+  const int* zp = qzeros + (size_t)c_begin * (N >> 3) + ltile * 2;
 #else
   const u16* sp = scales + ltile * 16 + r;
   const int* zp = qzeros + ltile * 2;
 #endif
-  int cw = c0;
+  int cw = c_begin;
   const int sw = (t >> 1) | ((r & 1) << 1);
-  const u16* xr = xs + kg * XCHUNK + r * XROW + t * 32;
+  const u16* xr = xs + r * XROW + t * 32;
 
   float acc[TPW][MB][4];
 #pragma unroll
@@ -238,64 +212,35 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) acc[tp][mb][0] = acc[tp][mb][1] = acc[tp][mb][2] = acc[tp][mb][3] = 0.f;
 
-  // x: steps 0 and 1 in flight before the loop; step i + 2 is issued after the barrier of step i (every warp
-  // has then finished step i - 1, whose stage it reuses). Every step commits one group (empty past the end).
+  // x: chunks 0 and 1 in flight before the loop; chunk i + 2 is issued after the barrier of chunk i (every warp
+  // has then finished chunk i - 1, whose stage it reuses). Every step commits one group (empty past the end).
 #pragma unroll
   for (int d = 0; d < STAGES - 1; ++d) {
-    if (d < steps) load_x(xs + d * XSTAGE, x, M, x_stride, c_begin + d * KG, min(KG, chunks - d * KG));
+    if (d < chunks) load_x(xs + d * XSTAGE, x, M, x_stride, c_begin + d);
     else cp_async_commit();
   }
   WChunk buf[DEPTH];
 #pragma unroll
   for (int d = 0; d < DEPTH - 1; ++d)
-    if (d < mine) load_w(buf[d], wp, sp, zp, cw, N, tile_stride);
+    if (d < chunks) load_w(buf[d], wp, sp, zp, cw, N, tile_stride);
   int stage = 0, next_stage = STAGES - 1;
-  for (int base = 0; base < steps; base += DEPTH) {
+  for (int base = 0; base < chunks; base += DEPTH) {
 #pragma unroll
     for (int d = 0; d < DEPTH; ++d) {
       const int i = base + d;
-      if (i < steps) {
-        if (i + DEPTH - 1 < mine) load_w(buf[(d + DEPTH - 1) % DEPTH], wp, sp, zp, cw, N, tile_stride);
-        cp_async_wait_group<STAGES - 2>();  // this thread's copies of step i have landed
+      if (i < chunks) {
+        if (i + DEPTH - 1 < chunks) load_w(buf[(d + DEPTH - 1) % DEPTH], wp, sp, zp, cw, N, tile_stride);
+        cp_async_wait_group<STAGES - 2>();  // this thread's copies of chunk i have landed
         __syncthreads();                    // and every thread's
-        const int ahead = (i + STAGES - 1) * KG;
-        if (ahead < chunks) load_x(xs + next_stage * XSTAGE, x, M, x_stride, c_begin + ahead, min(KG, chunks - ahead));
+        if (i + STAGES - 1 < chunks) load_x(xs + next_stage * XSTAGE, x, M, x_stride, c_begin + i + STAGES - 1);
         else cp_async_commit();
-        if (i < mine) gemm_chunk(buf[d], xr + stage * XSTAGE, sw, acc, r, zero_add);
+        gemm_chunk(buf[d], xr + stage * XSTAGE, sw, acc, r, zero_add);
         stage = stage == STAGES - 1 ? 0 : stage + 1;
         next_stage = next_stage == STAGES - 1 ? 0 : next_stage + 1;
       }
     }
   }
   cp_async_wait_group<0>();
-#if KG > 1
-  // the groups' sums added in group order through the (now idle) stages; group 0's warps write the output
-  static_assert(TPW * MB * 4 * WARPS * 32 * 4 <= STAGES * XSTAGE * 2, "the partial sums must fit the stages");
-  float* red = reinterpret_cast<float*>(xs);
-  __syncthreads();  // every warp is done reading the stages
-#pragma unroll 1
-  for (int g = 1; g < KG; ++g) {
-    if (kg == g) {
-#pragma unroll
-      for (int tp = 0; tp < TPW; ++tp)
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) red[((tp * MB + mb) * 4 + q) * (WARPS * 32) + wt * 32 + lane] = acc[tp][mb][q];
-    }
-    __syncthreads();
-    if (kg == 0) {
-#pragma unroll
-      for (int tp = 0; tp < TPW; ++tp)
-#pragma unroll
-        for (int mb = 0; mb < MB; ++mb)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[tp][mb][q] += red[((tp * MB + mb) * 4 + q) * (WARPS * 32) + wt * 32 + lane];
-    }
-    __syncthreads();
-  }
-  active = active && kg == 0;
-#endif
 
   if (splits == 1) {
     if (active) {
@@ -348,43 +293,32 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 
-_opted: dict = {}  # id of a compiled kernel (mma_gemv._kernels keeps them all) -> the dynamic shared memory set for it
-
-
-def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1,
-                  kg: int = 1) -> str:
+def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1) -> str:
     """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``min_blocks``:
-    CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them); ``kg``: groups of
-    ``warps`` warps splitting the CTA's chunks."""
+    CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them)."""
     if group_size % CHUNK:
         raise ValueError(f"mma_gemm: group size {group_size} is not a multiple of {CHUNK}")
-    if kg not in (1, 2, 4):
-        raise ValueError(f"mma_gemm: {kg} groups of warps along K (1, 2 or 4)")
     body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw))
             .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
-            .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks)))
-            .replace("__KG__", str(kg)))
+            .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks))))
     return mma_gemv.HELPERS + body
 
 
-def shared_bytes(mb: int, kg: int = 1) -> int:
-    """The x stages' shared memory: static with one group of warps (at most 48 KiB: 64 rows x 256 bytes x 3 stages
-    is exactly that), dynamic with more (a chunk a group a stage: 96 KiB at 64 rows and two groups)."""
-    return STAGES * kg * mb * 8 * CHUNK * 2
+def shared_bytes(mb: int) -> int:
+    """The x stages' static shared memory (at most 48 KiB: 64 rows x 256 bytes x 3 stages is exactly that)."""
+    return STAGES * mb * 8 * CHUNK * 2
 
 
 def plan(M: int, T: int, C: int, config: tuple, sms: int) -> tuple:
     """(row blocks, warps, tiles a warp, depth, CTAs along N, splits over K) for an [M, K] x [K, 16 T] product;
-    ``config`` = (warps, tiles a warp, depth, CTAs per SM[, groups of warps along K]): ``warps`` counts one group."""
+    ``config`` = (warps, tiles a warp, depth, CTAs per SM)."""
     mb = row_blocks(M)
-    warps, tpw, depth, per_sm = config[:4]
-    kg = config[4] if len(config) > 4 else 1
+    warps, tpw, depth, per_sm = config
     if T % tpw:
         tpw = 1  # a warp's tiles side by side: an odd tile count gives one tile a warp
     ctas = -(-T // (warps * tpw))
-    # at least 2 chunks a split (the pipeline fills in two), and enough CTAs for per_sm on every SM, counted in CTAs
-    # of one group of warps (a CTA of kg groups is kg of them)
-    splits = max(1, min(C // 2 if C >= 2 else 1, -(-per_sm * sms // (ctas * kg))))
+    # at least 2 chunks a split (the pipeline fills in two), and enough CTAs for per_sm on every SM
+    splits = max(1, min(C // 2 if C >= 2 else 1, -(-per_sm * sms // ctas)))
     return mb, warps, tpw, depth, ctas, splits
 
 
@@ -406,18 +340,10 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     config = config or config_for(M, K, N)
     mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
-    kg = config[4] if len(config) > 4 else 1
-    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm, kg), "gptq_mma_gemm",
-                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm, kg))
+    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm), "gptq_mma_gemm",
+                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm))
     if kernel is None or isinstance(kernel, str):
         return None
-    smem = shared_bytes(mb, kg) if kg > 1 else 0  # (one group: static shared memory)
-    if smem and _opted.get(id(kernel)) != smem:  # once a compiled kernel: the opt-in attribute above 48 KiB
-        if torch.cuda.is_current_stream_capturing():
-            return None
-        with torch.cuda.device(x2d.device):
-            kernel.set_shared_memory_config(smem)
-        _opted[id(kernel)] = smem
     ws, counters = (None, None)
     if splits > 1:
         held = mma_gemv.workspace(x2d.device, splits, M, N)
@@ -425,8 +351,8 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
             return None
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
-    kernel(grid=(ctas, splits, 1), block=(warps * kg * 32, 1, 1),
+    kernel(grid=(ctas, splits, 1), block=(warps * 32, 1, 1),
            args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else out,
                  counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0),
-                 bias if bias is not None else out, int(bias is not None)], shared_mem=smem)
+                 bias if bias is not None else out, int(bias is not None)])
     return out

@@ -10,7 +10,7 @@ from finetune.quant import mma_gemm as MG
 
 @pytest.mark.parametrize("N,K", [(15360, 5120), (5120, 5120), (13696, 5120), (5120, 13696), (1040, 1024), (528, 256),
                                  (16, 128)])
-@pytest.mark.parametrize("config", [(8, 1, 2, 1), (8, 2, 2, 2), (4, 2, 3, 4), (4, 1, 1, 8), (4, 1, 1, 2, 2)])
+@pytest.mark.parametrize("config", [(8, 1, 2, 1), (8, 2, 2, 2), (4, 2, 3, 4), (4, 1, 1, 8)])
 @pytest.mark.parametrize("rows", [1, 9, 33, 64])
 def test_every_tile_has_one_warp_and_every_split_two_chunks(N, K, config, rows):
     T, C = N // 16, K // 128
@@ -20,22 +20,6 @@ def test_every_tile_has_one_warp_and_every_split_two_chunks(N, K, config, rows):
     tiles = warps * tpw  # a CTA's tiles
     assert (ctas - 1) * tiles < T <= ctas * tiles  # no CTA without a tile
     assert 1 <= splits and (splits == 1 or C // splits >= 2)
-    kg = config[4] if len(config) > 4 else 1  # per_sm counts CTAs of one group of warps: kg groups need fewer
-    assert splits == 1 or (splits - 1) * ctas * kg < config[3] * 132
-
-
-def test_groups_along_k_take_the_ctas_chunks_in_turn_and_their_stages_fit():
-    """Two groups of warps split a CTA's chunks (each its own chunk of a stage) and add their sums at the end in the
-    stages' memory; more than 48 KiB of stages at 64 rows asks for the opt-in attribute (dynamic shared memory)."""
-    src = MG.kernel_source(4, 8, 1, 1, 128, 2, kg=2)
-    assert "#define KG 2" in src and "#define MINB 2" in src and re.search(r"__[A-Z]+__", src) is None
-    assert MG.shared_bytes(8, 2) == 2 * MG.shared_bytes(8) == 96 * 1024
-    assert "#define KG 1" in MG.kernel_source(4, 8, 1, 1, 128)
-    with pytest.raises(ValueError, match="3 groups of warps"):
-        MG.kernel_source(4, 8, 1, 1, 128, kg=3)
-    # the 14B's c_attn at 64 rows: 240 CTAs of two groups, one split (per_sm 2 counts one group's CTAs)
-    assert MG.plan(64, 960, 40, (4, 1, 1, 2, 2), 132)[4:] == (240, 1)
-    assert MG.plan(64, 960, 40, (4, 1, 1, 2), 132)[4:] == (240, 2)
 
 
 def test_rows_and_sources():
