@@ -775,7 +775,9 @@ class Engine:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # thread_local, as the trainer's captures: in torch's default (global) mode an allocation or a module load
+        # by any other thread of the process (a server's, a compile pool's) during the capture invalidates it
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             out = self._decode_forward(*args)
             if pick is not None:
                 self._pick_next(out, b, *pick, True, s["ints"], self._seen)
