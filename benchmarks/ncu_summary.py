@@ -3,13 +3,14 @@ profiled kernel its grid, duration, DRAM and SM throughput, occupancy, registers
 reasons that cost the most (cycles a warp waits per issued instruction, from
 ``smsp__average_warps_issue_stalled_*_per_issue_active``), and the label ncu_kernels.py printed for it.
 
-    python benchmarks/ncu_summary.py results/ncu_<commit>.csv [--stalls 5] [--json out.json]
+    python benchmarks/ncu_summary.py results/ncu_<commit>.csv[.gz] [--stalls 5] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import json
 import re
 import sys
@@ -36,7 +37,7 @@ STALL = re.compile(r"smsp__average_warps_issue_stalled_(\w+)_per_issue_active\.r
 
 def read(path: str) -> list[dict]:
     kernels: OrderedDict = OrderedDict()
-    with open(path, newline="") as f:
+    with (gzip.open(path, "rt", newline="") if path.endswith(".gz") else open(path, newline="")) as f:
         lines = [line for line in f if line.startswith('"')]  # the program's own output lines are not CSV rows
     for row in csv.DictReader(lines):
         k = kernels.setdefault(row["ID"], {"id": int(row["ID"]), "kernel": row["Kernel Name"][:40],
