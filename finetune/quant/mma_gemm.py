@@ -22,6 +22,13 @@ The shared stage holds MB*8 rows of 128 bf16 (256 bytes); a lane reads 16 bytes 
 contiguous bytes, and the pieces are stored XOR-swizzled ((piece ^ ((t >> 1) | ((row & 1) << 1))) so that the 8
 lanes of each quarter-warp read 8 different bank groups.
 
+MG (a config's fifth field, 1 by default): MG groups of WARPS warps take the same tiles and chunks, group g the
+rows g MB 8 .. (g + 1) MB 8 - 1 of the stage, each with MB / MG row blocks' sums. At 64 rows Nsight Compute found
+the kernel latency-bound for lack of warps (NOTES step 82: ~7 warps an SM, 64 fp32 sums and 140-162 registers a
+thread); splitting the CTA's chunks between two groups instead lost 5-35% to the register cap's spills (step 83).
+Splitting the rows halves the sums a thread holds, so two groups fit two CTAs an SM uncapped; the cost is that each
+group unpacks the same weights (read through L1, which the groups' second reads hit).
+
 Limits: those of ``mma_gemv`` (4-bit, bf16, N a multiple of 16, K of 128, group size a multiple of 128), 1 to 64
 rows (``MIN_ROWS`` and more in GPTQLinear), compute capability 8.0+ with NVRTC. No LoRA epilogue: the engine's
 hook adds the product for rows this kernel serves.
@@ -39,7 +46,8 @@ MAX_ROWS = 64
 STAGES = 3
 
 # Launch configurations by 8-row blocks: (warps a CTA (tiles side by side), tiles a warp, register buffers of
-# weights a warp, target CTAs per SM for the split over K and for the register cap). Measured on an H200 by
+# weights a warp, target CTAs per SM for the split over K and for the register cap[, groups of warps along the
+# rows, MG]). Measured on an H200 by
 # benchmarks/mma_gemm_probe.py (NOTES steps 21 and 30); 1 (8 rows, which GPTQLinear gives the GEMV) is not measured.
 CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 2), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
 # Where a layer shape's own best beats its row count's CONFIGS entry by more than 3%: (row blocks, K, N) -> config.
@@ -75,8 +83,10 @@ _SOURCE = r"""
 #define GCHUNKS __GCHUNKS__
 #define STAGES __STAGES__
 #define MINB __MINB__            // CTAs an SM must hold: caps the registers a thread (the config's per-SM target)
+#define MG __MG__                // groups of WARPS warps taking the rows in turn: MB 8-row blocks each (module doc)
+#define THREADS (WARPS * MG * 32)
 #define XROW 128                 // bf16 a shared row of x: one chunk
-#define XSTAGE (MB * 8 * XROW)  // bf16 a stage
+#define XSTAGE (MG * MB * 8 * XROW)  // bf16 a stage: every group's rows
 
 // A warp's weights for one chunk: its TPW tiles' 32 bytes a lane, their scales and zero-point words.
 struct WChunk {
@@ -87,7 +97,7 @@ struct WChunk {
 
 // x of chunk c (rows < M) into a shared stage, each lane's four 16-byte pieces swizzled (module doc); one group.
 __device__ __forceinline__ void load_x(u16* stage, const u16* x, int M, int x_stride, int c) {
-  for (int i = threadIdx.x; i < M * 16; i += WARPS * 32) {
+  for (int i = threadIdx.x; i < M * 16; i += THREADS) {
     const int row = i >> 4, p = i & 15, pt = p >> 2;
     const int sw = (pt >> 1) | ((row & 1) << 1);
     cp_async16(stage + row * XROW + pt * 32 + (((p & 3) ^ sw) << 3),
@@ -101,8 +111,13 @@ __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, c
                                        size_t tile_stride) {
 #pragma unroll
   for (int tp = 0; tp < TPW; ++tp) {
+#if MG == 1
     b.w[tp][0] = ld_stream(w + tp * tile_stride);
     b.w[tp][1] = ld_stream(w + tp * tile_stride + 1);
+#else  // every group reads the same weights: through L1, where the groups' second reads find them
+    b.w[tp][0] = ld_cached(w + tp * tile_stride);
+    b.w[tp][1] = ld_cached(w + tp * tile_stride + 1);
+#endif
   }
 #if GCHUNKS == 1
   const u16* sc = s;
@@ -177,16 +192,21 @@ __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int s
   }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32, MINB)
+extern "C" __global__ void __launch_bounds__(THREADS, MINB)
 gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
               const u16* __restrict__ bias, int has_bias) {
   __shared__ __align__(16) u16 xs[STAGES * XSTAGE];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#if MG == 1
+  const int wt = warp, row0 = 0;
+#else
+  const int wt = warp % WARPS, row0 = (warp / WARPS) * MB * 8;  // the warp's tile slot and its group's first row
+#endif
   const int r = lane >> 2, t = lane & 3;
   const int T = N >> 4, C = K >> 7;
-  const int tile0 = (blockIdx.x * WARPS + warp) * TPW;  // this warp's first tile
+  const int tile0 = (blockIdx.x * WARPS + wt) * TPW;  // this warp's first tile
   const bool active = tile0 < T;  // the last CTA's extra warps load tile 0's weights and store nothing
   const int ltile = active ? tile0 : 0;
   const int split = blockIdx.y, splits = gridDim.y;
@@ -204,7 +224,7 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 #endif
   int cw = c_begin;
   const int sw = (t >> 1) | ((r & 1) << 1);
-  const u16* xr = xs + r * XROW + t * 32;
+  const u16* xr = xs + (row0 + r) * XROW + t * 32;
 
   float acc[TPW][MB][4];
 #pragma unroll
@@ -250,7 +270,7 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
         for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
           for (int q = 0; q < 4; ++q) {
-            const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
+            const int b = row0 + mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
             if (b < M) out[(size_t)b * N + n] = f2bf(acc[tp][mb][q] + bias_of(bias, has_bias, n));
           }
     }
@@ -263,7 +283,7 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
       for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
+          const int b = row0 + mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
           if (b < M) __stcg(ws + ((size_t)split * M + b) * N + n, acc[tp][mb][q]);
         }
   }
@@ -280,7 +300,7 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
       for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const int b = mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
+          const int b = row0 + mb * 8 + 2 * t + (q & 1), n = (tile0 + tp) * 16 + r + 8 * (q >> 1);
           if (b < M) {
             float s = 0.f;
             for (int sp_ = 0; sp_ < splits; ++sp_) s += __ldcg(ws + ((size_t)sp_ * M + b) * N + n);  // a fixed order
@@ -293,15 +313,27 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 """
 
 
-def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1) -> str:
-    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``min_blocks``:
-    CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them)."""
+def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1,
+                  mg: int = 1) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``mb``: 8-row blocks
+    a warp; ``min_blocks``: CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them);
+    ``mg``: groups of ``warps`` warps taking the rows in turn (mb blocks each)."""
     if group_size % CHUNK:
         raise ValueError(f"mma_gemm: group size {group_size} is not a multiple of {CHUNK}")
     body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw))
             .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
-            .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks))))
+            .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks)))
+            .replace("__MG__", str(mg)))
     return mma_gemv.HELPERS + body
+
+
+def row_groups(mb: int, config: tuple) -> tuple[int, int]:
+    """(groups of warps along the rows, 8-row blocks a warp) for ``mb`` row blocks under ``config`` (its fifth
+    field, 1 when absent; never more groups than row blocks)."""
+    mg = min(config[4] if len(config) > 4 else 1, mb)
+    if mg not in (1, 2, 4, 8):
+        raise ValueError(f"mma_gemm: {mg} groups of warps along the rows (1, 2, 4 or 8)")
+    return mg, mb // mg
 
 
 def shared_bytes(mb: int) -> int:
@@ -311,9 +343,9 @@ def shared_bytes(mb: int) -> int:
 
 def plan(M: int, T: int, C: int, config: tuple, sms: int) -> tuple:
     """(row blocks, warps, tiles a warp, depth, CTAs along N, splits over K) for an [M, K] x [K, 16 T] product;
-    ``config`` = (warps, tiles a warp, depth, CTAs per SM)."""
+    ``config`` = (warps, tiles a warp, depth, CTAs per SM[, groups of warps along the rows])."""
     mb = row_blocks(M)
-    warps, tpw, depth, per_sm = config
+    warps, tpw, depth, per_sm = config[:4]
     if T % tpw:
         tpw = 1  # a warp's tiles side by side: an odd tile count gives one tile a warp
     ctas = -(-T // (warps * tpw))
@@ -340,8 +372,9 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     config = config or config_for(M, K, N)
     mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
-    kernel = mma_gemv.compiled(x2d.device, (warps, mb, tpw, depth, group_size, per_sm), "gptq_mma_gemm",
-                               lambda: kernel_source(warps, mb, tpw, depth, group_size, per_sm))
+    mg, mbw = row_groups(mb, config)
+    kernel = mma_gemv.compiled(x2d.device, (warps, mbw, tpw, depth, group_size, per_sm, mg), "gptq_mma_gemm",
+                               lambda: kernel_source(warps, mbw, tpw, depth, group_size, per_sm, mg))
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)
@@ -351,7 +384,7 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
             return None
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
-    kernel(grid=(ctas, splits, 1), block=(warps * 32, 1, 1),
+    kernel(grid=(ctas, splits, 1), block=(warps * mg * 32, 1, 1),
            args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else out,
                  counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0),
                  bias if bias is not None else out, int(bias is not None)])

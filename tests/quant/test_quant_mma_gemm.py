@@ -10,7 +10,7 @@ from finetune.quant import mma_gemm as MG
 
 @pytest.mark.parametrize("N,K", [(15360, 5120), (5120, 5120), (13696, 5120), (5120, 13696), (1040, 1024), (528, 256),
                                  (16, 128)])
-@pytest.mark.parametrize("config", [(8, 1, 2, 1), (8, 2, 2, 2), (4, 2, 3, 4), (4, 1, 1, 8)])
+@pytest.mark.parametrize("config", [(8, 1, 2, 1), (8, 2, 2, 2), (4, 2, 3, 4), (4, 1, 1, 8), (4, 1, 1, 1, 2)])
 @pytest.mark.parametrize("rows", [1, 9, 33, 64])
 def test_every_tile_has_one_warp_and_every_split_two_chunks(N, K, config, rows):
     T, C = N // 16, K // 128
@@ -34,6 +34,22 @@ def test_rows_and_sources():
     assert "#define MINB 2" in MG.kernel_source(8, 8, 1, 2, 128, min_blocks=2)
     with pytest.raises(ValueError, match="group size 64"):
         MG.kernel_source(8, 8, 1, 2, 64)
+
+
+def test_row_groups_split_the_row_blocks_and_fill_the_source():
+    """MG groups of warps take the rows in turn: each group's warps hold MB / MG row blocks' sums (never fewer than
+    one: more groups than row blocks is as many groups as blocks); the fifth config field, 1 when absent."""
+    assert MG.row_groups(8, (4, 1, 1, 1)) == (1, 8)
+    assert MG.row_groups(8, (4, 1, 1, 1, 2)) == (2, 4)
+    assert MG.row_groups(4, (4, 1, 1, 1, 4)) == (4, 1)
+    assert MG.row_groups(1, (4, 1, 1, 1, 2)) == (1, 1)  # 1-8 rows: one group
+    with pytest.raises(ValueError, match="3 groups of warps along the rows"):
+        MG.row_groups(8, (4, 1, 1, 1, 3))
+    src = MG.kernel_source(4, 4, 1, 1, 128, 2, mg=2)
+    assert "#define MG 2" in src and "#define MB 4" in src and re.search(r"__[A-Z]+__", src) is None
+    assert "#define MG 1" in MG.kernel_source(4, 8, 1, 1, 128)
+    # the stages hold every group's rows: 48 KiB at 64 rows whatever the groups (static shared memory)
+    assert MG.shared_bytes(8) == 48 * 1024
 
 
 def test_a_shape_with_its_own_measured_config_gets_it_and_others_their_row_counts():
