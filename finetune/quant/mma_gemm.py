@@ -18,7 +18,7 @@ once per chunk, and a split over K whose partials go to a workspace that the las
 (deterministic, one kernel, graph-safe). Numerics equal the GEMV's for more than 8 rows (exact products, fp32
 sums, one rounding of the output).
 
-The shared stage holds MB*8 rows of 128 bf16 (256 bytes); a lane reads 16 bytes at a time, four pieces of its 64
+The shared stage holds MG*MB*8 rows of 128 bf16 (256 bytes); a lane reads 16 bytes at a time, four pieces of its 64
 contiguous bytes, and the pieces are stored XOR-swizzled ((piece ^ ((t >> 1) | ((row & 1) << 1))) so that the 8
 lanes of each quarter-warp read 8 different bank groups.
 
@@ -47,8 +47,8 @@ STAGES = 3
 
 # Launch configurations by 8-row blocks: (warps a CTA (tiles side by side), tiles a warp, register buffers of
 # weights a warp, target CTAs per SM for the split over K and for the register cap[, groups of warps along the
-# rows, MG]). Measured on an H200 by
-# benchmarks/mma_gemm_probe.py (NOTES steps 21 and 30); 1 (8 rows, which GPTQLinear gives the GEMV) is not measured.
+# rows, MG]). Measured on an H200 by benchmarks/mma_gemm_probe.py (NOTES steps 21 and 30); 1 (8 rows, which
+# GPTQLinear gives the GEMV) is not measured.
 CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 2), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
 # Where a layer shape's own best beats its row count's CONFIGS entry by more than 3%: (row blocks, K, N) -> config.
 # Mostly the split target: at 64 rows the 5,120-output Linears (320 tiles) want two CTAs an SM where 13,696-15,360
