@@ -330,9 +330,10 @@ def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, mi
 def row_groups(mb: int, config: tuple) -> tuple[int, int]:
     """(groups of warps along the rows, 8-row blocks a warp) for ``mb`` row blocks under ``config`` (its fifth
     field, 1 when absent; never more groups than row blocks)."""
-    mg = min(config[4] if len(config) > 4 else 1, mb)
-    if mg not in (1, 2, 4, 8):
-        raise ValueError(f"mma_gemm: {mg} groups of warps along the rows (1, 2, 4 or 8)")
+    want = config[4] if len(config) > 4 else 1
+    if want not in (1, 2, 4, 8):
+        raise ValueError(f"mma_gemm: {want} groups of warps along the rows (1, 2, 4 or 8)")
+    mg = min(want, mb)
     return mg, mb // mg
 
 
