@@ -18,15 +18,8 @@ GEMM_CANDIDATES="${GEMM_CANDIDATES-base P64w2:$P64=4,1,1,2 P64x8:$P64=8,1,1,1 C6
   C64t2:$C64=4,2,1,1 P32d2:$P32=4,1,2,1 P32s4:$P32=4,1,1,4}"
 LORA_CANDIDATES="${LORA_CANDIDATES-base W414:$W=4,1,4 W414M414:$W=4,1,4+$M=4,1,4}"
 LORA_ROWS="${LORA_ROWS:-1}"
-sweep() {  # OUT_NAME TIMEOUT ARGS...
-  local name="$1" limit="$2"
-  shift 2
-  timeout "$limit" python3 benchmarks/step_config_sweep.py --model-dir /tmp/m --out "$OUT/${name}_$C.json" \
-    --rounds "${ROUNDS:-2}" "$@" \
-    2>&1 | grep -E '^\{|Error|error' | cut -c1-300
-}
-[[ -z "$GEMV_CANDIDATES" ]] || sweep sweep_gemv 170 --rows 1 8 --prompt 24 --candidates $GEMV_CANDIDATES
-[[ -z "$LORA_CANDIDATES" ]] || sweep sweep_lora 120 --rows $LORA_ROWS --prompt 24 --adapter 64 \
+[[ -z "$GEMV_CANDIDATES" ]] || step_sweep sweep_gemv 170 --rows 1 8 --prompt 24 --candidates $GEMV_CANDIDATES
+[[ -z "$LORA_CANDIDATES" ]] || step_sweep sweep_lora 120 --rows $LORA_ROWS --prompt 24 --adapter 64 \
   --candidates $LORA_CANDIDATES
 if [[ "${ATTN:-0}" == 1 ]]; then
   V=()
@@ -37,7 +30,8 @@ for line in sys.stdin:
     r = json.loads(line)
     print(r["case"], {k[:-3]: v for k, v in r.items() if k.endswith("_us")})'
 fi
-[[ -z "$GEMM_CANDIDATES" ]] || sweep sweep_gemm 170 --rows ${GEMM_ROWS:-32 64} --prompt 24 --candidates $GEMM_CANDIDATES
+[[ -z "$GEMM_CANDIDATES" ]] || step_sweep sweep_gemm 170 --rows ${GEMM_ROWS:-32 64} --prompt 24 \
+  --candidates $GEMM_CANDIDATES
 [[ "${TESTS:-1}" == 0 ]] || timeout 150 python3 -m pytest -q -m cuda ${TEST_FILES:-tests/quant/test_quant_cuda.py} \
   -k "${TEST_K:-mma_gemv}" -p no:cacheprovider 2>&1 | tail -3
 [[ -z "${ONCE:-}" ]] || timeout 200 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \

@@ -38,3 +38,29 @@ inference_trial() {
   C="${QWEN_FT_COMMIT:-$(git rev-parse --short HEAD)}"
   int4_model_dir
 }
+
+# benchmarks/step_config_sweep.py on /tmp/m within TIMEOUT seconds: its JSON in $OUT/NAME_$C.json, its result lines
+# (and errors) on stdout. Rounds: $ROUNDS (default 2); ARGS given later win (argparse keeps the last).
+#   step_sweep NAME TIMEOUT --rows 1 --prompt 24 --candidates base ...
+step_sweep() {
+  local name="$1" limit="$2"
+  shift 2
+  timeout "$limit" python3 benchmarks/step_config_sweep.py --model-dir /tmp/m --out "$OUT/${name}_$C.json" \
+    --rounds "${ROUNDS:-2}" "$@" 2>&1 | grep -E '^\{|Error|error' | cut -c1-300
+}
+
+# Nsight Compute over benchmarks/ncu_kernels.py ARGS (the Int4 kernels of one 14B layer) within TIMEOUT seconds:
+# throughput, occupancy, scheduler, warp-state, memory and instruction sections and the warp stall ratios, as CSV in
+# $OUT/NAME_$C.csv (ncu's own messages in .err), then benchmarks/ncu_summary.py's table (and its JSON beside).
+#   ncu_layer NAME TIMEOUT --rows 1 64 [--shapes c_attn] [--configs 4,1,1,1 ...]
+ncu_layer() {
+  local name="$1" limit="$2" sections=()
+  shift 2
+  for s in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats MemoryWorkloadAnalysis \
+           ComputeWorkloadAnalysis InstructionStats SourceCounters; do sections+=(--section "$s"); done
+  timeout "$limit" ncu --clock-control none -k regex:gptq_mma "${sections[@]}" \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
+    python3 benchmarks/ncu_kernels.py "$@" > "$OUT/${name}_$C.csv" 2> "$OUT/${name}_$C.err"
+  echo "ncu: rc $?, $(grep -c . "$OUT/${name}_$C.csv") lines"; tail -3 "$OUT/${name}_$C.err"
+  python3 benchmarks/ncu_summary.py "$OUT/${name}_$C.csv" --json "$OUT/${name}_summary_$C.json" | cut -c1-300
+}

@@ -14,11 +14,10 @@ source benchmarks/device_site.sh && inference_trial /tmp/one_launch_out || exit 
 [[ "${TESTS:-1}" == 0 ]] || timeout 240 python3 -m pytest -q -m cuda tests/inference/test_fused_decode_cuda.py \
   tests/inference/test_inference_cuda.py \
   -p no:cacheprovider 2>&1 | tail -4
-sweep() {  # OUT_NAME ARGS...
+sweep() {  # OUT_NAME ARGS...: the one-launch attention (base) against three launches
   local name="$1"
   shift
-  timeout 200 python3 benchmarks/step_config_sweep.py --model-dir /tmp/m --out "$OUT/${name}_$C.json" --rounds 2 \
-    --candidates base three:attention_one_launch=0 "$@" 2>&1 | grep -E '^\{|Error|error' | cut -c1-160
+  step_sweep "$name" 200 --candidates base three:attention_one_launch=0 "$@"
 }
 if [[ "${SWEEPS:-1}" == 1 ]]; then
   sweep one_launch_short --rows 1 64 --prompt 24

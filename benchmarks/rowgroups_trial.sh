@@ -14,14 +14,6 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 c8="8,5120,15360=4,1,1,1,2" p8="8,5120,5120=4,1,1,1,2+8,13696,5120=4,1,1,1,2" w8="8,5120,27392=4,1,1,1,2"
 q8="8,5120,5120=4,1,1,2,2+8,13696,5120=4,1,1,2,2"
 c4="4,5120,15360=4,1,1,1,2" p4="4,5120,5120=4,1,1,2,2+4,13696,5120=4,1,1,2,2" w4="4,5120,27392=4,1,1,1,2"
-[[ "${SWEEP:-1}" == 0 ]] || timeout 400 python3 benchmarks/step_config_sweep.py --model-dir /tmp/m --rows 64 32 \
-  --prompt 24 --rounds 2 --reps 50 --out "$OUT/rowgroups_sweep_$C.json" --candidates base "c8:$c8" "p8:$p8" \
-  "q8:$q8" "w8:$w8" "a8:$c8+$p8+$w8" "c4:$c4" "p4:$p4" "w4:$w4" 2>&1 | grep -E '^\{|Error|error' | cut -c1-150
-if [[ "${NCU:-1}" == 1 ]]; then
-  timeout 150 ncu --clock-control none -k regex:gptq_mma --section SpeedOfLight --section Occupancy \
-    --section LaunchStats --section SchedulerStats --section WarpStateStats \
-    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
-    python3 benchmarks/ncu_kernels.py --rows 64 --shapes c_attn --configs 4,1,1,1 4,1,1,1,2 \
-    > "$OUT/rowgroups_ncu_$C.csv" 2> "$OUT/rowgroups_ncu_$C.err"
-  python3 benchmarks/ncu_summary.py "$OUT/rowgroups_ncu_$C.csv" | cut -c1-300
-fi
+[[ "${SWEEP:-1}" == 0 ]] || step_sweep rowgroups_sweep 400 --rows 64 32 --prompt 24 --reps 50 --candidates base \
+  "c8:$c8" "p8:$p8" "q8:$q8" "w8:$w8" "a8:$c8+$p8+$w8" "c4:$c4" "p4:$p4" "w4:$w4"
+[[ "${NCU:-1}" == 0 ]] || ncu_layer rowgroups_ncu 150 --rows 64 --shapes c_attn --configs 4,1,1,1 4,1,1,1,2

@@ -19,12 +19,6 @@ nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 [[ "${TESTS:-1}" == 0 ]] || timeout 240 python3 -m pytest -q -m cuda tests/inference/test_fused_decode_cuda.py \
   tests/inference/test_inference_cuda.py -p no:cacheprovider --tb=short -W ignore 2>&1 \
   | grep -E "^E |^tests/|passed|failed" | head -40
-sweep() {  # OUT_NAME ARGS...
-  local name="$1"
-  shift
-  timeout 200 python3 benchmarks/step_config_sweep.py --model-dir /tmp/m --out "$OUT/${name}_$C.json" "$@" 2>&1 \
-    | grep -E '^\{|Error|error' | cut -c1-160
-}
 if [[ "${MEMCHECK:-1}" == 1 ]]; then
   echo "== memcheck: the one-launch attention's GPU tests"
   timeout 200 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 10 python3 -m pytest -q -m cuda \
@@ -39,16 +33,7 @@ if [[ "${MEMCHECK:-1}" == 1 ]]; then
 fi
 if [[ "${LONG:-1}" == 1 ]]; then
   for i in $(seq "${LONG_REPEATS:-3}"); do
-    sweep "one_launch_long$i" --rounds 2 --candidates base three:attention_one_launch=0 --rows 1 --prompt 2000
+    step_sweep "one_launch_long$i" 200 --candidates base three:attention_one_launch=0 --rows 1 --prompt 2000
   done
 fi
-if [[ "${NCU:-1}" == 1 ]]; then
-  sections=()
-  for s in SpeedOfLight Occupancy LaunchStats WarpStateStats SchedulerStats MemoryWorkloadAnalysis \
-           ComputeWorkloadAnalysis InstructionStats SourceCounters; do sections+=(--section "$s"); done
-  timeout 240 ncu --clock-control none -k regex:gptq_mma "${sections[@]}" \
-    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" --csv --page details \
-    python3 benchmarks/ncu_kernels.py --rows ${NCU_ROWS:-1 64} > "$OUT/ncu_$C.csv" 2> "$OUT/ncu_$C.err"
-  echo "ncu: rc $?, $(grep -c . "$OUT/ncu_$C.csv") lines"; tail -3 "$OUT/ncu_$C.err"
-  python3 benchmarks/ncu_summary.py "$OUT/ncu_$C.csv" --json "$OUT/ncu_summary_$C.json" | cut -c1-300
-fi
+[[ "${NCU:-1}" == 0 ]] || ncu_layer ncu 240 --rows ${NCU_ROWS:-1 64}
