@@ -451,7 +451,7 @@ def test_mma_gemv_low_rank_epilogue_adds_the_lora_product(in_f, out_f, desc_act,
         h = (x.float() @ a.float()).to(torch.bfloat16).float()
         lora = (h * sel.float()) @ bt.float().t()
         ref = x.float() @ exact + lora
-        for config in (None, (4, 1, 8), (8, 1, 1)):
+        for config in (None, (4, 1, 8), (8, 1, 1), (4, 2, 4)):  # (4, 2, 4): two chunks in flight a warp
             y = G.mma_gemv(x, *packed[:4], 128, packed[4], config=config, low_rank=(a, sel, bt))
             assert _rel_err(y, ref) < 4e-3, (rows, config)
             # the low-rank term itself is there, once (a fifth to a half of the base product's size here)
