@@ -398,7 +398,9 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         yield
         server.worker.stop()
 
-    app = FastAPI(title="qwen-ft serve", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # no slash redirects: GET /health/ was a 307 to /health, an empty answer to curl without -L (the two routes a
+    # client may call with a slash are served with it below; any other path is the 404 naming the routes)
+    app = FastAPI(title="qwen-ft serve", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
     app.state.server = server
     app.add_middleware(BugAsError)  # (innermost: inside the CORS middleware below)
     app.add_middleware(BodyLimit, limit=max_body)

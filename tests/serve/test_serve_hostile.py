@@ -194,6 +194,15 @@ def test_a_404_names_every_route_served(live):
     assert served == named
 
 
+def test_a_trailing_slash_elsewhere_is_a_404_error_object_not_a_redirect(live):
+    """GET /health/ was a 307 to /health (Starlette's slash redirect): an empty answer to curl without -L, where
+    every path but the two served with a slash is a 404 naming the routes served."""
+    for method in ("GET", "HEAD"):
+        r = httpx.request(method, live.url + "/health/", timeout=10)
+        assert r.status_code == 404 and "location" not in r.headers, (method, r.status_code, r.headers)
+    assert "GET /health" in _error(httpx.get(live.url + "/health/", timeout=10), 404)["message"]
+
+
 def test_a_bug_is_still_an_openai_error_object(live, monkeypatch):
     def broken(turns):
         raise RuntimeError("boom")
