@@ -296,7 +296,8 @@ MAX_BODY_BYTES = 16 * 2**20
 
 class BodyLimit:
     """A request body over `limit` bytes gets a 413 before anything parses it: a declared Content-Length at once,
-    a chunked body as soon as it passes the limit. The body read here is handed on to the app as one message."""
+    a chunked body as soon as it passes the limit; a compressed one (Content-Encoding) gets a 415. The body read
+    here is handed on to the app as one message."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -321,6 +322,14 @@ class BodyLimit:
                 return
             if not message.get("more_body", False):
                 break
+        encoding = dict(scope["headers"]).get(b"content-encoding", b"").strip().lower()
+        if size and encoding not in (b"", b"identity"):
+            # the body is not decoded here: a gzip one read as "the request body is not valid UTF-8 (invalid
+            # start byte at byte 1)"
+            name = encoding.decode("latin-1")
+            err = APIError(415, f"Content-Encoding {name!r} is not supported: send the request body uncompressed")
+            await _send_json(send, 415, err)
+            return
         replayed = False
 
         async def replay():

@@ -150,6 +150,17 @@ def test_a_body_that_is_no_json_object_says_why(live, content, headers, words):
     assert words in err["message"] and err["param"] is None, err
 
 
+def test_a_compressed_body_is_415_naming_its_content_encoding(live):
+    """A gzip body (Content-Encoding: gzip) was a 400 "the request body is not valid UTF-8 (invalid start byte at
+    byte 1)", which named neither the encoding nor the fix."""
+    import gzip
+
+    body = json.dumps(_body()).encode()
+    err = _error(_post(live, content=gzip.compress(body), headers={**JSON, "Content-Encoding": "gzip"}), 415)
+    assert "'gzip'" in err["message"] and "uncompressed" in err["message"], err
+    assert _post(live, content=body, headers={**JSON, "Content-Encoding": "identity"}).status_code == 200
+
+
 def test_a_body_over_the_limit_is_413_and_the_server_goes_on(live):
     from finetune.serve.app import MAX_BODY_BYTES
 
