@@ -20,7 +20,7 @@ import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
@@ -354,12 +354,57 @@ class BodyLimit:
         await _send_json(send, 413, err, close=True)
 
 
-async def _send_json(send, status: int, err: APIError, close: bool = False) -> None:
+async def _send_json(send, status: int, err: APIError, close: bool = False, headers: list | None = None) -> None:
     body = json.dumps(err.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+               *(headers or [])]
     await send({"type": "http.response.start", "status": status,
                 "headers": headers + ([(b"connection", b"close")] if close else [])})
     await send({"type": "http.response.body", "body": body})
+
+
+def key_problem(api_key: str | None, header: bytes) -> str | None:
+    """Why an Authorization header value does not carry `api_key` ("missing" / "incorrect"), or None when it does
+    (or no key is set)."""
+    if api_key is None:
+        return None
+    # header values arrive as bytes (Latin-1 text to Starlette): compared with the key's UTF-8 bytes, so a
+    # non-ASCII key matches the bytes a client sends for it
+    scheme, _, key = header.partition(b" ")
+    if scheme.lower() == b"bearer" and secrets.compare_digest(key.strip(), api_key.encode()):
+        return None
+    return "missing" if not header or (scheme.lower() == b"bearer" and not key.strip()) else "incorrect"
+
+
+class KeyFirst:
+    """The API key of /v1/* checked before the body is read: a client without the key got a 400 for a body that is
+    not JSON and a 413 for one over the limit, and had the server parse up to MAX_BODY_BYTES of JSON, before its
+    401. The unread body is read and dropped (bounded, as for a 413) so that the 401 reaches a client still sending.
+    OPTIONS is left to the CORS middleware outside (a browser's preflight carries no key) or the router's 405."""
+
+    def __init__(self, app, server: Server, limit: int):
+        self.app, self.server, self.limit = app, server, limit
+
+    async def __call__(self, scope, receive, send):
+        if (scope["type"] != "http" or self.server.api_key is None or scope["method"] == "OPTIONS"
+                or not (scope["path"] == "/v1" or scope["path"].startswith("/v1/"))):
+            await self.app(scope, receive, send)
+            return
+        header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")  # the first
+        what = key_problem(self.server.api_key, header)
+        if what is None:
+            await self.app(scope, receive, send)
+            return
+        read, more = 0, True
+        while more and read <= 4 * self.limit:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left while sending: no one to answer
+                return
+            read += len(message.get("body", b""))
+            more = message.get("more_body", False)
+        err = APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key given to "
+                       "--api-key", None, "invalid_api_key")
+        await _send_json(send, 401, err, close=more, headers=[(b"www-authenticate", b"Bearer")])
 
 
 class BugAsError:
@@ -413,6 +458,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     app.state.server = server
     app.add_middleware(BugAsError)  # (innermost: inside the CORS middleware below)
     app.add_middleware(BodyLimit, limit=max_body)
+    app.add_middleware(KeyFirst, server=server, limit=max_body)  # (outside BodyLimit: before the body)
     if server.cors_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before auth
         from fastapi.middleware.cors import CORSMiddleware
 
@@ -464,19 +510,6 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         # a bug in a middleware (BugAsError answers the app's), still an OpenAI error object (uvicorn logs it)
         return JSONResponse(APIError(500, f"internal error: {type(exc).__name__}").body(), status_code=500)
 
-    def auth(request: Request):
-        if server.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        # header values arrive decoded as Latin-1: back to the bytes sent, compared with the key's UTF-8 bytes
-        # (a non-ASCII key never matched)
-        if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode("latin-1"),
-                                                                     server.api_key.encode()):
-            what = "missing" if not header or (scheme.lower() == "bearer" and not key.strip()) else "incorrect"
-            raise APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key "
-                           "given to --api-key", None, "invalid_api_key")
-
     # HEAD too on the GET routes (monitors probe with it; FastAPI answers 405 otherwise)
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
@@ -497,20 +530,20 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
                 "root": server.base_name, "parent": None if name == server.base_name else server.base_name}
 
     # (also with a trailing slash: the model route below would take "/v1/models/" as the model "")
-    @app.api_route("/v1/models", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
-    @app.api_route("/v1/models/", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
+    @app.api_route("/v1/models/", methods=["GET", "HEAD"])
     async def models():
         return {"object": "list", "data": [card(n) for n in (server.base_name, *server.adapter_names)]}
 
     # the openai client's models.retrieve(name); a name may hold "/" (the adapter names allow it)
-    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"], dependencies=[Depends(auth)])
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def model(name: str):
         server.adapter_for(name)  # 404 model_not_found, naming what is served, for another name
         return card(name)
 
     # a trailing slash is served, not redirected: a 307 reached curl without -L as an empty answer
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
-    @app.post("/v1/chat/completions/", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions/")
     async def chat_completions(body: ChatCompletionRequest, http: Request):
         run, functions = await server.start(body)
         cid, created = _completion_id(), int(time.time())

@@ -321,6 +321,21 @@ def test_authorization_header_forms(live, monkeypatch, header, status, what):
         assert r.getheader("WWW-Authenticate") == "Bearer"
 
 
+def test_the_key_is_checked_before_the_body_is_read(live, monkeypatch):
+    """Without the key a body that is no JSON was a 400 and one over the limit a 413 (the body parsed or counted
+    first): both are the 401, and the server answers the next request. With the key the body's own error stays."""
+    from finetune.serve.app import MAX_BODY_BYTES
+
+    monkeypatch.setattr(live.server, "api_key", "sk-KEY")
+    for content in (b"{not json", b"x" * (MAX_BODY_BYTES + 1)):
+        r = _post(live, content=content, headers=JSON)
+        assert _error(r, 401)["code"] == "invalid_api_key" and r.headers["WWW-Authenticate"] == "Bearer"
+    key = {**JSON, "Authorization": "Bearer sk-KEY"}
+    assert "not valid JSON" in _error(_post(live, content=b"{not json", headers=key), 400)["message"]
+    assert _post(live, _body(), headers=key).status_code == 200
+    assert httpx.get(live.url + "/health", timeout=10).status_code == 200  # (no key needed outside /v1)
+
+
 @pytest.mark.parametrize("path, name", [
     ("tiny%2Fqwen", "tiny/qwen"), ("tiny-qwen%2F", "tiny-qwen/"), ("%2F", "/"), ("/tiny-qwen", "/tiny-qwen"),
     ("tiny-qwen/", "tiny-qwen/"), ("%C3%A9", "é"), ("%00", "\x00"), ("..%2F..%2Fetc", "../../etc"),
