@@ -126,8 +126,15 @@ class Server:
                            f"completion). Reduce the length of the messages or {body.max_tokens_field()}.",
                            body.max_tokens_field(),
                            "context_length_exceeded")
+        if wanted is None and body.min_tokens and prompt_len + body.min_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                           f"at least {prompt_len + body.min_tokens} tokens ({prompt_len} in the messages, "
+                           f"min_tokens {body.min_tokens}). Reduce the length of the messages or min_tokens.",
+                           "min_tokens", "context_length_exceeded")
+        # (without max_tokens the default length grows to min_tokens: capped to it, a reply ended with "length"
+        # before the minimum the client asked for)
         over: dict = {"max_new_tokens": wanted if wanted is not None
-                      else min(self.gc.max_new_tokens or 512, limit - prompt_len)}
+                      else max(min(self.gc.max_new_tokens or 512, limit - prompt_len), body.min_tokens or 0)}
         if body.temperature is not None:
             # below 0.01 is greedy, as in the official server: scores divided by a tiny temperature overflow
             # fp32 (1e-40: inf, then NaN), and a seeded row's draw raises, failing the step for every row
@@ -144,7 +151,7 @@ class Server:
         if body.seed is not None:
             over["seed"] = body.seed
         if body.min_tokens:
-            over["min_new_tokens"] = min(body.min_tokens, over["max_new_tokens"])
+            over["min_new_tokens"] = body.min_tokens  # (<= max_new_tokens: checked in body.check, or grown above)
         over["stop_token_ids"] = tuple(self.gc.eos_token_id)
         return SamplingParams.from_generation_config(self.gc, **over)
 

@@ -51,6 +51,24 @@ def test_sampling_defaults_are_the_model_dirs_generation_config(live):
             custom.min_new_tokens) == (True, 0.7, 0.5, 4, 3, 9, 2)
 
 
+def test_min_tokens_without_max_tokens_grows_the_default_length(live, monkeypatch):
+    """min_tokens over the default length (the generation config's) was cut to it, and the reply ended with
+    "length" before the minimum asked for; now the length grows to it, and past the room left it is a 400."""
+    from finetune.serve.protocol import APIError
+
+    server = live.server
+    monkeypatch.setattr(server.gc, "max_new_tokens", 20)
+    p = server.params(_body(min_tokens=50), 30)
+    assert (p.max_new_tokens, p.min_new_tokens) == (50, 50)
+    p = server.params(_body(min_tokens=5), 30)
+    assert (p.max_new_tokens, p.min_new_tokens) == (20, 5)
+    assert server.params(_body(min_tokens=170), 30).max_new_tokens == 170  # all the room under --max-model-len 200
+    with pytest.raises(APIError) as e:
+        server.params(_body(min_tokens=171), 30)
+    assert (e.value.status, e.value.param, e.value.code) == (400, "min_tokens", "context_length_exceeded")
+    assert "201 tokens" in e.value.message
+
+
 def test_greedy_base_answer_equals_model_chat_and_max_completion_tokens_limits_it(live, model_dir):
     from finetune import load_model, load_tokenizer
 
