@@ -349,16 +349,24 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
     async def _refuse(self, receive, send, read: int, more: bool = True) -> None:
-        """Answer 413. The rest of the body is read and dropped first (up to 4x the limit): closing a connection
-        with unread bytes makes the kernel reset it, and a client still sending then loses the answer too."""
-        while more and read <= 4 * self.limit:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending: no one to answer
-                return
-            read += len(message.get("body", b""))
-            more = message.get("more_body", False)
+        """Answer 413, after the rest of the body (``_drop_body``)."""
+        if await _drop_body(receive, read, more, 4 * self.limit) is None:
+            return
         err = APIError(413, f"the request body is over {self.limit} bytes", None, "request_too_large")
         await _send_json(send, 413, err, close=True)
+
+
+async def _drop_body(receive, read: int, more: bool, cap: int) -> bool | None:
+    """Read and drop the rest of a request body before an error answer, up to ``cap`` bytes in all: closing a
+    connection with unread bytes makes the kernel reset it, and a client still sending then loses the answer too.
+    -> whether some is left unread (the answer must close the connection), None when the client left meanwhile."""
+    while more and read <= cap:
+        message = await receive()
+        if message["type"] != "http.request":  # the client left while sending: no one to answer
+            return None
+        read += len(message.get("body", b""))
+        more = message.get("more_body", False)
+    return more
 
 
 async def _send_json(send, status: int, err: APIError, close: bool = False, headers: list | None = None) -> None:
@@ -386,7 +394,7 @@ def key_problem(api_key: str | None, header: bytes) -> str | None:
 class KeyFirst:
     """The API key of /v1/* checked before the body is read: a client without the key got a 400 for a body that is
     not JSON and a 413 for one over the limit, and had the server parse up to MAX_BODY_BYTES of JSON, before its
-    401. The unread body is read and dropped (bounded, as for a 413) so that the 401 reaches a client still sending.
+    401. The body is read and dropped first (``_drop_body``), as for a 413.
     OPTIONS is left to the CORS middleware outside (a browser's preflight carries no key) or the router's 405."""
 
     def __init__(self, app, server: Server, limit: int):
@@ -402,13 +410,9 @@ class KeyFirst:
         if what is None:
             await self.app(scope, receive, send)
             return
-        read, more = 0, True
-        while more and read <= 4 * self.limit:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending: no one to answer
-                return
-            read += len(message.get("body", b""))
-            more = message.get("more_body", False)
+        more = await _drop_body(receive, 0, True, 4 * self.limit)
+        if more is None:
+            return
         err = APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key given to "
                        "--api-key", None, "invalid_api_key")
         await _send_json(send, 401, err, close=more, headers=[(b"www-authenticate", b"Bearer")])
