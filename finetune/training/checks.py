@@ -640,6 +640,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
 
     # -- output dir and resume -------------------------------------------------------------------------------
     identity = run_identity(model_dir, mode, lora_args, data_args, args)
+    check_inputs_kept(args, model_dir, lora_args.lora_weight_path)
     resume_from = check_output_dir(args, identity)
 
     check_model_files(model_dir, mode, lora_args)
@@ -673,6 +674,23 @@ def _lock_holder(out: Path) -> str | None:
     except OSError:
         return None
     return None
+
+
+def check_inputs_kept(args, model_dir, lora_weight_path) -> None:
+    """Refuse an --output_dir the run would write its outputs over, or clear, while it still has to read them
+    there: the model dir or the --lora_weight_path adapter, or, with --overwrite_output_dir over a run of this
+    project, either inside that run's dir (a checkpoint-N; the clearing removed them before they loaded)."""
+    out = Path(args.output_dir).resolve()
+    clears = args.overwrite_output_dir and is_project_run(out)
+    for flag, path in (("--model_name_or_path", model_dir), ("--lora_weight_path", lora_weight_path)):
+        if not path:
+            continue
+        p = Path(path).resolve()
+        if p == out or (clears and out in p.parents):
+            raise TrainConfigError(
+                f"--output_dir {args.output_dir} {'is' if p == out else 'holds'} the {flag} dir {path}, an input of "
+                f"this run{' that --overwrite_output_dir would remove before it loads' if clears else ''}; "
+                "choose another --output_dir")
 
 
 def check_output_dir(args, identity: dict) -> str | None:

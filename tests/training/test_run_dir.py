@@ -282,6 +282,21 @@ def test_overwrite_removes_the_old_runs_checkpoints(finished, model, data, tmp_p
     assert _preflight(train_args(model, data, run, *STEPS4, "--resume", "True")).resume_from is None
 
 
+@pytest.mark.parametrize("inputs", ["lora_weight_path", "checkpoint", "model"])
+def test_overwrite_never_removes_the_runs_own_inputs(finished, model, data, tmp_path, capsys, inputs):
+    # (the clearing removed the adapter or the model dir, then loading it was a traceback)
+    run = _copy(finished, tmp_path / "run")
+    if inputs == "model":
+        shutil.copytree(model, run, dirs_exist_ok=True)
+        flags = ["--model_name_or_path", str(run)]
+    else:
+        flags = ["--lora_weight_path", str(run if inputs == "lora_weight_path" else run / "checkpoint-2")]
+    before = _snapshot(run)
+    assert train_main(train_args(model, data, run, *STEPS4, *flags, "--overwrite_output_dir", "True")) == 2
+    assert "an input of this run" in _one_line(capsys.readouterr().err)
+    assert _snapshot(run) == before
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(finished, model, data, tmp_path):
     run = _copy(finished, tmp_path / "run", finished_marker=False)
     with pytest.raises(TrainConfigError, match=r"checkpoint-4 was written by a different run \(--lora_r 16 there, "
