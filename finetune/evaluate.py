@@ -67,7 +67,9 @@ def _is_data_file(output: str, data: str) -> bool:
 
 
 def _last_assistant(messages: list[dict]) -> int:
-    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    # the last trained reply: a "weight": 0 turn is context the data says not to learn, so no reference (the
+    # loss skips it too; a normalised record has at least one trained reply)
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1))
 
 
 def split_last_turn(message: dict) -> tuple[str, str]:

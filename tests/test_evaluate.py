@@ -432,6 +432,19 @@ def test_plain_records_are_prompted_and_referenced_as_before(small_tok, record):
     assert ref == msgs[-1]["content"]
 
 
+def test_a_last_reply_of_weight_0_is_no_reference(small_tok):
+    """OpenAI's "weight": 0 marks a reply not to learn (and the loss skips it): the prompt and reference are those
+    of the last trained reply. (The weight-0 reply was the reference.)"""
+    from finetune.modeling import make_context
+
+    record = {"messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                           {"role": "user", "content": "q2"},
+                           {"role": "assistant", "content": "not this", "weight": 0}]}
+    tokens, ref = generation_prompt(small_tok, record)
+    assert ref == "a1"
+    assert tokens == make_context(small_tok, "q1", system="You are a helpful assistant.")[1]
+
+
 def test_replies_to_tool_records_end_at_observation_as_the_servers(small_tok, monkeypatch):
     """With functions the server stops at "Observation:" (a reply that calls a tool ends there): eval cuts a
     tool record's reply there too; a plain record's reply is the whole text (no functions, no such stop)."""
