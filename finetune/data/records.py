@@ -521,7 +521,11 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
                 err = DataError("not UTF-8", f"invalid UTF-8 bytes {e.object[e.start:e.end]!r} at byte offset "
                                 f"{line_start + e.start} (column {e.start + 1} of the line)")
             except json.JSONDecodeError as e:
-                err = DataError("invalid JSON", f"{e.msg} at line {lineno} column {e.colno}" + hint)
+                # a JSON array saved as .jsonl fails on its "[" line: say so rather than only "Expecting value"
+                opens_array = index == 0 and not hint and text.lstrip().startswith("[")
+                err = DataError("invalid JSON", f"{e.msg} at line {lineno} column {e.colno}" + hint + (
+                    " (the file opens a JSON array, which a .jsonl file is not read as: name it .json)"
+                    if opens_array else ""))
             except DataError as e:
                 err = e
             if err is None:

@@ -170,6 +170,20 @@ def test_jsonl_one_broken_line(tmp_path):
     assert "record 2, line 3" in str(e.value)
 
 
+def test_a_json_array_saved_as_jsonl_is_named_as_such(tmp_path):
+    # (it was only "Expecting value at line 1 column 1")
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps([GOOD, GOOD], indent=1))
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert "record 1, line 1" in str(e.value) and "opens a JSON array" in str(e.value)
+    assert "name it .json" in str(e.value)
+    path.write_text(json.dumps(GOOD) + "\n[\n")  # a later line that opens an array is only a broken line
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert "record 2, line 2" in str(e.value) and "JSON array" not in str(e.value)
+
+
 def test_skip_invalid_counts_every_skip(tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     lines = [json.dumps(GOOD), "{broken", json.dumps({"conversations": [U]}), json.dumps(GOOD),
