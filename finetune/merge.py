@@ -367,8 +367,12 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                    "format": fmt, "dtype": dtype, "eval_data": str(eval_path) if eval_path else None,
                    "eval_data_kind": data_kind if eval_records else None, "eval_records": len(eval_records)})
     if eval_records:
-        report["unmerged_loss"] = eval_loss(peft_model, tokenizer, eval_records, max_len=max_len)["loss"]
+        unmerged = eval_loss(peft_model, tokenizer, eval_records, max_len=max_len)
+        report["unmerged_loss"] = unmerged["loss"]
         log(f"merge: {data_kind} loss of base+adapter (unmerged): {report['unmerged_loss']:.4f}")
+        if unmerged["left_out"]:  # said, not a bare "nan" (no scored token at all) or a loss over fewer records
+            log(f"merge: note: the loss leaves out {unmerged['left_out']} of {len(eval_records)} conversations: no "
+                f"reply token within the model's seq_length {max_len} (the prompt fills it)")
     if eval_records and qlora_on_float:
         # the cost against what was trained: the recorded Int4 base + adapter
         trained = load_model(Path(recorded), adapter=adapter, dtype=torch.float32, device=device)

@@ -11,7 +11,7 @@ from finetune import load_model
 from finetune.demo import make_demo_model
 from finetune.merge import MergeError, merge
 
-from _helpers import write_memorise, train_adapter
+from _helpers import memorise_records, write_memorise, train_adapter
 
 IDS = torch.tensor([[1841, 872, 198, 100, 200, 300, 17, 5], [3, 4, 5, 6, 7, 8, 9, 10]])
 
@@ -576,3 +576,13 @@ def test_an_adapters_hub_id_is_fetched_and_merged(setup, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["merge", "--adapter", "org/memorised", "-o", str(tmp_path / "merged"), "--dtype", "fp32"]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
+
+
+def test_a_loss_that_leaves_out_conversations_says_so(setup, tmp_path):
+    # (with every prompt past seq_length the report read "loss ... nan", nothing said why)
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps([{"messages": [{"role": "user", "content": "word " * 400},
+                                              {"role": "assistant", "content": "x"}]}] + memorise_records()))
+    lines = []
+    merge(setup["lora"], tmp_path / "m", dtype="fp32", eval_data=long, log=lines.append)
+    assert any("leaves out 1 of 5 conversations" in line for line in lines), lines
