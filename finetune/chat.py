@@ -20,7 +20,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from .command_line import Once, repeated
+from .command_line import Once, expand_home, repeated
 
 PROMPT = "User> "
 ANSWER = "Qwen> "
@@ -368,6 +368,7 @@ def tolerate_bad_text(*streams) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    expand_home(args, "model", "adapter")
     if not args.model and not args.adapter:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
         return 2

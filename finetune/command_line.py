@@ -4,6 +4,7 @@ that may be given once, and the check that a command can write where its output 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,6 +30,15 @@ class Once(argparse.Action):
                                   f"and {values!r}); pass it once"
         seen.add(self.dest)
         setattr(namespace, self.dest, values)
+
+
+def expand_home(args: argparse.Namespace, *dests: str) -> None:
+    """A leading ~ in these path flags is the home dir, as in the trainer's (training/arguments.py): the shell
+    leaves ``--output=~/x`` as it is, and the output went into a dir named "~" in the working dir."""
+    for dest in dests:
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, dest, os.path.expanduser(value))
 
 
 def repeated(args: argparse.Namespace) -> str | None:

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from . import react
-from .command_line import OneLineParser, Once, repeated, unwritable_place
+from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
 from .metrics import exact_match, rouge_l
 
 
@@ -537,6 +537,7 @@ def _error(msg: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    expand_home(args, "model", "adapter", "output")
     if problem := repeated(args):
         return _error(problem)
     for flag, value in (("-m/--model", args.model), ("-a/--adapter", args.adapter), ("--data", args.data),

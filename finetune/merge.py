@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import save_sharded
-from .command_line import OneLineParser, Once, repeated, unwritable_place
+from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
 
 SKIP_COPY = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
              "merge_report.json"}
@@ -504,6 +504,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    expand_home(args, "model", "adapter", "output")
     if problem := repeated(args):
         print(f"error: {problem}", file=sys.stderr)
         return 2

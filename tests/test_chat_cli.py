@@ -53,6 +53,18 @@ def test_query_mode_bad_adapter_is_a_clear_error(tmp_path, capsys):
     assert main(["chat", "--query", "hi"]) == 2  # neither a model nor an adapter
 
 
+def test_a_leading_tilde_in_the_adapter_flag_is_the_home_dir(setup, tmp_path, monkeypatch, capsys):
+    # the shell leaves --adapter=~/x as it is: "adapter ~/lora does not exist", where ~/lora was the adapter
+    import shutil
+
+    from finetune.cli import main
+
+    shutil.copytree(setup["lora"], tmp_path / "home" / "lora")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["chat", "--adapter=~/lora", "--query", MEMORISE[2][0], "--greedy", "--max_new_tokens", "24"]) == 0
+    assert capsys.readouterr().out.strip() == MEMORISE[2][1]
+
+
 def test_a_missing_adapter_beside_a_good_model_is_named_as_the_adapter(setup, tmp_path, capsys):
     from finetune.cli import main
 

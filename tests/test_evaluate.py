@@ -699,3 +699,18 @@ def test_eval_takes_an_adapters_hub_id_as_chat_does(setup, tmp_path, capsys, mon
                  "--max-samples", "2", "--output", str(out)]) == 0
     report = json.loads(out.read_text())
     assert fetched == ["org/memorised"] and report["adapter_dir"] == str(setup["lora"]) and "adapter" in report
+
+
+def test_a_leading_tilde_in_the_path_flags_is_the_home_dir(setup, tmp_path, monkeypatch, capsys):
+    # the shell leaves --output=~/x as it is: the report went into a dir named "~" in the working dir
+    import shutil
+
+    from finetune.cli import main
+
+    home = tmp_path / "home"
+    shutil.copytree(setup["lora"], home / "lora")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--adapter=~/lora", "--data", str(setup["data"]), "--no-generate",
+                 "--output=~/report.json"]) == 0
+    assert (home / "report.json").is_file() and not (tmp_path / "~").exists()

@@ -586,3 +586,17 @@ def test_a_loss_that_leaves_out_conversations_says_so(setup, tmp_path):
     lines = []
     merge(setup["lora"], tmp_path / "m", dtype="fp32", eval_data=long, log=lines.append)
     assert any("leaves out 1 of 5 conversations" in line for line in lines), lines
+
+
+def test_a_leading_tilde_in_the_output_flag_is_the_home_dir(setup, tmp_path, monkeypatch):
+    # the shell leaves --output=~/x as it is: the merge went into a dir named "~" in the working dir, then its
+    # reload (which expanded the ~) found nothing there and stopped
+    import shutil
+
+    from finetune.cli import main
+
+    shutil.copytree(setup["lora"], tmp_path / "home" / "lora")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["merge", "--adapter=~/lora", "--output=~/merged", "--eval-data", str(setup["data"])]) == 0
+    assert (tmp_path / "home" / "merged" / "config.json").is_file() and not (tmp_path / "~").exists()
