@@ -29,6 +29,7 @@ import contextlib
 import functools
 import os
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -431,7 +432,13 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     fingerprint = Hasher.hash({**key, **common, "version": FORMAT_VERSION})
     if cache_dir is None:
         cache_dir = os.path.join(datasets.config.HF_DATASETS_CACHE, "qwen_finetune")
-    os.makedirs(cache_dir, exist_ok=True)
+    try:  # a cache that cannot be written (a read-only home, HF_DATASETS_CACHE under a file) was a traceback
+        os.makedirs(cache_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=cache_dir):
+            pass
+    except OSError as e:
+        raise DataError("cannot write the encoded-data cache", f"{e.strerror or e} (set HF_DATASETS_CACHE to a "
+                        "writable dir)", path=cache_dir) from None
     arrow_file = os.path.join(cache_dir, f"encoded-{fingerprint}.arrow")
     if not os.path.exists(arrow_file):
         try:

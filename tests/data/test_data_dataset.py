@@ -165,6 +165,13 @@ def test_packing(data_small_tokenizer, jsonl, tmp_path):
         build_dataset(tok, jsonl(GOOD), None, packing=True)
 
 
+def test_a_cache_dir_that_cannot_be_written_is_one_error_naming_it(data_small_tokenizer, jsonl, tmp_path):
+    # (a read-only home or HF_DATASETS_CACHE under a file: NotADirectoryError / PermissionError, a traceback)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"file/cache: cannot write the encoded-data cache: .*HF_DATASETS_CACHE"):
+        build_dataset(data_small_tokenizer, jsonl(GOOD), 64, cache_dir=tmp_path / "file" / "cache")
+
+
 def test_second_build_hits_the_cache(data_small_tokenizer, jsonl, tmp_path):
     tok = data_small_tokenizer
     path = jsonl(GOOD)
