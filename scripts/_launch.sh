@@ -160,6 +160,17 @@ fi
 [[ -n "$MODEL" ]] && TAIL+=(--model_name_or_path "$MODEL")
 [[ -n "$DATA" ]] && TAIL+=(--data_path "$DATA")
 [[ -n "$OUTPUT" ]] && TAIL+=(--output_dir "$OUTPUT")
+if [[ "$MODE" == "full" && -n "$MODEL" && -f "$MODEL/config.json" ]] && "$PYTHON" -c '
+import json, sys
+try:
+    sys.exit(0 if json.load(open(sys.argv[1], encoding="utf-8")).get("quantization_config") else 1)
+except Exception:
+    sys.exit(1)  # (the trainer reports an unreadable config)' "$MODEL/config.json"; then
+  # The trainer reads an Int4 dir as Q-LoRA: this script's full recipe (lr 1e-5) trained an adapter instead, silently
+  echo "error: $MODEL is a GPTQ-quantized model, which full fine-tuning cannot train (its weights are integers):" \
+       "use scripts/finetune_qlora.sh for Q-LoRA on it, or pass the float model" >&2
+  exit 2
+fi
 case "$MODE" in
   qlora) ARGS+=(--use_lora True --q_lora True) ;;
   lora) ARGS+=(--use_lora True) ;;

@@ -171,6 +171,18 @@ def test_config_file_through_the_script(setup, tmp_path):
     assert adapter_cfg["r"] == 8 and sorted(adapter_cfg["target_modules"]) == ["c_attn", "w1"]
 
 
+def test_the_full_script_refuses_an_int4_model(setup, tmp_path):
+    # the trainer reads an Int4 dir as Q-LoRA: the full recipe (lr 1e-5) trained an adapter into output/qwen-full
+    out = tmp_path / "out"
+    proc = _script("finetune_full.sh", ["-m", str(setup["int4"]), "-d", str(setup["data"]), "-o", str(out),
+                                        "--max_steps", "1"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert _error_lines(proc.stderr) == [
+        f"error: {setup['int4']} is a GPTQ-quantized model, which full fine-tuning cannot train (its weights are "
+        "integers): use scripts/finetune_qlora.sh for Q-LoRA on it, or pass the float model"], proc.stderr
+    assert not out.exists()
+
+
 def _bare_script(argv, tmp_path, **env):
     e = subprocess_env(CUDA_VISIBLE_DEVICES="", **env)
     return subprocess.run(["bash", str(ROOT / "scripts" / "finetune_lora.sh"), *argv], cwd=tmp_path, env=e,
