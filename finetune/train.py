@@ -391,13 +391,18 @@ def _datasets(tokenizer, data_args, args):
     kw = dict(packing=data_args.packing, train_on_prompt=data_args.train_on_prompt,
               skip_invalid=data_args.skip_invalid, num_proc=data_args.preprocessing_num_workers,
               progress=not args.disable_tqdm)
-    with args.main_process_first(desc="tokenizing"):
-        train_set, summary = build_dataset(tokenizer, data_args.data_path, data_args.model_max_length,
-                                           verbose=args.process_index == 0, **kw)
-        eval_set = eval_summary = None
-        if data_args.eval_data_path:
-            eval_set, eval_summary = build_dataset(tokenizer, data_args.eval_data_path,
-                                                   data_args.model_max_length, verbose=False, **kw)
+    flag = "--data_path"
+    try:  # (an error names the flag that gave its file: the train and eval files' errors read alike)
+        with args.main_process_first(desc="tokenizing"):
+            train_set, summary = build_dataset(tokenizer, data_args.data_path, data_args.model_max_length,
+                                               verbose=args.process_index == 0, **kw)
+            eval_set = eval_summary = None
+            if data_args.eval_data_path:
+                flag = "--eval_data_path"
+                eval_set, eval_summary = build_dataset(tokenizer, data_args.eval_data_path,
+                                                       data_args.model_max_length, verbose=False, **kw)
+    except DataError as e:
+        raise e.given_by(flag) from None
     return train_set, summary, eval_set, eval_summary
 
 

@@ -72,6 +72,14 @@ class TooLongError(DataError):
     """
 
 
+class CacheDirError(DataError):
+    """The encoded-data cache dir cannot be written: the machine's setting (HF_DATASETS_CACHE), no data file's
+    fault, so no data flag is put before its path."""
+
+    def given_by(self, flag: str | None) -> "DataError":
+        return self
+
+
 def _schema():
     import pyarrow as pa
 
@@ -437,8 +445,8 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         with tempfile.TemporaryFile(dir=cache_dir):
             pass
     except OSError as e:
-        raise DataError("cannot write the encoded-data cache", f"{e.strerror or e} (set HF_DATASETS_CACHE to a "
-                        "writable dir)", path=cache_dir) from None
+        raise CacheDirError("cannot write the encoded-data cache", f"{e.strerror or e} (set HF_DATASETS_CACHE to "
+                            "a writable dir)", path=cache_dir) from None
     arrow_file = os.path.join(cache_dir, f"encoded-{fingerprint}.arrow")
     if not os.path.exists(arrow_file):
         try:

@@ -35,10 +35,37 @@ def test_records_with_nothing_to_train_stop_before_the_model_loads(tiny_model_di
     assert train_main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0] == (f"error: {data}, record 2, line 2: prompt longer than max_len (nothing left to train): "
+    assert err[0] == (f"error: --data_path {data}, record 2, line 2: prompt longer than max_len (nothing left to train): "
                       "3 of 5 records have no reply token within max_len 64 (the prompt before the first reply "
                       "fills it); this is the first; raise --model_max_length (now 64), or pass --skip_invalid "
                       "True to skip and count such records")
+
+
+def test_a_bad_eval_file_is_named_by_its_flag(tiny_model_dir, tmp_path, capsys, no_model_load):
+    # (the error named the file alone, as it did for --data_path's: which flag gave it was left to the user)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in memorise_records()))
+    held_out = tmp_path / "e.jsonl"
+    held_out.write_text(json.dumps({"messages": [{"role": "user", "content": "q"}]}) + "\n")
+    argv = train_args(tiny_model_dir, data, tmp_path / "o", "--use_lora", "True", "--eval_data_path", str(held_out))
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --eval_data_path {held_out}, record 1, line 1: no assistant turn: nothing to train on or "
+                   "score"], err
+
+
+def test_a_cache_dir_error_names_no_data_flag(tiny_model_dir, tmp_path, capsys, no_model_load, monkeypatch):
+    # (the cache is the machine's setting: "--data_path <cache dir>" would point at the wrong thing)
+    import datasets
+
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "file"))
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in memorise_records()))
+    assert train_main(train_args(tiny_model_dir, data, tmp_path / "o", "--use_lora", "True")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'file' / 'qwen_finetune'}: cannot write the "
+                                               "encoded-data cache"), err
 
 
 def test_skip_invalid_trains_on_the_rest_and_reports_the_count(tiny_model_dir, tmp_path, capsys, monkeypatch):
