@@ -32,13 +32,17 @@ class Once(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def home(value):
+    """A path flag's value with a leading ~ as the home dir (anything else as given): the shell expands ~ only in a
+    word of its own, not in ``--output=~/x`` or a config file's value (which made a dir named "~" in the working
+    dir). The trainer's path flags use it too (training/arguments.py)."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
 def expand_home(args: argparse.Namespace, *dests: str) -> None:
-    """A leading ~ in these path flags is the home dir, as in the trainer's (training/arguments.py): the shell
-    leaves ``--output=~/x`` as it is, and the output went into a dir named "~" in the working dir."""
+    """``home`` for these path flags of parsed arguments."""
     for dest in dests:
-        value = getattr(args, dest, None)
-        if isinstance(value, str) and value.startswith("~"):
-            setattr(args, dest, os.path.expanduser(value))
+        setattr(args, dest, home(getattr(args, dest, None)))
 
 
 def repeated(args: argparse.Namespace) -> str | None:

@@ -20,6 +20,7 @@ import transformers
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
+from ..command_line import home
 from .checks import DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, require_deepspeed
 
 
@@ -277,10 +278,6 @@ PATH_FLAGS = ("model_name_or_path", "data_path", "eval_data_path", "output_dir",
               "resume_from_checkpoint", "logging_dir", "cache_dir")
 
 
-def _home(value):
-    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
-
-
 def _expand_home(argv: list[str]) -> list[str]:
     def is_path_flag(flag: str) -> bool:
         return flag in ("-m", "-d", "-o") or flag.startswith("--") and flag[2:].replace("-", "_") in PATH_FLAGS
@@ -289,9 +286,9 @@ def _expand_home(argv: list[str]) -> list[str]:
     for i, a in enumerate(argv):
         name, eq, val = a.partition("=")
         if eq and is_path_flag(name):
-            a = f"{name}={_home(val)}"
+            a = f"{name}={home(val)}"
         elif i and is_path_flag(argv[i - 1]):
-            a = _home(a)  # a quoted "~/x"
+            a = home(a)  # a quoted "~/x"
         out.append(a)
     return out
 
@@ -359,7 +356,7 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         values = {}
     if not isinstance(values, dict):
         raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}")
-    values = {_RENAMED.get(k, k): (_home(v) if k in PATH_FLAGS else v) for k, v in values.items()}
+    values = {_RENAMED.get(k, k): (home(v) if k in PATH_FLAGS else v) for k, v in values.items()}
     if "warmup_ratio" in values:
         values["warmup_steps"] = float(_warmup_ratio(values.pop("warmup_ratio")))
     known = {a.dest for a in parser._actions}
