@@ -39,6 +39,16 @@ inference_trial() {
   int4_model_dir
 }
 
+# The GPU tests ARGS (pytest's: files, -k) within TIMEOUT seconds: the whole log in $OUT/NAME_$C.log (a failure's text
+# kept whole, NOTES step 84), the failures, the tests' places and the count on stdout.
+#   gpu_tests NAME TIMEOUT tests/quant/test_quant_cuda.py -k mma_gemv
+gpu_tests() {
+  local name="$1" limit="$2"
+  shift 2
+  timeout "$limit" python3 -m pytest -q -m cuda "$@" -p no:cacheprovider --tb=short -W ignore 2>&1 \
+    | tee "$OUT/${name}_$C.log" | grep -E "^E |^tests/|passed|failed" | head -40
+}
+
 # benchmarks/step_config_sweep.py on /tmp/m within TIMEOUT seconds: its JSON in $OUT/NAME_$C.json, its result lines
 # (and errors) on stdout. Rounds: $ROUNDS (default 2); ARGS given later win (argparse keeps the last).
 #   step_sweep NAME TIMEOUT --rows 1 --prompt 24 --candidates base ...

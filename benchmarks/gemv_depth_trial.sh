@@ -10,8 +10,7 @@ cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/gemv_depth_out || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader
 # the GEMV's GPU tests (depth 2 with and without the LoRA epilogue among their configs)
-[[ "${TESTS:-1}" == 0 ]] || timeout 200 python3 -m pytest -q -m cuda tests/quant/test_quant_cuda.py -k mma_gemv \
-  -p no:cacheprovider --tb=short -W ignore 2>&1 | grep -E "^E |passed|failed" | head -12
+[[ "${TESTS:-1}" == 0 ]] || gpu_tests gemv_depth_tests 200 tests/quant/test_quant_cuda.py -k mma_gemv
 m="1,13696,5120=4,2,4" a="1,5120,5120=4,2,4"
 candidates=(base "M424:$m" "A424:$a" "AM424:$a+$m")
 [[ "${SWEEP:-1}" == 0 ]] || step_sweep gemv_depth_sweep 200 --rows 1 --prompt 24 --reps 100 \

@@ -9,8 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/rowgroups_out || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader
-[[ "${TESTS:-1}" == 0 ]] || timeout 200 python3 -m pytest -q -m cuda tests/quant/test_quant_cuda.py -k mma_gemm \
-  -p no:cacheprovider --tb=short -W ignore 2>&1 | grep -E "^E |passed|failed" | head -12
+[[ "${TESTS:-1}" == 0 ]] || gpu_tests rowgroups_tests 200 tests/quant/test_quant_cuda.py -k mma_gemm
 c8="8,5120,15360=4,1,1,1,2" p8="8,5120,5120=4,1,1,1,2+8,13696,5120=4,1,1,1,2" w8="8,5120,27392=4,1,1,1,2"
 q8="8,5120,5120=4,1,1,2,2+8,13696,5120=4,1,1,2,2"
 c4="4,5120,15360=4,1,1,1,2" p4="4,5120,5120=4,1,1,2,2+4,13696,5120=4,1,1,2,2" w4="4,5120,27392=4,1,1,1,2"

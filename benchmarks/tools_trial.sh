@@ -17,9 +17,8 @@ source benchmarks/device_site.sh && inference_trial /tmp/tools_out || exit 1
 nvidia-smi --query-gpu=name,clocks.max.sm --format=csv,noheader
 # (a fresh machine's first run has failed one graph test in each session so far, NOTES step 84: the whole log is kept
 # in $OUT)
-[[ "${TESTS:-1}" == 0 ]] || timeout 240 python3 -m pytest -q -m cuda tests/inference/test_fused_decode_cuda.py \
-  tests/inference/test_inference_cuda.py -p no:cacheprovider --tb=short -W ignore 2>&1 | tee "$OUT/gpu_tests_$C.log" \
-  | grep -E "^E |^tests/|passed|failed" | head -40
+[[ "${TESTS:-1}" == 0 ]] || gpu_tests gpu_tests 240 tests/inference/test_fused_decode_cuda.py \
+  tests/inference/test_inference_cuda.py
 if [[ "${MEMCHECK:-1}" == 1 ]]; then
   echo "== memcheck: the one-launch attention's GPU tests"
   timeout 200 compute-sanitizer --tool memcheck --report-api-errors no --print-limit 10 python3 -m pytest -q -m cuda \
