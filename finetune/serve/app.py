@@ -313,7 +313,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope["headers"]).get(b"content-length", b"")
+        headers = dict(scope["headers"])
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
             await self._refuse(receive, send, 0)
             return
@@ -329,7 +330,7 @@ class BodyLimit:
                 return
             if not message.get("more_body", False):
                 break
-        encoding = dict(scope["headers"]).get(b"content-encoding", b"").strip().lower()
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
         if size and encoding not in (b"", b"identity"):
             # the body is not decoded here: a gzip one read as "the request body is not valid UTF-8 (invalid
             # start byte at byte 1)"
