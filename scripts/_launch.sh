@@ -160,14 +160,14 @@ fi
 [[ -n "$MODEL" ]] && TAIL+=(--model_name_or_path "$MODEL")
 [[ -n "$DATA" ]] && TAIL+=(--data_path "$DATA")
 [[ -n "$OUTPUT" ]] && TAIL+=(--output_dir "$OUTPUT")
-if [[ "$MODE" == "full" && -n "$MODEL" ]] && "$PYTHON" -c '
+if [[ "$MODE" == "full" && -n "$MODEL" && -f "$MODEL/config.json" ]] && "$PYTHON" -c '
 import sys
 from finetune.errors import ModelLoadError
 from finetune.model_dir import describe  # (the one place that says whether a dir is GPTQ)
 try:
     sys.exit(0 if describe(sys.argv[1]).quantized else 1)
 except ModelLoadError:
-    sys.exit(1)  # (not a model dir here, e.g. a hub id: the trainer reports or fetches it)' "$MODEL"; then
+    sys.exit(1)  # (a config.json it cannot read: the trainer says why)' "$MODEL"; then
   # The trainer reads an Int4 dir as Q-LoRA: this script's full recipe (lr 1e-5) trained an adapter instead, silently
   echo "error: $MODEL is a GPTQ-quantized model, which full fine-tuning cannot train (its weights are integers):" \
        "use scripts/finetune_qlora.sh for Q-LoRA on it, or pass the float model" >&2
