@@ -54,6 +54,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..graph_capture import capture
 from ..modeling.attention import inference_sdpa
 from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
@@ -775,9 +776,7 @@ class Engine:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        # thread_local, as the trainer's captures: in torch's default (global) mode an allocation or a module load
-        # by any other thread of the process (a server's, a compile pool's) during the capture invalidates it
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+        with capture(graph, self._pool):
             out = self._decode_forward(*args)
             if pick is not None:
                 self._pick_next(out, b, *pick, True, s["ints"], self._seen)

@@ -28,6 +28,7 @@ the kernel latency-bound for lack of warps (NOTES step 82: ~7 warps an SM, 64 fp
 thread); splitting the CTA's chunks between two groups instead lost 5-35% to the register cap's spills (step 83).
 Splitting the rows halves the sums a thread holds, so two groups fit two CTAs an SM uncapped; the cost is that each
 group unpacks the same weights (read through L1, which the groups' second reads hit).
+Shipped for the two 5,120-output Linears at 33-64 rows (SHAPE_CONFIGS; NOTES step 85).
 
 Limits: those of ``mma_gemv`` (4-bit, bf16, N a multiple of 16, K of 128, group size a multiple of 128), 1 to 64
 rows (``MIN_ROWS`` and more in GPTQLinear), compute capability 8.0+ with NVRTC. No LoRA epilogue: the engine's
@@ -55,9 +56,11 @@ CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 2), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
 # outputs want one, as in sessions 13 and 14's timings too. Qwen-14B's shapes on an H200 (NOTES step 30); other
 # shapes use CONFIGS. w1 and w2's pair (27,392 outputs, one launch) at 32 and 64 rows: two tiles a warp, chosen inside
 # the decode step's graph (benchmarks/step_config_sweep.py, NOTES steps 75 and 77: the 64-row step 5.8% shorter, the
-# 32-row step 1.6%).
+# 32-row step 1.6%). The two 5,120-output Linears at 64 rows: two groups of warps taking the rows in turn (MG = 2),
+# also chosen in the step's graph (NOTES step 85: the 64-row step 2.7% shorter on an H200; MG = 2 lost 3-6% on c_attn,
+# the pair and at 32 rows).
 SHAPE_CONFIGS = {(2, 5120, 13696): (4, 1, 1, 4), (4, 5120, 13696): (4, 1, 2, 1), (4, 5120, 15360): (4, 1, 3, 1),
-                 (4, 5120, 27392): (4, 2, 1, 1), (8, 5120, 5120): (4, 1, 1, 2), (8, 13696, 5120): (4, 1, 1, 2),
+                 (4, 5120, 27392): (4, 2, 1, 1), (8, 5120, 5120): (4, 1, 1, 2, 2), (8, 13696, 5120): (4, 1, 1, 2, 2),
                  (8, 5120, 27392): (4, 2, 1, 1)}
 
 

@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..data.encoding import IGNORE
+from ..graph_capture import capture
 from ..modeling.attention import build_attention, document_ids
 from ..modeling.loss import causal_lm_nll_sum, normalize_loss
 from ..modeling.model import qwen_lm
@@ -468,10 +469,10 @@ class _CapturedStep:
         pool = owner.pool
         with _capturable_checkpointing(owner.lm.transformer.h), _autocast_without_cache(autocast), \
                 _fresh_leaves(owner.lm, params) as leaves:
-            with torch.cuda.graph(self.fwd, pool=pool, capture_error_mode="thread_local"):
+            with capture(self.fwd, pool):
                 owner.seed.add_(1)
                 self.total, self.count = owner.body(self.input_ids, self.position_ids, self.labels, self.attn)
-            with torch.cuda.graph(self.bwd, pool=pool, capture_error_mode="thread_local"):
+            with capture(self.bwd, pool):
                 grads = torch.autograd.grad(self.total, leaves, grad_outputs=self.grad_out, allow_unused=True)
                 pairs = [(b, g) for b, g in zip(self.grads, grads) if g is not None]
                 if pairs:

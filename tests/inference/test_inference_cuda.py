@@ -4,6 +4,7 @@ pytest -m cuda tests/inference/test_inference_cuda.py"""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Mapping
 
 import pytest
@@ -243,6 +244,26 @@ def join_and_leave(model, tok):
 def test_graphed_rows_leaving_and_joining_get_their_solo_tokens_in_fp32(tok):
     model = realistic_model(3).to("cuda")
     assert join_and_leave(model, tok) <= 1
+
+
+def test_capture_survives_a_collection_that_frees_an_earlier_engines_graphs(tok):
+    """A cyclic collection inside a capture freed an earlier engine's graphs there (cudaGraphExecDestroy while the
+    thread captures invalidates the capture), which failed one GPU test on each fresh machine (NOTES step 84).
+    Thresholds of 1 make collections start inside the new engine's captures."""
+    model = realistic_model(3).to("cuda")
+    (a,) = prompts([7], seed=5)
+    dead = Engine(model, tok, max_batch=1)
+    want = dead.generate([a], SamplingParams(max_new_tokens=6))[0]
+    assert dead._graphs
+    dead.cycle = dead  # freed by the collector only
+    del dead
+    old = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    try:
+        got = Engine(model, tok, max_batch=1).generate([a], SamplingParams(max_new_tokens=6))[0]
+    finally:
+        gc.set_threshold(*old)
+    assert got == want
 
 
 def test_graphed_engine_sees_adapter_weights_changed_between_generations(tok):

@@ -55,9 +55,11 @@ def test_row_groups_split_the_row_blocks_and_fill_the_source():
 
 def test_a_shape_with_its_own_measured_config_gets_it_and_others_their_row_counts():
     for (mb, K, N), cfg in MG.SHAPE_CONFIGS.items():
-        assert MG.config_for(8 * mb, K, N) == cfg and len(cfg) == 4
+        assert MG.config_for(8 * mb, K, N) == cfg and len(cfg) in (4, 5)
     assert MG.config_for(57, 5120, 2 * 13696) == (4, 2, 1, 1)  # the 14B's w1/w2 pair: two tiles a warp (step 75)
     assert MG.config_for(32, 5120, 2 * 13696) == (4, 2, 1, 1)  # and at 25-32 rows (step 77)
+    assert MG.config_for(64, 5120, 5120)[4:] == (2,)  # the 14B's c_proj Linears at 33-64 rows: two row groups
+    assert MG.config_for(32, 5120, 5120)[4:] == ()  # (step 85), not at 32
     assert MG.config_for(64, 4096, 11008) == MG.CONFIGS[8]  # a Qwen-7B shape: the row count's
     assert MG.config_for(9, 4096, 4096) == MG.CONFIGS[2]
     with pytest.raises(ValueError, match="1 to 64 rows, got 65"):
