@@ -1,9 +1,10 @@
 """Fine-tune a Qwen chat model: LoRA, Q-LoRA (Int4 base) or full, on one GPU, several (DeepSpeed) or CPU.
 
 `qwen-ft train ...` and `python -m finetune.train ...` run `main`. The path, top to bottom:
-parse the arguments -> check everything that can be checked before loading anything -> claim the output dir
-(lock, console log) -> tokenizer -> data (validated, encoded, summarised) -> model -> adapters -> Trainer ->
-train -> evaluate (with an eval set) -> save -> loss curve and model card.
+parse the arguments -> check everything that can be checked before loading anything -> precision -> tokenizer ->
+data (validated, encoded) -> claim the output dir (lock, console log; an overwrite clears the old run only now, so
+bad data leaves it whole) -> data summary -> model -> adapters -> Trainer -> train -> evaluate (with an eval set) ->
+save -> loss curve and model card.
 """
 
 from __future__ import annotations
@@ -44,8 +45,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
     resolve_sampling(data_args, args)
     plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
     argv = list(sys.argv[1:] if argv is None else argv)
+    precision = precision_policy.decide(args, plan)
+    if args.deepspeed and (conflicts := precision_conflicts(deepspeed_config(args.deepspeed), precision)):
+        raise conflicts_error(f"--deepspeed {args.deepspeed}", conflicts)
+    precision_policy.apply(args, precision)
+
+    from .tokenization import load_tokenizer
+
+    tokenizer = load_tokenizer(plan.model_dir)
+    # before the output dir is claimed: a data error leaves it as it was (--overwrite_output_dir clears at the claim)
+    data = _datasets(tokenizer, data_args, args)
     if args.process_index != 0:  # rank 0 owns the output dir
-        return _train(plan, model_args, data_args, lora_args, args, argv)
+        return _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv)
     with claim_output_dir(args, plan.identity):
         def record_args():
             _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan, argv)
@@ -56,7 +67,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         if not resumes_here:
             record_args()
         try:
-            return _train(plan, model_args, data_args, lora_args, args, argv,
+            return _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv,
                           record_args=record_args if resumes_here else None)
         except KeyboardInterrupt as e:
             print(_interrupted(args), file=sys.stderr, flush=True)
@@ -64,21 +75,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
             raise
 
 
-def _train(plan, model_args, data_args, lora_args, args, argv, record_args=None):
-    precision = precision_policy.decide(args, plan)
-    if args.deepspeed and (conflicts := precision_conflicts(deepspeed_config(args.deepspeed), precision)):
-        raise conflicts_error(f"--deepspeed {args.deepspeed}", conflicts)
-    precision_policy.apply(args, precision)
-
-    from .tokenization import load_tokenizer
-
-    tokenizer = load_tokenizer(plan.model_dir)
-    try:
-        train_set, summary, eval_set, eval_summary = _datasets(tokenizer, data_args, args)
-    except TooLongError as e:
-        raise TrainConfigError(f"{e}; raise --model_max_length (now {data_args.model_max_length})"
-                               + ("" if data_args.skip_invalid else ", or pass --skip_invalid True to skip and "
-                                  "count such records")) from None
+def _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv, record_args=None):
+    train_set, summary, eval_set, eval_summary = data
     plan.identity[DATA_KEY] = summary.content  # recorded in each checkpoint (qwen_run.json)
     if plan.resume_from and (mismatch := identity_mismatch(Path(plan.resume_from), plan.identity)):
         raise TrainConfigError(f"{'--resume' if args.resume else '--resume_from_checkpoint'}: {plan.resume_from} "
@@ -401,6 +399,10 @@ def _datasets(tokenizer, data_args, args):
                 flag = "--eval_data_path"
                 eval_set, eval_summary = build_dataset(tokenizer, data_args.eval_data_path,
                                                        data_args.model_max_length, verbose=False, **kw)
+    except TooLongError as e:
+        raise TrainConfigError(f"{e.given_by(flag)}; raise --model_max_length (now {data_args.model_max_length})"
+                               + ("" if data_args.skip_invalid else ", or pass --skip_invalid True to skip and "
+                                  "count such records")) from None
     except DataError as e:
         raise e.given_by(flag) from None
     return train_set, summary, eval_set, eval_summary

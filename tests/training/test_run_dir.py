@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from finetune.data.encoding import MIN_MAX_LEN
 from finetune.demo import make_demo_model
 from finetune.train import main as train_main
 from finetune.training.arguments import parse_args
@@ -294,6 +295,22 @@ def test_overwrite_never_removes_the_runs_own_inputs(finished, model, data, tmp_
     before = _snapshot(run)
     assert train_main(train_args(model, data, run, *STEPS4, *flags, "--overwrite_output_dir", "True")) == 2
     assert "an input of this run" in _one_line(capsys.readouterr().err)
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("bad", ["data_path", "eval_data_path", "too_long"])
+def test_overwrite_with_bad_data_leaves_the_old_run_whole(finished, model, data, tmp_path, capsys, bad):
+    # (the old run was cleared when the dir was claimed, and the data was read after that)
+    run = _copy(finished, tmp_path / "run")
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"conversations": [{"from": "user", "value": "hi"}]}, 7]')
+    flags = {"data_path": ["--data_path", str(broken)], "eval_data_path": ["--eval_data_path", str(broken)],
+             "too_long": ["--model_max_length", str(MIN_MAX_LEN)]}[bad]
+    before = _snapshot(run)
+    assert train_main(train_args(model, data, run, *STEPS4, *flags, "--overwrite_output_dir", "True")) == 2
+    line = _one_line(capsys.readouterr().err)
+    where = f"--data_path {data}" if bad == "too_long" else f"--{bad} {broken}"
+    assert line.startswith(f"error: {where}, record 1, line 1: "), line
     assert _snapshot(run) == before
 
 
