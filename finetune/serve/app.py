@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import react
 from ..inference.sampling import GREEDY_BELOW
-from .protocol import APIError, ChatCompletionRequest, field_path
+from .protocol import APIError, ChatCompletionRequest, clipped, field_path, quoted
 from .textstream import TextStream
 from .worker import Closed, EngineWorker
 
@@ -82,7 +82,7 @@ class Server:
         if model in self.adapter_names:
             return model
         names = ", ".join([self.base_name, *self.adapter_names])
-        raise APIError(404, f"The model {model!r} does not exist (served: {names})", "model", "model_not_found")
+        raise APIError(404, f"The model {quoted(model)} does not exist (served: {names})", "model", "model_not_found")
 
     def turns(self, body: ChatCompletionRequest) -> tuple[react.Turns, list[dict]]:
         """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
@@ -280,7 +280,7 @@ def _body_problem(request: Request, err: dict) -> str:
         return "the request body is empty: send a JSON object with 'Content-Type: application/json'"
     media = content_type.split(";")[0].strip().lower()
     if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
-        got = f"got {content_type!r}" if content_type else "none was given"
+        got = f"got {quoted(content_type)}" if content_type else "none was given"
         return f"the request body must be JSON sent with 'Content-Type: application/json' ({got})"
     return f"the request body must be a JSON object, got {react.json_type(err.get('input'))}"
 
@@ -335,7 +335,7 @@ class BodyLimit:
             # the body is not decoded here: a gzip one read as "the request body is not valid UTF-8 (invalid
             # start byte at byte 1)"
             name = encoding.decode("latin-1")
-            err = APIError(415, f"Content-Encoding {name!r} is not supported: send the request body uncompressed")
+            err = APIError(415, f"Content-Encoding {quoted(name)} is not supported: send the request body uncompressed")
             await _send_json(send, 415, err)
             return
         replayed = False
@@ -498,7 +498,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         if not where and err.get("type") == "string_unicode" and isinstance(err.get("input"), str):
             # a top-level key with a lone surrogate ("\\ud800" in the JSON), no valid text to match a field by:
             # named as the JSON wrote it (it was "the request body must be a JSON object, got a string")
-            key = json.dumps(err["input"])[1:-1]
+            key = clipped(json.dumps(err["input"])[1:-1])
             msg = f"{key}: a field name must be valid Unicode text (this one holds a lone surrogate)"
             return JSONResponse(APIError(400, msg, key).body(), 400)
         if not where:  # the body as a whole: pydantic's words ("Field required") would name nothing
@@ -512,7 +512,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             message = _unparsable(exc.__cause__)
         elif exc.status_code == 404:  # no such route: OpenAI's words, and what is served (e.g. for the legacy
             # /v1/completions, which the official Qwen server does not serve either)
-            message = f"Invalid URL ({request.method} {request.url.path}): this server serves {SERVED}"
+            route = f"{request.method} {request.url.path}"
+            message = f"Invalid URL ({clipped(route)}): this server serves {SERVED}"
         # (the headers keep a 405's Allow)
         return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

@@ -30,6 +30,25 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+# How much of a client's value an error message quotes: a 5 MB model name or field name made a 5 MB 404 or 400.
+ECHO_CHARS = 200
+
+
+def clipped(text: str) -> str:
+    """A client's text as an error message shows it: whole up to ECHO_CHARS characters, else its start and its
+    length."""
+    if len(text) <= ECHO_CHARS:
+        return text
+    return f"{text[:ECHO_CHARS]}... ({len(text):,} characters)"
+
+
+def quoted(value) -> str:
+    """repr(value) for an error message, cut as ``clipped`` cuts text (a string's start stays quoted)."""
+    if isinstance(value, str) and len(value) > ECHO_CHARS:
+        return f"{value[:ECHO_CHARS]!r}... ({len(value):,} characters)"
+    return clipped(repr(value))
+
+
 def _json_number(value):
     """Numbers must be JSON numbers: pydantic's lax mode reads "0.5" as 0.5 and true as 1 (OpenAI refuses both)."""
     if isinstance(value, (str, bool)):
@@ -151,7 +170,7 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "stop must be a non-empty string or up to 4 non-empty strings", "stop")
         for name, value in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
             if value not in (None, "auto", "none"):
-                raise APIError(400, f"{name} {value!r} is not supported: 'auto' (the model decides) or 'none'",
+                raise APIError(400, f"{name} {quoted(value)} is not supported: 'auto' (the model decides) or 'none'",
                                name)
 
     def stop_list(self) -> list[str]:
@@ -193,4 +212,4 @@ def field_path(loc) -> str:
             out += f"[{part}]"
         else:
             out += ("." if out else "") + str(part)
-    return out
+    return clipped(out)

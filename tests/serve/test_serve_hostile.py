@@ -339,13 +339,15 @@ def test_the_key_is_checked_before_the_body_is_read(live, monkeypatch):
 @pytest.mark.parametrize("path, name", [
     ("tiny%2Fqwen", "tiny/qwen"), ("tiny-qwen%2F", "tiny-qwen/"), ("%2F", "/"), ("/tiny-qwen", "/tiny-qwen"),
     ("tiny-qwen/", "tiny-qwen/"), ("%C3%A9", "é"), ("%00", "\x00"), ("..%2F..%2Fetc", "../../etc"),
-    ("%20tiny-qwen", " tiny-qwen"), ("x" * 20000, "x" * 20000), ("%ED%A0%80", None), ("%FF", None),
+    ("%20tiny-qwen", " tiny-qwen"), ("x" * 20000, "x" * 200), ("%ED%A0%80", None), ("%FF", None),
 ])
 def test_odd_model_ids_are_404_model_not_found(live, path, name):
     err = _error(httpx.get(live.api_url + "/models/" + path, timeout=10), 404)
     assert err["code"] == "model_not_found" and err["param"] == "model", err
     if name is not None:
         assert repr(name) in err["message"], err
+    if len(path) > 200:  # a long name is quoted by its start and its length
+        assert "'... (20,000 characters) does not exist" in err["message"] and len(err["message"]) < 400, err
     assert httpx.get(live.api_url + "/models/tiny-qwen?x=%FF", timeout=10).json()["id"] == "tiny-qwen"
 
 
@@ -498,3 +500,18 @@ def test_a_field_name_with_a_lone_surrogate_is_400_naming_it(live, raw):
     err = _error(_post(live, content=content, headers=JSON))
     key = json.dumps(json.loads(b"{" + raw + b": 1}").popitem()[0])[1:-1]  # as JSON escapes it: "\\ud800model"
     assert err["param"] == key and "lone surrogate" in err["message"], err
+
+
+@pytest.mark.parametrize("field, where", [
+    ("model", "The model 'xxx"), ("tool_choice", "tool_choice 'xxx"), ("key", "\\ud800xxx"),
+])
+def test_errors_quote_a_long_client_value_by_its_start_and_length(live, field, where):
+    """A 5 MB model name was a 5 MB 404: every value an error quotes is cut to its first 200 characters."""
+    long = "x" * 1_000_000
+    if field == "key":  # a field name with a lone surrogate is quoted as the JSON wrote it
+        r = _post(live, content=b'{"\\ud800' + long.encode() + b'": 1}', headers=JSON)
+    else:
+        r = _post(live, _body(**{field: long}))
+    err = _error(r, 404 if field == "model" else 400)
+    assert where in err["message"] and "... (1,00" in err["message"], err["message"][:300]
+    assert len(err["message"]) < 500 and len(err["param"]) < 300, err
