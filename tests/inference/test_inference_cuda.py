@@ -4,7 +4,6 @@ pytest -m cuda tests/inference/test_inference_cuda.py"""
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Mapping
 
 import pytest
@@ -246,24 +245,32 @@ def test_graphed_rows_leaving_and_joining_get_their_solo_tokens_in_fp32(tok):
     assert join_and_leave(model, tok) <= 1
 
 
-def test_capture_survives_a_collection_that_frees_an_earlier_engines_graphs(tok):
-    """A cyclic collection inside a capture freed an earlier engine's graphs there (cudaGraphExecDestroy while the
+def test_capture_survives_a_collection_that_frees_a_dead_graph(tok, monkeypatch):
+    """A cyclic collection inside a capture freed earlier engines' graphs there (cudaGraphExecDestroy while the
     thread captures invalidates the capture), which failed one GPU test on each fresh machine (NOTES step 84).
-    Thresholds of 1 make collections start inside the new engine's captures."""
+    Here a graph becomes cyclic garbage inside the engine's capture, and enough allocations follow for Python to
+    start a collection there."""
     model = realistic_model(3).to("cuda")
     (a,) = prompts([7], seed=5)
-    dead = Engine(model, tok, max_batch=1)
-    want = dead.generate([a], SamplingParams(max_new_tokens=6))[0]
-    assert dead._graphs
-    dead.cycle = dead  # freed by the collector only
-    del dead
-    old = gc.get_threshold()
-    gc.set_threshold(1, 1, 1)
-    try:
-        got = Engine(model, tok, max_batch=1).generate([a], SamplingParams(max_new_tokens=6))[0]
-    finally:
-        gc.set_threshold(*old)
-    assert got == want
+    want = Engine(model, tok, max_batch=1).generate([a], SamplingParams(max_new_tokens=6))[0]
+    dead, x = [torch.cuda.CUDAGraph()], torch.zeros(4, device="cuda")
+    with torch.cuda.graph(dead[0]):
+        x.add_(1)
+    engine = Engine(model, tok, max_batch=1)
+    forward = engine._decode_forward
+
+    def forward_dropping_the_graph(*args):
+        if dead and torch.cuda.is_current_stream_capturing():
+            box = [dead.pop()]
+            box.append(box)  # freed by the collector only
+            del box
+            junk = [[] for _ in range(50_000)]  # (the collector's first threshold is a few thousand)
+            del junk
+        return forward(*args)
+
+    monkeypatch.setattr(engine, "_decode_forward", forward_dropping_the_graph)
+    assert engine.generate([a], SamplingParams(max_new_tokens=6))[0] == want
+    assert not dead  # (the graph was dropped inside a capture)
 
 
 def test_graphed_engine_sees_adapter_weights_changed_between_generations(tok):
