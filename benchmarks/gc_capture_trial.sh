@@ -32,5 +32,5 @@ sys.exit(pytest.main(["-q", "-m", "cuda", "-p", "no:cacheprovider", "--tb=short"
 PY
 echo "== with the fix"
 gpu_tests gc_paused 120 tests/inference/test_inference_cuda.py -k collection_that_frees
-gpu_tests gpu_tests 300 tests/inference/test_fused_decode_cuda.py tests/inference/test_inference_cuda.py \
+gpu_tests gpu_tests 420 tests/inference/test_fused_decode_cuda.py tests/inference/test_inference_cuda.py \
   tests/training/test_graphs_cuda.py
