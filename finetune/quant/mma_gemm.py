@@ -57,8 +57,8 @@ CONFIGS = {1: (4, 1, 1, 4), 2: (4, 1, 1, 2), 4: (4, 1, 1, 2), 8: (4, 1, 1, 1)}
 # shapes use CONFIGS. w1 and w2's pair (27,392 outputs, one launch) at 32 and 64 rows: two tiles a warp, chosen inside
 # the decode step's graph (benchmarks/step_config_sweep.py, NOTES steps 75 and 77: the 64-row step 5.8% shorter, the
 # 32-row step 1.6%). The two 5,120-output Linears at 64 rows: two groups of warps taking the rows in turn (MG = 2),
-# also chosen in the step's graph (NOTES step 85: the 64-row step 2.7% shorter on an H200; MG = 2 lost 3-6% on c_attn,
-# the pair and at 32 rows).
+# also chosen in the step's graph (NOTES step 85: the 64-row step 2.8% shorter on an H200; MG = 2 lost 2.6-15% on
+# c_attn, the w1/w2 pair and every shape at 32 rows).
 SHAPE_CONFIGS = {(2, 5120, 13696): (4, 1, 1, 4), (4, 5120, 13696): (4, 1, 2, 1), (4, 5120, 15360): (4, 1, 3, 1),
                  (4, 5120, 27392): (4, 2, 1, 1), (8, 5120, 5120): (4, 1, 1, 2, 2), (8, 13696, 5120): (4, 1, 1, 2, 2),
                  (8, 5120, 27392): (4, 2, 1, 1)}
