@@ -88,10 +88,7 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
     out = []
     plain_ok = False
     if isinstance(tools, str):  # LLaMA-Factory's ShareGPT form: the tool list as JSON text of function dicts
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise ReactError(f"a string that is not JSON ({e.msg} at character {e.pos + 1})", where_tools) from None
+        tools = _loads(tools, where_tools, "a string that is not JSON ({why})")
         plain_ok = True
     if tools:
         if not isinstance(tools, list):
@@ -110,6 +107,20 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
             raise ReactError("must be a list", where_functions)
         out = [_check_function(f, f"{where_functions}[{i}]") for i, f in enumerate(functions)]
     return out
+
+
+def _loads(text: str, where: str, error: str):
+    """json.loads(text), or a ReactError at `where`: `error` with {why} the reason, a syntax error's or one json
+    raises otherwise (RecursionError for nesting too deep, ValueError for an integer too long to convert)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        why = f"{e.msg} at character {e.pos + 1}"
+    except RecursionError:
+        why = "nested too deeply"
+    except ValueError as e:  # an integer longer than int() converts (sys.get_int_max_str_digits)
+        why = f"a number too long to read ({str(e).split(';')[0]})"
+    raise ReactError(error.format(why=why), where)
 
 
 def _check_function(f, where: str) -> dict:
@@ -333,11 +344,9 @@ class _PendingCalls:
 
 def _json_call(value, where: str) -> dict:
     """A `function_call` turn's value: JSON text of {"name", "arguments"} (or a list holding one such call)."""
-    try:
-        call = json.loads(value) if isinstance(value, str) else value
-    except json.JSONDecodeError as e:
-        raise ReactError(f"must be JSON text of {{\"name\": ..., \"arguments\": ...}} ({e.msg} at character "
-                         f"{e.pos + 1})", where) from None
+    call = value
+    if isinstance(value, str):
+        call = _loads(value, where, 'must be JSON text of {{"name": ..., "arguments": ...}} ({why})')
     if isinstance(call, list):
         if len(call) != 1:
             raise ReactError(f"holds {len(call)} calls; one function_call turn takes one call (parallel calls: "
@@ -605,11 +614,8 @@ def _check_training_messages(msgs: list[Message], functions: list[dict]) -> None
             raise ReactError(f"calls {short(call['name'])}, which the record does not define (defined: "
                              f"{_listed(names)})", f"{m.call_where}.name")
         if call["arguments"].strip():
-            try:
-                json.loads(call["arguments"])
-            except json.JSONDecodeError as e:
-                raise ReactError(f"not JSON ({e.msg} at character {e.pos + 1}): the model would learn to write "
-                                 "calls no tool can read", f"{m.call_where}.arguments") from None
+            _loads(call["arguments"], f"{m.call_where}.arguments",
+                   "not JSON ({why}): the model would learn to write calls no tool can read")
 
 
 def check_segments(segments, content: str, where: str) -> list[list]:

@@ -216,6 +216,31 @@ def test_invalid_tool_conversations_name_the_turn(record, where):
     assert where in str(e.value)
 
 
+DEEP, LONG = "[" * 100_000, "9" * 5_000  # json.loads raises RecursionError / ValueError, not JSONDecodeError
+
+
+@pytest.mark.parametrize("record, where", [
+    ({"tools": DEEP, "conversations": LLAMA_FACTORY["conversations"]}, "tools: a string that is not JSON (nested"),
+    ({"tools": f'[{{"name": "get_weather", "n": {LONG}}}]', "conversations": LLAMA_FACTORY["conversations"]},
+     "tools: a string that is not JSON (a number too long to read"),
+    ({"tools": LLAMA_FACTORY["tools"], "conversations": [
+        LLAMA_FACTORY["conversations"][0], {"from": "function_call", "value": DEEP},
+        *LLAMA_FACTORY["conversations"][2:]]}, "conversations[1].value: must be JSON text"),
+    ({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": f'{{"n": {LONG}}}'}}]},
+        *OPENAI["messages"][2:]]}, "messages[1].tool_calls[0].function.arguments: not JSON (a number too long"),
+])
+def test_json_text_that_json_cannot_read_is_a_data_error(tmp_path, record, where):
+    """JSON text inside a record (tools, a function_call turn, arguments) nested too deeply or holding an
+    integer too long to convert was a RecursionError / ValueError traceback out of the data reader."""
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        load_records(p)
+    assert e.value.reason == "invalid tool conversation" and "record 1, line 1" in str(e.value)
+    assert where in str(e.value)
+
+
 @pytest.mark.parametrize("record, reason", [
     # react reads one of each pair: the other was dropped without a word
     ({**OPENAI, "conversations": OFFICIAL["conversations"]}, "both 'conversations' and 'messages'"),
