@@ -226,6 +226,13 @@ def _call(call, where: str) -> dict:
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "observation": "function", "developer": "system"}
 
 
+def _either(m: dict, key: str, synonym: str):
+    """m[key], else m[synonym]: a null counts as absent, as the data reader counts it (a `datasets` dir that mixes
+    role/content and from/value turns has all four keys, two of them null in each turn)."""
+    v = m.get(key)
+    return m.get(synonym) if v is None else v
+
+
 def canonical_messages(messages, where: str = "messages") -> list[Message]:
     """OpenAI or official-format message dicts (role/content or from/value) -> Messages in the official
     form: OpenAI tool calls become one assistant message per call, each followed by its `tool` result."""
@@ -238,11 +245,12 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         w = f"{where}[{i}]"
         if not isinstance(m, dict):
             raise ReactError("must be an object", w)
-        role = m.get("role", m.get("from"))
+        role = _either(m, "role", "from")
         if not isinstance(role, str):
             raise ReactError("needs a 'role'", f"{w}.role")
         role = ROLE_ALIASES.get(role.lower(), role.lower())
-        content = content_text(m.get("content", m.get("value")), f"{w}.content")
+        raw_content = _either(m, "content", "value")
+        content = content_text(raw_content, f"{w}.content")
         if role == "tool":
             if not pending:
                 raise ReactError("a tool message must answer a tool call of the assistant message before it",
@@ -269,7 +277,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                 pending.add(c.get("id"), len(out) - 1)
             continue
         if role == "function_call":  # LLaMA-Factory's ShareGPT form: the assistant's call as JSON text
-            out.append(Message("assistant", "", _json_call(m.get("content", m.get("value")), f"{w}.value"),
+            out.append(Message("assistant", "", _json_call(raw_content, f"{w}.value"),
                                f"{w}.value", f"{w}.value"))
             continue
         if role not in ("system", "user", "assistant", "function"):
@@ -549,7 +557,7 @@ def is_tool_record(record: dict) -> bool:
     turns = record_turns(record)
     if not isinstance(turns, list):
         return False
-    return any(isinstance(t, dict) and (str(t.get("role", t.get("from", ""))).lower() in _CALL_ROLES
+    return any(isinstance(t, dict) and (str(_either(t, "role", "from")).lower() in _CALL_ROLES
                                         or t.get("function_call") or t.get("tool_calls")) for t in turns)
 
 

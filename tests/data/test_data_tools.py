@@ -276,3 +276,19 @@ def test_segments_must_join_to_the_content():
                         {"role": "assistant", "content": "ab", "segments": [["a", True], ["c", False]]}]}
     with pytest.raises(DataError, match="turn 2"):
         normalize_record(rec)
+
+
+def test_tool_turns_with_null_synonyms_read_the_other_key():
+    """A null `content` beside a `value` (or a null `role` beside a `from`) counts as absent, as in plain records: the
+    tool path read the null, dropping the assistant's thought without a word (and missed a null-role function turn)."""
+    call = {**OPENAI["messages"][1], "content": None, "value": "I need the weather."}
+    assert normalize_record({**OPENAI, "messages": [OPENAI["messages"][0], call, *OPENAI["messages"][2:]]}) == \
+        normalize_record(OPENAI)
+    msgs = [{"role": m.get("role"), "from": None, "content": None, "value": m.get("content"),
+             **{k: v for k, v in m.items() if k not in ("role", "content")}} for m in OPENAI["messages"]]
+    assert normalize_record({**OPENAI, "messages": msgs}) == normalize_record(OPENAI)
+    turns = [{"from": t["from"], "role": None, "value": t["value"], "content": None,
+              **{k: v for k, v in t.items() if k not in ("from", "value")}} for t in OFFICIAL["conversations"]]
+    assert normalize_record({**OFFICIAL, "conversations": turns}) == normalize_record(OFFICIAL)
+    assert react.is_tool_record({"conversations": turns})
+    assert react.is_tool_record({"conversations": turns[:1] + turns[2:]})  # by its function turn alone
