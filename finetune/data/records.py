@@ -512,7 +512,7 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
                 continue  # blank lines hold no record
             err = None
             try:
-                text = line.decode("utf-8")
+                text = line.rstrip(b"\r\n").decode("utf-8")  # columns of an error: of this line, not the next
                 obj, stop = decoder.decode(text, _WS.match(text).end())
                 if _WS.match(text, stop).end() != len(text):
                     raise json.JSONDecodeError("Extra data", text, stop)
