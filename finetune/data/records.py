@@ -523,9 +523,12 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
             except json.JSONDecodeError as e:
                 # a JSON array saved as .jsonl fails on its "[" line: say so rather than only "Expecting value"
                 opens_array = index == 0 and not hint and text.lstrip().startswith("[")
+                # an invisible U+FEFF where a line starts: files that each begin with a BOM, joined with cat
+                bom = text.startswith("\ufeff", e.pos)
                 err = DataError("invalid JSON", f"{e.msg} at line {lineno} column {e.colno}" + hint + (
                     " (the file opens a JSON array, which a .jsonl file is not read as: name it .json)"
-                    if opens_array else ""))
+                    if opens_array else "") + (" (a byte order mark, U+FEFF, which only the file's first line may "
+                                               "start with: files joined with cat?)" if bom else ""))
             except DataError as e:
                 err = e
             if err is None:
