@@ -574,7 +574,9 @@ def _is_datasets_dir(p: Path) -> bool:
 
 def _dir_files(d: str) -> list[str]:
     """The .json / .jsonl / .ndjson files directly in a plain directory, sorted by name."""
-    files = sorted(str(f) for f in Path(d).iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+    # a broken symbolic link is kept (its reading names it), not left out of the data without a word
+    files = sorted(str(f) for f in Path(d).iterdir()
+                   if (f.is_file() or f.is_symlink() and not f.exists()) and f.suffix.lower() in DATA_SUFFIXES)
     if not files:
         raise DataError("not a data file", "a directory that is not a `datasets` save_to_disk dir and holds no "
                         f"{' / '.join(DATA_SUFFIXES)} files", path=d)
@@ -644,7 +646,8 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
             yield i, None, row, None
         return
     if not p.is_file():
-        raise DataError("no such file", path=path)
+        raise DataError("no such file", f"a broken symbolic link to {os.readlink(p)}" if p.is_symlink() else "",
+                        path=path)
     if _is_jsonl(path):
         yield from _iter_jsonl(path)
         return
