@@ -109,13 +109,24 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
     return out
 
 
+class _NotJSON(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON (and a tool's JSON parser) does not."""
+
+
+def _no_constant(name: str):
+    raise _NotJSON(name)
+
+
 def _loads(text: str, where: str, error: str):
     """json.loads(text), or a ReactError at `where`: `error` with {why} the reason, a syntax error's or one json
-    raises otherwise (RecursionError for nesting too deep, ValueError for an integer too long to convert)."""
+    raises otherwise (RecursionError for nesting too deep, ValueError for an integer too long to convert); NaN and
+    Infinity, which only Python's json reads, are refused too."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         why = f"{e.msg} at character {e.pos + 1}"
+    except _NotJSON as e:
+        why = f"{e} is not a JSON value"
     except RecursionError:
         why = "nested too deeply"
     except ValueError as e:  # an integer longer than int() converts (sys.get_int_max_str_digits)

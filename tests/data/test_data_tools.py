@@ -229,6 +229,12 @@ DEEP, LONG = "[" * 100_000, "9" * 5_000  # json.loads raises RecursionError / Va
     ({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": f'{{"n": {LONG}}}'}}]},
         *OPENAI["messages"][2:]]}, "messages[1].tool_calls[0].function.arguments: not JSON (a number too long"),
+    # Python's json reads NaN / Infinity, a tool's JSON parser does not: the call was trained as it was
+    *[({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]},
+        *OPENAI["messages"][2:]]},
+      f"messages[1].tool_calls[0].function.arguments: not JSON ({name} is not a JSON value")
+      for args, name in (('{"days": NaN}', "NaN"), ({"days": float("-inf")}, "-Infinity"))],
 ])
 def test_json_text_that_json_cannot_read_is_a_data_error(tmp_path, record, where):
     """JSON text inside a record (tools, a function_call turn, arguments) nested too deeply or holding an
