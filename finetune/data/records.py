@@ -645,6 +645,9 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
         for i, row in enumerate(ds):
             yield i, None, row, None
         return
+    if p.exists() and not p.is_file():  # `-d <(zcat data.jsonl.gz)` names a pipe: it is there, "no such file" was not
+        raise DataError("not a data file", "not a regular file (a pipe, socket or device): the data is read more "
+                        "than once, so write it to a file first", path=path)
     if not p.is_file():
         raise DataError("no such file", f"a broken symbolic link to {os.readlink(p)}" if p.is_symlink() else "",
                         path=path)

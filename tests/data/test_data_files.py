@@ -85,6 +85,15 @@ def test_a_broken_link_in_a_data_directory_is_named_not_left_out(shards, data_sm
         build_dataset(data_small_tokenizer, str(shards), 64, cache_dir=shards.parent / "cache", progress=False)
 
 
+def test_a_pipe_is_named_as_such_not_as_missing(tmp_path):
+    # `-d <(zcat data.jsonl.gz)`: the pipe exists, and "no such file" sent the user looking for a missing path
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError) as e:
+        load_records(fifo, flag="--data_path")
+    assert str(e.value).startswith(f"--data_path {fifo}: not a data file: not a regular file (a pipe")
+
+
 def test_a_directory_without_data_files_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
