@@ -530,6 +530,35 @@ def nothing_to_score(tokenizer, records, args, model_dir) -> str | None:
             f"--no-generate has nothing to score; {setting} sets max_len")
 
 
+def too_long_to_generate(tokenizer, records, args, model_dir) -> str | None:
+    """The first record whose generation prompt leaves no room for --max-new-tokens within what the model holds
+    (max(max_position_embeddings, 4 x seq_length), as chat and the server refuse it), as one line naming its file,
+    record and line, or None. Found before the model loads: the engine sized its cache for the longest prompt and
+    prefilled it whole (a 400k-token held-out record ran out of memory after the loss was computed)."""
+    from .data import DataError
+    from .data.dataset import _record_place
+    from .data.records import data_sources
+
+    limit = max_new_tokens_limit(model_dir)
+    if not limit:
+        return None
+    window = 6144  # as main passes it: the generation config's max_window_size, else 6144
+    try:
+        window = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("max_window_size") or window
+    except (OSError, ValueError, AttributeError):
+        pass
+    for i, r in enumerate(records):
+        n = len(generation_prompt(tokenizer, r, window)[0])
+        if n + args.max_new_tokens > limit:
+            path, index, line = _record_place(args.data, data_sources(args.data), i)
+            return str(DataError("prompt too long", f"its generation prompt is {n} tokens; with --max-new-tokens "
+                                 f"{args.max_new_tokens} that is more than {model_dir} holds (at most {limit}: "
+                                 "max(max_position_embeddings, 4 x seq_length) of its config.json); shorten or "
+                                 "remove the record, or pass --no-generate for the loss alone",
+                                 path=path, index=index, line=line, flag="--data"))
+    return None
+
+
 def _error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
@@ -587,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(args.adapter if args.adapter and (Path(args.adapter) / "qwen.tiktoken").is_file()
                                    else model_dir)
         if args.no_generate and (problem := nothing_to_score(tokenizer, records, args, model_dir)):
+            return _error(problem)
+        if not args.no_generate and (problem := too_long_to_generate(tokenizer, records, args, model_dir)):
             return _error(problem)
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
     except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:

@@ -88,10 +88,7 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
     out = []
     plain_ok = False
     if isinstance(tools, str):  # LLaMA-Factory's ShareGPT form: the tool list as JSON text of function dicts
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as e:
-            raise ReactError(f"a string that is not JSON ({e.msg} at character {e.pos + 1})", where_tools) from None
+        tools = _loads(tools, where_tools, "a string that is not JSON ({why})")
         plain_ok = True
     if tools:
         if not isinstance(tools, list):
@@ -110,6 +107,31 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
             raise ReactError("must be a list", where_functions)
         out = [_check_function(f, f"{where_functions}[{i}]") for i, f in enumerate(functions)]
     return out
+
+
+class _NotJSON(ValueError):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON (and a tool's JSON parser) does not."""
+
+
+def _no_constant(name: str):
+    raise _NotJSON(name)
+
+
+def _loads(text: str, where: str, error: str):
+    """json.loads(text), or a ReactError at `where`: `error` with {why} the reason, a syntax error's or one json
+    raises otherwise (RecursionError for nesting too deep, ValueError for an integer too long to convert); NaN and
+    Infinity, which only Python's json reads, are refused too."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        why = f"{e.msg} at character {e.pos + 1}"
+    except _NotJSON as e:
+        why = f"{e} is not a JSON value"
+    except RecursionError:
+        why = "nested too deeply"
+    except ValueError as e:  # an integer longer than int() converts (sys.get_int_max_str_digits)
+        why = f"a number too long to read ({str(e).split(';')[0]})"
+    raise ReactError(error.format(why=why), where)
 
 
 def _check_function(f, where: str) -> dict:
@@ -215,6 +237,13 @@ def _call(call, where: str) -> dict:
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "observation": "function", "developer": "system"}
 
 
+def _either(m: dict, key: str, synonym: str):
+    """m[key], else m[synonym]: a null counts as absent, as the data reader counts it (a `datasets` dir that mixes
+    role/content and from/value turns has all four keys, two of them null in each turn)."""
+    v = m.get(key)
+    return m.get(synonym) if v is None else v
+
+
 def canonical_messages(messages, where: str = "messages") -> list[Message]:
     """OpenAI or official-format message dicts (role/content or from/value) -> Messages in the official
     form: OpenAI tool calls become one assistant message per call, each followed by its `tool` result."""
@@ -227,11 +256,12 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         w = f"{where}[{i}]"
         if not isinstance(m, dict):
             raise ReactError("must be an object", w)
-        role = m.get("role", m.get("from"))
+        role = _either(m, "role", "from")
         if not isinstance(role, str):
             raise ReactError("needs a 'role'", f"{w}.role")
         role = ROLE_ALIASES.get(role.lower(), role.lower())
-        content = content_text(m.get("content", m.get("value")), f"{w}.content")
+        raw_content = _either(m, "content", "value")
+        content = content_text(raw_content, f"{w}.content")
         if role == "tool":
             if not pending:
                 raise ReactError("a tool message must answer a tool call of the assistant message before it",
@@ -258,7 +288,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                 pending.add(c.get("id"), len(out) - 1)
             continue
         if role == "function_call":  # LLaMA-Factory's ShareGPT form: the assistant's call as JSON text
-            out.append(Message("assistant", "", _json_call(m.get("content", m.get("value")), f"{w}.value"),
+            out.append(Message("assistant", "", _json_call(raw_content, f"{w}.value"),
                                f"{w}.value", f"{w}.value"))
             continue
         if role not in ("system", "user", "assistant", "function"):
@@ -333,11 +363,9 @@ class _PendingCalls:
 
 def _json_call(value, where: str) -> dict:
     """A `function_call` turn's value: JSON text of {"name", "arguments"} (or a list holding one such call)."""
-    try:
-        call = json.loads(value) if isinstance(value, str) else value
-    except json.JSONDecodeError as e:
-        raise ReactError(f"must be JSON text of {{\"name\": ..., \"arguments\": ...}} ({e.msg} at character "
-                         f"{e.pos + 1})", where) from None
+    call = value
+    if isinstance(value, str):
+        call = _loads(value, where, 'must be JSON text of {{"name": ..., "arguments": ...}} ({why})')
     if isinstance(call, list):
         if len(call) != 1:
             raise ReactError(f"holds {len(call)} calls; one function_call turn takes one call (parallel calls: "
@@ -540,7 +568,7 @@ def is_tool_record(record: dict) -> bool:
     turns = record_turns(record)
     if not isinstance(turns, list):
         return False
-    return any(isinstance(t, dict) and (str(t.get("role", t.get("from", ""))).lower() in _CALL_ROLES
+    return any(isinstance(t, dict) and (str(_either(t, "role", "from")).lower() in _CALL_ROLES
                                         or t.get("function_call") or t.get("tool_calls")) for t in turns)
 
 
@@ -605,11 +633,8 @@ def _check_training_messages(msgs: list[Message], functions: list[dict]) -> None
             raise ReactError(f"calls {short(call['name'])}, which the record does not define (defined: "
                              f"{_listed(names)})", f"{m.call_where}.name")
         if call["arguments"].strip():
-            try:
-                json.loads(call["arguments"])
-            except json.JSONDecodeError as e:
-                raise ReactError(f"not JSON ({e.msg} at character {e.pos + 1}): the model would learn to write "
-                                 "calls no tool can read", f"{m.call_where}.arguments") from None
+            _loads(call["arguments"], f"{m.call_where}.arguments",
+                   "not JSON ({why}): the model would learn to write calls no tool can read")
 
 
 def check_segments(segments, content: str, where: str) -> list[list]:

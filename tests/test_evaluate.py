@@ -236,6 +236,22 @@ def test_eval_output_that_cannot_be_written_is_refused_before_loading(setup, tmp
         assert err.startswith(f"error: --output {output}: ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_prompt_the_model_cannot_hold_is_refused_before_loading(setup, tmp_path, capsys, monkeypatch):
+    # the engine was sized for the longest prompt and prefilled it whole: a held-out record of a few MB hung the CPU
+    # (out of memory on a GPU) after the model loaded and the loss was computed
+    import finetune.loading
+    from finetune.cli import main
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    data = tmp_path / "long.jsonl"
+    long = {"conversations": [{"from": "user", "value": "word " * 2000}, {"from": "assistant", "value": "ok"}]}
+    data.write_text("\n".join(json.dumps(r) for r in [*memorise_records(), long]) + "\n")
+    assert main(["eval", "-m", str(setup["float"]), "--data", str(data), "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --data {data}, record 5, line 5: prompt too long: ") and err.count("\n") == 1, err
+    assert "at most 1024" in err and "--max-new-tokens 4" in err
+
+
 def test_eval_output_that_is_the_data_file_is_refused_before_loading(setup, tmp_path, capsys, monkeypatch):
     # the report replaced the held-out data it was computed on
     import finetune.loading

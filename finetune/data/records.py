@@ -512,7 +512,7 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
                 continue  # blank lines hold no record
             err = None
             try:
-                text = line.decode("utf-8")
+                text = line.rstrip(b"\r\n").decode("utf-8")  # columns of an error: of this line, not the next
                 obj, stop = decoder.decode(text, _WS.match(text).end())
                 if _WS.match(text, stop).end() != len(text):
                     raise json.JSONDecodeError("Extra data", text, stop)
@@ -523,9 +523,12 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
             except json.JSONDecodeError as e:
                 # a JSON array saved as .jsonl fails on its "[" line: say so rather than only "Expecting value"
                 opens_array = index == 0 and not hint and text.lstrip().startswith("[")
+                # an invisible U+FEFF where a line starts: files that each begin with a BOM, joined with cat
+                bom = text.startswith("\ufeff", e.pos)
                 err = DataError("invalid JSON", f"{e.msg} at line {lineno} column {e.colno}" + hint + (
                     " (the file opens a JSON array, which a .jsonl file is not read as: name it .json)"
-                    if opens_array else ""))
+                    if opens_array else "") + (" (a byte order mark, U+FEFF, which only the file's first line may "
+                                               "start with: files joined with cat?)" if bom else ""))
             except DataError as e:
                 err = e
             if err is None:
@@ -571,7 +574,9 @@ def _is_datasets_dir(p: Path) -> bool:
 
 def _dir_files(d: str) -> list[str]:
     """The .json / .jsonl / .ndjson files directly in a plain directory, sorted by name."""
-    files = sorted(str(f) for f in Path(d).iterdir() if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+    # a broken symbolic link is kept (its reading names it), not left out of the data without a word
+    files = sorted(str(f) for f in Path(d).iterdir()
+                   if (f.is_file() or f.is_symlink() and not f.exists()) and f.suffix.lower() in DATA_SUFFIXES)
     if not files:
         raise DataError("not a data file", "a directory that is not a `datasets` save_to_disk dir and holds no "
                         f"{' / '.join(DATA_SUFFIXES)} files", path=d)
@@ -640,8 +645,12 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
         for i, row in enumerate(ds):
             yield i, None, row, None
         return
+    if p.exists() and not p.is_file():  # `-d <(zcat data.jsonl.gz)` names a pipe: it is there, "no such file" was not
+        raise DataError("not a data file", "not a regular file (a pipe, socket or device): the data is read more "
+                        "than once, so write it to a file first", path=path)
     if not p.is_file():
-        raise DataError("no such file", path=path)
+        raise DataError("no such file", f"a broken symbolic link to {os.readlink(p)}" if p.is_symlink() else "",
+                        path=path)
     if _is_jsonl(path):
         yield from _iter_jsonl(path)
         return

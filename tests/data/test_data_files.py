@@ -74,6 +74,26 @@ def test_a_plain_directory_reads_its_json_and_jsonl_files_sorted(shards, data_sm
     assert summary.records_read == 5
 
 
+def test_a_broken_link_in_a_data_directory_is_named_not_left_out(shards, data_small_tokenizer):
+    # a plain directory listed only what is_file() saw, so the link's file was dropped without a word (a glob named it)
+    (shards / "train-00004.jsonl").symlink_to(shards.parent / "gone.jsonl")
+    with pytest.raises(DataError) as e:
+        load_records(shards, flag="--data_path")
+    assert str(e.value) == (f"--data_path {shards / 'train-00004.jsonl'}: no such file: a broken symbolic link to "
+                            f"{shards.parent / 'gone.jsonl'}")
+    with pytest.raises(DataError, match="gone.jsonl: no such file"):
+        build_dataset(data_small_tokenizer, str(shards), 64, cache_dir=shards.parent / "cache", progress=False)
+
+
+def test_a_pipe_is_named_as_such_not_as_missing(tmp_path):
+    # `-d <(zcat data.jsonl.gz)`: the pipe exists, and "no such file" sent the user looking for a missing path
+    fifo = tmp_path / "fifo.jsonl"
+    os.mkfifo(fifo)
+    with pytest.raises(DataError) as e:
+        load_records(fifo, flag="--data_path")
+    assert str(e.value).startswith(f"--data_path {fifo}: not a data file: not a regular file (a pipe")
+
+
 def test_a_directory_without_data_files_is_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")

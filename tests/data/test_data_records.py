@@ -170,6 +170,27 @@ def test_jsonl_one_broken_line(tmp_path):
     assert "record 2, line 3" in str(e.value)
 
 
+def test_jsonl_error_column_is_on_the_broken_line(tmp_path):
+    # a line cut short (a crashed writer) said "column 1": json counted the column on the empty text after the newline
+    cut = '{"conversations": [{"from": "user", "value": "Hi"}'
+    for end in ("\n", "\r\n", ""):
+        path = tmp_path / "d.jsonl"
+        path.write_text(json.dumps(GOOD) + "\n" + cut + end, newline="")
+        with pytest.raises(DataError) as e:
+            load_records(path)
+        assert str(e.value).endswith(f"record 2, line 2: invalid JSON: Expecting ',' delimiter at line 2 column "
+                                     f"{len(cut) + 1}"), (end, str(e.value))
+
+
+def test_a_bom_inside_a_jsonl_file_is_named(tmp_path):
+    # `cat a.jsonl b.jsonl`, b.jsonl starting with a BOM: only "Expecting value at line 2 column 1", cause unseen
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\ufeff" + json.dumps(GOOD) + "\n", encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert "record 2, line 2: invalid JSON" in str(e.value) and "byte order mark" in str(e.value)
+
+
 def test_a_json_array_saved_as_jsonl_is_named_as_such(tmp_path):
     # (it was only "Expecting value at line 1 column 1")
     path = tmp_path / "d.jsonl"

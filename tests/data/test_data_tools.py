@@ -216,6 +216,37 @@ def test_invalid_tool_conversations_name_the_turn(record, where):
     assert where in str(e.value)
 
 
+DEEP, LONG = "[" * 100_000, "9" * 5_000  # json.loads raises RecursionError / ValueError, not JSONDecodeError
+
+
+@pytest.mark.parametrize("record, where", [
+    ({"tools": DEEP, "conversations": LLAMA_FACTORY["conversations"]}, "tools: a string that is not JSON (nested"),
+    ({"tools": f'[{{"name": "get_weather", "n": {LONG}}}]', "conversations": LLAMA_FACTORY["conversations"]},
+     "tools: a string that is not JSON (a number too long to read"),
+    ({"tools": LLAMA_FACTORY["tools"], "conversations": [
+        LLAMA_FACTORY["conversations"][0], {"from": "function_call", "value": DEEP},
+        *LLAMA_FACTORY["conversations"][2:]]}, "conversations[1].value: must be JSON text"),
+    ({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": f'{{"n": {LONG}}}'}}]},
+        *OPENAI["messages"][2:]]}, "messages[1].tool_calls[0].function.arguments: not JSON (a number too long"),
+    # Python's json reads NaN / Infinity, a tool's JSON parser does not: the call was trained as it was
+    *[({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]},
+        *OPENAI["messages"][2:]]},
+      f"messages[1].tool_calls[0].function.arguments: not JSON ({name} is not a JSON value")
+      for args, name in (('{"days": NaN}', "NaN"), ({"days": float("-inf")}, "-Infinity"))],
+])
+def test_json_text_that_json_cannot_read_is_a_data_error(tmp_path, record, where):
+    """JSON text inside a record (tools, a function_call turn, arguments) nested too deeply or holding an
+    integer too long to convert was a RecursionError / ValueError traceback out of the data reader."""
+    p = tmp_path / "t.jsonl"
+    p.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError) as e:
+        load_records(p)
+    assert e.value.reason == "invalid tool conversation" and "record 1, line 1" in str(e.value)
+    assert where in str(e.value)
+
+
 @pytest.mark.parametrize("record, reason", [
     # react reads one of each pair: the other was dropped without a word
     ({**OPENAI, "conversations": OFFICIAL["conversations"]}, "both 'conversations' and 'messages'"),
@@ -251,3 +282,19 @@ def test_segments_must_join_to_the_content():
                         {"role": "assistant", "content": "ab", "segments": [["a", True], ["c", False]]}]}
     with pytest.raises(DataError, match="turn 2"):
         normalize_record(rec)
+
+
+def test_tool_turns_with_null_synonyms_read_the_other_key():
+    """A null `content` beside a `value` (or a null `role` beside a `from`) counts as absent, as in plain records: the
+    tool path read the null, dropping the assistant's thought without a word (and missed a null-role function turn)."""
+    call = {**OPENAI["messages"][1], "content": None, "value": "I need the weather."}
+    assert normalize_record({**OPENAI, "messages": [OPENAI["messages"][0], call, *OPENAI["messages"][2:]]}) == \
+        normalize_record(OPENAI)
+    msgs = [{"role": m.get("role"), "from": None, "content": None, "value": m.get("content"),
+             **{k: v for k, v in m.items() if k not in ("role", "content")}} for m in OPENAI["messages"]]
+    assert normalize_record({**OPENAI, "messages": msgs}) == normalize_record(OPENAI)
+    turns = [{"from": t["from"], "role": None, "value": t["value"], "content": None,
+              **{k: v for k, v in t.items() if k not in ("from", "value")}} for t in OFFICIAL["conversations"]]
+    assert normalize_record({**OFFICIAL, "conversations": turns}) == normalize_record(OFFICIAL)
+    assert react.is_tool_record({"conversations": turns})
+    assert react.is_tool_record({"conversations": turns[:1] + turns[2:]})  # by its function turn alone
