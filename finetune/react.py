@@ -110,11 +110,21 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
 
 
 class _NotJSON(ValueError):
-    """NaN, Infinity or -Infinity: Python's json reads them, JSON (and a tool's JSON parser) does not."""
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON (and a tool's JSON parser) does not; or a key
+    twice in one object, which json.loads resolves silently (the last one wins), as the data files' reader refuses."""
 
 
 def _no_constant(name: str):
-    raise _NotJSON(name)
+    raise _NotJSON(f"{name} is not a JSON value")
+
+
+def _no_duplicates(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _NotJSON(f"key {short(key)} appears twice in one object (a JSON reader keeps only one of the two values)")
+    return obj
 
 
 def _loads(text: str, where: str, error: str):
@@ -122,11 +132,11 @@ def _loads(text: str, where: str, error: str):
     raises otherwise (RecursionError for nesting too deep, ValueError for an integer too long to convert); NaN and
     Infinity, which only Python's json reads, are refused too."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
         why = f"{e.msg} at character {e.pos + 1}"
     except _NotJSON as e:
-        why = f"{e} is not a JSON value"
+        why = str(e)
     except RecursionError:
         why = "nested too deeply"
     except ValueError as e:  # an integer longer than int() converts (sys.get_int_max_str_digits)
@@ -149,6 +159,10 @@ def _check_function(f, where: str) -> dict:
             raise ReactError(f"must be a string, got {json_type(f[key])}", f"{where}.{key}")
     if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
         raise ReactError(f"must be a JSON Schema object, got {json_type(f['parameters'])}", f"{where}.parameters")
+    try:  # written into the prompt as JSON: Python's NaN / Infinity (which its json reads in a file) would not be
+        json.dumps(f.get("parameters"), allow_nan=False)
+    except ValueError:
+        raise ReactError("holds NaN or Infinity, which is not a JSON value", f"{where}.parameters") from None
     return f
 
 

@@ -235,6 +235,15 @@ DEEP, LONG = "[" * 100_000, "9" * 5_000  # json.loads raises RecursionError / Va
         *OPENAI["messages"][2:]]},
       f"messages[1].tool_calls[0].function.arguments: not JSON ({name} is not a JSON value")
       for args, name in (('{"days": NaN}', "NaN"), ({"days": float("-inf")}, "-Infinity"))],
+    # a key twice in JSON text: json.loads kept the last value without a word (the file's own keys are checked)
+    ({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                      "arguments": '{"city": "Paris", "city": "Rome"}'}}]},
+        *OPENAI["messages"][2:]]},
+     "messages[1].tool_calls[0].function.arguments: not JSON (key 'city' appears twice in one object"),
+    # NaN in a function's parameters was written into the ReAct prompt as NaN
+    ({**OPENAI, "tools": [{"type": "function", "function": {**WEATHER, "parameters": {"maximum": float("nan")}}}]},
+     "tools[0].function.parameters: holds NaN or Infinity"),
 ])
 def test_json_text_that_json_cannot_read_is_a_data_error(tmp_path, record, where):
     """JSON text inside a record (tools, a function_call turn, arguments) nested too deeply or holding an
