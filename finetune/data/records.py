@@ -525,10 +525,14 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
                 opens_array = index == 0 and not hint and text.lstrip().startswith("[")
                 # an invisible U+FEFF where a line starts: files that each begin with a BOM, joined with cat
                 bom = text.startswith("\ufeff", e.pos)
+                # records separated by a carriage return alone (old Mac line ends) read as one line with extra data
+                cr_only = e.msg == "Extra data" and "\r" in text
                 err = DataError("invalid JSON", f"{e.msg} at line {lineno} column {e.colno}" + hint + (
                     " (the file opens a JSON array, which a .jsonl file is not read as: name it .json)"
                     if opens_array else "") + (" (a byte order mark, U+FEFF, which only the file's first line may "
-                                               "start with: files joined with cat?)" if bom else ""))
+                                               "start with: files joined with cat?)" if bom else "") + (
+                    " (its lines end in a carriage return alone, as old Mac files do: convert them, e.g. "
+                    "`tr '\\r' '\\n' < FILE > FILE.jsonl`)" if cr_only else ""))
             except DataError as e:
                 err = e
             if err is None:

@@ -191,6 +191,18 @@ def test_a_bom_inside_a_jsonl_file_is_named(tmp_path):
     assert "record 2, line 2: invalid JSON" in str(e.value) and "byte order mark" in str(e.value)
 
 
+def test_records_separated_by_a_carriage_return_alone_are_named(tmp_path):
+    # (old Mac line ends: the whole file is one line, and the error was only "Extra data at line 1 column ...")
+    path = tmp_path / "d.jsonl"
+    path.write_bytes((json.dumps(GOOD) + "\r" + json.dumps(GOOD) + "\r").encode())
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert "record 1, line 1: invalid JSON: Extra data" in str(e.value), str(e.value)
+    assert "carriage return alone" in str(e.value) and "tr '\\r' '\\n'" in str(e.value), str(e.value)
+    path.write_bytes((json.dumps(GOOD) + "\r\n" + json.dumps(GOOD) + "\r\n").encode())  # CRLF reads as before
+    assert len(load_records(path)) == 2
+
+
 def test_a_json_array_saved_as_jsonl_is_named_as_such(tmp_path):
     # (it was only "Expecting value at line 1 column 1")
     path = tmp_path / "d.jsonl"
