@@ -536,7 +536,7 @@ def too_long_to_generate(tokenizer, records, args, model_dir) -> str | None:
     record and line, or None. Found before the model loads: the engine sized its cache for the longest prompt and
     prefilled it whole (a 400k-token held-out record ran out of memory after the loss was computed)."""
     from .data import DataError
-    from .data.dataset import _record_place
+    from .data.dataset import record_place
     from .data.records import data_sources
 
     limit = max_new_tokens_limit(model_dir)
@@ -550,7 +550,7 @@ def too_long_to_generate(tokenizer, records, args, model_dir) -> str | None:
     for i, r in enumerate(records):
         n = len(generation_prompt(tokenizer, r, window)[0])
         if n + args.max_new_tokens > limit:
-            path, index, line = _record_place(args.data, data_sources(args.data), i)
+            path, index, line = record_place(args.data, data_sources(args.data), i)
             return str(DataError("prompt too long", f"its generation prompt is {n} tokens; with --max-new-tokens "
                                  f"{args.max_new_tokens} that is more than {model_dir} holds (at most {limit}: "
                                  "max(max_position_embeddings, 4 x seq_length) of its config.json); shorten or "

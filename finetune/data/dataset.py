@@ -314,7 +314,7 @@ def _content_key(p: Path) -> list[tuple[str, int, str]]:
     return key
 
 
-def _record_place(source: str, sources: list[str], row: int) -> tuple[str, int, int | None]:
+def record_place(source: str, sources: list[str], row: int) -> tuple[str, int, int | None]:
     """(file, index in it, line) of the encoded row `row` of data read from `sources` (one or several files or
     dataset dirs; `source`: as the user gave them, named when there is only one). Re-reads the files up to
     it, so only for reporting."""
@@ -487,7 +487,7 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         n = skipped[TOO_LONG]
         where, index, line = IN_MEMORY, first_too_long, None
         if isinstance(path_or_records, (str, os.PathLike)):
-            where, index, line = _record_place(source, sources, first_too_long)
+            where, index, line = record_place(source, sources, first_too_long)
         too_long = TooLongError(TOO_LONG, f"{n} of {len(reasons)} record{'s' * (len(reasons) > 1)} "
                                 f"{'have' if n > 1 else 'has'} no reply token within max_len {max_len} (the "
                                 "prompt before the first reply fills it)" + ("; this is the first" if n > 1 else ""),
