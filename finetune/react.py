@@ -81,18 +81,27 @@ def _clean(text: str) -> str:
 # -- function definitions -----------------------------------------------------------------------------
 
 
+def _given(value) -> bool:
+    """Whether a record's or request's `functions` / `tools` value names any: null, [] and "" (LLaMA-Factory writes
+    an empty `tools` column so) are none; anything else, 0 or {} too, is read and checked (a wrong type is an error,
+    not none)."""
+    return not (value is None or (isinstance(value, (list, str)) and not value))
+
+
 def functions_from(functions=None, tools=None, where_functions="functions", where_tools="tools") -> list[dict]:
     """The function dicts of a legacy `functions` list or an OpenAI `tools` list (not both)."""
-    if functions and tools:
+    functions = functions if _given(functions) else None
+    tools = tools if _given(tools) else None
+    if functions is not None and tools is not None:
         raise ReactError("give either 'functions' or 'tools', not both", where_tools)
     out = []
     plain_ok = False
     if isinstance(tools, str):  # LLaMA-Factory's ShareGPT form: the tool list as JSON text of function dicts
         tools = _loads(tools, where_tools, "a string that is not JSON ({why})")
         plain_ok = True
-    if tools:
+    if tools is not None:
         if not isinstance(tools, list):
-            raise ReactError("must be a list", where_tools)
+            raise ReactError(f"must be a list, got {json_type(tools)}", where_tools)
         for i, t in enumerate(tools):
             where = f"{where_tools}[{i}]"
             if plain_ok and isinstance(t, dict) and "function" not in t:
@@ -102,9 +111,9 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
                     t.get("function"), dict):
                 raise ReactError("must be {\"type\": \"function\", \"function\": {...}}", where)
             out.append(_check_function(t["function"], f"{where}.function"))
-    elif functions:
+    elif functions is not None:
         if not isinstance(functions, list):
-            raise ReactError("must be a list", where_functions)
+            raise ReactError(f"must be a list, got {json_type(functions)}", where_functions)
         out = [_check_function(f, f"{where_functions}[{i}]") for i, f in enumerate(functions)]
     return out
 
@@ -577,7 +586,7 @@ _CALL_ROLES = {"function", "tool", "observation", "function_call"}
 
 def is_tool_record(record: dict) -> bool:
     """A training record with functions, function calls or their results (rendered in the ReAct layout)."""
-    if record.get("functions") or record.get("tools"):
+    if _given(record.get("functions")) or _given(record.get("tools")):
         return True
     turns = record_turns(record)
     if not isinstance(turns, list):

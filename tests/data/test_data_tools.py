@@ -256,6 +256,23 @@ def test_json_text_that_json_cannot_read_is_a_data_error(tmp_path, record, where
     assert where in str(e.value)
 
 
+@pytest.mark.parametrize("key, value, got", [("functions", 0, "a number"), ("functions", {}, "an object"),
+                                             ("tools", {}, "an object"), ("tools", False, "a boolean"),
+                                             ("functions", "get_weather", "a string")])
+def test_functions_or_tools_of_the_wrong_type_are_an_error_even_when_empty(key, value, got):
+    """`functions: {}` or `0` counted as no functions: the record trained as plain chat without a word."""
+    with pytest.raises(DataError) as e:
+        normalize_record({key: value, "messages": [{"role": "user", "content": "q"}, {"role": "assistant",
+                                                                                      "content": "a"}]})
+    assert e.value.reason == "invalid tool conversation" and f"{key}: must be a list, got {got}" in str(e.value)
+
+
+@pytest.mark.parametrize("empty", [None, [], ""])
+def test_null_empty_list_or_empty_string_is_no_functions(empty):
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    assert normalize_record({**plain, "tools": empty, "functions": empty}) == normalize_record(plain)
+
+
 @pytest.mark.parametrize("record, reason", [
     # react reads one of each pair: the other was dropped without a word
     ({**OPENAI, "conversations": OFFICIAL["conversations"]}, "both 'conversations' and 'messages'"),
