@@ -656,8 +656,11 @@ def _check_training_messages(msgs: list[Message], functions: list[dict]) -> None
             raise ReactError(f"calls {short(call['name'])}, which the record does not define (defined: "
                              f"{_listed(names)})", f"{m.call_where}.name")
         if call["arguments"].strip():
-            _loads(call["arguments"], f"{m.call_where}.arguments",
-                   "not JSON ({why}): the model would learn to write calls no tool can read")
+            args = _loads(call["arguments"], f"{m.call_where}.arguments",
+                          "not JSON ({why}): the model would learn to write calls no tool can read")
+            if not isinstance(args, dict):  # a function's parameters are an object (OpenAI's arguments too)
+                raise ReactError(f"must be a JSON object of the function's parameters, got {json_type(args)}",
+                                 f"{m.call_where}.arguments")
 
 
 def check_segments(segments, content: str, where: str) -> list[list]:

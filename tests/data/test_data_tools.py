@@ -200,6 +200,12 @@ def test_alpaca_record_keeps_its_tools():
      "conversations[1].value.arguments: not JSON"),
     ({"messages": OPENAI["messages"]},
      "messages[1].tool_calls[0].function.name: calls 'get_weather', but the record defines no functions"),
+    # arguments that are JSON but not an object were trained as "Action Input: [1, 2]"
+    *[({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": args}}]},
+        *OPENAI["messages"][2:]]},
+      f"messages[1].tool_calls[0].function.arguments: must be a JSON object of the function's parameters, got {got}")
+      for args, got in (("[1, 2]", "an array"), ('"Paris"', "a string"), (5, "a number"))],
     ({**OFFICIAL, "conversations": [OFFICIAL["conversations"][0], {**OFFICIAL["conversations"][1], "function_call": {
         "name": "get_wether", "arguments": "{}"}}, *OFFICIAL["conversations"][2:]]},
      "conversations[1].function_call.name: calls 'get_wether', which the record does not define (defined: "
