@@ -81,7 +81,7 @@ def test_the_folded_weight_is_the_scaled_weight_rounded_once_for_every_fp16_scal
     lo = s - hi
     assert torch.equal(hi.to(torch.bfloat16).to(torch.float32), hi)
     assert torch.equal(lo.to(torch.bfloat16).to(torch.float32), lo)
-    s64, hi64, lo64 = s.double(), hi.double(), lo.double()
+    hi64, lo64 = hi.double(), lo.double()
     for d in range(-16, 16):
         t = d * lo64
         assert torch.equal(_bf16_round(t), t), d  # the first fma rounds nothing
