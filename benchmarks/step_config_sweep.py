@@ -6,10 +6,9 @@ step; this times what the step gains, ~1 s a candidate and row count instead of 
 
 A candidate is NAME or NAME:ENTRY+ENTRY..., an entry "mb,K,N=config": a 3-value config (warps, depth, CTAs an SM)
 goes to mma_gemv.SHAPE_CONFIGS (the 1-8 row GEMV, mb = 1), a 4-value one (warps, tiles a warp, depth, CTAs an SM;
-a fifth: groups of warps along the rows; a sixth: 1 folds the scale into the weights) to mma_gemm.SHAPE_CONFIGS
-(9-64 rows, mb = 8-row blocks 2, 4, 8), on top of the shipped entries ("base": none added; a candidate named
-"general" empties both tables); an entry "switch=0|1" (a field of finetune/settings.py, e.g. paired_decode=0)
-holds for that candidate's runs. Each added
+a fifth: groups of warps along the rows) to mma_gemm.SHAPE_CONFIGS (9-64 rows, mb = 8-row blocks 2, 4, 8), on top
+of the shipped entries ("base": none added; a candidate named "general" empties both tables); an entry
+"switch=0|1" (a field of finetune/settings.py, e.g. paired_decode=0) holds for that candidate's runs. Each added
 entry is first checked against the exact product at its shape (random Int4 weights, 1e-2 relative; a wrong
 config is reported and skipped). A candidate runs only at the row counts its entries are for.
 
@@ -53,9 +52,8 @@ def parse(candidate: str) -> tuple[str, dict]:
             added["settings"][shape] = bool(int(config)) if config in ("0", "1") else int(config)
             continue
         shape, config = tuple(map(int, shape.split(","))), tuple(map(int, config.split(",")))
-        if len(shape) != 3 or len(config) not in (3, 4, 5, 6):
-            raise SystemExit(f"{candidate}: entry {entry!r} is not mb,K,N=w,d,s (GEMV) or mb,K,N=w,t,d,s[,g[,f]] "
-                             "(GEMM)")
+        if len(shape) != 3 or len(config) not in (3, 4, 5):
+            raise SystemExit(f"{candidate}: entry {entry!r} is not mb,K,N=w,d,s (GEMV) or mb,K,N=w,t,d,s[,g] (GEMM)")
         added["gemv" if len(config) == 3 else "gemm"][shape] = config
     return name, added
 

@@ -87,7 +87,6 @@ _SOURCE = r"""
 #define STAGES __STAGES__
 #define MINB __MINB__            // CTAs an SM must hold: caps the registers a thread (the config's per-SM target)
 #define MG __MG__                // groups of WARPS warps taking the rows in turn: MB 8-row blocks each (module doc)
-#define FOLD __FOLD__            // 1: the scale folded into the A fragments, one set of sums (module doc)
 #define THREADS (WARPS * MG * 32)
 #define XROW 128                 // bf16 a shared row of x: one chunk
 #define XSTAGE (MG * MB * 8 * XROW)  // bf16 a stage: every group's rows
@@ -145,54 +144,19 @@ __device__ __forceinline__ void load_w(WChunk& b, const U4*& w, const u16*& s, c
 
 // One chunk: for each 16-input step the weights' A fragments ((q - z) in bf16, exact), x's B fragments from the
 // shared stage (one 16-byte read serves two steps and every tile of the warp), fp32 sums scaled once.
-// FOLD: the A fragments are the weights themselves, s (q - z) rounded once to bf16 (exact fma's of the scale's two
-// bf16 parts, see scale_parts), and the mma's sum straight into acc: no chunk sums to zero and scale, and MB * 4
-// fewer fp32 registers a tile.
-#if FOLD
-// The fp16 scale s as hi + lo, both bf16 and exact (fp16 has 11 significant bits: hi its first 8, lo the other 3),
-// each in both halves. Then (q - z) lo is exact in bf16 (at most 5 + 3 bits) and fma(q - z, hi, (q - z) lo) is
-// s (q - z) rounded once, the bf16 weight the dequantizing path makes.
-__device__ __forceinline__ void scale_parts(u16 s, u32& hi, u32& lo) {
-  const float f = h2f(s);
-  const u32 h = __float_as_uint(f) & 0xFFFF0000u;
-  hi = (h >> 16) * 0x10001u;
-  lo = (u32)f2bf(f - __uint_as_float(h)) * 0x10001u;
-}
-// d lo + (-0): exact (the product fits bf16); then d hi + that, rounded once
-__device__ __forceinline__ u32 scaled(u32 d, u32 hi, u32 lo) {
-  u32 t, a;
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(t) : "r"(d), "r"(lo), "r"(0x80008000u));
-  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(a) : "r"(d), "r"(hi), "r"(t));
-  return a;
-}
-#endif
 __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int sw, float (&acc)[TPW][MB][4], int r,
                                            int zero_add) {
   u32 magic;
   asm volatile("mov.b32 %0, 0x43004300;" : "=r"(magic));
   u32 nz[TPW][2];
-#if FOLD
-  u32 hi[TPW][2], lo[TPW][2];
-#else
   float tmp[TPW][MB][4];
-#endif
 #pragma unroll
   for (int tp = 0; tp < TPW; ++tp) {
     nz[tp][0] = (u32)(0xC300 + ((b.z[tp][0] >> (4 * r)) & 15) + zero_add) * 0x10001u;
     nz[tp][1] = (u32)(0xC300 + ((b.z[tp][1] >> (4 * r)) & 15) + zero_add) * 0x10001u;
-#if FOLD
-    scale_parts(b.s[tp][0], hi[tp][0], lo[tp][0]);
-    scale_parts(b.s[tp][1], hi[tp][1], lo[tp][1]);
-#else
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb) tmp[tp][mb][0] = tmp[tp][mb][1] = tmp[tp][mb][2] = tmp[tp][mb][3] = 0.f;
-#endif
   }
-#if FOLD
-  float (&sums)[TPW][MB][4] = acc;
-#else
-  float (&sums)[TPW][MB][4] = tmp;
-#endif
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     u32 a[TPW][2][4];
@@ -206,10 +170,6 @@ __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int s
         a[tp][jj][1] = sub_zero(nibbles(wj >> 4, magic), nz[tp][1]);
         a[tp][jj][2] = sub_zero(nibbles(wj >> 8, magic), nz[tp][0]);
         a[tp][jj][3] = sub_zero(nibbles(wj >> 12, magic), nz[tp][1]);
-#if FOLD
-#pragma unroll
-        for (int q = 0; q < 4; ++q) a[tp][jj][q] = scaled(a[tp][jj][q], hi[tp][q & 1], lo[tp][q & 1]);
-#endif
       }
     const u16* xp = xr + ((i ^ sw) << 3);
 #pragma unroll
@@ -217,12 +177,11 @@ __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int s
       const U4 xv = *(const U4*)(xp + mb * 8 * XROW);
 #pragma unroll
       for (int tp = 0; tp < TPW; ++tp) {
-        mma(sums[tp][mb], a[tp][0][0], a[tp][0][1], a[tp][0][2], a[tp][0][3], xv.x, xv.y);
-        mma(sums[tp][mb], a[tp][1][0], a[tp][1][1], a[tp][1][2], a[tp][1][3], xv.z, xv.w);
+        mma(tmp[tp][mb], a[tp][0][0], a[tp][0][1], a[tp][0][2], a[tp][0][3], xv.x, xv.y);
+        mma(tmp[tp][mb], a[tp][1][0], a[tp][1][1], a[tp][1][2], a[tp][1][3], xv.z, xv.w);
       }
     }
   }
-#if !FOLD
 #pragma unroll
   for (int tp = 0; tp < TPW; ++tp) {
     const float sc0 = h2f(b.s[tp][0]), sc1 = h2f(b.s[tp][1]);
@@ -234,7 +193,6 @@ __device__ __forceinline__ void gemm_chunk(const WChunk& b, const u16* xr, int s
       acc[tp][mb][3] += sc1 * tmp[tp][mb][3];
     }
   }
-#endif
 }
 
 extern "C" __global__ void __launch_bounds__(THREADS, MINB)
@@ -359,17 +317,16 @@ gptq_mma_gemm(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 
 
 def kernel_source(warps: int, mb: int, tpw: int, depth: int, group_size: int, min_blocks: int = 1,
-                  mg: int = 1, fold: bool = False) -> str:
+                  mg: int = 1) -> str:
     """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``mb``: 8-row blocks
     a warp; ``min_blocks``: CTAs an SM must be able to hold (the compiler caps the registers a thread to fit them);
-    ``mg``: groups of ``warps`` warps taking the rows in turn (mb blocks each); ``fold``: the scale folded into the
-    A fragments (one set of sums)."""
+    ``mg``: groups of ``warps`` warps taking the rows in turn (mb blocks each)."""
     if group_size % CHUNK:
         raise ValueError(f"mma_gemm: group size {group_size} is not a multiple of {CHUNK}")
     body = (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__TPW__", str(tpw))
             .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(group_size // CHUNK))
             .replace("__STAGES__", str(STAGES)).replace("__MINB__", str(max(1, min_blocks)))
-            .replace("__MG__", str(mg)).replace("__FOLD__", str(int(fold))))
+            .replace("__MG__", str(mg)))
     return mma_gemv.HELPERS + body
 
 
@@ -381,14 +338,6 @@ def row_groups(mb: int, config: tuple) -> tuple[int, int]:
         raise ValueError(f"mma_gemm: {want} groups of warps along the rows (1, 2, 4 or 8)")
     mg = min(want, mb)
     return mg, mb // mg
-
-
-def folded(config: tuple) -> bool:
-    """Whether ``config`` (its sixth field, 0 when absent) folds the scale into the A fragments."""
-    fold = config[5] if len(config) > 5 else 0
-    if fold not in (0, 1):
-        raise ValueError(f"mma_gemm: fold must be 0 or 1, got {fold}")
-    return bool(fold)
 
 
 def shared_bytes(mb: int) -> int:
@@ -428,9 +377,8 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     mb, warps, tpw, depth, ctas, splits = plan(M, T, C, config, sms)
     per_sm = config[3]
     mg, mbw = row_groups(mb, config)
-    fold = folded(config)
-    kernel = mma_gemv.compiled(x2d.device, (warps, mbw, tpw, depth, group_size, per_sm, mg, fold), "gptq_mma_gemm",
-                               lambda: kernel_source(warps, mbw, tpw, depth, group_size, per_sm, mg, fold))
+    kernel = mma_gemv.compiled(x2d.device, (warps, mbw, tpw, depth, group_size, per_sm, mg), "gptq_mma_gemm",
+                               lambda: kernel_source(warps, mbw, tpw, depth, group_size, per_sm, mg))
     if kernel is None or isinstance(kernel, str):
         return None
     ws, counters = (None, None)

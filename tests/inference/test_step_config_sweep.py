@@ -25,7 +25,6 @@ def test_entries_go_to_the_kernel_their_config_names(sweep):
     assert added == {"gemv": {(1, 5120, 5120): (4, 1, 4)}, "gemm": {(8, 5120, 27392): (4, 2, 1, 1)},
                      "settings": {"paired_decode": False}}
     assert sweep.parse("base") == ("base", {"gemv": {}, "gemm": {}, "settings": {}})
-    assert sweep.parse("F:8,5120,5120=4,1,1,2,1,1")[1]["gemm"] == {(8, 5120, 5120): (4, 1, 1, 2, 1, 1)}
     with pytest.raises(SystemExit, match="is not mb,K,N"):
         sweep.parse("bad:1,5120=4,1,4")
 

@@ -586,10 +586,9 @@ def test_mma_gemv_split_k_workspace_in_cuda_graphs():
 
 
 # -- the tensor-core small-M GEMM (mma_gemm.py) -------------------------------------------------------------
-# mma_gemm.CONFIGS's form; then three with groups of warps taking the rows in turn (MG 2, 2 and 4), and three with
-# the scale folded into the weights (the sixth field)
+# mma_gemm.CONFIGS's form; the last three with groups of warps taking the rows in turn (MG 2, 2 and 4)
 GEMM_CONFIGS = [None, (4, 1, 1, 4), (8, 2, 3, 1), (4, 2, 2, 2), (8, 1, 3, 8), (4, 1, 1, 1, 2), (8, 2, 2, 2, 2),
-                (4, 1, 1, 2, 4), (4, 1, 1, 1, 1, 1), (8, 2, 2, 2, 2, 1), (4, 1, 1, 4, 1, 1)]
+                (4, 1, 1, 2, 4)]
 
 
 @pytest.mark.parametrize("in_f,out_f", MMA_SHAPES)

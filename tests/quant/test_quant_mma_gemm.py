@@ -1,11 +1,9 @@
 """The small-M tensor-core GEMM's host side (finetune/quant/mma_gemm.py), on the CPU: how a product is cut into
-CTAs and K splits, the source it compiles, and the folded weight's arithmetic. The kernel itself runs in
-tests/quant/test_quant_cuda.py."""
+CTAs and K splits, and the source it compiles. The kernel itself runs in tests/quant/test_quant_cuda.py."""
 
 import re
 
 import pytest
-import torch
 
 from finetune.quant import mma_gemm as MG
 
@@ -53,41 +51,6 @@ def test_row_groups_split_the_row_blocks_and_fill_the_source():
     assert "#define MG 1" in MG.kernel_source(4, 8, 1, 1, 128)
     # the stages hold every group's rows: 48 KiB at 64 rows whatever the groups (static shared memory)
     assert MG.shared_bytes(8) == 48 * 1024
-
-
-def test_fold_is_the_sixth_field_and_fills_the_source():
-    assert not MG.folded((4, 1, 1, 1)) and not MG.folded((4, 1, 1, 1, 2)) and not MG.folded((4, 1, 1, 1, 1, 0))
-    assert MG.folded((4, 1, 1, 1, 1, 1))
-    with pytest.raises(ValueError, match="fold must be 0 or 1, got 2"):
-        MG.folded((4, 1, 1, 1, 1, 2))
-    assert "#define FOLD 1" in MG.kernel_source(4, 8, 1, 1, 128, 2, fold=True)
-    assert "#define FOLD 0" in MG.kernel_source(4, 8, 1, 1, 128)
-
-
-def _bf16_round(v: torch.Tensor) -> torch.Tensor:
-    """float64 values that fit fp32 exactly, rounded once to bf16 (to nearest, ties to even) and back."""
-    return v.to(torch.float32).to(torch.bfloat16).to(torch.float64)
-
-
-def test_the_folded_weight_is_the_scaled_weight_rounded_once_for_every_fp16_scale():
-    """The fold's arithmetic (scale_parts and scaled in the kernel): every finite fp16 scale s splits into
-    hi = s with its fp32 bits below bf16's cut to zero, and lo = s - hi, both exact in bf16; for every q - z of a
-    4-bit weight (-16..15, zero_add included), d lo is exact in bf16 (so fma(d, lo, -0) rounds nothing), and
-    fma(d, hi, d lo), which rounds the exact d hi + d lo once, is bf16(s d): the weight the dequantizing path makes."""
-    bits = torch.arange(0, 1 << 16, dtype=torch.int32).to(torch.int16)
-    s = bits.view(torch.float16).to(torch.float32)
-    s = s[torch.isfinite(s)]
-    hi = (s.view(torch.int32) & ~0xFFFF).view(torch.float32)
-    lo = s - hi
-    assert torch.equal(hi.to(torch.bfloat16).to(torch.float32), hi)
-    assert torch.equal(lo.to(torch.bfloat16).to(torch.float32), lo)
-    hi64, lo64 = hi.double(), lo.double()
-    for d in range(-16, 16):
-        t = d * lo64
-        assert torch.equal(_bf16_round(t), t), d  # the first fma rounds nothing
-        folded = _bf16_round(d * hi64 + t)  # the exact sum (both terms have few bits), rounded once
-        reference = (s * d).to(torch.bfloat16).to(torch.float64)  # fp32 (q - z) s, then bf16, as dequantize_t
-        assert torch.equal(folded, reference), d
 
 
 def test_a_shape_with_its_own_measured_config_gets_it_and_others_their_row_counts():
