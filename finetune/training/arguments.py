@@ -128,6 +128,12 @@ class TrainingArguments(transformers.TrainingArguments):
             if isinstance(value, float) and not math.isfinite(value):
                 raise TrainConfigError(f"--{name} must be a whole number of steps, or a fraction of the run's steps "
                                        f"in (0, 1), got {value}")
+        if self.eval_steps == 0 and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "steps":
+            # transformers reads 0 as unset and evaluates every --logging_steps instead (checks.check_numbers sees
+            # only that value)
+            raise TrainConfigError(f"--eval_steps must be a whole number of steps, or a fraction of the run's steps "
+                                   f"in (0, 1), got {self.eval_steps} (with --eval_strategy steps; leave it out to "
+                                   "evaluate every --logging_steps)")
         for name in _DICT_FLAGS:  # transformers' json.loads error or open() of a missing file named no flag
             if hasattr(self, name):
                 setattr(self, name, _dict_flag(name, getattr(self, name)))
