@@ -128,12 +128,19 @@ class TrainingArguments(transformers.TrainingArguments):
             if isinstance(value, float) and not math.isfinite(value):
                 raise TrainConfigError(f"--{name} must be a whole number of steps, or a fraction of the run's steps "
                                        f"in (0, 1), got {value}")
-        if self.eval_steps == 0 and str(getattr(self.eval_strategy, "value", self.eval_strategy)) == "steps":
+        eval_strategy = str(getattr(self.eval_strategy, "value", self.eval_strategy))
+        if self.eval_steps == 0 and eval_strategy == "steps":
             # transformers reads 0 as unset and evaluates every --logging_steps instead (checks.check_numbers sees
             # only that value)
             raise TrainConfigError(f"--eval_steps must be a whole number of steps, or a fraction of the run's steps "
                                    f"in (0, 1), got {self.eval_steps} (with --eval_strategy steps; leave it out to "
                                    "evaluate every --logging_steps)")
+        if self.eval_steps is not None and eval_strategy in ("no", "epoch"):
+            # (transformers reads --eval_steps only under --eval_strategy steps: the eval set was evaluated only at
+            # the end, or every epoch, with nothing said)
+            raise TrainConfigError(f"--eval_steps {self.eval_steps:g} applies only with --eval_strategy steps, and it "
+                                   f"is {eval_strategy}{' (the default)' if eval_strategy == 'no' else ''}: add "
+                                   "--eval_strategy steps, or leave --eval_steps out")
         for name in _DICT_FLAGS:  # transformers' json.loads error or open() of a missing file named no flag
             if hasattr(self, name):
                 setattr(self, name, _dict_flag(name, getattr(self, name)))

@@ -226,6 +226,11 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     # (transformers read an --eval_steps of 0 as unset: evaluated every --logging_steps instead)
     (["--eval_strategy", "steps", "--eval_steps", "0", "--eval_data_path", str(ROOT / "data" / "demo_memorize.json")],
      "--eval_steps must be a whole number of steps, or a fraction of the run's steps in (0, 1), got 0.0"),
+    # (transformers reads --eval_steps only under --eval_strategy steps: evaluated only at the end, nothing said)
+    (["--eval_steps", "1", "--eval_data_path", str(ROOT / "data" / "demo_memorize.json")],
+     "--eval_steps 1 applies only with --eval_strategy steps, and it is no (the default): add --eval_strategy steps"),
+    (["--eval_strategy", "epoch", "--eval_steps", "5", "--eval_data_path", str(ROOT / "data" / "demo_memorize.json")],
+     "--eval_steps 5 applies only with --eval_strategy steps, and it is epoch: add"),
     (["--logging_steps", "nan"], "--logging_steps must be a whole number of steps"),
     (["--logging_steps", "-1"], "--logging_steps must be a whole number of steps"),
     (["--max_steps", "-5"], "--max_steps must be a positive number of steps, or -1 (the default)"),
