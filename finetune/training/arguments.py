@@ -490,6 +490,8 @@ def parse_args(argv: list[str] | None = None):
     for action in parser._actions:
         if action.dest == "cuda_graphs":  # unset by default (None), and like the other switches a bare flag is True
             action.nargs, action.const = "?", True
+        if action.nargs in ("+", "*") and type(action) is argparse._StoreAction:
+            action.__class__ = _ListFlagOnce  # a list flag takes its names once (see there)
         if isinstance(action, argparse._StoreFalseAction):
             # HfArgumentParser's --no_X for a switch that defaults to True copied X's help with "(default: False)"
             # after it ("--no_packing ... (default: False)"); the switch's own default is what applies
@@ -515,6 +517,25 @@ class _Parser(HfArgumentParser):
 
     def error(self, message):
         raise TrainConfigError(" ".join(message.split()))
+
+    def parse_known_args(self, args=None, namespace=None):
+        self.lists_given = {}  # _ListFlagOnce: the list flags this parse has met, with their values
+        return super().parse_known_args(args, namespace)
+
+
+class _ListFlagOnce(argparse._StoreAction):
+    """A flag that takes a list (--lora_target_modules c_attn w1), refused when given a second time: argparse kept
+    the last list, so `--lora_target_modules c_attn --lora_target_modules w1` trained adapters on w1 alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(parser, "lists_given", {})
+        if self.dest in given:
+            flag = self.option_strings[0]
+            parser.error(f"{flag} is given twice ({' '.join(map(str, given[self.dest]))}, then "
+                         f"{' '.join(map(str, values))}): give all its names after one {flag}, e.g. {flag} "
+                         f"{' '.join(map(str, [*given[self.dest], *values]))}")
+        given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
 
 
 # Set by scripts/_launch.sh to the script as it was run: its flags other than its own reach the trainer.

@@ -245,6 +245,11 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--label_smoothing_factor", "nan"], "--label_smoothing_factor must be in [0, 1), got nan"),
     (["--neftune_noise_alpha", "-1"], "--neftune_noise_alpha must be a finite number >= 0, got -1.0"),
     (["--output_dir", ""], "--output_dir is empty"),
+    # (argparse kept the last list: adapters on w1 alone, or only lm_head trained in full)
+    (["--lora_target_modules", "c_attn", "--lora_target", "w1"],
+     "--lora_target_modules is given twice (c_attn, then w1): give all its names after one --lora_target_modules, "
+     "e.g. --lora_target_modules c_attn w1"),
+    (["--modules_to_save", "wte", "--modules_to_save=lm_head"], "--modules_to_save is given twice (wte, then lm_head)"),
     # transformers' own messages named no flag (or came from the Trainer after loading, or were a traceback)
     (["--optim", "adamw"], "--optim 'adamw' is not an optimizer transformers knows (did you mean adamw_torch?)"),
     (["--lr_scheduler_kwargs", "{bad"], "--lr_scheduler_kwargs: invalid JSON at column 2"),
