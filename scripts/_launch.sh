@@ -31,6 +31,9 @@ EOF
 }
 
 need_value() { [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }; }
+# An empty -m/-d/-o (a quoted, unset shell variable) was read as none given: -m "" trained the demo model on the
+# data, -o "" wrote to the default dir.
+not_empty() { [[ -n "$2" ]] || { echo "error: $1 is empty (an unset shell variable?): give a path" >&2; exit 2; }; }
 
 MODEL="${MODEL:-}"; DATA="${DATA:-}"; OUTPUT="${OUTPUT:-}"
 CONFIG=""; DS_FLAG=""
@@ -39,12 +42,12 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     # The trainer's own names for model, data and output act as -m -d -o (an official command line passes
     # them), so that they decide the demo and the defaults as -m -d -o do.
-    -m|--model|--model_name_or_path) need_value "$@"; MODEL="$2"; shift 2 ;;
-    -d|--data|--data_path) need_value "$@"; DATA="$2"; shift 2 ;;
-    -o|--output|--output_dir) need_value "$@"; OUTPUT="$2"; shift 2 ;;
-    --model_name_or_path=*) MODEL="${1#*=}"; shift ;;
-    --data_path=*) DATA="${1#*=}"; shift ;;
-    --output_dir=*) OUTPUT="${1#*=}"; shift ;;
+    -m|--model|--model_name_or_path) need_value "$@"; not_empty "$@"; MODEL="$2"; shift 2 ;;
+    -d|--data|--data_path) need_value "$@"; not_empty "$@"; DATA="$2"; shift 2 ;;
+    -o|--output|--output_dir) need_value "$@"; not_empty "$@"; OUTPUT="$2"; shift 2 ;;
+    --model_name_or_path=*) not_empty "${1%%=*}" "${1#*=}"; MODEL="${1#*=}"; shift ;;
+    --data_path=*) not_empty "${1%%=*}" "${1#*=}"; DATA="${1#*=}"; shift ;;
+    --output_dir=*) not_empty "${1%%=*}" "${1#*=}"; OUTPUT="${1#*=}"; shift ;;
     -h|--help) usage; exit 0 ;;
     --deepspeed) need_value "$@"; DS_FLAG="$2"; EXTRA+=("$1" "$2"); shift 2 ;;
     --deepspeed=*) DS_FLAG="${1#*=}"; EXTRA+=("$1"); shift ;;

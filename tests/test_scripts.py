@@ -200,6 +200,18 @@ def test_a_bad_count_in_the_environment_is_one_line(tmp_path, var, value, messag
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [message], p.stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["-m", "", "-d", "d.json"], "error: -m is empty (an unset shell variable?): give a path"),  # trained the demo
+    (["-m", "m", "-d", "d.json", "-o", ""], "error: -o is empty"),  # wrote to output/qwen-lora
+    (["-m", "m", "--data_path="], "error: --data_path is empty"),
+])
+def test_an_empty_model_data_or_output_is_one_line(tmp_path, argv, message):
+    # a quoted, unset shell variable ("$MODEL") was read as no -m at all: the demo model trained on the user's data
+    p = _bare_script(argv, tmp_path, QWEN_FT_CACHE=str(tmp_path / "demo-cache"))
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[0].startswith(message), p.stderr
+    assert p.stderr.count("\n") == 1 and not (tmp_path / "demo-cache").exists() and not (tmp_path / "output").exists()
+
+
 def test_gpus_hidden_by_cuda_visible_devices_are_said(tmp_path):
     # CUDA_VISIBLE_DEVICES="" on a GPU machine trained on the CPU without a word (a stand-in nvidia-smi lists one)
     import os
