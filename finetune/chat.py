@@ -369,6 +369,10 @@ def tolerate_bad_text(*streams) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     expand_home(args, "model", "adapter")
+    for flag, value in (("-m/--model", args.model), ("-a/--adapter", args.adapter)):
+        if value is not None and not value.strip():  # an unset shell variable: --adapter "" chatted without one
+            print(f"error: {flag} is empty", file=sys.stderr)
+            return 2
     if not args.model and not args.adapter:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
         return 2

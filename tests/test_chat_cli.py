@@ -355,6 +355,25 @@ def test_contradicting_or_repeated_flags_are_one_line_before_loading(tmp_path, c
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--adapter", ""], "-a/--adapter is empty"),  # (an unset $ADAPTER) chatted with the base model alone
+    (["--adapter", " "], "-a/--adapter is empty"),
+    (["-m", "", "--adapter", "lora"], "-m/--model is empty"),  # was the current dir: ". has no config.json"
+    (["-m", ""], "-m/--model is empty"),  # was "pass -m MODEL"
+])
+def test_an_empty_model_or_adapter_is_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, message):
+    import finetune.chat
+    from finetune.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(finetune.chat, "load", no_load)
+    argv = flags if "-m" in flags else ["-m", str(tmp_path), *flags]
+    assert main(["chat", *argv, "--query", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_greedy_with_a_greedy_temperature_is_no_contradiction(setup):
     r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-a", str(setup["lora"]), "--query",
                         MEMORISE[1][0], "--greedy", "--temperature", "0"],
