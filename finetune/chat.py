@@ -20,14 +20,15 @@ import contextlib
 import sys
 from pathlib import Path
 
-from .command_line import Once, expand_home, repeated
+from .command_line import OneLineParser, Once, expand_home, repeated
 
 PROMPT = "User> "
 ANSWER = "Qwen> "
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0])
+    # (one line for a value argparse refuses, as eval and merge: its usage text above the error filled the screen)
+    p = OneLineParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
     p.add_argument("-a", "--adapter", action=Once, help="LoRA / Q-LoRA adapter dir (one)")
     p.add_argument("--system", "-s", default="You are a helpful assistant.", action=Once, help="system prompt")

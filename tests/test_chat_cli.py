@@ -374,6 +374,22 @@ def test_an_empty_model_or_adapter_is_one_line_before_loading(tmp_path, capsys, 
     assert capsys.readouterr().err == f"error: {message}\n"
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "abc"], "argument --top_p/--top-p: invalid float value: 'abc'"),
+    (["--max-new-tokens", "1.5"], "argument --max_new_tokens/--max-new-tokens: invalid int value: '1.5'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--query"], "argument --query/-q: expected one argument"),
+])
+def test_a_value_argparse_refuses_is_one_line(tmp_path, capsys, flags, message):
+    # (argparse printed its usage, eight lines, above the error, where eval and merge print one line)
+    from finetune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "-m", str(tmp_path), *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {message} (see qwen-ft chat --help)\n"
+
+
 def test_greedy_with_a_greedy_temperature_is_no_contradiction(setup):
     r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-a", str(setup["lora"]), "--query",
                         MEMORISE[1][0], "--greedy", "--temperature", "0"],
