@@ -224,6 +224,31 @@ def test_the_official_demos_commands(setup):
     assert len(replies) == 17 and "never read" not in text  # :q left
 
 
+def test_more_new_tokens_than_the_model_holds_is_refused(setup, capsys, monkeypatch):
+    """--max-new-tokens past max(max_position_embeddings, 4 x seq_length) (1024 for the demo model) is one line before
+    the weights load, as eval and the server refuse it; generate() ran on past the window for as long as asked."""
+    import finetune.loading
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import PROMPT
+    from finetune.cli import main
+
+    model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
+    text = _session(model, tok, [":conf max_new_tokens=1025", ":conf max_new_tokens=1024", ":q"], ["--greedy"])
+    replies = text.split(PROMPT)
+    assert replies[1].strip() == ("(max_new_tokens 1025 is more than the model holds (at most 1024: "
+                                  "max(max_position_embeddings, 4 x seq_length) of its config.json); nothing changed)")
+    assert "max_new_tokens=1024" in replies[2]
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before --max-new-tokens was checked")
+
+    monkeypatch.setattr(finetune.loading, "load_model", no_load)
+    capsys.readouterr()  # (the load above: its progress bar)
+    assert main(["chat", "-a", str(setup["lora"]), "--query", "hi", "--max-new-tokens", "100000000"]) == 2
+    assert capsys.readouterr().err == (f"error: --max-new-tokens 100000000 is more than {setup['float']} holds (at "
+                                       "most 1024: max(max_position_embeddings, 4 x seq_length) of its config.json)\n")
+
+
 def test_a_set_seed_samples_each_reply_the_same_way(setup):
     """As the official demo: the seed is set again before every reply, so a question asked afresh (history
     cleared) gets the same sampled reply; without a seed it differs (the untrained model's flat distribution)."""
