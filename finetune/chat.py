@@ -20,14 +20,15 @@ import contextlib
 import sys
 from pathlib import Path
 
-from .command_line import Once, expand_home, repeated
+from .command_line import OneLineParser, Once, expand_home, repeated
 
 PROMPT = "User> "
 ANSWER = "Qwen> "
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0])
+    # (one line for a value argparse refuses, as eval and merge: its usage text above the error filled the screen)
+    p = OneLineParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
     p.add_argument("-a", "--adapter", action=Once, help="LoRA / Q-LoRA adapter dir (one)")
     p.add_argument("--system", "-s", default="You are a helpful assistant.", action=Once, help="system prompt")
@@ -149,13 +150,27 @@ def check_chat_format(model_dir) -> None:
                              f"Qwen-*-Chat have); {fmt!r} is a base model's")
 
 
+def too_many_new_tokens(max_new_tokens: int | None, limit: int | None, holder) -> str | None:
+    """Why ``max_new_tokens`` is more than the model holds (``limit``: max(max_position_embeddings, 4 x
+    seq_length), the positions eval and the server allow a reply), or None. generate() ran on past the model's
+    window for as long as asked (--max-new-tokens 100000000: hours of text no position covers, or out of memory)."""
+    if max_new_tokens is None or not limit or max_new_tokens <= limit:
+        return None
+    return (f"--max-new-tokens {max_new_tokens} is more than {holder} holds (at most {limit}: "
+            f"max(max_position_embeddings, 4 x seq_length) of its config.json)")
+
+
 def load(args):
     from .adapters import resolve_base
+    from .errors import ModelLoadError
+    from .evaluate import max_new_tokens_limit
     from .loading import load_model
     from .tokenization import load_tokenizer
 
     model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
     check_chat_format(model_dir)
+    if problem := too_many_new_tokens(args.max_new_tokens, max_new_tokens_limit(model_dir), model_dir):
+        raise ModelLoadError(problem)  # (before the weights load, as eval's check)
     # the tokenizer first: it is checked against the model's config before any weights load
     if args.adapter and not (Path(model_dir) / "qwen.tiktoken").is_file():
         tokenizer = load_tokenizer(args.adapter, check_against=model_dir)  # saved with the adapter by the trainer
@@ -212,9 +227,9 @@ _CONF_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
                "history_window": "history_window", "max_window_size": "history_window"}
 
 
-def change_conf(conf: argparse.Namespace, words: list[str]) -> str:
+def change_conf(conf: argparse.Namespace, words: list[str], limit: int | None = None) -> str:
     """Apply ``:conf KEY=VALUE ...`` to ``conf`` (the parsed flags), all or nothing; returns what to print. Values
-    are read as the flags' own types read them."""
+    are read as the flags' own types read them; ``limit``: the most new tokens the model holds."""
     from .settings import yes_no
 
     types = {action.dest: action.type for action in _parser()._actions}
@@ -234,7 +249,7 @@ def change_conf(conf: argparse.Namespace, words: list[str]) -> str:
         except ValueError:
             return f"({key}: {text!r} is not a {'yes/no value' if dest == 'greedy' else 'number'}; nothing changed)"
         setattr(changed, dest, value)
-    if (problem := bad_flag(changed)) is not None:
+    if (problem := bad_flag(changed) or too_many_new_tokens(changed.max_new_tokens, limit, "the model")) is not None:
         flag, rest = problem.split(" ", 1)  # "--top-p must be ...": named as :conf names it
         return f"({flag.lstrip('-').replace('-', '_')} {rest}; nothing changed)"
     vars(conf).update(vars(changed))
@@ -244,6 +259,14 @@ def change_conf(conf: argparse.Namespace, words: list[str]) -> str:
 def describe_conf(conf: argparse.Namespace) -> str:
     shown = {dest: getattr(conf, dest) for dest in dict.fromkeys(_CONF_NAMES.values())}
     return "(" + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()) + ")"
+
+
+def new_tokens_limit(model) -> int | None:
+    """The most new tokens a reply may have on the loaded ``model``, as ``max_new_tokens_limit`` reads its dir."""
+    from .inference.engine import default_max_len
+
+    positions, seq = (getattr(model.config, k, None) for k in ("max_position_embeddings", "seq_length"))
+    return default_max_len(positions, seq) if isinstance(seq, int) else None
 
 
 def _on_cuda(model) -> bool:
@@ -333,7 +356,7 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
             say(f"(seed {seed if seed is not None else 'unset: each reply draws afresh'})")
             continue
         if command == "conf":
-            say(change_conf(conf, words[1:]) if len(words) > 1 else describe_conf(conf))
+            say(change_conf(conf, words[1:], new_tokens_limit(model)) if len(words) > 1 else describe_conf(conf))
             continue
         if command == "reset-conf":
             conf = argparse.Namespace(**vars(args))
@@ -369,6 +392,10 @@ def tolerate_bad_text(*streams) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     expand_home(args, "model", "adapter")
+    for flag, value in (("-m/--model", args.model), ("-a/--adapter", args.adapter)):
+        if value is not None and not value.strip():  # an unset shell variable: --adapter "" chatted without one
+            print(f"error: {flag} is empty", file=sys.stderr)
+            return 2
     if not args.model and not args.adapter:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
         return 2

@@ -224,6 +224,31 @@ def test_the_official_demos_commands(setup):
     assert len(replies) == 17 and "never read" not in text  # :q left
 
 
+def test_more_new_tokens_than_the_model_holds_is_refused(setup, capsys, monkeypatch):
+    """--max-new-tokens past max(max_position_embeddings, 4 x seq_length) (1024 for the demo model) is one line before
+    the weights load, as eval and the server refuse it; generate() ran on past the window for as long as asked."""
+    import finetune.loading
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import PROMPT
+    from finetune.cli import main
+
+    model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
+    text = _session(model, tok, [":conf max_new_tokens=1025", ":conf max_new_tokens=1024", ":q"], ["--greedy"])
+    replies = text.split(PROMPT)
+    assert replies[1].strip() == ("(max_new_tokens 1025 is more than the model holds (at most 1024: "
+                                  "max(max_position_embeddings, 4 x seq_length) of its config.json); nothing changed)")
+    assert "max_new_tokens=1024" in replies[2]
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before --max-new-tokens was checked")
+
+    monkeypatch.setattr(finetune.loading, "load_model", no_load)
+    capsys.readouterr()  # (the load above: its progress bar)
+    assert main(["chat", "-a", str(setup["lora"]), "--query", "hi", "--max-new-tokens", "100000000"]) == 2
+    assert capsys.readouterr().err == (f"error: --max-new-tokens 100000000 is more than {setup['float']} holds (at "
+                                       "most 1024: max(max_position_embeddings, 4 x seq_length) of its config.json)\n")
+
+
 def test_a_set_seed_samples_each_reply_the_same_way(setup):
     """As the official demo: the seed is set again before every reply, so a question asked afresh (history
     cleared) gets the same sampled reply; without a seed it differs (the untrained model's flat distribution)."""
@@ -353,6 +378,41 @@ def test_contradicting_or_repeated_flags_are_one_line_before_loading(tmp_path, c
     assert main(["chat", "-m", str(tmp_path), *query, *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--adapter", ""], "-a/--adapter is empty"),  # (an unset $ADAPTER) chatted with the base model alone
+    (["--adapter", " "], "-a/--adapter is empty"),
+    (["-m", "", "--adapter", "lora"], "-m/--model is empty"),  # was the current dir: ". has no config.json"
+    (["-m", ""], "-m/--model is empty"),  # was "pass -m MODEL"
+])
+def test_an_empty_model_or_adapter_is_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, message):
+    import finetune.chat
+    from finetune.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(finetune.chat, "load", no_load)
+    argv = flags if "-m" in flags else ["-m", str(tmp_path), *flags]
+    assert main(["chat", *argv, "--query", "hi"]) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "abc"], "argument --top_p/--top-p: invalid float value: 'abc'"),
+    (["--max-new-tokens", "1.5"], "argument --max_new_tokens/--max-new-tokens: invalid int value: '1.5'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--query"], "argument --query/-q: expected one argument"),
+])
+def test_a_value_argparse_refuses_is_one_line(tmp_path, capsys, flags, message):
+    # (argparse printed its usage, eight lines, above the error, where eval and merge print one line)
+    from finetune.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["chat", "-m", str(tmp_path), *flags])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {message} (see qwen-ft chat --help)\n"
 
 
 def test_greedy_with_a_greedy_temperature_is_no_contradiction(setup):

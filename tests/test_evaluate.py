@@ -287,6 +287,39 @@ def test_eval_on_another_base_says_so_in_the_report_and_names_a_replaced_report(
     assert "warnings" not in json.loads(out.read_text())  # the recorded base
 
 
+def test_eval_reads_the_models_vocabulary_and_checks_an_adapters_copy(setup, tmp_path, capsys, monkeypatch):
+    """The adapter's qwen.tiktoken was preferred to the model's and not checked against it: a copy that is not the
+    model's vocabulary (here cut to 1000 ranks: <|endoftext|> at 1000, the model's at 1840) scored the held-out
+    data as other ids, silently (adapter loss 5.9 where it is 0.53). The model's own is read, as chat and merge
+    read it; the adapter's only where the model dir has none, and then checked before loading."""
+    import shutil
+
+    import finetune.loading
+    from finetune.cli import main
+
+    lora = Path(shutil.copytree(setup["lora"], tmp_path / "lora"))
+    ranks = (setup["lora"] / "qwen.tiktoken").read_text().splitlines()[:1000]
+    (lora / "qwen.tiktoken").write_text("\n".join(ranks) + "\n")
+    out = tmp_path / "r.json"
+    assert main(["eval", "-a", str(lora), "--data", str(setup["data"]), "--no-generate", "--output", str(out)]) == 0
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate",
+                 "--output", str(tmp_path / "good.json")]) == 0
+    got, want = (json.loads(p.read_text())["adapter"] for p in (out, tmp_path / "good.json"))
+    assert (got["loss"], got["tokens"]) == (want["loss"], want["tokens"])
+
+    model = Path(shutil.copytree(setup["float"], tmp_path / "model"))
+    (model / "qwen.tiktoken").unlink()
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the vocabulary was checked")
+
+    monkeypatch.setattr(finetune.loading, "load_model", no_load)
+    capsys.readouterr()
+    assert main(["eval", "-a", str(lora), "-m", str(model), "--data", str(setup["data"]), "--no-generate"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {lora / 'qwen.tiktoken'}: <|endoftext|> gets id 1000") and err.count("\n") == 1
+
+
 def test_eval_cli_stops_on_bad_data_before_loading_the_model(setup, tmp_path, capsys, monkeypatch):
     import finetune.loading
     from finetune.cli import main

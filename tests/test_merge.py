@@ -188,6 +188,32 @@ def test_merge_errors(setup, tmp_path, capsys):
     assert (setup["int4"] / "model.safetensors").is_file() and (setup["lora"] / "adapter_config.json").is_file()
 
 
+def test_an_adapters_vocabulary_is_checked_against_a_base_without_one(setup, tmp_path, monkeypatch):
+    """A base dir without qwen.tiktoken merges with the adapter's copy, which is written into OUT: a copy that is not
+    the base's vocabulary (cut to 1000 ranks: <|endoftext|> at 1000, the model's at 1840) scored the report as other
+    ids and was written beside the weights, silently (a dir chat then refused). Now refused before loading."""
+    import shutil
+
+    import finetune.loading
+    from finetune.tokenization import TokenizerError
+
+    base = tmp_path / "int4"
+    shutil.copytree(setup["int4"], base)
+    (base / "qwen.tiktoken").unlink()
+    lora = tmp_path / "qlora"
+    shutil.copytree(setup["qlora"], lora)
+    ranks = (lora / "qwen.tiktoken").read_text().splitlines()[:1000]
+    (lora / "qwen.tiktoken").write_text("\n".join(ranks) + "\n")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the vocabulary was checked")
+
+    monkeypatch.setattr(finetune.loading, "load_model", no_load)
+    with pytest.raises(TokenizerError, match=r"qwen.tiktoken: <\|endoftext\|> gets id 1000 .* expects 1840"):
+        merge(lora, tmp_path / "out", model=base, log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
 def test_overwrite_leaves_nothing_of_the_earlier_merge(setup, tmp_path):
     # a sharded Int4 merge, then a one-file float merge over it: the stale index named the removed shards (the
     # merge's own reload failed on it) and the stale quantize_config.json called the float dir GPTQ
