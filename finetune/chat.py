@@ -261,14 +261,6 @@ def describe_conf(conf: argparse.Namespace) -> str:
     return "(" + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()) + ")"
 
 
-def new_tokens_limit(model) -> int | None:
-    """The most new tokens a reply may have on the loaded ``model``, as ``max_new_tokens_limit`` reads its dir."""
-    from .inference.engine import default_max_len
-
-    positions, seq = (getattr(model.config, k, None) for k in ("max_position_embeddings", "seq_length"))
-    return default_max_len(positions, seq) if isinstance(seq, int) else None
-
-
 def _on_cuda(model) -> bool:
     return next(model.parameters()).device.type == "cuda"
 
@@ -295,10 +287,13 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
     changes a copy; each reply's generation settings come from it)."""
     from transformers import set_seed
 
+    from .evaluate import new_tokens_limit
+
     stdin = stdin or sys.stdin
     out = out or sys.stdout
     conf = argparse.Namespace(**vars(args))
     seed = args.seed
+    limit = new_tokens_limit(model.config.to_dict())  # (:conf's max_new_tokens, as the flag is checked)
     try:
         import readline  # noqa: F401  (line editing and history in a terminal)
     except ImportError:  # pragma: no cover
@@ -356,7 +351,7 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
             say(f"(seed {seed if seed is not None else 'unset: each reply draws afresh'})")
             continue
         if command == "conf":
-            say(change_conf(conf, words[1:], new_tokens_limit(model)) if len(words) > 1 else describe_conf(conf))
+            say(change_conf(conf, words[1:], limit) if len(words) > 1 else describe_conf(conf))
             continue
         if command == "reset-conf":
             conf = argparse.Namespace(**vars(args))

@@ -457,6 +457,12 @@ def max_new_tokens_limit(model_dir) -> int | None:
         cfg = read_config(model_dir)
     except ModelLoadError:
         return None  # (the load says what is wrong with it)
+    return new_tokens_limit(cfg)
+
+
+def new_tokens_limit(cfg: dict) -> int | None:
+    """max(max_position_embeddings, 4 x seq_length) of a config.json's values (None where they are not whole
+    numbers): ``max_new_tokens_limit`` of a dir, and chat's ``:conf`` of the loaded model's config."""
     positions, seq = cfg.get("max_position_embeddings") or 0, cfg.get("seq_length") or 0
     if not isinstance(positions, int) or not isinstance(seq, int):
         return None
