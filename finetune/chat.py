@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
-from pathlib import Path
 
 from .command_line import OneLineParser, Once, expand_home, repeated
 
@@ -172,10 +171,7 @@ def load(args):
     if problem := too_many_new_tokens(args.max_new_tokens, max_new_tokens_limit(model_dir), model_dir):
         raise ModelLoadError(problem)  # (before the weights load, as eval's check)
     # the tokenizer first: it is checked against the model's config before any weights load
-    if args.adapter and not (Path(model_dir) / "qwen.tiktoken").is_file():
-        tokenizer = load_tokenizer(args.adapter, check_against=model_dir)  # saved with the adapter by the trainer
-    else:
-        tokenizer = load_tokenizer(model_dir)
+    tokenizer = load_tokenizer(model_dir, adapter=args.adapter)
     model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
     return model, tokenizer
 

@@ -619,12 +619,8 @@ def main(argv: list[str] | None = None) -> int:
         other_base = check_base(args.adapter, model_dir, explicit=True) if args.adapter and args.model else None
         if problem := preload_problem(args, model_dir):
             return _error(problem)
-        # the model's own vocabulary, as chat and merge read it; the adapter's copy only where the model has none,
-        # checked against the model (the adapter's was preferred unchecked: another vocabulary scored silently)
-        if args.adapter and not (Path(model_dir) / "qwen.tiktoken").is_file():
-            tokenizer = load_tokenizer(args.adapter, check_against=model_dir)
-        else:
-            tokenizer = load_tokenizer(model_dir)
+        # the model's own vocabulary, as chat and merge read it (the adapter's was preferred unchecked)
+        tokenizer = load_tokenizer(model_dir, adapter=args.adapter)
         if args.no_generate and (problem := nothing_to_score(tokenizer, records, args, model_dir)):
             return _error(problem)
         if not args.no_generate and (problem := too_long_to_generate(tokenizer, records, args, model_dir)):

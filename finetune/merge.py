@@ -334,10 +334,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     if base_int4 and trained_on(adapter) == "float":  # load_model below warns on the console
         report.setdefault("warnings", []).append(float_adapter_on_int4(adapter, base_dir))
 
-    # the adapter's vocabulary (copied into OUT where the base has none) checked against the base before loading:
-    # one that is not the base's scored the report as other ids and was written beside the weights
-    tokenizer = (load_tokenizer(base_dir) if (base_dir / "qwen.tiktoken").is_file()
-                 else load_tokenizer(adapter, check_against=base_dir))
+    # (the adapter's vocabulary, copied into OUT where the base has none, is checked against the base first)
+    tokenizer = load_tokenizer(base_dir, adapter=adapter)
     # data for the report (and GPTQ's calibration)
     train_data = _training_data(adapter)
     calib_path = calib_data or train_data

@@ -417,9 +417,14 @@ def check_tokenizer_fits(tok: QWenTokenizer, model_dir: str | os.PathLike) -> No
                           f"every Qwen v1 model of vocab_size {vocab_size} uses the {QWEN_V1_RANKS}-rank vocabulary")
 
 
-def load_tokenizer(model_dir: str | os.PathLike, check_against: str | os.PathLike | None = None) -> QWenTokenizer:
+def load_tokenizer(model_dir: str | os.PathLike, check_against: str | os.PathLike | None = None,
+                   adapter: str | os.PathLike | None = None) -> QWenTokenizer:
     """The tokenizer of a model dir (or of an adapter dir that carries the vocabulary), checked against the model
-    (``check_against``, default the dir itself when it is a model dir) before any weights are loaded."""
+    (``check_against``, default the dir itself when it is a model dir) before any weights are loaded. ``adapter``:
+    where the model dir has no qwen.tiktoken, the adapter's copy (the trainer saves one) is read instead, checked
+    against the model (chat, eval and merge: one that is not the model's vocabulary scored other ids silently)."""
+    if adapter is not None and not (Path(model_dir) / "qwen.tiktoken").is_file():
+        return load_tokenizer(adapter, check_against=model_dir)
     from .hub import resolve_model_dir
 
     path = resolve_model_dir(model_dir)
