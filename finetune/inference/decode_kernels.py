@@ -11,7 +11,8 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These replace the
 - ``rotary_to_cache``: from c_attn's output, rotary on q and k, the logN query scale, and the write of k and v
   into the layer's KV cache at each row's position; returns q [b, H, 1, D]; ``prefill_rotary_to_cache`` does the
   same for a prefill's prompts (every token to its row and position);
-- ``swiglu``: up * silu(gate);
+- ``swiglu``: up * silu(gate); ``swiglu_low_rank`` also computes x A for the LoRA product of mlp.c_proj, which
+  reads it (as ``add_rms_norm_low_rank`` does for the Linears after a norm);
 - ``decode_attention`` (``fused_decode.use_own_keys``): each row's query against its own keys only (the cache up to
   its position), split over the keys as flash-decoding does, in fp32, written in the layout c_proj reads. SDPA
   instead reads every row up to the step's length bucket under a mask, so a short row pays for the longest one's
@@ -180,16 +181,42 @@ def _dec_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, scale_ptr, pos_ptr, crow
 
 
 @triton.jit
+def _swiglu_chunk(up_ptr, gate_ptr, src, mask, dtype: tl.constexpr):
+    """up * silu(gate) of the elements at ``src``, rounded where eager rounds (both swiglu kernels compute it here)."""
+    g = tl.load(gate_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(up_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    silu = (g / (1.0 + tl.exp(-g))).to(dtype)  # F.silu rounds to the input dtype
+    return (u * silu.to(tl.float32)).to(dtype)
+
+
+@triton.jit
 def _dec_swiglu_kernel(up_ptr, gate_ptr, out_ptr, n, cols, stride, BLOCK: tl.constexpr):
     # element i of the output is row i // cols, column i % cols of up and gate, whose rows are `stride` apart (the
     # two halves of one [rows, 2 cols] product when w1 and w2 ran as one GEMV)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     src = (offs // cols) * stride + offs % cols
-    g = tl.load(gate_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(up_ptr + src, mask=mask, other=0.0).to(tl.float32)
-    silu = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)  # F.silu rounds to the input dtype
-    tl.store(out_ptr + offs, (u * silu.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, _swiglu_chunk(up_ptr, gate_ptr, src, mask, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dec_swiglu_xa_kernel(up_ptr, gate_ptr, at_ptr, out_ptr, h_ptr, N, R, stride, stride_at, stride_h,
+                          COLS: tl.constexpr, CHUNK: tl.constexpr):
+    # program (row, c): the row's SwiGLU, CHUNK elements at a time (up and gate from L2: every program of the row
+    # recomputes it), and COLS columns of h = out @ at.T summed in fp32 over the chunks; program (row, 0) writes out
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * COLS + tl.arange(0, COLS)
+    acc = tl.zeros((COLS,), dtype=tl.float32)
+    for k in range(0, N, CHUNK):
+        offs = k + tl.arange(0, CHUNK)
+        mask = offs < N
+        a = tl.load(at_ptr + cols[:, None] * stride_at + offs[None, :], mask=(cols[:, None] < R) & mask[None, :],
+                    other=0.0)  # issued first: the only load from DRAM
+        out = _swiglu_chunk(up_ptr, gate_ptr, row * stride + offs, mask, out_ptr.dtype.element_ty)
+        if tl.program_id(1) == 0:
+            tl.store(out_ptr + row * N + offs, out, mask=mask)
+        acc += tl.sum(out.to(tl.float32)[None, :] * a.to(tl.float32), axis=1)
+    tl.store(h_ptr + row * stride_h + cols, acc.to(h_ptr.dtype.element_ty), mask=cols < R)
 
 
 # The lengths and counts are plain ints (not specialised): a serving trace once compiled both kernels again at new
@@ -625,11 +652,7 @@ def _row_stride(t: torch.Tensor) -> int | None:
 def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """``up * F.silu(gate)`` (Qwen's w1(x) * silu(w2(x))), same shape and dtype, contiguous. up and gate may be
     views whose rows are the same distance apart (the halves of w1 and w2's product from one GEMV)."""
-    stride = _row_stride(up)
-    if (up.shape != gate.shape or up.dtype != gate.dtype or stride is None or _row_stride(gate) != stride):
-        raise ValueError(f"swiglu needs up and gate of one shape, dtype and row layout (last dim contiguous), got "
-                         f"{tuple(up.shape)} {up.dtype} strides {up.stride()} and {tuple(gate.shape)} {gate.dtype} "
-                         f"strides {gate.stride()}")
+    stride = _swiglu_operands(up, gate)
     out = torch.empty(up.shape, device=up.device, dtype=up.dtype)
     n = up.numel()
     if n:
@@ -639,5 +662,42 @@ def swiglu(up: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _swiglu_operands(up: torch.Tensor, gate: torch.Tensor) -> int:
+    """The distance between up's (and gate's) rows, checked."""
+    stride = _row_stride(up)
+    if (up.shape != gate.shape or up.dtype != gate.dtype or stride is None or _row_stride(gate) != stride):
+        raise ValueError(f"swiglu needs up and gate of one shape, dtype and row layout (last dim contiguous), got "
+                         f"{tuple(up.shape)} {up.dtype} strides {up.stride()} and {tuple(gate.shape)} {gate.dtype} "
+                         f"strides {gate.stride()}")
+    return stride
+
+
+# Elements of A.T a swiglu_low_rank program holds at once (its columns x the chunk of the row): 4,096 keeps the tile's
+# fp32 copies in registers at 4 warps
+XA_TILE = 4096
+
+
+def swiglu_low_rank(up: torch.Tensor, gate: torch.Tensor, at: torch.Tensor):
+    """``swiglu``, and h = out @ ``at``.T for the LoRA product of the Linear that reads it (mlp.c_proj; ``at``
+    [R, N]: its adapters' A matrices transposed, stacked), summed in fp32 and rounded once to out's dtype, as
+    ``add_rms_norm_low_rank`` computes it. Returns (out, h [rows, R]); out is bit for bit ``swiglu``'s. The programs
+    as the norm's: 64 a row at r=64 and one row (one column each), more columns a program as rows grow."""
+    stride = _swiglu_operands(up, gate)
+    N = up.shape[-1]
+    if at.dim() != 2 or at.shape[1] != N or at.stride(1) != 1 or at.dtype != up.dtype:
+        raise ValueError(f"the stacked A.T {tuple(at.shape)} {at.dtype} does not fit rows of {N} {up.dtype} "
+                         "(expected [R, N], unit column stride)")
+    out = torch.empty(up.shape, device=up.device, dtype=up.dtype)
+    rows, R = out.numel() // max(N, 1), at.shape[0]
+    h = torch.empty(rows, R, dtype=up.dtype, device=up.device)
+    if rows and N:
+        cols = min(triton.next_power_of_2(R), triton.next_power_of_2(triton.cdiv(rows * R, XA_PROGRAMS)))
+        chunk = min(triton.next_power_of_2(N), max(128, XA_TILE // cols))
+        _dec_swiglu_xa_kernel[(rows, triton.cdiv(R, cols))](
+            up, gate, at, out, h, N, R, stride, at.stride(0), h.stride(0), COLS=cols, CHUNK=chunk, num_warps=4,
+            enable_fp_fusion=False)
+    return out, h
+
+
 __all__ = ["add_rms_norm", "add_rms_norm_low_rank", "decode_attention", "prefill_index", "prefill_rotary_to_cache",
-           "rotary_attention", "rotary_to_cache", "swiglu"]
+           "rotary_attention", "rotary_to_cache", "swiglu", "swiglu_low_rank"]

@@ -6,7 +6,8 @@ FINETUNE_DECODE_ATTENTION=0, SDPA over the step's length bucket, masked past eac
 residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
 the next layer's first kernel adds c_proj's output to the residual stream. With the engine's unmerged adapters at
 up to 32 rows (row_adapters.XA_IN_NORM_MAX_ROWS), the two norm kernels also compute x A for the LoRA products of
-c_attn and of w1 and w2 (``_norm``), which the GEMVs then read instead of computing it. The Linears are called as
+c_attn and of w1 and w2 (``_norm``), and the SwiGLU kernel for mlp.c_proj's (``_swiglu``), which the GEMVs then read
+instead of computing it. The Linears are called as
 modules, so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
 The engine's prefill runs on the same kernels (``prefill_blocks``), with causal SDPA over each prompt's new keys.
@@ -68,15 +69,34 @@ def additive_mask(key_pos: torch.Tensor, pos: torch.Tensor, kv_len: int, dtype: 
     return mask[:, None, None, :]
 
 
+def _xa_operand(adapters, consumers, x, switch: bool):
+    """A.T for the kernel before ``consumers`` to compute their LoRA products' x A (``RowAdapters.xa_operand``), or
+    None: no adapters, the switch off, or consumers whose GEMVs would not take it."""
+    if adapters is None or not switch:
+        return None
+    return adapters.xa_operand(consumers, x.numel() // x.shape[-1], x.dtype)
+
+
 def _norm(kernels, adapters, x, delta, norm, consumers):
-    """(x, normed) of ``kernels.add_rms_norm``; where the engine's adapters want it (``RowAdapters.norm_low_rank``),
-    the norm kernel also computes x A for the LoRA products of ``consumers`` and hands it to them."""
-    at = adapters.norm_low_rank(consumers, x.shape[0], x.dtype) if adapters is not None else None
+    """(x, normed) of ``kernels.add_rms_norm``; where the engine's adapters want it, the norm kernel also computes
+    x A for the LoRA products of ``consumers`` and hands it to them."""
+    at = _xa_operand(adapters, consumers, x, settings().lora_xa_in_norm)
     if at is None:
         return kernels.add_rms_norm(x, delta, norm.weight, norm.eps)
     x, normed, h = kernels.add_rms_norm_low_rank(x, delta, norm.weight, norm.eps, at)
     adapters.give_h(consumers, h)
     return x, normed
+
+
+def _swiglu(kernels, adapters, up, gate, c_proj):
+    """``kernels.swiglu(up, gate)``; where the engine's adapters want it, the kernel also computes x A for the LoRA
+    product of ``c_proj``, which reads its output, and hands it over (as ``_norm`` does)."""
+    at = _xa_operand(adapters, (c_proj,), up, settings().lora_xa_in_swiglu)
+    if at is None:
+        return kernels.swiglu(up, gate)
+    out, h = kernels.swiglu_low_rank(up, gate, at)
+    adapters.give_h((c_proj,), h)
+    return out
 
 
 def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, query_scale, kv_len, mask,
@@ -118,7 +138,7 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
             up_gate = paired_decode(mlp.w1, mlp.w2, h)
         if up_gate is None:
             up_gate = mlp.w1(h), mlp.w2(h)
-        delta = mlp.c_proj(kernels.swiglu(*up_gate))
+        delta = mlp.c_proj(_swiglu(kernels, adapters, *up_gate, mlp.c_proj))
     _, h = kernels.add_rms_norm(x, delta, tr.ln_f.weight, tr.ln_f.eps)
     return lm_head(h)[:, -1].float()
 

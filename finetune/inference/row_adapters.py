@@ -21,10 +21,11 @@ launches instead of 800). Where the base runs another kernel (the small-M GEMM f
 ``FINETUNE_GPTQ_LORA_EPILOGUE=0`` always leaves them to the hook (settings.py).
 
 At up to 32 rows (XA_IN_NORM_MAX_ROWS) the fused decode step goes one further for the Linears that read a norm's
-output (c_attn; w1 and w2, which share theirs): the norm kernel computes x A for them (``norm_low_rank``: their
+output (c_attn; w1 and w2, which share theirs): the norm kernel computes x A for them (``xa_operand``: their
 A matrices transposed and stacked, cached like the rest) and hands each its columns (``give_h``), so their GEMVs
 start with h instead of computing it in producer CTAs and waiting for it after their main loop (NOTES step 43);
-from 9 rows the forward hook adds the product with that h instead of a cuBLAS x A (step 45).
+from 9 rows the forward hook adds the product with that h instead of a cuBLAS x A (step 45). The SwiGLU kernel
+does the same for mlp.c_proj, which reads its output (NOTES step 87).
 
 Why not PEFT's mixed-batch ``adapter_names=`` forward: it splits the batch by adapter with index lists built
 on the host at every call, which a CUDA graph cannot capture (one graph would be needed per mix of
@@ -41,9 +42,10 @@ import torch
 
 from ..settings import settings
 
-# Rows up to which the norm kernels compute x A for c_attn, w1 and w2 (``norm_low_rank``). Measured on the H200 with
-# an r=64 adapter (NOTES steps 43-45): a decode step 11% shorter at 1 row, 17% at 4, 23% at 8 (the GEMV takes h);
-# 5% at 16 and 1.5% at 32 rows (the GEMM runs and the hook adds the product with h: one cuBLAS x A fewer a Linear)
+# Rows up to which the norm kernels compute x A for c_attn, w1 and w2, and SwiGLU's for mlp.c_proj (``xa_operand``).
+# Measured for the norms on the H200 with an r=64 adapter (NOTES steps 43-45): a decode step 11% shorter at 1 row,
+# 17% at 4, 23% at 8 (the GEMV takes h); 5% at 16 and 1.5% at 32 rows (the GEMM runs and the hook adds the product
+# with h: one cuBLAS x A fewer a Linear)
 XA_IN_NORM_MAX_ROWS = 32
 # Rows up to which an adapter's w1 and w2 decode as one launch (``paired``). On the H200 with an r=64 adapter: a one-row
 # step 1.1% shorter, an 8-row step 1.5% longer (the block-diagonal B's zeros read by every row block; NOTES step 77)
@@ -187,15 +189,16 @@ class RowAdapters:
         self._stacks[id(module)] = (key, a_all, b_all, cols)
         return a_all, b_all, cols
 
-    def norm_low_rank(self, consumers, rows: int, dtype) -> torch.Tensor | None:
-        """A.T of the adapters of ``consumers`` (Linears that read one norm's output), stacked [sum R, in] in their
-        order, for the norm kernel to compute h = x A for all of them (``give_h``); None where their GEMVs would not
-        take h that way: outside ``applied`` with a selection, a consumer without LoRA, more rows than
+    def xa_operand(self, consumers, rows: int, dtype) -> torch.Tensor | None:
+        """A.T of the adapters of ``consumers`` (Linears that read one kernel's output: a norm's, SwiGLU's), stacked
+        [sum R, in] in their order, for that kernel to compute h = x A for all of them (``give_h``); None where their
+        GEMVs would not take h that way: outside ``applied`` with a selection, a consumer without LoRA, more rows than
         XA_IN_NORM_MAX_ROWS, not bf16, not a GPTQ base on the tensor-core kernel, an epilogue it cannot take, or the
-        switches off. Cached until a LoRA weight changes (new values of the same layout go into the same buffer:
-        captured graphs read it)."""
+        epilogue switched off (the fused step checks its own switches, FINETUNE_LORA_XA_IN_NORM / _IN_SWIGLU, before
+        asking). Cached until a LoRA weight changes (new values of the same layout go into the same buffer: captured
+        graphs read it)."""
         if not (self._active and rows <= XA_IN_NORM_MAX_ROWS and dtype == torch.bfloat16
-                and settings().lora_xa_in_norm and settings().gptq_lora_epilogue):
+                and settings().gptq_lora_epilogue):
             return None
         from ..quant.mma_gemv import LORA_MAX_RANK
 
@@ -287,7 +290,7 @@ class RowAdapters:
         return bt
 
     def give_h(self, consumers, h: torch.Tensor) -> None:
-        """Hand each of ``consumers`` its columns of h = x A [rows, sum R] (``norm_low_rank``'s order) for its next
+        """Hand each of ``consumers`` its columns of h = x A [rows, sum R] (``xa_operand``'s order) for its next
         forward: its pre-hook offers them to the GEMV with (sel, bt), and the GEMV reads them instead of x A."""
         start = 0
         for m in consumers:

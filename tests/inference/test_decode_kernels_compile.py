@@ -29,6 +29,10 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
         {"D": 128, "ROT": 128, "HAS_SCALE": True, "HAS_CROW": False, "BLOCK_D": 128}),
     "_dec_swiglu_kernel": ({"up_ptr": "*bf16", "gate_ptr": "*bf16", "out_ptr": "*bf16", "n": "i32", "cols": "i32",
                             "stride": "i32"}, {"BLOCK": 1024}),
+    "_dec_swiglu_xa_kernel": (
+        {"up_ptr": "*bf16", "gate_ptr": "*bf16", "at_ptr": "*bf16", "out_ptr": "*bf16", "h_ptr": "*bf16", "N": "i32",
+         "R": "i32", "stride": "i32", "stride_at": "i32", "stride_h": "i32"},
+        {"COLS": 1, "CHUNK": 4096}),
     "_dec_attn_split_kernel": (
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "ws_ptr": "*fp32", "scale": "fp32",
          "kv_len": "i32", "SPLIT": "i32", "stride_qb": "i32", "stride_cr": "i64", "stride_ch": "i32",
@@ -47,8 +51,9 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
 }
 
 
-# the prefill's build of the rotary kernel (every token to its own cache row), and
+# the prefill's build of the rotary kernel (every token to its own cache row), SwiGLU's x A at 32 rows, and
 VARIANTS = [("_dec_rotary_cache_kernel", {"HAS_CROW": True}),
+            ("_dec_swiglu_xa_kernel", {"COLS": 8, "CHUNK": 512}),  # 32 rows' build
             ("_dec_rotary_attn_kernel", {"COMBINE": False})]  # the parts combined by the combine kernel after it
 
 

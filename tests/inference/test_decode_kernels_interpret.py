@@ -199,6 +199,31 @@ def test_swiglu_of_the_two_halves_of_one_product(kernels):
         kernels.swiglu(both[..., ::2], both[..., 1::2])  # last dim not contiguous
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("halves", [False, True])
+# with 256-element tiles: (1, 700, 24) one column a program, chunks of 256, the last a part; (20, 300, 136) 16 columns
+# a program, the last program's partly past R; (40, 130, 64) 16 columns, a second chunk of two elements
+@pytest.mark.parametrize("rows,n,rank", [(1, 700, 24), (20, 300, 136), (40, 130, 64)])
+def test_swiglu_low_rank_is_swiglu_and_x_a(kernels, dtype, halves, rows, n, rank, monkeypatch):
+    """The SwiGLU kernel that also computes x A for mlp.c_proj's LoRA product: out is swiglu's bit for bit (also
+    from the two halves of one product), and h is out times A, summed in fp32 and rounded once."""
+    monkeypatch.setattr(kernels, "XA_TILE", 256)  # several chunks a row at these small widths
+    g = torch.Generator().manual_seed(rows + rank)
+    both = (3 * torch.randn(rows, 1, 2 * n, generator=g)).to(dtype)
+    up, gate = (both[..., :n], both[..., n:]) if halves else (both[..., :n].contiguous(), both[..., n:].contiguous())
+    at = (torch.randn(rank, n, generator=g) * n ** -0.5).to(dtype)
+    out, h = kernels.swiglu_low_rank(up, gate, at)
+    assert torch.equal(out, kernels.swiglu(up, gate)) and out.shape == (rows, 1, n) and out.is_contiguous()
+    assert h.shape == (rows, rank) and h.dtype == dtype
+    exact = out.reshape(rows, n).double() @ at.double().t()
+    torch.testing.assert_close(h.double(), exact, **(TOL[dtype] if dtype == torch.bfloat16 else dict(rtol=1e-5,
+                                                                                                    atol=1e-5)))
+    with pytest.raises(ValueError, match="A.T"):
+        kernels.swiglu_low_rank(up, gate, at[:, :-8])
+    with pytest.raises(ValueError, match="row layout"):
+        kernels.swiglu_low_rank(up, gate[..., :-1], at)
+
+
 def _attention_case(dtype, rows=3, heads=4, D=32, capacity=700, seed=0):
     g = torch.Generator().manual_seed(seed)
     k_cache = torch.randn(rows + 1, heads, capacity, D, generator=g).to(dtype)  # one slot more than the rows

@@ -173,13 +173,14 @@ def test_a_gptq_base_that_adds_the_product_in_its_kernel_gets_it_once(switches):
     assert layer.base_layer.__dict__.get("low_rank_epilogue") is None and "_row_low_rank" not in layer.__dict__
 
 
-def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
-    """One bf16 decode row on a GPTQ base: ``norm_low_rank`` stacks A.T of the Linears that read one norm (c_attn
-    alone; w1 and w2 together, in that order), ``give_h`` hands each its columns of x A, and the pre-hook offers
-    them with (a, sel, bt) to the base, which then reads h instead of computing x A (or, where the base does not
-    take it, the forward hook adds the product with that h); where they do not fit (outside
-    applied(), more rows than XA_IN_NORM_MAX_ROWS, fp32, the switch off, a Linear without LoRA) nothing is stacked.
-    The stack follows a LoRA weight changed in place, in the same buffer (captured graphs read it), at refresh()."""
+def test_the_kernel_before_computes_x_a_for_the_linears_that_read_it(switches):
+    """One bf16 decode row on a GPTQ base: ``xa_operand`` stacks A.T of the Linears that read one kernel (c_attn
+    alone; w1 and w2 together, in that order; SwiGLU's reader mlp.c_proj), ``give_h`` hands each its columns of x A,
+    and the pre-hook offers them with (a, sel, bt) to the base, which then reads h instead of computing x A (or,
+    where the base does not take it, the forward hook adds the product with that h); where they do not fit (outside
+    applied(), more rows than XA_IN_NORM_MAX_ROWS, fp32, the epilogue switched off, a Linear without LoRA) nothing
+    is stacked. The stack follows a LoRA weight changed in place, in the same buffer (captured graphs read it), at
+    refresh()."""
     from finetune.quant.linear import GPTQLinear
 
     pm = _gptq_peft_model()
@@ -192,23 +193,24 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
     def stacked_t(m):
         return torch.cat([m.lora_A[n].weight for n in ("first", "second")], 0).to(bf)
 
-    assert adapters.norm_low_rank((c_attn,), 1, bf) is None  # outside applied()
+    assert adapters.xa_operand((c_attn,), 1, bf) is None  # outside applied()
     offers = []
     real = GPTQLinear.forward
     GPTQLinear.forward = _taking(real, offers)
     try:
         x = torch.randn(1, 1, c_attn.in_features, dtype=bf)
         with torch.no_grad(), adapters.applied(select):
-            at = adapters.norm_low_rank((c_attn,), 1, bf)
+            at = adapters.xa_operand((c_attn,), 1, bf)
             assert torch.equal(at, stacked_t(c_attn))
-            at12 = adapters.norm_low_rank((w1, w2), 1, bf)
+            at12 = adapters.xa_operand((w1, w2), 1, bf)
             assert torch.equal(at12, torch.cat([stacked_t(w1), stacked_t(w2)], 0))
-            assert adapters.norm_low_rank((c_attn,), row_adapters.XA_IN_NORM_MAX_ROWS + 1, bf) is None
-            assert adapters.norm_low_rank((c_attn,), 1, torch.float32) is None
-            assert adapters.norm_low_rank((c_attn.base_layer,), 1, bf) is None
-            switches(lora_xa_in_norm=False)
-            assert adapters.norm_low_rank((c_attn,), 1, bf) is None
-            switches(lora_xa_in_norm=True)
+            assert torch.equal(adapters.xa_operand((block.mlp.c_proj,), 1, bf), stacked_t(block.mlp.c_proj))
+            assert adapters.xa_operand((c_attn,), row_adapters.XA_IN_NORM_MAX_ROWS + 1, bf) is None
+            assert adapters.xa_operand((c_attn,), 1, torch.float32) is None
+            assert adapters.xa_operand((c_attn.base_layer,), 1, bf) is None
+            switches(gptq_lora_epilogue=False)
+            assert adapters.xa_operand((c_attn,), 1, bf) is None
+            switches(gptq_lora_epilogue=True)
             computed = c_attn(x)
             h = (x.reshape(1, -1) @ at.t()).to(bf)
             adapters.give_h((c_attn,), h)
@@ -223,7 +225,7 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
     finally:
         GPTQLinear.forward = real
     with torch.no_grad(), adapters.applied(select):  # a base that does not take it (the GEMM): the hook adds it
-        at = adapters.norm_low_rank((c_attn,), 1, bf)
+        at = adapters.xa_operand((c_attn,), 1, bf)
         adapters.give_h((c_attn,), (x.reshape(1, -1) @ at.t()).to(bf))
         hooked = c_attn(x)
         adapters.give_h((c_attn,), torch.zeros(1, at.shape[0], dtype=bf))
@@ -235,5 +237,5 @@ def test_the_norm_computes_x_a_for_the_linears_that_read_it(switches):
         c_attn.lora_A["second"].weight.mul_(2)
     adapters.refresh()
     with torch.no_grad(), adapters.applied(select):
-        again = adapters.norm_low_rank((c_attn,), 1, bf)
+        again = adapters.xa_operand((c_attn,), 1, bf)
     assert again is at and torch.equal(again, stacked_t(c_attn))
