@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Device call for NOTES step 87: mlp.c_proj's LoRA x A from the SwiGLU kernel (decode_kernels.swiglu_low_rank)
+# against its GEMV's own producers (FINETUNE_LORA_XA_IN_SWIGLU=0), then what the first tokens of a served request
+# wait for (serve_bench --engine-log, the question session 39 left). From the repo root on the GPU machine, .whl
+# carried. Parts (each 1 by default; 0 skips):
+#   SWEEP: the decode step's replay with an r=64 adapter at 1 and 8 rows, both ways alternated in one process;
+#   BENCH: decode_bench's b1_512 and b1_512_adapter with it, and b1_512_adapter without it (one process each);
+#   SERVE: serve_bench at 1 and 32 streams with the engine's log of each request's steps.
+#   QWEN_FT_COMMIT=<rev> [SWEEP=0 BENCH=0 SERVE=0] bash benchmarks/swiglu_xa_trial.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+source benchmarks/device_site.sh && inference_trial /tmp/swiglu_xa_out || exit 1
+[[ "${SWEEP:-1}" == 0 ]] || step_sweep swiglu_xa 150 --rows 1 8 --prompt 24 --adapter 64 \
+  --candidates base noswiglu:lora_xa_in_swiglu=0
+if [[ "${BENCH:-1}" == 1 ]]; then
+  for v in 1 0; do
+    w="b1_512_adapter"
+    [[ $v == 0 ]] || w="b1_512 b1_512_adapter"
+    FINETUNE_LORA_XA_IN_SWIGLU=$v timeout 150 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \
+      --workloads $w --out "$OUT/decode_swiglu${v}_$C.json" 2>&1 | grep "^{" | cut -c1-300
+  done
+fi
+[[ "${SERVE:-1}" == 0 ]] || timeout 150 python3 benchmarks/serve_bench.py --model-dir /tmp/m --streams 1,32 \
+  --engine-log --out "$OUT/serve_log_$C.json" 2>&1 | grep "^{" | cut -c1-400
