@@ -5,7 +5,9 @@
 # carried. Parts (each 1 by default; 0 skips):
 #   SWEEP: the decode step's replay with an r=64 adapter at 1 and 8 rows, both ways alternated in one process;
 #   BENCH: decode_bench's b1_512 and b1_512_adapter with it, and b1_512_adapter without it (one process each);
-#   SERVE: serve_bench at 1 and 32 streams with the engine's log of each request's steps.
+#   SERVE: serve_bench at 1 and 32 streams with the engine's log of each request's steps;
+#   PROFILE: decode_profile at one row with an r=64 adapter and without (the eager step's kernels by family and the
+#   top kernels: where the adapter's extra time a step goes).
 #   QWEN_FT_COMMIT=<rev> [SWEEP=0 BENCH=0 SERVE=0] bash benchmarks/swiglu_xa_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,3 +24,9 @@ if [[ "${BENCH:-1}" == 1 ]]; then
 fi
 [[ "${SERVE:-1}" == 0 ]] || timeout 150 python3 benchmarks/serve_bench.py --model-dir /tmp/m --streams 1,32 \
   --engine-log --out "$OUT/serve_log_$C.json" 2>&1 | grep "^{" | cut -c1-400
+if [[ "${PROFILE:-1}" == 1 ]]; then
+  for r in 64 0; do
+    timeout 100 python3 benchmarks/decode_profile.py --model-dir /tmp/m --rows 1 --adapter $r \
+      --out "$OUT/profile_adapter${r}_$C.json" 2>&1 | tail -2 | cut -c1-300
+  done
+fi
