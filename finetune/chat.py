@@ -20,6 +20,7 @@ import contextlib
 import sys
 
 from .command_line import OneLineParser, Once, expand_home, repeated
+from .generation_limits import max_new_tokens_limit, new_tokens_limit, too_many_new_tokens
 
 PROMPT = "User> "
 ANSWER = "Qwen> "
@@ -149,20 +150,9 @@ def check_chat_format(model_dir) -> None:
                              f"Qwen-*-Chat have); {fmt!r} is a base model's")
 
 
-def too_many_new_tokens(max_new_tokens: int | None, limit: int | None, holder) -> str | None:
-    """Why ``max_new_tokens`` is more than the model holds (``limit``: max(max_position_embeddings, 4 x
-    seq_length), the positions eval and the server allow a reply), or None. generate() ran on past the model's
-    window for as long as asked (--max-new-tokens 100000000: hours of text no position covers, or out of memory)."""
-    if max_new_tokens is None or not limit or max_new_tokens <= limit:
-        return None
-    return (f"--max-new-tokens {max_new_tokens} is more than {holder} holds (at most {limit}: "
-            f"max(max_position_embeddings, 4 x seq_length) of its config.json)")
-
-
 def load(args):
     from .adapters import resolve_base
     from .errors import ModelLoadError
-    from .evaluate import max_new_tokens_limit
     from .loading import load_model
     from .tokenization import load_tokenizer
 
@@ -282,8 +272,6 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
     """The chat loop: a line is a message, or one of HELP's commands. ``args``: the parsed flags (``:conf``
     changes a copy; each reply's generation settings come from it)."""
     from transformers import set_seed
-
-    from .evaluate import new_tokens_limit
 
     stdin = stdin or sys.stdin
     out = out or sys.stdout

@@ -39,6 +39,7 @@ import torch
 
 from . import react
 from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
+from .generation_limits import max_new_tokens_limit, too_many_new_tokens
 from .metrics import exact_match, rouge_l
 
 
@@ -445,32 +446,6 @@ def overwrites_input(output: Path, inputs) -> Path | None:
     return None
 
 
-def max_new_tokens_limit(model_dir) -> int | None:
-    """The most new tokens a reply may have on ``model_dir`` (a local model dir; None otherwise): the engine's
-    default length, max(max_position_embeddings, 4 x seq_length), as chat and the server have it."""
-    from .errors import ModelLoadError
-    from .model_dir import read_config
-
-    if not Path(model_dir).is_dir():
-        return None
-    try:
-        cfg = read_config(model_dir)
-    except ModelLoadError:
-        return None  # (the load says what is wrong with it)
-    return new_tokens_limit(cfg)
-
-
-def new_tokens_limit(cfg: dict) -> int | None:
-    """max(max_position_embeddings, 4 x seq_length) of a config.json's values (None where they are not whole
-    numbers): ``max_new_tokens_limit`` of a dir, and chat's ``:conf`` of the loaded model's config."""
-    positions, seq = cfg.get("max_position_embeddings") or 0, cfg.get("seq_length") or 0
-    if not isinstance(positions, int) or not isinstance(seq, int):
-        return None
-    from .inference.engine import default_max_len
-
-    return default_max_len(positions, seq) or None
-
-
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
@@ -506,11 +481,7 @@ def preload_problem(args, model_dir) -> str | None:
     if args.output and (inside := overwrites_input(Path(args.output), [args.adapter, model_dir])):
         return (f"--output {args.output} is a file of {inside}, an input of this evaluation, and no earlier report: "
                 f"the report would replace it; give another file name")
-    limit = max_new_tokens_limit(model_dir)
-    if limit and args.max_new_tokens > limit:
-        return (f"--max-new-tokens {args.max_new_tokens} is more than {model_dir} holds (at most {limit}: "
-                f"max(max_position_embeddings, 4 x seq_length) of its config.json)")
-    return None
+    return too_many_new_tokens(args.max_new_tokens, max_new_tokens_limit(model_dir), model_dir)
 
 
 def nothing_to_score(tokenizer, records, args, model_dir) -> str | None:

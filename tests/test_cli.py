@@ -484,7 +484,7 @@ def test_fuzzed_flags_and_paths_parse_as_documented_or_are_one_line_naming_them(
     import random
 
     import finetune.loading
-    from finetune.evaluate import max_new_tokens_limit
+    from finetune.generation_limits import max_new_tokens_limit
 
     def loaded(*a, **k):
         raise _FuzzLoaded
