@@ -39,7 +39,7 @@ import torch
 
 from . import react
 from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
-from .generation_limits import max_new_tokens_limit, too_many_new_tokens
+from .generation_limits import max_new_tokens_limit, prompt_window, too_many_new_tokens
 from .metrics import exact_match, rouge_l
 
 
@@ -313,10 +313,12 @@ def check_base_column(config, adapter) -> None:
 def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_tokens: int = 128,
                    max_len: int | None = None, generate: bool = True, repetition_penalty: float = 1.0,
                    max_window_size: int = 6144, generator: str = "engine", gen_batch_size: int = 32,
-                   progress: bool = False) -> dict:
+                   progress: bool = False, prompts: list[tuple[list[int], str]] | None = None) -> dict:
     """One report: {"base": {...}, "adapter": {...} (when model is a PeftModel), "samples": [...]}.
     ``generator``: "engine" (the inference engine, ``gen_batch_size`` rows at once) or "generate"
-    (transformers' generate() in left-padded batches of ``batch_size``)."""
+    (transformers' generate() in left-padded batches of ``batch_size``). ``prompts``: each record's
+    ``generation_prompt``, where the caller built them already (``main``, for its length check); else they are
+    built here with ``max_window_size``."""
     if generator not in ("engine", "generate"):
         raise ValueError(f"generator must be 'engine' or 'generate', got {generator!r}")
     from peft import PeftModel
@@ -325,7 +327,10 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
 
     records = [normalize_record(r) for r in records]  # any accepted form (idempotent on normalised ones)
     model.eval()
-    prompts = [generation_prompt(tokenizer, r, max_window_size) for r in records] if generate else []
+    if not generate:
+        prompts = []
+    elif prompts is None:
+        prompts = [generation_prompt(tokenizer, r, max_window_size) for r in records]
     stops = [reply_stop(r) for r in records] if generate else []
     peft = isinstance(model, PeftModel)
     if peft:
@@ -507,11 +512,12 @@ def nothing_to_score(tokenizer, records, args, model_dir) -> str | None:
             f"--no-generate has nothing to score; {setting} sets max_len")
 
 
-def too_long_to_generate(tokenizer, records, args, model_dir) -> str | None:
-    """The first record whose generation prompt leaves no room for --max-new-tokens within what the model holds
-    (max(max_position_embeddings, 4 x seq_length), as chat and the server refuse it), as one line naming its file,
-    record and line, or None. Found before the model loads: the engine sized its cache for the longest prompt and
-    prefilled it whole (a 400k-token held-out record ran out of memory after the loss was computed)."""
+def too_long_to_generate(prompts, args, model_dir) -> str | None:
+    """The first record whose generation prompt (``prompts``: the records' ``generation_prompt``, in order) leaves no
+    room for --max-new-tokens within what the model holds (max(max_position_embeddings, 4 x seq_length), as chat and
+    the server refuse it), as one line naming its file, record and line, or None. Found before the model loads: the
+    engine sized its cache for the longest prompt and prefilled it whole (a 400k-token held-out record ran out of
+    memory after the loss was computed)."""
     from .data import DataError
     from .data.dataset import record_place
     from .data.records import data_sources
@@ -519,13 +525,8 @@ def too_long_to_generate(tokenizer, records, args, model_dir) -> str | None:
     limit = max_new_tokens_limit(model_dir)
     if not limit:
         return None
-    window = 6144  # as main passes it: the generation config's max_window_size, else 6144
-    try:
-        window = json.loads((Path(model_dir) / "generation_config.json").read_text()).get("max_window_size") or window
-    except (OSError, ValueError, AttributeError):
-        pass
-    for i, r in enumerate(records):
-        n = len(generation_prompt(tokenizer, r, window)[0])
+    for i, (ids, _) in enumerate(prompts):
+        n = len(ids)
         if n + args.max_new_tokens > limit:
             path, index, line = record_place(args.data, data_sources(args.data), i)
             return str(DataError("prompt too long", f"its generation prompt is {n} tokens; with --max-new-tokens "
@@ -594,18 +595,22 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = load_tokenizer(model_dir, adapter=args.adapter)
         if args.no_generate and (problem := nothing_to_score(tokenizer, records, args, model_dir)):
             return _error(problem)
-        if not args.no_generate and (problem := too_long_to_generate(tokenizer, records, args, model_dir)):
-            return _error(problem)
+        prompts = None
+        if not args.no_generate:
+            # each record's prompt built once, before the model loads, at the window of the generation config the
+            # model loads with: the length check reads the ids that generation then uses
+            window = prompt_window(model_dir)
+            prompts = [generation_prompt(tokenizer, r, window) for r in records]
+            if problem := too_long_to_generate(prompts, args, model_dir):
+                return _error(problem)
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
     except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     max_len = args.max_len or getattr(model.config, "seq_length", None)
-    gen_cfg = getattr(model, "generation_config", None)
     report = evaluate_model(model, tokenizer, records, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, max_len=max_len, generate=not args.no_generate,
-                            repetition_penalty=args.repetition_penalty,
-                            max_window_size=getattr(gen_cfg, "max_window_size", None) or 6144,
+                            repetition_penalty=args.repetition_penalty, prompts=prompts,
                             generator=args.generator, gen_batch_size=args.gen_batch_size,
                             progress=True)
     # "adapter" is the adapter's metrics (absent without one); its dir is "adapter_dir"

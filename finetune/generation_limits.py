@@ -1,10 +1,14 @@
-"""How long a reply a model allows: the most new tokens, max(max_position_embeddings, 4 x seq_length) of its
-config.json (the length the inference engine gives a row, which the server allows a reply), and the one-line
-refusal of a --max-new-tokens past it. Chat and eval check their flag against it before the weights load."""
+"""How long a prompt and a reply a model allows: the most new tokens, max(max_position_embeddings, 4 x seq_length)
+of its config.json (the length the inference engine gives a row, which the server allows a reply), the one-line
+refusal of a --max-new-tokens past it, and the prompt window (max_window_size) of its generation config. Chat and
+eval check their flags against them before the weights load."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+DEFAULT_WINDOW = 6144  # max_window_size where the generation config has none, as the official chat() has it
 
 
 def max_new_tokens_limit(model_dir) -> int | None:
@@ -41,3 +45,19 @@ def too_many_new_tokens(max_new_tokens: int | None, limit: int | None, holder) -
         return None
     return (f"--max-new-tokens {max_new_tokens} is more than {holder} holds (at most {limit}: "
             f"max(max_position_embeddings, 4 x seq_length) of its config.json)")
+
+
+def prompt_window(model_dir) -> int:
+    """The prompt window (max_window_size, in tokens) of the model that loads from ``model_dir`` (a local dir or a
+    hub id), read before it loads: its generation_config.json's value, else 6144, which is what the loaded model's
+    generation config holds (transformers takes no max_window_size from config.json). A file the loader refuses is
+    its one-line ModelLoadError now (a window read unchecked, such as "6144", was a TypeError in make_context)."""
+    from .hub import resolve_model_dir
+    from .loading import check_side_files
+
+    model_dir = resolve_model_dir(model_dir)
+    check_side_files(model_dir)
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return DEFAULT_WINDOW
+    return json.loads(path.read_text(encoding="utf-8")).get("max_window_size") or DEFAULT_WINDOW

@@ -252,6 +252,55 @@ def test_a_prompt_the_model_cannot_hold_is_refused_before_loading(setup, tmp_pat
     assert "at most 1024" in err and "--max-new-tokens 4" in err
 
 
+def _model_with_window(src, dst, window):
+    """A copy of the model dir ``src`` whose generation_config.json sets max_window_size ``window``."""
+    import shutil
+
+    shutil.copytree(src, dst)
+    gen = json.loads((dst / "generation_config.json").read_text())
+    (dst / "generation_config.json").write_text(json.dumps({**gen, "max_window_size": window}))
+    return dst
+
+
+def test_each_records_generation_prompt_is_built_once_at_the_models_window(setup, tmp_path, capsys, monkeypatch):
+    """The length check before loading and the generation after it read one prompt per record (each was built twice:
+    the check read the window from generation_config.json itself, main from the loaded model's config)."""
+    import finetune.evaluate
+    from finetune.cli import main
+
+    model = _model_with_window(setup["float"], tmp_path / "model", 4000)
+    built = []
+    real = finetune.evaluate.generation_prompt
+
+    def counted(tokenizer, record, max_window_size=6144):
+        built.append((record["messages"][-2]["content"], max_window_size))
+        return real(tokenizer, record, max_window_size)
+
+    monkeypatch.setattr(finetune.evaluate, "generation_prompt", counted)
+    out = tmp_path / "report.json"
+    assert main(["eval", "-m", str(model), "--data", str(setup["data"]), "--max-new-tokens", "4",
+                 "--output", str(out)]) == 0
+    queries = [q for q, _ in MEMORISE]
+    assert sorted(built) == sorted((q, 4000) for q in queries)
+    assert [s["query"] for s in json.loads(out.read_text())["samples"]] == queries
+
+
+def test_a_window_the_loader_refuses_is_one_line_before_any_prompt_is_built(setup, tmp_path, capsys, monkeypatch):
+    # read unchecked before the load, max_window_size "6144" reached make_context: a TypeError traceback for a record
+    # with history
+    from finetune.cli import main
+
+    _no_load(monkeypatch)
+    model = _model_with_window(setup["float"], tmp_path / "model", "6144")
+    data = tmp_path / "two_turns.json"
+    data.write_text(json.dumps([{"conversations": [
+        {"from": "user", "value": "hi"}, {"from": "assistant", "value": "hello"},
+        {"from": "user", "value": "again?"}, {"from": "assistant", "value": "yes"}]}]))
+    assert main(["eval", "-m", str(model), "--data", str(data)]) == 2
+    assert _one_error_line(capsys) == (f"error: {model / 'generation_config.json'}: max_window_size must be an "
+                                       "integer of at least 1 (tokens), got '6144'")
+
+
 def test_eval_output_that_is_the_data_file_is_refused_before_loading(setup, tmp_path, capsys, monkeypatch):
     # the report replaced the held-out data it was computed on
     import finetune.loading
