@@ -1,5 +1,21 @@
-"""Exception types shared by the loaders (a leaf module: it imports nothing from the package)."""
+"""Exception types shared by the loaders, and how an error message quotes a value (a leaf module: it imports nothing
+from the package)."""
 
 
 class ModelLoadError(ValueError):
     """A model dir (or a file in it) that cannot be loaded; the message says which and why."""
+
+
+def quoted(value, limit: int, *, length: bool = False) -> str:
+    """repr(value) as an error message quotes it, never a huge value whole: up to ``limit`` characters as it is, a
+    longer one cut to ``limit`` characters ending in "...". ``length`` (the server's form for a client's value): the
+    cut keeps ``limit`` characters before the "..." and says how long the whole was, and a string is cut before its
+    repr (its quotes stay whole)."""
+    if length and isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    if length:
+        return f"{text[:limit]}... ({len(text):,} characters)"
+    return text[:limit - 3] + "..."

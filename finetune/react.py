@@ -37,6 +37,8 @@ import json
 from collections import deque
 from dataclasses import dataclass, field
 
+from .errors import quoted
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 TOOL_DESC = (
@@ -64,6 +66,7 @@ Begin!"""
 # Generation stops here: the model would otherwise invent the observation.
 OBSERVATION_STOP = "Observation:"
 FINAL_THOUGHT = "Thought: I now know the final answer.\nFinal Answer: "
+QUOTED = 60  # the most characters of a record's or request's value that an error message quotes
 
 
 class ReactError(ValueError):
@@ -132,7 +135,8 @@ def _no_duplicates(pairs: list) -> dict:
     if len(obj) != len(pairs):
         seen: set = set()
         key = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _NotJSON(f"key {short(key)} appears twice in one object (a JSON reader keeps only one of the two values)")
+        raise _NotJSON(f"key {quoted(key, QUOTED)} appears twice in one object (a JSON reader keeps only one of the "
+                       "two values)")
     return obj
 
 
@@ -179,12 +183,6 @@ def json_type(value) -> str:
     """A decoded JSON value's type as JSON names it."""
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
-
-
-def short(value, limit: int = 60) -> str:
-    """repr of a value from a request or record, cut to `limit` characters: an error line never echoes a huge value."""
-    r = repr(value)
-    return r if len(r) <= limit else r[:limit - 3] + "..."
 
 
 def _listed(names: list[str], most: int = 8) -> str:
@@ -292,12 +290,14 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
             call_id = m.get("tool_call_id")
             at = pending.take(call_id)
             if at is None:
-                raise ReactError(f"tool_call_id {short(call_id)} matches no open tool call", f"{w}.tool_call_id")
+                raise ReactError(f"tool_call_id {quoted(call_id, QUOTED)} matches no open tool call",
+                                 f"{w}.tool_call_id")
             # the result goes right after its call (a later call waits until this one is answered)
             results[at] = Message("function", content, where=f"{w}.content")
             continue
         if pending:
-            raise ReactError(f"tool call {short(pending.first_id())} has no tool message answering it", f"{w}.role")
+            raise ReactError(f"tool call {quoted(pending.first_id(), QUOTED)} has no tool message answering it",
+                             f"{w}.role")
         if role == "assistant" and m.get("tool_calls"):
             calls = m["tool_calls"]
             if not isinstance(calls, list):
@@ -315,15 +315,15 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                                f"{w}.value", f"{w}.value"))
             continue
         if role not in ("system", "user", "assistant", "function"):
-            raise ReactError(f"unknown role {short(role)} (accepted: system or developer, user, assistant, tool, "
-                             "function)", f"{w}.role")
+            raise ReactError(f"unknown role {quoted(role, QUOTED)} (accepted: system or developer, user, assistant, "
+                             "tool, function)", f"{w}.role")
         fc = m.get("function_call")
         if fc is not None and role != "assistant":
             raise ReactError("only assistant messages carry a function_call", f"{w}.function_call")
         out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None,
                            f"{w}.content", f"{w}.function_call"))
     if pending:
-        raise ReactError(f"tool call {short(pending.first_id())} has no tool message answering it", where)
+        raise ReactError(f"tool call {quoted(pending.first_id(), QUOTED)} has no tool message answering it", where)
     if not results:
         return out
     return [x for j, msg in enumerate(out) for x in ((msg, results[j]) if j in results else (msg,))]
@@ -650,10 +650,10 @@ def _check_training_messages(msgs: list[Message], functions: list[dict]) -> None
                 raise ReactError("an assistant message without a call must not be empty", m.where)
             continue
         if not names:
-            raise ReactError(f"calls {short(call['name'])}, but the record defines no functions: list them in 'tools' "
-                             "(or 'functions'), as the server's prompt does", f"{m.call_where}.name")
+            raise ReactError(f"calls {quoted(call['name'], QUOTED)}, but the record defines no functions: list them "
+                             "in 'tools' (or 'functions'), as the server's prompt does", f"{m.call_where}.name")
         if call["name"] not in names:
-            raise ReactError(f"calls {short(call['name'])}, which the record does not define (defined: "
+            raise ReactError(f"calls {quoted(call['name'], QUOTED)}, which the record does not define (defined: "
                              f"{_listed(names)})", f"{m.call_where}.name")
         if call["arguments"].strip():
             args = _loads(call["arguments"], f"{m.call_where}.arguments",

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import react  # tool / function-call conversations: the ReAct layout the server uses
+from ..errors import quoted
 from ..tokenization import DEFAULT_SYSTEM  # one definition, shared with chat()
 
 # Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's
@@ -53,6 +54,7 @@ ROLES = {
     "developer": "system",
 }
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+QUOTED = 40  # the most characters of a record's value that an error message quotes
 
 
 class DataError(ValueError):
@@ -127,13 +129,9 @@ def _one_of(obj: dict, k1: str, k2: str, what: str, same=lambda a, b: a == b):
     if a is None:
         return b
     if b is not None and not same(a, b):
-        raise DataError(f"both '{k1}' and '{k2}'", f"{what} has '{k1}' {_short(a)} and '{k2}' {_short(b)}; keep one")
+        raise DataError(f"both '{k1}' and '{k2}'",
+                        f"{what} has '{k1}' {quoted(a, QUOTED)} and '{k2}' {quoted(b, QUOTED)}; keep one")
     return a
-
-
-def _short(v: Any) -> str:
-    r = repr(v)
-    return r if len(r) <= 40 else r[:37] + "..."
 
 
 def _same_role(a, b) -> bool:
@@ -184,7 +182,7 @@ def _from_alpaca(record: dict) -> dict:
             if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                     or not all(isinstance(x, str) and x.strip() for x in pair)):
                 raise DataError("invalid alpaca record", f"'history' item {i} must be a [query, reply] pair of "
-                                f"non-empty strings, got {_short(pair)}")
+                                f"non-empty strings, got {quoted(pair, QUOTED)}")
             turns += [{"from": "user", "value": pair[0]}, {"from": "assistant", "value": pair[1]}]
     turns += [{"from": "user", "value": instruction + ("\n" + extra if extra else "")},
               {"from": "assistant", "value": output}]
@@ -205,7 +203,7 @@ def _weight(turn: dict, role: str, n: int) -> int:
         raise DataError("invalid weight", f"turn {n} ({role}) has a 'weight'; only assistant turns take one "
                         "(0: not trained, 1: trained)")
     if isinstance(w, bool) or w not in (0, 1) or not isinstance(w, int):
-        raise DataError("invalid weight", f"turn {n} (assistant) has weight {_short(w)}; it must be 0 (not "
+        raise DataError("invalid weight", f"turn {n} (assistant) has weight {quoted(w, QUOTED)}; it must be 0 (not "
                         "trained) or 1 (trained)")
     return w
 
@@ -239,8 +237,9 @@ def normalize_record(record: Any) -> dict:
             _one_of(turn, "from", "role", f"turn {n}", _same_role)
             _one_of(turn, "value", "content", f"turn {n}")
             if turn.get("weight") not in (None, 1):
-                raise DataError("invalid weight", f"turn {n}: 'weight' {_short(turn['weight'])} is not supported in "
-                                "tool / function-call conversations (every assistant turn of one is trained)")
+                raise DataError("invalid weight", f"turn {n}: 'weight' {quoted(turn['weight'], QUOTED)} is not "
+                                "supported in tool / function-call conversations (every assistant turn of one is "
+                                "trained)")
         try:
             record = react.render_tool_record(record)
         except react.ReactError as e:
@@ -248,7 +247,7 @@ def normalize_record(record: Any) -> dict:
     key = "conversations" if record.get("conversations") is not None else "messages"
     turns = record.get(key)
     if turns is None:
-        keys = ", ".join(_short(k) for k in list(record)[:8]) + (", ..." if len(record) > 8 else "")
+        keys = ", ".join(quoted(k, QUOTED) for k in list(record)[:8]) + (", ..." if len(record) > 8 else "")
         # the keys it has point at the cause: {"data": [...]} around the records, a column named otherwise
         raise DataError("no conversations", "the record has neither 'conversations' nor 'messages' (nor the Alpaca "
                         f"'instruction' / 'output'); its keys: {keys or 'none'}")
@@ -266,7 +265,7 @@ def normalize_record(record: Any) -> dict:
         raw_role, content = _turn_fields(turn, n)
         role = ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None
         if role is None:
-            raise DataError("unknown role", f"turn {n} has role {_short(raw_role)} "
+            raise DataError("unknown role", f"turn {n} has role {quoted(raw_role, QUOTED)} "
                             f"(accepted: {', '.join(ROLES)})")
         if isinstance(content, list):  # OpenAI's content parts: text parts joined, as the server reads them
             try:
@@ -381,7 +380,7 @@ class _Decoder:
     def duplicate_error(self) -> DataError | None:
         if not self.duplicates:
             return None
-        return DataError("duplicate key", f"key {_short(self.duplicates[0])} appears twice in one object "
+        return DataError("duplicate key", f"key {quoted(self.duplicates[0], QUOTED)} appears twice in one object "
                          "(a JSON reader keeps only one of the two values)")
 
 

@@ -27,8 +27,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import react
+from ..errors import quoted
 from ..inference.sampling import GREEDY_BELOW
-from .protocol import APIError, ChatCompletionRequest, clipped, field_path, quoted
+from .protocol import ECHO_CHARS, APIError, ChatCompletionRequest, clipped, field_path
 from .textstream import TextStream
 from .worker import Closed, EngineWorker
 
@@ -82,7 +83,8 @@ class Server:
         if model in self.adapter_names:
             return model
         names = ", ".join([self.base_name, *self.adapter_names])
-        raise APIError(404, f"The model {quoted(model)} does not exist (served: {names})", "model", "model_not_found")
+        raise APIError(404, f"The model {quoted(model, ECHO_CHARS, length=True)} does not exist (served: {names})",
+                       "model", "model_not_found")
 
     def turns(self, body: ChatCompletionRequest) -> tuple[react.Turns, list[dict]]:
         """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
@@ -280,7 +282,7 @@ def _body_problem(request: Request, err: dict) -> str:
         return "the request body is empty: send a JSON object with 'Content-Type: application/json'"
     media = content_type.split(";")[0].strip().lower()
     if not (media == "application/json" or (media.startswith("application/") and media.endswith("+json"))):
-        got = f"got {quoted(content_type)}" if content_type else "none was given"
+        got = f"got {quoted(content_type, ECHO_CHARS, length=True)}" if content_type else "none was given"
         return f"the request body must be JSON sent with 'Content-Type: application/json' ({got})"
     return f"the request body must be a JSON object, got {react.json_type(err.get('input'))}"
 
@@ -335,7 +337,8 @@ class BodyLimit:
             # the body is not decoded here: a gzip one read as "the request body is not valid UTF-8 (invalid
             # start byte at byte 1)"
             name = encoding.decode("latin-1")
-            err = APIError(415, f"Content-Encoding {quoted(name)} is not supported: send the request body uncompressed")
+            err = APIError(415, f"Content-Encoding {quoted(name, ECHO_CHARS, length=True)} is not supported: send "
+                           "the request body uncompressed")
             await _send_json(send, 415, err)
             return
         replayed = False

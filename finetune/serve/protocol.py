@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from pydantic_core import PydanticCustomError
 
+from ..errors import quoted
+
 
 class APIError(Exception):
     """An OpenAI error object with its HTTP status; `param` names the request field at fault."""
@@ -40,13 +42,6 @@ def clipped(text: str) -> str:
     if len(text) <= ECHO_CHARS:
         return text
     return f"{text[:ECHO_CHARS]}... ({len(text):,} characters)"
-
-
-def quoted(value) -> str:
-    """repr(value) for an error message, cut as ``clipped`` cuts text (a string's start stays quoted)."""
-    if isinstance(value, str) and len(value) > ECHO_CHARS:
-        return f"{value[:ECHO_CHARS]!r}... ({len(value):,} characters)"
-    return clipped(repr(value))
 
 
 def _json_number(value):
@@ -170,8 +165,8 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "stop must be a non-empty string or up to 4 non-empty strings", "stop")
         for name, value in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
             if value not in (None, "auto", "none"):
-                raise APIError(400, f"{name} {quoted(value)} is not supported: 'auto' (the model decides) or 'none'",
-                               name)
+                raise APIError(400, f"{name} {quoted(value, ECHO_CHARS, length=True)} is not supported: 'auto' (the "
+                               "model decides) or 'none'", name)
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
