@@ -30,6 +30,7 @@ from .training.allocator import allocator_settings, default_allocator_settings
 from .training.checks import (DATA_KEY, FINISHED_MARKER, TrainConfigError, conflicts_error, deepspeed_config,
                               identity_mismatch, last_complete_checkpoint, precision_conflicts, preflight)
 from .training.console import quiet_third_party_notices
+from .training.launch import say_error
 from .training.lora import attach_lora
 from .training.model_card import write_model_card
 from .training.plots import LossCurveCallback, plot_loss_curve
@@ -477,7 +478,7 @@ def main(argv: list[str] | None = None) -> int:
             raise TrainConfigError(" ".join(str(e).split())) from None
         train(model_args, data_args, lora_args, args, argv=argv)
     except (TrainConfigError, DataError, NonFiniteLossError, SettingsError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        say_error(f"error: {e}")  # (once for a multi-process launch: training/launch.py)
         return 2
     except KeyboardInterrupt as e:  # once the run has its output dir, rank 0 has said where the last checkpoint is
         if not getattr(e, "reported", False) and os.environ.get("RANK", "0") == "0":
