@@ -672,9 +672,12 @@ def _swiglu_operands(up: torch.Tensor, gate: torch.Tensor) -> int:
     return stride
 
 
-# Elements of A.T a swiglu_low_rank program holds at once (its columns x the chunk of the row): 4,096 keeps the tile's
-# fp32 copies in registers at 4 warps
-XA_TILE = 4096
+# Elements of A.T a swiglu_low_rank program holds at once (its columns x the chunk of the row), over 16 warps: a
+# 13,696-wide row in two passes at one column a program (16 elements a thread, as the norm's 8,192; 16,384 spilled
+# registers). With 4,096 over 4 warps (four dependent passes) the kernel took 9.3 us a layer at one row on the H100
+# where SwiGLU alone takes 1.3 (NOTES step 87)
+XA_TILE = 8192
+XA_WARPS = 16
 
 
 def swiglu_low_rank(up: torch.Tensor, gate: torch.Tensor, at: torch.Tensor):
@@ -694,8 +697,8 @@ def swiglu_low_rank(up: torch.Tensor, gate: torch.Tensor, at: torch.Tensor):
         cols = min(triton.next_power_of_2(R), triton.next_power_of_2(triton.cdiv(rows * R, XA_PROGRAMS)))
         chunk = min(triton.next_power_of_2(N), max(128, XA_TILE // cols))
         _dec_swiglu_xa_kernel[(rows, triton.cdiv(R, cols))](
-            up, gate, at, out, h, N, R, stride, at.stride(0), h.stride(0), COLS=cols, CHUNK=chunk, num_warps=4,
-            enable_fp_fusion=False)
+            up, gate, at, out, h, N, R, stride, at.stride(0), h.stride(0), COLS=cols, CHUNK=chunk,
+            num_warps=max(1, min(XA_WARPS, cols * chunk // 1024)), enable_fp_fusion=False)
     return out, h
 
 

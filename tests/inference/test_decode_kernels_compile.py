@@ -32,7 +32,7 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
     "_dec_swiglu_xa_kernel": (
         {"up_ptr": "*bf16", "gate_ptr": "*bf16", "at_ptr": "*bf16", "out_ptr": "*bf16", "h_ptr": "*bf16", "N": "i32",
          "R": "i32", "stride": "i32", "stride_at": "i32", "stride_h": "i32"},
-        {"COLS": 1, "CHUNK": 4096}),
+        {"COLS": 1, "CHUNK": 8192}),
     "_dec_attn_split_kernel": (
         {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "pos_ptr": "*i64", "ws_ptr": "*fp32", "scale": "fp32",
          "kv_len": "i32", "SPLIT": "i32", "stride_qb": "i32", "stride_cr": "i64", "stride_ch": "i32",
@@ -53,7 +53,7 @@ KERNELS = {  # kernel -> (signature of its arguments, constexpr values): the 14B
 
 # the prefill's build of the rotary kernel (every token to its own cache row), SwiGLU's x A at 32 rows, and
 VARIANTS = [("_dec_rotary_cache_kernel", {"HAS_CROW": True}),
-            ("_dec_swiglu_xa_kernel", {"COLS": 8, "CHUNK": 512}),  # 32 rows' build
+            ("_dec_swiglu_xa_kernel", {"COLS": 8, "CHUNK": 1024}),  # 32 rows' build
             ("_dec_rotary_attn_kernel", {"COMBINE": False})]  # the parts combined by the combine kernel after it
 
 
