@@ -3,9 +3,9 @@
 # against its GEMV's own producers (FINETUNE_LORA_XA_IN_SWIGLU=0), then what the first tokens of a served request
 # wait for (serve_bench --engine-log, the question session 39 left). From the repo root on the GPU machine, .whl
 # carried. Parts (each 1 by default; 0 skips):
-#   TESTS: the GPU tests of the x A given to the GEMVs (one row, and 9+ rows through the GEMM);
 #   SWEEP: the decode step's replay with an r=64 adapter at $ROWS rows (default 1 8), both ways alternated in one
 #   process;
+#   TESTS: the GPU tests of the x A given to the GEMVs (one row, and 9+ rows through the GEMM);
 #   BENCH: decode_bench's $WORKLOADS (default b1_512 b1_512_adapter) with it, and b1_512_adapter without it (one
 #   process each);
 #   SERVE: serve_bench at 1 and 32 streams with the engine's log of each request's steps;
@@ -15,9 +15,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/swiglu_xa_out || exit 1
-[[ "${TESTS:-1}" == 0 ]] || gpu_tests xa_tests 150 tests/inference/test_inference_cuda.py -k "take_x_a or nine_rows"
 [[ "${SWEEP:-1}" == 0 ]] || step_sweep swiglu_xa 200 --rows ${ROWS:-1 8} --prompt 24 --adapter 64 \
   --candidates base noswiglu:lora_xa_in_swiglu=0
+[[ "${TESTS:-1}" == 0 ]] || gpu_tests xa_tests 150 tests/inference/test_inference_cuda.py -k "take_x_a or nine_rows"
 if [[ "${BENCH:-1}" == 1 ]]; then
   for v in 1 0; do
     w="b1_512_adapter"
