@@ -35,8 +35,8 @@ class Settings:
     # FINETUNE_LORA_XA_IN_NORM: in the fused decode step (up to 32 rows), the RMSNorm kernels before c_attn and before
     # w1/w2 also compute their LoRA products' x A, so their GEMVs start with it (NOTES step 43); 0: the GEMV does it
     lora_xa_in_norm: bool = True
-    # FINETUNE_LORA_XA_IN_SWIGLU: the same for mlp.c_proj, from the SwiGLU kernel before it (NOTES step 87); 0: the GEMV
-    # does it
+    # FINETUNE_LORA_XA_IN_SWIGLU: the same for mlp.c_proj at 3-8 rows, from the SwiGLU kernel before it (NOTES step 87);
+    # 0: the GEMV does it
     lora_xa_in_swiglu: bool = True
     # FINETUNE_DECODE_ATTENTION: the fused decode step's attention through decode_kernels.decode_attention (each row
     # reads its own keys only, NOTES steps 18 and 65); 0: SDPA over the step's length bucket, under a mask

@@ -6,8 +6,8 @@ FINETUNE_DECODE_ATTENTION=0, SDPA over the step's length bucket, masked past eac
 residual add + ln_2 (one kernel), w1, w2, SwiGLU (one kernel), c_proj;
 the next layer's first kernel adds c_proj's output to the residual stream. With the engine's unmerged adapters at
 up to 32 rows (row_adapters.XA_IN_NORM_MAX_ROWS), the two norm kernels also compute x A for the LoRA products of
-c_attn and of w1 and w2 (``_norm``), and the SwiGLU kernel for mlp.c_proj's (``_swiglu``), which the GEMVs then read
-instead of computing it. The Linears are called as
+c_attn and of w1 and w2 (``_norm``), and at 3-8 rows the SwiGLU kernel for mlp.c_proj's (``_swiglu``), which the GEMVs
+then read instead of computing it. The Linears are called as
 modules, so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
 The engine's prefill runs on the same kernels (``prefill_blocks``), with causal SDPA over each prompt's new keys.
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from ..quant.linear import paired_decode
 from ..settings import settings
+from .row_adapters import XA_IN_SWIGLU_ROWS
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -89,9 +90,11 @@ def _norm(kernels, adapters, x, delta, norm, consumers):
 
 
 def _swiglu(kernels, adapters, up, gate, c_proj):
-    """``kernels.swiglu(up, gate)``; where the engine's adapters want it, the kernel also computes x A for the LoRA
-    product of ``c_proj``, which reads its output, and hands it over (as ``_norm`` does)."""
-    at = _xa_operand(adapters, (c_proj,), up, settings().lora_xa_in_swiglu)
+    """``kernels.swiglu(up, gate)``; where the engine's adapters want it, at the rows where it pays
+    (``row_adapters.XA_IN_SWIGLU_ROWS``), the kernel also computes x A for the LoRA product of ``c_proj``, which
+    reads its output, and hands it over (as ``_norm`` does)."""
+    rows = up.numel() // up.shape[-1]
+    at = _xa_operand(adapters, (c_proj,), up, settings().lora_xa_in_swiglu and rows in XA_IN_SWIGLU_ROWS)
     if at is None:
         return kernels.swiglu(up, gate)
     out, h = kernels.swiglu_low_rank(up, gate, at)

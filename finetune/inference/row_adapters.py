@@ -47,6 +47,10 @@ from ..settings import settings
 # 17% at 4, 23% at 8 (the GEMV takes h); 5% at 16 and 1.5% at 32 rows (the GEMM runs and the hook adds the product
 # with h: one cuBLAS x A fewer a Linear)
 XA_IN_NORM_MAX_ROWS = 32
+# Rows at which the SwiGLU kernel computes x A for mlp.c_proj (``xa_operand``). On the H200 with an r=64 adapter, the
+# decode step's replay against mlp.c_proj's own producers (NOTES step 87): 1 row +3.9%, 2 rows +1.4%, 3 -3.1%, 4
+# -4.0%, 8 -11.0%, 16 +0.9%, 32 +3.3% (from 9 rows the GEMM runs and the hook's product was one cuBLAS x A anyway)
+XA_IN_SWIGLU_ROWS = range(3, 9)
 # Rows up to which an adapter's w1 and w2 decode as one launch (``paired``). On the H200 with an r=64 adapter: a one-row
 # step 1.1% shorter, an 8-row step 1.5% longer (the block-diagonal B's zeros read by every row block; NOTES step 77)
 PAIRED_LORA_MAX_ROWS = 1

@@ -482,17 +482,20 @@ def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
             assert err < BF16_LOGITS_REL, (names, err)
 
 
-def test_one_row_adapters_take_x_a_from_the_norm_and_swiglu_kernels(tok, monkeypatch, switches):
-    """At one row the fused decode step's norms compute x A for c_attn, w1 and w2 (decode_kernels.add_rms_norm_low_rank)
-    and the SwiGLU kernel for mlp.c_proj (swiglu_low_rank), and their GEMVs read it instead of computing it (no
-    producer CTAs). Per adapter (and none), the decoded logits stay within the bf16 tolerance of the exact LoRA
-    product, or no farther from it than the GEMVs' own x A is, and the row without an adapter gets the base's logits
-    bit for bit; FINETUNE_LORA_XA_IN_NORM=0 and FINETUNE_LORA_XA_IN_SWIGLU=0 take the GEMVs' way, each alone."""
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gemv_rows_take_x_a_from_the_norm_and_swiglu_kernels(tok, monkeypatch, switches, rows):
+    """At 1-8 rows the fused decode step's norms compute x A for c_attn, w1 and w2 (decode_kernels.add_rms_norm_low_rank)
+    and, at 3-8 rows (row_adapters.XA_IN_SWIGLU_ROWS), the SwiGLU kernel for mlp.c_proj (swiglu_low_rank), and their
+    GEMVs read it instead of computing it (no producer CTAs). Per adapter (and none), the decoded logits stay within
+    the bf16 tolerance of the exact LoRA product, or no farther from it than the GEMVs' own x A is, and rows without an
+    adapter get the base's logits bit for bit; FINETUNE_LORA_XA_IN_NORM=0 and FINETUNE_LORA_XA_IN_SWIGLU=0 take the
+    GEMVs' way, each alone."""
     from finetune.inference import decode_kernels, row_adapters
     from finetune.quant import mma_gemv as G
 
     if G.available() is not None:
         pytest.skip(G.available())
+    swiglu_ranks = {24} if rows in row_adapters.XA_IN_SWIGLU_ROWS else set()  # (r 16 + 8, as c_attn's)
     pm = epilogue_model(1)
     params = SamplingParams(max_new_tokens=16)
     given, norms, swiglus = [], [], []
@@ -515,22 +518,22 @@ def test_one_row_adapters_take_x_a_from_the_norm_and_swiglu_kernels(tok, monkeyp
     monkeypatch.setattr(decode_kernels, "add_rms_norm_low_rank", norm_spy)
     monkeypatch.setattr(decode_kernels, "swiglu_low_rank", swiglu_spy)
     for name in ("first", "second", None):
-        batch = prompts([9], seed=5)
+        batch = prompts([9, 5, 12, 7][:rows], seed=5)
 
         def run(in_norm: bool, in_swiglu: bool):
             given.clear(), norms.clear(), swiglus.clear()
             switches(lora_xa_in_norm=in_norm, lora_xa_in_swiglu=in_swiglu)
-            return decode_recorded(pm, tok, batch, [name], params)
+            return decode_recorded(pm, tok, batch, [name] * rows, params)
 
         in_kernels = run(True, True)
         if name is None:
             assert not any(given) and not norms and not swiglus
         else:  # c_attn and mlp.c_proj: r 16 + 8; w1 and w2: twice that
-            assert any(given) and set(norms) == {24, 48} and set(swiglus) == {24}
+            assert any(given) and set(norms) == {24, 48} and set(swiglus) == swiglu_ranks
         norm_only = run(True, False)
         assert not swiglus and (set(norms) == {24, 48}) == (name is not None)
         swiglu_only = run(False, True)
-        assert not norms and (set(swiglus) == {24}) == (name is not None)
+        assert not norms and set(swiglus) == (swiglu_ranks if name is not None else set())
         in_gemv = run(False, False)
         assert not any(given) and not norms and not swiglus
         if name is None:
@@ -550,10 +553,9 @@ def test_one_row_adapters_take_x_a_from_the_norm_and_swiglu_kernels(tok, monkeyp
 
 def test_adapters_at_nine_rows_and_more_take_the_gemm_and_the_hook(tok, monkeypatch, switches):
     """From 9 rows the base Linears run the small-M GEMM (no LoRA epilogue) and the engine's hook adds each row's
-    adapter product, with x A from the norm kernels for c_attn, w1 and w2 and from SwiGLU's for mlp.c_proj. Twelve
-    rows over two adapters and none decode with per-step logits within the bf16 tolerance of the exact LoRA product,
-    or no farther from it than with the hook's own cuBLAS x A (FINETUNE_LORA_XA_IN_NORM=0 and
-    FINETUNE_LORA_XA_IN_SWIGLU=0), and the rows without an adapter get the base's
+    adapter product, with x A from the norm kernels for c_attn, w1 and w2. Twelve rows over two adapters and none
+    decode with per-step logits within the bf16 tolerance of the exact LoRA product, or no farther from it than
+    with the hook's own cuBLAS x A (FINETUNE_LORA_XA_IN_NORM=0), and the rows without an adapter get the base's
     logits bit for bit (the exact run's base rows too: no adapter term at all)."""
     from finetune.inference import row_adapters
     from finetune.quant import mma_gemm
@@ -579,7 +581,7 @@ def test_adapters_at_nine_rows_and_more_take_the_gemm_and_the_hook(tok, monkeypa
 
     in_norm = run()
     assert any(r >= 9 for r in gemm_rows)
-    switches(lora_xa_in_norm=False, lora_xa_in_swiglu=False)
+    switches(lora_xa_in_norm=False)
     in_hook = run()
     monkeypatch.setattr(row_adapters.RowAdapters, "_hook", separate_lora_hook("exact"))
     exact = run()

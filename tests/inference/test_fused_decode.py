@@ -1,0 +1,62 @@
+"""The fused decode step's choices that need no GPU (``finetune/inference/fused_decode.py``): which kernel computes x A
+for mlp.c_proj's LoRA product."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from finetune.inference import fused_decode
+from finetune.inference.row_adapters import XA_IN_SWIGLU_ROWS
+
+
+class _Adapters:
+    """Stands in for RowAdapters: A.T for any consumer, and what it was handed."""
+
+    def __init__(self):
+        self.asked, self.given = [], []
+
+    def xa_operand(self, consumers, rows, dtype):
+        self.asked.append(rows)
+        return torch.ones(8, 16, dtype=dtype)
+
+    def give_h(self, consumers, h):
+        self.given.append(h)
+
+
+def _kernels(calls):
+    def swiglu(up, gate):
+        calls.append("swiglu")
+        return up * gate
+
+    def swiglu_low_rank(up, gate, at):
+        calls.append("swiglu_low_rank")
+        out = up * gate
+        return out, out.reshape(-1, out.shape[-1]) @ at.t()
+
+    return types.SimpleNamespace(swiglu=swiglu, swiglu_low_rank=swiglu_low_rank)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 8, 9, 16, 32])
+def test_swiglu_computes_x_a_for_c_proj_only_at_the_rows_where_it_pays(rows, switches):
+    """3-8 rows (row_adapters.XA_IN_SWIGLU_ROWS, measured on the H200: NOTES step 87): SwiGLU's kernel computes x A and
+    hands it to mlp.c_proj; at other row counts, without adapters or with FINETUNE_LORA_XA_IN_SWIGLU=0 the plain
+    kernel runs and nothing is handed over."""
+    up, gate = torch.randn(rows, 1, 16), torch.randn(rows, 1, 16)
+    c_proj = torch.nn.Linear(16, 4)
+    for on in (True, False):
+        switches(lora_xa_in_swiglu=on)
+        calls, adapters = [], _Adapters()
+        out = fused_decode._swiglu(_kernels(calls), adapters, up, gate, c_proj)
+        assert torch.equal(out, up * gate)
+        takes = on and rows in XA_IN_SWIGLU_ROWS
+        assert calls == ["swiglu_low_rank" if takes else "swiglu"], (rows, on)
+        assert adapters.asked == ([rows] if takes else [])
+        assert len(adapters.given) == int(takes)
+        if takes:
+            assert torch.allclose(adapters.given[0], (up * gate).reshape(rows, 16) @ torch.ones(16, 8))
+    calls = []
+    assert torch.equal(fused_decode._swiglu(_kernels(calls), None, up, gate, c_proj), up * gate)
+    assert calls == ["swiglu"]
