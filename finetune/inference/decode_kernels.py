@@ -675,7 +675,8 @@ def _swiglu_operands(up: torch.Tensor, gate: torch.Tensor) -> int:
 # Elements of A.T a swiglu_low_rank program holds at once (its columns x the chunk of the row), over 16 warps: a
 # 13,696-wide row in two passes at one column a program (16 elements a thread, as the norm's 8,192; 16,384 spilled
 # registers). With 4,096 over 4 warps (four dependent passes) the kernel took 9.3 us a layer at one row on the H100
-# where SwiGLU alone takes 1.3 (NOTES step 87)
+# where SwiGLU alone takes 1.3; this form 5.9 us on the H200, which pays only at 3-8 rows (row_adapters.
+# XA_IN_SWIGLU_ROWS, NOTES step 87)
 XA_TILE = 8192
 XA_WARPS = 16
 

@@ -24,8 +24,8 @@ At up to 32 rows (XA_IN_NORM_MAX_ROWS) the fused decode step goes one further fo
 output (c_attn; w1 and w2, which share theirs): the norm kernel computes x A for them (``xa_operand``: their
 A matrices transposed and stacked, cached like the rest) and hands each its columns (``give_h``), so their GEMVs
 start with h instead of computing it in producer CTAs and waiting for it after their main loop (NOTES step 43);
-from 9 rows the forward hook adds the product with that h instead of a cuBLAS x A (step 45). The SwiGLU kernel
-does the same for mlp.c_proj, which reads its output (NOTES step 87).
+from 9 rows the forward hook adds the product with that h instead of a cuBLAS x A (step 45). At 3-8 rows the
+SwiGLU kernel does the same for mlp.c_proj, which reads its output (XA_IN_SWIGLU_ROWS, NOTES step 87).
 
 Why not PEFT's mixed-batch ``adapter_names=`` forward: it splits the batch by adapter with index lists built
 on the host at every call, which a CUDA graph cannot capture (one graph would be needed per mix of
@@ -49,7 +49,8 @@ from ..settings import settings
 XA_IN_NORM_MAX_ROWS = 32
 # Rows at which the SwiGLU kernel computes x A for mlp.c_proj (``xa_operand``). On the H200 with an r=64 adapter, the
 # decode step's replay against mlp.c_proj's own producers (NOTES step 87): 1 row +3.9%, 2 rows +1.4%, 3 -3.1%, 4
-# -4.0%, 8 -11.0%, 16 +0.9%, 32 +3.3% (from 9 rows the GEMM runs and the hook's product was one cuBLAS x A anyway)
+# -4.0%, 8 -11.0%, 16 +0.9%, 32 +3.3% (from 9 rows the GEMM runs, and h from SwiGLU spares the hook only one cuBLAS
+# x A, which costs less than the SwiGLU kernel's extra time)
 XA_IN_SWIGLU_ROWS = range(3, 9)
 # Rows up to which an adapter's w1 and w2 decode as one launch (``paired``). On the H200 with an r=64 adapter: a one-row
 # step 1.1% shorter, an 8-row step 1.5% longer (the block-diagonal B's zeros read by every row block; NOTES step 77)
