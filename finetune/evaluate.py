@@ -586,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.adapter:
             args.adapter = str(resolve_model_dir(args.adapter, "adapter directory"))  # a hub id too, as chat takes
             check_base_column(lora_config(args.adapter), args.adapter)
-        model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
+        # a hub id resolved now (as the adapter's base is), so that the checks below read its config before loading
+        model_dir = resolve_base(args.adapter, args.model) if args.adapter else resolve_model_dir(args.model)
         # a base the adapter was not trained on loads as asked (warned on the console); the report says so too
         other_base = check_base(args.adapter, model_dir, explicit=True) if args.adapter and args.model else None
         if problem := preload_problem(args, model_dir):

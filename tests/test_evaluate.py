@@ -799,6 +799,22 @@ def test_eval_takes_an_adapters_hub_id_as_chat_does(setup, tmp_path, capsys, mon
     assert fetched == ["org/memorised"] and report["adapter_dir"] == str(setup["lora"]) and "adapter" in report
 
 
+def test_eval_checks_a_base_models_hub_id_before_loading_as_a_local_dir(setup, capsys, monkeypatch):
+    """`-m org/name` without an adapter skipped the pre-load checks (they read a local dir's config): a too-long
+    --max-new-tokens was found only by the engine, after the model had loaded."""
+    import huggingface_hub
+
+    from finetune.cli import main
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda ref, **k: fetched.append(ref) or str(setup["float"]))
+    _no_load(monkeypatch)
+    rc = main(["eval", "-m", "org/base", "--data", str(setup["data"]), "--max-new-tokens", "99999999999"])
+    assert rc == 2 and fetched == ["org/base"]
+    assert "--max-new-tokens 99999999999 is more than" in _one_error_line(capsys)
+
+
 def test_a_leading_tilde_in_the_path_flags_is_the_home_dir(setup, tmp_path, monkeypatch, capsys):
     # the shell leaves --output=~/x as it is: the report went into a dir named "~" in the working dir
     import shutil
