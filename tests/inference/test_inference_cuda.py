@@ -484,9 +484,9 @@ def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, 4])
 def test_gemv_rows_take_x_a_from_the_norm_and_swiglu_kernels(tok, monkeypatch, switches, rows):
-    """At 1-8 rows the fused decode step's norms compute x A for c_attn, w1 and w2 (decode_kernels.add_rms_norm_low_rank)
-    and, at 3-8 rows (row_adapters.XA_IN_SWIGLU_ROWS), the SwiGLU kernel for mlp.c_proj (swiglu_low_rank), and their
-    GEMVs read it instead of computing it (no producer CTAs). Per adapter (and none), the decoded logits stay within
+    """At 1-8 rows the fused decode step's norms compute x A for c_attn, w1 and w2
+    (decode_kernels.add_rms_norm_low_rank) and, at 3-8 rows (row_adapters.XA_IN_SWIGLU_ROWS), the SwiGLU kernel for
+    mlp.c_proj (swiglu_low_rank), and their GEMVs read it instead of computing it (no producer CTAs). Per adapter (and none), the decoded logits stay within
     the bf16 tolerance of the exact LoRA product, or no farther from it than the GEMVs' own x A is, and rows without an
     adapter get the base's logits bit for bit; FINETUNE_LORA_XA_IN_NORM=0 and FINETUNE_LORA_XA_IN_SWIGLU=0 take the
     GEMVs' way, each alone."""
