@@ -9,10 +9,11 @@ class ModelLoadError(ValueError):
 def quoted(value, limit: int, *, length: bool = False) -> str:
     """repr(value) as an error message quotes it, never a huge value whole: up to ``limit`` characters as it is, a
     longer one cut to ``limit`` characters ending in "...". ``length`` (the server's form for a client's value): the
-    cut keeps ``limit`` characters before the "..." and says how long the whole was, and a string is cut before its
-    repr (its quotes stay whole)."""
-    if length and isinstance(value, str) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value):,} characters)"
+    cut keeps ``limit`` characters before the "..." and says how long the whole was, and a string is measured and cut
+    in its own characters before its repr (its quotes stay whole: a string of ``limit`` characters is quoted whole,
+    its quotes and escapes beyond the limit)."""
+    if length and isinstance(value, str):  # measured and cut in the string's own characters, never mid-quote
+        return f"{value[:limit]!r}... ({len(value):,} characters)" if len(value) > limit else repr(value)
     text = repr(value)
     if len(text) <= limit:
         return text

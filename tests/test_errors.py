@@ -23,3 +23,10 @@ def test_the_servers_form_says_the_length_and_keeps_a_strings_quotes_whole():
     assert quoted("y" * 20_000, 200, length=True) == repr("y" * 200) + "... (20,000 characters)"
     value = ["z" * 300]
     assert quoted(value, 200, length=True) == repr(value)[:200] + "... (304 characters)"
+
+
+def test_the_servers_form_quotes_a_string_within_the_limit_whole():
+    # its repr ran past the limit by its quotes (or escapes): it was cut inside the quotes and counted as 202
+    assert quoted("y" * 200, 200, length=True) == repr("y" * 200)
+    assert quoted("\n" * 150, 200, length=True) == repr("\n" * 150)
+    assert quoted("\n" * 201, 200, length=True) == repr("\n" * 200) + "... (201 characters)"
