@@ -128,15 +128,26 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def encode_for_loss(tokenizer, records, max_len: int | None = None) -> list:
+    """Each record encoded as training encodes it (ids, labels masked, cut to max_len): ``eval_loss``'s input, made
+    once for the base and the adapter columns."""
+    from .data import encode_conversation_info
+
+    return [encode_conversation_info(tokenizer, r, max_len=max_len) for r in records]
+
+
 @torch.no_grad()
-def eval_loss(model, tokenizer, records, batch_size: int = 8, max_len: int | None = None) -> dict:
+def eval_loss(model, tokenizer, records, batch_size: int = 8, max_len: int | None = None,
+              encoded: list | None = None) -> dict:
     """{"loss", "perplexity", "tokens", "records"} with the training masks (sum over trained tokens / count);
     also "left_out" (records with no scored token within max_len: the prompt fills it), "first_left_out" (the
-    first one's 0-based index, or None) and "truncated" (records cut to max_len)."""
-    from .data import ChatCollator, encode_conversation_info
+    first one's 0-based index, or None) and "truncated" (records cut to max_len). ``encoded``: the records'
+    ``encode_for_loss`` at this max_len, where the caller made it already."""
+    from .data import ChatCollator
 
     collate = ChatCollator(pad_id=tokenizer.eod_id)
-    encoded = [encode_conversation_info(tokenizer, r, max_len=max_len) for r in records]
+    if encoded is None:
+        encoded = encode_for_loss(tokenizer, records, max_len)
     kept = [i for i, e in enumerate(encoded) if any(l != -100 for l in e.labels[1:])]
     rows = [encoded[i].as_dict() for i in kept]
     left_out = sorted(set(range(len(records))) - set(kept))
@@ -339,11 +350,12 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
     report: dict = {}
     replies_by: dict[str, list[str]] = {}
     contexts = [p[0] for p in prompts]
+    encoded = encode_for_loss(tokenizer, records, max_len)  # once for both columns
     for name, ctx in variants:
         t0 = time.time()
         gen_s = 0.0
         with ctx():
-            metrics = eval_loss(model, tokenizer, records, batch_size=batch_size, max_len=max_len)
+            metrics = eval_loss(model, tokenizer, records, batch_size=batch_size, max_len=max_len, encoded=encoded)
             if generate and generator == "generate":
                 t = time.perf_counter()
                 rows = generate_reply_ids(model, tokenizer, contexts, batch_size, max_new_tokens, repetition_penalty,

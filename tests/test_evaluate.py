@@ -285,6 +285,38 @@ def test_each_records_generation_prompt_is_built_once_at_the_models_window(setup
     assert [s["query"] for s in json.loads(out.read_text())["samples"]] == queries
 
 
+def test_the_base_and_adapter_columns_score_one_encoding_of_each_record(setup, tmp_path, monkeypatch):
+    """With an adapter the loss is computed twice (base and adapter); the records were encoded for each."""
+    import finetune.data
+    from finetune.cli import main
+
+    encoded = []
+    real = finetune.data.encode_conversation_info
+
+    def counted(tokenizer, record, **k):
+        encoded.append(record["messages"][-2]["content"])
+        return real(tokenizer, record, **k)
+
+    monkeypatch.setattr(finetune.data, "encode_conversation_info", counted)
+    out = tmp_path / "report.json"
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), "--max-new-tokens", "2",
+                 "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert sorted(encoded) == sorted(q for q, _ in MEMORISE)
+    assert report["base"]["records"] == report["adapter"]["records"] == len(MEMORISE)
+    assert report["adapter"]["loss"] < report["base"]["loss"]
+
+
+def test_the_loss_is_computed_without_gradients(setup):
+    """eval_loss's forwards build no autograd graph (a trainable model's would keep every activation of a batch)."""
+    model = load_model(str(setup["float"]), dtype="float32", device="cpu")
+    model.requires_grad_(True)
+    modes = []
+    model.register_forward_pre_hook(lambda module, args: modes.append(torch.is_grad_enabled()))
+    metrics = eval_loss(model, setup["tok"], setup["records"][:3], batch_size=2)
+    assert modes == [False, False] and metrics["records"] == 3
+
+
 def test_a_window_the_loader_refuses_is_one_line_before_any_prompt_is_built(setup, tmp_path, capsys, monkeypatch):
     # read unchecked before the load, max_window_size "6144" reached make_context: a TypeError traceback for a record
     # with history
