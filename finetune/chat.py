@@ -153,10 +153,12 @@ def check_chat_format(model_dir) -> None:
 def load(args):
     from .adapters import resolve_base
     from .errors import ModelLoadError
+    from .hub import resolve_model_dir
     from .loading import load_model
     from .tokenization import load_tokenizer
 
-    model_dir = resolve_base(args.adapter, args.model) if args.adapter else args.model
+    # a hub id resolved now (as the adapter's base is), so that the checks below read its config before loading
+    model_dir = resolve_base(args.adapter, args.model) if args.adapter else resolve_model_dir(args.model)
     check_chat_format(model_dir)
     if problem := too_many_new_tokens(args.max_new_tokens, max_new_tokens_limit(model_dir), model_dir):
         raise ModelLoadError(problem)  # (before the weights load, as eval's check)

@@ -249,6 +249,28 @@ def test_more_new_tokens_than_the_model_holds_is_refused(setup, capsys, monkeypa
                                        "most 1024: max(max_position_embeddings, 4 x seq_length) of its config.json)\n")
 
 
+def test_chat_checks_a_base_models_hub_id_before_loading_as_a_local_dir(setup, capsys, monkeypatch):
+    """`-m org/name` without an adapter skipped the new-token check (it reads a local dir's config): generate() was
+    left to run past the model's positions."""
+    import huggingface_hub
+
+    import finetune.loading
+    from finetune.cli import main
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda ref, **k: fetched.append(ref) or str(setup["float"]))
+
+    def no_load(*a, **k):
+        raise AssertionError("the weights were loaded before --max-new-tokens was checked")
+
+    monkeypatch.setattr(finetune.loading, "load_model", no_load)
+    assert main(["chat", "-m", "org/base", "--query", "hi", "--max-new-tokens", "100000000"]) == 2
+    assert fetched and set(fetched) == {"org/base"}
+    assert capsys.readouterr().err == (f"error: --max-new-tokens 100000000 is more than {setup['float']} holds (at "
+                                       "most 1024: max(max_position_embeddings, 4 x seq_length) of its config.json)\n")
+
+
 def test_a_set_seed_samples_each_reply_the_same_way(setup):
     """As the official demo: the seed is set again before every reply, so a question asked afresh (history
     cleared) gets the same sampled reply; without a seed it differs (the untrained model's flat distribution)."""
