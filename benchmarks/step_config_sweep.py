@@ -8,7 +8,9 @@ A candidate is NAME or NAME:ENTRY+ENTRY..., an entry "mb,K,N=config": a 3-value 
 goes to mma_gemv.SHAPE_CONFIGS (the 1-8 row GEMV, mb = 1), a 4-value one (warps, tiles a warp, depth, CTAs an SM;
 a fifth: groups of warps along the rows) to mma_gemm.SHAPE_CONFIGS (9-64 rows, mb = 8-row blocks 2, 4, 8), on top
 of the shipped entries ("base": none added; a candidate named "general" empties both tables); an entry
-"switch=0|1" (a field of finetune/settings.py, e.g. paired_decode=0) holds for that candidate's runs. Each added
+"switch=0|1" (a field of finetune/settings.py, e.g. paired_decode=0) holds for that candidate's runs, and so does
+"module.NAME=N", an integer constant of a module of finetune/inference or finetune/quant (e.g.
+row_adapters.PAIRED_LORA_MAX_ROWS=8; a range constant such as XA_IN_SWIGLU_ROWS takes "a-b"). Each added
 entry is first checked against the exact product at its shape (random Int4 weights, 1e-2 relative; a wrong
 config is reported and skipped). A candidate runs only at the row counts its entries are for.
 
@@ -19,6 +21,7 @@ config is reported and skipped). A candidate runs only at the row counts its ent
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 import time
@@ -45,9 +48,13 @@ def parse(candidate: str) -> tuple[str, dict]:
     """NAME[:entries] -> (name, {"gemv": {...}, "gemm": {...}, "settings": {...}}): table entries added to the shipped
     ones, and settings switches."""
     name, _, spec = candidate.partition(":")
-    added: dict = {"gemv": {}, "gemm": {}, "settings": {}}
+    added: dict = {"gemv": {}, "gemm": {}, "settings": {}, "constants": {}}
     for entry in filter(None, spec.split("+")):
         shape, config = entry.split("=")
+        if "." in shape:  # module.NAME=value: a constant of the package for this candidate's runs
+            module, _, attr = shape.partition(".")
+            added["constants"][(module, attr)] = constant(module, attr, config)
+            continue
         if shape.isidentifier():  # a switch of finetune/settings.py for this candidate (paired_decode=0)
             added["settings"][shape] = bool(int(config)) if config in ("0", "1") else int(config)
             continue
@@ -58,18 +65,46 @@ def parse(candidate: str) -> tuple[str, dict]:
     return name, added
 
 
+def package_module(name: str):
+    for package in ("finetune.inference", "finetune.quant"):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError:
+            continue
+    raise SystemExit(f"no module {name} in finetune/inference or finetune/quant")
+
+
+def constant(module: str, attr: str, text: str):
+    """The value of a module.NAME=TEXT entry, of the type the constant has: an int, or a range for "a-b"."""
+    shipped = getattr(package_module(module), attr, None)
+    if isinstance(shipped, range):
+        low, _, high = text.partition("-")
+        return range(int(low), int(high or low) + 1)
+    if type(shipped) is not int:
+        raise SystemExit(f"{module}.{attr} is not an integer or range constant")
+    return int(text)
+
+
+SHIPPED_CONSTANTS: dict = {}  # (module, NAME) -> the shipped value, for constants a candidate changed
+
+
 def apply(name: str, added: dict) -> None:
     for kind, module in (("gemv", mma_gemv), ("gemm", mma_gemm)):
         module.SHAPE_CONFIGS.clear()
         if name != "general":
             module.SHAPE_CONFIGS.update(SHIPPED[kind])
         module.SHAPE_CONFIGS.update(added[kind])
+    for (module, attr), value in SHIPPED_CONSTANTS.items():
+        setattr(package_module(module), attr, value)
+    for (module, attr), value in added["constants"].items():
+        SHIPPED_CONSTANTS.setdefault((module, attr), getattr(package_module(module), attr))
+        setattr(package_module(module), attr, value)
 
 
 def touches(added: dict, rows: int) -> bool:
     """Whether a step of `rows` rows launches a kernel with one of the added entries' row blocks (a candidate whose
     entries are all for other row counts is the base there, and is not timed again)."""
-    if added["settings"]:
+    if added["settings"] or added["constants"]:
         return True
     if rows < mma_gemm.MIN_ROWS:
         return any(mb == mma_gemv.row_blocks(rows) for mb, _, _ in added["gemv"])
@@ -161,7 +196,9 @@ def main(argv=None) -> int:
                     ms = step_ms(model, tok, rows, args.prompt, args.reps, adapter)
                 row = dict(candidate=name, round=rnd, rows=rows, prompt=args.prompt, adapter_rank=args.adapter,
                            replay_ms=round(ms, 4), tokens_per_s=round(rows / ms * 1e3, 1),
-                           gemv=str(mma_gemv.SHAPE_CONFIGS), gemm=str(mma_gemm.SHAPE_CONFIGS))
+                           gemv=str(mma_gemv.SHAPE_CONFIGS), gemm=str(mma_gemm.SHAPE_CONFIGS),
+                           settings=str(added["settings"]),
+                           constants={f"{m}.{a}": str(v) for (m, a), v in added["constants"].items()})
                 print(json.dumps(row), flush=True)
                 results.append(row)
                 if args.out:  # after every row: a call cut short keeps what it measured

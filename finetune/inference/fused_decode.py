@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..quant.linear import paired_decode
 from ..settings import settings
-from .row_adapters import XA_IN_SWIGLU_ROWS
+from . import row_adapters
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -94,7 +94,7 @@ def _swiglu(kernels, adapters, up, gate, c_proj):
     (``row_adapters.XA_IN_SWIGLU_ROWS``), the kernel also computes x A for the LoRA product of ``c_proj``, which
     reads its output, and hands it over (as ``_norm`` does)."""
     rows = up.numel() // up.shape[-1]
-    at = _xa_operand(adapters, (c_proj,), up, settings().lora_xa_in_swiglu and rows in XA_IN_SWIGLU_ROWS)
+    at = _xa_operand(adapters, (c_proj,), up, settings().lora_xa_in_swiglu and rows in row_adapters.XA_IN_SWIGLU_ROWS)
     if at is None:
         return kernels.swiglu(up, gate)
     out, h = kernels.swiglu_low_rank(up, gate, at)

@@ -88,7 +88,6 @@ class RowAdapters:
         # once per forward and layout, not once per layer (200 gathers and casts a 14B step: ~0.5 ms on the H200)
         self._cols: dict = {}
         self._stacked_t: dict = {}  # consumers' ids -> (their stacks' keys, A.T of all of them [sum R, in])
-        self._pairs: dict = {}  # two layers' ids -> (their stacks' keys, bt of both, block-diagonal [out1+out2, R1+R2])
         self._active = False  # within applied() with a selection: the hooks are on
         self._base_only = False  # within applied() without one: every LoRA layer returns its base layer's output
         self._select = self._by_cols = None  # applied()'s selection, and its gathers by column layout
@@ -245,8 +244,8 @@ class RowAdapters:
         without a selection the two base layers are paired alone. With a selection, only up to
         PAIRED_LORA_MAX_ROWS rows (the GEMV's epilogue takes 1-8) with x A given by the norm kernel (``give_h``)
         for both: the epilogue then takes h of both side by side (one tensor, as the norm wrote it), their
-        selections side by side, and B of both as one block-diagonal bt (zeros where an output meets the other
-        layer's ranks: the same sums, each output's rounding unchanged)."""
+        selections side by side, and each layer's own bt (the kernel takes bt1's rows with h's first columns, bt2's
+        with the rest: the block-diagonal product without its zero blocks)."""
         from ..quant.linear import paired_decode
 
         if not all(hasattr(m, "lora_A") and id(m) in self._ids for m in (first, second)):
@@ -270,29 +269,11 @@ class RowAdapters:
         if sel is None:
             sel = torch.cat([self._selection(cols1, dtype), self._selection(cols2, dtype)], 1)
             self._by_cols[("pair", id(cols1), id(cols2), dtype)] = sel
-        bt = self._block_diagonal((id(first), id(second)), bt1, bt2)
-        out = paired_decode(first.base_layer, second.base_layer, x, low_rank=(None, sel, bt, h))
+        out = paired_decode(first.base_layer, second.base_layer, x, low_rank=(None, sel, (bt1, bt2), h))
         if out is not None:
             first.__dict__.pop("_row_h", None)
             second.__dict__.pop("_row_h", None)
         return out
-
-    def _block_diagonal(self, ids: tuple, bt1: torch.Tensor, bt2: torch.Tensor) -> torch.Tensor:
-        """[[bt1, 0], [0, bt2]]: the B side of two layers as one, cached until either stack changes (new values of
-        the same layout into the same buffer, which captured graphs read)."""
-        key = tuple(self._stacks[i][0] for i in ids)
-        held = self._pairs.get(ids)
-        if held is not None and held[0] == key:
-            return held[1]
-        with torch.no_grad():
-            bt = bt1.new_zeros(bt1.shape[0] + bt2.shape[0], bt1.shape[1] + bt2.shape[1])
-            bt[:bt1.shape[0], :bt1.shape[1]] = bt1
-            bt[bt1.shape[0]:, bt1.shape[1]:] = bt2
-        if held is not None and _same_layout(held[1], bt):
-            held[1].copy_(bt)
-            bt = held[1]
-        self._pairs[ids] = (key, bt)
-        return bt
 
     def give_h(self, consumers, h: torch.Tensor) -> None:
         """Hand each of ``consumers`` its columns of h = x A [rows, sum R] (``xa_operand``'s order) for its next
@@ -317,8 +298,6 @@ class RowAdapters:
             for ids, (key, at) in list(self._stacked_t.items()):
                 stacks = [(self._stacks[i][0], self._stacks[i][1]) for i in ids]
                 changed |= self._stacked_transposed(ids, stacks) is not at
-            for ids, (_, bt) in list(self._pairs.items()):
-                changed |= self._block_diagonal(ids, self._stacks[ids[0]][2], self._stacks[ids[1]][2]) is not bt
         return changed
 
     def _pre_hook(self):

@@ -472,7 +472,8 @@ def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor,
     are the two halves (views) of one [..., N1 + N2] tensor.
 
     ``low_rank`` = (None, sel, bt, h) for both at once, as ``mma_gemv``'s epilogue takes it over the pair's N1 + N2
-    outputs (the engine's adapters: ``RowAdapters.paired``): 1-8 rows only (the GEMV), else None.
+    outputs, bt as the pair (bt1, bt2) of each layer's own (the engine's adapters: ``RowAdapters.paired``): 1-8 rows
+    only (the GEMV), else None.
     """
     K = first.in_features
     rows = x.numel() // K if K else 0

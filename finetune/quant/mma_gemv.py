@@ -488,8 +488,9 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
               const u16* __restrict__ lx, int lx_stride, const u16* __restrict__ la, const u16* __restrict__ lsel,
-              const u16* __restrict__ lbt, int R, int P, float* __restrict__ lws, u16* __restrict__ lh,
-              int lh_stride, int* __restrict__ lcnt, const u16* __restrict__ bias, int has_bias) {
+              const u16* __restrict__ lbt, const u16* __restrict__ lbt2, int R, int R1, int N1, int P,
+              float* __restrict__ lws, u16* __restrict__ lh, int lh_stride, int* __restrict__ lcnt,
+              const u16* __restrict__ bias, int has_bias) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int r = lane >> 2, t = lane & 3;
 #if LORA
@@ -513,11 +514,15 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
   __shared__ __align__(16) u16 l_bt[16 * LSTRIDE];
   __shared__ __align__(16) u16 l_h[MB * 8 * LSTRIDE];
   __shared__ __align__(16) u16 l_sel[MB * 8 * LSTRIDE];
-  const int pieces = R >> 3;  // 16-byte pieces a row
+  const int pieces = R >> 3;  // 16-byte pieces a row of h and sel
   if (split == 0) {  // split 0 of each tile adds the low-rank term
-    for (int i = threadIdx.x; i < 16 * pieces; i += WARPS * 32) {
-      const int row = i / pieces, c = (i - row * pieces) << 3;
-      cp_async16(l_bt + row * LSTRIDE + c, lbt + (size_t)(n0 + row) * R + c);
+    // this tile's ranks: all R of bt's, or, for two layers side by side (N1 < N), the first R1 columns of h and sel
+    // with bt's rows below N1, the rest with bt2's (the other layer's columns are not read: no zero block)
+    const int second = n0 >= N1, rb = second ? R - R1 : R1, bpieces = rb >> 3;
+    const u16* bt_rows = second ? lbt2 + (size_t)(n0 - N1) * rb : lbt + (size_t)n0 * rb;
+    for (int i = threadIdx.x; i < 16 * bpieces; i += WARPS * 32) {
+      const int row = i / bpieces, c = (i - row * bpieces) << 3;
+      cp_async16(l_bt + row * LSTRIDE + c, bt_rows + (size_t)row * rb + c);
     }
     for (int i = threadIdx.x; i < M * pieces; i += WARPS * 32) {
       const int row = i / pieces, c = (i - row * pieces) << 3;
@@ -584,13 +589,15 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
     __syncthreads();
     // counted now, its answer used only when the last warp is done (the round trip overlaps the work below)
     if (P > 0 && threadIdx.x == (WARPS - 1) * 32) readers = atomicAdd(lcnt + 1, 1);
+    const int second = n0 >= N1, off = second ? R1 : 0, bpieces = (second ? R - R1 : R1) >> 3;  // (as above)
 #pragma unroll
     for (int mb = 0; mb < MB; ++mb)
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         const int b = mb * 8 + 2 * t + (i & 1), n = n0 + r + 8 * ((i >> 1) & 1);
         if (b < M)
-          acc[mb][i] += lora_part(l_h + b * LSTRIDE, l_sel + b * LSTRIDE, l_bt + (n - n0) * LSTRIDE, pieces, warp);
+          acc[mb][i] += lora_part(l_h + b * LSTRIDE + off, l_sel + b * LSTRIDE + off, l_bt + (n - n0) * LSTRIDE,
+                                  bpieces, warp);
       }
   }
 #endif
@@ -756,13 +763,25 @@ def workspace(device: torch.device, splits: int, rows: int, N: int):
 def lora_unfit(low_rank, M: int, K: int, N: int) -> str | None:
     """Why ``mma_gemv``'s epilogue cannot take ``low_rank`` = (a, sel, bt) or (a, sel, bt, h) for x [M, K] and an
     [M, N] output (None: it can). With h [M, R] given (x a computed before the call: rows may be a wider tensor's,
-    16-byte aligned), a is not read and may be None."""
+    16-byte aligned), a is not read and may be None. bt may be a pair (bt1 [N1, R1], bt2 [N - N1, R2]) for two
+    layers side by side (``mma_gemv``)."""
     a, sel, bt = low_rank[:3]
     h = low_rank[3] if len(low_rank) > 3 else None
-    R = bt.shape[-1]
+    pair = isinstance(bt, tuple)
+    if pair and (len(bt) != 2 or not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in bt)):
+        return "bt: a tensor, or two 2-d tensors (bt1, bt2) for two layers side by side"
+    R = sum(t.shape[-1] for t in bt) if pair else bt.shape[-1]
     if R % 8 or R == 0 or R > LORA_MAX_RANK:
         return f"rank sum {R} (must be a positive multiple of 8, at most {LORA_MAX_RANK})"
-    want = {"sel": (sel, (M, R)), "bt": (bt, (N, R))}
+    want = {"sel": (sel, (M, R))}
+    if pair:
+        (N1, R1), R2 = bt[0].shape, bt[1].shape[1]
+        if N1 % 16 or not 0 < N1 < N or R1 % 8 or R2 % 8 or not (R1 and R2):
+            return (f"bt1 {tuple(bt[0].shape)} and bt2 {tuple(bt[1].shape)} for {N} outputs (the first layer's "
+                    "outputs a positive multiple of 16 below N, each rank a positive multiple of 8)")
+        want.update(bt1=(bt[0], (N1, R1)), bt2=(bt[1], (N - N1, R2)))
+    else:
+        want["bt"] = (bt, (N, R))
     if h is None or a is not None:
         want["a"] = (a, (K, R))
     for name, (t, shape) in want.items():
@@ -836,12 +855,16 @@ def kernel_args(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qz
     Pointers the call does not use are ``out``."""
     M, K = x2d.shape
     if lora is None:
-        lora_args = [out, 0, out, out, out, 0, 0, out, out, 0, out]
+        lora_args = [out, 0, out, out, out, out, 0, 0, 0, 0, out, out, 0, out]
     else:
         lx, a, sel, bt, producers, lws, lh, lcnt = lora
-        R = bt.shape[1]
+        R = sel.shape[1]
+        # bt1's rows are the first N1 outputs, with h's first R1 columns (unpaired: all of both)
+        bt1, bt2 = bt if isinstance(bt, tuple) else (bt, bt)
+        R1, N1 = (bt1.shape[1], bt1.shape[0]) if isinstance(bt, tuple) else (R, out.shape[1])
         lh_stride = lh.stride(0) if lh.dim() == 2 else R
-        lora_args = [lx, lx.stride(0), a if a is not None else out, sel, bt, R, producers, lws, lh, lh_stride, lcnt]
+        lora_args = [lx, lx.stride(0), a if a is not None else out, sel, bt1, bt2, R, R1, N1, producers, lws, lh,
+                     lh_stride, lcnt]
     return [wpack, x2d, scales, qzeros, out, ws if ws is not None else out, counters if counters is not None else out,
             M, out.shape[1], K, zero_add, x2d.stride(0), *lora_args, bias if bias is not None else out,
             int(bias is not None)]
@@ -858,7 +881,10 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     in the same kernel (the engine's unmerged LoRA: a = the adapters' A side by side, sel the rows' 0/1 adapter
     selection, bt = B with the scaling folded in), summed in fp32 with the product before its one rounding to bf16;
     (a, sel, bt, h): h [M, R] bf16 given, computed before the call (the engine's norm kernel does it for the Linears
-    it feeds), so the kernel has no producers and nothing to wait for. ``lora_unfit`` says which inputs it takes.
+    it feeds), so the kernel has no producers and nothing to wait for. bt may be a pair (bt1 [N1, R1], bt2
+    [N - N1, R2]) for two layers side by side (``side_by_side``, each with its own adapters): outputs below N1 take
+    h's first R1 columns with bt1, the others the rest with bt2 (a block-diagonal bt's product, its zeros not read).
+    ``lora_unfit`` says which inputs it takes.
     ``bias`` [N] bf16: added the same way (``check_bias``)."""
     M, K = x2d.shape
     T, C = wpack.shape[:2]

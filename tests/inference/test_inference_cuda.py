@@ -445,7 +445,7 @@ def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok
 def test_w1_and_w2_under_adapters_decode_as_one_launch(tok, monkeypatch):
     """At one row (PAIRED_LORA_MAX_ROWS) the fused step runs an adapter's w1 and w2 as one tensor-core launch over
     both base weights, their LoRA products in its epilogue (row_adapters.RowAdapters.paired: h of both from the norm
-    kernel, selections side by side, B block-diagonal); more rows with adapters call the two apart, and a batch with
+    kernel, selections side by side, each layer's own B: mma_gemv's bt pair); more rows with adapters call the two apart, and a batch with
     no adapter row pairs the base layers alone. Per-step logits equal the step with the two always called apart
     within the bf16 tolerance; a missing or misplaced low-rank block gives O(1)."""
     from finetune.inference import row_adapters

@@ -23,8 +23,8 @@ def test_entries_go_to_the_kernel_their_config_names(sweep):
     name, added = sweep.parse("X:1,5120,5120=4,1,4+8,5120,27392=4,2,1,1+paired_decode=0")
     assert name == "X"
     assert added == {"gemv": {(1, 5120, 5120): (4, 1, 4)}, "gemm": {(8, 5120, 27392): (4, 2, 1, 1)},
-                     "settings": {"paired_decode": False}}
-    assert sweep.parse("base") == ("base", {"gemv": {}, "gemm": {}, "settings": {}})
+                     "settings": {"paired_decode": False}, "constants": {}}
+    assert sweep.parse("base") == ("base", {"gemv": {}, "gemm": {}, "settings": {}, "constants": {}})
     with pytest.raises(SystemExit, match="is not mb,K,N"):
         sweep.parse("bad:1,5120=4,1,4")
 
@@ -53,3 +53,26 @@ def test_candidates_land_on_the_shipped_tables_and_general_empties_them(sweep):
     finally:
         mma_gemv.SHAPE_CONFIGS.clear(), mma_gemm.SHAPE_CONFIGS.clear()
         mma_gemv.SHAPE_CONFIGS.update(shipped[0]), mma_gemm.SHAPE_CONFIGS.update(shipped[1])
+
+
+def test_a_constant_holds_for_its_candidate_only_and_the_shipped_value_comes_back(sweep):
+    """module.NAME=N sets a constant of the package for a candidate's runs (read where it is used: the fused step
+    reads row_adapters' value at each call), every row count; the next candidate finds the shipped value again."""
+    from finetune.inference import row_adapters
+
+    shipped = row_adapters.PAIRED_LORA_MAX_ROWS, row_adapters.XA_IN_SWIGLU_ROWS
+    pair8 = sweep.parse("P8:row_adapters.PAIRED_LORA_MAX_ROWS=8+row_adapters.XA_IN_SWIGLU_ROWS=1-8")[1]
+    assert pair8["constants"] == {("row_adapters", "PAIRED_LORA_MAX_ROWS"): 8,
+                                  ("row_adapters", "XA_IN_SWIGLU_ROWS"): range(1, 9)}
+    assert all(sweep.touches(pair8, r) for r in (1, 8, 32))
+    try:
+        sweep.apply("P8", pair8)
+        assert (row_adapters.PAIRED_LORA_MAX_ROWS, row_adapters.XA_IN_SWIGLU_ROWS) == (8, range(1, 9))
+        sweep.apply(*sweep.parse("base"))
+        assert (row_adapters.PAIRED_LORA_MAX_ROWS, row_adapters.XA_IN_SWIGLU_ROWS) == shipped
+    finally:
+        row_adapters.PAIRED_LORA_MAX_ROWS, row_adapters.XA_IN_SWIGLU_ROWS = shipped
+    with pytest.raises(SystemExit, match="no module nowhere"):
+        sweep.parse("X:nowhere.N=1")
+    with pytest.raises(SystemExit, match="not an integer or range"):
+        sweep.parse("X:row_adapters.lora_layers=1")

@@ -539,6 +539,45 @@ def test_mma_gemv_low_rank_with_h_given_equals_the_producers_route(in_f, out_f, 
         assert torch.equal(y, G.mma_gemv(x, *packed[:4], 128, packed[4])) == (step == 0), step
 
 
+@pytest.mark.parametrize("in_f,outs,ranks", [(5120, (13696, 13696), (64, 64)), (256, (48, 64), (16, 8)),
+                                              (256, (64, 48), (8, 24))])
+def test_mma_gemv_low_rank_of_two_layers_side_by_side_equals_each_alone(in_f, outs, ranks):
+    """Two layers as one launch (the decode step's w1 and w2, side_by_side), each with its own adapters' bt: outputs
+    of the first take h's first R1 columns with bt1, the second's the rest with bt2, and the result equals each layer
+    called alone with its own h and bt, and the pair's block-diagonal bt, bit for bit (x, A, h and bt small
+    integers: every sum exact in fp32, in any order; and one split over K at these shapes and configs, so the base
+    product is summed alike), with h given and through the producers; bt1 and bt2 swapped is far off."""
+    from finetune.quant import mma_gemv as G
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    (n1, n2), (r1, r2) = outs, ranks
+    layers = [G.repack(**_random_packed(in_f, n, seed=20 + i), group_size=128) for i, n in enumerate(outs)]
+    pair = G.side_by_side(layers[0], layers[1])
+    bts = [torch.randint(-2, 3, (n, r), device="cuda", generator=gen).to(torch.bfloat16) for n, r in zip(outs, ranks)]
+    a = torch.randint(-1, 2, (in_f, r1 + r2), device="cuda", generator=gen).to(torch.bfloat16)
+    block = torch.zeros(n1 + n2, r1 + r2, device="cuda", dtype=torch.bfloat16)
+    block[:n1, :r1], block[n1:, r1:] = bts
+    for rows in (1, 3, 8):
+        x = torch.randint(-3, 4, (rows, in_f), device="cuda", generator=gen).to(torch.bfloat16)
+        h = (x.float() @ a.float()).to(torch.bfloat16)  # integer sums: exact in fp32, one rounding
+        sel = (torch.rand(rows, r1 + r2, device="cuda", generator=gen) < 0.7).to(torch.bfloat16)
+        for config in (None, (4, 1, 4), (8, 1, 1)):
+            alone = torch.cat([G.mma_gemv(x, *layers[0][:4], 128, config=config,
+                                          low_rank=(None, sel[:, :r1].contiguous(), bts[0], h[:, :r1].contiguous())),
+                               G.mma_gemv(x, *layers[1][:4], 128, config=config,
+                                          low_rank=(None, sel[:, r1:].contiguous(), bts[1], h[:, r1:].contiguous()))],
+                              1)
+            for low_rank in ((None, sel, tuple(bts), h), (a, sel, tuple(bts))):
+                y = G.mma_gemv(x, *pair[:4], 128, config=config, low_rank=low_rank)
+                assert torch.equal(y, alone), (rows, config, len(low_rank))
+            assert torch.equal(G.mma_gemv(x, *pair[:4], 128, config=config, low_rank=(None, sel, block, h)), alone)
+            if r1 == r2:
+                swapped = G.mma_gemv(x, *pair[:4], 128, config=config, low_rank=(None, sel, tuple(bts[::-1]), h))
+                assert _rel_err(swapped, alone) > 0.05, (rows, config)
+    with pytest.raises(ValueError, match="bt1"):
+        G.mma_gemv(x, *pair[:4], 128, low_rank=(None, sel, (bts[0][:n1 - 8], bts[1]), h))
+
+
 @pytest.mark.parametrize("config", [(4, 4, 4), (8, 2, 2), (2, 2, 8), (4, 2, 1), (16, 3, 2)])
 def test_mma_gemv_gives_every_weight_exactly(config):
     """Rows of the identity: each output is one weight, (q - z) * s computed exactly and rounded once to bf16,

@@ -105,6 +105,21 @@ def test_the_low_rank_epilogue_takes_rank_sums_that_fit_its_shared_memory():
     assert "a " in G.lora_unfit(operands(1, 128, 64, 64), 1, 256, 64)  # A's rows are x's inputs
     assert "sel" in G.lora_unfit(operands(2, 256, 64, 64), 1, 256, 64)
     assert "a " in G.lora_unfit(operands(1, 256, 64, 64, torch.float32), 1, 256, 64)
+    # two layers side by side (w1 and w2 as one launch): each its own bt, the first's outputs a multiple of 16 tiles
+    M, K, R1, R2 = 2, 256, 16, 8
+    sel, h = torch.zeros(M, R1 + R2, dtype=torch.bfloat16), torch.zeros(M, R1 + R2, dtype=torch.bfloat16)
+
+    def pair(n1, n2, r1=R1, r2=R2):
+        return None, sel, (torch.zeros(n1, r1, dtype=torch.bfloat16), torch.zeros(n2, r2, dtype=torch.bfloat16)), h
+
+    assert G.lora_unfit(pair(48, 64), M, K, 112) is None
+    assert "bt1 (40, 16) and bt2 (72, 8)" in G.lora_unfit(pair(40, 72), M, K, 112)  # a tile would hold both
+    assert "bt1 (112, 16)" in G.lora_unfit(pair(112, 0), M, K, 112)  # no second layer
+    assert "bt2 (48, 8)" in G.lora_unfit(pair(48, 48), M, K, 112)  # the outputs are not all covered
+    assert "sel" in G.lora_unfit(pair(48, 64, 8, 8), M, K, 112)  # sel's R is the ranks' sum (16 here)
+    assert "two 2-d tensors" in G.lora_unfit((None, sel, (torch.zeros(48, 16),), h), M, K, 112)
+    assert "bt1" in G.lora_unfit((None, sel, (torch.zeros(48, 16), torch.zeros(64, 8, dtype=torch.bfloat16)), h),
+                                 M, K, 112)  # fp32
     src = G.kernel_source(8, 1, 1, 128, lora=True)
     assert "#define LRMAX 128" in src and "__" + "LRMAX__" not in src
     assert f"#define H_EMPTY 0x{G.H_EMPTY:X}u" in src  # the h buffer's fill (lora_workspace) is what the kernel polls
