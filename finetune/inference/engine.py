@@ -68,6 +68,12 @@ PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward o
 # holds. A cache that grows later drops every captured graph (they hold its buffers): in a serving trace after a
 # warm-up at 16-token prompts, the first requests grew it and the graphs were all captured again (NOTES step 62).
 WARM_CACHE_SHARE = 0.5
+# Memory kept free beside the KV cache when requests join (``_plan_join``): a prefill group's activations, at most
+# PREFILL_TOKENS positions (or one longer prompt) of about 10 hidden-size and 4 MLP-width values each (the residual,
+# the norm, q/k/v, the attention's output, w1/w2 and SwiGLU's; the largest live at once), and a margin for the
+# decode step's graph pool, its logits and the allocator's rounding
+ACTIVATION_HIDDEN, ACTIVATION_MLP = 10, 4
+MEMORY_MARGIN = 1 << 30
 _IDS = itertools.count()
 
 
@@ -385,7 +391,8 @@ class Engine:
         if self._gone or any(r.req.cancelled for r in self._rows):
             return True
         with self._lock:
-            return bool(self._pending) and len(self._rows) < self.max_batch
+            waiting = list(itertools.islice(self._pending, self.max_batch - len(self._rows)))
+        return bool(waiting) and self._plan_join(waiting)[0] > 0
 
     def _take_inflight(self) -> _Step | None:
         step, self._inflight = self._inflight, None
@@ -430,17 +437,17 @@ class Engine:
 
     def _admit(self, touched) -> None:
         with self._lock:
-            take = min(self.max_batch - len(self._rows), len(self._pending))
-            joining = [self._pending.popleft() for _ in range(take)]
-        if not joining:
+            waiting = list(itertools.islice(self._pending, self.max_batch - len(self._rows)))
+        take, layout = self._plan_join(waiting)
+        if not take:
             return
+        with self._lock:  # (only step() takes from the queue: its head is still ``waiting``'s, cancelled or not)
+            joining = [self._pending.popleft() for _ in range(take)]
         if not self._rows and self.adapters.refresh():  # LoRA weights changed since the graphs were captured
             self._graphs.clear()
             self._pool = None
         # grow the cache once for everything joining now (a growth copies the whole cache)
-        need = max(len(r.prompt_ids) + r.params.max_new_tokens for r in joining)
-        self._ensure(len(self._rows) + len(joining), max([need] + [r.length + r.req.params.max_new_tokens
-                                                                   - len(r.req.output_ids) for r in self._rows]))
+        self._make_cache(*layout)
         # prompts joining together are prefilled together (right-padded to the longest of a group): a server's
         # burst of requests costs one forward per group instead of one per prompt. Shortest first, so that a group
         # holds prompts of like lengths: 64 prompts of 50-1,000 tokens pad to 39.9k positions instead of 54.8k.
@@ -454,16 +461,86 @@ class Engine:
         self._prefill(group, touched)
 
     # -- memory -------------------------------------------------------------------------------------------------
-    def _bucket(self, n: int) -> int:
+    def _full_bucket(self, n: int) -> int:
+        """The batch bucket of n rows: the next power of two, at most max_batch (n itself without graphs)."""
         b = 1
         while b < n:
             b *= 2
         return min(b, self.max_batch) if self.use_graphs else n
 
+    def _bucket(self, n: int) -> int:
+        """The rows a step of n rows computes (its graph's): ``_full_bucket``, or the cache's slots where memory
+        held the cache to fewer than a full bucket (``_plan_join``)."""
+        b = self._full_bucket(n)
+        return min(b, self._slots) if self._cache is not None and self._slots >= n else b
+
+    def _capacity_for(self, length: int) -> int:
+        return min(_round_up(length, LENGTH_BUCKET), _round_up(self.max_len, 8))
+
+    def _cache_bytes(self, slots: int, capacity: int) -> int:
+        """Device bytes of a cache of ``slots`` rows of ``capacity`` positions: keys and values, and the two
+        [slots, V] bool masks beside them."""
+        cfg = self.config
+        position = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * self.dtype.itemsize
+        return slots * (capacity * position + 2 * self.vocab)
+
+    def _spare_bytes(self, prefill: int) -> int | None:
+        """Device memory a new cache may take now, beyond the one held: the free memory and what the allocator
+        holds unused, less the activations of a prefill of ``prefill`` positions and a margin. None off CUDA
+        (no limit: the host's memory is the process's own business)."""
+        if self.device.type != "cuda":
+            return None
+        cfg = self.config
+        free = torch.cuda.mem_get_info(self.device)[0]
+        unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        width = ACTIVATION_HIDDEN * cfg.hidden_size + ACTIVATION_MLP * (cfg.intermediate_size // 2)
+        return free + unused - prefill * width * self.dtype.itemsize - MEMORY_MARGIN
+
+    def _plan_join(self, waiting: list) -> tuple[int, tuple]:
+        """(how many of ``waiting``, in queue order, join now; the cache layout (slots, capacity, fresh) for them
+        and the active rows). As many as have room whose cache fits the device's memory (``_spare_bytes``): the
+        cache grows to a full batch bucket where that fits, else to exactly the rows it needs (their steps then
+        compute that many rows), and the others wait for rows to finish. With no active row the cache may be
+        made anew (``fresh``: the held one freed first, e.g. fewer slots of more positions for a long prompt);
+        the queue's first request then joins even if nothing fits (it fails on its own, with the device's out-of-
+        memory error, if it does not fit alone). The queue is not reordered: a long request is not passed by
+        shorter ones behind it."""
+        if not waiting:
+            return 0, ()
+        n = len(self._rows)
+        lengths = [r.length + r.req.params.max_new_tokens - len(r.req.output_ids) for r in self._rows]
+        needs = [len(r.prompt_ids) + r.params.max_new_tokens for r in waiting]
+        have = (self._slots, self._capacity) if self._cache is not None else (0, 0)
+        spare = self._spare_bytes(max(min(PREFILL_TOKENS, sum(len(r.prompt_ids) for r in waiting)),
+                                      max(len(r.prompt_ids) for r in waiting)))
+        held = self._cache_bytes(*have)
+        for k in range(len(waiting), 0, -1):
+            capacity = self._capacity_for(max(lengths + needs[:k]))
+            for slots in dict.fromkeys((self._full_bucket(n + k), n + k)):  # a full bucket first
+                grown = (max(have[0], slots), max(have[1], capacity))
+                if grown == have or spare is None or self._cache_bytes(*grown) <= spare:
+                    return k, grown + (False,)
+                # with no active row the held cache is freed before a new one is made
+                if not n and self._cache is not None and self._cache_bytes(slots, capacity) <= spare + held:
+                    return k, (slots, capacity, True)
+        if n:
+            return 0, ()
+        capacity = self._capacity_for(needs[0])
+        return 1, (self._full_bucket(1), capacity, self._cache is not None)
+
     def _ensure(self, rows: int, length: int) -> None:
         """The cache covers ``rows`` slots (a batch bucket) and ``length`` positions (a multiple of 256)."""
-        slots = max(self._slots, self._bucket(rows) if self.use_graphs else rows)
-        capacity = max(self._capacity, min(_round_up(length, LENGTH_BUCKET), _round_up(self.max_len, 8)))
+        self._make_cache(max(self._slots, self._full_bucket(rows)), max(self._capacity, self._capacity_for(length)))
+
+    def _make_cache(self, slots: int, capacity: int, fresh: bool = False) -> None:
+        """The cache at ``slots`` x ``capacity``: grown (the active rows' keys and values copied), or with no
+        active row and ``fresh``, made anew at exactly that layout after the held one is freed."""
+        if fresh:
+            assert not self._rows
+            self._cache = self._seen = self._stopmask = self._static = None
+            self._graphs.clear()
+            self._pool = None
+            self._slots = self._capacity = 0
         if slots == self._slots and capacity == self._capacity:
             return
         cfg = self.config

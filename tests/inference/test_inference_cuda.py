@@ -19,7 +19,8 @@ from finetune.inference import Engine, SamplingParams  # noqa: E402
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
 
 from _helpers import realistic_model  # noqa: E402
-from test_inference_engine import _with_modules_to_save, assert_agree, hf_greedy, prompts  # noqa: E402
+from test_inference_engine import (_memory_held_to, _with_modules_to_save, assert_agree, hf_greedy,  # noqa: E402
+                                   prompts)
 
 # bf16: the engine's logits at every step against the plain full forward over the same tokens, as the relative
 # norm of the difference. Both round every layer's output to bf16 (8 bits of mantissa, ~4e-3 per rounding) with
@@ -243,6 +244,25 @@ def join_and_leave(model, tok):
 def test_graphed_rows_leaving_and_joining_get_their_solo_tokens_in_fp32(tok):
     model = realistic_model(3).to("cuda")
     assert join_and_leave(model, tok) <= 1
+
+
+def test_graphed_rows_held_to_the_memory_s_slots_get_their_solo_tokens_in_fp32(tok):
+    """Memory for three rows' cache (less than the 4-row bucket): five requests run at most three at a time, the
+    cache made with three slots and the steps' graphs captured for three rows (not a power of two), and every row
+    gets the tokens it gets alone (up to a near-tie)."""
+    model = realistic_model(4).to("cuda")
+    batch = prompts([9, 40, 3, 25, 17], seed=6)
+    solo = [_solo_with_gaps(model, tok, p, 12) for p in batch]
+    engine = Engine(model, tok, max_batch=8)
+    layouts = _memory_held_to(engine, engine._cache_bytes(3, engine._capacity_for(52)))
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=12)) for p in batch]
+    most = 0
+    while engine.has_work():
+        engine.step()
+        most = max(most, len(engine._rows))
+    assert most == 3 and max(slots for slots, _, _ in layouts) == 3
+    assert 3 in {key[0] for key in engine._graphs}  # the 3-row steps replayed a graph of three rows
+    assert assert_agree([r.output_ids for r in reqs], solo) <= 1
 
 
 def test_capture_survives_a_collection_that_frees_a_dead_graph(tok, monkeypatch):

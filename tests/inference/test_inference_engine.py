@@ -355,6 +355,86 @@ def test_generate_runs_more_prompts_than_max_batch_in_input_order(tok):
     assert isinstance(Engine(model, tok).submit(batch[0]), Request)
 
 
+def _memory_held_to(engine, budget):
+    """The engine's device memory as ``budget`` bytes in all (what ``_spare_bytes`` reads on CUDA): the cache it
+    holds counts against it. Records every cache layout made."""
+    layouts = []
+    real = engine._make_cache
+
+    def make(slots, capacity, fresh=False):
+        real(slots, capacity, fresh)
+        layouts.append((engine._slots, engine._capacity, fresh))
+        assert engine._cache_bytes(engine._slots, engine._capacity) <= budget  # never more than the device holds
+
+    engine._make_cache = make
+    engine._spare_bytes = lambda prefill: budget - (engine._cache_bytes(engine._slots, engine._capacity)
+                                                    if engine._cache is not None else 0)
+    return layouts
+
+
+def test_rows_whose_cache_does_not_fit_wait_for_others_to_finish_and_answer_as_alone(tok):
+    """Memory for two rows' cache: of six requests two join at a time (the others wait in the queue, in order),
+    every row gets the tokens it gets alone, and the cache never outgrows the memory."""
+    model = tiny(seed=19)
+    batch = prompts([4, 12, 7, 2, 9, 30], seed=20)
+    params = SamplingParams(max_new_tokens=6)
+    solo = [Engine(model, tok, max_batch=1).generate([p], params)[0] for p in batch]
+    engine = Engine(model, tok, max_batch=8)
+    layouts = _memory_held_to(engine, engine._cache_bytes(2, engine._capacity_for(36)))
+    reqs = [engine.submit(p, params) for p in batch]
+    most = 0
+    while engine.has_work():
+        engine.step()
+        most = max(most, len(engine._rows))
+        assert engine._pending == type(engine._pending)(r for r in reqs if not r.finished and
+                                                        all(row.req is not r for row in engine._rows))
+    assert most == 2 and [r.output_ids for r in reqs] == solo
+    assert layouts and max(slots for slots, _, _ in layouts) == 2
+
+
+def test_a_long_request_waits_for_the_batch_to_empty_and_gets_a_cache_of_its_own(tok):
+    """A request whose positions do not fit beside the running rows (nor with the cache's slots) waits, without
+    being passed by the shorter one behind it; once the batch is empty the cache is made anew for the two, at the
+    long one's length. Every row answers as alone."""
+    model = tiny(seed=21)
+    short, long_, after = prompts([5, 300, 6], seed=22)
+    params = SamplingParams(max_new_tokens=8)
+    solo = [Engine(model, tok, max_batch=1).generate([p], params)[0] for p in (short, long_, after)]
+    engine = Engine(model, tok, max_batch=4)
+    # four short rows' cache (256 positions each), or two rows of 512 positions
+    assert engine._cache_bytes(4, 256) >= engine._cache_bytes(2, 512)
+    layouts = _memory_held_to(engine, engine._cache_bytes(4, 256))
+    first = [engine.submit(short, params) for _ in range(4)]
+    engine.step()
+    assert len(engine._rows) == 4 and layouts[-1][:2] == (4, 256)
+    rl, ra = engine.submit(long_, params), engine.submit(after, params)
+    while not all(r.finished for r in first):
+        engine.step()
+        assert rl not in [row.req for row in engine._rows] and ra not in [row.req for row in engine._rows]
+    while engine.has_work():
+        engine.step()
+    assert (2, 512, True) in layouts  # made anew for the long row, then the short one beside it
+    assert [first[0].output_ids, rl.output_ids, ra.output_ids] == solo
+    assert all(r.output_ids == solo[0] for r in first)
+
+
+def test_a_request_too_large_for_the_memory_alone_still_runs(tok):
+    """With no room for even one row the queue's first request joins alone (on a GPU it fails with the device's
+    own out-of-memory error, which the commands turn into one line); the queue behind it is not stuck."""
+    model = tiny(seed=23)
+    batch = prompts([5, 9], seed=24)
+    params = SamplingParams(max_new_tokens=4)
+    solo = [Engine(model, tok, max_batch=1).generate([p], params)[0] for p in batch]
+    engine = Engine(model, tok, max_batch=4)
+    engine._spare_bytes = lambda prefill: -1
+    reqs = [engine.submit(p, params) for p in batch]
+    engine.step()
+    assert [row.req for row in engine._rows] == reqs[:1]
+    while engine.has_work():
+        engine.step()
+    assert [r.output_ids for r in reqs] == solo
+
+
 def test_chat_and_chat_stream_through_the_engine_answer_as_generate(tok, monkeypatch, switches):
     """chat()/chat_stream() reach the engine through the registration hook (forced on the CPU here; it is the
     CUDA path): the same answers as generate(), with the active adapter, and the base inside disable_adapter();
