@@ -508,14 +508,16 @@ class Engine:
         if not waiting:
             return 0, ()
         n = len(self._rows)
-        lengths = [r.length + r.req.params.max_new_tokens - len(r.req.output_ids) for r in self._rows]
-        needs = [len(r.prompt_ids) + r.params.max_new_tokens for r in waiting]
+        # the positions the cache must hold with the first k waiting requests joined: needs[k - 1]
+        needs = list(itertools.accumulate((len(r.prompt_ids) + r.params.max_new_tokens for r in waiting), max,
+                                          initial=max((r.length + r.req.params.max_new_tokens - len(r.req.output_ids)
+                                                       for r in self._rows), default=0)))[1:]
         have = (self._slots, self._capacity) if self._cache is not None else (0, 0)
         spare = self._spare_bytes(max(min(PREFILL_TOKENS, sum(len(r.prompt_ids) for r in waiting)),
                                       max(len(r.prompt_ids) for r in waiting)))
         held = self._cache_bytes(*have)
         for k in range(len(waiting), 0, -1):
-            capacity = self._capacity_for(max(lengths + needs[:k]))
+            capacity = self._capacity_for(needs[k - 1])
             for slots in dict.fromkeys((self._full_bucket(n + k), n + k)):  # a full bucket first
                 grown = (max(have[0], slots), max(have[1], capacity))
                 if grown == have or spare is None or self._cache_bytes(*grown) <= spare:
@@ -525,8 +527,7 @@ class Engine:
                     return k, (slots, capacity, True)
         if n:
             return 0, ()
-        capacity = self._capacity_for(needs[0])
-        return 1, (self._full_bucket(1), capacity, self._cache is not None)
+        return 1, (self._full_bucket(1), self._capacity_for(needs[0]), self._cache is not None)
 
     def _ensure(self, rows: int, length: int) -> None:
         """The cache covers ``rows`` slots (a batch bucket) and ``length`` positions (a multiple of 256)."""
