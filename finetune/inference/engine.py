@@ -57,6 +57,7 @@ import torch
 from ..graph_capture import capture
 from ..modeling.attention import inference_sdpa
 from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
+from ..quant.linear import prepare_decode_weights
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
 from .row_adapters import RowAdapters
 from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
@@ -236,6 +237,7 @@ class Engine:
         self._host_tokens = None  # two pinned host buffers for the picked tokens (a step in flight uses one)
         self._events = None
         self._flip = 0
+        self._decode_weights = False  # the Int4 kernels' repacked weights made (``_spare_bytes``)
 
     # -- public API ---------------------------------------------------------------------------------------------
     def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None) -> Request:
@@ -486,10 +488,14 @@ class Engine:
 
     def _spare_bytes(self, prefill: int) -> int | None:
         """Device memory a new cache may take now, beyond the one held: the free memory and what the allocator
-        holds unused, less the activations of a prefill of ``prefill`` positions and a margin. None off CUDA
-        (no limit: the host's memory is the process's own business)."""
+        holds unused, less the activations of a prefill of ``prefill`` positions (measured on the 14B: 134-178 KB a
+        position, benchmarks/prefill_memory.py; counted as 212 KB) and a margin. The Int4 layers' decode copies are
+        made first. None off CUDA (no limit: the host's memory is the process's own business)."""
         if self.device.type != "cuda":
             return None
+        if not self._decode_weights:  # what the first decode step would make, made before the memory is counted
+            prepare_decode_weights(self.tr, self.dtype)
+            self._decode_weights = True
         cfg = self.config
         free = torch.cuda.mem_get_info(self.device)[0]
         unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)

@@ -461,6 +461,25 @@ class GPTQLinear(nn.Module):
         return cls.from_quantized(**packed, bias=bias, bits=bits, group_size=group_size, v2=v2, desc_act=desc_act)
 
 
+def prepare_decode_weights(model, dtype: torch.dtype) -> int:
+    """Make now, for every GPTQ Int4 layer of ``model`` on CUDA, the repacked copy that the tensor-core decode kernels
+    read (``GPTQLinear._mma_weight``), as the first ``dtype`` decoding call would; returns the bytes made. The
+    inference engine calls it before it sizes its KV cache to the free memory: the copies (the Int4 weights' size
+    again, 6.3 GB for the 14B, and the repack's int64 temporaries, 600 MiB for its c_attn) were made by the first
+    decode step, after the cache had taken that memory (64 rows of 1,000-token prompts ran an 80 GB card out of
+    memory there, NOTES step 89)."""
+    switches = settings()
+    if dtype != torch.bfloat16 or not (switches.gptq_gemv and switches.gptq_mma):
+        return 0
+    made = 0
+    for layer in model.modules():
+        if (type(layer) is GPTQLinear and layer.bits == 4 and layer.qweight.is_cuda
+                and _use_triton(layer.qweight.device) and layer._mma_weight(build=False) is None):
+            mm = layer._mma_weight(build=True)
+            made += mm[0].numel() * mm[0].element_size() if mm else 0
+    return made
+
+
 def paired_decode(first: GPTQLinear, second: GPTQLinear, x: torch.Tensor,
                   low_rank: tuple | None = None) -> tuple | None:
     """(first(x), second(x)) for two bias-free Int4 Linears that read the same decoding input, by one tensor-core

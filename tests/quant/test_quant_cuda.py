@@ -578,6 +578,28 @@ def test_mma_gemv_low_rank_of_two_layers_side_by_side_equals_each_alone(in_f, ou
         G.mma_gemv(x, *pair[:4], 128, low_rank=(None, sel, (bts[0][:n1 - 8], bts[1]), h))
 
 
+def test_prepare_decode_weights_makes_the_copies_the_first_decode_call_would():
+    """The engine makes the tensor-core kernels' repacked weights before it sizes its KV cache: every Int4 layer's
+    copy made once (the bytes returned; none the second time), the one a bf16 decoding call then uses (no other
+    made), and nothing for another dtype or with FINETUNE_GPTQ_MMA=0."""
+    from finetune.quant.linear import prepare_decode_weights
+    from finetune.settings import override
+
+    model = torch.nn.Sequential(*[GPTQLinear.from_quantized(**_random_packed(256, n, seed=30 + n), bits=4,
+                                                            group_size=128) for n in (64, 128)]).cuda()
+    assert prepare_decode_weights(model, torch.float16) == 0
+    with override(gptq_mma=False):
+        assert prepare_decode_weights(model, torch.bfloat16) == 0
+    assert all(layer._mma_weight(build=False) is None for layer in model)
+    assert prepare_decode_weights(model, torch.bfloat16) == (256 * 64 + 256 * 128) // 2  # int4: half a byte each
+    held = [layer._mma_weight(build=False)[0] for layer in model]
+    assert prepare_decode_weights(model, torch.bfloat16) == 0
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        model[0](x)
+    assert model[0]._mma_weight(build=False)[0] is held[0]
+
+
 @pytest.mark.parametrize("config", [(4, 4, 4), (8, 2, 2), (2, 2, 8), (4, 2, 1), (16, 3, 2)])
 def test_mma_gemv_gives_every_weight_exactly(config):
     """Rows of the identity: each output is one weight, (q - z) * s computed exactly and rounded once to bf16,
