@@ -382,6 +382,7 @@ class Engine:
             return self.max_len
         cfg = self.config
         row_bytes = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * self.dtype.itemsize
+        self._prepare_weights()
         free = torch.cuda.mem_get_info(self.device)[0]
         fits = int(WARM_CACHE_SHARE * free) // (self._bucket(self.max_batch) * row_bytes)
         return max(LENGTH_BUCKET, min(self.max_len, fits // LENGTH_BUCKET * LENGTH_BUCKET))
@@ -493,14 +494,19 @@ class Engine:
         made first. None off CUDA (no limit: the host's memory is the process's own business)."""
         if self.device.type != "cuda":
             return None
-        if not self._decode_weights:  # what the first decode step would make, made before the memory is counted
-            prepare_decode_weights(self.tr, self.dtype)
-            self._decode_weights = True
+        self._prepare_weights()
         cfg = self.config
         free = torch.cuda.mem_get_info(self.device)[0]
         unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         width = ACTIVATION_HIDDEN * cfg.hidden_size + ACTIVATION_MLP * (cfg.intermediate_size // 2)
         return free + unused - prefill * width * self.dtype.itemsize - MEMORY_MARGIN
+
+    def _prepare_weights(self) -> None:
+        """The Int4 layers' decode copies, which the first decode step would make, made before free memory is
+        counted (``quant.linear.prepare_decode_weights``)."""
+        if not self._decode_weights:
+            prepare_decode_weights(self.tr, self.dtype)
+            self._decode_weights = True
 
     def _plan_join(self, waiting: list) -> tuple[int, tuple]:
         """(how many of ``waiting``, in queue order, join now; the cache layout (slots, capacity, fresh) for them
