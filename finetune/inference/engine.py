@@ -488,18 +488,19 @@ class Engine:
         return slots * (capacity * position + 2 * self.vocab)
 
     def _spare_bytes(self, prefill: int) -> int | None:
-        """Device memory a new cache may take now, beyond the one held: the free memory and what the allocator
-        holds unused, less the activations of a prefill of ``prefill`` positions (measured on the 14B: 134-178 KB a
-        position, benchmarks/prefill_memory.py; counted as 212 KB) and a margin. The Int4 layers' decode copies are
-        made first. None off CUDA (no limit: the host's memory is the process's own business)."""
+        """Device memory a new cache may take now, beyond the one held: the device's free memory, less the
+        activations of a prefill of ``prefill`` positions (measured on the 14B: 134-178 KB a position,
+        benchmarks/prefill_memory.py; counted as 212 KB) and a margin. The Int4 layers' decode copies are made
+        first. None off CUDA (no limit: the host's memory is the process's own business)."""
         if self.device.type != "cuda":
             return None
         self._prepare_weights()
         cfg = self.config
+        # (not the allocator's reserved but unused memory: after the weights' repack it held 2.7 GiB in pieces that a
+        # 68 MiB block did not fit, NOTES step 89)
         free = torch.cuda.mem_get_info(self.device)[0]
-        unused = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         width = ACTIVATION_HIDDEN * cfg.hidden_size + ACTIVATION_MLP * (cfg.intermediate_size // 2)
-        return free + unused - prefill * width * self.dtype.itemsize - MEMORY_MARGIN
+        return free - prefill * width * self.dtype.itemsize - MEMORY_MARGIN
 
     def _prepare_weights(self) -> None:
         """The Int4 layers' decode copies, which the first decode step would make, made before free memory is
