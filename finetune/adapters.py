@@ -237,7 +237,13 @@ def check_base(adapter_dir, base_dir, explicit: bool) -> str | None:
     """Compare ``base_dir`` with the base the adapter records. A mismatch is an AdapterError naming both, unless
     ``explicit`` (the user named this base, e.g. with -m) and it is another dir than the recorded one: then a
     warning, also returned (so a report can carry it); none for the float twin of a recorded Int4 base (same
-    architecture, merged or trained on)."""
+    architecture, merged or trained on); refused, explicit or not, for a model that `qwen-ft merge` made from this
+    same adapter (its deltas would apply twice)."""
+    merged_from = merged_adapter(base_dir)
+    if merged_from is not None and _same_adapter(merged_from, adapter_identity(adapter_dir)):
+        raise AdapterError(f"{Path(base_dir).resolve()} is a model with adapter {adapter_dir} already merged into it "
+                           f"(its {MERGE_REPORT}): putting the adapter on it again applies its deltas twice; use the "
+                           f"merged model without the adapter, or the adapter on its base")
     record = recorded_base(adapter_dir)
     if record is None or not (Path(base_dir) / "config.json").is_file():
         return None
@@ -252,7 +258,9 @@ def check_base(adapter_dir, base_dir, explicit: bool) -> str | None:
     if not explicit or same_dir:
         raise AdapterError(msg + ("; the model at the recorded path has changed since training" if same_dir else "")
                            + "; pass the intended base with -m/--model (checked, loaded with a warning)")
-    if want.get("architecture") == got["architecture"] and want.get("quantized") != got["quantized"]:
+    if merged_from is not None:  # a merged model has the base's architecture but another adapter in its weights
+        msg += f" (a merged model: its {MERGE_REPORT} records adapter {merged_from.get('path')})"
+    elif want.get("architecture") == got["architecture"] and want.get("quantized") != got["quantized"]:
         # the float twin of the Int4 base a Q-LoRA adapter was trained on (a documented route); the other way
         # round load_adapter warns (float_adapter_on_int4)
         logger.info("%s: the %s twin of the recorded base", msg, "float" if want.get("quantized") else "Int4")
@@ -267,6 +275,48 @@ def check_base(adapter_dir, base_dir, explicit: bool) -> str | None:
 
 
 _WARNED_BASES: set[tuple[str, str]] = set()
+
+# -- models that `qwen-ft merge` wrote ---------------------------------------------------------------------
+# Its merge_report.json records the adapter merged in: the adapter's resolved path and its weight file's sample
+# digest (which still matches when the adapter dir was moved or copied).
+
+MERGE_REPORT = "merge_report.json"
+
+
+def adapter_identity(adapter_dir) -> dict:
+    """{"path": the resolved adapter dir, "weights": "<file name> <size>:<sample digest>"} (weights None when the
+    dir has no weight file)."""
+    try:
+        weights = adapter_weights_file(adapter_dir)
+    except AdapterError:
+        return {"path": str(Path(adapter_dir).resolve()), "weights": None}
+    return {"path": str(Path(adapter_dir).resolve()), "weights": f"{weights.name} {_sample_digest(weights)}"}
+
+
+def _same_adapter(recorded: dict, identity: dict) -> bool:
+    """The same weights, or, where the report names no weights (written before adapter_merged), the same path."""
+    if recorded.get("weights") and identity.get("weights"):
+        return recorded["weights"] == identity["weights"]
+    return bool(recorded.get("path")) and recorded.get("path") == identity.get("path")
+
+
+def merged_adapter(model_dir) -> dict | None:
+    """The adapter a `qwen-ft merge` output holds (from its merge_report.json), else None (also for a report that
+    cannot be read: it is the merge's own record, not an input to refuse a model for)."""
+    p = Path(model_dir) / MERGE_REPORT
+    try:
+        report = json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
+    except (ValueError, OSError):
+        return None
+    if not isinstance(report, dict):
+        return None
+    merged = report.get("adapter_merged")
+    if isinstance(merged, dict) and isinstance(merged.get("path"), str):
+        return {"path": merged["path"], "weights": merged.get("weights")}
+    # a report written before adapter_merged: its "adapter" is the path as typed; an absolute one still names it
+    if isinstance(report.get("adapter"), str) and Path(report["adapter"]).is_absolute():
+        return {"path": str(Path(report["adapter"]).resolve()), "weights": None}
+    return None
 
 
 def trained_on(adapter_dir) -> str | None:

@@ -270,7 +270,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
           max_shard_size="2GB", device=None, overwrite: bool = False, seed: int = 0, log=print) -> dict:
     """Run one merge route; returns the report (also written to OUT/merge_report.json). The quantization
     arguments left None take DEFAULTS; one given to a route that does not read it is a MergeError."""
-    from .adapters import check_base, float_adapter_on_int4, read_adapter_config, resolve_base, trained_on
+    from .adapters import (adapter_identity, check_base, float_adapter_on_int4, read_adapter_config, resolve_base,
+                           trained_on)
     from .evaluate import eval_loss, load_eval_records
     from .loading import load_model
     from .model_dir import describe
@@ -364,7 +365,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
 
     peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)
     max_len = getattr(peft_model.config, "seq_length", None)
-    report.update({"route": route, "base": str(base_dir), "adapter": str(adapter), "output": str(out),
+    # adapter_merged: what check_base reads to refuse this adapter on the merged model (its deltas twice)
+    report.update({"route": route, "base": str(base_dir), "adapter": str(adapter),
+                   "adapter_merged": adapter_identity(adapter), "output": str(out),
                    "format": fmt, "dtype": dtype, "eval_data": str(eval_path) if eval_path else None,
                    "eval_data_kind": data_kind if eval_records else None, "eval_records": len(eval_records)})
     if eval_records:

@@ -92,6 +92,29 @@ def test_another_base_than_the_adapters_is_named_in_the_report(setup, tmp_path):
     assert json.loads((tmp_path / "a" / "merge_report.json").read_text())["warnings"] == report["warnings"]
 
 
+def test_an_adapter_is_refused_on_a_model_it_was_merged_into(setup, tmp_path):
+    """The merged model has the base's architecture without its quantization, so it passed as the Int4 base's float
+    twin: -m MERGED --adapter A applied A's deltas twice, silently (chat, eval, merge, serve, --lora_weight_path).
+    Refused, also with the adapter moved; another adapter on it warns naming the merged one, as another base does."""
+    from finetune.adapters import AdapterError, check_base
+
+    out = tmp_path / "merged"
+    merge(setup["qlora"], out, dtype="fp32", n_eval=0, log=quiet)
+    with pytest.raises(AdapterError, match="already merged into it .*applies its deltas twice"):
+        load_model(out, adapter=setup["qlora"], dtype=torch.float32, device="cpu")
+    with pytest.raises(AdapterError, match="already merged"):
+        merge(setup["qlora"], tmp_path / "twice", model=out, n_eval=0, log=quiet)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in setup["qlora"].iterdir():
+        if f.is_file():
+            (moved / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(AdapterError, match="already merged"):
+        check_base(moved, out, explicit=True)
+    other = check_base(setup["lora"], out, explicit=True)
+    assert other and "a merged model" in other and str(setup["qlora"].resolve()) in other, other
+
+
 def test_bf16_export_dtype(setup, tmp_path):
     out = tmp_path / "bf16"
     merge(setup["lora"], out, log=quiet)  # default dtype bf16, no eval data: the adapter's training data
