@@ -247,6 +247,9 @@ def normalize_record(record: Any) -> dict:
     key = "conversations" if record.get("conversations") is not None else "messages"
     turns = record.get(key)
     if turns is None:
+        if nulls := [k for k in ("conversations", "messages") if k in record]:  # there, but null: said so
+            raise DataError("no conversations", f"{' and '.join(repr(k) for k in nulls)} "
+                            f"{'is' if len(nulls) == 1 else 'are'} null; give the turns as a non-empty list")
         keys = ", ".join(quoted(k, QUOTED) for k in list(record)[:8]) + (", ..." if len(record) > 8 else "")
         # the keys it has point at the cause: {"data": [...]} around the records, a column named otherwise
         raise DataError("no conversations", "the record has neither 'conversations' nor 'messages' (nor the Alpaca "

@@ -93,6 +93,18 @@ def test_a_record_without_turns_names_its_keys(tmp_path):
                             "'messages' (nor the Alpaca 'instruction' / 'output'); its keys: 'data'")
 
 
+
+@pytest.mark.parametrize("record, said", [
+    ({"messages": None}, "'messages' is null"),
+    ({"id": 1, "conversations": None, "messages": None}, "'conversations' and 'messages' are null"),
+])
+def test_a_record_with_null_turns_says_null(tmp_path, record, said):
+    """{"messages": null} said that the record had neither 'conversations' nor 'messages', its keys: 'messages'."""
+    p = write_jsonl(tmp_path / "d.jsonl", [record])
+    with pytest.raises(DataError) as e:
+        load_records(p)
+    assert str(e.value) == f"{p}, record 1, line 1: no conversations: {said}; give the turns as a non-empty list"
+
 # -- bad input: each case names the file, the record (and line) and the cause ----------------------------
 
 def bad(tmp_path, record, name="d.jsonl"):
