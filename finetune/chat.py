@@ -235,7 +235,8 @@ def change_conf(conf: argparse.Namespace, words: list[str], limit: int | None = 
             else:
                 value = types[dest](text)
         except ValueError:
-            return f"({key}: {text!r} is not a {'yes/no value' if dest == 'greedy' else 'number'}; nothing changed)"
+            kind = "yes/no value" if dest == "greedy" else "whole number" if types[dest] is int else "number"
+            return f"({key}: {text!r} is not a {kind}; nothing changed)"
         setattr(changed, dest, value)
     if (problem := bad_flag(changed) or too_many_new_tokens(changed.max_new_tokens, limit, "the model")) is not None:
         flag, rest = problem.split(" ", 1)  # "--top-p must be ...": named as :conf names it

@@ -224,6 +224,21 @@ def test_the_official_demos_commands(setup):
     assert len(replies) == 17 and "never read" not in text  # :q left
 
 
+@pytest.mark.parametrize("word, said", [
+    ("top_k=1.5", "(top_k: '1.5' is not a whole number; nothing changed)"),
+    ("max_new_tokens=2e3", "(max_new_tokens: '2e3' is not a whole number; nothing changed)"),
+    ("temperature=warm", "(temperature: 'warm' is not a number; nothing changed)"),
+    ("greedy=maybe", "(greedy: 'maybe' is not a yes/no value; nothing changed)"),
+])
+def test_a_conf_value_of_the_wrong_kind_names_the_kind(word, said):
+    """:conf top_k=1.5 said that '1.5' is not a number."""
+    from finetune.chat import _parser, change_conf
+
+    conf = _parser().parse_args(["-m", "unused"])
+    assert change_conf(conf, [word]) == said
+    assert conf == _parser().parse_args(["-m", "unused"])  # nothing changed
+
+
 def test_more_new_tokens_than_the_model_holds_is_refused(setup, capsys, monkeypatch):
     """--max-new-tokens past max(max_position_embeddings, 4 x seq_length) (1024 for the demo model) is one line before
     the weights load, as eval and the server refuse it; generate() ran on past the window for as long as asked."""
