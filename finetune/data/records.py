@@ -339,9 +339,32 @@ _NOT_UTF8 = {
 }
 
 
+# Binary formats data arrives in (the hub's Parquet, a `datasets` dir's Arrow shard, compressed JSONL), by their first
+# bytes -> what the message calls them and how to get JSONL. Read as UTF-8 they were "invalid UTF-8 bytes at byte
+# offset 212", which named no cause.
+_TO_JSONL = ("python -c \"import datasets; datasets.Dataset.from_{}('FILE').to_json('FILE.jsonl', "
+             "force_ascii=False)\"")
+_BINARY = (
+    (b"PAR1", "a Parquet file", "convert it to JSONL: " + _TO_JSONL.format("parquet")),
+    (b"ARROW1", "an Arrow (Feather) file", "convert it to JSONL: python -c \"import pandas; pandas.read_feather("
+     "'FILE').to_json('FILE.jsonl', orient='records', lines=True, force_ascii=False)\""),
+    (b"\xff\xff\xff\xff", "an Arrow stream (a `datasets` save_to_disk shard?)",
+     "pass the dir that holds it and its dataset_info.json, or convert it to JSONL: " + _TO_JSONL.format("file")),
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first: `gunzip -k FILE`"),
+    (b"BZh", "bzip2-compressed", "decompress it first: `bunzip2 -k FILE`"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first: `unxz -k FILE`"),
+    (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first: `unzstd FILE`"),
+    (b"PK\x03\x04", "a zip archive", "unzip it and pass the JSON / JSONL file (or the dir of them)"),
+)
+
+
 def _check_encoding(path: str, head: bytes) -> None:
-    """Refuse a UTF-16/32 file by name: read as UTF-8 it would fail in confusing ways (or, as JSONL, split
-    its characters at 0x0A bytes). json.detect_encoding applies RFC 4627's rule to the first four bytes."""
+    """Refuse a binary file (_BINARY) and a UTF-16/32 file by name: read as UTF-8 they would fail in confusing ways
+    (or, as JSONL, split characters at 0x0A bytes). json.detect_encoding applies RFC 4627's rule to the first four
+    bytes."""
+    for magic, name, how in _BINARY:
+        if head.startswith(magic):
+            raise DataError("not a JSON / JSONL file", f"the file is {name}; {how}", path=path)
     found = json.detect_encoding(head[:4])
     if found in _NOT_UTF8:
         name, iconv = _NOT_UTF8[found]

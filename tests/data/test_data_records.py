@@ -335,6 +335,58 @@ def test_utf16_and_utf32_files_are_named(tmp_path, codec, name, suffix):
     assert msg.startswith(f"{path}: not UTF-8: the file is {name}") and "must be UTF-8" in msg and "iconv" in msg
 
 
+def _binary_forms(path, records):
+    """The files data arrives in besides JSON / JSONL (name -> the path written)."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    import pyarrow as pa
+    import pyarrow.feather
+    import pyarrow.parquet
+
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    table = pa.Table.from_pylist(records)
+    out = {}
+    for name, write in (("gzip-compressed", lambda f: f.write_bytes(gzip.compress(text))),
+                        ("bzip2-compressed", lambda f: f.write_bytes(bz2.compress(text))),
+                        ("xz-compressed", lambda f: f.write_bytes(lzma.compress(text))),
+                        ("a zip archive", lambda f: zipfile.ZipFile(f, "w").writestr("d.jsonl", text)),
+                        ("a Parquet file", lambda f: pyarrow.parquet.write_table(table, f)),
+                        ("an Arrow (Feather) file", lambda f: pyarrow.feather.write_feather(table, str(f))),
+                        ("an Arrow stream", lambda f: f.write_bytes(_arrow_stream(table)))):
+        f = path / f"{len(out)}.jsonl"  # (the suffix a user keeps: the content tells)
+        write(f)
+        out[name] = f
+    return out
+
+
+def _arrow_stream(table) -> bytes:
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:  # what a `datasets` save_to_disk shard holds
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def test_parquet_arrow_and_compressed_files_are_named_with_a_way_to_jsonl(tmp_path):
+    """A hub dataset's Parquet file, a `datasets` dir's Arrow shard or a .jsonl.gz said "not UTF-8: invalid UTF-8
+    bytes b'\\xc4' at byte offset 212", naming no cause; the conversion the message gives works."""
+    import subprocess
+    import sys
+
+    for name, path in _binary_forms(tmp_path, [GOOD, GOOD]).items():
+        with pytest.raises(DataError) as e:
+            load_records(path)
+        assert str(e.value).startswith(f"{path}: not a JSON / JSONL file: the file is {name}"), str(e.value)
+        if "python -c" in str(e.value):  # the command as given, FILE named
+            code = str(e.value).split('python -c "', 1)[1].rsplit('"', 1)[0].replace("FILE", str(path))
+            subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+            assert len(load_records(f"{path}.jsonl")) == 2, name
+
+
 def test_utf8_bom_is_accepted(tmp_path):
     for name, text in (("a.json", json.dumps([GOOD])), ("b.jsonl", json.dumps(GOOD) + "\n")):
         path = tmp_path / name
