@@ -136,10 +136,33 @@ def test_lora_weight_path_continues_from_the_adapter(setup, tmp_path):
     out = tmp_path / "continued"
     assert main(train_args(setup["float"], setup["data"], out, "--max_steps", "1", "--use_lora", "True",
                            # (0 is refused: it trains nothing; steps this small round away in fp32)
-                           "--learning_rate", "1e-30", "--lora_weight_path", str(setup["lora"]))) == 0
+                           "--learning_rate", "1e-30", "--lora_weight_path", str(setup["lora"]),
+                           "--lora_r", "4", "--lora_alpha", "8")) == 0  # (the adapter's: train_args' are refused)
     a = load_file(str(setup["lora"] / "adapter_model.safetensors"))
     b = load_file(str(out / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lora_flags_the_adapter_overrides_are_refused(setup, tmp_path, capsys):
+    """--lora_weight_path trains the adapter's own LoRA config: --lora_r 8 --lora_target_modules w1 beside it were
+    silently not applied. Set to another value than the adapter's, they are one line before anything loads; at the
+    adapter's values (target modules in any order) the run trains."""
+    from finetune.train import main
+
+    out = tmp_path / "refused"
+    argv = train_args(setup["float"], setup["data"], out, "--max_steps", "1", "--use_lora", "True",
+                      "--lora_weight_path", str(setup["lora"]), "--lora_r", "8", "--lora_dropout", "0.1",
+                      "--lora_target_modules", "w1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --lora_weight_path {setup['lora']} trains on with the adapter's own LoRA settings (its "
+                   "adapter_config.json), so --lora_r 8 (the adapter's: 4), --lora_alpha 32 (the adapter's: 8), "
+                   "--lora_dropout 0.1 (the adapter's: 0.0), --lora_target_modules w1 (the adapter's: c_attn c_proj "
+                   "w1 w2) would not be applied: drop them, or train a new adapter without --lora_weight_path"], err
+    assert not (out / "adapter_model.safetensors").exists()
+    assert main(train_args(setup["float"], setup["data"], tmp_path / "same", "--max_steps", "1", "--use_lora", "True",
+                           "--lora_weight_path", str(setup["lora"]), "--lora_r", "4", "--lora_alpha", "8",
+                           "--lora_target_modules", "w2", "w1", "c_proj", "c_attn")) == 0
 
 
 # -- item 18: the base, by absolute path and fingerprint ----------------------------------------------------------

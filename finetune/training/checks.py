@@ -831,5 +831,42 @@ def check_model_files(model_dir: Path, mode: str, lora_args) -> None:
         try:
             check_base(lora_args.lora_weight_path, model_dir, explicit=True)
             checked_weights(meta, Path(lora_args.lora_weight_path))
+            overridden = adapter_flags_not_applied(lora_args)
         except AdapterError as e:
             raise TrainConfigError(f"--lora_weight_path: {e}") from None
+        if overridden:
+            raise TrainConfigError(
+                f"--lora_weight_path {lora_args.lora_weight_path} trains on with the adapter's own LoRA settings (its "
+                f"adapter_config.json), so {', '.join(overridden)} would not be applied: drop "
+                f"{'it' if len(overridden) == 1 else 'them'}, or train a new adapter without --lora_weight_path")
+
+
+# The LoRA flags --lora_weight_path does not apply (the adapter's config, PEFT's key, is what trains)
+_ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                 "lora_target_modules": "target_modules", "lora_bias": "bias", "use_rslora": "use_rslora",
+                 "modules_to_save": "modules_to_save"}
+
+
+def adapter_flags_not_applied(lora_args) -> list[str]:
+    """'--flag VALUE (the adapter's: VALUE)' for each LoRA flag set to another value than its default and the
+    --lora_weight_path adapter's: it was silently not applied. (A flag left at its default is not the user's ask.)"""
+    import dataclasses
+
+    from ..adapters import read_adapter_config
+
+    cfg = read_adapter_config(lora_args.lora_weight_path)
+    # (the defaults from the dataclass's fields: arguments imports this module)
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(lora_args)}
+
+    def norm(v):  # lists as sets (PEFT saves target_modules unordered), no list as none
+        return frozenset(v) if isinstance(v, (list, tuple, set)) else (None if v in (None, []) else v)
+
+    out = []
+    for flag, key in _ADAPTER_KEYS.items():
+        mine, theirs = getattr(lora_args, flag), cfg.get(key)
+        if norm(mine) == norm(defaults[flag]) or norm(mine) == norm(theirs):
+            continue
+        out.append(f"--{flag} {_show(list(mine) if isinstance(mine, (list, tuple)) else mine)} (the adapter's: "
+                   f"{_show(sorted(theirs) if isinstance(theirs, list) else theirs)})")
+    return out
