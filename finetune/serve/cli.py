@@ -172,6 +172,7 @@ def build_server(args):
     from pathlib import Path
 
     from ..adapters import read_adapter_config
+    from ..generation_limits import max_new_tokens_limit
     from ..hub import resolve_model_dir
     from .app import Server
     from .models import base_name, load_served_model, unserved_options
@@ -180,6 +181,12 @@ def build_server(args):
     model_dir = resolve_model_dir(args.model)
     if problem := unserved_options(model_dir):
         raise ValueError(problem)
+    # as chat and eval refuse such a --max-new-tokens (and vLLM a max_model_len past the model's): requests that long
+    # would decode at positions no rotary scaling of the model covers, and ask the KV cache for more than any device
+    limit = max_new_tokens_limit(model_dir)
+    if args.max_model_len is not None and limit and args.max_model_len > limit:
+        raise ValueError(f"--max-model-len {args.max_model_len} is more than the model holds (at most {limit}: "
+                         "max(max_position_embeddings, 4 x seq_length) of its config.json)")
     adapters = []
     for name, ref in parse_adapters(args.adapter, base):  # a missing or broken adapter: an error before the load
         path = Path(ref).expanduser()  # (as the loader takes it: x=~/adapter was "does not exist" here)

@@ -281,3 +281,16 @@ def test_generation_options_the_engine_lacks_stop_serve_before_the_load(serve, t
         assert code == "loaded", err
     else:
         assert code == 2 and f"generation_config.json: {expected}" in _one_line(err)
+
+
+def test_a_max_model_len_past_what_the_model_holds_stops_serve_before_the_load(serve, tmp_path):
+    """--max-model-len up to max(max_position_embeddings, 4 x seq_length) of config.json reaches the load; more is
+    one line before it (as chat and eval refuse such a --max-new-tokens): 100,000,000 was taken, and a request that
+    long asked the KV cache for more than any device holds."""
+    base = tmp_path / "long-qwen"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "qwen", "max_position_embeddings": 8192,
+                                                  "seq_length": 2048}))
+    assert serve(["--port", _free_port(), "--max-model-len", "8192"], model=base)[0] == "loaded"
+    code, err = serve(["--port", _free_port(), "--max-model-len", "100000000"], model=base)
+    assert code == 2 and "--max-model-len 100000000 is more than the model holds (at most 8192" in _one_line(err)
