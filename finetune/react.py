@@ -34,6 +34,7 @@ and the "\\nThought:" the server writes after it are not. Imports nothing heavy 
 from __future__ import annotations
 
 import json
+import re
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -225,6 +226,9 @@ class Message:
     call_where: str = ""  # and its function_call
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def content_text(content, where: str) -> str:
     """Message content: a string, None (empty), or OpenAI's list of text parts."""
     if content is None:
@@ -283,6 +287,11 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         role = ROLE_ALIASES.get(role.lower(), role.lower())
         raw_content = _either(m, "content", "value")
         content = content_text(raw_content, f"{w}.content")
+        if not content.isascii() and (bad := _SURROGATE.search(content)):  # (the data pipeline's records check)
+            # JSON lets "\ud800" through, and the tokenizer replaced it with U+FFFD: a request answered about text
+            # it did not send
+            raise ReactError(f"holds U+{ord(bad.group()):04X} at character {bad.start() + 1}, half of a UTF-16 "
+                             "surrogate pair (a broken \\u escape): not valid Unicode text", f"{w}.content")
         if role == "tool":
             if not pending:
                 raise ReactError("a tool message must answer a tool call of the assistant message before it",

@@ -502,6 +502,19 @@ def test_a_field_name_with_a_lone_surrogate_is_400_naming_it(live, raw):
     assert err["param"] == key and "lone surrogate" in err["message"], err
 
 
+@pytest.mark.parametrize("raw", [b'"hi \\ud800 there"', b'"hi \xed\xa0\x80"',
+                                 b'[{"type": "text", "text": "a"}, {"type": "text", "text": "\\udfff"}]'],
+                         ids=["escaped", "utf8-encoded", "in-a-part"])
+def test_message_text_with_a_lone_surrogate_is_400_naming_the_message(live, raw):
+    """A lone surrogate in a message's text (a broken \\u escape) was replaced with U+FFFD by the tokenizer and
+    answered: the model was asked about text the client did not send. As the data pipeline refuses it in a record,
+    the server answers 400 naming the message."""
+    content = (b'{"model": "tiny-qwen", "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": '
+               + raw + b"}]}")
+    err = _error(_post(live, content=content, headers=JSON))
+    assert err["param"] == "messages[1].content" and "surrogate pair" in err["message"], err
+
+
 @pytest.mark.parametrize("field, where", [
     ("model", "The model 'xxx"), ("tool_choice", "tool_choice 'xxx"), ("key", "\\ud800xxx"),
 ])
