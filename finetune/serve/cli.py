@@ -171,7 +171,7 @@ def build_server(args):
     """Load the model and adapters; return the Server (the app is `create_app(server)`)."""
     from pathlib import Path
 
-    from ..adapters import read_adapter_config
+    from ..adapters import check_base, read_adapter_config
     from ..generation_limits import max_new_tokens_limit
     from ..hub import resolve_model_dir
     from .app import Server
@@ -194,6 +194,9 @@ def build_server(args):
             raise ValueError(f"--adapter {name}={path}: {path} is a file, not an adapter directory")
         path = resolve_model_dir(ref, "adapter directory")  # a hub id (org/name) as chat takes one
         read_adapter_config(path)
+        # the base the adapter records against -m, as the load checks it, but before the weights load: another
+        # base warns (once), the model the adapter was merged into or a changed recorded base is refused
+        check_base(path, model_dir, explicit=True)
         adapters.append((name, str(path)))
     model, tokenizer = load_served_model(model_dir, adapters, dtype=args.dtype, device=args.device)
     return Server(model, tokenizer, base_name=base, adapter_names=[n for n, _ in adapters],

@@ -294,3 +294,16 @@ def test_a_max_model_len_past_what_the_model_holds_stops_serve_before_the_load(s
     assert serve(["--port", _free_port(), "--max-model-len", "8192"], model=base)[0] == "loaded"
     code, err = serve(["--port", _free_port(), "--max-model-len", "100000000"], model=base)
     assert code == 2 and "--max-model-len 100000000 is more than the model holds (at most 8192" in _one_line(err)
+
+
+def test_an_adapter_merged_into_the_served_model_stops_serve_before_the_load(serve, dirs, tmp_path):
+    """The adapter's recorded base is checked against -m before the weights load (it was checked only by the load):
+    the model `qwen-ft merge` made from this adapter (its merge_report.json) is one line, as chat and eval have it."""
+    merged = tmp_path / "merged-qwen"
+    merged.mkdir()
+    (merged / "config.json").write_text("{}")
+    (merged / "merge_report.json").write_text(json.dumps({"adapter_merged": {"path": str((dirs / "ad").resolve()),
+                                                                             "weights": None}}))
+    code, err = serve(["--port", _free_port(), "--adapter", f"a={dirs / 'ad'}"], model=merged)
+    assert code == 2 and "already merged into it" in _one_line(err), err
+    assert serve(["--port", _free_port(), "--adapter", f"a={dirs / 'ad'}"])[0] == "loaded"
