@@ -17,10 +17,15 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-V", "--version"):  # (the package's version: what a bug report asks first)
+        from . import __version__
+
+        print(f"qwen-ft {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: qwen-ft COMMAND [ARGS]\n\ncommands:\n" + "\n".join(lines))
+        print("usage: qwen-ft COMMAND [ARGS]  (or qwen-ft --version)\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
             return 2

@@ -552,3 +552,17 @@ def test_fuzzed_flags_and_paths_parse_as_documented_or_are_one_line_naming_them(
             assert any(b.split(" given")[0] in line or b in line for b in bad) or (
                 any(b in outputs for b in bad) and f"{out_flag} " in line), (case, argv, bad, line)
     assert seen["loaded"] > FUZZ_CASES / 4 and seen["refused"] > FUZZ_CASES / 4, seen
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_qwen_ft_version_prints_the_package_version(capsys, flag):
+    """What a bug report asks first: it was "unknown command '--version'", exit 2."""
+    import importlib.metadata
+
+    from finetune import __version__
+    from finetune.cli import main
+
+    assert main([flag]) == 0
+    assert capsys.readouterr().out.strip() == f"qwen-ft {__version__}"
+    assert __version__ == importlib.metadata.version("qwen-finetune")  # the package's own, as pip shows it
+    assert main(["--bogus"]) == 2 and "unknown command '--bogus'" in capsys.readouterr().err
