@@ -220,6 +220,12 @@ def test_config_file_errors_are_one_line(setup, tmp_path, capsys):
     assert "broken.yaml" in err and "line" in err and len(err.splitlines()) == 1
     assert train_main([str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err
+    # an empty file (or all comments) is said to be one: it was "--model_name_or_path is required"
+    for name, text in (("empty.yaml", ""), ("comments.yml", "# lora_r: 8\n\n"), ("empty.json", " \n")):
+        (tmp_path / name).write_text(text)
+        assert train_main([str(tmp_path / name), "-m", str(setup["int4"])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: config file {tmp_path / name}: holds no flags") and len(err.splitlines()) == 1
     # values of the wrong type, named with the file (not argparse's usage text, nor a TypeError from the model)
     for text, says in (("lora_r: abc\n", "lora_r: 'abc' is not a valid value"),
                        ("lora_r: 4.5\n", "lora_r: 4.5 is not a whole number"),

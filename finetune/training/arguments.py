@@ -348,6 +348,8 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         text = p.read_text(encoding="utf-8-sig")  # (a BOM, as Windows editors write, is fine)
     except UnicodeDecodeError as e:
         raise TrainConfigError(f"config file {path}: not UTF-8 text (byte {e.start})") from None
+    if not text.strip():
+        raise TrainConfigError(f"config file {path}: holds no flags (it is empty)")
     if p.suffix == ".json":
         try:
             values = load_json(text)
@@ -365,8 +367,8 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
             mark = getattr(e, "problem_mark", None)
             where = f" at line {mark.line + 1} column {mark.column + 1}" if mark else ""
             raise TrainConfigError(f"config file {path}: invalid YAML{where}: {getattr(e, 'problem', e)}") from None
-    if values is None:
-        values = {}
+    if values is None:  # (it was "--model_name_or_path is required": the flags the user meant to give are not there)
+        raise TrainConfigError(f"config file {path}: holds no flags (it is empty, or all comments)")
     if not isinstance(values, dict):
         raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}")
     values = {_RENAMED.get(k, k): (home(v) if k in PATH_FLAGS else v) for k, v in values.items()}
