@@ -145,6 +145,25 @@ def test_a_leading_tilde_in_a_path_flag_is_the_home_dir(tmp_path, monkeypatch):
     assert parse_args(["--data_path", "data/~x.json"])[1].data_path == "data/~x.json"  # only a leading ~
 
 
+def test_a_config_file_s_list_of_data_files_reads_as_the_comma_separated_list(tmp_path, monkeypatch):
+    """`data_path: [a.json, b.jsonl]` in a YAML (or JSON) config was refused ("is not a single value"); it is the
+    comma-separated list --data_path takes, each item as a path (~ expanded); an item that cannot be one is a line."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("data_path: [data/a.json, ~/b.jsonl]\neval_data_path:\n  - 'held/*.json'\n")
+    _, data_args, _, _ = parse_args([str(cfg)])
+    assert data_args.data_path == f"data/a.json,{tmp_path / 'home' / 'b.jsonl'}"
+    assert data_args.eval_data_path == "held/*.json"
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"data_path": ["x.json", "y.json"]}))
+    assert parse_args([str(js)])[1].data_path == "x.json,y.json"
+    for text, says in (("data_path: []\n", "data_path: an empty list"), ("data_path: [a.json, 3]\n", "3 is not a path"),
+                       ("data_path: ['a,b.json']\n", "'a,b.json' holds a comma")):
+        cfg.write_text(text)
+        with pytest.raises(TrainConfigError, match=f"config file {cfg}: {says}" if "empty" in says else says):
+            parse_args([str(cfg)])
+
+
 def test_train_help_shows_the_lora_defaults_and_no_false_default_for_no_flags(capsys):
     # the LoRA flags had no help, so --help showed no default; --no_packing repeated --packing's help ending in
     # "(default: False)", right under "--packing ... (default: True)"

@@ -372,6 +372,18 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
     if not isinstance(values, dict):
         raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}")
     values = {_RENAMED.get(k, k): (home(v) if k in PATH_FLAGS else v) for k, v in values.items()}
+    for key in ("data_path", "eval_data_path"):  # a YAML list of files: the comma-separated list it stands for
+        items = values.get(key)
+        if not isinstance(items, list):
+            continue
+        if not items:
+            raise TrainConfigError(f"config file {path}: {key}: an empty list")
+        for v in items:
+            if not isinstance(v, str) or not v.strip():
+                raise TrainConfigError(f"config file {path}: {key}: {v!r} is not a path")
+            if "," in v:  # (joined, it would read as two)
+                raise TrainConfigError(f"config file {path}: {key}: {v!r} holds a comma; name that file alone")
+        values[key] = ",".join(home(v.strip()) for v in items)
     if "warmup_ratio" in values:
         values["warmup_steps"] = float(_warmup_ratio(values.pop("warmup_ratio")))
     known = {a.dest for a in parser._actions}
