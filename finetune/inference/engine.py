@@ -7,9 +7,10 @@
     req.output_ids, req.finish_reason
 
 Layout. The KV cache is [layers, slots, heads, capacity, head_dim] (keys and values), grown on demand (slots
-to the next batch bucket, capacity to the next multiple of 256) up to ``max_batch`` x ``max_len``. Active rows
-sit in slots 0..n-1: a row that leaves is replaced by the row in the last slot (its KV copied), so a decode
-step always covers a prefix of the slots. Every row has its own length and positions.
+to the next batch bucket, capacity to the next multiple of 256) up to ``max_batch`` x ``max_len``, and on CUDA only
+as far as the device's free memory holds: requests that do not fit wait in the queue for rows to finish
+(``_plan_join``). Active rows sit in slots 0..n-1: a row that leaves is replaced by the row in the last slot (its KV
+copied), so a decode step always covers a prefix of the slots. Every row has its own length and positions.
 
 A step: cancelled rows leave; waiting requests join (prefilled together, right-padded, with causal SDPA as
 training and generate() compute it: on CUDA through the decode step's fused kernels, ``prefill_blocks``, else the
