@@ -1,5 +1,7 @@
-"""Exception types shared by the loaders, and how an error message quotes a value (a leaf module: it imports nothing
-from the package)."""
+"""Exception types shared by the loaders, how an error message quotes a value, and what makes text invalid (a leaf
+module: it imports nothing from the package)."""
+
+import re
 
 
 class ModelLoadError(ValueError):
@@ -20,3 +22,17 @@ def quoted(value, limit: int, *, length: bool = False) -> str:
     if length:
         return f"{text[:limit]}... ({len(text):,} characters)"
     return text[:limit - 3] + "..."
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode text ("holds U+D800 at character 3, ..."), or None: JSON lets a broken
+    "\\ud800" escape through, and the tokenizer would replace it with U+FFFD silently (the data pipeline's records
+    and the server's messages refuse it)."""
+    m = None if text.isascii() else _SURROGATE.search(text)  # isascii is O(1) in CPython
+    if m is None:
+        return None
+    return (f"holds U+{ord(m.group()):04X} at character {m.start() + 1}, half of a UTF-16 surrogate pair (a broken "
+            "\\u escape): not valid Unicode text")

@@ -34,11 +34,10 @@ and the "\\nThought:" the server writes after it are not. Imports nothing heavy 
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import quoted
+from .errors import lone_surrogate, quoted
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -226,9 +225,6 @@ class Message:
     call_where: str = ""  # and its function_call
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def content_text(content, where: str) -> str:
     """Message content: a string, None (empty), or OpenAI's list of text parts."""
     if content is None:
@@ -287,11 +283,8 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         role = ROLE_ALIASES.get(role.lower(), role.lower())
         raw_content = _either(m, "content", "value")
         content = content_text(raw_content, f"{w}.content")
-        if not content.isascii() and (bad := _SURROGATE.search(content)):  # (the data pipeline's records check)
-            # JSON lets "\ud800" through, and the tokenizer replaced it with U+FFFD: a request answered about text
-            # it did not send
-            raise ReactError(f"holds U+{ord(bad.group()):04X} at character {bad.start() + 1}, half of a UTF-16 "
-                             "surrogate pair (a broken \\u escape): not valid Unicode text", f"{w}.content")
+        if (why := lone_surrogate(content)) is not None:  # (a request answered about text it did not send)
+            raise ReactError(why, f"{w}.content")
         if role == "tool":
             if not pending:
                 raise ReactError("a tool message must answer a tool call of the assistant message before it",

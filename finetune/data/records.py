@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import react  # tool / function-call conversations: the ReAct layout the server uses
-from ..errors import quoted
+from ..errors import lone_surrogate, quoted
 from ..tokenization import DEFAULT_SYSTEM  # one definition, shared with chat()
 
 # Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's
@@ -111,15 +111,10 @@ def _rebuild_error(reason, detail, path, index, line, flag=None):
 
 # -- checks on decoded values -----------------------------------------------------------------------------
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def _check_text(text: str, what: str) -> None:
-    """Refuse a lone surrogate: JSON lets "\\ud800" through, and the tokenizer would replace it silently."""
-    m = None if text.isascii() else _SURROGATE.search(text)  # isascii is O(1) in CPython
-    if m:
-        raise DataError("lone surrogate", f"{what} holds U+{ord(m.group()):04X} at character {m.start() + 1}, "
-                        "half of a UTF-16 surrogate pair (a broken \\u escape): not valid Unicode text")
+    """Refuse a lone surrogate (``errors.lone_surrogate``)."""
+    if (why := lone_surrogate(text)) is not None:
+        raise DataError("lone surrogate", f"{what} {why}")
 
 
 def _one_of(obj: dict, k1: str, k2: str, what: str, same=lambda a, b: a == b):
