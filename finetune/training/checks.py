@@ -841,18 +841,13 @@ def check_model_files(model_dir: Path, mode: str, lora_args) -> None:
                 f"{'it' if len(overridden) == 1 else 'them'}, or train a new adapter without --lora_weight_path")
 
 
-# The LoRA flags --lora_weight_path does not apply (the adapter's config, PEFT's key, is what trains)
-_ADAPTER_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
-                 "lora_target_modules": "target_modules", "lora_bias": "bias", "use_rslora": "use_rslora",
-                 "modules_to_save": "modules_to_save"}
-
-
 def adapter_flags_not_applied(lora_args) -> list[str]:
     """'--flag VALUE (the adapter's: VALUE)' for each LoRA flag set to another value than its default and the
     --lora_weight_path adapter's: it was silently not applied. (A flag left at its default is not the user's ask.)"""
     import dataclasses
 
     from ..adapters import read_adapter_config
+    from .lora import LORA_CONFIG_KEYS
 
     cfg = read_adapter_config(lora_args.lora_weight_path)
     # (the defaults from the dataclass's fields: arguments imports this module)
@@ -863,7 +858,7 @@ def adapter_flags_not_applied(lora_args) -> list[str]:
         return frozenset(v) if isinstance(v, (list, tuple, set)) else (None if v in (None, []) else v)
 
     out = []
-    for flag, key in _ADAPTER_KEYS.items():
+    for flag, key in LORA_CONFIG_KEYS.items():
         mine, theirs = getattr(lora_args, flag), cfg.get(key)
         if norm(mine) == norm(defaults[flag]) or norm(mine) == norm(theirs):
             continue

@@ -34,6 +34,13 @@ def check_target_modules(model, targets, modules_to_save=None) -> None:
                              f"embedding) and lm_head")
 
 
+# The LoRA flags and the keys of PEFT's LoraConfig they set. An adapter given with --lora_weight_path trains with its
+# own values of these keys (checks.adapter_flags_not_applied compares them with the flags)
+LORA_CONFIG_KEYS = {"lora_r": "r", "lora_alpha": "lora_alpha", "lora_dropout": "lora_dropout",
+                    "lora_target_modules": "target_modules", "lora_bias": "bias", "use_rslora": "use_rslora",
+                    "modules_to_save": "modules_to_save"}
+
+
 def attach_lora(model, lora_args, plan, verbose: bool = True):
     """Wrap the model with trainable LoRA adapters (fp32), every other weight frozen; ``verbose``: print the
     trainable parameter count (rank 0 only in a multi-process run)."""
@@ -45,12 +52,9 @@ def attach_lora(model, lora_args, plan, verbose: bool = True):
     if lora_args.lora_weight_path:  # the checked path every adapter load takes (finetune/adapters.py)
         model = load_adapter(model, lora_args.lora_weight_path, is_trainable=True)
     else:
-        config = LoraConfig(
-            r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
-            target_modules=list(lora_args.lora_target_modules), bias=lora_args.lora_bias,
-            use_rslora=lora_args.use_rslora, modules_to_save=lora_args.modules_to_save, task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, config)
+        values = {key: getattr(lora_args, flag) for flag, key in LORA_CONFIG_KEYS.items()}
+        values["target_modules"] = list(values["target_modules"])
+        model = get_peft_model(model, LoraConfig(**values, task_type="CAUSAL_LM"))
     n_train = 0
     for p in model.parameters():
         if p.requires_grad:
