@@ -381,11 +381,9 @@ class Engine:
         one) where max_batch rows of it would take more than WARM_CACHE_SHARE of the device's free memory."""
         if self.device.type != "cuda":
             return self.max_len
-        cfg = self.config
-        row_bytes = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * self.dtype.itemsize
         self._prepare_weights()
         free = torch.cuda.mem_get_info(self.device)[0]
-        fits = int(WARM_CACHE_SHARE * free) // (self._bucket(self.max_batch) * row_bytes)
+        fits = int(WARM_CACHE_SHARE * free) // (self._bucket(self.max_batch) * self._position_bytes())
         return max(LENGTH_BUCKET, min(self.max_len, fits // LENGTH_BUCKET * LENGTH_BUCKET))
 
     # -- rows -------------------------------------------------------------------------------------------------
@@ -394,9 +392,13 @@ class Engine:
         request has room to join): then the step in flight is read first."""
         if self._gone or any(r.req.cancelled for r in self._rows):
             return True
-        with self._lock:
-            waiting = list(itertools.islice(self._pending, self.max_batch - len(self._rows)))
+        waiting = self._waiting()
         return bool(waiting) and self._plan_join(waiting)[0] > 0
+
+    def _waiting(self) -> list[Request]:
+        """The queue's first requests, as many as the batch has room for (``_plan_join`` decides how many join)."""
+        with self._lock:
+            return list(itertools.islice(self._pending, self.max_batch - len(self._rows)))
 
     def _take_inflight(self) -> _Step | None:
         step, self._inflight = self._inflight, None
@@ -440,12 +442,10 @@ class Engine:
             self._remove(gone)
 
     def _admit(self, touched) -> None:
-        with self._lock:
-            waiting = list(itertools.islice(self._pending, self.max_batch - len(self._rows)))
-        take, layout = self._plan_join(waiting)
+        take, layout = self._plan_join(self._waiting())
         if not take:
             return
-        with self._lock:  # (only step() takes from the queue: its head is still ``waiting``'s, cancelled or not)
+        with self._lock:  # (only step() takes from the queue: its head is still the planned one's, cancelled or not)
             joining = [self._pending.popleft() for _ in range(take)]
         if not self._rows and self.adapters.refresh():  # LoRA weights changed since the graphs were captured
             self._graphs.clear()
@@ -481,12 +481,15 @@ class Engine:
     def _capacity_for(self, length: int) -> int:
         return min(_round_up(length, LENGTH_BUCKET), _round_up(self.max_len, 8))
 
+    def _position_bytes(self) -> int:
+        """Device bytes of one row's keys and values at one position, every layer."""
+        cfg = self.config
+        return 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * self.dtype.itemsize
+
     def _cache_bytes(self, slots: int, capacity: int) -> int:
         """Device bytes of a cache of ``slots`` rows of ``capacity`` positions: keys and values, and the two
         [slots, V] bool masks beside them."""
-        cfg = self.config
-        position = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * self.dtype.itemsize
-        return slots * (capacity * position + 2 * self.vocab)
+        return slots * (capacity * self._position_bytes() + 2 * self.vocab)
 
     def _spare_bytes(self, prefill: int) -> int | None:
         """Device memory a new cache may take now, beyond the one held: the device's free memory, less the
