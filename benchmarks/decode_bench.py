@@ -26,6 +26,10 @@ Workloads (random model: min_new_tokens = max_new_tokens so every row decodes it
   b64_mixed       64 rows, prompts of 50..1000 tokens (seeded), 256 new tokens each; tokens_per_s over the
                   decode steps (prefill_s: the first step, which prefills all 64 rows)
   b1_512_adapter  b1_512 with a LoRA adapter (r=64 on c_attn, c_proj (both), w1, w2), unmerged
+  b64_mixed_adapters  b64_mixed with three such adapters loaded, the rows taking them and the base in turn (a
+                  server's mix; not one of issue 16's targets: it checks that the engine's memory plan counts the
+                  adapters' copies, and reports their cost at 64 rows)
+  (b64_*: rows_in_first_step says how many rows the memory plan let join at once)
   eval_256        qwen-ft eval's generation (the engine, 32 rows at once) on 256 chats, 128 new tokens, beside
   eval_32_generate  transformers generate() (eval's --generator generate) on 32 of them
 The timed run of each workload follows an identical warm-up run (Triton tuning, graph capture).
@@ -59,13 +63,16 @@ GEMV_SHAPES = {"c_attn": (5120, 15360), "attn.c_proj": (5120, 5120), "w1/w2": (5
 GEMV_SHAPE_SETS = {"14b": GEMV_SHAPES, "7b": {"c_attn": (4096, 12288), "attn.c_proj": (4096, 4096),
                                               "w1/w2": (4096, 11008), "mlp.c_proj": (11008, 4096)}}
 GEMV_ROWS = (1, 8, 32, 64)
-WORKLOADS = ["b1_512", "b1_ctx2000", "b64_mixed", "eval_256", "b1_512_adapter"]  # the adapter wraps the model: last
+# the adapters wrap the model: last
+WORKLOADS = ["b1_512", "b1_ctx2000", "b64_mixed", "eval_256", "b1_512_adapter", "b64_mixed_adapters"]
 # the same workloads scaled to the tiny model (CPU, seconds)
 TINY = {"b1_512": dict(prompt=24, new=8), "b1_ctx2000": dict(prompt=300, new=4),
         "b64_mixed": dict(rows=5, lo=5, hi=40, new=6), "b1_512_adapter": dict(prompt=24, new=8),
+        "b64_mixed_adapters": dict(rows=5, lo=5, hi=40, new=6, adapters=3),
         "eval_256": dict(chats=6, new=6, generate_chats=2)}
 FULL = {"b1_512": dict(prompt=24, new=512), "b1_ctx2000": dict(prompt=2000, new=256),
         "b64_mixed": dict(rows=64, lo=50, hi=1000, new=256), "b1_512_adapter": dict(prompt=24, new=512),
+        "b64_mixed_adapters": dict(rows=64, lo=50, hi=1000, new=256, adapters=3),
         "eval_256": dict(chats=256, new=128, generate_chats=32)}
 
 
@@ -281,17 +288,24 @@ def load(model_dir, device):
     return model, load_tokenizer(model_dir)
 
 
-def with_adapter(model, rank):
-    """The model wrapped with a random LoRA adapter "default" (r=rank on c_attn, c_proj (both), w1, w2)."""
+def with_adapter(model, rank, names=("default",)):
+    """The model wrapped with random LoRA adapters ``names`` (r=rank on c_attn, c_proj (both), w1, w2)."""
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                          target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False))
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["c_attn", "c_proj", "w1", "w2"],
+                        init_lora_weights=False)
+    pm = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        pm.add_adapter(name, config)
     for name, p in pm.named_parameters():  # small random B: a real adapter's scale, not a broken model
         if "lora_B" in name:
             p.data.mul_(0.01)
     return pm.eval()
+
+
+def adapter_names(count: int) -> list[str]:
+    return ["default"] + [f"adapter{i}" for i in range(1, count)] if count else []
 
 
 def prompt_ids(n, seed, vocab):
@@ -299,17 +313,21 @@ def prompt_ids(n, seed, vocab):
     return torch.randint(10, min(vocab, 150000) - 10, (n,), generator=g).tolist()
 
 
-def run_engine(engine, prompts, new, adapter=None):
+def run_engine(engine, prompts, new, adapter=None, stats=None):
     """(seconds of the first step (prefill of every row that fits + one decode step), seconds of the other
-    steps, tokens those produced, outputs)."""
+    steps, tokens those produced, outputs). ``adapter``: one name for every prompt, or a list of one a prompt.
+    ``stats`` (a dict) gets rows_in_first_step."""
     device = engine.device
     params = SamplingParams(max_new_tokens=new, min_new_tokens=new)
-    reqs = [engine.submit(p, params, adapter=adapter) for p in prompts]
+    adapters = adapter if isinstance(adapter, list) else [adapter] * len(prompts)
+    reqs = [engine.submit(p, params, adapter=a) for p, a in zip(prompts, adapters)]
     sync(device)
     t0 = time.perf_counter()
     engine.step()
     sync(device)
     t1 = time.perf_counter()
+    if stats is not None:
+        stats["rows_in_first_step"] = engine.occupancy()[0]
     # the first step also ran one decode step for every admitted row (its tokens are read by the next step():
     # the engine runs one step ahead), timed in t1 - t0
     first = sum(len(r.output_ids) for r in reqs) + sum(not r.finished for r in reqs)
@@ -345,15 +363,19 @@ def workload(name, model, tok, spec, device, vocab) -> dict:
         return dict(tokens_per_s=total / (pre + dec), decode_tokens_per_s=n / dec, prefill_s=pre,
                     new_tokens=total, prompt_tokens=spec["prompt"],
                     agrees_with_generate=agrees_with_generate(model, p, outs[0]))
-    if name == "b64_mixed":
+    if name in ("b64_mixed", "b64_mixed_adapters"):
         g = torch.Generator().manual_seed(1)
         lengths = torch.randint(spec["lo"], spec["hi"] + 1, (spec["rows"],), generator=g).tolist()
         prompts = [prompt_ids(n, i, vocab) for i, n in enumerate(lengths)]
+        names = [None] + adapter_names(spec.get("adapters", 0))
+        adapter = [names[i % len(names)] for i in range(len(prompts))]  # the base and each adapter in turn
         engine = Engine(model, tok, max_batch=spec["rows"])
-        run_engine(engine, prompts, spec["new"])
-        pre, dec, n, outs = run_engine(engine, prompts, spec["new"])
+        stats = {}
+        run_engine(engine, prompts, spec["new"], adapter)
+        pre, dec, n, outs = run_engine(engine, prompts, spec["new"], adapter, stats)
         return dict(tokens_per_s=n / dec, prefill_s=pre, decode_s=dec, rows=spec["rows"], new_tokens=spec["new"],
-                    prompt_tokens=sum(lengths), note="tokens_per_s: generated tokens over the decode steps")
+                    prompt_tokens=sum(lengths), adapters=len(names) - 1, **stats,
+                    note="tokens_per_s: generated tokens over the decode steps")
     raise ValueError(name)
 
 
@@ -418,8 +440,8 @@ def engine_part(args, device) -> list[dict]:
             if plain is None:
                 plain = load(model_dir, device)
             model, tok = plain
-            if name == "b1_512_adapter":
-                model = with_adapter(model, 8 if args.tiny else 64)
+            if name in ("b1_512_adapter", "b64_mixed_adapters"):
+                model = with_adapter(model, 8 if args.tiny else 64, adapter_names(specs[name].get("adapters", 1)))
                 plain = None  # LoRA layers are in it now: a later workload loads the model again
             vocab = model.config.vocab_size
             if name == "eval_256":

@@ -494,24 +494,28 @@ class Engine:
     def _spare_bytes(self, prefill: int) -> int | None:
         """Device memory a new cache may take now, beyond the one held: the device's free memory, less the
         activations of a prefill of ``prefill`` positions (measured on the 14B: 134-178 KB a position,
-        benchmarks/prefill_memory.py; counted as 212 KB) and a margin. The Int4 layers' decode copies are made
-        first. None off CUDA (no limit: the host's memory is the process's own business)."""
+        benchmarks/prefill_memory.py; counted as 212 KB), the adapters' copies still to come and a margin. The Int4
+        layers' decode copies and the adapters' stacks are made first. None off CUDA (no limit: the host's memory
+        is the process's own business)."""
         if self.device.type != "cuda":
             return None
-        self._prepare_weights()
+        later = self._prepare_weights()
         cfg = self.config
         # (not the allocator's reserved but unused memory: after the weights' repack it held 2.7 GiB in pieces that a
         # 68 MiB block did not fit, NOTES step 89)
         free = torch.cuda.mem_get_info(self.device)[0]
         width = ACTIVATION_HIDDEN * cfg.hidden_size + ACTIVATION_MLP * (cfg.intermediate_size // 2)
-        return free - prefill * width * self.dtype.itemsize - MEMORY_MARGIN
+        return free - prefill * width * self.dtype.itemsize - later - MEMORY_MARGIN
 
-    def _prepare_weights(self) -> None:
-        """The Int4 layers' decode copies, which the first decode step would make, made before free memory is
-        counted (``quant.linear.prepare_decode_weights``)."""
+    def _prepare_weights(self) -> int:
+        """The copies that the first decode steps would make, made before free memory is counted: the Int4 layers'
+        (``quant.linear.prepare_decode_weights``) and the adapters' stacks (``RowAdapters.prepare``; a server's
+        first adapter request made them after the cache had taken the memory). Returns the bytes of the adapters'
+        copies still to come."""
         if not self._decode_weights:
             prepare_decode_weights(self.tr, self.dtype)
             self._decode_weights = True
+        return self.adapters.prepare(self.dtype)
 
     def _plan_join(self, waiting: list) -> tuple[int, tuple]:
         """(how many of ``waiting``, in queue order, join now; the cache layout (slots, capacity, fresh) for them

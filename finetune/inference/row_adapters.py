@@ -88,6 +88,7 @@ class RowAdapters:
         # once per forward and layout, not once per layer (200 gathers and casts a 14B step: ~0.5 ms on the H200)
         self._cols: dict = {}
         self._stacked_t: dict = {}  # consumers' ids -> (their stacks' keys, A.T of all of them [sum R, in])
+        self._prepared = (None, 0)  # (dtype, bytes of every layer's A) once prepare() stacked them all
         self._active = False  # within applied() with a selection: the hooks are on
         self._base_only = False  # within applied() without one: every LoRA layer returns its base layer's output
         self._select = self._by_cols = None  # applied()'s selection, and its gathers by column layout
@@ -192,6 +193,21 @@ class RowAdapters:
                                                      device=a_all.device)
         self._stacks[id(module)] = (key, a_all, b_all, cols)
         return a_all, b_all, cols
+
+    def prepare(self, dtype) -> int:
+        """Every LoRA layer's stacked copy in ``dtype`` made now, as the first forward with an adapter row would make
+        it: the engine counts the device's free memory after them (at r=64 on the 14B they are ~0.45 GB an adapter).
+        Returns the bytes that copies made later may still take: the x A operands of the kernels before the Linears
+        (``xa_operand``: their A matrices transposed, made by the first decode step that asks), at most every layer's
+        A once, less those made already."""
+        if self._prepared[0] != dtype:  # (once: the engine asks at every join; refresh() keeps them up to date)
+            total = 0
+            for layer in self.layers:
+                a_all, _, _ = self._stacked(layer, dtype)
+                total += a_all.numel() * a_all.element_size()
+            self._prepared = (dtype, total)
+        made = sum(at.numel() * at.element_size() for _, at in self._stacked_t.values())
+        return max(self._prepared[1] - made, 0)
 
     def xa_operand(self, consumers, rows: int, dtype) -> torch.Tensor | None:
         """A.T of the adapters of ``consumers`` (Linears that read one kernel's output: a norm's, SwiGLU's), stacked

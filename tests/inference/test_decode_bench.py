@@ -22,8 +22,8 @@ def test_decode_bench_tiny_writes_every_workload(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     entries = json.loads(out.read_text())
     by = {e["workload"]: e for e in entries}
-    assert set(by) == {"other", "b1_512", "b1_ctx2000", "b64_mixed", "b1_512_adapter", "eval_256",
-                       "eval_32_generate"}
+    assert set(by) == {"other", "b1_512", "b1_ctx2000", "b64_mixed", "b1_512_adapter", "b64_mixed_adapters",
+                       "eval_256", "eval_32_generate"}
     for name, e in by.items():
         if name == "other":
             continue
@@ -32,6 +32,8 @@ def test_decode_bench_tiny_writes_every_workload(tmp_path):
         assert e["tokens_per_s"] > 0 and e["tiny"] is True and "error" not in e
     assert by["b1_512"]["agrees_with_generate"] and by["b1_512_adapter"]["agrees_with_generate"]
     assert by["b64_mixed"]["rows"] == 5 and by["b64_mixed"]["prefill_s"] > 0
+    assert by["b64_mixed"]["rows_in_first_step"] == 5  # (no memory limit on the CPU: every row joins at once)
+    assert by["b64_mixed_adapters"]["adapters"] == 3 and by["b64_mixed_adapters"]["rows_in_first_step"] == 5
     # eval's figures come from the generated token ids it reports, not from re-encoded reply text
     for name in ("eval_256", "eval_32_generate"):
         assert by[name]["generated_tokens"] > 0 and by[name]["generation_s"] > 0

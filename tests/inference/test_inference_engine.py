@@ -418,6 +418,22 @@ def test_a_long_request_waits_for_the_batch_to_empty_and_gets_a_cache_of_its_own
     assert all(r.output_ids == solo[0] for r in first)
 
 
+def test_the_memory_plan_keeps_back_what_the_adapters_copies_will_take(tok, monkeypatch):
+    """On CUDA the cache may take the device's free memory less what is kept back; with adapters loaded that
+    includes the x A operands their first decode steps make (their stacks are made before memory is read, so the
+    device's free memory already counts those). Here the device's memory reading is faked on the CPU."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 << 40, 1 << 41))
+    spare = {}
+    for name, model in (("plain", tiny(seed=25)), ("adapters", _peft(tiny(seed=25), ["first", "second"]))):
+        engine = Engine(model, tok, max_batch=4)
+        engine.device = torch.device("cuda")  # (only _spare_bytes reads it here)
+        spare[name] = engine._spare_bytes(100)
+    layers = engine.adapters.layers
+    assert len(engine.adapters._stacks) == len(layers)
+    a_bytes = sum(layer.lora_A[n].weight.numel() * 4 for layer in layers for n in ("first", "second"))
+    assert spare["plain"] - spare["adapters"] == a_bytes
+
+
 def test_a_request_too_large_for_the_memory_alone_still_runs(tok):
     """With no room for even one row the queue's first request joins alone (on a GPU it fails with the device's
     own out-of-memory error, which the commands turn into one line); the queue behind it is not stuck."""

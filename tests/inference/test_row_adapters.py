@@ -94,6 +94,28 @@ def test_a_forward_gathers_the_rows_selection_once_for_all_layers_of_a_layout():
     assert next(iter(mixed._stacks.values()))[3] is not next(iter(adapters._stacks.values()))[3]
 
 
+def test_prepare_makes_every_stack_the_first_adapter_forward_would_and_counts_the_x_a_operands_to_come():
+    """The engine counts the device's free memory for its KV cache after ``prepare``: it stacks every LoRA layer's
+    adapters in the forward's dtype (a later forward with adapter rows makes no copy of its own), and returns the
+    bytes the kernels' x A operands may still take (every layer's A once), less those made since."""
+    pm = _peft(tiny(seed=2), ["first", "second"])
+    model = pm.base_model.model
+    adapters = RowAdapters(pm)
+    a_bytes = sum(layer.lora_A[n].weight.numel() * 4 for layer in adapters.layers for n in ("first", "second"))
+    assert not adapters._stacks
+    assert adapters.prepare(torch.float32) == a_bytes
+    assert set(adapters._stacks) == {id(layer) for layer in adapters.layers}
+    held = {k: (v[1].data_ptr(), v[2].data_ptr()) for k, v in adapters._stacks.items()}
+    with torch.no_grad(), adapters.applied(torch.tensor([[1.0, 0.0], [0.0, 1.0]])):
+        model(torch.tensor([[5, 6], [7, 8]]))
+    assert {k: (v[1].data_ptr(), v[2].data_ptr()) for k, v in adapters._stacks.items()} == held
+    layer = adapters.layers[0]
+    adapters._stacked_transposed((id(layer),), [adapters._stacks[id(layer)][:2]])  # one operand made
+    assert adapters.prepare(torch.float32) == a_bytes - sum(layer.lora_A[n].weight.numel() * 4
+                                                            for n in ("first", "second"))
+    assert RowAdapters(tiny(seed=2)).prepare(torch.float32) == 0  # no adapter, nothing kept back
+
+
 def _gptq_peft_model():
     """The tiny model on a bf16 GPTQ base (CPU) with two r=8 LoRA adapters of random init, "first" and "second"."""
     from peft import LoraConfig, get_peft_model

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# One device call for the README's decode and serving figures at this code, and the engine's memory plan with
+# adapters (NOTES "Where it stands after session 41", calls 1-2). From the repo root on the GPU machine, .whl
+# carried. Parts (each 1 by default; 0 skips):
+#   BENCH: decode_bench's four README workloads in one process (b1_512, b1_ctx2000, b1_512_adapter, b64_mixed: its
+#          rows_in_first_step says how many rows the memory plan let join at once);
+#   ADAPTERS: decode_bench's b64_mixed_adapters in a process of its own (three r=64 adapters and the base, 64 rows:
+#          the plan must count the adapters' copies, or an 80 GB card runs out of memory);
+#   SERVE: serve_bench with its defaults (1, 8 and 32 streams);
+#   LOG: serve_bench at 1 stream with the engine's log of each request's steps.
+#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 LOG=0] bash benchmarks/figures_trial.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
+source benchmarks/device_site.sh && inference_trial /tmp/figures_out || exit 1
+[[ "${BENCH:-1}" == 0 ]] || timeout 240 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \
+  --workloads b1_512 b1_ctx2000 b1_512_adapter b64_mixed --out "$OUT/decode_$C.json" 2>&1 | grep "^{" | cut -c1-400
+[[ "${ADAPTERS:-1}" == 0 ]] || timeout 150 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \
+  --workloads b64_mixed_adapters --out "$OUT/decode_adapters_$C.json" 2>&1 | grep -E "^\{|Error" | cut -c1-400
+[[ "${SERVE:-1}" == 0 ]] || timeout 120 python3 benchmarks/serve_bench.py --model-dir /tmp/m \
+  --out "$OUT/serve_$C.json" 2>&1 | grep "^{" | cut -c1-400
+[[ "${LOG:-1}" == 0 ]] || timeout 60 python3 benchmarks/serve_bench.py --model-dir /tmp/m --streams 1 \
+  --engine-log --out "$OUT/serve_log_$C.json" 2>&1 | grep "^{" | cut -c1-400
