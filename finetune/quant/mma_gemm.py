@@ -40,6 +40,7 @@ from __future__ import annotations
 import torch
 
 from . import mma_gemv
+from .kernel_launch import launch
 from .mma_gemv import CHUNK
 
 MIN_ROWS = 9  # GPTQLinear's threshold: fewer rows go to the GEMV (measured by benchmarks/mma_gemm_probe.py)
@@ -388,8 +389,7 @@ def mma_gemm(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
             return None
         ws, counters = held
     out = torch.empty(M, N, device=x2d.device, dtype=torch.bfloat16)
-    kernel(grid=(ctas, splits, 1), block=(warps * mg * 32, 1, 1),
-           args=[wpack, x2d, scales, qzeros, out, ws if ws is not None else out,
-                 counters if counters is not None else out, M, N, K, zero_add, x2d.stride(0),
-                 bias if bias is not None else out, int(bias is not None)])
+    launch(kernel, (ctas, splits, 1), (warps * mg * 32, 1, 1),
+           [wpack, x2d, scales, qzeros, out, ws if ws is not None else out, counters if counters is not None else out,
+            M, N, K, zero_add, x2d.stride(0), bias if bias is not None else out, int(bias is not None)])
     return out

@@ -42,6 +42,7 @@ import warnings
 
 import torch
 
+from .kernel_launch import launch
 from .packing import group_sorted_order, groups_even, to_int32_wrapping, unpack_cols, unpack_rows
 
 CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
@@ -919,6 +920,6 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
             return None
         lx = x2d if perm is None else kernel_input(x_given, None)  # the producers read x in A's row order
         lora, grid = (lx, a, sel, bt, producers, *held), (producers + T * splits, 1, 1)
-    kernel(grid=grid, block=(warps * 32, 1, 1),
-           args=kernel_args(x2d, wpack, scales, qzeros, zero_add, out, ws, counters, lora, bias))
+    launch(kernel, grid, (warps * 32, 1, 1), kernel_args(x2d, wpack, scales, qzeros, zero_add, out, ws, counters, lora,
+                                                        bias))
     return out
