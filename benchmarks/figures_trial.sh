@@ -7,8 +7,9 @@
 #   ADAPTERS: decode_bench's b64_mixed_adapters in a process of its own (three r=64 adapters and the base, 64 rows:
 #          the plan must count the adapters' copies, or an 80 GB card runs out of memory);
 #   SERVE: serve_bench with its defaults (1, 8 and 32 streams);
-#   LOG: serve_bench at 1 stream with the engine's log of each request's steps.
-#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 LOG=0] bash benchmarks/figures_trial.sh
+#   LOG: serve_bench at $LOG_STREAMS streams (default 1; comma-separated) with the engine's log of each round's
+#        submits, prefills and captures.
+#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 LOG=0] [LOG_STREAMS=1,8,32] bash benchmarks/figures_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -19,5 +20,5 @@ source benchmarks/device_site.sh && inference_trial /tmp/figures_out || exit 1
   --workloads b64_mixed_adapters --out "$OUT/decode_adapters_$C.json" 2>&1 | grep -E "^\{|Error" | cut -c1-400
 [[ "${SERVE:-1}" == 0 ]] || timeout 120 python3 benchmarks/serve_bench.py --model-dir /tmp/m \
   --out "$OUT/serve_$C.json" 2>&1 | grep "^{" | cut -c1-400
-[[ "${LOG:-1}" == 0 ]] || timeout 60 python3 benchmarks/serve_bench.py --model-dir /tmp/m --streams 1 \
+[[ "${LOG:-1}" == 0 ]] || timeout 90 python3 benchmarks/serve_bench.py --model-dir /tmp/m --streams "${LOG_STREAMS:-1}" \
   --engine-log --out "$OUT/serve_log_$C.json" 2>&1 | grep "^{" | cut -c1-400
