@@ -1,11 +1,12 @@
 """Launching an NVRTC-compiled kernel (``torch.cuda._compile_kernel``'s) with little host time.
 
 Why not the kernel object's own ``__call__``: it opens libcuda anew at every call (``ctypes.CDLL``, which also defines
-a class) and builds two ctypes objects per argument, ~60-110 us of host time a launch on the device's CPUs
-(`benchmarks/prefill_profile.py --host`: 23 of a 24-token prefill's 36 ms were its 200 launches). Inside a CUDA
-graph that cost is paid once, at capture; an eager call (a prefill of up to 64 positions, which goes through the
-small-M GEMM, or any call outside the engine's graphs) pays it at every launch. Here libcuda is opened once, and
-the arguments are packed into one array of 64-bit words with one array of pointers to them.
+a class) and builds two ctypes objects per argument: ~115 us a launch on an H100 machine's CPU under cProfile
+(`benchmarks/prefill_profile.py --host`: 23 ms for the 200 launches of a 24-token prefill that took 36 ms
+unprofiled). Inside a CUDA graph that cost is paid once, at capture; an eager call (a prefill of up to 64 positions,
+which goes through the small-M GEMM, or any call outside the engine's graphs) pays it at every launch. Here libcuda
+is opened once, and the arguments are packed into one array of 64-bit words with one array of pointers to them
+(the 24-token prompt's first step 40 -> 30 ms on one H100, benchmarks/NOTES.md step 91).
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ def _library():
         lib.cuLaunchKernel.restype = ctypes.c_int
         _cuda = lib
     return _cuda
+
+
+def _current_stream() -> int:
+    """The current CUDA stream's handle on the current device: torch's private accessor (a plain int, as the code
+    torch.compile generates reads it), or the public Stream object's where a torch build lacks it."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if raw is not None:
+        return raw(torch.cuda.current_device())
+    return torch.cuda.current_stream().cuda_stream
 
 
 def param_words(args) -> list[int]:
@@ -58,7 +68,7 @@ def launch(kernel, grid: tuple, block: tuple, args) -> None:
     """Launch ``kernel`` (a compiled kernel's object, with ``.func``) on the current CUDA stream of the current
     device, as ``kernel(grid=grid, block=block, args=args)`` would (no dynamic shared memory)."""
     buf, params = param_array(param_words(args))
-    stream = torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+    stream = _current_stream()
     rc = _library().cuLaunchKernel(kernel.func, grid[0], grid[1], grid[2], block[0], block[1], block[2], 0,
                                    ctypes.c_void_p(stream), params, None)
     if rc:
