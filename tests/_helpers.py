@@ -253,6 +253,20 @@ class RerunGraph:
         if self.pick is not None:
             e._pick_next(self.out, self.b, *self.pick, True, s["ints"], e._seen)
 
+    @staticmethod
+    def graph_of(forward, outputs: list | None = None):
+        """A stand-in for ``Engine._graph_of`` (the prefill's graphs): (a graph whose replay() runs ``forward`` again
+        into the output of its first run, that output); ``outputs`` gets each graph's output."""
+        out = forward()
+        if outputs is not None:
+            outputs.append(out)
+
+        class Replay:
+            def replay(self):
+                out.copy_(forward())
+
+        return Replay(), out
+
     @classmethod
     def capturing(cls, engine, keys: list | None = None):
         """A stand-in for ``engine._capture`` that appends each captured graph's key to ``keys``."""

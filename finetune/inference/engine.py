@@ -65,6 +65,11 @@ from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pi
 from .stop_strings import StopStrings
 
 LENGTH_BUCKET = 256
+# One prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens joining an empty batch is prefilled by a CUDA graph, the prompt
+# right-padded to the first of these lengths that holds it (``_prefill_graphed``): an eager prefill of a short prompt
+# is bound by host time (a 24-token prompt: 30 ms on an H100 for 8 ms of GPU time, 73 ms with an adapter's hooks for
+# 11 ms; benchmarks/NOTES.md steps 91-92). From ~500 tokens the GPU's time is the eager prefill's.
+PREFILL_GRAPH_LENGTHS = (32, 64, 128, 256)
 PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
 # warm_up's KV cache: max_batch rows of max_len positions, or of as many as this share of the device's free memory
 # holds. A cache that grows later drops every captured graph (they hold its buffers): in a serving trace after a
@@ -622,6 +627,13 @@ class Engine:
             stop_text = StopStrings(self.tokenizer, req.params.stop) if req.params.stop else None
             rows.append(_Row(req, alpha, generator, self.adapters.index(req.adapter),
                              self._base_stops | set(req.params.stop_token_ids), stop_text))
+        indices = [r.adapter_index for r in rows]
+        select = None if all(a is None for a in indices) else self._select(indices, n)
+        graph_length = self._prefill_graph_length(n, T, slot0, rows)
+        if graph_length is not None:
+            logits, ids = self._prefill_graphed(graph_length, reqs[0].prompt_ids, select)
+            self._joined(rows, lengths, ids, touched, logits)
+            return
         ids = torch.tensor([r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
                            device=self.device)
         pos = torch.arange(T, device=self.device)[None].expand(n, T)
@@ -631,8 +643,6 @@ class Engine:
         if cfg.use_logn_attn and T > cfg.seq_length:
             query_scale = logn_scale(pos + 1, cfg.seq_length)
         self._cache.mode, self._cache.slot = "prefill", slot0
-        indices = [r.adapter_index for r in rows]
-        select = None if all(a is None for a in indices) else self._select(indices, n)
         last = torch.tensor(lengths, device=self.device) - 1
         with self.adapters.applied(select), inference_sdpa(self.device):
             if self._kernels is not None:  # the decode step's fused kernels
@@ -642,6 +652,12 @@ class Engine:
             else:
                 logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale,
                                       last=last)
+        self._joined(rows, lengths, ids, touched, logits)
+
+    def _joined(self, rows: list[_Row], lengths: list[int], ids: torch.Tensor, touched, logits) -> None:
+        """The rows just prefilled join the batch (in the next slots): each prompt's tokens (``ids`` [n, >= its
+        length] on the device) marked seen, and their first tokens picked from ``logits`` [n, V]."""
+        slot0 = len(self._rows)
         for i, (row, L) in enumerate(zip(rows, lengths)):
             row.length = L
             self._seen[slot0 + i].zero_()
@@ -649,6 +665,69 @@ class Engine:
         self._rows.extend(rows)
         self._synced = False
         self._emit(rows, logits, touched)
+
+    def _prefill_graph_length(self, n: int, T: int, slot: int, rows: list[_Row]) -> int | None:
+        """The graph length a prefill is replayed at (``_prefill_graphed``), or None where it runs eagerly: graphs
+        off, not the fused kernels, several prompts, joining a batch that has rows (the graph writes slot 0), a prompt
+        past PREFILL_GRAPH_LENGTHS or the cache, an NTK alpha other than 1 (graphs hold alpha 1's rotary) or logN
+        (past seq_length)."""
+        cfg = self.config
+        if not (self.use_graphs and self._kernels is not None and n == 1 and slot == 0 and rows[0].alpha == 1.0
+                and (T <= cfg.seq_length or not cfg.use_logn_attn)):
+            return None
+        length = next((g for g in PREFILL_GRAPH_LENGTHS if g >= T), None)
+        return length if length is not None and length <= self._capacity else None
+
+    def _prefill_graphed(self, length: int, prompt: list[int], select) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 logits [1, V], the padded prompt [1, length] on the device) of one prompt's prefill into slot 0,
+        replayed from the graph of its padded ``length`` (captured at its first use; the graphs are dropped with the
+        cache). The padding's keys and values land past the prompt, where each decode step writes before it reads,
+        as in a group's eager prefill."""
+        key = ("prefill", length, select is not None)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._graphs[key] = self._capture_prefill(length, select is not None)
+        graph, out, ids, sel = entry
+        # the prompt, padded, and its last index after it: one copy into the graph's input
+        ids.copy_(torch.tensor(prompt + [0] * (length - len(prompt)) + [len(prompt) - 1], dtype=torch.long))
+        if sel is not None:
+            sel.copy_(select)
+        graph.replay()
+        return out, ids[None, :length]
+
+    def _capture_prefill(self, length: int, lora: bool) -> tuple:
+        """(graph, its logits [1, V], its input ids [length + 1]: the padded prompt then its last index, the adapter
+        selection [adapters, 1] or None) of a one-prompt prefill of ``length`` positions into slot 0."""
+        ids = torch.zeros(length + 1, dtype=torch.long, device=self.device)
+        sel = None
+        if lora:
+            sel = torch.zeros(max(len(self.adapters.names), 1), 1, dtype=torch.float32, device=self.device)
+        pos = torch.arange(length, device=self.device)[None]
+        cos, sin = self.tr.rotary_emb(pos, torch.ones(1, 1, device=self.device))
+
+        def forward():
+            with self.adapters.applied(sel), inference_sdpa(self.device), self._kernel_device():
+                return prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
+                                      self.tr.wte(ids[None, :length]), cos, sin, None, 0, ids[length:])
+
+        graph, out = self._graph_of(forward)
+        return graph, out, ids, sel
+
+    def _graph_of(self, forward):
+        """(a CUDA graph of ``forward()``, its output): run twice on a side stream first (the first calls compile
+        kernels and may synchronise), then captured into the engine's pool."""
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                forward()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with capture(graph, self._pool):
+            out = forward()
+        return graph, out
 
     def _kernel_device(self):
         """The engine's device made current for the fused kernels: Triton launches on the current CUDA device (on

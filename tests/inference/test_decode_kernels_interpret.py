@@ -438,6 +438,73 @@ def test_fused_prefill_and_steps_with_two_adapters_equal_the_model_blocks_in_fp3
     assert fused_ids == plain_ids
 
 
+def test_one_prompt_joining_an_empty_batch_is_prefilled_from_a_graph_of_its_padded_length(kernels, monkeypatch):
+    """A prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens that joins an empty batch alone is prefilled from the graph
+    of the first of those lengths that holds it (a CPU stand-in re-runs the captured forward, which reads the
+    graph's inputs): one capture a (length, adapters or not), replayed for every later prompt of that length, and
+    the first-token logits and the tokens of the eager fused prefill (fp32). Several prompts joining together, a
+    prompt joining a batch that has rows, and a prompt past the lengths prefill eagerly."""
+    from finetune.inference.engine import PREFILL_GRAPH_LENGTHS
+    from test_inference_engine import _peft
+
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    pm = _peft(tiny(seed=13), ["a"]).eval()
+    g = torch.Generator().manual_seed(10)
+    lengths = (5, 20, 32, 33, 100, 300)
+    batch = [torch.randint(3, 1700, (n,), generator=g).tolist() for n in lengths]
+    adapters = ["a", None, "a", None, "a", None]
+    params = SamplingParams(max_new_tokens=4, min_new_tokens=4)
+    captures = []
+
+    def graph_of(forward):
+        return RerunGraph.graph_of(forward, captures)
+
+    def run(use_graphs):
+        engine = Engine(pm, tok, max_batch=4, max_len=512, use_graphs=use_graphs)
+        engine._kernels = kernels
+        if use_graphs:
+            monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
+            monkeypatch.setattr(engine, "_graph_of", graph_of)
+        firsts, emit = [], engine._emit
+
+        def record(rows, logits, touched):
+            firsts.append(logits.clone())
+            return emit(rows, logits, touched)
+
+        engine._emit = record
+        with torch.no_grad():
+            outs = [engine.generate([p], params, adapter=a)[0] for p, a in zip(batch, adapters)]
+        return engine, firsts, outs
+
+    _, want_firsts, want = run(False)
+    engine, firsts, got = run(True)
+    assert PREFILL_GRAPH_LENGTHS[-1] == 256 and got == want
+    for a, b in zip(firsts, want_firsts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # 5 and 32 tokens on the adapter share a graph; 300 tokens prefill eagerly (and grow the cache: graphs dropped)
+    assert len(captures) == 4
+    engine = Engine(pm, tok, max_batch=4, max_len=512, use_graphs=True)
+    engine._kernels = kernels
+    monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
+    monkeypatch.setattr(engine, "_graph_of", graph_of)
+    graphed, replayed = [], engine._prefill_graphed
+
+    def spy(length, prompt, select):
+        graphed.append(len(prompt))
+        return replayed(length, prompt, select)
+
+    monkeypatch.setattr(engine, "_prefill_graphed", spy)
+    with torch.no_grad():
+        assert engine.generate(batch[1:3], params) == [want[1], engine.generate([batch[2]], params)[0]]
+        assert graphed == [32]  # the two together eagerly, then the second alone from its graph
+        first = engine.submit(batch[1], params)
+        engine.step()  # joins the empty batch: from the graph
+        second = engine.submit(batch[3], params)  # joins a batch with a row: eagerly
+        while engine.has_work():
+            engine.step()
+    assert graphed == [32, 20] and [first.output_ids, second.output_ids] == [want[1], want[3]]
+
+
 # -- where the fused path runs (no triton needed) -----------------------------------------------------------------
 def test_the_cpu_keeps_the_model_blocks():
     """(the switch and the hooks: test_fused_decode_cuda.py)"""
@@ -485,6 +552,7 @@ def test_own_keys_graphs_serve_every_length_they_cover_and_warm_up_captures_each
             super().replay()
 
     monkeypatch.setattr(engine, "_capture", Counted.capturing(engine, keys))
+    monkeypatch.setattr(engine, "_graph_of", RerunGraph.graph_of)  # (warm_up's one-row prefill)
     sampled, penalised = SamplingParams(do_sample=True, top_p=0.8), SamplingParams(repetition_penalty=1.1)
     engine.warm_up([sampled, penalised, SamplingParams()])
     heads = model.config.num_attention_heads

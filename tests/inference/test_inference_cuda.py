@@ -100,7 +100,9 @@ def test_warm_up_captures_every_batch_bucket_and_later_answers_are_unchanged(tok
     want = Engine(model, tok, max_batch=6).generate(batch, params)
     engine = Engine(model, tok, max_batch=6)
     engine.warm_up([SamplingParams(), SamplingParams(do_sample=True)])
-    assert {key[0] for key in engine._graphs} == {1, 2, 4, 6} and not engine.has_work()
+    prefill = {key for key in engine._graphs if key[0] == "prefill"}
+    assert prefill == {("prefill", 32, False)}  # (its one-row prompt, 16 tokens, joined the empty batch alone)
+    assert {key[0] for key in engine._graphs} - {"prefill"} == {1, 2, 4, 6} and not engine.has_work()
     # the cache was sized for every row at max_len, so no request grows it (a growth drops the graphs)
     assert (engine._slots, engine._capacity) == (6, -(-engine.max_len // 8) * 8)
     # every batch bucket's steps at every graph length the cache holds, greedy and sampled, were captured
@@ -147,6 +149,52 @@ def test_bf16_per_step_logits_match_the_plain_forward(tok):
             want = ref[len(r.prompt_ids) - 1 + i]
             rel = ((got - want).norm() / want.norm()).item()
             assert rel < BF16_LOGITS_REL, (r.id, i, rel)
+
+
+def _alone_within_bf16_of_the_plain_forward(model, tok, engine, batch, adapter=None):
+    """Each prompt of ``batch`` decoded alone by ``engine`` (12 new tokens): every step's logits within
+    BF16_LOGITS_REL of ``model``'s plain forward over the same tokens."""
+    logits = _record_logits(engine)
+    for p in batch:
+        r = engine.submit(p, SamplingParams(max_new_tokens=12), adapter=adapter)
+        while engine.has_work():
+            engine.step()
+        ids = torch.tensor([r.prompt_ids + r.output_ids], device="cuda")
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0].float().cpu()
+        for i, got in enumerate(logits[r.id]):
+            want = ref[len(r.prompt_ids) - 1 + i]
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < BF16_LOGITS_REL, (len(p), i, rel)
+
+
+def test_a_prompt_alone_is_prefilled_from_the_graph_of_its_padded_length(tok):
+    """A prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens that joins an empty batch alone replays the graph of the
+    first of those lengths that holds it (captured at first use, one a length): the first token's logits, and
+    every step's after it, within bf16's tolerance of the plain forward."""
+    model = realistic_model(1).to("cuda", torch.bfloat16)
+    engine = Engine(model, tok, max_batch=4)
+    _alone_within_bf16_of_the_plain_forward(model, tok, engine, prompts([4, 20, 33, 150], seed=2))
+    assert {key for key in engine._graphs if key[0] == "prefill"} == {("prefill", n, False) for n in (32, 64, 256)}
+
+
+def test_a_prompt_alone_on_an_int4_model_s_adapter_is_prefilled_from_its_graph(tok):
+    """The same with the adapters' hooks in the graph (an Int4 model, an unmerged adapter): the plain forward of the
+    PEFT model with that adapter, within bf16's tolerance."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune.demo import TINY_CONFIG
+    from finetune.modeling import QWenConfig
+    from finetune.quant.loading import build_gptq_model_on_device
+
+    values = {k: v for k, v in TINY_CONFIG.items() if k not in ("architectures", "auto_map", "model_type")}
+    values["quantization_config"] = {"bits": 4, "group_size": 32, "quant_method": "gptq", "desc_act": False}
+    model = build_gptq_model_on_device(QWenConfig(**values), device="cuda", dtype=torch.bfloat16, seed=0).eval()
+    cfg = dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False)
+    pm = get_peft_model(model, LoraConfig(**cfg), adapter_name="first").eval()
+    engine = Engine(pm, tok, max_batch=4)
+    _alone_within_bf16_of_the_plain_forward(pm, tok, engine, prompts([5, 40], seed=3), adapter="first")
+    assert {key for key in engine._graphs if key[0] == "prefill"} == {("prefill", 32, True), ("prefill", 64, True)}
 
 
 def test_chat_uses_the_engine_on_cuda_and_answers_as_generate(tok, monkeypatch, switches):
