@@ -687,7 +687,7 @@ class Engine:
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._graphs[key] = self._capture_prefill(length, select is not None)
-        graph, out, ids, sel = entry
+        graph, out, ids, sel, _ = entry
         # the prompt, padded, and its last index after it: one copy into the graph's input
         ids.copy_(torch.tensor(prompt + [0] * (length - len(prompt)) + [len(prompt) - 1], dtype=torch.long))
         if sel is not None:
@@ -697,7 +697,10 @@ class Engine:
 
     def _capture_prefill(self, length: int, lora: bool) -> tuple:
         """(graph, its logits [1, V], its input ids [length + 1]: the padded prompt then its last index, the adapter
-        selection [adapters, 1] or None) of a one-prompt prefill of ``length`` positions into slot 0."""
+        selection [adapters, 1] or None, the rotary tables it reads) of a one-prompt prefill of ``length`` positions
+        into slot 0. The entry keeps every tensor made outside the capture that the graph reads: a graph holds only
+        their addresses, and the rotary tables, freed with this call's frame, were overwritten by the next allocations
+        (the second replay's keys were wrong from layer 0 on, session 43)."""
         ids = torch.zeros(length + 1, dtype=torch.long, device=self.device)
         sel = None
         if lora:
@@ -711,7 +714,7 @@ class Engine:
                                       self.tr.wte(ids[None, :length]), cos, sin, None, 0, ids[length:])
 
         graph, out = self._graph_of(forward)
-        return graph, out, ids, sel
+        return graph, out, ids, sel, (cos, sin)
 
     def _graph_of(self, forward):
         """(a CUDA graph of ``forward()``, its output): run twice on a side stream first (the first calls compile
