@@ -254,15 +254,33 @@ class RerunGraph:
             e._pick_next(self.out, self.b, *self.pick, True, s["ints"], e._seen)
 
     @staticmethod
-    def graph_of(forward, outputs: list | None = None):
-        """A stand-in for ``Engine._graph_of`` (the prefill's graphs): (a graph whose replay() runs ``forward`` again
-        into the output of its first run, that output); ``outputs`` gets each graph's output."""
+    def graph_of(engine, forward, outputs: list | None = None):
+        """A stand-in for ``engine._graph_of`` (the prefill's graphs): (a graph whose replay() runs ``forward`` again
+        into the output of its first run, that output); ``outputs`` gets each graph's output. Each replay first
+        checks that the engine's graph entries keep every tensor ``forward`` reads from its closure: a real graph
+        holds only their addresses, and a tensor freed after the capture is overwritten by later allocations (the
+        stand-in's own reference to ``forward`` would otherwise keep it alive)."""
+        import torch
+
         out = forward()
         if outputs is not None:
             outputs.append(out)
+        read = [c.cell_contents for c in forward.__closure__ or () if isinstance(c.cell_contents, torch.Tensor)]
+
+        def kept(values) -> set[int]:
+            found = set()
+            for v in values:
+                if isinstance(v, torch.Tensor):
+                    found.add(id(v))
+                elif isinstance(v, (tuple, list)):
+                    found |= kept(v)
+            return found
 
         class Replay:
             def replay(self):
+                held = kept(engine._graphs.values())
+                lost = [tuple(t.shape) for t in read if id(t) not in held]
+                assert not lost, f"a prefill graph reads tensors its entry does not keep, of shapes {lost}"
                 out.copy_(forward())
 
         return Replay(), out

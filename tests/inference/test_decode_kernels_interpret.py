@@ -456,15 +456,15 @@ def test_one_prompt_joining_an_empty_batch_is_prefilled_from_a_graph_of_its_padd
     params = SamplingParams(max_new_tokens=4, min_new_tokens=4)
     captures = []
 
-    def graph_of(forward):
-        return RerunGraph.graph_of(forward, captures)
+    def stand_ins(engine):
+        monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
+        monkeypatch.setattr(engine, "_graph_of", lambda forward: RerunGraph.graph_of(engine, forward, captures))
 
     def run(use_graphs):
         engine = Engine(pm, tok, max_batch=4, max_len=512, use_graphs=use_graphs)
         engine._kernels = kernels
         if use_graphs:
-            monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
-            monkeypatch.setattr(engine, "_graph_of", graph_of)
+            stand_ins(engine)
         firsts, emit = [], engine._emit
 
         def record(rows, logits, touched):
@@ -485,8 +485,7 @@ def test_one_prompt_joining_an_empty_batch_is_prefilled_from_a_graph_of_its_padd
     assert len(captures) == 4
     engine = Engine(pm, tok, max_batch=4, max_len=512, use_graphs=True)
     engine._kernels = kernels
-    monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
-    monkeypatch.setattr(engine, "_graph_of", graph_of)
+    stand_ins(engine)
     graphed, replayed = [], engine._prefill_graphed
 
     def spy(length, prompt, select):
@@ -552,7 +551,8 @@ def test_own_keys_graphs_serve_every_length_they_cover_and_warm_up_captures_each
             super().replay()
 
     monkeypatch.setattr(engine, "_capture", Counted.capturing(engine, keys))
-    monkeypatch.setattr(engine, "_graph_of", RerunGraph.graph_of)  # (warm_up's one-row prefill)
+    # (warm_up's one-row prefill)
+    monkeypatch.setattr(engine, "_graph_of", lambda forward: RerunGraph.graph_of(engine, forward))
     sampled, penalised = SamplingParams(do_sample=True, top_p=0.8), SamplingParams(repetition_penalty=1.1)
     engine.warm_up([sampled, penalised, SamplingParams()])
     heads = model.config.num_attention_heads
