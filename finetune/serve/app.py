@@ -23,6 +23,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.routing import APIRoute
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -287,12 +288,52 @@ def _body_problem(request: Request, err: dict) -> str:
     return f"the request body must be a JSON object, got {react.json_type(err.get('input'))}"
 
 
+class DuplicateKey(ValueError):
+    """A JSON object in the request body that names a key twice."""
+
+
+def _one_of_each(pairs: list[tuple]) -> dict:
+    """The JSON reader's object hook: Python's json keeps a repeated key's last value without a word, so a body
+    like {"max_tokens": 4, "max_tokens": 400} would run with one of two values the client sent."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(f"the request body names the key {quoted(key, ECHO_CHARS, length=True)} twice in one "
+                           "object: send each key once")
+    return obj
+
+
+class StrictJSONRequest(Request):
+    """FastAPI reads the body through ``Request.json()``: this one refuses repeated keys (``_one_of_each``)."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), object_pairs_hook=_one_of_each)
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """The app's routes, handed a StrictJSONRequest."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def strict(request: Request):
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
+
+
 def _unparsable(cause: Exception) -> str:
     """FastAPI's 400 "There was an error parsing the body", with what was wrong."""
     if isinstance(cause, UnicodeDecodeError):
         return f"the request body is not valid UTF-8 ({cause.reason} at byte {cause.start})"
-    if isinstance(cause, RecursionError):
-        return "the request body is not valid JSON: it nests too deeply"
+    if isinstance(cause, DuplicateKey):
+        return str(cause)
+    if isinstance(cause, RecursionError):  # (from ~980 levels: the reader's recursion and the server's frames)
+        return "the request body nests too deeply: arrays and objects more than a few hundred levels deep (a chat " \
+               "request needs a few)"
     if type(cause) is ValueError:  # json's int() past Python's digit limit (its words advise a Python setting)
         return (f"the request body holds a number of more than {sys.get_int_max_str_digits()} digits (no field "
                 "takes one)")
@@ -470,6 +511,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     # no slash redirects: GET /health/ was a 307 to /health, an empty answer to curl without -L (the two routes a
     # client may call with a slash are served with it below; any other path is the 404 naming the routes)
     app = FastAPI(title="qwen-ft serve", lifespan=lifespan, docs_url=None, redoc_url=None, redirect_slashes=False)
+    app.router.route_class = StrictJSONRoute  # (before the routes are added below)
     app.state.server = server
     app.add_middleware(BugAsError)  # (innermost: inside the CORS middleware below)
     app.add_middleware(BodyLimit, limit=max_body)

@@ -142,10 +142,15 @@ def test_a_bad_stop_is_400_naming_stop(live, stop):
     (b'{"model": ' + b"[" * 100000 + b"]" * 100000 + b"}", JSON, "nests too deeply"),
     (b'{"model": "tiny-qwen",', JSON, "not valid JSON: Expecting property name enclosed in double quotes at character"),
     (b'{"model": "tiny-qwen", "seed": 1' + b"0" * 5000 + b"}", JSON, "a number of more than 4300 digits"),
-], ids=["empty", "array", "string", "null", "text/plain", "form", "bad-utf8", "deep", "truncated", "digits"])
+    (b'{"model": "tiny-qwen", "max_tokens": 4, "messages": [], "max_tokens": 400}', JSON,
+     "names the key 'max_tokens' twice in one object"),
+    (b'{"model": "tiny-qwen", "messages": [{"role": "user", "content": "a", "content": "b"}]}', JSON,
+     "names the key 'content' twice in one object"),
+], ids=["empty", "array", "string", "null", "text/plain", "form", "bad-utf8", "deep", "truncated", "digits",
+        "repeated-key", "repeated-key-in-a-message"])
 def test_a_body_that_is_no_json_object_says_why(live, content, headers, words):
     """These were "Field required" or "Input should be a valid dictionary" (no field named), or "There was an
-    error parsing the body"."""
+    error parsing the body"; a repeated key ran with its last value, the client's other one dropped unsaid."""
     err = _error(_post(live, content=content, headers=headers))
     assert words in err["message"] and err["param"] is None, err
 
