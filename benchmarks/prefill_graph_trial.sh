@@ -6,8 +6,11 @@
 #   AB: decode_bench's b1_512 and b1_512_adapter (their first step is the graphed prefill) here and in $OLD (a tree of
 #       the commit before, made beside the repo with `git archive <rev> finetune benchmarks | tar -x -C ab_old`), in
 #       alternating processes, twice;
-#   PROFILE: prefill_profile.py at 24, 128 and 500 tokens, with and without an r=64 adapter.
-#   QWEN_FT_COMMIT=<rev> [OLD=ab_old] [TESTS=0 AB=0 PROFILE=0] bash benchmarks/prefill_graph_trial.sh
+#   PROFILE: prefill_profile.py at 24, 128 and 500 tokens, with and without an r=64 adapter;
+#   JOIN: prefill_profile.py --warm-up --beside 4 at 24 and 200 tokens, with and without an r=64 adapter, here and in
+#       $OLD (this script's prefill_profile.py copied there, run on that tree's package): a prompt joining four
+#       decoding rows, as a busy server's request (NOTES step 93).
+#   QWEN_FT_COMMIT=<rev> [OLD=ab_old] [TESTS=0 AB=0 PROFILE=0 JOIN=0] bash benchmarks/prefill_graph_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -30,4 +33,15 @@ if [[ "${PROFILE:-1}" == 1 ]]; then
     --out "$OUT/prefill_profile_base_$C.json" 2>&1 | grep "^{" | cut -c1-250
   timeout 100 python3 benchmarks/prefill_profile.py --model-dir /tmp/m --lengths 24 500 --adapter 64 \
     --out "$OUT/prefill_profile_adapter_$C.json" 2>&1 | grep "^{" | cut -c1-250
+fi
+if [[ "${JOIN:-1}" == 1 ]]; then
+  for v in old new; do
+    d=.; [[ $v == old ]] && d="${OLD:-ab_old}"
+    [[ -d $d/benchmarks ]] || { echo "no tree at $d: JOIN skipped for $v"; continue; }
+    [[ $v == old ]] && cp benchmarks/prefill_profile.py "$d/benchmarks/"
+    for r in 0 64; do
+      timeout 150 python3 "$d/benchmarks/prefill_profile.py" --model-dir /tmp/m --lengths 24 200 --warm-up --beside 4 \
+        --adapter $r --out "$OUT/join_${v}_r${r}_$C.json" 2>&1 | grep "^{" | cut -c1-250 | sed "s/^/$v r$r /"
+    done
+  done
 fi

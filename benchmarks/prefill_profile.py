@@ -5,9 +5,13 @@ above the GPU time is host time (eager launches); GPU time near the wall is the 
 
     python benchmarks/prefill_profile.py --model-dir /tmp/m --out $OUT/prefill_profile.json
     python benchmarks/prefill_profile.py --model-dir /tmp/m --lengths 24 --adapter 64 --host 25   # with an adapter
+    python benchmarks/prefill_profile.py --model-dir /tmp/m --lengths 24 200 --warm-up --beside 4  # as a server's join
 
 --adapter R: the prompt uses a random r=R adapter (decode_bench.with_adapter). --host N: the N functions with the most
 host time of three warm prefills (cProfile: own time and cumulative), to say what a host-bound prefill spends.
+--warm-up: Engine.warm_up() first, as the server runs it. --beside N: each prompt joins beside N rows that keep
+decoding (24-token prompts, on the adapter too), as a request joins a busy server; its prefill is the time every
+running row's next token waits.
 """
 
 from __future__ import annotations
@@ -34,17 +38,18 @@ from finetune.inference import Engine, SamplingParams  # noqa: E402
 
 
 def prefill_once(engine, ids, adapter=None) -> float:
-    """Seconds of one prefill of ``ids`` (joining an empty batch), synchronised; the request is then dropped."""
+    """Seconds of one prefill of ``ids`` (joining the batch as it is), synchronised; the request is then dropped."""
     req = engine.submit(ids, SamplingParams(max_new_tokens=1), adapter=adapter)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
     with engine._step_lock, torch.no_grad():  # as step() runs it
-        touched: dict = {}
-        engine._admit(touched)
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
+        if engine._inflight is not None:  # (a join reads the step in flight first)
+            engine._read(engine._take_inflight(), {})
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine._admit({})
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
     req.cancel()
-    while engine.has_work():
+    while not req.finished:
         engine.step()
     return dt
 
@@ -72,6 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--lengths", type=int, nargs="+", default=[24, 128, 500, 1000, 2000])
     ap.add_argument("--adapter", type=int, default=0, help="rank of a random adapter the prompts use (0: none)")
     ap.add_argument("--host", type=int, default=0, help="list the N functions with the most host time (cProfile)")
+    ap.add_argument("--warm-up", action="store_true", help="Engine.warm_up() first, as the server does")
+    ap.add_argument("--beside", type=int, default=0, help="rows that keep decoding while each prompt joins")
     ap.add_argument("--out")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -82,6 +89,12 @@ def main(argv=None) -> int:
 
         model, adapter = with_adapter(model, args.adapter), "default"
     engine = Engine(model, tok, max_batch=8, max_len=4096)
+    if args.warm_up:
+        engine.warm_up()
+    keep = SamplingParams(max_new_tokens=3000, min_new_tokens=3000)  # (no stop token ends them)
+    running = [engine.submit(prompt_ids(24, 24 + i, engine.vocab), keep, adapter=adapter) for i in range(args.beside)]
+    for _ in range(3 if running else 0):
+        engine.step()
     results = []
     for n in args.lengths:
         ids = prompt_ids(n, n, engine.vocab)
@@ -103,7 +116,8 @@ def main(argv=None) -> int:
                    gpu_ms_by_family={k: round(v, 2) for k, v in sorted(by_family.items(), key=lambda kv: -kv[1])},
                    kernels_by_family=dict(kernels),
                    top_kernels=[dict(name=k, ms=round(v, 3)) for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:12]],
-                   tflops=round(28e9 * n / warm / 1e12, 1), adapter_rank=args.adapter)
+                   tflops=round(28e9 * n / warm / 1e12, 1), adapter_rank=args.adapter,
+                   beside=sum(not r.finished for r in running), warmed_up=args.warm_up)
         if args.host:
             row["host_top"] = host_top(engine, ids, adapter, args.host)
         results.append(row)

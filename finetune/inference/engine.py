@@ -334,7 +334,7 @@ class Engine:
         and capture graphs: ~10 s that the first requests of a server waited for (NOTES step 58). This runs a
         short greedy prompt through every batch bucket (each bucket's graph, and the tensor-core kernels of each
         row count), one sampled and penalised row (the device-side sampling), and a row through each adapter (the
-        LoRA kernels). On CUDA it first sizes the KV cache for max_batch rows of max_len positions, or of as many
+        LoRA kernels), and captures one prompt's prefill at each of PREFILL_GRAPH_LENGTHS. On CUDA it first sizes the KV cache for max_batch rows of max_len positions, or of as many
         as WARM_CACHE_SHARE of the free device memory holds (``warm_length``), so that requests up to that length
         never grow it (a growth drops the graphs); then, where the steps read their rows' own keys, it captures
         the decode step of every batch bucket at every graph length the cache holds (``_graph_length``: a few
@@ -362,10 +362,16 @@ class Engine:
         for name in self.adapters.names:
             if not [n for n in self.adapters.base_changed if n != name]:
                 self.generate([ids], greedy, adapter=name)
+        # (no base rows beside an adapter that must run alone: its steps always run the adapters)
+        loras = (True,) if lead is not None else (False, True) if self.adapters.names else (False,)
+        if self.use_graphs and self._kernels is not None:
+            # one prompt's prefill at every graph length the cache holds (its short prompt made the first): a prompt
+            # joining alone then neither waits for a capture nor takes the capture's memory beside running rows
+            for length, lora in itertools.product(PREFILL_GRAPH_LENGTHS, loras):
+                if length <= self._capacity and ("prefill", length, lora) not in self._graphs:
+                    self._graphs["prefill", length, lora] = self._capture_prefill(length, lora, 0)
         if self.use_graphs and self._own_keys():
             picks = {graph_pick(p) for p in expect}
-            # (no base rows beside an adapter that must run alone: its steps always run the adapters)
-            loras = (True,) if lead is not None else (False, True) if self.adapters.names else (False,)
             for b in buckets:
                 for length in self._graph_lengths(b):
                     for pick, lora in itertools.product(sorted(picks, key=repr), loras):
@@ -629,9 +635,9 @@ class Engine:
                              self._base_stops | set(req.params.stop_token_ids), stop_text))
         indices = [r.adapter_index for r in rows]
         select = None if all(a is None for a in indices) else self._select(indices, n)
-        graph_length = self._prefill_graph_length(n, T, slot0, rows)
+        graph_length = self._prefill_graph_length(n, T, rows)
         if graph_length is not None:
-            logits, ids = self._prefill_graphed(graph_length, reqs[0].prompt_ids, select)
+            logits, ids = self._prefill_graphed(graph_length, reqs[0].prompt_ids, select, slot0)
             self._joined(rows, lengths, ids, touched, logits)
             return
         ids = torch.tensor([r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
@@ -666,42 +672,43 @@ class Engine:
         self._synced = False
         self._emit(rows, logits, touched)
 
-    def _prefill_graph_length(self, n: int, T: int, slot: int, rows: list[_Row]) -> int | None:
+    def _prefill_graph_length(self, n: int, T: int, rows: list[_Row]) -> int | None:
         """The graph length a prefill is replayed at (``_prefill_graphed``), or None where it runs eagerly: graphs
-        off, not the fused kernels, several prompts, joining a batch that has rows (the graph writes slot 0), a prompt
-        past PREFILL_GRAPH_LENGTHS or the cache, an NTK alpha other than 1 (graphs hold alpha 1's rotary) or logN
-        (past seq_length)."""
+        off, not the fused kernels, several prompts, a prompt past PREFILL_GRAPH_LENGTHS or the cache, an NTK alpha
+        other than 1 (graphs hold alpha 1's rotary) or logN (past seq_length)."""
         cfg = self.config
-        if not (self.use_graphs and self._kernels is not None and n == 1 and slot == 0 and rows[0].alpha == 1.0
+        if not (self.use_graphs and self._kernels is not None and n == 1 and rows[0].alpha == 1.0
                 and (T <= cfg.seq_length or not cfg.use_logn_attn)):
             return None
         length = next((g for g in PREFILL_GRAPH_LENGTHS if g >= T), None)
         return length if length is not None and length <= self._capacity else None
 
-    def _prefill_graphed(self, length: int, prompt: list[int], select) -> tuple[torch.Tensor, torch.Tensor]:
-        """(fp32 logits [1, V], the padded prompt [1, length] on the device) of one prompt's prefill into slot 0,
-        replayed from the graph of its padded ``length`` (captured at its first use; the graphs are dropped with the
-        cache). The padding's keys and values land past the prompt, where each decode step writes before it reads,
-        as in a group's eager prefill."""
+    def _prefill_graphed(self, length: int, prompt: list[int], select, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(fp32 logits [1, V], the padded prompt [1, length] on the device) of one prompt's prefill into cache row
+        ``slot`` (a free one), replayed from the graph of its padded ``length`` (captured at its first use unless
+        warm_up did; the graphs are dropped with the cache). The padding's keys and values land past the prompt,
+        where each decode step writes before it reads, as in a group's eager prefill."""
         key = ("prefill", length, select is not None)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture_prefill(length, select is not None)
+            entry = self._graphs[key] = self._capture_prefill(length, select is not None, slot)
         graph, out, ids, sel, _ = entry
-        # the prompt, padded, and its last index after it: one copy into the graph's input
-        ids.copy_(torch.tensor(prompt + [0] * (length - len(prompt)) + [len(prompt) - 1], dtype=torch.long))
+        # the prompt, padded, its last index and its cache row after it: one copy into the graph's input
+        ids.copy_(torch.tensor(prompt + [0] * (length - len(prompt)) + [len(prompt) - 1, slot], dtype=torch.long))
         if sel is not None:
             sel.copy_(select)
         graph.replay()
         return out, ids[None, :length]
 
-    def _capture_prefill(self, length: int, lora: bool) -> tuple:
-        """(graph, its logits [1, V], its input ids [length + 1]: the padded prompt then its last index, the adapter
-        selection [adapters, 1] or None, the rotary tables it reads) of a one-prompt prefill of ``length`` positions
-        into slot 0. The entry keeps every tensor made outside the capture that the graph reads: a graph holds only
-        their addresses, and the rotary tables, freed with this call's frame, were overwritten by the next allocations
-        (the second replay's keys were wrong from layer 0 on, session 43)."""
-        ids = torch.zeros(length + 1, dtype=torch.long, device=self.device)
+    def _capture_prefill(self, length: int, lora: bool, slot: int) -> tuple:
+        """(graph, its logits [1, V], its input ids [length + 2]: the padded prompt, its last index and its cache row,
+        the adapter selection [adapters, 1] or None, the rotary tables it reads) of a one-prompt prefill of
+        ``length`` positions. ``slot``: a free cache row, which the eager runs before the capture write. The entry
+        keeps every tensor made outside the capture that the graph reads: a graph holds only their addresses, and
+        the rotary tables, freed with this call's frame, were overwritten by the next allocations (the second
+        replay's keys were wrong from layer 0 on, session 43)."""
+        ids = torch.zeros(length + 2, dtype=torch.long, device=self.device)
+        ids[length + 1] = slot
         sel = None
         if lora:
             sel = torch.zeros(max(len(self.adapters.names), 1), 1, dtype=torch.float32, device=self.device)
@@ -711,7 +718,8 @@ class Engine:
         def forward():
             with self.adapters.applied(sel), inference_sdpa(self.device), self._kernel_device():
                 return prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
-                                      self.tr.wte(ids[None, :length]), cos, sin, None, 0, ids[length:])
+                                      self.tr.wte(ids[None, :length]), cos, sin, None, ids[length + 1:],
+                                      ids[length:length + 1])
 
         graph, out = self._graph_of(forward)
         return graph, out, ids, sel, (cos, sin)

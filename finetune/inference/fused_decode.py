@@ -151,11 +151,13 @@ def prefill_blocks(kernels, tr, lm_head, k_cache, v_cache, x, cos, sin, query_sc
     step: ``x`` [n, T, hidden] the embedded prompts right-padded to T, ``cos``/``sin`` [n, T, rot] and
     ``query_scale`` [n, T] (or None) as the model computes them, keys and values written into ``k_cache``/
     ``v_cache`` [layers, slots, heads, capacity, D] at rows slot..slot+n-1, positions 0..T-1, ``last`` [n] each
-    prompt's last index. Causal SDPA over each prompt's own new keys, as the model's blocks attend in a prefill
-    (padding comes after a prompt's tokens, so no real position sees it). The Linears are called as modules on
-    [n, T, ...] inputs, as the blocks call them (GPTQ dequantize + matmul, the engine's per-row adapter hooks).
-    Why: the model's eager blocks launch ~52 kernels a layer, and a prefill of a short prompt was bound by their
-    host time (~65 ms a prompt on the 14B against ~20 ms of GPU time, benchmarks/NOTES.md step 58)."""
+    prompt's last index. ``slot``: an int, or a one-element tensor on the device (a graph's input: one prompt, its
+    keys then gathered from the cache row it names instead of sliced). Causal SDPA over each prompt's own new keys,
+    as the model's blocks attend in a prefill (padding comes after a prompt's tokens, so no real position sees it).
+    The Linears are called as modules on [n, T, ...] inputs, as the blocks call them (GPTQ dequantize + matmul,
+    the engine's per-row adapter hooks). Why: the model's eager blocks launch ~52 kernels a layer, and a prefill of
+    a short prompt was bound by their host time (~65 ms a prompt on the 14B against ~20 ms of GPU time,
+    benchmarks/NOTES.md step 58)."""
     n, T, _ = x.shape
     x = x.contiguous()
     index = kernels.prefill_index(n, T, slot, x.device)
@@ -166,7 +168,11 @@ def prefill_blocks(kernels, tr, lm_head, k_cache, v_cache, x, cos, sin, query_sc
         x, h = kernels.add_rms_norm(x, delta, block.ln_1.weight, block.ln_1.eps)
         q = kernels.prefill_rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer],
                                             slot, attn.num_heads, index)
-        keys, values = k_cache[layer, slot:slot + n, :, :T], v_cache[layer, slot:slot + n, :, :T]
+        if isinstance(slot, torch.Tensor):
+            keys = k_cache[layer, :, :, :T].index_select(0, slot)
+            values = v_cache[layer, :, :, :T].index_select(0, slot)
+        else:
+            keys, values = k_cache[layer, slot:slot + n, :, :T], v_cache[layer, slot:slot + n, :, :T]
         y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, scale=attn.scale)
         delta = attn.c_proj(y.transpose(1, 2).reshape(n, T, attn.projection_size))
         x, h = kernels.add_rms_norm(x, delta, block.ln_2.weight, block.ln_2.eps)

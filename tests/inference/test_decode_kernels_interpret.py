@@ -438,12 +438,12 @@ def test_fused_prefill_and_steps_with_two_adapters_equal_the_model_blocks_in_fp3
     assert fused_ids == plain_ids
 
 
-def test_one_prompt_joining_an_empty_batch_is_prefilled_from_a_graph_of_its_padded_length(kernels, monkeypatch):
-    """A prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens that joins an empty batch alone is prefilled from the graph
-    of the first of those lengths that holds it (a CPU stand-in re-runs the captured forward, which reads the
-    graph's inputs): one capture a (length, adapters or not), replayed for every later prompt of that length, and
-    the first-token logits and the tokens of the eager fused prefill (fp32). Several prompts joining together, a
-    prompt joining a batch that has rows, and a prompt past the lengths prefill eagerly."""
+def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length(kernels, monkeypatch):
+    """A prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens that joins alone, into an empty batch or beside running
+    rows, is prefilled from the graph of the first of those lengths that holds it (a CPU stand-in re-runs the
+    captured forward, which reads the graph's inputs, its cache row among them): one capture a (length, adapters or
+    not), replayed for every later prompt of that length, and the first-token logits and the tokens of the eager
+    fused prefill (fp32). Several prompts joining together and a prompt past the lengths prefill eagerly."""
     from finetune.inference.engine import PREFILL_GRAPH_LENGTHS
     from test_inference_engine import _peft
 
@@ -488,20 +488,20 @@ def test_one_prompt_joining_an_empty_batch_is_prefilled_from_a_graph_of_its_padd
     stand_ins(engine)
     graphed, replayed = [], engine._prefill_graphed
 
-    def spy(length, prompt, select):
-        graphed.append(len(prompt))
-        return replayed(length, prompt, select)
+    def spy(length, prompt, select, slot):
+        graphed.append((len(prompt), slot))
+        return replayed(length, prompt, select, slot)
 
     monkeypatch.setattr(engine, "_prefill_graphed", spy)
     with torch.no_grad():
         assert engine.generate(batch[1:3], params) == [want[1], engine.generate([batch[2]], params)[0]]
-        assert graphed == [32]  # the two together eagerly, then the second alone from its graph
+        assert graphed == [(32, 0)]  # the two together eagerly, then the second alone from its graph
         first = engine.submit(batch[1], params)
-        engine.step()  # joins the empty batch: from the graph
-        second = engine.submit(batch[3], params)  # joins a batch with a row: eagerly
+        engine.step()  # joins the empty batch: from the graph, into cache row 0
+        second = engine.submit(batch[3], params)  # joins beside it: from the graph, into row 1
         while engine.has_work():
             engine.step()
-    assert graphed == [32, 20] and [first.output_ids, second.output_ids] == [want[1], want[3]]
+    assert graphed == [(32, 0), (20, 0), (33, 1)] and [first.output_ids, second.output_ids] == [want[1], want[3]]
 
 
 # -- where the fused path runs (no triton needed) -----------------------------------------------------------------

@@ -100,8 +100,10 @@ def test_warm_up_captures_every_batch_bucket_and_later_answers_are_unchanged(tok
     want = Engine(model, tok, max_batch=6).generate(batch, params)
     engine = Engine(model, tok, max_batch=6)
     engine.warm_up([SamplingParams(), SamplingParams(do_sample=True)])
+    from finetune.inference.engine import PREFILL_GRAPH_LENGTHS
+
     prefill = {key for key in engine._graphs if key[0] == "prefill"}
-    assert prefill == {("prefill", 32, False)}  # (its one-row prompt, 16 tokens, joined the empty batch alone)
+    assert prefill == {("prefill", n, False) for n in PREFILL_GRAPH_LENGTHS}  # one prompt's prefill at each length
     assert {key[0] for key in engine._graphs} - {"prefill"} == {1, 2, 4, 6} and not engine.has_work()
     # the cache was sized for every row at max_len, so no request grows it (a growth drops the graphs)
     assert (engine._slots, engine._capacity) == (6, -(-engine.max_len // 8) * 8)
@@ -151,6 +153,20 @@ def test_bf16_per_step_logits_match_the_plain_forward(tok):
             assert rel < BF16_LOGITS_REL, (r.id, i, rel)
 
 
+def _within_bf16_of_the_plain_forward(model, logits, reqs):
+    """Every step's logits of each request of ``reqs`` (recorded by _record_logits) within BF16_LOGITS_REL of
+    ``model``'s plain forward over the same tokens."""
+    for r in reqs:
+        ids = torch.tensor([r.prompt_ids + r.output_ids], device="cuda")
+        with torch.no_grad():
+            ref = model(input_ids=ids).logits[0].float().cpu()
+        assert logits[r.id]
+        for i, got in enumerate(logits[r.id]):
+            want = ref[len(r.prompt_ids) - 1 + i]
+            rel = ((got - want).norm() / want.norm()).item()
+            assert rel < BF16_LOGITS_REL, (len(r.prompt_ids), i, rel)
+
+
 def _alone_within_bf16_of_the_plain_forward(model, tok, engine, batch, adapter=None):
     """Each prompt of ``batch`` decoded alone by ``engine`` (12 new tokens): every step's logits within
     BF16_LOGITS_REL of ``model``'s plain forward over the same tokens."""
@@ -159,13 +175,7 @@ def _alone_within_bf16_of_the_plain_forward(model, tok, engine, batch, adapter=N
         r = engine.submit(p, SamplingParams(max_new_tokens=12), adapter=adapter)
         while engine.has_work():
             engine.step()
-        ids = torch.tensor([r.prompt_ids + r.output_ids], device="cuda")
-        with torch.no_grad():
-            ref = model(input_ids=ids).logits[0].float().cpu()
-        for i, got in enumerate(logits[r.id]):
-            want = ref[len(r.prompt_ids) - 1 + i]
-            rel = ((got - want).norm() / want.norm()).item()
-            assert rel < BF16_LOGITS_REL, (len(p), i, rel)
+        _within_bf16_of_the_plain_forward(model, logits, [r])
 
 
 def test_a_prompt_alone_is_prefilled_from_the_graph_of_its_padded_length(tok):
@@ -176,6 +186,32 @@ def test_a_prompt_alone_is_prefilled_from_the_graph_of_its_padded_length(tok):
     engine = Engine(model, tok, max_batch=4)
     _alone_within_bf16_of_the_plain_forward(model, tok, engine, prompts([4, 20, 33, 150], seed=2))
     assert {key for key in engine._graphs if key[0] == "prefill"} == {("prefill", n, False) for n in (32, 64, 256)}
+
+
+def test_a_prompt_joining_running_rows_is_prefilled_from_its_graph_into_its_own_cache_row(tok):
+    """A prompt that joins alone beside running rows replays the same graphs, writing the cache row it joins at:
+    the running rows' steps and the new row's, before and after, within bf16's tolerance of the plain forward."""
+    model = realistic_model(1).to("cuda", torch.bfloat16)
+    engine = Engine(model, tok, max_batch=4)
+    logits = _record_logits(engine)
+    graphed, replay = [], engine._prefill_graphed
+
+    def spy(length, prompt, select, slot):
+        graphed.append((length, slot))
+        return replay(length, prompt, select, slot)
+
+    engine._prefill_graphed = spy
+    first, second, third = prompts([150, 20, 40], seed=4)
+    reqs = [engine.submit(first, SamplingParams(max_new_tokens=40))]
+    for p in (second, third):
+        for _ in range(5):
+            engine.step()
+        reqs.append(engine.submit(p, SamplingParams(max_new_tokens=12)))
+    while engine.has_work():
+        engine.step()
+    _within_bf16_of_the_plain_forward(model, logits, reqs)
+    # (each join grew the cache to the next batch bucket, which dropped the graphs: each was captured beside rows)
+    assert graphed == [(256, 0), (32, 1), (64, 2)]
 
 
 def test_a_prompt_alone_on_an_int4_model_s_adapter_is_prefilled_from_its_graph(tok):
