@@ -32,6 +32,9 @@ PeftModel). --modes picks the loads to compare, each at every level:
            server itself has no grouping, so this is measured through the client. TTFT counts from the
            round's start, so later groups' waiting shows in it.
 Default modes: base without --adapters, mixed with them.
+--stagger MS: the streams of a round are sent MS milliseconds apart instead of together (not with grouped), so each
+request joins a batch that is decoding, alone, as requests reach a busy server; TTFT then counts from each request's
+own send, and the running streams' ITL p99 shows what each join cost them.
 
   # on the H200: a 14B-shaped Int4 dir (random weights, made once), then the runs
   python benchmarks/make_model_dir.py --shape 14b --int4 --out /tmp/sb/int4
@@ -151,8 +154,8 @@ async def one_stream(client, model, text, new_tokens, t0=None) -> dict:
             "seconds": done - sent}
 
 
-async def run_level(url, mode, names, prompts, new_tokens) -> dict:
-    """One round: every prompt streamed, as the mode sends them."""
+async def run_level(url, mode, names, prompts, new_tokens, stagger_ms: float = 0) -> dict:
+    """One round: every prompt streamed, as the mode sends them (``stagger_ms`` apart, or together)."""
     import openai
 
     async with openai.AsyncOpenAI(base_url=url, api_key="bench", timeout=1800, max_retries=0) as client:
@@ -168,6 +171,12 @@ async def run_level(url, mode, names, prompts, new_tokens) -> dict:
             for name in names["adapters"]:
                 group = [p for n, p in jobs if n == name]
                 results += await asyncio.gather(*[one_stream(client, name, p, new_tokens, t0) for p in group])
+        elif stagger_ms:
+            async def sent_later(i, name, text):
+                await asyncio.sleep(i * stagger_ms / 1000)
+                return await one_stream(client, name, text, new_tokens)  # (TTFT from its own send)
+
+            results = await asyncio.gather(*[sent_later(i, n, p) for i, (n, p) in enumerate(jobs)])
         else:
             results = await asyncio.gather(*[one_stream(client, n, p, new_tokens, t0) for n, p in jobs])
         wall = time.perf_counter() - t0
@@ -177,7 +186,8 @@ async def run_level(url, mode, names, prompts, new_tokens) -> dict:
     per_stream = [{"model": r["model"], "tokens": r["tokens"], "ttft_ms": _round(r["ttft_ms"]),
                    "itl_ms_p50": _round(percentile(r["itl_ms"], 50)), "decode_tok_s": _round(r["decode_tok_s"])}
                   for r in results]
-    return {"t0": t0, "mode": mode, "streams": len(prompts), "completion_tokens": tokens, "wall_s": round(wall, 3),
+    return {"t0": t0, "mode": mode, "streams": len(prompts), "stagger_ms": stagger_ms, "completion_tokens": tokens,
+            "wall_s": round(wall, 3),
             "aggregate_tok_s": round(tokens / wall, 1), "ttft_ms_p50": _round(percentile(ttft, 50)),
             "ttft_ms_p99": _round(percentile(ttft, 99)), "itl_ms_p50": _round(percentile(itl, 50)),
             "itl_ms_p99": _round(percentile(itl, 99)), "streams_timed": len(ttft), "per_stream": per_stream}
@@ -207,6 +217,8 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-log", action="store_true",
                     help="log each measured round's submits, prefills and graph captures (engine_stalls.py's "
                          "timers: they synchronise the device around each prefill and capture)")
+    ap.add_argument("--stagger", type=float, default=0, metavar="MS",
+                    help="send a round's streams MS milliseconds apart (default 0: together)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args(argv)
     if not args.model_dir and not args.tiny:
@@ -216,6 +228,9 @@ def main(argv=None) -> int:
     bad = [m for m in modes if m not in MODES]
     if bad:
         print(f"error: --modes: unknown mode {bad[0]!r} (choose from {', '.join(MODES)})", file=sys.stderr)
+        return 2
+    if args.stagger < 0 or (args.stagger and "grouped" in modes):
+        print(f"error: --stagger {args.stagger:g}: must be >= 0, and not with the grouped mode", file=sys.stderr)
         return 2
     if args.adapters < 0 or (not args.adapters and set(modes) - {"base"}):
         print(f"error: --modes {','.join(modes)} needs --adapters K (K >= 1)", file=sys.stderr)
@@ -266,10 +281,10 @@ def main(argv=None) -> int:
             prompts = make_prompts(server, n, prompt_tokens, seed=n)
             prompt_max = max(len(server.prompt(_req(p))[0]) for p in prompts)
             for mode in modes:
-                asyncio.run(run_level(live.api_url, mode, names, prompts, new_tokens))  # warm-up: graphs
+                asyncio.run(run_level(live.api_url, mode, names, prompts, new_tokens, args.stagger))  # warm-up
                 if log is not None:
                     log.clear()
-                r = asyncio.run(run_level(live.api_url, mode, names, prompts, new_tokens))
+                r = asyncio.run(run_level(live.api_url, mode, names, prompts, new_tokens, args.stagger))
                 t0 = r.pop("t0")
                 if log is not None:
                     r["engine_log"] = relative(log, t0)  # ms after the round's start
@@ -281,6 +296,7 @@ def main(argv=None) -> int:
               "new_tokens": new_tokens, "adapters": args.adapters, "warm_up_s": warm_up_s, "modes": modes,
               "max_batch": max(levels),
               "levels": results, "targets": TARGETS,
+              "stagger_ms": args.stagger,
               "definitions": "tokens from usage (continuous_usage_stats); TTFT: request sent -> first chunk whose "
                              "usage counts a completion token; ITL: gaps between token-carrying chunks per token",
               "command": "python benchmarks/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -32,6 +32,23 @@ def test_serve_bench_tiny(tmp_path):
         assert all(e["at"] >= 0 for e in log) and [e["at"] for e in log] == sorted(e["at"] for e in log)
 
 
+def test_serve_bench_stagger_sends_a_rounds_streams_apart(tmp_path):
+    """--stagger MS: stream i of a round is submitted no sooner than i x MS after the round starts (the engine log's
+    submits, ms from the round's start), and every stream still gets its tokens."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_bench
+
+    out = tmp_path / "serve.json"
+    assert serve_bench.main(["--tiny", "--streams", "3", "--stagger", "150", "--engine-log", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (lv,) = report["levels"]
+    assert report["stagger_ms"] == lv["stagger_ms"] == 150
+    assert lv["completion_tokens"] == 3 * report["new_tokens"] and lv["streams_timed"] == 3
+    submits = [e["at"] for e in lv["engine_log"] if e["kind"] == "submit"]
+    # (asyncio's timers may fire up to its clock resolution early: a few ms of slack)
+    assert len(submits) == 3 and all(at >= i * 150 - 5 for i, at in enumerate(submits))
+
+
 def test_serve_bench_compares_adapter_loads_and_refuses_bad_flags(tmp_path, capsys):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import serve_bench
@@ -47,7 +64,8 @@ def test_serve_bench_compares_adapter_loads_and_refuses_bad_flags(tmp_path, caps
         assert lv["completion_tokens"] == 2 * 8 and lv["ttft_ms_p50"] > 0
     capsys.readouterr()
     for argv, message in ((["--modes", "mixed"], "needs --adapters"), (["--modes", "nope"], "unknown mode"),
-                          (["--streams", "1,x"], "comma-separated integers")):
+                          (["--streams", "1,x"], "comma-separated integers"),
+                          (["--adapters", "2", "--modes", "grouped", "--stagger", "10"], "not with the grouped mode")):
         assert serve_bench.main(["--tiny", *argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
