@@ -6,10 +6,11 @@
 #          rows_in_first_step says how many rows the memory plan let join at once);
 #   ADAPTERS: decode_bench's b64_mixed_adapters in a process of its own (three r=64 adapters and the base, 64 rows:
 #          the plan must count the adapters' copies, or an 80 GB card runs out of memory);
-#   SERVE: serve_bench with its defaults (1, 8 and 32 streams);
+#   SERVE: serve_bench with its defaults (1, 8 and 32 streams; since session 43 `qwen-ft serve` in its own process);
+#   THREAD: the same with --server thread (the server in a thread beside the client, as every figure before);
 #   LOG: serve_bench at $LOG_STREAMS streams (default 1; comma-separated) with the engine's log of each round's
 #        submits, prefills and captures.
-#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 LOG=0] [LOG_STREAMS=1,8,32] bash benchmarks/figures_trial.sh
+#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 THREAD=0 LOG=0] [LOG_STREAMS=1,8,32] bash benchmarks/figures_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader
@@ -18,7 +19,9 @@ source benchmarks/device_site.sh && inference_trial /tmp/figures_out || exit 1
   --workloads b1_512 b1_ctx2000 b1_512_adapter b64_mixed --out "$OUT/decode_$C.json" 2>&1 | grep "^{" | cut -c1-400
 [[ "${ADAPTERS:-1}" == 0 ]] || timeout 150 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \
   --workloads b64_mixed_adapters --out "$OUT/decode_adapters_$C.json" 2>&1 | grep -E "^\{|Error" | cut -c1-400
-[[ "${SERVE:-1}" == 0 ]] || timeout 120 python3 benchmarks/serve_bench.py --model-dir /tmp/m \
+[[ "${SERVE:-1}" == 0 ]] || timeout 180 python3 benchmarks/serve_bench.py --model-dir /tmp/m \
   --out "$OUT/serve_$C.json" 2>&1 | grep "^{" | cut -c1-400
+[[ "${THREAD:-1}" == 0 ]] || timeout 120 python3 benchmarks/serve_bench.py --model-dir /tmp/m --server thread \
+  --out "$OUT/serve_thread_$C.json" 2>&1 | grep "^{" | cut -c1-400
 [[ "${LOG:-1}" == 0 ]] || timeout 90 python3 benchmarks/serve_bench.py --model-dir /tmp/m --streams "${LOG_STREAMS:-1}" \
   --engine-log --out "$OUT/serve_log_$C.json" 2>&1 | grep "^{" | cut -c1-400

@@ -1,5 +1,11 @@
 """`qwen-ft serve` under load: N concurrent streams through the real HTTP server and the `openai` client.
 
+Where the server runs (--server): `process` starts `qwen-ft serve` as its own process, as a user runs it (its
+warm-up, then the rounds); `thread` serves from a thread of this process, beside the client, whose parsing of every
+chunk then shares the interpreter (the GIL) with the server and its engine thread. --adapters (random adapters made
+here) and --engine-log (the engine's timers) need the thread; the default, auto, is process unless one of them is
+given. Figures before session 43 were all measured in a thread.
+
 For each concurrency level (default 1, 8, 32) and each mode: N streamed chat completions of exactly
 --new-tokens tokens (min_tokens = max_tokens) after prompts of --prompt-tokens tokens (each stream its own
 prompt), started together, after one unmeasured warm-up round of the same shape (CUDA graph capture); on a GPU
@@ -49,11 +55,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
 import json
+import os
+import re
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -193,6 +206,52 @@ async def run_level(url, mode, names, prompts, new_tokens, stagger_ms: float = 0
             "itl_ms_p99": _round(percentile(itl, 99)), "streams_timed": len(ttft), "per_stream": per_stream}
 
 
+@contextlib.contextmanager
+def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout: float = 1800):
+    """`qwen-ft serve` on a free loopback port in its own process, with this repo's package first on its path:
+    yields (API url, its warm-up seconds as it printed them or None, seconds until it answered /health); stopped
+    with SIGINT (as Ctrl-C) on exit. RuntimeError with its output's last lines if it ends or is not up in time."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-c", "import sys; from finetune.cli import main; sys.exit(main())", "serve",
+           "-m", str(model_dir), "--port", str(port), "--max-batch", str(max_batch),
+           "--max-model-len", str(max_model_len), "--max-queue", "0"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench_server_", suffix=".log", delete=False)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+
+    def output() -> str:
+        return Path(log.name).read_text(errors="replace")
+
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"qwen-ft serve ended (exit {proc.returncode}): {output()[-2000:]}")
+            if time.perf_counter() - start > ready_timeout:
+                raise RuntimeError(f"qwen-ft serve was not up within {ready_timeout:g} s: {output()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        ready_s = time.perf_counter() - start
+        warm = re.search(r"warming up the decoder .*?done in ([0-9.]+) s", output())
+        yield f"http://127.0.0.1:{port}/v1", float(warm.group(1)) if warm else None, ready_s
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log.close()
+        os.unlink(log.name)
+
+
 def _round(x, nd=2):
     return None if x is None else round(x, nd)
 
@@ -217,6 +276,9 @@ def main(argv=None) -> int:
     ap.add_argument("--engine-log", action="store_true",
                     help="log each measured round's submits, prefills and graph captures (engine_stalls.py's "
                          "timers: they synchronise the device around each prefill and capture)")
+    ap.add_argument("--server", choices=("auto", "process", "thread"), default="auto",
+                    help="where the server runs: its own `qwen-ft serve` process, or a thread of this one (default "
+                         "auto: process, or thread with --adapters / --engine-log)")
     ap.add_argument("--stagger", type=float, default=0, metavar="MS",
                     help="send a round's streams MS milliseconds apart (default 0: together)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
@@ -234,6 +296,12 @@ def main(argv=None) -> int:
         return 2
     if args.adapters < 0 or (not args.adapters and set(modes) - {"base"}):
         print(f"error: --modes {','.join(modes)} needs --adapters K (K >= 1)", file=sys.stderr)
+        return 2
+    in_thread = args.adapters or args.engine_log
+    where = args.server if args.server != "auto" else "thread" if in_thread else "process"
+    if where == "process" and in_thread:
+        print("error: --server process: --adapters and --engine-log need --server thread (the random adapters and "
+              "the engine's timers live in this process)", file=sys.stderr)
         return 2
     try:
         levels = [int(x) for x in (args.streams or ("1,2" if args.tiny else "1,8,32")).split(",")]
@@ -259,32 +327,44 @@ def main(argv=None) -> int:
         from make_model_dir import make_model_dir
 
         model_dir = make_model_dir(Path(tempfile.mkdtemp(prefix="serve_bench_")) / "tiny-int4", "tiny", True, "cpu")
-    model = load_model(model_dir)
+    # (in process mode the model here only builds the prompts, as the server will: on the CPU, off the GPU)
+    model = load_model(model_dir, device="cpu" if where == "process" else None)
     tokenizer = load_tokenizer(model_dir)
     adapter_names: list[str] = []
     if args.adapters:
         model, adapter_names = add_random_adapters(model, args.adapters)
     names = {"base": base_name(model_dir), "adapters": adapter_names}
+    max_model_len = prompt_tokens + new_tokens
     server = Server(model, tokenizer, base_name=names["base"], adapter_names=adapter_names,
-                    max_batch=max(levels), max_model_len=prompt_tokens + new_tokens, max_queue=0)
-    warm_up_s = None
-    if server.engine.device.type == "cuda":  # as `qwen-ft serve` does before it listens
-        warm_up_s = round(server.engine.warm_up(server.default_sampling()), 2)
+                    max_batch=max(levels), max_model_len=max_model_len, max_queue=0)
+    rounds = []
+    for n in levels:
+        prompts = make_prompts(server, n, prompt_tokens, seed=n)
+        rounds.append((prompts, max(len(server.prompt(_req(p))[0]) for p in prompts)))
+    warm_up_s = ready_s = None
     log = [] if args.engine_log else None
-    if log is not None:
-        from engine_stalls import relative, timed_methods
+    if where == "process":
+        del server, model
+        served = served_process(model_dir, max(levels), max_model_len)
+    else:
+        if server.engine.device.type == "cuda":  # as `qwen-ft serve` does before it listens
+            warm_up_s = round(server.engine.warm_up(server.default_sampling()), 2)
+        if log is not None:
+            from engine_stalls import relative, timed_methods
 
-        timed_methods(server.engine, log, submits=True)
+            timed_methods(server.engine, log, submits=True)
+        served = serve_in_background(server)
     results = []
-    with serve_in_background(server) as live:
-        for n in levels:
-            prompts = make_prompts(server, n, prompt_tokens, seed=n)
-            prompt_max = max(len(server.prompt(_req(p))[0]) for p in prompts)
+    with served as live:
+        url = live.api_url if where == "thread" else live[0]
+        if where == "process":
+            warm_up_s, ready_s = live[1], round(live[2], 2)
+        for prompts, prompt_max in rounds:
             for mode in modes:
-                asyncio.run(run_level(live.api_url, mode, names, prompts, new_tokens, args.stagger))  # warm-up
+                asyncio.run(run_level(url, mode, names, prompts, new_tokens, args.stagger))  # warm-up
                 if log is not None:
                     log.clear()
-                r = asyncio.run(run_level(live.api_url, mode, names, prompts, new_tokens, args.stagger))
+                r = asyncio.run(run_level(url, mode, names, prompts, new_tokens, args.stagger))
                 t0 = r.pop("t0")
                 if log is not None:
                     r["engine_log"] = relative(log, t0)  # ms after the round's start
@@ -293,7 +373,8 @@ def main(argv=None) -> int:
                 print(json.dumps({k: v for k, v in r.items() if k not in ("per_stream", "engine_log")}), flush=True)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report = {"model_dir": str(model_dir), "device": device, "prompt_tokens": prompt_tokens,
-              "new_tokens": new_tokens, "adapters": args.adapters, "warm_up_s": warm_up_s, "modes": modes,
+              "new_tokens": new_tokens, "adapters": args.adapters, "server": where, "warm_up_s": warm_up_s,
+              "server_ready_s": ready_s, "modes": modes,
               "max_batch": max(levels),
               "levels": results, "targets": TARGETS,
               "stagger_ms": args.stagger,

@@ -32,6 +32,24 @@ def test_serve_bench_tiny(tmp_path):
         assert all(e["at"] >= 0 for e in log) and [e["at"] for e in log] == sorted(e["at"] for e in log)
 
 
+def test_serve_bench_runs_qwen_ft_serve_as_its_own_process_by_default(tmp_path):
+    """Without --adapters or --engine-log the rounds go to `qwen-ft serve` started as a process of its own (as a user
+    runs it), which is stopped afterwards."""
+    import psutil
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_bench
+
+    out = tmp_path / "serve.json"
+    assert serve_bench.main(["--tiny", "--streams", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["server"] == "process" and report["server_ready_s"] > 0
+    (lv,) = report["levels"]
+    assert lv["completion_tokens"] == 2 * report["new_tokens"] and lv["streams_timed"] == 2
+    served = [p for p in psutil.process_iter(["cmdline"]) if report["model_dir"] in (p.info["cmdline"] or [])]
+    assert served == []  # the server process was stopped
+
+
 def test_serve_bench_stagger_sends_a_rounds_streams_apart(tmp_path):
     """--stagger MS: stream i of a round is submitted no sooner than i x MS after the round starts (the engine log's
     submits, ms from the round's start), and every stream still gets its tokens."""
@@ -65,7 +83,8 @@ def test_serve_bench_compares_adapter_loads_and_refuses_bad_flags(tmp_path, caps
     capsys.readouterr()
     for argv, message in ((["--modes", "mixed"], "needs --adapters"), (["--modes", "nope"], "unknown mode"),
                           (["--streams", "1,x"], "comma-separated integers"),
-                          (["--adapters", "2", "--modes", "grouped", "--stagger", "10"], "not with the grouped mode")):
+                          (["--adapters", "2", "--modes", "grouped", "--stagger", "10"], "not with the grouped mode"),
+                          (["--server", "process", "--engine-log"], "need --server thread")):
         assert serve_bench.main(["--tiny", *argv, "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
