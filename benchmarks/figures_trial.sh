@@ -10,7 +10,8 @@
 #   THREAD: the same with --server thread (the server in a thread beside the client, as every figure before);
 #   LOG: serve_bench at $LOG_STREAMS streams (default 1; comma-separated) with the engine's log of each round's
 #        submits, prefills and captures.
-#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 THREAD=0 LOG=0] [LOG_STREAMS=1,8,32] bash benchmarks/figures_trial.sh
+#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 THREAD=0 LOG=0] [LOG_STREAMS=1,8,32] \
+#     bash benchmarks/figures_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader

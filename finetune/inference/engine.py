@@ -65,10 +65,11 @@ from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pi
 from .stop_strings import StopStrings
 
 LENGTH_BUCKET = 256
-# One prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens joining an empty batch is prefilled by a CUDA graph, the prompt
-# right-padded to the first of these lengths that holds it (``_prefill_graphed``): an eager prefill of a short prompt
-# is bound by host time (a 24-token prompt: 30 ms on an H100 for 8 ms of GPU time, 73 ms with an adapter's hooks for
-# 11 ms; benchmarks/NOTES.md steps 91-92). From ~500 tokens the GPU's time is the eager prefill's.
+# One prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens joining alone (an empty batch or beside running rows) is
+# prefilled by a CUDA graph, the prompt right-padded to the first of these lengths that holds it (``_prefill_graphed``):
+# an eager prefill of a short prompt is bound by host time (a 24-token prompt: 30 ms on an H100 for 8 ms of GPU time,
+# 73 ms with an adapter's hooks for 11 ms; benchmarks/NOTES.md steps 91-93). From ~500 tokens the GPU's time is the
+# eager prefill's.
 PREFILL_GRAPH_LENGTHS = (32, 64, 128, 256)
 PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
 # warm_up's KV cache: max_batch rows of max_len positions, or of as many as this share of the device's free memory
@@ -334,9 +335,10 @@ class Engine:
         and capture graphs: ~10 s that the first requests of a server waited for (NOTES step 58). This runs a
         short greedy prompt through every batch bucket (each bucket's graph, and the tensor-core kernels of each
         row count), one sampled and penalised row (the device-side sampling), and a row through each adapter (the
-        LoRA kernels), and captures one prompt's prefill at each of PREFILL_GRAPH_LENGTHS. On CUDA it first sizes the KV cache for max_batch rows of max_len positions, or of as many
-        as WARM_CACHE_SHARE of the free device memory holds (``warm_length``), so that requests up to that length
-        never grow it (a growth drops the graphs); then, where the steps read their rows' own keys, it captures
+        LoRA kernels), and captures one prompt's prefill at each of PREFILL_GRAPH_LENGTHS. On CUDA it first sizes
+        the KV cache for max_batch rows of max_len positions, or of as many as WARM_CACHE_SHARE of the free device
+        memory holds (``warm_length``), so that requests up to that length never grow it (a growth drops the graphs);
+        then, where the steps read their rows' own keys, it captures
         the decode step of every batch bucket at every graph length the cache holds (``_graph_length``: a few
         a bucket) for the sampling of ``expect`` (what the requests to come will use: greedy by default; the
         server's and chat's generation-config defaults), with and without adapters, so that no such request
