@@ -498,10 +498,13 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
         assert graphed == [(32, 0)]  # the two together eagerly, then the second alone from its graph
         first = engine.submit(batch[1], params)
         engine.step()  # joins the empty batch: from the graph, into cache row 0
-        second = engine.submit(batch[3], params)  # joins beside it: from the graph, into row 1
+        second = engine.submit(batch[1], params)  # beside it: the same graph (captured at row 0) into row 1
+        engine.step()
+        third = engine.submit(batch[3], params)  # beside both: a graph captured now, at row 2
         while engine.has_work():
             engine.step()
-    assert graphed == [(32, 0), (20, 0), (33, 1)] and [first.output_ids, second.output_ids] == [want[1], want[3]]
+    assert graphed == [(32, 0), (20, 0), (20, 1), (33, 2)]
+    assert [first.output_ids, second.output_ids, third.output_ids] == [want[1], want[1], want[3]]
 
 
 # -- where the fused path runs (no triton needed) -----------------------------------------------------------------
