@@ -637,7 +637,7 @@ class Engine:
                              self._base_stops | set(req.params.stop_token_ids), stop_text))
         indices = [r.adapter_index for r in rows]
         select = None if all(a is None for a in indices) else self._select(indices, n)
-        graph_length = self._prefill_graph_length(n, T, rows)
+        graph_length = self._prefill_graph_length(n, T, rows, slot0, select is not None)
         if graph_length is not None:
             logits, ids = self._prefill_graphed(graph_length, reqs[0].prompt_ids, select, slot0)
             self._joined(rows, lengths, ids, touched, logits)
@@ -674,21 +674,26 @@ class Engine:
         self._synced = False
         self._emit(rows, logits, touched)
 
-    def _prefill_graph_length(self, n: int, T: int, rows: list[_Row]) -> int | None:
+    def _prefill_graph_length(self, n: int, T: int, rows: list[_Row], slot: int, lora: bool) -> int | None:
         """The graph length a prefill is replayed at (``_prefill_graphed``), or None where it runs eagerly: graphs
         off, not the fused kernels, several prompts, a prompt past PREFILL_GRAPH_LENGTHS or the cache, an NTK alpha
-        other than 1 (graphs hold alpha 1's rotary) or logN (past seq_length)."""
+        other than 1 (graphs hold alpha 1's rotary) or logN (past seq_length), or a join beside running rows whose
+        graph is not held. A graph is captured into an empty batch or by warm_up, never beside running rows: a
+        capture holds the activations of two prefills (its eager runs', its pool's) where the join plan counted
+        one, and a full cache may not have them."""
         cfg = self.config
         if not (self.use_graphs and self._kernels is not None and n == 1 and rows[0].alpha == 1.0
                 and (T <= cfg.seq_length or not cfg.use_logn_attn)):
             return None
         length = next((g for g in PREFILL_GRAPH_LENGTHS if g >= T), None)
-        return length if length is not None and length <= self._capacity else None
+        if length is None or length > self._capacity or (slot > 0 and ("prefill", length, lora) not in self._graphs):
+            return None
+        return length
 
     def _prefill_graphed(self, length: int, prompt: list[int], select, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(fp32 logits [1, V], the padded prompt [1, length] on the device) of one prompt's prefill into cache row
-        ``slot`` (a free one), replayed from the graph of its padded ``length`` (captured at its first use unless
-        warm_up did; the graphs are dropped with the cache). The padding's keys and values land past the prompt,
+        ``slot`` (a free one), replayed from the graph of its padded ``length`` (captured here into an empty batch,
+        unless warm_up did; the graphs are dropped with the cache). The padding's keys and values land past the prompt,
         where each decode step writes before it reads, as in a group's eager prefill."""
         key = ("prefill", length, select is not None)
         entry = self._graphs.get(key)

@@ -442,8 +442,9 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
     """A prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens that joins alone, into an empty batch or beside running
     rows, is prefilled from the graph of the first of those lengths that holds it (a CPU stand-in re-runs the
     captured forward, which reads the graph's inputs, its cache row among them): one capture a (length, adapters or
-    not), replayed for every later prompt of that length, and the first-token logits and the tokens of the eager
-    fused prefill (fp32). Several prompts joining together and a prompt past the lengths prefill eagerly."""
+    not), into an empty batch, replayed for every later prompt of that length, and the first-token logits and the
+    tokens of the eager fused prefill (fp32). Several prompts joining together, a prompt past the lengths and a join
+    beside running rows whose graph is not held prefill eagerly."""
     from finetune.inference.engine import PREFILL_GRAPH_LENGTHS
     from test_inference_engine import _peft
 
@@ -500,10 +501,10 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
         engine.step()  # joins the empty batch: from the graph, into cache row 0
         second = engine.submit(batch[1], params)  # beside it: the same graph (captured at row 0) into row 1
         engine.step()
-        third = engine.submit(batch[3], params)  # beside both: a graph captured now, at row 2
+        third = engine.submit(batch[3], params)  # beside both, no graph of 64 held: eagerly (none captured)
         while engine.has_work():
             engine.step()
-    assert graphed == [(32, 0), (20, 0), (20, 1), (33, 2)]
+    assert graphed == [(32, 0), (20, 0), (20, 1)] and ("prefill", 64, False) not in engine._graphs
     assert [first.output_ids, second.output_ids, third.output_ids] == [want[1], want[1], want[3]]
 
 

@@ -189,10 +189,12 @@ def test_a_prompt_alone_is_prefilled_from_the_graph_of_its_padded_length(tok):
 
 
 def test_a_prompt_joining_running_rows_is_prefilled_from_its_graph_into_its_own_cache_row(tok):
-    """A prompt that joins alone beside running rows replays the same graphs, writing the cache row it joins at:
-    the running rows' steps and the new row's, before and after, within bf16's tolerance of the plain forward."""
+    """After warm_up (as the server runs it), a prompt that joins alone beside running rows replays the graph warm_up
+    captured, writing the cache row it joins at: the running rows' steps and the new row's, before and after,
+    within bf16's tolerance of the plain forward."""
     model = realistic_model(1).to("cuda", torch.bfloat16)
     engine = Engine(model, tok, max_batch=4)
+    engine.warm_up()
     logits = _record_logits(engine)
     graphed, replay = [], engine._prefill_graphed
 
@@ -210,7 +212,6 @@ def test_a_prompt_joining_running_rows_is_prefilled_from_its_graph_into_its_own_
     while engine.has_work():
         engine.step()
     _within_bf16_of_the_plain_forward(model, logits, reqs)
-    # (each join grew the cache to the next batch bucket, which dropped the graphs: each was captured beside rows)
     assert graphed == [(256, 0), (32, 1), (64, 2)]
 
 
