@@ -214,9 +214,8 @@ def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-c", "import sys; from finetune.cli import main; sys.exit(main())", "serve",
-           "-m", str(model_dir), "--port", str(port), "--max-batch", str(max_batch),
-           "--max-model-len", str(max_model_len), "--max-queue", "0"]
+    cmd = [sys.executable, "-m", "finetune.cli", "serve", "-m", str(model_dir), "--port", str(port),
+           "--max-batch", str(max_batch), "--max-model-len", str(max_model_len), "--max-queue", "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench_server_", suffix=".log", delete=False)
     start = time.perf_counter()

@@ -371,7 +371,7 @@ class Engine:
             # joining alone then neither waits for a capture nor takes the capture's memory beside running rows
             for length, lora in itertools.product(PREFILL_GRAPH_LENGTHS, loras):
                 if length <= self._capacity and ("prefill", length, lora) not in self._graphs:
-                    self._graphs["prefill", length, lora] = self._capture_prefill(length, lora, 0)
+                    self._graphs["prefill", length, lora] = self._capture_prefill(length, lora)
         if self.use_graphs and self._own_keys():
             picks = {graph_pick(p) for p in expect}
             for b in buckets:
@@ -697,8 +697,8 @@ class Engine:
         where each decode step writes before it reads, as in a group's eager prefill."""
         key = ("prefill", length, select is not None)
         entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._graphs[key] = self._capture_prefill(length, select is not None, slot)
+        if entry is None:  # (the batch is empty: _prefill_graph_length)
+            entry = self._graphs[key] = self._capture_prefill(length, select is not None)
         graph, out, ids, sel, _ = entry
         # the prompt, padded, its last index and its cache row after it: one copy into the graph's input
         ids.copy_(torch.tensor(prompt + [0] * (length - len(prompt)) + [len(prompt) - 1, slot], dtype=torch.long))
@@ -707,15 +707,15 @@ class Engine:
         graph.replay()
         return out, ids[None, :length]
 
-    def _capture_prefill(self, length: int, lora: bool, slot: int) -> tuple:
+    def _capture_prefill(self, length: int, lora: bool) -> tuple:
         """(graph, its logits [1, V], its input ids [length + 2]: the padded prompt, its last index and its cache row,
         the adapter selection [adapters, 1] or None, the rotary tables it reads) of a one-prompt prefill of
-        ``length`` positions. ``slot``: a free cache row, which the eager runs before the capture write. The entry
-        keeps every tensor made outside the capture that the graph reads: a graph holds only their addresses, and
-        the rotary tables, freed with this call's frame, were overwritten by the next allocations (the second
-        replay's keys were wrong from layer 0 on, session 43)."""
+        ``length`` positions. A capture happens only while the batch is empty (warm_up's, or a prompt joining an
+        empty batch): the eager runs before it write cache row 0, which the ids' zeros name. The entry keeps every
+        tensor made outside the capture that the graph reads: a graph holds only their addresses, and the rotary
+        tables, freed with this call's frame, were overwritten by the next allocations (the second replay's keys
+        were wrong from layer 0 on, session 43)."""
         ids = torch.zeros(length + 2, dtype=torch.long, device=self.device)
-        ids[length + 1] = slot
         sel = None
         if lora:
             sel = torch.zeros(max(len(self.adapters.names), 1), 1, dtype=torch.float32, device=self.device)
