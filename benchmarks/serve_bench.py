@@ -354,7 +354,12 @@ def main(argv=None) -> int:
             timed_methods(server.engine, log, submits=True)
         served = serve_in_background(server)
     results = []
-    with served as live:
+    with contextlib.ExitStack() as stack:
+        try:
+            live = stack.enter_context(served)
+        except RuntimeError as e:  # the server did not come up: one line (its output's end included), no traceback
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         url = live.api_url if where == "thread" else live[0]
         if where == "process":
             warm_up_s, ready_s = live[1], round(live[2], 2)

@@ -50,6 +50,25 @@ def test_serve_bench_runs_qwen_ft_serve_as_its_own_process_by_default(tmp_path):
     assert served == []  # the server process was stopped
 
 
+def test_serve_bench_says_in_one_line_when_the_server_process_does_not_come_up(tmp_path, capsys, monkeypatch):
+    import contextlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_bench
+
+    @contextlib.contextmanager
+    def ended(*args, **kwargs):
+        raise RuntimeError("qwen-ft serve ended (exit 1): error: --max-batch must be at least 1, got 0")
+        yield
+
+    monkeypatch.setattr(serve_bench, "served_process", ended)
+    capsys.readouterr()
+    assert serve_bench.main(["--tiny", "--streams", "1", "--out", str(tmp_path / "serve.json")]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: qwen-ft serve ended (exit 1): error: --max-batch must be at least 1, got 0\n"
+    assert not (tmp_path / "serve.json").exists()
+
+
 def test_serve_bench_stagger_sends_a_rounds_streams_apart(tmp_path):
     """--stagger MS: stream i of a round is submitted no sooner than i x MS after the round starts (the engine log's
     submits, ms from the round's start), and every stream still gets its tokens."""
