@@ -731,14 +731,15 @@ class Engine:
         graph, out = self._graph_of(forward)
         return graph, out, ids, sel, (cos, sin)
 
-    def _graph_of(self, forward):
-        """(a CUDA graph of ``forward()``, its output): run twice on a side stream first (the first calls compile
-        kernels and may synchronise), then captured into the engine's pool."""
+    def _graph_of(self, forward, warm=None, runs: int = 2):
+        """(a CUDA graph of ``forward()``, its output): ``warm()`` (default ``forward``) run ``runs`` times on a side
+        stream first (the first calls compile kernels and may synchronise), then ``forward`` captured into the
+        engine's pool."""
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):
-                forward()
+            for _ in range(runs):
+                (warm or forward)()
         torch.cuda.current_stream(self.device).wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -961,22 +962,19 @@ class Engine:
         # advances. Once a graph of the same step at another length exists, its kernels have run: one pass.
         kind = self._graph_key(b, kv_len, pick, lora, own_keys)[2:]
         kin = any(k[0] == b and k[2:] == kind for k in self._graphs)
-        side = torch.cuda.Stream(device=self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(1 if kin else 2):
-                logits = self._decode_forward(*args)
-                if pick is not None:
-                    self._pick_next(logits, b, *pick, True, s["ints"].clone(), self._seen[:b].clone())
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with capture(graph, self._pool):
+
+        def warm():
+            logits = self._decode_forward(*args)
+            if pick is not None:
+                self._pick_next(logits, b, *pick, True, s["ints"].clone(), self._seen[:b].clone())
+
+        def forward():
             out = self._decode_forward(*args)
             if pick is not None:
                 self._pick_next(out, b, *pick, True, s["ints"], self._seen)
-        return graph, out
+            return out
+
+        return self._graph_of(forward, warm, 1 if kin else 2)
 
     # -- sampling -----------------------------------------------------------------------------------------------
     def _emit(self, rows: list[_Row], logits: torch.Tensor, touched) -> None:
