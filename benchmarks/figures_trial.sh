@@ -10,7 +10,10 @@
 #   THREAD: the same with --server thread (the server in a thread beside the client, as every figure before);
 #   LOG: serve_bench at $LOG_STREAMS streams (default 1; comma-separated) with the engine's log of each round's
 #        submits, prefills and captures.
-#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 THREAD=0 LOG=0] [LOG_STREAMS=1,8,32] \
+#   STAGGER: serve_bench --stagger 100 at 8 streams (each request joins a decoding batch alone), here and, where
+#        $OLD holds a tree (`git archive <rev> finetune benchmarks | tar -x -C ab_old`), on that tree's package with
+#        this serve_bench, in alternating server processes, twice.
+#   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 THREAD=0 LOG=0 STAGGER=0] [LOG_STREAMS=1,8,32] [OLD=ab_old] \
 #     bash benchmarks/figures_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,3 +29,15 @@ source benchmarks/device_site.sh && inference_trial /tmp/figures_out || exit 1
   --out "$OUT/serve_thread_$C.json" 2>&1 | grep "^{" | cut -c1-400
 [[ "${LOG:-1}" == 0 ]] || timeout 90 python3 benchmarks/serve_bench.py --model-dir /tmp/m --streams "${LOG_STREAMS:-1}" \
   --engine-log --out "$OUT/serve_log_$C.json" 2>&1 | grep "^{" | cut -c1-400
+if [[ "${STAGGER:-1}" == 1 ]]; then
+  old="${OLD:-ab_old}"
+  [[ -d $old/benchmarks ]] && cp benchmarks/serve_bench.py "$old/benchmarks/"
+  for r in 1 2; do
+    for v in old new; do
+      d=.; [[ $v == old ]] && d="$old"
+      [[ -d $d/benchmarks ]] || { [[ $r == 1 ]] && echo "no tree at $d: STAGGER skipped for $v"; continue; }
+      timeout 120 python3 "$d/benchmarks/serve_bench.py" --model-dir /tmp/m --streams 8 --stagger 100 \
+        --out "$OUT/serve_stagger_${v}${r}_$C.json" 2>&1 | grep "^{" | cut -c1-400 | sed "s/^/$v$r /"
+    done
+  done
+fi
