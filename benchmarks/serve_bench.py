@@ -214,12 +214,14 @@ def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "finetune.cli", "serve", "-m", str(model_dir), "--port", str(port),
+    cmd = [sys.executable, "-m", "finetune.cli", "serve", "-m", str(Path(model_dir).resolve()), "--port", str(port),
            "--max-batch", str(max_batch), "--max-model-len", str(max_model_len), "--max-queue", "0"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench_server_", suffix=".log", delete=False)
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
+    # cwd: `python -m` puts the working directory before PYTHONPATH, so from another checkout's root (an A/B's old
+    # tree run from the repo) the server imported that checkout's package, not this one's
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True, cwd=ROOT)
 
     def output() -> str:
         return Path(log.name).read_text(errors="replace")
