@@ -105,9 +105,15 @@ class Request:
         self.finish_reason: str | None = None
         self.stop_string: str | None = None  # the one of params.stop that ended it, if one did
         self._cancel = threading.Event()
+        self._cancel_reason = "cancelled"
 
-    def cancel(self) -> None:
-        """Ask the engine to drop this request; it leaves the batch at the next step (finish_reason "cancelled")."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Ask the engine to drop this request; it leaves the batch at the next step with finish_reason ``reason``:
+        "cancelled", or "stop" where the caller ended it on a stop it found itself (the server's stop strings)."""
+        if reason not in ("cancelled", "stop"):
+            raise ValueError(f"Request.cancel: reason must be 'cancelled' or 'stop', got {reason!r}")
+        if not self._cancel.is_set():  # the first reason given is the one reported
+            self._cancel_reason = reason
         self._cancel.set()
 
     @property
@@ -446,11 +452,11 @@ class Engine:
             for r in waiting:
                 self._pending.remove(r)
         for r in waiting:
-            r.finished, r.finish_reason = True, "cancelled"
+            r.finished, r.finish_reason = True, r._cancel_reason
             touched[r.id] = r
         gone = [row for row in self._rows if row.req.cancelled]
         for row in gone:
-            self._finish(row, "cancelled", touched)
+            self._finish(row, row.req._cancel_reason, touched)
         if gone:
             self._remove(gone)
 
@@ -912,7 +918,7 @@ class Engine:
                 continue
             touched[req.id] = req
             if req.cancelled:
-                self._finish(r, "cancelled", touched)
+                self._finish(r, req._cancel_reason, touched)
                 self._gone.append(r)
             elif t in r.stops:
                 self._finish(r, "stop", touched)

@@ -249,8 +249,10 @@ class Run:
                     yield delta
         finally:
             watcher.cancel()
-            if self.finish_reason is None or self.text.stopped:
-                self.req.cancel()  # client gone, error, or a stop string: free the row
+            if self.text.stopped:  # free the row, counted as a stop (/health's finished)
+                self.req.cancel("stop")
+            elif self.finish_reason is None:  # client gone, or an error
+                self.req.cancel()
 
     async def complete(self, http: Request) -> str:
         async for _ in self.deltas(http):

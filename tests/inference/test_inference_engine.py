@@ -252,6 +252,25 @@ def test_cancel_frees_the_row_and_leaves_the_others_unchanged(tok):
     assert rb.output_ids == solo_b and rb.finish_reason == "length"
 
 
+def test_a_cancel_for_a_stop_found_by_the_caller_ends_the_request_as_a_stop(tok):
+    model = tiny(seed=13)
+    a, b = prompts([8, 15], seed=14)
+    engine = Engine(model, tok, max_batch=2)
+    ra, rb = engine.submit(a, SamplingParams(max_new_tokens=10)), engine.submit(b, SamplingParams(max_new_tokens=10))
+    engine.step()
+    engine.step()
+    ra.cancel("stop")  # (the server's stop strings)
+    ra.cancel()  # a later cancel (the client leaving after the stop) keeps the first reason
+    assert ra in engine.step() and ra.finished and ra.finish_reason == "stop"
+    waiting = engine.submit(a, SamplingParams(max_new_tokens=10))
+    waiting.cancel("stop")
+    while engine.has_work():
+        engine.step()
+    assert waiting.finish_reason == "stop" and waiting.output_ids == []
+    with pytest.raises(ValueError, match="reason must be 'cancelled' or 'stop'"):
+        rb.cancel("length")
+
+
 def test_stop_tokens_end_the_row_and_are_not_in_the_output(tok):
     model = tiny(seed=15)
     p = prompts([9], seed=16)[0]

@@ -148,17 +148,32 @@ def test_stream_chunks_join_to_the_non_streamed_answer(live):
         assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage  # the final usage chunk
 
 
+def _finished_when_idle(live) -> dict:
+    """/health's finished counts once no request is in flight (bounded: 60 s)."""
+    for _ in range(600):
+        h = live.health()
+        if h["in_flight"] == 0:
+            return h["finished"]
+        time.sleep(0.1)
+    raise AssertionError(f"requests still in flight: {h}")
+
+
 def test_max_tokens_gives_finish_reason_length_and_stop_strings_cut(live):
     client = live.client()
     q, memorised = MEMORISE[1]  # "The silver owl guards it."
     r = ask(client, "a", q, max_tokens=2)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 2
     assert memorised.startswith(r.choices[0].message.content)
+    before = _finished_when_idle(live)
     r = ask(client, "a", q, stop=["owl"])
     assert r.choices[0].message.content == "The silver" and r.choices[0].finish_reason == "stop"
     # the stop string spans chunks in the stream: nothing of it is sent
     chunks = list(ask(client, "a", q, stop=[" owl g"], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "The silver"
+    # /health counts both as stops: the row the server ended on a stop string was not a client leaving
+    after = _finished_when_idle(live)
+    assert after.get("stop", 0) == before.get("stop", 0) + 2, (before, after)
+    assert after.get("cancelled", 0) == before.get("cancelled", 0), (before, after)
 
 
 def test_sampling_with_a_seed_is_reproducible(live):
