@@ -165,18 +165,28 @@ def _check_function(f, where: str) -> dict:
     name = f.get(name_key)
     if not isinstance(name, str) or not name.strip():
         raise ReactError("needs a non-empty 'name'", f"{where}.name")
+    _valid_text(name, f"{where}.{name_key}")
     if not name.isprintable():  # "Action: {name}" is one line of the prompt: a line break could never be parsed back
         raise ReactError("must be one line of printable characters", f"{where}.{name_key}")
-    for key in ("description", "description_for_model", "name_for_human"):
+    for key in ("description", "description_for_model", "name_for_human", "name_for_model"):
         if f.get(key) is not None and not isinstance(f[key], str):
             raise ReactError(f"must be a string, got {json_type(f[key])}", f"{where}.{key}")
+        _valid_text(f.get(key) or "", f"{where}.{key}")
     if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
         raise ReactError(f"must be a JSON Schema object, got {json_type(f['parameters'])}", f"{where}.parameters")
     try:  # written into the prompt as JSON: Python's NaN / Infinity (which its json reads in a file) would not be
-        json.dumps(f.get("parameters"), allow_nan=False)
+        written = json.dumps(f.get("parameters"), allow_nan=False, ensure_ascii=False)
     except ValueError:
         raise ReactError("holds NaN or Infinity, which is not a JSON value", f"{where}.parameters") from None
+    _valid_text(written, f"{where}.parameters")
     return f
+
+
+def _valid_text(text: str, where: str) -> None:
+    """A text written into the prompt must be valid Unicode: a lone surrogate (a broken "\\ud800" escape, which JSON
+    lets through) would be encoded as U+FFFD, a prompt about text the client did not send."""
+    if (why := lone_surrogate(text)) is not None:
+        raise ReactError(why, where)
 
 
 def json_type(value) -> str:
@@ -246,11 +256,15 @@ def _call(call, where: str) -> dict:
     """{"name", "arguments"} of a function_call / a tool call's "function" (arguments as a string)."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
         raise ReactError("needs a 'name' string", where)
+    _valid_text(call["name"], f"{where}.name")
+    if not call["name"].isprintable():  # "Action: {name}" is one line: a line break would forge the lines after it
+        raise ReactError("must be one line of printable characters", f"{where}.name")
     args = call.get("arguments")
     if args is None:  # null: no arguments (json.dumps would write "null" into "Action Input:")
         args = ""
-    elif not isinstance(args, str):
+    elif not isinstance(args, str):  # (NaN / Infinity in it: _check_training_messages names the value)
         args = json.dumps(args, ensure_ascii=False)
+    _valid_text(args, f"{where}.arguments")
     return {"name": call["name"], "arguments": args}
 
 
@@ -313,8 +327,8 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
                 pending.add(c.get("id"), len(out) - 1)
             continue
         if role == "function_call":  # LLaMA-Factory's ShareGPT form: the assistant's call as JSON text
-            out.append(Message("assistant", "", _json_call(raw_content, f"{w}.value"),
-                               f"{w}.value", f"{w}.value"))
+            key = f"{w}.{'content' if m.get('content') is not None else 'value'}"  # (the one it was sent under)
+            out.append(Message("assistant", "", _json_call(raw_content, key), key, key))
             continue
         if role not in ("system", "user", "assistant", "function"):
             raise ReactError(f"unknown role {quoted(role, QUOTED)} (accepted: system or developer, user, assistant, "
@@ -505,24 +519,30 @@ def build_turns(messages, functions: list[dict] | None = None, default_system: s
     return Turns(system, pairs, query, continues_assistant=query is None and msgs[-1].role == "assistant")
 
 
-def prompt_ids(tokenizer, turns: Turns, max_window_size: int = 6144) -> list[int]:
+def prompt_ids(tokenizer, turns: Turns, max_window_size: int = 6144, stats: dict | None = None) -> list[int]:
     """The prompt ids of `turns` as the server builds them: make_context (every text encoded as plain text, so
-    no message can forge a control token); an open last turn (query None) is continued as the official text
-    completion continues it."""
+    no message can forge a control token; the oldest user/assistant pairs left out where the history is over
+    max_window_size, as model.chat leaves them out); an open last turn (query None) is continued as the official
+    text completion continues it. ``stats``, if given, gets "history_left_out": how many pairs were left out."""
     from .modeling import make_context
 
+    made: dict = {}
     if turns.query is not None:
-        _, ids = make_context(tokenizer, turns.query, history=turns.history(), system=turns.system,
-                              max_window_size=max_window_size)
-        return ids
-    # the last assistant turn is open (after a function result, or the client's own assistant message):
-    # the model continues it. The official text completion strips every user text here, so an empty
-    # question under the ReAct instruction ends "Question:" (make_context's query path keeps "Question: ")
-    history = [(u.lstrip("\n").rstrip(), a) for u, a in turns.history()]
-    user, assistant = history[-1]
-    _, ids = make_context(tokenizer, user, history=history[:-1], system=turns.system,
-                          max_window_size=max_window_size)
-    return ids + tokenizer.encode(assistant)
+        history = turns.history()
+        _, ids = make_context(tokenizer, turns.query, history=history, system=turns.system,
+                              max_window_size=max_window_size, stats=made)
+    else:
+        # the last assistant turn is open (after a function result, or the client's own assistant message):
+        # the model continues it. The official text completion strips every user text here, so an empty
+        # question under the ReAct instruction ends "Question:" (make_context's query path keeps "Question: ")
+        history = [(u.lstrip("\n").rstrip(), a) for u, a in turns.history()]
+        user, assistant = history.pop()
+        _, ids = make_context(tokenizer, user, history=history, system=turns.system,
+                              max_window_size=max_window_size, stats=made)
+        ids = ids + tokenizer.encode(assistant)
+    if stats is not None:
+        stats["history_left_out"] = len(history) - made["history_kept"]
+    return ids
 
 
 def _strip_segments(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:

@@ -38,14 +38,18 @@ OFFICIAL_GENERATION_DEFAULTS = dict(
 )
 
 
-def make_context(tokenizer, query, history=None, system="", max_window_size=6144, chat_format="chatml"):
-    """(raw_text, context_tokens) exactly as the official make_context builds them."""
+def make_context(tokenizer, query, history=None, system="", max_window_size=6144, chat_format="chatml",
+                 stats: dict | None = None):
+    """(raw_text, context_tokens) exactly as the official make_context builds them: the newest history turns that
+    fit max_window_size, the older ones left out. ``stats``, if given, gets "history_kept": how many turns fit."""
     if history is None:
         history = []
     for name, value in (("query", query), ("system", system)):
         if not isinstance(value, str):  # (the official code fails inside the tokenizer)
             raise ValueError(f"make_context: {name} must be a string, got {type(value).__name__}")
-    if chat_format == "raw":
+    if chat_format == "raw":  # (the official raw format reads no history)
+        if stats is not None:
+            stats["history_kept"] = 0
         return query, list(tokenizer.encode(query))
     if chat_format != "chatml":
         raise NotImplementedError(f"Unknown chat format {chat_format!r}")
@@ -62,6 +66,7 @@ def make_context(tokenizer, query, history=None, system="", max_window_size=6144
 
     raw_text = ""
     context_tokens: list[int] = []
+    kept = 0
     for turn_query, turn_response in reversed(history):
         query_text, query_tokens_part = _tokenize_str("user", turn_query)
         query_tokens = im_start_tokens + query_tokens_part + im_end_tokens
@@ -74,8 +79,11 @@ def make_context(tokenizer, query, history=None, system="", max_window_size=6144
         if len(system_tokens) + len(next_context_tokens) + len(context_tokens) < max_window_size:
             context_tokens = next_context_tokens + context_tokens
             raw_text = prev_chat + raw_text
+            kept += 1
         else:
             break
+    if stats is not None:
+        stats["history_kept"] = kept
 
     context_tokens = system_tokens + context_tokens
     raw_text = f"{IM_START}{system_text}{IM_END}" + raw_text

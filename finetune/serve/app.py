@@ -20,7 +20,7 @@ import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
@@ -38,6 +38,11 @@ from .worker import Closed, EngineWorker
 # after the open turn's "\nThought:": the official final-answer thought, up to the answer (its space is the
 # answer's first token, as in the trained text)
 FINAL_ANSWER_OPEN = react.FINAL_THOUGHT[len("Thought:"):].rstrip()
+# a response's header: how many of the oldest user/assistant pairs the prompt left out (over the model's
+# max_window_size, as model.chat leaves them out); absent when none was
+LEFT_OUT_HEADER = "X-History-Pairs-Left-Out"
+
+logger = logging.getLogger("uvicorn.error")  # (uvicorn's: configured to print INFO lines, as its own)
 
 
 class Server:
@@ -111,27 +116,32 @@ class Server:
         turns, functions = self.turns(body)
         return self.prompt_ids(turns), functions
 
-    def prompt_ids(self, turns: react.Turns) -> list[int]:
-        return react.prompt_ids(self.tokenizer, turns, self.window)
+    def prompt_ids(self, turns: react.Turns, stats: dict | None = None) -> list[int]:
+        return react.prompt_ids(self.tokenizer, turns, self.window, stats)
 
-    def params(self, body: ChatCompletionRequest, prompt_len: int):
+    def params(self, body: ChatCompletionRequest, prompt_len: int, left_out: int = 0):
+        """The request's SamplingParams; ``left_out``: the oldest history pairs its prompt left out (the limit's
+        errors say so, since the messages' own length is more than the count they give)."""
         from ..inference import SamplingParams
 
         limit = self.max_model_len
+        after = (f" after the oldest {left_out} user/assistant pair{'s' if left_out > 1 else ''} left out to fit the "
+                 f"model's max_window_size {self.window}, as model.chat does" if left_out else "")
+        messages = f"{prompt_len} in the messages{after}"
         if prompt_len >= limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, but the messages have "
-                           f"{prompt_len} tokens (no room for a reply). Shorten the messages.", "messages",
+                           f"{prompt_len} tokens{after} (no room for a reply). Shorten the messages.", "messages",
                            "context_length_exceeded")
         wanted = body.max_new_tokens()
         if wanted is not None and prompt_len + wanted > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"{prompt_len + wanted} tokens ({prompt_len} in the messages, {wanted} in the "
+                           f"{prompt_len + wanted} tokens ({messages}, {wanted} in the "
                            f"completion). Reduce the length of the messages or {body.max_tokens_field()}.",
                            body.max_tokens_field(),
                            "context_length_exceeded")
         if wanted is None and body.min_tokens and prompt_len + body.min_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"at least {prompt_len + body.min_tokens} tokens ({prompt_len} in the messages, "
+                           f"at least {prompt_len + body.min_tokens} tokens ({messages}, "
                            f"min_tokens {body.min_tokens}). Reduce the length of the messages or min_tokens.",
                            "min_tokens", "context_length_exceeded")
         # (without max_tokens the default length grows to min_tokens: capped to it, a reply ended with "length"
@@ -168,19 +178,24 @@ class Server:
             adapter = self.adapter_for(body.model)
             turns, functions = self.turns(body)
             body.check_continuation(turns.continues_assistant)
-            ids = self.prompt_ids(turns)
+            stats: dict = {}
+            ids = self.prompt_ids(turns, stats)
         except RecursionError:  # JSON nested as deep as the parser allows, then written out again (repr, dumps)
             raise APIError(400, "the request body nests JSON too deeply") from None
-        params = self.params(body, len(ids))
+        left_out = stats["history_left_out"]
+        params = self.params(body, len(ids), left_out)
         stop = react.stop_words(body.stop_list(), functions)
         # a reply continuing the client's assistant message is sent as generated (its leading space joins it
         # to that text), as the official text completion returns it; other replies are stripped as chat()'s
-        return ids, params, adapter, stop, functions, not turns.continues_assistant
+        return ids, params, adapter, stop, functions, not turns.continues_assistant, left_out
 
     async def start(self, body: ChatCompletionRequest):
         # tokenizing a big body takes seconds: off the event loop, or every other client's stream (and /health)
         # would stall meanwhile (tiktoken releases the GIL while it encodes)
-        ids, params, adapter, stop, functions, strip = await run_in_threadpool(self.prepare, body)
+        ids, params, adapter, stop, functions, strip, left_out = await run_in_threadpool(self.prepare, body)
+        if left_out:  # as model.chat leaves them out; said in the log and the response's LEFT_OUT_HEADER
+            logger.info("a request's %d oldest user/assistant pairs left out of its prompt: over max_window_size %d",
+                        left_out, self.window)
         try:
             started = self.worker.submit(ids, params, adapter)
         except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
@@ -192,7 +207,7 @@ class Server:
                            f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
                            None, "queue_full")
         req, queue = started
-        return Run(self, req, queue, TextStream(self.tokenizer, stop, strip=strip), len(ids)), functions
+        return Run(self, req, queue, TextStream(self.tokenizer, stop, strip=strip), len(ids), left_out), functions
 
 
 class ClientGone(Exception):
@@ -202,9 +217,10 @@ class ClientGone(Exception):
 class Run:
     """One request in the engine: yields text deltas as tokens arrive, then records how it finished."""
 
-    def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int):
+    def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int, left_out: int = 0):
         self.server, self.req, self.queue, self.text = server, req, queue, text
         self.prompt_tokens = prompt_tokens
+        self.left_out = left_out  # the oldest history pairs the prompt left out (max_window_size)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.gone = False  # the client disconnected
@@ -361,7 +377,7 @@ class BodyLimit:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(receive, send, 0)
+            await self._refuse(receive, send, 0, unsent=_awaits_continue(scope))
             return
         chunks, size = [], 0
         while True:
@@ -395,12 +411,21 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, receive, send, read: int, more: bool = True) -> None:
-        """Answer 413, after the rest of the body (``_drop_body``)."""
-        if await _drop_body(receive, read, more, 4 * self.limit) is None:
+    async def _refuse(self, receive, send, read: int, more: bool = True, unsent: bool = False) -> None:
+        """Answer 413, after the rest of the body (``_drop_body``); ``unsent``: at once, the client is waiting for
+        "100 Continue" before it sends the body (``_awaits_continue``)."""
+        if not unsent and await _drop_body(receive, read, more, 4 * self.limit) is None:
             return
         err = APIError(413, f"the request body is over {self.limit} bytes", None, "request_too_large")
         await _send_json(send, 413, err, close=True)
+
+
+def _awaits_continue(scope) -> bool:
+    """Whether the client sent "Expect: 100-continue": it sends its body only after the server's "100 Continue",
+    which uvicorn writes at the app's first read of the body. An error answered before any read asks for no body
+    (and closes the connection, whose body was never sent): a client over the size limit or without the key
+    otherwise uploaded up to 64 MiB for nothing."""
+    return any(name == b"expect" and value.strip().lower() == b"100-continue" for name, value in scope["headers"])
 
 
 async def _drop_body(receive, read: int, more: bool, cap: int) -> bool | None:
@@ -457,7 +482,7 @@ class KeyFirst:
         if what is None:
             await self.app(scope, receive, send)
             return
-        more = await _drop_body(receive, 0, True, 4 * self.limit)
+        more = True if _awaits_continue(scope) else await _drop_body(receive, 0, True, 4 * self.limit)
         if more is None:
             return
         err = APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key given to "
@@ -604,16 +629,18 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     # a trailing slash is served, not redirected: a 307 reached curl without -L as an empty answer
     @app.post("/v1/chat/completions")
     @app.post("/v1/chat/completions/")
-    async def chat_completions(body: ChatCompletionRequest, http: Request):
+    async def chat_completions(body: ChatCompletionRequest, http: Request, response: Response):
         run, functions = await server.start(body)
         cid, created = _completion_id(), int(time.time())
+        left_out = {LEFT_OUT_HEADER: str(run.left_out)} if run.left_out else {}
         if body.stream:
             return StreamingResponse(_stream(run, functions, body, http, cid, created),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache", **left_out})
         try:
             text = await run.complete(http)
         except ClientGone:
             return JSONResponse({}, status_code=499)
+        response.headers.update(left_out)
         finish = run.finish_reason
         if functions:
             message, call_reason = _tool_message(text, functions, body)

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from pydantic_core import PydanticCustomError
 
-from ..errors import quoted
+from ..errors import lone_surrogate, quoted
 
 
 class APIError(Exception):
@@ -163,6 +163,9 @@ class ChatCompletionRequest(BaseModel):
         stops = self.stop_list() if isinstance(self.stop, (str, list, type(None))) else [None]
         if len(stops) > 4 or any(not isinstance(s, str) or not s for s in stops):
             raise APIError(400, "stop must be a non-empty string or up to 4 non-empty strings", "stop")
+        for i, s in enumerate(stops):
+            if (why := lone_surrogate(s)) is not None:  # (a stop that no generated text could ever match)
+                raise APIError(400, f"stop: {why}", "stop" if isinstance(self.stop, str) else f"stop[{i}]")
         for name, value in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
             if value not in (None, "auto", "none"):
                 raise APIError(400, f"{name} {quoted(value, ECHO_CHARS, length=True)} is not supported: 'auto' (the "

@@ -220,7 +220,7 @@ def test_a_trailing_slash_elsewhere_is_a_404_error_object_not_a_redirect(live):
 
 
 def test_a_bug_is_still_an_openai_error_object(live, monkeypatch):
-    def broken(turns):
+    def broken(turns, stats=None):
         raise RuntimeError("boom")
 
     monkeypatch.setattr(live.server, "prompt_ids", broken)
@@ -341,6 +341,32 @@ def test_the_key_is_checked_before_the_body_is_read(live, monkeypatch):
     assert httpx.get(live.url + "/health", timeout=10).status_code == 200  # (no key needed outside /v1)
 
 
+def _answer_before_the_body(live, headers: bytes) -> bytes:
+    """What the server sends to a POST that declares a 20 MB body and waits for "100 Continue" before sending it
+    (as curl does for a large upload): the bytes up to the end of the first response's head."""
+    with socket.create_connection((live.host, live.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Expect: 100-continue\r\nContent-Length: 20000000\r\n" + headers + b"\r\n")
+        got = b""
+        while b"\r\n\r\n" not in got:
+            piece = s.recv(4096)
+            if not piece:
+                break
+            got += piece
+    return got
+
+
+def test_a_refused_upload_is_answered_without_asking_for_its_body(live, monkeypatch):
+    """A client waiting for "100 Continue" got it, then uploaded up to 64 MiB, before its 401 or 413: the error is
+    the first answer now, and the connection closes (the body was never sent)."""
+    got = _answer_before_the_body(live, b"")  # no key needed here: over the size limit
+    assert got.startswith(b"HTTP/1.1 413 ") and b"connection: close" in got.lower(), got[:300]
+    monkeypatch.setattr(live.server, "api_key", "sk-KEY")
+    got = _answer_before_the_body(live, b"")
+    assert got.startswith(b"HTTP/1.1 401 ") and b"connection: close" in got.lower(), got[:300]
+    assert _post(live, _body(), headers={**JSON, "Authorization": "Bearer sk-KEY"}).status_code == 200
+
+
 @pytest.mark.parametrize("path, name", [
     ("tiny%2Fqwen", "tiny/qwen"), ("tiny-qwen%2F", "tiny-qwen/"), ("%2F", "/"), ("/tiny-qwen", "/tiny-qwen"),
     ("tiny-qwen/", "tiny-qwen/"), ("%C3%A9", "é"), ("%00", "\x00"), ("..%2F..%2Fetc", "../../etc"),
@@ -388,10 +414,10 @@ def test_building_a_prompt_does_not_block_the_event_loop(live, monkeypatch):
     server = live.server
     build = server.prompt_ids
 
-    def slow(turns):
+    def slow(turns, stats=None):
         entered.set()
         answered.wait(30)
-        return build(turns)
+        return build(turns, stats)
 
     monkeypatch.setattr(server, "prompt_ids", slow)
     out = {}
@@ -487,7 +513,7 @@ def test_cors_only_for_the_origins_given(live, tmp_path):
         assert r.status_code == 401  # the key is still required; CORS only lets the browser read the answer
         assert r.headers["access-control-allow-origin"] == page  # (errors are answers the page must read)
 
-        def broken(turns):
+        def broken(turns, stats=None):
             raise RuntimeError("boom")
 
         bg.server.prompt_ids = broken  # a bug: its 500 came without the header, a network error to the page

@@ -4,6 +4,8 @@ bodies that are not JSON, unknown routes and methods as OpenAI error objects, /h
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -123,6 +125,8 @@ HI = [{"role": "user", "content": "hi"}]
     (dict(min_tokens=5, max_tokens=2), "min_tokens"),
     (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
     (dict(stop=""), "stop"),
+    (dict(stop="\ud800"), "stop"),  # a lone surrogate: no generated text could ever match it
+    (dict(stop=["a", "x\udfff"]), "stop[1]"),
     (dict(top_p=0), "top_p"),
     (dict(repetition_penalty=1e-40), "repetition_penalty"),  # overflows the scores: a failed step for every row
     (dict(repetition_penalty=0), "repetition_penalty"),
@@ -133,7 +137,9 @@ HI = [{"role": "user", "content": "hi"}]
 def test_unsupported_or_bad_fields_are_400_naming_the_field(live, kw, param):
     body = {"model": "tiny-qwen", "messages": HI, **kw}
     body = {k: v for k, v in body.items() if v is not None}
-    r = httpx.post(live.api_url + "/chat/completions", json=body, timeout=30)
+    # (json.dumps' ASCII escapes: httpx's json= writes UTF-8, which has no lone surrogates)
+    r = httpx.post(live.api_url + "/chat/completions", content=json.dumps(body), timeout=30,
+                   headers={"Content-Type": "application/json"})
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error" and "\n" not in err["message"], err
@@ -193,3 +199,36 @@ def test_a_model_dir_that_decodes_greedily_with_temperature_0_serves_greedy_answ
     model, tok = load_model(model_dir), load_tokenizer(model_dir)
     assert not model.generation_config.do_sample
     assert r.choices[0].message.content == model.chat(tok, "Tell me more.", max_new_tokens=7)[0]  # (as above)
+
+
+def test_history_over_the_window_leaves_out_the_oldest_pairs_and_says_so(live, monkeypatch):
+    """make_context leaves out the oldest user/assistant pairs past max_window_size, as model.chat does: the
+    response says how many (a header), and a length error counts the prompt as built and says pairs were left
+    out (it named the left-out prompt's count as the messages' own)."""
+    from finetune import react
+    from finetune.serve.app import LEFT_OUT_HEADER
+
+    monkeypatch.setattr(live.server, "window", 60)
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"Question number {i} about the owl?"},
+                    {"role": "assistant", "content": f"Answer number {i}: the owl is silver."}]
+    messages = history + [{"role": "user", "content": "And now?"}]
+    stats = {}
+    ids = react.prompt_ids(live.server.tokenizer, react.build_turns(messages, []), 60, stats)
+    assert 0 < stats["history_left_out"] < 6
+    body = {"model": "tiny-qwen", "messages": messages, "max_tokens": 2, "temperature": 0}
+    r = httpx.post(live.api_url + "/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.headers[LEFT_OUT_HEADER] == str(stats["history_left_out"])
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    with httpx.stream("POST", live.api_url + "/chat/completions", json={**body, "stream": True}, timeout=60) as s:
+        assert s.status_code == 200 and s.headers[LEFT_OUT_HEADER] == str(stats["history_left_out"])
+        s.read()
+    short = {**body, "messages": messages[-1:]}  # nothing left out: no header
+    assert LEFT_OUT_HEADER not in httpx.post(live.api_url + "/chat/completions", json=short, timeout=60).headers
+    r = httpx.post(live.api_url + "/chat/completions", json={**body, "max_tokens": 200 - len(ids) + 1}, timeout=60)
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
+    assert f"{len(ids)} in the messages after the oldest {stats['history_left_out']} user/assistant pair" in \
+        err["message"], err
