@@ -68,9 +68,10 @@ LENGTH_BUCKET = 256
 # One prompt of up to PREFILL_GRAPH_LENGTHS[-1] tokens joining alone (an empty batch or beside running rows) is
 # prefilled by a CUDA graph, the prompt right-padded to the first of these lengths that holds it (``_prefill_graphed``):
 # an eager prefill of a short prompt is bound by host time (a 24-token prompt: 30 ms on an H100 for 8 ms of GPU time,
-# 73 ms with an adapter's hooks for 11 ms; benchmarks/NOTES.md steps 91-93). From ~500 tokens the GPU's time is the
-# eager prefill's.
-PREFILL_GRAPH_LENGTHS = (32, 64, 128, 256)
+# 73 ms with an adapter's hooks for 11 ms; benchmarks/NOTES.md steps 91-93). At 500 tokens the host still adds ~8 ms
+# to ~32 ms of GPU time, ~28 ms with an adapter (step 95): 512 serves the server's common prompt of a few hundred
+# tokens. The dequantized weights a graph's pool holds are those of any length, and the graphs share one pool.
+PREFILL_GRAPH_LENGTHS = (32, 64, 128, 256, 512)
 PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
 # warm_up's KV cache: max_batch rows of max_len positions, or of as many as this share of the device's free memory
 # holds. A cache that grows later drops every captured graph (they hold its buffers): in a serving trace after a

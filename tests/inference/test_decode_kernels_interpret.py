@@ -443,8 +443,8 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
     rows, is prefilled from the graph of the first of those lengths that holds it (a CPU stand-in re-runs the
     captured forward, which reads the graph's inputs, its cache row among them): one capture a (length, adapters or
     not), into an empty batch, replayed for every later prompt of that length, and the first-token logits and the
-    tokens of the eager fused prefill (fp32). Several prompts joining together, a prompt past the lengths and a join
-    beside running rows whose graph is not held prefill eagerly."""
+    tokens of the eager fused prefill (fp32). Several prompts joining together, a prompt whose graph length is past
+    the cache and a join beside running rows whose graph is not held prefill eagerly."""
     from finetune.inference.engine import PREFILL_GRAPH_LENGTHS
     from test_inference_engine import _peft
 
@@ -461,8 +461,8 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
         monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
         monkeypatch.setattr(engine, "_graph_of", lambda forward: RerunGraph.graph_of(engine, forward, captures))
 
-    def run(use_graphs):
-        engine = Engine(pm, tok, max_batch=4, max_len=512, use_graphs=use_graphs)
+    def run(use_graphs):  # (max_len 384: the 300-token prompt's graph, 512, is past the cache)
+        engine = Engine(pm, tok, max_batch=4, max_len=384, use_graphs=use_graphs)
         engine._kernels = kernels
         if use_graphs:
             stand_ins(engine)
@@ -479,10 +479,11 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
 
     _, want_firsts, want = run(False)
     engine, firsts, got = run(True)
-    assert PREFILL_GRAPH_LENGTHS[-1] == 256 and got == want
+    assert PREFILL_GRAPH_LENGTHS[-1] == 512 and got == want
     for a, b in zip(firsts, want_firsts):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    # 5 and 32 tokens on the adapter share a graph; 300 tokens prefill eagerly (and grow the cache: graphs dropped)
+    # 5 and 32 tokens on the adapter share a graph; 300 tokens prefill eagerly, their graph's 512 positions past the
+    # cache's 384 (which they grow: graphs dropped)
     assert len(captures) == 4
     engine = Engine(pm, tok, max_batch=4, max_len=512, use_graphs=True)
     engine._kernels = kernels
