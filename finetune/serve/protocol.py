@@ -168,7 +168,9 @@ class ChatCompletionRequest(BaseModel):
                 raise APIError(400, f"stop: {why}", "stop" if isinstance(self.stop, str) else f"stop[{i}]")
         for name, value in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
             if value not in (None, "auto", "none"):
-                raise APIError(400, f"{name} {quoted(value, ECHO_CHARS, length=True)} is not supported: 'auto' (the "
+                # (an object quoted as the JSON the client sent, not as Python writes a dict)
+                shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+                raise APIError(400, f"{name} {quoted(shown, ECHO_CHARS, length=True)} is not supported: 'auto' (the "
                                "model decides) or 'none'", name)
 
     def stop_list(self) -> list[str]:

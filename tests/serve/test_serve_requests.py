@@ -232,3 +232,12 @@ def test_history_over_the_window_leaves_out_the_oldest_pairs_and_says_so(live, m
     assert r.status_code == 400 and err["code"] == "context_length_exceeded", r.text
     assert f"{len(ids)} in the messages after the oldest {stats['history_left_out']} user/assistant pair" in \
         err["message"], err
+
+
+def test_an_unsupported_tool_choice_is_quoted_as_the_json_sent():
+    from finetune.serve.protocol import APIError
+
+    with pytest.raises(APIError) as e:
+        _body(tool_choice={"type": "function", "function": {"name": "f"}}).check()
+    assert e.value.param == "tool_choice"
+    assert """'{"type": "function", "function": {"name": "f"}}' is not supported""" in str(e.value), str(e.value)
