@@ -153,14 +153,15 @@ def tiny_model(seed=0, **overrides):
     return model.eval()
 
 
-def realistic_model(seed):
+def realistic_model(seed, **overrides):
     """A bigger random model with the standard init (std 0.02), as trained checkpoints are conditioned."""
     import torch
 
     from finetune.modeling import QWenConfig, QWenLMHeadModel
 
     torch.manual_seed(seed)
-    values = _model_values(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024)
+    values = _model_values(**{**dict(hidden_size=256, num_attention_heads=4, kv_channels=64, intermediate_size=1024),
+                              **overrides})
     return QWenLMHeadModel(QWenConfig(**values)).eval()
 
 
