@@ -565,7 +565,11 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
                     if layers and layer and int(layer.group(1)) < (n_layers or 0) else
                     f"; the model has that module, but {CONFIG_NAME}'s target_modules {_targets_text(config)} do not "
                     f"name it" if ".lora_" in k and k.removeprefix(PREFIX).split(".lora_")[0] in modules else
-                    " (another architecture or layer count?)")
+                    ": a whole copy of that base layer's weight, which PEFT saves for a LoRA on lm_head or wte "
+                    "(save_embedding_layers); this project loads LoRA tensors only: save the adapter again with "
+                    "save_pretrained(dir, save_embedding_layers=False)"
+                    if k.endswith(".base_layer.weight") and k.removeprefix(PREFIX).split(".base_layer")[0] in modules
+                    else " (another architecture or layer count?)")
             raise AdapterError(f"{where} does not fit this model: its tensor {k!r} {list(v)} has no place "
                                f"in {type(model).__name__}{hint}")
         if v != expected[k]:

@@ -72,6 +72,11 @@ def install() -> None:
             for config in self.peft_config.values():
                 if config.base_model_name_or_path and Path(config.base_model_name_or_path) == base:
                     config.base_model_name_or_path = str(base.resolve())
+        if "save_embedding_layers" not in kwargs and not any(
+                p.requires_grad for n, p in self.named_parameters() if n.endswith(".base_layer.weight")):
+            # a LoRA on lm_head or wte made PEFT ("auto") save a whole copy of that frozen base weight, which no
+            # loader of this project takes (the adapter was then refused as not fitting the model)
+            kwargs["save_embedding_layers"] = False
         original_save(self, save_directory, *args, **kwargs)
         if base is not None and kwargs.get("is_main_process", True):
             record_base(save_directory, base)

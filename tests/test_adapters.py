@@ -370,3 +370,27 @@ def test_a_target_modules_regex_is_named_as_one(setup, tmp_path):
     adapter = _edited(setup["lora"], tmp_path / "regex", target_modules="c_attn|w1")
     with pytest.raises(AdapterError, match=r"none of its target modules \(regex\) 'c_attn\|w1' exist"):
         load_model(setup["float"], adapter=adapter, device="cpu")
+
+
+def test_a_lora_on_lm_head_saves_and_loads_without_the_base_weight(setup, tmp_path):
+    """PEFT saves a whole copy of lm_head's frozen base weight with a LoRA on lm_head (save_embedding_layers
+    "auto"), which the adapter check refused as not fitting the model: every such trained adapter failed to load.
+    Saved without it, the adapter loads and gives its own outputs; a file that holds the copy is refused saying so."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    model = load_model(setup["int4"], dtype=torch.float32, device="cpu")
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "lm_head"],
+                                          init_lora_weights=False, task_type="CAUSAL_LM"))
+    want = logits(pm.eval())
+    pm.save_pretrained(tmp_path / "a")
+    sd = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert not [k for k in sd if "base_layer" in k] and any(".lm_head.lora_A" in k for k in sd)
+    got = logits(load_model(setup["int4"], adapter=tmp_path / "a", dtype=torch.float32, device="cpu"))
+    torch.testing.assert_close(got, want)
+    copy = _edited(tmp_path / "a", tmp_path / "copy")
+    head = model.get_output_embeddings().weight.detach().clone()
+    save_file({**sd, "base_model.model.lm_head.base_layer.weight": head}, str(copy / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match="a whole copy of that base layer's weight.*save_embedding_layers=False"):
+        check_adapter(load_model(setup["int4"], dtype=torch.float32, device="cpu"), copy)
