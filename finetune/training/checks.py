@@ -642,6 +642,13 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     identity = run_identity(model_dir, mode, lora_args, data_args, args)
     check_inputs_kept(args, model_dir, lora_args.lora_weight_path)
     resume_from = check_output_dir(args, identity)
+    if resume_from is not None and args.max_steps > 0:
+        # transformers trains nothing from a checkpoint at or past --max_steps, saves, and reports the run finished
+        done = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
+        if args.max_steps <= done:
+            raise TrainConfigError(f"--max_steps {args.max_steps}: the checkpoint {resume_from} is at step {done} "
+                                   f"already, so nothing would train; give a --max_steps beyond {done} to train on "
+                                   "from it")
 
     check_model_files(model_dir, mode, lora_args)
 

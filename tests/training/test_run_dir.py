@@ -365,7 +365,7 @@ def test_resume_on_other_data_stops_before_loading_and_keeps_the_runs_records(fi
     edited = tmp_path / "edited.json"
     edited.write_text(json.dumps(records))
     monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    assert train_main(train_args(model, edited, run, *STEPS4, "--resume", "True")) == 2
+    assert train_main(train_args(model, edited, run, *STEPS4, "--resume", "True", "--max_steps", "5")) == 2
     line = _one_line(capsys.readouterr().err)
     assert line.startswith(f"error: --resume: {run / 'checkpoint-4'} was written by a different run (the training "
                            "data's content differs)"), line
@@ -590,3 +590,17 @@ def test_rows_past_the_models_seq_length_warn_once(model, data, tmp_path, monkey
         assert len(warned) == 1 and warned[0].startswith("4 conversation(s) are longer than the model's "
                                                          "seq_length 32"), warned
         assert "--model_max_length 32" in warned[0]
+
+
+@pytest.mark.parametrize("steps", ["2", "4"])
+def test_a_resume_at_or_past_max_steps_is_refused_before_loading(finished, model, data, tmp_path, steps):
+    """A checkpoint already at --max_steps trained nothing, saved, and marked the run finished (exit 0)."""
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    before = _snapshot(run)
+    with pytest.raises(TrainConfigError, match=rf"--max_steps {steps}: the checkpoint .*checkpoint-4 is at step 4 "
+                                               r"already, so nothing would train; give a --max_steps beyond 4"):
+        _preflight(train_args(model, data, run, *STEPS4, "--max_steps", steps, "--resume", "True"))
+    with pytest.raises(TrainConfigError, match=r"--max_steps 2: the checkpoint .*checkpoint-2 is at step 2"):
+        _preflight(train_args(model, data, tmp_path / "new", *STEPS4, "--max_steps", "2",
+                              "--resume_from_checkpoint", str(run / "checkpoint-2")))
+    assert _snapshot(run) == before
