@@ -35,8 +35,8 @@ from pathlib import Path
 
 from .encoding import ChatEncoder, chat_encoder
 from .packing import PACK_BLOCK, pack_table, packed_schema
-from .records import (DataError, _is_jsonl, _iter_raw, data_sources, iter_records, jsonl_shards_counted,
-                      normalize_record)
+from .records import (DataError, _is_jsonl, _iter_raw, check_data_file, data_sources, iter_records,
+                      jsonl_shards_counted, normalize_record)
 from .summary import summarize
 
 # Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
@@ -406,6 +406,9 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     if isinstance(path_or_records, (str, os.PathLike)):
         source = str(path_or_records)
         sources = data_sources(source)  # one file or dataset dir, or several (a glob, a list, a plain dir)
+        for f in sources:  # by the names given: resolved, a pipe (/dev/fd/63) read as the glob "pipe:[947402]",
+            if not Path(f).is_dir():  # and a broken link in a data dir was named by its missing target
+                check_data_file(f)
         paths = [str(Path(f).resolve()) for f in sources]
         if not num_proc:
             procs = auto_procs(source)

@@ -647,6 +647,17 @@ def data_sources(spec: str | os.PathLike) -> list[str]:
     return out
 
 
+def check_data_file(path: str) -> None:
+    """DataError naming ``path`` unless it is a regular file (a symbolic link to one included)."""
+    p = Path(path)
+    if p.exists() and not p.is_file():  # `-d <(zcat data.jsonl.gz)` names a pipe: it is there, "no such file" was not
+        raise DataError("not a data file", "not a regular file (a pipe, socket or device): the data is read more "
+                        "than once, so write it to a file first", path=path)
+    if not p.is_file():
+        raise DataError("no such file", f"a broken symbolic link to {os.readlink(p)}" if p.is_symlink() else "",
+                        path=path)
+
+
 def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | None]]:
     """(index, line, raw record, parse error) for each record of a file or `datasets` dir."""
     p = Path(path)
@@ -669,12 +680,7 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
         for i, row in enumerate(ds):
             yield i, None, row, None
         return
-    if p.exists() and not p.is_file():  # `-d <(zcat data.jsonl.gz)` names a pipe: it is there, "no such file" was not
-        raise DataError("not a data file", "not a regular file (a pipe, socket or device): the data is read more "
-                        "than once, so write it to a file first", path=path)
-    if not p.is_file():
-        raise DataError("no such file", f"a broken symbolic link to {os.readlink(p)}" if p.is_symlink() else "",
-                        path=path)
+    check_data_file(path)
     if _is_jsonl(path):
         yield from _iter_jsonl(path)
         return
