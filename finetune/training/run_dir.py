@@ -75,12 +75,20 @@ def _clear_previous_run(out: Path) -> None:
     --resume can never continue the old run and a new run that stops early leaves nothing of the old one to
     mistake for its own. Only a run of this project is cleared; other files are never deleted."""
     if is_project_run(out):
-        old = checkpoints(out) + [p for p in (out / STAGING, *(out / n for n in RUN_OUTPUTS)) if p.exists()]
+        # a checkpoint the Trainer wrote holds trainer_state.json (saves are staged, then renamed whole); a
+        # checkpoint-N dir without one is the user's, or something else's, and stays
+        ckpts = checkpoints(out)
+        theirs = [p for p in ckpts if not (p / "trainer_state.json").is_file()]
+        old = [p for p in ckpts if p not in theirs]
+        old += [p for p in (out / STAGING, *(out / n for n in RUN_OUTPUTS)) if p.exists()]
         for p in old:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
         if old:
             logger.warning("--overwrite_output_dir: removed the previous run's %s from %s",
                            ", ".join(p.name for p in old), out)
+        if theirs:
+            logger.warning("--overwrite_output_dir: left %s in %s: no trainer_state.json, so no run's checkpoint",
+                           ", ".join(p.name for p in theirs), out)
         return
     present = [n for n in foreign_files(out) if n != DEMO_MARKER]
     clash = [n for n in present if n in RUN_OUTPUTS]

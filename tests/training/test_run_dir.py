@@ -269,15 +269,22 @@ def test_output_dir_not_writable(model, data, tmp_path, capsys):
 
 # -- item 8: overwrite clears the old run; another run's checkpoint is refused --------------------------------
 
-def test_overwrite_removes_the_old_runs_checkpoints(finished, model, data, tmp_path, capsys, monkeypatch):
+def test_overwrite_removes_the_old_runs_checkpoints(finished, model, data, tmp_path, capsys, monkeypatch, caplog):
     run = _copy(finished, tmp_path / "run")
 
     def interrupted(self, *a, **k):  # the new run is stopped at its first step, before any checkpoint
         raise KeyboardInterrupt
 
     monkeypatch.setattr(QwenTrainer, "training_step", interrupted)
-    assert train_main(train_args(model, data, run, *STEPS4, "--overwrite_output_dir", "True")) == 130
-    assert not list(run.glob("checkpoint-*")) and not (run / "training_finished.json").exists()
+    # a checkpoint-N dir of the user's own (no trainer_state.json) was removed with the run's checkpoints
+    (run / "checkpoint-5").mkdir()
+    (run / "checkpoint-5" / "mine.txt").write_text("mine")
+    with caplog.at_level(logging.WARNING):
+        assert train_main(train_args(model, data, run, *STEPS4, "--overwrite_output_dir", "True")) == 130
+    assert [p.name for p in run.glob("checkpoint-*")] == ["checkpoint-5"]
+    assert not (run / "training_finished.json").exists() and (run / "checkpoint-5" / "mine.txt").read_text() == "mine"
+    assert "left checkpoint-5 in" in caplog.text
+    shutil.rmtree(run / "checkpoint-5")  # (a resume would name it: a checkpoint dir it cannot resume)
     assert not (run / "adapter_model.safetensors").exists() and not (run / "run_info.json").exists()
     assert f"no checkpoint was written in {run} yet (--save_strategy steps); run the command" in capsys.readouterr().err
     assert _preflight(train_args(model, data, run, *STEPS4, "--resume", "True")).resume_from is None
