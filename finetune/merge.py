@@ -116,7 +116,7 @@ def _sample(records: list, n: int | None, seed: int = 0) -> list:
     return random.Random(seed).sample(list(records), n)
 
 
-def _training_data(adapter_dir: Path) -> str | None:
+def _training_data(adapter_dir: Path, log=print) -> str | None:
     """The data file(s) the adapter was trained on, from its run's run_args.json: in the adapter dir, or, for a
     checkpoint-N dir (which has none), in the run dir above it; None when none is recorded or readable."""
     p = adapter_dir / "run_args.json"
@@ -134,9 +134,30 @@ def _training_data(adapter_dir: Path) -> str | None:
     from .data.records import data_sources
 
     try:  # one file, or the several a glob / a list / a plain dir named in training
-        return data if all(Path(f).is_file() for f in data_sources(data)) else None
+        if not all(Path(f).is_file() for f in data_sources(data)):
+            return None
     except DataError:
         return None
+    return data if _still_the_training_data(p.parent, data, log) else None
+
+
+def _still_the_training_data(run_dir: Path, data: str, log=print) -> bool:
+    """Whether ``data`` still holds what the run trained on: its content hash against run_info.json's (True where
+    the run recorded none, before session 44). A file edited or replaced since is said on the console, and not
+    used: a "training-data" loss or a calibration on other records would be passed off as the run's."""
+    try:
+        recorded = json.loads((run_dir / "run_info.json").read_text()).get("data_content")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        recorded = None
+    if not recorded:
+        return True
+    from .data.dataset import data_content
+
+    if data_content(data) == recorded:
+        return True
+    log(f"merge: {data} (the adapter's training data in run_args.json) has changed since the run trained on it "
+        "(its content differs): not used for the report or the calibration; pass --eval-data / --calib-data")
+    return False
 
 
 # An Int4 export whose loss rises more than this (nats per trained token) above base+adapter has lost part of the
@@ -338,7 +359,7 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     # (the adapter's vocabulary, copied into OUT where the base has none, is checked against the base first)
     tokenizer = load_tokenizer(base_dir, adapter=adapter)
     # data for the report (and GPTQ's calibration)
-    train_data = _training_data(adapter)
+    train_data = _training_data(adapter, log)
     calib_path = calib_data or train_data
     eval_path = eval_data or calib_path
     # the flag that gave each path, for the errors (None: the adapter's training data, from its run_args.json)
@@ -352,8 +373,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         log(f"merge: no --eval-data: the loss below is on {len(eval_records)} conversations of {eval_path} "
             f"(training/calibration data, not held out)")
     if not eval_path and n_eval:  # said, not silently a report without a loss
-        log(f"merge: no --eval-data, and {adapter} records no readable training data (run_args.json): the report "
-            f"has no loss; pass --eval-data FILE for one")
+        log(f"merge: no --eval-data, and {adapter} records no training data that is still readable and unchanged "
+            f"(run_args.json): the report has no loss; pass --eval-data FILE for one")
     if fmt == "int4" and quant_method == "gptq" and not calib_path:
         raise MergeError("--quant-method gptq needs calibration conversations: pass --calib-data FILE (e.g. a "
                          "sample of your training data); the adapter's run_args.json names no readable data file")

@@ -430,6 +430,8 @@ def run_info(trainer, graphs: dict | None = None) -> dict:
         "compute_dtype": str(trainer.precision.compute_dtype).removeprefix("torch."), "mode": trainer.plan.mode,
         "precision": trainer.precision.record(),
         "global_step": trainer.state.global_step, "cuda_graphs": graphs, "settings": settings_dict(),
+        # the training data's content hash: merge checks that the file it scores (or calibrates on) still holds it
+        "data_content": trainer.plan.identity.get(DATA_KEY),
         "cuda_alloc_conf": allocator_settings(),
         "nonfinite_skipped_steps": trainer.skipped_steps, "optimizer": trainer.optimizer_record(),
         "dtypes": {k: sorted(v) for k, v in sorted(dtypes.items())},

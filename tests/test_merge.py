@@ -504,6 +504,33 @@ def test_a_checkpoint_merges_and_reports_the_loss_on_its_runs_training_data(setu
     assert "merged_loss" not in report and any("the report has no loss; pass --eval-data" in line for line in lines)
 
 
+def test_training_data_edited_since_the_run_is_not_scored_as_its_training_data(setup, tmp_path):
+    """Merge scored (and calibrated on) whatever the recorded training file held at merge time, as the run's
+    training data: run_info.json now keeps the data's content hash, and a file that no longer holds it is said
+    and left out. A copy of the same content under another name is the same data."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(setup["lora"], adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
+    assert json.loads((adapter / "run_info.json").read_text())["data_content"]
+    data = tmp_path / "renamed copy.json"
+    shutil.copy2(setup["data"], data)
+    args = json.loads((adapter / "run_args.json").read_text())
+    args["data"]["data_path"] = str(data)
+    (adapter / "run_args.json").write_text(json.dumps(args))
+    report = merge(adapter, tmp_path / "m", dtype="fp32", log=quiet)
+    assert report["eval_data_kind"] == "training-data" and report["eval_data"] == str(data)
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[:1]))  # edited since: one record of the four
+    lines = []
+    report = merge(adapter, tmp_path / "m2", dtype="fp32", log=lines.append)
+    assert "merged_loss" not in report, report
+    assert any(f"{data} (the adapter's training data in run_args.json) has changed since the run trained on it" in line
+               for line in lines), lines
+    with pytest.raises(MergeError, match="--quant-method gptq needs calibration conversations"):
+        merge(adapter, tmp_path / "m3", fmt="int4", quant_method="gptq", log=quiet)
+
+
 def test_a_merge_report_with_no_scored_token_is_strict_json(setup, tmp_path, monkeypatch):
     # a NaN loss was written as NaN, which strict JSON parsers refuse
     import finetune.evaluate

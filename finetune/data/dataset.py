@@ -295,6 +295,24 @@ def _trainable(n_trained: list[int]) -> list[bool]:
     return [n > 0 for n in n_trained]
 
 
+def _content_hash(content, single: Path | None) -> str:
+    """The data's content hash (DataSummary.content) from its _content_key(s): ``single``, the one path read (else
+    ``content`` is one key a file). A single file's content without its name (a moved or renamed copy is the same
+    data); a dir's file names are part of what it holds."""
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash([c[1:] for c in content] if single is not None and single.is_file() else content)
+
+
+def data_content(source: str) -> str:
+    """The content hash a build of ``source`` (a data flag's value) records as DataSummary.content, without building:
+    what a later step (merge) compares to tell whether the files still hold the data a run trained on."""
+    paths = [Path(f).resolve() for f in data_sources(source)]
+    if len(paths) == 1:
+        return _content_hash(_content_key(paths[0]), paths[0])
+    return _content_hash([_content_key(f) for f in paths], None)
+
+
 def _content_key(p: Path) -> list[tuple[str, int, str]]:
     """(name, size, xxh3-128 of the bytes) of a data file, or of every file of a dataset dir (names relative)."""
     import xxhash  # a dependency of `datasets`; ~10x faster than blake2b, and this runs on every build
@@ -500,10 +518,8 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         errors.append(too_long)  # in the summary's examples
     summary = summarize(source, used_len, used_trained, n_trunc, len(reasons), skipped, max_len)
     summary.examples = [str(e) for e in errors[:5]]
-    # a single file's content without its name (a moved or renamed copy is the same data); a dir's file names
-    # are part of what it holds
-    content = key.get("content", key.get("records"))
-    summary.content = Hasher.hash([c[1:] for c in content] if "path" in key and p.is_file() else content)
+    summary.content = (_content_hash(key["content"], p) if "content" in key else
+                       Hasher.hash(key["records"]))
     if not used_len:
         cls = TooLongError if skipped.get(TOO_LONG) else DataError
         empty = ("no records given" if not isinstance(path_or_records, (str, os.PathLike))
