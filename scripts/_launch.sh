@@ -35,6 +35,11 @@ need_value() { [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
 # data, -o "" wrote to the default dir.
 not_empty() { [[ -n "$2" ]] || { echo "error: $1 is empty (an unset shell variable?): give a path" >&2; exit 2; }; }
 
+# the same for the environment's forms: MODEL= trained the demo model on the user's data, OUTPUT= wrote to the
+# default dir (a variable that is set but empty; one that is unset means none given, as before)
+for var in MODEL DATA OUTPUT; do
+  if [[ -v $var && -z "${!var}" ]]; then not_empty "$var" ""; fi
+done
 MODEL="${MODEL:-}"; DATA="${DATA:-}"; OUTPUT="${OUTPUT:-}"
 CONFIG=""; DS_FLAG=""
 EXTRA=()

@@ -212,6 +212,18 @@ def test_an_empty_model_data_or_output_is_one_line(tmp_path, argv, message):
     assert p.stderr.count("\n") == 1 and not (tmp_path / "demo-cache").exists() and not (tmp_path / "output").exists()
 
 
+@pytest.mark.parametrize("env, argv, message", [
+    ({"MODEL": ""}, ["-d", "d.json", "-o", "out"], "error: MODEL is empty"),  # trained the demo on the user's data
+    ({"OUTPUT": ""}, ["-m", "m", "-d", "d.json"], "error: OUTPUT is empty"),  # wrote to output/qwen-lora
+    ({"DATA": ""}, ["-m", "m"], "error: DATA is empty"),
+])
+def test_an_empty_model_data_or_output_variable_is_one_line(tmp_path, env, argv, message):
+    p = _bare_script(argv, tmp_path, QWEN_FT_CACHE=str(tmp_path / "demo-cache"), **env)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"{message} (an unset shell variable?): give a "
+                                                                   "path"], p.stderr
+    assert not [p for p in ("demo-cache", "output", "out") if (tmp_path / p).exists()]
+
+
 def test_gpus_hidden_by_cuda_visible_devices_are_said(tmp_path):
     # CUDA_VISIBLE_DEVICES="" on a GPU machine trained on the CPU without a word (a stand-in nvidia-smi lists one)
     import os
