@@ -673,10 +673,13 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
             raise DataError("unreadable datasets dir", f"datasets.load_from_disk failed: {type(e).__name__}: "
                             f"{' '.join(str(e).split())}", path=path) from None
         if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError("not a data file", f"a DatasetDict without a 'train' split "
-                                f"(splits: {', '.join(ds)})", path=path)
-            ds = ds["train"]
+            # its 'train' split was read whatever else it held: a held-out eval on it scored the training records
+            if len(ds) != 1:
+                names = list(ds)
+                raise DataError("not a data file", f"a DatasetDict with {len(names)} splits ({', '.join(names)}): "
+                                f"name the split to read by its dir, e.g. {Path(path) / (names or ['train'])[0]}",
+                                path=path)
+            ds = next(iter(ds.values()))
         for i, row in enumerate(ds):
             yield i, None, row, None
         return

@@ -237,3 +237,22 @@ def test_merge_finds_training_data_given_as_a_glob(shards, tmp_path):
     for data, found in ((str(shards / "train-*.jsonl"), True), (str(tmp_path / "gone-*.jsonl"), False)):
         (adapter / "run_args.json").write_text(json.dumps({"data": {"data_path": data}}))
         assert _training_data(adapter) == (data if found else None)
+
+
+def test_a_dataset_dict_of_several_splits_names_the_split_to_read(tmp_path):
+    """A DatasetDict's 'train' split was read whatever else it held, so `qwen-ft eval --data DICT` scored the
+    training records as held-out ones: with several splits the path must name one (its dir); one split is read."""
+    import datasets
+
+    row = {"id": "a", "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]}
+    held = {**row, "id": "held"}
+    both = datasets.DatasetDict({"train": datasets.Dataset.from_list([row]),
+                                 "test": datasets.Dataset.from_list([held])})
+    both.save_to_disk(str(tmp_path / "both"))
+    with pytest.raises(DataError) as e:
+        load_records(tmp_path / "both", flag="--data")
+    assert str(e.value) == (f"--data {tmp_path / 'both'}: not a data file: a DatasetDict with 2 splits (train, test): "
+                            f"name the split to read by its dir, e.g. {tmp_path / 'both' / 'train'}")
+    assert ids(load_records(tmp_path / "both" / "test")) == ["held"]
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list([held])}).save_to_disk(str(tmp_path / "one"))
+    assert ids(load_records(tmp_path / "one")) == ["held"]
