@@ -371,6 +371,12 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         raise TrainConfigError(f"config file {path}: holds no flags (it is empty, or all comments)")
     if not isinstance(values, dict):
         raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}")
+    known = {a.dest for a in parser._actions}
+    for k in list(values):  # max-steps, as the command line takes --max-steps for --max_steps
+        if isinstance(k, str) and "-" in k and k not in known and (dest := k.replace("-", "_")) in known:
+            if dest in values:
+                raise TrainConfigError(f"config file {path}: {k} and {dest} are the same flag; give it once")
+            values[dest] = values.pop(k)
     values = {_RENAMED.get(k, k): (home(v) if k in PATH_FLAGS else v) for k, v in values.items()}
     for key in ("data_path", "eval_data_path"):  # a YAML list of files: the comma-separated list it stands for
         items = values.get(key)
@@ -386,7 +392,6 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         values[key] = ",".join(home(v.strip()) for v in items)
     if "warmup_ratio" in values:
         values["warmup_steps"] = float(_warmup_ratio(values.pop("warmup_ratio")))
-    known = {a.dest for a in parser._actions}
     unknown = sorted(k for k in values if k not in known)
     if unknown:
         raise TrainConfigError(f"config file {path}: not trainer flags: {', '.join(map(str, unknown))} "

@@ -356,6 +356,15 @@ def test_config_file_values_read_as_the_command_line_reads_them(models, memorise
                                                          str(memorise_file), "-o", str(tmp_path / "o")])
     assert lora_args.use_lora is True and lora_args.lora_target_modules == ["c_attn"]
     assert args.resume_from_checkpoint == "false" and args.run_name == "2024"
+    # names spelled with dashes, as the command line takes them (--max-steps): "not trainer flags" before
+    config.write_text("max-steps: 7\nlora-target-modules: [c_attn, w1]\noutput-dir: ~/runs/x\n")
+    model_args, data_args, lora_args, args = parse_args([str(config), "-m", str(models["float"]), "-d",
+                                                         str(memorise_file)])
+    assert args.max_steps == 7 and lora_args.lora_target_modules == ["c_attn", "w1"]
+    assert args.output_dir == str(Path.home() / "runs" / "x")
+    config.write_text("max-steps: 7\nmax_steps: 8\n")
+    with pytest.raises(TrainConfigError, match="max-steps and max_steps are the same flag; give it once"):
+        parse_args([str(config), "-m", str(models["float"]), "-d", str(memorise_file)])
 
 
 @pytest.mark.parametrize("values, message", [
