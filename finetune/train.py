@@ -90,7 +90,8 @@ def _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, a
             f"(the longest kept row is {summary.max} tokens); raise it")
     batches = batch_plan(summary, data_args, args)
     if args.process_index == 0:
-        print(summary.format(), flush=True)
+        if not summary.records_skipped:  # (with skips, build_dataset printed it on stderr: once is enough)
+            print(summary.format(), flush=True)
         print(batches["text"], flush=True)
         if eval_set is not None:
             print("eval " + eval_summary.format(), flush=True)

@@ -87,6 +87,7 @@ def test_skip_invalid_trains_on_the_rest_and_reports_the_count(tiny_model_dir, t
     assert "5 read, 2 used, 3 skipped" in out.out + out.err
     assert "skipped 3: prompt longer than max_len (nothing left to train)" in out.err
     assert f"e.g. {data}, record 2, line 2" in out.err
+    assert (out.out + out.err).count("5 read, 2 used, 3 skipped") == 1  # (the summary was printed twice)
 
 
 def test_all_records_too_long_under_skip_invalid_names_the_length_flag(tiny_model_dir, tmp_path, capsys,
