@@ -102,7 +102,8 @@ def test_a_developer_message_is_the_system_message():
 def _call_messages(function: dict) -> list[dict]:
     """A history whose assistant called ``function`` (OpenAI's tool_calls form), its result, then a question."""
     return [{"role": "user", "content": "q"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function", "function": function}]},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"id": "c", "type": "function", "function": function}]},
             {"role": "tool", "tool_call_id": "c", "content": "sunny"},
             {"role": "user", "content": "and?"}]
 
