@@ -377,7 +377,7 @@ class BodyLimit:
         headers = dict(scope["headers"])
         declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(receive, send, 0, unsent=_awaits_continue(scope))
+            await self._refuse(scope, receive, send, 0)
             return
         chunks, size = [], 0
         while True:
@@ -387,7 +387,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await self._refuse(receive, send, size, message.get("more_body", False))
+                await self._refuse(scope, receive, send, size, message.get("more_body", False))
                 return
             if not message.get("more_body", False):
                 break
@@ -411,27 +411,24 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, receive, send, read: int, more: bool = True, unsent: bool = False) -> None:
-        """Answer 413, after the rest of the body (``_drop_body``); ``unsent``: at once, the client is waiting for
-        "100 Continue" before it sends the body (``_awaits_continue``)."""
-        if not unsent and await _drop_body(receive, read, more, 4 * self.limit) is None:
+    async def _refuse(self, scope, receive, send, read: int, more: bool = True) -> None:
+        """Answer 413, after the rest of the body (``_drop_body``)."""
+        if await _drop_body(scope, receive, read, more, 4 * self.limit) is None:
             return
         err = APIError(413, f"the request body is over {self.limit} bytes", None, "request_too_large")
         await _send_json(send, 413, err, close=True)
 
 
-def _awaits_continue(scope) -> bool:
-    """Whether the client sent "Expect: 100-continue": it sends its body only after the server's "100 Continue",
-    which uvicorn writes at the app's first read of the body. An error answered before any read asks for no body
-    (and closes the connection, whose body was never sent): a client over the size limit or without the key
-    otherwise uploaded up to 64 MiB for nothing."""
-    return any(name == b"expect" and value.strip().lower() == b"100-continue" for name, value in scope["headers"])
-
-
-async def _drop_body(receive, read: int, more: bool, cap: int) -> bool | None:
+async def _drop_body(scope, receive, read: int, more: bool, cap: int) -> bool | None:
     """Read and drop the rest of a request body before an error answer, up to ``cap`` bytes in all: closing a
     connection with unread bytes makes the kernel reset it, and a client still sending then loses the answer too.
-    -> whether some is left unread (the answer must close the connection), None when the client left meanwhile."""
+    -> whether some is left unread (the answer must close the connection), None when the client left meanwhile.
+    Nothing is read from a client that sent "Expect: 100-continue" and no body yet: it sends its body only after
+    the server's "100 Continue", which uvicorn writes at the app's first read, so the error comes first and the
+    connection closes (a client over the size limit or without the key uploaded up to 64 MiB for nothing)."""
+    if read == 0 and any(name == b"expect" and value.strip().lower() == b"100-continue"
+                         for name, value in scope["headers"]):
+        return True
     while more and read <= cap:
         message = await receive()
         if message["type"] != "http.request":  # the client left while sending: no one to answer
@@ -482,7 +479,7 @@ class KeyFirst:
         if what is None:
             await self.app(scope, receive, send)
             return
-        more = True if _awaits_continue(scope) else await _drop_body(receive, 0, True, 4 * self.limit)
+        more = await _drop_body(scope, receive, 0, True, 4 * self.limit)
         if more is None:
             return
         err = APIError(401, f"{what} API key: send the header 'Authorization: Bearer <key>' with the key given to "
