@@ -10,10 +10,12 @@
 #   THREAD: the same with --server thread (the server in a thread beside the client, as every figure before);
 #   LOG: serve_bench at $LOG_STREAMS streams (default 1; comma-separated) with the engine's log of each round's
 #        submits, prefills and captures.
-#   STAGGER: serve_bench --stagger 100 at 8 streams (each request joins a decoding batch alone), here and, where
-#        $OLD holds a tree (`git archive <rev> finetune benchmarks | tar -x -C ab_old`), on that tree's package with
-#        this serve_bench, in alternating server processes, twice.
+#   STAGGER: serve_bench --stagger 100 at 8 streams (each request joins a decoding batch alone) with prompts of
+#        $STAGGER_TOKENS tokens (default 500), here and, where $OLD holds a tree (`git archive <rev> finetune
+#        benchmarks | tar -x -C ab_old`), on that tree's package with this serve_bench, in alternating server
+#        processes, $STAGGER_ROUNDS times (default 2).
 #   QWEN_FT_COMMIT=<rev> [BENCH=0 ADAPTERS=0 SERVE=0 THREAD=0 LOG=0 STAGGER=0] [LOG_STREAMS=1,8,32] [OLD=ab_old] \
+#     [STAGGER_TOKENS=1500 STAGGER_ROUNDS=1] \
 #     bash benchmarks/figures_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,12 +34,13 @@ source benchmarks/device_site.sh && inference_trial /tmp/figures_out || exit 1
 if [[ "${STAGGER:-1}" == 1 ]]; then
   old="${OLD:-ab_old}"
   [[ -d $old/benchmarks ]] && cp benchmarks/serve_bench.py "$old/benchmarks/"
-  for r in 1 2; do
+  for r in $(seq "${STAGGER_ROUNDS:-2}"); do
     for v in old new; do
       d=.; [[ $v == old ]] && d="$old"
       [[ -d $d/benchmarks ]] || { [[ $r == 1 ]] && echo "no tree at $d: STAGGER skipped for $v"; continue; }
       timeout 120 python3 "$d/benchmarks/serve_bench.py" --model-dir /tmp/m --streams 8 --stagger 100 \
-        --out "$OUT/serve_stagger_${v}${r}_$C.json" 2>&1 | grep "^{" | cut -c1-400 | sed "s/^/$v$r /"
+        --prompt-tokens "${STAGGER_TOKENS:-500}" --out "$OUT/serve_stagger${STAGGER_TOKENS:-500}_${v}${r}_$C.json" \
+        2>&1 | grep "^{" | cut -c1-400 | sed "s/^/$v$r /"
     done
   done
 fi

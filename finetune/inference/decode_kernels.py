@@ -605,11 +605,12 @@ def rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, que
     return q.view(b, heads, 1, q.shape[-1])
 
 
-def prefill_index(n: int, T: int, slot, device) -> tuple[torch.Tensor, torch.Tensor]:
+def prefill_index(n: int, T: int, slot, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(position, cache row) of each token of a prefill of n prompts right-padded to T, joining at cache row
-    ``slot`` (an int, or a one-element int64 tensor on the device: a graph's input): what
-    ``prefill_rotary_to_cache`` takes (made once a prefill, not once a layer)."""
-    pos = torch.arange(T, device=device).repeat(n)  # (int64, as a decode step's positions: one kernel build)
+    ``slot`` (an int, or a one-element int64 tensor on the device: a graph's input), at positions start..start+T-1
+    (``start`` > 0: a later chunk of one long prompt): what ``prefill_rotary_to_cache`` takes (made once a prefill,
+    not once a layer)."""
+    pos = torch.arange(start, start + T, device=device).repeat(n)  # (int64, as a decode step's: one kernel build)
     rows = (torch.arange(n, device=device) + slot).repeat_interleave(T)
     return pos, rows
 
@@ -617,12 +618,13 @@ def prefill_index(n: int, T: int, slot, device) -> tuple[torch.Tensor, torch.Ten
 def prefill_rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                             query_scale: torch.Tensor | None, k_cache: torch.Tensor, v_cache: torch.Tensor,
                             slot: int | torch.Tensor, heads: int,
-                            index: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                            index: tuple[torch.Tensor, torch.Tensor], start: int = 0) -> torch.Tensor:
     """A prefill's attention inputs from c_attn's output ``qkv`` [n, T, 3 * heads * D] (n prompts right-padded to
     T): rotary on q and k (``cos``/``sin`` [n, T, rot] fp32), q scaled by ``query_scale`` [n, T] (logN; None = 1),
     k and v written into ``k_cache``/``v_cache`` [slots, heads, capacity, D] at rows slot..slot+n-1, positions
-    0..T-1 (``index``: ``prefill_index``). The same arithmetic as ``rotary_to_cache`` a token. Returns q as
-    [n, heads, T, D] (a view of token-major storage, as the model's attention takes it)."""
+    start..start+T-1 (``index``: ``prefill_index`` with the same ``start``). The same arithmetic as
+    ``rotary_to_cache`` a token. Returns q as [n, heads, T, D] (a view of token-major storage, as the model's
+    attention takes it)."""
     if qkv.dim() != 3:
         raise ValueError(f"prefill_rotary_to_cache takes qkv as [prompts, tokens, width], got {tuple(qkv.shape)}")
     n, T = qkv.shape[:2]
@@ -632,7 +634,8 @@ def prefill_rotary_to_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Ten
     if cos.shape[:2] != (n, T) or sin.shape != cos.shape:
         raise ValueError(f"cos/sin {tuple(cos.shape)} do not cover {n} prompts x {T} tokens")
     slots = slot + n if isinstance(slot, int) else n  # (a tensor names a free row of the cache: the engine's)
-    q = _rotary_cache(_rows(qkv, "qkv"), cos, sin, query_scale, k_cache, v_cache, pos, rows, heads, slots, T)
+    q = _rotary_cache(_rows(qkv, "qkv"), cos, sin, query_scale, k_cache, v_cache, pos, rows, heads, slots,
+                      start + T)
     return q.view(n, T, heads, q.shape[-1]).transpose(1, 2)
 
 

@@ -73,6 +73,11 @@ LENGTH_BUCKET = 256
 # tokens. The dequantized weights a graph's pool holds are those of any length, and the graphs share one pool.
 PREFILL_GRAPH_LENGTHS = (32, 64, 128, 256, 512)
 PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
+# A prompt longer than this that joins running rows is prefilled this many positions a step, between their decode
+# steps (``_prefill_chunk``), instead of in one forward that holds back every running stream's next token for the whole
+# prompt: a 2,000-token prefill takes ~130 ms of an H100, a 512-position chunk ~32 ms (NOTES steps 95-96). Into an
+# empty batch a prompt is prefilled whole (no stream waits).
+PREFILL_CHUNK = 512
 # warm_up's KV cache: max_batch rows of max_len positions, or of as many as this share of the device's free memory
 # holds. A cache that grows later drops every captured graph (they hold its buffers): in a serving trace after a
 # warm-up at 16-token prompts, the first requests grew it and the graphs were all captured again (NOTES step 62).
@@ -141,6 +146,18 @@ class _Row:
         self.picked = 0  # tokens picked for the row, counting the step in flight (= len(output_ids) when none is)
 
 
+class _Chunked:
+    """A prompt longer than PREFILL_CHUNK joining running rows: prefilled PREFILL_CHUNK positions a step into cache
+    row ``slot`` (past the active rows; it holds ``done`` positions so far), where the decode steps' graphs may write
+    a padding row's key at position 0: ``first`` holds that position's keys and values [layers, heads, D] from the
+    first chunk, and each later chunk puts them back before it reads them (``Engine._prefill_chunk``)."""
+
+    __slots__ = ("row", "slot", "done", "first")
+
+    def __init__(self, row, slot):
+        self.row, self.slot, self.done, self.first = row, slot, 0, None
+
+
 class _Step:
     """A decode step enqueued on the device whose tokens the host has not read yet: the rows it covered (slots
     0..n-1 at launch), the host buffer its picked tokens are being copied into, the event that marks the copy
@@ -155,12 +172,14 @@ class _Step:
 class _KV:
     """The cache object the blocks call: ``update(k, v, layer)`` writes this forward's keys/values and returns
     what attention reads. Prefill: rows ``slot``.. (one per prompt), positions 0..T-1, attention over the new keys only.
+    Chunk: row ``slot``, positions ``start``.., attention over the row's keys up to them.
     Decode: rows 0..b-1, one token each at ``pos`` [b], attention over positions < ``kv_len``."""
 
     def __init__(self, k, v):
         self.k, self.v = k, v
         self.mode = None
         self.slot = 0
+        self.start = 0
         self.rows = None
         self.pos = None
         self.kv_len = 0
@@ -172,6 +191,11 @@ class _KV:
             K[self.slot:self.slot + n, :, :T] = k
             V[self.slot:self.slot + n, :, :T] = v
             return k, v
+        if self.mode == "chunk":
+            s, end = self.start, self.start + k.shape[2]
+            K[self.slot, :, s:end] = k[0]
+            V[self.slot, :, s:end] = v[0]
+            return K[self.slot:self.slot + 1, :, :end], V[self.slot:self.slot + 1, :, :end]
         b = k.shape[0]
         K[self.rows[:b], :, self.pos] = k[:, :, 0]
         V[self.rows[:b], :, self.pos] = v[:, :, 0]
@@ -229,6 +253,7 @@ class Engine:
         self._step_lock = threading.Lock()
         self._pending: deque[Request] = deque()
         self._rows: list[_Row] = []
+        self._chunked: _Chunked | None = None  # a long prompt being prefilled a chunk a step beside the rows
         self._cache: _KV | None = None
         self._slots = 0
         self._capacity = 0
@@ -278,19 +303,23 @@ class Engine:
         with self._lock:
             if self._pending:
                 return True
+        if self._chunked is not None:
+            return True
         # (a step may still be in flight for rows that all finished: the next step() reads and drops it)
         return any(not r.req.finished for r in self._rows)
 
     def occupancy(self) -> tuple[int, int]:
-        """(rows in the running batch, finished ones not yet dropped included; requests waiting to join it)."""
+        """(rows in the running batch, finished ones not yet dropped and a long prompt being prefilled in chunks
+        included; requests waiting to join it)."""
         with self._lock:
             waiting = len(self._pending)
-        return len(self._rows), waiting
+        return len(self._rows) + (self._chunked is not None), waiting
 
     @torch.no_grad()
     def step(self) -> list[Request]:
-        """Cancelled rows leave, waiting requests join (prefill), then one decode step for every active row.
-        Returns the requests that got a token or finished in this step.
+        """Cancelled rows leave, waiting requests join (prefill; a long prompt beside running rows one chunk a
+        step), then one decode step for every active row. Returns the requests that got a token or finished in this
+        step.
 
         Pipelined: the next decode step is enqueued before the tokens of the one in flight are read, so a
         token arrives from the step() after the one that enqueued it; a row finishes, leaves or is cancelled
@@ -305,6 +334,8 @@ class Engine:
                     self._remove(gone)
                 self._drop_cancelled(touched)
                 self._admit(touched)
+            if self._chunked is not None:  # (its last chunk joins the batch: _must_change read the step in flight)
+                self._prefill_chunk(touched)
             if self._rows:
                 previous = self._take_inflight()
                 self._inflight = self._launch()
@@ -412,11 +443,17 @@ class Engine:
         request has room to join): then the step in flight is read first."""
         if self._gone or any(r.req.cancelled for r in self._rows):
             return True
+        chunked = self._chunked
+        if chunked is not None and len(chunked.row.req.prompt_ids) - chunked.done <= PREFILL_CHUNK:
+            return True  # its last chunk: the row joins
         waiting = self._waiting()
         return bool(waiting) and self._plan_join(waiting)[0] > 0
 
     def _waiting(self) -> list[Request]:
-        """The queue's first requests, as many as the batch has room for (``_plan_join`` decides how many join)."""
+        """The queue's first requests, as many as the batch has room for (``_plan_join`` decides how many join);
+        none while a long prompt is being prefilled in chunks (it holds the slot after the rows)."""
+        if self._chunked is not None:
+            return []
         with self._lock:
             return list(itertools.islice(self._pending, self.max_batch - len(self._rows)))
 
@@ -467,6 +504,8 @@ class Engine:
             return
         with self._lock:  # (only step() takes from the queue: its head is still the planned one's, cancelled or not)
             joining = [self._pending.popleft() for _ in range(take)]
+        # beside running rows a long prompt is the last to join (``_plan_join``) and is prefilled a chunk a step
+        chunked = joining.pop() if self._rows and len(joining[-1].prompt_ids) > PREFILL_CHUNK else None
         if not self._rows and self.adapters.refresh():  # LoRA weights changed since the graphs were captured
             self._graphs.clear()
             self._pool = None
@@ -482,7 +521,10 @@ class Engine:
                 self._prefill(group, touched)
                 group = []
             group.append(req)
-        self._prefill(group, touched)
+        if group:
+            self._prefill(group, touched)
+        if chunked is not None:  # into the slot after the rows (those just joined included)
+            self._chunked = _Chunked(self._new_row(chunked), len(self._rows))
 
     # -- memory -------------------------------------------------------------------------------------------------
     def _full_bucket(self, n: int) -> int:
@@ -549,13 +591,18 @@ class Engine:
         if not waiting:
             return 0, ()
         n = len(self._rows)
+        if n:  # beside running rows, the first long prompt is the last to join now: it is prefilled in chunks
+            long_at = next((i for i, r in enumerate(waiting) if len(r.prompt_ids) > PREFILL_CHUNK), len(waiting))
+            waiting = waiting[:long_at + 1]
         # the positions the cache must hold with the first k waiting requests joined: needs[k - 1]
         needs = list(itertools.accumulate((len(r.prompt_ids) + r.params.max_new_tokens for r in waiting), max,
                                           initial=max((r.length + r.req.params.max_new_tokens - len(r.req.output_ids)
                                                        for r in self._rows), default=0)))[1:]
         have = (self._slots, self._capacity) if self._cache is not None else (0, 0)
-        spare = self._spare_bytes(max(min(PREFILL_TOKENS, sum(len(r.prompt_ids) for r in waiting)),
-                                      max(len(r.prompt_ids) for r in waiting)))
+        # (the positions of the largest prefill forward: a group's, or one long prompt's, or beside running rows
+        # one chunk's)
+        forward = [min(len(r.prompt_ids), PREFILL_CHUNK) if n else len(r.prompt_ids) for r in waiting]
+        spare = self._spare_bytes(max(min(PREFILL_TOKENS, sum(forward)), max(forward)))
         held = self._cache_bytes(*have)
         for k in range(len(waiting), 0, -1):
             capacity = self._capacity_for(needs[k - 1])
@@ -633,15 +680,7 @@ class Engine:
         lengths = [len(r.prompt_ids) for r in reqs]
         T, n = max(lengths), len(reqs)
         slot0 = len(self._rows)
-        rows = []
-        for req, L in zip(reqs, lengths):
-            generator = None
-            if req.params.seed is not None:
-                generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
-            alpha = float(ntk_alpha(L, cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
-            stop_text = StopStrings(self.tokenizer, req.params.stop) if req.params.stop else None
-            rows.append(_Row(req, alpha, generator, self.adapters.index(req.adapter),
-                             self._base_stops | set(req.params.stop_token_ids), stop_text))
+        rows = [self._new_row(req) for req in reqs]
         indices = [r.adapter_index for r in rows]
         select = None if all(a is None for a in indices) else self._select(indices, n)
         graph_length = self._prefill_graph_length(n, T, rows, slot0, select is not None)
@@ -668,6 +707,73 @@ class Engine:
                 logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale,
                                       last=last)
         self._joined(rows, lengths, ids, touched, logits)
+
+    def _new_row(self, req: Request) -> _Row:
+        """The row of a request about to be prefilled: its generator (seeded), NTK alpha from its prompt's length,
+        adapter, stop ids and stop strings."""
+        cfg = self.config
+        generator = None
+        if req.params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
+        alpha = float(ntk_alpha(len(req.prompt_ids), cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
+        stop_text = StopStrings(self.tokenizer, req.params.stop) if req.params.stop else None
+        return _Row(req, alpha, generator, self.adapters.index(req.adapter),
+                    self._base_stops | set(req.params.stop_token_ids), stop_text)
+
+    def _prefill_chunk(self, touched) -> None:
+        """The next PREFILL_CHUNK positions of the prompt being prefilled in chunks (``_Chunked``), into its slot; it
+        may run while a decode step is in flight (it writes and reads only its own slot, after that step on the
+        stream). The last chunk (no step in flight then: ``_must_change``) picks the first token, and the row joins
+        the batch in the slot after the rows, its keys and values moved there if rows left meanwhile. Cancelled
+        meanwhile, the request finishes and its slot is free again."""
+        chunked = self._chunked
+        row, slot, start = chunked.row, chunked.slot, chunked.done
+        req = row.req
+        if req.cancelled:
+            req.finished, req.finish_reason = True, req._cancel_reason
+            touched[req.id] = req
+            self._chunked = None
+            return
+        L = len(req.prompt_ids)
+        end = min(L, start + PREFILL_CHUNK)
+        k, v = self._cache.k, self._cache.v
+        if start:  # position 0 as the first chunk wrote it (a decode graph's padding row may have written there)
+            k[:, slot, :, 0], v[:, slot, :, 0] = chunked.first
+        logits = self._forward_chunk(row, slot, start, end)
+        if not start:
+            chunked.first = k[:, slot, :, 0].clone(), v[:, slot, :, 0].clone()
+        chunked.done = end
+        if end < L:
+            return
+        assert self._inflight is None
+        self._chunked = None
+        target = len(self._rows)
+        if slot != target:
+            k[:, target, :, :L] = k[:, slot, :, :L]
+            v[:, target, :, :L] = v[:, slot, :, :L]
+        self._joined([row], [L], torch.tensor([req.prompt_ids], device=self.device), touched, logits)
+
+    def _forward_chunk(self, row: _Row, slot: int, start: int, end: int) -> torch.Tensor:
+        """fp32 logits [1, V] at position end - 1 of the forward of positions start..end-1 of ``row``'s prompt into
+        cache row ``slot``, attending over its keys up to each position; eager. The arithmetic of the whole prompt's
+        prefill a position (its NTK alpha from the whole prompt, logN past seq_length), summed over other shapes."""
+        cfg = self.config
+        req = row.req
+        T = end - start
+        ids = torch.tensor([req.prompt_ids[start:end]], dtype=torch.long, device=self.device)
+        pos = torch.arange(start, end, device=self.device)[None]
+        cos, sin = self.tr.rotary_emb(pos, torch.tensor([[row.alpha]], device=self.device))
+        query_scale = logn_scale(pos + 1, cfg.seq_length) if cfg.use_logn_attn and end > cfg.seq_length else None
+        select = None if row.adapter_index is None else self._select([row.adapter_index], 1)
+        with self.adapters.applied(select), inference_sdpa(self.device):
+            if self._kernels is not None:
+                with self._kernel_device():
+                    return prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
+                                          self.tr.wte(ids), cos, sin, query_scale, slot,
+                                          torch.tensor([T - 1], device=self.device), start)
+            self._cache.mode, self._cache.slot, self._cache.start = "chunk", slot, start
+            keep = torch.arange(end, device=self.device)[None] <= pos[0, :, None]
+            return self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(mask=keep[None, None]), query_scale)
 
     def _joined(self, rows: list[_Row], lengths: list[int], ids: torch.Tensor, touched, logits) -> None:
         """The rows just prefilled join the batch (in the next slots): each prompt's tokens (``ids`` [n, >= its

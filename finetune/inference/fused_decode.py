@@ -10,7 +10,8 @@ c_attn and of w1 and w2 (``_norm``), and at 3-8 rows the SwiGLU kernel for mlp.c
 then read instead of computing it. The Linears are called as
 modules, so GPTQ GEMVs, PEFT layers and the engine's per-row adapter hooks work unchanged. The attention mask is built
 once per step as an additive mask in the activation dtype (a bool mask is converted by SDPA in every layer).
-The engine's prefill runs on the same kernels (``prefill_blocks``), with causal SDPA over each prompt's new keys.
+The engine's prefill runs on the same kernels (``prefill_blocks``), with causal SDPA over each prompt's new keys
+(and a long prompt's later chunks over its keys so far).
 
 Same arithmetic as the model's blocks (``QWenBlock`` under no_grad) up to fp32 summation order (see
 decode_kernels.py). Used only where nothing else would run a block's code: eval mode, no hooks on the blocks
@@ -146,7 +147,8 @@ def decode_blocks(kernels, tr, lm_head, k_cache, v_cache, x, pos, cos, sin, quer
     return lm_head(h)[:, -1].float()
 
 
-def prefill_blocks(kernels, tr, lm_head, k_cache, v_cache, x, cos, sin, query_scale, slot, last) -> torch.Tensor:
+def prefill_blocks(kernels, tr, lm_head, k_cache, v_cache, x, cos, sin, query_scale, slot, last,
+                   start: int = 0) -> torch.Tensor:
     """fp32 logits [n, V] at each prompt's last position of a prefill through the same fused kernels as the decode
     step: ``x`` [n, T, hidden] the embedded prompts right-padded to T, ``cos``/``sin`` [n, T, rot] and
     ``query_scale`` [n, T] (or None) as the model computes them, keys and values written into ``k_cache``/
@@ -154,26 +156,38 @@ def prefill_blocks(kernels, tr, lm_head, k_cache, v_cache, x, cos, sin, query_sc
     prompt's last index. ``slot``: an int, or a one-element tensor on the device (a graph's input: one prompt, its
     keys then gathered from the cache row it names instead of sliced). Causal SDPA over each prompt's own new keys,
     as the model's blocks attend in a prefill (padding comes after a prompt's tokens, so no real position sees it).
+    ``start`` > 0 (one prompt, ``slot`` an int): a later chunk of a long prompt whose positions 0..start-1 are in
+    the cache already; x holds positions start..start+T-1, and attention reads the row's keys up to each query's
+    position (a lower-right causal mask over start+T keys).
     The Linears are called as modules on [n, T, ...] inputs, as the blocks call them (GPTQ dequantize + matmul,
     the engine's per-row adapter hooks). Why: the model's eager blocks launch ~52 kernels a layer, and a prefill of
     a short prompt was bound by their host time (~65 ms a prompt on the 14B against ~20 ms of GPU time,
     benchmarks/NOTES.md step 58)."""
     n, T, _ = x.shape
     x = x.contiguous()
-    index = kernels.prefill_index(n, T, slot, x.device)
+    index = kernels.prefill_index(n, T, slot, x.device, start)
+    mask = None
+    if start:
+        if n != 1 or not isinstance(slot, int):
+            raise ValueError(f"prefill_blocks: a chunk at position {start} takes one prompt and an int slot")
+        keys_at, queries_at = torch.arange(start + T, device=x.device), torch.arange(start, start + T, device=x.device)
+        keep = keys_at[None] <= queries_at[:, None]
+        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
     delta = None
     for block in tr.h:
         attn, mlp = block.attn, block.mlp
         layer = attn.layer_idx
         x, h = kernels.add_rms_norm(x, delta, block.ln_1.weight, block.ln_1.eps)
         q = kernels.prefill_rotary_to_cache(attn.c_attn(h), cos, sin, query_scale, k_cache[layer], v_cache[layer],
-                                            slot, attn.num_heads, index)
+                                            slot, attn.num_heads, index, start)
         if isinstance(slot, torch.Tensor):
             keys = k_cache[layer, :, :, :T].index_select(0, slot)
             values = v_cache[layer, :, :, :T].index_select(0, slot)
         else:
-            keys, values = k_cache[layer, slot:slot + n, :, :T], v_cache[layer, slot:slot + n, :, :T]
-        y = F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1, scale=attn.scale)
+            S = start + T
+            keys, values = k_cache[layer, slot:slot + n, :, :S], v_cache[layer, slot:slot + n, :, :S]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=attn.scale)
         delta = attn.c_proj(y.transpose(1, 2).reshape(n, T, attn.projection_size))
         x, h = kernels.add_rms_norm(x, delta, block.ln_2.weight, block.ln_2.eps)
         delta = mlp.c_proj(kernels.swiglu(mlp.w1(h), mlp.w2(h)))

@@ -509,6 +509,46 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
     assert [first.output_ids, second.output_ids, third.output_ids] == [want[1], want[1], want[3]]
 
 
+def test_a_long_prompt_prefilled_in_chunks_beside_graphed_steps_answers_as_alone(kernels, switches, monkeypatch):
+    """Through the fused kernels: a prompt longer than PREFILL_CHUNK joins three running rows a chunk a step (each
+    chunk's attention over the row's keys so far, crossing seq_length), between graphed steps of four rows (a CPU
+    stand-in replays what Engine._capture captures), whose padding row writes its key and value at position 0 of the
+    slot being prefilled; every row gets the tokens of its eager fused run alone (fp32)."""
+    from finetune.inference import engine as engine_mod
+
+    switches(decode_attention=True)
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = tiny(seed=3, seq_length=16)
+    g = torch.Generator().manual_seed(12)
+    batch = [torch.randint(3, 1700, (n,), generator=g).tolist() for n in (5, 9, 4, 30)]
+    params = SamplingParams(max_new_tokens=10)
+
+    def alone(p):
+        engine = Engine(model, tok, max_batch=1, use_graphs=False)
+        engine._kernels = kernels
+        return engine.generate([p], params)[0]
+
+    with torch.no_grad():
+        want = [alone(p) for p in batch]
+    engine = Engine(model, tok, max_batch=4, max_len=256, use_graphs=True)
+    engine._kernels = kernels
+    monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
+    monkeypatch.setattr(engine, "_graph_of", lambda forward: RerunGraph.graph_of(engine, forward))
+    chunks, real = [], engine._forward_chunk
+    monkeypatch.setattr(engine, "_forward_chunk", lambda row, slot, start, end: chunks.append(
+        (slot, start, end, engine._bucket(len(engine._rows)))) or real(row, slot, start, end))
+    with torch.no_grad():
+        reqs = [engine.submit(p, params) for p in batch[:3]]
+        engine.step()
+        engine.step()
+        reqs.append(engine.submit(batch[3], params))
+        while engine.has_work():
+            engine.step()
+    assert chunks == [(3, 0, 8, 4), (3, 8, 16, 4), (3, 16, 24, 4), (3, 24, 30, 4)]  # slot 3: the steps' padding row
+    assert [r.output_ids for r in reqs] == want
+
+
 # -- where the fused path runs (no triton needed) -----------------------------------------------------------------
 def test_the_cpu_keeps_the_model_blocks():
     """(the switch and the hooks: test_fused_decode_cuda.py)"""

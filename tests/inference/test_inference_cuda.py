@@ -218,6 +218,34 @@ def test_a_prompt_joining_running_rows_is_prefilled_from_its_graph_into_its_own_
     assert graphed == [(256, 0), (32, 1), (64, 2)]
 
 
+def test_a_long_prompt_joining_running_rows_is_prefilled_in_chunks_between_graphed_steps(tok, monkeypatch):
+    """After warm_up, a prompt longer than PREFILL_CHUNK that joins three running rows is prefilled a chunk a step
+    into cache row 3, where the graphed four-row steps' padding row writes its key and value at position 0 between
+    chunks: every step's logits of all four rows within bf16's tolerance of the plain forward."""
+    from finetune.inference import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 256)
+    model = realistic_model(1, seq_length=1024, max_position_embeddings=1024).to("cuda", torch.bfloat16)
+    engine = Engine(model, tok, max_batch=4, max_len=1024)
+    engine.warm_up()
+    logits = _record_logits(engine)
+    chunks, forward_chunk = [], engine._forward_chunk
+
+    def spy(row, slot, start, end):
+        chunks.append((slot, start, end, engine._bucket(len(engine._rows))))
+        return forward_chunk(row, slot, start, end)
+
+    engine._forward_chunk = spy
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=30)) for p in prompts([20, 40, 9], seed=5)]
+    for _ in range(3):
+        engine.step()
+    reqs.append(engine.submit(prompts([700], seed=6)[0], SamplingParams(max_new_tokens=12)))
+    while engine.has_work():
+        engine.step()
+    assert chunks == [(3, 0, 256, 4), (3, 256, 512, 4), (3, 512, 700, 4)]
+    _within_bf16_of_the_plain_forward(model, logits, reqs)
+
+
 def test_a_prompt_alone_on_an_int4_model_s_adapter_is_prefilled_from_its_graph(tok):
     """The same with the adapters' hooks in the graph (an Int4 model, an unmerged adapter): the plain forward of the
     PEFT model with that adapter, within bf16's tolerance."""

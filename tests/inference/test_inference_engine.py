@@ -629,3 +629,112 @@ def test_an_adapter_that_trained_base_biases_runs_alone(tok):
     # a server of that adapter warms up on its rows (base rows would be refused), and answers the same after
     engine.warm_up()
     assert engine.generate([p], SamplingParams(max_new_tokens=12), adapter="default") == ours
+
+
+def _chunk_spy(engine, monkeypatch):
+    """Records (slot, start, end, tokens the running rows had by then) of every chunk the engine prefills."""
+    chunks = []
+    real = engine._forward_chunk
+
+    def spy(row, slot, start, end):
+        chunks.append((slot, start, end, [len(r.req.output_ids) for r in engine._rows]))
+        return real(row, slot, start, end)
+
+    monkeypatch.setattr(engine, "_forward_chunk", spy)
+    return chunks
+
+
+@pytest.mark.parametrize("adapter", [None, "default"])
+def test_a_long_prompt_joining_running_rows_is_prefilled_a_chunk_a_step_and_answers_as_alone(tok, monkeypatch,
+                                                                                              adapter):
+    """A prompt longer than PREFILL_CHUNK that joins running rows goes in PREFILL_CHUNK positions a step while the
+    rows go on decoding (each chunk follows a decode step), its chunks crossing seq_length (its NTK alpha from the
+    whole prompt, logN by position); everyone answers as alone. The decode graphs of a GPU may write a padding row's
+    key at position 0 of the chunked row's slot between chunks: simulated here before every decode step."""
+    from finetune.inference import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
+    model = tiny(seed=3, seq_length=16)
+    if adapter:
+        model = _peft(model, [adapter], seed=4)
+    running, long_ = prompts([5, 30], seed=12)
+    params = SamplingParams(max_new_tokens=12)
+    alone = [Engine(model, tok, max_batch=1).generate([p], params, adapter=adapter)[0] for p in (running, long_)]
+    engine = Engine(model, tok, max_batch=4)
+    chunks = _chunk_spy(engine, monkeypatch)
+    real_launch = engine._launch
+
+    def launch():  # what a graph's padding row in the chunked row's slot writes
+        if engine._chunked is not None:
+            engine._cache.k[:, engine._chunked.slot, :, 0] = 1e3
+            engine._cache.v[:, engine._chunked.slot, :, 0] = -1e3
+        return real_launch()
+
+    monkeypatch.setattr(engine, "_launch", launch)
+    first = engine.submit(running, params, adapter=adapter)
+    engine.step()
+    engine.step()
+    second = engine.submit(long_, params, adapter=adapter)
+    while engine.has_work():
+        engine.step()
+    assert [(slot, start, end) for slot, start, end, _ in chunks] == [(1, 0, 8), (1, 8, 16), (1, 16, 24), (1, 24, 30)]
+    seen = [got[0] for *_, got in chunks]
+    assert seen == sorted(seen) and seen[-1] - seen[0] == 3  # one decode step between chunks
+    assert [first.output_ids, second.output_ids] == alone
+    assert engine._chunked is None and not engine.has_work()
+
+
+def test_a_long_prompt_is_prefilled_whole_into_an_empty_batch(tok, monkeypatch):
+    from finetune.inference import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
+    engine = Engine(tiny(seed=3), tok, max_batch=2)
+    chunks = _chunk_spy(engine, monkeypatch)
+    engine.generate(prompts([30, 20], seed=5), SamplingParams(max_new_tokens=4))
+    assert chunks == []
+
+
+def test_rows_leaving_and_requests_waiting_while_a_long_prompt_is_prefilled_in_chunks(tok, monkeypatch):
+    """Rows that finish meanwhile leave; the chunked row then joins in the first free slot (its keys moved there).
+    Requests behind it in the queue wait until it has joined (the queue is not reordered), then join as usual. A
+    long prompt cancelled between chunks finishes at once and frees its slot. Everyone answers as alone."""
+    from finetune.inference import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
+    model = tiny(seed=11)
+    short, long_, after, other_long = prompts([6, 40, 7, 25], seed=13)
+    few, many = SamplingParams(max_new_tokens=4), SamplingParams(max_new_tokens=10)
+    alone = {name: Engine(model, tok, max_batch=1).generate([p], q)[0]
+             for name, p, q in (("short", short, few), ("keep", short, many), ("long", long_, many),
+                                ("after", after, many), ("other", other_long, many))}
+    engine = Engine(model, tok, max_batch=4)
+    chunks = _chunk_spy(engine, monkeypatch)
+    keep = engine.submit(short, many)
+    leave = [engine.submit(short, few) for _ in range(2)]
+    engine.step()
+    rl = engine.submit(long_, many)
+    ra = engine.submit(after, many)
+    engine.step()  # the long prompt's first chunk, into slot 3
+    assert chunks[0][:3] == (3, 0, 8) and engine.occupancy() == (4, 1)
+    while engine.has_work():
+        engine.step()
+        if not rl.finished and rl.output_ids == []:
+            assert ra not in [row.req for row in engine._rows]
+    assert [c[:3] for c in chunks] == [(3, 0, 8), (3, 8, 16), (3, 16, 24), (3, 24, 32), (3, 32, 40)]
+    assert len(chunks[-1][3]) == 1  # the two short rows had left: the long row joined in slot 1
+    assert [keep.output_ids, rl.output_ids, ra.output_ids] == [alone["keep"], alone["long"], alone["after"]]
+    assert all(r.output_ids == alone["short"] for r in leave)
+    # cancelled between chunks: finished with nothing, and the batch goes on
+    keep = engine.submit(short, many)
+    engine.step()
+    gone = engine.submit(other_long, many)
+    engine.step()
+    assert engine._chunked is not None and engine._chunked.row.req is gone
+    gone.cancel()
+    got = engine.step()
+    assert gone in got and gone.finished and gone.finish_reason == "cancelled" and gone.output_ids == []
+    assert engine._chunked is None
+    again = engine.submit(other_long, many)
+    while engine.has_work():
+        engine.step()
+    assert keep.output_ids == alone["keep"] and again.output_ids == alone["other"]
