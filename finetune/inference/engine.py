@@ -14,7 +14,9 @@ copied), so a decode step always covers a prefix of the slots. Every row has its
 
 A step: cancelled rows leave; waiting requests join (prefilled together, right-padded, with causal SDPA as
 training and generate() compute it: on CUDA through the decode step's fused kernels, ``prefill_blocks``, else the
-model's blocks; each one's first token is picked from the prefill logits); then
+model's blocks; each one's first token is picked from the prefill logits; beside running rows a prompt longer than
+PREFILL_CHUNK goes in PREFILL_CHUNK positions a step, between their decode steps, and joins after its last chunk);
+then
 one decode step for every active row: the last token of each row goes in at its own position, keys/values are
 written at (row, position), attention reads each row's own cached keys (on CUDA's fused step; elsewhere, and
 with FINETUNE_DECODE_ATTENTION=0, the keys up to the step's length bucket with a mask hiding each row's positions
