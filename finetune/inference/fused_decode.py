@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from ..quant.linear import paired_decode
 from ..settings import settings
@@ -170,9 +171,9 @@ def prefill_blocks(kernels, tr, lm_head, k_cache, v_cache, x, cos, sin, query_sc
     if start:
         if n != 1 or not isinstance(slot, int):
             raise ValueError(f"prefill_blocks: a chunk at position {start} takes one prompt and an int slot")
-        keys_at, queries_at = torch.arange(start + T, device=x.device), torch.arange(start, start + T, device=x.device)
-        keep = keys_at[None] <= queries_at[:, None]
-        mask = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
+        # (SDPA's own lower-right causal bias: flash attention takes it, where a dense mask went to the memory-
+        # efficient kernel, padded in every layer, or to the math one)
+        mask = causal_lower_right(T, start + T)
     delta = None
     for block in tr.h:
         attn, mlp = block.attn, block.mlp
