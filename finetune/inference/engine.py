@@ -77,8 +77,9 @@ PREFILL_GRAPH_LENGTHS = (32, 64, 128, 256, 512)
 PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
 # A prompt longer than this that joins running rows is prefilled this many positions a step, between their decode
 # steps (``_prefill_chunk``), instead of in one forward that holds back every running stream's next token for the whole
-# prompt: a 2,000-token prefill takes ~130 ms of an H100, a 512-position chunk ~32 ms (NOTES steps 95-96). Into an
-# empty batch a prompt is prefilled whole (no stream waits).
+# prompt: a 2,000-token prefill takes ~130 ms of an H100, a 512-position chunk ~32 ms (NOTES step 96). Shorter
+# requests behind it join meanwhile; a second long one waits for it. Into an empty batch a prompt is prefilled whole
+# (no stream waits).
 PREFILL_CHUNK = 512
 # warm_up's KV cache: max_batch rows of max_len positions, or of as many as this share of the device's free memory
 # holds. A cache that grows later drops every captured graph (they hold its buffers): in a serving trace after a
@@ -150,9 +151,10 @@ class _Row:
 
 class _Chunked:
     """A prompt longer than PREFILL_CHUNK joining running rows: prefilled PREFILL_CHUNK positions a step into cache
-    row ``slot`` (past the active rows; it holds ``done`` positions so far), where the decode steps' graphs may write
-    a padding row's key at position 0: ``first`` holds that position's keys and values [layers, heads, D] from the
-    first chunk, and each later chunk puts them back before it reads them (``Engine._prefill_chunk``)."""
+    row ``slot`` (the one after the active rows: it moves when rows join or leave; it holds ``done`` positions so
+    far), where the decode steps' graphs may write a padding row's key at position 0: ``first`` holds that
+    position's keys and values [layers, heads, D] from the first chunk, and each later chunk puts them back before
+    it reads them (``Engine._prefill_chunk``)."""
 
     __slots__ = ("row", "slot", "done", "first")
 
@@ -452,12 +454,11 @@ class Engine:
         return bool(waiting) and self._plan_join(waiting)[0] > 0
 
     def _waiting(self) -> list[Request]:
-        """The queue's first requests, as many as the batch has room for (``_plan_join`` decides how many join);
-        none while a long prompt is being prefilled in chunks (it holds the slot after the rows)."""
-        if self._chunked is not None:
-            return []
+        """The queue's first requests, as many as the batch has room for beside the rows and a long prompt being
+        prefilled in chunks (``_plan_join`` decides how many join)."""
         with self._lock:
-            return list(itertools.islice(self._pending, self.max_batch - len(self._rows)))
+            room = self.max_batch - len(self._rows) - (self._chunked is not None)
+            return list(itertools.islice(self._pending, room))
 
     def _take_inflight(self) -> _Step | None:
         step, self._inflight = self._inflight, None
@@ -507,12 +508,16 @@ class Engine:
         with self._lock:  # (only step() takes from the queue: its head is still the planned one's, cancelled or not)
             joining = [self._pending.popleft() for _ in range(take)]
         # beside running rows a long prompt is the last to join (``_plan_join``) and is prefilled a chunk a step
-        chunked = joining.pop() if self._rows and len(joining[-1].prompt_ids) > PREFILL_CHUNK else None
+        chunked = None
+        if self._rows and self._chunked is None and len(joining[-1].prompt_ids) > PREFILL_CHUNK:
+            chunked = joining.pop()
         if not self._rows and self.adapters.refresh():  # LoRA weights changed since the graphs were captured
             self._graphs.clear()
             self._pool = None
         # grow the cache once for everything joining now (a growth copies the whole cache)
         self._make_cache(*layout)
+        if self._chunked is not None:  # the joining rows take the slots after the rows: a chunked prompt moves past
+            self._move_chunked(len(self._rows) + len(joining))
         # prompts joining together are prefilled together (right-padded to the longest of a group): a server's
         # burst of requests costs one forward per group instead of one per prompt. Shortest first, so that a group
         # holds prompts of like lengths: 64 prompts of 50-1,000 tokens pad to 39.9k positions instead of 54.8k.
@@ -589,17 +594,23 @@ class Engine:
         made anew (``fresh``: the held one freed first, e.g. fewer slots of more positions for a long prompt);
         the queue's first request then joins even if nothing fits (it fails on its own, with the device's out-of-
         memory error, if it does not fit alone). The queue is not reordered: a long request is not passed by
-        shorter ones behind it."""
+        shorter ones behind it. Beside running rows a prompt over PREFILL_CHUNK tokens joins last of its group and is
+        prefilled in chunks (``_prefill_chunk``), its slot held meanwhile: the requests behind it join as usual up to
+        the next such prompt, which waits for it to join."""
+        chunked = self._chunked
+        n = len(self._rows) + (chunked is not None)  # the slots held: the rows', and a chunked prompt's
+        if n:  # beside running rows the first long prompt is the last to join now (it is prefilled in chunks); while
+            # one is, the next one waits for it to join
+            long_at = next((i for i, r in enumerate(waiting) if len(r.prompt_ids) > PREFILL_CHUNK), len(waiting))
+            waiting = waiting[:long_at + (chunked is None)]
         if not waiting:
             return 0, ()
-        n = len(self._rows)
-        if n:  # beside running rows, the first long prompt is the last to join now: it is prefilled in chunks
-            long_at = next((i for i, r in enumerate(waiting) if len(r.prompt_ids) > PREFILL_CHUNK), len(waiting))
-            waiting = waiting[:long_at + 1]
+        held_needs = [r.length + r.req.params.max_new_tokens - len(r.req.output_ids) for r in self._rows]
+        if chunked is not None:
+            held_needs.append(len(chunked.row.req.prompt_ids) + chunked.row.req.params.max_new_tokens)
         # the positions the cache must hold with the first k waiting requests joined: needs[k - 1]
         needs = list(itertools.accumulate((len(r.prompt_ids) + r.params.max_new_tokens for r in waiting), max,
-                                          initial=max((r.length + r.req.params.max_new_tokens - len(r.req.output_ids)
-                                                       for r in self._rows), default=0)))[1:]
+                                          initial=max(held_needs, default=0)))[1:]
         have = (self._slots, self._capacity) if self._cache is not None else (0, 0)
         # (the positions of the largest prefill forward: a group's, or one long prompt's, or beside running rows
         # one chunk's)
@@ -627,7 +638,7 @@ class Engine:
         """The cache at ``slots`` x ``capacity``: grown (the active rows' keys and values copied), or with no
         active row and ``fresh``, made anew at exactly that layout after the held one is freed."""
         if fresh:
-            assert not self._rows
+            assert not self._rows and self._chunked is None
             self._cache = self._seen = self._stopmask = self._static = None
             self._graphs.clear()
             self._pool = None
@@ -645,6 +656,10 @@ class Engine:
             k[:, :n, :, : self._capacity] = self._cache.k[:, :n]
             v[:, :n, :, : self._capacity] = self._cache.v[:, :n]
             seen[:n] = self._seen[:n]
+            if self._chunked is not None:  # a long prompt's keys so far, in the slot it holds
+                p = self._chunked.slot
+                k[:, p, :, : self._capacity] = self._cache.k[:, p]
+                v[:, p, :, : self._capacity] = self._cache.v[:, p]
         self._cache = _KV(k, v)
         self._seen = seen
         self._slots, self._capacity = slots, capacity
@@ -748,12 +763,19 @@ class Engine:
         if end < L:
             return
         assert self._inflight is None
+        self._move_chunked(len(self._rows))
         self._chunked = None
-        target = len(self._rows)
-        if slot != target:
-            k[:, target, :, :L] = k[:, slot, :, :L]
-            v[:, target, :, :L] = v[:, slot, :, :L]
         self._joined([row], [L], torch.tensor([req.prompt_ids], device=self.device), touched, logits)
+
+    def _move_chunked(self, slot: int) -> None:
+        """The chunked prompt's keys and values so far moved to cache row ``slot`` (rows joined past it, or left
+        before it). No step in flight: rows change only then."""
+        chunked = self._chunked
+        if chunked.slot != slot:
+            old, done = chunked.slot, chunked.done
+            for cache in (self._cache.k, self._cache.v):
+                cache[:, slot, :, :done] = cache[:, old, :, :done]
+            chunked.slot = slot
 
     def _forward_chunk(self, row: _Row, slot: int, start: int, end: int) -> torch.Tensor:
         """fp32 logits [1, V] at position end - 1 of the forward of positions start..end-1 of ``row``'s prompt into

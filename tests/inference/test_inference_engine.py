@@ -694,10 +694,12 @@ def test_a_long_prompt_is_prefilled_whole_into_an_empty_batch(tok, monkeypatch):
     assert chunks == []
 
 
-def test_rows_leaving_and_requests_waiting_while_a_long_prompt_is_prefilled_in_chunks(tok, monkeypatch):
-    """Rows that finish meanwhile leave; the chunked row then joins in the first free slot (its keys moved there).
-    Requests behind it in the queue wait until it has joined (the queue is not reordered), then join as usual. A
-    long prompt cancelled between chunks finishes at once and frees its slot. Everyone answers as alone."""
+def test_rows_joining_and_leaving_while_a_long_prompt_is_prefilled_in_chunks(tok, monkeypatch):
+    """A short request behind the long one joins while it is prefilled in chunks (the cache grows with the long
+    prompt's keys so far kept, and they move past the new row); a second long prompt waits until the first has
+    joined (one is prefilled in chunks at a time, the queue not reordered); rows that finish meanwhile leave, and the
+    chunked row joins in the first free slot. A long prompt cancelled between chunks finishes at once and frees its
+    slot. Everyone answers as alone."""
     from finetune.inference import engine as engine_mod
 
     monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
@@ -707,22 +709,30 @@ def test_rows_leaving_and_requests_waiting_while_a_long_prompt_is_prefilled_in_c
     alone = {name: Engine(model, tok, max_batch=1).generate([p], q)[0]
              for name, p, q in (("short", short, few), ("keep", short, many), ("long", long_, many),
                                 ("after", after, many), ("other", other_long, many))}
-    engine = Engine(model, tok, max_batch=4)
+    engine = Engine(model, tok, max_batch=8)
     chunks = _chunk_spy(engine, monkeypatch)
     keep = engine.submit(short, many)
     leave = [engine.submit(short, few) for _ in range(2)]
     engine.step()
     rl = engine.submit(long_, many)
     ra = engine.submit(after, many)
-    engine.step()  # the long prompt's first chunk, into slot 3
-    assert chunks[0][:3] == (3, 0, 8) and engine.occupancy() == (4, 1)
+    ro = engine.submit(other_long, many)
+    engine.step()  # the long prompt's first chunk, into slot 3 of a cache of 4
+    assert chunks[0][:3] == (3, 0, 8) and engine.occupancy() == (4, 2) and engine._slots == 4
+    joined_meanwhile = False
+    while not rl.output_ids:
+        engine.step()
+        running = [row.req for row in engine._rows]
+        joined_meanwhile |= engine._chunked is not None and ra in running
+        assert ro not in running and (engine._chunked is None or engine._chunked.row.req is rl)
+    assert joined_meanwhile and engine._slots == 5
+    slots = [c[0] for c in chunks]
+    assert slots == [3, 4, 4, 4, 4], chunks  # moved past the short row that joined in slot 3
+    assert len(chunks[-1][3]) == 2  # the two leaving rows had left: the long row joined in slot 2
     while engine.has_work():
         engine.step()
-        if not rl.finished and rl.output_ids == []:
-            assert ra not in [row.req for row in engine._rows]
-    assert [c[:3] for c in chunks] == [(3, 0, 8), (3, 8, 16), (3, 16, 24), (3, 24, 32), (3, 32, 40)]
-    assert len(chunks[-1][3]) == 1  # the two short rows had left: the long row joined in slot 1
-    assert [keep.output_ids, rl.output_ids, ra.output_ids] == [alone["keep"], alone["long"], alone["after"]]
+    assert [keep.output_ids, rl.output_ids, ra.output_ids, ro.output_ids] == [alone["keep"], alone["long"],
+                                                                              alone["after"], alone["other"]]
     assert all(r.output_ids == alone["short"] for r in leave)
     # cancelled between chunks: finished with nothing, and the batch goes on
     keep = engine.submit(short, many)
