@@ -24,7 +24,8 @@ What is measured, per stream and summarised per level:
   brings k tokens after a gap g counts as k gaps of g/k.
 - Aggregate tokens/s: all streams' completion tokens / the wall time of the round (first request sent to the
   last stream done).
-Reported per level: aggregate tok/s, TTFT p50/p99, ITL p50/p99, and per stream (ttft_ms, itl_ms_p50,
+Reported per level: aggregate tok/s, TTFT p50/p99, ITL p50/p99/max (the max: the longest wait of any running
+stream, e.g. for a joining prompt's prefill, which p99 misses where few gaps are long), and per stream (ttft_ms, itl_ms_p50,
 decode_tok_s = tokens after the first / time after the first, tokens).
 
 Adapters (--adapters K: K random LoRA adapters, r 16 on every Linear of the blocks, loaded into the served
@@ -203,11 +204,12 @@ async def run_level(url, mode, names, prompts, new_tokens, stagger_ms: float = 0
             "wall_s": round(wall, 3),
             "aggregate_tok_s": round(tokens / wall, 1), "ttft_ms_p50": _round(percentile(ttft, 50)),
             "ttft_ms_p99": _round(percentile(ttft, 99)), "itl_ms_p50": _round(percentile(itl, 50)),
-            "itl_ms_p99": _round(percentile(itl, 99)), "streams_timed": len(ttft), "per_stream": per_stream}
+            "itl_ms_p99": _round(percentile(itl, 99)), "itl_ms_max": _round(max(itl, default=None)),
+            "streams_timed": len(ttft), "per_stream": per_stream}
 
 
 @contextlib.contextmanager
-def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout: float = 1800):
+def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout: float = 1800, prefill_chunk: int = 0):
     """`qwen-ft serve` on a free loopback port in its own process, with this repo's package first on its path:
     yields (API url, its warm-up seconds as it printed them or None, seconds until it answered /health); stopped
     with SIGINT (as Ctrl-C) on exit. RuntimeError with its output's last lines if it ends or is not up in time."""
@@ -215,7 +217,8 @@ def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "finetune.cli", "serve", "-m", str(Path(model_dir).resolve()), "--port", str(port),
-           "--max-batch", str(max_batch), "--max-model-len", str(max_model_len), "--max-queue", "0"]
+           "--max-batch", str(max_batch), "--max-model-len", str(max_model_len), "--max-queue", "0",
+           *(["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else [])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench_server_", suffix=".log", delete=False)
     start = time.perf_counter()
@@ -282,6 +285,8 @@ def main(argv=None) -> int:
                          "auto: process, or thread with --adapters / --engine-log)")
     ap.add_argument("--stagger", type=float, default=0, metavar="MS",
                     help="send a round's streams MS milliseconds apart (default 0: together)")
+    ap.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                    help="the server's --prefill-chunk (default 0: prompts prefilled whole)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args(argv)
     if not args.model_dir and not args.tiny:
@@ -337,7 +342,7 @@ def main(argv=None) -> int:
     names = {"base": base_name(model_dir), "adapters": adapter_names}
     max_model_len = prompt_tokens + new_tokens
     server = Server(model, tokenizer, base_name=names["base"], adapter_names=adapter_names,
-                    max_batch=max(levels), max_model_len=max_model_len, max_queue=0)
+                    max_batch=max(levels), max_model_len=max_model_len, max_queue=0, prefill_chunk=args.prefill_chunk)
     rounds = []
     for n in levels:
         prompts = make_prompts(server, n, prompt_tokens, seed=n)
@@ -346,7 +351,7 @@ def main(argv=None) -> int:
     log = [] if args.engine_log else None
     if where == "process":
         del server, model
-        served = served_process(model_dir, max(levels), max_model_len)
+        served = served_process(model_dir, max(levels), max_model_len, prefill_chunk=args.prefill_chunk)
     else:
         if server.engine.device.type == "cuda":  # as `qwen-ft serve` does before it listens
             warm_up_s = round(server.engine.warm_up(server.default_sampling()), 2)
@@ -383,7 +388,7 @@ def main(argv=None) -> int:
               "server_ready_s": ready_s, "modes": modes,
               "max_batch": max(levels),
               "levels": results, "targets": TARGETS,
-              "stagger_ms": args.stagger,
+              "stagger_ms": args.stagger, "prefill_chunk": args.prefill_chunk,
               "definitions": "tokens from usage (continuous_usage_stats); TTFT: request sent -> first chunk whose "
                              "usage counts a completion token; ITL: gaps between token-carrying chunks per token",
               "command": "python benchmarks/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -14,8 +14,9 @@ copied), so a decode step always covers a prefix of the slots. Every row has its
 
 A step: cancelled rows leave; waiting requests join (prefilled together, right-padded, with causal SDPA as
 training and generate() compute it: on CUDA through the decode step's fused kernels, ``prefill_blocks``, else the
-model's blocks; each one's first token is picked from the prefill logits; beside running rows a prompt longer than
-PREFILL_CHUNK goes in PREFILL_CHUNK positions a step, between their decode steps, and joins after its last chunk);
+model's blocks; each one's first token is picked from the prefill logits; with ``prefill_chunk`` set, beside running
+rows a prompt longer than that goes in that many positions a step, between their decode steps, and joins after its
+last chunk);
 then
 one decode step for every active row: the last token of each row goes in at its own position, keys/values are
 written at (row, position), attention reads each row's own cached keys (on CUDA's fused step; elsewhere, and
@@ -75,12 +76,6 @@ LENGTH_BUCKET = 256
 # tokens. The dequantized weights a graph's pool holds are those of any length, and the graphs share one pool.
 PREFILL_GRAPH_LENGTHS = (32, 64, 128, 256, 512)
 PREFILL_TOKENS = 8192  # prompts joining together are prefilled in one forward of at most this many positions
-# A prompt longer than this that joins running rows is prefilled this many positions a step, between their decode
-# steps (``_prefill_chunk``), instead of in one forward that holds back every running stream's next token for the whole
-# prompt: a 2,000-token prefill takes ~130 ms of an H100, a 512-position chunk ~32 ms (NOTES step 96). Shorter
-# requests behind it join meanwhile; a second long one waits for it. Into an empty batch a prompt is prefilled whole
-# (no stream waits).
-PREFILL_CHUNK = 512
 # warm_up's KV cache: max_batch rows of max_len positions, or of as many as this share of the device's free memory
 # holds. A cache that grows later drops every captured graph (they hold its buffers): in a serving trace after a
 # warm-up at 16-token prompts, the first requests grew it and the graphs were all captured again (NOTES step 62).
@@ -150,9 +145,9 @@ class _Row:
 
 
 class _Chunked:
-    """A prompt longer than PREFILL_CHUNK joining running rows: prefilled PREFILL_CHUNK positions a step into cache
-    row ``slot`` (the one after the active rows: it moves when rows join or leave; it holds ``done`` positions so
-    far), where the decode steps' graphs may write a padding row's key at position 0: ``first`` holds that
+    """A prompt longer than the engine's prefill_chunk joining running rows: prefilled that many positions a step
+    into cache row ``slot`` (the one after the active rows: it moves when rows join or leave; it holds ``done``
+    positions so far), where the decode steps' graphs may write a padding row's key at position 0: ``first`` holds that
     position's keys and values [layers, heads, D] from the first chunk, and each later chunk puts them back before
     it reads them (``Engine._prefill_chunk``)."""
 
@@ -227,7 +222,7 @@ class Engine:
     """Continuous-batching decoder for a QWenLMHeadModel (or a PeftModel over it, several adapters allowed)."""
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_len: int | None = None,
-                 use_graphs: bool | None = None):
+                 use_graphs: bool | None = None, prefill_chunk: int = 0):
         lm = qwen_lm(model)
         if lm is None:
             raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
@@ -235,6 +230,9 @@ class Engine:
             raise ValueError("Engine needs the model in eval mode: call model.eval() first")
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 0:
+            raise ValueError(f"prefill_chunk must be an integer >= 0 (0: prompts prefilled whole), got "
+                             f"{prefill_chunk!r}")
         # Only submodules are held, never the model object itself: chat() keeps engines in a WeakKeyDictionary
         # keyed by the model, which a strong reference from the engine would keep alive forever.
         self.tr = lm.transformer
@@ -242,6 +240,12 @@ class Engine:
         self.config = cfg = lm.config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
+        # With prefill_chunk > 0, a prompt longer than it that joins running rows is prefilled prefill_chunk positions
+        # a step, between their decode steps (``_prefill_chunk``), so that no running stream waits for the whole
+        # prompt's forward; shorter requests behind it join meanwhile, a second long one waits for it. Into an empty
+        # batch a prompt is always prefilled whole. Off by default: on an H100 every chunk's forward pays the prefill's
+        # fixed cost again, so streams of long prompts lost throughput and first-token time (NOTES step 96).
+        self.prefill_chunk = prefill_chunk
         default_len = default_max_len(getattr(cfg, "max_position_embeddings", 0), cfg.seq_length)
         self.max_len = int(max_len) if max_len is not None else default_len
         if self.max_len < 2:
@@ -448,7 +452,7 @@ class Engine:
         if self._gone or any(r.req.cancelled for r in self._rows):
             return True
         chunked = self._chunked
-        if chunked is not None and len(chunked.row.req.prompt_ids) - chunked.done <= PREFILL_CHUNK:
+        if chunked is not None and len(chunked.row.req.prompt_ids) - chunked.done <= self.prefill_chunk:
             return True  # its last chunk: the row joins
         waiting = self._waiting()
         return bool(waiting) and self._plan_join(waiting)[0] > 0
@@ -509,7 +513,7 @@ class Engine:
             joining = [self._pending.popleft() for _ in range(take)]
         # beside running rows a long prompt is the last to join (``_plan_join``) and is prefilled a chunk a step
         chunked = None
-        if self._rows and self._chunked is None and len(joining[-1].prompt_ids) > PREFILL_CHUNK:
+        if self._rows and self._chunked is None and self._chunks(joining[-1]):
             chunked = joining.pop()
         if not self._rows and self.adapters.refresh():  # LoRA weights changed since the graphs were captured
             self._graphs.clear()
@@ -594,14 +598,14 @@ class Engine:
         made anew (``fresh``: the held one freed first, e.g. fewer slots of more positions for a long prompt);
         the queue's first request then joins even if nothing fits (it fails on its own, with the device's out-of-
         memory error, if it does not fit alone). The queue is not reordered: a long request is not passed by
-        shorter ones behind it. Beside running rows a prompt over PREFILL_CHUNK tokens joins last of its group and is
-        prefilled in chunks (``_prefill_chunk``), its slot held meanwhile: the requests behind it join as usual up to
-        the next such prompt, which waits for it to join."""
+        shorter ones behind it. Beside running rows a prompt over ``prefill_chunk`` tokens (where set) joins last of
+        its group and is prefilled in chunks (``_prefill_chunk``), its slot held meanwhile: the requests behind it
+        join as usual up to the next such prompt, which waits for it to join."""
         chunked = self._chunked
         n = len(self._rows) + (chunked is not None)  # the slots held: the rows', and a chunked prompt's
         if n:  # beside running rows the first long prompt is the last to join now (it is prefilled in chunks); while
             # one is, the next one waits for it to join
-            long_at = next((i for i, r in enumerate(waiting) if len(r.prompt_ids) > PREFILL_CHUNK), len(waiting))
+            long_at = next((i for i, r in enumerate(waiting) if self._chunks(r)), len(waiting))
             waiting = waiting[:long_at + (chunked is None)]
         if not waiting:
             return 0, ()
@@ -614,7 +618,8 @@ class Engine:
         have = (self._slots, self._capacity) if self._cache is not None else (0, 0)
         # (the positions of the largest prefill forward: a group's, or one long prompt's, or beside running rows
         # one chunk's)
-        forward = [min(len(r.prompt_ids), PREFILL_CHUNK) if n else len(r.prompt_ids) for r in waiting]
+        forward = [min(len(r.prompt_ids), self.prefill_chunk) if n and self._chunks(r) else len(r.prompt_ids)
+                   for r in waiting]
         spare = self._spare_bytes(max(min(PREFILL_TOKENS, sum(forward)), max(forward)))
         held = self._cache_bytes(*have)
         for k in range(len(waiting), 0, -1):
@@ -725,6 +730,10 @@ class Engine:
                                       last=last)
         self._joined(rows, lengths, ids, touched, logits)
 
+    def _chunks(self, req: Request) -> bool:
+        """Whether ``req``, joining running rows, is prefilled in chunks (``prefill_chunk``)."""
+        return 0 < self.prefill_chunk < len(req.prompt_ids)
+
     def _new_row(self, req: Request) -> _Row:
         """The row of a request about to be prefilled: its generator (seeded), NTK alpha from its prompt's length,
         adapter, stop ids and stop strings."""
@@ -738,8 +747,8 @@ class Engine:
                     self._base_stops | set(req.params.stop_token_ids), stop_text)
 
     def _prefill_chunk(self, touched) -> None:
-        """The next PREFILL_CHUNK positions of the prompt being prefilled in chunks (``_Chunked``), into its slot; it
-        may run while a decode step is in flight (it writes and reads only its own slot, after that step on the
+        """The next ``prefill_chunk`` positions of the prompt being prefilled in chunks (``_Chunked``), into its slot;
+        it may run while a decode step is in flight (it writes and reads only its own slot, after that step on the
         stream). The last chunk (no step in flight then: ``_must_change``) picks the first token, and the row joins
         the batch in the slot after the rows, its keys and values moved there if rows left meanwhile. Cancelled
         meanwhile, the request finishes and its slot is free again."""
@@ -752,7 +761,7 @@ class Engine:
             self._chunked = None
             return
         L = len(req.prompt_ids)
-        end = min(L, start + PREFILL_CHUNK)
+        end = min(L, start + self.prefill_chunk)
         k, v = self._cache.k, self._cache.v
         if start:  # position 0 as the first chunk wrote it (a decode graph's padding row may have written there)
             k[:, slot, :, 0], v[:, slot, :, 0] = chunked.first

@@ -50,7 +50,7 @@ class Server:
 
     def __init__(self, model, tokenizer, *, base_name: str, adapter_names=(), max_batch: int = 32,
                  max_model_len: int | None = None, max_queue: int | None = None, api_key: str | None = None,
-                 engine=None, cors_origins=()):
+                 engine=None, cors_origins=(), prefill_chunk: int = 0):
         from ..inference import Engine
         from ..modeling.chat import _generation_config  # the config chat() runs with, eos included
 
@@ -61,7 +61,7 @@ class Server:
         self.api_key = api_key
         self.gc, self.window, _ = _generation_config(model, tokenizer, None, {})
         self.engine = engine if engine is not None else Engine(model, tokenizer, max_batch=max_batch,
-                                                               max_len=max_model_len)
+                                                               max_len=max_model_len, prefill_chunk=prefill_chunk)
         self.max_model_len = int(max_model_len or getattr(self.engine, "max_len", None)
                                  or model.config.seq_length)
         self.max_batch = max_batch

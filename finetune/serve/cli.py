@@ -1,7 +1,7 @@
 """`qwen-ft serve`: an OpenAI-compatible server for a base model and its LoRA adapters.
 
     qwen-ft serve -m MODEL_DIR [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-                  [--max-batch N] [--max-model-len N] [--max-queue N] [--device D] [--dtype T]
+                  [--max-batch N] [--max-model-len N] [--prefill-chunk N] [--max-queue N] [--device D] [--dtype T]
                   [--cors-origin ORIGIN ...]
 
 The base is served under its dir name, each adapter under its NAME (the request's `model` picks one).
@@ -42,6 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", action=Once, type=int, default=32, help="rows decoded together (default 32)")
     p.add_argument("--max-model-len", action=Once, type=int, default=None,
                    help="prompt + reply limit in tokens (default: the engine's, else the model's seq_length)")
+    p.add_argument("--prefill-chunk", action=Once, type=int, default=0, metavar="N",
+                   help="prefill a prompt longer than N tokens that joins running requests N positions a step, so "
+                   "that their streams never wait for a whole long prompt (default 0: prompts prefilled whole; "
+                   "costs throughput and first-token time, see the README)")
     p.add_argument("--max-queue", action=Once, type=int, default=None,
                    help="requests waiting beyond --max-batch before new ones get 429 (default 4 x max-batch)")
     p.add_argument("--device", action=Once, default=None, help="default cuda when there is a GPU, else cpu")
@@ -134,6 +138,8 @@ def check_args(args) -> None:
         raise ValueError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.max_queue is not None and args.max_queue < 0:
         raise ValueError(f"--max-queue must be 0 or more, got {args.max_queue}")
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be 0 (off) or more, got {args.prefill_chunk}")
     if args.log_level.lower() not in LOG_LEVELS:  # uvicorn raised KeyError for it, after the model had loaded
         raise ValueError(f"--log-level {args.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     if args.api_key is not None:
@@ -201,7 +207,7 @@ def build_server(args):
     model, tokenizer = load_served_model(model_dir, adapters, dtype=args.dtype, device=args.device)
     return Server(model, tokenizer, base_name=base, adapter_names=[n for n, _ in adapters],
                   max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
-                  api_key=args.api_key, cors_origins=args.cors_origin)
+                  api_key=args.api_key, cors_origins=args.cors_origin, prefill_chunk=args.prefill_chunk)
 
 
 def main(argv: list[str] | None = None) -> int:

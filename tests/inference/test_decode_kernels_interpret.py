@@ -510,14 +510,11 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
 
 
 def test_a_long_prompt_prefilled_in_chunks_beside_graphed_steps_answers_as_alone(kernels, switches, monkeypatch):
-    """Through the fused kernels: a prompt longer than PREFILL_CHUNK joins three running rows a chunk a step (each
+    """Through the fused kernels: a prompt longer than prefill_chunk joins three running rows a chunk a step (each
     chunk's attention over the row's keys so far, crossing seq_length), between graphed steps of four rows (a CPU
     stand-in replays what Engine._capture captures), whose padding row writes its key and value at position 0 of the
     slot being prefilled; every row gets the tokens of its eager fused run alone (fp32)."""
-    from finetune.inference import engine as engine_mod
-
     switches(decode_attention=True)
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
     tok = QWenTokenizer(str(SMALL_VOCAB))
     model = tiny(seed=3, seq_length=16)
     g = torch.Generator().manual_seed(12)
@@ -531,7 +528,7 @@ def test_a_long_prompt_prefilled_in_chunks_beside_graphed_steps_answers_as_alone
 
     with torch.no_grad():
         want = [alone(p) for p in batch]
-    engine = Engine(model, tok, max_batch=4, max_len=256, use_graphs=True)
+    engine = Engine(model, tok, max_batch=4, max_len=256, use_graphs=True, prefill_chunk=8)
     engine._kernels = kernels
     monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
     monkeypatch.setattr(engine, "_graph_of", lambda forward: RerunGraph.graph_of(engine, forward))

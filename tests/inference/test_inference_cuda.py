@@ -218,15 +218,12 @@ def test_a_prompt_joining_running_rows_is_prefilled_from_its_graph_into_its_own_
     assert graphed == [(256, 0), (32, 1), (64, 2)]
 
 
-def test_a_long_prompt_joining_running_rows_is_prefilled_in_chunks_between_graphed_steps(tok, monkeypatch):
-    """After warm_up, a prompt longer than PREFILL_CHUNK that joins three running rows is prefilled a chunk a step
+def test_a_long_prompt_joining_running_rows_is_prefilled_in_chunks_between_graphed_steps(tok):
+    """After warm_up, a prompt longer than prefill_chunk that joins three running rows is prefilled a chunk a step
     into cache row 3, where the graphed four-row steps' padding row writes its key and value at position 0 between
     chunks: every step's logits of all four rows within bf16's tolerance of the plain forward."""
-    from finetune.inference import engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 256)
     model = realistic_model(1, seq_length=1024, max_position_embeddings=1024).to("cuda", torch.bfloat16)
-    engine = Engine(model, tok, max_batch=4, max_len=1024)
+    engine = Engine(model, tok, max_batch=4, max_len=1024, prefill_chunk=256)
     engine.warm_up()
     logits = _record_logits(engine)
     chunks, forward_chunk = [], engine._forward_chunk

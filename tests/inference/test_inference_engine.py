@@ -647,20 +647,17 @@ def _chunk_spy(engine, monkeypatch):
 @pytest.mark.parametrize("adapter", [None, "default"])
 def test_a_long_prompt_joining_running_rows_is_prefilled_a_chunk_a_step_and_answers_as_alone(tok, monkeypatch,
                                                                                               adapter):
-    """A prompt longer than PREFILL_CHUNK that joins running rows goes in PREFILL_CHUNK positions a step while the
-    rows go on decoding (each chunk follows a decode step), its chunks crossing seq_length (its NTK alpha from the
+    """With ``prefill_chunk`` set, a prompt longer than it that joins running rows goes in that many positions a step
+    while the rows go on decoding (each chunk follows a decode step), its chunks crossing seq_length (its NTK alpha from the
     whole prompt, logN by position); everyone answers as alone. The decode graphs of a GPU may write a padding row's
     key at position 0 of the chunked row's slot between chunks: simulated here before every decode step."""
-    from finetune.inference import engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
     model = tiny(seed=3, seq_length=16)
     if adapter:
         model = _peft(model, [adapter], seed=4)
     running, long_ = prompts([5, 30], seed=12)
     params = SamplingParams(max_new_tokens=12)
     alone = [Engine(model, tok, max_batch=1).generate([p], params, adapter=adapter)[0] for p in (running, long_)]
-    engine = Engine(model, tok, max_batch=4)
+    engine = Engine(model, tok, max_batch=4, prefill_chunk=8)
     chunks = _chunk_spy(engine, monkeypatch)
     real_launch = engine._launch
 
@@ -684,14 +681,22 @@ def test_a_long_prompt_joining_running_rows_is_prefilled_a_chunk_a_step_and_answ
     assert engine._chunked is None and not engine.has_work()
 
 
-def test_a_long_prompt_is_prefilled_whole_into_an_empty_batch(tok, monkeypatch):
-    from finetune.inference import engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
-    engine = Engine(tiny(seed=3), tok, max_batch=2)
+def test_a_long_prompt_is_prefilled_whole_into_an_empty_batch_and_without_prefill_chunk(tok, monkeypatch):
+    model = tiny(seed=3)
+    engine = Engine(model, tok, max_batch=2, prefill_chunk=8)
     chunks = _chunk_spy(engine, monkeypatch)
     engine.generate(prompts([30, 20], seed=5), SamplingParams(max_new_tokens=4))
     assert chunks == []
+    engine = Engine(model, tok, max_batch=2)  # the default: never in chunks
+    chunks = _chunk_spy(engine, monkeypatch)
+    first = engine.submit(prompts([5], seed=6)[0], SamplingParams(max_new_tokens=8))
+    engine.step()
+    engine.submit(prompts([30], seed=7)[0], SamplingParams(max_new_tokens=4))
+    engine.step()
+    assert len(engine._rows) == 2 and not first.finished and chunks == []
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="prefill_chunk must be an integer >= 0"):
+            Engine(model, tok, prefill_chunk=bad)
 
 
 def test_rows_joining_and_leaving_while_a_long_prompt_is_prefilled_in_chunks(tok, monkeypatch):
@@ -700,16 +705,13 @@ def test_rows_joining_and_leaving_while_a_long_prompt_is_prefilled_in_chunks(tok
     joined (one is prefilled in chunks at a time, the queue not reordered); rows that finish meanwhile leave, and the
     chunked row joins in the first free slot. A long prompt cancelled between chunks finishes at once and frees its
     slot. Everyone answers as alone."""
-    from finetune.inference import engine as engine_mod
-
-    monkeypatch.setattr(engine_mod, "PREFILL_CHUNK", 8)
     model = tiny(seed=11)
     short, long_, after, other_long = prompts([6, 40, 7, 25], seed=13)
     few, many = SamplingParams(max_new_tokens=4), SamplingParams(max_new_tokens=10)
     alone = {name: Engine(model, tok, max_batch=1).generate([p], q)[0]
              for name, p, q in (("short", short, few), ("keep", short, many), ("long", long_, many),
                                 ("after", after, many), ("other", other_long, many))}
-    engine = Engine(model, tok, max_batch=8)
+    engine = Engine(model, tok, max_batch=8, prefill_chunk=8)
     chunks = _chunk_spy(engine, monkeypatch)
     keep = engine.submit(short, many)
     leave = [engine.submit(short, few) for _ in range(2)]

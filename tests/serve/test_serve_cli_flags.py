@@ -181,6 +181,7 @@ def _pools(root):
         "--max-batch": [("1", True), ("32", True), (str(10 ** 12), True), ("0", False), ("-4", False),
                         ("1.5", False), ("", False)],
         "--max-queue": [("0", True), (str(10 ** 15), True), ("-1", False), ("x", False)],
+        "--prefill-chunk": [("0", True), ("512", True), ("-1", False), ("1.5", False), ("", False)],
         "--max-model-len": [("2", True), (str(10 ** 12), True), ("1", False), ("0", False), ("-5", False)],
         "--api-key": [("k", True), ("s3cr3t-ключ", True), ("", False), ("  ", False), (" k", False),
                       ("a\tb", False)],

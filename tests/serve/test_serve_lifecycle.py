@@ -140,6 +140,37 @@ def test_a_burst_of_50_streams_answers_each_its_own_text_or_429_and_leaves_the_e
     assert h["status"] == "ok"
 
 
+def test_with_prefill_chunk_prompts_joining_running_streams_go_in_chunks_and_answer_as_alone(model_dir, reference):
+    """`--prefill-chunk 8`: the chat prompts (~30 tokens) that join running streams are prefilled 8 positions a
+    step; 12 streams sent 10 ms apart over the three models each answer what it answers alone."""
+    from finetune.serve.background import serve_in_background
+
+    server = _build(model_dir, "--max-batch", "4", "--prefill-chunk", "8")
+    engine = server.engine
+    assert engine.prefill_chunk == 8
+    chunks, forward_chunk = [], engine._forward_chunk
+    engine._forward_chunk = lambda row, slot, start, end: chunks.append(start) or forward_chunk(row, slot, start, end)
+    jobs = [(MODELS[i % 3], QUESTIONS[i // 3 % 3]) for i in range(12)]
+    with serve_in_background(server, start_timeout=30) as bg:
+        client = openai.AsyncOpenAI(base_url=bg.api_url, api_key="none", timeout=120, max_retries=0)
+
+        async def one(i, model, q):
+            await asyncio.sleep(0.01 * i)
+            stream = await client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
+                                                          temperature=0, max_tokens=12, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        async def staggered():
+            try:
+                return await asyncio.wait_for(asyncio.gather(*[one(i, m, q) for i, (m, q) in enumerate(jobs)]), 120)
+            finally:
+                await client.close()
+
+        answers = asyncio.run(staggered())
+    assert answers == [reference[job] for job in jobs]
+    assert chunks.count(0) >= 1 and chunks.count(8) >= 1  # some prompts went in chunks
+
+
 def test_clients_that_leave_free_their_rows_and_queue_slots(live, reference):
     """Streams closed mid-answer, streams closed while queued (before their first token), and non-streamed requests
     whose client timed out: each is cancelled, none runs to max_tokens, and then the whole capacity (12) is served
