@@ -209,7 +209,8 @@ async def run_level(url, mode, names, prompts, new_tokens, stagger_ms: float = 0
 
 
 @contextlib.contextmanager
-def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout: float = 1800, prefill_chunk: int = 0):
+def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout: float = 1800,
+                   prefill_chunk: int = 2048):
     """`qwen-ft serve` on a free loopback port in its own process, with this repo's package first on its path:
     yields (API url, its warm-up seconds as it printed them or None, seconds until it answered /health); stopped
     with SIGINT (as Ctrl-C) on exit. RuntimeError with its output's last lines if it ends or is not up in time."""
@@ -218,7 +219,7 @@ def served_process(model_dir, max_batch: int, max_model_len: int, ready_timeout:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "finetune.cli", "serve", "-m", str(Path(model_dir).resolve()), "--port", str(port),
            "--max-batch", str(max_batch), "--max-model-len", str(max_model_len), "--max-queue", "0",
-           *(["--prefill-chunk", str(prefill_chunk)] if prefill_chunk else [])]
+           "--prefill-chunk", str(prefill_chunk)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
     log = tempfile.NamedTemporaryFile("w+", prefix="serve_bench_server_", suffix=".log", delete=False)
     start = time.perf_counter()
@@ -285,8 +286,9 @@ def main(argv=None) -> int:
                          "auto: process, or thread with --adapters / --engine-log)")
     ap.add_argument("--stagger", type=float, default=0, metavar="MS",
                     help="send a round's streams MS milliseconds apart (default 0: together)")
-    ap.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
-                    help="the server's --prefill-chunk (default 0: prompts prefilled whole)")
+    ap.add_argument("--prefill-chunk", type=int, default=2048, metavar="N",
+                    help="the server's --prefill-chunk (default 2048, as `qwen-ft serve`'s; 0: prompts prefilled "
+                         "whole)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args(argv)
     if not args.model_dir and not args.tiny:
