@@ -515,7 +515,8 @@ class Engine:
         chunked = None
         if self._rows and self._chunked is None and self._chunks(joining[-1]):
             chunked = joining.pop()
-        if not self._rows and self.adapters.refresh():  # LoRA weights changed since the graphs were captured
+        # LoRA weights changed since the graphs were captured (looked at only when no row or chunked prompt runs)
+        if not self._rows and self._chunked is None and self.adapters.refresh():
             self._graphs.clear()
             self._pool = None
         # grow the cache once for everything joining now (a growth copies the whole cache)
@@ -823,8 +824,9 @@ class Engine:
     def _prefill_graph_length(self, n: int, T: int, rows: list[_Row], slot: int, lora: bool) -> int | None:
         """The graph length a prefill is replayed at (``_prefill_graphed``), or None where it runs eagerly: graphs
         off, not the fused kernels, several prompts, a prompt past PREFILL_GRAPH_LENGTHS or the cache, an NTK alpha
-        other than 1 (graphs hold alpha 1's rotary) or logN (past seq_length), or a join beside running rows whose
-        graph is not held. A graph is captured into an empty batch or by warm_up, never beside running rows: a
+        other than 1 (graphs hold alpha 1's rotary) or logN (past seq_length), or a join beside running rows (or a
+        prompt being prefilled in chunks) whose graph is not held. A graph is captured into an empty batch or by
+        warm_up, never beside running rows: a
         capture holds the activations of two prefills (its eager runs', its pool's) where the join plan counted
         one, and a full cache may not have them."""
         cfg = self.config
@@ -832,7 +834,8 @@ class Engine:
                 and (T <= cfg.seq_length or not cfg.use_logn_attn)):
             return None
         length = next((g for g in PREFILL_GRAPH_LENGTHS if g >= T), None)
-        if length is None or length > self._capacity or (slot > 0 and ("prefill", length, lora) not in self._graphs):
+        busy = slot > 0 or self._chunked is not None  # (a prompt being prefilled in chunks holds activations too)
+        if length is None or length > self._capacity or (busy and ("prefill", length, lora) not in self._graphs):
             return None
         return length
 

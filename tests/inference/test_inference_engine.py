@@ -750,3 +750,18 @@ def test_rows_joining_and_leaving_while_a_long_prompt_is_prefilled_in_chunks(tok
     while engine.has_work():
         engine.step()
     assert keep.output_ids == alone["keep"] and again.output_ids == alone["other"]
+
+
+def test_no_prefill_graph_is_captured_beside_a_prompt_being_prefilled_in_chunks(tok, monkeypatch):
+    """A capture holds a second prefill's activations that the join plan did not keep: a prompt joining while another
+    is prefilled in chunks (its rows all gone, the batch otherwise empty) replays a held graph or prefills eagerly."""
+    engine = Engine(tiny(seed=3), tok, max_batch=4, use_graphs=False, prefill_chunk=8)
+    monkeypatch.setattr(engine, "use_graphs", True)
+    monkeypatch.setattr(engine, "_kernels", object())  # (what _prefill_graph_length asks of the fused path)
+    engine._make_cache(4, 256)
+    row = engine._new_row(Request(prompts([20], seed=1)[0], SamplingParams(), None))
+    assert engine._prefill_graph_length(1, 20, [row], 0, False) == 32  # an empty batch: captured if not held
+    engine._chunked = object()
+    assert engine._prefill_graph_length(1, 20, [row], 0, False) is None
+    engine._graphs["prefill", 32, False] = None
+    assert engine._prefill_graph_length(1, 20, [row], 0, False) == 32  # held: replayed
