@@ -171,6 +171,55 @@ def test_with_prefill_chunk_prompts_joining_running_streams_go_in_chunks_and_ans
     assert chunks.count(0) >= 1 and chunks.count(8) >= 1  # some prompts went in chunks
 
 
+def test_a_client_that_leaves_while_its_prompt_is_prefilled_in_chunks_frees_its_slot(model_dir, reference):
+    """`--prefill-chunk 4`: a ~500-token prompt joins a running stream and its client leaves once its chunks have
+    begun, while the prompt is still going in chunks. It is cancelled before its last chunk, nothing else is, and the
+    server then answers as alone."""
+    from finetune.serve.background import serve_in_background
+
+    server = _build(model_dir, "--max-batch", "4", "--prefill-chunk", "4")
+    engine = server.engine
+    long_prompt = "Tell me a story about the north gate. " * 60
+    chunks, forward_chunk = [], engine._forward_chunk
+    engine._forward_chunk = lambda row, slot, start, end: chunks.append(
+        (len(row.req.prompt_ids), end)) or forward_chunk(row, slot, start, end)
+    with serve_in_background(server, start_timeout=30) as bg:
+        url = bg.api_url + "/chat/completions"
+        before = _wait_idle(bg)["finished"]
+
+        async def stream_until(h, body, lines: int, chunked: bool = False):
+            async with h.stream("POST", url, json={**body, "stream": True}) as r:
+                seen = 0
+                async for line in r.aiter_lines():
+                    seen += line.startswith("data: ")
+                    if seen >= lines:
+                        for _ in range(1000 if chunked else 0):  # (bounded: 10 s) until its chunks have begun
+                            if chunks:
+                                break
+                            await asyncio.sleep(0.01)
+                        return
+
+        async def scenario():
+            async with httpx.AsyncClient(timeout=60) as h:
+                hold = {"model": "ra", "messages": [{"role": "user", "content": "Tell me a story."}], **LONG}
+                holder = asyncio.ensure_future(stream_until(h, hold, 1_000_000))
+                await asyncio.sleep(0.3)  # (running: the long prompt joins beside it)
+                leaver = {"model": "rb", "messages": [{"role": "user", "content": long_prompt}], "max_tokens": 12,
+                          "temperature": 0}
+                await stream_until(h, leaver, 1, chunked=True)  # the role chunk and its first chunks, then gone
+                _wait_until(lambda: not chunks or engine._chunked is None, "the chunked prompt was not dropped")
+                holder.cancel()
+
+        asyncio.run(asyncio.wait_for(scenario(), 120))
+        after = _wait_idle(bg)["finished"]
+        assert after.get("cancelled", 0) == before.get("cancelled", 0) + 2, (before, after)
+        assert after.get("length", 0) == before.get("length", 0) and after.get("stop", 0) == before.get("stop", 0)
+        client = openai.OpenAI(base_url=bg.api_url, api_key="none", timeout=60, max_retries=0)
+        assert _ask(client, "rb", QUESTIONS[1]).choices[0].message.content == reference["rb", QUESTIONS[1]]
+    length = max(n for n, _ in chunks)
+    assert length > 400 and 0 < max(end for n, end in chunks if n == length) < length  # left before its last chunk
+
+
 def test_clients_that_leave_free_their_rows_and_queue_slots(live, reference):
     """Streams closed mid-answer, streams closed while queued (before their first token), and non-streamed requests
     whose client timed out: each is cancelled, none runs to max_tokens, and then the whole capacity (12) is served
