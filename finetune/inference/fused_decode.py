@@ -171,8 +171,8 @@ def prefill_blocks(kernels, tr, lm_head, k_cache, v_cache, x, cos, sin, query_sc
     if start:
         if n != 1 or not isinstance(slot, int):
             raise ValueError(f"prefill_blocks: a chunk at position {start} takes one prompt and an int slot")
-        # (SDPA's own lower-right causal bias: flash attention takes it, where a dense mask went to the memory-
-        # efficient kernel, padded in every layer, or to the math one)
+        # (SDPA's own lower-right causal bias, which flash attention takes: a dense mask, which it does not, made a
+        # 512-position chunk's stall ~8 ms longer on an H100, NOTES step 96)
         mask = causal_lower_right(T, start + T)
     delta = None
     for block in tr.h:
