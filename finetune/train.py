@@ -27,8 +27,9 @@ from .training.arguments import (DataArguments, LoraArguments, ModelArguments, T
                                  resolve_sampling)
 from .training import precision as precision_policy
 from .training.allocator import allocator_settings, default_allocator_settings
-from .training.checks import (DATA_KEY, FINISHED_MARKER, TrainConfigError, conflicts_error, deepspeed_config,
-                              identity_mismatch, last_complete_checkpoint, precision_conflicts, preflight)
+from .training.checks import (DATA_KEY, FINISHED_MARKER, TrainConfigError, checkpoint_step, conflicts_error,
+                              deepspeed_config, identity_mismatch, last_complete_checkpoint, precision_conflicts,
+                              preflight)
 from .training.console import quiet_third_party_notices
 from .training.launch import say_error
 from .training.lora import attach_lora
@@ -148,7 +149,7 @@ def _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, a
                             checkpointing):
             _capture_steps(trainer, train_set, data_args, args, tokenizer)
     if plan.resume_from and args.process_index == 0:
-        step = json.loads(Path(plan.resume_from, "trainer_state.json").read_text())["global_step"]
+        step = checkpoint_step(plan.resume_from)
         print(f"resuming from {plan.resume_from} (step {step})", flush=True)
     with _out_of_memory(lambda: f"in optimizer step {trainer.state.global_step + 1}", plan, data_args, args,
                         checkpointing):
@@ -279,7 +280,7 @@ def _interrupted(args) -> str:
     if last is None:
         return (f"interrupted: no checkpoint was written in {args.output_dir} yet (--save_strategy "
                 f"{getattr(args.save_strategy, 'value', args.save_strategy)}); run the command again to start over")
-    step = json.loads(Path(last, "trainer_state.json").read_text())["global_step"]
+    step = checkpoint_step(last)
     how = "the same command with --resume True" + (" instead of --overwrite_output_dir"
                                                    if args.overwrite_output_dir else "")
     return f"interrupted: the last complete checkpoint is {last} (step {step}); continue with {how}"

@@ -127,6 +127,12 @@ def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def checkpoint_step(ckpt: str | os.PathLike) -> int:
+    """The optimizer step a checkpoint was saved at (its trainer_state.json's global_step; ``checkpoint_problem``
+    has found it readable)."""
+    return json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
+
+
 def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) -> str | None:
     """Why `ckpt` cannot be resumed exactly (a missing, truncated or corrupt file, or another run's checkpoint
     when `identity` is given), or None. Reads headers and checksums only, no tensors."""
@@ -644,7 +650,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     resume_from = check_output_dir(args, identity)
     if resume_from is not None and args.max_steps > 0:
         # transformers trains nothing from a checkpoint at or past --max_steps, saves, and reports the run finished
-        done = json.loads((Path(resume_from) / "trainer_state.json").read_text())["global_step"]
+        done = checkpoint_step(resume_from)
         if args.max_steps <= done:
             raise TrainConfigError(f"--max_steps {args.max_steps}: the checkpoint {resume_from} is at step {done} "
                                    f"already, so nothing would train; give a --max_steps beyond {done} to train on "
