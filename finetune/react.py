@@ -165,9 +165,7 @@ def _check_function(f, where: str) -> dict:
     name = f.get(name_key)
     if not isinstance(name, str) or not name.strip():
         raise ReactError("needs a non-empty 'name'", f"{where}.name")
-    _valid_text(name, f"{where}.{name_key}")
-    if not name.isprintable():  # "Action: {name}" is one line of the prompt: a line break could never be parsed back
-        raise ReactError("must be one line of printable characters", f"{where}.{name_key}")
+    _check_action_name(name, f"{where}.{name_key}")
     for key in ("description", "description_for_model", "name_for_human", "name_for_model"):
         if f.get(key) is not None and not isinstance(f[key], str):
             raise ReactError(f"must be a string, got {json_type(f[key])}", f"{where}.{key}")
@@ -180,6 +178,14 @@ def _check_function(f, where: str) -> dict:
         raise ReactError("holds NaN or Infinity, which is not a JSON value", f"{where}.parameters") from None
     _valid_text(written, f"{where}.parameters")
     return f
+
+
+def _check_action_name(name: str, where: str) -> None:
+    """A function's name as "Action: {name}" writes it, one line of the prompt (a definition's, a past call's): valid
+    Unicode, printable, no line break, which could never be parsed back and would forge the lines after it."""
+    _valid_text(name, where)
+    if not name.isprintable():
+        raise ReactError("must be one line of printable characters", where)
 
 
 def _valid_text(text: str, where: str) -> None:
@@ -256,9 +262,7 @@ def _call(call, where: str) -> dict:
     """{"name", "arguments"} of a function_call / a tool call's "function" (arguments as a string)."""
     if not isinstance(call, dict) or not isinstance(call.get("name"), str) or not call["name"].strip():
         raise ReactError("needs a 'name' string", where)
-    _valid_text(call["name"], f"{where}.name")
-    if not call["name"].isprintable():  # "Action: {name}" is one line: a line break would forge the lines after it
-        raise ReactError("must be one line of printable characters", f"{where}.name")
+    _check_action_name(call["name"], f"{where}.name")
     args = call.get("arguments")
     if args is None:  # null: no arguments (json.dumps would write "null" into "Action Input:")
         args = ""
