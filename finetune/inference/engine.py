@@ -699,7 +699,6 @@ class Engine:
         The prompts are right-padded to the longest: causal attention keeps every real position to its own row's
         earlier tokens, and the cache positions written from padding lie at or past the row's length, where each
         decode step writes before it reads. NTK alpha comes from each row's own length, as in Qwen v1."""
-        cfg = self.config
         lengths = [len(r.prompt_ids) for r in reqs]
         T, n = max(lengths), len(reqs)
         slot0 = len(self._rows)
@@ -713,23 +712,32 @@ class Engine:
             return
         ids = torch.tensor([r.prompt_ids + [0] * (T - len(r.prompt_ids)) for r in reqs], dtype=torch.long,
                            device=self.device)
-        pos = torch.arange(T, device=self.device)[None].expand(n, T)
-        alpha = torch.tensor([[r.alpha] for r in rows], device=self.device)
-        cos, sin = self.tr.rotary_emb(pos, alpha)
-        query_scale = None
-        if cfg.use_logn_attn and T > cfg.seq_length:
-            query_scale = logn_scale(pos + 1, cfg.seq_length)
-        self._cache.mode, self._cache.slot = "prefill", slot0
         last = torch.tensor(lengths, device=self.device) - 1
+        self._joined(rows, lengths, ids, touched, self._prefill_forward(ids, rows, select, slot0, last))
+
+    def _prefill_forward(self, ids, rows: list[_Row], select, slot: int, last, start: int = 0) -> torch.Tensor:
+        """fp32 logits [n, V] at each prompt's ``last`` [n] index of an eager prefill of ``ids`` [n, T] (``rows``'
+        prompts, right-padded) into cache rows slot..slot+n-1, at positions start..start+T-1: ``start`` > 0 is a later
+        chunk of one prompt, attending over its keys so far. Each row's NTK alpha is its whole prompt's, logN applies
+        past seq_length; through the decode step's fused kernels, else the model's blocks."""
+        cfg = self.config
+        n, T = ids.shape
+        pos = torch.arange(start, start + T, device=self.device)[None].expand(n, T)
+        cos, sin = self.tr.rotary_emb(pos, torch.tensor([[r.alpha] for r in rows], device=self.device))
+        query_scale = None
+        if cfg.use_logn_attn and start + T > cfg.seq_length:
+            query_scale = logn_scale(pos + 1, cfg.seq_length)
         with self.adapters.applied(select), inference_sdpa(self.device):
-            if self._kernels is not None:  # the decode step's fused kernels
+            if self._kernels is not None:
                 with self._kernel_device():
-                    logits = prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
-                                            self.tr.wte(ids), cos, sin, query_scale, slot0, last)
+                    return prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
+                                          self.tr.wte(ids), cos, sin, query_scale, slot, last, start)
+            self._cache.mode, self._cache.slot, self._cache.start = ("chunk" if start else "prefill"), slot, start
+            if start:  # each position sees the row's keys up to its own
+                attn = AttentionSpec(mask=(torch.arange(start + T, device=self.device) <= pos[0, :, None])[None, None])
             else:
-                logits = self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(is_causal=T > 1), query_scale,
-                                      last=last)
-        self._joined(rows, lengths, ids, touched, logits)
+                attn = AttentionSpec(is_causal=T > 1)
+            return self._blocks(self.tr.wte(ids), (cos, sin), attn, query_scale, last=last)
 
     def _chunks(self, req: Request) -> bool:
         """Whether ``req``, joining running rows, is prefilled in chunks (``prefill_chunk``)."""
@@ -789,25 +797,12 @@ class Engine:
 
     def _forward_chunk(self, row: _Row, slot: int, start: int, end: int) -> torch.Tensor:
         """fp32 logits [1, V] at position end - 1 of the forward of positions start..end-1 of ``row``'s prompt into
-        cache row ``slot``, attending over its keys up to each position; eager. The arithmetic of the whole prompt's
-        prefill a position (its NTK alpha from the whole prompt, logN past seq_length), summed over other shapes."""
-        cfg = self.config
-        req = row.req
-        T = end - start
-        ids = torch.tensor([req.prompt_ids[start:end]], dtype=torch.long, device=self.device)
-        pos = torch.arange(start, end, device=self.device)[None]
-        cos, sin = self.tr.rotary_emb(pos, torch.tensor([[row.alpha]], device=self.device))
-        query_scale = logn_scale(pos + 1, cfg.seq_length) if cfg.use_logn_attn and end > cfg.seq_length else None
+        cache row ``slot`` (``_prefill_forward``): the arithmetic of the whole prompt's prefill a position, summed
+        over other shapes."""
+        ids = torch.tensor([row.req.prompt_ids[start:end]], dtype=torch.long, device=self.device)
         select = None if row.adapter_index is None else self._select([row.adapter_index], 1)
-        with self.adapters.applied(select), inference_sdpa(self.device):
-            if self._kernels is not None:
-                with self._kernel_device():
-                    return prefill_blocks(self._kernels, self.tr, self.lm_head, self._cache.k, self._cache.v,
-                                          self.tr.wte(ids), cos, sin, query_scale, slot,
-                                          torch.tensor([T - 1], device=self.device), start)
-            self._cache.mode, self._cache.slot, self._cache.start = "chunk", slot, start
-            keep = torch.arange(end, device=self.device)[None] <= pos[0, :, None]
-            return self._blocks(self.tr.wte(ids), (cos, sin), AttentionSpec(mask=keep[None, None]), query_scale)
+        return self._prefill_forward(ids, [row], select, slot, torch.tensor([end - start - 1], device=self.device),
+                                     start)
 
     def _joined(self, rows: list[_Row], lengths: list[int], ids: torch.Tensor, touched, logits) -> None:
         """The rows just prefilled join the batch (in the next slots): each prompt's tokens (``ids`` [n, >= its
