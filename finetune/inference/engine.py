@@ -334,6 +334,9 @@ class Engine:
         within one extra step."""
         with self._step_lock:
             touched: dict[int, Request] = {}
+            # a cancelled request still waiting leaves at once: it holds no row, and a full batch would otherwise
+            # keep it (and its place in a server's queue) until some running row ended
+            self._drop_cancelled_waiting(touched)
             if self._inflight is not None and self._must_change():
                 self._read(self._take_inflight(), touched)
             if self._inflight is None:
@@ -491,7 +494,7 @@ class Engine:
         self._rows = [r for r in new[:n]]
         self._synced = False
 
-    def _drop_cancelled(self, touched) -> None:
+    def _drop_cancelled_waiting(self, touched) -> None:
         with self._lock:
             waiting = [r for r in self._pending if r.cancelled]
             for r in waiting:
@@ -499,6 +502,9 @@ class Engine:
         for r in waiting:
             r.finished, r.finish_reason = True, r._cancel_reason
             touched[r.id] = r
+
+    def _drop_cancelled(self, touched) -> None:
+        self._drop_cancelled_waiting(touched)
         gone = [row for row in self._rows if row.req.cancelled]
         for row in gone:
             self._finish(row, row.req._cancel_reason, touched)

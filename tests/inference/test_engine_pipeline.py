@@ -160,6 +160,29 @@ def test_cancelling_a_row_frees_it_at_the_next_step_and_leaves_the_others_unchan
     assert [reqs[1].output_ids, reqs[2].output_ids] == [solo[1], solo[2]]
 
 
+def test_a_cancelled_request_waiting_for_a_full_batch_leaves_at_the_next_step(tok):
+    """A waiting request was dropped only when the batch changed: behind a full batch, a cancelled one kept its
+    place in the queue (and a server's count of requests in flight) until some running row ended."""
+    model = tiny(seed=45)
+    ps = prompts([6, 9], seed=48)
+    params = SamplingParams(max_new_tokens=12)
+    solo = free_run(model, tok, ps[0], 12)
+    engine = Engine(model, tok, max_batch=1)
+    running = engine.submit(ps[0], params)
+    for _ in range(3):
+        engine.step()
+    waiting = engine.submit(ps[1], params)
+    engine.step()
+    assert engine.occupancy() == (1, 1) and engine._inflight is not None
+    waiting.cancel()
+    got = engine.step()
+    assert waiting in got and waiting.finished and waiting.finish_reason == "cancelled"
+    assert waiting.output_ids == [] and engine.occupancy() == (1, 0) and not running.finished
+    while engine.has_work():
+        engine.step()
+    assert running.output_ids == solo
+
+
 def test_the_graphed_bookkeeping_with_padding_slots_answers_as_the_eager_path(tok, monkeypatch):
     """use_graphs on the CPU with a re-running stand-in for the graph: batch buckets with padding slots, the
     static inputs advanced by the step itself, graphs per (bucket, length bucket, penalty), rows

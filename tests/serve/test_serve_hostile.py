@@ -407,6 +407,40 @@ def test_a_non_streamed_request_is_cancelled_when_its_client_disconnects(live):
     assert after.get("length", 0) == before.get("length", 0), (before, after)
 
 
+def test_a_queued_request_whose_client_disconnects_leaves_while_the_batch_stays_full(live):
+    """A waiting request was dropped only when the batch changed: behind a full batch a queued client that had
+    left kept its place (and its share of --max-queue, so new clients got 429) until a running request ended."""
+    before = _wait_idle(live)["finished"]
+
+    def send(body):
+        data = json.dumps(body).encode()
+        s = socket.create_connection((live.host, live.port), timeout=30)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        return s
+
+    def wait_for(cond, what):
+        for _ in range(1200):  # bounded: 60 s
+            h = _health(live)
+            if cond(h):
+                return h
+            time.sleep(0.05)
+        raise AssertionError(f"{what} never came: {h}")
+
+    runners = [send(_body(max_tokens=1000, min_tokens=1000, temperature=1.0)) for _ in range(2)]  # --max-batch 2
+    try:
+        wait_for(lambda h: h["running"] == 2, "two running requests")
+        with send(_body()):
+            wait_for(lambda h: h["waiting"] == 1, "a queued request")
+        h = wait_for(lambda h: h["waiting"] == 0, "the queue's emptying")
+        assert h["running"] == 2 and h["in_flight"] == 2, h  # the runners are still going
+        assert h["finished"].get("cancelled", 0) == before.get("cancelled", 0) + 1, (before, h)
+    finally:
+        for s in runners:
+            s.close()
+    _wait_idle(live)
+
+
 def test_building_a_prompt_does_not_block_the_event_loop(live, monkeypatch):
     """Tokenizing ran on the event loop: a big body stalled /health and every other client's stream meanwhile.
     Here the prompt building waits until /health has answered (bounded): on the event loop it never would."""
