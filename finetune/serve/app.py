@@ -570,6 +570,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             key = clipped(json.dumps(err["input"])[1:-1])
             msg = f"{key}: a field name must be valid Unicode text (this one holds a lone surrogate)"
             return JSONResponse(APIError(400, msg, key).body(), 400)
+        if err.get("type") == "int_parsing_size":  # pydantic says "input string" of a number such as 1e30 too
+            msg = "Input should be an integer; this number is too large for one"
         if not where:  # the body as a whole: pydantic's words ("Field required") would name nothing
             msg = _body_problem(request, err)
         return JSONResponse(APIError(400, f"{where}: {msg}" if where else msg, where or None).body(), 400)

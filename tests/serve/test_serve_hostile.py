@@ -91,6 +91,14 @@ def test_a_seed_beyond_64_bits_is_400_and_fails_no_other_request(live):
         assert _post(live, _body(seed=seed, temperature=1.0)).status_code == 200
 
 
+@pytest.mark.parametrize("raw", [b"1e30", b"-1e300", b"1" + b"0" * 40 + b".5"])
+def test_a_number_too_large_for_an_integer_field_is_named_as_a_number(live, raw):
+    """pydantic's words for 1e30 in an integer field were "Unable to parse input string as an integer"."""
+    body = b'{"model": "tiny-qwen", "messages": [{"role": "user", "content": "hi"}], "seed": ' + raw + b"}"
+    err = _error(_post(live, content=body, headers={"Content-Type": "application/json"}))
+    assert err["param"] == "seed" and "string" not in err["message"] and "integer" in err["message"], err
+
+
 @pytest.mark.parametrize("raw, param", [
     (b'"temperature": NaN', "temperature"), (b'"temperature": Infinity', "temperature"),
     (b'"top_p": NaN', "top_p"), (b'"top_p": -Infinity', "top_p"),
