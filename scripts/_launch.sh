@@ -125,6 +125,12 @@ if [[ -n "$DS_FLAG" ]] && ! "$PYTHON" -c 'import importlib.util, sys; sys.exit(i
   exit 2
 fi
 
+if [[ -z "$MODEL" && -z "$CONFIG" && -n "$DATA" ]]; then
+  # (a forgotten -m, or a misspelled MODEL variable, trained the tiny random demo model on the user's data)
+  echo "error: -d $DATA without -m MODEL: the built-in demo (no -m) trains a tiny random model on its own data; give -m MODEL to train a model on $DATA" >&2
+  exit 2
+fi
+
 ARGS=()
 TAIL=()  # model, data, output: after the trainer flags and a CONFIG, so that -m -d -o win
 if [[ -z "$MODEL" && -z "$CONFIG" ]]; then
@@ -132,7 +138,7 @@ if [[ -z "$MODEL" && -z "$CONFIG" ]]; then
   # memorise set in data/ on the CPU in a couple of minutes (one conversation a row: memorising a few short
   # chats wants many small steps, not a few packed ones).
   CACHE="${QWEN_FT_CACHE:-$HOME/.cache/qwen-finetune}"
-  DATA="${DATA:-$ROOT/data/demo_memorize.json}"
+  DATA="$ROOT/data/demo_memorize.json"
   OUTPUT="${OUTPUT:-output/demo-$MODE}"
   # The demo replaces only its own outputs (marked with .qwen-ft-demo), never a dir of anything else.
   if [[ -e "$OUTPUT" && ! -f "$OUTPUT/.qwen-ft-demo" ]] && { [[ ! -d "$OUTPUT" ]] || [[ -n "$(ls -A "$OUTPUT")" ]]; }; then
