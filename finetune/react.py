@@ -147,7 +147,7 @@ def _loads(text: str, where: str, error: str):
     try:
         return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        why = f"{e.msg} at character {e.pos + 1}"
+        why = f"{e.msg.removesuffix(' at')} at character {e.pos + 1}"
     except _NotJSON as e:
         why = str(e)
     except RecursionError:

@@ -53,8 +53,11 @@ class DataArguments:
 
 @dataclass
 class LoraArguments:
-    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (implied by --q_lora)"})
-    q_lora: bool = field(default=False, metadata={"help": "LoRA on a GPTQ Int4 base (implied by an Int4 dir)"})
+    # None (unset): LoRA where --q_lora or an Int4 dir implies it, else full fine-tuning; False said on an Int4 dir
+    # is refused (checks.preflight), not overridden
+    use_lora: bool | None = field(default=None, metadata={"help": "Train LoRA adapters (implied by --q_lora; "
+                                                                   "default: full fine-tuning of a float model)"})
+    q_lora: bool | None = field(default=None, metadata={"help": "LoRA on a GPTQ Int4 base (implied by an Int4 dir)"})
     # (a help text each, so that --help shows their defaults)
     lora_r: int = field(default=64, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator (the update is scaled by "
@@ -64,7 +67,7 @@ class LoraArguments:
         default_factory=lambda: ["c_attn", "c_proj", "w1", "w2"],
         metadata={"help": "Linears that get adapters: c_attn, c_proj (attn.c_proj and mlp.c_proj), attn.c_proj, "
                           "mlp.c_proj, w1, w2, lm_head"})
-    lora_weight_path: str = field(default="", metadata={"help": "Start from this adapter's weights"})
+    lora_weight_path: str | None = field(default=None, metadata={"help": "Start from this adapter's weights"})
     lora_bias: str = field(default="none", metadata={"help": "none, all or lora_only (as PEFT)"})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale by alpha / sqrt(r)"})
     modules_to_save: list[str] | None = field(
@@ -183,7 +186,7 @@ def _dict_flag(name: str, value):
         try:
             loaded = json.loads(value)
         except json.JSONDecodeError as e:
-            raise TrainConfigError(f"{flag}: invalid JSON at column {e.colno}: {e.msg}") from None
+            raise TrainConfigError(f"{flag}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}") from None
         if isinstance(loaded, dict):
             _accelerator_keys(name, loaded)
             return value  # transformers parses it again (and converts its string values)
@@ -354,7 +357,8 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         try:
             values = load_json(text)
         except json.JSONDecodeError as e:
-            raise TrainConfigError(f"config file {path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") \
+            raise TrainConfigError(f"config file {path}: invalid JSON at line {e.lineno} column {e.colno}: "
+                                   f"{e.msg.removesuffix(' at')}") \
                 from None
         except DuplicateKeyError as e:  # json keeps the last silently
             raise TrainConfigError(f"config file {path}: {e}") from None
@@ -507,7 +511,7 @@ def parse_args(argv: list[str] | None = None):
     parser = _Parser((ModelArguments, DataArguments, LoraArguments, TrainingArguments), prog="qwen-ft train",
                      usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION)
     for action in parser._actions:
-        if action.dest == "cuda_graphs":  # unset by default (None), and like the other switches a bare flag is True
+        if action.dest in ("cuda_graphs", "use_lora", "q_lora"):  # unset by default (None); a bare flag is True
             action.nargs, action.const = "?", True
         if action.nargs in ("+", "*") and type(action) is argparse._StoreAction:
             action.__class__ = _ListFlagOnce  # a list flag takes its names once (see there)

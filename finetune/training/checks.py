@@ -311,7 +311,8 @@ def deepspeed_config(ds) -> dict | None:
                                        "refuses; save it as UTF-8 without a BOM")
             cfg = load_json(text)
         except json.JSONDecodeError as e:
-            raise TrainConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+            raise TrainConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: "
+                                   f"{e.msg.removesuffix(' at')}") from None
         except UnicodeDecodeError as e:
             raise TrainConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
         except DuplicateKeyError as e:
@@ -529,7 +530,61 @@ def check_report_to(args) -> None:
                                    "first, or WANDB_MODE=offline to keep the run's logs locally")
 
 
+def check_empty_paths(data_args, lora_args, args) -> None:
+    """A path flag given as "" (a quoted, unset shell variable) was read as not given: the run went on without the
+    eval set, the adapter to continue, the checkpoint to resume from or DeepSpeed, saying nothing."""
+    for flag, value in (("--eval_data_path", data_args.eval_data_path),
+                        ("--lora_weight_path", lora_args.lora_weight_path),
+                        ("--resume_from_checkpoint", args.resume_from_checkpoint),
+                        ("--deepspeed", args.deepspeed)):
+        if isinstance(value, str) and not value.strip():
+            raise TrainConfigError(f"{flag} is empty (an unset shell variable?): give a path, or leave the flag out")
+
+
+# What an evaluation here reports (no compute_metrics: the eval set's loss, and the Trainer's timings)
+EVAL_METRICS = ("loss", "runtime", "samples_per_second", "steps_per_second")
+
+
+def check_trainer_options(args) -> None:
+    """Options the Trainer acts on only after the data and the model have loaded, each a traceback there (on every
+    rank): an optimizer whose package is missing, Liger's kernels, a best-model metric no evaluation computes, a Hub
+    push from a machine that cannot reach the Hub."""
+    from transformers import Trainer
+
+    optim = str(getattr(args.optim, "value", args.optim))
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError) as e:
+        text = " ".join(str(e).split())
+        # (a ValueError that is not about a package, such as GaLore's need of the model, is the Trainer's to check)
+        if isinstance(e, ImportError) or "install" in text.lower() or "import" in text.lower():
+            raise TrainConfigError(f"--optim {optim}: {text}") from None
+    if getattr(args, "use_liger_kernel", False):
+        raise TrainConfigError("--use_liger_kernel: Liger's kernels patch transformers' own model classes, and Qwen v1 "
+                               "trains through this project's model (its own fused loss and kernels); drop the flag")
+    save = str(getattr(args.save_strategy, "value", args.save_strategy))
+    metric = args.metric_for_best_model
+    if save == "best" and not metric:
+        raise TrainConfigError("--save_strategy best needs --metric_for_best_model (loss: the eval set's loss)")
+    if metric:
+        name = metric[len("eval_"):] if metric.startswith("eval_") else metric
+        if name not in EVAL_METRICS:
+            raise TrainConfigError(f"--metric_for_best_model {metric}: not a metric this run's evaluation computes; "
+                                   f"it computes {', '.join(EVAL_METRICS)} (loss: the eval set's loss)")
+    if args.push_to_hub and args.process_index == 0:
+        from huggingface_hub import HfApi
+
+        try:  # (the Trainer creates the repo when it is built, after loading)
+            HfApi().whoami(token=args.hub_token)
+        except Exception as e:
+            text = " ".join(str(e).split()) or type(e).__name__
+            raise TrainConfigError(f"--push_to_hub: the Hub cannot be reached or no token is set ({text[:300]}); "
+                                   "drop --push_to_hub, or log in (hf auth login) on a machine that reaches it") \
+                from None
+
+
 def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
+    check_empty_paths(data_args, lora_args, args)
     # -- model dir -------------------------------------------------------------------------------------------
     if not model_args.model_name_or_path:
         raise TrainConfigError("--model_name_or_path is required (a Qwen model dir, e.g. /models/Qwen-14B-Chat-Int4)")
@@ -574,6 +629,12 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         raise TrainConfigError(
             f"--q_lora needs a GPTQ Int4 model dir, and {model_dir} is not quantized (no quantization_config). "
             "Pass the Int4 release (e.g. Qwen-14B-Chat-Int4), or drop --q_lora to train LoRA on this model")
+    if quantized and False in (lora_args.use_lora, lora_args.q_lora):
+        # (unset, an Int4 dir means Q-LoRA; said False, it asked for full fine-tuning, and Q-LoRA trained silently)
+        flag = "--use_lora False" if lora_args.use_lora is False else "--q_lora False"
+        raise TrainConfigError(
+            f"{flag}: {model_dir} is a GPTQ-quantized model, which full fine-tuning cannot train (its weights are "
+            "integers); it trains as Q-LoRA: drop the flag, or pass the float model")
     if quantized:
         mode = "qlora"
     elif lora_args.use_lora:
@@ -595,6 +656,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     check_numbers(lora_args, args)
     check_scheduler(args)
     check_report_to(args)
+    check_trainer_options(args)
     if lora_args.lora_bias not in ("none", "all", "lora_only"):
         raise TrainConfigError(f"--lora_bias must be none, all or lora_only, got {lora_args.lora_bias!r}")
     if lora_args.lora_weight_path and not Path(lora_args.lora_weight_path).is_dir():

@@ -194,6 +194,20 @@ def test_jsonl_error_column_is_on_the_broken_line(tmp_path):
                                      f"{len(cut) + 1}"), (end, str(e.value))
 
 
+@pytest.mark.parametrize("text, reason", [
+    ('{"conversations": "a\tb"}', "Invalid control character at line 1 column 21"),  # a raw tab inside a string
+    ('{"conversations": "ab', "Unterminated string starting at line 1 column 19"),
+])
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_json_errors_say_at_once(tmp_path, text, reason, suffix):
+    # json's own words end in "at" for these two: the message read "Invalid control character at at line 1 ..."
+    path = tmp_path / f"d{suffix}"
+    path.write_text(text + "\n")
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert reason in str(e.value) and " at at " not in str(e.value), str(e.value)
+
+
 def test_a_bom_inside_a_jsonl_file_is_named(tmp_path):
     # `cat a.jsonl b.jsonl`, b.jsonl starting with a BOM: only "Expecting value at line 2 column 1", cause unseen
     path = tmp_path / "d.jsonl"

@@ -263,6 +263,17 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--logging_steps", "inf"], "--logging_steps must be a whole number of steps"),  # an OverflowError
     # transformers takes it; nothing here was built or tested for FSDP (the Int4 buffers, graphs, checkpoints)
     (["--fsdp", "full_shard"], "--fsdp: FSDP is not supported here; several GPUs train through DeepSpeed"),
+    # an empty path (a quoted, unset shell variable) was read as not given: no eval, a fresh adapter, no resume, no
+    # DeepSpeed, and nothing said
+    (["--eval_data_path", ""], "--eval_data_path is empty (an unset shell variable?): give a path, or leave the flag"),
+    (["--lora_weight_path="], "--lora_weight_path is empty"),
+    (["--resume_from_checkpoint", " "], "--resume_from_checkpoint is empty"),
+    (["--deepspeed", ""], "--deepspeed is empty"),
+    # the Trainer's own tracebacks after the model had loaded
+    (["--save_strategy", "best"], "--save_strategy best needs --metric_for_best_model (loss: the eval set's loss)"),
+    (["--metric_for_best_model", "accuracy"], "--metric_for_best_model accuracy: not a metric this run's evaluation "
+                                              "computes; it computes loss, runtime"),
+    (["--use_liger_kernel", "True"], "--use_liger_kernel: Liger's kernels patch transformers' own model classes"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise_file, tmp_path, capsys,
                                                                 monkeypatch, flags, message):
@@ -273,6 +284,53 @@ def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise
     assert train_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("optim, package", [("adamw_bnb_8bit", "bitsandbytes"), ("schedule_free_adamw", "schedulefree"),
+                                             ("galore_adamw", "galore_torch")])
+def test_an_optimizer_whose_package_is_missing_is_one_line_before_loading(models, memorise_file, tmp_path, capsys,
+                                                                          monkeypatch, optim, package):
+    # transformers built the optimizer after the data and the model had loaded: an ImportError traceback on every rank
+    import importlib.util
+
+    import finetune.loading
+
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    argv = _args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True", "--max_steps", "1",
+                 "--optim", optim)
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --optim {optim}: ") and package.split("_")[0] in err and err.count("\n") == 1, err
+
+
+def test_push_to_hub_without_the_hub_is_one_line_before_loading(models, memorise_file, tmp_path, capsys, monkeypatch):
+    # the Trainer created the Hub repo when it was built, after loading: a ConnectError traceback offline
+    import finetune.loading
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    argv = _args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True", "--max_steps", "1",
+                 "--push_to_hub", "True")
+    assert train_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --push_to_hub: the Hub cannot be reached or no token is set (") and \
+        err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags", [["--use_lora", "False"], ["--q_lora", "False"], ["--use_lora", "True",
+                                                                                    "--q_lora", "False"]])
+def test_an_int4_dir_with_lora_said_off_is_refused_not_trained_as_q_lora(models, memorise_file, tmp_path, capsys,
+                                                                        monkeypatch, flags):
+    import finetune.loading
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(_args(models["int4"], memorise_file, tmp_path / "o", "--max_steps", "1", *flags)) == 2
+    err = capsys.readouterr().err
+    flag = "--use_lora False" if flags[:2] == ["--use_lora", "False"] else "--q_lora False"
+    assert err.startswith(f"error: {flag}: ") and "is a GPTQ-quantized model, which full fine-tuning cannot train" \
+        in err and err.count("\n") == 1, err
 
 
 def test_bad_data_stops_before_model_load(models, tmp_path, capsys, monkeypatch):
