@@ -262,9 +262,14 @@ def check_base(adapter_dir, base_dir, explicit: bool) -> str | None:
         msg += f" (a merged model: its {MERGE_REPORT} records adapter {merged_from.get('path')})"
     elif want.get("architecture") == got["architecture"] and want.get("quantized") != got["quantized"]:
         # the float twin of the Int4 base a Q-LoRA adapter was trained on (a documented route); the other way
-        # round load_adapter warns (float_adapter_on_int4)
-        logger.info("%s: the %s twin of the recorded base", msg, "float" if want.get("quantized") else "Int4")
-        return None
+        # round load_adapter warns (float_adapter_on_int4). Any model of that architecture passed the architecture
+        # check, so the weights GPTQ leaves unquantized (the final norm, the embedding's first rows) are compared
+        twin = "float" if want.get("quantized") else "Int4"
+        apart = _unquantized_weights_differ(record.get("path"), base_dir)
+        if apart is None:
+            logger.info("%s: the %s twin of the recorded base", msg, twin)
+            return None
+        msg += (f"; it has the recorded base's architecture, but {apart}, so it is not that model's {twin} twin")
     msg += "; loading it as asked"
     # once a process: the commands check the base when resolving it and again when the adapter loads onto it
     key = (str(Path(adapter_dir).resolve()), str(Path(base_dir).resolve()))
@@ -275,6 +280,44 @@ def check_base(adapter_dir, base_dir, explicit: bool) -> str | None:
 
 
 _WARNED_BASES: set[tuple[str, str]] = set()
+
+# Tensors GPTQ leaves in float, compared between an Int4 model and a float model of its architecture: the final norm
+# whole and the embedding's first rows (read from the files' headers and a slice; a few KB)
+_TWIN_TENSORS = (("transformer.ln_f.weight", None), ("transformer.wte.weight", 64))
+
+
+def _unquantized_weights_differ(recorded, base_dir) -> str | None:
+    """How the float weights of ``base_dir`` differ from those of the recorded base dir (the Int4 model keeps them
+    in fp16, its float twin in bf16 or fp32: equal within fp16's rounding), or None when they agree or cannot be
+    compared (the recorded dir is gone, a tensor is missing, a file cannot be read)."""
+    from .checkpoint import checkpoint_tensors
+
+    if not recorded or not Path(recorded).is_dir():
+        return None
+    try:
+        there, here = checkpoint_tensors(recorded), checkpoint_tensors(base_dir)
+        for name, rows in _TWIN_TENSORS:
+            if name not in there or name not in here or there[name].shape != here[name].shape:
+                return None
+            a, b = _leading(there[name].file, name, rows), _leading(here[name].file, name, rows)
+            if not torch.allclose(a, b, rtol=1e-2, atol=1e-4):
+                return f"its {name} differs from the recorded base's (max |difference| {(a - b).abs().max():.3g})"
+    except Exception:  # (any reading problem is for the loader to report, with its own words)
+        return None
+    return None
+
+
+def _leading(path: Path, name: str, rows: int | None) -> torch.Tensor:
+    """A tensor of a checkpoint file, or its first ``rows`` rows, in fp32."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            t = f.get_slice(name)[:rows] if rows else f.get_tensor(name)
+    else:
+        t = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)[name]
+        t = t[:rows] if rows else t
+    return t.float()
 
 # -- models that `qwen-ft merge` wrote ---------------------------------------------------------------------
 # Its merge_report.json records the adapter merged in: the adapter's resolved path and its weight file's sample

@@ -349,6 +349,20 @@ def test_float_adapter_on_int4_base_warns_naming_both(setup, tmp_path, caplog):
     assert not caplog.records
 
 
+def test_a_float_model_of_the_architecture_but_not_the_twin_is_warned_about(setup, tmp_path, caplog):
+    # any float model of the Int4 base's architecture passed as its float twin, quietly: an adapter trained on one
+    # Int4 release ran on another model of the same shape (another fine-tune, another seed)
+    import logging
+
+    other = make_demo_model(tmp_path / "other-float", seed=7)
+    with caplog.at_level(logging.WARNING, logger="finetune.adapters"):
+        load_model(other, adapter=setup["qlora"], device="cpu")
+    assert [r.message for r in caplog.records if "so it is not that model's float twin" in r.message
+            and "transformer.wte.weight differs from the recorded base's" in r.message], caplog.text
+    report = merge(setup["qlora"], tmp_path / "merged", model=other, dtype="fp32", log=quiet)
+    assert any("not that model's float twin" in w for w in report["warnings"]), report.get("warnings")
+
+
 def test_a_missing_data_file_names_the_flag_that_gave_it(setup, tmp_path, capsys):
     # was "error: X: file not found: no such file"; --calib-data is also the loss report's data without --eval-data
     from finetune.cli import main
