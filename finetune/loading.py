@@ -264,6 +264,16 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     cfg = info.config
 
     config = model_config(model_dir, cfg)
+    if adapter:
+        # the adapter checked against the model's names and shapes before the base's weights load (minutes and the
+        # GPU's memory on a 14B model): a truncated file or another rank or model size is said at once
+        from .adapters import adapter_tensor_shapes, check_adapter, lora_config
+        from .modeling import QWenLMHeadModel
+
+        adapter_dir = resolve_model_dir(adapter, "adapter directory")
+        with torch.device("meta"):  # names and shapes only; GPTQ layers have the Linears' names and sizes
+            meta = QWenLMHeadModel(config)
+        check_adapter(meta, adapter_dir, lora_config(adapter_dir), adapter_tensor_shapes(adapter_dir))
     if info.quantized:
         from .quant.loading import load_gptq_model  # the Int4 path (finetune/quant)
 
@@ -285,7 +295,7 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     if adapter:
         from .adapters import load_adapter  # checks the adapter against the model, then PEFT
 
-        model = load_adapter(model, resolve_model_dir(adapter, "adapter directory"))
+        model = load_adapter(model, adapter_dir)
     model.eval()
     return model
 

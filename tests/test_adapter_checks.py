@@ -278,3 +278,30 @@ def test_adapter_configs_without_targets_or_with_bad_patterns_are_one_clear_erro
     assert main(["chat", "-m", str(setup["float"]), "-a", str(adapter), "--query", "hi"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"error: adapter {adapter}: adapter_config.json: {expect.split(': ')[-1]}"), err
+
+
+@pytest.mark.parametrize("base, broken", [("float", "truncated"), ("int4", "truncated"), ("float", "rank")])
+def test_an_adapter_that_cannot_fit_is_refused_before_the_base_weights_load(setup, tmp_path, monkeypatch, base,
+                                                                             broken):
+    # the whole base loaded (minutes and the GPU's memory on a 14B model) before the adapter's header was read
+    import finetune.quant.loading
+    from finetune.modeling import QWenLMHeadModel
+
+    adapter = setup["qlora"] if base == "int4" else setup["lora"]
+    bad = tmp_path / "bad"
+    shutil.copytree(adapter, bad)
+    weights = bad / "adapter_model.safetensors"
+    if broken == "truncated":
+        weights.write_bytes(weights.read_bytes()[:-4096])
+    else:  # rank 8 said, rank 16 stored
+        cfg = json.loads((bad / "adapter_config.json").read_text())
+        cfg["r"] = cfg["r"] // 2
+        (bad / "adapter_config.json").write_text(json.dumps(cfg))
+
+    def loaded(*a, **k):
+        raise AssertionError("the base's weights were loaded first")
+
+    monkeypatch.setattr(QWenLMHeadModel, "from_pretrained", loaded)
+    monkeypatch.setattr(finetune.quant.loading, "load_gptq_model", loaded)
+    with pytest.raises(AdapterError, match="truncated" if broken == "truncated" else "does not fit this model"):
+        load_model(setup[base], adapter=bad, device="cpu")
