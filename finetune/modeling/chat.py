@@ -38,6 +38,22 @@ OFFICIAL_GENERATION_DEFAULTS = dict(
 )
 
 
+def _check_history(history) -> None:
+    """history is a list of (query, reply) string pairs, as chat() returns it. Other shapes were read quietly
+    wrong: OpenAI-style messages ({"role", "content"}) became the turns "role" and "content", a string "ok" the
+    turns "o" and "k"; a triple or None failed with Python's words, naming no argument."""
+    if isinstance(history, (str, bytes, dict)) or not hasattr(history, "__iter__"):
+        raise ValueError(f"make_context: history must be a list of (query, reply) pairs, got {type(history).__name__}")
+    for i, turn in enumerate(history):
+        if isinstance(turn, dict) and "role" in turn:
+            raise ValueError(f"make_context: history[{i}] is a message {{'role': ...}}; history is a list of "
+                             "(query, reply) pairs of strings, as chat() returns it, not OpenAI-style messages")
+        if not isinstance(turn, (list, tuple)) or len(turn) != 2 or not all(isinstance(t, str) for t in turn):
+            got = (f"a {len(turn)}-item {type(turn).__name__}" if isinstance(turn, (list, tuple)) and len(turn) != 2
+                   else repr(turn)[:80] if isinstance(turn, (list, tuple)) else type(turn).__name__)
+            raise ValueError(f"make_context: history[{i}] must be a (query, reply) pair of strings, got {got}")
+
+
 def make_context(tokenizer, query, history=None, system="", max_window_size=6144, chat_format="chatml",
                  stats: dict | None = None):
     """(raw_text, context_tokens) exactly as the official make_context builds them: the newest history turns that
@@ -47,6 +63,7 @@ def make_context(tokenizer, query, history=None, system="", max_window_size=6144
     for name, value in (("query", query), ("system", system)):
         if not isinstance(value, str):  # (the official code fails inside the tokenizer)
             raise ValueError(f"make_context: {name} must be a string, got {type(value).__name__}")
+    _check_history(history)
     if chat_format == "raw":  # (the official raw format reads no history)
         if stats is not None:
             stats["history_kept"] = 0

@@ -432,3 +432,20 @@ def test_chat_stream_raises_at_the_call_as_the_official(answering_model):
         model.generation_config.chat_format = "chatml"
     with pytest.raises(ValueError, match="system must be a string"):
         model.chat_stream(tok, "Hi", system=None)
+
+
+@pytest.mark.parametrize("history, message", [
+    ([{"role": "user", "content": "Hi"}], r"history\[0\] is a message \{'role': ...\}; history is a list of \(query, "
+                                          r"reply\) pairs of strings"),  # read as the turns "role" and "content"
+    ([("a", "b"), "ok"], r"history\[1\] must be a \(query, reply\) pair of strings, got str"),  # turns "o" and "k"
+    ([("a", "b", "c")], r"history\[0\] must be a \(query, reply\) pair of strings, got a 3-item tuple"),
+    ([(None, "b")], r"history\[0\] must be a \(query, reply\) pair of strings, got \(None, 'b'\)"),
+    ("ab", r"history must be a list of \(query, reply\) pairs, got str"),
+])
+def test_history_that_is_not_query_reply_pairs_is_refused_naming_the_entry(answering_model, history, message):
+    model, tok = answering_model
+    with pytest.raises(ValueError, match=message):
+        model.chat(tok, "Hi", history=history)
+    with pytest.raises(ValueError, match=message):
+        model.chat_stream(tok, "Hi", history=history)
+    assert make_context(tok, "Hi", history=[["a", "b"], ("c", "d")])[1]  # lists and tuples of two strings
