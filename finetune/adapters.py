@@ -445,12 +445,21 @@ def adapter_tensor_shapes(adapter_dir) -> dict[str, tuple[int, ...]]:
         try:
             sd = torch.load(str(path), map_location="meta", weights_only=True, mmap=True)
         except Exception as e:
-            raise AdapterError(f"{where}: cannot read {path.name} ({type(e).__name__}: {e}); a legacy .bin is read "
+            raise AdapterError(f"{where}: cannot read {path.name} ({_bin_problem(e)}); a legacy .bin is read "
                                f"only as plain tensors (weights_only=True)") from None
     else:
         sd = read_adapter_weights(adapter_dir)  # the pre-zip format: as large as the file, nothing inflates
     _check_tensor_dict(adapter_dir, path, sd)
     return {_canonical_key(k): tuple(v.shape) for k, v in sd.items()}
+
+
+def _bin_problem(e: Exception) -> str:
+    """One line for a file torch.load refused. Its UnpicklingError runs over several lines and advises loading with
+    weights_only=False, which for a file that is more than tensors would run the code in it."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        return "it holds objects other than tensors: loading it would run code from the file"
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _check_tensor_dict(adapter_dir, path: Path, sd) -> None:
@@ -473,7 +482,7 @@ def read_adapter_weights(adapter_dir) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise AdapterError(f"adapter {adapter_dir}: cannot read {path.name} ({type(e).__name__}: {e}); a legacy "
+        raise AdapterError(f"adapter {adapter_dir}: cannot read {path.name} ({_bin_problem(e)}); a legacy "
                            f".bin is read only as plain tensors (weights_only=True)") from None
     _check_tensor_dict(adapter_dir, path, sd)
     return {_canonical_key(k): v for k, v in sd.items()}

@@ -7,6 +7,7 @@ Loading the model needs no vocabulary file.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -251,6 +252,12 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     device: default "cuda" when a GPU is there, else "cpu". dtype: default bf16 on a GPU with bf16, else fp32;
     every float weight is cast to it once, here. With an adapter and model_dir None, the base is the one the
     adapter records (see finetune/adapters.py)."""
+    for name, value in (("model_dir", model_dir), ("adapter", adapter)):
+        # ("" was read as no adapter, and None as the model dir failed inside os.fspath)
+        if value is not None and not (isinstance(value, (str, os.PathLike)) and str(value).strip()):
+            raise ModelLoadError(f"load_model: {name} must be a path (or a hub id), got {value!r}")
+    if model_dir is None and adapter is None:
+        raise ModelLoadError("load_model: give the model dir (or an adapter, whose recorded base is loaded)")
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     check_device(device)

@@ -305,3 +305,22 @@ def test_an_adapter_that_cannot_fit_is_refused_before_the_base_weights_load(setu
     monkeypatch.setattr(finetune.quant.loading, "load_gptq_model", loaded)
     with pytest.raises(AdapterError, match="truncated" if broken == "truncated" else "does not fit this model"):
         load_model(setup[base], adapter=bad, device="cpu")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_a_legacy_bin_that_would_run_code_is_one_line_without_torchs_advice(setup, tmp_path, capsys):
+    # torch's UnpicklingError ran over seven lines and advised weights_only=False: for this file, running its code
+    bad = tmp_path / "pickle"
+    shutil.copytree(setup["lora"], bad)
+    (bad / "adapter_model.safetensors").unlink()
+    torch.save({"x": _RunsCode()}, str(bad / "adapter_model.bin"))
+    with pytest.raises(AdapterError) as e:
+        load_model(setup["float"], adapter=bad, device="cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "weights_only set to False" not in msg, msg
+    assert "it holds objects other than tensors: loading it would run code from the file" in msg, msg
+    assert "this ran" not in capsys.readouterr().out

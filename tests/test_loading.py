@@ -291,3 +291,18 @@ def test_a_mistyped_local_dir_is_reported_as_local_with_what_is_beside_it(tmp_pa
         resolve_model_dir(tmp_path / "output" / "other")
     with pytest.raises(ModelNotFoundError, match=r"^adapter directory /qwen-ft-nope-9f3 does not exist \(/ holds"):
         resolve_model_dir("/qwen-ft-nope-9f3", "adapter directory")  # the root named once, not as "//"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(adapter=""), "load_model: adapter must be a path (or a hub id), got ''"),  # was no adapter, silently
+    (dict(model_dir=None), "load_model: give the model dir (or an adapter, whose recorded base is loaded)"),
+    (dict(model_dir=3), "load_model: model_dir must be a path (or a hub id), got 3"),
+])
+def test_load_model_names_a_missing_or_empty_argument(kwargs, message, tmp_path):
+    from finetune import load_model
+    from finetune.demo import make_demo_model
+
+    args = {"model_dir": make_demo_model(tmp_path / "m"), **kwargs}
+    with pytest.raises(ModelLoadError) as e:
+        load_model(device="cpu", **args)
+    assert str(e.value) == message
