@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import shutil
 import sys
@@ -328,6 +329,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                          f"was trained on); choose a new dir")
     if out.exists() and not out.is_dir():
         raise MergeError(f"--output {out} is a file, not a directory; choose a new dir")
+    if out.is_symlink() and not out.exists():  # (the write failed on it after the whole merge had run)
+        raise MergeError(f"--output {out} is a link to {os.readlink(out)}, which does not exist; remove the link or "
+                         "choose a new dir")
     if (out / "adapter_config.json").is_file():  # (even with --overwrite) a model written beside an adapter
         raise MergeError(f"--output {out} holds an adapter (adapter_config.json): the merged model would be mixed "
                          f"into it; choose a new dir")

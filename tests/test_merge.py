@@ -266,6 +266,7 @@ def test_overwrite_leaves_nothing_of_the_earlier_merge(setup, tmp_path):
     (["--quant-method", "gptq"], "--quant-method gptq calibrates an Int4 export: add --format int4"),
     (["--format", "int4", "--quant-method", "gptq", "--calib-data", "BAD"], "bad.jsonl, record 1, line 1"),
     (["--output", "FILE"], "is a file, not a directory"),
+    (["--output", "DANGLING"], "is a link to"),  # the write failed on it after the whole merge had run
     # flags the route does not read: the export looked like what was asked (a float model for --bits 8, RTN for
     # --calib-data)
     (["--bits", "8"], "--bits applies to an Int4 export (--format int4)"),
@@ -281,8 +282,9 @@ def test_merge_flags_are_checked_before_loading(setup, tmp_path, capsys, monkeyp
     monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
     (tmp_path / "bad.jsonl").write_text('{"conversations": [{"from": "robot", "value": "x"}]}\n')
     (tmp_path / "file").write_text("x")
-    flags = [str(tmp_path / "bad.jsonl") if f == "BAD" else str(tmp_path / "file") if f == "FILE" else f
-             for f in flags]
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    named = {"BAD": tmp_path / "bad.jsonl", "FILE": tmp_path / "file", "DANGLING": tmp_path / "dangling"}
+    flags = [str(named[f]) if f in named else f for f in flags]
     argv = ["merge", "--adapter", str(setup["qlora"]), "--eval-data", str(setup["data"])]
     rc = main(argv + (flags if "--output" in flags else ["--output", str(tmp_path / "out"), *flags]))
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
