@@ -289,23 +289,39 @@ class Engine:
     # -- public API ---------------------------------------------------------------------------------------------
     def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None) -> Request:
         """Queue one prompt; it joins the running batch at the next step. Thread-safe."""
+        req = self._checked(prompt_ids, params, adapter)
+        with self._lock:
+            self._pending.append(req)
+        return req
+
+    def _checked(self, prompt_ids, params: SamplingParams | None, adapter: str | None) -> Request:
+        """A request, every value checked now: anything the step would fail on fails every row joining with it."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.check()  # (again: a field may have changed since it was made)
         self.adapters.index(adapter)  # unknown adapter -> ValueError now, not at the step
-        ids = [int(t) for t in prompt_ids]
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
+            raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
+        ids = list(prompt_ids)
+        wrong = [t for t in ids if isinstance(t, bool) or not hasattr(t, "__index__")]
+        if wrong:  # (1.9 was read as 1, "12" as 12, a nested list failed inside int())
+            raise ValueError(f"prompt_ids must be integer token ids, got {wrong[0]!r}")
+        ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("prompt_ids is empty: a request needs at least one prompt token")
         bad = [t for t in ids if not 0 <= t < self.vocab]
         if bad:
             raise ValueError(f"prompt_ids: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
+        bad = [t for t in params.stop_token_ids if t >= self.vocab]
+        if bad:  # (never matched, silently)
+            raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
         if len(ids) + params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"engine's max_len {self.max_len}")
-        req = Request(ids, params, adapter)
-        with self._lock:
-            self._pending.append(req)
-        return req
+        return Request(ids, params, adapter)
 
     def has_work(self) -> bool:
         with self._lock:
@@ -361,7 +377,15 @@ class Engine:
         each = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
         if len(each) != len(prompts):
             raise ValueError(f"params: {len(each)} given for {len(prompts)} prompts")
-        reqs = [self.submit(p, q, adapter) for p, q in zip(prompts, each)]
+        # every prompt checked before any is queued: a bad one left those before it in the queue for a later call
+        reqs = []
+        for i, (p, q) in enumerate(zip(prompts, each)):
+            try:
+                reqs.append(self._checked(p, q, adapter))
+            except ValueError as e:
+                raise ValueError(f"prompts[{i}]: {e}") from None
+        with self._lock:
+            self._pending.extend(reqs)
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -86,13 +86,30 @@ class SamplingParams:
     stop: tuple = ()
 
     def __post_init__(self):
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
-        problems = []
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
-        self.stop = tuple(self.stop)
-        if not all(isinstance(s, str) and s for s in self.stop):
+        if not isinstance(self.stop, (str, bytes, dict)) and hasattr(self.stop, "__iter__"):
+            self.stop = tuple(self.stop)
+        ids = self.stop_token_ids
+        if not isinstance(ids, (str, bytes, dict)) and hasattr(ids, "__iter__"):
+            # (numpy and torch integers as ints; "12" was read as the ids 1 and 2, 3.7 as 3)
+            ids = tuple(int(t) if hasattr(t, "__index__") and not isinstance(t, bool) else t for t in ids)
+            self.stop_token_ids = ids
+        self.check()
+
+    def check(self) -> None:
+        """ValueError naming every field out of range (also for fields changed after construction: Engine.submit
+        checks again)."""
+        problems = []
+        if not (isinstance(self.stop, tuple) and all(isinstance(s, str) and s for s in self.stop)):
             problems.append(f"stop must be non-empty strings, got {self.stop!r}")
+        if not (isinstance(self.stop_token_ids, tuple) and all(whole(t) and t >= 0 for t in self.stop_token_ids)):
+            problems.append(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
+        if not isinstance(self.do_sample, bool):  # ("no" sampled: a non-empty string is true)
+            problems.append(f"do_sample must be true or false, got {self.do_sample!r}")
+        if self.seed is not None and not (whole(self.seed) and -(2**63) <= self.seed < 2**64):
+            # (what torch.Generator takes: another value failed the engine's step, and with it the rows joining)
+            problems.append(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
         if not whole(self.max_new_tokens) or self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         problems += [f"{name} {why}" for name in SAMPLING_RANGES

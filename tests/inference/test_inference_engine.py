@@ -765,3 +765,48 @@ def test_no_prefill_graph_is_captured_beside_a_prompt_being_prefilled_in_chunks(
     assert engine._prefill_graph_length(1, 20, [row], 0, False) is None
     engine._graphs["prefill", 32, False] = None
     assert engine._prefill_graph_length(1, 20, [row], 0, False) == 32  # held: replayed
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(seed=2**70), r"seed must be an integer in \[-2\*\*63, 2\*\*64\), got 1180591620717411303424"),
+    (dict(seed=1.5), "seed must be an integer"),
+    (dict(stop_token_ids="12"), "stop_token_ids must be token ids"),  # read as the ids 1 and 2
+    (dict(stop_token_ids=(3.7,)), "stop_token_ids must be token ids"),  # read as 3
+    (dict(stop_token_ids=(-5,)), "stop_token_ids must be token ids"),  # masked the token -5 % vocab
+    (dict(stop_token_ids=5), "stop_token_ids must be token ids"),  # "'int' object is not iterable"
+    (dict(do_sample="no"), "do_sample must be true or false, got 'no'"),  # sampled
+])
+def test_sampling_params_name_a_wrong_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**fields)
+
+
+def test_submit_checks_everything_a_step_would_fail_on(tok):
+    """A seed torch.Generator cannot take failed the step after the rows joining with it had left the queue: they
+    were lost (never finished, has_work() False). Fields changed after construction were not checked again."""
+    engine = Engine(tiny(seed=50), tok, max_batch=4)
+    params = SamplingParams(max_new_tokens=3, do_sample=True)
+    params.seed = 2**70
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        engine.submit([5, 6], params)
+    params = SamplingParams(max_new_tokens=3)
+    params.max_new_tokens = 0
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        engine.submit([5, 6], params)
+    for ids, message in (([1.9, 2.5], "must be integer token ids, got 1.9"), (["12"], "must be integer token ids"),
+                         ([[1, 2]], "must be integer token ids"), ("hello", "must be a list of token ids, got str"),
+                         ([True], "must be integer token ids, got True")):
+        with pytest.raises(ValueError, match=message):
+            engine.submit(ids, SamplingParams(max_new_tokens=3))
+    with pytest.raises(ValueError, match=r"stop_token_ids: token id 99999 is outside the model's vocabulary"):
+        engine.submit([5, 6], SamplingParams(max_new_tokens=3, stop_token_ids=(99999,)))
+    assert engine.occupancy() == (0, 0)
+    assert engine.submit(torch.tensor([5, 6]), SamplingParams(max_new_tokens=3)).prompt_ids == [5, 6]
+
+
+def test_generate_queues_nothing_when_one_prompt_is_bad(tok):
+    # the prompts before the bad one stayed queued, and the next call decoded them (and counted them)
+    engine = Engine(tiny(seed=51), tok, max_batch=4)
+    with pytest.raises(ValueError, match=r"prompts\[2\]: prompt_ids is empty"):
+        engine.generate([[1, 2], [3, 4], []], SamplingParams(max_new_tokens=3))
+    assert engine.occupancy() == (0, 0) and not engine.has_work()
