@@ -222,12 +222,21 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
             generation_config = GenerationConfig(
                 **OFFICIAL_GENERATION_DEFAULTS, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.eod_id
             )
+    elif not isinstance(generation_config, GenerationConfig):  # (a dict failed inside the update below)
+        raise ValueError(f"generation_config must be a transformers GenerationConfig, got "
+                         f"{type(generation_config).__name__} (pass single fields as keywords: chat(..., top_p=0.9))")
     gc = copy.deepcopy(generation_config)
     max_window_size = kwargs.pop("max_window_size", None)  # (0 is a window too, as officially)
     if max_window_size is None:
         max_window_size = getattr(gc, "max_window_size", None)
     if max_window_size is None:
         max_window_size = 6144
+    if not (isinstance(max_window_size, int) and not isinstance(max_window_size, bool) and max_window_size >= 0):
+        raise ValueError(f"max_window_size must be a whole number of tokens >= 0, got {max_window_size!r}")
+    for name in ("max_new_tokens", "min_new_tokens"):  # ("4" failed inside generate() with Python's words)
+        value = kwargs.get(name, getattr(gc, name, None))
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            raise ValueError(f"{name} must be a whole number of tokens, got {value!r}")
     chat_format = getattr(gc, "chat_format", None) or "chatml"
     if chat_format != "chatml":
         raise ValueError(f"chat() needs chat_format 'chatml', the generation config says {chat_format!r} (a base "

@@ -449,3 +449,17 @@ def test_history_that_is_not_query_reply_pairs_is_refused_naming_the_entry(answe
     with pytest.raises(ValueError, match=message):
         model.chat_stream(tok, "Hi", history=history)
     assert make_context(tok, "Hi", history=[["a", "b"], ("c", "d")])[1]  # lists and tuples of two strings
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(generation_config={"top_p": 0.5}), "generation_config must be a transformers GenerationConfig, got dict"),
+    (dict(max_new_tokens="4"), "max_new_tokens must be a whole number of tokens, got '4'"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number of tokens, got 2.5"),
+    (dict(max_window_size="x"), "max_window_size must be a whole number of tokens >= 0, got 'x'"),
+    (dict(max_window_size=-5), "max_window_size must be a whole number of tokens >= 0, got -5"),
+])
+def test_chat_names_a_wrong_generation_argument(answering_model, kwargs, message):
+    # each failed inside the project's code or generate() with Python's words (or was accepted: 2.5, -5)
+    model, tok = answering_model
+    with pytest.raises(ValueError, match=re.escape(message)):
+        model.chat(tok, "Hi", **kwargs)
