@@ -472,17 +472,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, action=Once,
                    help="held-out chat data (JSON / JSONL, any accepted form; several: a quoted glob, a "
                         "comma-separated list or a directory of .json/.jsonl files)")
-    p.add_argument("--max-new-tokens", type=int, default=128, action=Once)
+    # (the generation flags default to None here, so that a run that generates nothing can say they do nothing;
+    # GENERATION_DEFAULTS fills them in)
+    p.add_argument("--max-new-tokens", type=int, default=None, action=Once,
+                   help="tokens a reply may take (default: 128)")
     p.add_argument("--batch-size", type=int, default=8, action=Once,
                    help="rows per loss batch (and per generate() batch)")
-    p.add_argument("--gen-batch-size", type=int, default=32, action=Once,
-                   help="rows the inference engine decodes at once (continuous batching)")
-    p.add_argument("--generator", choices=("engine", "generate"), default="engine", action=Once,
+    p.add_argument("--gen-batch-size", type=int, default=None, action=Once,
+                   help="rows the inference engine decodes at once (continuous batching; default: 32)")
+    p.add_argument("--generator", choices=("engine", "generate"), default=None, action=Once,
                    help="engine: the inference engine (default); generate: transformers' generate(), left-padded")
     p.add_argument("--max-samples", type=int, default=None, action=Once)
     p.add_argument("--max-len", type=int, default=None, action=Once,
                    help="truncate conversations for the loss as training does (default: the model's seq_length)")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, action=Once)
+    p.add_argument("--repetition-penalty", type=float, default=None, action=Once, help="(default: 1.0, none)")
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
     p.add_argument("--output", action=Once, help="write the JSON report here")
     p.add_argument("--device", default=None, action=Once)
@@ -549,6 +552,25 @@ def too_long_to_generate(prompts, args, model_dir) -> str | None:
     return None
 
 
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "gen_batch_size": 32, "generator": "engine", "repetition_penalty": 1.0}
+
+
+def generation_flags(args) -> str | None:
+    """A generation flag the run would not apply (accepted and ignored before), or None; then the defaults of the
+    ones not given are filled in."""
+    given = [k for k in GENERATION_DEFAULTS if getattr(args, k) is not None]
+    flag = {k: "--" + k.replace("_", "-") for k in GENERATION_DEFAULTS}
+    if args.no_generate and given:
+        return (f"{', '.join(flag[k] for k in given)}: {'applies' if len(given) == 1 else 'apply'} to the generated "
+                "replies, which --no-generate skips; drop --no-generate or the flag")
+    if args.generator == "generate" and args.gen_batch_size is not None:
+        return "--gen-batch-size applies to --generator engine; generate() takes --batch-size rows a batch"
+    for k, v in GENERATION_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    return None
+
+
 def _error(msg: str) -> int:
     print(f"error: {msg}", file=sys.stderr)
     return 2
@@ -565,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
             return _error(f"{flag} is empty")
     if not args.model and not args.adapter:
         return _error("pass -m MODEL (and/or --adapter DIR)")
+    if problem := generation_flags(args):
+        return _error(problem)
     for flag, value in (("--batch-size", args.batch_size), ("--gen-batch-size", args.gen_batch_size),
                         ("--max-new-tokens", args.max_new_tokens), ("--max-samples", args.max_samples)):
         if value is not None and value < 1:

@@ -559,6 +559,9 @@ def test_fuzzed_flags_and_paths_parse_as_documented_or_are_one_line_naming_them(
             if rng.random() < 0.1:  # given twice
                 argv += [flag, rng.choice(FUZZ_VALUES)]
                 bad.append(f"{flag} given twice")
+        if command == "eval" and "--gen-batch-size" in argv and any(
+                a == "--generator" and b == "generate" for a, b in zip(argv, argv[1:])):
+            bad.append("--gen-batch-size")  # (the engine's batch: generate() takes --batch-size)
         if case < len(sweep):  # a valid output beside a flag; each output alone
             output = min(o for o in outputs if outputs[o]) if chosen else sorted(outputs)[case - len(sweep)
                                                                                           + len(outputs)]

@@ -860,3 +860,22 @@ def test_a_leading_tilde_in_the_path_flags_is_the_home_dir(setup, tmp_path, monk
     assert main(["eval", "--adapter=~/lora", "--data", str(setup["data"]), "--no-generate",
                  "--output=~/report.json"]) == 0
     assert (home / "report.json").is_file() and not (tmp_path / "~").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--no-generate", "--max-new-tokens", "5", "--repetition-penalty", "1.3"],
+     "--max-new-tokens, --repetition-penalty: apply to the generated replies, which --no-generate skips"),
+    (["--no-generate", "--gen-batch-size", "3"], "--gen-batch-size: applies to the generated replies"),
+    (["--generator", "generate", "--gen-batch-size", "4"], "--gen-batch-size applies to --generator engine"),
+])
+def test_generation_flags_a_run_would_not_apply_are_one_line(flags, message, tmp_path, capsys, monkeypatch):
+    # each was accepted and ignored (exit 0, no note)
+    import finetune.loading
+    from finetune.evaluate import main
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    data = tmp_path / "d.json"
+    data.write_text("[]")
+    assert main(["-m", str(tmp_path / "m"), "--data", str(data), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
