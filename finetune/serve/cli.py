@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--port", action=Once, type=int, default=8000, help="default 8000")
     p.add_argument("--api-key", action=Once, default=os.environ.get(API_KEY_ENV),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $QWEN_FT_API_KEY, else none)")
-    p.add_argument("--max-batch", action=Once, type=int, default=32, help="rows decoded together (default 32)")
+    p.add_argument("--max-batch", action=Once, type=int, default=32,
+                   help="rows decoded together (default 32, at most 512)")
     p.add_argument("--max-model-len", action=Once, type=int, default=None,
                    help="prompt + reply limit in tokens (default: the engine's, else the model's seq_length)")
     # 2,048: 8 streams of 4,000-token prompts on an H100 waited at most 195 ms for a joining prompt against 768 ms
@@ -128,6 +129,9 @@ def open_without_key(args) -> str | None:
             f"${API_KEY_ENV}) is set: anyone who reaches port {args.port} can use the model")
 
 
+MAX_BATCH = 512  # rows decoded together; the KV cache of 512 rows of 500 positions is ~210 GB on the 14B model
+
+
 def check_args(args) -> None:
     """Raise ValueError for a bad flag before any model is loaded."""
     if problem := repeated(args):
@@ -137,6 +141,10 @@ def check_args(args) -> None:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.port > 65535:
         raise ValueError(f"--port must be at most 65535, got {args.port}")
+    if args.max_batch > MAX_BATCH:
+        # (the warm-up walks every row count up to it and sizes the cache for that many rows: a huge value hung or
+        # ran out of memory after the model had loaded)
+        raise ValueError(f"--max-batch must be at most {MAX_BATCH}, got {args.max_batch}")
     if args.max_model_len is not None and args.max_model_len < 2:
         raise ValueError(f"--max-model-len must be at least 2, got {args.max_model_len}")
     if args.max_queue is not None and args.max_queue < 0:

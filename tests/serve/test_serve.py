@@ -332,6 +332,7 @@ def test_16_concurrent_requests_over_two_adapters(live):
     (["--adapter", "tiny-qwen=/x"], "is the base model's name"),
     (["--adapter", "x=/does/not/exist"], "does not exist"),
     (["--max-batch", "0"], "--max-batch must be positive"),
+    (["--max-batch", "100000000000"], "--max-batch must be at most 512"),  # the warm-up walked every row count
     (["--port", "99999"], "--port must be at most 65535"),
     (["--cors-origin", "http://localhost:3000/"], "--cors-origin 'http://localhost:3000/': expected scheme"),
     (["--log-level", "bogus"], "--log-level 'bogus': use one of critical"),  # was uvicorn's KeyError after loading
