@@ -116,6 +116,8 @@ class Request:
         "cancelled", or "stop" where the caller ended it on a stop it found itself (the server's stop strings)."""
         if reason not in ("cancelled", "stop"):
             raise ValueError(f"Request.cancel: reason must be 'cancelled' or 'stop', got {reason!r}")
+        if self.finished:  # (nothing to drop: it read as cancelled beside its own finish reason)
+            return
         if not self._cancel.is_set():  # the first reason given is the one reported
             self._cancel_reason = reason
         self._cancel.set()

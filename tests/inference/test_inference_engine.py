@@ -810,3 +810,13 @@ def test_generate_queues_nothing_when_one_prompt_is_bad(tok):
     with pytest.raises(ValueError, match=r"prompts\[2\]: prompt_ids is empty"):
         engine.generate([[1, 2], [3, 4], []], SamplingParams(max_new_tokens=3))
     assert engine.occupancy() == (0, 0) and not engine.has_work()
+
+
+def test_cancelling_a_finished_request_changes_nothing(tok):
+    engine = Engine(tiny(seed=52), tok, max_batch=2)
+    req = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=2))
+    while engine.has_work():
+        engine.step()
+    reason, out = req.finish_reason, list(req.output_ids)
+    req.cancel()
+    assert not req.cancelled and req.finish_reason == reason and req.output_ids == out
