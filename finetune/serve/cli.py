@@ -85,30 +85,45 @@ def _url_host(host: str) -> str:
 
 
 def _check_listen(host: str, port: int) -> None:
-    """Bind (host, port) as uvicorn will (IPv6 for a host with a colon, else IPv4; SO_REUSEADDR), so a taken port
-    or an address not of this machine is an error now, not after minutes of loading the model."""
-    import errno
+    """Bind (host, port) as the server will, so a taken port or an address not of this machine is an error now,
+    not after minutes of loading the model."""
+    _listen(host, port).close()
+
+
+def _listen(host: str, port: int):
+    """A socket bound to (host, port) (IPv6 for a host with a colon, else IPv4; SO_REUSEADDR), which uvicorn then
+    listens on; ValueError naming the flag when it cannot be bound."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = None
     try:
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-    except socket.gaierror as e:  # a name that does not resolve, 999.1.1.1, an IPv4 name for ::1
-        raise ValueError(f"--host {host!r}: not an address or a host name that resolves here "
-                         f"({e.strerror or e})") from None
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        return sock
     except OSError as e:
-        where = f"{_url_host(host)}:{port}"
-        if e.errno == errno.EADDRINUSE:
-            raise ValueError(f"--port {port}: {where} is already in use (another server?); pick another "
-                             "--port") from None
-        if e.errno == errno.EACCES:
-            raise ValueError(f"--port {port}: not allowed to listen on {where} ({e.strerror}; ports below 1024 "
-                             "need root)") from None
-        if e.errno == errno.EADDRNOTAVAIL:
-            raise ValueError(f"--host {host!r}: not an address of this machine ({e.strerror})") from None
-        raise ValueError(f"--host/--port: cannot listen on {where}: {e.strerror or e}") from None
+        if sock is not None:
+            sock.close()
+        raise _bind_error(e, host, port) from None
+
+
+def _bind_error(e: OSError, host: str, port: int) -> ValueError:
+    """Why (host, port) cannot be bound, naming the flag."""
+    import errno
+    import socket
+
+    if isinstance(e, socket.gaierror):  # a name that does not resolve, 999.1.1.1, an IPv4 name for ::1
+        return ValueError(f"--host {host!r}: not an address or a host name that resolves here ({e.strerror or e})")
+    where = f"{_url_host(host)}:{port}"
+    if e.errno == errno.EADDRINUSE:
+        return ValueError(f"--port {port}: {where} is already in use (another server?); pick another --port")
+    if e.errno == errno.EACCES:
+        return ValueError(f"--port {port}: not allowed to listen on {where} ({e.strerror}; ports below 1024 need "
+                          "root)")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return ValueError(f"--host {host!r}: not an address of this machine ({e.strerror})")
+    return ValueError(f"--host/--port: cannot listen on {where}: {e.strerror or e}")
 
 
 def _is_loopback(host: str) -> bool:
@@ -260,18 +275,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"qwen-ft serve: stopping; {ended} request(s) in flight ended with 503 server_shutting_down",
               file=sys.stderr, flush=True)
 
+    try:  # bound before "serving" is said: the port was free at the check, but the load takes minutes
+        sock = _listen(args.host, args.port)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     names = ", ".join([server.base_name, *server.adapter_names])
     print(f"serving {names} on http://{_url_host(args.host)}:{args.port} (chat page at /, API at /v1)", flush=True)
     config = uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level.lower())
     try:
         # (uvicorn.run, with requests in flight ended on Ctrl-C/SIGTERM instead of waited for; after SIGTERM uvicorn
         # raises the signal again once stopped, so the process ends by it, as under uvicorn.run)
-        Uvicorn(config, server, on_stop=stopping).run()
+        Uvicorn(config, server, on_stop=stopping).run(sockets=[sock])
     except KeyboardInterrupt:  # (uvicorn.run swallows it too: Ctrl-C is how a server is stopped)
         pass
-    except OSError as e:  # e.g. the port is taken
-        print(f"error: --host/--port: cannot listen on {_url_host(args.host)}:{args.port}: {e}", file=sys.stderr)
-        return 2
+    finally:
+        sock.close()
     return 0
 
 

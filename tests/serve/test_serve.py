@@ -448,3 +448,21 @@ def test_the_warm_up_expects_the_sampling_of_default_and_greedy_requests(live):
     for options in ({}, {"temperature": 0}, {"temperature": 0, "min_tokens": 3}):
         body = ChatCompletionRequest(model=server.base_name, messages=[{"role": "user", "content": "hi"}], **options)
         assert graph_pick(server.params(body, 5)) in warmed, options
+
+
+def test_a_port_taken_while_the_model_loads_is_one_line_and_no_serving_line(served, capsys, monkeypatch):
+    # the port was checked before the load and bound only by uvicorn after "serving ... on" had been printed: a
+    # process that took it meanwhile gave that line, then uvicorn's error and exit 3
+    import finetune.serve.cli as serve_cli
+    from finetune.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        monkeypatch.setattr(serve_cli, "_check_listen", lambda host, port: None)  # free when it was checked
+        assert main(["serve", "-m", str(served["model"]), "--port", port]) == 2
+    out, err = capsys.readouterr()
+    # (the weights' loading bar comes before it on stderr)
+    assert "serving" not in out and [line for line in err.splitlines() if "error" in line] == [
+        f"error: --port {port}: 127.0.0.1:{port} is already in use (another server?); pick another --port"], err
