@@ -1,7 +1,13 @@
-"""Exception types shared by the loaders, how an error message quotes a value, and what makes text invalid (a leaf
-module: it imports nothing from the package)."""
+"""Exception types shared by the loaders, how an error message quotes a value or words a JSON error, and what makes
+text invalid (a leaf module: it imports nothing from the package)."""
 
 import re
+
+
+def json_reason(e) -> str:
+    """json's words for a JSONDecodeError without their trailing "at" (two of them end so: "Invalid control character
+    at", "Unterminated string starting at"), for a message that says where itself (line and column)."""
+    return e.msg.removesuffix(" at")
 
 
 class ModelLoadError(ValueError):

@@ -37,7 +37,7 @@ import json
 from collections import deque
 from dataclasses import dataclass, field
 
-from .errors import lone_surrogate, quoted
+from .errors import json_reason, lone_surrogate, quoted
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -147,7 +147,7 @@ def _loads(text: str, where: str, error: str):
     try:
         return json.loads(text, parse_constant=_no_constant, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as e:
-        why = f"{e.msg.removesuffix(' at')} at character {e.pos + 1}"
+        why = f"{json_reason(e)} at character {e.pos + 1}"
     except _NotJSON as e:
         why = str(e)
     except RecursionError:

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .. import react  # tool / function-call conversations: the ReAct layout the server uses
-from ..errors import lone_surrogate, quoted
+from ..errors import json_reason, lone_surrogate, quoted
 from ..tokenization import DEFAULT_SYSTEM  # one definition, shared with chat()
 
 # Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's
@@ -433,7 +433,7 @@ def _decode_utf8(data: bytes, offset: int = 0) -> tuple[str, list[int], list[str
 
 
 def _json_error(path: str, e: json.JSONDecodeError, index: int | None = None) -> DataError:
-    return DataError("invalid JSON", f"{e.msg.removesuffix(' at')} at line {e.lineno} column {e.colno}",
+    return DataError("invalid JSON", f"{json_reason(e)} at line {e.lineno} column {e.colno}",
                      path=path, index=index, line=e.lineno)
 
 
@@ -547,8 +547,7 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
                 bom = text.startswith("\ufeff", e.pos)
                 # records separated by a carriage return alone (old Mac line ends) read as one line with extra data
                 cr_only = e.msg == "Extra data" and "\r" in text
-                reason = e.msg.removesuffix(' at')  # ("Invalid control character at" at line 1: one "at")
-                err = DataError("invalid JSON", f"{reason} at line {lineno} column {e.colno}" + hint + (
+                err = DataError("invalid JSON", f"{json_reason(e)} at line {lineno} column {e.colno}" + hint + (
                     " (the file opens a JSON array, which a .jsonl file is not read as: name it .json)"
                     if opens_array else "") + (" (a byte order mark, U+FEFF, which only the file's first line may "
                                                "start with: files joined with cat?)" if bom else "") + (

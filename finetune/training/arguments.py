@@ -21,6 +21,7 @@ from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
 from ..command_line import home
+from ..errors import json_reason
 from .checks import DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, require_deepspeed
 
 
@@ -186,7 +187,7 @@ def _dict_flag(name: str, value):
         try:
             loaded = json.loads(value)
         except json.JSONDecodeError as e:
-            raise TrainConfigError(f"{flag}: invalid JSON at column {e.colno}: {e.msg.removesuffix(' at')}") from None
+            raise TrainConfigError(f"{flag}: invalid JSON at column {e.colno}: {json_reason(e)}") from None
         if isinstance(loaded, dict):
             _accelerator_keys(name, loaded)
             return value  # transformers parses it again (and converts its string values)
@@ -358,7 +359,7 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
             values = load_json(text)
         except json.JSONDecodeError as e:
             raise TrainConfigError(f"config file {path}: invalid JSON at line {e.lineno} column {e.colno}: "
-                                   f"{e.msg.removesuffix(' at')}") \
+                                   f"{json_reason(e)}") \
                 from None
         except DuplicateKeyError as e:  # json keeps the last silently
             raise TrainConfigError(f"config file {path}: {e}") from None

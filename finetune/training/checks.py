@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, json_reason
 from ..hub import ModelNotFoundError, resolve_model_dir
 from ..model_dir import describe
 from ..tokenization import VOCAB_FILE
@@ -312,7 +312,7 @@ def deepspeed_config(ds) -> dict | None:
             cfg = load_json(text)
         except json.JSONDecodeError as e:
             raise TrainConfigError(f"{where}: invalid JSON at line {e.lineno} column {e.colno}: "
-                                   f"{e.msg.removesuffix(' at')}") from None
+                                   f"{json_reason(e)}") from None
         except UnicodeDecodeError as e:
             raise TrainConfigError(f"{where}: not UTF-8 text (byte {e.start})") from None
         except DuplicateKeyError as e:
