@@ -463,6 +463,11 @@ def overwrites_input(output: Path, inputs) -> Path | None:
     return None
 
 
+# The generation flags' values when not given (they parse as None, so that a run that generates nothing can say they do
+# nothing: generation_flags fills these in)
+GENERATION_DEFAULTS = {"max_new_tokens": 128, "gen_batch_size": 32, "generator": "engine", "repetition_penalty": 1.0}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
     p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
@@ -472,20 +477,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, action=Once,
                    help="held-out chat data (JSON / JSONL, any accepted form; several: a quoted glob, a "
                         "comma-separated list or a directory of .json/.jsonl files)")
-    # (the generation flags default to None here, so that a run that generates nothing can say they do nothing;
-    # GENERATION_DEFAULTS fills them in)
+    gen = GENERATION_DEFAULTS
     p.add_argument("--max-new-tokens", type=int, default=None, action=Once,
-                   help="tokens a reply may take (default: 128)")
+                   help=f"tokens a reply may take (default: {gen['max_new_tokens']})")
     p.add_argument("--batch-size", type=int, default=8, action=Once,
                    help="rows per loss batch (and per generate() batch)")
     p.add_argument("--gen-batch-size", type=int, default=None, action=Once,
-                   help="rows the inference engine decodes at once (continuous batching; default: 32)")
+                   help=f"rows the inference engine decodes at once (continuous batching; default: "
+                        f"{gen['gen_batch_size']})")
     p.add_argument("--generator", choices=("engine", "generate"), default=None, action=Once,
-                   help="engine: the inference engine (default); generate: transformers' generate(), left-padded")
+                   help=f"engine: the inference engine; generate: transformers' generate(), left-padded (default: "
+                        f"{gen['generator']})")
     p.add_argument("--max-samples", type=int, default=None, action=Once)
     p.add_argument("--max-len", type=int, default=None, action=Once,
                    help="truncate conversations for the loss as training does (default: the model's seq_length)")
-    p.add_argument("--repetition-penalty", type=float, default=None, action=Once, help="(default: 1.0, none)")
+    p.add_argument("--repetition-penalty", type=float, default=None, action=Once,
+                   help=f"(default: {gen['repetition_penalty']}, none)")
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
     p.add_argument("--output", action=Once, help="write the JSON report here")
     p.add_argument("--device", default=None, action=Once)
@@ -550,9 +557,6 @@ def too_long_to_generate(prompts, args, model_dir) -> str | None:
                                  "remove the record, or pass --no-generate for the loss alone",
                                  path=path, index=index, line=line, flag="--data"))
     return None
-
-
-GENERATION_DEFAULTS = {"max_new_tokens": 128, "gen_batch_size": 32, "generator": "engine", "repetition_penalty": 1.0}
 
 
 def generation_flags(args) -> str | None:
