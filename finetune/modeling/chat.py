@@ -48,10 +48,15 @@ def _check_history(history) -> None:
         if isinstance(turn, dict) and "role" in turn:
             raise ValueError(f"make_context: history[{i}] is a message {{'role': ...}}; history is a list of "
                              "(query, reply) pairs of strings, as chat() returns it, not OpenAI-style messages")
-        if not isinstance(turn, (list, tuple)) or len(turn) != 2 or not all(isinstance(t, str) for t in turn):
-            got = (f"a {len(turn)}-item {type(turn).__name__}" if isinstance(turn, (list, tuple)) and len(turn) != 2
-                   else repr(turn)[:80] if isinstance(turn, (list, tuple)) else type(turn).__name__)
-            raise ValueError(f"make_context: history[{i}] must be a (query, reply) pair of strings, got {got}")
+        if not isinstance(turn, (list, tuple)):
+            got = type(turn).__name__
+        elif len(turn) != 2:
+            got = f"a {len(turn)}-item {type(turn).__name__}"
+        elif not all(isinstance(t, str) for t in turn):
+            got = repr(turn)[:80]
+        else:
+            continue
+        raise ValueError(f"make_context: history[{i}] must be a (query, reply) pair of strings, got {got}")
 
 
 def make_context(tokenizer, query, history=None, system="", max_window_size=6144, chat_format="chatml",
