@@ -89,6 +89,11 @@ MEMORY_MARGIN = 1 << 30
 _IDS = itertools.count()
 
 
+def _whole(value) -> bool:
+    """An integer that is not a bool (numpy's and torch's integers too)."""
+    return not isinstance(value, bool) and hasattr(value, "__index__")
+
+
 def default_max_len(max_position_embeddings, seq_length: int) -> int:
     """An engine's positions a row when not given: max(max_position_embeddings, 4 x seq_length) (dynamic NTK
     stretches Qwen v1's window past seq_length)."""
@@ -230,8 +235,12 @@ class Engine:
             raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
         if lm.training:  # dropout would be on, and NTK/logN are inference-only in Qwen v1
             raise ValueError("Engine needs the model in eval mode: call model.eval() first")
-        if not isinstance(max_batch, int) or max_batch < 1:
+        if not _whole(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if max_len is not None and not _whole(max_len):  # (2.9 was taken as 2)
+            raise ValueError(f"max_len must be an integer (positions a row), got {max_len!r}")
+        if use_graphs is not None and not isinstance(use_graphs, bool):  # ("no" was taken as True)
+            raise ValueError(f"use_graphs must be True, False or None (None: on CUDA), got {use_graphs!r}")
         if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 0:
             raise ValueError(f"prefill_chunk must be an integer >= 0 (0: prompts prefilled whole), got "
                              f"{prefill_chunk!r}")
@@ -252,10 +261,15 @@ class Engine:
         self.max_len = int(max_len) if max_len is not None else default_len
         if self.max_len < 2:
             raise ValueError(f"max_len must be >= 2, got {max_len!r}")
+        if self.max_len > default_len:  # (positions no rotary scaling of the model covers; serve refuses the same)
+            raise ValueError(f"max_len {self.max_len} is more than the model holds (at most {default_len}: "
+                             "max(max_position_embeddings, 4 x seq_length) of its config)")
         self.device = self.tr.wte.weight.device
         self.dtype = self.tr.wte.weight.dtype
         self.vocab = lm.lm_head.out_features
-        self.use_graphs = self.device.type == "cuda" if use_graphs is None else bool(use_graphs)
+        if use_graphs and self.device.type != "cuda":  # (it failed at the first step, after the prefill)
+            raise ValueError(f"use_graphs=True needs a CUDA model; this one is on {self.device.type}")
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.adapters = RowAdapters(model)
         self._kernels = fused_kernels(self.tr, self.device, self.dtype)  # None: the model's own blocks decode
         self._base_stops = {tokenizer.im_end_id, tokenizer.im_start_id}

@@ -462,7 +462,8 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
         monkeypatch.setattr(engine, "_graph_of", lambda forward: RerunGraph.graph_of(engine, forward, captures))
 
     def run(use_graphs):  # (max_len 384: the 300-token prompt's graph, 512, is past the cache)
-        engine = Engine(pm, tok, max_batch=4, max_len=384, use_graphs=use_graphs)
+        engine = Engine(pm, tok, max_batch=4, max_len=384, use_graphs=False)
+        engine.use_graphs = use_graphs  # (a CPU model: Engine refuses use_graphs=True there; stand-ins below)
         engine._kernels = kernels
         if use_graphs:
             stand_ins(engine)
@@ -485,7 +486,8 @@ def test_one_prompt_joining_alone_is_prefilled_from_a_graph_of_its_padded_length
     # 5 and 32 tokens on the adapter share a graph; 300 tokens prefill eagerly, their graph's 512 positions past the
     # cache's 384 (which they grow: graphs dropped)
     assert len(captures) == 4
-    engine = Engine(pm, tok, max_batch=4, max_len=512, use_graphs=True)
+    engine = Engine(pm, tok, max_batch=4, max_len=512, use_graphs=False)
+    engine.use_graphs = True  # (a CPU model: Engine refuses use_graphs=True there; stand-ins below)
     engine._kernels = kernels
     stand_ins(engine)
     graphed, replayed = [], engine._prefill_graphed
@@ -528,7 +530,8 @@ def test_a_long_prompt_prefilled_in_chunks_beside_graphed_steps_answers_as_alone
 
     with torch.no_grad():
         want = [alone(p) for p in batch]
-    engine = Engine(model, tok, max_batch=4, max_len=256, use_graphs=True, prefill_chunk=8)
+    engine = Engine(model, tok, max_batch=4, max_len=256, use_graphs=False, prefill_chunk=8)
+    engine.use_graphs = True  # (a CPU model: Engine refuses use_graphs=True there; stand-ins below)
     engine._kernels = kernels
     monkeypatch.setattr(engine, "_capture", RerunGraph.capturing(engine))
     monkeypatch.setattr(engine, "_graph_of", lambda forward: RerunGraph.graph_of(engine, forward))
@@ -583,7 +586,8 @@ def test_own_keys_graphs_serve_every_length_they_cover_and_warm_up_captures_each
     eager._kernels = kernels
     with torch.no_grad():
         want = run(eager)
-    engine = Engine(model, tok, max_batch=4, max_len=1024, use_graphs=True)
+    engine = Engine(model, tok, max_batch=4, max_len=1024, use_graphs=False)
+    engine.use_graphs = True  # (a CPU model: Engine refuses use_graphs=True there; stand-ins below)
     engine._kernels = kernels
     keys, replayed = [], []
 

@@ -820,3 +820,22 @@ def test_cancelling_a_finished_request_changes_nothing(tok):
     reason, out = req.finish_reason, list(req.output_ids)
     req.cancel()
     assert not req.cancelled and req.finish_reason == reason and req.output_ids == out
+
+
+def test_the_constructor_refuses_values_it_used_to_convert(tok):
+    """max_len=2.9 was taken as 2, use_graphs="no" as True, max_batch=True as 1; use_graphs=True on a CPU model
+    failed at the first step, after the prompt's prefill; a max_len past the model's positions was accepted."""
+    model = tiny(seed=3)
+    limit = max(model.config.max_position_embeddings, 4 * model.config.seq_length)
+    for kwargs, words in (({"max_len": 2.9}, "max_len must be an integer"),
+                          ({"max_len": "64"}, "max_len must be an integer"),
+                          ({"use_graphs": "no"}, "use_graphs must be True, False or None"),
+                          ({"use_graphs": 1}, "use_graphs must be True, False or None"),
+                          ({"max_batch": True}, "max_batch must be an integer >= 1"),
+                          ({"use_graphs": True}, "use_graphs=True needs a CUDA model; this one is on cpu"),
+                          ({"max_len": limit + 1}, f"max_len {limit + 1} is more than the model holds "
+                                                   f"\\(at most {limit}")):
+        with pytest.raises(ValueError, match=words):
+            Engine(model, tok, **kwargs)
+    engine = Engine(model, tok, max_batch=torch.tensor(2).item(), max_len=limit, use_graphs=False)
+    assert (engine.max_batch, engine.max_len, engine.use_graphs) == (2, limit, False)
