@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def bad_flag(args) -> str | None:
     """The first sampling flag out of its range, as one line (checked before the model loads)."""
-    from .inference.sampling import GREEDY_BELOW, SAMPLING_RANGES
+    from .inference.sampling import GREEDY_BELOW
+    from .modeling.sampling_ranges import SAMPLING_RANGES
 
     checks = [("--max-new-tokens", args.max_new_tokens, lambda v: v >= 1, "at least 1"),
               *(("--" + name.replace("_", "-"), getattr(args, name), *SAMPLING_RANGES[name])

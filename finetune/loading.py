@@ -150,8 +150,9 @@ def check_side_files(model_dir: Path) -> None:
 def generation_problem(gen: dict) -> str | None:
     """The first value of a generation_config.json that the chat, the engine or generate() would trip on (a
     traceback at the first reply) or silently misread, as ``<field> must be ..., got ...``; the ranges are the chat
-    flags' (inference/sampling.py SAMPLING_RANGES)."""
-    from .inference.sampling import GREEDY_BELOW, SAMPLING_RANGES, whole
+    flags' (modeling/sampling_ranges.py SAMPLING_RANGES)."""
+    from .inference.sampling import GREEDY_BELOW
+    from .modeling.sampling_ranges import SAMPLING_RANGES, whole
 
     def _ids(value) -> bool:
         return isinstance(value, list) and bool(value) and all(whole(t) and t >= 0 for t in value)

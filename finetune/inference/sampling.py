@@ -18,37 +18,12 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
+from ..modeling.sampling_ranges import SAMPLING_RANGES, number, out_of_range, whole
+
 # GenerationConfig fields the engine implements (anything else set away from its default is refused).
 # A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
 # openai_api.py does: scores divided by a tiny temperature overflow fp32 (1e-40: inf, then NaN in the softmax).
 GREEDY_BELOW = 0.01
-
-
-def whole(v) -> bool:
-    """An int, not a bool (JSON's 3.0 and true are not token counts)."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v) -> bool:  # (NaN fails every range's comparison as well)
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-# The sampling settings' ranges, one table for SamplingParams, the chat flags (finetune/chat.py bad_flag) and a
-# model dir's generation_config.json (loading.generation_problem): name -> (test, what the value must be).
-# Temperature 0 is allowed here for greedy decoding (it is ignored there); sampling needs it above 0
-# (GREEDY_BELOW at the user-facing doors).
-SAMPLING_RANGES = {
-    "temperature": (lambda v: _number(v) and v >= 0, ">= 0"),
-    "top_p": (lambda v: _number(v) and 0 < v <= 1, "in (0, 1]"),
-    "top_k": (lambda v: whole(v) and v >= 0, "an integer >= 0 (0: off)"),
-    "repetition_penalty": (lambda v: _number(v) and v > 0, "> 0"),
-}
-
-
-def out_of_range(name: str, value) -> str | None:
-    """``must be ..., got ...`` when ``value`` is outside SAMPLING_RANGES[name], else None."""
-    ok, want = SAMPLING_RANGES[name]
-    return None if ok(value) else f"must be {want}, got {value!r}"
 
 
 _SUPPORTED = {
@@ -114,7 +89,7 @@ class SamplingParams:
             problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         problems += [f"{name} {why}" for name in SAMPLING_RANGES
                      if (why := out_of_range(name, getattr(self, name))) is not None]
-        if self.do_sample and _number(self.temperature) and self.temperature == 0:
+        if self.do_sample and number(self.temperature) and self.temperature == 0:
             # (a greedy row ignores its temperature, as transformers does: a generation_config.json that says
             # do_sample false often has temperature 0)
             problems.append("temperature must be > 0 to sample (do_sample false decodes greedily), got 0")

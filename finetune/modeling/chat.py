@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from .sampling_ranges import config_problems
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 _SENTINEL = object()  # chat()'s `stream` default: the official chat() refuses any value passed for it
@@ -253,6 +255,8 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
     unused = gc.update(**kwargs)
     kwargs.clear()
     kwargs.update(unused)
+    if problems := config_problems(gc):  # (the same words on the CPU's generate() as on the engine)
+        raise ValueError("; ".join(problems))
     kwargs.pop("return_dict_in_generate", None)
     eos = gc.eos_token_id
     eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

@@ -457,9 +457,20 @@ def test_history_that_is_not_query_reply_pairs_is_refused_naming_the_entry(answe
     (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number of tokens, got 2.5"),
     (dict(max_window_size="x"), "max_window_size must be a whole number of tokens >= 0, got 'x'"),
     (dict(max_window_size=-5), "max_window_size must be a whole number of tokens >= 0, got -5"),
+    # generate() (the CPU path) took these (do_sample "no" sampled) or failed with Python's words (ZeroDivisionError)
+    (dict(do_sample=True, top_p=1.5), "top_p must be in (0, 1], got 1.5"),
+    (dict(top_p=0), "top_p must be in (0, 1], got 0"),
+    (dict(num_beams=0), "num_beams must be an integer >= 1, got 0"),
+    (dict(num_beams=2.5), "num_beams must be an integer >= 1, got 2.5"),
+    (dict(do_sample="no"), "do_sample must be true or false, got 'no'"),
+    (dict(do_sample=True, temperature=0), "temperature must be > 0 to sample"),
+    (dict(top_k=-1, repetition_penalty=0.0), "top_k must be an integer >= 0 (0: off), got -1; repetition_penalty "
+                                              "must be > 0, got 0.0"),
 ])
 def test_chat_names_a_wrong_generation_argument(answering_model, kwargs, message):
     # each failed inside the project's code or generate() with Python's words (or was accepted: 2.5, -5)
     model, tok = answering_model
     with pytest.raises(ValueError, match=re.escape(message)):
         model.chat(tok, "Hi", **kwargs)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        list(model.chat_stream(tok, "Hi", **kwargs))

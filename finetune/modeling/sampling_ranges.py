@@ -1,0 +1,47 @@
+"""The values a generation setting may take, one table for every door that reads them: ``model.chat`` (either
+decoder), the inference engine's SamplingParams, the chat flags and a model dir's generation_config.json. It lives
+beside the model because chat() checks its GenerationConfig with it, and the model imports nothing from inference/.
+"""
+
+from __future__ import annotations
+
+
+def whole(v) -> bool:
+    """An int, not a bool (JSON's 3.0 and true are not token counts)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def number(v) -> bool:  # (NaN fails every range's comparison as well)
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+# name -> (test, what the value must be). Temperature 0 is allowed for greedy decoding (it is ignored there);
+# sampling needs it above 0.
+SAMPLING_RANGES = {
+    "temperature": (lambda v: number(v) and v >= 0, ">= 0"),
+    "top_p": (lambda v: number(v) and 0 < v <= 1, "in (0, 1]"),
+    "top_k": (lambda v: whole(v) and v >= 0, "an integer >= 0 (0: off)"),
+    "repetition_penalty": (lambda v: number(v) and v > 0, "> 0"),
+}
+
+
+def out_of_range(name: str, value) -> str | None:
+    """``must be ..., got ...`` when ``value`` is outside SAMPLING_RANGES[name], else None."""
+    ok, want = SAMPLING_RANGES[name]
+    return None if ok(value) else f"must be {want}, got {value!r}"
+
+
+def config_problems(gc) -> list[str]:
+    """What a GenerationConfig that chat() would run with holds out of range, as ``<field> must be ..., got ...``:
+    the sampling fields (None: unset), do_sample, num_beams. generate() took top_p 1.5 and do_sample "no" (which
+    sampled), and failed on num_beams 0 with a ZeroDivisionError; the engine refused them."""
+    problems = [f"{name} {why}" for name in SAMPLING_RANGES
+                if (value := getattr(gc, name, None)) is not None and (why := out_of_range(name, value))]
+    if not isinstance(gc.do_sample, bool):
+        problems.append(f"do_sample must be true or false, got {gc.do_sample!r}")
+    beams = getattr(gc, "num_beams", None)
+    if beams is not None and not (whole(beams) and beams >= 1):
+        problems.append(f"num_beams must be an integer >= 1, got {beams!r}")
+    if gc.do_sample is True and number(gc.temperature) and gc.temperature == 0:
+        problems.append("temperature must be > 0 to sample (do_sample false decodes greedily), got 0")
+    return problems
