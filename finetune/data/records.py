@@ -293,6 +293,9 @@ def normalize_record(record: Any) -> dict:
         messages.append({"role": role, "content": content})
         if weight == 0:
             messages[-1]["weight"] = 0
+        if role != "assistant" and turn.get("segments") is not None:  # (read nowhere: it was ignored silently)
+            raise DataError("invalid segments", f"turn {n} ({role}): 'segments' marks the trained text of an "
+                            "assistant turn; a user turn has none")
         if role == "assistant" and "segments" in turn:  # labels per segment (react.render_tool_record)
             try:
                 messages[-1]["segments"] = react.check_segments(turn["segments"], content, f"turn {n}")

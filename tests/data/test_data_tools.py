@@ -316,6 +316,25 @@ def test_segments_must_join_to_the_content():
         normalize_record(rec)
 
 
+def test_segments_in_a_plain_record_train_only_their_marked_text(data_small_tokenizer):
+    """`segments` is part of the documented record form (README, Data): on a plain assistant message only the text
+    marked true is trained; on a user turn it is refused (it was ignored silently)."""
+    tok = data_small_tokenizer
+    reply = [["Let me check. ", False], ["It is 42.", True]]
+    rec = {"messages": [{"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "Let me check. It is 42.", "segments": reply}]}
+    enc = encode_conversation(tok, rec)
+    trained = tok.decode([t for t in enc["labels"] if t != IGNORE])
+    assert trained.endswith("is 42.<|im_end|>") and "check" not in trained  # (" It" begins in the untrained text)
+    whole = encode_conversation(tok, {"messages": [m for m in rec["messages"]][:1] +
+                                      [{"role": "assistant", "content": "Let me check. It is 42."}]})
+    assert enc["input_ids"] == whole["input_ids"]
+    assert sum(t != IGNORE for t in enc["labels"]) < sum(t != IGNORE for t in whole["labels"])
+    user = {"messages": [{"role": "user", "content": "q", "segments": [["q", True]]}, rec["messages"][1]]}
+    with pytest.raises(DataError, match=r"turn 1 \(user\): 'segments' marks the trained text of an assistant turn"):
+        normalize_record(user)
+
+
 def test_tool_turns_with_null_synonyms_read_the_other_key():
     """A null `content` beside a `value` (or a null `role` beside a `from`) counts as absent, as in plain records: the
     tool path read the null, dropping the assistant's thought without a word (and missed a null-role function turn)."""
