@@ -147,6 +147,7 @@ if [[ -z "$MODEL" && -z "$CONFIG" ]]; then
   fi
   if [[ "$MODE" == "qlora" ]]; then MODEL="$CACHE/demo-int4"; MAKE=(--int4); else MODEL="$CACHE/demo"; MAKE=(); fi
   "$PYTHON" -m finetune.demo --make-model "$MODEL" "${MAKE[@]}"
+  DEMO_NEW=""; d="$OUTPUT"; while [[ ! -e "$d" ]]; do DEMO_NEW="$d"; d="$(dirname "$d")"; done  # (made below)
   mkdir -p "$OUTPUT" && touch "$OUTPUT/.qwen-ft-demo"
   DEMO=1
   echo "demo: training $MODE on $DATA into $OUTPUT (previous demo output there is replaced)"
@@ -207,7 +208,9 @@ else
   LAUNCH=("$PYTHON" -m finetune.train)
 fi
 if [[ "$DEMO" -eq 1 ]]; then
-  "${LAUNCH[@]}" "${ARGS[@]}"
+  # A run refused before it wrote anything (an unknown flag) leaves no empty demo output dir behind it
+  "${LAUNCH[@]}" "${ARGS[@]}" || { rc=$?; [[ -n "$DEMO_NEW" && "$(find "$DEMO_NEW" -type f)" == "$OUTPUT/.qwen-ft-demo" ]] \
+    && rm -r "$DEMO_NEW"; exit "$rc"; }
   # greedy decoding reproduces the memorised answers (sampling on a tiny model does not)
   exec "$PYTHON" -m finetune.demo --hint "$MODEL" "$OUTPUT" "$DATA"
 fi

@@ -131,6 +131,17 @@ def test_an_unknown_trainer_flag_names_the_script_and_the_trainers_help(tmp_path
         f"qwen-ft train --help (the script's own: bash {script} --help)"], proc.stderr
 
 
+def test_the_demo_refused_for_a_flag_leaves_no_output_dir_it_made(tmp_path):
+    # the demo made its output dir (with its marker) before the trainer refused the flag, and left it behind
+    out = tmp_path / "runs" / "demo"
+    proc = _script("finetune_qlora.sh", ["-o", str(out), "--lora_rr", "8"], tmp_path)
+    assert proc.returncode == 2 and "unknown flag: --lora_rr" in proc.stderr, proc.stderr
+    assert not (tmp_path / "runs").exists()
+    out.mkdir(parents=True)  # a dir that was there before is left as it was found, marked as the demo's
+    proc = _script("finetune_qlora.sh", ["-o", str(out), "--lora_rr", "8"], tmp_path)
+    assert proc.returncode == 2 and sorted(p.name for p in out.iterdir()) == [".qwen-ft-demo"]
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("chat.sh", ["-a"], "argument -a/--adapter: expected one argument"),
     ("merge.sh", ["-a", "x", "-o"], "argument -o/--output: expected one argument"),
