@@ -515,6 +515,26 @@ class BugAsError:
             await _send_json(send, 500, APIError(500, f"internal error: {type(exc).__name__}"))
 
 
+def _cors_middleware():
+    """Starlette's CORS middleware, its refused preflight answered as an OpenAI error object (it was the plain text
+    "Disallowed CORS origin", the one non-JSON error the API gave)."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    class CORS(CORSMiddleware):
+        def preflight_response(self, request_headers):
+            response = super().preflight_response(request_headers)
+            if response.status_code != 400:
+                return response
+            what = response.body.decode().removeprefix("Disallowed CORS ")  # (origin, method, headers, ...)
+            origin = clipped(request_headers.get("origin", ""))
+            err = APIError(400, f"CORS preflight from {origin!r} refused: {what} not allowed (allowed origins: "
+                           f"{', '.join(self.allow_origins)}; --cors-origin adds one)")
+            headers = {k: v for k, v in response.headers.items() if k not in ("content-length", "content-type")}
+            return JSONResponse(err.body(), status_code=400, headers=headers)
+
+    return CORS
+
+
 def _sse(obj) -> str:
     return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n"
 
@@ -541,10 +561,9 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(KeyFirst, server=server, limit=max_body)  # (outside BodyLimit: before the body)
     if server.cors_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before auth
-        from fastapi.middleware.cors import CORSMiddleware
-
-        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins, allow_methods=["GET", "POST", "HEAD"],
-                           allow_headers=["*"], expose_headers=["Retry-After"], max_age=600)
+        app.add_middleware(_cors_middleware(), allow_origins=server.cors_origins,
+                           allow_methods=["GET", "POST", "HEAD"], allow_headers=["*"], expose_headers=["Retry-After"],
+                           max_age=600)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):

@@ -548,6 +548,9 @@ def test_cors_only_for_the_origins_given(live, tmp_path):
         assert "authorization" in r.headers["access-control-allow-headers"].lower()
         r = httpx.options(bg.api_url + "/chat/completions", headers={"Origin": other, **preflight}, timeout=10)
         assert r.headers.get("access-control-allow-origin") is None
+        # refused as an OpenAI error object (it was Starlette's plain text "Disallowed CORS origin")
+        assert _error(r, 400)["message"] == (f"CORS preflight from '{other}' refused: origin not allowed (allowed "
+                                             f"origins: {page}; --cors-origin adds one)")
         r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60,
                        headers={"Origin": page, "Authorization": "Bearer k"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
