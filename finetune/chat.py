@@ -223,11 +223,16 @@ def change_conf(conf: argparse.Namespace, words: list[str], limit: int | None = 
 
     types = {action.dest: action.type for action in _parser()._actions}
     changed = argparse.Namespace(**vars(conf))
+    given: dict[str, str] = {}  # dest -> the key that set it
     for word in words:
         key, eq, text = word.partition("=")
         dest = _CONF_NAMES.get(key.strip().replace("-", "_"))
         if not eq or dest is None:
             return f"(:conf takes KEY=VALUE with KEY one of {', '.join(_CONF_NAMES)}; got {word!r})"
+        if dest in given:  # (the last one was kept silently: top_p=0.5 top_p=0.9, greedy=yes do_sample=yes)
+            same = "given twice" if given[dest] == key.strip() else f"and {given[dest]} set the same thing"
+            return f"({key.strip()} {same}; nothing changed)"
+        given[dest] = key.strip()
         try:
             if text.strip().lower() in ("none", "null", ""):
                 value = None if dest != "greedy" else False

@@ -239,6 +239,21 @@ def test_a_conf_value_of_the_wrong_kind_names_the_kind(word, said):
     assert conf == _parser().parse_args(["-m", "unused"])  # nothing changed
 
 
+@pytest.mark.parametrize("words, said", [
+    (["top_p=0.5", "top_p=0.9"], "(top_p given twice; nothing changed)"),
+    (["greedy=yes", "do_sample=yes"], "(do_sample and greedy set the same thing; nothing changed)"),
+    (["history_window=3", "max_window_size=4"], "(max_window_size and history_window set the same thing; nothing "
+                                                "changed)"),
+])
+def test_a_conf_setting_given_twice_is_refused(words, said):
+    """:conf top_p=0.5 top_p=0.9 kept the last value without a word (and greedy=yes do_sample=yes sampled)."""
+    from finetune.chat import _parser, change_conf
+
+    conf = _parser().parse_args(["-m", "unused"])
+    assert change_conf(conf, words) == said
+    assert conf == _parser().parse_args(["-m", "unused"])  # nothing changed
+
+
 def test_more_new_tokens_than_the_model_holds_is_refused(setup, capsys, monkeypatch):
     """--max-new-tokens past max(max_position_embeddings, 4 x seq_length) (1024 for the demo model) is one line before
     the weights load, as eval and the server refuse it; generate() ran on past the window for as long as asked."""
