@@ -205,7 +205,7 @@ def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> N
 
 def save_sharded(state_dict: dict, out_dir: Path, max_shard_size="2GB") -> list[str]:
     """safetensors shards in the transformers naming, with model.safetensors.index.json when more than one."""
-    from safetensors.torch import save_file
+    from .file_modes import save_weights
 
     limit = parse_size(max_shard_size)
     shards: list[dict] = [{}]
@@ -220,7 +220,7 @@ def save_sharded(state_dict: dict, out_dir: Path, max_shard_size="2GB") -> list[
     names, weight_map, total = [], {}, 0
     for i, shard in enumerate(shards, 1):
         name = shard_name(i, len(shards))
-        save_file({k: v.contiguous() for k, v in shard.items()}, str(Path(out_dir) / name), metadata={"format": "pt"})
+        save_weights({k: v.contiguous() for k, v in shard.items()}, Path(out_dir) / name, metadata={"format": "pt"})
         names.append(name)
         for k, v in shard.items():
             weight_map[k] = name

@@ -83,9 +83,9 @@ def make_demo_model(out_dir, seed: int = 0, int4: bool = False, group_size: int 
     model = QWenLMHeadModel(config)
     randomize_weights(model, seed)
 
-    from safetensors.torch import save_file
+    from .file_modes import save_weights
 
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
+    save_weights({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     write_model_files(out, dict({"torch_dtype": "float32"}, **values))
     return out

@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
+
+from .file_modes import weights_readable
 
 _installed = False
 
@@ -77,7 +80,10 @@ def install() -> None:
             # a LoRA on lm_head or wte made PEFT ("auto") save a whole copy of that frozen base weight, which no
             # loader of this project takes (the adapter was then refused as not fitting the model)
             kwargs["save_embedding_layers"] = False
+        since = time.time()
         original_save(self, save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            weights_readable(save_directory, since)  # (safetensors wrote adapter_model.safetensors owner-only)
         if base is not None and kwargs.get("is_main_process", True):
             record_base(save_directory, base)
 

@@ -174,7 +174,7 @@ def quantize_model_dir(
     sharded), ``config.json`` with ``quantization_config`` and ``torch_dtype: float16``, and copy every
     other file (tokenizer, generation config, ...).
     """
-    from safetensors.torch import save_file
+    from ..file_modes import save_weights
 
     check_bits(bits)
     src, dst = Path(src_dir), Path(dst_dir)
@@ -186,7 +186,7 @@ def quantize_model_dir(
         sd = read_shard(path)
         qsd = quantize_state_dict(sd, bits=bits, group_size=group_size, desc_act=desc_act, sym=sym, v2=v2)
         out_name = shard_name(i, n)
-        save_file(qsd, str(dst / out_name), metadata={"format": "pt"})
+        save_weights(qsd, dst / out_name, metadata={"format": "pt"})
         weight_map.update({k: out_name for k in qsd})
         del sd, qsd
     if n > 1:

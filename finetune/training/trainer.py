@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import time
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -18,6 +19,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import ChatCollator, PackedCollator
 from ..data.collator import padded_len
+from ..file_modes import weights_readable
 from .checks import CHECKPOINT_RUN, STAGING
 from .host_read import HostRead
 from .nonfinite import FoundInfHooks, NonFiniteGuard, NonFiniteLossError, takes_found_inf, unwrap_optimizer  # noqa: F401  (NonFiniteLossError: re-exported for train.py)
@@ -329,6 +331,14 @@ class QwenTrainer(Trainer):
         if self._staging_dir is not None:
             return self._staging_dir
         return super()._get_output_dir(trial)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """The model's files (the final save and each checkpoint's), its safetensors readable as the umask allows
+        (transformers' save_pretrained left them owner-only under safetensors 0.8, file_modes.py)."""
+        since = time.time()
+        super()._save(output_dir, state_dict)
+        if self.args.should_save:
+            weights_readable(output_dir if output_dir is not None else self.args.output_dir, since)
 
     def _save_checkpoint(self, model, trial):
         """Write checkpoint-N into a staging dir, then rename it into place: a run killed mid-save leaves no

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from finetune.demo import make_demo_model
+from finetune.file_modes import umask
 from finetune.train import main as train_main
 from finetune.training.arguments import parse_args
 from finetune.training.checks import TrainConfigError
@@ -116,6 +117,9 @@ def test_lora_and_full_train(models, memorise_file, tmp_path, mode):
     assert losses[-1] < 0.3 * losses[0], losses
     info = json.loads((out / "run_info.json").read_text())
     assert info["dtypes"]["trainable"] == ["float32"]
+    # weights as readable as run_info.json (safetensors 0.8 wrote them owner-only: finetune/file_modes.py)
+    weights = sorted(out.rglob("*.safetensors"))
+    assert weights and {oct(w.stat().st_mode & 0o777) for w in weights} == {oct(0o666 & ~umask())}
     if mode == "full":
         assert (out / "model.safetensors").is_file() or (out / "model.safetensors.index.json").is_file()
         reloaded = load_model(out)
