@@ -21,8 +21,8 @@ above --max-shard-size), ``config.json`` (no quantization_config for float; for 
 ``OUT/merge-incomplete`` and moved into OUT when all are there (``write_staged``).
 
 Every route reports the loss (training masks) of the written model against the unmerged base+adapter, on
---eval-data (held-out data the user gives) or else a sample of the calibration / training data (reported as
-training data): printed and saved as ``merge_report.json`` in the output dir. An RTN Int4 export whose loss rises
+--eval-data (held-out data the user gives) or else a sample of --calib-data's file (reported as calibration data)
+or of the adapter's training data (reported as such): printed and saved as ``merge_report.json`` in the output dir. An RTN Int4 export whose loss rises
 more than RTN_WARN_DELTA is warned about, and so is a float-trained adapter merged into an Int4 base.
 """
 
@@ -372,10 +372,12 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     eval_all = load_eval_records(eval_path, flag=eval_flag) if eval_path else []
     eval_records = _sample(eval_all, n_eval, seed)
     # say what the loss is measured on: held-out data only when the user gives it
-    data_kind = "held-out" if eval_data else "training-data"
+    # (--calib-data's file was reported as the training data: the adapter may never have seen it)
+    data_kind = "held-out" if eval_data else "calibration-data" if calib_data else "training-data"
     if eval_records and not eval_data:
+        what = "the calibration data" if calib_data else "the adapter's training data"
         log(f"merge: no --eval-data: the loss below is on {len(eval_records)} conversations of {eval_path} "
-            f"(training/calibration data, not held out)")
+            f"({what}, not held out)")
     if not eval_path and n_eval:  # said, not silently a report without a loss
         log(f"merge: no --eval-data, and {adapter} records no training data that is still readable and unchanged "
             f"(run_args.json): the report has no loss; pass --eval-data FILE for one")

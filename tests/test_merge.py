@@ -320,6 +320,12 @@ def test_loss_is_named_for_the_data_it_is_computed_on(setup, tmp_path):
     lines.clear()
     report = merge(setup["lora"], tmp_path / "b", dtype="fp32", eval_data=setup["data"], log=lines.append)
     assert report["eval_data_kind"] == "held-out" and any("held-out loss" in line for line in lines)
+    lines.clear()  # --calib-data's file was reported as the adapter's training data
+    report = merge(setup["qlora"], tmp_path / "c", fmt="int4", quant_method="gptq", calib_data=setup["data"],
+                   log=lines.append)
+    assert report["eval_data_kind"] == "calibration-data"
+    assert any("(the calibration data, not held out)" in line for line in lines)
+    assert any("calibration-data loss of base+adapter" in line for line in lines), lines
 
 
 def test_rtn_export_that_loses_the_fine_tune_warns(setup, tmp_path, monkeypatch, capsys):
