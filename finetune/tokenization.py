@@ -423,6 +423,11 @@ def load_tokenizer(model_dir: str | os.PathLike, check_against: str | os.PathLik
     (``check_against``, default the dir itself when it is a model dir) before any weights are loaded. ``adapter``:
     where the model dir has no qwen.tiktoken, the adapter's copy (the trainer saves one) is read instead, checked
     against the model (chat, eval and merge: one that is not the model's vocabulary scored other ids silently)."""
+    for name, value in (("model_dir", model_dir), ("check_against", check_against), ("adapter", adapter)):
+        # ("" read the current directory, None failed inside os.fspath), as load_model refuses them
+        if (value is not None or name == "model_dir") and not (
+                isinstance(value, (str, os.PathLike)) and str(value).strip()):
+            raise ModelLoadError(f"load_tokenizer: {name} must be a path (or a hub id), got {value!r}")
     if adapter is not None and not (Path(model_dir) / "qwen.tiktoken").is_file():
         return load_tokenizer(adapter, check_against=model_dir)
     from .hub import resolve_model_dir

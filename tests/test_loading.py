@@ -306,3 +306,22 @@ def test_load_model_names_a_missing_or_empty_argument(kwargs, message, tmp_path)
     with pytest.raises(ModelLoadError) as e:
         load_model(device="cpu", **args)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(model_dir=""), "load_tokenizer: model_dir must be a path (or a hub id), got ''"),  # was the current dir
+    (dict(model_dir=None), "load_tokenizer: model_dir must be a path (or a hub id), got None"),  # was a TypeError
+    (dict(model_dir="M", adapter=" "), "load_tokenizer: adapter must be a path (or a hub id), got ' '"),
+    (dict(model_dir="M", check_against=""), "load_tokenizer: check_against must be a path (or a hub id), got ''"),
+])
+def test_load_tokenizer_names_a_missing_or_empty_argument(kwargs, message, tmp_path, monkeypatch):
+    from finetune import load_tokenizer
+    from finetune.demo import make_demo_model
+
+    model_dir = make_demo_model(tmp_path / "m")
+    monkeypatch.chdir(model_dir)  # (where "" found a vocabulary)
+    args = {k: (str(model_dir) if v == "M" else v) for k, v in kwargs.items()}
+    with pytest.raises(ModelLoadError) as e:
+        load_tokenizer(**args)
+    assert str(e.value) == message
+    assert load_tokenizer(model_dir).im_end_id == load_tokenizer(".").im_end_id  # "." is a path, as typed
