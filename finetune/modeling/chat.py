@@ -395,7 +395,10 @@ def chat(
         raise ValueError("chat() takes no `stream` argument (the official chat() refuses it too); use "
                          "chat_stream(...), which yields the growing response")
     stop_words = check_stop_words(stop_words_ids)
-    history = [] if history is None else copy.deepcopy(history)
+    if history is not None:
+        _check_history(history)
+    # a list whatever sequence of pairs was given (a tuple's append failed after the reply was generated)
+    history = [] if history is None else list(copy.deepcopy(history))
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     # CUDA: the inference engine (CUDA graphs), unless generate()'s own arguments were passed
     fast = None if kwargs else _fast_tokens(self, tokenizer, input_ids, gc)

@@ -449,6 +449,9 @@ def test_history_that_is_not_query_reply_pairs_is_refused_naming_the_entry(answe
     with pytest.raises(ValueError, match=message):
         model.chat_stream(tok, "Hi", history=history)
     assert make_context(tok, "Hi", history=[["a", "b"], ("c", "d")])[1]  # lists and tuples of two strings
+    pairs = (("a", "b"),)  # a tuple of pairs: its append failed after the reply was generated
+    reply, history = model.chat(tok, "Hi", history=pairs)
+    assert history == [("a", "b"), ("Hi", reply)] and pairs == (("a", "b"),)
 
 
 @pytest.mark.parametrize("kwargs, message", [
