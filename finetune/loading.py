@@ -27,8 +27,11 @@ def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
 
 
 def parse_dtype(dtype) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
+    if dtype is None or dtype in (torch.bfloat16, torch.float16, torch.float32):
         return dtype
+    if isinstance(dtype, torch.dtype):  # (torch.int8 failed deep in the load: "Only Tensors of floating point ...")
+        raise ModelLoadError(f"unsupported dtype {dtype}; use one of bf16, fp16, fp32 (torch.bfloat16, torch.float16, "
+                             "torch.float32)")
     names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
              "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
     if str(dtype).lower() not in names:

@@ -268,6 +268,8 @@ def test_a_device_that_is_not_here_is_one_line_before_the_weights_are_read(tmp_p
         load_model(tmp_path, device=device)
     with pytest.raises(ModelLoadError, match="unknown dtype 'float7'"):
         load_model(tmp_path, device="cpu", dtype="float7")
+    with pytest.raises(ModelLoadError, match=r"unsupported dtype torch.int8; use one of bf16, fp16, fp32"):
+        load_model(tmp_path, device="cpu", dtype=torch.int8)  # (failed deep in the load, in torch's words)
 
 
 def test_a_mistyped_local_dir_is_reported_as_local_with_what_is_beside_it(tmp_path, monkeypatch):
