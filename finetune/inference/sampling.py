@@ -102,6 +102,8 @@ class SamplingParams:
     def from_generation_config(cls, gc, **overrides) -> "SamplingParams":
         """The parameters a transformers GenerationConfig describes (as model.chat uses it); its eos ids become
         stop ids. Options the engine does not implement (beams, no_repeat_ngram_size, ...) raise ValueError."""
+        if not isinstance(gc, GenerationConfig):  # (None failed on its missing to_dict)
+            raise ValueError(f"from_generation_config needs a transformers GenerationConfig, got {type(gc).__name__}")
         unsupported = unsupported_options(gc)
         if unsupported:
             raise ValueError(f"generation options not supported by the inference engine: {', '.join(unsupported)}")

@@ -240,10 +240,10 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
         max_window_size = 6144
     if not (isinstance(max_window_size, int) and not isinstance(max_window_size, bool) and max_window_size >= 0):
         raise ValueError(f"max_window_size must be a whole number of tokens >= 0, got {max_window_size!r}")
-    for name in ("max_new_tokens", "min_new_tokens"):  # ("4" failed inside generate() with Python's words)
+    for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0)):  # ("4" failed inside generate())
         value = kwargs.get(name, getattr(gc, name, None))
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
-            raise ValueError(f"{name} must be a whole number of tokens, got {value!r}")
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+            raise ValueError(f"{name} must be a whole number of tokens{' >= 1' * least}, got {value!r}")
     chat_format = getattr(gc, "chat_format", None) or "chatml"
     if chat_format != "chatml":
         raise ValueError(f"chat() needs chat_format 'chatml', the generation config says {chat_format!r} (a base "

@@ -84,6 +84,8 @@ def test_unsupported_options_and_bad_values_are_refused_in_one_line():
         SamplingParams.from_generation_config(GenerationConfig(num_beams=2, no_repeat_ngram_size=3))
     msg = str(err.value)
     assert "\n" not in msg and "no_repeat_ngram_size, num_beams" in msg and "inference engine" in msg
+    with pytest.raises(ValueError, match="from_generation_config needs a transformers GenerationConfig, got NoneType"):
+        SamplingParams.from_generation_config(None)  # (an AttributeError on its to_dict)
     with pytest.raises(ValueError) as err:
         SamplingParams(max_new_tokens=0, do_sample=True, temperature=0, top_p=1.5)
     msg = str(err.value)

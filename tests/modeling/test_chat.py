@@ -456,8 +456,10 @@ def test_history_that_is_not_query_reply_pairs_is_refused_naming_the_entry(answe
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(generation_config={"top_p": 0.5}), "generation_config must be a transformers GenerationConfig, got dict"),
-    (dict(max_new_tokens="4"), "max_new_tokens must be a whole number of tokens, got '4'"),
-    (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number of tokens, got 2.5"),
+    (dict(max_new_tokens="4"), "max_new_tokens must be a whole number of tokens >= 1, got '4'"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be a whole number of tokens >= 1, got 2.5"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a whole number of tokens >= 1, got 0"),  # (transformers' words)
+    (dict(min_new_tokens=-1), "min_new_tokens must be a whole number of tokens, got -1"),
     (dict(max_window_size="x"), "max_window_size must be a whole number of tokens >= 0, got 'x'"),
     (dict(max_window_size=-5), "max_window_size must be a whole number of tokens >= 0, got -5"),
     # generate() (the CPU path) took these (do_sample "no" sampled) or failed with Python's words (ZeroDivisionError)
