@@ -523,8 +523,8 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
     if not used_len:
         cls = TooLongError if skipped.get(TOO_LONG) else DataError
         empty = ("no records given" if not isinstance(path_or_records, (str, os.PathLike))
-                 else "the files are empty" if "paths" in key
-                 else "the dataset is empty" if p.is_dir() else "the file is empty")
+                 else "the files hold no records" if "paths" in key  # ("[]" was "the file is empty")
+                 else "the dataset holds no records" if p.is_dir() else "the file holds no records")
         detail = (empty if not reasons else f"{len(reasons)} read; skipped: "
                   + (", ".join(f"{n} {r}" for r, n in skipped.items()) or "none")
                   + (f"; max_len is {max_len}" if skipped.get(TOO_LONG) else ""))

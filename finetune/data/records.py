@@ -794,6 +794,7 @@ def _load_records(path, skip_invalid: bool) -> RecordList:
     if not records:
         raise DataError("no usable records",
                         f"{report.read} read, {report.skipped} invalid" if report.read
-                        else "the file is empty" if len(data_sources(path)) == 1 else "the files are empty",
+                        else "the file holds no records" if len(data_sources(path)) == 1
+                        else "the files hold no records",
                         path=str(path))
     return records

@@ -146,7 +146,7 @@ def test_an_empty_file_says_so(data_small_tokenizer, tmp_path, text):
     # as load_records (eval) words it, not "0 read; skipped: none"
     path = tmp_path / ("empty.json" if text == "[]" else "empty.jsonl")
     path.write_text(text)
-    with pytest.raises(DataError, match="no usable records: the file is empty") as e:
+    with pytest.raises(DataError, match="no usable records: the file holds no records") as e:
         build_dataset(data_small_tokenizer, str(path), 64, cache_dir=tmp_path / "c")
     assert str(path) in str(e.value)
 
