@@ -219,9 +219,6 @@ def check_numbers(fmt: str, quant_method: str, n_calib, n_eval, calib_max_len: i
     from .checkpoint import parse_size
     from .data.encoding import MIN_MAX_LEN
 
-    if quant_method == "gptq" and fmt != "int4":
-        raise MergeError("--quant-method gptq calibrates an Int4 export: add --format int4 (a float export is "
-                         "not quantized)")
     if n_eval is not None and n_eval < 0:
         raise MergeError(f"--eval-samples must be 0 or more (0: no loss report), got {n_eval}")
     try:
@@ -285,7 +282,7 @@ def write_staged(out: Path, write, log=print) -> list[str]:
     return result
 
 
-def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = None, quant_method: str = "rtn",
+def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = None, quant_method: str | None = None,
           calib_data=None, eval_data=None, n_calib: int | None = None, n_eval: int = 64,
           calib_max_len: int | None = None, bits: int | None = None, group_size: int | None = None,
           desc_act: bool = False, damp_percent: float | None = None, true_sequential: bool = True,
@@ -309,8 +306,12 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     adapter = resolve_model_dir(adapter, "adapter directory")  # a hub id (org/name) too, as chat takes one
     out = Path(output)
     fmt, dtype = resolve_format(fmt, dtype)
-    if quant_method not in ("rtn", "gptq"):
+    if quant_method not in (None, "rtn", "gptq"):
         raise MergeError(f"--quant-method {quant_method!r}: use rtn or gptq")
+    if quant_method is not None and fmt != "int4":  # (rtn was accepted silently there, where gptq was refused)
+        raise MergeError(f"--quant-method {quant_method} {'calibrates' if quant_method == 'gptq' else 'quantizes'} an "
+                         "Int4 export: add --format int4 (a float export is not quantized)")
+    quant_method = quant_method or "rtn"
     check_route_flags(fmt, quant_method, {"--bits": bits, "--group-size": group_size, "--desc-act": desc_act,
                                           "--calib-data": calib_data, "--calib-samples": n_calib,
                                           "--calib-max-len": calib_max_len, "--damp-percent": damp_percent})
@@ -509,8 +510,8 @@ def _parser() -> argparse.ArgumentParser:
                         "int4: quantized again to GPTQ Int4 (see --quant-method)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), **once,
                    help="float weights' dtype for --format float (default bf16)")
-    p.add_argument("--quant-method", default="rtn", choices=["rtn", "gptq"], **once,
-                   help="--format int4: rtn (round-to-nearest, no data) or gptq (calibrated on --calib-data; keeps "
+    p.add_argument("--quant-method", default=None, choices=["rtn", "gptq"], **once,
+                   help="--format int4: rtn (round-to-nearest, no data; the default) or gptq (calibrated on --calib-data; keeps "
                         "more of the fine-tune)")
     p.add_argument("--calib-data", **once,
                    help="conversations for GPTQ calibration (default: the adapter's training data)")
