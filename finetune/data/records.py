@@ -650,6 +650,27 @@ def data_sources(spec: str | os.PathLike) -> list[str]:
     return out
 
 
+def data_dirs(spec: str | os.PathLike) -> list[tuple[Path, str | None, bool]]:
+    """Where a data flag reads files by listing a directory, as (directory, the name pattern in it or None for
+    every data file there, whether it reaches below it too: a ** pattern). Files written there later would join the
+    data. Explicitly named files and `datasets` dirs are not listings (nothing new joins them)."""
+    spec = os.fspath(spec)
+    parts = [spec] if os.path.exists(spec) or "," not in spec else [s.strip() for s in spec.split(",") if s.strip()]
+    out = []
+    for part in parts:
+        part = os.path.expanduser(part)
+        if os.path.isdir(part) and not _is_datasets_dir(Path(part)):
+            out.append((Path(part), None, False))
+        elif not os.path.exists(part) and GLOB_CHARS.search(part):
+            head, name = os.path.split(part)
+            base = head.split("**")[0] if "**" in head else head
+            fixed = Path(base or ".")
+            while GLOB_CHARS.search(str(fixed)):  # (a pattern in a directory name: its fixed parent)
+                fixed = fixed.parent
+            out.append((fixed, name, "**" in part or fixed != Path(head or ".")))
+    return out
+
+
 def check_data_file(path: str) -> None:
     """DataError naming ``path`` unless it is a regular file (a symbolic link to one included)."""
     p = Path(path)

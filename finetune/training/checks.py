@@ -709,6 +709,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     # -- output dir and resume -------------------------------------------------------------------------------
     identity = run_identity(model_dir, mode, lora_args, data_args, args)
     check_inputs_kept(args, model_dir, lora_args.lora_weight_path)
+    check_data_kept(args, data_args)
     resume_from = check_output_dir(args, identity)
     if resume_from is not None and args.max_steps > 0:
         # transformers trains nothing from a checkpoint at or past --max_steps, saves, and reports the run finished
@@ -766,6 +767,40 @@ def check_inputs_kept(args, model_dir, lora_weight_path) -> None:
                 f"--output_dir {args.output_dir} {'is' if p == out else 'holds'} the {flag} dir {path}, an input of "
                 f"this run{' that --overwrite_output_dir would remove before it loads' if clears else ''}; "
                 "choose another --output_dir")
+
+
+# .json files every run writes into --output_dir (adapter runs the first, full runs config.json): a data flag whose
+# directory or pattern takes them would read them as data at the next run
+RUN_JSON_FILES = ("adapter_config.json", "run_args.json", "run_info.json", "config.json", "trainer_state.json")
+
+
+def check_data_kept(args, data_args) -> None:
+    """Refuse an --output_dir where the run's own .json files would join the data: the directory --data_path (or
+    --eval_data_path) reads, or the one its pattern matches them in. Such a run trained, and every later run with
+    the same -d (its resume too) stopped on adapter_config.json as invalid data."""
+    import fnmatch
+
+    from ..data import DataError
+    from ..data.records import data_dirs
+
+    out = Path(args.output_dir).resolve()
+    for flag, spec in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
+        if not spec:
+            continue
+        try:
+            dirs = data_dirs(spec)
+        except DataError:
+            continue  # (the data check names it)
+        for directory, pattern, deep in dirs:
+            directory = directory.resolve()
+            if not (directory == out or deep and directory in out.parents):
+                continue
+            taken = [n for n in RUN_JSON_FILES if pattern is None or fnmatch.fnmatch(n, pattern)]
+            if taken:
+                raise TrainConfigError(
+                    f"--output_dir {args.output_dir} is where {flag} {spec} reads its data: the run's own files "
+                    f"({', '.join(taken[:2])}, ...) would be read as data by the next run with it; choose another "
+                    "--output_dir")
 
 
 def check_output_dir(args, identity: dict) -> str | None:

@@ -185,6 +185,26 @@ def test_preflight_errors(models, memorise_file, tmp_path):
     check(_args(models["float"], memorise_file, tmp_path / "o", "--deepspeed", str(bad_ds)), "scheduler")
 
 
+def test_an_output_dir_where_the_runs_files_would_join_the_data_is_refused(models, memorise_file, tmp_path):
+    """-d DIR -o DIR trained, wrote adapter_config.json and run_info.json among the data, and every later run with
+    that -d (its resume too) stopped on them as invalid records. A pattern that cannot take them is fine."""
+    from finetune.training.checks import preflight
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy2(memorise_file, data / "train.json")
+    for spec, out, flag in ((data, data, "--data_path"), (data / "*.json", data, "--data_path"),
+                            (tmp_path / "**" / "*.json", data / "run", "--data_path")):
+        with pytest.raises(TrainConfigError, match=rf"--output_dir .* is where {flag} .* reads its data: the run's own "
+                                                   r"files \(adapter_config.json, run_args.json, ...\)"):
+            preflight(*parse_args(_args(models["float"], spec, out)))
+    with pytest.raises(TrainConfigError, match="is where --eval_data_path"):
+        preflight(*parse_args(_args(models["float"], memorise_file, data, "--eval_data_path", str(data))))
+    for spec, out in ((data / "t?ain.json", data), (data / "train.json", data), (data, data / "run")):
+        # nothing the run writes is read as data (beside train.json: --overwrite_output_dir, as for any other file)
+        preflight(*parse_args(_args(models["float"], spec, out, "--overwrite_output_dir", "True")))
+
+
 @pytest.mark.parametrize("command, hint", [
     (["-m", "finetune.cli", "train"], "; qwen-ft train --help lists them"),  # what the qwen-ft console script runs
     (["-m", "finetune.train"], "; python -m finetune.train --help lists them"),
