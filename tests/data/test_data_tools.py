@@ -320,12 +320,12 @@ def test_segments_in_a_plain_record_train_only_their_marked_text(data_small_toke
     """`segments` is part of the documented record form (README, Data): on a plain assistant message only the text
     marked true is trained; on a user turn it is refused (it was ignored silently)."""
     tok = data_small_tokenizer
-    reply = [["Let me check. ", False], ["It is 42.", True]]
+    reply = [["Let me check.", False], [" It is 42.", True]]  # (the README's example)
     rec = {"messages": [{"role": "user", "content": "q"},
                         {"role": "assistant", "content": "Let me check. It is 42.", "segments": reply}]}
     enc = encode_conversation(tok, rec)
     trained = tok.decode([t for t in enc["labels"] if t != IGNORE])
-    assert trained.endswith("is 42.<|im_end|>") and "check" not in trained  # (" It" begins in the untrained text)
+    assert trained.startswith(" It is 42.<|im_end|>") and "check" not in trained
     whole = encode_conversation(tok, {"messages": [m for m in rec["messages"]][:1] +
                                       [{"role": "assistant", "content": "Let me check. It is 42."}]})
     assert enc["input_ids"] == whole["input_ids"]
