@@ -414,6 +414,9 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
             continue
         convert = actions[key].type
         choices = actions[key].choices
+        if value is False and choices is not None and "no" in [str(getattr(c, "value", c)) for c in choices]:
+            # YAML reads a bare no (or off) as false: `save_strategy: no` is the command line's --save_strategy no
+            values[key] = value = "no"
         if choices is not None and not (value is None and actions[key].default is None) and (
                 not isinstance(value, str) or value not in [str(getattr(c, "value", c)) for c in choices]):
             # (transformers' "None is not a valid SaveStrategy" named neither the key nor the file)

@@ -433,11 +433,14 @@ def test_config_file_values_that_cannot_be_meant_are_one_line_naming_the_file(mo
 def test_config_file_values_read_as_the_command_line_reads_them(models, memorise_file, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_bytes(b"\xef\xbb\xbf" + b"use_lora: 1\nresume_from_checkpoint: false\nrun_name: 2024\n"
-                       b"lora_target_modules: c_attn\n")  # a BOM, as Windows editors write
+                       b"lora_target_modules: c_attn\nsave_strategy: no\neval_strategy: off\n")  # a BOM, as Windows
+    # editors write; YAML's bare no / off (false) are the command line's `no` ("False is not one of no, ...")
     model_args, data_args, lora_args, args = parse_args([str(config), "-m", str(models["float"]), "-d",
                                                          str(memorise_file), "-o", str(tmp_path / "o")])
     assert lora_args.use_lora is True and lora_args.lora_target_modules == ["c_attn"]
     assert args.resume_from_checkpoint == "false" and args.run_name == "2024"
+    assert str(args.save_strategy.value if hasattr(args.save_strategy, "value") else args.save_strategy) == "no"
+    assert str(args.eval_strategy.value if hasattr(args.eval_strategy, "value") else args.eval_strategy) == "no"
     # names spelled with dashes, as the command line takes them (--max-steps): "not trainer flags" before
     config.write_text("max-steps: 7\nlora-target-modules: [c_attn, w1]\noutput-dir: ~/runs/x\n")
     model_args, data_args, lora_args, args = parse_args([str(config), "-m", str(models["float"]), "-d",
