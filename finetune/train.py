@@ -35,7 +35,7 @@ from .training.launch import say_error
 from .training.lora import attach_lora
 from .training.model_card import write_model_card
 from .training.plots import LossCurveCallback, plot_loss_curve
-from .training.run_dir import claim_output_dir
+from .training.run_dir import LOG_FORMAT, EarlyConsole, claim_output_dir
 from .training.trainer import NonFiniteLossError, QwenTrainer, make_collator
 
 logger = logging.getLogger(__name__)
@@ -44,37 +44,41 @@ logger = logging.getLogger(__name__)
 def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraArguments,
           args: TrainingArguments, argv: list[str] | None = None):
     """Run one training job; returns the finished Trainer. `argv` is the command line, for the records."""
-    resolve_sampling(data_args, args)
-    plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
-    argv = list(sys.argv[1:] if argv is None else argv)
-    precision = precision_policy.decide(args, plan)
-    if args.deepspeed and (conflicts := precision_conflicts(deepspeed_config(args.deepspeed), precision)):
-        raise conflicts_error(f"--deepspeed {args.deepspeed}", conflicts)
-    precision_policy.apply(args, precision)
+    with EarlyConsole() as early:  # (what preflight and the data print, for train.log once it opens)
+        resolve_sampling(data_args, args)
+        plan = preflight(model_args, data_args, lora_args, args)  # raises before any heavy work
+        argv = list(sys.argv[1:] if argv is None else argv)
+        precision = precision_policy.decide(args, plan)
+        if args.deepspeed and (conflicts := precision_conflicts(deepspeed_config(args.deepspeed), precision)):
+            raise conflicts_error(f"--deepspeed {args.deepspeed}", conflicts)
+        precision_policy.apply(args, precision)
 
-    from .tokenization import load_tokenizer
+        from .tokenization import load_tokenizer
 
-    tokenizer = load_tokenizer(plan.model_dir)
-    # before the output dir is claimed: a data error leaves it as it was (--overwrite_output_dir clears at the claim)
-    data = _datasets(tokenizer, data_args, args)
-    if args.process_index != 0:  # rank 0 owns the output dir
-        return _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv)
-    with claim_output_dir(args, plan.identity):
-        def record_args():
-            _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan, argv)
+        tokenizer = load_tokenizer(plan.model_dir)
+        # before the output dir is claimed: a data error leaves it as it was (--overwrite_output_dir clears at the
+        # claim)
+        data = _datasets(tokenizer, data_args, args)
+        if args.process_index != 0:  # rank 0 owns the output dir (and its log)
+            early.stop()
+            return _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv)
+        with claim_output_dir(args, plan.identity, early):
+            def record_args():
+                _write_run_args(args.output_dir, model_args, data_args, lora_args, args, plan, argv)
 
-        # A resume in its own dir records its arguments once the data is known to be the run's: a refused resume
-        # leaves the run's run_args.json as it was (any other run marks its dir as a run of this project now).
-        resumes_here = plan.resume_from and Path(plan.resume_from).absolute().parent == Path(args.output_dir).absolute()
-        if not resumes_here:
-            record_args()
-        try:
-            return _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv,
-                          record_args=record_args if resumes_here else None)
-        except KeyboardInterrupt as e:
-            print(_interrupted(args), file=sys.stderr, flush=True)
-            e.reported = True  # main says nothing more
-            raise
+            # A resume in its own dir records its arguments once the data is known to be the run's: a refused resume
+            # leaves the run's run_args.json as it was (any other run marks its dir as a run of this project now).
+            resumes_here = (plan.resume_from
+                            and Path(plan.resume_from).absolute().parent == Path(args.output_dir).absolute())
+            if not resumes_here:
+                record_args()
+            try:
+                return _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv,
+                              record_args=record_args if resumes_here else None)
+            except KeyboardInterrupt as e:
+                print(_interrupted(args), file=sys.stderr, flush=True)
+                e.reported = True  # main says nothing more
+                raise
 
 
 def _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv, record_args=None):
@@ -468,7 +472,7 @@ def _print_next_steps(plan, output_dir):
 
 def main(argv: list[str] | None = None) -> int:
     default_allocator_settings()  # before anything touches CUDA (training/allocator.py)
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     quiet_third_party_notices()
     try:
         settings()  # a bad FINETUNE_* switch stops the run now (run_info.json first read them, after training)

@@ -23,10 +23,43 @@ logger = logging.getLogger(__name__)
 CONSOLE_LOG = "train.log"
 
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"  # (train.main's console format)
+
+
+class EarlyConsole:
+    """What a run prints and logs before it claims its output dir (preflight's warnings, such as a checkpoint it
+    falls back from, the data summary, the clearing of an overwritten run), held so that train.log starts with it:
+    the console showed these lines and the log lacked them."""
+
+    def __init__(self):
+        self.buffer = io.StringIO()
+        self._handler = None
+        self._saved = None
+
+    def __enter__(self):
+        self._handler = logging.StreamHandler(self.buffer)
+        self._handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(self._handler)
+        self._saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, self.buffer), _Tee(sys.stderr, self.buffer)
+        return self
+
+    def stop(self) -> str:
+        """Stop holding (the streams back as they were); the text held."""
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+            self._handler = None
+            sys.stdout, sys.stderr = self._saved
+        return self.buffer.getvalue()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
 @contextlib.contextmanager
-def claim_output_dir(args, identity: dict):
+def claim_output_dir(args, identity: dict, early: EarlyConsole | None = None):
     """Lock args.output_dir for this run, clear the run it overwrites (--overwrite_output_dir), and copy the
-    console into <output_dir>/train.log until the block ends."""
+    console into <output_dir>/train.log until the block ends, starting with what ``early`` held."""
     out = Path(args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -49,7 +82,7 @@ def claim_output_dir(args, identity: dict):
         elif (out / STAGING).exists():  # a save that was killed: never a checkpoint; its files must not mix into one
             shutil.rmtree(out / STAGING)
             logger.warning("removed %s: the unfinished checkpoint save of an interrupted run", out / STAGING)
-        with _console_copy(out / CONSOLE_LOG):
+        with _console_copy(out / CONSOLE_LOG, early.stop() if early is not None else ""):
             yield out
     finally:
         lock.close()  # releases the flock
@@ -128,12 +161,13 @@ class _Tee(io.TextIOBase):
 
 
 @contextlib.contextmanager
-def _console_copy(path: Path):
+def _console_copy(path: Path, held: str = ""):
     """Everything printed to stdout/stderr, and every log record, also goes to `path` (appended: a resumed
-    run's log follows the interrupted one's)."""
+    run's log follows the interrupted one's), after ``held``, what the run printed before."""
     f = open(path, "a", encoding="utf-8", buffering=1)
+    f.write(held)
     handler = logging.StreamHandler(f)
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     # Log records reach the console through handlers bound to the original streams; the file gets its own.
     root.addHandler(handler)

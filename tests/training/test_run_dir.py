@@ -149,6 +149,11 @@ def test_incomplete_checkpoint_falls_back_to_the_previous_one(finished, model, d
     assert f"resuming from {run / 'checkpoint-2'} (step 2)" in capsys.readouterr().out
     state = json.loads((run / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [3, 4]
+    # said in train.log too, with the data summary printed before the run took its dir (the console had them only)
+    log = (run / "train.log").read_text()
+    fell_back = log.rindex("checkpoint-4 is not usable (incomplete: optimizer.pt is missing)")
+    assert "records: 4 read, 4 used" in log[fell_back:]
+    assert fell_back < log.index(f"resuming from {run / 'checkpoint-2'}")
 
 
 @pytest.mark.parametrize("missing", ["rng_state.pth", "optimizer.pt", "scheduler.pt", "trainer_state.json",
