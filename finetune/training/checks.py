@@ -142,6 +142,9 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
     if not ckpt.is_dir():
         return "no such checkpoint dir"
     names = set(os.listdir(ckpt))
+    if found := checkpoints(ckpt):  # a run dir (it was "incomplete: trainer_state.json is missing")
+        return (f"a run dir, not one of its checkpoints; its newest is {found[0]} (--resume_from_checkpoint "
+                f"{found[0]}, or --resume True with --output_dir {ckpt} to continue that run in place)")
     for what, options in _RESUME_NEEDS.items():
         if not names.intersection(options) and not (what == "optimizer.pt" and any(
                 n.endswith("-optimizer.pt") for n in names)):
@@ -830,9 +833,10 @@ def check_output_dir(args, identity: dict) -> str | None:
                                "continues the newest checkpoint in --output_dir, --resume_from_checkpoint the one "
                                "it names; give one")
     resume = args.resume or explicit in _TRUE
-    if (resume or explicit) and args.overwrite_output_dir:
-        raise TrainConfigError("--resume and --overwrite_output_dir exclude each other: resume continues the run "
-                               "in --output_dir, overwrite starts a new one there")
+    if (resume or explicit) and args.overwrite_output_dir:  # (named as given: it said --resume to a user of the other)
+        flag = "--resume" if args.resume else f"--resume_from_checkpoint {explicit}"
+        raise TrainConfigError(f"{flag} and --overwrite_output_dir exclude each other: a resume continues a run's "
+                               "training state, overwrite starts a new run in --output_dir; give one")
     if resume and finished:
         last = checkpoints(out)
         start = (f"--model_name_or_path {out}" if identity.get("mode") == "full" else f"--lora_weight_path {out}")

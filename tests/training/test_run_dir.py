@@ -237,6 +237,12 @@ def test_damaged_trainer_state_or_run_record_is_named_before_loading(finished, m
     (["--resume_from_checkpoint", "true"], "--resume_from_checkpoint true: no checkpoint in {new} to continue from"),
     (["--resume_from_checkpoint", "{run}/checkpoint-4/optimizer.pt"],
      "--resume_from_checkpoint {run}/checkpoint-4/optimizer.pt: a file, not a checkpoint dir"),
+    # "incomplete: trainer_state.json is missing" of a run dir given for its checkpoint
+    (["--resume_from_checkpoint", "{run}"],
+     "--resume_from_checkpoint {run}: a run dir, not one of its checkpoints; its newest is {run}/checkpoint-4"),
+    # it named --resume, which was not given
+    (["--resume_from_checkpoint", "{run}/checkpoint-2", "--overwrite_output_dir", "True"],
+     "--resume_from_checkpoint {run}/checkpoint-2 and --overwrite_output_dir exclude each other"),
 ])
 def test_resume_flags_that_cannot_both_hold_are_one_line(finished, model, data, tmp_path, capsys, flags, says):
     run = _copy(finished, tmp_path / "run", finished_marker=False)
