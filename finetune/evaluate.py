@@ -669,7 +669,7 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
     print(format_table(report))
     if args.output:
-        replaced = Path(args.output).exists()
+        replaced = Path(args.output).is_file()  # (/dev/null was "replaced", a pipe too)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False)
                                      + "\n")

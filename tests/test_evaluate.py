@@ -362,6 +362,9 @@ def test_eval_on_another_base_says_so_in_the_report_and_names_a_replaced_report(
     report = json.loads(out.read_text())
     assert report["model"] == str(other)
     assert len(report["warnings"]) == 1 and "is not that model" in report["warnings"][0]
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate", "--output",
+                 "/dev/null"]) == 0  # (a device, not a file: it was "replaced")
+    assert "report: /dev/null\n" in capsys.readouterr().out
     assert str(other) in report["warnings"][0] and str(setup["float"]) in report["warnings"][0]
     assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate",
                  "--output", str(out)]) == 0
