@@ -125,6 +125,7 @@ def test_warm_length_keeps_the_cache_within_its_share_of_free_memory(tok):
 
     model = realistic_model(0).to("cuda")
     cfg = model.config
+    cfg.max_position_embeddings = 10 ** 9  # (a model that holds that many: Engine refuses a max_len past its limit)
     engine = Engine(model, tok, max_batch=5, max_len=10 ** 9)  # (nothing is allocated until warm_up)
     length = engine.warm_length()
     row_bytes = 2 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.kv_channels * engine.dtype.itemsize
