@@ -166,7 +166,8 @@ def eval_loss(model, tokenizer, records, batch_size: int = 8, max_len: int | Non
     perplexity = float("nan") if not count else math.exp(loss) if loss < 700 else float("inf")
     return {"loss": loss, "perplexity": perplexity,
             "tokens": count, "records": len(rows), "left_out": len(left_out),
-            "first_left_out": left_out[0] if left_out else None, "truncated": sum(encoded[i].truncated for i in kept)}
+            "first_left_out": left_out[0] if left_out else None, "truncated": sum(encoded[i].truncated for i in kept),
+            "longest": max((len(r["input_ids"]) for r in rows), default=0)}
 
 
 def loss_coverage_note(metrics: dict, n_records: int, max_len: int | None, source: str, setting: str) -> str | None:
@@ -182,6 +183,23 @@ def loss_coverage_note(metrics: dict, n_records: int, max_len: int | None, sourc
     if cut:
         parts.append(f"scores {cut} record{'s' * (cut > 1)} truncated to max_len {max_len}")
     return f"note: the loss {' and '.join(parts)}; {setting} sets max_len"
+
+
+def past_seq_length_note(metrics: dict, model_dir) -> str | None:
+    """One line when the loss scored positions past the model's seq_length (a --max-len over it let long records
+    in): as training warns of such conversations, since the model was not trained on those positions."""
+    from .errors import ModelLoadError
+    from .model_dir import read_config
+
+    try:
+        seq = read_config(model_dir).get("seq_length") if Path(model_dir).is_dir() else None
+    except ModelLoadError:
+        return None
+    longest = metrics.get("longest", 0)
+    if not isinstance(seq, int) or longest <= seq:
+        return None
+    return (f"note: the loss scores positions past the model's seq_length {seq} (the longest scored record is "
+            f"{longest} tokens), which it was not trained on; --max-len {seq} truncates them")
 
 
 # -- generation -----------------------------------------------------------------------------------------
@@ -666,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     note = loss_coverage_note(report["base"], len(records), max_len, args.data,
                               "--max-len" if args.max_len else "--max-len (default: the model's seq_length)")
     if note:
+        print(note, file=sys.stderr)
+    if note := past_seq_length_note(report["base"], model_dir):
         print(note, file=sys.stderr)
     print(format_table(report))
     if args.output:

@@ -188,6 +188,13 @@ def test_eval_says_which_records_the_loss_leaves_out_or_truncates(setup, tmp_pat
     assert (base["records"], base["left_out"], base["first_left_out"], base["truncated"]) == (2, 1, 1, 1)
     assert main(["eval", "-m", str(setup["float"]), "--data", str(data), "--max-len", "4096", "--no-generate"]) == 0
     assert "note:" not in capsys.readouterr().err
+    # a --max-len past seq_length (256) scored a 400-token record at positions the model never trained on, unsaid
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "word " * 400}]}) + "\n")
+    assert main(["eval", "-m", str(setup["float"]), "--data", str(data), "--max-len", "1024", "--no-generate"]) == 0
+    err = capsys.readouterr().err
+    assert "note: the loss scores positions past the model's seq_length 256 (the longest scored record is " in err
+    assert "which it was not trained on; --max-len 256 truncates them" in err
 
 
 def test_eval_cli_prints_no_weight_loading_bar(setup, capsys):
