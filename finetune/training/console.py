@@ -25,6 +25,12 @@ def quiet_third_party_notices() -> None:
     accelerate_log = logging.getLogger("accelerate.accelerator")
     if not any(isinstance(f, _TrainerAccumulationNotice) for f in accelerate_log.filters):
         accelerate_log.addFilter(_TrainerAccumulationNotice())
+    # PEFT's save_pretrained reads the README.md already in the dir it saves to (a user's, beside the run under
+    # --overwrite_output_dir) as a model card, and huggingface_hub then warns that it has no metadata block: about a
+    # file the run replaces with its own card when it ends (training/model_card.py)
+    card_log = logging.getLogger("huggingface_hub.repocard")
+    if not any(isinstance(f, _NoCardMetadataNotice) for f in card_log.filters):
+        card_log.addFilter(_NoCardMetadataNotice())
     # matplotlib (the loss curve) logs building its font cache at INFO, which the trainer's log level shows
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     # DeepSpeed is imported by accelerate whenever it is installed, used or not, and on a machine without a GPU
@@ -43,3 +49,10 @@ class _TrainerAccumulationNotice(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Gradient accumulation steps mismatch: GradientAccumulationPlugin has 1," not in record.getMessage()
+
+
+class _NoCardMetadataNotice(logging.Filter):
+    """Drops huggingface_hub's "Repo card metadata block was not found" (nothing else of its repocard logger)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Repo card metadata block was not found")

@@ -21,3 +21,15 @@ def test_accelerates_accumulation_mismatch_notice_is_left_out_only_for_the_train
     messages = [r.getMessage() for r in caplog.records]
     assert not any("has 1," in m for m in messages)
     assert any("has 4," in m for m in messages) and any("something else" in m for m in messages)
+
+
+def test_the_model_cards_missing_metadata_notice_is_left_out(caplog, tmp_path):
+    # a user's README.md beside the run (--overwrite_output_dir) made PEFT's save log this about a file the run replaces
+    from huggingface_hub import ModelCard
+
+    quiet_third_party_notices()
+    (tmp_path / "README.md").write_text("# my notes\n")
+    with caplog.at_level(logging.WARNING, logger="huggingface_hub.repocard"):
+        ModelCard.load(tmp_path / "README.md")
+        logging.getLogger("huggingface_hub.repocard").warning("another notice")
+    assert [r.getMessage() for r in caplog.records] == ["another notice"]
