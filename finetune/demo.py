@@ -85,8 +85,8 @@ def make_demo_model(out_dir, seed: int = 0, int4: bool = False, group_size: int 
 
     from .file_modes import save_weights
 
-    save_weights({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_weights({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors",
+                 metadata={"format": "pt"})
     write_model_files(out, dict({"torch_dtype": "float32"}, **values))
     return out
 

@@ -22,8 +22,9 @@ above --max-shard-size), ``config.json`` (no quantization_config for float; for 
 
 Every route reports the loss (training masks) of the written model against the unmerged base+adapter, on
 --eval-data (held-out data the user gives) or else a sample of --calib-data's file (reported as calibration data)
-or of the adapter's training data (reported as such): printed and saved as ``merge_report.json`` in the output dir. An RTN Int4 export whose loss rises
-more than RTN_WARN_DELTA is warned about, and so is a float-trained adapter merged into an Int4 base.
+or of the adapter's training data (reported as such): printed and saved as ``merge_report.json`` in the output dir.
+An RTN Int4 export whose loss rises more than RTN_WARN_DELTA is warned about, and so is a float-trained adapter
+merged into an Int4 base.
 """
 
 from __future__ import annotations
@@ -511,8 +512,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), **once,
                    help="float weights' dtype for --format float (default bf16)")
     p.add_argument("--quant-method", default=None, choices=["rtn", "gptq"], **once,
-                   help="--format int4: rtn (round-to-nearest, no data; the default) or gptq (calibrated on --calib-data; keeps "
-                        "more of the fine-tune)")
+                   help="--format int4: rtn (round-to-nearest, no data; the default) or gptq (calibrated on "
+                        "--calib-data; keeps more of the fine-tune)")
     p.add_argument("--calib-data", **once,
                    help="conversations for GPTQ calibration (default: the adapter's training data)")
     p.add_argument("--calib-samples", type=int, default=None, **once, help="GPTQ: conversations sampled (default 128)")
