@@ -407,6 +407,18 @@ def test_chat_page_streams_an_answer_in_headless_chromium(live, tmp_path):
         assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".user")] == [q]
         shot = os.environ.get("QWEN_FT_SERVE_SCREENSHOT") or str(tmp_path / "chat.png")
         driver.save_screenshot(shot)
+        # "New chat" while an answer streams: the late answer joined the new conversation, which then began with an
+        # assistant message, and every later question was refused (400) until "New chat" was pressed again
+        driver.execute_script("document.getElementById('input').value = arguments[0];"
+                              "document.getElementById('form').requestSubmit();"
+                              "document.getElementById('clear').click();", q)
+        wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
+        driver.find_element(By.ID, "input").send_keys(q)
+        driver.find_element(By.ID, "send").click()
+        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#messages .msg[data-done='1']")))
+        out = driver.find_element(By.CSS_SELECTOR, "#messages .msg:last-child")
+        assert out.get_attribute("textContent") == answer, out.get_attribute("outerHTML")
+        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".user")] == [q]
     finally:
         driver.quit()
 
