@@ -75,11 +75,13 @@ def test_a_missing_adapter_beside_a_good_model_is_named_as_the_adapter(setup, tm
 
 @pytest.mark.parametrize("flags, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
-    (["--temperature", "nan"], "--temperature must be >= 0"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature must be a finite number >= 0"),  # (it sampled at random)
+    (["--repetition-penalty", "inf"], "--repetition-penalty must be a finite number > 0"),
     (["--top-p", "1.5"], "--top-p must be in (0, 1], got 1.5"),
     (["--top-k", "-2"], "--top-k must be an integer >= 0"),
-    (["--repetition-penalty", "0"], "--repetition-penalty must be > 0"),
+    (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0"),
     (["--history-window", "0"], "--history-window must be at least 1"),
     (["--seed", "-5"], "--seed must be in [0, 2**32)"),  # set_seed's numpy traceback after the model loaded
     (["--seed", str(2 ** 32)], "--seed must be in [0, 2**32)"),

@@ -5,23 +5,27 @@ beside the model because chat() checks its GenerationConfig with it, and the mod
 
 from __future__ import annotations
 
+import math
+
 
 def whole(v) -> bool:
     """An int, not a bool (JSON's 3.0 and true are not token counts)."""
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def number(v) -> bool:  # (NaN fails every range's comparison as well)
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+def number(v) -> bool:
+    """A finite int or float, not a bool (inf passed `>= 0`: a temperature of inf sampled uniformly, a repetition
+    penalty of inf wiped the seen tokens' scores; NaN fails every comparison anyway)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # name -> (test, what the value must be). Temperature 0 is allowed for greedy decoding (it is ignored there);
 # sampling needs it above 0.
 SAMPLING_RANGES = {
-    "temperature": (lambda v: number(v) and v >= 0, ">= 0"),
+    "temperature": (lambda v: number(v) and v >= 0, "a finite number >= 0"),
     "top_p": (lambda v: number(v) and 0 < v <= 1, "in (0, 1]"),
     "top_k": (lambda v: whole(v) and v >= 0, "an integer >= 0 (0: off)"),
-    "repetition_penalty": (lambda v: number(v) and v > 0, "> 0"),
+    "repetition_penalty": (lambda v: number(v) and v > 0, "a finite number > 0"),
 }
 
 

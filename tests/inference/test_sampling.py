@@ -91,7 +91,7 @@ def test_unsupported_options_and_bad_values_are_refused_in_one_line():
     msg = str(err.value)
     assert "\n" not in msg and all(k in msg for k in ("max_new_tokens", "temperature", "top_p"))
     for bad in (-1.0, float("nan"), "0.7", True):
-        with pytest.raises(ValueError, match="temperature must be >= 0"):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
             SamplingParams(temperature=bad)
     with pytest.raises(ValueError, match="top_k must be an integer"):
         SamplingParams(top_k=2.0)

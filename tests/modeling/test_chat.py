@@ -470,7 +470,7 @@ def test_history_that_is_not_query_reply_pairs_is_refused_naming_the_entry(answe
     (dict(do_sample="no"), "do_sample must be true or false, got 'no'"),
     (dict(do_sample=True, temperature=0), "temperature must be > 0 to sample"),
     (dict(top_k=-1, repetition_penalty=0.0), "top_k must be an integer >= 0 (0: off), got -1; repetition_penalty "
-                                              "must be > 0, got 0.0"),
+                                              "must be a finite number > 0, got 0.0"),
 ])
 def test_chat_names_a_wrong_generation_argument(answering_model, kwargs, message):
     # each failed inside the project's code or generate() with Python's words (or was accepted: 2.5, -5)
