@@ -44,9 +44,8 @@ def check_device(device) -> torch.device:
     from deep inside the first copy to it, after the weights were read)."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ModelLoadError(f"unknown device {device!r} ({' '.join(str(e).split())[:120]}); use cpu, cuda or "
-                             "cuda:N") from None
+    except (RuntimeError, TypeError):  # (torch's words listed 20 device types, cut off mid-word)
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch is built without CUDA" if not torch.backends.cuda.is_built() else "no GPU is visible"

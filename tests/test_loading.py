@@ -255,7 +255,8 @@ def test_official_config_and_tokenizer_config_load_without_remote_code(model_dir
 
 
 @pytest.mark.parametrize("device, message", [
-    ("tpu", "unknown device 'tpu'"),
+    ("tpu", "^unknown device 'tpu'; use cpu, cuda or cuda:N$"),  # (torch's 20 device types, cut mid-word)
+    ("cuda:x", "^unknown device 'cuda:x'; use cpu, cuda or cuda:N$"),
     ("cuda:99", "device 'cuda:99'"),
     ("meta", "only cpu and cuda are supported"),
 ])
