@@ -118,6 +118,14 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
         if not isinstance(functions, list):
             raise ReactError(f"must be a list, got {json_type(functions)}", where_functions)
         out = [_check_function(f, f"{where_functions}[{i}]") for i, f in enumerate(functions)]
+    names: dict = {}
+    for i, f in enumerate(out):  # (both went into the prompt: which one a call of that name meant, nobody could say)
+        if (name := f.get("name")) in names:
+            where = f"{where_tools}[{i}].function" if tools is not None and not plain_ok else (
+                f"{where_tools}[{i}]" if tools is not None else f"{where_functions}[{i}]")
+            raise ReactError(f"function name {quoted(name, QUOTED)} is given twice (first at index {names[name]})",
+                             f"{where}.name")
+        names[name] = i
     return out
 
 
@@ -300,6 +308,8 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
             raise ReactError("needs a 'role'", f"{w}.role")
         role = ROLE_ALIASES.get(role.lower(), role.lower())
         raw_content = _either(m, "content", "value")
+        if raw_content is None and role in ("system", "user", "tool", "function"):  # (answered an empty prompt)
+            raise ReactError(f"a {role} message needs its 'content'", f"{w}.content")
         content = content_text(raw_content, f"{w}.content")
         if (why := lone_surrogate(content)) is not None:  # (a request answered about text it did not send)
             raise ReactError(why, f"{w}.content")

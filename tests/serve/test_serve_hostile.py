@@ -250,6 +250,23 @@ def test_a_function_definition_the_prompt_cannot_hold_is_400(live, function, par
     assert err["param"] == param, err
 
 
+def test_a_function_name_given_twice_is_400_naming_the_second(live):
+    # both definitions went into the ReAct prompt
+    tools = [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]
+    err = _error(_post(live, _body(tools=tools)))
+    assert err["param"] == "tools[1].function.name" and "'f' is given twice (first at index 0)" in err["message"]
+    err = _error(_post(live, _body(functions=[{"name": "g"}, {"name": "g"}])))
+    assert err["param"] == "functions[1].name", err
+
+
+@pytest.mark.parametrize("message", [{"role": "user"}, {"role": "user", "content": None},
+                                     {"role": "system", "content": None}])
+def test_a_message_without_content_is_400_naming_it(live, message):
+    # a user message with no content was answered as an empty prompt
+    err = _error(_post(live, _body(messages=[message, *HI] if message["role"] == "system" else [message])))
+    assert err["param"] == "messages[0].content" and "needs its 'content'" in err["message"], err
+
+
 def test_the_same_checks_name_the_legacy_functions_field(live):
     err = _error(_post(live, _body(functions=[{"name": "f", "parameters": "nope"}])))
     assert err["param"] == "functions[0].parameters", err
