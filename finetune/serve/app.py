@@ -158,7 +158,7 @@ class Server:
         if body.top_p is not None:
             over["top_p"] = body.top_p
         if body.top_k is not None:
-            over["top_k"] = body.top_k
+            over["top_k"] = max(body.top_k, 0)  # (-1: off, as vLLM reads it)
         if body.repetition_penalty is not None:
             over["repetition_penalty"] = body.repetition_penalty
         if body.seed is not None:

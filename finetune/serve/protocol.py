@@ -94,7 +94,8 @@ class ChatCompletionRequest(BaseModel):
     # NaN and Infinity (Python's json reads them) are no numbers here: allow_inf_nan=False
     temperature: Annotated[float | None, Number] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
     top_p: Annotated[float | None, Number] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
-    top_k: Annotated[int | None, Number] = Field(default=None, ge=0)  # Qwen's official server takes it too
+    # Qwen's official server takes it too; -1 is vLLM's "off" (its clients send it), as 0 is here
+    top_k: Annotated[int | None, Number] = Field(default=None, ge=-1)
     max_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
     max_completion_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
     stop: Any = None  # a string or a list of strings, checked in check() (one message naming `stop`)

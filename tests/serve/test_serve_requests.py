@@ -51,6 +51,9 @@ def test_sampling_defaults_are_the_model_dirs_generation_config(live):
     custom = server.params(_body(temperature=0.7, top_p=0.5, top_k=4, seed=3, max_tokens=9, min_tokens=2), 30)
     assert (custom.do_sample, custom.temperature, custom.top_p, custom.top_k, custom.seed, custom.max_new_tokens,
             custom.min_new_tokens) == (True, 0.7, 0.5, 4, 3, 9, 2)
+    assert server.params(_body(top_k=-1), 30).top_k == 0  # vLLM's "off", which its clients send (was a 400)
+    with pytest.raises(Exception, match="top_k"):
+        server.params(_body(top_k=-2), 30)
 
 
 def test_min_tokens_without_max_tokens_grows_the_default_length(live, monkeypatch):
