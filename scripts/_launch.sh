@@ -209,8 +209,11 @@ else
 fi
 if [[ "$DEMO" -eq 1 ]]; then
   # A run refused before it wrote anything (an unknown flag) leaves no empty demo output dir behind it
-  "${LAUNCH[@]}" "${ARGS[@]}" || { rc=$?; [[ -n "$DEMO_NEW" && "$(find "$DEMO_NEW" -type f)" == "$OUTPUT/.qwen-ft-demo" ]] \
-    && rm -r "$DEMO_NEW"; exit "$rc"; }
+  "${LAUNCH[@]}" "${ARGS[@]}" || {
+    rc=$?
+    [[ -n "$DEMO_NEW" && "$(find "$DEMO_NEW" -type f)" == "$OUTPUT/.qwen-ft-demo" ]] && rm -r "$DEMO_NEW"
+    exit "$rc"
+  }
   # greedy decoding reproduces the memorised answers (sampling on a tiny model does not)
   exec "$PYTHON" -m finetune.demo --hint "$MODEL" "$OUTPUT" "$DATA"
 fi

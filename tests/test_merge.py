@@ -303,7 +303,8 @@ def test_format_and_dtype_are_consistent(setup, tmp_path, capsys):
     for flags, expect in ((["--format", "bf16", "--dtype", "fp16"], "--format bf16 and --dtype fp16 contradict"),
                           (["--format", "int4", "--dtype", "fp16"], "--dtype fp16 applies to a float export"),
                           # (rtn was accepted on a float export where gptq was refused)
-                          (["--quant-method", "rtn"], "--quant-method rtn quantizes an Int4 export: add --format int4")):
+                          (["--quant-method", "rtn"],
+                           "--quant-method rtn quantizes an Int4 export: add --format int4")):
         rc = main(["merge", "--adapter", str(setup["lora"]), "--output", str(tmp_path / "never"), *flags])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and expect in err[0], err

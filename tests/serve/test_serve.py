@@ -399,12 +399,16 @@ def test_chat_page_streams_an_answer_in_headless_chromium(live, tmp_path):
         Select(driver.find_element(By.ID, "model")).select_by_value("b")
         driver.find_element(By.ID, "temperature").send_keys("0")  # greedy: the memorised answer
         q, answer = OTHER[2]
-        driver.find_element(By.ID, "input").send_keys(q)
-        driver.find_element(By.ID, "send").click()
-        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#messages .msg[data-done='1']")))
-        out = driver.find_element(By.CSS_SELECTOR, "#messages .msg:last-child")
-        assert out.get_attribute("textContent") == answer, out.get_attribute("outerHTML")
-        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".user")] == [q]
+
+        def ask_and_read_the_answer():
+            driver.find_element(By.ID, "input").send_keys(q)
+            driver.find_element(By.ID, "send").click()
+            wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#messages .msg[data-done='1']")))
+            out = driver.find_element(By.CSS_SELECTOR, "#messages .msg:last-child")
+            assert out.get_attribute("textContent") == answer, out.get_attribute("outerHTML")
+            assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".user")] == [q]
+
+        ask_and_read_the_answer()
         shot = os.environ.get("QWEN_FT_SERVE_SCREENSHOT") or str(tmp_path / "chat.png")
         driver.save_screenshot(shot)
         # "New chat" while an answer streams: the late answer joined the new conversation, which then began with an
@@ -413,12 +417,7 @@ def test_chat_page_streams_an_answer_in_headless_chromium(live, tmp_path):
                               "document.getElementById('form').requestSubmit();"
                               "document.getElementById('clear').click();", q)
         wait.until(lambda d: d.find_element(By.ID, "send").is_enabled())
-        driver.find_element(By.ID, "input").send_keys(q)
-        driver.find_element(By.ID, "send").click()
-        wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, "#messages .msg[data-done='1']")))
-        out = driver.find_element(By.CSS_SELECTOR, "#messages .msg:last-child")
-        assert out.get_attribute("textContent") == answer, out.get_attribute("outerHTML")
-        assert [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".user")] == [q]
+        ask_and_read_the_answer()
     finally:
         driver.quit()
 
