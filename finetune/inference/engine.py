@@ -61,6 +61,7 @@ import torch
 from ..graph_capture import capture
 from ..modeling.attention import inference_sdpa
 from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
+from ..modeling.sampling_ranges import integral
 from ..quant.linear import prepare_decode_weights
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
 from .row_adapters import RowAdapters
@@ -87,11 +88,6 @@ WARM_CACHE_SHARE = 0.5
 ACTIVATION_HIDDEN, ACTIVATION_MLP = 10, 4
 MEMORY_MARGIN = 1 << 30
 _IDS = itertools.count()
-
-
-def _whole(value) -> bool:
-    """An integer that is not a bool (numpy's and torch's integers too)."""
-    return not isinstance(value, bool) and hasattr(value, "__index__")
 
 
 def default_max_len(max_position_embeddings, seq_length: int) -> int:
@@ -235,9 +231,9 @@ class Engine:
             raise TypeError(f"Engine needs a QWenLMHeadModel or a PeftModel over one, got {type(model).__name__}")
         if lm.training:  # dropout would be on, and NTK/logN are inference-only in Qwen v1
             raise ValueError("Engine needs the model in eval mode: call model.eval() first")
-        if not _whole(max_batch) or max_batch < 1:
+        if not integral(max_batch) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
-        if max_len is not None and not _whole(max_len):  # (2.9 was taken as 2)
+        if max_len is not None and not integral(max_len):  # (2.9 was taken as 2)
             raise ValueError(f"max_len must be an integer (positions a row), got {max_len!r}")
         if use_graphs is not None and not isinstance(use_graphs, bool):  # ("no" was taken as True)
             raise ValueError(f"use_graphs must be True, False or None (None: on CUDA), got {use_graphs!r}")
@@ -322,7 +318,7 @@ class Engine:
         if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__iter__"):
             raise ValueError(f"prompt_ids must be a list of token ids, got {type(prompt_ids).__name__}")
         ids = list(prompt_ids)
-        wrong = [t for t in ids if isinstance(t, bool) or not hasattr(t, "__index__")]
+        wrong = [t for t in ids if not integral(t)]
         if wrong:  # (1.9 was read as 1, "12" as 12, a nested list failed inside int())
             raise ValueError(f"prompt_ids must be integer token ids, got {wrong[0]!r}")
         ids = [int(t) for t in ids]

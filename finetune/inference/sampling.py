@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from ..modeling.sampling_ranges import SAMPLING_RANGES, number, out_of_range, whole
+from ..modeling.sampling_ranges import SAMPLING_RANGES, integral, number, out_of_range, whole
 
 # GenerationConfig fields the engine implements (anything else set away from its default is refused).
 # A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
@@ -68,7 +68,7 @@ class SamplingParams:
         ids = self.stop_token_ids
         if not isinstance(ids, (str, bytes, dict)) and hasattr(ids, "__iter__"):
             # (numpy and torch integers as ints; "12" was read as the ids 1 and 2, 3.7 as 3)
-            ids = tuple(int(t) if hasattr(t, "__index__") and not isinstance(t, bool) else t for t in ids)
+            ids = tuple(int(t) if integral(t) else t for t in ids)
             self.stop_token_ids = ids
         self.check()
 

@@ -13,6 +13,11 @@ def whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def integral(v) -> bool:
+    """An integer of any kind (numpy's and torch's too), not a bool: a value that converts to an int exactly."""
+    return not isinstance(v, bool) and hasattr(v, "__index__")
+
+
 def number(v) -> bool:
     """A finite int or float, not a bool (inf passed `>= 0`: a temperature of inf sampled uniformly, a repetition
     penalty of inf wiped the seen tokens' scores; NaN fails every comparison anyway)."""
