@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .sampling_ranges import config_problems
+from .sampling_ranges import config_problems, whole
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -238,11 +238,11 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
         max_window_size = getattr(gc, "max_window_size", None)
     if max_window_size is None:
         max_window_size = 6144
-    if not (isinstance(max_window_size, int) and not isinstance(max_window_size, bool) and max_window_size >= 0):
+    if not (whole(max_window_size) and max_window_size >= 0):
         raise ValueError(f"max_window_size must be a whole number of tokens >= 0, got {max_window_size!r}")
     for name, least in (("max_new_tokens", 1), ("min_new_tokens", 0)):  # ("4" failed inside generate())
         value = kwargs.get(name, getattr(gc, name, None))
-        if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= least):
+        if value is not None and not (whole(value) and value >= least):
             raise ValueError(f"{name} must be a whole number of tokens{' >= 1' * least}, got {value!r}")
     chat_format = getattr(gc, "chat_format", None) or "chatml"
     if chat_format != "chatml":
