@@ -395,10 +395,7 @@ def chat(
         raise ValueError("chat() takes no `stream` argument (the official chat() refuses it too); use "
                          "chat_stream(...), which yields the growing response")
     stop_words = check_stop_words(stop_words_ids)
-    if history is not None:
-        _check_history(history)
-    # a list whatever sequence of pairs was given (a tuple's append failed after the reply was generated)
-    history = [] if history is None else list(copy.deepcopy(history))
+    history = [] if history is None else copy.deepcopy(history)
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     # CUDA: the inference engine (CUDA graphs), unless generate()'s own arguments were passed
     fast = None if kwargs else _fast_tokens(self, tokenizer, input_ids, gc)
@@ -417,8 +414,8 @@ def chat(
         new_tokens = outputs[0, input_ids.shape[1]:].tolist()
         drop_last = True
     response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id), drop_last)
-    history.append((query, response))
-    return response, history
+    # a new list, whatever sequence of pairs make_context took (a tuple's append failed after the reply was generated)
+    return response, [*history, (query, response)]
 
 
 class _TokenQueue:
