@@ -185,21 +185,14 @@ def loss_coverage_note(metrics: dict, n_records: int, max_len: int | None, sourc
     return f"note: the loss {' and '.join(parts)}; {setting} sets max_len"
 
 
-def past_seq_length_note(metrics: dict, model_dir) -> str | None:
+def past_seq_length_note(metrics: dict, seq_length: int | None) -> str | None:
     """One line when the loss scored positions past the model's seq_length (a --max-len over it let long records
     in): as training warns of such conversations, since the model was not trained on those positions."""
-    from .errors import ModelLoadError
-    from .model_dir import read_config
-
-    try:
-        seq = read_config(model_dir).get("seq_length") if Path(model_dir).is_dir() else None
-    except ModelLoadError:
-        return None
     longest = metrics.get("longest", 0)
-    if not isinstance(seq, int) or longest <= seq:
+    if not isinstance(seq_length, int) or longest <= seq_length:
         return None
-    return (f"note: the loss scores positions past the model's seq_length {seq} (the longest scored record is "
-            f"{longest} tokens), which it was not trained on; --max-len {seq} truncates them")
+    return (f"note: the loss scores positions past the model's seq_length {seq_length} (the longest scored record is "
+            f"{longest} tokens), which it was not trained on; --max-len {seq_length} truncates them")
 
 
 # -- generation -----------------------------------------------------------------------------------------
@@ -666,7 +659,8 @@ def main(argv: list[str] | None = None) -> int:
     except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    max_len = args.max_len or getattr(model.config, "seq_length", None)
+    seq_length = getattr(model.config, "seq_length", None)
+    max_len = args.max_len or seq_length
     report = evaluate_model(model, tokenizer, records, batch_size=args.batch_size,
                             max_new_tokens=args.max_new_tokens, max_len=max_len, generate=not args.no_generate,
                             repetition_penalty=args.repetition_penalty, prompts=prompts,
@@ -685,7 +679,7 @@ def main(argv: list[str] | None = None) -> int:
                               "--max-len" if args.max_len else "--max-len (default: the model's seq_length)")
     if note:
         print(note, file=sys.stderr)
-    if note := past_seq_length_note(report["base"], model_dir):
+    if note := past_seq_length_note(report["base"], seq_length):
         print(note, file=sys.stderr)
     print(format_table(report))
     if args.output:
