@@ -414,14 +414,14 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
             continue
         convert = actions[key].type
         choices = actions[key].choices
-        if value is False and choices is not None and "no" in [str(getattr(c, "value", c)) for c in choices]:
+        names = None if choices is None else [str(getattr(c, "value", c)) for c in choices]  # (enums by value)
+        if value is False and names is not None and "no" in names:
             # YAML reads a bare no (or off) as false: `save_strategy: no` is the command line's --save_strategy no
             values[key] = value = "no"
-        if choices is not None and not (value is None and actions[key].default is None) and (
-                not isinstance(value, str) or value not in [str(getattr(c, "value", c)) for c in choices]):
+        if names is not None and not (value is None and actions[key].default is None) and (
+                not isinstance(value, str) or value not in names):
             # (transformers' "None is not a valid SaveStrategy" named neither the key nor the file)
-            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not one of "
-                                   f"{', '.join(str(getattr(c, 'value', c)) for c in choices)}")
+            raise TrainConfigError(f"config file {path}: {key}: {value!r} is not one of {', '.join(names)}")
         if key in containers and isinstance(value, (bool, int, float)):  # (deepspeed: 5 was a TypeError)
             raise TrainConfigError(f"config file {path}: {key}: {value!r} is not "
                                    + ("a path or a mapping" if key in PATH_FLAGS or key in _DICT_FLAGS
