@@ -97,7 +97,7 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
     tools = tools if _given(tools) else None
     if functions is not None and tools is not None:
         raise ReactError("give either 'functions' or 'tools', not both", where_tools)
-    out = []
+    out, places = [], []  # each function and where it was given
     plain_ok = False
     if isinstance(tools, str):  # LLaMA-Factory's ShareGPT form: the tool list as JSON text of function dicts
         tools = _loads(tools, where_tools, "a string that is not JSON ({why})")
@@ -108,21 +108,22 @@ def functions_from(functions=None, tools=None, where_functions="functions", wher
         for i, t in enumerate(tools):
             where = f"{where_tools}[{i}]"
             if plain_ok and isinstance(t, dict) and "function" not in t:
-                out.append(_check_function(t, where))
-                continue
-            if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(
+                function, place = t, where
+            elif not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(
                     t.get("function"), dict):
                 raise ReactError("must be {\"type\": \"function\", \"function\": {...}}", where)
-            out.append(_check_function(t["function"], f"{where}.function"))
+            else:
+                function, place = t["function"], f"{where}.function"
+            out.append(_check_function(function, place))
+            places.append(place)
     elif functions is not None:
         if not isinstance(functions, list):
             raise ReactError(f"must be a list, got {json_type(functions)}", where_functions)
-        out = [_check_function(f, f"{where_functions}[{i}]") for i, f in enumerate(functions)]
+        places = [f"{where_functions}[{i}]" for i in range(len(functions))]
+        out = [_check_function(f, where) for f, where in zip(functions, places)]
     names: dict = {}
-    for i, f in enumerate(out):  # (both went into the prompt: which one a call of that name meant, nobody could say)
+    for i, (f, where) in enumerate(zip(out, places)):  # (both went into the prompt: which did a call mean?)
         if (name := f.get("name")) in names:
-            where = f"{where_tools}[{i}].function" if tools is not None and not plain_ok else (
-                f"{where_tools}[{i}]" if tools is not None else f"{where_functions}[{i}]")
             raise ReactError(f"function name {quoted(name, QUOTED)} is given twice (first at index {names[name]})",
                              f"{where}.name")
         names[name] = i
