@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from ..modeling.sampling_ranges import SAMPLING_RANGES, integral, number, out_of_range, whole
+from ..modeling.sampling_ranges import (SAMPLING_RANGES, do_sample_problem, integral, out_of_range, whole,
+                                        zero_temperature_problem)
 
 # GenerationConfig fields the engine implements (anything else set away from its default is refused).
 # A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
@@ -80,8 +81,8 @@ class SamplingParams:
             problems.append(f"stop must be non-empty strings, got {self.stop!r}")
         if not (isinstance(self.stop_token_ids, tuple) and all(whole(t) and t >= 0 for t in self.stop_token_ids)):
             problems.append(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
-        if not isinstance(self.do_sample, bool):  # ("no" sampled: a non-empty string is true)
-            problems.append(f"do_sample must be true or false, got {self.do_sample!r}")
+        if why := do_sample_problem(self.do_sample):
+            problems.append(why)
         if self.seed is not None and not (whole(self.seed) and -(2**63) <= self.seed < 2**64):
             # (what torch.Generator takes: another value failed the engine's step, and with it the rows joining)
             problems.append(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
@@ -89,10 +90,8 @@ class SamplingParams:
             problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         problems += [f"{name} {why}" for name in SAMPLING_RANGES
                      if (why := out_of_range(name, getattr(self, name))) is not None]
-        if self.do_sample and number(self.temperature) and self.temperature == 0:
-            # (a greedy row ignores its temperature, as transformers does: a generation_config.json that says
-            # do_sample false often has temperature 0)
-            problems.append("temperature must be > 0 to sample (do_sample false decodes greedily), got 0")
+        if why := zero_temperature_problem(self.do_sample, self.temperature):
+            problems.append(why)
         if not (whole(self.min_new_tokens) and 0 <= self.min_new_tokens):
             problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
         if problems:

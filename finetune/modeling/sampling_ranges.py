@@ -40,17 +40,30 @@ def out_of_range(name: str, value) -> str | None:
     return None if ok(value) else f"must be {want}, got {value!r}"
 
 
+def do_sample_problem(do_sample) -> str | None:
+    """Why ``do_sample`` is no switch value ("no" sampled: a non-empty string is true), or None."""
+    return None if isinstance(do_sample, bool) else f"do_sample must be true or false, got {do_sample!r}"
+
+
+def zero_temperature_problem(do_sample, temperature) -> str | None:
+    """Sampling at temperature 0 (a greedy row ignores its temperature, as transformers does: a
+    generation_config.json that says do_sample false often has temperature 0), or None."""
+    if do_sample and number(temperature) and temperature == 0:
+        return "temperature must be > 0 to sample (do_sample false decodes greedily), got 0"
+    return None
+
+
 def config_problems(gc) -> list[str]:
     """What a GenerationConfig that chat() would run with holds out of range, as ``<field> must be ..., got ...``:
     the sampling fields (None: unset), do_sample, num_beams. generate() took top_p 1.5 and do_sample "no" (which
     sampled), and failed on num_beams 0 with a ZeroDivisionError; the engine refused them."""
     problems = [f"{name} {why}" for name in SAMPLING_RANGES
                 if (value := getattr(gc, name, None)) is not None and (why := out_of_range(name, value))]
-    if not isinstance(gc.do_sample, bool):
-        problems.append(f"do_sample must be true or false, got {gc.do_sample!r}")
+    if why := do_sample_problem(gc.do_sample):
+        problems.append(why)
     beams = getattr(gc, "num_beams", None)
     if beams is not None and not (whole(beams) and beams >= 1):
         problems.append(f"num_beams must be an integer >= 1, got {beams!r}")
-    if gc.do_sample is True and number(gc.temperature) and gc.temperature == 0:
-        problems.append("temperature must be > 0 to sample (do_sample false decodes greedily), got 0")
+    if why := zero_temperature_problem(gc.do_sample, gc.temperature):
+        problems.append(why)
     return problems
