@@ -96,15 +96,17 @@ class Server:
         """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
         try:
             functions = react.functions_from(body.functions, body.tools)  # (each definition checked there)
-            if not body.tools_disabled():
+            if functions and not body.tools_disabled():
                 return react.build_turns(body.messages, functions), functions
             turns = react.build_turns(body.messages, [])
-            if functions and turns.query is None and not turns.continues_assistant:
-                # tool_choice "none" after a tool result: the open ReAct turn went on after "Thought:" with no
-                # instruction and no "Observation:" stop, and the client got the ReAct text ("I now know the final
-                # answer.\nFinal Answer: ...", or an invented call and observation) as its answer. Laid out as with
-                # the tools, the turn is closed with the official final-answer thought: the model writes the answer
-                turns = react.build_turns(body.messages, functions)
+            if turns.query is None and not turns.continues_assistant:
+                # a tool result with tool_choice "none", or with no tools in the request: the open ReAct turn went
+                # on after "Thought:" with no instruction and no "Observation:" stop, and the client got the ReAct
+                # text ("I now know the final answer.\nFinal Answer: ...", or an invented call and observation) as
+                # its answer. Laid out as with the tools where the request has them, the turn is closed with the
+                # official final-answer thought: the model writes the answer
+                if functions:
+                    turns = react.build_turns(body.messages, functions)
                 user, segments = turns.pairs[-1]
                 turns.pairs[-1] = (user, segments + [(FINAL_ANSWER_OPEN, False)])
             return turns, []
@@ -207,7 +209,8 @@ class Server:
                            f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
                            None, "queue_full")
         req, queue = started
-        return Run(self, req, queue, TextStream(self.tokenizer, stop, strip=strip), len(ids), left_out), functions
+        text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens)
+        return Run(self, req, queue, text, len(ids), left_out), functions
 
 
 class ClientGone(Exception):
@@ -292,6 +295,12 @@ def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest)
         return {"role": "assistant", "content": content or None, "function_call": call}, "function_call"
     tool_call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": call}
     return {"role": "assistant", "content": content or None, "tool_calls": [tool_call]}, "tool_calls"
+
+
+def _finish_with_call(finish: str | None, call_reason: str | None) -> str | None:
+    """A reply that calls a tool finishes with "tool_calls" (or "function_call"), unless max_tokens cut it: then
+    with "length", as OpenAI reports it, since the call's arguments may be cut short (a client would run them)."""
+    return "length" if finish == "length" else call_reason or finish
 
 
 def _body_problem(request: Request, err: dict) -> str:
@@ -662,7 +671,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         finish = run.finish_reason
         if functions:
             message, call_reason = _tool_message(text, functions, body)
-            finish = call_reason or finish
+            finish = _finish_with_call(finish, call_reason)
         else:
             message = {"role": "assistant", "content": text}
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
@@ -704,7 +713,7 @@ async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Reques
                 delta = {"content": message["content"]}
             if delta.get("content") or len(delta) > 1:
                 yield _sse(chunk(delta))
-            finish = call_reason or run.finish_reason
+            finish = _finish_with_call(run.finish_reason, call_reason)
         else:
             async for delta in run.deltas(http, every_step=continuous):
                 yield _sse(chunk({"content": delta}))

@@ -4,7 +4,9 @@
   decoded together, and their text is taken once it no longer ends in U+FFFD (an incomplete UTF-8
   sequence); a byte-level BPE text is the concatenation of its tokens' bytes, so cutting there is exact.
 - Stop strings are honoured across chunk boundaries: a tail of the text that could be the start of a stop
-  string is held back until the next tokens decide; the text is cut where a stop string begins.
+  string is held back until the next tokens decide; the text is cut where a stop string begins. With
+  ``min_ids`` (the request's min_tokens) a stop string completed by one of the first ``min_ids - 1`` tokens
+  does not count, as the engine treats its own stop strings and stop tokens (and vLLM its stop strings).
 - The deltas join to exactly what `model.chat` returns: the reply stripped of leading and trailing
   whitespace (leading whitespace is never sent; trailing whitespace is held back until text follows it).
   With ``strip=False`` (the reply continues the client's own assistant message, as the official server's
@@ -15,10 +17,12 @@ from __future__ import annotations
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: list[str] | None = None, strip: bool = True):
+    def __init__(self, tokenizer, stop: list[str] | None = None, strip: bool = True, min_ids: int = 0):
         self.tokenizer = tokenizer
         self.strip = strip
         self.stop = [s for s in (stop or []) if s]
+        self.min_ids = min_ids
+        self._floor: int | None = None  # a stop string counts where it ends past text[:_floor] (min_ids)
         self._longest = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
         self.text = ""  # decoded text of ids[:_decoded]
@@ -53,11 +57,13 @@ class TextStream:
         return self.text.strip() if self.strip else self.text
 
     def _find_stop(self) -> None:
-        if not self.stop:
-            return
+        if not self.stop or len(self.ids) < self.min_ids:
+            return  # (no stop string completes before the min_ids-th token)
+        if self._floor is None:
+            self._floor = len(self.tokenizer.decode(self.ids[:self.min_ids - 1])) if self.min_ids > 1 else 0
         # a stop string never starts in text already sent (see _held): a long one need not rescan it all
         start = max(0, self._searched - self._longest + 1, self._sent)
-        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        hits = [i for i in (self.text.find(s, max(start, self._floor - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
             self.stopped = True

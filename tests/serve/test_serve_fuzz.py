@@ -405,7 +405,9 @@ def test_the_openai_client_parses_a_streamed_tool_call_with_usage_and_round_trip
     assert [(tc.index, tc.function.name, tc.function.arguments) for tc in calls] == [
         (0, "get_weather", "{\"city\": \"Paris\"}")]
     assert calls[0].id.startswith("call_") and calls[0].type == "function"
-    assert chunks[-2].choices[0].finish_reason == "tool_calls" and chunks[-1].choices == []
+    # (a reply max_tokens cut finishes with "length" even when it reads as a call: its arguments may be cut)
+    cut = chunks[-1].usage.completion_tokens == 6
+    assert chunks[-2].choices[0].finish_reason == ("length" if cut else "tool_calls") and chunks[-1].choices == []
     assert chunks[-1].usage.prompt_tokens > 0 and all(c.usage is None for c in chunks[:-1])
 
     message = client.chat.completions.create(model=MODEL, messages=ask, tools=tools, max_tokens=6).choices[0].message

@@ -22,7 +22,7 @@ _IDS = itertools.count()
 
 class ScriptedEngine:
     """The engine interface the server's worker drives; every request generates `reply`'s tokens, one a step,
-    then finishes with reason "stop" (as at <|im_end|>)."""
+    then finishes with reason "stop" (as at <|im_end|>), or with "length" at its max_new_tokens."""
 
     max_len = 2048
 
@@ -31,8 +31,8 @@ class ScriptedEngine:
 
     def submit(self, prompt_ids, params, adapter=None):
         req = SimpleNamespace(id=next(_IDS), prompt_ids=list(prompt_ids), output_ids=[], finished=False,
-                              finish_reason=None, todo=self.tok.encode(self.reply))
-        req.cancel = lambda: setattr(req, "todo", [])
+                              finish_reason=None, todo=self.tok.encode(self.reply), limit=params.max_new_tokens)
+        req.cancel = lambda reason=None: setattr(req, "todo", [])
         self.running.append(req)
         return req
 
@@ -48,6 +48,8 @@ class ScriptedEngine:
                 req.output_ids.append(req.todo.pop(0))
             if not req.todo:
                 req.finished, req.finish_reason = True, "stop"
+            elif len(req.output_ids) >= req.limit:
+                req.finished, req.finish_reason = True, "length"
         updated, self.running = self.running, [r for r in self.running if not r.finished]
         return updated
 
@@ -167,3 +169,61 @@ def test_tool_choice_none_after_a_tool_result_gets_a_final_answer(live):
     plain, _ = live.server.prompt(ChatCompletionRequest(model="scripted", messages=msgs[:1], tools=tools,
                                                         tool_choice="none"))
     assert "Action" not in tok.decode(plain)
+
+
+def test_a_tool_result_in_a_request_without_tools_gets_a_final_answer(live):
+    """A client that leaves `tools` out of the request carrying the tool's result (the conversation's tools are
+    done) got the ReAct text back ("I now know the final answer.\nFinal Answer: ..."), as tool_choice "none"
+    did: the open turn is closed with the official final-answer thought, and the answer comes back alone."""
+    from finetune.serve.protocol import ChatCompletionRequest
+
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "search", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "found"}]
+    ids, functions = live.server.prompt(ChatCompletionRequest(model="scripted", messages=msgs))
+    tok = live.server.tokenizer
+    assert functions == []
+    assert tok.decode(ids).endswith("\nObservation: found\nThought: I now know the final answer.\nFinal Answer:")
+    choice = _post(live, " It is found.", msgs)
+    assert choice["message"] == {"role": "assistant", "content": "It is found."} and choice["finish_reason"] == "stop"
+    assert _post(live, " It is found.", msgs, stream=True) == "It is found."
+
+
+def test_a_tool_call_cut_by_max_tokens_finishes_with_length(live):
+    """A call whose arguments max_tokens cut short was reported as finish_reason "tool_calls" with broken JSON
+    for the client to run; OpenAI reports a reply the token limit ended with "length"."""
+    import json
+
+    tools = [{"type": "function", "function": F}]
+    msgs = [{"role": "user", "content": "Find it."}]
+    call = 'Thought: I should search.\nAction: search\nAction Input: {"q": "the thing we look for"}'
+    whole = _post(live, call, msgs, tools=tools)
+    assert whole["finish_reason"] == "tool_calls"
+    assert json.loads(whole["message"]["tool_calls"][0]["function"]["arguments"]) == {"q": "the thing we look for"}
+    cut = len(live.server.tokenizer.encode(call)) - 4
+    assert _post(live, call, msgs, tools=tools, max_tokens=cut)["finish_reason"] == "length"
+    live.server.engine.reply = call
+    r = httpx.post(live.api_url + "/chat/completions", timeout=30,
+                   json={"model": "scripted", "messages": msgs, "tools": tools, "max_tokens": cut, "stream": True})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]] == ["length"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_holds_back_stop_strings_as_it_holds_stop_tokens(live, stream):
+    """The server cut the reply at a stop string among its first min_tokens tokens: the engine holds stop tokens
+    and its own stop strings back until min_tokens (as vLLM holds stop strings), and so does the text stream."""
+    reply = " one two three two four"
+    tok = live.server.tokenizer
+    ids = tok.encode(reply)
+    first = next(n for n in range(1, len(ids) + 1) if "two" in tok.decode(ids[:n]))  # completes the first "two"
+    msgs = [{"role": "user", "content": "count"}]
+
+    def text(choice):
+        return choice if stream else choice["message"]["content"]
+
+    assert text(_post(live, reply, msgs, stop=["two"], stream=stream)) == "one"
+    assert text(_post(live, reply, msgs, stop=["two"], min_tokens=first, stream=stream)) == "one"
+    assert text(_post(live, reply, msgs, stop=["two"], min_tokens=first + 1, stream=stream)) == "one two three"
+    assert text(_post(live, reply, msgs, stop=["two"], min_tokens=len(ids), stream=stream)) == reply.strip()

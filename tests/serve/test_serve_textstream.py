@@ -106,3 +106,19 @@ def test_random_replies_and_stop_strings_stream_to_the_whole_answer(real_vocab_f
         case = (ids, stops, strip, deltas)
         assert "".join(deltas) == s.final_text == (expected.strip() if strip else expected), case
         assert "\ufffd" not in "".join(deltas) or "\ufffd" in expected, case
+
+
+def test_a_stop_string_completed_before_min_ids_does_not_count(tok):
+    """min_ids (the request's min_tokens): a stop string that one of the first min_ids - 1 tokens completes is
+    text like any other, as the engine treats its stop strings; one that ends later cuts as before."""
+    text = "ab STOP cd STOP ef"
+    ids = tok.encode(text)
+    done = [n for n in range(1, len(ids) + 1) if tok.decode(ids[:n]).count("STOP") > tok.decode(ids[:n - 1]).count(
+        "STOP")]  # the token counts at which each "STOP" is complete
+    assert len(done) == 2
+    for min_ids, expected in ((0, "ab"), (done[0], "ab"), (done[0] + 1, "ab STOP cd"), (done[1], "ab STOP cd"),
+                              (done[1] + 1, text)):
+        s = TextStream(tok, ["STOP"], min_ids=min_ids)
+        deltas = [s.feed([i]) for i in ids] + [s.finish()]
+        assert "".join(deltas) == s.final_text == expected, min_ids
+        assert s.stopped is (expected != text)
