@@ -300,6 +300,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
     out: list[Message] = []
     results: dict[int, Message] = {}  # index in out of an answered call -> its result, which follows it
     pending = _PendingCalls()
+    legacy_call = False  # the message before is a function_call (not OpenAI tool_calls) awaiting its result
     for i, m in enumerate(messages):
         w = f"{where}[{i}]"
         if not isinstance(m, dict):
@@ -314,6 +315,9 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         content = content_text(raw_content, f"{w}.content")
         if (why := lone_surrogate(content)) is not None:  # (a request answered about text it did not send)
             raise ReactError(why, f"{w}.content")
+        if role == "tool" and legacy_call:
+            role = "function"  # a `tool` turn answering a function_call turn (ShareGPT files mix the two forms)
+        legacy_call = False
         if role == "tool":
             if not pending:
                 raise ReactError("a tool message must answer a tool call of the assistant message before it",
@@ -344,6 +348,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         if role == "function_call":  # LLaMA-Factory's ShareGPT form: the assistant's call as JSON text
             key = f"{w}.{'content' if m.get('content') is not None else 'value'}"  # (the one it was sent under)
             out.append(Message("assistant", "", _json_call(raw_content, key), key, key))
+            legacy_call = True
             continue
         if role not in ("system", "user", "assistant", "function"):
             raise ReactError(f"unknown role {quoted(role, QUOTED)} (accepted: system or developer, user, assistant, "
@@ -353,6 +358,7 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
             raise ReactError("only assistant messages carry a function_call", f"{w}.function_call")
         out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None,
                            f"{w}.content", f"{w}.function_call"))
+        legacy_call = fc is not None
     if pending:
         raise ReactError(f"tool call {quoted(pending.first_id(), QUOTED)} has no tool message answering it", where)
     if not results:

@@ -41,8 +41,9 @@ from .summary import summarize
 
 # Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
 # old caches. 2: stricter validation (duplicate keys, conflicting fields, lone surrogates).
-FORMAT_VERSION = 4  # 3: assistant "weight" 0 untrained, Alpaca records, text parts, tool replies stripped
+FORMAT_VERSION = 5  # 3: assistant "weight" 0 untrained, Alpaca records, text parts, tool replies stripped
 # 4: tool records checked as plain ones and as the server checks them, Alpaca tools, null arguments
+# 5: a reply with no trained segment untrained (its <|im_end|> too), an empty top-level "system" the default prompt
 TOO_LONG = "prompt longer than max_len (nothing left to train)"
 BATCH_ROWS = 512  # rows per Arrow record batch
 IN_MEMORY = "<records>"  # the "path" of records passed as a list
@@ -66,7 +67,7 @@ def auto_procs(path: str) -> int:
 
 
 class TooLongError(DataError):
-    """Records that max_len leaves nothing to train in (the prompt before the first reply fills it).
+    """Records that max_len leaves nothing to train in (the text before the first trained reply fills it).
 
     A type of its own so a caller can name its own setting for max_len (the trainer: --model_max_length).
     """
@@ -510,9 +511,9 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
         if isinstance(path_or_records, (str, os.PathLike)):
             where, index, line = record_place(source, sources, first_too_long)
         too_long = TooLongError(TOO_LONG, f"{n} of {len(reasons)} record{'s' * (len(reasons) > 1)} "
-                                f"{'have' if n > 1 else 'has'} no reply token within max_len {max_len} (the "
-                                "prompt before the first reply fills it)" + ("; this is the first" if n > 1 else ""),
-                                path=where, index=index, line=line)
+                                f"{'have' if n > 1 else 'has'} no trained reply token within max_len {max_len} (the "
+                                "text before the first trained reply fills it)"
+                                + ("; this is the first" if n > 1 else ""), path=where, index=index, line=line)
         if not skip_invalid:
             raise too_long
         errors.append(too_long)  # in the summary's examples

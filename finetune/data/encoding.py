@@ -24,7 +24,7 @@ import unicodedata
 import weakref
 from dataclasses import dataclass
 
-from .records import normalize_record
+from .records import normalize_record, trained_reply
 
 IGNORE = -100
 # the shortest row length (--model_max_length, eval's --max-len) worth a run: a turn's ChatML headers and
@@ -99,8 +99,10 @@ class ChatEncoder:
         # tool conversations: labels only on the assistant's trained segments (not on observations)
         masks = {} if train_on_prompt else {k + 1: self._segment_labels(turns[k + 1][1], m["segments"])
                                             for k, m in enumerate(record["messages"]) if "segments" in m}
-        # assistant turns with weight 0 (OpenAI's fine-tuning format) are context: never trained
-        context = {k + 1 for k, m in enumerate(record["messages"]) if m.get("weight") == 0}
+        # assistant turns with weight 0 (OpenAI's fine-tuning format) are context: never trained; so is one whose
+        # segments are all untrained (its <|im_end|> too), unless train_on_prompt trains those as prompt text
+        context = {k + 1 for k, m in enumerate(record["messages"])
+                   if m.get("weight") == 0 or not (train_on_prompt or trained_reply(m))}
         sizes = [len(header[r]) + len(c) + len(end) for r, c in turns]
         full_length = sum(sizes)
         if max_len is None or full_length <= max_len:

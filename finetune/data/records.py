@@ -189,6 +189,12 @@ def _from_alpaca(record: dict) -> dict:
     return out
 
 
+def trained_reply(message: dict) -> bool:
+    """Whether a normalised assistant message is trained: weight 1 and, with `segments`, one of them trained (a
+    reply whose segments are all untrained is context, as one of weight 0: its <|im_end|> is not trained either)."""
+    return message.get("weight", 1) != 0 and any(t for _, t in message.get("segments", [["", True]]))
+
+
 def _weight(turn: dict, role: str, n: int) -> int:
     """An assistant turn's OpenAI fine-tuning `weight`: 1 (trained, also when absent) or 0 (context only)."""
     w = turn.get("weight")
@@ -217,6 +223,10 @@ def normalize_record(record: Any) -> dict:
             raise DataError(f"both '{chat[0]}' and Alpaca fields", f"the record has '{chat[0]}' and "
                             f"{', '.join(repr(k) for k in alpaca)}; keep one form (the other would be ignored)")
         record = _from_alpaca(record)
+    if record.get("system") == "":
+        # an empty 'system' column of an export (LLaMA-Factory's Alpaca / ShareGPT files have one on every row) is
+        # the default prompt, as LLaMA-Factory reads it; a system turn of empty text stays an empty prompt
+        record = {k: v for k, v in record.items() if k != "system"}
     # Both forms in one record would leave one of them unread. (None counts as absent: a `datasets` dir that
     # mixes the forms has both columns, one of them null in each row.) Checked before a tool record is
     # rendered, which reads one of the two.
@@ -296,7 +306,7 @@ def normalize_record(record: Any) -> dict:
         if role != "assistant" and turn.get("segments") is not None:  # (read nowhere: it was ignored silently)
             raise DataError("invalid segments", f"turn {n} ({role}): 'segments' marks the trained text of an "
                             "assistant turn; a user turn has none")
-        if role == "assistant" and "segments" in turn:  # labels per segment (react.render_tool_record)
+        if role == "assistant" and turn.get("segments") is not None:  # labels per segment (render_tool_record)
             try:
                 messages[-1]["segments"] = react.check_segments(turn["segments"], content, f"turn {n}")
             except react.ReactError as e:
@@ -304,8 +314,9 @@ def normalize_record(record: Any) -> dict:
 
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError("no assistant turn", "nothing to train on or score")
-    if not any(m["role"] == "assistant" and m.get("weight", 1) for m in messages):
-        raise DataError("no trained assistant turn", "every assistant turn has weight 0: nothing to train on or score")
+    if not any(m["role"] == "assistant" and trained_reply(m) for m in messages):
+        raise DataError("no trained assistant turn", "every assistant turn has weight 0 or no trained segment: "
+                        "nothing to train on or score")
     rid = record.get("id")
     if isinstance(rid, str):
         _check_text(rid, "the id")
@@ -595,15 +606,41 @@ GLOB_CHARS = re.compile(r"[*?\[]")
 DATA_SUFFIXES = (".json",) + JSONL_SUFFIXES  # the files a plain directory given as data contributes
 
 
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+
+
 def _is_datasets_dir(p: Path) -> bool:
-    return (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists()
+    """A `datasets` save_to_disk dir: a DatasetDict's dataset_dict.json, or a Dataset's dataset_info.json beside
+    its state.json (a LLaMA-Factory data folder has a dataset_info.json of its own, its registry of files)."""
+    return (p / "dataset_dict.json").exists() or ((p / "dataset_info.json").exists() and (p / "state.json").exists())
 
 
 def _dir_files(d: str) -> list[str]:
-    """The .json / .jsonl / .ndjson files directly in a plain directory, sorted by name."""
+    """The .json / .jsonl / .ndjson files directly in a plain directory, sorted by name. Refused where the
+    directory holds data this reading would leave out without a word: compressed data files, subdirectories of
+    data files, or LLaMA-Factory's dataset_info.json registry (which names files, and is no data itself)."""
+    root = Path(d)
+    if (root / "dataset_info.json").is_file():
+        raise DataError("not a data file", "the directory holds dataset_info.json but no state.json: a LLaMA-Factory "
+                        "data folder (its dataset_info.json lists datasets; it is no training data), not a "
+                        "`datasets` save_to_disk dir. Name the data files: a file, a quoted glob ('DIR/*.jsonl') "
+                        "or a comma-separated list", path=d)
     # a broken symbolic link is kept (its reading names it), not left out of the data without a word
-    files = sorted(str(f) for f in Path(d).iterdir()
-                   if (f.is_file() or f.is_symlink() and not f.exists()) and f.suffix.lower() in DATA_SUFFIXES)
+    files, left_out = [], []
+    for f in sorted(root.iterdir()):
+        if (f.is_file() or f.is_symlink() and not f.exists()) and f.suffix.lower() in DATA_SUFFIXES:
+            files.append(str(f))
+        elif f.name.startswith("."):  # (hidden: an editor's or Jupyter's copies)
+            continue
+        elif f.is_file() and f.suffix.lower() in COMPRESSED_SUFFIXES and Path(f.stem).suffix.lower() in DATA_SUFFIXES:
+            left_out.append(f"{f.name} (compressed: decompress it first)")
+        elif f.is_dir() and any(x.suffix.lower() in DATA_SUFFIXES for x in f.rglob("*") if x.is_file()):
+            left_out.append(f"{f.name}/ (a subdirectory: a directory's own files are read, not its subdirectories')")
+    if left_out:
+        raise DataError("data left out", f"the directory holds data files it would not read: {', '.join(left_out[:3])}"
+                        + (f" and {len(left_out) - 3} more" if len(left_out) > 3 else "") + "; name the files to "
+                        "train on instead (a quoted glob such as 'DIR/**/*.jsonl', or a comma-separated list)",
+                        path=d)
     if not files:
         raise DataError("not a data file", "a directory that is not a `datasets` save_to_disk dir and holds no "
                         f"{' / '.join(DATA_SUFFIXES)} files", path=d)

@@ -261,8 +261,8 @@ def test_records_with_nothing_to_train_stop_the_build(data_small_tokenizer, tmp_
     err = e.value
     assert isinstance(err, DataError) and err.index == 1 and err.line is not None
     assert str(err) == (f"{path}, record 2, line {err.line}: prompt longer than max_len (nothing left to train): "
-                        "3 of 5 records have no reply token within max_len 40 (the prompt before the first reply "
-                        "fills it); this is the first")
+                        "3 of 5 records have no trained reply token within max_len 40 (the text before the first "
+                        "trained reply fills it); this is the first")
     # the line is the one where record 2 starts
     starts = [i + 1 for i, l in enumerate(path.read_text().splitlines()) if l.startswith(" {")]
     assert err.line == starts[1]

@@ -3,6 +3,7 @@
 import pytest
 
 from finetune.data import DataError, encode_conversation, encode_conversation_info
+from finetune.data.records import normalize_record
 
 IGN = -100
 IM_START, IM_END, NL = 151644, 151645, 198
@@ -185,3 +186,27 @@ def test_weight_zero_assistant_turns_are_context_not_trained(data_small_tokenize
     trained = [t for t, l in zip(on_prompt["input_ids"], on_prompt["labels"]) if l != IGN]
     assert tok.encode("first reply") + [tok.im_end_id] != trained[:len(tok.encode("first reply")) + 1]
     assert "first reply" not in tok.decode(trained) and "second reply" in tok.decode(trained)
+
+
+def test_a_reply_with_no_trained_segment_is_context_with_its_end(data_small_tokenizer):
+    """A reply whose `segments` are all untrained trained its <|im_end|> alone: the model learnt to stop right
+    after text it was told not to learn. It is context, as a weight-0 reply is (--train_on_prompt trains it as
+    prompt text, as it trains other untrained segments); a record with nothing else to train is refused."""
+    tok = data_small_tokenizer
+    msgs = [{"role": "user", "content": "q1"},
+            {"role": "assistant", "content": "Let me check.", "segments": [["Let me check.", False]]},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "It is 42."}]
+    out = encode_conversation(tok, {"messages": msgs})
+    trained = [t for t, l in zip(out["input_ids"], out["labels"]) if l != IGN]
+    assert trained == tok.encode("It is 42.") + [tok.im_end_id]
+    weight0 = encode_conversation(tok, {"messages": [msgs[0], {"role": "assistant", "content": "Let me check.",
+                                                               "weight": 0}, *msgs[2:]]})
+    assert out == weight0
+    on_prompt = encode_conversation(tok, {"messages": msgs}, train_on_prompt=True)
+    assert "Let me check.<|im_end|>" in tok.decode([l for l in on_prompt["labels"] if l != IGN])
+    with pytest.raises(DataError, match="no trained assistant turn: every assistant turn has weight 0 or no trained "
+                       "segment"):
+        normalize_record({"messages": msgs[:2]})
+    # (null segments count as absent, as a null weight does: exporters write every key)
+    plain = normalize_record({"messages": [{**m, "segments": None, "weight": None} for m in msgs[2:]]})
+    assert plain == normalize_record({"messages": msgs[2:]})

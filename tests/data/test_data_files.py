@@ -87,6 +87,29 @@ def test_a_broken_link_in_a_data_directory_is_named_not_left_out(shards, data_sm
     assert str(e.value).startswith(f"{shards / 'train-00004.jsonl'}: no such file: a broken symbolic link to "), e.value
 
 
+def test_a_directory_with_data_it_would_not_read_is_refused(shards, data_small_tokenizer):
+    """A compressed data file and a subdirectory of data files were left out of a directory's records without a
+    word (a compressed file named alone is refused); hidden entries (an editor's, Jupyter's copies) stay ignored."""
+    import gzip
+
+    (shards / ".ipynb_checkpoints").mkdir()
+    (shards / ".ipynb_checkpoints" / "train-00001-checkpoint.jsonl").write_text("{}\n")
+    assert ids(load_records(shards)) == list("abcde")
+    (shards / "more.jsonl.gz").write_bytes(gzip.compress(b"{}\n"))
+    (shards / "sub").mkdir()
+    (shards / "sub" / "c.jsonl").write_text("{}\n")
+    for call in (lambda: load_records(shards),
+                 lambda: build_dataset(data_small_tokenizer, str(shards), 64, cache_dir=shards.parent / "cache",
+                                       progress=False)):
+        with pytest.raises(DataError) as e:
+            call()
+        assert str(e.value) == (f"{shards}: data left out: the directory holds data files it would not read: "
+                                "more.jsonl.gz (compressed: decompress it first), sub/ (a subdirectory: a directory's "
+                                "own files are read, not its subdirectories'); name the files to train on instead (a "
+                                "quoted glob such as 'DIR/**/*.jsonl', or a comma-separated list)")
+    assert len(load_records(f"{shards}/*.jsonl")) == 4
+
+
 def test_a_pipe_is_named_as_such_not_as_missing(tmp_path, data_small_tokenizer):
     # `-d <(zcat data.jsonl.gz)`: the pipe exists, and "no such file" sent the user looking for a missing path
     fifo = tmp_path / "fifo.jsonl"

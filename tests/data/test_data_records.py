@@ -66,21 +66,45 @@ def test_datasets_dir(tmp_path):
     assert recs[0]["messages"][1]["content"] == "a"
 
 
-@pytest.mark.parametrize("damage", ["only dataset_info.json", "arrow file missing"])
+@pytest.mark.parametrize("damage", ["arrow file missing", "no dataset_info.json"])
 def test_damaged_datasets_dir_is_a_data_error(tmp_path, damage):
     """datasets' own exception was a traceback out of `qwen-ft train` (which reports DataErrors in one line)."""
     datasets = pytest.importorskip("datasets")
     d = tmp_path / "ds"
-    if damage == "only dataset_info.json":
-        d.mkdir()
-        (d / "dataset_info.json").write_text("{}")
-    else:
-        datasets.Dataset.from_list([GOOD]).save_to_disk(str(d))
-        for f in d.glob("*.arrow"):
-            f.unlink()
+    datasets.Dataset.from_list([GOOD]).save_to_disk(str(d))
+    for f in d.glob("*.arrow") if damage == "arrow file missing" else [d / "dataset_info.json"]:
+        f.unlink()
+    if damage == "no dataset_info.json":
+        (d / "dataset_dict.json").write_text("{}")  # (read as a DatasetDict dir, which it is not)
     with pytest.raises(DataError) as e:
         load_records(d)
     assert str(e.value).startswith(f"{d}: unreadable datasets dir: datasets.load_from_disk failed: ")
+
+
+def test_a_llama_factory_data_folder_is_not_read_as_a_datasets_dir(tmp_path):
+    """LLaMA-Factory keeps its data files beside dataset_info.json, its registry of them: the folder was taken for
+    a `datasets` save_to_disk dir ("datasets.load_from_disk failed: ... neither a Dataset directory nor ...")."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "dataset_info.json").write_text(json.dumps({"my_chat": {"file_name": "my_chat.jsonl"}}))
+    (d / "my_chat.jsonl").write_text(json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError) as e:
+        load_records(d)
+    assert str(e.value).startswith(f"{d}: not a data file: the directory holds dataset_info.json but no state.json: a "
+                                   "LLaMA-Factory data folder")
+    assert len(load_records(f"{d}/*.jsonl")) == 1  # (its files, named, read)
+
+
+def test_an_empty_system_column_is_the_default_prompt():
+    """LLaMA-Factory reads an empty `system` column as its default prompt (exports fill it on every row): it trained
+    an empty system prompt that chat and the server never show. A system turn of empty text stays empty."""
+    for rec in ({"instruction": "Translate.", "input": "Bonjour", "output": "Hello", "system": "", "history": []},
+                {"system": "", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}):
+        assert normalize_record(rec)["system"] == "You are a helpful assistant."
+    turn = {"messages": [{"role": "system", "content": ""}, {"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "a"}]}
+    assert normalize_record(turn)["system"] == ""
+    assert normalize_record({"system": " ", **GOOD})["system"] == " "  # (only the empty string: LLaMA-Factory's `or`)
 
 
 def test_a_record_without_turns_names_its_keys(tmp_path):

@@ -153,6 +153,19 @@ def test_llama_factory_sharegpt_tool_form_renders_as_the_openai_form(data_small_
                                                                                            no_thought)
 
 
+def test_a_tool_turn_answering_a_function_call_turn_is_its_result():
+    """ShareGPT files mix the forms: a `tool` turn after a `function_call` turn was refused as answering no tool
+    call (only OpenAI tool_calls registered one); it is that call's result, as an `observation` turn is."""
+    mixed = json.loads(json.dumps(LLAMA_FACTORY))
+    mixed["conversations"][2]["from"] = "tool"
+    assert normalize_record(mixed) == normalize_record(LLAMA_FACTORY)
+    # a second result of one call is still refused, and a tool turn after an answered call too
+    twice = json.loads(json.dumps(mixed))
+    twice["conversations"][3:3] = [{"from": "tool", "value": "again"}]
+    with pytest.raises(DataError, match=r"conversations\[3\]"):
+        normalize_record(twice)
+
+
 def test_alpaca_record_keeps_its_tools():
     """LLaMA-Factory's Alpaca form has a `tools` column: it was dropped, and the record trained as plain chat."""
     alpaca = {"instruction": "Weather in Paris?", "output": "It is sunny.", "tools": LLAMA_FACTORY["tools"]}
