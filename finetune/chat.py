@@ -158,6 +158,8 @@ def load(args):
     from .loading import load_model
     from .tokenization import load_tokenizer
 
+    if args.adapter:  # a hub id too (as eval and merge take one), and a missing dir named with what is beside it
+        args.adapter = str(resolve_model_dir(args.adapter, "adapter directory"))
     # a hub id resolved now (as the adapter's base is), so that the checks below read its config before loading
     model_dir = resolve_base(args.adapter, args.model) if args.adapter else resolve_model_dir(args.model)
     check_chat_format(model_dir)

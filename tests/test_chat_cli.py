@@ -65,6 +65,27 @@ def test_a_leading_tilde_in_the_adapter_flag_is_the_home_dir(setup, tmp_path, mo
     assert capsys.readouterr().out.strip() == MEMORISE[2][1]
 
 
+def test_chat_takes_an_adapters_hub_id_without_a_model(setup, tmp_path, capsys, monkeypatch):
+    """`chat --adapter org/name` without -m read the adapter's config from a path never fetched: "adapter org/name
+    does not exist", where -m BASE --adapter org/name, eval and merge fetched it. A missing local dir is named with
+    the dirs beside it, as with -m."""
+    import huggingface_hub
+
+    from finetune.cli import main
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda ref, **k: fetched.append(ref) or str(setup["lora"]))
+    monkeypatch.chdir(tmp_path)
+    assert main(["chat", "--adapter", "org/memorised", "--query", MEMORISE[0][0], "--greedy"]) == 0
+    assert fetched == ["org/memorised"] and capsys.readouterr().out.strip() == MEMORISE[0][1]
+    (tmp_path / "runs" / "demo-qlora").mkdir(parents=True)
+    missing = tmp_path / "runs" / "my-adapter"
+    assert main(["chat", "--adapter", str(missing), "--query", "hi"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: adapter directory {missing} does not exist ({missing.parent}/ holds: demo-qlora)")
+
+
 def test_a_missing_adapter_beside_a_good_model_is_named_as_the_adapter(setup, tmp_path, capsys):
     from finetune.cli import main
 
