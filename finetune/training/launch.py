@@ -3,7 +3,9 @@ launcher for several processes, or DeepSpeed on one.
 
 It is torch.distributed.run, except for how a failed rank ends: torchrun raises ChildFailedError and prints a
 traceback and a report box after the trainer's own `error: ...` line; here the trainer's line is printed once, and
-a rank that died another way (a signal, an exception) gets one line naming it. The exit code is the rank's.
+a rank that died another way (a signal, an exception) gets one line naming it. The exit code is the rank's. Ctrl-C
+(or SIGTERM) ends the launch as it ends one process: rank 0's `interrupted: ...` line (where the last checkpoint is),
+no traceback of torchrun's agent after it, and the exit code 128 + the signal's number.
 
 A rank of this launcher does not print its one-line error itself (`say_error`): it leaves it in the reply file
 torch elastic gives each process, and the launcher prints each distinct line once after the ranks have ended. Bad
@@ -24,17 +26,26 @@ ERROR_EXIT = 2  # the trainer's exit code after its one-line error
 LAUNCHED = "QWEN_FT_LAUNCHER"  # set for the ranks of this launcher: it prints their one-line errors
 
 
+def _not_the_death_signal(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("Received ")  # ("Received Signals.SIGINT death signal, shutting ...")
+
+
 def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     # the agent logs each failure at ERROR before raising; the rank has said what went wrong
     logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+    # and a Ctrl-C as a warning, after rank 0's line that says where the last checkpoint is
+    logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(_not_the_death_signal)
     _cpu_threads(args)
     os.environ[LAUNCHED] = "1"  # (the ranks inherit it)
     try:
         run(args)
+    except SignalException as e:  # Ctrl-C or SIGTERM: the agent has stopped the ranks, which said their lines
+        return 128 + int(e.sigval)
     except ChildFailedError as e:
         # in the order they failed (a stable sort: the order the agent found them within a second)
         failures = sorted(e.failures.items(), key=lambda kv: kv[1].timestamp)

@@ -85,6 +85,29 @@ def test_a_rank_that_died_another_way_is_named_after_the_lines_left(tmp_path, ca
     assert _launch({0: _failure(tmp_path, 0, 2)}, capsys, monkeypatch) == (2, "")
 
 
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_ends_the_launch_without_torchruns_traceback(sig, capsys, monkeypatch):
+    """Ctrl-C on an NPROC=2 or DeepSpeed run: after rank 0's "interrupted: ... continue with --resume True" came the
+    agent's warning and a traceback of its SignalException, and the exit code 1 (one process: that line, 130)."""
+    import logging
+    import signal
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def interrupted(args):
+        number = getattr(signal, sig)
+        logging.getLogger("torch.distributed.elastic.agent.server.api").warning(
+            "Received %s death signal, shutting down workers", number)
+        raise SignalException(f"Process 1 got signal: {int(number)}", sigval=number)
+
+    monkeypatch.setattr(torch.distributed.run, "run", interrupted)
+    monkeypatch.setenv(launch.LAUNCHED, "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    code = launch.main(["--nproc_per_node", "2", "-m", "finetune.train"])
+    assert (code, capsys.readouterr().err) == (128 + int(getattr(signal, sig)), "")
+
+
 @pytest.mark.parametrize("bad", ["missing file", "bad record"])
 def test_two_processes_through_the_script_print_a_bad_inputs_error_once(model, tmp_path, bad):
     """NPROC=2 through scripts/finetune_lora.sh (torchrun, DeepSpeed over gloo): each rank printed the line."""
