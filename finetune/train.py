@@ -470,7 +470,36 @@ def _print_next_steps(plan, output_dir):
     print(f"Chat with it:  {shlex.join(cmd)}", flush=True)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's preemption, `timeout`, `kill`): the run ends as Ctrl-C ends it, saying where its last
+    checkpoint is; Python's default ended the process without a word."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield  # (a handler of the caller's own is left as it is)
+        return
+
+    def terminated(signum, frame):
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: list[str] | None = None) -> int:
+    with _sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     default_allocator_settings()  # before anything touches CUDA (training/allocator.py)
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
     quiet_third_party_notices()
@@ -491,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # once the run has its output dir, rank 0 has said where the last checkpoint is
         if not getattr(e, "reported", False) and os.environ.get("RANK", "0") == "0":
             print("\ninterrupted before training began; nothing was written", file=sys.stderr, flush=True)
-        return 130
+        return 143 if isinstance(e, Terminated) else 130  # (128 + the signal's number, as a shell reports it)
     _end_distributed()  # after success only: a failing rank must exit, not wait for the others
     return 0
 

@@ -554,6 +554,27 @@ def test_ctrl_c_says_where_the_checkpoint_is_and_resume_says_where_it_continues(
     assert log.index("interrupted: the last complete") < log.index("resuming from") < log.index("Done.")
 
 
+def test_sigterm_ends_the_run_as_ctrl_c_does(model, data, tmp_path, capsys, monkeypatch):
+    """SIGTERM (a scheduler's preemption, `timeout`, `kill`) ended the run without a word on where its checkpoint
+    was; it now says so as Ctrl-C does, exits 143, and leaves the default SIGTERM handling as it found it."""
+    import os
+    import signal
+
+    out = tmp_path / "run"
+    step = QwenTrainer.training_step
+
+    def term_at_step_3(self, *a, **k):
+        if self.state.global_step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(QwenTrainer, "training_step", term_at_step_3)
+    assert train_main(train_args(model, data, out, *STEPS4)) == 143
+    assert f"interrupted: the last complete checkpoint is {out / 'checkpoint-2'} (step 2); continue with the same " \
+           "command with --resume True" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_ctrl_c_before_the_run_takes_its_dir_says_so(model, data, tmp_path, capsys, monkeypatch):
     import finetune.train
 
