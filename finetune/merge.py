@@ -127,11 +127,14 @@ def _training_data(adapter_dir: Path, log=print) -> str | None:
     if not p.is_file():
         return None
     try:
-        data = json.loads(p.read_text()).get("data", {}).get("data_path")
+        record = json.loads(p.read_text())
+        data, cwd = record.get("data", {}).get("data_path"), record.get("cwd")
     except (json.JSONDecodeError, AttributeError):
         return None
     if not data:
         return None
+    if isinstance(cwd, str):
+        data = _from_dir(data, cwd)
     from .data import DataError
     from .data.records import data_sources
 
@@ -141,6 +144,19 @@ def _training_data(adapter_dir: Path, log=print) -> str | None:
     except DataError:
         return None
     return data if _still_the_training_data(p.parent, data, log) else None
+
+
+def _from_dir(data: str, cwd: str) -> str:
+    """A data flag's value as the training run read it, from its working directory ``cwd``: each relative path or
+    pattern of it (a comma-separated list's too, as data_sources splits it) anchored there. `data/train.json`
+    given in the checkout was not found by a merge run from another dir."""
+    def anchored(part: str) -> str:
+        part = os.path.expanduser(part)
+        return part if os.path.isabs(part) else os.path.join(cwd, part)
+
+    if "," not in data or os.path.exists(anchored(data)):  # (an existing path is taken whole, commas and all)
+        return anchored(data)
+    return ",".join(anchored(part.strip()) for part in data.split(","))
 
 
 def _still_the_training_data(run_dir: Path, data: str, log=print) -> bool:

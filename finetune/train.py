@@ -451,6 +451,7 @@ def _write_run_args(output_dir, model_args, data_args, lora_args, args, plan, ar
         "model": asdict(model_args), "data": asdict(data_args), "lora": asdict(lora_args),
         "training": json.loads(args.to_json_string()), "mode": plan.mode, "model_dir": str(plan.model_dir),
         "argv": argv,
+        "cwd": os.getcwd(),  # what the data flags' relative paths are relative to (merge reads them from elsewhere)
     }
     Path(output_dir, "run_args.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
 

@@ -556,6 +556,40 @@ def test_training_data_edited_since_the_run_is_not_scored_as_its_training_data(s
         merge(adapter, tmp_path / "m3", fmt="int4", quant_method="gptq", log=quiet)
 
 
+@pytest.mark.parametrize("spec", ["{name}", "./{name},{name2}", "*.json"])
+def test_training_data_named_relative_to_the_runs_dir_is_found_from_another(setup, tmp_path, monkeypatch, spec):
+    """`-d data/train.json` typed in the checkout is recorded as typed: a merge run from another dir did not find
+    it ("names no readable data file" for GPTQ's calibration, no loss in the report). run_args.json keeps the run's
+    working dir, and the flag's relative paths (a list's, a pattern's) are read from there."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(setup["lora"], adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
+    where = tmp_path / "checkout"
+    where.mkdir()
+    shutil.copy2(setup["data"], where / "train.json")
+    records = json.loads((where / "train.json").read_text())
+    if "{name2}" in spec:  # two files the run read as one set: the run's content hash is of both
+        (where / "train.json").write_text(json.dumps(records[:2]))
+        (where / "train2.json").write_text(json.dumps(records[2:]))
+    args = json.loads((adapter / "run_args.json").read_text())
+    args["data"]["data_path"] = spec.format(name="train.json", name2="train2.json")
+    args["cwd"] = str(where)
+    (adapter / "run_args.json").write_text(json.dumps(args))
+    info = json.loads((adapter / "run_info.json").read_text())
+    from finetune.data.dataset import data_content
+
+    monkeypatch.chdir(where)
+    info["data_content"] = data_content(args["data"]["data_path"])  # (what the run recorded, read where it ran)
+    (adapter / "run_info.json").write_text(json.dumps(info))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    report = merge(adapter, tmp_path / "m", dtype="fp32", log=quiet)
+    assert report["eval_data_kind"] == "training-data" and report["eval_records"] == 4, report
+    assert report["eval_data"].startswith(str(where))
+
+
 def test_a_merge_report_with_no_scored_token_is_strict_json(setup, tmp_path, monkeypatch):
     # a NaN loss was written as NaN, which strict JSON parsers refuse
     import finetune.evaluate

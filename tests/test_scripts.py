@@ -81,6 +81,7 @@ def test_official_command_line_trains(setup, tmp_path, name):
     run_args = json.loads((out / "run_args.json").read_text())
     kind = CMDLINES[name][1]
     assert run_args["model_dir"] == str(setup[kind]) and run_args["data"]["data_path"] == str(setup["data"])
+    assert run_args["cwd"] == str(ROOT)  # (where a relative data path is read from: merge reads it from anywhere)
     assert (out / "adapter_model.safetensors").is_file()
 
 
