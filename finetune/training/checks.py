@@ -306,7 +306,11 @@ def deepspeed_config(ds) -> dict | None:
         if p.is_dir():
             raise TrainConfigError(f"{where}: a directory, not a config file (e.g. ds_configs/zero2.json)")
         if not p.is_file():
-            raise TrainConfigError(f"{where}: no such file (the project's configs are in ds_configs/)")
+            configs = Path(__file__).resolve().parents[2] / "ds_configs"  # (the checkout's; a relative path is
+            # read from the current dir, which is not always the checkout)
+            hint = f"the project's configs are in {configs}/" if configs.is_dir() else "the path is read from " \
+                f"{os.getcwd()}"
+            raise TrainConfigError(f"{where}: no such file ({hint})")
         try:
             text = p.read_text(encoding="utf-8")
             if text.startswith("\ufeff"):  # transformers' json.load refuses it, after the checks here

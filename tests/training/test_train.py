@@ -396,6 +396,17 @@ def test_deepspeed_config_of_the_wrong_shape_is_one_line(models, memorise_file, 
     assert err.startswith(f"error: --deepspeed {ds}: ") and message in err and err.count("\n") == 1, err
 
 
+def test_a_missing_deepspeed_config_names_where_the_projects_configs_are(models, memorise_file, tmp_path, capsys,
+                                                                        monkeypatch):
+    """`DEEPSPEED=ds_configs/zero2.json` from another dir: "no such file (the project's configs are in ds_configs/)"
+    did not say where that ds_configs/ is."""
+    monkeypatch.chdir(tmp_path)
+    assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
+                            "--deepspeed", "ds_configs/zero2.json")) == 2
+    assert capsys.readouterr().err == ("error: --deepspeed ds_configs/zero2.json: no such file (the project's configs "
+                                       f"are in {ROOT / 'ds_configs'}/)\n")
+
+
 def test_deepspeed_config_with_a_bom_is_one_line(models, memorise_file, tmp_path, capsys):
     # transformers' json.load of the file raised "Unexpected UTF-8 BOM" naming neither the flag nor the file
     ds = tmp_path / "ds.json"
