@@ -524,7 +524,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, **once, help="new model dir")
     p.add_argument("--format", default="float", choices=["float", "bf16", "int4"], **once,
                    help="float: a float model in --dtype (default); bf16: the same as float with --dtype bf16; "
-                        "int4: quantized again to GPTQ Int4 (see --quant-method)")
+                        "int4: quantized again to GPTQ Int4 (Int8 with --bits 8; see --quant-method)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), **once,
                    help="float weights' dtype for --format float (default bf16)")
     p.add_argument("--quant-method", default=None, choices=["rtn", "gptq"], **once,

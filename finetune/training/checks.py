@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,8 +246,8 @@ def identity_mismatch(ckpt: Path, identity: dict) -> str | None:
     if DATA_KEY in differ:
         diffs += ("; " if diffs else "") + "the training data's content differs"
     seed = ("" if identity.get("mode") == "full" or any(k in _STRUCTURAL for k in differ)
-            else f"; its adapter can start a new run with these settings (--lora_weight_path {ckpt} --output_dir "
-                 "NEW_DIR)")
+            else f"; its adapter can start a new run with these settings (--lora_weight_path {shlex.quote(str(ckpt))} "
+                 "--output_dir NEW_DIR)")
     return (f"written by a different run ({diffs}): a resume continues that run as it was (its model, adapters, "
             f"rows, batches, data order and optimizer){seed}")
 
@@ -843,8 +844,10 @@ def check_output_dir(args, identity: dict) -> str | None:
                                "training state, overwrite starts a new run in --output_dir; give one")
     if resume and finished:
         last = checkpoints(out)
-        start = (f"--model_name_or_path {out}" if identity.get("mode") == "full" else f"--lora_weight_path {out}")
-        also = f", or from its last training state: --resume_from_checkpoint {last[0]}" if last else ""
+        start = (f"--model_name_or_path {shlex.quote(str(out))}" if identity.get("mode") == "full"
+                 else f"--lora_weight_path {shlex.quote(str(out))}")  # (quoted: a path with a space copies as one)
+        also = (f", or from its last training state: --resume_from_checkpoint {shlex.quote(str(last[0]))}" if last
+                else "")
         raise TrainConfigError(
             f"--resume: the run in {out} has finished ({FINISHED_MARKER}); nothing was changed. To train further, "
             f"start a new run into a new --output_dir from its weights: {start}{also}")

@@ -123,6 +123,17 @@ def test_resume_on_a_finished_run_changes_nothing(finished, model, data, tmp_pat
     assert _snapshot(run) == before
 
 
+def test_the_finished_runs_way_on_quotes_a_path_with_a_space(finished, model, data, tmp_path, capsys):
+    """The flags the refusal hands the user are copied into a shell: "--lora_weight_path out dir/run" split there."""
+    import shlex
+
+    run = _copy(finished, tmp_path / "out dir" / "run")
+    assert train_main(train_args(model, data, run, *STEPS4, "--resume", "True")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert f"--lora_weight_path {shlex.quote(str(run))}" in line and "'" in line
+    assert f"--resume_from_checkpoint {shlex.quote(str(run / 'checkpoint-4'))}" in line
+
+
 def test_continuing_a_finished_run_goes_into_a_new_dir(finished, model, data, tmp_path, capsys):
     """The documented ways on: a new dir from the old adapter, or from the old run's last full state."""
     plan = _preflight(train_args(model, data, tmp_path / "next", *STEPS4, "--lora_weight_path", str(finished)))
