@@ -9,7 +9,7 @@ export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 # qwen-ft chat takes -m and -a itself (a flag without its value is its one usage error, not bash's)
 for arg in "$@"; do
   if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-    sed -n '2,4p' "${BASH_SOURCE[0]}"; exec "$PYTHON" -m finetune.cli chat --help
+    sed -n '2,4s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exec "$PYTHON" -m finetune.cli chat --help
   fi
 done
 exec "$PYTHON" -m finetune.cli chat "$@"

@@ -6,4 +6,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+for arg in "$@"; do
+  if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+    sed -n '2,4s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exec "$PYTHON" -m finetune.cli serve --help
+  fi
+done
 exec "$PYTHON" -m finetune.cli serve "$@"

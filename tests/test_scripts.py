@@ -121,6 +121,16 @@ def test_help_prints_the_scripts_usage(mode, tmp_path):
     assert "set -euo" not in proc.stdout and "source" not in proc.stdout
 
 
+@pytest.mark.parametrize("name, command", [("chat", "chat"), ("merge", "merge"), ("serve", "serve")])
+def test_the_other_scripts_help_is_their_usage_then_the_commands(name, command, tmp_path):
+    """chat.sh and merge.sh printed their header with the comment marks; serve.sh printed no usage of its own."""
+    proc = _script(f"{name}.sh", ["--help"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[1].startswith(f"Usage: bash scripts/{name}.sh ") and not any(l.startswith("#") for l in lines)
+    assert f"usage: qwen-ft {command} " in proc.stdout
+
+
 def test_an_unknown_trainer_flag_names_the_script_and_the_trainers_help(tmp_path):
     # the trainer said `python -m finetune.train --help`, a command the user had not run
     script = ROOT / "scripts" / "finetune_qlora.sh"
