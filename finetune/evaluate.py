@@ -178,8 +178,14 @@ def loss_coverage_note(metrics: dict, n_records: int, max_len: int | None, sourc
         return None
     parts = []
     if left:
+        from .data.dataset import record_place
+        from .data.records import data_sources
+
+        # (the file of a list or a glob, and the record's number in it, as the data errors name records)
+        path, index, line = record_place(source, data_sources(source), metrics["first_left_out"])
+        first = f"{path}, record {index + 1}" + (f", line {line}" if line is not None else "")
         parts.append(f"leaves out {left} of {n_records} record{'s' * (n_records > 1)} (no reply token within max_len "
-                     f"{max_len}: the prompt fills it; the first: {source}, record {metrics['first_left_out'] + 1})")
+                     f"{max_len}: the prompt fills it; the first: {first})")
     if cut:
         parts.append(f"scores {cut} record{'s' * (cut > 1)} truncated to max_len {max_len}")
     return f"note: the loss {' and '.join(parts)}; {setting} sets max_len"
@@ -626,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # transformers' "Loading weights" bar, as chat and merge (the engine's stays)
-    from .adapters import AdapterError, check_base, lora_config, resolve_base
+    from .adapters import (AdapterError, check_base, float_adapter_on_int4, lora_config, resolve_base,
+                           trained_on)
     from .data import DataError
     from .hub import resolve_model_dir
     from .loading import ModelLoadError, load_model
@@ -675,6 +682,9 @@ def main(argv: list[str] | None = None) -> int:
                               else {"padding": "left"})}, **report}
     if other_base:
         report["warnings"] = [other_base]
+    if args.adapter and getattr(model.config, "quantization_config", None) and trained_on(args.adapter) == "float":
+        # (load_model warned on the console; merge's report carries it too)
+        report.setdefault("warnings", []).append(float_adapter_on_int4(args.adapter, model_dir))
     note = loss_coverage_note(report["base"], len(records), max_len, args.data,
                               "--max-len" if args.max_len else "--max-len (default: the model's seq_length)")
     if note:

@@ -262,6 +262,20 @@ def check_numbers(fmt: str, quant_method: str, n_calib, n_eval, calib_max_len: i
 INCOMPLETE = "merge-incomplete"
 
 
+def _read_config(model_dir: Path) -> dict | None:
+    try:
+        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _gptq_group_size(config: dict | None) -> int | None:
+    """A GPTQ config's group size (-1 or a positive count), None where it has none."""
+    qc = (config or {}).get("quantization_config")
+    g = qc.get("group_size") if isinstance(qc, dict) else None
+    return g if isinstance(g, int) and not isinstance(g, bool) and (g == -1 or g >= 1) else None
+
+
 def write_staged(out: Path, write, log=print) -> list[str]:
     """``write(dir)`` into ``out/INCOMPLETE``, then the earlier merge's files of ``out`` are removed and the new
     ones moved in, config.json last (the file that makes a dir a model dir). Returns ``write``'s result; an
@@ -282,9 +296,11 @@ def write_staged(out: Path, write, log=print) -> list[str]:
             raise
         # An earlier merge's weights, shard index, Int4 config and report go: a stale index names shards that are
         # gone, a stale quantize_config.json calls a float export GPTQ, a stale report describes other weights
-        stale = sorted(p for p in out.glob("model*.safetensors")) + [
-            out / n for n in ("model.safetensors.index.json", "quantize_config.json", "merge_report.json",
-                              "config.json") if (out / n).is_file()]
+        # (and an older model's PyTorch weights: loaders prefer the safetensors, but a 14B's .bin files are 28 GB
+        # of another model left beside the new one)
+        stale = sorted(p for p in out.glob("model*.safetensors")) + sorted(out.glob("pytorch_model*.bin")) + [
+            out / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
+                              "merge_report.json", "config.json") if (out / n).is_file()]
         shown = [p.name for p in stale if p.name != "config.json" and not (stage / p.name).exists()]
         if shown:
             log(f"merge: --overwrite: removing {', '.join(shown)} from {out}")
@@ -333,6 +349,7 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                                           "--calib-data": calib_data, "--calib-samples": n_calib,
                                           "--calib-max-len": calib_max_len, "--damp-percent": damp_percent})
     bits = DEFAULTS["bits"] if bits is None else bits
+    group_given = group_size is not None
     group_size = DEFAULTS["group_size"] if group_size is None else group_size
     damp_percent = DEFAULTS["damp_percent"] if damp_percent is None else damp_percent
     n_calib = DEFAULTS["n_calib"] if n_calib is None else n_calib
@@ -364,6 +381,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     base_info = describe(base_dir)
     base_cfg, base_int4 = base_info.config, base_info.quantized
     qlora_on_float = not base_int4 and bool(recorded) and _is_gptq_dir(Path(recorded))
+    if fmt == "int4" and not group_given:  # the Int4 base's own group size (a demo's 32), not 128 whatever it was
+        group_size = _gptq_group_size(base_cfg if base_int4 else _read_config(Path(recorded)) if qlora_on_float
+                                      else None) or group_size
     if base_int4:
         route = "int4 base: dequantize + merge"
     elif qlora_on_float:
@@ -539,7 +559,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=64, **once)
     p.add_argument("--bits", type=int, default=None, choices=[4, 8], **once, help="--format int4: 4 (default) or 8")
     p.add_argument("--group-size", type=int, default=None, **once,
-                   help="--format int4: columns that share a scale (default 128; -1: one group a row)")
+                   help="--format int4: columns that share a scale (default: the Int4 base's, else 128; -1: one "
+                        "group a row)")
     p.add_argument("--desc-act", action="store_true", help="--format int4: act-order (columns by importance)")
     p.add_argument("--damp-percent", type=float, default=None, **once,
                    help="GPTQ: dampening, a fraction of the Hessian's mean diagonal (default 0.01)")

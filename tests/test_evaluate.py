@@ -183,7 +183,14 @@ def test_eval_says_which_records_the_loss_leaves_out_or_truncates(setup, tmp_pat
                  "--output", str(out)]) == 0
     err = capsys.readouterr().err
     assert (f"note: the loss leaves out 1 of 3 records (no reply token within max_len 48: the prompt fills it; the "
-            f"first: {data}, record 2) and scores 1 record truncated to max_len 48; --max-len sets max_len\n") in err
+            f"first: {data}, record 2, line 2) and scores 1 record truncated to max_len 48; --max-len sets "
+            "max_len\n") in err
+    # of several files, the file and the record's number in it (it was the list and the number in the whole set)
+    other = tmp_path / "first.jsonl"
+    other.write_text(json.dumps(rows[0]) + "\n")
+    assert main(["eval", "-m", str(setup["float"]), "--data", f"{other},{data}", "--max-len", "48",
+                 "--no-generate"]) == 0
+    assert f"the first: {data}, record 2, line 2)" in capsys.readouterr().err
     base = json.loads(out.read_text())["base"]
     assert (base["records"], base["left_out"], base["first_left_out"], base["truncated"]) == (2, 1, 1, 1)
     assert main(["eval", "-m", str(setup["float"]), "--data", str(data), "--max-len", "4096", "--no-generate"]) == 0
@@ -822,6 +829,22 @@ def test_exact_match_and_rouge_l_on_cjk_punctuation_and_whitespace_by_hand():
     assert rouge_tokens("我很爱Qwen, 的!") == ["我", "很", "爱", "Qwen,", "的", "!"]
     # a space between CJK characters changes no token: ROUGE-L 1 where exact match is 0
     assert rouge_l("你好 世界", "你好世界") == 1.0
+
+
+def test_the_report_carries_the_float_adapter_on_int4_warning(setup, tmp_path, capsys):
+    """The console warned that a float-trained adapter meets rounded weights it never saw; the report (what a user
+    keeps and compares) did not, where merge's report does."""
+    from finetune.cli import main
+
+    int4 = make_demo_model(tmp_path / "int4", int4=True)
+    out = tmp_path / "report.json"
+    assert main(["eval", "-m", str(int4), "--adapter", str(setup["lora"]), "--data", str(setup["data"]),
+                 "--no-generate", "--max-samples", "2", "--output", str(out)]) == 0
+    warnings = json.loads(out.read_text())["warnings"]
+    assert any("trained on a float model" in w and str(int4) in w for w in warnings), warnings
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate",
+                 "--max-samples", "2", "--output", str(out)]) == 0
+    assert "warnings" not in json.loads(out.read_text())  # (its own float base: nothing to say)
 
 
 def test_eval_takes_an_adapters_hub_id_as_chat_does(setup, tmp_path, capsys, monkeypatch):

@@ -252,6 +252,30 @@ def test_overwrite_leaves_nothing_of_the_earlier_merge(setup, tmp_path):
     assert any("removing" in line and "quantize_config.json" in line for line in lines)
     assert abs(report["loss_delta"]) < 1e-4
     assert "qweight" not in "".join(n for n, _ in load_model(out, device="cpu").named_buffers())
+    # an older model's PyTorch weights went too (loaders preferred the new safetensors, but 28 GB of another model
+    # stayed beside it on a 14B)
+    (out / "pytorch_model-00001-of-00002.bin").write_bytes(b"old")
+    (out / "pytorch_model.bin.index.json").write_text("{}")
+    lines.clear()
+    merge(setup["qlora"], out, dtype="fp32", overwrite=True, n_eval=0, log=lines.append)
+    assert not list(out.glob("pytorch_model*")) and (out / "notes.txt").read_text() == "mine"
+    assert any("pytorch_model-00001-of-00002.bin" in line for line in lines if "removing" in line)
+
+
+def test_an_int4_exports_group_size_is_the_int4_bases_unless_given(setup, tmp_path):
+    """Every Int4 export wrote group size 128 whatever the base had (the demo's 32): its config was not the base's
+    where it need not change, and its loss higher than at the base's own size."""
+    base = json.loads((setup["int4"] / "config.json").read_text())["quantization_config"]["group_size"]
+    assert base == 32
+    for adapter, model in ((setup["qlora"], None), (setup["qlora"], setup["float"])):  # the Int4 base, its float twin
+        out = tmp_path / f"i4_{model is None}"
+        report = merge(adapter, out, model=model, fmt="int4", n_eval=0, log=quiet)
+        assert report["quantization"]["group_size"] == 32
+        assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 32
+    report = merge(setup["qlora"], tmp_path / "given", fmt="int4", group_size=16, n_eval=0, log=quiet)
+    assert report["quantization"]["group_size"] == 16
+    report = merge(setup["lora"], tmp_path / "float_base", fmt="int4", n_eval=0, log=quiet)  # a float base: 128
+    assert report["quantization"]["group_size"] == 128
 
 
 @pytest.mark.parametrize("flags, message", [
