@@ -59,6 +59,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, lora_args: LoraA
         # before the output dir is claimed: a data error leaves it as it was (--overwrite_output_dir clears at the
         # claim)
         data = _datasets(tokenizer, data_args, args)
+        if problem := _no_full_batch(data[1], args):  # (transformers' traceback, or 0 steps trained and "Done.")
+            raise TrainConfigError(problem)
         if args.process_index != 0:  # rank 0 owns the output dir (and its log)
             early.stop()
             return _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, args, argv)
@@ -212,7 +214,9 @@ def batch_plan(summary, data_args, args) -> dict:
 
     rows_per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     rows = max(summary.rows, 1)
-    batches_per_epoch = math.ceil(rows / (args.per_device_train_batch_size * args.world_size))
+    # (--dataloader_drop_last: the last, incomplete round of batches is not trained)
+    rounding = math.floor if getattr(args, "dataloader_drop_last", False) else math.ceil
+    batches_per_epoch = rounding(rows / (args.per_device_train_batch_size * args.world_size))
     steps_per_epoch = max(math.ceil(batches_per_epoch / args.gradient_accumulation_steps), 1)
     # Over several processes accelerate's sampler (even_batches, its default) completes the epoch's last round of
     # batches (processes x per-device batch) with rows from the epoch's start, so that every process gets a full
@@ -250,6 +254,18 @@ def batch_plan(summary, data_args, args) -> dict:
             "conversations_per_step": round(conversations_per_step, 1),
             "conversations_per_row": round(per_row, 2), "steps_per_epoch": steps_per_epoch, "total_steps": total,
             "packing": bool(data_args.packing), "text": text}
+
+
+def _no_full_batch(summary, args) -> str | None:
+    """With --dataloader_drop_last, an epoch with fewer rows than one round of batches trains nothing: why, in one
+    line (None otherwise)."""
+    batch = args.per_device_train_batch_size * args.world_size
+    if not getattr(args, "dataloader_drop_last", False) or summary.rows >= batch:
+        return None
+    layout = f"{args.per_device_train_batch_size} a device x {args.world_size} process{'es' * (args.world_size > 1)}"
+    return (f"--dataloader_drop_last True drops every batch: the data makes {_count(summary.rows, 'row')} an epoch"
+            f"{' (packed)' if summary.packed else ''}, fewer than one round of batches ({batch}: {layout}); lower "
+            "--per_device_train_batch_size, or drop --dataloader_drop_last")
 
 
 def _count(n: int, noun: str) -> str:

@@ -711,6 +711,30 @@ def test_data_that_packs_into_fewer_rows_than_a_step_holds_says_what_a_step_real
     assert "1 optimizer steps" not in printed and "holds 16 rows" not in printed
 
 
+def test_dataloader_drop_last_counts_the_steps_it_trains_and_refuses_an_empty_epoch(models, tmp_path, capsys):
+    """--dataloader_drop_last: the plan counted the dropped round as a step (3 an epoch said, 2 trained); with fewer
+    rows than one batch the run was transformers' traceback, or with --max_steps 0 steps trained and "Done."."""
+    data = tmp_path / "chats.json"
+    data.write_text(json.dumps(memorise_records() * 3))  # 12 conversations, one a row
+    out = tmp_path / "drop"
+    _run(_args(models["float"], data, out, "--packing", "False", "--use_lora", "True", "--num_train_epochs", "2",
+               "--per_device_train_batch_size", "5", "--gradient_accumulation_steps", "1",
+               "--dataloader_drop_last", "True"))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["batches"]["steps_per_epoch"] == 2 and info["batches"]["total_steps"] == info["global_step"] == 4
+    capsys.readouterr()
+    data.write_text(json.dumps(memorise_records()))  # 4 short conversations: one packed row
+    for steps in ([], ["--max_steps", "4"]):
+        assert train_main(_args(models["float"], data, tmp_path / "none", "--use_lora", "True",
+                                "--per_device_train_batch_size", "2", "--dataloader_drop_last", "True",
+                                "--model_max_length", "256", "--packing", "True", *steps)) == 2
+        assert capsys.readouterr().err == (
+            "error: --dataloader_drop_last True drops every batch: the data makes 1 row an epoch (packed), fewer than "
+            "one round of batches (2: 2 a device x 1 process); lower --per_device_train_batch_size, or drop "
+            "--dataloader_drop_last\n")
+        assert not (tmp_path / "none").exists()
+
+
 def test_one_chat_a_row_batches_chats_of_like_length_by_default(model, tmp_path):
     """--packing False: --train_sampling_strategy auto becomes group_by_length (transformers' LengthGroupedSampler),
     so a batch pads less than in random order; random stays available; packed rows keep random order."""
