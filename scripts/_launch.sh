@@ -193,6 +193,17 @@ case "$MODE" in
   lora) ARGS+=(--use_lora True) ;;
 esac
 if [[ -n "$DS_ADD" ]]; then ARGS+=(--deepspeed "$DS_FLAG"); fi
+# A warmup given by the user replaces the recipe's --warmup_steps (the trainer refuses --warmup_ratio beside it)
+for a in "${EXTRA[@]}"; do
+  if [[ "$a" == --warmup_ratio* || "$a" == --warmup_steps* ]]; then
+    KEPT=(); skip=0
+    for x in "${ARGS[@]}"; do
+      if [[ $skip -eq 1 ]]; then skip=0; elif [[ "$x" == --warmup_steps ]]; then skip=1; else KEPT+=("$x"); fi
+    done
+    ARGS=("${KEPT[@]}")
+    break
+  fi
+done
 ARGS+=("${EXTRA[@]}" "${TAIL[@]}")
 
 if [[ "$WORLD" -gt 1 || -n "$DS_FLAG" ]]; then

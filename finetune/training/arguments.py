@@ -321,7 +321,14 @@ def _warmup_ratio(v) -> str:
     return str(v)
 
 
+BOTH_WARMUPS = ("both given: give one (transformers 4 let --warmup_steps win, whatever the order; as one flag of "
+                "transformers 5 the last would win)")
+
+
 def _translate_legacy(argv: list[str]) -> list[str]:
+    names = {a.partition("=")[0] for a in argv}
+    if {"--warmup_ratio", "--warmup_steps"} <= names:
+        raise TrainConfigError(f"--warmup_ratio and --warmup_steps {BOTH_WARMUPS}")
     out: list[str] = []
     i = 0
     while i < len(argv):
@@ -396,6 +403,8 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
                 raise TrainConfigError(f"config file {path}: {key}: {v!r} holds a comma; name that file alone")
         values[key] = ",".join(home(v.strip()) for v in items)
     if "warmup_ratio" in values:
+        if "warmup_steps" in values:
+            raise TrainConfigError(f"config file {path}: warmup_ratio and warmup_steps {BOTH_WARMUPS}")
         values["warmup_steps"] = float(_warmup_ratio(values.pop("warmup_ratio")))
     unknown = sorted(k for k in values if k not in known)
     if unknown:

@@ -490,7 +490,13 @@ def check_scheduler(args) -> None:
                       scheduler_specific_kwargs=dict(kwargs))
     except (TypeError, ValueError) as e:
         given = f" with --lr_scheduler_kwargs {json.dumps(kwargs)}" if kwargs else ""
-        raise TrainConfigError(f"--lr_scheduler_type {kind}{given}: {' '.join(str(e).split())}") from None
+        why = " ".join(str(e).split())
+        if missing := re.findall(r"missing \d+ required (?:positional|keyword-only) arguments?: (.*)", why):
+            names = re.findall(r"'(\w+)'", missing[0])  # (a Python signature's words: say which flag gives them)
+            pairs = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in kwargs.items()] + [f'"{n}": N' for n in names]
+            why = f"needs {', '.join(names)}: give {'it' if len(names) == 1 else 'them'} in --lr_scheduler_kwargs, " \
+                  f"e.g. '{{{', '.join(pairs)}}}'"
+        raise TrainConfigError(f"--lr_scheduler_type {kind}{given}: {why}") from None
 
 
 def _available_integrations() -> list[str]:

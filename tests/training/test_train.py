@@ -232,6 +232,8 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--learning_rate", "0"], "--learning_rate must be a finite number > 0 (0 trains nothing), got 0.0"),
     (["--max_steps", "0"], "--max_steps 0 trains nothing; leave it out (or -1) to train --num_train_epochs (3)"),
     (["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),
+    # (both became --warmup_steps, and the later one won: 3 or 5 steps of warmup by the flags' order)
+    (["--warmup_steps", "3", "--warmup_ratio=0.5"], "--warmup_ratio and --warmup_steps both given: give one"),
     (["--lora_rr", "8"], "unknown flag: --lora_rr (did you mean --lora_r?)"),
     (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
     (["--lora", "8"], "ambiguous option: --lora could match --lora_r"),
@@ -281,6 +283,9 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--lr_scheduler_kwargs", '{"foo": 1}'], "--lr_scheduler_type linear with --lr_scheduler_kwargs {\"foo\": 1}: "
                                               "get_linear_schedule_with_warmup() got an unexpected keyword argument"),
     (["--lr_scheduler_type", "cosine_with_min_lr"], "--lr_scheduler_type cosine_with_min_lr: One of min_lr or"),
+    # (was "get_wsd_schedule() missing 1 required positional argument: 'num_decay_steps'", naming no flag)
+    (["--lr_scheduler_type", "warmup_stable_decay"], "--lr_scheduler_type warmup_stable_decay: needs num_decay_steps: "
+     "give it in --lr_scheduler_kwargs, e.g. '{\"num_decay_steps\": N}'"),
     (["--accelerator_config", "/nonexistent/acc.json"], "--accelerator_config /nonexistent/acc.json: no such file"),
     (["--gradient_checkpointing_kwargs", "x"], "(--gradient_checkpointing_kwargs): 'x' is not a JSON object"),
     (["--accelerator_config", '{"foo": 1}'], "--accelerator_config: not accelerate's settings: foo"),
