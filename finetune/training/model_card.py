@@ -11,6 +11,21 @@ _MODES = {"qlora": "Q-LoRA adapter (LoRA on the GPTQ Int4 base)", "lora": "LoRA 
           "full": "fully fine-tuned model"}
 
 
+def _lora_line(out: Path, lora_args) -> str:
+    """The adapter's LoRA settings as saved (adapter_config.json): with --lora_weight_path they are the adapter's own,
+    not the flags' (an r=1 adapter trained on was described as r 64)."""
+    import json
+
+    try:
+        cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+        r, alpha, dropout, targets = cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"]
+    except (OSError, ValueError, KeyError, TypeError):
+        r, alpha, dropout, targets = (lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout,
+                                      lora_args.lora_target_modules)
+    targets = sorted(targets) if isinstance(targets, (list, tuple, set)) else [str(targets)]
+    return f"- LoRA: r {r}, alpha {alpha}, dropout {dropout}, target modules {' '.join(targets)}"
+
+
 def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, command: str, info: dict,
                      log_history: list[dict], logging_steps: float | None = None) -> Path:
     out = Path(output_dir)
@@ -26,14 +41,15 @@ def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, comm
               f"A {_MODES[plan.mode]} trained with qwen-finetune.", "",
               f"- Base model: `{plan.model_dir}`"]
     if adapter:
-        lines.append(f"- LoRA: r {lora_args.lora_r}, alpha {lora_args.lora_alpha}, dropout {lora_args.lora_dropout}, "
-                     f"target modules {' '.join(lora_args.lora_target_modules)}")
+        lines.append(_lora_line(out, lora_args))
     lines.append(f"- Training data: {_data(summary)}")
     if eval_summary is not None:
         lines.append(f"- Eval data: {_data(eval_summary)}")
     lines += [f"- Steps: {info['global_step']} ({info['world_size']} process(es), "
               + f"compute dtype {info['compute_dtype']})",
-              f"- Final train loss: {_num(final)} (last logged step; mean over the run {_num(mean)})",
+              f"- Final train loss: {_num(final)} (last logged step; mean over the "
+              + (f"steps since the resume from {Path(plan.resume_from).name} {_num(mean)})" if plan.resume_from
+                 else f"run {_num(mean)})"),
               f"- Eval loss: {_num(info.get('eval_loss')) if info.get('eval_loss') is not None else 'no eval set'}"]
     if info.get("nonfinite_skipped_steps"):
         lines.append(f"- Optimizer steps skipped for a non-finite loss: {info['nonfinite_skipped_steps']}")

@@ -91,6 +91,23 @@ def test_model_card_describes_the_run(finished, model, data):
     assert "![loss curve](loss_curve.png)" in card and "| 4 |" in card
 
 
+def test_model_card_describes_the_adapter_trained_on_and_a_resumed_runs_mean(finished, model, data, tmp_path):
+    """--lora_weight_path trains the adapter's own LoRA (r 16 here) whatever the flags say: the card said the flags'
+    r. A resumed run's train_loss is the mean since the resume (transformers'), which the card called the run's."""
+    out = tmp_path / "on"
+    argv = train_args(model, data, out, "--use_lora", "True", "--max_steps", "2", "--lora_weight_path", str(finished))
+    for flag in ("--lora_r", "--lora_alpha"):  # (left to their defaults, 64 and 16, as the scripts' users leave them)
+        i = argv.index(flag)
+        del argv[i:i + 2]
+    assert train_main(argv) == 0
+    card = (out / "README.md").read_text()
+    assert "- LoRA: r 16, alpha 32" in card and "r 64" not in card
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    assert train_main(train_args(model, data, run, *STEPS4, "--eval_data_path", str(data), "--resume_from_checkpoint",
+                                 str(run / "checkpoint-2"))) == 0
+    assert "mean over the steps since the resume from checkpoint-2" in (run / "README.md").read_text()
+
+
 def test_model_card_says_why_a_short_run_has_no_loss_curve(model, data, tmp_path):
     # `qwen-ft train` without the scripts' --logging_steps 1 logs every 500 steps (transformers' default): a short
     # run's card had an empty "Loss curve" section and no loss_curve.png, without a word why
