@@ -433,6 +433,10 @@ def check_numbers(lora_args, args) -> None:
     for flag, value in (("--seed", args.seed), ("--data_seed", args.data_seed)):
         if value is not None and not 0 <= value < 2 ** 32:
             raise TrainConfigError(f"{flag} must be in [0, 2**32), got {value}")
+    if args.data_seed is not None and args.train_sampling_strategy == "group_by_length":  # (two runs: same bytes)
+        raise TrainConfigError("--data_seed does nothing with group_by_length sampling (--packing False's default): "
+                               "transformers' LengthGroupedSampler draws its order from --seed; drop --data_seed, or "
+                               "pass --train_sampling_strategy random")
     if args.max_steps == 0:  # transformers would read it as unset and train --num_train_epochs instead
         raise TrainConfigError("--max_steps 0 trains nothing; leave it out (or -1) to train --num_train_epochs "
                                f"({args.num_train_epochs:g})")

@@ -241,6 +241,8 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--lora_alpha", "0"], "--lora_alpha must be positive"),
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
     (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    # (accepted, and two runs with different data seeds wrote the same adapter, byte for byte)
+    (["--data_seed", "3"], "--data_seed does nothing with group_by_length sampling (--packing False's default)"),
     (["--gradient_checkpointing_keep_gib", "-1"], "--gradient_checkpointing_keep_gib must be a finite number >= 0"),
     (["--max_steps", "-1", "--num_train_epochs", "0"], "nothing to train: --num_train_epochs 0"),
     (["--bf16", "True", "--fp16", "True"], "fp16 and bf16"),  # transformers' own check, as one line
