@@ -134,6 +134,18 @@ def checkpoint_step(ckpt: str | os.PathLike) -> int:
     return json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
 
 
+# a checkpoint that --save_only_model wrote: its "Restore the file" would send the user after files never written
+WEIGHTS_ONLY_NOTE = ("the weights alone (as --save_only_model saves them: no optimizer, scheduler or RNG state), "
+                     "which cannot resume a run; a new run can start from its adapter with --lora_weight_path")
+
+
+def _weights_only(names: set[str]) -> bool:
+    has = {what: bool(names.intersection(options)) for what, options in _RESUME_NEEDS.items()}
+    return (has["trainer_state.json"] and has["the weights (adapter_model.safetensors or model.safetensors)"]
+            and not any(has[k] for k in ("optimizer.pt", "scheduler.pt", "rng_state.pth"))
+            and not any(n.endswith("-optimizer.pt") for n in names))
+
+
 def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) -> str | None:
     """Why `ckpt` cannot be resumed exactly (a missing, truncated or corrupt file, or another run's checkpoint
     when `identity` is given), or None. Reads headers and checksums only, no tensors."""
@@ -146,6 +158,8 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
     if found := checkpoints(ckpt):  # a run dir (it was "incomplete: trainer_state.json is missing")
         return (f"a run dir, not one of its checkpoints; its newest is {found[0]} (--resume_from_checkpoint "
                 f"{found[0]}, or --resume True with --output_dir {ckpt} to continue that run in place)")
+    if _weights_only(names):
+        return WEIGHTS_ONLY_NOTE
     for what, options in _RESUME_NEEDS.items():
         if not names.intersection(options) and not (what == "optimizer.pt" and any(
                 n.endswith("-optimizer.pt") for n in names)):
@@ -927,6 +941,10 @@ def _resumable(out: Path, identity: dict) -> str | None:
             return str(p)
         problems.append((p, problem))
     p, problem = problems[0]
+    if problem == WEIGHTS_ONLY_NOTE:
+        raise TrainConfigError(f"--resume: the checkpoints in {out} hold {problem} (--lora_weight_path "
+                               f"{shlex.quote(str(p))} --output_dir NEW_DIR), or start over with "
+                               "--overwrite_output_dir")
     raise TrainConfigError(
         f"--resume: no checkpoint in {out} can be resumed exactly; the newest, {p.name}: {problem}. Restore "
         "the file, or start over with --overwrite_output_dir")

@@ -603,6 +603,36 @@ def test_sigterm_ends_the_run_as_ctrl_c_does(model, data, tmp_path, capsys, monk
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_save_only_model_checkpoints_are_said_to_start_a_new_run_not_to_resume(model, data, tmp_path, capsys,
+                                                                               monkeypatch):
+    """--save_only_model writes the weights alone: interrupted, the run said "no checkpoint was written" beside its
+    checkpoints, and --resume said "optimizer.pt is missing. Restore the file", a file never written."""
+    import shlex
+
+    out = tmp_path / "run"
+    step = QwenTrainer.training_step
+
+    def ctrl_c_at_step_3(self, *a, **k):
+        if self.state.global_step == 2:
+            raise KeyboardInterrupt
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(QwenTrainer, "training_step", ctrl_c_at_step_3)
+    flags = (*STEPS4, "--save_only_model", "True")
+    assert train_main(train_args(model, data, out, *flags)) == 130
+    ckpt = out / "checkpoint-2"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"interrupted: the newest checkpoint, {ckpt}, holds the weights alone (as --save_only_model saves them: no "
+        "optimizer, scheduler or RNG state), which cannot resume a run; a new run can start from its adapter with "
+        f"--lora_weight_path {shlex.quote(str(ckpt))} --output_dir NEW_DIR")
+    monkeypatch.setattr(QwenTrainer, "training_step", step)
+    assert train_main(train_args(model, data, out, *flags, "--resume", "True")) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: --resume: the checkpoints in {out} hold the weights alone")
+    assert "Restore" not in line
+    assert train_main(train_args(model, data, tmp_path / "new", *STEPS4, "--lora_weight_path", str(ckpt))) == 0
+
+
 def test_ctrl_c_before_the_run_takes_its_dir_says_so(model, data, tmp_path, capsys, monkeypatch):
     import finetune.train
 
