@@ -560,17 +560,26 @@ def test_resume_without_checkpoints_into_a_dir_of_other_files_is_refused(model, 
 
 # -- friction: Ctrl-C, rows past seq_length ----------------------------------------------------------------------
 
+def _interrupt_at_step_3(monkeypatch, interrupt=None):
+    """The trainer interrupted as its third step begins (two checkpoints of STEPS4 written): KeyboardInterrupt raised
+    there, or ``interrupt()`` called (a signal sent). Returns the trainer's own training_step, to put back."""
+    step = QwenTrainer.training_step
+
+    def interrupted(self, *a, **k):
+        if self.state.global_step == 2:
+            if interrupt is None:
+                raise KeyboardInterrupt
+            interrupt()
+        return step(self, *a, **k)
+
+    monkeypatch.setattr(QwenTrainer, "training_step", interrupted)
+    return step
+
+
 def test_ctrl_c_says_where_the_checkpoint_is_and_resume_says_where_it_continues(model, data, tmp_path, capsys,
                                                                                monkeypatch):
     out = tmp_path / "run"
-    step = QwenTrainer.training_step
-
-    def ctrl_c_at_step_3(self, *a, **k):
-        if self.state.global_step == 2:
-            raise KeyboardInterrupt
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(QwenTrainer, "training_step", ctrl_c_at_step_3)
+    step = _interrupt_at_step_3(monkeypatch)
     assert train_main(train_args(model, data, out, *STEPS4)) == 130
     err = capsys.readouterr().err
     assert f"interrupted: the last complete checkpoint is {out / 'checkpoint-2'} (step 2); continue with the same " \
@@ -589,14 +598,7 @@ def test_sigterm_ends_the_run_as_ctrl_c_does(model, data, tmp_path, capsys, monk
     import signal
 
     out = tmp_path / "run"
-    step = QwenTrainer.training_step
-
-    def term_at_step_3(self, *a, **k):
-        if self.state.global_step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(QwenTrainer, "training_step", term_at_step_3)
+    _interrupt_at_step_3(monkeypatch, lambda: os.kill(os.getpid(), signal.SIGTERM))
     assert train_main(train_args(model, data, out, *STEPS4)) == 143
     assert f"interrupted: the last complete checkpoint is {out / 'checkpoint-2'} (step 2); continue with the same " \
            "command with --resume True" in capsys.readouterr().err
@@ -610,14 +612,7 @@ def test_save_only_model_checkpoints_are_said_to_start_a_new_run_not_to_resume(m
     import shlex
 
     out = tmp_path / "run"
-    step = QwenTrainer.training_step
-
-    def ctrl_c_at_step_3(self, *a, **k):
-        if self.state.global_step == 2:
-            raise KeyboardInterrupt
-        return step(self, *a, **k)
-
-    monkeypatch.setattr(QwenTrainer, "training_step", ctrl_c_at_step_3)
+    step = _interrupt_at_step_3(monkeypatch)
     flags = (*STEPS4, "--save_only_model", "True")
     assert train_main(train_args(model, data, out, *flags)) == 130
     ckpt = out / "checkpoint-2"
