@@ -218,6 +218,10 @@ def stop_token_ids(tokenizer) -> list[int]:
     return [tokenizer.im_end_id, tokenizer.im_start_id]
 
 
+OFF_VALUES = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+              "min_new_tokens": 0}
+
+
 def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[GenerationConfig, int, str]:
     """The config generate() runs with: the given one, else the model dir's generation_config.json (else the
     official defaults), updated with the call's kwargs; eos always includes <|im_end|> and <|im_start|>. The kwargs
@@ -255,6 +259,12 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
     unused = gc.update(**kwargs)
     kwargs.clear()
     kwargs.update(unused)
+    # None is "off", as generate() read it under the official code's transformers 4 and as the engine reads it
+    # (SamplingParams.from_generation_config): transformers 5 fills a None field from the model's own generation
+    # config instead, so repetition_penalty=None ran with the model's 1.1 on the CPU and 1.0 on a GPU
+    for name, off in OFF_VALUES.items():
+        if getattr(gc, name, None) is None:
+            setattr(gc, name, off)
     if problems := config_problems(gc):  # (the same words on the CPU's generate() as on the engine)
         raise ValueError("; ".join(problems))
     kwargs.pop("return_dict_in_generate", None)

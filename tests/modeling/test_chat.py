@@ -479,3 +479,22 @@ def test_chat_names_a_wrong_generation_argument(answering_model, kwargs, message
         model.chat(tok, "Hi", **kwargs)
     with pytest.raises(ValueError, match=re.escape(message)):
         list(model.chat_stream(tok, "Hi", **kwargs))
+
+
+def test_a_sampling_option_given_as_none_is_off_as_the_engine_reads_it(answering_model):
+    """transformers 5's generate() fills a None field from the model's generation config: repetition_penalty=None
+    ran with the model's 1.1 on the CPU and 1.0 through the engine on a GPU (which reads None as off, as the official
+    chat()'s transformers 4 did). The CPU's config is now the engine's."""
+    from finetune.inference import SamplingParams
+    from finetune.modeling.chat import _generation_config
+
+    model, tok = answering_model
+    model.generation_config.update(repetition_penalty=1.1, top_p=0.8, top_k=5, do_sample=True, temperature=0.7)
+    kwargs = {"repetition_penalty": None, "top_p": None, "top_k": None, "temperature": None, "do_sample": None}
+    gc, _, _ = _generation_config(model, tok, None, kwargs)
+    assert (gc.repetition_penalty, gc.top_p, gc.top_k, gc.temperature, gc.do_sample) == (1.0, 1.0, 0, 1.0, False)
+    engine = SamplingParams.from_generation_config(gc)
+    assert (engine.repetition_penalty, engine.top_p, engine.top_k, engine.temperature, engine.do_sample) == (
+        gc.repetition_penalty, gc.top_p, gc.top_k, gc.temperature, gc.do_sample)
+    gc, _, _ = _generation_config(model, tok, None, {})  # (what is not given stays the model's)
+    assert (gc.repetition_penalty, gc.top_p, gc.top_k, gc.do_sample) == (1.1, 0.8, 5, True)
