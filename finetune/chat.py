@@ -6,7 +6,7 @@
 Interactive: the reply streams as it is generated (``model.chat_stream``); the conversation is kept as
 history, as much of it as fits in the history window (``max_window_size`` tokens, default the model's
 generation config, 6144), newest turns first, as the official make_context does. Commands (``:help`` lists
-them; the official cli_demo's names): ``:clear`` forgets the history, ``:history`` shows it, ``:seed N`` and
+them; the official cli_demo's names): ``:clear-history`` (or ``:clear``) forgets the history, ``:history`` shows it, ``:seed N`` and
 ``:conf KEY=VALUE`` change the sampling, ``:exit`` (or ``:quit``, or end of input, Ctrl-D) leaves.
 
 One-shot: ``--query Q`` prints the reply alone on stdout and exits 0 (scriptable).
@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None, action=Once)
     p.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False): reproducible")
     p.add_argument("--history-window", "--history_window", type=int, default=None, action=Once,
-                   help="max_window_size in tokens for system + history + query (default: generation config)")
+                   help="max_window_size: tokens of system + history kept in the prompt, newest turns first (the "
+                        "question is added whatever its length, as officially; default: the generation config's)")
     p.add_argument("--seed", type=int, default=None, action=Once, help="seed for sampling")
     p.add_argument("--device", default=None, action=Once)
     p.add_argument("--dtype", default=None, action=Once, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -202,7 +203,8 @@ def stream_reply(model, tokenizer, query, history, system, out, **kw) -> str:
 HELP = """Commands (as the official cli_demo's, where it has them):
   :help, :h                  this list
   :exit, :quit, :q           leave (or Ctrl-D)
-  :clear, :cl, :clear-his, :clh   forget the history
+  :clear-history, :clh       forget the history (also :clear, :cl, which the official demo uses to clear the
+                             screen)
   :history, :his             the turns kept as history
   :seed                      the seed; :seed N sets it (each reply is sampled from it, as the official demo)
   :conf                      the generation settings; :conf KEY=VALUE [...] changes them (temperature, top_p,
@@ -325,7 +327,7 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
         if command in ("help", "h"):
             say(HELP)
             continue
-        if command in ("clear", "cl", "clear-his", "clh"):
+        if command in ("clear-history", "clh", "clear", "cl", "clear-his"):
             history = []
             say("(history cleared)")
             continue

@@ -245,6 +245,10 @@ def test_the_official_demos_commands(setup):
     assert replies[13].strip() == "(history cleared)" and replies[14].strip() == "(no history)"
     assert replies[15].startswith(ANSWER)  # ':hello' went to the model
     assert len(replies) == 17 and "never read" not in text  # :q left
+    # the official name, :clear-history, was sent to the model as a question
+    replies = _session(model, tok, [MEMORISE[0][0], ":clear-history", ":history"],
+                       ["--greedy", "--max_new_tokens", "24"]).split(PROMPT)
+    assert replies[2].strip() == "(history cleared)" and replies[3].strip() == "(no history)"
 
 
 @pytest.mark.parametrize("word, said", [
