@@ -40,11 +40,12 @@ OFFICIAL_GENERATION_DEFAULTS = dict(
 )
 
 
-def _check_history(history) -> None:
+def _check_history(history):
     """history is a list of (query, reply) string pairs, as chat() returns it. Other shapes were read quietly
     wrong: OpenAI-style messages ({"role", "content"}) became the turns "role" and "content", a string "ok" the
     turns "o" and "k"; a triple or None failed with Python's words, naming no argument."""
-    if isinstance(history, (str, bytes, dict)) or not hasattr(history, "__iter__"):
+    # (a sequence: a generator, set or zip was used up here, or failed in Python's words in copy or reversed())
+    if isinstance(history, (str, bytes, dict)) or not isinstance(history, (list, tuple)):
         raise ValueError(f"make_context: history must be a list of (query, reply) pairs, got {type(history).__name__}")
     for i, turn in enumerate(history):
         if isinstance(turn, dict) and "role" in turn:
@@ -59,6 +60,7 @@ def _check_history(history) -> None:
         else:
             continue
         raise ValueError(f"make_context: history[{i}] must be a (query, reply) pair of strings, got {got}")
+    return history
 
 
 def make_context(tokenizer, query, history=None, system="", max_window_size=6144, chat_format="chatml",
@@ -405,7 +407,7 @@ def chat(
         raise ValueError("chat() takes no `stream` argument (the official chat() refuses it too); use "
                          "chat_stream(...), which yields the growing response")
     stop_words = check_stop_words(stop_words_ids)
-    history = [] if history is None else copy.deepcopy(history)
+    history = [] if history is None else copy.deepcopy(_check_history(history))
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     # CUDA: the inference engine (CUDA graphs), unless generate()'s own arguments were passed
     fast = None if kwargs else _fast_tokens(self, tokenizer, input_ids, gc)
@@ -464,7 +466,7 @@ def chat_stream(
     stop_words = check_stop_words(stop_words_ids)
     if "streamer" in kwargs:
         raise ValueError("chat_stream() streams by itself; it takes no `streamer`")
-    history = [] if history is None else copy.deepcopy(history)
+    history = [] if history is None else copy.deepcopy(_check_history(history))
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
     if logits_processor is not None:
         kwargs["logits_processor"] = logits_processor

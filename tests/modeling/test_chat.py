@@ -441,6 +441,9 @@ def test_chat_stream_raises_at_the_call_as_the_official(answering_model):
     ([("a", "b", "c")], r"history\[0\] must be a \(query, reply\) pair of strings, got a 3-item tuple"),
     ([(None, "b")], r"history\[0\] must be a \(query, reply\) pair of strings, got \(None, 'b'\)"),
     ("ab", r"history must be a list of \(query, reply\) pairs, got str"),
+    # (a generator was "cannot pickle 'generator' object" from copy, a set or zip "not reversible")
+    ((t for t in [("a", "b")]), r"history must be a list of \(query, reply\) pairs, got generator"),
+    ({("a", "b")}, r"history must be a list of \(query, reply\) pairs, got set"),
 ])
 def test_history_that_is_not_query_reply_pairs_is_refused_naming_the_entry(answering_model, history, message):
     model, tok = answering_model
