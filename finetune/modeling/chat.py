@@ -385,6 +385,10 @@ def _prompt(model, tokenizer, query, history, system, generation_config, kwargs)
     gc, max_window_size, chat_format = _generation_config(model, tokenizer, generation_config, kwargs)
     _, context_tokens = make_context(tokenizer, query, history=history, system=system,
                                      max_window_size=max_window_size, chat_format=chat_format)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and context_tokens and max(context_tokens) >= vocab:  # (an IndexError in the embedding)
+        raise ValueError(f"the prompt holds token id {max(context_tokens)}, past the model's vocab_size {vocab}: the "
+                         "tokenizer is another model's (load_tokenizer(the model's dir) gives its own)")
     return gc, torch.tensor([context_tokens], device=model.device)
 
 

@@ -501,3 +501,12 @@ def test_a_sampling_option_given_as_none_is_off_as_the_engine_reads_it(answering
         gc.repetition_penalty, gc.top_p, gc.top_k, gc.temperature, gc.do_sample)
     gc, _, _ = _generation_config(model, tok, None, {})  # (what is not given stays the model's)
     assert (gc.repetition_penalty, gc.top_p, gc.top_k, gc.do_sample) == (1.1, 0.8, 5, True)
+
+
+def test_a_tokenizer_of_another_model_is_named_not_an_index_error(answering_model, real_tok):
+    """The real Qwen vocabulary's ids on the small demo model were "IndexError: index out of range in self"."""
+    model, _ = answering_model
+    for call in (lambda: model.chat(real_tok, "Who are you?", history=None),
+                 lambda: list(model.chat_stream(real_tok, "Who are you?", history=None))):
+        with pytest.raises(ValueError, match=r"past the model's vocab_size \d+: the tokenizer is another model's"):
+            call()
