@@ -500,11 +500,19 @@ def _sigterm_as_interrupt():
     import signal
     import threading
 
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield  # (a handler of the caller's own is left as it is)
+    # (a handler of the caller's own is left as it is; so is several processes' handling: torchrun's agent stops the
+    # other ranks with SIGTERM when one fails, and a rank inside a collective would not run a Python handler)
+    if (threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+            or os.environ.get("WORLD_SIZE", "1") != "1"):
+        yield
         return
+    installer = os.getpid()
 
     def terminated(signum, frame):
+        if os.getpid() != installer:  # a forked worker (the data's tokenizing pool) ends as it did before
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise Terminated
 
     signal.signal(signal.SIGTERM, terminated)

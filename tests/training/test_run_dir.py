@@ -628,6 +628,30 @@ def test_save_only_model_checkpoints_are_said_to_start_a_new_run_not_to_resume(m
     assert train_main(train_args(model, data, tmp_path / "new", *STEPS4, "--lora_weight_path", str(ckpt))) == 0
 
 
+def _square(x):
+    return x * x
+
+
+def test_the_sigterm_handler_stays_out_of_forked_workers_and_of_several_processes(capfd, monkeypatch):
+    """The data's tokenizing pool forks workers that its exit stops with SIGTERM: they inherited the handler and
+    printed "Process ForkPoolWorker-N: Traceback ... Terminated". Under a launch of several processes (torchrun's
+    agent stops the other ranks with SIGTERM) no handler is installed."""
+    import multiprocessing
+    import signal
+
+    from finetune.train import _sigterm_as_interrupt
+
+    for _ in range(10):
+        with _sigterm_as_interrupt():
+            assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+            with multiprocessing.get_context("fork").Pool(2) as pool:
+                assert pool.map(_square, range(4)) == [0, 1, 4, 9]
+    assert "Traceback" not in capfd.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with _sigterm_as_interrupt():
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def test_ctrl_c_before_the_run_takes_its_dir_says_so(model, data, tmp_path, capsys, monkeypatch):
     import finetune.train
 
