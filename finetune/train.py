@@ -29,7 +29,7 @@ from .training import precision as precision_policy
 from .training.allocator import allocator_settings, default_allocator_settings
 from .training.checks import (DATA_KEY, FINISHED_MARKER, WEIGHTS_ONLY_NOTE, TrainConfigError, checkpoint_problem,
                               checkpoint_step, checkpoints, conflicts_error, deepspeed_config, identity_mismatch,
-                              last_complete_checkpoint, precision_conflicts, preflight)
+                              last_complete_checkpoint, precision_conflicts, preflight, start_from)
 from .training.console import quiet_third_party_notices
 from .training.launch import say_error
 from .training.lora import attach_lora
@@ -298,8 +298,7 @@ def _interrupted(args) -> str:
     """What an interrupted run tells the user: where its last checkpoint is and how to continue from it."""
     last = last_complete_checkpoint(args.output_dir)
     if last is None and (found := checkpoints(args.output_dir)) and checkpoint_problem(found[0]) == WEIGHTS_ONLY_NOTE:
-        return (f"interrupted: the newest checkpoint, {found[0]}, holds {WEIGHTS_ONLY_NOTE} "
-                f"{shlex.quote(str(found[0]))} --output_dir NEW_DIR")
+        return f"interrupted: the newest checkpoint, {found[0]}, holds {WEIGHTS_ONLY_NOTE}: {start_from(found[0])}"
     if last is None:
         return (f"interrupted: no checkpoint was written in {args.output_dir} yet (--save_strategy "
                 f"{getattr(args.save_strategy, 'value', args.save_strategy)}); run the command again to start over")

@@ -136,7 +136,14 @@ def checkpoint_step(ckpt: str | os.PathLike) -> int:
 
 # a checkpoint that --save_only_model wrote: its "Restore the file" would send the user after files never written
 WEIGHTS_ONLY_NOTE = ("the weights alone (as --save_only_model saves them: no optimizer, scheduler or RNG state), "
-                     "which cannot resume a run; a new run can start from its adapter with --lora_weight_path")
+                     "which cannot resume a run; a new run can start from them")
+
+
+def start_from(ckpt: Path) -> str:
+    """The flags that start a new run from a checkpoint's weights: its adapter, or a full fine-tune's model."""
+    adapter = any((ckpt / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin"))
+    flag = "--lora_weight_path" if adapter else "--model_name_or_path"
+    return f"{flag} {shlex.quote(str(ckpt))} --output_dir NEW_DIR"
 
 
 def _weights_only(names: set[str]) -> bool:
@@ -942,9 +949,8 @@ def _resumable(out: Path, identity: dict) -> str | None:
         problems.append((p, problem))
     p, problem = problems[0]
     if problem == WEIGHTS_ONLY_NOTE:
-        raise TrainConfigError(f"--resume: the checkpoints in {out} hold {problem} (--lora_weight_path "
-                               f"{shlex.quote(str(p))} --output_dir NEW_DIR), or start over with "
-                               "--overwrite_output_dir")
+        raise TrainConfigError(f"--resume: the checkpoints in {out} hold {problem} ({start_from(p)}), or start over "
+                               "with --overwrite_output_dir")
     raise TrainConfigError(
         f"--resume: no checkpoint in {out} can be resumed exactly; the newest, {p.name}: {problem}. Restore "
         "the file, or start over with --overwrite_output_dir")

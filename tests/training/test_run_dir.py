@@ -17,7 +17,7 @@ from finetune.data.encoding import MIN_MAX_LEN
 from finetune.demo import make_demo_model
 from finetune.train import main as train_main
 from finetune.training.arguments import parse_args
-from finetune.training.checks import LOCK_FILE, TrainConfigError, checkpoint_problem, preflight
+from finetune.training.checks import LOCK_FILE, TrainConfigError, checkpoint_problem, preflight, start_from
 from finetune.training.trainer import QwenTrainer
 
 from _helpers import ROOT, subprocess_env, train_args
@@ -618,13 +618,16 @@ def test_save_only_model_checkpoints_are_said_to_start_a_new_run_not_to_resume(m
     ckpt = out / "checkpoint-2"
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"interrupted: the newest checkpoint, {ckpt}, holds the weights alone (as --save_only_model saves them: no "
-        "optimizer, scheduler or RNG state), which cannot resume a run; a new run can start from its adapter with "
+        "optimizer, scheduler or RNG state), which cannot resume a run; a new run can start from them: "
         f"--lora_weight_path {shlex.quote(str(ckpt))} --output_dir NEW_DIR")
     monkeypatch.setattr(QwenTrainer, "training_step", step)
     assert train_main(train_args(model, data, out, *flags, "--resume", "True")) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith(f"error: --resume: the checkpoints in {out} hold the weights alone")
-    assert "Restore" not in line
+    assert "Restore" not in line and f"--lora_weight_path {shlex.quote(str(ckpt))}" in line
+    (tmp_path / "full").mkdir()  # a full fine-tune's weights-only checkpoint starts a run as a model
+    full = shlex.quote(str(tmp_path / "full"))
+    assert start_from(tmp_path / "full") == f"--model_name_or_path {full} --output_dir NEW_DIR"
     assert train_main(train_args(model, data, tmp_path / "new", *STEPS4, "--lora_weight_path", str(ckpt))) == 0
 
 
