@@ -39,6 +39,7 @@ import torch
 
 from . import react
 from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
+from .data.records import trained_reply
 from .generation_limits import max_new_tokens_limit, prompt_window, too_many_new_tokens
 from .metrics import exact_match, rouge_l
 
@@ -68,9 +69,9 @@ def _is_data_file(output: str, data: str) -> bool:
 
 
 def _last_assistant(messages: list[dict]) -> int:
-    # the last trained reply: a "weight": 0 turn is context the data says not to learn, so no reference (the
-    # loss skips it too; a normalised record has at least one trained reply)
-    return max(i for i, m in enumerate(messages) if m["role"] == "assistant" and m.get("weight", 1))
+    # the last trained reply: a "weight": 0 turn, or one with no trained segment, is context the data says not to
+    # learn, so no reference (the loss skips it too; a normalised record has at least one trained reply)
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant" and trained_reply(m))
 
 
 def split_last_turn(message: dict) -> tuple[str, str]:

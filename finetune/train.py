@@ -230,8 +230,9 @@ def batch_plan(summary, data_args, args) -> dict:
     layout = (f"{args.per_device_train_batch_size} a device x {args.gradient_accumulation_steps} accumulated x "
               f"{args.world_size} process{'es' if args.world_size > 1 else ''}")
     if rows < rows_per_step:  # the whole epoch is one step, smaller than the step the flags allow
-        text = (f"batches: an optimizer step holds the epoch's {_count(rows, 'row')} (of up to {rows_per_step}: "
-                f"{layout})")
+        trained = batches_per_epoch * args.per_device_train_batch_size * args.world_size  # (drop_last: fewer)
+        text = (f"batches: an optimizer step holds the epoch's {_count(min(rows, trained), 'row')} (of up to "
+                f"{rows_per_step}: {layout})")
         conversations = _count(summary.records_used, "conversation")
     else:
         text = f"batches: an optimizer step holds {_count(rows_per_step, 'row')} ({layout})"

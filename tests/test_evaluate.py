@@ -831,6 +831,18 @@ def test_exact_match_and_rouge_l_on_cjk_punctuation_and_whitespace_by_hand():
     assert rouge_l("你好 世界", "你好世界") == 1.0
 
 
+def test_a_last_reply_with_no_trained_segment_is_context_not_the_reference():
+    """Such a reply is context in training (as weight 0): eval continued from it and scored an empty reference."""
+    from finetune.data.records import normalize_record
+    from finetune.evaluate import _last_assistant
+
+    record = normalize_record({"messages": [
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "It is 42."},
+        {"role": "user", "content": "q2"},
+        {"role": "assistant", "content": "Let me check.", "segments": [["Let me check.", False]]}]})
+    assert _last_assistant(record["messages"]) == 1
+
+
 def test_the_report_carries_the_float_adapter_on_int4_warning(setup, tmp_path, capsys):
     """The console warned that a float-trained adapter meets rounded weights it never saw; the report (what a user
     keeps and compares) did not, where merge's report does."""

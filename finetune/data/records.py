@@ -634,7 +634,8 @@ def _dir_files(d: str) -> list[str]:
             continue
         elif f.is_file() and f.suffix.lower() in COMPRESSED_SUFFIXES and Path(f.stem).suffix.lower() in DATA_SUFFIXES:
             left_out.append(f"{f.name} (compressed: decompress it first)")
-        elif f.is_dir() and any(x.suffix.lower() in DATA_SUFFIXES for x in f.rglob("*") if x.is_file()):
+        elif f.is_dir() and not _is_datasets_dir(f) and any(x.suffix.lower() in DATA_SUFFIXES
+                                                             for x in f.rglob("*") if x.is_file()):
             left_out.append(f"{f.name}/ (a subdirectory: a directory's own files are read, not its subdirectories')")
     if left_out:
         raise DataError("data left out", f"the directory holds data files it would not read: {', '.join(left_out[:3])}"

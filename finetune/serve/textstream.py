@@ -60,7 +60,10 @@ class TextStream:
         if not self.stop or len(self.ids) < self.min_ids:
             return  # (no stop string completes before the min_ids-th token)
         if self._floor is None:
-            self._floor = len(self.tokenizer.decode(self.ids[:self.min_ids - 1])) if self.min_ids > 1 else 0
+            # (without a character the min_ids-1-th token leaves incomplete: it ends with the token after, which
+            # completes a stop string ending in it, as the engine counts it)
+            before = self.tokenizer.decode(self.ids[:self.min_ids - 1]) if self.min_ids > 1 else ""
+            self._floor = len(before.rstrip("\ufffd"))
         # a stop string never starts in text already sent (see _held): a long one need not rescan it all
         start = max(0, self._searched - self._longest + 1, self._sent)
         hits = [i for i in (self.text.find(s, max(start, self._floor - len(s) + 1)) for s in self.stop) if i >= 0]

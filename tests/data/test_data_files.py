@@ -94,6 +94,9 @@ def test_a_directory_with_data_it_would_not_read_is_refused(shards, data_small_t
 
     (shards / ".ipynb_checkpoints").mkdir()
     (shards / ".ipynb_checkpoints" / "train-00001-checkpoint.jsonl").write_text("{}\n")
+    (shards / "tokenized").mkdir()  # a `datasets` save_to_disk dir beside the files: no data file of this reading
+    for name in ("state.json", "dataset_info.json"):
+        (shards / "tokenized" / name).write_text("{}")
     assert ids(load_records(shards)) == list("abcde")
     (shards / "more.jsonl.gz").write_bytes(gzip.compress(b"{}\n"))
     (shards / "sub").mkdir()

@@ -122,3 +122,22 @@ def test_a_stop_string_completed_before_min_ids_does_not_count(tok):
         deltas = [s.feed([i]) for i in ids] + [s.finish()]
         assert "".join(deltas) == s.final_text == expected, min_ids
         assert s.stopped is (expected != text)
+
+
+def test_min_ids_counts_a_stop_string_as_the_engine_does_at_every_length(tok):
+    """The engine's rule: a stop string counts when the token that completes it is the min_ids-th or later. A stop
+    ending in a character that token min_ids - 1 left incomplete (its U+FFFD counted in the floor) was missed."""
+    text = "ab 猫头鹰 cd 头鹰 ef"
+    ids = tok.encode(text)
+
+    def completed_at(stop, k):  # the first token count whose complete text holds the stop string k times
+        return next(n for n in range(1, len(ids) + 1) if tok.decode(ids[:n]).rstrip("\ufffd").count(stop) >= k)
+
+    assert any(tok.decode(ids[:n]).endswith("\ufffd") for n in range(1, len(ids)))  # (a character split by tokens)
+    stop = "头鹰"
+    first, second = completed_at(stop, 1), completed_at(stop, 2)
+    for min_ids in range(0, len(ids) + 2):
+        s = TextStream(tok, [stop], min_ids=min_ids)
+        out = "".join([s.feed([i]) for i in ids] + [s.finish()])
+        expected = "ab 猫" if first >= min_ids else "ab 猫头鹰 cd" if second >= min_ids else text
+        assert out == expected, (min_ids, out)

@@ -729,6 +729,15 @@ def test_dataloader_drop_last_counts_the_steps_it_trains_and_refuses_an_empty_ep
                "--dataloader_drop_last", "True"))
     info = json.loads((out / "run_info.json").read_text())
     assert info["batches"]["steps_per_epoch"] == 2 and info["batches"]["total_steps"] == info["global_step"] == 4
+    from types import SimpleNamespace as N
+
+    from finetune.train import batch_plan
+
+    # an epoch smaller than one step: the step holds the rows the dropped round leaves (8 of 10), not "the epoch's 10"
+    plan = batch_plan(N(rows=10, records_used=10, packed=False), N(packing=False),
+                      N(per_device_train_batch_size=4, gradient_accumulation_steps=8, world_size=1, max_steps=-1,
+                        dataloader_drop_last=True, num_train_epochs=1, train_sampling_strategy="random"))
+    assert plan["text"].startswith("batches: an optimizer step holds the epoch's 8 rows (of up to 32")
     capsys.readouterr()
     data.write_text(json.dumps(memorise_records()))  # 4 short conversations: one packed row
     for steps in ([], ["--max_steps", "4"]):
