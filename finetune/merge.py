@@ -262,20 +262,6 @@ def check_numbers(fmt: str, quant_method: str, n_calib, n_eval, calib_max_len: i
 INCOMPLETE = "merge-incomplete"
 
 
-def _read_config(model_dir: Path) -> dict | None:
-    try:
-        return json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
-def _gptq_group_size(config: dict | None) -> int | None:
-    """A GPTQ config's group size (-1 or a positive count), None where it has none."""
-    qc = (config or {}).get("quantization_config")
-    g = qc.get("group_size") if isinstance(qc, dict) else None
-    return g if isinstance(g, int) and not isinstance(g, bool) and (g == -1 or g >= 1) else None
-
-
 def write_staged(out: Path, write, log=print) -> list[str]:
     """``write(dir)`` into ``out/INCOMPLETE``, then the earlier merge's files of ``out`` are removed and the new
     ones moved in, config.json last (the file that makes a dir a model dir). Returns ``write``'s result; an
@@ -380,10 +366,11 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         raise MergeError(f"--output {out} exists and is not empty (pass --overwrite to replace its files)")
     base_info = describe(base_dir)
     base_cfg, base_int4 = base_info.config, base_info.quantized
-    qlora_on_float = not base_int4 and bool(recorded) and _is_gptq_dir(Path(recorded))
-    if fmt == "int4" and not group_given:  # the Int4 base's own group size (a demo's 32), not 128 whatever it was
-        group_size = _gptq_group_size(base_cfg if base_int4 else _read_config(Path(recorded)) if qlora_on_float
-                                      else None) or group_size
+    recorded_gptq = None if base_int4 or not recorded else _gptq_settings(Path(recorded))
+    qlora_on_float = recorded_gptq is not None
+    if fmt == "int4" and not group_given and (base_int4 or qlora_on_float):
+        # the Int4 base's own group size (a demo's 32), not 128 whatever it was
+        group_size = (base_info.gptq if base_int4 else recorded_gptq)["group_size"]
     if base_int4:
         route = "int4 base: dequantize + merge"
     elif qlora_on_float:
@@ -522,15 +509,16 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     return report
 
 
-def _is_gptq_dir(path: Path) -> bool:
-    """Whether `path` is a GPTQ model dir (False for anything that is not a readable model dir)."""
+def _gptq_settings(path: Path) -> dict | None:
+    """The GPTQ settings of a GPTQ model dir (describe's, validated), None for anything else (a float dir, or one
+    that is not a readable model dir)."""
     from .errors import ModelLoadError
     from .model_dir import describe
 
     try:
-        return path.is_dir() and describe(path).quantized
+        return describe(path).gptq if path.is_dir() else None
     except ModelLoadError:
-        return False
+        return None
 
 
 def _parser() -> argparse.ArgumentParser:
