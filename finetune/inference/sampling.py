@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from ..modeling.sampling_ranges import (SAMPLING_RANGES, do_sample_problem, integral, out_of_range, whole,
-                                        zero_temperature_problem)
+from ..modeling.sampling_ranges import (OFF_VALUES, SAMPLING_RANGES, do_sample_problem, integral, out_of_range,
+                                        whole, zero_temperature_problem)
 
 # GenerationConfig fields the engine implements (anything else set away from its default is refused).
 # A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
@@ -108,16 +108,10 @@ class SamplingParams:
             raise ValueError(f"generation options not supported by the inference engine: {', '.join(unsupported)}")
         eos = gc.eos_token_id
         eos = () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos)
-        values = dict(
-            max_new_tokens=gc.max_new_tokens if gc.max_new_tokens is not None else 512,
-            do_sample=bool(gc.do_sample),
-            temperature=gc.temperature if gc.temperature is not None else 1.0,
-            top_k=gc.top_k or 0,
-            top_p=gc.top_p if gc.top_p is not None else 1.0,
-            repetition_penalty=gc.repetition_penalty if gc.repetition_penalty is not None else 1.0,
-            min_new_tokens=gc.min_new_tokens or 0,
-            stop_token_ids=eos,
-        )
+        values = {name: off if getattr(gc, name, None) is None else getattr(gc, name)
+                  for name, off in OFF_VALUES.items()}  # (None: off, as chat()'s generate() reads it)
+        values.update(max_new_tokens=gc.max_new_tokens if gc.max_new_tokens is not None else 512,
+                      do_sample=bool(values["do_sample"]), stop_token_ids=eos)
         names = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(overrides) - names)
         if bad:

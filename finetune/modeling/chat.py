@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from .sampling_ranges import config_problems, whole
+from .sampling_ranges import OFF_VALUES, config_problems, whole
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -218,10 +218,6 @@ def _fast_tokens(model, tokenizer, input_ids, gc):
 
 def stop_token_ids(tokenizer) -> list[int]:
     return [tokenizer.im_end_id, tokenizer.im_start_id]
-
-
-OFF_VALUES = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
-              "min_new_tokens": 0}
 
 
 def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[GenerationConfig, int, str]:

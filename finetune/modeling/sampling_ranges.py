@@ -13,6 +13,12 @@ def whole(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+# A generation config field left None samples as if it were off (transformers 4's reading, the official chat()'s):
+# the value each takes then, for chat()'s generate() and the inference engine alike
+OFF_VALUES = {"do_sample": False, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0,
+              "min_new_tokens": 0}
+
+
 def integral(v) -> bool:
     """An integer of any kind (numpy's and torch's too), not a bool: a value that converts to an int exactly."""
     return not isinstance(v, bool) and hasattr(v, "__index__")
