@@ -134,7 +134,9 @@ def checkpoint_step(ckpt: str | os.PathLike) -> int:
     return json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
 
 
-# a checkpoint that --save_only_model wrote: its "Restore the file" would send the user after files never written
+# a checkpoint that --save_only_model wrote (every file of _TRAINING_STATE missing): its "Restore the file" would send
+# the user after files never written
+_TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "rng_state.pth"}
 WEIGHTS_ONLY_NOTE = ("the weights alone (as --save_only_model saves them: no optimizer, scheduler or RNG state), "
                      "which cannot resume a run; a new run can start from them")
 
@@ -144,13 +146,6 @@ def start_from(ckpt: Path) -> str:
     adapter = any((ckpt / n).is_file() for n in ("adapter_model.safetensors", "adapter_model.bin"))
     flag = "--lora_weight_path" if adapter else "--model_name_or_path"
     return f"{flag} {shlex.quote(str(ckpt))} --output_dir NEW_DIR"
-
-
-def _weights_only(names: set[str]) -> bool:
-    has = {what: bool(names.intersection(options)) for what, options in _RESUME_NEEDS.items()}
-    return (has["trainer_state.json"] and has["the weights (adapter_model.safetensors or model.safetensors)"]
-            and not any(has[k] for k in ("optimizer.pt", "scheduler.pt", "rng_state.pth"))
-            and not any(n.endswith("-optimizer.pt") for n in names))
 
 
 def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) -> str | None:
@@ -165,12 +160,12 @@ def checkpoint_problem(ckpt: str | os.PathLike, identity: dict | None = None) ->
     if found := checkpoints(ckpt):  # a run dir (it was "incomplete: trainer_state.json is missing")
         return (f"a run dir, not one of its checkpoints; its newest is {found[0]} (--resume_from_checkpoint "
                 f"{found[0]}, or --resume True with --output_dir {ckpt} to continue that run in place)")
-    if _weights_only(names):
+    missing = [what for what, options in _RESUME_NEEDS.items() if not names.intersection(options) and not (
+        what == "optimizer.pt" and any(n.endswith("-optimizer.pt") for n in names))]
+    if set(missing) == _TRAINING_STATE:
         return WEIGHTS_ONLY_NOTE
-    for what, options in _RESUME_NEEDS.items():
-        if not names.intersection(options) and not (what == "optimizer.pt" and any(
-                n.endswith("-optimizer.pt") for n in names)):
-            return f"incomplete: {what} is missing"
+    if missing:
+        return f"incomplete: {missing[0]} is missing"
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
@@ -267,8 +262,7 @@ def identity_mismatch(ckpt: Path, identity: dict) -> str | None:
     if DATA_KEY in differ:
         diffs += ("; " if diffs else "") + "the training data's content differs"
     seed = ("" if identity.get("mode") == "full" or any(k in _STRUCTURAL for k in differ)
-            else f"; its adapter can start a new run with these settings (--lora_weight_path {shlex.quote(str(ckpt))} "
-                 "--output_dir NEW_DIR)")
+            else f"; its adapter can start a new run with these settings ({start_from(ckpt)})")
     return (f"written by a different run ({diffs}): a resume continues that run as it was (its model, adapters, "
             f"rows, batches, data order and optimizer){seed}")
 
