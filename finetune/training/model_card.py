@@ -14,12 +14,12 @@ _MODES = {"qlora": "Q-LoRA adapter (LoRA on the GPTQ Int4 base)", "lora": "LoRA 
 def _lora_line(out: Path, lora_args) -> str:
     """The adapter's LoRA settings as saved (adapter_config.json): with --lora_weight_path they are the adapter's own,
     not the flags' (an r=1 adapter trained on was described as r 64)."""
-    import json
+    from ..adapters import AdapterError, read_adapter_config
 
     try:
-        cfg = json.loads((out / "adapter_config.json").read_text(encoding="utf-8"))
+        cfg = read_adapter_config(out)
         r, alpha, dropout, targets = cfg["r"], cfg["lora_alpha"], cfg["lora_dropout"], cfg["target_modules"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (AdapterError, KeyError):
         r, alpha, dropout, targets = (lora_args.lora_r, lora_args.lora_alpha, lora_args.lora_dropout,
                                       lora_args.lora_target_modules)
     targets = sorted(targets) if isinstance(targets, (list, tuple, set)) else [str(targets)]
