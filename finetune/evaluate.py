@@ -180,11 +180,10 @@ def loss_coverage_note(metrics: dict, n_records: int, max_len: int | None, sourc
     parts = []
     if left:
         from .data.dataset import record_place
-        from .data.records import data_sources
+        from .data.records import data_sources, record_place_text
 
         # (the file of a list or a glob, and the record's number in it, as the data errors name records)
-        path, index, line = record_place(source, data_sources(source), metrics["first_left_out"])
-        first = f"{path}, record {index + 1}" + (f", line {line}" if line is not None else "")
+        first = record_place_text(*record_place(source, data_sources(source), metrics["first_left_out"]))
         parts.append(f"leaves out {left} of {n_records} record{'s' * (n_records > 1)} (no reply token within max_len "
                      f"{max_len}: the prompt fills it; the first: {first})")
     if cut:

@@ -84,15 +84,9 @@ class DataError(ValueError):
         return _rebuild_error(**json.loads(s))
 
     def _message(self) -> str:
-        where = []
-        if self.path is not None:
-            where.append(f"{self.flag} {self.path}" if self.flag else str(self.path))
-        if self.index is not None:
-            where.append(f"record {self.index + 1}")
-        if self.line is not None:
-            where.append(f"line {self.line}")
+        where = record_place_text(self.path, self.index, self.line, self.flag)
         cause = self.reason + (f": {self.detail}" if self.detail else "")
-        return (", ".join(where) + ": " if where else "") + cause
+        return (where + ": " if where else "") + cause
 
     def located(self, path: str | None, index: int | None, line: int | None) -> "DataError":
         """The same error with its place in a file filled in."""
@@ -103,6 +97,19 @@ class DataError(ValueError):
         if not flag or self.flag:
             return self
         return type(self)(self.reason, self.detail, path=self.path, index=self.index, line=self.line, flag=flag)
+
+
+def record_place_text(path, index: int | None, line: int | None, flag: str | None = None) -> str:
+    """A record's place as the data errors name it ("--data d.jsonl, record 3, line 3"; "" when nothing is known);
+    ``index`` 0-based, said from 1."""
+    where = []
+    if path is not None:
+        where.append(f"{flag} {path}" if flag else str(path))
+    if index is not None:
+        where.append(f"record {index + 1}")
+    if line is not None:
+        where.append(f"line {line}")
+    return ", ".join(where)
 
 
 def _rebuild_error(reason, detail, path, index, line, flag=None):
