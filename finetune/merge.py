@@ -150,13 +150,13 @@ def _from_dir(data: str, cwd: str) -> str:
     """A data flag's value as the training run read it, from its working directory ``cwd``: each relative path or
     pattern of it (a comma-separated list's too, as data_sources splits it) anchored there. `data/train.json`
     given in the checkout was not found by a merge run from another dir."""
+    from .data.records import spec_parts
+
     def anchored(part: str) -> str:
         part = os.path.expanduser(part)
         return part if os.path.isabs(part) else os.path.join(cwd, part)
 
-    if "," not in data or os.path.exists(anchored(data)):  # (an existing path is taken whole, commas and all)
-        return anchored(data)
-    return ",".join(anchored(part.strip()) for part in data.split(","))
+    return ",".join(anchored(part) for part in spec_parts(data, lambda whole: os.path.exists(anchored(whole))))
 
 
 def _still_the_training_data(run_dir: Path, data: str, log=print) -> bool:

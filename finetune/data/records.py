@@ -655,6 +655,12 @@ def _dir_files(d: str) -> list[str]:
     return files
 
 
+def spec_parts(spec: str, exists=os.path.exists) -> list[str]:
+    """The entries of a data flag's value as data_sources reads them: the whole value where it names an existing
+    path (a file whose name holds a comma), else its comma-separated entries, stripped (an empty one stays "")."""
+    return [spec] if exists(spec) or "," not in spec else [s.strip() for s in spec.split(",")]
+
+
 def data_sources(spec: str | os.PathLike) -> list[str]:
     """The data files (and `datasets` dirs) that a data flag names, in the order their records are read.
 
@@ -669,7 +675,7 @@ def data_sources(spec: str | os.PathLike) -> list[str]:
     spec = os.fspath(spec)
     if os.path.exists(spec):
         return _dir_files(spec) if os.path.isdir(spec) and not _is_datasets_dir(Path(spec)) else [spec]
-    parts = [s.strip() for s in spec.split(",")] if "," in spec else [spec]
+    parts = spec_parts(spec)
     if "" in parts:
         raise DataError("invalid list of files", "an empty entry in the comma-separated list", path=spec)
     out: list[str] = []
@@ -700,7 +706,7 @@ def data_dirs(spec: str | os.PathLike) -> list[tuple[Path, str | None, bool]]:
     every data file there, whether it reaches below it too: a ** pattern). Files written there later would join the
     data. Explicitly named files and `datasets` dirs are not listings (nothing new joins them)."""
     spec = os.fspath(spec)
-    parts = [spec] if os.path.exists(spec) or "," not in spec else [s.strip() for s in spec.split(",") if s.strip()]
+    parts = [part for part in spec_parts(spec) if part]
     out = []
     for part in parts:
         part = os.path.expanduser(part)
