@@ -6,8 +6,9 @@
 Interactive: the reply streams as it is generated (``model.chat_stream``); the conversation is kept as
 history, as much of it as fits in the history window (``max_window_size`` tokens, default the model's
 generation config, 6144), newest turns first, as the official make_context does. Commands (``:help`` lists
-them; the official cli_demo's names): ``:clear-history`` (or ``:clear``) forgets the history, ``:history`` shows it, ``:seed N`` and
-``:conf KEY=VALUE`` change the sampling, ``:exit`` (or ``:quit``, or end of input, Ctrl-D) leaves.
+them; the official cli_demo's names): ``:clear-history`` (or ``:clear``) forgets the history, ``:history`` shows
+it, ``:seed N`` and ``:conf KEY=VALUE`` change the sampling, ``:exit`` (or ``:quit``, or end of input, Ctrl-D)
+leaves.
 
 One-shot: ``--query Q`` prints the reply alone on stdout and exits 0 (scriptable).
 Without ``-m`` the base is the one the adapter records; a base that moved is given with ``-m``.

@@ -37,8 +37,8 @@ def test_records_with_nothing_to_train_stop_before_the_model_loads(tiny_model_di
     assert len(err) == 1, err
     assert err[0] == (f"error: --data_path {data}, record 2, line 2: prompt longer than max_len (nothing left to train): "
                       "3 of 5 records have no trained reply token within max_len 64 (the text before the first "
-                      "trained reply fills it); this is the first; raise --model_max_length (now 64), or pass --skip_invalid "
-                      "True to skip and count such records")
+                      "trained reply fills it); this is the first; raise --model_max_length (now 64), or pass "
+                      "--skip_invalid True to skip and count such records")
 
 
 def test_a_bad_eval_file_is_named_by_its_flag(tiny_model_dir, tmp_path, capsys, no_model_load):
