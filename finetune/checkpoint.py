@@ -3,9 +3,9 @@ what each holds from its header alone (safetensors headers checked against the f
 size of a legacy zip ``.bin``, so a truncated or malformed file is refused naming the file and the tensor before
 any tensor is read), reading tensors one at a time, and writing sharded safetensors in the transformers naming.
 
-The layouts are the ones transformers and Qwen's releases use: model.safetensors, or shards named by
-model.safetensors.index.json; pytorch_model.bin, or shards named by pytorch_model.bin.index.json; any single
-*.safetensors as a last resort. Errors are raised as the caller's error type (``error=``), naming the file.
+The layouts are the ones transformers and Qwen's releases use, in transformers' order: model.safetensors, or
+shards named by model.safetensors.index.json; pytorch_model.bin, or shards named by pytorch_model.bin.index.json;
+any single *.safetensors as a last resort. Errors are raised as the caller's error type (``error=``), naming the file.
 """
 
 from __future__ import annotations
@@ -106,12 +106,19 @@ _TORCH_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16"
 def checkpoint_files(model_dir, error=ModelLoadError) -> list[tuple[Path, list[str] | None]]:
     """[(file, tensor names or None if unknown without reading)] for a model dir, in shard order.
 
-    Looks for model.safetensors.index.json, model.safetensors, pytorch_model.bin.index.json,
-    pytorch_model.bin (the names transformers and Qwen's releases use), then any single *.safetensors.
+    Looks for model.safetensors, model.safetensors.index.json, pytorch_model.bin, pytorch_model.bin.index.json
+    (transformers' order, so that what is checked here is what from_pretrained loads), then any single
+    *.safetensors. A whole file beside an index of the same format is refused: one of them is another model's.
     """
     d = Path(model_dir)
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    for single, index_name in (("model.safetensors", "model.safetensors.index.json"),
+                               ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         idx = d / index_name
+        if (d / single).is_file() and idx.is_file():
+            raise error(f"{d} holds both {single} and {index_name} (a whole checkpoint and a sharded one): one of "
+                        f"them is left from another download or model; remove it")
+        if (d / single).is_file():
+            return [(d / single, None)]
         if idx.is_file():
             try:
                 weight_map = json.loads(idx.read_text(encoding="utf-8"))["weight_map"]
@@ -125,9 +132,6 @@ def checkpoint_files(model_dir, error=ModelLoadError) -> list[tuple[Path, list[s
                 if not (d / fname).is_file():
                     raise error(f"{d}: weight file {fname} named in {index_name} is missing")
             return [(d / f, names) for f, names in sorted(by_file.items())]
-    for single in ("model.safetensors", "pytorch_model.bin"):
-        if (d / single).is_file():
-            return [(d / single, None)]
     st = sorted(p for p in d.glob("*.safetensors") if p.is_file())  # (a directory of that name is no weights)
     if st:
         return [(p, None) for p in st]

@@ -101,19 +101,47 @@ def test_loading_needs_no_vocab_file(model_dir):
         finetune.load_tokenizer(model_dir)
 
 
-def test_sharded_checkpoint_loads(model_dir):
+def _shard(model_dir):
+    """model.safetensors split into two shards named by model.safetensors.index.json; the single file removed."""
     sd = load_file(model_dir / "model.safetensors")
     (model_dir / "model.safetensors").unlink()
     keys = sorted(sd)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
     weight_map = {}
-    for fname, ks in shards.items():
+    for i, ks in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        fname = f"model-0000{i + 1}-of-00002.safetensors"
         save_file({k: sd[k] for k in ks}, model_dir / fname, metadata={"format": "pt"})
         weight_map.update({k: fname for k in ks})
     (model_dir / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return sd
+
+
+def test_sharded_checkpoint_loads(model_dir):
+    sd = _shard(model_dir)
     model = load_model(model_dir, dtype="fp32", device="cpu")
     assert torch.equal(model.lm_head.weight, sd["lm_head.weight"])
+
+
+@pytest.mark.parametrize("int4", [False, True], ids=["float", "int4"])
+def test_a_whole_checkpoint_beside_a_sharded_one_is_refused(tmp_path, int4):
+    """A stale model.safetensors left beside the index of another download: the checks read the shards and
+    transformers' loader the single file, so a float dir ran on other weights than were checked."""
+    from finetune.demo import make_demo_model
+
+    d = make_demo_model(tmp_path / "m", seed=0, int4=int4)
+    other = make_demo_model(tmp_path / "other", seed=1, int4=int4)
+    _shard(d)
+    shutil.copy(other / "model.safetensors", d / "model.safetensors")
+    with pytest.raises(ModelLoadError, match="holds both model.safetensors and model.safetensors.index.json"):
+        load_model(d, dtype="fp32", device="cpu")
+
+
+def test_safetensors_win_over_a_bin_index_as_in_transformers(model_dir):
+    """The checks' file list is transformers' choice: model.safetensors before pytorch_model.bin[.index.json]."""
+    from finetune.checkpoint import checkpoint_files
+
+    (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"x": "absent.bin"}}))
+    assert checkpoint_files(model_dir) == [(model_dir / "model.safetensors", None)]
+    load_model(model_dir, dtype="fp32", device="cpu")  # (the index's missing shard is not what loads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
