@@ -135,36 +135,19 @@ def too_long(tokenizer, query: str, system: str, window: int) -> str | None:
     return None
 
 
-def check_chat_format(model_dir) -> None:
-    """A model dir whose generation_config.json has a chat_format other than chatml (a base model's "raw") cannot
-    chat: one line before the weights load, not model.chat's ValueError at the first reply."""
-    import json
-
-    from .errors import ModelLoadError
-    from .hub import resolve_model_dir
-
-    path = resolve_model_dir(model_dir) / "generation_config.json"
-    try:
-        fmt = json.loads(path.read_text(encoding="utf-8")).get("chat_format", "chatml")
-    except (OSError, ValueError, AttributeError):
-        return  # absent (the official defaults) or broken (the loader names the file)
-    if fmt != "chatml":
-        raise ModelLoadError(f"{path}: chat_format {fmt!r}: chat needs a chat model (chat_format \"chatml\", as "
-                             f"Qwen-*-Chat have); {fmt!r} is a base model's")
-
-
 def load(args):
     from .adapters import resolve_base
     from .errors import ModelLoadError
     from .hub import resolve_model_dir
     from .loading import load_model
+    from .model_dir import check_chat_format
     from .tokenization import load_tokenizer
 
     if args.adapter:  # a hub id too (as eval and merge take one), and a missing dir named with what is beside it
         args.adapter = str(resolve_model_dir(args.adapter, "adapter directory"))
     # a hub id resolved now (as the adapter's base is), so that the checks below read its config before loading
     model_dir = resolve_base(args.adapter, args.model) if args.adapter else resolve_model_dir(args.model)
-    check_chat_format(model_dir)
+    check_chat_format(model_dir, args.adapter)
     if problem := too_many_new_tokens(args.max_new_tokens, max_new_tokens_limit(model_dir), model_dir):
         raise ModelLoadError(problem)  # (before the weights load, as eval's check)
     # the tokenizer first: it is checked against the model's config before any weights load

@@ -284,6 +284,7 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
         with torch.device("meta"):  # names and shapes only; GPTQ layers have the Linears' names and sizes
             meta = QWenLMHeadModel(config)
         check_adapter(meta, adapter_dir, lora_config(adapter_dir), adapter_tensor_shapes(adapter_dir))
+        check_side_files(adapter_dir)  # (its generation_config.json, where it has one, is the model's below)
     if info.quantized:
         from .quant.loading import load_gptq_model  # the Int4 path (finetune/quant)
 
@@ -304,7 +305,13 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     model.config._name_or_path = model.name_or_path
     if adapter:
         from .adapters import load_adapter  # checks the adapter against the model, then PEFT
+        from .model_dir import generation_file
 
+        if (gen := generation_file(model_dir, adapter_dir)).parent == adapter_dir:
+            # training on a base model ("raw") writes the adapter one in ChatML: model.chat reads it
+            from transformers import GenerationConfig
+
+            model.generation_config = GenerationConfig.from_pretrained(str(gen.parent))
         model = load_adapter(model, adapter_dir)
     model.eval()
     return model

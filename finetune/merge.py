@@ -58,7 +58,8 @@ class MergeError(ValueError):
 
 
 def copy_side_files(base_dir: Path, out_dir: Path, adapter_dir: Path | None = None) -> None:
-    """Tokenizer files, generation config, remote code...: every non-weight file of the base dir."""
+    """Tokenizer files, generation config, remote code...: every non-weight file of the base dir; the adapter's
+    generation_config.json where it has one (trained on a base model: ChatML); and a chat template."""
     for p in base_dir.iterdir():
         if not p.is_file() or p.name in SKIP_COPY or p.suffix in (".safetensors", ".bin", ".pt", ".pth"):
             continue
@@ -67,6 +68,28 @@ def copy_side_files(base_dir: Path, out_dir: Path, adapter_dir: Path | None = No
         for name in ("qwen.tiktoken", "tokenizer_config.json"):
             if (adapter_dir / name).is_file():
                 shutil.copy2(adapter_dir / name, out_dir / name)
+    if adapter_dir is not None and (adapter_dir / "generation_config.json").is_file():
+        shutil.copy2(adapter_dir / "generation_config.json", out_dir / "generation_config.json")
+    add_chat_template(out_dir)
+
+
+def add_chat_template(out_dir: Path) -> None:
+    """The project's chat template in a dir whose tokenizer files have none (the official releases' have none):
+    outside tools (vLLM, TRL, lm-evaluation-harness) build prompts from it, as from an adapter dir's. Written as
+    transformers 5 saves it (chat_template.jinja) and as 4.x read it (tokenizer_config.json's key)."""
+    from .tokenization import CHAT_TEMPLATE
+
+    path = out_dir / "tokenizer_config.json"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except ValueError:
+        return  # (not the merge's to repair: the base's file as it was)
+    if (out_dir / "chat_template.jinja").is_file() or (isinstance(cfg, dict) and cfg.get("chat_template")):
+        return
+    if isinstance(cfg, dict):
+        cfg["chat_template"] = CHAT_TEMPLATE
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out_dir / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
 
 
 def write_float_config(base_cfg: dict, out_dir: Path, dtype: torch.dtype) -> dict:

@@ -145,3 +145,48 @@ def describe(model_dir) -> ModelDir:
         raise ModelLoadError(f"{Path(model_dir) / 'config.json'}: {e}") from None
     check_quantize_config(model_dir, gptq)
     return ModelDir(path=Path(model_dir), config=cfg, family=cfg["model_type"], gptq=gptq)
+
+
+def generation_file(model_dir, adapter_dir=None) -> Path:
+    """The generation_config.json that applies: an adapter's own (training on a base model writes one, see
+    chat_generation_config) before the model dir's."""
+    if adapter_dir is not None and (Path(adapter_dir) / "generation_config.json").is_file():
+        return Path(adapter_dir) / "generation_config.json"
+    return Path(model_dir) / "generation_config.json"
+
+
+def chat_format(model_dir, adapter_dir=None) -> str:
+    """The chat format the applying generation_config.json names: "chatml" (Qwen-*-Chat; also a dir without the
+    file or the field, as the official chat() defaults), or a base model's "raw". A broken file reads as chatml:
+    the loader names the file."""
+    try:
+        gen = json.loads(generation_file(model_dir, adapter_dir).read_text(encoding="utf-8"))
+        return str(gen.get("chat_format") or "chatml")
+    except (OSError, ValueError, AttributeError):
+        return "chatml"
+
+
+def chat_generation_config(model_dir) -> dict | None:
+    """A base model's generation_config.json (chat_format "raw", as Qwen-7B's) with chat_format "chatml": what a
+    model or adapter trained on it here is saved with, as it learnt the ChatML of the training data (the official
+    scripts kept "raw", so that chat() refused the result). None for a chat model's dir."""
+    if chat_format(model_dir) == "chatml":
+        return None
+    gen = json.loads((Path(model_dir) / "generation_config.json").read_text(encoding="utf-8"))
+    return {**gen, "chat_format": "chatml"}
+
+
+def check_chat_format(model_dir, adapter_dir=None) -> None:
+    """A model (or adapter) whose generation config has a chat_format other than chatml, a base model's "raw",
+    cannot chat: one line before the weights load, not model.chat's ValueError at the first reply."""
+    fmt = chat_format(model_dir, adapter_dir)
+    if fmt == "chatml":
+        return
+    path = generation_file(model_dir, adapter_dir)
+    hint = ""
+    if adapter_dir is not None and path.parent == Path(model_dir):
+        # (an adapter trained here on a base model carries a chatml generation_config.json; one from elsewhere not)
+        hint = (f"; if the adapter was trained on chat data (ChatML), copy {path.name} into {adapter_dir} with "
+                f"\"chat_format\": \"chatml\"")
+    raise ModelLoadError(f"{path}: chat_format {fmt!r}: chat needs a chat model (chat_format \"chatml\", as "
+                         f"Qwen-*-Chat have); {fmt!r} is a base model's{hint}")

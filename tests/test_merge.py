@@ -60,6 +60,26 @@ def test_lora_merge_into_float_base_matches_unmerged(setup, tmp_path):
     assert json.loads((out / "merge_report.json").read_text())["unmerged_loss"] == report["unmerged_loss"]
 
 
+
+def test_a_merge_over_the_official_tokenizer_files_carries_a_chat_template(setup, tmp_path):
+    """The releases' tokenizer_config.json has no chat template (the demo's has one): the merged dir gets the one
+    an adapter dir has, for tools that build prompts from it, and keeps the official keys."""
+    import shutil
+
+    from finetune.tokenization import CHAT_TEMPLATE
+
+    base = tmp_path / "base"
+    shutil.copytree(setup["float"], base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    official = {"model_max_length": 8192, "tokenizer_class": "QWenTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}
+    (base / "tokenizer_config.json").write_text(json.dumps(official))
+    out = tmp_path / "merged"
+    merge(setup["lora"], out, model=str(base), log=quiet)
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg == {**official, "chat_template": CHAT_TEMPLATE}
+    assert (out / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+
 def test_qlora_merge_into_dequantized_int4_base(setup, tmp_path):
     out = tmp_path / "q_float"
     report = merge(setup["qlora"], out, dtype="fp32", eval_data=setup["data"], log=quiet)

@@ -206,6 +206,7 @@ def build_server(args):
     from ..adapters import check_base, read_adapter_config
     from ..generation_limits import max_new_tokens_limit
     from ..hub import resolve_model_dir
+    from ..model_dir import chat_format
     from .app import Server
     from .models import base_name, load_served_model, unserved_options
 
@@ -213,6 +214,10 @@ def build_server(args):
     model_dir = resolve_model_dir(args.model)
     if problem := unserved_options(model_dir):
         raise ValueError(problem)
+    if chat_format(model_dir) != "chatml":  # (the server's chat() config refused it after the weights loaded)
+        raise ValueError(f"{model_dir / 'generation_config.json'}: chat_format {chat_format(model_dir)!r}: the "
+                         f"server needs a chat model (chat_format \"chatml\"); an adapter trained on this base model "
+                         f"serves once merged: qwen-ft merge --adapter DIR -o OUT, then serve -m OUT")
     # as chat and eval refuse such a --max-new-tokens (and vLLM a max_model_len past the model's): requests that long
     # would decode at positions no rotary scaling of the model covers, and ask the KV cache for more than any device
     limit = max_new_tokens_limit(model_dir)

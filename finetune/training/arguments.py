@@ -72,7 +72,8 @@ class LoraArguments:
     lora_bias: str = field(default="none", metadata={"help": "none, all or lora_only (as PEFT)"})
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised LoRA: scale by alpha / sqrt(r)"})
     modules_to_save: list[str] | None = field(
-        default=None, metadata={"help": "Also train these in full, e.g. wte lm_head for a base (non-chat) model"})
+        default=None, metadata={"help": "Also train these in full; LoRA on a base (non-chat) model trains wte "
+                                         "lm_head unless given, as the official recipe does; none: none"})
 
 
 @dataclass

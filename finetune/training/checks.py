@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ModelLoadError, json_reason
 from ..hub import ModelNotFoundError, resolve_model_dir
-from ..model_dir import describe
+from ..model_dir import chat_format, chat_generation_config, describe
 from ..tokenization import VOCAB_FILE
 from .memory import fit_problem
 
@@ -74,6 +74,8 @@ class TrainPlan:
     resume_from: str | None  # checkpoint dir to continue from
     identity: dict = field(default_factory=dict)  # what a checkpoint must match to be resumed (run_identity)
     seq_length: int | None = None  # the model's trained context (config.json)
+    # a base model's generation config in ChatML, saved with what it trains (model_dir.chat_generation_config)
+    chat_generation: dict | None = None
 
 
 def run_identity(model_dir, mode: str, lora_args, data_args=None, args=None) -> dict:
@@ -681,6 +683,15 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         args.output_dir = os.path.join("output", f"qwen-{mode}")
         if args.process_index == 0:
             print(f"no --output_dir: the run goes to {args.output_dir} (as the training scripts' default)", flush=True)
+    chat_generation = chat_generation_config(model_dir)
+    if lora_args.modules_to_save == ["none"]:  # (the way to say none where a base model would get wte lm_head)
+        lora_args.modules_to_save = []
+    if chat_generation is not None and mode == "lora" and lora_args.modules_to_save is None:
+        # as the official finetune.py's LoRA on a base model: the rows of the ChatML tokens are untrained there
+        lora_args.modules_to_save = ["wte", "lm_head"]
+        if args.process_index == 0:
+            print(f"{model_dir} is a base model (chat_format {chat_format(model_dir)!r}): LoRA also trains wte and "
+                  f"lm_head in full, as the official recipe does (--modules_to_save none: not)", flush=True)
     if mode != "full" and not lora_args.lora_target_modules:
         raise TrainConfigError("--lora_target_modules is empty: name the Linears that get adapters (c_attn, c_proj, "
                                "w1, w2 by default)")
@@ -762,7 +773,8 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     if too_big:
         raise TrainConfigError(too_big)
     return TrainPlan(model_dir=model_dir, mode=mode, quantized=quantized, device=device,
-                     zero_stage=zero_stage, resume_from=resume_from, identity=identity, seq_length=seq_length)
+                     zero_stage=zero_stage, resume_from=resume_from, identity=identity, seq_length=seq_length,
+                     chat_generation=chat_generation)
 
 
 _TRUE = ("True", "true", "auto", "last")

@@ -338,7 +338,13 @@ class QwenTrainer(Trainer):
         since = time.time()
         super()._save(output_dir, state_dict)
         if self.args.should_save:
-            weights_readable(output_dir if output_dir is not None else self.args.output_dir, since)
+            out = output_dir if output_dir is not None else self.args.output_dir
+            if self.plan is not None and self.plan.chat_generation is not None:
+                # trained on a base model, what is saved chats in ChatML (a full model's own file replaced)
+                with open(os.path.join(out, "generation_config.json"), "w", encoding="utf-8") as f:
+                    json.dump(self.plan.chat_generation, f, indent=2, ensure_ascii=False)
+                    f.write("\n")
+            weights_readable(out, since)
 
     def _save_checkpoint(self, model, trial):
         """Write checkpoint-N into a staging dir, then rename it into place: a run killed mid-save leaves no
