@@ -28,8 +28,9 @@ from .training.arguments import (DataArguments, LoraArguments, ModelArguments, T
 from .training import precision as precision_policy
 from .training.allocator import allocator_settings, default_allocator_settings
 from .training.checks import (DATA_KEY, FINISHED_MARKER, WEIGHTS_ONLY_NOTE, TrainConfigError, checkpoint_problem,
-                              checkpoint_step, checkpoints, conflicts_error, deepspeed_config, identity_mismatch,
-                              last_complete_checkpoint, precision_conflicts, preflight, start_from)
+                              checkpoint_step, checkpoints, conflicts_error, deepspeed_config, graph_loss_changes,
+                              identity_mismatch, last_complete_checkpoint, precision_conflicts, preflight,
+                              start_from)
 from .training.console import quiet_third_party_notices
 from .training.launch import say_error
 from .training.lora import attach_lora
@@ -365,12 +366,18 @@ def _cuda_graphs(model, data_args, args, plan):
     """The TrainGraphs the trainer runs its steps through (finetune/training/graphs.py), or None. --cuda_graphs
     unset: one CUDA process, alone or under ZeRO-1/2; True: also several processes (their gradient hooks, like
     DeepSpeed's, get the replayed gradients through autograd). Says why when graphs are not used."""
-    if args.cuda_graphs is False or not plan.device.startswith("cuda"):
+    if args.cuda_graphs is False:
+        return None
+    if not plan.device.startswith("cuda"):
+        if args.cuda_graphs and args.process_index == 0:  # (asked for, it was dropped without a word)
+            logger.info("CUDA graphs off: this run trains on the CPU (--cuda_graphs applies to CUDA GPUs)")
         return None
     from .training.graphs import enable_train_graphs, graphs_unavailable
 
     several = args.world_size > 1
-    if several and args.cuda_graphs is None:
+    if loss_changes := graph_loss_changes(args):
+        why = f"{loss_changes}: the graphed step computes the plain loss"
+    elif several and args.cuda_graphs is None:
         why = "several processes (graphs have not yet run on more than one GPU; --cuda_graphs True turns them on)"
     elif plan.zero_stage == 3:
         why = "ZeRO-3 gathers each layer's weights in module hooks, which a replayed step would skip"

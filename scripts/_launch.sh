@@ -37,7 +37,7 @@ not_empty() { [[ -n "$2" ]] || { echo "error: $1 is empty (an unset shell variab
 
 # the same for the environment's forms: MODEL= trained the demo model on the user's data, OUTPUT= wrote to the
 # default dir (a variable that is set but empty; one that is unset means none given, as before)
-for var in MODEL DATA OUTPUT; do
+for var in MODEL DATA OUTPUT DEEPSPEED; do
   if [[ -v $var && -z "${!var}" ]]; then not_empty "$var" ""; fi
 done
 MODEL="${MODEL:-}"; DATA="${DATA:-}"; OUTPUT="${OUTPUT:-}"
@@ -45,14 +45,15 @@ CONFIG=""; DS_FLAG=""
 EXTRA=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    # The trainer's own names for model, data and output act as -m -d -o (an official command line passes
-    # them), so that they decide the demo and the defaults as -m -d -o do.
-    -m|--model|--model_name_or_path) need_value "$@"; not_empty "$@"; MODEL="$2"; shift 2 ;;
-    -d|--data|--data_path) need_value "$@"; not_empty "$@"; DATA="$2"; shift 2 ;;
-    -o|--output|--output_dir) need_value "$@"; not_empty "$@"; OUTPUT="$2"; shift 2 ;;
-    --model_name_or_path=*) not_empty "${1%%=*}" "${1#*=}"; MODEL="${1#*=}"; shift ;;
-    --data_path=*) not_empty "${1%%=*}" "${1#*=}"; DATA="${1#*=}"; shift ;;
-    --output_dir=*) not_empty "${1%%=*}" "${1#*=}"; OUTPUT="${1#*=}"; shift ;;
+    # The trainer's own names for model, data and output (either spelling, as the trainer takes both) act as
+    # -m -d -o (an official command line passes them), so that they decide the demo and the defaults as -m -d -o do.
+    # (The dashed ones went on to the trainer, after which the demo's own flags won: the demo trained silently.)
+    -m|--model|--model_name_or_path|--model-name-or-path) need_value "$@"; not_empty "$@"; MODEL="$2"; shift 2 ;;
+    -d|--data|--data_path|--data-path) need_value "$@"; not_empty "$@"; DATA="$2"; shift 2 ;;
+    -o|--output|--output_dir|--output-dir) need_value "$@"; not_empty "$@"; OUTPUT="$2"; shift 2 ;;
+    --model_name_or_path=*|--model-name-or-path=*) not_empty "${1%%=*}" "${1#*=}"; MODEL="${1#*=}"; shift ;;
+    --data_path=*|--data-path=*) not_empty "${1%%=*}" "${1#*=}"; DATA="${1#*=}"; shift ;;
+    --output_dir=*|--output-dir=*) not_empty "${1%%=*}" "${1#*=}"; OUTPUT="${1#*=}"; shift ;;
     -h|--help) usage; exit 0 ;;
     --deepspeed) need_value "$@"; DS_FLAG="$2"; EXTRA+=("$1" "$2"); shift 2 ;;
     --deepspeed=*) DS_FLAG="${1#*=}"; EXTRA+=("$1"); shift ;;
@@ -152,9 +153,11 @@ if [[ -z "$MODEL" && -z "$CONFIG" ]]; then
   DEMO=1
   echo "demo: training $MODE on $DATA into $OUTPUT (previous demo output there is replaced)"
   ARGS+=(--num_train_epochs 60 --per_device_train_batch_size 4 --learning_rate 5e-3 --warmup_steps 0.05
-         --lr_scheduler_type cosine --weight_decay 0.0 --lora_r 16 --lora_alpha 32 --lora_dropout 0.0
+         --lr_scheduler_type cosine --weight_decay 0.0
          --model_max_length 256 --logging_steps 20 --save_strategy no --report_to none --disable_tqdm True
          --overwrite_output_dir True --seed 0 --packing False)
+  # (a full run refuses LoRA settings)
+  if [[ "$MODE" != "full" ]]; then ARGS+=(--lora_r 16 --lora_alpha 32 --lora_dropout 0.0); fi
 elif [[ -z "$CONFIG" ]]; then
   DEMO=0
   [[ -n "$DATA" ]] || { echo "error: no data: pass -d DATA (or DATA=..., or --data_path)" >&2; exit 2; }
@@ -195,7 +198,7 @@ esac
 if [[ -n "$DS_ADD" ]]; then ARGS+=(--deepspeed "$DS_FLAG"); fi
 # A warmup given by the user replaces the recipe's --warmup_steps (the trainer refuses --warmup_ratio beside it)
 for a in "${EXTRA[@]}"; do
-  if [[ "$a" == --warmup_ratio* || "$a" == --warmup_steps* ]]; then
+  if [[ "$a" == --warmup[_-]ratio* || "$a" == --warmup[_-]steps* ]]; then
     KEPT=(); skip=0
     for x in "${ARGS[@]}"; do
       if [[ $skip -eq 1 ]]; then skip=0; elif [[ "$x" == --warmup_steps ]]; then skip=1; else KEPT+=("$x"); fi

@@ -47,10 +47,14 @@ def write_memorise(path: Path, pairs=MEMORISE) -> Path:
 
 
 def train_args(model, data, out, *extra) -> list[str]:
-    """Trainer flags for a few-second CPU run on the tiny model (extra flags override, last wins)."""
+    """Trainer flags for a few-second CPU run on the tiny model (extra flags override, last wins); the LoRA ones
+    only where the run trains LoRA (--use_lora in extra, or a GPTQ dir): a full run refuses them."""
+    config = Path(model) / "config.json"
+    gptq = config.is_file() and "quantization_config" in json.loads(config.read_text())
+    lora = ["--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0"] if gptq or "--use_lora" in extra else []
     return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out),
-            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", "--lora_r", "16",
-            "--lora_alpha", "32", "--lora_dropout", "0", "--logging_steps", "10", "--save_strategy", "no",
+            "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", *lora,
+            "--logging_steps", "10", "--save_strategy", "no",
             "--report_to", "none", "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0",
             "--model_max_length", "128", "--packing", "False", *extra]  # one chat a row: step counts as written
 

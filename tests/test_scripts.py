@@ -238,6 +238,7 @@ def test_an_empty_model_data_or_output_is_one_line(tmp_path, argv, message):
     ({"MODEL": ""}, ["-d", "d.json", "-o", "out"], "error: MODEL is empty"),  # trained the demo on the user's data
     ({"OUTPUT": ""}, ["-m", "m", "-d", "d.json"], "error: OUTPUT is empty"),  # wrote to output/qwen-lora
     ({"DATA": ""}, ["-m", "m"], "error: DATA is empty"),
+    ({"DEEPSPEED": ""}, ["-m", "m", "-d", "d.json"], "error: DEEPSPEED is empty"),  # trained without DeepSpeed
 ])
 def test_an_empty_model_data_or_output_variable_is_one_line(tmp_path, env, argv, message):
     p = _bare_script(argv, tmp_path, QWEN_FT_CACHE=str(tmp_path / "demo-cache"), **env)
@@ -247,7 +248,10 @@ def test_an_empty_model_data_or_output_variable_is_one_line(tmp_path, env, argv,
 
 
 @pytest.mark.parametrize("env, argv", [({}, ["-d", "d.json", "-o", "out"]), ({"DATA": "d.json"}, []),
-                                       ({"MODLE": "m"}, ["--data_path=d.json"])])
+                                       ({"MODLE": "m"}, ["--data_path=d.json"]),
+                                       # (the dashed spellings went on to the trainer, and the demo trained)
+                                       ({}, ["--data-path", "d.json", "--output-dir", "out"]),
+                                       ({}, ["--data-path=d.json"])])
 def test_data_without_a_model_is_one_line_not_the_demo(tmp_path, env, argv):
     # a forgotten -m (or a misspelled MODEL variable) trained the tiny random demo model on the user's data
     p = _bare_script(argv, tmp_path, QWEN_FT_CACHE=str(tmp_path / "demo-cache"), **env)

@@ -326,8 +326,13 @@ BOTH_WARMUPS = ("both given: give one (transformers 4 let --warmup_steps win, wh
                 "transformers 5 the last would win)")
 
 
+def _underscored(flag: str) -> str:
+    """--warmup-ratio as --warmup_ratio: the parser takes either spelling of its flags, so these names too."""
+    return "--" + flag[2:].replace("-", "_") if flag.startswith("--") else flag
+
+
 def _translate_legacy(argv: list[str]) -> list[str]:
-    names = {a.partition("=")[0] for a in argv}
+    names = {_underscored(a.partition("=")[0]) for a in argv}
     if {"--warmup_ratio", "--warmup_steps"} <= names:
         raise TrainConfigError(f"--warmup_ratio and --warmup_steps {BOTH_WARMUPS}")
     out: list[str] = []
@@ -335,9 +340,10 @@ def _translate_legacy(argv: list[str]) -> list[str]:
     while i < len(argv):
         a = argv[i]
         name, eq, val = a.partition("=")
-        if name.startswith("--") and name[2:] in _RENAMED:
-            out.append("--" + _RENAMED[name[2:]] + (eq + val if eq else ""))
-        elif name == "--warmup_ratio":
+        key = _underscored(name)
+        if key.startswith("--") and key[2:] in _RENAMED:
+            out.append("--" + _RENAMED[key[2:]] + (eq + val if eq else ""))
+        elif key == "--warmup_ratio":
             v = val if eq else (argv[i + 1] if i + 1 < len(argv) else "")
             if not eq:
                 i += 1

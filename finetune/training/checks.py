@@ -107,7 +107,10 @@ def run_identity(model_dir, mode: str, lora_args, data_args=None, args=None) -> 
             train_sampling_strategy=sampling,
             optim=str(getattr(args.optim, "value", args.optim)), learning_rate=args.learning_rate,
             weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-            adam_epsilon=args.adam_epsilon)
+            adam_epsilon=args.adam_epsilon,
+            # the schedule: a resume restores the old scheduler's state, so another one ran spliced onto it
+            lr_scheduler_type=str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            warmup_steps=args.warmup_steps, lr_scheduler_kwargs=dict(args.lr_scheduler_kwargs or {}))
     return identity
 
 
@@ -606,6 +609,10 @@ def check_trainer_options(args) -> None:
         if name not in EVAL_METRICS:
             raise TrainConfigError(f"--metric_for_best_model {metric}: not a metric this run's evaluation computes; "
                                    f"it computes {', '.join(EVAL_METRICS)} (loss: the eval set's loss)")
+    if args.load_best_model_at_end and str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":
+        # (transformers takes it with --eval_strategy no and --save_strategy no alike: nothing to pick from)
+        raise TrainConfigError("--load_best_model_at_end needs evaluations to pick the best checkpoint from: "
+                               "--eval_data_path, --eval_strategy steps or epoch and --save_strategy the same")
     if args.push_to_hub and args.process_index == 0:
         from huggingface_hub import HfApi
 
@@ -616,6 +623,48 @@ def check_trainer_options(args) -> None:
             raise TrainConfigError(f"--push_to_hub: the Hub cannot be reached or no token is set ({text[:300]}); "
                                    "drop --push_to_hub, or log in (hf auth login) on a machine that reaches it") \
                 from None
+
+
+def lora_flags_given(lora_args) -> list[str]:
+    """'--flag VALUE' for each LoRA setting given another value than its default."""
+    import dataclasses
+
+    from .lora import LORA_CONFIG_KEYS
+
+    out = []
+    for f in dataclasses.fields(lora_args):
+        if f.name not in LORA_CONFIG_KEYS or f.name == "modules_to_save":
+            continue
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        value = getattr(lora_args, f.name)
+        if (set(value) if isinstance(value, list) else value) != (set(default) if isinstance(default, list)
+                                                                  else default):
+            out.append(f"--{f.name} {_show(list(value) if isinstance(value, list) else value)}")
+    return out
+
+
+def graph_loss_changes(args) -> str | None:
+    """The flags that change the training loss in transformers' eager step, which a replayed step would leave out
+    (label smoothing is applied by the Trainer after the forward; NEFTune hooks the embedding at train() time)."""
+    given = [f"--{name} {getattr(args, name)}" for name in ("label_smoothing_factor", "neftune_noise_alpha")
+             if getattr(args, name, None)]
+    return " and ".join(given) or None
+
+
+def check_checkpointing_options(args) -> None:
+    """The checkpointing flags that only apply with --gradient_checkpointing, and its kwargs, which the model's
+    own checkpointing (non-reentrant, what the graphs and the kept blocks are built for) would override."""
+    on = bool(getattr(args, "activation_checkpointing", False) or args.gradient_checkpointing)
+    if args.gradient_checkpointing_keep_gib is not None and not on:
+        raise TrainConfigError(f"--gradient_checkpointing_keep_gib {args.gradient_checkpointing_keep_gib} applies "
+                               "only with --gradient_checkpointing True (the training scripts' default)")
+    kwargs = getattr(args, "activation_checkpointing_kwargs", None) or getattr(args, "gradient_checkpointing_kwargs",
+                                                                               None)
+    if kwargs:
+        other = {k: v for k, v in dict(kwargs).items() if not (k == "use_reentrant" and v is False)}
+        if other:
+            raise TrainConfigError(f"--gradient_checkpointing_kwargs {json.dumps(other)}: checkpointing here is "
+                                   "non-reentrant and takes no options (use_reentrant false is what runs)")
 
 
 def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
@@ -707,6 +756,18 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         raise TrainConfigError(f"--lora_weight_path {lora_args.lora_weight_path}: no such adapter dir")
     if mode == "full" and (lora_args.modules_to_save or lora_args.lora_weight_path):
         raise TrainConfigError("--modules_to_save and --lora_weight_path apply to LoRA; add --use_lora")
+    if mode == "full" and (given := lora_flags_given(lora_args)):
+        # (a float model without --use_lora trains in full: --lora_r 8 alone started a full fine-tune of 14B)
+        raise TrainConfigError(f"{', '.join(given)}: LoRA settings, and {model_dir} trains in full without "
+                               f"--use_lora True: add it to train LoRA, or drop them")
+    if mode == "qlora" and lora_args.lora_bias != "none":
+        # (the Int4 Linears' biases are buffers: nothing trained, while the adapter said it carried trained biases)
+        raise TrainConfigError(f"--lora_bias {lora_args.lora_bias}: the GPTQ model's Linear biases are fixed buffers "
+                               f"that Q-LoRA cannot train; leave --lora_bias none")
+    check_checkpointing_options(args)
+    if args.cuda_graphs and (loss_changes := graph_loss_changes(args)):
+        raise TrainConfigError(f"--cuda_graphs True with {loss_changes}: the graphed step computes the plain loss; "
+                               "drop --cuda_graphs True (they stay off by themselves with it)")
     if args.bf16 and args.fp16:
         raise TrainConfigError("--bf16 and --fp16 exclude each other")
     if args.on_nonfinite_loss not in ("stop", "skip"):

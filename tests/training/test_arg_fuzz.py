@@ -224,7 +224,7 @@ def test_config_files(paths, tmp_path):
 
 def test_a_flag_after_the_config_file_wins(paths, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text("lora_r: 4\nlearning_rate: 1e-4\npacking: false\n")
+    config.write_text("use_lora: true\nlora_r: 4\nlearning_rate: 1e-4\npacking: false\n")
     _, (_, data_args, lora_args, args) = check([str(config), *train_args(paths["model"], paths["data"],
                                                                          tmp_path / "o", "--lora_r", "12")])
     assert lora_args.lora_r == 12 and args.learning_rate == 5e-3  # train_args passes --learning_rate 5e-3

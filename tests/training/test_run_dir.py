@@ -386,6 +386,9 @@ def test_resume_refuses_a_checkpoint_of_another_run(finished, model, data, tmp_p
     (["--per_device_train_batch_size", "2"], "--per_device_train_batch_size 4 there, 2 now"),
     (["--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps 1 there, 2 now"),
     (["--seed", "1"], "--seed 0 there, 1 now"),  # another order of the epoch's rows
+    # the checkpoint's scheduler state was restored: the old schedule's next step, then the new one's, spliced
+    (["--lr_scheduler_type", "constant"], "--lr_scheduler_type linear there, constant now"),
+    (["--warmup_steps", "2"], "--warmup_steps 0 there, 2.0 now"),
 ])
 def test_resume_refuses_settings_the_run_did_not_train_with(finished, model, data, tmp_path, flags, differs):
     run = _copy(finished, tmp_path / "run", finished_marker=False)

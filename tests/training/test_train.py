@@ -234,6 +234,8 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--warmup_ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),
     # (both became --warmup_steps, and the later one won: 3 or 5 steps of warmup by the flags' order)
     (["--warmup_steps", "3", "--warmup_ratio=0.5"], "--warmup_ratio and --warmup_steps both given: give one"),
+    (["--warmup-steps", "3", "--warmup-ratio", "0.5"], "--warmup_ratio and --warmup_steps both given: give one"),
+    (["--warmup-ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),  # (was "unknown flag: --warmup-ratio")
     (["--lora_rr", "8"], "unknown flag: --lora_rr (did you mean --lora_r?)"),
     (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
     (["--lora", "8"], "ambiguous option: --lora could match --lora_r"),
@@ -305,6 +307,15 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--metric_for_best_model", "accuracy"], "--metric_for_best_model accuracy: not a metric this run's evaluation "
                                               "computes; it computes loss, runtime"),
     (["--use_liger_kernel", "True"], "--use_liger_kernel: Liger's kernels patch transformers' own model classes"),
+    # each was taken and did nothing: no checkpointing to keep blocks of; the model's own kwargs won; no evaluation
+    # to pick a best model from; the graphed step's plain loss
+    (["--gradient_checkpointing_keep_gib", "1"], "--gradient_checkpointing_keep_gib 1.0 applies only with "
+                                                 "--gradient_checkpointing True"),
+    (["--gradient_checkpointing", "True", "--gradient_checkpointing_kwargs", '{"use_reentrant": true}'],
+     '--gradient_checkpointing_kwargs {"use_reentrant": true}: checkpointing here is non-reentrant'),
+    (["--load_best_model_at_end", "True"], "--load_best_model_at_end needs evaluations to pick the best checkpoint"),
+    (["--cuda_graphs", "True", "--label_smoothing_factor", "0.1"],
+     "--cuda_graphs True with --label_smoothing_factor 0.1: the graphed step computes the plain loss"),
 ])
 def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise_file, tmp_path, capsys,
                                                                 monkeypatch, flags, message):
@@ -315,6 +326,25 @@ def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise
     assert train_main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("kind, flags, message", [
+    # (the run trained the whole float model: --lora_r 8 without --use_lora was a full fine-tune)
+    # (_args gives --lora_r 16 --lora_alpha 32 --lora_dropout 0 too)
+    ("float", ["--lora_r", "8", "--lora_target_modules", "w1"], "--lora_r 8, --lora_alpha 32, --lora_dropout 0.0, "
+     "--lora_target_modules w1: LoRA settings, and {model} trains in full without --use_lora True"),
+    ("float", ["--use_rslora", "True"], "--use_rslora True: LoRA settings"),
+    # (the Int4 Linears' biases are buffers: nothing trained, and the adapter said it carried trained biases)
+    ("int4", ["--lora_bias", "all"], "--lora_bias all: the GPTQ model's Linear biases are fixed buffers"),
+])
+def test_lora_settings_that_would_not_apply_are_one_line_before_loading(models, memorise_file, tmp_path, capsys,
+                                                                        monkeypatch, kind, flags, message):
+    import finetune.loading
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    assert train_main(_args(models[kind], memorise_file, tmp_path / "o", "--max_steps", "1", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message.format(model=models[kind]) in err and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("optim, package", [("adamw_bnb_8bit", "bitsandbytes"), ("schedule_free_adamw", "schedulefree"),
