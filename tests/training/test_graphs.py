@@ -269,6 +269,29 @@ def test_when_train_py_uses_graphs(flag, world, zero, expect, monkeypatch, caplo
             assert f"CUDA graphs off: {expect}" in caplog.text
 
 
+
+@pytest.mark.parametrize("extra, device, expect", [
+    # the graphed step's loss is plain: these flags were dropped from every replayed step
+    ({"label_smoothing_factor": 0.1}, "cuda:0", "--label_smoothing_factor 0.1: the graphed step computes the plain "
+                                                "loss"),
+    ({"neftune_noise_alpha": 5.0}, "cuda:0", "--neftune_noise_alpha 5.0: the graphed step computes the plain loss"),
+    ({}, "cpu", "this run trains on the CPU (--cuda_graphs applies to CUDA GPUs)"),  # (asked for, dropped unsaid)
+])
+def test_graphs_stay_off_where_they_would_change_the_run_and_say_so(extra, device, expect, monkeypatch, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    import finetune.training.graphs as graphs_mod
+    from finetune.train import _cuda_graphs
+
+    monkeypatch.setattr(graphs_mod, "graphs_unavailable", lambda model, several_processes=False: None)
+    monkeypatch.setattr(graphs_mod, "enable_train_graphs", lambda model, hooked_grads=False: "graphs")
+    args = SimpleNamespace(cuda_graphs=True if device == "cpu" else None, world_size=1, process_index=0, **extra)
+    with caplog.at_level(logging.INFO, logger="finetune.train"):
+        assert _cuda_graphs(None, SimpleNamespace(packing=True), args,
+                            SimpleNamespace(device=device, zero_stage=None)) is None
+    assert f"CUDA graphs off: {expect}" in caplog.text
+
 # -- the dropout seed in checkpoints ----------------------------------------------------------------------------
 
 @pytest.fixture
