@@ -43,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--history-window", "--history_window", type=int, default=None, action=Once,
                    help="max_window_size: tokens of system + history kept in the prompt, newest turns first (the "
                         "question is added whatever its length, as officially; default: the generation config's)")
-    p.add_argument("--seed", type=int, default=None, action=Once, help="seed for sampling")
+    p.add_argument("--seed", type=int, default=None, action=Once, help="seed for sampling (not with --greedy)")
     p.add_argument("--device", default=None, action=Once)
     p.add_argument("--dtype", default=None, action=Once, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     return p
@@ -67,17 +67,24 @@ def bad_flag(args) -> str | None:
     return None
 
 
+def ignored_by_greedy(conf) -> list[tuple[str, object]]:
+    """(dest, value) of each setting that greedy decoding would ignore, [] when not greedy: the sampling options
+    given (a temperature below GREEDY_BELOW is greedy itself) and the seed, which seeds nothing without sampling."""
+    from .inference.sampling import GREEDY_BELOW
+
+    if not conf.greedy:
+        return []
+    temperature = None if conf.temperature is not None and conf.temperature < GREEDY_BELOW else conf.temperature
+    return [(dest, value) for dest, value in (("temperature", temperature), ("top_p", conf.top_p),
+                                              ("top_k", conf.top_k), ("seed", conf.seed)) if value is not None]
+
+
 def contradiction(args) -> str | None:
     """Flags that cannot all hold, as one line (command line only: ``:conf greedy=yes`` keeps the sampling
     settings for a later ``greedy=no``)."""
-    from .inference.sampling import GREEDY_BELOW
-
-    if args.greedy:
-        temperature = None if args.temperature is not None and args.temperature < GREEDY_BELOW else args.temperature
-        ignored = [f"{flag} {value}" for flag, value in (("--temperature", temperature), ("--top-p", args.top_p),
-                                                         ("--top-k", args.top_k)) if value is not None]
-        if ignored:
-            return f"--greedy does not sample, so {', '.join(ignored)} would be ignored; pass one or the other"
+    if ignored := ignored_by_greedy(args):
+        named = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in ignored)
+        return f"--greedy does not sample, so {named} would be ignored; pass one or the other"
     if args.query is not None and not args.query.strip():
         return "--query is empty (the interactive chat skips empty lines; leave --query out for it)"
     return None

@@ -441,6 +441,7 @@ def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_history(setup, monkeypatch
     (["--top-p", "0.5", "--top_p", "0.9"], "--top_p/--top-p given twice"),
     (["--greedy", "--temperature", "0.7"], "--greedy does not sample, so --temperature 0.7 would be ignored"),
     (["--greedy", "--top-p", "0.5", "--top-k", "3"], "so --top-p 0.5, --top-k 3 would be ignored"),
+    (["--greedy", "--seed", "3"], "--greedy does not sample, so --seed 3 would be ignored"),  # (it seeded nothing)
     (["--query", "  "], "--query is empty"),
 ])
 def test_contradicting_or_repeated_flags_are_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, message):
