@@ -80,8 +80,7 @@ def ignored_by_greedy(conf) -> list[tuple[str, object]]:
 
 
 def contradiction(args) -> str | None:
-    """Flags that cannot all hold, as one line (command line only: ``:conf greedy=yes`` keeps the sampling
-    settings for a later ``greedy=no``)."""
+    """Flags that cannot all hold, as one line (``:conf`` refuses the same settings: greedy_refusal)."""
     if ignored := ignored_by_greedy(args):
         named = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in ignored)
         return f"--greedy does not sample, so {named} would be ignored; pass one or the other"
@@ -200,15 +199,16 @@ HELP = """Commands (as the official cli_demo's, where it has them):
   :seed                      the seed; :seed N sets it (each reply is sampled from it, as the official demo)
   :conf                      the generation settings; :conf KEY=VALUE [...] changes them (temperature, top_p,
                              top_k, max_new_tokens, repetition_penalty, greedy or do_sample, history_window
-                             or max_window_size)
-  :reset-conf                the settings given on the command line again
+                             or max_window_size, seed; KEY=none: the default), checked as the flags are:
+                             greedy beside a sampling setting or a seed is refused
+  :reset-conf                the settings given on the command line again (the seed too)
 A line starting with ':' that is none of these is sent as a message.
 """
 
 # :conf names: the flags' dests, and the generation-config names the official demo takes
 _CONF_NAMES = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "max_new_tokens": "max_new_tokens",
                "repetition_penalty": "repetition_penalty", "greedy": "greedy", "do_sample": "greedy",
-               "history_window": "history_window", "max_window_size": "history_window"}
+               "history_window": "history_window", "max_window_size": "history_window", "seed": "seed"}
 
 
 def change_conf(conf: argparse.Namespace, words: list[str], limit: int | None = None) -> str:
@@ -242,13 +242,24 @@ def change_conf(conf: argparse.Namespace, words: list[str], limit: int | None = 
     if (problem := bad_flag(changed) or too_many_new_tokens(changed.max_new_tokens, limit, "the model")) is not None:
         flag, rest = problem.split(" ", 1)  # "--top-p must be ...": named as :conf names it
         return f"({flag.lstrip('-').replace('-', '_')} {rest}; nothing changed)"
+    if ignored := ignored_by_greedy(changed):  # (greedy=yes left an earlier top_p in effect beside it, unsaid)
+        return f"({greedy_refusal(ignored)}; nothing changed)"
     vars(conf).update(vars(changed))
     return describe_conf(conf)
 
 
+def greedy_refusal(ignored: list[tuple[str, object]]) -> str:
+    """``ignored_by_greedy``'s settings as :conf names them, with both ways out (whichever was set first)."""
+    named = ", ".join(f"{dest} {value}" for dest, value in ignored)
+    unset = ", ".join(f"{dest}=none" for dest, _ in ignored)
+    return (f"greedy does not sample, so {named} would be ignored: unset {'it' if len(ignored) == 1 else 'them'} "
+            f"({unset}) or sample (greedy=no)")
+
+
 def describe_conf(conf: argparse.Namespace) -> str:
     shown = {dest: getattr(conf, dest) for dest in dict.fromkeys(_CONF_NAMES.values())}
-    return "(" + ", ".join(f"{k}={'default' if v is None else v}" for k, v in shown.items()) + ")"
+    return "(" + ", ".join(f"{k}={('unset' if k == 'seed' else 'default') if v is None else v}"
+                           for k, v in shown.items()) + ")"
 
 
 def _on_cuda(model) -> bool:
@@ -279,8 +290,7 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
 
     stdin = stdin or sys.stdin
     out = out or sys.stdout
-    conf = argparse.Namespace(**vars(args))
-    seed = args.seed
+    conf = argparse.Namespace(**vars(args))  # (the seed too: :reset-conf gives back a combination the flags passed)
     limit = new_tokens_limit(model.config.to_dict())  # (:conf's max_new_tokens, as the flag is checked)
     try:
         import readline  # noqa: F401  (line editing and history in a terminal)
@@ -332,11 +342,16 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
                     new_seed = int(words[1])
                 except ValueError:
                     new_seed = None
+                stays = f"the seed stays {'unset' if conf.seed is None else conf.seed}"
                 if new_seed is None or not seed_ok(new_seed):
-                    say(f"(:seed takes a whole number in [0, 2**32), got {words[1]!r}; the seed stays {seed})")
+                    say(f"(:seed takes a whole number in [0, 2**32), got {words[1]!r}; {stays})")
                     continue
-                seed = new_seed
-            say(f"(seed {seed if seed is not None else 'unset: each reply draws afresh'})")
+                if ignored_by_greedy(argparse.Namespace(**{**vars(conf), "seed": new_seed})):
+                    say(f"(greedy does not sample, so seed {new_seed} would be ignored: sample first "
+                        f"(:conf greedy=no); {stays})")
+                    continue
+                conf.seed = new_seed
+            say(f"(seed {conf.seed if conf.seed is not None else 'unset: each reply draws afresh'})")
             continue
         if command == "conf":
             say(change_conf(conf, words[1:], limit) if len(words) > 1 else describe_conf(conf))
@@ -350,8 +365,8 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
         if (problem := too_long(tokenizer, query, args.system, window)) is not None:
             say(f"({problem} (:conf history_window); not sent)")
             continue
-        if seed is not None:
-            set_seed(seed)
+        if conf.seed is not None:
+            set_seed(conf.seed)
         out.write(ANSWER)
         out.flush()
         try:

@@ -225,8 +225,9 @@ def test_the_official_demos_commands(setup):
 
     model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
     text = _session(model, tok, [":h", MEMORISE[0][0], ":his", ":conf top_p=1.5 top_k=3", ":conf top_k=-2",
-                                 ":conf top_k=3 max_new_tokens=5", ":conf nope=1", ":reset-conf", ":seed", ":seed 9",
-                                 ":seed x", ":seed -1", ":clh", ":history", ":hello", ":q", "never read"],
+                                 ":conf greedy=no top_k=3 max_new_tokens=5", ":conf nope=1", ":seed", ":seed 9",
+                                 ":seed x", ":seed -1", ":reset-conf", ":clh", ":history", ":hello", ":q",
+                                 "never read"],
                     ["--greedy", "--max_new_tokens", "24"])
     replies = text.split(PROMPT)
     assert ":conf KEY=VALUE" in replies[1]  # the help
@@ -234,14 +235,15 @@ def test_the_official_demos_commands(setup):
     assert replies[3].strip() == f"User[0]: {MEMORISE[0][0]}\nQwen[0]: {MEMORISE[0][1]}"
     assert replies[4].strip() == "(top_p must be in (0, 1], got 1.5; nothing changed)"  # top_k=3 not applied
     assert replies[5].strip() == "(top_k must be an integer >= 0 (0: off), got -2; nothing changed)"
-    assert "top_k=3" in replies[6] and "max_new_tokens=5" in replies[6] and "greedy=True" in replies[6]
+    assert "top_k=3" in replies[6] and "max_new_tokens=5" in replies[6] and "greedy=False" in replies[6]
     assert "KEY one of" in replies[7] and "'nope=1'" in replies[7]
-    assert "top_k=default" in replies[8] and "max_new_tokens=24" in replies[8]
     # (a seed outside numpy's range used to end the session with set_seed's traceback at the next reply)
-    assert [r.strip() for r in replies[9:13]] == [
+    assert [r.strip() for r in replies[8:12]] == [
         "(seed unset: each reply draws afresh)", "(seed 9)",
         "(:seed takes a whole number in [0, 2**32), got 'x'; the seed stays 9)",
         "(:seed takes a whole number in [0, 2**32), got '-1'; the seed stays 9)"]
+    # the command line's settings again, its seed (none) too
+    assert "top_k=default" in replies[12] and "max_new_tokens=24" in replies[12] and "seed=unset" in replies[12]
     assert replies[13].strip() == "(history cleared)" and replies[14].strip() == "(no history)"
     assert replies[15].startswith(ANSWER)  # ':hello' went to the model
     assert len(replies) == 17 and "never read" not in text  # :q left
@@ -249,6 +251,41 @@ def test_the_official_demos_commands(setup):
     replies = _session(model, tok, [MEMORISE[0][0], ":clear-history", ":history"],
                        ["--greedy", "--max_new_tokens", "24"]).split(PROMPT)
     assert replies[2].strip() == "(history cleared)" and replies[3].strip() == "(no history)"
+
+
+def test_conf_refuses_greedy_beside_a_sampling_setting_or_a_seed(setup):
+    """As --greedy with --top-p or --seed is refused: :conf top_p=0.5 then :conf greedy=1 left both in effect (the
+    top_p ignored, unsaid). Either order is one line, the settings unchanged; unsetting the other one first (or in
+    the same :conf) is the way through, and :seed N under greedy is refused as --greedy --seed is."""
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import PROMPT
+
+    model, tok = load_model(setup["float"]), load_tokenizer(setup["float"])
+    replies = [r.strip() for r in _session(model, tok, [
+        ":conf top_p=0.5", ":conf greedy=1", ":conf", ":conf greedy=1 top_p=none",
+        ":conf greedy=1 top_p=none seed=none", ":conf top_k=3", ":seed 4", ":conf do_sample=yes", ":seed 4", ":conf greedy=yes", ":reset-conf", ":q"],
+        ["--seed", "7"]).split(PROMPT)[1:-1]]
+    assert replies[0] == replies[2]  # greedy=1 changed nothing
+    assert "top_p=0.5" in replies[0] and "greedy=False" in replies[0] and "seed=7" in replies[0]
+    assert replies[1] == ("(greedy does not sample, so top_p 0.5, seed 7 would be ignored: unset them (top_p=none, "
+                          "seed=none) or sample (greedy=no); nothing changed)")
+    assert replies[3] == ("(greedy does not sample, so seed 7 would be ignored: unset it (seed=none) or sample "
+                          "(greedy=no); nothing changed)")
+    assert "greedy=True" in replies[4] and "top_p=default" in replies[4] and "seed=unset" in replies[4]
+    assert replies[5] == ("(greedy does not sample, so top_k 3 would be ignored: unset it (top_k=none) or sample "
+                          "(greedy=no); nothing changed)")
+    assert replies[6] == ("(greedy does not sample, so seed 4 would be ignored: sample first (:conf greedy=no); the "
+                          "seed stays unset)")
+    assert "greedy=False" in replies[7] and replies[8] == "(seed 4)"
+    assert replies[9] == ("(greedy does not sample, so seed 4 would be ignored: unset it (seed=none) or sample "
+                          "(greedy=no); nothing changed)")
+    assert "greedy=False" in replies[10] and "top_p=default" in replies[10] and "seed=7" in replies[10]  # the flags'
+    # a temperature below 0.01 is greedy itself, and passes beside --greedy (as on the command line)
+    replies = [r.strip() for r in _session(model, tok, [":conf temperature=0.5", ":conf temperature=0", ":q"],
+                                           ["--greedy"]).split(PROMPT)[1:-1]]
+    assert replies[0] == ("(greedy does not sample, so temperature 0.5 would be ignored: unset it (temperature=none) "
+                          "or sample (greedy=no); nothing changed)")
+    assert "temperature=0.0" in replies[1] and "greedy=True" in replies[1]
 
 
 @pytest.mark.parametrize("word, said", [
