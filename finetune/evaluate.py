@@ -498,21 +498,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, action=Once,
                    help=f"tokens a reply may take (default: {gen['max_new_tokens']})")
     p.add_argument("--batch-size", type=int, default=8, action=Once,
-                   help="rows per loss batch (and per generate() batch)")
+                   help="rows per loss batch (and per generate() batch; default 8)")
     p.add_argument("--gen-batch-size", type=int, default=None, action=Once,
                    help=f"rows the inference engine decodes at once (continuous batching; default: "
                         f"{gen['gen_batch_size']})")
     p.add_argument("--generator", choices=("engine", "generate"), default=None, action=Once,
                    help=f"engine: the inference engine; generate: transformers' generate(), left-padded (default: "
                         f"{gen['generator']})")
-    p.add_argument("--max-samples", type=int, default=None, action=Once)
+    p.add_argument("--max-samples", type=int, default=None, action=Once,
+                   help="only the first N records of --data, for the loss and the generated replies alike "
+                        "(default: all)")
     p.add_argument("--max-len", type=int, default=None, action=Once,
                    help="truncate conversations for the loss as training does (default: the model's seq_length)")
     p.add_argument("--repetition-penalty", type=float, default=None, action=Once,
-                   help=f"(default: {gen['repetition_penalty']}, none)")
+                   help=f"of the generated replies (default: {gen['repetition_penalty']}: none)")
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
     p.add_argument("--output", action=Once, help="write the JSON report here")
-    p.add_argument("--device", default=None, action=Once)
+    p.add_argument("--device", default=None, action=Once, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, action=Once,
                    help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     return p

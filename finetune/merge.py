@@ -567,7 +567,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-max-len", type=int, default=None, **once, help="GPTQ: tokens a conversation (default 2048)")
     p.add_argument("--eval-data", **once, help="held-out conversations for the loss report (default: the calibration "
                                                "or training data, reported as such)")
-    p.add_argument("--eval-samples", type=int, default=64, **once)
+    p.add_argument("--eval-samples", type=int, default=64, **once,
+                   help="conversations the loss report scores (of --eval-data or its default), sampled with --seed "
+                        "where there are more (default 64; 0: no loss report)")
     p.add_argument("--bits", type=int, default=None, choices=[4, 8], **once, help="--format int4: 4 (default) or 8")
     p.add_argument("--group-size", type=int, default=None, **once,
                    help="--format int4: columns that share a scale (default: the Int4 base's, else 128; -1: one "
@@ -575,11 +577,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--desc-act", action="store_true", help="--format int4: act-order (columns by importance)")
     p.add_argument("--damp-percent", type=float, default=None, **once,
                    help="GPTQ: dampening, a fraction of the Hessian's mean diagonal (default 0.01)")
-    p.add_argument("--max-shard-size", default="2GB", **once)
+    p.add_argument("--max-shard-size", default="2GB", **once,
+                   help="the size at which the weights are split into several files with an index (a tensor is "
+                        "never cut; default 2GB; e.g. 500MB, 1GiB)")
     p.add_argument("--device", default=None, **once,
                    help="where to merge (default: cuda if available); fp32 needs 4 bytes per parameter")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--seed", type=int, default=0, **once)
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --output (its weights, configs and report are replaced; other "
+                        "files stay)")
+    p.add_argument("--seed", type=int, default=0, **once,
+                   help="seed of the random samples: the report's conversations where there are more than "
+                        "--eval-samples, GPTQ's where more than --calib-samples (default 0)")
     return p
 
 

@@ -674,6 +674,17 @@ def _no_load(monkeypatch):
     monkeypatch.setattr(finetune.loading, "load_model", loaded)
 
 
+def test_every_eval_flag_has_help_and_max_samples_says_it_limits_the_loss_too():
+    """--max-samples and --device had no help; --max-samples cuts the records the loss is computed on, not only the
+    generated ones."""
+    from finetune.evaluate import _parser
+
+    helps = {a.option_strings[-1]: a.help for a in _parser()._actions}
+    assert [flag for flag, text in helps.items() if not text] == []
+    assert "first N records" in helps["--max-samples"] and "loss" in helps["--max-samples"]
+    assert "default 8" in helps["--batch-size"]
+
+
 def _one_error_line(capsys) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: "), err

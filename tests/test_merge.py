@@ -338,6 +338,21 @@ def test_merge_flags_are_checked_before_loading(setup, tmp_path, capsys, monkeyp
 # -- issue 14, friction: merge's flags and reports say what they do ----------------------------------------------
 
 
+def test_every_merge_flag_has_help_and_the_sampling_ones_say_their_defaults(capsys):
+    """--eval-samples, --max-shard-size, --seed (and --overwrite) had no help: --help showed neither what they do
+    nor their defaults (64, 2GB, 0), nor that --seed only matters where there are more records than are sampled."""
+    from finetune.merge import _parser
+
+    helps = {a.option_strings[-1]: a.help for a in _parser()._actions}
+    assert [flag for flag, text in helps.items() if not text] == []
+    assert "default 64" in helps["--eval-samples"] and "0: no loss report" in helps["--eval-samples"]
+    assert "default 2GB" in helps["--max-shard-size"]
+    assert all(s in helps["--seed"] for s in ("default 0", "more than --eval-samples", "more than --calib-samples"))
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["--help"])
+    assert "sampled with --seed" in " ".join(capsys.readouterr().out.split())
+
+
 def test_format_and_dtype_are_consistent(setup, tmp_path, capsys):
     from finetune.cli import main
     from finetune.merge import _parser
