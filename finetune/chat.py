@@ -397,7 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.model and not args.adapter:
         print("error: pass -m MODEL (and/or --adapter DIR)", file=sys.stderr)
         return 2
-    if (problem := repeated(args) or bad_flag(args) or contradiction(args)) is not None:
+    from .loading import placement_problem
+
+    # (--device / --dtype: load_model refused them, but after a hub id was fetched and the tokenizer read)
+    if (problem := repeated(args) or bad_flag(args) or contradiction(args)
+            or placement_problem(args.device, args.dtype)) is not None:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     tolerate_bad_text(sys.stdin, sys.stdout)

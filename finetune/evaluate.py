@@ -612,6 +612,10 @@ def main(argv: list[str] | None = None) -> int:
         return _error("pass -m MODEL (and/or --adapter DIR)")
     if problem := generation_flags(args):
         return _error(problem)
+    from .loading import placement_problem
+
+    if problem := placement_problem(args.device, args.dtype):  # (load_model refused them after the data was read)
+        return _error(problem)
     for flag, value in (("--batch-size", args.batch_size), ("--gen-batch-size", args.gen_batch_size),
                         ("--max-new-tokens", args.max_new_tokens), ("--max-samples", args.max_samples)):
         if value is not None and value < 1:

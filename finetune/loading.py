@@ -58,6 +58,18 @@ def check_device(device) -> torch.device:
     return dev
 
 
+def placement_problem(device=None, dtype=None) -> str | None:
+    """A --device / --dtype flag that check_device / parse_dtype refuse, as one line naming it, or None: for a
+    command to check before it reads anything (data, a hub download, weights), as serve does."""
+    for flag, value, check in (("--device", device, check_device), ("--dtype", dtype, parse_dtype)):
+        if value is not None:
+            try:
+                check(value)
+            except ModelLoadError as e:
+                return f"{flag}: {e}"
+    return None
+
+
 def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     """Parameter name -> shape of every tensor in the dir's weight files, read from headers (no weights loaded)."""
     return {k: v.shape for k, v in checkpoint_tensors(model_dir).items()}
@@ -317,5 +329,6 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     return model
 
 
-__all__ = ["load_model", "ModelLoadError", "check_device", "default_dtype", "check_weights", "checkpoint_shapes",
-           "inspect_model_dir", "model_config", "check_finite_weights", "read_config", "check_side_files"]
+__all__ = ["load_model", "ModelLoadError", "check_device", "placement_problem", "default_dtype", "check_weights",
+           "checkpoint_shapes", "inspect_model_dir", "model_config", "check_finite_weights", "read_config",
+           "check_side_files"]

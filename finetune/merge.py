@@ -343,6 +343,10 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                         ("--eval-data", eval_data), ("--device", device)):
         if isinstance(value, str) and not value.strip():  # an unset shell variable: Path("") is the current dir
             raise MergeError(f"{flag} is empty")
+    from .loading import placement_problem
+
+    if problem := placement_problem(device):  # (load_model refused it only after the data had been read)
+        raise MergeError(problem)
     from .hub import resolve_model_dir
 
     adapter = resolve_model_dir(adapter, "adapter directory")  # a hub id (org/name) too, as chat takes one

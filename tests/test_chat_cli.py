@@ -498,6 +498,29 @@ def test_contradicting_or_repeated_flags_are_one_line_before_loading(tmp_path, c
 
 
 @pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], "--device: device 'cuda': "),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--dtype", "int3"], "--dtype: unknown dtype 'int3'"),
+])
+def test_a_device_or_dtype_not_here_is_one_line_before_anything_is_read(tmp_path, capsys, monkeypatch, flags,
+                                                                        message):
+    # load_model refused them, but after a hub id had been fetched and the tokenizer read: now at once, as serve
+    import torch
+
+    import finetune.chat
+    from finetune.cli import main
+
+    def no_load(args):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(finetune.chat, "load", no_load)
+    assert main(["chat", "-m", str(tmp_path), "--query", "hi", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("flags, message", [
     (["--adapter", ""], "-a/--adapter is empty"),  # (an unset $ADAPTER) chatted with the base model alone
     (["--adapter", " "], "-a/--adapter is empty"),
     (["-m", "", "--adapter", "lora"], "-m/--model is empty"),  # was the current dir: ". has no config.json"

@@ -717,6 +717,29 @@ def test_eval_flags_given_twice_empty_or_too_big_are_one_line_before_loading(set
     assert rc == 2 and message in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "cuda"], "--device: device 'cuda': "),
+    (["--device", "tpu"], "--device: unknown device 'tpu'"),
+    (["--dtype", "int3"], "--dtype: unknown dtype 'int3'"),
+])
+def test_eval_device_or_dtype_refused_before_the_data_is_read(setup, capsys, monkeypatch, flags, message):
+    # load_model refused them, after the data had been read (and every generation prompt built): merge, chat and serve
+    # check them first, through the same check
+    import torch
+
+    import finetune.evaluate
+    from finetune.cli import main
+
+    def read(*a, **k):
+        raise AssertionError("data read before --device / --dtype were checked")
+
+    _no_load(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(finetune.evaluate, "load_eval_records", read)
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), *flags]) == 2
+    assert _one_error_line(capsys).startswith(f"error: {message}")
+
+
 def test_eval_output_that_is_a_file_of_the_adapter_is_refused_and_a_report_there_is_replaced(setup, tmp_path, capsys,
                                                                                               monkeypatch):
     # --output ADAPTER/adapter_config.json replaced the adapter's config with the report (the adapter was gone)

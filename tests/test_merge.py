@@ -568,6 +568,30 @@ def test_merge_flags_twice_empty_or_unwritable_are_one_line_before_loading(setup
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("device, message", [("cuda", "--device: device 'cuda': "),
+                                             ("tpu", "--device: unknown device 'tpu'")])
+def test_a_device_that_is_not_here_is_one_line_before_the_data_is_read(setup, tmp_path, capsys, monkeypatch, device,
+                                                                        message):
+    """--device cuda without a GPU was refused by load_model, after the eval data (and the adapter's training data,
+    hashed whole) had been read; chat and serve refuse it at once, through the same check."""
+    import torch
+
+    import finetune.evaluate
+    import finetune.merge
+
+    def read(*a, **k):
+        raise AssertionError("data read before --device was checked")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(finetune.evaluate, "load_eval_records", read)
+    monkeypatch.setattr(finetune.merge, "_training_data", read)
+    rc = _main_rc(["merge", "-a", str(setup["lora"]), "--eval-data", str(setup["data"]), "-o", str(tmp_path / "out"),
+                   "--device", device])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_checkpoint_merges_and_reports_the_loss_on_its_runs_training_data(setup, tmp_path):
     """A checkpoint-N dir holds the adapter as it was at step N (the README's --lora_weight_path OUT/checkpoint-N):
     it merges as the final adapter does. Its loss report was silently absent: run_args.json is in the run dir."""
