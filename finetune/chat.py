@@ -34,17 +34,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--adapter", action=Once, help="LoRA / Q-LoRA adapter dir (one)")
     p.add_argument("--system", "-s", default="You are a helpful assistant.", action=Once, help="system prompt")
     p.add_argument("--query", "-q", action=Once, help="ask one question, print the reply, exit")
-    p.add_argument("--temperature", type=float, default=None, action=Once)
-    p.add_argument("--top_p", "--top-p", type=float, default=None, action=Once)
-    p.add_argument("--top_k", "--top-k", type=int, default=None, action=Once)
-    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, action=Once)
-    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None, action=Once)
+    # (unset: the model dir's generation_config.json decides, as in model.chat)
+    p.add_argument("--temperature", type=float, default=None, action=Once,
+                   help="below 0.01: greedy, as --greedy (default: the generation config's)")
+    p.add_argument("--top_p", "--top-p", type=float, default=None, action=Once,
+                   help="in (0, 1] (default: the generation config's; 0.8 for Qwen-Chat)")
+    p.add_argument("--top_k", "--top-k", type=int, default=None, action=Once,
+                   help="0: off (default: the generation config's; 0 for Qwen-Chat)")
+    p.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=None, action=Once,
+                   help="tokens a reply may take (default: the generation config's; 512 for Qwen-Chat)")
+    p.add_argument("--repetition_penalty", "--repetition-penalty", type=float, default=None, action=Once,
+                   help="1: none (default: the generation config's; 1.1 for Qwen-Chat)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False): reproducible")
     p.add_argument("--history-window", "--history_window", type=int, default=None, action=Once,
                    help="max_window_size: tokens of system + history kept in the prompt, newest turns first (the "
                         "question is added whatever its length, as officially; default: the generation config's)")
     p.add_argument("--seed", type=int, default=None, action=Once, help="seed for sampling (not with --greedy)")
-    p.add_argument("--device", default=None, action=Once)
+    p.add_argument("--device", default=None, action=Once, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, action=Once, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     return p
 

@@ -497,6 +497,15 @@ def test_contradicting_or_repeated_flags_are_one_line_before_loading(tmp_path, c
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
+def test_every_chat_flag_has_help():
+    # the sampling flags and --device had none: --help said neither their range nor where their default comes from
+    from finetune.chat import _parser
+
+    helps = {a.option_strings[-1]: a.help for a in _parser()._actions}
+    assert [flag for flag, text in helps.items() if not text] == []
+    assert "below 0.01: greedy" in helps["--temperature"] and "generation config" in helps["--top-p"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--device", "cuda"], "--device: device 'cuda': "),
     (["--device", "tpu"], "--device: unknown device 'tpu'"),
