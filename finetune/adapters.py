@@ -704,6 +704,8 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
     """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (checked first) -> a PeftModel; in eval mode with
     frozen weights unless ``is_trainable`` (then the LoRA weights train, as --lora_weight_path wants).
 
+    Given a PeftModel, the adapter is added to it under ``adapter_name`` after the same checks and the model is
+    returned (PEFT's rule: not made active, see ``set_adapter``): several adapters for the engine or a server.
     Works for float bases and Int4 (GPTQLinear) bases alike; adapters of any PEFT version since 0.5."""
     from peft import PeftModel, set_peft_model_state_dict
 
@@ -714,6 +716,10 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
     adapter_dir = Path(adapter_dir)
     config = lora_config(adapter_dir)
     config.inference_mode = not is_trainable
+    adding = isinstance(model, PeftModel)
+    if adding and adapter_name in model.peft_config:
+        raise AdapterError(f"adapter {adapter_dir}: the model already holds an adapter named {adapter_name!r}; "
+                           f"load it under another name")
     check_model_base(model, adapter_dir)
     sd = checked_weights(model, adapter_dir, config)
 
@@ -721,17 +727,24 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
     from finetune.quant import register_peft
 
     register_peft(config)
-    from peft import PeftModelForCausalLM
+    if adding:
+        peft_model = model
+        peft_model.add_adapter(adapter_name, config)  # (frozen unless trainable, as PEFT's load_adapter leaves it)
+        if is_trainable:
+            peft_model.set_requires_grad(adapter_name)
+    else:
+        from peft import PeftModelForCausalLM
 
-    cls = PeftModelForCausalLM if str(config.task_type or "CAUSAL_LM").upper() == "CAUSAL_LM" else PeftModel
-    peft_model = cls(model, config, adapter_name=adapter_name)
+        cls = PeftModelForCausalLM if str(config.task_type or "CAUSAL_LM").upper() == "CAUSAL_LM" else PeftModel
+        peft_model = cls(model, config, adapter_name=adapter_name)
     result = set_peft_model_state_dict(peft_model, sd, adapter_name=adapter_name)
-    lora_missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and adapter_name in k]
+    lora_missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and f".{adapter_name}." in k]
     if lora_missing:  # check_adapter should make this impossible
         raise AdapterError(f"adapter {adapter_dir}: PEFT did not load {lora_missing[0]!r}")
     if not is_trainable:  # trainable: PEFT has already left only the adapter (and modules_to_save) trainable
-        for p in peft_model.parameters():
-            p.requires_grad_(False)
+        if not adding:  # (adding: the adapters already there keep their state, as PEFT's load_adapter keeps it)
+            for p in peft_model.parameters():
+                p.requires_grad_(False)
         peft_model.eval()
     return peft_model
 

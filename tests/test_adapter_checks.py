@@ -233,6 +233,56 @@ def test_served_adapters_after_the_first_are_checked_against_the_base_too(setup,
         f"unless this is what you want"]
 
 
+def _legacy_bias_adapter(base, out) -> Path:
+    """An adapter with bias "all" whose trained c_attn biases are saved under PEFT 0.5's names ('<module>.bias')."""
+    adapter = random_adapter(base, out, bias="all")
+    sd = load_file(str(adapter / "adapter_model.safetensors"))
+    sd = {k.replace(".base_layer.bias", ".bias"): v + 0.5 if k.endswith(".bias") else v for k, v in sd.items()}
+    save_file(sd, str(adapter / "adapter_model.safetensors"))
+    return adapter
+
+
+def test_served_adapters_after_the_first_take_every_check_the_first_takes(setup, tmp_path):
+    # the second adapter on went through serve's own add_adapter, which skipped the value check (a NaN adapter was
+    # served, and since the engine computes every adapter for every row, weighted 0/1, it broke the other adapters'
+    # replies too) and the renaming of PEFT 0.5's bias keys (PEFT dropped those biases unseen)
+    from finetune.serve.models import load_served_model
+
+    nan = with_tensors(setup["lora"], tmp_path / "nan", lambda sd: sd.update(
+        {k: torch.full_like(v, float("nan")) for k, v in sd.items() if ".h.1.mlp.w2.lora_B" in k}))
+    with pytest.raises(AdapterError, match=r"nan: tensor '.*\.h\.1\.mlp\.w2\.lora_B\.weight' has \d+ of \d+ values "
+                                           r"NaN or infinite"):
+        load_served_model(setup["float"], [("a", str(setup["lora"])), ("bad", str(nan))], device="cpu")
+    legacy = _legacy_bias_adapter(setup["float"], tmp_path / "legacy")
+    alone = load_model(setup["float"], adapter=legacy, dtype=torch.float32, device="cpu")
+    served, _ = load_served_model(setup["float"], [("a", str(setup["lora"])), ("legacy", str(legacy))],
+                                  dtype=torch.float32, device="cpu")
+    served.set_adapter("legacy")
+    torch.testing.assert_close(logits(served), logits(alone))
+
+
+def test_load_adapter_adds_a_checked_adapter_to_a_peft_model(setup, tmp_path):
+    # README's route to several adapters for the engine: load_adapter on the PeftModel load_model returned failed
+    # with "PEFT did not load ..."
+    from finetune.adapters import load_adapter
+
+    second = random_adapter(setup["float"], tmp_path / "second", seed=5)
+    model = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    assert load_adapter(model, second, adapter_name="second") is model
+    assert set(model.peft_config) == {"default", "second"} and model.active_adapter == "default"
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    model.set_adapter("second")
+    torch.testing.assert_close(logits(model), logits(load_model(setup["float"], adapter=second, dtype=torch.float32,
+                                                                device="cpu")))
+    nan = with_tensors(second, tmp_path / "nan", lambda sd: sd.update(
+        {k: torch.full_like(v, float("inf")) for k, v in sd.items()}))
+    with pytest.raises(AdapterError, match="values NaN or infinite"):
+        load_adapter(model, nan, adapter_name="nan")
+    assert set(model.peft_config) == {"default", "second"}  # refused before PEFT added anything
+    with pytest.raises(AdapterError, match="already holds an adapter named 'second'"):
+        load_adapter(model, second, adapter_name="second")
+
+
 # -- item 4: PEFT's merge route on an Int4 base -------------------------------------------------------------------
 
 

@@ -34,25 +34,6 @@ def unserved_options(model_dir) -> str | None:
     return None
 
 
-def add_adapter(peft_model, adapter_dir, name: str) -> None:
-    """Load one more adapter into a PeftModel under `name`, checked against the model first."""
-    from peft import set_peft_model_state_dict
-
-    from ..adapters import AdapterError, check_adapter, check_model_base, lora_config, read_adapter_weights
-    from ..quant import register_peft
-
-    config = lora_config(adapter_dir)
-    check_model_base(peft_model, adapter_dir)  # as load_adapter does for the first (it went unchecked here)
-    sd = read_adapter_weights(adapter_dir)
-    check_adapter(peft_model, adapter_dir, config, sd)
-    register_peft(config)
-    peft_model.add_adapter(name, config)
-    result = set_peft_model_state_dict(peft_model, sd, adapter_name=name)
-    missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and f".{name}." in k]
-    if missing:  # check_adapter should make this impossible
-        raise AdapterError(f"adapter {adapter_dir}: PEFT did not load {missing[0]!r}")
-
-
 def load_served_model(model_dir, adapters: list[tuple[str, str]], dtype=None, device=None):
     """(model, tokenizer): the base from `model_dir`, with each (name, dir) adapter loaded under its name. The dirs
     are local (serve/cli.py build_server resolves hub ids once, for its checks before the load)."""
@@ -62,11 +43,8 @@ def load_served_model(model_dir, adapters: list[tuple[str, str]], dtype=None, de
 
     model = load_model(model_dir, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
-    for i, (name, adapter_dir) in enumerate(adapters):
-        if i == 0:
-            model = load_adapter(model, adapter_dir, adapter_name=name)
-        else:
-            add_adapter(model, adapter_dir, name)
+    for name, adapter_dir in adapters:  # the first wraps the model, the others are added to it: the same checks
+        model = load_adapter(model, adapter_dir, adapter_name=name)
     if adapters:
         for p in model.parameters():
             p.requires_grad_(False)
