@@ -3,7 +3,7 @@
 - ``PeftModel.from_pretrained`` (and so ``AutoPeftModelForCausalLM.from_pretrained``) on a QWenLMHeadModel checks the
   adapter exactly as ``finetune.adapters.load_adapter`` does before PEFT reads it: the base's fingerprint, every
   tensor's shape from the file header, dtypes and finite values; trained biases saved under PEFT 0.5's names are
-  loaded too (PEFT itself skips them).
+  loaded too (PEFT itself skips them). ``PeftModel.load_adapter`` (a further adapter on such a model) does the same.
 - ``PeftModel.save_pretrained`` of such a model records the base's absolute path (PEFT writes the path as typed) and
   writes base_model.json (path + fingerprint, see adapters.py).
 - ``merge_and_unload`` on a model with GPTQ layers returns a float model: the merged layers and every GPTQ layer
@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import time
 from pathlib import Path
 
@@ -22,6 +23,9 @@ import torch
 from .file_modes import weights_readable
 
 _installed = False
+# (adapter dir, its checked tensors) while from_pretrained, which checks before PEFT builds anything, runs PEFT's own
+# load_adapter: that one need not read and check the file again
+_checked: contextvars.ContextVar = contextvars.ContextVar("finetune_checked_adapter", default=None)
 
 
 def _project_model(model) -> bool:
@@ -36,7 +40,7 @@ def _local_base(model) -> Path | None:
 
 
 def install() -> None:
-    """Wrap the three PEFT entry points (idempotent)."""
+    """Wrap the four PEFT entry points (idempotent)."""
     global _installed
     if _installed:
         return
@@ -44,11 +48,12 @@ def install() -> None:
     from peft.tuners.lora import LoraModel
 
     original_from_pretrained = PeftModel.from_pretrained.__func__
+    original_load_adapter = PeftModel.load_adapter
     original_save = PeftModel.save_pretrained
     original_merge = LoraModel.merge_and_unload
 
     def from_pretrained(cls, model, model_id, *args, **kwargs):
-        from .adapters import AdapterError, check_base, checked_weights, is_adapter_dir
+        from .adapters import check_base, checked_weights, is_adapter_dir
 
         if not (_project_model(model) and is_adapter_dir(model_id)):
             return original_from_pretrained(cls, model, model_id, *args, **kwargs)
@@ -56,15 +61,36 @@ def install() -> None:
         if base is not None:
             check_base(model_id, base, explicit=True)
         sd = checked_weights(model, Path(model_id))
-        peft_model = original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        token = _checked.set((str(model_id), sd))
+        try:
+            return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        finally:
+            _checked.reset(token)
+
+    def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        from .adapters import AdapterError, check_model_base, checked_weights, is_adapter_dir
+
+        if not (_project_model(self.get_base_model()) and is_adapter_dir(model_id)):
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        checked = _checked.get()
+        if checked is not None and checked[0] == str(model_id):
+            sd = checked[1]
+        elif adapter_name in self.peft_config:
+            # new weights for an adapter already built (the Trainer resuming a checkpoint, which the run's own checks
+            # took): its config is not this dir's, so PEFT's load as it is
+            return original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+        else:  # a further adapter: the checks finetune.adapters.load_adapter runs, before PEFT adds anything
+            check_model_base(self, model_id)
+            sd = checked_weights(self, Path(model_id))
+        result = original_load_adapter(self, model_id, adapter_name, *args, **kwargs)
         # trained biases under their legacy names (PEFT 0.5/0.6), which PEFT itself would leave out unseen
         biases = {k: v for k, v in sd.items() if k.endswith(".bias")}
         if biases:
             with torch.no_grad():
-                result = peft_model.load_state_dict(biases, strict=False)
-            if result.unexpected_keys:  # check_adapter placed every key: a bias with no home is a bug here
-                raise AdapterError(f"adapter {model_id}: bias {result.unexpected_keys[0]!r} has no place in the model")
-        return peft_model
+                loaded = self.load_state_dict(biases, strict=False)
+            if loaded.unexpected_keys:  # check_adapter placed every key: a bias with no home is a bug here
+                raise AdapterError(f"adapter {model_id}: bias {loaded.unexpected_keys[0]!r} has no place in the model")
+        return result
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         from .adapters import record_base
@@ -104,6 +130,7 @@ def install() -> None:
         return model
 
     PeftModel.from_pretrained = classmethod(from_pretrained)
+    PeftModel.load_adapter = load_adapter
     PeftModel.save_pretrained = save_pretrained
     LoraModel.merge_and_unload = merge_and_unload
     _installed = True

@@ -283,6 +283,44 @@ def test_load_adapter_adds_a_checked_adapter_to_a_peft_model(setup, tmp_path):
         load_adapter(model, second, adapter_name="second")
 
 
+def _config_changed(adapter, out, **changes) -> Path:
+    shutil.copytree(adapter, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.mark.parametrize("second, expect", [
+    (lambda a, out: with_tensors(a, out, lambda sd: sd.update({k: v * float("nan") for k, v in sd.items()})),
+     r"tensor '.*lora_[AB]\.weight' has \d+ of \d+ values NaN or infinite"),
+    (lambda a, out: _config_changed(a, out, use_dora=True), r"adapter_config\.json sets use_dora: True \(DoRA"),
+    (lambda a, out: with_tensors(a, out, lambda sd: [sd.pop(k) for k in list(sd) if ".h.1.mlp.w1.lora_B" in k]),
+     r"does not fit this model: 1 tensor\(s\) the config targets are missing from its weights, first "
+     r"'base_model\.model\.transformer\.h\.1\.mlp\.w1\.lora_B\.weight'"),
+    (lambda a, out: _config_changed(a, out, r=8), r"does not fit this model: '.*lora_A\.weight' has shape \[4, 64\], "
+                                                  r"the model needs \[8, 64\]"),
+], ids=["nan", "dora", "missing", "rank"])
+def test_peft_load_adapter_on_the_projects_model_takes_the_checks(setup, tmp_path, second, expect):
+    # PeftModel.load_adapter on a model from load_model(adapter=...) bypassed every check: a NaN, a DoRA (on an Int4
+    # base) or an incomplete adapter was loaded, a rank mismatch was PEFT's many-line size dump
+    model = load_model(setup["int4"], adapter=setup["qlora"], dtype=torch.float32, device="cpu")
+    bad = second(setup["qlora"], tmp_path / "second")
+    with pytest.raises(AdapterError, match=expect) as e:
+        model.load_adapter(str(bad), adapter_name="second")
+    assert "\n" not in str(e.value) and str(bad) in str(e.value)
+    assert set(model.peft_config) == {"default"}  # refused before PEFT built anything
+
+
+def test_peft_load_adapter_on_the_projects_model_loads_what_the_checked_path_loads(setup, tmp_path):
+    legacy = _legacy_bias_adapter(setup["float"], tmp_path / "legacy")  # PEFT itself drops its biases unseen
+    model = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
+    model.load_adapter(str(legacy), adapter_name="legacy")
+    model.set_adapter("legacy")
+    torch.testing.assert_close(logits(model), logits(load_model(setup["float"], adapter=legacy, dtype=torch.float32,
+                                                                device="cpu")))
+
+
 # -- item 4: PEFT's merge route on an Int4 base -------------------------------------------------------------------
 
 
