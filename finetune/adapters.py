@@ -123,6 +123,33 @@ def _check_config_values(adapter_dir, cfg: dict) -> None:
             raise AdapterError(f"{where} sets {key}: {cfg[key]!r} ({what}); only plain LoRA (x A^T B^T scaling added "
                                f"to each targeted Linear) is supported here (a model merged from it where PEFT's "
                                f"merge_and_unload can merge it loads as a plain model dir)")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and (rewrite := _base_rewriting_init(init)):
+        name, fix = rewrite
+        raise AdapterError(f"{where} sets init_lora_weights: {init!r} ({name}): loading it rewrites the base weights "
+                           f"(an Int4 base has no float weights to rewrite), so the base beside it (eval's base "
+                           f"column, the engine's rows without it, other adapters) would no longer be the base; {fix}")
+
+
+# init_lora_weights whose init, which PEFT runs again on every load, rewrites the base layer's weight; what loads here
+_CONVERT = ("PEFT converts it into a plain LoRA, which loads here: save the trained PeftModel with "
+            "save_pretrained(DIR, path_initial_model_for_weight_conversion=INIT) (older PEFT: "
+            "convert_pissa_to_lora=INIT), INIT being the adapter as initialised, saved before training")
+_LOFTQ = ("PEFT's LoftQ recipe saves the adapter with init_lora_weights true beside the base it quantized: load it on "
+          "that base")
+
+
+def _base_rewriting_init(init: str) -> tuple[str, str] | None:
+    """(name, what to do instead) for an init_lora_weights that rewrites the base on load, else None (PEFT's rule)."""
+    if init.startswith("pissa"):
+        return "PiSSA", _CONVERT
+    if init.startswith("corda"):
+        return "CorDA", _CONVERT
+    if init.lower() == "olora":
+        return "OLoRA", _CONVERT
+    if init == "loftq":
+        return "LoftQ", _LOFTQ
+    return None
 
 
 # LoraConfig fields whose non-default values change what the adapter computes beyond the plain LoRA product: the

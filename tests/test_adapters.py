@@ -302,6 +302,53 @@ def test_adapter_variants_applied_otherwise_are_refused_in_one_line(setup, tmp_p
         assert len(lines) == 1 and lines[0].startswith("error: ") and f"sets {key}" in lines[0], err
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+def test_adapters_whose_load_rewrites_the_base_are_refused_in_one_line(setup, tmp_path, capsys, init):
+    # PEFT saves PiSSA / OLoRA / CorDA adapters unconverted and, loading one, rewrites the base weights to the
+    # residual: on an Int4 base a traceback ('GPTQLinear' object has no attribute 'weight'), on a float one the base
+    # beside the adapter (eval's base column, the engine's rows without it, other adapters) silently was not the base
+    from peft import PeftModel
+
+    from finetune.chat import main as chat_main
+
+    changes = {"init_lora_weights": init}
+    if init == "loftq":
+        changes["loftq_config"] = {"loftq_bits": 4, "loftq_iter": 1}
+    expect = rf"adapter_config\.json sets init_lora_weights: '{init}' \(.*rewrites the base weights"
+    for base, adapter in (("int4", "qlora"), ("float", "lora")):
+        edited = _edited(setup[adapter], tmp_path / base, **changes)
+        with pytest.raises(AdapterError, match=expect):
+            load_model(setup[base], adapter=edited, device="cpu")
+        with pytest.raises(AdapterError, match=expect):
+            PeftModel.from_pretrained(load_model(setup[base], device="cpu"), str(edited))
+        capsys.readouterr()
+        assert chat_main(["--adapter", str(edited), "--query", "hi", "--max_new_tokens", "2"]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), lines
+        if init != "loftq":
+            assert "path_initial_model_for_weight_conversion" in lines[0], lines
+
+
+def test_a_pissa_adapter_converted_as_the_refusal_says_loads_and_gives_its_outputs(setup, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(load_model(setup["float"], dtype=torch.float32, device="cpu"),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "w1"], init_lora_weights="pissa",
+                                   task_type="CAUSAL_LM"))
+    pm.peft_config["default"].init_lora_weights = True  # (PEFT's recipe: the initial adapter saved as a plain one)
+    pm.save_pretrained(tmp_path / "init")
+    pm.peft_config["default"].init_lora_weights = "pissa"
+    with torch.no_grad():  # "training"
+        for name, p in pm.named_parameters():
+            if "lora_" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    want = logits(pm.eval())
+    pm.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    got = logits(load_model(setup["float"], adapter=tmp_path / "converted", dtype=torch.float32, device="cpu"))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def _bias_adapter(base_dir, out) -> Path:
     """An adapter saved by PEFT with bias "all": the c_attn biases trained (moved) with it."""
     from peft import LoraConfig, get_peft_model
