@@ -563,19 +563,23 @@ def _module_io(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _pattern_key(patterns, module_name: str) -> str | None:
+    """The first rank_pattern / alpha_pattern key that matches the module, by PEFT's rule (get_pattern_key): the key
+    grouped, so that an alternation ('c_attn|w1') matches a name's last parts as a whole."""
+    for pattern in patterns or {}:
+        if re.match(rf"(.*\.)?({pattern})$", module_name):
+            return pattern
+    return None
+
+
 def _rank(config, module_name: str) -> int:
-    for pattern, r in (config.rank_pattern or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", module_name):
-            return int(r)
-    return int(config.r)
+    pattern = _pattern_key(config.rank_pattern, module_name)
+    return int(config.rank_pattern[pattern] if pattern is not None else config.r)
 
 
 def _rank_text(config, key: str) -> str:
-    module = key.removeprefix(PREFIX).split(".lora_")[0]
-    for pattern, r in (config.rank_pattern or {}).items():
-        if re.match(rf"(.*\.)?{pattern}$", module):
-            return f"{r} (rank_pattern {pattern!r})"
-    return f"r={config.r}"
+    pattern = _pattern_key(config.rank_pattern, key.removeprefix(PREFIX).split(".lora_")[0])
+    return f"{config.rank_pattern[pattern]} (rank_pattern {pattern!r})" if pattern is not None else f"r={config.r}"
 
 
 def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = None) -> None:

@@ -441,3 +441,27 @@ def test_a_lora_on_lm_head_saves_and_loads_without_the_base_weight(setup, tmp_pa
     save_file({**sd, "base_model.model.lm_head.base_layer.weight": head}, str(copy / "adapter_model.safetensors"))
     with pytest.raises(AdapterError, match="a whole copy of that base layer's weight.*save_embedding_layers=False"):
         check_adapter(load_model(setup["int4"], dtype=torch.float32, device="cpu"), copy)
+
+
+def test_rank_and_alpha_patterns_with_alternation_match_as_peft_matches(setup, tmp_path):
+    # PEFT matches a rank_pattern / alpha_pattern key as (.*\.)?(KEY)$; the adapter check's rank lookup left the key
+    # ungrouped, so 'c_attn|w1' matched only c_attn and every w1 was refused as a shape mismatch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(load_model(setup["float"], dtype=torch.float32, device="cpu"),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj", "w1", "w2"],
+                                   rank_pattern={"c_attn|w1": 8}, alpha_pattern={"c_proj|w1": 32},
+                                   init_lora_weights=False, task_type="CAUSAL_LM"))
+    want = logits(pm.eval())
+    pm.save_pretrained(tmp_path / "alt")
+    loaded = load_model(setup["float"], adapter=tmp_path / "alt", dtype=torch.float32, device="cpu")
+
+    def layout(model):
+        return {n: (m.r["default"], m.scaling["default"]) for n, m in model.named_modules()
+                if isinstance(getattr(m, "r", None), dict) and "default" in m.r}
+
+    assert layout(loaded) == layout(pm)
+    assert layout(pm)["base_model.model.transformer.h.0.mlp.w1"] == (8, 4.0)  # both patterns matched w1
+    assert layout(pm)["base_model.model.transformer.h.0.mlp.w2"] == (4, 2.0)
+    torch.testing.assert_close(logits(loaded), want)
