@@ -644,6 +644,13 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
             layer = re.search(r"\.h\.(\d+)\.", k)
             hint = (f"; a bias, but {CONFIG_NAME} says bias {config.bias!r}" if k.endswith(".bias") and
                     config.bias == "none" else
+                    "; a LoRA on the embedding (wte), which is not supported here; to train the embedding, put wte "
+                    "in modules_to_save (trained in full)"
+                    if ".lora_embedding_" in k else
+                    f"; a DoRA magnitude vector, but {CONFIG_NAME} says use_dora false (DoRA is not supported here)"
+                    if ".lora_magnitude_vector" in k else
+                    f"; its keys lack PEFT's {PREFIX!r} prefix, so PEFT would load none of them: save the adapter with "
+                    f"PeftModel.save_pretrained" if not k.startswith(PREFIX) and PREFIX + k in expected else
                     f"; layer {layer.group(1)} is not in {CONFIG_NAME}'s layers_to_transform {layers}"
                     if layers and layer and int(layer.group(1)) < (n_layers or 0) else
                     f"; the model has that module, but {CONFIG_NAME}'s target_modules {_targets_text(config)} do not "

@@ -465,3 +465,40 @@ def test_rank_and_alpha_patterns_with_alternation_match_as_peft_matches(setup, t
     assert layout(pm)["base_model.model.transformer.h.0.mlp.w1"] == (8, 4.0)  # both patterns matched w1
     assert layout(pm)["base_model.model.transformer.h.0.mlp.w2"] == (4, 2.0)
     torch.testing.assert_close(logits(loaded), want)
+
+
+def _tensors_changed(adapter, out, change) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    out = _edited(adapter, out)
+    save_file(change(load_file(str(out / "adapter_model.safetensors"))), str(out / "adapter_model.safetensors"))
+    return out
+
+
+def test_tensors_without_a_place_are_named_for_what_they_are(setup, tmp_path):
+    # each was "the model has that module, but adapter_config.json's target_modules [...] do not name it", which
+    # for a LoRA on wte was untrue (they named it) and for the others pointed at the wrong field
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    pm = get_peft_model(load_model(setup["float"], dtype=torch.float32, device="cpu"),
+                        LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "wte"], init_lora_weights=False,
+                                   task_type="CAUSAL_LM"))
+    pm.save_pretrained(tmp_path / "embedding")
+    no_prefix = _tensors_changed(setup["lora"], tmp_path / "no_prefix",
+                                 lambda sd: {k.removeprefix("base_model.model."): v for k, v in sd.items()})
+    magnitudes = _tensors_changed(setup["lora"], tmp_path / "magnitudes", lambda sd: {
+        **sd, **{k.replace("lora_B.weight", "lora_magnitude_vector"): torch.ones(v.shape[0])
+                 for k, v in sd.items() if k.endswith("lora_B.weight")}})
+    for adapter, expect in (
+            (tmp_path / "embedding", r"'base_model\.model\.transformer\.wte\.lora_embedding_[AB]' \[\d+, \d+\] has no "
+                                     r"place in QWenLMHeadModel; a LoRA on the embedding \(wte\), which is not "
+                                     r"supported here; .*modules_to_save"),
+            (no_prefix, r"'transformer\.h\.0\.attn\.c_attn\.lora_A\.weight' \[16, 64\] has no place in "
+                        r"QWenLMHeadModel; its keys lack PEFT's 'base_model\.model\.' prefix"),
+            (magnitudes, r"'base_model\.model\.transformer\.h\.0\.attn\.c_attn\.lora_magnitude_vector' \[192\] has no "
+                         r"place in QWenLMHeadModel; a DoRA magnitude vector, but adapter_config\.json says use_dora "
+                         r"false")):
+        with pytest.raises(AdapterError, match=expect) as e:
+            load_model(setup["float"], adapter=adapter, device="cpu")
+        assert "do not name it" not in str(e.value)
