@@ -603,8 +603,8 @@ def check_adapter(model, adapter_dir, config=None, state_dict: dict | None = Non
                            f"{n_layers} (0..{n_layers - 1}); it was made for a deeper model")
     if not targets:
         raise AdapterError(f"{where}: none of its target modules {_targets_text(config)} exist in "
-                           f"this model ({type(model).__name__}; target_modules of {CONFIG_NAME}); it was made for "
-                           f"another architecture")
+                           f"this model ({type(model).__name__}; target_modules of {CONFIG_NAME})"
+                           f"{_regex_hint(model, config.target_modules)}")
     modules = dict(model.named_modules())
     for m in config.modules_to_save or []:  # PEFT skips a name that matches nothing, and the adapter's rows with it
         if not any(name == m or name.endswith("." + m) for name in modules):
@@ -706,6 +706,20 @@ def changes_base(config) -> bool:
     "lora_only"): its base model is then no longer at hand beside it, neither through PEFT's ``disable_adapter()`` nor
     for the engine's rows without this adapter."""
     return getattr(config, "bias", "none") != "none"
+
+
+def _regex_hint(model, targets) -> str:
+    """The end of the message for target_modules that match nothing: for a string, PEFT's rule for one (a name meant
+    for a list, such as "c_attn", matches nothing as a regex) and the list to write instead."""
+    if not isinstance(targets, str):
+        return "; it was made for another architecture"
+    names = [n for n, m in model.named_modules() if _module_io(m) is not None]
+    last = {n.rsplit(".", 1)[-1] for n in names}
+    parts = targets.split("|")
+    listed = parts if all(part in last for part in parts) else ["c_attn", "c_proj", "w1", "w2"]
+    example = f" (as {names[0]!r})" if names else ""
+    return (f": a string is one regex that must match a module's whole name{example}; a list, such as "
+            f"{json.dumps(listed)}, matches modules by the last parts of their names")
 
 
 def _targets_text(config) -> str:

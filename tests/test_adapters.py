@@ -412,11 +412,19 @@ def test_bias_tensors_that_do_not_fit_name_the_tensor(setup, tmp_path):
         load_model(setup["float"], adapter=plain, device="cpu")
 
 
-def test_a_target_modules_regex_is_named_as_one(setup, tmp_path):
-    # PEFT takes a string as one regex over whole module names: the message listed its letters
-    adapter = _edited(setup["lora"], tmp_path / "regex", target_modules="c_attn|w1")
-    with pytest.raises(AdapterError, match=r"none of its target modules \(regex\) 'c_attn\|w1' exist"):
+@pytest.mark.parametrize("targets, suggested", [("c_attn|w1", '["c_attn", "w1"]'), ("c_attn", '["c_attn"]'),
+                                               (r".*\.q_proj", '["c_attn", "c_proj", "w1", "w2"]')])
+def test_a_target_modules_regex_is_named_as_one(setup, tmp_path, targets, suggested):
+    # PEFT takes a string as one regex over whole module names: the message listed its letters, then said the adapter
+    # was made for another architecture where a name meant as a list's ("c_attn") matched nothing
+    adapter = _edited(setup["lora"], tmp_path / "regex", target_modules=targets)
+    with pytest.raises(AdapterError) as e:
         load_model(setup["float"], adapter=adapter, device="cpu")
+    assert str(e.value) == (
+        f"adapter {adapter}: none of its target modules (regex) {targets!r} exist in this model (QWenLMHeadModel; "
+        f"target_modules of adapter_config.json): a string is one regex that must match a module's whole name (as "
+        f"'transformer.h.0.attn.c_attn'); a list, such as {suggested}, matches modules by the last parts of their "
+        f"names")
 
 
 def test_a_lora_on_lm_head_saves_and_loads_without_the_base_weight(setup, tmp_path):
