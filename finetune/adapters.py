@@ -51,7 +51,7 @@ def read_adapter_config(adapter_dir) -> dict:
         if not adapter_dir.exists():
             raise AdapterError(f"adapter {adapter_dir} does not exist")
         hint = " (it looks like a full model dir: pass it as the model, not as --adapter)" \
-            if (adapter_dir / "config.json").is_file() else ""
+            if (adapter_dir / "config.json").is_file() else _checkpoint_hint(adapter_dir)
         raise AdapterError(f"adapter {adapter_dir} has no {CONFIG_NAME}: not a PEFT adapter dir{hint}")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -64,6 +64,22 @@ def read_adapter_config(adapter_dir) -> dict:
         raise AdapterError(f"adapter {adapter_dir}: peft_type {peft_type!r} is not supported (LoRA only)")
     _check_config_values(adapter_dir, cfg)
     return cfg
+
+
+def _checkpoint_hint(adapter_dir: Path) -> str:
+    """For a run dir that holds checkpoint-N dirs only (a run stopped before its end): the newest one's adapter."""
+    try:  # the trainer's checkpoint-N dirs (training/ imports this module: its own listing would be a cycle)
+        steps = {int(m.group(1)): p for p in adapter_dir.iterdir()
+                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()}
+    except OSError:  # (an unreadable dir: the line without the hint)
+        return ""
+    found = [steps[n] for n in sorted(steps, reverse=True)]  # newest first
+    with_adapter = [c for c in found if (c / CONFIG_NAME).is_file()]
+    if with_adapter:
+        step = with_adapter[0].name.removeprefix("checkpoint-")
+        return (f"; it holds a run's checkpoints, the newest with an adapter being {with_adapter[0]} (pass that: the "
+                f"adapter at step {step})")
+    return f"; its checkpoint-N dirs hold no {CONFIG_NAME} either" if found else ""
 
 
 NO_TARGETS = ("names no target_modules, so the modules it adapts are unknown (Qwen adapters list them, e.g. "

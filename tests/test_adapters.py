@@ -510,3 +510,23 @@ def test_tensors_without_a_place_are_named_for_what_they_are(setup, tmp_path):
         with pytest.raises(AdapterError, match=expect) as e:
             load_model(setup["float"], adapter=adapter, device="cpu")
         assert "do not name it" not in str(e.value)
+
+
+def test_a_run_dir_without_an_adapter_names_its_newest_checkpoint(setup, tmp_path, capsys):
+    # a run stopped before its end holds checkpoint-N dirs only: "not a PEFT adapter dir" left the user to guess
+    from finetune.chat import main as chat_main
+
+    run = tmp_path / "run"
+    for step in (5, 20, 100):  # (100 is the newest, though "20" sorts after it as text)
+        shutil.copytree(setup["lora"], run / f"checkpoint-{step}")
+    (run / "checkpoint-150").mkdir()  # a save cut short: no adapter in it
+    assert chat_main(["--adapter", str(run), "--query", "hi", "--max_new_tokens", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: adapter {run} has no adapter_config.json: not a PEFT adapter dir; it holds a run's checkpoints, the "
+        f"newest with an adapter being {run / 'checkpoint-100'} (pass that: the adapter at step 100)"]
+    shutil.rmtree(run / "checkpoint-150")
+    for step in (5, 20, 100):
+        (run / f"checkpoint-{step}" / "adapter_config.json").unlink()
+    with pytest.raises(AdapterError) as e:
+        load_model(setup["float"], adapter=run, device="cpu")
+    assert str(e.value).endswith("not a PEFT adapter dir; its checkpoint-N dirs hold no adapter_config.json either")
