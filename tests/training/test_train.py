@@ -330,9 +330,8 @@ def test_numeric_flags_out_of_range_are_one_line_before_loading(models, memorise
 
 @pytest.mark.parametrize("kind, flags, message", [
     # (the run trained the whole float model: --lora_r 8 without --use_lora was a full fine-tune)
-    # (_args gives --lora_r 16 --lora_alpha 32 --lora_dropout 0 too)
-    ("float", ["--lora_r", "8", "--lora_target_modules", "w1"], "--lora_r 8, --lora_alpha 32, --lora_dropout 0.0, "
-     "--lora_target_modules w1: LoRA settings, and {model} trains in full without --use_lora True"),
+    ("float", ["--lora_r", "8", "--lora_target_modules", "w1"], "--lora_r 8, --lora_target_modules w1: LoRA settings, "
+                                                                "and {model} trains in full without --use_lora True"),
     ("float", ["--use_rslora", "True"], "--use_rslora True: LoRA settings"),
     # (the Int4 Linears' biases are buffers: nothing trained, and the adapter said it carried trained biases)
     ("int4", ["--lora_bias", "all"], "--lora_bias all: the GPTQ model's Linear biases are fixed buffers"),
