@@ -115,8 +115,10 @@ def checkpoint_files(model_dir, error=ModelLoadError) -> list[tuple[Path, list[s
                                ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         idx = d / index_name
         if (d / single).is_file() and idx.is_file():
+            newer, older = sorted((d / single, idx), key=lambda f: f.stat().st_mtime, reverse=True)
             raise error(f"{d} holds both {single} and {index_name} (a whole checkpoint and a sharded one): one of "
-                        f"them is left from another download or model; remove it")
+                        f"them is left from another download or save ({newer.name} is the newer, {older.name} the "
+                        f"older); remove that one")
         if (d / single).is_file():
             return [(d / single, None)]
         if idx.is_file():
