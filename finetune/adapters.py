@@ -768,6 +768,15 @@ def check_model_base(model, adapter_dir) -> None:
         logger.warning(float_adapter_on_int4(adapter_dir, base or "given"))
 
 
+def use_adapter_generation_config(model, adapter_dir) -> None:
+    """An adapter dir's generation_config.json, where it has one, becomes the base model's: training on a base
+    model ("raw") writes one in ChatML (model_dir.chat_generation_config), which model.chat needs."""
+    if (Path(adapter_dir) / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(adapter_dir))
+
+
 def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable: bool = False):
     """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (checked first) -> a PeftModel; in eval mode with
     frozen weights unless ``is_trainable`` (then the LoRA weights train, as --lora_weight_path wants).

@@ -316,14 +316,9 @@ def load_model(model_dir, adapter=None, dtype=None, device=None):
     model.name_or_path = str(model_dir.resolve())
     model.config._name_or_path = model.name_or_path
     if adapter:
-        from .adapters import load_adapter  # checks the adapter against the model, then PEFT
-        from .model_dir import generation_file
+        from .adapters import load_adapter, use_adapter_generation_config  # checks the adapter, then PEFT
 
-        if (gen := generation_file(model_dir, adapter_dir)).parent == adapter_dir:
-            # training on a base model ("raw") writes the adapter one in ChatML: model.chat reads it
-            from transformers import GenerationConfig
-
-            model.generation_config = GenerationConfig.from_pretrained(str(gen.parent))
+        use_adapter_generation_config(model, adapter_dir)
         model = load_adapter(model, adapter_dir)
     model.eval()
     return model

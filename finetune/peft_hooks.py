@@ -53,7 +53,7 @@ def install() -> None:
     original_merge = LoraModel.merge_and_unload
 
     def from_pretrained(cls, model, model_id, *args, **kwargs):
-        from .adapters import check_base, checked_weights, is_adapter_dir
+        from .adapters import check_base, checked_weights, is_adapter_dir, use_adapter_generation_config
 
         if not (_project_model(model) and is_adapter_dir(model_id)):
             return original_from_pretrained(cls, model, model_id, *args, **kwargs)
@@ -61,6 +61,7 @@ def install() -> None:
         if base is not None:
             check_base(model_id, base, explicit=True)
         sd = checked_weights(model, Path(model_id))
+        use_adapter_generation_config(model, model_id)  # (as load_model does: chat reads it)
         token = _checked.set((str(model_id), sd))
         try:
             return original_from_pretrained(cls, model, model_id, *args, **kwargs)

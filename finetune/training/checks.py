@@ -625,6 +625,24 @@ def check_trainer_options(args) -> None:
                 from None
 
 
+def _resumes_without_saved_modules(args) -> bool:
+    """Whether the run resumes a checkpoint that records no --modules_to_save (a base model's LoRA run written
+    before a base model got wte and lm_head by default): that run goes on as it was."""
+    explicit = args.resume_from_checkpoint
+    if explicit and explicit not in _TRUE:
+        ckpt = Path(explicit)
+    elif args.resume or explicit in _TRUE:
+        found = checkpoints(args.output_dir) if args.output_dir else []
+        ckpt = found[0] if found else None
+    else:
+        return False
+    try:
+        recorded = json.loads((ckpt / CHECKPOINT_RUN).read_text())
+    except (TypeError, OSError, ValueError):
+        return False
+    return isinstance(recorded, dict) and recorded.get("modules_to_save") == []
+
+
 def lora_flags_given(lora_args) -> list[str]:
     """'--flag VALUE' for each LoRA setting given another value than its default."""
     import dataclasses
@@ -735,12 +753,16 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     chat_generation = chat_generation_config(model_dir)
     if lora_args.modules_to_save == ["none"]:  # (the way to say none where a base model would get wte lm_head)
         lora_args.modules_to_save = []
-    if chat_generation is not None and mode == "lora" and lora_args.modules_to_save is None:
-        # as the official finetune.py's LoRA on a base model: the rows of the ChatML tokens are untrained there
-        lora_args.modules_to_save = ["wte", "lm_head"]
+    if (chat_generation is not None and mode == "lora" and lora_args.modules_to_save is None
+            and not lora_args.lora_weight_path and not _resumes_without_saved_modules(args)):
+        # as the official finetune.py's LoRA on a base model: the rows of the ChatML tokens are untrained there. (Not
+        # from an adapter, whose own config decides, nor on resuming a run that trained none, as before this default;
+        # lm_head given LoRA keeps it.)
+        lora_args.modules_to_save = [m for m in ("wte", "lm_head") if m not in lora_args.lora_target_modules]
         if args.process_index == 0:
-            print(f"{model_dir} is a base model (chat_format {chat_format(model_dir)!r}): LoRA also trains wte and "
-                  f"lm_head in full, as the official recipe does (--modules_to_save none: not)", flush=True)
+            print(f"{model_dir} is a base model (chat_format {chat_format(model_dir)!r}): LoRA also trains "
+                  f"{' and '.join(lora_args.modules_to_save)} in full, as the official recipe does "
+                  f"(--modules_to_save none: not)", flush=True)
     if mode != "full" and not lora_args.lora_target_modules:
         raise TrainConfigError("--lora_target_modules is empty: name the Linears that get adapters (c_attn, c_proj, "
                                "w1, w2 by default)")

@@ -90,3 +90,41 @@ def test_the_server_refuses_a_base_model_before_loading_it(trained, monkeypatch)
     args = cli._parser().parse_args(["-m", str(trained["base"])])
     with pytest.raises(ValueError, match="chat_format 'raw': the server needs a chat model .* qwen-ft merge"):
         cli.build_server(args)
+
+
+def test_the_default_leaves_an_adapters_own_modules_and_a_lora_on_lm_head(trained, tmp_path, capsys):
+    """From an adapter (--lora_weight_path) its own config decides: the default was applied and then refused as a
+    flag the adapter would not apply. LoRA on lm_head keeps it (a full copy replaced the LoRA silently)."""
+    old = train_adapter(trained["base"], trained["data"], tmp_path / "old", 1, "--modules_to_save", "none")
+    capsys.readouterr()
+    on = train_adapter(trained["base"], trained["data"], tmp_path / "on", 1, "--lora_weight_path", str(old))
+    assert not json.loads((on / "adapter_config.json").read_text()).get("modules_to_save")
+    assert "is a base model" not in capsys.readouterr().out
+    head = train_adapter(trained["base"], trained["data"], tmp_path / "head", 1,
+                         "--lora_target_modules", "c_attn", "lm_head")
+    cfg = json.loads((head / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["wte"] and sorted(cfg["target_modules"]) == ["c_attn", "lm_head"]
+
+
+def test_a_run_that_trained_no_saved_modules_resumes_as_it_was(trained, tmp_path):
+    """A base model's LoRA run written before wte and lm_head became its default (its checkpoints record none)."""
+    from finetune.train import main
+
+    from _helpers import train_args
+
+    run = tmp_path / "run"
+    common = ["--use_lora", "True", "--save_strategy", "steps", "--save_steps", "1"]
+    assert main(train_args(trained["base"], trained["data"], run, *common, "--max_steps", "1",
+                           "--modules_to_save", "none")) == 0
+    (run / "training_finished.json").unlink()
+    assert main(train_args(trained["base"], trained["data"], run, *common, "--max_steps", "2", "--resume", "True")) == 0
+    assert not json.loads((run / "adapter_config.json").read_text()).get("modules_to_save")
+
+
+def test_peft_from_pretrained_takes_the_adapters_generation_config(trained):
+    from peft import PeftModel
+
+    from finetune import load_model
+
+    model = PeftModel.from_pretrained(load_model(trained["base"], device="cpu"), str(trained["adapter"]))
+    assert model.generation_config.chat_format == "chatml"
