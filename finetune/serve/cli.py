@@ -185,15 +185,10 @@ def check_args(args) -> None:
         if origin != "*" and not ORIGIN.match(origin):
             raise ValueError(f"--cors-origin {origin!r}: expected scheme://host[:port] with no path (e.g. "
                              "http://localhost:3000), or *")
-    from ..loading import ModelLoadError, parse_dtype, check_device
+    from ..loading import placement_problem
 
-    for flag, check in (("--device", check_device), ("--dtype", parse_dtype)):
-        value = getattr(args, flag[2:])
-        if value is not None:
-            try:
-                check(value)
-            except ModelLoadError as e:
-                raise ValueError(f"{flag}: {e}") from None
+    if problem := placement_problem(args.device, args.dtype):  # (the check chat, eval and merge make first too)
+        raise ValueError(problem)
     if not args.host.strip():  # uvicorn took '' as every interface, and the banner said http://:8000
         raise ValueError("--host is empty (0.0.0.0 for every interface)")
     _check_listen(args.host, args.port)
