@@ -263,7 +263,8 @@ def test_conf_refuses_greedy_beside_a_sampling_setting_or_a_seed(setup):
     model, tok = load_model(setup["float"]), load_tokenizer(setup["float"])
     replies = [r.strip() for r in _session(model, tok, [
         ":conf top_p=0.5", ":conf greedy=1", ":conf", ":conf greedy=1 top_p=none",
-        ":conf greedy=1 top_p=none seed=none", ":conf top_k=3", ":seed 4", ":conf do_sample=yes", ":seed 4", ":conf greedy=yes", ":reset-conf", ":q"],
+        ":conf greedy=1 top_p=none seed=none", ":conf top_k=3", ":seed 4", ":conf do_sample=yes", ":seed 4",
+        ":conf greedy=yes", ":reset-conf", ":q"],
         ["--seed", "7"]).split(PROMPT)[1:-1]]
     assert replies[0] == replies[2]  # greedy=1 changed nothing
     assert "top_p=0.5" in replies[0] and "greedy=False" in replies[0] and "seed=7" in replies[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import types
@@ -131,11 +132,10 @@ def test_a_whole_checkpoint_beside_a_sharded_one_is_refused(tmp_path, int4):
     other = make_demo_model(tmp_path / "other", seed=1, int4=int4)
     _shard(d)
     shutil.copy(other / "model.safetensors", d / "model.safetensors")
-    import os
-
     os.utime(d / "model.safetensors.index.json", (1, 1))  # (the shards' index the older here)
     with pytest.raises(ModelLoadError, match=r"holds both model.safetensors and model.safetensors.index.json .*"
-                                             r"\(model.safetensors is the newer, model.safetensors.index.json the older"):
+                                             r"\(model.safetensors is the newer, "
+                                             r"model.safetensors.index.json the older"):
         load_model(d, dtype="fp32", device="cpu")
 
 
