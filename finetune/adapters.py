@@ -68,12 +68,12 @@ def read_adapter_config(adapter_dir) -> dict:
 
 def _checkpoint_hint(adapter_dir: Path) -> str:
     """For a run dir that holds checkpoint-N dirs only (a run stopped before its end): the newest one's adapter."""
-    try:  # the trainer's checkpoint-N dirs (training/ imports this module: its own listing would be a cycle)
-        steps = {int(m.group(1)): p for p in adapter_dir.iterdir()
-                 if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir()}
+    from .checkpoint import checkpoints
+
+    try:
+        found = checkpoints(adapter_dir)  # newest first
     except OSError:  # (an unreadable dir: the line without the hint)
         return ""
-    found = [steps[n] for n in sorted(steps, reverse=True)]  # newest first
     with_adapter = [c for c in found if (c / CONFIG_NAME).is_file()]
     if with_adapter:
         step = with_adapter[0].name.removeprefix("checkpoint-")

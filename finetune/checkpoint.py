@@ -103,6 +103,19 @@ _TORCH_TO_ST = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16"
                 "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
 
 
+# A training run's checkpoint dirs, as transformers' Trainer names them in the run's output dir
+CHECKPOINT_DIR = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir) -> list[Path]:
+    """The checkpoint-N dirs in a run's output dir, newest (highest N) first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
 def checkpoint_files(model_dir, error=ModelLoadError) -> list[tuple[Path, list[str] | None]]:
     """[(file, tensor names or None if unknown without reading)] for a model dir, in shard order.
 

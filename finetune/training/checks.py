@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import CHECKPOINT_DIR, checkpoints
 from ..errors import ModelLoadError, json_reason
 from ..hub import ModelNotFoundError, resolve_model_dir
 from ..model_dir import chat_format, chat_generation_config, describe
@@ -27,7 +28,6 @@ LOCK_FILE = ".qwen-ft.lock"  # flock'ed by the running process (rank 0) for the 
 DEMO_MARKER = ".qwen-ft-demo"  # written by the scripts' demo: the only dirs the demo may replace
 STAGING = ".staging"  # checkpoints are written here and renamed into place once complete (trainer.py)
 CHECKPOINT_RUN = "qwen_run.json"  # in each checkpoint: the run that wrote it (model dir, mode, LoRA shape)
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 _CHECKSUM_LIMIT = 4 << 30  # bytes: checkpoint files this large are not read whole before a resume
 # Every file an exact resume reads, by what it holds; any one name of a group is enough (DeepSpeed keeps the
 # optimizer and scheduler in its own global_step*/ dir, named by `latest`; several processes write one RNG
@@ -122,15 +122,6 @@ _IDENTITY_NAMES = {"model_dir": "model", "mode": "mode", "processes": "processes
 # adapter's own config, which --lora_weight_path keeps.
 _STRUCTURAL = ("model_dir", "mode", "lora_r", "lora_target_modules", "lora_alpha", "lora_dropout", "use_rslora",
                "lora_bias", "modules_to_save")
-
-
-def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """The checkpoint-N dirs in output_dir, newest (highest N) first."""
-    d = Path(output_dir)
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, reverse=True)]
 
 
 def checkpoint_step(ckpt: str | os.PathLike) -> int:
@@ -232,7 +223,7 @@ def _trainer_state_problem(state: dict, name: str) -> str | None:
     step = state["global_step"]
     if isinstance(step, bool) or step < 0:
         return f"corrupt (global_step {step!r})"
-    if (m := _CHECKPOINT.match(name)) and int(m.group(1)) != step:
+    if (m := CHECKPOINT_DIR.match(name)) and int(m.group(1)) != step:
         return f"global_step {step}, but the dir is {name}: edited or copied from another checkpoint"
     number = (int, float)
     for key, kinds in (("epoch", number), ("max_steps", int), ("num_train_epochs", number),
