@@ -155,25 +155,28 @@ def generation_file(model_dir, adapter_dir=None) -> Path:
     return Path(model_dir) / "generation_config.json"
 
 
+def _generation(model_dir, adapter_dir=None) -> dict:
+    """The applying generation_config.json as read; {} where it is absent or broken (the loader names the file)."""
+    try:
+        gen = json.loads(generation_file(model_dir, adapter_dir).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return gen if isinstance(gen, dict) else {}
+
+
 def chat_format(model_dir, adapter_dir=None) -> str:
     """The chat format the applying generation_config.json names: "chatml" (Qwen-*-Chat; also a dir without the
     file or the field, as the official chat() defaults), or a base model's "raw". A broken file reads as chatml:
     the loader names the file."""
-    try:
-        gen = json.loads(generation_file(model_dir, adapter_dir).read_text(encoding="utf-8"))
-        return str(gen.get("chat_format") or "chatml")
-    except (OSError, ValueError, AttributeError):
-        return "chatml"
+    return str(_generation(model_dir, adapter_dir).get("chat_format") or "chatml")
 
 
 def chat_generation_config(model_dir) -> dict | None:
     """A base model's generation_config.json (chat_format "raw", as Qwen-7B's) with chat_format "chatml": what a
     model or adapter trained on it here is saved with, as it learnt the ChatML of the training data (the official
     scripts kept "raw", so that chat() refused the result). None for a chat model's dir."""
-    if chat_format(model_dir) == "chatml":
-        return None
-    gen = json.loads((Path(model_dir) / "generation_config.json").read_text(encoding="utf-8"))
-    return {**gen, "chat_format": "chatml"}
+    gen = _generation(model_dir)
+    return None if str(gen.get("chat_format") or "chatml") == "chatml" else {**gen, "chat_format": "chatml"}
 
 
 def check_chat_format(model_dir, adapter_dir=None) -> None:

@@ -209,8 +209,8 @@ def build_server(args):
     model_dir = resolve_model_dir(args.model)
     if problem := unserved_options(model_dir):
         raise ValueError(problem)
-    if chat_format(model_dir) != "chatml":  # (the server's chat() config refused it after the weights loaded)
-        raise ValueError(f"{model_dir / 'generation_config.json'}: chat_format {chat_format(model_dir)!r}: the "
+    if (fmt := chat_format(model_dir)) != "chatml":  # (the server's chat() config refused it after the weights loaded)
+        raise ValueError(f"{model_dir / 'generation_config.json'}: chat_format {fmt!r}: the "
                          f"server needs a chat model (chat_format \"chatml\"); an adapter trained on this base model "
                          f"serves once merged: qwen-ft merge --adapter DIR -o OUT, then serve -m OUT")
     # as chat and eval refuse such a --max-new-tokens (and vLLM a max_model_len past the model's): requests that long

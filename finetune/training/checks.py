@@ -636,20 +636,25 @@ def _resumes_without_saved_modules(args) -> bool:
 
 def lora_flags_given(lora_args) -> list[str]:
     """'--flag VALUE' for each LoRA setting given another value than its default."""
-    import dataclasses
-
     from .lora import LORA_CONFIG_KEYS
 
-    out = []
-    for f in dataclasses.fields(lora_args):
-        if f.name not in LORA_CONFIG_KEYS or f.name == "modules_to_save":
-            continue
-        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        value = getattr(lora_args, f.name)
-        if (set(value) if isinstance(value, list) else value) != (set(default) if isinstance(default, list)
-                                                                  else default):
-            out.append(f"--{f.name} {_show(list(value) if isinstance(value, list) else value)}")
-    return out
+    defaults = _flag_defaults(lora_args)
+    return [f"--{flag} {_show(list(mine) if isinstance(mine, (list, tuple)) else mine)}"
+            for flag in LORA_CONFIG_KEYS if flag != "modules_to_save"
+            if _setting(mine := getattr(lora_args, flag)) != _setting(defaults[flag])]
+
+
+def _flag_defaults(dataclass_args) -> dict:
+    """Each field's default, from the dataclass's fields (arguments imports this module)."""
+    import dataclasses
+
+    return {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(dataclass_args)}
+
+
+def _setting(v):
+    """A LoRA setting as compared: lists as sets (PEFT saves target_modules unordered), no list as none."""
+    return frozenset(v) if isinstance(v, (list, tuple, set)) else (None if v in (None, []) else v)
 
 
 def graph_loss_changes(args) -> str | None:
@@ -1079,23 +1084,15 @@ def check_model_files(model_dir: Path, mode: str, lora_args) -> None:
 def adapter_flags_not_applied(lora_args) -> list[str]:
     """'--flag VALUE (the adapter's: VALUE)' for each LoRA flag set to another value than its default and the
     --lora_weight_path adapter's: it was silently not applied. (A flag left at its default is not the user's ask.)"""
-    import dataclasses
-
     from ..adapters import read_adapter_config
     from .lora import LORA_CONFIG_KEYS
 
     cfg = read_adapter_config(lora_args.lora_weight_path)
-    # (the defaults from the dataclass's fields: arguments imports this module)
-    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(lora_args)}
-
-    def norm(v):  # lists as sets (PEFT saves target_modules unordered), no list as none
-        return frozenset(v) if isinstance(v, (list, tuple, set)) else (None if v in (None, []) else v)
-
+    defaults = _flag_defaults(lora_args)
     out = []
     for flag, key in LORA_CONFIG_KEYS.items():
         mine, theirs = getattr(lora_args, flag), cfg.get(key)
-        if norm(mine) == norm(defaults[flag]) or norm(mine) == norm(theirs):
+        if _setting(mine) == _setting(defaults[flag]) or _setting(mine) == _setting(theirs):
             continue
         out.append(f"--{flag} {_show(list(mine) if isinstance(mine, (list, tuple)) else mine)} (the adapter's: "
                    f"{_show(sorted(theirs) if isinstance(theirs, list) else theirs)})")
