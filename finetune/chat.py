@@ -49,7 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--history-window", "--history_window", type=int, default=None, action=Once,
                    help="max_window_size: tokens of system + history kept in the prompt, newest turns first (the "
                         "question is added whatever its length, as officially; default: the generation config's)")
-    p.add_argument("--seed", type=int, default=None, action=Once, help="seed for sampling (not with --greedy)")
+    p.add_argument("--seed", type=int, default=None, action=Once,
+                   help="seed for sampling (not with --greedy or a temperature below 0.01)")
     p.add_argument("--device", default=None, action=Once, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, action=Once, help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
     return p
@@ -73,12 +74,25 @@ def bad_flag(args) -> str | None:
     return None
 
 
-def ignored_by_greedy(conf) -> list[tuple[str, object]]:
-    """(dest, value) of each setting that greedy decoding would ignore, [] when not greedy: the sampling options
-    given (a temperature below GREEDY_BELOW is greedy itself) and the seed, which seeds nothing without sampling."""
+def greedy_because(conf) -> str | None:
+    """Why these settings decode greedily, as the flag a user would name: "--greedy", "--temperature T" (a
+    temperature below GREEDY_BELOW is greedy itself, as in the server and the official openai_api.py), or None."""
     from .inference.sampling import GREEDY_BELOW
 
-    if not conf.greedy:
+    if conf.greedy:
+        return "--greedy"
+    if conf.temperature is not None and conf.temperature < GREEDY_BELOW:
+        return f"--temperature {conf.temperature:g}"
+    return None
+
+
+def ignored_by_greedy(conf) -> list[tuple[str, object]]:
+    """(dest, value) of each setting that greedy decoding would ignore, [] when not greedy: the sampling options
+    given (a greedy temperature beside --greedy is no contradiction) and the seed, which seeds nothing without
+    sampling."""
+    from .inference.sampling import GREEDY_BELOW
+
+    if greedy_because(conf) is None:
         return []
     temperature = None if conf.temperature is not None and conf.temperature < GREEDY_BELOW else conf.temperature
     return [(dest, value) for dest, value in (("temperature", temperature), ("top_p", conf.top_p),
@@ -89,7 +103,9 @@ def contradiction(args) -> str | None:
     """Flags that cannot all hold, as one line (``:conf`` refuses the same settings: greedy_refusal)."""
     if ignored := ignored_by_greedy(args):
         named = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in ignored)
-        return f"--greedy does not sample, so {named} would be ignored; pass one or the other"
+        why = greedy_because(args)
+        does = "does not sample" if why == "--greedy" else "decodes greedily (below 0.01, as --greedy)"
+        return f"{why} {does}, so {named} would be ignored; pass one or the other"
     if args.query is not None and not args.query.strip():
         return "--query is empty (the interactive chat skips empty lines; leave --query out for it)"
     return None
@@ -249,17 +265,22 @@ def change_conf(conf: argparse.Namespace, words: list[str], limit: int | None = 
         flag, rest = problem.split(" ", 1)  # "--top-p must be ...": named as :conf names it
         return f"({flag.lstrip('-').replace('-', '_')} {rest}; nothing changed)"
     if ignored := ignored_by_greedy(changed):  # (greedy=yes left an earlier top_p in effect beside it, unsaid)
-        return f"({greedy_refusal(ignored)}; nothing changed)"
+        return f"({greedy_refusal(changed, ignored)}; nothing changed)"
     vars(conf).update(vars(changed))
     return describe_conf(conf)
 
 
-def greedy_refusal(ignored: list[tuple[str, object]]) -> str:
+def greedy_refusal(conf, ignored: list[tuple[str, object]]) -> str:
     """``ignored_by_greedy``'s settings as :conf names them, with both ways out (whichever was set first)."""
     named = ", ".join(f"{dest} {value}" for dest, value in ignored)
     unset = ", ".join(f"{dest}=none" for dest, _ in ignored)
     return (f"greedy does not sample, so {named} would be ignored: unset {'it' if len(ignored) == 1 else 'them'} "
-            f"({unset}) or sample (greedy=no)")
+            f"({unset}) or sample ({sample_instead(conf)})")
+
+
+def sample_instead(conf) -> str:
+    """The :conf setting that makes greedy settings sample."""
+    return "greedy=no" if conf.greedy else "temperature=0.01 or more"
 
 
 def describe_conf(conf: argparse.Namespace) -> str:
@@ -354,7 +375,7 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
                     continue
                 if ignored_by_greedy(argparse.Namespace(**{**vars(conf), "seed": new_seed})):
                     say(f"(greedy does not sample, so seed {new_seed} would be ignored: sample first "
-                        f"(:conf greedy=no); {stays})")
+                        f"(:conf {sample_instead(conf)}); {stays})")
                     continue
                 conf.seed = new_seed
             say(f"(seed {conf.seed if conf.seed is not None else 'unset: each reply draws afresh'})")

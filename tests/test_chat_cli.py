@@ -123,7 +123,7 @@ def test_sampling_flags_out_of_range_are_one_line_before_loading(tmp_path, capsy
 @pytest.mark.parametrize("temperature", ["0", "1e-40"])  # 1e-40 would overflow the scores: greedy too
 def test_temperature_below_a_hundredth_is_greedy(setup, temperature):
     r = subprocess.run([sys.executable, "-m", "finetune.cli", "chat", "-a", str(setup["lora"]), "--query",
-                        MEMORISE[1][0], "--temperature", temperature, "--seed", "1"],
+                        MEMORISE[1][0], "--temperature", temperature],
                        capture_output=True, text=True, env=subprocess_env(TERM="dumb"), timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == MEMORISE[1][1]
@@ -287,6 +287,13 @@ def test_conf_refuses_greedy_beside_a_sampling_setting_or_a_seed(setup):
     assert replies[0] == ("(greedy does not sample, so temperature 0.5 would be ignored: unset it (temperature=none) "
                           "or sample (greedy=no); nothing changed)")
     assert "temperature=0.0" in replies[1] and "greedy=True" in replies[1]
+    # without --greedy, a greedy temperature refuses a seed too, and names the temperature as the way out
+    replies = [r.strip() for r in _session(model, tok, [":seed 4", ":conf top_p=0.5", ":q"],
+                                           ["--temperature", "0"]).split(PROMPT)[1:-1]]
+    assert replies[0] == ("(greedy does not sample, so seed 4 would be ignored: sample first (:conf temperature=0.01 "
+                          "or more); the seed stays unset)")
+    assert replies[1] == ("(greedy does not sample, so top_p 0.5 would be ignored: unset it (top_p=none) or sample "
+                          "(temperature=0.01 or more); nothing changed)")
 
 
 @pytest.mark.parametrize("word, said", [
@@ -480,6 +487,11 @@ def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_history(setup, monkeypatch
     (["--greedy", "--temperature", "0.7"], "--greedy does not sample, so --temperature 0.7 would be ignored"),
     (["--greedy", "--top-p", "0.5", "--top-k", "3"], "so --top-p 0.5, --top-k 3 would be ignored"),
     (["--greedy", "--seed", "3"], "--greedy does not sample, so --seed 3 would be ignored"),  # (it seeded nothing)
+    # a temperature below 0.01 is greedy decoding itself: a seed or top-p beside it was accepted and did nothing
+    (["--temperature", "0", "--seed", "1"],
+     "--temperature 0 decodes greedily (below 0.01, as --greedy), so --seed 1 would be ignored; pass one or the other"),
+    (["--temperature", "0.001", "--top-p", "0.5"], "--temperature 0.001 decodes greedily (below 0.01, as --greedy), so "
+                                                   "--top-p 0.5 would be ignored"),
     (["--query", "  "], "--query is empty"),
 ])
 def test_contradicting_or_repeated_flags_are_one_line_before_loading(tmp_path, capsys, monkeypatch, flags, message):
