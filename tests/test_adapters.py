@@ -329,6 +329,41 @@ def test_adapters_whose_load_rewrites_the_base_are_refused_in_one_line(setup, tm
             assert "path_initial_model_for_weight_conversion" in lines[0], lines
 
 
+@pytest.mark.parametrize("init", ["orthogonal", "mica", "lora_ga"])
+def test_adapters_of_inits_that_read_the_base_weight_load_on_int4_and_float(setup, tmp_path, init):
+    # these inits read the base layer's float weight only to choose A and B's starting values (which a load
+    # overwrites): on an Int4 base PEFT stopped in them with "'GPTQLinear' object has no attribute 'weight'"
+    from peft import PeftModel
+
+    from finetune.adapters import load_adapter
+
+    for base, adapter in (("int4", "qlora"), ("float", "lora")):
+        edited = _edited(setup[adapter], tmp_path / base, init_lora_weights=init)
+        want = logits(load_model(setup[base], adapter=setup[adapter], dtype=torch.float32, device="cpu"))
+        got = logits(load_model(setup[base], adapter=edited, dtype=torch.float32, device="cpu"))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        pm = PeftModel.from_pretrained(load_model(setup[base], dtype=torch.float32, device="cpu"), str(edited))
+        torch.testing.assert_close(logits(pm), want, rtol=0, atol=0)
+        trainable = load_adapter(load_model(setup[base], dtype=torch.float32, device="cpu"), edited,
+                                 is_trainable=True)
+        grads = {name.split(".lora_")[1].split(".")[0]: p.requires_grad for name, p in trainable.named_parameters()
+                 if ".lora_" in name}
+        # MiCA trains A alone, its B frozen, as PEFT's MiCA variant keeps it on a float base
+        assert grads == {"A": True, "B": init != "mica"}, (base, grads)
+
+
+def test_a_mica_adapter_continued_on_int4_trains_a_alone(setup, tmp_path):
+    edited = _edited(setup["qlora"], tmp_path / "mica", init_lora_weights="mica")
+    out = train_adapter(setup["int4"], setup["data"], tmp_path / "more", 3, "--q_lora", "True", "--lora_weight_path",
+                        str(edited))
+    before, after = read_adapter_weights(edited), read_adapter_weights(out)
+    assert before.keys() == after.keys()
+    for key in before:
+        same = torch.equal(before[key], after[key])
+        assert same == (".lora_B." in key), key
+    assert json.loads((out / "adapter_config.json").read_text())["init_lora_weights"] == "mica"
+
+
 def test_a_pissa_adapter_converted_as_the_refusal_says_loads_and_gives_its_outputs(setup, tmp_path):
     from peft import LoraConfig, get_peft_model
 

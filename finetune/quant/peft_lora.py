@@ -24,6 +24,7 @@ layer bit for bit. ``merge_and_unload()`` therefore yields a float model (`qwen-
 
 from __future__ import annotations
 
+import copy
 import warnings
 from typing import Any, Optional
 
@@ -107,6 +108,10 @@ class _AddLoraBCopy(_AddLoraB):
         return _addmm_lora_b(result, low, weight, scaling)
 
 
+# init_lora_weights values that read the base's float weight only to choose A and B's starting values
+_FLOAT_WEIGHT_INITS = ("orthogonal", "mica", "lora_ga")
+
+
 class GPTQLoraLinear(nn.Module, LoraLayer):
     """LoRA adapter(s) around a frozen GPTQLinear."""
 
@@ -126,6 +131,22 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
 
     def _get_in_out_features(self, module: nn.Module):
         return module.in_features, module.out_features
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
+        # PEFT's orthogonal, MiCA and LoRA-GA inits read the base layer's float ``weight``, which a packed layer does
+        # not have (AttributeError deep in PEFT). They only set the starting A and B, which a load overwrites, so an
+        # adapter trained with one loads here with the default init. MiCA also trains A alone: its B stays frozen, as
+        # PEFT's MiCA variant freezes it on a float base (--lora_weight_path continues it as MiCA). Initialising a
+        # new adapter with them needs the float weights (a dequantized model), as PiSSA's would.
+        init = config.init_lora_weights
+        if init in _FLOAT_WEIGHT_INITS:
+            config = copy.copy(config)
+            config.init_lora_weights = True
+        super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        if init == "mica":  # (a PEFT that knows MiCA has this)
+            from peft.tuners.lora.variants import _register_frozen_peft_weight
+
+            _register_frozen_peft_weight(self, adapter_name, "lora_B")
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
         return None  # vanilla LoRA only (DoRA etc. rejected above)
