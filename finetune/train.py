@@ -548,7 +548,8 @@ def _main(argv: list[str] | None) -> int:
             model_args, data_args, lora_args, args = parse_args(argv)
         except ValueError as e:  # transformers' own checks of its flags (TrainingArguments.__post_init__)
             raise TrainConfigError(" ".join(str(e).split())) from None
-        train(model_args, data_args, lora_args, args, argv=argv)
+        with _log_level(args):
+            train(model_args, data_args, lora_args, args, argv=argv)
     except (TrainConfigError, DataError, NonFiniteLossError, SettingsError) as e:
         say_error(f"error: {e}")  # (once for a multi-process launch: training/launch.py)
         return 2
@@ -558,6 +559,20 @@ def _main(argv: list[str] | None) -> int:
         return 143 if isinstance(e, Terminated) else 130  # (128 + the signal's number, as a shell reports it)
     _end_distributed()  # after success only: a failing rank must exit, not wait for the others
     return 0
+
+
+@contextlib.contextmanager
+def _log_level(args):
+    """--log_level for the project's own log lines too on the process that logs (the Trainer sets transformers'
+    from it); "passive" (the default) leaves them as they are. Restored after (main() also runs in-process)."""
+    project = logging.getLogger("finetune")
+    before = project.level
+    if args.log_level != "passive" and args.should_log:
+        project.setLevel(args.get_process_log_level())
+    try:
+        yield
+    finally:
+        project.setLevel(before)
 
 
 def _end_distributed() -> None:

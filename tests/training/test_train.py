@@ -812,3 +812,19 @@ def test_one_chat_a_row_batches_chats_of_like_length_by_default(model, tmp_path)
     assert grouped_share > random_share + 0.1, (grouped_share, random_share)  # measured: 0.84 against 0.67
     packed, _ = real_share("packed", "--packing", "True", "--max_steps", "4")
     assert packed == "random"
+
+
+def test_log_level_quiets_the_projects_own_log_lines_too(models, memorise_file, tmp_path, caplog):
+    # --log_level set transformers' verbosity (the Trainer's) and left the project's INFO lines as they were
+    import logging
+
+    def project_info(out, *extra):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            _run(_args(models["int4"], memorise_file, tmp_path / out, "--q_lora", "True", "--use_lora", "True",
+                       "--max_steps", "1", *extra))
+        return [r.getMessage() for r in caplog.records if r.name.startswith("finetune") and r.levelno == logging.INFO]
+
+    assert project_info("default")  # (e.g. "input embedding: kept whole (not on a GPU)")
+    assert project_info("quiet", "--log_level", "warning") == []
+    assert logging.getLogger("finetune").level == logging.NOTSET  # (restored: main() also runs in-process)
