@@ -622,9 +622,9 @@ def _resumes_without_saved_modules(args) -> bool:
     explicit = args.resume_from_checkpoint
     if explicit and explicit not in _TRUE:
         ckpt = Path(explicit)
-    elif args.resume or explicit in _TRUE:
+    elif args.resume or explicit in _TRUE:  # the one _resumable continues: the newest usable, past damaged ones
         found = checkpoints(args.output_dir) if args.output_dir else []
-        ckpt = found[0] if found else None
+        ckpt = next((p for p in found if checkpoint_problem(p) is None), None)
     else:
         return False
     try:

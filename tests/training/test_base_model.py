@@ -117,6 +117,11 @@ def test_a_run_that_trained_no_saved_modules_resumes_as_it_was(trained, tmp_path
     assert main(train_args(trained["base"], trained["data"], run, *common, "--max_steps", "1",
                            "--modules_to_save", "none")) == 0
     (run / "training_finished.json").unlink()
+    # a newer checkpoint cut short (its optimizer state missing), which --resume falls back past: the default was
+    # read off it, so the run went on with wte and lm_head and then stopped as another run's checkpoint
+    shutil.copytree(run / "checkpoint-1", run / "checkpoint-5")
+    (run / "checkpoint-5" / "optimizer.pt").unlink()
+    (run / "checkpoint-5" / "qwen_run.json").unlink()
     assert main(train_args(trained["base"], trained["data"], run, *common, "--max_steps", "2", "--resume", "True")) == 0
     assert not json.loads((run / "adapter_config.json").read_text()).get("modules_to_save")
 
