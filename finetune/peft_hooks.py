@@ -57,6 +57,9 @@ def install() -> None:
 
         if not (_project_model(model) and is_adapter_dir(model_id)):
             return original_from_pretrained(cls, model, model_id, *args, **kwargs)
+        from .loading import check_side_files
+
+        check_side_files(Path(model_id))  # (its generation_config.json becomes the model's below, as in load_model)
         base = _local_base(model)
         if base is not None:
             check_base(model_id, base, explicit=True)

@@ -133,3 +133,18 @@ def test_peft_from_pretrained_takes_the_adapters_generation_config(trained):
 
     model = PeftModel.from_pretrained(load_model(trained["base"], device="cpu"), str(trained["adapter"]))
     assert model.generation_config.chat_format == "chatml"
+
+
+def test_peft_from_pretrained_checks_the_adapters_generation_config_first(trained, tmp_path):
+    # load_model checked it; PEFT's from_pretrained read it with transformers' own error, after the weights
+    from peft import PeftModel
+
+    from finetune import load_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(trained["adapter"], broken)
+    (broken / "generation_config.json").write_text('{"chat_format": "chatml", "top_p": 7}')
+    with pytest.raises(ModelLoadError, match=r"broken/generation_config\.json: top_p must be"):
+        PeftModel.from_pretrained(load_model(trained["base"], device="cpu"), str(broken))
+    with pytest.raises(ModelLoadError, match=r"broken/generation_config\.json: top_p must be"):
+        load_model(trained["base"], adapter=broken, device="cpu")
