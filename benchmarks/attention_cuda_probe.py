@@ -11,11 +11,11 @@ bf16: a warp reads two 256-byte rows a round, a CTA THREADS / 16 consecutive row
 loads are ALL issued (predicated, no branch) before the first score, so a CTA has 2 x PASS x 256 bytes in flight;
 the pass is the whole split except where noted. Two ways to hold them (``MODES``):
 - "reg": in registers (at most MAX_ROUNDS vectors of K and as many of V a thread: bf16 SPLIT 256 at 128 threads
-  takes 2 passes; fp32 passes are 64 keys at 128 threads, 128 at 256). ptxas interleaves such loads with the math that uses
-  them unless forced: .nc loads were re-issued and sunk, and the scores' FMAs were hoisted between the loads (each
-  waiting on memory before the next loads issue). So the loads are coherent ones, followed by a barrier, and q
-  comes through shared memory read after it (the math cannot move above it): `--ptx-only` counts every 16-byte
-  load of the pass before the first FMA in the SASS.
+  takes 2 passes; fp32 passes are 64 keys at 128 threads, 128 at 256). ptxas interleaves such loads with the math
+  that uses them unless forced: .nc loads were re-issued and sunk, and the scores' FMAs were hoisted between the
+  loads (each waiting on memory before the next loads issue). So the loads are coherent ones, followed by a
+  barrier, and q comes through shared memory read after it (the math cannot move above it): `--ptx-only` checks
+  that every 16-byte load of the pass comes before the first FMA in the SASS.
 - "cpa": cp.async into shared memory (64 KiB of K and V at most: bf16 SPLIT 256 takes 2 passes), K and V as two
   commit groups, the scores as soon as K's group lands; each thread reads back only what it copied (no barrier).
 Then: scores (fp32 FMAs and warp shuffles), the pass's max across the CTA (shared memory), p = 2^((s - m) log2 e)
@@ -770,8 +770,9 @@ def summary_table(results: list[dict]) -> str:
 
 
 def ptx_only(nvrtc: str | None) -> int:
-    """Every variant (bf16 and fp32, int64 positions) compiled by NVRTC for compute_90 and assembled for sm_90 by
-    Triton's ptxas: registers, spills, the loads' count a pass."""
+    """Every variant (bf16 and fp32, int64 and int32 positions) compiled by NVRTC for compute_90 and assembled for
+    sm_90 by Triton's ptxas: registers, spills, and whether all of a pass's 16-byte loads come before the first FMA
+    in the SASS (the design's point; else FAIL). Returns 1 on any failure."""
     import ctypes
     import re
     import tempfile
@@ -809,9 +810,11 @@ def ptx_only(nvrtc: str | None) -> int:
             # (2 x rounds) when the loads stay in front of the math
             early = sum(op.startswith(("LDG.E.128", "LDG.E.NA.128", "LDGSTS")) for op in ops[:first_math])
             total = sum(op.startswith(("LDG.E.128", "LDG.E.NA.128", "LDGSTS")) for op in ops)
+            ok = early == total == 2 * rounds(*v, elem)
+            failed += not ok
             print(f"{label}: {regs.group(1) if regs else '?'} registers, {spill.group(1) if spill else '?'} bytes "
                   f"spilled, {pass_keys(*v, elem)} keys a pass, {shared_bytes(*v, elem)} bytes of stage, "
-                  f"{early} of {total} 16-byte loads before the first FMA", flush=True)
+                  f"{early} of {total} 16-byte loads before the first FMA{'' if ok else ': FAIL'}", flush=True)
     return 1 if failed else 0
 
 
