@@ -422,12 +422,12 @@ def make_inputs(positions: list[int], kv_len: int, heads: int, dim: int, dtype, 
                 layers: int = 1):
     """q [b, heads, 1, dim] and caches [layers, b, heads, capacity, dim] (capacity: kv_len rounded up to 256, and
     past the largest position) of ``dtype``, positions int64."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)  # (made on the device: b64's 8 layers are 5.4 GB)
     b = len(positions)
     cap = -(-max(kv_len, max(positions) + 1) // 256) * 256
-    k = torch.randn(layers, b, heads, cap, dim, generator=g).to(dtype).to(device)
-    v = torch.randn(layers, b, heads, cap, dim, generator=g).to(dtype).to(device)
-    q = torch.randn(b, heads, 1, dim, generator=g).to(dtype).to(device)
+    k = torch.randn(layers, b, heads, cap, dim, generator=g, device=device).to(dtype)
+    v = torch.randn(layers, b, heads, cap, dim, generator=g, device=device).to(dtype)
+    q = torch.randn(b, heads, 1, dim, generator=g, device=device).to(dtype)
     return q, k, v, torch.tensor(positions, dtype=torch.int64, device=device)
 
 
