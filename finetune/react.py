@@ -179,8 +179,12 @@ def _check_function(f, where: str) -> dict:
         if f.get(key) is not None and not isinstance(f[key], str):
             raise ReactError(f"must be a string, got {json_type(f[key])}", f"{where}.{key}")
         _valid_text(f.get(key) or "", f"{where}.{key}")
-    if f.get("parameters") is not None and not isinstance(f["parameters"], dict):
-        raise ReactError(f"must be a JSON Schema object, got {json_type(f['parameters'])}", f"{where}.parameters")
+    # a JSON Schema object (OpenAI's form), or a list of parameter objects: Qwen's own plugin form, which the official
+    # function-calling examples send ([{"name", "description", "required", "schema"}, ...]); both go into the prompt
+    # as JSON, as the official openai_api.py writes any value
+    if f.get("parameters") is not None and not isinstance(f["parameters"], (dict, list)):
+        raise ReactError(f"must be a JSON Schema object or a list of parameters, got {json_type(f['parameters'])}",
+                         f"{where}.parameters")
     try:  # written into the prompt as JSON: Python's NaN / Infinity (which its json reads in a file) would not be
         written = json.dumps(f.get("parameters"), allow_nan=False, ensure_ascii=False)
     except ValueError:

@@ -84,6 +84,28 @@ def test_prompt_ids_equal_what_the_server_builds(data_small_tokenizer):
     assert enc["input_ids"][len(prompt):] == tok.encode(REPLY) + [tok.im_end_id] + tok.encode("\n")
 
 
+def test_qwen_plugin_form_functions_train_in_the_prompt_the_server_builds(data_small_tokenizer):
+    """Functions in Qwen's own plugin form (name_for_model, name_for_human, description_for_model, `parameters` a list
+    of parameter objects), as the official function-calling examples define them, were refused ("parameters: must
+    be a JSON Schema object"); they render as the server (and the official openai_api.py) writes them."""
+    tok = data_small_tokenizer
+    plugin = {"name_for_human": "Weather", "name_for_model": "get_weather", "description_for_model": "Weather of a "
+              "city.", "parameters": [{"name": "city", "description": "the city", "required": True,
+                                       "schema": {"type": "string"}}]}
+    record = {**OFFICIAL, "functions": [plugin]}
+    rec = normalize_record(record)
+    assert rec["messages"][0]["content"].endswith('Parameters: [{"name": "city", "description": "the city", '
+                                                  '"required": true, "schema": {"type": "string"}}]\n\nUse the '
+                                                  'following format:' + react.react_instruction([plugin]).split(
+                                                      "Use the following format:")[1] + "\n\nQuestion: Weather in "
+                                                  "Paris?")
+    turns = react.build_turns(OFFICIAL["conversations"][:1], react.functions_from([plugin]))
+    _, prompt = make_context(tok, turns.query, history=turns.history(), system=turns.system)
+    enc = encode_conversation(tok, record)
+    assert enc["input_ids"][:len(prompt)] == prompt
+    assert enc["input_ids"][len(prompt):] == tok.encode(REPLY) + [tok.im_end_id] + tok.encode("\n")
+
+
 def test_two_calls_in_one_assistant_message_and_train_on_prompt(data_small_tokenizer):
     rec = {"tools": OPENAI["tools"], "messages": [
         {"role": "user", "content": "Paris and Rome?"},
@@ -201,7 +223,7 @@ def test_alpaca_record_keeps_its_tools():
     ({**OPENAI, "tools": [{"type": "function", "function": {**WEATHER, "description": 5}}]},
      "tools[0].function.description: must be a string, got a number"),
     ({**OFFICIAL, "functions": [{**WEATHER, "parameters": "nope"}]},
-     "functions[0].parameters: must be a JSON Schema object, got a string"),
+     "functions[0].parameters: must be a JSON Schema object or a list of parameters, got a string"),
     # each was trained as it was: a call in broken JSON, a call of an undefined function (or with no definitions:
     # the server only prompts in this layout with them), an empty question or answer (refused in plain records)
     ({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [

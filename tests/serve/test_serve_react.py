@@ -90,6 +90,26 @@ def test_stop_words_and_tool_definitions():
     assert e.value.field == "tools[0]"
 
 
+def test_qwen_plugin_form_parameters_are_written_as_the_official_server_writes_them():
+    """The official function-calling examples (examples/function_call_examples.py) define functions in Qwen's plugin
+    form, `parameters` a list of {"name", "description", "required", "schema"}: the official openai_api.py writes it
+    into the prompt as JSON, as any other value. It was refused ("must be a JSON Schema object")."""
+    plugin = {"name_for_human": "谷歌搜索", "name_for_model": "google_search",
+              "description_for_model": "谷歌搜索是一个通用搜索引擎。 Format the arguments as a JSON object.",
+              "parameters": [{"name": "search_query", "description": "搜索关键词或短语", "required": True,
+                              "schema": {"type": "string"}}]}
+    functions = react.functions_from([plugin])
+    assert functions == [plugin]
+    assert ("google_search: Call this tool to interact with the 谷歌搜索 API. What is the 谷歌搜索 API useful for? "
+            "谷歌搜索是一个通用搜索引擎。 Format the arguments as a JSON object. Parameters: [{\"name\": \"search_query\", "
+            "\"description\": \"搜索关键词或短语\", \"required\": true, \"schema\": {\"type\": \"string\"}}]\n\n"
+            "Use the following format:") in react.react_instruction(functions)
+    assert react.functions_from([{**plugin, "parameters": []}])[0]["parameters"] == []
+    with pytest.raises(react.ReactError, match="a JSON Schema object or a list of parameters, got a string") as e:
+        react.functions_from([{**plugin, "parameters": "search_query"}])
+    assert e.value.field == "functions[0].parameters"
+
+
 def test_a_developer_message_is_the_system_message():
     """OpenAI's newer clients send the system prompt with role "developer"."""
     dev = react.build_turns([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "q"}], [])
