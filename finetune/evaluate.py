@@ -96,7 +96,8 @@ def reply_stop(record: dict) -> str | None:
 
 
 def cut_reply(reply: str, stop: str | None) -> str:
-    """``reply`` up to ``stop`` (stripped again, as the server strips a reply cut at a stop string)."""
+    """``reply`` up to ``stop``, stripped again to be scored against the reference (which ends before the line break
+    in front of the stop; the server leaves that whitespace in the reply, as the official one)."""
     return reply.split(stop, 1)[0].strip() if stop else reply
 
 

@@ -9,6 +9,9 @@
   does not count, as the engine treats its own stop strings and stop tokens (and vLLM its stop strings).
 - The deltas join to exactly what `model.chat` returns: the reply stripped of leading and trailing
   whitespace (leading whitespace is never sent; trailing whitespace is held back until text follows it).
+  A reply cut at a stop string is what the official openai_api.py makes of chat()'s reply: stripped first,
+  then cut before the first stop string (``trim_stop_words``). So a stop string is looked for only after the
+  leading whitespace, and the whitespace just before it stays in the reply.
   With ``strip=False`` (the reply continues the client's own assistant message, as the official server's
   text completion) the text is sent as generated: a leading space is part of the continuation.
 """
@@ -54,7 +57,9 @@ class TextStream:
 
     @property
     def final_text(self) -> str:
-        return self.text.strip() if self.strip else self.text
+        if not self.strip:
+            return self.text
+        return self.text.lstrip() if self.stopped else self.text.strip()
 
     def _find_stop(self) -> None:
         if not self.stop or len(self.ids) < self.min_ids:
@@ -66,6 +71,8 @@ class TextStream:
             self._floor = len(before.rstrip("\ufffd"))
         # a stop string never starts in text already sent (see _held): a long one need not rescan it all
         start = max(0, self._searched - self._longest + 1, self._sent)
+        if self.strip:  # (the official server strips the reply before it looks for a stop string)
+            start = max(start, len(self.text) - len(self.text.lstrip()))
         hits = [i for i in (self.text.find(s, max(start, self._floor - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
             self.text = self.text[:min(hits)]
@@ -92,8 +99,8 @@ class TextStream:
         end = len(self.text)
         if not final and not self.stopped:
             end -= self._held()
-        if self.strip:
-            end = len(self.text[:end].rstrip())  # whitespace waits for what follows it
+        if self.strip and not self.stopped:
+            end = len(self.text[:end].rstrip())  # whitespace waits for what follows it (or for a stop string)
         if end <= begin:
             return ""
         self._sent = end

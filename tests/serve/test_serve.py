@@ -166,7 +166,8 @@ def test_max_tokens_gives_finish_reason_length_and_stop_strings_cut(live):
     assert memorised.startswith(r.choices[0].message.content)
     before = _finished_when_idle(live)
     r = ask(client, "a", q, stop=["owl"])
-    assert r.choices[0].message.content == "The silver" and r.choices[0].finish_reason == "stop"
+    # (the space before the stop string stays: the official server strips the reply, then cuts it)
+    assert r.choices[0].message.content == "The silver " and r.choices[0].finish_reason == "stop"
     # the stop string spans chunks in the stream: nothing of it is sent
     chunks = list(ask(client, "a", q, stop=[" owl g"], stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "The silver"

@@ -223,7 +223,8 @@ def test_min_tokens_holds_back_stop_strings_as_it_holds_stop_tokens(live, stream
     def text(choice):
         return choice if stream else choice["message"]["content"]
 
-    assert text(_post(live, reply, msgs, stop=["two"], stream=stream)) == "one"
-    assert text(_post(live, reply, msgs, stop=["two"], min_tokens=first, stream=stream)) == "one"
-    assert text(_post(live, reply, msgs, stop=["two"], min_tokens=first + 1, stream=stream)) == "one two three"
+    # (the space before the stop string stays, as the official server strips the reply before it cuts it)
+    assert text(_post(live, reply, msgs, stop=["two"], stream=stream)) == "one "
+    assert text(_post(live, reply, msgs, stop=["two"], min_tokens=first, stream=stream)) == "one "
+    assert text(_post(live, reply, msgs, stop=["two"], min_tokens=first + 1, stream=stream)) == "one two three "
     assert text(_post(live, reply, msgs, stop=["two"], min_tokens=len(ids), stream=stream)) == reply.strip()

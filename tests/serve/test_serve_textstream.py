@@ -1,5 +1,6 @@
 """The server's token -> text stream: multi-byte characters never split, stop strings honoured across
-chunks, and the deltas joining to exactly chat()'s stripped reply."""
+chunks, and the deltas joining to exactly chat()'s stripped reply (cut at a stop string as the official server
+cuts it)."""
 
 from __future__ import annotations
 
@@ -42,11 +43,27 @@ def test_deltas_join_to_the_stripped_reply(tok):
 def test_a_stop_string_across_chunks_is_never_sent(tok):
     text = "Thought: look it up\nAction: f\nAction Input: {}\nObservation: made up"
     s, deltas = one_by_one(tok, text, ["Observation:"])
-    assert s.stopped and "".join(deltas) == "Thought: look it up\nAction: f\nAction Input: {}"
+    # (the "\n" before the stop string stays, as the official server's trim_stop_words leaves it)
+    assert s.stopped and "".join(deltas) == "Thought: look it up\nAction: f\nAction Input: {}\n"
     assert not any("Obs" in d for d in deltas)
     # a prefix of a stop string that does not complete is sent once it is decided
     s, deltas = one_by_one(tok, "Observe this", ["Observation:"])
     assert not s.stopped and "".join(deltas) == "Observe this"
+
+
+def test_a_stop_string_cuts_the_reply_as_the_official_server_trims_it(tok):
+    """The official openai_api.py strips chat()'s reply, then cuts it before the first stop string: a stop string in
+    the leading whitespace is not found there (it cut the whole reply away), and the whitespace before the stop
+    string stays (it was stripped)."""
+    s, deltas = one_by_one(tok, " Hello world", [" "])
+    assert s.stopped and "".join(deltas) == s.final_text == "Hello"
+    s, deltas = one_by_one(tok, "\n\nEND of it", ["END"])
+    assert s.stopped and "".join(deltas) == s.final_text == ""
+    s, deltas = one_by_one(tok, "Hi there.\nUser: more", ["User:"])
+    assert s.stopped and "".join(deltas) == s.final_text == "Hi there.\n"
+    # without a stop string the whole reply is stripped, as chat() strips it
+    s, deltas = one_by_one(tok, "Hi there.\nUser: more  \n", ["END"])
+    assert not s.stopped and "".join(deltas) == s.final_text == "Hi there.\nUser: more"
 
 
 def test_an_incomplete_last_character_ends_as_chat_decodes_it(tok):
@@ -87,11 +104,14 @@ def test_random_replies_and_stop_strings_stream_to_the_whole_answer(real_vocab_f
             i = rng.randrange(len(full) or 1)
             stops.append(full[i:i + rng.randint(1, 6)] or rng.choice(pieces))
         strip = rng.random() < 0.7
-        expected = full  # generation stops once a stop string is in the text decoded so far
+        # generation stops once a stop string is in the text decoded so far (stripped reply: after its leading
+        # whitespace, and the whitespace before the stop string kept, as the official server trims the reply)
+        expected = full.strip() if strip else full
         for k in range(1, len(ids) + 1):
             text = tok.decode(ids[:k])
             if k < len(ids) and text.endswith("\ufffd"):
                 continue  # (an incomplete character: not text yet)
+            text = text.lstrip() if strip else text
             hits = [text.find(s) for s in stops if s in text]
             if hits:
                 expected = text[:min(hits)]
@@ -104,7 +124,7 @@ def test_random_replies_and_stop_strings_stream_to_the_whole_answer(real_vocab_f
                 break
         deltas.append(s.finish())
         case = (ids, stops, strip, deltas)
-        assert "".join(deltas) == s.final_text == (expected.strip() if strip else expected), case
+        assert "".join(deltas) == s.final_text == expected, case
         assert "\ufffd" not in "".join(deltas) or "\ufffd" in expected, case
 
 
@@ -116,7 +136,7 @@ def test_a_stop_string_completed_before_min_ids_does_not_count(tok):
     done = [n for n in range(1, len(ids) + 1) if tok.decode(ids[:n]).count("STOP") > tok.decode(ids[:n - 1]).count(
         "STOP")]  # the token counts at which each "STOP" is complete
     assert len(done) == 2
-    for min_ids, expected in ((0, "ab"), (done[0], "ab"), (done[0] + 1, "ab STOP cd"), (done[1], "ab STOP cd"),
+    for min_ids, expected in ((0, "ab "), (done[0], "ab "), (done[0] + 1, "ab STOP cd "), (done[1], "ab STOP cd "),
                               (done[1] + 1, text)):
         s = TextStream(tok, ["STOP"], min_ids=min_ids)
         deltas = [s.feed([i]) for i in ids] + [s.finish()]
@@ -139,5 +159,5 @@ def test_min_ids_counts_a_stop_string_as_the_engine_does_at_every_length(tok):
     for min_ids in range(0, len(ids) + 2):
         s = TextStream(tok, [stop], min_ids=min_ids)
         out = "".join([s.feed([i]) for i in ids] + [s.finish()])
-        expected = "ab 猫" if first >= min_ids else "ab 猫头鹰 cd" if second >= min_ids else text
+        expected = "ab 猫" if first >= min_ids else "ab 猫头鹰 cd " if second >= min_ids else text
         assert out == expected, (min_ids, out)
