@@ -34,6 +34,7 @@ and the "\\nThought:" the server writes after it are not. Imports nothing heavy 
 from __future__ import annotations
 
 import json
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -548,7 +549,9 @@ def prompt_ids(tokenizer, turns: Turns, max_window_size: int = 6144, stats: dict
     """The prompt ids of `turns` as the server builds them: make_context (every text encoded as plain text, so
     no message can forge a control token; the oldest user/assistant pairs left out where the history is over
     max_window_size, as model.chat leaves them out); an open last turn (query None) is continued as the official
-    text completion continues it. ``stats``, if given, gets "history_left_out": how many pairs were left out."""
+    text completion continues it, with the whole history (that path of the official openai_api.py,
+    text_complete_last_message, leaves nothing out). ``stats``, if given, gets "history_left_out": how many pairs
+    were left out."""
     from .modeling import make_context
 
     made: dict = {}
@@ -563,7 +566,7 @@ def prompt_ids(tokenizer, turns: Turns, max_window_size: int = 6144, stats: dict
         history = [(u.lstrip("\n").rstrip(), a) for u, a in turns.history()]
         user, assistant = history.pop()
         _, ids = make_context(tokenizer, user, history=history, system=turns.system,
-                              max_window_size=max_window_size, stats=made)
+                              max_window_size=sys.maxsize, stats=made)
         ids = ids + tokenizer.encode(assistant)
     if stats is not None:
         stats["history_left_out"] = len(history) - made["history_kept"]

@@ -115,6 +115,42 @@ def test_the_continued_turns_prompt_is_the_official_text_completion_prompt(live)
     assert tok.decode(ids) == expected
 
 
+def test_a_continued_turn_keeps_the_whole_history_as_the_official_text_completion(live, monkeypatch):
+    """The official server continues a turn (after a function result, or the client's assistant message) with
+    text_complete_last_message, which writes every history pair into the prompt: max_window_size leaves pairs out
+    only of a prompt for a new user message (model.chat's make_context). The server left them out of both."""
+    from finetune.serve.protocol import ChatCompletionRequest
+
+    monkeypatch.setattr(live.server, "window", 60)
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"Question number {i} about the owl?"},
+                    {"role": "assistant", "content": f"Answer number {i}: the owl is silver."}]
+    call = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": "look", "function_call": {"name": "search", "arguments": "{}"}},
+            {"role": "function", "content": "found"}]
+    tok = live.server.tokenizer
+    for messages, functions, last in ((history + call, [F], "Thought: look\nAction: search\nAction Input: {}\n"
+                                       "Observation: found\nThought:"),
+                                      (history + call[:1] + [{"role": "assistant", "content": "The owl"}], None,
+                                       "The owl")):
+        body = ChatCompletionRequest(model="scripted", messages=messages, functions=functions)
+        stats: dict = {}
+        ids = live.server.prompt_ids(live.server.turns(body)[0], stats)
+        expected = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>" + "".join(
+            f"\n<|im_start|>user\n{history[i]['content']}<|im_end|>\n<|im_start|>assistant\n"
+            f"{react.FINAL_THOUGHT if functions else ''}{history[i + 1]['content']}<|im_end|>"
+            for i in range(0, len(history), 2))
+        question = f"{react.react_instruction([F])}\n\nQuestion: q" if functions else "q"
+        expected += f"\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{last}"
+        assert tok.decode(ids) == expected and stats["history_left_out"] == 0
+    # a new user message after the same history: the oldest pairs are left out, as model.chat leaves them out
+    stats = {}
+    live.server.prompt_ids(live.server.turns(ChatCompletionRequest(model="scripted", messages=history + call[:1]))[0],
+                           stats)
+    assert stats["history_left_out"] > 0
+
+
 def test_eval_prompts_a_tool_record_as_the_server_prompts_the_request_ending_with_its_last_tool_result(live):
     """`qwen-ft eval` asks an adapter what the server asks it after a tool result: the same prompt ids, through
     the server's whole request path (the request's tools, its turns, its prompt)."""
