@@ -291,8 +291,8 @@ def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest)
     content, call = react.parse_reply(text)
     if call is None:
         return {"role": "assistant", "content": content}, None
-    if body.functions:  # the legacy API answers in its own form
-        return {"role": "assistant", "content": content or None, "function_call": call}, "function_call"
+    if body.functions:  # the legacy API answers in its own form, the thought as the official server gives it ("" too)
+        return {"role": "assistant", "content": content, "function_call": call}, "function_call"
     tool_call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": call}
     return {"role": "assistant", "content": content or None, "tool_calls": [tool_call]}, "tool_calls"
 

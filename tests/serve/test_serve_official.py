@@ -99,6 +99,21 @@ def test_after_a_function_result_the_reply_is_parsed_as_before(live):
     assert choice["message"]["content"] == "It is found." and choice["finish_reason"] == "stop"
 
 
+def test_a_function_call_without_a_thought_has_the_empty_content_of_the_official_server(live):
+    """With `functions` (the official server's API) a call's content is the thought before "Action:", an empty
+    string when there is none, as openai_api.py's parse_response gives it (it was null); with OpenAI `tools` an
+    empty content is null, as OpenAI sends it."""
+    msgs = [{"role": "user", "content": "q"}]
+    reply = 'Thought: \nAction: search\nAction Input: {"q": 1}'
+    choice = _post(live, reply, msgs, functions=[F])
+    assert choice["message"]["content"] == "" and choice["finish_reason"] == "function_call"
+    assert choice["message"]["function_call"] == {"name": "search", "arguments": '{"q": 1}'}
+    choice = _post(live, reply, msgs, tools=[{"type": "function", "function": F}])
+    assert choice["message"]["content"] is None and choice["finish_reason"] == "tool_calls"
+    assert _post(live, "Thought: Look.\nAction: search\nAction Input: {}", msgs,
+                 functions=[F])["message"]["content"] == "Look."
+
+
 def test_the_continued_turns_prompt_is_the_official_text_completion_prompt(live):
     """The official text completion strips every user text of the prompt (an empty question under the
     instruction ends "Question:") and each history reply (no space after an empty "Action Input:")."""
