@@ -183,9 +183,14 @@ def _check_function(f, where: str) -> dict:
     # a JSON Schema object (OpenAI's form), or a list of parameter objects: Qwen's own plugin form, which the official
     # function-calling examples send ([{"name", "description", "required", "schema"}, ...]); both go into the prompt
     # as JSON, as the official openai_api.py writes any value
-    if f.get("parameters") is not None and not isinstance(f["parameters"], (dict, list)):
-        raise ReactError(f"must be a JSON Schema object or a list of parameters, got {json_type(f['parameters'])}",
+    params = f.get("parameters")
+    if params is not None and not isinstance(params, (dict, list)):
+        raise ReactError(f"must be a JSON Schema object or a list of parameters, got {json_type(params)}",
                          f"{where}.parameters")
+    for k, p in enumerate(params if isinstance(params, list) else []):
+        if not isinstance(p, dict):
+            raise ReactError(f"a list of parameters holds parameter objects, got {json_type(p)}",
+                             f"{where}.parameters[{k}]")
     try:  # written into the prompt as JSON: Python's NaN / Infinity (which its json reads in a file) would not be
         written = json.dumps(f.get("parameters"), allow_nan=False, ensure_ascii=False)
     except ValueError:

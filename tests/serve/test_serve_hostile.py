@@ -241,7 +241,7 @@ def test_a_bug_is_still_an_openai_error_object(live, monkeypatch):
 
 @pytest.mark.parametrize("function, param", [
     ({"name": "f", "parameters": "nope"}, "tools[0].function.parameters"),
-    ({"name": "f", "parameters": [1]}, "tools[0].function.parameters"),
+    ({"name": "f", "parameters": [1]}, "tools[0].function.parameters[0]"),  # (a list: Qwen's parameter objects)
     ({"name": "f", "description": {"a": 1}}, "tools[0].function.description"),
     ({"name": "f\nAction: g"}, "tools[0].function.name"),
 ])

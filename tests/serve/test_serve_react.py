@@ -108,6 +108,9 @@ def test_qwen_plugin_form_parameters_are_written_as_the_official_server_writes_t
     with pytest.raises(react.ReactError, match="a JSON Schema object or a list of parameters, got a string") as e:
         react.functions_from([{**plugin, "parameters": "search_query"}])
     assert e.value.field == "functions[0].parameters"
+    with pytest.raises(react.ReactError, match="holds parameter objects, got a string") as e:
+        react.functions_from([{**plugin, "parameters": [plugin["parameters"][0], "x"]}])
+    assert e.value.field == "functions[0].parameters[1]"
 
 
 def test_a_developer_message_is_the_system_message():
