@@ -34,6 +34,17 @@ need_value() { [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
 # An empty -m/-d/-o (a quoted, unset shell variable) was read as none given: -m "" trained the demo model on the
 # data, -o "" wrote to the default dir.
 not_empty() { [[ -n "$2" ]] || { echo "error: $1 is empty (an unset shell variable?): give a path" >&2; exit 2; }; }
+# set VAR (MODEL DATA OUTPUT) from FLAG VALUE: -d a.json -d b.json trained on b.json alone, -o a -o b wrote to b,
+# so a second, different value is refused (the environment's MODEL DATA OUTPUT are still overridden by a flag)
+declare -A GIVEN=()
+take() {
+  local var="$1" flag="$2" val="$3" hint="pass it once"
+  if [[ -n "${GIVEN[$var]:-}" && "${GIVEN[$var]}" != "$val" ]]; then
+    [[ "$var" == DATA ]] && hint="several data files are one comma-separated list, a quoted glob or a directory"
+    echo "error: $flag is given twice (${GIVEN[$var]}, then $val): $hint" >&2; exit 2
+  fi
+  GIVEN[$var]="$val"; printf -v "$var" '%s' "$val"
+}
 
 # the same for the environment's forms: MODEL= trained the demo model on the user's data, OUTPUT= wrote to the
 # default dir (a variable that is set but empty; one that is unset means none given, as before)
@@ -48,12 +59,13 @@ while [[ $# -gt 0 ]]; do
     # The trainer's own names for model, data and output (either spelling, as the trainer takes both) act as
     # -m -d -o (an official command line passes them), so that they decide the demo and the defaults as -m -d -o do.
     # (The dashed ones went on to the trainer, after which the demo's own flags won: the demo trained silently.)
-    -m|--model|--model_name_or_path|--model-name-or-path) need_value "$@"; not_empty "$@"; MODEL="$2"; shift 2 ;;
-    -d|--data|--data_path|--data-path) need_value "$@"; not_empty "$@"; DATA="$2"; shift 2 ;;
-    -o|--output|--output_dir|--output-dir) need_value "$@"; not_empty "$@"; OUTPUT="$2"; shift 2 ;;
-    --model_name_or_path=*|--model-name-or-path=*) not_empty "${1%%=*}" "${1#*=}"; MODEL="${1#*=}"; shift ;;
-    --data_path=*|--data-path=*) not_empty "${1%%=*}" "${1#*=}"; DATA="${1#*=}"; shift ;;
-    --output_dir=*|--output-dir=*) not_empty "${1%%=*}" "${1#*=}"; OUTPUT="${1#*=}"; shift ;;
+    -m|--model|--model_name_or_path|--model-name-or-path) need_value "$@"; not_empty "$@"; take MODEL "$@"; shift 2 ;;
+    -d|--data|--data_path|--data-path) need_value "$@"; not_empty "$@"; take DATA "$@"; shift 2 ;;
+    -o|--output|--output_dir|--output-dir) need_value "$@"; not_empty "$@"; take OUTPUT "$@"; shift 2 ;;
+    --model_name_or_path=*|--model-name-or-path=*)
+      not_empty "${1%%=*}" "${1#*=}"; take MODEL "${1%%=*}" "${1#*=}"; shift ;;
+    --data_path=*|--data-path=*) not_empty "${1%%=*}" "${1#*=}"; take DATA "${1%%=*}" "${1#*=}"; shift ;;
+    --output_dir=*|--output-dir=*) not_empty "${1%%=*}" "${1#*=}"; take OUTPUT "${1%%=*}" "${1#*=}"; shift ;;
     -h|--help) usage; exit 0 ;;
     --deepspeed) need_value "$@"; DS_FLAG="$2"; EXTRA+=("$1" "$2"); shift 2 ;;
     --deepspeed=*) DS_FLAG="${1#*=}"; EXTRA+=("$1"); shift ;;

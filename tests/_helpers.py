@@ -47,12 +47,17 @@ def write_memorise(path: Path, pairs=MEMORISE) -> Path:
 
 
 def train_args(model, data, out, *extra) -> list[str]:
-    """Trainer flags for a few-second CPU run on the tiny model (extra flags override, last wins); the LoRA ones
+    """Trainer flags for a few-second CPU run on the tiny model (extra flags override); the LoRA ones
     only where the run trains LoRA (--use_lora in extra, or a GPTQ dir): a full run refuses them."""
     config = Path(model) / "config.json"
     gptq = config.is_file() and "quantization_config" in json.loads(config.read_text())
     lora = ["--lora_r", "16", "--lora_alpha", "32", "--lora_dropout", "0"] if gptq or "--use_lora" in extra else []
-    return ["--model_name_or_path", str(model), "--data_path", str(data), "--output_dir", str(out),
+    # the trainer refuses a path flag given twice with two values: one in extra (as --name or --name=) replaces the
+    # helper's (-m -d -o in extra do not: they give the path twice)
+    paths = [[f"--{name}", str(value)] for name, value in
+             (("model_name_or_path", model), ("data_path", data), ("output_dir", out))
+             if not any(str(e).partition("=")[0] == f"--{name}" for e in extra)]
+    return [*(a for pair in paths for a in pair),
             "--per_device_train_batch_size", "4", "--learning_rate", "5e-3", *lora,
             "--logging_steps", "10", "--save_strategy", "no",
             "--report_to", "none", "--use_cpu", "True", "--disable_tqdm", "True", "--seed", "0",

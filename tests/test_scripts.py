@@ -234,6 +234,24 @@ def test_an_empty_model_data_or_output_is_one_line(tmp_path, argv, message):
     assert p.stderr.count("\n") == 1 and not (tmp_path / "demo-cache").exists() and not (tmp_path / "output").exists()
 
 
+@pytest.mark.parametrize("argv, message", [
+    # (the last won, silently: trained on b.json alone, or wrote to the second dir)
+    (["-m", "m", "-d", "a.json", "-d", "b.json"], "error: -d is given twice (a.json, then b.json): several data files "
+                                                  "are one comma-separated list, a quoted glob or a directory"),
+    (["-m", "m", "-d", "a.json", "-o", "x", "--output_dir=y"], "error: --output_dir is given twice (x, then y): pass "
+                                                               "it once"),
+    (["-m", "m", "--model", "n", "-d", "a.json"], "error: --model is given twice (m, then n): pass it once"),
+])
+def test_model_data_or_output_given_twice_is_one_line(tmp_path, argv, message):
+    p = _bare_script(argv, tmp_path, QWEN_FT_CACHE=str(tmp_path / "demo-cache"))
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [message], p.stderr
+
+
+def test_the_same_path_given_twice_is_one_path(tmp_path):
+    p = _bare_script(["-m", "m", "-d", "a.json", "-d", "a.json", "-o", "x", "-o", "x"], tmp_path)
+    assert "given twice" not in p.stderr, p.stderr
+
+
 @pytest.mark.parametrize("env, argv, message", [
     ({"MODEL": ""}, ["-d", "d.json", "-o", "out"], "error: MODEL is empty"),  # trained the demo on the user's data
     ({"OUTPUT": ""}, ["-m", "m", "-d", "d.json"], "error: OUTPUT is empty"),  # wrote to output/qwen-lora

@@ -535,6 +535,8 @@ def parse_args(argv: list[str] | None = None):
             action.nargs, action.const = "?", True
         if action.nargs in ("+", "*") and type(action) is argparse._StoreAction:
             action.__class__ = _ListFlagOnce  # a list flag takes its names once (see there)
+        if action.dest in ONE_PATH_FLAGS and type(action) is argparse._StoreAction:
+            action.__class__ = _PathFlagOnce
         if isinstance(action, argparse._StoreFalseAction):
             # HfArgumentParser's --no_X for a switch that defaults to True copied X's help with "(default: False)"
             # after it ("--no_packing ... (default: False)"); the switch's own default is what applies
@@ -577,6 +579,26 @@ class _ListFlagOnce(argparse._StoreAction):
             parser.error(f"{flag} is given twice ({' '.join(map(str, given[self.dest]))}, then "
                          f"{' '.join(map(str, values))}): give all its names after one {flag}, e.g. {flag} "
                          f"{' '.join(map(str, [*given[self.dest], *values]))}")
+        given[self.dest] = values
+        super().__call__(parser, namespace, values, option_string)
+
+
+# Where the last of two different values would be lost unsaid: `-d a.json -d b.json` trained on b.json alone, and
+# `-o a -o b` wrote to b (other flags given twice keep argparse's rule, the last wins: scripts override their recipe)
+ONE_PATH_FLAGS = ("model_name_or_path", "data_path", "eval_data_path", "output_dir", "lora_weight_path")
+
+
+class _PathFlagOnce(argparse._StoreAction):
+    """A path flag given twice with different values is refused (the same value twice is one path)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = getattr(parser, "lists_given", {})
+        # (an empty value is refused as such, later: an unset shell variable)
+        if self.dest in given and given[self.dest] != values and given[self.dest].strip() and values.strip():
+            flag = next(o for o in self.option_strings if o.startswith("--"))
+            hint = (": several data files are one comma-separated list, a quoted glob or a directory"
+                    if self.dest.endswith("data_path") else ": pass it once")
+            parser.error(f"{flag} is given twice ({given[self.dest]}, then {values}){hint}")
         given[self.dest] = values
         super().__call__(parser, namespace, values, option_string)
 

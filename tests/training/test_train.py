@@ -280,6 +280,11 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
      "--lora_target_modules is given twice (c_attn, then w1): give all its names after one --lora_target_modules, "
      "e.g. --lora_target_modules c_attn w1"),
     (["--modules_to_save", "wte", "--modules_to_save=lm_head"], "--modules_to_save is given twice (wte, then lm_head)"),
+    # (the last path won, silently: trained on the second file alone, wrote to the second dir)
+    (["-d", "/elsewhere/b.json"], "--data_path is given twice ("),
+    (["--eval_data_path", "a.json", "--eval-data-path=b.json"],
+     "--eval_data_path is given twice (a.json, then b.json): several data files are one comma-separated list"),
+    (["-o", "/elsewhere/out"], "--output_dir is given twice ("),
     # transformers' own messages named no flag (or came from the Trainer after loading, or were a traceback)
     (["--optim", "adamw"], "--optim 'adamw' is not an optimizer transformers knows (did you mean adamw_torch?)"),
     (["--lr_scheduler_kwargs", "{bad"], "--lr_scheduler_kwargs: invalid JSON at column 2"),
