@@ -305,6 +305,9 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     # DeepSpeed, and nothing said
     (["--eval_data_path", ""], "--eval_data_path is empty (an unset shell variable?): give a path, or leave the flag"),
     (["--lora_weight_path="], "--lora_weight_path is empty"),
+    # (the adapter's weight file, given for its dir, was "no such adapter dir")
+    (["--lora_weight_path", __file__], f"--lora_weight_path {__file__}: a file, not an adapter dir: give the dir that "
+                                       "holds its adapter_config.json"),
     (["--resume_from_checkpoint", " "], "--resume_from_checkpoint is empty"),
     (["--deepspeed", ""], "--deepspeed is empty"),
     # the Trainer's own tracebacks after the model had loaded
