@@ -502,6 +502,24 @@ class Terminated(KeyboardInterrupt):
     checkpoint is; Python's default ended the process without a word."""
 
 
+_FORK_HOOK = []
+
+
+def _default_sigterm_in_forks() -> None:
+    """A forked child (the data's tokenizing pool) starts with SIGTERM's default action, not the run's handler: with
+    the handler, a SIGTERM from the pool's terminate() that came just before the worker blocked on the pool's queue
+    lock was only noted for Python and never acted on, and the run hung in the pool's join (seen in the tests)."""
+    import signal
+
+    def in_child():
+        if getattr(signal.getsignal(signal.SIGTERM), "forked_default", False):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    if not _FORK_HOOK:  # (os.register_at_fork has no unregister: once a process)
+        os.register_at_fork(after_in_child=in_child)
+        _FORK_HOOK.append(in_child)
+
+
 @contextlib.contextmanager
 def _sigterm_as_interrupt():
     import signal
@@ -522,6 +540,8 @@ def _sigterm_as_interrupt():
             return
         raise Terminated
 
+    terminated.forked_default = True  # (_default_sigterm_in_forks: not in a forked child)
+    _default_sigterm_in_forks()
     signal.signal(signal.SIGTERM, terminated)
     try:
         yield

@@ -638,6 +638,25 @@ def _square(x):
     return x * x
 
 
+def _sigterm_action(_):
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_forked_worker_starts_with_sigterms_default_action():
+    """A pool worker forked with the run's SIGTERM handler could miss the pool's terminate(): a SIGTERM that came just
+    before it blocked on the queue's lock was only noted for Python, and the pool's join waited forever (the test
+    below hung so, once). The worker starts with the default action, which ends it whenever the signal comes."""
+    import multiprocessing
+
+    from finetune.train import _sigterm_as_interrupt
+
+    with _sigterm_as_interrupt():
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            assert pool.map(_sigterm_action, range(2)) == [True, True]
+
+
 def test_the_sigterm_handler_stays_out_of_forked_workers_and_of_several_processes(capfd, monkeypatch):
     """The data's tokenizing pool forks workers that its exit stops with SIGTERM: they inherited the handler and
     printed "Process ForkPoolWorker-N: Traceback ... Terminated". Under a launch of several processes (torchrun's
