@@ -1,5 +1,10 @@
 # Shared by finetune_qlora.sh, finetune_lora.sh and finetune_full.sh (sourced; MODE is set by the caller).
 set -euo pipefail
+if [[ -z "${MODE:-}" ]]; then  # (run by itself, it ended in bash's "MODE: unbound variable")
+  echo "error: ${BASH_SOURCE[0]} is the training scripts' shared part: run scripts/finetune_qlora.sh," \
+       "finetune_lora.sh or finetune_full.sh" >&2
+  exit 2
+fi
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CALLER="${BASH_SOURCE[1]:-$0}"
 # The trainer names the script, as it was run, in its error for an unknown flag (finetune/training/arguments.py)

@@ -131,6 +131,15 @@ def test_the_other_scripts_help_is_their_usage_then_the_commands(name, command, 
     assert f"usage: qwen-ft {command} " in proc.stdout
 
 
+@pytest.mark.parametrize("argv", [["--help"], []])
+def test_the_shared_part_run_by_itself_names_the_scripts(argv, tmp_path):
+    # (bash scripts/_launch.sh --help ended in "MODE: unbound variable")
+    proc = _script("_launch.sh", argv, tmp_path)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        f"error: {ROOT / 'scripts' / '_launch.sh'} is the training scripts' shared part: run "
+        "scripts/finetune_qlora.sh, finetune_lora.sh or finetune_full.sh"], proc.stderr
+
+
 def test_an_unknown_trainer_flag_names_the_script_and_the_trainers_help(tmp_path):
     # the trainer said `python -m finetune.train --help`, a command the user had not run
     script = ROOT / "scripts" / "finetune_qlora.sh"
