@@ -389,7 +389,10 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
     if values is None:  # (it was "--model_name_or_path is required": the flags the user meant to give are not there)
         raise TrainConfigError(f"config file {path}: holds no flags (it is empty, or all comments)")
     if not isinstance(values, dict):
-        raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}")
+        # (a JSON array of chat records given for data: `qwen-ft train data.json` read it as flags)
+        data = isinstance(values, list) and values and all(isinstance(v, dict) for v in values)
+        raise TrainConfigError(f"config file {path}: must map flag names to values, got a {type(values).__name__}"
+                               + (f" of records (chat data goes with -d: -d {path})" if data else ""))
     known = {a.dest for a in parser._actions}
     for k in list(values):  # max-steps, as the command line takes --max-steps for --max_steps
         if isinstance(k, str) and "-" in k and k not in known and (dest := k.replace("-", "_")) in known:
@@ -415,8 +418,10 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
         values["warmup_steps"] = float(_warmup_ratio(values.pop("warmup_ratio")))
     unknown = sorted(k for k in values if k not in known)
     if unknown:
+        record = {"conversations", "messages", "instruction"} & set(unknown)  # (one chat record given for data)
         raise TrainConfigError(f"config file {path}: not trainer flags: {', '.join(map(str, unknown))} "
-                               "(names as on the command line, without the leading --)")
+                               + (f"(a chat record: data goes with -d: -d {path})" if record else
+                                  "(names as on the command line, without the leading --)"))
     # a value of the wrong type named with its file (argparse would name only the flag, after its usage text)
     # (a switch that defaults to True also has a --no_X action of the same dest, without X's type: not that one)
     actions = {a.dest: a for a in parser._actions if not isinstance(a, argparse._StoreFalseAction)}
@@ -634,5 +639,9 @@ def _not_flags(rest: list[str], parser) -> str:
             near = difflib.get_close_matches(flag.replace("-", "_"), known, n=1, cutoff=0.6)
             parts.append(flag + (f" (did you mean {near[0]}?)" if near else ""))
         return f"unknown flag{'s' * (len(parts) > 1)}: {', '.join(parts)}; {_help_hint()}"
-    return (f"value{'s' * (len(rest) > 1)} without a flag: {' '.join(map(repr, rest))} (the flag before takes one "
-            "value; quote a path that has spaces)")
+    # (`qwen-ft train data.jsonl` was told "the flag before takes one value": there was none, and data goes with -d)
+    # (a data file that exists: the pieces of an unquoted path with spaces are not files)
+    data = all(r.lower().endswith((".json", ".jsonl", ".ndjson")) and Path(r).is_file() for r in rest)
+    why = (f"chat data goes with -d: -d {rest[0]}" if data else
+           "the flag before takes one value; quote a path that has spaces")
+    return f"value{'s' * (len(rest) > 1)} without a flag: {' '.join(map(repr, rest))} ({why})"

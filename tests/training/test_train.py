@@ -485,6 +485,22 @@ def test_config_file_values_that_cannot_be_meant_are_one_line_naming_the_file(mo
     assert err.startswith(f"error: config file {config}: {message}") and err.count("\n") == 1, err
 
 
+def test_chat_data_given_without_d_says_data_goes_with_d(memorise_file, tmp_path, capsys):
+    # `qwen-ft train data.json` read the data as a config of flags ("got a list"), and a JSONL file was "a value
+    # without a flag (the flag before takes one value)" where no flag came before
+    record = tmp_path / "one.json"
+    record.write_text('{"conversations": [{"from": "user", "value": "hi"}, {"from": "assistant", "value": "yo"}]}')
+    jsonl = tmp_path / "data.jsonl"
+    jsonl.write_text(record.read_text() + "\n")
+    for path, message in ((memorise_file, f"config file {memorise_file}: must map flag names to values, got a list "
+                                          f"of records (chat data goes with -d: -d {memorise_file})"),
+                          (record, f"config file {record}: not trainer flags: conversations (a chat record: data "
+                                   f"goes with -d: -d {record})"),
+                          (jsonl, f"value without a flag: '{jsonl}' (chat data goes with -d: -d {jsonl})")):
+        assert train_main([str(path)]) == 2
+        assert capsys.readouterr().err == f"error: {message}\n"
+
+
 def test_config_file_values_read_as_the_command_line_reads_them(models, memorise_file, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_bytes(b"\xef\xbb\xbf" + b"use_lora: 1\nresume_from_checkpoint: false\nrun_name: 2024\n"
