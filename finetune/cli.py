@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: qwen-ft COMMAND [ARGS]  (or qwen-ft --version)\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nerror: unknown command {argv[0]!r}", file=sys.stderr)
+            print(f"\nerror: unknown command {argv[0]!r}{_nearest(argv)}", file=sys.stderr)
             return 2
         return 0
     from .settings import SettingsError, settings, unknown_switches
@@ -50,6 +50,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {out_of_memory(argv[0])}", file=sys.stderr)
         return 2
+
+
+def _nearest(argv: list[str]) -> str:
+    """What the user likely meant by an unknown command: a near name (`evaluate`, `Chat`), or, for a flag first
+    (`qwen-ft -m MODEL chat`), the command that follows it put first."""
+    import difflib
+
+    word = argv[0]
+    if word.startswith("-"):
+        later = next((a for a in argv[1:] if a in COMMANDS), None)
+        return f" (the command comes first: qwen-ft {later or 'COMMAND'} {word} ...)"
+    near = difflib.get_close_matches(word.lower(), COMMANDS, n=1, cutoff=0.5)
+    near = near or [c for c in COMMANDS if word.lower().startswith(c)]  # evaluate, training, merged
+    near = near or (["train"] if word.lower().replace("-", "") == "finetune" else [])
+    return f" (did you mean {near[0]}?)" if near else ""
 
 
 # What lowers the memory a command needs (train says it itself, with its own flags)

@@ -594,3 +594,19 @@ def test_qwen_ft_version_prints_the_package_version(capsys, flag):
     assert capsys.readouterr().out.strip() == f"qwen-ft {__version__}"
     assert __version__ == importlib.metadata.version("qwen-finetune")  # the package's own, as pip shows it
     assert main(["--bogus"]) == 2 and "unknown command '--bogus'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, hint", [
+    (["evaluate"], "unknown command 'evaluate' (did you mean eval?)"),
+    (["Chat", "-m", "x"], "unknown command 'Chat' (did you mean chat?)"),
+    (["finetune"], "unknown command 'finetune' (did you mean train?)"),
+    (["-m", "x", "chat"], "unknown command '-m' (the command comes first: qwen-ft chat -m ...)"),
+    (["xyz"], "unknown command 'xyz'"),
+])
+def test_an_unknown_command_names_the_one_meant(capsys, argv, hint):
+    # (it was "unknown command 'evaluate'" alone, and a flag before the command the same)
+    from finetune.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"error: {hint}", err
