@@ -140,6 +140,10 @@ def _check_config_values(adapter_dir, cfg: dict) -> None:
                                f"to each targeted Linear) is supported here (a model merged from it where PEFT's "
                                f"merge_and_unload can merge it loads as a plain model dir)")
     init = cfg.get("init_lora_weights")
+    if init == "lora_ga":  # (PEFT saves it unconverted as it saves PiSSA; on load its init falls back to the default)
+        raise AdapterError(f"{where} sets init_lora_weights: 'lora_ga' (LoRA-GA): its init rewrites the base weights "
+                           f"(the initial adapter's product taken out of them) and a load does not redo that, so on "
+                           f"this base it would answer otherwise than it was trained; {_CONVERT}")
     if isinstance(init, str) and (rewrite := _base_rewriting_init(init)):
         name, fix = rewrite
         raise AdapterError(f"{where} sets init_lora_weights: {init!r} ({name}): loading it rewrites the base weights "

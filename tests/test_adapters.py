@@ -302,11 +302,13 @@ def test_adapter_variants_applied_otherwise_are_refused_in_one_line(setup, tmp_p
         assert len(lines) == 1 and lines[0].startswith("error: ") and f"sets {key}" in lines[0], err
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq", "lora_ga"])
 def test_adapters_whose_load_rewrites_the_base_are_refused_in_one_line(setup, tmp_path, capsys, init):
     # PEFT saves PiSSA / OLoRA / CorDA adapters unconverted and, loading one, rewrites the base weights to the
     # residual: on an Int4 base a traceback ('GPTQLinear' object has no attribute 'weight'), on a float one the base
     # beside the adapter (eval's base column, the engine's rows without it, other adapters) silently was not the base
+    # (LoRA-GA rewrote the base when its adapter started, which a load does not redo: on the float base it loaded
+    # and answered otherwise than trained, off by the initial adapter's product)
     from peft import PeftModel
 
     from finetune.chat import main as chat_main
@@ -329,7 +331,7 @@ def test_adapters_whose_load_rewrites_the_base_are_refused_in_one_line(setup, tm
             assert "path_initial_model_for_weight_conversion" in lines[0], lines
 
 
-@pytest.mark.parametrize("init", ["orthogonal", "mica", "lora_ga"])
+@pytest.mark.parametrize("init", ["orthogonal", "mica"])
 def test_adapters_of_inits_that_read_the_base_weight_load_on_int4_and_float(setup, tmp_path, init):
     # these inits read the base layer's float weight only to choose A and B's starting values (which a load
     # overwrites): on an Int4 base PEFT stopped in them with "'GPTQLinear' object has no attribute 'weight'"
