@@ -806,18 +806,21 @@ def load_adapter(model, adapter_dir, adapter_name: str = "default", is_trainable
 
     import finetune.quant  # noqa: F401  (LoRA on GPTQLinear is registered on import)
     from finetune.quant import register_peft
+    from finetune.quant.peft_lora import loading_adapter
 
     register_peft(config)
     if adding:
         peft_model = model
-        peft_model.add_adapter(adapter_name, config)  # (frozen unless trainable, as PEFT's load_adapter leaves it)
+        with loading_adapter():  # (the weights below overwrite the init's)
+            peft_model.add_adapter(adapter_name, config)  # (frozen unless trainable, as PEFT's load_adapter leaves it)
         if is_trainable:
             peft_model.set_requires_grad(adapter_name)
     else:
         from peft import PeftModelForCausalLM
 
         cls = PeftModelForCausalLM if str(config.task_type or "CAUSAL_LM").upper() == "CAUSAL_LM" else PeftModel
-        peft_model = cls(model, config, adapter_name=adapter_name)
+        with loading_adapter():
+            peft_model = cls(model, config, adapter_name=adapter_name)
     result = set_peft_model_state_dict(peft_model, sd, adapter_name=adapter_name)
     lora_missing = [k for k in getattr(result, "missing_keys", []) if ".lora_" in k and f".{adapter_name}." in k]
     if lora_missing:  # check_adapter should make this impossible

@@ -53,6 +53,12 @@ def install() -> None:
     original_merge = LoraModel.merge_and_unload
 
     def from_pretrained(cls, model, model_id, *args, **kwargs):
+        from .quant.peft_lora import loading_adapter
+
+        with loading_adapter():  # (the adapter PEFT builds gets the saved weights: its init need not be run)
+            return checked_from_pretrained(cls, model, model_id, *args, **kwargs)
+
+    def checked_from_pretrained(cls, model, model_id, *args, **kwargs):
         from .adapters import check_base, checked_weights, is_adapter_dir, use_adapter_generation_config
 
         if not (_project_model(model) and is_adapter_dir(model_id)):
@@ -72,6 +78,12 @@ def install() -> None:
             _checked.reset(token)
 
     def load_adapter(self, model_id, adapter_name, *args, **kwargs):
+        from .quant.peft_lora import loading_adapter
+
+        with loading_adapter():
+            return checked_load_adapter(self, model_id, adapter_name, *args, **kwargs)
+
+    def checked_load_adapter(self, model_id, adapter_name, *args, **kwargs):
         from .adapters import AdapterError, check_model_base, checked_weights, is_adapter_dir
 
         if not (_project_model(self.get_base_model()) and is_adapter_dir(model_id)):

@@ -24,6 +24,8 @@ layer bit for bit. ``merge_and_unload()`` therefore yields a float model (`qwen-
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import warnings
 from typing import Any, Optional
@@ -110,6 +112,19 @@ class _AddLoraBCopy(_AddLoraB):
 
 # init_lora_weights values that read the base's float weight only to choose A and B's starting values
 _FLOAT_WEIGHT_INITS = ("orthogonal", "mica", "lora_ga")
+# set while PEFT builds an adapter that a load then fills (loading_adapter): its starting values do not matter
+_LOADING = contextvars.ContextVar("finetune_loading_adapter", default=False)
+
+
+@contextlib.contextmanager
+def loading_adapter():
+    """PEFT builds adapters here that a saved adapter's weights then overwrite (from_pretrained, load_adapter): an
+    init that needs the float weight may then start from the default one (GPTQLoraLinear.update_layer)."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
 
 
 class GPTQLoraLinear(nn.Module, LoraLayer):
@@ -135,11 +150,16 @@ class GPTQLoraLinear(nn.Module, LoraLayer):
     def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs) -> None:
         # PEFT's orthogonal, MiCA and LoRA-GA inits read the base layer's float ``weight``, which a packed layer does
         # not have (AttributeError deep in PEFT). They only set the starting A and B, which a load overwrites, so an
-        # adapter trained with one loads here with the default init. MiCA also trains A alone: its B stays frozen, as
-        # PEFT's MiCA variant freezes it on a float base (--lora_weight_path continues it as MiCA). Initialising a
-        # new adapter with them needs the float weights (a dequantized model), as PiSSA's would.
+        # adapter trained with one loads here with the default init (loading_adapter). MiCA also trains A alone: its B
+        # stays frozen, as PEFT's MiCA variant freezes it on a float base (--lora_weight_path continues it as MiCA).
+        # A new adapter cannot start so: the default init in their place would not be theirs (a MiCA B of zeros,
+        # frozen, trains nothing); it needs the float weights (a dequantized model), as PiSSA's would.
         init = config.init_lora_weights
         if init in _FLOAT_WEIGHT_INITS:
+            if not _LOADING.get():
+                raise ValueError(f"init_lora_weights={init!r} reads the base layer's float weight, which a GPTQ "
+                                 f"(Int4) layer does not have: start the adapter on a float (dequantized) model; an "
+                                 f"adapter trained with it loads here")
             config = copy.copy(config)
             config.init_lora_weights = True
         super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)

@@ -154,6 +154,20 @@ def test_merge_and_unmerge_through_dequantize():
         torch.testing.assert_close(merged(x), y, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("init", ["mica", "orthogonal"])
+def test_an_init_that_reads_the_float_weight_starts_no_new_adapter_but_loads_a_trained_one(tmp_path, init):
+    # a new one started with the default init silently: a MiCA B of zeros, frozen, so training changed nothing
+    with pytest.raises(ValueError, match=rf"init_lora_weights='{init}' reads the base layer's float weight"):
+        _lora(Toy(), init_lora_weights=init)
+    pm = _lora(Toy(seed=3))
+    _train_a_bit(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**cfg, "init_lora_weights": init}))
+    x = torch.randn(5, 64)
+    assert torch.equal(PeftModel.from_pretrained(Toy(seed=3), tmp_path / "adapter")(x), pm(x))
+
+
 def test_dora_is_rejected_clearly():
     with pytest.raises(ValueError, match="DoRA"):
         _lora(Toy(), use_dora=True)
