@@ -44,7 +44,8 @@ not_empty() { [[ -n "$2" ]] || { echo "error: $1 is empty (an unset shell variab
 declare -A GIVEN=()
 take() {
   local var="$1" flag="$2" val="$3" hint="pass it once"
-  if [[ -n "${GIVEN[$var]:-}" && "${GIVEN[$var]}" != "$val" ]]; then
+  # (the same path written otherwise, a then ./a or a/, is the same path)
+  if [[ -n "${GIVEN[$var]:-}" && "$(realpath -m -s -- "${GIVEN[$var]}")" != "$(realpath -m -s -- "$val")" ]]; then
     [[ "$var" == DATA ]] && hint="several data files are one comma-separated list, a quoted glob or a directory"
     echo "error: $flag is given twice (${GIVEN[$var]}, then $val): $hint" >&2; exit 2
   fi

@@ -259,6 +259,9 @@ def test_model_data_or_output_given_twice_is_one_line(tmp_path, argv, message):
 def test_the_same_path_given_twice_is_one_path(tmp_path):
     p = _bare_script(["-m", "m", "-d", "a.json", "-d", "a.json", "-o", "x", "-o", "x"], tmp_path)
     assert "given twice" not in p.stderr, p.stderr
+    # written otherwise (it was "-d is given twice (a.json, then ./a.json)")
+    p = _bare_script(["-m", "m", "-d", "a.json", "--data_path=./a.json", "-o", "x", "-o", "x/"], tmp_path)
+    assert "given twice" not in p.stderr, p.stderr
 
 
 @pytest.mark.parametrize("env, argv, message", [

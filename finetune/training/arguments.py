@@ -599,13 +599,23 @@ class _PathFlagOnce(argparse._StoreAction):
     def __call__(self, parser, namespace, values, option_string=None):
         given = getattr(parser, "lists_given", {})
         # (an empty value is refused as such, later: an unset shell variable)
-        if self.dest in given and given[self.dest] != values and given[self.dest].strip() and values.strip():
+        if self.dest in given and not _same_paths(given[self.dest], values) and given[self.dest].strip() \
+                and values.strip():
             flag = next(o for o in self.option_strings if o.startswith("--"))
             hint = (": several data files are one comma-separated list, a quoted glob or a directory"
                     if self.dest.endswith("data_path") else ": pass it once")
             parser.error(f"{flag} is given twice ({given[self.dest]}, then {values}){hint}")
         given[self.dest] = values
         super().__call__(parser, namespace, values, option_string)
+
+
+def _same_paths(a: str, b: str) -> bool:
+    """Two values of a path flag that name the same paths as written (`a`, `./a`, `a/`; each of a comma-separated
+    list), the links and the files themselves not looked at."""
+    def norm(value: str) -> list[str]:
+        return [os.path.normpath(p.strip()) for p in value.split(",")]
+
+    return norm(a) == norm(b)
 
 
 # Set by scripts/_launch.sh to the script as it was run: its flags other than its own reach the trainer.

@@ -852,3 +852,12 @@ def test_log_level_quiets_the_projects_own_log_lines_too(models, memorise_file, 
     assert project_info("default")  # (e.g. "input embedding: kept whole (not on a GPU)")
     assert project_info("quiet", "--log_level", "warning") == []
     assert logging.getLogger("finetune").level == logging.NOTSET  # (restored: main() also runs in-process)
+
+
+@pytest.mark.parametrize("paths", [["a.json", "./a.json"], ["out", "out/"], ["a.json,b.json", "./a.json, b.json"]])
+def test_a_path_flag_given_twice_as_the_same_path_written_otherwise_is_one_path(paths):
+    # (`-d a.json -d ./a.json` was "--data_path is given twice (a.json, then ./a.json)")
+    flag = "-o" if paths[0] == "out" else "-d"
+    other = ["-d", "x.json"] if flag == "-o" else ["-o", "o"]
+    _, data_args, _, args = parse_args(["-m", "m", *other, flag, paths[0], flag, paths[1]])
+    assert (args.output_dir if flag == "-o" else data_args.data_path) == paths[1]
