@@ -279,8 +279,12 @@ def greedy_refusal(conf, ignored: list[tuple[str, object]]) -> str:
 
 
 def sample_instead(conf) -> str:
-    """The :conf setting that makes greedy settings sample."""
-    return "greedy=no" if conf.greedy else "temperature=0.01 or more"
+    """The :conf settings that make greedy settings sample (both where --greedy and a greedy temperature are set)."""
+    from .inference.sampling import GREEDY_BELOW
+
+    greedy_temperature = conf.temperature is not None and conf.temperature < GREEDY_BELOW
+    return " and ".join(["greedy=no"] * bool(conf.greedy) + [f"temperature={GREEDY_BELOW:g} or more"] *
+                        greedy_temperature)
 
 
 def describe_conf(conf: argparse.Namespace) -> str:

@@ -294,6 +294,11 @@ def test_conf_refuses_greedy_beside_a_sampling_setting_or_a_seed(setup):
                           "or more); the seed stays unset)")
     assert replies[1] == ("(greedy does not sample, so top_p 0.5 would be ignored: unset it (top_p=none) or sample "
                           "(temperature=0.01 or more); nothing changed)")
+    # --greedy beside a greedy temperature: sampling takes both changed (greedy=no alone was refused again)
+    replies = [r.strip() for r in _session(model, tok, [":seed 4", ":q"],
+                                           ["--greedy", "--temperature", "0.005"]).split(PROMPT)[1:-1]]
+    assert replies[0] == ("(greedy does not sample, so seed 4 would be ignored: sample first (:conf greedy=no and "
+                          "temperature=0.01 or more); the seed stays unset)")
 
 
 @pytest.mark.parametrize("word, said", [
