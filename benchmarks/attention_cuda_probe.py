@@ -433,20 +433,13 @@ def make_inputs(positions: list[int], kv_len: int, heads: int, dim: int, dtype, 
 
 # -- CPU check: the reference's layout against the Triton kernels in the interpreter ------------------------------
 def _patch_interpreter() -> None:
-    """numpy >= 2 refuses int() of a 1-element array, which the interpreter uses for loop bounds taken from kernel
-    scalars (tests/_helpers.load_interpreted's patch)."""
-    import numpy as np
+    """numpy >= 2 and Triton's interpreter (tests/_helpers.interpreter_index_patch)."""
     from triton.runtime import interpreter
 
-    try:
-        int(np.array([1]))
-    except TypeError:
-        original = interpreter._patch_lang_tensor
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _helpers import interpreter_index_patch
 
-        def patched(tensor, scope):
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
+    if (patched := interpreter_index_patch()) is not None:
         interpreter._patch_lang_tensor = patched
 
 

@@ -197,6 +197,27 @@ def random_packed(in_f, out_f, bits=4, group_size=128, desc_act=False, v2=False,
     }
 
 
+def interpreter_index_patch():
+    """Triton's interpreter tensor patch with an ``__index__`` numpy >= 2 accepts, or None where numpy needs none:
+    numpy 2 refuses int() of a 1-element array, which the interpreter uses for loop bounds taken from kernel scalars
+    (1-element arrays there). Set it as ``triton.runtime.interpreter._patch_lang_tensor``."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.array([1]))
+        return None
+    except TypeError:
+        pass
+    original = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    return patched
+
+
 def load_interpreted(path, name, monkeypatch):
     """A private copy of the Triton kernel module at `path` whose kernels run in Triton's interpreter (CPU).
 
@@ -217,20 +238,9 @@ def load_interpreted(path, name, monkeypatch):
                     "TRITON_INTERPRET=1 in the environment")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     pytest.importorskip("triton")
-    import numpy as np
     from triton.runtime import interpreter
 
-    try:
-        int(np.array([1]))
-    except TypeError:
-        # numpy >= 2.x refuses int() of a 1-element array, which the interpreter uses for loop bounds taken
-        # from kernel scalars (they are 1-element arrays there): give it a compatible __index__
-        original = interpreter._patch_lang_tensor
-
-        def patched(tensor, scope):
-            original(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
+    if (patched := interpreter_index_patch()) is not None:
         monkeypatch.setattr(interpreter, "_patch_lang_tensor", patched)
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
