@@ -23,8 +23,8 @@ above --max-shard-size), ``config.json`` (no quantization_config for float; for 
 Every route reports the loss (training masks) of the written model against the unmerged base+adapter, on
 --eval-data (held-out data the user gives) or else a sample of --calib-data's file (reported as calibration data)
 or of the adapter's training data (reported as such): printed and saved as ``merge_report.json`` in the output dir.
-An RTN Int4 export whose loss rises more than RTN_WARN_DELTA is warned about, and so is a float-trained adapter
-merged into an Int4 base.
+An Int4 export (RTN or GPTQ) whose loss rises more than INT4_WARN_DELTA is warned about, and so is a float-trained
+adapter merged into an Int4 base.
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ def _still_the_training_data(run_dir: Path, data: str, log=print) -> bool:
 
 
 # An Int4 export whose loss rises more than this (nats per trained token) above base+adapter has lost part of the
-# fine-tune to rounding: warned, with the calibrated route suggested.
-RTN_WARN_DELTA = 0.05
+# fine-tune to rounding: warned, with what keeps more of it (RTN: the calibrated route; GPTQ: no merge, or a float one).
+INT4_WARN_DELTA = 0.05
 
 
 def _warn(report: dict, msg: str) -> None:
@@ -524,10 +524,15 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         del reloaded
         log(f"merge: {data_kind} loss of the written model: {report['merged_loss']:.4f} "
             f"(unmerged {report['unmerged_loss']:.4f}, delta {report['loss_delta']:+.4f})")
-        if fmt == "int4" and quant_method == "rtn" and report["loss_delta"] > RTN_WARN_DELTA:
-            _warn(report, f"round-to-nearest Int4 raised the loss by {report['loss_delta']:+.4f} (more than "
-                          f"{RTN_WARN_DELTA}): it lost part of the fine-tune; --quant-method gptq --calib-data FILE "
-                          f"calibrates on your conversations and keeps more of it")
+        if fmt == "int4" and report["loss_delta"] > INT4_WARN_DELTA:
+            if quant_method == "rtn":
+                _warn(report, f"round-to-nearest Int4 raised the loss by {report['loss_delta']:+.4f} (more than "
+                              f"{INT4_WARN_DELTA}): it lost part of the fine-tune; --quant-method gptq --calib-data "
+                              f"FILE calibrates on your conversations and keeps more of it")
+            else:  # (a calibrated export that still loses this much: only no re-quantization keeps all of it)
+                _warn(report, f"GPTQ Int4 raised the loss by {report['loss_delta']:+.4f} (more than "
+                              f"{INT4_WARN_DELTA}): it lost part of the fine-tune; the adapter unmerged (--adapter in "
+                              f"chat, eval and serve) or a float merge (--format float) keeps all of it")
     report["seconds"] = round(time.time() - t0, 2)
     from .evaluate import json_safe
 
