@@ -21,6 +21,8 @@ or their norms (accelerate's device-map hooks, user hooks), every block on the e
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
@@ -28,6 +30,8 @@ from torch.nn.attention.bias import causal_lower_right
 from ..quant.linear import paired_decode
 from ..settings import settings
 from . import row_adapters
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -46,10 +50,23 @@ def _hooked(module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or hasattr(module, "_hf_hook"))
 
 
+def saved_in_blocks(tr) -> list[str]:
+    """The modules of QWenModel ``tr``'s blocks and final norm that an adapter keeps its own copy of (PEFT's
+    modules_to_save wrapper): the fused kernels read such weights directly (a norm's, the w1/w2 pair's), where only
+    the wrapper's forward puts each adapter's copy into its rows (row_adapters' hook), so that adapter's rows would
+    decode with the base's. (wte is called as a module by the engine: its copies apply.)"""
+    return [name for name, m in tr.named_modules() if hasattr(m, "modules_to_save") and name != "wte"]
+
+
 def fused_kernels(tr, device: torch.device, dtype: torch.dtype):
     """The Triton kernel module for the fused decode step of QWenModel ``tr``, or None where the model's own
-    blocks must run (CPU, Triton missing, the switch off, hooks on a block, a block on another device)."""
+    blocks must run (CPU, Triton missing, the switch off, hooks on a block, a block on another device, a module of
+    the blocks an adapter saves its own copy of)."""
     if device.type != "cuda" or not settings().fused_decode or dtype not in _DTYPES:
+        return None
+    if saved := saved_in_blocks(tr):
+        logger.info("decode: an adapter has its own %s (modules_to_save), which the fused decode kernels would not "
+                    "apply to its rows: the model's own blocks decode (slower)", saved[0])
         return None
     norms = [tr.ln_f] + [n for block in tr.h for n in (block.ln_1, block.ln_2)]
     if any(n.weight.device != device or n.weight.dtype != dtype for n in norms):
