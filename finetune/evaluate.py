@@ -8,7 +8,8 @@ labels: assistant replies and their <|im_end|>), batched by ``ChatCollator``; lo
 cross-entropies over all trained tokens) / (their count), perplexity = exp(loss).
 
 Generation: the prompt is the conversation up to its last assistant turn, built by ``make_context`` (the
-system prompt, earlier turns as history, the last user turn as the query), generated greedily
+system prompt, earlier turns as history, the last user turn as the query; the oldest pairs over the generation
+config's max_window_size left out, as chat leaves them out, counted and said in a note), generated greedily
 (repetition_penalty 1.0 unless asked), cut at <|im_end|>/<|im_start|>/<|endoftext|>, and compared with that
 last assistant turn: exact match and ROUGE-L F1 (see ``finetune/metrics.py``). Tool / function-call records
 (the ReAct layout, ``finetune/react.py``) are asked what ``qwen-ft serve`` asks: a last turn with tool results
@@ -101,9 +102,12 @@ def cut_reply(reply: str, stop: str | None) -> str:
     return reply.split(stop, 1)[0].strip() if stop else reply
 
 
-def generation_prompt(tokenizer, record: dict, max_window_size: int = 6144) -> tuple[list[int], str]:
+def generation_prompt(tokenizer, record: dict, max_window_size: int = 6144,
+                      stats: dict | None = None) -> tuple[list[int], str]:
     """(context tokens, reference reply): the conversation up to its last assistant turn, via make_context; a
-    last turn with tool results is continued after the last one, as the server prompts it (``split_last_turn``)."""
+    last turn with tool results is continued after the last one, as the server prompts it (``split_last_turn``).
+    Earlier user/assistant pairs over ``max_window_size`` are left out, oldest first, as chat and the server leave
+    them out; ``stats``, if given, gets "history_left_out": how many."""
     from .data import normalize_record
     from .modeling import make_context
 
@@ -117,9 +121,12 @@ def generation_prompt(tokenizer, record: dict, max_window_size: int = 6144) -> t
     history = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, last - 1, 2)]
     if continued:  # the open turn: the server's prompt builder, its text encoded as text after the header
         pairs = [(u, [(a, True)]) for u, a in history] + [(query, [(continued, False)])]
-        return react.prompt_ids(tokenizer, react.Turns(record["system"], pairs), max_window_size), reference
+        return react.prompt_ids(tokenizer, react.Turns(record["system"], pairs), max_window_size, stats), reference
+    made: dict = {}
     _, tokens = make_context(tokenizer, query, history=history, system=record["system"],
-                             max_window_size=max_window_size)
+                             max_window_size=max_window_size, stats=made)
+    if stats is not None:
+        stats["history_left_out"] = len(history) - made["history_kept"]
     return tokens, reference
 
 
@@ -190,6 +197,24 @@ def loss_coverage_note(metrics: dict, n_records: int, max_len: int | None, sourc
     if cut:
         parts.append(f"scores {cut} record{'s' * (cut > 1)} truncated to max_len {max_len}")
     return f"note: the loss {' and '.join(parts)}; {setting} sets max_len"
+
+
+def history_cut_note(cut: list[int], window: int, source: str) -> str | None:
+    """One line when the generation prompts of some records (``cut``: each record's count of earlier user/assistant
+    pairs its prompt left out) are over the prompt window, or None: their replies were asked without those turns,
+    which the loss and the reference still have, so their scores are not the whole conversation's."""
+    cut_records = [i for i, n in enumerate(cut) if n]
+    if not cut_records:
+        return None
+    from .data.dataset import record_place
+    from .data.records import data_sources, record_place_text
+
+    n = len(cut_records)
+    first = record_place_text(*record_place(source, data_sources(source), cut_records[0]))
+    return (f"note: the generation prompts of {n} of {len(cut)} record{'s' * (len(cut) > 1)} leave out their oldest "
+            f"turns ({sum(cut)} user/assistant pair{'s' * (sum(cut) > 1)}; the first: {first}), over max_window_size "
+            f"{window} of the model's generation config, as chat and the server leave them out: those replies answer "
+            "without them")
 
 
 def past_seq_length_note(metrics: dict, seq_length: int | None) -> str | None:
@@ -666,7 +691,11 @@ def main(argv: list[str] | None = None) -> int:
             # each record's prompt built once, before the model loads, at the window of the generation config the
             # model loads with: the length check reads the ids that generation then uses
             window = prompt_window(model_dir)
-            prompts = [generation_prompt(tokenizer, r, window) for r in records]
+            prompts, cut = [], []  # cut: each record's earlier pairs its prompt leaves out (over the window)
+            for r in records:
+                stats: dict = {}
+                prompts.append(generation_prompt(tokenizer, r, window, stats=stats))
+                cut.append(stats["history_left_out"])
             if problem := too_long_to_generate(prompts, args, model_dir):
                 return _error(problem)
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
@@ -687,6 +716,8 @@ def main(argv: list[str] | None = None) -> int:
                            "generator": args.generator,
                            **({"gen_batch_size": args.gen_batch_size} if args.generator == "engine"
                               else {"padding": "left"})}, **report}
+    if prompts is not None:  # records whose generation prompt left earlier turns out (said in a note too)
+        report["history_cut"] = sum(1 for n in cut if n)
     if other_base:
         report["warnings"] = [other_base]
     if args.adapter and getattr(model.config, "quantization_config", None) and trained_on(args.adapter) == "float":
@@ -697,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     if note:
         print(note, file=sys.stderr)
     if note := past_seq_length_note(report["base"], seq_length):
+        print(note, file=sys.stderr)
+    if prompts is not None and (note := history_cut_note(cut, window, args.data)):
         print(note, file=sys.stderr)
     print(format_table(report))
     if args.output:

@@ -286,9 +286,9 @@ def test_each_records_generation_prompt_is_built_once_at_the_models_window(setup
     built = []
     real = finetune.evaluate.generation_prompt
 
-    def counted(tokenizer, record, max_window_size=6144):
+    def counted(tokenizer, record, max_window_size=6144, **kwargs):
         built.append((record["messages"][-2]["content"], max_window_size))
-        return real(tokenizer, record, max_window_size)
+        return real(tokenizer, record, max_window_size, **kwargs)
 
     monkeypatch.setattr(finetune.evaluate, "generation_prompt", counted)
     out = tmp_path / "report.json"
@@ -297,6 +297,31 @@ def test_each_records_generation_prompt_is_built_once_at_the_models_window(setup
     queries = [q for q, _ in MEMORISE]
     assert sorted(built) == sorted((q, 4000) for q in queries)
     assert [s["query"] for s in json.loads(out.read_text())["samples"]] == queries
+
+
+def test_prompts_that_leave_out_earlier_turns_over_the_window_are_said_and_counted(setup, tmp_path, capsys):
+    """A record whose history is over the model's max_window_size is prompted without its oldest turns (as chat and
+    the server prompt it): a note line names how many records and the first, and the report counts them. (Their
+    replies were scored against the whole conversation's answer with nothing said.)"""
+    from finetune.cli import main
+
+    model = _model_with_window(setup["float"], tmp_path / "model", 40)
+    long = {"conversations": [{"from": "user", "value": "word " * 40}, {"from": "assistant", "value": "ok"},
+                              {"from": "user", "value": "and?"}, {"from": "assistant", "value": "done"}]}
+    data = tmp_path / "held.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [*memorise_records()[:2], long]) + "\n")
+    out = tmp_path / "report.json"
+    for m, cut in ((model, 1), (setup["float"], 0)):
+        assert main(["eval", "-m", str(m), "--data", str(data), "--max-new-tokens", "2", "--output", str(out)]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if "leave out their oldest turns" in line]
+        assert json.loads(out.read_text())["history_cut"] == cut
+        if cut:
+            assert notes == [f"note: the generation prompts of 1 of 3 records leave out their oldest turns (1 "
+                             f"user/assistant pair; the first: {data}, record 3, line 3), over max_window_size 40 of "
+                             "the model's generation config, as chat and the server leave them out: those replies "
+                             "answer without them"]
+        else:
+            assert notes == []
 
 
 def test_the_base_and_adapter_columns_score_one_encoding_of_each_record(setup, tmp_path, monkeypatch):
