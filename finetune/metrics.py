@@ -28,7 +28,7 @@ _CJK = (
     "\uac00-\ud7af"  # Hangul syllables
     "\uf900-\ufaff"  # CJK compatibility ideographs
     "\ufe30-\ufe4f"  # CJK compatibility forms
-    "\U00020000-\U0002ffff"  # CJK ext B..
+    "\U00020000-\U0003ffff"  # CJK ext B..F, I (plane 2) and ext G, H (plane 3)
 )
 _TOKEN = re.compile(f"[{_CJK}]|[^\\s{_CJK}]+")
 

@@ -30,6 +30,8 @@ def test_rouge_tokens():
     assert rouge_tokens("Qwen模型 is good") == ["Qwen", "模", "型", "is", "good"]
     assert rouge_tokens("我喜欢猫。") == ["我", "喜", "欢", "猫", "。"]
     assert rouge_tokens("ＡＢＣ") == ["ABC"]  # NFKC: full-width -> ASCII
+    # Han ideographs past plane 2 too (CJK ext G and H, plane 3): one token each (a run of them was one token)
+    assert rouge_tokens("\U00030000\U00030001\U00031350") == ["\U00030000", "\U00030001", "\U00031350"]
 
 
 def test_lcs_and_rouge_l_by_hand():
