@@ -456,6 +456,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         if unmerged["left_out"]:  # said, not a bare "nan" (no scored token at all) or a loss over fewer records
             log(f"merge: note: the loss leaves out {unmerged['left_out']} of {len(eval_records)} conversations: no "
                 f"reply token within the model's seq_length {max_len} (the prompt fills it)")
+        if cut := unmerged["truncated"]:  # as eval says it: a loss over the conversations' first max_len tokens
+            log(f"merge: note: the loss scores {cut} of {len(eval_records)} conversations truncated to the model's "
+                f"seq_length {max_len}, as training truncates them")
     if eval_records and qlora_on_float:
         # the cost against what was trained: the recorded Int4 base + adapter
         trained = load_model(Path(recorded), adapter=adapter, dtype=torch.float32, device=device)

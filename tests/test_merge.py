@@ -822,6 +822,18 @@ def test_a_loss_that_leaves_out_conversations_says_so(setup, tmp_path):
     assert any("leaves out 1 of 5 conversations" in line for line in lines), lines
 
 
+def test_a_loss_over_truncated_conversations_says_so(setup, tmp_path):
+    # (a held-out reply past seq_length was scored up to it, as eval scores it, and nothing said so; eval's note did)
+    long = tmp_path / "long.json"
+    long.write_text(json.dumps(memorise_records() + [{"messages": [{"role": "user", "content": "tell me"},
+                                                                    {"role": "assistant", "content": "word " * 400}]}]))
+    lines = []
+    merge(setup["lora"], tmp_path / "m", dtype="fp32", eval_data=long, log=lines.append)
+    assert [line for line in lines if "note:" in line] == [
+        "merge: note: the loss scores 1 of 5 conversations truncated to the model's seq_length 256, as training "
+        "truncates them"]
+
+
 def test_a_leading_tilde_in_the_output_flag_is_the_home_dir(setup, tmp_path, monkeypatch):
     # the shell leaves --output=~/x as it is: the merge went into a dir named "~" in the working dir, then its
     # reload (which expanded the ~) found nothing there and stopped
