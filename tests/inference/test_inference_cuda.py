@@ -804,3 +804,28 @@ def test_modules_to_save_reach_only_their_rows_in_graphed_fused_steps(tok):
         engine.step()
     for req, ref, name in zip(reqs, refs, names):
         assert assert_agree([req.output_ids], ref) == 0, name
+
+
+def test_an_adapter_s_own_norms_reach_its_rows_on_the_gpu(tok):
+    """An adapter with its own ln_1 and ln_f (modules_to_save): the fused kernels read the norms' weights directly
+    and decoded its rows with the base's (adapter_variants_gpu's norms_saved, NOTES session 50); the engine now
+    decodes through the model's own blocks there, and each row gets generate()'s tokens alone (fp32)."""
+    pm = _with_modules_to_save(realistic_model(3), ["saved"], saved={"saved"}, seed=4,
+                               modules=("ln_1", "ln_f")).to("cuda")
+    ps = [[t % 2000 for t in p] for p in prompts([14, 40, 9], seed=12)]
+    names = ("saved", None, "saved")
+    refs = []
+    for p, name in zip(ps, names):
+        if name is None:
+            with pm.disable_adapter():
+                refs.append(hf_greedy(pm, tok, [p], 16))
+        else:
+            pm.set_adapter(name)
+            refs.append(hf_greedy(pm, tok, [p], 16))
+    engine = Engine(pm, tok, max_batch=4)
+    assert engine._kernels is None
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=16), adapter=name) for p, name in zip(ps, names)]
+    while engine.has_work():
+        engine.step()
+    for req, ref, name in zip(reqs, refs, names):
+        assert assert_agree([req.output_ids], ref) == 0, name

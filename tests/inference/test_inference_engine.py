@@ -562,15 +562,15 @@ def test_warm_up_fits_a_tiny_max_len(tok):
     assert not engine.has_work()
 
 
-def _with_modules_to_save(model, names, saved, seed=0):
-    """A PeftModel whose adapters in ``saved`` also carry their own trained wte and lm_head (modules_to_save, as the
-    official finetune.py's LoRA mode saves them), the others plain LoRA."""
+def _with_modules_to_save(model, names, saved, seed=0, modules=("wte", "lm_head")):
+    """A PeftModel whose adapters in ``saved`` also carry their own trained copies of ``modules`` (modules_to_save;
+    by default wte and lm_head, as the official finetune.py's LoRA mode saves them), the others plain LoRA."""
     from peft import LoraConfig, get_peft_model
 
     pm = None
     for i, name in enumerate(names):
         cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_proj", "w1", "w2"], init_lora_weights=False,
-                         modules_to_save=["wte", "lm_head"] if name in saved else None)
+                         modules_to_save=list(modules) if name in saved else None)
         torch.manual_seed(seed + i)
         if pm is None:
             pm = get_peft_model(model, cfg, adapter_name=name)
@@ -605,6 +605,25 @@ def test_modules_to_save_reach_only_their_adapters_rows(tok):
             engine.step()
         for req, name in zip(reqs, ("saved", None, "plain", "saved")):
             assert assert_agree([req.output_ids], refs[name]) == 0, (active, name)
+
+
+def test_an_adapter_s_own_norms_reach_only_its_rows(tok):
+    # the model's own blocks (the path the engine takes for such an adapter on the GPU too, and always on the CPU)
+    pm = _with_modules_to_save(tiny(seed=11), ["saved", "plain"], saved={"saved"}, seed=4, modules=("ln_1", "ln_f"))
+    p = prompts([14], seed=12)[0]
+    refs = {}
+    for name in ("saved", "plain"):
+        pm.set_adapter(name)
+        refs[name] = hf_greedy(pm, tok, [p], 16)
+    with pm.disable_adapter():
+        refs[None] = hf_greedy(pm, tok, [p], 16)
+    assert len({tuple(r[0][0]) for r in refs.values()}) == 3
+    engine = Engine(pm, tok, max_batch=4)
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=16), adapter=name) for name in ("saved", None, "plain")]
+    while engine.has_work():
+        engine.step()
+    for req, name in zip(reqs, ("saved", None, "plain")):
+        assert assert_agree([req.output_ids], refs[name]) == 0, name
 
 
 def test_an_adapter_that_trained_base_biases_runs_alone(tok):
