@@ -19,8 +19,8 @@ from finetune.inference import Engine, SamplingParams  # noqa: E402
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
 
 from _helpers import realistic_model  # noqa: E402
-from test_inference_engine import (_memory_held_to, _with_modules_to_save, assert_agree, hf_greedy,  # noqa: E402
-                                   prompts)
+from test_inference_engine import (_memory_held_to, _with_modules_to_save, alone_under, assert_agree,  # noqa: E402
+                                   hf_greedy, prompts)
 
 # bf16: the engine's logits at every step against the plain full forward over the same tokens, as the relative
 # norm of the difference. Both round every layer's output to bf16 (8 bits of mantissa, ~4e-3 per rounding) with
@@ -788,14 +788,7 @@ def test_modules_to_save_reach_only_their_rows_in_graphed_fused_steps(tok):
     pm = _with_modules_to_save(realistic_model(3), ["saved", "plain"], saved={"saved"}, seed=4).to("cuda")
     ps = [[t % 2000 for t in p] for p in prompts([14, 40, 9, 70], seed=12)]
     names = ("saved", None, "plain", "saved")
-    refs = []
-    for p, name in zip(ps, names):
-        if name is None:
-            with pm.disable_adapter():
-                refs.append(hf_greedy(pm, tok, [p], 16))
-        else:
-            pm.set_adapter(name)
-            refs.append(hf_greedy(pm, tok, [p], 16))
+    refs = alone_under(pm, tok, ps, names, 16)
     engine = Engine(pm, tok, max_batch=4)
     assert engine._kernels is not None and engine.use_graphs
     engine.warm_up()
@@ -814,14 +807,7 @@ def test_an_adapter_s_own_norms_reach_its_rows_on_the_gpu(tok):
                                modules=("ln_1", "ln_f")).to("cuda")
     ps = [[t % 2000 for t in p] for p in prompts([14, 40, 9], seed=12)]
     names = ("saved", None, "saved")
-    refs = []
-    for p, name in zip(ps, names):
-        if name is None:
-            with pm.disable_adapter():
-                refs.append(hf_greedy(pm, tok, [p], 16))
-        else:
-            pm.set_adapter(name)
-            refs.append(hf_greedy(pm, tok, [p], 16))
+    refs = alone_under(pm, tok, ps, names, 16)
     engine = Engine(pm, tok, max_batch=4)
     assert engine._kernels is None
     reqs = [engine.submit(p, SamplingParams(max_new_tokens=16), adapter=name) for p, name in zip(ps, names)]

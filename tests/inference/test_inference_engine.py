@@ -562,6 +562,19 @@ def test_warm_up_fits_a_tiny_max_len(tok):
     assert not engine.has_work()
 
 
+def alone_under(pm, tok, ps, names, n):
+    """generate()'s greedy tokens of each prompt alone, under its adapter (None: the base, adapters disabled)."""
+    refs = []
+    for p, name in zip(ps, names):
+        if name is None:
+            with pm.disable_adapter():
+                refs.append(hf_greedy(pm, tok, [p], n))
+        else:
+            pm.set_adapter(name)
+            refs.append(hf_greedy(pm, tok, [p], n))
+    return refs
+
+
 def _with_modules_to_save(model, names, saved, seed=0, modules=("wte", "lm_head")):
     """A PeftModel whose adapters in ``saved`` also carry their own trained copies of ``modules`` (modules_to_save;
     by default wte and lm_head, as the official finetune.py's LoRA mode saves them), the others plain LoRA."""
@@ -590,12 +603,7 @@ def test_modules_to_save_reach_only_their_adapters_rows(tok):
     pm = _with_modules_to_save(tiny(seed=11), ["saved", "plain"], saved={"saved"}, seed=4)
     p = prompts([14], seed=12)[0]
     params = SamplingParams(max_new_tokens=16)
-    refs = {}
-    for name in ("saved", "plain"):
-        pm.set_adapter(name)
-        refs[name] = hf_greedy(pm, tok, [p], 16)
-    with pm.disable_adapter():
-        refs[None] = hf_greedy(pm, tok, [p], 16)
+    refs = dict(zip(("saved", "plain", None), alone_under(pm, tok, [p] * 3, ("saved", "plain", None), 16)))
     assert len({tuple(r[0][0]) for r in refs.values()}) == 3
     for active in ("saved", "plain"):  # whichever adapter PEFT has active, each row gets its own
         pm.set_adapter(active)
@@ -611,12 +619,7 @@ def test_an_adapter_s_own_norms_reach_only_its_rows(tok):
     # the model's own blocks (the path the engine takes for such an adapter on the GPU too, and always on the CPU)
     pm = _with_modules_to_save(tiny(seed=11), ["saved", "plain"], saved={"saved"}, seed=4, modules=("ln_1", "ln_f"))
     p = prompts([14], seed=12)[0]
-    refs = {}
-    for name in ("saved", "plain"):
-        pm.set_adapter(name)
-        refs[name] = hf_greedy(pm, tok, [p], 16)
-    with pm.disable_adapter():
-        refs[None] = hf_greedy(pm, tok, [p], 16)
+    refs = dict(zip(("saved", "plain", None), alone_under(pm, tok, [p] * 3, ("saved", "plain", None), 16)))
     assert len({tuple(r[0][0]) for r in refs.values()}) == 3
     engine = Engine(pm, tok, max_batch=4)
     reqs = [engine.submit(p, SamplingParams(max_new_tokens=16), adapter=name) for name in ("saved", None, "plain")]
