@@ -197,6 +197,15 @@ def random_packed(in_f, out_f, bits=4, group_size=128, desc_act=False, v2=False,
     }
 
 
+def probe_check_lines(script: str, prefix: str) -> list[str]:
+    """The result lines (those starting with ``prefix``) of ``benchmarks/SCRIPT --check``, run in a child under
+    Triton's interpreter; asserts the run succeeded."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--check"], cwd=ROOT,
+                          env=subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [line for line in proc.stdout.splitlines() if line.startswith(prefix)]
+
+
 def interpreter_index_patch():
     """Triton's interpreter tensor patch with an ``__index__`` numpy >= 2 accepts, or None where numpy needs none:
     numpy 2 refuses int() of a 1-element array, which the interpreter uses for loop bounds taken from kernel scalars

@@ -9,13 +9,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from _helpers import ROOT, subprocess_env
+from _helpers import ROOT, probe_check_lines
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import attention_cuda_probe as A  # noqa: E402
@@ -25,11 +24,8 @@ NO_TRITON = importlib.util.find_spec("triton") is None
 
 @pytest.mark.skipif(NO_TRITON or torch.cuda.is_available(), reason="needs triton, and no GPU (the interpreter)")
 def test_reference_parts_are_the_triton_split_kernels_and_combine_to_softmax():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "attention_cuda_probe.py"), "--check"], cwd=ROOT,
-                          env=subprocess_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("positions=")]
-    assert len(lines) == 7 and all(line.endswith(": ok") for line in lines), proc.stdout
+    lines = probe_check_lines("attention_cuda_probe.py", "positions=")
+    assert len(lines) == 7 and all(line.endswith(": ok") for line in lines), lines
 
 
 @pytest.mark.parametrize("split,pass_len", [(64, 16), (128, 64), (256, 128)])
