@@ -71,7 +71,8 @@ class TextStream:
             self._floor = len(before.rstrip("\ufffd"))
         # a stop string never starts in text already sent (see _held): a long one need not rescan it all
         start = max(0, self._searched - self._longest + 1, self._sent)
-        if self.strip:  # (the official server strips the reply before it looks for a stop string)
+        if self.strip and not self._sent:  # (the official server strips the reply before it looks for a stop string;
+            # once text is sent, the leading whitespace lies before _sent, which start already passes)
             start = max(start, len(self.text) - len(self.text.lstrip()))
         hits = [i for i in (self.text.find(s, max(start, self._floor - len(s) + 1)) for s in self.stop) if i >= 0]
         if hits:
