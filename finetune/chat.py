@@ -74,14 +74,20 @@ def bad_flag(args) -> str | None:
     return None
 
 
-def greedy_because(conf) -> str | None:
-    """Why these settings decode greedily, as the flag a user would name: "--greedy", "--temperature T" (a
-    temperature below GREEDY_BELOW is greedy itself, as in the server and the official openai_api.py), or None."""
+def greedy_temperature(conf) -> bool:
+    """Whether the temperature set is below GREEDY_BELOW: greedy decoding itself, as in the server and the official
+    openai_api.py."""
     from .inference.sampling import GREEDY_BELOW
 
+    return conf.temperature is not None and conf.temperature < GREEDY_BELOW
+
+
+def greedy_because(conf) -> str | None:
+    """Why these settings decode greedily, as the flag a user would name: "--greedy", "--temperature T"
+    (greedy_temperature), or None."""
     if conf.greedy:
         return "--greedy"
-    if conf.temperature is not None and conf.temperature < GREEDY_BELOW:
+    if greedy_temperature(conf):
         return f"--temperature {conf.temperature:g}"
     return None
 
@@ -90,11 +96,9 @@ def ignored_by_greedy(conf) -> list[tuple[str, object]]:
     """(dest, value) of each setting that greedy decoding would ignore, [] when not greedy: the sampling options
     given (a greedy temperature beside --greedy is no contradiction) and the seed, which seeds nothing without
     sampling."""
-    from .inference.sampling import GREEDY_BELOW
-
     if greedy_because(conf) is None:
         return []
-    temperature = None if conf.temperature is not None and conf.temperature < GREEDY_BELOW else conf.temperature
+    temperature = None if greedy_temperature(conf) else conf.temperature
     return [(dest, value) for dest, value in (("temperature", temperature), ("top_p", conf.top_p),
                                               ("top_k", conf.top_k), ("seed", conf.seed)) if value is not None]
 
@@ -104,7 +108,12 @@ def contradiction(args) -> str | None:
     if ignored := ignored_by_greedy(args):
         named = ", ".join(f"--{dest.replace('_', '-')} {value}" for dest, value in ignored)
         why = greedy_because(args)
-        does = "does not sample" if why == "--greedy" else "decodes greedily (below 0.01, as --greedy)"
+        if why == "--greedy":
+            does = "does not sample"
+        else:
+            from .inference.sampling import GREEDY_BELOW
+
+            does = f"decodes greedily (below {GREEDY_BELOW:g}, as --greedy)"
         return f"{why} {does}, so {named} would be ignored; pass one or the other"
     if args.query is not None and not args.query.strip():
         return "--query is empty (the interactive chat skips empty lines; leave --query out for it)"
@@ -118,10 +127,8 @@ def seed_ok(seed: int) -> bool:
 def generation_kwargs(args) -> dict:
     """The flags given, as chat()'s generation-config updates (unset flags keep the model's defaults); a
     temperature below 0.01 (0 included) is greedy decoding, as in the server and the official openai_api.py."""
-    from .inference.sampling import GREEDY_BELOW
-
     kw = {}
-    if args.greedy or (args.temperature is not None and args.temperature < GREEDY_BELOW):
+    if greedy_because(args) is not None:
         kw.update(do_sample=False, top_p=None, top_k=None, temperature=None)
     else:
         for name in ("temperature", "top_p", "top_k"):
@@ -282,9 +289,8 @@ def sample_instead(conf) -> str:
     """The :conf settings that make greedy settings sample (both where --greedy and a greedy temperature are set)."""
     from .inference.sampling import GREEDY_BELOW
 
-    greedy_temperature = conf.temperature is not None and conf.temperature < GREEDY_BELOW
     return " and ".join(["greedy=no"] * bool(conf.greedy) + [f"temperature={GREEDY_BELOW:g} or more"] *
-                        greedy_temperature)
+                        greedy_temperature(conf))
 
 
 def describe_conf(conf: argparse.Namespace) -> str:
