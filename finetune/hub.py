@@ -25,7 +25,7 @@ def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> 
     if p.exists():
         raise ModelNotFoundError(f"{ref} is a file, not {'an' if what[0] in 'aeiou' else 'a'} {what}")
     if not _looks_like_hub_id(ref):
-        raise ModelNotFoundError(f"{what} {ref} does not exist{_beside(p)}")
+        raise ModelNotFoundError(f"{what} {ref} does not exist{dirs_beside(p)}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -33,7 +33,7 @@ def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> 
     except Exception as e:  # offline, unknown id, auth: all end the same way for the user
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if p.parent.is_dir():  # `output/my-adapter` mistyped reads as a hub id: the local reading first
-            raise ModelNotFoundError(f"{what} {ref} does not exist{_beside(p)}; as a Hugging Face hub id it could "
+            raise ModelNotFoundError(f"{what} {ref} does not exist{dirs_beside(p)}; as a Hugging Face hub id it could "
                                      f"not be fetched either ({why})") from None
         raise ModelNotFoundError(
             f"{ref} is not a local directory and could not be fetched from the Hugging Face hub ({why}). Without "
@@ -46,7 +46,7 @@ def _dir_name(d: Path) -> str:
     return str(d) if str(d).endswith("/") else f"{d}/"
 
 
-def _beside(p: Path, most: int = 6) -> str:
+def dirs_beside(p: Path, most: int = 6) -> str:
     """`` (DIR/ holds: a, b, ...)``: the directories beside a path that does not exist, when its parent does (a
     mistyped run name is the usual cause), else ``""``."""
     try:

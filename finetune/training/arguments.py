@@ -569,7 +569,7 @@ class _Parser(HfArgumentParser):
         raise TrainConfigError(" ".join(message.split()))
 
     def parse_known_args(self, args=None, namespace=None):
-        self.lists_given = {}  # _ListFlagOnce: the list flags this parse has met, with their values
+        self.lists_given = {}  # _ListFlagOnce, _PathFlagOnce: the flags this parse has met, with their values
         return super().parse_known_args(args, namespace)
 
 

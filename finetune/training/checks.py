@@ -15,7 +15,7 @@ import torch
 
 from ..checkpoint import CHECKPOINT_DIR, checkpoints
 from ..errors import ModelLoadError, json_reason
-from ..hub import ModelNotFoundError, _beside, resolve_model_dir
+from ..hub import ModelNotFoundError, dirs_beside, resolve_model_dir
 from ..model_dir import chat_format, chat_generation_config, describe
 from ..tokenization import VOCAB_FILE
 from .memory import fit_problem
@@ -773,7 +773,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     if lora_args.lora_weight_path and not (start := Path(lora_args.lora_weight_path)).is_dir():
         # (the adapter's weight file given for its dir was called "no such adapter dir")
         why = ("a file, not an adapter dir: give the dir that holds its adapter_config.json" if start.exists()
-               else f"no such adapter dir{_beside(start)}")
+               else f"no such adapter dir{dirs_beside(start)}")
         raise TrainConfigError(f"--lora_weight_path {lora_args.lora_weight_path}: {why}")
     if mode == "full" and (lora_args.modules_to_save or lora_args.lora_weight_path):
         raise TrainConfigError("--modules_to_save and --lora_weight_path apply to LoRA; add --use_lora")
