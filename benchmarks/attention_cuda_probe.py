@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
 import time
@@ -48,6 +47,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from finetune.inference.attention_cuda import float_bits  # noqa: E402  (the engine's kernel passes its scale alike)
 
 HEADS, D, LAYERS = 40, 128, 8
 SPLITS, THREADS = (64, 128, 256), (128, 256)
@@ -348,11 +349,6 @@ def kernel_source(mode: str, split: int, threads: int, elem_bytes: int = 2, pos6
 
 def variant_name(mode: str, split: int, threads: int) -> str:
     return f"{mode}_s{split}_t{threads}"
-
-
-def float_bits(x: float) -> int:
-    """A float's 32 bits as the signed int that kernel_launch passes (the kernel reads them with __int_as_float)."""
-    return struct.unpack("<i", struct.pack("<f", x))[0]
 
 
 # -- the reference: what the kernel computes, in torch ------------------------------------------------------------

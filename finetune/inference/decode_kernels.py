@@ -20,6 +20,9 @@ index_put per tensor), each 1.5-3 us even inside a CUDA graph. These replace the
 - ``rotary_attention``: ``rotary_to_cache`` and ``decode_attention`` in one launch (the fused step's default), the
   parts combined by the last program of each (row, head) where the grid is about one wave, else by the combine
   kernel after it.
+On CUDA those two attention calls launch the CUDA C kernel of ``attention_cuda.py`` where it takes them (its key
+splits read at a larger share of the copy rate, NOTES step 99); the Triton kernels here serve the rest (the CPU tests
+under the interpreter, FINETUNE_ATTENTION_CUDA=0).
 
 Numerics are the model's (``modeling/kernels.py``), rounding for rounding: fp32 arithmetic, rounded to the
 activation dtype exactly where eager torch rounds (the residual sum; RMSNorm's normalised value before the
@@ -421,6 +424,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d, split, S, ws, out = _parts(b, heads, D, kv_len, split, q)
+    cuda = _cuda_kernel(q, k_cache, D, pos, split)
+    if cuda is not None and cuda.attention(q.view(b, heads * D), None, None, None, pos, k_cache, v_cache, ws, None,
+                                           out, scale, kv_len, split, S, heads, D):
+        return out
     _dec_attn_split_kernel[(b, heads, S)](q, k_cache, v_cache, pos, ws, float(scale), kv_len, split,
                                           q.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), S,
                                           D=D, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
@@ -457,7 +464,8 @@ def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qu
     each row's position, and each row's attention over its own keys 0..pos[i] (at most ``kv_len``), split over the
     keys as ``decode_attention`` splits them. The parts are combined by the last program of each (row, head) where
     the grid has at most ONE_LAUNCH_PROGRAMS programs, else by the combine kernel; one split needs no combine. The
-    same arithmetic as the two calls, and the same bits (COMBINE_WARPS).
+    same arithmetic as the two calls, and the same bits (COMBINE_WARPS). On CUDA attention_cuda.py's kernel runs it
+    where it takes the call (``_cuda_kernel``), as it runs ``decode_attention``: the same bits again between the two.
     Returns [b, 1, heads * D] in qkv's dtype."""
     b = qkv.shape[0]
     qkv2 = _rows(qkv, "qkv")
@@ -467,6 +475,10 @@ def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qu
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d, split, S, ws, out = _parts(b, heads, D, kv_len, split, qkv)  # (ws not read at S = 1)
     counters = _counters(qkv.device, b * heads) if 1 < S and b * heads * S <= ONE_LAUNCH_PROGRAMS else None
+    cuda = _cuda_kernel(qkv, k_cache, D, pos, split)
+    if cuda is not None and cuda.attention(qkv2, cs, sn, qscale if query_scale is not None else None, pos, k_cache,
+                                           v_cache, ws, counters, out, scale, kv_len, split, S, heads, D):
+        return out
     _dec_rotary_attn_kernel[(b, heads, S)](
         qkv2, cs, sn, qscale, pos, k_cache, v_cache, ws, counters if counters is not None else pos.new_empty(1,
         dtype=torch.int32), out, float(scale), kv_len, split, qkv2.stride(0), P, cs.stride(0), k_cache.stride(0),
@@ -477,6 +489,16 @@ def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qu
         _dec_attn_combine_kernel[(b, heads)](ws, out, S, out.stride(0), D=D, BLOCK_D=block_d, BLOCK_S=COMBINE_SPLITS,
                                              num_warps=COMBINE_WARPS)
     return out
+
+
+def _cuda_kernel(like: torch.Tensor, k_cache: torch.Tensor, D: int, pos: torch.Tensor, split: int):
+    """attention_cuda where it serves this call (CUDA, FINETUNE_ATTENTION_CUDA on, NVRTC, a dtype and head size it
+    takes, the cache in the query's dtype), else None: the Triton kernels here run it."""
+    if not like.is_cuda or k_cache.dtype != like.dtype:
+        return None
+    from finetune.inference import attention_cuda  # (absolute, as above; never imported on the CPU)
+
+    return attention_cuda if attention_cuda.serves(like.device, like.dtype, D, pos.dtype, split) else None
 
 
 def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor, b: int, heads: int, D: int, kv_len: int = 0) -> None:

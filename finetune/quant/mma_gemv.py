@@ -692,9 +692,11 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: i
                     lambda: kernel_source(warps, mb, depth, group_size, lora))
 
 
-def compiled(device: torch.device, config: tuple, name: str, source):
+def compiled(device: torch.device, config: tuple, name: str, source,
+             instead: str = "decoding uses the other Int4 kernels"):
     """Kernel ``name`` of ``source()`` compiled for ``device`` once per ``config``; what ``_kernel`` says it returns
-    (also used by ``mma_gemm.py``)."""
+    (also used by ``mma_gemm.py`` and ``inference/attention_cuda.py``; ``instead``: what runs when it does not
+    compile, said in the warning)."""
     key = (device.index, name) + config
     k = _kernels.get(key)
     if k is None:
@@ -707,8 +709,8 @@ def compiled(device: torch.device, config: tuple, name: str, source):
                     k = _compile(device, source(), name)
                 except Exception as e:  # NVRTC missing or refusing: the other decode kernels still work
                     detail = " ".join(str(e).split())[:300]
-                    k = f"the tensor-core kernel {name} did not compile ({type(e).__name__}: {detail})"
-                    warnings.warn(k + "; decoding uses the other Int4 kernels", stacklevel=4)
+                    k = f"the CUDA kernel {name} did not compile ({type(e).__name__}: {detail})"
+                    warnings.warn(f"{k}; {instead}", stacklevel=4)
                 _kernels[key] = k
     return k
 

@@ -123,12 +123,16 @@ def test_fused_step_matches_the_unfused_step_in_bf16(tok):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < BF16_STEP_REL
 
 
+@pytest.mark.parametrize("cuda_kernel", [True, False], ids=["cuda", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
+def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype, cuda_kernel, switches):
     """The compiled split-key attention (40 heads of 128, rows at mixed positions, a stale padding slot) against
-    SDPA over the length bucket under the additive mask, computed in fp64."""
+    SDPA over the length bucket under the additive mask, computed in fp64: attention_cuda.py's kernel and the
+    Triton ones."""
     from finetune.inference import decode_kernels as K
     from finetune.inference.fused_decode import additive_mask
+
+    switches(attention_cuda=cuda_kernel)
 
     g = torch.Generator(device="cuda").manual_seed(0)
     rows, heads, D, capacity, kv_len = 6, 40, 128, 2304, 2048
@@ -165,8 +169,9 @@ def test_decode_attention_equals_masked_sdpa_on_the_14b_head_shape(dtype):
 @pytest.mark.parametrize("rows,split,kv_len,one_launch", [(1, None, 4096, 1 << 20), (1, 64, 4096, 1 << 20),
                                                           (6, None, 4096, None), (64, None, 4096, None),
                                                           (64, None, 256, None)])
-def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, split, kv_len, one_launch,
-                                                                          monkeypatch):
+@pytest.mark.parametrize("cuda_kernel", [True, False], ids=["cuda", "triton"])
+def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, split, kv_len, one_launch, cuda_kernel,
+                                                                          monkeypatch, switches):
     """The one-launch kernel (rotary, cache write, attention over the row's own keys, the parts combined by the last
     program of each head, or by the combine kernel after it for large grids) against rotary_to_cache then
     decode_attention, compiled: the caches and the output bit for bit (each new key and value at its row's position,
@@ -174,6 +179,7 @@ def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, 
     graph equal to the eager call (the counters reset after every call)."""
     from finetune.inference import decode_kernels as K
 
+    switches(attention_cuda=cuda_kernel)  # (attention_cuda.py's kernel, else the Triton ones)
     if one_launch is not None:
         monkeypatch.setattr(K, "ONE_LAUNCH_PROGRAMS", one_launch)
     g = torch.Generator(device="cuda").manual_seed(rows)
@@ -204,7 +210,7 @@ def test_rotary_attention_equals_the_three_launches_on_the_14b_head_shape(rows, 
         assert torch.equal(replayed, got) and torch.equal(K3, K1) and torch.equal(V3, V1)
 
 
-def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
+def test_decode_attention_compiles_once_for_every_key_length_up_to_8192(switches):
     """A decode step at a key length not met before must not compile the attention kernels again: in a serving
     trace that happened inside graph captures the first tokens waited for (NOTES step 62). One variant of each
     kernel serves 256 to 8,192 keys, whatever key_split picks (up to 64 splits a row, past the 32 the combine reads
@@ -212,6 +218,7 @@ def test_decode_attention_compiles_once_for_every_key_length_up_to_8192():
     14B's 40; the one-launch kernel (rotary_attention) likewise, one variant for each way its parts are combined."""
     from finetune.inference import decode_kernels as K
 
+    switches(attention_cuda=False)  # the Triton kernels (test_attention_cuda.py has the CUDA kernel's counterpart)
     kernels = (K._dec_attn_split_kernel, K._dec_attn_combine_kernel, K._dec_rotary_attn_kernel)
 
     def variants():  # Triton's compiled kernels of each function, over every device

@@ -1,0 +1,222 @@
+"""The CUDA C decode attention (finetune/inference/attention_cuda.py). Without a GPU: which calls it takes, its
+configurations' arithmetic, and (where an NVRTC library and Triton's ptxas are at hand) every configuration compiled
+for sm_90 with all of a pass's 16-byte loads ahead of its first score. On the GPU machine (``pytest -m cuda``): its
+output against an fp64 softmax and the Triton kernels, its cache writes against rotary_to_cache's, and a row's bits
+the same whatever batch it is in."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune.inference import attention_cuda as A
+
+from _helpers import ROOT
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+SPLITS = (16, 32, 64, 128, 256)
+HEAD_SIZES = (32, 64, 128, 256)
+
+
+def test_it_takes_the_calls_its_layout_holds():
+    assert A.unsupported(torch.bfloat16, 128, torch.int64, 128) is None
+    assert A.unsupported(torch.float32, 128, torch.int32, 64) is None
+    assert "dtype" in A.unsupported(torch.float64, 128, torch.int64, 128)
+    assert "positions" in A.unsupported(torch.bfloat16, 128, torch.int16, 128)
+    assert "head size" in A.unsupported(torch.bfloat16, 96, torch.int64, 128)  # not a power of two
+    assert "head size" in A.unsupported(torch.float32, 256, torch.int64, 128)  # a 1 KiB key row: 64 lanes
+    assert "head size" in A.unsupported(torch.bfloat16, 4, torch.int64, 128)  # 8 bytes: under one vector
+    assert "key split" in A.unsupported(torch.bfloat16, 128, torch.int64, 96)
+    assert "key split" in A.unsupported(torch.bfloat16, 16, torch.int64, 8)  # a round of 64 keys holds 8
+    with pytest.raises(ValueError, match="head size 96"):
+        A.kernel_source(torch.bfloat16, 96, 128, torch.int64, True, True, True)
+    assert not A.serves(torch.device("cpu"), torch.bfloat16, 128, torch.int64, 128)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_pass_splits_each_key_split_into_whole_rounds(dtype):
+    for dim in HEAD_SIZES:
+        for split in SPLITS:
+            if A.unsupported(dtype, dim, torch.int64, split):
+                continue
+            eb = dtype.itemsize
+            threads = A.threads_for(split, dim, eb)
+            lanes = A.lanes_a_key(dim, eb)
+            keys_a_round = threads // lanes
+            r = A.rounds(split, threads, dim, eb)
+            assert threads % 32 == 0 and 1 <= lanes <= 32 and 32 % lanes == 0
+            assert 1 <= r <= A.MAX_ROUNDS and split % (keys_a_round * r) == 0  # whole passes, no key twice
+            src = A.kernel_source(dtype, dim, split, torch.int64, True, True, True)
+            assert re.search(r"__[A-Z_]+__", src) is None  # every placeholder filled
+    # the 14B's head in bf16: 256 threads at 64- and 128-key splits, 128 at 256 (the probe's best)
+    assert [A.threads_for(s, 128, 2) for s in (64, 128, 256)] == [256, 256, 128]
+
+
+def _nvrtc():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from mma_sass import find_nvrtc
+
+    return os.environ.get("NVRTC_LIB") or find_nvrtc()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="compiled for real on the GPU machine")
+def test_every_configuration_compiles_with_its_loads_ahead_of_the_math():
+    """NVRTC for compute_90, Triton's ptxas for sm_90: no spills, and in the SASS every 16-byte load of a pass (K's
+    and V's) comes before the first FFMA (the scores': the rotary's products are FMUL/FADD, rounded apart)."""
+    nvrtc = _nvrtc()
+    if importlib.util.find_spec("triton") is None or not nvrtc:
+        pytest.skip("needs triton's ptxas and an NVRTC library (NVRTC_LIB, or the nvidia-cuda-nvrtc wheel)")
+    from mma_sass import assemble_ptx, compile_ptx, nvidia_tools
+
+    lib = ctypes.CDLL(nvrtc)
+    configs = [(dt, dim, split, pos, rotary, rotary, combine)
+               for dt in DTYPES for dim in (64, 128) for split in (64, 128, 256) for pos in (torch.int64, torch.int32)
+               for rotary in (True, False) for combine in (True, False)
+               if not (pos == torch.int32 and dim == 64)]  # (int32 positions once a dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        for config in configs:
+            asm, cubin = assemble_ptx(compile_ptx(lib, A.kernel_source(*config), "90"), "90", Path(tmp), "attn")
+            assert asm.returncode == 0, (config, asm.stderr[:1500])
+            assert not re.search(r"[1-9]\d* bytes spill stores", asm.stderr), (config, asm.stderr)
+            sass = subprocess.run([str(nvidia_tools() / "cuobjdump"), "-sass", str(cubin)], capture_output=True,
+                                  text=True, check=True).stdout
+            body = sass.split("Function : decode_attention_cuda")[1].split("Function :")[0]
+            ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?P\d\s+)?([A-Z][A-Z0-9.]*)", body)
+            first_fma = next(i for i, op in enumerate(ops) if op.startswith("FFMA"))
+            loads = [i for i, op in enumerate(ops) if op.startswith("LDG") and ".128" in op]
+            dt, dim, split = config[:3]
+            threads = A.threads_for(split, dim, dt.itemsize)
+            assert len(loads) == 2 * A.rounds(split, threads, dim, dt.itemsize), config
+            assert max(loads) < first_fma, config
+
+
+# -- on the GPU -----------------------------------------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _inputs(rows, heads, dim, capacity, dtype, positions, seed, rot=None):
+    from finetune.modeling.model import RotaryEmbedding, logn_scale
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    qkv = torch.randn(rows, 1, 3 * heads * dim, device="cuda", generator=g).to(dtype)
+    pos = torch.tensor(positions, device="cuda")
+    cos, sin = RotaryEmbedding(dim)(pos[:, None], torch.linspace(1.0, 3.0, rows, device="cuda")[:, None])
+    if rot is not None:
+        cos, sin = cos[..., :rot].contiguous(), sin[..., :rot].contiguous()
+    scale = logn_scale(pos[:, None] + 1, 256)
+    k = torch.randn(rows, heads, capacity, dim, device="cuda", generator=g).to(dtype)
+    v = torch.randn(rows, heads, capacity, dim, device="cuda", generator=g).to(dtype)
+    return qkv, cos, sin, scale, pos, k, v
+
+
+def _softmax_fp64(q, k, v, pos, scale, kv_len):
+    rows, heads, _, dim = q.shape
+    out = torch.empty(rows, heads, dim, dtype=torch.float64, device=q.device)
+    for r in range(rows):
+        n = min(int(pos[r]) + 1, kv_len)
+        s = torch.einsum("hd,hkd->hk", q[r, :, 0].double(), k[r, :, :n].double()) * scale
+        out[r] = torch.einsum("hk,hkd->hd", torch.softmax(s, dim=1), v[r, :, :n].double())
+    return out.reshape(rows, 1, heads * dim)
+
+
+# (head size, rotary width, positions, kv_len, split): one row at 1 and 16 splits; rows with an empty first split's
+# neighbours, split edges, a stale position past kv_len; a half-width rotary (channels past it pass through)
+CASES = [(128, None, [1999], 2048, None), (128, None, [37], 64, None),
+         (128, None, [0, 1, 63, 64, 255, 256, 999, 1100], 1024, 64),
+         (64, 32, [5, 300, 511, 600], 512, 128), (32, None, [100, 0, 255], 256, 256)]
+
+
+@cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_cuda_attention_is_the_softmax_and_writes_what_rotary_to_cache_writes(dtype, case, switches):
+    from finetune.inference import decode_kernels as K
+
+    dim, rot, positions, kv_len, split = CASES[case]
+    rows, heads, capacity = len(positions), 6, 1152 if kv_len <= 1024 else 2048
+    split = split or K.key_split(rows, heads, kv_len)
+    assert A.serves(torch.device("cuda"), dtype, dim, torch.int64, split)
+    qkv, cos, sin, qscale, pos, k0, v0 = _inputs(rows, heads, dim, capacity, dtype, positions, case, rot)
+    k1, v1 = k0.clone(), v0.clone()
+    q = K.rotary_to_cache(qkv, cos, sin, qscale, k1, v1, pos, heads)  # (Triton)
+    k2, v2 = k0.clone(), v0.clone()
+    got = K.rotary_attention(qkv, cos, sin, qscale, k2, v2, pos, heads, dim ** -0.5, kv_len, split)
+    given = K.decode_attention(q, k1, v1, pos, dim ** -0.5, kv_len, split)
+    torch.cuda.synchronize()
+    assert torch.equal(k2, k1) and torch.equal(v2, v1)  # the new keys rotated, rounded and placed alike
+    assert torch.equal(got, given)  # the same query bits, the same sums
+    want = _softmax_fp64(q, k1, v1, pos, dim ** -0.5, kv_len)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2 ** -8, atol=2 ** -8)
+    torch.testing.assert_close(got.double(), want, **tol)
+    switches(attention_cuda=False)  # the Triton kernels: the same within the rounding of the output
+    k3, v3 = k0.clone(), v0.clone()
+    triton = K.rotary_attention(qkv, cos, sin, qscale, k3, v3, pos, heads, dim ** -0.5, kv_len, split)
+    torch.testing.assert_close(got.double(), triton.double(), **tol)
+    assert torch.equal(k3, k1)
+
+
+@cuda
+@pytest.mark.cuda
+def test_a_rows_bits_do_not_depend_on_the_batch_it_is_in(monkeypatch):
+    """Row 0 alone (its parts combined by the launch's last CTA) and among 40 rows (more CTAs than
+    ONE_LAUNCH_PROGRAMS: the combine kernel after the launch): the same bits, and the counters left at zero (a
+    graph's replays equal the eager call)."""
+    from finetune.inference import decode_kernels as K
+
+    heads, dim, kv_len = 8, 128, 2048
+    positions = [1500] + [100 + 37 * i for i in range(39)]
+    qkv, cos, sin, qscale, pos, k0, v0 = _inputs(40, heads, dim, kv_len, torch.bfloat16, positions, 7)
+    split = 128  # 16 splits a row: 128 CTAs alone, 5,120 among 40 rows
+    monkeypatch.setattr(K, "ONE_LAUNCH_PROGRAMS", 1024)
+    alone = K.rotary_attention(qkv[:1], cos[:1], sin[:1], qscale[:1], k0[:1].clone(), v0[:1].clone(), pos[:1],
+                               heads, dim ** -0.5, kv_len, split)
+    batch = K.rotary_attention(qkv, cos, sin, qscale, k0.clone(), v0.clone(), pos, heads, dim ** -0.5, kv_len, split)
+    torch.cuda.synchronize()
+    assert torch.equal(batch[:1], alone)
+    k1, v1 = k0[:1].clone(), v0[:1].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        replayed = K.rotary_attention(qkv[:1], cos[:1], sin[:1], qscale[:1], k1, v1, pos[:1], heads, dim ** -0.5,
+                                      kv_len, split)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(replayed, alone)
+
+
+@cuda
+@pytest.mark.cuda
+def test_a_new_key_length_with_a_known_split_compiles_nothing():
+    """The kernels are keyed by the key split and the way the parts are combined, not by the length: a graph
+    captured at a new covering length needs no compile (none can happen inside a capture: the Triton kernels would
+    run that step)."""
+    from finetune.inference import decode_kernels as K
+    from finetune.quant import mma_gemv
+
+    heads, dim = 40, 128
+    k_cache = torch.zeros(1, heads, 8192, dim, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    qkv = torch.zeros(1, 1, 3 * heads * dim, device="cuda", dtype=torch.bfloat16)
+    cos, sin = torch.ones(1, 1, dim, device="cuda"), torch.zeros(1, 1, dim, device="cuda")
+
+    def step(kv_len):
+        K.rotary_attention(qkv, cos, sin, None, k_cache, v_cache, torch.tensor([kv_len - 1], device="cuda"), heads,
+                           0.1, kv_len)
+        return K.key_split(1, heads, kv_len)
+
+    seen = {step(n) for n in (256, 512, 1024, 2048, 4096, 8192)}  # splits 64, 128, 256; 8192: the combine kernel
+    compiled = {key for key in mma_gemv._kernels if "attention" in key}
+    assert seen == {64, 128, 256} and len(compiled) >= 4
+    assert {step(n) for n in (264, 1000, 2056, 3000, 7000)} <= seen  # (7000: 28 splits, the combine kernel again)
+    torch.cuda.synchronize()
+    assert {key for key in mma_gemv._kernels if "attention" in key} == compiled
