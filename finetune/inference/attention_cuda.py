@@ -39,6 +39,8 @@ from finetune.settings import settings
 # 16-byte vectors of K (and as many of V) a thread holds a pass: 128 registers of data (the probe's 109-181 registers
 # a thread, no spills)
 MAX_ROUNDS = 16
+# key splits a row at most (the combine's weights in shared memory): 64K keys at 256-key splits; more runs Triton
+MAX_PARTS = 256
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 _POSITIONS = {torch.int64: "long long", torch.int32: "int"}
 
@@ -55,6 +57,7 @@ struct alignas(16) U4 { u32 x, y, z, w; };
 #define ROTARY __ROTARY__        // 1: q, k and v from c_attn's output; the new key and value written first
 #define HAS_SCALE __HAS_SCALE__  // the logN query scale
 #define COMBINE __COMBINE__      // 1: the last CTA of a (row, head) combines its parts
+#define MAX_PARTS __MAX_PARTS__  // key splits a row at most
 #define ELEM_BYTES (DTYPE == 2 ? 4 : 2)
 #define LPK (D * ELEM_BYTES / 16)  // lanes a key row: one 16-byte vector each
 #define EPV (16 / ELEM_BYTES)      // elements a vector
@@ -104,6 +107,12 @@ __device__ __forceinline__ U4 ld_pred(const void* p, bool ok) {
 __device__ __forceinline__ float ld_cg(const float* p) {
   float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p) : "memory"); return v;
 }
+__device__ __forceinline__ float ld_cg_pred(const float* p, bool ok) {
+  float v;
+  asm volatile("{\n.reg .pred q;\nsetp.ne.b32 q, %2, 0;\nmov.b32 %0, 0;\n@q ld.global.cg.f32 %0, [%1];\n}\n"
+               : "=f"(v) : "l"(p), "r"((int)ok) : "memory");
+  return v;
+}
 __device__ __forceinline__ u32 word_of(const U4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -135,26 +144,56 @@ __device__ __forceinline__ float rotated(const elem_t* t, int c, int rot, float 
 }
 #endif
 
-// One head's output from its S parts (acc[D], m, l each, D + 2 apart) into o[0..D): channel c's sums over the parts
-// in their order, whichever CTA runs it (the launch's last one, or the combine kernel's). A part with no key: m = -inf,
-// weight 0; a head with no key at all: 0.
-__device__ __forceinline__ void combine_parts(const float* parts, int S, elem_t* o, int tid, int nthreads) {
-  float M = NEG_INF;
-  for (int s = 0; s < S; ++s) M = fmaxf(M, ld_cg(parts + s * (D + 2) + D));
-  float total = 0.f;
-  for (int s = 0; s < S; ++s) {
-    const float ms = ld_cg(parts + s * (D + 2) + D);
-    const float w = ms > NEG_INF ? ex2((ms - M) * LOG2E) : 0.f;
-    total = fmaf(w, ld_cg(parts + s * (D + 2) + D + 1), total);
+// One head's output from its S parts (acc[D], m, l each, D + 2 apart) into o[0..D), whichever CTA runs it (the
+// launch's last one, or the combine kernel's: every thread of it calls this): each part's m and l into shared memory
+// (one round trip), M their max, each part's weight 2^((m - M) log2 e) (0 for a part with no key); then channel c's
+// sums over the parts in their order, CHUNK parts' loads in flight at a time. A head with no key at all: 0.
+#define CHUNK 16
+__device__ __forceinline__ void combine_parts(const float* parts, int S, elem_t* o, int tid, int nthreads,
+                                              float* sw, float* sl) {
+  for (int s = tid; s < S; s += nthreads) {
+    sw[s] = ld_cg(parts + s * (D + 2) + D);
+    sl[s] = ld_cg(parts + s * (D + 2) + D + 1);
   }
+  __syncthreads();
+  float M = NEG_INF;
+  for (int s = 0; s < S; ++s) M = fmaxf(M, sw[s]);  // (a max: the same in any order)
+  __syncthreads();  // every thread has read the m's before they become weights
+  for (int s = tid; s < S; s += nthreads) sw[s] = sw[s] > NEG_INF ? ex2((sw[s] - M) * LOG2E) : 0.f;
+  __syncthreads();
   for (int c = tid; c < D; c += nthreads) {
-    float a = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float ms = ld_cg(parts + s * (D + 2) + D);
-      const float w = ms > NEG_INF ? ex2((ms - M) * LOG2E) : 0.f;
-      a = fmaf(w, ld_cg(parts + s * (D + 2) + c), a);
+    float a = 0.f, total = 0.f;
+    for (int s0 = 0; s0 < S; s0 += CHUNK) {
+      float v[CHUNK];
+#pragma unroll
+      for (int j = 0; j < CHUNK; ++j) v[j] = ld_cg_pred(parts + (s0 + j) * (D + 2) + c, s0 + j < S);
+#pragma unroll
+      for (int j = 0; j < CHUNK; ++j) {
+        if (s0 + j < S) {
+          a = fmaf(sw[s0 + j], v[j], a);
+          total = fmaf(sw[s0 + j], sl[s0 + j], total);
+        }
+      }
     }
     o[c] = from_f(total > 0.f ? a / total : 0.f);
+  }
+}
+
+// This thread's K and V vectors of the pass starting at key p0 (ROUNDS of each), all issued before any is used. A key
+// past the split's keys reads nothing (its address the split's first key's, which is in the cache); so does the
+// row's new key (``skip``: the writer's first pass, issued before that key is written), taken from shared memory
+// after the barrier instead.
+__device__ __forceinline__ void issue_pass(U4* kr, U4* vr, const elem_t* kb, const elem_t* vb, int p0, int start,
+                                           int end, int grp, int stride_cp, long long skip) {
+#pragma unroll
+  for (int r = 0; r < ROUNDS; ++r) {
+    const int key = p0 + r * KPR + grp;
+    kr[r] = ld_pred(kb + (size_t)(key < end ? key : start) * stride_cp, key < end && key != skip);
+  }
+#pragma unroll
+  for (int r = 0; r < ROUNDS; ++r) {
+    const int key = p0 + r * KPR + grp;
+    vr[r] = ld_pred(vb + (size_t)(key < end ? key : start) * stride_cp, key < end && key != skip);
   }
 }
 
@@ -171,68 +210,84 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_attention_cuda(
   const int sub = tid % LPK;  // the vector of the key row this lane reads: elements sub * EPV ..
   const int grp = tid / LPK;  // the key of a round this lane's group reads
   __shared__ float sq[D];
+  __shared__ __align__(16) elem_t snew[2][D];  // the row's new key (rotated) and value: the writer's first pass reads
   __shared__ float red_m[2][WARPS];
   __shared__ float red_l[WARPS];
   __shared__ float red_acc[WARPS][D];
+  __shared__ float sw[MAX_PARTS], sl[MAX_PARTS];
   __shared__ int last;
   const pos_t p = pos[row];
   const size_t cbase = (size_t)row * stride_cr + (size_t)h * stride_ch;
   const elem_t* qsrc = src + (size_t)row * stride_src + h * D;
+  // keys 0..pos (the one written this step included), cut at kv_len (a stale slot's position)
+  const int n = p + 1 < (pos_t)kv_len ? (int)(p + 1) : kv_len;
+  const int start = sp * SPLIT;
+  const int end = min(start + SPLIT, n);
+  const bool empty = start >= end;  // a split past the row's keys (the same for the whole CTA)
+  const elem_t* kb = kc + cbase + sub * EPV;
+  const elem_t* vb = vc + cbase + sub * EPV;
 #if ROTARY
   // the writer: the split holding the position (the last one for a stale position past kv_len, which no split reads)
   const pos_t last_split = S - 1;
   const bool writer = sp == (p / SPLIT < last_split ? p / SPLIT : last_split);
+  const long long skip = writer ? (long long)p : -1;
+#else
+  const long long skip = -1;
+#endif
+  // the first pass's K and V loads before anything else: the query's loads and the rotary then overlap them
+  U4 kr[ROUNDS], vr[ROUNDS];
+  if (!empty) issue_pass(kr, vr, kb, vb, start, start, end, grp, stride_cp, skip);
+#if ROTARY
   for (int c = tid; c < D; c += THREADS) {
     const float cs = c < rot ? cosv[(size_t)row * stride_cs + c] : 1.f;
     const float sn = c < rot ? sinv[(size_t)row * stride_cs + c] : 0.f;
-    elem_t qr = from_f(rotated(qsrc, c, rot, cs, sn));
+    if (!empty) {
+      elem_t qr = from_f(rotated(qsrc, c, rot, cs, sn));
 #if HAS_SCALE
-    qr = from_f(__fmul_rn(to_f(qr), qscale[row]));  // (q.float() * scale).type_as(q)
+      qr = from_f(__fmul_rn(to_f(qr), qscale[row]));  // (q.float() * scale).type_as(q)
 #endif
-    sq[c] = to_f(qr);
+      sq[c] = to_f(qr);
+    }
     if (writer) {
       const size_t dst = cbase + (size_t)p * stride_cp + c;
-      kc[dst] = from_f(rotated(qsrc + P, c, rot, cs, sn));
-      vc[dst] = qsrc[2 * P + c];
+      const elem_t kn = from_f(rotated(qsrc + P, c, rot, cs, sn)), vn = qsrc[2 * P + c];
+      kc[dst] = kn;
+      vc[dst] = vn;
+      snew[0][c] = kn;
+      snew[1][c] = vn;
     }
   }
 #else
   for (int c = tid; c < D; c += THREADS) sq[c] = to_f(qsrc[c]);
 #endif
-  __syncthreads();  // the new key and value, stored by other threads of this CTA, are read by the loads below
-  // keys 0..pos (the one written this step included), cut at kv_len (a stale slot's position)
-  const int n = p + 1 < (pos_t)kv_len ? (int)(p + 1) : kv_len;
-  const int start = sp * SPLIT;
-  const int end = min(start + SPLIT, n);
-  const elem_t* kb = kc + cbase + sub * EPV;
-  const elem_t* vb = vc + cbase + sub * EPV;
   const float scale = __int_as_float(scale_bits);
-  float qf[EPV];
   float m = NEG_INF, lsum = 0.f, acc[EPV];
 #pragma unroll
   for (int e = 0; e < EPV; ++e) acc[e] = 0.f;
-
+  float qf[EPV];
+  if (!empty) {
+    __syncthreads();  // sq, snew, and the new key and value in the cache (a later pass reads them there)
+#pragma unroll
+    for (int e = 0; e < EPV; ++e) qf[e] = sq[sub * EPV + e];
+    if (skip >= start && skip < start + PASS) {  // the new key in the first pass (the writer's): from shared memory
+      const U4 nk = *reinterpret_cast<const U4*>(&snew[0][sub * EPV]);
+      const U4 nv = *reinterpret_cast<const U4*>(&snew[1][sub * EPV]);
+#pragma unroll
+      for (int r = 0; r < ROUNDS; ++r) {
+        if (start + r * KPR + grp == skip) {
+          kr[r] = nk;
+          vr[r] = nv;
+        }
+      }
+    }
+  }
 #pragma unroll 1
-  for (int ps = 0; ps < NPASS; ++ps) {  // (no pass at all for a split past the row's keys: the empty part)
+  for (int ps = 0; ps < NPASS; ++ps) {  // (no pass at all for an empty split)
     const int p0 = start + ps * PASS;
     if (p0 >= end) break;  // (the same for the whole CTA)
-    // every K load of the pass, then every V load: nothing below waits on memory until all are in flight (a key
-    // past the split's keys reads nothing; its address is the split's first key's, which is in the cache)
-    U4 kr[ROUNDS], vr[ROUNDS];
-#pragma unroll
-    for (int r = 0; r < ROUNDS; ++r) {
-      const int key = p0 + r * KPR + grp;
-      kr[r] = ld_pred(kb + (size_t)(key < end ? key : start) * stride_cp, key < end);
-    }
-#pragma unroll
-    for (int r = 0; r < ROUNDS; ++r) {
-      const int key = p0 + r * KPR + grp;
-      vr[r] = ld_pred(vb + (size_t)(key < end ? key : start) * stride_cp, key < end);
-    }
-    __syncthreads();  // (for ptxas: the loads above stay above, the math below stays below; nothing waits here)
-    if (ps == 0) {
-#pragma unroll
-      for (int e = 0; e < EPV; ++e) qf[e] = sq[sub * EPV + e];
+    if (ps > 0) {
+      issue_pass(kr, vr, kb, vb, p0, start, end, grp, stride_cp, -1);
+      __syncthreads();  // (for ptxas: the loads above stay above, the math below stays below; nothing waits here)
     }
     float s[ROUNDS];
     float mx = NEG_INF;
@@ -269,43 +324,47 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_attention_cuda(
     }
     m = m_new;
   }
-  // the part: sums over the warp's key groups (lanes LPK apart), then over the warps in a fixed order
-#pragma unroll
-  for (int o = LPK; o < 32; o <<= 1) {
-    lsum += __shfl_xor_sync(0xffffffffu, lsum, o);
-#pragma unroll
-    for (int e = 0; e < EPV; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
-  }
-  if (lane == 0) red_l[warp] = lsum;
-  if (lane < LPK) {
-#pragma unroll
-    for (int e = 0; e < EPV; ++e) red_acc[warp][sub * EPV + e] = acc[e];
-  }
-  __syncthreads();
-  float l = red_l[0];
-#pragma unroll
-  for (int w = 1; w < WARPS; ++w) l += red_l[w];
   elem_t* o = out + (size_t)row * stride_ob + h * D;
-  if (S == 1) {  // the part is the output (the combine of one part gives these bits: its weight is 2^0 = 1)
+  float* parts = ws + (size_t)(row * H + h) * S * (D + 2);
+  float* part = parts + (size_t)sp * (D + 2);
+  if (empty) {  // the empty part: m = -inf, l = 0, acc = 0 (S > 1: split 0 holds key 0)
+    for (int c = tid; c < D; c += THREADS) part[c] = 0.f;
+    if (tid == 0) {
+      part[D] = NEG_INF;
+      part[D + 1] = 0.f;
+    }
+  } else {
+    // the part: sums over the warp's key groups (lanes LPK apart), then over the warps in a fixed order
+#pragma unroll
+    for (int o = LPK; o < 32; o <<= 1) {
+      lsum += __shfl_xor_sync(0xffffffffu, lsum, o);
+#pragma unroll
+      for (int e = 0; e < EPV; ++e) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], o);
+    }
+    if (lane == 0) red_l[warp] = lsum;
+    if (lane < LPK) {
+#pragma unroll
+      for (int e = 0; e < EPV; ++e) red_acc[warp][sub * EPV + e] = acc[e];
+    }
+    __syncthreads();
+    float l = red_l[0];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) l += red_l[w];
     for (int c = tid; c < D; c += THREADS) {
       float a = red_acc[0][c];
 #pragma unroll
       for (int w = 1; w < WARPS; ++w) a += red_acc[w][c];
-      o[c] = from_f(l > 0.f ? a / l : 0.f);
+      if (S == 1) {  // the part is the output (the combine of one part gives these bits: its weight is 2^0 = 1)
+        o[c] = from_f(l > 0.f ? a / l : 0.f);
+      } else {
+        part[c] = a;
+      }
     }
-    return;
-  }
-  float* parts = ws + (size_t)(row * H + h) * S * (D + 2);
-  float* part = parts + (size_t)sp * (D + 2);
-  for (int c = tid; c < D; c += THREADS) {
-    float a = red_acc[0][c];
-#pragma unroll
-    for (int w = 1; w < WARPS; ++w) a += red_acc[w][c];
-    part[c] = a;
-  }
-  if (tid == 0) {
-    part[D] = m;
-    part[D + 1] = l;
+    if (S == 1) return;
+    if (tid == 0) {
+      part[D] = m;
+      part[D + 1] = l;
+    }
   }
 #if COMBINE
   __threadfence();  // this thread's share of the part is in L2 before the counter says the part is there
@@ -314,7 +373,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_attention_cuda(
   __syncthreads();
   if (!last) return;
   __threadfence();
-  combine_parts(parts, S, o, tid, THREADS);
+  combine_parts(parts, S, o, tid, THREADS, sw, sl);
   if (tid == 0) cnt[row * H + h] = 0;  // (for the next call: every CTA of this head has counted)
 #endif
 }
@@ -322,9 +381,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, 1) decode_attention_cuda(
 extern "C" __global__ void attention_combine_cuda(const float* __restrict__ ws, elem_t* __restrict__ out, int S,
                                                   int stride_ob)
 {
+  __shared__ float sw[MAX_PARTS], sl[MAX_PARTS];
   const int h = blockIdx.y, row = blockIdx.z, H = gridDim.y;
   combine_parts(ws + (size_t)(row * H + h) * S * (D + 2), S, out + (size_t)row * stride_ob + h * D, threadIdx.x,
-                blockDim.x);
+                blockDim.x, sw, sl);
 }
 """
 COMBINE_THREADS = 128
@@ -388,7 +448,7 @@ def kernel_source(dtype: torch.dtype, dim: int, split: int, pos_dtype: torch.dty
     threads = threads_for(split, dim, eb)
     values = {"THREADS": threads, "SPLIT": split, "D": dim, "DTYPE": _DTYPES[dtype],
               "ROUNDS": rounds(split, threads, dim, eb), "ROTARY": int(rotary), "HAS_SCALE": int(has_scale),
-              "COMBINE": int(combine), "POS_T": _POSITIONS[pos_dtype]}
+              "COMBINE": int(combine), "POS_T": _POSITIONS[pos_dtype], "MAX_PARTS": MAX_PARTS}
     src = _SOURCE
     for key, value in values.items():
         src = src.replace(f"__{key}__", str(value))
@@ -415,6 +475,8 @@ def attention(src: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | N
     (rotary, logN scale, the cache write: ``rotary_attention``), else the query [b, heads * D]. ``counters``: the
     per-(row, head) counters when the last CTA combines the parts (S > 1), else None (the combine kernel runs after).
     Operands are checked by the callers (decode_kernels)."""
+    if S > MAX_PARTS:
+        return False
     b = src.shape[0]
     rotary = cos is not None
     combine = counters is not None

@@ -93,10 +93,17 @@ def test_every_configuration_compiles_with_its_loads_ahead_of_the_math():
             ops = re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?P\d\s+)?([A-Z][A-Z0-9.]*)", body)
             first_fma = next(i for i, op in enumerate(ops) if op.startswith("FFMA"))
             loads = [i for i, op in enumerate(ops) if op.startswith("LDG") and ".128" in op]
+            # the query's, the rotary's and the new key's loads (after the first load: the row's position, which the
+            # key loads need)
+            narrow = [i for i, op in enumerate(ops) if op.startswith("LDG") and ".128" not in op][1:]
             dt, dim, split = config[:3]
-            threads = A.threads_for(split, dim, dt.itemsize)
-            assert len(loads) == 2 * A.rounds(split, threads, dim, dt.itemsize), config
+            eb = dt.itemsize
+            threads = A.threads_for(split, dim, eb)
+            a_pass = 2 * A.rounds(split, threads, dim, eb)
+            passes = split // (a_pass // 2 * (threads // A.lanes_a_key(dim, eb)))
+            assert len(loads) == a_pass * min(passes, 2), config  # the first pass's, then the loop's (one body)
             assert max(loads) < first_fma, config
+            assert loads[a_pass - 1] < min(narrow), config  # the first pass in flight before the query is read
 
 
 # -- on the GPU -----------------------------------------------------------------------------------------------------
