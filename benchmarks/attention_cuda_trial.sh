@@ -4,16 +4,17 @@
 # replay with each in one process (step_config_sweep: 1 and 64 rows after 24-token prompts, one row after 2,000);
 # decode_bench's one-row workloads with each; serve_bench at 32 streams with each (a fresh server apiece). From the
 # repo root on the GPU machine, .whl carried. Parts (each 1 by default; 0 skips): TESTS, SWEEPS, BENCH, SERVE (the
-# whole is more than one 10-minute call).
-#   QWEN_FT_COMMIT=<rev> [TESTS=0 SWEEPS=0] [WORKLOADS="b1_512 b1_ctx2000"] [SERVE=0] bash benchmarks/attention_cuda_trial.sh
+# whole is more than one 10-minute call); CANDIDATES: the sweeps' (default: base and triton).
+#   QWEN_FT_COMMIT=<rev> [TESTS=0 SWEEPS=0] [CANDIDATES="base triton:attention_cuda=0 ..."] [WORKLOADS="b1_512 b1_ctx2000"] [SERVE=0] bash benchmarks/attention_cuda_trial.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_site.sh && inference_trial /tmp/attention_cuda_out || exit 1
 [[ "${TESTS:-1}" == 0 ]] || gpu_tests attention_cuda_tests 240 tests/inference/test_attention_cuda.py \
   tests/inference/test_fused_decode_cuda.py
 if [[ "${SWEEPS:-1}" == 1 ]]; then
-  step_sweep attention_cuda_short 150 --candidates base triton:attention_cuda=0 --rows 1 64 --prompt 24
-  step_sweep attention_cuda_long 150 --candidates base triton:attention_cuda=0 --rows 1 --prompt 2000
+  c="${CANDIDATES:-base triton:attention_cuda=0}"
+  step_sweep attention_cuda_short 200 --candidates $c --rows 1 64 --prompt 24
+  step_sweep attention_cuda_long 200 --candidates $c --rows 1 --prompt 2000
 fi
 for v in $([[ "${BENCH:-1}" == 1 ]] && echo 1 0); do
   FINETUNE_ATTENTION_CUDA=$v timeout 200 python3 benchmarks/decode_bench.py --part engine --model-dir /tmp/m \

@@ -395,10 +395,15 @@ def lanes_a_key(dim: int, elem_bytes: int) -> int:
     return dim * elem_bytes // 16
 
 
+# a CTA's threads at splits of up to 128 keys, and at longer ones (the probe's best at each, H100, step 98)
+SHORT_SPLIT_THREADS = 256
+LONG_SPLIT_THREADS = 128
+
+
 def threads_for(split: int, dim: int, elem_bytes: int) -> int:
-    """A CTA's threads: 256 for 64- and 128-key splits and 128 for 256 (the probe's best at each, H100, step 98),
-    fewer where a round of the CTA would hold more keys than the split."""
-    threads = 256 if split <= 128 else 128
+    """A CTA's threads: SHORT_SPLIT_THREADS for 64- and 128-key splits and LONG_SPLIT_THREADS for 256, fewer where
+    a round of the CTA would hold more keys than the split."""
+    threads = SHORT_SPLIT_THREADS if split <= 128 else LONG_SPLIT_THREADS
     while threads > 32 and threads // lanes_a_key(dim, elem_bytes) > split:
         threads //= 2
     return threads
@@ -461,7 +466,10 @@ def float_bits(x: float) -> int:
 
 
 def _kernel(device: torch.device, name: str, config: tuple):
-    return mma_gemv.compiled(device, ("attention",) + config, name, lambda: kernel_source(*config),
+    dtype, dim, split = config[:3]
+    threads = threads_for(split, dim, dtype.itemsize)  # (in the key: the module's constants may change, in sweeps)
+    shape = ("attention", threads, rounds(split, threads, dim, dtype.itemsize))
+    return mma_gemv.compiled(device, shape + config, name, lambda: kernel_source(*config),
                              "the decode attention runs the Triton kernels")
 
 
