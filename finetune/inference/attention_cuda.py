@@ -36,9 +36,10 @@ import torch
 from finetune.quant import kernel_launch, mma_gemv  # (absolute, as decode_kernels': the tests load that file alone)
 from finetune.settings import settings
 
-# 16-byte vectors of K (and as many of V) a thread holds a pass: 128 registers of data (the probe's 109-181 registers
-# a thread, no spills)
-MAX_ROUNDS = 16
+# 16-byte vectors of K (and as many of V) a thread holds a pass: 64 registers of data. 8 beat the probe's 16 (step 98)
+# inside the step on an H100 at 64 rows (-1.3% of the step) and, with 256-key splits, at one row after 2,000 tokens;
+# no change at 32 rows after 500 (NOTES step 99): fewer registers, more CTAs an SM.
+MAX_ROUNDS = 8
 # key splits a row at most (the combine's weights in shared memory): 64K keys at 256-key splits; more runs Triton
 MAX_PARTS = 256
 _DTYPES = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
@@ -432,14 +433,20 @@ def unsupported(dtype: torch.dtype, dim: int, pos_dtype: torch.dtype, split: int
 _available: list = []  # mma_gemv.available()'s answer, asked once (a decode step's eager calls ask at every layer)
 
 
-def serves(device: torch.device, dtype: torch.dtype, dim: int, pos_dtype: torch.dtype, split: int) -> bool:
-    """Whether a decode attention call on ``device`` goes through this kernel: the switch on, NVRTC at hand
-    (mma_gemv.available), and a call it takes (``unsupported``)."""
-    if device.type != "cuda" or not settings().attention_cuda:
+def enabled() -> bool:
+    """Whether this process's CUDA decode attention runs here: FINETUNE_ATTENTION_CUDA on, a GPU, NVRTC
+    (mma_gemv.available)."""
+    if not settings().attention_cuda:
         return False
     if not _available:
         _available.append(mma_gemv.available())
-    return _available[0] is None and unsupported(dtype, dim, pos_dtype, split) is None
+    return _available[0] is None
+
+
+def serves(device: torch.device, dtype: torch.dtype, dim: int, pos_dtype: torch.dtype, split: int) -> bool:
+    """Whether a decode attention call on ``device`` goes through this kernel: ``enabled``, and a call it takes
+    (``unsupported``)."""
+    return device.type == "cuda" and enabled() and unsupported(dtype, dim, pos_dtype, split) is None
 
 
 def kernel_source(dtype: torch.dtype, dim: int, split: int, pos_dtype: torch.dtype, rotary: bool, has_scale: bool,

@@ -374,13 +374,25 @@ def _dec_rotary_attn_kernel(qkv_ptr, cos_ptr, sin_ptr, qscale_ptr, pos_ptr, k_pt
 # 2,000 keys 128-key splits (640) beat 256 (320) and 64 (1,280): 220 against 214 and 216 (NOTES step 65).
 FILL_PROGRAMS = 512
 MAX_SPLIT = 256
+# attention_cuda.py's kernel, whose CTAs each hold their whole split in flight, does better with fewer, longer ones: at
+# one row after 2,000 tokens 8 splits of 256 keys a head (and a graph of 2,048 keys) beat 16 of 128 (and 3,072 keys)
+# by 1.9% of the step on an H100, and 32 or 64 rows were unchanged (NOTES step 99)
+CUDA_FILL_PROGRAMS = 256
+
+
+def fill_programs() -> int:
+    """The programs key_split fills the GPU with: CUDA_FILL_PROGRAMS where attention_cuda.py's kernel runs the
+    attention, else FILL_PROGRAMS (the Triton kernels; the CPU)."""
+    from finetune.inference import attention_cuda  # (absolute, as _cuda_kernel's)
+
+    return CUDA_FILL_PROGRAMS if torch.cuda.is_available() and attention_cuda.enabled() else FILL_PROGRAMS
 
 
 def key_split(rows: int, heads: int, kv_len: int) -> int:
     """The keys a decode_attention program reads: MAX_SPLIT, halved (to 64 at least) while the step would have fewer
-    than FILL_PROGRAMS programs."""
-    split = MAX_SPLIT
-    while split > 64 and rows * heads * -(-kv_len // split) < FILL_PROGRAMS:
+    than ``fill_programs()`` programs."""
+    split, fill = MAX_SPLIT, fill_programs()
+    while split > 64 and rows * heads * -(-kv_len // split) < fill:
         split //= 2
     return split
 
@@ -389,10 +401,11 @@ def covering_length(rows: int, heads: int, need: int) -> int:
     """The key length a graph of this step is captured at, >= ``need``: the longest with the split of ``need``'s
     (key_split), and for MAX_SPLIT, MAX_SPLIT x a power of two. A graph replays for every step up to its length, and
     the splits past a row's keys cost next to nothing at 8-64 rows (NOTES step 71), so a row meets a new graph at a
-    few lengths only (one row of 40 heads: 1,536, 3,072, 4,096, 8,192; 64 rows: 256 x a power of two)."""
+    few lengths only (one row of 40 heads: 1,536, 3,072, 4,096, 8,192 with the Triton kernels, 768, 1,536, 2,048,
+    4,096, 8,192 with attention_cuda.py's; 64 rows: 256 x a power of two)."""
     split = key_split(rows, heads, need)
     if split < MAX_SPLIT:  # split is kept up to the longest length at which key_split did not stop at 2 x split
-        return 2 * split * ((FILL_PROGRAMS - 1) // (rows * heads))
+        return 2 * split * ((fill_programs() - 1) // (rows * heads))
     splits = 1
     while splits * MAX_SPLIT < need:
         splits *= 2

@@ -61,6 +61,26 @@ def test_a_pass_splits_each_key_split_into_whole_rounds(dtype):
     assert [A.threads_for(s, 128, 2) for s in (64, 128, 256)] == [256, 256, 128]
 
 
+def test_with_this_kernel_key_split_fills_the_gpu_with_fewer_longer_splits(monkeypatch):
+    """Where this kernel runs the attention, key_split aims at CUDA_FILL_PROGRAMS programs (256-key splits from 1,537
+    keys at one row of 40 heads, and graphs at 2,048 keys), else at FILL_PROGRAMS (the Triton kernels); each covering
+    length is still a fixed point (a graph captured there serves every step up to it)."""
+    pytest.importorskip("triton")
+    from finetune.inference import decode_kernels as K
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(A, "enabled", lambda: True)
+    assert K.fill_programs() == K.CUDA_FILL_PROGRAMS == 256
+    assert [K.key_split(1, 40, n) for n in (1, 768, 769, 1536, 1537, 4000)] == [64, 64, 128, 128, 256, 256]
+    assert [K.covering_length(1, 40, n) for n in (1, 769, 1537, 2001, 2049)] == [768, 1536, 2048, 2048, 4096]
+    for rows in (1, 3, 32):
+        for n in (1, 200, 700, 1600, 3000):
+            length = K.covering_length(rows, 40, n)
+            assert length >= n and K.covering_length(rows, 40, length) == length
+    monkeypatch.setattr(A, "enabled", lambda: False)  # (FINETUNE_ATTENTION_CUDA=0, or no NVRTC)
+    assert K.fill_programs() == K.FILL_PROGRAMS and K.covering_length(1, 40, 2001) == 3072
+
+
 def _nvrtc():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from mma_sass import find_nvrtc
