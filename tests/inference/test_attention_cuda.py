@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -79,6 +80,52 @@ def test_with_this_kernel_key_split_fills_the_gpu_with_fewer_longer_splits(monke
             assert length >= n and K.covering_length(rows, 40, length) == length
     monkeypatch.setattr(A, "enabled", lambda: False)  # (FINETUNE_ATTENTION_CUDA=0, or no NVRTC)
     assert K.fill_programs() == K.FILL_PROGRAMS and K.covering_length(1, 40, 2001) == 3072
+
+
+def _parameters(name: str) -> list[str]:
+    """The C parameter declarations of kernel ``name`` in the source."""
+    body = A._SOURCE.split(f"{name}(")[1].split(")")[0]
+    return [" ".join(p.split()) for p in body.split(",")]
+
+
+@pytest.mark.parametrize("rotary,S,counters", [(True, 8, True), (True, 12, False), (False, 1, False),
+                                               (False, 40, False)])
+def test_the_launch_passes_what_the_kernels_declare(monkeypatch, rotary, S, counters):
+    """attention()'s arguments against the kernels' C signatures: as many, a tensor for each pointer and an int for
+    each int; the grid (splits, heads, rows); the combine kernel launched after only where the parts are not
+    combined in the launch (S > 1, no counters). The launch itself is recorded, not run (no GPU)."""
+    launches = []
+    monkeypatch.setattr(A.mma_gemv, "compiled",
+                        lambda device, config, name, source, instead: SimpleNamespace(name=name))
+    monkeypatch.setattr(A.kernel_launch, "launch", lambda k, grid, block, args: launches.append((k, grid, block, args)))
+    b, heads, dim, cap = 3, 4, 64, 512
+    src = torch.zeros(b, (3 if rotary else 1) * heads * dim, dtype=torch.bfloat16)
+    cos = torch.ones(b, dim) if rotary else None
+    cache = torch.zeros(b, heads, cap, dim, dtype=torch.bfloat16)
+    out = torch.zeros(b, 1, heads * dim, dtype=torch.bfloat16)
+    ws = torch.zeros(b * heads * S * (dim + 2))
+    cnt = torch.zeros(b * heads, dtype=torch.int32) if counters else None
+    assert A.attention(src, cos, cos, None, torch.zeros(b, dtype=torch.int64), cache, cache.clone(), ws, cnt, out,
+                       0.125, cap, 64, S, heads, dim)
+    names = [k.name for k, *_ in launches]
+    assert names == ["decode_attention_cuda"] + (["attention_combine_cuda"] if S > 1 and not counters else [])
+    for kernel, grid, block, args in launches:
+        name = kernel.name
+        params = _parameters(name)
+        assert len(args) == len(params), name
+        for param, arg in zip(params, args):
+            if "*" in param:
+                assert isinstance(arg, torch.Tensor), (name, param)
+            else:
+                assert param.startswith("int ") and isinstance(arg, int), (name, param)
+        assert grid == ((S, heads, b) if name == "decode_attention_cuda" else (1, heads, b))
+    main = dict(zip([p.split()[-1].lstrip("*") for p in _parameters("decode_attention_cuda")], launches[0][3]))
+    assert main["kv_len"] == cap and main["S"] == S and main["stride_cp"] == dim and main["P"] == heads * dim
+    assert main["stride_src"] == src.stride(0) and main["stride_ob"] == heads * dim
+    assert main["scale_bits"] == A.float_bits(0.125) and main["rot"] == (dim if rotary else 0)
+    assert (main["cnt"] is cnt) if counters else True
+    assert not A.attention(src, cos, cos, None, torch.zeros(b, dtype=torch.int64), cache, cache, ws, None, out,
+                           0.125, cap, 64, A.MAX_PARTS + 1, heads, dim)  # (too many parts: the Triton kernels)
 
 
 def _nvrtc():
