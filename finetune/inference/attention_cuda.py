@@ -475,7 +475,8 @@ def float_bits(x: float) -> int:
 def _kernel(device: torch.device, name: str, config: tuple):
     dtype, dim, split = config[:3]
     threads = threads_for(split, dim, dtype.itemsize)  # (in the key: the module's constants may change, in sweeps)
-    shape = ("attention", threads, rounds(split, threads, dim, dtype.itemsize))
+    # MAX_PARTS too: it sizes the combine's shared arrays, and attention() checks S against the current value
+    shape = ("attention", threads, rounds(split, threads, dim, dtype.itemsize), MAX_PARTS)
     return mma_gemv.compiled(device, shape + config, name, lambda: kernel_source(*config),
                              "the decode attention runs the Triton kernels")
 

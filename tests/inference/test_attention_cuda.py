@@ -128,6 +128,20 @@ def test_the_launch_passes_what_the_kernels_declare(monkeypatch, rotary, S, coun
                            0.125, cap, 64, A.MAX_PARTS + 1, heads, dim)  # (too many parts: the Triton kernels)
 
 
+def test_the_compiled_kernels_key_holds_every_constant_compiled_in(monkeypatch):
+    """MAX_PARTS sizes the combine's shared arrays (sw, sl) and attention() checks S against the module's current
+    value: a kernel compiled before a sweep raised it must not serve the calls with more parts."""
+    from finetune.quant import mma_gemv
+
+    keys = []
+    monkeypatch.setattr(mma_gemv, "compiled", lambda device, config, name, source, instead: keys.append(config))
+    config = (torch.bfloat16, 128, 256, torch.int64, True, True, True)
+    A._kernel(torch.device("cuda", 0), "decode_attention_cuda", config)
+    monkeypatch.setattr(A, "MAX_PARTS", 2 * A.MAX_PARTS)
+    A._kernel(torch.device("cuda", 0), "decode_attention_cuda", config)
+    assert keys[0] != keys[1]
+
+
 def _nvrtc():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from mma_sass import find_nvrtc
