@@ -437,7 +437,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"decode_attention takes a contiguous [b, heads, 1, D] query, got {tuple(q.shape)}")
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d, split, S, ws, out = _parts(b, heads, D, kv_len, split, q)
-    cuda = _cuda_kernel(q, k_cache, D, pos, split)
+    cuda = _cuda_kernel(q, k_cache, v_cache, D, pos, split)
     if cuda is not None and cuda.attention(q.view(b, heads * D), None, None, None, pos, k_cache, v_cache, ws, None,
                                            out, scale, kv_len, split, S, heads, D):
         return out
@@ -488,7 +488,7 @@ def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qu
     _check_cache(k_cache, v_cache, b, heads, D, kv_len)
     block_d, split, S, ws, out = _parts(b, heads, D, kv_len, split, qkv)  # (ws not read at S = 1)
     counters = _counters(qkv.device, b * heads) if 1 < S and b * heads * S <= ONE_LAUNCH_PROGRAMS else None
-    cuda = _cuda_kernel(qkv, k_cache, D, pos, split)
+    cuda = _cuda_kernel(qkv, k_cache, v_cache, D, pos, split)
     if cuda is not None and cuda.attention(qkv2, cs, sn, qscale if query_scale is not None else None, pos, k_cache,
                                            v_cache, ws, counters, out, scale, kv_len, split, S, heads, D):
         return out
@@ -504,10 +504,12 @@ def rotary_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, qu
     return out
 
 
-def _cuda_kernel(like: torch.Tensor, k_cache: torch.Tensor, D: int, pos: torch.Tensor, split: int):
+def _cuda_kernel(like: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, D: int, pos: torch.Tensor,
+                 split: int):
     """attention_cuda where it serves this call (CUDA, FINETUNE_ATTENTION_CUDA on, NVRTC, a dtype and head size it
-    takes, the cache in the query's dtype), else None: the Triton kernels here run it."""
-    if not like.is_cuda or k_cache.dtype != like.dtype:
+    takes, both caches in the query's dtype: the kernel reads them as that type), else None: the Triton kernels here
+    run it."""
+    if not like.is_cuda or k_cache.dtype != like.dtype or v_cache.dtype != like.dtype:
         return None
     from finetune.inference import attention_cuda  # (absolute, as above; never imported on the CPU)
 

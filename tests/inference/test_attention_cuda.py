@@ -142,6 +142,26 @@ def test_the_compiled_kernels_key_holds_every_constant_compiled_in(monkeypatch):
     assert keys[0] != keys[1]
 
 
+def test_a_value_cache_of_another_dtype_runs_the_triton_kernels(monkeypatch):
+    """The kernel reads both caches as the query's type (elem_t); the Triton kernels cast each by its own pointer's
+    type, so a V cache in another dtype than the query's (and K's) is theirs."""
+    pytest.importorskip("triton")
+    from types import SimpleNamespace
+
+    from finetune.inference import decode_kernels as K
+
+    monkeypatch.setattr(A, "serves", lambda *args: True)
+
+    def operand(dtype):
+        return SimpleNamespace(is_cuda=True, dtype=dtype, device=torch.device("cuda", 0))
+
+    pos = operand(torch.int64)
+    bf16 = operand(torch.bfloat16)
+    assert K._cuda_kernel(bf16, bf16, bf16, 128, pos, 128) is A
+    assert K._cuda_kernel(bf16, bf16, operand(torch.float32), 128, pos, 128) is None
+    assert K._cuda_kernel(bf16, operand(torch.float16), bf16, 128, pos, 128) is None
+
+
 def _nvrtc():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from mma_sass import find_nvrtc
