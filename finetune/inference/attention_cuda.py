@@ -481,6 +481,19 @@ def _kernel(device: torch.device, name: str, config: tuple):
                              "the decode attention runs the Triton kernels")
 
 
+def launchable(k_cache: torch.Tensor, v_cache: torch.Tensor, rows: int, S: int, elem_bytes: int) -> bool:
+    """Whether a call's launch and loads fit the kernel (else the Triton kernels take it, as they take any of these):
+    a grid of at least one CTA, its rows in gridDim.z (65,535 at most); the caches' 16-byte vector loads aligned
+    (each base, and the row, head and key strides whole vectors); the strides within the C ints kernel_launch
+    passes."""
+    if not 0 < rows <= 65535 or S < 1:
+        return False
+    strides = k_cache.stride()[:3]
+    vector = 16 // elem_bytes
+    return (k_cache.data_ptr() % 16 == 0 and v_cache.data_ptr() % 16 == 0 and max(strides) < 2**31
+            and all(s % vector == 0 for s in strides))
+
+
 def attention(src: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None, query_scale: torch.Tensor | None,
               pos: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ws: torch.Tensor,
               counters: torch.Tensor | None, out: torch.Tensor, scale: float, kv_len: int, split: int, S: int,
@@ -491,9 +504,9 @@ def attention(src: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | N
     (rotary, logN scale, the cache write: ``rotary_attention``), else the query [b, heads * D]. ``counters``: the
     per-(row, head) counters when the last CTA combines the parts (S > 1), else None (the combine kernel runs after).
     Operands are checked by the callers (decode_kernels)."""
-    if S > MAX_PARTS:
-        return False
     b = src.shape[0]
+    if S > MAX_PARTS or not launchable(k_cache, v_cache, b, S, src.dtype.itemsize):
+        return False
     rotary = cos is not None
     combine = counters is not None
     config = (src.dtype, dim, split, pos.dtype, rotary, query_scale is not None, combine)

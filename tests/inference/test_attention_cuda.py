@@ -162,6 +162,27 @@ def test_a_value_cache_of_another_dtype_runs_the_triton_kernels(monkeypatch):
     assert K._cuda_kernel(bf16, operand(torch.float16), bf16, 128, pos, 128) is None
 
 
+def test_calls_whose_launch_or_vector_loads_do_not_fit_run_the_triton_kernels(monkeypatch):
+    """A cache whose rows are not 16-byte aligned (a view at an odd element offset) would fault the kernel's vector
+    loads, and an empty grid fails cuLaunchKernel; the Triton kernels take both (attention() returns False before
+    any compile or launch)."""
+    monkeypatch.setattr(A, "_kernel", lambda *args: pytest.fail("compiled a kernel for a call it cannot take"))
+    heads, dim, capacity = 2, 128, 64
+    n = heads * capacity * dim
+    flat = torch.zeros(2 * n + 8, dtype=torch.bfloat16)
+    k, v = flat[:n].view(1, heads, capacity, dim), flat[n + 8:].view(1, heads, capacity, dim)
+    shifted = flat[1:n + 1].view(1, heads, capacity, dim)  # (2 bytes past a 16-byte boundary)
+    assert A.launchable(k, v, 1, 1, 2) and not A.launchable(shifted, v, 1, 1, 2)
+    assert not A.launchable(k, v, 0, 1, 2) and not A.launchable(k, v, 1, 0, 2)
+    odd = torch.zeros(1, heads, capacity + 1, dim + 4, dtype=torch.bfloat16)[:, :, :, :dim]  # key stride 132
+    assert not A.launchable(odd, odd, 1, 1, 2)
+    q = torch.zeros(1, heads * dim, dtype=torch.bfloat16)
+    pos = torch.tensor([5])
+    ws, out = torch.zeros(heads * (dim + 2)), torch.zeros(1, 1, heads * dim, dtype=torch.bfloat16)
+    assert not A.attention(q, None, None, None, pos, shifted, v, ws, None, out, 0.1, capacity, 64, 1, heads, dim)
+    assert not A.attention(q[:0], None, None, None, pos, k, v, ws, None, out, 0.1, capacity, 64, 1, heads, dim)
+
+
 def _nvrtc():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from mma_sass import find_nvrtc
