@@ -257,6 +257,15 @@ def _softmax_fp64(q, k, v, pos, scale, kv_len):
     return out.reshape(rows, 1, heads * dim)
 
 
+def _compiled_for_real(dtype):
+    """Every attention kernel compiled for ``dtype`` so far is a kernel, not a failed compile's message (a failure
+    only warns, and the Triton kernels run: these tests would then compare them with themselves and pass)."""
+    from finetune.quant import mma_gemv
+
+    kernels = [k for key, k in mma_gemv._kernels.items() if "attention" in key and dtype in key]
+    assert kernels and not any(isinstance(k, str) for k in kernels), kernels
+
+
 # (head size, rotary width, positions, kv_len, split): one row at 1 and 16 splits; rows with an empty first split's
 # neighbours, split edges, a stale position past kv_len; a half-width rotary (channels past it pass through)
 CASES = [(128, None, [1999], 2048, None), (128, None, [37], 64, None),
@@ -282,6 +291,7 @@ def test_cuda_attention_is_the_softmax_and_writes_what_rotary_to_cache_writes(dt
     got = K.rotary_attention(qkv, cos, sin, qscale, k2, v2, pos, heads, dim ** -0.5, kv_len, split)
     given = K.decode_attention(q, k1, v1, pos, dim ** -0.5, kv_len, split)
     torch.cuda.synchronize()
+    _compiled_for_real(dtype)
     assert torch.equal(k2, k1) and torch.equal(v2, v1)  # the new keys rotated, rounded and placed alike
     assert torch.equal(got, given)  # the same query bits, the same sums
     want = _softmax_fp64(q, k1, v1, pos, dim ** -0.5, kv_len)
@@ -311,6 +321,7 @@ def test_a_rows_bits_do_not_depend_on_the_batch_it_is_in(monkeypatch):
                                heads, dim ** -0.5, kv_len, split)
     batch = K.rotary_attention(qkv, cos, sin, qscale, k0.clone(), v0.clone(), pos, heads, dim ** -0.5, kv_len, split)
     torch.cuda.synchronize()
+    _compiled_for_real(torch.bfloat16)
     assert torch.equal(batch[:1], alone)
     k1, v1 = k0[:1].clone(), v0[:1].clone()
     graph = torch.cuda.CUDAGraph()
@@ -321,6 +332,7 @@ def test_a_rows_bits_do_not_depend_on_the_batch_it_is_in(monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(replayed, alone)
+        assert not K._counters(qkv.device, heads).any()  # (each replay leaves them zero, as the eager call)
 
 
 @cuda
@@ -346,6 +358,7 @@ def test_a_new_key_length_with_a_known_split_compiles_nothing():
     seen = {step(n) for n in (256, 512, 1024, 2048, 4096, 8192)}  # splits 64, 128, 256; 8192: the combine kernel
     compiled = {key for key in mma_gemv._kernels if "attention" in key}
     assert seen == {64, 128, 256} and len(compiled) >= 4
+    _compiled_for_real(torch.bfloat16)
     assert {step(n) for n in (264, 1000, 2056, 3000, 7000)} <= seen  # (7000: 28 splits, the combine kernel again)
     torch.cuda.synchronize()
     assert {key for key in mma_gemv._kernels if "attention" in key} == compiled
