@@ -37,7 +37,7 @@ def test_it_takes_the_calls_its_layout_holds():
     assert "head size" in A.unsupported(torch.float32, 256, torch.int64, 128)  # a 1 KiB key row: 64 lanes
     assert "head size" in A.unsupported(torch.bfloat16, 4, torch.int64, 128)  # 8 bytes: under one vector
     assert "key split" in A.unsupported(torch.bfloat16, 128, torch.int64, 96)
-    assert "key split" in A.unsupported(torch.bfloat16, 16, torch.int64, 8)  # a round of 64 keys holds 8
+    assert "key split" in A.unsupported(torch.bfloat16, 16, torch.int64, 8)  # 32 threads read 16 keys a round
     with pytest.raises(ValueError, match="head size 96"):
         A.kernel_source(torch.bfloat16, 96, 128, torch.int64, True, True, True)
     assert not A.serves(torch.device("cpu"), torch.bfloat16, 128, torch.int64, 128)
