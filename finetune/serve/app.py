@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import react
 from ..errors import quoted
 from ..inference.sampling import GREEDY_BELOW
+from .models import peft_adapter_name
 from .protocol import ECHO_CHARS, APIError, ChatCompletionRequest, clipped, field_path
 from .textstream import TextStream
 from .worker import Closed, EngineWorker
@@ -87,7 +88,7 @@ class Server:
         if model == self.base_name:
             return None
         if model in self.adapter_names:
-            return model
+            return peft_adapter_name(model)  # (as load_served_model loaded it)
         names = ", ".join([self.base_name, *self.adapter_names])
         raise APIError(404, f"The model {quoted(model, ECHO_CHARS, length=True)} does not exist (served: {names})",
                        "model", "model_not_found")

@@ -11,6 +11,17 @@ def base_name(model_dir) -> str:
     return Path(str(model_dir).rstrip("/")).name
 
 
+# PyTorch refuses a "." in a module name, and PEFT makes each adapter's name one (lora_A[NAME]): an adapter served
+# as "qwen-v1.5" (a NAME the --adapter check allows) failed the load with a KeyError traceback. It is loaded under
+# its name with each "." as U+2024 (one dot leader: no served name holds one, and messages naming it read the same)
+PEFT_DOT = "\u2024"
+
+
+def peft_adapter_name(name: str) -> str:
+    """The name the adapter served as `name` has in the PeftModel (and the engine)."""
+    return name.replace(".", PEFT_DOT)
+
+
 def unserved_options(model_dir) -> str | None:
     """Why the model dir's generation_config.json cannot be served, or None: options the decode engine does not
     implement (beams, n-gram blocking, ...), which every request would otherwise fail on. A missing or broken
@@ -44,7 +55,7 @@ def load_served_model(model_dir, adapters: list[tuple[str, str]], dtype=None, de
     model = load_model(model_dir, dtype=dtype, device=device)
     tokenizer = load_tokenizer(model_dir)
     for name, adapter_dir in adapters:  # the first wraps the model, the others are added to it: the same checks
-        model = load_adapter(model, adapter_dir, adapter_name=name)
+        model = load_adapter(model, adapter_dir, adapter_name=peft_adapter_name(name))
     if adapters:
         for p in model.parameters():
             p.requires_grad_(False)
