@@ -260,8 +260,9 @@ class Message:
     call_where: str = ""  # and its function_call
 
 
-def content_text(content, where: str) -> str:
-    """Message content: a string, None (empty), or OpenAI's list of text parts."""
+def content_text(content, where: str, refusal: bool = False) -> str:
+    """Message content: a string, None (empty), or OpenAI's list of text parts (``refusal``: an assistant
+    message's, where OpenAI also puts {"type": "refusal", "refusal": ...} parts: what the assistant said)."""
     if content is None:
         return ""
     if isinstance(content, str):
@@ -269,10 +270,12 @@ def content_text(content, where: str) -> str:
     if isinstance(content, list):
         parts = []
         for i, p in enumerate(content):
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+            kind = p.get("type") if isinstance(p, dict) else None
+            key = kind if kind == "text" or (refusal and kind == "refusal") else None
+            if key is None or not isinstance(p.get(key), str):
                 raise ReactError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported",
                                  f"{where}[{i}]")
-            parts.append(p["text"])
+            parts.append(p[key])
         return "".join(parts)
     raise ReactError(f"must be a string, got {json_type(content)}", where)
 
@@ -322,9 +325,15 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         raw_content = _either(m, "content", "value")
         if raw_content is None and role in ("system", "user", "tool", "function"):  # (answered an empty prompt)
             raise ReactError(f"a {role} message needs its 'content'", f"{w}.content")
-        content = content_text(raw_content, f"{w}.content")
+        if role == "assistant" and raw_content is None and isinstance(m.get("refusal"), str):
+            # OpenAI's refusal: the assistant's answer, sent back in the history with content null (it was dropped,
+            # and the model saw an empty reply)
+            raw_content, key = m["refusal"], "refusal"
+        else:
+            key = "content"
+        content = content_text(raw_content, f"{w}.{key}", refusal=role == "assistant")
         if (why := lone_surrogate(content)) is not None:  # (a request answered about text it did not send)
-            raise ReactError(why, f"{w}.content")
+            raise ReactError(why, f"{w}.{key}")
         if role == "tool" and legacy_call:
             role = "function"  # a `tool` turn answering a function_call turn (ShareGPT files mix the two forms)
         legacy_call = False

@@ -122,6 +122,29 @@ def test_a_developer_message_is_the_system_message():
         react.build_turns([{"role": "wizard", "content": "q"}], [])
 
 
+@pytest.mark.parametrize("assistant", [
+    {"role": "assistant", "content": None, "refusal": "I cannot help with that."},
+    {"role": "assistant", "refusal": "I cannot help with that."},
+    {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot help with that."}]},
+    {"role": "assistant", "content": [{"type": "text", "text": "I cannot "}, {"type": "refusal", "refusal": "help "
+                                                                               "with that."}]},
+])
+def test_an_assistant_refusal_in_the_history_is_its_reply(assistant):
+    """OpenAI sends a refusal back as the assistant message's `refusal` (content null) or a refusal content part:
+    the history pair's reply was empty (the field dropped unsaid) or the request a 400."""
+    said = {"role": "assistant", "content": "I cannot help with that."}
+    msgs = [{"role": "user", "content": "q1"}, None, {"role": "user", "content": "q2"}]
+    expected = react.build_turns([said if m is None else m for m in msgs], [])
+    assert react.build_turns([assistant if m is None else m for m in msgs], []) == expected
+    assert expected.history() == [("q1", "I cannot help with that.")]
+    with pytest.raises(react.ReactError, match="only text content parts") as e:  # (a user's is no refusal)
+        react.build_turns([{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}], [])
+    assert e.value.field == "messages[0].content[0]"
+    with pytest.raises(react.ReactError, match="surrogate") as e:
+        react.build_turns([msgs[0], {"role": "assistant", "refusal": "\ud800"}, msgs[2]], [])
+    assert e.value.field == "messages[1].refusal"
+
+
 def _call_messages(function: dict) -> list[dict]:
     """A history whose assistant called ``function`` (OpenAI's tool_calls form), its result, then a question."""
     return [{"role": "user", "content": "q"},
