@@ -7,8 +7,12 @@ from pathlib import Path
 
 
 def base_name(model_dir) -> str:
-    """The base model's name in /v1/models: its dir name (the last part of a hub id)."""
-    return Path(str(model_dir).rstrip("/")).name
+    """The base model's name in /v1/models: its dir name (the last part of a hub id). Of the absolute path, not
+    resolved (a symlinked dir keeps its own name): `-m .` in the model dir served the base as "" (and `-m ..` as
+    ".."), which no client names."""
+    import os
+
+    return Path(os.path.abspath(os.path.expanduser(str(model_dir)))).name
 
 
 # PyTorch refuses a "." in a module name, and PEFT makes each adapter's name one (lora_A[NAME]): an adapter served

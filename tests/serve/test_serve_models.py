@@ -41,3 +41,15 @@ def test_an_adapter_name_with_a_dot_serves_that_adapter(tmp_path):
     expected = model.chat(tok, question, do_sample=False, max_new_tokens=13)[0]  # (chat drops a cut reply's last)
     assert replies["support-v1.5"].startswith(expected) and replies["org/a.b:c"] == replies["support-v1.5"]
     assert replies["tiny-qwen"] != replies["support-v1.5"]
+
+
+@pytest.mark.parametrize("given", [".", "./", "../tiny-qwen", "../tiny-qwen/", "{dir}", "{dir}/"])
+def test_the_base_is_served_under_its_dir_name_however_the_dir_is_written(tmp_path, monkeypatch, given):
+    """`qwen-ft serve -m .` in the model dir served the base as "" (/v1/models listed id "", and a request naming
+    the model by its dir name was a 404 "served: ")."""
+    from finetune.serve.models import base_name
+
+    (tmp_path / "tiny-qwen").mkdir()
+    monkeypatch.chdir(tmp_path / "tiny-qwen")
+    assert base_name(given.format(dir=tmp_path / "tiny-qwen")) == "tiny-qwen"
+    assert base_name("Qwen/Qwen-14B-Chat-Int4") == "Qwen-14B-Chat-Int4"  # a hub id: its last part
