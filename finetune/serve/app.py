@@ -571,9 +571,10 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     app.add_middleware(BodyLimit, limit=max_body)
     app.add_middleware(KeyFirst, server=server, limit=max_body)  # (outside BodyLimit: before the body)
     if server.cors_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before auth
+        # a page reads only the response headers listed here (LEFT_OUT_HEADER was hidden from it)
         app.add_middleware(_cors_middleware(), allow_origins=server.cors_origins,
-                           allow_methods=["GET", "POST", "HEAD"], allow_headers=["*"], expose_headers=["Retry-After"],
-                           max_age=600)
+                           allow_methods=["GET", "POST", "HEAD"], allow_headers=["*"],
+                           expose_headers=["Retry-After", LEFT_OUT_HEADER], max_age=600)
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):

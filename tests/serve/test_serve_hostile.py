@@ -549,6 +549,7 @@ def test_cors_only_for_the_origins_given(live, tmp_path):
     and the request itself carry Access-Control-Allow-Origin for that origin, nothing for others; a server
     started without the flag sends none."""
     from finetune.demo import make_demo_model
+    from finetune.serve.app import LEFT_OUT_HEADER
     from finetune.serve.background import serve_in_background
     from finetune.serve.cli import _parser, build_server
 
@@ -571,6 +572,9 @@ def test_cors_only_for_the_origins_given(live, tmp_path):
         r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60,
                        headers={"Origin": page, "Authorization": "Bearer k"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == page
+        # the headers a page may read: the history pairs a prompt left out among them (a page never saw it)
+        assert {"retry-after", LEFT_OUT_HEADER.lower()} <= set(
+            r.headers["access-control-expose-headers"].lower().split(", "))
         r = httpx.post(bg.api_url + "/chat/completions", json=_body(), timeout=60, headers={"Origin": page})
         assert r.status_code == 401  # the key is still required; CORS only lets the browser read the answer
         assert r.headers["access-control-allow-origin"] == page  # (errors are answers the page must read)
