@@ -108,6 +108,21 @@ def test_model_card_describes_the_adapter_trained_on_and_a_resumed_runs_mean(fin
     assert "mean over the steps since the resume from checkpoint-2" in (run / "README.md").read_text()
 
 
+def test_model_card_names_the_base_and_the_output_by_absolute_paths(model, data, tmp_path, monkeypatch):
+    """`-m .` (in the model dir) and a relative -o: the card said "Base model: `.`" and "qwen-ft chat -m . --adapter
+    out", which works from no other dir (the card is read from anywhere)."""
+    import shlex
+
+    import os
+
+    monkeypatch.chdir(model)
+    out = tmp_path / "relative out"
+    assert train_main(train_args(".", data, os.path.relpath(out), "--use_lora", "True", "--max_steps", "1")) == 0
+    card = (out / "README.md").read_text()
+    assert f"- Base model: `{Path(model).resolve()}`" in card
+    assert f"qwen-ft chat -m {shlex.quote(str(Path(model).resolve()))} --adapter {shlex.quote(str(out))}" in card
+
+
 def test_model_card_says_why_a_short_run_has_no_loss_curve(model, data, tmp_path):
     # `qwen-ft train` without the scripts' --logging_steps 1 logs every 500 steps (transformers' default): a short
     # run's card had an empty "Loss curve" section and no loss_curve.png, without a word why
