@@ -642,11 +642,18 @@ def _not_flags(rest: list[str], parser) -> str:
     import difflib
 
     known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    unknown = [r.partition("=")[0] for r in rest if r.startswith("--")]
+    short = [o for a in parser._actions for o in a.option_strings if len(o) == 2 and o[1] != "-"]
+    # a single-dash word is a flag too (-O for -o, -lora_r): it was "value without a flag: '-O' (the flag before
+    # takes one value ...)", with no flag before it; a negative number stays a value
+    unknown = [r.partition("=")[0] for r in rest if r.startswith("--") or (len(r) > 1 and r[0] == "-"
+                                                                            and not _is_number(r))]
     if unknown:
         parts = []
         for flag in unknown:
-            near = difflib.get_close_matches(flag.replace("-", "_"), known, n=1, cutoff=0.6)
+            if len(flag) == 2:  # (a short flag's case: -O, -M, -D)
+                near = [o for o in short if o.lower() == flag.lower()]
+            else:
+                near = difflib.get_close_matches("--" + flag.lstrip("-").replace("-", "_"), known, n=1, cutoff=0.6)
             parts.append(flag + (f" (did you mean {near[0]}?)" if near else ""))
         return f"unknown flag{'s' * (len(parts) > 1)}: {', '.join(parts)}; {_help_hint()}"
     # (`qwen-ft train data.jsonl` was told "the flag before takes one value": there was none, and data goes with -d)
@@ -655,3 +662,11 @@ def _not_flags(rest: list[str], parser) -> str:
     why = (f"chat data goes with -d: -d {rest[0]}" if data else
            "the flag before takes one value; quote a path that has spaces")
     return f"value{'s' * (len(rest) > 1)} without a flag: {' '.join(map(repr, rest))} ({why})"
+
+
+def _is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True

@@ -240,6 +240,11 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
     (["--lora", "8"], "ambiguous option: --lora could match --lora_r"),
     (["/tmp/my", "data.json"], "values without a flag: '/tmp/my' 'data.json' (the flag before takes one value; quote a path that has spaces)"),
+    # a single-dash flag was "value without a flag: '-O' (the flag before takes one value ...)"
+    (["-O", "out"], "unknown flag: -O (did you mean -o?); "),
+    (["-lora_r", "8"], "unknown flag: -lora_r (did you mean --lora_r?); "),
+    (["-x"], "unknown flag: -x; "),
+    (["--lora_r", "8", "-5"], "value without a flag: '-5' (the flag before takes one value"),  # (a number: a value)
     (["--lora_alpha", "0"], "--lora_alpha must be positive"),
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
     (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
