@@ -115,10 +115,12 @@ def write_model_files(out, config_values: dict) -> None:
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
 
 
-def chat_hint(model_dir, adapter_dir, data_file) -> str:
+def chat_hint(model_dir, adapter_dir, data_file, check: bool = False) -> str:
     """The command that reproduces a memorised answer of the demo run: greedy (sampling on a tiny random model
     gives other tokens), asking the first question of the data, every part shell-quoted. adapter_dir is the run's
-    output: an adapter (LoRA, Q-LoRA), or a whole model (full fine-tuning), which is chatted with as the model."""
+    output: an adapter (LoRA, Q-LoRA), or a whole model (full fine-tuning), which is chatted with as the model.
+    ``check``: decode that answer first, and say so where it is not the data's (flags given beside the demo's
+    recipe, such as --max_steps 2, train too little: the line claimed a memorised answer all the same)."""
     import shlex
 
     from .adapters import is_adapter_dir
@@ -126,14 +128,37 @@ def chat_hint(model_dir, adapter_dir, data_file) -> str:
 
     messages = normalize_record(load_records(data_file)[0])["messages"]
     question = next(m["content"] for m in messages if m["role"] == "user")
+    answer = next(m["content"] for m in messages if m["role"] == "assistant")
     out = Path(adapter_dir)
-    if (out / "config.json").is_file() and not is_adapter_dir(out):
+    whole = (out / "config.json").is_file() and not is_adapter_dir(out)
+    if whole:
         what, cmd = "model", ["qwen-ft", "chat", "-m", str(out)]
     else:
         what, cmd = "adapter", ["qwen-ft", "chat", "-m", str(model_dir), "--adapter", str(out)]
     cmd += ["--greedy", "--query", question]
+    if check and _greedy_reply(out if whole else model_dir, None if whole else out, question, answer) != answer:
+        return (f"The demo {what} has not memorised {data_file}: greedy decoding answers its first question "
+                f"otherwise (the flags given beside the demo's recipe trained it less); to chat with it:\n"
+                f"  {shlex.join(cmd)}")
     return (f"The demo {what} has memorised {data_file}; greedy decoding gives its answers back "
             f"(drop --query to chat):\n  {shlex.join(cmd)}")
+
+
+def _greedy_reply(model_dir, adapter_dir, question: str, answer: str) -> str:
+    """What `qwen-ft chat --greedy --query QUESTION` answers (a few tokens past the answer's length at most)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from . import load_model, load_tokenizer
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore")
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir, adapter=adapter_dir)
+    limit = len(tokenizer.encode(answer)) + 2  # (chat drops a cut reply's last token: a longer one still differs)
+    return model.chat(tokenizer, question, do_sample=False, max_new_tokens=limit)[0]
 
 
 def main(argv=None) -> int:
@@ -149,7 +174,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="rebuild even if DIR already holds the model")
     args = ap.parse_args(argv)
     if args.hint:
-        print(chat_hint(*args.hint))
+        print(chat_hint(*args.hint, check=True))
         return 0
     out = Path(args.make_model)
     done = out / "config.json"

@@ -16,6 +16,7 @@ def test_demo_script_trains_an_adapter_that_answers(tmp_path):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "qwen-ft chat" in proc.stdout  # it ends by saying how to chat with the result
+    assert "The demo adapter has memorised" in proc.stdout
     model_dir = tmp_path / "cache" / "demo-int4"
     assert json.loads((model_dir / "config.json").read_text())["quantization_config"]["bits"] == 4
     out = tmp_path / "out"
@@ -33,6 +34,8 @@ def test_demo_script_trains_an_adapter_that_answers(tmp_path):
                            cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(cached)" in again.stdout
+    # two steps memorise nothing: the hint said "has memorised ... greedy decoding gives its answers back" all the same
+    assert "The demo adapter has not memorised" in again.stdout and "has memorised" not in again.stdout
 
 
 def test_demo_model_dir_that_is_a_file_or_damaged_is_one_line(tmp_path, capsys):
