@@ -614,6 +614,9 @@ DATA_SUFFIXES = (".json",) + JSONL_SUFFIXES  # the files a plain directory given
 
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+# data in a format a directory's reading leaves out (the hub's Parquet shards, Arrow files): refused, as one named
+# alone is (beside a .jsonl file they were left out without a word)
+OTHER_FORMAT_SUFFIXES = {".parquet": "Parquet", ".arrow": "Arrow", ".feather": "Arrow"}
 
 
 def _is_datasets_dir(p: Path) -> bool:
@@ -641,6 +644,8 @@ def _dir_files(d: str) -> list[str]:
             continue
         elif f.is_file() and f.suffix.lower() in COMPRESSED_SUFFIXES and Path(f.stem).suffix.lower() in DATA_SUFFIXES:
             left_out.append(f"{f.name} (compressed: decompress it first)")
+        elif f.is_file() and f.suffix.lower() in OTHER_FORMAT_SUFFIXES:
+            left_out.append(f"{f.name} ({OTHER_FORMAT_SUFFIXES[f.suffix.lower()]}: convert it to JSONL first)")
         elif f.is_dir() and not _is_datasets_dir(f) and any(x.suffix.lower() in DATA_SUFFIXES
                                                              for x in f.rglob("*") if x.is_file()):
             left_out.append(f"{f.name}/ (a subdirectory: a directory's own files are read, not its subdirectories')")

@@ -113,6 +113,21 @@ def test_a_directory_with_data_it_would_not_read_is_refused(shards, data_small_t
     assert len(load_records(f"{shards}/*.jsonl")) == 4
 
 
+def test_a_directory_with_parquet_or_arrow_data_beside_its_json_is_refused(shards):
+    """The hub's Parquet shards (or Arrow files) beside a directory's .jsonl files were left out of its records
+    without a word (one named alone is refused, naming its format)."""
+    assert ids(load_records(shards)) == list("abcde")
+    (shards / "train-00003.parquet").write_bytes(b"PAR1" + bytes(16) + b"PAR1")
+    with pytest.raises(DataError) as e:
+        load_records(shards)
+    assert str(e.value).startswith(f"{shards}: data left out: the directory holds data files it would not read: "
+                                   "train-00003.parquet (Parquet: convert it to JSONL first); name the files")
+    (shards / "train-00003.parquet").unlink()
+    (shards / "extra.arrow").write_bytes(b"ARROW1")
+    with pytest.raises(DataError, match=r"extra\.arrow \(Arrow: convert it to JSONL first\)"):
+        load_records(shards)
+
+
 def test_a_pipe_is_named_as_such_not_as_missing(tmp_path, data_small_tokenizer):
     # `-d <(zcat data.jsonl.gz)`: the pipe exists, and "no such file" sent the user looking for a missing path
     fifo = tmp_path / "fifo.jsonl"
