@@ -81,12 +81,15 @@ def split_last_turn(message: dict) -> tuple[str, str]:
     A turn with tool results (ReAct segments not trained: the observations and the "\\nThought:" after each)
     is cut after its last untrained segment: the model continues from there, as the server prompts it after a
     tool result, and the reference is the trained text that follows, stripped as replies are (its leading space
-    follows "Thought:"). Any other turn: ("", its whole text)."""
+    follows "Thought:"). Any other turn: ("", its whole text). A ReAct turn's reference ends where its reply ends
+    (``cut_reply`` at "Observation:"): a training conversation may end with a call and no result, whose turn ends
+    with the "\nObservation:" the server stops at."""
     segments = message.get("segments") or []
     cut = max((i for i, (_, trained) in enumerate(segments) if not trained), default=None)
     if cut is None:
-        return "", message["content"]
-    return "".join(t for t, _ in segments[:cut + 1]), "".join(t for t, _ in segments[cut + 1:]).strip()
+        return "", cut_reply(message["content"], react.OBSERVATION_STOP) if segments else message["content"]
+    reference = "".join(t for t, _ in segments[cut + 1:])
+    return "".join(t for t, _ in segments[:cut + 1]), cut_reply(reference, react.OBSERVATION_STOP)
 
 
 def reply_stop(record: dict) -> str | None:

@@ -27,8 +27,10 @@ messages, `function` role messages). Tool definitions: OpenAI `tools` ([{"type":
 
 For training, an assistant turn is a list of (text, trained) segments: the model's own Thought/Action/
 Action Input/Final Answer text and the "\\nObservation:" that ends a call are trained; the observation text
-and the "\\nThought:" the server writes after it are not. Imports nothing heavy (used by data workers;
-`prompt_ids` imports make_context when called).
+and the "\\nThought:" the server writes after it are not. A training conversation may end with one call and no
+result (OpenAI's fine-tuning examples do): its turn ends after that "\\nObservation:" (and its <|im_end|>, trained
+as every reply's is, though the server stops generating at "Observation:"). Imports nothing heavy (used by data
+workers; `prompt_ids` imports make_context when called).
 """
 
 from __future__ import annotations
@@ -305,9 +307,11 @@ def _either(m: dict, key: str, synonym: str):
     return m.get(synonym) if v is None else v
 
 
-def canonical_messages(messages, where: str = "messages") -> list[Message]:
+def canonical_messages(messages, where: str = "messages", open_call: bool = False) -> list[Message]:
     """OpenAI or official-format message dicts (role/content or from/value) -> Messages in the official
-    form: OpenAI tool calls become one assistant message per call, each followed by its `tool` result."""
+    form: OpenAI tool calls become one assistant message per call, each followed by its `tool` result.
+    ``open_call`` (training data): the last message may be an assistant's one tool call without its result, as
+    OpenAI's fine-tuning examples end (the model learns to make the call); a request has none (as the official)."""
     if not isinstance(messages, list) or not messages:
         raise ReactError("must be a non-empty list", where)
     out: list[Message] = []
@@ -378,7 +382,11 @@ def canonical_messages(messages, where: str = "messages") -> list[Message]:
         out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None,
                            f"{w}.content", f"{w}.function_call"))
         legacy_call = fc is not None
-    if pending:
+    if pending and not (open_call and pending.open_count() == 1):
+        if open_call:  # (ReAct writes a call's result before the next call: two open ones have no layout)
+            raise ReactError(f"ends with {pending.open_count()} tool calls without results; a conversation may end "
+                             "with one call (the model learns to make it), not several",
+                             f"{where}[{len(messages) - 1}]")
         raise ReactError(f"tool call {quoted(pending.first_id(), QUOTED)} has no tool message answering it", where)
     if not results:
         return out
@@ -416,6 +424,9 @@ class _PendingCalls:
     def _skip(self) -> None:
         while self._head < len(self._calls) and not self._calls[self._head][2]:
             self._head += 1
+
+    def open_count(self) -> int:
+        return sum(1 for c in self._calls[self._head:] if c[2])
 
     def first_id(self):
         self._skip()
@@ -500,8 +511,10 @@ def _assistant_segments(m: Message, functions: list[dict], after_observation: bo
 
 
 def build_turns(messages, functions: list[dict] | None = None, default_system: str = DEFAULT_SYSTEM,
-                where: str = "messages") -> Turns:
+                where: str = "messages", open_call: bool = False) -> Turns:
     """Messages (any accepted form) + function dicts -> Turns, as the official parse_messages lays them out.
+    ``open_call`` (training data): a last assistant message that calls a function without its result ends its turn
+    with "\nObservation:", trained (where the server stops the call's generation).
 
     Raises ReactError naming the message when the order is not user, assistant (+ function results), ...
     """
@@ -546,7 +559,9 @@ def build_turns(messages, functions: list[dict] | None = None, default_system: s
     elif msgs[-1].role == "function":
         rows[-1][1].append(("\nThought:", False))  # the model continues the open turn
     elif msgs[-1].function_call is not None:
-        raise ReactError("the last function call has no function result after it", f"{where}[{len(msgs) - 1}]")
+        if not open_call:
+            raise ReactError("the last function call has no function result after it", f"{where}[{len(msgs) - 1}]")
+        rows[-1][1].append(("\nObservation:", True))
     pairs = []
     for k in range(0, len(rows), 2):  # the official strips each history reply again, as a whole
         pairs.append((rows[k][1], _strip_segments(rows[k + 1][1])))
@@ -674,14 +689,14 @@ def render_tool_record(record: dict) -> dict:
     key = "conversations" if record.get("conversations") is not None else "messages"
     turns = record.get(key)
     functions = functions_from(record.get("functions"), record.get("tools"))
-    msgs = canonical_messages(turns, key)
+    msgs = canonical_messages(turns, key, open_call=True)
     top_system = record.get("system")
     if top_system is not None:
         if msgs[0].role == "system":
             raise ReactError("the record has both a top-level 'system' and a system turn", f"{key}[0]")
         if not isinstance(top_system, str):
             raise ReactError("must be a string", "system")
-    t = build_turns(msgs, functions, DEFAULT_SYSTEM if top_system is None else top_system, where=key)
+    t = build_turns(msgs, functions, DEFAULT_SYSTEM if top_system is None else top_system, where=key, open_call=True)
     if msgs[-1].role == "function":
         raise ReactError("ends with a function result: the assistant's reply after it is missing",
                          f"{key}[{len(turns) - 1}]")

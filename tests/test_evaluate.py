@@ -582,6 +582,23 @@ def test_a_tool_record_without_a_call_in_its_last_turn_is_prompted_as_before(sma
     assert ref == "Thought: I now know the final answer.\nFinal Answer: Hi!"
 
 
+def test_a_tool_record_ending_with_a_call_is_referenced_up_to_the_stop_as_its_reply_ends(small_tok):
+    """A training record may end with a call and no result (OpenAI's fine-tuning form): its turn ends with the
+    "\nObservation:" the server stops at, and a reply that makes the same call, cut at the stop, is the reference
+    (it never matched: the reference kept the "\nObservation:" that replies are cut before)."""
+    from finetune.data import normalize_record
+    from finetune.evaluate import cut_reply, reply_stop
+
+    call = 'Action: get_weather\nAction Input: {"city": "Paris"}'
+    for record, ref in (({"tools": TOOLS, "messages": CALL[:2]}, f"Thought: I need the weather.\n{call}"),
+                        ({"tools": TOOLS, "messages": CALL + [{**CALL[1], "content": "Once more.", "tool_calls": [
+                            {**CALL[1]["tool_calls"][0], "id": "c2"}]}]}, f"Once more.\n{call}")):
+        tokens, got = generation_prompt(small_tok, record)
+        assert got == ref
+        stop = reply_stop(normalize_record(record))
+        assert stop == "Observation:" and cut_reply(f"{ref}\nObservation:", stop) == got
+
+
 PLAIN = [
     {"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": " a \n"}]},
     {"system": "Be brief.", "messages": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},

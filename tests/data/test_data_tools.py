@@ -59,6 +59,34 @@ def test_openai_tool_calls_render_in_the_react_layout(data_small_tokenizer):
     assert normalize_record(rec) == rec  # normalising is idempotent, segments kept
 
 
+# OpenAI's fine-tuning example for tool calls: the conversation ends with the assistant's call, no result
+OPEN_CALL = {"tools": OPENAI["tools"], "messages": OPENAI["messages"][:2]}
+
+
+def test_a_conversation_ending_with_a_call_trains_the_call_up_to_the_stop(data_small_tokenizer):
+    """The model learns to make the call and to end it where the server stops generating ("Observation:"); the
+    official form (function_call, no function turn) renders the same; a request ending so stays a 400 (the server's
+    build_turns refuses it, as the official does)."""
+    tok = data_small_tokenizer
+    rec = normalize_record(OPEN_CALL)
+    assert rec["messages"][1]["content"] == REPLY.split(" sunny")[0]
+    runs = _runs(tok, encode_conversation(tok, OPEN_CALL))
+    assert [text for t, text in runs if t] == ['Thought: I need the weather.\nAction: get_weather\nAction Input: '
+                                               '{"city": "Paris"}\nObservation:<|im_end|>']
+    official = {"functions": [WEATHER], "conversations": OFFICIAL["conversations"][:2]}
+    assert normalize_record(official) == rec
+    # after an answered call too (the second call's Thought follows the first's observation)
+    rome = {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}
+    second = {"role": "assistant", "content": "And Rome.", "tool_calls": [rome]}
+    again = {**OPENAI, "messages": [*OPENAI["messages"][:3], second]}
+    trained = [text for t, text in _runs(tok, encode_conversation(tok, again)) if t]
+    assert trained[-1] == ' And Rome.\nAction: get_weather\nAction Input: {"city": "Rome"}\nObservation:<|im_end|>'
+    with pytest.raises(react.ReactError, match="has no tool message answering it"):
+        react.build_turns(OPEN_CALL["messages"], [WEATHER])  # (the server's path)
+    with pytest.raises(react.ReactError, match="the last function call has no function result"):
+        react.build_turns(react.canonical_messages(OPEN_CALL["messages"], open_call=True), [WEATHER])
+
+
 def test_official_function_role_equals_openai_form(data_small_tokenizer):
     assert normalize_record(OFFICIAL) == normalize_record(OPENAI)
     assert encode_conversation(data_small_tokenizer, OFFICIAL) == encode_conversation(data_small_tokenizer, OPENAI)
@@ -208,8 +236,11 @@ def test_alpaca_record_keeps_its_tools():
         {"from": "human", "value": "q"}, {"from": "function_call", "value": "get_weather(Paris)"},
         {"from": "observation", "value": "r"}, {"from": "gpt", "value": "x"}]}, "conversations[1].value: must be JSON"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "tool", "content": "x"}]}, "messages[1].role"),
-    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "",
-                    "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}]}, "messages"),
+    # two calls left without results: ReAct writes a call's result before the next call
+    ({**OPENAI, "messages": [OPENAI["messages"][0], {**OPENAI["messages"][1], "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}},
+        {"id": "c2", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Rome\"}"}}]}]},
+     "messages[1]: ends with 2 tool calls without results"),
     ({"conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "t",
                          "function_call": {"name": "f", "arguments": "{}"}}, {"from": "function", "value": "r"}]},
      "conversations[2]"),
