@@ -22,12 +22,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"qwen-ft {__version__}")
         return 0
+    if argv and argv[0] == "help":  # `qwen-ft help train` as `qwen-ft train --help` (as git and pip read it)
+        argv = [argv[1], "--help"] if len(argv) > 1 and argv[1] in COMMANDS else ["--help"] + argv[1:2]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
         print("usage: qwen-ft COMMAND [ARGS]  (or qwen-ft --version)\n\ncommands:\n" + "\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command {argv[0]!r}{_nearest(argv)}", file=sys.stderr)
+            return 2
+        if argv[1:]:  # `qwen-ft help nosuch`
+            print(f"\nerror: no command {argv[1]!r} to help with{_nearest(argv[1:])}", file=sys.stderr)
             return 2
         return 0
     from .settings import SettingsError, settings, unknown_switches

@@ -610,3 +610,15 @@ def test_an_unknown_command_names_the_one_meant(capsys, argv, hint):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"error: {hint}", err
+
+
+def test_help_before_a_command_is_that_commands_help(capsys):
+    """`qwen-ft help train` (as git and pip read it) was "unknown command 'help' (did you mean eval?)", exit 2."""
+    from finetune.cli import main
+
+    with pytest.raises(SystemExit) as e:  # (argparse's --help exits 0)
+        main(["help", "serve"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: qwen-ft serve")
+    assert main(["help"]) == 0 and "commands:" in capsys.readouterr().out
+    assert main(["help", "trian"]) == 2
+    assert capsys.readouterr().err.strip() == "error: no command 'trian' to help with (did you mean train?)"
