@@ -381,8 +381,9 @@ CUDA_FILL_PROGRAMS = 256
 
 
 def fill_programs() -> int:
-    """The programs key_split fills the GPU with: CUDA_FILL_PROGRAMS where attention_cuda.py's kernel runs the
-    attention, else FILL_PROGRAMS (the Triton kernels; the CPU)."""
+    """The programs key_split fills the GPU with: CUDA_FILL_PROGRAMS where attention_cuda.py's kernel is on
+    (``attention_cuda.enabled``; a call it does not take runs the Triton kernels, split alike), else FILL_PROGRAMS
+    (the Triton kernels; the CPU)."""
     from finetune.inference import attention_cuda  # (absolute, as _cuda_kernel's)
 
     return CUDA_FILL_PROGRAMS if torch.cuda.is_available() and attention_cuda.enabled() else FILL_PROGRAMS
