@@ -44,8 +44,8 @@ class Settings:
     # FINETUNE_ATTENTION_ONE_LAUNCH: with decode_attention, the rotary and cache write, the attention's key splits and
     # their combine as one launch a layer (decode_kernels.rotary_attention, NOTES step 79); 0: three launches
     attention_one_launch: bool = True
-    # FINETUNE_ATTENTION_CUDA: those attention kernels in CUDA C (inference/attention_cuda.py: each key split's loads all
-    # in flight before its math, NOTES step 99); 0: the Triton kernels of decode_kernels.py
+    # FINETUNE_ATTENTION_CUDA: those attention kernels in CUDA C (inference/attention_cuda.py: each key split's loads
+    # all in flight before its math, NOTES step 99); 0: the Triton kernels of decode_kernels.py
     attention_cuda: bool = True
     # FINETUNE_PAIRED_DECODE: the fused decode step runs w1 and w2 as one tensor-core launch over their weights side
     # by side (quant.linear.paired_decode, NOTES step 52); 0: two launches
