@@ -69,6 +69,28 @@ def _is_data_file(output: str, data: str) -> bool:
     return any(Path(output).resolve() == Path(f).resolve() for f in sources)
 
 
+def _joins_data(output: str, data: str) -> bool:
+    """Whether a report written at `output` would be read as data by the next run with this --data: a file in the
+    directory it lists, or one its glob matches (the rerun stopped on the report as an invalid record)."""
+    import fnmatch
+
+    from .data import DataError
+    from .data.records import DATA_SUFFIXES, data_dirs
+
+    out = Path(output).resolve()
+    try:
+        dirs = data_dirs(data)
+    except DataError:
+        return False  # (the reading reports it)
+    for directory, pattern, deep in dirs:
+        directory = directory.resolve()
+        if not (directory == out.parent or deep and directory in out.parents):
+            continue
+        if fnmatch.fnmatch(out.name, pattern) if pattern else out.suffix.lower() in DATA_SUFFIXES:
+            return True
+    return False
+
+
 def _last_assistant(messages: list[dict]) -> int:
     # the last trained reply: a "weight": 0 turn, or one with no trained segment, is context the data says not to
     # learn, so no reference (the loss skips it too; a normalised record has at least one trained reply)
@@ -657,6 +679,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.output and _is_data_file(args.output, args.data):
         return _error(f"--output {args.output} is the --data file: the report would replace the held-out data; give "
                       f"another file name")
+    if args.output and _joins_data(args.output, args.data):
+        return _error(f"--output {args.output} is where --data {args.data} reads its data: the report would be read "
+                      f"as a data file by the next run with it; give a file name elsewhere")
     from .data.encoding import MIN_MAX_LEN  # as training's --model_max_length
 
     if args.max_len is not None and args.max_len < MIN_MAX_LEN:

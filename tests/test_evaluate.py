@@ -389,6 +389,25 @@ def test_eval_output_that_is_the_data_file_is_refused_before_loading(setup, tmp_
     assert data.read_text() == setup["data"].read_text()
 
 
+@pytest.mark.parametrize("spec", ["dir", "glob"])
+def test_eval_output_where_the_data_dir_or_glob_would_read_it_is_refused(setup, tmp_path, capsys, monkeypatch, spec):
+    # --data DIR --output DIR/report.json wrote the report among the data: the same command run again stopped on it
+    # as an invalid record (and a training run with that -d too)
+    import finetune.loading
+    from finetune.cli import main
+
+    monkeypatch.setattr(finetune.loading, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    data_dir = tmp_path / "heldout"
+    data_dir.mkdir()
+    (data_dir / "a.json").write_text(setup["data"].read_text())
+    data = str(data_dir) if spec == "dir" else str(data_dir / "*.json")
+    out = data_dir / "report.json"
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", data, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {out} is where --data ") and err.count("\n") == 1, err
+    assert not out.exists()
+
+
 def test_eval_on_another_base_says_so_in_the_report_and_names_a_replaced_report(setup, tmp_path, capsys):
     """-a with -m of a model the adapter was not trained on (same shapes) evaluates as asked; the JSON report
     carries the console's warning (it had none), and writing over an earlier report is said."""
