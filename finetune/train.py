@@ -90,6 +90,15 @@ def _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, a
     if plan.resume_from and (mismatch := identity_mismatch(Path(plan.resume_from), plan.identity)):
         raise TrainConfigError(f"{'--resume' if args.resume else '--resume_from_checkpoint'}: {plan.resume_from} "
                                f"was {mismatch}")
+    if plan.resume_from and not args.max_steps > 0:  # (a --max_steps at or below the step is refused in preflight)
+        # as there: transformers trains nothing from a checkpoint at or past the epochs' last step, saves, and marks
+        # the run finished; the epochs' steps are known only now that the data is read
+        done, total = checkpoint_step(plan.resume_from), batch_plan(summary, data_args, args)["total_steps"]
+        if total <= done:
+            raise TrainConfigError(
+                f"--num_train_epochs {args.num_train_epochs:g}: the checkpoint {plan.resume_from} is at step {done} "
+                f"already and {args.num_train_epochs:g} epoch(s) are {total} step(s), so nothing would train; give "
+                f"more epochs or a --max_steps beyond {done} to train on from it")
     if record_args is not None:
         record_args()
     if summary.trained_tokens == 0:

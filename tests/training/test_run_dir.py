@@ -748,6 +748,19 @@ def test_rows_past_the_models_seq_length_warn_once(model, data, tmp_path, monkey
         assert "--model_max_length 32" in warned[0]
 
 
+def test_a_resume_past_the_epochs_last_step_is_refused(finished, model, data, tmp_path, capsys):
+    """Without --max_steps, a checkpoint already at the steps --num_train_epochs makes trained nothing, saved, and
+    marked the run finished (exit 0, "Done."), as a --max_steps at or below it did before it was refused."""
+    run = _copy(finished, tmp_path / "run", finished_marker=False)
+    weights = (run / "adapter_model.safetensors").read_bytes()
+    assert train_main(train_args(model, data, run, *STEPS4, "--max_steps", "-1", "--num_train_epochs", "0.01",
+                                 "--resume", "True")) == 2
+    line = _one_line(capsys.readouterr().err)
+    assert line.startswith("error: --num_train_epochs 0.01: the checkpoint ") and "nothing would train" in line, line
+    assert not (run / "training_finished.json").exists()
+    assert (run / "adapter_model.safetensors").read_bytes() == weights
+
+
 @pytest.mark.parametrize("steps", ["2", "4"])
 def test_a_resume_at_or_past_max_steps_is_refused_before_loading(finished, model, data, tmp_path, steps):
     """A checkpoint already at --max_steps trained nothing, saved, and marked the run finished (exit 0)."""
