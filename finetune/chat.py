@@ -47,8 +47,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="1: none (default: the generation config's; 1.1 for Qwen-Chat)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (do_sample=False): reproducible")
     p.add_argument("--history-window", "--history_window", type=int, default=None, action=Once,
-                   help="max_window_size: tokens of system + history kept in the prompt, newest turns first (the "
-                        "question is added whatever its length, as officially; default: the generation config's)")
+                   help="max_window_size: tokens of system + history kept in the prompt, newest turns first, as "
+                        "officially; a message that with the system prompt alone does not fit is refused, not sent "
+                        "(default: the generation config's)")
     p.add_argument("--seed", type=int, default=None, action=Once,
                    help="seed for sampling (not with --greedy or a temperature below 0.01)")
     p.add_argument("--device", default=None, action=Once, help="cpu, cuda or cuda:N (default: cuda if available)")
