@@ -40,7 +40,7 @@ import torch
 
 from . import react
 from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
-from .data.records import trained_reply
+from .data.records import read_as_data, trained_reply
 from .generation_limits import max_new_tokens_limit, prompt_window, too_many_new_tokens
 from .metrics import exact_match, rouge_l
 
@@ -67,28 +67,6 @@ def _is_data_file(output: str, data: str) -> bool:
     except DataError:
         sources = [data]  # (the reading reports it)
     return any(Path(output).resolve() == Path(f).resolve() for f in sources)
-
-
-def _joins_data(output: str, data: str) -> bool:
-    """Whether a report written at `output` would be read as data by the next run with this --data: a file in the
-    directory it lists, or one its glob matches (the rerun stopped on the report as an invalid record)."""
-    import fnmatch
-
-    from .data import DataError
-    from .data.records import DATA_SUFFIXES, data_dirs
-
-    out = Path(output).resolve()
-    try:
-        dirs = data_dirs(data)
-    except DataError:
-        return False  # (the reading reports it)
-    for directory, pattern, deep in dirs:
-        directory = directory.resolve()
-        if not (directory == out.parent or deep and directory in out.parents):
-            continue
-        if fnmatch.fnmatch(out.name, pattern) if pattern else out.suffix.lower() in DATA_SUFFIXES:
-            return True
-    return False
 
 
 def _last_assistant(messages: list[dict]) -> int:
@@ -679,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output and _is_data_file(args.output, args.data):
         return _error(f"--output {args.output} is the --data file: the report would replace the held-out data; give "
                       f"another file name")
-    if args.output and _joins_data(args.output, args.data):
+    if args.output and read_as_data(args.output, args.data):
         return _error(f"--output {args.output} is where --data {args.data} reads its data: the report would be read "
                       f"as a data file by the next run with it; give a file name elsewhere")
     from .data.encoding import MIN_MAX_LEN  # as training's --model_max_length

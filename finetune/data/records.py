@@ -727,6 +727,27 @@ def data_dirs(spec: str | os.PathLike) -> list[tuple[Path, str | None, bool]]:
     return out
 
 
+def read_as_data(path: str | os.PathLike, spec: str | os.PathLike) -> bool:
+    """Whether a file written at ``path`` would be read by the data flag ``spec`` from then on: a data file in a
+    directory it lists, or one its pattern matches (``data_dirs``). Training's --output_dir and eval's --output
+    are checked with it; a spec that does not read (DataError) joins nothing here: its reading says why."""
+    import fnmatch
+
+    p = Path(path)
+    p = p.parent.resolve() / p.name  # (the listing reads a link by its own name, wherever it points)
+    try:
+        dirs = data_dirs(spec)
+    except DataError:
+        return False
+    for directory, pattern, deep in dirs:
+        directory = directory.resolve()
+        if directory != p.parent and not (deep and directory in p.parents):
+            continue
+        if fnmatch.fnmatch(p.name, pattern) if pattern else p.suffix.lower() in DATA_SUFFIXES:
+            return True
+    return False
+
+
 def check_data_file(path: str) -> None:
     """DataError naming ``path`` unless it is a regular file (a symbolic link to one included)."""
     p = Path(path)

@@ -905,29 +905,18 @@ def check_data_kept(args, data_args) -> None:
     """Refuse an --output_dir where the run's own .json files would join the data: the directory --data_path (or
     --eval_data_path) reads, or the one its pattern matches them in. Such a run trained, and every later run with
     the same -d (its resume too) stopped on adapter_config.json as invalid data."""
-    import fnmatch
+    from ..data.records import read_as_data
 
-    from ..data import DataError
-    from ..data.records import data_dirs
-
-    out = Path(args.output_dir).resolve()
+    out = Path(args.output_dir)
     for flag, spec in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
         if not spec:
             continue
-        try:
-            dirs = data_dirs(spec)
-        except DataError:
-            continue  # (the data check names it)
-        for directory, pattern, deep in dirs:
-            directory = directory.resolve()
-            if not (directory == out or deep and directory in out.parents):
-                continue
-            taken = [n for n in RUN_JSON_FILES if pattern is None or fnmatch.fnmatch(n, pattern)]
-            if taken:
-                raise TrainConfigError(
-                    f"--output_dir {args.output_dir} is where {flag} {spec} reads its data: the run's own files "
-                    f"({', '.join(taken[:2])}, ...) would be read as data by the next run with it; choose another "
-                    "--output_dir")
+        taken = [n for n in RUN_JSON_FILES if read_as_data(out / n, spec)]
+        if taken:
+            raise TrainConfigError(
+                f"--output_dir {args.output_dir} is where {flag} {spec} reads its data: the run's own files "
+                f"({', '.join(taken[:2])}, ...) would be read as data by the next run with it; choose another "
+                "--output_dir")
 
 
 def check_output_dir(args, identity: dict) -> str | None:
