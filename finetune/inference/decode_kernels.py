@@ -386,7 +386,7 @@ def fill_programs() -> int:
     (the Triton kernels; the CPU)."""
     from finetune.inference import attention_cuda  # (absolute, as _cuda_kernel's)
 
-    return CUDA_FILL_PROGRAMS if torch.cuda.is_available() and attention_cuda.enabled() else FILL_PROGRAMS
+    return CUDA_FILL_PROGRAMS if attention_cuda.enabled() else FILL_PROGRAMS  # (enabled: a GPU, asked once)
 
 
 def key_split(rows: int, heads: int, kv_len: int) -> int:
