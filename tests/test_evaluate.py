@@ -827,6 +827,26 @@ def test_eval_output_that_is_a_file_of_the_adapter_is_refused_and_a_report_there
             main(["eval", "-a", str(adapter), "--data", str(setup["data"]), "--output", str(target)])
 
 
+def test_eval_output_over_a_file_of_the_run_of_a_checkpoint_adapter_is_refused(setup, tmp_path, capsys, monkeypatch):
+    # -a RUN/checkpoint-2 --output RUN/run_info.json replaced the run's record with the report
+    import shutil
+
+    from finetune.cli import main
+
+    _no_load(monkeypatch)
+    run = tmp_path / "run"
+    shutil.copytree(setup["lora"], run / "checkpoint-2")
+    (run / "run_info.json").write_text("{}")
+    target = run / "run_info.json"
+    assert main(["eval", "-a", str(run / "checkpoint-2"), "-m", str(setup["float"]), "--data", str(setup["data"]),
+                 "--output", str(target)]) == 2
+    assert f"--output {target} is a file of {run}, an input of this evaluation" in _one_error_line(capsys)
+    assert target.read_text() == "{}"
+    with pytest.raises(_Loaded):  # a new file in the run dir is fine
+        main(["eval", "-a", str(run / "checkpoint-2"), "-m", str(setup["float"]), "--data", str(setup["data"]),
+              "--output", str(run / "eval.json")])
+
+
 def test_eval_output_in_a_place_that_cannot_be_written_is_refused_before_loading(setup, tmp_path, capsys,
                                                                                   monkeypatch):
     # was the report's FileNotFoundError / PermissionError traceback after the whole evaluation
