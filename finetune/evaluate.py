@@ -42,6 +42,7 @@ from . import react
 from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
 from .data.records import read_as_data, trained_reply
 from .generation_limits import max_new_tokens_limit, prompt_window, too_many_new_tokens
+from .hub import reference
 from .metrics import exact_match, rouge_l
 
 
@@ -726,7 +727,8 @@ def main(argv: list[str] | None = None) -> int:
                             generator=args.generator, gen_batch_size=args.gen_batch_size,
                             progress=True)
     # "adapter" is the adapter's metrics (absent without one); its dir is "adapter_dir"
-    report = {"model": str(model_dir), "adapter_dir": args.adapter, "data": str(args.data), "records": len(records),
+    report = {"model": reference(model_dir), "adapter_dir": args.adapter and reference(args.adapter),
+              "data": reference(args.data), "records": len(records),
               "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                            "max_len": max_len, "greedy": True, "repetition_penalty": args.repetition_penalty,
                            "generator": args.generator,

@@ -41,6 +41,13 @@ def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> 
         ) from None
 
 
+def reference(path) -> str:
+    """A local path as an absolute one, a hub id (or a glob, a comma-separated list) as given: what a report or
+    model card records, read from anywhere ("Base model: `.`" named the dir only for a reader in it)."""
+    p = Path(str(path)).expanduser()
+    return os.path.abspath(p) if p.exists() else str(path)
+
+
 def _dir_name(d: Path) -> str:
     """d as a directory name: a trailing slash, except for the root (which is one already)."""
     return str(d) if str(d).endswith("/") else f"{d}/"

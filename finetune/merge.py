@@ -43,6 +43,7 @@ import torch.nn as nn
 
 from .checkpoint import save_sharded
 from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
+from .hub import reference
 
 SKIP_COPY = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
              "merge_report.json"}
@@ -445,9 +446,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)
     max_len = getattr(peft_model.config, "seq_length", None)
     # adapter_merged: what check_base reads to refuse this adapter on the merged model (its deltas twice)
-    report.update({"route": route, "base": str(base_dir), "adapter": str(adapter),
-                   "adapter_merged": adapter_identity(adapter), "output": str(out),
-                   "format": fmt, "dtype": dtype, "eval_data": str(eval_path) if eval_path else None,
+    report.update({"route": route, "base": reference(base_dir), "adapter": reference(adapter),
+                   "adapter_merged": adapter_identity(adapter), "output": os.path.abspath(out),
+                   "format": fmt, "dtype": dtype, "eval_data": reference(eval_path) if eval_path else None,
                    "eval_data_kind": data_kind if eval_records else None, "eval_records": len(eval_records)})
     if eval_records:
         unmerged = eval_loss(peft_model, tokenizer, eval_records, max_len=max_len)

@@ -88,11 +88,14 @@ def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys):
 # -- eval of a model without an adapter (a merged model) -----------------------------------------------------
 
 
-def test_eval_without_adapter_writes_the_report(setup, tmp_path, capsys):
+def test_eval_without_adapter_writes_the_report(setup, tmp_path, capsys, monkeypatch):
     from finetune.cli import main
 
     out = tmp_path / "report.json"
-    rc = main(["eval", "-m", str(setup["float"]), "--data", str(setup["data"]), "--max-new-tokens", "4",
+    # relative paths, as typed in the model's parent dir: the report records them absolute (it is read from
+    # anywhere; "model": "." named nothing)
+    monkeypatch.chdir(setup["float"].parent)
+    rc = main(["eval", "-m", setup["float"].name, "--data", os.path.relpath(setup["data"]), "--max-new-tokens", "4",
                "--batch-size", "2", "--output", str(out)])
     stdout = capsys.readouterr().out
     assert rc == 0
@@ -101,6 +104,7 @@ def test_eval_without_adapter_writes_the_report(setup, tmp_path, capsys):
     assert stdout.splitlines()[0].split() == ["metric", "model"]
     report = json.loads(out.read_text())
     assert report["model"] == str(setup["float"]) and report["adapter_dir"] is None
+    assert report["data"] == str(setup["data"])
     assert "adapter" not in report  # no adapter metrics: one model evaluated
     assert report["base"]["records"] == 4 and report["base"]["generated"] == 4
     assert report["base"]["loss"] > 0 and len(report["samples"]) == 4

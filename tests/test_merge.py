@@ -2,6 +2,8 @@
 export by RTN and by calibrated GPTQ (finetune/quant/gptq.py), the written layout, and error cases."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,9 +45,14 @@ def quiet(*a, **k):
     pass
 
 
-def test_lora_merge_into_float_base_matches_unmerged(setup, tmp_path):
+def test_lora_merge_into_float_base_matches_unmerged(setup, tmp_path, monkeypatch):
     out = tmp_path / "merged"
-    report = merge(setup["lora"], out, dtype="fp32", eval_data=setup["data"], log=quiet)
+    monkeypatch.chdir(tmp_path)  # relative paths as typed; the report records them absolute (read from anywhere)
+    report = merge(os.path.relpath(setup["lora"]), Path("merged"), dtype="fp32",
+                   eval_data=os.path.relpath(setup["data"]), log=quiet)
+    assert (report["adapter"], report["output"], report["eval_data"]) == (str(setup["lora"]), str(out),
+                                                                          str(setup["data"]))
+    assert report["base"] == str(setup["float"])
     ref = load_model(setup["float"], adapter=setup["lora"], dtype=torch.float32, device="cpu")
     merged = load_model(out, dtype=torch.float32, device="cpu")
     assert type(merged).__name__ == "QWenLMHeadModel"

@@ -5,18 +5,13 @@ It replaces PEFT's empty model card template (save_pretrained writes one with ev
 
 from __future__ import annotations
 
-import os
 import shlex
 from pathlib import Path
 
+from ..hub import reference
+
 _MODES = {"qlora": "Q-LoRA adapter (LoRA on the GPTQ Int4 base)", "lora": "LoRA adapter",
           "full": "fully fine-tuned model"}
-
-
-def _where(path) -> str:
-    """A local path as an absolute one, a hub id as given: the card is read from anywhere, and a run given `-m .`
-    wrote "Base model: `.`" and a "qwen-ft chat -m ." that works only in the model dir."""
-    return os.path.abspath(os.path.expanduser(str(path))) if Path(str(path)).expanduser().exists() else str(path)
 
 
 def _lora_line(out: Path, lora_args) -> str:
@@ -47,7 +42,7 @@ def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, comm
     lines += [f"tags: [qwen, qwen-finetune, {plan.mode}]", "---", "",
               f"# {out.name}", "",
               f"A {_MODES[plan.mode]} trained with qwen-finetune.", "",
-              f"- Base model: `{_where(plan.model_dir)}`"]
+              f"- Base model: `{reference(plan.model_dir)}`"]
     if adapter:
         lines.append(_lora_line(out, lora_args))
     lines.append(f"- Training data: {_data(summary)}")
@@ -79,7 +74,7 @@ def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, comm
             lines.append("No train loss was logged.")
         lines.append("")
     lines += ["## Use", "", "```bash"]
-    base, here = shlex.quote(_where(plan.model_dir)), shlex.quote(_where(out))
+    base, here = shlex.quote(reference(plan.model_dir)), shlex.quote(reference(out))
     lines.append(f"qwen-ft chat -m {base} --adapter {here}" if adapter else f"qwen-ft chat -m {here}")
     lines += ["```", ""]
     path = out / "README.md"
