@@ -194,6 +194,32 @@ def check_args(args) -> None:
     _check_listen(args.host, args.port)
 
 
+def too_short_for_any_prompt(max_model_len: int, model_dir) -> str | None:
+    """Why a --max-model-len leaves no room for a reply to any request, or None. The shortest prompt a request can
+    make (an empty system message and an empty user message: the ChatML frame alone) plus one reply token is the
+    least that serves anything; below it the server started and answered every request with a 400. Measured with
+    the model dir's tokenizer, as requests are; a tokenizer that cannot be read is left to the load to report."""
+    from .. import react
+    from ..errors import ModelLoadError
+    from ..tokenization import load_tokenizer
+
+    try:
+        tokenizer = load_tokenizer(model_dir)
+    except ModelLoadError:
+        return None
+
+    def prompt_len(system: str, question: str) -> int:  # (as Server.prepare builds a request's prompt)
+        turns = react.build_turns([{"role": "system", "content": system}, {"role": "user", "content": question}])
+        return len(react.prompt_ids(tokenizer, turns))
+
+    least = prompt_len("", "") + 1
+    if max_model_len >= least:
+        return None
+    return (f"--max-model-len {max_model_len} leaves no room for a reply to any request: the shortest prompt (an "
+            f"empty system and user message) is {least - 1} tokens, so the least usable value is {least} (a one-word "
+            f"question with the default system prompt needs {prompt_len(react.DEFAULT_SYSTEM, 'Hi') + 1})")
+
+
 def build_server(args):
     """Load the model and adapters; return the Server (the app is `create_app(server)`)."""
     from pathlib import Path
@@ -219,6 +245,8 @@ def build_server(args):
     if args.max_model_len is not None and limit and args.max_model_len > limit:
         raise ValueError(f"--max-model-len {args.max_model_len} is more than the model holds (at most {limit}: "
                          "max(max_position_embeddings, 4 x seq_length) of its config.json)")
+    if args.max_model_len is not None and (problem := too_short_for_any_prompt(args.max_model_len, model_dir)):
+        raise ValueError(problem)
     adapters = []
     for name, ref in parse_adapters(args.adapter, base):  # a missing or broken adapter: an error before the load
         path = Path(ref).expanduser()  # (as the loader takes it: x=~/adapter was "does not exist" here)

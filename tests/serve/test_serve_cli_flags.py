@@ -308,3 +308,20 @@ def test_an_adapter_merged_into_the_served_model_stops_serve_before_the_load(ser
     code, err = serve(["--port", _free_port(), "--adapter", f"a={dirs / 'ad'}"], model=merged)
     assert code == 2 and "already merged into it" in _one_line(err), err
     assert serve(["--port", _free_port(), "--adapter", f"a={dirs / 'ad'}"])[0] == "loaded"
+
+
+def test_a_max_model_len_too_short_for_any_prompt_stops_serve_before_the_load(serve, tiny_model_dir):
+    """--max-model-len 8 started a server that answered every request with a 400 (the ChatML frame of the shortest
+    prompt, an empty system and user message, is longer): one line naming the least usable value, measured with the
+    model dir's tokenizer as requests are; that value reaches the load."""
+    from finetune import load_tokenizer
+    from finetune.modeling import make_context
+
+    least = len(make_context(load_tokenizer(tiny_model_dir), "", history=[], system="")[1]) + 1
+    code, err = serve(["--port", _free_port(), "--max-model-len", "8"], model=tiny_model_dir)
+    assert code == 2 and (f"--max-model-len 8 leaves no room for a reply to any request: the shortest prompt (an "
+                          f"empty system and user message) is {least - 1} tokens, so the least usable value is "
+                          f"{least}") in _one_line(err)
+    code, err = serve(["--port", _free_port(), "--max-model-len", str(least - 1)], model=tiny_model_dir)
+    assert code == 2 and f"the least usable value is {least}" in _one_line(err)
+    assert serve(["--port", _free_port(), "--max-model-len", str(least)], model=tiny_model_dir)[0] == "loaded"
