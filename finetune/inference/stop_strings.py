@@ -31,7 +31,9 @@ class StopStrings:
             return None
         self.pending = []
         window = self.tail + text
-        hit = next((s for s in self.stops if s in window), None)
+        # a stop string that ends in this token's text: one the tail holds whole was met at an earlier token (and not
+        # counted there, before min_new_tokens), which reported it again at every token while the tail held it
+        hit = next((s for s in self.stops if window.find(s, max(0, len(self.tail) - len(s) + 1)) >= 0), None)
         self.tail = window[len(window) - self.keep:] if self.keep else ""
         return hit
 

@@ -127,3 +127,30 @@ def _tok():
     from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
 
     return QWenTokenizer(str(SMALL_VOCAB))
+
+
+def test_a_stop_string_met_before_min_new_tokens_does_not_end_the_row_later():
+    """A stop string completed before min_new_tokens is held back, as a stop token is; it ended the row at the
+    min_new_tokens-th token anyway (that token completed nothing: the stop string was still in the text kept for a
+    longer stop string), and the caller's cut at it gave a reply shorter than min_new_tokens."""
+    from _helpers import tiny_model
+
+    from finetune.inference import Engine
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = tiny_model(seed=15)
+    p = torch.randint(3, 1700, (9,), generator=torch.Generator().manual_seed(16)).tolist()
+    free = Engine(model, tok, max_batch=1).generate([p], SamplingParams(max_new_tokens=16))[0]
+    texts = [tok.decode(free[:i]) for i in range(len(free) + 1)]
+    # a stop string of two clean tokens' texts, met once in the row's text
+    k = next(i for i in range(2, len(free)) if "\ufffd" not in texts[i] and len(texts[i - 1]) >= 1
+             and len(texts[i]) > len(texts[i - 1]) and texts[-1].count(texts[i][len(texts[i - 1]) - 1:]) == 1)
+    stop = texts[k][len(texts[k - 1]) - 1:]
+    first = next(i for i in range(len(free) + 1) if stop in texts[i])
+    longer = "a stop string never met, long enough to keep the other in view \u2603"
+    engine = Engine(model, tok, max_batch=1)
+    req = engine.submit(p, SamplingParams(max_new_tokens=16, min_new_tokens=first + 2, stop=(stop, longer)))
+    while engine.has_work():
+        engine.step()
+    assert req.output_ids == free and req.stop_string is None  # (met once, before min_new_tokens: no stop)
