@@ -459,19 +459,34 @@ def main(argv: list[str] | None = None) -> int:
     except (AdapterError, ModelLoadError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.query is not None:
-        if args.seed is not None:
-            from transformers import set_seed
+    try:
+        if args.query is not None:
+            if args.seed is not None:
+                from transformers import set_seed
 
-            set_seed(args.seed)
-        kw = generation_kwargs(args)
-        if (problem := too_long(tokenizer, args.query, args.system, window_size(model, kw))) is not None:
-            print(f"error: {problem} (--history-window)", file=sys.stderr)
-            return 2
-        reply, _ = model.chat(tokenizer, args.query, history=None, system=args.system, **kw)
-        print(for_terminal(sys.stdout, reply), flush=True)
-        return 0
-    return interactive(model, tokenizer, args)
+                set_seed(args.seed)
+            kw = generation_kwargs(args)
+            if (problem := too_long(tokenizer, args.query, args.system, window_size(model, kw))) is not None:
+                print(f"error: {problem} (--history-window)", file=sys.stderr)
+                return 2
+            reply, _ = model.chat(tokenizer, args.query, history=None, system=args.system, **kw)
+            print(for_terminal(sys.stdout, reply), flush=True)
+            return 0
+        return interactive(model, tokenizer, args)
+    except BrokenPipeError:
+        return stdout_gone()
+
+
+def stdout_gone() -> int:
+    """What chat does when the reader of its stdout has left (`qwen-ft chat -q ... | head -1`; it was a
+    BrokenPipeError traceback): it stops, quietly. The rest goes to os.devnull, since the interpreter's flush of
+    stdout at exit would raise again; 141 is the status of a process that SIGPIPE ends, as `cat` in that pipe."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return 141
 
 
 if __name__ == "__main__":

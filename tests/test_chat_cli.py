@@ -741,3 +741,17 @@ def test_a_stream_closed_early_closes_the_fast_decoders_tokens(setup):
     finally:
         gc.enable()
         chat_module.register_decoder(previous)
+
+
+@pytest.mark.parametrize("mode", ["query", "interactive"])
+def test_a_reader_that_leaves_stdout_ends_chat_quietly(tiny_model_dir, mode):
+    """`qwen-ft chat -q ... | head -1`: a reader that closes the pipe early made the reply's write a BrokenPipeError
+    traceback (one-shot and interactive alike). Now chat stops without a word, with the status a process that
+    SIGPIPE ends has (141), as `cat` has in such a pipe."""
+    argv = [sys.executable, "-m", "finetune.cli", "chat", "-m", str(tiny_model_dir), "--max_new_tokens", "8"]
+    argv += ["--query", "hello"] if mode == "query" else []
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=subprocess_env(TERM="dumb"))
+    proc.stdout.close()  # (before anything is written: every write of chat's finds no reader)
+    _, err = proc.communicate(b"hello\nagain\n", timeout=120)
+    assert proc.returncode == 141 and err.decode() == "", err.decode()[-2000:]
