@@ -326,6 +326,11 @@ def canonical_messages(messages, where: str = "messages", open_call: bool = Fals
         if not isinstance(role, str):
             raise ReactError("needs a 'role'", f"{w}.role")
         role = ROLE_ALIASES.get(role.lower(), role.lower())
+        if role != "assistant":  # (read nowhere else: a user's or a tool's calls were dropped unseen)
+            if m.get("tool_calls"):
+                raise ReactError("only assistant messages carry tool_calls", f"{w}.tool_calls")
+            if m.get("function_call") is not None:
+                raise ReactError("only assistant messages carry a function_call", f"{w}.function_call")
         raw_content = _either(m, "content", "value")
         if raw_content is None and role in ("system", "user", "tool", "function"):  # (answered an empty prompt)
             raise ReactError(f"a {role} message needs its 'content'", f"{w}.content")
@@ -377,8 +382,6 @@ def canonical_messages(messages, where: str = "messages", open_call: bool = Fals
             raise ReactError(f"unknown role {quoted(role, QUOTED)} (accepted: system or developer, user, assistant, "
                              "tool, function)", f"{w}.role")
         fc = m.get("function_call")
-        if fc is not None and role != "assistant":
-            raise ReactError("only assistant messages carry a function_call", f"{w}.function_call")
         out.append(Message(role, content, _call(fc, f"{w}.function_call") if fc is not None else None,
                            f"{w}.content", f"{w}.function_call"))
         legacy_call = fc is not None

@@ -122,6 +122,23 @@ def test_a_developer_message_is_the_system_message():
         react.build_turns([{"role": "wizard", "content": "q"}], [])
 
 
+@pytest.mark.parametrize("role", ["user", "system", "tool", "function"])
+@pytest.mark.parametrize("key", ["tool_calls", "function_call"])
+def test_calls_on_a_message_not_the_assistants_are_refused_naming_the_field(role, key):
+    """A call on a user or system message was dropped unseen (tool_calls; function_call there was refused)."""
+    call = {"name": "f", "arguments": "{}"}
+    value = [{"id": "c1", "type": "function", "function": call}] if key == "tool_calls" else call
+    msgs = [{"role": "assistant", "content": "", "tool_calls": [{"id": "c0", "type": "function", "function": call}]},
+            {"role": "tool", "tool_call_id": "c0", "content": "r"}] if role == "tool" else []
+    msgs += [{"role": role, "content": "x", key: value, **({"tool_call_id": "c0"} if role == "tool" else {})}]
+    if role != "tool":
+        msgs.append({"role": "user", "content": "q"})
+    with pytest.raises(react.ReactError, match=f"only assistant messages carry {'a ' if key == 'function_call' else ''}"
+                                               f"{key}") as e:
+        react.build_turns(msgs, [])
+    assert e.value.field == f"messages[{len(msgs) - 1 - (role != 'tool')}].{key}"
+
+
 @pytest.mark.parametrize("assistant", [
     {"role": "assistant", "content": None, "refusal": "I cannot help with that."},
     {"role": "assistant", "refusal": "I cannot help with that."},
