@@ -757,6 +757,10 @@ def check_data_file(path: str) -> None:
     if not p.is_file():
         raise DataError("no such file", f"a broken symbolic link to {os.readlink(p)}" if p.is_symlink() else "",
                         path=path)
+    try:  # (a file without read permission was a PermissionError traceback from the first reader)
+        open(p, "rb").close()
+    except OSError as e:
+        raise DataError("unreadable file", e.strerror or str(e), path=path) from None
 
 
 def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | None]]:

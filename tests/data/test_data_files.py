@@ -7,9 +7,12 @@ covers every file's content.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -143,6 +146,39 @@ def test_a_pipe_is_named_as_such_not_as_missing(tmp_path, data_small_tokenizer):
     with pytest.raises(DataError) as e:
         build_dataset(data_small_tokenizer, str(tmp_path / "63"), 64, cache_dir=tmp_path / "cache", progress=False)
     assert str(e.value).startswith(f"{tmp_path / '63'}: not a data file: not a regular file (a pipe"), e.value
+
+
+@contextlib.contextmanager
+def unreadable(name: str):
+    """A data file this process may not read: mode 000 and, as root (who reads any file), the effective uid of
+    nobody meanwhile, in a directory of its own that nobody may enter (pytest's tmp dirs are root's alone)."""
+    d = Path(tempfile.mkdtemp())
+    try:
+        d.chmod(0o755)
+        jsonl(d / name, [rec("a")]).chmod(0)
+        if os.geteuid() != 0:
+            yield d / name
+            return
+        import datasets.fingerprint  # noqa: F401  (imported now: nobody may not read root's site-packages)
+
+        os.seteuid(65534)
+        try:
+            yield d / name
+        finally:
+            os.seteuid(0)
+    finally:
+        shutil.rmtree(d)
+
+
+def test_a_file_without_read_permission_is_one_line(data_small_tokenizer):
+    # (it was a PermissionError traceback from the first reader)
+    with unreadable("data.jsonl") as f:
+        with pytest.raises(DataError) as e:
+            load_records(f, flag="--data_path")
+        assert str(e.value) == f"--data_path {f}: unreadable file: Permission denied"
+        with pytest.raises(DataError) as e:
+            build_dataset(data_small_tokenizer, str(f.parent), 64, cache_dir=f.parent / "cache", progress=False)
+        assert str(e.value) == f"{f}: unreadable file: Permission denied"
 
 
 def test_a_directory_without_data_files_is_one_line(tmp_path):
