@@ -673,11 +673,19 @@ def data_sources(spec: str | os.PathLike) -> list[str]:
     name); a glob pattern, quoted so the shell leaves it ("data/train-*.jsonl", ** for subdirs; the matches
     sorted by name); or a comma-separated list of any of these (in the order given). An existing path is
     always taken as it is, so a file whose name holds a comma or a * still reads. A pattern that matches
-    nothing, a missing file and a file named twice are errors naming them.
+    nothing, a missing file, a file named twice and a directory that may not be read are errors naming them.
     """
+    try:
+        return _data_sources(os.fspath(spec))
+    except OSError as e:  # a directory without read (or search) permission was a PermissionError traceback
+        where = os.fspath(spec) if not e.filename else e.filename if os.path.isdir(e.filename) else \
+            os.path.dirname(e.filename)  # (the listing's own dir, or the dir whose entry could not be looked at)
+        raise DataError("unreadable directory", e.strerror or str(e), path=where) from None
+
+
+def _data_sources(spec: str) -> list[str]:
     import glob
 
-    spec = os.fspath(spec)
     if os.path.exists(spec):
         return _dir_files(spec) if os.path.isdir(spec) and not _is_datasets_dir(Path(spec)) else [spec]
     parts = spec_parts(spec)

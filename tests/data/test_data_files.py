@@ -149,13 +149,18 @@ def test_a_pipe_is_named_as_such_not_as_missing(tmp_path, data_small_tokenizer):
 
 
 @contextlib.contextmanager
-def unreadable(name: str):
-    """A data file this process may not read: mode 000 and, as root (who reads any file), the effective uid of
-    nobody meanwhile, in a directory of its own that nobody may enter (pytest's tmp dirs are root's alone)."""
+def unreadable(name: str, mode: int = 0):
+    """A data file (or directory holding one) this process may not read: ``mode`` and, as root (who reads
+    anything), the effective uid of nobody meanwhile, in a directory of its own that nobody may enter (pytest's
+    tmp dirs are root's alone)."""
     d = Path(tempfile.mkdtemp())
     try:
         d.chmod(0o755)
-        jsonl(d / name, [rec("a")]).chmod(0)
+        if name.endswith("/"):
+            jsonl(d / name / "data.jsonl", [rec("a")])
+            (d / name).chmod(mode)
+        else:
+            jsonl(d / name, [rec("a")]).chmod(mode)
         if os.geteuid() != 0:
             yield d / name
             return
@@ -167,6 +172,8 @@ def unreadable(name: str):
         finally:
             os.seteuid(0)
     finally:
+        for sub in d.iterdir():
+            sub.chmod(0o755)
         shutil.rmtree(d)
 
 
@@ -179,6 +186,21 @@ def test_a_file_without_read_permission_is_one_line(data_small_tokenizer):
         with pytest.raises(DataError) as e:
             build_dataset(data_small_tokenizer, str(f.parent), 64, cache_dir=f.parent / "cache", progress=False)
         assert str(e.value) == f"{f}: unreadable file: Permission denied"
+
+
+def test_a_directory_without_read_permission_is_one_line():
+    # mode 0: not even its entries can be looked at; 0o311: entered but not listed (both were PermissionError
+    # tracebacks, the first from data_sources in the trainer's preflight)
+    for mode in (0, 0o311):
+        with unreadable("data/", mode) as d:
+            with pytest.raises(DataError) as e:
+                data_sources(d)
+            assert str(e.value) == f"{d}: unreadable directory: Permission denied"
+            with pytest.raises(DataError) as e:
+                load_records(d, flag="--data_path")
+            assert str(e.value) == f"--data_path {d}: unreadable directory: Permission denied"
+            with pytest.raises(DataError, match=f"^{d}: unreadable directory: Permission denied$"):
+                load_records(f"{d},{d.parent}/other.jsonl")
 
 
 def test_a_directory_without_data_files_is_one_line(tmp_path):
