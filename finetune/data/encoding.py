@@ -14,7 +14,8 @@ system and user contents and their <|im_end|> are trained too; the "<|im_start|>
 Truncation to `max_len`: the system block and whole turns are kept from the start while they fit; the first
 user/assistant pair that does not fit and all after it are dropped. If even the first pair does not fit,
 the sequence is cut at `max_len` inside that pair's reply, which keeps its labels (its <|im_end|> is lost
-only because the reply itself does not fit). If the prompt alone does not fit, nothing is trainable:
+only because the reply itself does not fit). Replies of weight 0 are context: while the kept pairs hold no trained
+reply, the first trained reply is the one cut. If the prompt alone does not fit, nothing is trainable:
 `n_trained` is 0 and the dataset builder reports the record instead of training on it.
 """
 
@@ -108,7 +109,9 @@ class ChatEncoder:
         if max_len is None or full_length <= max_len:
             keep, cut = len(turns), None
         else:
-            keep, cut = self._truncate(sizes, max_len)
+            first_trained = next((k for k, (role, _) in enumerate(turns)
+                                  if (role == "assistant" or train_on_prompt) and k not in context), len(turns))
+            keep, cut = self._truncate(sizes, max_len, first_trained)
 
         # ids and labels with list arithmetic (no per-token Python work)
         input_ids: list[int] = []
@@ -127,7 +130,7 @@ class ChatEncoder:
                 n_trained += len(content_labels) - content_labels.count(IGNORE) + 1
             else:
                 labels += [IGNORE] * size
-        if cut is not None:  # the first pair does not fit: cut inside its reply
+        if cut is not None:  # the first (trained) pair does not fit: cut inside its reply
             del input_ids[cut:], labels[cut:]
             n_trained = len(labels) - labels.count(IGNORE)
         return Encoded(input_ids, labels, len(input_ids) < full_length, full_length, n_trained)
@@ -145,8 +148,12 @@ class ChatEncoder:
         return [t if any(a <= o < b for a, b in spans) else IGNORE for t, o in zip(ids, offsets)]
 
     @staticmethod
-    def _truncate(sizes: list[int], max_len: int) -> tuple[int, int | None]:
-        """(number of turns kept, cut position or None): whole user/assistant pairs while they fit."""
+    def _truncate(sizes: list[int], max_len: int, first_trained: int) -> tuple[int, int | None]:
+        """(number of turns kept, cut position or None): whole user/assistant pairs while they fit, as long as
+        they hold a trained turn (``first_trained``, its index in ``sizes``); else the turns up to and including
+        the first trained one, cut at max_len inside it (after weight-0 replies, the first trained pair is what
+        "the first pair" is for a plain conversation: whole pairs of context alone trained nothing, and the
+        record was dropped as if its prompt did not fit)."""
         used = sizes[0]  # the system block
         i = 1
         while i < len(sizes):
@@ -156,8 +163,10 @@ class ChatEncoder:
                 break
             used += size
             i += pair
-        if i > 1:
+        if i > 1 and i > first_trained:
             return i, None
+        if i > 1:  # the kept pairs are context alone: cut inside the first trained reply (if its prompt fits)
+            return first_trained + 1, max_len
         # Not even the first pair fits: keep it, cut at max_len (inside the reply, if the prompt fits).
         return min(3, len(sizes)), max_len
 

@@ -155,6 +155,31 @@ def test_first_pair_too_long_cuts_its_reply(data_small_tokenizer):
     assert out.n_trained == 10 and tok.im_end_id not in out.input_ids[sys_n + u1:]
 
 
+def test_a_long_trained_reply_after_weight_zero_replies_is_cut_not_dropped(data_small_tokenizer):
+    """OpenAI data that trains only the last reply: when that reply does not fit, it is cut at max_len and keeps
+    its labels, as a plain conversation's first reply is. Whole pairs of context alone trained nothing, and the
+    record was dropped as "the text before the first trained reply fills max_len" while that text fit."""
+    tok = data_small_tokenizer
+    reply = "once upon a time " * 40
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello", "weight": 0},
+            {"role": "user", "content": "a story"}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]
+    sys_n, u1, a1, u2, a2, *_ = _sizes(tok, {"messages": msgs})
+    full = encode_conversation(tok, {"messages": msgs})
+    prompt = sys_n + u1 + a1 + u2 + 3  # up to the trained reply's first token ("<|im_start|>assistant\n": 3)
+    for max_len in (prompt + 1, prompt + 10):
+        out = encode_conversation_info(tok, {"messages": msgs}, max_len=max_len)
+        assert out.truncated and out.input_ids == full["input_ids"][:max_len]
+        assert out.labels == full["labels"][:max_len] and out.n_trained == max_len - prompt
+    assert encode_conversation_info(tok, {"messages": msgs}, max_len=prompt + 10).labels[-10:] == tok.encode(reply)[:10]
+    # where the question before it does not fit either, nothing is trained (and the record is reported as such)
+    assert encode_conversation_info(tok, {"messages": msgs}, max_len=prompt - 1).n_trained == 0
+    # a reply trained before the long one is still kept whole, and the long pair dropped, as before
+    trained_first = [{k: v for k, v in m.items() if k != "weight"} for m in msgs]
+    out = encode_conversation_info(tok, {"messages": trained_first}, max_len=prompt + 10)
+    assert out.input_ids == full["input_ids"][:sys_n + u1 + a1] and out.n_trained > 0
+
+
 def test_prompt_alone_too_long_leaves_nothing_to_train(data_small_tokenizer):
     tok = data_small_tokenizer
     rec = conv(("q " * 50, "a"))
