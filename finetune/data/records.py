@@ -568,12 +568,17 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
                 bom = text.startswith("\ufeff", e.pos)
                 # records separated by a carriage return alone (old Mac line ends) read as one line with extra data
                 cr_only = e.msg == "Extra data" and "\r" in text
+                # a "{" alone on its line (pretty-printed records, `jq .`'s output) was only "Expecting property
+                # name enclosed in double quotes at line 1 column 2"
+                pretty = text.strip() == "{"
                 err = DataError("invalid JSON", f"{json_reason(e)} at line {lineno} column {e.colno}" + hint + (
                     " (the file opens a JSON array, which a .jsonl file is not read as: name it .json)"
                     if opens_array else "") + (" (a byte order mark, U+FEFF, which only the file's first line may "
                                                "start with: files joined with cat?)" if bom else "") + (
                     " (its lines end in a carriage return alone, as old Mac files do: convert them, e.g. "
-                    "`tr '\\r' '\\n' < FILE > FILE.jsonl`)" if cr_only else ""))
+                    "`tr '\\r' '\\n' < FILE > FILE.jsonl`)" if cr_only else "") + (
+                    " (the line holds only '{': a record spread over several lines, as pretty-printed JSON is? Each "
+                    "record must be on one line: `jq -c . FILE > FILE.jsonl`)" if pretty else ""))
             except DataError as e:
                 err = e
             if err is None:

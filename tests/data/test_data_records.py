@@ -267,6 +267,24 @@ def test_a_json_array_saved_as_jsonl_is_named_as_such(tmp_path):
     assert "record 2, line 2" in str(e.value) and "JSON array" not in str(e.value)
 
 
+def test_records_spread_over_several_lines_are_named_as_such(tmp_path):
+    # pretty-printed records (`jq .`, json.dump(indent=2) a record): it was only "Expecting property name enclosed
+    # in double quotes at line 1 column 2", on a line that holds "{"
+    for name in ("d.jsonl", "d.json"):  # (a .json file that is no array is read one object a line too)
+        path = tmp_path / name
+        path.write_text(json.dumps(GOOD, indent=2) + "\n" + json.dumps(GOOD, indent=2) + "\n")
+        with pytest.raises(DataError) as e:
+            load_records(path)
+        assert str(e.value).startswith(f"{path}, record 1, line 1: invalid JSON: Expecting property name"), e.value
+        assert str(e.value).endswith("(the line holds only '{': a record spread over several lines, as "
+                                     "pretty-printed JSON is? Each record must be on one line: `jq -c . FILE > "
+                                     "FILE.jsonl`)"), e.value
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps(GOOD)[:30] + "\n")  # a line cut short is not that
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert "record 2, line 2: invalid JSON" in str(e.value) and "several lines" not in str(e.value)
+
+
 def test_skip_invalid_counts_every_skip(tmp_path, capsys):
     path = tmp_path / "d.jsonl"
     lines = [json.dumps(GOOD), "{broken", json.dumps({"conversations": [U]}), json.dumps(GOOD),
