@@ -21,6 +21,7 @@ from pathlib import Path
 import transformers
 
 from .data import DataError, TooLongError, build_dataset
+from .data.dataset import files_in_both
 from .settings import SettingsError, settings, unknown_switches
 from .settings import as_dict as settings_dict
 from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
@@ -116,6 +117,11 @@ def _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, a
                 logger.warning("--eval_data_path %s holds the same conversations as --data_path %s: its loss measures "
                                "how well the training data is fitted, not held-out data", data_args.eval_data_path,
                                data_args.data_path)
+            elif both := files_in_both(data_args.data_path, data_args.eval_data_path):
+                logger.warning("--eval_data_path %s: %s %s read by --data_path %s too (trained on): its loss is not a "
+                               "held-out loss", data_args.eval_data_path,
+                               ", ".join(f if f == g else f"{f} (as {g})" for f, g in both),
+                               "is" if len(both) == 1 else "are", data_args.data_path)
         _warn_past_seq_length(train_set, summary, data_args, plan)
 
     from .loading import load_model

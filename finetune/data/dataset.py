@@ -334,6 +334,24 @@ def _content_key(p: Path) -> list[tuple[str, int, str]]:
     return key
 
 
+def files_in_both(spec: str, other: str) -> list[tuple[str, str]]:
+    """(file of ``other``, file of ``spec``) for each data file (or dataset dir) that both data flags read: the same
+    path, or a file of the same content under another name. A directory given as training data reads a held-out
+    file inside it too, and its loss was reported as held out."""
+    ours = [(f, Path(f).resolve()) for f in data_sources(spec)]
+    found = []
+    for f in data_sources(other):
+        real = Path(f).resolve()
+        for g, g_real in ours:
+            same = real == g_real or (real.is_file() and g_real.is_file()
+                                      and real.stat().st_size == g_real.stat().st_size
+                                      and _content_key(real)[0][1:] == _content_key(g_real)[0][1:])
+            if same:
+                found.append((f, g))
+                break
+    return found
+
+
 def record_place(source: str, sources: list[str], row: int) -> tuple[str, int, int | None]:
     """(file, index in it, line) of the encoded row `row` of data read from `sources` (one or several files or
     dataset dirs; `source`: as the user gave them, named when there is only one). Re-reads the files up to

@@ -80,6 +80,29 @@ def test_an_eval_set_that_is_the_training_data_is_warned_about(model, data, tmp_
                 in caplog.text) is warned
 
 
+def test_an_eval_file_that_the_training_data_also_reads_is_warned_about(model, data, tmp_path, caplog):
+    # `-d data/ --eval_data_path data/heldout.json`: the directory trains on the held-out file too, and its loss was
+    # reported as a held-out loss without a word (a copy of it among the training files is the same)
+    records = json.loads(Path(data).read_text())
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "train.json").write_text(json.dumps(records[2:]))
+    (d / "heldout.json").write_text(json.dumps(records[:2]))
+    copy = tmp_path / "heldout-copy.json"
+    copy.write_bytes((d / "heldout.json").read_bytes())
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(records[:1]))
+    for eval_path, warned in ((d / "heldout.json", f"{d / 'heldout.json'} is"),
+                              (f"{copy},{other}", f"{copy} (as {d / 'heldout.json'}) is"), (other, None)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert train_main(train_args(model, str(d), tmp_path / f"out{len(str(eval_path))}", "--use_lora", "True",
+                                         "--max_steps", "1", "--eval_data_path", str(eval_path))) == 0
+        expected = (f"--eval_data_path {eval_path}: {warned} read by --data_path {d} too (trained on): its loss is not "
+                    "a held-out loss")
+        assert (expected in caplog.text) if warned else "held-out loss" not in caplog.text, caplog.text
+
+
 def test_model_card_describes_the_run(finished, model, data):
     card = (finished / "README.md").read_text()
     assert "More Information Needed" not in card  # not PEFT's empty template
