@@ -15,9 +15,10 @@ def _looks_like_hub_id(ref: str) -> bool:
     return len(parts) == 2 and all(parts) and not ref.startswith((".", "/", "~"))
 
 
-def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> Path:
-    """A local dir as is; `org/name` through huggingface_hub's cache/download; otherwise a clear error that names
-    ``what`` was looked for (a model directory, an adapter directory)."""
+def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory", cache_dir: str | None = None) -> Path:
+    """A local dir as is; `org/name` through huggingface_hub's cache/download (``cache_dir``: that cache's dir, as
+    training's --cache_dir gives it; default: the hub's own); otherwise a clear error that names ``what`` was
+    looked for (a model directory, an adapter directory)."""
     p = Path(ref).expanduser()
     if p.is_dir():
         return p
@@ -29,7 +30,7 @@ def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory") -> 
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(ref))
+        return Path(snapshot_download(ref, cache_dir=cache_dir))
     except Exception as e:  # offline, unknown id, auth: all end the same way for the user
         why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         if p.parent.is_dir():  # `output/my-adapter` mistyped reads as a hub id: the local reading first

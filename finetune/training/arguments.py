@@ -81,7 +81,8 @@ class TrainingArguments(transformers.TrainingArguments):
     # -m -d -o as the training scripts, chat, eval and serve take them
     output_dir: str | None = field(default=None, metadata={"help": "Where the adapter (or model), its checkpoints "
                                                                    "and run_info.json go", "aliases": ["-o"]})
-    cache_dir: str | None = field(default=None, metadata={"help": "Accepted for the official scripts"})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where a hub id given as -m is downloaded (the "
+                                                                  "Hugging Face cache's dir; default: its own)"})
     optim: str = field(
         default="auto", metadata={"help": "auto: adamw_torch_fused on a CUDA GPU without --deepspeed (one kernel "
                                           "for the whole update), adamw_torch otherwise; or any transformers "

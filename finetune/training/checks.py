@@ -687,7 +687,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     if not model_args.model_name_or_path:
         raise TrainConfigError("--model_name_or_path is required (a Qwen model dir, e.g. /models/Qwen-14B-Chat-Int4)")
     try:
-        model_dir = resolve_model_dir(model_args.model_name_or_path)
+        model_dir = resolve_model_dir(model_args.model_name_or_path, cache_dir=args.cache_dir)
     except ModelNotFoundError as e:
         raise TrainConfigError(f"--model_name_or_path: {e}") from None
     try:

@@ -796,3 +796,15 @@ def test_a_resume_at_or_past_max_steps_is_refused_before_loading(finished, model
         _preflight(train_args(model, data, tmp_path / "new", *STEPS4, "--max_steps", "2",
                               "--resume_from_checkpoint", str(run / "checkpoint-2")))
     assert _snapshot(run) == before
+
+
+def test_a_hub_id_is_downloaded_into_cache_dir(model, data, tmp_path, monkeypatch):
+    # --cache_dir was accepted and ignored: the official scripts pass it to from_pretrained as the hub cache's dir
+    import huggingface_hub
+
+    fetched = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        lambda ref, cache_dir=None, **k: fetched.append((ref, cache_dir)) or str(model))
+    cache = tmp_path / "hub-cache"
+    plan = _preflight(train_args("Qwen/Qwen-7B-Chat", data, tmp_path / "out", *STEPS4, "--cache_dir", str(cache)))
+    assert fetched == [("Qwen/Qwen-7B-Chat", str(cache))] and Path(plan.model_dir) == Path(model)
