@@ -146,7 +146,9 @@ fi
 
 if [[ -z "$MODEL" && -z "$CONFIG" && -n "$DATA" ]]; then
   # (a forgotten -m, or a misspelled MODEL variable, trained the tiny random demo model on the user's data)
-  echo "error: -d $DATA without -m MODEL: the built-in demo (no -m) trains a tiny random model on its own data; give -m MODEL to train a model on $DATA" >&2
+  # (named as it came: DATA set in the shell for something else read as a -d the user never typed)
+  src="-d $DATA"; [[ -n "${GIVEN[DATA]:-}" ]] || src="DATA=$DATA (set in the environment)"
+  echo "error: $src without -m MODEL: the built-in demo (no -m) trains a tiny random model on its own data; give -m MODEL to train a model on $DATA" >&2
   exit 2
 fi
 

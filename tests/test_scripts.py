@@ -285,8 +285,9 @@ def test_an_empty_model_data_or_output_variable_is_one_line(tmp_path, env, argv,
 def test_data_without_a_model_is_one_line_not_the_demo(tmp_path, env, argv):
     # a forgotten -m (or a misspelled MODEL variable) trained the tiny random demo model on the user's data
     p = _bare_script(argv, tmp_path, QWEN_FT_CACHE=str(tmp_path / "demo-cache"), **env)
+    src = "-d d.json" if argv else "DATA=d.json (set in the environment)"  # (as it came: no -d was typed)
     assert p.returncode == 2 and p.stderr.splitlines() == [
-        "error: -d d.json without -m MODEL: the built-in demo (no -m) trains a tiny random model on its own data; "
+        f"error: {src} without -m MODEL: the built-in demo (no -m) trains a tiny random model on its own data; "
         "give -m MODEL to train a model on d.json"], p.stderr
     assert not [p for p in ("demo-cache", "output", "out") if (tmp_path / p).exists()]
 
