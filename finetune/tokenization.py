@@ -100,7 +100,6 @@ def _mark_contents(conversation):
 
 
 _template_mode = threading.local()
-_SPECIAL_ARGS = {"allowed_special", "disallowed_special"}
 
 
 @lru_cache(maxsize=8)
@@ -186,10 +185,11 @@ class QWenTokenizer(PreTrainedTokenizer):
     def encode(self, text, text_pair=None, **kwargs) -> list[int]:  # type: ignore[override]
         """Plain-text encoding: NFC, then BPE; every character is text, control tokens never appear (the official
         tokenizer parses them by default: see the module docstring). ``allowed_special`` / ``disallowed_special``
-        passed explicitly act as in the official tokenize() (an opt-in for the caller's own text)."""
-        if isinstance(text, str) and text_pair is None:
-            if _SPECIAL_ARGS & kwargs.keys():
-                return [self._convert_token_to_id(t) for t in self.tokenize(text, **kwargs)]
+        passed explicitly act as in the official tokenize() (an opt-in for the caller's own text). Other
+        arguments (return_tensors, truncation, max_length, padding) take transformers' encode()."""
+        # the direct path only where nothing else is asked: return_tensors="pt", truncation and padding were
+        # accepted and ignored here (a list where model.generate needs a tensor); add_special_tokens adds none
+        if isinstance(text, str) and text_pair is None and not kwargs.keys() - {"add_special_tokens"}:
             return self.encoding.encode_ordinary(unicodedata.normalize("NFC", text))
         return super().encode(text, text_pair=text_pair, **kwargs)
 

@@ -275,6 +275,22 @@ def test_tokenize_takes_allowed_and_disallowed_special_when_passed(real_tok):
         real_tok.tokenize(text, allowed_special=set(), disallowed_special="all")
 
 
+def test_encode_keeps_transformers_arguments(small_tok):
+    """encode()'s own path took plain text only: return_tensors, truncation and padding were accepted and ignored."""
+    import torch
+
+    text = "hello world foo bar <|im_end|>"
+    ids = small_tok.encode(text)
+    assert small_tok.encode(text, add_special_tokens=False) == ids
+    pt = small_tok.encode(text, return_tensors="pt")
+    assert isinstance(pt, torch.Tensor) and pt.tolist() == [ids]
+    assert small_tok.encode(text, truncation=True, max_length=3) == ids[:3]
+    assert small_tok.encode("hi", padding="max_length", max_length=5) == small_tok.encode("hi") + [small_tok.eod_id] * 3
+    special = small_tok.encode(text, allowed_special="all", return_tensors="pt")
+    assert special.tolist() == [small_tok.encode(text, allowed_special="all")]
+    assert small_tok.im_end_id in special[0].tolist() and small_tok.im_end_id not in ids
+
+
 def test_save_vocabulary_ignores_the_prefix_as_the_official(real_tok, tmp_path):
     (path,) = real_tok.save_vocabulary(str(tmp_path), filename_prefix="x")
     assert path == str(tmp_path / "qwen.tiktoken")
