@@ -194,15 +194,16 @@ class QWenTokenizer(PreTrainedTokenizer):
         return super().encode(text, text_pair=text_pair, **kwargs)
 
     def decode(self, token_ids, skip_special_tokens: bool = False, errors: str | None = None,
-               **kwargs) -> str:  # type: ignore[override]
+               **kwargs) -> str | list[str]:  # type: ignore[override]
         """Never raises on partial UTF-8: broken byte sequences become U+FFFD (``errors``, as the official
-        tokenizer's: "replace" by default, "ignore" leaves them out)."""
+        tokenizer's: "replace" by default, "ignore" leaves them out). A batch of sequences gives a list of texts."""
         if hasattr(token_ids, "tolist"):
             token_ids = token_ids.tolist()
         if isinstance(token_ids, int):
             token_ids = [token_ids]
-        if token_ids and isinstance(token_ids[0], list):
-            raise TypeError("decode takes one sequence of ids; use batch_decode for several")
+        if token_ids and isinstance(token_ids[0], (list, tuple)):
+            # a batch: one text per sequence, as transformers 5's decode, which its batch_decode calls
+            return [self.decode(seq, skip_special_tokens=skip_special_tokens, errors=errors) for seq in token_ids]
         # Ids past the vocabulary (a model's padding rows) and, if asked, specials decode to nothing.
         limit = self.eod_id if skip_special_tokens else self.encoding.n_vocab
         token_ids = [i for i in token_ids if 0 <= i < limit]

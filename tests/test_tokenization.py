@@ -117,6 +117,19 @@ def test_decode_never_raises_on_partial_utf8(real_tok):
     assert real_tok.decode([10**7]) == ""  # a model's padding rows decode to nothing
 
 
+def test_batch_decode_and_decode_of_a_batch(small_tok):
+    """transformers 5's batch_decode hands the whole batch to decode(), which refused it with a TypeError."""
+    import torch
+
+    a, b = small_tok.encode("hello world"), small_tok.encode("代号 x")
+    assert small_tok.batch_decode([a, [small_tok.im_start_id] + b]) == ["hello world", "<|im_start|>代号 x"]
+    assert small_tok.batch_decode([a, [small_tok.im_start_id] + b], skip_special_tokens=True) == ["hello world",
+                                                                                                   "代号 x"]
+    assert small_tok.batch_decode(torch.tensor([a[:2], b[:2]])) == [small_tok.decode(a[:2]), small_tok.decode(b[:2])]
+    assert small_tok.decode(torch.tensor([a])) == ["hello world"]
+    assert small_tok.decode(a) == "hello world"
+
+
 def test_small_vocab_layout(small_tok):
     assert len(small_tok.mergeable_ranks) == 1840
     assert (small_tok.eod_id, small_tok.im_start_id, small_tok.im_end_id) == (1840, 1841, 1842)
