@@ -53,6 +53,7 @@ import contextlib
 import itertools
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Sequence
 
@@ -221,6 +222,11 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def _adapter_names(model) -> tuple:
+    """The adapters PEFT has loaded into ``model`` (its peft_config's names; () for a plain model)."""
+    return tuple(sorted(getattr(model, "peft_config", None) or {}))
+
+
 class Engine:
     """Continuous-batching decoder for a QWenLMHeadModel (or a PeftModel over it, several adapters allowed)."""
 
@@ -243,7 +249,7 @@ class Engine:
         # Only submodules are held, never the model object itself: chat() keeps engines in a WeakKeyDictionary
         # keyed by the model, which a strong reference from the engine would keep alive forever.
         self.tr = lm.transformer
-        self.lm_head = lm.lm_head
+        self._model = weakref.ref(model)  # (to see adapters loaded or deleted later: _sync_adapters)
         self.config = cfg = lm.config
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -266,8 +272,7 @@ class Engine:
         if use_graphs and self.device.type != "cuda":  # (it failed at the first step, after the prefill)
             raise ValueError(f"use_graphs=True needs a CUDA model; this one is on {self.device.type}")
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.adapters = RowAdapters(model)
-        self._kernels = fused_kernels(self.tr, self.device, self.dtype)  # None: the model's own blocks decode
+        self._bind_adapters(model)
         self._base_stops = {tokenizer.im_end_id, tokenizer.im_start_id}
         self._lock = threading.Lock()  # pending queue
         self._step_lock = threading.Lock()
@@ -298,6 +303,35 @@ class Engine:
         self._flip = 0
         self._decode_weights = False  # the Int4 kernels' repacked weights made (``_spare_bytes``)
 
+    def _bind_adapters(self, model) -> None:
+        """What the engine reads of the model's adapters: each row's LoRA (RowAdapters), lm_head (PEFT wraps it for
+        an adapter with its own copy), whether the fused kernels apply; and the adapter names it read them at."""
+        self.lm_head = qwen_lm(model).lm_head
+        self.adapters = RowAdapters(model)
+        self._kernels = fused_kernels(self.tr, self.device, self.dtype)  # None: the model's own blocks decode
+        self._adapter_names = _adapter_names(model)
+
+    def _sync_adapters(self) -> None:
+        """Read the model's adapters again where PEFT loaded or deleted one since (``load_adapter``, a model wrapped
+        by ``PeftModel.from_pretrained`` after chat() made its engine): a request for a new adapter was refused as
+        unknown, and one for a deleted adapter decoded as the base. Only on an engine with no request left."""
+        model = self._model()
+        if model is None or _adapter_names(model) == self._adapter_names:
+            return
+        if not self.has_work():
+            while self._rows or self._inflight is not None:  # finished rows the next step() would drop
+                self.step()
+        with self._step_lock:
+            if self.has_work() or self._rows or self._inflight is not None:
+                raise ValueError("the model's adapters changed (an adapter loaded or deleted) while this engine has "
+                                 "requests; submit again when they are done")
+            self._bind_adapters(model)
+            # the graphs and the step's adapter selection were made for the adapters read before
+            self._graphs.clear()
+            self._pool = None
+            self._static = self._sel_key = self._sel = None
+            self._synced = False
+
     # -- public API ---------------------------------------------------------------------------------------------
     def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None) -> Request:
         """Queue one prompt; it joins the running batch at the next step. Thread-safe."""
@@ -312,6 +346,7 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.check()  # (again: a field may have changed since it was made)
+        self._sync_adapters()
         self.adapters.index(adapter)  # unknown adapter -> ValueError now, not at the step
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
@@ -432,6 +467,7 @@ class Engine:
         for the process)."""
         if self.has_work():
             raise RuntimeError("warm_up needs an idle engine (requests are waiting or running)")
+        self._sync_adapters()
         start = time.perf_counter()
         if self.use_graphs:
             self._ensure(self.max_batch, self.warm_length())

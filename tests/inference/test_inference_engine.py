@@ -141,6 +141,39 @@ def test_two_adapters_and_the_base_in_one_batch_each_give_their_own_answers(tok)
         assert assert_agree([alone[name]], hf_greedy(pm, tok, [p], 16)) == 0
 
 
+def test_adapters_loaded_or_deleted_after_the_engine_was_made(tok, monkeypatch):
+    """An engine reads the model's adapters again when PEFT loaded or deleted one since: chat() keeps one engine per
+    model, so on CUDA a model wrapped by PEFT after a chat, or a further adapter loaded and set, was refused as
+    'unknown adapter'; and a request for a deleted adapter decoded as the base."""
+    from peft import LoraConfig
+
+    from finetune.inference import chat_decoder
+
+    p = prompts([10], seed=30)[0]
+    params = SamplingParams(max_new_tokens=12)
+    pm = _peft(tiny(seed=31), ["first"])
+    engine = Engine(pm, tok, max_batch=2)
+    first = engine.generate([p], params, adapter="first")
+    torch.manual_seed(5)
+    pm.add_adapter("second", LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "w1"], init_lora_weights=False))
+    pm.eval()
+    second = engine.generate([p], params, adapter="second")
+    assert second == Engine(pm, tok, max_batch=1).generate([p], params, adapter="second") != first
+    assert engine.generate([p], params, adapter="first") == first
+    pm.delete_adapter("second")
+    with pytest.raises(ValueError, match="unknown adapter 'second'"):
+        engine.submit(p, params, adapter="second")
+
+    model = tiny(seed=32)
+    kwargs = dict(do_sample=False, max_new_tokens=10)
+    monkeypatch.setattr(chat_decoder, "_device_ok", lambda ids: True)  # the CUDA path: the engine answers
+    model.chat(tok, "what is packing?", **kwargs)  # the plain model's engine made
+    wrapped = _peft(model, ["default"])
+    through_engine = wrapped.chat(tok, "what is packing?", **kwargs)[0]
+    monkeypatch.setattr(chat_decoder, "_device_ok", lambda ids: False)
+    assert through_engine == wrapped.chat(tok, "what is packing?", **kwargs)[0]
+
+
 def test_a_batch_without_adapter_rows_computes_no_adapter(tok, monkeypatch):
     """Base rows of a model with adapters (eval's base column, a server's base requests) run the base alone: no
     adapter hook, and the base's answers."""
