@@ -480,10 +480,26 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         """transformers' generate(), also taking the official Qwen code's ``stop_words_ids`` (else the generation
         config's): a row that ends with one of those token sequences gets eos next (chat.StopWordsLogitsProcessor)."""
         logits_processor = with_stop_words(self, generation_config, logits_processor, stop_words_ids)
+        gc = generation_config if generation_config is not None else self.generation_config
+        impl = kwargs.get("cache_implementation", getattr(gc, "cache_implementation", None))
+        if impl in _STATIC_CACHES:  # (it failed in the first forward on the 4-D mask transformers builds for one)
+            raise ValueError(f"cache_implementation={impl!r} is not supported: this model decodes with transformers' "
+                             f"dynamic cache (leave cache_implementation unset); finetune.inference.Engine is the "
+                             f"static-cache decoder")
         return super().generate(inputs, generation_config, logits_processor, **kwargs)
 
     # chat() / chat_stream(): see chat.py
     from .chat import chat, chat_stream  # noqa: E402  (methods defined in chat.py, bound here)
+
+
+# transformers' static cache layouts: its generate() then hands the model a 4-D mask and a cache of fixed length.
+# ("hybrid" is not among them: transformers reads it as the default dynamic cache.)
+try:
+    from transformers.generation.configuration_utils import ALL_STATIC_CACHE_IMPLEMENTATIONS as _ALL_STATIC
+except ImportError:
+    _ALL_STATIC = ("static", "offloaded_static", "sliding_window", "hybrid_chunked", "offloaded_hybrid",
+                   "offloaded_hybrid_chunked")
+_STATIC_CACHES = frozenset(_ALL_STATIC) - {"hybrid"}
 
 
 class _WindowLengthCriteria(MaxLengthCriteria):

@@ -158,6 +158,26 @@ def test_same_greedy_generation_as_qwen2(pair):
     assert torch.equal(model.generate(ids, use_cache=False, **kw), a)
 
 
+@torch.no_grad()
+def test_a_static_cache_is_refused_naming_the_argument(pair):
+    """generate(cache_implementation="static") failed in the first forward with 'attention_mask must be 2-D', an
+    argument the caller never passed; the dynamic layouts still decode."""
+    model, _ = pair
+    ids, mask, _ = left_padded([6], seed=12)
+    kw = dict(attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
+    for impl in ("static", "sliding_window"):
+        with pytest.raises(ValueError, match=f"cache_implementation='{impl}' is not supported"):
+            model.generate(ids, cache_implementation=impl, **kw)
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(cache_implementation="static", max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with pytest.raises(ValueError, match="cache_implementation='static'"):  # (set in the config passed)
+        model.generate(ids, attention_mask=mask, generation_config=gc)
+    a = model.generate(ids, **kw)
+    assert torch.equal(model.generate(ids, cache_implementation="dynamic", **kw), a)
+    assert torch.equal(model.generate(ids, cache_implementation="hybrid", **kw), a)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masks: causality, padding, packing
 # ---------------------------------------------------------------------------------------------------------------
