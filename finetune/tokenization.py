@@ -209,6 +209,12 @@ class QWenTokenizer(PreTrainedTokenizer):
         token_ids = [i for i in token_ids if 0 <= i < limit]
         return self.encoding.decode(list(token_ids), errors=errors or self.errors)
 
+    @property
+    def tokenizer(self) -> tiktoken.Encoding:
+        """The tiktoken Encoding under the official tokenizer's attribute name (the official eval scripts call
+        ``tokenizer.tokenizer.encode`` / ``.decode``): tiktoken's own encode, which refuses special-token text."""
+        return self.encoding
+
     # -- what PreTrainedTokenizer needs ---------------------------------------------------------------
     @property
     def vocab_size(self) -> int:

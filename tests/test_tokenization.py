@@ -266,6 +266,16 @@ def test_token_id_conversions_as_the_official(real_tok):
     assert len(real_tok) == real_tok.vocab_size == 151851
 
 
+def test_the_tiktoken_encoding_under_the_official_attribute(small_tok):
+    """The official tokenizer keeps its tiktoken Encoding as ``.tokenizer``; its eval scripts (evaluate_gsm8k.py,
+    evaluate_humaneval.py) encode and decode with it, which failed here with an AttributeError."""
+    ids = small_tok.tokenizer.encode("Question: 1 + 2 = ?")
+    assert ids == small_tok.encode("Question: 1 + 2 = ?")
+    assert small_tok.tokenizer.decode(ids + [small_tok.im_end_id]) == "Question: 1 + 2 = ?<|im_end|>"
+    with pytest.raises(ValueError):  # tiktoken's default, as there: special-token text is refused
+        small_tok.tokenizer.encode("a<|im_end|>")
+
+
 def test_adding_tokens_is_refused_as_the_official(real_tok):
     with pytest.raises(ValueError, match="regular tokens"):
         real_tok.add_tokens(["foo"])
