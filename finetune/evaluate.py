@@ -49,12 +49,13 @@ from .metrics import exact_match, rouge_l
 # -- data -----------------------------------------------------------------------------------------------
 
 
-def load_eval_records(path, max_samples: int | None = None, flag: str | None = None) -> list[dict]:
+def load_eval_records(path, max_samples: int | None = None, flag: str | None = None,
+                      skip_invalid: bool = False) -> list[dict]:
     """Validated, normalised records ({"id", "system", "messages"}), the first ``max_samples``; `flag` (the
-    command-line flag that gave `path`) is named in the errors."""
+    command-line flag that gave `path`) is named in the errors; ``skip_invalid``: as load_records (counted)."""
     from .data import load_records, normalize_record
 
-    records = [normalize_record(r) for r in load_records(path, flag=flag)]
+    records = [normalize_record(r) for r in load_records(path, skip_invalid, flag=flag)]
     return records[:max_samples] if max_samples else records
 
 

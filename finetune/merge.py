@@ -142,9 +142,9 @@ def _sample(records: list, n: int | None, seed: int = 0) -> list:
     return random.Random(seed).sample(list(records), n)
 
 
-def _training_data(adapter_dir: Path, log=print) -> str | None:
-    """The data file(s) the adapter was trained on, from its run's run_args.json: in the adapter dir, or, for a
-    checkpoint-N dir (which has none), in the run dir above it; None when none is recorded or readable."""
+def _run_args(adapter_dir: Path) -> tuple[Path, dict] | None:
+    """(path, content) of the adapter's run's run_args.json: in the adapter dir, or, for a checkpoint-N dir (which
+    has none), in the run dir above it; None when there is none or it is not a JSON object."""
     p = adapter_dir / "run_args.json"
     if not p.is_file() and adapter_dir.name.startswith("checkpoint-"):
         p = adapter_dir.parent / "run_args.json"
@@ -152,8 +152,29 @@ def _training_data(adapter_dir: Path, log=print) -> str | None:
         return None
     try:
         record = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        return None
+    return (p, record) if isinstance(record, dict) else None
+
+
+def _trained_skipping_invalid(adapter_dir: Path) -> bool:
+    """Whether the adapter's run read its data with --skip_invalid True: its invalid records were counted and
+    skipped there, and are here too (they stopped the merge, on a file the user had not named)."""
+    found = _run_args(adapter_dir)
+    data = found[1].get("data") if found else None
+    return isinstance(data, dict) and data.get("skip_invalid") is True
+
+
+def _training_data(adapter_dir: Path, log=print) -> str | None:
+    """The data file(s) the adapter was trained on, from its run's run_args.json (``_run_args``); None when none
+    is recorded or readable."""
+    found = _run_args(adapter_dir)
+    if found is None:
+        return None
+    p, record = found
+    try:
         data, cwd = record.get("data", {}).get("data_path"), record.get("cwd")
-    except (json.JSONDecodeError, AttributeError):
+    except AttributeError:
         return None
     if not data:
         return None
@@ -422,7 +443,9 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     # the flag that gave each path, for the errors (None: the adapter's training data, from its run_args.json)
     calib_flag = "--calib-data" if calib_data else None
     eval_flag = "--eval-data" if eval_data else calib_flag
-    eval_all = load_eval_records(eval_path, flag=eval_flag) if eval_path else []
+    # the adapter's training data is read as its run read it: invalid records skipped (and counted) where it skipped
+    skip = train_data is not None and _trained_skipping_invalid(adapter)
+    eval_all = load_eval_records(eval_path, flag=eval_flag, skip_invalid=skip and not eval_flag) if eval_path else []
     eval_records = _sample(eval_all, n_eval, seed)
     # say what the loss is measured on: held-out data only when the user gives it
     # (--calib-data's file was reported as the training data: the adapter may never have seen it)
@@ -440,7 +463,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     calib_records = None
     if fmt == "int4" and quant_method == "gptq":  # read (and checked) now, not after the merge
         # without --eval-data the report's data is this file, read and checked once above
-        calib_all = eval_all if calib_path == eval_path else load_eval_records(calib_path, flag=calib_flag)
+        calib_all = eval_all if calib_path == eval_path else \
+            load_eval_records(calib_path, flag=calib_flag, skip_invalid=skip and not calib_flag)
         calib_records = _sample(calib_all, n_calib, seed + 1)
 
     peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)

@@ -662,6 +662,38 @@ def test_training_data_edited_since_the_run_is_not_scored_as_its_training_data(s
         merge(adapter, tmp_path / "m3", fmt="int4", quant_method="gptq", log=quiet)
 
 
+def test_training_data_the_run_read_with_skip_invalid_is_read_so_again(setup, tmp_path, capsys):
+    """A run with --skip_invalid True trained on a file with an invalid record (counted and skipped there); merging
+    its adapter without --eval-data stopped on that record, in a file the user had not named. It is skipped and
+    counted again; a file the user names is still checked whole."""
+    import shutil
+
+    from finetune.data import DataError
+    from finetune.data.dataset import data_content
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(setup["lora"], adapter, ignore=shutil.ignore_patterns("checkpoint-*"))
+    data = tmp_path / "train.json"
+    records = json.loads(Path(setup["data"]).read_text())
+    data.write_text(json.dumps(records[:2] + [{"conversations": [{"from": "user", "value": "hi"}]}] + records[2:]))
+    args = json.loads((adapter / "run_args.json").read_text())
+    args["data"].update(data_path=str(data), skip_invalid=True)
+    (adapter / "run_args.json").write_text(json.dumps(args))
+    info = json.loads((adapter / "run_info.json").read_text())
+    info["data_content"] = data_content(str(data))
+    (adapter / "run_info.json").write_text(json.dumps(info))
+    report = merge(adapter, tmp_path / "m", fmt="int4", quant_method="gptq", log=quiet)
+    assert report["eval_data_kind"] == "training-data" and report["eval_records"] == 4
+    assert report["quantization"]["calib_samples"] == 4
+    assert "1 skipped" in capsys.readouterr().err
+    with pytest.raises(DataError, match=r"--eval-data .*record 3.*no assistant turn"):
+        merge(adapter, tmp_path / "m2", eval_data=str(data), log=quiet)
+    args["data"]["skip_invalid"] = False  # a run that did not skip: the file is not what it read
+    (adapter / "run_args.json").write_text(json.dumps(args))
+    with pytest.raises(DataError, match="record 3.*no assistant turn"):
+        merge(adapter, tmp_path / "m3", log=quiet)
+
+
 @pytest.mark.parametrize("spec", ["{name}", "./{name},{name2}", "*.json"])
 def test_training_data_named_relative_to_the_runs_dir_is_found_from_another(setup, tmp_path, monkeypatch, spec):
     """`-d data/train.json` typed in the checkout is recorded as typed: a merge run from another dir did not find
