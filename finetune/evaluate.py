@@ -81,13 +81,17 @@ def split_last_turn(message: dict) -> tuple[str, str]:
     """(the text the prompt continues, the reference) of a record's last assistant turn.
 
     A turn with tool results (ReAct segments not trained: the observations and the "\\nThought:" after each)
-    is cut after its last untrained segment: the model continues from there, as the server prompts it after a
-    tool result, and the reference is the trained text that follows, stripped as replies are (its leading space
-    follows "Thought:"). Any other turn: ("", its whole text). A ReAct turn's reference ends where its reply ends
-    (``cut_reply`` at "Observation:"): a training conversation may end with a call and no result, whose turn ends
-    with the "\nObservation:" the server stops at."""
+    is cut after its last untrained segment that trained text follows: the model continues from there, as the
+    server prompts it after a tool result, and the reference is the text that follows, stripped as replies are
+    (its leading space follows "Thought:"). Any other turn: ("", its whole text). A ReAct turn's reference ends
+    where its reply ends (``cut_reply`` at "Observation:"): a training conversation may end with a call and no
+    result, whose turn ends with the "\nObservation:" the server stops at."""
     segments = message.get("segments") or []
-    cut = max((i for i, (_, trained) in enumerate(segments) if not trained), default=None)
+    # the cut is the last untrained segment that trained text follows: an untrained tail after the last trained
+    # text (a record's own segments; a ReAct turn never ends with a tool result) is nothing the model continues
+    # into, and cutting there put the whole reply into the prompt and left an empty reference
+    last_trained = max((i for i, (_, trained) in enumerate(segments) if trained), default=0)
+    cut = max((i for i, (_, trained) in enumerate(segments[:last_trained]) if not trained), default=None)
     if cut is None:
         return "", cut_reply(message["content"], react.OBSERVATION_STOP) if segments else message["content"]
     reference = "".join(t for t, _ in segments[cut + 1:])

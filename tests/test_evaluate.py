@@ -960,6 +960,27 @@ def test_a_last_reply_with_no_trained_segment_is_context_not_the_reference():
     assert _last_assistant(record["messages"]) == 1
 
 
+def test_an_untrained_tail_of_the_last_reply_is_not_where_the_prompt_ends(small_tok):
+    """A reply whose own segments leave its end untrained (["It is 42.", trained], [" (source: a book)", not]): eval
+    cut the turn after that tail, so the prompt held the whole reply, answer included, and the reference was empty
+    (a reply that ended at once scored exact match 1). The prompt ends where trained text follows untrained text,
+    never after the last trained text."""
+    from finetune.modeling import make_context
+
+    tail = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "It is 42. (source: a book)",
+                          "segments": [["It is 42.", True], [" (source: a book)", False]]}]}
+    tokens, ref = generation_prompt(small_tok, tail)
+    assert tokens == make_context(small_tok, "q", system="You are a helpful assistant.")[1]
+    assert ref == "It is 42. (source: a book)"
+    # untrained text before the trained text is still continued from, as after a tool result
+    both = {"messages": [{"role": "user", "content": "q"},
+                         {"role": "assistant", "content": "Let me see. It is 42. (source)",
+                          "segments": [["Let me see.", False], [" It is 42.", True], [" (source)", False]]}]}
+    tokens, ref = generation_prompt(small_tok, both)
+    assert small_tok.decode(tokens).endswith("<|im_start|>assistant\nLet me see.") and ref == "It is 42. (source)"
+
+
 def test_the_report_carries_the_float_adapter_on_int4_warning(setup, tmp_path, capsys):
     """The console warned that a float-trained adapter meets rounded weights it never saw; the report (what a user
     keeps and compares) did not, where merge's report does."""
