@@ -31,9 +31,12 @@ def setup(tmp_path_factory):
     i4 = make_demo_model(root / "int4", int4=True)
     data = root / "mem.json"
     write_memorise(data)
+    # held-out data for the tests: other content than the training file (the same conversations, in reverse order)
+    heldout = root / "heldout.json"
+    heldout.write_text(json.dumps(json.loads(data.read_text())[::-1]))
     lora = train_adapter(fl, data, root / "lora", 40)
     qlora = train_adapter(i4, data, root / "qlora", 40, "--q_lora", "True")
-    return {"root": root, "float": fl, "int4": i4, "data": data, "lora": lora, "qlora": qlora}
+    return {"root": root, "float": fl, "int4": i4, "data": data, "heldout": heldout, "lora": lora, "qlora": qlora}
 
 
 def logits(model):
@@ -99,7 +102,7 @@ def test_qlora_merge_into_dequantized_int4_base(setup, tmp_path):
 
 def test_qlora_merge_into_matching_float_base(setup, tmp_path):
     out = tmp_path / "q_into_float"
-    report = merge(setup["qlora"], out, model=setup["float"], dtype="fp32", eval_data=setup["data"], log=quiet,
+    report = merge(setup["qlora"], out, model=setup["float"], dtype="fp32", eval_data=setup["heldout"], log=quiet,
                    max_shard_size="150KB")
     assert report["route"].startswith("Q-LoRA adapter merged into the float base")
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -387,14 +390,33 @@ def test_loss_is_named_for_the_data_it_is_computed_on(setup, tmp_path):
     assert report["eval_data_kind"] == "training-data"
     assert not any("held-out" in line for line in lines) and any("not held out" in line for line in lines)
     lines.clear()
-    report = merge(setup["lora"], tmp_path / "b", dtype="fp32", eval_data=setup["data"], log=lines.append)
+    report = merge(setup["lora"], tmp_path / "b", dtype="fp32", eval_data=setup["heldout"], log=lines.append)
     assert report["eval_data_kind"] == "held-out" and any("held-out loss" in line for line in lines)
+    assert "warnings" not in report
     lines.clear()  # --calib-data's file was reported as the adapter's training data
     report = merge(setup["qlora"], tmp_path / "c", fmt="int4", quant_method="gptq", calib_data=setup["data"],
                    log=lines.append)
     assert report["eval_data_kind"] == "calibration-data"
     assert any("(the calibration data, not held out)" in line for line in lines)
     assert any("calibration-data loss of base+adapter" in line for line in lines), lines
+
+
+def test_eval_data_the_adapter_trained_on_is_not_called_held_out(setup, tmp_path, capsys):
+    """--eval-data naming the adapter's training data (the file, or a copy of it) was reported as a held-out loss
+    (merge_report.json's eval_data_kind "held-out", "held-out loss" on the console): it is named training data and
+    warned about, in the report too."""
+    import shutil
+
+    copy = tmp_path / "copy.json"
+    shutil.copy2(setup["data"], copy)
+    for i, data in enumerate((setup["data"], copy)):
+        lines = []
+        report = merge(setup["lora"], tmp_path / f"m{i}", dtype="fp32", eval_data=data, log=lines.append)
+        assert report["eval_data_kind"] == "training-data", report
+        assert any("training-data loss of base+adapter" in line for line in lines), lines
+        assert not any("held-out" in line for line in lines), lines
+        assert any("the adapter's training data" in w and "not a held-out loss" in w for w in report["warnings"])
+        assert "not a held-out loss" in capsys.readouterr().err
 
 
 def test_rtn_export_that_loses_the_fine_tune_warns(setup, tmp_path, monkeypatch, capsys):
@@ -405,7 +427,7 @@ def test_rtn_export_that_loses_the_fine_tune_warns(setup, tmp_path, monkeypatch,
     assert any("--quant-method gptq" in w for w in report["warnings"])
     assert "warning: round-to-nearest Int4 raised the loss" in capsys.readouterr().err
     monkeypatch.setattr(merge_module, "INT4_WARN_DELTA", 1e9)
-    report = merge(setup["qlora"], tmp_path / "rtn2", fmt="int4", eval_data=setup["data"], log=quiet)
+    report = merge(setup["qlora"], tmp_path / "rtn2", fmt="int4", eval_data=setup["heldout"], log=quiet)
     assert "warnings" not in report
 
 
@@ -421,7 +443,7 @@ def test_gptq_export_that_loses_the_fine_tune_warns_too(setup, tmp_path, monkeyp
     assert "warning: GPTQ Int4 raised the loss" in capsys.readouterr().err
     monkeypatch.setattr(merge_module, "INT4_WARN_DELTA", 1e9)
     report = merge(setup["qlora"], tmp_path / "gptq2", fmt="int4", quant_method="gptq", calib_data=setup["data"],
-                   eval_data=setup["data"], log=quiet)
+                   eval_data=setup["heldout"], log=quiet)
     assert "warnings" not in report
 
 
