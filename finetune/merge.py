@@ -388,6 +388,7 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     group_size = DEFAULTS["group_size"] if group_size is None else group_size
     damp_percent = DEFAULTS["damp_percent"] if damp_percent is None else damp_percent
     n_calib = DEFAULTS["n_calib"] if n_calib is None else n_calib
+    calib_len_given = calib_max_len is not None
     calib_max_len = DEFAULTS["calib_max_len"] if calib_max_len is None else calib_max_len
     check_numbers(fmt, quant_method, n_calib, n_eval, calib_max_len, group_size, damp_percent, max_shard_size)
     base_dir = resolve_base(adapter, model)
@@ -415,6 +416,11 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         raise MergeError(f"--output {out} exists and is not empty (pass --overwrite to replace its files)")
     base_info = describe(base_dir)
     base_cfg, base_int4 = base_info.config, base_info.quantized
+    seq_length = base_cfg.get("seq_length")
+    if calib_len_given and isinstance(seq_length, int) and calib_max_len > seq_length:
+        # (calibration conversations are cut to the model's seq_length, as training cuts them: more did nothing)
+        raise MergeError(f"--calib-max-len {calib_max_len} is more than the model's seq_length {seq_length}, to which "
+                         f"calibration conversations are cut (as training cuts them); give at most {seq_length}")
     recorded_gptq = None if base_int4 or not recorded else _gptq_settings(Path(recorded))
     qlora_on_float = recorded_gptq is not None
     if fmt == "int4" and not group_given and (base_int4 or qlora_on_float):
@@ -613,7 +619,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-data", **once,
                    help="conversations for GPTQ calibration (default: the adapter's training data)")
     p.add_argument("--calib-samples", type=int, default=None, **once, help="GPTQ: conversations sampled (default 128)")
-    p.add_argument("--calib-max-len", type=int, default=None, **once, help="GPTQ: tokens a conversation (default 2048)")
+    p.add_argument("--calib-max-len", type=int, default=None, **once,
+                   help="GPTQ: tokens a conversation (default 2048, or the model's seq_length where that is less; at "
+                        "most the seq_length, to which conversations are cut)")
     p.add_argument("--eval-data", **once, help="held-out conversations for the loss report (default: the calibration "
                                                "or training data, reported as such)")
     p.add_argument("--eval-samples", type=int, default=64, **once,

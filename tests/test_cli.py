@@ -459,7 +459,8 @@ def _int_in(lo=None, hi=None, also=()):
 
 
 MERGE_FLAGS = {  # what the README and --help document, for an Int4 GPTQ merge (the route that reads them all)
-    "--eval-samples": _int_in(0), "--calib-samples": _int_in(1), "--calib-max-len": _int_in(16),
+    # --calib-max-len: at most the model's seq_length (the tiny model's 256), to which conversations are cut
+    "--eval-samples": _int_in(0), "--calib-samples": _int_in(1), "--calib-max-len": _int_in(16, 256),
     "--bits": _int_in(also=(4, 8), lo=9, hi=0), "--group-size": _int_in(1, also=(-1,)),
     "--damp-percent": lambda v: (f := _as_float(v)) is not None and 0 < f < 1, "--max-shard-size": _size_ok,
     "--seed": _int_in(),

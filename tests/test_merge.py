@@ -328,6 +328,9 @@ def test_an_int4_exports_group_size_is_the_int4_bases_unless_given(setup, tmp_pa
     (["--format", "int4", "--calib-data", "BAD"], "--calib-data applies to calibrated GPTQ: add --quant-method gptq"),
     (["--format", "int4", "--calib-samples", "8", "--damp-percent", "0.1"],
      "--calib-samples, --damp-percent apply to calibrated GPTQ"),
+    # conversations are cut to the model's seq_length (256): a longer --calib-max-len did nothing, and said nothing
+    (["--format", "int4", "--quant-method", "gptq", "--calib-max-len", "1024"],
+     "--calib-max-len 1024 is more than the model's seq_length 256"),
 ])
 def test_merge_flags_are_checked_before_loading(setup, tmp_path, capsys, monkeypatch, flags, message):
     import finetune.loading
