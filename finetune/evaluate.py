@@ -737,6 +737,9 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
                            "max_len": max_len, "greedy": True, "repetition_penalty": args.repetition_penalty,
                            "generator": args.generator,
+                           # what ran (an fp16 and an fp32 run's reports looked alike)
+                           "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                           "device": str(next(model.parameters()).device),
                            **({"gen_batch_size": args.gen_batch_size} if args.generator == "engine"
                               else {"padding": "left"})}, **report}
     if prompts is not None:  # records whose generation prompt left earlier turns out (said in a note too)

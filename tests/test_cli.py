@@ -105,6 +105,7 @@ def test_eval_without_adapter_writes_the_report(setup, tmp_path, capsys, monkeyp
     report = json.loads(out.read_text())
     assert report["model"] == str(setup["float"]) and report["adapter_dir"] is None
     assert report["data"] == str(setup["data"])
+    assert (report["settings"]["dtype"], report["settings"]["device"]) == ("float32", "cpu")  # (what ran: CPU)
     assert "adapter" not in report  # no adapter metrics: one model evaluated
     assert report["base"]["records"] == 4 and report["base"]["generated"] == 4
     assert report["base"]["loss"] > 0 and len(report["samples"]) == 4

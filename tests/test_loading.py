@@ -360,3 +360,16 @@ def test_load_tokenizer_names_a_missing_or_empty_argument(kwargs, message, tmp_p
         load_tokenizer(**args)
     assert str(e.value) == message
     assert load_tokenizer(model_dir).im_end_id == load_tokenizer(".").im_end_id  # "." is a path, as typed
+
+
+def test_reference_is_absolute_for_local_paths_and_globs_and_as_given_for_a_hub_id(tmp_path, monkeypatch):
+    # what reports and model cards record: read from another dir, "data/*.json" or "." named nothing
+    from finetune.hub import reference
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.json").write_text("[]")
+    monkeypatch.chdir(tmp_path)
+    assert reference(".") == str(tmp_path) and reference("data/a.json") == str(tmp_path / "data" / "a.json")
+    assert reference("data/*.json") == str(tmp_path / "data" / "*.json")
+    assert reference("data/a.json,data/*.jsonl") == f"{tmp_path}/data/a.json,{tmp_path}/data/*.jsonl"
+    assert reference("Qwen/Qwen-7B-Chat") == "Qwen/Qwen-7B-Chat"
