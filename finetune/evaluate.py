@@ -515,6 +515,21 @@ def overwrites_input(output: Path, inputs) -> Path | None:
     return None
 
 
+def trained_data_note(args) -> str | None:
+    """A warning when --data is (a file of) the data the adapter's run trained on (its run_args.json): the report
+    called that loss and those replies held-out. None otherwise."""
+    from .data.dataset import files_in_both
+    from .run_record import training_data
+
+    trained = training_data(Path(args.adapter)) if args.adapter else None
+    both = files_in_both(trained, args.data) if trained else []
+    if not both:
+        return None
+    files = ", ".join(f if f == g else f"{f} (as {g})" for f, g in both)
+    return (f"--data {args.data}: {files} {'is' if len(both) == 1 else 'are'} the adapter's training data ({trained}, "
+            "in its run_args.json): its loss and replies are not held-out figures")
+
+
 def run_of(adapter) -> Path | None:
     """The run dir above a checkpoint-N adapter (its run_info.json, logs and other checkpoints are inputs too: an
     --output there replaced the run's record), or None."""
@@ -720,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
                 cut.append(stats["history_left_out"])
             if problem := too_long_to_generate(prompts, args, model_dir):
                 return _error(problem)
+        if trained := trained_data_note(args):  # (said once every check has passed: an error stays one line)
+            print(f"warning: {trained}", file=sys.stderr)
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
     except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -744,8 +761,9 @@ def main(argv: list[str] | None = None) -> int:
                               else {"padding": "left"})}, **report}
     if prompts is not None:  # records whose generation prompt left earlier turns out (said in a note too)
         report["history_cut"] = sum(1 for n in cut if n)
-    if other_base:
-        report["warnings"] = [other_base]
+    report["warnings"] = [w for w in (other_base, trained) if w]
+    if not report["warnings"]:
+        del report["warnings"]
     if args.adapter and getattr(model.config, "quantization_config", None) and trained_on(args.adapter) == "float":
         # (load_model warned on the console; merge's report carries it too)
         report.setdefault("warnings", []).append(float_adapter_on_int4(args.adapter, model_dir))

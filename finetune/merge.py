@@ -44,6 +44,7 @@ import torch.nn as nn
 from .checkpoint import save_sharded
 from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
 from .hub import reference
+from .run_record import trained_skipping_invalid, training_data
 
 SKIP_COPY = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json", "quantize_config.json",
              "merge_report.json"}
@@ -140,87 +141,6 @@ def _sample(records: list, n: int | None, seed: int = 0) -> list:
     if n is None or len(records) <= n:
         return list(records)
     return random.Random(seed).sample(list(records), n)
-
-
-def _run_args(adapter_dir: Path) -> tuple[Path, dict] | None:
-    """(path, content) of the adapter's run's run_args.json: in the adapter dir, or, for a checkpoint-N dir (which
-    has none), in the run dir above it; None when there is none or it is not a JSON object."""
-    p = adapter_dir / "run_args.json"
-    if not p.is_file() and adapter_dir.name.startswith("checkpoint-"):
-        p = adapter_dir.parent / "run_args.json"
-    if not p.is_file():
-        return None
-    try:
-        record = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-    return (p, record) if isinstance(record, dict) else None
-
-
-def _trained_skipping_invalid(adapter_dir: Path) -> bool:
-    """Whether the adapter's run read its data with --skip_invalid True: its invalid records were counted and
-    skipped there, and are here too (they stopped the merge, on a file the user had not named)."""
-    found = _run_args(adapter_dir)
-    data = found[1].get("data") if found else None
-    return isinstance(data, dict) and data.get("skip_invalid") is True
-
-
-def _training_data(adapter_dir: Path, log=print) -> str | None:
-    """The data file(s) the adapter was trained on, from its run's run_args.json (``_run_args``); None when none
-    is recorded or readable."""
-    found = _run_args(adapter_dir)
-    if found is None:
-        return None
-    p, record = found
-    try:
-        data, cwd = record.get("data", {}).get("data_path"), record.get("cwd")
-    except AttributeError:
-        return None
-    if not data:
-        return None
-    if isinstance(cwd, str):
-        data = _from_dir(data, cwd)
-    from .data import DataError
-    from .data.records import data_sources
-
-    try:  # one file, or the several a glob / a list / a plain dir named in training
-        if not all(Path(f).is_file() for f in data_sources(data)):
-            return None
-    except DataError:
-        return None
-    return data if _still_the_training_data(p.parent, data, log) else None
-
-
-def _from_dir(data: str, cwd: str) -> str:
-    """A data flag's value as the training run read it, from its working directory ``cwd``: each relative path or
-    pattern of it (a comma-separated list's too, as data_sources splits it) anchored there. `data/train.json`
-    given in the checkout was not found by a merge run from another dir."""
-    from .data.records import spec_parts
-
-    def anchored(part: str) -> str:
-        part = os.path.expanduser(part)
-        return part if os.path.isabs(part) else os.path.join(cwd, part)
-
-    return ",".join(anchored(part) for part in spec_parts(data, lambda whole: os.path.exists(anchored(whole))))
-
-
-def _still_the_training_data(run_dir: Path, data: str, log=print) -> bool:
-    """Whether ``data`` still holds what the run trained on: its content hash against run_info.json's (True where
-    the run recorded none, before session 44). A file edited or replaced since is said on the console, and not
-    used: a "training-data" loss or a calibration on other records would be passed off as the run's."""
-    try:
-        recorded = json.loads((run_dir / "run_info.json").read_text()).get("data_content")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        recorded = None
-    if not recorded:
-        return True
-    from .data.dataset import data_content
-
-    if data_content(data) == recorded:
-        return True
-    log(f"merge: {data} (the adapter's training data in run_args.json) has changed since the run trained on it "
-        "(its content differs): not used for the report or the calibration; pass --eval-data / --calib-data")
-    return False
 
 
 # An Int4 export whose loss rises more than this (nats per trained token) above base+adapter has lost part of the
@@ -443,14 +363,16 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     # (the adapter's vocabulary, copied into OUT where the base has none, is checked against the base first)
     tokenizer = load_tokenizer(base_dir, adapter=adapter)
     # data for the report (and GPTQ's calibration)
-    train_data = _training_data(adapter, log)
+    train_data = training_data(adapter, changed=lambda data: log(
+        f"merge: {data} (the adapter's training data in run_args.json) has changed since the run trained on it (its "
+        "content differs): not used for the report or the calibration; pass --eval-data / --calib-data"))
     calib_path = calib_data or train_data
     eval_path = eval_data or calib_path
     # the flag that gave each path, for the errors (None: the adapter's training data, from its run_args.json)
     calib_flag = "--calib-data" if calib_data else None
     eval_flag = "--eval-data" if eval_data else calib_flag
     # the adapter's training data is read as its run read it: invalid records skipped (and counted) where it skipped
-    skip = train_data is not None and _trained_skipping_invalid(adapter)
+    skip = train_data is not None and trained_skipping_invalid(adapter)
     eval_all = load_eval_records(eval_path, flag=eval_flag, skip_invalid=skip and not eval_flag) if eval_path else []
     eval_records = _sample(eval_all, n_eval, seed)
     # say what the loss is measured on: held-out data only when the user gives it

@@ -66,7 +66,9 @@ def setup(tmp_path_factory):
     records = memorise_records()
     write_memorise(data)
     lora = train_adapter(fl, data, root / "lora", 50)
-    return {"root": root, "float": fl, "data": data, "lora": lora, "records": records,
+    held = root / "held.json"  # not the training data (which eval warns about): three of its four records
+    held.write_text(json.dumps(records[1:]))
+    return {"root": root, "float": fl, "data": data, "lora": lora, "records": records, "held": held,
             "tok": load_tokenizer(fl)}
 
 
@@ -416,17 +418,17 @@ def test_eval_on_another_base_says_so_in_the_report_and_names_a_replaced_report(
     other = make_demo_model(tmp_path / "other", seed=1)
     out = tmp_path / "r.json"
     out.write_text("an earlier report")
-    assert main(["eval", "-a", str(setup["lora"]), "-m", str(other), "--data", str(setup["data"]),
+    assert main(["eval", "-a", str(setup["lora"]), "-m", str(other), "--data", str(setup["held"]),
                  "--no-generate", "--output", str(out)]) == 0
     assert f"report: {out} (replaced the file that was there)" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["model"] == str(other)
     assert len(report["warnings"]) == 1 and "is not that model" in report["warnings"][0]
-    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate", "--output",
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["held"]), "--no-generate", "--output",
                  "/dev/null"]) == 0  # (a device, not a file: it was "replaced")
     assert "report: /dev/null\n" in capsys.readouterr().out
     assert str(other) in report["warnings"][0] and str(setup["float"]) in report["warnings"][0]
-    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate",
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["held"]), "--no-generate",
                  "--output", str(out)]) == 0
     assert "warnings" not in json.loads(out.read_text())  # the recorded base
 
@@ -988,13 +990,33 @@ def test_the_report_carries_the_float_adapter_on_int4_warning(setup, tmp_path, c
 
     int4 = make_demo_model(tmp_path / "int4", int4=True)
     out = tmp_path / "report.json"
-    assert main(["eval", "-m", str(int4), "--adapter", str(setup["lora"]), "--data", str(setup["data"]),
+    assert main(["eval", "-m", str(int4), "--adapter", str(setup["lora"]), "--data", str(setup["held"]),
                  "--no-generate", "--max-samples", "2", "--output", str(out)]) == 0
     warnings = json.loads(out.read_text())["warnings"]
     assert any("trained on a float model" in w and str(int4) in w for w in warnings), warnings
-    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["data"]), "--no-generate",
+    assert main(["eval", "--adapter", str(setup["lora"]), "--data", str(setup["held"]), "--no-generate",
                  "--max-samples", "2", "--output", str(out)]) == 0
     assert "warnings" not in json.loads(out.read_text())  # (its own float base: nothing to say)
+
+
+def test_eval_on_the_adapters_training_data_says_it_is_not_held_out(setup, tmp_path, capsys):
+    """--data naming the file the adapter's run trained on (or a copy): the report called its loss held-out."""
+    import shutil
+
+    from finetune.cli import main
+
+    copy = tmp_path / "copy.json"
+    shutil.copy2(setup["data"], copy)
+    out = tmp_path / "report.json"
+    for data in (setup["data"], copy):
+        assert main(["eval", "-a", str(setup["lora"]), "--data", str(data), "--no-generate", "--max-samples", "2",
+                     "--output", str(out)]) == 0
+        warning = json.loads(out.read_text())["warnings"][0]
+        assert f"--data {data}: {data}" in warning and "the adapter's training data" in warning, warning
+        assert warning in capsys.readouterr().err
+    assert main(["eval", "-a", str(setup["lora"]), "--data", str(setup["held"]), "--no-generate", "--output",
+                 str(out)]) == 0
+    assert "warnings" not in json.loads(out.read_text())
 
 
 def test_eval_takes_an_adapters_hub_id_as_chat_does(setup, tmp_path, capsys, monkeypatch):

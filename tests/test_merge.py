@@ -632,7 +632,7 @@ def test_a_device_that_is_not_here_is_one_line_before_the_data_is_read(setup, tm
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(finetune.evaluate, "load_eval_records", read)
-    monkeypatch.setattr(finetune.merge, "_training_data", read)
+    monkeypatch.setattr(finetune.merge, "training_data", read)
     rc = _main_rc(["merge", "-a", str(setup["lora"]), "--eval-data", str(setup["data"]), "-o", str(tmp_path / "out"),
                    "--device", device])
     err = capsys.readouterr().err

@@ -329,13 +329,13 @@ def test_eval_refuses_an_output_that_is_one_of_the_data_files(shards):
 
 def test_merge_finds_training_data_given_as_a_glob(shards, tmp_path):
     """merge's default calibration / report data is the adapter's --data_path, a glob included."""
-    from finetune.merge import _training_data
+    from finetune.run_record import training_data
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     for data, found in ((str(shards / "train-*.jsonl"), True), (str(tmp_path / "gone-*.jsonl"), False)):
         (adapter / "run_args.json").write_text(json.dumps({"data": {"data_path": data}}))
-        assert _training_data(adapter) == (data if found else None)
+        assert training_data(adapter) == (data if found else None)
 
 
 def test_a_dataset_dict_of_several_splits_names_the_split_to_read(tmp_path):
