@@ -515,19 +515,20 @@ def overwrites_input(output: Path, inputs) -> Path | None:
     return None
 
 
-def trained_data_note(args) -> str | None:
-    """A warning when --data is (a file of) the data the adapter's run trained on (its run_args.json): the report
-    called that loss and those replies held-out. None otherwise."""
+def trained_data_note(args, model_dir) -> str | None:
+    """A warning when --data is (a file of) the data the evaluated run trained on (the adapter's run_args.json, or
+    a fully fine-tuned model dir's): the report called that loss and those replies held-out. None otherwise."""
     from .data.dataset import files_in_both
     from .run_record import training_data
 
-    trained = training_data(Path(args.adapter)) if args.adapter else None
+    trained = training_data(Path(args.adapter or model_dir))
     both = files_in_both(trained, args.data) if trained else []
     if not both:
         return None
     files = ", ".join(f if f == g else f"{f} (as {g})" for f, g in both)
-    return (f"--data {args.data}: {files} {'is' if len(both) == 1 else 'are'} the adapter's training data ({trained}, "
-            "in its run_args.json): its loss and replies are not held-out figures")
+    whose = "the adapter's" if args.adapter else f"{model_dir}'s"
+    return (f"--data {args.data}: {files} {'is' if len(both) == 1 else 'are'} {whose} training data ({trained}, in "
+            "its run_args.json): its loss and replies are not held-out figures")
 
 
 def run_of(adapter) -> Path | None:
@@ -735,7 +736,7 @@ def main(argv: list[str] | None = None) -> int:
                 cut.append(stats["history_left_out"])
             if problem := too_long_to_generate(prompts, args, model_dir):
                 return _error(problem)
-        if trained := trained_data_note(args):  # (said once every check has passed: an error stays one line)
+        if trained := trained_data_note(args, model_dir):  # (said once every check has passed: an error stays one line)
             print(f"warning: {trained}", file=sys.stderr)
         model = load_model(model_dir, adapter=args.adapter, dtype=args.dtype, device=args.device)
     except (AdapterError, ModelLoadError, DataError, FileNotFoundError) as e:

@@ -43,16 +43,18 @@ def resolve_model_dir(ref: str | os.PathLike, what: str = "model directory", cac
 
 
 def reference(path) -> str:
-    """A local path, or a data flag's glob, as an absolute one (each of a comma-separated list's), a hub id as
-    given: what a report or model card records, read from anywhere ("Base model: `.`" named the dir only for a
-    reader in it)."""
+    """A local path, or a data flag's glob, as an absolute one (each of a comma-separated list's, stripped as the
+    data reader strips them), a hub id as given: what a report or model card records, read from anywhere ("Base
+    model: `.`" named the dir only for a reader in it)."""
     text = str(path)
 
     def one(part: str) -> str:
         p = Path(part).expanduser()
         return os.path.abspath(p) if p.exists() or any(c in part for c in "*?[") else part
 
-    return one(text) if Path(text).expanduser().exists() or "," not in text else ",".join(map(one, text.split(",")))
+    if Path(text).expanduser().exists() or "," not in text:
+        return one(text)
+    return ",".join(one(part.strip()) for part in text.split(","))
 
 
 def _dir_name(d: Path) -> str:

@@ -467,7 +467,7 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
                     sd[k] = v
             report["quantization"] = {"method": "gptq", "bits": bits, "group_size": group_size,
                                       "desc_act": desc_act, "damp_percent": damp_percent,
-                                      "true_sequential": true_sequential, "calib_data": str(calib_path),
+                                      "true_sequential": true_sequential, "calib_data": reference(calib_path),
                                       "calib_samples": len(samples)}
 
     def write_model(d: Path) -> list[str]:

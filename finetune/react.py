@@ -326,7 +326,9 @@ def canonical_messages(messages, where: str = "messages", open_call: bool = Fals
         if not isinstance(role, str):
             raise ReactError("needs a 'role'", f"{w}.role")
         role = ROLE_ALIASES.get(role.lower(), role.lower())
-        if role != "assistant":  # (read nowhere else: a user's or a tool's calls were dropped unseen)
+        # calls on another known role were read nowhere (dropped unseen); an unknown role, perhaps the assistant's
+        # under another name, is said as such below
+        if role in ("system", "user", "tool", "function", "function_call"):
             if m.get("tool_calls"):
                 raise ReactError("only assistant messages carry tool_calls", f"{w}.tool_calls")
             if m.get("function_call") is not None:

@@ -60,7 +60,11 @@ def training_data(adapter_dir: Path, changed: Callable[[str], None] | None = Non
             return None
     except DataError:
         return None
-    if _still_the_training_data(p.parent, data):
+    try:
+        still = _still_the_training_data(p.parent, data)
+    except OSError:  # a file that cannot be read (another user's): nothing can be said of it
+        return None
+    if still:
         return data
     if changed is not None:
         changed(data)

@@ -1019,6 +1019,21 @@ def test_eval_on_the_adapters_training_data_says_it_is_not_held_out(setup, tmp_p
     assert "warnings" not in json.loads(out.read_text())
 
 
+def test_eval_of_a_fully_fine_tuned_dir_on_its_training_data_says_so(setup, tmp_path, capsys):
+    # a full fine-tune's output dir records its data in run_args.json as an adapter's run does
+    import shutil
+
+    from finetune.cli import main
+
+    full = tmp_path / "full"
+    shutil.copytree(setup["float"], full)
+    (full / "run_args.json").write_text(json.dumps({"data": {"data_path": str(setup["data"])}}))
+    out = tmp_path / "report.json"
+    assert main(["eval", "-m", str(full), "--data", str(setup["data"]), "--no-generate", "--max-samples", "1",
+                 "--output", str(out)]) == 0
+    assert f"is {full}'s training data ({setup['data']}" in json.loads(out.read_text())["warnings"][0]
+
+
 def test_eval_takes_an_adapters_hub_id_as_chat_does(setup, tmp_path, capsys, monkeypatch):
     """`--adapter org/name` was "does not exist" in eval while chat fetched it."""
     import huggingface_hub

@@ -372,4 +372,5 @@ def test_reference_is_absolute_for_local_paths_and_globs_and_as_given_for_a_hub_
     assert reference(".") == str(tmp_path) and reference("data/a.json") == str(tmp_path / "data" / "a.json")
     assert reference("data/*.json") == str(tmp_path / "data" / "*.json")
     assert reference("data/a.json,data/*.jsonl") == f"{tmp_path}/data/a.json,{tmp_path}/data/*.jsonl"
+    assert reference("data/a.json, data/*.jsonl") == f"{tmp_path}/data/a.json,{tmp_path}/data/*.jsonl"  # (as read)
     assert reference("Qwen/Qwen-7B-Chat") == "Qwen/Qwen-7B-Chat"

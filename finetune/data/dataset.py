@@ -336,16 +336,22 @@ def _content_key(p: Path) -> list[tuple[str, int, str]]:
 
 def files_in_both(spec: str, other: str) -> list[tuple[str, str]]:
     """(file of ``other``, file of ``spec``) for each data file (or dataset dir) that both data flags read: the same
-    path, or a file of the same content under another name. A directory given as training data reads a held-out
-    file inside it too, and its loss was reported as held out."""
+    path (then both are ``other``'s name for it: "train.json (as /abs/train.json)" read as a copy), or a file of the
+    same content under another name. A directory given as training data reads a held-out file inside it too, and
+    its loss was reported as held out. A file that cannot be read is no match (a warning's check, not the read)."""
     ours = [(f, Path(f).resolve()) for f in data_sources(spec)]
     found = []
     for f in data_sources(other):
         real = Path(f).resolve()
         for g, g_real in ours:
-            same = real == g_real or (real.is_file() and g_real.is_file()
-                                      and real.stat().st_size == g_real.stat().st_size
-                                      and _content_key(real)[0][1:] == _content_key(g_real)[0][1:])
+            if real == g_real:
+                found.append((f, f))
+                break
+            try:
+                same = (real.is_file() and g_real.is_file() and real.stat().st_size == g_real.stat().st_size
+                        and _content_key(real)[0][1:] == _content_key(g_real)[0][1:])
+            except OSError:  # (another user's unreadable training file: a traceback from a warning's check)
+                same = False
             if same:
                 found.append((f, g))
                 break

@@ -355,3 +355,30 @@ def test_a_dataset_dict_of_several_splits_names_the_split_to_read(tmp_path):
     assert ids(load_records(tmp_path / "both" / "test")) == ["held"]
     datasets.DatasetDict({"validation": datasets.Dataset.from_list([held])}).save_to_disk(str(tmp_path / "one"))
     assert ids(load_records(tmp_path / "one")) == ["held"]
+
+
+def test_training_data_and_files_in_both_that_cannot_read_a_file_say_nothing(shards, tmp_path, monkeypatch):
+    """eval's and merge's warning checks read the adapter's recorded training files: one that cannot be read
+    (another user's) was a PermissionError traceback from a check of a file the user never named."""
+    import finetune.data.dataset as dataset
+    from finetune.data.dataset import files_in_both
+    from finetune.run_record import training_data
+
+    spec = str(shards / "train-*.jsonl")
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "run_args.json").write_text(json.dumps({"data": {"data_path": spec}}))
+    (adapter / "run_info.json").write_text(json.dumps({"data_content": "recorded"}))
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes((shards / "train-00002.jsonl").read_bytes())
+    assert files_in_both(spec, str(copy)) == [(str(copy), str(shards / "train-00002.jsonl"))]
+
+    def unreadable(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(dataset, "data_content", unreadable)
+    monkeypatch.setattr(dataset, "_content_key", unreadable)
+    assert training_data(adapter) is None
+    assert files_in_both(spec, str(copy)) == []
+    same = str(shards / "train-00002.jsonl")
+    assert files_in_both(spec, same) == [(same, same)]  # the same file needs no read (named once, not "as" itself)

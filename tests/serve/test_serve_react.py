@@ -137,6 +137,9 @@ def test_calls_on_a_message_not_the_assistants_are_refused_naming_the_field(role
                                                f"{key}") as e:
         react.build_turns(msgs, [])
     assert e.value.field == f"messages[{len(msgs) - 1 - (role != 'tool')}].{key}"
+    # an unknown role (perhaps the assistant's under another name, as Gemini's "model") is said as such
+    with pytest.raises(react.ReactError, match="unknown role 'model'"):
+        react.build_turns([{"role": "user", "content": "q"}, {"role": "model", "content": "x", key: value}], [])
 
 
 @pytest.mark.parametrize("assistant", [
