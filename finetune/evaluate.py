@@ -527,8 +527,9 @@ def trained_data_note(args, model_dir) -> str | None:
         return None
     files = ", ".join(f if f == g else f"{f} (as {g})" for f, g in both)
     whose = "the adapter's" if args.adapter else f"{model_dir}'s"
-    return (f"--data {args.data}: {files} {'is' if len(both) == 1 else 'are'} {whose} training data ({trained}, in "
-            "its run_args.json): its loss and replies are not held-out figures")
+    named = "" if trained == files else f"{trained}, "  # (the path once where the run named just that file)
+    return (f"--data {args.data}: {files} {'is' if len(both) == 1 else 'are'} {whose} training data ({named}in its "
+            "run_args.json): its loss and replies are not held-out figures")
 
 
 def run_of(adapter) -> Path | None:

@@ -1031,7 +1031,7 @@ def test_eval_of_a_fully_fine_tuned_dir_on_its_training_data_says_so(setup, tmp_
     out = tmp_path / "report.json"
     assert main(["eval", "-m", str(full), "--data", str(setup["data"]), "--no-generate", "--max-samples", "1",
                  "--output", str(out)]) == 0
-    assert f"is {full}'s training data ({setup['data']}" in json.loads(out.read_text())["warnings"][0]
+    assert f"is {full}'s training data (in its run_args.json)" in json.loads(out.read_text())["warnings"][0]
 
 
 def test_eval_takes_an_adapters_hub_id_as_chat_does(setup, tmp_path, capsys, monkeypatch):
