@@ -625,21 +625,26 @@ def _strip_segments(segments: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
 # -- replies ---------------------------------------------------------------------------------------------
 
 
-def parse_reply(text: str) -> tuple[str, dict | None]:
+def parse_reply(text: str, after_result: bool = False) -> tuple[str, dict | None]:
     """A generated ReAct reply -> (content, call or None), as the official parse_response.
 
     A call: content is the Thought text before "\\nAction:", call {"name", "arguments"}. Otherwise the
-    content is what follows the last "\\nFinal Answer: " (the whole text when there is none)."""
-    i = text.find("\nAction:")
-    j = text.find("\nAction Input:")
-    k = text.find("\nObservation:")
+    content is what follows the last "\\nFinal Answer: " (the whole text when there is none).
+    ``after_result``: the text continues the open turn after a tool result's "\\nThought:", stripped of its leading
+    whitespace as the server strips replies. A call there without a thought (trained as " \\nAction: ...", the
+    layout of an assistant message with a call and no content) then starts with "Action:"; the official server,
+    whose text completion does not strip the continuation, finds its "\\nAction:" and parses the call."""
+    found = "\n" + text if after_result and text.startswith("Action:") else text  # (searched for the call only)
+    i = found.find("\nAction:")
+    j = found.find("\nAction Input:")
+    k = found.find("\nObservation:")
     if 0 <= i < j:
         if k < 0:  # generation stopped at "Observation:", which is cut off: the arguments run to the end
-            k = len(text)  # (the official appends it to the text, which then shows in a reply that is no call)
-        name = text[i + len("\nAction:"):j].strip()
-        args = text[j + len("\nAction Input:"):k].strip()
+            k = len(found)  # (the official appends it to the text, which then shows in a reply that is no call)
+        name = found[i + len("\nAction:"):j].strip()
+        args = found[j + len("\nAction Input:"):k].strip()
         if name:
-            thought = text[:i]
+            thought = found[:i]
             t = thought.find("Thought: ")
             if t >= 0:
                 thought = thought[t + len("Thought: "):]

@@ -175,7 +175,8 @@ class Server:
 
     def prepare(self, body: ChatCompletionRequest):
         """Check the request and build its prompt -> (prompt ids, params, adapter, stop strings, function dicts,
-        strip). Runs in a worker thread (see `start`)."""
+        strip, history pairs left out, whether the reply continues the open turn after a tool result). Runs in a
+        worker thread (see `start`)."""
         try:
             body.check()
             adapter = self.adapter_for(body.model)
@@ -190,12 +191,14 @@ class Server:
         stop = react.stop_words(body.stop_list(), functions)
         # a reply continuing the client's assistant message is sent as generated (its leading space joins it
         # to that text), as the official text completion returns it; other replies are stripped as chat()'s
-        return ids, params, adapter, stop, functions, not turns.continues_assistant, left_out
+        after_result = turns.query is None and not turns.continues_assistant
+        return ids, params, adapter, stop, functions, not turns.continues_assistant, left_out, after_result
 
     async def start(self, body: ChatCompletionRequest):
         # tokenizing a big body takes seconds: off the event loop, or every other client's stream (and /health)
         # would stall meanwhile (tiktoken releases the GIL while it encodes)
-        ids, params, adapter, stop, functions, strip, left_out = await run_in_threadpool(self.prepare, body)
+        ids, params, adapter, stop, functions, strip, left_out, after_result = await run_in_threadpool(self.prepare,
+                                                                                                     body)
         if left_out:  # as model.chat leaves them out; said in the log and the response's LEFT_OUT_HEADER
             logger.info("a request's %d oldest user/assistant pairs left out of its prompt: over max_window_size %d",
                         left_out, self.window)
@@ -211,7 +214,7 @@ class Server:
                            None, "queue_full")
         req, queue = started
         text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens)
-        return Run(self, req, queue, text, len(ids), left_out), functions
+        return Run(self, req, queue, text, len(ids), left_out, after_result), functions
 
 
 class ClientGone(Exception):
@@ -221,10 +224,12 @@ class ClientGone(Exception):
 class Run:
     """One request in the engine: yields text deltas as tokens arrive, then records how it finished."""
 
-    def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int, left_out: int = 0):
+    def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int, left_out: int = 0,
+                 after_result: bool = False):
         self.server, self.req, self.queue, self.text = server, req, queue, text
         self.prompt_tokens = prompt_tokens
         self.left_out = left_out  # the oldest history pairs the prompt left out (max_window_size)
+        self.after_result = after_result  # the reply continues the open ReAct turn after a tool result
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.gone = False  # the client disconnected
@@ -287,9 +292,11 @@ def _completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
-def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest) -> tuple[dict, str | None]:
-    """The assistant message of a ReAct reply: a tool/function call or the final answer."""
-    content, call = react.parse_reply(text)
+def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest,
+                  after_result: bool = False) -> tuple[dict, str | None]:
+    """The assistant message of a ReAct reply: a tool/function call or the final answer (``after_result``: the reply
+    continues the open turn after a tool result, see react.parse_reply)."""
+    content, call = react.parse_reply(text, after_result)
     if call is None:
         return {"role": "assistant", "content": content}, None
     if body.functions:  # the legacy API answers in its own form, the thought as the official server gives it ("" too)
@@ -672,7 +679,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         response.headers.update(left_out)
         finish = run.finish_reason
         if functions:
-            message, call_reason = _tool_message(text, functions, body)
+            message, call_reason = _tool_message(text, functions, body, run.after_result)
             finish = _finish_with_call(finish, call_reason)
         else:
             message = {"role": "assistant", "content": text}
@@ -705,7 +712,7 @@ async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Reques
     try:
         if functions:
             text = await run.complete(http)
-            message, call_reason = _tool_message(text, functions, body)
+            message, call_reason = _tool_message(text, functions, body, run.after_result)
             if call_reason == "tool_calls":
                 calls = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
                 delta = {"content": message["content"], "tool_calls": calls}

@@ -394,7 +394,7 @@ def test_the_openai_client_parses_a_streamed_tool_call_with_usage_and_round_trip
     from finetune.serve import app
 
     parse = app.react.parse_reply
-    monkeypatch.setattr(app.react, "parse_reply", lambda text: ("I should ask.", {
+    monkeypatch.setattr(app.react, "parse_reply", lambda text, after_result=False: ("I should ask.", {
         "name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}))
     client = openai.OpenAI(base_url=live.api_url, api_key="none", timeout=TIMEOUT, max_retries=0)
     ask = [{"role": "user", "content": "Weather in Paris?"}]

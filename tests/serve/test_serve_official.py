@@ -99,6 +99,35 @@ def test_after_a_function_result_the_reply_is_parsed_as_before(live):
     assert choice["message"]["content"] == "It is found." and choice["finish_reason"] == "stop"
 
 
+def test_a_call_without_a_thought_after_a_tool_result_is_a_call_as_trained(live):
+    """A second call with no content (OpenAI's usual form) after a tool result is trained as " \\nAction: ..." after
+    the "\\nThought:" the server writes; the server strips that reply to "Action: ..." and returned it as the answer's
+    text (finish "stop"), where the official server's text completion, which does not strip it, parses the call."""
+    from finetune.data import normalize_record
+
+    tools = [{"type": "function", "function": F}]
+    call = {"type": "function", "function": {"name": "search", "arguments": '{"q": 2}'}}
+    msgs = [{"role": "user", "content": "q"},
+            {"role": "assistant", "content": None, "tool_calls": [{**call, "id": "a"}]},
+            {"role": "tool", "tool_call_id": "a", "content": "found"}]
+    record = {"tools": tools, "messages": msgs + [{"role": "assistant", "content": None,
+                                                   "tool_calls": [{**call, "id": "b"}]}]}
+    segments = normalize_record(record)["messages"][1]["segments"]
+    trained = "".join(t for t, on in segments[segments.index(["\nThought:", False]) + 1:] if on)
+    assert trained.startswith(" \nAction: search")  # what the model learns to write here
+    choice = _post(live, trained, msgs, tools=tools)
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"][0]["function"] == call["function"]
+    assert _post(live, trained, msgs, tools=tools, stream=True) == ""  # (streamed: the call, no text)
+    choice = _post(live, trained, msgs[:1] + [{**msgs[1], "tool_calls": None, "function_call": call["function"]},
+                                              {"role": "function", "content": "found"}], functions=[F])
+    assert choice["finish_reason"] == "function_call" and choice["message"]["content"] == ""
+    assert choice["message"]["function_call"] == call["function"]
+    # a reply that only looks so without being a call keeps its text (no newline added in front)
+    answer = _post(live, " Action: \nAction Input: x", msgs, tools=tools)
+    assert answer["message"]["content"] == "Action: \nAction Input: x" and answer["finish_reason"] == "stop"
+
+
 def test_a_function_call_without_a_thought_has_the_empty_content_of_the_official_server(live):
     """With `functions` (the official server's API) a call's content is the thought before "Action:", an empty
     string when there is none, as openai_api.py's parse_response gives it (it was null); with OpenAI `tools` an
