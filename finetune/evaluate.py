@@ -77,32 +77,36 @@ def _last_assistant(messages: list[dict]) -> int:
     return max(i for i, m in enumerate(messages) if m["role"] == "assistant" and trained_reply(m))
 
 
-def split_last_turn(message: dict) -> tuple[str, str]:
+def split_last_turn(message: dict, react_layout: bool = False) -> tuple[str, str]:
     """(the text the prompt continues, the reference) of a record's last assistant turn.
 
-    A turn with tool results (ReAct segments not trained: the observations and the "\\nThought:" after each)
-    is cut after its last untrained segment that trained text follows: the model continues from there, as the
-    server prompts it after a tool result, and the reference is the text that follows, stripped as replies are
-    (its leading space follows "Thought:"). Any other turn: ("", its whole text). A ReAct turn's reference ends
-    where its reply ends (``cut_reply`` at "Observation:"): a training conversation may end with a call and no
-    result, whose turn ends with the "\nObservation:" the server stops at."""
+    A turn with untrained text before trained text (a tool record's ReAct segments: the observations and the
+    "\\nThought:" after each; or a plain record's own segments) is cut after its last untrained segment that trained
+    text follows: the model continues from there, as the server prompts it after a tool result (or continues a
+    client's assistant message), and the reference is the text that follows, stripped as replies are (its leading
+    space follows "Thought:"). Any other turn: ("", its whole text). In the ReAct layout (``react_layout``: a tool
+    record, "react" in its normalised form) the reference ends where a reply ends (``cut_reply`` at "Observation:",
+    the server's stop with functions): a training conversation may end with a call and no result, whose turn ends
+    with the "\\nObservation:" the server stops at. A plain record's reply has no such stop: its own segments only
+    mark what is trained, and "Observation:" in its text is text (it was cut there, as in a tool record)."""
     segments = message.get("segments") or []
+    stop = react.OBSERVATION_STOP if react_layout else None
     # the cut is the last untrained segment that trained text follows: an untrained tail after the last trained
     # text (a record's own segments; a ReAct turn never ends with a tool result) is nothing the model continues
     # into, and cutting there put the whole reply into the prompt and left an empty reference
     last_trained = max((i for i, (_, trained) in enumerate(segments) if trained), default=0)
     cut = max((i for i, (_, trained) in enumerate(segments[:last_trained]) if not trained), default=None)
     if cut is None:
-        return "", cut_reply(message["content"], react.OBSERVATION_STOP) if segments else message["content"]
+        return "", cut_reply(message["content"], stop)
     reference = "".join(t for t, _ in segments[cut + 1:])
-    return "".join(t for t, _ in segments[:cut + 1]), cut_reply(reference, react.OBSERVATION_STOP)
+    return "".join(t for t, _ in segments[:cut + 1]), cut_reply(reference, stop) if stop else reference.strip()
 
 
 def reply_stop(record: dict) -> str | None:
-    """Where a reply to ``record`` ends besides the stop tokens: "Observation:" when its last assistant turn is
-    in the ReAct layout (the record has functions; the server stops there, a reply that calls a tool ends
-    there), else None."""
-    return react.OBSERVATION_STOP if "segments" in record["messages"][_last_assistant(record["messages"])] else None
+    """Where a reply to ``record`` ends besides the stop tokens: "Observation:" when its turns are in the ReAct
+    layout (a tool record, "react" in its normalised form; the server stops there with functions, a reply that calls
+    a tool ends there), else None (a plain record's own `segments` too)."""
+    return react.OBSERVATION_STOP if record.get("react") else None
 
 
 def cut_reply(reply: str, stop: str | None) -> str:
@@ -124,7 +128,7 @@ def generation_prompt(tokenizer, record: dict, max_window_size: int = 6144,
         record = normalize_record(record)
     msgs = record["messages"]
     last = _last_assistant(msgs)
-    continued, reference = split_last_turn(msgs[last])
+    continued, reference = split_last_turn(msgs[last], bool(record.get("react")))
     # normalised records alternate user/assistant starting with the user, so msgs[last - 1] is the query
     query = msgs[last - 1]["content"]
     history = [(msgs[i]["content"], msgs[i + 1]["content"]) for i in range(0, last - 1, 2)]
@@ -439,10 +443,11 @@ def evaluate_model(model, tokenizer, records, batch_size: int = 8, max_new_token
         for i, (rec, (_, ref)) in enumerate(zip(records, prompts)):
             last = _last_assistant(rec["messages"])
             s = {"id": rec.get("id"), "query": rec["messages"][last - 1]["content"], "reference": ref}
-            if stops[i]:  # a tool record: what the prompt continues (tool results included), where replies end
-                continued = split_last_turn(rec["messages"][last])[0]
-                if continued:
-                    s["continues"] = continued
+            # what the prompt continues (a tool record's tool results included); a tool record's replies end at stop
+            continued = split_last_turn(rec["messages"][last], bool(rec.get("react")))[0]
+            if continued:
+                s["continues"] = continued
+            if stops[i]:
                 s["stop"] = stops[i]
             for name in replies_by:
                 s[name] = replies_by[name][i]

@@ -693,7 +693,9 @@ def record_turns(record: dict):
 
 def render_tool_record(record: dict) -> dict:
     """A tool/function-call training record -> the data pipeline's normalised form, each assistant message
-    carrying `segments` ([text, trained] pairs: labels on the model's own text, none on observations).
+    carrying `segments` ([text, trained] pairs: labels on the model's own text, none on observations), and
+    "react": True (the turns are in this layout: a reply ends at "Observation:"; a plain record's own segments
+    look alike).
 
     Raises ReactError (field names the turn) for a conversation the layout cannot hold."""
     key = "conversations" if record.get("conversations") is not None else "messages"
@@ -719,7 +721,7 @@ def render_tool_record(record: dict) -> dict:
     if t.query is not None:
         messages.append({"role": "user", "content": t.query})
     rid = record.get("id")
-    return {"id": None if rid is None else str(rid), "system": t.system, "messages": messages}
+    return {"id": None if rid is None else str(rid), "system": t.system, "messages": messages, "react": True}
 
 
 

@@ -983,6 +983,41 @@ def test_an_untrained_tail_of_the_last_reply_is_not_where_the_prompt_ends(small_
     assert small_tok.decode(tokens).endswith("<|im_start|>assistant\nLet me see.") and ref == "It is 42. (source)"
 
 
+def test_a_plain_record_with_its_own_segments_is_not_cut_at_observation(small_tok, monkeypatch):
+    """A plain record (no tools) may mark its trained text with `segments`; eval took any record with segments for a
+    tool record: its reference was cut at "Observation:", its reply stopped there and the sample said "stop", where
+    the server, asked without tools, never stops there. Only a tool record ("react" in its normalised form) is."""
+    import finetune.evaluate
+    from finetune.data import normalize_record
+    from finetune.evaluate import reply_stop, split_last_turn
+
+    from _helpers import tiny_model
+
+    text = "Observation: the sky is blue.\nConclusion: scattering."
+    whole = {"messages": [{"role": "user", "content": "Write a lab note."},
+                          {"role": "assistant", "content": text, "segments": [[text, True]]}]}
+    lead = "Lab note."
+    cont = {"messages": [{"role": "user", "content": "Write a lab note."},
+                         {"role": "assistant", "content": f"{lead} {text}",
+                          "segments": [[lead, False], [f" {text}", True]]}]}
+    for record, continued in ((whole, ""), (cont, lead)):
+        rec = normalize_record(record)
+        assert "react" not in rec and reply_stop(rec) is None
+        assert split_last_turn(rec["messages"][-1]) == (continued, text)
+        assert generation_prompt(small_tok, record)[1] == text
+    # a tool record is marked, and its reference still ends at its call's "Observation:"
+    tool = normalize_record({"tools": TOOLS, "messages": CALL[:2]})
+    assert tool["react"] is True and reply_stop(tool) == "Observation:" and normalize_record(tool) == tool
+    assert not split_last_turn(tool["messages"][-1], True)[1].endswith("Observation:")
+    # end to end: the plain rows are not stopped at "Observation:", their replies whole, no "stop" in the samples
+    monkeypatch.setattr(finetune.evaluate, "engine_reply_ids",
+                        lambda model, tok, contexts, *a, **kw: [tok.encode(f" {text}") for _ in contexts])
+    report = evaluate_model(tiny_model(), small_tok, [whole, cont], batch_size=2, max_new_tokens=8)
+    s = report["samples"]
+    assert [x["base_exact_match"] for x in s] == [1.0, 1.0] and [x["reference"] for x in s] == [text, text]
+    assert "stop" not in s[0] and "stop" not in s[1] and s[1]["continues"] == lead and "continues" not in s[0]
+
+
 def test_the_report_carries_the_float_adapter_on_int4_warning(setup, tmp_path, capsys):
     """The console warned that a float-trained adapter meets rounded weights it never saw; the report (what a user
     keeps and compares) did not, where merge's report does."""

@@ -3,12 +3,13 @@
 The normalised form, which everything after this module works on:
 
     {"id": str | None, "system": str, "messages": [{"role": "user" | "assistant", "content": str}, ...]}
+    (+ "react": True for a tool / function-call conversation: its turns are in Qwen's ReAct layout)
 
 `messages` alternate user/assistant, start with a user turn and contain at least one trained assistant turn;
 the system prompt lives only in `system` (the default one when the record has none). An assistant message may
 carry `"weight": 0` (OpenAI's fine-tuning format: context, not trained) and, in tool conversations,
-`segments`. Normalising a normalised record returns an equal record, so downstream code can accept raw and
-normalised records alike.
+`segments` (a tool conversation's, or a plain record's own). Normalising a normalised record returns an equal
+record, so downstream code can accept raw and normalised records alike.
 
 Accepted forms: `conversations` (Qwen's and ShareGPT's from/value turns), `messages` (OpenAI's role/content,
 content as a string or a list of text parts), tool / function-call conversations (react.py), and the Alpaca
@@ -190,7 +191,7 @@ def _from_alpaca(record: dict) -> dict:
               {"from": "assistant", "value": output}]
     out = {"conversations": turns}
     # LLaMA-Factory's Alpaca columns include `tools`: the record is then rendered in the ReAct layout
-    for key in ("id", "system", "tools", "functions"):
+    for key in ("id", "system", "tools", "functions", "react"):
         if record.get(key) is not None:
             out[key] = record[key]
     return out
@@ -240,7 +241,16 @@ def normalize_record(record: Any) -> dict:
     if record.get("conversations") is not None and record.get("messages") is not None:
         raise DataError("both 'conversations' and 'messages'",
                         "the record has both; keep one (the other would be ignored)")
+    # "react": true marks turns in the ReAct layout (a normalised tool conversation's: eval ends its replies at
+    # "Observation:", where the server stops them); segments alone do not say it, a plain record may carry its own
+    layout = record.get("react")
+    if layout is not None and not isinstance(layout, bool):
+        raise DataError("invalid react", f"'react' must be true (the turns are in Qwen's ReAct layout, as a rendered "
+                        f"tool conversation's) or false, got {quoted(layout, QUOTED)}")
     if react.is_tool_record(record):  # rendered into user/assistant turns whose assistants carry `segments`
+        if layout is False:
+            raise DataError("invalid react", "'react' is false, but a tool / function-call conversation is rendered "
+                            "in the ReAct layout (drop 'react')")
         turns = react.record_turns(record)
         for n, turn in enumerate(turns if isinstance(turns, list) else [], 1):
             if not isinstance(turn, dict):
@@ -332,11 +342,10 @@ def normalize_record(record: Any) -> dict:
             rid = str(rid)
         except ValueError as e:  # an int longer than Python converts (sys.get_int_max_str_digits)
             raise DataError("invalid id", f"an id too long to convert ({str(e).split(';')[0]})") from None
-    return {
-        "id": rid,
-        "system": DEFAULT_SYSTEM if system is None else system,
-        "messages": messages,
-    }
+    out = {"id": rid, "system": DEFAULT_SYSTEM if system is None else system, "messages": messages}
+    if record.get("react"):
+        out["react"] = True
+    return out
 
 
 # -- files ----------------------------------------------------------------------------------------------

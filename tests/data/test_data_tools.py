@@ -401,6 +401,29 @@ def test_segments_in_a_plain_record_train_only_their_marked_text(data_small_toke
         normalize_record(user)
 
 
+def test_a_tool_record_is_marked_react_and_a_plain_record_with_segments_is_not(data_small_tokenizer):
+    """A normalised tool record carries "react": true (its turns are in the ReAct layout: eval ends its replies at
+    "Observation:"); a plain record's own segments looked the same, and eval cut its replies there too. The mark
+    survives normalising again (a normalised record is a record), an Alpaca record's too; it is a boolean, and
+    false on a tool conversation contradicts it."""
+    tok = data_small_tokenizer
+    rec = normalize_record(OPENAI)
+    assert rec["react"] is True and normalize_record(rec) == rec
+    plain = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Observation: x",
+                                                              "segments": [["Observation: x", True]]}]}
+    assert "react" not in normalize_record(plain) and "react" not in normalize_record({**plain, "react": False})
+    marked = normalize_record({**plain, "react": True})  # (pre-rendered ReAct text, as a normalised record)
+    assert marked["react"] is True and normalize_record(marked) == marked
+    assert encode_conversation(tok, marked) == encode_conversation(tok, plain)  # the mark trains nothing
+    alpaca = normalize_record({"instruction": "q", "output": "a", "react": True})
+    assert alpaca["react"] is True
+    for bad, reason in (({**plain, "react": "yes"}, "'react' must be true"),
+                        ({**OPENAI, "react": False}, "'react' is false, but a tool / function-call conversation"),
+                        ({"instruction": "q", "output": "a", "react": 1}, "'react' must be true")):
+        with pytest.raises(DataError, match=reason):
+            normalize_record(bad)
+
+
 def test_tool_turns_with_null_synonyms_read_the_other_key():
     """A null `content` beside a `value` (or a null `role` beside a `from`) counts as absent, as in plain records: the
     tool path read the null, dropping the assistant's thought without a word (and missed a null-role function turn)."""
