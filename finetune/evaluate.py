@@ -124,8 +124,9 @@ def generation_prompt(tokenizer, record: dict, max_window_size: int = 6144,
     from .data import normalize_record
     from .modeling import make_context
 
-    if "messages" not in record or "system" not in record:
-        record = normalize_record(record)
+    # any accepted form, always normalised (idempotent): a raw record that has "messages" and "system" already (an
+    # OpenAI tool record with a top-level system prompt) was taken as normalised, its tool turns read as plain ones
+    record = normalize_record(record)
     msgs = record["messages"]
     last = _last_assistant(msgs)
     continued, reference = split_last_turn(msgs[last], bool(record.get("react")))

@@ -593,6 +593,17 @@ def test_a_tool_record_is_prompted_after_its_last_tool_result_as_the_server_prom
     assert IGNORE not in rest[:-1] and tok.decode(rest[:-1]) == f" {ref}<|im_end|>"
 
 
+def test_a_raw_tool_record_with_a_top_level_system_is_prompted_as_its_normalised_form(small_tok):
+    """generation_prompt took a record with "messages" and "system" for a normalised one: an OpenAI tool record with
+    a top-level system prompt was read as plain turns (a ValueError from make_context on the tool call's null
+    content, or a prompt without the ReAct layout)."""
+    from finetune.data import normalize_record
+
+    raw = {"system": "Be brief.", **AFTER_CALL}
+    assert generation_prompt(small_tok, raw) == generation_prompt(small_tok, normalize_record(raw))
+    assert small_tok.decode(generation_prompt(small_tok, raw)[0]).endswith("Observation: sunny and 21C\nThought:")
+
+
 def test_a_tool_record_without_a_call_in_its_last_turn_is_prompted_as_before(small_tok):
     from finetune.data import normalize_record
     from finetune.modeling import make_context
