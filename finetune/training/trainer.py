@@ -20,6 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data import ChatCollator, PackedCollator
 from ..data.collator import padded_len
 from ..file_modes import weights_readable
+from ..checkpoint import CHECKPOINT_DIR, checkpoints
 from .checks import CHECKPOINT_RUN, STAGING
 from .host_read import HostRead
 from .nonfinite import FoundInfHooks, NonFiniteGuard, NonFiniteLossError, takes_found_inf, unwrap_optimizer  # noqa: F401  (NonFiniteLossError: re-exported for train.py)
@@ -371,11 +372,33 @@ class QwenTrainer(Trainer):
             if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging):
                 self.state.best_model_checkpoint = run_dir + self.state.best_model_checkpoint[len(staging):]
                 self.state.save_to_json(os.path.join(final, "trainer_state.json"))
-            from transformers.trainer_utils import rotate_checkpoints
-
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            self._rotate_checkpoints_of_run(run_dir, final)
         self.accelerator.wait_for_everyone()
+
+    def _rotate_checkpoints_of_run(self, run_dir, newest):
+        """--save_total_limit over the run's own checkpoints: transformers' rotation counted and deleted every
+        checkpoint-* dir, a user's own (no trainer_state.json, which --overwrite_output_dir and --resume leave in
+        place) included. Oldest first as transformers orders them (mtime; the step where mtimes span under a second);
+        the one just written and the best one stay."""
+        limit = self.args.save_total_limit
+        if not limit or limit <= 0:
+            return
+        ours = [p for p in checkpoints(run_dir) if (p / "trainer_state.json").is_file()]
+        if len(ours) <= limit:
+            return
+        by_step = sorted(ours, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)))
+        mtimes = {p: p.stat().st_mtime for p in ours}
+        order = by_step if max(mtimes.values()) - min(mtimes.values()) < 1.0 else sorted(by_step, key=mtimes.get)
+        best = self.state.best_model_checkpoint
+        keep = {os.path.abspath(newest)} | ({os.path.abspath(best)} if best else set())
+        extra = len(ours) - max(limit, len(keep))
+        for p in order:
+            if extra <= 0:
+                break
+            if os.path.abspath(p) not in keep:
+                logger.info("--save_total_limit %d: deleting %s", limit, p)
+                shutil.rmtree(p, ignore_errors=True)
+                extra -= 1
 
 
 class _OptimizerStepHook(TrainerCallback):

@@ -367,6 +367,18 @@ def test_overwrite_removes_the_old_runs_checkpoints(finished, model, data, tmp_p
     assert _preflight(train_args(model, data, run, *STEPS4, "--resume", "True")).resume_from is None
 
 
+def test_save_total_limit_rotates_only_the_runs_checkpoints(finished, model, data, tmp_path):
+    # (transformers' rotation counted every checkpoint-* dir: the user's own, which the overwrite had left, was
+    # deleted as the oldest)
+    run = _copy(finished, tmp_path / "run")
+    (run / "checkpoint-1").mkdir()
+    (run / "checkpoint-1" / "mine.txt").write_text("mine")
+    assert train_main(train_args(model, data, run, *STEPS4, "--save_total_limit", "1",
+                                 "--overwrite_output_dir", "True")) == 0
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-4"]
+    assert (run / "checkpoint-1" / "mine.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("inputs", ["lora_weight_path", "checkpoint", "model"])
 def test_overwrite_never_removes_the_runs_own_inputs(finished, model, data, tmp_path, capsys, inputs):
     # (the clearing removed the adapter or the model dir, then loading it was a traceback)
