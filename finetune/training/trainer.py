@@ -327,6 +327,32 @@ class QwenTrainer(Trainer):
             logger.warning("%s has no dropout seed (written without CUDA graphs): LoRA dropout continues with other "
                            "masks than an uninterrupted run would draw", checkpoint)
 
+    # -- resuming with another --max_steps / --num_train_epochs ---------------------------------------------
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The restored optimizer holds the LR the old run's schedule set for the next step, while the scheduler
+        goes on with the schedule of this run's total steps: after a resume with another --max_steps (or epochs)
+        the first step applied the old schedule's LR (0 from the last checkpoint of a finished linear or cosine
+        run: a step that trained nothing) and the rest the new one. The first step now takes the new schedule's
+        LR too (the same value where the total is unchanged: an exact resume stays exact)."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        sched = self.lr_scheduler
+        if checkpoint is None or not isinstance(sched, torch.optim.lr_scheduler.LambdaLR):
+            return  # (ReduceLROnPlateau and DeepSpeed's own schedulers carry no schedule of the total)
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        groups = self.optimizer.param_groups
+        if len(groups) != len(lrs) or all(g["lr"] == lr for g, lr in zip(groups, lrs)):
+            return
+        if self.args.process_index == 0:
+            logger.info("resumed at step %d with this run's LR schedule (%d steps): the next step applies LR %.4g "
+                        "(the checkpoint's run had set %.4g)", sched.last_epoch, self.state.max_steps, lrs[0],
+                        float(groups[0]["lr"]))
+        for g, lr in zip(groups, lrs):
+            if isinstance(g["lr"], torch.Tensor):
+                g["lr"].fill_(lr)
+            else:
+                g["lr"] = lr
+        sched._last_lr = list(lrs)
+
     # -- atomic checkpoints ------------------------------------------------------------------------------
     def _get_output_dir(self, trial):
         if self._staging_dir is not None:

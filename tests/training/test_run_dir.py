@@ -200,6 +200,9 @@ def test_continuing_a_finished_run_goes_into_a_new_dir(finished, model, data, tm
     assert f"resuming from {finished / 'checkpoint-4'} (step 4)" in capsys.readouterr().out
     state = json.loads((new / "trainer_state.json").read_text())
     assert [h["step"] for h in state["log_history"] if "loss" in h][-2:] == [5, 6]
+    # steps 5 and 6 on the 6-step linear schedule (step 5 applied the finished 4-step schedule's 0: it trained nothing)
+    lrs = [h["learning_rate"] for h in state["log_history"] if "loss" in h][-2:]
+    assert lrs == pytest.approx([5e-3 * 2 / 6, 5e-3 * 1 / 6])
     assert _snapshot(finished) == before
 
 
