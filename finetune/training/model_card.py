@@ -45,6 +45,12 @@ def write_model_card(output_dir, *, plan, lora_args, summary, eval_summary, comm
               f"- Base model: `{reference(plan.model_dir)}`"]
     if adapter:
         lines.append(_lora_line(out, lora_args))
+    # what the weights carry besides this run's steps: the card read as if they were trained from scratch
+    if getattr(lora_args, "lora_weight_path", None):
+        lines.append(f"- Started from the adapter `{reference(lora_args.lora_weight_path)}` (--lora_weight_path: its "
+                     "weights, a fresh optimizer and schedule)")
+    if plan.resume_from:
+        lines.append(f"- Resumed from `{reference(plan.resume_from)}`")
     lines.append(f"- Training data: {_data(summary)}")
     if eval_summary is not None:
         lines.append(f"- Eval data: {_data(eval_summary)}")

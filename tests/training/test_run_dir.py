@@ -125,10 +125,13 @@ def test_model_card_describes_the_adapter_trained_on_and_a_resumed_runs_mean(fin
     assert train_main(argv) == 0
     card = (out / "README.md").read_text()
     assert "- LoRA: r 16, alpha 32" in card and "r 64" not in card
+    assert f"- Started from the adapter `{finished}` (--lora_weight_path" in card  # (not trained from scratch)
     run = _copy(finished, tmp_path / "run", finished_marker=False)
     assert train_main(train_args(model, data, run, *STEPS4, "--eval_data_path", str(data), "--resume_from_checkpoint",
                                  str(run / "checkpoint-2"))) == 0
-    assert "mean over the steps since the resume from checkpoint-2" in (run / "README.md").read_text()
+    card = (run / "README.md").read_text()
+    assert "mean over the steps since the resume from checkpoint-2" in card
+    assert f"- Resumed from `{run / 'checkpoint-2'}`" in card
 
 
 def test_model_card_names_the_base_and_the_output_by_absolute_paths(model, data, tmp_path, monkeypatch):
