@@ -227,6 +227,20 @@ for a in "${EXTRA[@]}"; do
     break
   fi
 done
+# The demo's recipe saves no checkpoint (--save_strategy no): a --save_steps given to it (without a --save_strategy,
+# which overrides the recipe's as any later flag does) saved nothing, silently
+if [[ "$DEMO" == 1 ]]; then
+  steps=0; strategy=0
+  for a in "${EXTRA[@]}"; do
+    [[ "$a" == --save[_-]steps* ]] && steps=1
+    [[ "$a" == --save[_-]strategy* ]] && strategy=1
+  done
+  if [[ $steps -eq 1 && $strategy -eq 0 ]]; then
+    for i in "${!ARGS[@]}"; do
+      [[ "${ARGS[$i]}" == --save_strategy && "${ARGS[$((i + 1))]}" == no ]] && ARGS[$((i + 1))]=steps
+    done
+  fi
+fi
 ARGS+=("${EXTRA[@]}" "${TAIL[@]}")
 
 if [[ "$WORLD" -gt 1 || -n "$DS_FLAG" ]]; then

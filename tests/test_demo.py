@@ -30,10 +30,12 @@ def test_demo_script_trains_an_adapter_that_answers(tmp_path):
     assert chat.stdout.strip() == answer
 
     # the cached model is reused, and a second run replaces the demo output rather than failing
-    again = subprocess.run(["bash", str(ROOT / "scripts" / "finetune_qlora.sh"), "--max_steps", "2"], env=env,
-                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    # (--save_steps saves: the demo's recipe has --save_strategy no, which made the flag do nothing)
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "finetune_qlora.sh"), "--max_steps", "2", "--save_steps",
+                            "1"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(cached)" in again.stdout
+    assert (out / "checkpoint-1" / "adapter_model.safetensors").is_file()
     # two steps memorise nothing: the hint said "has memorised ... greedy decoding gives its answers back" all the same
     assert "The demo adapter has not memorised" in again.stdout and "has memorised" not in again.stdout
 
