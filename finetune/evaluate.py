@@ -524,18 +524,17 @@ def overwrites_input(output: Path, inputs) -> Path | None:
 def trained_data_note(args, model_dir) -> str | None:
     """A warning when --data is (a file of) the data the evaluated run trained on (the adapter's run_args.json, or
     a fully fine-tuned model dir's): the report called that loss and those replies held-out. None otherwise."""
-    from .data.dataset import files_in_both
+    from .data.dataset import files_in_both, named_in_both
     from .run_record import training_data
 
     trained = training_data(Path(args.adapter or model_dir))
     both = files_in_both(trained, args.data) if trained else []
     if not both:
         return None
-    files = ", ".join(f if f == g else f"{f} (as {g})" for f, g in both)
     whose = "the adapter's" if args.adapter else f"{model_dir}'s"
-    named = "" if trained == files else f"{trained}, "  # (the path once where the run named just that file)
-    return (f"--data {args.data}: {files} {'is' if len(both) == 1 else 'are'} {whose} training data ({named}in its "
-            "run_args.json): its loss and replies are not held-out figures")
+    named = "" if both == [(trained, trained)] else f"{trained}, "  # (the path once where the run named just it)
+    return (f"--data {args.data}: {named_in_both(both)} {whose} training data ({named}in its run_args.json): its "
+            "loss and replies are not held-out figures")
 
 
 def run_of(adapter) -> Path | None:

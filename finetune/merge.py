@@ -396,7 +396,7 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         calib_records = _sample(calib_all, n_calib, seed + 1)
 
     if eval_records and eval_data and train_data:
-        from .data.dataset import files_in_both
+        from .data.dataset import files_in_both, named_in_both
         from .data.records import data_sources
 
         # --eval-data that the run trained on (the same file, a copy, or a file of its data dir) was reported as a
@@ -404,9 +404,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         if both := files_in_both(train_data, eval_data):
             if len(both) == len(data_sources(eval_data)):
                 data_kind = "training-data"
-            _warn(report, f"--eval-data {eval_data}: {', '.join(f if f == g else f'{f} (as {g})' for f, g in both)} "
-                          f"{'is' if len(both) == 1 else 'are'} the adapter's training data ({train_data}, in its "
-                          "run_args.json): its loss is not a held-out loss")
+            _warn(report, f"--eval-data {eval_data}: {named_in_both(both)} the adapter's training data ({train_data}, "
+                          "in its run_args.json): its loss is not a held-out loss")
     peft_model = load_model(base_dir, adapter=adapter, dtype=torch.float32, device=device)
     max_len = getattr(peft_model.config, "seq_length", None)
     # adapter_merged: what check_base reads to refuse this adapter on the merged model (its deltas twice)

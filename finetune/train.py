@@ -21,7 +21,7 @@ from pathlib import Path
 import transformers
 
 from .data import DataError, TooLongError, build_dataset
-from .data.dataset import files_in_both
+from .data.dataset import files_in_both, named_in_both
 from .settings import SettingsError, settings, unknown_switches
 from .settings import as_dict as settings_dict
 from .training.arguments import (DataArguments, LoraArguments, ModelArguments, TrainingArguments, parse_args,
@@ -118,10 +118,8 @@ def _train(plan, precision, tokenizer, data, model_args, data_args, lora_args, a
                                "how well the training data is fitted, not held-out data", data_args.eval_data_path,
                                data_args.data_path)
             elif both := files_in_both(data_args.data_path, data_args.eval_data_path):
-                logger.warning("--eval_data_path %s: %s %s read by --data_path %s too (trained on): its loss is not a "
-                               "held-out loss", data_args.eval_data_path,
-                               ", ".join(f if f == g else f"{f} (as {g})" for f, g in both),
-                               "is" if len(both) == 1 else "are", data_args.data_path)
+                logger.warning("--eval_data_path %s: %s read by --data_path %s too (trained on): its loss is not a "
+                               "held-out loss", data_args.eval_data_path, named_in_both(both), data_args.data_path)
         _warn_past_seq_length(train_set, summary, data_args, plan)
 
     from .loading import load_model

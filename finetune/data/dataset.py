@@ -359,6 +359,13 @@ def files_in_both(spec: str, other: str) -> list[tuple[str, str]]:
     return found
 
 
+def named_in_both(both: list[tuple[str, str]]) -> str:
+    """``files_in_both``'s pairs as a warning names them, with their verb: "a.json is", "a.json (as b.json), c.json
+    are" (a copy named with the file it copies)."""
+    names = ", ".join(f if f == g else f"{f} (as {g})" for f, g in both)
+    return f"{names} {'is' if len(both) == 1 else 'are'}"
+
+
 def record_place(source: str, sources: list[str], row: int) -> tuple[str, int, int | None]:
     """(file, index in it, line) of the encoded row `row` of data read from `sources` (one or several files or
     dataset dirs; `source`: as the user gave them, named when there is only one). Re-reads the files up to
