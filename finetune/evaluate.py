@@ -537,15 +537,6 @@ def trained_data_note(args, model_dir) -> str | None:
             "loss and replies are not held-out figures")
 
 
-def run_of(adapter) -> Path | None:
-    """The run dir above a checkpoint-N adapter (its run_info.json, logs and other checkpoints are inputs too: an
-    --output there replaced the run's record), or None."""
-    if adapter is None:
-        return None
-    a = Path(adapter).expanduser()
-    return a.parent if a.name.startswith("checkpoint-") and a.is_dir() else None
-
-
 # The generation flags' values when not given (they parse as None, so that a run that generates nothing can say they do
 # nothing: generation_flags fills these in)
 GENERATION_DEFAULTS = {"max_new_tokens": 128, "gen_batch_size": 32, "generator": "engine", "repetition_penalty": 1.0}
@@ -590,7 +581,10 @@ def preload_problem(args, model_dir) -> str | None:
     """What the model's inputs say against the flags, found before it loads (one line), or None: an --output that
     is a file of the adapter or model dir (the report replaced it), and a --max-new-tokens the model cannot hold
     (the engine then tried to allocate its cache for it)."""
-    inputs = [args.adapter, model_dir, run_of(args.adapter)]
+    from .run_record import run_dir
+
+    # (the run dir above a checkpoint-N adapter is an input too: an --output there replaced its run_info.json)
+    inputs = [args.adapter, model_dir, run_dir(args.adapter) if args.adapter else None]
     if args.output and (inside := overwrites_input(Path(args.output), inputs)):
         return (f"--output {args.output} is a file of {inside}, an input of this evaluation, and no earlier report: "
                 f"the report would replace it; give another file name")

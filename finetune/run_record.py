@@ -11,13 +11,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def run_dir(adapter_dir) -> Path | None:
+    """The run dir above a checkpoint-N dir (its run_args.json, run_info.json, logs and other checkpoints), or None
+    for any other dir."""
+    p = Path(adapter_dir).expanduser()
+    return p.parent if p.name.startswith("checkpoint-") else None
+
+
 def run_args(adapter_dir: Path) -> tuple[Path, dict] | None:
     """(path, content) of the adapter's run's run_args.json: in the adapter dir, or, for a checkpoint-N dir (which
     has none), in the run dir above it; None when there is none or it is not a JSON object."""
-    adapter_dir = Path(adapter_dir)
-    p = adapter_dir / "run_args.json"
-    if not p.is_file() and adapter_dir.name.startswith("checkpoint-"):
-        p = adapter_dir.parent / "run_args.json"
+    p = Path(adapter_dir) / "run_args.json"
+    if not p.is_file() and (run := run_dir(adapter_dir)) is not None:
+        p = run / "run_args.json"
     if not p.is_file():
         return None
     try:
@@ -99,4 +105,4 @@ def _still_the_training_data(run_dir: Path, data: str) -> bool:
     return data_content(data) == recorded
 
 
-__all__ = ["run_args", "trained_skipping_invalid", "training_data"]
+__all__ = ["run_args", "run_dir", "trained_skipping_invalid", "training_data"]
