@@ -20,7 +20,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..data import ChatCollator, PackedCollator
 from ..data.collator import padded_len
 from ..file_modes import weights_readable
-from ..checkpoint import CHECKPOINT_DIR, checkpoints
+from ..checkpoint import checkpoints
 from .checks import CHECKPOINT_RUN, STAGING
 from .host_read import HostRead
 from .nonfinite import FoundInfHooks, NonFiniteGuard, NonFiniteLossError, takes_found_inf, unwrap_optimizer  # noqa: F401  (NonFiniteLossError: re-exported for train.py)
@@ -412,7 +412,7 @@ class QwenTrainer(Trainer):
         ours = [p for p in checkpoints(run_dir) if (p / "trainer_state.json").is_file()]
         if len(ours) <= limit:
             return
-        by_step = sorted(ours, key=lambda p: int(CHECKPOINT_DIR.match(p.name).group(1)))
+        by_step = ours[::-1]  # (checkpoints(): highest step first)
         mtimes = {p: p.stat().st_mtime for p in ours}
         order = by_step if max(mtimes.values()) - min(mtimes.values()) < 1.0 else sorted(by_step, key=mtimes.get)
         best = self.state.best_model_checkpoint
