@@ -327,10 +327,16 @@ class Engine:
                                  "requests; submit again when they are done")
             self._bind_adapters(model)
             # the graphs and the step's adapter selection were made for the adapters read before
-            self._graphs.clear()
-            self._pool = None
+            self._drop_graphs()
             self._static = self._sel_key = self._sel = None
             self._synced = False
+
+    def _drop_graphs(self) -> None:
+        """Forget the captured graphs, and their memory pool with them: the next captures take a fresh one
+        (capturing into a pool whose graphs are all gone trips an internal assert of PyTorch's caching allocator,
+        seen on the H200 when the cache grew mid-serving)."""
+        self._graphs.clear()
+        self._pool = None
 
     # -- public API ---------------------------------------------------------------------------------------------
     def submit(self, prompt_ids, params: SamplingParams | None = None, adapter: str | None = None) -> Request:
@@ -595,8 +601,7 @@ class Engine:
             chunked = joining.pop()
         # LoRA weights changed since the graphs were captured (looked at only when no row or chunked prompt runs)
         if not self._rows and self._chunked is None and self.adapters.refresh():
-            self._graphs.clear()
-            self._pool = None
+            self._drop_graphs()
         # grow the cache once for everything joining now (a growth copies the whole cache)
         self._make_cache(*layout)
         if self._chunked is not None:  # the joining rows take the slots after the rows: a chunked prompt moves past
@@ -724,8 +729,7 @@ class Engine:
         if fresh:
             assert not self._rows and self._chunked is None
             self._cache = self._seen = self._stopmask = self._static = None
-            self._graphs.clear()
-            self._pool = None
+            self._drop_graphs()
             self._slots = self._capacity = 0
         if slots == self._slots and capacity == self._capacity:
             return
@@ -749,10 +753,7 @@ class Engine:
         self._slots, self._capacity = slots, capacity
         self._key_pos = torch.arange(capacity, device=self.device)
         self._row_ids = torch.arange(slots, device=self.device)
-        self._graphs.clear()  # captured against the old buffers
-        # and a fresh memory pool for the next captures: capturing into a pool whose graphs are all gone trips
-        # an internal assert of PyTorch's caching allocator (seen on the H200 when the cache grew mid-serving)
-        self._pool = None
+        self._drop_graphs()  # captured against the old buffers
         self._static = None
         self._stopmask = torch.zeros(slots, self.vocab, dtype=torch.bool, device=self.device)
         self._synced = False
