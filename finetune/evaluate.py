@@ -749,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
                             repetition_penalty=args.repetition_penalty, prompts=prompts,
                             generator=args.generator, gen_batch_size=args.gen_batch_size,
                             progress=True)
+    first = next(model.parameters())  # (its dtype and device: what ran)
     # "adapter" is the adapter's metrics (absent without one); its dir is "adapter_dir"
     report = {"model": reference(model_dir), "adapter_dir": args.adapter and reference(args.adapter),
               "data": reference(args.data), "records": len(records),
@@ -756,8 +757,7 @@ def main(argv: list[str] | None = None) -> int:
                            "max_len": max_len, "greedy": True, "repetition_penalty": args.repetition_penalty,
                            "generator": args.generator,
                            # what ran (an fp16 and an fp32 run's reports looked alike)
-                           "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-                           "device": str(next(model.parameters()).device),
+                           "dtype": str(first.dtype).removeprefix("torch."), "device": str(first.device),
                            **({"gen_batch_size": args.gen_batch_size} if args.generator == "engine"
                               else {"padding": "left"})}, **report}
     if prompts is not None:  # records whose generation prompt left earlier turns out (said in a note too)
