@@ -18,7 +18,7 @@ config and the best per shape. A config that fails to compile or run is printed 
 Self-checks before anything is timed: every GEMV config against the dequantized matmul (a config that is
 wrong is reported and never timed), and the engine's first greedy tokens against generate()'s (reported as
 `agrees_with_generate`; the random model's logits are nearly flat, so a mismatch after a near-tie is possible
-and is shown, not fatal). A workload that fails is written with its error and the others still run.
+and is shown, not fatal: `first_difference` and `reference_gap`, generate()'s top-two logit gap there). A workload that fails is written with its error and the others still run.
 
 Workloads (random model: min_new_tokens = max_new_tokens so every row decodes its whole length):
   b1_512          1 row, 24-token prompt, 512 new tokens
@@ -339,13 +339,23 @@ def run_engine(engine, prompts, new, adapter=None, stats=None):
     return t1 - t0, t2 - t1, total - first, [r.output_ids for r in reqs]
 
 
-def agrees_with_generate(model, prompt, ours, n=8) -> bool:
+def agrees_with_generate(model, prompt, ours, n=8) -> dict:
+    """Whether the engine's first ``n`` greedy tokens are generate()'s, and where not, the first position that
+    differs and the gap between generate()'s top two logits there: a gap near 0 is a tie that bf16's order of
+    sums may break either way, a large one a fault."""
     from transformers import GenerationConfig
 
     ids = torch.tensor([prompt], device=model.device)
     gc = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
-    ref = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, len(prompt):].tolist()
-    return ref == ours[:n]
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, output_scores=True,
+                         return_dict_in_generate=True)
+    ref = out.sequences[0, len(prompt):].tolist()
+    at = next((i for i, (a, b) in enumerate(zip(ref, ours[:n])) if a != b), -1)
+    gap = None
+    if at >= 0:
+        top = out.scores[at][0].float().topk(2).values
+        gap = round(float(top[0] - top[1]), 5)
+    return dict(agrees_with_generate=ref == ours[:n], first_difference=at, reference_gap=gap)
 
 
 def workload(name, model, tok, spec, device, vocab) -> dict:
@@ -361,8 +371,7 @@ def workload(name, model, tok, spec, device, vocab) -> dict:
         pre, dec, n, outs = run_engine(engine, [p], spec["new"], adapter)
         total = spec["new"]
         return dict(tokens_per_s=total / (pre + dec), decode_tokens_per_s=n / dec, prefill_s=pre,
-                    new_tokens=total, prompt_tokens=spec["prompt"],
-                    agrees_with_generate=agrees_with_generate(model, p, outs[0]))
+                    new_tokens=total, prompt_tokens=spec["prompt"], **agrees_with_generate(model, p, outs[0]))
     if name in ("b64_mixed", "b64_mixed_adapters"):
         g = torch.Generator().manual_seed(1)
         lengths = torch.randint(spec["lo"], spec["hi"] + 1, (spec["rows"],), generator=g).tolist()
