@@ -158,7 +158,9 @@ class Server:
                 over["do_sample"] = False
             else:
                 over.update(do_sample=True, temperature=body.temperature)
-        if body.top_p is not None:
+        if body.top_p == 0:  # the nucleus of the most likely token alone: greedy (OpenAI takes 0; the engine's
+            over["do_sample"] = False  # top-p is in (0, 1])
+        elif body.top_p is not None:
             over["top_p"] = body.top_p
         if body.top_k is not None:
             over["top_k"] = max(body.top_k, 0)  # (-1: off, as vLLM reads it)

@@ -93,7 +93,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     # NaN and Infinity (Python's json reads them) are no numbers here: allow_inf_nan=False
     temperature: Annotated[float | None, Number] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
-    top_p: Annotated[float | None, Number] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
+    # OpenAI's range: 0 keeps only the most likely token (greedy; Server.params), as the nucleus shrinks to it
+    top_p: Annotated[float | None, Number] = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     # Qwen's official server takes it too; -1 is vLLM's "off" (its clients send it), as 0 is here
     top_k: Annotated[int | None, Number] = Field(default=None, ge=-1)
     max_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)

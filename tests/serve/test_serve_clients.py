@@ -62,6 +62,17 @@ def test_the_openai_clients_message_forms_answer_as_plain_text_messages(live):
         == _greedy(live, system)
 
 
+def test_top_p_0_keeps_the_most_likely_token_alone(live):
+    """OpenAI takes top_p 0 (a nucleus holding the most likely token alone): it was a 400. It samples from that one
+    token: the greedy answer, whatever the temperature and seed."""
+    greedy = _greedy(live)
+    kw = dict(model="tiny-qwen", messages=ASK, temperature=1.5, max_tokens=6)
+    sampled = [_client(live).chat.completions.create(seed=s, **kw).choices[0].message.content for s in range(4)]
+    assert any(text != greedy for text in sampled), sampled  # (so the answers below are not greedy by chance)
+    for s in range(4):
+        assert _client(live).chat.completions.create(seed=s, top_p=0, **kw).choices[0].message.content == greedy
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"min_p": 0.1}, "min_p"),
     ({"min_p": False}, "min_p"),  # a boolean is no number, even where it equals the neutral 0
