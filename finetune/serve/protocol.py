@@ -53,6 +53,10 @@ def _json_number(value):
 
 
 Number = BeforeValidator(_json_number)
+# The most stop strings a request may give. OpenAI takes 4, but clients of local servers send more (Continue sends
+# its templates' stop lists, often more than 4, to any host but OpenAI's and a few others; vLLM and the official
+# server take any number): refused, every request of theirs failed. Bounded: each is looked for after every token.
+MAX_STOP = 64
 # seeds seed a torch.Generator, which takes 64 bits: a bigger one failed the engine step, and with it every
 # request in the batch
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -163,8 +167,8 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_new_tokens()})",
                            "min_tokens")
         stops = self.stop_list() if isinstance(self.stop, (str, list, type(None))) else [None]
-        if len(stops) > 4 or any(not isinstance(s, str) or not s for s in stops):
-            raise APIError(400, "stop must be a non-empty string or up to 4 non-empty strings", "stop")
+        if len(stops) > MAX_STOP or any(not isinstance(s, str) or not s for s in stops):
+            raise APIError(400, f"stop must be a non-empty string or up to {MAX_STOP} non-empty strings", "stop")
         for i, s in enumerate(stops):
             if (why := lone_surrogate(s)) is not None:  # (a stop that no generated text could ever match)
                 raise APIError(400, f"stop: {why}", "stop" if isinstance(self.stop, str) else f"stop[{i}]")

@@ -73,6 +73,26 @@ def test_top_p_0_keeps_the_most_likely_token_alone(live):
         assert _client(live).chat.completions.create(seed=s, top_p=0, **kw).choices[0].message.content == greedy
 
 
+# stop strings Continue sends for a FIM template (plus one that the answer holds): more than OpenAI's 4
+CONTINUE_STOPS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<file_sep>", "```", "/src/", "#- coding: utf-8"]
+
+
+def test_more_stop_strings_than_openais_4_are_honoured(live):
+    """Continue sends its template's stop strings, often more than 4, to any host but OpenAI's (and a few others):
+    every such request was a 400. Up to MAX_STOP are honoured, each as one stop string alone is."""
+    from finetune.serve.protocol import MAX_STOP
+
+    plain = _greedy(live)
+    assert not any(s in plain for s in CONTINUE_STOPS), plain
+    hit = next(ch for ch in plain[1:] if not ch.isspace() and ch != "\ufffd")
+    stops = [*CONTINUE_STOPS, hit]
+    assert 4 < len(stops) <= MAX_STOP
+    assert _greedy(live, stop=stops) == plain[:plain.find(hit)]
+    chunks = _client(live).chat.completions.create(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=6,
+                                                   stop=stops, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == plain[:plain.find(hit)]
+
+
 @pytest.mark.parametrize("extra, param", [
     ({"min_p": 0.1}, "min_p"),
     ({"min_p": False}, "min_p"),  # a boolean is no number, even where it equals the neutral 0

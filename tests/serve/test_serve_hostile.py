@@ -16,6 +16,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from finetune.serve.protocol import MAX_STOP  # noqa: E402
+
 HI = [{"role": "user", "content": "hi"}]
 JSON = {"Content-Type": "application/json"}
 
@@ -127,7 +129,7 @@ def test_null_stream_is_openais_default(live):
     assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
 
 
-@pytest.mark.parametrize("stop", [5, [5], [None], {"a": "b"}, ["a", ""], ["a"] * 5])
+@pytest.mark.parametrize("stop", [5, [5], [None], {"a": "b"}, ["a", ""], ["a"] * (MAX_STOP + 1)])
 def test_a_bad_stop_is_400_naming_stop(live, stop):
     """A number was a 500 (list(5)); a list of numbers named the field "stop.str"."""
     err = _error(_post(live, _body(stop=stop)))

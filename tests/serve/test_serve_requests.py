@@ -13,6 +13,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from finetune.serve.protocol import MAX_STOP  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -126,7 +128,7 @@ HI = [{"role": "user", "content": "hi"}]
     (dict(audio={"voice": "alloy", "format": "wav"}), "audio"),
     (dict(web_search_options={}), "web_search_options"),  # ({} asks for a search with the defaults)
     (dict(min_tokens=5, max_tokens=2), "min_tokens"),
-    (dict(stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(stop=[f"s{i}" for i in range(MAX_STOP + 1)]), "stop"),
     (dict(stop=""), "stop"),
     (dict(stop="\ud800"), "stop"),  # a lone surrogate: no generated text could ever match it
     (dict(stop=["a", "x\udfff"]), "stop[1]"),
