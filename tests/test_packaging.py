@@ -1,5 +1,5 @@
 """What an install without -e gets: the sdist holds the project (scripts, their data and DeepSpeed configs, docs,
-tests)."""
+tests), and the wheel built from it every file the package reads beside its code."""
 
 import shutil
 import subprocess
@@ -33,7 +33,7 @@ def built(tmp_path_factory):
     src = tmp / "src"
     for f in tracked:
         (src / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, src / f, follow_symlinks=False)
+        shutil.copy2(ROOT / f, src / f, follow_symlinks=False)  # (ds_configs stays a link)
     sdist = _build("sdist", src, tmp / "dist")
     with tarfile.open(sdist) as t:
         top = t.getnames()[0].split("/")[0]
@@ -45,9 +45,20 @@ def built(tmp_path_factory):
     return tracked, in_sdist, in_wheel
 
 
+def test_the_wheel_holds_every_file_of_the_package(built):
+    """A file read beside the code (the demo's vocabulary, the chat page, `--deepspeed zero2`'s configs) must be in
+    the wheel: an install without -e has nothing else. finetune/ds_configs was not (ds_configs/ sat outside the
+    package: `--deepspeed` had no config to read where the package was installed from a wheel)."""
+    tracked, _, in_wheel = built
+    package = {f for f in tracked if f.startswith("finetune/")}
+    assert package - in_wheel == set()
+    assert {"finetune/ds_configs/zero2.json", "finetune/serve/static/index.html",
+            "finetune/assets/qwen_small.tiktoken"} <= in_wheel
+
+
 def test_the_sdist_holds_the_project(built):
     """The sdist held only the package, README.md and some tests: not the scripts the README runs, their demo data,
-    the DeepSpeed configs, ARCHITECTURE.md or the rest of the tests."""
+    the DeepSpeed configs (ds_configs/ is a link: its files go in), ARCHITECTURE.md or the rest of the tests."""
     tracked, in_sdist, _ = built
     want = {f for f in tracked if not f.startswith(".") and f != "ds_configs"}
     want |= {f"ds_configs/{p.name}" for p in (ROOT / "ds_configs").glob("*.json")}

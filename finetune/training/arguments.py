@@ -22,7 +22,8 @@ from transformers.hf_argparser import string_to_bool
 
 from ..command_line import home
 from ..errors import json_reason
-from .checks import DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, require_deepspeed
+from .checks import (DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, require_deepspeed,
+                     shipped_deepspeed)
 
 
 @dataclass
@@ -87,6 +88,10 @@ class TrainingArguments(transformers.TrainingArguments):
         default="auto", metadata={"help": "auto: adamw_torch_fused on a CUDA GPU without --deepspeed (one kernel "
                                           "for the whole update), adamw_torch otherwise; or any transformers "
                                           "optimizer name"})
+    deepspeed: dict | str | None = field(
+        default=None, metadata={"help": "DeepSpeed config: the path of a JSON file, or the name of one the package "
+                                        "ships (zero2, zero2_offload, zero3, zero3_offload; ds_configs/ in the "
+                                        "checkout), read where no file of that name is in the current dir"})
     resume: bool = field(
         default=False, metadata={"help": "Continue an unfinished run from the last complete checkpoint in "
                                          "--output_dir (a finished run is not continued: start a new run from "
@@ -126,6 +131,8 @@ class TrainingArguments(transformers.TrainingArguments):
         # unset, the run goes where the scripts put it, output/qwen-<mode> (preflight knows the mode), not into
         # transformers' ./trainer_output
         self.output_dir_unset = self.output_dir is None
+        # `--deepspeed zero2`: the package's config, read by transformers below as a path
+        self.deepspeed = shipped_deepspeed(self.deepspeed)
         if self.optim == "auto":
             self.optim = default_optimizer(self.use_cpu, self.deepspeed)
         check_optimizer_name(self.optim)

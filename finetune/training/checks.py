@@ -304,8 +304,27 @@ def foreign_files(output_dir: str | os.PathLike) -> list[str]:
     return sorted(p.name for p in d.iterdir() if p.name != LOCK_FILE) if d.is_dir() else []
 
 
+# The DeepSpeed configs the package ships (ds_configs/ in a checkout links here): `--deepspeed zero2` names one
+# from any dir, also where the package is installed from a wheel, without the checkout's ds_configs/
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+
+
+def shipped_deepspeed_names() -> list[str]:
+    return sorted(p.stem for p in DS_CONFIGS.glob("*.json"))
+
+
+def shipped_deepspeed(ds):
+    """--deepspeed's value as the path to read: a file that exists as given is that file; otherwise a bare name of
+    a config the package ships (zero2 or zero2.json, zero2_offload, zero3, zero3_offload) is that config; anything
+    else is returned as given (deepspeed_config says what is wrong with it)."""
+    if not isinstance(ds, str) or not ds or Path(ds).exists() or "/" in ds or os.sep in ds:
+        return ds
+    shipped = DS_CONFIGS / (ds if ds.endswith(".json") else f"{ds}.json")
+    return str(shipped) if shipped.is_file() else ds
+
+
 def deepspeed_config(ds) -> dict | None:
-    """The --deepspeed value (a path or a dict) as a dict, or a clear error."""
+    """The --deepspeed value (a path, a shipped config's name or a dict) as a dict, or a clear error."""
     if not ds:
         return None
     where = "--deepspeed (inline)" if isinstance(ds, dict) else f"--deepspeed {ds}"
@@ -314,15 +333,15 @@ def deepspeed_config(ds) -> dict | None:
     if isinstance(ds, dict):
         cfg = ds
     else:
-        p = Path(ds)
+        p = Path(shipped_deepspeed(ds))
         if p.is_dir():
-            raise TrainConfigError(f"{where}: a directory, not a config file (e.g. ds_configs/zero2.json)")
+            raise TrainConfigError(f"{where}: a directory, not a config file (e.g. ds_configs/zero2.json, or by name "
+                                   "from anywhere: --deepspeed zero2)")
         if not p.is_file():
-            configs = Path(__file__).resolve().parents[2] / "ds_configs"  # (the checkout's; a relative path is
-            # read from the current dir, which is not always the checkout)
-            hint = f"the project's configs are in {configs}/" if configs.is_dir() else "the path is read from " \
-                f"{os.getcwd()}"
-            raise TrainConfigError(f"{where}: no such file ({hint})")
+            # (a relative path is read from the current dir, which is not always the checkout; installed from a
+            # wheel there is no ds_configs/ at all, but the names work anywhere)
+            raise TrainConfigError(f"{where}: no such file (the path is read from {os.getcwd()}; the package's own "
+                                   f"configs go by name: --deepspeed {', '.join(shipped_deepspeed_names())})")
         try:
             text = p.read_text(encoding="utf-8")
             if text.startswith("\ufeff"):  # transformers' json.load refuses it, after the checks here
@@ -800,7 +819,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
     # -- DeepSpeed -------------------------------------------------------------------------------------------
     if getattr(args, "fsdp", None):  # transformers takes it; the Int4 buffers, graphs and checkpoints are DeepSpeed's
         raise TrainConfigError("--fsdp: FSDP is not supported here; several GPUs train through DeepSpeed "
-                               "(--deepspeed ds_configs/zero2.json) or plain data parallel (NPROC=N)")
+                               "(--deepspeed zero2) or plain data parallel (NPROC=N)")
     ds = deepspeed_config(args.deepspeed)
     zero_stage = None
     if ds is not None:
@@ -808,7 +827,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         if mode == "qlora" and zero_stage == 3:
             raise TrainConfigError(
                 "Q-LoRA cannot run under ZeRO-3: the packed Int4 weights are integer buffers that ZeRO-3 cannot "
-                "partition, and each GPU holds the whole Int4 model anyway. Use --deepspeed ds_configs/zero2.json")
+                "partition, and each GPU holds the whole Int4 model anyway. Use --deepspeed zero2")
         if "scheduler" in ds:
             raise TrainConfigError(
                 f"--deepspeed {args.deepspeed} has a 'scheduler' block, which would replace the schedule that "
@@ -818,7 +837,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         if "optimizer" in ds and not str(args.optim).lower().startswith(("adamw", "optimizernames.adamw")):
             raise TrainConfigError(
                 f"--deepspeed {args.deepspeed} brings its own optimizer ({ds['optimizer'].get('type')}), so "
-                f"--optim {args.optim} would not run; use a config without an optimizer block (ds_configs/zero2.json)")
+                f"--optim {args.optim} would not run; use a config without an optimizer block (--deepspeed zero2)")
 
     if args.on_nonfinite_loss == "skip" and ds is not None:
         raise TrainConfigError(

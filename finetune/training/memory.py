@@ -158,7 +158,7 @@ def fit_problem(model_dir, mode: str, lora_args, data_args, args, device: str, d
     return (f"this run needs about {est.total / GIB:.1f} GiB on {device} ({est.describe()}), and "
             f"{free / GIB:.1f} GiB is free there. Lower --per_device_train_batch_size or --model_max_length, "
             "turn on --gradient_checkpointing, train Q-LoRA on the Int4 model, or use a DeepSpeed config with "
-            "offload (ds_configs/zero2_offload.json)")
+            "offload (--deepspeed zero2_offload)")
 
 
 def out_of_memory(where: str, device: str, data_args, args, checkpointing: bool) -> str:
@@ -179,7 +179,7 @@ def out_of_memory(where: str, device: str, data_args, args, checkpointing: bool)
                        "embedding freed") + ": memory spent keeping MLP projections)")
     ways.append(f"a lower --model_max_length (now {data_args.model_max_length}"
                 + (", the length of every packed row)" if data_args.packing else ")"))
-    ways.append("a DeepSpeed config with offload (ds_configs/zero2_offload.json)")
+    ways.append("a DeepSpeed config with offload (--deepspeed zero2_offload)")
     return f"out of memory {where}{held_on(device)}; try " + ", or ".join(ways)
 
 

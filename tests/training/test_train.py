@@ -445,15 +445,31 @@ def test_deepspeed_config_of_the_wrong_shape_is_one_line(models, memorise_file, 
     assert err.startswith(f"error: --deepspeed {ds}: ") and message in err and err.count("\n") == 1, err
 
 
-def test_a_missing_deepspeed_config_names_where_the_projects_configs_are(models, memorise_file, tmp_path, capsys,
-                                                                        monkeypatch):
+def test_a_missing_deepspeed_config_names_the_packages_own(models, memorise_file, tmp_path, capsys, monkeypatch):
     """`DEEPSPEED=ds_configs/zero2.json` from another dir: "no such file (the project's configs are in ds_configs/)"
-    did not say where that ds_configs/ is."""
+    did not say where that ds_configs/ is; installed from a wheel there was none (the hint looked for the checkout's
+    beside the package, and said only where the path was read from)."""
     monkeypatch.chdir(tmp_path)
     assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
                             "--deepspeed", "ds_configs/zero2.json")) == 2
-    assert capsys.readouterr().err == ("error: --deepspeed ds_configs/zero2.json: no such file (the project's configs "
-                                       f"are in {ROOT / 'ds_configs'}/)\n")
+    assert capsys.readouterr().err == (f"error: --deepspeed ds_configs/zero2.json: no such file (the path is read from "
+                                       f"{tmp_path}; the package's own configs go by name: --deepspeed zero2, "
+                                       "zero2_offload, zero3, zero3_offload)\n")
+
+
+def test_deepspeed_takes_a_shipped_configs_name_from_any_dir(tmp_path, monkeypatch):
+    """Installed from a wheel (pip install ., not -e) the checkout's ds_configs/ is not beside the package: the
+    configs are in it (finetune/ds_configs, which ds_configs/ links to) and --deepspeed takes their names."""
+    from finetune.training.checks import DS_CONFIGS
+
+    monkeypatch.chdir(tmp_path)
+    assert DS_CONFIGS == (ROOT / "ds_configs").resolve()  # (the checkout's link, to the package's dir)
+    for name in ("zero2_offload", "zero2_offload.json"):
+        *_, args = parse_args(["-m", "M", "-d", "D", "-o", "O", "--use_cpu", "True", "--deepspeed", name])
+        assert args.deepspeed == str(DS_CONFIGS / "zero2_offload.json")
+    (tmp_path / "zero2.json").write_text('{"zero_optimization": {"stage": 1}}')  # a file of the name wins
+    *_, args = parse_args(["-m", "M", "-d", "D", "-o", "O", "--use_cpu", "True", "--deepspeed", "zero2.json"])
+    assert args.deepspeed == "zero2.json" and args.hf_deepspeed_config.config["zero_optimization"]["stage"] == 1
 
 
 def test_deepspeed_config_with_a_bom_is_one_line(models, memorise_file, tmp_path, capsys):
