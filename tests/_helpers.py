@@ -3,6 +3,7 @@ models and random GPTQ buffers."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -323,3 +324,45 @@ class RerunGraph:
             graph = cls(engine, b, kv_len, pick, own_keys, lora)
             return graph, graph.out
         return capture
+
+
+_SCRIPTED_IDS = itertools.count()
+
+
+class ScriptedEngine:
+    """The engine interface the server's worker drives (tests/serve): every request generates `reply`'s tokens, one a
+    step, then finishes with reason "stop" (as at <|im_end|>), or with "length" at its max_new_tokens;
+    `prompt_ids` holds the last request's prompt."""
+
+    max_len = 2048
+
+    def __init__(self, tok):
+        self.tok, self.reply, self.running = tok, "", []
+        self.prompt_ids: list[int] = []  # the last request's
+
+    def submit(self, prompt_ids, params, adapter=None):
+        from types import SimpleNamespace
+
+        self.prompt_ids = list(prompt_ids)
+        req = SimpleNamespace(id=next(_SCRIPTED_IDS), prompt_ids=list(prompt_ids), output_ids=[], finished=False,
+                              finish_reason=None, todo=self.tok.encode(self.reply), limit=params.max_new_tokens)
+        req.cancel = lambda reason=None: setattr(req, "todo", [])
+        self.running.append(req)
+        return req
+
+    def has_work(self):
+        return bool(self.running)
+
+    def occupancy(self):
+        return len(self.running), 0
+
+    def step(self):
+        for req in self.running:
+            if req.todo:
+                req.output_ids.append(req.todo.pop(0))
+            if not req.todo:
+                req.finished, req.finish_reason = True, "stop"
+            elif len(req.output_ids) >= req.limit:
+                req.finished, req.finish_reason = True, "length"
+        updated, self.running = self.running, [r for r in self.running if not r.finished]
+        return updated

@@ -4,7 +4,6 @@ generates the tokens of a given text), so replies with exact whitespace can be a
 
 from __future__ import annotations
 
-import itertools
 from types import SimpleNamespace
 
 import pytest
@@ -13,45 +12,12 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from _helpers import ScriptedEngine  # noqa: E402
+
 from finetune import react  # noqa: E402
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
 
 F = {"name": "search", "description": "Search the web.", "parameters": {"type": "object"}}
-_IDS = itertools.count()
-
-
-class ScriptedEngine:
-    """The engine interface the server's worker drives; every request generates `reply`'s tokens, one a step,
-    then finishes with reason "stop" (as at <|im_end|>), or with "length" at its max_new_tokens."""
-
-    max_len = 2048
-
-    def __init__(self, tok):
-        self.tok, self.reply, self.running = tok, "", []
-
-    def submit(self, prompt_ids, params, adapter=None):
-        req = SimpleNamespace(id=next(_IDS), prompt_ids=list(prompt_ids), output_ids=[], finished=False,
-                              finish_reason=None, todo=self.tok.encode(self.reply), limit=params.max_new_tokens)
-        req.cancel = lambda reason=None: setattr(req, "todo", [])
-        self.running.append(req)
-        return req
-
-    def has_work(self):
-        return bool(self.running)
-
-    def occupancy(self):
-        return len(self.running), 0
-
-    def step(self):
-        for req in self.running:
-            if req.todo:
-                req.output_ids.append(req.todo.pop(0))
-            if not req.todo:
-                req.finished, req.finish_reason = True, "stop"
-            elif len(req.output_ids) >= req.limit:
-                req.finished, req.finish_reason = True, "length"
-        updated, self.running = self.running, [r for r in self.running if not r.finished]
-        return updated
 
 
 @pytest.fixture(scope="module")
