@@ -222,7 +222,7 @@ def json_type(value) -> str:
             int: "a number", float: "a number"}.get(type(value), type(value).__name__)
 
 
-def _listed(names: list[str], most: int = 8) -> str:
+def listed(names: list[str], most: int = 8) -> str:
     shown = ", ".join(n if len(n) <= 60 else n[:57] + "..." for n in names[:most])
     return shown + (f", ... ({len(names)} in all)" if len(names) > most else "")
 
@@ -479,7 +479,8 @@ def has_function_calls(messages: list[Message]) -> bool:
 @dataclass
 class Turns:
     """A conversation laid out for ChatML: `system`, user/assistant `pairs`, then either a new user `query`
-    or (`query` None) a last pair whose assistant text the model continues (after a function result).
+    or (`query` None) a last pair whose assistant text the model continues (after a function result); either way
+    the reply may be started with `reply_start`, which the model continues.
 
     Assistant texts are lists of (text, trained) segments; `text(segments)` joins them. `continues_assistant`:
     the open last turn is the client's own assistant message (a prefix the reply continues), not the
@@ -489,6 +490,8 @@ class Turns:
     pairs: list[tuple[str, list[tuple[str, bool]]]] = field(default_factory=list)
     query: str | None = None
     continues_assistant: bool = False
+    # the text the reply is started with for the model (`call_start`: a call the request forces), part of the prompt
+    reply_start: str = ""
 
     @staticmethod
     def text(segments) -> str:
@@ -593,6 +596,8 @@ def prompt_ids(tokenizer, turns: Turns, max_window_size: int = 6144, stats: dict
         history = turns.history()
         _, ids = make_context(tokenizer, turns.query, history=history, system=turns.system,
                               max_window_size=max_window_size, stats=made)
+        if turns.reply_start:  # (a reply is encoded on its own after "assistant\n", as make_context and training do)
+            ids = ids + tokenizer.encode(turns.reply_start)
     else:
         # the last assistant turn is open (after a function result, or the client's own assistant message):
         # the model continues it. The official text completion strips every user text here, so an empty
@@ -601,7 +606,7 @@ def prompt_ids(tokenizer, turns: Turns, max_window_size: int = 6144, stats: dict
         user, assistant = history.pop()
         _, ids = make_context(tokenizer, user, history=history, system=turns.system,
                               max_window_size=sys.maxsize, stats=made)
-        ids = ids + tokenizer.encode(assistant)
+        ids = ids + tokenizer.encode(assistant + turns.reply_start)  # (one text, as the turn was trained)
     if stats is not None:
         stats["history_left_out"] = len(history) - made["history_kept"]
     return ids
@@ -653,6 +658,18 @@ def parse_reply(text: str, after_result: bool = False) -> tuple[str, dict | None
     if z >= 0:
         text = text[z + len("\nFinal Answer: "):]
     return text, None
+
+
+def call_start(name: str | None, after_result: bool) -> str:
+    """The start of a reply that must call a function: `name`, or (None) one the model names. It is the layout
+    trained for a call without a thought (an assistant message with a call and no content): a new turn's reply is
+    "Thought: \\nAction: {name}\\nAction Input: {arguments}", after a tool result the open turn's "\\nThought:"
+    goes on with " \\nAction: {name}\\nAction Input: {arguments}". The start ends before the space that begins
+    the name or the arguments, where the tokenizer splits the trained text too, so the model writes the tokens it
+    learnt to write there (all but a call with no arguments, trained as "Action Input:\\nObservation:", whose ":\\n"
+    is one token)."""
+    start = " \nAction:" if after_result else "Thought: \nAction:"
+    return start if name is None else f"{start} {name}\nAction Input:"
 
 
 def stop_words(stop: list[str] | None, functions: list[dict] | None) -> list[str]:
@@ -745,7 +762,7 @@ def _check_training_messages(msgs: list[Message], functions: list[dict]) -> None
                              "in 'tools' (or 'functions'), as the server's prompt does", f"{m.call_where}.name")
         if call["name"] not in names:
             raise ReactError(f"calls {quoted(call['name'], QUOTED)}, which the record does not define (defined: "
-                             f"{_listed(names)})", f"{m.call_where}.name")
+                             f"{listed(names)})", f"{m.call_where}.name")
         if call["arguments"].strip():
             args = _loads(call["arguments"], f"{m.call_where}.arguments",
                           "not JSON ({why}): the model would learn to write calls no tool can read")
@@ -767,7 +784,7 @@ def check_segments(segments, content: str, where: str) -> list[list]:
 
 __all__ = [
     "FINAL_THOUGHT", "Message", "OBSERVATION_STOP", "REACT_INSTRUCTION", "ReactError", "TOOL_DESC", "Turns",
-    "build_turns", "canonical_messages", "check_segments", "function_names", "functions_from", "has_function_calls",
-    "is_tool_record", "json_type", "parse_reply", "prompt_ids", "react_instruction", "record_turns",
-    "render_tool_record", "stop_words",
+    "build_turns", "call_start", "canonical_messages", "check_segments", "function_names", "functions_from",
+    "has_function_calls", "is_tool_record", "json_type", "listed", "parse_reply", "prompt_ids", "react_instruction",
+    "record_turns", "render_tool_record", "stop_words",
 ]
