@@ -31,7 +31,7 @@ from .. import react
 from ..errors import quoted
 from ..inference.sampling import GREEDY_BELOW
 from .models import peft_adapter_name
-from .protocol import ECHO_CHARS, APIError, ChatCompletionRequest, clipped, field_path
+from .protocol import ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, clipped, field_path
 from .textstream import TextStream
 from .worker import Closed, EngineWorker
 
@@ -94,11 +94,22 @@ class Server:
                        "model", "model_not_found")
 
     def turns(self, body: ChatCompletionRequest) -> tuple[react.Turns, list[dict]]:
-        """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without."""
+        """(the messages' turns, function dicts): the ReAct layout with functions, plain chat without. A call that
+        tool_choice forces is started for the model (`Turns.reply_start`)."""
         try:
             functions = react.functions_from(body.functions, body.tools)  # (each definition checked there)
-            if functions and not body.tools_disabled():
-                return react.build_turns(body.messages, functions), functions
+            choice = body.call_choice()
+            forced = forced_call(choice, functions, "functions" if body.functions else "tools")
+            if functions and choice.mode != "none":
+                turns = react.build_turns(body.messages, functions)
+                if choice.mode in ("required", "function"):
+                    if turns.continues_assistant:
+                        what = "'required'" if choice.mode == "required" else "naming a function"
+                        raise APIError(400, f"{choice.field} {what} starts the reply with a call, but the last "
+                                       "message is an assistant message, which is continued as written: drop it "
+                                       "or the tool choice", choice.field)
+                    turns.reply_start = react.call_start(forced, after_result=turns.query is None)
+                return turns, functions
             turns = react.build_turns(body.messages, [])
             if turns.query is None and not turns.continues_assistant:
                 # a tool result with tool_choice "none", or with no tools in the request: the open ReAct turn went
@@ -177,8 +188,7 @@ class Server:
 
     def prepare(self, body: ChatCompletionRequest):
         """Check the request and build its prompt -> (prompt ids, params, adapter, stop strings, function dicts,
-        strip, history pairs left out, whether the reply continues the open turn after a tool result). Runs in a
-        worker thread (see `start`)."""
+        the turns, history pairs left out). Runs in a worker thread (see `start`)."""
         try:
             body.check()
             adapter = self.adapter_for(body.model)
@@ -191,16 +201,16 @@ class Server:
         left_out = stats["history_left_out"]
         params = self.params(body, len(ids), left_out)
         stop = react.stop_words(body.stop_list(), functions)
-        # a reply continuing the client's assistant message is sent as generated (its leading space joins it
-        # to that text), as the official text completion returns it; other replies are stripped as chat()'s
-        after_result = turns.query is None and not turns.continues_assistant
-        return ids, params, adapter, stop, functions, not turns.continues_assistant, left_out, after_result
+        return ids, params, adapter, stop, functions, turns, left_out
 
     async def start(self, body: ChatCompletionRequest):
         # tokenizing a big body takes seconds: off the event loop, or every other client's stream (and /health)
         # would stall meanwhile (tiktoken releases the GIL while it encodes)
-        ids, params, adapter, stop, functions, strip, left_out, after_result = await run_in_threadpool(self.prepare,
-                                                                                                     body)
+        ids, params, adapter, stop, functions, turns, left_out = await run_in_threadpool(self.prepare, body)
+        # a reply continuing the client's assistant message is sent as generated (its leading space joins it
+        # to that text), as the official text completion returns it; other replies are stripped as chat()'s
+        strip = not turns.continues_assistant
+        after_result = turns.query is None and not turns.continues_assistant
         if left_out:  # as model.chat leaves them out; said in the log and the response's LEFT_OUT_HEADER
             logger.info("a request's %d oldest user/assistant pairs left out of its prompt: over max_window_size %d",
                         left_out, self.window)
@@ -216,7 +226,7 @@ class Server:
                            None, "queue_full")
         req, queue = started
         text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens)
-        return Run(self, req, queue, text, len(ids), left_out, after_result), functions
+        return Run(self, req, queue, text, len(ids), left_out, after_result, turns.reply_start), functions
 
 
 class ClientGone(Exception):
@@ -227,11 +237,12 @@ class Run:
     """One request in the engine: yields text deltas as tokens arrive, then records how it finished."""
 
     def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int, left_out: int = 0,
-                 after_result: bool = False):
+                 after_result: bool = False, reply_start: str = ""):
         self.server, self.req, self.queue, self.text = server, req, queue, text
         self.prompt_tokens = prompt_tokens
         self.left_out = left_out  # the oldest history pairs the prompt left out (max_window_size)
         self.after_result = after_result  # the reply continues the open ReAct turn after a tool result
+        self.reply_start = reply_start  # the start of the reply, in the prompt (a call tool_choice forces)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.gone = False  # the client disconnected
@@ -294,11 +305,45 @@ def _completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
 
 
-def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest,
-                  after_result: bool = False) -> tuple[dict, str | None]:
+def forced_call(choice: CallChoice, functions: list[dict], given: str) -> str | None:
+    """The name of the function a "required" or named tool choice makes the reply call (None: the model names one
+    of several); a 400 naming the choice's field when the request's functions (given in `given`) cannot answer it."""
+    if choice.mode not in ("required", "function"):
+        return None
+    names = react.function_names(functions)
+    what = f"{choice.mode!r}" if choice.mode == "required" else f"names the function {quoted(choice.name, 80)}"
+    if not names:
+        raise APIError(400, f"{choice.field} {what}, but the request gives no {given} to call", choice.field)
+    if choice.mode == "function" and choice.name not in names:
+        raise APIError(400, f"{choice.field} {what}, which is not among the request's {given} (given: "
+                       f"{react.listed(names)})", choice.field)
+    # "required" with one function is a call of that one
+    return choice.name if choice.mode == "function" else names[0] if len(names) == 1 else None
+
+
+def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest, after_result: bool = False,
+                  reply_start: str = "", finish: str | None = None) -> tuple[dict, str | None]:
     """The assistant message of a ReAct reply: a tool/function call or the final answer (``after_result``: the reply
-    continues the open turn after a tool result, see react.parse_reply)."""
-    content, call = react.parse_reply(text, after_result)
+    continues the open turn after a tool result, see react.parse_reply). ``reply_start``: the start of a call that
+    tool_choice forced (in the prompt), joined to the text here. A "required" reply that calls no function of the
+    request is a 500 (the model did not write what was asked for), unless max_tokens (``finish`` "length") cut it
+    before its call was whole: then its text is the answer, as any reply cut short."""
+    content, call = react.parse_reply(reply_start + text, after_result)
+    if reply_start:
+        forced = forced_call(body.call_choice(), functions, "functions" if body.functions else "tools")
+        names = {n.strip(): n for n in react.function_names(functions)}  # (the parser strips the name it reads)
+        if forced is not None:  # (the start holds the whole "Action: {name}\nAction Input:": always a call)
+            call["name"] = forced
+        elif call is not None and call["name"] in names:
+            call["name"] = names[call["name"]]
+        elif call is None and finish == "length":
+            return {"role": "assistant", "content": f"Action: {text}"}, None
+        else:
+            did = (f"calls {quoted(call['name'], 80)}, which is not among the request's functions (given: "
+                   f"{react.listed(list(names.values()))})" if call is not None else "holds no call")
+            logger.warning("a tool_choice 'required' reply %s", did)
+            raise APIError(500, f"tool_choice 'required': the model's reply {did}; it wrote "
+                           f"{quoted(text, ECHO_CHARS, length=True)} after 'Action:'", None, "invalid_tool_call")
     if call is None:
         return {"role": "assistant", "content": content}, None
     if body.functions:  # the legacy API answers in its own form, the thought as the official server gives it ("" too)
@@ -681,7 +726,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         response.headers.update(left_out)
         finish = run.finish_reason
         if functions:
-            message, call_reason = _tool_message(text, functions, body, run.after_result)
+            message, call_reason = _tool_message(text, functions, body, run.after_result, run.reply_start, finish)
             finish = _finish_with_call(finish, call_reason)
         else:
             message = {"role": "assistant", "content": text}
@@ -714,7 +759,8 @@ async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Reques
     try:
         if functions:
             text = await run.complete(http)
-            message, call_reason = _tool_message(text, functions, body, run.after_result)
+            message, call_reason = _tool_message(text, functions, body, run.after_result, run.reply_start,
+                                                 run.finish_reason)
             if call_reason == "tool_calls":
                 calls = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
                 delta = {"content": message["content"], "tool_calls": calls}

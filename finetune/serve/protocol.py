@@ -9,7 +9,7 @@ as `user`, `metadata`, `store`; front ends' own keys) are ignored, as OpenAI-com
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
 from pydantic_core import PydanticCustomError
@@ -172,12 +172,7 @@ class ChatCompletionRequest(BaseModel):
         for i, s in enumerate(stops):
             if (why := lone_surrogate(s)) is not None:  # (a stop that no generated text could ever match)
                 raise APIError(400, f"stop: {why}", "stop" if isinstance(self.stop, str) else f"stop[{i}]")
-        for name, value in (("tool_choice", self.tool_choice), ("function_call", self.function_call)):
-            if value not in (None, "auto", "none"):
-                # (an object quoted as the JSON the client sent, not as Python writes a dict)
-                shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-                raise APIError(400, f"{name} {quoted(shown, ECHO_CHARS, length=True)} is not supported: 'auto' (the "
-                               "model decides) or 'none'", name)
+        self.call_choice()
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -204,8 +199,41 @@ class ChatCompletionRequest(BaseModel):
                            " false needs the last message to be an assistant message (it is continued)",
                            "add_generation_prompt")
 
-    def tools_disabled(self) -> bool:
-        return self.tool_choice == "none" or self.function_call == "none"
+    def call_choice(self) -> CallChoice:
+        """What the reply may or must call: `tool_choice`, or the legacy `function_call` (both: the same choice).
+        Whether a named function is among the request's tools is checked where they are read (Server.turns)."""
+        choices = [_call_choice(name, value) for name, value in (("tool_choice", self.tool_choice),
+                                                                 ("function_call", self.function_call))
+                   if value is not None]
+        if len(choices) == 2 and choices[0][:2] != choices[1][:2]:
+            raise APIError(400, "tool_choice and function_call ask for different things: give one of them",
+                           "function_call")
+        return choices[0] if choices else CallChoice("auto")
+
+
+class CallChoice(NamedTuple):
+    """A request's tool_choice: `mode` "auto" (the model decides), "none" (no call), "required" (some call) or
+    "function" (a call of `name`); `field`: the request field that said so."""
+
+    mode: str
+    name: str | None = None
+    field: str = "tool_choice"
+
+
+def _call_choice(field: str, value) -> CallChoice:
+    """tool_choice: "auto", "none", "required" or {"type": "function", "function": {"name": ...}}; the legacy
+    function_call: "auto", "none" or {"name": ...} (OpenAI's two forms)."""
+    if value in ("auto", "none") or (field == "tool_choice" and value == "required"):
+        return CallChoice(value, None, field)
+    named = value.get("function") if field == "tool_choice" and isinstance(value, dict) else value
+    if (isinstance(value, dict) and isinstance(named, dict) and isinstance(named.get("name"), str)
+            and named["name"].strip() and (field == "function_call" or value.get("type") == "function")):
+        return CallChoice("function", named["name"], field)
+    # (an object quoted as the JSON the client sent, not as Python writes a dict)
+    shown = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    forms = ("'auto' (the model decides), 'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": "
+             "...}}" if field == "tool_choice" else "'auto' (the model decides), 'none' or {\"name\": ...}")
+    raise APIError(400, f"{field} {quoted(shown, ECHO_CHARS, length=True)} is not supported: {forms}", field)
 
 
 def field_path(loc) -> str:

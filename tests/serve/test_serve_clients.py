@@ -119,8 +119,9 @@ def test_vllm_fields_that_would_change_the_answer_are_400_naming_them(live, extr
 @pytest.mark.parametrize("kw, param", [
     (dict(reasoning_effort="low"), "reasoning_effort"),  # (OpenAI's answer for a model without reasoning)
     (dict(verbosity="low"), "verbosity"),
-    (dict(tool_choice="required", tools=TOOLS), "tool_choice"),
-    (dict(tool_choice={"type": "function", "function": {"name": "get_weather"}}, tools=TOOLS), "tool_choice"),
+    # (OpenAI's newer form: a subset of the tools; "required" and a named function are taken, below)
+    (dict(tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": TOOLS}}, tools=TOOLS),
+     "tool_choice"),
     (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
     (dict(max_completion_tokens=5000), "max_completion_tokens"),  # (with max_tokens 2: the one used, over the limit)
 ])
@@ -168,3 +169,21 @@ def test_the_legacy_completions_endpoint_is_a_404_naming_what_is_served(live):
     err = e.value.body
     assert set(err) == {"message", "type", "param", "code"}, err
     assert err["message"].startswith("Invalid URL (POST /v1/completions)") and "/v1/chat/completions" in err["message"]
+
+
+@pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
+def test_a_forced_call_on_the_engine_is_a_call_of_the_function(live, tool_choice):
+    """LangChain's with_structured_output and agents that force a call send these. The random model writes no
+    sensible arguments: what is asserted is what the start of the reply forces ("required" with one tool names it),
+    streamed as answered whole, and the start counted in the prompt's tokens."""
+    kw = dict(model="tiny-qwen", messages=ASK, tools=TOOLS, temperature=0, max_tokens=8)
+    auto = _client(live).chat.completions.create(**kw)
+    r = _client(live).chat.completions.create(tool_choice=tool_choice, **kw)
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and r.choices[0].finish_reason in ("tool_calls", "length")
+    start = live.server.tokenizer.encode("Thought: \nAction: get_weather\nAction Input:")
+    assert r.usage.prompt_tokens == auto.usage.prompt_tokens + len(start)
+    chunks = list(_client(live).chat.completions.create(tool_choice=tool_choice, stream=True, **kw))
+    calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [(tc.function.name, tc.function.arguments) for tc in calls] == [("get_weather", call.function.arguments)]
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason

@@ -286,10 +286,11 @@ def check_completion(r, body) -> dict:
     (choice,) = c["choices"]
     msg = choice["message"]
     assert msg["role"] == "assistant" and choice["finish_reason"] in ("stop", "length", "tool_calls", "function_call")
-    if choice["finish_reason"] == "tool_calls":
+    # (a call max_tokens cut short finishes with "length", its call there: a forced tool_choice makes those common)
+    if choice["finish_reason"] == "tool_calls" or msg.get("tool_calls"):
         (call,) = msg["tool_calls"]
         assert isinstance(call["function"]["name"], str) and isinstance(call["function"]["arguments"], str)
-    elif choice["finish_reason"] == "function_call":
+    elif choice["finish_reason"] == "function_call" or msg.get("function_call"):
         assert isinstance(msg["function_call"]["name"], str)
     else:
         assert isinstance(msg["content"], str), c

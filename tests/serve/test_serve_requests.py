@@ -243,6 +243,6 @@ def test_an_unsupported_tool_choice_is_quoted_as_the_json_sent():
     from finetune.serve.protocol import APIError
 
     with pytest.raises(APIError) as e:
-        _body(tool_choice={"type": "function", "function": {"name": "f"}}).check()
+        _body(tool_choice={"type": "custom", "custom": {"name": "f"}}).check()
     assert e.value.param == "tool_choice"
-    assert """'{"type": "function", "function": {"name": "f"}}' is not supported""" in str(e.value), str(e.value)
+    assert """'{"type": "custom", "custom": {"name": "f"}}' is not supported""" in str(e.value), str(e.value)
