@@ -93,22 +93,26 @@ def test_a_named_function_is_called_with_what_the_model_writes_after_the_start(l
         assert got.message.content is None and got.finish_reason == "tool_calls"
 
 
+@pytest.mark.parametrize("tool_choice, written", [
+    ({"type": "function", "function": {"name": "get_time"}}, " " + ARGS),
+    ("required", " get_time\nAction Input: " + ARGS),
+])
 @pytest.mark.parametrize("messages", [ASK, AFTER_RESULT])
-def test_the_prompt_and_the_models_text_are_the_tokens_of_the_trained_call(live, messages):
+def test_the_prompt_and_the_models_text_are_the_tokens_of_the_trained_call(live, messages, tool_choice, written):
     """The forced prompt is, token for token, the start of the training conversation that ends with the call (the
     data pipeline's encoding of it), and what follows there is what the model writes: the start ends where the
     tokenizer splits the trained text."""
     from finetune.data import encode_conversation
 
     tok = live.server.tokenizer
-    _ask(live, " " + ARGS, messages, tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_time"}})
+    _ask(live, written, messages, tools=TOOLS, tool_choice=tool_choice)
     prompt = live.server.engine.prompt_ids
     call = {"id": "c2", "type": "function", "function": {"name": "get_time", "arguments": ARGS}}
     record = {"tools": TOOLS, "messages": messages + [{"role": "assistant", "content": None, "tool_calls": [call]}]}
     trained = encode_conversation(tok, record)["input_ids"]
     assert trained[:len(prompt)] == prompt
-    written = tok.encode(" " + ARGS + "\nObservation:")
-    assert trained[len(prompt):len(prompt) + len(written)] == written
+    rest = tok.encode(written + "\nObservation:")
+    assert trained[len(prompt):len(prompt) + len(rest)] == rest
 
 
 @pytest.mark.parametrize("stream", [False, True])
