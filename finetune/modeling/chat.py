@@ -397,15 +397,21 @@ def chat(
     stream=_SENTINEL,
     stop_words_ids: list[list[int]] | None = None,
     generation_config: GenerationConfig | None = None,
+    *,
+    append_history: bool = True,
     **kwargs,
 ) -> tuple[str, list]:
     """One chat turn: (response, history + [(query, response)]), the official signature. kwargs update the
     generation config (e.g. do_sample=False, max_new_tokens=64) or set max_window_size; the others go to generate()
     (logits_processor, stopping_criteria, ...). ``stop_words_ids``: token id sequences that end the reply after them
-    (kept in it), as in the official code. ``stream`` is refused whatever its value, as officially."""
+    (kept in it), as in the official code. ``stream`` is refused whatever its value, as officially.
+    ``append_history=False`` (the earlier official chat()'s argument, which its openai_api.py passed) returns the
+    history given, without the new turn; the caller's history is never changed either way."""
     if stream is not _SENTINEL:
         raise ValueError("chat() takes no `stream` argument (the official chat() refuses it too); use "
                          "chat_stream(...), which yields the growing response")
+    if not isinstance(append_history, bool):  # (a generate() argument before: "model_kwargs are not used")
+        raise ValueError(f"append_history must be True or False, got {append_history!r}")
     stop_words = check_stop_words(stop_words_ids)
     history = [] if history is None else copy.deepcopy(_check_history(history))
     gc, input_ids = _prompt(self, tokenizer, query, history, system, generation_config, kwargs)
@@ -427,7 +433,7 @@ def chat(
         drop_last = True
     response = _cut_response(tokenizer, new_tokens, set(gc.eos_token_id), drop_last)
     # a new list, whatever sequence of pairs make_context took (a tuple's append failed after the reply was generated)
-    return response, [*history, (query, response)]
+    return response, ([*history, (query, response)] if append_history else list(history))
 
 
 class _TokenQueue:

@@ -510,3 +510,19 @@ def test_a_tokenizer_of_another_model_is_named_not_an_index_error(answering_mode
                  lambda: list(model.chat_stream(real_tok, "Who are you?", history=None))):
         with pytest.raises(ValueError, match=r"past the model's vocab_size \d+: the tokenizer is another model's"):
             call()
+
+
+def test_append_history_false_returns_the_history_without_the_turn_as_the_earlier_official_chat(answering_model):
+    """The earlier official chat(tokenizer, query, history, system, append_history=True, ...) (and its openai_api.py,
+    which passed append_history=False): False leaves the new turn out of the history returned. It was a generate()
+    error here ("model_kwargs are not used by the model: ['append_history']")."""
+    model, tok = answering_model
+    history = [("a", "b")]
+    reply, returned = model.chat(tok, "Hi", history=history, do_sample=False, append_history=False)
+    assert reply == "Hello world!" and returned == [("a", "b")] and returned is not history
+    assert model.chat(tok, "Hi", history=history, do_sample=False, append_history=True)[1] == [
+        ("a", "b"), ("Hi", "Hello world!")]
+    assert history == [("a", "b")]
+    with pytest.raises(ValueError, match="append_history must be True or False, got 'no'"):
+        model.chat(tok, "Hi", append_history="no")
+
