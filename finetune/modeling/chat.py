@@ -263,6 +263,10 @@ def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[Gen
     for name, off in OFF_VALUES.items():
         if getattr(gc, name, None) is None:
             setattr(gc, name, off)
+    if gc.max_new_tokens is None and gc.max_length is None:
+        # a generation config that sets no length (a generation_config.json without max_new_tokens): the official
+        # file's 512, as the engine (CUDA) and the server read it; generate() stopped at transformers' default of 20
+        gc.max_new_tokens = OFFICIAL_GENERATION_DEFAULTS["max_new_tokens"]
     if problems := config_problems(gc):  # (the same words on the CPU's generate() as on the engine)
         raise ValueError("; ".join(problems))
     kwargs.pop("return_dict_in_generate", None)

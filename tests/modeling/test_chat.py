@@ -526,3 +526,32 @@ def test_append_history_false_returns_the_history_without_the_turn_as_the_earlie
     with pytest.raises(ValueError, match="append_history must be True or False, got 'no'"):
         model.chat(tok, "Hi", append_history="no")
 
+
+def test_a_generation_config_without_a_length_gives_512_new_tokens_on_every_path(answering_model):
+    """A generation_config.json without max_new_tokens (nor max_length): generate() (the CPU's chat()) stopped at
+    transformers' default of 20 tokens, while the engine (CUDA) and the server give the official file's 512."""
+    from finetune.inference import SamplingParams
+    from finetune.modeling.chat import _generation_config
+
+    model, tok = answering_model
+    model.generation_config.max_new_tokens = None
+    gc, _, _ = _generation_config(model, tok, None, {})
+    assert gc.max_new_tokens == 512 == SamplingParams.from_generation_config(gc).max_new_tokens
+    # a length that is set stays: max_new_tokens, or max_length (prompt included, as generate() counts it)
+    assert _generation_config(model, tok, None, {"max_new_tokens": 7})[0].max_new_tokens == 7
+    gc, _, _ = _generation_config(model, tok, None, {"max_length": 40})
+    assert (gc.max_new_tokens, gc.max_length) == (None, 40)
+    seen = []
+    orig = model.generate
+
+    def spy(input_ids, **kw):
+        seen.append(kw["generation_config"].max_new_tokens)
+        return orig(input_ids, **kw)
+
+    model.generate = spy
+    try:
+        assert model.chat(tok, "Hi", do_sample=False)[0] == "Hello world!"
+    finally:
+        del model.generate
+    assert seen == [512]
+
