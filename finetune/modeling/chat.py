@@ -221,16 +221,21 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 
 def _generation_config(model, tokenizer, generation_config, kwargs) -> tuple[GenerationConfig, int, str]:
-    """The config generate() runs with: the given one, else the model dir's generation_config.json (else the
-    official defaults), updated with the call's kwargs; eos always includes <|im_end|> and <|im_start|>. The kwargs
-    that are not generation config fields are left in ``kwargs`` (generate()'s own arguments)."""
+    """The config generate() runs with: the given one, else the model dir's generation_config.json (one without a
+    chat_format, or none: the official defaults, with what the file sets over them), updated with the call's kwargs;
+    eos always includes <|im_end|> and <|im_start|>. The kwargs that are not generation config fields are left in
+    ``kwargs`` (generate()'s own arguments)."""
     if generation_config is None:
         generation_config = getattr(model, "generation_config", None)
-        loaded = generation_config is not None and getattr(generation_config, "chat_format", None) is not None
-        if not loaded:
-            generation_config = GenerationConfig(
-                **OFFICIAL_GENERATION_DEFAULTS, eos_token_id=tokenizer.eod_id, pad_token_id=tokenizer.eod_id
-            )
+        if generation_config is None or getattr(generation_config, "chat_format", None) is None:
+            # what the file sets stays (its max_window_size too, which `qwen-ft chat` and eval read from the file);
+            # without a file, transformers made one from config.json (output_attentions and all; _from_model_config)
+            from_file = generation_config is not None and not getattr(generation_config, "_from_model_config", False)
+            given = generation_config.to_diff_dict() if from_file else {}
+            given = {k: v for k, v in given.items() if k != "transformers_version" and not k.startswith("_")}
+            generation_config = GenerationConfig(**{
+                **OFFICIAL_GENERATION_DEFAULTS, "eos_token_id": tokenizer.eod_id, "pad_token_id": tokenizer.eod_id,
+                **given})
     elif not isinstance(generation_config, GenerationConfig):  # (a dict failed inside the update below)
         raise ValueError(f"generation_config must be a transformers GenerationConfig, got "
                          f"{type(generation_config).__name__} (pass single fields as keywords: chat(..., top_p=0.9))")

@@ -555,3 +555,28 @@ def test_a_generation_config_without_a_length_gives_512_new_tokens_on_every_path
         del model.generate
     assert seen == [512]
 
+
+def test_a_generation_config_without_chat_format_keeps_its_own_settings(tmp_path):
+    """A generation_config.json without chat_format chats with the official defaults for what it leaves out; what it
+    sets stays (all of it was dropped: its max_window_size too, which `qwen-ft chat` and eval read from the file)."""
+    import json
+
+    from finetune.demo import make_demo_model
+    from finetune.generation_limits import prompt_window
+    from finetune.modeling.chat import OFFICIAL_GENERATION_DEFAULTS, _generation_config
+
+    model_dir = make_demo_model(tmp_path / "m", seed=0)
+    gen = model_dir / "generation_config.json"
+    gen.write_text(json.dumps({"do_sample": False, "max_new_tokens": 3, "max_window_size": 40}))
+    tok = finetune.load_tokenizer(model_dir)
+    model = finetune.load_model(model_dir, dtype="fp32", device="cpu")
+    gc, window, fmt = _generation_config(model, tok, None, {})
+    assert (gc.do_sample, gc.max_new_tokens, window, fmt) == (False, 3, 40, "chatml")
+    assert (gc.top_k, gc.top_p, gc.repetition_penalty) == (0, 0.8, 1.1)  # left out: the official defaults
+    assert window == prompt_window(model_dir)
+    assert len(tok.encode(model.chat(tok, "Hi")[0])) <= 3
+    gen.unlink()  # no file: the official defaults
+    model = finetune.load_model(model_dir, dtype="fp32", device="cpu")
+    gc, window, _ = _generation_config(model, tok, None, {})
+    assert {k: getattr(gc, k) for k in OFFICIAL_GENERATION_DEFAULTS} == OFFICIAL_GENERATION_DEFAULTS
+    assert window == 6144 and gc.pad_token_id == tok.eod_id
