@@ -910,3 +910,57 @@ def test_a_leading_tilde_in_the_output_flag_is_the_home_dir(setup, tmp_path, mon
     monkeypatch.chdir(tmp_path)
     assert main(["merge", "--adapter=~/lora", "--output=~/merged", "--eval-data", str(setup["data"])]) == 0
     assert (tmp_path / "home" / "merged" / "config.json").is_file() and not (tmp_path / "~").exists()
+
+
+# -- where users take a merged dir: the official remote code, vLLM, this project's loader --------------------------
+
+
+def _int4_with_gptq_biases(path, value=0.0, nonzero_in=None):
+    """A demo Int4 dir whose checkpoint holds a bias for every quantized Linear, as auto-gptq wrote Qwen's Int4
+    releases (zeros for attn.c_proj and the MLP's three, which Qwen v1 builds without one); ``nonzero_in``: the one
+    module whose bias is ``value``."""
+    from safetensors.torch import load_file, save_file
+
+    make_demo_model(path, int4=True)
+    sd = load_file(path / "model.safetensors")
+    for k in [k for k in sd if k.endswith(".qweight") and ".c_attn." not in k]:
+        module = k[:-len(".qweight")]
+        bias = torch.zeros(sd[f"{module}.scales"].shape[1], dtype=torch.float16)
+        if module == nonzero_in:
+            bias += value
+        sd[f"{module}.bias"] = bias
+    save_file(sd, path / "model.safetensors", metadata={"format": "pt"})
+    return path
+
+
+def test_a_float_merge_of_an_int4_base_with_auto_gptqs_zero_biases_loads(tmp_path):
+    """The float export wrote the Int4 checkpoint's zero biases of attn.c_proj, w1, w2 and mlp.c_proj: keys the float
+    Qwen v1 model does not have, so the merge's own reload (and every later load here) refused the dir it had
+    written. They go; the model computes the same."""
+    from safetensors import safe_open
+
+    from _helpers import random_adapter
+
+    base = _int4_with_gptq_biases(tmp_path / "int4")
+    adapter = random_adapter(base, tmp_path / "qlora")
+    out = tmp_path / "float"
+    merge(adapter, out, dtype="fp32", n_eval=0, log=quiet)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert sorted(k for k in f.keys() if k.endswith(".bias")) == [
+            "transformer.h.0.attn.c_attn.bias", "transformer.h.1.attn.c_attn.bias"]
+    ref = load_model(base, adapter=adapter, dtype=torch.float32, device="cpu")
+    merged = load_model(out, dtype=torch.float32, device="cpu")
+    assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+    # the Int4 export keeps them, as the releases store them (this loader reads both)
+    merge(adapter, tmp_path / "int4_out", fmt="int4", n_eval=0, log=quiet)
+    assert load_model(tmp_path / "int4_out", dtype=torch.float32, device="cpu").transformer.h[0].mlp.w1.bias is not None
+
+
+def test_a_non_zero_bias_the_float_architecture_cannot_hold_is_refused_not_dropped(tmp_path):
+    from _helpers import random_adapter
+
+    base = _int4_with_gptq_biases(tmp_path / "int4", value=0.5, nonzero_in="transformer.h.1.mlp.w2")
+    adapter = random_adapter(base, tmp_path / "qlora")
+    with pytest.raises(MergeError, match=r"transformer\.h\.1\.mlp\.w2\.bias: the base stores a non-zero bias"):
+        merge(adapter, tmp_path / "float", n_eval=0, log=quiet)
+    assert not (tmp_path / "float" / "config.json").exists()
