@@ -964,3 +964,65 @@ def test_a_non_zero_bias_the_float_architecture_cannot_hold_is_refused_not_dropp
     with pytest.raises(MergeError, match=r"transformer\.h\.1\.mlp\.w2\.bias: the base stores a non-zero bias"):
         merge(adapter, tmp_path / "float", n_eval=0, log=quiet)
     assert not (tmp_path / "float" / "config.json").exists()
+
+
+def _vllm_reads(sd: dict, module: str, qc: dict) -> dict:
+    """W [out, in] of one GPTQ Linear as vLLM's kernels read the checkpoint, written here from its
+    quantization/gptq.py and gptq_marlin.py (not imported): words unpacked lowest bits first (qweight along the
+    inputs, qzeros along the outputs); "exllama" (gptq_gemm): zero = stored + 1 unless checkpoint_format is
+    gptq_v2, the rows sorted by g_idx when desc_act (else g_idx is not read) and sorted row j in group j //
+    group_size; "marlin" (sym only): qzeros are not read, the zero is 2^(bits-1) (uint4b8 / uint8b128)."""
+    bits, gs = qc["bits"], qc["group_size"]
+    qweight, qzeros, scales, g_idx = (sd[f"{module}.{a}"] for a in ("qweight", "qzeros", "scales", "g_idx"))
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32)
+    q = ((qweight.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2**bits - 1)).reshape(-1, qweight.shape[1])
+    z = ((qzeros.unsqueeze(2) >> shifts.view(1, 1, -1)) & (2**bits - 1)).reshape(qzeros.shape[0], -1)
+    rows = q.shape[0]
+    gs = rows if gs == -1 else gs
+    group = torch.arange(rows) // gs
+    if qc["desc_act"]:
+        group = torch.empty_like(group)
+        group[torch.argsort(g_idx.long())] = torch.arange(rows) // gs
+    zero = z + (0 if qc.get("checkpoint_format") == "gptq_v2" else 1)
+    out = {"exllama": ((q - zero[group]).float() * scales.float()[group]).t()}
+    if qc["sym"]:
+        out["marlin"] = ((q - 2 ** (bits - 1)).float() * scales.float()[group]).t()
+    return out
+
+
+@pytest.mark.parametrize("method, extra", [("rtn", {}), ("gptq", {}), ("gptq", {"desc_act": True}),
+                                           ("rtn", {"bits": 8, "group_size": 64})])
+def test_an_int4_export_reads_the_same_under_vllms_gptq_and_marlin_conventions(tmp_path, method, extra):
+    """What vLLM computes from the export (its GPTQ and Marlin layers, re-derived in _vllm_reads) is exactly what this
+    project's GPTQ layer dequantizes, and the config carries what vLLM's configs read."""
+    from safetensors import safe_open
+
+    from _helpers import random_adapter
+
+    base = make_demo_model(tmp_path / "int4", int4=True)
+    adapter = random_adapter(base, tmp_path / "qlora")
+    data = write_memorise(tmp_path / "calib.json")
+    out = tmp_path / "out"
+    merge(adapter, out, fmt="int4", quant_method=method, calib_data=data if method == "gptq" else None, n_eval=0,
+          log=quiet, **extra)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    # GPTQConfig.from_config's required keys, v1 zeros (no checkpoint_format), an unquantized lm_head; Marlin's
+    # conditions (quant_method gptq, sym, a group size it has kernels for)
+    assert {"bits", "group_size", "desc_act"} <= set(qc) and "checkpoint_format" not in qc and not qc.get("lm_head")
+    assert qc["quant_method"] == "gptq" and qc["sym"] is True and qc["group_size"] in (-1, 32, 64, 128)
+    assert qc["desc_act"] is bool(extra.get("desc_act")) and qc["bits"] == extra.get("bits", 4)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    model = load_model(out, dtype=torch.float32, device="cpu")
+    gptq = {n: m for n, m in model.named_modules() if type(m).__name__ == "GPTQLinear"}
+    # vLLM takes the modules holding non-float tensors as the quantized ones: exactly the five Linears of each block
+    assert {k.rpartition(".")[0] for k, v in sd.items() if not v.is_floating_point()} == set(gptq)
+    assert len(gptq) == 10
+    for name, layer in gptq.items():
+        assert [sd[f"{name}.{a}"].dtype for a in ("qweight", "qzeros", "scales", "g_idx")] == [
+            torch.int32, torch.int32, torch.float16, torch.int32]
+        own = layer.dequantize(torch.float32)
+        for kernel, w in _vllm_reads(sd, name, qc).items():
+            assert torch.equal(w, own), (name, kernel)
+    assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float16}  # wte, lm_head, norms: fp16
+
