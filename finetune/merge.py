@@ -146,6 +146,30 @@ def float_layout(state_dict: dict, model: nn.Module) -> dict:
     return out
 
 
+def unaligned_groups(model: nn.Module, group_size: int) -> str | None:
+    """A group size that does not divide the input width of every Linear an Int4 export quantizes (``--group-size
+    256`` on Qwen-14B, whose mlp.c_proj takes 13696 = 107 x 128 inputs): this project's loader reads the export, but
+    vLLM's GPTQ and Marlin layers refuse it ("input size is not aligned with the quantized weight shape"). Said,
+    naming the first such Linear and a size that divides them all; None where every one is divided."""
+    import math
+
+    from .quant.rtn import is_quantized_module_name
+
+    if group_size == -1:
+        return None
+    widths = {name: m.in_features for name, m in model.named_modules()
+              if isinstance(m, nn.Linear) and is_quantized_module_name(name)}
+    off = [name for name, width in widths.items() if width % group_size]
+    if not off:
+        return None
+    common = math.gcd(*widths.values())
+    fits = next((g for g in (128, 64, 32) if common % g == 0), -1)
+    return (f"--group-size {group_size} does not divide the {widths[off[0]]} inputs of {off[0]}"
+            + (f" (nor those of {len(off) - 1} more Linears)" if len(off) > 1 else "")
+            + f": vLLM refuses such a GPTQ checkpoint (this project's loader reads it); --group-size {fits} divides "
+              f"every quantized Linear's inputs")
+
+
 def merge_adapter(peft_model) -> nn.Module:
     """PEFT's merge_and_unload in fp32 (GPTQ layers: exact dequantize + delta -> fp32 nn.Linear)."""
     from .quant.peft_lora import GPTQLoraLinear
@@ -460,6 +484,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
     else:
         from .quant.rtn import quantize_state_dict
 
+        if problem := unaligned_groups(merged, group_size):
+            _warn(report, problem)
         float_sd = {k: v.detach().cpu() for k, v in merged.state_dict().items()}
         if quant_method == "rtn":
             sd = quantize_state_dict(float_sd, bits=bits, group_size=group_size, desc_act=desc_act)

@@ -1026,3 +1026,15 @@ def test_an_int4_export_reads_the_same_under_vllms_gptq_and_marlin_conventions(t
             assert torch.equal(w, own), (name, kernel)
     assert {v.dtype for v in sd.values() if v.is_floating_point()} == {torch.float16}  # wte, lm_head, norms: fp16
 
+
+def test_a_group_size_that_does_not_divide_a_linears_inputs_is_warned_about_naming_vllm(tmp_path):
+    from _helpers import random_adapter
+
+    base = make_demo_model(tmp_path / "int4", int4=True)
+    adapter = random_adapter(base, tmp_path / "qlora")
+    report = merge(adapter, tmp_path / "g48", fmt="int4", group_size=48, n_eval=0, log=quiet)
+    assert any("--group-size 48 does not divide the 64 inputs of transformer.h.0.attn.c_attn (nor those of 9 more"
+               in w and "vLLM refuses" in w and "--group-size 64 divides" in w for w in report["warnings"]), report
+    assert load_model(tmp_path / "g48", dtype=torch.float32, device="cpu") is not None  # (read here all the same)
+    report = merge(adapter, tmp_path / "g32", fmt="int4", group_size=32, n_eval=0, log=quiet)
+    assert "warnings" not in report
