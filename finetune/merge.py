@@ -126,24 +126,18 @@ def write_int4_config(base_cfg: dict, out_dir: Path, bits: int, group_size: int,
 # -- merging ------------------------------------------------------------------------------------------------
 
 
-def float_layout(state_dict: dict, model: nn.Module) -> dict:
-    """The merged state dict without the biases the float architecture has no place for: auto-gptq stored a zero
-    ``bias`` for every quantized Linear (Qwen's Int4 releases carry them for attn.c_proj and the MLP's three, which
-    Qwen v1 builds without one), and the dequantized layers keep it. Written into a float dir, each was an
-    unexpected key: this project's loader refused the dir, transformers warned. A zero one goes (the weights compute
-    the same); a non-zero one is a MergeError naming it (dropping it would change the model)."""
+def check_float_layout(state_dict: dict, model: nn.Module) -> None:
+    """A bias the float architecture has no place for is a MergeError naming it: a GPTQ base may store a bias beside
+    a Linear that Qwen v1 builds without one (auto-gptq wrote zeros there, which the merge leaves out:
+    quant/peft_lora.py drop_zero_biases); a non-zero one, written into the float dir, was an unexpected key (the
+    loaders here refused the dir, others drop it: the model would compute otherwise)."""
     with torch.device("meta"):
         expected = set(type(model)(model.config).state_dict())
-    out = {}
-    for name, t in state_dict.items():
+    for name in state_dict:
         if name not in expected and name.endswith(".bias") and name[:-len("bias")] + "weight" in expected:
-            if torch.count_nonzero(t):
-                raise MergeError(f"{name}: the base stores a non-zero bias for this layer, which the float "
-                                 f"model's architecture (Qwen v1, no_bias) has no place for; --format int4 keeps it "
-                                 f"as the base stores it, or use the adapter unmerged")
-            continue
-        out[name] = t
-    return out
+            raise MergeError(f"{name}: the base stores a non-zero bias for this layer, which the float "
+                             f"model's architecture (Qwen v1, no_bias) has no place for; --format int4 keeps it "
+                             f"as the base stores it, or use the adapter unmerged")
 
 
 def unaligned_groups(model: nn.Module, group_size: int) -> str | None:
@@ -480,7 +474,8 @@ def merge(adapter, output, model=None, fmt: str = "float", dtype: str | None = N
         report["merged_fp32_loss"] = eval_loss(merged, tokenizer, eval_records, max_len=max_len)["loss"]
 
     if fmt == "float":
-        sd = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in float_layout(merged.state_dict(), merged).items()}
+        check_float_layout(merged.state_dict(), merged)
+        sd = {k: v.detach().to("cpu", DTYPES[dtype]) for k, v in merged.state_dict().items()}
     else:
         from .quant.rtn import quantize_state_dict
 

@@ -936,7 +936,10 @@ def _int4_with_gptq_biases(path, value=0.0, nonzero_in=None):
 def test_a_float_merge_of_an_int4_base_with_auto_gptqs_zero_biases_loads(tmp_path):
     """The float export wrote the Int4 checkpoint's zero biases of attn.c_proj, w1, w2 and mlp.c_proj: keys the float
     Qwen v1 model does not have, so the merge's own reload (and every later load here) refused the dir it had
-    written. They go; the model computes the same."""
+    written. They go (from the Int4 export too); the model computes the same. PEFT's own merge_and_unload +
+    save_pretrained wrote them as well."""
+    from peft import PeftModel
+
     from safetensors import safe_open
 
     from _helpers import random_adapter
@@ -951,9 +954,13 @@ def test_a_float_merge_of_an_int4_base_with_auto_gptqs_zero_biases_loads(tmp_pat
     ref = load_model(base, adapter=adapter, dtype=torch.float32, device="cpu")
     merged = load_model(out, dtype=torch.float32, device="cpu")
     assert (logits(merged) - logits(ref)).abs().max() < 1e-4
-    # the Int4 export keeps them, as the releases store them (this loader reads both)
     merge(adapter, tmp_path / "int4_out", fmt="int4", n_eval=0, log=quiet)
-    assert load_model(tmp_path / "int4_out", dtype=torch.float32, device="cpu").transformer.h[0].mlp.w1.bias is not None
+    assert load_model(tmp_path / "int4_out", dtype=torch.float32, device="cpu").transformer.h[0].mlp.w1.bias is None
+    peft_merged = PeftModel.from_pretrained(load_model(base, dtype=torch.float32, device="cpu"),
+                                            str(adapter)).merge_and_unload()
+    peft_merged.save_pretrained(tmp_path / "peft_saved")
+    reloaded = load_model(tmp_path / "peft_saved", dtype=torch.float32, device="cpu")
+    assert (logits(reloaded) - logits(ref)).abs().max() < 1e-4
 
 
 def test_a_non_zero_bias_the_float_architecture_cannot_hold_is_refused_not_dropped(tmp_path):

@@ -324,9 +324,29 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
         except AttributeError:
             config.quantization_config = None
         config.torch_dtype = dtype
+    drop_zero_biases(model)
+    return n
+
+
+def drop_zero_biases(model: nn.Module) -> int:
+    """Remove the all-zero bias of each nn.Linear that the model's own architecture builds without one: auto-gptq
+    stored a zero bias beside every quantized Linear (Qwen's Int4 releases: attn.c_proj, w1, w2, mlp.c_proj), which
+    the dequantized layer kept, so a float model saved after a merge held keys its config's model has not (the
+    loaders here refused the dir). A non-zero one stays: it changes the result. Returns how many went."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return 0
+    with torch.device("meta"):
+        expected = set(type(model)(config).state_dict())
+    n = 0
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.Linear) and m.bias is not None and f"{name}.weight" in expected
+                and f"{name}.bias" not in expected and not torch.count_nonzero(m.bias)):
+            m.bias = None
+            n += 1
     return n
 
 
 register_peft()
 
-__all__ = ["GPTQLoraLinear", "register_peft", "CUSTOM_MODULE_MAPPING", "dequantize_model"]
+__all__ = ["GPTQLoraLinear", "register_peft", "CUSTOM_MODULE_MAPPING", "dequantize_model", "drop_zero_biases"]
