@@ -95,11 +95,17 @@ def add_chat_template(out_dir: Path) -> None:
 
 
 def write_float_config(base_cfg: dict, out_dir: Path, dtype: torch.dtype) -> dict:
+    """config.json of the merged model, the base's with the written dtype. The official remote code picks its dtype
+    from the bf16/fp16/fp32 flags, not torch_dtype (all three absent or false: bf16 where the GPU has it), so all
+    three are written; vLLM reads the rotary base from rope_theta (default 10000), not Qwen's rotary_emb_base, so a
+    base of another value is written there too."""
     cfg = {k: v for k, v in base_cfg.items() if k != "quantization_config"}
     cfg["torch_dtype"] = DTYPE_NAMES[dtype]
     for flag, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
-        if flag in cfg:
-            cfg[flag] = dtype == dt
+        cfg[flag] = dtype == dt
+    base = cfg.get("rotary_emb_base")
+    if "rope_theta" not in cfg and isinstance(base, (int, float)) and not isinstance(base, bool) and base != 10000:
+        cfg["rope_theta"] = base
     cfg.pop("_name_or_path", None)
     (out_dir / "config.json").write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
     return cfg

@@ -1045,3 +1045,33 @@ def test_a_group_size_that_does_not_divide_a_linears_inputs_is_warned_about_nami
     assert load_model(tmp_path / "g48", dtype=torch.float32, device="cpu") is not None  # (read here all the same)
     report = merge(adapter, tmp_path / "g32", fmt="int4", group_size=32, n_eval=0, log=quiet)
     assert "warnings" not in report
+
+
+def test_the_merged_config_says_its_dtype_as_the_official_code_and_its_rotary_base_as_vllm_read_them(tmp_path):
+    """The official modeling_qwen.py casts the model by config.json's bf16/fp16/fp32 flags (none true: bf16 where the
+    GPU has it), so a base config without them gave an fp16 or fp32 merge loaded as bf16; vLLM's Qwen model reads
+    the rotary base from rope_theta (default 10000), where Qwen's configs say rotary_emb_base."""
+    from _helpers import random_adapter
+
+    base = make_demo_model(tmp_path / "float", rotary_emb_base=50000)
+    cfg = json.loads((base / "config.json").read_text())
+    for flag in ("bf16", "fp16", "fp32"):
+        del cfg[flag]
+    (base / "config.json").write_text(json.dumps(cfg))
+    adapter = random_adapter(base, tmp_path / "lora")
+    for dtype, flag in (("fp16", "fp16"), ("fp32", "fp32"), ("bf16", "bf16")):
+        out = tmp_path / dtype
+        merge(adapter, out, dtype=dtype, n_eval=0, log=quiet)
+        written = json.loads((out / "config.json").read_text())
+        assert {f: written[f] for f in ("bf16", "fp16", "fp32")} == {f: f == flag for f in ("bf16", "fp16", "fp32")}
+        assert written["rope_theta"] == written["rotary_emb_base"] == 50000
+    merge(adapter, tmp_path / "int4", fmt="int4", n_eval=0, log=quiet)
+    written = json.loads((tmp_path / "int4" / "config.json").read_text())
+    assert (written["fp16"], written["bf16"], written["fp32"], written["rope_theta"]) == (True, False, False, 50000)
+    merged = load_model(tmp_path / "fp32", dtype=torch.float32, device="cpu")
+    ref = load_model(base, adapter=adapter, dtype=torch.float32, device="cpu")
+    assert (logits(merged) - logits(ref)).abs().max() < 1e-4
+    # Qwen-14B's base (10000, vLLM's default) adds nothing to the base's config
+    other = make_demo_model(tmp_path / "b10k")
+    merge(random_adapter(other, tmp_path / "lora10k"), tmp_path / "o10k", n_eval=0, log=quiet)
+    assert "rope_theta" not in json.loads((tmp_path / "o10k" / "config.json").read_text())
