@@ -97,6 +97,12 @@ class QwenTrainer(Trainer):
             return stack
         return contextlib.nullcontext()
 
+    def _lora_input_casts_off(self):
+        """_no_lora_input_casts where the forward runs under the trainer's autocast, else nothing."""
+        if self.precision is not None and self.precision.trainer_autocast:
+            return self._no_lora_input_casts()
+        return contextlib.nullcontext()
+
     @contextlib.contextmanager
     def _no_lora_input_casts(self):
         """PEFT would cast each LoRA input up to the fp32 adapter dtype: two needless full-size copies a layer,
@@ -145,7 +151,11 @@ class QwenTrainer(Trainer):
     # -- the training step: no host read of a device value (see nonfinite.py and host_read.py) -------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.meter.count(inputs)
-        loss = super().training_step(model, inputs, num_items_in_batch)
+        # The backward pass of a checkpointed block runs its forward again: with the LoRA inputs uncast, as the
+        # forward ran them (cast, the recomputed tensors were fp32 where the saved ones were bf16, and torch's
+        # checkpoint stopped the run with a CheckpointError: --bf16 LoRA on a float model, every eager step)
+        with self._lora_input_casts_off():
+            loss = super().training_step(model, inputs, num_items_in_batch)
         finite = self.guard.observe(loss)
         if self._filter_logged_loss:
             # transformers' logging_nan_inf_filter (off in its loop: it reads every loss on the host), on the

@@ -126,6 +126,17 @@ def test_lora_and_full_train(models, memorise_file, tmp_path, mode):
         assert reloaded is not None
 
 
+def test_lora_in_bf16_with_checkpointing_trains_eagerly(models, memorise_file, tmp_path):
+    """The official LoRA lines' --bf16 True --gradient_checkpointing (with LoRA dropout), eager (the CPU here; on a
+    GPU with the graphs off): the backward's recompute ran the LoRA inputs cast to fp32 where the forward had left
+    them bf16, and torch's checkpoint stopped the first step with a CheckpointError."""
+    out = tmp_path / "o"
+    _run(_args(models["float"], memorise_file, out, "--max_steps", "2", "--use_lora", "True", "--bf16", "True",
+               "--gradient_checkpointing", "True", "--lora_dropout", "0.05"))
+    info = json.loads((out / "run_info.json").read_text())
+    assert info["global_step"] == 2 and info["precision"]["trainer_autocast"] is True
+
+
 def _cosine(step, base, warmup, total):
     if step < warmup:
         return base * step / max(1, warmup)
