@@ -22,8 +22,8 @@ from transformers.hf_argparser import string_to_bool
 
 from ..command_line import home
 from ..errors import json_reason
-from .checks import (DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, require_deepspeed,
-                     shipped_deepspeed)
+from .checks import (DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, official_deepspeed_config,
+                     require_deepspeed, shipped_deepspeed)
 
 
 @dataclass
@@ -562,6 +562,15 @@ def parse_args(argv: list[str] | None = None):
     # TrainingArguments reads the --deepspeed file, and needs DeepSpeed, as it is built: check both first, for one
     # line naming the problem
     ds = parser.parse_known_args(argv)[0].deepspeed
+    if (own := official_deepspeed_config(ds)) is not None:
+        # an official Qwen command line's finetune/ds_config_zero2.json: the project's config of the same ZeRO
+        # settings (the last --deepspeed wins, over a CONFIG's too); said once for a multi-process launch
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: --deepspeed {ds} is the official Qwen scripts' config, not here: using {own}, its ZeRO "
+                  "settings without the optimizer and scheduler blocks that would replace --optim and "
+                  "--lr_scheduler_type", file=sys.stderr, flush=True)
+        ds = str(own)
+        argv = [*argv, "--deepspeed", ds]
     deepspeed_config(ds)
     require_deepspeed(ds)
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)

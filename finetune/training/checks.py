@@ -323,6 +323,22 @@ def shipped_deepspeed(ds):
     return str(shipped) if shipped.is_file() else ds
 
 
+# The --deepspeed files of the official Qwen scripts (finetune/ds_config_zero2.json, finetune/ds_config_zero3.json,
+# read from the Qwen repo's root) -> the project's config of the same ZeRO settings, without the optimizer and
+# scheduler blocks that would replace the --optim and --lr_scheduler_type asked for
+OFFICIAL_DEEPSPEED_NAMES = {"ds_config_zero2.json": "zero2.json", "ds_config_zero3.json": "zero3.json"}
+
+
+def official_deepspeed_config(ds) -> Path | None:
+    """The project's config for a --deepspeed path named as the official scripts name theirs, where no such file
+    exists (an official command line run here as it is); None for anything else (a file that exists is read as
+    given: the official file itself is refused, naming its scheduler block)."""
+    if not isinstance(ds, (str, os.PathLike)) or Path(ds).exists():
+        return None
+    own = OFFICIAL_DEEPSPEED_NAMES.get(Path(ds).name)
+    return DS_CONFIGS / own if own and (DS_CONFIGS / own).is_file() else None
+
+
 def deepspeed_config(ds) -> dict | None:
     """The --deepspeed value (a path, a shipped config's name or a dict) as a dict, or a clear error."""
     if not ds:
@@ -829,9 +845,10 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
                 "Q-LoRA cannot run under ZeRO-3: the packed Int4 weights are integer buffers that ZeRO-3 cannot "
                 "partition, and each GPU holds the whole Int4 model anyway. Use --deepspeed zero2")
         if "scheduler" in ds:
+            own = f"ds_configs/zero{zero_stage}.json" if zero_stage in (2, 3) else "a config of ds_configs/"
             raise TrainConfigError(
                 f"--deepspeed {args.deepspeed} has a 'scheduler' block, which would replace the schedule that "
-                "--lr_scheduler_type asks for; remove it (the configs in ds_configs/ have none)")
+                f"--lr_scheduler_type asks for; remove it, or use {own} (the configs in ds_configs/ have none)")
         if conflicts := deepspeed_conflicts(ds, args):
             raise conflicts_error(f"--deepspeed {args.deepspeed}", conflicts)
         if "optimizer" in ds and not str(args.optim).lower().startswith(("adamw", "optimizernames.adamw")):
@@ -848,7 +865,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
         # without them deepspeed.initialize looks for MPI (mpi4py), after the data and the model have loaded
         raise TrainConfigError(
             f"--deepspeed needs the rank variables torchrun sets ({', '.join(launch_vars)}): run it through a training "
-            "script (bash scripts/finetune_qlora.sh ... --deepspeed CONFIG, which launches it that way even for one "
+            f"script (bash scripts/finetune_{mode}.sh ... --deepspeed CONFIG, which launches it that way even for one "
             "process) or python -m finetune.training.launch --nproc_per_node N -m finetune.train ...")
 
     # -- output dir and resume -------------------------------------------------------------------------------

@@ -483,6 +483,21 @@ def test_deepspeed_takes_a_shipped_configs_name_from_any_dir(tmp_path, monkeypat
     assert args.deepspeed == "zero2.json" and args.hf_deepspeed_config.config["zero_optimization"]["stage"] == 1
 
 
+@pytest.mark.parametrize("official, own", [("finetune/ds_config_zero2.json", "zero2.json"),
+                                           ("finetune/ds_config_zero3.json", "zero3.json")])
+def test_the_official_scripts_deepspeed_paths_name_the_projects_configs(models, memorise_file, tmp_path, capsys,
+                                                                       monkeypatch, official, own):
+    """The official lines' --deepspeed finetune/ds_config_zero2.json (no such file here): "no such file" named no
+    replacement; now the config of the same ZeRO settings here, said in one line."""
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
+                            "--deepspeed", official))[3]
+    assert args.deepspeed == str(ROOT / "ds_configs" / own)
+    assert capsys.readouterr().err == (f"note: --deepspeed {official} is the official Qwen scripts' config, not here: "
+                                       f"using {ROOT / 'ds_configs' / own}, its ZeRO settings without the optimizer "
+                                       "and scheduler blocks that would replace --optim and --lr_scheduler_type\n")
+
+
 def test_deepspeed_config_with_a_bom_is_one_line(models, memorise_file, tmp_path, capsys):
     # transformers' json.load of the file raised "Unexpected UTF-8 BOM" naming neither the flag nor the file
     ds = tmp_path / "ds.json"
