@@ -427,8 +427,10 @@ def _config_values(path: str, parser: HfArgumentParser) -> dict:
     unknown = sorted(k for k in values if k not in known)
     if unknown:
         record = {"conversations", "messages", "instruction"} & set(unknown)  # (one chat record given for data)
+        foreign = [f"{k}: {FOREIGN_FLAGS[f'--{k}']}" for k in unknown if f"--{k}" in FOREIGN_FLAGS]
         raise TrainConfigError(f"config file {path}: not trainer flags: {', '.join(map(str, unknown))} "
                                + (f"(a chat record: data goes with -d: -d {path})" if record else
+                                  f"({'; '.join(foreign)})" if foreign else
                                   "(names as on the command line, without the leading --)"))
     # a value of the wrong type named with its file (argparse would name only the flag, after its usage text)
     # (a switch that defaults to True also has a --no_X action of the same dest, without X's type: not that one)
@@ -653,6 +655,14 @@ def _help_hint() -> str:
     return "qwen-ft train --help lists them"
 
 
+# Flags of the official Qwen family's fine-tuning scripts that mean nothing here, with why (the nearest name of
+# this trainer's would be a wrong guess)
+FOREIGN_FLAGS = {
+    "--fix_vit": "Qwen-VL's finetune.py flag, which freezes the vision tower; the models trained here are Qwen text "
+                 "models, with none: drop it",
+}
+
+
 def _not_flags(rest: list[str], parser) -> str:
     """What the parser left over, as one line: each unknown flag with the nearest known one, or the values no
     flag took (a path with spaces, unquoted)."""
@@ -667,6 +677,9 @@ def _not_flags(rest: list[str], parser) -> str:
     if unknown:
         parts = []
         for flag in unknown:
+            if (why := FOREIGN_FLAGS.get("--" + flag.lstrip("-").replace("-", "_"))) is not None:
+                parts.append(f"{flag} ({why})")
+                continue
             if len(flag) == 2:  # (a short flag's case: -O, -M, -D)
                 near = [o for o in short if o.lower() == flag.lower()]
             else:

@@ -498,6 +498,15 @@ def test_the_official_scripts_deepspeed_paths_name_the_projects_configs(models, 
                                        "and scheduler blocks that would replace --optim and --lr_scheduler_type\n")
 
 
+def test_qwen_vl_fix_vit_is_refused_saying_why(models, memorise_file, tmp_path, capsys):
+    # (an unknown flag with no near name said nothing of what it was)
+    assert train_main(_args(models["float"], memorise_file, tmp_path / "o", "--fix_vit", "True")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown flag: --fix_vit (Qwen-VL's finetune.py flag, which freezes the vision "
+                          "tower; the models trained here are Qwen text models, with none: drop it); ") and \
+        err.count("\n") == 1
+
+
 def test_deepspeed_config_with_a_bom_is_one_line(models, memorise_file, tmp_path, capsys):
     # transformers' json.load of the file raised "Unexpected UTF-8 BOM" naming neither the flag nor the file
     ds = tmp_path / "ds.json"
