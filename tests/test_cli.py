@@ -192,6 +192,18 @@ def test_train_help_names_the_command_and_the_config_file(capsys):
     assert "cli.py" not in out and "train.py" not in out and "YAML or JSON" in out
 
 
+def test_train_help_names_the_official_flags_it_translates_and_the_deepspeed_configs(capsys):
+    # --evaluation_strategy and --warmup_ratio (translated before parsing) were nowhere in --help, and --deepspeed
+    # had transformers' "a path to a JSON config file or a dict", naming none of ds_configs/
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--evaluation_strategy is --eval_strategy" in text and "--warmup_ratio R is --warmup_steps R" in text
+    assert "finetune/ds_config_zero2.json (zero3) names ds_configs/zero2.json (zero3.json)" in text
+    entry = text.split(" --deepspeed DEEPSPEED ", 1)[1].split(" --", 1)[0]
+    assert entry.startswith("A DeepSpeed config file: ds_configs/zero2.json (ZeRO-2), zero3.json (ZeRO-3)"), entry
+
+
 def test_bf16_without_a_gpu_or_use_cpu_is_one_line_naming_the_flag(monkeypatch):
     # transformers said "Your setup doesn't support bf16/gpu. You need to assign use_cpu ..." (no flag named, and
     # nothing of what the CPU does without it)

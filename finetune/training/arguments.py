@@ -534,7 +534,10 @@ def _container_fields() -> set[str]:
 TRAIN_USAGE = "qwen-ft train [CONFIG] [-m MODEL] [-d DATA] [-o OUTPUT] [--FLAG VALUE ...]"
 TRAIN_DESCRIPTION = ("Fine-tune a Qwen v1 model: LoRA (--use_lora), Q-LoRA (an Int4 model dir) or full. CONFIG, "
                      "first if given: a YAML or JSON file of the flags below (names without --); flags after it "
-                     "override its values. Without -o the run goes to output/qwen-<mode>.")
+                     "override its values. Without -o the run goes to output/qwen-<mode>. The official Qwen "
+                     "finetune.py command lines run as they are: --evaluation_strategy is --eval_strategy, "
+                     "--warmup_ratio R is --warmup_steps R (below 1: a fraction of the steps), and --deepspeed "
+                     "finetune/ds_config_zero2.json (zero3) names ds_configs/zero2.json (zero3.json).")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -552,6 +555,10 @@ def parse_args(argv: list[str] | None = None):
             action.__class__ = _ListFlagOnce  # a list flag takes its names once (see there)
         if action.dest in ONE_PATH_FLAGS and type(action) is argparse._StoreAction:
             action.__class__ = _PathFlagOnce
+        if action.dest == "deepspeed":  # (transformers': "Value is a path to a JSON config file or a dict")
+            action.help = ("A DeepSpeed config file: ds_configs/zero2.json (ZeRO-2), zero3.json (ZeRO-3), "
+                           "zero2_offload.json, zero3_offload.json; the training scripts use zero2 (zero3 for full "
+                           "fine-tuning) on several GPUs without it (default: None)")
         if isinstance(action, argparse._StoreFalseAction):
             # HfArgumentParser's --no_X for a switch that defaults to True copied X's help with "(default: False)"
             # after it ("--no_packing ... (default: False)"); the switch's own default is what applies
