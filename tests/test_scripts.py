@@ -1,8 +1,8 @@
 """The training scripts as a user runs them: the official Qwen command lines unchanged, --help, a config file.
 
 The official flag sets (tests/fixtures/official_cmdlines.py, copied from QwenLM/Qwen with the commit noted) run
-through scripts/finetune_*.sh on the tiny models with the paths replaced, `--deepspeed ds_configs/zero2.json`,
-`--fp16`/`--bf16` removed (CPU) and `--max_steps 2` appended.
+through scripts/finetune_*.sh on the tiny models with the model, data and output paths replaced, `--fp16` removed (it
+needs a GPU) and `--max_steps 2` appended; their `--deepspeed finetune/ds_config_zero2.json` (zero3) stays.
 """
 
 import json
@@ -39,17 +39,20 @@ def _script(name, argv, tmp_path, **env):
                           text=True, timeout=1200)
 
 
-def _official(name, setup, out, ds="ds_configs/zero2.json", keep_precision=False):
-    """(project script, the official flags with paths replaced)."""
+def _official(name, setup, out, ds=None, keep_fp16=False):
+    """(project script, the official flags with the model, data and output paths replaced). The --deepspeed path
+    stays the official one (finetune/ds_config_zero2.json, finetune_lora_ds.sh's default too) unless `ds` is given;
+    --fp16 is dropped (it needs a GPU) unless `keep_fp16`; --bf16 stays (the scripts train on the CPU with
+    --use_cpu, in bf16)."""
     script, kind, flags = CMDLINES[name]
     subst = {"$MODEL": str(setup[kind]), "$DATA": str(setup["data"]), "output_qwen": str(out),
-             "finetune/ds_config_zero2.json": ds, "${DS_CONFIG_PATH}": ds}
+             "${DS_CONFIG_PATH}": "finetune/ds_config_zero2.json"}
     argv = [subst.get(f, f) for f in flags]
-    if not keep_precision:
-        for flag in ("--fp16", "--bf16"):
-            if flag in argv:
-                i = argv.index(flag)
-                del argv[i:i + 2]
+    if ds is not None:
+        argv[argv.index("--deepspeed") + 1] = ds
+    if not keep_fp16 and "--fp16" in argv:
+        i = argv.index("--fp16")
+        del argv[i:i + 2]
     return script, argv
 
 
@@ -59,37 +62,47 @@ def _error_lines(stderr: str) -> list[str]:
 
 def test_fixture_is_the_official_sets():
     assert len(QWEN_COMMIT) == 40
+    assert len(CMDLINES) == 5  # every fine-tuning script of the official repo
     for script, kind, flags in CMDLINES.values():
-        assert flags[:2] == ["--model_name_or_path", "$MODEL"] and "--use_lora" in flags
+        assert flags[:2] == ["--model_name_or_path", "$MODEL"]
+        assert ("--use_lora" in flags) is (script != "finetune_full.sh")
     official_ds = json.loads((FIXTURES / "qwen_ds_config_zero2.json").read_text())
     assert "scheduler" in official_ds and "optimizer" in official_ds
 
 
 @pytest.mark.parametrize("name", list(CMDLINES))
 def test_official_command_line_trains(setup, tmp_path, name):
+    """Each official line, its paths replaced and nothing else but --fp16 (GPU only): --bf16 in bf16 on the CPU,
+    with checkpointing and LoRA dropout; finetune/ds_config_zero2.json (zero3) read as ds_configs/zero2.json."""
     out = tmp_path / "out"
     script, argv = _official(name, setup, out)
-    uses_ds = "--deepspeed" in argv
     proc = _script(script, [*argv, "--max_steps", "2"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "mpi4py" not in proc.stderr and "Traceback" not in proc.stderr
     # --model_name_or_path / --data_path / --output_dir acted as -m / -d / -o: no demo
     assert "demo" not in proc.stdout and not (tmp_path / "demo-cache").exists()
     info = json.loads((out / "run_info.json").read_text())
-    assert info["global_step"] == 2 and info["mode"] == ("qlora" if "--q_lora" in argv else "lora")
-    assert info["deepspeed"] is uses_ds and info["zero_stage"] == (2 if uses_ds else None)
+    mode = "qlora" if "--q_lora" in argv else "lora" if "--use_lora" in argv else "full"
+    assert info["global_step"] == 2 and info["mode"] == mode
+    official_ds = argv[argv.index("--deepspeed") + 1] if "--deepspeed" in argv else None
+    stage = None if official_ds is None else 3 if official_ds.endswith("zero3.json") else 2
+    assert info["deepspeed"] is (stage is not None) and info["zero_stage"] == stage
+    if official_ds is not None:
+        assert (f"note: --deepspeed {official_ds} is the official Qwen scripts' config, not here: using "
+                f"{ROOT / 'ds_configs' / f'zero{stage}.json'}") in proc.stderr
+    assert info["precision"]["compute_dtype"] == ("bfloat16" if "--bf16" in argv else "float32")
     run_args = json.loads((out / "run_args.json").read_text())
     kind = CMDLINES[name][1]
     assert run_args["model_dir"] == str(setup[kind]) and run_args["data"]["data_path"] == str(setup["data"])
     assert run_args["cwd"] == str(ROOT)  # (where a relative data path is read from: merge reads it from anywhere)
-    assert (out / "adapter_model.safetensors").is_file()
+    assert (out / ("model.safetensors" if mode == "full" else "adapter_model.safetensors")).is_file()
 
 
 def test_official_qlora_line_unmodified_on_cpu_names_fp16(setup, tmp_path):
     """Paths replaced, nothing else: the official Q-LoRA line's --fp16 stops the run before loading."""
     out = tmp_path / "out"
     script, argv = _official("finetune_qlora_single_gpu.sh", setup, out, ds=str(FIXTURES / "qwen_ds_config_zero2.json"),
-                             keep_precision=True)
+                             keep_fp16=True)
     proc = _script(script, argv, tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
@@ -107,7 +120,7 @@ def test_official_deepspeed_config_is_refused(setup, tmp_path):
     assert "Traceback" not in proc.stderr
     errors = _error_lines(proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert "scheduler" in errors[0] and "--lr_scheduler_type" in errors[0] and "ds_configs/" in errors[0]
+    assert "scheduler" in errors[0] and "--lr_scheduler_type" in errors[0] and "use ds_configs/zero2.json" in errors[0]
     assert not out.exists()
 
 
