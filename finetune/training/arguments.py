@@ -89,9 +89,11 @@ class TrainingArguments(transformers.TrainingArguments):
                                           "for the whole update), adamw_torch otherwise; or any transformers "
                                           "optimizer name"})
     deepspeed: dict | str | None = field(
-        default=None, metadata={"help": "DeepSpeed config: the path of a JSON file, or the name of one the package "
-                                        "ships (zero2, zero2_offload, zero3, zero3_offload; ds_configs/ in the "
-                                        "checkout), read where no file of that name is in the current dir"})
+        default=None, metadata={"help": "A DeepSpeed config: the path of a JSON file, or the name of one the "
+                                        "package ships (zero2: ZeRO-2, zero3: ZeRO-3, zero2_offload, zero3_offload; "
+                                        "ds_configs/ in the checkout), read where no file of that name is in the "
+                                        "current dir; the training scripts use zero2 (zero3 for full fine-tuning) "
+                                        "on several GPUs without it"})
     resume: bool = field(
         default=False, metadata={"help": "Continue an unfinished run from the last complete checkpoint in "
                                          "--output_dir (a finished run is not continued: start a new run from "
@@ -555,10 +557,6 @@ def parse_args(argv: list[str] | None = None):
             action.__class__ = _ListFlagOnce  # a list flag takes its names once (see there)
         if action.dest in ONE_PATH_FLAGS and type(action) is argparse._StoreAction:
             action.__class__ = _PathFlagOnce
-        if action.dest == "deepspeed":  # (transformers': "Value is a path to a JSON config file or a dict")
-            action.help = ("A DeepSpeed config file: ds_configs/zero2.json (ZeRO-2), zero3.json (ZeRO-3), "
-                           "zero2_offload.json, zero3_offload.json; the training scripts use zero2 (zero3 for full "
-                           "fine-tuning) on several GPUs without it (default: None)")
         if isinstance(action, argparse._StoreFalseAction):
             # HfArgumentParser's --no_X for a switch that defaults to True copied X's help with "(default: False)"
             # after it ("--no_packing ... (default: False)"); the switch's own default is what applies
