@@ -89,7 +89,7 @@ def test_official_command_line_trains(setup, tmp_path, name):
     assert info["deepspeed"] is (stage is not None) and info["zero_stage"] == stage
     if official_ds is not None:
         assert (f"note: --deepspeed {official_ds} is the official Qwen scripts' config, not here: using "
-                f"{ROOT / 'ds_configs' / f'zero{stage}.json'}") in proc.stderr
+                f"{ROOT / 'finetune' / 'ds_configs' / f'zero{stage}.json'}") in proc.stderr
     assert info["precision"]["compute_dtype"] == ("bfloat16" if "--bf16" in argv else "float32")
     run_args = json.loads((out / "run_args.json").read_text())
     kind = CMDLINES[name][1]

@@ -12,7 +12,7 @@ from finetune.demo import make_demo_model
 from finetune.file_modes import umask
 from finetune.train import main as train_main
 from finetune.training.arguments import parse_args
-from finetune.training.checks import TrainConfigError
+from finetune.training.checks import DS_CONFIGS, TrainConfigError
 
 from _helpers import ROOT, memorise_records, train_args, train_killed_at_step
 
@@ -471,7 +471,6 @@ def test_a_missing_deepspeed_config_names_the_packages_own(models, memorise_file
 def test_deepspeed_takes_a_shipped_configs_name_from_any_dir(tmp_path, monkeypatch):
     """Installed from a wheel (pip install ., not -e) the checkout's ds_configs/ is not beside the package: the
     configs are in it (finetune/ds_configs, which ds_configs/ links to) and --deepspeed takes their names."""
-    from finetune.training.checks import DS_CONFIGS
 
     monkeypatch.chdir(tmp_path)
     assert DS_CONFIGS == (ROOT / "ds_configs").resolve()  # (the checkout's link, to the package's dir)
@@ -492,9 +491,9 @@ def test_the_official_scripts_deepspeed_paths_name_the_projects_configs(models, 
     monkeypatch.chdir(tmp_path)
     args = parse_args(_args(models["float"], memorise_file, tmp_path / "o", "--use_lora", "True",
                             "--deepspeed", official))[3]
-    assert args.deepspeed == str(ROOT / "ds_configs" / own)
+    assert args.deepspeed == str(DS_CONFIGS / own)
     assert capsys.readouterr().err == (f"note: --deepspeed {official} is the official Qwen scripts' config, not here: "
-                                       f"using {ROOT / 'ds_configs' / own}, its ZeRO settings without the optimizer "
+                                       f"using {DS_CONFIGS / own}, its ZeRO settings without the optimizer "
                                        "and scheduler blocks that would replace --optim and --lr_scheduler_type\n")
 
 
