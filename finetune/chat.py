@@ -20,7 +20,7 @@ import argparse
 import contextlib
 import sys
 
-from .command_line import OneLineParser, Once, expand_home, repeated
+from .command_line import OneLineParser, Once, expand_home, repeated, stdout_gone
 from .generation_limits import max_new_tokens_limit, new_tokens_limit, too_many_new_tokens
 
 PROMPT = "User> "
@@ -475,18 +475,6 @@ def main(argv: list[str] | None = None) -> int:
         return interactive(model, tokenizer, args)
     except BrokenPipeError:
         return stdout_gone()
-
-
-def stdout_gone() -> int:
-    """What chat does when the reader of its stdout has left (`qwen-ft chat -q ... | head -1`; it was a
-    BrokenPipeError traceback): it stops, quietly. The rest goes to os.devnull, since the interpreter's flush of
-    stdout at exit would raise again; 141 is the status of a process that SIGPIPE ends, as `cat` in that pipe."""
-    import os
-
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    return 141
 
 
 if __name__ == "__main__":

@@ -16,25 +16,48 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except BrokenPipeError:  # `qwen-ft eval ... | head -3`, `qwen-ft | head -1`: it was a BrokenPipeError traceback
+        from .command_line import stdout_gone
+
+        return stdout_gone()
+
+
+USAGE = "usage: qwen-ft COMMAND [ARGS]      qwen-ft help COMMAND: its flags      qwen-ft --version"
+EXAMPLES = """examples (the tiny demo on the CPU: bash scripts/finetune_qlora.sh in the checkout):
+  qwen-ft train -m /models/Qwen-14B-Chat-Int4 -d data/train.json -o output/my-adapter
+  qwen-ft chat -a output/my-adapter         (the base model is the one the adapter records)
+  qwen-ft eval -a output/my-adapter --data data/heldout.json
+  qwen-ft merge -a output/my-adapter -o output/merged"""
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return f"{USAGE}\n\ncommands:\n" + "\n".join(lines) + "\n\n" + EXAMPLES
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] in ("-V", "--version"):  # (the package's version: what a bug report asks first)
         from . import __version__
 
         print(f"qwen-ft {__version__}")
         return 0
     if argv and argv[0] == "help":  # `qwen-ft help train` as `qwen-ft train --help` (as git and pip read it)
-        argv = [argv[1], "--help"] if len(argv) > 1 and argv[1] in COMMANDS else ["--help"] + argv[1:2]
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        width = max(map(len, COMMANDS))
-        lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
-        print("usage: qwen-ft COMMAND [ARGS]  (or qwen-ft --version)\n\ncommands:\n" + "\n".join(lines))
-        if argv and argv[0] not in ("-h", "--help"):
-            print(f"\nerror: unknown command {argv[0]!r}{_nearest(argv)}", file=sys.stderr)
+        if len(argv) > 1 and argv[1] in COMMANDS:
+            argv = [argv[1], "--help"]
+        elif len(argv) > 1 and argv[1] not in ("help", "-h", "--help"):  # (`qwen-ft help help`: this list)
+            print(f"error: no command {argv[1]!r} to help with{_nearest(argv[1:])}; {LISTS}", file=sys.stderr)
             return 2
-        if argv[1:]:  # `qwen-ft help nosuch`
-            print(f"\nerror: no command {argv[1]!r} to help with{_nearest(argv[1:])}", file=sys.stderr)
-            return 2
+        else:
+            argv = ["--help"]
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
         return 0
+    if argv[0] not in COMMANDS:  # one line on stderr (the list went to stdout above it, and was lost to a pipe)
+        print(f"error: unknown command {argv[0]!r}{_nearest(argv)}; {LISTS}", file=sys.stderr)
+        return 2
     from .settings import SettingsError, settings, unknown_switches
 
     try:
@@ -55,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {out_of_memory(argv[0])}", file=sys.stderr)
         return 2
+
+
+LISTS = "qwen-ft --help lists the commands"
 
 
 def _nearest(argv: list[str]) -> str:

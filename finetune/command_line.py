@@ -70,3 +70,17 @@ def unwritable_place(directory: Path) -> str | None:
     except OSError as e:
         return f"cannot write in {parent} ({e.strerror or e})"
     return None
+
+
+def stdout_gone() -> int:
+    """What a command does when the reader of its stdout has left (`qwen-ft chat -q ... | head -1`, `qwen-ft eval
+    ... | head -3`; it was a BrokenPipeError traceback): it stops, quietly. The rest goes to os.devnull, since the
+    interpreter's flush of stdout at exit would raise again; 141 is the status of a process that SIGPIPE ends, as
+    `cat` in that pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # (a stdout with no file descriptor: a test's StringIO)
+        pass
+    return 141

@@ -776,12 +776,13 @@ def main(argv: list[str] | None = None) -> int:
         print(note, file=sys.stderr)
     if prompts is not None and (note := history_cut_note(cut, window, args.data)):
         print(note, file=sys.stderr)
-    print(format_table(report))
-    if args.output:
+    if args.output:  # written before the table is printed: `| head -3` ended the command before it was written
         replaced = Path(args.output).is_file()  # (/dev/null was "replaced", a pipe too)
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(json.dumps(json_safe(report), indent=2, ensure_ascii=False, allow_nan=False)
                                      + "\n")
+    print(format_table(report))
+    if args.output:
         print(f"report: {args.output}" + (" (replaced the file that was there)" if replaced else ""))
     return 0
 

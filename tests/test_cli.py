@@ -111,6 +111,24 @@ def test_eval_without_adapter_writes_the_report(setup, tmp_path, capsys, monkeyp
     assert report["base"]["loss"] > 0 and len(report["samples"]) == 4
 
 
+@pytest.mark.parametrize("argv", [[], ["help"], ["--version"], ["eval", "--no-generate", "--output", "REPORT"]])
+def test_a_reader_that_leaves_stdout_ends_qwen_ft_quietly(setup, tmp_path, argv):
+    """`qwen-ft | head -1` and `qwen-ft eval ... | head -3`: a reader that closed the pipe early made the first write a
+    BrokenPipeError traceback (exit 1), and eval's --output report, written after its table, was never written. Now
+    the command stops without a word with the status SIGPIPE gives (141, as `cat` in that pipe), the report
+    written."""
+    report = tmp_path / "report.json"
+    if argv[:1] == ["eval"]:
+        argv = ["eval", "-m", str(setup["float"]), "--data", str(setup["data"]), *argv[1:-1], str(report)]
+    proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=subprocess_env())
+    proc.stdout.close()  # (before anything is written: every write finds no reader)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err.decode()[-2000:]
+    if argv[:1] == ["eval"]:
+        assert json.loads(report.read_text())["base"]["records"] == 4
+
+
 # -- config files --------------------------------------------------------------------------------------------
 
 
@@ -627,8 +645,9 @@ def test_an_unknown_command_names_the_one_meant(capsys, argv, hint):
     from finetune.cli import main
 
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.strip() == f"error: {hint}", err
+    out, err = capsys.readouterr()
+    # one line on stderr, nothing on stdout (the command list printed there above it was lost to a pipe)
+    assert err == f"error: {hint}; qwen-ft --help lists the commands\n" and out == "", (out, err)
 
 
 def test_help_before_a_command_is_that_commands_help(capsys):
@@ -640,4 +659,32 @@ def test_help_before_a_command_is_that_commands_help(capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("usage: qwen-ft serve")
     assert main(["help"]) == 0 and "commands:" in capsys.readouterr().out
     assert main(["help", "trian"]) == 2
-    assert capsys.readouterr().err.strip() == "error: no command 'trian' to help with (did you mean train?)"
+    assert capsys.readouterr().err == ("error: no command 'trian' to help with (did you mean train?); qwen-ft --help "
+                                       "lists the commands\n")
+    # `qwen-ft help help` was "no command 'help' to help with (did you mean eval?)", exit 2
+    assert main(["help", "help"]) == 0 and "commands:" in capsys.readouterr().out
+
+
+def test_the_command_list_says_how_to_get_a_commands_flags_and_shows_examples_that_parse(capsys, monkeypatch):
+    """`qwen-ft` alone: the commands, `qwen-ft help COMMAND`, and examples; each example's flags are its
+    command's own (a flag renamed later would leave a wrong example behind)."""
+    import importlib
+
+    from finetune.cli import COMMANDS, main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "qwen-ft help COMMAND" in out and "--version" in out
+    examples = [line.split("(")[0] for line in out.splitlines() if line.startswith("  qwen-ft ")]
+    assert len(examples) == 4, out
+    for example in examples:
+        command, *flags = shlex.split(example)[1:]
+        module = importlib.import_module(COMMANDS[command][0])
+        if command == "train":
+            from finetune.training.arguments import parse_args
+
+            parsed = parse_args(flags)
+            assert parsed[0].model_name_or_path and parsed[1].data_path and parsed[3].output_dir, example
+        else:
+            args = module._parser().parse_args(flags)
+            assert args.adapter, example
