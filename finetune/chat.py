@@ -8,7 +8,7 @@ history, as much of it as fits in the history window (``max_window_size`` tokens
 generation config, 6144), newest turns first, as the official make_context does. Commands (``:help`` lists
 them; the official cli_demo's names): ``:clear-history`` (or ``:clear``) forgets the history, ``:history`` shows
 it, ``:seed N`` and ``:conf KEY=VALUE`` change the sampling, ``:exit`` (or ``:quit``, or end of input, Ctrl-D)
-leaves.
+leaves; Ctrl-C stops a reply as it streams, and at the prompt ends the chat with status 130.
 
 One-shot: ``--query Q`` prints the reply alone on stdout and exits 0 (scriptable).
 Without ``-m`` the base is the one the adapter records; a base that moved is given with ``-m``.
@@ -353,9 +353,12 @@ def interactive(model, tokenizer, args, stdin=None, out=None) -> int:
                 query = stdin.readline()
                 if not query:
                     raise EOFError
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl-D: the end of the chat
             out.write("\n")
             break
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: the status Ctrl-C gives elsewhere (it was 0, as Ctrl-D)
+            out.write("\n")
+            return 130
         query = query.strip()
         if not query:
             continue

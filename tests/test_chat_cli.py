@@ -217,6 +217,26 @@ def _session(model, tok, lines, flags=()):
     return out.getvalue()
 
 
+def test_ctrl_c_at_the_prompt_ends_the_chat_with_130_and_ctrl_d_with_0(setup):
+    """Ctrl-C at the prompt ended the chat with status 0, as Ctrl-D does: now 130, the status Ctrl-C gives every
+    qwen-ft command, quietly (a new line after the prompt, no traceback)."""
+    import io
+
+    from finetune import load_model, load_tokenizer
+    from finetune.chat import PROMPT, _parser, interactive
+
+    class CtrlC(io.StringIO):
+        def readline(self, *a):
+            raise KeyboardInterrupt
+
+    model, tok = load_model(None, adapter=setup["lora"]), load_tokenizer(setup["float"])
+    args = _parser().parse_args(["-m", "unused", "--greedy"])
+    out = io.StringIO()
+    assert interactive(model, tok, args, stdin=CtrlC(), out=out) == 130
+    assert out.getvalue().endswith(PROMPT + "\n")
+    assert interactive(model, tok, args, stdin=io.StringIO(""), out=io.StringIO()) == 0  # Ctrl-D: end of input
+
+
 def test_the_official_demos_commands(setup):
     """:help, :history, :conf (checked as the flags are, all or nothing), :reset-conf, :seed, :clh; an unknown
     ':' line is a message, as in the official cli_demo."""

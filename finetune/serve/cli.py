@@ -315,8 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         # (uvicorn.run, with requests in flight ended on Ctrl-C/SIGTERM instead of waited for; after SIGTERM uvicorn
         # raises the signal again once stopped, so the process ends by it, as under uvicorn.run)
         Uvicorn(config, server, on_stop=stopping).run(sockets=[sock])
-    except KeyboardInterrupt:  # (uvicorn.run swallows it too: Ctrl-C is how a server is stopped)
-        pass
+    except KeyboardInterrupt:  # raised again once stopped, as SIGTERM is: Ctrl-C's status, as elsewhere (it was 0)
+        return 130
     finally:
         sock.close()
     return 0

@@ -420,11 +420,12 @@ def test_stopping_the_server_ends_open_streams_at_once_with_an_error(model_dir):
     assert server.worker.in_flight == 0 and not server.worker._thread.is_alive()
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 0), (signal.SIGTERM, -signal.SIGTERM)])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, -signal.SIGTERM)])
 def test_ctrl_c_or_sigterm_of_qwen_ft_serve_with_open_streams(model_dir, sig, code):
     """`qwen-ft serve` stopped with streams open exits at once (not when the streams have generated to their
     end), saying how many requests it ended in one line; the clients get a server_shutting_down event and [DONE].
-    Ctrl-C exits 0; after SIGTERM the process ends by the signal, as under uvicorn.run."""
+    Ctrl-C exits 130, as every qwen-ft command (it was 0, as uvicorn.run); after SIGTERM the process ends by the
+    signal, as under uvicorn.run."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen([sys.executable, "-m", "finetune.cli", "serve", "-m", str(model_dir / "tiny-qwen"),
@@ -483,4 +484,4 @@ def test_ctrl_c_pressed_twice_stops_qwen_ft_serve_without_a_traceback(model_dir)
             proc.kill()
             proc.communicate()
     assert "Traceback" not in stderr and "Error" not in stderr, stderr
-    assert proc.returncode == 0, stderr
+    assert proc.returncode == 130, stderr
