@@ -748,7 +748,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_new_tokens=args.max_new_tokens, max_len=max_len, generate=not args.no_generate,
                             repetition_penalty=args.repetition_penalty, prompts=prompts,
                             generator=args.generator, gen_batch_size=args.gen_batch_size,
-                            progress=True)
+                            progress=sys.stderr.isatty())  # (bars on a terminal only: a log's line each redraw)
     first = next(model.parameters())  # (its dtype and device: what ran)
     # "adapter" is the adapter's metrics (absent without one); its dir is "adapter_dir"
     report = {"model": reference(model_dir), "adapter_dir": args.adapter and reference(args.adapter),

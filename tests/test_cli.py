@@ -187,6 +187,48 @@ def test_a_config_file_s_list_of_data_files_reads_as_the_comma_separated_list(tm
             parse_args([str(cfg)])
 
 
+class _Terminal:
+    """A stderr that is a terminal, or not (`isatty`), writing nowhere."""
+
+    def __init__(self, tty):
+        self.tty = tty
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+def test_train_progress_bars_show_on_a_terminal_only_unless_disable_tqdm_is_given(tmp_path, monkeypatch):
+    """The trainer's, tokenizing's and packing's bars follow --disable_tqdm; without it they were shown in a log
+    file or a pipe too (`qwen-ft train ... 2> log`: a line a redraw). Now hidden there unless the flag (or a config
+    file's disable_tqdm) says otherwise; --help says the default instead of transformers' "(default: None)"."""
+    argv = ["-m", "x", "-d", "x.json", "-o", str(tmp_path / "o")]
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("disable_tqdm: false\n")
+    for tty, extra, hidden in ((True, [], False), (False, [], True), (False, ["--disable_tqdm", "False"], False),
+                               (True, ["--disable_tqdm", "True"], True), (False, [str(cfg)], False)):
+        monkeypatch.setattr(sys, "stderr", _Terminal(tty))
+        flags = extra + argv if extra[:1] == [str(cfg)] else argv + extra
+        assert parse_args(flags)[3].disable_tqdm is hidden, (tty, extra)
+
+
+def test_eval_progress_bars_show_on_a_terminal_only(setup, monkeypatch, capsys):
+    # (they were drawn into a log file or a pipe, a line a redraw)
+    from finetune.cli import main
+
+    argv = ["eval", "-m", str(setup["float"]), "--data", str(setup["data"]), "--max-new-tokens", "2"]
+    for tty in (False, True):
+        drawn = []
+        monkeypatch.setattr(sys, "stderr", type("Err", (_Terminal,), {"write": lambda self, t: drawn.append(t)})(tty))
+        assert main(argv) == 0
+        assert any("generating" in t for t in drawn) is tty, drawn
+
+
 def test_train_help_shows_the_lora_defaults_and_no_false_default_for_no_flags(capsys):
     # the LoRA flags had no help, so --help showed no default; --no_packing repeated --packing's help ending in
     # "(default: False)", right under "--packing ... (default: True)"
@@ -198,6 +240,8 @@ def test_train_help_shows_the_lora_defaults_and_no_false_default_for_no_flags(ca
         entry = text.split(f" {flag.replace('_', '-')} ", 1)[1].split(" --", 1)[0]  # after its dashed alias
         assert f"(default: {default})" in entry, (flag, entry)
     assert "--no_packing, --no-packing The same as --packing False --train_on_prompt" in text
+    assert ("--disable_tqdm DISABLE_TQDM, --disable-tqdm DISABLE_TQDM Hide the progress bars (training's, tokenizing's, "
+            "packing's) (default: shown where stderr is a terminal, hidden where it is a file or a pipe) --") in text
     assert parse_args(["--no_packing"])[1].packing is False and parse_args([])[1].packing is True
 
 

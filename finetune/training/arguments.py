@@ -557,6 +557,11 @@ def parse_args(argv: list[str] | None = None):
             action.__class__ = _ListFlagOnce  # a list flag takes its names once (see there)
         if action.dest in ONE_PATH_FLAGS and type(action) is argparse._StoreAction:
             action.__class__ = _PathFlagOnce
+        if action.dest == "disable_tqdm":  # (transformers' help: "Defaults to True if log_level is warning or lower")
+            # unset unless given (SUPPRESS: no "(default: None)" either), so that the default can follow stderr below
+            action.help, action.default = ("Hide the progress bars (training's, tokenizing's, packing's) (default: "
+                                           "shown where stderr is a terminal, hidden where it is a file or a pipe)",
+                                           argparse.SUPPRESS)
         if isinstance(action, argparse._StoreFalseAction):
             # HfArgumentParser's --no_X for a switch that defaults to True copied X's help with "(default: False)"
             # after it ("--no_packing ... (default: False)"); the switch's own default is what applies
@@ -568,7 +573,8 @@ def parse_args(argv: list[str] | None = None):
     argv = _expand_home(_translate_legacy(argv))
     # TrainingArguments reads the --deepspeed file, and needs DeepSpeed, as it is built: check both first, for one
     # line naming the problem
-    ds = parser.parse_known_args(argv)[0].deepspeed
+    known = parser.parse_known_args(argv)[0]
+    ds = known.deepspeed
     if (own := official_deepspeed_config(ds)) is not None:
         # an official Qwen command line's finetune/ds_config_zero2.json: the project's config of the same ZeRO
         # settings (the last --deepspeed wins, over a CONFIG's too); said once for a multi-process launch
@@ -583,7 +589,19 @@ def parse_args(argv: list[str] | None = None):
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         raise TrainConfigError(_not_flags(rest, parser))
+    if known.disable_tqdm is None and not _a_terminal(sys.stderr):
+        # progress bars (the trainer's, tokenizing's, packing's) on a terminal only: in a log file or a pipe each
+        # redraw was a line of its own; --disable_tqdm False (or a config file's disable_tqdm) still shows them
+        parsed[-1].disable_tqdm = True
     return tuple(parsed)
+
+
+def _a_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # (a closed stream)
+        return False
 
 
 class _Parser(HfArgumentParser):
@@ -594,7 +612,10 @@ class _Parser(HfArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         self.lists_given = {}  # _ListFlagOnce, _PathFlagOnce: the flags this parse has met, with their values
-        return super().parse_known_args(args, namespace)
+        parsed, rest = super().parse_known_args(args, namespace)
+        if not hasattr(parsed, "disable_tqdm"):  # (its default is SUPPRESS, for --help: None, unset, is meant)
+            parsed.disable_tqdm = None
+        return parsed, rest
 
 
 class _ListFlagOnce(argparse._StoreAction):
