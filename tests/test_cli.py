@@ -240,8 +240,9 @@ def test_train_help_shows_the_lora_defaults_and_no_false_default_for_no_flags(ca
         entry = text.split(f" {flag.replace('_', '-')} ", 1)[1].split(" --", 1)[0]  # after its dashed alias
         assert f"(default: {default})" in entry, (flag, entry)
     assert "--no_packing, --no-packing The same as --packing False --train_on_prompt" in text
-    assert ("--disable_tqdm DISABLE_TQDM, --disable-tqdm DISABLE_TQDM Hide the progress bars (training's, tokenizing's, "
-            "packing's) (default: shown where stderr is a terminal, hidden where it is a file or a pipe) --") in text
+    assert ("--disable_tqdm DISABLE_TQDM, --disable-tqdm DISABLE_TQDM Hide the progress bars (training's, "
+            "tokenizing's, packing's) (default: shown where stderr is a terminal, hidden where it is a file or a "
+            "pipe) --") in text
     assert parse_args(["--no_packing"])[1].packing is False and parse_args([])[1].packing is True
 
 
