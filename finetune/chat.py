@@ -29,7 +29,9 @@ ANSWER = "Qwen> "
 
 def _parser() -> argparse.ArgumentParser:
     # (one line for a value argparse refuses, as eval and merge: its usage text above the error filled the screen)
-    p = OneLineParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="qwen-ft chat", description=__doc__.split("\n\n")[0], examples=(
+        "  qwen-ft chat -a output/my-adapter                  (interactive; :help lists its commands)\n"
+        "  qwen-ft chat -m /models/Qwen-14B-Chat-Int4 -q 'Who are you?' --greedy   (one reply on stdout)"))
     p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
     p.add_argument("-a", "--adapter", action=Once, help="LoRA / Q-LoRA adapter dir (one)")
     p.add_argument("--system", "-s", default="You are a helpful assistant.", action=Once, help="system prompt")

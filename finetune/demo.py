@@ -161,18 +161,25 @@ def _greedy_reply(model_dir, adapter_dir, question: str, answer: str) -> str:
     return model.chat(tokenizer, question, do_sample=False, max_new_tokens=limit)[0]
 
 
-def main(argv=None) -> int:
-    import argparse
+def _parser():
+    from .command_line import OneLineParser
 
-    ap = argparse.ArgumentParser(prog="qwen-ft demo", description="Make the tiny random demo model dir.")
+    # (one line for a bad flag, as the other commands: argparse's usage text above the error was its reply)
+    ap = OneLineParser(prog="qwen-ft demo", description="Make the tiny random demo model dir.",
+                       examples="  qwen-ft demo --make-model /tmp/demo-int4 --int4\n"
+                                "  qwen-ft train -m /tmp/demo-int4 -d data/demo_memorize.json -o output/demo")
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--make-model", metavar="DIR", help="where to write it (kept if already there)")
     what.add_argument("--hint", nargs=3, metavar=("MODEL", "ADAPTER", "DATA"),
                       help="print the chat command that reproduces the demo run's memorised answers")
     ap.add_argument("--int4", action="store_true", help="GPTQ Int4 form, as Qwen-*-Chat-Int4")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     ap.add_argument("--force", action="store_true", help="rebuild even if DIR already holds the model")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
     if args.hint:
         print(chat_hint(*args.hint, check=True))
         return 0

@@ -543,12 +543,14 @@ GENERATION_DEFAULTS = {"max_new_tokens": 128, "gen_batch_size": 32, "generator":
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="qwen-ft eval", description=__doc__.split("\n\n")[0], examples=(
+        "  qwen-ft eval -a output/my-adapter -d data/heldout.json -o report.json   (base and base+adapter)\n"
+        "  qwen-ft eval -m output/merged -d data/heldout.json --no-generate        (one model: loss only)"))
     p.add_argument("-m", "--model", action=Once, help="model dir or hub id (default: the base the adapter records)")
     p.add_argument("-a", "--adapter", action=Once,
                    help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N, or a hub id); base and base+adapter "
                    "are reported")
-    p.add_argument("--data", required=True, action=Once,
+    p.add_argument("-d", "--data", required=True, action=Once,
                    help="held-out chat data (JSON / JSONL, any accepted form; several: a quoted glob, a "
                         "comma-separated list or a directory of .json/.jsonl files)")
     gen = GENERATION_DEFAULTS
@@ -570,7 +572,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=None, action=Once,
                    help=f"of the generated replies (default: {gen['repetition_penalty']}: none)")
     p.add_argument("--no-generate", action="store_true", help="loss and perplexity only")
-    p.add_argument("--output", action=Once, help="write the JSON report here")
+    p.add_argument("-o", "--output", action=Once, help="write the JSON report here (a file)")
     p.add_argument("--device", default=None, action=Once, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", default=None, action=Once,
                    help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")

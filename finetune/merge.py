@@ -568,7 +568,9 @@ def _gptq_settings(path: Path) -> dict | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="qwen-ft merge", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="qwen-ft merge", description=__doc__.split("\n\n")[0], examples=(
+        "  qwen-ft merge -a output/my-adapter -m /models/Qwen-14B-Chat -o output/merged\n"
+        "  qwen-ft merge -a output/my-adapter -o output/merged-int4 --format int4 --quant-method gptq"))
     once = {"action": Once}
     p.add_argument("-a", "--adapter", required=True, **once,
                    help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N, or a hub id)")

@@ -589,8 +589,17 @@ def test_an_empty_model_or_adapter_is_one_line_before_loading(tmp_path, capsys, 
 @pytest.mark.parametrize("flags, message", [
     (["--top-p", "abc"], "argument --top_p/--top-p: invalid float value: 'abc'"),
     (["--max-new-tokens", "1.5"], "argument --max_new_tokens/--max-new-tokens: invalid int value: '1.5'"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--bogus"], "unknown flag --bogus"),
     (["--query"], "argument --query/-q: expected one argument"),
+    # a prefix was taken for the flag it abbreviates (--adapt, --temp), silently, until another flag began the same
+    (["--adapt", "x"], "unknown flag --adapt (did you mean -a/--adapter? flags are not abbreviated)"),
+    (["--temp", "0"], "unknown flag --temp (did you mean --temperature? flags are not abbreviated)"),
+    # another tool's name for a flag, another command's flag, a short flag chat does not have
+    (["--model-dir", "x"], "unknown flag --model-dir (did you mean -m/--model?)"),
+    (["--adapter_dir", "x"], "unknown flag --adapter_dir (did you mean -a/--adapter?)"),
+    (["--num_train_epochs", "3"], "unknown flag --num_train_epochs (a flag of qwen-ft train, not of qwen-ft chat)"),
+    (["-o", "x"], "unknown flag -o (a flag of qwen-ft train, merge, eval, not of qwen-ft chat)"),
+    (["Who are you?"], "'Who are you?' without a flag (a question goes with -q/--query, quoted)"),
 ])
 def test_a_value_argparse_refuses_is_one_line(tmp_path, capsys, flags, message):
     # (argparse printed its usage, eight lines, above the error, where eval and merge print one line)
@@ -600,6 +609,47 @@ def test_a_value_argparse_refuses_is_one_line(tmp_path, capsys, flags, message):
         main(["chat", "-m", str(tmp_path), *flags])
     assert e.value.code == 2
     assert capsys.readouterr().err == f"error: {message} (see qwen-ft chat --help)\n"
+
+
+def test_a_model_or_adapter_dir_given_without_its_flag_is_named_with_the_flag(setup, capsys):
+    """`qwen-ft chat /models/x` was "unrecognized arguments: /models/x"; the dir's kind says which flag it needs, in
+    every command that takes it (serve's adapter as NAME=DIR)."""
+    from finetune.cli import main
+
+    model, adapter = str(setup["float"]), str(setup["lora"])
+    data = str(setup["lora"].parent / "mem.json")
+    for argv, says in ((["chat", model], f"a model dir goes with -m/--model: -m {model}"),
+                       (["chat", adapter], f"an adapter dir goes with -a/--adapter: -a {adapter}"),
+                       (["merge", adapter, "-o", "x"], f"an adapter dir goes with -a/--adapter: -a {adapter}"),
+                       (["eval", "-a", adapter, data], f"chat data goes with -d/--data: -d {data}"),
+                       (["serve", model], f"a model dir goes with -m/--model: -m {model}"),
+                       (["serve", "-m", model, adapter], f"goes with -a/--adapter: -a NAME={adapter}")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and says in err, (argv, err)
+
+
+@pytest.mark.parametrize("command, flags, value", [
+    ("chat", ["--max_new_tokens", "3"], ("max_new_tokens", 3)), ("chat", ["--max-new-tokens=3"], ("max_new_tokens", 3)),
+    ("eval", ["-d", "x.json", "--max_new_tokens", "3"], ("max_new_tokens", 3)),
+    ("eval", ["-d", "x.json", "--batch_size=2", "--no_generate", "-o", "r.json"], ("batch_size", 2)),
+    ("merge", ["-a", "x", "-o", "y", "--max_shard_size", "1GB"], ("max_shard_size", "1GB")),
+    ("serve", ["-m", "x", "--max_batch", "4", "-a", "n=d"], ("max_batch", 4)),
+    ("demo", ["--make_model", "d"], ("make_model", "d")),
+    # (a value that looks like a flag is a value: --system=--x_y)
+    ("chat", ["--system=--top_k"], ("system", "--top_k")),
+])
+def test_a_long_flag_takes_either_spelling_in_every_command(command, flags, value):
+    """The trainer's flags are spelled with _, the other commands' with - (chat had some of both): --max_new_tokens
+    in eval or --max_batch in serve was "unrecognized arguments". Now either spelling, in every command."""
+    import importlib
+
+    from finetune.command_line import PARSERS
+
+    module, builder = PARSERS[command]
+    args = getattr(importlib.import_module(module), builder)().parse_args(flags)
+    assert getattr(args, value[0]) == value[1]
 
 
 def test_greedy_with_a_greedy_temperature_is_no_contradiction(setup):

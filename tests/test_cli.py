@@ -207,6 +207,17 @@ def test_train_progress_bars_show_on_a_terminal_only_unless_disable_tqdm_is_give
     """The trainer's, tokenizing's and packing's bars follow --disable_tqdm; without it they were shown in a log
     file or a pipe too (`qwen-ft train ... 2> log`: a line a redraw). Now hidden there unless the flag (or a config
     file's disable_tqdm) says otherwise; --help says the default instead of transformers' "(default: None)"."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()  # (transformers hides the bars itself below WARNING: another command's)
+    hf_logging.set_verbosity_warning()
+    try:
+        _check_train_progress_bars(tmp_path, monkeypatch)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def _check_train_progress_bars(tmp_path, monkeypatch):
     argv = ["-m", "x", "-d", "x.json", "-o", str(tmp_path / "o")]
     cfg = tmp_path / "run.yaml"
     cfg.write_text("disable_tqdm: false\n")

@@ -30,9 +30,10 @@ API_KEY_ENV = "QWEN_FT_API_KEY"
 def _parser() -> argparse.ArgumentParser:
     # one-line errors (a bad value, an unknown flag, a flag missing its value); every flag but the repeatable
     # --adapter and --cors-origin may be given once (argparse kept the last silently: --port 8001 --port 8002)
-    p = OneLineParser(prog="qwen-ft serve", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="qwen-ft serve", description=__doc__.split("\n\n")[0], examples=(
+        "  qwen-ft serve -m /models/Qwen-14B-Chat-Int4 -a mine=output/my-adapter   (model \"mine\" in requests)"))
     p.add_argument("-m", "--model", required=True, action=Once, help="base model dir (float or Int4) or hub id")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+    p.add_argument("-a", "--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter (a dir or hub id) served as model NAME (repeatable)")
     p.add_argument("--host", action=Once, default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
                    "this machine only; 0.0.0.0 for every interface)")

@@ -20,7 +20,7 @@ import transformers
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from ..command_line import home
+from ..command_line import flag_hint, home, value_hint
 from ..errors import json_reason
 from .checks import (DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, official_deepspeed_config,
                      require_deepspeed, shipped_deepspeed)
@@ -542,14 +542,10 @@ TRAIN_DESCRIPTION = ("Fine-tune a Qwen v1 model: LoRA (--use_lora), Q-LoRA (an I
                      "finetune/ds_config_zero2.json (zero3) names ds_configs/zero2.json (zero3.json).")
 
 
-def parse_args(argv: list[str] | None = None):
-    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from argv.
-
-    argv may start with a YAML or JSON file of flags (`qwen-ft train cfg.yaml`); flags after it override its
-    values (the training scripts pass their launch flags and -m/-d/-o that way)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def build_parser() -> "_Parser":
+    """The trainer's parser: transformers' flags for the four argument classes, as this project reads them."""
     parser = _Parser((ModelArguments, DataArguments, LoraArguments, TrainingArguments), prog="qwen-ft train",
-                     usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION)
+                     usage=TRAIN_USAGE, description=TRAIN_DESCRIPTION, allow_abbrev=False)
     for action in parser._actions:
         if action.dest in ("cuda_graphs", "use_lora", "q_lora"):  # unset by default (None); a bare flag is True
             action.nargs, action.const = "?", True
@@ -566,6 +562,16 @@ def parse_args(argv: list[str] | None = None):
             # HfArgumentParser's --no_X for a switch that defaults to True copied X's help with "(default: False)"
             # after it ("--no_packing ... (default: False)"); the switch's own default is what applies
             action.help, action.default = f"The same as --{action.dest} False", argparse.SUPPRESS
+    return parser
+
+
+def parse_args(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from argv.
+
+    argv may start with a YAML or JSON file of flags (`qwen-ft train cfg.yaml`); flags after it override its
+    values (the training scripts pass their launch flags and -m/-d/-o that way)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     if argv and not argv[0].startswith("-") and argv[0].endswith(CONFIG_SUFFIXES):
         # as defaults: what follows on the command line wins, and string values are converted as flags are
         parser.set_defaults(**_config_values(argv[0], parser))
@@ -692,30 +698,24 @@ FOREIGN_FLAGS = {
 def _not_flags(rest: list[str], parser) -> str:
     """What the parser left over, as one line: each unknown flag with the nearest known one, or the values no
     flag took (a path with spaces, unquoted)."""
-    import difflib
-
-    known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    short = [o for a in parser._actions for o in a.option_strings if len(o) == 2 and o[1] != "-"]
     # a single-dash word is a flag too (-O for -o, -lora_r): it was "value without a flag: '-O' (the flag before
     # takes one value ...)", with no flag before it; a negative number stays a value
     unknown = [r.partition("=")[0] for r in rest if r.startswith("--") or (len(r) > 1 and r[0] == "-"
                                                                             and not _is_number(r))]
     if unknown:
         parts = []
-        for flag in unknown:
+        for flag in unknown:  # (the nearest flag, another name's, or the command whose flag it is: --query)
             if (why := FOREIGN_FLAGS.get("--" + flag.lstrip("-").replace("-", "_"))) is not None:
                 parts.append(f"{flag} ({why})")
                 continue
-            if len(flag) == 2:  # (a short flag's case: -O, -M, -D)
-                near = [o for o in short if o.lower() == flag.lower()]
-            else:
-                near = difflib.get_close_matches("--" + flag.lstrip("-").replace("-", "_"), known, n=1, cutoff=0.6)
-            parts.append(flag + (f" (did you mean {near[0]}?)" if near else ""))
+            parts.append(flag + flag_hint(flag, parser))
         return f"unknown flag{'s' * (len(parts) > 1)}: {', '.join(parts)}; {_help_hint()}"
     # (`qwen-ft train data.jsonl` was told "the flag before takes one value": there was none, and data goes with -d)
     # (a data file that exists: the pieces of an unquoted path with spaces are not files)
     data = all(r.lower().endswith((".json", ".jsonl", ".ndjson")) and Path(r).is_file() for r in rest)
-    why = (f"chat data goes with -d: -d {rest[0]}" if data else
+    # (`qwen-ft train /models/x`: a model dir goes with -m)
+    where = value_hint(rest[0], parser) if len(rest) == 1 and Path(home(rest[0])).is_dir() else ""
+    why = (f"chat data goes with -d: -d {rest[0]}" if data else where[2:-1] if where.startswith(" (a") else
            "the flag before takes one value; quote a path that has spaces")
     return f"value{'s' * (len(rest) > 1)} without a flag: {' '.join(map(repr, rest))} ({why})"
 

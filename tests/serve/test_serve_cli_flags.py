@@ -83,7 +83,10 @@ def _one_line(err: str) -> str:
 @pytest.mark.parametrize("argv, env, message", [
     # argparse's usage text above the error (three lines) was one line only for the other commands
     (["--port", "abc"], None, "error: argument --port: invalid int value: 'abc' (see qwen-ft serve --help)"),
-    (["--bogus"], None, "unrecognized arguments: --bogus"),
+    (["--bogus"], None, "unknown flag --bogus (see qwen-ft serve --help)"),
+    (["--max_batch", "0"], None, "--max-batch must be positive, got 0"),  # (either spelling: --max_batch was unknown)
+    (["--max-bat", "2"], None, "unknown flag --max-bat (did you mean --max-batch? flags are not abbreviated)"),
+    (["--query", "hi"], None, "unknown flag --query (a flag of qwen-ft chat, not of qwen-ft serve)"),
     (["--max-batch"], None, "argument --max-batch: expected one argument"),
     # argparse kept the last of a flag given twice, silently
     (["--port", "8001", "--port", "8002"], None, "--port given twice (8001 and 8002); pass it once"),
@@ -155,7 +158,7 @@ def test_every_interface_without_a_key_warns_before_the_load_and_still_starts(se
 @pytest.mark.parametrize("argv, message", [
     (["-m"], "argument -m/--model: expected one argument"),
     (["-m", "/x", "--port"], "argument --port: expected one argument"),
-    (["-m", "/x", "--adapter"], "argument --adapter: expected one argument"),
+    (["-m", "/x", "--adapter"], "argument -a/--adapter: expected one argument"),
 ])
 def test_serve_sh_with_a_flag_missing_its_value(argv, message):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "serve.sh"), *argv], capture_output=True, text=True,

@@ -249,12 +249,19 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--warmup-ratio", "1.5"], "--warmup_ratio must be in [0, 1)"),  # (was "unknown flag: --warmup-ratio")
     (["--lora_rr", "8"], "unknown flag: --lora_rr (did you mean --lora_r?)"),
     (["--max_steps", "abc"], "argument --max_steps/--max-steps: invalid int value: 'abc'"),
-    (["--lora", "8"], "ambiguous option: --lora could match --lora_r"),
+    # (a prefix was taken for the flag it abbreviates: --lora_target for --lora_target_modules, --output for
+    # --output_dir, until a second flag began the same, and a typo of another command's flag was taken for one)
+    (["--lora", "8"], "unknown flag: --lora (did you mean --lora_r or --lora_alpha or --lora_dropout? flags are not "
+                      "abbreviated)"),
+    (["--output", "o"], "unknown flag: --output (did you mean -o/--output_dir?)"),
+    (["--query", "hi"], "unknown flag: --query (a flag of qwen-ft chat, not of qwen-ft train)"),
+    (["--adapter", "a"], "unknown flag: --adapter (did you mean --lora_weight_path?)"),
     (["/tmp/my", "data.json"], "values without a flag: '/tmp/my' 'data.json' (the flag before takes one value; quote a path that has spaces)"),
     # a single-dash flag was "value without a flag: '-O' (the flag before takes one value ...)"
     (["-O", "out"], "unknown flag: -O (did you mean -o?); "),
     (["-lora_r", "8"], "unknown flag: -lora_r (did you mean --lora_r?); "),
     (["-x"], "unknown flag: -x; "),
+    (["-q", "hi"], "unknown flag: -q (a flag of qwen-ft chat, not of qwen-ft train); "),
     (["--lora_r", "8", "-5"], "value without a flag: '-5' (the flag before takes one value"),  # (a number: a value)
     (["--lora_alpha", "0"], "--lora_alpha must be positive"),
     (["--lora_dropout", "1.5"], "--lora_dropout must be in [0, 1), got 1.5"),
@@ -292,9 +299,10 @@ def test_an_unknown_flag_names_the_help_of_the_command_that_was_run(command, hin
     (["--neftune_noise_alpha", "-1"], "--neftune_noise_alpha must be a finite number >= 0, got -1.0"),
     (["--output_dir", ""], "--output_dir is empty"),
     # (argparse kept the last list: adapters on w1 alone, or only lm_head trained in full)
-    (["--lora_target_modules", "c_attn", "--lora_target", "w1"],
+    (["--lora_target_modules", "c_attn", "--lora_target_modules", "w1"],
      "--lora_target_modules is given twice (c_attn, then w1): give all its names after one --lora_target_modules, "
      "e.g. --lora_target_modules c_attn w1"),
+    (["--lora_target_modules", "c_attn", "--lora-target-modules=w1"], "--lora_target_modules is given twice"),
     (["--modules_to_save", "wte", "--modules_to_save=lm_head"], "--modules_to_save is given twice (wte, then lm_head)"),
     # (the last path won, silently: trained on the second file alone, wrote to the second dir)
     (["-d", "/elsewhere/b.json"], "--data_path is given twice ("),
