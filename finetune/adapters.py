@@ -79,7 +79,12 @@ def _checkpoint_hint(adapter_dir: Path) -> str:
         step = with_adapter[0].name.removeprefix("checkpoint-")
         return (f"; it holds a run's checkpoints, the newest with an adapter being {with_adapter[0]} (pass that: the "
                 f"adapter at step {step})")
-    return f"; its checkpoint-N dirs hold no {CONFIG_NAME} either" if found else ""
+    if found:
+        return f"; its checkpoint-N dirs hold no {CONFIG_NAME} either"
+    if (adapter_dir / "run_args.json").is_file():  # (a run that has saved nothing yet: it was the line alone)
+        return ("; it is a training run's output dir with nothing saved yet (the adapter is written when the run "
+                "ends, a checkpoint-N at each save, --save_steps): the run is still going or stopped before a save")
+    return ""
 
 
 NO_TARGETS = ("names no target_modules, so the modules it adapts are unknown (Qwen adapters list them, e.g. "

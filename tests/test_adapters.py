@@ -567,3 +567,23 @@ def test_a_run_dir_without_an_adapter_names_its_newest_checkpoint(setup, tmp_pat
     with pytest.raises(AdapterError) as e:
         load_model(setup["float"], adapter=run, device="cpu")
     assert str(e.value).endswith("not a PEFT adapter dir; its checkpoint-N dirs hold no adapter_config.json either")
+
+
+
+def test_the_dir_of_a_run_that_has_saved_nothing_yet_says_so(setup, tmp_path, capsys):
+    # `qwen-ft chat -a output/run` while the run trains (run_args.json, train.log, no adapter or checkpoint yet) was
+    # "not a PEFT adapter dir" alone, as for a dir of anything else
+    from finetune.chat import main as chat_main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "train.log").write_text("")
+    args = ["-m", str(setup["float"]), "--adapter", str(run), "--query", "hi"]
+    assert chat_main(args) == 2
+    assert capsys.readouterr().err == f"error: adapter {run} has no adapter_config.json: not a PEFT adapter dir\n"
+    (run / "run_args.json").write_text("{}")
+    assert chat_main(args) == 2
+    assert capsys.readouterr().err == (
+        f"error: adapter {run} has no adapter_config.json: not a PEFT adapter dir; it is a training run's output dir "
+        "with nothing saved yet (the adapter is written when the run ends, a checkpoint-N at each save, "
+        "--save_steps): the run is still going or stopped before a save\n")
