@@ -366,3 +366,18 @@ class ScriptedEngine:
                 req.finished, req.finish_reason = True, "length"
         updated, self.running = self.running, [r for r in self.running if not r.finished]
         return updated
+
+
+def scripted_server():
+    """A server over ScriptedEngine on the small vocabulary, running in the background on a free loopback port (a
+    context manager yielding serve_in_background's handle: .api_url, .server, whose .engine.reply the test sets)."""
+    from types import SimpleNamespace
+
+    from finetune.serve.app import Server
+    from finetune.serve.background import serve_in_background
+    from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    model = SimpleNamespace(generation_config=None, config=SimpleNamespace(seq_length=2048))
+    server = Server(model, tok, base_name="scripted", engine=ScriptedEngine(tok))
+    return serve_in_background(server, start_timeout=30)

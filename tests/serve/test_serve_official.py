@@ -4,7 +4,6 @@ generates the tokens of a given text), so replies with exact whitespace can be a
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 
@@ -12,23 +11,16 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from _helpers import ScriptedEngine  # noqa: E402
+from _helpers import scripted_server  # noqa: E402
 
 from finetune import react  # noqa: E402
-from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
 
 F = {"name": "search", "description": "Search the web.", "parameters": {"type": "object"}}
 
 
 @pytest.fixture(scope="module")
 def live():
-    from finetune.serve.app import Server
-    from finetune.serve.background import serve_in_background
-
-    tok = QWenTokenizer(str(SMALL_VOCAB))
-    model = SimpleNamespace(generation_config=None, config=SimpleNamespace(seq_length=2048))
-    server = Server(model, tok, base_name="scripted", engine=ScriptedEngine(tok))
-    with serve_in_background(server, start_timeout=30) as bg:
+    with scripted_server() as bg:
         yield bg
 
 

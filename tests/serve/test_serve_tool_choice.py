@@ -6,7 +6,6 @@ request generates the tokens of a given text and keeps its prompt), so the promp
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -15,10 +14,9 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from _helpers import ScriptedEngine  # noqa: E402
+from _helpers import scripted_server  # noqa: E402
 
 from finetune import react  # noqa: E402
-from finetune.tokenization import SMALL_VOCAB, QWenTokenizer  # noqa: E402
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city.",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
@@ -36,13 +34,7 @@ ARGS = "{\"city\": \"Paris\"}"
 
 @pytest.fixture(scope="module")
 def live():
-    from finetune.serve.app import Server
-    from finetune.serve.background import serve_in_background
-
-    tok = QWenTokenizer(str(SMALL_VOCAB))
-    model = SimpleNamespace(generation_config=None, config=SimpleNamespace(seq_length=2048))
-    server = Server(model, tok, base_name="scripted", engine=ScriptedEngine(tok))
-    with serve_in_background(server, start_timeout=30) as bg:
+    with scripted_server() as bg:
         yield bg
 
 
