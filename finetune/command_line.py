@@ -149,6 +149,9 @@ def value_hint(value: str, parser) -> str:
         return f" (a model dir goes with {_named(model)}: {_named(model).split('/')[0]} {value})"
     if path.is_file() and path.suffix.lower() in (".json", ".jsonl") and data is not None:
         return f" (chat data goes with {_named(data)}: {_named(data).split('/')[0]} {value})"
+    if not path.exists() and (value.startswith(("/", "./", "../", "~")) or value.endswith((".json", ".jsonl"))):
+        # (a path, not a question: "/models/x" that is not there)
+        return " (no such file or dir" + (f"; a model dir goes with {_named(model)}" if model is not None else "") + ")"
     if query is not None and not path.exists():
         return f" (a question goes with {_named(query)}, quoted)"
     return " (no flag takes it; quote a value that has spaces)"

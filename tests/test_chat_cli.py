@@ -600,6 +600,8 @@ def test_an_empty_model_or_adapter_is_one_line_before_loading(tmp_path, capsys, 
     (["--num_train_epochs", "3"], "unknown flag --num_train_epochs (a flag of qwen-ft train, not of qwen-ft chat)"),
     (["-o", "x"], "unknown flag -o (a flag of qwen-ft train, merge, eval, not of qwen-ft chat)"),
     (["Who are you?"], "'Who are you?' without a flag (a question goes with -q/--query, quoted)"),
+    # a path that is not there is no question (it was told to go with -q)
+    (["/models/missing"], "'/models/missing' without a flag (no such file or dir; a model dir goes with -m/--model)"),
 ])
 def test_a_value_argparse_refuses_is_one_line(tmp_path, capsys, flags, message):
     # (argparse printed its usage, eight lines, above the error, where eval and merge print one line)
