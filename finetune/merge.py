@@ -137,8 +137,9 @@ def check_float_layout(state_dict: dict, model: nn.Module) -> None:
     a Linear that Qwen v1 builds without one (auto-gptq wrote zeros there, which the merge leaves out:
     quant/peft_lora.py drop_zero_biases); a non-zero one, written into the float dir, was an unexpected key (the
     loaders here refused the dir, others drop it: the model would compute otherwise)."""
-    with torch.device("meta"):
-        expected = set(type(model)(model.config).state_dict())
+    from .quant.peft_lora import architecture_keys
+
+    expected = architecture_keys(model)
     for name in state_dict:
         if name not in expected and name.endswith(".bias") and name[:-len("bias")] + "weight" in expected:
             raise MergeError(f"{name}: the base stores a non-zero bias for this layer, which the float "

@@ -328,16 +328,21 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
     return n
 
 
+def architecture_keys(model: nn.Module) -> set[str]:
+    """The state-dict keys ``model``'s own architecture builds from its config (a copy made on the meta device):
+    what a float model of it saves and loads, against what the loaded checkpoint brought besides."""
+    with torch.device("meta"):
+        return set(type(model)(model.config).state_dict())
+
+
 def drop_zero_biases(model: nn.Module) -> int:
     """Remove the all-zero bias of each nn.Linear that the model's own architecture builds without one: auto-gptq
     stored a zero bias beside every quantized Linear (Qwen's Int4 releases: attn.c_proj, w1, w2, mlp.c_proj), which
     the dequantized layer kept, so a float model saved after a merge held keys its config's model has not (the
     loaders here refused the dir). A non-zero one stays: it changes the result. Returns how many went."""
-    config = getattr(model, "config", None)
-    if config is None:
+    if getattr(model, "config", None) is None:
         return 0
-    with torch.device("meta"):
-        expected = set(type(model)(config).state_dict())
+    expected = architecture_keys(model)
     n = 0
     for name, m in model.named_modules():
         if (isinstance(m, nn.Linear) and m.bias is not None and f"{name}.weight" in expected
@@ -349,4 +354,5 @@ def drop_zero_biases(model: nn.Module) -> int:
 
 register_peft()
 
-__all__ = ["GPTQLoraLinear", "register_peft", "CUSTOM_MODULE_MAPPING", "dequantize_model", "drop_zero_biases"]
+__all__ = ["GPTQLoraLinear", "register_peft", "CUSTOM_MODULE_MAPPING", "dequantize_model", "drop_zero_biases",
+           "architecture_keys"]
