@@ -90,18 +90,20 @@ class QwenTrainer(Trainer):
     def _autocast(self):
         # Adapters (fp32) on a bf16 base: run the forward under autocast so their matmuls use bf16 too.
         # Full fine-tuning and fp16 use transformers' own mixed precision instead (training/precision.py).
-        if self.precision is not None and self.precision.trainer_autocast:
+        if self._own_autocast():
             stack = contextlib.ExitStack()
             stack.enter_context(torch.autocast(device_type=self.args.device.type, dtype=torch.bfloat16))
             stack.enter_context(self._no_lora_input_casts())
             return stack
         return contextlib.nullcontext()
 
+    def _own_autocast(self) -> bool:
+        """Whether the trainer runs the forwards under its own bf16 autocast (training/precision.py)."""
+        return self.precision is not None and self.precision.trainer_autocast
+
     def _lora_input_casts_off(self):
         """_no_lora_input_casts where the forward runs under the trainer's autocast, else nothing."""
-        if self.precision is not None and self.precision.trainer_autocast:
-            return self._no_lora_input_casts()
-        return contextlib.nullcontext()
+        return self._no_lora_input_casts() if self._own_autocast() else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def _no_lora_input_casts(self):
