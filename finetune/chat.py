@@ -20,7 +20,7 @@ import argparse
 import contextlib
 import sys
 
-from .command_line import OneLineParser, Once, expand_home, repeated, stdout_gone
+from .command_line import OneLineParser, Once, expand_home, is_terminal, repeated, stdout_gone
 from .generation_limits import max_new_tokens_limit, new_tokens_limit, too_many_new_tokens
 
 PROMPT = "User> "
@@ -201,8 +201,7 @@ _CONTROLS = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)] if chr
 
 def for_terminal(out, text: str) -> str:
     """``text`` as ``out`` should show it: control characters made visible on a terminal, as-is elsewhere."""
-    isatty = getattr(out, "isatty", None)
-    return text.translate(_CONTROLS) if isatty is not None and isatty() else text
+    return text.translate(_CONTROLS) if is_terminal(out) else text
 
 
 def stream_reply(model, tokenizer, query, history, system, out, **kw) -> str:

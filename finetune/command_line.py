@@ -241,6 +241,16 @@ def unwritable_place(directory: Path) -> str | None:
     return None
 
 
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal (progress bars, visible control characters): False for a file, a pipe, a
+    stream without isatty (a test's) or a closed one."""
+    isatty = getattr(stream, "isatty", None)
+    try:
+        return bool(isatty and isatty())
+    except ValueError:  # (a closed stream)
+        return False
+
+
 def stdout_gone() -> int:
     """What a command does when the reader of its stdout has left (`qwen-ft chat -q ... | head -1`, `qwen-ft eval
     ... | head -3`; it was a BrokenPipeError traceback): it stops, quietly. The rest goes to os.devnull, since the

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from . import react
-from .command_line import OneLineParser, Once, expand_home, repeated, unwritable_place
+from .command_line import OneLineParser, Once, expand_home, is_terminal, repeated, unwritable_place
 from .data.records import read_as_data, trained_reply
 from .generation_limits import max_new_tokens_limit, prompt_window, too_many_new_tokens
 from .hub import reference
@@ -750,7 +750,7 @@ def main(argv: list[str] | None = None) -> int:
                             max_new_tokens=args.max_new_tokens, max_len=max_len, generate=not args.no_generate,
                             repetition_penalty=args.repetition_penalty, prompts=prompts,
                             generator=args.generator, gen_batch_size=args.gen_batch_size,
-                            progress=sys.stderr.isatty())  # (bars on a terminal only: a log's line each redraw)
+                            progress=is_terminal(sys.stderr))  # (bars on a terminal only: a log's line each redraw)
     first = next(model.parameters())  # (its dtype and device: what ran)
     # "adapter" is the adapter's metrics (absent without one); its dir is "adapter_dir"
     report = {"model": reference(model_dir), "adapter_dir": args.adapter and reference(args.adapter),

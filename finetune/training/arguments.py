@@ -20,7 +20,7 @@ import transformers
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from ..command_line import flag_hint, home, value_hint
+from ..command_line import flag_hint, home, is_terminal, value_hint
 from ..errors import json_reason
 from .checks import (DuplicateKeyError, TrainConfigError, deepspeed_config, load_json, official_deepspeed_config,
                      require_deepspeed, shipped_deepspeed)
@@ -595,19 +595,11 @@ def parse_args(argv: list[str] | None = None):
     *parsed, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         raise TrainConfigError(_not_flags(rest, parser))
-    if known.disable_tqdm is None and not _a_terminal(sys.stderr):
+    if known.disable_tqdm is None and not is_terminal(sys.stderr):
         # progress bars (the trainer's, tokenizing's, packing's) on a terminal only: in a log file or a pipe each
         # redraw was a line of its own; --disable_tqdm False (or a config file's disable_tqdm) still shows them
         parsed[-1].disable_tqdm = True
     return tuple(parsed)
-
-
-def _a_terminal(stream) -> bool:
-    isatty = getattr(stream, "isatty", None)
-    try:
-        return bool(isatty and isatty())
-    except ValueError:  # (a closed stream)
-        return False
 
 
 class _Parser(HfArgumentParser):
