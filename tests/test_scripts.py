@@ -120,7 +120,7 @@ def test_official_deepspeed_config_is_refused(setup, tmp_path):
     assert "Traceback" not in proc.stderr
     errors = _error_lines(proc.stderr)
     assert len(errors) == 1, proc.stderr[-3000:]
-    assert "scheduler" in errors[0] and "--lr_scheduler_type" in errors[0] and "use ds_configs/zero2.json" in errors[0]
+    assert "scheduler" in errors[0] and "--lr_scheduler_type" in errors[0] and "use --deepspeed zero2 " in errors[0]
     assert not out.exists()
 
 

@@ -381,7 +381,7 @@ def deepspeed_config(ds) -> dict | None:
         raise TrainConfigError(f"{where}: 'optimizer.params' must be an object, got {cfg['optimizer']['params']!r}")
     if "zero_optimization" not in cfg:  # transformers: "Please specify the ZeRO optimization config ...", no file
         raise TrainConfigError(f"{where}: no 'zero_optimization' section: add one with its stage, e.g. "
-                               "\"zero_optimization\": {\"stage\": 2} (as ds_configs/zero2.json)")
+                               "\"zero_optimization\": {\"stage\": 2} (as the project's --deepspeed zero2 has)")
     stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
     if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
         raise TrainConfigError(f"{where}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
@@ -845,10 +845,11 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
                 "Q-LoRA cannot run under ZeRO-3: the packed Int4 weights are integer buffers that ZeRO-3 cannot "
                 "partition, and each GPU holds the whole Int4 model anyway. Use --deepspeed zero2")
         if "scheduler" in ds:
-            own = f"ds_configs/zero{zero_stage}.json" if zero_stage in (2, 3) else "a config of ds_configs/"
+            own = f"zero{zero_stage}" if zero_stage in (2, 3) else "zero2"
             raise TrainConfigError(
                 f"--deepspeed {args.deepspeed} has a 'scheduler' block, which would replace the schedule that "
-                f"--lr_scheduler_type asks for; remove it, or use {own} (the configs in ds_configs/ have none)")
+                f"--lr_scheduler_type asks for; remove it, or use --deepspeed {own} (the project's config of that "
+                "stage, which has none)")
         if conflicts := deepspeed_conflicts(ds, args):
             raise conflicts_error(f"--deepspeed {args.deepspeed}", conflicts)
         if "optimizer" in ds and not str(args.optim).lower().startswith(("adamw", "optimizernames.adamw")):
