@@ -492,6 +492,7 @@ class Turns:
     continues_assistant: bool = False
     # the text the reply is started with for the model (`call_start`: a call the request forces), part of the prompt
     reply_start: str = ""
+    forced_call: str | None = None  # the function that start calls (None: the model names one)
 
     @staticmethod
     def text(segments) -> str:

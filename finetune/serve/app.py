@@ -109,6 +109,7 @@ class Server:
                                        "message is an assistant message, which is continued as written: drop it "
                                        "or the tool choice", choice.field)
                     turns.reply_start = react.call_start(forced, after_result=turns.query is None)
+                    turns.forced_call = forced
                 return turns, functions
             turns = react.build_turns(body.messages, [])
             if turns.query is None and not turns.continues_assistant:
@@ -226,7 +227,8 @@ class Server:
                            None, "queue_full")
         req, queue = started
         text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens)
-        return Run(self, req, queue, text, len(ids), left_out, after_result, turns.reply_start), functions
+        return Run(self, req, queue, text, len(ids), left_out, after_result, turns.reply_start,
+                   turns.forced_call), functions
 
 
 class ClientGone(Exception):
@@ -237,12 +239,13 @@ class Run:
     """One request in the engine: yields text deltas as tokens arrive, then records how it finished."""
 
     def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int, left_out: int = 0,
-                 after_result: bool = False, reply_start: str = ""):
+                 after_result: bool = False, reply_start: str = "", forced_call: str | None = None):
         self.server, self.req, self.queue, self.text = server, req, queue, text
         self.prompt_tokens = prompt_tokens
         self.left_out = left_out  # the oldest history pairs the prompt left out (max_window_size)
         self.after_result = after_result  # the reply continues the open ReAct turn after a tool result
         self.reply_start = reply_start  # the start of the reply, in the prompt (a call tool_choice forces)
+        self.forced_call = forced_call  # the function that start calls (None: the model names it)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.gone = False  # the client disconnected
@@ -321,16 +324,16 @@ def forced_call(choice: CallChoice, functions: list[dict], given: str) -> str | 
     return choice.name if choice.mode == "function" else names[0] if len(names) == 1 else None
 
 
-def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest, after_result: bool = False,
-                  reply_start: str = "", finish: str | None = None) -> tuple[dict, str | None]:
-    """The assistant message of a ReAct reply: a tool/function call or the final answer (``after_result``: the reply
-    continues the open turn after a tool result, see react.parse_reply). ``reply_start``: the start of a call that
-    tool_choice forced (in the prompt), joined to the text here. A "required" reply that calls no function of the
+def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest, run: "Run",
+                  finish: str | None = None) -> tuple[dict, str | None]:
+    """The assistant message of a ReAct reply: a tool/function call or the final answer (``run.after_result``: the
+    reply continues the open turn after a tool result, see react.parse_reply). ``run.reply_start``: the start of a
+    call that tool_choice forced (in the prompt), joined to the text here; ``run.forced_call`` the function it calls. A "required" reply that calls no function of the
     request is a 500 (the model did not write what was asked for), unless max_tokens (``finish`` "length") cut it
     before its call was whole: then its text is the answer, as any reply cut short."""
-    content, call = react.parse_reply(reply_start + text, after_result)
-    if reply_start:
-        forced = forced_call(body.call_choice(), functions, "functions" if body.functions else "tools")
+    content, call = react.parse_reply(run.reply_start + text, run.after_result)
+    if run.reply_start:
+        forced = run.forced_call
         names = {n.strip(): n for n in react.function_names(functions)}  # (the parser strips the name it reads)
         if forced is not None:  # (the start holds the whole "Action: {name}\nAction Input:": always a call)
             call["name"] = forced
@@ -726,7 +729,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         response.headers.update(left_out)
         finish = run.finish_reason
         if functions:
-            message, call_reason = _tool_message(text, functions, body, run.after_result, run.reply_start, finish)
+            message, call_reason = _tool_message(text, functions, body, run, finish)
             finish = _finish_with_call(finish, call_reason)
         else:
             message = {"role": "assistant", "content": text}
@@ -759,8 +762,7 @@ async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Reques
     try:
         if functions:
             text = await run.complete(http)
-            message, call_reason = _tool_message(text, functions, body, run.after_result, run.reply_start,
-                                                 run.finish_reason)
+            message, call_reason = _tool_message(text, functions, body, run, run.finish_reason)
             if call_reason == "tool_calls":
                 calls = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
                 delta = {"content": message["content"], "tool_calls": calls}
