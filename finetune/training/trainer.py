@@ -85,6 +85,13 @@ class QwenTrainer(Trainer):
         self.args.logging_nan_inf_filter = False
         self._record = None  # the last optimizer step's values, staged for the host (see _maybe_log_save_evaluate)
         self._param_count = None
+        if self.label_smoother is not None and self.compute_loss_func is None:
+            # transformers shifts the labels for label smoothing only for models in its own causal-LM table, which
+            # Qwen v1 is not in: each position was scored against its own token (QwenLM/Qwen issue 834)
+            self.compute_loss_func = self._smoothed_next_token_loss
+
+    def _smoothed_next_token_loss(self, outputs, labels, num_items_in_batch=None):
+        return self.label_smoother(outputs, labels, shift_labels=True, num_items_in_batch=num_items_in_batch)
 
     # -- precision --------------------------------------------------------------------------------------
     def _autocast(self):
