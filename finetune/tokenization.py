@@ -144,6 +144,11 @@ def resolve_vocab_file(path: str | os.PathLike) -> Path:
         p = p / VOCAB_FILE
     if not p.is_file():
         where = Path(path)
+        if (where / "config.json").is_file():
+            # A Qwen1.5/2 dir has no qwen.tiktoken either: say what it is, not to copy a file it never had
+            from .model_dir import read_config
+
+            read_config(where)
         raise TokenizerError(
             f"no Qwen vocabulary at {where}: expected the file {VOCAB_FILE} "
             f"{'in that directory' if where.is_dir() else '(the directory does not exist)' if not where.exists() else ''}; "

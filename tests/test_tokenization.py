@@ -184,6 +184,21 @@ def test_missing_vocab_is_a_clear_error(tmp_path):
         load_tokenizer(tmp_path)
 
 
+
+def test_a_qwen2_dir_is_named_as_such_not_as_a_missing_vocab(tmp_path):
+    """A Qwen1.5/2 dir (vocab.json, no qwen.tiktoken) given to the v1 tools (QwenLM/Qwen issue 1060): chat and eval,
+    which read the tokenizer first, told to copy a qwen.tiktoken the dir never had."""
+    import json
+
+    from finetune import load_tokenizer
+    from finetune.errors import ModelLoadError
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}))
+    (tmp_path / "vocab.json").write_text("{}")
+    with pytest.raises(ModelLoadError, match="model_type 'qwen2' is not supported") as e:
+        load_tokenizer(tmp_path)
+    assert "qwen.tiktoken" not in str(e.value)
+
 # -- issue 14 item 16: the saved chat template gives make_context's ids -----------------------------------------
 
 CHATS = [
