@@ -412,7 +412,9 @@ class _Decoder:
                 dups.extend(k for k, _ in pairs if k in seen or seen.add(k))
             return obj
 
-        self.raw_decode = json.JSONDecoder(object_pairs_hook=pairs_to_dict).raw_decode
+        # strict=False: a tab or line break typed inside a string is that character, as the official finetune.py
+        # (json.load(strict=False)) reads it
+        self.raw_decode = json.JSONDecoder(object_pairs_hook=pairs_to_dict, strict=False).raw_decode
 
     def decode(self, text: str, pos: int = 0) -> tuple[Any, int]:
         """(object, end) of the JSON value at text[pos]; raises json.JSONDecodeError, or DataError for a value

@@ -218,18 +218,28 @@ def test_jsonl_error_column_is_on_the_broken_line(tmp_path):
                                      f"{len(cut) + 1}"), (end, str(e.value))
 
 
-@pytest.mark.parametrize("text, reason", [
-    ('{"conversations": "a\tb"}', "Invalid control character at line 1 column 21"),  # a raw tab inside a string
-    ('{"conversations": "ab', "Unterminated string starting at line 1 column 19"),
-])
 @pytest.mark.parametrize("suffix", [".jsonl", ".json"])
-def test_json_errors_say_at_once(tmp_path, text, reason, suffix):
-    # json's own words end in "at" for these two: the message read "Invalid control character at at line 1 ..."
+def test_json_errors_say_at_once(tmp_path, suffix):
+    # json's own words end in "at": the message read "Unterminated string starting at at line 1 ..."
     path = tmp_path / f"d{suffix}"
-    path.write_text(text + "\n")
+    path.write_text('{"conversations": "ab\n')
     with pytest.raises(DataError) as e:
         load_records(path)
-    assert reason in str(e.value) and " at at " not in str(e.value), str(e.value)
+    assert "Unterminated string starting at line 1 column 19" in str(e.value) and " at at " not in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+def test_raw_control_characters_in_strings_are_read_as_written(tmp_path, suffix):
+    """A tab (or, in a JSON array, a line break) typed inside a string, as hand-edited and some exported files
+    have: the official finetune.py reads the data with json.load(strict=False), which takes them as the characters
+    they are (QwenLM/Qwen issue 310's traceback shows the call); they were refused here."""
+    rec = '{"conversations": [{"from": "user", "value": "a\tb"}, {"from": "assistant", "value": "c%sd"}]}'
+    text = rec % ("\t" if suffix == ".jsonl" else "\n")
+    path = tmp_path / f"d{suffix}"
+    path.write_text(text + "\n" if suffix == ".jsonl" else f"[{text}]\n")
+    (got,) = load_records(path)
+    values = [m["content"] for m in got["messages"]]
+    assert values == ["a\tb", "c\td" if suffix == ".jsonl" else "c\nd"], got
 
 
 def test_a_bom_inside_a_jsonl_file_is_named(tmp_path):
