@@ -204,17 +204,20 @@ def trained_reply(message: dict) -> bool:
 
 
 def _weight(turn: dict, role: str, n: int) -> int:
-    """An assistant turn's OpenAI fine-tuning `weight`: 1 (trained, also when absent) or 0 (context only)."""
+    """A turn's `weight`: 1 (trained, also when absent or null) or 0 (context only), a JSON number equal to either
+    (0.0 / 1.0 too; a boolean is no weight). OpenAI's fine-tuning format sets it on assistant turns; ShareGPT exports
+    (OpenHermes-2.5, SlimOrca) on every turn, 0 on the prompts, which are not trained anyway: accepted. A prompt turn
+    (system, user; a tool's result) of weight 1 cannot be trained on its own: refused, naming --train_on_prompt."""
     w = turn.get("weight")
     if w is None:
         return 1
-    if role != "assistant":
-        raise DataError("invalid weight", f"turn {n} ({role}) has a 'weight'; only assistant turns take one "
-                        "(0: not trained, 1: trained)")
-    if isinstance(w, bool) or w not in (0, 1) or not isinstance(w, int):
-        raise DataError("invalid weight", f"turn {n} (assistant) has weight {quoted(w, QUOTED)}; it must be 0 (not "
+    if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
+        raise DataError("invalid weight", f"turn {n} ({role}) has weight {quoted(w, QUOTED)}; it must be 0 (not "
                         "trained) or 1 (trained)")
-    return w
+    if role not in ("assistant", "function_call") and w == 1:
+        raise DataError("invalid weight", f"turn {n} ({role}) has weight 1, but a prompt turn is not trained on its "
+                        "own: --train_on_prompt trains every prompt turn; give it weight 0 or none")
+    return int(w)
 
 
 def normalize_record(record: Any) -> dict:
@@ -258,7 +261,9 @@ def normalize_record(record: Any) -> dict:
             # react reads one key of each synonymous pair: two that disagree are refused as in other records
             _one_of(turn, "from", "role", f"turn {n}", _same_role)
             _one_of(turn, "value", "content", f"turn {n}")
-            if turn.get("weight") not in (None, 1):
+            raw_role = turn.get("from") if turn.get("from") is not None else turn.get("role")
+            role = ROLES.get(raw_role.lower(), raw_role.lower()) if isinstance(raw_role, str) else str(raw_role)
+            if _weight(turn, role, n) == 0 and role in ("assistant", "function_call"):
                 raise DataError("invalid weight", f"turn {n}: 'weight' {quoted(turn['weight'], QUOTED)} is not "
                                 "supported in tool / function-call conversations (every assistant turn of one is "
                                 "trained)")
@@ -318,8 +323,8 @@ def normalize_record(record: Any) -> dict:
             raise DataError("starts with an assistant turn", f"turn {n} is the first turn after the "
                             "system prompt and is an assistant turn; a conversation starts with the user")
         messages.append({"role": role, "content": content})
-        if weight == 0:
-            messages[-1]["weight"] = 0
+        if weight == 0 and role == "assistant":  # (a prompt's 0 is what training does anyway; --train_on_prompt
+            messages[-1]["weight"] = 0           # trains every prompt turn, as without weights)
         if role != "assistant" and turn.get("segments") is not None:  # (read nowhere: it was ignored silently)
             raise DataError("invalid segments", f"turn {n} ({role}): 'segments' marks the trained text of an "
                             "assistant turn; a user turn has none")

@@ -1,0 +1,91 @@
+"""The record shapes of popular public SFT datasets, as their files hold them: read as the conversation they are,
+or refused in one line saying what the data is and how to make it usable."""
+
+import json
+
+import pytest
+
+from finetune.data import DEFAULT_SYSTEM, DataError, load_records, normalize_record
+from finetune.data.encoding import encode_conversation
+from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def refused(record) -> DataError:
+    with pytest.raises(DataError) as e:
+        normalize_record(record)
+    return e.value
+
+
+def exchange(user, reply, system=DEFAULT_SYSTEM, rid=None):
+    return {"id": rid, "system": system,
+            "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]}
+
+
+# -- per-turn weights (OpenHermes-2.5, SlimOrca) ----------------------------------------------------------------
+
+# OpenHermes-2.5's columns, as its JSON holds them (SlimOrca's records are its `conversations` alone)
+HERMES = {"custom_instruction": None, "topic": None, "model_name": None, "model": None, "skip_prompt_formatting": False,
+          "category": "orca", "views": None, "language": None, "id": None, "title": None, "idx": None, "hash": None,
+          "avatarUrl": None, "system_prompt": None, "source": "airoboros2.2"}
+
+
+def test_sharegpt_exports_that_weigh_every_turn_train_as_without_weights(tmp_path):
+    """OpenHermes-2.5 / SlimOrca write a weight on every turn: null on the system turn, 0.0 on human turns, 1.0 on gpt
+    turns. `qwen-ft train` stopped at the first record ("turn 2 (user) has a 'weight'; only assistant turns take
+    one"); the prompts' 0 is what training does anyway, so the record trains as it would without weights."""
+    turns = [{"from": "system", "value": "You are an AI assistant.", "weight": None},
+             {"from": "human", "value": "What is 2+2?", "weight": 0.0},
+             {"from": "gpt", "value": "4", "weight": 1.0},
+             {"from": "human", "value": "And 3+3?", "weight": 0.0},
+             {"from": "gpt", "value": "6", "weight": 1.0}]
+    path = write_jsonl(tmp_path / "hermes.jsonl", [{"conversations": turns, **HERMES}])
+    (rec,) = load_records(path)
+    plain = normalize_record({"conversations": [{k: v for k, v in t.items() if k != "weight"} for t in turns]})
+    assert rec == plain and rec["system"] == "You are an AI assistant."
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    for train_on_prompt in (False, True):  # (the flag trains every prompt turn, whatever the prompts' 0)
+        assert encode_conversation(tok, rec, train_on_prompt=train_on_prompt) == \
+            encode_conversation(tok, plain, train_on_prompt=train_on_prompt)
+    # an assistant turn's 0.0 is context, as OpenAI's 0 (and normalised as 0)
+    turns[2]["weight"] = 0.0
+    assert normalize_record({"conversations": turns})["messages"][1] == {"role": "assistant", "content": "4",
+                                                                         "weight": 0}
+
+
+@pytest.mark.parametrize("turn, weight, detail", [
+    (1, 1.0, "turn 2 (user) has weight 1, but a prompt turn is not trained on its own: --train_on_prompt trains every "
+             "prompt turn; give it weight 0 or none"),
+    (0, 1, "turn 1 (system) has weight 1, but a prompt turn"),
+    (2, True, "turn 3 (assistant) has weight True; it must be 0 (not trained) or 1 (trained)"),  # (a boolean: none)
+    (1, 0.5, "turn 2 (user) has weight 0.5; it must be 0"),
+    (1, "0", "turn 2 (user) has weight '0'; it must be 0"),
+])
+def test_a_weight_that_cannot_be_honoured_is_refused(turn, weight, detail):
+    turns = [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
+    turns[turn]["weight"] = weight
+    e = refused({"conversations": turns})
+    assert e.reason == "invalid weight" and detail in str(e), str(e)
+
+
+def test_weights_on_a_tool_conversations_prompts_are_read_as_on_others():
+    """A ShareGPT tool conversation weighed as OpenHermes' are: the prompts' and the observation's 0.0 and the calls'
+    1.0 are accepted; an assistant turn's 0.0 stays refused there (every assistant turn of one is trained)."""
+    tools = json.dumps([{"name": "get_weather", "description": "Weather of a city.",
+                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+    turns = [{"from": "system", "value": "Be brief.", "weight": None},
+             {"from": "human", "value": "Weather in Paris?", "weight": 0.0},
+             {"from": "function_call", "value": json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}}),
+              "weight": 1.0},
+             {"from": "observation", "value": "sunny", "weight": 0.0},
+             {"from": "gpt", "value": "It is sunny.", "weight": 1.0}]
+    rec = normalize_record({"tools": tools, "conversations": turns})
+    assert rec == normalize_record({"tools": tools, "conversations": [{k: v for k, v in t.items() if k != "weight"}
+                                                                      for t in turns]})
+    turns[4]["weight"] = 0.0
+    assert "not supported in tool / function-call conversations" in str(refused({"tools": tools,
+                                                                                 "conversations": turns}))
