@@ -46,7 +46,8 @@ FORMAT_VERSION = 8  # 3: assistant "weight" 0 untrained, Alpaca records, text pa
 # 5: a reply with no trained segment untrained (its <|im_end|> too), an empty top-level "system" the default prompt
 # 6: after weight-0 replies, truncation cuts inside the first trained reply rather than keep context alone
 # 7: a record's "react" (the ReAct layout's mark, which normalised tool records carry) must be a boolean
-# 8: public datasets' shapes: weights on prompt turns
+# 8: public datasets' shapes: weights on prompt turns, Dolly / Open-Orca / Firefly columns, `conversation`, the
+#    chatgpt / model roles
 TOO_LONG = "prompt longer than max_len (nothing left to train)"
 BATCH_ROWS = 512  # rows per Arrow record batch
 IN_MEMORY = "<records>"  # the "path" of records passed as a list

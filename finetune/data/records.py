@@ -12,10 +12,11 @@ carry `"weight": 0` (OpenAI's fine-tuning format: context, not trained) and, in 
 record, so downstream code can accept raw and normalised records alike.
 
 Accepted forms: `conversations` (Qwen's and ShareGPT's from/value turns), `messages` (OpenAI's role/content,
-content as a string or a list of text parts), tool / function-call conversations (react.py), and the Alpaca
-form LLaMA-Factory uses (`instruction`, optional `input`, `output`, optional `system` and `history` of
-[query, reply] pairs, optional `tools`: the user turn is the instruction, a newline and the input when there
-is one).
+content as a string or a list of text parts), `conversation` (lmsys-chat-1m's role/content turns, Firefly's
+{"human", "assistant"} pairs), tool / function-call conversations (react.py), and the Alpaca form LLaMA-Factory
+uses (`instruction`, optional `input`, `output`, optional `system` and `history` of [query, reply] pairs, optional
+`tools`: the user turn is the instruction, a newline and the input when there is one), with the column layouts of
+other public datasets read by the same rule (Dolly's, Open-Orca's, firefly-train-1.1M's: `_COLUMNS`).
 
 Reading streams: JSONL line by line, a JSON array element by element (`raw_decode` over the text, so the
 whole corpus never exists as one big Python list), so each record is validated as it is read and an
@@ -44,13 +45,16 @@ from .. import react  # tool / function-call conversations: the ReAct layout the
 from ..errors import json_reason, lone_surrogate, quoted
 from ..tokenization import DEFAULT_SYSTEM  # one definition, shared with chat()
 
-# Accepted role names -> the normalised role. ShareGPT writes human/gpt; the others are Qwen's / OpenAI's
-# (OpenAI's newer clients send the system message as "developer").
+# Accepted role names -> the normalised role. ShareGPT writes human/gpt (its Vicuna dumps also "chatgpt" for the
+# same replies); the others are Qwen's / OpenAI's (OpenAI's newer clients send the system message as "developer") and
+# Gemini's / Gemma's "model" for the assistant.
 ROLES = {
     "user": "user",
     "human": "user",
     "assistant": "assistant",
     "gpt": "assistant",
+    "chatgpt": "assistant",
+    "model": "assistant",
     "system": "system",
     "developer": "system",
 }
@@ -160,41 +164,120 @@ def _turn_fields(turn: Any, n: int) -> tuple[str, Any]:
 _ALPACA = ("instruction", "input", "output", "history")
 
 
-def _from_alpaca(record: dict) -> dict:
-    """An Alpaca-form record (LLaMA-Factory's convention) -> the `conversations` form, fields checked by name."""
+@dataclass(frozen=True)
+class _Columns:
+    """A single-turn column layout of public instruction data: the user turn is `prompt`, then a newline and
+    `extra` when it is there (Alpaca's rule, which LLaMA-Factory applies to each of these); the reply is `reply`."""
+
+    name: str  # as messages name it ("invalid Dolly record")
+    prompt: str
+    extra: str | None
+    reply: str
+    system: str = "system"
+    history: bool = False  # Alpaca's [query, reply] pairs before the prompt
+
+
+# Each mapped as the dataset's own training code and LLaMA-Factory's registry of it map it.
+_COLUMNS = (
+    _Columns("alpaca", "instruction", "input", "output", history=True),  # LLaMA-Factory's Alpaca form, BELLE's files
+    _Columns("Dolly", "instruction", "context", "response"),  # databricks-dolly-15k (+ category)
+    _Columns("Open-Orca", "question", None, "response", system="system_prompt"),  # OpenOrca (+ id)
+    _Columns("Firefly", "input", None, "target"),  # firefly-train-1.1M (+ kind)
+)
+_COLUMN_KEYS = ("instruction", "input", "output", "history", "context", "question", "response", "target")
+_COLUMN_KEY_SET = frozenset(_COLUMN_KEYS)
+
+
+def _columns_of(record: dict) -> tuple[_Columns | None, list[str]]:
+    """The column layout a record is in (None: none) and the column keys it sets. The reply's key tells the layout
+    (Dolly's and Open-Orca's 'response' by the prompt beside it); without one, a record with Alpaca's keys is an
+    Alpaca record that lacks its 'output'."""
+    keys = [k for k in _COLUMN_KEYS if record.get(k) is not None]
+    if not keys:
+        return None, keys
+    if "output" in keys:
+        return _COLUMNS[0], keys
+    if "response" in keys and "question" in keys:
+        return _COLUMNS[2], keys
+    if "response" in keys and "instruction" in keys:
+        return _COLUMNS[1], keys
+    if "target" in keys and "input" in keys:
+        return _COLUMNS[3], keys
+    if any(k in keys for k in _ALPACA):
+        return _COLUMNS[0], keys
+    return None, keys
+
+
+def _from_columns(record: dict, form: _Columns, keys: list[str]) -> dict:
+    """A record in a column layout -> the `conversations` form, fields checked by name."""
+    invalid = f"invalid {form.name} record"
+    own = {form.prompt, form.extra, form.reply} | ({"history"} if form.history else set())
+    if any(k not in own and record[k] != "" for k in keys):  # (an empty column of a merged export is none)
+        given = [k for k in keys if record[k] != ""]
+        raise DataError(invalid, f"it has {', '.join(repr(k) for k in given)}: the columns of more than one layout "
+                        "(prompt and reply columns); keep one (the other would be ignored)")
+
     def text(key, required):
         v = record.get(key)
         if v is None or v == "":
             if required:
-                raise DataError("invalid alpaca record", f"'{key}' is missing or empty")
+                raise DataError(invalid, f"'{key}' is missing or empty")
             return ""
         if not isinstance(v, str):
-            raise DataError("invalid alpaca record", f"'{key}' must be a string, got {react.json_type(v)}")
+            raise DataError(invalid, f"'{key}' must be a string, got {react.json_type(v)}")
         if required and not v.strip():
-            raise DataError("invalid alpaca record", f"'{key}' is blank")
+            raise DataError(invalid, f"'{key}' is blank")
         return v
 
-    instruction, extra, output = text("instruction", True), text("input", False), text("output", True)
+    prompt, reply = text(form.prompt, True), text(form.reply, True)
+    extra = text(form.extra, False) if form.extra else ""
     turns = []
-    history = record.get("history")
+    history = record.get("history") if form.history else None
     if history is not None:
         if not isinstance(history, list):
-            raise DataError("invalid alpaca record", f"'history' must be a list of [query, reply] pairs, got "
+            raise DataError(invalid, f"'history' must be a list of [query, reply] pairs, got "
                             f"{react.json_type(history)}")
         for i, pair in enumerate(history, 1):
             if (not isinstance(pair, (list, tuple)) or len(pair) != 2
                     or not all(isinstance(x, str) and x.strip() for x in pair)):
-                raise DataError("invalid alpaca record", f"'history' item {i} must be a [query, reply] pair of "
+                raise DataError(invalid, f"'history' item {i} must be a [query, reply] pair of "
                                 f"non-empty strings, got {quoted(pair, QUOTED)}")
             turns += [{"from": "user", "value": pair[0]}, {"from": "assistant", "value": pair[1]}]
-    turns += [{"from": "user", "value": instruction + ("\n" + extra if extra else "")},
-              {"from": "assistant", "value": output}]
+    turns += [{"from": "user", "value": prompt + ("\n" + extra if extra else "")},
+              {"from": "assistant", "value": reply}]
     out = {"conversations": turns}
     # LLaMA-Factory's Alpaca columns include `tools`: the record is then rendered in the ReAct layout
     for key in ("id", "system", "tools", "functions", "react"):
         if record.get(key) is not None:
             out[key] = record[key]
+    if form.system != "system":  # Open-Orca's system_prompt ("" as an empty 'system': the default prompt)
+        system = _one_of(record, "system", form.system, "the record")
+        if system is not None:
+            out["system"] = system
     return out
+
+
+def _from_conversation(record: dict) -> dict:
+    """A record whose turns are in `conversation` (lmsys-chat-1m's role/content turns, Firefly's list of
+    {"human", "assistant"} pairs) -> the `conversations` form."""
+    if chat := [k for k in ("conversations", "messages") if record.get(k) is not None]:
+        raise DataError(f"both 'conversation' and '{chat[0]}'", "the record has both; keep one (the other would be "
+                        "ignored)")
+    turns = record["conversation"]
+    if not isinstance(turns, list) or not turns:
+        raise DataError("no conversations", f"'conversation' must be a non-empty list, got {quoted(turns, QUOTED)}")
+    pairs = [t for t in turns if isinstance(t, dict) and ("human" in t or "assistant" in t)
+             and not any(k in t for k in ("from", "role", "value", "content"))]
+    if pairs:  # Firefly's form: each item one exchange
+        out = []
+        for i, pair in enumerate(turns, 1):
+            if (not isinstance(pair, dict) or set(pair) != {"human", "assistant"}
+                    or not all(isinstance(pair[k], str) for k in pair)):
+                raise DataError("invalid conversation", f"'conversation' item {i} must be a {{\"human\": ..., "
+                                f"\"assistant\": ...}} pair of strings (Firefly's form), got {quoted(pair, QUOTED)}")
+            out += [{"from": "user", "value": pair["human"]}, {"from": "assistant", "value": pair["assistant"]}]
+        turns = out
+    return {**{k: v for k, v in record.items() if k != "conversation"}, "conversations": turns}
 
 
 def trained_reply(message: dict) -> bool:
@@ -227,13 +310,18 @@ def normalize_record(record: Any) -> dict:
     """
     if not isinstance(record, dict):
         raise DataError("record is not an object", f"got {react.json_type(record)}")
-    alpaca = [k for k in _ALPACA if record.get(k) is not None]
-    if alpaca:
+    turns_key = None
+    if record.get("conversation") is not None:  # lmsys-chat-1m's turns, Firefly's pairs
+        record, turns_key = _from_conversation(record), "conversation"
+    form, columns = _columns_of(record) if not _COLUMN_KEY_SET.isdisjoint(record) else (None, [])
+    if form is not None:
         chat = [k for k in ("conversations", "messages") if record.get(k) is not None]
         if chat:
-            raise DataError(f"both '{chat[0]}' and Alpaca fields", f"the record has '{chat[0]}' and "
-                            f"{', '.join(repr(k) for k in alpaca)}; keep one form (the other would be ignored)")
-        record = _from_alpaca(record)
+            fields = "Alpaca fields" if form.name == "alpaca" else f"{form.name} fields"
+            key = turns_key or chat[0]
+            raise DataError(f"both '{key}' and {fields}", f"the record has '{key}' and "
+                            f"{', '.join(repr(k) for k in columns)}; keep one form (the other would be ignored)")
+        record = _from_columns(record, form, columns)
     if record.get("system") == "":
         # an empty 'system' column of an export (LLaMA-Factory's Alpaca / ShareGPT files have one on every row) is
         # the default prompt, as LLaMA-Factory reads it; a system turn of empty text stays an empty prompt

@@ -89,3 +89,83 @@ def test_weights_on_a_tool_conversations_prompts_are_read_as_on_others():
     turns[4]["weight"] = 0.0
     assert "not supported in tool / function-call conversations" in str(refused({"tools": tools,
                                                                                  "conversations": turns}))
+
+
+# -- other layouts of one exchange, and `conversation` --------------------------------------------------------------
+
+DOLLY_CONTEXT = "Virgin Australia commenced services on 31 August 2000 as Virgin Blue."
+
+
+@pytest.mark.parametrize("record, expected", [
+    # databricks-dolly-15k: the context follows the instruction, as Alpaca's input does
+    ({"instruction": "When did Virgin Australia start operating?", "context": DOLLY_CONTEXT,
+      "response": "On 31 August 2000.", "category": "closed_qa"},
+     exchange("When did Virgin Australia start operating?\n" + DOLLY_CONTEXT, "On 31 August 2000.")),
+    ({"instruction": "Which is a species of fish? Tope or Rope", "context": "", "response": "Tope",
+      "category": "classification"}, exchange("Which is a species of fish? Tope or Rope", "Tope")),
+    # Open-Orca: system_prompt is the system prompt ("" the default one, as an empty 'system' column)
+    ({"id": "flan.564327", "system_prompt": "You are an AI assistant.", "question": "Capital of France?",
+      "response": "Paris."}, exchange("Capital of France?", "Paris.", "You are an AI assistant.", "flan.564327")),
+    ({"id": "niv.242684", "system_prompt": "", "question": "Translate: hi", "response": "salut"},
+     exchange("Translate: hi", "salut", rid="niv.242684")),
+    # firefly-train-1.1M
+    ({"instruction": "Say hi.", "input": "", "output": "hi", "context": "", "response": ""},  # (a merged export)
+     exchange("Say hi.", "hi")),
+    ({"kind": "ClassicalChinese", "input": "翻译成现代文：石中央又生一树", "target": "在石头中央又长出一棵树"},
+     exchange("翻译成现代文：石中央又生一树", "在石头中央又长出一棵树")),
+])
+def test_column_layouts_of_public_datasets_read_as_alpaca(record, expected):
+    """Dolly's, Open-Orca's and firefly-train-1.1M's columns were refused ("'output' is missing or empty", "the record
+    has neither 'conversations' nor 'messages'"); each maps to one exchange as its training code and LLaMA-Factory's
+    registry map it, by the Alpaca rule."""
+    assert normalize_record(record) == expected
+
+
+@pytest.mark.parametrize("record, reason, detail", [
+    ({"instruction": "q", "context": "c", "response": ""}, "invalid Dolly record", "'response' is missing or empty"),
+    ({"question": "q", "response": 3}, "invalid Open-Orca record", "'response' must be a string, got a number"),
+    ({"instruction": "q", "output": "a", "response": "b"}, "invalid alpaca record",
+     "it has 'instruction', 'output', 'response': the columns of more than one layout"),
+    ({"instruction": "q", "input": "i", "context": "c", "response": "a"}, "invalid Dolly record",
+     "it has 'instruction', 'input', 'context', 'response'"),
+    ({"question": "q", "response": "a", "system": "s", "system_prompt": "t"}, "both 'system' and 'system_prompt'",
+     "the record has 'system' 's' and 'system_prompt' 't'; keep one"),
+    ({"question": "q", "response": "a", "messages": [{"role": "user", "content": "q"}]},
+     "both 'messages' and Open-Orca fields", "the record has 'messages' and 'question', 'response'; keep one form"),
+])
+def test_column_layouts_name_their_own_columns_in_errors(record, reason, detail):
+    e = refused(record)
+    assert e.reason == reason and detail in str(e), str(e)
+
+
+def test_turns_under_conversation_lmsys_and_firefly(tmp_path):
+    """lmsys-chat-1m's turns (role / content, beside its own columns) and Firefly's {"human", "assistant"} pairs are
+    under `conversation`: "the record has neither 'conversations' nor 'messages'"."""
+    lmsys = {"conversation_id": "33f01939a744455c869cb234afca47f1", "model": "wizardlm-13b",
+             "conversation": [{"content": "How can identity protection help?", "role": "user"},
+                              {"content": "It monitors your accounts.", "role": "assistant"}],
+             "turn": 1, "language": "English", "redacted": False,
+             "openai_moderation": [{"categories": {"harassment": False}, "category_scores": {"harassment": 0.001},
+                                    "flagged": False}] * 2}
+    firefly = {"conversation_id": 1, "category": "Brainstorming", "dataset": "moss",
+               "conversation": [{"human": "如何保障安全？", "assistant": "遵守规定。"},
+                                {"human": "还有吗？", "assistant": "定期检查。"}]}
+    recs = load_records(write_jsonl(tmp_path / "d.jsonl", [lmsys, firefly]))
+    assert recs[0] == exchange("How can identity protection help?", "It monitors your accounts.")
+    assert recs[1]["messages"] == [
+        {"role": "user", "content": "如何保障安全？"}, {"role": "assistant", "content": "遵守规定。"},
+        {"role": "user", "content": "还有吗？"}, {"role": "assistant", "content": "定期检查。"}]
+    for record, detail in (
+            ({**firefly, "messages": lmsys["conversation"]}, "both 'conversation' and 'messages': the record has both"),
+            ({"conversation": [{"human": "q"}]}, "invalid conversation: 'conversation' item 1 must be a {\"human\": "
+                                                 "..., \"assistant\": ...} pair of strings (Firefly's form)"),
+            ({"conversation": "Human: hi"}, "no conversations: 'conversation' must be a non-empty list")):
+        assert detail in str(refused(record)), str(refused(record))
+
+
+@pytest.mark.parametrize("role", ["chatgpt", "model", "ChatGPT"])
+def test_assistant_roles_of_real_dumps(role):
+    """ShareGPT's Vicuna dumps name some ChatGPT replies "chatgpt", Gemini's data names the assistant "model": both
+    were "unknown role"."""
+    assert normalize_record({"conversations": [{"from": "human", "value": "q"}, {"from": role, "value": "a"}]}) == \
+        exchange("q", "a")
