@@ -16,7 +16,8 @@ content as a string or a list of text parts), `conversation` (lmsys-chat-1m's ro
 {"human", "assistant"} pairs), tool / function-call conversations (react.py), and the Alpaca form LLaMA-Factory
 uses (`instruction`, optional `input`, `output`, optional `system` and `history` of [query, reply] pairs, optional
 `tools`: the user turn is the instruction, a newline and the input when there is one), with the column layouts of
-other public datasets read by the same rule (Dolly's, Open-Orca's, firefly-train-1.1M's: `_COLUMNS`).
+other public datasets read by the same rule (Dolly's, Open-Orca's, firefly-train-1.1M's: `_COLUMNS`). Records
+of data made for other training (preference pairs, KTO labels, images) are refused saying what they are.
 
 Reading streams: JSONL line by line, a JSON array element by element (`raw_decode` over the text, so the
 whole corpus never exists as one big Python list), so each record is validated as it is read and an
@@ -58,6 +59,9 @@ ROLES = {
     "system": "system",
     "developer": "system",
 }
+# Roles of ShareGPT dumps whose turns are another chatbot's replies: an assistant's, but not ones to learn without a
+# word (Bing's cite web searches this model does not make): refused, saying how to keep them
+OTHER_BOTS = {"bing": "Bing Chat", "bard": "Bard"}
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 QUOTED = 40  # the most characters of a record's value that an error message quotes
 
@@ -280,6 +284,43 @@ def _from_conversation(record: dict) -> dict:
     return {**{k: v for k, v in record.items() if k != "conversation"}, "conversations": turns}
 
 
+# Media columns of multimodal chat data (LLaMA-Factory's lists, LLaVA's one image): the text holds <image> tags
+_MEDIA = ("images", "videos", "audios", "image", "video", "audio")
+_OTHER_DATA_KEYS = frozenset(_MEDIA + ("label", "kto_tag", "chosen", "rejected", "chosen_messages",
+                                       "rejected_messages"))  # (a record without any is not looked into further)
+
+
+def _other_data(record: dict) -> DataError | None:
+    """The error for a record of data made for another kind of training (preference, KTO, multimodal), whatever
+    its form: read as chat it trains what it was not meant to (a rejected reply, a <image> tag as text).
+
+    A preference record with a whole conversation of its own (ultrafeedback_binarized's `messages`, its chosen
+    conversation) is a chat record: None."""
+    if media := [k for k in _MEDIA if record.get(k) not in (None, "", [], {})]:
+        return DataError("multimodal data", f"the record has {quoted(media[0], QUOTED)}, media its text refers to "
+                         "(<image>-style tags); this model reads text only, and the tags would be trained as text: "
+                         "leave such records out (--skip_invalid), or drop the media and their tags")
+    for key in ("label", "kto_tag"):
+        if isinstance(record.get(key), bool):
+            return DataError("KTO data", f"the record has {key!r} {str(record[key]).lower()}, marking its reply "
+                             "desirable or not for KTO; training here learns every reply it is given: keep the records "
+                             f"labelled true, without {key!r}")
+    for chosen, rejected in (("chosen", "rejected"), ("chosen_messages", "rejected_messages")):
+        if record.get(chosen) is None or record.get(rejected) is None:
+            continue
+        turns = next((record[k] for k in ("conversations", "messages", "conversation") if record.get(k) is not None),
+                     None)
+        last = turns[-1] if isinstance(turns, list) and turns else None
+        role = (last.get("from") if last.get("from") is not None else last.get("role")) \
+            if isinstance(last, dict) else None
+        if isinstance(role, str) and ROLES.get(role.lower()) == "assistant":
+            return None  # the record's own conversation, a reply at its end, is what it trains
+        return DataError("preference data", f"the record has {chosen!r} and {rejected!r} replies (DPO / reward-model "
+                         "data); training here learns the one reply a conversation ends with: make the chosen reply "
+                         "the last assistant turn (the Alpaca form's 'output') and drop the rejected one")
+    return None
+
+
 def trained_reply(message: dict) -> bool:
     """Whether a normalised assistant message is trained: weight 1 and, with `segments`, one of them trained (a
     reply whose segments are all untrained is context, as one of weight 0: its <|im_end|> is not trained either)."""
@@ -313,6 +354,8 @@ def normalize_record(record: Any) -> dict:
     turns_key = None
     if record.get("conversation") is not None:  # lmsys-chat-1m's turns, Firefly's pairs
         record, turns_key = _from_conversation(record), "conversation"
+    if not _OTHER_DATA_KEYS.isdisjoint(record) and (err := _other_data(record)) is not None:
+        raise err
     form, columns = _columns_of(record) if not _COLUMN_KEY_SET.isdisjoint(record) else (None, [])
     if form is not None:
         chat = [k for k in ("conversations", "messages") if record.get(k) is not None]
@@ -365,10 +408,23 @@ def normalize_record(record: Any) -> dict:
         if nulls := [k for k in ("conversations", "messages") if k in record]:  # there, but null: said so
             raise DataError("no conversations", f"{' and '.join(repr(k) for k in nulls)} "
                             f"{'is' if len(nulls) == 1 else 'are'} null; give the turns as a non-empty list")
+        if isinstance(record.get("text"), str):  # c4 / wiki dumps, and chats already rendered into one string
+            raise DataError("plain text", "the record's text is one 'text' string (pretraining data, or a chat already "
+                            "rendered into text); training here reads conversations, the assistant's replies marked: "
+                            "give the turns as 'messages' (role / content), or a prompt and its reply as the Alpaca "
+                            "form's 'instruction' / 'output'")
         keys = ", ".join(quoted(k, QUOTED) for k in list(record)[:8]) + (", ..." if len(record) > 8 else "")
+        # a prompt and a reply under names no accepted layout uses (TRL's prompt / completion, question / answer):
+        # which is which is plain, but not how the dataset meant them to be laid out
+        prompt = next((k for k in ("prompt", "question", "query", "instruction", "input")
+                       if isinstance(record.get(k), str)), None)
+        reply = next((k for k in ("completion", "response", "answer", "output", "target")
+                      if isinstance(record.get(k), str)), None)
+        hint = (f"; a prompt and its reply? Rename {prompt!r} to 'instruction' and {reply!r} to 'output' (the Alpaca "
+                "form)" if prompt and reply else "")
         # the keys it has point at the cause: {"data": [...]} around the records, a column named otherwise
         raise DataError("no conversations", "the record has neither 'conversations' nor 'messages' (nor the Alpaca "
-                        f"'instruction' / 'output'); its keys: {keys or 'none'}")
+                        f"'instruction' / 'output'); its keys: {keys or 'none'}{hint}")
     if not isinstance(turns, list) or not turns:
         raise DataError("no conversations", f"'{key}' must be a non-empty list")
 
@@ -382,6 +438,10 @@ def normalize_record(record: Any) -> dict:
     for n, turn in enumerate(turns, 1):
         raw_role, content = _turn_fields(turn, n)
         role = ROLES.get(raw_role.lower()) if isinstance(raw_role, str) else None
+        if role is None and isinstance(raw_role, str) and (bot := OTHER_BOTS.get(raw_role.lower())):
+            raise DataError("unknown role", f"turn {n} has role {quoted(raw_role, QUOTED)} ({bot}'s reply, in a "
+                            "ShareGPT dump): to train on it as the assistant's, make its role 'gpt'; else leave the "
+                            "record out (--skip_invalid)")
         if role is None:
             raise DataError("unknown role", f"turn {n} has role {quoted(raw_role, QUOTED)} "
                             f"(accepted: {', '.join(ROLES)})")
@@ -393,6 +453,12 @@ def normalize_record(record: Any) -> dict:
         if not isinstance(content, str):
             raise DataError("invalid value", f"turn {n} ({role}): the value is {react.json_type(content)}, "
                             "not a string")
+        markdown = turn.get("markdown")
+        if isinstance(markdown, str) and markdown != content:
+            # ShareGPT dumps keep a reply twice: 'value' as the page's HTML, 'markdown' its text
+            raise DataError("both 'value' and 'markdown'", f"turn {n} has 'value' {quoted(content, QUOTED)} and "
+                            f"'markdown' {quoted(markdown, QUOTED)} (a ShareGPT dump: HTML and its Markdown); keep the "
+                            "text to train on as 'value' and drop 'markdown'")
         weight = _weight(turn, role, n)
         _check_text(content, f"turn {n} ({role})")
         if role == "system":
@@ -620,7 +686,8 @@ def _iter_json_array(path: str, text: str, start: int, bad: list[int] = (), bad_
 
 
 def _is_jsonl(path: str) -> bool:
-    """JSONL unless the file's first non-blank character opens a JSON array. Refuses a UTF-16/32 file."""
+    """JSONL unless the file's first non-blank character opens a JSON array. Refuses a UTF-16/32 file, and a file
+    not named .json / .jsonl / .ndjson whose text does not start as JSON does (plain text, CSV)."""
     with open(path, "rb") as f:
         raw = f.read(4096)
         _check_encoding(path, raw)
@@ -632,7 +699,23 @@ def _is_jsonl(path: str) -> bool:
             if not chunk:
                 return False  # empty: read as a (failing) JSON document
             head = chunk.lstrip(b" \t\r\n")
+    if Path(path).suffix.lower() not in DATA_SUFFIXES and not head.startswith((b"[", b"{")):
+        _not_json(path, head)
     return not head.startswith(b"[")
+
+
+def _not_json(path: str, head: bytes) -> None:
+    """Refuse a file of text that is not JSON (its line-by-line reading said only "invalid JSON" for each line)."""
+    first = head.split(b"\n", 1)[0].decode("utf-8", "replace").rstrip("\r")
+    suffix = Path(path).suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        sep = ", sep='\\t'" if suffix == ".tsv" else ""
+        raise DataError("not a JSON / JSONL file", f"the file is {suffix[1:].upper()}; convert it to JSONL: python -c "
+                        f"\"import datasets; datasets.Dataset.from_csv('FILE'{sep}).to_json('FILE.jsonl', "
+                        "force_ascii=False)\" (its columns become each record's keys)", path=path)
+    raise DataError("not a JSON / JSONL file", f"its text does not start as JSON (the first line starts "
+                    f"{quoted(first, QUOTED)}): plain text, as pretraining data is? Data files hold chat records, a "
+                    "JSON array of them or one JSON object a line", path=path)
 
 
 def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 0, index0: int = 0):
@@ -866,7 +949,7 @@ def read_as_data(path: str | os.PathLike, spec: str | os.PathLike) -> bool:
 
 
 def check_data_file(path: str) -> None:
-    """DataError naming ``path`` unless it is a regular file (a symbolic link to one included)."""
+    """DataError naming ``path`` unless it is a regular file (a symbolic link to one included) that may hold data."""
     p = Path(path)
     if p.exists() and not p.is_file():  # `-d <(zcat data.jsonl.gz)` names a pipe: it is there, "no such file" was not
         raise DataError("not a data file", "not a regular file (a pipe, socket or device): the data is read more "
@@ -878,6 +961,10 @@ def check_data_file(path: str) -> None:
         open(p, "rb").close()
     except OSError as e:
         raise DataError("unreadable file", e.strerror or str(e), path=path) from None
+    if p.name.lower() == "dataset_info.json":  # read a line at a time it was hundreds of "invalid JSON" records
+        raise DataError("not a data file", "dataset_info.json describes data, it holds none: LLaMA-Factory's registry "
+                        "of its data files (name those files) or a `datasets` save_to_disk dir's (name the dir)",
+                        path=path)
 
 
 def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | None]]:

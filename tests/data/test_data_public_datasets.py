@@ -2,6 +2,8 @@
 or refused in one line saying what the data is and how to make it usable."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -169,3 +171,124 @@ def test_assistant_roles_of_real_dumps(role):
     were "unknown role"."""
     assert normalize_record({"conversations": [{"from": "human", "value": "q"}, {"from": role, "value": "a"}]}) == \
         exchange("q", "a")
+
+
+# -- data made for other training, and other chatbots' turns: refused, saying what they are ----------------------
+
+LF_DPO = {"conversations": [{"from": "human", "value": "Hi! Help me name a game."}],
+          "chosen": {"from": "gpt", "value": "Sure: Angela's Quest."}, "rejected": {"from": "gpt", "value": "No."}}
+PREFERENCE = "make the chosen reply the last assistant turn (the Alpaca form's 'output') and drop the rejected one"
+
+
+@pytest.mark.parametrize("record", [
+    LF_DPO,  # LLaMA-Factory's ShareGPT DPO demo: a one-turn prompt was "no assistant turn"
+    {**LF_DPO, "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"},
+                                 {"from": "human", "value": "Name a game."}]},  # (was trained, chosen left out)
+    {"instruction": "Name a game.", "input": "", "chosen": "Angela's Quest.", "rejected": "No."},  # Alpaca DPO
+    {"system": "", "question": "Name a game.", "chosen": "Angela's Quest.", "rejected": "No."},  # orca_dpo_pairs
+    {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go away"},  # hh-rlhf
+])
+def test_preference_data_is_refused_saying_so(record):
+    e = refused(record)
+    assert e.reason == "preference data" and "'chosen' and 'rejected' replies (DPO / reward-model data)" in str(e)
+    assert PREFERENCE in str(e)
+
+
+def test_preference_data_with_its_own_conversation_trains_on_it():
+    """ultrafeedback_binarized's rows hold the chosen conversation as `messages` too (its SFT column): that is a
+    conversation ending with the reply, read as one; LLaMA-Factory's v1 pairs name the preference columns otherwise."""
+    chosen = [{"content": "hi", "role": "user"}, {"content": "hello", "role": "assistant"}]
+    rec = {"prompt": "hi", "prompt_id": "8a", "chosen": chosen, "messages": chosen, "score_chosen": 8.0,
+           "rejected": [{"content": "hi", "role": "user"}, {"content": "go away", "role": "assistant"}],
+           "score_rejected": 2.0}
+    assert normalize_record(rec) == exchange("hi", "hello")
+    e = refused({"chosen_messages": chosen, "rejected_messages": chosen})
+    assert e.reason == "preference data" and "'chosen_messages' and 'rejected_messages'" in str(e)
+
+
+@pytest.mark.parametrize("label", [True, False])
+def test_kto_data_is_refused(label):
+    """LLaMA-Factory's KTO demo (`messages` and a true / false `label`) trained every reply, those labelled false (not
+    to be learnt) too."""
+    record = {"messages": [{"content": "Summarise.", "role": "user"},
+                           {"content": "Ooh ooh ah ah!", "role": "assistant"}], "label": label}
+    e = refused(record)
+    assert str(e) == (f"KTO data: the record has 'label' {str(label).lower()}, marking its reply desirable or not for "
+                      "KTO; training here learns every reply it is given: keep the records labelled true, without "
+                      "'label'")
+    assert e.reason == "KTO data" and refused({"prompt": "q", "completion": "a", "label": label}).reason == "KTO data"
+    assert normalize_record({**record, "label": "summarization"})["messages"][1]["content"] == "Ooh ooh ah ah!"
+
+
+@pytest.mark.parametrize("media", [{"images": ["mllm_demo_data/1.jpg"]}, {"videos": ["mllm_demo_data/1.mp4"]},
+                                   {"audios": ["mllm_demo_data/1.mp3"]}, {"image": "coco/train2017/000000033471.jpg"}])
+def test_multimodal_records_are_refused(media):
+    """LLaMA-Factory's mllm demos and LLaVA's records were trained as text, "<image>" included, the media unseen."""
+    turns = [{"from": "human", "value": "<image>\nWhat colour is the bus?"}, {"from": "gpt", "value": "Red."}]
+    e = refused({"id": "000000033471", "conversations": turns, **media})
+    key = next(iter(media))
+    assert str(e) == (f"multimodal data: the record has '{key}', media its text refers to (<image>-style tags); this "
+                      "model reads text only, and the tags would be trained as text: leave such records out "
+                      "(--skip_invalid), or drop the media and their tags")
+    # an empty or null media column (a `datasets` dir that mixes text and image rows has it on every row) is none
+    assert normalize_record({"conversations": turns, key: [] if key.endswith("s") else None})["messages"][1] == \
+        {"role": "assistant", "content": "Red."}
+
+
+@pytest.mark.parametrize("role, bot", [("bing", "Bing Chat"), ("bard", "Bard")])
+def test_other_chatbots_turns_are_refused_naming_the_turn(role, bot):
+    e = refused({"conversations": [{"from": "human", "value": "q"}, {"from": role, "value": "a [^1^]"}]})
+    assert str(e) == (f"unknown role: turn 2 has role '{role}' ({bot}'s reply, in a ShareGPT dump): to train on it as "
+                      "the assistant's, make its role 'gpt'; else leave the record out (--skip_invalid)")
+
+
+def test_sharegpt_markdown_beside_differing_html_is_refused():
+    """A processed ShareGPT dump keeps each reply as the page's HTML in `value` and as `markdown`: the HTML was
+    trained without a word."""
+    html = {"from": "gpt", "value": "<div><p>Hello <b>there</b></p></div>", "markdown": "Hello **there**",
+            "opencc_converted_markdown": None}
+    e = refused({"conversations": [{"from": "human", "value": "Hi", "markdown": None}, html], "lang": "en"})
+    assert str(e) == ("both 'value' and 'markdown': turn 2 has 'value' '<div><p>Hello <b>there</b></p></div>' and "
+                      "'markdown' 'Hello **there**' (a ShareGPT dump: HTML and its Markdown); keep the text to train "
+                      "on as 'value' and drop 'markdown'")
+    same = {**html, "value": "Hello **there**"}
+    assert normalize_record({"conversations": [{"from": "human", "value": "Hi"}, same]}) == \
+        exchange("Hi", "Hello **there**")
+
+
+def test_plain_text_records_and_unknown_prompt_reply_columns_say_what_to_do():
+    e = refused({"text": "Anarchism is a political philosophy ...", "url": "https://example.com"})  # c4, wiki dumps
+    assert e.reason == "plain text" and "(pretraining data, or a chat already rendered into text)" in str(e)
+    assert str(refused({"prompt": "q", "completion": "a"})).endswith(
+        "its keys: 'prompt', 'completion'; a prompt and its reply? Rename 'prompt' to 'instruction' and 'completion' "
+        "to 'output' (the Alpaca form)")
+
+
+@pytest.mark.parametrize("name, text, said", [
+    ("wiki_demo.txt", "Anarchism is a political philosophy.\nIt rejects hierarchy.\n",
+     "not a JSON / JSONL file: its text does not start as JSON (the first line starts 'Anarchism is a political "
+     "philosophy.'): plain text, as pretraining data is? Data files hold chat records"),
+    ("dataset_info.json", json.dumps({"alpaca_en_demo": {"file_name": "alpaca_en_demo.json"}}, indent=2),
+     "not a data file: dataset_info.json describes data, it holds none: LLaMA-Factory's registry of its data files "
+     "(name those files) or a `datasets` save_to_disk dir's (name the dir)"),
+])
+def test_files_that_hold_no_records_are_refused_as_files(tmp_path, name, text, said):
+    """A plain-text file failed on each line ("invalid JSON: Expecting value at line 1 column 1"), LLaMA-Factory's
+    dataset_info.json on its '{' line as a pretty-printed record."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert str(e.value).startswith(f"{path}: {said}"), str(e.value)
+
+
+def test_a_csv_file_is_refused_with_a_command_that_makes_jsonl_of_it(tmp_path):
+    path = tmp_path / "alpaca.csv"
+    path.write_text('instruction,input,output\nTranslate to English.,Bonjour,Hello\n"Say hi, please.",,hi\n')
+    with pytest.raises(DataError) as e:
+        load_records(path)
+    assert str(e.value).startswith(f"{path}: not a JSON / JSONL file: the file is CSV; convert it to JSONL: python -c")
+    code = str(e.value).split('python -c "', 1)[1].split('" (', 1)[0].replace("FILE", str(path))
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    assert [r["messages"][0]["content"] for r in load_records(f"{path}.jsonl")] == ["Translate to English.\nBonjour",
+                                                                                    "Say hi, please."]

@@ -136,7 +136,7 @@ def bad(tmp_path, record, name="d.jsonl"):
 
 
 @pytest.mark.parametrize("record, cause", [
-    ({"id": 1, "text": "no turns"}, "no conversations"),
+    ({"id": 1, "body": "no turns"}, "no conversations"),
     ({"conversations": []}, "no conversations"),
     ({"conversations": [{"from": "bot", "value": "x"}, A]}, "unknown role"),
     ({"conversations": [{"from": "user", "value": 3}, A]}, "invalid value"),
