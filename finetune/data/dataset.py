@@ -47,7 +47,8 @@ FORMAT_VERSION = 8  # 3: assistant "weight" 0 untrained, Alpaca records, text pa
 # 6: after weight-0 replies, truncation cuts inside the first trained reply rather than keep context alone
 # 7: a record's "react" (the ReAct layout's mark, which normalised tool records carry) must be a boolean
 # 8: public datasets' shapes: weights on prompt turns, Dolly / Open-Orca / Firefly columns, `conversation`, the
-#    chatgpt / model roles; preference, KTO, multimodal data and ShareGPT's differing 'markdown' refused
+#    chatgpt / model roles, columns repeating the turns; preference, KTO, multimodal data and ShareGPT's differing
+#    'markdown' refused
 TOO_LONG = "prompt longer than max_len (nothing left to train)"
 BATCH_ROWS = 512  # rows per Arrow record batch
 IN_MEMORY = "<records>"  # the "path" of records passed as a list

@@ -150,6 +150,20 @@ def _same_role(a, b) -> bool:
     return norm(a) == norm(b)
 
 
+def _said(turns) -> list | None:
+    """What raw turns say, to compare two copies of one conversation: per turn (role as normalised, text, its other
+    keys); None for what is not a list of turn objects."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+        return None
+    out = []
+    for t in turns:
+        role = t.get("from") if t.get("from") is not None else t.get("role")
+        text = t.get("value") if t.get("value") is not None else t.get("content")
+        out.append((ROLES.get(role.lower(), role) if isinstance(role, str) else role, text,
+                    {k: v for k, v in t.items() if k not in ("from", "role", "value", "content")}))
+    return out
+
+
 # -- one record ---------------------------------------------------------------------------------------
 
 
@@ -261,6 +275,21 @@ def _from_columns(record: dict, form: _Columns, keys: list[str]) -> dict:
     return out
 
 
+def _columns_repeat_turns(record: dict, form: _Columns, keys: list[str], turns) -> bool:
+    """Whether a record's columns repeat the exchange its turns open with (Magpie's `instruction` / `response`
+    beside its `conversations`): then the turns say all, and the columns may be left unread."""
+    if form.system != "system" and record.get(form.system) not in (None, ""):
+        return False
+    try:
+        columns = [(role, text) for role, text, _ in _said(_from_columns(record, form, keys)["conversations"])]
+    except DataError:
+        return False
+    said = _said(turns)
+    if said and said[0][0] == "system":
+        said = said[1:]
+    return said is not None and [(role, text) for role, text, _ in said[:len(columns)]] == columns
+
+
 def _from_conversation(record: dict) -> dict:
     """A record whose turns are in `conversation` (lmsys-chat-1m's role/content turns, Firefly's list of
     {"human", "assistant"} pairs) -> the `conversations` form."""
@@ -359,12 +388,14 @@ def normalize_record(record: Any) -> dict:
     form, columns = _columns_of(record) if not _COLUMN_KEY_SET.isdisjoint(record) else (None, [])
     if form is not None:
         chat = [k for k in ("conversations", "messages") if record.get(k) is not None]
-        if chat:
+        if not chat:
+            record = _from_columns(record, form, columns)
+        elif not _columns_repeat_turns(record, form, columns, record[chat[0]]):
             fields = "Alpaca fields" if form.name == "alpaca" else f"{form.name} fields"
             key = turns_key or chat[0]
             raise DataError(f"both '{key}' and {fields}", f"the record has '{key}' and "
-                            f"{', '.join(repr(k) for k in columns)}; keep one form (the other would be ignored)")
-        record = _from_columns(record, form, columns)
+                            f"{', '.join(repr(k) for k in columns)}, which do not repeat its first exchange; keep one "
+                            "form (the other would be ignored)")
     if record.get("system") == "":
         # an empty 'system' column of an export (LLaMA-Factory's Alpaca / ShareGPT files have one on every row) is
         # the default prompt, as LLaMA-Factory reads it; a system turn of empty text stays an empty prompt
@@ -373,8 +404,11 @@ def normalize_record(record: Any) -> dict:
     # mixes the forms has both columns, one of them null in each row.) Checked before a tool record is
     # rendered, which reads one of the two.
     if record.get("conversations") is not None and record.get("messages") is not None:
-        raise DataError("both 'conversations' and 'messages'",
-                        "the record has both; keep one (the other would be ignored)")
+        said = _said(record["conversations"])
+        if said is None or said != _said(record["messages"]):  # (two copies of one conversation lose nothing)
+            raise DataError("both 'conversations' and 'messages'",
+                            "the record has both; keep one (the other would be ignored)")
+        record = {k: v for k, v in record.items() if k != "messages"}
     # "react": true marks turns in the ReAct layout (a normalised tool conversation's: eval ends its replies at
     # "Observation:", where the server stops them); segments alone do not say it, a plain record may carry its own
     layout = record.get("react")

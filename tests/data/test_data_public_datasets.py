@@ -133,7 +133,8 @@ def test_column_layouts_of_public_datasets_read_as_alpaca(record, expected):
     ({"question": "q", "response": "a", "system": "s", "system_prompt": "t"}, "both 'system' and 'system_prompt'",
      "the record has 'system' 's' and 'system_prompt' 't'; keep one"),
     ({"question": "q", "response": "a", "messages": [{"role": "user", "content": "q"}]},
-     "both 'messages' and Open-Orca fields", "the record has 'messages' and 'question', 'response'; keep one form"),
+     "both 'messages' and Open-Orca fields", "the record has 'messages' and 'question', 'response', which do not "
+                                             "repeat its first exchange; keep one form"),
 ])
 def test_column_layouts_name_their_own_columns_in_errors(record, reason, detail):
     e = refused(record)
@@ -292,3 +293,23 @@ def test_a_csv_file_is_refused_with_a_command_that_makes_jsonl_of_it(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert [r["messages"][0]["content"] for r in load_records(f"{path}.jsonl")] == ["Translate to English.\nBonjour",
                                                                                     "Say hi, please."]
+
+
+def test_columns_and_turns_that_repeat_each_other_read_as_the_turns():
+    """Magpie's records carry their first exchange twice, as `instruction` / `response` and in `conversations`, and
+    Magpie-Pro-300K-Filtered-H4 its turns as `conversations` and as `messages`: both were refused ("keep one form"),
+    though reading the turns leaves nothing out. Copies that differ stay refused."""
+    conv = [{"from": "human", "value": "Write a poem."}, {"from": "gpt", "value": "Roses are red."},
+            {"from": "human", "value": "Another."}, {"from": "gpt", "value": "Violets are blue."}]
+    magpie = {"uuid": "u1", "model": "meta-llama/Meta-Llama-3-70B-Instruct", "gen_input_configs": {"temperature": 1.0},
+              "instruction": "Write a poem.", "response": "Roses are red.", "conversations": conv,
+              "instruction_2": "Another.", "response_2": "Violets are blue.", "task_category": "Creative writing"}
+    expected = normalize_record({"conversations": conv})
+    assert normalize_record(magpie) == expected
+    messages = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]} for t in conv]
+    assert normalize_record({"uuid": "u1", "conversations": conv, "messages": messages}) == expected
+    e = refused({**magpie, "response": "Tulips."})
+    assert str(e) == ("both 'conversations' and Dolly fields: the record has 'conversations' and 'instruction', "
+                      "'response', which do not repeat its first exchange; keep one form (the other would be ignored)")
+    e = refused({"conversations": conv, "messages": messages[:2]})
+    assert e.reason == "both 'conversations' and 'messages'"
