@@ -148,7 +148,7 @@ class ChatCompletionRequest(BaseModel):
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if self.response_format not in (None, {"type": "text"}):
-            raise APIError(400, "only response_format {\"type\": \"text\"} is supported", "response_format")
+            raise APIError(400, _response_format_refused(self.response_format), "response_format")
         if self.modalities not in (None, ["text"]):
             raise APIError(400, "only modalities [\"text\"] is supported: this model answers with text only",
                            "modalities")
@@ -209,6 +209,18 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "tool_choice and function_call ask for different things: give one of them",
                            "function_call")
         return choices[0] if choices else CallChoice("auto")
+
+
+def _response_format_refused(value) -> str:
+    """Why a response_format other than text is refused, and the way to a reply in a schema that this server has.
+    LangChain's with_structured_output (json_schema by default), the AI SDK's generateObject and the openai clients'
+    parse() send it; the message was "only response_format {"type": "text"} is supported", naming no way out."""
+    kind = value.get("type") if isinstance(value, dict) else None
+    # (the type alone: a json_schema's schema would fill the message)
+    shown = json.dumps({"type": kind}) if isinstance(kind, str) and kind != "text" else json.dumps(value)
+    return (f"response_format {clipped(shown)} is not supported: this server does not constrain replies to JSON "
+            "(only {\"type\": \"text\"}). For a reply in a JSON schema, send the schema as a tool's parameters and "
+            "name that tool in tool_choice (LangChain: with_structured_output(..., method=\"function_calling\"))")
 
 
 class CallChoice(NamedTuple):

@@ -5,6 +5,8 @@ answer is silently ignored."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -187,3 +189,61 @@ def test_a_forced_call_on_the_engine_is_a_call_of_the_function(live, tool_choice
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert [(tc.function.name, tc.function.arguments) for tc in calls] == [("get_weather", call.function.arguments)]
     assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+
+
+# Requests recorded from the real clients (a proxy in front of the server; the model name replaced by the fixture's).
+# The openai Python client's headers, as LangChain and LlamaIndex send them through it (openai 2.54.0):
+PY_HEADERS = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "OpenAI/Python 2.54.0",
+              "X-Stainless-Lang": "python", "X-Stainless-Package-Version": "2.54.0", "Authorization": "Bearer x"}
+# the Vercel AI SDK's (ai 6.0.333 on Node 20)
+AI_SDK_HEADERS = {"content-type": "application/json", "authorization": "Bearer x", "accept": "*/*",
+                  "user-agent": "ai/6.0.333 ai-sdk/provider-utils/4.0.65 runtime/node.js/v20.20.2"}
+AURORA = '{"content":"What is the codename of project Aurora?","role":"user"}'
+ANSWER_SCHEMA = '{"properties":{"codename":{"type":"string"}},"required":["codename"],"type":"object"}'
+
+
+@pytest.mark.parametrize("body, headers", [
+    # langchain-openai 1.8.1: ChatOpenAI(temperature=0, max_tokens=40).with_structured_output(Answer), whose default
+    # method is json_schema
+    ('{"messages":[' + AURORA + '],"model":"tiny-qwen","max_completion_tokens":40,"response_format":{"type":'
+     '"json_schema","json_schema":{"schema":{"properties":{"codename":{"title":"Codename","type":"string"}},"required":'
+     '["codename"],"title":"Answer","type":"object","additionalProperties":false},"name":"Answer","strict":true}},'
+     '"stream":false,"temperature":0.0}', PY_HEADERS),
+    # langchain-openai 1.8.1: with_structured_output(Answer, method="json_mode")
+    ('{"messages":[' + AURORA + '],"model":"tiny-qwen","max_completion_tokens":40,"response_format":{"type":'
+     '"json_object"},"stream":false,"temperature":0.0}', PY_HEADERS),
+    # @ai-sdk/openai-compatible 2.0.92: generateObject({schema: z.object({codename: z.string()})})
+    ('{"model":"tiny-qwen","response_format":{"type":"json_object"},"messages":[{"role":"user","content":'
+     '"codename?"}]}', AI_SDK_HEADERS),
+    # @ai-sdk/openai 3.0.141: generateObject on openai.chat(model)
+    ('{"model":"tiny-qwen","response_format":{"type":"json_schema","json_schema":{"schema":{"$schema":'
+     '"http://json-schema.org/draft-07/schema#","type":"object","properties":{"codename":{"type":"string"}},'
+     '"required":["codename"],"additionalProperties":false},"strict":true,"name":"response"}},"messages":[{"role":'
+     '"user","content":"codename?"}]}', AI_SDK_HEADERS),
+], ids=["langchain-json_schema", "langchain-json_mode", "ai-sdk-openai-compatible", "ai-sdk-openai-chat"])
+def test_structured_output_requests_are_a_400_naming_the_way_that_works(live, body, headers):
+    """LangChain's with_structured_output (json_schema by default since langchain-openai 0.3), the AI SDK's
+    generateObject and the openai clients' parse() ask for JSON the engine cannot guarantee: a 400 naming
+    response_format, which said only what was refused. It names the tool route, which the next test replays."""
+    r = httpx.post(live.api_url + "/chat/completions", content=body.encode(), headers=headers, timeout=60)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format" and "\n" not in err["message"], err
+    kind = json.loads(body)["response_format"]["type"]
+    assert err["message"].startswith(f'response_format {{"type": "{kind}"}} is not supported'), err
+    assert "tool_choice" in err["message"] and 'method="function_calling"' in err["message"], err
+
+
+def test_langchains_function_calling_structured_output_is_a_call_of_the_schema(live):
+    """The route the 400 above names, as langchain-openai 1.8.1 sends it (with_structured_output(Answer,
+    method="function_calling"), temperature 0, max_tokens 40): a call of Answer, which LangChain parses into the
+    schema (the random model's arguments are no JSON; a trained adapter's are)."""
+    body = ('{"messages":[' + AURORA + '],"model":"tiny-qwen","max_completion_tokens":40,"parallel_tool_calls":false,'
+            '"stream":false,"temperature":0.0,"tool_choice":{"type":"function","function":{"name":"Answer"}},"tools":'
+            '[{"type":"function","function":{"name":"Answer","description":"","parameters":' + ANSWER_SCHEMA + '}}]}')
+    r = httpx.post(live.api_url + "/chat/completions", content=body.encode(), headers=PY_HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    (call,) = choice["message"]["tool_calls"]
+    assert call["type"] == "function" and call["function"]["name"] == "Answer" and call["id"], choice
+    assert choice["finish_reason"] in ("tool_calls", "length"), choice
