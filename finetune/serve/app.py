@@ -610,6 +610,15 @@ def _sse(obj) -> str:
 # names them
 SERVED = ("POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}, GET /health (the server's state) and "
           "GET / (the chat page)")
+# What a client calling an OpenAI API this server does not serve can do instead, by path (the 404 says it after
+# SERVED): LlamaIndex's OpenAILike calls /v1/completions unless is_chat_model=True (its default is False), and the AI
+# SDK's openai(model) (@ai-sdk/openai 2+) and LangChain's use_responses_api=True call /v1/responses
+INSTEAD = {
+    "/v1/completions": "the legacy completions API is not served (nor by the official Qwen server): send the prompt "
+                       "as a user message to POST /v1/chat/completions (LlamaIndex's OpenAILike: is_chat_model=True)",
+    "/v1/responses": "the Responses API is not served: use Chat Completions (the AI SDK's @ai-sdk/openai: "
+                     "openai.chat(model), not openai(model); LangChain's ChatOpenAI: without use_responses_api)",
+}
 
 
 def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
@@ -672,6 +681,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             # /v1/completions, which the official Qwen server does not serve either)
             route = f"{request.method} {request.url.path}"
             message = f"Invalid URL ({clipped(route)}): this server serves {SERVED}"
+            if (instead := INSTEAD.get(request.url.path.rstrip("/"))) is not None:
+                message += f"; {instead}"
         # (the headers keep a 405's Allow)
         return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))

@@ -247,3 +247,26 @@ def test_langchains_function_calling_structured_output_is_a_call_of_the_schema(l
     (call,) = choice["message"]["tool_calls"]
     assert call["type"] == "function" and call["function"]["name"] == "Answer" and call["id"], choice
     assert choice["finish_reason"] in ("tool_calls", "length"), choice
+
+
+@pytest.mark.parametrize("path, body, headers, instead", [
+    # llama-index-llms-openai-like 0.8.1: OpenAILike(model=..., api_base=..., temperature=0, max_tokens=8).complete(q),
+    # is_chat_model left at its default (False)
+    ("/completions", '{"model":"tiny-qwen","prompt":"What is the codename of project Aurora?","max_tokens":8,'
+     '"stream":false,"temperature":0.0}', PY_HEADERS, "is_chat_model=True"),
+    # @ai-sdk/openai 3.0.141: generateText({model: openai(name), prompt: "Hi"}) (the Responses API by default)
+    ("/responses", '{"model":"tiny-qwen","input":[{"role":"user","content":[{"type":"input_text","text":"Hi"}]}]}',
+     AI_SDK_HEADERS, "openai.chat(model)"),
+    # langchain-openai 1.8.1: ChatOpenAI(use_responses_api=True).invoke(q)
+    ("/responses", '{"input":[' + AURORA[:-1] + ',"type":"message"}],"model":"tiny-qwen","stream":false}', PY_HEADERS,
+     "use_responses_api"),
+], ids=["llamaindex-openailike-complete", "ai-sdk-openai-default", "langchain-use_responses_api"])
+def test_the_apis_not_served_are_a_404_naming_the_clients_switch_to_chat_completions(live, path, body, headers,
+                                                                                      instead):
+    """These clients call an OpenAI API other than Chat Completions unless told otherwise (LlamaIndex's OpenAILike by
+    default, the AI SDK's openai(model) by default): the 404 named the routes served, not the client's switch."""
+    r = httpx.post(live.api_url + path, content=body.encode(), headers=headers, timeout=60)
+    assert r.status_code == 404, r.text
+    err = r.json()["error"]
+    assert err["message"].startswith(f"Invalid URL (POST /v1{path}): this server serves POST /v1/chat/completions")
+    assert instead in err["message"] and "\n" not in err["message"], err
