@@ -1,10 +1,11 @@
 """`qwen-ft serve`: an OpenAI-compatible server for a base model and its LoRA adapters.
 
-    qwen-ft serve -m MODEL_DIR [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+    qwen-ft serve [-m MODEL_DIR] [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
                   [--max-batch N] [--max-model-len N] [--prefill-chunk N] [--max-queue N] [--device D] [--dtype T]
                   [--cors-origin ORIGIN ...]
 
-The base is served under its dir name, each adapter under its NAME (the request's `model` picks one).
+The base is served under its dir name, each adapter under its NAME (the request's `model` picks one). Without -m
+the base is the one the adapters record (as `qwen-ft chat -a DIR` takes it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     # --adapter and --cors-origin may be given once (argparse kept the last silently: --port 8001 --port 8002)
     p = OneLineParser(prog="qwen-ft serve", description=__doc__.split("\n\n")[0], examples=(
         "  qwen-ft serve -m /models/Qwen-14B-Chat-Int4 -a mine=output/my-adapter   (model \"mine\" in requests)"))
-    p.add_argument("-m", "--model", required=True, action=Once, help="base model dir (float or Int4) or hub id")
+    p.add_argument("-m", "--model", action=Once, help="base model dir (float or Int4) or hub id (default: the base "
+                   "the adapters record)")
     p.add_argument("-a", "--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a LoRA adapter (a dir or hub id) served as model NAME (repeatable)")
     p.add_argument("--host", action=Once, default="127.0.0.1", help="address to listen on (default 127.0.0.1: "
@@ -221,17 +223,52 @@ def too_short_for_any_prompt(max_model_len: int, model_dir) -> str | None:
             f"question with the default system prompt needs {prompt_len(react.DEFAULT_SYSTEM, 'Hi') + 1})")
 
 
-def build_server(args):
-    """Load the model and adapters; return the Server (the app is `create_app(server)`)."""
+def adapter_dir(name: str, ref: str):
+    """The dir of the adapter served as `name` (`ref`: a dir or a hub id, as chat takes one), its config read; an
+    error naming the flag before anything loads."""
     from pathlib import Path
 
-    from ..adapters import check_base, read_adapter_config
+    from ..adapters import read_adapter_config
+    from ..hub import resolve_model_dir
+
+    path = Path(ref).expanduser()  # (as the loader takes it: x=~/adapter was "does not exist" here)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--adapter {name}={path}: {path} is a file, not an adapter directory")
+    path = resolve_model_dir(ref, "adapter directory")
+    read_adapter_config(path)
+    return path
+
+
+def recorded_base(specs: list[str]):
+    """The base model dir the adapters record (`qwen-ft serve` without -m, as `qwen-ft chat -a DIR` takes it);
+    ValueError when none is given or they record different bases."""
+    from ..adapters import resolve_base
+
+    if not specs:
+        raise ValueError("-m/--model is required (the base model dir or hub id), unless --adapter NAME=DIR is given: "
+                         "then the base is the one the adapter records")
+    bases = {}
+    for name, ref in parse_adapters(specs, base=""):
+        bases.setdefault(resolve_base(adapter_dir(name, ref)), []).append(name)  # (its checks: a base that cannot be found, ...)
+    if len(bases) > 1:
+        which = "; ".join(f"{', '.join(names)} on {base}" for base, names in bases.items())
+        raise ValueError(f"the adapters record different base models ({which}): one server serves one base; give it "
+                         "with -m/--model")
+    return next(iter(bases))
+
+
+def build_server(args):
+    """Load the model and adapters; return the Server (the app is `create_app(server)`)."""
+    from ..adapters import check_base
     from ..generation_limits import max_new_tokens_limit
     from ..hub import resolve_model_dir
     from ..model_dir import chat_format
     from .app import Server
     from .models import base_name, load_served_model, unserved_options
 
+    if args.model is None:
+        args.model = str(recorded_base(args.adapter))
+        print(f"serve: the base model is {args.model}, which the adapters record", file=sys.stderr, flush=True)
     base = base_name(args.model)
     model_dir = resolve_model_dir(args.model)
     if problem := unserved_options(model_dir):
@@ -250,11 +287,7 @@ def build_server(args):
         raise ValueError(problem)
     adapters = []
     for name, ref in parse_adapters(args.adapter, base):  # a missing or broken adapter: an error before the load
-        path = Path(ref).expanduser()  # (as the loader takes it: x=~/adapter was "does not exist" here)
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"--adapter {name}={path}: {path} is a file, not an adapter directory")
-        path = resolve_model_dir(ref, "adapter directory")  # a hub id (org/name) as chat takes one
-        read_adapter_config(path)
+        path = adapter_dir(name, ref)
         # the base the adapter records against -m, as the load checks it, but before the weights load: another
         # base warns (once), the model the adapter was merged into or a changed recorded base is refused
         check_base(path, model_dir, explicit=True)

@@ -328,3 +328,56 @@ def test_a_max_model_len_too_short_for_any_prompt_stops_serve_before_the_load(se
     code, err = serve(["--port", _free_port(), "--max-model-len", str(least - 1)], model=tiny_model_dir)
     assert code == 2 and f"the least usable value is {least}" in _one_line(err)
     assert serve(["--port", _free_port(), "--max-model-len", str(least)], model=tiny_model_dir)[0] == "loaded"
+
+
+# -- without -m: the base the adapters record, as `qwen-ft chat -a DIR` takes it ---------------------------------
+
+def _serve_without_model(argv, monkeypatch, capsys):
+    """`qwen-ft serve ARGV` (no -m) up to the load: (exit code or the model dir the load was given, stderr)."""
+    import finetune.serve.models as models
+    from finetune.cli import main
+
+    def stop(model_dir, *a, **k):
+        raise RuntimeError(LOADED, model_dir)
+
+    monkeypatch.setattr(models, "load_served_model", stop)
+    monkeypatch.delenv("QWEN_FT_API_KEY", raising=False)
+    capsys.readouterr()
+    try:
+        code = main(["serve", *argv, "--port", _free_port()])
+    except RuntimeError as e:
+        assert e.args[0] == LOADED
+        code = e.args[1]
+    return code, capsys.readouterr().err
+
+
+def test_without_model_the_adapters_recorded_base_is_served(dirs, monkeypatch, capsys):
+    loaded, err = _serve_without_model(["--adapter", f"mine={dirs / 'ad'}", "-a", f"other={dirs / 'ad'}"],
+                                       monkeypatch, capsys)
+    assert str(loaded) == str(dirs / "tiny-qwen")
+    assert err == f"serve: the base model is {dirs / 'tiny-qwen'}, which the adapters record\n"
+
+
+def test_without_model_or_adapter_is_one_line_saying_what_to_give(monkeypatch, capsys):
+    code, err = _serve_without_model([], monkeypatch, capsys)
+    assert code == 2 and _one_line(err) == ("error: -m/--model is required (the base model dir or hub id), unless "
+                                            "--adapter NAME=DIR is given: then the base is the one the adapter "
+                                            "records\n")
+
+
+def test_without_model_adapters_of_different_bases_are_one_line_naming_each(dirs, tmp_path, monkeypatch, capsys):
+    (tmp_path / "base2").mkdir()
+    (tmp_path / "base2" / "config.json").write_text("{}")
+    (tmp_path / "ad2").mkdir()
+    config = json.loads((dirs / "ad" / "adapter_config.json").read_text())
+    (tmp_path / "ad2" / "adapter_config.json").write_text(
+        json.dumps(dict(config, base_model_name_or_path=str(tmp_path / "base2"))))
+    code, err = _serve_without_model(["-a", f"one={dirs / 'ad'}", "-a", f"two={tmp_path / 'ad2'}"], monkeypatch,
+                                     capsys)
+    assert code == 2 and "the adapters record different base models (one on " in _one_line(err)
+    assert f"two on {tmp_path / 'base2'}" in err and "give it with -m/--model" in err
+
+
+def test_without_model_a_missing_adapter_is_one_line(dirs, monkeypatch, capsys):
+    code, err = _serve_without_model(["-a", f"x={dirs / 'nope'}"], monkeypatch, capsys)
+    assert code == 2 and "nope" in _one_line(err)
