@@ -41,7 +41,7 @@ from .summary import summarize
 
 # Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
 # old caches. 2: stricter validation (duplicate keys, conflicting fields, lone surrogates).
-FORMAT_VERSION = 8  # 3: assistant "weight" 0 untrained, Alpaca records, text parts, tool replies stripped
+FORMAT_VERSION = 9  # 3: assistant "weight" 0 untrained, Alpaca records, text parts, tool replies stripped
 # 4: tool records checked as plain ones and as the server checks them, Alpaca tools, null arguments
 # 5: a reply with no trained segment untrained (its <|im_end|> too), an empty top-level "system" the default prompt
 # 6: after weight-0 replies, truncation cuts inside the first trained reply rather than keep context alone
@@ -49,6 +49,7 @@ FORMAT_VERSION = 8  # 3: assistant "weight" 0 untrained, Alpaca records, text pa
 # 8: public datasets' shapes: weights on prompt turns, Dolly / Open-Orca / Firefly columns, `conversation`, the
 #    chatgpt / model roles, columns repeating the turns; preference, KTO, multimodal data and ShareGPT's differing
 #    'markdown' refused
+# 9: tool records take the assistant's chatgpt / model roles
 TOO_LONG = "prompt longer than max_len (nothing left to train)"
 BATCH_ROWS = 512  # rows per Arrow record batch
 IN_MEMORY = "<records>"  # the "path" of records passed as a list

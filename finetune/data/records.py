@@ -373,6 +373,18 @@ def _weight(turn: dict, role: str, n: int) -> int:
     return int(w)
 
 
+def _react_role(turn):
+    """A tool conversation's turn with a role of ROLES (any case) written as its normalised role, under the key react
+    reads it from; other turns as they are (react names what it does not take)."""
+    if not isinstance(turn, dict):
+        return turn
+    key = "role" if turn.get("role") is not None else "from"
+    role = turn.get(key)
+    if isinstance(role, str) and role.lower() in ROLES:
+        return {**turn, key: ROLES[role.lower()]}
+    return turn
+
+
 def normalize_record(record: Any) -> dict:
     """Validate one record in any accepted form and return its normalised form; raise DataError if invalid.
 
@@ -432,6 +444,9 @@ def normalize_record(record: Any) -> dict:
                 raise DataError("invalid weight", f"turn {n}: 'weight' {quoted(turn['weight'], QUOTED)} is not "
                                 "supported in tool / function-call conversations (every assistant turn of one is "
                                 "trained)")
+        if isinstance(turns, list):  # the assistant's other names, as plain records take them (react: the server's)
+            record = {**record, "conversations" if record.get("conversations") is not None else "messages":
+                      [_react_role(t) for t in turns]}
         try:
             record = react.render_tool_record(record)
         except react.ReactError as e:

@@ -438,3 +438,17 @@ def test_tool_turns_with_null_synonyms_read_the_other_key():
     assert normalize_record({**OFFICIAL, "conversations": turns}) == normalize_record(OFFICIAL)
     assert react.is_tool_record({"conversations": turns})
     assert react.is_tool_record({"conversations": turns[:1] + turns[2:]})  # by its function turn alone
+
+
+@pytest.mark.parametrize("role", ["chatgpt", "model", "ChatGPT", "MODEL"])
+def test_tool_conversations_take_the_assistant_roles_plain_records_take(role):
+    """A tool conversation whose replies are "chatgpt" or "model" turns (as plain records take them) was refused as
+    an "unknown role"; the server's requests keep OpenAI's roles (its messages are not data files)."""
+    turns = json.loads(json.dumps(LLAMA_FACTORY))
+    turns["conversations"][3]["from"] = role
+    assert normalize_record(turns) == normalize_record(LLAMA_FACTORY)
+    messages = json.loads(json.dumps(OPENAI))
+    messages["messages"][3]["role"] = role
+    assert normalize_record(messages) == normalize_record(OPENAI)
+    with pytest.raises(react.ReactError, match=f"unknown role '{role.lower()}'"):  # (the server's path)
+        react.build_turns(messages["messages"], [WEATHER])
