@@ -12,12 +12,13 @@ carry `"weight": 0` (OpenAI's fine-tuning format: context, not trained) and, in 
 record, so downstream code can accept raw and normalised records alike.
 
 Accepted forms: `conversations` (Qwen's and ShareGPT's from/value turns), `messages` (OpenAI's role/content,
-content as a string or a list of text parts), `conversation` (lmsys-chat-1m's role/content turns, Firefly's
-{"human", "assistant"} pairs), tool / function-call conversations (react.py), and the Alpaca form LLaMA-Factory
-uses (`instruction`, optional `input`, `output`, optional `system` and `history` of [query, reply] pairs, optional
-`tools`: the user turn is the instruction, a newline and the input when there is one), with the column layouts of
-other public datasets read by the same rule (Dolly's, Open-Orca's, firefly-train-1.1M's: `_COLUMNS`). Records
-of data made for other training (preference pairs, KTO labels, images) are refused saying what they are.
+content as a string or a list of text parts; LLaMA-Factory v1's {"type", "value"} parts and `loss_weight`),
+`conversation` (lmsys-chat-1m's role/content turns, Firefly's {"human", "assistant"} pairs), tool / function-call
+conversations (react.py), and the Alpaca form LLaMA-Factory uses (`instruction`, optional `input`, `output`,
+optional `system` and `history` of [query, reply] pairs, optional `tools`: the user turn is the instruction, a
+newline and the input when there is one), with the column layouts of other public datasets read by the same rule
+(Dolly's, Open-Orca's, firefly-train-1.1M's: `_COLUMNS`). Records of data made for other training (preference
+pairs, KTO labels, images) are refused saying what they are.
 
 Reading streams: JSONL line by line, a JSON array element by element (`raw_decode` over the text, so the
 whole corpus never exists as one big Python list), so each record is validated as it is read and an
@@ -350,26 +351,117 @@ def _other_data(record: dict) -> DataError | None:
     return None
 
 
+# LLaMA-Factory's v1 data writes a message's content as {"type", "value"} parts: its renderer joins the text parts
+# (no separator), makes tool_call parts (JSON text of {"name", "arguments"}) the message's OpenAI tool_calls, and reads
+# image_url / video_url / audio_url parts as media and reasoning parts as the template's thinking text
+_V1_MEDIA = ("image_url", "video_url", "audio_url")
+
+
+def _turn_content_key(turn) -> str | None:
+    """The key of a turn's content when it is a list holding a v1 part (one with a "value"), else None."""
+    if not isinstance(turn, dict):
+        return None
+    key = "content" if turn.get("content") is not None else "value"
+    parts = turn.get(key)
+    if isinstance(parts, list) and any(isinstance(p, dict) and "value" in p for p in parts):
+        return key
+    return None
+
+
+def _from_v1_parts(record: dict) -> dict:
+    """A record whose turns hold LLaMA-Factory v1 content parts -> the same record with them in OpenAI's form (a text
+    part's "value" is its text; tool_call parts the assistant message's `tool_calls`), which react and the plain
+    reading take as they are; other v1 parts are refused naming the part. The record itself when it has none."""
+    for key in ("conversations", "messages"):  # (both: two copies of one conversation are compared later)
+        turns = record.get(key)
+        if isinstance(turns, list) and any(_turn_content_key(t) for t in turns):
+            record = {**record, key: _v1_turns(turns)}
+    return record
+
+
+def _v1_turns(turns: list) -> list:
+    """`_from_v1_parts` of one list of turns (counted from 1 in errors)."""
+    out = []
+    for n, turn in enumerate(turns, 1):
+        if (content_key := _turn_content_key(turn)) is None:
+            out.append(turn)
+            continue
+        role = turn.get("role") if turn.get("role") is not None else turn.get("from")
+        role = ROLES.get(role.lower(), role) if isinstance(role, str) else role
+        parts, calls = [], []
+        for i, part in enumerate(turn[content_key], 1):
+            if not isinstance(part, dict) or "value" not in part:
+                parts.append(part)  # (OpenAI's parts; anything else is named by the reading of parts)
+                continue
+            kind, value, where = part.get("type"), part["value"], f"turn {n}, content part {i}"
+            if "text" in part:
+                raise DataError("invalid value", f"{where} has both 'text' (OpenAI's part) and 'value' (LLaMA-Factory "
+                                "v1's); keep one")
+            if kind == "text" and isinstance(value, str):
+                parts.append({"type": "text", "text": value})
+            elif kind == "tool_call" and role == "assistant" and isinstance(value, str):
+                calls.append({"type": "function", "function": _v1_call(value, where)})
+            elif kind in _V1_MEDIA:
+                raise DataError("multimodal data", f"{where} is media (LLaMA-Factory v1's {kind!r} part); this model "
+                                "reads text only: leave such records out (--skip_invalid), or drop the media parts")
+            elif kind == "reasoning":
+                raise DataError("invalid value", f"{where} is a reasoning part (LLaMA-Factory v1's thinking text, "
+                                "which templates with a thinking field render); Qwen's chat format has none: drop "
+                                "it, or make it a text part to train it as part of the reply")
+            else:
+                raise DataError("invalid value", f"{where} is {quoted(part, QUOTED)}; of LLaMA-Factory v1's parts, "
+                                "text parts ({\"type\": \"text\", \"value\": \"...\"}) and an assistant's tool_call "
+                                "parts (JSON text of {\"name\", \"arguments\"}) are read")
+        new = {**turn, content_key: parts}
+        if calls:
+            if turn.get("tool_calls"):
+                raise DataError("invalid value", f"turn {n} has both tool_call parts and 'tool_calls'; keep one")
+            new["tool_calls"] = calls
+        out.append(new)
+    return out
+
+
+def _v1_call(value: str, where: str) -> dict:
+    """A v1 tool_call part's value: JSON text of one {"name", "arguments"} object (react checks the two)."""
+    try:
+        call = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DataError("invalid value", f"{where}: a tool_call part's value is not JSON ({json_reason(e)})") from None
+    if not isinstance(call, dict):
+        raise DataError("invalid value", f"{where}: a tool_call part's value must be JSON text of {{\"name\": ..., "
+                        f"\"arguments\": ...}}, got {react.json_type(call)}")
+    return call
+
+
 def trained_reply(message: dict) -> bool:
     """Whether a normalised assistant message is trained: weight 1 and, with `segments`, one of them trained (a
     reply whose segments are all untrained is context, as one of weight 0: its <|im_end|> is not trained either)."""
     return message.get("weight", 1) != 0 and any(t for _, t in message.get("segments", [["", True]]))
 
 
+def _weight_of(turn: dict, n: int) -> tuple[str, Any]:
+    """(key, value) of a turn's weight: `weight`, or LLaMA-Factory v1's `loss_weight` (its converters write 1.0 on the
+    assistant's turns, 0.0 on the prompts'); both set and different is an error."""
+    w = _one_of(turn, "weight", "loss_weight", f"turn {n}")
+    return ("weight" if turn.get("weight") is not None else "loss_weight"), w
+
+
 def _weight(turn: dict, role: str, n: int) -> int:
-    """A turn's `weight`: 1 (trained, also when absent or null) or 0 (context only), a JSON number equal to either
-    (0.0 / 1.0 too; a boolean is no weight). OpenAI's fine-tuning format sets it on assistant turns; ShareGPT exports
-    (OpenHermes-2.5, SlimOrca) on every turn, 0 on the prompts, which are not trained anyway: accepted. A prompt turn
-    (system, user; a tool's result) of weight 1 cannot be trained on its own: refused, naming --train_on_prompt."""
-    w = turn.get("weight")
+    """A turn's `weight` (or `loss_weight`): 1 (trained, also when absent or null) or 0 (context only), a JSON number
+    equal to either (0.0 / 1.0 too; a boolean is no weight). OpenAI's fine-tuning format sets it on assistant turns;
+    ShareGPT exports (OpenHermes-2.5, SlimOrca) and LLaMA-Factory's v1 data on every turn, 0 on the prompts, which are
+    not trained anyway: accepted. A prompt turn (system, user; a tool's result) of weight 1 cannot be trained on its
+    own: refused, naming --train_on_prompt. A weight between 0 and 1 (v1's loss_weight scales a turn's loss) is
+    refused: training here has no per-turn loss scale."""
+    key, w = _weight_of(turn, n)
     if w is None:
         return 1
     if isinstance(w, bool) or not isinstance(w, (int, float)) or w not in (0, 1):
-        raise DataError("invalid weight", f"turn {n} ({role}) has weight {quoted(w, QUOTED)}; it must be 0 (not "
+        raise DataError("invalid weight", f"turn {n} ({role}) has {key} {quoted(w, QUOTED)}; it must be 0 (not "
                         "trained) or 1 (trained)")
     if role not in ("assistant", "function_call") and w == 1:
-        raise DataError("invalid weight", f"turn {n} ({role}) has weight 1, but a prompt turn is not trained on its "
-                        "own: --train_on_prompt trains every prompt turn; give it weight 0 or none")
+        raise DataError("invalid weight", f"turn {n} ({role}) has {key} 1, but a prompt turn is not trained on its "
+                        f"own: --train_on_prompt trains every prompt turn; give it {key} 0 or none")
     return int(w)
 
 
@@ -408,6 +500,7 @@ def normalize_record(record: Any) -> dict:
             raise DataError(f"both '{key}' and {fields}", f"the record has '{key}' and "
                             f"{', '.join(repr(k) for k in columns)}, which do not repeat its first exchange; keep one "
                             "form (the other would be ignored)")
+    record = _from_v1_parts(record)
     if record.get("system") == "":
         # an empty 'system' column of an export (LLaMA-Factory's Alpaca / ShareGPT files have one on every row) is
         # the default prompt, as LLaMA-Factory reads it; a system turn of empty text stays an empty prompt
@@ -441,9 +534,9 @@ def normalize_record(record: Any) -> dict:
             raw_role = turn.get("from") if turn.get("from") is not None else turn.get("role")
             role = ROLES.get(raw_role.lower(), raw_role.lower()) if isinstance(raw_role, str) else str(raw_role)
             if _weight(turn, role, n) == 0 and role in ("assistant", "function_call"):
-                raise DataError("invalid weight", f"turn {n}: 'weight' {quoted(turn['weight'], QUOTED)} is not "
-                                "supported in tool / function-call conversations (every assistant turn of one is "
-                                "trained)")
+                key, w = _weight_of(turn, n)
+                raise DataError("invalid weight", f"turn {n}: {key!r} {quoted(w, QUOTED)} is not supported in tool / "
+                                "function-call conversations (every assistant turn of one is trained)")
         if isinstance(turns, list):  # the assistant's other names, as plain records take them (react: the server's)
             record = {**record, "conversations" if record.get("conversations") is not None else "messages":
                       [_react_role(t) for t in turns]}

@@ -93,6 +93,85 @@ def test_weights_on_a_tool_conversations_prompts_are_read_as_on_others():
                                                                                  "conversations": turns}))
 
 
+# -- LLaMA-Factory's v1 data: content parts of {"type", "value"}, per-message loss_weight ------------------------
+
+def v1(role, *parts, loss_weight=None):
+    """A message as LLaMA-Factory v1's converters write it: parts given as (type, value)."""
+    m = {"role": role, "content": [{"type": t, "value": v} for t, v in parts]}
+    return m if loss_weight is None else {**m, "loss_weight": loss_weight}
+
+
+def test_llama_factory_v1_messages_read_as_the_conversation_they_are(tmp_path):
+    """v1's data (its data/v1_sft_demo.jsonl, its converters' output) writes each message's content as parts whose
+    "value" is the text, and a loss_weight on every message (0.0 on prompts, 1.0 on the assistant's): refused as
+    "only text content parts ({"type": "text", "text": ...})". A text part's value is its text (several parts joined
+    as v1 joins them, with nothing between), an assistant's loss_weight 0.0 is context as "weight": 0, and messages
+    without one (v1's multimodal demo writes none) are trained as v1 trains them."""
+    demo = {"messages": [v1("user", ("text", "hi"), loss_weight=0.0),
+                         v1("assistant", ("text", "Hello! I am "), ("text", "Qwen."), loss_weight=1.0)]}
+    (rec,) = load_records(write_jsonl(tmp_path / "v1_sft.jsonl", [demo]))
+    assert rec == exchange("hi", "Hello! I am Qwen.")
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    assert encode_conversation(tok, demo) == encode_conversation(tok, rec)
+    turns = [v1("system", ("text", "Be brief.")), v1("user", ("text", "q1")), v1("assistant", ("text", "a1")),
+             v1("user", ("text", "q2"), loss_weight=0.0), v1("assistant", ("text", "a2"))]
+    turns[2]["loss_weight"] = 0.0
+    assert normalize_record({"messages": turns}) == {
+        "id": None, "system": "Be brief.", "messages": [
+            {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "weight": 0},
+            {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}]}
+
+
+def test_llama_factory_v1_tool_calls_read_as_its_sharegpt_form():
+    """v1's ShareGPT converter writes a function_call turn as an assistant message of tool_call parts (JSON text of
+    {"name", "arguments"}, which its renderer makes the message's tool_calls) and an observation as a tool message:
+    the same conversation as the ShareGPT form it came from."""
+    tools = json.dumps([{"name": "get_weather", "description": "Weather of a city.",
+                         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}])
+    call = json.dumps({"name": "get_weather", "arguments": {"city": "Paris"}})
+    sharegpt = {"tools": tools, "conversations": [
+        {"from": "human", "value": "Weather in Paris?"}, {"from": "function_call", "value": call},
+        {"from": "observation", "value": "sunny"}, {"from": "gpt", "value": "It is sunny."}]}
+    converted = {"tools": tools, "messages": [
+        v1("user", ("text", "Weather in Paris?"), loss_weight=0.0),
+        v1("assistant", ("tool_call", call), loss_weight=1.0),
+        v1("tool", ("text", "sunny"), loss_weight=0.0), v1("assistant", ("text", "It is sunny."), loss_weight=1.0)]}
+    assert normalize_record(converted) == normalize_record(sharegpt)
+
+
+@pytest.mark.parametrize("message, reason, detail", [
+    (v1("user", ("image_url", "data/1.jpg"), ("text", "Who?")), "multimodal data",
+     "turn 1, content part 1 is media (LLaMA-Factory v1's 'image_url' part); this model reads text only"),
+    (v1("user", ("text", 3)), "invalid value", "turn 1, content part 1 is {'type': 'text', 'value': 3}; of "
+     "LLaMA-Factory v1's parts, text parts ({\"type\": \"text\", \"value\": \"...\"}) and an assistant's tool_call "
+     "parts"),
+    (v1("user", ("tool_call", "{}")), "invalid value", "turn 1, content part 1 is {'type': 'tool_call'"),
+    ({"role": "user", "content": [{"type": "text", "text": "a", "value": "b"}]}, "invalid value",
+     "turn 1, content part 1 has both 'text' (OpenAI's part) and 'value' (LLaMA-Factory v1's); keep one"),
+    (v1("user", ("text", "q"), loss_weight=0.5), "invalid weight", "turn 1 (user) has loss_weight 0.5; it must be 0"),
+    (v1("user", ("text", "q"), loss_weight=1.0), "invalid weight", "turn 1 (user) has loss_weight 1, but a prompt "
+     "turn is not trained on its own: --train_on_prompt trains every prompt turn; give it loss_weight 0 or none"),
+    ({**v1("user", ("text", "q")), "weight": 0, "loss_weight": 1}, "both 'weight' and 'loss_weight'", "turn 1 has"),
+])
+def test_llama_factory_v1_parts_and_weights_it_cannot_honour_are_refused(message, reason, detail):
+    e = refused({"messages": [message, v1("assistant", ("text", "a"))]})
+    assert e.reason == reason and detail in str(e), str(e)
+    e = refused({"messages": [v1("user", ("text", "q")), v1("assistant", ("reasoning", "hm"), ("text", "a"))]})
+    assert "turn 2, content part 1 is a reasoning part" in str(e), str(e)
+    call = v1("assistant", ("tool_call", "get_weather(city='Paris')"))
+    assert "turn 2, content part 1: a tool_call part's value is not JSON" in str(
+        refused({"messages": [v1("user", ("text", "q")), call]}))
+
+
+def test_the_server_keeps_refusing_v1_parts():
+    """OpenAI's API has no {"type": "text", "value": ...} part: a request holding one stays a 400, as before."""
+    from finetune import react
+
+    with pytest.raises(react.ReactError, match="only text content parts") as e:
+        react.build_turns([v1("user", ("text", "q"))], [])
+    assert e.value.field == "messages[0].content[0]"
+
+
 # -- other layouts of one exchange, and `conversation` --------------------------------------------------------------
 
 DOLLY_CONTEXT = "Virgin Australia commenced services on 31 August 2000 as Virgin Blue."
