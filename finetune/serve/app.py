@@ -328,9 +328,10 @@ def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest,
                   finish: str | None = None) -> tuple[dict, str | None]:
     """The assistant message of a ReAct reply: a tool/function call or the final answer (``run.after_result``: the
     reply continues the open turn after a tool result, see react.parse_reply). ``run.reply_start``: the start of a
-    call that tool_choice forced (in the prompt), joined to the text here; ``run.forced_call`` the function it calls. A "required" reply that calls no function of the
-    request is a 500 (the model did not write what was asked for), unless max_tokens (``finish`` "length") cut it
-    before its call was whole: then its text is the answer, as any reply cut short."""
+    call that tool_choice forced (in the prompt), joined to the text here; ``run.forced_call`` the function it calls.
+    A "required" reply that calls no function of the request is a 500 (the model did not write what was asked for),
+    unless max_tokens (``finish`` "length") cut it before its call was whole: then its text is the answer, as any
+    reply cut short."""
     content, call = react.parse_reply(run.reply_start + text, run.after_result)
     if run.reply_start:
         forced = run.forced_call

@@ -249,7 +249,8 @@ def recorded_base(specs: list[str]):
                          "then the base is the one the adapter records")
     bases = {}
     for name, ref in parse_adapters(specs, base=""):
-        bases.setdefault(resolve_base(adapter_dir(name, ref)), []).append(name)  # (its checks: a base that cannot be found, ...)
+        # (resolve_base's checks: a base that cannot be found, another model's fingerprint, ...)
+        bases.setdefault(resolve_base(adapter_dir(name, ref)), []).append(name)
     if len(bases) > 1:
         which = "; ".join(f"{', '.join(names)} on {base}" for base, names in bases.items())
         raise ValueError(f"the adapters record different base models ({which}): one server serves one base; give it "
