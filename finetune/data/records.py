@@ -146,9 +146,18 @@ def _one_of(obj: dict, k1: str, k2: str, what: str, same=lambda a, b: a == b):
     return a
 
 
+def _role_name(role):
+    """A raw turn's role as normalised where ROLES knows it (any case), else as given."""
+    return ROLES.get(role.lower(), role) if isinstance(role, str) else role
+
+
+def _raw_role(turn: dict):
+    """A raw turn's role, unchecked: 'from', else 'role' (as _one_of reads them, without its agreement check)."""
+    return turn.get("from") if turn.get("from") is not None else turn.get("role")
+
+
 def _same_role(a, b) -> bool:
-    norm = (lambda r: ROLES.get(r.lower(), r) if isinstance(r, str) else r)
-    return norm(a) == norm(b)
+    return _role_name(a) == _role_name(b)
 
 
 def _said(turns) -> list | None:
@@ -158,9 +167,8 @@ def _said(turns) -> list | None:
         return None
     out = []
     for t in turns:
-        role = t.get("from") if t.get("from") is not None else t.get("role")
         text = t.get("value") if t.get("value") is not None else t.get("content")
-        out.append((ROLES.get(role.lower(), role) if isinstance(role, str) else role, text,
+        out.append((_role_name(_raw_role(t)), text,
                     {k: v for k, v in t.items() if k not in ("from", "role", "value", "content")}))
     return out
 
@@ -341,8 +349,7 @@ def _other_data(record: dict) -> DataError | None:
         turns = next((record[k] for k in ("conversations", "messages", "conversation") if record.get(k) is not None),
                      None)
         last = turns[-1] if isinstance(turns, list) and turns else None
-        role = (last.get("from") if last.get("from") is not None else last.get("role")) \
-            if isinstance(last, dict) else None
+        role = _raw_role(last) if isinstance(last, dict) else None
         if isinstance(role, str) and ROLES.get(role.lower()) == "assistant":
             return None  # the record's own conversation, a reply at its end, is what it trains
         return DataError("preference data", f"the record has {chosen!r} and {rejected!r} replies (DPO / reward-model "
@@ -386,8 +393,7 @@ def _v1_turns(turns: list) -> list:
         if (content_key := _turn_content_key(turn)) is None:
             out.append(turn)
             continue
-        role = turn.get("role") if turn.get("role") is not None else turn.get("from")
-        role = ROLES.get(role.lower(), role) if isinstance(role, str) else role
+        role = _role_name(_one_of(turn, "from", "role", f"turn {n}", _same_role))
         parts, calls = [], []
         for i, part in enumerate(turn[content_key], 1):
             if not isinstance(part, dict) or "value" not in part:
@@ -529,9 +535,8 @@ def normalize_record(record: Any) -> dict:
             if not isinstance(turn, dict):
                 continue  # (react names it)
             # react reads one key of each synonymous pair: two that disagree are refused as in other records
-            _one_of(turn, "from", "role", f"turn {n}", _same_role)
+            raw_role = _one_of(turn, "from", "role", f"turn {n}", _same_role)
             _one_of(turn, "value", "content", f"turn {n}")
-            raw_role = turn.get("from") if turn.get("from") is not None else turn.get("role")
             role = ROLES.get(raw_role.lower(), raw_role.lower()) if isinstance(raw_role, str) else str(raw_role)
             if _weight(turn, role, n) == 0 and role in ("assistant", "function_call"):
                 key, w = _weight_of(turn, n)
