@@ -5,9 +5,10 @@ layer probe (mma_gemv_probe.py, mma_gemm_probe.py: each launch timed alone) 2-4x
 step; this times what the step gains, ~1 s a candidate and row count instead of a process per decode_bench run.
 
 A candidate is NAME or NAME:ENTRY+ENTRY..., an entry "mb,K,N=config": a 3-value config (warps, depth, CTAs an SM)
-goes to mma_gemv.SHAPE_CONFIGS (the 1-8 row GEMV, mb = 1), a 4-value one (warps, tiles a warp, depth, CTAs an SM;
+goes to mma_gemv.SHAPE_CONFIGS (the 1-8 row GEMV, mb = 1; "lora,mb,K,N=..." to its LORA_SHAPE_CONFIGS, the build
+with an adapter's epilogue), a 4-value one (warps, tiles a warp, depth, CTAs an SM;
 a fifth: groups of warps along the rows) to mma_gemm.SHAPE_CONFIGS (9-64 rows, mb = 8-row blocks 2, 4, 8), on top
-of the shipped entries ("base": none added; a candidate named "general" empties both tables); an entry
+of the shipped entries ("base": none added; a candidate named "general" empties the tables); an entry
 "switch=0|1" (a field of finetune/settings.py, e.g. paired_decode=0) holds for that candidate's runs, and so does
 "module.NAME=N", an integer constant of a module of finetune/inference or finetune/quant (e.g.
 row_adapters.PAIRED_LORA_MAX_ROWS=8; a range constant such as XA_IN_SWIGLU_ROWS takes "a-b"). Each added
@@ -41,14 +42,16 @@ from finetune.quant import mma_gemm, mma_gemv  # noqa: E402
 from finetune.quant.packing import dequantize_t  # noqa: E402
 from finetune.settings import override  # noqa: E402
 
-SHIPPED = {"gemv": dict(mma_gemv.SHAPE_CONFIGS), "gemm": dict(mma_gemm.SHAPE_CONFIGS)}
+TABLES = {"gemv": (mma_gemv, "SHAPE_CONFIGS"), "gemv_lora": (mma_gemv, "LORA_SHAPE_CONFIGS"),
+          "gemm": (mma_gemm, "SHAPE_CONFIGS")}
+SHIPPED = {kind: dict(getattr(module, name)) for kind, (module, name) in TABLES.items()}
 
 
 def parse(candidate: str) -> tuple[str, dict]:
     """NAME[:entries] -> (name, {"gemv": {...}, "gemm": {...}, "settings": {...}}): table entries added to the shipped
     ones, and settings switches."""
     name, _, spec = candidate.partition(":")
-    added: dict = {"gemv": {}, "gemm": {}, "settings": {}, "constants": {}}
+    added: dict = {"gemv": {}, "gemv_lora": {}, "gemm": {}, "settings": {}, "constants": {}}
     for entry in filter(None, spec.split("+")):
         shape, config = entry.split("=")
         if "." in shape:  # module.NAME=value: a constant of the package for this candidate's runs
@@ -58,10 +61,12 @@ def parse(candidate: str) -> tuple[str, dict]:
         if shape.isidentifier():  # a switch of finetune/settings.py for this candidate (paired_decode=0)
             added["settings"][shape] = bool(int(config)) if config in ("0", "1") else int(config)
             continue
-        shape, config = tuple(map(int, shape.split(","))), tuple(map(int, config.split(",")))
-        if len(shape) != 3 or len(config) not in (3, 4, 5):
-            raise SystemExit(f"{candidate}: entry {entry!r} is not mb,K,N=w,d,s (GEMV) or mb,K,N=w,t,d,s[,g] (GEMM)")
-        added["gemv" if len(config) == 3 else "gemm"][shape] = config
+        lora = shape.startswith("lora,")
+        shape, config = tuple(map(int, shape.removeprefix("lora,").split(","))), tuple(map(int, config.split(",")))
+        if len(shape) != 3 or len(config) not in (3, 4, 5) or (lora and len(config) != 3):
+            raise SystemExit(f"{candidate}: entry {entry!r} is not [lora,]mb,K,N=w,d,s (GEMV) or mb,K,N=w,t,d,s[,g] "
+                             "(GEMM)")
+        added["gemv_lora" if lora else "gemv" if len(config) == 3 else "gemm"][shape] = config
     return name, added
 
 
@@ -89,11 +94,12 @@ SHIPPED_CONSTANTS: dict = {}  # (module, NAME) -> the shipped value, for constan
 
 
 def apply(name: str, added: dict) -> None:
-    for kind, module in (("gemv", mma_gemv), ("gemm", mma_gemm)):
-        module.SHAPE_CONFIGS.clear()
+    for kind, (module, table) in TABLES.items():
+        entries = getattr(module, table)
+        entries.clear()
         if name != "general":
-            module.SHAPE_CONFIGS.update(SHIPPED[kind])
-        module.SHAPE_CONFIGS.update(added[kind])
+            entries.update(SHIPPED[kind])
+        entries.update(added[kind])
     for (module, attr), value in SHIPPED_CONSTANTS.items():
         setattr(package_module(module), attr, value)
     for (module, attr), value in added["constants"].items():
@@ -107,20 +113,20 @@ def touches(added: dict, rows: int) -> bool:
     if added["settings"] or added["constants"]:
         return True
     if rows < mma_gemm.MIN_ROWS:
-        return any(mb == mma_gemv.row_blocks(rows) for mb, _, _ in added["gemv"])
+        return any(mb == mma_gemv.row_blocks(rows) for mb, _, _ in [*added["gemv"], *added["gemv_lora"]])
     return any(mb == mma_gemm.row_blocks(rows) for mb, _, _ in added["gemm"])
 
 
 def check(added: dict, device) -> str | None:
     """Why an added entry is wrong (its product off the exact one), or None."""
-    for kind in ("gemv", "gemm"):
+    for kind in ("gemv", "gemv_lora", "gemm"):
         for (mb, K, N), config in added[kind].items():
             p = random_layer(K, N, device, seed=5)
             exact = dequantize_t(**p, bits=4, dtype=torch.float32)
             packed = mma_gemv.repack(**p, group_size=128)
             rows = 8 * mb
             x = torch.randn(rows, K, device=device, dtype=torch.bfloat16)
-            fn = mma_gemv.mma_gemv if kind == "gemv" else mma_gemm.mma_gemm
+            fn = mma_gemm.mma_gemm if kind == "gemm" else mma_gemv.mma_gemv
             y = fn(x, *packed[:4], 128, packed[4], config=config)
             ref = x.float() @ exact
             err = ((y.float() - ref).norm() / ref.norm()).item()
@@ -196,7 +202,8 @@ def main(argv=None) -> int:
                     ms = step_ms(model, tok, rows, args.prompt, args.reps, adapter)
                 row = dict(candidate=name, round=rnd, rows=rows, prompt=args.prompt, adapter_rank=args.adapter,
                            replay_ms=round(ms, 4), tokens_per_s=round(rows / ms * 1e3, 1),
-                           gemv=str(mma_gemv.SHAPE_CONFIGS), gemm=str(mma_gemm.SHAPE_CONFIGS),
+                           gemv=str(mma_gemv.SHAPE_CONFIGS), gemv_lora=str(mma_gemv.LORA_SHAPE_CONFIGS),
+                           gemm=str(mma_gemm.SHAPE_CONFIGS),
                            settings=str(added["settings"]),
                            constants={f"{m}.{a}": str(v) for (m, a), v in added["constants"].items()})
                 print(json.dumps(row), flush=True)

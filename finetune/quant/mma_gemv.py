@@ -59,15 +59,23 @@ CONFIGS = {1: (8, 1, 2), 2: (4, 1, 4), 4: (4, 1, 2)}  # by row_blocks()
 # warps a CTA and 4 CTAs an SM: c_attn +1.6-1.9% (NOTES step 73), then w1 and w2's pair (the paired decode launch,
 # 27,392 outputs) +3.9% more (step 74), and w1 and w2 alone (unpaired where an adapter's epilogue runs) 0.9% of the
 # adapter's step (step 75). The two c_proj keep CONFIGS: (4, 1, 4) gained 0.3% on mlp.c_proj without an adapter and
-# lost 4% with one (step 75). Other shapes use CONFIGS.
-SHAPE_CONFIGS = {(1, 5120, 15360): (4, 1, 4), (1, 5120, 27392): (4, 1, 4), (1, 5120, 13696): (4, 1, 4)}
+# lost 4% with one (step 75). mlp.c_proj at (4, 1, 6): three splits, 960 CTAs of 4 warps, ~0.9 of the wave that
+# fits where (8, 1, 2) gave 320 CTAs of 8 warps, 0.61 of it: the one-row step 1.4% shorter on an H200, the 8-row step
+# 0.9% (step 100). Other shapes use CONFIGS.
+SHAPE_CONFIGS = {(1, 5120, 15360): (4, 1, 4), (1, 5120, 27392): (4, 1, 4), (1, 5120, 13696): (4, 1, 4),
+                 (1, 13696, 5120): (4, 1, 6)}
+# The low-rank build's own entries, where its measured best differs from SHAPE_CONFIGS': mlp.c_proj's (4, 1, 6) made
+# the adapter's one-row step 6.5% longer (step 100), so with an adapter it keeps its row blocks' config.
+LORA_SHAPE_CONFIGS = {(1, 13696, 5120): CONFIGS[1]}
 
 
-def config_for(rows: int, K: int, N: int) -> tuple:
-    """The launch configuration for an [rows, K] x [K, N] product: the shape's own (SHAPE_CONFIGS), else its row
-    blocks' (CONFIGS)."""
-    mb = row_blocks(rows)
-    return SHAPE_CONFIGS.get((mb, K, N), CONFIGS[mb])
+def config_for(rows: int, K: int, N: int, low_rank: bool = False) -> tuple:
+    """The launch configuration for an [rows, K] x [K, N] product: the shape's own (LORA_SHAPE_CONFIGS first for the
+    build with the low-rank epilogue, then SHAPE_CONFIGS), else its row blocks' (CONFIGS)."""
+    key = (row_blocks(rows), K, N)
+    if low_rank and key in LORA_SHAPE_CONFIGS:
+        return LORA_SHAPE_CONFIGS[key]
+    return SHAPE_CONFIGS.get(key, CONFIGS[key[0]])
 
 
 def row_blocks(rows: int) -> int:
@@ -898,7 +906,7 @@ def mma_gemv(x2d: torch.Tensor, wpack: torch.Tensor, scales: torch.Tensor, qzero
     x_given = x2d
     x2d = kernel_input(x2d, perm)
     mb = row_blocks(M)
-    warps, depth, per_sm = config or config_for(M, K, N)
+    warps, depth, per_sm = config or config_for(M, K, N, low_rank is not None)
     splits = split_count(C, T, warps, per_sm, torch.cuda.get_device_properties(x2d.device).multi_processor_count)
     kernel = _kernel(x2d.device, warps, mb, depth, group_size, lora=low_rank is not None)
     if kernel is None or isinstance(kernel, str):

@@ -20,13 +20,16 @@ def sweep():
 
 
 def test_entries_go_to_the_kernel_their_config_names(sweep):
-    name, added = sweep.parse("X:1,5120,5120=4,1,4+8,5120,27392=4,2,1,1+paired_decode=0")
+    name, added = sweep.parse("X:1,5120,5120=4,1,4+8,5120,27392=4,2,1,1+paired_decode=0+lora,1,13696,5120=8,1,2")
     assert name == "X"
-    assert added == {"gemv": {(1, 5120, 5120): (4, 1, 4)}, "gemm": {(8, 5120, 27392): (4, 2, 1, 1)},
-                     "settings": {"paired_decode": False}, "constants": {}}
-    assert sweep.parse("base") == ("base", {"gemv": {}, "gemm": {}, "settings": {}, "constants": {}})
-    with pytest.raises(SystemExit, match="is not mb,K,N"):
+    assert added == {"gemv": {(1, 5120, 5120): (4, 1, 4)}, "gemv_lora": {(1, 13696, 5120): (8, 1, 2)},
+                     "gemm": {(8, 5120, 27392): (4, 2, 1, 1)}, "settings": {"paired_decode": False}, "constants": {}}
+    assert sweep.parse("base") == ("base", {"gemv": {}, "gemv_lora": {}, "gemm": {}, "settings": {},
+                                            "constants": {}})
+    with pytest.raises(SystemExit, match="is not \\[lora,\\]mb,K,N"):
         sweep.parse("bad:1,5120=4,1,4")
+    with pytest.raises(SystemExit, match="is not"):  # the LoRA table is the GEMV's: 3-value configs only
+        sweep.parse("bad:lora,8,5120,27392=4,2,1,1")
 
 
 def test_a_candidate_runs_only_at_its_entries_row_counts(sweep):
@@ -36,23 +39,27 @@ def test_a_candidate_runs_only_at_its_entries_row_counts(sweep):
     assert [sweep.touches(gemv, r) for r in (1, 8, 9, 32, 64)] == [True, True, False, False, False]
     assert [sweep.touches(gemm64, r) for r in (1, 8, 32, 57, 64)] == [False, False, False, True, True]
     assert all(sweep.touches(switch, r) for r in (1, 8, 32, 64))
+    lora = sweep.parse("L:lora,1,13696,5120=8,1,2")[1]
+    assert [sweep.touches(lora, r) for r in (1, 8, 9, 64)] == [True, True, False, False]
 
 
 def test_candidates_land_on_the_shipped_tables_and_general_empties_them(sweep):
     from finetune.quant import mma_gemm, mma_gemv
 
-    shipped = dict(mma_gemv.SHAPE_CONFIGS), dict(mma_gemm.SHAPE_CONFIGS)
+    tables = mma_gemv.SHAPE_CONFIGS, mma_gemv.LORA_SHAPE_CONFIGS, mma_gemm.SHAPE_CONFIGS
+    shipped = tuple(dict(t) for t in tables)
     try:
-        sweep.apply(*sweep.parse("A:1,5120,5120=4,1,4"))
+        sweep.apply(*sweep.parse("A:1,5120,5120=4,1,4+lora,1,5120,5120=4,1,2"))
         assert mma_gemv.SHAPE_CONFIGS == {**shipped[0], (1, 5120, 5120): (4, 1, 4)}
-        assert mma_gemm.SHAPE_CONFIGS == shipped[1]
+        assert mma_gemv.LORA_SHAPE_CONFIGS == {**shipped[1], (1, 5120, 5120): (4, 1, 2)}
+        assert mma_gemm.SHAPE_CONFIGS == shipped[2]
         sweep.apply(*sweep.parse("general"))
-        assert mma_gemv.SHAPE_CONFIGS == {} and mma_gemm.SHAPE_CONFIGS == {}
+        assert tables == ({}, {}, {})
         sweep.apply(*sweep.parse("base"))
-        assert (mma_gemv.SHAPE_CONFIGS, mma_gemm.SHAPE_CONFIGS) == shipped
+        assert tables == shipped
     finally:
-        mma_gemv.SHAPE_CONFIGS.clear(), mma_gemm.SHAPE_CONFIGS.clear()
-        mma_gemv.SHAPE_CONFIGS.update(shipped[0]), mma_gemm.SHAPE_CONFIGS.update(shipped[1])
+        for table, entries in zip(tables, shipped):
+            table.clear(), table.update(entries)
 
 
 def test_a_constant_holds_for_its_candidate_only_and_the_shipped_value_comes_back(sweep):

@@ -191,5 +191,8 @@ def test_a_shape_with_its_own_measured_config_gets_it_and_others_their_row_block
     assert G.config_for(1, 5120, 2 * 13696) == (4, 1, 4)  # its w1 and w2 side by side, one launch (step 74)
     assert G.config_for(8, 5120, 13696) == (4, 1, 4)  # w1 or w2 alone (an adapter's epilogue: not paired; step 75)
     assert G.config_for(1, 5120, 5120) == G.CONFIGS[1]  # attn.c_proj: the row blocks' own
+    assert G.config_for(1, 13696, 5120) == (4, 1, 6)  # mlp.c_proj: three splits, ~0.9 of a wave (step 100)
+    assert G.config_for(8, 13696, 5120, low_rank=True) == G.CONFIGS[1]  # ... not with an adapter's epilogue
+    assert G.config_for(1, 5120, 15360, low_rank=True) == (4, 1, 4)  # the LoRA build shares the other entries
     assert G.config_for(9, 5120, 15360) == G.CONFIGS[2]  # c_attn at 9-16 rows was not measured apart
     assert G.config_for(1, 4096, 12288) == G.CONFIGS[1]  # a Qwen-7B shape
