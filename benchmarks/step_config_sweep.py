@@ -117,21 +117,39 @@ def touches(added: dict, rows: int) -> bool:
     return any(mb == mma_gemm.row_blocks(rows) for mb, _, _ in added["gemm"])
 
 
-def check(added: dict, device) -> str | None:
-    """Why an added entry is wrong (its product off the exact one), or None."""
+# Qwen-14B's one-row-block launches (K, N), w1 and w2's pair among them: where a candidate's constants are checked
+GEMV_SHAPES_14B = ((5120, 15360), (5120, 5120), (5120, 27392), (13696, 5120))
+
+
+def relative_error(kind: str, K: int, N: int, rows: int, config, device) -> float:
+    """The kernel of `kind` at [rows, K] x [K, N] (config None: its table's) against the exact product."""
+    p = random_layer(K, N, device, seed=5)
+    exact = dequantize_t(**p, bits=4, dtype=torch.float32)
+    packed = mma_gemv.repack(**p, group_size=128)
+    x = torch.randn(rows, K, device=device, dtype=torch.bfloat16)
+    fn = mma_gemm.mma_gemm if kind == "gemm" else mma_gemv.mma_gemv
+    y = fn(x, *packed[:4], 128, packed[4], config=config)
+    ref = x.float() @ exact
+    return ((y.float() - ref).norm() / ref.norm()).item()
+
+
+def check(name: str, added: dict, device) -> str | None:
+    """Why an added entry is wrong (its product off the exact one), or None; a candidate that changes constants has
+    the one-row-block GEMV checked at the 14B's shapes (1 and 8 rows) with them in force."""
     for kind in ("gemv", "gemv_lora", "gemm"):
         for (mb, K, N), config in added[kind].items():
-            p = random_layer(K, N, device, seed=5)
-            exact = dequantize_t(**p, bits=4, dtype=torch.float32)
-            packed = mma_gemv.repack(**p, group_size=128)
-            rows = 8 * mb
-            x = torch.randn(rows, K, device=device, dtype=torch.bfloat16)
-            fn = mma_gemm.mma_gemm if kind == "gemm" else mma_gemv.mma_gemv
-            y = fn(x, *packed[:4], 128, packed[4], config=config)
-            ref = x.float() @ exact
-            err = ((y.float() - ref).norm() / ref.norm()).item()
+            err = relative_error(kind, K, N, 8 * mb, config, device)
             if not err < 1e-2:
                 return f"{kind} {(mb, K, N)} at {config}: relative error {err:.3g}"
+    if added["constants"]:
+        apply(name, added)
+        try:
+            for (K, N), rows in [(shape, rows) for shape in GEMV_SHAPES_14B for rows in (1, 8)]:
+                err = relative_error("gemv", K, N, rows, None, device)
+                if not err < 1e-2:
+                    return f"the GEMV at {(rows, K, N)} with {name}'s constants: relative error {err:.3g}"
+        finally:
+            apply("base", parse("base")[1])
     return None
 
 
@@ -181,7 +199,7 @@ def main(argv=None) -> int:
     candidates = [parse(c) for c in args.candidates]
     kept = []
     for name, added in candidates:
-        if problem := check(added, device):
+        if problem := check(name, added, device):
             print(json.dumps({"candidate": name, "skipped": problem}), flush=True)
         else:
             kept.append((name, added))
