@@ -41,7 +41,7 @@ from .summary import summarize
 
 # Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
 # old caches. 2: stricter validation (duplicate keys, conflicting fields, lone surrogates).
-FORMAT_VERSION = 10  # 3: assistant "weight" 0 untrained, Alpaca records, text parts, tool replies stripped
+FORMAT_VERSION = 11  # 3: assistant "weight" 0 untrained, Alpaca records, text parts, tool replies stripped
 # 4: tool records checked as plain ones and as the server checks them, Alpaca tools, null arguments
 # 5: a reply with no trained segment untrained (its <|im_end|> too), an empty top-level "system" the default prompt
 # 6: after weight-0 replies, truncation cuts inside the first trained reply rather than keep context alone
@@ -51,6 +51,7 @@ FORMAT_VERSION = 10  # 3: assistant "weight" 0 untrained, Alpaca records, text p
 #    'markdown' refused
 # 9: tool records take the assistant's chatgpt / model roles
 # 10: LLaMA-Factory v1's {"type", "value"} content parts (text, an assistant's tool_call) and per-message loss_weight
+# 11: TRL's prompt-completion records (two strings, or two lists of messages; the prompt's replies untrained)
 TOO_LONG = "prompt longer than max_len (nothing left to train)"
 BATCH_ROWS = 512  # rows per Arrow record batch
 IN_MEMORY = "<records>"  # the "path" of records passed as a list

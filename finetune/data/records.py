@@ -13,7 +13,8 @@ record, so downstream code can accept raw and normalised records alike.
 
 Accepted forms: `conversations` (Qwen's and ShareGPT's from/value turns), `messages` (OpenAI's role/content,
 content as a string or a list of text parts; LLaMA-Factory v1's {"type", "value"} parts and `loss_weight`),
-`conversation` (lmsys-chat-1m's role/content turns, Firefly's {"human", "assistant"} pairs), tool / function-call
+`conversation` (lmsys-chat-1m's role/content turns, Firefly's {"human", "assistant"} pairs), TRL's prompt-completion
+records (two strings, or two lists of messages whose prompt's assistant turns are context), tool / function-call
 conversations (react.py), and the Alpaca form LLaMA-Factory uses (`instruction`, optional `input`, `output`,
 optional `system` and `history` of [query, reply] pairs, optional `tools`: the user turn is the instruction, a
 newline and the input when there is one), with the column layouts of other public datasets read by the same rule
@@ -322,6 +323,74 @@ def _from_conversation(record: dict) -> dict:
     return {**{k: v for k, v in record.items() if k != "conversation"}, "conversations": turns}
 
 
+_PROMPT_COMPLETION = ("prompt", "completion")
+
+
+def _from_prompt_completion(record: dict, turns_key: str | None) -> dict:
+    """TRL's prompt-completion record -> the `messages` form; its other keys (id, system, tools, ...) kept.
+
+    The standard form's two strings become a user turn and the assistant's reply: TRL trains the completion as raw
+    text after the prompt's, a chat fine-tune as the reply of a Qwen chat, which is the point of one. The
+    conversational form's two lists of role / content messages are its turns in order, the prompt's assistant turns
+    as context (weight 0): TRL trains the completion alone. Turns are counted over the prompt, then the completion, in
+    the errors of the turns' own reading."""
+    invalid = "invalid prompt-completion record"
+    for key in _PROMPT_COMPLETION:
+        v = record.get(key)
+        if v is None or v == "" or v == []:
+            raise DataError(invalid, f"'{key}' is missing or empty")
+        if not isinstance(v, (str, list)):
+            raise DataError(invalid, f"'{key}' must be a string or an array of messages, got {react.json_type(v)}")
+        if isinstance(v, str) and not v.strip():
+            raise DataError(invalid, f"'{key}' is blank")
+    prompt, completion = record["prompt"], record["completion"]
+    if isinstance(prompt, str) != isinstance(completion, str):
+        raise DataError(invalid, f"'prompt' is {react.json_type(prompt)} and 'completion' {react.json_type(completion)}"
+                        ": give both as strings (TRL's standard form) or both as arrays of messages (its "
+                        "conversational form)")
+    if columns := [k for k in _COLUMN_KEYS if record.get(k) not in (None, "")]:
+        raise DataError(invalid, f"it has 'prompt' / 'completion' and {', '.join(repr(k) for k in columns)}: the "
+                        "fields of more than one layout; keep one (the other would be ignored)")
+    if isinstance(prompt, str):
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+    else:
+        for key, items in (("prompt", prompt), ("completion", completion)):
+            for i, item in enumerate(items, 1):
+                if not isinstance(item, dict):
+                    raise DataError(invalid, f"'{key}' item {i} is {react.json_type(item)}, not a message (an object "
+                                    "with 'role' and 'content')")
+        prompt_roles, completion_roles = ([_role_name(_raw_role(t)) for t in items] for items in (prompt, completion))
+        # (function_call: LLaMA-Factory's role for the assistant's calls, trained as its replies are)
+        if not any(r in ("assistant", "function_call") for r in completion_roles):
+            raise DataError(invalid, "'completion' holds no assistant turn: it is the reply to train")
+        if "user" in completion_roles:
+            raise DataError(invalid, f"'completion' item {completion_roles.index('user') + 1} is a user turn: TRL "
+                            "trains all of the completion, but a user turn is never trained here; put it in 'prompt'")
+        turns = prompt + completion
+    rest = {k: v for k, v in record.items() if k not in _PROMPT_COMPLETION}
+    # `messages` / `conversations` that repeat the turns (a dataset with both columns) leave nothing unread
+    for key in ("conversations", "messages"):
+        if rest.get(key) is not None and _said(rest.pop(key)) != _said(turns):
+            name = turns_key or key
+            raise DataError(f"both 'prompt' / 'completion' and '{name}'", f"the record has '{name}' and 'prompt' / "
+                            "'completion', which do not hold the same turns; keep one form (the other would be "
+                            "ignored)")
+    if isinstance(prompt, list):
+        replies = [i for i, r in enumerate(prompt_roles) if r in ("assistant", "function_call")]
+        if replies and react.is_tool_record({**rest, "messages": turns}):
+            raise DataError(invalid, f"'prompt' item {replies[0] + 1} is the assistant's, in a tool / function-call "
+                            "conversation, where every assistant turn is trained (TRL trains the completion alone): "
+                            "give the turns as 'messages' to train them all, or leave the record out (--skip_invalid)")
+        for i in replies:
+            key, w = _weight_of(prompt[i], i + 1)
+            if w is None:
+                turns[i] = {**prompt[i], "weight": 0}
+            elif w == 1 and not isinstance(w, bool):  # (another weight is the turns' reading's to judge)
+                raise DataError(invalid, f"'prompt' item {i + 1} has {key} {quoted(w, QUOTED)}, but the prompt is "
+                                "not trained (TRL's completion_only_loss): move the turn to 'completion'")
+    return {**rest, "messages": turns}
+
+
 # Media columns of multimodal chat data (LLaMA-Factory's lists, LLaVA's one image): the text holds <image> tags
 _MEDIA = ("images", "videos", "audios", "image", "video", "audio")
 _OTHER_DATA_KEYS = frozenset(_MEDIA + ("label", "kto_tag", "chosen", "rejected", "chosen_messages",
@@ -495,6 +564,10 @@ def normalize_record(record: Any) -> dict:
         record, turns_key = _from_conversation(record), "conversation"
     if not _OTHER_DATA_KEYS.isdisjoint(record) and (err := _other_data(record)) is not None:
         raise err
+    # TRL's prompt-completion data, told by its completion: a `prompt` beside `messages` (ultrachat_200k's) is a copy
+    # of the first user turn, left unread
+    if record.get("completion") is not None:
+        record = _from_prompt_completion(record, turns_key)
     form, columns = _columns_of(record) if not _COLUMN_KEY_SET.isdisjoint(record) else (None, [])
     if form is not None:
         chat = [k for k in ("conversations", "messages") if record.get(k) is not None]
@@ -561,11 +634,11 @@ def normalize_record(record: Any) -> dict:
                             "give the turns as 'messages' (role / content), or a prompt and its reply as the Alpaca "
                             "form's 'instruction' / 'output'")
         keys = ", ".join(quoted(k, QUOTED) for k in list(record)[:8]) + (", ..." if len(record) > 8 else "")
-        # a prompt and a reply under names no accepted layout uses (TRL's prompt / completion, question / answer):
-        # which is which is plain, but not how the dataset meant them to be laid out
+        # a prompt and a reply under names no accepted layout uses (question / answer, prompt / response): which is
+        # which is plain, but not how the dataset meant them to be laid out
         prompt = next((k for k in ("prompt", "question", "query", "instruction", "input")
                        if isinstance(record.get(k), str)), None)
-        reply = next((k for k in ("completion", "response", "answer", "output", "target")
+        reply = next((k for k in ("response", "answer", "output", "target")
                       if isinstance(record.get(k), str)), None)
         hint = (f"; a prompt and its reply? Rename {prompt!r} to 'instruction' and {reply!r} to 'output' (the Alpaca "
                 "form)" if prompt and reply else "")

@@ -253,6 +253,94 @@ def test_assistant_roles_of_real_dumps(role):
         exchange("q", "a")
 
 
+# -- TRL's prompt-completion data -----------------------------------------------------------------------------------
+
+def trained_text(tok, record):
+    out = encode_conversation(tok, record)
+    return tok.decode([t for t, label in zip(out["input_ids"], out["labels"]) if label != -100])
+
+
+def test_trl_standard_prompt_completion_is_one_exchange(tmp_path):
+    """TRL's standard prompt-completion records (two strings) were refused ("a prompt and its reply? Rename 'prompt'
+    to 'instruction' ..."). The prompt is the user turn and the completion the reply, in a Qwen chat (TRL joins them
+    as raw text); the record's other fields carry over as in the Alpaca form."""
+    record = {"id": 3, "system": "Be brief.", "prompt": "The sky is", "completion": " blue."}
+    (rec,) = load_records(write_jsonl(tmp_path / "trl.jsonl", [record]))
+    assert rec == exchange("The sky is", " blue.", "Be brief.", "3")
+    assert normalize_record(rec) == rec
+    assert trained_text(QWenTokenizer(str(SMALL_VOCAB)), record) == " blue.<|im_end|>"
+
+
+SKY = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What color is the sky?"},
+       {"role": "assistant", "content": "Blue."}, {"role": "user", "content": "And at night?"}]
+NIGHT = [{"role": "assistant", "content": "Black."}]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+CALL = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+    "name": "get_weather", "arguments": "{}"}}]}
+
+
+def test_trl_conversational_prompt_completion_trains_the_completion_alone():
+    """TRL's conversational form: the prompt's messages, then the completion's. TRL trains the completion alone, so an
+    assistant turn of the prompt (an earlier exchange of the chat) is context, as OpenAI's weight 0 is; the same
+    turns as `messages` train both replies."""
+    record = {"prompt": SKY, "completion": NIGHT}
+    rec = normalize_record(record)
+    assert rec == {"id": None, "system": "Be brief.", "messages": [
+        {"role": "user", "content": "What color is the sky?"}, {"role": "assistant", "content": "Blue.", "weight": 0},
+        {"role": "user", "content": "And at night?"}, {"role": "assistant", "content": "Black."}]}
+    tok = QWenTokenizer(str(SMALL_VOCAB))
+    as_messages = encode_conversation(tok, {"messages": SKY + NIGHT})
+    assert encode_conversation(tok, record)["input_ids"] == as_messages["input_ids"]
+    assert trained_text(tok, record) == "Black.<|im_end|>"
+    assert trained_text(tok, {"messages": SKY + NIGHT}) == "Blue.<|im_end|>Black.<|im_end|>"
+    # a `messages` column that repeats the turns is left unread: the prompt's reply stays untrained
+    assert normalize_record({**record, "messages": SKY + NIGHT}) == rec
+    # a completion of tool calls and results reads as the same turns under `messages` do (the ReAct layout)
+    tool_turns = [SKY[1], CALL, {"role": "tool", "content": "sunny"}, NIGHT[0]]
+    assert normalize_record({"tools": TOOLS, "prompt": tool_turns[:1], "completion": tool_turns[1:]}) == \
+        normalize_record({"tools": TOOLS, "messages": tool_turns})
+    # preference data in TRL's form (a prompt, chosen and rejected) stays refused as such
+    for pair in ({"prompt": SKY, "chosen": NIGHT, "rejected": [{"role": "assistant", "content": "Red."}]},
+                 {"prompt": "The sky is", "chosen": " blue.", "rejected": " green."}):
+        for extra in ({}, {"completion": pair["chosen"]}):
+            assert refused({**pair, **extra}).reason == "preference data"
+
+
+PC = "invalid prompt-completion record: "
+
+
+@pytest.mark.parametrize("record, said", [
+    ({"prompt": "q", "completion": NIGHT}, PC + "'prompt' is a string and 'completion' an array: give both as "
+     "strings (TRL's standard form) or both as arrays of messages (its conversational form)"),
+    ({"prompt": SKY, "completion": "Black."}, PC + "'prompt' is an array and 'completion' a string: give both as"),
+    ({"prompt": "", "completion": "a"}, PC + "'prompt' is missing or empty"),
+    ({"completion": "a"}, PC + "'prompt' is missing or empty"),
+    ({"prompt": SKY, "completion": []}, PC + "'completion' is missing or empty"),
+    ({"prompt": "q", "completion": " \n"}, PC + "'completion' is blank"),
+    ({"prompt": 3, "completion": "a"}, PC + "'prompt' must be a string or an array of messages, got a number"),
+    ({"prompt": SKY, "completion": [{"role": "tool", "content": "sunny"}]},
+     PC + "'completion' holds no assistant turn: it is the reply to train"),
+    ({"prompt": SKY, "completion": NIGHT + [{"role": "user", "content": "Thanks."}]}, PC + "'completion' item 2 is "
+     "a user turn: TRL trains all of the completion, but a user turn is never trained here; put it in 'prompt'"),
+    ({"prompt": ["What color is the sky?"], "completion": NIGHT},
+     PC + "'prompt' item 1 is a string, not a message (an object with 'role' and 'content')"),
+    ({"prompt": SKY[:2] + [{**SKY[2], "weight": 1}, SKY[3]], "completion": NIGHT}, PC + "'prompt' item 3 has weight "
+     "1, but the prompt is not trained (TRL's completion_only_loss): move the turn to 'completion'"),
+    ({"prompt": "q", "completion": "a", "instruction": "q", "output": "a"}, PC + "it has 'prompt' / 'completion' and "
+     "'instruction', 'output': the fields of more than one layout; keep one (the other would be ignored)"),
+    ({"prompt": "q", "completion": "a", "messages": [{"role": "user", "content": "q"}, {"role": "assistant",
+                                                                                         "content": "b"}]},
+     "both 'prompt' / 'completion' and 'messages': the record has 'messages' and 'prompt' / 'completion', which do "
+     "not hold the same turns; keep one form (the other would be ignored)"),
+    ({"tools": TOOLS, "prompt": [SKY[1], CALL, {"role": "tool", "content": "sunny"}], "completion": NIGHT},
+     PC + "'prompt' item 2 is the assistant's, in a tool / function-call conversation, where every assistant turn is "
+     "trained (TRL trains the completion alone): give the turns as 'messages' to train them all, or leave the record "
+     "out (--skip_invalid)"),
+])
+def test_trl_prompt_completion_records_that_cannot_train_as_meant_are_refused(record, said):
+    assert str(refused(record)).startswith(said), str(refused(record))
+
+
 # -- data made for other training, and other chatbots' turns: refused, saying what they are ----------------------
 
 LF_DPO = {"conversations": [{"from": "human", "value": "Hi! Help me name a game."}],
@@ -339,8 +427,8 @@ def test_sharegpt_markdown_beside_differing_html_is_refused():
 def test_plain_text_records_and_unknown_prompt_reply_columns_say_what_to_do():
     e = refused({"text": "Anarchism is a political philosophy ...", "url": "https://example.com"})  # c4, wiki dumps
     assert e.reason == "plain text" and "(pretraining data, or a chat already rendered into text)" in str(e)
-    assert str(refused({"prompt": "q", "completion": "a"})).endswith(
-        "its keys: 'prompt', 'completion'; a prompt and its reply? Rename 'prompt' to 'instruction' and 'completion' "
+    assert str(refused({"prompt": "q", "answer": "a"})).endswith(
+        "its keys: 'prompt', 'answer'; a prompt and its reply? Rename 'prompt' to 'instruction' and 'answer' "
         "to 'output' (the Alpaca form)")
 
 
