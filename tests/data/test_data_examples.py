@@ -21,8 +21,11 @@ def test_demo_memorize_set(data_small_tokenizer):
 
 def test_example_chat_forms():
     recs = load_records(DATA / "example_chat.jsonl")
-    assert len(recs) == 7 and recs.report.skipped == 0
+    assert len(recs) == 8 and recs.report.skipped == 0
     raw = (DATA / "example_chat.jsonl").read_text()
     assert '"messages"' in raw and '"human"' in raw and '"gpt"' in raw and '"conversations"' in raw
     assert '"weight": 0' in raw and '"type": "text"' in raw and '"instruction"' in raw  # OpenAI fine-tuning, Alpaca
     assert any(m.get("weight") == 0 for r in recs for m in r["messages"])
+    assert '"completion"' in raw  # TRL's prompt-completion
+    trl = next(r for r in recs if r.get("id") == "trl-1")
+    assert [m["role"] for m in trl["messages"]] == ["user", "assistant"]
