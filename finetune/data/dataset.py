@@ -1,9 +1,9 @@
 """Records -> an encoded (optionally packed) `datasets.Dataset`, cached by fingerprint, plus its summary.
 
   1. The records stream through validation and encoding straight into Arrow, in `num_proc` processes (a
-     JSONL file is split at line starts into byte ranges; a JSON array or dataset dir is read by one
-     process; an in-memory list is split into chunks). Nothing holds the corpus as Python objects as a
-     whole, and there is no intermediate Arrow copy of the raw records.
+     JSONL file is split at line starts into byte ranges, a Parquet file at row-group boundaries; a JSON
+     array or dataset dir is read by one process; an in-memory list is split into chunks). Nothing holds the
+     corpus as Python objects as a whole, and there is no intermediate Arrow copy of the raw records.
      The result is one Arrow file in `datasets`' on-disk format, named by a `datasets` Hasher fingerprint
      of everything that determines it (file path and an xxh3 hash of its bytes, of every file for a dataset
      dir, or the records themselves; tokenizer vocabulary; options; FORMAT_VERSION), opened as a
@@ -35,8 +35,8 @@ from pathlib import Path
 
 from .encoding import ChatEncoder, chat_encoder
 from .packing import PACK_BLOCK, pack_table, packed_schema
-from .records import (DataError, _is_jsonl, _iter_raw, check_data_file, data_sources, iter_records,
-                      jsonl_shards_counted, normalize_record)
+from .records import (DataError, _iter_raw, check_data_file, data_sources, file_form, iter_records,
+                      jsonl_shards_counted, normalize_record, parquet_shards)
 from .summary import summarize
 
 # Part of the fingerprint: bump when the encoding, the validation or the row layout changes, to invalidate
@@ -58,17 +58,19 @@ IN_MEMORY = "<records>"  # the "path" of records passed as a list
 PACK_VERSION = 1  # part of a packed file's name: bump when the packing changes
 # Without --preprocessing_num_workers a JSONL file this large is encoded by several processes (the rows are the
 # same either way): 200k records (950 MB) took 124 s in one process and 78 s in two on a busy 2-core machine
-# (benchmarks/NOTES.md step 68); a small file is not worth the workers' start.
+# (benchmarks/NOTES.md step 68); a small file is not worth the workers' start. A Parquet file counts its compressed
+# bytes: it splits later than the same records in JSONL would.
 AUTO_SPLIT_BYTES = 64 << 20
 AUTO_MAX_PROCS = 8
 
 
 def auto_procs(path: str) -> int:
     """The processes that encode ``path`` (or the files it names: `data_sources`) when the caller does not say:
-    up to AUTO_MAX_PROCS (the CPUs this process may run on) for JSONL files of AUTO_SPLIT_BYTES and more in
-    all, else one (other forms are read by one process each)."""
+    up to AUTO_MAX_PROCS (the CPUs this process may run on) for JSONL and Parquet files of AUTO_SPLIT_BYTES and
+    more in all, else one (other forms are read by one process each)."""
     files = [Path(f) for f in data_sources(path)]
-    if sum(f.stat().st_size for f in files if f.is_file() and _is_jsonl(str(f))) < AUTO_SPLIT_BYTES:
+    split = [f for f in files if f.is_file() and file_form(str(f)) in ("jsonl", "parquet")]
+    if sum(f.stat().st_size for f in split) < AUTO_SPLIT_BYTES:
         return 1
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(AUTO_MAX_PROCS, cpus))
@@ -436,7 +438,7 @@ def build_dataset(tokenizer, path_or_records, max_len: int | None, packing: bool
     `skip_invalid`: then both are counted in the summary, and printed), and when no record is left to train
     on. `verbose=False` (e.g. on non-main ranks) keeps the skip report off stderr; it is in the summary
     either way. `progress=False` hides the progress bars (tokenizing, packing, `datasets`' own). `num_proc`
-    processes encode (a JSONL file is split between them; None: ``auto_procs``); the result is cached under
+    processes encode (a JSONL or Parquet file is split between them; None: ``auto_procs``); the result is cached under
     `cache_dir` (default: the `datasets` cache) by a fingerprint of everything that determines it (every
     file's content).
     """
@@ -479,12 +481,16 @@ def _build_dataset(tokenizer, path_or_records, max_len, packing, train_on_prompt
             key = {"paths": paths, "content": [_content_key(Path(f)) for f in paths]}
 
         def make_jobs():  # only on a cache miss: splitting a JSONL file reads it through
-            # JSONL splits into byte ranges, one per process; other forms are read by one process.
+            # JSONL splits into byte ranges, Parquet into row groups, one per process; other forms are read by one
+            # process.
             jobs, n_records = [], 0
             for path in paths:
                 shards, n = [None], None  # (a JSON array's count is known only once it is read)
-                if Path(path).is_file() and _is_jsonl(path):
+                form = file_form(path) if Path(path).is_file() else None
+                if form == "jsonl":
                     shards, n = jsonl_shards_counted(path, procs)
+                elif form == "parquet":
+                    shards, n = parquet_shards(path, procs)
                 jobs += [{"path": path, "shard": sh, **common} for sh in shards]
                 n_records = None if n is None or n_records is None else n_records + n
             return jobs, n_records

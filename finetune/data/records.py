@@ -1,4 +1,4 @@
-"""Chat records: read JSON / JSONL / `datasets` dirs, validate every record, normalise to one form.
+"""Chat records: read JSON / JSONL / Parquet files and `datasets` dirs, validate every record, normalise to one form.
 
 The normalised form, which everything after this module works on:
 
@@ -22,9 +22,10 @@ newline and the input when there is one), with the column layouts of other publi
 pairs, KTO labels, images) are refused saying what they are.
 
 Reading streams: JSONL line by line, a JSON array element by element (`raw_decode` over the text, so the
-whole corpus never exists as one big Python list), so each record is validated as it is read and an
-error can name its record and line. Messages count records, turns and lines from 1 ("record 3" is the
-third record of the file); `DataError.index` is the 0-based position.
+whole corpus never exists as one big Python list), a Parquet file (the hub's data files) in batches of rows, one
+record a row, its null fields absent (`_without_nulls`), so each record is validated as it is read and an
+error can name its record and line (a Parquet record has none). Messages count records, turns and lines from 1
+("record 3" is the third record, or row, of the file); `DataError.index` is the 0-based position.
 
 Files must be UTF-8 (a UTF-8 BOM is allowed): UTF-16/32 files are refused naming the encoding found, and
 invalid UTF-8 bytes, JSON nested too deeply, integers too long to convert, duplicated keys and lone
@@ -743,13 +744,12 @@ _NOT_UTF8 = {
 }
 
 
-# Binary formats data arrives in (the hub's Parquet, a `datasets` dir's Arrow shard, compressed JSONL), by their first
-# bytes -> what the message calls them and how to get JSONL. Read as UTF-8 they were "invalid UTF-8 bytes at byte
-# offset 212", which named no cause.
+# Binary formats data arrives in (a `datasets` dir's Arrow shard, compressed JSONL), by their first bytes -> what the
+# message calls them and how to get JSONL. Read as UTF-8 they were "invalid UTF-8 bytes at byte offset 212", which
+# named no cause. (Parquet, by its own first bytes, is read: file_form.)
 _TO_JSONL = ("python -c \"import datasets; datasets.Dataset.from_{}('FILE').to_json('FILE.jsonl', "
              "force_ascii=False)\"")
 _BINARY = (
-    (b"PAR1", "a Parquet file", "convert it to JSONL: " + _TO_JSONL.format("parquet")),
     (b"ARROW1", "an Arrow (Feather) file", "convert it to JSONL: python -c \"import pandas; pandas.read_feather("
      "'FILE').to_json('FILE.jsonl', orient='records', lines=True, force_ascii=False)\""),
     (b"\xff\xff\xff\xff", "an Arrow stream (a `datasets` save_to_disk shard?)",
@@ -995,6 +995,168 @@ def _iter_jsonl(path: str, start: int = 0, end: int | None = None, line0: int = 
             index += 1
 
 
+# -- Parquet (the hub's data files) --------------------------------------------------------------------------
+
+PARQUET_SUFFIX = ".parquet"
+PARQUET_MAGIC = b"PAR1"
+PARQUET_BATCH_ROWS = 1024  # rows made Python records at a time (pyarrow holds a row group's data, never the file's)
+
+
+def file_form(path: str) -> str:
+    """How a data file is read: "parquet" (by its first bytes, whatever its name), "jsonl" or "json" (`_is_jsonl`).
+    A .parquet file that is no Parquet is refused: read as JSONL it was "invalid JSON" on every line."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if head.startswith(PARQUET_MAGIC):
+        return "parquet"
+    if Path(path).suffix.lower() == PARQUET_SUFFIX:
+        why = ("the file is empty" if not head else "it is a Git LFS pointer: the hub's file was not downloaded "
+               "(`git lfs pull`)" if head.startswith(b"version https://git-lfs") else
+               f"it does not start with Parquet's magic bytes {PARQUET_MAGIC.decode()}")
+        raise DataError("not a Parquet file", why, path=path)
+    return "jsonl" if _is_jsonl(path) else "json"
+
+
+def _parquet_file(path: str):
+    """pyarrow's ParquetFile of ``path``; a file pyarrow cannot read (a damaged or cut footer) is a DataError
+    naming it and pyarrow's reason. Duplicate column names are refused as JSON's duplicate keys are: pyarrow keeps
+    the last one's value, silently."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError, ValueError) as e:  # (a damaged column name: UnicodeDecodeError)
+        raise DataError("unreadable Parquet file", " ".join(str(e).split()), path=path) from None
+    fields = [("", list(pf.schema_arrow))]
+    while fields:
+        where, level = fields.pop()
+        names = [f.name for f in level]
+        if dup := next((n for n in names if names.count(n) > 1), None):
+            raise DataError("duplicate key", f"column {where + dup!r} appears twice (a reader keeps only one of "
+                            "the two values)", path=path)
+        for f in level:
+            t = f.type
+            while pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+                t = t.value_type
+            if pa.types.is_struct(t):
+                fields.append((f"{where}{f.name}.", list(t)))
+    return pf
+
+
+def parquet_shards(path: str, n: int) -> tuple[list[tuple[int, int, int] | None], int]:
+    """A Parquet file split at row-group boundaries into at most n ranges of about equal rows, (first row group,
+    end, records before) each; [None] (the whole file) when it does not split; and its number of records."""
+    meta = _parquet_file(path).metadata
+    rows = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    total, shards, first, before, seen = sum(rows), [], 0, 0, 0
+    for i, r in enumerate(rows[:-1]):
+        seen += r
+        if len(shards) < n - 1 and seen * n >= total * (len(shards) + 1):
+            shards.append((first, i + 1, before))
+            first, before = i + 1, seen
+    return ([*shards, (first, len(rows), before)] if shards else [None]), total
+
+
+def _iter_parquet(path: str, first: int = 0, end: int | None = None, index0: int = 0):
+    """(index, None, raw record, error) for the rows of a Parquet file (row groups [first, end)), one record a row,
+    read in batches of PARQUET_BATCH_ROWS rows."""
+    import pyarrow as pa
+
+    pf = _parquet_file(path)
+    groups = None if first == 0 and end is None else list(range(first, pf.num_row_groups if end is None else end))
+    batches = pf.iter_batches(batch_size=PARQUET_BATCH_ROWS, row_groups=groups)
+    index = index0
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError, ValueError) as e:  # a damaged page or column chunk
+            raise DataError("unreadable Parquet file", f"{' '.join(str(e).split())} (in the rows from record "
+                            f"{index + 1} on)", path=path) from None
+        if batch is None:
+            return
+        for row in _parquet_rows(batch):
+            if isinstance(row, DataError):
+                yield index, None, None, row.located(path, index, None)
+            else:
+                record, err = _parquet_record(row)
+                yield index, None, record, err and err.located(path, index, None)
+            index += 1
+
+
+def _parquet_rows(batch) -> list:
+    """A record batch's rows as dicts (maps as dicts, as JSON objects), or a DataError for a row pyarrow cannot
+    give: invalid UTF-8 in a string, a map holding a key twice (named by column)."""
+    try:
+        return batch.to_pylist(maps_as_pydicts="strict")
+    except (UnicodeDecodeError, KeyError):
+        pass
+    rows = []
+    for i in range(batch.num_rows):
+        row = {}
+        for name, column in zip(batch.schema.names, batch.columns):
+            try:
+                row[name] = column.slice(i, 1).to_pylist(maps_as_pydicts="strict")[0]
+            except UnicodeDecodeError as e:
+                row = DataError("not UTF-8", f"column {name!r} holds invalid UTF-8 bytes {e.object[e.start:e.end]!r}")
+                break
+            except KeyError:
+                row = DataError("duplicate key", f"column {name!r} holds a map with a key twice (a JSON reader "
+                                "keeps only one of the two values)")
+                break
+        rows.append(row)
+    return rows
+
+
+def _parquet_record(row: dict) -> tuple[dict | None, DataError | None]:
+    """A Parquet row as the record a JSON reading of it gives, or the error of a value JSON has no form for (bytes,
+    a timestamp, a decimal), named by column; a record of another kind of data (an image column's bytes) is
+    refused saying that instead."""
+    bad: list = []
+    record = _without_nulls(row, "", bad)
+    if not bad:
+        return record, None
+    if (err := _other_data(record)) is not None:
+        return None, err
+    where, kind = bad[0]
+    column = where.split(".")[0].split("[")[0]
+    at = f" (at {where})" if where != column else ""
+    return None, DataError("not JSON data", f"column {column!r} holds {kind}{at}, which no JSON record holds (a "
+                           "chat record is text): drop the column, or convert it to text")
+
+
+def _without_nulls(value, where: str, bad: list):
+    """A Parquet value with the null fields of its objects left out; list items stay as they are. Parquet has no
+    absent field: a file of records with different fields (the hub's, written with the union of their columns)
+    holds null for each field a record lacks, and a null `system`, `tools`, or a message's `name` or `tool_calls`
+    read as given changes what the record says. Values JSON has no form for are kept and noted in ``bad`` (their
+    place, what they are)."""
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):  # (a map's key)
+                bad.append((where, f"a map key that is not text ({k!r})"))
+            if v is not None:
+                out[k] = _without_nulls(v, f"{where}.{k}" if where else k, bad)
+        return out
+    if isinstance(value, list):
+        return [_without_nulls(v, f"{where}[{i}]", bad) for i, v in enumerate(value)]
+    if not (value is None or isinstance(value, (str, int, float))):  # (bool is an int)
+        bad.append((where, _kind_of(value)))
+    return value
+
+
+def _kind_of(value) -> str:
+    """What a value pyarrow gives is, as a message says it."""
+    import datetime
+    import decimal
+
+    kinds = ((bytes, "binary data (bytes)"), (datetime.datetime, "a timestamp"), (datetime.date, "a date"),
+             (datetime.time, "a time of day"), (datetime.timedelta, "a duration"),
+             (decimal.Decimal, "a decimal number"))
+    return next((name for t, name in kinds if isinstance(value, t)), f"a value of type {type(value).__name__}")
+
+
 def jsonl_shards(path: str, n: int) -> list[tuple[int, int | None, int, int]]:
     """Split a JSONL file at line starts into n byte ranges: (start, end, lines before, records before)."""
     return jsonl_shards_counted(path, n)[0]
@@ -1022,13 +1184,13 @@ def jsonl_shards_counted(path: str, n: int) -> tuple[list[tuple[int, int | None,
 
 
 GLOB_CHARS = re.compile(r"[*?\[]")
-DATA_SUFFIXES = (".json",) + JSONL_SUFFIXES  # the files a plain directory given as data contributes
+DATA_SUFFIXES = (".json",) + JSONL_SUFFIXES + (PARQUET_SUFFIX,)  # the files a plain directory given as data contributes
 
 
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
-# data in a format a directory's reading leaves out (the hub's Parquet shards, Arrow files): refused, as one named
-# alone is (beside a .jsonl file they were left out without a word)
-OTHER_FORMAT_SUFFIXES = {".parquet": "Parquet", ".arrow": "Arrow", ".feather": "Arrow"}
+# data in a format a directory's reading leaves out (Arrow files): refused, as one named alone is (beside a .jsonl
+# file they were left out without a word)
+OTHER_FORMAT_SUFFIXES = {".arrow": "Arrow", ".feather": "Arrow"}
 
 
 def _is_datasets_dir(p: Path) -> bool:
@@ -1038,7 +1200,7 @@ def _is_datasets_dir(p: Path) -> bool:
 
 
 def _dir_files(d: str) -> list[str]:
-    """The .json / .jsonl / .ndjson files directly in a plain directory, sorted by name. Refused where the
+    """The .json / .jsonl / .ndjson / .parquet files directly in a plain directory, sorted by name. Refused where the
     directory holds data this reading would leave out without a word: compressed data files, subdirectories of
     data files, or LLaMA-Factory's dataset_info.json registry (which names files, and is no data itself)."""
     root = Path(d)
@@ -1081,8 +1243,8 @@ def spec_parts(spec: str, exists=os.path.exists) -> list[str]:
 def data_sources(spec: str | os.PathLike) -> list[str]:
     """The data files (and `datasets` dirs) that a data flag names, in the order their records are read.
 
-    `spec` is one file or `datasets` dir; a plain directory (its .json / .jsonl / .ndjson files, sorted by
-    name); a glob pattern, quoted so the shell leaves it ("data/train-*.jsonl", ** for subdirs; the matches
+    `spec` is one file or `datasets` dir; a plain directory (its .json / .jsonl / .ndjson / .parquet files, sorted
+    by name); a glob pattern, quoted so the shell leaves it ("data/train-*.jsonl", ** for subdirs; the matches
     sorted by name); or a comma-separated list of any of these (in the order given). An existing path is
     always taken as it is, so a file whose name holds a comma or a * still reads. A pattern that matches
     nothing, a missing file, a file named twice and a directory that may not be read are errors naming them.
@@ -1213,7 +1375,11 @@ def _iter_raw(path: str) -> Iterator[tuple[int, int | None, Any, DataError | Non
             yield i, None, row, None
         return
     check_data_file(path)
-    if _is_jsonl(path):
+    form = file_form(path)
+    if form == "parquet":
+        yield from _iter_parquet(path)
+        return
+    if form == "jsonl":
         yield from _iter_jsonl(path)
         return
     data = p.read_bytes()
@@ -1234,10 +1400,12 @@ def iter_records(path: str | os.PathLike, skip_invalid: bool = False,
 
     File-level problems (missing file, a broken JSON array) always raise: there is no record to skip.
     `path` may name several files (`data_sources`): their records follow each other, each error naming its
-    own file and its index there. `shard` (from `jsonl_shards`) restricts one JSONL file to one byte range.
+    own file and its index there. `shard` restricts one file to part of it: a JSONL file to one byte range
+    (`jsonl_shards`), a Parquet file to a range of row groups (`parquet_shards`).
     """
     if shard is not None:
-        yield from _iter_file(str(path), skip_invalid, _iter_jsonl(str(path), *shard))
+        read = _iter_parquet if file_form(str(path)) == "parquet" else _iter_jsonl
+        yield from _iter_file(str(path), skip_invalid, read(str(path), *shard))
         return
     for source in data_sources(path):
         yield from _iter_file(source, skip_invalid, _iter_raw(source))
@@ -1291,8 +1459,8 @@ class RecordList(list):
 
 
 def load_records(path: str | os.PathLike, skip_invalid: bool = False, *, flag: str | None = None) -> RecordList:
-    """Read and validate a JSON array, JSONL file or `datasets` dir (or several: `data_sources`); return the
-    normalised records.
+    """Read and validate a JSON array, JSONL or Parquet file or `datasets` dir (or several: `data_sources`); return
+    the normalised records.
 
     Invalid records raise DataError, or with `skip_invalid` are counted in `result.report` (and the count
     is printed to stderr). A file with no usable record is always an error. `flag` is the command-line flag

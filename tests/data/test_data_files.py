@@ -1,4 +1,5 @@
-"""Data split over several files: a quoted glob, a comma-separated list, a plain directory of .json/.jsonl files.
+"""Data split over several files: a quoted glob, a comma-separated list, a plain directory of .json/.jsonl/.parquet
+files.
 
 Records come in a deterministic order (a glob's or a directory's files sorted by name, a list's in its order, then
 each file's records in order), errors name the file and the record's index in that file, and the data cache key
@@ -116,16 +117,17 @@ def test_a_directory_with_data_it_would_not_read_is_refused(shards, data_small_t
     assert len(load_records(f"{shards}/*.jsonl")) == 4
 
 
-def test_a_directory_with_parquet_or_arrow_data_beside_its_json_is_refused(shards):
-    """The hub's Parquet shards (or Arrow files) beside a directory's .jsonl files were left out of its records
-    without a word (one named alone is refused, naming its format)."""
-    assert ids(load_records(shards)) == list("abcde")
-    (shards / "train-00003.parquet").write_bytes(b"PAR1" + bytes(16) + b"PAR1")
-    with pytest.raises(DataError) as e:
-        load_records(shards)
-    assert str(e.value).startswith(f"{shards}: data left out: the directory holds data files it would not read: "
-                                   "train-00003.parquet (Parquet: convert it to JSONL first); name the files")
-    (shards / "train-00003.parquet").unlink()
+def test_a_directory_reads_its_parquet_files_and_refuses_arrow_ones(shards, data_small_tokenizer):
+    """The hub's Parquet shards beside a directory's .jsonl files are read with them, in name order; Arrow files
+    were left out of its records without a word (one named alone is refused, naming its format)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([rec("c2"), rec("c3")]), shards / "train-00002b.parquet")
+    assert ids(load_records(shards)) == ["a", "b", "c", "d", "c2", "c3", "e"]
+    _, summary = build_dataset(data_small_tokenizer, str(shards), 64, cache_dir=shards.parent / "cache",
+                               progress=False)
+    assert summary.records_read == 7
     (shards / "extra.arrow").write_bytes(b"ARROW1")
     with pytest.raises(DataError, match=r"extra\.arrow \(Arrow: convert it to JSONL first\)"):
         load_records(shards)
@@ -209,7 +211,7 @@ def test_a_directory_without_data_files_is_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         load_records(tmp_path / "empty")
     assert str(e.value) == (f"{tmp_path / 'empty'}: not a data file: a directory that is not a `datasets` "
-                            "save_to_disk dir and holds no .json / .jsonl / .ndjson files")
+                            "save_to_disk dir and holds no .json / .jsonl / .ndjson / .parquet files")
 
 
 def test_an_error_names_its_file_and_its_index_there(shards, data_small_tokenizer):
