@@ -381,6 +381,12 @@ def record_place(source: str, sources: list[str], row: int) -> tuple[str, int, i
     if len(sources) == 1:
         return sources[0], row, _record_line(sources[0], row)
     for f in sources:
+        if Path(f).is_file() and file_form(f) == "parquet":  # a row a record: counted in its footer, not read
+            n = parquet_shards(f, 1)[1]
+            if row < n:
+                return f, row, None
+            row -= n
+            continue
         for i, line, _, _ in _iter_raw(f):
             if row == 0:
                 return f, i, line
@@ -389,9 +395,9 @@ def record_place(source: str, sources: list[str], row: int) -> tuple[str, int, i
 
 
 def _record_line(source: str, index: int) -> int | None:
-    """The line of record `index` of a data file (None for in-memory records and dataset dirs); re-reads the
-    file up to it, so only for reporting."""
-    if source == IN_MEMORY or not Path(source).is_file():
+    """The line of record `index` of a data file (None for in-memory records, dataset dirs and Parquet files);
+    re-reads the file up to it, so only for reporting."""
+    if source == IN_MEMORY or not Path(source).is_file() or file_form(source) == "parquet":
         return None
     for i, line, _, _ in _iter_raw(source):
         if i == index:
