@@ -551,8 +551,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="LoRA / Q-LoRA adapter dir (or a run's checkpoint-N, or a hub id); base and base+adapter "
                    "are reported")
     p.add_argument("-d", "--data", required=True, action=Once,
-                   help="held-out chat data (JSON / JSONL, any accepted form; several: a quoted glob, a "
-                        "comma-separated list or a directory of .json/.jsonl files)")
+                   help="held-out chat data (JSON / JSONL / Parquet, any accepted form; several: a quoted glob, a "
+                        "comma-separated list or a directory of .json/.jsonl/.parquet files)")
     gen = GENERATION_DEFAULTS
     p.add_argument("--max-new-tokens", type=int, default=None, action=Once,
                    help=f"tokens a reply may take (default: {gen['max_new_tokens']})")

@@ -19,7 +19,7 @@ usage() {
   cat <<EOF
 
   -m, --model, --model_name_or_path DIR   model dir (without one, and without a CONFIG: the built-in demo)
-  -d, --data, --data_path FILE            training data (JSON, JSONL or a datasets dir)
+  -d, --data, --data_path FILE            training data (JSON, JSONL, Parquet or a datasets dir)
   -o, --output, --output_dir DIR          where the adapter (or model) is written (default output/qwen-$MODE)
   CONFIG                                  a YAML or JSON file of trainer flags, as for \`qwen-ft train CONFIG\`;
                                           it must come first among the trainer flags and replaces the script's

@@ -35,8 +35,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str | None = field(default=None, metadata={
-        "help": "Training data: JSON, JSONL or a datasets dir; several: a quoted glob ('data/train-*.jsonl'), a "
-                "comma-separated list, or a directory of .json/.jsonl files", "aliases": ["-d"]})
+        "help": "Training data: JSON, JSONL, Parquet or a datasets dir; several: a quoted glob ('data/train-*.jsonl'), "
+                "a comma-separated list, or a directory of .json/.jsonl/.parquet files", "aliases": ["-d"]})
     eval_data_path: str | None = field(default=None, metadata={"help": "Held-out data for evaluation (as --data_path)"})
     model_max_length: int = field(default=8192, metadata={"help": "Longest row in tokens (turn-aware truncation)"})
     packing: bool = field(

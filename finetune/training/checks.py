@@ -737,7 +737,7 @@ def preflight(model_args, data_args, lora_args, args) -> TrainPlan:
 
     # -- data ------------------------------------------------------------------------------------------------
     if not data_args.data_path:
-        raise TrainConfigError("--data_path is required (chat data as JSON, JSONL or a datasets dir)")
+        raise TrainConfigError("--data_path is required (chat data as JSON, JSONL, Parquet or a datasets dir)")
     from ..data.records import DataError, data_sources
 
     for flag, path in (("--data_path", data_args.data_path), ("--eval_data_path", data_args.eval_data_path)):
