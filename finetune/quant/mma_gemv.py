@@ -49,7 +49,7 @@ CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
 MAX_ROWS = 32  # the most rows it was measured faster than the Triton GEMV for; GPTQLinear sends it 1-8 (mma_gemm: 9+)
 KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
 LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in shared memory); more: the caller adds it
-# 1: builds of depth 1 load the next chunk's weights before computing this one (x, scales and zeros still loaded just
+# 1: one-row-block builds of depth 1 load the next chunk's weights before computing this one (x, scales and zeros still loaded just
 # before their chunk), for 8 registers where a whole chunk ahead (depth 2) costs 24 and a third of the warps an SM
 WEIGHTS_AHEAD = 0
 # 1: the plain one-row-block build compiled with a minimum of one CTA an SM in its launch bounds, which lets the
@@ -744,7 +744,7 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: i
     """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
     it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
     and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    ahead = bool(WEIGHTS_AHEAD) and depth == 1
+    ahead = bool(WEIGHTS_AHEAD) and depth == 1 and mb == 1  # (more row blocks would spill within 64 registers)
     free = bool(FREE_REGISTERS) and not lora and mb == 1
     return compiled(device, (warps, mb, depth, group_size, lora, ahead, free), "gptq_mma_gemv",
                     lambda: kernel_source(warps, mb, depth, group_size, lora, ahead, free))
