@@ -49,8 +49,9 @@ CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
 MAX_ROWS = 32  # the most rows it was measured faster than the Triton GEMV for; GPTQLinear sends it 1-8 (mma_gemm: 9+)
 KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
 LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in shared memory); more: the caller adds it
-# 1: one-row-block builds of depth 1 load the next chunk's weights before computing this one (x, scales and zeros still loaded just
-# before their chunk), for 8 registers where a whole chunk ahead (depth 2) costs 24 and a third of the warps an SM
+# 1: one-row-block builds of depth 1 load the next chunk's weights before computing this one (x, scales and zeros
+# still loaded just before their chunk), for 8 registers where a whole chunk ahead (depth 2) costs 24 and a third of
+# the warps an SM (NOTES step 101)
 WEIGHTS_AHEAD = 0
 # 1: the plain one-row-block build compiled with a minimum of one CTA an SM in its launch bounds, which lets the
 # compiler use ~78 registers for ~66 instructions a chunk where the shipped build has 60 and 86 (NOTES step 101)
