@@ -419,8 +419,7 @@ def _other_data(record: dict) -> DataError | None:
         turns = next((record[k] for k in ("conversations", "messages", "conversation") if record.get(k) is not None),
                      None)
         last = turns[-1] if isinstance(turns, list) and turns else None
-        role = _raw_role(last) if isinstance(last, dict) else None
-        if isinstance(role, str) and ROLES.get(role.lower()) == "assistant":
+        if isinstance(last, dict) and _role_name(_raw_role(last)) == "assistant":
             return None  # the record's own conversation, a reply at its end, is what it trains
         return DataError("preference data", f"the record has {chosen!r} and {rejected!r} replies (DPO / reward-model "
                          "data); training here learns the one reply a conversation ends with: make the chosen reply "
