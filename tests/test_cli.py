@@ -74,15 +74,16 @@ def test_ctrl_c_ends_a_command_in_one_line(command, monkeypatch, capsys):
     assert rc == 130 and capsys.readouterr().err == f"\nqwen-ft {command}: interrupted\n"
 
 
-def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys):
+@pytest.mark.parametrize("package", ["fastapi", "llguidance"])
+def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys, package):
     # without fastapi (pip install -e ".[serve]") serve ended on the app's ModuleNotFoundError traceback
     from finetune.cli import main
 
-    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
+    monkeypatch.setitem(sys.modules, package, None)  # as if not installed
     assert main(["serve", "-m", "x"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: qwen-ft serve needs FastAPI and uvicorn (fastapi is not "
-                                                   "installed)") and '".[serve]"' in err
+    assert err.count("\n") == 1 and err.startswith(f"error: qwen-ft serve needs FastAPI, uvicorn and llguidance "
+                                                   f"({package} is not installed)") and '".[serve]"' in err
 
 
 # -- eval of a model without an adapter (a merged model) -----------------------------------------------------

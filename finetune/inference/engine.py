@@ -35,7 +35,10 @@ reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while 
 that finished at step t is in step t+1 too: its extra token is discarded, and its cache write (one position
 past its last token, inside its reserved length) is never read. Rows leave and join only with no step in
 flight (the step() that sees a finished, cancelled or waiting row first reads the step in flight); only then
-does the host write the step's inputs. Prefill picks its row's first token on the host (sampling.py).
+does the host write the step's inputs. Prefill picks its row's first token on the host (sampling.py). A row held
+to a JSON schema (``SamplingParams.json_schema``, json_constraint.py) picks after the forward's graph among the
+tokens its matcher allows, computed on the host while the forward runs from the token read before it: while such a
+row runs, every step's tokens are read before the next step is enqueued (one sync a step for the whole batch).
 
 Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
 base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
@@ -65,6 +68,7 @@ from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
 from ..modeling.sampling_ranges import integral
 from ..quant.linear import prepare_decode_weights
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
+from .json_constraint import JsonConstraints
 from .row_adapters import RowAdapters
 from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
 from .stop_strings import StopStrings
@@ -134,11 +138,13 @@ class Request:
 
 
 class _Row:
-    __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked", "stop_text")
+    __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked", "stop_text",
+                 "matcher")
 
-    def __init__(self, req, alpha, generator, adapter_index, stops, stop_text=None):
+    def __init__(self, req, alpha, generator, adapter_index, stops, stop_text=None, matcher=None):
         self.req = req
         self.stop_text = stop_text  # a StopStrings over the row's text when the request has stop strings
+        self.matcher = matcher  # an llguidance matcher over the row's output when it is held to a JSON schema
         self.length = 0  # tokens in the cache, counting the step in flight (its write is enqueued)
         self.alpha = alpha
         self.generator = generator
@@ -206,7 +212,7 @@ class _KV:
 
 
 def _greedy_flags(params: SamplingParams) -> tuple[bool, bool]:
-    """(penalised, holds its stops back): what a row's sampling asks of the device-side pick."""
+    """(penalised, holds its stops back): what a row's sampling asks of the device-side greedy pick."""
     return params.repetition_penalty != 1.0, params.min_new_tokens > 0
 
 
@@ -214,8 +220,17 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     """The kind of decode graph a row of this sampling steps in: None when sampled (the forward's graph, the pick
     after it), else (penalised,): the greedy pick inside the graph, with the repetition penalty only when some row
     needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
-    kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71)."""
-    return None if params.do_sample else _greedy_flags(params)[:1]
+    kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71). A row
+    held to a JSON schema picks after the graph too (its allowed tokens come from the host each step)."""
+    return None if params.do_sample or params.json_schema is not None else _greedy_flags(params)[:1]
+
+
+def _masked(scores: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``scores`` with -inf where ``allowed`` [len(rows), V] is False in ``rows``; the model's ``logits`` (a graph's
+    output, read again by the caller) are never written."""
+    scores = scores.clone() if scores is logits else scores
+    scores[rows] = scores.index_select(0, rows).masked_fill(~allowed, -float("inf"))
+    return scores
 
 
 def _round_up(n: int, m: int) -> int:
@@ -302,6 +317,7 @@ class Engine:
         self._events = None
         self._flip = 0
         self._decode_weights = False  # the Int4 kernels' repacked weights made (``_spare_bytes``)
+        self._json: JsonConstraints | None = None  # made for the first request with a json_schema
 
     def _bind_adapters(self, model) -> None:
         """What the engine reads of the model's adapters: each row's LoRA (RowAdapters), lm_head (PEFT wraps it for
@@ -374,7 +390,14 @@ class Engine:
         if len(ids) + params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"engine's max_len {self.max_len}")
+        if params.json_schema is not None:
+            self._constraints().check(params.json_schema)  # (a bad schema: ValueError naming what is wrong)
         return Request(ids, params, adapter)
+
+    def _constraints(self) -> JsonConstraints:
+        if self._json is None:
+            self._json = JsonConstraints(self.tokenizer.tokenizer, self.vocab, self.tokenizer.im_end_id)
+        return self._json
 
     def has_work(self) -> bool:
         with self._lock:
@@ -406,7 +429,8 @@ class Engine:
             # a cancelled request still waiting leaves at once: it holds no row, and a full batch would otherwise
             # keep it (and its place in a server's queue) until some running row ended
             self._drop_cancelled_waiting(touched)
-            if self._inflight is not None and self._must_change():
+            # a row held to a JSON schema needs its last token read before its next pick (not one step late)
+            if self._inflight is not None and (self._must_change() or any(r.matcher for r in self._rows)):
                 self._read(self._take_inflight(), touched)
             if self._inflight is None:
                 if self._gone:
@@ -831,8 +855,10 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
         alpha = float(ntk_alpha(len(req.prompt_ids), cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
         stop_text = StopStrings(self.tokenizer, req.params.stop) if req.params.stop else None
+        schema = req.params.json_schema
         return _Row(req, alpha, generator, self.adapters.index(req.adapter),
-                    self._base_stops | set(req.params.stop_token_ids), stop_text)
+                    self._base_stops | set(req.params.stop_token_ids), stop_text,
+                    None if schema is None else self._constraints().matcher(schema))
 
     def _prefill_chunk(self, touched) -> None:
         """The next ``prefill_chunk`` positions of the prompt being prefilled in chunks (``_Chunked``), into its slot;
@@ -1050,9 +1076,10 @@ class Engine:
                               RowSampling([rows[i].req.params for i in unseeded], self.vocab, self.device))
         self._synced = True
 
-    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False) -> None:
+    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None) -> None:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
-        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, then argmax; with
+        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, the tokens a JSON schema
+        allows (``allowed``: (row indices, [rows, V] bool), ``_allowed``), then argmax; with
         ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
         through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
         tokens picked advanced by one for the active rows) and into ``seen``. Nothing here reads a value back
@@ -1063,6 +1090,8 @@ class Engine:
             scores = apply_penalties(logits, seen[:b], self._state()["penalty"][:b])
         if held:
             scores = scores.masked_fill((picked < min_new)[:, None] & self._stopmask[:b], -float("inf"))
+        if allowed is not None:
+            scores = _masked(scores, logits, *allowed)
         nxt = scores.argmax(-1)
         if sampled:
             for i, params, generator in self._seeded:
@@ -1089,7 +1118,8 @@ class Engine:
         penalised, any_min_new = self._flags
         held = any_min_new and any(r.picked < r.req.params.min_new_tokens for r in rows)
         need = max(r.length for r in rows) + 1
-        sampled = bool(self._seeded) or self._unseeded is not None
+        constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
+        sampled = bool(self._seeded) or self._unseeded is not None or bool(constrained)
         if self.use_graphs:
             own = self._own_keys()
             kv_len = self._graph_length(b, need, own)
@@ -1100,8 +1130,8 @@ class Engine:
                 entry = self._graphs[key] = self._capture(b, kv_len, pick, own, self._lora)
             graph, out = entry
             graph.replay()
-            if sampled:
-                self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled)
+            if sampled:  # (the constrained rows' masks are computed on the host while the forward runs)
+                self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained))
             logits = out[:n]
         else:  # eager steps meet a new key length each time: no cuDNN attention (a graph is captured once a key,
             # where cuDNN's masked one-query attention is the faster: b1_512 244 tok/s against 222, NOTES step 60)
@@ -1109,7 +1139,7 @@ class Engine:
             with inference_sdpa(self.device):
                 logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
                                               self._own_keys())
-            self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled)
+            self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained))
         for r in rows:
             r.length += 1
             r.picked += 1
@@ -1141,11 +1171,26 @@ class Engine:
                 self._finish(r, "stop", touched)
                 self._gone.append(r)
             else:
-                req.output_ids.append(t)
-                r.last = t
+                self._append(r, t)
                 if self._ends(r, t) or len(req.output_ids) >= req.params.max_new_tokens:
                     self._finish(r, "stop" if req.stop_string is not None else "length", touched)
                     self._gone.append(r)
+
+    @staticmethod
+    def _append(row: _Row, token: int) -> None:
+        """A picked token into the row's output (and its schema's matcher)."""
+        row.req.output_ids.append(token)
+        row.last = token
+        if row.matcher is not None:
+            row.matcher.consume_token(token)  # (the mask allowed it; a failure leaves only <|im_end|>: _allowed)
+
+    def _allowed(self, constrained: list) -> tuple | None:
+        """(row indices, [rows, V] bool: the tokens each may take next) of the rows held to a JSON schema
+        (``constrained``: (row index, matcher)), or None."""
+        if not constrained:
+            return None
+        idx = torch.tensor([i for i, _ in constrained]).to(self.device, non_blocking=True)
+        return idx, self._constraints().allowed([m for _, m in constrained], self.device)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------
     def _own_keys(self) -> bool:
@@ -1219,6 +1264,9 @@ class Engine:
                 if stops:
                     scores[torch.tensor(which, device=self.device)[:, None],
                            torch.tensor(stops, device=self.device)[None, :]] = -float("inf")
+        allowed = self._allowed([(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None])
+        if allowed is not None:
+            scores = _masked(scores, logits, *allowed)
         tokens = pick_tokens(scores, [r.req.params for r in rows], [r.generator for r in rows])
         self._seen[idx, torch.tensor(tokens, device=self.device)] = True
         gone = []
@@ -1229,8 +1277,7 @@ class Engine:
                 self._finish(r, "stop", touched)
                 gone.append(r)
                 continue
-            req.output_ids.append(t)
-            r.last = t
+            self._append(r, t)
             if self._ends(r, t) or len(req.output_ids) >= req.params.max_new_tokens:
                 self._finish(r, "stop" if req.stop_string is not None else "length", touched)
                 gone.append(r)

@@ -48,7 +48,9 @@ class SamplingParams:
     """How one request is decoded. ``stop_token_ids`` are stops besides <|im_end|>/<|im_start|> (which the
     engine always stops on); stop tokens never appear in the output. ``stop``: strings that end the output at
     the token whose text completes one (that token is the output's last; the caller cuts the text, e.g. at
-    ``Request.stop_string``). Neither ends the output before ``min_new_tokens`` tokens."""
+    ``Request.stop_string``). Neither ends the output before ``min_new_tokens`` tokens. ``json_schema``: every
+    token is picked among those that keep the output a prefix of a JSON document the schema accepts, and it
+    ends (<|im_end|>) only once that document is complete (``{"type": "object"}``: any JSON object)."""
 
     max_new_tokens: int = 512
     do_sample: bool = False
@@ -60,6 +62,8 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple = ()
     stop: tuple = ()
+    # a JSON schema (dict, or True: any JSON) that the reply is held to (json_constraint.py); None: free text
+    json_schema: dict | bool | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -94,6 +98,13 @@ class SamplingParams:
             problems.append(why)
         if not (whole(self.min_new_tokens) and 0 <= self.min_new_tokens):
             problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        if self.json_schema is not None:
+            if self.json_schema is not True and not isinstance(self.json_schema, dict):
+                problems.append(f"json_schema must be a JSON schema (a dict, or True for any JSON), got "
+                                f"{type(self.json_schema).__name__}")
+            elif self.min_new_tokens:  # (the schema decides where the reply ends; both would mask <|im_end|>)
+                problems.append("min_new_tokens cannot be combined with json_schema: the schema decides where the "
+                                "reply ends")
         if problems:
             raise ValueError("SamplingParams: " + "; ".join(problems))
 

@@ -182,6 +182,7 @@ class Server:
             over["seed"] = body.seed
         if body.min_tokens:
             over["min_new_tokens"] = body.min_tokens  # (<= max_new_tokens: checked in body.check, or grown above)
+        over["json_schema"] = body.json_schema()
         over["stop_token_ids"] = tuple(self.gc.eos_token_id)
         return SamplingParams.from_generation_config(self.gc, **over)
 
@@ -195,6 +196,8 @@ class Server:
             adapter = self.adapter_for(body.model)
             turns, functions = self.turns(body)
             body.check_continuation(turns.continues_assistant)
+            if body.json_schema() is not None:
+                json_reply_problem(functions, turns.continues_assistant)
             stats: dict = {}
             ids = self.prompt_ids(turns, stats)
         except RecursionError:  # JSON nested as deep as the parser allows, then written out again (repr, dumps)
@@ -302,6 +305,17 @@ class Run:
 
 
 # -- responses ---------------------------------------------------------------------------------------------
+
+
+def json_reply_problem(functions: list, continues: bool) -> None:
+    """A JSON response_format where the reply cannot be one JSON document: a 400 naming the field."""
+    if functions:  # (a ReAct reply is Thought/Action text; held to JSON it could call nothing)
+        raise APIError(400, "response_format json_object / json_schema cannot be combined with tools or functions "
+                       "(unless tool_choice is \"none\"): the reply is either a call or the JSON. For a reply in a "
+                       "schema beside tools, give the schema as a tool's parameters", "response_format")
+    if continues:
+        raise APIError(400, "response_format json_object / json_schema cannot continue a last assistant message "
+                       "(the JSON starts with the reply): drop that message or the response_format", "response_format")
 
 
 def _completion_id() -> str:

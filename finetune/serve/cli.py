@@ -301,12 +301,14 @@ def build_server(args):
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:  # the optional extra: without it the app's import was a traceback
+    try:  # the optional extra: without it the app's import was a traceback (llguidance: JSON response_format)
         import fastapi  # noqa: F401
+        import llguidance  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        print(f"error: qwen-ft serve needs FastAPI and uvicorn ({e.name or e} is not installed): "
-              f"pip install -e \".[serve]\" in the checkout (or pip install fastapi uvicorn)", file=sys.stderr)
+        print(f"error: qwen-ft serve needs FastAPI, uvicorn and llguidance ({e.name or e} is not installed): "
+              f"pip install -e \".[serve]\" in the checkout (or pip install fastapi uvicorn llguidance)",
+              file=sys.stderr)
         return 2
     import warnings
 

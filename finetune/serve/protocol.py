@@ -128,6 +128,7 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: Annotated[float | None, Number] = None
     frequency_penalty: Annotated[float | None, Number] = None
     logit_bias: dict | None = None
+    # text, json_object or json_schema: the reply held to the schema token by token (``json_schema()``)
     response_format: Any = None
     # output this server cannot produce (OpenAI answers 400 for a model without it; ignored, a client asking for
     # audio or a web search got a text answer with neither and no word why)
@@ -147,8 +148,9 @@ class ChatCompletionRequest(BaseModel):
                                "the model's generation config's)", name)
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
-        if self.response_format not in (None, {"type": "text"}):
-            raise APIError(400, _response_format_refused(self.response_format), "response_format")
+        if self.json_schema() is not None and self.min_tokens:
+            raise APIError(400, "min_tokens cannot be combined with a JSON response_format: the schema decides where "
+                           "the reply ends", "min_tokens")
         if self.modalities not in (None, ["text"]):
             raise APIError(400, "only modalities [\"text\"] is supported: this model answers with text only",
                            "modalities")
@@ -173,6 +175,35 @@ class ChatCompletionRequest(BaseModel):
             if (why := lone_surrogate(s)) is not None:  # (a stop that no generated text could ever match)
                 raise APIError(400, f"stop: {why}", "stop" if isinstance(self.stop, str) else f"stop[{i}]")
         self.call_choice()
+
+    def json_schema(self) -> dict | bool | None:
+        """The JSON schema ``response_format`` holds the reply to (``{"type": "object"}`` for "json_object"), or None
+        for text; a 400 naming the field at fault for anything else."""
+        value = self.response_format
+        if value is None:
+            return None
+        kind = value.get("type") if isinstance(value, dict) else None
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind != "json_schema":
+            shown = json.dumps({"type": kind}) if isinstance(kind, str) else json.dumps(value)
+            raise APIError(400, f"response_format {clipped(shown)} is not supported: its type must be \"text\", "
+                           "\"json_object\" or \"json_schema\"", "response_format")
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise APIError(400, "response_format.json_schema must be an object with the schema under \"schema\"",
+                           "response_format.json_schema")
+        # no schema: any JSON document (OpenAI's own field is optional); strict false is held to it all the same
+        schema = spec.get("schema", True)
+        from ..inference.json_constraint import schema_problem
+
+        problem = schema_problem(schema)
+        if problem is not None:
+            raise APIError(400, f"response_format.json_schema.schema: {clipped(problem)}",
+                           "response_format.json_schema.schema")
+        return schema
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -209,18 +240,6 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "tool_choice and function_call ask for different things: give one of them",
                            "function_call")
         return choices[0] if choices else CallChoice("auto")
-
-
-def _response_format_refused(value) -> str:
-    """Why a response_format other than text is refused, and the way to a reply in a schema that this server has.
-    LangChain's with_structured_output (json_schema by default), the AI SDK's generateObject and the openai clients'
-    parse() send it; the message was "only response_format {"type": "text"} is supported", naming no way out."""
-    kind = value.get("type") if isinstance(value, dict) else None
-    # (the type alone: a json_schema's schema would fill the message)
-    shown = json.dumps({"type": kind}) if isinstance(kind, str) and kind != "text" else json.dumps(value)
-    return (f"response_format {clipped(shown)} is not supported: this server does not constrain replies to JSON "
-            "(only {\"type\": \"text\"}). For a reply in a JSON schema, send the schema as a tool's parameters and "
-            "name that tool in tool_choice (LangChain: with_structured_output(..., method=\"function_calling\"))")
 
 
 class CallChoice(NamedTuple):

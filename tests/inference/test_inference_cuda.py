@@ -463,6 +463,39 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
     assert reasons[2] == "stop" and stop not in graphed[2]
 
 
+def test_graphed_rows_held_to_a_json_schema_equal_the_eager_engine_in_fp32(tok):
+    """Rows held to a JSON schema pick after the forward's graph with masks from the host, the engine reading each
+    step before the next: beside greedy and sampled plain rows (one joining late), the same tokens as the eager
+    engine; the held rows end as documents of their schema."""
+    pytest.importorskip("llguidance")
+    import json
+
+    model = realistic_model(4).to("cuda")
+    ps = [[t % 2000 for t in p] for p in prompts([5, 60, 17, 9], seed=8)]
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["n"], "additionalProperties": False}
+    jobs = [SamplingParams(max_new_tokens=20, json_schema=schema),
+            SamplingParams(max_new_tokens=16),
+            SamplingParams(max_new_tokens=20, json_schema=schema, do_sample=True, temperature=1.3, seed=3),
+            SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, seed=4)]
+
+    def run(use_graphs):
+        engine = Engine(model, tok, max_batch=4, use_graphs=use_graphs)
+        reqs = [engine.submit(p, sp) for p, sp in zip(ps[:3], jobs[:3])]
+        steps = 0
+        while engine.has_work() or len(reqs) < 4:
+            engine.step()
+            steps += 1
+            if steps == 2:
+                reqs.append(engine.submit(ps[3], jobs[3]))
+        return [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
+
+    graphed, reasons = run(True)
+    assert (graphed, reasons) == run(False)
+    for i in (0, 2):
+        assert reasons[i] == "stop" and set(json.loads(tok.decode(graphed[i]))) == {"n"}
+
+
 def separate_lora_hook(h_rule: str):
     """A stand-in for RowAdapters._hook that adds the LoRA product by its own kernels with h = x A computed by
     ``h_rule``: "exact" (fp32, unrounded, the product added to the output in fp32 before one rounding) or "fp32h"

@@ -124,7 +124,14 @@ def test_vllm_fields_that_would_change_the_answer_are_400_naming_them(live, extr
     # (OpenAI's newer form: a subset of the tools; "required" and a named function are taken, below)
     (dict(tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": TOOLS}}, tools=TOOLS),
      "tool_choice"),
-    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}), "response_format"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}),
+     "response_format.json_schema.schema"),
+    (dict(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}),
+     "response_format.json_schema.schema"),  # (a keyword llguidance does not implement: refused, not ignored)
+    (dict(response_format={"type": "json_schema"}), "response_format.json_schema"),
+    (dict(response_format={"type": "yaml"}), "response_format"),
+    (dict(response_format={"type": "json_object"}, tools=TOOLS), "response_format"),
+    (dict(response_format={"type": "json_object"}, extra_body={"min_tokens": 1}), "min_tokens"),
     (dict(max_completion_tokens=5000), "max_completion_tokens"),  # (with max_tokens 2: the one used, over the limit)
 ])
 def test_openai_fields_this_model_cannot_honour_are_400_naming_them(live, kw, param):
@@ -204,7 +211,7 @@ ANSWER_SCHEMA = '{"properties":{"codename":{"type":"string"}},"required":["coden
 
 @pytest.mark.parametrize("body, headers", [
     # langchain-openai 1.8.1: ChatOpenAI(temperature=0, max_tokens=40).with_structured_output(Answer), whose default
-    # method is json_schema
+    # method is json_schema (the schema's "title"s and "$schema" are annotations the grammar ignores)
     ('{"messages":[' + AURORA + '],"model":"tiny-qwen","max_completion_tokens":40,"response_format":{"type":'
      '"json_schema","json_schema":{"schema":{"properties":{"codename":{"title":"Codename","type":"string"}},"required":'
      '["codename"],"title":"Answer","type":"object","additionalProperties":false},"name":"Answer","strict":true}},'
@@ -221,21 +228,55 @@ ANSWER_SCHEMA = '{"properties":{"codename":{"type":"string"}},"required":["coden
      '"required":["codename"],"additionalProperties":false},"strict":true,"name":"response"}},"messages":[{"role":'
      '"user","content":"codename?"}]}', AI_SDK_HEADERS),
 ], ids=["langchain-json_schema", "langchain-json_mode", "ai-sdk-openai-compatible", "ai-sdk-openai-chat"])
-def test_structured_output_requests_are_a_400_naming_the_way_that_works(live, body, headers):
+def test_structured_output_requests_get_json_in_their_schema(live, body, headers):
     """LangChain's with_structured_output (json_schema by default since langchain-openai 0.3), the AI SDK's
-    generateObject and the openai clients' parse() ask for JSON the engine cannot guarantee: a 400 naming
-    response_format, which said only what was refused. It names the tool route, which the next test replays."""
+    generateObject and the openai clients' parse() ask for JSON: the reply is held to the schema token by token
+    (a 400 before). The random model's string never closes within the AI SDK's default length, so a reply is
+    JSON where it stopped, and where it was cut ("length") the schema's start all the same."""
+    sent = json.loads(body)
     r = httpx.post(live.api_url + "/chat/completions", content=body.encode(), headers=headers, timeout=60)
-    assert r.status_code == 400, r.text
-    err = r.json()["error"]
-    assert err["param"] == "response_format" and "\n" not in err["message"], err
-    kind = json.loads(body)["response_format"]["type"]
-    assert err["message"].startswith(f'response_format {{"type": "{kind}"}} is not supported'), err
-    assert "tool_choice" in err["message"] and 'method="function_calling"' in err["message"], err
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    text = choice["message"]["content"]
+    if sent["response_format"]["type"] == "json_object":
+        assert text.startswith("{"), choice
+    else:  # codename is the one property, and required: the grammar writes its key
+        assert text.startswith('{"codename": "'), choice
+    if choice["finish_reason"] == "stop":
+        value = json.loads(text)
+        assert isinstance(value, dict), choice
+    else:
+        assert choice["finish_reason"] == "length", choice
+
+
+YES_NO = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer",
+          "minimum": 0, "maximum": 9}}, "required": ["answer", "count"], "additionalProperties": False}
+
+
+def test_the_openai_clients_parse_gets_an_object_of_the_schema_streamed_or_not(live):
+    """A schema that closes in a few tokens: the reply is a document of it ending with "stop", the same streamed
+    (chunks joined) as not, and sampled replies too (the mask holds every draw)."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "YesNo", "schema": YES_NO, "strict": True}}
+    client = _client(live)
+    r = client.chat.completions.create(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=40,
+                                       response_format=fmt)
+    text, choice = r.choices[0].message.content, r.choices[0]
+    assert choice.finish_reason == "stop", choice
+    value = json.loads(text)
+    assert value["answer"] in ("yes", "no") and 0 <= value["count"] <= 9 and set(value) == {"answer", "count"}
+    assert text == json.dumps(value)  # (json.dumps' separators, no other whitespace)
+    chunks = client.chat.completions.create(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=40,
+                                            response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    for seed in range(4):
+        r = client.chat.completions.create(model="tiny-qwen", messages=ASK, temperature=1.5, seed=seed,
+                                           max_tokens=40, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop" and set(json.loads(r.choices[0].message.content)) == \
+            {"answer", "count"}, r
 
 
 def test_langchains_function_calling_structured_output_is_a_call_of_the_schema(live):
-    """The route the 400 above names, as langchain-openai 1.8.1 sends it (with_structured_output(Answer,
+    """The route for a schema beside tools, as langchain-openai 1.8.1 sends it (with_structured_output(Answer,
     method="function_calling"), temperature 0, max_tokens 40): a call of Answer, which LangChain parses into the
     schema (the random model's arguments are no JSON; a trained adapter's are)."""
     body = ('{"messages":[' + AURORA + '],"model":"tiny-qwen","max_completion_tokens":40,"parallel_tool_calls":false,'
@@ -270,3 +311,17 @@ def test_the_apis_not_served_are_a_404_naming_the_clients_switch_to_chat_complet
     err = r.json()["error"]
     assert err["message"].startswith(f"Invalid URL (POST /v1{path}): this server serves POST /v1/chat/completions")
     assert instead in err["message"] and "\n" not in err["message"], err
+
+
+def test_json_after_a_last_assistant_message_is_a_400_and_beside_tools_chosen_none_an_answer(live):
+    """A last assistant message is continued as written, which a document starting with the reply cannot be: a 400
+    naming response_format. With tool_choice "none" the tools make no call, so the reply may be JSON."""
+    with pytest.raises(openai.BadRequestError) as e:
+        _client(live).chat.completions.create(model="tiny-qwen", max_tokens=2, response_format={"type": "json_object"},
+                                              messages=ASK + [{"role": "assistant", "content": '{"answer": '}])
+    err = e.value.body
+    assert err["param"] == "response_format" and "last assistant message" in err["message"], err
+    r = _client(live).chat.completions.create(
+        model="tiny-qwen", messages=ASK, temperature=0, max_tokens=40, tools=TOOLS, tool_choice="none",
+        response_format={"type": "json_schema", "json_schema": {"name": "YesNo", "schema": YES_NO}})
+    assert r.choices[0].finish_reason == "stop" and set(json.loads(r.choices[0].message.content)) == {"answer", "count"}
