@@ -196,8 +196,15 @@ class Server:
             adapter = self.adapter_for(body.model)
             turns, functions = self.turns(body)
             body.check_continuation(turns.continues_assistant)
-            if body.json_schema() is not None:
+            schema = body.json_schema()
+            if schema is not None:
                 json_reply_problem(functions, turns.continues_assistant)
+                try:  # (compiled here, off the event loop that submits it)
+                    self.engine.prepare_json_schema(schema)
+                except ValueError as e:
+                    why = clipped(str(e).removeprefix("json_schema: "))
+                    raise APIError(400, f"response_format.json_schema.schema: {why}",
+                                   "response_format.json_schema.schema") from None
             stats: dict = {}
             ids = self.prompt_ids(turns, stats)
         except RecursionError:  # JSON nested as deep as the parser allows, then written out again (repr, dumps)

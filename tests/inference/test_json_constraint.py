@@ -139,3 +139,23 @@ def test_without_llguidance_the_error_says_how_to_install_it(tok, model, monkeyp
     engine = Engine(model, tok, max_batch=1)
     with pytest.raises(ImportError, match=r"needs the llguidance package: pip install llguidance"):
         engine.submit([5], SamplingParams(json_schema={}))
+
+
+def test_each_row_gets_its_own_copy_and_the_compiled_schemas_are_bounded(tok, monkeypatch):
+    """A schema compiles once (its matcher at the start, copied for each row: one row's tokens never move
+    another's), and an engine keeps only the last KEPT_SCHEMAS of them: distinct schemas from clients do not
+    grow its memory without bound."""
+    from finetune.inference import json_constraint
+
+    monkeypatch.setattr(json_constraint, "KEPT_SCHEMAS", 3)
+    constraints = JsonConstraints(tok.tokenizer, 2048, tok.im_end_id)
+    a, b = constraints.matcher(YES_NO), constraints.matcher(YES_NO)
+    assert a.consume_token(tok.encode("{")[0])
+    fresh = constraints.allowed([a, b, constraints.matcher(YES_NO)], torch.device("cpu"))
+    assert torch.equal(fresh[1], fresh[2]) and not torch.equal(fresh[0], fresh[1])
+    schemas = [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}} for i in range(5)]
+    for s in schemas:
+        constraints.check(s)
+    assert len(constraints._compiled) == 3
+    assert json.dumps(schemas[0], sort_keys=True) not in constraints._compiled
+    assert constraints.matcher(schemas[0]).consume_token(tok.encode("{")[0])  # compiled again when asked
