@@ -70,7 +70,8 @@ from ..quant.linear import prepare_decode_weights
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
 from .json_constraint import JsonConstraints
 from .row_adapters import RowAdapters
-from .sampling import RowSampling, SamplingParams, apply_penalties, pick_one, pick_tokens, sample_rows
+from .sampling import (RowSampling, SamplingParams, apply_penalties, output_penalties, pick_one, pick_tokens,
+                       sample_rows)
 from .stop_strings import StopStrings
 
 LENGTH_BUCKET = 256
@@ -139,12 +140,13 @@ class Request:
 
 class _Row:
     __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked", "stop_text",
-                 "matcher")
+                 "matcher", "counts")
 
-    def __init__(self, req, alpha, generator, adapter_index, stops, stop_text=None, matcher=None):
+    def __init__(self, req, alpha, generator, adapter_index, stops, stop_text=None, matcher=None, counts=None):
         self.req = req
         self.stop_text = stop_text  # a StopStrings over the row's text when the request has stop strings
         self.matcher = matcher  # an llguidance matcher over the row's output when it is held to a JSON schema
+        self.counts = counts  # [V] fp32 on the device: each token's count in the output (presence/frequency penalty)
         self.length = 0  # tokens in the cache, counting the step in flight (its write is enqueued)
         self.alpha = alpha
         self.generator = generator
@@ -221,8 +223,14 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     after it), else (penalised,): the greedy pick inside the graph, with the repetition penalty only when some row
     needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
     kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71). A row
-    held to a JSON schema picks after the graph too (its allowed tokens come from the host each step)."""
-    return None if params.do_sample or params.json_schema is not None else _greedy_flags(params)[:1]
+    held to a JSON schema picks after the graph too (its allowed tokens come from the host each step), as does one
+    with a presence or frequency penalty (its output's token counts live beside the row, not in the graph)."""
+    after = params.do_sample or params.json_schema is not None or _counts_output(params)
+    return None if after else _greedy_flags(params)[:1]
+
+
+def _counts_output(params: SamplingParams) -> bool:
+    return params.presence_penalty != 0 or params.frequency_penalty != 0
 
 
 def _masked(scores: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -318,6 +326,7 @@ class Engine:
         self._flip = 0
         self._decode_weights = False  # the Int4 kernels' repacked weights made (``_spare_bytes``)
         self._json: JsonConstraints | None = None  # made for the first request with a json_schema
+        self._one = torch.ones(1, device=self.device)  # (a picked token's count, added on the device)
 
     def _bind_adapters(self, model) -> None:
         """What the engine reads of the model's adapters: each row's LoRA (RowAdapters), lm_head (PEFT wraps it for
@@ -862,9 +871,10 @@ class Engine:
         alpha = float(ntk_alpha(len(req.prompt_ids), cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
         stop_text = StopStrings(self.tokenizer, req.params.stop) if req.params.stop else None
         schema = req.params.json_schema
+        counts = torch.zeros(self.vocab, device=self.device) if _counts_output(req.params) else None
         return _Row(req, alpha, generator, self.adapters.index(req.adapter),
                     self._base_stops | set(req.params.stop_token_ids), stop_text,
-                    None if schema is None else self._constraints().matcher(schema))
+                    None if schema is None else self._constraints().matcher(schema), counts)
 
     def _prefill_chunk(self, touched) -> None:
         """The next ``prefill_chunk`` positions of the prompt being prefilled in chunks (``_Chunked``), into its slot;
@@ -1082,10 +1092,11 @@ class Engine:
                               RowSampling([rows[i].req.params for i in unseeded], self.vocab, self.device))
         self._synced = True
 
-    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None) -> None:
+    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None, counted=()) -> None:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
-        (repetition penalty, stop tokens masked while fewer than min_new_tokens are out, the tokens a JSON schema
-        allows (``allowed``: (row indices, [rows, V] bool), ``_allowed``), then argmax; with
+        (repetition penalty, presence and frequency penalties of the rows ``counted`` ((index, row) whose
+        ``counts`` are then advanced), stop tokens masked while fewer than min_new_tokens are out, the tokens a JSON
+        schema allows (``allowed``: (row indices, [rows, V] bool), ``_allowed``), then argmax; with
         ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
         through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
         tokens picked advanced by one for the active rows) and into ``seen``. Nothing here reads a value back
@@ -1094,6 +1105,8 @@ class Engine:
         scores = logits
         if penalised:
             scores = apply_penalties(logits, seen[:b], self._state()["penalty"][:b])
+        if counted:
+            scores = self._output_penalised(scores, logits, counted)
         if held:
             scores = scores.masked_fill((picked < min_new)[:, None] & self._stopmask[:b], -float("inf"))
         if allowed is not None:
@@ -1105,6 +1118,8 @@ class Engine:
             if self._unseeded is not None:
                 rows, rs = self._unseeded
                 nxt.index_copy_(0, rows, sample_rows(scores.index_select(0, rows), rs))
+        for i, row in counted:
+            row.counts.index_add_(0, nxt[i:i + 1], self._one)
         tok.copy_(nxt)
         seen[:b].scatter_(1, nxt[:, None], True)
         pos.add_(active)
@@ -1125,7 +1140,8 @@ class Engine:
         held = any_min_new and any(r.picked < r.req.params.min_new_tokens for r in rows)
         need = max(r.length for r in rows) + 1
         constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
-        sampled = bool(self._seeded) or self._unseeded is not None or bool(constrained)
+        counted = [(i, r) for i, r in enumerate(rows) if r.counts is not None]
+        sampled = bool(self._seeded) or self._unseeded is not None or bool(constrained) or bool(counted)
         if self.use_graphs:
             own = self._own_keys()
             kv_len = self._graph_length(b, need, own)
@@ -1137,7 +1153,8 @@ class Engine:
             graph, out = entry
             graph.replay()
             if sampled:  # (the constrained rows' masks are computed on the host while the forward runs)
-                self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained))
+                self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained),
+                                counted)
             logits = out[:n]
         else:  # eager steps meet a new key length each time: no cuDNN attention (a graph is captured once a key,
             # where cuDNN's masked one-query attention is the faster: b1_512 244 tok/s against 222, NOTES step 60)
@@ -1145,7 +1162,8 @@ class Engine:
             with inference_sdpa(self.device):
                 logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
                                               self._own_keys())
-            self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained))
+            self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained),
+                            counted)
         for r in rows:
             r.length += 1
             r.picked += 1
@@ -1184,11 +1202,24 @@ class Engine:
 
     @staticmethod
     def _append(row: _Row, token: int) -> None:
-        """A picked token into the row's output (and its schema's matcher)."""
+        """A picked token into the row's output (and its schema's matcher). (A decode step counted it for the
+        output penalties on the device; the prefill's first token is counted in ``_emit``.)"""
         row.req.output_ids.append(token)
         row.last = token
         if row.matcher is not None:
             row.matcher.consume_token(token)  # (the mask allowed it; a failure leaves only <|im_end|>: _allowed)
+
+    def _output_penalised(self, scores, logits, counted: list) -> torch.Tensor:
+        """``scores`` with the presence and frequency penalties of the rows ``counted`` ((index, row)) applied from
+        their output's token counts; the model's ``logits`` are never written."""
+        idx = torch.tensor([i for i, _ in counted]).to(self.device, non_blocking=True)
+        weights = torch.tensor([[r.req.params.presence_penalty for _, r in counted],
+                                [r.req.params.frequency_penalty for _, r in counted]], dtype=torch.float32)
+        presence, frequency = weights.to(self.device, non_blocking=True)[:, :, None].unbind(0)
+        counts = torch.stack([r.counts for _, r in counted])
+        scores = scores.clone() if scores is logits else scores
+        scores[idx] = output_penalties(scores.index_select(0, idx), counts, presence, frequency)
+        return scores
 
     def _allowed(self, constrained: list) -> tuple | None:
         """(row indices, [rows, V] bool: the tokens each may take next) of the rows held to a JSON schema
@@ -1284,6 +1315,8 @@ class Engine:
                 gone.append(r)
                 continue
             self._append(r, t)
+            if r.counts is not None:  # (the output penalties start from the first token: nothing to apply before it)
+                r.counts[t] += 1
             if self._ends(r, t) or len(req.output_ids) >= req.params.max_new_tokens:
                 self._finish(r, "stop" if req.stop_string is not None else "length", touched)
                 gone.append(r)

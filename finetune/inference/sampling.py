@@ -1,7 +1,8 @@
 """Sampling parameters of one request, and the next-token choice for a batch of rows.
 
 The semantics are transformers' (and the official Qwen generation's): repetition penalty over the prompt and
-the tokens generated so far (RepetitionPenaltyLogitsProcessor), stop tokens held back until min_new_tokens,
+the tokens generated so far (RepetitionPenaltyLogitsProcessor), then OpenAI's presence and frequency penalties
+over the generated tokens (``output_penalties``; vLLM's order), stop tokens held back until min_new_tokens,
 then argmax or temperature -> top-k -> top-p -> multinomial (``pick_one``). Greedy rows are picked together in
 one argmax; sampling rows one by one (each may have its own seeded generator), or, for rows without a seed,
 all at once with per-row parameters as tensors (``RowSampling``, ``sample_rows``: the same processors, the
@@ -18,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig
 
-from ..modeling.sampling_ranges import (OFF_VALUES, SAMPLING_RANGES, do_sample_problem, integral, out_of_range,
-                                        whole, zero_temperature_problem)
+from ..modeling.sampling_ranges import (OFF_VALUES, SAMPLING_RANGES, do_sample_problem, integral, number,
+                                        out_of_range, whole, zero_temperature_problem)
 
 # GenerationConfig fields the engine implements (anything else set away from its default is refused).
 # A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
@@ -58,6 +59,10 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    # OpenAI's, in [-2, 2]: subtracted from the score of every token the output holds already (presence), and that
+    # many times over for each time it does (frequency); the prompt does not count (as in vLLM)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     min_new_tokens: int = 0
     seed: int | None = None
     stop_token_ids: tuple = ()
@@ -98,6 +103,10 @@ class SamplingParams:
             problems.append(why)
         if not (whole(self.min_new_tokens) and 0 <= self.min_new_tokens):
             problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (number(value) and -2 <= value <= 2):
+                problems.append(f"{name} must be a number in [-2, 2], got {value!r}")
         if self.json_schema is not None:
             if self.json_schema is not True and not isinstance(self.json_schema, dict):
                 problems.append(f"json_schema must be a JSON schema (a dict, or True for any JSON), got "
@@ -136,6 +145,13 @@ def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, penalties: torch.T
     p = penalties[:, None]
     penalised = torch.where(logits > 0, logits / p, logits * p)
     return torch.where(seen & (p != 1.0), penalised, logits)
+
+
+def output_penalties(scores: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                     frequency: torch.Tensor) -> torch.Tensor:
+    """OpenAI's presence and frequency penalties, row-wise: scores [n, V] fp32, counts [n, V] (how often each token
+    is in a row's output so far), presence and frequency [n, 1]."""
+    return scores - frequency * counts - presence * (counts > 0)
 
 
 def pick_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
@@ -220,5 +236,5 @@ def sample_rows(scores: torch.Tensor, rs: RowSampling, noise: torch.Tensor | Non
     return (probs / q).argmax(-1)
 
 
-__all__ = ["SamplingParams", "RowSampling", "apply_penalties", "pick_tokens", "pick_one", "sample_rows",
+__all__ = ["SamplingParams", "RowSampling", "apply_penalties", "output_penalties", "pick_tokens", "pick_one", "sample_rows",
            "unsupported_options"]

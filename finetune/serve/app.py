@@ -178,6 +178,9 @@ class Server:
             over["top_k"] = max(body.top_k, 0)  # (-1: off, as vLLM reads it)
         if body.repetition_penalty is not None:
             over["repetition_penalty"] = body.repetition_penalty
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(body, name) is not None:
+                over[name] = getattr(body, name)
         if body.seed is not None:
             over["seed"] = body.seed
         if body.min_tokens:

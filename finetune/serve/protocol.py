@@ -122,11 +122,12 @@ class ChatCompletionRequest(BaseModel):
     # new turn: a value saying otherwise is a 400 (checked in Server.prepare, against the messages' turns)
     continue_final_message: StrictBool | None = None
     add_generation_prompt: StrictBool | None = None
+    # OpenAI's (over the generated tokens; the generation config's repetition_penalty applies beside them)
+    presence_penalty: Annotated[float | None, Number] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: Annotated[float | None, Number] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     # accepted at their defaults only
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int | None, Number] = None
-    presence_penalty: Annotated[float | None, Number] = None
-    frequency_penalty: Annotated[float | None, Number] = None
     logit_bias: dict | None = None
     # text, json_object or json_schema: the reply held to the schema token by token (``json_schema()``)
     response_format: Any = None
@@ -142,10 +143,6 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, f"n={self.n} is not supported: only one choice per request (n=1)", "n")
         if self.logprobs or self.top_logprobs:
             raise APIError(400, "logprobs are not supported", "logprobs" if self.logprobs else "top_logprobs")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name) not in (None, 0, 0.0):
-                raise APIError(400, f"{name} is not supported (Qwen uses repetition_penalty: send that, or leave "
-                               "the model's generation config's)", name)
         if self.logit_bias:
             raise APIError(400, "logit_bias is not supported", "logit_bias")
         if self.json_schema() is not None and self.min_tokens:

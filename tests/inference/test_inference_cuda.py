@@ -463,31 +463,33 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
     assert reasons[2] == "stop" and stop not in graphed[2]
 
 
-def test_graphed_rows_held_to_a_json_schema_equal_the_eager_engine_in_fp32(tok):
+def test_graphed_rows_held_to_a_json_schema_or_output_penalties_equal_the_eager_engine_in_fp32(tok):
     """Rows held to a JSON schema pick after the forward's graph with masks from the host, the engine reading each
-    step before the next: beside greedy and sampled plain rows (one joining late), the same tokens as the eager
-    engine; the held rows end as documents of their schema."""
+    step before the next, and rows with presence/frequency penalties after it with their counts on the device:
+    beside greedy and sampled plain rows (one joining late), the same tokens as the eager engine; the held rows end
+    as documents of their schema."""
     pytest.importorskip("llguidance")
     import json
 
     model = realistic_model(4).to("cuda")
-    ps = [[t % 2000 for t in p] for p in prompts([5, 60, 17, 9], seed=8)]
+    ps = [[t % 2000 for t in p] for p in prompts([5, 60, 17, 9, 12], seed=8)]
     schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["n"], "additionalProperties": False}
     jobs = [SamplingParams(max_new_tokens=20, json_schema=schema),
             SamplingParams(max_new_tokens=16),
             SamplingParams(max_new_tokens=20, json_schema=schema, do_sample=True, temperature=1.3, seed=3),
-            SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, seed=4)]
+            SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, seed=4),
+            SamplingParams(max_new_tokens=20, presence_penalty=1.0, frequency_penalty=0.5)]
 
     def run(use_graphs):
-        engine = Engine(model, tok, max_batch=4, use_graphs=use_graphs)
+        engine = Engine(model, tok, max_batch=8, use_graphs=use_graphs)
         reqs = [engine.submit(p, sp) for p, sp in zip(ps[:3], jobs[:3])]
         steps = 0
-        while engine.has_work() or len(reqs) < 4:
+        while engine.has_work() or len(reqs) < 5:
             engine.step()
             steps += 1
             if steps == 2:
-                reqs.append(engine.submit(ps[3], jobs[3]))
+                reqs += [engine.submit(ps[3], jobs[3]), engine.submit(ps[4], jobs[4])]
         return [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
 
     graphed, reasons = run(True)

@@ -572,6 +572,65 @@ def test_stop_ids_and_min_new_tokens_as_generate_applies_them(tok):
     assert got == (ref[:-1] if ref[-1] == stop else ref)
 
 
+class _OutputPenalties:
+    """OpenAI's presence and frequency penalties as a transformers logits processor, written from OpenAI's formula
+    (score - count * frequency - (count > 0) * presence, counting the generated tokens only): the reference."""
+
+    def __init__(self, prompt_len, presence, frequency):
+        self.prompt_len, self.presence, self.frequency = prompt_len, presence, frequency
+
+    def __call__(self, input_ids, scores):
+        out = scores.clone()
+        for row, ids in enumerate(input_ids[:, self.prompt_len:].tolist()):
+            for t in set(ids):
+                out[row, t] -= ids.count(t) * self.frequency + self.presence
+        return out
+
+
+def test_presence_and_frequency_penalties_as_openai_defines_them(tok):
+    """Greedy fp32: rows with presence and frequency penalties (beside a plain row, one joining mid-batch, one with a
+    repetition penalty too) give generate()'s tokens under the reference processor; the penalties change them."""
+    from transformers import LogitsProcessorList
+
+    model = tiny(seed=27)
+    ps = prompts([7, 21, 12], seed=28)
+    kinds = [dict(presence_penalty=1.5), dict(frequency_penalty=0.7, repetition_penalty=1.2),
+             dict(presence_penalty=-0.5, frequency_penalty=2.0)]
+
+    def hf(p, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0):
+        ids = torch.tensor([p])
+        gc = GenerationConfig(do_sample=False, max_new_tokens=24, pad_token_id=0, repetition_penalty=repetition_penalty,
+                              eos_token_id=[tok.im_end_id, tok.im_start_id], output_scores=True,
+                              return_dict_in_generate=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc, logits_processor=
+                             LogitsProcessorList([_OutputPenalties(len(p), presence_penalty, frequency_penalty)]))
+        new = out.sequences[0, len(p):].tolist()
+        cut = next((i for i, t in enumerate(new) if t in (tok.im_end_id, tok.im_start_id)), len(new))
+        top2 = torch.stack([s.float().topk(2, dim=-1).values[0] for s in out.scores])
+        return new[:cut], (top2[:, 0] - top2[:, 1]).tolist()
+
+    refs = [hf(p, **kw) for p, kw in zip(ps, kinds)]
+    engine = Engine(model, tok, max_batch=4)
+    reqs = [engine.submit(ps[0], SamplingParams(max_new_tokens=24, **kinds[0])),
+            engine.submit(ps[1], SamplingParams(max_new_tokens=24, **kinds[1])),
+            engine.submit(ps[2], SamplingParams(max_new_tokens=10))]
+    for _ in range(3):
+        engine.step()
+    reqs.append(engine.submit(ps[2], SamplingParams(max_new_tokens=24, **kinds[2])))
+    while engine.has_work():
+        engine.step()
+    assert assert_agree([reqs[0].output_ids, reqs[1].output_ids, reqs[3].output_ids], refs) == 0
+    assert reqs[2].output_ids == hf(ps[2])[0][:10]
+    assert [r[0] for r in refs] != [hf(p)[0] for p in ps]
+
+
+@pytest.mark.parametrize("value", [2.5, -3, float("nan"), "1", True])
+def test_presence_and_frequency_penalties_are_numbers_in_openai_s_range(value):
+    for name in ("presence_penalty", "frequency_penalty"):
+        with pytest.raises(ValueError, match=rf"{name} must be a number in \[-2, 2\]"):
+            SamplingParams(**{name: value})
+
+
 def test_warm_up_leaves_an_idle_engine_that_answers_as_a_fresh_one(tok):
     """warm_up runs every batch bucket, a sampled row and each adapter through the engine, then leaves it idle:
     what comes after is what a fresh engine gives (greedy, mixed lengths, and a seeded sample)."""

@@ -325,3 +325,16 @@ def test_json_after_a_last_assistant_message_is_a_400_and_beside_tools_chosen_no
         model="tiny-qwen", messages=ASK, temperature=0, max_tokens=40, tools=TOOLS, tool_choice="none",
         response_format={"type": "json_schema", "json_schema": {"name": "YesNo", "schema": YES_NO}})
     assert r.choices[0].finish_reason == "stop" and set(json.loads(r.choices[0].message.content)) == {"answer", "count"}
+
+
+def test_presence_and_frequency_penalties_change_the_greedy_reply_streamed_or_not(live):
+    """OpenAI's penalties (a 400 before): the greedy reply under them differs from the plain one (the random model
+    repeats tokens), and streamed it is the same text."""
+    client = _client(live)
+    kw = dict(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=30)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    for pen in (dict(presence_penalty=2), dict(frequency_penalty=1.5), dict(presence_penalty=-2, frequency_penalty=0.5)):
+        text = client.chat.completions.create(**kw, **pen).choices[0].message.content
+        assert text != plain, pen
+        chunks = client.chat.completions.create(**kw, **pen, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
