@@ -140,13 +140,15 @@ class Request:
 
 class _Row:
     __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked", "stop_text",
-                 "matcher", "counts")
+                 "matcher", "counts", "bias")
 
-    def __init__(self, req, alpha, generator, adapter_index, stops, stop_text=None, matcher=None, counts=None):
+    def __init__(self, req, alpha, generator, adapter_index, stops, stop_text=None, matcher=None, counts=None,
+                 bias=None):
         self.req = req
         self.stop_text = stop_text  # a StopStrings over the row's text when the request has stop strings
         self.matcher = matcher  # an llguidance matcher over the row's output when it is held to a JSON schema
         self.counts = counts  # [V] fp32 on the device: each token's count in the output (presence/frequency penalty)
+        self.bias = bias  # (token ids, biases) on the device: the request's logit_bias
         self.length = 0  # tokens in the cache, counting the step in flight (its write is enqueued)
         self.alpha = alpha
         self.generator = generator
@@ -224,13 +226,25 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
     kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71). A row
     held to a JSON schema picks after the graph too (its allowed tokens come from the host each step), as does one
-    with a presence or frequency penalty (its output's token counts live beside the row, not in the graph)."""
-    after = params.do_sample or params.json_schema is not None or _counts_output(params)
+    with a presence or frequency penalty (its output's token counts live beside the row, not in the graph) or a
+    logit bias."""
+    after = params.do_sample or params.json_schema is not None or _counts_output(params) or bool(params.logit_bias)
     return None if after else _greedy_flags(params)[:1]
 
 
 def _counts_output(params: SamplingParams) -> bool:
     return params.presence_penalty != 0 or params.frequency_penalty != 0
+
+
+def _biased(logits: torch.Tensor, biased: list) -> torch.Tensor:
+    """``logits`` with the logit bias of the rows ``biased`` ((index, row)) added: a copy where any row has one."""
+    if not biased:
+        return logits
+    scores = logits.clone()
+    for i, row in biased:
+        ids, values = row.bias
+        scores[i].index_add_(0, ids, values)
+    return scores
 
 
 def _masked(scores: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -396,6 +410,9 @@ class Engine:
         bad = [t for t in params.stop_token_ids if t >= self.vocab]
         if bad:  # (never matched, silently)
             raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
+        bad = [t for t in (params.logit_bias or {}) if t >= self.vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
         if len(ids) + params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"engine's max_len {self.max_len}")
@@ -872,9 +889,13 @@ class Engine:
         stop_text = StopStrings(self.tokenizer, req.params.stop) if req.params.stop else None
         schema = req.params.json_schema
         counts = torch.zeros(self.vocab, device=self.device) if _counts_output(req.params) else None
+        bias = None
+        if req.params.logit_bias:
+            ids, values = zip(*req.params.logit_bias.items())
+            bias = (torch.tensor(ids, device=self.device), torch.tensor(values, dtype=torch.float32, device=self.device))
         return _Row(req, alpha, generator, self.adapters.index(req.adapter),
                     self._base_stops | set(req.params.stop_token_ids), stop_text,
-                    None if schema is None else self._constraints().matcher(schema), counts)
+                    None if schema is None else self._constraints().matcher(schema), counts, bias)
 
     def _prefill_chunk(self, touched) -> None:
         """The next ``prefill_chunk`` positions of the prompt being prefilled in chunks (``_Chunked``), into its slot;
@@ -1092,9 +1113,10 @@ class Engine:
                               RowSampling([rows[i].req.params for i in unseeded], self.vocab, self.device))
         self._synced = True
 
-    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None, counted=()) -> None:
+    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None, counted=(),
+                   biased=()) -> None:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
-        (repetition penalty, presence and frequency penalties of the rows ``counted`` ((index, row) whose
+        (the logit bias of the rows ``biased`` ((index, row)), repetition penalty, presence and frequency penalties of the rows ``counted`` ((index, row) whose
         ``counts`` are then advanced), stop tokens masked while fewer than min_new_tokens are out, the tokens a JSON
         schema allows (``allowed``: (row indices, [rows, V] bool), ``_allowed``), then argmax; with
         ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
@@ -1102,9 +1124,9 @@ class Engine:
         tokens picked advanced by one for the active rows) and into ``seen``. Nothing here reads a value back
         to the host."""
         tok, pos, picked, min_new, active = ints[:, :b].unbind(0)
-        scores = logits
+        scores = _biased(logits, biased)
         if penalised:
-            scores = apply_penalties(logits, seen[:b], self._state()["penalty"][:b])
+            scores = apply_penalties(scores, seen[:b], self._state()["penalty"][:b])
         if counted:
             scores = self._output_penalised(scores, logits, counted)
         if held:
@@ -1141,7 +1163,8 @@ class Engine:
         need = max(r.length for r in rows) + 1
         constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
         counted = [(i, r) for i, r in enumerate(rows) if r.counts is not None]
-        sampled = bool(self._seeded) or self._unseeded is not None or bool(constrained) or bool(counted)
+        biased = [(i, r) for i, r in enumerate(rows) if r.bias is not None]
+        sampled = bool(self._seeded or constrained or counted or biased) or self._unseeded is not None
         if self.use_graphs:
             own = self._own_keys()
             kv_len = self._graph_length(b, need, own)
@@ -1154,7 +1177,7 @@ class Engine:
             graph.replay()
             if sampled:  # (the constrained rows' masks are computed on the host while the forward runs)
                 self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained),
-                                counted)
+                                counted, biased)
             logits = out[:n]
         else:  # eager steps meet a new key length each time: no cuDNN attention (a graph is captured once a key,
             # where cuDNN's masked one-query attention is the faster: b1_512 244 tok/s against 222, NOTES step 60)
@@ -1163,7 +1186,7 @@ class Engine:
                 logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
                                               self._own_keys())
             self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained),
-                            counted)
+                            counted, biased)
         for r in rows:
             r.length += 1
             r.picked += 1
@@ -1286,10 +1309,10 @@ class Engine:
         """Pick the first token of rows just prefilled from their logits [n, V] on the host (sampling.py), append
         it or finish the row. (Decode steps pick on the device: ``_pick_next``.)"""
         idx = torch.tensor([self._rows.index(r) for r in rows], device=self.device)
-        scores = logits
+        scores = _biased(logits, [(i, r) for i, r in enumerate(rows) if r.bias is not None])
         penalties = [r.req.params.repetition_penalty for r in rows]
         if any(p != 1.0 for p in penalties):  # (the common greedy/chat case without a penalty skips this)
-            scores = apply_penalties(logits, self._seen.index_select(0, idx),
+            scores = apply_penalties(scores, self._seen.index_select(0, idx),
                                      torch.tensor(penalties, device=self.device))
         held_rows = [i for i, r in enumerate(rows) if len(r.req.output_ids) < r.req.params.min_new_tokens]
         if held_rows:  # stop tokens masked until min_new_tokens are out, one indexing op per stop set

@@ -1,6 +1,7 @@
 """Sampling parameters of one request, and the next-token choice for a batch of rows.
 
-The semantics are transformers' (and the official Qwen generation's): repetition penalty over the prompt and
+The semantics are transformers' (and the official Qwen generation's), after OpenAI's logit_bias added to the
+logits: repetition penalty over the prompt and
 the tokens generated so far (RepetitionPenaltyLogitsProcessor), then OpenAI's presence and frequency penalties
 over the generated tokens (``output_penalties``; vLLM's order), stop tokens held back until min_new_tokens,
 then argmax or temperature -> top-k -> top-p -> multinomial (``pick_one``). Greedy rows are picked together in
@@ -63,6 +64,8 @@ class SamplingParams:
     # many times over for each time it does (frequency); the prompt does not count (as in vLLM)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # OpenAI's: token id -> a number in [-100, 100] added to its logit before anything else (-100 bans it)
+    logit_bias: dict | None = None
     min_new_tokens: int = 0
     seed: int | None = None
     stop_token_ids: tuple = ()
@@ -107,6 +110,15 @@ class SamplingParams:
             value = getattr(self, name)
             if not (number(value) and -2 <= value <= 2):
                 problems.append(f"{name} must be a number in [-2, 2], got {value!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                problems.append(f"logit_bias must be a dict of token id -> bias, got {type(self.logit_bias).__name__}")
+            else:
+                bad = [(t, b) for t, b in self.logit_bias.items()
+                       if not (whole(t) and t >= 0 and number(b) and -100 <= b <= 100)]
+                if bad:
+                    problems.append(f"logit_bias maps token ids (integers >= 0) to numbers in [-100, 100], got "
+                                    f"{bad[0][0]!r}: {bad[0][1]!r}")
         if self.json_schema is not None:
             if self.json_schema is not True and not isinstance(self.json_schema, dict):
                 problems.append(f"json_schema must be a JSON schema (a dict, or True for any JSON), got "

@@ -181,6 +181,14 @@ class Server:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name) is not None:
                 over[name] = getattr(body, name)
+        bias = body.token_bias()
+        if bias:
+            vocab = self.engine.vocab
+            outside = [t for t in bias if t >= vocab]
+            if outside:
+                raise APIError(400, f"logit_bias: token id {outside[0]} is outside the model's vocabulary [0, {vocab})",
+                               "logit_bias")
+            over["logit_bias"] = bias
         if body.seed is not None:
             over["seed"] = body.seed
         if body.min_tokens:

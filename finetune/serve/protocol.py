@@ -57,6 +57,8 @@ Number = BeforeValidator(_json_number)
 # its templates' stop lists, often more than 4, to any host but OpenAI's and a few others; vLLM and the official
 # server take any number): refused, every request of theirs failed. Bounded: each is looked for after every token.
 MAX_STOP = 64
+# The most tokens a request's logit_bias may name: each is added to its row's logits every step
+MAX_BIASED = 1024
 # seeds seed a torch.Generator, which takes 64 bits: a bigger one failed the engine step, and with it every
 # request in the batch
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -125,10 +127,11 @@ class ChatCompletionRequest(BaseModel):
     # OpenAI's (over the generated tokens; the generation config's repetition_penalty applies beside them)
     presence_penalty: Annotated[float | None, Number] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: Annotated[float | None, Number] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
+    # OpenAI's: {"token id": bias in [-100, 100]} added to the logits (``token_bias()``)
+    logit_bias: dict | None = None
     # accepted at their defaults only
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int | None, Number] = None
-    logit_bias: dict | None = None
     # text, json_object or json_schema: the reply held to the schema token by token (``json_schema()``)
     response_format: Any = None
     # output this server cannot produce (OpenAI answers 400 for a model without it; ignored, a client asking for
@@ -143,8 +146,7 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, f"n={self.n} is not supported: only one choice per request (n=1)", "n")
         if self.logprobs or self.top_logprobs:
             raise APIError(400, "logprobs are not supported", "logprobs" if self.logprobs else "top_logprobs")
-        if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported", "logit_bias")
+        self.token_bias()
         if self.json_schema() is not None and self.min_tokens:
             raise APIError(400, "min_tokens cannot be combined with a JSON response_format: the schema decides where "
                            "the reply ends", "min_tokens")
@@ -172,6 +174,22 @@ class ChatCompletionRequest(BaseModel):
             if (why := lone_surrogate(s)) is not None:  # (a stop that no generated text could ever match)
                 raise APIError(400, f"stop: {why}", "stop" if isinstance(self.stop, str) else f"stop[{i}]")
         self.call_choice()
+
+    def token_bias(self) -> dict[int, float] | None:
+        """``logit_bias`` as token id -> bias, or a 400 naming the entry at fault (whether an id is in the model's
+        vocabulary is the server's check)."""
+        if not self.logit_bias:
+            return None
+        if len(self.logit_bias) > MAX_BIASED:
+            raise APIError(400, f"logit_bias holds {len(self.logit_bias)} tokens: at most {MAX_BIASED}", "logit_bias")
+        out = {}
+        for key, value in self.logit_bias.items():
+            if not (key.isascii() and key.isdigit()) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not -100 <= value <= 100:  # (NaN fails the range: JSON has none, Python's parser reads it)
+                raise APIError(400, f"logit_bias maps token ids (\"50256\") to numbers in [-100, 100], got "
+                               f"{clipped(json.dumps(key))}: {clipped(json.dumps(value))}", "logit_bias")
+            out[int(key)] = float(value)
+        return out
 
     def json_schema(self) -> dict | bool | None:
         """The JSON schema ``response_format`` holds the reply to (``{"type": "object"}`` for "json_object"), or None

@@ -624,6 +624,40 @@ def test_presence_and_frequency_penalties_as_openai_defines_them(tok):
     assert [r[0] for r in refs] != [hf(p)[0] for p in ps]
 
 
+def test_logit_bias_is_added_to_the_logits_as_generate_s_sequence_bias(tok):
+    """Greedy fp32: rows with a logit bias (one banning the plain reply's tokens, one favouring a token, beside a
+    plain row) give generate()'s tokens with the same biases as its sequence_bias; -100 bans, +100 forces."""
+    model = tiny(seed=29)
+    ps = prompts([9, 16, 5], seed=30)
+    engine = Engine(model, tok, max_batch=4)
+    plain = engine.generate(ps, SamplingParams(max_new_tokens=12))
+    biases = [{t: -100 for t in plain[0][:3]}, {plain[1][4]: 5.0, 77: -2.5}, {1234: 100}]
+
+    def hf(p, bias):
+        ids = torch.tensor([p])
+        gc = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=0,
+                              eos_token_id=[tok.im_end_id, tok.im_start_id],
+                              sequence_bias={(t,): float(b) for t, b in bias.items()} or None)
+        new = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)[0, len(p):].tolist()
+        return new[:next((i for i, t in enumerate(new) if t in (tok.im_end_id, tok.im_start_id)), len(new))]
+
+    reqs = [engine.submit(p, SamplingParams(max_new_tokens=12, logit_bias=b)) for p, b in zip(ps, biases)]
+    reqs.append(engine.submit(ps[0], SamplingParams(max_new_tokens=12)))
+    while engine.has_work():
+        engine.step()
+    got = [r.output_ids for r in reqs]
+    assert got[:3] == [hf(p, b) for p, b in zip(ps, biases)] and got[3] == plain[0]
+    assert not set(plain[0][:3]) & set(got[0]) and got[2] == [1234] * 12
+    with pytest.raises(ValueError, match=r"logit_bias: token id 4096 is outside the model's vocabulary \[0, 2048\)"):
+        engine.submit(ps[0], SamplingParams(logit_bias={4096: 1}))
+
+
+@pytest.mark.parametrize("bias", [{5: 101}, {-1: 1}, {"5": 1}, {5: float("nan")}, [5]])
+def test_logit_bias_maps_token_ids_to_numbers_in_openai_s_range(bias):
+    with pytest.raises(ValueError, match="logit_bias"):
+        SamplingParams(logit_bias=bias)
+
+
 @pytest.mark.parametrize("value", [2.5, -3, float("nan"), "1", True])
 def test_presence_and_frequency_penalties_are_numbers_in_openai_s_range(value):
     for name in ("presence_penalty", "frequency_penalty"):

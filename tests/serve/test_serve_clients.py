@@ -338,3 +338,17 @@ def test_presence_and_frequency_penalties_change_the_greedy_reply_streamed_or_no
         assert text != plain, pen
         chunks = client.chat.completions.create(**kw, **pen, stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+
+
+def test_logit_bias_reaches_the_reply(live):
+    """OpenAI's logit_bias (a 400 before): +100 on one token makes the greedy reply that token over and over, on two
+    a mix of them (the engine's tests check the sums, and -100's ban, against generate())."""
+    client = _client(live)
+    kw = dict(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=8)
+    plain = client.chat.completions.create(**kw).choices[0].message.content
+    tok = live.server.tokenizer
+    x, y = tok.encode("x")[0], tok.encode("y")[0]
+    forced = client.chat.completions.create(**kw, logit_bias={str(x): 100})
+    assert forced.choices[0].message.content == "x" * 8 != plain and forced.choices[0].finish_reason == "length"
+    both = client.chat.completions.create(**kw, logit_bias={str(x): 100, str(y): 100}).choices[0].message.content
+    assert set(both) <= {"x", "y"} and len(both) == 8
