@@ -39,6 +39,9 @@ PeftModel). --modes picks the loads to compare, each at every level:
            server itself has no grouping, so this is measured through the client. TTFT counts from the
            round's start, so later groups' waiting shows in it.
 Default modes: base without --adapters, mixed with them.
+--json-share F: about that share of each round's streams ask for a JSON reply (a response_format schema of one
+string too long to end within --new-tokens), so the report's itl_ms_p50_json / itl_ms_p50_plain show what rows held
+to a schema (their masks, and the engine reading every step before the next) cost them and the rows beside them.
 --stagger MS: the streams of a round are sent MS milliseconds apart instead of together (not with grouped), so each
 request joins a batch that is decoding, alone, as requests reach a busy server; TTFT then counts from each request's
 own send, and the running streams' ITL p99 shows what each join cost them.
@@ -132,17 +135,25 @@ def make_prompts(server, n: int, tokens: int, seed: int) -> list[str]:
     return out
 
 
-async def one_stream(client, model, text, new_tokens, t0=None) -> dict:
+def json_format(new_tokens: int) -> dict:
+    """The response_format of a --json-share stream: one JSON string too long to end within new_tokens tokens (16
+    characters a token), so it runs to max_tokens as the plain streams do through min_tokens (which a JSON reply
+    cannot take)."""
+    return {"type": "json_schema", "json_schema": {"name": "bench", "schema": {"type": "string",
+                                                                               "minLength": 16 * new_tokens}}}
+
+
+async def one_stream(client, model, text, new_tokens, t0=None, json_reply=False) -> dict:
     """One streamed completion, timed by tokens (see the module doc). ``t0``: the time TTFT counts from
-    (default: when this request is sent)."""
+    (default: when this request is sent); ``json_reply``: held to ``json_format``."""
     sent = time.perf_counter()
     t0 = sent if t0 is None else t0
     marks: list[tuple[float, int]] = []  # (arrival, completion tokens so far) of each token-carrying chunk
     final = None
+    length = {"response_format": json_format(new_tokens)} if json_reply else {"extra_body": {"min_tokens": new_tokens}}
     stream = await client.chat.completions.create(
         model=model, messages=[{"role": "user", "content": text}], stream=True, max_tokens=new_tokens,
-        temperature=0, stream_options={"include_usage": True, "continuous_usage_stats": True},
-        extra_body={"min_tokens": new_tokens})
+        temperature=0, stream_options={"include_usage": True, "continuous_usage_stats": True}, **length)
     async for chunk in stream:
         now = time.perf_counter()
         usage = chunk.usage
@@ -160,7 +171,7 @@ async def one_stream(client, model, text, new_tokens, t0=None) -> dict:
     tokens = final if final is not None else (marks[-1][1] if marks else 0)
     first = marks[0] if marks else None
     decode_s = marks[-1][0] - first[0] if first else 0.0
-    return {"model": model, "tokens": tokens,
+    return {"model": model, "json": json_reply, "tokens": tokens,
             "ttft_ms": (first[0] - t0) * 1000 if first else None,
             "itl_ms": itl,
             "first_chunk_tokens": first[1] if first else 0,
@@ -168,8 +179,9 @@ async def one_stream(client, model, text, new_tokens, t0=None) -> dict:
             "seconds": done - sent}
 
 
-async def run_level(url, mode, names, prompts, new_tokens, stagger_ms: float = 0) -> dict:
-    """One round: every prompt streamed, as the mode sends them (``stagger_ms`` apart, or together)."""
+async def run_level(url, mode, names, prompts, new_tokens, stagger_ms: float = 0, json_share: float = 0) -> dict:
+    """One round: every prompt streamed, as the mode sends them (``stagger_ms`` apart, or together); the streams at
+    every 1/json_share-th place (``json_streams``) ask for a JSON reply."""
     import openai
 
     async with openai.AsyncOpenAI(base_url=url, api_key="bench", timeout=1800, max_retries=0) as client:
@@ -180,32 +192,47 @@ async def run_level(url, mode, names, prompts, new_tokens, stagger_ms: float = 0
             jobs = [(names["adapters"][0], p) for p in prompts]
         else:  # mixed / grouped: round-robin over the adapters
             jobs = [(names["adapters"][i % len(names["adapters"])], p) for i, p in enumerate(prompts)]
+        held = json_streams(len(jobs), json_share)
         if mode == "grouped":
             results = []
             for name in names["adapters"]:
-                group = [p for n, p in jobs if n == name]
-                results += await asyncio.gather(*[one_stream(client, name, p, new_tokens, t0) for p in group])
+                group = [(i, p) for i, (n, p) in enumerate(jobs) if n == name]
+                results += await asyncio.gather(*[one_stream(client, name, p, new_tokens, t0, i in held)
+                                                  for i, p in group])
         elif stagger_ms:
             async def sent_later(i, name, text):
                 await asyncio.sleep(i * stagger_ms / 1000)
-                return await one_stream(client, name, text, new_tokens)  # (TTFT from its own send)
+                return await one_stream(client, name, text, new_tokens, json_reply=i in held)  # (TTFT: own send)
 
             results = await asyncio.gather(*[sent_later(i, n, p) for i, (n, p) in enumerate(jobs)])
         else:
-            results = await asyncio.gather(*[one_stream(client, n, p, new_tokens, t0) for n, p in jobs])
+            results = await asyncio.gather(*[one_stream(client, n, p, new_tokens, t0, i in held)
+                                             for i, (n, p) in enumerate(jobs)])
         wall = time.perf_counter() - t0
     ttft = [r["ttft_ms"] for r in results if r["ttft_ms"] is not None]
     itl = [g for r in results for g in r["itl_ms"]]
     tokens = sum(r["tokens"] for r in results)
-    per_stream = [{"model": r["model"], "tokens": r["tokens"], "ttft_ms": _round(r["ttft_ms"]),
+    per_stream = [{"model": r["model"], "json": r["json"], "tokens": r["tokens"], "ttft_ms": _round(r["ttft_ms"]),
                    "itl_ms_p50": _round(percentile(r["itl_ms"], 50)), "decode_tok_s": _round(r["decode_tok_s"])}
                   for r in results]
-    return {"t0": t0, "mode": mode, "streams": len(prompts), "stagger_ms": stagger_ms, "completion_tokens": tokens,
+    by_kind = {kind: [g for r in results if r["json"] == is_json for g in r["itl_ms"]]
+               for kind, is_json in (("json", True), ("plain", False))}
+    return {"t0": t0, "mode": mode, "streams": len(prompts), "json_streams": len(held), "stagger_ms": stagger_ms,
+            "completion_tokens": tokens,
+            "itl_ms_p50_json": _round(percentile(by_kind["json"], 50)) if held else None,
+            "itl_ms_p50_plain": _round(percentile(by_kind["plain"], 50)) if held else None,
             "wall_s": round(wall, 3),
             "aggregate_tok_s": round(tokens / wall, 1), "ttft_ms_p50": _round(percentile(ttft, 50)),
             "ttft_ms_p99": _round(percentile(ttft, 99)), "itl_ms_p50": _round(percentile(itl, 50)),
             "itl_ms_p99": _round(percentile(itl, 99)), "itl_ms_max": _round(max(itl, default=None)),
             "streams_timed": len(ttft), "per_stream": per_stream}
+
+
+def json_streams(n: int, share: float) -> set[int]:
+    """The places (of n streams) that ask for a JSON reply: about share * n of them, spread evenly (one stream at
+    any share above 0)."""
+    k = min(n, max(1, round(share * n))) if share > 0 else 0
+    return {i * n // k for i in range(k)}
 
 
 @contextlib.contextmanager
@@ -289,6 +316,9 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-chunk", type=int, default=2048, metavar="N",
                     help="the server's --prefill-chunk (default 2048, as `qwen-ft serve`'s; 0: prompts prefilled "
                          "whole)")
+    ap.add_argument("--json-share", type=float, default=0, metavar="F",
+                    help="the share of each round's streams that ask for a JSON reply (response_format json_schema, "
+                         "a string that runs to max_tokens): what constrained rows cost the batch they run in")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve.json"))
     args = ap.parse_args(argv)
     if not args.model_dir and not args.tiny:
@@ -318,6 +348,9 @@ def main(argv=None) -> int:
         return 2
     if any(n < 1 for n in levels):
         print(f"error: --streams {args.streams!r}: every level must be >= 1", file=sys.stderr)
+        return 2
+    if not 0 <= args.json_share <= 1:
+        print(f"error: --json-share {args.json_share:g}: must be in [0, 1]", file=sys.stderr)
         return 2
     prompt_tokens = args.prompt_tokens or (40 if args.tiny else 500)
     new_tokens = args.new_tokens or (8 if args.tiny else 256)
@@ -374,10 +407,10 @@ def main(argv=None) -> int:
             warm_up_s, ready_s = live[1], round(live[2], 2)
         for prompts, prompt_max in rounds:
             for mode in modes:
-                asyncio.run(run_level(url, mode, names, prompts, new_tokens, args.stagger))  # warm-up
+                asyncio.run(run_level(url, mode, names, prompts, new_tokens, args.stagger, args.json_share))  # warm-up
                 if log is not None:
                     log.clear()
-                r = asyncio.run(run_level(url, mode, names, prompts, new_tokens, args.stagger))
+                r = asyncio.run(run_level(url, mode, names, prompts, new_tokens, args.stagger, args.json_share))
                 t0 = r.pop("t0")
                 if log is not None:
                     r["engine_log"] = relative(log, t0)  # ms after the round's start
@@ -390,7 +423,7 @@ def main(argv=None) -> int:
               "server_ready_s": ready_s, "modes": modes,
               "max_batch": max(levels),
               "levels": results, "targets": TARGETS,
-              "stagger_ms": args.stagger, "prefill_chunk": args.prefill_chunk,
+              "stagger_ms": args.stagger, "prefill_chunk": args.prefill_chunk, "json_share": args.json_share,
               "definitions": "tokens from usage (continuous_usage_stats); TTFT: request sent -> first chunk whose "
                              "usage counts a completion token; ITL: gaps between token-carrying chunks per token",
               "command": "python benchmarks/serve_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -144,3 +144,21 @@ def test_engine_log_names_each_capture_by_the_engines_own_arguments():
     (entry,) = log
     assert entry["kind"] == "capture" and entry["rows"] == 4 and entry["kv_len"] == 1024
     assert {p.name for p in own} - {"b"} <= set(entry) and entry["ms"] >= 0
+
+
+def test_serve_bench_json_share_sends_that_share_of_streams_with_a_json_schema(tmp_path, capsys):
+    """--json-share: those streams ask for a JSON string too long to end early, so they too run to --new-tokens; the
+    report splits the inter-token gaps by kind. A share outside [0, 1] is one line."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import serve_bench
+
+    out = tmp_path / "serve.json"
+    assert serve_bench.main(["--tiny", "--streams", "3", "--json-share", "0.5", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (lv,) = report["levels"]
+    assert report["json_share"] == 0.5 and lv["json_streams"] == 2
+    assert [s["json"] for s in lv["per_stream"]] == [True, True, False]
+    assert all(s["tokens"] == report["new_tokens"] for s in lv["per_stream"])
+    assert lv["itl_ms_p50_json"] > 0 and lv["itl_ms_p50_plain"] > 0
+    assert serve_bench.main(["--tiny", "--json-share", "1.5", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.endswith("error: --json-share 1.5: must be in [0, 1]\n")
