@@ -462,7 +462,7 @@ class Engine:
             # keep it (and its place in a server's queue) until some running row ended
             self._drop_cancelled_waiting(touched)
             # a row held to a JSON schema needs its last token read before its next pick (not one step late)
-            if self._inflight is not None and (self._must_change() or any(r.matcher for r in self._rows)):
+            if self._inflight is not None and (self._must_change() or any(r.matcher is not None for r in self._rows)):
                 self._read(self._take_inflight(), touched)
             if self._inflight is None:
                 if self._gone:
@@ -892,7 +892,8 @@ class Engine:
         bias = None
         if req.params.logit_bias:
             ids, values = zip(*req.params.logit_bias.items())
-            bias = (torch.tensor(ids, device=self.device), torch.tensor(values, dtype=torch.float32, device=self.device))
+            bias = (torch.tensor(ids, device=self.device),
+                    torch.tensor(values, dtype=torch.float32, device=self.device))
         return _Row(req, alpha, generator, self.adapters.index(req.adapter),
                     self._base_stops | set(req.params.stop_token_ids), stop_text,
                     None if schema is None else self._constraints().matcher(schema), counts, bias)
@@ -1116,9 +1117,10 @@ class Engine:
     def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None, counted=(),
                    biased=()) -> None:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
-        (the logit bias of the rows ``biased`` ((index, row)), repetition penalty, presence and frequency penalties of the rows ``counted`` ((index, row) whose
-        ``counts`` are then advanced), stop tokens masked while fewer than min_new_tokens are out, the tokens a JSON
-        schema allows (``allowed``: (row indices, [rows, V] bool), ``_allowed``), then argmax; with
+        (the logit bias of the rows ``biased`` ((index, row)), repetition penalty, presence and frequency penalties
+        of the rows ``counted`` ((index, row), whose ``counts`` are then advanced), stop tokens masked while fewer
+        than min_new_tokens are out, the tokens a JSON schema allows (``allowed``: (row indices, [rows, V] bool),
+        ``_allowed``), then argmax; with
         ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
         through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
         tokens picked advanced by one for the active rows) and into ``seen``. Nothing here reads a value back

@@ -248,5 +248,5 @@ def sample_rows(scores: torch.Tensor, rs: RowSampling, noise: torch.Tensor | Non
     return (probs / q).argmax(-1)
 
 
-__all__ = ["SamplingParams", "RowSampling", "apply_penalties", "output_penalties", "pick_tokens", "pick_one", "sample_rows",
-           "unsupported_options"]
+__all__ = ["SamplingParams", "RowSampling", "apply_penalties", "output_penalties", "pick_tokens", "pick_one",
+           "sample_rows", "unsupported_options"]
