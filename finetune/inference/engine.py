@@ -26,11 +26,11 @@ max_batch; graph length: over own keys decode_kernels.covering_length, the longe
 only the attention's grid depends on it; else the length bucket, a multiple of 256) and replayed; elsewhere it runs
 eagerly on exactly the active rows.
 
-Host time. The token choice runs on the device after the decode step (repetition penalty, stop tokens held
-back until min_new_tokens, then argmax, or for sampled rows sampling.pick_one with a seeded row's generator,
+Host time. The token choice runs on the device after the decode step (logit bias, repetition penalty, presence
+and frequency penalties from the row's own token counts, stop tokens held back until min_new_tokens, then argmax, or for sampled rows sampling.pick_one with a seeded row's generator,
 and for the rows without a seed sampling.sample_rows: the same processors, drawn in one batch) and
 writes each row's next input token, position and counters into the step's static inputs; with every row
-greedy it is part of the step's CUDA graph. The host only reads the picked tokens (one small copy), and it
+greedy (and without a logit bias, output penalties or a JSON schema) it is part of the step's CUDA graph. The host only reads the picked tokens (one small copy), and it
 reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row
 that finished at step t is in step t+1 too: its extra token is discarded, and its cache write (one position
 past its last token, inside its reserved length) is never read. Rows leave and join only with no step in
