@@ -27,10 +27,12 @@ only the attention's grid depends on it; else the length bucket, a multiple of 2
 eagerly on exactly the active rows.
 
 Host time. The token choice runs on the device after the decode step (logit bias, repetition penalty, presence
-and frequency penalties from the row's own token counts, stop tokens held back until min_new_tokens, then argmax, or for sampled rows sampling.pick_one with a seeded row's generator,
-and for the rows without a seed sampling.sample_rows: the same processors, drawn in one batch) and
-writes each row's next input token, position and counters into the step's static inputs; with every row
-greedy (and without a logit bias, output penalties or a JSON schema) it is part of the step's CUDA graph. The host only reads the picked tokens (one small copy), and it
+and frequency penalties from the row's own token counts, stop tokens held back until min_new_tokens, then
+argmax, or for sampled rows sampling.pick_one with a seeded row's generator, and for the rows without a seed
+sampling.sample_rows: the same processors, drawn in one batch) and writes each row's next input token, position
+and counters into the step's static inputs; with every row greedy (and without a logit bias, output penalties,
+log-probabilities to report or a JSON schema) it is part of the step's CUDA graph. The host only reads the picked
+tokens (one small copy), and it
 reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row
 that finished at step t is in step t+1 too: its extra token is discarded, and its cache write (one position
 past its last token, inside its reserved length) is never read. Rows leave and join only with no step in
@@ -115,6 +117,9 @@ class Request:
         self.finished = False
         self.finish_reason: str | None = None
         self.stop_string: str | None = None  # the one of params.stop that ended it, if one did
+        # with params.logprobs: for each output token, (its log-probability, [(id, log-probability)] of the
+        # params.logprobs most likely tokens, most likely first)
+        self.logprobs: list[tuple[float, list]] | None = [] if params.logprobs is not None else None
         self._cancel = threading.Event()
         self._cancel_reason = "cancelled"
 
@@ -176,10 +181,11 @@ class _Step:
     0..n-1 at launch), the host buffer its picked tokens are being copied into, the event that marks the copy
     done (None off CUDA), and its logits (valid until the next step is enqueued)."""
 
-    __slots__ = ("rows", "tokens", "event", "logits")
+    __slots__ = ("rows", "tokens", "event", "logits", "logprobs")
 
-    def __init__(self, rows, tokens, event, logits):
+    def __init__(self, rows, tokens, event, logits, logprobs=None):
         self.rows, self.tokens, self.event, self.logits = rows, tokens, event, logits
+        self.logprobs = logprobs  # (rows that asked: [(index, k)], chosen [m], top values [m, k], top ids) on the host
 
 
 class _KV:
@@ -226,9 +232,10 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
     kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71). A row
     held to a JSON schema picks after the graph too (its allowed tokens come from the host each step), as does one
-    with a presence or frequency penalty (its output's token counts live beside the row, not in the graph) or a
-    logit bias."""
-    after = params.do_sample or params.json_schema is not None or _counts_output(params) or bool(params.logit_bias)
+    with a presence or frequency penalty (its output's token counts live beside the row, not in the graph), a
+    logit bias or log-probabilities to report."""
+    after = (params.do_sample or params.json_schema is not None or _counts_output(params) or bool(params.logit_bias)
+             or params.logprobs is not None)
     return None if after else _greedy_flags(params)[:1]
 
 
@@ -245,6 +252,26 @@ def _biased(logits: torch.Tensor, biased: list) -> torch.Tensor:
         ids, values = row.bias
         scores[i].index_add_(0, ids, values)
     return scores
+
+
+def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, scored: list, device) -> tuple:
+    """The log-probabilities of rows ``scored`` ((index, k)) from their raw ``logits``: each one's picked token's
+    [m] and its k most likely tokens' (values and ids, [m, max k], most likely first)."""
+    idx = torch.tensor([i for i, _ in scored]).to(device, non_blocking=True)
+    lp = torch.log_softmax(logits.index_select(0, idx).float(), -1)
+    chosen = lp.gather(1, tokens.index_select(0, idx)[:, None])[:, 0]
+    top = lp.topk(max(k for _, k in scored), dim=-1)
+    return chosen, top.values, top.indices
+
+
+def _logprob_entries(lp) -> dict:
+    """Row index -> (log-probability, [(id, log-probability)] of its k most likely) from ``_logprobs`` on the host
+    ((scored, chosen, values, ids)), or {}."""
+    if lp is None:
+        return {}
+    scored, chosen, values, ids = lp
+    chosen, values, ids = chosen.tolist(), values.tolist(), ids.tolist()
+    return {i: (chosen[j], list(zip(ids[j][:k], values[j][:k]))) for j, (i, k) in enumerate(scored)}
 
 
 def _masked(scores: torch.Tensor, logits: torch.Tensor, rows: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -1115,7 +1142,7 @@ class Engine:
         self._synced = True
 
     def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None, counted=(),
-                   biased=()) -> None:
+                   biased=(), scored=()) -> tuple | None:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
         (the logit bias of the rows ``biased`` ((index, row)), repetition penalty, presence and frequency penalties
         of the rows ``counted`` ((index, row), whose ``counts`` are then advanced), stop tokens masked while fewer
@@ -1123,7 +1150,8 @@ class Engine:
         ``_allowed``), then argmax; with
         ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
         through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
-        tokens picked advanced by one for the active rows) and into ``seen``. Nothing here reads a value back
+        tokens picked advanced by one for the active rows) and into ``seen``. For the rows ``scored`` ((index, k))
+        returns their tokens' log-probabilities (``_logprobs``), on the device. Nothing here reads a value back
         to the host."""
         tok, pos, picked, min_new, active = ints[:, :b].unbind(0)
         scores = _biased(logits, biased)
@@ -1148,6 +1176,7 @@ class Engine:
         seen[:b].scatter_(1, nxt[:, None], True)
         pos.add_(active)
         picked.add_(active)
+        return _logprobs(logits, nxt, scored, self.device) if scored else None
 
     def _launch(self) -> _Step:
         """Enqueue one decode step and its device-side pick for every active row; nothing here waits for the
@@ -1166,7 +1195,9 @@ class Engine:
         constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
         counted = [(i, r) for i, r in enumerate(rows) if r.counts is not None]
         biased = [(i, r) for i, r in enumerate(rows) if r.bias is not None]
-        sampled = bool(self._seeded or constrained or counted or biased) or self._unseeded is not None
+        scored = [(i, r.req.params.logprobs) for i, r in enumerate(rows) if r.req.params.logprobs is not None]
+        sampled = bool(self._seeded or constrained or counted or biased or scored) or self._unseeded is not None
+        lp = None
         if self.use_graphs:
             own = self._own_keys()
             kv_len = self._graph_length(b, need, own)
@@ -1178,8 +1209,8 @@ class Engine:
             graph, out = entry
             graph.replay()
             if sampled:  # (the constrained rows' masks are computed on the host while the forward runs)
-                self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained),
-                                counted, biased)
+                lp = self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled,
+                                     self._allowed(constrained), counted, biased, scored)
             logits = out[:n]
         else:  # eager steps meet a new key length each time: no cuDNN attention (a graph is captured once a key,
             # where cuDNN's masked one-query attention is the faster: b1_512 244 tok/s against 222, NOTES step 60)
@@ -1187,13 +1218,15 @@ class Engine:
             with inference_sdpa(self.device):
                 logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
                                               self._own_keys())
-            self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained),
-                            counted, biased)
+            lp = self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained),
+                                 counted, biased, scored)
         for r in rows:
             r.length += 1
             r.picked += 1
+        if lp is not None:  # (to the host with the tokens: pinned, complete at the step's event)
+            lp = (scored, *(t.to("cpu", non_blocking=self.device.type == "cuda") for t in lp))
         if self.device.type != "cuda":
-            return _Step(rows, s["tok"][:n].clone(), None, logits)
+            return _Step(rows, s["tok"][:n].clone(), None, logits, lp)
         if self._host_tokens is None:
             self._host_tokens = [torch.zeros(self.max_batch, dtype=torch.long).pin_memory() for _ in range(2)]
             self._events = [torch.cuda.Event() for _ in range(2)]
@@ -1201,14 +1234,15 @@ class Engine:
         buf, event = self._host_tokens[self._flip], self._events[self._flip]
         buf[:n].copy_(s["tok"][:n], non_blocking=True)
         event.record()
-        return _Step(rows, buf[:n], event, logits)
+        return _Step(rows, buf[:n], event, logits, lp)
 
     def _read(self, step: _Step, touched) -> None:
         """The host side of a device-picked step: wait for its tokens, append them, finish rows on a stop
         token, max_new_tokens or a cancel (a row that finished before this step gets nothing from it)."""
         if step.event is not None:
             step.event.synchronize()
-        for r, t in zip(step.rows, step.tokens.tolist()):
+        scores = _logprob_entries(step.logprobs)
+        for i, (r, t) in enumerate(zip(step.rows, step.tokens.tolist())):
             req = r.req
             if req.finished:
                 continue
@@ -1220,17 +1254,20 @@ class Engine:
                 self._finish(r, "stop", touched)
                 self._gone.append(r)
             else:
-                self._append(r, t)
+                self._append(r, t, scores.get(i))
                 if self._ends(r, t) or len(req.output_ids) >= req.params.max_new_tokens:
                     self._finish(r, "stop" if req.stop_string is not None else "length", touched)
                     self._gone.append(r)
 
     @staticmethod
-    def _append(row: _Row, token: int) -> None:
-        """A picked token into the row's output (and its schema's matcher). (A decode step counted it for the
-        output penalties on the device; the prefill's first token is counted in ``_emit``.)"""
+    def _append(row: _Row, token: int, logprob=None) -> None:
+        """A picked token into the row's output (its log-probabilities ``logprob`` too, and its schema's matcher).
+        (A decode step counted it for the output penalties on the device; the prefill's first token is counted in
+        ``_emit``.)"""
         row.req.output_ids.append(token)
         row.last = token
+        if row.req.logprobs is not None:
+            row.req.logprobs.append(logprob)
         if row.matcher is not None:
             row.matcher.consume_token(token)  # (the mask allowed it; a failure leaves only <|im_end|>: _allowed)
 
@@ -1330,16 +1367,22 @@ class Engine:
         if allowed is not None:
             scores = _masked(scores, logits, *allowed)
         tokens = pick_tokens(scores, [r.req.params for r in rows], [r.generator for r in rows])
+        scored = [(i, r.req.params.logprobs) for i, r in enumerate(rows) if r.req.params.logprobs is not None]
+        lp = None
+        if scored:
+            lp = (scored, *(t.cpu() for t in _logprobs(logits, torch.tensor(tokens, device=self.device), scored,
+                                                         self.device)))
+        entries = _logprob_entries(lp)
         self._seen[idx, torch.tensor(tokens, device=self.device)] = True
         gone = []
-        for r, t in zip(rows, tokens):
+        for i, (r, t) in enumerate(zip(rows, tokens)):
             req = r.req
             touched[req.id] = req
             if t in r.stops:
                 self._finish(r, "stop", touched)
                 gone.append(r)
                 continue
-            self._append(r, t)
+            self._append(r, t, entries.get(i))
             if r.counts is not None:  # (the output penalties start from the first token: nothing to apply before it)
                 r.counts[t] += 1
             if self._ends(r, t) or len(req.output_ids) >= req.params.max_new_tokens:

@@ -27,6 +27,7 @@ from ..modeling.sampling_ranges import (OFF_VALUES, SAMPLING_RANGES, do_sample_p
 # A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
 # openai_api.py does: scores divided by a tiny temperature overflow fp32 (1e-40: inf, then NaN in the softmax).
 GREEDY_BELOW = 0.01
+MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
 
 
 _SUPPORTED = {
@@ -66,6 +67,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # OpenAI's: token id -> a number in [-100, 100] added to its logit before anything else (-100 bans it)
     logit_bias: dict | None = None
+    # each output token's log-probability under the model (its raw logits' log_softmax, as vLLM reports it) and the
+    # `logprobs` most likely tokens' (0-20; None: off): Request.logprobs
+    logprobs: int | None = None
     min_new_tokens: int = 0
     seed: int | None = None
     stop_token_ids: tuple = ()
@@ -119,6 +123,8 @@ class SamplingParams:
                 if bad:
                     problems.append(f"logit_bias maps token ids (integers >= 0) to numbers in [-100, 100], got "
                                     f"{bad[0][0]!r}: {bad[0][1]!r}")
+        if self.logprobs is not None and not (whole(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            problems.append(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         if self.json_schema is not None:
             if self.json_schema is not True and not isinstance(self.json_schema, dict):
                 problems.append(f"json_schema must be a JSON schema (a dict, or True for any JSON), got "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import secrets
 import sys
 import time
@@ -181,6 +182,8 @@ class Server:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name) is not None:
                 over[name] = getattr(body, name)
+        if body.logprobs:
+            over["logprobs"] = body.top_logprobs or 0
         bias = body.token_bias()
         if bias:
             vocab = self.engine.vocab
@@ -207,6 +210,9 @@ class Server:
             adapter = self.adapter_for(body.model)
             turns, functions = self.turns(body)
             body.check_continuation(turns.continues_assistant)
+            if body.logprobs and functions:  # (their tokens are the ReAct text, not the message's)
+                raise APIError(400, "logprobs cannot be combined with tools or functions (unless tool_choice is "
+                               "\"none\"): the reply's tokens are its ReAct text, not the message", "logprobs")
             schema = body.json_schema()
             if schema is not None:
                 json_reply_problem(functions, turns.continues_assistant)
@@ -316,6 +322,14 @@ class Run:
             elif self.finish_reason is None:  # client gone, or an error
                 self.req.cancel()
 
+    def logprobs(self, start: int) -> list[dict]:
+        """OpenAI's logprobs "content" entries of the reply's tokens start..completion_tokens (every generated token:
+        those of a stop string cut from the text, or of whitespace stripped from it, too)."""
+        tok = self.server.tokenizer
+        return [dict(_token_entry(tok, t, lp), top_logprobs=[_token_entry(tok, i, v) for i, v in top])
+                for t, (lp, top) in zip(self.req.output_ids[start:self.completion_tokens],
+                                        self.req.logprobs[start:self.completion_tokens])]
+
     async def complete(self, http: Request) -> str:
         async for _ in self.deltas(http):
             pass
@@ -334,6 +348,19 @@ def json_reply_problem(functions: list, continues: bool) -> None:
     if continues:
         raise APIError(400, "response_format json_object / json_schema cannot continue a last assistant message "
                        "(the JSON starts with the reply): drop that message or the response_format", "response_format")
+
+
+def _token_entry(tokenizer, token: int, logprob: float) -> dict:
+    """{"token", "logprob", "bytes"} of one token: its text (an incomplete UTF-8 character as U+FFFD, the bytes say
+    which) and bytes; an id past the tokenizer's (the model's padded vocabulary) has none. A log-probability too
+    small for a float is -9999.0, as vLLM writes it (JSON has no -Infinity)."""
+    try:
+        raw = tokenizer.convert_ids_to_tokens(token)
+    except (ValueError, KeyError, IndexError):
+        raw = b""
+    raw = raw.encode() if isinstance(raw, str) else bytes(raw)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob if math.isfinite(logprob) else -9999.0,
+            "bytes": list(raw)}
 
 
 def _completion_id() -> str:
@@ -777,8 +804,9 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             finish = _finish_with_call(finish, call_reason)
         else:
             message = {"role": "assistant", "content": text}
+        logprobs = {"content": run.logprobs(0), "refusal": None} if body.logprobs else None
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
                 "usage": run.usage()}
 
     return app
@@ -793,9 +821,16 @@ async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Reques
     include_usage = bool(options and options.include_usage)
     continuous = include_usage and options.continuous_usage_stats  # (as vLLM: only with include_usage)
 
+    scored = 0  # the reply tokens whose log-probabilities went out (with the chunk that holds their text)
+
     def chunk(delta: dict, finish=None) -> dict:
+        nonlocal scored
+        logprobs = None
+        if body.logprobs and run.completion_tokens > scored:
+            logprobs = {"content": run.logprobs(scored), "refusal": None}
+            scored = run.completion_tokens
         c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
         if continuous:
             c["usage"] = run.usage()
         elif include_usage:

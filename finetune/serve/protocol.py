@@ -1,7 +1,7 @@
 """The request body of POST /v1/chat/completions, its checks, and OpenAI's error object.
 
 Fields the server does not implement are refused with a 400 naming them when they ask for something
-other than their default (a silently ignored `n: 2` or `logprobs: true` would be a wrong answer), vLLM's
+other than their default (a silently ignored `n: 2` or `audio` would be a wrong answer), vLLM's
 and newer OpenAI fields that change the answer included (`NEUTRAL`); other unknown fields (bookkeeping such
 as `user`, `metadata`, `store`; front ends' own keys) are ignored, as OpenAI-compatible servers do.
 """
@@ -129,9 +129,10 @@ class ChatCompletionRequest(BaseModel):
     frequency_penalty: Annotated[float | None, Number] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     # OpenAI's: {"token id": bias in [-100, 100]} added to the logits (``token_bias()``)
     logit_bias: dict | None = None
-    # accepted at their defaults only
+    # each reply token's log-probability under the model's raw logits (vLLM's default), with top_logprobs (0-20)
+    # alternatives
     logprobs: StrictBool | None = None
-    top_logprobs: Annotated[int | None, Number] = None
+    top_logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
     # text, json_object or json_schema: the reply held to the schema token by token (``json_schema()``)
     response_format: Any = None
     # output this server cannot produce (OpenAI answers 400 for a model without it; ignored, a client asking for
@@ -144,8 +145,8 @@ class ChatCompletionRequest(BaseModel):
         """Refuse what this server cannot do (a 400 naming the field)."""
         if self.n not in (None, 1):
             raise APIError(400, f"n={self.n} is not supported: only one choice per request (n=1)", "n")
-        if self.logprobs or self.top_logprobs:
-            raise APIError(400, "logprobs are not supported", "logprobs" if self.logprobs else "top_logprobs")
+        if self.top_logprobs is not None and not self.logprobs:  # (OpenAI's rule)
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         self.token_bias()
         if self.json_schema() is not None and self.min_tokens:
             raise APIError(400, "min_tokens cannot be combined with a JSON response_format: the schema decides where "

@@ -465,8 +465,8 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
 
 def test_graphed_rows_held_to_a_json_schema_or_output_penalties_equal_the_eager_engine_in_fp32(tok):
     """Rows held to a JSON schema pick after the forward's graph with masks from the host, the engine reading each
-    step before the next, and rows with presence/frequency penalties and a logit bias after it (the counts on the
-    device):
+    step before the next, and rows with presence/frequency penalties, a logit bias and log-probabilities after it
+    (the counts on the device, the log-probabilities read with the tokens):
     beside greedy and sampled plain rows (one joining late), the same tokens as the eager engine; the held rows end
     as documents of their schema."""
     pytest.importorskip("llguidance")
@@ -480,7 +480,8 @@ def test_graphed_rows_held_to_a_json_schema_or_output_penalties_equal_the_eager_
             SamplingParams(max_new_tokens=16),
             SamplingParams(max_new_tokens=20, json_schema=schema, do_sample=True, temperature=1.3, seed=3),
             SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, seed=4),
-            SamplingParams(max_new_tokens=20, presence_penalty=1.0, frequency_penalty=0.5, logit_bias={7: 3.0})]
+            SamplingParams(max_new_tokens=20, presence_penalty=1.0, frequency_penalty=0.5, logit_bias={7: 3.0},
+                           logprobs=2)]
 
     def run(use_graphs):
         engine = Engine(model, tok, max_batch=8, use_graphs=use_graphs)
@@ -491,10 +492,12 @@ def test_graphed_rows_held_to_a_json_schema_or_output_penalties_equal_the_eager_
             steps += 1
             if steps == 2:
                 reqs += [engine.submit(ps[3], jobs[3]), engine.submit(ps[4], jobs[4])]
-        return [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
+        return [r.output_ids for r in reqs], [r.finish_reason for r in reqs], reqs[4].logprobs
 
-    graphed, reasons = run(True)
-    assert (graphed, reasons) == run(False)
+    graphed, reasons, logprobs = run(True)
+    eager, eager_reasons, eager_logprobs = run(False)
+    assert (graphed, reasons) == (eager, eager_reasons)
+    assert len(logprobs) == len(graphed[4]) and all(abs(a[0] - b[0]) < 1e-4 for a, b in zip(logprobs, eager_logprobs))
     for i in (0, 2):
         assert reasons[i] == "stop" and set(json.loads(tok.decode(graphed[i]))) == {"n"}
 

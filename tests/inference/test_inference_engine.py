@@ -658,6 +658,45 @@ def test_logit_bias_maps_token_ids_to_numbers_in_openai_s_range(bias):
         SamplingParams(logit_bias=bias)
 
 
+def test_logprobs_are_the_raw_logits_log_softmax_of_each_output_token(tok):
+    """Greedy fp32: a row's Request.logprobs hold, for every output token, its log-probability and the k most likely
+    tokens' under the model's raw logits (generate()'s output_logits), for the prefill's first token and every
+    decode step, beside a row without them and one joining later; a repetition penalty changes the pick, not them."""
+    model = tiny(seed=31)
+    ps = prompts([6, 14], seed=32)
+
+    def hf(p, penalty=1.0):
+        ids = torch.tensor([p])
+        gc = GenerationConfig(do_sample=False, max_new_tokens=10, pad_token_id=0, repetition_penalty=penalty,
+                              eos_token_id=[tok.im_end_id, tok.im_start_id], output_logits=True,
+                              return_dict_in_generate=True)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+        return out.sequences[0, len(p):].tolist(), [torch.log_softmax(x[0].float(), -1) for x in out.logits]
+
+    engine = Engine(model, tok, max_batch=4)
+    reqs = [engine.submit(ps[0], SamplingParams(max_new_tokens=10, logprobs=3)),
+            engine.submit(ps[1], SamplingParams(max_new_tokens=10))]
+    engine.step()
+    engine.step()
+    reqs.append(engine.submit(ps[1], SamplingParams(max_new_tokens=10, logprobs=0, repetition_penalty=1.3)))
+    while engine.has_work():
+        engine.step()
+    assert reqs[1].logprobs is None
+    for req, (tokens, lps), k in ((reqs[0], hf(ps[0]), 3), (reqs[2], hf(ps[1], 1.3), 0)):
+        assert req.output_ids == tokens[:len(req.output_ids)] and len(req.logprobs) == len(req.output_ids) > 5
+        for t, (chosen, top), lp in zip(req.output_ids, req.logprobs, lps):
+            assert abs(chosen - lp[t].item()) < 1e-4 and len(top) == k
+            values, ids = lp.topk(k) if k else (torch.zeros(0), torch.zeros(0, dtype=torch.long))
+            assert [i for i, _ in top] == ids.tolist()
+            assert all(abs(v - w) < 1e-4 for (_, v), w in zip(top, values.tolist()))
+
+
+@pytest.mark.parametrize("value", [21, -1, 1.5, True])
+def test_logprobs_asks_for_0_to_20_alternatives(value):
+    with pytest.raises(ValueError, match=r"logprobs must be None or an integer in \[0, 20\]"):
+        SamplingParams(logprobs=value)
+
+
 @pytest.mark.parametrize("value", [2.5, -3, float("nan"), "1", True])
 def test_presence_and_frequency_penalties_are_numbers_in_openai_s_range(value):
     for name in ("presence_penalty", "frequency_penalty"):

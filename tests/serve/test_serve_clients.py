@@ -131,6 +131,7 @@ def test_vllm_fields_that_would_change_the_answer_are_400_naming_them(live, extr
     (dict(response_format={"type": "json_schema"}), "response_format.json_schema"),
     (dict(response_format={"type": "yaml"}), "response_format"),
     (dict(response_format={"type": "json_object"}, tools=TOOLS), "response_format"),
+    (dict(logprobs=True, tools=TOOLS), "logprobs"),
     (dict(response_format={"type": "json_object"}, extra_body={"min_tokens": 1}), "min_tokens"),
     (dict(max_completion_tokens=5000), "max_completion_tokens"),  # (with max_tokens 2: the one used, over the limit)
 ])
@@ -352,3 +353,24 @@ def test_logit_bias_reaches_the_reply(live):
     assert forced.choices[0].message.content == "x" * 8 != plain and forced.choices[0].finish_reason == "length"
     both = client.chat.completions.create(**kw, logit_bias={str(x): 100, str(y): 100}).choices[0].message.content
     assert set(both) <= {"x", "y"} and len(both) == 8
+
+
+def test_logprobs_of_every_reply_token_streamed_or_not(live):
+    """logprobs / top_logprobs (a 400 before): an entry for every generated token (usage's count) whose bytes join to
+    the reply, its top_logprobs the most likely tokens in order, the chosen one's no more likely than the first; the
+    stream's chunks carry the same entries, each with the chunk holding its text."""
+    client = _client(live)
+    kw = dict(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=12, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(**kw)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens == 12
+    assert bytes(b for e in content for b in e.bytes).decode(errors="replace").strip() == r.choices[0].message.content
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and e.logprob <= tops[0] + 1e-6 and e.logprob < 0
+        assert e.token == bytes(e.bytes).decode(errors="replace")
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [(e.token, e.logprob, e.bytes) for e in streamed] == [(e.token, e.logprob, e.bytes) for e in content]
+    plain = client.chat.completions.create(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content

@@ -117,8 +117,8 @@ HI = [{"role": "user", "content": "hi"}]
 
 @pytest.mark.parametrize("kw, param", [
     (dict(stream_options={"include_usage": True}), "stream_options"),  # without stream: true
-    (dict(logprobs=True), "logprobs"),
-    (dict(top_logprobs=2), "top_logprobs"),
+    (dict(logprobs=True, top_logprobs=21), "top_logprobs"),  # (OpenAI's limit: 20)
+    (dict(top_logprobs=2), "top_logprobs"),  # without logprobs: true
     (dict(presence_penalty=2.5), "presence_penalty"),  # (OpenAI's range: [-2, 2])
     (dict(frequency_penalty=-3), "frequency_penalty"),
     (dict(logit_bias={"5": 101}), "logit_bias"),  # (OpenAI's range: [-100, 100])
