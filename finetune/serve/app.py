@@ -11,6 +11,7 @@ Functions / tools go through Qwen's ReAct prompt (finetune/react.py).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -242,20 +243,37 @@ class Server:
         if left_out:  # as model.chat leaves them out; said in the log and the response's LEFT_OUT_HEADER
             logger.info("a request's %d oldest user/assistant pairs left out of its prompt: over max_window_size %d",
                         left_out, self.window)
+        n = body.n or 1
+        if n > self.worker.capacity:
+            raise APIError(400, f"n={n} asks for {n} replies at once, each a row of the batch: more than this server "
+                           f"holds ({self.worker.capacity}: --max-batch {self.max_batch} + --max-queue "
+                           f"{self.max_queue})", "n")
+        runs: list[Run] = []
         try:
-            started = self.worker.submit(ids, params, adapter)
-        except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
-            raise APIError(400, str(e)) from None
-        except Closed:  # (a request that arrived while the server stops)
-            raise APIError(503, "the server is shutting down", None, "server_shutting_down") from None
-        if started is None:
-            raise APIError(429, f"The server is busy: {self.worker.capacity} requests are in flight "
-                           f"(--max-batch {self.max_batch} + --max-queue {self.max_queue}). Retry later.",
-                           None, "queue_full")
-        req, queue = started
-        text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens)
-        return Run(self, req, queue, text, len(ids), left_out, after_result, turns.reply_start,
-                   turns.forced_call), functions
+            for i in range(n):
+                # choice i > 0 of a seeded request: the next seeds, so that the choices differ and repeat
+                each = params if i == 0 or params.seed is None else dataclasses.replace(
+                    params, seed=(params.seed + i) % 2**64)
+                try:
+                    started = self.worker.submit(ids, each, adapter)
+                except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
+                    raise APIError(400, str(e)) from None
+                except Closed:  # (a request that arrived while the server stops)
+                    raise APIError(503, "the server is shutting down", None, "server_shutting_down") from None
+                if started is None:
+                    raise APIError(429, f"The server is busy: {self.worker.capacity} requests are in flight "
+                                   f"(--max-batch {self.max_batch} + --max-queue {self.max_queue})"
+                                   + (f", and this one asks for {n} (n)" if n > 1 else "") + ". Retry later.",
+                                   None, "queue_full")
+                req, queue = started
+                text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens)
+                runs.append(Run(self, req, queue, text, len(ids), left_out, after_result, turns.reply_start,
+                                turns.forced_call))
+        except APIError:
+            for run in runs:  # (the choices started before one could not: their rows are freed)
+                run.req.cancel()
+            raise
+        return runs, functions
 
 
 class ClientGone(Exception):
@@ -277,24 +295,12 @@ class Run:
         self.finish_reason: str | None = None
         self.gone = False  # the client disconnected
 
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
-
-    async def _watch(self, http: Request) -> None:
-        """Cancel the request the moment its client disconnects. Polling between tokens never saw it: tokens
-        keep coming, and a non-streamed reply writes nothing until its last one, so a client that left still
-        held its row to max_tokens."""
-        while (await http.receive())["type"] != "http.disconnect":
-            pass
-        self.gone = True
-        self.req.cancel()  # the engine drops the row at its next step, and reports it (finish reason cancelled)
-
-    async def deltas(self, http: Request, every_step: bool = False):
-        """Text deltas until the request finishes (or hits a stop string); cancels it if the client leaves.
+    async def deltas(self, http: Request, every_step: bool = False, watch: bool = True):
+        """Text deltas until the request finishes (or hits a stop string); cancels it if the client leaves
+        (``watch``; else the caller watches, ``watched``, for all of a request's choices).
         ``every_step``: also an empty delta for a step whose tokens add no text yet (one per step with tokens)."""
         seen = 0
-        watcher = asyncio.ensure_future(self._watch(http))
+        watcher = asyncio.ensure_future(_watch([self], http)) if watch else None
         try:
             while True:
                 p = await self.queue.get()
@@ -316,24 +322,50 @@ class Run:
                 if delta or (every_step and new):
                     yield delta
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             if self.text.stopped:  # free the row, counted as a stop (/health's finished)
                 self.req.cancel("stop")
             elif self.finish_reason is None:  # client gone, or an error
                 self.req.cancel()
 
-    def logprobs(self, start: int) -> list[dict]:
-        """OpenAI's logprobs "content" entries of the reply's tokens start..completion_tokens (every generated token:
-        those of a stop string cut from the text, or of whitespace stripped from it, too)."""
+    def logprobs(self, start: int, end: int | None = None) -> list[dict]:
+        """OpenAI's logprobs "content" entries of the reply's tokens start..end (default completion_tokens): every
+        generated token, those of a stop string cut from the text, or of whitespace stripped from it, too."""
         tok = self.server.tokenizer
+        end = self.completion_tokens if end is None else end
         return [dict(_token_entry(tok, t, lp), top_logprobs=[_token_entry(tok, i, v) for i, v in top])
-                for t, (lp, top) in zip(self.req.output_ids[start:self.completion_tokens],
-                                        self.req.logprobs[start:self.completion_tokens])]
+                for t, (lp, top) in zip(self.req.output_ids[start:end], self.req.logprobs[start:end])]
 
-    async def complete(self, http: Request) -> str:
-        async for _ in self.deltas(http):
+    async def complete(self, http: Request, watch: bool = True) -> str:
+        async for _ in self.deltas(http, watch=watch):
             pass
         return self.text.final_text
+
+
+async def _watch(runs: list[Run], http: Request) -> None:
+    """Cancel a request's choices the moment its client disconnects. Polling between tokens never saw it: tokens
+    keep coming, and a non-streamed reply writes nothing until its last one, so a client that left still held its
+    rows to max_tokens. (One watcher a request: its choices' own would wait for the same disconnect.)"""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    for run in runs:
+        run.gone = True
+        run.req.cancel()  # the engine drops the row at its next step, and reports it (finish reason cancelled)
+
+
+@asynccontextmanager
+async def watched(runs: list[Run], http: Request):
+    """A request's choices, watched for the client's disconnect while the block runs; any choice not done when the
+    block ends (an error in another, the client gone) is cancelled."""
+    watcher = asyncio.ensure_future(_watch(runs, http))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        for run in runs:
+            if not run.req.finished:
+                run.req.cancel()
 
 
 # -- responses ---------------------------------------------------------------------------------------------
@@ -787,83 +819,121 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     @app.post("/v1/chat/completions")
     @app.post("/v1/chat/completions/")
     async def chat_completions(body: ChatCompletionRequest, http: Request, response: Response):
-        run, functions = await server.start(body)
+        runs, functions = await server.start(body)
         cid, created = _completion_id(), int(time.time())
-        left_out = {LEFT_OUT_HEADER: str(run.left_out)} if run.left_out else {}
+        left_out = {LEFT_OUT_HEADER: str(runs[0].left_out)} if runs[0].left_out else {}
         if body.stream:
-            return StreamingResponse(_stream(run, functions, body, http, cid, created),
+            return StreamingResponse(_stream(runs, functions, body, http, cid, created),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", **left_out})
         try:
-            text = await run.complete(http)
+            async with watched(runs, http):
+                texts = await asyncio.gather(*(run.complete(http, watch=False) for run in runs))
         except ClientGone:
             return JSONResponse({}, status_code=499)
         response.headers.update(left_out)
-        finish = run.finish_reason
-        if functions:
-            message, call_reason = _tool_message(text, functions, body, run, finish)
-            finish = _finish_with_call(finish, call_reason)
-        else:
-            message = {"role": "assistant", "content": text}
-        logprobs = {"content": run.logprobs(0), "refusal": None} if body.logprobs else None
+        choices = []
+        for i, (run, text) in enumerate(zip(runs, texts)):
+            finish = run.finish_reason
+            if functions:
+                message, call_reason = _tool_message(text, functions, body, run, finish)
+                finish = _finish_with_call(finish, call_reason)
+            else:
+                message = {"role": "assistant", "content": text}
+            logprobs = {"content": run.logprobs(0), "refusal": None} if body.logprobs else None
+            choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": logprobs}],
-                "usage": run.usage()}
+                "choices": choices, "usage": _usage(runs)}
 
     return app
 
 
-async def _stream(run: Run, functions, body: ChatCompletionRequest, http: Request, cid: str, created: int):
-    """Server-sent chunks in OpenAI's format, ending with `data: [DONE]`.
+def _usage(runs: list[Run]) -> dict:
+    """A request's usage: its prompt once, the completion tokens of all its choices."""
+    completion = sum(run.completion_tokens for run in runs)
+    return {"prompt_tokens": runs[0].prompt_tokens, "completion_tokens": completion,
+            "total_tokens": runs[0].prompt_tokens + completion}
 
-    With functions/tools the reply can only be told apart (call or answer) once it is complete, so it is
+
+async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http: Request, cid: str, created: int):
+    """Server-sent chunks in OpenAI's format, ending with `data: [DONE]`: each choice's role chunk, then its deltas
+    and its finishing chunk as they come (the choices of n > 1 interleaved, each chunk naming its index), then the
+    usage chunk where asked.
+
+    With functions/tools a reply can only be told apart (call or answer) once it is complete, so it is
     generated whole and sent as one delta (a tool call, or the answer's text) before the finishing chunk."""
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
     continuous = include_usage and options.continuous_usage_stats  # (as vLLM: only with include_usage)
+    scored = [0] * len(runs)  # each choice's tokens whose log-probabilities went out (with the chunk of their text)
 
-    scored = 0  # the reply tokens whose log-probabilities went out (with the chunk that holds their text)
-
-    def chunk(delta: dict, finish=None) -> dict:
-        nonlocal scored
+    def chunk(i: int, delta: dict, finish=None, tokens: int = 0, usage: dict | None = None) -> dict:
+        """Choice i's chunk; ``tokens``: its tokens when the delta was made (their log-probabilities go with it),
+        ``usage``: the request's then (continuous_usage_stats)."""
         logprobs = None
-        if body.logprobs and run.completion_tokens > scored:
-            logprobs = {"content": run.logprobs(scored), "refusal": None}
-            scored = run.completion_tokens
+        if body.logprobs and tokens > scored[i]:
+            logprobs = {"content": runs[i].logprobs(scored[i], tokens), "refusal": None}
+            scored[i] = tokens
         c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+             "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
         if continuous:
-            c["usage"] = run.usage()
+            c["usage"] = usage or _usage(runs)
         elif include_usage:
             c["usage"] = None
         return c
 
-    yield _sse(chunk({"role": "assistant", "content": ""}))
-    try:
-        if functions:
-            text = await run.complete(http)
-            message, call_reason = _tool_message(text, functions, body, run, run.finish_reason)
-            if call_reason == "tool_calls":
-                calls = [dict(c, index=i) for i, c in enumerate(message["tool_calls"])]
-                delta = {"content": message["content"], "tool_calls": calls}
-            elif call_reason == "function_call":
-                delta = {"content": message["content"], "function_call": message["function_call"]}
+    async def choice(i: int, run: Run, out: asyncio.Queue) -> None:
+        """One choice's events into ``out``: (index, delta, finish reason, its tokens so far, the request's usage
+        then), then None for its end, or the exception that ended it."""
+
+        def put(delta, finish=None):
+            out.put_nowait((i, delta, finish, run.completion_tokens, _usage(runs) if continuous else None))
+
+        try:
+            if functions:
+                text = await run.complete(http, watch=False)
+                message, call_reason = _tool_message(text, functions, body, run, run.finish_reason)
+                if call_reason == "tool_calls":
+                    calls = [dict(c, index=k) for k, c in enumerate(message["tool_calls"])]
+                    delta = {"content": message["content"], "tool_calls": calls}
+                elif call_reason == "function_call":
+                    delta = {"content": message["content"], "function_call": message["function_call"]}
+                else:
+                    delta = {"content": message["content"]}
+                if delta.get("content") or len(delta) > 1:
+                    put(delta)
+                finish = _finish_with_call(run.finish_reason, call_reason)
             else:
-                delta = {"content": message["content"]}
-            if delta.get("content") or len(delta) > 1:
-                yield _sse(chunk(delta))
-            finish = _finish_with_call(run.finish_reason, call_reason)
-        else:
-            async for delta in run.deltas(http, every_step=continuous):
-                yield _sse(chunk({"content": delta}))
-            finish = run.finish_reason
-    except ClientGone:
-        return
-    except APIError as e:  # the status line is sent already: the error goes in the stream
-        yield _sse(e.body())
-        yield _sse("[DONE]")
-        return
-    yield _sse(chunk({}, finish))
+                async for delta in run.deltas(http, every_step=continuous, watch=False):
+                    put({"content": delta})
+                finish = run.finish_reason
+            put({}, finish)
+            out.put_nowait(None)
+        except (ClientGone, APIError) as e:
+            out.put_nowait(e)
+
+    for i in range(len(runs)):
+        yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+    events: asyncio.Queue = asyncio.Queue()
+    async with watched(runs, http):
+        tasks = [asyncio.ensure_future(choice(i, run, events)) for i, run in enumerate(runs)]
+        try:
+            left = len(runs)
+            while left:
+                event = await events.get()
+                if event is None:
+                    left -= 1
+                elif isinstance(event, ClientGone):
+                    return
+                elif isinstance(event, APIError):  # the status line is sent already: the error goes in the stream
+                    yield _sse(event.body())
+                    yield _sse("[DONE]")
+                    return
+                else:
+                    yield _sse(chunk(*event))
+        finally:
+            for task in tasks:
+                task.cancel()
     if include_usage:
         yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [], "usage": run.usage()})
+                    "choices": [], "usage": _usage(runs)})
     yield _sse("[DONE]")

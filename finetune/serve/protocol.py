@@ -1,7 +1,7 @@
 """The request body of POST /v1/chat/completions, its checks, and OpenAI's error object.
 
 Fields the server does not implement are refused with a 400 naming them when they ask for something
-other than their default (a silently ignored `n: 2` or `audio` would be a wrong answer), vLLM's
+other than their default (a silently ignored `audio` or `min_p` would be a wrong answer), vLLM's
 and newer OpenAI fields that change the answer included (`NEUTRAL`); other unknown fields (bookkeeping such
 as `user`, `metadata`, `store`; front ends' own keys) are ignored, as OpenAI-compatible servers do.
 """
@@ -57,6 +57,9 @@ Number = BeforeValidator(_json_number)
 # its templates' stop lists, often more than 4, to any host but OpenAI's and a few others; vLLM and the official
 # server take any number): refused, every request of theirs failed. Bounded: each is looked for after every token.
 MAX_STOP = 64
+# The most choices a request may ask for (OpenAI's limit); each is a row of the batch, and the server's capacity
+# (--max-batch + --max-queue) bounds them further
+MAX_CHOICES = 128
 # The most tokens a request's logit_bias may name: each is added to its row's logits every step
 MAX_BIASED = 1024
 # seeds seed a torch.Generator, which takes 64 bits: a bigger one failed the engine step, and with it every
@@ -112,7 +115,7 @@ class ChatCompletionRequest(BaseModel):
     # seen tokens' scores are divided or multiplied by it, a 1e-40 overflows fp32 to inf, and a sampled row's draw
     # then fails the engine step for every request in the batch (past x100 either way it changes nothing more)
     repetition_penalty: Annotated[float | None, Number] = Field(default=None, ge=0.01, le=100, allow_inf_nan=False)
-    n: Annotated[int | None, Number] = Field(default=None, ge=1)
+    n: Annotated[int | None, Number] = Field(default=None, ge=1, le=MAX_CHOICES)  # (choices, each a row)
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -143,8 +146,6 @@ class ChatCompletionRequest(BaseModel):
 
     def check(self) -> None:
         """Refuse what this server cannot do (a 400 naming the field)."""
-        if self.n not in (None, 1):
-            raise APIError(400, f"n={self.n} is not supported: only one choice per request (n=1)", "n")
         if self.top_logprobs is not None and not self.logprobs:  # (OpenAI's rule)
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         self.token_bias()

@@ -231,7 +231,7 @@ def test_unknown_model_is_404(live):
 @pytest.mark.parametrize("kw, param", [
     (dict(messages=[{"role": "wizard", "content": "hi"}]), "messages[0].role"),
     (dict(messages=[{"role": "user", "content": "hi"}], temperature=3), "temperature"),
-    (dict(messages=[{"role": "user", "content": "hi"}], n=2), "n"),
+    (dict(messages=[{"role": "user", "content": "hi"}], n=129), "n"),  # (OpenAI's limit: 128)
     (dict(messages=[{"role": "user", "content": "hi"}], max_tokens=0), "max_tokens"),
     (dict(messages=[{"role": "assistant", "content": "hi"}]), "messages"),
     (dict(messages=[{"role": "user", "content": "hi"}, {"role": "tool", "content": "x"}]), "messages[1].role"),
@@ -307,6 +307,37 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_row(live):
     finally:
         worker.capacity = capacity
     assert ask(live.client(), "a", MEMORISE[0][0]).choices[0].message.content == MEMORISE[0][1]
+
+
+def test_n_choices_that_do_not_all_fit_are_a_429_and_free_the_rows_they_took(live):
+    """A request for n choices when the server holds fewer than n more: a 429, and the choices that had started are
+    cancelled (the engine holds no row of them afterwards), while the request that filled the server runs on."""
+    import httpx
+
+    worker = live.server.worker
+    capacity = worker.capacity
+    worker.capacity = 2  # one request in flight leaves room for one more row
+    try:
+        before = live.health()["finished"].get("cancelled", 0)
+        body = {"model": "tiny-qwen", "messages": [{"role": "user", "content": "Tell me a long story."}],
+                "stream": True, "max_tokens": 900, "temperature": 1.0, "seed": 1}
+        with httpx.Client(timeout=60) as h:
+            with h.stream("POST", live.url + "/v1/chat/completions", json=body,
+                          headers={"Authorization": f"Bearer {KEY}"}) as stream:
+                lines = stream.iter_lines()
+                next(line for line in lines if line.startswith("data: "))  # it is running
+                with pytest.raises(openai.RateLimitError) as e:
+                    live.client().chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}],
+                                                          n=2, max_tokens=4)
+                assert _error(e)["code"] == "queue_full" and "asks for 2 (n)" in _error(e)["message"]
+                for _ in range(600):  # bounded: 60 s; the first choice's row is cancelled, the story runs on
+                    health = live.health()
+                    if health["finished"].get("cancelled", 0) == before + 1:
+                        break
+                    time.sleep(0.1)
+                assert health["in_flight"] == 1 and health["finished"].get("cancelled", 0) == before + 1
+    finally:
+        worker.capacity = capacity
 
 
 def test_16_concurrent_requests_over_two_adapters(live):

@@ -374,3 +374,39 @@ def test_logprobs_of_every_reply_token_streamed_or_not(live):
     assert [(e.token, e.logprob, e.bytes) for e in streamed] == [(e.token, e.logprob, e.bytes) for e in content]
     plain = client.chat.completions.create(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=12)
     assert plain.choices[0].logprobs is None and plain.choices[0].message.content == r.choices[0].message.content
+
+
+def test_n_choices_streamed_or_not(live):
+    """n (only 1 before): n replies, each a row of the batch. Greedy, they are the same; sampled with a seed, choice
+    0 is the n=1 request's reply and the others use the next seeds, so the request repeats exactly; streamed, each
+    choice's chunks (named by index, a role chunk and a finishing chunk each) join to its reply; usage counts the
+    prompt once and every choice's tokens. More choices than the server holds at once is a 400 naming n."""
+    client = _client(live)
+    kw = dict(model="tiny-qwen", messages=ASK, max_tokens=6)
+    greedy = client.chat.completions.create(**kw, temperature=0, n=3)
+    assert [c.index for c in greedy.choices] == [0, 1, 2]
+    assert len({c.message.content for c in greedy.choices}) == 1
+    one = client.chat.completions.create(**kw, temperature=0)
+    assert greedy.choices[0].message.content == one.choices[0].message.content
+    assert greedy.usage.completion_tokens == 3 * one.usage.completion_tokens
+    assert greedy.usage.prompt_tokens == one.usage.prompt_tokens
+    sampled = client.chat.completions.create(**kw, temperature=1.5, seed=7, n=3)
+    texts = [c.message.content for c in sampled.choices]
+    assert texts == [c.message.content for c in client.chat.completions.create(**kw, temperature=1.5, seed=7,
+                                                                               n=3).choices]
+    assert texts[0] == client.chat.completions.create(**kw, temperature=1.5, seed=7).choices[0].message.content
+    assert texts[1] == client.chat.completions.create(**kw, temperature=1.5, seed=8).choices[0].message.content
+    assert len(set(texts)) > 1
+    chunks = list(client.chat.completions.create(**kw, temperature=1.5, seed=7, n=3, stream=True,
+                                                 stream_options={"include_usage": True}))
+    by_index: dict = {}
+    finishes: dict = {}
+    for c in chunks[:-1]:
+        (ch,) = c.choices
+        by_index[ch.index] = by_index.get(ch.index, "") + (ch.delta.content or "")
+        if ch.finish_reason:
+            finishes[ch.index] = finishes.get(ch.index, []) + [ch.finish_reason]
+    assert [by_index[i] for i in range(3)] == texts and finishes == {i: ["length"] for i in range(3)}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
+    err = _bad_request(live, n=live.server.worker.capacity + 1)
+    assert err["param"] == "n" and "more than this server holds" in err["message"], err
