@@ -1,7 +1,7 @@
 """The request body of POST /v1/chat/completions, its checks, and OpenAI's error object.
 
 Fields the server does not implement are refused with a 400 naming them when they ask for something
-other than their default (a silently ignored `audio` or `min_p` would be a wrong answer), vLLM's
+other than their default (a silently ignored `audio` or `ignore_eos` would be a wrong answer), vLLM's
 and newer OpenAI fields that change the answer included (`NEUTRAL`); other unknown fields (bookkeeping such
 as `user`, `metadata`, `store`; front ends' own keys) are ignored, as OpenAI-compatible servers do.
 """
@@ -69,9 +69,9 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 # Fields other servers take (vLLM's extra_body, newer OpenAI models') that would change the answer, which this
 # server does not implement -> the values that ask for nothing (absent and null too). Ignored, a client asking
-# for min_p, ignore_eos, guided JSON or a reasoning effort got an answer made without it and no word why.
+# for typical_p, ignore_eos, guided JSON or a reasoning effort got an answer made without it and no word why.
 NEUTRAL: dict[str, tuple] = {
-    "min_p": (0,), "typical_p": (1,), "best_of": (1,), "use_beam_search": (False,), "ignore_eos": (False,),
+    "typical_p": (1,), "best_of": (1,), "use_beam_search": (False,), "ignore_eos": (False,),
     "stop_token_ids": ([],), "include_stop_str_in_output": (False,), "echo": (False,), "bad_words": ([],),
     "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
     "return_tokens_as_token_ids": (False,), "chat_template": (), "documents": (),
@@ -106,6 +106,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: Annotated[float | None, Number] = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     # Qwen's official server takes it too; -1 is vLLM's "off" (its clients send it), as 0 is here
     top_k: Annotated[int | None, Number] = Field(default=None, ge=-1)
+    # vLLM's (transformers' MinPLogitsWarper): a sampled token at least min_p times as likely as the most likely
+    min_p: Annotated[float | None, Number] = Field(default=None, ge=0, le=1, allow_inf_nan=False)
     max_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
     max_completion_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
     stop: Any = None  # a string or a list of strings, checked in check() (one message naming `stop`)

@@ -426,6 +426,19 @@ def test_graphed_engine_sees_adapter_weights_changed_between_generations(tok):
     assert engine.generate(batch, params, adapter="default") == base
 
 
+def _decode_joining(engine, jobs, first: int, at_step: int) -> list:
+    """The requests of ``jobs`` ((prompt, params)): the first ``first`` submitted, the rest once ``at_step`` steps
+    ran, all decoded to the end."""
+    reqs = [engine.submit(p, sp) for p, sp in jobs[:first]]
+    steps = 0
+    while engine.has_work() or len(reqs) < len(jobs):
+        engine.step()
+        steps += 1
+        if steps == at_step:
+            reqs += [engine.submit(p, sp) for p, sp in jobs[first:]]
+    return reqs
+
+
 def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
     """The pick inside the decode graph (repetition penalty, stops held back by min_new_tokens, argmax, next inputs
     advanced on the device) and the sampled rows picked after the forward's graph (seeded: their generator; a
@@ -444,13 +457,7 @@ def test_graphed_device_pick_equals_the_eager_engine_in_fp32(tok):
     def run(use_graphs):
         torch.manual_seed(0)
         engine = Engine(model, tok, max_batch=8, use_graphs=use_graphs)
-        reqs = [engine.submit(p, sp) for p, sp in zip(ps[:4], jobs[:4])]
-        steps = 0
-        while engine.has_work() or len(reqs) < 5:
-            engine.step()
-            steps += 1
-            if steps == 3:
-                reqs.append(engine.submit(ps[4], jobs[4]))
+        reqs = _decode_joining(engine, list(zip(ps, jobs)), first=4, at_step=3)
         return engine, [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
 
     graphed_engine, graphed, reasons = run(True)
@@ -485,13 +492,7 @@ def test_graphed_rows_held_to_a_json_schema_or_output_penalties_equal_the_eager_
 
     def run(use_graphs):
         engine = Engine(model, tok, max_batch=8, use_graphs=use_graphs)
-        reqs = [engine.submit(p, sp) for p, sp in zip(ps[:3], jobs[:3])]
-        steps = 0
-        while engine.has_work() or len(reqs) < 5:
-            engine.step()
-            steps += 1
-            if steps == 2:
-                reqs += [engine.submit(ps[3], jobs[3]), engine.submit(ps[4], jobs[4])]
+        reqs = _decode_joining(engine, list(zip(ps, jobs)), first=3, at_step=2)
         return [r.output_ids for r in reqs], [r.finish_reason for r in reqs], reqs[4].logprobs
 
     graphed, reasons, logprobs = run(True)

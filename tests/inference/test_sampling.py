@@ -39,7 +39,9 @@ def test_sample_rows_draws_each_row_as_pick_one_does():
               SamplingParams(do_sample=True),
               SamplingParams(do_sample=True, temperature=1.5, top_k=50, top_p=0.6),
               SamplingParams(do_sample=True, top_k=V + 3, top_p=0.95),
-              SamplingParams(do_sample=True, temperature=0.3, top_k=1)]
+              SamplingParams(do_sample=True, temperature=0.3, top_k=1),
+              SamplingParams(do_sample=True, min_p=0.2),
+              SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, min_p=0.05)]
     rs = RowSampling(params, V, "cpu")
     g = torch.Generator().manual_seed(0)
     drawn = set()
@@ -58,6 +60,31 @@ def test_sample_rows_draws_each_row_as_pick_one_does():
     picks = [sample_rows(scores, rs).tolist() for _ in range(100)]
     assert {p[1] for p in picks} <= best5 and len({p[1] for p in picks}) > 1
     assert {p[5] for p in picks} == {int(scores[5].argmax())}
+
+
+@pytest.mark.parametrize("kw", [dict(min_p=0.1), dict(min_p=0.3, temperature=0.7, top_k=40, top_p=0.9),
+                                dict(min_p=1.0), dict(temperature=1.3, top_p=0.7)])
+def test_pick_one_draws_what_transformers_warpers_and_multinomial_draw(kw):
+    """A seeded pick is generate()'s sampling step: transformers' warpers in its order (temperature, top-k, top-p,
+    min-p), a softmax, torch.multinomial with the same generator state: the same token, draw for draw."""
+    from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+
+    params = SamplingParams(do_sample=True, **kw)
+    warpers = LogitsProcessorList(
+        ([TemperatureLogitsWarper(params.temperature)] if params.temperature != 1.0 else [])
+        + ([TopKLogitsWarper(params.top_k)] if params.top_k else [])
+        + ([TopPLogitsWarper(params.top_p)] if params.top_p < 1.0 else [])
+        + ([MinPLogitsWarper(params.min_p)] if params.min_p else []))
+    g = torch.Generator().manual_seed(1)
+    picks = set()
+    for trial in range(60):
+        scores = torch.randn(300, generator=g) * 3
+        probs = warpers(None, scores[None].clone()).softmax(-1)
+        want = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(trial))[0, 0])
+        assert int(pick_one(scores, params, torch.Generator().manual_seed(trial))) == want
+        picks.add(want)
+    assert len(picks) > (1 if params.min_p == 1.0 else 5)
 
 
 def test_pick_tokens_mixes_greedy_and_seeded_sampling_rows():

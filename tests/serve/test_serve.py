@@ -4,6 +4,7 @@ calling, every error status, client disconnects, 16 concurrent requests, and the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -279,12 +280,15 @@ def test_control_tokens_in_messages_stay_text(live):
     assert ids.count(tok.im_start_id) == 3 and ids.count(tok.im_end_id) == 2 and tok.eod_id not in ids
 
 
-def test_queue_full_is_429_and_a_disconnect_frees_the_row(live):
+@contextlib.contextmanager
+def _filled(live, capacity: int):
+    """The server's capacity set to ``capacity`` while a long sampled story streams (it runs when the block starts;
+    the block's end closes the stream, which cancels it); yields the cancelled count before it."""
     import httpx
 
     worker = live.server.worker
-    capacity = worker.capacity
-    worker.capacity = 1  # one request in flight fills the server
+    held = worker.capacity
+    worker.capacity = capacity
     try:
         before = live.health()["finished"].get("cancelled", 0)
         body = {"model": "tiny-qwen", "messages": [{"role": "user", "content": "Tell me a long story."}],
@@ -294,50 +298,43 @@ def test_queue_full_is_429_and_a_disconnect_frees_the_row(live):
                           headers={"Authorization": f"Bearer {KEY}"}) as stream:
                 lines = stream.iter_lines()
                 next(line for line in lines if line.startswith("data: "))  # it is running
-                with pytest.raises(openai.RateLimitError) as e:
-                    ask(live.client(), "a", "hi")
-                assert _error(e)["code"] == "queue_full" and e.value.response.headers["retry-after"] == "1"
-            # the client closed the stream mid-answer: the request is cancelled and leaves the batch
-        for _ in range(600):  # bounded: 60 s
-            h = live.health()
-            if h["in_flight"] == 0:
-                break
-            time.sleep(0.1)
-        assert h["in_flight"] == 0 and h["finished"].get("cancelled", 0) == before + 1
+                yield before
     finally:
-        worker.capacity = capacity
+        worker.capacity = held
+
+
+def _health_when(live, done) -> dict:
+    """/health once ``done(health)`` holds, or after 60 s (bounded)."""
+    for _ in range(600):
+        health = live.health()
+        if done(health):
+            break
+        time.sleep(0.1)
+    return health
+
+
+def test_queue_full_is_429_and_a_disconnect_frees_the_row(live):
+    with _filled(live, 1) as before:  # one request in flight fills the server
+        with pytest.raises(openai.RateLimitError) as e:
+            ask(live.client(), "a", "hi")
+        assert _error(e)["code"] == "queue_full" and e.value.response.headers["retry-after"] == "1"
+    # the client closed the stream mid-answer: the request is cancelled and leaves the batch
+    h = _health_when(live, lambda h: h["in_flight"] == 0)
+    assert h["in_flight"] == 0 and h["finished"].get("cancelled", 0) == before + 1
     assert ask(live.client(), "a", MEMORISE[0][0]).choices[0].message.content == MEMORISE[0][1]
 
 
 def test_n_choices_that_do_not_all_fit_are_a_429_and_free_the_rows_they_took(live):
     """A request for n choices when the server holds fewer than n more: a 429, and the choices that had started are
     cancelled (the engine holds no row of them afterwards), while the request that filled the server runs on."""
-    import httpx
-
-    worker = live.server.worker
-    capacity = worker.capacity
-    worker.capacity = 2  # one request in flight leaves room for one more row
-    try:
-        before = live.health()["finished"].get("cancelled", 0)
-        body = {"model": "tiny-qwen", "messages": [{"role": "user", "content": "Tell me a long story."}],
-                "stream": True, "max_tokens": 900, "temperature": 1.0, "seed": 1}
-        with httpx.Client(timeout=60) as h:
-            with h.stream("POST", live.url + "/v1/chat/completions", json=body,
-                          headers={"Authorization": f"Bearer {KEY}"}) as stream:
-                lines = stream.iter_lines()
-                next(line for line in lines if line.startswith("data: "))  # it is running
-                with pytest.raises(openai.RateLimitError) as e:
-                    live.client().chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}],
-                                                          n=2, max_tokens=4)
-                assert _error(e)["code"] == "queue_full" and "asks for 2 (n)" in _error(e)["message"]
-                for _ in range(600):  # bounded: 60 s; the first choice's row is cancelled, the story runs on
-                    health = live.health()
-                    if health["finished"].get("cancelled", 0) == before + 1:
-                        break
-                    time.sleep(0.1)
-                assert health["in_flight"] == 1 and health["finished"].get("cancelled", 0) == before + 1
-    finally:
-        worker.capacity = capacity
+    with _filled(live, 2) as before:  # one request in flight leaves room for one more row
+        with pytest.raises(openai.RateLimitError) as e:
+            live.client().chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}],
+                                                  n=2, max_tokens=4)
+        assert _error(e)["code"] == "queue_full" and "asks for 2 (n)" in _error(e)["message"]
+        # the first choice's row is cancelled, the story runs on
+        health = _health_when(live, lambda h: h["finished"].get("cancelled", 0) == before + 1)
+        assert health["in_flight"] == 1 and health["finished"].get("cancelled", 0) == before + 1
 
 
 def test_16_concurrent_requests_over_two_adapters(live):

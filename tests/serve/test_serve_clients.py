@@ -96,7 +96,7 @@ def test_more_stop_strings_than_openais_4_are_honoured(live):
 
 
 @pytest.mark.parametrize("extra, param", [
-    ({"min_p": 0.1}, "min_p"),
+    ({"min_p": 1.5}, "min_p"),  # (a probability ratio: [0, 1])
     ({"min_p": False}, "min_p"),  # a boolean is no number, even where it equals the neutral 0
     ({"ignore_eos": True}, "ignore_eos"),
     ({"stop_token_ids": [5]}, "stop_token_ids"),
@@ -113,7 +113,7 @@ def test_more_stop_strings_than_openais_4_are_honoured(live):
     ({"add_generation_prompt": False}, "add_generation_prompt"),
 ])
 def test_vllm_fields_that_would_change_the_answer_are_400_naming_them(live, extra, param):
-    """These were accepted and ignored: a client asking for min_p, guided JSON or ignore_eos got an answer made
+    """These were accepted and ignored: a client asking for typical_p, guided JSON or ignore_eos got an answer made
     without it and no word why."""
     assert _bad_request(live, extra_body=extra)["param"] == param
 
@@ -410,3 +410,17 @@ def test_n_choices_streamed_or_not(live):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == sampled.usage.completion_tokens
     err = _bad_request(live, n=live.server.worker.capacity + 1)
     assert err["param"] == "n" and "more than this server holds" in err["message"], err
+
+
+def test_min_p_of_1_samples_the_most_likely_token_only(live):
+    """vLLM's min_p (a 400 before): at 1 only tokens as likely as the most likely one stay, so a hot sampled reply is
+    the greedy one, whatever the seed; at 0.05 the seeds differ as without it."""
+    client = _client(live)
+    kw = dict(model="tiny-qwen", messages=ASK, max_tokens=8)
+    greedy = client.chat.completions.create(**kw, temperature=0).choices[0].message.content
+    for seed in range(3):
+        r = client.chat.completions.create(**kw, temperature=1.8, seed=seed, extra_body={"min_p": 1})
+        assert r.choices[0].message.content == greedy
+    hot = {client.chat.completions.create(**kw, temperature=1.8, seed=seed, extra_body={"min_p": 0.05})
+           .choices[0].message.content for seed in range(3)}
+    assert len(hot) > 1
