@@ -1,7 +1,7 @@
-"""Host time of a JSON-schema row's token mask (finetune/inference/json_constraint.py) for Qwen's real vocabulary.
+"""Host time of a JSON-schema row's token mask (finetune/inference/constraints.py) for Qwen's real vocabulary.
 
 Each decode step of a row held to a schema computes, on the host, the tokens its llguidance matcher allows next
-(``JsonConstraints.allowed``: llguidance's bitmask, then unpacked on the device); the engine overlaps it with the
+(``Constraints.allowed``: llguidance's bitmask, then unpacked on the device); the engine overlaps it with the
 forward on CUDA. This walks the tokens of a few documents (as a model would write them) through one matcher per
 document and times each step's mask (CPU here: the unpacking too); prints one JSON line.
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from finetune.inference.json_constraint import JsonConstraints
+from finetune.inference.constraints import Constraints
 from finetune.tokenization import QWenTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,15 +41,15 @@ def main() -> None:
     tok = QWenTokenizer(args.vocab)
     vocab = (tok.vocab_size + 127) // 128 * 128  # (Qwen-14B's lm_head: 151,936 rows)
     start = time.perf_counter()
-    constraints = JsonConstraints(tok.tokenizer, vocab, tok.im_end_id)
-    constraints.matcher(SCHEMA)
+    constraints = Constraints(tok.tokenizer, vocab, tok.im_end_id)
+    constraints.matcher("json_schema", SCHEMA)
     setup = time.perf_counter() - start
     out = {"vocab": vocab, "setup_s": round(setup, 3), "torch_threads": torch.get_num_threads()}
     for rows in args.rows:
         times = []
         for doc in DOCS:
             ids = tok.encode(json.dumps(doc, ensure_ascii=False)) + [tok.im_end_id]
-            matchers = [constraints.matcher(SCHEMA) for _ in range(rows)]
+            matchers = [constraints.matcher("json_schema", SCHEMA) for _ in range(rows)]
             for t in ids:
                 t0 = time.perf_counter()
                 allowed = constraints.allowed(matchers, torch.device("cpu"))

@@ -31,16 +31,17 @@ and frequency penalties from the row's own token counts, stop tokens held back u
 argmax, or for sampled rows sampling.pick_one with a seeded row's generator, and for the rows without a seed
 sampling.sample_rows: the same processors, drawn in one batch) and writes each row's next input token, position
 and counters into the step's static inputs; with every row greedy (and without a logit bias, output penalties,
-log-probabilities to report or a JSON schema) it is part of the step's CUDA graph. The host only reads the picked
+log-probabilities to report or a constraint) it is part of the step's CUDA graph. The host only reads the picked
 tokens (one small copy), and it
 reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row
 that finished at step t is in step t+1 too: its extra token is discarded, and its cache write (one position
 past its last token, inside its reserved length) is never read. Rows leave and join only with no step in
 flight (the step() that sees a finished, cancelled or waiting row first reads the step in flight); only then
 does the host write the step's inputs. Prefill picks its row's first token on the host (sampling.py). A row held
-to a JSON schema (``SamplingParams.json_schema``, json_constraint.py) picks after the forward's graph among the
-tokens its matcher allows, computed on the host while the forward runs from the token read before it: while such a
-row runs, every step's tokens are read before the next step is enqueued (one sync a step for the whole batch).
+to a constraint (``SamplingParams.json_schema`` / ``regex`` / ``choice``, constraints.py) picks after the forward's
+graph among the tokens its matcher allows, computed on the host while the forward runs from the token read before
+it: while such a row runs, every step's tokens are read before the next step is enqueued (one sync a step for the
+whole batch).
 
 Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
 base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
@@ -69,8 +70,8 @@ from ..modeling.attention import inference_sdpa
 from ..modeling.model import AttentionSpec, logn_scale, ntk_alpha, qwen_lm
 from ..modeling.sampling_ranges import integral
 from ..quant.linear import prepare_decode_weights
+from .constraints import Constraints
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
-from .json_constraint import JsonConstraints
 from .row_adapters import RowAdapters
 from .sampling import (RowSampling, SamplingParams, apply_penalties, output_penalties, pick_one, pick_tokens,
                        sample_rows)
@@ -151,7 +152,7 @@ class _Row:
                  bias=None):
         self.req = req
         self.stop_text = stop_text  # a StopStrings over the row's text when the request has stop strings
-        self.matcher = matcher  # an llguidance matcher over the row's output when it is held to a JSON schema
+        self.matcher = matcher  # an llguidance matcher over the row's output when it is constrained (constraints.py)
         self.counts = counts  # [V] fp32 on the device: each token's count in the output (presence/frequency penalty)
         self.bias = bias  # (token ids, biases) on the device: the request's logit_bias
         self.length = 0  # tokens in the cache, counting the step in flight (its write is enqueued)
@@ -231,10 +232,11 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     after it), else (penalised,): the greedy pick inside the graph, with the repetition penalty only when some row
     needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
     kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71). A row
-    held to a JSON schema picks after the graph too (its allowed tokens come from the host each step), as does one
+    held to a constraint (a JSON schema, a regex, choices) picks after the graph too (its allowed tokens come from
+    the host each step), as does one
     with a presence or frequency penalty (its output's token counts live beside the row, not in the graph), a
     logit bias or log-probabilities to report."""
-    after = (params.do_sample or params.json_schema is not None or _counts_output(params) or bool(params.logit_bias)
+    after = (params.do_sample or params.constraint() is not None or _counts_output(params) or bool(params.logit_bias)
              or params.logprobs is not None)
     return None if after else _greedy_flags(params)[:1]
 
@@ -366,7 +368,7 @@ class Engine:
         self._events = None
         self._flip = 0
         self._decode_weights = False  # the Int4 kernels' repacked weights made (``_spare_bytes``)
-        self._json: JsonConstraints | None = None  # made for the first request with a json_schema
+        self._constraint_state: Constraints | None = None  # made for the first constrained request
         self._one = torch.ones(1, device=self.device)  # (a picked token's count, added on the device)
 
     def _bind_adapters(self, model) -> None:
@@ -443,20 +445,22 @@ class Engine:
         if len(ids) + params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"engine's max_len {self.max_len}")
-        if params.json_schema is not None:
-            self._constraints().check(params.json_schema)  # (a bad schema: ValueError naming what is wrong)
+        self.prepare_constraint(params)  # (a bad schema or regex: ValueError naming what is wrong)
         return Request(ids, params, adapter)
 
-    def prepare_json_schema(self, schema) -> None:
-        """Compile ``schema`` for this engine's tokenizer now (ValueError "json_schema: ..." naming what is wrong).
-        ``submit`` does it too; a caller on an event loop (the server) calls this on a worker thread first, since a
-        large schema compiles for up to ~0.1 s and submit then finds it compiled."""
-        self._constraints().check(schema)
+    def prepare_constraint(self, params: SamplingParams) -> None:
+        """Compile what ``params`` holds the reply to (json_schema, regex, choice) for this engine's tokenizer now
+        (ValueError "<kind>: ..." naming what is wrong). ``submit`` does it too; a caller on an event loop (the
+        server) calls this on a worker thread first, since a large schema compiles for up to ~0.1 s and submit then
+        finds it compiled."""
+        constraint = params.constraint()
+        if constraint is not None:
+            self._constraints().check(*constraint)
 
-    def _constraints(self) -> JsonConstraints:
-        if self._json is None:
-            self._json = JsonConstraints(self.tokenizer.tokenizer, self.vocab, self.tokenizer.im_end_id)
-        return self._json
+    def _constraints(self) -> Constraints:
+        if self._constraint_state is None:
+            self._constraint_state = Constraints(self.tokenizer.tokenizer, self.vocab, self.tokenizer.im_end_id)
+        return self._constraint_state
 
     def has_work(self) -> bool:
         with self._lock:
@@ -488,7 +492,7 @@ class Engine:
             # a cancelled request still waiting leaves at once: it holds no row, and a full batch would otherwise
             # keep it (and its place in a server's queue) until some running row ended
             self._drop_cancelled_waiting(touched)
-            # a row held to a JSON schema needs its last token read before its next pick (not one step late)
+            # a constrained row needs its last token read before its next pick (not one step late)
             if self._inflight is not None and (self._must_change() or any(r.matcher is not None for r in self._rows)):
                 self._read(self._take_inflight(), touched)
             if self._inflight is None:
@@ -914,7 +918,7 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(req.params.seed)
         alpha = float(ntk_alpha(len(req.prompt_ids), cfg.seq_length)) if cfg.use_dynamic_ntk else 1.0
         stop_text = StopStrings(self.tokenizer, req.params.stop) if req.params.stop else None
-        schema = req.params.json_schema
+        constraint = req.params.constraint()
         counts = torch.zeros(self.vocab, device=self.device) if _counts_output(req.params) else None
         bias = None
         if req.params.logit_bias:
@@ -923,7 +927,7 @@ class Engine:
                     torch.tensor(values, dtype=torch.float32, device=self.device))
         return _Row(req, alpha, generator, self.adapters.index(req.adapter),
                     self._base_stops | set(req.params.stop_token_ids), stop_text,
-                    None if schema is None else self._constraints().matcher(schema), counts, bias)
+                    None if constraint is None else self._constraints().matcher(*constraint), counts, bias)
 
     def _prefill_chunk(self, touched) -> None:
         """The next ``prefill_chunk`` positions of the prompt being prefilled in chunks (``_Chunked``), into its slot;
@@ -1146,7 +1150,7 @@ class Engine:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
         (the logit bias of the rows ``biased`` ((index, row)), repetition penalty, presence and frequency penalties
         of the rows ``counted`` ((index, row), whose ``counts`` are then advanced), stop tokens masked while fewer
-        than min_new_tokens are out, the tokens a JSON schema allows (``allowed``: (row indices, [rows, V] bool),
+        than min_new_tokens are out, the tokens a constraint allows (``allowed``: (row indices, [rows, V] bool),
         ``_allowed``), then argmax; with
         ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
         through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
@@ -1284,7 +1288,7 @@ class Engine:
         return scores
 
     def _allowed(self, constrained: list) -> tuple | None:
-        """(row indices, [rows, V] bool: the tokens each may take next) of the rows held to a JSON schema
+        """(row indices, [rows, V] bool: the tokens each may take next) of the constrained rows
         (``constrained``: (row index, matcher)), or None."""
         if not constrained:
             return None

@@ -51,9 +51,10 @@ class SamplingParams:
     """How one request is decoded. ``stop_token_ids`` are stops besides <|im_end|>/<|im_start|> (which the
     engine always stops on); stop tokens never appear in the output. ``stop``: strings that end the output at
     the token whose text completes one (that token is the output's last; the caller cuts the text, e.g. at
-    ``Request.stop_string``). Neither ends the output before ``min_new_tokens`` tokens. ``json_schema``: every
-    token is picked among those that keep the output a prefix of a JSON document the schema accepts, and it
-    ends (<|im_end|>) only once that document is complete (``{"type": "object"}``: any JSON object)."""
+    ``Request.stop_string``). Neither ends the output before ``min_new_tokens`` tokens. ``json_schema`` / ``regex``
+    / ``choice``: every token is picked among those that keep the output a prefix of a text the constraint accepts
+    (a JSON document of the schema, a full match of the regex, one of the strings), and it ends (<|im_end|>) only
+    once that text is complete (``{"type": "object"}``: any JSON object)."""
 
     max_new_tokens: int = 512
     do_sample: bool = False
@@ -77,10 +78,15 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple = ()
     stop: tuple = ()
-    # a JSON schema (dict, or True: any JSON) that the reply is held to (json_constraint.py); None: free text
+    # what the reply is held to (constraints.py; at most one): a JSON schema (dict, or True: any JSON), a regular
+    # expression the whole reply matches, or the strings it is one of; None: free text
     json_schema: dict | bool | None = None
+    regex: str | None = None
+    choice: tuple | None = None
 
     def __post_init__(self):
+        if isinstance(self.choice, list):
+            self.choice = tuple(self.choice)
         if isinstance(self.stop, str):
             self.stop = (self.stop,)
         if not isinstance(self.stop, (str, bytes, dict)) and hasattr(self.stop, "__iter__"):
@@ -130,15 +136,28 @@ class SamplingParams:
                                     f"{bad[0][0]!r}: {bad[0][1]!r}")
         if self.logprobs is not None and not (whole(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             problems.append(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        if self.json_schema is not None:
-            if self.json_schema is not True and not isinstance(self.json_schema, dict):
-                problems.append(f"json_schema must be a JSON schema (a dict, or True for any JSON), got "
-                                f"{type(self.json_schema).__name__}")
-            elif self.min_new_tokens:  # (the schema decides where the reply ends; both would mask <|im_end|>)
-                problems.append("min_new_tokens cannot be combined with json_schema: the schema decides where the "
-                                "reply ends")
+        given = [kind for kind in ("json_schema", "regex", "choice") if getattr(self, kind) is not None]
+        if len(given) > 1:
+            problems.append(f"{' and '.join(given)} both constrain the reply: give one")
+        if self.json_schema is not None and self.json_schema is not True and not isinstance(self.json_schema, dict):
+            problems.append(f"json_schema must be a JSON schema (a dict, or True for any JSON), got "
+                            f"{type(self.json_schema).__name__}")
+        if self.regex is not None and not isinstance(self.regex, str):
+            problems.append(f"regex must be a string, got {type(self.regex).__name__}")
+        if self.choice is not None and not (isinstance(self.choice, tuple) and self.choice
+                                            and all(isinstance(c, str) and c for c in self.choice)):
+            problems.append(f"choice must be a non-empty list of non-empty strings, got {self.choice!r}"[:300])
+        if given and self.min_new_tokens:  # (the constraint decides where the reply ends; both would mask <|im_end|>)
+            problems.append(f"min_new_tokens cannot be combined with {given[0]}: it decides where the reply ends")
         if problems:
             raise ValueError("SamplingParams: " + "; ".join(problems))
+
+    def constraint(self) -> tuple[str, object] | None:
+        """(kind, value) of what the reply is held to (json_schema, regex or choice), or None."""
+        for kind in ("json_schema", "regex", "choice"):
+            if getattr(self, kind) is not None:
+                return kind, getattr(self, kind)
+        return None
 
     @classmethod
     def from_generation_config(cls, gc, **overrides) -> "SamplingParams":

@@ -199,7 +199,9 @@ class Server:
             over["seed"] = body.seed
         if body.min_tokens:
             over["min_new_tokens"] = body.min_tokens  # (<= max_new_tokens: checked in body.check, or grown above)
-        over["json_schema"] = body.json_schema()
+        constraint = body.constraint()
+        if constraint is not None:
+            over[constraint.kind] = constraint.value
         over["stop_token_ids"] = tuple(self.gc.eos_token_id)
         return SamplingParams.from_generation_config(self.gc, **over)
 
@@ -216,21 +218,21 @@ class Server:
             if body.logprobs and functions:  # (their tokens are the ReAct text, not the message's)
                 raise APIError(400, "logprobs cannot be combined with tools or functions (unless tool_choice is "
                                "\"none\"): the reply's tokens are its ReAct text, not the message", "logprobs")
-            schema = body.json_schema()
-            if schema is not None:
-                json_reply_problem(functions, turns.continues_assistant)
-                try:  # (compiled here, off the event loop that submits it)
-                    self.engine.prepare_json_schema(schema)
-                except ValueError as e:
-                    why = clipped(str(e).removeprefix("json_schema: "))
-                    raise APIError(400, f"response_format.json_schema.schema: {why}",
-                                   "response_format.json_schema.schema") from None
+            constraint = body.constraint()
+            if constraint is not None:
+                constrained_reply_problem(constraint.field, functions, turns.continues_assistant)
             stats: dict = {}
             ids = self.prompt_ids(turns, stats)
         except RecursionError:  # JSON nested as deep as the parser allows, then written out again (repr, dumps)
             raise APIError(400, "the request body nests JSON too deeply") from None
         left_out = stats["history_left_out"]
         params = self.params(body, len(ids), left_out)
+        if constraint is not None:
+            try:  # (compiled here, off the event loop that submits it)
+                self.engine.prepare_constraint(params)
+            except ValueError as e:
+                why = clipped(str(e).removeprefix(f"{constraint.kind}: "))
+                raise APIError(400, f"{constraint.param}: {why}", constraint.param) from None
         stop = react.stop_words(body.stop_list(), functions)
         return ids, params, adapter, stop, functions, turns, left_out
 
@@ -373,15 +375,16 @@ async def watched(runs: list[Run], http: Request):
 # -- responses ---------------------------------------------------------------------------------------------
 
 
-def json_reply_problem(functions: list, continues: bool) -> None:
-    """A JSON response_format where the reply cannot be one JSON document: a 400 naming the field."""
+def constrained_reply_problem(field: str, functions: list, continues: bool) -> None:
+    """A constraint (``field``: response_format's JSON, vLLM's guided_* / structured_outputs) where the reply cannot
+    be held to it: a 400 naming the field."""
     if functions:  # (a ReAct reply is Thought/Action text; held to JSON it could call nothing)
-        raise APIError(400, "response_format json_object / json_schema cannot be combined with tools or functions "
-                       "(unless tool_choice is \"none\"): the reply is either a call or the JSON. For a reply in a "
-                       "schema beside tools, give the schema as a tool's parameters", "response_format")
+        raise APIError(400, f"{field} cannot be combined with tools or functions (unless tool_choice is \"none\"): "
+                       "the reply is either a call or the constrained text. For a reply in a schema beside tools, "
+                       "give the schema as a tool's parameters", field)
     if continues:
-        raise APIError(400, "response_format json_object / json_schema cannot continue a last assistant message "
-                       "(the JSON starts with the reply): drop that message or the response_format", "response_format")
+        raise APIError(400, f"{field} cannot continue a last assistant message (the constrained text starts with the "
+                       f"reply): drop that message or {field}", field)
 
 
 def _token_entry(tokenizer, token: int, logprob: float) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, NamedTuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool
 from pydantic_core import PydanticCustomError
 
 from ..errors import lone_surrogate, quoted
@@ -75,8 +75,7 @@ NEUTRAL: dict[str, tuple] = {
     "stop_token_ids": ([],), "include_stop_str_in_output": (False,), "echo": (False,), "bad_words": ([],),
     "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
     "return_tokens_as_token_ids": (False,), "chat_template": (), "documents": (),
-    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structural_tag": (),
-    "structured_outputs": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
+    "guided_grammar": (), "structural_tag": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
 }
 
 
@@ -138,22 +137,25 @@ class ChatCompletionRequest(BaseModel):
     # alternatives
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
-    # text, json_object or json_schema: the reply held to the schema token by token (``json_schema()``)
+    # text, json_object or json_schema: the reply held to the schema token by token (``constraint()``; vLLM's
+    # guided_json / guided_regex / guided_choice / structured_outputs, in the extra fields, too)
     response_format: Any = None
     # output this server cannot produce (OpenAI answers 400 for a model without it; ignored, a client asking for
     # audio or a web search got a text answer with neither and no word why)
     modalities: Any = None
     audio: Any = None
     web_search_options: Any = None
+    _constraint: Any = PrivateAttr(default=False)  # constraint()'s answer once read (False: not yet)
 
     def check(self) -> None:
         """Refuse what this server cannot do (a 400 naming the field)."""
         if self.top_logprobs is not None and not self.logprobs:  # (OpenAI's rule)
             raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         self.token_bias()
-        if self.json_schema() is not None and self.min_tokens:
-            raise APIError(400, "min_tokens cannot be combined with a JSON response_format: the schema decides where "
-                           "the reply ends", "min_tokens")
+        constraint = self.constraint()
+        if constraint is not None and self.min_tokens:
+            raise APIError(400, f"min_tokens cannot be combined with {constraint.field}: it decides where the reply "
+                           "ends", "min_tokens")
         if self.modalities not in (None, ["text"]):
             raise APIError(400, "only modalities [\"text\"] is supported: this model answers with text only",
                            "modalities")
@@ -195,9 +197,9 @@ class ChatCompletionRequest(BaseModel):
             out[int(key)] = float(value)
         return out
 
-    def json_schema(self) -> dict | bool | None:
+    def _response_format_schema(self) -> dict | bool | None:
         """The JSON schema ``response_format`` holds the reply to (``{"type": "object"}`` for "json_object"), or None
-        for text; a 400 naming the field at fault for anything else."""
+        for text; a 400 naming the field at fault for a form it cannot be."""
         value = self.response_format
         if value is None:
             return None
@@ -215,14 +217,56 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "response_format.json_schema must be an object with the schema under \"schema\"",
                            "response_format.json_schema")
         # no schema: any JSON document (OpenAI's own field is optional); strict false is held to it all the same
-        schema = spec.get("schema", True)
-        from ..inference.json_constraint import schema_problem
+        return spec.get("schema", True)
 
-        problem = schema_problem(schema)
+    def constraint(self) -> "Constraint | None":
+        """What the reply is held to, from ``response_format`` or vLLM's guided_json / guided_regex / guided_choice
+        / structured_outputs (one of them), or None; a 400 naming the field for a bad or a second one. (Read once: a
+        large schema takes tens of ms to check.)"""
+        if self._constraint is False:
+            self._constraint = self._read_constraint()
+        return self._constraint
+
+    def _read_constraint(self) -> "Constraint | None":
+        found: list[Constraint] = []
+        schema = self._response_format_schema()
+        if schema is not None:
+            found.append(Constraint("json_schema", schema, "response_format", "response_format.json_schema.schema"
+                                    if self.response_format.get("type") == "json_schema" else "response_format"))
+        extra = self.model_extra or {}
+        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+            if extra.get(name) is not None:
+                found.append(Constraint(kind, _json_text(extra[name], name) if kind == "json_schema" else extra[name],
+                                        name, name))
+        outputs = extra.get("structured_outputs")
+        if outputs is not None:
+            if not isinstance(outputs, dict):
+                raise APIError(400, "structured_outputs must be an object (json, regex, choice or json_object)",
+                               "structured_outputs")
+            for key, value in outputs.items():
+                field = f"structured_outputs.{key}"
+                if value is None or value is False or key == "disable_fallback":  # (no fallback here to disable)
+                    continue
+                if key == "json":
+                    found.append(Constraint("json_schema", _json_text(value, field), field, field))
+                elif key in ("regex", "choice"):
+                    found.append(Constraint(key, value, field, field))
+                elif key == "json_object" and value is True:
+                    found.append(Constraint("json_schema", {"type": "object"}, field, field))
+                else:
+                    raise APIError(400, f"{clipped(field)} is not supported here (json, regex, choice or json_object)",
+                                   clipped(field))
+        if len(found) > 1:
+            raise APIError(400, f"{found[0].field} and {found[1].field} both constrain the reply: give one",
+                           found[1].field)
+        if not found:
+            return None
+        from ..inference.constraints import constraint_problem
+
+        problem = constraint_problem(found[0].kind, found[0].value)
         if problem is not None:
-            raise APIError(400, f"response_format.json_schema.schema: {clipped(problem)}",
-                           "response_format.json_schema.schema")
-        return schema
+            raise APIError(400, f"{found[0].param}: {clipped(problem)}", found[0].param)
+        return found[0]
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -259,6 +303,27 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "tool_choice and function_call ask for different things: give one of them",
                            "function_call")
         return choices[0] if choices else CallChoice("auto")
+
+
+class Constraint(NamedTuple):
+    """What a request holds its reply to: ``kind`` json_schema, regex or choice (SamplingParams' field), its
+    ``value``, the request ``field`` that said so, and the ``param`` a 400 about the value names."""
+
+    kind: str
+    value: Any
+    field: str
+    param: str
+
+
+def _json_text(value, field: str):
+    """A JSON schema given as an object or as its JSON text (vLLM takes both); a 400 naming ``field`` for text that is
+    no JSON."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except (ValueError, RecursionError) as e:
+        raise APIError(400, f"{field}: not a JSON schema ({clipped(str(e))})", field) from None
 
 
 class CallChoice(NamedTuple):

@@ -103,9 +103,13 @@ def test_more_stop_strings_than_openais_4_are_honoured(live):
     ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
     ({"best_of": 2}, "best_of"),
     ({"use_beam_search": True}, "use_beam_search"),
-    ({"guided_json": {"type": "object"}}, "guided_json"),
-    ({"guided_choice": ["a", "b"]}, "guided_choice"),
-    ({"structured_outputs": {"regex": "a+"}}, "structured_outputs"),
+    ({"guided_grammar": "root ::= \"a\""}, "guided_grammar"),
+    ({"guided_json": "{not json"}, "guided_json"),
+    ({"guided_regex": "(("}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),  # two constraints: the second named
+    ({"structured_outputs": {"grammar": "x"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": "a+"}, "structured_outputs"),
     ({"echo": True}, "echo"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
@@ -424,3 +428,26 @@ def test_min_p_of_1_samples_the_most_likely_token_only(live):
     hot = {client.chat.completions.create(**kw, temperature=1.8, seed=seed, extra_body={"min_p": 0.05})
            .choices[0].message.content for seed in range(3)}
     assert len(hot) > 1
+
+
+@pytest.mark.parametrize("extra, check", [
+    ({"guided_choice": ["positive", "negative", "neutral"]}, lambda t: t in ("positive", "negative", "neutral")),
+    ({"guided_regex": r"[A-Z]{3}-\d{3}"}, lambda t: __import__("re").fullmatch(r"[A-Z]{3}-\d{3}", t)),
+    ({"guided_json": {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                      "additionalProperties": False}}, lambda t: set(json.loads(t)) == {"ok"}),
+    ({"guided_json": '{"type": "array", "items": {"enum": [1, 2]}, "maxItems": 2}'},
+     lambda t: json.loads(t) in ([], [1], [2], [1, 1], [1, 2], [2, 1], [2, 2])),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda t: t in ("yes", "no")),
+    ({"structured_outputs": {"regex": "[0-9]{4}"}}, lambda t: len(t) == 4 and t.isdigit()),
+    ({"structured_outputs": {"json_object": True}}, lambda t: t.startswith("{")),
+])
+def test_vllm_guided_decoding_fields_hold_the_reply(live, extra, check):
+    """vLLM's guided_choice / guided_regex / guided_json and structured_outputs (400s before), as its docs send them
+    through the openai client's extra_body: the reply is what they allow, streamed or not."""
+    client = _client(live)
+    kw = dict(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=24, extra_body=extra)
+    r = client.chat.completions.create(**kw)
+    text = r.choices[0].message.content
+    assert check(text) if r.choices[0].finish_reason == "stop" else "json_object" in str(extra), (text, r)
+    chunks = client.chat.completions.create(**kw, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text

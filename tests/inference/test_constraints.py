@@ -1,6 +1,6 @@
-"""Replies held to a JSON schema (finetune/inference/json_constraint.py, SamplingParams.json_schema) on CPU in fp32:
-the reply is a document of the schema, the rows beside it decode exactly as alone, a reply cut by max_new_tokens ends
-with "length", and bad schemas are refused at submit with the problem named."""
+"""Replies held to a constraint (finetune/inference/constraints.py: SamplingParams.json_schema, regex, choice) on CPU
+in fp32: the reply is a text the constraint accepts, the rows beside it decode exactly as alone, a reply cut by
+max_new_tokens ends with "length", and bad constraints are refused at submit with the problem named."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 import finetune  # noqa: F401
 from finetune.inference import Engine, SamplingParams
-from finetune.inference.json_constraint import JsonConstraints, schema_problem
+from finetune.inference.constraints import Constraints, constraint_problem
 from finetune.tokenization import SMALL_VOCAB, QWenTokenizer
 
 from _helpers import tiny_model as tiny
@@ -101,8 +101,7 @@ def test_a_bad_schema_is_refused_at_submit(tok, model, schema, message):
     with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")):
         engine.submit([5, 6], SamplingParams(json_schema=schema))
     assert not engine.has_work()
-    assert schema_problem(schema) == message.removeprefix("json_schema: ") or \
-        schema_problem(schema).startswith(message.removeprefix("json_schema: "))
+    assert constraint_problem("json_schema", schema).startswith(message.removeprefix("json_schema: "))
 
 
 @pytest.mark.parametrize("kw, message", [
@@ -125,10 +124,10 @@ def test_any_json_and_true_are_schemas(tok, model):
 def test_a_failed_matcher_allows_only_im_end(tok):
     """llguidance's matcher fails only past its resource limits (the masks keep rows inside the grammar); then its
     row may take nothing but <|im_end|>, so it ends."""
-    constraints = JsonConstraints(tok.tokenizer, 2048, tok.im_end_id)
-    m = constraints.matcher({"type": "object"})
+    constraints = Constraints(tok.tokenizer, 2048, tok.im_end_id)
+    m = constraints.matcher("json_schema", {"type": "object"})
     assert not m.consume_token(tok.encode("]")[0]) and m.is_error()
-    ok = constraints.matcher({"type": "object"})
+    ok = constraints.matcher("json_schema", {"type": "object"})
     allowed = constraints.allowed([m, ok], torch.device("cpu"))
     assert allowed.shape == (2, 2048) and allowed[0].nonzero().flatten().tolist() == [tok.im_end_id]
     assert allowed[1, tok.encode("{")[0]] and not allowed[1, tok.im_end_id]
@@ -143,19 +142,56 @@ def test_without_llguidance_the_error_says_how_to_install_it(tok, model, monkeyp
 
 def test_each_row_gets_its_own_copy_and_the_compiled_schemas_are_bounded(tok, monkeypatch):
     """A schema compiles once (its matcher at the start, copied for each row: one row's tokens never move
-    another's), and an engine keeps only the last KEPT_SCHEMAS of them: distinct schemas from clients do not
-    grow its memory without bound."""
-    from finetune.inference import json_constraint
+    another's), and an engine keeps only the last KEPT of them: distinct schemas from clients do not grow its memory
+    without bound."""
+    from finetune.inference import constraints as module
 
-    monkeypatch.setattr(json_constraint, "KEPT_SCHEMAS", 3)
-    constraints = JsonConstraints(tok.tokenizer, 2048, tok.im_end_id)
-    a, b = constraints.matcher(YES_NO), constraints.matcher(YES_NO)
+    monkeypatch.setattr(module, "KEPT", 3)
+    constraints = Constraints(tok.tokenizer, 2048, tok.im_end_id)
+    a, b = constraints.matcher("json_schema", YES_NO), constraints.matcher("json_schema", YES_NO)
     assert a.consume_token(tok.encode("{")[0])
-    fresh = constraints.allowed([a, b, constraints.matcher(YES_NO)], torch.device("cpu"))
+    fresh = constraints.allowed([a, b, constraints.matcher("json_schema", YES_NO)], torch.device("cpu"))
     assert torch.equal(fresh[1], fresh[2]) and not torch.equal(fresh[0], fresh[1])
     schemas = [{"type": "object", "properties": {f"k{i}": {"type": "integer"}}} for i in range(5)]
     for s in schemas:
-        constraints.check(s)
+        constraints.check("json_schema", s)
     assert len(constraints._compiled) == 3
-    assert json.dumps(schemas[0], sort_keys=True) not in constraints._compiled
-    assert constraints.matcher(schemas[0]).consume_token(tok.encode("{")[0])  # compiled again when asked
+    assert json.dumps(["json_schema", schemas[0]], sort_keys=True) not in constraints._compiled
+    assert constraints.matcher("json_schema", schemas[0]).consume_token(tok.encode("{")[0])  # compiled again
+
+
+def test_regex_and_choice_replies_match_whole(tok, model):
+    """A regex row's reply matches the regex whole, a choice row's is one of the choices exactly (each ends with
+    "stop" once complete), greedy and sampled, beside a JSON row in the same batch."""
+    import re
+
+    engine = Engine(model, tok, max_batch=8)
+    pattern = r"[A-Z][a-z]{2,5}-\d{2}"
+    choices = ("positive", "negative", "neutral, mostly")
+    kinds = [SamplingParams(max_new_tokens=20, regex=pattern),
+             SamplingParams(max_new_tokens=20, regex=pattern, do_sample=True, seed=2, temperature=1.5),
+             SamplingParams(max_new_tokens=20, choice=list(choices)),
+             SamplingParams(max_new_tokens=20, choice=choices, do_sample=True, top_p=0.9),
+             SamplingParams(max_new_tokens=40, json_schema=YES_NO)]
+    for p in prompts(4, seed=9):
+        reqs = [engine.submit(p, params) for params in kinds]
+        got = [(tok.decode(ids), reason) for ids, reason in run(engine, reqs)]
+        assert all(reason == "stop" for _, reason in got), got
+        assert re.fullmatch(pattern, got[0][0]) and re.fullmatch(pattern, got[1][0])
+        assert got[2][0] in choices and got[3][0] in choices
+        assert set(json.loads(got[4][0])) == {"answer", "count"}
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(regex="(("), "regex: .*unclosed group"),
+    (dict(choice=["a", ""]), "choice must be a non-empty list of non-empty strings"),
+    (dict(choice=[]), "choice must be a non-empty list"),
+    (dict(regex=5), "regex must be a string"),
+    (dict(regex="a", choice=["a"]), "regex and choice both constrain the reply"),
+    (dict(regex="a", min_new_tokens=1), "min_new_tokens cannot be combined with regex"),
+])
+def test_bad_regexes_and_choices_are_refused_at_submit(tok, model, kw, message):
+    engine = Engine(model, tok, max_batch=1)
+    with pytest.raises(ValueError, match=message):
+        engine.submit([5, 6], SamplingParams(**kw))
+    assert not engine.has_work()
