@@ -299,12 +299,11 @@ class Run:
         self.finish_reason: str | None = None
         self.gone = False  # the client disconnected
 
-    async def deltas(self, http: Request, every_step: bool = False, watch: bool = True):
-        """Text deltas until the request finishes (or hits a stop string); cancels it if the client leaves
-        (``watch``; else the caller watches, ``watched``, for all of a request's choices).
+    async def deltas(self, every_step: bool = False):
+        """Text deltas until the request finishes (or hits a stop string); ClientGone once the client left (the
+        caller watches for that, ``watched``, for all of a request's choices).
         ``every_step``: also an empty delta for a step whose tokens add no text yet (one per step with tokens)."""
         seen = 0
-        watcher = asyncio.ensure_future(_watch([self], http)) if watch else None
         try:
             while True:
                 p = await self.queue.get()
@@ -326,8 +325,6 @@ class Run:
                 if delta or (every_step and new):
                     yield delta
         finally:
-            if watcher is not None:
-                watcher.cancel()
             if self.text.stopped:  # free the row, counted as a stop (/health's finished)
                 self.req.cancel("stop")
             elif self.finish_reason is None:  # client gone, or an error
@@ -341,8 +338,8 @@ class Run:
         return [dict(_token_entry(tok, t, lp), top_logprobs=[_token_entry(tok, i, v) for i, v in top])
                 for t, (lp, top) in zip(self.req.output_ids[start:end], self.req.logprobs[start:end])]
 
-    async def complete(self, http: Request, watch: bool = True) -> str:
-        async for _ in self.deltas(http, watch=watch):
+    async def complete(self) -> str:
+        async for _ in self.deltas():
             pass
         return self.text.final_text
 
@@ -832,7 +829,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache", **left_out})
         try:
             async with watched(runs, http):
-                texts = await asyncio.gather(*(run.complete(http, watch=False) for run in runs))
+                texts = await asyncio.gather(*(run.complete() for run in runs))
         except ClientGone:
             return JSONResponse({}, status_code=499)
         response.headers.update(left_out)
@@ -895,7 +892,7 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
 
         try:
             if functions:
-                text = await run.complete(http, watch=False)
+                text = await run.complete()
                 message, call_reason = _tool_message(text, functions, body, run, run.finish_reason)
                 if call_reason == "tool_calls":
                     calls = [dict(c, index=k) for k, c in enumerate(message["tool_calls"])]
@@ -908,7 +905,7 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
                     put(delta)
                 finish = _finish_with_call(run.finish_reason, call_reason)
             else:
-                async for delta in run.deltas(http, every_step=continuous, watch=False):
+                async for delta in run.deltas(every_step=continuous):
                     put({"content": delta})
                 finish = run.finish_reason
             put({}, finish)
