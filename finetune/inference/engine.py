@@ -233,9 +233,8 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
     kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71). A row
     held to a constraint (a JSON schema, a regex, choices) picks after the graph too (its allowed tokens come from
-    the host each step), as does one
-    with a presence or frequency penalty (its output's token counts live beside the row, not in the graph), a
-    logit bias or log-probabilities to report."""
+    the host each step), as does one with a presence or frequency penalty (its output's token counts live beside
+    the row, not in the graph), a logit bias or log-probabilities to report."""
     after = (params.do_sample or params.constraint() is not None or _counts_output(params) or bool(params.logit_bias)
              or params.logprobs is not None)
     return None if after else _greedy_flags(params)[:1]
