@@ -363,6 +363,9 @@ class Engine:
         self._lora = False  # any uploaded row uses an adapter (else the step runs no adapter at all)
         self._seeded: list = []  # the uploaded rows that sample with a seed: (slot, params, generator)
         self._unseeded = None  # and those without: (their slots on the device, their RowSampling)
+        # the uploaded rows with a constraint (index, matcher), output counts, a logit bias (index, row) and
+        # log-probabilities to report (index, k): ``_upload``
+        self._after_graph: tuple = ([], [], [], [])
         self._host_tokens = None  # two pinned host buffers for the picked tokens (a step in flight uses one)
         self._events = None
         self._flip = 0
@@ -492,7 +495,7 @@ class Engine:
             # keep it (and its place in a server's queue) until some running row ended
             self._drop_cancelled_waiting(touched)
             # a constrained row needs its last token read before its next pick (not one step late)
-            if self._inflight is not None and (self._must_change() or any(r.matcher is not None for r in self._rows)):
+            if self._inflight is not None and (self._must_change() or self._after_graph[0]):
                 self._read(self._take_inflight(), touched)
             if self._inflight is None:
                 if self._gone:
@@ -1142,6 +1145,12 @@ class Engine:
         if unseeded:
             self._unseeded = (torch.tensor(unseeded).to(self.device, non_blocking=True),
                               RowSampling([rows[i].req.params for i in unseeded], self.vocab, self.device))
+        # the rows whose pick needs more than the graph's (made here: the rows change only between uploads)
+        self._after_graph = ([(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None],
+                             [(i, r) for i, r in enumerate(rows) if r.counts is not None],
+                             [(i, r) for i, r in enumerate(rows) if r.bias is not None],
+                             [(i, r.req.params.logprobs) for i, r in enumerate(rows)
+                              if r.req.params.logprobs is not None])
         self._synced = True
 
     def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None, counted=(),
@@ -1195,10 +1204,7 @@ class Engine:
         penalised, any_min_new = self._flags
         held = any_min_new and any(r.picked < r.req.params.min_new_tokens for r in rows)
         need = max(r.length for r in rows) + 1
-        constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
-        counted = [(i, r) for i, r in enumerate(rows) if r.counts is not None]
-        biased = [(i, r) for i, r in enumerate(rows) if r.bias is not None]
-        scored = [(i, r.req.params.logprobs) for i, r in enumerate(rows) if r.req.params.logprobs is not None]
+        constrained, counted, biased, scored = self._after_graph
         sampled = bool(self._seeded or constrained or counted or biased or scored) or self._unseeded is not None
         lp = None
         if self.use_graphs:
