@@ -1,4 +1,5 @@
-"""Replies held to a JSON schema, a regular expression or a list of choices: which tokens each such row may take next.
+"""Replies held to a JSON schema, a regular expression, a list of choices or a grammar: which tokens each such row may
+take next.
 
 llguidance (the structured-output engine vLLM and SGLang use; Rust, no dependencies) compiles the constraint into a
 grammar over the tokenizer's byte-level tokens and, for each row, computes the tokens that keep the reply a prefix of
@@ -13,6 +14,8 @@ The kinds (a SamplingParams sets at most one; ``SamplingParams.constraint()``):
   otherwise).
 - ``regex``: the whole reply matches the regular expression (Rust's regex syntax, as llguidance reads it).
 - ``choice``: the reply is one of the strings, exactly.
+- ``grammar``: the reply is a sentence of a context-free grammar in Lark's syntax (llguidance's dialect) or GBNF
+  (llama.cpp's, converted to Lark by llguidance), as vLLM's guidance backend reads its guided_grammar.
 In every kind <|im_end|> is allowed only where the text is complete (so a reply ending with finish "stop" is one the
 constraint accepts; one cut by max_new_tokens ends with "length"), and no special token anywhere.
 """
@@ -25,7 +28,7 @@ from collections import OrderedDict
 
 import torch
 
-KINDS = ("json_schema", "regex", "choice")
+KINDS = ("json_schema", "regex", "choice", "grammar")
 # json.dumps' separators and no other whitespace (llguidance's default allows any run of it between tokens, which a
 # random model filled to max_new_tokens with newlines); a schema's own "x-guidance" options override these
 LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -62,6 +65,10 @@ def _grammar(kind: str, value) -> str:
                 raise ValueError(f"choices must be a non-empty list of non-empty strings, got {value!r}"[:300])
             # each one a Lark string literal (JSON's escapes), the reply exactly one of them
             grammar = llg.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in value))
+        elif kind == "grammar":
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"a grammar must be a non-empty string (Lark or GBNF), got {value!r}"[:300])
+            grammar = llg.grammar_from("grammar", value)  # (GBNF converted to Lark; Lark as it is)
         else:
             raise ValueError(f"unknown constraint kind {kind!r} (one of {', '.join(KINDS)})")
     except TypeError as e:  # (a schema that is not JSON-serialisable)

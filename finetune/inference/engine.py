@@ -38,10 +38,10 @@ that finished at step t is in step t+1 too: its extra token is discarded, and it
 past its last token, inside its reserved length) is never read. Rows leave and join only with no step in
 flight (the step() that sees a finished, cancelled or waiting row first reads the step in flight); only then
 does the host write the step's inputs. Prefill picks its row's first token on the host (sampling.py). A row held
-to a constraint (``SamplingParams.json_schema`` / ``regex`` / ``choice``, constraints.py) picks after the forward's
-graph among the tokens its matcher allows, computed on the host while the forward runs from the token read before
-it: while such a row runs, every step's tokens are read before the next step is enqueued (one sync a step for the
-whole batch).
+to a constraint (``SamplingParams.json_schema`` / ``regex`` / ``choice`` / ``grammar``, constraints.py) picks after
+the forward's graph among the tokens its matcher allows, computed on the host while the forward runs from the token
+read before it: while such a row runs, every step's tokens are read before the next step is enqueued (one sync a
+step for the whole batch).
 
 Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
 base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
@@ -232,9 +232,9 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     after it), else (penalised,): the greedy pick inside the graph, with the repetition penalty only when some row
     needs it. Stops held back by min_new_tokens are always in a greedy graph (one masked fill over the logits; a
     kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71). A row
-    held to a constraint (a JSON schema, a regex, choices) picks after the graph too (its allowed tokens come from
-    the host each step), as does one with a presence or frequency penalty (its output's token counts live beside
-    the row, not in the graph), a logit bias or log-probabilities to report."""
+    held to a constraint (a JSON schema, a regex, choices, a grammar) picks after the graph too (its allowed tokens
+    come from the host each step), as does one with a presence or frequency penalty (its output's token counts live
+    beside the row, not in the graph), a logit bias or log-probabilities to report."""
     after = (params.do_sample or params.constraint() is not None or _counts_output(params) or bool(params.logit_bias)
              or params.logprobs is not None)
     return None if after else _greedy_flags(params)[:1]
@@ -451,10 +451,10 @@ class Engine:
         return Request(ids, params, adapter)
 
     def prepare_constraint(self, params: SamplingParams) -> None:
-        """Compile what ``params`` holds the reply to (json_schema, regex, choice) for this engine's tokenizer now
-        (ValueError "<kind>: ..." naming what is wrong). ``submit`` does it too; a caller on an event loop (the
-        server) calls this on a worker thread first, since a large schema compiles for up to ~0.1 s and submit then
-        finds it compiled."""
+        """Compile what ``params`` holds the reply to (json_schema, regex, choice, grammar) for this engine's
+        tokenizer now (ValueError "<kind>: ..." naming what is wrong). ``submit`` does it too; a caller on an event
+        loop (the server) calls this on a worker thread first, since a large schema compiles for up to ~0.1 s and
+        submit then finds it compiled."""
         constraint = params.constraint()
         if constraint is not None:
             self._constraints().check(*constraint)

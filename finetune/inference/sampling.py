@@ -27,6 +27,7 @@ from ..modeling.sampling_ranges import (OFF_VALUES, SAMPLING_RANGES, do_sample_p
 # A temperature under this decodes greedily at the user-facing doors (the server, `qwen-ft chat`), as the official
 # openai_api.py does: scores divided by a tiny temperature overflow fp32 (1e-40: inf, then NaN in the softmax).
 GREEDY_BELOW = 0.01
+CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")  # SamplingParams' fields that constrain the reply
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
 
 
@@ -52,9 +53,10 @@ class SamplingParams:
     engine always stops on); stop tokens never appear in the output. ``stop``: strings that end the output at
     the token whose text completes one (that token is the output's last; the caller cuts the text, e.g. at
     ``Request.stop_string``). Neither ends the output before ``min_new_tokens`` tokens. ``json_schema`` / ``regex``
-    / ``choice``: every token is picked among those that keep the output a prefix of a text the constraint accepts
-    (a JSON document of the schema, a full match of the regex, one of the strings), and it ends (<|im_end|>) only
-    once that text is complete (``{"type": "object"}``: any JSON object)."""
+    / ``choice`` / ``grammar``: every token is picked among those that keep the output a prefix of a text the
+    constraint accepts (a JSON document of the schema, a full match of the regex, one of the strings, a sentence of
+    the grammar), and it ends (<|im_end|>) only once that text is complete (``{"type": "object"}``: any JSON
+    object)."""
 
     max_new_tokens: int = 512
     do_sample: bool = False
@@ -79,10 +81,11 @@ class SamplingParams:
     stop_token_ids: tuple = ()
     stop: tuple = ()
     # what the reply is held to (constraints.py; at most one): a JSON schema (dict, or True: any JSON), a regular
-    # expression the whole reply matches, or the strings it is one of; None: free text
+    # expression the whole reply matches, the strings it is one of, or a grammar (Lark or GBNF); None: free text
     json_schema: dict | bool | None = None
     regex: str | None = None
     choice: tuple | None = None
+    grammar: str | None = None
 
     def __post_init__(self):
         if isinstance(self.choice, list):
@@ -136,14 +139,15 @@ class SamplingParams:
                                     f"{bad[0][0]!r}: {bad[0][1]!r}")
         if self.logprobs is not None and not (whole(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             problems.append(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
-        given = [kind for kind in ("json_schema", "regex", "choice") if getattr(self, kind) is not None]
+        given = [kind for kind in CONSTRAINTS if getattr(self, kind) is not None]
         if len(given) > 1:
             problems.append(f"{' and '.join(given)} both constrain the reply: give one")
         if self.json_schema is not None and self.json_schema is not True and not isinstance(self.json_schema, dict):
             problems.append(f"json_schema must be a JSON schema (a dict, or True for any JSON), got "
                             f"{type(self.json_schema).__name__}")
-        if self.regex is not None and not isinstance(self.regex, str):
-            problems.append(f"regex must be a string, got {type(self.regex).__name__}")
+        for kind in ("regex", "grammar"):
+            if getattr(self, kind) is not None and not isinstance(getattr(self, kind), str):
+                problems.append(f"{kind} must be a string, got {type(getattr(self, kind)).__name__}")
         if self.choice is not None and not (isinstance(self.choice, tuple) and self.choice
                                             and all(isinstance(c, str) and c for c in self.choice)):
             problems.append(f"choice must be a non-empty list of non-empty strings, got {self.choice!r}"[:300])
@@ -153,8 +157,8 @@ class SamplingParams:
             raise ValueError("SamplingParams: " + "; ".join(problems))
 
     def constraint(self) -> tuple[str, object] | None:
-        """(kind, value) of what the reply is held to (json_schema, regex or choice), or None."""
-        for kind in ("json_schema", "regex", "choice"):
+        """(kind, value) of what the reply is held to (json_schema, regex, choice or grammar), or None."""
+        for kind in CONSTRAINTS:
             if getattr(self, kind) is not None:
                 return kind, getattr(self, kind)
         return None

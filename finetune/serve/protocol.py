@@ -75,7 +75,7 @@ NEUTRAL: dict[str, tuple] = {
     "stop_token_ids": ([],), "include_stop_str_in_output": (False,), "echo": (False,), "bad_words": ([],),
     "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
     "return_tokens_as_token_ids": (False,), "chat_template": (), "documents": (),
-    "guided_grammar": (), "structural_tag": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
+    "structural_tag": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
 }
 
 
@@ -234,28 +234,29 @@ class ChatCompletionRequest(BaseModel):
             found.append(Constraint("json_schema", schema, "response_format", "response_format.json_schema.schema"
                                     if self.response_format.get("type") == "json_schema" else "response_format"))
         extra = self.model_extra or {}
-        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice")):
+        for name, kind in (("guided_json", "json_schema"), ("guided_regex", "regex"), ("guided_choice", "choice"),
+                           ("guided_grammar", "grammar")):
             if extra.get(name) is not None:
                 found.append(Constraint(kind, _json_text(extra[name], name) if kind == "json_schema" else extra[name],
                                         name, name))
         outputs = extra.get("structured_outputs")
         if outputs is not None:
             if not isinstance(outputs, dict):
-                raise APIError(400, "structured_outputs must be an object (json, regex, choice or json_object)",
-                               "structured_outputs")
+                raise APIError(400, "structured_outputs must be an object (json, regex, choice, grammar or "
+                               "json_object)", "structured_outputs")
             for key, value in outputs.items():
                 field = f"structured_outputs.{key}"
                 if value is None or value is False or key == "disable_fallback":  # (no fallback here to disable)
                     continue
                 if key == "json":
                     found.append(Constraint("json_schema", _json_text(value, field), field, field))
-                elif key in ("regex", "choice"):
+                elif key in ("regex", "choice", "grammar"):
                     found.append(Constraint(key, value, field, field))
                 elif key == "json_object" and value is True:
                     found.append(Constraint("json_schema", {"type": "object"}, field, field))
                 else:
-                    raise APIError(400, f"{clipped(field)} is not supported here (json, regex, choice or json_object)",
-                                   clipped(field))
+                    raise APIError(400, f"{clipped(field)} is not supported here (json, regex, choice, grammar or "
+                                   "json_object)", clipped(field))
         if len(found) > 1:
             raise APIError(400, f"{found[0].field} and {found[1].field} both constrain the reply: give one",
                            found[1].field)

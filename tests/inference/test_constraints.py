@@ -195,3 +195,39 @@ def test_bad_regexes_and_choices_are_refused_at_submit(tok, model, kw, message):
     with pytest.raises(ValueError, match=message):
         engine.submit([5, 6], SamplingParams(**kw))
     assert not engine.has_work()
+
+
+@pytest.mark.parametrize("grammar, accepts", [
+    ('root ::= ("yes" | "no") " because " [a-z]{1,8}', r"(yes|no) because [a-z]{1,8}"),  # GBNF (llama.cpp's)
+    ('start: NUM ("+" NUM)*\nNUM: /[0-9]{1,3}/', r"[0-9]{1,3}(\+[0-9]{1,3})*"),  # Lark
+])
+def test_grammar_replies_are_sentences_of_the_grammar(tok, model, grammar, accepts):
+    """A grammar row's reply (GBNF or Lark, as vLLM's guidance backend takes guided_grammar) is a sentence of it
+    where it ended with "stop" (some do), greedy and sampled."""
+    import re
+
+    engine = Engine(model, tok, max_batch=4)
+    kinds = [SamplingParams(max_new_tokens=30, grammar=grammar),
+             SamplingParams(max_new_tokens=30, grammar=grammar, do_sample=True, seed=5, temperature=1.5)]
+    stops = 0
+    for p in prompts(4, seed=11):
+        reqs = [engine.submit(p, params) for params in kinds]
+        for ids, reason in run(engine, reqs):
+            text = tok.decode(ids)
+            if reason == "stop":
+                stops += 1
+                assert re.fullmatch(accepts, text), text
+            else:  # (a sentence cut by max_new_tokens)
+                assert reason == "length", (reason, text)
+    assert stops > 0
+
+
+@pytest.mark.parametrize("grammar, message", [
+    ("nonsense ::= ::=", "grammar: Failed to convert the grammar from GBNF to Lark"),
+    ("start: foo", 'grammar: .*unknown name: "foo"'),
+    ("  ", "grammar: a grammar must be a non-empty string"),
+])
+def test_a_bad_grammar_is_refused_at_submit(tok, model, grammar, message):
+    engine = Engine(model, tok, max_batch=1)
+    with pytest.raises(ValueError, match=message):
+        engine.submit([5, 6], SamplingParams(grammar=grammar))

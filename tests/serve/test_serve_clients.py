@@ -103,12 +103,12 @@ def test_more_stop_strings_than_openais_4_are_honoured(live):
     ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
     ({"best_of": 2}, "best_of"),
     ({"use_beam_search": True}, "use_beam_search"),
-    ({"guided_grammar": "root ::= \"a\""}, "guided_grammar"),
+    ({"guided_grammar": "start: foo"}, "guided_grammar"),  # (an unknown rule)
     ({"guided_json": "{not json"}, "guided_json"),
     ({"guided_regex": "(("}, "guided_regex"),
     ({"guided_choice": []}, "guided_choice"),
     ({"guided_choice": ["a"], "guided_regex": "a"}, "guided_choice"),  # two constraints: the second named
-    ({"structured_outputs": {"grammar": "x"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
     ({"structured_outputs": "a+"}, "structured_outputs"),
     ({"echo": True}, "echo"),
     ({"chat_template": "{{ messages }}"}, "chat_template"),
@@ -440,6 +440,8 @@ def test_min_p_of_1_samples_the_most_likely_token_only(live):
     ({"structured_outputs": {"choice": ["yes", "no"]}}, lambda t: t in ("yes", "no")),
     ({"structured_outputs": {"regex": "[0-9]{4}"}}, lambda t: len(t) == 4 and t.isdigit()),
     ({"structured_outputs": {"json_object": True}}, lambda t: t.startswith("{")),
+    ({"guided_grammar": 'root ::= "red" | "green" | "blue"'}, lambda t: t in ("red", "green", "blue")),
+    ({"structured_outputs": {"grammar": 'start: "up" | "down"'}}, lambda t: t in ("up", "down")),
 ])
 def test_vllm_guided_decoding_fields_hold_the_reply(live, extra, check):
     """vLLM's guided_choice / guided_regex / guided_json and structured_outputs (400s before), as its docs send them
