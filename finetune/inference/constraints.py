@@ -42,7 +42,7 @@ def _llguidance():
     try:
         import llguidance
     except ImportError:
-        raise ImportError(f"a constrained reply (JSON schema, regex, choice) needs the llguidance package: "
+        raise ImportError(f"a constrained reply (JSON schema, regex, choice, grammar) needs the llguidance package: "
                           f"{INSTALL}") from None
     return llguidance
 
