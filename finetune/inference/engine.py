@@ -244,25 +244,71 @@ def _counts_output(params: SamplingParams) -> bool:
     return params.presence_penalty != 0 or params.frequency_penalty != 0
 
 
-def _biased(logits: torch.Tensor, biased: list) -> torch.Tensor:
-    """``logits`` with the logit bias of the rows ``biased`` ((index, row)) added: a copy where any row has one."""
-    if not biased:
-        return logits
-    scores = logits.clone()
-    for i, row in biased:
-        ids, values = row.bias
-        scores[i].index_add_(0, ids, values)
-    return scores
+class _AfterGraph:
+    """The rows of a pick whose choice needs more than the greedy graph's, by what they need, with what that needs on
+    the device (their index tensors, the penalties' weights): made once when the batch's rows change
+    (``Engine._upload``, for every decode step until the next change), and for the rows whose first token a prefill
+    picks (``Engine._emit``). ``constrained``: (index, matcher); ``counted``, ``biased``: (index, row); ``scored``:
+    (index, k)."""
 
+    __slots__ = ("constrained", "counted", "biased", "scored", "constrained_idx", "counted_idx", "scored_idx",
+                 "presence", "frequency")
 
-def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, scored: list, device) -> tuple:
-    """The log-probabilities of rows ``scored`` ((index, k)) from their raw ``logits``: each one's picked token's
-    [m] and its k most likely tokens' (values and ids, [m, max k], most likely first)."""
-    idx = torch.tensor([i for i, _ in scored]).to(device, non_blocking=True)
-    lp = torch.log_softmax(logits.index_select(0, idx).float(), -1)
-    chosen = lp.gather(1, tokens.index_select(0, idx)[:, None])[:, 0]
-    top = lp.topk(max(k for _, k in scored), dim=-1)
-    return chosen, top.values, top.indices
+    def __init__(self, rows: list, device):
+        self.constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
+        self.counted = [(i, r) for i, r in enumerate(rows) if r.counts is not None]
+        self.biased = [(i, r) for i, r in enumerate(rows) if r.bias is not None]
+        self.scored = [(i, r.req.params.logprobs) for i, r in enumerate(rows) if r.req.params.logprobs is not None]
+
+        def indices(pairs):
+            return torch.tensor([i for i, _ in pairs]).to(device, non_blocking=True) if pairs else None
+
+        self.constrained_idx, self.counted_idx, self.scored_idx = map(indices, (self.constrained, self.counted,
+                                                                                self.scored))
+        self.presence = self.frequency = None
+        if self.counted:
+            weights = torch.tensor([[r.req.params.presence_penalty for _, r in self.counted],
+                                    [r.req.params.frequency_penalty for _, r in self.counted]], dtype=torch.float32)
+            self.presence, self.frequency = weights.to(device, non_blocking=True)[:, :, None].unbind(0)
+
+    def __bool__(self) -> bool:
+        return bool(self.constrained or self.counted or self.biased or self.scored)
+
+    def biased_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` with the rows' logit bias added: a copy where any row has one."""
+        if not self.biased:
+            return logits
+        scores = logits.clone()
+        for i, row in self.biased:
+            ids, values = row.bias
+            scores[i].index_add_(0, ids, values)
+        return scores
+
+    def output_penalised(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``scores`` with the presence and frequency penalties of the rows ``counted`` applied from their output's
+        token counts; the model's ``logits`` are never written."""
+        if not self.counted:
+            return scores
+        counts = torch.stack([r.counts for _, r in self.counted])
+        scores = scores.clone() if scores is logits else scores
+        scores[self.counted_idx] = output_penalties(scores.index_select(0, self.counted_idx), counts, self.presence,
+                                                    self.frequency)
+        return scores
+
+    def count(self, tokens: torch.Tensor, one: torch.Tensor) -> None:
+        """The picked ``tokens`` [rows] counted into the ``counted`` rows' output counts (on the device)."""
+        for i, row in self.counted:
+            row.counts.index_add_(0, tokens[i:i + 1], one)
+
+    def logprobs(self, logits: torch.Tensor, tokens: torch.Tensor) -> tuple | None:
+        """The log-probabilities of the rows ``scored`` from their raw ``logits``: each one's picked token's [m] and
+        its k most likely tokens' (values and ids, [m, max k], most likely first); None without such rows."""
+        if not self.scored:
+            return None
+        lp = torch.log_softmax(logits.index_select(0, self.scored_idx).float(), -1)
+        chosen = lp.gather(1, tokens.index_select(0, self.scored_idx)[:, None])[:, 0]
+        top = lp.topk(max(k for _, k in self.scored), dim=-1)
+        return chosen, top.values, top.indices
 
 
 def _logprob_entries(lp) -> dict:
@@ -363,9 +409,7 @@ class Engine:
         self._lora = False  # any uploaded row uses an adapter (else the step runs no adapter at all)
         self._seeded: list = []  # the uploaded rows that sample with a seed: (slot, params, generator)
         self._unseeded = None  # and those without: (their slots on the device, their RowSampling)
-        # the uploaded rows with a constraint (index, matcher), output counts, a logit bias (index, row) and
-        # log-probabilities to report (index, k): ``_upload``
-        self._after_graph: tuple = ([], [], [], [])
+        self._after_graph = _AfterGraph([], self.device)  # the uploaded rows whose pick runs after the graph
         self._host_tokens = None  # two pinned host buffers for the picked tokens (a step in flight uses one)
         self._events = None
         self._flip = 0
@@ -495,7 +539,7 @@ class Engine:
             # keep it (and its place in a server's queue) until some running row ended
             self._drop_cancelled_waiting(touched)
             # a constrained row needs its last token read before its next pick (not one step late)
-            if self._inflight is not None and (self._must_change() or self._after_graph[0]):
+            if self._inflight is not None and (self._must_change() or self._after_graph.constrained):
                 self._read(self._take_inflight(), touched)
             if self._inflight is None:
                 if self._gone:
@@ -1145,34 +1189,28 @@ class Engine:
         if unseeded:
             self._unseeded = (torch.tensor(unseeded).to(self.device, non_blocking=True),
                               RowSampling([rows[i].req.params for i in unseeded], self.vocab, self.device))
-        # the rows whose pick needs more than the graph's (made here: the rows change only between uploads)
-        self._after_graph = ([(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None],
-                             [(i, r) for i, r in enumerate(rows) if r.counts is not None],
-                             [(i, r) for i, r in enumerate(rows) if r.bias is not None],
-                             [(i, r.req.params.logprobs) for i, r in enumerate(rows)
-                              if r.req.params.logprobs is not None])
+        self._after_graph = _AfterGraph(rows, self.device)  # (the rows change only between uploads)
         self._synced = True
 
-    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, allowed=None, counted=(),
-                   biased=(), scored=()) -> tuple | None:
+    def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, after=None) -> tuple | None:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
-        (the logit bias of the rows ``biased`` ((index, row)), repetition penalty, presence and frequency penalties
-        of the rows ``counted`` ((index, row), whose ``counts`` are then advanced), stop tokens masked while fewer
-        than min_new_tokens are out, the tokens a constraint allows (``allowed``: (row indices, [rows, V] bool),
-        ``_allowed``), then argmax; with
-        ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones
-        through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token; position and
-        tokens picked advanced by one for the active rows) and into ``seen``. For the rows ``scored`` ((index, k))
-        returns their tokens' log-probabilities (``_logprobs``), on the device. Nothing here reads a value back
-        to the host."""
+        (with ``after`` (an ``_AfterGraph``): the rows' logit bias, then the repetition penalty, the presence and
+        frequency penalties (their counts then advanced), stop tokens masked while fewer than min_new_tokens are
+        out, the tokens a constraint allows (``_allowed``, computed now: after the forward's graph was enqueued),
+        then argmax; with ``sampled``, the seeded rows through sampling.pick_one with their generators and the
+        unseeded ones through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token;
+        position and tokens picked advanced by one for the active rows) and into ``seen``. Returns the rows'
+        log-probabilities to report (``_AfterGraph.logprobs``), on the device. Nothing here reads a value back to
+        the host."""
         tok, pos, picked, min_new, active = ints[:, :b].unbind(0)
-        scores = _biased(logits, biased)
+        scores = logits if after is None else after.biased_logits(logits)
         if penalised:
             scores = apply_penalties(scores, seen[:b], self._state()["penalty"][:b])
-        if counted:
-            scores = self._output_penalised(scores, logits, counted)
+        if after is not None:
+            scores = after.output_penalised(scores, logits)
         if held:
             scores = scores.masked_fill((picked < min_new)[:, None] & self._stopmask[:b], -float("inf"))
+        allowed = None if after is None else self._allowed(after)
         if allowed is not None:
             scores = _masked(scores, logits, *allowed)
         nxt = scores.argmax(-1)
@@ -1182,13 +1220,13 @@ class Engine:
             if self._unseeded is not None:
                 rows, rs = self._unseeded
                 nxt.index_copy_(0, rows, sample_rows(scores.index_select(0, rows), rs))
-        for i, row in counted:
-            row.counts.index_add_(0, nxt[i:i + 1], self._one)
+        if after is not None:
+            after.count(nxt, self._one)
         tok.copy_(nxt)
         seen[:b].scatter_(1, nxt[:, None], True)
         pos.add_(active)
         picked.add_(active)
-        return _logprobs(logits, nxt, scored, self.device) if scored else None
+        return None if after is None else after.logprobs(logits, nxt)
 
     def _launch(self) -> _Step:
         """Enqueue one decode step and its device-side pick for every active row; nothing here waits for the
@@ -1204,8 +1242,8 @@ class Engine:
         penalised, any_min_new = self._flags
         held = any_min_new and any(r.picked < r.req.params.min_new_tokens for r in rows)
         need = max(r.length for r in rows) + 1
-        constrained, counted, biased, scored = self._after_graph
-        sampled = bool(self._seeded or constrained or counted or biased or scored) or self._unseeded is not None
+        after = self._after_graph
+        sampled = bool(self._seeded or after) or self._unseeded is not None
         lp = None
         if self.use_graphs:
             own = self._own_keys()
@@ -1218,8 +1256,7 @@ class Engine:
             graph, out = entry
             graph.replay()
             if sampled:  # (the constrained rows' masks are computed on the host while the forward runs)
-                lp = self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled,
-                                     self._allowed(constrained), counted, biased, scored)
+                lp = self._pick_next(out, b, penalised, held, s["ints"], self._seen, sampled, after)
             logits = out[:n]
         else:  # eager steps meet a new key length each time: no cuDNN attention (a graph is captured once a key,
             # where cuDNN's masked one-query attention is the faster: b1_512 244 tok/s against 222, NOTES step 60)
@@ -1227,13 +1264,12 @@ class Engine:
             with inference_sdpa(self.device):
                 logits = self._decode_forward(s["tok"][:n], s["pos"][:n], s["alpha"][:n], sel, need,
                                               self._own_keys())
-            lp = self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled, self._allowed(constrained),
-                                 counted, biased, scored)
+            lp = self._pick_next(logits, n, penalised, held, s["ints"], self._seen, sampled, after)
         for r in rows:
             r.length += 1
             r.picked += 1
         if lp is not None:  # (to the host with the tokens: pinned, complete at the step's event)
-            lp = (scored, *(t.to("cpu", non_blocking=self.device.type == "cuda") for t in lp))
+            lp = (after.scored, *(t.to("cpu", non_blocking=self.device.type == "cuda") for t in lp))
         if self.device.type != "cuda":
             return _Step(rows, s["tok"][:n].clone(), None, logits, lp)
         if self._host_tokens is None:
@@ -1280,25 +1316,12 @@ class Engine:
         if row.matcher is not None:
             row.matcher.consume_token(token)  # (the mask allowed it; a failure leaves only <|im_end|>: _allowed)
 
-    def _output_penalised(self, scores, logits, counted: list) -> torch.Tensor:
-        """``scores`` with the presence and frequency penalties of the rows ``counted`` ((index, row)) applied from
-        their output's token counts; the model's ``logits`` are never written."""
-        idx = torch.tensor([i for i, _ in counted]).to(self.device, non_blocking=True)
-        weights = torch.tensor([[r.req.params.presence_penalty for _, r in counted],
-                                [r.req.params.frequency_penalty for _, r in counted]], dtype=torch.float32)
-        presence, frequency = weights.to(self.device, non_blocking=True)[:, :, None].unbind(0)
-        counts = torch.stack([r.counts for _, r in counted])
-        scores = scores.clone() if scores is logits else scores
-        scores[idx] = output_penalties(scores.index_select(0, idx), counts, presence, frequency)
-        return scores
-
-    def _allowed(self, constrained: list) -> tuple | None:
-        """(row indices, [rows, V] bool: the tokens each may take next) of the constrained rows
-        (``constrained``: (row index, matcher)), or None."""
-        if not constrained:
+    def _allowed(self, after: _AfterGraph) -> tuple | None:
+        """(row indices, [rows, V] bool: the tokens each may take next) of the constrained rows of ``after``, or
+        None."""
+        if not after.constrained:
             return None
-        idx = torch.tensor([i for i, _ in constrained]).to(self.device, non_blocking=True)
-        return idx, self._constraints().allowed([m for _, m in constrained], self.device)
+        return after.constrained_idx, self._constraints().allowed([m for _, m in after.constrained], self.device)
 
     # -- CUDA graphs --------------------------------------------------------------------------------------------
     def _own_keys(self) -> bool:
@@ -1357,7 +1380,8 @@ class Engine:
         """Pick the first token of rows just prefilled from their logits [n, V] on the host (sampling.py), append
         it or finish the row. (Decode steps pick on the device: ``_pick_next``.)"""
         idx = torch.tensor([self._rows.index(r) for r in rows], device=self.device)
-        scores = _biased(logits, [(i, r) for i, r in enumerate(rows) if r.bias is not None])
+        after = _AfterGraph(rows, self.device)  # (the output counts are all 0 here: nothing is out yet)
+        scores = after.biased_logits(logits)
         penalties = [r.req.params.repetition_penalty for r in rows]
         if any(p != 1.0 for p in penalties):  # (the common greedy/chat case without a penalty skips this)
             scores = apply_penalties(scores, self._seen.index_select(0, idx),
@@ -1372,17 +1396,14 @@ class Engine:
                 if stops:
                     scores[torch.tensor(which, device=self.device)[:, None],
                            torch.tensor(stops, device=self.device)[None, :]] = -float("inf")
-        allowed = self._allowed([(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None])
+        allowed = self._allowed(after)
         if allowed is not None:
             scores = _masked(scores, logits, *allowed)
         tokens = pick_tokens(scores, [r.req.params for r in rows], [r.generator for r in rows])
-        scored = [(i, r.req.params.logprobs) for i, r in enumerate(rows) if r.req.params.logprobs is not None]
-        lp = None
-        if scored:
-            lp = (scored, *(t.cpu() for t in _logprobs(logits, torch.tensor(tokens, device=self.device), scored,
-                                                         self.device)))
-        entries = _logprob_entries(lp)
-        self._seen[idx, torch.tensor(tokens, device=self.device)] = True
+        on_device = torch.tensor(tokens, device=self.device)
+        lp = after.logprobs(logits, on_device)
+        entries = _logprob_entries(None if lp is None else (after.scored, *(t.cpu() for t in lp)))
+        self._seen[idx, on_device] = True
         gone = []
         for i, (r, t) in enumerate(zip(rows, tokens)):
             req = r.req
