@@ -338,7 +338,8 @@ def test_presence_and_frequency_penalties_change_the_greedy_reply_streamed_or_no
     client = _client(live)
     kw = dict(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=30)
     plain = client.chat.completions.create(**kw).choices[0].message.content
-    for pen in (dict(presence_penalty=2), dict(frequency_penalty=1.5), dict(presence_penalty=-2, frequency_penalty=0.5)):
+    for pen in (dict(presence_penalty=2), dict(frequency_penalty=1.5),
+                dict(presence_penalty=-2, frequency_penalty=0.5)):
         text = client.chat.completions.create(**kw, **pen).choices[0].message.content
         assert text != plain, pen
         chunks = client.chat.completions.create(**kw, **pen, stream=True)
