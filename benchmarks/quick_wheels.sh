@@ -3,7 +3,8 @@
 # run_user_path.sh: datasets (training data), the server's stack (fastapi, uvicorn and what they import) and the
 # openai client that serve_bench.py drives, llguidance (qwen-ft serve requires it: constrained replies; a
 # manylinux_2_31 wheel, which the image takes), deepspeed (the ZeRO-2 workload of run_user_path.sh), each at the
-# version installed here (pip install -e ".[dev]"), for the image's Python 3.12. Run on the build machine (internet to PyPI), then carry .whl in the device call.
+# version installed here (pip install -e ".[dev]"), for the image's Python 3.12. Run on the build machine (internet
+# to PyPI), then carry .whl in the device call.
 #   bash benchmarks/quick_wheels.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
