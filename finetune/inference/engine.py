@@ -45,9 +45,9 @@ step for the whole batch).
 
 Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
 base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
-<|im_end|>/<|im_start|> and the request's stop ids (stop tokens are not part of the output), and at the token
-whose text completes one of its stop strings (stop_strings.py; that token is the output's last), sampling as
-transformers applies it (sampling.py). Adapters: per row, unmerged (row_adapters.py).
+<|im_end|>/<|im_start|> (unless ``ignore_eos``) and the request's stop ids (stop tokens are not part of the
+output), and at the token whose text completes one of its stop strings (stop_strings.py; that token is the
+output's last), sampling as transformers applies it (sampling.py). Adapters: per row, unmerged (row_adapters.py).
 
 Thread safety: ``submit`` and ``Request.cancel`` may be called from any thread; ``step`` runs one at a time
 (a lock) and is meant to be driven by one loop.
@@ -972,7 +972,7 @@ class Engine:
             bias = (torch.tensor(ids, device=self.device),
                     torch.tensor(values, dtype=torch.float32, device=self.device))
         return _Row(req, alpha, generator, self.adapters.index(req.adapter),
-                    self._base_stops | set(req.params.stop_token_ids), stop_text,
+                    (set() if req.params.ignore_eos else self._base_stops) | set(req.params.stop_token_ids), stop_text,
                     None if constraint is None else self._constraints().matcher(*constraint), counts, bias)
 
     def _prefill_chunk(self, touched) -> None:

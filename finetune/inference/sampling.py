@@ -79,6 +79,9 @@ class SamplingParams:
     min_new_tokens: int = 0
     seed: int | None = None
     stop_token_ids: tuple = ()
+    # vLLM's: <|im_end|>/<|im_start|> do not end the output (they are part of it, as any token); it ends at
+    # max_new_tokens, a stop string or one of stop_token_ids (benchmark clients ask for it to get a fixed length)
+    ignore_eos: bool = False
     stop: tuple = ()
     # what the reply is held to (constraints.py; at most one): a JSON schema (dict, or True: any JSON), a regular
     # expression the whole reply matches, the strings it is one of, or a grammar (Lark or GBNF); None: free text
@@ -153,6 +156,10 @@ class SamplingParams:
             problems.append(f"choice must be a non-empty list of non-empty strings, got {self.choice!r}"[:300])
         if given and self.min_new_tokens:  # (the constraint decides where the reply ends; both would mask <|im_end|>)
             problems.append(f"min_new_tokens cannot be combined with {given[0]}: it decides where the reply ends")
+        if not isinstance(self.ignore_eos, bool):
+            problems.append(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        elif given and self.ignore_eos:  # (a complete document allows only <|im_end|>: the row would repeat it)
+            problems.append(f"ignore_eos cannot be combined with {given[0]}: it ends the reply with <|im_end|>")
         if problems:
             raise ValueError("SamplingParams: " + "; ".join(problems))
 

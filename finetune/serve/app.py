@@ -195,6 +195,11 @@ class Server:
                 raise APIError(400, f"logit_bias: token id {outside[0]} is outside the model's vocabulary [0, {vocab})",
                                "logit_bias")
             over["logit_bias"] = bias
+        stop_ids = tuple(dict.fromkeys(body.stop_token_ids or ()))
+        outside = [t for t in stop_ids if t >= self.engine.vocab]
+        if outside:
+            raise APIError(400, f"stop_token_ids: token id {outside[0]} is outside the model's vocabulary [0, "
+                           f"{self.engine.vocab})", "stop_token_ids")
         if body.seed is not None:
             over["seed"] = body.seed
         if body.min_tokens:
@@ -202,7 +207,11 @@ class Server:
         constraint = body.constraint()
         if constraint is not None:
             over[constraint.kind] = constraint.value
-        over["stop_token_ids"] = tuple(self.gc.eos_token_id)
+        if body.ignore_eos:  # (vLLM's: the model's eos ends the reply no more than <|im_end|> does)
+            over["ignore_eos"] = True
+        else:
+            stop_ids = tuple(dict.fromkeys((*self.gc.eos_token_id, *stop_ids)))
+        over["stop_token_ids"] = stop_ids
         return SamplingParams.from_generation_config(self.gc, **over)
 
     # -- running a request -------------------------------------------------------------------------------
@@ -270,7 +279,8 @@ class Server:
                                    + (f", and this one asks for {n} (n)" if n > 1 else "") + ". Retry later.",
                                    None, "queue_full")
                 req, queue = started
-                text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens)
+                text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens,
+                                  kept=body.stop_list() if body.include_stop_str_in_output else ())
                 runs.append(Run(self, req, queue, text, len(ids), left_out, after_result, turns.reply_start,
                                 turns.forced_call))
         except APIError:

@@ -62,6 +62,8 @@ MAX_STOP = 64
 MAX_CHOICES = 128
 # The most tokens a request's logit_bias may name: each is added to its row's logits every step
 MAX_BIASED = 1024
+# The most stop_token_ids a request may give (a set looked up for every token)
+MAX_STOP_IDS = 1024
 # seeds seed a torch.Generator, which takes 64 bits: a bigger one failed the engine step, and with it every
 # request in the batch
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -71,8 +73,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # server does not implement -> the values that ask for nothing (absent and null too). Ignored, a client asking
 # for typical_p, ignore_eos, guided JSON or a reasoning effort got an answer made without it and no word why.
 NEUTRAL: dict[str, tuple] = {
-    "typical_p": (1,), "best_of": (1,), "use_beam_search": (False,), "ignore_eos": (False,),
-    "stop_token_ids": ([],), "include_stop_str_in_output": (False,), "echo": (False,), "bad_words": ([],),
+    "typical_p": (1,), "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "bad_words": ([],),
     "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
     "return_tokens_as_token_ids": (False,), "chat_template": (), "documents": (),
     "structural_tag": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
@@ -112,6 +113,14 @@ class ChatCompletionRequest(BaseModel):
     stop: Any = None  # a string or a list of strings, checked in check() (one message naming `stop`)
     seed: Annotated[int | None, Number] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     min_tokens: Annotated[int | None, Number] = Field(default=None, ge=0)  # vLLM's: no stop before this many
+    # vLLM's: <|im_end|> and the model's eos do not end the reply (max_tokens, a stop string or stop_token_ids do);
+    # benchmark clients (vllm bench serve --ignore-eos) send it for replies of a fixed length
+    ignore_eos: StrictBool | None = None
+    # vLLM's: token ids that end the reply besides <|im_end|> (not part of it); whether each is in the vocabulary is
+    # the server's check
+    stop_token_ids: list[Annotated[int, Number, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP_IDS)
+    # vLLM's: the stop string that ended the reply is kept at its end
+    include_stop_str_in_output: StrictBool | None = None
     # vLLM's extension, as Qwen's docs send it (extra_body); default: the model's generation config's. Bounded:
     # seen tokens' scores are divided or multiplied by it, a 1e-40 overflows fp32 to inf, and a sampled row's draw
     # then fails the engine step for every request in the batch (past x100 either way it changes nothing more)
@@ -156,6 +165,9 @@ class ChatCompletionRequest(BaseModel):
         if constraint is not None and self.min_tokens:
             raise APIError(400, f"min_tokens cannot be combined with {constraint.field}: it decides where the reply "
                            "ends", "min_tokens")
+        if constraint is not None and self.ignore_eos:  # (a complete document allows only <|im_end|>)
+            raise APIError(400, f"ignore_eos cannot be combined with {constraint.field}: the reply ends with "
+                           "<|im_end|> once it is complete", "ignore_eos")
         if self.modalities not in (None, ["text"]):
             raise APIError(400, "only modalities [\"text\"] is supported: this model answers with text only",
                            "modalities")

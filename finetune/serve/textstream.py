@@ -14,16 +14,20 @@
   leading whitespace, and the whitespace just before it stays in the reply.
   With ``strip=False`` (the reply continues the client's own assistant message, as the official server's
   text completion) the text is sent as generated: a leading space is part of the continuation.
+- ``kept``: stop strings that stay in the text when they end it (vLLM's include_stop_str_in_output): the text
+  is cut after them instead of before.
 """
 
 from __future__ import annotations
 
 
 class TextStream:
-    def __init__(self, tokenizer, stop: list[str] | None = None, strip: bool = True, min_ids: int = 0):
+    def __init__(self, tokenizer, stop: list[str] | None = None, strip: bool = True, min_ids: int = 0,
+                 kept=()):
         self.tokenizer = tokenizer
         self.strip = strip
         self.stop = [s for s in (stop or []) if s]
+        self.kept = set(kept)
         self.min_ids = min_ids
         self._floor: int | None = None  # a stop string counts where it ends past text[:_floor] (min_ids)
         self._longest = max((len(s) for s in self.stop), default=0)
@@ -74,9 +78,11 @@ class TextStream:
         if self.strip and not self._sent:  # (the official server strips the reply before it looks for a stop string;
             # once text is sent, the leading whitespace lies before _sent, which start already passes)
             start = max(start, len(self.text) - len(self.text.lstrip()))
-        hits = [i for i in (self.text.find(s, max(start, self._floor - len(s) + 1)) for s in self.stop) if i >= 0]
+        hits = [(i, s) for s in self.stop if (i := self.text.find(s, max(start, self._floor - len(s) + 1))) >= 0]
         if hits:
-            self.text = self.text[:min(hits)]
+            # the first to start; at one place the shortest, which a token-by-token feed completes first
+            i, s = min(hits, key=lambda hit: (hit[0], len(hit[1])))
+            self.text = self.text[:i + len(s) if s in self.kept else i]
             self.stopped = True
         self._searched = len(self.text)
 

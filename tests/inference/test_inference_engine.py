@@ -652,6 +652,31 @@ def test_logit_bias_is_added_to_the_logits_as_generate_s_sequence_bias(tok):
         engine.submit(ps[0], SamplingParams(logit_bias={4096: 1}))
 
 
+def test_ignore_eos_runs_past_im_end_to_max_new_tokens_and_stop_ids_still_end_it(tok):
+    """vLLM's ignore_eos (benchmark clients' fixed-length replies): a row that picks <|im_end|> every step (biased
+    +100) ends at once without it, runs to max_new_tokens with it (<|im_end|> part of the output, "length"), and a
+    stop id the request gives still ends it; the rows beside it are unchanged."""
+    model = tiny(seed=29)
+    ps = prompts([9, 16], seed=30)
+    forced = {tok.im_end_id: 100}
+    engine = Engine(model, tok, max_batch=4)
+    plain = engine.generate([ps[1]], SamplingParams(max_new_tokens=8))[0]
+    assert len(plain) == 8  # (no stop in it: the same tokens with ignore_eos)
+    reqs = [engine.submit(ps[0], SamplingParams(max_new_tokens=8, logit_bias=forced)),
+            engine.submit(ps[0], SamplingParams(max_new_tokens=8, logit_bias=forced, ignore_eos=True)),
+            engine.submit(ps[0], SamplingParams(max_new_tokens=8, logit_bias=forced, ignore_eos=True,
+                                                stop_token_ids=(tok.im_end_id,))),
+            engine.submit(ps[1], SamplingParams(max_new_tokens=8, ignore_eos=True))]
+    while engine.has_work():
+        engine.step()
+    assert [(r.output_ids, r.finish_reason) for r in reqs] == [
+        ([], "stop"), ([tok.im_end_id] * 8, "length"), ([], "stop"), (plain, "length")]
+    with pytest.raises(ValueError, match="ignore_eos cannot be combined with regex"):
+        SamplingParams(regex="a+", ignore_eos=True)
+    with pytest.raises(ValueError, match="ignore_eos must be True or False, got 1"):
+        SamplingParams(ignore_eos=1)
+
+
 @pytest.mark.parametrize("bias", [{5: 101}, {-1: 1}, {"5": 1}, {5: float("nan")}, [5]])
 def test_logit_bias_maps_token_ids_to_numbers_in_openai_s_range(bias):
     with pytest.raises(ValueError, match="logit_bias"):

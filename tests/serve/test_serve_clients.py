@@ -98,9 +98,13 @@ def test_more_stop_strings_than_openais_4_are_honoured(live):
 @pytest.mark.parametrize("extra, param", [
     ({"min_p": 1.5}, "min_p"),  # (a probability ratio: [0, 1])
     ({"min_p": False}, "min_p"),  # a boolean is no number, even where it equals the neutral 0
-    ({"ignore_eos": True}, "ignore_eos"),
-    ({"stop_token_ids": [5]}, "stop_token_ids"),
-    ({"include_stop_str_in_output": True}, "include_stop_str_in_output"),
+    ({"ignore_eos": 1}, "ignore_eos"),  # (a boolean)
+    ({"ignore_eos": True, "guided_choice": ["a"]}, "ignore_eos"),  # (the choice ends with <|im_end|>)
+    ({"stop_token_ids": [-1]}, "stop_token_ids[0]"),
+    ({"stop_token_ids": ["5"]}, "stop_token_ids[0]"),
+    ({"stop_token_ids": [10**7]}, "stop_token_ids"),  # (outside the vocabulary)
+    ({"stop_token_ids": 5}, "stop_token_ids"),
+    ({"include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
     ({"best_of": 2}, "best_of"),
     ({"use_beam_search": True}, "use_beam_search"),
     ({"guided_grammar": "start: foo"}, "guided_grammar"),  # (an unknown rule)
@@ -118,7 +122,7 @@ def test_more_stop_strings_than_openais_4_are_honoured(live):
 ])
 def test_vllm_fields_that_would_change_the_answer_are_400_naming_them(live, extra, param):
     """These were accepted and ignored: a client asking for typical_p, guided JSON or ignore_eos got an answer made
-    without it and no word why."""
+    without it and no word why. (Values these fields cannot take are 400s naming them too.)"""
     assert _bad_request(live, extra_body=extra)["param"] == param
 
 
@@ -358,6 +362,45 @@ def test_logit_bias_reaches_the_reply(live):
     assert forced.choices[0].message.content == "x" * 8 != plain and forced.choices[0].finish_reason == "length"
     both = client.chat.completions.create(**kw, logit_bias={str(x): 100, str(y): 100}).choices[0].message.content
     assert set(both) <= {"x", "y"} and len(both) == 8
+
+
+def test_vllm_s_ignore_eos_and_stop_token_ids(live):
+    """vLLM's ignore_eos (its benchmark client's --ignore-eos) and stop_token_ids were 400s. With <|im_end|> forced
+    (+100), the reply is empty ("stop"); with ignore_eos it runs to max_tokens ("length", the tokens counted, the
+    text as the tokenizer writes them); a stop id still ends it, before the token (not part of the reply)."""
+    client = _client(live)
+    kw = dict(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=6)
+    tok = live.server.tokenizer
+    im_end, x = tok.im_end_id, tok.encode("x")[0]
+    ended = client.chat.completions.create(**kw, logit_bias={str(im_end): 100})
+    assert (ended.choices[0].message.content, ended.choices[0].finish_reason) == ("", "stop")
+    past = client.chat.completions.create(**kw, logit_bias={str(im_end): 100}, extra_body={"ignore_eos": True})
+    assert past.choices[0].message.content == "<|im_end|>" * 6 and past.choices[0].finish_reason == "length"
+    assert past.usage.completion_tokens == 6
+    chunks = client.chat.completions.create(**kw, logit_bias={str(im_end): 100}, extra_body={"ignore_eos": True},
+                                            stream=True, stream_options={"include_usage": True})
+    chunks = list(chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "<|im_end|>" * 6
+    assert chunks[-1].usage.completion_tokens == 6
+    stopped = client.chat.completions.create(**kw, logit_bias={str(x): 100}, extra_body={"stop_token_ids": [x, x]})
+    assert (stopped.choices[0].message.content, stopped.choices[0].finish_reason) == ("", "stop")
+    both = client.chat.completions.create(**kw, logit_bias={str(im_end): 100},
+                                          extra_body={"ignore_eos": True, "stop_token_ids": [im_end]})
+    assert (both.choices[0].message.content, both.choices[0].finish_reason) == ("", "stop")
+
+
+def test_include_stop_str_in_output_keeps_the_stop_string_that_ended_the_reply(live):
+    """vLLM's include_stop_str_in_output (a 400 before): the reply is cut after the stop string instead of before,
+    streamed or not; ReAct's own stop words (tools) are still cut."""
+    plain = _greedy(live)
+    hit = next(ch for ch in plain[1:] if not ch.isspace() and ch != "\ufffd")
+    cut = plain.find(hit)
+    assert _greedy(live, stop=[hit, "never"], extra_body={"include_stop_str_in_output": True}) == plain[:cut + 1]
+    assert _greedy(live, stop=[hit], extra_body={"include_stop_str_in_output": False}) == plain[:cut]
+    chunks = _client(live).chat.completions.create(model="tiny-qwen", messages=ASK, temperature=0, max_tokens=6,
+                                                   stop=hit, stream=True,
+                                                   extra_body={"include_stop_str_in_output": True})
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain[:cut + 1]
 
 
 def test_logprobs_of_every_reply_token_streamed_or_not(live):

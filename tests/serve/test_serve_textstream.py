@@ -51,6 +51,24 @@ def test_a_stop_string_across_chunks_is_never_sent(tok):
     assert not s.stopped and "".join(deltas) == "Observe this"
 
 
+def test_kept_stop_strings_end_the_text_after_them(tok):
+    """include_stop_str_in_output: a kept stop string stays at the end of the text (streamed one token at a time
+    or not); the first stop string to start ends it (at one place the shortest, which completes first), kept or
+    not; one not kept is still cut before."""
+    text = "Thought: look it up\nAction: f\nObservation: made up"
+    for stops, kept, want in [(["Observation:"], ["Observation:"], "Thought: look it up\nAction: f\nObservation:"),
+                              (["Action:", "Observation:"], ["Observation:"], "Thought: look it up\n"),
+                              (["Obs", "Observation:"], ["Observation:"], "Thought: look it up\nAction: f\n"),
+                              (["Observation:", "Obs"], ["Observation:"], "Thought: look it up\nAction: f\n"),
+                              (["Observation:", "Obs"], ["Obs"], "Thought: look it up\nAction: f\nObs"),
+                              (["up\n"], ["up\n"], "Thought: look it up\n")]:
+        s = TextStream(tok, stops, kept=kept)
+        deltas = [s.feed([i]) for i in tok.encode(text)] + [s.finish()]
+        assert s.stopped and "".join(deltas) == s.final_text == want, (stops, deltas)
+        whole = TextStream(tok, stops, kept=kept)
+        assert whole.feed(tok.encode(text)) + whole.finish() == want, stops
+
+
 def test_a_stop_string_cuts_the_reply_as_the_official_server_trims_it(tok):
     """The official openai_api.py strips chat()'s reply, then cuts it before the first stop string: a stop string in
     the leading whitespace is not found there (it cut the whole reply away), and the whitespace before the stop
