@@ -3,8 +3,8 @@
 The semantics are transformers' (and the official Qwen generation's), after OpenAI's logit_bias added to the
 logits: repetition penalty over the prompt and the tokens generated so far (RepetitionPenaltyLogitsProcessor), then
 OpenAI's presence and frequency penalties over the generated tokens (``output_penalties``; vLLM's order), stop
-tokens held back until min_new_tokens, then argmax or temperature -> top-k -> top-p -> min-p -> multinomial
-(``pick_one``). Greedy rows are picked together in one argmax; sampling rows one by one (each may have its own
+tokens held back until min_new_tokens, then argmax or temperature -> top-k -> top-p -> min-p -> typical-p ->
+multinomial (``pick_one``). Greedy rows are picked together in one argmax; sampling rows one by one (each may have its own
 seeded generator), or, for rows without a seed, all at once with per-row parameters as tensors (``RowSampling``,
 ``sample_rows``: the same processors, the same distribution; the draws come from the device's default generator in
 one batch). A transformers GenerationConfig maps onto SamplingParams; options the engine does not implement (beams,
@@ -32,7 +32,8 @@ MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (Ope
 
 
 _SUPPORTED = {
-    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p", "min_p", "typical_p",
+    "repetition_penalty",
     "eos_token_id", "pad_token_id", "bos_token_id", "chat_format", "max_window_size", "transformers_version",
     "use_cache", "return_dict_in_generate", "output_scores", "output_logits", "cache_implementation",
 }
@@ -66,6 +67,9 @@ class SamplingParams:
     # transformers' MinPLogitsWarper (after top-p): a sampled token's probability must be at least min_p times the
     # most likely one's (0: off)
     min_p: float = 0.0
+    # transformers' TypicalLogitsWarper (after min-p): the tokens whose surprise is nearest the distribution's
+    # entropy, up to this much probability (1: off)
+    typical_p: float = 1.0
     repetition_penalty: float = 1.0
     # OpenAI's, in [-2, 2]: subtracted from the score of every token the output holds already (presence), and that
     # many times over for each time it does (frequency); the prompt does not count (as in vLLM)
@@ -127,6 +131,8 @@ class SamplingParams:
             problems.append(f"min_new_tokens must be an integer >= 0, got {self.min_new_tokens!r}")
         if not (number(self.min_p) and 0 <= self.min_p <= 1):
             problems.append(f"min_p must be a number in [0, 1] (0: off), got {self.min_p!r}")
+        if not (number(self.typical_p) and 0 < self.typical_p <= 1):
+            problems.append(f"typical_p must be a number in (0, 1] (1: off), got {self.typical_p!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not (number(value) and -2 <= value <= 2):
@@ -184,7 +190,8 @@ class SamplingParams:
         values = {name: off if getattr(gc, name, None) is None else getattr(gc, name)
                   for name, off in OFF_VALUES.items()}  # (None: off, as chat()'s generate() reads it)
         values.update(max_new_tokens=gc.max_new_tokens if gc.max_new_tokens is not None else 512,
-                      do_sample=bool(values["do_sample"]), stop_token_ids=eos, min_p=gc.min_p or 0.0)
+                      do_sample=bool(values["do_sample"]), stop_token_ids=eos, min_p=gc.min_p or 0.0,
+                      typical_p=1.0 if gc.typical_p is None else gc.typical_p)
         names = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(overrides) - names)
         if bad:
@@ -224,8 +231,8 @@ def pick_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: 
 
 
 def pick_one(scores: torch.Tensor, params, generator=None) -> torch.Tensor:
-    """The next token from fp32 scores [V]: argmax, or a sample after temperature, top-k, top-p and min-p (the
-    order and semantics of transformers' warpers; top_k 0, top_p 1 and min_p 0 or None are off). ``params``: a
+    """The next token from fp32 scores [V]: argmax, or a sample after temperature, top-k, top-p, min-p and typical-p
+    (the order and semantics of transformers' warpers; top_k 0, top_p 1, min_p 0, typical_p 1 and None are off). ``params``: a
     SamplingParams (or any object with its do_sample / temperature / top_k / top_p fields, such as a
     GenerationConfig)."""
     if not params.do_sample:
@@ -245,39 +252,61 @@ def pick_one(scores: torch.Tensor, params, generator=None) -> torch.Tensor:
         remove[-1] = False  # keep at least the most likely token
         scores = scores.masked_fill(remove.scatter(0, order, remove), -float("inf"))
     min_p = getattr(params, "min_p", None) or 0.0
-    probs = scores.softmax(-1)
     if min_p > 0:  # (the most likely token always stays: its probability is the bar's 1 / min_p times)
-        probs = scores.masked_fill(probs < min_p * probs.max(), -float("inf")).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator)[0]
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < min_p * probs.max(), -float("inf"))
+    typical_p = getattr(params, "typical_p", None)
+    if typical_p is not None and typical_p < 1.0:
+        scores = typical(scores[None], torch.tensor([[typical_p]], device=scores.device))[0]
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)[0]
+
+
+def typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """transformers' TypicalLogitsWarper, row-wise: scores [m, V] fp32, mass [m, 1] (a row at 1 or more is kept
+    whole). Tokens sorted by how far their surprise is from the entropy are kept until their probability reaches the
+    row's mass (the one that crosses it too; at least one)."""
+    normalized = scores.log_softmax(-1)
+    p = normalized.exp()
+    entropy = -(normalized * p).nansum(-1, keepdim=True)  # (nansum: a -inf score's 0 * -inf)
+    shifted, order = torch.sort((-normalized - entropy).abs(), dim=-1)
+    cumulative = scores.gather(-1, order).softmax(-1).cumsum(-1)
+    last = (cumulative < mass).sum(-1, keepdim=True).clamp_(max=scores.shape[-1] - 1)
+    remove = (shifted > shifted.gather(-1, last)) & (mass < 1)
+    remove[:, 0] = False
+    return scores.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
 
 
 class RowSampling:
     """The sampling parameters of m rows as tensors on ``device`` (built once when the rows change): per-row
-    temperature, top-k (0 or >= vocab: off), top-p (1: off) and min-p (0: off)."""
+    temperature, top-k (0 or >= vocab: off), top-p (1: off), min-p (0: off) and typical-p (1: off)."""
 
     def __init__(self, params: list[SamplingParams], vocab: int, device):
         ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
         self.kmax = max(ks)  # 0: no row uses top-k
         self.any_top_p = any(p.top_p < 1.0 for p in params)
         self.any_min_p = any(p.min_p > 0 for p in params)
+        self.any_typical = any(p.typical_p < 1 for p in params)
         host = torch.tensor([[p.temperature for p in params],
                              [k - 1 if k else 0 for k in ks],
                              [1.0 if k else 0.0 for k in ks],
                              # top-p keeps the tokens whose ascending cumulative probability exceeds 1 - top_p;
                              # -1 keeps them all (the row without top-p)
                              [1 - p.top_p if p.top_p < 1.0 else -1.0 for p in params],
-                             [p.min_p for p in params]], dtype=torch.float64)
+                             [p.min_p for p in params],
+                             [p.typical_p for p in params]], dtype=torch.float64)
         dev = host.to(device, non_blocking=True)
         self.temperature = dev[0].float()[:, None]
         self.kth = dev[1].long()[:, None]
         self.k_on = dev[2].bool()[:, None]
         self.top_p_cut = dev[3].float()[:, None]
         self.min_p = dev[4].float()[:, None]
+        self.typical_p = dev[5].float()[:, None]
 
 
 def sample_rows(scores: torch.Tensor, rs: RowSampling, noise: torch.Tensor | None = None) -> torch.Tensor:
     """One sampled token per row [m] from fp32 scores [m, V] (already penalised and masked): each row's
-    temperature -> top-k -> top-p -> min-p -> a draw from the softmax, as ``pick_one`` computes it for that row. The
+    temperature -> top-k -> top-p -> min-p -> typical-p -> a draw from the softmax, as ``pick_one`` computes it for
+    that row. The
     draw is multinomial's: argmax of probs / q with q ~ Exp(1) (``noise``, default from the default
     generator); nothing is read back to the host."""
     scores = scores / rs.temperature
@@ -291,12 +320,15 @@ def sample_rows(scores: torch.Tensor, rs: RowSampling, noise: torch.Tensor | Non
         remove = cumulative <= rs.top_p_cut
         remove[:, -1] = False  # keep at least the most likely token
         scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    probs = scores.softmax(-1)
     if rs.any_min_p:
-        probs = scores.masked_fill(probs < rs.min_p * probs.amax(-1, keepdim=True), -float("inf")).softmax(-1)
+        probs = scores.softmax(-1)
+        scores = scores.masked_fill(probs < rs.min_p * probs.amax(-1, keepdim=True), -float("inf"))
+    if rs.any_typical:
+        scores = typical(scores, rs.typical_p)
+    probs = scores.softmax(-1)
     q = noise if noise is not None else torch.empty_like(probs).exponential_(1)
     return (probs / q).argmax(-1)
 
 
 __all__ = ["SamplingParams", "RowSampling", "apply_penalties", "output_penalties", "pick_tokens", "pick_one",
-           "sample_rows", "unsupported_options"]
+           "sample_rows", "typical", "unsupported_options"]

@@ -178,8 +178,9 @@ class Server:
             over["top_p"] = body.top_p
         if body.top_k is not None:
             over["top_k"] = max(body.top_k, 0)  # (-1: off, as vLLM reads it)
-        if body.min_p is not None:
-            over["min_p"] = body.min_p
+        for name in ("min_p", "typical_p"):
+            if getattr(body, name) is not None:
+                over[name] = getattr(body, name)
         if body.repetition_penalty is not None:
             over["repetition_penalty"] = body.repetition_penalty
         for name in ("presence_penalty", "frequency_penalty"):

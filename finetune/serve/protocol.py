@@ -73,7 +73,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # server does not implement -> the values that ask for nothing (absent and null too). Ignored, a client asking
 # for typical_p, ignore_eos, guided JSON or a reasoning effort got an answer made without it and no word why.
 NEUTRAL: dict[str, tuple] = {
-    "typical_p": (1,), "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "bad_words": ([],),
+    "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "bad_words": ([],),
     "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
     "return_tokens_as_token_ids": (False,), "chat_template": (), "documents": (),
     "structural_tag": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
@@ -108,6 +108,8 @@ class ChatCompletionRequest(BaseModel):
     top_k: Annotated[int | None, Number] = Field(default=None, ge=-1)
     # vLLM's (transformers' MinPLogitsWarper): a sampled token at least min_p times as likely as the most likely
     min_p: Annotated[float | None, Number] = Field(default=None, ge=0, le=1, allow_inf_nan=False)
+    # text-generation-inference's and transformers' TypicalLogitsWarper (after min-p; 1: off)
+    typical_p: Annotated[float | None, Number] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
     max_completion_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
     stop: Any = None  # a string or a list of strings, checked in check() (one message naming `stop`)

@@ -375,10 +375,12 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(tok):
 
 def test_sampling_params_from_generation_config_and_bad_input(tok):
     gc = GenerationConfig(max_new_tokens=7, do_sample=True, top_p=0.8, top_k=0, repetition_penalty=1.1,
-                          eos_token_id=[5, 6])
+                          eos_token_id=[5, 6], typical_p=0.9)
     p = SamplingParams.from_generation_config(gc, seed=3)
-    assert (p.max_new_tokens, p.do_sample, p.top_p, p.repetition_penalty, p.stop_token_ids, p.seed) == \
-        (7, True, 0.8, 1.1, (5, 6), 3)
+    assert (p.max_new_tokens, p.do_sample, p.top_p, p.repetition_penalty, p.stop_token_ids, p.seed, p.typical_p) == \
+        (7, True, 0.8, 1.1, (5, 6), 3, 0.9)
+    with pytest.raises(ValueError, match=r"typical_p must be a number in \(0, 1\] \(1: off\), got 0"):
+        SamplingParams(typical_p=0)
     with pytest.raises(ValueError, match="num_beams"):
         SamplingParams.from_generation_config(GenerationConfig(num_beams=2))
     with pytest.raises(ValueError, match="top_p"):

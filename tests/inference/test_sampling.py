@@ -41,7 +41,9 @@ def test_sample_rows_draws_each_row_as_pick_one_does():
               SamplingParams(do_sample=True, top_k=V + 3, top_p=0.95),
               SamplingParams(do_sample=True, temperature=0.3, top_k=1),
               SamplingParams(do_sample=True, min_p=0.2),
-              SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, min_p=0.05)]
+              SamplingParams(do_sample=True, temperature=0.8, top_p=0.9, min_p=0.05),
+              SamplingParams(do_sample=True, typical_p=0.5),
+              SamplingParams(do_sample=True, temperature=0.9, top_k=60, min_p=0.02, typical_p=0.9)]
     rs = RowSampling(params, V, "cpu")
     g = torch.Generator().manual_seed(0)
     drawn = set()
@@ -63,19 +65,22 @@ def test_sample_rows_draws_each_row_as_pick_one_does():
 
 
 @pytest.mark.parametrize("kw", [dict(min_p=0.1), dict(min_p=0.3, temperature=0.7, top_k=40, top_p=0.9),
-                                dict(min_p=1.0), dict(temperature=1.3, top_p=0.7)])
+                                dict(min_p=1.0), dict(temperature=1.3, top_p=0.7), dict(typical_p=0.4),
+                                dict(typical_p=0.95, temperature=0.8, top_p=0.9, min_p=0.01), dict(typical_p=1e-6)])
 def test_pick_one_draws_what_transformers_warpers_and_multinomial_draw(kw):
     """A seeded pick is generate()'s sampling step: transformers' warpers in its order (temperature, top-k, top-p,
-    min-p), a softmax, torch.multinomial with the same generator state: the same token, draw for draw."""
+    min-p, typical-p), a softmax, torch.multinomial with the same generator state: the same token, draw for draw."""
     from transformers.generation.logits_process import (LogitsProcessorList, MinPLogitsWarper,
-                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+                                                        TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
+                                                        TypicalLogitsWarper)
 
     params = SamplingParams(do_sample=True, **kw)
     warpers = LogitsProcessorList(
         ([TemperatureLogitsWarper(params.temperature)] if params.temperature != 1.0 else [])
         + ([TopKLogitsWarper(params.top_k)] if params.top_k else [])
         + ([TopPLogitsWarper(params.top_p)] if params.top_p < 1.0 else [])
-        + ([MinPLogitsWarper(params.min_p)] if params.min_p else []))
+        + ([MinPLogitsWarper(params.min_p)] if params.min_p else [])
+        + ([TypicalLogitsWarper(params.typical_p)] if params.typical_p < 1 else []))
     g = torch.Generator().manual_seed(1)
     picks = set()
     for trial in range(60):
@@ -84,7 +89,8 @@ def test_pick_one_draws_what_transformers_warpers_and_multinomial_draw(kw):
         want = int(torch.multinomial(probs, 1, generator=torch.Generator().manual_seed(trial))[0, 0])
         assert int(pick_one(scores, params, torch.Generator().manual_seed(trial))) == want
         picks.add(want)
-    assert len(picks) > (1 if params.min_p == 1.0 else 5)
+    # (min_p 1 keeps the most likely token alone; a tiny typical mass the one nearest the entropy)
+    assert len(picks) > (1 if params.min_p == 1.0 or params.typical_p < 1e-3 else 5)
 
 
 def test_pick_tokens_mixes_greedy_and_seeded_sampling_rows():

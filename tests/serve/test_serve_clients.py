@@ -98,6 +98,8 @@ def test_more_stop_strings_than_openais_4_are_honoured(live):
 @pytest.mark.parametrize("extra, param", [
     ({"min_p": 1.5}, "min_p"),  # (a probability ratio: [0, 1])
     ({"min_p": False}, "min_p"),  # a boolean is no number, even where it equals the neutral 0
+    ({"typical_p": 0}, "typical_p"),  # (a probability mass: (0, 1])
+    ({"typical_p": 1.5}, "typical_p"),
     ({"ignore_eos": 1}, "ignore_eos"),  # (a boolean)
     ({"ignore_eos": True, "guided_choice": ["a"]}, "ignore_eos"),  # (the choice ends with <|im_end|>)
     ({"stop_token_ids": [-1]}, "stop_token_ids[0]"),
@@ -471,6 +473,20 @@ def test_min_p_of_1_samples_the_most_likely_token_only(live):
         assert r.choices[0].message.content == greedy
     hot = {client.chat.completions.create(**kw, temperature=1.8, seed=seed, extra_body={"min_p": 0.05})
            .choices[0].message.content for seed in range(3)}
+    assert len(hot) > 1
+
+
+def test_typical_p_keeps_the_tokens_nearest_the_entropy(live):
+    """typical_p (TGI's and transformers', a 400 before): a mass too small for two tokens keeps one token a step (the
+    one whose surprise is nearest the entropy), so hot sampled replies are the same whatever the seed; at 0.95 the
+    seeds differ as without it. (The engine's tests check the draws against transformers' TypicalLogitsWarper.)"""
+    client = _client(live)
+    kw = dict(model="tiny-qwen", messages=ASK, max_tokens=8, temperature=1.8)
+    one = {client.chat.completions.create(**kw, seed=seed, extra_body={"typical_p": 1e-6}).choices[0].message.content
+           for seed in range(3)}
+    assert len(one) == 1
+    hot = {client.chat.completions.create(**kw, seed=seed, extra_body={"typical_p": 0.95}).choices[0].message.content
+           for seed in range(3)}
     assert len(hot) > 1
 
 
