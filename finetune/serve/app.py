@@ -14,7 +14,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import math
 import secrets
 import sys
 import time
@@ -33,7 +32,8 @@ from .. import react
 from ..errors import quoted
 from ..inference.sampling import GREEDY_BELOW
 from .models import peft_adapter_name
-from .protocol import ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, clipped, field_path
+from .protocol import ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, SamplingRequest, clipped, field_path
+from .runs import ClientGone, Run, request_usage, sse, watched
 from .textstream import TextStream
 from .worker import Closed, EngineWorker
 
@@ -136,35 +136,41 @@ class Server:
     def prompt_ids(self, turns: react.Turns, stats: dict | None = None) -> list[int]:
         return react.prompt_ids(self.tokenizer, turns, self.window, stats)
 
-    def params(self, body: ChatCompletionRequest, prompt_len: int, left_out: int = 0):
+    def params(self, body: SamplingRequest, prompt_len: int, left_out: int = 0, source: str = "messages",
+               default_max: int | None = None):
         """The request's SamplingParams; ``left_out``: the oldest history pairs its prompt left out (the limit's
-        errors say so, since the messages' own length is more than the count they give)."""
+        errors say so, since the messages' own length is more than the count they give). ``source``: the field
+        the prompt came from (the limit's errors name it); ``default_max``: the reply's length where the request
+        gives none (default: the generation config's max_new_tokens), capped by what the length limit leaves."""
         from ..inference import SamplingParams
 
         limit = self.max_model_len
         after = (f" after the oldest {left_out} user/assistant pair{'s' if left_out > 1 else ''} left out to fit the "
                  f"model's max_window_size {self.window}, as model.chat does" if left_out else "")
-        messages = f"{prompt_len} in the messages{after}"
+        noun = "the messages" if source == "messages" else f"the {source}"
+        has = "have" if source == "messages" else "has"
+        counted = f"{prompt_len} in {noun}{after}"
         if prompt_len >= limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens, but the messages have "
-                           f"{prompt_len} tokens{after} (no room for a reply). Shorten the messages.", "messages",
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, but {noun} {has} "
+                           f"{prompt_len} tokens{after} (no room for a reply). Shorten {noun}.", source,
                            "context_length_exceeded")
         wanted = body.max_new_tokens()
         if wanted is not None and prompt_len + wanted > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"{prompt_len + wanted} tokens ({messages}, {wanted} in the "
-                           f"completion). Reduce the length of the messages or {body.max_tokens_field()}.",
+                           f"{prompt_len + wanted} tokens ({counted}, {wanted} in the "
+                           f"completion). Reduce the length of {noun} or {body.max_tokens_field()}.",
                            body.max_tokens_field(),
                            "context_length_exceeded")
         if wanted is None and body.min_tokens and prompt_len + body.min_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
-                           f"at least {prompt_len + body.min_tokens} tokens ({messages}, "
-                           f"min_tokens {body.min_tokens}). Reduce the length of the messages or min_tokens.",
+                           f"at least {prompt_len + body.min_tokens} tokens ({counted}, "
+                           f"min_tokens {body.min_tokens}). Reduce the length of {noun} or min_tokens.",
                            "min_tokens", "context_length_exceeded")
         # (without max_tokens the default length grows to min_tokens: capped to it, a reply ended with "length"
         # before the minimum the client asked for)
+        default = default_max or self.gc.max_new_tokens or 512
         over: dict = {"max_new_tokens": wanted if wanted is not None
-                      else max(min(self.gc.max_new_tokens or 512, limit - prompt_len), body.min_tokens or 0)}
+                      else max(min(default, limit - prompt_len), body.min_tokens or 0)}
         if body.temperature is not None:
             # below 0.01 is greedy, as in the official server: scores divided by a tiny temperature overflow
             # fp32 (1e-40: inf, then NaN), and a seeded row's draw raises, failing the step for every row
@@ -186,8 +192,8 @@ class Server:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(body, name) is not None:
                 over[name] = getattr(body, name)
-        if body.logprobs:
-            over["logprobs"] = body.top_logprobs or 0
+        if body.logprob_count() is not None:
+            over["logprobs"] = body.logprob_count()
         bias = body.token_bias()
         if bias:
             vocab = self.engine.vocab
@@ -282,102 +288,13 @@ class Server:
                 req, queue = started
                 text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens,
                                   kept=body.stop_list() if body.include_stop_str_in_output else ())
-                runs.append(Run(self, req, queue, text, len(ids), left_out, after_result, turns.reply_start,
+                runs.append(Run(self.tokenizer, req, queue, text, len(ids), left_out, after_result, turns.reply_start,
                                 turns.forced_call))
         except APIError:
             for run in runs:  # (the choices started before one could not: their rows are freed)
                 run.req.cancel()
             raise
         return runs, functions
-
-
-class ClientGone(Exception):
-    pass
-
-
-class Run:
-    """One request in the engine: yields text deltas as tokens arrive, then records how it finished."""
-
-    def __init__(self, server: Server, req, queue, text: TextStream, prompt_tokens: int, left_out: int = 0,
-                 after_result: bool = False, reply_start: str = "", forced_call: str | None = None):
-        self.server, self.req, self.queue, self.text = server, req, queue, text
-        self.prompt_tokens = prompt_tokens
-        self.left_out = left_out  # the oldest history pairs the prompt left out (max_window_size)
-        self.after_result = after_result  # the reply continues the open ReAct turn after a tool result
-        self.reply_start = reply_start  # the start of the reply, in the prompt (a call tool_choice forces)
-        self.forced_call = forced_call  # the function that start calls (None: the model names it)
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-        self.gone = False  # the client disconnected
-
-    async def deltas(self, every_step: bool = False):
-        """Text deltas until the request finishes (or hits a stop string); ClientGone once the client left (the
-        caller watches for that, ``watched``, for all of a request's choices).
-        ``every_step``: also an empty delta for a step whose tokens add no text yet (one per step with tokens)."""
-        seen = 0
-        try:
-            while True:
-                p = await self.queue.get()
-                if self.gone:
-                    raise ClientGone
-                if p.error:  # the engine failed (500) or the server is stopping (503)
-                    raise p.error
-                new = self.req.output_ids[seen:p.n_tokens]
-                seen = p.n_tokens
-                self.completion_tokens = seen
-                delta = self.text.feed(new)
-                if self.text.stopped or p.finished:
-                    delta += self.text.finish()
-                    self.finish_reason = "stop" if self.text.stopped else (
-                        "length" if p.finish_reason == "length" else "stop")
-                    if delta or (every_step and new):
-                        yield delta
-                    return
-                if delta or (every_step and new):
-                    yield delta
-        finally:
-            if self.text.stopped:  # free the row, counted as a stop (/health's finished)
-                self.req.cancel("stop")
-            elif self.finish_reason is None:  # client gone, or an error
-                self.req.cancel()
-
-    def logprobs(self, start: int, end: int | None = None) -> list[dict]:
-        """OpenAI's logprobs "content" entries of the reply's tokens start..end (default completion_tokens): every
-        generated token, those of a stop string cut from the text, or of whitespace stripped from it, too."""
-        tok = self.server.tokenizer
-        end = self.completion_tokens if end is None else end
-        return [dict(_token_entry(tok, t, lp), top_logprobs=[_token_entry(tok, i, v) for i, v in top])
-                for t, (lp, top) in zip(self.req.output_ids[start:end], self.req.logprobs[start:end])]
-
-    async def complete(self) -> str:
-        async for _ in self.deltas():
-            pass
-        return self.text.final_text
-
-
-async def _watch(runs: list[Run], http: Request) -> None:
-    """Cancel a request's choices the moment its client disconnects. Polling between tokens never saw it: tokens
-    keep coming, and a non-streamed reply writes nothing until its last one, so a client that left still held its
-    rows to max_tokens. (One watcher a request: its choices' own would wait for the same disconnect.)"""
-    while (await http.receive())["type"] != "http.disconnect":
-        pass
-    for run in runs:
-        run.gone = True
-        run.req.cancel()  # the engine drops the row at its next step, and reports it (finish reason cancelled)
-
-
-@asynccontextmanager
-async def watched(runs: list[Run], http: Request):
-    """A request's choices, watched for the client's disconnect while the block runs; any choice not done when the
-    block ends (an error in another, the client gone) is cancelled."""
-    watcher = asyncio.ensure_future(_watch(runs, http))
-    try:
-        yield
-    finally:
-        watcher.cancel()
-        for run in runs:
-            if not run.req.finished:
-                run.req.cancel()
 
 
 # -- responses ---------------------------------------------------------------------------------------------
@@ -393,19 +310,6 @@ def constrained_reply_problem(field: str, functions: list, continues: bool) -> N
     if continues:
         raise APIError(400, f"{field} cannot continue a last assistant message (the constrained text starts with the "
                        f"reply): drop that message or {field}", field)
-
-
-def _token_entry(tokenizer, token: int, logprob: float) -> dict:
-    """{"token", "logprob", "bytes"} of one token: its text (an incomplete UTF-8 character as U+FFFD, the bytes say
-    which) and bytes; an id past the tokenizer's (the model's padded vocabulary) has none. A log-probability too
-    small for a float is -9999.0, as vLLM writes it (JSON has no -Infinity)."""
-    try:
-        raw = tokenizer.convert_ids_to_tokens(token)
-    except (ValueError, KeyError, IndexError):
-        raw = b""
-    raw = raw.encode() if isinstance(raw, str) else bytes(raw)
-    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob if math.isfinite(logprob) else -9999.0,
-            "bytes": list(raw)}
 
 
 def _completion_id() -> str:
@@ -707,10 +611,6 @@ def _cors_middleware():
     return CORS
 
 
-def _sse(obj) -> str:
-    return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n"
-
-
 # Every route create_app serves (HEAD too on the GET ones; a trailing slash is served as without it), as a 404
 # names them
 SERVED = ("POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}, GET /health (the server's state) and "
@@ -855,16 +755,9 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             logprobs = {"content": run.logprobs(0), "refusal": None} if body.logprobs else None
             choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": choices, "usage": _usage(runs)}
+                "choices": choices, "usage": request_usage(runs)}
 
     return app
-
-
-def _usage(runs: list[Run]) -> dict:
-    """A request's usage: its prompt once, the completion tokens of all its choices."""
-    completion = sum(run.completion_tokens for run in runs)
-    return {"prompt_tokens": runs[0].prompt_tokens, "completion_tokens": completion,
-            "total_tokens": runs[0].prompt_tokens + completion}
 
 
 async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http: Request, cid: str, created: int):
@@ -889,7 +782,7 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
         c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
              "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
         if continuous:
-            c["usage"] = usage or _usage(runs)
+            c["usage"] = usage or request_usage(runs)
         elif include_usage:
             c["usage"] = None
         return c
@@ -899,7 +792,7 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
         then), then None for its end, or the exception that ended it."""
 
         def put(delta, finish=None):
-            out.put_nowait((i, delta, finish, run.completion_tokens, _usage(runs) if continuous else None))
+            out.put_nowait((i, delta, finish, run.completion_tokens, request_usage(runs) if continuous else None))
 
         try:
             if functions:
@@ -925,7 +818,7 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
             out.put_nowait(e)
 
     for i in range(len(runs)):
-        yield _sse(chunk(i, {"role": "assistant", "content": ""}))
+        yield sse(chunk(i, {"role": "assistant", "content": ""}))
     events: asyncio.Queue = asyncio.Queue()
     async with watched(runs, http):
         tasks = [asyncio.ensure_future(choice(i, run, events)) for i, run in enumerate(runs)]
@@ -938,15 +831,15 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
                 elif isinstance(event, ClientGone):
                     return
                 elif isinstance(event, APIError):  # the status line is sent already: the error goes in the stream
-                    yield _sse(event.body())
-                    yield _sse("[DONE]")
+                    yield sse(event.body())
+                    yield sse("[DONE]")
                     return
                 else:
-                    yield _sse(chunk(*event))
+                    yield sse(chunk(*event))
         finally:
             for task in tasks:
                 task.cancel()
     if include_usage:
-        yield _sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [], "usage": _usage(runs)})
-    yield _sse("[DONE]")
+        yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                    "choices": [], "usage": request_usage(runs)})
+    yield sse("[DONE]")

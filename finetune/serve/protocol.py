@@ -1,4 +1,4 @@
-"""The request body of POST /v1/chat/completions, its checks, and OpenAI's error object.
+"""The request bodies of POST /v1/chat/completions and POST /v1/completions, their checks, and OpenAI's error object.
 
 Fields the server does not implement are refused with a 400 naming them when they ask for something
 other than their default (a silently ignored `audio` or `ignore_eos` would be a wrong answer), vLLM's
@@ -93,11 +93,13 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: StrictBool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class SamplingRequest(BaseModel):
+    """The fields POST /v1/chat/completions and POST /v1/completions share: the model, streaming and how the reply
+    is sampled and ended."""
+
     model_config = ConfigDict(extra="allow")  # (model_extra: checked against NEUTRAL)
 
     model: str
-    messages: list[Any] = Field(min_length=1)
     stream: StrictBool | None = False  # null is OpenAI's default (false); a string "yes" is no boolean: 400
     stream_options: StreamOptions | None = None
     # NaN and Infinity (Python's json reads them) are no numbers here: allow_inf_nan=False
@@ -111,7 +113,6 @@ class ChatCompletionRequest(BaseModel):
     # text-generation-inference's and transformers' TypicalLogitsWarper (after min-p; 1: off)
     typical_p: Annotated[float | None, Number] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     max_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
-    max_completion_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
     stop: Any = None  # a string or a list of strings, checked in check() (one message naming `stop`)
     seed: Annotated[int | None, Number] = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     min_tokens: Annotated[int | None, Number] = Field(default=None, ge=0)  # vLLM's: no stop before this many
@@ -128,40 +129,18 @@ class ChatCompletionRequest(BaseModel):
     # then fails the engine step for every request in the batch (past x100 either way it changes nothing more)
     repetition_penalty: Annotated[float | None, Number] = Field(default=None, ge=0.01, le=100, allow_inf_nan=False)
     n: Annotated[int | None, Number] = Field(default=None, ge=1, le=MAX_CHOICES)  # (choices, each a row)
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-    # a ReAct reply holds one call at most, which both values allow
-    parallel_tool_calls: StrictBool | None = None
-    # vLLM's: whether the last (assistant) message is continued, or a new turn starts after the messages. Here a
-    # last assistant message is always continued (the official server's text completion) and any other gets a
-    # new turn: a value saying otherwise is a 400 (checked in Server.prepare, against the messages' turns)
-    continue_final_message: StrictBool | None = None
-    add_generation_prompt: StrictBool | None = None
     # OpenAI's (over the generated tokens; the generation config's repetition_penalty applies beside them)
     presence_penalty: Annotated[float | None, Number] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     frequency_penalty: Annotated[float | None, Number] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     # OpenAI's: {"token id": bias in [-100, 100]} added to the logits (``token_bias()``)
     logit_bias: dict | None = None
-    # each reply token's log-probability under the model's raw logits (vLLM's default), with top_logprobs (0-20)
-    # alternatives
-    logprobs: StrictBool | None = None
-    top_logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
     # text, json_object or json_schema: the reply held to the schema token by token (``constraint()``; vLLM's
     # guided_json / guided_regex / guided_choice / structured_outputs, in the extra fields, too)
     response_format: Any = None
-    # output this server cannot produce (OpenAI answers 400 for a model without it; ignored, a client asking for
-    # audio or a web search got a text answer with neither and no word why)
-    modalities: Any = None
-    audio: Any = None
-    web_search_options: Any = None
     _constraint: Any = PrivateAttr(default=False)  # constraint()'s answer once read (False: not yet)
 
-    def check(self) -> None:
-        """Refuse what this server cannot do (a 400 naming the field)."""
-        if self.top_logprobs is not None and not self.logprobs:  # (OpenAI's rule)
-            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    def check_sampling(self) -> None:
+        """Refuse what this server cannot do with the shared fields (a 400 naming the field)."""
         self.token_bias()
         constraint = self.constraint()
         if constraint is not None and self.min_tokens:
@@ -170,13 +149,6 @@ class ChatCompletionRequest(BaseModel):
         if constraint is not None and self.ignore_eos:  # (a complete document allows only <|im_end|>)
             raise APIError(400, f"ignore_eos cannot be combined with {constraint.field}: the reply ends with "
                            "<|im_end|> once it is complete", "ignore_eos")
-        if self.modalities not in (None, ["text"]):
-            raise APIError(400, "only modalities [\"text\"] is supported: this model answers with text only",
-                           "modalities")
-        for name in ("audio", "web_search_options"):
-            if getattr(self, name) is not None:
-                raise APIError(400, f"{name} is not supported: this model answers with text only, no audio or "
-                               "web search", name)
         for name, value in (self.model_extra or {}).items():
             if name in NEUTRAL and not _is_neutral(value, NEUTRAL[name]):
                 allowed = ["absent", "null", *(json.dumps(n) for n in NEUTRAL[name])]
@@ -185,15 +157,29 @@ class ChatCompletionRequest(BaseModel):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
         if self.min_tokens and self.max_new_tokens() is not None and self.min_tokens > self.max_new_tokens():
-            raise APIError(400, f"min_tokens ({self.min_tokens}) is more than max_tokens ({self.max_new_tokens()})",
-                           "min_tokens")
+            raise APIError(400, f"min_tokens ({self.min_tokens}) is more than {self.max_tokens_field()} "
+                           f"({self.max_new_tokens()})", "min_tokens")
         stops = self.stop_list() if isinstance(self.stop, (str, list, type(None))) else [None]
         if len(stops) > MAX_STOP or any(not isinstance(s, str) or not s for s in stops):
             raise APIError(400, f"stop must be a non-empty string or up to {MAX_STOP} non-empty strings", "stop")
         for i, s in enumerate(stops):
             if (why := lone_surrogate(s)) is not None:  # (a stop that no generated text could ever match)
                 raise APIError(400, f"stop: {why}", "stop" if isinstance(self.stop, str) else f"stop[{i}]")
-        self.call_choice()
+
+    def logprob_count(self) -> int | None:
+        """How many alternatives each reply token's log-probabilities list (None: no log-probabilities)."""
+        return None
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def max_tokens_field(self) -> str:
+        return "max_tokens"
 
     def token_bias(self) -> dict[int, float] | None:
         """``logit_bias`` as token id -> bias, or a 400 naming the entry at fault (whether an id is in the model's
@@ -283,10 +269,48 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, f"{found[0].param}: {clipped(problem)}", found[0].param)
         return found[0]
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+class ChatCompletionRequest(SamplingRequest):
+    """The body of POST /v1/chat/completions."""
+
+    messages: list[Any] = Field(min_length=1)
+    max_completion_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    # a ReAct reply holds one call at most, which both values allow
+    parallel_tool_calls: StrictBool | None = None
+    # vLLM's: whether the last (assistant) message is continued, or a new turn starts after the messages. Here a
+    # last assistant message is always continued (the official server's text completion) and any other gets a
+    # new turn: a value saying otherwise is a 400 (checked in Server.prepare, against the messages' turns)
+    continue_final_message: StrictBool | None = None
+    add_generation_prompt: StrictBool | None = None
+    # each reply token's log-probability under the model's raw logits (vLLM's default), with top_logprobs (0-20)
+    # alternatives
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
+    # output this server cannot produce (OpenAI answers 400 for a model without it; ignored, a client asking for
+    # audio or a web search got a text answer with neither and no word why)
+    modalities: Any = None
+    audio: Any = None
+    web_search_options: Any = None
+
+    def check(self) -> None:
+        """Refuse what this server cannot do (a 400 naming the field)."""
+        if self.top_logprobs is not None and not self.logprobs:  # (OpenAI's rule)
+            raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        if self.modalities not in (None, ["text"]):
+            raise APIError(400, "only modalities [\"text\"] is supported: this model answers with text only",
+                           "modalities")
+        for name in ("audio", "web_search_options"):
+            if getattr(self, name) is not None:
+                raise APIError(400, f"{name} is not supported: this model answers with text only, no audio or "
+                               "web search", name)
+        self.check_sampling()
+        self.call_choice()
+
+    def logprob_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -318,6 +342,65 @@ class ChatCompletionRequest(BaseModel):
             raise APIError(400, "tool_choice and function_call ask for different things: give one of them",
                            "function_call")
         return choices[0] if choices else CallChoice("auto")
+
+
+
+# The most prompts one POST /v1/completions may give (each is n rows; the server's capacity bounds them further)
+MAX_PROMPTS = 1024
+
+
+class CompletionRequest(SamplingRequest):
+    """The body of POST /v1/completions (OpenAI's legacy completions, as vLLM serves them): the prompt is the
+    model's whole input, continued as written."""
+
+    # a string, a list of strings, a list of token ids or a list of such lists (``prompts()``)
+    prompt: Any
+    suffix: str | None = None  # (no fill-in-the-middle in Qwen v1: only null or "")
+    echo: StrictBool | None = None  # the prompt's text before the completion's
+    # each completion token's log-probability and the `logprobs` most likely tokens' (0-20; OpenAI's limit is 5,
+    # vLLM's 20)
+    logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
+
+    def check(self) -> None:
+        """Refuse what this server cannot do (a 400 naming the field)."""
+        if self.suffix:
+            raise APIError(400, "suffix is not supported: Qwen v1 has no fill-in-the-middle", "suffix")
+        if self.echo and self.logprobs is not None:
+            raise APIError(400, "echo cannot be combined with logprobs: the server does not compute the prompt's "
+                           "log-probabilities", "echo")
+        self.check_sampling()
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list:
+        """The prompts: each a string or a list of token ids (whether each id is in the vocabulary is the server's
+        check), or a 400 naming ``prompt``."""
+        p = self.prompt
+        if isinstance(p, str):
+            found = [p]
+        elif isinstance(p, list) and p and all(whole_id(t) for t in p):
+            found = [p]
+        elif isinstance(p, list) and p and all(isinstance(x, str) or (isinstance(x, list) and x and
+                                                                      all(whole_id(t) for t in x)) for x in p):
+            found = p
+        else:
+            raise APIError(400, "prompt must be a string, a list of strings, a list of token ids (integers >= 0) or a "
+                           "list of such lists, none of them empty", "prompt")
+        if len(found) > MAX_PROMPTS:
+            raise APIError(400, f"prompt holds {len(found)} prompts: at most {MAX_PROMPTS}", "prompt")
+        for i, x in enumerate(found):
+            where = "prompt" if found is not p else f"prompt[{i}]"
+            if isinstance(x, str) and not x:
+                raise APIError(400, f"{where} is empty: give the text the model continues", where)
+            if isinstance(x, str) and (why := lone_surrogate(x)) is not None:
+                raise APIError(400, f"{where}: {why}", where)
+        return found
+
+
+def whole_id(value) -> bool:
+    """A token id as JSON gives it: an integer >= 0 (not true, not 3.0)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Constraint(NamedTuple):

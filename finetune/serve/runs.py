@@ -1,0 +1,128 @@
+"""A request's choices in the engine, as the routes of both completion APIs read them: each choice a ``Run``
+(text deltas as its tokens arrive, its log-probabilities, how it finished), the client's disconnect watched for
+all of them, the usage they add up to, and server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from contextlib import asynccontextmanager
+
+from fastapi import Request
+
+from .textstream import TextStream
+
+
+class ClientGone(Exception):
+    pass
+
+
+class Run:
+    """One request in the engine: yields text deltas as tokens arrive, then records how it finished."""
+
+    def __init__(self, tokenizer, req, queue, text: TextStream, prompt_tokens: int, left_out: int = 0,
+                 after_result: bool = False, reply_start: str = "", forced_call: str | None = None):
+        self.tokenizer, self.req, self.queue, self.text = tokenizer, req, queue, text
+        self.prompt_tokens = prompt_tokens
+        self.left_out = left_out  # the oldest history pairs the prompt left out (max_window_size)
+        self.after_result = after_result  # the reply continues the open ReAct turn after a tool result
+        self.reply_start = reply_start  # the start of the reply, in the prompt (a call tool_choice forces)
+        self.forced_call = forced_call  # the function that start calls (None: the model names it)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.gone = False  # the client disconnected
+
+    async def deltas(self, every_step: bool = False):
+        """Text deltas until the request finishes (or hits a stop string); ClientGone once the client left (the
+        caller watches for that, ``watched``, for all of a request's choices).
+        ``every_step``: also an empty delta for a step whose tokens add no text yet (one per step with tokens)."""
+        seen = 0
+        try:
+            while True:
+                p = await self.queue.get()
+                if self.gone:
+                    raise ClientGone
+                if p.error:  # the engine failed (500) or the server is stopping (503)
+                    raise p.error
+                new = self.req.output_ids[seen:p.n_tokens]
+                seen = p.n_tokens
+                self.completion_tokens = seen
+                delta = self.text.feed(new)
+                if self.text.stopped or p.finished:
+                    delta += self.text.finish()
+                    self.finish_reason = "stop" if self.text.stopped else (
+                        "length" if p.finish_reason == "length" else "stop")
+                    if delta or (every_step and new):
+                        yield delta
+                    return
+                if delta or (every_step and new):
+                    yield delta
+        finally:
+            if self.text.stopped:  # free the row, counted as a stop (/health's finished)
+                self.req.cancel("stop")
+            elif self.finish_reason is None:  # client gone, or an error
+                self.req.cancel()
+
+    def logprobs(self, start: int, end: int | None = None) -> list[dict]:
+        """OpenAI's logprobs "content" entries of the reply's tokens start..end (default completion_tokens): every
+        generated token, those of a stop string cut from the text, or of whitespace stripped from it, too."""
+        tok = self.tokenizer
+        end = self.completion_tokens if end is None else end
+        return [dict(token_entry(tok, t, lp), top_logprobs=[token_entry(tok, i, v) for i, v in top])
+                for t, (lp, top) in zip(self.req.output_ids[start:end], self.req.logprobs[start:end])]
+
+    async def complete(self) -> str:
+        async for _ in self.deltas():
+            pass
+        return self.text.final_text
+
+
+async def _watch(runs: list[Run], http: Request) -> None:
+    """Cancel a request's choices the moment its client disconnects. Polling between tokens never saw it: tokens
+    keep coming, and a non-streamed reply writes nothing until its last one, so a client that left still held its
+    rows to max_tokens. (One watcher a request: its choices' own would wait for the same disconnect.)"""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+    for run in runs:
+        run.gone = True
+        run.req.cancel()  # the engine drops the row at its next step, and reports it (finish reason cancelled)
+
+
+@asynccontextmanager
+async def watched(runs: list[Run], http: Request):
+    """A request's choices, watched for the client's disconnect while the block runs; any choice not done when the
+    block ends (an error in another, the client gone) is cancelled."""
+    watcher = asyncio.ensure_future(_watch(runs, http))
+    try:
+        yield
+    finally:
+        watcher.cancel()
+        for run in runs:
+            if not run.req.finished:
+                run.req.cancel()
+
+
+def token_entry(tokenizer, token: int, logprob: float) -> dict:
+    """{"token", "logprob", "bytes"} of one token: its text (an incomplete UTF-8 character as U+FFFD, the bytes say
+    which) and bytes; an id past the tokenizer's (the model's padded vocabulary) has none. A log-probability too
+    small for a float is -9999.0, as vLLM writes it (JSON has no -Infinity)."""
+    try:
+        raw = tokenizer.convert_ids_to_tokens(token)
+    except (ValueError, KeyError, IndexError):
+        raw = b""
+    raw = raw.encode() if isinstance(raw, str) else bytes(raw)
+    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob if math.isfinite(logprob) else -9999.0,
+            "bytes": list(raw)}
+
+
+def request_usage(runs: list[Run], prompt_tokens: int | None = None) -> dict:
+    """A request's usage: its prompt once (``prompt_tokens``: its prompts', where it gave several), the completion
+    tokens of all its choices."""
+    prompt = runs[0].prompt_tokens if prompt_tokens is None else prompt_tokens
+    completion = sum(run.completion_tokens for run in runs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def sse(obj) -> str:
+    return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n"
