@@ -252,6 +252,46 @@ class Server:
         stop = react.stop_words(body.stop_list(), functions)
         return ids, params, adapter, stop, functions, turns, left_out
 
+    def submit_rows(self, prompts: list[tuple], n: int, adapter, make_run) -> list[Run]:
+        """Submit n rows for each (prompt ids, params) of ``prompts`` (choice j > 0 of a seeded prompt with seed + j,
+        so that the choices differ and repeat) -> their Runs, from ``make_run(k)`` (k: the prompt's index) with the
+        request and its queue set. More rows than the server holds is a 400 naming n, a full queue a 429 that frees
+        the rows taken before it, a stopping server a 503."""
+        rows = n * len(prompts)
+        if rows > self.worker.capacity:
+            asks = f"n={n} asks for {n} replies" if len(prompts) == 1 else f"{len(prompts)} prompts x n={n} ask for " \
+                f"{rows} replies"
+            raise APIError(400, f"{asks} at once, each a row of the batch: more than this server holds "
+                           f"({self.worker.capacity}: --max-batch {self.max_batch} + --max-queue {self.max_queue})",
+                           "n" if len(prompts) == 1 else "prompt")
+        runs: list[Run] = []
+        try:
+            for k, (ids, params) in enumerate(prompts):
+                for j in range(n):
+                    each = params if j == 0 or params.seed is None else dataclasses.replace(
+                        params, seed=(params.seed + j) % 2**64)
+                    try:
+                        started = self.worker.submit(ids, each, adapter)
+                    except ValueError as e:  # the engine's own checks (the server's should make this unreachable)
+                        raise APIError(400, str(e)) from None
+                    except Closed:  # (a request that arrived while the server stops)
+                        raise APIError(503, "the server is shutting down", None, "server_shutting_down") from None
+                    if started is None:
+                        raise APIError(429, f"The server is busy: {self.worker.capacity} requests are in flight "
+                                       f"(--max-batch {self.max_batch} + --max-queue {self.max_queue})"
+                                       + (f", and this one asks for {n} (n)" if len(prompts) == 1 and n > 1 else
+                                          f", and this one asks for {rows} ({len(prompts)} prompts x n={n})"
+                                          if rows > 1 else "")
+                                       + ". Retry later.", None, "queue_full")
+                    run = make_run(k)
+                    run.req, run.queue = started
+                    runs.append(run)
+        except APIError:
+            for run in runs:  # (the choices started before one could not: their rows are freed)
+                run.req.cancel()
+            raise
+        return runs
+
     async def start(self, body: ChatCompletionRequest):
         # tokenizing a big body takes seconds: off the event loop, or every other client's stream (and /health)
         # would stall meanwhile (tiktoken releases the GIL while it encodes)
@@ -263,37 +303,14 @@ class Server:
         if left_out:  # as model.chat leaves them out; said in the log and the response's LEFT_OUT_HEADER
             logger.info("a request's %d oldest user/assistant pairs left out of its prompt: over max_window_size %d",
                         left_out, self.window)
-        n = body.n or 1
-        if n > self.worker.capacity:
-            raise APIError(400, f"n={n} asks for {n} replies at once, each a row of the batch: more than this server "
-                           f"holds ({self.worker.capacity}: --max-batch {self.max_batch} + --max-queue "
-                           f"{self.max_queue})", "n")
-        runs: list[Run] = []
-        try:
-            for i in range(n):
-                # choice i > 0 of a seeded request: the next seeds, so that the choices differ and repeat
-                each = params if i == 0 or params.seed is None else dataclasses.replace(
-                    params, seed=(params.seed + i) % 2**64)
-                try:
-                    started = self.worker.submit(ids, each, adapter)
-                except ValueError as e:  # the engine's own checks (the ones above should make this unreachable)
-                    raise APIError(400, str(e)) from None
-                except Closed:  # (a request that arrived while the server stops)
-                    raise APIError(503, "the server is shutting down", None, "server_shutting_down") from None
-                if started is None:
-                    raise APIError(429, f"The server is busy: {self.worker.capacity} requests are in flight "
-                                   f"(--max-batch {self.max_batch} + --max-queue {self.max_queue})"
-                                   + (f", and this one asks for {n} (n)" if n > 1 else "") + ". Retry later.",
-                                   None, "queue_full")
-                req, queue = started
-                text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens,
-                                  kept=body.stop_list() if body.include_stop_str_in_output else ())
-                runs.append(Run(self.tokenizer, req, queue, text, len(ids), left_out, after_result, turns.reply_start,
-                                turns.forced_call))
-        except APIError:
-            for run in runs:  # (the choices started before one could not: their rows are freed)
-                run.req.cancel()
-            raise
+        kept = body.stop_list() if body.include_stop_str_in_output else ()
+
+        def run(_):
+            text = TextStream(self.tokenizer, stop, strip=strip, min_ids=params.min_new_tokens, kept=kept)
+            return Run(self.tokenizer, None, None, text, len(ids), left_out, after_result, turns.reply_start,
+                       turns.forced_call)
+
+        runs = self.submit_rows([(ids, params)], body.n or 1, adapter, run)
         return runs, functions
 
 
