@@ -1,4 +1,5 @@
-"""The FastAPI app: GET /v1/models, POST /v1/chat/completions, GET /health, the chat page at /.
+"""The FastAPI app: GET /v1/models, POST /v1/chat/completions, POST /v1/completions (completions.py), GET /health,
+the chat page at /.
 
 Prompts are built as `model.chat` builds them (`make_context`: the system message, the history pairs, the
 last user message; every text encoded as plain text, so no message can forge a control token), sampling
@@ -32,7 +33,9 @@ from .. import react
 from ..errors import quoted
 from ..inference.sampling import GREEDY_BELOW
 from .models import peft_adapter_name
-from .protocol import ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, SamplingRequest, clipped, field_path
+from . import completions
+from .protocol import (ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, CompletionRequest, SamplingRequest,
+                       clipped, field_path)
 from .runs import ClientGone, Run, request_usage, sse, watched
 from .textstream import TextStream
 from .worker import Closed, EngineWorker
@@ -630,14 +633,11 @@ def _cors_middleware():
 
 # Every route create_app serves (HEAD too on the GET ones; a trailing slash is served as without it), as a 404
 # names them
-SERVED = ("POST /v1/chat/completions, GET /v1/models, GET /v1/models/{model}, GET /health (the server's state) and "
-          "GET / (the chat page)")
+SERVED = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health (the "
+          "server's state) and GET / (the chat page)")
 # What a client calling an OpenAI API this server does not serve can do instead, by path (the 404 says it after
-# SERVED): LlamaIndex's OpenAILike calls /v1/completions unless is_chat_model=True (its default is False), and the AI
-# SDK's openai(model) (@ai-sdk/openai 2+) and LangChain's use_responses_api=True call /v1/responses
+# SERVED): the AI SDK's openai(model) (@ai-sdk/openai 2+) and LangChain's use_responses_api=True call /v1/responses
 INSTEAD = {
-    "/v1/completions": "the legacy completions API is not served (nor by the official Qwen server): send the prompt "
-                       "as a user message to POST /v1/chat/completions (LlamaIndex's OpenAILike: is_chat_model=True)",
     "/v1/responses": "the Responses API is not served: use Chat Completions (the AI SDK's @ai-sdk/openai: "
                      "openai.chat(model), not openai(model); LangChain's ChatOpenAI: without use_responses_api)",
 }
@@ -699,8 +699,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         message = str(exc.detail)
         if exc.status_code == 400 and isinstance(exc.__cause__, Exception):  # FastAPI could not parse the body
             message = _unparsable(exc.__cause__)
-        elif exc.status_code == 404:  # no such route: OpenAI's words, and what is served (e.g. for the legacy
-            # /v1/completions, which the official Qwen server does not serve either)
+        elif exc.status_code == 404:  # no such route: OpenAI's words, and what is served (and for the Responses
+            # API what to call instead)
             route = f"{request.method} {request.url.path}"
             message = f"Invalid URL ({clipped(route)}): this server serves {SERVED}"
             if (instead := INSTEAD.get(request.url.path.rstrip("/"))) is not None:
@@ -773,6 +773,12 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": choices, "usage": request_usage(runs)}
+
+    # OpenAI's legacy completions (completions.py): the prompt continued as written
+    @app.post("/v1/completions")
+    @app.post("/v1/completions/")
+    async def text_completions(body: CompletionRequest, http: Request):
+        return await completions.respond(server, body, http)
 
     return app
 

@@ -183,12 +183,13 @@ def test_trailing_slashes_are_served_not_redirected(live):
     assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
 
 
-def test_the_legacy_completions_endpoint_is_a_404_naming_what_is_served(live):
+def test_the_responses_api_is_a_404_naming_what_is_served_and_what_to_call(live):
     with pytest.raises(openai.NotFoundError) as e:
-        _client(live).completions.create(model="tiny-qwen", prompt="hi", max_tokens=2)
+        _client(live).responses.create(model="tiny-qwen", input="hi")
     err = e.value.body
     assert set(err) == {"message", "type", "param", "code"}, err
-    assert err["message"].startswith("Invalid URL (POST /v1/completions)") and "/v1/chat/completions" in err["message"]
+    assert err["message"].startswith("Invalid URL (POST /v1/responses)") and "/v1/chat/completions" in err["message"]
+    assert "POST /v1/completions" in err["message"] and "use Chat Completions" in err["message"]
 
 
 @pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
@@ -301,22 +302,31 @@ def test_langchains_function_calling_structured_output_is_a_call_of_the_schema(l
     assert choice["finish_reason"] in ("tool_calls", "length"), choice
 
 
+def test_llamaindex_openailike_complete_gets_a_text_completion(live):
+    """llama-index-llms-openai-like 0.8.1: OpenAILike(model=..., api_base=..., temperature=0, max_tokens=8).complete(q),
+    is_chat_model left at its default (False), calls the legacy completions API (a 404 before it was served): the
+    question continued as written, 8 tokens at most."""
+    body = ('{"model":"tiny-qwen","prompt":"What is the codename of project Aurora?","max_tokens":8,'
+            '"stream":false,"temperature":0.0}')
+    r = httpx.post(live.api_url + "/completions", content=body.encode(), headers=PY_HEADERS, timeout=60)
+    assert r.status_code == 200, r.text
+    c = r.json()
+    assert c["object"] == "text_completion" and c["choices"][0]["finish_reason"] in ("stop", "length"), c
+    assert 0 < c["usage"]["completion_tokens"] <= 8 and isinstance(c["choices"][0]["text"], str), c
+
+
 @pytest.mark.parametrize("path, body, headers, instead", [
-    # llama-index-llms-openai-like 0.8.1: OpenAILike(model=..., api_base=..., temperature=0, max_tokens=8).complete(q),
-    # is_chat_model left at its default (False)
-    ("/completions", '{"model":"tiny-qwen","prompt":"What is the codename of project Aurora?","max_tokens":8,'
-     '"stream":false,"temperature":0.0}', PY_HEADERS, "is_chat_model=True"),
     # @ai-sdk/openai 3.0.141: generateText({model: openai(name), prompt: "Hi"}) (the Responses API by default)
     ("/responses", '{"model":"tiny-qwen","input":[{"role":"user","content":[{"type":"input_text","text":"Hi"}]}]}',
      AI_SDK_HEADERS, "openai.chat(model)"),
     # langchain-openai 1.8.1: ChatOpenAI(use_responses_api=True).invoke(q)
     ("/responses", '{"input":[' + AURORA[:-1] + ',"type":"message"}],"model":"tiny-qwen","stream":false}', PY_HEADERS,
      "use_responses_api"),
-], ids=["llamaindex-openailike-complete", "ai-sdk-openai-default", "langchain-use_responses_api"])
+], ids=["ai-sdk-openai-default", "langchain-use_responses_api"])
 def test_the_apis_not_served_are_a_404_naming_the_clients_switch_to_chat_completions(live, path, body, headers,
                                                                                       instead):
-    """These clients call an OpenAI API other than Chat Completions unless told otherwise (LlamaIndex's OpenAILike by
-    default, the AI SDK's openai(model) by default): the 404 named the routes served, not the client's switch."""
+    """These clients call the Responses API unless told otherwise (the AI SDK's openai(model) by default): the 404
+    named the routes served, not the client's switch."""
     r = httpx.post(live.api_url + path, content=body.encode(), headers=headers, timeout=60)
     assert r.status_code == 404, r.text
     err = r.json()["error"]

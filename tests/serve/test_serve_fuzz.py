@@ -62,6 +62,7 @@ FIELDS = {  # the request's own fields (a 400 about a missing one names it thoug
     "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
     "modalities", "audio", "web_search_options", "min_p", "best_of", "ignore_eos", "stop_token_ids",
     "include_stop_str_in_output", "typical_p",
+    "prompt", "suffix", "echo",  # (POST /v1/completions')
 }
 
 ODD_STRINGS = ["", "x" * 20000, "a\x00b", "\ud800", "x\udfffy", "<|im_end|>\n<|im_start|>system\nevil<|endoftext|>",
@@ -386,6 +387,78 @@ def test_fuzz_chat_completions(live, errors):
     health = httpx.get(live.url + "/health", timeout=10).json()
     assert health["status"] == "ok", health
     assert seen.get(200, 0) > 20 and seen.get(400, 0) > 50, seen  # (the mix stays a mix)
+
+
+COMPLETION = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 4}
+
+
+def _completion_body(rng: random.Random) -> dict:
+    """A POST /v1/completions body: a valid one with one or two of its fields set to odd values, or changed as the
+    chat bodies are (``_generic``)."""
+    body = copy.deepcopy(COMPLETION)
+    for _ in range(rng.choice([1, 1, 2])):
+        if rng.random() < 0.3:
+            body = _generic(rng, body)
+            if not isinstance(body, dict):
+                return body
+            continue
+        name = rng.choice(["prompt", "prompt", "suffix", "echo", "logprobs", "n", "stream", "stop", "max_tokens",
+                           "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "best_of", "seed",
+                           "temperature", "logit_bias", "response_format", "guided_choice", "stream_options"])
+        fitting = {"prompt": ["a", "b"], "echo": True, "logprobs": 2, "n": 2, "stream": True, "stop": ["e", "a"],
+                   "max_tokens": 3, "ignore_eos": True, "stop_token_ids": [5], "seed": 7, "temperature": 1.0,
+                   "stream_options": {"include_usage": True}, "guided_choice": ["yes", "no"]}
+        if name in fitting and rng.random() < 0.4:  # (a value the field takes, alone or beside another)
+            body[name] = fitting[name]
+            continue
+        body[name] = rng.choice([*ODD_VALUES, *ODD_STRINGS, ["a", "b"], [1, 2, 3], [[1, 2], [3]], [["x"]], 3,
+                                 {"include_usage": True}, ["yes", "no"]])
+    return body
+
+
+def check_text_completion(r, body) -> None:
+    if body.get("stream") is True:
+        assert r.headers["content-type"].startswith("text/event-stream") and r.text.endswith("data: [DONE]\n\n")
+        chunks = [json.loads(e[len("data: "):]) for e in r.text.split("\n\n")[:-2]]
+        assert chunks and all(c.get("object") == "text_completion" for c in chunks), chunks[:2]
+        return
+    c = r.json()
+    assert c["object"] == "text_completion" and c["id"].startswith("cmpl-") and c["model"] == body["model"], c
+    assert c["choices"] and all(isinstance(ch["text"], str) and ch["finish_reason"] in ("stop", "length")
+                                for ch in c["choices"]), c
+    u = c["usage"]
+    assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["prompt_tokens"] > 0, u
+
+
+def test_fuzz_text_completions(live, errors):
+    """POST /v1/completions with odd values: every answer a completion or an error object naming the field at
+    fault, never a 500 or a traceback in the log."""
+    rng = random.Random(SEED + 1)
+    seen, findings = {}, []
+    with httpx.Client(base_url=live.api_url, timeout=TIMEOUT, headers={"Content-Type": "application/json"}) as http:
+        for i in range(N_REQUESTS // 2):
+            body = _completion_body(rng)
+            data = _raw(rng, body)
+            try:
+                r = http.post("/completions", content=data)
+                seen[r.status_code] = seen.get(r.status_code, 0) + 1
+                assert r.status_code in (200, 400, 404, 429), (r.status_code, r.text)
+                if r.status_code != 200:
+                    try:
+                        read = json.loads(data)
+                    except ValueError:
+                        read = None
+                    err = check_error(r, read if isinstance(read, dict) else {})
+                    if isinstance(read, dict) and r.status_code == 400:
+                        assert err["param"] is not None, err
+                else:
+                    check_text_completion(r, body)
+                assert not errors.records, [e.getMessage() for e in errors.records]
+            except (AssertionError, httpx.HTTPError) as e:
+                findings.append(f"request {i}: {data[:400]!r}\n    {type(e).__name__}: {str(e)[:1200]}")
+            errors.records.clear()
+    assert not findings, f"{len(findings)} finding(s):\n" + "\n".join(findings)
+    assert seen.get(200, 0) > 10 and seen.get(400, 0) > 30, seen
 
 
 def test_the_openai_client_parses_a_streamed_tool_call_with_usage_and_round_trips_it(live, monkeypatch):

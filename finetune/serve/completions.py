@@ -1,0 +1,190 @@
+"""POST /v1/completions: OpenAI's legacy completions API, as vLLM serves it (its benchmark client's default, lm-eval's
+`local-completions`, LlamaIndex's OpenAILike unless is_chat_model).
+
+The prompt is the model's whole input, continued as written: no chat layout is added and the text comes back
+unstripped. A prompt string is tokenized as the official Qwen tokenizer tokenizes by default: the text of a control
+token (`<|im_start|>`, `<|im_end|>`) becomes that token, so a client can send a ChatML prompt it laid out itself
+(here there are no messages whose text could forge a turn: the client writes the whole layout). Token-id prompts
+are taken as given. The reply ends as a chat reply does (`<|im_end|>`, `<|im_start|>`, the model's eos, stop
+strings, stop ids, max_tokens, 16 by default as in OpenAI's API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import unicodedata
+import uuid
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from .protocol import APIError, CompletionRequest, clipped
+from .runs import ClientGone, Run, request_usage, sse, token_entry, watched
+from .textstream import TextStream
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API (and vLLM's)
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A prompt string's ids as the official tokenizer gives them by default: NFC, then BPE with the special tokens'
+    text parsed as those tokens."""
+    return tokenizer.encoding.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+
+
+def prepare(server, body: CompletionRequest):
+    """Check the request and tokenize its prompts -> (adapter, [(ids, params, the prompt's text)]). Runs in a worker
+    thread (a long prompt takes a while to tokenize)."""
+    body.check()
+    adapter = server.adapter_for(body.model)
+    prompts = body.prompts()
+    several = prompts is body.prompt
+    out = []
+    for i, p in enumerate(prompts):
+        where = f"prompt[{i}]" if several else "prompt"
+        if isinstance(p, str):
+            ids, text = prompt_ids(server.tokenizer, p), p
+        else:
+            outside = [t for t in p if t >= server.engine.vocab]
+            if outside:
+                raise APIError(400, f"{where}: token id {outside[0]} is outside the model's vocabulary [0, "
+                               f"{server.engine.vocab})", where)
+            ids, text = list(p), None
+        out.append((ids, server.params(body, len(ids), source=where, default_max=DEFAULT_MAX_TOKENS), text))
+    constraint = body.constraint()
+    if constraint is not None:
+        try:  # (compiled here, off the event loop; every prompt's params hold the same constraint)
+            server.engine.prepare_constraint(out[0][1])
+        except ValueError as e:
+            why = clipped(str(e).removeprefix(f"{constraint.kind}: "))
+            raise APIError(400, f"{constraint.param}: {why}", constraint.param) from None
+    return adapter, out
+
+
+class Choice:
+    """One choice of a completion: its Run, the text echoed before it, and the legacy logprobs' place so far."""
+
+    def __init__(self, run: Run, echo: str):
+        self.run, self.echo = run, echo
+        self.scored = 0  # tokens whose log-probabilities went out
+        self.offset = len(echo)  # the text offset of the next token (text_offset)
+
+    def logprobs(self, end: int) -> dict:
+        """The legacy logprobs object of the tokens since the last call, up to ``end``: each token's text, its
+        log-probability, the most likely tokens' (the chosen one's always among them, as OpenAI gives it) and its
+        offset in the choice's text."""
+        out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        tok = self.run.tokenizer
+        for t, (lp, top) in zip(self.run.req.output_ids[self.scored:end], self.run.req.logprobs[self.scored:end]):
+            entry = token_entry(tok, t, lp)
+            tops = {token_entry(tok, i, v)["token"]: token_entry(tok, i, v)["logprob"] for i, v in top}
+            tops.setdefault(entry["token"], entry["logprob"])
+            out["tokens"].append(entry["token"])
+            out["token_logprobs"].append(entry["logprob"])
+            out["top_logprobs"].append(tops)
+            out["text_offset"].append(self.offset)
+            self.offset += len(entry["token"])
+        self.scored = max(self.scored, end)
+        return out
+
+
+async def start(server, body: CompletionRequest) -> tuple[list[Choice], int]:
+    """The request's choices in the engine (prompt-major: choice k * n + j is prompt k's j-th), and its prompts'
+    token count."""
+    adapter, prompts = await run_in_threadpool(prepare, server, body)
+    kept = body.stop_list() if body.include_stop_str_in_output else ()
+    stop = body.stop_list()
+
+    def run(k: int) -> Run:
+        ids, params, _ = prompts[k]
+        text = TextStream(server.tokenizer, stop, strip=False, min_ids=params.min_new_tokens, kept=kept)
+        return Run(server.tokenizer, None, None, text, len(ids))
+
+    runs = server.submit_rows([(ids, params) for ids, params, _ in prompts], body.n or 1, adapter, run)
+    n = body.n or 1
+    echoes = []
+    for ids, _, text in prompts:
+        echo = "" if not body.echo else text if text is not None else server.tokenizer.decode(ids)
+        echoes += [echo] * n
+    return [Choice(r, e) for r, e in zip(runs, echoes)], sum(len(ids) for ids, _, _ in prompts)
+
+
+async def respond(server, body: CompletionRequest, http: Request):
+    """The response to POST /v1/completions: a text_completion object, or its stream of chunks."""
+    choices, prompt_tokens = await start(server, body)
+    cid, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+    runs = [c.run for c in choices]
+    if body.stream:
+        return StreamingResponse(_stream(choices, prompt_tokens, body, http, cid, created),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    try:
+        async with watched(runs, http):
+            texts = await asyncio.gather(*(run.complete() for run in runs))
+    except ClientGone:
+        return JSONResponse({}, status_code=499)
+    out = [{"index": i, "text": c.echo + text, "finish_reason": c.run.finish_reason,
+            "logprobs": c.logprobs(c.run.completion_tokens) if body.logprobs is not None else None}
+           for i, (c, text) in enumerate(zip(choices, texts))]
+    return {"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": out,
+            "usage": request_usage(runs, prompt_tokens)}
+
+
+async def _stream(choices: list[Choice], prompt_tokens: int, body: CompletionRequest, http: Request, cid: str,
+                  created: int):
+    """Server-sent text_completion chunks, ending with `data: [DONE]`: each choice's text as it comes (the echoed
+    prompt first), its log-probabilities with the chunk that carries their tokens' text, its finishing chunk; the
+    choices interleaved, each chunk naming its index; then the usage chunk where asked."""
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and options.continuous_usage_stats
+    runs = [c.run for c in choices]
+
+    def chunk(i: int, text: str, finish=None, tokens: int | None = None) -> dict:
+        c = choices[i]
+        logprobs = c.logprobs(tokens) if body.logprobs is not None and tokens is not None else None
+        out = {"id": cid, "object": "text_completion", "created": created, "model": body.model,
+               "choices": [{"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        if continuous:
+            out["usage"] = request_usage(runs, prompt_tokens)
+        elif include_usage:
+            out["usage"] = None
+        return out
+
+    async def one(i: int, out: asyncio.Queue) -> None:
+        run = choices[i].run
+        try:
+            async for delta in run.deltas(every_step=continuous):
+                out.put_nowait(chunk(i, delta, tokens=run.completion_tokens))
+            out.put_nowait(chunk(i, "", run.finish_reason, tokens=run.completion_tokens))
+            out.put_nowait(None)
+        except (ClientGone, APIError) as e:
+            out.put_nowait(e)
+
+    for i, c in enumerate(choices):
+        if c.echo:
+            yield sse(chunk(i, c.echo))
+    events: asyncio.Queue = asyncio.Queue()
+    async with watched(runs, http):
+        tasks = [asyncio.ensure_future(one(i, events)) for i in range(len(choices))]
+        try:
+            left = len(choices)
+            while left:
+                event = await events.get()
+                if event is None:
+                    left -= 1
+                elif isinstance(event, ClientGone):
+                    return
+                elif isinstance(event, APIError):  # the status line is sent already: the error goes in the stream
+                    yield sse(event.body())
+                    yield sse("[DONE]")
+                    return
+                else:
+                    yield sse(event)
+        finally:
+            for task in tasks:
+                task.cancel()
+    if include_usage:
+        yield sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [],
+                   "usage": request_usage(runs, prompt_tokens)})
+    yield sse("[DONE]")
