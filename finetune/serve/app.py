@@ -36,7 +36,7 @@ from .models import peft_adapter_name
 from . import completions
 from .protocol import (ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, CompletionRequest, SamplingRequest,
                        clipped, field_path)
-from .runs import ClientGone, Run, request_usage, sse, watched
+from .runs import ClientGone, Run, StreamEnded, merged, request_usage, sse, watched
 from .textstream import TextStream
 from .worker import Closed, EngineWorker
 
@@ -810,58 +810,38 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
             c["usage"] = None
         return c
 
-    async def choice(i: int, run: Run, out: asyncio.Queue) -> None:
-        """One choice's events into ``out``: (index, delta, finish reason, its tokens so far, the request's usage
-        then), then None for its end, or the exception that ended it."""
+    async def choice(i: int, run: Run):
+        """One choice's chunks: its deltas (with functions, its whole message as one), then its finishing chunk."""
 
-        def put(delta, finish=None):
-            out.put_nowait((i, delta, finish, run.completion_tokens, request_usage(runs) if continuous else None))
+        def made(delta, finish=None):
+            return chunk(i, delta, finish, run.completion_tokens, request_usage(runs) if continuous else None)
 
-        try:
-            if functions:
-                text = await run.complete()
-                message, call_reason = _tool_message(text, functions, body, run, run.finish_reason)
-                if call_reason == "tool_calls":
-                    calls = [dict(c, index=k) for k, c in enumerate(message["tool_calls"])]
-                    delta = {"content": message["content"], "tool_calls": calls}
-                elif call_reason == "function_call":
-                    delta = {"content": message["content"], "function_call": message["function_call"]}
-                else:
-                    delta = {"content": message["content"]}
-                if delta.get("content") or len(delta) > 1:
-                    put(delta)
-                finish = _finish_with_call(run.finish_reason, call_reason)
+        if functions:
+            text = await run.complete()
+            message, call_reason = _tool_message(text, functions, body, run, run.finish_reason)
+            if call_reason == "tool_calls":
+                calls = [dict(c, index=k) for k, c in enumerate(message["tool_calls"])]
+                delta = {"content": message["content"], "tool_calls": calls}
+            elif call_reason == "function_call":
+                delta = {"content": message["content"], "function_call": message["function_call"]}
             else:
-                async for delta in run.deltas(every_step=continuous):
-                    put({"content": delta})
-                finish = run.finish_reason
-            put({}, finish)
-            out.put_nowait(None)
-        except (ClientGone, APIError) as e:
-            out.put_nowait(e)
+                delta = {"content": message["content"]}
+            if delta.get("content") or len(delta) > 1:
+                yield made(delta)
+            finish = _finish_with_call(run.finish_reason, call_reason)
+        else:
+            async for delta in run.deltas(every_step=continuous):
+                yield made({"content": delta})
+            finish = run.finish_reason
+        yield made({}, finish)
 
     for i in range(len(runs)):
         yield sse(chunk(i, {"role": "assistant", "content": ""}))
-    events: asyncio.Queue = asyncio.Queue()
-    async with watched(runs, http):
-        tasks = [asyncio.ensure_future(choice(i, run, events)) for i, run in enumerate(runs)]
-        try:
-            left = len(runs)
-            while left:
-                event = await events.get()
-                if event is None:
-                    left -= 1
-                elif isinstance(event, ClientGone):
-                    return
-                elif isinstance(event, APIError):  # the status line is sent already: the error goes in the stream
-                    yield sse(event.body())
-                    yield sse("[DONE]")
-                    return
-                else:
-                    yield sse(chunk(*event))
-        finally:
-            for task in tasks:
-                task.cancel()
+    try:
+        async for event in merged(runs, http, [choice(i, run) for i, run in enumerate(runs)]):
+            yield event
+    except StreamEnded:
+        return
     if include_usage:
         yield sse({"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                     "choices": [], "usage": request_usage(runs)})

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .protocol import APIError, CompletionRequest, clipped
-from .runs import ClientGone, Run, request_usage, sse, token_entry, watched
+from .runs import ClientGone, Run, StreamEnded, merged, request_usage, sse, token_entry, watched
 from .textstream import TextStream
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API (and vLLM's)
@@ -151,39 +151,20 @@ async def _stream(choices: list[Choice], prompt_tokens: int, body: CompletionReq
             out["usage"] = None
         return out
 
-    async def one(i: int, out: asyncio.Queue) -> None:
+    async def one(i: int):
         run = choices[i].run
-        try:
-            async for delta in run.deltas(every_step=continuous):
-                out.put_nowait(chunk(i, delta, tokens=run.completion_tokens))
-            out.put_nowait(chunk(i, "", run.finish_reason, tokens=run.completion_tokens))
-            out.put_nowait(None)
-        except (ClientGone, APIError) as e:
-            out.put_nowait(e)
+        async for delta in run.deltas(every_step=continuous):
+            yield chunk(i, delta, tokens=run.completion_tokens)
+        yield chunk(i, "", run.finish_reason, tokens=run.completion_tokens)
 
     for i, c in enumerate(choices):
         if c.echo:
             yield sse(chunk(i, c.echo))
-    events: asyncio.Queue = asyncio.Queue()
-    async with watched(runs, http):
-        tasks = [asyncio.ensure_future(one(i, events)) for i in range(len(choices))]
-        try:
-            left = len(choices)
-            while left:
-                event = await events.get()
-                if event is None:
-                    left -= 1
-                elif isinstance(event, ClientGone):
-                    return
-                elif isinstance(event, APIError):  # the status line is sent already: the error goes in the stream
-                    yield sse(event.body())
-                    yield sse("[DONE]")
-                    return
-                else:
-                    yield sse(event)
-        finally:
-            for task in tasks:
-                task.cancel()
+    try:
+        async for event in merged(runs, http, [one(i) for i in range(len(choices))]):
+            yield event
+    except StreamEnded:
+        return
     if include_usage:
         yield sse({"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [],
                    "usage": request_usage(runs, prompt_tokens)})

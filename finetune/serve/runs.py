@@ -11,11 +11,16 @@ from contextlib import asynccontextmanager
 
 from fastapi import Request
 
+from .protocol import APIError
 from .textstream import TextStream
 
 
 class ClientGone(Exception):
     pass
+
+
+class StreamEnded(Exception):
+    """A stream ended early (``merged``): its client left, or an error went out in it."""
 
 
 class Run:
@@ -126,3 +131,38 @@ def request_usage(runs: list[Run], prompt_tokens: int | None = None) -> dict:
 
 def sse(obj) -> str:
     return "data: " + (obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False)) + "\n\n"
+
+
+async def merged(runs: list[Run], http: Request, choices: list):
+    """The server-sent events of a request's choices as they come, interleaved: ``choices`` are async generators
+    of chunks (one a choice), watched for the client's disconnect (``watched``). StreamEnded once the client left, or
+    after an APIError in a choice went out as its error event and `[DONE]` (the status line is sent already)."""
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def pump(choice) -> None:
+        try:
+            async for chunk in choice:
+                events.put_nowait(chunk)
+            events.put_nowait(None)
+        except (ClientGone, APIError) as e:
+            events.put_nowait(e)
+
+    async with watched(runs, http):
+        tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+        try:
+            left = len(tasks)
+            while left:
+                event = await events.get()
+                if event is None:
+                    left -= 1
+                elif isinstance(event, ClientGone):
+                    raise StreamEnded
+                elif isinstance(event, APIError):
+                    yield sse(event.body())
+                    yield sse("[DONE]")
+                    raise StreamEnded
+                else:
+                    yield sse(event)
+        finally:
+            for task in tasks:
+                task.cancel()
