@@ -121,6 +121,20 @@ def test_greedy_answers_equal_model_chat_for_each_adapter(live, reference, name,
         assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
 
 
+def test_a_chatml_completion_answers_each_adapter_s_memorised_answer(live):
+    """POST /v1/completions with the prompt model.chat lays out, written by the client as ChatML text: each adapter
+    continues it with its own memorised answer and ends at <|im_end|> ("stop"); the key is asked for there too."""
+    client = live.client()
+    for name, pairs in (("a", MEMORISE), ("b", OTHER)):
+        q, memorised = pairs[0]
+        prompt = (f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{q}<|im_end|>\n"
+                  "<|im_start|>assistant\n")
+        r = client.completions.create(model=name, prompt=prompt, temperature=0, max_tokens=40)
+        assert (r.choices[0].text, r.choices[0].finish_reason, r.model) == (memorised, "stop", name)
+    with pytest.raises(openai.AuthenticationError):
+        live.client(key="wrong").completions.create(model="a", prompt="hi", max_tokens=2)
+
+
 def test_a_prompt_beyond_seq_length_answers_as_model_chat(live, served):
     """Past the model's seq_length (1024 here) Qwen v1's dynamic NTK and logN apply, per row, as in chat()."""
     from finetune import load_model, load_tokenizer
