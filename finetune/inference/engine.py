@@ -99,6 +99,10 @@ MEMORY_MARGIN = 1 << 30
 _IDS = itertools.count()
 
 
+# Prompt positions whose logits one step of a prompt's scoring makes (``prompt_logprobs``): 256 x 152k fp32 = 155 MB
+SCORE_CHUNK = 256
+
+
 def default_max_len(max_position_embeddings, seq_length: int) -> int:
     """An engine's positions a row when not given: max(max_position_embeddings, 4 x seq_length) (dynamic NTK
     stretches Qwen v1's window past seq_length)."""
@@ -121,6 +125,9 @@ class Request:
         # with params.logprobs: for each output token, (its log-probability, [(id, log-probability)] of the
         # params.logprobs most likely tokens, most likely first)
         self.logprobs: list[tuple[float, list]] | None = [] if params.logprobs is not None else None
+        # with params.prompt_logprobs, once prefilled: the same for each prompt token after the first, given the
+        # tokens before it
+        self.prompt_logprobs: list[tuple[float, list]] | None = None
         self._cancel = threading.Event()
         self._cancel_reason = "cancelled"
 
@@ -1032,9 +1039,38 @@ class Engine:
             row.length = L
             self._seen[slot0 + i].zero_()
             self._seen[slot0 + i, ids[i, :L]] = True
+        for row in rows:
+            if row.req.params.prompt_logprobs is not None:
+                row.req.prompt_logprobs = self._score_prompt(row)
         self._rows.extend(rows)
         self._synced = False
         self._emit(rows, logits, touched)
+
+    @torch.no_grad()
+    def _score_prompt(self, row: _Row) -> list[tuple[float, list]]:
+        """Each prompt token's log-probability given the tokens before it, and its ``prompt_logprobs`` most likely
+        alternatives' (one entry for each token after the first), from the raw logits of an eager forward of the
+        whole prompt through the model's blocks, with the row's adapter, NTK alpha and logN; it writes no cache.
+        The logits are made SCORE_CHUNK positions at a time (152k fp32 logits a position)."""
+        cfg, req = self.config, row.req
+        ids = torch.tensor([req.prompt_ids], device=self.device)
+        T, k = ids.shape[1], req.params.prompt_logprobs
+        pos = torch.arange(T, device=self.device)[None]
+        rope = self.tr.rotary_emb(pos, torch.tensor([[row.alpha]], device=self.device))
+        query_scale = logn_scale(pos + 1, cfg.seq_length) if cfg.use_logn_attn and T > cfg.seq_length else None
+        select = None if row.adapter_index is None else self._select([row.adapter_index], 1)
+        out: list[tuple[float, list]] = []
+        with self.adapters.applied(select), inference_sdpa(self.device):
+            x = self.tr.wte(ids)
+            for block in self.tr.h:
+                x = block(x, rope=rope, attn=AttentionSpec(is_causal=T > 1), query_scale=query_scale)
+            h, targets = self.tr.ln_f(x)[0, :-1], ids[0, 1:]
+            for a in range(0, T - 1, SCORE_CHUNK):
+                lp = torch.log_softmax(self.lm_head(h[a:a + SCORE_CHUNK]).float(), -1)
+                chosen = lp.gather(1, targets[a:a + SCORE_CHUNK, None])[:, 0].tolist()
+                top = lp.topk(k, dim=-1)
+                out += [(c, list(zip(i, v))) for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
+        return out
 
     def _prefill_graph_length(self, n: int, T: int, rows: list[_Row], slot: int, lora: bool) -> int | None:
         """The graph length a prefill is replayed at (``_prefill_graphed``), or None where it runs eagerly: graphs

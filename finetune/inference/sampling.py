@@ -80,6 +80,9 @@ class SamplingParams:
     # each output token's log-probability under the model (its raw logits' log_softmax, as vLLM reports it) and the
     # `logprobs` most likely tokens' (0-20; None: off): Request.logprobs
     logprobs: int | None = None
+    # each prompt token's log-probability given the tokens before it, and the `prompt_logprobs` most likely tokens'
+    # (0-20; None: off): Request.prompt_logprobs, from a forward of the whole prompt at its prefill
+    prompt_logprobs: int | None = None
     min_new_tokens: int = 0
     seed: int | None = None
     stop_token_ids: tuple = ()
@@ -148,6 +151,10 @@ class SamplingParams:
                                     f"{bad[0][0]!r}: {bad[0][1]!r}")
         if self.logprobs is not None and not (whole(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS):
             problems.append(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not (whole(self.prompt_logprobs)
+                                                     and 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            problems.append(f"prompt_logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got "
+                            f"{self.prompt_logprobs!r}")
         given = [kind for kind in CONSTRAINTS if getattr(self, kind) is not None]
         if len(given) > 1:
             problems.append(f"{' and '.join(given)} both constrain the reply: give one")

@@ -12,6 +12,7 @@ strings, stop ids, max_tokens, 16 by default as in OpenAI's API).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import unicodedata
 import uuid
@@ -51,7 +52,10 @@ def prepare(server, body: CompletionRequest):
                 raise APIError(400, f"{where}: token id {outside[0]} is outside the model's vocabulary [0, "
                                f"{server.engine.vocab})", where)
             ids, text = list(p), None
-        out.append((ids, server.params(body, len(ids), source=where, default_max=DEFAULT_MAX_TOKENS), text))
+        params = server.params(body, len(ids), source=where, default_max=DEFAULT_MAX_TOKENS)
+        if body.echo and body.logprobs is not None:  # (the prompt's tokens scored at its prefill)
+            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+        out.append((ids, params, text))
     constraint = body.constraint()
     if constraint is not None:
         try:  # (compiled here, off the event loop; every prompt's params hold the same constraint)
@@ -69,22 +73,36 @@ class Choice:
         self.run, self.echo = run, echo
         self.scored = 0  # tokens whose log-probabilities went out
         self.offset = len(echo)  # the text offset of the next token (text_offset)
+        # the prompt's tokens' log-probabilities go out first (echo with logprobs: Request.prompt_logprobs)
+        self.prompt_scores = run.req.params.prompt_logprobs is not None
 
     def logprobs(self, end: int) -> dict:
         """The legacy logprobs object of the tokens since the last call, up to ``end``: each token's text, its
         log-probability, the most likely tokens' (the chosen one's always among them, as OpenAI gives it) and its
-        offset in the choice's text."""
+        offset in the choice's text; with echo, the prompt's tokens first (the first one's log-probability and
+        alternatives null: nothing comes before it)."""
         out: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        tok = self.run.tokenizer
-        for t, (lp, top) in zip(self.run.req.output_ids[self.scored:end], self.run.req.logprobs[self.scored:end]):
-            entry = token_entry(tok, t, lp)
-            tops = {token_entry(tok, i, v)["token"]: token_entry(tok, i, v)["logprob"] for i, v in top}
-            tops.setdefault(entry["token"], entry["logprob"])
+        tok, req = self.run.tokenizer, self.run.req
+
+        def add(token: int, scores, offset: int) -> int:
+            entry = token_entry(tok, token, scores[0] if scores else 0.0)
+            tops = None
+            if scores:
+                tops = {token_entry(tok, i, v)["token"]: token_entry(tok, i, v)["logprob"] for i, v in scores[1]}
+                tops.setdefault(entry["token"], entry["logprob"])
             out["tokens"].append(entry["token"])
-            out["token_logprobs"].append(entry["logprob"])
+            out["token_logprobs"].append(entry["logprob"] if scores else None)
             out["top_logprobs"].append(tops)
-            out["text_offset"].append(self.offset)
-            self.offset += len(entry["token"])
+            out["text_offset"].append(offset)
+            return offset + len(entry["token"])
+
+        if self.prompt_scores:
+            self.prompt_scores = False
+            offset = 0
+            for t, scores in zip(req.prompt_ids, [None, *(req.prompt_logprobs or [])]):
+                offset = add(t, scores, offset)
+        for t, scores in zip(req.output_ids[self.scored:end], req.logprobs[self.scored:end]):
+            self.offset = add(t, scores, self.offset)
         self.scored = max(self.scored, end)
         return out
 
@@ -152,14 +170,18 @@ async def _stream(choices: list[Choice], prompt_tokens: int, body: CompletionReq
         return out
 
     async def one(i: int):
-        run = choices[i].run
-        async for delta in run.deltas(every_step=continuous):
-            yield chunk(i, delta, tokens=run.completion_tokens)
-        yield chunk(i, "", run.finish_reason, tokens=run.completion_tokens)
+        """Choice i's chunks: the echoed prompt (with logprobs, once the prompt is scored: with its first tokens),
+        its text as it comes, its finishing chunk."""
+        c = choices[i]
+        echo = c.echo and c.prompt_scores
+        if c.echo and not echo:
+            yield chunk(i, c.echo)
+        async for delta in c.run.deltas(every_step=continuous):
+            if echo:
+                delta, echo = c.echo + delta, False
+            yield chunk(i, delta, tokens=c.run.completion_tokens)
+        yield chunk(i, c.echo if echo else "", c.run.finish_reason, tokens=c.run.completion_tokens)
 
-    for i, c in enumerate(choices):
-        if c.echo:
-            yield sse(chunk(i, c.echo))
     try:
         async for event in merged(runs, http, [one(i) for i in range(len(choices))]):
             yield event

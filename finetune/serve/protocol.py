@@ -356,18 +356,15 @@ class CompletionRequest(SamplingRequest):
     # a string, a list of strings, a list of token ids or a list of such lists (``prompts()``)
     prompt: Any
     suffix: str | None = None  # (no fill-in-the-middle in Qwen v1: only null or "")
-    echo: StrictBool | None = None  # the prompt's text before the completion's
+    echo: StrictBool | None = None  # the prompt's text before the completion's (with logprobs, its tokens' too)
     # each completion token's log-probability and the `logprobs` most likely tokens' (0-20; OpenAI's limit is 5,
-    # vLLM's 20)
+    # vLLM's 20); with echo, the prompt's tokens' first (lm-eval's log-likelihoods)
     logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
 
     def check(self) -> None:
         """Refuse what this server cannot do (a 400 naming the field)."""
         if self.suffix:
             raise APIError(400, "suffix is not supported: Qwen v1 has no fill-in-the-middle", "suffix")
-        if self.echo and self.logprobs is not None:
-            raise APIError(400, "echo cannot be combined with logprobs: the server does not compute the prompt's "
-                           "log-probabilities", "echo")
         self.check_sampling()
 
     def logprob_count(self) -> int | None:

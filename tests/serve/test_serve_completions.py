@@ -26,6 +26,7 @@ def live(tmp_path_factory):
     args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "4", "--max-queue", "2",
                                  "--max-model-len", "256"])
     with serve_in_background(build_server(args), start_timeout=30) as bg:
+        bg.model_dir = model_dir
         yield bg
 
 
@@ -118,7 +119,6 @@ def test_default_length_is_openai_s_16_tokens(live):
 
 @pytest.mark.parametrize("kw, param", [
     (dict(suffix="def f():"), "suffix"),
-    (dict(echo=True, logprobs=1), "echo"),
     (dict(logprobs=21), "logprobs"),
     (dict(prompt=[]), "prompt"),
     (dict(prompt=""), "prompt"),
@@ -154,3 +154,32 @@ def test_a_prompt_with_a_lone_surrogate_is_a_400_naming_it(live):
                    timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]", r.text
     assert "surrogate" in r.json()["error"]["message"]
+
+
+def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(live):
+    """lm-eval's local-completions log-likelihood request (token ids, echo, logprobs 1, max_tokens 1, temperature 0):
+    an entry for every prompt token and the generated one, the first null; each prompt token's log-probability is
+    the model's own (the log_softmax of its forward, fp32 here) and sits in its top_logprobs, where the most likely
+    token's value is the top one (lm-eval's is_greedy); streamed, the same entries with the prompt's text first."""
+    import torch
+
+    from finetune import load_model
+
+    tok = live.server.tokenizer
+    ids = tok.encode("The silver owl guards the old library at night.")
+    r = _complete(live, ids, echo=True, logprobs=1, max_tokens=1)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == len(ids) + 1 == len(lp.top_logprobs) == len(lp.tokens) == len(lp.text_offset)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert r.choices[0].text.startswith(tok.decode(ids))
+    model = load_model(live.model_dir)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)[:-1]
+    want = want.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    torch.testing.assert_close(torch.tensor(lp.token_logprobs[1:len(ids)]), want, atol=1e-4, rtol=0)
+    for value, tops in zip(lp.token_logprobs[1:], lp.top_logprobs[1:]):
+        assert value in tops.values() and 1 <= len(tops) <= 2 and max(tops.values()) >= value
+    chunks = list(_complete(live, ids, echo=True, logprobs=1, max_tokens=1, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] == \
+        lp.token_logprobs
