@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import socket
+from contextlib import contextmanager
 import subprocess
 import sys
 from pathlib import Path
@@ -256,6 +257,21 @@ def load_interpreted(path, name, monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextmanager
+def demo_server(tmp_path_factory, name: str, *flags: str, model: str = "tiny-qwen"):
+    """`qwen-ft serve` of a fresh tiny demo model dir (named ``model``) with ``flags``, in a background thread on a
+    free port: the running server (``.model_dir``: its model dir)."""
+    from finetune.demo import make_demo_model
+    from finetune.serve.background import serve_in_background
+    from finetune.serve.cli import _parser, build_server
+
+    model_dir = make_demo_model(tmp_path_factory.mktemp(name) / model, seed=1)
+    args = _parser().parse_args(["-m", str(model_dir), *flags])
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        bg.model_dir = model_dir
+        yield bg
 
 
 def free_port() -> int:

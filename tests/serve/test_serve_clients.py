@@ -14,6 +14,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from _helpers import demo_server  # noqa: E402
+
 Q = "Tell me more."
 ASK = [{"role": "user", "content": Q}]
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city.",
@@ -22,13 +24,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from finetune.demo import make_demo_model
-    from finetune.serve.background import serve_in_background
-    from finetune.serve.cli import _parser, build_server
-
-    model_dir = make_demo_model(tmp_path_factory.mktemp("serve_clients") / "tiny-qwen", seed=1)
-    args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "2", "--max-model-len", "1024"])
-    with serve_in_background(build_server(args), start_timeout=30) as bg:
+    with demo_server(tmp_path_factory, "serve_clients", "--max-batch", "2", "--max-model-len", "1024") as bg:
         yield bg
 
 

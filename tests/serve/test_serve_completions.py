@@ -11,6 +11,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from _helpers import demo_server  # noqa: E402
+
 Q = "Tell me more."
 CHATML = f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n{Q}<|im_end|>\n" \
          "<|im_start|>assistant\n"
@@ -18,15 +20,8 @@ CHATML = f"<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_star
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from finetune.demo import make_demo_model
-    from finetune.serve.background import serve_in_background
-    from finetune.serve.cli import _parser, build_server
-
-    model_dir = make_demo_model(tmp_path_factory.mktemp("serve_completions") / "tiny-qwen", seed=1)
-    args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "4", "--max-queue", "2",
-                                 "--max-model-len", "256"])
-    with serve_in_background(build_server(args), start_timeout=30) as bg:
-        bg.model_dir = model_dir
+    with demo_server(tmp_path_factory, "serve_completions", "--max-batch", "4", "--max-queue", "2",
+                     "--max-model-len", "256") as bg:
         yield bg
 
 

@@ -22,6 +22,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from _helpers import demo_server  # noqa: E402
+
 SEED = int(os.environ.get("FUZZ_SEED", 20240611))  # (FUZZ_SEED / FUZZ_N: to explore further by hand)
 N_REQUESTS = int(os.environ.get("FUZZ_N", 260))
 TIMEOUT = 30  # seconds a request may take (the tiny model answers in well under one)
@@ -227,14 +229,8 @@ class Errors(logging.Handler):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from finetune.demo import make_demo_model
-    from finetune.serve.background import serve_in_background
-    from finetune.serve.cli import _parser, build_server
-
-    model_dir = make_demo_model(tmp_path_factory.mktemp("serve_fuzz") / MODEL, seed=1)
-    args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "2", "--max-queue", "4",
-                                 "--max-model-len", "512"])
-    with serve_in_background(build_server(args), start_timeout=30) as bg:
+    with demo_server(tmp_path_factory, "serve_fuzz", "--max-batch", "2", "--max-queue", "4", "--max-model-len", "512",
+                     model=MODEL) as bg:
         yield bg
 
 

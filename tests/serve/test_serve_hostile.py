@@ -16,6 +16,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from _helpers import demo_server  # noqa: E402
+
 from finetune.serve.protocol import MAX_STOP  # noqa: E402
 
 HI = [{"role": "user", "content": "hi"}]
@@ -24,14 +26,8 @@ JSON = {"Content-Type": "application/json"}
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    from finetune.demo import make_demo_model
-    from finetune.serve.background import serve_in_background
-    from finetune.serve.cli import _parser, build_server
-
-    model_dir = make_demo_model(tmp_path_factory.mktemp("serve_hostile") / "tiny-qwen", seed=1)
-    args = _parser().parse_args(["-m", str(model_dir), "--max-batch", "2", "--max-queue", "2",
-                                 "--max-model-len", "1024"])
-    with serve_in_background(build_server(args), start_timeout=30) as bg:
+    with demo_server(tmp_path_factory, "serve_hostile", "--max-batch", "2", "--max-queue", "2",
+                     "--max-model-len", "1024") as bg:
         yield bg
 
 
