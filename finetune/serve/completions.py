@@ -88,7 +88,7 @@ class Choice:
             entry = token_entry(tok, token, scores[0] if scores else 0.0)
             tops = None
             if scores:
-                tops = {token_entry(tok, i, v)["token"]: token_entry(tok, i, v)["logprob"] for i, v in scores[1]}
+                tops = dict(_text_and_logprob(token_entry(tok, i, v)) for i, v in scores[1])
                 tops.setdefault(entry["token"], entry["logprob"])
             out["tokens"].append(entry["token"])
             out["token_logprobs"].append(entry["logprob"] if scores else None)
@@ -105,6 +105,10 @@ class Choice:
             self.offset = add(t, scores, self.offset)
         self.scored = max(self.scored, end)
         return out
+
+
+def _text_and_logprob(entry: dict) -> tuple[str, float]:
+    return entry["token"], entry["logprob"]
 
 
 async def start(server, body: CompletionRequest) -> tuple[list[Choice], int]:
