@@ -4,8 +4,8 @@ The semantics are transformers' (and the official Qwen generation's), after Open
 logits: repetition penalty over the prompt and the tokens generated so far (RepetitionPenaltyLogitsProcessor), then
 OpenAI's presence and frequency penalties over the generated tokens (``output_penalties``; vLLM's order), stop
 tokens held back until min_new_tokens, then argmax or temperature -> top-k -> top-p -> min-p -> typical-p ->
-multinomial (``pick_one``). Greedy rows are picked together in one argmax; sampling rows one by one (each may have its own
-seeded generator), or, for rows without a seed, all at once with per-row parameters as tensors (``RowSampling``,
+multinomial (``pick_one``). Greedy rows are picked together in one argmax; sampling rows one by one (each may have
+its own seeded generator), or, for rows without a seed, all at once with per-row parameters as tensors (``RowSampling``,
 ``sample_rows``: the same processors, the same distribution; the draws come from the device's default generator in
 one batch). A transformers GenerationConfig maps onto SamplingParams; options the engine does not implement (beams,
 no_repeat_ngram_size, ...) are named by ``unsupported_options`` so callers can refuse them in one line (or fall back
@@ -239,8 +239,8 @@ def pick_tokens(scores: torch.Tensor, params: list[SamplingParams], generators: 
 
 def pick_one(scores: torch.Tensor, params, generator=None) -> torch.Tensor:
     """The next token from fp32 scores [V]: argmax, or a sample after temperature, top-k, top-p, min-p and typical-p
-    (the order and semantics of transformers' warpers; top_k 0, top_p 1, min_p 0, typical_p 1 and None are off). ``params``: a
-    SamplingParams (or any object with its do_sample / temperature / top_k / top_p fields, such as a
+    (the order and semantics of transformers' warpers; top_k 0, top_p 1, min_p 0, typical_p 1 and None are off).
+    ``params``: a SamplingParams (or any object with its do_sample / temperature / top_k / top_p fields, such as a
     GenerationConfig)."""
     if not params.do_sample:
         return scores.argmax()
