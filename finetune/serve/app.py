@@ -769,7 +769,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
                 finish = _finish_with_call(finish, call_reason)
             else:
                 message = {"role": "assistant", "content": text}
-            logprobs = {"content": run.logprobs(0), "refusal": None} if body.logprobs else None
+            logprobs = ({"content": run.logprobs(0, as_ids=bool(body.return_tokens_as_token_ids)), "refusal": None}
+                        if body.logprobs else None)
             choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
         return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
                 "choices": choices, "usage": request_usage(runs)}
@@ -800,7 +801,8 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
         ``usage``: the request's then (continuous_usage_stats)."""
         logprobs = None
         if body.logprobs and tokens > scored[i]:
-            logprobs = {"content": runs[i].logprobs(scored[i], tokens), "refusal": None}
+            logprobs = {"content": runs[i].logprobs(scored[i], tokens, bool(body.return_tokens_as_token_ids)),
+                        "refusal": None}
             scored[i] = tokens
         c = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
              "choices": [{"index": i, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}

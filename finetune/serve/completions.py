@@ -69,8 +69,8 @@ def prepare(server, body: CompletionRequest):
 class Choice:
     """One choice of a completion: its Run, the text echoed before it, and the legacy logprobs' place so far."""
 
-    def __init__(self, run: Run, echo: str):
-        self.run, self.echo = run, echo
+    def __init__(self, run: Run, echo: str, as_ids: bool = False):
+        self.run, self.echo, self.as_ids = run, echo, as_ids  # (as_ids: tokens named "token_id:N")
         self.scored = 0  # tokens whose log-probabilities went out
         self.offset = len(echo)  # the text offset of the next token (text_offset)
         # the prompt's tokens' log-probabilities go out first (echo with logprobs: Request.prompt_logprobs)
@@ -85,10 +85,10 @@ class Choice:
         tok, req = self.run.tokenizer, self.run.req
 
         def add(token: int, scores, offset: int) -> int:
-            entry = token_entry(tok, token, scores[0] if scores else 0.0)
+            entry = token_entry(tok, token, scores[0] if scores else 0.0, self.as_ids)
             tops = None
             if scores:
-                tops = dict(_text_and_logprob(token_entry(tok, i, v)) for i, v in scores[1])
+                tops = dict(_text_and_logprob(token_entry(tok, i, v, self.as_ids)) for i, v in scores[1])
                 tops.setdefault(entry["token"], entry["logprob"])
             out["tokens"].append(entry["token"])
             out["token_logprobs"].append(entry["logprob"] if scores else None)
@@ -129,7 +129,8 @@ async def start(server, body: CompletionRequest) -> tuple[list[Choice], int]:
     for ids, _, text in prompts:
         echo = "" if not body.echo else text if text is not None else server.tokenizer.decode(ids)
         echoes += [echo] * n
-    return [Choice(r, e) for r, e in zip(runs, echoes)], sum(len(ids) for ids, _, _ in prompts)
+    as_ids = bool(body.return_tokens_as_token_ids)
+    return [Choice(r, e, as_ids) for r, e in zip(runs, echoes)], sum(len(ids) for ids, _, _ in prompts)
 
 
 async def respond(server, body: CompletionRequest, http: Request):

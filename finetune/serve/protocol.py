@@ -75,7 +75,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 NEUTRAL: dict[str, tuple] = {
     "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "bad_words": ([],),
     "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
-    "return_tokens_as_token_ids": (False,), "chat_template": (), "documents": (),
+    "chat_template": (), "documents": (),
     "structural_tag": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
 }
 
@@ -134,6 +134,8 @@ class SamplingRequest(BaseModel):
     frequency_penalty: Annotated[float | None, Number] = Field(default=None, ge=-2, le=2, allow_inf_nan=False)
     # OpenAI's: {"token id": bias in [-100, 100]} added to the logits (``token_bias()``)
     logit_bias: dict | None = None
+    # vLLM's: log-probabilities name each token "token_id:N" (RL and evaluation clients read the ids back)
+    return_tokens_as_token_ids: StrictBool | None = None
     # text, json_object or json_schema: the reply held to the schema token by token (``constraint()``; vLLM's
     # guided_json / guided_regex / guided_choice / structured_outputs, in the extra fields, too)
     response_format: Any = None

@@ -69,12 +69,13 @@ class Run:
             elif self.finish_reason is None:  # client gone, or an error
                 self.req.cancel()
 
-    def logprobs(self, start: int, end: int | None = None) -> list[dict]:
+    def logprobs(self, start: int, end: int | None = None, as_ids: bool = False) -> list[dict]:
         """OpenAI's logprobs "content" entries of the reply's tokens start..end (default completion_tokens): every
-        generated token, those of a stop string cut from the text, or of whitespace stripped from it, too."""
+        generated token, those of a stop string cut from the text, or of whitespace stripped from it, too
+        (``as_ids``: each token named "token_id:N", ``token_entry``)."""
         tok = self.tokenizer
         end = self.completion_tokens if end is None else end
-        return [dict(token_entry(tok, t, lp), top_logprobs=[token_entry(tok, i, v) for i, v in top])
+        return [dict(token_entry(tok, t, lp, as_ids), top_logprobs=[token_entry(tok, i, v, as_ids) for i, v in top])
                 for t, (lp, top) in zip(self.req.output_ids[start:end], self.req.logprobs[start:end])]
 
     async def complete(self) -> str:
@@ -108,17 +109,18 @@ async def watched(runs: list[Run], http: Request):
                 run.req.cancel()
 
 
-def token_entry(tokenizer, token: int, logprob: float) -> dict:
+def token_entry(tokenizer, token: int, logprob: float, as_id: bool = False) -> dict:
     """{"token", "logprob", "bytes"} of one token: its text (an incomplete UTF-8 character as U+FFFD, the bytes say
-    which) and bytes; an id past the tokenizer's (the model's padded vocabulary) has none. A log-probability too
-    small for a float is -9999.0, as vLLM writes it (JSON has no -Infinity)."""
+    which; ``as_id``: "token_id:N" instead, vLLM's return_tokens_as_token_ids) and bytes; an id past the
+    tokenizer's (the model's padded vocabulary) has none. A log-probability too small for a float is -9999.0, as
+    vLLM writes it (JSON has no -Infinity)."""
     try:
         raw = tokenizer.convert_ids_to_tokens(token)
     except (ValueError, KeyError, IndexError):
         raw = b""
     raw = raw.encode() if isinstance(raw, str) else bytes(raw)
-    return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob if math.isfinite(logprob) else -9999.0,
-            "bytes": list(raw)}
+    text = f"token_id:{token}" if as_id else raw.decode("utf-8", errors="replace")
+    return {"token": text, "logprob": logprob if math.isfinite(logprob) else -9999.0, "bytes": list(raw)}
 
 
 def request_usage(runs: list[Run], prompt_tokens: int | None = None) -> dict:

@@ -178,3 +178,25 @@ def test_echo_with_logprobs_scores_the_prompt_as_lm_eval_asks(live):
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     assert [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs] == \
         lp.token_logprobs
+
+
+def test_return_tokens_as_token_ids_names_each_token_by_its_id(live):
+    """vLLM's return_tokens_as_token_ids (RL and evaluation clients read the ids back): every token of the logprobs,
+    the alternatives too, is "token_id:N", N the id the model generated, on both routes; bytes stay the token's."""
+    tok = live.server.tokenizer
+    r = _complete(live, "Once upon a time", max_tokens=6, logprobs=2, echo=True,
+                  extra_body={"return_tokens_as_token_ids": True})
+    lp = r.choices[0].logprobs
+    ids = [int(t.removeprefix("token_id:")) for t in lp.tokens]
+    prompt = tok.encode("Once upon a time")
+    assert ids[:len(prompt)] == prompt and tok.decode(ids) == r.choices[0].text
+    assert all(k.startswith("token_id:") for tops in lp.top_logprobs[1:] for k in tops)
+    chat = _client(live).chat.completions.create(model="tiny-qwen", messages=[{"role": "user", "content": Q}],
+                                                 temperature=0, max_tokens=6, logprobs=True, top_logprobs=2,
+                                                 extra_body={"return_tokens_as_token_ids": True})
+    content = chat.choices[0].logprobs.content
+    ids = [int(e.token.removeprefix("token_id:")) for e in content]
+    assert tok.decode(ids).strip() == chat.choices[0].message.content
+    raw = [tok.convert_ids_to_tokens(i) for i in ids]  # (a special token's is its text)
+    assert [bytes(e.bytes) for e in content] == [r.encode() if isinstance(r, str) else r for r in raw]
+    assert all(t.token.startswith("token_id:") for e in content for t in e.top_logprobs)

@@ -63,7 +63,7 @@ FIELDS = {  # the request's own fields (a 400 about a missing one names it thoug
     "functions", "function_call", "parallel_tool_calls", "continue_final_message", "add_generation_prompt",
     "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
     "modalities", "audio", "web_search_options", "min_p", "best_of", "ignore_eos", "stop_token_ids",
-    "include_stop_str_in_output", "typical_p",
+    "include_stop_str_in_output", "typical_p", "return_tokens_as_token_ids",
     "prompt", "suffix", "echo",  # (POST /v1/completions')
 }
 
@@ -400,7 +400,8 @@ def _completion_body(rng: random.Random) -> dict:
             continue
         name = rng.choice(["prompt", "prompt", "suffix", "echo", "logprobs", "n", "stream", "stop", "max_tokens",
                            "ignore_eos", "stop_token_ids", "include_stop_str_in_output", "best_of", "seed",
-                           "temperature", "logit_bias", "response_format", "guided_choice", "stream_options"])
+                           "temperature", "logit_bias", "response_format", "guided_choice", "stream_options",
+                           "return_tokens_as_token_ids"])
         fitting = {"prompt": ["a", "b"], "echo": True, "logprobs": 2, "n": 2, "stream": True, "stop": ["e", "a"],
                    "max_tokens": 3, "ignore_eos": True, "stop_token_ids": [5], "seed": 7, "temperature": 1.0,
                    "stream_options": {"include_usage": True}, "guided_choice": ["yes", "no"]}
