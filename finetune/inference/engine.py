@@ -312,10 +312,16 @@ class _AfterGraph:
         its k most likely tokens' (values and ids, [m, max k], most likely first); None without such rows."""
         if not self.scored:
             return None
-        lp = torch.log_softmax(logits.index_select(0, self.scored_idx).float(), -1)
-        chosen = lp.gather(1, tokens.index_select(0, self.scored_idx)[:, None])[:, 0]
-        top = lp.topk(max(k for _, k in self.scored), dim=-1)
-        return chosen, top.values, top.indices
+        return token_logprobs(logits.index_select(0, self.scored_idx), tokens.index_select(0, self.scored_idx),
+                              max(k for _, k in self.scored))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple:
+    """From raw ``logits`` [m, V]: the log-probability of each row's token ``tokens`` [m] (fp32 log_softmax), and
+    its k most likely tokens' (values and ids, [m, k], most likely first)."""
+    lp = torch.log_softmax(logits.float(), -1)
+    top = lp.topk(k, dim=-1)
+    return lp.gather(1, tokens[:, None])[:, 0], top.values, top.indices
 
 
 def _logprob_entries(lp) -> dict:
@@ -1066,10 +1072,8 @@ class Engine:
                 x = block(x, rope=rope, attn=AttentionSpec(is_causal=T > 1), query_scale=query_scale)
             h, targets = self.tr.ln_f(x)[0, :-1], ids[0, 1:]
             for a in range(0, T - 1, SCORE_CHUNK):
-                lp = torch.log_softmax(self.lm_head(h[a:a + SCORE_CHUNK]).float(), -1)
-                chosen = lp.gather(1, targets[a:a + SCORE_CHUNK, None])[:, 0].tolist()
-                top = lp.topk(k, dim=-1)
-                out += [(c, list(zip(i, v))) for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
+                chosen, values, ids = token_logprobs(self.lm_head(h[a:a + SCORE_CHUNK]), targets[a:a + SCORE_CHUNK], k)
+                out += [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), ids.tolist(), values.tolist())]
         return out
 
     def _prefill_graph_length(self, n: int, T: int, rows: list[_Row], slot: int, lora: bool) -> int | None:
