@@ -103,6 +103,13 @@ _IDS = itertools.count()
 SCORE_CHUNK = 256
 
 
+def vocabulary_problem(field: str, ids, vocab: int) -> str | None:
+    """"<field>: token id N is outside the model's vocabulary [0, vocab)" for the first of ``ids`` that is, or None
+    (an id past it was never matched, or failed the step)."""
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    return None if bad is None else f"{field}: token id {bad} is outside the model's vocabulary [0, {vocab})"
+
+
 def default_max_len(max_position_embeddings, seq_length: int) -> int:
     """An engine's positions a row when not given: max(max_position_embeddings, 4 x seq_length) (dynamic NTK
     stretches Qwen v1's window past seq_length)."""
@@ -492,15 +499,10 @@ class Engine:
         ids = [int(t) for t in ids]
         if not ids:
             raise ValueError("prompt_ids is empty: a request needs at least one prompt token")
-        bad = [t for t in ids if not 0 <= t < self.vocab]
-        if bad:
-            raise ValueError(f"prompt_ids: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
-        bad = [t for t in params.stop_token_ids if t >= self.vocab]
-        if bad:  # (never matched, silently)
-            raise ValueError(f"stop_token_ids: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
-        bad = [t for t in (params.logit_bias or {}) if t >= self.vocab]
-        if bad:
-            raise ValueError(f"logit_bias: token id {bad[0]} is outside the model's vocabulary [0, {self.vocab})")
+        for field, given in (("prompt_ids", ids), ("stop_token_ids", params.stop_token_ids),
+                             ("logit_bias", params.logit_bias or {})):
+            if (why := vocabulary_problem(field, given, self.vocab)) is not None:
+                raise ValueError(why)
         if len(ids) + params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"engine's max_len {self.max_len}")

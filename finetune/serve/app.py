@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import react
 from ..errors import quoted
+from ..inference.engine import vocabulary_problem
 from ..inference.sampling import GREEDY_BELOW
 from .models import peft_adapter_name
 from . import completions
@@ -199,17 +200,10 @@ class Server:
             over["logprobs"] = body.logprob_count()
         bias = body.token_bias()
         if bias:
-            vocab = self.engine.vocab
-            outside = [t for t in bias if t >= vocab]
-            if outside:
-                raise APIError(400, f"logit_bias: token id {outside[0]} is outside the model's vocabulary [0, {vocab})",
-                               "logit_bias")
+            self.check_vocabulary("logit_bias", bias)
             over["logit_bias"] = bias
         stop_ids = tuple(dict.fromkeys(body.stop_token_ids or ()))
-        outside = [t for t in stop_ids if t >= self.engine.vocab]
-        if outside:
-            raise APIError(400, f"stop_token_ids: token id {outside[0]} is outside the model's vocabulary [0, "
-                           f"{self.engine.vocab})", "stop_token_ids")
+        self.check_vocabulary("stop_token_ids", stop_ids)
         if body.seed is not None:
             over["seed"] = body.seed
         if body.min_tokens:
@@ -254,6 +248,12 @@ class Server:
                 raise APIError(400, f"{constraint.param}: {why}", constraint.param) from None
         stop = react.stop_words(body.stop_list(), functions)
         return ids, params, adapter, stop, functions, turns, left_out
+
+    def check_vocabulary(self, field: str, ids) -> None:
+        """A 400 naming ``field`` for its first token id outside the model's vocabulary (the engine's submit would
+        refuse it with no field named)."""
+        if ids and (why := vocabulary_problem(field, ids, self.engine.vocab)) is not None:
+            raise APIError(400, why, field)
 
     def submit_rows(self, prompts: list[tuple], n: int, adapter, make_run) -> list[Run]:
         """Submit n rows for each (prompt ids, params) of ``prompts`` (choice j > 0 of a seeded prompt with seed + j,

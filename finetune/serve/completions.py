@@ -47,10 +47,7 @@ def prepare(server, body: CompletionRequest):
         if isinstance(p, str):
             ids, text = prompt_ids(server.tokenizer, p), p
         else:
-            outside = [t for t in p if t >= server.engine.vocab]
-            if outside:
-                raise APIError(400, f"{where}: token id {outside[0]} is outside the model's vocabulary [0, "
-                               f"{server.engine.vocab})", where)
+            server.check_vocabulary(where, p)
             ids, text = list(p), None
         params = server.params(body, len(ids), source=where, default_max=DEFAULT_MAX_TOKENS)
         if body.echo and body.logprobs is not None:  # (the prompt's tokens scored at its prefill)
