@@ -120,8 +120,8 @@ async def start(server, body: CompletionRequest) -> tuple[list[Choice], int]:
         text = TextStream(server.tokenizer, stop, strip=False, min_ids=params.min_new_tokens, kept=kept)
         return Run(server.tokenizer, None, None, text, len(ids))
 
-    runs = server.submit_rows([(ids, params) for ids, params, _ in prompts], body.n or 1, adapter, run)
     n = body.n or 1
+    runs = server.submit_rows([(ids, params) for ids, params, _ in prompts], n, adapter, run)
     echoes = []
     for ids, _, text in prompts:
         echo = "" if not body.echo else text if text is not None else server.tokenizer.decode(ids)

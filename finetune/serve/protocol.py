@@ -71,7 +71,7 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 # Fields other servers take (vLLM's extra_body, newer OpenAI models') that would change the answer, which this
 # server does not implement -> the values that ask for nothing (absent and null too). Ignored, a client asking
-# for typical_p, ignore_eos, guided JSON or a reasoning effort got an answer made without it and no word why.
+# for beam search, banned words or a reasoning effort would get an answer made without it and no word why.
 NEUTRAL: dict[str, tuple] = {
     "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "bad_words": ([],),
     "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
