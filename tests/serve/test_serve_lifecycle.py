@@ -142,7 +142,9 @@ def test_a_burst_of_50_streams_answers_each_its_own_text_or_429_and_leaves_the_e
 
 def test_with_prefill_chunk_prompts_joining_running_streams_go_in_chunks_and_answer_as_alone(model_dir, reference):
     """`--prefill-chunk 8`: the chat prompts (~30 tokens) that join running streams are prefilled 8 positions a
-    step; 12 streams sent 10 ms apart over the three models each answer what it answers alone."""
+    step; 12 streams sent 10 ms apart over the three models each answer what it answers alone. A long stream holds
+    one row meanwhile, so that every one of them joins a running batch (without it a group that finished together
+    left the next to join an empty batch, whole)."""
     from finetune.serve.background import serve_in_background
 
     server = _build(model_dir, "--max-batch", "4", "--prefill-chunk", "8")
@@ -153,6 +155,7 @@ def test_with_prefill_chunk_prompts_joining_running_streams_go_in_chunks_and_ans
     jobs = [(MODELS[i % 3], QUESTIONS[i // 3 % 3]) for i in range(12)]
     with serve_in_background(server, start_timeout=30) as bg:
         client = openai.AsyncOpenAI(base_url=bg.api_url, api_key="none", timeout=120, max_retries=0)
+        hold = {"model": "rb", "messages": [{"role": "user", "content": "Tell me a story."}], "stream": True, **LONG}
 
         async def one(i, model, q):
             await asyncio.sleep(0.01 * i)
@@ -162,7 +165,13 @@ def test_with_prefill_chunk_prompts_joining_running_streams_go_in_chunks_and_ans
 
         async def staggered():
             try:
-                return await asyncio.wait_for(asyncio.gather(*[one(i, m, q) for i, (m, q) in enumerate(jobs)]), 120)
+                async with httpx.AsyncClient(timeout=60) as h, h.stream("POST", bg.api_url + "/chat/completions",
+                                                                        json=hold) as held:
+                    async for line in held.aiter_lines():  # its first token: it is running
+                        if line.startswith("data: "):
+                            break
+                    return await asyncio.wait_for(asyncio.gather(*[one(i, m, q) for i, (m, q) in enumerate(jobs)]),
+                                                  120)
             finally:
                 await client.close()
 
