@@ -26,12 +26,13 @@ max_batch; graph length: over own keys decode_kernels.covering_length, the longe
 only the attention's grid depends on it; else the length bucket, a multiple of 256) and replayed; elsewhere it runs
 eagerly on exactly the active rows.
 
-Host time. The token choice runs on the device after the decode step (logit bias, repetition penalty, presence
-and frequency penalties from the row's own token counts, stop tokens held back until min_new_tokens, then
-argmax, or for sampled rows sampling.pick_one with a seeded row's generator, and for the rows without a seed
-sampling.sample_rows: the same processors, drawn in one batch) and writes each row's next input token, position
-and counters into the step's static inputs; with every row greedy (and without a logit bias, output penalties,
-log-probabilities to report or a constraint) it is part of the step's CUDA graph. The host only reads the picked
+Host time. The token choice runs on the device after the decode step (logit bias, allowed_token_ids and bad words
+as -inf, repetition penalty, presence and frequency penalties from the row's own token counts, stop tokens held
+back until min_new_tokens, then argmax, or for sampled rows sampling.pick_one with a seeded row's generator, and for
+the rows without a seed sampling.sample_rows: the same processors, drawn in one batch) and writes each row's next
+input token, position and counters into the step's static inputs; with every row greedy (and without a logit bias,
+allowed_token_ids, bad words, output penalties, log-probabilities to report or a constraint) it is part of the
+step's CUDA graph. The host only reads the picked
 tokens (one small copy), and it
 reads step t's tokens after step t+1 is enqueued, so its bookkeeping runs while the device computes. A row
 that finished at step t is in step t+1 too: its extra token is discarded, and its cache write (one position
@@ -41,7 +42,8 @@ does the host write the step's inputs. Prefill picks its row's first token on th
 to a constraint (``SamplingParams.json_schema`` / ``regex`` / ``choice`` / ``grammar``, constraints.py) picks after
 the forward's graph among the tokens its matcher allows, computed on the host while the forward runs from the token
 read before it: while such a row runs, every step's tokens are read before the next step is enqueued (one sync a
-step for the whole batch).
+step for the whole batch). So does a row with a bad word of several tokens: whether its last token is banned
+depends on the output's last tokens (``_Bans``; a one-token word and allowed_token_ids are a mask made at its join).
 
 Qwen v1 semantics: the dynamic-NTK alpha of a row is fixed at its prefill from its prompt length (its rotary
 base then stays for all its decoding steps), logN scales the queries at positions beyond seq_length, stop on
@@ -60,7 +62,7 @@ import itertools
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 
 import torch
@@ -73,8 +75,8 @@ from ..quant.linear import prepare_decode_weights
 from .constraints import Constraints
 from .fused_decode import additive_mask, decode_blocks, fused_kernels, prefill_blocks, use_own_keys
 from .row_adapters import RowAdapters
-from .sampling import (RowSampling, SamplingParams, apply_penalties, output_penalties, pick_one, pick_tokens,
-                       sample_rows)
+from .sampling import (FieldProblem, RowSampling, SamplingParams, apply_penalties, bad_word_ids, output_penalties,
+                       pick_one, pick_tokens, sample_rows)
 from .stop_strings import StopStrings
 
 LENGTH_BUCKET = 256
@@ -97,6 +99,7 @@ WARM_CACHE_SHARE = 0.5
 ACTIVATION_HIDDEN, ACTIVATION_MLP = 10, 4
 MEMORY_MARGIN = 1 << 30
 _IDS = itertools.count()
+KEPT_WORDS = 64
 
 
 # Prompt positions whose logits one step of a prompt's scoring makes (``prompt_logprobs``): 256 x 152k fp32 = 155 MB
@@ -160,11 +163,12 @@ class Request:
 
 class _Row:
     __slots__ = ("req", "length", "alpha", "generator", "adapter_index", "stops", "last", "picked", "stop_text",
-                 "matcher", "counts", "bias")
+                 "matcher", "counts", "bias", "bans")
 
     def __init__(self, req, alpha, generator, adapter_index, stops, stop_text=None, matcher=None, counts=None,
-                 bias=None):
+                 bias=None, bans=None):
         self.req = req
+        self.bans = bans  # a _Bans: the request's allowed_token_ids and bad_words
         self.stop_text = stop_text  # a StopStrings over the row's text when the request has stop strings
         self.matcher = matcher  # an llguidance matcher over the row's output when it is constrained (constraints.py)
         self.counts = counts  # [V] fp32 on the device: each token's count in the output (presence/frequency penalty)
@@ -176,6 +180,26 @@ class _Row:
         self.stops = stops
         self.last = None  # the last picked token the host has read (the next decode input when none is in flight)
         self.picked = 0  # tokens picked for the row, counting the step in flight (= len(output_ids) when none is)
+
+
+class _Bans:
+    """What a row may not pick (vLLM's allowed_token_ids and bad_words), made once at its join: ``mask`` [V] fp32 on
+    the device (0, or -inf for a token outside allowed_token_ids or a one-token bad word; None without either), and
+    the longer bad words as their last token's ban after the others (``after``: the token before the last -> [(the
+    tokens before the last, the last)]), looked for in the output on the host at each pick. ``end``: the token the row
+    picks where these leave it none (``_AfterGraph.banned``), a stop that ends it."""
+
+    __slots__ = ("mask", "after", "end")
+
+    def __init__(self, mask, after: dict, end: int):
+        self.mask, self.after, self.end = mask, after, end
+
+    def banned_now(self, output: list[int]) -> list[int]:
+        """The last tokens of the longer bad words whose other tokens end ``output``."""
+        if not output or not self.after:
+            return []
+        return [last for prefix, last in self.after.get(output[-1], ())
+                if len(output) >= len(prefix) and tuple(output[-len(prefix):]) == prefix]
 
 
 class _Chunked:
@@ -248,9 +272,10 @@ def graph_pick(params: SamplingParams) -> tuple[bool] | None:
     kind of its own was captured mid-serving when a request first asked for it: 185 ms, NOTES steps 67-71). A row
     held to a constraint (a JSON schema, a regex, choices, a grammar) picks after the graph too (its allowed tokens
     come from the host each step), as does one with a presence or frequency penalty (its output's token counts live
-    beside the row, not in the graph), a logit bias or log-probabilities to report."""
+    beside the row, not in the graph), a logit bias, allowed_token_ids or bad_words (its masks live beside the row;
+    a longer bad word's ban comes from the host each step) or log-probabilities to report."""
     after = (params.do_sample or params.constraint() is not None or _counts_output(params) or bool(params.logit_bias)
-             or params.logprobs is not None)
+             or _barred(params) or params.logprobs is not None)
     return None if after else _greedy_flags(params)[:1]
 
 
@@ -258,27 +283,39 @@ def _counts_output(params: SamplingParams) -> bool:
     return params.presence_penalty != 0 or params.frequency_penalty != 0
 
 
+def _barred(params: SamplingParams) -> bool:
+    return params.allowed_token_ids is not None or bool(params.bad_words)
+
+
 class _AfterGraph:
     """The rows of a pick whose choice needs more than the greedy graph's, by what they need, with what that needs on
     the device (their index tensors, the penalties' weights): made once when the batch's rows change
     (``Engine._upload``, for every decode step until the next change), and for the rows whose first token a prefill
-    picks (``Engine._emit``). ``constrained``: (index, matcher); ``counted``, ``biased``: (index, row); ``scored``:
-    (index, k)."""
+    picks (``Engine._emit``). ``constrained``: (index, matcher); ``counted``, ``biased``, ``barred`` (with a _Bans),
+    ``banning`` (with longer bad words, whose bans the host finds each pick): (index, row); ``scored``: (index, k)."""
 
-    __slots__ = ("constrained", "counted", "biased", "scored", "constrained_idx", "counted_idx", "scored_idx",
-                 "presence", "frequency")
+    __slots__ = ("constrained", "counted", "biased", "scored", "barred", "banning", "constrained_idx", "counted_idx",
+                 "scored_idx", "barred_idx", "masked_idx", "masks", "ends", "presence", "frequency", "device")
 
     def __init__(self, rows: list, device):
+        self.device = device
         self.constrained = [(i, r.matcher) for i, r in enumerate(rows) if r.matcher is not None]
         self.counted = [(i, r) for i, r in enumerate(rows) if r.counts is not None]
         self.biased = [(i, r) for i, r in enumerate(rows) if r.bias is not None]
         self.scored = [(i, r.req.params.logprobs) for i, r in enumerate(rows) if r.req.params.logprobs is not None]
+        self.barred = [(i, r) for i, r in enumerate(rows) if r.bans is not None]
+        self.banning = [(i, r) for i, r in self.barred if r.bans.after]
+        masked = [(i, r) for i, r in self.barred if r.bans.mask is not None]
 
         def indices(pairs):
             return torch.tensor([i for i, _ in pairs]).to(device, non_blocking=True) if pairs else None
 
-        self.constrained_idx, self.counted_idx, self.scored_idx = map(indices, (self.constrained, self.counted,
-                                                                                self.scored))
+        self.constrained_idx, self.counted_idx, self.scored_idx, self.barred_idx, self.masked_idx = map(
+            indices, (self.constrained, self.counted, self.scored, self.barred, masked))
+        self.masks = torch.stack([r.bans.mask for _, r in masked]) if masked else None
+        self.ends = None
+        if self.barred:
+            self.ends = torch.tensor([[r.bans.end] for _, r in self.barred]).to(device, non_blocking=True)
         self.presence = self.frequency = None
         if self.counted:
             weights = torch.tensor([[r.req.params.presence_penalty for _, r in self.counted],
@@ -286,16 +323,38 @@ class _AfterGraph:
             self.presence, self.frequency = weights.to(device, non_blocking=True)[:, :, None].unbind(0)
 
     def __bool__(self) -> bool:
-        return bool(self.constrained or self.counted or self.biased or self.scored)
+        return bool(self.constrained or self.counted or self.biased or self.scored or self.barred)
 
     def biased_logits(self, logits: torch.Tensor) -> torch.Tensor:
-        """``logits`` with the rows' logit bias added: a copy where any row has one."""
-        if not self.biased:
+        """``logits`` with the rows' logit bias added, and their masks (allowed_token_ids, one-token bad words): a copy
+        where any row has either."""
+        if not (self.biased or self.masks is not None):
             return logits
         scores = logits.clone()
         for i, row in self.biased:
             ids, values = row.bias
             scores[i].index_add_(0, ids, values)
+        if self.masks is not None:
+            scores.index_add_(0, self.masked_idx, self.masks)
+        return scores
+
+    def banned(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``scores`` (every other rule applied) with the longer bad words' last tokens banned in the rows whose output
+        ends with their other tokens (read on the host: ``Engine.step`` reads such rows' tokens before the next pick),
+        then, in a row these bans (with its other rules) leave no token, only its ``end`` token (a stop: the row ends
+        there, rather than the argmax or a draw over nothing picking any token). The model's ``logits`` are never
+        written."""
+        if not self.barred:
+            return scores
+        scores = scores.clone() if scores is logits else scores
+        hits = [(i, t) for i, row in self.banning for t in row.bans.banned_now(row.req.output_ids)]
+        if hits:
+            rows, tokens = torch.tensor(hits).to(self.device, non_blocking=True).unbind(1)
+            scores[rows, tokens] = -float("inf")
+        rows = self.barred_idx
+        barred = scores.index_select(0, rows)
+        left = barred.gather(1, self.ends)
+        scores[rows[:, None], self.ends] = torch.where(barred.isneginf().all(-1, keepdim=True), 0.0, left)
         return scores
 
     def output_penalised(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -435,6 +494,9 @@ class Engine:
         self._flip = 0
         self._decode_weights = False  # the Int4 kernels' repacked weights made (``_spare_bytes``)
         self._constraint_state: Constraints | None = None  # made for the first constrained request
+        # bad_words -> their token sequences (bad_word_ids), the last KEPT_WORDS kept: the server tokenizes them off
+        # its event loop first (prepare_token_rules), and submit, on the loop, finds them here for each of n choices
+        self._words: OrderedDict[tuple, list] = OrderedDict()
         self._one = torch.ones(1, device=self.device)  # (a picked token's count, added on the device)
 
     def _bind_adapters(self, model) -> None:
@@ -507,7 +569,50 @@ class Engine:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the "
                              f"engine's max_len {self.max_len}")
         self.prepare_constraint(params)  # (a bad schema or regex: ValueError naming what is wrong)
+        self.prepare_token_rules(params)
         return Request(ids, params, adapter)
+
+    def bad_word_ids(self, words: tuple) -> list[tuple[int, ...]]:
+        """``words``' token sequences as vLLM bans them (sampling.bad_word_ids), cached; FieldProblem naming a word
+        of too many tokens (or one outside the model's vocabulary)."""
+        with self._lock:
+            if words in self._words:
+                self._words.move_to_end(words)
+                return self._words[words]
+        found = bad_word_ids(self.tokenizer.encode, words, self.vocab)
+        with self._lock:
+            self._words[words] = found
+            if len(self._words) > KEPT_WORDS:
+                self._words.popitem(last=False)
+        return found
+
+    def prepare_token_rules(self, params: SamplingParams) -> None:
+        """Check ``params``' allowed_token_ids and bad_words for this engine (FieldProblem, a ValueError, naming the
+        field): the ids in the vocabulary, no more of them than it holds, the words tokenized (``bad_word_ids``: a
+        caller on an event loop calls this on a worker thread first, and submit then finds them tokenized), and
+        some token left to pick: not every allowed token a one-token bad word, nor, before min_new_tokens, a stop."""
+        allowed = params.allowed_token_ids
+        if allowed is not None:
+            if len(allowed) > self.vocab:
+                raise FieldProblem("allowed_token_ids", f"allowed_token_ids holds {len(allowed)} ids: more than the "
+                                   f"model's vocabulary ({self.vocab})")
+            if max(allowed) >= self.vocab:
+                raise FieldProblem("allowed_token_ids", vocabulary_problem("allowed_token_ids", allowed, self.vocab))
+        words = self.bad_word_ids(params.bad_words) if params.bad_words else []
+        if allowed is None:
+            return
+        left = set(allowed) - {w[0] for w in words if len(w) == 1}
+        if not left:
+            raise FieldProblem("allowed_token_ids", "allowed_token_ids: every one of its tokens is a bad word "
+                               "(bad_words): no token is left to pick")
+        if params.min_new_tokens and left <= self._stops(params):
+            raise FieldProblem("allowed_token_ids", "allowed_token_ids: every token it leaves ends the reply (a stop "
+                               "token), which the reply's minimum length (min_tokens) holds back: no token is left "
+                               "to pick")
+
+    def _stops(self, params: SamplingParams) -> set:
+        """The tokens that end a row of ``params`` (not part of its output)."""
+        return (set() if params.ignore_eos else self._base_stops) | set(params.stop_token_ids)
 
     def prepare_constraint(self, params: SamplingParams) -> None:
         """Compile what ``params`` holds the reply to (json_schema, regex, choice, grammar) for this engine's
@@ -553,8 +658,10 @@ class Engine:
             # a cancelled request still waiting leaves at once: it holds no row, and a full batch would otherwise
             # keep it (and its place in a server's queue) until some running row ended
             self._drop_cancelled_waiting(touched)
-            # a constrained row needs its last token read before its next pick (not one step late)
-            if self._inflight is not None and (self._must_change() or self._after_graph.constrained):
+            # a constrained row, or one with a longer bad word, needs its last token read before its next pick (not
+            # one step late)
+            if self._inflight is not None and (self._must_change() or self._after_graph.constrained
+                                               or self._after_graph.banning):
                 self._read(self._take_inflight(), touched)
             if self._inflight is None:
                 if self._gone:
@@ -986,9 +1093,32 @@ class Engine:
             ids, values = zip(*req.params.logit_bias.items())
             bias = (torch.tensor(ids, device=self.device),
                     torch.tensor(values, dtype=torch.float32, device=self.device))
-        return _Row(req, alpha, generator, self.adapters.index(req.adapter),
-                    (set() if req.params.ignore_eos else self._base_stops) | set(req.params.stop_token_ids), stop_text,
-                    None if constraint is None else self._constraints().matcher(*constraint), counts, bias)
+        stops = self._stops(req.params)
+        return _Row(req, alpha, generator, self.adapters.index(req.adapter), stops, stop_text,
+                    None if constraint is None else self._constraints().matcher(*constraint), counts, bias,
+                    self._bans(req.params, stops))
+
+    def _bans(self, params: SamplingParams, stops: set) -> _Bans | None:
+        """A row's _Bans from its allowed_token_ids and bad_words (None without either)."""
+        if not _barred(params):
+            return None
+        words = self.bad_word_ids(params.bad_words) if params.bad_words else []
+        singles = [w[0] for w in words if len(w) == 1]
+        mask = None
+        if params.allowed_token_ids is not None or singles:
+            if params.allowed_token_ids is None:
+                mask = torch.zeros(self.vocab, device=self.device)
+            else:
+                mask = torch.full((self.vocab,), -float("inf"), device=self.device)
+                mask[torch.tensor(params.allowed_token_ids, device=self.device)] = 0
+            if singles:
+                mask[torch.tensor(singles, device=self.device)] = -float("inf")
+        after: dict[int, list] = {}
+        for w in words:
+            if len(w) > 1:
+                after.setdefault(w[-2], []).append((w[:-1], w[-1]))
+        end = self.tokenizer.im_end_id
+        return _Bans(mask, after, end if end in stops or not stops else min(stops))
 
     def _prefill_chunk(self, touched) -> None:
         """The next ``prefill_chunk`` positions of the prompt being prefilled in chunks (``_Chunked``), into its slot;
@@ -1236,11 +1366,12 @@ class Engine:
 
     def _pick_next(self, logits, b, penalised, held, ints, seen, sampled=False, after=None) -> tuple | None:
         """On the device, the next token of rows 0..b-1 from their logits [b, V], as ``_emit`` picks it
-        (with ``after`` (an ``_AfterGraph``): the rows' logit bias, then the repetition penalty, the presence and
-        frequency penalties (their counts then advanced), stop tokens masked while fewer than min_new_tokens are
-        out, the tokens a constraint allows (``_allowed``, computed now: after the forward's graph was enqueued),
-        then argmax; with ``sampled``, the seeded rows through sampling.pick_one with their generators and the
-        unseeded ones through sampling.sample_rows), written as the next step's inputs into ``ints`` (the token;
+        (with ``after`` (an ``_AfterGraph``): the rows' logit bias and masks, then the repetition penalty, the
+        presence and frequency penalties (their counts then advanced), stop tokens masked while fewer than
+        min_new_tokens are out, the tokens a constraint allows (``_allowed``, computed now: after the forward's graph
+        was enqueued), the bad words' bans that depend on the output (``_AfterGraph.banned``), then argmax; with
+        ``sampled``, the seeded rows through sampling.pick_one with their generators and the unseeded ones through
+        sampling.sample_rows), written as the next step's inputs into ``ints`` (the token;
         position and tokens picked advanced by one for the active rows) and into ``seen``. Returns the rows'
         log-probabilities to report (``_AfterGraph.logprobs``), on the device. Nothing here reads a value back to
         the host."""
@@ -1255,6 +1386,8 @@ class Engine:
         allowed = None if after is None else self._allowed(after)
         if allowed is not None:
             scores = _masked(scores, logits, *allowed)
+        if after is not None:
+            scores = after.banned(scores, logits)
         nxt = scores.argmax(-1)
         if sampled:
             for i, params, generator in self._seeded:
@@ -1441,6 +1574,7 @@ class Engine:
         allowed = self._allowed(after)
         if allowed is not None:
             scores = _masked(scores, logits, *allowed)
+        scores = after.banned(scores, logits)
         tokens = pick_tokens(scores, [r.req.params for r in rows], [r.generator for r in rows])
         on_device = torch.tensor(tokens, device=self.device)
         lp = after.logprobs(logits, on_device)

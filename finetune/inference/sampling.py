@@ -1,15 +1,15 @@
 """Sampling parameters of one request, and the next-token choice for a batch of rows.
 
-The semantics are transformers' (and the official Qwen generation's), after OpenAI's logit_bias added to the
-logits: repetition penalty over the prompt and the tokens generated so far (RepetitionPenaltyLogitsProcessor), then
-OpenAI's presence and frequency penalties over the generated tokens (``output_penalties``; vLLM's order), stop
-tokens held back until min_new_tokens, then argmax or temperature -> top-k -> top-p -> min-p -> typical-p ->
-multinomial (``pick_one``). Greedy rows are picked together in one argmax; sampling rows one by one (each may have
-its own seeded generator), or, for rows without a seed, all at once with per-row parameters as tensors (``RowSampling``,
-``sample_rows``: the same processors, the same distribution; the draws come from the device's default generator in
-one batch). A transformers GenerationConfig maps onto SamplingParams; options the engine does not implement (beams,
-no_repeat_ngram_size, ...) are named by ``unsupported_options`` so callers can refuse them in one line (or fall back
-to generate()).
+The semantics are transformers' (and the official Qwen generation's), after OpenAI's logit_bias added to the logits
+(vLLM's allowed_token_ids and bad_words as -inf beside it): repetition penalty over the prompt and the tokens
+generated so far (RepetitionPenaltyLogitsProcessor), then OpenAI's presence and frequency penalties over the
+generated tokens (``output_penalties``; vLLM's order), stop tokens held back until min_new_tokens, then argmax or
+temperature -> top-k -> top-p -> min-p -> typical-p -> multinomial (``pick_one``). Greedy rows are picked together
+in one argmax; sampling rows one by one (each may have its own seeded generator), or, for rows without a seed, all
+at once with per-row parameters as tensors (``RowSampling``, ``sample_rows``: the same processors, the same
+distribution; the draws come from the device's default generator in one batch). A transformers GenerationConfig maps
+onto SamplingParams; options the engine does not implement (beams, no_repeat_ngram_size, ...) are named by
+``unsupported_options`` so callers can refuse them in one line (or fall back to generate()).
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from ..modeling.sampling_ranges import (OFF_VALUES, SAMPLING_RANGES, do_sample_p
 GREEDY_BELOW = 0.01
 CONSTRAINTS = ("json_schema", "regex", "choice", "grammar")  # SamplingParams' fields that constrain the reply
 MAX_LOGPROBS = 20  # the most alternatives a token's log-probabilities list (OpenAI's top_logprobs limit)
+# vLLM's bad_words, bounded: a row's words are looked up against its last output token every step, and each one's
+# tokens compared with the output's last ones
+MAX_BAD_WORDS = 1024
+MAX_BAD_WORD_TOKENS = 16
 
 
 _SUPPORTED = {
@@ -96,6 +100,14 @@ class SamplingParams:
     regex: str | None = None
     choice: tuple | None = None
     grammar: str | None = None
+    # vLLM's: only these token ids may be picked (every other logit -inf, for greedy and sampled rows alike). As in
+    # vLLM no stop token is added: without <|im_end|> (or a stop id) among them the output runs to max_new_tokens or a
+    # stop string. Checked against the vocabulary (and bad_words, min_new_tokens) at submit: Engine.prepare_token_rules
+    allowed_token_ids: tuple | None = None
+    # vLLM's: words the output never holds. Each is tokenized as written (leading whitespace stripped) and after a
+    # space (``bad_word_ids``); a one-token word's token is banned at every step, a longer one's last token at a
+    # step where the output (not the prompt) ends with its other tokens
+    bad_words: tuple = ()
 
     def __post_init__(self):
         if isinstance(self.choice, list):
@@ -109,6 +121,13 @@ class SamplingParams:
             # (numpy and torch integers as ints; "12" was read as the ids 1 and 2, 3.7 as 3)
             ids = tuple(int(t) if integral(t) else t for t in ids)
             self.stop_token_ids = ids
+        ids = self.allowed_token_ids
+        if ids is not None and not isinstance(ids, (str, bytes, dict)) and hasattr(ids, "__iter__"):
+            self.allowed_token_ids = tuple(int(t) if integral(t) else t for t in ids)
+        if isinstance(self.bad_words, str):
+            self.bad_words = (self.bad_words,)
+        if not isinstance(self.bad_words, (bytes, dict)) and hasattr(self.bad_words, "__iter__"):
+            self.bad_words = tuple(self.bad_words)
         self.check()
 
     def check(self) -> None:
@@ -173,6 +192,17 @@ class SamplingParams:
             problems.append(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         elif given and self.ignore_eos:  # (a complete document allows only <|im_end|>: the row would repeat it)
             problems.append(f"ignore_eos cannot be combined with {given[0]}: it ends the reply with <|im_end|>")
+        ids = self.allowed_token_ids
+        # (type() is int: a list of the whole vocabulary is checked at every submit, fast enough this way)
+        if ids is not None and not (isinstance(ids, tuple) and ids and all(type(t) is int for t in ids)
+                                    and min(ids) >= 0):
+            problems.append(f"allowed_token_ids must be None or a non-empty list of token ids (integers >= 0), got "
+                            f"{ids!r}"[:300])
+        words = self.bad_words
+        if not (isinstance(words, tuple) and all(isinstance(w, str) and w.strip() for w in words)):
+            problems.append(f"bad_words must be words (strings with text beyond whitespace), got {words!r}"[:300])
+        elif len(words) > MAX_BAD_WORDS:
+            problems.append(f"bad_words holds {len(words)} words: at most {MAX_BAD_WORDS}")
         if problems:
             raise ValueError("SamplingParams: " + "; ".join(problems))
 
@@ -205,6 +235,35 @@ class SamplingParams:
             raise ValueError(f"SamplingParams has no field(s) {', '.join(bad)}")
         values.update(overrides)
         return cls(**values)
+
+
+class FieldProblem(ValueError):
+    """A value of one request field the engine cannot take; ``field`` names it ("bad_words[2]"), and the message
+    starts with it (the server's 400 names it as its param)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+def bad_word_ids(encode, words, vocab: int) -> list[tuple[int, ...]]:
+    """vLLM's tokenization of bad_words (SamplingParams.update_from_tokenizer) with ``encode`` (plain text -> ids):
+    each word with its leading whitespace stripped, and with one space before it where that gives as many tokens
+    and another first token (a word inside a text, after a space, is other tokens than at its start). A word of
+    more than MAX_BAD_WORD_TOKENS tokens, or of a token past the model's ``vocab``: FieldProblem naming it."""
+    out = []
+    for i, word in enumerate(words):
+        plain = tuple(encode(word.lstrip()))
+        if len(plain) > MAX_BAD_WORD_TOKENS:
+            raise FieldProblem(f"bad_words[{i}]", f"bad_words[{i}] is {len(plain)} tokens: at most "
+                               f"{MAX_BAD_WORD_TOKENS} a word")
+        spaced = tuple(encode(" " + word.lstrip()))
+        for ids in (plain, spaced) if spaced[0] != plain[0] and len(spaced) == len(plain) else (plain,):
+            if max(ids) >= vocab:  # (a tokenizer of more tokens than the model's)
+                raise FieldProblem(f"bad_words[{i}]", f"bad_words[{i}]: token id {max(ids)} is outside the "
+                                   f"model's vocabulary [0, {vocab})")
+            out.append(ids)
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, seen: torch.Tensor, penalties: torch.Tensor) -> torch.Tensor:
@@ -337,5 +396,5 @@ def sample_rows(scores: torch.Tensor, rs: RowSampling, noise: torch.Tensor | Non
     return (probs / q).argmax(-1)
 
 
-__all__ = ["SamplingParams", "RowSampling", "apply_penalties", "output_penalties", "pick_tokens", "pick_one",
-           "sample_rows", "typical", "unsupported_options"]
+__all__ = ["SamplingParams", "FieldProblem", "RowSampling", "apply_penalties", "bad_word_ids", "output_penalties",
+           "pick_tokens", "pick_one", "sample_rows", "typical", "unsupported_options"]
