@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import react
 from ..errors import quoted
 from ..inference.engine import vocabulary_problem
-from ..inference.sampling import GREEDY_BELOW
+from ..inference.sampling import GREEDY_BELOW, FieldProblem
 from .models import peft_adapter_name
 from . import completions
 from .protocol import (ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, CompletionRequest, SamplingRequest,
@@ -204,6 +204,14 @@ class Server:
             over["logit_bias"] = bias
         stop_ids = tuple(dict.fromkeys(body.stop_token_ids or ()))
         self.check_vocabulary("stop_token_ids", stop_ids)
+        if body.allowed_token_ids is not None:
+            if len(body.allowed_token_ids) > self.engine.vocab:  # (a list is read whole at every submit)
+                raise APIError(400, f"allowed_token_ids holds {len(body.allowed_token_ids)} ids: more than the "
+                               f"model's vocabulary ({self.engine.vocab})", "allowed_token_ids")
+            self.check_vocabulary("allowed_token_ids", body.allowed_token_ids)
+            over["allowed_token_ids"] = body.allowed_token_ids
+        if body.bad_words:
+            over["bad_words"] = body.bad_words
         if body.seed is not None:
             over["seed"] = body.seed
         if body.min_tokens:
@@ -216,7 +224,24 @@ class Server:
         else:
             stop_ids = tuple(dict.fromkeys((*self.gc.eos_token_id, *stop_ids)))
         over["stop_token_ids"] = stop_ids
-        return SamplingParams.from_generation_config(self.gc, **over)
+        params = SamplingParams.from_generation_config(self.gc, **over)
+        if body.allowed_token_ids is not None or body.bad_words:
+            try:  # (the words tokenized here, off the event loop; submit finds them tokenized)
+                self.engine.prepare_token_rules(params)
+            except FieldProblem as e:
+                raise APIError(400, str(e), e.field) from None
+        return params
+
+    def truncation(self, body: SamplingRequest) -> int | None:
+        """How many of a prompt's last tokens the request keeps (vLLM's truncate_prompt_tokens; -1: the model's
+        maximum context length), or None: all of them. More than that length is a 400 naming the field (vLLM's)."""
+        keep = body.truncate_prompt_tokens
+        if keep is None:
+            return None
+        if keep > self.max_model_len:
+            raise APIError(400, f"truncate_prompt_tokens ({keep}) is more than the model's maximum context length "
+                           f"({self.max_model_len})", "truncate_prompt_tokens")
+        return self.max_model_len if keep == -1 else keep
 
     # -- running a request -------------------------------------------------------------------------------
 
@@ -234,8 +259,11 @@ class Server:
             constraint = body.constraint()
             if constraint is not None:
                 constrained_reply_problem(constraint.field, functions, turns.continues_assistant)
+            keep = self.truncation(body)
             stats: dict = {}
             ids = self.prompt_ids(turns, stats)
+            if keep is not None:  # (the ChatML prompt's last tokens, as vLLM cuts the chat template's output)
+                ids = ids[-keep:]
         except RecursionError:  # JSON nested as deep as the parser allows, then written out again (repr, dumps)
             raise APIError(400, "the request body nests JSON too deeply") from None
         left_out = stats["history_left_out"]

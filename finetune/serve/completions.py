@@ -40,6 +40,7 @@ def prepare(server, body: CompletionRequest):
     body.check()
     adapter = server.adapter_for(body.model)
     prompts = body.prompts()
+    keep = server.truncation(body)
     several = prompts is body.prompt
     out = []
     for i, p in enumerate(prompts):
@@ -49,6 +50,8 @@ def prepare(server, body: CompletionRequest):
         else:
             server.check_vocabulary(where, p)
             ids, text = list(p), None
+        if keep is not None and len(ids) > keep:  # (vLLM's truncate_prompt_tokens; echo gives the tokens kept)
+            ids, text = ids[-keep:], None
         params = server.params(body, len(ids), source=where, default_max=DEFAULT_MAX_TOKENS)
         if body.echo and body.logprobs is not None:  # (the prompt's tokens scored at its prefill)
             params = dataclasses.replace(params, prompt_logprobs=body.logprobs)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr,
 from pydantic_core import PydanticCustomError
 
 from ..errors import lone_surrogate, quoted
+from ..inference.sampling import MAX_BAD_WORDS
 
 
 class APIError(Exception):
@@ -71,10 +72,10 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 # Fields other servers take (vLLM's extra_body, newer OpenAI models') that would change the answer, which this
 # server does not implement -> the values that ask for nothing (absent and null too). Ignored, a client asking
-# for beam search, banned words or a reasoning effort would get an answer made without it and no word why.
+# for beam search, its own chat template or a reasoning effort would get an answer made without it and no word why.
+# (vLLM's allowed_token_ids, bad_words and truncate_prompt_tokens are served: SamplingRequest's fields.)
 NEUTRAL: dict[str, tuple] = {
-    "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "bad_words": ([],),
-    "allowed_token_ids": (), "truncate_prompt_tokens": (), "prompt_logprobs": (), "logits_processors": (),
+    "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "prompt_logprobs": (), "logits_processors": (),
     "chat_template": (), "documents": (),
     "structural_tag": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
 }
@@ -124,6 +125,17 @@ class SamplingRequest(BaseModel):
     stop_token_ids: list[Annotated[int, Number, Field(ge=0)]] | None = Field(default=None, max_length=MAX_STOP_IDS)
     # vLLM's: the stop string that ended the reply is kept at its end
     include_stop_str_in_output: StrictBool | None = None
+    # vLLM's: only these token ids may be sampled (every other logit -inf; classification clients send the ids of
+    # their labels). As in vLLM no stop is added: without <|im_end|> among them (or a stop id) the reply runs to
+    # max_tokens or a stop string. Whether each is in the vocabulary (and there are no more than it holds) is the
+    # server's check
+    allowed_token_ids: list[Annotated[int, Number, Field(ge=0)]] | None = Field(default=None, min_length=1)
+    # vLLM's: words the reply never holds (each as written and after a space; a longer word's last token is banned
+    # where the reply ends with its other tokens: SamplingParams.bad_words); each of at most 16 tokens
+    bad_words: list[str] | None = Field(default=None, max_length=MAX_BAD_WORDS)
+    # vLLM's: only the last k tokens of the prompt (on the chat route the ChatML prompt the messages make) are kept,
+    # before the length limit is checked (-1: k is the model's maximum context length; Server.truncation)
+    truncate_prompt_tokens: Annotated[int | None, Number] = Field(default=None, ge=-1)
     # vLLM's extension, as Qwen's docs send it (extra_body); default: the model's generation config's. Bounded:
     # seen tokens' scores are divided or multiplied by it, a 1e-40 overflows fp32 to inf, and a sampled row's draw
     # then fails the engine step for every request in the batch (past x100 either way it changes nothing more)
@@ -158,6 +170,14 @@ class SamplingRequest(BaseModel):
                                f"{allowed[-1]})", name)
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        if self.truncate_prompt_tokens == 0:  # (vLLM's rule: an empty prompt has nothing to continue)
+            raise APIError(400, "truncate_prompt_tokens must be an integer >= 1 (the prompt's last tokens kept), or -1 "
+                           "for the model's maximum context length", "truncate_prompt_tokens")
+        for i, word in enumerate(self.bad_words or ()):
+            if not word.strip():  # (tokenized with its leading whitespace stripped: nothing would be left)
+                raise APIError(400, f"bad_words[{i}] is empty: give a word (text beyond whitespace)", f"bad_words[{i}]")
+            if (why := lone_surrogate(word)) is not None:
+                raise APIError(400, f"bad_words[{i}]: {why}", f"bad_words[{i}]")
         if self.min_tokens and self.max_new_tokens() is not None and self.min_tokens > self.max_new_tokens():
             raise APIError(400, f"min_tokens ({self.min_tokens}) is more than {self.max_tokens_field()} "
                            f"({self.max_new_tokens()})", "min_tokens")
