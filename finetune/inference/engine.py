@@ -187,7 +187,8 @@ class _Bans:
     the device (0, or -inf for a token outside allowed_token_ids or a one-token bad word; None without either), and
     the longer bad words as their last token's ban after the others (``after``: the token before the last -> [(the
     tokens before the last, the last)]), looked for in the output on the host at each pick. ``end``: the token the row
-    picks where these leave it none (``_AfterGraph.banned``), a stop that ends it."""
+    picks where these leave it none (``_AfterGraph.banned``): a stop that ends it (<|im_end|> where that is one; with
+    ignore_eos and no stop ids there is none, and <|im_end|> is output)."""
 
     __slots__ = ("mask", "after", "end")
 
@@ -601,11 +602,13 @@ class Engine:
         words = self.bad_word_ids(params.bad_words) if params.bad_words else []
         if allowed is None:
             return
-        left = set(allowed) - {w[0] for w in words if len(w) == 1}
-        if not left:
+        # (each test stops at the first token that passes: a list of the whole vocabulary is read at every submit)
+        singles = {w[0] for w in words if len(w) == 1}
+        if all(t in singles for t in allowed):
             raise FieldProblem("allowed_token_ids", "allowed_token_ids: every one of its tokens is a bad word "
                                "(bad_words): no token is left to pick")
-        if params.min_new_tokens and left <= self._stops(params):
+        stops = self._stops(params)
+        if params.min_new_tokens and all(t in singles or t in stops for t in allowed):
             raise FieldProblem("allowed_token_ids", "allowed_token_ids: every token it leaves ends the reply (a stop "
                                "token), which the reply's minimum length (min_tokens) holds back: no token is left "
                                "to pick")
