@@ -34,7 +34,7 @@ from ..errors import quoted
 from ..inference.engine import vocabulary_problem
 from ..inference.sampling import GREEDY_BELOW, FieldProblem
 from .models import peft_adapter_name
-from . import completions
+from . import completions, tokenizing
 from .protocol import (ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, CompletionRequest, SamplingRequest,
                        clipped, field_path)
 from .runs import ClientGone, Run, StreamEnded, merged, request_usage, sse, watched
@@ -584,10 +584,14 @@ def key_problem(api_key: str | None, header: bytes) -> str | None:
     return "missing" if not header or (scheme.lower() == b"bearer" and not key.strip()) else "incorrect"
 
 
+# Keyed besides /v1/*: vLLM leaves its tokenizer routes open, but they spend the server's CPU on any text sent
+KEYED = ("/tokenize", "/detokenize")
+
+
 class KeyFirst:
-    """The API key of /v1/* checked before the body is read: a client without the key got a 400 for a body that is
-    not JSON and a 413 for one over the limit, and had the server parse up to MAX_BODY_BYTES of JSON, before its
-    401. The body is read and dropped first (``_drop_body``), as for a 413.
+    """The API key of /v1/* (and KEYED) checked before the body is read: a client without the key got a 400 for a
+    body that is not JSON and a 413 for one over the limit, and had the server parse up to MAX_BODY_BYTES of JSON,
+    before its 401. The body is read and dropped first (``_drop_body``), as for a 413.
     OPTIONS is left to the CORS middleware outside (a browser's preflight carries no key) or the router's 405."""
 
     def __init__(self, app, server: Server, limit: int):
@@ -595,7 +599,7 @@ class KeyFirst:
 
     async def __call__(self, scope, receive, send):
         if (scope["type"] != "http" or self.server.api_key is None or scope["method"] == "OPTIONS"
-                or not (scope["path"] == "/v1" or scope["path"].startswith("/v1/"))):
+                or not (scope["path"] == "/v1" or scope["path"].startswith("/v1/") or scope["path"] in KEYED)):
             await self.app(scope, receive, send)
             return
         header = next((value for name, value in scope["headers"] if name == b"authorization"), b"")  # the first
@@ -661,8 +665,8 @@ def _cors_middleware():
 
 # Every route create_app serves (HEAD too on the GET ones; a trailing slash is served as without it), as a 404
 # names them
-SERVED = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, GET /health (the "
-          "server's state) and GET / (the chat page)")
+SERVED = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, POST /tokenize, "
+          "POST /detokenize, GET /health (the server's state) and GET / (the chat page)")
 # What a client calling an OpenAI API this server does not serve can do instead, by path (the 404 says it after
 # SERVED): the AI SDK's openai(model) (@ai-sdk/openai 2+) and LangChain's use_responses_api=True call /v1/responses
 INSTEAD = {
@@ -772,6 +776,9 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     async def model(name: str):
         server.adapter_for(name)  # 404 model_not_found, naming what is served, for another name
         return card(name)
+
+    # vLLM's token counting (tokenizing.py): what a prompt costs against --max-model-len before it is sent
+    tokenizing.add_routes(app, server)
 
     # a trailing slash is served, not redirected: a 307 reached curl without -L as an empty answer
     @app.post("/v1/chat/completions")
