@@ -15,7 +15,7 @@ mkdir -p "$OUTDIR"
 # pydantic need a newer typing_extensions than the image's
 PKGS=(datasets dill multiprocess fastapi starlette uvicorn h11 click pydantic pydantic-core annotated-types
       typing-inspection annotated-doc opentelemetry-api anyio sniffio idna certifi openai httpx httpcore httpx2
-      httpcore2 truststore distro jiter typing-extensions llguidance
+      httpcore2 truststore distro jiter typing-extensions llguidance prometheus-client
       hjson msgpack py-cpuinfo einops ninja)  # the last five: what deepspeed imports that the image lacks
 specs=()
 for p in "${PKGS[@]}"; do

@@ -360,8 +360,9 @@ class ScriptedEngine:
         from types import SimpleNamespace
 
         self.prompt_ids = list(prompt_ids)
-        req = SimpleNamespace(id=next(_SCRIPTED_IDS), prompt_ids=list(prompt_ids), output_ids=[], finished=False,
-                              finish_reason=None, todo=self.tok.encode(self.reply), limit=params.max_new_tokens)
+        req = SimpleNamespace(id=next(_SCRIPTED_IDS), prompt_ids=list(prompt_ids), adapter=adapter, output_ids=[],
+                              finished=False, finish_reason=None, todo=self.tok.encode(self.reply),
+                              limit=params.max_new_tokens)
         req.cancel = lambda reason=None: setattr(req, "todo", [])
         self.running.append(req)
         return req

@@ -74,7 +74,7 @@ def test_ctrl_c_ends_a_command_in_one_line(command, monkeypatch, capsys):
     assert rc == 130 and capsys.readouterr().err == f"\nqwen-ft {command}: interrupted\n"
 
 
-@pytest.mark.parametrize("package", ["fastapi", "llguidance"])
+@pytest.mark.parametrize("package", ["fastapi", "llguidance", "prometheus_client"])
 def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys, package):
     # without fastapi (pip install -e ".[serve]") serve ended on the app's ModuleNotFoundError traceback
     from finetune.cli import main
@@ -82,8 +82,9 @@ def test_serve_without_its_extra_says_what_to_install(monkeypatch, capsys, packa
     monkeypatch.setitem(sys.modules, package, None)  # as if not installed
     assert main(["serve", "-m", "x"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(f"error: qwen-ft serve needs FastAPI, uvicorn and llguidance "
-                                                   f"({package} is not installed)") and '".[serve]"' in err
+    assert err.count("\n") == 1 and err.startswith(f"error: qwen-ft serve needs FastAPI, uvicorn, llguidance and "
+                                                   f"prometheus_client ({package} is not installed)")
+    assert '".[serve]"' in err
 
 
 # -- eval of a model without an adapter (a merged model) -----------------------------------------------------

@@ -73,7 +73,13 @@ class Server:
                                  or model.config.seq_length)
         self.max_batch = max_batch
         self.max_queue = 4 * max_batch if max_queue is None else max_queue
+        from .metrics import ServeMetrics
+
+        labels = {None: base_name, **{peft_adapter_name(n): n for n in self.adapter_names}}
         self.worker = EngineWorker(self.engine, capacity=max_batch + self.max_queue)
+        self.metrics = ServeMetrics(labels, lambda: self.engine.occupancy(), lambda: self.worker.in_flight,
+                                    lambda: self.worker.steps)
+        self.worker.metrics = self.metrics
         self.created = int(time.time())
 
     def default_sampling(self) -> list:
@@ -584,8 +590,9 @@ def key_problem(api_key: str | None, header: bytes) -> str | None:
     return "missing" if not header or (scheme.lower() == b"bearer" and not key.strip()) else "incorrect"
 
 
-# Keyed besides /v1/*: vLLM leaves its tokenizer routes open, but they spend the server's CPU on any text sent
-KEYED = ("/tokenize", "/detokenize")
+# Keyed besides /v1/*: vLLM leaves its tokenizer routes and metrics open, but the first spend the server's CPU on
+# any text sent and the metrics name the models served
+KEYED = ("/tokenize", "/detokenize", "/metrics")
 
 
 class KeyFirst:
@@ -666,7 +673,7 @@ def _cors_middleware():
 # Every route create_app serves (HEAD too on the GET ones; a trailing slash is served as without it), as a 404
 # names them
 SERVED = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, POST /tokenize, "
-          "POST /detokenize, GET /health (the server's state) and GET / (the chat page)")
+          "POST /detokenize, GET /health (the server's state), GET /metrics (Prometheus') and GET / (the chat page)")
 # What a client calling an OpenAI API this server does not serve can do instead, by path (the 404 says it after
 # SERVED): the AI SDK's openai(model) (@ai-sdk/openai 2+) and LangChain's use_responses_api=True call /v1/responses
 INSTEAD = {
@@ -756,6 +763,13 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         if failure is not None:  # the last engine step failed (and, while steps keep failing, each retry)
             return JSONResponse({**body, "status": "engine_error", "error": failure}, status_code=503)
         return body
+
+    # Prometheus' scrape (metrics.py); with --api-key it needs the key, as the API does (the scraper's
+    # `authorization` setting sends it)
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    async def metrics():
+        text, content_type = server.metrics.exposition()
+        return Response(text, media_type=content_type)
 
     @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():

@@ -304,10 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     try:  # the optional extra: without it the app's import was a traceback (llguidance: JSON response_format)
         import fastapi  # noqa: F401
         import llguidance  # noqa: F401
+        import prometheus_client  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as e:
-        print(f"error: qwen-ft serve needs FastAPI, uvicorn and llguidance ({e.name or e} is not installed): "
-              f"pip install -e \".[serve]\" in the checkout (or pip install fastapi uvicorn llguidance)",
+        print(f"error: qwen-ft serve needs FastAPI, uvicorn, llguidance and prometheus_client ({e.name or e} is not "
+              f"installed): pip install -e \".[serve]\" in the checkout (or pip install fastapi uvicorn llguidance "
+              f"prometheus-client)",
               file=sys.stderr)
         return 2
     import warnings

@@ -40,8 +40,9 @@ class Progress:
 
 
 class EngineWorker:
-    def __init__(self, engine, capacity: int):
+    def __init__(self, engine, capacity: int, metrics=None):
         self.engine = engine
+        self.metrics = metrics  # (metrics.ServeMetrics: told of each request's submit, progress and end)
         self.capacity = capacity  # requests in flight (running + waiting) before a 429
         self._streams: dict = {}  # request id -> (request, loop, queue)
         self._lock = threading.Lock()
@@ -89,6 +90,8 @@ class EngineWorker:
                 return None
             req = self.engine.submit(prompt_ids, params, adapter=adapter)
             self._streams[req.id] = (req, loop, queue)
+            if self.metrics is not None:  # (under the lock: before the engine's thread can report it)
+                self.metrics.submitted(req)
         self._wake.set()
         return req, queue
 
@@ -98,6 +101,8 @@ class EngineWorker:
             streams, self._streams = list(self._streams.values()), {}
         for req, loop, queue in streams:
             req.cancel()
+            if self.metrics is not None:
+                self.metrics.ended(req)
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, Progress(len(req.output_ids), True, None, error()))
             except RuntimeError:  # the event loop closed: no one waits for it
@@ -139,6 +144,8 @@ class EngineWorker:
             for req in updated:
                 with self._lock:
                     entry = self._streams.get(req.id)
+                    if entry is not None and self.metrics is not None:
+                        self.metrics.updated(req)
                     if entry is not None and req.finished:
                         del self._streams[req.id]
                         self.finished[req.finish_reason] += 1
