@@ -95,6 +95,8 @@ def test_a_prompt_counts_as_completions_read_it_and_decodes_back(live):
     ("/detokenize", {"tokens": [1, 10**9]}, "tokens"),
     ("/detokenize", {"tokens": [1, -1]}, "tokens"),
     ("/detokenize", {"tokens": "12"}, "tokens"),
+    ("/detokenize", {"tokens": [5, "12"]}, "tokens[1]"),
+    ("/detokenize", {"tokens": [True]}, "tokens[0]"),
 ])
 def test_a_bad_body_is_a_400_naming_the_field(live, path, body, field):
     err = _error(live, path, body)
