@@ -567,6 +567,39 @@ def decode_recorded(model, tok, batch, adapters, params, max_batch: int = 4):
     return reqs, rec
 
 
+def test_graphed_rows_with_allowed_token_ids_or_bad_words_equal_the_eager_engine_in_fp32(tok):
+    """Rows with allowed_token_ids or bad words pick after the forward's graph with their masks (a longer word's
+    ban found on the host from the output, the engine reading each step before the next): beside plain greedy and
+    sampled rows (two joining late), the same tokens as the eager engine; the allowed row picks only its tokens and
+    no row writes a bad word."""
+    model = realistic_model(4).to("cuda")
+    ps = [[t % 2000 for t in p] for p in prompts([7, 40, 19, 11, 25], seed=9)]
+    free = Engine(model, tok, max_batch=1, use_graphs=False).generate([ps[1]], SamplingParams(max_new_tokens=24))[0]
+    # a word of two tokens that the row writes unbanned, as text that tokenizes back to them (else its first token)
+    pairs = [free[i:i + 2] for i in range(len(free) - 1) if tok.encode(tok.decode(free[i:i + 2])) == free[i:i + 2]]
+    word = tok.decode(pairs[0]) if pairs else tok.decode(free[:1])
+    allowed = tuple(dict.fromkeys(free[:6]))[:3]
+    jobs = [SamplingParams(max_new_tokens=16, allowed_token_ids=allowed),
+            SamplingParams(max_new_tokens=24, bad_words=(word,)),
+            SamplingParams(max_new_tokens=20),
+            SamplingParams(max_new_tokens=20, bad_words=(word, tok.decode(free[5:6])), do_sample=True, seed=5),
+            SamplingParams(max_new_tokens=20, do_sample=True, top_p=0.9, seed=4)]
+
+    def run(use_graphs):
+        engine = Engine(model, tok, max_batch=8, use_graphs=use_graphs)
+        reqs = _decode_joining(engine, list(zip([ps[0], ps[1], ps[2], ps[1], ps[3]], jobs)), first=3, at_step=2)
+        return [r.output_ids for r in reqs], [r.finish_reason for r in reqs]
+
+    graphed, reasons = run(True)
+    eager, eager_reasons = run(False)
+    assert (graphed, reasons) == (eager, eager_reasons)
+    assert set(graphed[0]) <= set(allowed)
+    banned = tuple(tok.encode(word))
+    for out in (graphed[1], graphed[3]):
+        assert not any(tuple(out[i:i + len(banned)]) == banned for i in range(len(out)))
+    assert graphed[1] != free[:len(graphed[1])]  # (the ban changed the row)
+
+
 def test_int4_adapters_added_in_the_gemv_epilogue_match_the_separate_kernels(tok, monkeypatch, switches):
     """Layers the tensor-core GEMV takes (K a multiple of 128, group size 128): the engine hands each LoRA layer's
     A, row selection and B to the GEMV (row_adapters.py), which computes h = x A and adds (h * sel) @ B in the same
