@@ -282,17 +282,21 @@ def check_completion(r, body) -> dict:
     assert r.headers["content-type"].startswith("application/json"), r.headers
     c = r.json()
     assert c["object"] == "chat.completion" and c["id"].startswith("chatcmpl-") and c["model"] == body["model"], c
-    (choice,) = c["choices"]
-    msg = choice["message"]
-    assert msg["role"] == "assistant" and choice["finish_reason"] in ("stop", "length", "tool_calls", "function_call")
-    # (a call max_tokens cut short finishes with "length", its call there: a forced tool_choice makes those common)
-    if choice["finish_reason"] == "tool_calls" or msg.get("tool_calls"):
-        (call,) = msg["tool_calls"]
-        assert isinstance(call["function"]["name"], str) and isinstance(call["function"]["arguments"], str)
-    elif choice["finish_reason"] == "function_call" or msg.get("function_call"):
-        assert isinstance(msg["function_call"]["name"], str)
-    else:
-        assert isinstance(msg["content"], str), c
+    n = body.get("n") if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) else 1
+    assert [choice["index"] for choice in c["choices"]] == list(range(n)), c
+    for choice in c["choices"]:
+        msg = choice["message"]
+        assert msg["role"] == "assistant" and choice["finish_reason"] in ("stop", "length", "tool_calls",
+                                                                          "function_call")
+        # (a call max_tokens cut short finishes with "length", its call there: a forced tool_choice makes those
+        # common)
+        if choice["finish_reason"] == "tool_calls" or msg.get("tool_calls"):
+            (call,) = msg["tool_calls"]
+            assert isinstance(call["function"]["name"], str) and isinstance(call["function"]["arguments"], str)
+        elif choice["finish_reason"] == "function_call" or msg.get("function_call"):
+            assert isinstance(msg["function_call"]["name"], str)
+        else:
+            assert isinstance(msg["content"], str), c
     u = c["usage"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["prompt_tokens"] > 0, u
     return c
@@ -312,8 +316,11 @@ def check_stream(r, body) -> list:
         if "error" in c:  # (an engine failure: a finding of its own, 500)
             raise AssertionError(f"the stream ended with an error: {c}")
         assert c["object"] == "chat.completion.chunk" and c["model"] == body["model"], c
-    finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
-    assert finishes[-1] in ("stop", "length", "tool_calls") and all(f is None for f in finishes[:-1]), finishes
+    n = body.get("n") if isinstance(body.get("n"), int) and not isinstance(body.get("n"), bool) else 1
+    for i in range(n):  # each choice's chunks (n > 1: interleaved, each naming its index) end with one finish
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"] and c["choices"][0]["index"] == i]
+        assert finishes and finishes[-1] in ("stop", "length", "tool_calls"), (i, finishes)
+        assert all(f is None for f in finishes[:-1]), (i, finishes)
     if (body.get("stream_options") or {}).get("include_usage") is True:
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] >= 0, chunks[-1]
     return chunks
@@ -344,8 +351,18 @@ def _one(http, server, body, data: bytes, seen: dict) -> None:
         check_stream(r, body)
     else:
         check_completion(r, body)
+        if "prompt" not in json.loads(data):  # (a prompt beside messages is /tokenize's 400)
+            check_tokenize(http, data, r.json()["usage"]["prompt_tokens"])
     if r.status_code == 200 and b"<|" in data:
         check_no_control_tokens(server, json.loads(data))
+
+
+def check_tokenize(http, data: bytes, prompt_tokens: int) -> None:
+    """POST /tokenize of a body the chat route answered counts the prompt that route built (its messages, tools,
+    tool choice and history window; the other fields are ignored there)."""
+    r = http.post(http.base_url.copy_with(path="/tokenize"), content=data)
+    assert r.status_code == 200, r.text
+    assert r.json()["count"] == prompt_tokens == len(r.json()["tokens"]), (r.json()["count"], prompt_tokens)
 
 
 def check_no_control_tokens(server, body: dict) -> None:
