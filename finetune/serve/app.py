@@ -35,10 +35,11 @@ from ..inference.engine import vocabulary_problem
 from ..inference.sampling import GREEDY_BELOW, FieldProblem
 from .models import peft_adapter_name
 from . import completions, tokenizing
-from .protocol import (ECHO_CHARS, APIError, CallChoice, ChatCompletionRequest, CompletionRequest, SamplingRequest,
+from .protocol import (ECHO_CHARS, APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
                        clipped, field_path)
 from .runs import ClientGone, Run, StreamEnded, merged, request_usage, sse, watched
 from .textstream import TextStream
+from .tool_calls import finish_with_call, forced_call, tool_message
 from .worker import Closed, EngineWorker
 
 
@@ -368,60 +369,6 @@ def constrained_reply_problem(field: str, functions: list, continues: bool) -> N
 
 def _completion_id() -> str:
     return "chatcmpl-" + uuid.uuid4().hex
-
-
-def forced_call(choice: CallChoice, functions: list[dict], given: str) -> str | None:
-    """The name of the function a "required" or named tool choice makes the reply call (None: the model names one
-    of several); a 400 naming the choice's field when the request's functions (given in `given`) cannot answer it."""
-    if choice.mode not in ("required", "function"):
-        return None
-    names = react.function_names(functions)
-    what = f"{choice.mode!r}" if choice.mode == "required" else f"names the function {quoted(choice.name, 80)}"
-    if not names:
-        raise APIError(400, f"{choice.field} {what}, but the request gives no {given} to call", choice.field)
-    if choice.mode == "function" and choice.name not in names:
-        raise APIError(400, f"{choice.field} {what}, which is not among the request's {given} (given: "
-                       f"{react.listed(names)})", choice.field)
-    # "required" with one function is a call of that one
-    return choice.name if choice.mode == "function" else names[0] if len(names) == 1 else None
-
-
-def _tool_message(text: str, functions: list[dict], body: ChatCompletionRequest, run: "Run",
-                  finish: str | None = None) -> tuple[dict, str | None]:
-    """The assistant message of a ReAct reply: a tool/function call or the final answer (``run.after_result``: the
-    reply continues the open turn after a tool result, see react.parse_reply). ``run.reply_start``: the start of a
-    call that tool_choice forced (in the prompt), joined to the text here; ``run.forced_call`` the function it calls.
-    A "required" reply that calls no function of the request is a 500 (the model did not write what was asked for),
-    unless max_tokens (``finish`` "length") cut it before its call was whole: then its text is the answer, as any
-    reply cut short."""
-    content, call = react.parse_reply(run.reply_start + text, run.after_result)
-    if run.reply_start:
-        forced = run.forced_call
-        names = {n.strip(): n for n in react.function_names(functions)}  # (the parser strips the name it reads)
-        if forced is not None:  # (the start holds the whole "Action: {name}\nAction Input:": always a call)
-            call["name"] = forced
-        elif call is not None and call["name"] in names:
-            call["name"] = names[call["name"]]
-        elif call is None and finish == "length":
-            return {"role": "assistant", "content": f"Action: {text}"}, None
-        else:
-            did = (f"calls {quoted(call['name'], 80)}, which is not among the request's functions (given: "
-                   f"{react.listed(list(names.values()))})" if call is not None else "holds no call")
-            logger.warning("a tool_choice 'required' reply %s", did)
-            raise APIError(500, f"tool_choice 'required': the model's reply {did}; it wrote "
-                           f"{quoted(text, ECHO_CHARS, length=True)} after 'Action:'", None, "invalid_tool_call")
-    if call is None:
-        return {"role": "assistant", "content": content}, None
-    if body.functions:  # the legacy API answers in its own form, the thought as the official server gives it ("" too)
-        return {"role": "assistant", "content": content, "function_call": call}, "function_call"
-    tool_call = {"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": call}
-    return {"role": "assistant", "content": content or None, "tool_calls": [tool_call]}, "tool_calls"
-
-
-def _finish_with_call(finish: str | None, call_reason: str | None) -> str | None:
-    """A reply that calls a tool finishes with "tool_calls" (or "function_call"), unless max_tokens cut it: then
-    with "length", as OpenAI reports it, since the call's arguments may be cut short (a client would run them)."""
-    return "length" if finish == "length" else call_reason or finish
 
 
 def _body_problem(request: Request, err: dict) -> str:
@@ -814,8 +761,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         for i, (run, text) in enumerate(zip(runs, texts)):
             finish = run.finish_reason
             if functions:
-                message, call_reason = _tool_message(text, functions, body, run, finish)
-                finish = _finish_with_call(finish, call_reason)
+                message, call_reason = tool_message(text, functions, body, run, finish)
+                finish = finish_with_call(finish, call_reason)
             else:
                 message = {"role": "assistant", "content": text}
             logprobs = ({"content": run.logprobs(0, as_ids=bool(body.return_tokens_as_token_ids)), "refusal": None}
@@ -869,7 +816,7 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
 
         if functions:
             text = await run.complete()
-            message, call_reason = _tool_message(text, functions, body, run, run.finish_reason)
+            message, call_reason = tool_message(text, functions, body, run, run.finish_reason)
             if call_reason == "tool_calls":
                 calls = [dict(c, index=k) for k, c in enumerate(message["tool_calls"])]
                 delta = {"content": message["content"], "tool_calls": calls}
@@ -879,7 +826,7 @@ async def _stream(runs: list[Run], functions, body: ChatCompletionRequest, http:
                 delta = {"content": message["content"]}
             if delta.get("content") or len(delta) > 1:
                 yield made(delta)
-            finish = _finish_with_call(run.finish_reason, call_reason)
+            finish = finish_with_call(run.finish_reason, call_reason)
         else:
             async for delta in run.deltas(every_step=continuous):
                 yield made({"content": delta})
