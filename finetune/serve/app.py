@@ -34,7 +34,7 @@ from ..errors import quoted
 from ..inference.engine import vocabulary_problem
 from ..inference.sampling import GREEDY_BELOW, FieldProblem
 from .models import peft_adapter_name
-from . import completions, tokenizing
+from . import completions, responses, tokenizing
 from .protocol import (ECHO_CHARS, APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
                        clipped, field_path)
 from .runs import ClientGone, Run, StreamEnded, merged, request_usage, sse, watched
@@ -619,14 +619,9 @@ def _cors_middleware():
 
 # Every route create_app serves (HEAD too on the GET ones; a trailing slash is served as without it), as a 404
 # names them
-SERVED = ("POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{model}, POST /tokenize, "
-          "POST /detokenize, GET /health (the server's state), GET /metrics (Prometheus') and GET / (the chat page)")
-# What a client calling an OpenAI API this server does not serve can do instead, by path (the 404 says it after
-# SERVED): the AI SDK's openai(model) (@ai-sdk/openai 2+) and LangChain's use_responses_api=True call /v1/responses
-INSTEAD = {
-    "/v1/responses": "the Responses API is not served: use Chat Completions (the AI SDK's @ai-sdk/openai: "
-                     "openai.chat(model), not openai(model); LangChain's ChatOpenAI: without use_responses_api)",
-}
+SERVED = ("POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/models, "
+          "GET /v1/models/{model}, POST /tokenize, POST /detokenize, GET /health (the server's state), GET /metrics "
+          "(Prometheus') and GET / (the chat page)")
 
 
 def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
@@ -685,12 +680,9 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
         message = str(exc.detail)
         if exc.status_code == 400 and isinstance(exc.__cause__, Exception):  # FastAPI could not parse the body
             message = _unparsable(exc.__cause__)
-        elif exc.status_code == 404:  # no such route: OpenAI's words, and what is served (and for the Responses
-            # API what to call instead)
+        elif exc.status_code == 404:  # no such route: OpenAI's words, and what is served
             route = f"{request.method} {request.url.path}"
             message = f"Invalid URL ({clipped(route)}): this server serves {SERVED}"
-            if (instead := INSTEAD.get(request.url.path.rstrip("/"))) is not None:
-                message += f"; {instead}"
         # (the headers keep a 405's Allow)
         return JSONResponse(APIError(exc.status_code, message).body(), status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
@@ -776,6 +768,12 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     @app.post("/v1/completions/")
     async def text_completions(body: CompletionRequest, http: Request):
         return await completions.respond(server, body, http)
+
+    # OpenAI's Responses API (responses.py): a chat completion underneath, in the Responses shapes
+    @app.post("/v1/responses")
+    @app.post("/v1/responses/")
+    async def responses_route(body: responses.ResponsesRequest, http: Request):
+        return await responses.respond(server, body, http)
 
     return app
 

@@ -179,13 +179,12 @@ def test_trailing_slashes_are_served_not_redirected(live):
     assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
 
 
-def test_the_responses_api_is_a_404_naming_what_is_served_and_what_to_call(live):
-    with pytest.raises(openai.NotFoundError) as e:
-        _client(live).responses.create(model="tiny-qwen", input="hi")
-    err = e.value.body
-    assert set(err) == {"message", "type", "param", "code"}, err
-    assert err["message"].startswith("Invalid URL (POST /v1/responses)") and "/v1/chat/completions" in err["message"]
-    assert "POST /v1/completions" in err["message"] and "use Chat Completions" in err["message"]
+def test_an_unknown_route_is_a_404_naming_what_is_served(live):
+    r = httpx.post(live.api_url + "/assistants", json={"model": "tiny-qwen"}, timeout=30)
+    err = r.json()["error"]
+    assert r.status_code == 404 and set(err) == {"message", "type", "param", "code"}, err
+    assert err["message"].startswith("Invalid URL (POST /v1/assistants)") and "/v1/chat/completions" in err["message"]
+    assert "POST /v1/completions" in err["message"] and "POST /v1/responses" in err["message"]
 
 
 @pytest.mark.parametrize("tool_choice", [{"type": "function", "function": {"name": "get_weather"}}, "required"])
@@ -311,23 +310,24 @@ def test_llamaindex_openailike_complete_gets_a_text_completion(live):
     assert 0 < c["usage"]["completion_tokens"] <= 8 and isinstance(c["choices"][0]["text"], str), c
 
 
-@pytest.mark.parametrize("path, body, headers, instead", [
+@pytest.mark.parametrize("body, headers", [
     # @ai-sdk/openai 3.0.141: generateText({model: openai(name), prompt: "Hi"}) (the Responses API by default)
-    ("/responses", '{"model":"tiny-qwen","input":[{"role":"user","content":[{"type":"input_text","text":"Hi"}]}]}',
-     AI_SDK_HEADERS, "openai.chat(model)"),
+    ('{"model":"tiny-qwen","input":[{"role":"user","content":[{"type":"input_text","text":"Hi"}]}]}', AI_SDK_HEADERS),
     # langchain-openai 1.8.1: ChatOpenAI(use_responses_api=True).invoke(q)
-    ("/responses", '{"input":[' + AURORA[:-1] + ',"type":"message"}],"model":"tiny-qwen","stream":false}', PY_HEADERS,
-     "use_responses_api"),
+    ('{"input":[' + AURORA[:-1] + ',"type":"message"}],"model":"tiny-qwen","stream":false}', PY_HEADERS),
 ], ids=["ai-sdk-openai-default", "langchain-use_responses_api"])
-def test_the_apis_not_served_are_a_404_naming_the_clients_switch_to_chat_completions(live, path, body, headers,
-                                                                                      instead):
-    """These clients call the Responses API unless told otherwise (the AI SDK's openai(model) by default): the 404
-    named the routes served, not the client's switch."""
-    r = httpx.post(live.api_url + path, content=body.encode(), headers=headers, timeout=60)
-    assert r.status_code == 404, r.text
-    err = r.json()["error"]
-    assert err["message"].startswith(f"Invalid URL (POST /v1{path}): this server serves POST /v1/chat/completions")
-    assert instead in err["message"] and "\n" not in err["message"], err
+def test_clients_calling_the_responses_api_get_a_response(live, body, headers):
+    """These clients call the Responses API unless told otherwise (the AI SDK's openai(model) by default): a 404
+    until it was served; now a response the client's own types read, its text in one output_text part."""
+    from openai.types.responses import Response
+
+    r = httpx.post(live.api_url + "/responses", content=body.encode(), headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    response = Response.model_validate(r.json())
+    assert response.object == "response" and response.status in ("completed", "incomplete")
+    (item,) = response.output
+    assert item.type == "message" and item.content[0].type == "output_text"
+    assert response.output_text == item.content[0].text and response.usage.output_tokens > 0
 
 
 def test_json_after_a_last_assistant_message_is_a_400_and_beside_tools_chosen_none_an_answer(live):
