@@ -247,10 +247,13 @@ class FieldProblem(ValueError):
 
 
 def bad_word_ids(encode, words, vocab: int) -> list[tuple[int, ...]]:
-    """vLLM's tokenization of bad_words (SamplingParams.update_from_tokenizer) with ``encode`` (plain text -> ids):
-    each word with its leading whitespace stripped, and with one space before it where that gives as many tokens
-    and another first token (a word inside a text, after a space, is other tokens than at its start). A word of
-    more than MAX_BAD_WORD_TOKENS tokens, or of a token past the model's ``vocab``: FieldProblem naming it."""
+    """The token sequences that spell ``words`` (``encode``: plain text -> ids), as vLLM finds them
+    (SamplingParams.update_from_tokenizer), one rule wider: each word with its leading whitespace stripped, and with
+    one space before it where that spells it with other tokens (a word inside a text, after a space) unless those are
+    the space's own token and then the word's. vLLM takes the spaced form only where it has as many tokens as the
+    plain one, so "the" (two tokens in some vocabularies, " the" one) and "copper" (four, " copper" three in the
+    demo's) were never banned inside a text. A word of more than MAX_BAD_WORD_TOKENS tokens, or of a token past the
+    model's ``vocab``: FieldProblem naming it."""
     out = []
     for i, word in enumerate(words):
         plain = tuple(encode(word.lstrip()))
@@ -258,7 +261,8 @@ def bad_word_ids(encode, words, vocab: int) -> list[tuple[int, ...]]:
             raise FieldProblem(f"bad_words[{i}]", f"bad_words[{i}] is {len(plain)} tokens: at most "
                                f"{MAX_BAD_WORD_TOKENS} a word")
         spaced = tuple(encode(" " + word.lstrip()))
-        for ids in (plain, spaced) if spaced[0] != plain[0] and len(spaced) == len(plain) else (plain,):
+        separate = spaced[1:] == plain  # (the space a token of its own: the plain form's ban covers it)
+        for ids in (plain,) if spaced == plain or separate or len(spaced) > MAX_BAD_WORD_TOKENS else (plain, spaced):
             if max(ids) >= vocab:  # (a tokenizer of more tokens than the model's)
                 raise FieldProblem(f"bad_words[{i}]", f"bad_words[{i}]: token id {max(ids)} is outside the "
                                    f"model's vocabulary [0, {vocab})")

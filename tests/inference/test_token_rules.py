@@ -32,14 +32,14 @@ def model():
     return tiny(seed=61)
 
 
-def words_as_vllm(tok, words) -> list[tuple]:
-    """vLLM's token sequences of bad words, written out here: each word stripped on the left, and after a space where
-    that is as many tokens with another first one."""
+def word_forms(tok, words) -> list[tuple]:
+    """The token sequences of bad words, written out here: each word stripped on the left, and after a space where
+    that is other tokens than the space's own and then the word's (vLLM's rule, which also asks for as many)."""
     out = []
     for w in words:
         plain, spaced = tok.encode(w.lstrip()), tok.encode(" " + w.lstrip())
         out.append(tuple(plain))
-        if spaced[0] != plain[0] and len(spaced) == len(plain):
+        if spaced != plain and spaced[1:] != plain:
             out.append(tuple(spaced))
     return out
 
@@ -48,7 +48,7 @@ def reference(model, tok, prompt, params: SamplingParams) -> tuple[list[int], st
     """A full forward over the whole sequence every step, the rules applied to its raw logits, then argmax or
     sampling.pick_one with the request's seeded generator -> (output, finish reason)."""
     g = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-    words = words_as_vllm(tok, params.bad_words)
+    words = word_forms(tok, params.bad_words)
     stops = {tok.im_end_id, tok.im_start_id, *params.stop_token_ids}
     ids, out = list(prompt), []
     with torch.no_grad():
@@ -69,12 +69,17 @@ def reference(model, tok, prompt, params: SamplingParams) -> tuple[list[int], st
     return out, "length"
 
 
-def test_bad_words_are_tokenized_as_vllm_tokenizes_them(tok):
-    """"xx" and " xx" are two tokens each with other first tokens: both banned; "ab" is one token and " ab" two,
-    "the" two and " the" one: only the first form (vLLM's rule: as many tokens); leading whitespace is stripped."""
+def test_bad_words_are_banned_as_written_and_after_a_space(tok):
+    """"xx" and " xx" are two tokens each with other first tokens: both banned; "ab" is one token and " ab" two
+    (" a" "b"), "the" two and " the" one: both forms banned (vLLM, which asks for as many tokens, banned neither
+    inside a text); leading whitespace is stripped. A spaced form that is the space's token and then the word's is
+    left to the plain form's ban."""
     assert tok.encode("xx") == [120, 120] and tok.encode(" xx") == [465, 120]
+    assert tok.encode(" ab") == [257, 98] and tok.encode("ab") == [452]
+    assert tok.encode("the") == [116, 260] and tok.encode(" the") == [268]
     got = bad_word_ids(tok.encode, ("xx", "  ab", "the"), 2048)
-    assert got == words_as_vllm(tok, ("xx", "ab", "the")) == [(120, 120), (465, 120), (452,), (116, 260)]
+    assert got == word_forms(tok, ("xx", "ab", "the")) == [(120, 120), (465, 120), (452,), (257, 98), (116, 260),
+                                                           (268,)]
     with pytest.raises(FieldProblem, match=r"^bad_words\[1\] is 20 tokens: at most 16 a word") as e:
         bad_word_ids(tok.encode, ("ok", "x" * 20), 2048)
     assert e.value.field == "bad_words[1]"
