@@ -122,7 +122,8 @@ class SamplingParams:
             ids = tuple(int(t) if integral(t) else t for t in ids)
             self.stop_token_ids = ids
         ids = self.allowed_token_ids
-        if ids is not None and not isinstance(ids, (str, bytes, dict)) and hasattr(ids, "__iter__"):
+        if (ids is not None and not isinstance(ids, (str, bytes, dict, TokenIds))
+                and hasattr(ids, "__iter__")):
             self.allowed_token_ids = tuple(int(t) if integral(t) else t for t in ids)
         if isinstance(self.bad_words, str):
             self.bad_words = (self.bad_words,)
@@ -193,9 +194,13 @@ class SamplingParams:
         elif given and self.ignore_eos:  # (a complete document allows only <|im_end|>: the row would repeat it)
             problems.append(f"ignore_eos cannot be combined with {given[0]}: it ends the reply with <|im_end|>")
         ids = self.allowed_token_ids
-        # (type() is int: a list of the whole vocabulary is checked at every submit, fast enough this way)
-        if ids is not None and not (isinstance(ids, tuple) and ids and all(type(t) is int for t in ids)
-                                    and min(ids) >= 0):
+        if isinstance(ids, TokenIds) or ids is None:
+            pass
+        elif isinstance(ids, tuple) and ids and all(type(t) is int for t in ids) and min(ids) >= 0:
+            # checked once: the seeded choices of a request (dataclasses.replace) and the engine's submit take it
+            # as it is (a list of the whole vocabulary took 20 ms a choice to read again, on the server's event loop)
+            self.allowed_token_ids = TokenIds(ids)
+        else:
             problems.append(f"allowed_token_ids must be None or a non-empty list of token ids (integers >= 0), got "
                             f"{ids!r}"[:300])
         words = self.bad_words
@@ -235,6 +240,13 @@ class SamplingParams:
             raise ValueError(f"SamplingParams has no field(s) {', '.join(bad)}")
         values.update(overrides)
         return cls(**values)
+
+
+class TokenIds(tuple):
+    """Token ids (integers >= 0, not empty) that SamplingParams has checked: a copy of the params keeps them as they
+    are."""
+
+    __slots__ = ()
 
 
 class FieldProblem(ValueError):

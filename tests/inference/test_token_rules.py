@@ -211,3 +211,22 @@ def test_submit_names_the_rule_at_fault(tok, model, kw, field, message):
     # (with ignore_eos <|im_end|> is no stop: the minimum length holds nothing back)
     engine.submit([5, 6], SamplingParams(max_new_tokens=2, allowed_token_ids=(1842,), min_new_tokens=2,
                                          ignore_eos=True))
+
+
+def test_allowed_token_ids_are_checked_once_and_kept_by_copies():
+    """The ids are read once (a list of the whole vocabulary took 20 ms to read again for each of a request's seeded
+    choices, on the server's event loop): a copy of the params keeps the checked tuple itself; numpy-like integers
+    become ints; a bad id is still refused."""
+    import dataclasses
+
+    import numpy as np
+
+    from finetune.inference.sampling import TokenIds
+
+    p = SamplingParams(max_new_tokens=4, allowed_token_ids=[5, np.int64(2), 9], seed=1)
+    assert isinstance(p.allowed_token_ids, TokenIds) and p.allowed_token_ids == (5, 2, 9)
+    q = dataclasses.replace(p, seed=2)
+    assert q.allowed_token_ids is p.allowed_token_ids
+    for bad in ([], [3, -1], [1.5], ["7"]):
+        with pytest.raises(ValueError, match="allowed_token_ids must be"):
+            SamplingParams(max_new_tokens=4, allowed_token_ids=bad)
