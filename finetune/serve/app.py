@@ -33,6 +33,7 @@ from .. import react
 from ..errors import quoted
 from ..inference.engine import vocabulary_problem
 from ..inference.sampling import GREEDY_BELOW, FieldProblem
+from .metrics import ServeMetrics
 from .models import peft_adapter_name
 from . import completions, responses, tokenizing
 from .protocol import (ECHO_CHARS, APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
@@ -74,8 +75,6 @@ class Server:
                                  or model.config.seq_length)
         self.max_batch = max_batch
         self.max_queue = 4 * max_batch if max_queue is None else max_queue
-        from .metrics import ServeMetrics
-
         labels = {None: base_name, **{peft_adapter_name(n): n for n in self.adapter_names}}
         self.worker = EngineWorker(self.engine, capacity=max_batch + self.max_queue)
         self.metrics = ServeMetrics(labels, lambda: self.engine.occupancy(), lambda: self.worker.in_flight,
@@ -352,7 +351,7 @@ class Server:
         return runs, functions
 
 
-# -- responses ---------------------------------------------------------------------------------------------
+# -- a chat completion's reply -----------------------------------------------------------------------------
 
 
 def constrained_reply_problem(field: str, functions: list, continues: bool) -> None:
