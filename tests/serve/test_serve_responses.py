@@ -162,3 +162,31 @@ def test_an_unknown_model_is_a_404_and_store_is_accepted(live):
     r = _client(live).responses.create(model="tiny-qwen", input=Q, store=True, metadata={"k": "v"},
                                        max_output_tokens=2)
     assert r.metadata == {"k": "v"}
+
+
+def test_an_engine_failure_mid_stream_is_an_error_event_and_a_failed_step_a_500(live, monkeypatch):
+    """A step that raises after a stream began ends it with an `error` event (code engine_error) and no completed
+    event; a response not streamed gets the 500; the next request is answered."""
+    engine = live.server.engine
+    real, calls = engine.step, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 10:  # (the stream has sent text by then)
+            raise RuntimeError("injected failure")
+        return real()
+
+    monkeypatch.setattr(engine, "step", failing)
+    client = _client(live)
+    events = list(client.responses.create(model="tiny-qwen", input=Q, max_output_tokens=200, stream=True,
+                                          extra_body={"min_tokens": 200, "ignore_eos": True}))
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "error" and events[-1].code == "engine_error" and "injected failure" in events[-1].message
+    assert "response.completed" not in kinds and "response.output_text.delta" in kinds
+    calls.clear()
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(model="tiny-qwen", input=Q, max_output_tokens=200,
+                                extra_body={"min_tokens": 200, "ignore_eos": True})
+    monkeypatch.undo()
+    assert client.responses.create(model="tiny-qwen", input=Q, max_output_tokens=2).status in ("completed",
+                                                                                               "incomplete")
