@@ -38,7 +38,7 @@ from .models import peft_adapter_name
 from . import completions, responses, tokenizing
 from .protocol import (ECHO_CHARS, APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
                        clipped, field_path)
-from .runs import ClientGone, Run, StreamEnded, merged, request_usage, sse, watched
+from .runs import LEFT_OUT_HEADER, ClientGone, Run, StreamEnded, merged, request_usage, sse, watched
 from .textstream import TextStream
 from .tool_calls import finish_with_call, forced_call, tool_message
 from .worker import Closed, EngineWorker
@@ -47,9 +47,6 @@ from .worker import Closed, EngineWorker
 # after the open turn's "\nThought:": the official final-answer thought, up to the answer (its space is the
 # answer's first token, as in the trained text)
 FINAL_ANSWER_OPEN = react.FINAL_THOUGHT[len("Thought:"):].rstrip()
-# a response's header: how many of the oldest user/assistant pairs the prompt left out (over the model's
-# max_window_size, as model.chat leaves them out); absent when none was
-LEFT_OUT_HEADER = "X-History-Pairs-Left-Out"
 
 logger = logging.getLogger("uvicorn.error")  # (uvicorn's: configured to print INFO lines, as its own)
 
@@ -771,8 +768,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     # OpenAI's Responses API (responses.py): a chat completion underneath, in the Responses shapes
     @app.post("/v1/responses")
     @app.post("/v1/responses/")
-    async def responses_route(body: responses.ResponsesRequest, http: Request):
-        return await responses.respond(server, body, http)
+    async def responses_route(body: responses.ResponsesRequest, http: Request, response: Response):
+        return await responses.respond(server, body, http, response)
 
     return app
 

@@ -1,361 +1,512 @@
-"""POST /v1/responses: OpenAI's Responses API (the openai client's `responses.create`, the AI SDK's `openai(model)`,
-LangChain's `use_responses_api=True`, the Agents SDK's default model), served as a chat completion underneath.
+"""POST /v1/responses: OpenAI's Responses API (`client.responses.create`, the Agents SDK, the AI SDK's openai(model),
+LangChain's use_responses_api), answered by the chat route's engine path.
 
-A request becomes the chat route's request (``to_chat``): `input` (a string, or items: messages of role
-user/system/developer/assistant with text or input_text/output_text parts, function_call and function_call_output
-items) becomes the messages, `instructions` a system message before them, function tools the chat route's tools
-(Qwen's ReAct prompt), `tool_choice` its tool_choice, `text.format` its response_format, `max_output_tokens` its
-max_tokens, `top_logprobs` (or include "message.output_text.logprobs") its logprobs; the sampling fields and vLLM's
-extensions that both APIs share pass through. So a greedy request answers what the chat route (and `model.chat`)
-answers, and an error names the Responses field (`input[2].role`, `max_output_tokens`, `text.format`).
+The request is read into a chat completions request (`ResponsesRequest.chat_request`) that Server.start runs as the
+chat route runs it: the same prompt (make_context, Qwen's ReAct layout with tools), sampling defaults (the model dir's
+generation config; temperature 0 is greedy) and rows, so a response answers what the same chat request answers.
+- `input`: a string (one user message) or a list of items: messages (roles user, assistant, system, developer = system;
+  content a string or text parts), `function_call` items (an assistant message's tool calls: after an assistant
+  message they join it, its text their thought) and `function_call_output` items (their tool results).
+  `instructions` and the system/developer messages that open `input` are the one system message Qwen's prompt has
+  (joined by a blank line); a later one is a 400, as on the chat route. A last assistant message is continued, as
+  on the chat route.
+- tools (function tools), tool_choice, text.format (JSON held token by token), max_output_tokens, temperature, top_p,
+  top_logprobs with include ["message.output_text.logprobs"], and vLLM's sampling fields (top_k, seed, stop,
+  repetition_penalty, ...) act as the chat route's tools, tool_choice, response_format, max_completion_tokens, ...
+- A reply that calls a tool is a `function_call` item (after a message item holding its thought, when the model wrote
+  one), status "completed"; one cut by max_output_tokens is status "incomplete" (reason max_output_tokens).
+- Nothing is stored: `store` is accepted (true is OpenAI's default) but a response cannot be fetched or continued
+  later, so previous_response_id, conversation, background and stored prompts (`prompt`) are 400s: send the whole
+  conversation in `input`. `truncation` "auto" is a 400 too (the history is cut only as model.chat cuts it, past
+  the model's max_window_size). `metadata`, `user` and OpenAI's other bookkeeping fields are accepted and not acted
+  on; other unknown fields follow protocol.py's policy.
+- Errors are the chat route's, naming the Responses field (`_Names`: "messages[2].content" is "input[1].content").
 
-Nothing is stored: `store` is accepted (true is OpenAI's default) and changes nothing; `previous_response_id`,
-`conversation` and stored `prompt`s, which need a stored response, are a 400 saying to send the conversation in
-`input`, as are background runs, reasoning settings (Qwen v1 does not reason) and images, files or audio in the
-input. A streamed reply with function tools is generated whole first (a ReAct reply is a call or an answer only once
-complete), then sent as one delta: the call's arguments, or the answer's text, as the chat route does.
+A stream is OpenAI's server-sent events (`event: <type>`, data with its type and sequence_number): response.created,
+response.in_progress, then each output item's events, then response.completed (response.incomplete when
+max_output_tokens cut the reply). A text reply's deltas go out as they come. With tools a reply can only be told
+apart (a call or an answer) once it is complete, so it is generated whole and its items' events go out then, as the
+chat route sends such a reply as one delta. An error after the stream started (the engine failed, the server stops,
+a "required" call the model did not write) is an `error` event, then response.failed.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import time
 import uuid
 from typing import Annotated, Any
 
-from fastapi import Request
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
+from pydantic import Field, StrictBool, ValidationError
 
-from .protocol import APIError, ChatCompletionRequest, Number, clipped, field_path
-from .runs import ClientGone, Run, watched
-from .tool_calls import finish_with_call, tool_message
+from ..errors import lone_surrogate, quoted
+from .protocol import ECHO_CHARS, APIError, ChatCompletionRequest, Number, SamplingRequest, field_path
+from .runs import LEFT_OUT_HEADER, ClientGone, Run, request_usage, watched
+from .tool_calls import tool_message
 
-# The chat route's fields this route sets from its own (a body's own value of one is not a Responses field: ignored)
-SET_HERE = ("messages", "tools", "tool_choice", "functions", "function_call", "response_format", "max_tokens",
-            "max_completion_tokens", "n", "stream", "stream_options", "logprobs", "top_logprobs",
-            "parallel_tool_calls")
-LOGPROBS_INCLUDE = "message.output_text.logprobs"
+LOGPROBS = "message.output_text.logprobs"
+# the client's ResponseIncludable: all but LOGPROBS ask for items this server never makes (tool results of built-in
+# tools, images, reasoning), so they change nothing
+INCLUDABLE = {"file_search_call.results", "web_search_call.results", "web_search_call.action.sources",
+              "message.input_image.image_url", "computer_call_output.output.image_url",
+              "code_interpreter_call.outputs", "reasoning.encrypted_content", LOGPROBS}
+# Chat Completions fields a client may send here by mistake -> the Responses field that does it (ignored, a
+# max_tokens would not bound the reply)
+CHAT_ONLY = {"messages": "input", "max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens",
+             "response_format": "text.format", "functions": "tools", "function_call": "tool_choice",
+             "logprobs": f"include [\"{LOGPROBS}\"] (with top_logprobs)", "n": None}
+# the SamplingRequest fields that go to the chat request as they are (not these: the Responses API names them
+# otherwise, or they concern the chat route's stream)
+NOT_SHARED = {"stream", "stream_options", "max_tokens", "n", "response_format"}
+NOT_STORED = "nothing is stored on this server: send the whole conversation in input"
 
 
-class ResponsesRequest(BaseModel):
-    """The body of POST /v1/responses (other fields: the chat route's sampling fields and extensions, or ignored)."""
+class ResponsesRequest(SamplingRequest):
+    """The body of POST /v1/responses (the shared sampling fields, vLLM's among them, as on the chat route)."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    input: str | list[Any]
+    input: Any  # a string or a list of items (``chat_request``)
     instructions: str | None = None
     max_output_tokens: Annotated[int | None, Number] = Field(default=None, ge=1)
-    stream: StrictBool | None = False
     tools: list[Any] | None = None
     tool_choice: Any = None
-    parallel_tool_calls: StrictBool | None = None
-    text: Any = None
+    parallel_tool_calls: StrictBool | None = None  # (a ReAct reply holds one call at most, which both allow)
+    text: Any = None  # {"format": {"type": "text" | "json_object" | "json_schema", ...}, "verbosity": ...}
     top_logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
-    include: list[str] | None = None
-    metadata: dict[str, str] | None = None
-    truncation: str | None = None
-    # what needs a stored response, or what Qwen v1 does not do: refused (``_refused``)
+    include: list[Any] | None = None
+    store: StrictBool | None = None
+    metadata: Any = None
+    user: Any = None
+    truncation: Any = None
     previous_response_id: Any = None
     conversation: Any = None
-    prompt: Any = None
     background: StrictBool | None = None
     reasoning: Any = None
+    prompt: Any = None
 
+    def check(self) -> None:
+        """Refuse what this server cannot do (a 400 naming the field); the shared fields are the chat request's."""
+        extra = self.model_extra or {}
+        for name, instead in CHAT_ONLY.items():
+            value = getattr(self, name) if name in type(self).model_fields else extra.get(name)
+            if value is None or value is False or (name == "n" and value == 1 and not isinstance(value, bool)):
+                continue  # (asking for nothing)
+            raise APIError(400, f"{name} is a Chat Completions field: the Responses API takes {instead}" if instead
+                           else "n is not supported by the Responses API: a response is one reply", name)
+        for name in ("previous_response_id", "conversation"):
+            if getattr(self, name) is not None:
+                raise APIError(400, f"{name} is not supported: {NOT_STORED}", name)
+        if self.prompt is not None:
+            raise APIError(400, "prompt (a stored prompt) is not supported: nothing is stored on this server: send "
+                           "the instructions and input themselves", "prompt")
+        if self.background:
+            raise APIError(400, "background is not supported: a response is answered while the request waits (or "
+                           "streamed); nothing is stored to fetch later", "background")
+        if self.reasoning is not None and not (isinstance(self.reasoning, dict)
+                                               and all(v is None for v in self.reasoning.values())):
+            raise APIError(400, "reasoning is not supported: Qwen v1 chat models have no reasoning effort or summary",
+                           "reasoning")
+        if self.truncation not in (None, "disabled"):
+            raise APIError(400, "truncation must be \"disabled\" (input over the model's length is a 400; older "
+                           "history is left out only where model.chat leaves it out, past max_window_size)",
+                           "truncation")
+        for i, name in enumerate(self.include or ()):
+            if not isinstance(name, str) or name not in INCLUDABLE:
+                raise APIError(400, f"include[{i}] {quoted(name, ECHO_CHARS, length=True)} is not supported (this "
+                               f"server's output has only {LOGPROBS!r} to include)", f"include[{i}]")
 
-def _refused(body: ResponsesRequest) -> None:
-    for name in ("previous_response_id", "conversation", "prompt"):
-        if getattr(body, name) is not None:
-            raise APIError(400, f"{name} is not supported: this server stores no responses, conversations or prompts "
-                           "(send the whole conversation in input)", name)
-    if body.background:
-        raise APIError(400, "background responses are not supported: send the request without background, or "
-                       "stream it", "background")
-    if body.reasoning not in (None, {}) and not (isinstance(body.reasoning, dict)
-                                                 and all(v is None for v in body.reasoning.values())):
-        raise APIError(400, "reasoning is not supported: this model does not reason before it answers", "reasoning")
-    if body.truncation not in (None, "disabled"):
-        raise APIError(400, "only truncation \"disabled\" is supported (a history over the model's window loses its "
-                       "oldest turns as model.chat's does)", "truncation")
+    def wants_logprobs(self) -> bool:
+        return LOGPROBS in (self.include or ())
 
+    def chat_request(self) -> tuple[ChatCompletionRequest, "_Names"]:
+        """The chat completions request that answers this one, and how its fields are named here."""
+        self.check()
+        messages, places = self._messages()
+        extra = {k: v for k, v in (self.model_extra or {}).items() if k not in CHAT_ONLY}
+        fields = {**extra, **{name: getattr(self, name) for name in SamplingRequest.model_fields
+                              if name not in NOT_SHARED},
+                  "messages": messages, "tools": self._tools(), "tool_choice": self._tool_choice(),
+                  "parallel_tool_calls": self.parallel_tool_calls, "max_completion_tokens": self.max_output_tokens,
+                  "response_format": self._format(), "logprobs": self.wants_logprobs() or None,
+                  "top_logprobs": self.top_logprobs if self.wants_logprobs() else None}
+        try:
+            chat = ChatCompletionRequest.model_validate(fields)
+        except ValidationError as e:  # (an extra field the chat request types, e.g. continue_final_message)
+            err = e.errors()[0]
+            where = field_path(err.get("loc", ()))
+            raise APIError(400, f"{where}: {err.get('msg', 'invalid value')}", where or None) from None
+        return chat, _Names(places)
 
-def _text(content, where: str) -> str | list:
-    """A message item's content as the chat route's: a string, or its text parts."""
-    if isinstance(content, str) or content is None:
-        return content
-    if not isinstance(content, list):
-        raise APIError(400, f"{where} must be a string or a list of input_text parts", where)
-    parts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind in ("input_text", "output_text", "text"):
-            parts.append({"type": "text", "text": part.get("text")})
-        elif kind in ("input_image", "input_file", "input_audio"):
-            raise APIError(400, f"{where}[{j}] is {kind}: this model reads text only", f"{where}[{j}].type")
-        else:
-            raise APIError(400, f"{where}[{j}] must be an input_text part ({{\"type\": \"input_text\", \"text\": "
-                           f"...}})", f"{where}[{j}]")
-    return parts
+    def _messages(self) -> tuple[list[dict], list[dict]]:
+        """``input`` (and ``instructions``) as chat messages, and where each message's parts are given here: for
+        message k, {its field's path in the chat message ("" for the message, ".tool_calls[0]"): its path here}."""
+        one = isinstance(self.input, str)  # (one user message)
+        items = [{"role": "user", "content": self.input}] if one else self.input
+        if not isinstance(items, list) or not items:
+            raise APIError(400, "input must be a string or a non-empty list of items", "input")
+        system, system_at = [], None  # the system message's texts, and where the first was given
+        if self.instructions is not None:
+            system.append(_text(self.instructions, "instructions"))
+            system_at = "instructions"
+        messages: list[dict] = []
+        places: list[dict] = []
+        for i, item in enumerate(items):
+            where = "input" if one else f"input[{i}]"
+            if not isinstance(item, dict):
+                raise APIError(400, f"{where} must be an object (a message, function_call or function_call_output)",
+                               where)
+            kind = item.get("type", "message")
+            if kind == "message":
+                role = item.get("role")
+                if role not in ("user", "assistant", "system", "developer"):
+                    shown = quoted(role, ECHO_CHARS, length=True)
+                    raise APIError(400, f"{where}.role {shown} is not supported: user, assistant, system or developer "
+                                   "(a tool's result is a function_call_output item)", f"{where}.role")
+                content = _content(item.get("content"), f"{where}.content", role == "assistant")
+                if role in ("system", "developer") and not messages:  # (opening the conversation)
+                    system.append(content)
+                    system_at = system_at or where
+                    continue
+                messages.append({"role": "system" if role == "developer" else role, "content": content})
+                places.append({"": where})
+            elif kind == "function_call":
+                call = {"id": _string(item, "call_id", where), "type": "function",
+                        "function": {"name": _string(item, "name", where),
+                                     "arguments": _string(item, "arguments", where, empty=True)}}
+                last = messages[-1] if messages else None
+                if last is not None and last["role"] == "assistant":  # (its text is the call's thought)
+                    last.setdefault("tool_calls", []).append(call)
+                    places[-1][f".tool_calls[{len(last['tool_calls']) - 1}].function"] = where
+                    places[-1][f".tool_calls[{len(last['tool_calls']) - 1}]"] = where
+                else:
+                    messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+                    places.append({"": where, ".tool_calls[0].function": where, ".tool_calls[0]": where})
+            elif kind == "function_call_output":
+                messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                                 "content": _content(item.get("output"), f"{where}.output")})
+                places.append({"": where, ".content": f"{where}.output", ".tool_call_id": f"{where}.call_id",
+                               ".role": where})
+            else:
+                shown = quoted(kind, ECHO_CHARS, length=True)
+                why = f" ({NOT_STORED})" if kind == "item_reference" else ""
+                raise APIError(400, f"{where}.type {shown} is not supported: input items are messages, function_call "
+                               f"and function_call_output{why}", f"{where}.type")
+        if system:
+            messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
+            places.insert(0, {"": system_at})
+        return messages, places
 
-
-def _messages(body: ResponsesRequest) -> tuple[list[dict], list[str]]:
-    """(the chat route's messages, the Responses field each came from)."""
-    messages, origins = [], []
-    if body.instructions is not None:
-        messages.append({"role": "system", "content": body.instructions})
-        origins.append("instructions")
-    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
-    for i, item in enumerate(items):
-        where = "input" if isinstance(body.input, str) else f"input[{i}]"
-        if not isinstance(item, dict):
-            raise APIError(400, f"{where} must be an object: a message, a function_call or a function_call_output",
-                           where)
-        kind = item.get("type", "message")
-        if kind == "message":
-            messages.append({"role": item.get("role"), "content": _text(item.get("content"), f"{where}.content")})
-        elif kind == "function_call":
-            call = {"id": item.get("call_id"), "type": "function",
-                    "function": {"name": item.get("name"), "arguments": item.get("arguments")}}
-            last = messages[-1] if messages else None
-            if last is not None and last["role"] == "assistant" and "tool_calls" not in last:
-                last["tool_calls"] = [call]  # (the thought before it, as the model wrote them together)
-                origins[-1] = where
-                continue
-            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                             "content": output if isinstance(output, str) else _text(output, f"{where}.output")})
-        else:
-            raise APIError(400, f"{where} is of type {clipped(json.dumps(kind))}: this server takes messages, "
-                           "function_call and function_call_output items", f"{where}.type")
-        origins.append(where)
-    return messages, origins
-
-
-def _tools(body: ResponsesRequest) -> list | None:
-    if body.tools is None:
-        return None
-    tools = []
-    for i, tool in enumerate(body.tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
+    def _tools(self) -> list[dict] | None:
+        """Function tools in the chat request's form (the definitions are checked there)."""
+        if self.tools is None:
+            return None
+        out = []
+        for i, tool in enumerate(self.tools):
             kind = tool.get("type") if isinstance(tool, dict) else None
-            raise APIError(400, f"tools[{i}] is {clipped(json.dumps(kind))}: only function tools are supported",
-                           f"tools[{i}].type")
-        tools.append({"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}})
-    return tools
+            if kind != "function":
+                if not isinstance(tool, dict):
+                    raise APIError(400, f"tools[{i}] must be a function tool object", f"tools[{i}]")
+                raise APIError(400, f"tools[{i}].type {quoted(kind, ECHO_CHARS, length=True)} is not supported: only "
+                               "function tools (the model calls them through Qwen's ReAct prompt; built-in tools "
+                               "such as web_search and file_search run on OpenAI's servers)", f"tools[{i}].type")
+            out.append({"type": "function", "function": {k: tool[k] for k in ("name", "description", "parameters",
+                                                                             "strict") if k in tool}})
+        return out
+
+    def _tool_choice(self):
+        """tool_choice in the chat request's form."""
+        choice = self.tool_choice
+        if choice is None or choice in ("auto", "none", "required"):
+            return choice
+        if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+            return {"type": "function", "function": {"name": choice["name"]}}
+        shown = choice if isinstance(choice, str) else json.dumps(choice, ensure_ascii=False)
+        raise APIError(400, f"tool_choice {quoted(shown, ECHO_CHARS, length=True)} is not supported: 'auto' (the model "
+                       "decides), 'none', 'required' or {\"type\": \"function\", \"name\": ...}", "tool_choice")
+
+    def text_format(self) -> dict | None:
+        """``text.format`` (None: plain text), or a 400 naming the part at fault."""
+        if self.text is None:
+            return None
+        if not isinstance(self.text, dict):
+            raise APIError(400, "text must be an object ({\"format\": {\"type\": ...}})", "text")
+        if self.text.get("verbosity") not in (None, "medium"):  # (as the chat route's verbosity: OpenAI's default)
+            raise APIError(400, "text.verbosity is not supported (only null or \"medium\")", "text.verbosity")
+        fmt = self.text.get("format")
+        if fmt is None:
+            return None
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind not in ("text", "json_object", "json_schema"):
+            raise APIError(400, "text.format must be {\"type\": \"text\"}, {\"type\": \"json_object\"} or {\"type\": "
+                           "\"json_schema\", \"name\": ..., \"schema\": {...}}", "text.format")
+        if kind == "json_schema" and not isinstance(fmt.get("schema"), (dict, bool)):
+            raise APIError(400, "text.format.schema must be the JSON schema the reply is held to (an object)",
+                           "text.format.schema")
+        return fmt
+
+    def _format(self) -> dict | None:
+        """``text.format`` as the chat request's response_format."""
+        fmt = self.text_format()
+        if fmt is None or fmt["type"] != "json_schema":
+            return fmt
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "description", "schema", "strict")
+                                                       if k in fmt}}
 
 
-def _tool_choice(choice):
-    if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
-        return {"type": "function", "function": {"name": choice.get("name")}}
-    return choice
+def _text(value: str, where: str) -> str:
+    if (why := lone_surrogate(value)) is not None:  # (the chat route refuses it in a message too)
+        raise APIError(400, f"{where}: {why}", where)
+    return value
 
 
-def _response_format(text):
-    if text is None:
-        return None
-    fmt = text.get("format") if isinstance(text, dict) else None
-    if not isinstance(text, dict) or not isinstance(fmt, (dict, type(None))):
-        raise APIError(400, "text must be an object with a format object", "text.format")
-    if fmt is None or fmt.get("type") == "text":
-        return None
-    if fmt.get("type") == "json_schema":
-        return {"type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}}
-    return fmt  # (json_object, or a type the chat route refuses naming it)
+def _content(value, where: str, assistant: bool = False) -> str:
+    """A message's content or a tool result's output: a string, or a list of text parts (input_text, output_text; an
+    assistant's refusal parts are what it said, as on the chat route)."""
+    if isinstance(value, str):
+        return _text(value, where)
+    if not isinstance(value, list):
+        raise APIError(400, f"{where} must be a string or a list of text parts", where)
+    texts = []
+    for k, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif assistant and kind == "refusal" and isinstance(part.get("refusal"), str):
+            texts.append(part["refusal"])
+        elif kind in ("input_image", "input_file", "input_audio"):
+            raise APIError(400, f"{where}[{k}]: {kind} parts are not supported: this model reads text only",
+                           f"{where}[{k}]")
+        else:
+            raise APIError(400, f"{where}[{k}]: only text parts ({{\"type\": \"input_text\", \"text\": ...}}) are "
+                           "supported", f"{where}[{k}]")
+    return _text("".join(texts), where)
 
 
-def to_chat(body: ResponsesRequest) -> tuple[ChatCompletionRequest, list[str]]:
-    """The chat route's request for ``body`` and the Responses field of each of its messages."""
-    _refused(body)
-    messages, origins = _messages(body)
-    chat = {k: v for k, v in (body.model_extra or {}).items() if k not in SET_HERE}
-    chat.update(model=body.model, messages=messages, tools=_tools(body), tool_choice=_tool_choice(body.tool_choice),
-                response_format=_response_format(body.text), max_tokens=body.max_output_tokens,
-                parallel_tool_calls=body.parallel_tool_calls)
-    if body.top_logprobs is not None or LOGPROBS_INCLUDE in (body.include or ()):
-        chat.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
-    chat = {k: v for k, v in chat.items() if v is not None}
-    try:
-        return ChatCompletionRequest.model_validate(chat), origins
-    except ValidationError as e:  # (a passed-through sampling field, or an item's text of the wrong type)
-        err = e.errors()[0]
-        where = field_path(err.get("loc", ()))
-        raise _in_responses_terms(APIError(400, f"{where}: {err.get('msg', 'invalid value')}", where), origins) \
-            from None
+def _string(item: dict, key: str, where: str, empty: bool = False) -> str:
+    value = item.get(key)
+    if not isinstance(value, str) or not (empty or value):
+        raise APIError(400, f"{where}.{key} must be a{'' if empty else ' non-empty'} string", f"{where}.{key}")
+    return value
 
 
-_RENAMES = [(re.compile(r"^max_tokens\b"), "max_output_tokens"), (re.compile(r"^response_format(\.json_schema)?"),
-                                                                   "text.format"),
-            (re.compile(r"^tools\[(\d+)\]\.function"), r"tools[\1]"), (re.compile(r"^tool_choice\.function"),
-                                                                       "tool_choice")]
+# the chat request's fields that have other names here (most specific first); in its error messages, those names
+# and the words that say chat messages
+FIELDS = [(re.compile(r"tools\[(\d+)\]\.function(?=$|[.\[])"), r"tools[\1]"),
+          (re.compile(r"response_format\.json_schema\.schema(?=$|[.\[])"), "text.format.schema"),
+          (re.compile(r"response_format(\.json_schema)?(?=$|[.\[])"), "text.format"),
+          (re.compile(r"max_completion_tokens(?=$|[.\[])"), "max_output_tokens"),
+          (re.compile(r"top_logprobs(?=$|[.\[])"), "top_logprobs"),
+          (re.compile(r"logprobs(?=$|[.\[])"), "include"),
+          (re.compile(r"messages(?=$)"), "input")]
+WORDS = [(re.compile(r"\bmax_completion_tokens\b"), "max_output_tokens"),
+         (re.compile(r"\bresponse_format\b"), "text.format"),
+         (re.compile(r"\btool_call_id\b"), "call_id")]
+PHRASES = [(re.compile(r"\bthe messages have\b"), "the input has"),
+           (re.compile(r"\bthe messages\b"), "the input"),
+           (re.compile(r"\btool message\b"), "function_call_output item"),
+           (re.compile(r"\btool call\b"), "function_call")]
 
 
-def _renamed(param: str | None, origins: list[str]) -> str | None:
-    """A chat-route field name as the Responses request names it."""
-    if param is None:
-        return None
-    m = re.match(r"^messages\[(\d+)\]", param)
-    if m is not None:
-        k = int(m.group(1))
-        return (origins[k] if k < len(origins) else "input") + param[m.end():]
-    if param == "messages":
-        return "input"
-    for pattern, name in _RENAMES:
-        param = pattern.sub(name, param)
-    return param
+class _Names:
+    """The chat request's field names as this request gives them, for its errors: "messages[k]..." by where message
+    k came from (``places``), other fields by FIELDS."""
+
+    def __init__(self, places: list[dict]):
+        self.places = places
+
+    def param(self, param: str | None) -> str | None:
+        if param is None:
+            return None
+        m = re.match(r"messages\[(\d+)\]", param)
+        if m and int(m[1]) < len(self.places):
+            rest, table = param[m.end():], self.places[int(m[1])]
+            key = max((k for k in table if rest.startswith(k) and rest[len(k):][:1] in ("", ".", "[")), key=len)
+            return table[key] + rest[len(key):]
+        for pattern, name in FIELDS:
+            if (new := pattern.match(param)) is not None:
+                return new.expand(name) + param[new.end():]
+        return param
+
+    def error(self, e: APIError) -> APIError:
+        param, message = self.param(e.param), e.message
+        for pattern, words in PHRASES:
+            message = pattern.sub(words, message)
+        if e.param:  # (the field at fault renamed whole, before the names in it are)
+            message = message.replace(e.param, "\0")
+        for pattern, word in WORDS:
+            message = pattern.sub(word, message)
+        return APIError(e.status, message.replace("\0", param or ""), param, e.code)
 
 
-def _in_responses_terms(e: APIError, origins: list[str]) -> APIError:
-    param = _renamed(e.param, origins)
-    message = e.message
-    if e.param and param != e.param:
-        message = message.replace(e.param, param)
-    message = re.sub(r"\bmessages\[(\d+)\]", lambda m: _renamed(m.group(0), origins), message)
-    return APIError(e.status, message, param, e.code)
+# -- the response --------------------------------------------------------------------------------------------------
+
+
+def _id(prefix: str) -> str:
+    return prefix + uuid.uuid4().hex
+
+
+def _usage(run: Run) -> dict:
+    u = request_usage([run])
+    return {"input_tokens": u["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": u["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": u["total_tokens"]}
 
 
 class _Reply:
-    """One response's ids, settings echoed back, and its output items as they are made."""
+    """One request's response object as it stands (``body``: what it echoes; ``run``: its row)."""
 
-    def __init__(self, body: ResponsesRequest, run: Run):
-        self.body, self.run = body, run
-        self.id, self.created = "resp_" + uuid.uuid4().hex, int(time.time())
-        self.item_id = "msg_" + uuid.uuid4().hex
+    def __init__(self, body: ResponsesRequest, chat: ChatCompletionRequest, run: Run, functions: list, gc):
+        self.body, self.chat, self.run, self.functions = body, chat, run, functions
+        self.gc = gc  # the generation config: the sampling a request that sets none gets
+        self.id, self.created = _id("resp_"), int(time.time())
+        self.output: list[dict] = []
 
-    def usage(self) -> dict:
-        run = self.run
-        return {"input_tokens": run.prompt_tokens, "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
-                "output_tokens": run.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": run.prompt_tokens + run.completion_tokens}
+    def status(self) -> str:
+        return "incomplete" if self.run.finish_reason == "length" else "completed"
 
-    def response(self, output: list, status: str) -> dict:
-        b = self.body
+    def items(self, text: str) -> list[dict]:
+        """The output items of the reply ``text``: a message, or (with tools) a call after its thought's message."""
+        run, status = self.run, self.status()
+        if self.functions:  # (a "required" reply that calls no given function: a 500, as on the chat route)
+            message, _ = tool_message(text, self.functions, self.chat, run, run.finish_reason)
+            calls = message.get("tool_calls") or []
+            items = [self.message(message["content"] or "", status)] if message["content"] or not calls else []
+            return items + [{"type": "function_call", "id": _id("fc_"), "call_id": c["id"],
+                             "name": c["function"]["name"], "arguments": c["function"]["arguments"], "status": status}
+                            for c in calls]
+        return [self.message(text, status, self.logprobs(0))]
+
+    def logprobs(self, start: int) -> list[dict]:
+        """The reply's tokens' log-probabilities from token ``start`` (none unless include asks for them)."""
+        if not self.body.wants_logprobs():
+            return []
+        return self.run.logprobs(start, as_ids=bool(self.chat.return_tokens_as_token_ids))
+
+    @staticmethod
+    def message(text: str, status: str, logprobs: list | None = None, item_id: str | None = None) -> dict:
+        return {"type": "message", "id": item_id or _id("msg_"), "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]}
+
+    def object(self, status: str, error: dict | None = None) -> dict:
+        body, gc = self.body, self.gc
         done = status in ("completed", "incomplete")
-        return {"id": self.id, "object": "response", "created_at": self.created, "status": status,
-                "completed_at": int(time.time()) if done else None, "error": None,
-                "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-                "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "model": b.model,
-                "output": output, "parallel_tool_calls": b.parallel_tool_calls is not False,
-                "temperature": (b.model_extra or {}).get("temperature"), "top_p": (b.model_extra or {}).get("top_p"),
-                "tool_choice": b.tool_choice if b.tool_choice is not None else "auto", "tools": b.tools or [],
-                "text": b.text if b.text is not None else {"format": {"type": "text"}},
-                "truncation": b.truncation or "disabled", "metadata": b.metadata or {}, "store": False,
-                "background": False, "usage": self.usage() if done else None}
-
-    def logprobs(self) -> list:
-        return self.run.logprobs(0) if self.body_logprobs else []
-
-    @property
-    def body_logprobs(self) -> bool:
-        return self.run.req.params.logprobs is not None
-
-    def message(self, text: str, status: str) -> dict:
-        return {"type": "message", "id": self.item_id, "status": status, "role": "assistant",
-                "content": [] if status == "in_progress" else [self.part(text)]}
-
-    def part(self, text: str) -> dict:
-        return {"type": "output_text", "text": text, "annotations": [],
-                "logprobs": self.logprobs() if self.body_logprobs else []}
-
-    def call_item(self, call: dict, status: str, arguments: str | None = None) -> dict:
-        return {"type": "function_call", "id": "fc_" + self.item_id[4:], "call_id": call["id"],
-                "name": call["function"]["name"],
-                "arguments": call["function"]["arguments"] if arguments is None else arguments, "status": status}
+        tools = [{"type": "function", "name": t.get("name"), "description": t.get("description"),
+                  "parameters": t.get("parameters"), "strict": t.get("strict")} for t in body.tools or ()]
+        choice = body.tool_choice if body.tool_choice is not None else "auto"
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": status,
+            "completed_at": int(time.time()) if status == "completed" else None, "error": error,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
+            "output": self.output, "parallel_tool_calls": body.parallel_tool_calls is not False,
+            # what the reply was sampled with (the request's, else the generation config's)
+            "temperature": body.temperature if body.temperature is not None else gc.temperature if gc.do_sample
+            else 0.0,
+            "top_p": body.top_p if body.top_p is not None else gc.top_p,
+            "tool_choice": choice, "tools": tools, "top_logprobs": body.top_logprobs or 0,
+            "text": {"format": body.text_format() or {"type": "text"}, "verbosity": "medium"},
+            "truncation": "disabled", "usage": _usage(self.run) if done else None,
+            "metadata": body.metadata if isinstance(body.metadata, dict) else {},
+            "user": body.user if isinstance(body.user, str) else None, "background": False,
+            "previous_response_id": None, "reasoning": None, "service_tier": "default", "store": False,
+        }
 
 
-def _status(finish: str | None) -> str:
-    return "incomplete" if finish == "length" else "completed"
-
-
-async def respond(server, body: ResponsesRequest, http: Request):
+async def respond(server, body: ResponsesRequest, http: Request, response: Response):
     """The response to POST /v1/responses: a response object, or its stream of events."""
-    chat, origins = None, []
+    chat, names = body.chat_request()
     try:
-        chat, origins = to_chat(body)
         runs, functions = await server.start(chat)
     except APIError as e:
-        raise _in_responses_terms(e, origins) from None
-    reply = _Reply(body, runs[0])
+        raise names.error(e) from None
+    reply = _Reply(body, chat, runs[0], functions, server.gc)
+    left_out = {LEFT_OUT_HEADER: str(reply.run.left_out)} if reply.run.left_out else {}
     if body.stream:
-        return StreamingResponse(_stream(reply, chat, functions, http), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_events(reply, http), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", **left_out})
     try:
         async with watched(runs, http):
             text = await reply.run.complete()
     except ClientGone:
         return JSONResponse({}, status_code=499)
-    output, finish = _output(reply, chat, functions, text)
-    return reply.response(output, _status(finish))
+    response.headers.update(left_out)
+    reply.output = reply.items(text)
+    return reply.object(reply.status())
 
 
-def _output(reply: _Reply, chat: ChatCompletionRequest, functions, text: str) -> tuple[list, str | None]:
-    """(a finished reply's output items, its finish reason): the call (its thought, where it wrote one, as a
-    message before it), or the answer's message."""
-    finish = reply.run.finish_reason
-    if functions:
-        message, call_reason = tool_message(text, functions, chat, reply.run, finish)
-        finish = finish_with_call(finish, call_reason)
-        if call_reason is not None:
-            thought = [reply.message(message["content"], "completed")] if message.get("content") else []
-            return thought + [reply.call_item(message["tool_calls"][0], "completed")], finish
-        text = message["content"]
-    return [reply.message(text, _status(finish))], finish
+async def _events(reply: _Reply, http: Request):
+    """The response's server-sent events, in OpenAI's order (the module's docstring)."""
+    numbers = itertools.count()
+    run = reply.run
 
+    def event(kind: str, **fields) -> str:
+        data = json.dumps({"type": kind, **fields, "sequence_number": next(numbers)}, ensure_ascii=False)
+        return f"event: {kind}\ndata: {data}\n\n"
 
-def _event(kind: str, n: int, **fields) -> str:
-    return f"event: {kind}\ndata: " + json.dumps({"type": kind, "sequence_number": n, **fields},
-                                                 ensure_ascii=False) + "\n\n"
+    def started(item: dict, index: int):
+        """output_item.added (and a message's content_part.added): the item with nothing in it yet."""
+        empty = {"content": []} if item["type"] == "message" else {"arguments": ""}
+        yield event("response.output_item.added", output_index=index, item=dict(item, status="in_progress", **empty))
+        if item["type"] == "message":
+            yield event("response.content_part.added", item_id=item["id"], output_index=index, content_index=0,
+                        part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
 
+    def delta(item_id: str, index: int, text: str, logprobs: list) -> str:
+        return event("response.output_text.delta", item_id=item_id, output_index=index, content_index=0, delta=text,
+                     logprobs=logprobs)
 
-async def _stream(reply: _Reply, chat: ChatCompletionRequest, functions, http: Request):
-    """Server-sent events in OpenAI's order: response.created and .in_progress, the output items with their parts
-    and text deltas as they come, then response.completed (or .incomplete at max_output_tokens); an error after the
-    stream began is an `error` event that ends it."""
-    seq = iter(range(1 << 62))
-    yield _event("response.created", next(seq), response=reply.response([], "in_progress"))
-    yield _event("response.in_progress", next(seq), response=reply.response([], "in_progress"))
-    at = {"item_id": reply.item_id, "output_index": 0, "content_index": 0}
+    def finished(item: dict, index: int):
+        """The done events of an item whose deltas went out."""
+        at = dict(item_id=item["id"], output_index=index)
+        if item["type"] == "message":
+            part = item["content"][0]
+            yield event("response.output_text.done", **at, content_index=0, text=part["text"],
+                        logprobs=part["logprobs"])
+            yield event("response.content_part.done", **at, content_index=0, part=part)
+        else:
+            yield event("response.function_call_arguments.done", **at, arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=index, item=item)
+
+    def whole(item: dict, index: int):
+        """An item made whole (a reply with tools): its text or arguments as one delta."""
+        yield from started(item, index)
+        if item["type"] == "message" and item["content"][0]["text"]:
+            yield delta(item["id"], index, item["content"][0]["text"], item["content"][0]["logprobs"])
+        elif item["type"] == "function_call":
+            yield event("response.function_call_arguments.delta", item_id=item["id"], output_index=index,
+                        delta=item["arguments"])
+        yield from finished(item, index)
+
+    yield event("response.created", response=reply.object("in_progress"))
+    yield event("response.in_progress", response=reply.object("in_progress"))
     try:
-        async with watched([reply.run], http):
-            if functions:  # (a call or an answer only once whole: sent as one delta)
-                output, finish = _output(reply, chat, functions, await reply.run.complete())
+        async with watched([run], http):
+            if reply.functions:
+                text = await run.complete()
+                for item in reply.items(text):
+                    for e in whole(item, len(reply.output)):
+                        yield e
+                    reply.output.append(item)
             else:
-                yield _event("response.output_item.added", next(seq), output_index=0,
-                             item=reply.message("", "in_progress"))
-                yield _event("response.content_part.added", next(seq), **at, part=reply.part("") | {"logprobs": []})
-                sent = 0
-                async for delta in reply.run.deltas():
-                    scored = reply.run.logprobs(sent) if reply.body_logprobs else []
-                    sent = reply.run.completion_tokens
-                    yield _event("response.output_text.delta", next(seq), **at, delta=delta, logprobs=scored)
-                output, finish = [reply.message(reply.run.text.final_text, _status(reply.run.finish_reason))], \
-                    reply.run.finish_reason
+                item_id = _id("msg_")
+                for e in started(reply.message("", "in_progress", item_id=item_id), 0):
+                    yield e
+                scored = 0  # the tokens whose log-probabilities went out (with the delta of their text)
+                async for text in run.deltas():
+                    logprobs, scored = reply.logprobs(scored), run.completion_tokens
+                    yield delta(item_id, 0, text, logprobs)
+                item = reply.message(run.text.final_text, reply.status(), reply.logprobs(0), item_id)
+                for e in finished(item, 0):
+                    yield e
+                reply.output.append(item)
     except ClientGone:
         return
-    except APIError as e:
-        yield _event("error", next(seq), code=e.code, message=e.message, param=e.param)
+    except APIError as e:  # (the status line went out: the error goes in the stream, as OpenAI sends it)
+        yield event("error", code=e.code, message=e.message, param=e.param)
+        yield event("response.failed", response=reply.object("failed", {"code": "server_error",
+                                                                        "message": e.message}))
         return
-    for index, item in enumerate(output):
-        if functions or index > 0:  # (the items not streamed above)
-            if item["type"] == "function_call":
-                yield _event("response.output_item.added", next(seq), output_index=index,
-                             item=dict(item, arguments="", status="in_progress"))
-                where = {"item_id": item["id"], "output_index": index}
-                yield _event("response.function_call_arguments.delta", next(seq), **where, delta=item["arguments"])
-                yield _event("response.function_call_arguments.done", next(seq), **where, arguments=item["arguments"])
-                yield _event("response.output_item.done", next(seq), output_index=index, item=item)
-                continue
-            yield _event("response.output_item.added", next(seq), output_index=index,
-                         item=dict(item, content=[], status="in_progress"))
-            yield _event("response.content_part.added", next(seq), **at, part=dict(item["content"][0], text=""))
-            yield _event("response.output_text.delta", next(seq), **at, delta=item["content"][0]["text"],
-                         logprobs=item["content"][0]["logprobs"])
-        part = item["content"][0]
-        yield _event("response.output_text.done", next(seq), **at, text=part["text"], logprobs=part["logprobs"])
-        yield _event("response.content_part.done", next(seq), **at, part=part)
-        yield _event("response.output_item.done", next(seq), output_index=index, item=item)
-    status = _status(finish)
-    yield _event(f"response.{status}", next(seq), response=reply.response(output, status))
+    yield event(f"response.{reply.status()}", response=reply.object(reply.status()))

@@ -15,6 +15,11 @@ from .protocol import APIError
 from .textstream import TextStream
 
 
+# a response's header: how many of the oldest user/assistant pairs the prompt left out (over the model's
+# max_window_size, as model.chat leaves them out); absent when none was
+LEFT_OUT_HEADER = "X-History-Pairs-Left-Out"
+
+
 class ClientGone(Exception):
     pass
 
