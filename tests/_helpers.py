@@ -398,3 +398,14 @@ def scripted_server():
     model = SimpleNamespace(generation_config=None, config=SimpleNamespace(seq_length=2048))
     server = Server(model, tok, base_name="scripted", engine=ScriptedEngine(tok))
     return serve_in_background(server, start_timeout=30)
+
+
+# One function-calling exchange (chat completions' form) that the serve tests train a "tools" adapter on
+WEATHER = {"name": "get_weather", "description": "Weather of a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+ASK = {"role": "user", "content": "What is the weather in Paris?"}
+CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
+TOOL_RECORD = {"tools": [{"type": "function", "function": WEATHER}], "messages": [
+    ASK, {"role": "assistant", "content": "I should ask the weather API.", "tool_calls": [CALL]},
+    {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"},
+    {"role": "assistant", "content": "It is sunny in Paris."}]}

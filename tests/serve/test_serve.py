@@ -18,19 +18,12 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from _helpers import MEMORISE, train_adapter, write_memorise  # noqa: E402
+from _helpers import ASK, MEMORISE, TOOL_RECORD, WEATHER, train_adapter, write_memorise  # noqa: E402
+
+TOOLS = TOOL_RECORD["tools"]
 
 KEY = "test-key"
 OTHER = [(q, "Other: " + a) for q, a in MEMORISE]  # the second adapter's answers to the same questions
-WEATHER = {"name": "get_weather", "description": "Weather of a city.",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
-TOOLS = [{"type": "function", "function": WEATHER}]
-ASK = {"role": "user", "content": "What is the weather in Paris?"}
-CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
-TOOL_RECORD = {"tools": TOOLS, "messages": [
-    ASK, {"role": "assistant", "content": "I should ask the weather API.", "tool_calls": [CALL]},
-    {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"},
-    {"role": "assistant", "content": "It is sunny in Paris."}]}
 
 
 @pytest.fixture(scope="module")

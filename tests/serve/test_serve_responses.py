@@ -20,18 +20,11 @@ pytest.importorskip("uvicorn")
 
 from openai.types.responses import Response  # noqa: E402
 
-from _helpers import MEMORISE, scripted_server, train_adapter, write_memorise  # noqa: E402
+from _helpers import (ASK, MEMORISE, TOOL_RECORD, WEATHER, scripted_server, train_adapter,  # noqa: E402
+                      write_memorise)
 
-WEATHER = {"name": "get_weather", "description": "Weather of a city.",
-           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
-CHAT_TOOLS = [{"type": "function", "function": WEATHER}]
+CHAT_TOOLS = TOOL_RECORD["tools"]
 TOOLS = [{"type": "function", **WEATHER}]  # (the Responses API's form: the function's fields beside the type)
-ASK = {"role": "user", "content": "What is the weather in Paris?"}
-CALL = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}
-TOOL_RECORD = {"tools": CHAT_TOOLS, "messages": [
-    ASK, {"role": "assistant", "content": "I should ask the weather API.", "tool_calls": [CALL]},
-    {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"},
-    {"role": "assistant", "content": "It is sunny in Paris."}]}
 YES_NO = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer",
           "minimum": 0, "maximum": 9}}, "required": ["answer", "count"], "additionalProperties": False}
 Q, A = MEMORISE[0]
