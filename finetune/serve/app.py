@@ -73,10 +73,9 @@ class Server:
         self.max_batch = max_batch
         self.max_queue = 4 * max_batch if max_queue is None else max_queue
         labels = {None: base_name, **{peft_adapter_name(n): n for n in self.adapter_names}}
-        self.worker = EngineWorker(self.engine, capacity=max_batch + self.max_queue)
         self.metrics = ServeMetrics(labels, lambda: self.engine.occupancy(), lambda: self.worker.in_flight,
                                     lambda: self.worker.steps)
-        self.worker.metrics = self.metrics
+        self.worker = EngineWorker(self.engine, capacity=max_batch + self.max_queue, metrics=self.metrics)
         self.created = int(time.time())
 
     def default_sampling(self) -> list:
@@ -207,11 +206,7 @@ class Server:
             over["logit_bias"] = bias
         stop_ids = tuple(dict.fromkeys(body.stop_token_ids or ()))
         self.check_vocabulary("stop_token_ids", stop_ids)
-        if body.allowed_token_ids is not None:
-            if len(body.allowed_token_ids) > self.engine.vocab:  # (a list is read whole at every submit)
-                raise APIError(400, f"allowed_token_ids holds {len(body.allowed_token_ids)} ids: more than the "
-                               f"model's vocabulary ({self.engine.vocab})", "allowed_token_ids")
-            self.check_vocabulary("allowed_token_ids", body.allowed_token_ids)
+        if body.allowed_token_ids is not None:  # (checked against the vocabulary below: prepare_token_rules)
             over["allowed_token_ids"] = body.allowed_token_ids
         if body.bad_words:
             over["bad_words"] = body.bad_words
@@ -229,7 +224,7 @@ class Server:
         over["stop_token_ids"] = stop_ids
         params = SamplingParams.from_generation_config(self.gc, **over)
         if body.allowed_token_ids is not None or body.bad_words:
-            try:  # (the words tokenized here, off the event loop; submit finds them tokenized)
+            try:  # (the ids checked and the words tokenized here, off the event loop; submit finds them tokenized)
                 self.engine.prepare_token_rules(params)
             except FieldProblem as e:
                 raise APIError(400, str(e), e.field) from None

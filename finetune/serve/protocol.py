@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, NamedTuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError
 from pydantic_core import PydanticCustomError
 
 from ..errors import lone_surrogate, quoted
@@ -128,7 +128,7 @@ class SamplingRequest(BaseModel):
     # vLLM's: only these token ids may be sampled (every other logit -inf; classification clients send the ids of
     # their labels). As in vLLM no stop is added: without <|im_end|> among them (or a stop id) the reply runs to
     # max_tokens or a stop string. Whether each is in the vocabulary (and there are no more than it holds) is the
-    # server's check
+    # engine's check (Engine.prepare_token_rules, which Server.params calls)
     allowed_token_ids: list[Annotated[int, Number, Field(ge=0)]] | None = Field(default=None, min_length=1)
     # vLLM's: words the reply never holds (each as written and after a space; a longer word's last token is banned
     # where the reply ends with its other tokens: SamplingParams.bad_words); each of at most 16 tokens
@@ -466,6 +466,17 @@ def _call_choice(field: str, value) -> CallChoice:
     forms = ("'auto' (the model decides), 'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": "
              "...}}" if field == "tool_choice" else "'auto' (the model decides), 'none' or {\"name\": ...}")
     raise APIError(400, f"{field} {quoted(shown, ECHO_CHARS, length=True)} is not supported: {forms}", field)
+
+
+def validated(model: type[BaseModel], fields: dict):
+    """``model`` read from ``fields`` that a route built from its own request (the chat request a Responses or
+    tokenize request amounts to): a field the model refuses is a 400 naming it, as the body's own validation is."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = field_path(err.get("loc", ()))
+        raise APIError(400, f"{where}: {err.get('msg', 'invalid value')}", where or None) from None
 
 
 def field_path(loc) -> str:

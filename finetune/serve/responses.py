@@ -41,10 +41,10 @@ from typing import Annotated, Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import Field, StrictBool, ValidationError
+from pydantic import Field, StrictBool
 
 from ..errors import lone_surrogate, quoted
-from .protocol import ECHO_CHARS, APIError, ChatCompletionRequest, Number, SamplingRequest, field_path
+from .protocol import ECHO_CHARS, APIError, ChatCompletionRequest, Number, SamplingRequest, validated
 from .runs import LEFT_OUT_HEADER, ClientGone, Run, request_usage, watched
 from .tool_calls import tool_message
 
@@ -132,13 +132,8 @@ class ResponsesRequest(SamplingRequest):
                   "parallel_tool_calls": self.parallel_tool_calls, "max_completion_tokens": self.max_output_tokens,
                   "response_format": self._format(), "logprobs": self.wants_logprobs() or None,
                   "top_logprobs": self.top_logprobs if self.wants_logprobs() else None}
-        try:
-            chat = ChatCompletionRequest.model_validate(fields)
-        except ValidationError as e:  # (an extra field the chat request types, e.g. continue_final_message)
-            err = e.errors()[0]
-            where = field_path(err.get("loc", ()))
-            raise APIError(400, f"{where}: {err.get('msg', 'invalid value')}", where or None) from None
-        return chat, _Names(places)
+        # (a 400 for an extra field the chat request types, e.g. continue_final_message)
+        return validated(ChatCompletionRequest, fields), _Names(places)
 
     def _messages(self) -> tuple[list[dict], list[dict]]:
         """``input`` (and ``instructions``) as chat messages, and where each message's parts are given here: for

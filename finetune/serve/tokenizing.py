@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from . import completions
-from .protocol import APIError, ChatCompletionRequest
+from .protocol import APIError, ChatCompletionRequest, validated
 from .runs import token_entry
 
 
@@ -49,12 +49,8 @@ def _chat_body(body: TokenizeRequest) -> ChatCompletionRequest:
     """The chat route's request for ``body``'s messages and tools (its fields are the same types, checked already)."""
     fields = ("messages", "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
               "continue_final_message")
-    try:
-        return ChatCompletionRequest.model_validate(
-            {"model": body.model or "", **{f: getattr(body, f) for f in fields if getattr(body, f) is not None}})
-    except ValidationError as e:  # (not expected: the same field types)
-        err = e.errors()[0]
-        raise APIError(400, err["msg"], ".".join(str(p) for p in err["loc"])) from None
+    given = {f: getattr(body, f) for f in fields if getattr(body, f) is not None}
+    return validated(ChatCompletionRequest, {"model": body.model or "", **given})  # (a 400 not expected: same types)
 
 
 def tokenize(server, body: TokenizeRequest) -> dict:
