@@ -137,21 +137,14 @@ def main(argv=None) -> int:
             configs = sorted({(mb, w, d) for mb, (w, d, _) in G.CONFIGS.items()} | {(1, 4, 2), (4, 4, 1)}
                          | {(mb, w, d) for (mb, _, _), (w, d, _) in getattr(G, "SHAPE_CONFIGS", {}).items()})
             variants = (0, 1) if "__LORA__" in G._SOURCE else (0,)  # the low-rank epilogue's build (step 17 on)
-            # the weights-ahead loop and the free-register bounds (step 101 on): 0 neither, 1 ahead, 2 free
-            builds = (0, 1, 2) if "__FREEREGS__" in G._SOURCE else (0,)
-            for (mb, warps, depth), lora, build in [(c, v, b) for c in configs for v in variants for b in builds
-                                                    if not (b and (c[2] != 1 or c[0] != 1))]:
-                if build:
-                    src = G.kernel_source(warps, mb, depth, args.group_size, bool(lora), ahead=build == 1,
-                                          free_registers=build == 2)
-                elif hasattr(G, "kernel_source"):
+            for (mb, warps, depth), lora in [(c, v) for c in configs for v in variants]:
+                if hasattr(G, "kernel_source"):
                     src = G.kernel_source(warps, mb, depth, args.group_size, bool(lora))
                 else:  # an older version of the module (--source)
                     src = (G._SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb))
                            .replace("__DEPTH__", str(depth)).replace("__GCHUNKS__", str(args.group_size // G.CHUNK))
                            .replace("__LORA__", str(lora)))
-                assemble(src, row_blocks=mb, warps=warps, depth=depth, lora_epilogue=bool(lora),
-                         build=("shipped", "weights ahead", "free registers")[build])
+                assemble(src, row_blocks=mb, warps=warps, depth=depth, lora_epilogue=bool(lora))
     if args.out:
         source = "finetune/quant/mma_gemm.py" if args.gemm else str(args.source)
         Path(args.out).write_text(json.dumps(dict(source=source, arch=args.arch, configs=results),

@@ -49,13 +49,6 @@ CHUNK = 128  # inputs per chunk: one warp's 1 KiB block of 16 columns
 MAX_ROWS = 32  # the most rows it was measured faster than the Triton GEMV for; GPTQLinear sends it 1-8 (mma_gemm: 9+)
 KERNEL_ROWS = 32  # what the kernel computes: four 8-row blocks of the mma's N dimension
 LORA_MAX_RANK = 128  # the epilogue's rank sum (LRMAX: its operands sit in shared memory); more: the caller adds it
-# 1: one-row-block builds of depth 1 load the next chunk's weights before computing this one (x, scales and zeros
-# still loaded just before their chunk), for 8 registers where a whole chunk ahead (depth 2) costs 24 and a third of
-# the warps an SM (NOTES step 101)
-WEIGHTS_AHEAD = 0
-# 1: the plain one-row-block build compiled with a minimum of one CTA an SM in its launch bounds, which lets the
-# compiler use ~78 registers for ~66 instructions a chunk where the shipped build has 60 and 86 (NOTES step 101)
-FREE_REGISTERS = 0
 
 # Launch configurations by 8-row blocks, chosen on an H200 by benchmarks/mma_gemv_probe.py --pick: (warps a CTA,
 # register buffers a warp (1: a chunk's loads are not issued ahead of the previous chunk's compute), target CTAs
@@ -242,7 +235,6 @@ _SOURCE = HELPERS + r"""
 #define DEPTH __DEPTH__
 #define GCHUNKS __GCHUNKS__  // chunks of 128 inputs per quantization group
 #define LORA __LORA__  // 1: the low-rank epilogue (a build of its own, so the plain kernel's code is unchanged)
-#define WAHEAD __WAHEAD__  // 1 (DEPTH 1): the next chunk's weights loaded before this chunk's compute (WEIGHTS_AHEAD)
 
 struct Chunk {
   U4 w[2];        // the lane's 32 bytes of weights (8 words: k16 tiles 0..7)
@@ -261,15 +253,9 @@ struct Cursor {
   int c;                // the chunk
 };
 
-// the lane's 32 bytes of the cursor's next chunk of weights
-__device__ __forceinline__ void load_w(U4 (&w)[2], Cursor& p) {
-  w[0] = ld_stream(p.w);
-  w[1] = ld_stream(p.w + 1);
-  p.w += WARPS * 64;
-}
-
-// the scales, zero words and x of the cursor's next chunk (its weights are load_w's)
-__device__ __forceinline__ void load_rest(Chunk& b, Cursor& p, int N) {
+__device__ __forceinline__ void load_chunk(Chunk& b, Cursor& p, int N) {
+  b.w[0] = ld_stream(p.w);
+  b.w[1] = ld_stream(p.w + 1);
 #if GCHUNKS == 1
   const u16* s = p.s;
   const int* z = p.z;
@@ -296,12 +282,8 @@ __device__ __forceinline__ void load_rest(Chunk& b, Cursor& p, int N) {
       for (int i = 0; i < 4; ++i) b.xv[mb][i] = U4{0u, 0u, 0u, 0u};
     }
   }
+  p.w += WARPS * 64;
   p.c += WARPS;
-}
-
-__device__ __forceinline__ void load_chunk(Chunk& b, Cursor& p, int N) {
-  load_w(b.w, p);
-  load_rest(b, p, N);
 }
 
 // One row block (ZERO_BY_SUM): the A fragments are the bf16 values 128 + q (the nibble as the low mantissa bits of
@@ -510,14 +492,7 @@ __device__ void lora_produce(int p, int P, const u16* __restrict__ lx, int lx_st
   }
 }
 
-#if WAHEAD  // the weights' second buffer kept within 64 registers: 32 warps an SM, as depth 1 has
-#define BOUNDS __launch_bounds__(WARPS * 32, 32 / WARPS)
-#elif __FREEREGS__  // FREE_REGISTERS
-#define BOUNDS __launch_bounds__(WARPS * 32, 1)
-#else  // (a minimum of 1 CTA lifts the compiler's register cap: another kernel, FREE_REGISTERS)
-#define BOUNDS __launch_bounds__(WARPS * 32)
-#endif
-extern "C" __global__ void BOUNDS
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
 gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16* __restrict__ scales,
               const int* __restrict__ qzeros, u16* __restrict__ out, float* __restrict__ ws,
               int* __restrict__ counters, int M, int N, int K, int zero_add, int x_stride,
@@ -588,26 +563,6 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
 
   // This warp's chunks: c_begin + warp + i * WARPS for i < mine.
   const int mine = c_end - c_begin - warp > 0 ? (c_end - c_begin - warp + WARPS - 1) / WARPS : 0;
-#if WAHEAD
-  // Two buffers of weights only (8 registers more than DEPTH 1, where a whole chunk ahead costs 24): the next chunk's
-  // weights are in flight while this one's x, scales and zeros (L1 and L2 hits) are loaded and it is computed.
-  U4 wb[2][2];
-  if (mine > 0) load_w(wb[0], p);
-  for (int base = 0; base < mine; base += 2) {
-#pragma unroll
-    for (int d = 0; d < 2; ++d) {
-      const int i = base + d;
-      if (i < mine) {
-        if (i + 1 < mine) load_w(wb[d ^ 1], p);
-        Chunk b;
-        b.w[0] = wb[d][0];
-        b.w[1] = wb[d][1];
-        load_rest(b, p, N);
-        compute_chunk(b, acc, r, zero_add);
-      }
-    }
-  }
-#else
   // A ring of DEPTH register buffers: the loads of
   // chunk i + DEPTH - 1 are issued before chunk i is computed, so loads stay in flight while the warp computes.
   Chunk buf[DEPTH];
@@ -626,7 +581,6 @@ gptq_mma_gemv(const U4* __restrict__ wpack, const u16* __restrict__ x, const u16
       }
     }
   }
-#endif
 
 #if LORA
   int readers = 0;  // the waiting tiles that had read h before this one (the last warp's thread 0)
@@ -726,14 +680,11 @@ _workspaces: dict = {}
 _retired: list = []
 
 
-def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False, ahead: bool = False,
-                  free_registers: bool = False) -> str:
-    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py); ``ahead``: the
-    weights-ahead loop (``WEIGHTS_AHEAD``), for depth 1; ``free_registers``: ``FREE_REGISTERS``'s launch bounds."""
+def kernel_source(warps: int, mb: int, depth: int, group_size: int, lora: bool = False) -> str:
+    """The CUDA C of one configuration (also compiled without a GPU by benchmarks/mma_sass.py)."""
     return (_SOURCE.replace("__WARPS__", str(warps)).replace("__MB__", str(mb)).replace("__DEPTH__", str(depth))
             .replace("__GCHUNKS__", str(group_size // CHUNK)).replace("__LORA__", str(int(lora)))
-            .replace("__LRMAX__", str(LORA_MAX_RANK)).replace("__WAHEAD__", str(int(ahead and depth == 1)))
-            .replace("__FREEREGS__", str(int(free_registers))))
+            .replace("__LRMAX__", str(LORA_MAX_RANK)))
 
 
 def _compile(device: torch.device, source: str, name: str = "gptq_mma_gemv"):
@@ -745,10 +696,8 @@ def _kernel(device: torch.device, warps: int, mb: int, depth: int, group_size: i
     """The compiled kernel for a configuration (NVRTC, once per device and configuration), or a string saying why
     it could not be compiled (warned once; callers then use another kernel); None when it is not compiled yet
     and the stream is capturing a graph (loading a module there is not a stream operation)."""
-    ahead = bool(WEIGHTS_AHEAD) and depth == 1 and mb == 1  # (more row blocks would spill within 64 registers)
-    free = bool(FREE_REGISTERS) and not lora and mb == 1
-    return compiled(device, (warps, mb, depth, group_size, lora, ahead, free), "gptq_mma_gemv",
-                    lambda: kernel_source(warps, mb, depth, group_size, lora, ahead, free))
+    return compiled(device, (warps, mb, depth, group_size, lora), "gptq_mma_gemv",
+                    lambda: kernel_source(warps, mb, depth, group_size, lora))
 
 
 def compiled(device: torch.device, config: tuple, name: str, source,
