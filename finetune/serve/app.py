@@ -36,8 +36,9 @@ from ..inference.sampling import GREEDY_BELOW, FieldProblem
 from .metrics import ServeMetrics
 from .models import peft_adapter_name
 from . import completions, responses, tokenizing
-from .protocol import (ECHO_CHARS, APIError, ChatCompletionRequest, CompletionRequest, SamplingRequest,
-                       clipped, field_path)
+from .protocol import (ECHO_CHARS, MAX_BODY_BYTES, APIError, ChatCompletionRequest, CompletionRequest,
+                       SamplingRequest, clipped, field_path)
+from .response_store import ResponseStore
 from .runs import LEFT_OUT_HEADER, ClientGone, Run, StreamEnded, merged, request_usage, sse, watched
 from .textstream import TextStream
 from .tool_calls import finish_with_call, forced_call, tool_message
@@ -56,7 +57,7 @@ class Server:
 
     def __init__(self, model, tokenizer, *, base_name: str, adapter_names=(), max_batch: int = 32,
                  max_model_len: int | None = None, max_queue: int | None = None, api_key: str | None = None,
-                 engine=None, cors_origins=(), prefill_chunk: int = 0):
+                 engine=None, cors_origins=(), prefill_chunk: int = 0, max_stored_responses: int = 1000):
         from ..inference import Engine
         from ..modeling.chat import _generation_config  # the config chat() runs with, eos included
 
@@ -77,6 +78,7 @@ class Server:
                                     lambda: self.worker.steps)
         self.worker = EngineWorker(self.engine, capacity=max_batch + self.max_queue, metrics=self.metrics)
         self.created = int(time.time())
+        self.responses = ResponseStore(max_stored_responses)  # (POST /v1/responses' store, previous_response_id)
 
     def default_sampling(self) -> list:
         """The sampling of requests that set none (the model's generation config) and of greedy ones (temperature
@@ -426,8 +428,6 @@ def _unparsable(cause: Exception) -> str:
     return f"the request body is not valid JSON: {cause}"
 
 
-# 413 above this: a prompt that fits any context is far smaller, and a body is parsed (and copied) whole
-MAX_BODY_BYTES = 16 * 2**20
 
 
 class BodyLimit:
@@ -610,7 +610,9 @@ def _cors_middleware():
 
 # Every route create_app serves (HEAD too on the GET ones; a trailing slash is served as without it), as a 404
 # names them
-SERVED = ("POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/models, "
+SERVED = ("POST /v1/chat/completions, POST /v1/completions, POST /v1/responses, GET /v1/responses/{response_id}, "
+          "DELETE /v1/responses/{response_id}, GET /v1/responses/{response_id}/input_items, "
+          "POST /v1/responses/{response_id}/cancel, GET /v1/models, "
           "GET /v1/models/{model}, POST /tokenize, POST /detokenize, GET /health (the server's state), GET /metrics "
           "(Prometheus') and GET / (the chat page)")
 
@@ -633,7 +635,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     if server.cors_origins:  # outermost: a browser's preflight (OPTIONS, no key) is answered before auth
         # a page reads only the response headers listed here (LEFT_OUT_HEADER was hidden from it)
         app.add_middleware(_cors_middleware(), allow_origins=server.cors_origins,
-                           allow_methods=["GET", "POST", "HEAD"], allow_headers=["*"],
+                           allow_methods=["GET", "POST", "HEAD", "DELETE"], allow_headers=["*"],
                            expose_headers=["Retry-After", LEFT_OUT_HEADER], max_age=600)
 
     @app.exception_handler(APIError)
@@ -765,6 +767,8 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     @app.post("/v1/responses/")
     async def responses_route(body: responses.ResponsesRequest, http: Request, response: Response):
         return await responses.respond(server, body, http, response)
+
+    responses.add_routes(app, server)  # the stored responses
 
     return app
 

@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                    "whole, the most throughput)")
     p.add_argument("--max-queue", action=Once, type=int, default=None,
                    help="requests waiting beyond --max-batch before new ones get 429 (default 4 x max-batch)")
+    p.add_argument("--max-stored-responses", action=Once, type=int, default=1000, metavar="N",
+                   help="POST /v1/responses keeps the N most recent responses in memory (those not sent with store: "
+                   "false) for GET /v1/responses/{id} and previous_response_id (default 1000; 0: none)")
     p.add_argument("--device", action=Once, default=None, help="default cuda when there is a GPU, else cpu")
     p.add_argument("--dtype", action=Once, default=None,
                    help="bf16 | fp16 | fp32 (default: bf16 on GPU, fp32 on CPU)")
@@ -169,6 +172,8 @@ def check_args(args) -> None:
         raise ValueError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if args.prefill_chunk < 0:
         raise ValueError(f"--prefill-chunk must be 0 (off) or more, got {args.prefill_chunk}")
+    if args.max_stored_responses < 0:
+        raise ValueError(f"--max-stored-responses must be 0 (none) or more, got {args.max_stored_responses}")
     if args.log_level.lower() not in LOG_LEVELS:  # uvicorn raised KeyError for it, after the model had loaded
         raise ValueError(f"--log-level {args.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
     if args.api_key is not None:
@@ -296,7 +301,8 @@ def build_server(args):
     model, tokenizer = load_served_model(model_dir, adapters, dtype=args.dtype, device=args.device)
     return Server(model, tokenizer, base_name=base, adapter_names=[n for n, _ in adapters],
                   max_batch=args.max_batch, max_model_len=args.max_model_len, max_queue=args.max_queue,
-                  api_key=args.api_key, cors_origins=args.cors_origin, prefill_chunk=args.prefill_chunk)
+                  api_key=args.api_key, cors_origins=args.cors_origin, prefill_chunk=args.prefill_chunk,
+                  max_stored_responses=args.max_stored_responses)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,9 @@ class APIError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+# 413 above this: a prompt that fits any context is far smaller, and a body is parsed (and copied) whole
+MAX_BODY_BYTES = 16 * 2**20
+
 # How much of a client's value an error message quotes: a 5 MB model name or field name made a 5 MB 404 or 400.
 ECHO_CHARS = 200
 

@@ -15,11 +15,15 @@ generation config; temperature 0 is greedy) and rows, so a response answers what
   repetition_penalty, ...) act as the chat route's tools, tool_choice, response_format, max_completion_tokens, ...
 - A reply that calls a tool is a `function_call` item (after a message item holding its thought, when the model wrote
   one), status "completed"; one cut by max_output_tokens is status "incomplete" (reason max_output_tokens).
-- Nothing is stored: `store` is accepted (true is OpenAI's default) but a response cannot be fetched or continued
-  later, so previous_response_id, conversation, background and stored prompts (`prompt`) are 400s: send the whole
-  conversation in `input`. `truncation` "auto" is a 400 too (the history is cut only as model.chat cuts it, past
-  the model's max_window_size). `metadata`, `user` and OpenAI's other bookkeeping fields are accepted and not acted
-  on; other unknown fields follow protocol.py's policy.
+- Stored responses (response_store.py, in this process's memory): a finished response is kept unless the request
+  says `store: false` (OpenAI's default is to store), for GET /v1/responses/{id}, GET .../input_items, DELETE, and
+  a later request's `previous_response_id`, which continues it: that response's input items (those of the
+  responses it continued first) and its output come before the new `input`, as OpenAI chains them; its
+  `instructions` and tools are not carried over (OpenAI's rule: send them again). A stream whose client left is
+  not stored. `conversation` (OpenAI's Conversations API), `background` and stored prompts (`prompt`) are 400s.
+  `truncation` "auto" is a 400 too (the history is cut only as model.chat cuts it, past the model's
+  max_window_size). `metadata`, `user` and OpenAI's other bookkeeping fields are accepted and not acted on; other
+  unknown fields follow protocol.py's policy.
 - Errors are the chat route's, naming the Responses field (`_Names`: "messages[2].content" is "input[1].content").
 
 A stream is OpenAI's server-sent events (`event: <type>`, data with its type and sequence_number): response.created,
@@ -44,7 +48,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, StrictBool
 
 from ..errors import lone_surrogate, quoted
-from .protocol import ECHO_CHARS, APIError, ChatCompletionRequest, Number, SamplingRequest, validated
+from .protocol import (ECHO_CHARS, MAX_BODY_BYTES, APIError, ChatCompletionRequest, Number, SamplingRequest,
+                       validated)
+from .response_store import ResponseStore
 from .runs import LEFT_OUT_HEADER, ClientGone, Run, request_usage, watched
 from .tool_calls import tool_message
 
@@ -62,7 +68,8 @@ CHAT_ONLY = {"messages": "input", "max_tokens": "max_output_tokens", "max_comple
 # the SamplingRequest fields that go to the chat request as they are (not these: the Responses API names them
 # otherwise, or they concern the chat route's stream)
 NOT_SHARED = {"stream", "stream_options", "max_tokens", "n", "response_format"}
-NOT_STORED = "nothing is stored on this server: send the whole conversation in input"
+# where the items of a continued response are named in errors (they were checked when that response was made)
+EARLIER = "previous_response_id"
 
 
 class ResponsesRequest(SamplingRequest):
@@ -96,12 +103,13 @@ class ResponsesRequest(SamplingRequest):
                 continue  # (asking for nothing)
             raise APIError(400, f"{name} is a Chat Completions field: the Responses API takes {instead}" if instead
                            else "n is not supported by the Responses API: a response is one reply", name)
-        for name in ("previous_response_id", "conversation"):
-            if getattr(self, name) is not None:
-                raise APIError(400, f"{name} is not supported: {NOT_STORED}", name)
+        if self.conversation is not None:
+            raise APIError(400, "conversation (OpenAI's Conversations API) is not supported: continue a stored "
+                           "response with previous_response_id, or send the whole conversation in input",
+                           "conversation")
         if self.prompt is not None:
-            raise APIError(400, "prompt (a stored prompt) is not supported: nothing is stored on this server: send "
-                           "the instructions and input themselves", "prompt")
+            raise APIError(400, "prompt (a prompt template kept by OpenAI) is not supported: send the instructions "
+                           "and input themselves", "prompt")
         if self.background:
             raise APIError(400, "background is not supported: a response is answered while the request waits (or "
                            "streamed); nothing is stored to fetch later", "background")
@@ -121,10 +129,29 @@ class ResponsesRequest(SamplingRequest):
     def wants_logprobs(self) -> bool:
         return LOGPROBS in (self.include or ())
 
-    def chat_request(self) -> tuple[ChatCompletionRequest, "_Names"]:
-        """The chat completions request that answers this one, and how its fields are named here."""
+    def earlier(self, store: ResponseStore) -> tuple[list[dict], int]:
+        """The conversation ``previous_response_id`` continues (none: []) and its JSON bytes, or the 400 OpenAI
+        answers when it is not stored."""
+        if self.previous_response_id is None:
+            return [], 0
+        if not isinstance(self.previous_response_id, str) or not self.previous_response_id:
+            raise APIError(400, "previous_response_id must be the id of a stored response (a non-empty string)",
+                           "previous_response_id")
+        stored = store.get(self.previous_response_id)
+        if stored is None:
+            why = ("this server stores no responses (--max-stored-responses 0)" if store.capacity == 0 else
+                   "it was not stored (store: false), was deleted, was dropped to make room (this server keeps the "
+                   f"{store.capacity:,} most recently used), or the server restarted since")
+            shown = quoted(self.previous_response_id, ECHO_CHARS, length=True)
+            raise APIError(400, f"Previous response with id {shown} not found: {why}", "previous_response_id",
+                           "previous_response_not_found")
+        return stored.conversation(), stored.size
+
+    def chat_request(self, earlier: list[dict] = ()) -> tuple[ChatCompletionRequest, "_Names"]:
+        """The chat completions request that answers this one after the items ``earlier`` (a continued response's
+        conversation), and how its fields are named here."""
         self.check()
-        messages, places = self._messages()
+        messages, places = self._messages(list(earlier))
         extra = {k: v for k, v in (self.model_extra or {}).items() if k not in CHAT_ONLY}
         fields = {**extra, **{name: getattr(self, name) for name in SamplingRequest.model_fields
                               if name not in NOT_SHARED},
@@ -135,13 +162,15 @@ class ResponsesRequest(SamplingRequest):
         # (a 400 for an extra field the chat request types, e.g. continue_final_message)
         return validated(ChatCompletionRequest, fields), _Names(places)
 
-    def _messages(self) -> tuple[list[dict], list[dict]]:
-        """``input`` (and ``instructions``) as chat messages, and where each message's parts are given here: for
-        message k, {its field's path in the chat message ("" for the message, ".tool_calls[0]"): its path here}."""
+    def _messages(self, earlier: list[dict]) -> tuple[list[dict], list[dict]]:
+        """``earlier``, ``input`` (and ``instructions``) as chat messages, and where each message's parts are given
+        here: for message k, {its field's path in the chat message ("" for the message, ".tool_calls[0]"): its path
+        here} (EARLIER for the items of ``earlier``)."""
         one = isinstance(self.input, str)  # (one user message)
         items = [{"role": "user", "content": self.input}] if one else self.input
         if not isinstance(items, list) or not items:
             raise APIError(400, "input must be a string or a non-empty list of items", "input")
+        items = earlier + items
         system, system_at = [], None  # the system message's texts, and where the first was given
         if self.instructions is not None:
             system.append(_text(self.instructions, "instructions"))
@@ -149,7 +178,8 @@ class ResponsesRequest(SamplingRequest):
         messages: list[dict] = []
         places: list[dict] = []
         for i, item in enumerate(items):
-            where = "input" if one else f"input[{i}]"
+            mine = i - len(earlier)
+            where = EARLIER if mine < 0 else "input" if one else f"input[{mine}]"
             if not isinstance(item, dict):
                 raise APIError(400, f"{where} must be an object (a message, function_call or function_call_output)",
                                where)
@@ -186,13 +216,32 @@ class ResponsesRequest(SamplingRequest):
                                ".role": where})
             else:
                 shown = quoted(kind, ECHO_CHARS, length=True)
-                why = f" ({NOT_STORED})" if kind == "item_reference" else ""
+                why = " (to continue a stored response, give its id as previous_response_id)" if (
+                    kind == "item_reference") else ""
                 raise APIError(400, f"{where}.type {shown} is not supported: input items are messages, function_call "
                                f"and function_call_output{why}", f"{where}.type")
         if system:
             messages.insert(0, {"role": "system", "content": "\n\n".join(system)})
             places.insert(0, {"": system_at})
         return messages, places
+
+    def input_items(self) -> list[dict]:
+        """This request's ``input`` as a stored response keeps it (and input_items lists it): each item with an id
+        and a status, a message's string content as one text part (run after ``chat_request`` checked them)."""
+        items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
+        out = []
+        for item in items:
+            kind = item.get("type", "message")
+            item = {**item, "type": kind, "status": item.get("status") or "completed"}
+            if kind == "message":
+                part = "output_text" if item["role"] == "assistant" else "input_text"
+                if isinstance(item["content"], str):
+                    item["content"] = [{"type": part, "text": item["content"]}]
+                if part == "output_text":
+                    item["content"] = [dict(c, annotations=c.get("annotations") or []) for c in item["content"]]
+            item.setdefault("id", _id({"message": "msg_", "function_call": "fc_"}.get(kind, "fco_")))
+            out.append(item)
+        return out
 
     def _tools(self) -> list[dict] | None:
         """Function tools in the chat request's form (the definitions are checked there)."""
@@ -319,6 +368,8 @@ class _Names:
         if m and int(m[1]) < len(self.places):
             rest, table = param[m.end():], self.places[int(m[1])]
             key = max((k for k in table if rest.startswith(k) and rest[len(k):][:1] in ("", ".", "[")), key=len)
+            if table[key] in (EARLIER, "input"):  # (a continued response's item, a string input: no parts)
+                return table[key]
             return table[key] + rest[len(key):]
         for pattern, name in FIELDS:
             if (new := pattern.match(param)) is not None:
@@ -339,6 +390,10 @@ class _Names:
 # -- the response --------------------------------------------------------------------------------------------------
 
 
+def _json_bytes(items: list[dict]) -> int:
+    return len(json.dumps(items, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+
+
 def _id(prefix: str) -> str:
     return prefix + uuid.uuid4().hex
 
@@ -353,11 +408,22 @@ def _usage(run: Run) -> dict:
 class _Reply:
     """One request's response object as it stands (``body``: what it echoes; ``run``: its row)."""
 
-    def __init__(self, body: ResponsesRequest, chat: ChatCompletionRequest, run: Run, functions: list, gc):
+    def __init__(self, body: ResponsesRequest, chat: ChatCompletionRequest, run: Run, functions: list, gc,
+                 store: ResponseStore, context: list[dict], size: int):
         self.body, self.chat, self.run, self.functions = body, chat, run, functions
         self.gc = gc  # the generation config: the sampling a request that sets none gets
         self.id, self.created = _id("resp_"), int(time.time())
         self.output: list[dict] = []
+        # context: the items this response answers, earlier ones first (size: their JSON bytes)
+        self.store, self.context, self.size = store, context, size
+        self.kept = body.store is not False and store.capacity > 0  # (stored once finished)
+
+    def finish(self, status: str, error: dict | None = None) -> dict:
+        """The response object at its end, stored unless the request said not to."""
+        obj = self.object(status, error)
+        if self.kept:
+            self.store.put(obj, self.context, self.size + _json_bytes(self.output))
+        return obj
 
     def status(self) -> str:
         return "incomplete" if self.run.finish_reason == "length" else "completed"
@@ -406,18 +472,27 @@ class _Reply:
             "truncation": "disabled", "usage": _usage(self.run) if done else None,
             "metadata": body.metadata if isinstance(body.metadata, dict) else {},
             "user": body.user if isinstance(body.user, str) else None, "background": False,
-            "previous_response_id": None, "reasoning": None, "service_tier": "default", "store": False,
+            "previous_response_id": body.previous_response_id, "reasoning": None, "service_tier": "default",
+            "store": self.kept,
         }
 
 
 async def respond(server, body: ResponsesRequest, http: Request, response: Response):
     """The response to POST /v1/responses: a response object, or its stream of events."""
-    chat, names = body.chat_request()
+    earlier, size = body.earlier(server.responses)
+    chat, names = body.chat_request(earlier)
+    items = body.input_items()
+    size += _json_bytes(items)
+    # a continued conversation grows with every turn: held to what one request body may send
+    if body.previous_response_id is not None and size > MAX_BODY_BYTES:
+        raise APIError(400, f"the conversation continued by previous_response_id would be {size:,} bytes of JSON, "
+                       f"over the {MAX_BODY_BYTES:,} a request body may hold: start a new conversation, or send "
+                       "the part of it that matters in input", "previous_response_id")
     try:
         runs, functions = await server.start(chat)
     except APIError as e:
         raise names.error(e) from None
-    reply = _Reply(body, chat, runs[0], functions, server.gc)
+    reply = _Reply(body, chat, runs[0], functions, server.gc, server.responses, earlier + items, size)
     left_out = {LEFT_OUT_HEADER: str(reply.run.left_out)} if reply.run.left_out else {}
     if body.stream:
         return StreamingResponse(_events(reply, http), media_type="text/event-stream",
@@ -429,7 +504,7 @@ async def respond(server, body: ResponsesRequest, http: Request, response: Respo
         return JSONResponse({}, status_code=499)
     response.headers.update(left_out)
     reply.output = reply.items(text)
-    return reply.object(reply.status())
+    return reply.finish(reply.status())
 
 
 async def _events(reply: _Reply, http: Request):
@@ -501,7 +576,85 @@ async def _events(reply: _Reply, http: Request):
         return
     except APIError as e:  # (the status line went out: the error goes in the stream, as OpenAI sends it)
         yield event("error", code=e.code, message=e.message, param=e.param)
-        yield event("response.failed", response=reply.object("failed", {"code": "server_error",
+        yield event("response.failed", response=reply.finish("failed", {"code": "server_error",
                                                                         "message": e.message}))
         return
-    yield event(f"response.{reply.status()}", response=reply.object(reply.status()))
+    yield event(f"response.{reply.status()}", response=reply.finish(reply.status()))
+
+
+# -- stored responses ----------------------------------------------------------------------------------------------
+
+
+def _stored(server, response_id: str):
+    stored = server.responses.get(response_id)
+    if stored is None:
+        raise APIError(404, f"No response found with id {quoted(response_id, ECHO_CHARS, length=True)} (this server "
+                       f"keeps the {server.responses.capacity:,} most recently used responses in its memory, those "
+                       "not sent with store: false)", None, "not_found")
+    return stored
+
+
+def _query_int(http: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = http.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or not low <= value <= high:
+        shown = quoted(raw, ECHO_CHARS, length=True)
+        raise APIError(400, f"{name} must be an integer from {low} to {high}, got {shown}", name)
+    return value
+
+
+def input_items(server, response_id: str, http: Request) -> dict:
+    """GET /v1/responses/{id}/input_items: the items the response answered (those of the responses it continued,
+    with their outputs, first), OpenAI's list page (limit, order, after)."""
+    items = _stored(server, response_id).context
+    limit = _query_int(http, "limit", 20, 1, 100)
+    order = http.query_params.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise APIError(400, f"order must be \"asc\" or \"desc\", got {quoted(order, ECHO_CHARS, length=True)}", "order")
+    for name in http.query_params.getlist("include") + http.query_params.getlist("include[]"):
+        if name not in INCLUDABLE:
+            raise APIError(400, f"include {quoted(name, ECHO_CHARS, length=True)} is not supported", "include")
+    ordered = items if order == "asc" else items[::-1]
+    after = http.query_params.get("after")
+    if after is not None:
+        at = next((i for i, item in enumerate(ordered) if item.get("id") == after), None)
+        if at is None:
+            raise APIError(400, f"after {quoted(after, ECHO_CHARS, length=True)} is not the id of an input item of "
+                           "this response", "after")
+        ordered = ordered[at + 1:]
+    page = ordered[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}
+
+
+def add_routes(app, server) -> None:
+    """GET, DELETE and cancel of a stored response, and its input items (POST /v1/responses is the app's)."""
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "HEAD"])
+    async def retrieve(response_id: str, http: Request):
+        stored = _stored(server, response_id)
+        if http.query_params.get("stream") not in (None, "false"):
+            raise APIError(400, "stream is for responses made with background: true, which this server does not run: "
+                           "this response is finished", "stream")
+        return stored.response
+
+    @app.delete("/v1/responses/{response_id}")
+    async def delete(response_id: str):
+        _stored(server, response_id)
+        server.responses.delete(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel(response_id: str):
+        _stored(server, response_id)
+        raise APIError(400, "Only responses made with background: true can be cancelled, and this server runs none "
+                       "(a stored response is finished; to stop one being made, close its connection)")
+
+    @app.api_route("/v1/responses/{response_id}/input_items", methods=["GET", "HEAD"])
+    async def list_input_items(response_id: str, http: Request):
+        return input_items(server, response_id, http)

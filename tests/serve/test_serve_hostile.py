@@ -206,7 +206,9 @@ def test_a_404_names_every_route_served(live):
     r = httpx.get(live.url + "/nonexistent", timeout=10)
     err = _error(r, 404)
     assert err["message"] == ("Invalid URL (GET /nonexistent): this server serves POST /v1/chat/completions, "
-                              "POST /v1/completions, POST /v1/responses, GET /v1/models, GET /v1/models/{model}, "
+                              "POST /v1/completions, POST /v1/responses, GET /v1/responses/{response_id}, "
+                              "DELETE /v1/responses/{response_id}, GET /v1/responses/{response_id}/input_items, "
+                              "POST /v1/responses/{response_id}/cancel, GET /v1/models, GET /v1/models/{model}, "
                               "POST /tokenize, POST /detokenize, GET /health (the server's state), GET /metrics "
                               "(Prometheus') and GET / (the chat page)")
     # each route the app has (as create_app builds it), by method and path

@@ -287,8 +287,8 @@ def test_logprobs_come_with_include_as_the_chat_routes(live):
 
 
 def test_bookkeeping_fields_are_accepted_and_echoed(live):
-    """store (true: OpenAI's default; nothing is stored), metadata, user, truncation "disabled", parallel tool calls,
-    an include of items this server never makes, and the client's stream options change nothing."""
+    """metadata, user, truncation "disabled", parallel tool calls, an include of items this server never makes, and
+    the client's stream options change nothing (store: test_serve_responses_store.py)."""
     r = _client(live).responses.create(model="a", input=Q, temperature=0, store=True, metadata={"k": "v"}, user="u1",
                                        truncation="disabled", parallel_tool_calls=False, service_tier="auto",
                                        include=["reasoning.encrypted_content"], reasoning=None, max_tool_calls=3,
@@ -299,11 +299,12 @@ def test_bookkeeping_fields_are_accepted_and_echoed(live):
 
 
 @pytest.mark.parametrize("kw, param, said", [
-    (dict(previous_response_id="resp_1"), "previous_response_id", "nothing is stored"),
-    (dict(conversation="conv_1"), "conversation", "nothing is stored"),
+    (dict(previous_response_id="resp_1"), "previous_response_id", "Previous response with id 'resp_1' not found"),
+    (dict(previous_response_id=""), "previous_response_id", "non-empty string"),
+    (dict(conversation="conv_1"), "conversation", "Conversations API"),
     (dict(background=True), "background", "background"),
     (dict(reasoning={"effort": "high"}), "reasoning", "reasoning"),
-    (dict(prompt={"id": "pmpt_1"}), "prompt", "stored prompt"),
+    (dict(prompt={"id": "pmpt_1"}), "prompt", "prompt template"),
     (dict(truncation="auto"), "truncation", "disabled"),
     (dict(include=["message.output_text.everything"]), "include[0]", "not supported"),
     (dict(input=[{"role": "user", "content": [{"type": "input_text", "text": "Hi"}, {
@@ -312,7 +313,7 @@ def test_bookkeeping_fields_are_accepted_and_echoed(live):
      "input_file"),
     (dict(input=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), "input[0].content[0]",
      "input_audio"),
-    (dict(input=[{"type": "item_reference", "id": "msg_1"}]), "input[0].type", "nothing is stored"),
+    (dict(input=[{"type": "item_reference", "id": "msg_1"}]), "input[0].type", "previous_response_id"),
     (dict(input=[{"role": "tool", "content": "x"}]), "input[0].role", "function_call_output"),
     (dict(input=[]), "input", "non-empty"),
     (dict(input=[{"role": "user", "content": "Hi"}, {"role": "system", "content": "late"}]), "input[1].role",
