@@ -396,12 +396,24 @@ def _send(live, stream: bool) -> socket.socket:
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_disconnects_frees_its_row(live, stream):
+    """The row is cancelled, and the response left unfinished is not stored (streamed: its id, from the first event,
+    is a 404)."""
     before = _health_when(live, lambda h: h["in_flight"] == 0)["finished"]
-    with _send(live, stream):
+    stored = len(live.server.responses)
+    with _send(live, stream) as s:
         _health_when(live, lambda h: h["running"] == 1)
+        if stream:
+            seen = b""
+            while b'"id": "resp_' not in seen:  # (response.created)
+                seen += s.recv(65536)
+            rid = seen.split(b'"id": "')[1].split(b'"')[0].decode()
     after = _health_when(live, lambda h: h["in_flight"] == 0)["finished"]
     assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1, (before, after)
     assert after.get("length", 0) == before.get("length", 0), (before, after)
+    assert len(live.server.responses) == stored
+    if stream:
+        with pytest.raises(openai.NotFoundError):
+            _client(live).responses.retrieve(rid)
 
 
 def test_a_full_server_is_a_429_and_a_missing_key_a_401(live):
