@@ -409,3 +409,28 @@ TOOL_RECORD = {"tools": [{"type": "function", "function": WEATHER}], "messages":
     ASK, {"role": "assistant", "content": "I should ask the weather API.", "tool_calls": [CALL]},
     {"role": "tool", "tool_call_id": "c1", "content": "sunny, 21 C"},
     {"role": "assistant", "content": "It is sunny in Paris."}]}
+
+
+def train_tools_adapter(model_dir, root: Path) -> Path:
+    """The serve tests' "tools" adapter: TOOL_RECORD learnt through the data pipeline's ReAct rendering (on a model
+    of seq_length 1024, where the ReAct prompt is in its trained range)."""
+    (root / "tools.json").write_text(json.dumps([TOOL_RECORD] * 2))
+    return train_adapter(model_dir, root / "tools.json", root / "ad_tools", 40, "--model_max_length", "1024",
+                         "--per_device_train_batch_size", "2")
+
+
+@contextmanager
+def memorised_and_tools_server(root: Path, *flags: str):
+    """`qwen-ft serve` of the tiny model (seq_length 1024) with adapter "a" (memorises MEMORISE) and "tools"
+    (train_tools_adapter), --max-model-len 1024 and ``flags``, in the background (serve_in_background's handle)."""
+    from finetune.demo import make_demo_model
+    from finetune.serve.background import serve_in_background
+    from finetune.serve.cli import _parser, build_server
+
+    model = make_demo_model(root / "tiny-qwen", seed=0, seq_length=1024, max_position_embeddings=1024)
+    a = train_adapter(model, write_memorise(root / "a.json"), root / "ad_a", 50)
+    tools = train_tools_adapter(model, root)
+    args = _parser().parse_args(["-m", str(model), "--adapter", f"a={a}", "--adapter", f"tools={tools}",
+                                 "--max-model-len", "1024", *flags])
+    with serve_in_background(build_server(args), start_timeout=30) as bg:
+        yield bg

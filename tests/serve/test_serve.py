@@ -18,7 +18,8 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-from _helpers import ASK, MEMORISE, TOOL_RECORD, WEATHER, train_adapter, write_memorise  # noqa: E402
+from _helpers import (ASK, MEMORISE, TOOL_RECORD, WEATHER, train_adapter, train_tools_adapter,  # noqa: E402
+                      write_memorise)
 
 TOOLS = TOOL_RECORD["tools"]
 
@@ -37,9 +38,7 @@ def served(tmp_path_factory):
     model = make_demo_model(root / "tiny-qwen", seed=0, seq_length=1024, max_position_embeddings=1024)
     a = train_adapter(model, write_memorise(root / "a.json"), root / "ad_a", 50)
     b = train_adapter(model, write_memorise(root / "b.json", OTHER), root / "ad_b", 50)
-    (root / "tools.json").write_text(json.dumps([TOOL_RECORD] * 2))
-    tools = train_adapter(model, root / "tools.json", root / "ad_tools", 40, "--model_max_length", "1024",
-                          "--per_device_train_batch_size", "2")
+    tools = train_tools_adapter(model, root)
     return {"model": model, "a": a, "b": b, "tools": tools}
 
 

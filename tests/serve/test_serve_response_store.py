@@ -6,8 +6,6 @@ leave nothing to read or continue, and the store keeps only its most recent resp
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -17,7 +15,7 @@ pytest.importorskip("uvicorn")
 
 from openai.types.responses import Response  # noqa: E402
 
-from _helpers import ASK, MEMORISE, TOOL_RECORD, WEATHER, scripted_server, train_adapter, write_memorise  # noqa: E402
+from _helpers import ASK, MEMORISE, WEATHER, memorised_and_tools_server, scripted_server  # noqa: E402
 
 from finetune.serve.response_store import ResponseStore  # noqa: E402
 
@@ -29,19 +27,8 @@ KEY = "test-key"
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
     """The tiny model served with adapter "a" (memorises MEMORISE) and "tools" (one function-calling exchange)."""
-    from finetune.demo import make_demo_model
-    from finetune.serve.background import serve_in_background
-    from finetune.serve.cli import _parser, build_server
-
-    root = tmp_path_factory.mktemp("serve_store")
-    model = make_demo_model(root / "tiny-qwen", seed=0, seq_length=1024, max_position_embeddings=1024)
-    a = train_adapter(model, write_memorise(root / "a.json"), root / "ad_a", 50)
-    (root / "tools.json").write_text(json.dumps([TOOL_RECORD] * 2))
-    tools = train_adapter(model, root / "tools.json", root / "ad_tools", 40, "--model_max_length", "1024",
-                          "--per_device_train_batch_size", "2")
-    args = _parser().parse_args(["-m", str(model), "--adapter", f"a={a}", "--adapter", f"tools={tools}",
-                                 "--max-batch", "2", "--max-model-len", "1024", "--api-key", KEY])
-    with serve_in_background(build_server(args), start_timeout=30) as bg:
+    with memorised_and_tools_server(tmp_path_factory.mktemp("serve_store"), "--max-batch", "2", "--api-key",
+                                    KEY) as bg:
         yield bg
 
 

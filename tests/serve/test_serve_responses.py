@@ -20,8 +20,8 @@ pytest.importorskip("uvicorn")
 
 from openai.types.responses import Response  # noqa: E402
 
-from _helpers import (ASK, MEMORISE, TOOL_RECORD, WEATHER, scripted_server, train_adapter,  # noqa: E402
-                      write_memorise)
+from _helpers import (ASK, MEMORISE, TOOL_RECORD, WEATHER, memorised_and_tools_server,  # noqa: E402
+                      scripted_server)
 
 CHAT_TOOLS = TOOL_RECORD["tools"]
 TOOLS = [{"type": "function", **WEATHER}]  # (the Responses API's form: the function's fields beside the type)
@@ -33,21 +33,9 @@ KEY = "test-key"
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """The tiny model (seq_length 1024: the ReAct prompt in its trained range) served with two adapters: "a"
-    memorises MEMORISE, "tools" one function-calling exchange (as tests/serve/test_serve.py trains them)."""
-    from finetune.demo import make_demo_model
-    from finetune.serve.background import serve_in_background
-    from finetune.serve.cli import _parser, build_server
-
+    """The tiny model served with two adapters: "a" memorises MEMORISE, "tools" one function-calling exchange."""
     root = tmp_path_factory.mktemp("serve_responses")
-    model = make_demo_model(root / "tiny-qwen", seed=0, seq_length=1024, max_position_embeddings=1024)
-    a = train_adapter(model, write_memorise(root / "a.json"), root / "ad_a", 50)
-    (root / "tools.json").write_text(json.dumps([TOOL_RECORD] * 2))
-    tools = train_adapter(model, root / "tools.json", root / "ad_tools", 40, "--model_max_length", "1024",
-                          "--per_device_train_batch_size", "2")
-    args = _parser().parse_args(["-m", str(model), "--adapter", f"a={a}", "--adapter", f"tools={tools}",
-                                 "--max-batch", "2", "--max-queue", "2", "--max-model-len", "1024", "--api-key", KEY])
-    with serve_in_background(build_server(args), start_timeout=30) as bg:
+    with memorised_and_tools_server(root, "--max-batch", "2", "--max-queue", "2", "--api-key", KEY) as bg:
         yield bg
 
 
