@@ -136,8 +136,8 @@ class Request:
         # params.logprobs most likely tokens, most likely first)
         self.logprobs: list[tuple[float, list]] | None = [] if params.logprobs is not None else None
         # with params.prompt_logprobs, once prefilled: the same for each prompt token after the first, given the
-        # tokens before it
-        self.prompt_logprobs: list[tuple[float, list]] | None = None
+        # tokens before it, and the token's rank (1: the most likely; vLLM's prompt_logprobs report it)
+        self.prompt_logprobs: list[tuple[float, list, int]] | None = None
         self._cancel = threading.Event()
         self._cancel_reason = "cancelled"
 
@@ -383,12 +383,16 @@ class _AfterGraph:
                               max(k for _, k in self.scored))
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> tuple:
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int, ranks: bool = False) -> tuple:
     """From raw ``logits`` [m, V]: the log-probability of each row's token ``tokens`` [m] (fp32 log_softmax), and
-    its k most likely tokens' (values and ids, [m, k], most likely first)."""
+    its k most likely tokens' (values and ids, [m, k], most likely first); with ``ranks``, also each token's rank
+    [m] (1 + the tokens more likely than it)."""
     lp = torch.log_softmax(logits.float(), -1)
     top = lp.topk(k, dim=-1)
-    return lp.gather(1, tokens[:, None])[:, 0], top.values, top.indices
+    chosen = lp.gather(1, tokens[:, None])[:, 0]
+    if ranks:
+        return chosen, top.values, top.indices, (lp > chosen[:, None]).sum(-1) + 1
+    return chosen, top.values, top.indices
 
 
 def _logprob_entries(lp) -> dict:
@@ -1188,11 +1192,11 @@ class Engine:
         self._emit(rows, logits, touched)
 
     @torch.no_grad()
-    def _score_prompt(self, row: _Row) -> list[tuple[float, list]]:
-        """Each prompt token's log-probability given the tokens before it, and its ``prompt_logprobs`` most likely
-        alternatives' (one entry for each token after the first), from the raw logits of an eager forward of the
-        whole prompt through the model's blocks, with the row's adapter, NTK alpha and logN; it writes no cache.
-        The logits are made SCORE_CHUNK positions at a time (152k fp32 logits a position)."""
+    def _score_prompt(self, row: _Row) -> list[tuple[float, list, int]]:
+        """Each prompt token's log-probability given the tokens before it, its ``prompt_logprobs`` most likely
+        alternatives' and its rank (one entry for each token after the first), from the raw logits of an eager
+        forward of the whole prompt through the model's blocks, with the row's adapter, NTK alpha and logN; it writes
+        no cache. The logits are made SCORE_CHUNK positions at a time (152k fp32 logits a position)."""
         cfg, req = self.config, row.req
         ids = torch.tensor([req.prompt_ids], device=self.device)
         T, k = ids.shape[1], req.params.prompt_logprobs
@@ -1200,15 +1204,17 @@ class Engine:
         rope = self.tr.rotary_emb(pos, torch.tensor([[row.alpha]], device=self.device))
         query_scale = logn_scale(pos + 1, cfg.seq_length) if cfg.use_logn_attn and T > cfg.seq_length else None
         select = None if row.adapter_index is None else self._select([row.adapter_index], 1)
-        out: list[tuple[float, list]] = []
+        out: list[tuple[float, list, int]] = []
         with self.adapters.applied(select), inference_sdpa(self.device):
             x = self.tr.wte(ids)
             for block in self.tr.h:
                 x = block(x, rope=rope, attn=AttentionSpec(is_causal=T > 1), query_scale=query_scale)
             h, targets = self.tr.ln_f(x)[0, :-1], ids[0, 1:]
             for a in range(0, T - 1, SCORE_CHUNK):
-                chosen, values, ids = token_logprobs(self.lm_head(h[a:a + SCORE_CHUNK]), targets[a:a + SCORE_CHUNK], k)
-                out += [(c, list(zip(i, v))) for c, i, v in zip(chosen.tolist(), ids.tolist(), values.tolist())]
+                chosen, values, ids, ranks = token_logprobs(self.lm_head(h[a:a + SCORE_CHUNK]),
+                                                            targets[a:a + SCORE_CHUNK], k, ranks=True)
+                out += [(c, list(zip(i, v)), r) for c, i, v, r in zip(chosen.tolist(), ids.tolist(), values.tolist(),
+                                                                      ranks.tolist())]
         return out
 
     def _prefill_graph_length(self, n: int, T: int, rows: list[_Row], slot: int, lora: bool) -> int | None:

@@ -202,6 +202,8 @@ class Server:
                 over[name] = getattr(body, name)
         if body.logprob_count() is not None:
             over["logprobs"] = body.logprob_count()
+        if body.prompt_logprobs is not None:
+            over["prompt_logprobs"] = body.prompt_logprobs
         bias = body.token_bias()
         if bias:
             self.check_vocabulary("logit_bias", bias)
@@ -753,8 +755,11 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
             logprobs = ({"content": run.logprobs(0, as_ids=bool(body.return_tokens_as_token_ids)), "refusal": None}
                         if body.logprobs else None)
             choices.append({"index": i, "message": message, "finish_reason": finish, "logprobs": logprobs})
-        return {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": choices, "usage": request_usage(runs)}
+        out = {"id": cid, "object": "chat.completion", "created": created, "model": body.model,
+               "choices": choices, "usage": request_usage(runs)}
+        if body.prompt_logprobs is not None:  # (vLLM's: the prompt all choices share, scored once in each row)
+            out["prompt_logprobs"] = runs[0].prompt_logprobs(as_ids=bool(body.return_tokens_as_token_ids))
+        return out
 
     # OpenAI's legacy completions (completions.py): the prompt continued as written
     @app.post("/v1/completions")

@@ -53,8 +53,9 @@ def prepare(server, body: CompletionRequest):
         if keep is not None and len(ids) > keep:  # (vLLM's truncate_prompt_tokens; echo gives the tokens kept)
             ids, text = ids[-keep:], None
         params = server.params(body, len(ids), source=where, default_max=DEFAULT_MAX_TOKENS)
-        if body.echo and body.logprobs is not None:  # (the prompt's tokens scored at its prefill)
-            params = dataclasses.replace(params, prompt_logprobs=body.logprobs)
+        if body.echo and body.logprobs is not None:  # (the prompt's tokens scored at its prefill; with vLLM's
+            # prompt_logprobs beside, its count of alternatives too: each report takes its own)
+            params = dataclasses.replace(params, prompt_logprobs=max(body.logprobs, params.prompt_logprobs or 0))
         out.append((ids, params, text))
     constraint = body.constraint()
     if constraint is not None:
@@ -69,12 +70,12 @@ def prepare(server, body: CompletionRequest):
 class Choice:
     """One choice of a completion: its Run, the text echoed before it, and the legacy logprobs' place so far."""
 
-    def __init__(self, run: Run, echo: str, as_ids: bool = False):
+    def __init__(self, run: Run, echo: str, as_ids: bool = False, echo_scored: bool = False):
         self.run, self.echo, self.as_ids = run, echo, as_ids  # (as_ids: tokens named "token_id:N")
         self.scored = 0  # tokens whose log-probabilities went out
         self.offset = len(echo)  # the text offset of the next token (text_offset)
         # the prompt's tokens' log-probabilities go out first (echo with logprobs: Request.prompt_logprobs)
-        self.prompt_scores = run.req.params.prompt_logprobs is not None
+        self.prompt_scores = echo_scored
 
     def logprobs(self, end: int) -> dict:
         """The legacy logprobs object of the tokens since the last call, up to ``end``: each token's text, its
@@ -87,8 +88,9 @@ class Choice:
         def add(token: int, scores, offset: int) -> int:
             entry = token_entry(tok, token, scores[0] if scores else 0.0, self.as_ids)
             tops = None
-            if scores:
-                tops = dict(_text_and_logprob(token_entry(tok, i, v, self.as_ids)) for i, v in scores[1])
+            if scores:  # (a prompt token's may hold more: prompt_logprobs asked for more)
+                tops = dict(_text_and_logprob(token_entry(tok, i, v, self.as_ids))
+                            for i, v in scores[1][:req.params.logprobs])
                 tops.setdefault(entry["token"], entry["logprob"])
             out["tokens"].append(entry["token"])
             out["token_logprobs"].append(entry["logprob"] if scores else None)
@@ -129,8 +131,9 @@ async def start(server, body: CompletionRequest) -> tuple[list[Choice], int]:
     for ids, _, text in prompts:
         echo = "" if not body.echo else text if text is not None else server.tokenizer.decode(ids)
         echoes += [echo] * n
-    as_ids = bool(body.return_tokens_as_token_ids)
-    return [Choice(r, e, as_ids) for r, e in zip(runs, echoes)], sum(len(ids) for ids, _, _ in prompts)
+    as_ids, echo_scored = bool(body.return_tokens_as_token_ids), bool(body.echo) and body.logprobs is not None
+    return ([Choice(r, e, as_ids, echo_scored) for r, e in zip(runs, echoes)],
+            sum(len(ids) for ids, _, _ in prompts))
 
 
 async def respond(server, body: CompletionRequest, http: Request):
@@ -149,6 +152,9 @@ async def respond(server, body: CompletionRequest, http: Request):
     out = [{"index": i, "text": c.echo + text, "finish_reason": c.run.finish_reason,
             "logprobs": c.logprobs(c.run.completion_tokens) if body.logprobs is not None else None}
            for i, (c, text) in enumerate(zip(choices, texts))]
+    if body.prompt_logprobs is not None:  # (vLLM's, in each choice)
+        for entry, c in zip(out, choices):
+            entry["prompt_logprobs"] = c.run.prompt_logprobs(c.as_ids)
     return {"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": out,
             "usage": request_usage(runs, prompt_tokens)}
 

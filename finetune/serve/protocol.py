@@ -76,9 +76,10 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 # Fields other servers take (vLLM's extra_body, newer OpenAI models') that would change the answer, which this
 # server does not implement -> the values that ask for nothing (absent and null too). Ignored, a client asking
 # for beam search, its own chat template or a reasoning effort would get an answer made without it and no word why.
-# (vLLM's allowed_token_ids, bad_words and truncate_prompt_tokens are served: SamplingRequest's fields.)
+# (vLLM's allowed_token_ids, bad_words, truncate_prompt_tokens and prompt_logprobs are served: SamplingRequest's
+# fields.)
 NEUTRAL: dict[str, tuple] = {
-    "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "prompt_logprobs": (), "logits_processors": (),
+    "best_of": (1,), "use_beam_search": (False,), "echo": (False,), "logits_processors": (),
     "chat_template": (), "documents": (),
     "structural_tag": (), "reasoning_effort": (), "verbosity": ("medium",),  # (OpenAI's default)
 }
@@ -151,6 +152,9 @@ class SamplingRequest(BaseModel):
     logit_bias: dict | None = None
     # vLLM's: log-probabilities name each token "token_id:N" (RL and evaluation clients read the ids back)
     return_tokens_as_token_ids: StrictBool | None = None
+    # vLLM's: each prompt token's log-probability given the tokens before it, its rank and the k most likely tokens'
+    # (runs.prompt_logprob_entries: in the chat response, in each completions choice; not in streams, as vLLM)
+    prompt_logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
     # text, json_object or json_schema: the reply held to the schema token by token (``constraint()``; vLLM's
     # guided_json / guided_regex / guided_choice / structured_outputs, in the extra fields, too)
     response_format: Any = None
@@ -173,6 +177,8 @@ class SamplingRequest(BaseModel):
                                f"{allowed[-1]})", name)
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "stream_options is only allowed with stream: true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:  # (vLLM's rule: they would all precede the reply)
+            raise APIError(400, "prompt_logprobs are not available when stream is true", "prompt_logprobs")
         if self.truncate_prompt_tokens == 0:  # (vLLM's rule: an empty prompt has nothing to continue)
             raise APIError(400, "truncate_prompt_tokens must be an integer >= 1 (the prompt's last tokens kept), or -1 "
                            "for the model's maximum context length", "truncate_prompt_tokens")

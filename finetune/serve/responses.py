@@ -103,6 +103,9 @@ class ResponsesRequest(SamplingRequest):
                 continue  # (asking for nothing)
             raise APIError(400, f"{name} is a Chat Completions field: the Responses API takes {instead}" if instead
                            else "n is not supported by the Responses API: a response is one reply", name)
+        if self.prompt_logprobs is not None:
+            raise APIError(400, "prompt_logprobs is not served on the Responses API (a response has no place for "
+                           "them): POST /v1/chat/completions returns them for the same messages", "prompt_logprobs")
         if self.conversation is not None:
             raise APIError(400, "conversation (OpenAI's Conversations API) is not supported: continue a stored "
                            "response with previous_response_id, or send the whole conversation in input",

@@ -83,6 +83,24 @@ class Run:
         return [dict(token_entry(tok, t, lp, as_ids), top_logprobs=[token_entry(tok, i, v, as_ids) for i, v in top])
                 for t, (lp, top) in zip(self.req.output_ids[start:end], self.req.logprobs[start:end])]
 
+    def prompt_logprobs(self, as_ids: bool = False) -> list[dict | None]:
+        """vLLM's prompt_logprobs of the row's prompt (its params.prompt_logprobs set): None for the first token,
+        then for each one {"<id>": {"logprob", "rank", "decoded_token"}} of the token itself, then of the k most
+        likely tokens (rank 1 first) where they are others (``as_ids``: tokens named "token_id:N")."""
+        tok, req = self.tokenizer, self.req
+
+        def entry(token: int, logprob: float, rank: int) -> dict:
+            named = token_entry(tok, token, logprob, as_ids)
+            return {"logprob": named["logprob"], "rank": rank, "decoded_token": named["token"]}
+
+        out: list[dict | None] = [None]
+        for token, (logprob, top, rank) in zip(req.prompt_ids[1:], req.prompt_logprobs or ()):
+            scores = {str(token): entry(token, logprob, rank)}
+            for r, (i, v) in enumerate(top[:req.params.prompt_logprobs], 1):
+                scores.setdefault(str(i), entry(i, v, r))
+            out.append(scores)
+        return out
+
     async def complete(self) -> str:
         async for _ in self.deltas():
             pass

@@ -916,6 +916,6 @@ def test_prompt_logprobs_on_an_int4_model_with_an_adapter_match_its_forward(tok)
         ids = torch.tensor([p], device="cuda")
         lp = torch.log_softmax(pm(ids).logits[0].float(), -1)[:-1]
     want = lp.gather(1, ids[0, 1:, None])[:, 0].cpu()
-    got = torch.tensor([v for v, _ in scored.prompt_logprobs])
+    got = torch.tensor([v for v, _, _ in scored.prompt_logprobs])
     assert len(scored.prompt_logprobs) == len(p) - 1 and scored.output_ids == plain.output_ids
     assert (got - want).abs().max() < 0.05, (got - want).abs().max()

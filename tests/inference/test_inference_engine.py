@@ -656,9 +656,9 @@ def test_logit_bias_is_added_to_the_logits_as_generate_s_sequence_bias(tok):
 
 def test_prompt_logprobs_equal_the_model_s_forward_with_each_adapter_and_past_seq_length(tok):
     """prompt_logprobs (lm-eval's log-likelihoods through the server's echo): each prompt token's log-probability
-    given the tokens before it, and its top k, equal the log_softmax of the model's own forward (fp32), for the base
-    and an adapter in one batch, and for a prompt past seq_length (NTK and logN); the generated tokens are those of a
-    request without them."""
+    given the tokens before it, its top k and its rank, equal the log_softmax of the model's own forward (fp32), for
+    the base and an adapter in one batch, and for a prompt past seq_length (NTK and logN); the generated tokens are
+    those of a request without them."""
     pm = _peft(tiny(seed=7, seq_length=16), ["first", "second"], seed=4)
     ps = prompts([9, 30], seed=31)
 
@@ -671,7 +671,7 @@ def test_prompt_logprobs_equal_the_model_s_forward_with_each_adapter_and_past_se
             pm.set_adapter(adapter)
             logits = pm(ids).logits[0]
         lp = torch.log_softmax(logits.float(), -1)[:-1]
-        return lp.gather(1, ids[0, 1:, None])[:, 0], lp.topk(3, -1)
+        return lp.gather(1, ids[0, 1:, None])[:, 0], lp.topk(3, -1), lp
 
     engine = Engine(pm, tok, max_batch=4)
     jobs = [(ps[0], None), (ps[0], "second"), (ps[1], "first")]
@@ -680,13 +680,18 @@ def test_prompt_logprobs_equal_the_model_s_forward_with_each_adapter_and_past_se
     while engine.has_work():
         engine.step()
     for r, q, (p, a) in zip(reqs, plain, jobs):
-        chosen, top = reference(p, a)
+        chosen, top, lp = reference(p, a)
         assert len(r.prompt_logprobs) == len(p) - 1 and r.output_ids == q.output_ids and q.prompt_logprobs is None
-        got = torch.tensor([lp for lp, _ in r.prompt_logprobs])
+        got = torch.tensor([lp for lp, _, _ in r.prompt_logprobs])
         torch.testing.assert_close(got, chosen, atol=1e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor([[v for _, v in t] for _, t in r.prompt_logprobs]), top.values,
+        torch.testing.assert_close(torch.tensor([[v for _, v in t] for _, t, _ in r.prompt_logprobs]), top.values,
                                    atol=1e-4, rtol=0)
-        assert [[i for i, _ in t] for _, t in r.prompt_logprobs] == top.indices.tolist()
+        assert [[i for i, _ in t] for _, t, _ in r.prompt_logprobs] == top.indices.tolist()
+        # the rank: 1 + the tokens more likely (where no other token is within 1e-4 of it: the random tiny model's
+        # logits are nearly flat, and the two forwards differ in the last bits)
+        ranks, clear = (lp > chosen[:, None]).sum(-1) + 1, ((lp - chosen[:, None]).abs() < 1e-4).sum(-1) == 1
+        got_ranks = torch.tensor([rank for _, _, rank in r.prompt_logprobs])
+        assert clear.sum() >= len(p) // 2 and torch.equal(got_ranks[clear], ranks[clear]), (got_ranks, ranks, clear)
     assert reqs[0].prompt_logprobs != reqs[1].prompt_logprobs  # (the adapter counts)
     with pytest.raises(ValueError, match=r"prompt_logprobs must be None or an integer in \[0, 20\], got 21"):
         SamplingParams(prompt_logprobs=21)

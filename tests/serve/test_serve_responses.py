@@ -336,6 +336,7 @@ def test_bookkeeping_fields_are_accepted_and_echoed(live):
     (dict(extra_body={"messages": [ASK]}), "messages", "input"),
     (dict(extra_body={"response_format": {"type": "json_object"}}), "response_format", "text.format"),
     (dict(extra_body={"best_of": 2}), "best_of", "not supported"),
+    (dict(extra_body={"prompt_logprobs": 1}), "prompt_logprobs", "chat/completions"),
 ])
 def test_each_refusal_is_a_400_naming_the_responses_field(live, kw, param, said):
     err = _bad(live, **kw)

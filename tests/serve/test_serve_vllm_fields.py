@@ -1,9 +1,9 @@
-"""vLLM's allowed_token_ids, bad_words and truncate_prompt_tokens (extra_body) on both routes, through the official
-`openai` client on the tiny demo model: greedy allowed_token_ids answer as a +100 logit bias on the same ids does
-(the tiny model's logits span a few units), running to max_tokens without <|im_end|> among them; a one-token bad word
-answers as a -100 bias on its tokens, a longer word's last token is refused only after its other tokens; a
-truncated prompt answers as its last tokens sent alone, and counts them in the usage; every bad value is a 400
-naming the field."""
+"""vLLM's allowed_token_ids, bad_words, truncate_prompt_tokens and prompt_logprobs (extra_body) on both routes,
+through the official `openai` client on the tiny demo model: greedy allowed_token_ids answer as a +100 logit bias on
+the same ids does (the tiny model's logits span a few units), running to max_tokens without <|im_end|> among them; a
+one-token bad word answers as a -100 bias on its tokens, a longer word's last token is refused only after its other
+tokens; a truncated prompt answers as its last tokens sent alone, and counts them in the usage; prompt_logprobs
+score the prompt's tokens as echo with logprobs does, in vLLM's shape; every bad value is a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -120,6 +120,35 @@ def test_truncate_prompt_tokens_keeps_the_prompt_s_last_tokens(live):
     assert err["code"] == "context_length_exceeded" and err["param"] == "prompt", err
 
 
+def test_prompt_logprobs_score_the_prompt_as_echo_with_logprobs_does(live):
+    """vLLM's shape: None for the first prompt token, then {"<id>": {logprob, rank, decoded_token}} holding the
+    prompt token itself and the k most likely (ranks 1..k, most likely first); the chat route's (top level, of the
+    ChatML prompt its messages make) equal the completions route's for those tokens (in each choice), and both equal
+    the legacy echo log-probabilities; rank 1 is the most likely token; decoded_token is the token's text, or with
+    return_tokens_as_token_ids "token_id:N"; the reply is the one asked without them."""
+    tok, chat_ids = live.server.tokenizer, _chatml(live)
+    plain, _ = _ask(live, "chat")
+    got, r = _ask(live, "chat", extra={"prompt_logprobs": 2})
+    scores = r.model_extra["prompt_logprobs"]
+    assert got == plain and len(scores) == len(chat_ids) and scores[0] is None
+    _, c = _ask(live, "completions", chat_ids, extra={"prompt_logprobs": 2}, n=2, temperature=1.0, seed=3)
+    assert [choice.model_extra["prompt_logprobs"] for choice in c.choices] == [scores, scores]
+    legacy = _client(live).completions.create(model="tiny-qwen", prompt=chat_ids, echo=True, logprobs=2, max_tokens=1,
+                                              extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs
+    for k, (token, entry) in enumerate(zip(chat_ids[1:], scores[1:]), 1):
+        mine = entry[str(token)]
+        others = [e for i, e in entry.items() if int(i) != token]
+        assert 2 <= len(entry) <= 3 and mine["logprob"] == legacy.token_logprobs[k] <= 0
+        assert all(e["decoded_token"] == f"token_id:{i}" for i, e in entry.items())
+        assert sorted([mine["rank"]] * (mine["rank"] <= 2) + [e["rank"] for e in others]) == [1, 2], entry
+        assert all(e["logprob"] <= mine["logprob"] for e in others) == (mine["rank"] == 1)
+        assert {e["decoded_token"]: e["logprob"] for e in entry.values()} == legacy.top_logprobs[k]
+    texts = _client(live).chat.completions.create(model="tiny-qwen", messages=ASK, max_tokens=1,
+                                                  extra_body={"prompt_logprobs": 0}).model_extra["prompt_logprobs"]
+    assert [(list(e), list(e.values())[0]["decoded_token"]) for e in texts[1:]] == [
+        ([str(t)], tok.decode([t])) for t in chat_ids[1:]]
+
+
 @pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("extra, param", [
     ({"allowed_token_ids": []}, "allowed_token_ids"),
@@ -142,6 +171,10 @@ def test_truncate_prompt_tokens_keeps_the_prompt_s_last_tokens(live):
     ({"truncate_prompt_tokens": "5"}, "truncate_prompt_tokens"),
     ({"truncate_prompt_tokens": 1.5}, "truncate_prompt_tokens"),
     ({"truncate_prompt_tokens": 257}, "truncate_prompt_tokens"),  # (more than --max-model-len 256)
+    ({"prompt_logprobs": -1}, "prompt_logprobs"),  # (vLLM's whole vocabulary: 152k entries a token)
+    ({"prompt_logprobs": 21}, "prompt_logprobs"),
+    ({"prompt_logprobs": True}, "prompt_logprobs"),
+    ({"prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
 ])
 def test_a_bad_value_is_a_400_naming_the_field(live, route, extra, param):
     err = _bad(live, route, extra)
