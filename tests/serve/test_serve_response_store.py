@@ -92,7 +92,7 @@ def test_a_function_call_is_answered_by_a_function_call_output_after_previous_re
 
 def test_a_stored_response_reads_back_as_sent_and_delete_removes_it(live):
     """retrieve gives the object the create answered (the client's strict type parses it), streamed responses are
-    stored at their end; store: false is neither readable nor continuable; delete answers OpenAI's deleted object and
+    stored at their end (a streamed continuation too, answering as the same request not streamed); store: false is neither readable nor continuable; delete answers OpenAI's deleted object and
     leaves a 404; cancel is a 400 (nothing runs in the background); an unknown id is a 404."""
     client = _client(live)
     r = _create(live, input=Q, metadata={"k": "v"})
@@ -100,9 +100,11 @@ def test_a_stored_response_reads_back_as_sent_and_delete_removes_it(live):
     assert got.model_dump() == r.model_dump()
     raw = httpx.get(f"{live.api_url}/responses/{r.id}", headers={"Authorization": f"Bearer {KEY}"})
     assert Response.model_validate(raw.json()).output_text == A
-    events = list(client.responses.create(model="a", input=Q, temperature=0, stream=True))
+    events = list(client.responses.create(model="a", input=Q2, temperature=0, stream=True, previous_response_id=r.id))
     done = events[-1].response
     assert done.status == "completed" and client.responses.retrieve(done.id).model_dump() == done.model_dump()
+    assert events[0].response.previous_response_id == done.previous_response_id == r.id
+    assert done.output_text == _create(live, input=Q2, previous_response_id=r.id).output_text
 
     unstored = _create(live, input=Q, store=False)
     assert unstored.store is False and unstored.output_text == A
