@@ -92,8 +92,9 @@ def test_a_function_call_is_answered_by_a_function_call_output_after_previous_re
 
 def test_a_stored_response_reads_back_as_sent_and_delete_removes_it(live):
     """retrieve gives the object the create answered (the client's strict type parses it), streamed responses are
-    stored at their end (a streamed continuation too, answering as the same request not streamed); store: false is neither readable nor continuable; delete answers OpenAI's deleted object and
-    leaves a 404; cancel is a 400 (nothing runs in the background); an unknown id is a 404."""
+    stored at their end (a streamed continuation too, answering as the same request not streamed); store: false is
+    neither readable nor continuable; delete answers OpenAI's deleted object and leaves a 404; cancel is a 400
+    (nothing runs in the background); an unknown id is a 404."""
     client = _client(live)
     r = _create(live, input=Q, metadata={"k": "v"})
     got = client.responses.retrieve(r.id)
