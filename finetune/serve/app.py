@@ -430,8 +430,6 @@ def _unparsable(cause: Exception) -> str:
     return f"the request body is not valid JSON: {cause}"
 
 
-
-
 class BodyLimit:
     """A request body over `limit` bytes gets a 413 before anything parses it: a declared Content-Length at once,
     a chunked body as soon as it passes the limit; a compressed one (Content-Encoding) gets a 415. The body read

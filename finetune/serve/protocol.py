@@ -153,7 +153,7 @@ class SamplingRequest(BaseModel):
     # vLLM's: log-probabilities name each token "token_id:N" (RL and evaluation clients read the ids back)
     return_tokens_as_token_ids: StrictBool | None = None
     # vLLM's: each prompt token's log-probability given the tokens before it, its rank and the k most likely tokens'
-    # (runs.prompt_logprob_entries: in the chat response, in each completions choice; not in streams, as vLLM)
+    # (Run.prompt_logprobs: in the chat response, in each completions choice; not in streams, as vLLM)
     prompt_logprobs: Annotated[int | None, Number] = Field(default=None, ge=0, le=20)
     # text, json_object or json_schema: the reply held to the schema token by token (``constraint()``; vLLM's
     # guided_json / guided_regex / guided_choice / structured_outputs, in the extra fields, too)
