@@ -613,7 +613,7 @@ def _query_int(http: Request, name: str, default: int, low: int, high: int) -> i
 
 def input_items(server, response_id: str, http: Request) -> dict:
     """GET /v1/responses/{id}/input_items: the items the response answered (those of the responses it continued,
-    with their outputs, first), OpenAI's list page (limit, order, after)."""
+    with their outputs, first), OpenAI's list page (limit, order, after, before)."""
     items = _stored(server, response_id).context
     limit = _query_int(http, "limit", 20, 1, 100)
     order = http.query_params.get("order", "desc")
@@ -623,13 +623,15 @@ def input_items(server, response_id: str, http: Request) -> dict:
         if name not in INCLUDABLE:
             raise APIError(400, f"include {quoted(name, ECHO_CHARS, length=True)} is not supported", "include")
     ordered = items if order == "asc" else items[::-1]
-    after = http.query_params.get("after")
-    if after is not None:
-        at = next((i for i, item in enumerate(ordered) if item.get("id") == after), None)
+    for cursor in ("before", "after"):  # (the items before one, then of those the ones after another)
+        given = http.query_params.get(cursor)
+        if given is None:
+            continue
+        at = next((i for i, item in enumerate(ordered) if item.get("id") == given), None)
         if at is None:
-            raise APIError(400, f"after {quoted(after, ECHO_CHARS, length=True)} is not the id of an input item of "
-                           "this response", "after")
-        ordered = ordered[at + 1:]
+            raise APIError(400, f"{cursor} {quoted(given, ECHO_CHARS, length=True)} is not the id of an input item "
+                           "of this response", cursor)
+        ordered = ordered[:at] if cursor == "before" else ordered[at + 1:]
     page = ordered[:limit]
     return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
             "last_id": page[-1]["id"] if page else None, "has_more": len(ordered) > limit}

@@ -134,8 +134,8 @@ def test_a_stored_response_reads_back_as_sent_and_delete_removes_it(live):
 
 def test_input_items_page_through_the_conversation(live):
     """A continued response's items: the first turn's input and output, then its own input, newest first by
-    default, with OpenAI's paging (limit, after, has_more, first_id, last_id); string input and string contents come
-    back as text parts, each item with an id; bad paging is a 400 naming the parameter."""
+    default, with OpenAI's paging (limit, after, before, has_more, first_id, last_id); string input and string
+    contents come back as text parts, each item with an id; bad paging is a 400 naming the parameter."""
     client = _client(live)
     first = _create(live, input=Q)
     second = _create(live, input=[{"role": "user", "content": Q2}], previous_response_id=first.id)
@@ -153,8 +153,10 @@ def test_input_items_page_through_the_conversation(live):
     rest = client.responses.input_items.list(second.id, limit=5, order="asc", after=one.last_id)
     assert [i.id for i in rest.data] == [i.id for i in page.data[1:]] and rest.has_more is False
     assert [i.id for i in client.responses.input_items.list(second.id, order="asc")] == [i.id for i in page.data]
+    before = client.responses.input_items.list(second.id, order="asc", extra_query={"before": page.data[2].id})
+    assert [i.id for i in before.data] == [i.id for i in page.data[:2]]
     for query, param in [("limit=0", "limit"), ("limit=x", "limit"), ("order=up", "order"), ("after=msg_x", "after"),
-                         ("include=everything", "include")]:
+                         ("before=msg_x", "before"), ("include=everything", "include")]:
         bad = httpx.get(f"{live.api_url}/responses/{second.id}/input_items?{query}",
                         headers={"Authorization": f"Bearer {KEY}"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == param, (query, bad.text)
