@@ -1,7 +1,7 @@
 """A seeded structural fuzzer over POST /v1/chat/completions, on the tiny demo model served in-process on 127.0.0.1.
 
 Valid bodies (plain chat, tools + tool_choice, legacy functions, a conversation with tool calls and results,
-content as parts, a stream with stream_options) are mutated: a key deleted, a value set to null, another JSON
+content as parts, a stream with stream_options, vLLM's fields) are mutated: a key deleted, a value set to null, another JSON
 type, a nested object, an extreme number, an empty / long / NUL / lone-surrogate / control-token string, invalid
 UTF-8 in the raw body, and request-specific mutations (roles, tool_call ids, tool schemas, stop lists, sampling
 limits, n, model). Every answer must be a well-formed completion (or SSE stream ending in `data: [DONE]`) or a
@@ -55,6 +55,9 @@ BASES = {
     "stream_tools": {"model": MODEL, "messages": [{"role": "user", "content": "Weather in Paris?"}], "max_tokens": 6,
                      "stream": True, "stream_options": {"include_usage": True},
                      "tools": [{"type": "function", "function": WEATHER}]},
+    "vllm": {"model": MODEL, "messages": [{"role": "user", "content": "Tell me more."}], "max_tokens": 4, "n": 2,
+             "seed": 3, "prompt_logprobs": 2, "truncate_prompt_tokens": 12, "bad_words": ["the", "and"],
+             "allowed_token_ids": [100, 120, 300, 1842], "return_tokens_as_token_ids": True},
 }
 
 FIELDS = {  # the request's own fields (a 400 about a missing one names it though the body lacks it)
@@ -63,7 +66,8 @@ FIELDS = {  # the request's own fields (a 400 about a missing one names it thoug
     "functions", "function_call", "parallel_tool_calls", "continue_final_message", "add_generation_prompt",
     "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
     "modalities", "audio", "web_search_options", "min_p", "best_of", "ignore_eos", "stop_token_ids",
-    "include_stop_str_in_output", "typical_p", "return_tokens_as_token_ids",
+    "include_stop_str_in_output", "typical_p", "return_tokens_as_token_ids", "prompt_logprobs",
+    "truncate_prompt_tokens", "bad_words", "allowed_token_ids",
     "prompt", "suffix", "echo",  # (POST /v1/completions')
 }
 
@@ -299,6 +303,11 @@ def check_completion(r, body) -> dict:
             assert isinstance(msg["content"], str), c
     u = c["usage"]
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"] and u["prompt_tokens"] > 0, u
+    if body.get("prompt_logprobs") is not None:  # (vLLM's: one entry a prompt token, the first null)
+        scores = c["prompt_logprobs"]
+        assert len(scores) == u["prompt_tokens"] and scores[0] is None and all(scores[1:]), c
+    else:
+        assert "prompt_logprobs" not in c, c
     return c
 
 
@@ -359,10 +368,15 @@ def _one(http, server, body, data: bytes, seen: dict) -> None:
 
 def check_tokenize(http, data: bytes, prompt_tokens: int) -> None:
     """POST /tokenize of a body the chat route answered counts the prompt that route built (its messages, tools,
-    tool choice and history window; the other fields are ignored there)."""
+    tool choice and history window; the other fields are ignored there, truncate_prompt_tokens too: the chat route
+    counts the last k of those tokens)."""
     r = http.post(http.base_url.copy_with(path="/tokenize"), content=data)
     assert r.status_code == 200, r.text
-    assert r.json()["count"] == prompt_tokens == len(r.json()["tokens"]), (r.json()["count"], prompt_tokens)
+    count, keep = r.json()["count"], json.loads(data).get("truncate_prompt_tokens")
+    assert count == len(r.json()["tokens"]), r.json()
+    if isinstance(keep, int) and not isinstance(keep, bool) and keep >= 1:
+        count = min(count, keep)
+    assert count == prompt_tokens, (count, prompt_tokens)
 
 
 def check_no_control_tokens(server, body: dict) -> None:
