@@ -4,8 +4,9 @@ Valid bodies (plain chat, tools + tool_choice, legacy functions, a conversation 
 content as parts, a stream with stream_options, vLLM's fields) are mutated: a key deleted, a value set to null,
 another JSON type, a nested object, an extreme number, an empty / long / NUL / lone-surrogate / control-token
 string, invalid UTF-8 in the raw body, and request-specific mutations (roles, tool_call ids, tool schemas, stop
-lists, sampling limits, n, model). Every answer must be a well-formed completion (or SSE stream ending in `data: [DONE]`) or a
-4xx OpenAI error object whose `param` names a field of the request; no 500, no traceback in the log, no hang.
+lists, sampling limits, n, model). Every answer must be a well-formed completion (or SSE stream ending in
+`data: [DONE]`) or a 4xx OpenAI error object whose `param` names a field of the request; no 500, no traceback in the
+log, no hang.
 """
 
 from __future__ import annotations
