@@ -622,6 +622,7 @@ def create_app(server: Server, max_body: int = MAX_BODY_BYTES) -> FastAPI:
     async def lifespan(app):
         server.worker.start()
         yield
+        responses.stop_background(server.responses)
         server.worker.stop()
 
     # no slash redirects: GET /health/ was a 307 to /health, an empty answer to curl without -L (the two routes a

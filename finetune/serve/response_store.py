@@ -38,6 +38,9 @@ class ResponseStore:
         self.capacity, self.max_bytes = capacity, max_bytes
         self._items: OrderedDict[str, Stored] = OrderedDict()
         self.bytes = 0
+        # responses being made in the background (background: true), by id -> (their task, their reply), until
+        # they end: what a cancel stops and a server stop cancels
+        self.running: dict[str, tuple] = {}
 
     def __len__(self) -> int:
         return len(self._items)

@@ -20,7 +20,10 @@ generation config; temperature 0 is greedy) and rows, so a response answers what
   a later request's `previous_response_id`, which continues it: that response's input items (those of the
   responses it continued first) and its output come before the new `input`, as OpenAI chains them; its
   `instructions` and tools are not carried over (OpenAI's rule: send them again). A stream whose client left is
-  not stored. `conversation` (OpenAI's Conversations API), `background` and stored prompts (`prompt`) are 400s.
+  not stored. `background: true` answers at once with the response "in_progress" (stored, so GET polls it) and
+  makes it without the connection; POST .../cancel stops it ("cancelled", with what it had written). A background
+  response cannot be streamed here (a 400: poll GET). `conversation` (OpenAI's Conversations API) and stored
+  prompts (`prompt`) are 400s.
   `truncation` "auto" is a 400 too (the history is cut only as model.chat cuts it, past the model's
   max_window_size). `metadata`, `user` and OpenAI's other bookkeeping fields are accepted and not acted on; other
   unknown fields follow protocol.py's policy.
@@ -36,6 +39,7 @@ a "required" call the model did not write) is an `error` event, then response.fa
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
@@ -113,9 +117,12 @@ class ResponsesRequest(SamplingRequest):
         if self.prompt is not None:
             raise APIError(400, "prompt (a prompt template kept by OpenAI) is not supported: send the instructions "
                            "and input themselves", "prompt")
-        if self.background:
-            raise APIError(400, "background is not supported: a response is answered while the request waits (or "
-                           "streamed); nothing is stored to fetch later", "background")
+        if self.background and self.store is False:  # (OpenAI's rule: it is fetched later)
+            raise APIError(400, "background: true needs store (a background response is fetched later with GET "
+                           "/v1/responses/{id})", "background")
+        if self.background and self.stream:
+            raise APIError(400, "background: true with stream: true is not supported: poll GET /v1/responses/{id} "
+                           "for the background response, or stream it without background", "background")
         if self.reasoning is not None and not (isinstance(self.reasoning, dict)
                                                and all(v is None for v in self.reasoning.values())):
             raise APIError(400, "reasoning is not supported: Qwen v1 chat models have no reasoning effort or summary",
@@ -141,6 +148,10 @@ class ResponsesRequest(SamplingRequest):
             raise APIError(400, "previous_response_id must be the id of a stored response (a non-empty string)",
                            "previous_response_id")
         stored = store.get(self.previous_response_id)
+        if self.previous_response_id in store.running:
+            raise APIError(400, f"Previous response with id {quoted(self.previous_response_id, ECHO_CHARS)} is still "
+                           "in progress (background): continue it once GET /v1/responses/{id} says it is done",
+                           "previous_response_id")
         if stored is None:
             why = ("this server stores no responses (--max-stored-responses 0)" if store.capacity == 0 else
                    "it was not stored (store: false), was deleted, was dropped to make room (this server keeps the "
@@ -420,6 +431,7 @@ class _Reply:
         # context: the items this response answers, earlier ones first (size: their JSON bytes)
         self.store, self.context, self.size = store, context, size
         self.kept = body.store is not False and store.capacity > 0  # (stored once finished)
+        self.cancelled = False  # (a background response's cancel)
 
     def finish(self, status: str, error: dict | None = None) -> dict:
         """The response object at its end, stored unless the request said not to."""
@@ -456,7 +468,7 @@ class _Reply:
 
     def object(self, status: str, error: dict | None = None) -> dict:
         body, gc = self.body, self.gc
-        done = status in ("completed", "incomplete")
+        done = status in ("completed", "incomplete", "cancelled")  # (what it generated is counted)
         tools = [{"type": "function", "name": t.get("name"), "description": t.get("description"),
                   "parameters": t.get("parameters"), "strict": t.get("strict")} for t in body.tools or ()]
         choice = body.tool_choice if body.tool_choice is not None else "auto"
@@ -474,7 +486,7 @@ class _Reply:
             "text": {"format": body.text_format() or {"type": "text"}, "verbosity": "medium"},
             "truncation": "disabled", "usage": _usage(self.run) if done else None,
             "metadata": body.metadata if isinstance(body.metadata, dict) else {},
-            "user": body.user if isinstance(body.user, str) else None, "background": False,
+            "user": body.user if isinstance(body.user, str) else None, "background": bool(body.background),
             "previous_response_id": body.previous_response_id, "reasoning": None, "service_tier": "default",
             "store": self.kept,
         }
@@ -484,6 +496,9 @@ async def respond(server, body: ResponsesRequest, http: Request, response: Respo
     """The response to POST /v1/responses: a response object, or its stream of events."""
     earlier, size = body.earlier(server.responses)
     chat, names = body.chat_request(earlier)
+    if body.background and server.responses.capacity == 0:
+        raise APIError(400, "background: true needs a server that stores responses (it runs with "
+                       "--max-stored-responses 0)", "background")
     items = body.input_items()
     size += _json_bytes(items)
     # a continued conversation grows with every turn: held to what one request body may send
@@ -497,6 +512,9 @@ async def respond(server, body: ResponsesRequest, http: Request, response: Respo
         raise names.error(e) from None
     reply = _Reply(body, chat, runs[0], functions, server.gc, server.responses, earlier + items, size)
     left_out = {LEFT_OUT_HEADER: str(reply.run.left_out)} if reply.run.left_out else {}
+    if body.background:
+        response.headers.update(left_out)
+        return _start_background(reply)
     if body.stream:
         return StreamingResponse(_events(reply, http), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", **left_out})
@@ -585,6 +603,64 @@ async def _events(reply: _Reply, http: Request):
     yield event(f"response.{reply.status()}", response=reply.finish(reply.status()))
 
 
+# -- background responses ------------------------------------------------------------------------------------------
+
+
+def _start_background(reply: _Reply) -> dict:
+    """A background response's first answer ("in_progress", stored at once for GET to poll); its row runs on in a
+    task that stores the response at its end."""
+    store = reply.store
+    first = reply.object("in_progress")
+    store.put(first, reply.context, reply.size)
+    task = asyncio.ensure_future(_make_in_background(reply))
+    store.running[reply.id] = (task, reply)
+    task.add_done_callback(lambda _: store.running.pop(reply.id, None))
+    return first
+
+
+async def _make_in_background(reply: _Reply) -> None:
+    try:
+        text = await reply.run.complete()
+    except APIError as e:  # (the engine failed, or the server is stopping)
+        reply.finish("failed", {"code": "server_error", "message": e.message})
+        return
+    except asyncio.CancelledError:  # (the server stops: nothing more is stored)
+        reply.run.req.cancel()
+        raise
+    if reply.cancelled:
+        reply.output = [reply.message(text, "incomplete")] if text else []
+        reply.finish("cancelled")
+        return
+    try:  # (a "required" call the model did not write: a failure, as in a stream)
+        reply.output = reply.items(text)
+    except APIError as e:
+        reply.finish("failed", {"code": "server_error", "message": e.message})
+        return
+    reply.finish(reply.status())
+
+
+async def cancel_background(store: ResponseStore, response_id: str) -> dict:
+    """POST /v1/responses/{id}/cancel of a background response being made: its row stopped, the response stored
+    "cancelled" (with the text written so far) and answered; a finished one is a 400."""
+    running = store.running.get(response_id)
+    if running is None:
+        stored = store.get(response_id)
+        status = stored.response["status"] if stored is not None else None
+        raise APIError(400, "Only a background response in progress can be cancelled"
+                       + (f": this one is {status}" if status else ""), None)
+    task, reply = running
+    reply.cancelled = True
+    reply.run.req.cancel()
+    await asyncio.shield(task)
+    return store.get(response_id).response
+
+
+def stop_background(store: ResponseStore) -> None:
+    """The server stops: background responses still being made are cancelled (their rows freed)."""
+    for task, _ in list(store.running.values()):
+        task.cancel()
+
+
 # -- stored responses ----------------------------------------------------------------------------------------------
 
 
@@ -644,21 +720,23 @@ def add_routes(app, server) -> None:
     async def retrieve(response_id: str, http: Request):
         stored = _stored(server, response_id)
         if http.query_params.get("stream") not in (None, "false"):
-            raise APIError(400, "stream is for responses made with background: true, which this server does not run: "
-                           "this response is finished", "stream")
+            raise APIError(400, "stream is not supported here when retrieving a response: GET it again until its "
+                           "status is no longer in_progress", "stream")
         return stored.response
 
     @app.delete("/v1/responses/{response_id}")
     async def delete(response_id: str):
+        if response_id in server.responses.running:  # (a background response being made is stopped first)
+            await cancel_background(server.responses, response_id)
         _stored(server, response_id)
         server.responses.delete(response_id)
         return {"id": response_id, "object": "response", "deleted": True}
 
     @app.post("/v1/responses/{response_id}/cancel")
     async def cancel(response_id: str):
-        _stored(server, response_id)
-        raise APIError(400, "Only responses made with background: true can be cancelled, and this server runs none "
-                       "(a stored response is finished; to stop one being made, close its connection)")
+        if response_id not in server.responses.running:
+            _stored(server, response_id)  # (404 for an id not kept)
+        return await cancel_background(server.responses, response_id)
 
     @app.api_route("/v1/responses/{response_id}/input_items", methods=["GET", "HEAD"])
     async def list_input_items(response_id: str, http: Request):

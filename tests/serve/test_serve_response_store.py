@@ -2,9 +2,12 @@
 client: a conversation continued by previous_response_id answers what the whole history sent at once answers (a
 memorised adapter's two answers, a function tool round trip), instructions are not carried over, a stored response
 reads back as it was sent (streamed too), input_items pages through the conversation, store: false and delete
-leave nothing to read or continue, and the store keeps only its most recent responses."""
+leave nothing to read or continue, the store keeps only its most recent responses, and a background response is
+polled to its answer, cancelled, or stored failed."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -173,6 +176,67 @@ def test_an_error_in_a_continued_conversation_names_previous_response_id(live):
     assert "no function_call_output" in err["message"], err
 
 
+def _health(live) -> dict:
+    return httpx.get(live.url + "/health", timeout=10).json()
+
+
+def _until(what, done, limit: float = 60):
+    """what() until done(its value), polled every 0.1 s for at most ``limit`` seconds."""
+    for _ in range(int(limit * 10)):
+        value = what()
+        if done(value):
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not done after {limit} s: {value}")
+
+
+def test_a_background_response_is_polled_to_the_answer_it_gives_in_the_foreground(live):
+    """background: true answers at once, in progress and stored; GET polls it to the text and usage the same
+    request gives without it; then it reads and continues as any stored response. The request's connection is not
+    needed for it to finish."""
+    client = _client(live)
+    r = _create(live, input=Q, background=True)
+    assert (r.status, r.background, r.output, r.usage) == ("in_progress", True, [], None)
+    done = _until(lambda: client.responses.retrieve(r.id), lambda x: x.status != "in_progress")
+    plain = _create(live, input=Q)
+    assert (done.status, done.output_text, done.usage.input_tokens, done.usage.output_tokens) == (
+        "completed", A, plain.usage.input_tokens, plain.usage.output_tokens)
+    assert done.background is True and done.id == r.id
+    assert [i.content[0].text for i in client.responses.input_items.list(r.id).data] == [Q]
+    assert _create(live, input=Q2, previous_response_id=r.id).status in ("completed", "incomplete")
+
+
+def test_cancel_stops_a_background_response_and_frees_its_row(live):
+    """A long background response: continuing it while it runs is a 400; cancel answers it "cancelled" (with what it
+    had written) and frees the row; a second cancel is a 400 naming its status; delete stops one that runs."""
+    client = _client(live)
+    long = dict(model="tiny-qwen", input=Q, max_output_tokens=900, temperature=1.0, background=True,
+                extra_body={"min_tokens": 900})
+    _until(lambda: _health(live), lambda h: h["in_flight"] == 0)
+    r = client.responses.create(**long)
+    _until(lambda: _health(live), lambda h: h["running"] == 1)
+    with pytest.raises(openai.BadRequestError) as e:
+        _create(live, input=Q2, previous_response_id=r.id)
+    assert "still in progress" in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
+    cancelled = client.responses.cancel(r.id)
+    assert cancelled.status == "cancelled" and cancelled.id == r.id and cancelled.usage.output_tokens < 900
+    assert client.responses.retrieve(r.id).status == "cancelled"
+    assert _until(lambda: _health(live), lambda h: h["in_flight"] == 0)["in_flight"] == 0
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.cancel(r.id)
+    assert "this one is cancelled" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:  # (a response made in the foreground)
+        client.responses.cancel(_create(live, input=Q).id)
+    assert "this one is completed" in e.value.body["message"]
+    other = client.responses.create(**long)
+    _until(lambda: _health(live), lambda h: h["running"] == 1)
+    assert httpx.delete(f"{live.api_url}/responses/{other.id}", headers={"Authorization": f"Bearer {KEY}"}
+                        ).json()["deleted"] is True
+    assert _until(lambda: _health(live), lambda h: h["in_flight"] == 0)["in_flight"] == 0
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(other.id)
+
+
 # -- the store's bounds, on a scripted engine ----------------------------------------------------------------------
 
 
@@ -210,6 +274,9 @@ def test_the_store_keeps_the_most_recent_responses(scripted):
         r = client.responses.create(model="scripted", input="1")
         assert r.store is False
         with pytest.raises(openai.BadRequestError) as e:
+            client.responses.create(model="scripted", input="1", background=True)
+        assert e.value.body["param"] == "background" and "--max-stored-responses 0" in e.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as e:
             client.responses.create(model="scripted", input="2", previous_response_id=r.id)
         assert "--max-stored-responses 0" in e.value.body["message"]
     finally:
@@ -229,6 +296,18 @@ def test_a_continued_conversation_is_held_to_a_request_body_s_size(scripted, mon
         client.responses.create(model="scripted", input="z" * 300, previous_response_id=last.id)
     assert e.value.body["param"] == "previous_response_id" and "start a new conversation" in e.value.body["message"]
     assert client.responses.create(model="scripted", input="z" * 300).output_text == "ok"  # (a new one is fine)
+
+
+def test_a_background_response_that_fails_is_stored_failed(scripted):
+    """tool_choice "required" and a reply that calls none of the tools: in the foreground a 500; in the background
+    the response ends "failed" with the error, as a stream's response.failed."""
+    scripted.server.engine.reply = " nope\nAction Input: {}"
+    client = openai.OpenAI(base_url=scripted.api_url, api_key="none", timeout=30, max_retries=0)
+    r = client.responses.create(model="scripted", input="Weather?", tools=TOOLS + [dict(TOOLS[0], name="get_time")],
+                                tool_choice="required", background=True)
+    failed = _until(lambda: client.responses.retrieve(r.id), lambda x: x.status != "in_progress", limit=30)
+    assert failed.status == "failed" and failed.error.code == "server_error" and "'nope'" in failed.error.message
+    scripted.server.engine.reply = "ok"
 
 
 def test_the_store_alone():
