@@ -274,6 +274,26 @@ def demo_server(tmp_path_factory, name: str, *flags: str, model: str = "tiny-qwe
         yield bg
 
 
+def polled(what, done, limit: float = 60):
+    """what() until done(its value), polled every 0.1 s for at most ``limit`` seconds (then an AssertionError
+    showing the last value)."""
+    import time
+
+    for _ in range(int(limit * 10)):
+        value = what()
+        if done(value):
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"not done after {limit} s: {value}")
+
+
+def health_when(live, done, limit: float = 60) -> dict:
+    """GET /health of a server in the background (serve_in_background's handle) once ``done(health)`` holds."""
+    import httpx
+
+    return polled(lambda: httpx.get(live.url + "/health", timeout=10).json(), done, limit)
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 now (for torchrun's rendezvous: a fixed port collides with other runs)."""
     with socket.socket() as s:

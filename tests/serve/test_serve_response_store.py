@@ -7,8 +7,6 @@ polled to its answer, cancelled, or stored failed."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 openai = pytest.importorskip("openai")
@@ -18,7 +16,8 @@ pytest.importorskip("uvicorn")
 
 from openai.types.responses import Response  # noqa: E402
 
-from _helpers import ASK, MEMORISE, WEATHER, memorised_and_tools_server, scripted_server  # noqa: E402
+from _helpers import (ASK, MEMORISE, WEATHER, health_when, memorised_and_tools_server, polled,  # noqa: E402
+                      scripted_server)
 
 from finetune.serve.response_store import ResponseStore  # noqa: E402
 
@@ -176,20 +175,6 @@ def test_an_error_in_a_continued_conversation_names_previous_response_id(live):
     assert "no function_call_output" in err["message"], err
 
 
-def _health(live) -> dict:
-    return httpx.get(live.url + "/health", timeout=10).json()
-
-
-def _until(what, done, limit: float = 60):
-    """what() until done(its value), polled every 0.1 s for at most ``limit`` seconds."""
-    for _ in range(int(limit * 10)):
-        value = what()
-        if done(value):
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"not done after {limit} s: {value}")
-
-
 def test_a_background_response_is_polled_to_the_answer_it_gives_in_the_foreground(live):
     """background: true answers at once, in progress and stored; GET polls it to the text and usage the same
     request gives without it; then it reads and continues as any stored response. The request's connection is not
@@ -197,7 +182,7 @@ def test_a_background_response_is_polled_to_the_answer_it_gives_in_the_foregroun
     client = _client(live)
     r = _create(live, input=Q, background=True)
     assert (r.status, r.background, r.output, r.usage) == ("in_progress", True, [], None)
-    done = _until(lambda: client.responses.retrieve(r.id), lambda x: x.status != "in_progress")
+    done = polled(lambda: client.responses.retrieve(r.id), lambda x: x.status != "in_progress")
     plain = _create(live, input=Q)
     assert (done.status, done.output_text, done.usage.input_tokens, done.usage.output_tokens) == (
         "completed", A, plain.usage.input_tokens, plain.usage.output_tokens)
@@ -212,16 +197,16 @@ def test_cancel_stops_a_background_response_and_frees_its_row(live):
     client = _client(live)
     long = dict(model="tiny-qwen", input=Q, max_output_tokens=900, temperature=1.0, background=True,
                 extra_body={"min_tokens": 900})
-    _until(lambda: _health(live), lambda h: h["in_flight"] == 0)
+    health_when(live, lambda h: h["in_flight"] == 0)
     r = client.responses.create(**long)
-    _until(lambda: _health(live), lambda h: h["running"] == 1)
+    health_when(live, lambda h: h["running"] == 1)
     with pytest.raises(openai.BadRequestError) as e:
         _create(live, input=Q2, previous_response_id=r.id)
     assert "still in progress" in e.value.body["message"] and e.value.body["param"] == "previous_response_id"
     cancelled = client.responses.cancel(r.id)
     assert cancelled.status == "cancelled" and cancelled.id == r.id and cancelled.usage.output_tokens < 900
     assert client.responses.retrieve(r.id).status == "cancelled"
-    assert _until(lambda: _health(live), lambda h: h["in_flight"] == 0)["in_flight"] == 0
+    assert health_when(live, lambda h: h["in_flight"] == 0)["in_flight"] == 0
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.cancel(r.id)
     assert "this one is cancelled" in e.value.body["message"]
@@ -229,10 +214,10 @@ def test_cancel_stops_a_background_response_and_frees_its_row(live):
         client.responses.cancel(_create(live, input=Q).id)
     assert "this one is completed" in e.value.body["message"]
     other = client.responses.create(**long)
-    _until(lambda: _health(live), lambda h: h["running"] == 1)
+    health_when(live, lambda h: h["running"] == 1)
     assert httpx.delete(f"{live.api_url}/responses/{other.id}", headers={"Authorization": f"Bearer {KEY}"}
                         ).json()["deleted"] is True
-    assert _until(lambda: _health(live), lambda h: h["in_flight"] == 0)["in_flight"] == 0
+    assert health_when(live, lambda h: h["in_flight"] == 0)["in_flight"] == 0
     with pytest.raises(openai.NotFoundError):
         client.responses.retrieve(other.id)
 
@@ -305,7 +290,7 @@ def test_a_background_response_that_fails_is_stored_failed(scripted):
     client = openai.OpenAI(base_url=scripted.api_url, api_key="none", timeout=30, max_retries=0)
     r = client.responses.create(model="scripted", input="Weather?", tools=TOOLS + [dict(TOOLS[0], name="get_time")],
                                 tool_choice="required", background=True)
-    failed = _until(lambda: client.responses.retrieve(r.id), lambda x: x.status != "in_progress", limit=30)
+    failed = polled(lambda: client.responses.retrieve(r.id), lambda x: x.status != "in_progress", limit=30)
     assert failed.status == "failed" and failed.error.code == "server_error" and "'nope'" in failed.error.message
     scripted.server.engine.reply = "ok"
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 
@@ -20,7 +19,7 @@ pytest.importorskip("uvicorn")
 
 from openai.types.responses import Response  # noqa: E402
 
-from _helpers import (ASK, MEMORISE, TOOL_RECORD, WEATHER, memorised_and_tools_server,  # noqa: E402
+from _helpers import (ASK, MEMORISE, TOOL_RECORD, WEATHER, health_when, memorised_and_tools_server,  # noqa: E402
                       scripted_server)
 
 CHAT_TOOLS = TOOL_RECORD["tools"]
@@ -361,19 +360,6 @@ def test_vllm_sampling_fields_act_as_on_the_chat_route(live):
     assert r.output_text == chat.choices[0].message.content and r.output_text.startswith("Blue")
 
 
-def _health(live) -> dict:
-    return httpx.get(live.url + "/health", timeout=10).json()
-
-
-def _health_when(live, done) -> dict:
-    for _ in range(600):  # bounded: 60 s
-        health = _health(live)
-        if done(health):
-            break
-        time.sleep(0.1)
-    return health
-
-
 def _send(live, stream: bool) -> socket.socket:
     """A long request (900 tokens) on a socket of its own: closing it is the client leaving."""
     body = json.dumps({"model": "tiny-qwen", "input": Q, "max_output_tokens": 900, "min_tokens": 900,
@@ -388,16 +374,16 @@ def _send(live, stream: bool) -> socket.socket:
 def test_a_client_that_disconnects_frees_its_row(live, stream):
     """The row is cancelled, and the response left unfinished is not stored (streamed: its id, from the first event,
     is a 404)."""
-    before = _health_when(live, lambda h: h["in_flight"] == 0)["finished"]
+    before = health_when(live, lambda h: h["in_flight"] == 0)["finished"]
     stored = len(live.server.responses)
     with _send(live, stream) as s:
-        _health_when(live, lambda h: h["running"] == 1)
+        health_when(live, lambda h: h["running"] == 1)
         if stream:
             seen = b""
             while b'"id": "resp_' not in seen:  # (response.created)
                 seen += s.recv(65536)
             rid = seen.split(b'"id": "')[1].split(b'"')[0].decode()
-    after = _health_when(live, lambda h: h["in_flight"] == 0)["finished"]
+    after = health_when(live, lambda h: h["in_flight"] == 0)["finished"]
     assert after.get("cancelled", 0) == before.get("cancelled", 0) + 1, (before, after)
     assert after.get("length", 0) == before.get("length", 0), (before, after)
     assert len(live.server.responses) == stored
@@ -409,17 +395,17 @@ def test_a_client_that_disconnects_frees_its_row(live, stream):
 def test_a_full_server_is_a_429_and_a_missing_key_a_401(live):
     """The chat route's statuses: more requests in flight than --max-batch + --max-queue (2 + 2) is a 429, a request
     without the key a 401 (before its body is read)."""
-    _health_when(live, lambda h: h["in_flight"] == 0)
+    health_when(live, lambda h: h["in_flight"] == 0)
     held = [_send(live, stream=k % 2 == 0) for k in range(4)]
     try:
-        assert _health_when(live, lambda h: h["in_flight"] == 4)["in_flight"] == 4
+        assert health_when(live, lambda h: h["in_flight"] == 4)["in_flight"] == 4
         with pytest.raises(openai.RateLimitError) as e:
             _client(live).responses.create(model="a", input=Q)
         assert e.value.body["code"] == "queue_full" and e.value.response.headers["retry-after"] == "1"
     finally:
         for s in held:
             s.close()
-    assert _health_when(live, lambda h: h["in_flight"] == 0)["in_flight"] == 0
+    assert health_when(live, lambda h: h["in_flight"] == 0)["in_flight"] == 0
     with pytest.raises(openai.AuthenticationError) as e:
         _client(live, key="wrong").responses.create(model="a", input=Q)
     assert e.value.body["code"] == "invalid_api_key"
