@@ -300,6 +300,7 @@ class SamplingRequest(BaseModel):
             raise APIError(400, f"{found[0].param}: {clipped(problem)}", found[0].param)
         return found[0]
 
+
 class ChatCompletionRequest(SamplingRequest):
     """The body of POST /v1/chat/completions."""
 

@@ -45,11 +45,14 @@ class DetokenizeRequest(BaseModel):
     tokens: list[StrictInt]  # (JSON integers: not "12", true or 1.0)
 
 
+# the fields that go with messages (the chat request's), not with a prompt
+WITH_MESSAGES = ("tools", "functions", "tool_choice", "function_call", "add_generation_prompt",
+                 "continue_final_message")
+
+
 def _chat_body(body: TokenizeRequest) -> ChatCompletionRequest:
     """The chat route's request for ``body``'s messages and tools (its fields are the same types, checked already)."""
-    fields = ("messages", "tools", "tool_choice", "functions", "function_call", "add_generation_prompt",
-              "continue_final_message")
-    given = {f: getattr(body, f) for f in fields if getattr(body, f) is not None}
+    given = {f: getattr(body, f) for f in ("messages", *WITH_MESSAGES) if getattr(body, f) is not None}
     return validated(ChatCompletionRequest, {"model": body.model or "", **given})  # (a 400 not expected: same types)
 
 
@@ -61,8 +64,7 @@ def tokenize(server, body: TokenizeRequest) -> dict:
         raise APIError(400, "give either prompt (a text, tokenized as /v1/completions reads it) or messages (as "
                        "/v1/chat/completions lays them out)", "messages" if body.messages is not None else "prompt")
     if body.prompt is not None:
-        for name in ("tools", "functions", "tool_choice", "function_call", "add_generation_prompt",
-                     "continue_final_message"):
+        for name in WITH_MESSAGES:
             if getattr(body, name) is not None:
                 raise APIError(400, f"{name} goes with messages, not with prompt", name)
         ids = completions.prompt_ids(server.tokenizer, body.prompt)
