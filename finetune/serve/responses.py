@@ -139,6 +139,10 @@ class ResponsesRequest(SamplingRequest):
     def wants_logprobs(self) -> bool:
         return LOGPROBS in (self.include or ())
 
+    def kept_by(self, store: ResponseStore) -> bool:
+        """Whether its response is stored once finished."""
+        return self.store is not False and store.capacity > 0
+
     def earlier(self, store: ResponseStore) -> tuple[list[dict], int]:
         """The conversation ``previous_response_id`` continues (none: []) and its JSON bytes, or the 400 OpenAI
         answers when it is not stored."""
@@ -430,7 +434,7 @@ class _Reply:
         self.output: list[dict] = []
         # context: the items this response answers, earlier ones first (size: their JSON bytes)
         self.store, self.context, self.size = store, context, size
-        self.kept = body.store is not False and store.capacity > 0  # (stored once finished)
+        self.kept = body.kept_by(store)
         self.cancelled = False  # (a background response's cancel)
 
     def finish(self, status: str, error: dict | None = None) -> dict:
@@ -499,7 +503,10 @@ async def respond(server, body: ResponsesRequest, http: Request, response: Respo
     if body.background and server.responses.capacity == 0:
         raise APIError(400, "background: true needs a server that stores responses (it runs with "
                        "--max-stored-responses 0)", "background")
-    items = body.input_items()
+    # the input as stored, and its size: for a response that is kept or continues one (a client that sends the whole
+    # conversation each time with store: false pays for neither)
+    wanted = body.kept_by(server.responses) or body.previous_response_id is not None
+    items = body.input_items() if wanted else []
     size += _json_bytes(items)
     # a continued conversation grows with every turn: held to what one request body may send
     if body.previous_response_id is not None and size > MAX_BODY_BYTES:
